@@ -1,0 +1,36 @@
+# make test / make demo work on a fresh CPU-only machine: they build .venv first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.kiln-installed
+HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
+
+.PHONY: install test test-gpu demo clean
+
+install: $(STAMP)
+
+# Without a GPU, torch 2.13.0 (the CPU build on local disk) goes in first, so nothing pulls a CUDA
+# build. With one, the venv sees the machine's own CUDA torch.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(if $(HAS_GPU),--system-site-packages) $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(if $(HAS_GPU),,$(PY) -m pip install -q torch==2.13.0)
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q -n 2 --durations=10 tests
+
+test-gpu: $(STAMP)
+	$(PY) -m pytest -q -m gpu tests
+
+demo: $(STAMP)
+	@mkdir -p out
+	$(VENV)/bin/kiln compile --model llama-tiny -o out/llama-tiny.kiln --force --verify --report
+	$(VENV)/bin/kiln run out/llama-tiny.kiln --dim batch=2 --dim seq=24
+	$(VENV)/bin/kiln inspect out/llama-tiny.kiln
+	$(VENV)/bin/kiln compile --model dit-tiny -o out/dit-tiny.kiln --force --verify --report
+	$(VENV)/bin/kiln run out/dit-tiny.kiln --dim batch=4
+
+clean:
+	rm -rf $(VENV) out .pytest_cache

@@ -1,0 +1,403 @@
+"""The three ways in: ``kiln.jit``, ``kiln.compile`` and ``kiln.load``. All return (or wrap) a
+:class:`CompiledModel`: callable like the eager model, with ``.graph``, ``.report()`` and ``.save()``."""
+from __future__ import annotations
+
+import functools
+import os
+from contextlib import contextmanager
+
+import torch
+
+from .config import CompileConfig
+from .errors import CaptureError, KilnError
+from .ir.graph import Graph
+from .ir.types import eval_dim, torch_dtype
+from .passes.pipeline import run_pipeline
+from .passes.report import Report
+from .runtime import artifact
+from .runtime.executor import Executor
+from .runtime.signature import Signature, output_names, output_structure
+
+
+class Dim:
+    """A named dynamic dim with an inclusive range: ``kiln.Dim("seq", 1, 2048)``."""
+
+    def __init__(self, name: str, min: int = 1, max: int | None = None):
+        if not name.isidentifier():
+            raise KilnError(f"dim name {name!r} must be an identifier")
+        if max is not None and max < min:
+            raise KilnError(f"dim {name}: max {max} < min {min}")
+        self.name, self.min, self.max = name, min, max
+
+    def __repr__(self) -> str:
+        return f"Dim({self.name!r}, {self.min}, {self.max})"
+
+
+class CompiledModel:
+    """A compiled graph with its call signature. Call it like the model it came from."""
+
+    def __init__(self, graph: Graph, signature: Signature, config: CompileConfig, report: Report,
+                 manifest: dict | None = None):
+        self.graph = graph
+        self.signature = signature
+        self.config = config
+        self._report = report
+        self.manifest = manifest or {}
+        self.executor = Executor(graph, device=config.device, max_plans=config.max_plans)
+
+    def __call__(self, *args, **kwargs):
+        tensors = self.signature.flatten(args, kwargs)
+        with torch.no_grad():
+            outputs = self.executor.run(tensors)
+        return self.signature.unflatten(outputs)
+
+    def report(self) -> Report:
+        return self._report
+
+    @property
+    def device(self) -> torch.device:
+        return self.executor.device
+
+    @property
+    def inputs(self) -> list[dict]:
+        """Each graph input: name, shape (ints and symbol names), dtype; and the symbol ranges."""
+        return [{"name": n.attrs["name"], "shape": [d if isinstance(d, int) else str(d) for d in n.shape],
+                 "dtype": n.dtype} for n in self.graph.inputs]
+
+    def save(self, path: str | os.PathLike, overwrite: bool = False) -> str:
+        """Write a self-contained ``.kiln`` artifact (refuses to replace a file unless ``overwrite``)."""
+        return artifact.save(path, self.graph, signature=self.signature.to_dict(), config=self.config.to_dict(),
+                             report=self._report.to_dict(), overwrite=overwrite)
+
+    def random_inputs(self, dims: dict[str, int] | None = None, seed: int = 0) -> list[torch.Tensor]:
+        """Random tensors that fit the inputs (symbols take ``dims`` or a small default in range);
+        integer inputs feeding an embedding stay below its number of rows."""
+        dims = dict(dims or {})
+        for name in dims:
+            if name not in self.graph.symbols:
+                raise KilnError(f"unknown dim {name!r}; this model's dims are {', '.join(self.graph.symbols) or 'none'}")
+        bindings = {}
+        for name, (lo, hi) in self.graph.symbols.items():
+            v = dims.get(name, min(max(lo, 16 if name != "batch" else 1), hi))
+            if not lo <= v <= hi:
+                raise KilnError(f"dim {name} = {v} is outside its range [{lo}, {hi}]")
+            bindings[name] = v
+        gen = torch.Generator().manual_seed(seed)
+        out = []
+        for n in self.graph.inputs:
+            shape = [eval_dim(d, bindings) for d in n.shape]
+            dt = torch_dtype(n.dtype)
+            if dt.is_floating_point:
+                t = torch.randn(shape, generator=gen).to(dt)
+            elif dt == torch.bool:
+                t = torch.ones(shape, dtype=torch.bool)
+            else:
+                t = torch.randint(0, _index_bound(self.graph, n), shape, generator=gen, dtype=dt)
+            out.append(t.to(self.device))
+        return out
+
+    def __repr__(self) -> str:
+        ins = ", ".join(f"{i['name']}: {i['dtype']}[{', '.join(map(str, i['shape']))}]" for i in self.inputs)
+        return f"<kiln.CompiledModel ({ins}) -> {', '.join(self.graph.output_names)}; {len(self.graph.nodes)} nodes>"
+
+
+def _index_bound(graph: Graph, node) -> int:
+    """How large an integer input may be: rows of the embedding table it indexes, else 1000."""
+    bound = 1000
+    for u in node.users:
+        if u.op == "EMBEDDING" and u.inputs[1] is node and isinstance(u.inputs[0].shape[0], int):
+            bound = min(bound, u.inputs[0].shape[0])
+    return bound
+
+
+# ----------------------------------------------------------------------------- compile
+
+
+def _wrap_callable(fn):
+    """A Module whose forward has ``fn``'s signature (torch.export needs a Module)."""
+    import inspect
+
+    class Fn(torch.nn.Module):
+        def forward(self, *args, **kwargs):
+            return fn(*args, **kwargs)
+
+    sig = inspect.signature(fn)
+    Fn.forward.__signature__ = sig.replace(parameters=[inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+                                           + list(sig.parameters.values()))
+    Fn.__name__ = getattr(fn, "__name__", "fn")
+    return Fn()
+
+
+def _dynamic_shapes(dynamic: dict | None, canonical: dict):
+    """kiln's ``dynamic=`` -> torch.export ``dynamic_shapes`` plus the dim names per input."""
+    ds = {k: None for k in canonical}
+    names: dict[str, dict[int, str]] = {}
+    if not dynamic:
+        return ds, names
+    if not isinstance(dynamic, dict):
+        raise KilnError("dynamic= takes a dict: {input name: {dim index: name | (name, min, max) | kiln.Dim}}")
+    dims: dict[str, torch.export.Dim] = {}
+    ranges: dict[str, tuple] = {}
+    for arg, spec in dynamic.items():
+        if arg not in canonical:
+            raise KilnError(f"dynamic= names {arg!r}, which is not an argument of this call "
+                            f"(arguments: {', '.join(canonical)})")
+        t = canonical[arg]
+        if not isinstance(t, torch.Tensor):
+            raise KilnError(f"dynamic= names {arg!r}, which is not a tensor")
+        per = {}
+        for i, d in spec.items():
+            if not isinstance(i, int) or not -t.dim() <= i < t.dim():
+                raise KilnError(f"dynamic= for {arg!r}: dim {i} does not exist (rank {t.dim()})")
+            i %= t.dim()
+            if isinstance(d, str):
+                name, lo, hi = d, 1, None
+            elif isinstance(d, tuple) and len(d) == 3:
+                name, lo, hi = d
+            elif isinstance(d, Dim):
+                name, lo, hi = d.name, d.min, d.max
+            elif type(d).__name__ in ("Dim", "_Dim") or hasattr(d, "__name__"):
+                name, lo, hi = d.__name__, getattr(d, "min", 1), getattr(d, "max", None)
+            else:
+                raise KilnError(f"dynamic= for {arg!r} dim {i}: {d!r} is not a name, (name, min, max) or kiln.Dim")
+            if name in ranges and ranges[name] != (lo, hi):
+                raise KilnError(f"dim {name!r} is declared twice with different ranges {ranges[name]} and {(lo, hi)}")
+            if hi is not None and hi < 2:
+                continue  # a dim that can only be 1 is static
+            size = t.shape[i]
+            if size < lo or (hi is not None and size > hi):
+                raise KilnError(f"example input {arg!r} dim {i} ({name}) is {size}, outside the declared range "
+                                f"[{lo}, {hi if hi is not None else 'inf'}]")
+            ranges[name] = (lo, hi)
+            if name not in dims:
+                dims[name] = torch.export.Dim(name, min=lo, max=hi) if hi is not None else torch.export.Dim(name, min=lo)
+            per[i] = dims[name]
+            names.setdefault(arg, {})[i] = name
+        ds[arg] = per
+    return ds, names
+
+
+def _widen_size_one(canonical: dict, dim_names: dict[str, dict[int, str]]) -> dict:
+    """The example to capture with: torch.export fixes a dim whose example size is 1 even when it is
+    declared dynamic, so such dims are captured at size 2 (the example repeated along them)."""
+    capture = dict(canonical)
+    for arg, per in dim_names.items():
+        t = capture[arg]
+        for i in per:
+            if t.shape[i] == 1:
+                t = torch.cat([t, t], dim=i)
+        capture[arg] = t
+    return capture
+
+
+@contextmanager
+def _eval_mode(module: torch.nn.Module):
+    """Capture with inference semantics without leaving the user's module changed."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def _hf_fixed_kwargs(module, fn) -> dict:
+    """HF models return a KV-cache object by default; capture without it (generation is separate)."""
+    import inspect
+
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return {}
+    if "use_cache" in params and hasattr(getattr(module, "config", None), "use_cache"):
+        return {"use_cache": False}
+    return {}
+
+
+def _export(module, canonical: dict, dynamic_shapes: dict):
+    try:
+        with torch.no_grad(), _eval_mode(module):
+            return torch.export.export(module, (), canonical, dynamic_shapes=dynamic_shapes, strict=False)
+    except KilnError:
+        raise
+    except Exception as e:
+        if os.environ.get("KILN_DEBUG"):
+            raise
+        text = str(e).strip().splitlines()
+        msg = "\n  ".join(text[:12]) + ("\n  ..." if len(text) > 12 else "")
+        raise CaptureError(f"torch.export could not capture the model: {type(e).__name__}: {msg}",
+                           hint="KILN_DEBUG=1 shows the full error; a dim that cannot be dynamic is usually "
+                                "named in it") from None
+
+
+def compile(model, example_inputs=(), example_kwargs: dict | None = None, *, dynamic: dict | None = None,
+            config: CompileConfig | None = None, report_hook=None) -> CompiledModel:
+    """Compile ``model`` (an ``nn.Module``, a function of tensors, a ``torch.export.ExportedProgram``, or
+    the path of a ``.pt2`` file) for the example inputs, which are given as torch.export takes them.
+
+    ``dynamic`` declares symbolic dims: ``{"input_ids": {0: ("batch", 1, 8), 1: kiln.Dim("seq", 1, 2048)}}``;
+    every other dim is fixed to its example size."""
+    config = config or CompileConfig()
+    report = Report(listener=report_hook)
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    example_kwargs = dict(example_kwargs or {})
+
+    if isinstance(model, (str, os.PathLike)):
+        model = _load_source(os.fspath(model), report)
+    if isinstance(model, torch.export.ExportedProgram):
+        ep = model
+        signature = Signature.from_exported(ep)
+        dim_names = None
+        module = None
+        report.model.update(name=os.path.basename(str(getattr(ep, "_kiln_path", ""))) or "ExportedProgram",
+                            source="torch.export program")
+    else:
+        if isinstance(model, torch.nn.Module):
+            module, fn = model, model.forward
+        elif callable(model):
+            module, fn = _wrap_callable(model), model
+        else:
+            raise KilnError(f"cannot compile a {type(model).__name__}",
+                            hint="pass an nn.Module, a function of tensors, an ExportedProgram or a .pt2 path")
+        signature, canonical = Signature.from_callable(fn, tuple(example_inputs), example_kwargs,
+                                                       fixed=_hf_fixed_kwargs(module, fn))
+        ds, dim_names = _dynamic_shapes(dynamic, canonical)
+        report.model.update(name=type(model).__name__ if isinstance(model, torch.nn.Module) else getattr(model, "__name__", "fn"),
+                            source="torch.export")
+        with report.phase("capture"):
+            ep = _export(module, _widen_size_one(canonical, dim_names), ds)
+
+    from .ir.from_fx import from_exported
+
+    with report.phase("import"):
+        graph, _ = from_exported(ep, dim_names, input_names=signature.input_paths)
+    signature.output = output_structure(ep.call_spec.out_spec)
+    names = output_names(signature.output)
+    if len(graph.outputs) != len(names):
+        raise CaptureError("the exported program's outputs do not match its output structure")
+    graph.set_outputs(graph.outputs, names)
+    report.ops_before = graph.histogram()
+    report.model.update(parameters=sum(t.numel() for t in graph.weights.values()), weight_bytes=graph.weight_bytes(),
+                        inputs=[n.attrs["name"] for n in graph.inputs], outputs=list(graph.output_names))
+    with report.phase("optimize"):
+        run_pipeline(graph, config.disable, report)
+    report.ops_after = graph.histogram()
+    with report.phase("plan"):
+        compiled = CompiledModel(graph, signature, config, report)
+        example = signature.flatten(tuple(example_inputs), example_kwargs) if module is not None else None
+        if example is not None:
+            from .runtime.inputs import bind_inputs
+
+            binding = bind_inputs(graph, example)
+            report.memory = {**compiled.executor.plan(binding).memory.summary(), "binding": binding}
+    if config.verify and module is not None:
+        with report.phase("verify"):
+            report.verify = _verify(module, compiled, example_inputs, example_kwargs, signature)
+    return compiled
+
+
+def _verify(module, compiled: CompiledModel, args, kwargs, signature: Signature) -> dict:
+    import torch.utils._pytree as pytree
+
+    with torch.no_grad(), _eval_mode(module):
+        want = module(*args, **{**signature.fixed, **kwargs})
+        got = compiled(*args, **kwargs)
+    errs = {}
+    wl, gl = pytree.tree_leaves(want), pytree.tree_leaves(got)
+    for name, w, g in zip(compiled.graph.output_names, wl, gl):
+        w64, g64 = w.detach().double(), g.detach().double()
+        errs[name] = float((g64 - w64).norm() / w64.norm().clamp_min(1e-30))
+    return {"rel_err": errs}
+
+
+def _load_source(path: str, report: Report):
+    if not os.path.exists(path):
+        raise KilnError(f"{path}: no such file")
+    ext = os.path.splitext(path)[1].lower()
+    if ext == ".pt2":
+        with report.phase("load .pt2"):
+            try:
+                ep = torch.export.load(path)
+            except Exception as e:
+                raise KilnError(f"{path}: cannot read it as a torch.export program ({type(e).__name__}: {e})",
+                                hint="write it with torch.export.save") from None
+        ep._kiln_path = path
+        return ep
+    if ext == ".kiln":
+        raise KilnError(f"{path} is already a compiled artifact", hint="load it with kiln.load / kiln run")
+    if ext == ".onnx":
+        raise KilnError(f"{path}: ONNX import is not available in this version of kiln",
+                        hint="export the model with torch.export.save to a .pt2 file, or compile the nn.Module")
+    raise KilnError(f"{path}: unknown model file type {ext!r}", hint="kiln compiles .pt2 files and nn.Modules")
+
+
+# ----------------------------------------------------------------------------- load, jit
+
+
+def load(path: str | os.PathLike, device: str | None = None) -> CompiledModel:
+    """Load a ``.kiln`` artifact; no model source is needed. ``device`` overrides where it runs."""
+    graph, manifest, report_dict = artifact.load(path)
+    config = CompileConfig.from_dict(manifest.get("config") or {})
+    if device is not None:
+        config.device = device
+    signature = Signature.from_dict(manifest["signature"])
+    return CompiledModel(graph, signature, config, Report.from_dict(report_dict), manifest)
+
+
+class _Jit:
+    """Compiles on the first call, with that call's inputs; later calls run the compiled graph."""
+
+    def __init__(self, target, dynamic, config):
+        self._target = target
+        self._dynamic = dynamic
+        self._config = config
+        self._compiled: CompiledModel | None = None
+
+    def __call__(self, *args, **kwargs):
+        if self._compiled is None:
+            self._compiled = compile(self._target, args, kwargs, dynamic=self._dynamic, config=self._config)
+        return self._compiled(*args, **kwargs)
+
+    @property
+    def compiled(self) -> CompiledModel:
+        if self._compiled is None:
+            raise KilnError("not compiled yet: kiln.jit compiles on the first call")
+        return self._compiled
+
+    @property
+    def graph(self) -> Graph:
+        return self.compiled.graph
+
+    def report(self) -> Report:
+        return self.compiled.report()
+
+    def save(self, path, overwrite: bool = False) -> str:
+        return self.compiled.save(path, overwrite=overwrite)
+
+
+class JitModule(_Jit):
+    """``kiln.jit(module)``: a drop-in for the module; other attributes come from the module."""
+
+    def __getattr__(self, name):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self._target, name)
+
+    def __repr__(self) -> str:
+        return f"kiln.jit({type(self._target).__name__})"
+
+
+def jit(target=None, *, dynamic: dict | None = None, config: CompileConfig | None = None):
+    """``model = kiln.jit(model)`` or ``@kiln.jit`` / ``@kiln.jit(dynamic=...)`` on a function of tensors.
+    The first call captures with its real inputs; ``dynamic`` declares symbolic dims as in :func:`compile`."""
+    if target is None:
+        return lambda t: jit(t, dynamic=dynamic, config=config)
+    if isinstance(target, torch.nn.Module):
+        return JitModule(target, dynamic, config)
+    if not callable(target):
+        raise KilnError(f"kiln.jit takes a module or a function, got {type(target).__name__}")
+    wrapper = _Jit(target, dynamic, config)
+    functools.update_wrapper(wrapper, target)
+    return wrapper

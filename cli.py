@@ -1,0 +1,337 @@
+"""The ``kiln`` command: compile | run | inspect.
+
+Errors print as one clear message plus a hint, without a traceback (``KILN_DEBUG=1`` shows it).
+Long phases show progress on stderr; results go to stdout.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from contextlib import contextmanager
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from .errors import KilnError
+
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+
+class _Progress:
+    """Shows a spinner while a phase runs and a line with its time when it ends."""
+
+    def __init__(self, quiet: bool = False):
+        self.quiet = quiet
+        self._status = None
+
+    def __call__(self, name: str, seconds):
+        if self.quiet:
+            return
+        if seconds is None:
+            self._status = err.status(f"{name}...")
+            self._status.start()
+            return
+        if self._status is not None:
+            self._status.stop()
+            self._status = None
+        mark = "[green]done[/green]" if seconds >= 0 else "[red]failed[/red]"
+        err.print(f"  {mark} {name} [dim]{max(seconds, 0):.2f}s[/dim]")
+
+    @contextmanager
+    def step(self, name: str):
+        self(name, None)
+        t0 = time.perf_counter()
+        ok = False
+        try:
+            yield
+            ok = True
+        finally:
+            self(name, time.perf_counter() - t0 if ok else -1.0)
+
+
+def _parse_dims(items, ranges: bool) -> dict:
+    """``NAME=V`` (or ``NAME=MIN:MAX`` when ``ranges``) options into a dict."""
+    dims = {}
+    for item in items or []:
+        name, sep, value = item.partition("=")
+        try:
+            if not sep:
+                raise ValueError
+            if ranges:
+                lo, _, hi = value.partition(":")
+                dims[name] = (int(lo), int(hi))
+            else:
+                dims[name] = int(value)
+        except ValueError:
+            form = "NAME=MIN:MAX" if ranges else "NAME=VALUE"
+            raise KilnError(f"--dim {item!r} is not of the form {form}") from None
+    return dims
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+# ----------------------------------------------------------------------------- compile
+
+
+def cmd_compile(a) -> int:
+    import kiln
+
+    if bool(a.source) == bool(a.model):
+        raise KilnError("give either a model file (.pt2) or --model NAME", hint="kiln compile --model llama-tiny -o llama.kiln")
+    output = a.output or (os.path.splitext(os.path.basename(a.source))[0] if a.source else a.model) + ".kiln"
+    if os.path.exists(output) and not a.force:
+        raise KilnError(f"{output} already exists", hint="use --force to replace it, or -o to write elsewhere")
+    progress = _Progress(a.quiet)
+    config = kiln.CompileConfig(disable=tuple(a.disable_pass or ()), device=a.device, verify=a.verify)
+    dims = _parse_dims(a.dim, ranges=True)
+    if a.source:
+        if dims or a.weights or a.static:
+            raise KilnError("--dim, --weights and --static apply to --model; a .pt2 program fixes its own dims")
+        compiled = kiln.compile(a.source, config=config, report_hook=progress)
+    else:
+        from .models import registry
+
+        spec = registry.get(a.model)
+        dtype = _torch_dtype(a.dtype)
+        with progress.step(f"build {spec.name}" + (f" from {a.weights}" if a.weights else " (random weights)")):
+            model = spec.build(weights=a.weights, dtype=dtype, seed=a.seed)
+            if a.device:
+                model = model.to(a.device)
+            inputs = spec.example_inputs(batch=a.batch, seq=a.seq, dtype=dtype, seed=a.seed)
+            if a.device:
+                inputs = {k: v.to(a.device) for k, v in inputs.items()}
+        dynamic = None if a.static else _with_ranges(spec.dynamic(), dims)
+        config.tags["model"] = spec.name
+        compiled = kiln.compile(model, (), inputs, dynamic=dynamic, config=config, report_hook=progress)
+        compiled.report().model["name"] = spec.name
+    with progress.step(f"save {output}"):
+        compiled.save(output, overwrite=a.force)
+    if a.report:
+        out.print(compiled.report())
+    if a.report_json:
+        with open(a.report_json, "w") as f:
+            json.dump(compiled.report().to_dict(), f, indent=1)
+    size = os.path.getsize(output)
+    out.print(escape(f"wrote {output} ({size / 2**20:.1f} MiB): {compiled!r}"))
+    return 0
+
+
+def _with_ranges(dynamic: dict, ranges: dict) -> dict:
+    seen = set()
+    result = {}
+    for arg, per in dynamic.items():
+        result[arg] = {}
+        for i, (name, lo, hi) in per.items():
+            if name in ranges:
+                lo, hi = ranges[name]
+                seen.add(name)
+            result[arg][i] = (name, lo, hi)
+    unknown = set(ranges) - seen
+    if unknown:
+        names = sorted({n for per in dynamic.values() for n, _, _ in per.values()})
+        raise KilnError(f"--dim names unknown dim(s) {', '.join(sorted(unknown))}; this model's dims are {', '.join(names)}")
+    return result
+
+
+# ----------------------------------------------------------------------------- run
+
+
+def cmd_run(a) -> int:
+    import torch
+
+    import kiln
+
+    progress = _Progress(a.quiet)
+    with progress.step(f"load {a.artifact}"):
+        m = kiln.load(a.artifact, device=a.device)
+    if a.inputs:
+        tensors = _read_inputs(a.inputs, m)
+    else:
+        tensors = m.random_inputs(_parse_dims(a.dim, ranges=False), seed=a.seed)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        outputs = m.executor.run(tensors)
+    _sync(m)
+    first = time.perf_counter() - t0
+    times = []
+    for _ in range(a.repeat):
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            m.executor.run(tensors)
+        _sync(m)
+        times.append(time.perf_counter() - t0)
+
+    t = Table(show_edge=False)
+    for col in ("output", "shape", "dtype", "mean", "std", "min", "max", "non-finite"):
+        t.add_column(col)
+    for name, o in zip(m.graph.output_names, outputs):
+        f = o.detach().double()
+        bad = int((~torch.isfinite(f)).sum())
+        t.add_row(escape(name), str(list(o.shape)), str(o.dtype).removeprefix("torch."), f"{f.mean():.4g}",
+                  f"{f.std():.4g}" if f.numel() > 1 else "-", f"{f.min():.4g}", f"{f.max():.4g}", str(bad))
+    shapes = ", ".join(f"{n.attrs['name']}{list(x.shape)}" for n, x in zip(m.graph.inputs, tensors))
+    out.print(escape(f"inputs: {shapes}" + ("" if a.inputs else f" (random, seed {a.seed})")))
+    out.print(t)
+    line = f"time: first call {first * 1e3:.2f} ms (includes planning)"
+    if times:
+        line += f", then median {statistics.median(times) * 1e3:.2f} ms over {len(times)} runs"
+    out.print(line + f" on {m.device}")
+    if a.save_outputs:
+        if os.path.exists(a.save_outputs) and not a.force:
+            raise KilnError(f"{a.save_outputs} already exists", hint="use --force to replace it")
+        from safetensors.torch import save_file
+
+        save_file({n: o.detach().cpu().contiguous() for n, o in zip(m.graph.output_names, outputs)}, a.save_outputs)
+        out.print(f"wrote outputs to {a.save_outputs}")
+    return 0
+
+
+def _sync(m):
+    import torch
+
+    if m.device.type == "cuda":
+        torch.cuda.synchronize(m.device)
+
+
+def _read_inputs(path: str, m):
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not os.path.exists(path):
+        raise KilnError(f"{path}: no such file")
+    try:
+        data = load_file(path)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise KilnError(f"{path}: not a readable safetensors file ({e})") from None
+    names = [n.attrs["name"] for n in m.graph.inputs]
+    missing = [n for n in names if n not in data]
+    if missing:
+        raise KilnError(f"{path} lacks input(s) {', '.join(missing)}; it has {', '.join(data) or 'nothing'}",
+                        hint=f"the model's inputs are {', '.join(names)}")
+    return [data[n].to(m.device) for n in names]
+
+
+# ----------------------------------------------------------------------------- inspect
+
+
+def cmd_inspect(a) -> int:
+    import kiln
+
+    m = kiln.load(a.artifact)
+    man = m.manifest
+    if a.json:
+        print(json.dumps(man, indent=1))
+        return 0
+    out.print(f"[bold]{escape(a.artifact)}[/bold]  kiln artifact format {man['format_version']}, "
+              f"{os.path.getsize(a.artifact) / 2**20:.1f} MiB")
+    out.print(f"  built by kiln {man.get('kiln_version')}, torch {man.get('torch_version')}, "
+              f"triton {man.get('triton_version')}, python {man.get('python_version')} on {man.get('created')}")
+    if man.get("config"):
+        out.print(escape(f"  config: {json.dumps(man['config'])}"))
+    t = Table(title="inputs / outputs", title_justify="left", show_edge=False)
+    for col in ("", "name", "shape", "dtype"):
+        t.add_column(col)
+    for kind in ("inputs", "outputs"):
+        for spec in man[kind]:
+            t.add_row(kind[:-1], escape(spec["name"]), escape("[" + ", ".join(map(str, spec["shape"])) + "]"), spec["dtype"])
+    out.print(t)
+    if man.get("symbols"):
+        out.print("  dims: " + ", ".join(f"{k} in [{lo}, {hi}]" for k, (lo, hi) in man["symbols"].items()))
+    g = m.graph
+    out.print(f"  weights: {len(g.weights)} tensors, {sum(t.numel() for t in g.weights.values()):,} parameters, "
+              f"{g.weight_bytes() / 2**20:.1f} MiB")
+    t = Table(title="ops", title_justify="left", show_edge=False)
+    t.add_column("op")
+    t.add_column("count", justify="right")
+    for op, n in g.histogram().items():
+        t.add_row(op, str(n))
+    out.print(t)
+    if a.graph:
+        out.print(repr(g), markup=False)
+    return 0
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    p = argparse.ArgumentParser(prog="kiln", description="kiln: compile and run transformer models fast.")
+    p.add_argument("--version", action="version", version=f"kiln {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{compile,run,inspect}")
+
+    c = sub.add_parser("compile", help="compile a model into a .kiln artifact")
+    c.add_argument("source", nargs="?", help="a .pt2 file written by torch.export.save")
+    c.add_argument("--model", help="a built-in model: llama-tiny, llama-3.2-1b, dit-tiny, dit-xl-2-256")
+    c.add_argument("--weights", metavar="DIR", help="HF / diffusers checkpoint directory for --model (default: random weights)")
+    c.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    c.add_argument("--batch", type=int, default=1, help="example batch size (default 1)")
+    c.add_argument("--seq", type=int, default=None, help="example sequence length for LLMs")
+    c.add_argument("--static", action="store_true", help="fix every dim to the example's size")
+    c.add_argument("--dim", action="append", metavar="NAME=MIN:MAX", help="range of a dynamic dim (repeatable)")
+    c.add_argument("--disable-pass", action="append", metavar="NAME", help="switch a pass off (repeatable)")
+    c.add_argument("--device", help="where the model runs (cpu, cuda)")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("-o", "--output", help="artifact path (default: NAME.kiln)")
+    c.add_argument("--force", action="store_true", help="replace an existing output file")
+    c.add_argument("--report", action="store_true", help="print the compile report")
+    c.add_argument("--report-json", metavar="PATH", help="write the compile report as JSON")
+    c.add_argument("--verify", action="store_true", help="compare against eager on the example inputs")
+    c.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    c.set_defaults(fn=cmd_compile)
+
+    r = sub.add_parser("run", help="run an artifact on random or given inputs")
+    r.add_argument("artifact")
+    r.add_argument("--inputs", metavar="FILE", help=".safetensors file with one tensor per input name")
+    r.add_argument("--dim", action="append", metavar="NAME=VALUE", help="size of a dynamic dim for random inputs")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--repeat", type=int, default=3, help="timed runs after the first (default 3)")
+    r.add_argument("--device", help="run on this device instead of the artifact's")
+    r.add_argument("--save-outputs", metavar="FILE", help="write the outputs to a .safetensors file")
+    r.add_argument("--force", action="store_true", help="replace an existing --save-outputs file")
+    r.add_argument("-q", "--quiet", action="store_true")
+    r.set_defaults(fn=cmd_run)
+
+    i = sub.add_parser("inspect", help="show an artifact's manifest, inputs and op histogram")
+    i.add_argument("artifact")
+    i.add_argument("--graph", action="store_true", help="print the IR")
+    i.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    i.set_defaults(fn=cmd_inspect)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except KilnError as e:
+        if os.environ.get("KILN_DEBUG"):
+            raise
+        err.print(f"[red]error:[/red] {escape(e.message)}", soft_wrap=True)
+        if e.hint:
+            err.print(f"[dim]hint:[/dim] {escape(e.hint)}", soft_wrap=True)
+        return 1
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        return 130
+    except Exception as e:  # anything else is a kiln bug: say so in one line
+        if os.environ.get("KILN_DEBUG"):
+            raise
+        err.print(f"[red]error:[/red] internal error: {escape(f'{type(e).__name__}: {e}')}", soft_wrap=True)
+        err.print("[dim]hint:[/dim] rerun with KILN_DEBUG=1 for the traceback, and please report it")
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,48 @@
+"""CompileConfig: the one typed set of knobs a compile takes. Stored in every artifact."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from .errors import KilnError
+
+
+@dataclass
+class CompileConfig:
+    #: pass names to switch off (see ``kiln.passes.pipeline.PASS_NAMES``)
+    disable: tuple[str, ...] = ()
+    #: where the compiled model runs: "cpu", "cuda", "cuda:1"; default: where the model's weights are
+    device: str | None = None
+    #: how many shape bindings keep a ready plan (and, on the GPU, a CUDA graph); least recently used goes
+    max_plans: int = 8
+    #: after compiling, run the example inputs through eager and kiln and report the relative error
+    verify: bool = False
+    #: kernel / autotune cache directory (default: the platform's user cache dir; KILN_CACHE_DIR overrides)
+    cache_dir: str | None = None
+    #: notes kept with the artifact (free-form, e.g. the registry name it was built from)
+    tags: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.disable = tuple(self.disable)
+        if self.max_plans < 1:
+            raise KilnError(f"CompileConfig.max_plans must be >= 1, got {self.max_plans}")
+        from .passes.pipeline import PASS_NAMES
+
+        unknown = [d for d in self.disable if d not in PASS_NAMES]
+        if unknown:
+            raise KilnError(f"unknown pass name(s) to disable: {', '.join(unknown)}",
+                            hint=f"passes are: {', '.join(PASS_NAMES)}")
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["disable"] = list(self.disable)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CompileConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise KilnError(f"unknown CompileConfig field(s): {', '.join(sorted(unknown))}",
+                            hint=f"fields are: {', '.join(sorted(names))}")
+        return cls(**d)

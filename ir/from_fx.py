@@ -1,0 +1,298 @@
+"""torch.export ``ExportedProgram`` -> kiln IR.
+
+The program is first functionalised with ``run_decompositions({})`` (inlines higher-order ops such
+as ``wrap_with_set_grad_enabled`` and removes in-place ops, but keeps linear / SDPA / layer_norm
+whole). Each aten call is then lowered by its handler in :mod:`kiln.ir.aten`. Dynamic sizes stay
+symbolic: torch's size symbols are renamed after the user's dims (``s70`` -> ``seq``) and keep the
+ranges torch.export proved. Every op kiln cannot import is collected, with the file:line that
+produced it, and reported in ONE error.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+import sys
+
+import sympy
+import torch
+from torch.export import ExportedProgram
+from torch.export.graph_signature import InputKind, OutputKind
+
+from ..errors import CaptureError, UnsupportedOpsError
+from .graph import Graph, Node
+from .graph import dims_equal_shapes
+from .types import TType, dim, dtype_name, shape_str, sym
+
+INT_MAX = 2**31 - 1  # upper bound stored for a symbol torch.export left unbounded
+
+
+class Unsupported(Exception):
+    """Raised by a handler: this call cannot be imported (the message says why)."""
+
+
+class _Poison:
+    """The value of a node that could not be imported; anything reading it is skipped."""
+
+
+POISON = _Poison()
+
+
+class Importer:
+    """State of one import: the graph being built and the value of every FX node so far."""
+
+    def __init__(self, ep: ExportedProgram, dim_names: dict[str, dict[int, str]] | None,
+                 input_names: list[str] | None = None):
+        self.ep = ep
+        self.graph = Graph()
+        self.env: dict[torch.fx.Node, object] = {}
+        self.symmap: dict[sympy.Symbol, sympy.Symbol] = {}
+        self.constants: dict[str, object] = {}  # non-tensor user inputs, by placeholder name
+        self._consts: dict[tuple, Node] = {}
+        self._dim_names = dim_names or {}
+        self._input_names = list(input_names) if input_names else None
+        self.loc: str | None = None  # location of the FX node being lowered
+
+    # ------------------------------------------------------------------ values
+    def const(self, value) -> Node:
+        """A (cached) CONST node for a python scalar or a symbolic dim."""
+        if isinstance(value, float) and math.isnan(value):
+            key = ("nan",)
+        else:
+            key = (type(value).__name__, value)
+        n = self._consts.get(key)
+        if n is None:
+            n = self._consts[key] = self.graph.const(value)
+        return n
+
+    def add(self, op: str, inputs=(), **attrs) -> Node:
+        return self.graph.add(op, inputs, loc=self.loc, **attrs)
+
+    def sym_expr(self, v) -> object:
+        """A python int / SymInt / SymFloat / SymBool as an int, float, bool or kiln dim."""
+        if isinstance(v, (bool, int, float)):
+            return v
+        if isinstance(v, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+            expr = v.node.expr
+            if isinstance(v, torch.SymInt):
+                return dim(self._convert_expr(expr))
+            if expr.is_number:
+                return bool(expr) if isinstance(v, torch.SymBool) else float(expr)
+            if isinstance(v, torch.SymBool):
+                return None  # only asserts use these; kiln checks ranges itself
+            raise Unsupported(f"symbolic float {expr}")
+        raise TypeError(f"not a scalar: {v!r}")
+
+    def _convert_expr(self, e):
+        from torch.utils._sympy import functions as tf
+
+        if e.is_Symbol:
+            if e not in self.symmap:
+                self.symmap[e] = sym(str(e))
+            return self.symmap[e]
+        if e.is_Number:
+            return e
+        args = [self._convert_expr(a) for a in e.args]
+        if isinstance(e, (sympy.Add, sympy.Mul, sympy.Pow, sympy.Max, sympy.Min, sympy.floor, sympy.ceiling)):
+            return e.func(*args)
+        name = type(e).__name__
+        if name == "FloorDiv" or isinstance(e, getattr(tf, "FloorDiv", ())):
+            return sympy.floor(args[0] / args[1])
+        if name in ("CleanDiv", "IntTrueDiv", "TruncToInt", "FloatTrueDiv"):
+            return args[0] / args[1] if len(args) == 2 else args[0]
+        if name == "CeilDiv":
+            return sympy.ceiling(args[0] / args[1])
+        if name in ("Mod", "PythonMod"):
+            return sympy.Mod(args[0], args[1])
+        raise Unsupported(f"symbolic size expression {e} ({name})")
+
+    def meta_type(self, node: torch.fx.Node) -> TType | None:
+        v = node.meta.get("val")
+        if isinstance(v, torch.Tensor):
+            return TType(tuple(self.sym_expr(d) for d in v.shape), dtype_name(v.dtype))
+        return None
+
+    # ------------------------------------------------------------------ the program
+    def run(self) -> Graph:
+        ep, g = self.ep, self.graph
+        gm = ep.graph_module
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        specs = ep.graph_signature.input_specs
+        if len(specs) != len(placeholders):
+            raise CaptureError("exported program: input specs and placeholders disagree")
+
+        self._name_symbols(placeholders, specs)
+        weights_by_ptr: dict[tuple, str] = {}
+        tensor_inputs = 0
+        for node, spec in zip(placeholders, specs):
+            if spec.kind in (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR):
+                t = ep.state_dict.get(spec.target)
+                if t is None:
+                    t = ep.constants[spec.target]
+                t = t.detach()
+                key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+                name = weights_by_ptr.setdefault(key, spec.target)  # tied weights: one tensor, one node
+                self.env[node] = g.add_weight(name, t if name == spec.target else None)
+            elif spec.kind == InputKind.USER_INPUT:
+                val = node.meta.get("val")
+                if isinstance(val, torch.Tensor):
+                    name = self._input_names[tensor_inputs] if self._input_names else node.name
+                    tensor_inputs += 1
+                    self.env[node] = g.add_input(name, self.meta_type(node).shape, dtype_name(val.dtype))
+                else:
+                    self.env[node] = val
+                    self.constants[node.name] = val
+            else:
+                raise CaptureError(f"exported program: unsupported input kind {spec.kind.name} ({node.name})")
+
+        from .aten import HANDLERS, handler_key
+
+        unsupported: dict[str, list[str]] = {}
+        for node in gm.graph.nodes:
+            if node.op != "call_function":
+                continue
+            key = handler_key(node.target)
+            if key not in HANDLERS:
+                unsupported.setdefault(key, []).append(location(node))
+        if unsupported:
+            raise UnsupportedOpsError(unsupported)
+
+        for node in gm.graph.nodes:
+            if node.op != "call_function":
+                continue
+            args = torch.fx.node.map_arg(node.args, self.env.get)
+            kwargs = torch.fx.node.map_arg(node.kwargs, self.env.get)
+            if _poisoned((args, kwargs)):
+                self.env[node] = POISON
+                continue
+            self.loc = location(node)
+            try:
+                value = HANDLERS[handler_key(node.target)](self, node, args, kwargs)
+            except Unsupported as e:
+                unsupported.setdefault(f"{handler_key(node.target)} ({e})", []).append(self.loc)
+                self.env[node] = POISON
+                continue
+            except Exception as e:  # a bug or an unexpected argument: say where it happened
+                if os.environ.get("KILN_DEBUG"):
+                    raise
+                raise CaptureError(f"cannot import {node.target} at {self.loc}: {type(e).__name__}: {e}",
+                                   hint="rerun with KILN_DEBUG=1 for the traceback and report it") from e
+            self._check(node, value)
+            self.env[node] = value
+        if unsupported:
+            raise UnsupportedOpsError(unsupported)
+
+        out_node = next(n for n in gm.graph.nodes if n.op == "output")
+        outs, names = [], []
+        for spec, arg in zip(ep.graph_signature.output_specs, out_node.args[0]):
+            if spec.kind != OutputKind.USER_OUTPUT:
+                raise UnsupportedOpsError({f"in-place update of {spec.kind.name.lower()} {spec.target}": [location(arg) if isinstance(arg, torch.fx.Node) else "?"]})
+            v = self.env.get(arg) if isinstance(arg, torch.fx.Node) else arg
+            if not isinstance(v, Node):
+                raise CaptureError(f"output {spec.arg.name} is not a tensor ({v!r}); kiln graphs return tensors")
+            outs.append(v)
+            names.append(spec.arg.name)
+        g.set_outputs(outs, names)
+        g.remove_dead()
+        g.verify()
+        return g
+
+    def _name_symbols(self, placeholders, specs) -> None:
+        """Rename torch's size symbols after the user's dims and record their ranges."""
+        names: dict[sympy.Symbol, str] = {}
+        for node, spec in zip(placeholders, specs):
+            if spec.kind != InputKind.USER_INPUT:
+                continue
+            val = node.meta.get("val")
+            if not isinstance(val, torch.Tensor):
+                continue
+            for i, d in enumerate(val.shape):
+                if isinstance(d, torch.SymInt) and d.node.expr.is_Symbol:
+                    want = self._dim_names.get(node.name, {}).get(i)
+                    names.setdefault(d.node.expr, want or f"{node.name}_{i}")
+        for s, name in names.items():
+            self.symmap[s] = sym(name)
+        for s, vr in self.ep.range_constraints.items():
+            if s not in self.symmap and s.is_Symbol:
+                self.symmap[s] = sym(str(s))
+            if s.is_Symbol:
+                lo, hi = _bound(vr.lower, 0), _bound(vr.upper, INT_MAX)
+                self.graph.symbols[self.symmap[s].name] = (max(lo, 0), min(hi, INT_MAX))
+
+    def _check(self, fx_node: torch.fx.Node, value) -> None:
+        """The lowered value must have the type torch.export recorded for the node."""
+        if not isinstance(value, Node):
+            return
+        want = self.meta_type(fx_node)
+        if want is None:
+            return
+        if not dims_equal_shapes(value.shape, want.shape):
+            raise CaptureError(f"internal error importing {fx_node.target} at {self.loc}: kiln computed shape "
+                               f"{shape_str(value.shape)}, torch recorded {shape_str(want.shape)}",
+                               hint="please report this with KILN_DEBUG=1 output")
+        if value.dtype != want.dtype:
+            raise CaptureError(f"internal error importing {fx_node.target} at {self.loc}: kiln computed dtype "
+                               f"{value.dtype}, torch recorded {want.dtype}", hint="please report this")
+
+
+def _bound(v, default: int) -> int:
+    """A range end as an int; torch's infinities (sympy.oo, int_oo) become ``default``."""
+    try:
+        f = float(v)
+    except (TypeError, ValueError, OverflowError):
+        return default
+    return default if math.isinf(f) else int(v)
+
+
+def _poisoned(x) -> bool:
+    if x is POISON:
+        return True
+    if isinstance(x, (list, tuple)):
+        return any(_poisoned(v) for v in x)
+    if isinstance(x, dict):
+        return any(_poisoned(v) for v in x.values())
+    return False
+
+
+_FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\S+)')
+
+
+def location(node: torch.fx.Node) -> str:
+    """``path/file.py:123 (in fn)`` from the node's recorded stack trace, plus the module path."""
+    frames = _FRAME.findall(node.meta.get("stack_trace") or "")
+    where = ""
+    if frames:
+        path, line, fn = frames[-1]
+        where = f"{_short_path(path)}:{line} (in {fn})"
+    stack = node.meta.get("nn_module_stack") or {}
+    if stack:
+        module = list(stack.values())[-1][0]
+        if module:
+            where = f"{where} [{module}]" if where else f"[{module}]"
+    return where or f"<node {node.name}>"
+
+
+def _short_path(path: str) -> str:
+    for root in sorted((p for p in sys.path if p and "site-packages" in p), key=len, reverse=True):
+        if path.startswith(root + os.sep):
+            return os.path.relpath(path, root)
+    try:
+        rel = os.path.relpath(path)
+        return rel if not rel.startswith("..") else path
+    except ValueError:
+        return path
+
+
+def from_exported(ep: ExportedProgram, dim_names: dict[str, dict[int, str]] | None = None,
+                  input_names: list[str] | None = None) -> tuple[Graph, dict]:
+    """Import an ExportedProgram. ``dim_names`` names the dynamic dims per user input
+    (``{"input_ids": {0: "batch", 1: "seq"}}``); ``input_names`` names the tensor inputs in order
+    (default: their placeholder names). Returns the graph and the non-tensor user inputs torch.export
+    baked in (by placeholder name)."""
+    try:
+        ep = ep.run_decompositions({})
+    except Exception as e:
+        raise CaptureError(f"torch.export could not functionalise the program: {type(e).__name__}: {e}") from e
+    imp = Importer(ep, dim_names, input_names)
+    graph = imp.run()
+    return graph, imp.constants

@@ -1,0 +1,499 @@
+"""The closed op set of the kiln IR.
+
+Every op has one schema (how many inputs, which attributes with which defaults), one type rule
+(shape + dtype of the result from the input types and attributes) and one reference implementation
+in plain torch. The reference implementations are the oracle for every pass and kernel: a kernel is
+right when it computes what ``OPS[op].ref`` computes.
+
+Conventions
+- Attributes are plain hashable values: int, float, str, bool, None, sympy dims, tuples of those.
+  Axes are normalised to non-negative ints by the importers.
+- Elementwise ops broadcast like torch. A rank-0 ``CONST`` operand is a weak scalar: it takes part in
+  dtype promotion the way a python number does in torch (``bf16 * CONST(0.5)`` stays bf16).
+- Optional inputs are trailing: ``LINEAR(x, w)`` or ``LINEAR(x, w, b)``.
+- There are no multi-output ops: a split is one ``SLICE`` per piece.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, NamedTuple
+
+import sympy
+import torch
+import torch.nn.functional as F
+
+from .types import FLOAT_DTYPES, Dim, TType, dim, dims_equal, dtype_name, numel, shape_str, torch_dtype
+
+REQUIRED = object()
+
+
+class ShapeError(ValueError):
+    """Input types that an op cannot accept."""
+
+
+class OpDef(NamedTuple):
+    name: str
+    min_inputs: int
+    max_inputs: int | None  # None: variadic
+    attrs: dict  # name -> default (REQUIRED when there is none)
+    infer: Callable | None  # (list[TType], attrs) -> TType; None for source ops
+    ref: Callable | None  # (list[Tensor], attrs) -> Tensor; None for source ops
+    kind: str  # source | elementwise | reduction | layout | compute
+
+
+OPS: dict[str, OpDef] = {}
+
+
+def _def(op_name, inputs, kind, infer, ref, **attrs):
+    lo, hi = inputs if isinstance(inputs, tuple) else (inputs, inputs)
+    OPS[op_name] = OpDef(op_name, lo, hi, attrs, infer, ref, kind)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _proxy(t: TType) -> torch.Tensor:
+    # a one-element stand-in: torch's dtype rules depend on the dtype and on 0-d or not, not on sizes
+    # (CPU, not the meta device, whose first use costs a second of imports)
+    return torch.ones(() if not t.shape else (1,), dtype=torch_dtype(t.dtype))
+
+
+_DTYPE_CACHE: dict = {}
+
+
+def result_dtype(op: str, ins, attrs, fn) -> str:
+    """The dtype ``fn`` (the op's reference) gives for inputs of these dtypes, computed once per key."""
+    key = (op, tuple((t.dtype, not t.shape) for t in ins), tuple(sorted((k, v) for k, v in attrs.items()
+                                                                     if isinstance(v, (str, bool, int, float, type(None))))))
+    d = _DTYPE_CACHE.get(key)
+    if d is None:
+        d = _DTYPE_CACHE[key] = dtype_name(fn([_proxy(t) for t in ins], attrs).dtype)
+    return d
+
+
+def broadcast_shapes(*shapes) -> tuple:
+    rank = max((len(s) for s in shapes), default=0)
+    out = []
+    for i in range(rank):
+        ds = [s[len(s) - rank + i] for s in shapes if len(s) - rank + i >= 0]
+        ds = [d for d in ds if not (isinstance(d, int) and d == 1)]
+        if not ds:
+            out.append(1)
+            continue
+        d0 = ds[0]
+        for d in ds[1:]:
+            if not dims_equal(d0, d):
+                raise ShapeError(f"cannot broadcast shapes {', '.join(shape_str(s) for s in shapes)} (dim {d0} vs {d})")
+        out.append(d0)
+    return tuple(out)
+
+
+def _axis(a: int, rank: int) -> int:
+    if not -rank <= a < max(rank, 1):
+        raise ShapeError(f"axis {a} out of range for rank {rank}")
+    return a % rank if rank else 0
+
+
+# ----------------------------------------------------------------------------- sources
+
+for _name, _attrs in (("INPUT", {"name": REQUIRED}), ("WEIGHT", {"name": REQUIRED})):
+    _def(_name, 0, "source", None, None, **_attrs)
+# a rank-0 weak scalar; value may be a symbolic dim (evaluated per call)
+_def("CONST", 0, "source", None, None, value=REQUIRED)
+
+
+def const_type(value) -> TType:
+    if isinstance(value, bool):
+        return TType((), "bool")
+    if isinstance(value, (int, sympy.Expr)):
+        return TType((), "int64")
+    if isinstance(value, float):
+        return TType((), "float64")
+    raise ShapeError(f"CONST value must be a bool, int, float or dim, got {value!r}")
+
+
+def const_tensor(value) -> torch.Tensor:
+    return torch.tensor(value, dtype=torch_dtype(const_type(value).dtype))
+
+
+# ----------------------------------------------------------------------------- elementwise
+
+
+def _infer_elementwise(name, ins, attrs, fn):
+    shape = broadcast_shapes(*(t.shape for t in ins))
+    return TType(shape, result_dtype(name, ins, attrs, fn))
+
+
+def _elementwise(name, arity, fn, **attrs):
+    _def(name, arity, "elementwise", lambda ins, a, fn=fn, name=name: _infer_elementwise(name, ins, a, fn), fn, **attrs)
+
+
+_UNARY = {
+    "NEG": torch.neg, "ABS": torch.abs, "EXP": torch.exp, "LOG": torch.log, "SQRT": torch.sqrt,
+    "RSQRT": torch.rsqrt, "RECIPROCAL": torch.reciprocal, "SIN": torch.sin, "COS": torch.cos,
+    "TANH": torch.tanh, "SIGMOID": torch.sigmoid, "ERF": torch.erf, "RELU": torch.relu,
+    "SILU": F.silu, "FLOOR": torch.floor, "CEIL": torch.ceil, "NOT": torch.logical_not,
+    "ISNAN": torch.isnan,
+}
+for _name, _fn in _UNARY.items():
+    _elementwise(_name, 1, lambda x, a, fn=_fn: fn(x[0]))
+
+_elementwise("GELU", 1, lambda x, a: F.gelu(x[0], approximate=a["approximate"]), approximate="none")
+_elementwise("CAST", 1, lambda x, a: x[0].to(torch_dtype(a["dtype"])), dtype=REQUIRED)
+_elementwise("CLAMP", 1, lambda x, a: torch.clamp(x[0], a["min"], a["max"]), min=None, max=None)
+
+
+def _div(x, a):
+    return torch.div(x[0], x[1], rounding_mode=a["rounding"])
+
+
+_BINARY = {
+    "ADD": torch.add, "SUB": torch.sub, "MUL": torch.mul, "POW": torch.pow,
+    "MAXIMUM": torch.maximum, "MINIMUM": torch.minimum, "MOD": torch.remainder,
+    "EQ": torch.eq, "NE": torch.ne, "LT": torch.lt, "LE": torch.le, "GT": torch.gt, "GE": torch.ge,
+    "AND": torch.bitwise_and, "OR": torch.bitwise_or, "XOR": torch.bitwise_xor,
+}
+for _name, _fn in _BINARY.items():
+    _elementwise(_name, 2, lambda x, a, fn=_fn: fn(x[0], x[1]))
+_elementwise("DIV", 2, _div, rounding=None)
+_elementwise("WHERE", 3, lambda x, a: torch.where(x[0], x[1], x[2]))
+
+COMMUTATIVE = frozenset({"ADD", "MUL", "MAXIMUM", "MINIMUM", "EQ", "NE", "AND", "OR", "XOR"})
+
+
+# ----------------------------------------------------------------------------- reductions
+
+
+def _infer_reduce(name, ins, a, fn):
+    (t,) = ins
+    axes = set(a["axes"])
+    for ax in axes:
+        if not 0 <= ax < len(t.shape):
+            raise ShapeError(f"reduction axis {ax} out of range for shape {shape_str(t.shape)}")
+    shape = tuple((1 if a["keepdim"] else None) if i in axes else d for i, d in enumerate(t.shape))
+    probe = {"axes": (0,) if t.shape else (), "keepdim": False}
+    dtype = result_dtype(name, ins, {}, lambda x, _: fn(x, probe))
+    return TType(tuple(d for d in shape if d is not None), dtype)
+
+
+def _reduction(name, fn):
+    _def(name, 1, "reduction", lambda ins, a, fn=fn, name=name: _infer_reduce(name, ins, a, fn), fn,
+         axes=REQUIRED, keepdim=False)
+
+
+_reduction("SUM", lambda x, a: torch.sum(x[0], dim=a["axes"], keepdim=a["keepdim"]))
+_reduction("MEAN", lambda x, a: torch.mean(x[0], dim=a["axes"], keepdim=a["keepdim"]))
+_reduction("MAX", lambda x, a: torch.amax(x[0], dim=a["axes"], keepdim=a["keepdim"]))
+_reduction("MIN", lambda x, a: torch.amin(x[0], dim=a["axes"], keepdim=a["keepdim"]))
+_reduction("PROD", lambda x, a: _reduce_each(torch.prod, x[0], a))
+_reduction("ANY", lambda x, a: _reduce_each(torch.any, x[0], a))
+_reduction("ALL", lambda x, a: _reduce_each(torch.all, x[0], a))
+_reduction("ARGMAX", lambda x, a: torch.argmax(x[0], dim=_one_axis(a), keepdim=a["keepdim"]))
+_reduction("ARGMIN", lambda x, a: torch.argmin(x[0], dim=_one_axis(a), keepdim=a["keepdim"]))
+
+
+def _one_axis(a):
+    if len(a["axes"]) != 1:
+        raise ShapeError("ARGMAX/ARGMIN reduce exactly one axis")
+    return a["axes"][0]
+
+
+def _reduce_each(fn, x, a):
+    # torch.prod / any / all take one dim at a time
+    for ax in sorted(a["axes"], reverse=True):
+        x = fn(x, dim=ax, keepdim=a["keepdim"])
+    return x
+
+
+def _infer_same(ins, a):
+    return ins[0]
+
+
+_def("CUMSUM", 1, "compute", lambda ins, a: TType(ins[0].shape, result_dtype("CUMSUM", ins, {}, lambda x, _: torch.cumsum(x[0], 0))),
+     lambda x, a: torch.cumsum(x[0], a["axis"]), axis=REQUIRED)
+_def("SOFTMAX", 1, "reduction", _infer_same, lambda x, a: torch.softmax(x[0], a["axis"]), axis=REQUIRED)
+_def("LOG_SOFTMAX", 1, "reduction", _infer_same, lambda x, a: torch.log_softmax(x[0], a["axis"]), axis=REQUIRED)
+
+
+# ----------------------------------------------------------------------------- normalisation
+
+
+def _infer_norm(ins, a):
+    x = ins[0]
+    k = a["dims"]
+    for p in ins[1:]:
+        if len(p.shape) != k or not all(dims_equal(d, e) for d, e in zip(p.shape, x.shape[-k:])):
+            raise ShapeError(f"norm parameter shape {shape_str(p.shape)} does not match the last {k} dims of {shape_str(x.shape)}")
+    return x
+
+
+def _layernorm(x, a):
+    k = a["dims"]
+    shape = tuple(x[0].shape[-k:])
+    w = x[1] if len(x) > 1 else None
+    b = x[2] if len(x) > 2 else None
+    return F.layer_norm(x[0], shape, w, b, a["eps"])
+
+
+def _rmsnorm(x, a):
+    # computed in float32 at least, like HF's RMSNorm; the result has the input's dtype
+    v = x[0]
+    acc = v.float() if v.dtype in (torch.float16, torch.bfloat16) else v
+    axes = tuple(range(-a["dims"], 0))
+    y = (acc * torch.rsqrt(acc.pow(2).mean(axes, keepdim=True) + a["eps"])).to(v.dtype)
+    return y * x[1] if len(x) > 1 else y
+
+
+_def("LAYERNORM", (1, 3), "reduction", _infer_norm, _layernorm, eps=REQUIRED, dims=1)
+_def("RMSNORM", (1, 2), "reduction", _infer_norm, _rmsnorm, eps=REQUIRED, dims=1)
+
+
+# ----------------------------------------------------------------------------- linear algebra
+
+
+def _infer_linear(ins, a):
+    x, w = ins[0], ins[1]
+    if len(w.shape) != 2 or not x.shape or not dims_equal(x.shape[-1], w.shape[1]):
+        raise ShapeError(f"LINEAR: input {shape_str(x.shape)} and weight {shape_str(w.shape)} (weight is [out, in])")
+    if len(ins) == 3 and (len(ins[2].shape) != 1 or not dims_equal(ins[2].shape[0], w.shape[0])):
+        raise ShapeError(f"LINEAR: bias {shape_str(ins[2].shape)} for weight {shape_str(w.shape)}")
+    _same_dtype("LINEAR", ins)
+    return TType(x.shape[:-1] + (w.shape[0],), x.dtype)
+
+
+def _same_dtype(name, ins):
+    if len({t.dtype for t in ins}) != 1:
+        raise ShapeError(f"{name}: inputs must share one dtype, got {', '.join(t.dtype for t in ins)}")
+
+
+def _infer_matmul(ins, a):
+    x, y = ins
+    _same_dtype("MATMUL", ins)
+    if not x.shape or not y.shape:
+        raise ShapeError("MATMUL needs inputs of rank >= 1")
+    xs = (1,) + x.shape if len(x.shape) == 1 else x.shape
+    ys = y.shape + (1,) if len(y.shape) == 1 else y.shape
+    if not dims_equal(xs[-1], ys[-2]):
+        raise ShapeError(f"MATMUL: {shape_str(x.shape)} @ {shape_str(y.shape)}: inner dims differ")
+    batch = broadcast_shapes(xs[:-2], ys[:-2])
+    out = batch + (xs[-2], ys[-1])
+    if len(x.shape) == 1:
+        out = out[:-2] + out[-1:]
+    if len(y.shape) == 1:
+        out = out[:-1]
+    return TType(out, x.dtype)
+
+
+_def("LINEAR", (2, 3), "compute", _infer_linear, lambda x, a: F.linear(*x))
+_def("MATMUL", 2, "compute", _infer_matmul, lambda x, a: torch.matmul(x[0], x[1]))
+
+
+def _conv_out(size, k, s, p, d):
+    return dim(sympy.floor((size + 2 * p - d * (k - 1) - 1) / s) + 1) if not isinstance(size, int) \
+        else (size + 2 * p - d * (k - 1) - 1) // s + 1
+
+
+def _infer_conv2d(ins, a):
+    x, w = ins[0], ins[1]
+    if len(x.shape) != 4 or len(w.shape) != 4:
+        raise ShapeError(f"CONV2D: input {shape_str(x.shape)} and weight {shape_str(w.shape)} must be rank 4")
+    if not dims_equal(x.shape[1], w.shape[1] * a["groups"]):
+        raise ShapeError(f"CONV2D: {x.shape[1]} input channels, weight expects {w.shape[1]} x {a['groups']} groups")
+    _same_dtype("CONV2D", ins)
+    (sh, sw), (ph, pw), (dh, dw) = a["stride"], a["padding"], a["dilation"]
+    return TType((x.shape[0], w.shape[0], _conv_out(x.shape[2], w.shape[2], sh, ph, dh),
+                  _conv_out(x.shape[3], w.shape[3], sw, pw, dw)), x.dtype)
+
+
+_def("CONV2D", (2, 3), "compute", _infer_conv2d,
+     lambda x, a: F.conv2d(x[0], x[1], x[2] if len(x) > 2 else None, a["stride"], a["padding"], a["dilation"], a["groups"]),
+     stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1)
+
+
+def _infer_attention(ins, a):
+    q, k, v = ins[:3]
+    if len(q.shape) < 2 or len(k.shape) != len(q.shape) or len(v.shape) != len(q.shape):
+        raise ShapeError(f"ATTENTION: q {shape_str(q.shape)}, k {shape_str(k.shape)}, v {shape_str(v.shape)} must share a rank >= 2")
+    if not dims_equal(q.shape[-1], k.shape[-1]) or not dims_equal(k.shape[-2], v.shape[-2]):
+        raise ShapeError(f"ATTENTION: q {shape_str(q.shape)}, k {shape_str(k.shape)}, v {shape_str(v.shape)}")
+    _same_dtype("ATTENTION", ins[:3])
+    if len(ins) == 4:
+        m = ins[3]
+        if m.dtype != "bool" and m.dtype != q.dtype:
+            raise ShapeError(f"ATTENTION: mask dtype {m.dtype} must be bool or {q.dtype}")
+        broadcast_shapes(m.shape, q.shape[:-1] + (k.shape[-2],))
+    return TType(q.shape[:-1] + (v.shape[-1],), q.dtype)
+
+
+def _attention(x, a):
+    q, k, v = x[:3]
+    mask = x[3] if len(x) > 3 else None
+    if a["gqa"] and q.dim() >= 3 and q.shape[-3] != k.shape[-3]:
+        rep = q.shape[-3] // k.shape[-3]
+        k, v = k.repeat_interleave(rep, dim=-3), v.repeat_interleave(rep, dim=-3)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=a["causal"], scale=a["scale"])
+
+
+# scale None: 1/sqrt(head_dim); causal: the upper-left-aligned triangle of torch's SDPA
+_def("ATTENTION", (3, 4), "compute", _infer_attention, _attention, causal=False, scale=None, gqa=False)
+
+
+# ----------------------------------------------------------------------------- gathers
+
+
+def _infer_embedding(ins, a):
+    table, ids = ins
+    if len(table.shape) != 2 or ids.dtype not in ("int64", "int32"):
+        raise ShapeError(f"EMBEDDING: table {shape_str(table.shape)} must be 2-d and ids integer (got {ids.dtype})")
+    return TType(ids.shape + table.shape[1:], table.dtype)
+
+
+def _infer_index(ins, a):
+    x, idx = ins[0], ins[1:]
+    axes = a["axes"]
+    if len(axes) != len(idx) or list(axes) != sorted(set(axes)) or (axes and axes[-1] >= len(x.shape)):
+        raise ShapeError(f"INDEX: axes {axes} do not fit {len(idx)} index tensors on shape {shape_str(x.shape)}")
+    for t in idx:
+        if t.dtype not in ("int64", "int32"):
+            raise ShapeError(f"INDEX: index tensors must be integer, got {t.dtype}")
+    b = broadcast_shapes(*(t.shape for t in idx))
+    rest = [d for i, d in enumerate(x.shape) if i not in axes]
+    if axes == tuple(range(axes[0], axes[-1] + 1)):  # adjacent: the result goes where the indexed dims were
+        shape = x.shape[: axes[0]] + b + x.shape[axes[-1] + 1:]
+    else:
+        shape = b + tuple(rest)
+    return TType(tuple(shape), x.dtype)
+
+
+def _index(x, a):
+    key = [slice(None)] * (a["axes"][-1] + 1)
+    for ax, t in zip(a["axes"], x[1:]):
+        key[ax] = t
+    return x[0][tuple(key)]
+
+
+def _infer_gather(ins, a):
+    x, idx = ins
+    if len(x.shape) != len(idx.shape):
+        raise ShapeError(f"GATHER: index rank {len(idx.shape)} != input rank {len(x.shape)}")
+    return TType(idx.shape, x.dtype)
+
+
+_def("EMBEDDING", 2, "compute", _infer_embedding, lambda x, a: F.embedding(x[1], x[0]))
+_def("INDEX", (2, None), "compute", _infer_index, _index, axes=REQUIRED)
+_def("GATHER", 2, "compute", _infer_gather, lambda x, a: torch.gather(x[0], a["axis"], x[1]), axis=REQUIRED)
+
+
+# ----------------------------------------------------------------------------- layout
+
+
+def _infer_reshape(ins, a):
+    (x,) = ins
+    shape = a["shape"]
+    if not dims_equal(numel(x.shape), numel(shape)):
+        raise ShapeError(f"RESHAPE: cannot view {shape_str(x.shape)} as {shape_str(shape)}")
+    return TType(tuple(shape), x.dtype)
+
+
+def _infer_permute(ins, a):
+    (x,) = ins
+    perm = a["perm"]
+    if sorted(perm) != list(range(len(x.shape))):
+        raise ShapeError(f"PERMUTE: {perm} is not a permutation of {len(x.shape)} axes")
+    return TType(tuple(x.shape[p] for p in perm), x.dtype)
+
+
+def _infer_expand(ins, a):
+    (x,) = ins
+    shape = a["shape"]
+    if len(shape) < len(x.shape):
+        raise ShapeError(f"EXPAND: {shape_str(x.shape)} to fewer dims {shape_str(shape)}")
+    for d, e in zip(reversed(x.shape), reversed(shape)):
+        if not (d == 1 or dims_equal(d, e)):
+            raise ShapeError(f"EXPAND: cannot expand {shape_str(x.shape)} to {shape_str(shape)}")
+    return TType(tuple(shape), x.dtype)
+
+
+def slice_len(start, end, step) -> Dim:
+    n = end - start
+    if step != 1:
+        n = sympy.floor((n + step - 1) / step) if not isinstance(n, int) else (n + step - 1) // step
+    return dim(n) if not isinstance(n, int) else max(n, 0)
+
+
+def _infer_slice(ins, a):
+    (x,) = ins
+    ax = a["axis"]
+    if not 0 <= ax < len(x.shape) or a["step"] < 1:
+        raise ShapeError(f"SLICE: axis {ax} / step {a['step']} invalid for shape {shape_str(x.shape)}")
+    shape = list(x.shape)
+    shape[ax] = slice_len(a["start"], a["end"], a["step"])
+    return TType(tuple(shape), x.dtype)
+
+
+def _infer_concat(ins, a):
+    ax = a["axis"]
+    first = ins[0]
+    total: Dim = 0
+    for t in ins:
+        if len(t.shape) != len(first.shape) or t.dtype != first.dtype:
+            raise ShapeError(f"CONCAT: inputs {', '.join(shape_str(i.shape) + ' ' + i.dtype for i in ins)}")
+        for i, (d, e) in enumerate(zip(t.shape, first.shape)):
+            if i != ax and not dims_equal(d, e):
+                raise ShapeError(f"CONCAT on axis {ax}: shapes {shape_str(t.shape)} and {shape_str(first.shape)}")
+        total = total + t.shape[ax]
+    shape = list(first.shape)
+    shape[ax] = dim(total) if not isinstance(total, int) else total
+    return TType(tuple(shape), first.dtype)
+
+
+def _infer_pad(ins, a):
+    (x,) = ins
+    pads = a["pads"]  # (before, after) per dim, last dim first, like F.pad
+    shape = list(x.shape)
+    for i, (lo, hi) in enumerate(pads):
+        shape[-1 - i] = dim(shape[-1 - i] + lo + hi) if not isinstance(shape[-1 - i], int) else shape[-1 - i] + lo + hi
+    return TType(tuple(shape), x.dtype)
+
+
+def _infer_tri(ins, a):
+    if len(ins[0].shape) < 2:
+        raise ShapeError("TRIU/TRIL need rank >= 2")
+    return ins[0]
+
+
+_def("RESHAPE", 1, "layout", _infer_reshape, lambda x, a: x[0].reshape(a["shape"]), shape=REQUIRED)
+_def("PERMUTE", 1, "layout", _infer_permute, lambda x, a: x[0].permute(a["perm"]), perm=REQUIRED)
+_def("EXPAND", 1, "layout", _infer_expand, lambda x, a: x[0].expand(a["shape"]), shape=REQUIRED)
+_def("SLICE", 1, "layout", _infer_slice,
+     lambda x, a: torch.ops.aten.slice.Tensor(x[0], a["axis"], a["start"], a["end"], a["step"]),
+     axis=REQUIRED, start=REQUIRED, end=REQUIRED, step=1)
+_def("CONCAT", (1, None), "layout", _infer_concat, lambda x, a: torch.cat(x, a["axis"]), axis=REQUIRED)
+_def("PAD", 1, "layout", _infer_pad,
+     lambda x, a: F.pad(x[0], [p for pair in a["pads"] for p in pair], value=a["value"]), pads=REQUIRED, value=0.0)
+_def("TRIU", 1, "elementwise", _infer_tri, lambda x, a: torch.triu(x[0], a["diagonal"]), diagonal=0)
+_def("TRIL", 1, "elementwise", _infer_tri, lambda x, a: torch.tril(x[0], a["diagonal"]), diagonal=0)
+
+
+# ----------------------------------------------------------------------------- creation
+
+
+def _infer_arange(ins, a):
+    n = (a["end"] - a["start"]) / a["step"]
+    n = sympy.ceiling(n) if isinstance(n, sympy.Expr) else math.ceil(n)
+    return TType((dim(n) if not isinstance(n, int) else max(n, 0),), a["dtype"])
+
+
+def _infer_full(ins, a):
+    return TType(tuple(a["shape"]), a["dtype"])
+
+
+_def("ARANGE", 0, "source", _infer_arange,
+     lambda x, a: torch.arange(a["start"], a["end"], a["step"], dtype=torch_dtype(a["dtype"])),
+     start=0, end=REQUIRED, step=1, dtype="int64")
+_def("FULL", 0, "source", _infer_full,
+     lambda x, a: torch.full(a["shape"], a["value"], dtype=torch_dtype(a["dtype"])),
+     shape=REQUIRED, value=REQUIRED, dtype=REQUIRED)
+
+SOURCE_OPS = frozenset({"INPUT", "WEIGHT", "CONST"})
+FLOAT = FLOAT_DTYPES

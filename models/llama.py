@@ -1,0 +1,349 @@
+"""Llama-family decoder (Llama, Mistral, Qwen2) in plain PyTorch.
+
+Parameter names are exactly transformers' (`model.layers.{i}.self_attn.q_proj.weight`, ...), so an HF
+state_dict loads with strict=True. Numerics follow transformers' modeling_llama: float32 RoPE
+frequencies cast to the activation dtype, RMSNorm upcast to float32, rotate-half RoPE.
+The module also hosts the safetensors checkpoint reader that load_dit reuses.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from torch import nn
+
+ROPE_TYPES = ("default", "linear", "llama3")
+_ROPE_KEYS = {
+    "default": (),
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
+HF_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
+@dataclass
+class LlamaConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int | None = None  # None: same as num_attention_heads
+    head_dim: int | None = None  # None: hidden_size // num_attention_heads
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # {"rope_type": "linear" | "llama3", ...}; None: plain RoPE
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # bias on q/k/v (Llama: also o_proj; Qwen2: q/k/v only)
+    o_proj_bias: bool | None = None  # None: same as attention_bias
+    mlp_bias: bool = False
+    sliding_window: int | None = None  # Mistral: a query sees the last `sliding_window` keys
+
+    def __post_init__(self):
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.o_proj_bias is None:
+            self.o_proj_bias = self.attention_bias
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads}"
+            )
+        if self.rope_scaling is not None:
+            kind = self.rope_scaling.get("rope_type", "default")
+            if kind not in ROPE_TYPES:
+                raise ValueError(f"unsupported rope_type {kind!r}; kiln supports {', '.join(ROPE_TYPES)}")
+            absent = [k for k in _ROPE_KEYS[kind] if k not in self.rope_scaling]
+            if absent:
+                raise ValueError(f"rope_scaling of type {kind!r} lacks {absent}")
+
+    @classmethod
+    def from_hf(cls, hf: dict) -> LlamaConfig:
+        """Build from an HF config.json dict (model_type llama, mistral or qwen2); unknown keys are ignored."""
+        model_type = hf.get("model_type")
+        if model_type not in HF_MODEL_TYPES:
+            raise ValueError(f"unsupported model_type {model_type!r}; kiln's LlamaConfig handles {HF_MODEL_TYPES}")
+        if hf.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"unsupported hidden_act {hf['hidden_act']!r} (only 'silu')")
+        required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+        absent = [k for k in required if k not in hf]
+        if absent:
+            raise ValueError(f"HF config lacks {absent}")
+        known = {f.name for f in fields(cls)}
+        kw = {k: v for k, v in hf.items() if k in known and v is not None}
+        kw["rope_theta"], kw["rope_scaling"] = _rope_from_hf(hf)
+        # Defaults transformers' config classes use when a key is absent.
+        kw.setdefault("max_position_embeddings", {"llama": 2048, "mistral": 4096 * 32, "qwen2": 32768}[model_type])
+        kw["sliding_window"] = None
+        if model_type == "mistral":
+            kw["sliding_window"] = hf.get("sliding_window", 4096)
+            kw["attention_bias"] = kw["mlp_bias"] = False  # MistralAttention / MistralMLP hard-code bias=False
+        elif model_type == "qwen2":
+            if hf.get("use_sliding_window"):
+                raise ValueError("qwen2 with use_sliding_window=True (per-layer sliding window) is not supported")
+            # Qwen2Attention: bias on q/k/v, none on o_proj; Qwen2MLP has no bias.
+            kw.update(attention_bias=True, o_proj_bias=False, mlp_bias=False)
+        return cls(**kw)
+
+
+def _rope_from_hf(hf: dict) -> tuple[float, dict | None]:
+    """(rope_theta, rope_scaling) from transformers 5 `rope_parameters` or legacy `rope_theta`/`rope_scaling`."""
+    params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    if any(isinstance(v, dict) for v in params.values()):
+        raise ValueError(f"per-layer-type rope_parameters are not supported: {sorted(params)}")
+    theta = float(params.pop("rope_theta", None) or hf.get("rope_theta") or 10000.0)
+    kind = params.pop("rope_type", None) or params.pop("type", None) or "default"
+    if kind not in ROPE_TYPES:
+        raise ValueError(f"unsupported rope_type {kind!r}; kiln supports {', '.join(ROPE_TYPES)}")
+    if params.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ValueError(f"partial_rotary_factor={params['partial_rotary_factor']} is not supported")
+    if kind == "default":
+        return theta, None
+    if kind == "llama3":
+        params.setdefault("original_max_position_embeddings", hf.get("max_position_embeddings"))
+    return theta, {"rope_type": kind, **{k: params.get(k) for k in _ROPE_KEYS[kind]}}
+
+
+def rope_inv_freq(cfg: LlamaConfig, device=None) -> torch.Tensor:
+    """Inverse RoPE frequencies [head_dim // 2], float32, as transformers' ROPE_INIT_FUNCTIONS compute them."""
+    dim = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim))
+    scaling = cfg.rope_scaling or {}
+    kind = scaling.get("rope_type", "default")
+    if kind == "default":
+        return inv_freq
+    factor = scaling["factor"]
+    if kind == "linear":
+        return inv_freq / factor
+    # llama3 (_compute_llama3_parameters): keep high frequencies, divide low ones by `factor`,
+    # interpolate in between on old_context_len / wavelen.
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_context_len = scaling["original_max_position_embeddings"]
+    low_freq_wavelen, high_freq_wavelen = old_context_len / low, old_context_len / high
+    wavelen = 2 * math.pi / inv_freq
+    inv_freq_llama = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_context_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * inv_freq_llama / factor + smooth * inv_freq_llama
+    is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+    return torch.where(is_medium, smoothed, inv_freq_llama)
+
+
+class RMSNorm(nn.Module):
+    """weight * (x * rsqrt(mean(x^2, -1) + eps)), the normalisation in float32 (as HF's LlamaRMSNorm)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.to(torch.float32)
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [..., S, head_dim] in `dtype`, computed in float32."""
+        freqs = positions[..., None].float() * self.inv_freq.float()  # [..., S, D/2]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x * cos + rotate_half(x) * sin; x [B, H, S, D], cos/sin [S, D]."""
+    return x * cos + rotate_half(x) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        d, hd = cfg.hidden_size, cfg.head_dim
+        self.q_proj = nn.Linear(d, self.n_heads * hd, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(d, self.n_kv_heads * hd, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(d, self.n_kv_heads * hd, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(self.n_heads * hd, d, bias=cfg.o_proj_bias)
+
+    def forward(self, x, cos, sin, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, S, D]; mask None means plain causal, else a bool [S, S_kv] (True = attend)."""
+        B, S, _ = x.shape
+        q = self.q_proj(x).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, S, hd]
+        k = self.k_proj(x).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, KV, S, hd]
+        v = self.v_proj(x).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_kv_heads != self.n_heads
+        )
+        return self.o_proj(y.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = nn.Linear(d, f, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(d, f, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(f, d, bias=cfg.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.self_attn = Attention(cfg)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask=None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(cfg)
+        self.sliding_window = cfg.sliding_window
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)  # [B, S, D]
+        pos = torch.arange(input_ids.shape[1], device=input_ids.device)  # [S]
+        cos, sin = self.rotary_emb(pos, x.dtype)  # [S, hd]
+        mask = None
+        if self.sliding_window is not None:
+            # Key j is visible to query i iff i - window < j <= i (transformers' sliding_window_overlay).
+            mask = (pos[None, :] <= pos[:, None]) & (pos[None, :] > pos[:, None] - self.sliding_window)
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask)
+        return self.norm(x)
+
+
+class LlamaForCausalLM(nn.Module):
+    """input_ids [B, S] -> logits [B, S, vocab]. Causal, no KV cache, positions 0..S-1."""
+
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = LlamaModel(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """Make lm_head.weight the very Parameter of embed_tokens when tie_word_embeddings."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def reset_buffers(self) -> None:
+        """Recompute the non-persistent buffers (float32) on the parameters' device, e.g. after meta init."""
+        device = self.model.embed_tokens.weight.device
+        self.model.rotary_emb.inv_freq = rope_inv_freq(self.config, device=device)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.model(input_ids))
+
+
+# --- safetensors checkpoints (shared with dit.load_dit) -------------------------------------------
+
+
+def read_safetensors(directory: str | Path, stem: str) -> tuple[dict[str, torch.Tensor], dict[str, Path], Path]:
+    """Read `stem.safetensors`, or the shards listed in `stem.safetensors.index.json`.
+
+    Returns (name -> tensor, name -> the file it came from, the checkpoint file or index read).
+    """
+    directory = Path(directory)
+    single, index = directory / f"{stem}.safetensors", directory / f"{stem}.safetensors.index.json"
+    if single.is_file():
+        files = [single]
+        listed: dict[str, str] = {}
+    elif index.is_file():
+        listed = json.loads(index.read_text())["weight_map"]
+        files = [directory / name for name in sorted(set(listed.values()))]
+    else:
+        raise FileNotFoundError(f"no {single.name} or {index.name} in {directory}")
+    tensors, source = {}, {}
+    for file in files:
+        if not file.is_file():
+            raise ValueError(f"shard {file} listed in {index} does not exist")
+        with safe_open(file, framework="pt") as f:
+            for name in f.keys():
+                tensors[name], source[name] = f.get_tensor(name), file
+    absent = sorted(name for name, shard in listed.items() if source.get(name) != directory / shard)
+    if absent:
+        raise ValueError(f"tensors {absent} listed in {index} are not in the shards it names")
+    return tensors, source, single if single.is_file() else index
+
+
+def assign_checked(
+    model: nn.Module,
+    tensors: dict[str, torch.Tensor],
+    source: dict[str, Path],
+    where: Path,
+    optional: frozenset[str] = frozenset(),
+    ignored_suffixes: tuple[str, ...] = (),
+) -> None:
+    """Assign checkpoint tensors to `model`'s parameters; any missing, unexpected or mis-shaped tensor is a ValueError.
+
+    `optional` names may be absent (a tied lm_head) and are never assigned; names ending in
+    `ignored_suffixes` are dropped (stale buffers some old checkpoints carry).
+    """
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    missing = sorted(n for n in expected if n not in tensors and n not in optional)
+    unexpected = sorted(n for n in tensors if n not in expected and not n.endswith(ignored_suffixes))
+    wrong = [
+        f"{n}: {tuple(tensors[n].shape)} in {source[n]}, model wants {expected[n]}"
+        for n in expected
+        if n in tensors and tuple(tensors[n].shape) != expected[n]
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing tensors {missing} in {where}")
+    if unexpected:
+        problems.append("unexpected tensors " + ", ".join(f"{n} (in {source[n]})" for n in unexpected))
+    if wrong:
+        problems.append("shape mismatch " + "; ".join(wrong))
+    if problems:
+        raise ValueError("cannot load checkpoint: " + "; ".join(problems))
+    chosen = {n: tensors[n] for n in expected if n in tensors and n not in optional}
+    model.load_state_dict(chosen, strict=False, assign=True)
+
+
+def load_llama(path: str | Path, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
+    """Load an HF checkpoint directory (config.json + model.safetensors, or sharded with an index)."""
+    path = Path(path)
+    cfg = LlamaConfig.from_hf(json.loads((path / "config.json").read_text()))
+    tensors, source, where = read_safetensors(path, "model")
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg)
+    optional = frozenset({"lm_head.weight"} if cfg.tie_word_embeddings else ())
+    assign_checked(model, tensors, source, where, optional, ignored_suffixes=("rotary_emb.inv_freq",))
+    model.to(dtype)
+    model.tie_weights()  # assign=True gave embed_tokens a new Parameter; lm_head must follow it
+    model.reset_buffers()
+    return model.eval()

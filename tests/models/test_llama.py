@@ -1,0 +1,238 @@
+"""kiln.models.llama against transformers' Llama / Mistral / Qwen2 on tiny random configs (CPU)."""
+
+import json
+
+import pytest
+import torch
+
+from kiln.testing import TOL, rel_err
+import transformers
+from safetensors.torch import load_file, save_file
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+from kiln.models.llama import LlamaConfig, LlamaForCausalLM, load_llama, rope_inv_freq
+from kiln.models.registry import export_dims, get
+
+
+SMALL = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+)
+LLAMA3_ROPE = dict(
+    rope_type="llama3",
+    rope_theta=500000.0,
+    factor=32.0,
+    low_freq_factor=1.0,
+    high_freq_factor=4.0,
+    original_max_position_embeddings=64,  # small, so low / medium / high frequency bands all occur at head_dim 16
+)
+CASES = {
+    "llama": ("LlamaConfig", {}),
+    "llama-llama3rope-tied": ("LlamaConfig", dict(rope_parameters=LLAMA3_ROPE, tie_word_embeddings=True)),
+    "llama-bias-mha": ("LlamaConfig", dict(attention_bias=True, mlp_bias=True, num_key_value_heads=4)),
+    "mistral-headdim24": ("MistralConfig", dict(head_dim=24, sliding_window=None)),
+    "mistral-window4": ("MistralConfig", dict(sliding_window=4)),
+    "qwen2-tied": ("Qwen2Config", dict(tie_word_embeddings=True)),
+}
+
+
+def hf_model(case: str, attn: str = "eager") -> transformers.PreTrainedModel:
+    name, kw = CASES[case]
+    torch.manual_seed(0)
+    cfg = getattr(transformers, name)(**{**SMALL, **kw}, attn_implementation=attn)
+    model = getattr(transformers, name.replace("Config", "ForCausalLM"))(cfg).eval()
+    with torch.no_grad():  # HF zero-inits biases and ones-inits norms: perturb everything
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def token_ids(batch: int = 2, seq: int = 11) -> torch.Tensor:
+    return torch.randint(0, SMALL["vocab_size"], (batch, seq), generator=torch.Generator().manual_seed(1))
+
+
+
+
+@torch.no_grad()
+def hf_logits(hf, ids):
+    return hf(ids, use_cache=False).logits
+
+
+@pytest.mark.parametrize("case", CASES)
+@torch.no_grad()
+def test_matches_transformers(case):
+    hf = hf_model(case)
+    model = LlamaForCausalLM(LlamaConfig.from_hf(hf.config.to_dict())).eval()
+    model.load_state_dict(hf.state_dict(), strict=True)
+    ids = token_ids()
+    assert rel_err(model(ids), hf_logits(hf, ids)) <= TOL[torch.float32]
+    assert torch.equal(model.model.rotary_emb.inv_freq, hf.model.rotary_emb.inv_freq)
+    assert "model.rotary_emb.inv_freq" not in model.state_dict()
+    tied = model.lm_head.weight is model.model.embed_tokens.weight
+    assert tied == hf.config.tie_word_embeddings
+
+
+@torch.no_grad()
+def test_sliding_window_is_applied():
+    hf = hf_model("mistral-window4")
+    model = LlamaForCausalLM(LlamaConfig.from_hf(hf.config.to_dict())).eval()
+    model.load_state_dict(hf.state_dict())
+    ids = token_ids(seq=11)
+    windowed = model(ids)
+    model.model.sliding_window = None
+    assert rel_err(model(ids), windowed) > 1e-3  # seq 11 > window 4, so the mask must matter
+
+
+def test_llama3_rope_matches_transformers_at_llama_3_2_1b():
+    cfg = LlamaConfig(**get("llama-3.2-1b").config)
+    hf_cfg = transformers.LlamaConfig(
+        hidden_size=cfg.hidden_size,
+        num_attention_heads=cfg.num_attention_heads,
+        head_dim=cfg.head_dim,
+        max_position_embeddings=cfg.max_position_embeddings,
+        rope_parameters={**cfg.rope_scaling, "rope_theta": cfg.rope_theta},
+    )
+    hf_inv_freq, scale = ROPE_INIT_FUNCTIONS["llama3"](hf_cfg)
+    assert scale == 1.0
+    assert torch.equal(rope_inv_freq(cfg), hf_inv_freq)
+    plain = rope_inv_freq(LlamaConfig(**{**get("llama-3.2-1b").config, "rope_scaling": None}))
+    assert not torch.equal(plain, hf_inv_freq)
+
+
+@pytest.mark.parametrize("case", ["llama", "llama-llama3rope-tied", "qwen2-tied"])
+@torch.no_grad()
+def test_load_saved_checkpoint(case, tmp_path):
+    hf = hf_model(case)
+    hf.save_pretrained(tmp_path)
+    saved = load_file(tmp_path / "model.safetensors")
+    assert ("lm_head.weight" in saved) != hf.config.tie_word_embeddings  # tied checkpoints omit lm_head
+    model = load_llama(tmp_path)
+    ids = token_ids()
+    assert rel_err(model(ids), hf_logits(hf, ids)) <= TOL[torch.float32]
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == hf.config.tie_word_embeddings
+    assert not model.training
+
+
+@torch.no_grad()
+def test_load_sharded_checkpoint(tmp_path):
+    hf = hf_model("llama-llama3rope-tied")
+    hf.save_pretrained(tmp_path, max_shard_size="20KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    assert len(list(tmp_path.glob("model-*-of-*.safetensors"))) > 1
+    ids = token_ids()
+    assert rel_err(load_llama(tmp_path)(ids), hf_logits(hf, ids)) <= TOL[torch.float32]
+
+
+@torch.no_grad()
+def test_load_bfloat16_matches_transformers(tmp_path):
+    hf_model("llama-llama3rope-tied").save_pretrained(tmp_path)
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16, attn_implementation="sdpa")
+    model = load_llama(tmp_path, dtype=torch.bfloat16)
+    assert model.model.norm.weight.dtype == torch.bfloat16
+    assert model.model.rotary_emb.inv_freq.dtype == torch.float32  # as HF's from_pretrained keeps it
+    ids = token_ids()
+    assert rel_err(model(ids), hf_logits(hf.eval(), ids)) <= TOL[torch.bfloat16]
+
+
+def _drop_norm(t):
+    del t["model.norm.weight"]
+
+
+def _add_extra(t):
+    t["model.extra.weight"] = torch.zeros(3)
+
+
+def _reshape_norm(t):
+    t["model.norm.weight"] = torch.ones(5)
+
+
+@pytest.mark.parametrize(
+    "corrupt, names",
+    [
+        (_drop_norm, ["missing", "model.norm.weight", "model.safetensors"]),
+        (_add_extra, ["unexpected", "model.extra.weight", "model.safetensors"]),
+        (_reshape_norm, ["shape", "model.norm.weight", "(5,)"]),
+    ],
+)
+def test_bad_checkpoint_names_the_tensor(corrupt, names, tmp_path):
+    hf_model("llama").save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    corrupt(tensors)
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError) as err:
+        load_llama(tmp_path)
+    assert all(n in str(err.value) for n in names), str(err.value)
+
+
+def test_untied_checkpoint_without_lm_head_is_an_error(tmp_path):
+    hf_model("llama").save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    del tensors["lm_head.weight"]
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="lm_head.weight"):
+        load_llama(tmp_path)
+
+
+def test_shard_missing_a_listed_tensor(tmp_path):
+    hf_model("llama").save_pretrained(tmp_path, max_shard_size="20KB")
+    weight_map = json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"]
+    shard = tmp_path / weight_map["model.norm.weight"]
+    tensors = load_file(shard)
+    del tensors["model.norm.weight"]
+    save_file(tensors, shard, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="model.norm.weight"):
+        load_llama(tmp_path)
+
+
+def test_missing_in_sharded_checkpoint_names_the_index(tmp_path):
+    hf_model("llama").save_pretrained(tmp_path, max_shard_size="20KB")
+    index = tmp_path / "model.safetensors.index.json"
+    doc = json.loads(index.read_text())
+    shard = tmp_path / doc["weight_map"].pop("model.norm.weight")
+    index.write_text(json.dumps(doc))
+    tensors = load_file(shard)
+    del tensors["model.norm.weight"]
+    save_file(tensors, shard, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"missing tensors \['model.norm.weight'\] in .*model.safetensors.index.json"):
+        load_llama(tmp_path)
+
+
+def test_from_hf_legacy_rope_scaling_and_defaults():
+    hf = {"model_type": "llama", **SMALL, "rope_theta": 500000, "max_position_embeddings": 512}
+    hf["rope_scaling"] = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
+    cfg = LlamaConfig.from_hf({**hf, "some_unknown_key": 1})
+    assert cfg.rope_theta == 500000.0 and cfg.head_dim == 16
+    assert cfg.rope_scaling["original_max_position_embeddings"] == 512  # HF falls back to max_position_embeddings
+    mistral = LlamaConfig.from_hf({"model_type": "mistral", **SMALL})
+    assert mistral.sliding_window == 4096  # MistralConfig's default when the key is absent
+
+
+@pytest.mark.parametrize(
+    "hf, name",
+    [
+        ({"model_type": "gpt2", **SMALL}, "gpt2"),
+        ({"model_type": "llama", **SMALL, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "yarn"),
+        ({"model_type": "llama", **SMALL, "rope_parameters": {"rope_type": "dynamic", "factor": 2.0}}, "dynamic"),
+        ({"model_type": "llama", **SMALL, "hidden_act": "gelu"}, "gelu"),
+        ({"model_type": "qwen2", **SMALL, "use_sliding_window": True}, "use_sliding_window"),
+    ],
+)
+def test_from_hf_rejects_unsupported(hf, name):
+    with pytest.raises(ValueError, match=name):
+        LlamaConfig.from_hf(hf)
+
+
+@torch.no_grad()
+def test_export_dynamic_batch_and_seq():
+    spec = get("llama-tiny")
+    model = spec.build()
+    prog = torch.export.export(
+        model, (), spec.example_inputs(batch=2, seq=5), dynamic_shapes=export_dims(spec.dynamic()), strict=False
+    )
+    for batch, seq in [(3, 9), (1, 1)]:
+        inputs = spec.example_inputs(batch=batch, seq=seq, seed=1)
+        assert rel_err(prog.module()(**inputs), model(**inputs)) <= TOL[torch.float32]
