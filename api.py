@@ -116,12 +116,28 @@ def _index_bound(graph: Graph, node) -> int:
 def _wrap_callable(fn):
     """A Module whose forward has ``fn``'s signature (torch.export needs a Module)."""
     import inspect
+    import types
+
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        raise KilnError(f"cannot read the signature of {fn!r}",
+                        hint="wrap it in a python function with named tensor parameters") from None
+    # torch.export records only frames named `forward` (and registered anchors): make fn's own frames
+    # count, so an unsupported op inside it is reported at its own file:line
+    anchor = getattr(torch.fx.proxy, "_register_stack_trace_anchor", None)
+    if anchor is not None:
+        anchor(fn)
+    elif isinstance(fn, types.FunctionType):
+        renamed = types.FunctionType(fn.__code__.replace(co_name="forward"), fn.__globals__, fn.__name__,
+                                     fn.__defaults__, fn.__closure__)
+        renamed.__kwdefaults__ = fn.__kwdefaults__
+        fn = renamed
 
     class Fn(torch.nn.Module):
         def forward(self, *args, **kwargs):
             return fn(*args, **kwargs)
 
-    sig = inspect.signature(fn)
     Fn.forward.__signature__ = sig.replace(parameters=[inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
                                            + list(sig.parameters.values()))
     Fn.__name__ = getattr(fn, "__name__", "fn")

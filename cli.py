@@ -19,8 +19,9 @@ from rich.table import Table
 
 from .errors import KilnError
 
-out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
+# piped output (logs, CI) gets a fixed width so tables and messages are not wrapped at 80 columns
+out = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 160)
 
 
 class _Progress:

@@ -2,12 +2,15 @@
 
 One operand: a permutation (letters summed away become a SUM). Two operands: letters in both
 inputs and the output are batch dims, in both inputs only are contracted, in one input and the
-output are free; the product is one batched MATMUL ``[B, M, K] @ [B, K, N]``.
+output are free; the product is one batched MATMUL ``[B, M, K] @ [B, K, N]``. ``...`` becomes
+letters of its own, right-aligned across the operands.
 """
 from __future__ import annotations
 
+import string
+
 from .from_fx import Unsupported
-from .types import dim
+from .types import dim, dims_equal
 
 
 def _prod(dims):
@@ -17,16 +20,20 @@ def _prod(dims):
     return dim(n) if not isinstance(n, int) else n
 
 
-def _parse(equation: str, n: int):
+def _parse(equation: str, ranks: list[int]):
     eq = equation.replace(" ", "")
-    if "..." in eq:
-        raise Unsupported("einsum with '...'")
     if "->" not in eq:
         raise Unsupported("einsum without an explicit output ('->')")
     lhs, out = eq.split("->")
     ins = lhs.split(",")
-    if len(ins) != n:
-        raise Unsupported(f"einsum {equation!r} with {n} operands")
+    if len(ins) != len(ranks):
+        raise Unsupported(f"einsum {equation!r} with {len(ranks)} operands")
+    if "..." in eq:  # '...' stands for the same letters in every term, aligned on the right like broadcasting
+        free = [c for c in string.ascii_letters if c not in eq]
+        n = max((r - len(t) + 3 for t, r in zip(ins, ranks) if "..." in t), default=0)
+        ell = "".join(free[:n])
+        ins = [t.replace("...", ell[n - (r - len(t) + 3):]) for t, r in zip(ins, ranks)]
+        out = out.replace("...", ell)
     for term in ins + [out]:
         if len(set(term)) != len(term):
             raise Unsupported(f"einsum with a repeated index ({equation!r})")
@@ -47,7 +54,7 @@ def _permute(cx, x, letters, order):
 
 
 def lower_einsum(cx, equation: str, operands: list, want):
-    ins, out = _parse(equation, len(operands))
+    ins, out = _parse(equation, [len(o.shape) for o in operands])
     if len(operands) == 1:
         x, letters = _sum_away(cx, operands[0], ins[0], out)
         return _permute(cx, x, letters, out)
@@ -58,6 +65,8 @@ def lower_einsum(cx, equation: str, operands: list, want):
     a, la = _sum_away(cx, a, la, lb + out)
     b, lb = _sum_away(cx, b, lb, la + out)
     size = {c: d for c, d in zip(la, a.shape)}
+    if any(c in size and not dims_equal(size[c], d) for c, d in zip(lb, b.shape)):
+        raise Unsupported(f"einsum {equation!r} broadcasting a size-1 dim")
     size.update({c: d for c, d in zip(lb, b.shape)})
     batch = [c for c in out if c in la and c in lb]
     m = [c for c in out if c in la and c not in lb]

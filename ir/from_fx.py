@@ -154,11 +154,13 @@ class Importer:
             key = handler_key(node.target)
             if key not in HANDLERS:
                 unsupported.setdefault(key, []).append(location(node))
-        if unsupported:
-            raise UnsupportedOpsError(unsupported)
 
+        # lower the rest too, so that the calls a handler refuses are listed in the same error
         for node in gm.graph.nodes:
             if node.op != "call_function":
+                continue
+            if handler_key(node.target) not in HANDLERS:
+                self.env[node] = POISON
                 continue
             args = torch.fx.node.map_arg(node.args, self.env.get)
             kwargs = torch.fx.node.map_arg(node.kwargs, self.env.get)
@@ -186,7 +188,8 @@ class Importer:
         outs, names = [], []
         for spec, arg in zip(ep.graph_signature.output_specs, out_node.args[0]):
             if spec.kind != OutputKind.USER_OUTPUT:
-                raise UnsupportedOpsError({f"in-place update of {spec.kind.name.lower()} {spec.target}": [location(arg) if isinstance(arg, torch.fx.Node) else "?"]})
+                where = location(arg) if isinstance(arg, torch.fx.Node) else "?"
+                raise UnsupportedOpsError({f"in-place update of {spec.kind.name.lower()} {spec.target}": [where]})
             v = self.env.get(arg) if isinstance(arg, torch.fx.Node) else arg
             if not isinstance(v, Node):
                 raise CaptureError(f"output {spec.arg.name} is not a tensor ({v!r}); kiln graphs return tensors")
@@ -217,7 +220,8 @@ class Importer:
                 self.symmap[s] = sym(str(s))
             if s.is_Symbol:
                 lo, hi = _bound(vr.lower, 0), _bound(vr.upper, INT_MAX)
-                self.graph.symbols[self.symmap[s].name] = (max(lo, 0), min(hi, INT_MAX))
+                # sizes are positive (kiln's symbols are declared so); an empty dim is not a shape kiln runs
+                self.graph.symbols[self.symmap[s].name] = (max(lo, 1), min(hi, INT_MAX))
 
     def _check(self, fx_node: torch.fx.Node, value) -> None:
         """The lowered value must have the type torch.export recorded for the node."""

@@ -163,17 +163,18 @@ class Graph:
         new.users[node] = None
 
     def replace_all_uses(self, old: Node, new: Node) -> int:
-        """Make every user of ``old`` (and the graph outputs) read ``new``; returns how many changed."""
+        """Make every user of ``old`` (and the graph outputs) read ``new``; returns how many changed.
+        ``new`` itself keeps reading ``old`` (so ``new = f(old)`` can be put in ``old``'s place)."""
         if old is new:
             return 0
         if not (dims_equal_shapes(old.shape, new.shape) and old.dtype == new.dtype):
             raise GraphError(f"replace {old!r} by {new!r}: types differ")
         count = 0
-        for user in list(old.users):
+        for user in [u for u in old.users if u is not new]:
             user.inputs = tuple(new if i is old else i for i in user.inputs)
             new.users[user] = None
+            del old.users[user]
             count += 1
-        old.users.clear()
         for k, o in enumerate(self.outputs):
             if o is old:
                 self.outputs[k] = new
@@ -280,7 +281,9 @@ class Graph:
                     raise GraphError(f"{where}: {e}") from None
                 if not (dims_equal_shapes(t.shape, n.shape) and t.dtype == n.dtype):
                     raise GraphError(f"{where}: stored type {n.dtype}{shape_str(n.shape)}, inferred {t.dtype}{shape_str(t.shape)}")
-            unknown = set().union(*(free_symbols(d) for d in n.shape)) - set(self.symbols) if n.shape else set()
+            if n.op == "INPUT" and n not in self.inputs:
+                raise GraphError(f"{where}: not one of the graph inputs")
+            unknown = (_symbols_of(n.shape) | _symbols_of(tuple(n.attrs.values()))) - set(self.symbols)
             if unknown:
                 raise GraphError(f"{where}: undeclared symbol(s) {', '.join(sorted(unknown))}")
             seen.add(n)
@@ -295,6 +298,13 @@ class Graph:
         for name, (lo, hi) in self.symbols.items():
             if not 0 <= lo <= hi:
                 raise GraphError(f"symbol {name}: bad range [{lo}, {hi}]")
+
+
+def _symbols_of(value) -> set[str]:
+    """Names of the symbols in a dim, an attribute or a tuple of them."""
+    if isinstance(value, tuple):
+        return set().union(*(_symbols_of(v) for v in value))
+    return free_symbols(value)
 
 
 def dims_equal_shapes(a, b) -> bool:

@@ -8,8 +8,10 @@ right when it computes what ``OPS[op].ref`` computes.
 Conventions
 - Attributes are plain hashable values: int, float, str, bool, None, sympy dims, tuples of those.
   Axes are normalised to non-negative ints by the importers.
-- Elementwise ops broadcast like torch. A rank-0 ``CONST`` operand is a weak scalar: it takes part in
-  dtype promotion the way a python number does in torch (``bf16 * CONST(0.5)`` stays bf16).
+- Elementwise ops broadcast like torch. A rank-0 operand (``CONST`` included) promotes like a 0-d
+  tensor in torch: it does not widen a tensor of its own kind (``bf16 * CONST(0.5)`` stays bf16), but
+  it does set the dtype across kinds (``int64 * CONST(0.5)`` is float64, where torch's python ``0.5``
+  gives float32): importers cast the tensor operand first.
 - Optional inputs are trailing: ``LINEAR(x, w)`` or ``LINEAR(x, w, b)``.
 - There are no multi-output ops: a split is one ``SLICE`` per piece.
 """
@@ -67,7 +69,10 @@ def result_dtype(op: str, ins, attrs, fn) -> str:
                                                                      if isinstance(v, (str, bool, int, float, type(None))))))
     d = _DTYPE_CACHE.get(key)
     if d is None:
-        d = _DTYPE_CACHE[key] = dtype_name(fn([_proxy(t) for t in ins], attrs).dtype)
+        try:
+            d = _DTYPE_CACHE[key] = dtype_name(fn([_proxy(t) for t in ins], attrs).dtype)
+        except (RuntimeError, NotImplementedError, TypeError) as e:  # torch rejects these dtypes
+            raise ShapeError(f"{op}: inputs of dtype {', '.join(t.dtype for t in ins)}: {e}") from None
     return d
 
 
@@ -167,9 +172,13 @@ COMMUTATIVE = frozenset({"ADD", "MUL", "MAXIMUM", "MINIMUM", "EQ", "NE", "AND", 
 def _infer_reduce(name, ins, a, fn):
     (t,) = ins
     axes = set(a["axes"])
+    if not axes and t.shape:  # torch reads dim=() as "every dim" for sum/mean/amax, as "none" for prod
+        raise ShapeError(f"{name}: no reduction axes given for shape {shape_str(t.shape)}")
     for ax in axes:
         if not 0 <= ax < len(t.shape):
             raise ShapeError(f"reduction axis {ax} out of range for shape {shape_str(t.shape)}")
+    if name in ("ARGMAX", "ARGMIN"):
+        _one_axis(a)
     shape = tuple((1 if a["keepdim"] else None) if i in axes else d for i, d in enumerate(t.shape))
     probe = {"axes": (0,) if t.shape else (), "keepdim": False}
     dtype = result_dtype(name, ins, {}, lambda x, _: fn(x, probe))
@@ -205,26 +214,35 @@ def _reduce_each(fn, x, a):
     return x
 
 
-def _infer_same(ins, a):
-    return ins[0]
+def _along_axis(name, fn):
+    # one-axis ops that keep the shape; the dtype is whatever fn gives (cumsum of int32 is int64)
+    def infer(ins, a):
+        (t,) = ins
+        if not 0 <= a["axis"] < max(len(t.shape), 1):
+            raise ShapeError(f"{name}: axis {a['axis']} out of range for shape {shape_str(t.shape)}")
+        return TType(t.shape, result_dtype(name, ins, {}, lambda x, _: fn(x, {"axis": 0})))
+    return infer
 
 
-_def("CUMSUM", 1, "compute", lambda ins, a: TType(ins[0].shape, result_dtype("CUMSUM", ins, {}, lambda x, _: torch.cumsum(x[0], 0))),
-     lambda x, a: torch.cumsum(x[0], a["axis"]), axis=REQUIRED)
-_def("SOFTMAX", 1, "reduction", _infer_same, lambda x, a: torch.softmax(x[0], a["axis"]), axis=REQUIRED)
-_def("LOG_SOFTMAX", 1, "reduction", _infer_same, lambda x, a: torch.log_softmax(x[0], a["axis"]), axis=REQUIRED)
+for _name, _kind, _fn in (("CUMSUM", "compute", lambda x, a: torch.cumsum(x[0], a["axis"])),
+                          ("SOFTMAX", "reduction", lambda x, a: torch.softmax(x[0], a["axis"])),
+                          ("LOG_SOFTMAX", "reduction", lambda x, a: torch.log_softmax(x[0], a["axis"]))):
+    _def(_name, 1, _kind, _along_axis(_name, _fn), _fn, axis=REQUIRED)
 
 
 # ----------------------------------------------------------------------------- normalisation
 
 
-def _infer_norm(ins, a):
+def _infer_norm(name, ins, a, fn):
     x = ins[0]
     k = a["dims"]
+    if not 1 <= k <= len(x.shape):
+        raise ShapeError(f"{name}: cannot normalise the last {k} dims of {shape_str(x.shape)}")
     for p in ins[1:]:
         if len(p.shape) != k or not all(dims_equal(d, e) for d, e in zip(p.shape, x.shape[-k:])):
             raise ShapeError(f"norm parameter shape {shape_str(p.shape)} does not match the last {k} dims of {shape_str(x.shape)}")
-    return x
+    # RMSNORM's y * w promotes (bf16 x, fp32 w -> fp32, as in HF); F.layer_norm keeps x's dtype
+    return TType(x.shape, result_dtype(name, ins, {}, lambda t, _: fn(t, {"eps": 1e-5, "dims": 1})))
 
 
 def _layernorm(x, a):
@@ -244,8 +262,10 @@ def _rmsnorm(x, a):
     return y * x[1] if len(x) > 1 else y
 
 
-_def("LAYERNORM", (1, 3), "reduction", _infer_norm, _layernorm, eps=REQUIRED, dims=1)
-_def("RMSNORM", (1, 2), "reduction", _infer_norm, _rmsnorm, eps=REQUIRED, dims=1)
+_def("LAYERNORM", (1, 3), "reduction", lambda ins, a: _infer_norm("LAYERNORM", ins, a, _layernorm), _layernorm,
+     eps=REQUIRED, dims=1)
+_def("RMSNORM", (1, 2), "reduction", lambda ins, a: _infer_norm("RMSNORM", ins, a, _rmsnorm), _rmsnorm,
+     eps=REQUIRED, dims=1)
 
 
 # ----------------------------------------------------------------------------- linear algebra
@@ -297,17 +317,30 @@ def _infer_conv2d(ins, a):
     x, w = ins[0], ins[1]
     if len(x.shape) != 4 or len(w.shape) != 4:
         raise ShapeError(f"CONV2D: input {shape_str(x.shape)} and weight {shape_str(w.shape)} must be rank 4")
-    if not dims_equal(x.shape[1], w.shape[1] * a["groups"]):
-        raise ShapeError(f"CONV2D: {x.shape[1]} input channels, weight expects {w.shape[1]} x {a['groups']} groups")
+    if not dims_equal(x.shape[1], w.shape[1] * a["groups"]) or (isinstance(w.shape[0], int) and w.shape[0] % a["groups"]):
+        raise ShapeError(f"CONV2D: {x.shape[1]} input channels, weight {shape_str(w.shape)}, {a['groups']} groups")
+    if len(ins) == 3 and (len(ins[2].shape) != 1 or not dims_equal(ins[2].shape[0], w.shape[0])):
+        raise ShapeError(f"CONV2D: bias {shape_str(ins[2].shape)} for weight {shape_str(w.shape)}")
     _same_dtype("CONV2D", ins)
     (sh, sw), (ph, pw), (dh, dw) = a["stride"], a["padding"], a["dilation"]
-    return TType((x.shape[0], w.shape[0], _conv_out(x.shape[2], w.shape[2], sh, ph, dh),
-                  _conv_out(x.shape[3], w.shape[3], sw, pw, dw)), x.dtype)
+    hw = (_conv_out(x.shape[2], w.shape[2], sh, ph, dh), _conv_out(x.shape[3], w.shape[3], sw, pw, dw))
+    if any(isinstance(d, int) and d < 1 for d in hw):
+        raise ShapeError(f"CONV2D: kernel {shape_str(w.shape[2:])} does not fit input {shape_str(x.shape)} (output {shape_str(hw)})")
+    return TType((x.shape[0], w.shape[0]) + hw, x.dtype)
 
 
 _def("CONV2D", (2, 3), "compute", _infer_conv2d,
      lambda x, a: F.conv2d(x[0], x[1], x[2] if len(x) > 2 else None, a["stride"], a["padding"], a["dilation"], a["groups"]),
      stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1)
+
+
+def _fits(shape, target) -> bool:
+    """``shape`` broadcasts to ``target`` without widening it."""
+    try:
+        b = broadcast_shapes(shape, target)
+    except ShapeError:
+        return False
+    return len(b) == len(target) and all(dims_equal(d, e) for d, e in zip(b, target))
 
 
 def _infer_attention(ins, a):
@@ -317,11 +350,21 @@ def _infer_attention(ins, a):
     if not dims_equal(q.shape[-1], k.shape[-1]) or not dims_equal(k.shape[-2], v.shape[-2]):
         raise ShapeError(f"ATTENTION: q {shape_str(q.shape)}, k {shape_str(k.shape)}, v {shape_str(v.shape)}")
     _same_dtype("ATTENTION", ins[:3])
+    k_lead, v_lead = k.shape[:-2], v.shape[:-2]
+    if a["gqa"] and len(q.shape) >= 3 and not dims_equal(q.shape[-3], k.shape[-3]):
+        hq, hk = q.shape[-3], k.shape[-3]  # [..., H, S, D]: kv heads repeat up to the query heads
+        if not (isinstance(hq, int) and isinstance(hk, int) and hq % hk == 0):
+            raise ShapeError(f"ATTENTION: {hq} query heads do not group over {hk} kv heads")
+        k_lead, v_lead = k_lead[:-1] + (hq,), v_lead[:-1] + (v_lead[-1] * (hq // hk),)
+    if not (_fits(k_lead, q.shape[:-2]) and _fits(v_lead, q.shape[:-2])):
+        raise ShapeError(f"ATTENTION: leading dims of k {shape_str(k.shape)} / v {shape_str(v.shape)} do not fit q {shape_str(q.shape)}")
     if len(ins) == 4:
         m = ins[3]
         if m.dtype != "bool" and m.dtype != q.dtype:
             raise ShapeError(f"ATTENTION: mask dtype {m.dtype} must be bool or {q.dtype}")
-        broadcast_shapes(m.shape, q.shape[:-1] + (k.shape[-2],))
+        if not _fits(m.shape, q.shape[:-1] + (k.shape[-2],)):
+            scores = q.shape[:-1] + (k.shape[-2],)
+            raise ShapeError(f"ATTENTION: mask {shape_str(m.shape)} does not broadcast to the scores {shape_str(scores)}")
     return TType(q.shape[:-1] + (v.shape[-1],), q.dtype)
 
 
@@ -331,10 +374,16 @@ def _attention(x, a):
     if a["gqa"] and q.dim() >= 3 and q.shape[-3] != k.shape[-3]:
         rep = q.shape[-3] // k.shape[-3]
         k, v = k.repeat_interleave(rep, dim=-3), v.repeat_interleave(rep, dim=-3)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=a["causal"], scale=a["scale"])
+    causal = a["causal"]
+    if causal and mask is not None:  # both: combined here, since torch versions differ on accepting the pair
+        keep = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+        mask = mask & keep if mask.dtype == torch.bool else mask.masked_fill(~keep, float("-inf"))
+        causal = False
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=a["scale"])
 
 
-# scale None: 1/sqrt(head_dim); causal: the upper-left-aligned triangle of torch's SDPA
+# scale None: 1/sqrt(head_dim); causal: the upper-left-aligned triangle of torch's SDPA; with a mask
+# too, a position is attended where the mask allows it (bool True / float bias) and causality does
 _def("ATTENTION", (3, 4), "compute", _infer_attention, _attention, causal=False, scale=None, gqa=False)
 
 
@@ -374,8 +423,8 @@ def _index(x, a):
 
 def _infer_gather(ins, a):
     x, idx = ins
-    if len(x.shape) != len(idx.shape):
-        raise ShapeError(f"GATHER: index rank {len(idx.shape)} != input rank {len(x.shape)}")
+    if len(x.shape) != len(idx.shape) or not 0 <= a["axis"] < max(len(x.shape), 1) or idx.dtype not in ("int64", "int32"):
+        raise ShapeError(f"GATHER: axis {a['axis']}, index {idx.dtype}{shape_str(idx.shape)} on input {shape_str(x.shape)}")
     return TType(idx.shape, x.dtype)
 
 
@@ -387,9 +436,15 @@ _def("GATHER", 2, "compute", _infer_gather, lambda x, a: torch.gather(x[0], a["a
 # ----------------------------------------------------------------------------- layout
 
 
+def _no_negative_dims(op, shape):
+    if any(isinstance(d, int) and d < 0 for d in shape):  # torch's -1 is resolved by the importers
+        raise ShapeError(f"{op}: {shape_str(shape)} has a negative dim")
+
+
 def _infer_reshape(ins, a):
     (x,) = ins
     shape = a["shape"]
+    _no_negative_dims("RESHAPE", shape)
     if not dims_equal(numel(x.shape), numel(shape)):
         raise ShapeError(f"RESHAPE: cannot view {shape_str(x.shape)} as {shape_str(shape)}")
     return TType(tuple(shape), x.dtype)
@@ -406,6 +461,7 @@ def _infer_permute(ins, a):
 def _infer_expand(ins, a):
     (x,) = ins
     shape = a["shape"]
+    _no_negative_dims("EXPAND", shape)
     if len(shape) < len(x.shape):
         raise ShapeError(f"EXPAND: {shape_str(x.shape)} to fewer dims {shape_str(shape)}")
     for d, e in zip(reversed(x.shape), reversed(shape)):
@@ -426,6 +482,10 @@ def _infer_slice(ins, a):
     ax = a["axis"]
     if not 0 <= ax < len(x.shape) or a["step"] < 1:
         raise ShapeError(f"SLICE: axis {ax} / step {a['step']} invalid for shape {shape_str(x.shape)}")
+    size, start, end = x.shape[ax], a["start"], a["end"]
+    # importers normalise bounds (no negatives, end <= size); torch would clamp silently
+    if any(isinstance(b, int) and b < 0 for b in (start, end)) or (isinstance(end, int) and isinstance(size, int) and end > size):
+        raise ShapeError(f"SLICE: [{start}:{end}] out of range for dim {ax} of {shape_str(x.shape)}")
     shape = list(x.shape)
     shape[ax] = slice_len(a["start"], a["end"], a["step"])
     return TType(tuple(shape), x.dtype)
@@ -434,6 +494,8 @@ def _infer_slice(ins, a):
 def _infer_concat(ins, a):
     ax = a["axis"]
     first = ins[0]
+    if not 0 <= ax < len(first.shape):
+        raise ShapeError(f"CONCAT: axis {ax} out of range for shape {shape_str(first.shape)}")
     total: Dim = 0
     for t in ins:
         if len(t.shape) != len(first.shape) or t.dtype != first.dtype:
@@ -450,6 +512,8 @@ def _infer_concat(ins, a):
 def _infer_pad(ins, a):
     (x,) = ins
     pads = a["pads"]  # (before, after) per dim, last dim first, like F.pad
+    if len(pads) > len(x.shape) or any(len(p) != 2 for p in pads):
+        raise ShapeError(f"PAD: pads {pads} do not fit shape {shape_str(x.shape)}")
     shape = list(x.shape)
     for i, (lo, hi) in enumerate(pads):
         shape[-1 - i] = dim(shape[-1 - i] + lo + hi) if not isinstance(shape[-1 - i], int) else shape[-1 - i] + lo + hi

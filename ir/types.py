@@ -124,6 +124,8 @@ def eval_dim(d, bindings: dict[str, int]) -> int:
     if not v.is_number:
         missing = sorted(s.name for s in v.free_symbols)
         raise KeyError(f"no value for symbol(s) {', '.join(missing)} in {d}")
+    if not v.is_Integer:  # seq/2 at an odd seq: int() would truncate it silently
+        raise ValueError(f"dim {d} is {v} for {bindings}, not an integer")
     return int(v)
 
 

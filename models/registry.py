@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..errors import KilnError
 from .dit import DiT, DiTConfig, load_dit
 from .llama import LlamaConfig, LlamaForCausalLM, RMSNorm, load_llama
 
@@ -170,9 +171,9 @@ REGISTRY: dict[str, ModelSpec] = {
 }
 
 
-class UnknownModelError(KeyError):
+class UnknownModelError(KilnError, KeyError):
     def __str__(self) -> str:  # KeyError would repr() the message
-        return str(self.args[0])
+        return self.message
 
 
 def get(name: str) -> ModelSpec:

@@ -25,7 +25,7 @@ class BufferPlan:
     offsets: dict[int, int] = field(default_factory=dict)  # key -> byte offset into the arena
     sizes: dict[int, int] = field(default_factory=dict)
     peak_bytes: int = 0  # arena size
-    total_bytes: int = 0  # what every intermediate would take without reuse
+    total_bytes: int = 0  # what every intermediate would take without reuse (aligned, like the arena)
 
     @property
     def saving(self) -> float:
@@ -57,7 +57,7 @@ def plan_memory(intervals: list[Interval]) -> BufferPlan:
         plan.offsets[iv.key] = offset
         plan.sizes[iv.key] = iv.size
         plan.peak_bytes = max(plan.peak_bytes, offset + size)
-        plan.total_bytes += iv.size
+        plan.total_bytes += size
     return plan
 
 

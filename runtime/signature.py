@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
+import re
 import warnings
 
 import torch
@@ -125,20 +126,25 @@ class Signature:
                 raise InputError(f"unexpected argument {k!r}; parameters are {', '.join(self.params)}")
             values[k] = v
         out = {}
+        tensor_args = {re.split(r"[\[.]", p, maxsplit=1)[0] for p in self.input_paths}
         for name in self.given:
             if name in values:
                 out[name] = values.pop(name)
             elif name in self.fixed:
                 out[name] = self.fixed[name]
-            elif name in self.defaults:
+            elif name in self.defaults and name not in tensor_args:
                 out[name] = self.defaults[name]
             else:
                 raise InputError(f"missing argument {name!r}")
         for name, v in values.items():  # passed now, not at compile: fine only if it is the default anyway
-            if not (name in self.defaults and isinstance(v, _JSON_SCALARS) and v == self.defaults[name]):
-                raise InputError(f"argument {name!r} was not given when the model was compiled, so the "
-                                 f"compiled graph cannot take it (got {_describe(v)})",
-                                 hint=f"compile with an example value for {name!r}")
+            if name in self.defaults and isinstance(v, _JSON_SCALARS) and v == self.defaults[name]:
+                continue
+            if name in self.defaults and not isinstance(v, torch.Tensor):
+                raise InputError(f"argument {name!r} was fixed to its default {self.defaults[name]!r} when the model "
+                                 f"was compiled; got {_describe(v)}", hint=f"compile with {name}={v!r} in the example call")
+            raise InputError(f"argument {name!r} was not given when the model was compiled, so the "
+                             f"compiled graph cannot take it (got {_describe(v)})",
+                             hint=f"compile with an example value for {name!r}")
         return out
 
     def flatten(self, args: tuple, kwargs: dict) -> list[torch.Tensor]:
@@ -212,6 +218,8 @@ def output_structure(spec: pytree.TreeSpec) -> dict:
     if _is_model_output(t):
         return {"type": "model_output", "class": f"{t.__module__}.{t.__qualname__}", "keys": list(spec.context),
                 "children": children}
+    if t.__module__ == "torch.return_types":  # x.max(dim) and friends: (values, indices)
+        return {"type": "return_types", "class": t.__name__, "children": children}
     if issubclass(t, tuple) and hasattr(t, "_fields"):  # namedtuple: rebuilt as a plain tuple
         return {"type": "tuple", "children": children}
     raise KilnError(f"kiln cannot return outputs of type {t.__name__}",
@@ -272,6 +280,9 @@ def _build(s: dict, it):
     children = [_build(c, it) for c in s.get("children", [])]
     if kind == "tuple":
         return tuple(children)
+    if kind == "return_types":
+        cls = getattr(torch.return_types, s["class"], None)
+        return cls(children) if cls is not None else tuple(children)
     if kind == "list":
         return children
     values = dict(zip(s["keys"], children))
