@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 from contextlib import contextmanager
 
 import torch
@@ -67,7 +68,7 @@ class CompiledModel:
     def save(self, path: str | os.PathLike, overwrite: bool = False) -> str:
         """Write a self-contained ``.kiln`` artifact (refuses to replace a file unless ``overwrite``)."""
         return artifact.save(path, self.graph, signature=self.signature.to_dict(), config=self.config.to_dict(),
-                             report=self._report.to_dict(), overwrite=overwrite)
+                             report=self._report.to_dict(), extra={"device": self.device.type}, overwrite=overwrite)
 
     def random_inputs(self, dims: dict[str, int] | None = None, seed: int = 0) -> list[torch.Tensor]:
         """Random tensors that fit the inputs (symbols take ``dims`` or a small default in range);
@@ -231,10 +232,42 @@ def _hf_fixed_kwargs(module, fn) -> dict:
     return {}
 
 
-def _export(module, canonical: dict, dynamic_shapes: dict):
-    try:
+def _relaxed(dynamic_shapes: dict) -> dict:
+    """The same dims as ``Dim.DYNAMIC`` hints with their ranges: torch may then add guards it cannot
+    prove over the whole range (torch 2.11 cannot prove ``min(8*s, 16*s) == 8*s``) instead of failing."""
+    out = {}
+    for arg, per in dynamic_shapes.items():
+        if not per:
+            out[arg] = per
+            continue
+        out[arg] = {}
+        for i, d in per.items():
+            lo, hi = getattr(d, "min", 1), getattr(d, "max", None)
+            try:
+                out[arg][i] = torch.export.Dim.DYNAMIC(min=lo, max=hi if hi is not None and hi < 2**62 else None)
+            except TypeError:  # a torch without ranged hints
+                out[arg][i] = torch.export.Dim.DYNAMIC
+    return out
+
+
+def _export(module, canonical: dict, dynamic_shapes: dict, dim_names: dict):
+    def run(ds):
         with torch.no_grad(), _eval_mode(module):
-            return torch.export.export(module, (), canonical, dynamic_shapes=dynamic_shapes, strict=False)
+            return torch.export.export(module, (), canonical, dynamic_shapes=ds, strict=False)
+
+    try:
+        try:
+            return run(dynamic_shapes)
+        except Exception as first:
+            if "Constraints violated" not in str(first) or not dim_names:
+                raise
+            try:
+                ep = run(_relaxed(dynamic_shapes))
+            except Exception:
+                raise first from None
+            if not _all_dims_symbolic(ep, dim_names):
+                raise first from None
+            return ep
     except KilnError:
         raise
     except Exception as e:
@@ -245,6 +278,21 @@ def _export(module, canonical: dict, dynamic_shapes: dict):
         raise CaptureError(f"torch.export could not capture the model: {type(e).__name__}: {msg}",
                            hint="KILN_DEBUG=1 shows the full error; a dim that cannot be dynamic is usually "
                                 "named in it") from None
+
+
+def _declared_ranges(dynamic_shapes: dict) -> dict:
+    return {d.__name__: (d.min, d.max if d.max is not None and d.max < 2**62 else None)
+            for per in dynamic_shapes.values() if per for d in per.values()}
+
+
+def _all_dims_symbolic(ep, dim_names: dict) -> bool:
+    """Every declared dynamic dim is still a symbol in the exported program's inputs."""
+    vals = {n.name: n.meta.get("val") for n in ep.graph.nodes if n.op == "placeholder"}
+    for arg, per in dim_names.items():
+        v = vals.get(arg)
+        if not isinstance(v, torch.Tensor) or any(not isinstance(v.shape[i], torch.SymInt) for i in per):
+            return False
+    return True
 
 
 def compile(model, example_inputs=(), example_kwargs: dict | None = None, *, dynamic: dict | None = None,
@@ -283,12 +331,18 @@ def compile(model, example_inputs=(), example_kwargs: dict | None = None, *, dyn
         report.model.update(name=type(model).__name__ if isinstance(model, torch.nn.Module) else getattr(model, "__name__", "fn"),
                             source="torch.export")
         with report.phase("capture"):
-            ep = _export(module, _widen_size_one(canonical, dim_names), ds)
+            ep = _export(module, _widen_size_one(canonical, dim_names), ds, dim_names)
 
     from .ir.from_fx import from_exported
 
     with report.phase("import"):
         graph, _ = from_exported(ep, dim_names, input_names=signature.input_paths)
+    if module is not None:
+        for name, (lo, hi) in _declared_ranges(ds).items():
+            got = graph.symbols.get(name)
+            if got is not None and (got[0] != lo or (hi is not None and got[1] != hi)):
+                report.notes.append(f"dim {name}: declared [{lo}, {hi}], the model only works for [{got[0]}, {got[1]}] "
+                                    "(torch.export's analysis); calls are checked against the narrower range")
     signature.output = output_structure(ep.call_spec.out_spec)
     names = output_names(signature.output)
     if len(graph.outputs) != len(names):
@@ -356,8 +410,12 @@ def load(path: str | os.PathLike, device: str | None = None) -> CompiledModel:
     """Load a ``.kiln`` artifact; no model source is needed. ``device`` overrides where it runs."""
     graph, manifest, report_dict = artifact.load(path)
     config = CompileConfig.from_dict(manifest.get("config") or {})
-    if device is not None:
-        config.device = device
+    if device is None:  # where it was compiled to run, when this machine has it
+        device = config.device or manifest.get("device") or "cpu"
+        if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+            warnings.warn(f"{path} was compiled for {device}, which this machine lacks; running on the CPU", stacklevel=2)
+            device = "cpu"
+    config.device = device
     signature = Signature.from_dict(manifest["signature"])
     return CompiledModel(graph, signature, config, Report.from_dict(report_dict), manifest)
 

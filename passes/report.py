@@ -33,6 +33,7 @@ class Report:
         self.ops_after: dict[str, int] = {}
         self.memory: dict | None = None
         self.verify: dict | None = None
+        self.notes: list[str] = []  # things the user should know (a dim range torch narrowed, ...)
 
     @contextmanager
     def phase(self, name: str):
@@ -60,7 +61,7 @@ class Report:
     def to_dict(self) -> dict:
         return {"model": self.model, "phases": {k: round(v, 6) for k, v in self.phases.items()},
                 "passes": self.passes, "ops_before": self.ops_before, "ops_after": self.ops_after,
-                "memory": self.memory, "verify": self.verify}
+                "memory": self.memory, "verify": self.verify, "notes": self.notes}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Report":
@@ -72,6 +73,7 @@ class Report:
         r.ops_after = d.get("ops_after", {})
         r.memory = d.get("memory")
         r.verify = d.get("verify")
+        r.notes = list(d.get("notes", []))
         return r
 
     # ------------------------------------------------------------------ text
@@ -114,6 +116,8 @@ class Report:
             yield escape(f"  memory plan at {mem.get('binding', {})}: {mem['buffers']} buffers, planned peak "
                    f"{_bytes(mem['planned_peak_bytes'])} vs {_bytes(mem['sum_of_intermediates_bytes'])} "
                    f"without reuse ({mem['saving']:.0%} saved)")
+        for note in self.notes:
+            yield escape(f"  note: {note}")
         if self.verify:
             v = self.verify
             yield escape("  verify vs eager: " + ", ".join(f"{k} rel err {e:.2e}" for k, e in v["rel_err"].items()))
