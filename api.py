@@ -340,6 +340,10 @@ def compile(model, example_inputs=(), example_kwargs: dict | None = None, *, dyn
     if module is not None:
         for name, (lo, hi) in _declared_ranges(ds).items():
             got = graph.symbols.get(name)
+            if got is not None and got[0] == 2 and lo <= 1:
+                # torch < 2.12 reports every backed size as >= 2 (its 0/1 specialisation), not a guard of the model;
+                # kiln's ops broadcast at any size and the graph is the same, so size 1 keeps the declared range
+                graph.symbols[name] = got = (1, got[1])
             if got is not None and (got[0] != lo or (hi is not None and got[1] != hi)):
                 report.notes.append(f"dim {name}: declared [{lo}, {hi}], the model only works for [{got[0]}, {got[1]}] "
                                     "(torch.export's analysis); calls are checked against the narrower range")

@@ -126,7 +126,7 @@ class Executor:
     def __init__(self, graph: Graph, device: str | torch.device | None = None, max_plans: int = 8):
         graph.verify()
         self.graph = graph
-        self.device = torch.device(device) if device is not None else _weights_device(graph)
+        self.device = _canonical_device(torch.device(device) if device is not None else _weights_device(graph))
         self.max_plans = max_plans
         self._plans: OrderedDict[tuple, Plan] = OrderedDict()
         self.static: dict[Node, torch.Tensor] = {}
@@ -164,6 +164,13 @@ class Executor:
     @property
     def plans(self) -> list[Plan]:
         return list(self._plans.values())
+
+
+def _canonical_device(d: torch.device) -> torch.device:
+    """``cuda`` -> ``cuda:<current>``, so it compares equal to the device of tensors created on it."""
+    if d.type == "cuda" and d.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return d
 
 
 def _weights_device(graph: Graph) -> torch.device:
