@@ -234,6 +234,14 @@ for _name, _kind, _fn in (("CUMSUM", "compute", lambda x, a: torch.cumsum(x[0], 
 
 
 def _infer_norm(name, ins, a, fn):
+    n_params = len(ins) - 1 - int(bool(a.get("residual")))
+    if not 0 <= n_params <= (1 if name == "RMSNORM" else 2):
+        raise ShapeError(f"{name}: {len(ins)} inputs with residual={bool(a.get('residual'))}")
+    if a.get("residual"):  # NORM(x, *params, r) normalises x + r
+        x, r = ins[0], ins[-1]
+        if not _fits(r.shape, x.shape):
+            raise ShapeError(f"{name}: residual {shape_str(r.shape)} does not broadcast to the input {shape_str(x.shape)}")
+        ins = [TType(x.shape, result_dtype("ADD", [x, r], {}, lambda t, _: t[0] + t[1]))] + list(ins[1:-1])
     x = ins[0]
     k = a["dims"]
     if not 1 <= k <= len(x.shape):
@@ -245,7 +253,12 @@ def _infer_norm(name, ins, a, fn):
     return TType(x.shape, result_dtype(name, ins, {}, lambda t, _: fn(t, {"eps": 1e-5, "dims": 1})))
 
 
+def _with_residual(x, a) -> list:
+    return [x[0] + x[-1]] + list(x[1:-1]) if a.get("residual") else list(x)
+
+
 def _layernorm(x, a):
+    x = _with_residual(x, a)
     k = a["dims"]
     shape = tuple(x[0].shape[-k:])
     w = x[1] if len(x) > 1 else None
@@ -255,6 +268,7 @@ def _layernorm(x, a):
 
 def _rmsnorm(x, a):
     # computed in float32 at least, like HF's RMSNorm; the result has the input's dtype
+    x = _with_residual(x, a)
     v = x[0]
     acc = v.float() if v.dtype in (torch.float16, torch.bfloat16) else v
     axes = tuple(range(-a["dims"], 0))
@@ -262,10 +276,11 @@ def _rmsnorm(x, a):
     return y * x[1] if len(x) > 1 else y
 
 
-_def("LAYERNORM", (1, 3), "reduction", lambda ins, a: _infer_norm("LAYERNORM", ins, a, _layernorm), _layernorm,
-     eps=REQUIRED, dims=1)
-_def("RMSNORM", (1, 2), "reduction", lambda ins, a: _infer_norm("RMSNORM", ins, a, _rmsnorm), _rmsnorm,
-     eps=REQUIRED, dims=1)
+# residual=True: the last input is a residual added before normalising, NORM(x + r) (the sum itself stays an ADD)
+_def("LAYERNORM", (1, 4), "reduction", lambda ins, a: _infer_norm("LAYERNORM", ins, a, _layernorm), _layernorm,
+     eps=REQUIRED, dims=1, residual=False)
+_def("RMSNORM", (1, 3), "reduction", lambda ins, a: _infer_norm("RMSNORM", ins, a, _rmsnorm), _rmsnorm,
+     eps=REQUIRED, dims=1, residual=False)
 
 
 # ----------------------------------------------------------------------------- linear algebra
@@ -561,3 +576,5 @@ _def("FULL", 0, "source", _infer_full,
 
 SOURCE_OPS = frozenset({"INPUT", "WEIGHT", "CONST"})
 FLOAT = FLOAT_DTYPES
+
+from . import ops_fused  # noqa: E402,F401  the fused ops are part of the one op set (they reuse the helpers above)

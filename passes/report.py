@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 class PassStats:
     rewritten: int = 0
     declined: list[dict] = field(default_factory=list)  # {"reason": ..., "node": ..., ...}
+    notes: list[str] = field(default_factory=list)  # what a rewrite did that the count does not say (weights merged, ...)
+    rules: dict[str, int] = field(default_factory=dict)  # rewrites per rule, for passes made of rules
 
     def decline(self, reason: str, node=None, **extra) -> None:
         entry = {"reason": reason}
@@ -56,6 +58,10 @@ class Report:
         else:
             self.passes[name] = {"enabled": True, "rewritten": stats.rewritten, "declined": list(stats.declined),
                                  "seconds": round(seconds, 6)}
+            if stats.notes:
+                self.passes[name]["notes"] = list(stats.notes)
+            if stats.rules:
+                self.passes[name]["rules"] = dict(stats.rules)
 
     # ------------------------------------------------------------------ data
     def to_dict(self) -> dict:
@@ -92,16 +98,20 @@ class Report:
                 f"  (total {sum(self.phases.values()):.2f}s)"
         if self.passes:
             t = Table(title="passes", title_justify="left", show_edge=False)
-            for col in ("pass", "rewritten", "declined", "time", "reasons declined"):
+            for col in ("pass", "rewritten", "by rule", "declined", "time", "reasons declined"):
                 t.add_column(col)
             for name, p in self.passes.items():
                 reasons = {}
                 for d in p["declined"]:
                     reasons[d["reason"]] = reasons.get(d["reason"], 0) + 1
                 why = "; ".join(f"{r} (x{n})" for r, n in reasons.items())
-                t.add_row(name, str(p["rewritten"]) if p["enabled"] else "off", str(len(p["declined"])),
+                rules = ", ".join(f"{r} {n}" for r, n in p.get("rules", {}).items())
+                t.add_row(name, str(p["rewritten"]) if p["enabled"] else "off", escape(rules), str(len(p["declined"])),
                           f"{p['seconds'] * 1e3:.1f} ms", escape(why))
             yield t
+            for name, p in self.passes.items():
+                for note in p.get("notes", ()):
+                    yield escape(f"  {name}: {note}")
         if self.ops_before or self.ops_after:
             t = Table(title="ops", title_justify="left", show_edge=False)
             t.add_column("op")

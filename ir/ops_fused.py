@@ -1,0 +1,119 @@
+"""Fused ops: what the pass pipeline rewrites the model into. Ordinary ops of the one op set (same
+schema / type rule / reference implementation as ``ops.py``); the reference computes exactly the
+unfused formula, in the same order, so a fusion changes no number on the reference path.
+
+- ``GEMM(x, w[, bias][, gate][, residual])``: ``residual + gate * epi(x @ w^T + bias)`` where
+  ``epi`` is the activation, or with ``glu`` ``act(h[..., :N/2]) * h[..., N/2:]`` (``silu(gate) * up``
+  on a merged gate/up weight). Which optional inputs are present is said by the boolean attributes.
+- ``LAYERNORM_MODULATE(x, scale, shift[, w, b])``: DiT's adaLN ``layer_norm(x) * (1 + scale) + shift``.
+- ``ROPE(x, cos, sin)``: rotary embedding in the rotate-half form ``x * cos + rotate_half(x) * sin``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .ops import REQUIRED, ShapeError, _def, _fits, _infer_norm, _layernorm, _same_dtype
+from .types import TType, dims_equal, shape_str
+
+ACTIVATIONS = {
+    "none": lambda h: h,
+    "silu": F.silu,
+    "gelu": lambda h: F.gelu(h),
+    "gelu_tanh": lambda h: F.gelu(h, approximate="tanh"),
+}
+
+
+def gemm_operands(ins, a) -> tuple:
+    """(x, w, bias, gate, residual) from a GEMM's inputs; absent ones are None."""
+    it = iter(ins[2:])
+    bias = next(it) if a["bias"] else None
+    gate = next(it) if a["gate"] else None
+    residual = next(it) if a["residual"] else None
+    return ins[0], ins[1], bias, gate, residual
+
+
+def _gemm_arity(a) -> int:
+    return 2 + int(a["bias"]) + int(a["gate"]) + int(a["residual"])
+
+
+def _infer_gemm(ins, a):
+    if len(ins) != _gemm_arity(a):
+        raise ShapeError(f"GEMM: {len(ins)} inputs, the attributes (bias={a['bias']}, gate={a['gate']}, "
+                         f"residual={a['residual']}) say {_gemm_arity(a)}")
+    if a["act"] not in ACTIVATIONS:
+        raise ShapeError(f"GEMM: unknown activation {a['act']!r} (one of {', '.join(ACTIVATIONS)})")
+    x, w, bias, gate, residual = gemm_operands(ins, a)
+    if len(w.shape) != 2 or not x.shape or not dims_equal(x.shape[-1], w.shape[1]):
+        raise ShapeError(f"GEMM: input {shape_str(x.shape)} and weight {shape_str(w.shape)} (weight is [out, in])")
+    if bias is not None and (len(bias.shape) != 1 or not dims_equal(bias.shape[0], w.shape[0])):
+        raise ShapeError(f"GEMM: bias {shape_str(bias.shape)} for weight {shape_str(w.shape)}")
+    n = w.shape[0]
+    if a["glu"]:
+        if not isinstance(n, int) or n % 2:
+            raise ShapeError(f"GEMM: glu needs an even output width, weight is {shape_str(w.shape)}")
+        n //= 2
+    out = x.shape[:-1] + (n,)
+    for name, t in (("gate", gate), ("residual", residual)):
+        if t is not None and not _fits(t.shape, out):
+            raise ShapeError(f"GEMM: {name} {shape_str(t.shape)} does not broadcast to the output {shape_str(out)}")
+    _same_dtype("GEMM", ins)
+    return TType(out, x.dtype)
+
+
+def _gemm(ins, a):
+    x, w, bias, gate, residual = gemm_operands(ins, a)
+    h = F.linear(x, w, bias)
+    act = ACTIVATIONS[a["act"]]
+    if a["glu"]:
+        g, u = h.chunk(2, dim=-1)
+        h = act(g) * u
+    else:
+        h = act(h)
+    if gate is not None:
+        h = gate * h
+    if residual is not None:
+        h = h + residual
+    return h
+
+
+_def("GEMM", (2, 5), "compute", _infer_gemm, _gemm, bias=False, act="none", glu=False, gate=False, residual=False)
+
+
+def _infer_modulate(ins, a):
+    x, scale, shift = ins[:3]
+    t = _infer_norm("LAYERNORM_MODULATE", [x] + list(ins[3:]), a, _layernorm)
+    for name, p in (("scale", scale), ("shift", shift)):
+        if not _fits(p.shape, x.shape):
+            raise ShapeError(f"LAYERNORM_MODULATE: {name} {shape_str(p.shape)} does not broadcast to {shape_str(x.shape)}")
+    _same_dtype("LAYERNORM_MODULATE", ins)
+    return t
+
+
+def _modulate(ins, a):
+    x, scale, shift = ins[:3]
+    return _layernorm([x] + list(ins[3:]), a) * (1 + scale) + shift
+
+
+_def("LAYERNORM_MODULATE", (3, 5), "reduction", _infer_modulate, _modulate, eps=REQUIRED, dims=1)
+
+
+def _infer_rope(ins, a):
+    x, cos, sin = ins
+    if not x.shape or not isinstance(x.shape[-1], int) or x.shape[-1] % 2:
+        raise ShapeError(f"ROPE: the last dim of {shape_str(x.shape)} must be even")
+    for name, t in (("cos", cos), ("sin", sin)):
+        if not _fits(t.shape, x.shape):
+            raise ShapeError(f"ROPE: {name} {shape_str(t.shape)} does not broadcast to {shape_str(x.shape)}")
+    _same_dtype("ROPE", ins)
+    return TType(x.shape, x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+_def("ROPE", 3, "elementwise", _infer_rope, lambda ins, a: ins[0] * ins[1] + rotate_half(ins[0]) * ins[2])
+
+FUSED_OPS = ("GEMM", "LAYERNORM_MODULATE", "ROPE")
