@@ -298,10 +298,11 @@ def _all_dims_symbolic(ep, dim_names: dict) -> bool:
 def compile(model, example_inputs=(), example_kwargs: dict | None = None, *, dynamic: dict | None = None,
             config: CompileConfig | None = None, report_hook=None) -> CompiledModel:
     """Compile ``model`` (an ``nn.Module``, a function of tensors, a ``torch.export.ExportedProgram``, or
-    the path of a ``.pt2`` file) for the example inputs, which are given as torch.export takes them.
+    the path of a ``.pt2`` or ``.onnx`` file) for the example inputs, which are given as torch.export takes them.
 
     ``dynamic`` declares symbolic dims: ``{"input_ids": {0: ("batch", 1, 8), 1: kiln.Dim("seq", 1, 2048)}}``;
-    every other dim is fixed to its example size."""
+    every other dim is fixed to its example size. An ONNX file declares its own dims (``dim_param``);
+    ``dynamic`` may rename / range them the same way, or range them by name: ``{"seq": (1, 2048)}``."""
     config = config or CompileConfig()
     report = Report(listener=report_hook)
     if isinstance(example_inputs, torch.Tensor):
@@ -309,8 +310,10 @@ def compile(model, example_inputs=(), example_kwargs: dict | None = None, *, dyn
     example_kwargs = dict(example_kwargs or {})
 
     if isinstance(model, (str, os.PathLike)):
-        model = _load_source(os.fspath(model), report)
-    if isinstance(model, torch.export.ExportedProgram):
+        model = _load_source(os.fspath(model), report, dynamic)
+    if isinstance(model, Graph):  # an ONNX file, imported by _load_source
+        graph, signature, module, ep = model, _onnx_signature(model), None, None
+    elif isinstance(model, torch.export.ExportedProgram):
         ep = model
         signature = Signature.from_exported(ep)
         dim_names = None
@@ -333,25 +336,26 @@ def compile(model, example_inputs=(), example_kwargs: dict | None = None, *, dyn
         with report.phase("capture"):
             ep = _export(module, _widen_size_one(canonical, dim_names), ds, dim_names)
 
-    from .ir.from_fx import from_exported
+    if ep is not None:  # (an ONNX file arrives imported)
+        from .ir.from_fx import from_exported
 
-    with report.phase("import"):
-        graph, _ = from_exported(ep, dim_names, input_names=signature.input_paths)
-    if module is not None:
-        for name, (lo, hi) in _declared_ranges(ds).items():
-            got = graph.symbols.get(name)
-            if got is not None and got[0] == 2 and lo <= 1:
-                # torch < 2.12 reports every backed size as >= 2 (its 0/1 specialisation), not a guard of the model;
-                # kiln's ops broadcast at any size and the graph is the same, so size 1 keeps the declared range
-                graph.symbols[name] = got = (1, got[1])
-            if got is not None and (got[0] != lo or (hi is not None and got[1] != hi)):
-                report.notes.append(f"dim {name}: declared [{lo}, {hi}], the model only works for [{got[0]}, {got[1]}] "
-                                    "(torch.export's analysis); calls are checked against the narrower range")
-    signature.output = output_structure(ep.call_spec.out_spec)
-    names = output_names(signature.output)
-    if len(graph.outputs) != len(names):
-        raise CaptureError("the exported program's outputs do not match its output structure")
-    graph.set_outputs(graph.outputs, names)
+        with report.phase("import"):
+            graph, _ = from_exported(ep, dim_names, input_names=signature.input_paths)
+        if module is not None:
+            for name, (lo, hi) in _declared_ranges(ds).items():
+                got = graph.symbols.get(name)
+                if got is not None and got[0] == 2 and lo <= 1:
+                    # torch < 2.12 reports every backed size as >= 2 (its 0/1 specialisation), not a guard of the model;
+                    # kiln's ops broadcast at any size and the graph is the same, so size 1 keeps the declared range
+                    graph.symbols[name] = got = (1, got[1])
+                if got is not None and (got[0] != lo or (hi is not None and got[1] != hi)):
+                    report.notes.append(f"dim {name}: declared [{lo}, {hi}], the model only works for [{got[0]}, {got[1]}] "
+                                        "(torch.export's analysis); calls are checked against the narrower range")
+        signature.output = output_structure(ep.call_spec.out_spec)
+        names = output_names(signature.output)
+        if len(graph.outputs) != len(names):
+            raise CaptureError("the exported program's outputs do not match its output structure")
+        graph.set_outputs(graph.outputs, names)
     report.ops_before = graph.histogram()
     report.model.update(parameters=sum(t.numel() for t in graph.weights.values()), weight_bytes=graph.weight_bytes(),
                         inputs=[n.attrs["name"] for n in graph.inputs], outputs=list(graph.output_names))
@@ -386,7 +390,18 @@ def _verify(module, compiled: CompiledModel, args, kwargs, signature: Signature)
     return {"rel_err": errs}
 
 
-def _load_source(path: str, report: Report):
+def _onnx_signature(graph: Graph) -> Signature:
+    """An ONNX model is called with its inputs by name (or in order); it returns its one output, or a
+    dict of its outputs by name."""
+    names = [n.attrs["name"] for n in graph.inputs]
+    signature = Signature(names, names, {}, "", [], {"leaf": True})
+    signature._set_leaves({n: torch.empty(0) for n in names})
+    if len(graph.outputs) > 1:
+        signature.output = {"type": "dict", "keys": list(graph.output_names), "children": [{"leaf": True}] * len(graph.outputs)}
+    return signature
+
+
+def _load_source(path: str, report: Report, dynamic: dict | None = None):
     if not os.path.exists(path):
         raise KilnError(f"{path}: no such file")
     ext = os.path.splitext(path)[1].lower()
@@ -402,9 +417,12 @@ def _load_source(path: str, report: Report):
     if ext == ".kiln":
         raise KilnError(f"{path} is already a compiled artifact", hint="load it with kiln.load / kiln run")
     if ext == ".onnx":
-        raise KilnError(f"{path}: ONNX import is not available in this version of kiln",
-                        hint="export the model with torch.export.save to a .pt2 file, or compile the nn.Module")
-    raise KilnError(f"{path}: unknown model file type {ext!r}", hint="kiln compiles .pt2 files and nn.Modules")
+        from .ir.from_onnx import from_onnx
+
+        report.model.update(name=os.path.basename(path), source="ONNX")
+        with report.phase("import ONNX"):
+            return from_onnx(path, dynamic=dynamic)
+    raise KilnError(f"{path}: unknown model file type {ext!r}", hint="kiln compiles .pt2 and .onnx files and nn.Modules")
 
 
 # ----------------------------------------------------------------------------- load, jit

@@ -88,7 +88,7 @@ def cmd_compile(a) -> int:
     import kiln
 
     if bool(a.source) == bool(a.model):
-        raise KilnError("give either a model file (.pt2) or --model NAME", hint="kiln compile --model llama-tiny -o llama.kiln")
+        raise KilnError("give either a model file (.pt2 / .onnx) or --model NAME", hint="kiln compile --model llama-tiny -o llama.kiln")
     output = a.output or (os.path.splitext(os.path.basename(a.source))[0] if a.source else a.model) + ".kiln"
     if os.path.exists(output) and not a.force:
         raise KilnError(f"{output} already exists", hint="use --force to replace it, or -o to write elsewhere")
@@ -96,9 +96,11 @@ def cmd_compile(a) -> int:
     config = kiln.CompileConfig(disable=tuple(a.disable_pass or ()), device=a.device, verify=a.verify)
     dims = _parse_dims(a.dim, ranges=True)
     if a.source:
-        if dims or a.weights or a.static:
-            raise KilnError("--dim, --weights and --static apply to --model; a .pt2 program fixes its own dims")
-        compiled = kiln.compile(a.source, config=config, report_hook=progress)
+        is_onnx = a.source.lower().endswith(".onnx")
+        if (dims and not is_onnx) or a.weights or a.static:
+            raise KilnError("--dim, --weights and --static apply to --model (and --dim to an .onnx file's dims); "
+                            "a .pt2 program fixes its own dims")
+        compiled = kiln.compile(a.source, dynamic=dims or None, config=config, report_hook=progress)
     else:
         from .models import registry
 
@@ -115,8 +117,12 @@ def cmd_compile(a) -> int:
         config.tags["model"] = spec.name
         compiled = kiln.compile(model, (), inputs, dynamic=dynamic, config=config, report_hook=progress)
         compiled.report().model["name"] = spec.name
+    if a.emit_onnx and os.path.exists(a.emit_onnx) and not a.force:
+        raise KilnError(f"{a.emit_onnx} already exists", hint="use --force to replace it")
     with progress.step(f"save {output}"):
         compiled.save(output, overwrite=a.force)
+    if a.emit_onnx:
+        _emit_onnx(compiled.graph, a.emit_onnx, progress)
     if a.report:
         out.print(compiled.report())
     if a.report_json:
@@ -125,6 +131,13 @@ def cmd_compile(a) -> int:
     size = os.path.getsize(output)
     out.print(escape(f"wrote {output} ({size / 2**20:.1f} MiB): {compiled!r}"))
     return 0
+
+
+def _emit_onnx(graph, path: str, progress) -> None:
+    from .ir.to_onnx import save_onnx
+
+    with progress.step(f"write ONNX {path}"):
+        save_onnx(graph, path)
 
 
 def _with_ranges(dynamic: dict, ranges: dict) -> dict:
@@ -230,6 +243,11 @@ def cmd_inspect(a) -> int:
 
     m = kiln.load(a.artifact)
     man = m.manifest
+    if a.onnx:
+        if os.path.exists(a.onnx) and not a.force:
+            raise KilnError(f"{a.onnx} already exists", hint="use --force to replace it")
+        _emit_onnx(m.graph, a.onnx, _Progress(quiet=True))
+        out.print(escape(f"wrote {a.onnx}"))
     if a.json:
         print(json.dumps(man, indent=1))
         return 0
@@ -273,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="{compile,run,inspect}")
 
     c = sub.add_parser("compile", help="compile a model into a .kiln artifact")
-    c.add_argument("source", nargs="?", help="a .pt2 file written by torch.export.save")
+    c.add_argument("source", nargs="?", help="a .pt2 file written by torch.export.save, or an .onnx file (opset >= 17)")
     c.add_argument("--model", help="a built-in model: llama-tiny, llama-3.2-1b, dit-tiny, dit-xl-2-256")
     c.add_argument("--weights", metavar="DIR", help="HF / diffusers checkpoint directory for --model (default: random weights)")
     c.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -289,6 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--report", action="store_true", help="print the compile report")
     c.add_argument("--report-json", metavar="PATH", help="write the compile report as JSON")
     c.add_argument("--verify", action="store_true", help="compare against eager on the example inputs")
+    c.add_argument("--emit-onnx", metavar="PATH", help="also write the optimized graph as ONNX (fused ops in the 'kiln' domain)")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     c.set_defaults(fn=cmd_compile)
 
@@ -308,6 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("artifact")
     i.add_argument("--graph", action="store_true", help="print the IR")
     i.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    i.add_argument("--onnx", metavar="PATH", help="write the artifact's graph as ONNX (for Netron / onnxruntime)")
+    i.add_argument("--force", action="store_true", help="replace an existing --onnx file")
     i.set_defaults(fn=cmd_inspect)
     return p
 

@@ -16,3 +16,21 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
         raise AssertionError("non-finite values differ")
     fin = torch.isfinite(want)
     return float((got[fin] - want[fin]).norm() / want[fin].norm().clamp_min(1e-30))
+
+
+def check_pass(pass_fn, build, inputs, gen: torch.Generator):
+    """Build a graph twice with the same random state, run ``pass_fn`` on one, and check both compute the same
+    in float64 (dtypes included). Returns ``(stats, rewritten graph, original graph)``."""
+    from .ir.interpret import interpret
+
+    state = gen.get_state()
+    ref = build()
+    gen.set_state(state)
+    g = build()
+    stats = pass_fn(g)
+    g.verify()
+    want = interpret(ref, inputs, compute_dtype=torch.float64)
+    got = interpret(g, inputs, compute_dtype=torch.float64)
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype and torch.allclose(a, b, rtol=1e-12, atol=1e-12)
+    return stats, g, ref

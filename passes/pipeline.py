@@ -7,12 +7,31 @@ import sys
 import time
 
 from ..ir.graph import Graph
+from .cse import cse
 from .dce import dce
+from .fold_constants import fold_constants
+from .fuse_attention import fuse_attention
+from .fuse_epilogue import fuse_epilogue
+from .fuse_horizontal_gemm import fuse_horizontal_gemm
+from .fuse_norm import fuse_norm
 from .report import Report
 
 PIPELINE = [
     # the importers leave shape-only and assert-only values behind; drop them before anything reads the graph
     ("dce", dce),
+    # weight-only subgraphs become weights and no-op casts/reshapes go, so the patterns below see the math
+    ("fold_constants", fold_constants),
+    # weights equal by content and repeated subgraphs merge: DiT's per-block timestep embedding becomes one,
+    # so its consumers share an input node for fuse_horizontal_gemm
+    ("cse", cse),
+    # norms become one op before attention / GEMM fusion look at their outputs (the QKV input is one RMSNORM node)
+    ("fuse_norm", fuse_norm),
+    # attention and RoPE before GEMM fusion: the q/k/v projections' consumers are then single ops
+    ("fuse_attention", fuse_attention),
+    # after CSE (shared inputs) and before epilogue fusion, which needs gate/up merged to see silu(gate) * up
+    ("fuse_horizontal_gemm", fuse_horizontal_gemm),
+    # last: activations, GLU, gates and residual adds fold into the (merged) matmuls
+    ("fuse_epilogue", fuse_epilogue),
 ]
 PASS_NAMES = tuple(name for name, _ in PIPELINE)
 

@@ -172,11 +172,11 @@ def test_report_and_config(hf_llama):
     m = kiln.compile(hf_llama, (ids,), config=kiln.CompileConfig(verify=True))
     d = m.report().to_dict()
     assert d["passes"]["dce"]["enabled"] and isinstance(d["passes"]["dce"]["rewritten"], int)
-    assert d["ops_before"]["LINEAR"] == 15 and d["ops_after"]["LINEAR"] == 15
+    assert d["ops_before"]["LINEAR"] == 15 and d["ops_after"]["LINEAR"] + d["ops_after"]["GEMM"] == 4 * 2 + 1  # merged + epilogues
     assert d["verify"]["rel_err"]["logits"] <= TOL[torch.float32]
     assert d["memory"]["planned_peak_bytes"] < d["memory"]["sum_of_intermediates_bytes"]
     text = str(m.report())
-    assert "dce" in text and "LINEAR" in text and "memory plan" in text
+    assert "dce" in text and "fuse_epilogue" in text and "LINEAR" in text and "memory plan" in text
     off = kiln.compile(hf_llama, (ids,), config=kiln.CompileConfig(disable=["dce"]))
     assert off.report().to_dict()["passes"]["dce"]["enabled"] is False
     with pytest.raises(kiln.KilnError, match="unknown pass name"):

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from kiln.ir.graph import Graph
-from kiln.ir.interpret import interpret
 from kiln.passes.fuse_epilogue import fuse_epilogue
+from kiln.testing import check_pass
 
 f64 = "float64"
 gen = torch.Generator().manual_seed(0)
@@ -17,18 +17,8 @@ def w(*shape, dtype=torch.float64):
 
 
 def run_both(build, inputs):
-    """Build twice (identical weights), fuse one, compare in float64; returns (stats, fused graph)."""
-    state = gen.get_state()
-    ref = build()
-    gen.set_state(state)
-    g = build()
-    stats = fuse_epilogue(g)
-    g.verify()
-    want = interpret(ref, inputs, compute_dtype=torch.float64)
-    got = interpret(g, inputs, compute_dtype=torch.float64)
-    for a, b in zip(got, want):
-        assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
-    return stats, g, ref
+    """Build twice, fuse one, compare in float64; returns (stats, fused graph, original)."""
+    return check_pass(fuse_epilogue, build, inputs, gen)
 
 
 def dit_block_tail():

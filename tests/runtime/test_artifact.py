@@ -78,7 +78,7 @@ def test_tampered_member_with_intact_zip_is_caught(artifact, tmp_path):
     # a member rewritten consistently at the zip level (valid CRC) still fails its sha256
     _, path = artifact
     bad = tmp_path / "bad.kiln"
-    _rewrite(path, bad, lambda n, d: d.replace(b'"RSQRT"', b'"SQRT" ') if n == "graph.json" else d)
+    _rewrite(path, bad, lambda n, d: d.replace(b'"EMBEDDING"', b'"EMBEDDINX"') if n == "graph.json" else d)
     with pytest.raises(kiln.ArtifactError, match=r"checksum' failed for member 'graph.json'.*sha256"):
         kiln.load(bad)
 

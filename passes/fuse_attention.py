@@ -1,0 +1,231 @@
+"""Attention fusion: the explicit attention formula, repeat_kv before an ATTENTION, and rotate-half
+RoPE, each to one op.
+
+    softmax(q @ k^T * scale + mask) @ v       ->  ATTENTION(q, k, v, mask, scale)
+    ATTENTION(q, repeat_kv(k), repeat_kv(v))  ->  ATTENTION(q, k, v, gqa=True)
+    x * cos + cat(-x2, x1) * sin              ->  ROPE(x, cos, sin)        (x1, x2: the halves of x's last dim)
+
+``F.scaled_dot_product_attention`` is imported as ATTENTION already; the first rule covers HF's
+``attn_implementation="eager"`` and hand-written attention. The attention rules compose: the explicit
+form first becomes an ATTENTION on the repeated k / v, which the second rule then un-repeats.
+A mask computed in the graph (HF's causal mask from ARANGE / LE comparisons) stays a mask input:
+``causal`` is not inferred from it (correct either way; a kernel that wants the flag must look at it).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..ir.graph import Graph, Node, check_attrs, infer
+from ..ir.ops import ShapeError
+from ..ir.types import FLOAT_DTYPES, TType, dims_equal, shape_str, torch_dtype
+from .pattern import A, C, Match, O, Rule, V, any_of, maybe_cast, rewrite
+from .report import PassStats
+
+
+def _type_reason(op: str, inputs: list[TType], root: Node, **attrs) -> str | None:
+    """Why ``op`` on operands of these types cannot replace ``root``: its type rule, or a different result type."""
+    try:
+        t = infer(op, inputs, check_attrs(op, attrs))
+    except ShapeError as e:
+        return str(e)
+    if t.dtype != root.dtype or len(t.shape) != len(root.shape) or not all(map(dims_equal, t.shape, root.shape)):
+        return f"{op} would give {t.dtype}{shape_str(t.shape)} where the pattern gives {root.dtype}{shape_str(root.shape)}"
+    return None
+
+
+def _number(node: Node) -> float | None:
+    """The value of a scalar numeric CONST, else None."""
+    v = node.attrs.get("value") if node.op == "CONST" else None
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+def _swap_last_two(perm: tuple) -> tuple:
+    return perm[:-2] + (perm[-1], perm[-2])
+
+
+def _eps(dtype: str) -> float:
+    return torch.finfo(torch_dtype(dtype)).eps
+
+
+# ----------------------------------------------------------------------------- explicit attention
+
+SCORES = O.MATMUL(any_of(V("q") * C("q_scale"), V("q")), O.PERMUTE(V("k"), perm=A("perm")))  # q @ k^T: [.., Sq, Sk]
+SCALED = any_of(SCORES * V("scale"), SCORES / V("divisor"), SCORES)
+MASKED = any_of(SCALED + V("bias"),                    # an additive float mask
+                O.WHERE(V("keep"), SCALED, C("fill")),  # torch.where(keep, s, -inf)
+                O.WHERE(V("drop"), C("fill"), SCALED),  # s.masked_fill(drop, -inf)
+                SCALED)
+EXPLICIT = O.MATMUL(maybe_cast(O.SOFTMAX(maybe_cast(MASKED, "upcast"), axis=A("axis")), "downcast"), V("v"))
+
+
+def _scale(m: Match) -> tuple[float | None, str | None]:
+    """The product of the constant factors on the scores, or the reason there is none."""
+    scale = float(m.get("q_scale", 1.0))
+    for key in ("scale", "divisor"):
+        if key in m:
+            v = _number(m[key])
+            if v is None:
+                n = m[key]
+                return None, f"the scale {n.name} ({n.op} {n.dtype}{shape_str(n.shape)}) is not a constant"
+            if v == 0 and key == "divisor":
+                return None, "the scores are divided by 0"
+            scale = scale * v if key == "scale" else scale / v
+    return scale, None
+
+
+def _mask_type(m: Match, q: Node) -> tuple[TType | None, str | None]:
+    """The type of the ATTENTION mask the match gives (None when unmasked), or the reason there is none."""
+    if "bias" in m:
+        b = m["bias"]
+        return (b.type, None) if b.dtype == q.dtype else (None, f"the additive mask is {b.dtype}, the scores {q.dtype}")
+    if "keep" not in m and "drop" not in m:
+        return None, None
+    cond, fill = m.get("keep", m.get("drop")), m["fill"]
+    if cond.dtype != "bool":
+        return None, f"the where condition is {cond.dtype}, not bool"
+    # setting a score to the fill equals adding it as a bias only where exp(fill - max) underflows to 0
+    if fill != -math.inf and fill > torch.finfo(torch_dtype(q.dtype)).min:
+        return None, f"masked scores are set to {fill}, neither -inf nor the {q.dtype} minimum"
+    return (cond.type if fill == -math.inf else TType(cond.shape, q.dtype)), None
+
+
+def _explicit_guard(m: Match) -> str | None:
+    softmax = next(n for n in m.interior if n.op == "SOFTMAX")
+    rank = len(softmax.shape)
+    if m["axis"] != rank - 1:
+        return f"softmax over axis {m['axis']} of the rank-{rank} scores, not the last (the keys)"
+    q, k, v = m["q"], m["k"], m["v"]
+    if len(m["perm"]) < 2:
+        return f"k^T {k.name} has rank {len(m['perm'])}"
+    if q.dtype not in FLOAT_DTYPES:
+        return f"the queries are {q.dtype}"
+    up = m.get("upcast")
+    if up is not None and (up not in FLOAT_DTYPES or _eps(up) > _eps(q.dtype)):
+        return f"softmax computed in {up}, less precise than the {q.dtype} scores"
+    scale, why = _scale(m)
+    if why:
+        return why
+    mask, why = _mask_type(m, q)
+    if why:
+        return why
+    k_type = TType(tuple(k.shape[i] for i in _swap_last_two(m["perm"])), k.dtype)  # k as [.., Sk, D]
+    return _type_reason("ATTENTION", [q.type, k_type, v.type] + ([mask] if mask else []), m.root, scale=scale)
+
+
+def _explicit_build(g: Graph, m: Match) -> Node:
+    loc = m.root.loc
+    q, k, v = m["q"], m["k"], m["v"]
+    perm = _swap_last_two(m["perm"])
+    if perm != tuple(range(len(perm))):  # k^T came from another layout (e.g. [B, S, H, D] -> [B, H, D, S])
+        k = g.add("PERMUTE", [k], perm=perm, loc=loc)
+    mask = []
+    if "bias" in m:
+        mask = [m["bias"]]
+    elif "keep" in m or "drop" in m:
+        cond = m.get("keep", m.get("drop"))
+        if "drop" in m:  # masked_fill(drop, ..) keeps where NOT drop
+            cond = cond.inputs[0] if cond.op == "NOT" else g.add("NOT", [cond], loc=loc)
+        if m["fill"] == -math.inf:
+            mask = [cond]
+        else:  # the dtype's minimum: an additive bias, which masks every row that keeps a key the same way
+            bias = g.add("WHERE", [cond, g.const(0.0), g.const(float(m["fill"]))], loc=loc)
+            mask = [g.add("CAST", [bias], dtype=q.dtype, loc=loc)]
+    return g.add("ATTENTION", [q, k, v] + mask, causal=False, scale=_scale(m)[0], gqa=False, loc=loc)
+
+
+# ----------------------------------------------------------------------------- GQA: repeat_kv before ATTENTION
+
+
+def repeat_kv(name: str):
+    """HF's repeat_kv, [.., H, S, D] -> [.., H, 1, S, D] -> [.., H, n, S, D] -> [.., H * n, S, D]."""
+    return O.RESHAPE(O.EXPAND(O.RESHAPE(V(name), shape=A(name + "_1")), shape=A(name + "_n")), shape=A(name + "_hn"))
+
+
+REPEATED = any_of(*(O.ATTENTION(V("q"), repeat_kv("k"), repeat_kv("v"), *mask, causal=A("causal"), scale=A("scale"), gqa=False)
+                    for mask in ((V("mask"),), ())))
+
+
+def _repeats(m: Match, name: str) -> int | str:
+    """How often ``name``'s heads are repeated (each head n times in a row), or why it is not repeat_kv."""
+    x = m[name].shape
+    if len(x) < 3:
+        return f"{name} has rank {len(x)}"
+    lead, h, tail = x[:-3], x[-3], x[-2:]
+    n = m[name + "_n"][-3] if len(m[name + "_n"]) == len(x) + 1 else None
+    want = (lead + (h, 1) + tail, lead + (h, n) + tail, lead + (h * n if isinstance(n, int) else None,) + tail)
+    got = (m[name + "_1"], m[name + "_n"], m[name + "_hn"])
+    if not isinstance(n, int) or not all(len(a) == len(b) and all(map(dims_equal, a, b)) for a, b in zip(want, got)):
+        return f"the reshape / expand / reshape of {name} {shape_str(x)} ({' -> '.join(map(shape_str, got))}) is not repeat_kv"
+    return n
+
+
+def _repeated_guard(m: Match) -> str | None:
+    nk, nv = _repeats(m, "k"), _repeats(m, "v")
+    for n in (nk, nv):
+        if isinstance(n, str):
+            return n
+    if nk != nv or m["k"].shape[-3] != m["v"].shape[-3]:
+        return f"k repeats {m['k'].shape[-3]} heads x{nk}, v {m['v'].shape[-3]} heads x{nv}"
+    ins = [m[n].type for n in ("q", "k", "v", "mask") if n in m]
+    return _type_reason("ATTENTION", ins, m.root, causal=m["causal"], scale=m["scale"], gqa=nk > 1)
+
+
+def _repeated_build(g: Graph, m: Match) -> Node:
+    ins = [m[n] for n in ("q", "k", "v", "mask") if n in m]
+    return g.add("ATTENTION", ins, causal=m["causal"], scale=m["scale"], gqa=_repeats(m, "k") > 1, loc=m.root.loc)
+
+
+# ----------------------------------------------------------------------------- RoPE
+
+
+def half(name: str):
+    """A slice of x (the halves of its last dim, says the guard)."""
+    return O.SLICE(V("x"), axis=A(name + "_axis"), start=A(name + "_start"), end=A(name + "_end"), step=1)
+
+
+# rotate_half(x) = cat(-x2, x1); the other concat order is matched only to be declined with its reason
+ROTATED = any_of(O.CONCAT(-half("neg"), half("pos"), axis=A("axis")), O.CONCAT(half("pos"), -half("neg"), axis=A("axis")))
+ROPE = V("x") * V("cos") + ROTATED * V("sin")
+
+
+def _rope_guard(m: Match) -> str | None:
+    x = m["x"]
+    rank, d = len(x.shape), x.shape[-1] if x.shape else None
+    if m["neg_axis"] != rank - 1 or m["pos_axis"] != rank - 1 or m["axis"] != rank - 1:
+        return f"the slices (axes {m['neg_axis']}, {m['pos_axis']}) or their concat (axis {m['axis']}) are not on the last axis of x"
+    if not isinstance(d, int) or d % 2:
+        return f"the last dim of x {shape_str(x.shape)} is not even"
+    h = d // 2
+    ranges = {k: (m[k + "_start"], m[k + "_end"]) for k in ("neg", "pos")}
+    if sorted(ranges.values()) != [(0, h), (h, d)]:
+        (a, b), (c, e) = ranges["neg"], ranges["pos"]
+        return f"slices [{a}:{b}] and [{c}:{e}] are not the halves of the last dim {d}"
+    concat = next(n for n in m.interior if n.op == "CONCAT")
+    parts = [("-" if p.op == "NEG" else "") + ("x1" if (p.inputs[0] if p.op == "NEG" else p).attrs["start"] == 0 else "x2")
+             for p in concat.inputs]
+    if parts != ["-x2", "x1"]:
+        return f"cat({', '.join(parts)}) is not rotate_half(x) = cat(-x2, x1)"
+    return _type_reason("ROPE", [x.type, m["cos"].type, m["sin"].type], m.root)
+
+
+def _rope_build(g: Graph, m: Match) -> Node:
+    return g.add("ROPE", [m["x"], m["cos"], m["sin"]], loc=m.root.loc)
+
+
+RULES = [
+    Rule("explicit_attention", EXPLICIT, _explicit_build, _explicit_guard),
+    Rule("gqa_attention", REPEATED, _repeated_build, _repeated_guard),
+    Rule("rope", ROPE, _rope_build, _rope_guard),
+]
+
+
+def fuse_attention(graph: Graph) -> PassStats:
+    """``softmax(q @ k^T * scale + mask) @ v -> ATTENTION``; ``ATTENTION(q, repeat_kv(k), repeat_kv(v))
+    -> ATTENTION(q, k, v, gqa=True)``; ``x * cos + rotate_half(x) * sin -> ROPE(x, cos, sin)``."""
+    stats = rewrite(graph, RULES)
+    masked = sum(1 for n in graph.nodes if n.op == "ATTENTION" and len(n.inputs) == 4 and not n.attrs["causal"])
+    if masked:
+        stats.notes.append(f"{masked} ATTENTION read a mask input: causal is not inferred from a mask computed in the graph")
+    return stats
