@@ -54,7 +54,8 @@ def dit_inputs(batch, size=8, seed=1):
 
 
 def matmuls(graph):
-    return [n for n in graph.nodes if n.op in ("LINEAR", "GEMM", "MATMUL")]
+    """The matmuls on weights (not e.g. RoPE's inv_freq @ positions, a MATMUL in some transformers versions)."""
+    return [n for n in graph.nodes if n.op in ("LINEAR", "GEMM", "MATMUL") and n.inputs[1].op == "WEIGHT"]
 
 
 def source(n: Node) -> Node:

@@ -1,0 +1,1 @@
+"""Hand-written Triton templates: GEMM with fused epilogues, attention, norms."""
