@@ -22,7 +22,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --durations=10 tests
 
 test-gpu: $(STAMP)
-	$(PY) -m pytest -q -m gpu tests
+	TRITON_INTERPRET=0 $(PY) -m pytest -q -m gpu tests
 
 demo: $(STAMP)
 	@mkdir -p out

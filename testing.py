@@ -34,3 +34,56 @@ def check_pass(pass_fn, build, inputs, gen: torch.Generator):
     for a, b in zip(got, want):
         assert a.dtype == b.dtype and torch.allclose(a, b, rtol=1e-12, atol=1e-12)
     return stats, g, ref
+
+
+# ----------------------------------------------------------------------------- models and exports the tests share
+
+
+def perturbed(model):
+    """``model`` in eval mode with every parameter nudged: HF / diffusers zero- or ones-init biases, norms and adaLN,
+    which would hide mistakes."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return model.eval()
+
+
+class LlamaLogits(torch.nn.Module):
+    """An HF causal LM as a function of (input_ids[, attention_mask]) -> logits, for exporters."""
+
+    def __init__(self, m):
+        super().__init__()
+        self.m = m
+
+    def forward(self, input_ids, attention_mask=None):
+        return self.m(input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+
+class DiTSample(torch.nn.Module):
+    """A diffusers DiT as a function of (hidden_states, timestep, class_labels) -> sample, for exporters."""
+
+    def __init__(self, m):
+        super().__init__()
+        self.m = m
+
+    def forward(self, hidden_states, timestep, class_labels):
+        return self.m(hidden_states, timestep=timestep, class_labels=class_labels).sample
+
+
+def export_onnx(module, args, path, dims: dict, dynamo: bool) -> str:
+    """torch.onnx.export by either exporter, inputs named as ``dims`` ({input: {axis: dim name}}) lists them,
+    those axes dynamic."""
+    import warnings
+
+    names = list(dims)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        if dynamo:
+            shared: dict = {}
+            ds = {k: {i: shared.setdefault(n, torch.export.Dim(n)) for i, n in per.items()} for k, per in dims.items()}
+            torch.onnx.export(module, args, path, dynamo=True, input_names=names, output_names=["out"],
+                              dynamic_shapes=ds, opset_version=18, verbose=False)
+        else:
+            torch.onnx.export(module, args, path, dynamo=False, input_names=names, output_names=["out"],
+                              dynamic_axes=dims, opset_version=17)
+    return str(path)

@@ -2,11 +2,16 @@
 RoPE, each to one op.
 
     softmax(q @ k^T * scale + mask) @ v       ->  ATTENTION(q, k, v, mask, scale)
+    where(isnan(p), 0, p) @ v,  p as above    ->  ATTENTION(q, k, v, mask, scale)
     ATTENTION(q, repeat_kv(k), repeat_kv(v))  ->  ATTENTION(q, k, v, gqa=True)
     x * cos + cat(-x2, x1) * sin              ->  ROPE(x, cos, sin)        (x1, x2: the halves of x's last dim)
 
 ``F.scaled_dot_product_attention`` is imported as ATTENTION already; the first rule covers HF's
-``attn_implementation="eager"`` and hand-written attention. The attention rules compose: the explicit
+``attn_implementation="eager"`` and hand-written attention; its second line is SDPA as both torch ONNX
+exporters write it, with ``sqrt(scale)`` on q and on k^T (the scale is their product) and a NaN guard
+that zeroes the rows of queries whose keys are all masked, which is what SDPA (ATTENTION's reference)
+returns for them. The guard also zeroes rows made NaN by non-finite scores (an inf or NaN in q or k), where
+SDPA gives NaN: the fused graph differs from the exported one only on such inputs. The attention rules compose: the explicit
 form first becomes an ATTENTION on the repeated k / v, which the second rule then un-repeats.
 A mask computed in the graph (HF's causal mask from ARANGE / LE comparisons) stays a mask input:
 ``causal`` is not inferred from it (correct either way; a kernel that wants the flag must look at it).
@@ -51,18 +56,23 @@ def _eps(dtype: str) -> float:
 
 # ----------------------------------------------------------------------------- explicit attention
 
-SCORES = O.MATMUL(any_of(V("q") * C("q_scale"), V("q")), O.PERMUTE(V("k"), perm=A("perm")))  # q @ k^T: [.., Sq, Sk]
+K_T = O.PERMUTE(V("k"), perm=A("perm"))
+# q @ k^T: [.., Sq, Sk]; a constant factor on q, on k^T or on both (SDPA exported to ONNX: sqrt(scale) on each)
+SCORES = O.MATMUL(any_of(V("q") * C("q_scale"), V("q")), any_of(K_T * C("k_scale"), K_T))
 SCALED = any_of(SCORES * V("scale"), SCORES / V("divisor"), SCORES)
 MASKED = any_of(SCALED + V("bias"),                    # an additive float mask
                 O.WHERE(V("keep"), SCALED, C("fill")),  # torch.where(keep, s, -inf)
                 O.WHERE(V("drop"), C("fill"), SCALED),  # s.masked_fill(drop, -inf)
                 SCALED)
-EXPLICIT = O.MATMUL(maybe_cast(O.SOFTMAX(maybe_cast(MASKED, "upcast"), axis=A("axis")), "downcast"), V("v"))
+PROBS = maybe_cast(O.SOFTMAX(maybe_cast(MASKED, "upcast"), axis=A("axis")), "downcast")
+# SDPA exported to ONNX: where(isnan(p), 0, p), the zero rows torch's SDPA gives where every key is masked
+GUARDED = O.WHERE(O.ISNAN(V("nan_tested")), C("nan_fill"), PROBS)
+EXPLICIT = O.MATMUL(any_of(GUARDED, PROBS), V("v"))
 
 
 def _scale(m: Match) -> tuple[float | None, str | None]:
     """The product of the constant factors on the scores, or the reason there is none."""
-    scale = float(m.get("q_scale", 1.0))
+    scale = float(m.get("q_scale", 1.0)) * float(m.get("k_scale", 1.0))
     for key in ("scale", "divisor"):
         if key in m:
             v = _number(m[key])
@@ -91,7 +101,19 @@ def _mask_type(m: Match, q: Node) -> tuple[TType | None, str | None]:
     return (cond.type if fill == -math.inf else TType(cond.shape, q.dtype)), None
 
 
+def _nan_guard_reason(m: Match) -> str | None:
+    """Why ``where(isnan(a), fill, p)`` before ``@ v`` is not SDPA's zero rows for fully masked queries."""
+    where = m.root.inputs[0]
+    if m["nan_tested"] is not where.inputs[2]:
+        return f"the NaN guard tests {m['nan_tested'].name} but passes {where.inputs[2].name} through"
+    if m["nan_fill"] != 0:
+        return f"NaN probabilities are set to {m['nan_fill']}; SDPA gives 0 where every key is masked"
+    return None
+
+
 def _explicit_guard(m: Match) -> str | None:
+    if "nan_fill" in m and (why := _nan_guard_reason(m)):
+        return why
     softmax = next(n for n in m.interior if n.op == "SOFTMAX")
     rank = len(softmax.shape)
     if m["axis"] != rank - 1:

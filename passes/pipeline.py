@@ -7,6 +7,7 @@ import sys
 import time
 
 from ..ir.graph import Graph
+from .canonicalize import canonicalize
 from .cse import cse
 from .dce import dce
 from .fold_constants import fold_constants
@@ -21,6 +22,9 @@ PIPELINE = [
     ("dce", dce),
     # weight-only subgraphs become weights and no-op casts/reshapes go, so the patterns below see the math
     ("fold_constants", fold_constants),
+    # an imported graph is made to read like a captured one (ONNX's x @ W -> LINEAR, x * sigmoid(x) -> SILU), after
+    # folding (a transposed weight is a weight by then) and before CSE and every fusion, which match the captured forms
+    ("canonicalize", canonicalize),
     # weights equal by content and repeated subgraphs merge: DiT's per-block timestep embedding becomes one,
     # so its consumers share an input node for fuse_horizontal_gemm
     ("cse", cse),

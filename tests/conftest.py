@@ -2,7 +2,7 @@
 import os
 import warnings
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before any triton kernel is defined
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before any triton kernel is defined; `make test-gpu` sets 0
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

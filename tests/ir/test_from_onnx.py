@@ -1,7 +1,6 @@
 """ONNX -> kiln IR: HF Llama and diffusers DiT exported by both torch.onnx exporters, run by kiln
 against onnxruntime on the same file; hand-built models for the op zoo, bad files and unsupported ops."""
 import os
-import warnings
 
 import numpy as np
 import onnx
@@ -16,49 +15,14 @@ from kiln.errors import KilnError, UnsupportedOpsError
 from kiln.ir.from_onnx import from_onnx
 from kiln.ir.interpret import interpret
 from kiln.ir.types import sym
-from kiln.testing import TOL, rel_err
+from kiln.testing import TOL, DiTSample, LlamaLogits, export_onnx, perturbed, rel_err
 
 EXPORTERS = ["dynamo", "torchscript"]
 
 
-def perturbed(model):
-    with torch.no_grad():  # HF / diffusers zero- or ones-init biases, norms and adaLN: perturb everything
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    return model.eval()
-
-
-class LlamaLogits(torch.nn.Module):
-    def __init__(self, m):
-        super().__init__()
-        self.m = m
-
-    def forward(self, input_ids, attention_mask=None):
-        return self.m(input_ids, attention_mask=attention_mask, use_cache=False).logits
-
-
-class DiTSample(torch.nn.Module):
-    def __init__(self, m):
-        super().__init__()
-        self.m = m
-
-    def forward(self, hidden_states, timestep, class_labels):
-        return self.m(hidden_states, timestep=timestep, class_labels=class_labels).sample
-
-
 def export(module, args, path, names, dims: dict, dynamo: bool):
-    """torch.onnx.export with ``dims`` ({input: {axis: name}}) dynamic, by either exporter."""
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        if dynamo:
-            shared: dict = {}
-            ds = {k: {i: shared.setdefault(n, torch.export.Dim(n)) for i, n in per.items()} for k, per in dims.items()}
-            torch.onnx.export(module, args, path, dynamo=True, input_names=names, output_names=["out"],
-                              dynamic_shapes=ds, opset_version=18, verbose=False)
-        else:
-            torch.onnx.export(module, args, path, dynamo=False, input_names=names, output_names=["out"],
-                              dynamic_axes=dims, opset_version=17)
-    return str(path)
+    assert list(dims) == list(names)
+    return export_onnx(module, args, path, dims, dynamo)
 
 
 @pytest.fixture(scope="module", params=EXPORTERS)

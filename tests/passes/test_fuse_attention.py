@@ -34,8 +34,9 @@ def assert_same(before, after):
 # ----------------------------------------------------------------------------- explicit attention
 
 
-def attention_graph(*, scale="mul", mask="bias", axis=3, dtype=f32, upcast=None, kv_heads=4, k_layout="bhsd"):
-    """softmax(q @ k^T * s + mask) @ v built node by node, with q [2, 4, 5, 8], k / v [2, kv_heads, 6, 8]."""
+def attention_graph(*, scale="mul", mask="bias", axis=3, dtype=f32, upcast=None, kv_heads=4, k_layout="bhsd", nan_guard=None):
+    """softmax(q @ k^T * s + mask) @ v built node by node, with q [2, 4, 5, 8], k / v [2, kv_heads, 6, 8];
+    ``nan_guard=c``: where(isnan(p), c, p) @ v, as the ONNX exporters write SDPA."""
     g = Graph()
     q = g.add_input("q", (2, 4, 5, 8), dtype)
     k = g.add_input("k", (2, kv_heads, 6, 8) if k_layout == "bhsd" else (2, 6, kv_heads, 8), dtype)
@@ -47,6 +48,8 @@ def attention_graph(*, scale="mul", mask="bias", axis=3, dtype=f32, upcast=None,
     kt = g.add("PERMUTE", [k], perm=(0, 1, 3, 2) if k_layout == "bhsd" else (0, 2, 3, 1))
     if scale == "q":
         q = g.add("MUL", [q, g.const(8 ** -0.5)])
+    elif scale == "split":  # sqrt(scale) on q and on k^T
+        q, kt = g.add("MUL", [q, g.const(8 ** -0.25)]), g.add("MUL", [kt, g.const(8 ** -0.25)])
     s = g.add("MATMUL", [q, kt])
     if scale == "mul":
         s = g.add("MUL", [g.const(8 ** -0.5), s])
@@ -70,6 +73,8 @@ def attention_graph(*, scale="mul", mask="bias", axis=3, dtype=f32, upcast=None,
     p = g.add("SOFTMAX", [s], axis=axis)
     if upcast:
         p = g.add("CAST", [p], dtype=dtype)
+    if nan_guard is not None:
+        p = g.add("WHERE", [g.add("ISNAN", [p]), g.const(nan_guard), p])
     g.set_outputs([g.add("MATMUL", [p, v])])
     return g, ins
 
@@ -99,7 +104,8 @@ def example(ins):
 
 @pytest.mark.parametrize("kw", [dict(), dict(scale="div"), dict(scale="q"), dict(scale=None, mask=None), dict(mask="where"),
                                 dict(mask="masked_fill"), dict(mask="where_min"), dict(k_layout="bshd"),
-                                dict(dtype="float16", upcast=f32)], ids=repr)
+                                dict(dtype="float16", upcast=f32), dict(scale="split"), dict(scale="split", nan_guard=0.0),
+                                dict(mask="where", nan_guard=0.0)], ids=repr)
 def test_explicit_attention_becomes_one_op(kw):
     g, ins = attention_graph(**kw)
     stats, before, after = run_pass(g, example(ins))
@@ -111,6 +117,21 @@ def test_explicit_attention_becomes_one_op(kw):
     (att,) = [n for n in g.nodes if n.op == "ATTENTION"]
     assert att.attrs["scale"] == pytest.approx(8 ** -0.5 if kw.get("scale", "mul") else 1.0)
     assert len(att.inputs) == (3 if kw.get("mask", "bias") is None else 4)
+    assert_same(before, after)
+
+
+@pytest.mark.parametrize("mask", ["bias", "where"])
+def test_the_nan_guard_is_what_attention_gives_fully_masked_queries(mask):
+    # where(isnan(p), 0, p) @ v zeroes the rows whose keys are all masked: SDPA (ATTENTION's reference) does too
+    g, ins = attention_graph(mask=mask, nan_guard=0.0)
+    xs = example(ins)
+    if mask == "bias":
+        xs[3][..., 2, :] = -math.inf
+    else:
+        xs[3][:, :, 2, :] = False
+    stats, before, after = run_pass(g, xs)
+    assert stats.rules == {"explicit_attention": 1} and g.histogram().get("ISNAN", 0) == 0
+    assert torch.all(before[0][:, :, 2] == 0) and torch.all(after[0][:, :, 2] == 0)
     assert_same(before, after)
 
 
@@ -141,6 +162,7 @@ def test_tiled_heads_are_not_repeat_kv():
     (dict(scale="input"), "is not a constant"),
     (dict(mask="where_zero"), "masked scores are set to 0.0, neither -inf nor the float32 minimum"),
     (dict(dtype="float16", upcast="bfloat16"), "softmax computed in bfloat16"),
+    (dict(nan_guard=1.0), "NaN probabilities are set to 1.0; SDPA gives 0 where every key is masked"),
 ])
 def test_near_misses_are_declined_with_their_reason(kw, reason):
     g, ins = attention_graph(**kw)

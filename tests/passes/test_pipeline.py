@@ -10,19 +10,12 @@ from diffusers import DiTTransformer2DModel
 import kiln
 from kiln.ir.graph import Node
 from kiln.passes.pipeline import PASS_NAMES
-from kiln.testing import TOL, rel_err
+from kiln.testing import TOL, perturbed, rel_err
 
 LLAMA = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2)
 LLM_DIMS = {"input_ids": {0: "batch", 1: "seq"}}
 DIT_DIMS = {k: {0: "batch"} for k in ("hidden_states", "timestep", "class_labels")}
-
-
-def perturbed(model):
-    with torch.no_grad():  # HF / diffusers zero-init biases and adaLN, ones-init norms: perturb everything
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    return model.eval()
 
 
 def hf_llm(kind="Llama", attn="sdpa", **kw):

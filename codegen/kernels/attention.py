@@ -1,0 +1,292 @@
+"""Flash attention: kiln's ``ATTENTION`` op as one Triton template.
+
+    out = softmax(q @ k^T * scale + bias, -1) @ v        q [B, Hq, Sq, D], k [B, Hk, Sk, D], v [B, Hk, Sk, Dv]
+
+One program owns BLOCK_M query rows of one (batch, head) and walks the keys BLOCK_N at a time with an
+online softmax (running row max m, running denominator l, float32 accumulator rescaled as m grows), so
+the [Sq, Sk] score matrix never reaches memory. Scores are kept in log2 units (scale * log2(e) folded
+into one multiplier, ``exp2`` instead of ``exp``), as in the Triton fused-attention tutorial.
+
+Variants are constexpr switches of the ONE kernel below:
+  CAUSAL   the upper-left-aligned triangle of torch SDPA's ``is_causal``: query i attends keys j <= i.
+           Key blocks wholly above the diagonal are never loaded; blocks wholly below it skip the
+           triangle test (the loop runs in two ranges, the tutorial's split).
+  MASK     "none" | "bool" (True = attend) | "bias" (added to the scaled scores; -inf = masked). The
+           mask may be anything that broadcasts to [B, Hq, Sq, Sk]: the launcher expands it (stride 0
+           on broadcast dims, no copy), so a [B, 1, 1, Sk] padding mask costs one row of memory.
+  GQA      query head h reads kv head h // (Hq // Hk); a kv head count of 1 also broadcasts (stride 0).
+
+Head dims. BLOCK_D is the next power of two >= D (at least 16, the smallest ``tl.dot`` depth), with
+the padding lanes masked to zero: D = 72 (DiT-XL) runs as 128 wide. D <= 256; v may have its own Dv.
+
+Fully masked rows (every key masked by the bool mask, -inf bias, or Sk = 0) give ZEROS, not NaN: the
+running max stays -inf, p = exp2(s - 0) = 0 and l = 0 is replaced by 1 at the end. torch 2.13's SDPA
+returns zeros for such rows on the CPU as well (bool and -inf float masks alike); older torch
+versions and some fused GPU backends return NaN there, so tests compare only non-degenerate masks
+against SDPA and check the zero rows on their own.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ...ir.ops import OPS
+
+# triton.jit picks the interpreter from this variable when the kernel below is defined; read it then too
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256  # q / k / v tiles of wider heads do not fit the H100's shared memory at useful block sizes
+LOG2E = 1.4426950408889634
+
+# the interpreter is slow per program and per key step: one small config; the test shapes still span
+# several query and key tiles, so the boundary masks and the causal split are exercised
+INTERPRET_CONFIG = dict(BLOCK_M=16, BLOCK_N=16)
+
+
+@triton.jit
+def _attention_inner(
+    acc, l_i, m_i, q,  # acc [BLOCK_M, BLOCK_DV] fp32, l_i / m_i [BLOCK_M] fp32 (log2 units), q [BLOCK_M, BLOCK_D]
+    k_base, v_base, mask_base,
+    offs_m, lo, hi, Sq, Sk, HEAD_DIM, HEAD_DIM_V, qk_scale,
+    stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
+    APPLY_CAUSAL: tl.constexpr, MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        valid_n = offs_n < Sk
+        # k^T tile [BLOCK_D, BLOCK_N]: padded head lanes load 0 and add nothing to the dot
+        kt = tl.load(k_base + offs_d[:, None] * stride_kd + offs_n[None, :] * stride_kn,
+                     mask=(offs_d[:, None] < HEAD_DIM) & valid_n[None, :], other=0.0)
+        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N], log2 units
+        keep = valid_n[None, :]
+        if APPLY_CAUSAL:
+            keep = keep & (offs_n[None, :] <= offs_m[:, None])
+        if MASK != "none":
+            m_ptrs = mask_base + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn
+            m_in = (offs_m[:, None] < Sq) & valid_n[None, :]
+            if MASK == "bool":
+                keep = keep & (tl.load(m_ptrs, mask=m_in, other=0) != 0)
+            else:
+                s += tl.load(m_ptrs, mask=m_in, other=0.0).to(tl.float32) * 1.4426950408889634
+        s = tl.where(keep, s, float("-inf"))
+
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # a row with nothing attended so far has m_new = -inf: subtract 0 instead, so p = 0 and alpha = 0, no NaN
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m_i - m_sub)
+        p = tl.math.exp2(s - m_sub[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+
+        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                    mask=valid_n[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)  # [BLOCK_N, BLOCK_DV]
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attention_kernel(
+    q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_ob, stride_oh, stride_om, stride_od,
+    H, GROUP,  # query heads; query heads per kv head
+    Sq, Sk, HEAD_DIM, HEAD_DIM_V, qk_scale,  # qk_scale = scale * log2(e)
+    CAUSAL: tl.constexpr, MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)  # int64 base offsets: B * H * S * D may pass 2**31
+    h = (pid_bh % H).to(tl.int64)
+    hk = h // GROUP
+    q_base = q_ptr + b * stride_qb + h * stride_qh
+    k_base = k_ptr + b * stride_kb + hk * stride_kh
+    v_base = v_ptr + b * stride_vb + hk * stride_vh
+    mask_base = mask_ptr + b * stride_mb + h * stride_mh
+    out_base = out_ptr + b * stride_ob + h * stride_oh
+
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                mask=(offs_m[:, None] < Sq) & (offs_d[None, :] < HEAD_DIM), other=0.0)  # [BLOCK_M, BLOCK_D]
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    if CAUSAL:
+        # keys past this block's last row are masked for every row: never loaded. Key blocks ending before
+        # its first row are fully visible: no triangle test. Only the blocks between (the diagonal) pay it.
+        hi = tl.minimum(Sk, start_m + BLOCK_M)
+        diag = tl.minimum((start_m // BLOCK_N) * BLOCK_N, hi)
+        acc, l_i, m_i = _attention_inner(
+            acc, l_i, m_i, q, k_base, v_base, mask_base, offs_m, 0, diag, Sq, Sk, HEAD_DIM, HEAD_DIM_V, qk_scale,
+            stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
+            False, MASK, DOT_PRECISION, BLOCK_N, BLOCK_D, BLOCK_DV)
+        acc, l_i, m_i = _attention_inner(
+            acc, l_i, m_i, q, k_base, v_base, mask_base, offs_m, diag, hi, Sq, Sk, HEAD_DIM, HEAD_DIM_V, qk_scale,
+            stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
+            True, MASK, DOT_PRECISION, BLOCK_N, BLOCK_D, BLOCK_DV)
+    else:
+        acc, l_i, m_i = _attention_inner(
+            acc, l_i, m_i, q, k_base, v_base, mask_base, offs_m, 0, Sk, Sq, Sk, HEAD_DIM, HEAD_DIM_V, qk_scale,
+            stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
+            False, MASK, DOT_PRECISION, BLOCK_N, BLOCK_D, BLOCK_DV)
+
+    l_i = tl.where(l_i == 0.0, 1.0, l_i)  # fully masked rows: acc is 0, the output row is 0 (module docstring)
+    out = acc / l_i[:, None]
+    tl.store(out_base + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od, out.to(out_ptr.dtype.element_ty),
+             mask=(offs_m[:, None] < Sq) & (offs_dv[None, :] < HEAD_DIM_V))
+
+
+def _config(bm, bn, warps, stages):
+    return triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn), num_warps=warps, num_stages=stages)
+
+
+# H100 (sm_90, mma.sync). Prefill / DiT: the tutorial's 128 x 64 tile with 4 or 8 warps, plus smaller tiles
+# for short sequences (DiT-XL/2 at batch 1 has 16 heads x 2 query blocks of 128: too few programs for 132
+# SMs) and for D = 256, whose 128-row q tile with 3 stages overflows shared memory (such configs fail to
+# compile and the autotuner drops them). Short query (decode / chunked prefill): thin row tiles.
+LONG_Q_CONFIGS = [
+    _config(128, 64, 4, 3),
+    _config(128, 64, 8, 3),
+    _config(128, 32, 4, 3),
+    _config(128, 128, 8, 2),
+    _config(64, 64, 4, 3),
+    _config(64, 32, 4, 2),
+]
+SHORT_Q_CONFIGS = [
+    _config(16, 64, 4, 3),
+    _config(32, 64, 4, 3),
+    _config(64, 64, 4, 3),
+    _config(16, 128, 4, 2),
+]
+SHORT_Q = 64  # Sq at or below this uses SHORT_Q_CONFIGS
+
+
+@functools.cache
+def _tuned(short_q: bool):
+    # built on first GPU use: an Autotuner asks for the active driver, which the CPU interpreter lacks.
+    # The key names the constexpr switches too, so a causal and a masked call never share a tuning entry.
+    return triton.autotune(SHORT_Q_CONFIGS if short_q else LONG_Q_CONFIGS,
+                           key=["Sq", "Sk", "HEAD_DIM", "HEAD_DIM_V", "CAUSAL", "MASK"])(_attention_kernel)
+
+
+def _as_4d(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape((1,) * (4 - t.dim()) + tuple(t.shape)) if t.dim() < 4 else t
+
+
+def _check(q, k, v, mask, causal, scale, gqa, out):
+    """Validate the operands; returns ``(q, k, v, mask)`` as 4-D tensors, k / v / mask expanded (stride 0,
+    no copy) to q's batch, the kv heads and the scores [B, Hq, Sq, Sk], and the group size."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"attention: {name} must be a tensor, got {type(t).__name__}")
+    if q.dtype not in DTYPES:
+        raise ValueError(f"attention: q has dtype {q.dtype}; supported: float16, bfloat16, float32")
+    for name, t in (("k", k), ("v", v), ("out", out)):
+        if t is not None and t.dtype != q.dtype:
+            raise ValueError(f"attention: {name} has dtype {t.dtype}, q has {q.dtype} (q, k, v, out share one dtype)")
+    for name, t in (("k", k), ("v", v), ("mask", mask), ("out", out)):
+        if t is not None and t.device != q.device:
+            raise ValueError(f"attention: {name} is on {t.device}, q is on {q.device}")
+    if not (2 <= q.dim() <= 4 and k.dim() == q.dim() and v.dim() == q.dim()):
+        raise ValueError(f"attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} must share a rank "
+                         f"of 2 to 4 ([B, H, S, D], [H, S, D] or [S, D])")
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"attention: q {tuple(q.shape)} and k {tuple(k.shape)} differ in head dim")
+    if k.shape[:-1] != v.shape[:-1]:
+        raise ValueError(f"attention: k {tuple(k.shape)} and v {tuple(v.shape)} differ before the head dim")
+    if not (1 <= q.shape[-1] <= MAX_HEAD_DIM and 1 <= v.shape[-1] <= MAX_HEAD_DIM):
+        raise ValueError(f"attention: head dims {q.shape[-1]} (q, k) and {v.shape[-1]} (v) must lie in 1..{MAX_HEAD_DIM}")
+    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
+        raise ValueError(f"attention: scale must be a finite number or None, got {scale!r}")
+    q4, k4, v4 = _as_4d(q), _as_4d(k), _as_4d(v)
+    (bq, hq, sq, _), (bk, hk, sk, _) = q4.shape, k4.shape
+    if bk not in (bq, 1):
+        raise ValueError(f"attention: k {tuple(k.shape)} has batch {bk}, q {tuple(q.shape)} has {bq}")
+    group = 1
+    if hk != hq and hk != 1:
+        if not gqa:
+            raise ValueError(f"attention: q has {hq} heads, k / v have {hk}; pass gqa=True for grouped-query attention")
+        if hq % hk:
+            raise ValueError(f"attention: {hq} query heads do not group over {hk} kv heads")
+        group = hq // hk
+    hk_expanded = hk if group > 1 else hq  # one kv head, or as many as q: expand (stride 0 when hk == 1)
+    k4, v4 = k4.expand(bq, hk_expanded, sk, -1), v4.expand(bq, hk_expanded, sk, -1)
+    scores = (bq, hq, sq, sk)
+    if mask is not None:
+        if mask.dtype != torch.bool and mask.dtype != q.dtype:
+            raise ValueError(f"attention: mask dtype {mask.dtype} must be bool or q's {q.dtype}")
+        try:
+            fits = mask.dim() <= 4 and tuple(torch.broadcast_shapes(mask.shape, scores)) == scores
+        except RuntimeError:
+            fits = False
+        if not fits or mask.dim() > q.dim():
+            raise ValueError(f"attention: mask {tuple(mask.shape)} does not broadcast to the scores "
+                             f"{tuple(q.shape[:-1]) + (sk,)}")
+        mask = mask.expand(scores)
+        if mask.dtype == torch.bool:
+            mask = mask.view(torch.uint8)  # same bytes; a uint8 pointer is the portable way to pass bools
+    if out is not None and tuple(out.shape) != tuple(q.shape[:-1]) + (v.shape[-1],):
+        raise ValueError(f"attention: out {tuple(out.shape)} must have the output shape "
+                         f"{tuple(q.shape[:-1]) + (v.shape[-1],)}")
+    if INTERPRET:
+        if q.dtype == torch.bfloat16:
+            raise ValueError("attention: the Triton interpreter computes tl.dot on bfloat16 wrongly; use float16/float32 on CPU")
+    elif q.device.type != "cuda":
+        raise ValueError(f"attention: q is on {q.device}; the kernel needs CUDA tensors (or TRITON_INTERPRET=1 on CPU)")
+    return q4, k4, v4, mask, group
+
+
+def attention(q, k, v, mask=None, causal=False, scale=None, gqa=False, out=None) -> torch.Tensor:
+    """``softmax(q @ k^T * scale + mask) @ v`` in one kernel (see the module docstring).
+
+    q [B, Hq, Sq, D]; k [B, Hk, Sk, D]; v [B, Hk, Sk, Dv] (ranks 2 and 3 drop leading dims; k / v may
+    have batch 1, or one head, broadcast). ``mask``: bool (True = attend) or a bias of q's dtype,
+    broadcastable to [B, Hq, Sq, Sk]. ``causal``: query i attends keys j <= i (SDPA's ``is_causal``);
+    with a mask too, both apply. ``scale`` None: 1 / sqrt(D). ``gqa``: Hq = G * Hk, query head h reads
+    kv head h // G. float16 / bfloat16 / float32; float32 accumulation; the output has q's dtype and
+    shape [B, Hq, Sq, Dv] (``out`` may be given; it must not overlap q, k or v).
+    """
+    q4, k4, v4, mask4, group = _check(q, k, v, mask, causal, scale, gqa, out)
+    (bq, hq, sq, d), (sk, dv) = q4.shape, v4.shape[-2:]
+    if out is None:
+        out = torch.empty(tuple(q.shape[:-1]) + (dv,), dtype=q.dtype, device=q.device)
+    out4 = _as_4d(out)
+    if out.numel() == 0:
+        return out
+    qk_scale = (1.0 / math.sqrt(d) if scale is None else float(scale)) * LOG2E
+    mask_strides = mask4.stride() if mask4 is not None else (0, 0, 0, 0)
+    args = (q4, k4, v4, mask4 if mask4 is not None else q4, out4,
+            *q4.stride(), *k4.stride(), *v4.stride(), *mask_strides, *out4.stride(),
+            hq, group, sq, sk, d, dv, qk_scale)
+    kind = "none" if mask4 is None else "bool" if mask4.dtype == torch.uint8 else "bias"
+    meta = dict(CAUSAL=bool(causal), MASK=kind, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+                BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_DV=max(16, triton.next_power_of_2(dv)))
+    if INTERPRET:
+        c = INTERPRET_CONFIG
+        _attention_kernel[(triton.cdiv(sq, c["BLOCK_M"]), bq * hq)](*args, **meta, **c)
+    else:
+        grid = lambda c: (triton.cdiv(sq, c["BLOCK_M"]), bq * hq)  # noqa: E731
+        _tuned(sq <= SHORT_Q)[grid](*args, **meta)
+    return out
+
+
+def reference(q, k, v, mask=None, causal=False, scale=None, gqa=False) -> torch.Tensor:
+    """The ATTENTION op's reference implementation (``OPS["ATTENTION"].ref``), in the operands' own dtype."""
+    ins = [q, k, v] + ([mask] if mask is not None else [])
+    return OPS["ATTENTION"].ref(ins, dict(causal=causal, scale=scale, gqa=gqa))
