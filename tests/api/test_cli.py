@@ -90,3 +90,22 @@ def test_compile_pt2_and_console_script(tmp_path):
     r = subprocess.run([kiln_bin, "run", str(tmp_path / "missing.kiln")], capture_output=True, text=True,
                        env={**os.environ, "KILN_DEBUG": "1"})
     assert r.returncode != 0 and "Traceback" in r.stderr
+
+
+def test_disable_pass_switches_that_pass_off(llama_kiln, tmp_path, capsys):
+    _, d = llama_kiln
+    on = json.loads((d / "r.json").read_text())
+    assert main(["compile", "--model", "llama-tiny", "-o", str(tmp_path / "off.kiln"), "-q", "--disable-pass", "fuse_norm",
+                 "--disable-pass", "fuse_epilogue", "--report-json", str(tmp_path / "off.json")]) == 0
+    off = json.loads((tmp_path / "off.json").read_text())
+    for name in ("fuse_norm", "fuse_epilogue"):
+        assert on["passes"][name]["enabled"] and on["passes"][name]["rewritten"] > 0
+        assert off["passes"][name] == {"enabled": False, "rewritten": 0, "declined": [], "seconds": 0.0}
+    assert on["ops_after"].get("RMSNORM") and not off["ops_after"].get("RMSNORM") and off["ops_after"].get("RSQRT")
+    assert on["ops_after"].get("GEMM") and not off["ops_after"].get("GEMM")
+    capsys.readouterr()
+    assert main(["compile", "--model", "llama-tiny", "-o", str(tmp_path / "r.kiln"), "--report", "--disable-pass", "cse"]) == 0
+    out = capsys.readouterr().out
+    assert "fuse_horizontal_gemm" in out and "off" in out and "RMSNORM" in out
+    assert main(["compile", "--model", "llama-tiny", "-o", str(tmp_path / "x.kiln"), "--disable-pass", "no_such"]) == 1
+    assert "unknown pass name(s) to disable: no_such" in capsys.readouterr().err
