@@ -17,7 +17,7 @@ class CompileConfig:
     max_plans: int = 8
     #: after compiling, run the example inputs through eager and kiln and report the relative error
     verify: bool = False
-    #: kernel / autotune cache directory (default: the platform's user cache dir; KILN_CACHE_DIR overrides)
+    #: kernel / autotune cache directory; None: $KILN_CACHE_DIR if set, else the platform's user cache dir
     cache_dir: str | None = None
     #: notes kept with the artifact (free-form, e.g. the registry name it was built from)
     tags: dict = field(default_factory=dict)
