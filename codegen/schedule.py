@@ -1,0 +1,218 @@
+"""Partition an optimized graph into kernel groups.
+
+    gemm       GEMM / LINEAR / MATMUL, one node (its epilogue is part of the op)
+    attention  ATTENTION, one node
+    pointwise  a chain of elementwise ops and last-axis row reductions over one domain (the shape of the
+               group's outputs), rendered by ``codegen/pointwise.py`` into one Triton kernel
+    view       PERMUTE / SLICE / EXPAND, and RESHAPE of a contiguous value: no data moves. A pointwise
+               group reading a view reads it in place through its strides (the view is folded into the load)
+    source     INPUT / WEIGHT / CONST: bound by the executor
+    reference  everything else: the op's torch reference (the correct fallback)
+
+Fusion is greedy in topological order: a fusible node joins the pointwise group of one of its operands when
+(1) its shape is the group's domain, or it widens the domain and every member of another shape is used
+only inside the group; (2) a row reduction has the domain's shape; (3) ROPE's ``x`` comes from outside the
+group (its partner lane is a second load); (4) no operand from another group depends on this group
+(no cycle between groups). A member read outside the group, or a graph output, is a group output.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..ir.graph import Graph, Node
+from ..ir.ops import OPS, SOURCE_OPS, _fits
+from ..ir.types import dims_equal, is_static
+from .pointwise import MAX_ROW, ROW_OPS, expr_key, fusible
+
+GEMM_OPS = frozenset({"GEMM", "LINEAR", "MATMUL"})
+VIEW_OPS = frozenset({"PERMUTE", "SLICE", "EXPAND", "RESHAPE"})
+
+
+@dataclass(eq=False)
+class Group:
+    kind: str  # gemm | attention | pointwise | view | source | reference
+    nodes: list[Node]
+    inputs: list[Node] = field(default_factory=list)  # values read from other groups, first-use order
+    outputs: list[Node] = field(default_factory=list)  # members read by other groups or graph outputs
+
+    @property
+    def domain(self) -> tuple:
+        """A pointwise group's iteration shape: every member joins with it or widens it, so the last one's."""
+        return self.nodes[-1].shape
+
+    def __repr__(self) -> str:
+        return f"{self.kind}[{', '.join(f'%{n.name}:{n.op}' for n in self.nodes)}]"
+
+
+def _same(a, b) -> bool:
+    return len(a) == len(b) and all(dims_equal(x, y) for x, y in zip(a, b))
+
+
+def _row_fits(node) -> bool:
+    n = node.shape[-1] if node.shape else 1
+    return not is_static(n) or n <= MAX_ROW
+
+
+def _kind(node: Node, group_of: dict) -> str:
+    if node.op in SOURCE_OPS:
+        return "source"
+    if node.op in GEMM_OPS:
+        return "gemm"
+    if node.op == "ATTENTION":
+        return "attention"
+    if node.op in VIEW_OPS:
+        src = node.inputs[0]
+        # RESHAPE is a view only of a value we know is contiguous: a kernel's output or such a reshape
+        if node.op != "RESHAPE" or src.op not in VIEW_OPS or (src.op == "RESHAPE" and group_of[src].kind == "view"):
+            return "view"
+        return "reference"
+    if fusible(node) and (expr_key(node) not in ROW_OPS or _row_fits(node)):
+        return "pointwise"
+    return "reference"
+
+
+class _Scheduler:
+    def __init__(self, graph: Graph):
+        self.graph = graph
+        self.group_of: dict[Node, Group] = {}
+        self.outputs = set(graph.outputs)
+
+    def deps(self, g: Group) -> set:
+        return {self.group_of[i] for n in g.nodes for i in n.inputs if self.group_of[i] is not g}
+
+    def reaches(self, start: Group, target: Group) -> bool:
+        """``target`` is ``start`` or one of its transitive producer groups."""
+        seen, stack = set(), [start]
+        while stack:
+            g = stack.pop()
+            if g is target:
+                return True
+            if g not in seen:
+                seen.add(g)
+                stack.extend(self.deps(g))
+        return False
+
+    def can_join(self, n: Node, g: Group) -> bool:
+        members = set(g.nodes)
+        if not _same(n.shape, g.domain):
+            if not _fits(g.domain, n.shape):
+                return False  # n narrower than the group, or incomparable
+            for m in g.nodes:  # widening: members of another shape must stay internal
+                if not _same(m.shape, n.shape) and (m in self.outputs or any(u not in members and u is not n for u in m.users)):
+                    return False
+        if any(expr_key(m) in ROW_OPS and not dims_equal(m.shape[-1], n.shape[-1]) for m in g.nodes):
+            return False
+        if n.op == "ROPE" and n.inputs[0] in members:
+            return False
+        for i in n.inputs:
+            h = self.group_of[i]
+            if h is not g and h.kind != "source" and self.reaches(h, g):
+                return False  # g -> ... -> h -> n: fusing n into g would make a cycle
+        return True
+
+    def can_merge(self, h: Group, g: Group) -> bool:
+        """Pointwise group ``h`` (another producer of g's newest node) can be folded into ``g``."""
+        members, dom = set(g.nodes) | set(h.nodes), g.domain
+        for m in h.nodes + g.nodes:
+            if m.op == "ROPE" and m.inputs[0] in members:
+                return False
+        for m in h.nodes:
+            if not _fits(m.shape, dom) or (expr_key(m) in ROW_OPS and not dims_equal(m.shape[-1], dom[-1])):
+                return False
+            if not _same(m.shape, dom) and (m in self.outputs or any(u not in members for u in m.users)):
+                return False
+        # a path between the two through a third group would become a cycle
+        return not any(d is not g and self.reaches(d, g) for d in self.deps(h)) and \
+            not any(d is not h and self.reaches(d, h) for d in self.deps(g))
+
+    def run(self) -> list[Group]:
+        groups: list[Group] = []
+        index = {n: k for k, n in enumerate(self.graph.nodes)}
+        for n in self.graph.nodes:
+            kind = _kind(n, self.group_of)
+            target = None
+            if kind == "pointwise":
+                for i in n.inputs:
+                    g = self.group_of[i]
+                    if g.kind == "pointwise" and self.can_join(n, g):
+                        target = g
+                        break
+            if target is None:
+                target = Group(kind, [])
+                groups.append(target)
+            target.nodes.append(n)
+            self.group_of[n] = target
+            for h in dict.fromkeys(self.group_of[i] for i in n.inputs):  # n joins two chains: one kernel
+                if kind == "pointwise" and h.kind == "pointwise" and h is not target and self.can_merge(h, target):
+                    target.nodes = sorted(target.nodes + h.nodes, key=index.get)
+                    self.group_of.update(dict.fromkeys(h.nodes, target))
+                    groups.remove(h)
+        for g in groups:
+            members = set(g.nodes)
+            g.inputs = list(dict.fromkeys(i for n in g.nodes for i in n.inputs if i not in members))
+            g.outputs = [n for n in g.nodes if n in self.outputs or any(u not in members for u in n.users)]
+        return self.order(groups)
+
+    def order(self, groups: list[Group]) -> list[Group]:
+        """Topological order of the groups, stable in the order of their first nodes."""
+        pos = {g: k for k, g in enumerate(groups)}
+        deps = {g: self.deps(g) for g in groups}
+        done: set = set()
+        out: list[Group] = []
+        for root in groups:
+            stack = [root]
+            while stack:
+                g = stack[-1]
+                if g in done:
+                    stack.pop()
+                    continue
+                todo = sorted((d for d in deps[g] if d not in done), key=pos.get)
+                if todo:
+                    stack.append(todo[0])
+                    continue
+                done.add(g)
+                out.append(stack.pop())
+        return out
+
+
+def schedule(graph: Graph) -> list[Group]:
+    """The graph's nodes partitioned into kernel groups, in an order that runs every group after the
+    groups it reads (see the module docstring for the rules)."""
+    return _Scheduler(graph).run()
+
+
+def execute(graph: Graph, groups: list[Group], inputs: list, bindings: dict | None = None) -> list:
+    """Run ``groups`` in order: pointwise groups as their generated Triton kernel, every other group by its
+    ops' torch references. The simplest executor of a schedule; what tests compare to ``ir.interpret``."""
+    from ..ir.ops import const_tensor
+    from ..ir.types import eval_attr, has_symbols
+    from ..runtime.inputs import bind_inputs
+    from .pointwise import launch
+
+    bindings = bind_inputs(graph, inputs) if bindings is None else bindings
+    env: dict = dict(zip(graph.inputs, inputs))
+    for g in groups:
+        if g.kind == "pointwise":
+            args = [env.get(i) for i in g.inputs]
+            for o, t in zip(g.outputs, launch(g, args, bindings)):
+                env[o] = t
+            continue
+        for n in g.nodes:
+            if n.op == "INPUT":
+                continue
+            if n.op == "WEIGHT":
+                env[n] = graph.weights[n.attrs["name"]]
+            elif n.op == "CONST":
+                env[n] = const_tensor(eval_attr(n.attrs["value"], bindings))
+            else:
+                attrs = {k: eval_attr(v, bindings) if has_symbols(v) else v for k, v in n.attrs.items()}
+                env[n] = OPS[n.op].ref([env[i] for i in n.inputs], attrs)
+    return [env[o] for o in graph.outputs]
+
+
+def summary(groups: list[Group]) -> dict:
+    """Group counts by kind and the op chains of the pointwise groups (for the compile report)."""
+    counts: dict = {}
+    for g in groups:
+        counts[g.kind] = counts.get(g.kind, 0) + 1
+    return {"groups": counts, "pointwise": [" -> ".join(n.op for n in g.nodes) for g in groups if g.kind == "pointwise"]}
