@@ -1,19 +1,31 @@
-"""Shared test settings: the Triton interpreter on CPU, the tolerance table, GPU skipping."""
+"""Shared test settings: the Triton interpreter on CPU, GPU skipping.
+
+Without CUDA, Triton kernels run under TRITON_INTERPRET=1 (set before any kernel is defined). On a GPU
+machine the interpreter stays off unless asked for, and the two kinds of kernel test split by marker:
+``interpreter`` tests need TRITON_INTERPRET=1, ``gpu`` tests need CUDA with the interpreter off
+(``make test-gpu``)."""
 import os
 import warnings
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before any triton kernel is defined; `make test-gpu` sets 0
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 
+
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    no_gpu = pytest.mark.skip(reason="needs a CUDA GPU with TRITON_INTERPRET unset (make test-gpu)")
+    no_interp = pytest.mark.skip(reason="a Triton interpreter test: run with TRITON_INTERPRET=1")
     for item in items:
         if "gpu" in item.keywords:
-            item.add_marker(skip)
+            if not torch.cuda.is_available() or INTERPRET:
+                item.add_marker(no_gpu)
+        elif "interpreter" in item.keywords and not INTERPRET:
+            item.add_marker(no_interp)

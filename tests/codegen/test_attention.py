@@ -8,6 +8,8 @@ import kiln.codegen.kernels.attention as A
 from kiln.codegen.kernels.attention import attention, reference
 from kiln.testing import TOL, rel_err
 
+pytestmark = pytest.mark.interpreter  # CPU cases run under TRITON_INTERPRET=1; gpu-marked ones need it off
+
 gen = torch.Generator().manual_seed(0)
 
 

@@ -104,6 +104,7 @@ def test_load_module(tmp_path):
         c.load_module("pointwise", key("absent"))
 
 
+@pytest.mark.interpreter
 def test_load_module_triton_kernel(tmp_path):
     pytest.importorskip("triton")
     src = ("import triton\nimport triton.language as tl\n\n\n@triton.jit\ndef add_one(x_ptr, n, BLOCK: tl.constexpr):\n"

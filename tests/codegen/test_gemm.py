@@ -8,6 +8,8 @@ import kiln.codegen.kernels.gemm as G
 from kiln.codegen.kernels.gemm import gemm, reference
 from kiln.testing import TOL, rel_err
 
+pytestmark = pytest.mark.interpreter  # CPU cases run under TRITON_INTERPRET=1; gpu-marked ones need it off
+
 gen = torch.Generator().manual_seed(0)
 ACTS = ["none", "silu", "gelu", "gelu_tanh"]
 

@@ -10,6 +10,8 @@ from kiln.ir.interpret import interpret
 from kiln.ir.types import dtype_name
 from kiln.testing import TOL, rel_err
 
+pytestmark = pytest.mark.interpreter  # CPU cases run under TRITON_INTERPRET=1; gpu-marked ones need it off
+
 DTYPES = [torch.float32, torch.float16]
 
 

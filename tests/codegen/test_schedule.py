@@ -14,6 +14,8 @@ from kiln.ir.interpret import interpret
 from kiln.ir.types import sym
 from kiln.testing import TOL, rel_err
 
+pytestmark = pytest.mark.interpreter  # CPU cases run under TRITON_INTERPRET=1; gpu-marked ones need it off
+
 
 @pytest.fixture(autouse=True)
 def _cache_dir(tmp_path_factory, monkeypatch):
