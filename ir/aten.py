@@ -13,6 +13,7 @@ import torch
 
 from .from_fx import Importer, Unsupported
 from .graph import Node, dims_equal_shapes
+from .registry import registrar
 from .types import FLOAT_DTYPES, dtype_name, torch_dtype
 
 HANDLERS: dict[str, object] = {}
@@ -28,12 +29,7 @@ def handler_key(target) -> str:
     return f"{mod.lstrip('_')}.{getattr(target, '__name__', str(target))}".lstrip(".")
 
 
-def handles(*names):
-    def deco(fn):
-        for n in names:
-            HANDLERS[n] = fn
-        return fn
-    return deco
+handles = registrar(HANDLERS)
 
 
 def bind(node, args, kwargs) -> dict:

@@ -14,17 +14,13 @@ from onnx import TensorProto, helper
 from .from_onnx import KILN_TO_ONNX
 from .graph import Node
 from .ops import result_dtype
+from .registry import registrar
 from .types import FLOAT_DTYPES, TType, dims_equal
 
 EMITTERS: dict[str, object] = {}
 
 
-def emits(*names):
-    def deco(fn):
-        for n in names:
-            EMITTERS[n] = fn
-        return fn
-    return deco
+emits = registrar(EMITTERS)
 
 
 def promoted(n: Node) -> str:

@@ -16,6 +16,7 @@ import sympy
 from .from_fx import Unsupported
 from .from_onnx import CannotEval, Static, kiln_dtype, py_scalar
 from .graph import Node
+from .registry import registrar
 from .types import FLOAT_DTYPES, dim
 
 HANDLERS: dict[str, object] = {}
@@ -26,20 +27,8 @@ def key_of(node) -> str:
     return node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
 
 
-def handles(*names):
-    def deco(fn):
-        for n in names:
-            HANDLERS[n] = fn
-        return fn
-    return deco
-
-
-def evaluates(*names):
-    def deco(fn):
-        for n in names:
-            STATIC_EVAL[n] = fn
-        return fn
-    return deco
+handles = registrar(HANDLERS)
+evaluates = registrar(STATIC_EVAL)
 
 
 def axis_of(a: int, rank: int) -> int:

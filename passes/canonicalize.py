@@ -16,26 +16,10 @@ from __future__ import annotations
 
 import torch
 
-from ..ir.graph import Graph, Node, check_attrs, infer
-from ..ir.ops import ShapeError
+from ..ir.graph import Graph, Node, dims_equal_shapes
 from ..ir.types import FLOAT_DTYPES, TType, dims_equal, numel, shape_str
-from .pattern import A, Match, O, Rule, V, rewrite
+from .pattern import A, Match, O, Rule, V, rewrite, type_reason
 from .report import PassStats
-
-
-def _same_dims(a, b) -> bool:
-    return len(a) == len(b) and all(map(dims_equal, a, b))
-
-
-def _type_reason(op: str, inputs: list[TType], root: Node, **attrs) -> str | None:
-    """Why ``op`` on operands of these types cannot replace ``root``: its type rule, or a different result type."""
-    try:
-        t = infer(op, inputs, check_attrs(op, attrs))
-    except ShapeError as e:
-        return str(e)
-    if t.dtype != root.dtype or not _same_dims(t.shape, root.shape):
-        return f"{op} would give {t.dtype}{shape_str(t.shape)} where the pattern gives {root.dtype}{shape_str(root.shape)}"
-    return None
 
 
 # ----------------------------------------------------------------------------- x @ W  ->  LINEAR(x, W^T)
@@ -53,7 +37,7 @@ def _linear_guard(m: Match) -> str | None:
     if len(w.shape) != 2:
         return f"the weight {w.attrs['name']} {shape_str(w.shape)} is not 2-d"
     b = [m["b"].type] if "b" in m else []
-    return _type_reason("LINEAR", [m["x"].type, TType(w.shape[::-1], w.dtype)] + b, m.root)
+    return type_reason("LINEAR", [m["x"].type, TType(w.shape[::-1], w.dtype)] + b, m.root)
 
 
 def _transposed(graph: Graph, w: Node) -> Node:
@@ -78,7 +62,7 @@ def _silu_guard(m: Match) -> str | None:
     x = m["x"]
     if x.dtype not in FLOAT_DTYPES:
         return f"x is {x.dtype}"
-    return _type_reason("SILU", [x.type], m.root)
+    return type_reason("SILU", [x.type], m.root)
 
 
 # ----------------------------------------------------------------------------- the 3-d batched transpose
@@ -90,9 +74,9 @@ def _flat_t_guard(m: Match) -> str | None:
     x, flat, unflat = m["x"].shape, m["flat"], m["unflat"]
     if len(x) < 3 or len(unflat) < 3:
         return f"x {shape_str(x)} -> {shape_str(unflat)}: no leading dims to flatten"
-    if not _same_dims(flat[1:], x[-2:]) or not dims_equal(flat[0], numel(x[:-2])):
+    if not dims_equal_shapes(flat[1:], x[-2:]) or not dims_equal(flat[0], numel(x[:-2])):
         return f"[{shape_str(x)} -> {shape_str(flat)}] does not flatten only the leading dims"
-    if not _same_dims(unflat[-2:], (flat[2], flat[1])) or not dims_equal(numel(unflat[:-2]), flat[0]):
+    if not dims_equal_shapes(unflat[-2:], (flat[2], flat[1])) or not dims_equal(numel(unflat[:-2]), flat[0]):
         return f"[{shape_str(flat)}]^T -> {shape_str(unflat)} does not unflatten only the leading dims"
     return None
 
@@ -100,7 +84,7 @@ def _flat_t_guard(m: Match) -> str | None:
 def _flat_t_build(g: Graph, m: Match) -> Node:
     x, unflat = m["x"], m["unflat"]
     lead = unflat[:-2]
-    if not _same_dims(lead, x.shape[:-2]):  # [B, Hk, n, S, D] -> [B, Hk*n, S, D] (repeat_kv's last reshape)
+    if not dims_equal_shapes(lead, x.shape[:-2]):  # [B, Hk, n, S, D] -> [B, Hk*n, S, D] (repeat_kv's last reshape)
         x = g.add("RESHAPE", [x], shape=tuple(lead) + tuple(x.shape[-2:]), loc=m.root.loc)
     r = len(lead) + 2
     return g.add("PERMUTE", [x], perm=tuple(range(r - 2)) + (r - 1, r - 2), loc=m.root.loc)

@@ -22,22 +22,10 @@ import math
 
 import torch
 
-from ..ir.graph import Graph, Node, check_attrs, infer
-from ..ir.ops import ShapeError
+from ..ir.graph import Graph, Node
 from ..ir.types import FLOAT_DTYPES, TType, dims_equal, shape_str, torch_dtype
-from .pattern import A, C, Match, O, Rule, V, any_of, maybe_cast, rewrite
+from .pattern import A, C, Match, O, Rule, V, any_of, maybe_cast, rewrite, type_reason
 from .report import PassStats
-
-
-def _type_reason(op: str, inputs: list[TType], root: Node, **attrs) -> str | None:
-    """Why ``op`` on operands of these types cannot replace ``root``: its type rule, or a different result type."""
-    try:
-        t = infer(op, inputs, check_attrs(op, attrs))
-    except ShapeError as e:
-        return str(e)
-    if t.dtype != root.dtype or len(t.shape) != len(root.shape) or not all(map(dims_equal, t.shape, root.shape)):
-        return f"{op} would give {t.dtype}{shape_str(t.shape)} where the pattern gives {root.dtype}{shape_str(root.shape)}"
-    return None
 
 
 def _number(node: Node) -> float | None:
@@ -133,7 +121,7 @@ def _explicit_guard(m: Match) -> str | None:
     if why:
         return why
     k_type = TType(tuple(k.shape[i] for i in _swap_last_two(m["perm"])), k.dtype)  # k as [.., Sk, D]
-    return _type_reason("ATTENTION", [q.type, k_type, v.type] + ([mask] if mask else []), m.root, scale=scale)
+    return type_reason("ATTENTION", [q.type, k_type, v.type] + ([mask] if mask else []), m.root, scale=scale)
 
 
 def _explicit_build(g: Graph, m: Match) -> Node:
@@ -191,7 +179,7 @@ def _repeated_guard(m: Match) -> str | None:
     if nk != nv or m["k"].shape[-3] != m["v"].shape[-3]:
         return f"k repeats {m['k'].shape[-3]} heads x{nk}, v {m['v'].shape[-3]} heads x{nv}"
     ins = [m[n].type for n in ("q", "k", "v", "mask") if n in m]
-    return _type_reason("ATTENTION", ins, m.root, causal=m["causal"], scale=m["scale"], gqa=nk > 1)
+    return type_reason("ATTENTION", ins, m.root, causal=m["causal"], scale=m["scale"], gqa=nk > 1)
 
 
 def _repeated_build(g: Graph, m: Match) -> Node:
@@ -229,7 +217,7 @@ def _rope_guard(m: Match) -> str | None:
              for p in concat.inputs]
     if parts != ["-x2", "x1"]:
         return f"cat({', '.join(parts)}) is not rotate_half(x) = cat(-x2, x1)"
-    return _type_reason("ROPE", [x.type, m["cos"].type, m["sin"].type], m.root)
+    return type_reason("ROPE", [x.type, m["cos"].type, m["sin"].type], m.root)
 
 
 def _rope_build(g: Graph, m: Match) -> Node:

@@ -29,10 +29,10 @@ from __future__ import annotations
 
 from typing import Callable
 
-from ..ir.graph import Graph, Node, check_attrs, dims_equal_shapes, infer
-from ..ir.ops import ShapeError, _fits
+from ..ir.graph import Graph, Node, dims_equal_shapes
+from ..ir.ops import _fits
 from ..ir.types import shape_str
-from .pattern import A, Match, O, Rule, V, any_of, first_match, maybe_cast, rewrite
+from .pattern import A, Match, O, Rule, V, any_of, first_match, maybe_cast, rewrite, type_reason
 from .report import PassStats
 
 HALF = ("float16", "bfloat16")
@@ -49,14 +49,7 @@ def _rule(name: str, pattern, plan: Callable[[Match], Plan], shared_ok: bool = F
         if isinstance(p, str):
             return p
         op, ins, attrs = p
-        try:
-            t = infer(op, [i.type for i in ins], check_attrs(op, attrs))
-        except ShapeError as e:
-            return f"{op} does not accept these operands: {e}"
-        root = m.root
-        if t.dtype != root.dtype or not dims_equal_shapes(t.shape, root.shape):
-            return f"{op} would give {t.dtype}{shape_str(t.shape)} where the pattern gives {root.dtype}{shape_str(root.shape)}"
-        return None
+        return type_reason(op, [i.type for i in ins], m.root, shape_error_prefix=f"{op} does not accept these operands: ", **attrs)
 
     def build(graph: Graph, m) -> Node:
         op, ins, attrs = plan(m)

@@ -21,11 +21,13 @@ consumers first, so the largest pattern at a site wins.
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
-from ..ir.graph import Graph, Node
-from ..ir.ops import COMMUTATIVE, OPS
+from ..ir.graph import Graph, Node, check_attrs, dims_equal_shapes, infer
+from ..ir.ops import COMMUTATIVE, OPS, ShapeError
+from ..ir.types import TType, shape_str
 from .report import PassStats
 
 
@@ -56,9 +58,10 @@ class Match(dict):
         return self.interior[0]
 
 
-class Pat:
+class Pat(ABC):
+    @abstractmethod
     def match(self, node: Node, m: Match) -> Iterator[Match]:
-        raise NotImplementedError
+        """Every way this pattern matches at ``node``, extending ``m``."""
 
     # the math operators build op patterns
     def __add__(self, o):
@@ -224,6 +227,18 @@ class Rule:
     build: Callable[[Graph, Match], Node]
     guard: Callable[[Match], str | None] = lambda m: None
     shared_ok: bool = False  # interior values may have other users (they are then kept)
+
+
+def type_reason(op: str, inputs: list[TType], root: Node, shape_error_prefix: str = "", **attrs) -> str | None:
+    """Why a fused ``op`` on operands of these types cannot replace ``root`` (its type rule refuses them, or
+    it would give another shape or dtype), or None: the check every builder's guard ends with."""
+    try:
+        t = infer(op, inputs, check_attrs(op, attrs))
+    except ShapeError as e:
+        return f"{shape_error_prefix}{e}"
+    if t.dtype != root.dtype or not dims_equal_shapes(t.shape, root.shape):
+        return f"{op} would give {t.dtype}{shape_str(t.shape)} where the pattern gives {root.dtype}{shape_str(root.shape)}"
+    return None
 
 
 def first_match(pattern: Pat, node: Node) -> Match | None:
