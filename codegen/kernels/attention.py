@@ -185,6 +185,12 @@ def _tuned(short_q: bool):
                            key=["Sq", "Sk", "HEAD_DIM", "HEAD_DIM_V", "CAUSAL", "MASK"])(_attention_kernel)
 
 
+def configs(sq: int) -> list[dict]:
+    """The launch configurations the autotuner would try for ``sq`` query rows, as plain dicts."""
+    return [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
+            for c in (SHORT_Q_CONFIGS if sq <= SHORT_Q else LONG_Q_CONFIGS)]
+
+
 def _as_4d(t: torch.Tensor) -> torch.Tensor:
     return t.reshape((1,) * (4 - t.dim()) + tuple(t.shape)) if t.dim() < 4 else t
 
@@ -252,7 +258,7 @@ def _check(q, k, v, mask, causal, scale, gqa, out):
     return q4, k4, v4, mask, group
 
 
-def attention(q, k, v, mask=None, causal=False, scale=None, gqa=False, out=None) -> torch.Tensor:
+def attention(q, k, v, mask=None, causal=False, scale=None, gqa=False, out=None, config: dict | None = None) -> torch.Tensor:
     """``softmax(q @ k^T * scale + mask) @ v`` in one kernel (see the module docstring).
 
     q [B, Hq, Sq, D]; k [B, Hk, Sk, D]; v [B, Hk, Sk, Dv] (ranks 2 and 3 drop leading dims; k / v may
@@ -260,7 +266,8 @@ def attention(q, k, v, mask=None, causal=False, scale=None, gqa=False, out=None)
     broadcastable to [B, Hq, Sq, Sk]. ``causal``: query i attends keys j <= i (SDPA's ``is_causal``);
     with a mask too, both apply. ``scale`` None: 1 / sqrt(D). ``gqa``: Hq = G * Hk, query head h reads
     kv head h // G. float16 / bfloat16 / float32; float32 accumulation; the output has q's dtype and
-    shape [B, Hq, Sq, Dv] (``out`` may be given; it must not overlap q, k or v).
+    shape [B, Hq, Sq, Dv] (``out`` may be given; it must not overlap q, k or v). ``config``: one launch
+    configuration (BLOCK_M, BLOCK_N, num_warps, num_stages; see ``configs``) run without the autotuner.
     """
     q4, k4, v4, mask4, group = _check(q, k, v, mask, causal, scale, gqa, out)
     (bq, hq, sq, d), (sk, dv) = q4.shape, v4.shape[-2:]
@@ -277,8 +284,8 @@ def attention(q, k, v, mask=None, causal=False, scale=None, gqa=False, out=None)
     kind = "none" if mask4 is None else "bool" if mask4.dtype == torch.uint8 else "bias"
     meta = dict(CAUSAL=bool(causal), MASK=kind, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
                 BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_DV=max(16, triton.next_power_of_2(dv)))
-    if INTERPRET:
-        c = INTERPRET_CONFIG
+    if INTERPRET or config is not None:
+        c = dict(config or INTERPRET_CONFIG)
         _attention_kernel[(triton.cdiv(sq, c["BLOCK_M"]), bq * hq)](*args, **meta, **c)
     else:
         grid = lambda c: (triton.cdiv(sq, c["BLOCK_M"]), bq * hq)  # noqa: E731

@@ -57,6 +57,24 @@ def _activation(h, ACT: tl.constexpr):
 
 
 @triton.jit
+def _gate_residual_store(acc, rows, cols, mask, gate_ptr, gate_rows, stride_gb, stride_gm, stride_gn,
+                         res_ptr, res_rows, stride_rb, stride_rm, stride_rn, out_ptr, stride_om, stride_on,
+                         HAS_GATE: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
+    # the last two epilogue steps (float32 acc [BLOCK_M, BLOCK_N] at int64 rows / cols) and the store; shared
+    # with kernels/epilogue.py. Gate / residual row m sits at (m // rows) * stride_b + (m % rows) * stride_m.
+    if HAS_GATE:
+        g_off = (rows // gate_rows) * stride_gb + (rows % gate_rows) * stride_gm  # [BLOCK_M]
+        g = tl.load(gate_ptr + g_off[:, None] + cols[None, :] * stride_gn, mask=mask, other=0.0)
+        acc = acc * g.to(tl.float32)
+    if HAS_RESIDUAL:
+        r_off = (rows // res_rows) * stride_rb + (rows % res_rows) * stride_rm
+        r = tl.load(res_ptr + r_off[:, None] + cols[None, :] * stride_rn, mask=mask, other=0.0)
+        acc = acc + r.to(tl.float32)
+    out_ptrs = out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _gemm_kernel(
     x_ptr, w_ptr, bias_ptr, gate_ptr, res_ptr, out_ptr,
     M, N, K,  # N: output columns (half of w's rows with GLU)
@@ -115,16 +133,9 @@ def _gemm_kernel(
     if GLU:
         acc = acc * acc_u
     mask = mask_m[:, None] & mask_n[None, :]
-    if HAS_GATE:
-        g_off = (rows // gate_rows) * stride_gb + (rows % gate_rows) * stride_gm  # [BLOCK_M]
-        g = tl.load(gate_ptr + g_off[:, None] + cols[None, :] * stride_gn, mask=mask, other=0.0)
-        acc = acc * g.to(tl.float32)
-    if HAS_RESIDUAL:
-        r_off = (rows // res_rows) * stride_rb + (rows % res_rows) * stride_rm
-        r = tl.load(res_ptr + r_off[:, None] + cols[None, :] * stride_rn, mask=mask, other=0.0)
-        acc = acc + r.to(tl.float32)
-    out_ptrs = out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    _gate_residual_store(acc, rows, cols, mask, gate_ptr, gate_rows, stride_gb, stride_gm, stride_gn,
+                         res_ptr, res_rows, stride_rb, stride_rm, stride_rn, out_ptr, stride_om, stride_on,
+                         HAS_GATE, HAS_RESIDUAL)
 
 
 def _config(bm, bn, bk, warps, stages, group_m=8):
@@ -161,6 +172,14 @@ def _tuned(small_m: bool, glu: bool):
     if glu:
         configs = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 128]
     return triton.autotune(configs, key=["M", "N", "K"], restore_value=["out_ptr"])(_gemm_kernel)
+
+
+def configs(m: int, glu: bool = False) -> list[dict]:
+    """The launch configurations the autotuner would try for ``m`` rows, as plain dicts (JSON-able)."""
+    cs = SMALL_M_CONFIGS if m <= SMALL_M else LARGE_M_CONFIGS
+    if glu:
+        cs = [c for c in cs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 128]
+    return [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages) for c in cs]
 
 
 def _row_groups(t: torch.Tensor, lead: tuple, n: int):
@@ -228,7 +247,7 @@ def _check(x, w, bias, gate, residual, act, glu, out):
     return shape
 
 
-def gemm(x, w, bias=None, gate=None, residual=None, act="none", glu=False, out=None) -> torch.Tensor:
+def gemm(x, w, bias=None, gate=None, residual=None, act="none", glu=False, out=None, config: dict | None = None) -> torch.Tensor:
     """``residual + gate * epi(x @ w^T + bias)`` in one kernel (see the module docstring).
 
     x [..., K]; w [N, K]; bias [N]; gate and residual broadcast to the output [..., N'] with N' = N, or
@@ -255,8 +274,8 @@ def gemm(x, w, bias=None, gate=None, residual=None, act="none", glu=False, out=N
             x2.stride(0), x2.stride(1), w.stride(0), w.stride(1), *g[1:], *r[1:], out2.stride(0), out2.stride(1))
     meta = dict(ACT=act, GLU=bool(glu), HAS_BIAS=bias is not None, HAS_GATE=gate is not None,
                 HAS_RESIDUAL=residual is not None, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32")
-    if INTERPRET:
-        c = INTERPRET_CONFIG
+    if INTERPRET or config is not None:
+        c = dict(config or INTERPRET_CONFIG)
         grid = (triton.cdiv(m, c["BLOCK_M"]) * triton.cdiv(n, c["BLOCK_N"]),)
         _gemm_kernel[grid](*args, **meta, **c)
     else:
