@@ -38,13 +38,18 @@ class CompiledModel:
     """A compiled graph with its call signature. Call it like the model it came from."""
 
     def __init__(self, graph: Graph, signature: Signature, config: CompileConfig, report: Report,
-                 manifest: dict | None = None):
+                 manifest: dict | None = None, tuning: dict | None = None):
+        from .codegen.cache import Cache
+        from .codegen.tuning import Tuner
+
         self.graph = graph
         self.signature = signature
         self.config = config
         self._report = report
         self.manifest = manifest or {}
-        self.executor = Executor(graph, device=config.device, max_plans=config.max_plans)
+        tuner = Tuner(Cache.from_config(config), decisions=(tuning or {}).get("decisions"), force=config.kernels)
+        self.executor = Executor(graph, device=config.device, max_plans=config.max_plans, backend=config.backend,
+                                 cuda_graphs=config.cuda_graphs, tuner=tuner)
 
     def __call__(self, *args, **kwargs):
         tensors = self.signature.flatten(args, kwargs)
@@ -68,7 +73,9 @@ class CompiledModel:
     def save(self, path: str | os.PathLike, overwrite: bool = False) -> str:
         """Write a self-contained ``.kiln`` artifact (refuses to replace a file unless ``overwrite``)."""
         return artifact.save(path, self.graph, signature=self.signature.to_dict(), config=self.config.to_dict(),
-                             report=self._report.to_dict(), extra={"device": self.device.type}, overwrite=overwrite)
+                             report=self._report.to_dict(), extra={"device": self.device.type},
+                             tuning=self.executor.tuner.to_json() if self.executor.tuner and self.executor.tuner.decisions else None,
+                             overwrite=overwrite)
 
     def random_inputs(self, dims: dict[str, int] | None = None, seed: int = 0) -> list[torch.Tensor]:
         """Random tensors that fit the inputs (symbols take ``dims`` or a small default in range);
@@ -428,9 +435,10 @@ def _load_source(path: str, report: Report, dynamic: dict | None = None):
 # ----------------------------------------------------------------------------- load, jit
 
 
-def load(path: str | os.PathLike, device: str | None = None) -> CompiledModel:
-    """Load a ``.kiln`` artifact; no model source is needed. ``device`` overrides where it runs."""
-    graph, manifest, report_dict = artifact.load(path)
+def load(path: str | os.PathLike, device: str | None = None, backend: str | None = None) -> CompiledModel:
+    """Load a ``.kiln`` artifact; no model source is needed. ``device`` overrides where it runs,
+    ``backend`` how ("kernels", "reference", "auto"; see CompileConfig.backend)."""
+    graph, manifest, report_dict, tuning = artifact.load(path)
     config = CompileConfig.from_dict(manifest.get("config") or {})
     if device is None:  # where it was compiled to run, when this machine has it
         device = config.device or manifest.get("device") or "cpu"
@@ -438,8 +446,11 @@ def load(path: str | os.PathLike, device: str | None = None) -> CompiledModel:
             warnings.warn(f"{path} was compiled for {device}, which this machine lacks; running on the CPU", stacklevel=2)
             device = "cpu"
     config.device = device
+    if backend is not None:
+        config.backend = backend
+        config.__post_init__()
     signature = Signature.from_dict(manifest["signature"])
-    return CompiledModel(graph, signature, config, Report.from_dict(report_dict), manifest)
+    return CompiledModel(graph, signature, config, Report.from_dict(report_dict), manifest, tuning)
 
 
 class _Jit:

@@ -7,6 +7,10 @@ from dataclasses import dataclass, field
 from .errors import KilnError
 
 
+BACKENDS = ("auto", "kernels", "reference")
+KERNEL_CHOICES = {"gemm": ("cublas", "cublaslt", "triton"), "attention": ("sdpa", "kiln")}
+
+
 @dataclass
 class CompileConfig:
     #: pass names to switch off (see ``kiln.passes.pipeline.PASS_NAMES``)
@@ -19,6 +23,13 @@ class CompileConfig:
     verify: bool = False
     #: kernel / autotune cache directory; None: $KILN_CACHE_DIR if set, else the platform's user cache dir
     cache_dir: str | None = None
+    #: how the graph runs: "kernels" (scheduled Triton / cuBLAS / SDPA launches over planned buffers),
+    #: "reference" (each op's torch implementation), "auto" (kernels on CUDA, reference on the CPU)
+    backend: str = "auto"
+    #: replay each shape bucket's launch list as a CUDA graph (kernels backend on CUDA)
+    cuda_graphs: bool = True
+    #: skip measuring: kind ("gemm", "attention") -> implementation ("cublas" / "cublaslt" / "triton", "sdpa" / "kiln")
+    kernels: dict = field(default_factory=dict)
     #: notes kept with the artifact (free-form, e.g. the registry name it was built from)
     tags: dict = field(default_factory=dict)
 
@@ -26,6 +37,12 @@ class CompileConfig:
         self.disable = tuple(self.disable)
         if self.max_plans < 1:
             raise KilnError(f"CompileConfig.max_plans must be >= 1, got {self.max_plans}")
+        if self.backend not in BACKENDS:
+            raise KilnError(f"CompileConfig.backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        for kind, impl in self.kernels.items():
+            if impl not in KERNEL_CHOICES.get(kind, ()):
+                raise KilnError(f"CompileConfig.kernels: {kind!r} -> {impl!r} is not a choice",
+                                hint="; ".join(f"{k}: {', '.join(v)}" for k, v in KERNEL_CHOICES.items()))
         from .passes.pipeline import PASS_NAMES
 
         unknown = [d for d in self.disable if d not in PASS_NAMES]

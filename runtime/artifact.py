@@ -54,7 +54,7 @@ def _io_specs(nodes, names) -> list[dict]:
 
 
 def save(path: str | os.PathLike, graph: Graph, *, signature: dict, config: dict, report: dict | None = None,
-         extra: dict | None = None, overwrite: bool = False) -> str:
+         extra: dict | None = None, tuning: dict | None = None, overwrite: bool = False) -> str:
     """Write ``graph`` (with its weights) to ``path``. Refuses to replace an existing file unless
     ``overwrite``; the file appears atomically (a crash leaves no half-written artifact)."""
     path = os.fspath(path)
@@ -88,7 +88,10 @@ def save(path: str | os.PathLike, graph: Graph, *, signature: dict, config: dict
     try:
         st_save_file(tensors, wtmp, metadata={"format": "pt"})
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
-            for member, data in (("graph.json", graph_bytes), ("report.json", report_bytes)):
+            members = [("graph.json", graph_bytes), ("report.json", report_bytes)]
+            if tuning:
+                members.append(("tuning.json", json.dumps(tuning, indent=1).encode()))
+            for member, data in members:
                 zf.writestr(member, data)
                 manifest["members"][member] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
             zf.write(wtmp, "weights.safetensors")
@@ -173,8 +176,8 @@ def _read_member(zf: zipfile.ZipFile, path: str, name: str, meta: dict) -> bytes
     return b"".join(parts)
 
 
-def load(path: str | os.PathLike) -> tuple[Graph, dict, dict]:
-    """Read and check an artifact: returns (graph with weights, manifest, report dict)."""
+def load(path: str | os.PathLike) -> tuple[Graph, dict, dict, dict]:
+    """Read and check an artifact: returns (graph with weights, manifest, report dict, tuning dict)."""
     path = os.fspath(path)
     zf, manifest = read_manifest(path)
     with zf:
@@ -192,4 +195,10 @@ def load(path: str | os.PathLike) -> tuple[Graph, dict, dict]:
     except (GraphError, ValueError, KeyError) as e:
         raise ArtifactError(f"{path}: check 'graph' failed for member 'graph.json': {e}") from None
     report = json.loads(data["report.json"]) if "report.json" in data else {}
-    return graph, manifest, report
+    try:
+        tuning = json.loads(data["tuning.json"]) if "tuning.json" in data else {}
+        if tuning and not isinstance(tuning.get("decisions"), dict):
+            raise ValueError("no 'decisions' object")
+    except ValueError as e:
+        raise ArtifactError(f"{path}: check 'tuning' failed for member 'tuning.json': {e}") from None
+    return graph, manifest, report, tuning

@@ -7,7 +7,8 @@ plan and runs the steps, each writing into its planned buffer.
 
 CPU path: a step runs the op's reference implementation and its result is copied into the planned
 buffer, so the plan itself is exercised (two values alive at once never share bytes). The GPU path
-replaces steps by kernels that write into the same buffers directly and replays them as a CUDA graph.
+replaces steps by kernels that write into the same buffers directly and replays them as a CUDA graph:
+that is ``runtime/launch.py``'s KernelPlan (backend "kernels", the default on CUDA).
 """
 from __future__ import annotations
 
@@ -123,18 +124,43 @@ def _nbytes(shape, dtype: str) -> int:
 class Executor:
     """Runs a graph; keeps at most ``max_plans`` shape bindings planned (least recently used goes)."""
 
-    def __init__(self, graph: Graph, device: str | torch.device | None = None, max_plans: int = 8):
+    def __init__(self, graph: Graph, device: str | torch.device | None = None, max_plans: int = 8, *,
+                 backend: str = "auto", cuda_graphs: bool = True, tuner=None):
         graph.verify()
         self.graph = graph
         self.device = _canonical_device(torch.device(device) if device is not None else _weights_device(graph))
         self.max_plans = max_plans
+        if backend not in ("auto", "kernels", "reference"):
+            raise ValueError(f"unknown executor backend {backend!r} (auto, kernels, reference)")
+        self.backend = ("kernels" if self.device.type == "cuda" else "reference") if backend == "auto" else backend
+        self.cuda_graphs = cuda_graphs
+        self._groups = None
+        if self.backend == "kernels" and tuner is None:
+            from ..codegen.tuning import Tuner
+
+            tuner = Tuner()
+        self.tuner = tuner
         self._plans: OrderedDict[tuple, Plan] = OrderedDict()
         self.static: dict[Node, torch.Tensor] = {}
         for n in graph.nodes:
             if n.op == "WEIGHT":
                 self.static[n] = graph.weights[n.attrs["name"]].to(self.device)
             elif n.op == "CONST" and not has_symbols(n.attrs["value"]):
-                self.static[n] = const_tensor(n.attrs["value"])
+                self.static[n] = self._const(n.attrs["value"])
+
+    def _const(self, value) -> torch.Tensor:
+        # the kernels path keeps every tensor on the device (a CUDA graph cannot read host memory)
+        t = const_tensor(value)
+        return t.to(self.device) if self.backend == "kernels" and t.dim() else t
+
+    @property
+    def groups(self):
+        """The kernel schedule (kernels backend), computed once."""
+        if self._groups is None:
+            from ..codegen.schedule import schedule
+
+            self._groups = schedule(self.graph)
+        return self._groups
 
     def plan(self, bindings: dict[str, int]) -> Plan:
         key = tuple(sorted(bindings.items()))
@@ -143,8 +169,14 @@ class Executor:
             static = dict(self.static)
             for n in self.graph.nodes:  # CONSTs holding a symbolic dim: their value for this binding
                 if n.op == "CONST" and n not in static:
-                    static[n] = const_tensor(eval_dim(n.attrs["value"], bindings))
-            p = self._plans[key] = Plan(self.graph, bindings, self.device, static)
+                    static[n] = self._const(eval_dim(n.attrs["value"], bindings))
+            if self.backend == "kernels":
+                from .launch import KernelPlan
+
+                p = KernelPlan(self.graph, self.groups, bindings, self.device, static, self.tuner, cuda_graph=self.cuda_graphs)
+            else:
+                p = Plan(self.graph, bindings, self.device, static)
+            self._plans[key] = p
             while len(self._plans) > self.max_plans:
                 self._plans.popitem(last=False)
         else:
@@ -162,8 +194,21 @@ class Executor:
         return self.plan(bindings).run(inputs)
 
     @property
-    def plans(self) -> list[Plan]:
+    def plans(self) -> list:
         return list(self._plans.values())
+
+    def describe(self) -> dict:
+        """How the graph runs: backend, the shape buckets planned (launch counts, implementation choices,
+        CUDA graph, arena size), the tuner's decisions by source."""
+        d = {"backend": self.backend, "device": str(self.device), "max_plans": self.max_plans,
+             "plans": [p.describe() if hasattr(p, "describe") else
+                       {"bindings": p.bindings, "steps": len(p.steps), "arena_bytes": p.memory.peak_bytes} for p in self.plans]}
+        if self.backend == "kernels":
+            from ..codegen.schedule import summary
+
+            d["schedule"] = summary(self.groups)["groups"]
+            d["tuning"] = self.tuner.summary()
+        return d
 
 
 def _canonical_device(d: torch.device) -> torch.device:

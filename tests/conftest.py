@@ -4,8 +4,10 @@ Without CUDA, Triton kernels run under TRITON_INTERPRET=1 (set before any kernel
 machine the interpreter stays off unless asked for, and the two kinds of kernel test split by marker:
 ``interpreter`` tests need TRITON_INTERPRET=1, ``gpu`` tests need CUDA with the interpreter off
 (``make test-gpu``)."""
+import importlib.util
 import os
 import warnings
+from pathlib import Path
 
 import torch
 
@@ -29,3 +31,12 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(no_gpu)
         elif "interpreter" in item.keywords and not INTERPRET:
             item.add_marker(no_interp)
+
+
+@pytest.fixture(scope="module")
+def pipeline_models():
+    """The tiny HF Llama / diffusers DiT configs of the pipeline tests (loaded by path: tests/ is no package)."""
+    spec = importlib.util.spec_from_file_location("_pipeline_models", Path(__file__).parent / "passes" / "test_pipeline.py")
+    t = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(t)
+    return dict(llama=(t.hf_llm, t.ids, t.LLM_DIMS), dit=(t.dit, t.dit_inputs, t.DIT_DIMS))

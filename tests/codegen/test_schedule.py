@@ -1,8 +1,6 @@
 """Kernel grouping: a partition of the nodes, in topological order, that runs (pointwise groups as generated
 Triton kernels under TRITON_INTERPRET=1, the rest by reference ops) to the reference interpreter's numbers,
 on a synthetic graph and on the optimized graphs of HF Llama tiny and diffusers DiT tiny."""
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
@@ -102,15 +100,6 @@ def test_rows_too_long_for_one_tile_fall_back_to_reference():
 
 
 # ----------------------------------------------------------------------------- real optimized graphs
-
-
-@pytest.fixture(scope="module")
-def pipeline_models():
-    """The tiny HF Llama / diffusers DiT configs of the pipeline tests (loaded by path: tests/ is no package)."""
-    spec = importlib.util.spec_from_file_location("_pipeline_models", Path(__file__).parents[1] / "passes" / "test_pipeline.py")
-    t = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(t)
-    return dict(llama=(t.hf_llm, t.ids, t.LLM_DIMS), dit=(t.dit, t.dit_inputs, t.DIT_DIMS))
 
 
 def test_llama_tiny_optimized_graph(pipeline_models):

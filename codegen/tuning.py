@@ -1,0 +1,112 @@
+"""Per-shape choice between implementations of one kernel group, measured on the device.
+
+A GEMM can run as kiln's Triton template (one of a few launch configurations, epilogue fused) or as
+cuBLAS (``torch.mm``) followed by kiln's one-pass epilogue kernel; attention as kiln's flash kernel or
+torch's SDPA. Which is faster depends on the shape and the GPU, so the executor asks a :class:`Tuner`
+once per distinct (op, shapes, dtypes, attributes, device) — the *what* — and the tuner times every
+candidate on the plan's own buffers and keeps the fastest.
+
+Choices are remembered three ways: in memory (a model with 28 identical blocks measures once), in the
+on-disk cache (``tuning/<key>.json``: a second process skips the measurements), and in the artifact's
+``tuning.json`` (``CompiledModel.save``; a loaded artifact replays them, on the same GPU and versions,
+since the device fingerprint is part of the key). A candidate that fails to compile or run is recorded
+with its error and never chosen.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+
+from .cache import Cache, fingerprint, key
+
+TIMING_REPS = 20  # timed runs per candidate (after 3 warm-up runs); the median counts
+
+
+def _median_ms(fn: Callable[[], object], device: torch.device) -> float:
+    times = []
+    if device.type == "cuda":
+        for _ in range(3):
+            fn()
+        for _ in range(TIMING_REPS):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b))
+    else:  # CPU (the interpreter in tests): wall clock of a few runs
+        fn()
+        for _ in range(3):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    return times[len(times) // 2]
+
+
+class Tuner:
+    """Measured choices, keyed by ``key("tuning", what, fingerprint(device))``.
+
+    ``decisions``: choices to start from (an artifact's ``tuning.json`` ``decisions``). ``force``: kind
+    ("gemm", "attention") -> candidate name prefix to take without measuring (tests, and
+    ``CompileConfig.kernels``). ``cache``: where choices persist across processes (None: memory only)."""
+
+    def __init__(self, cache: Cache | None = None, decisions: dict | None = None, force: dict | None = None):
+        self.cache = cache
+        self.decisions: dict[str, dict] = dict(decisions or {})
+        self.force = dict(force or {})
+        self.counts = {"measured": 0, "cache": 0, "artifact": 0, "memory": 0, "forced": 0}
+        self._origin = dict.fromkeys(self.decisions, "artifact")
+
+    def choose(self, kind: str, what: dict, candidates: dict[str, Callable[[], object]], device: torch.device) -> str:
+        """The name of the candidate to use for ``what`` (candidates: name -> a callable running it once)."""
+        if kind in self.force:
+            prefix = self.force[kind]
+            self.counts["forced"] += 1
+            # the first candidate of that name; the first of all (cuBLAS / SDPA, always there) where none fits
+            return next((name for name in candidates if name.startswith(prefix)), next(iter(candidates)))
+        k = key("tuning", kind, what, fingerprint(device))
+        d = self.decisions.get(k)
+        if d is not None and d["choice"] in candidates:
+            origin = self._origin.pop(k, "memory")
+            self.counts[origin] += 1
+            return d["choice"]
+        if self.cache is not None:
+            d = self.cache.get_json("tuning", k)
+            if d is not None and d.get("choice") in candidates:
+                self.decisions[k] = d
+                self.counts["cache"] += 1
+                return d["choice"]
+        d = self.measure(kind, what, candidates, device)
+        self.decisions[k] = d
+        self.counts["measured"] += 1
+        if self.cache is not None:
+            self.cache.put_json("tuning", k, d)
+        return d["choice"]
+
+    @staticmethod
+    def measure(kind: str, what: dict, candidates: dict, device: torch.device) -> dict:
+        ms: dict[str, float] = {}
+        failed: dict[str, str] = {}
+        for name, fn in candidates.items():
+            try:
+                ms[name] = round(_median_ms(fn, device), 5)
+            except Exception as e:  # a config that does not compile (shared memory) or launch: not a choice
+                failed[name] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+        if not ms:
+            raise RuntimeError(f"no {kind} implementation ran for {what}: " + "; ".join(f"{k}: {v}" for k, v in failed.items()))
+        choice = min(ms, key=ms.get)
+        return {"kind": kind, "what": what, "choice": choice, "ms": ms, **({"failed": failed} if failed else {})}
+
+    def to_json(self) -> dict:
+        """What ``tuning.json`` holds: every decision with its measurements."""
+        return {"format": 1, "decisions": self.decisions}
+
+    def summary(self) -> dict:
+        chosen: dict[str, int] = {}
+        for d in self.decisions.values():
+            c = d["kind"] + ":" + d["choice"].split(":")[0]
+            chosen[c] = chosen.get(c, 0) + 1
+        return {"decisions": len(self.decisions), "chosen": chosen, "sources": dict(self.counts)}

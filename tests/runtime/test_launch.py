@@ -1,0 +1,200 @@
+"""The kernels backend (runtime/launch.py) on CPU under TRITON_INTERPRET=1: every implementation choice runs
+the optimized graphs of HF Llama tiny and diffusers DiT tiny to the reference backend's numbers; the buffer
+plan never overlaps live values; the tuner measures once, then hits the on-disk cache and the artifact's
+tuning.json. GPU cases (bf16, CUDA graphs) are marked gpu."""
+import json
+import zipfile
+
+import pytest
+import torch
+
+import kiln
+from kiln.codegen.tuning import Tuner
+from kiln.ir.graph import Graph
+from kiln.ir.interpret import interpret
+from kiln.ir.types import sym
+from kiln.runtime.executor import Executor
+from kiln.runtime.memory import check_plan
+from kiln.testing import TOL, rel_err
+
+
+@pytest.fixture(autouse=True)
+def _cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("KILN_CACHE_DIR", str(tmp_path / "kiln-cache"))
+
+
+def run_both(graph: Graph, inputs, **kernels_kw):
+    ex = Executor(graph, backend="kernels", **kernels_kw)
+    got = ex.run(inputs)
+    want = interpret(graph, inputs)
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert rel_err(a, b) <= TOL[torch.float32], rel_err(a, b)
+    plan = ex.plans[0]
+    check_plan(plan.memory, plan.intervals)
+    return ex, plan
+
+
+CHOICES = [{"gemm": "triton", "attention": "kiln"}, {"gemm": "cublas", "attention": "sdpa"}]
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("force", CHOICES, ids=["triton-kiln", "cublas-sdpa"])
+def test_llama_tiny(pipeline_models, force):
+    hf_llm, ids, dims = pipeline_models["llama"]
+    m = kiln.compile(hf_llm(), (ids(2, 7),), dynamic=dims)
+    ex, plan = run_both(m.graph, [ids(3, 5, seed=2)], tuner=Tuner(force=force))
+    d = plan.describe()
+    assert d["launches"]["gemm"] >= 4 and d["launches"]["attention"] == 2 and d["launches"]["pointwise"] >= 4
+    assert set(d["choices"]) == {f"gemm:{force['gemm']}", f"attention:{force['attention']}"}
+    assert not d["cuda_graph"]
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("force", CHOICES, ids=["triton-kiln", "cublas-sdpa"])
+def test_dit_tiny(pipeline_models, force):
+    dit, dit_inputs, dims = pipeline_models["dit"]
+    m = kiln.compile(dit(), (), dit_inputs(2), dynamic=dims)
+    inputs = dit_inputs(3, seed=2)
+    ex, plan = run_both(m.graph, [inputs[i.attrs["name"]] for i in m.graph.inputs], tuner=Tuner(force=force))
+    assert plan.describe()["launches"]["gemm"] >= 4
+
+
+def _gemm_attention_graph():
+    """x [b, 8, 24] -> GEMM(+bias, gelu) -> heads view -> ATTENTION -> back -> GEMM(+residual); the attention
+    output is stored in [b, 8, heads, 12] order so that going back is a view; a RESHAPE of the permuted input
+    is not a view (planned as a copy)."""
+    g = Graph()
+    b = sym("b")
+    g.symbols["b"] = (1, 4)
+    x = g.add_input("x", (b, 8, 24), "float32")
+    gen = torch.Generator().manual_seed(0)
+    w1 = g.add_weight("w1", torch.randn(48, 24, generator=gen) / 5)
+    b1 = g.add_weight("b1", torch.randn(48, generator=gen))
+    w2 = g.add_weight("w2", torch.randn(24, 48, generator=gen) / 7)
+    h = g.add("GEMM", (x, w1, b1), bias=True, act="gelu_tanh")
+    heads = g.add("PERMUTE", (g.add("RESHAPE", (h,), shape=(b, 8, 4, 12)),), perm=(0, 2, 1, 3))
+    a = g.add("ATTENTION", (heads, heads, heads), causal=True)
+    back = g.add("RESHAPE", (g.add("PERMUTE", (a,), perm=(0, 2, 1, 3)),), shape=(b, 8, 48))
+    y = g.add("GEMM", (back, w2, x), residual=True)
+    flat = g.add("RESHAPE", (g.add("PERMUTE", (x,), perm=(0, 2, 1)),), shape=(b, 192))
+    g.set_outputs([y, h, g.add("MUL", (flat, g.const(2.0)))])
+    return g
+
+
+@pytest.mark.interpreter
+def test_views_copies_and_memory_plan():
+    g = _gemm_attention_graph()
+    x = torch.randn(3, 8, 24)
+    ex, plan = run_both(g, [x], tuner=Tuner(force={"gemm": "cublas", "attention": "kiln"}))
+    kinds = [launch.kind for launch in plan.launches]
+    assert kinds.count("copy") == 1  # RESHAPE of the permuted input
+    att = next(launch for launch in plan.launches if launch.kind == "attention").group.nodes[0]
+    assert plan.env[att].stride() == (8 * 48, 12, 48, 1)  # [b, heads, 8, 12] stored as [b, 8, heads, 12]
+    assert kinds.count("gemm") == 2 and kinds.count("attention") == 1
+    # a second call reuses the plan and its buffers; outputs are fresh tensors each call
+    o1 = ex.run([x])[0]
+    o2 = ex.run([x + 1])[0]
+    assert len(ex.plans) == 1 and not torch.equal(o1, o2)
+
+
+@pytest.mark.interpreter
+def test_tuner_measures_once_then_cache_then_artifact(tmp_path):
+    g = _gemm_attention_graph()
+    x = torch.randn(2, 8, 24)
+    t1 = Tuner(cache=kiln.codegen.cache.Cache())
+    run_both(g, [x], tuner=t1)
+    assert t1.counts["measured"] == 3 and len(t1.decisions) == 3  # two GEMM shapes, one attention
+    for d in t1.decisions.values():
+        assert d["choice"] in d["ms"] and len(d["ms"]) >= 2  # cuBLAS / SDPA and at least one Triton config
+
+    t2 = Tuner(cache=kiln.codegen.cache.Cache())  # a second process: the disk cache answers
+    run_both(g, [x], tuner=t2)
+    assert t2.counts["measured"] == 0 and t2.counts["cache"] == 3
+
+    t3 = Tuner(decisions=t1.to_json()["decisions"])  # an artifact's tuning.json answers, no cache
+    run_both(g, [x], tuner=t3)
+    assert t3.counts["measured"] == 0 and t3.counts["artifact"] == 3
+
+
+@pytest.mark.interpreter
+def test_artifact_carries_tuning_json(pipeline_models, tmp_path):
+    hf_llm, ids, dims = pipeline_models["llama"]
+    cfg = kiln.CompileConfig(backend="kernels", kernels={"attention": "sdpa"})
+    m = kiln.compile(hf_llm(), (ids(2, 7),), dynamic=dims, config=cfg)
+    want = m(ids(2, 5, seed=1))
+    path = m.save(tmp_path / "m.kiln")
+    with zipfile.ZipFile(path) as zf:
+        tuning = json.loads(zf.read("tuning.json"))
+    assert tuning["decisions"] and all(d["kind"] == "gemm" for d in tuning["decisions"].values())
+    back = kiln.load(path)
+    got = back(ids(2, 5, seed=1))
+    assert torch.allclose(got.logits if hasattr(got, "logits") else got[0], want.logits if hasattr(want, "logits") else want[0])
+    assert back.executor.tuner.counts["measured"] == 0
+    desc = back.executor.describe()
+    assert desc["backend"] == "kernels" and desc["plans"] and desc["tuning"]["decisions"] >= 1
+
+
+def test_config_rejects_unknown_backend_and_choice():
+    with pytest.raises(kiln.KilnError, match="backend"):
+        kiln.CompileConfig(backend="fast")
+    with pytest.raises(kiln.KilnError, match="not a choice"):
+        kiln.CompileConfig(kernels={"gemm": "magic"})
+
+
+# ----------------------------------------------------------------------------- GPU: bf16, CUDA graphs
+# A whole model in bf16 accumulates rounding beyond one op's tolerance, so both kiln's kernels and the per-op
+# bf16 reference are measured against the float32 model: kiln may not be meaningfully worse.
+
+
+def no_worse_than_reference(kiln_out, ref_out, want32):
+    err, ref_err = rel_err(kiln_out.float(), want32), rel_err(ref_out.float(), want32)
+    assert err <= max(1.25 * ref_err, TOL[torch.bfloat16]), (err, ref_err)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("force", [None] + CHOICES, ids=["measured", "triton-kiln", "cublas-sdpa"])
+def test_gpu_llama_tiny_bf16_cuda_graph(pipeline_models, force):
+    hf_llm, ids, dims = pipeline_models["llama"]
+    model32 = hf_llm().cuda()
+    x = ids(3, 9, seed=2).cuda()
+    with torch.no_grad():
+        want32 = model32(x).logits
+    m = kiln.compile(model32.to(torch.bfloat16), (ids(2, 7).cuda(),), dynamic=dims, config=kiln.CompileConfig(kernels=force or {}))
+    out = m(x).logits
+    ref = Executor(m.graph, backend="reference").run([x])[0]  # per-op torch, same device and dtype
+    no_worse_than_reference(out, ref, want32)
+    d = m.executor.describe()
+    assert d["backend"] == "kernels" and d["plans"][0]["cuda_graph"], d
+    assert torch.equal(m(x).logits, out)  # a replay gives the same numbers
+
+
+@pytest.mark.gpu
+def test_gpu_cublaslt_gelu_epilogue_is_the_tanh_form():
+    """The cublaslt:gelu candidate computes GEMM act='gelu_tanh' (float32, tight tolerance)."""
+    g = torch.Generator("cuda").manual_seed(0)
+    x, w, b = (torch.randn(*s, device="cuda", generator=g) for s in ((64, 96), (80, 96), (80,)))
+    got = torch._addmm_activation(b, x, w.t(), use_gelu=True)
+    want = torch.nn.functional.gelu(x.double() @ w.double().t() + b.double(), approximate="tanh")
+    assert rel_err(got, want) <= 1e-5
+
+
+@pytest.mark.gpu
+def test_gpu_dit_tiny_bf16_every_gemm_choice(pipeline_models):
+    dit, dit_inputs, dims = pipeline_models["dit"]
+    model32 = dit(tie=True).cuda()
+    inputs32 = {k: v.cuda() for k, v in dit_inputs(3, seed=2).items()}
+    with torch.no_grad():
+        want32 = model32(**inputs32).sample
+    model = model32.to(torch.bfloat16)
+    inputs = _cuda_bf16(inputs32)
+    for force in CHOICES + [{"gemm": "cublaslt"}]:
+        m = kiln.compile(model, (), _cuda_bf16(dit_inputs(2)), dynamic=dims, config=kiln.CompileConfig(kernels=force))
+        out = m(**inputs).sample
+        ref = Executor(m.graph, backend="reference").run([inputs[i.attrs["name"]] for i in m.graph.inputs])[0]
+        no_worse_than_reference(out, ref, want32)
+        assert m.executor.describe()["plans"][0]["cuda_graph"]
+
+
+def _cuda_bf16(inputs: dict) -> dict:
+    return {k: v.cuda().bfloat16() if v.is_floating_point() else v.cuda() for k, v in inputs.items()}
