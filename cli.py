@@ -1,4 +1,4 @@
-"""The ``kiln`` command: compile | run | inspect.
+"""The ``kiln`` command: compile | run | bench | inspect.
 
 Errors print as one clear message plus a hint, without a traceback (``KILN_DEBUG=1`` shows it).
 Long phases show progress on stderr; results go to stdout.
@@ -235,6 +235,86 @@ def _read_inputs(path: str, m):
     return [data[n].to(m.device) for n in names]
 
 
+# ----------------------------------------------------------------------------- bench
+
+
+def _median_ms(fn, device) -> float:
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        return do_bench(fn, warmup=25, rep=200, return_mode="median")
+    fn()
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def cmd_bench(a) -> int:
+    """Time an artifact on the kernels backend against its own per-op torch reference, one process."""
+    import torch
+
+    import kiln
+    from kiln.testing import rel_err
+
+    progress = _Progress(a.quiet)
+    with progress.step(f"load {a.artifact}"):
+        m = kiln.load(a.artifact, device=a.device, backend=a.backend)
+    dims = _parse_dims(a.dim, ranges=False)
+    tensors = m.random_inputs(dims, seed=a.seed)
+    dev = m.device
+    result = {"artifact": os.path.abspath(a.artifact), "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+              "torch": torch.__version__, "inputs": {n.attrs["name"]: list(t.shape) for n, t in zip(m.graph.inputs, tensors)},
+              "runs": []}
+    systems = [("kiln", m)]
+    if a.compare_reference and m.executor.backend != "reference":
+        systems.append(("reference", kiln.load(a.artifact, device=a.device, backend="reference")))
+    outputs = {}
+    for name, model in systems:
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+            torch.cuda.reset_peak_memory_stats(dev)
+        with progress.step(f"{name}: first call (plans, tunes, captures)"), torch.no_grad():
+            t0 = time.perf_counter()
+            outputs[name] = model.executor.run(tensors)
+            _sync(model)
+            first = time.perf_counter() - t0
+        with progress.step(f"{name}: timing"), torch.no_grad():
+            ms = _median_ms(lambda: model.executor.run(tensors), dev)
+        run = {"system": name, "ms": ms, "first_call_s": first}
+        if dev.type == "cuda":
+            run["peak_mem_GiB"] = torch.cuda.max_memory_allocated(dev) / 2**30
+        result["runs"].append(run)
+    if "reference" in outputs:
+        result["rel_err_vs_reference"] = max(rel_err(x.float(), y.float()) for x, y in zip(outputs["kiln"], outputs["reference"]))
+        result["speedup_vs_reference"] = result["runs"][1]["ms"] / result["runs"][0]["ms"]
+    result["executor"] = m.executor.describe()
+
+    t = Table(show_edge=False)
+    for col in ("system", "median ms", "first call s", "peak GiB"):
+        t.add_column(col, justify="right" if col != "system" else "left")
+    for r in result["runs"]:
+        t.add_row(r["system"], f"{r['ms']:.3f}", f"{r['first_call_s']:.2f}", f"{r['peak_mem_GiB']:.2f}" if "peak_mem_GiB" in r else "-")
+    out.print(escape(f"{a.artifact} on {result['device']}, inputs " + ", ".join(f"{k}{v}" for k, v in result["inputs"].items())))
+    out.print(t)
+    if "rel_err_vs_reference" in result:
+        out.print(f"kiln vs reference: {result['speedup_vs_reference']:.2f}x, max relative error {result['rel_err_vs_reference']:.2e}")
+    ex = result["executor"]
+    if ex.get("plans"):
+        p = ex["plans"][-1]
+        out.print(escape(f"backend {ex['backend']}: launches {p.get('launches', p.get('steps'))}, choices {p.get('choices', {})}, "
+                         f"CUDA graph {p.get('cuda_graph', False)}"))
+    if a.json:
+        if os.path.exists(a.json) and not a.force:
+            raise KilnError(f"{a.json} already exists", hint="use --force to replace it")
+        with open(a.json, "w") as fh:
+            json.dump(result, fh, indent=1)
+        out.print(escape(f"wrote {a.json}"))
+    return 0
+
+
 # ----------------------------------------------------------------------------- inspect
 
 
@@ -288,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog="kiln", description="kiln: compile and run transformer models fast.")
     p.add_argument("--version", action="version", version=f"kiln {__version__}")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{compile,run,inspect}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{compile,run,bench,inspect}")
 
     c = sub.add_parser("compile", help="compile a model into a .kiln artifact")
     c.add_argument("source", nargs="?", help="a .pt2 file written by torch.export.save, or an .onnx file (opset >= 17)")
@@ -322,6 +402,19 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--force", action="store_true", help="replace an existing --save-outputs file")
     r.add_argument("-q", "--quiet", action="store_true")
     r.set_defaults(fn=cmd_run)
+
+    b = sub.add_parser("bench", help="time an artifact (kernels vs its per-op reference), JSON out")
+    b.add_argument("artifact")
+    b.add_argument("--dim", action="append", metavar="NAME=VALUE", help="size of a dynamic dim for random inputs")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--device", help="run on this device instead of the artifact's")
+    b.add_argument("--backend", choices=["auto", "kernels", "reference"], help="how kiln runs it (default: the artifact's)")
+    b.add_argument("--no-reference", dest="compare_reference", action="store_false",
+                   help="skip timing the per-op torch reference")
+    b.add_argument("--json", metavar="PATH", help="write the results as JSON")
+    b.add_argument("--force", action="store_true", help="replace an existing --json file")
+    b.add_argument("-q", "--quiet", action="store_true")
+    b.set_defaults(fn=cmd_bench)
 
     i = sub.add_parser("inspect", help="show an artifact's manifest, inputs and op histogram")
     i.add_argument("artifact")

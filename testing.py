@@ -87,3 +87,33 @@ def export_onnx(module, args, path, dims: dict, dynamo: bool) -> str:
             torch.onnx.export(module, args, path, dynamo=False, input_names=names, output_names=["out"],
                               dynamic_axes=dims, opset_version=17)
     return str(path)
+
+
+def dit_xl2(tied: bool = True, seed: int = 0):
+    """diffusers DiTTransformer2DModel at DiT-XL/2 256x256 (28 layers, 16 heads x 72, patch 2), random weights
+    nudged off their zero / one inits, float32 on the CPU. ``tied``: every block's ``norm1.emb`` holds the same
+    tensors, as in real checkpoints converted to diffusers (the benchmarks' model)."""
+    from diffusers import DiTTransformer2DModel
+
+    torch.manual_seed(seed)
+    model = DiTTransformer2DModel(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,
+                                  sample_size=32, patch_size=2, num_embeds_ada_norm=1000).eval()
+    with torch.no_grad():  # ada_norm_zero zero-inits the modulation
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    if tied:
+        src = model.transformer_blocks[0].norm1.emb.state_dict()
+        for blk in model.transformer_blocks[1:]:
+            blk.norm1.emb.load_state_dict(src)
+    return model
+
+
+def dit_inputs(batch: int, dtype=torch.bfloat16, device="cuda", seed: int | None = None) -> dict:
+    """Random DiT-XL/2 256x256 inputs: latents [batch, 4, 32, 32], timesteps and class labels."""
+    g = torch.Generator(device=device).manual_seed(batch if seed is None else seed)
+    return {"hidden_states": torch.randn(batch, 4, 32, 32, device=device, generator=g).to(dtype),
+            "timestep": torch.randint(0, 1000, (batch,), device=device, generator=g),
+            "class_labels": torch.randint(0, 1000, (batch,), device=device, generator=g)}
+
+
+DIT_DYNAMIC = {k: {0: "batch"} for k in ("hidden_states", "timestep", "class_labels")}
