@@ -25,7 +25,7 @@ def child(phase: str, batch: int, path: str) -> dict:
     x = dit_inputs(batch)
     if phase == "cold":
         t0 = time.time()
-        model = dit_xl2(tied=True).to("cuda", torch.bfloat16)
+        model = dit_xl2(tied=True, device="cuda").to(torch.bfloat16)
         r["model_build_s"] = time.time() - t0
         t0 = time.time()
         m = kiln.compile(model, (), dit_inputs(2), dynamic=DIT_DYNAMIC)

@@ -21,8 +21,8 @@ a = ap.parse_args()
 out = os.environ.get("OUT", "/tmp")
 res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__, "runs": []}
 
-model = dit_xl2(tied=True)
-ref32 = model.to("cuda")  # fp32 reference, then bf16 for everything measured
+model = dit_xl2(tied=True, device="cuda")
+ref32 = model  # fp32 reference, then bf16 for everything measured
 dims = DIT_DYNAMIC
 
 

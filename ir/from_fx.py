@@ -1,8 +1,9 @@
 """torch.export ``ExportedProgram`` -> kiln IR.
 
-The program is first functionalised with ``run_decompositions({})`` (inlines higher-order ops such
-as ``wrap_with_set_grad_enabled`` and removes in-place ops, but keeps linear / SDPA / layer_norm
-whole). Each aten call is then lowered by its handler in :mod:`kiln.ir.aten`. Dynamic sizes stay
+A program that mutates nothing and calls no higher-order op is imported as exported; any other is
+first functionalised with ``run_decompositions({})`` (inlines higher-order ops such as
+``wrap_with_set_grad_enabled`` and removes in-place ops, but keeps linear / SDPA / layer_norm whole),
+which retraces the whole program (as long as the export itself: half of a DiT-XL/2 compile). Each aten call is then lowered by its handler in :mod:`kiln.ir.aten`. Dynamic sizes stay
 symbolic: torch's size symbols are renamed after the user's dims (``s70`` -> ``seq``) and keep the
 ranges torch.export proved. Every op kiln cannot import is collected, with the file:line that
 produced it, and reported in ONE error.
@@ -293,6 +294,12 @@ def from_exported(ep: ExportedProgram, dim_names: dict[str, dict[int, str]] | No
     (``{"input_ids": {0: "batch", 1: "seq"}}``); ``input_names`` names the tensor inputs in order
     (default: their placeholder names). Returns the graph and the non-tensor user inputs torch.export
     baked in (by placeholder name)."""
+    if _functional(ep):  # nothing to functionalise: import as exported (the retrace below costs as much as export)
+        try:
+            imp = Importer(ep, dim_names, input_names)
+            return imp.run(), imp.constants
+        except Exception:  # an op only the decomposed form has a handler for: the general path decides
+            pass
     try:
         ep = ep.run_decompositions({})
     except Exception as e:
@@ -300,3 +307,21 @@ def from_exported(ep: ExportedProgram, dim_names: dict[str, dict[int, str]] | No
     imp = Importer(ep, dim_names, input_names)
     graph = imp.run()
     return graph, imp.constants
+
+
+def _functional(ep: ExportedProgram) -> bool:
+    """The program mutates nothing (no in-place or out= op, no input / buffer mutation) and calls no
+    higher-order op: what ``run_decompositions({})`` would give, minus the retrace."""
+    sig = ep.graph_signature
+    if sig.buffers_to_mutate or sig.user_inputs_to_mutate:
+        return False
+    for n in ep.graph.nodes:
+        if n.op != "call_function":
+            continue
+        t = n.target
+        if isinstance(t, torch._ops.OpOverload):
+            if t._schema.is_mutable:
+                return False
+        elif getattr(t, "__module__", None) not in ("_operator", "operator", "math", "builtins", "torch.sym_float"):
+            return False  # a higher-order op (wrap_with_set_grad_enabled, cond, ...) or something unknown
+    return True

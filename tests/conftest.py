@@ -40,3 +40,10 @@ def pipeline_models():
     t = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(t)
     return dict(llama=(t.hf_llm, t.ids, t.LLM_DIMS), dit=(t.dit, t.dit_inputs, t.DIT_DIMS))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _kiln_cache_dir(tmp_path_factory):
+    """Kernels and tuning choices of the test session go to a temporary cache, not the user's."""
+    if "KILN_CACHE_DIR" not in os.environ:
+        os.environ["KILN_CACHE_DIR"] = str(tmp_path_factory.getbasetemp() / "kiln-cache")

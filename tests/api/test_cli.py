@@ -1,4 +1,4 @@
-"""The kiln command: compile / run / inspect, and how it reports errors."""
+"""The kiln command: compile / run / bench / inspect, and how it reports errors."""
 import json
 import os
 import subprocess
@@ -43,6 +43,22 @@ def test_run_with_random_and_given_inputs(llama_kiln, capsys, tmp_path):
     assert main(["run", str(path), "--inputs", str(tmp_path / "in.safetensors"), "--save-outputs",
                  str(tmp_path / "out.safetensors"), "-q", "--repeat", "0"]) == 0
     assert torch.equal(load_file(tmp_path / "out.safetensors")["output"], kiln.load(path)(ids))
+
+
+@pytest.mark.interpreter
+def test_bench_kernels_against_reference_writes_json(llama_kiln, capsys, tmp_path):
+    path, _ = llama_kiln
+    out = tmp_path / "b.json"
+    argv = ["bench", str(path), "--backend", "kernels", "--dim", "batch=2", "--dim", "seq=5", "-q", "--json", str(out)]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "kiln vs reference" in text and "input_ids[2, 5]" in text
+    res = json.loads(out.read_text())
+    assert [r["system"] for r in res["runs"]] == ["kiln", "reference"]
+    assert res["rel_err_vs_reference"] <= 1e-5 and res["speedup_vs_reference"] > 0
+    assert res["executor"]["backend"] == "kernels" and res["executor"]["plans"][0]["launches"]["gemm"] >= 4
+    assert main(argv) == 1  # the JSON exists: not replaced without --force
+    assert "already exists" in capsys.readouterr().err
 
 
 def test_inspect(llama_kiln, capsys):

@@ -618,3 +618,32 @@ def test_diffusers_dit(dit):
             want = dit(x, timestep=t, class_labels=y).sample
         got = m(x, timestep=t, class_labels=y).sample
         assert rel_err(got, want) <= 1e-5, f"batch {b}: rel err {rel_err(got, want):.3g}"
+
+
+def test_functional_programs_skip_the_retrace_others_are_functionalised():
+    """A program with no mutation and no higher-order op imports as exported; an in-place op or a grad-mode
+    region sends it through run_decompositions first. Both give eager's numbers."""
+    from kiln.ir.from_fx import _functional
+
+    class Plain(nn.Module):
+        def forward(self, x):
+            return torch.relu(x * 2).sum(-1)
+
+    class InPlace(nn.Module):
+        def forward(self, x):
+            y = x * 2
+            y.add_(1)
+            return y.relu_()
+
+    class GradRegion(nn.Module):
+        def forward(self, x):
+            with torch.enable_grad():
+                y = x * 3
+            return y + 1
+
+    x = randn(3, 5)
+    for module, functional in ((Plain(), True), (InPlace(), False), (GradRegion(), False)):
+        with torch.no_grad():
+            ep = torch.export.export(module, (x,), strict=False)
+        assert _functional(ep) is functional, type(module).__name__
+        assert_matches(kiln.compile(module, (x,))(x), module(x))
