@@ -3,9 +3,13 @@
 cold: empty kiln and Triton caches; build the model (not timed), kiln.compile, the first output at --batch
       (planning, Triton compiles, measured kernel choices, CUDA graph capture), save the artifact.
 warm: a second process, same caches: kiln.load(artifact) and its first output at --batch.
+Each phase also records where its time went (cProfile, top 40 by cumulative time).
 Usage: python3 bench/coldstart.py [--batch 8]. Writes $OUT/coldstart.json."""
 import argparse
+import cProfile
+import io
 import json
+import pstats
 import os
 import subprocess
 import sys
@@ -23,6 +27,8 @@ def child(phase: str, batch: int, path: str) -> dict:
 
     r = {"phase": phase, "import_s": time.time() - T_START}
     x = dit_inputs(batch)
+    prof = cProfile.Profile()
+    prof.enable()
     if phase == "cold":
         t0 = time.time()
         model = dit_xl2(tied=True, device="cuda").to(torch.bfloat16)
@@ -48,6 +54,10 @@ def child(phase: str, batch: int, path: str) -> dict:
         r["first_output_s"] = time.time() - t1
         r["load_to_first_output_s"] = time.time() - t0
     r["process_to_first_output_s"] = time.time() - T_START
+    prof.disable()
+    out = io.StringIO()
+    pstats.Stats(prof, stream=out).sort_stats("cumulative").print_stats(40)
+    r["profile_top40_cumulative"] = out.getvalue().splitlines()
     r["executor"] = m.executor.describe()
     return r
 
@@ -75,7 +85,7 @@ def main():
         r = json.loads(line[0][7:])
         r["wall_s"] = time.time() - t0
         res["runs"].append(r)
-        print({k: v for k, v in r.items() if k != "executor"}, flush=True)
+        print({k: v for k, v in r.items() if k not in ("executor", "profile_top40_cumulative")}, flush=True)
     import torch
 
     res["device"] = torch.cuda.get_device_name()
