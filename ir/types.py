@@ -7,6 +7,7 @@ are the only place that maps them to torch.
 """
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple, Union
 
 import sympy
@@ -105,9 +106,16 @@ def dim_from_json(v) -> Dim:
         return v
     if not isinstance(v, str):
         raise ValueError(f"bad dim {v!r}")
-    names = {t for t in _identifiers(v)}
+    return _parse_dim(v)
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_dim(text: str) -> Dim:
+    # a graph.json repeats a few dim strings thousands of times and sympify is slow; the cached
+    # expressions are immutable and their symbols come from sym(), so sharing them is safe
+    names = {t for t in _identifiers(text)}
     local = {n: sym(n) for n in names if n not in ("floor", "ceiling", "Max", "Min", "Mod")}
-    return dim(sympy.sympify(v, locals=local))
+    return dim(sympy.sympify(text, locals=local))
 
 
 def _identifiers(text: str):

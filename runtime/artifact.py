@@ -10,20 +10,24 @@
 Loading never unpickles and never runs code from the file. It checks, in order: the file is a zip,
 the manifest parses and names a format this kiln reads, every member listed is present and matches
 its checksum, the graph parses and verifies against the weights. A failure names the check and the
-member.
+member. The weights are not read: their tensors view the file, mapped copy-on-write.
 """
 from __future__ import annotations
 
 import datetime
 import hashlib
 import json
+import math
+import mmap
 import os
 import platform
+import shutil
+import struct
 import tempfile
+import threading
 import zipfile
 
 import torch
-from safetensors.torch import load as st_load
 from safetensors.torch import save_file as st_save_file
 
 from ..errors import ArtifactError, KilnError
@@ -33,7 +37,10 @@ from ..ir.types import dim_to_json
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+WEIGHTS = "weights.safetensors"
 _CHUNK = 1 << 22
+_HASH_SLICE = 64 << 20  # bytes per sha256 update; hashlib releases the GIL during each
+_ALIGN = 64  # the weights' data starts on this boundary in the file, so every tensor can view it in place
 
 
 def _versions() -> dict:
@@ -94,8 +101,8 @@ def save(path: str | os.PathLike, graph: Graph, *, signature: dict, config: dict
             for member, data in members:
                 zf.writestr(member, data)
                 manifest["members"][member] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
-            zf.write(wtmp, "weights.safetensors")
-            manifest["members"]["weights.safetensors"] = {"sha256": _sha256_file(wtmp), "size": os.path.getsize(wtmp)}
+            _write_aligned(zf, wtmp, WEIGHTS)
+            manifest["members"][WEIGHTS] = {"sha256": _sha256_file(wtmp), "size": os.path.getsize(wtmp)}
             zf.writestr(MANIFEST, json.dumps(manifest, indent=1))
         os.replace(tmp, path)
     finally:
@@ -103,6 +110,21 @@ def save(path: str | os.PathLike, graph: Graph, *, signature: dict, config: dict
             if os.path.exists(f):
                 os.unlink(f)
     return path
+
+
+def _write_aligned(zf: zipfile.ZipFile, src: str, name: str) -> None:
+    """Store ``src`` as member ``name`` with its data starting on an ``_ALIGN`` boundary of the file,
+    padded by an extra field in the local header (as Android's zipalign does)."""
+    info = zipfile.ZipInfo.from_file(src, name)
+    info.compress_type = zipfile.ZIP_STORED
+    zip64 = info.file_size * 1.05 > zipfile.ZIP64_LIMIT  # zipfile's own rule: it adds a 20-byte extra
+    header = 30 + len(info.filename.encode()) + (20 if zip64 else 0)
+    pad = -(zf.fp.tell() + header) % _ALIGN
+    if pad:
+        pad += _ALIGN if pad < 4 else 0  # an extra field is at least its 4-byte id and length
+        info.extra = struct.pack("<HH", 0xD935, pad - 4) + bytes(pad - 4)
+    with open(src, "rb") as f, zf.open(info, "w", force_zip64=zip64) as out:
+        shutil.copyfileobj(f, out, _CHUNK)
 
 
 def _gpu_arch(graph: Graph):
@@ -152,7 +174,7 @@ def read_manifest(path: str | os.PathLike) -> tuple[zipfile.ZipFile, dict]:
     return zf, manifest
 
 
-def _read_member(zf: zipfile.ZipFile, path: str, name: str, meta: dict) -> bytes:
+def _member_info(zf: zipfile.ZipFile, path: str, name: str, meta: dict) -> zipfile.ZipInfo:
     try:
         info = zf.getinfo(name)
     except KeyError:
@@ -160,6 +182,18 @@ def _read_member(zf: zipfile.ZipFile, path: str, name: str, meta: dict) -> bytes
     if info.file_size != meta.get("size", info.file_size):
         raise ArtifactError(f"{path}: check 'checksum' failed for member {name!r}: size {info.file_size}, "
                             f"manifest says {meta.get('size')}")
+    return info
+
+
+def _check_sha256(path: str, name: str, digest: str, meta: dict) -> None:
+    if digest != meta.get("sha256"):
+        raise ArtifactError(f"{path}: check 'checksum' failed for member {name!r}: sha256 {digest[:16]}... "
+                            f"does not match the manifest ({str(meta.get('sha256'))[:16]}...); the file is "
+                            "corrupt or was modified")
+
+
+def _read_member(zf: zipfile.ZipFile, path: str, name: str, meta: dict) -> bytes:
+    info = _member_info(zf, path, name, meta)
     h = hashlib.sha256()
     parts = []
     try:
@@ -169,27 +203,149 @@ def _read_member(zf: zipfile.ZipFile, path: str, name: str, meta: dict) -> bytes
                 parts.append(chunk)
     except (zipfile.BadZipFile, OSError) as e:  # zip's own CRC caught the damage first
         raise ArtifactError(f"{path}: check 'checksum' failed for member {name!r}: the data is corrupt ({e})") from None
-    if h.hexdigest() != meta.get("sha256"):
-        raise ArtifactError(f"{path}: check 'checksum' failed for member {name!r}: sha256 {h.hexdigest()[:16]}... "
-                            f"does not match the manifest ({str(meta.get('sha256'))[:16]}...); the file is "
-                            "corrupt or was modified")
+    _check_sha256(path, name, h.hexdigest(), meta)
     return b"".join(parts)
 
 
+class _Sha256(threading.Thread):
+    """The sha256 of a buffer, computed while ``load`` does everything else (hashlib releases the GIL
+    while it hashes a large slice)."""
+
+    def __init__(self, data: memoryview):
+        super().__init__(name="kiln-artifact-sha256", daemon=True)
+        self._data = data
+        self.hexdigest = ""
+
+    def run(self):
+        h = hashlib.sha256()
+        for start in range(0, len(self._data), _HASH_SLICE):
+            h.update(self._data[start:start + _HASH_SLICE])
+        self.hexdigest = h.hexdigest()
+        self._data = None  # the tensors, not this thread, keep the mapping alive
+
+
+def _map_member(zf: zipfile.ZipFile, path: str, info: zipfile.ZipInfo) -> memoryview | None:
+    """The stored bytes of a member, mapped copy-on-write from the artifact file: no read, no copy.
+    None for a compressed or encrypted member (it is read through zipfile instead)."""
+    if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1:
+        return None
+    # ACCESS_COPY: tensors viewing the map are writable, and writes never reach the file
+    region = memoryview(mmap.mmap(zf.fp.fileno(), 0, access=mmap.ACCESS_COPY))
+    # local file header: signature, 22 bytes of fields, then name and extra-field lengths
+    if len(region) < info.header_offset + 30 or region[info.header_offset:info.header_offset + 4] != b"PK\x03\x04":
+        raise ArtifactError(f"{path}: check 'checksum' failed for member {info.filename!r}: the data is corrupt "
+                            "(bad local file header)")
+    name_len, extra_len = struct.unpack_from("<HH", region, info.header_offset + 26)
+    start = info.header_offset + 30 + name_len + extra_len
+    if start + info.file_size > len(region):
+        raise ArtifactError(f"{path}: check 'checksum' failed for member {info.filename!r}: the data is corrupt "
+                            "(it runs past the end of the file)")
+    return region[start:start + info.file_size]
+
+
+# safetensors dtype codes for the kiln dtypes
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+
+
+def _tensors_from_safetensors(buf) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file held in ``buf``, as views of it (no copy).
+
+    Hand-written because the safetensors library deserializes only from a path (it cannot start at
+    an offset inside the zip) or from bytes (a full copy of the weights). The layout: an 8-byte
+    little-endian header length N, N bytes of JSON {name: {dtype, shape, data_offsets: [begin, end]}}
+    (plus an optional "__metadata__"), then the data, which the tensors must tile exactly.
+    Raises ValueError saying what is wrong."""
+    if len(buf) < 8:
+        raise ValueError(f"{len(buf)} bytes is too short for a safetensors header")
+    n = int.from_bytes(buf[:8], "little")
+    if n > len(buf) - 8:
+        raise ValueError(f"the header length {n} runs past the end of the member ({len(buf)} bytes)")
+    try:
+        header = json.loads(bytes(buf[8:8 + n]))
+    except ValueError as e:
+        raise ValueError(f"the header is not JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise ValueError("the header is not a JSON object")
+    base, size = 8 + n, len(buf) - 8 - n
+    tensors, spans = {}, []
+    for name, meta in header.items():
+        if name == "__metadata__":
+            if not isinstance(meta, dict):
+                raise ValueError("'__metadata__' is not an object")
+            continue
+        if not isinstance(meta, dict):
+            raise ValueError(f"tensor {name!r}: the entry is not an object")
+        dtype = _ST_DTYPES.get(meta.get("dtype"))
+        if dtype is None:
+            raise ValueError(f"tensor {name!r}: unknown dtype {meta.get('dtype')!r}; kiln reads {', '.join(_ST_DTYPES)}")
+        shape, offsets = meta.get("shape"), meta.get("data_offsets")
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+            raise ValueError(f"tensor {name!r}: bad shape {shape!r}")
+        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets)
+                or not 0 <= offsets[0] <= offsets[1] <= size):
+            raise ValueError(f"tensor {name!r}: data_offsets {offsets!r} do not lie within the {size} bytes of data")
+        begin, end = offsets
+        count = math.prod(shape)
+        if end - begin != count * dtype.itemsize:
+            raise ValueError(f"tensor {name!r}: {end - begin} bytes of data for {count} x {dtype} ({count * dtype.itemsize} bytes)")
+        spans.append((begin, end, name))
+        if count == 0:
+            tensors[name] = torch.empty(shape, dtype=dtype)
+            continue
+        # frombuffer keeps a reference to buf, so the mapping lives as long as any tensor viewing it
+        t = torch.frombuffer(buf, dtype=dtype, count=count, offset=base + begin).reshape(shape)
+        tensors[name] = t if t.data_ptr() % dtype.itemsize == 0 else t.clone()  # an unaligned file (old save)
+    covered = 0
+    for begin, end, name in sorted(spans):
+        if begin != covered:
+            raise ValueError(f"tensor {name!r}: data_offsets start at {begin}, expected {covered} "
+                             "(tensors overlap or leave a gap)")
+        covered = end
+    if covered != size:
+        raise ValueError(f"the tensors cover {covered} of the {size} bytes of data")
+    return tensors
+
+
 def load(path: str | os.PathLike) -> tuple[Graph, dict, dict, dict]:
-    """Read and check an artifact: returns (graph with weights, manifest, report dict, tuning dict)."""
+    """Read and check an artifact: returns (graph with weights, manifest, report dict, tuning dict).
+
+    The weights are views of the artifact file, mapped copy-on-write (see ``_map_member``); their
+    sha256 runs in a thread alongside everything else and is checked before this returns."""
     path = os.fspath(path)
     zf, manifest = read_manifest(path)
     with zf:
         members = manifest.get("members") or {}
-        for required in ("graph.json", "weights.safetensors"):
+        for required in ("graph.json", WEIGHTS):
             if required not in members:
                 raise ArtifactError(f"{path}: check 'manifest' failed: member {required!r} is not listed")
-        data = {name: _read_member(zf, path, name, meta) for name, meta in members.items()}
+        weights_meta = members[WEIGHTS]
+        weights_buf = _map_member(zf, path, _member_info(zf, path, WEIGHTS, weights_meta))
+        if weights_buf is None:  # compressed: read (and checked) through zipfile, one copy
+            weights_buf, hashing = bytearray(_read_member(zf, path, WEIGHTS, weights_meta)), None
+        else:
+            hashing = _Sha256(weights_buf)
+            hashing.start()
+        try:
+            data = {name: _read_member(zf, path, name, meta) for name, meta in members.items() if name != WEIGHTS}
+            result = _from_members(path, manifest, data, weights_buf)
+        except ArtifactError:
+            if hashing is not None:  # damaged weights explain a bad header or graph mismatch best
+                hashing.join()
+                _check_sha256(path, WEIGHTS, hashing.hexdigest, weights_meta)
+            raise
+    if hashing is not None:
+        hashing.join()
+        _check_sha256(path, WEIGHTS, hashing.hexdigest, weights_meta)
+    return result
+
+
+def _from_members(path: str, manifest: dict, data: dict, weights_buf) -> tuple[Graph, dict, dict, dict]:
     try:
-        weights = st_load(data.pop("weights.safetensors"))
-    except Exception as e:
-        raise ArtifactError(f"{path}: check 'weights' failed for member 'weights.safetensors': {e}") from None
+        weights = _tensors_from_safetensors(weights_buf)
+    except ValueError as e:
+        raise ArtifactError(f"{path}: check 'weights' failed for member {WEIGHTS!r}: {e}") from None
     try:
         graph = graph_from_json(json.loads(data.pop("graph.json")), weights)
     except (GraphError, ValueError, KeyError) as e:

@@ -1,16 +1,20 @@
 """The .kiln artifact: round trip in a fresh process, and every check that guards loading."""
+import hashlib
 import json
 import os
 import subprocess
 import sys
 import zipfile
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 import kiln
+from kiln.ir.graph import Graph
 from kiln.models.registry import get
+from kiln.runtime import artifact as art
 
 
 @pytest.fixture(scope="module")
@@ -58,17 +62,29 @@ def test_artifact_holds_data_only(artifact):
         assert key in manifest
 
 
+def _member_start(data, path, name="weights.safetensors"):
+    """Where the member's data starts in the file, and its size."""
+    with zipfile.ZipFile(path) as zf:
+        info = zf.getinfo(name)
+    # the member's data starts after its 30-byte local header, name and extra field
+    name_len = int.from_bytes(data[info.header_offset + 26: info.header_offset + 28], "little")
+    extra_len = int.from_bytes(data[info.header_offset + 28: info.header_offset + 30], "little")
+    return info.header_offset + 30 + name_len + extra_len, info.file_size
+
+
+def _weights_artifact(path, weights: dict):
+    """An artifact whose graph just returns ``weights``."""
+    g = Graph()
+    g.set_outputs([g.add_weight(name, t) for name, t in weights.items()])
+    return art.save(path, g, signature={}, config={})
+
+
 def test_flipped_byte_in_weights_is_caught(artifact, tmp_path):
     _, path = artifact
     bad = tmp_path / "bad.kiln"
     data = bytearray(path.read_bytes())
-    with zipfile.ZipFile(path) as zf:
-        info = zf.getinfo("weights.safetensors")
-    # the member's data starts after its 30-byte local header, name and extra field
-    name_len = int.from_bytes(data[info.header_offset + 26: info.header_offset + 28], "little")
-    extra_len = int.from_bytes(data[info.header_offset + 28: info.header_offset + 30], "little")
-    start = info.header_offset + 30 + name_len + extra_len
-    data[start + info.file_size // 2] ^= 0x01
+    start, size = _member_start(data, path)
+    data[start + size // 2] ^= 0x01
     bad.write_bytes(bytes(data))
     with pytest.raises(kiln.ArtifactError, match=r"check 'checksum' failed for member 'weights.safetensors'"):
         kiln.load(bad)
@@ -124,3 +140,122 @@ def test_save_never_overwrites_unasked(artifact, tmp_path):
     m.save(target, overwrite=True)
     assert kiln.load(target)(torch.randint(0, 256, (1, 3))).shape == (1, 3, 256)
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".kiln-")]  # no temp files left behind
+
+
+def test_flipped_byte_in_weight_data_fails_the_sha256(tmp_path):
+    path = _weights_artifact(tmp_path / "w.kiln", {"w": torch.randn(64, 1024)})
+    data = bytearray(Path(path).read_bytes())
+    start, size = _member_start(data, path)
+    header = 8 + int.from_bytes(data[start:start + 8], "little")
+    data[start + header + (size - header) // 2] ^= 0x40  # inside the tensor data, past the JSON header
+    (tmp_path / "bad.kiln").write_bytes(bytes(data))
+    with pytest.raises(kiln.ArtifactError, match=r"check 'checksum' failed for member 'weights.safetensors': sha256 "
+                       r"[0-9a-f]{16}\.\.\. does not match the manifest \([0-9a-f]{16}\.\.\.\); the file is corrupt"):
+        art.load(tmp_path / "bad.kiln")
+
+
+
+def test_damaged_weights_header_reports_the_checksum(tmp_path):
+    # the header check runs while the sha256 is still hashing; the checksum, the root cause, wins
+    path = _weights_artifact(tmp_path / "w.kiln", {"w": torch.randn(4, 8)})
+    data = bytearray(Path(path).read_bytes())
+    start, _ = _member_start(data, path)
+    data[start + 3] = 0x7f  # the header length is now far past the end of the member
+    (tmp_path / "bad.kiln").write_bytes(bytes(data))
+    with pytest.raises(kiln.ArtifactError, match=r"check 'checksum' failed for member 'weights.safetensors': sha256"):
+        art.load(tmp_path / "bad.kiln")
+
+
+def _with_weights_member(src, dst, change):
+    """Rewrite the weights member with ``change(bytes)``, and the manifest to match it, so only the
+    safetensors checks can object."""
+    with zipfile.ZipFile(src) as zf:
+        weights = change(zf.read("weights.safetensors"))
+        manifest = json.loads(zf.read("manifest.json"))
+    manifest["members"]["weights.safetensors"] = {"sha256": hashlib.sha256(weights).hexdigest(), "size": len(weights)}
+    _rewrite(src, dst, lambda n, d: weights if n == "weights.safetensors" else
+             json.dumps(manifest).encode() if n == "manifest.json" else d)
+
+
+def _header_edit(edit):
+    def change(member):
+        n = int.from_bytes(member[:8], "little")
+        header = json.loads(member[8:8 + n])
+        edit(header)
+        text = json.dumps(header).encode()
+        return len(text).to_bytes(8, "little") + text + member[8 + n:]
+    return change
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda h: h["w"].update(data_offsets=[0, 1 << 40]), r"data_offsets \[0, 1099511627776\] do not lie within"),
+    (lambda h: h["w"].update(dtype="F8_E4M3"), r"unknown dtype 'F8_E4M3'"),
+    (lambda h: h["w"].update(shape=[3, 5]), r"128 bytes of data for 15 x torch.float32 \(60 bytes\)"),
+    (lambda h: h["b"].update(data_offsets=[32, 64]), r"data_offsets start at 32, expected 0 \(tensors overlap or leave a gap\)"),
+])
+def test_bad_safetensors_header_is_caught(tmp_path, edit, message):
+    path = _weights_artifact(tmp_path / "w.kiln", {"w": torch.randn(4, 8), "b": torch.randn(8)})
+    _with_weights_member(path, tmp_path / "bad.kiln", _header_edit(edit))
+    with pytest.raises(kiln.ArtifactError, match=r"check 'weights' failed for member 'weights.safetensors': tensor '\w': " + message):
+        art.load(tmp_path / "bad.kiln")
+
+
+def test_truncated_weights_member_is_caught(tmp_path):
+    path = _weights_artifact(tmp_path / "w.kiln", {"w": torch.randn(4, 8)})
+    _with_weights_member(path, tmp_path / "bad.kiln", lambda m: m[:-4])
+    with pytest.raises(kiln.ArtifactError, match=r"'weights' failed .*: tensor 'w': data_offsets \[0, 128\] do not lie within the 124 bytes"):
+        art.load(tmp_path / "bad.kiln")
+
+
+def test_weights_round_trip_exactly(tmp_path):
+    weights = {
+        "bf16": torch.randn(33, 7).to(torch.bfloat16),
+        "i64": torch.tensor([[-(1 << 62), 3], [7, (1 << 62) + 1]]),
+        "mask": torch.rand(5, 3) > 0.5,
+        "empty": torch.zeros(0, 4, dtype=torch.float16),
+        "scalar": torch.tensor(2.5, dtype=torch.float64),
+        "u8": torch.arange(251, dtype=torch.uint8),
+    }
+    path = _weights_artifact(tmp_path / "w.kiln", weights)
+    graph, *_ = art.load(path)
+    assert set(graph.weights) == set(weights)
+    for name, t in weights.items():
+        got = graph.weights[name]
+        assert got.dtype == t.dtype and got.shape == t.shape and torch.equal(got, t), name
+
+
+def test_weights_are_in_place_views_that_never_write_the_file(tmp_path):
+    path = _weights_artifact(tmp_path / "w.kiln", {"w": torch.ones(256, 256, dtype=torch.bfloat16),
+                                                    "b": torch.arange(5)})
+    before = Path(path).read_bytes()
+    start, _ = _member_start(before, path)
+    assert start % 64 == 0  # save aligns the weights, so load can view them without a copy
+    graph, *_ = art.load(path)
+    w = graph.weights["w"]
+    w.mul_(3)  # writable: the map is copy-on-write
+    assert torch.equal(w, torch.full((256, 256), 3.0, dtype=torch.bfloat16))
+    assert Path(path).read_bytes() == before
+    del graph
+    assert w.sum().item() == 3 * 256 * 256  # the tensor keeps the mapping alive on its own
+    assert torch.equal(art.load(path)[0].weights["w"], torch.ones(256, 256, dtype=torch.bfloat16))
+
+
+def test_unaligned_weights_still_load(tmp_path):
+    # an artifact whose weights start at an odd offset (as kiln wrote them before aligning them)
+    path = _weights_artifact(tmp_path / "w.kiln", {"w": torch.randn(3, 5), "i": torch.arange(7)})
+    _rewrite(path, tmp_path / "odd.kiln", lambda n, d: d)  # plain writestr: no alignment padding
+    data = (tmp_path / "odd.kiln").read_bytes()
+    assert _member_start(data, tmp_path / "odd.kiln")[0] % 8 != 0
+    graph, *_ = art.load(tmp_path / "odd.kiln")
+    original, *_ = art.load(path)
+    for name in ("w", "i"):
+        assert torch.equal(graph.weights[name], original.weights[name])
+        assert graph.weights[name].data_ptr() % graph.weights[name].element_size() == 0
+
+
+def test_compressed_weights_member_is_read_through_zipfile(tmp_path):
+    path = _weights_artifact(tmp_path / "w.kiln", {"w": torch.randn(3, 5)})
+    with zipfile.ZipFile(path) as zin, zipfile.ZipFile(tmp_path / "z.kiln", "w", zipfile.ZIP_DEFLATED) as zout:
+        for info in zin.infolist():
+            zout.writestr(info.filename, zin.read(info))
+    assert torch.equal(art.load(tmp_path / "z.kiln")[0].weights["w"], art.load(path)[0].weights["w"])
