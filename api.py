@@ -54,8 +54,27 @@ class CompiledModel:
     def __call__(self, *args, **kwargs):
         tensors = self.signature.flatten(args, kwargs)
         with torch.no_grad():
-            outputs = self.executor.run(tensors)
+            outputs = self.run(tensors)
         return self.signature.unflatten(outputs)
+
+    def run(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Run on the flat input tensors (graph order); returns the model's outputs, flat. Inputs the model
+        updates in place (a KV cache) hold their new values afterwards, as they would in eager torch."""
+        outputs = self.executor.run(tensors)
+        g = self.graph
+        if not g.updates:
+            return outputs
+        index = {n.attrs["name"]: k for k, n in enumerate(g.inputs)}
+        user = []
+        for name, value in zip(g.output_names, outputs):
+            target = g.updates.get(name)
+            if target is None:
+                user.append(value)
+            else:
+                t = tensors[index[target]]
+                if value.data_ptr() != t.data_ptr() or value.stride() != t.stride():  # (kernels: written in place)
+                    t.copy_(value)
+        return user
 
     def report(self) -> Report:
         return self._report
@@ -360,9 +379,11 @@ def compile(model, example_inputs=(), example_kwargs: dict | None = None, *, dyn
                                         "(torch.export's analysis); calls are checked against the narrower range")
         signature.output = output_structure(ep.call_spec.out_spec)
         names = output_names(signature.output)
-        if len(graph.outputs) != len(names):
+        updates = [(o, n) for o, n in zip(graph.outputs, graph.output_names) if n in graph.updates]
+        user = [o for o, n in zip(graph.outputs, graph.output_names) if n not in graph.updates]
+        if len(user) != len(names):
             raise CaptureError("the exported program's outputs do not match its output structure")
-        graph.set_outputs(graph.outputs, names)
+        graph.set_outputs([o for o, _ in updates] + user, [n for _, n in updates] + names)
     report.ops_before = graph.histogram()
     report.model.update(parameters=sum(t.numel() for t in graph.weights.values()), weight_bytes=graph.weight_bytes(),
                         inputs=[n.attrs["name"] for n in graph.inputs], outputs=list(graph.output_names))
@@ -376,7 +397,10 @@ def compile(model, example_inputs=(), example_kwargs: dict | None = None, *, dyn
             from .runtime.inputs import bind_inputs
 
             binding = bind_inputs(graph, example)
-            report.memory = {**compiled.executor.plan(binding).memory.summary(), "binding": binding}
+            # (a graph that updates its inputs plans without them: planning runs the graph once, which must not
+            # write into the caller's example tensors)
+            plan = compiled.executor.plan(binding, None if graph.updates else example)
+            report.memory = {**plan.memory.summary(), "binding": binding}
     if config.verify and module is not None:
         with report.phase("verify"):
             report.verify = _verify(module, compiled, example_inputs, example_kwargs, signature)
@@ -391,7 +415,8 @@ def _verify(module, compiled: CompiledModel, args, kwargs, signature: Signature)
         got = compiled(*args, **kwargs)
     errs = {}
     wl, gl = pytree.tree_leaves(want), pytree.tree_leaves(got)
-    for name, w, g in zip(compiled.graph.output_names, wl, gl):
+    names = [n for n in compiled.graph.output_names if n not in compiled.graph.updates]
+    for name, w, g in zip(names, wl, gl):
         w64, g64 = w.detach().double(), g.detach().double()
         errs[name] = float((g64 - w64).norm() / w64.norm().clamp_min(1e-30))
     return {"rel_err": errs}

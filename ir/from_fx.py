@@ -3,9 +3,11 @@
 A program that mutates nothing and calls no higher-order op is imported as exported; any other is
 first functionalised with ``run_decompositions({})`` (inlines higher-order ops such as
 ``wrap_with_set_grad_enabled`` and removes in-place ops, but keeps linear / SDPA / layer_norm whole),
-which retraces the whole program (as long as the export itself: half of a DiT-XL/2 compile). Each aten call is then lowered by its handler in :mod:`kiln.ir.aten`. Dynamic sizes stay
-symbolic: torch's size symbols are renamed after the user's dims (``s70`` -> ``seq``) and keep the
-ranges torch.export proved. Every op kiln cannot import is collected, with the file:line that
+which retraces the whole program (as long as the export itself: half of a DiT-XL/2 compile). Each
+aten call is then lowered by its handler in :mod:`kiln.ir.aten`. Dynamic sizes stay symbolic: torch's
+size symbols are renamed after the user's dims (``s70`` -> ``seq``) and keep the ranges torch.export
+proved. An input the program writes in place (a KV cache) becomes an extra output, its new value, listed
+in ``Graph.updates``. Every op kiln cannot import is collected, with the file:line that
 produced it, and reported in ONE error.
 """
 from __future__ import annotations
@@ -186,17 +188,25 @@ class Importer:
             raise UnsupportedOpsError(unsupported)
 
         out_node = next(n for n in gm.graph.nodes if n.op == "output")
-        outs, names = [], []
+        outs, names, updates = [], [], {}
+        input_of = {n.name: self.env[n] for n in placeholders if isinstance(self.env.get(n), Node)}
         for spec, arg in zip(ep.graph_signature.output_specs, out_node.args[0]):
+            v = self.env.get(arg) if isinstance(arg, torch.fx.Node) else arg
+            if spec.kind == OutputKind.USER_INPUT_MUTATION and spec.target in input_of and isinstance(v, Node):
+                name = input_of[spec.target].attrs["name"]  # the program writes this input: its new value is an output
+                updates[f"{name}:updated"] = name
+                outs.append(v)
+                names.append(f"{name}:updated")
+                continue
             if spec.kind != OutputKind.USER_OUTPUT:
                 where = location(arg) if isinstance(arg, torch.fx.Node) else "?"
                 raise UnsupportedOpsError({f"in-place update of {spec.kind.name.lower()} {spec.target}": [where]})
-            v = self.env.get(arg) if isinstance(arg, torch.fx.Node) else arg
             if not isinstance(v, Node):
                 raise CaptureError(f"output {spec.arg.name} is not a tensor ({v!r}); kiln graphs return tensors")
             outs.append(v)
             names.append(spec.arg.name)
         g.set_outputs(outs, names)
+        g.updates = updates
         g.remove_dead()
         g.verify()
         return g

@@ -96,6 +96,9 @@ class Graph:
         self.output_names: list[str] = []
         self.weights: dict[str, torch.Tensor] = {}
         self.symbols: dict[str, tuple[int, int]] = {}  # name -> (min, max), inclusive
+        # output name -> input name: that output is the input's new value (a program that updates an input in
+        # place, e.g. a KV cache); the caller's tensor receives it after each call
+        self.updates: dict[str, str] = {}
         self._names: set[str] = set()
         self._weight_nodes: dict[str, Node] = {}
 
@@ -295,6 +298,13 @@ class Graph:
                 raise GraphError(f"graph output %{o.name} is not a node of the graph")
         if len(self.output_names) != len(self.outputs):
             raise GraphError("output_names and outputs differ in length")
+        inputs_by_name = {i.attrs["name"]: i for i in self.inputs}
+        for out, inp in self.updates.items():
+            if out not in self.output_names or inp not in inputs_by_name:
+                raise GraphError(f"update {out!r} -> input {inp!r}: no such output or input")
+            o, i = self.outputs[self.output_names.index(out)], inputs_by_name[inp]
+            if o.type != i.type:
+                raise GraphError(f"update {out!r} is {o.dtype}{shape_str(o.shape)}, input {inp!r} is {i.dtype}{shape_str(i.shape)}")
         for name, (lo, hi) in self.symbols.items():
             if not 0 <= lo <= hi:
                 raise GraphError(f"symbol {name}: bad range [{lo}, {hi}]")

@@ -443,7 +443,22 @@ def _infer_gather(ins, a):
     return TType(idx.shape, x.dtype)
 
 
+def _infer_index_copy(ins, a):
+    x, idx, src = ins
+    ax = a["axis"]
+    if not 0 <= ax < len(x.shape) or len(idx.shape) != 1 or idx.dtype not in ("int64", "int32"):
+        raise ShapeError(f"INDEX_COPY: axis {ax}, index {idx.dtype}{shape_str(idx.shape)} on {shape_str(x.shape)}; "
+                         "the index must be a 1-d integer tensor")
+    want = x.shape[:ax] + idx.shape + x.shape[ax + 1:]
+    if len(src.shape) != len(want) or not all(dims_equal(p, q) for p, q in zip(src.shape, want)) or src.dtype != x.dtype:
+        raise ShapeError(f"INDEX_COPY: source {src.dtype}{shape_str(src.shape)} must be {x.dtype}{shape_str(want)}")
+    return TType(x.shape, x.dtype)
+
+
 _def("EMBEDDING", 2, "compute", _infer_embedding, lambda x, a: F.embedding(x[1], x[0]))
+# x with the slices at ``index`` along ``axis`` replaced by ``src`` (torch.index_copy): the KV-cache write. A copy
+# in the IR's value semantics; the executor writes in place when x is an input the program updates.
+_def("INDEX_COPY", 3, "compute", _infer_index_copy, lambda x, a: x[0].index_copy(a["axis"], x[1], x[2]), axis=REQUIRED)
 _def("INDEX", (2, None), "compute", _infer_index, _index, axes=REQUIRED)
 _def("GATHER", 2, "compute", _infer_gather, lambda x, a: torch.gather(x[0], a["axis"], x[1]), axis=REQUIRED)
 

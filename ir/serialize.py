@@ -57,6 +57,7 @@ def graph_to_json(graph: Graph) -> dict:
         ],
         "inputs": [n.name for n in graph.inputs],
         "outputs": [{"name": k, "node": o.name} for k, o in zip(graph.output_names, graph.outputs)],
+        **({"updates": dict(graph.updates)} if graph.updates else {}),
     }
 
 
@@ -88,6 +89,7 @@ def graph_from_json(data: dict, weights: dict | None = None) -> Graph:
                 g._weight_nodes[attrs["name"]] = node
         g.inputs = [by_name[n] for n in data["inputs"]]
         g.set_outputs([by_name[o["node"]] for o in data["outputs"]], [o["name"] for o in data["outputs"]])
+        g.updates = {str(k): str(v) for k, v in (data.get("updates") or {}).items()}
     except KeyError as e:
         raise GraphError(f"graph refers to an undefined node {e}") from None
     if weights is not None:

@@ -162,8 +162,14 @@ class Executor:
             self._groups = schedule(self.graph)
         return self._groups
 
-    def plan(self, bindings: dict[str, int]) -> Plan:
+    def plan(self, bindings: dict[str, int], inputs: list | None = None):
+        """The plan for ``bindings`` (built on first use). ``inputs``: the call's tensors; on the kernels backend an
+        input the graph updates in place is adopted by the plan, which is then also keyed by its address."""
         key = tuple(sorted(bindings.items()))
+        if self.backend == "kernels" and self.graph.updates and inputs is not None:
+            from .launch import adoptable_updates
+
+            key += tuple((k, inputs[k].data_ptr(), tuple(inputs[k].stride())) for k in sorted(adoptable_updates(self.graph)))
         p = self._plans.get(key)
         if p is None:
             static = dict(self.static)
@@ -173,7 +179,8 @@ class Executor:
             if self.backend == "kernels":
                 from .launch import KernelPlan
 
-                p = KernelPlan(self.graph, self.groups, bindings, self.device, static, self.tuner, cuda_graph=self.cuda_graphs)
+                p = KernelPlan(self.graph, self.groups, bindings, self.device, static, self.tuner, cuda_graph=self.cuda_graphs,
+                               inputs=inputs)
             else:
                 p = Plan(self.graph, bindings, self.device, static)
             self._plans[key] = p
@@ -191,7 +198,7 @@ class Executor:
 
                 raise InputError(f"input {node.attrs['name']!r} is on {t.device}, the compiled model runs on {self.device}",
                                  hint=f"move it with .to({str(self.device)!r})")
-        return self.plan(bindings).run(inputs)
+        return self.plan(bindings, inputs).run(inputs)
 
     @property
     def plans(self) -> list:

@@ -57,6 +57,19 @@ def _nbytes(shape, dtype: str) -> int:
     return ITEMSIZE[dtype] * math.prod(shape)
 
 
+def adoptable_updates(graph: Graph) -> dict[int, tuple[str, Node]]:
+    """Input index -> (update output name, INDEX_COPY node) for each input the program writes through one
+    INDEX_COPY that is its only reader: those can be written in place in the caller's tensor."""
+    index = {n.attrs["name"]: k for k, n in enumerate(graph.inputs)}
+    out = {}
+    for name, target in graph.updates.items():
+        node = graph.outputs[graph.output_names.index(name)]
+        k = index[target]
+        if node.op == "INDEX_COPY" and node.inputs[0] is graph.inputs[k] and len(graph.inputs[k].users) == 1:
+            out[k] = (name, node)
+    return out
+
+
 def _stored_order(node: Node):
     """A value read only through one PERMUTE that a RESHAPE then flattens (attention's [B, H, S, D] output
     going back to [B, S, H * D]) is stored in the permuted order, so that both become free views instead
@@ -94,9 +107,13 @@ class KernelPlan:
     """Launch list + buffer plan (+ CUDA graph) for one binding of the symbols."""
 
     def __init__(self, graph: Graph, groups: list[Group], bindings: dict[str, int], device: torch.device,
-                 static: dict[Node, torch.Tensor], tuner, cuda_graph: bool = True):
+                 static: dict[Node, torch.Tensor], tuner, cuda_graph: bool = True, inputs: list | None = None):
         t0 = time.perf_counter()
         self.bindings = dict(bindings)
+        # an input the program updates through one INDEX_COPY (a KV cache) is written in place: the plan adopts
+        # the caller's tensor (the executor keys plans by its address) instead of a static copy of it
+        self.adopted = adoptable_updates(graph) if inputs is not None else {}
+        inplace = {node for _, node in self.adopted.values()}
         self.device = device
         self.tuner = tuner
         slot = {n: k for k, n in enumerate(graph.nodes)}
@@ -116,6 +133,11 @@ class KernelPlan:
             val[n] = _Value(torch.empty(shape_of[n], dtype=torch_dtype(n.dtype), device="meta"), None)
         for g in groups:
             kind = g.kind
+            if g.nodes[0] in inplace:
+                n = g.nodes[0]
+                val[n] = val[n.inputs[0]]  # the adopted input itself
+                kinds.append("update")
+                continue
             if kind in ("view", "reference") and all(i in real for i in g.inputs):
                 for n in g.nodes:
                     real[n] = OPS[n.op].ref([real[i] for i in n.inputs], _attrs(n, bindings)).to(device)
@@ -152,7 +174,7 @@ class KernelPlan:
         for k, (g, kind) in enumerate(zip(groups, kinds)):
             if kind in ("view", "source", "constant"):
                 continue
-            for i in g.inputs:
+            for i in g.inputs if kind != "update" else g.nodes[0].inputs[1:]:
                 r = val[i].root if i in val else None
                 if r is not None:
                     last[r] = max(last[r], k)
@@ -186,12 +208,25 @@ class KernelPlan:
         # real tensors: static, input buffers, arena buffers, views of them
         env: dict[Node, torch.Tensor] = dict(real)
         self.input_buffers = []
-        for n in graph.inputs:
+        for k, n in enumerate(graph.inputs):
+            if k in self.adopted:
+                env[n] = inputs[k]
+                self.input_buffers.append(None)
+                continue
             env[n] = torch.zeros(shape_of[n], dtype=torch_dtype(n.dtype), device=device)
+            if inputs is not None:  # the warm-up before capture then computes what this call asks for
+                env[n].copy_(inputs[k])
             self.input_buffers.append(env[n])
         self.launches: list[Launch] = []
         for k, (g, kind) in enumerate(zip(groups, kinds)):
             if kind in ("source", "constant"):
+                continue
+            if kind == "update":
+                n = g.nodes[0]
+                x, index, src = (env[i] for i in n.inputs)
+                axis = n.attrs["axis"]
+                env[n] = x
+                self.launches.append(Launch(g, "update", lambda x=x, axis=axis, index=index, src=src: x.index_copy_(axis, index, src)))
                 continue
             if kind == "view":
                 for n in g.nodes:
@@ -206,6 +241,7 @@ class KernelPlan:
             tmp = buffer(scratch[k][0], scratch[k][1], torch_dtype(g.nodes[0].dtype)) if k in scratch else None
             self.launches.append(self._launch(g, kind, env, tmp))
         self.env = env
+        self._state_ids = {id(env[graph.inputs[k]]) for k in self.adopted}
         self.output_values = [env[o] for o in graph.outputs]
         self.graph = None
         self.stats = PlanStats(build_s=0.0)
@@ -358,12 +394,14 @@ class KernelPlan:
 
     def run(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
         for buf, t in zip(self.input_buffers, inputs):
-            buf.copy_(t)
+            if buf is not None:
+                buf.copy_(t)
         if self.graph is not None:
             self.graph.replay()
         else:
             self._run_launches()
-        return [o.clone() for o in self.output_values]
+        # an updated input comes back as itself (already written); every other output as a fresh tensor
+        return [o if id(o) in self._state_ids else o.clone() for o in self.output_values]
 
     def describe(self) -> dict:
         return {"bindings": self.bindings, "launches": dict(self.stats.launches), "choices": dict(self.stats.choices),

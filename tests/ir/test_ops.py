@@ -152,6 +152,7 @@ CASES += [
     case("INDEX", ((3, 5, 7, 4), f32), ((2, 1), i64), ((6,), i32), axes=(0, 2)),
     case("GATHER", ((3, 5), f32), ((3, 2), i64), axis=1),
     case("GATHER", ((3, 5, 4), i32), ((2, 5, 4), i64), axis=0),
+    case("INDEX_COPY", ((2, 3, 8, 4), f32), ((1,), i64), ((2, 3, 1, 4), f32), axis=2),
     # layout
     case("RESHAPE", ((3, 4, 5), f32), shape=(4, 15)),
     case("RESHAPE", ((3, 4, 5), b), shape=(60,)),
@@ -401,6 +402,8 @@ BAD = [
     bad("INDEX", [((3, 5, 7), f32), ((2,), i64), ((2,), i64)], dict(axes=(1, 1)), "axes (1, 1)"),
     bad("INDEX", [((3, 5), f32), ((2,), i64)], dict(axes=(2,)), "on shape [3, 5]"),
     bad("INDEX", [((3, 5), f32), ((2,), f32)], dict(axes=(1,)), "must be integer"),
+    bad("INDEX_COPY", [((2, 3, 8, 4), f32), ((2, 1), i64), ((2, 3, 2, 4), f32)], dict(axis=2), "1-d integer"),
+    bad("INDEX_COPY", [((2, 3, 8, 4), f32), ((2,), i64), ((2, 3, 3, 4), f32)], dict(axis=2), "must be float32"),
     bad("INDEX", [((3, 5, 7), f32), ((2,), i64), ((3,), i64)], dict(axes=(0, 2)), "cannot broadcast"),
     bad("GATHER", [((3, 5), f32), ((3,), i64)], dict(axis=0), "GATHER"),
     bad("GATHER", [((3, 5), f32), ((3, 5), i64)], dict(axis=2), "axis 2"),

@@ -198,3 +198,45 @@ def test_gpu_dit_tiny_bf16_every_gemm_choice(pipeline_models):
 
 def _cuda_bf16(inputs: dict) -> dict:
     return {k: v.cuda().bfloat16() if v.is_floating_point() else v.cuda() for k, v in inputs.items()}
+
+
+class _CacheWriter(torch.nn.Module):
+    """A step of a KV-cache-like program: writes its projection into ``cache`` at ``slots`` (in place, as a
+    decoder writes its KV cache) and reads the whole cache back."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+
+    def forward(self, x, slots, cache):
+        cache.index_copy_(2, slots, self.lin(x))
+        return torch.softmax(cache.sum(-1), -1) * 2
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("backend", ["reference", "kernels"])
+def test_an_input_updated_in_place_is_updated_as_in_eager(backend, tmp_path):
+    torch.manual_seed(0)
+    mod = _CacheWriter()
+    ex = (torch.randn(1, 2, 3, 4), torch.tensor([5, 6, 7]), torch.zeros(1, 2, 10, 4))
+    example_cache = ex[2].clone()
+    m = kiln.compile(mod, ex, config=kiln.CompileConfig(backend=backend, kernels={"gemm": "cublas"}))
+    assert torch.equal(ex[2], example_cache)  # compiling does not write into the example
+    assert m.graph.updates == {"cache:updated": "cache"}
+    m = kiln.load(m.save(tmp_path / "w.kiln"), backend=backend)  # the update survives the artifact
+    assert m.graph.updates == {"cache:updated": "cache"}
+    c_eager = torch.randn(1, 2, 10, 4)
+    c_kiln = c_eager.clone()
+    for step in range(3):
+        slots, x = torch.tensor([step, step + 3, 9]), torch.randn(1, 2, 3, 4)
+        want = mod(x, slots, c_eager)
+        got = m(x, slots, c_kiln)
+        assert rel_err(got, want) <= TOL[torch.float32]
+        assert rel_err(c_kiln, c_eager) <= TOL[torch.float32]
+    if backend == "kernels":  # written in place: one plan for the one cache tensor, an 'update' launch
+        assert len(m.executor.plans) == 1 and m.executor.plans[0].describe()["launches"]["update"] == 1
+        other, before = torch.zeros_like(c_kiln), c_kiln.clone()
+        m(x, slots, other)  # another cache tensor: its own plan; that tensor is written, the first one is not
+        assert len(m.executor.plans) == 2 and torch.equal(c_kiln, before)
+        rest = [j for j in range(10) if j not in slots.tolist()]
+        assert torch.equal(other[:, :, slots], c_kiln[:, :, slots]) and not other[:, :, rest].any()
