@@ -269,6 +269,45 @@ class LlamaForCausalLM(nn.Module):
         return self.lm_head(self.model(input_ids))
 
 
+class LlamaStep(nn.Module):
+    """One generation step of a :class:`LlamaForCausalLM` over an explicit, preallocated KV cache.
+
+    forward(input_ids [B, T], positions [B, T], slots [T], mask [B, 1, T, S], caches) -> logits [B, vocab] of the
+    last position. ``caches`` is a tuple (k_0, v_0, k_1, v_1, ...) of [B, kv_heads, S, head_dim] tensors; the
+    step writes this step's keys / values at cache slots ``slots`` (in place, ``index_copy_``) and attends
+    over the whole cache under ``mask`` (bool, True = attend), so prefill (T tokens) and decode (T = 1) are
+    the same program at different sizes. Rows are left-padded: row b's token at slot s has position
+    ``positions[b, t]``; the caller's mask hides the padding, the future and slots outside a sliding window.
+    """
+
+    def __init__(self, model: LlamaForCausalLM):
+        super().__init__()
+        self.model = model
+        cfg = model.config
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+
+    def forward(self, input_ids, positions, slots, mask, caches):
+        m = self.model.model
+        B, T = input_ids.shape
+        x = m.embed_tokens(input_ids)
+        cos, sin = m.rotary_emb(positions, x.dtype)  # [B, T, hd]
+        cos, sin = cos[:, None], sin[:, None]
+        for i, layer in enumerate(m.layers):
+            a = layer.self_attn
+            h = layer.input_layernorm(x)
+            q = a.q_proj(h).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+            k = a.k_proj(h).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+            v = a.v_proj(h).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            kc, vc = caches[2 * i], caches[2 * i + 1]
+            kc.index_copy_(2, slots, k)
+            vc.index_copy_(2, slots, v)
+            y = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, enable_gqa=self.n_kv_heads != self.n_heads)
+            x = x + a.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return self.model.lm_head(m.norm(x[:, -1]))
+
+
 # --- safetensors checkpoints (shared with dit.load_dit) -------------------------------------------
 
 

@@ -1,0 +1,304 @@
+"""LLM generation over a compiled step graph with an explicit, preallocated KV cache.
+
+The model is ONE kiln graph, :class:`kiln.models.llama.LlamaStep`: (input_ids [B, T], positions [B, T],
+slots [T], mask [B, 1, T, S], k_cache_0, v_cache_0, ...) -> logits [B, vocab] of the last position, writing
+the step's keys and values into the caches in place. Prefill is a call with T = the padded prompt length,
+decode a call with T = 1; each (batch bucket, T) is one shape bucket of the executor (one CUDA graph on
+the GPU), so a decode step is one graph replay plus sampling.
+
+Batches: prompts of different lengths are left-padded to a common length (a prefill bucket), so every
+row writes the same cache slots at every step; row b's real tokens start at slot ``pad[b]``. Its positions
+count from there, and its mask lets a query at slot s see keys in [pad[b], s] (and, for a sliding window,
+no further back than the window); a padding query sees itself only, so no row of the softmax is empty.
+The batch is padded up to a batch bucket with copies of the last prompt, whose tokens are dropped.
+The caches of each batch bucket are allocated once and reused by every request of that size.
+"""
+from __future__ import annotations
+
+import inspect
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+from ..config import CompileConfig
+from ..errors import InputError, KilnError
+from .sampling import SamplingParams, make_generator, sample
+
+DEFAULT_BATCH_BUCKETS = (1, 2, 4, 8, 16)
+MIN_PREFILL_BUCKET = 16
+
+
+@dataclass
+class Step:
+    """What :meth:`Generator.stream` yields per position: the token of each prompt (None for a prompt that had
+    already finished), why a prompt finished at this step ("eos" | "stop" | "length", else None), and with
+    ``text=True`` the new text of each prompt since the previous step."""
+    tokens: list[int | None]
+    reasons: list[str | None]
+    texts: list[str] | None = None
+
+
+@dataclass
+class Result:
+    tokens: list[list[int]]  # the generated tokens of each prompt (the stop token included, stop strings too)
+    texts: list[str] | None = None
+    finish_reasons: list[str] = field(default_factory=list)  # "eos" | "stop" | "length"
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    decode_steps: int = 0
+
+
+def step_function(step: torch.nn.Module, num_layers: int):
+    """``step`` as a function of named tensors (k_cache_0, v_cache_0, ...): what kiln.compile captures."""
+    names = cache_names(num_layers)
+
+    def fn(input_ids, positions, slots, mask, **caches):
+        return step(input_ids, positions, slots, mask, tuple(caches[n] for n in names))
+
+    P = inspect.Parameter
+    fn.__signature__ = inspect.Signature([P(n, P.POSITIONAL_OR_KEYWORD) for n in ("input_ids", "positions", "slots", "mask", *names)])
+    fn.__name__ = "llama_step"
+    return fn
+
+
+def cache_names(num_layers: int) -> list[str]:
+    return [f"{kv}_cache_{i}" for i in range(num_layers) for kv in "kv"]
+
+
+class Generator:
+    """Generate from a Llama-family model (kiln's :class:`~kiln.models.llama.LlamaForCausalLM`; see
+    :func:`kiln.from_hf` for a transformers model and :meth:`from_pretrained` for a checkpoint directory).
+
+    ``max_seq``: cache length (prompt + new tokens). ``batch_buckets``: the batch sizes compiled for (a
+    request is padded up to the next one). ``tokenizer``: a transformers / tokenizers tokenizer (text in
+    and out, stop strings); without one, prompts are token ids."""
+
+    def __init__(self, model, *, max_seq: int = 1024, batch_buckets=DEFAULT_BATCH_BUCKETS, device=None, dtype=None,
+                 tokenizer=None, eos_token_id: int | list[int] | None = None, config: CompileConfig | None = None):
+        from ..api import compile as kiln_compile
+        from ..models.llama import LlamaStep
+
+        cfg = model.config
+        if max_seq < 2:
+            raise KilnError(f"max_seq must be at least 2, got {max_seq}")
+        self.cfg = cfg
+        self.max_seq = int(max_seq)
+        self.batch_buckets = tuple(sorted({int(b) for b in batch_buckets}))
+        if not self.batch_buckets or self.batch_buckets[0] < 1:
+            raise KilnError(f"batch_buckets must be positive sizes, got {batch_buckets}")
+        param = next(model.parameters())
+        self.device = torch.device(device) if device is not None else param.device
+        self.dtype = dtype or param.dtype
+        model = model.to(self.device, self.dtype).eval()
+        self.tokenizer = tokenizer
+        eos = eos_token_id if eos_token_id is not None else getattr(tokenizer, "eos_token_id", None)
+        self.eos = set([eos] if isinstance(eos, int) else list(eos or []))
+        self.names = cache_names(cfg.num_hidden_layers)
+        self.window = cfg.sliding_window
+        fn = step_function(LlamaStep(model), cfg.num_hidden_layers)
+        b0 = min(2, self.batch_buckets[-1])
+        example = self._inputs(torch.zeros(b0, 2, dtype=torch.long, device=self.device), torch.zeros(b0, dtype=torch.long),
+                               slot0=0, caches=self._new_caches(b0))
+        smax = self.max_seq
+        batch, seq = ("batch", 1, self.batch_buckets[-1]), ("seq", 1, smax)
+        dims = {"input_ids": {0: batch, 1: seq}, "positions": {0: batch, 1: seq}, "slots": {0: seq},
+                "mask": {0: batch, 2: seq}, **{n: {0: batch} for n in self.names}}
+        t0 = time.perf_counter()
+        self.compiled = kiln_compile(fn, (), example, dynamic=dims, config=config or CompileConfig(device=str(self.device)))
+        self.compile_s = time.perf_counter() - t0
+        self._caches: dict[int, dict[str, torch.Tensor]] = {}
+
+    @classmethod
+    def from_pretrained(cls, path, *, dtype=torch.bfloat16, **kw) -> "Generator":
+        """A checkpoint directory (config.json + safetensors); its tokenizer when the directory has one."""
+        from ..models.llama import load_llama
+
+        model = load_llama(path, dtype=dtype)
+        tok = kw.pop("tokenizer", None)
+        if tok is None:
+            tok = _load_tokenizer(path)
+        return cls(model, tokenizer=tok, **kw)
+
+    # -- inputs -----------------------------------------------------------------------------------------
+    def _new_caches(self, batch: int) -> dict[str, torch.Tensor]:
+        c = self.cfg
+        return {n: torch.zeros(batch, c.num_key_value_heads, self.max_seq, c.head_dim, dtype=self.dtype, device=self.device)
+                for n in self.names}
+
+    def caches(self, batch: int) -> dict[str, torch.Tensor]:
+        """The KV cache of a batch bucket (allocated on first use, then reused)."""
+        if batch not in self._caches:
+            self._caches[batch] = self._new_caches(batch)
+        return self._caches[batch]
+
+    def _inputs(self, ids: torch.Tensor, pad: torch.Tensor, slot0: int, caches: dict) -> dict:
+        """The step's inputs for tokens ``ids`` [B, T] at slots slot0 .. slot0 + T - 1 of rows whose first
+        real slot is ``pad`` [B]."""
+        B, T = ids.shape
+        dev = self.device
+        slots = torch.arange(slot0, slot0 + T, device=dev)
+        pad = pad.to(dev)
+        positions = (slots[None, :] - pad[:, None]).clamp_min(0)
+        keys = torch.arange(self.max_seq, device=dev)
+        see = (keys[None, None, :] <= slots[None, :, None]) & (keys[None, None, :] >= pad[:, None, None])  # [B, T, S]
+        if self.window is not None:  # i - window < j <= i
+            see &= keys[None, None, :] > slots[None, :, None] - self.window
+        see |= keys[None, None, :] == slots[None, :, None]  # a padding query sees itself: no empty softmax row
+        return {"input_ids": ids, "positions": positions, "slots": slots, "mask": see[:, None], **caches}
+
+    def _encode(self, prompts) -> list[list[int]]:
+        if isinstance(prompts, (str, torch.Tensor)) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        out = []
+        for i, p in enumerate(prompts):
+            if isinstance(p, str):
+                if self.tokenizer is None:
+                    raise InputError(f"prompt {i} is text, but this generator has no tokenizer", hint="pass token ids")
+                p = self.tokenizer.encode(p)
+            elif isinstance(p, torch.Tensor):
+                p = p.flatten().tolist()
+            p = [int(t) for t in p]
+            if not p:
+                raise InputError(f"prompt {i} is empty", hint="give at least one token")
+            bad = [t for t in p if not 0 <= t < self.cfg.vocab_size]
+            if bad:
+                raise InputError(f"prompt {i} has token id {bad[0]} outside the vocabulary [0, {self.cfg.vocab_size})")
+            out.append(p)
+        if not out:
+            raise InputError("no prompts given")
+        return out
+
+    def _bucket(self, batch: int) -> int:
+        for b in self.batch_buckets:
+            if b >= batch:
+                return b
+        raise InputError(f"{batch} prompts in one request; this generator was built for at most {self.batch_buckets[-1]}",
+                         hint="split the request or build the generator with larger batch_buckets")
+
+    def _prefill_len(self, n: int) -> int:
+        """The prefill bucket of a longest prompt of n tokens: a power of two >= 16, at most max_seq."""
+        b = MIN_PREFILL_BUCKET
+        while b < n:
+            b *= 2
+        return min(b, self.max_seq)
+
+    # -- generation -------------------------------------------------------------------------------------
+    def stream(self, prompts, max_new_tokens: int = 64, sampling: SamplingParams | None = None,
+               stop: list[str] | tuple = (), text: bool = False) -> Iterator[Step]:
+        """Generate step by step: yields one :class:`Step` per new token position until every prompt is done
+        (an EOS token, a stop string, or ``max_new_tokens``). ``text``: also decode each step's new text."""
+        sampling = sampling or SamplingParams()
+        ids_list = self._encode(prompts)
+        if max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        n = len(ids_list)
+        bucket = self._bucket(n)
+        longest = max(len(p) for p in ids_list)
+        T = self._prefill_len(longest)
+        if T + max_new_tokens > self.max_seq:
+            which = max(range(n), key=lambda i: len(ids_list[i]))
+            raise InputError(f"prompt {which} has {len(ids_list[which])} tokens (padded to {T}); with max_new_tokens="
+                             f"{max_new_tokens} that needs {T + max_new_tokens} cache slots, the cache holds {self.max_seq}",
+                             hint="shorten the prompt, ask for fewer tokens, or build the generator with a larger max_seq")
+        if (stop or text) and self.tokenizer is None:
+            raise InputError("stop strings and text need a tokenizer", hint="stop on token ids with eos_token_id instead")
+        rows = ids_list + [ids_list[-1]] * (bucket - n)  # padding rows repeat the last prompt; dropped
+        pad = torch.tensor([T - len(p) for p in rows])
+        ids = torch.tensor([[0] * (T - len(p)) + p for p in rows], device=self.device)
+        caches = self.caches(bucket)
+        gen = make_generator(sampling, self.device)
+        logits = self.compiled.run(list(self._inputs(ids, pad, 0, caches).values()))[0]
+        done = [False] * n
+        texts = [""] * n
+        produced: list[list[int]] = [[] for _ in range(n)]
+        for step in range(max_new_tokens):
+            tok = sample(logits, sampling, gen)  # [bucket]
+            host = tok.tolist()
+            out, reasons, deltas = [], [], []
+            for i in range(n):
+                if done[i]:
+                    out.append(None)
+                    reasons.append(None)
+                    deltas.append("")
+                    continue
+                t = host[i]
+                produced[i].append(t)
+                out.append(t)
+                reason = "eos" if t in self.eos else None
+                if stop or text:
+                    new_text = self.tokenizer.decode(produced[i], skip_special_tokens=True)
+                    deltas.append(new_text[len(texts[i]):])
+                    texts[i] = new_text
+                    if reason is None and any(s in new_text for s in stop):
+                        reason = "stop"
+                if reason is None and step == max_new_tokens - 1:
+                    reason = "length"
+                done[i] = reason is not None
+                reasons.append(reason)
+            yield Step(out, reasons, deltas if text else None)
+            if all(done):
+                return
+            slot = T + step
+            logits = self.compiled.run(list(self._inputs(tok[:, None], pad, slot, caches).values()))[0]
+
+    def generate(self, prompts, max_new_tokens: int = 64, sampling: SamplingParams | None = None,
+                 stop: list[str] | tuple = ()) -> Result:
+        """Generate for one prompt or a batch (token ids, or text with a tokenizer); see :meth:`stream`."""
+        tokens: list[list[int]] = []
+        finish: list[str] = []
+        t0 = time.perf_counter()
+        t_first = None
+        steps = 0
+        for s in self.stream(prompts, max_new_tokens, sampling, stop):
+            if t_first is None:
+                t_first = time.perf_counter()
+                tokens, finish = [[] for _ in s.tokens], ["length"] * len(s.tokens)
+            steps += 1
+            for i, (t, r) in enumerate(zip(s.tokens, s.reasons)):
+                if t is not None:
+                    tokens[i].append(t)
+                if r is not None:
+                    finish[i] = r
+        end = time.perf_counter()
+        texts = [self.tokenizer.decode(t, skip_special_tokens=True) for t in tokens] if self.tokenizer is not None else None
+        return Result(tokens, texts, finish, prefill_s=(t_first or end) - t0, decode_s=end - (t_first or end),
+                      decode_steps=max(steps - 1, 0))
+
+
+def from_hf(model, tokenizer=None, **kw) -> Generator:
+    """A :class:`Generator` for an in-memory transformers Llama / Mistral / Qwen2 causal LM (its weights are
+    shared, not copied, when device and dtype stay the same)."""
+    from ..models.llama import HF_MODEL_TYPES, LlamaConfig, LlamaForCausalLM
+
+    hf_cfg = model.config.to_dict()
+    if hf_cfg.get("model_type") not in HF_MODEL_TYPES:
+        raise KilnError(f"kiln.from_hf: model_type {hf_cfg.get('model_type')!r} is not supported",
+                        hint=f"supported: {', '.join(HF_MODEL_TYPES)}")
+    cfg = LlamaConfig.from_hf(hf_cfg)
+    with torch.device("meta"):
+        ours = LlamaForCausalLM(cfg)
+    state = {k: v for k, v in model.state_dict().items() if not k.endswith("rotary_emb.inv_freq")}
+    if cfg.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    missing, unexpected = ours.load_state_dict(state, strict=False, assign=True)
+    missing = [k for k in missing if not (cfg.tie_word_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise KilnError(f"kiln.from_hf: parameters do not match (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    ours.tie_weights()
+    ours.reset_buffers()  # inv_freq, on the parameters' device
+    if "eos_token_id" not in kw:
+        kw["eos_token_id"] = getattr(getattr(model, "generation_config", None), "eos_token_id", None) or hf_cfg.get("eos_token_id")
+    return Generator(ours.eval(), tokenizer=tokenizer, **kw)
+
+
+def _load_tokenizer(path):
+    from pathlib import Path
+
+    p = Path(path)
+    if not any((p / f).exists() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(p))

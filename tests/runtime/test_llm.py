@@ -1,0 +1,139 @@
+"""LLM generation (runtime/llm.py): greedy tokens equal transformers' generate token for token on tiny Llama,
+Qwen2 and Mistral (sliding window) models in float32 on CPU, for a batch of prompts of different lengths;
+streaming, stop conditions, sampling, and bad requests that leave the generator usable."""
+import pytest
+import torch
+import transformers
+
+import kiln
+from kiln import InputError, SamplingParams
+from kiln.codegen.tuning import Tuner
+
+TINY = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5)
+PROMPTS = [[5, 6, 7, 8, 9], [11, 12, 13], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17]]
+
+
+def hf_model(kind="Llama", **kw):
+    torch.manual_seed(0)
+    cfg = getattr(transformers, f"{kind}Config")(**{**TINY, **kw})
+    m = getattr(transformers, f"{kind}ForCausalLM")(cfg).eval()
+    with torch.no_grad():  # larger weights: logits far apart, so greedy choices are not near-ties
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    m.generation_config.eos_token_id = None  # generate every token (kiln's generators here have no EOS either)
+    return m
+
+
+def hf_greedy(hf, prompt, n):
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                          max_new_tokens=n, do_sample=False, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.fixture(scope="module")
+def llama():
+    hf = hf_model()
+    return hf, kiln.from_hf(hf, max_seq=128, batch_buckets=(1, 4), eos_token_id=[])
+
+
+@pytest.mark.parametrize("kind,kw", [("Qwen2", {}), ("Mistral", dict(sliding_window=6))], ids=["qwen2", "mistral-window6"])
+def test_greedy_matches_transformers(kind, kw):
+    hf = hf_model(kind, **kw)
+    g = kiln.from_hf(hf, max_seq=128, batch_buckets=(4,), eos_token_id=[])
+    r = g.generate(PROMPTS, max_new_tokens=40)
+    for p, got in zip(PROMPTS, r.tokens):
+        assert got == hf_greedy(hf, p, 40)
+
+
+def test_greedy_64_tokens_match_transformers_for_a_batch_of_different_lengths(llama):
+    hf, g = llama
+    r = g.generate(PROMPTS, max_new_tokens=64)
+    assert r.finish_reasons == ["length"] * 3 and [len(t) for t in r.tokens] == [64] * 3
+    for p, got in zip(PROMPTS, r.tokens):
+        assert got == hf_greedy(hf, p, 64)
+    assert g.generate(PROMPTS[1], max_new_tokens=64).tokens[0] == r.tokens[1]  # alone (batch bucket 1): the same
+
+
+def test_stream_eos_and_finish_reasons(llama):
+    hf, g = llama
+    full = g.generate(PROMPTS[:2], max_new_tokens=12).tokens
+    eos = full[0][4]  # the 5th token of prompt 0 becomes its stop token
+    g.eos = {eos}
+    try:
+        steps = list(g.stream(PROMPTS[:2], max_new_tokens=12))
+    finally:
+        g.eos = set()
+    stop0 = full[0].index(eos)
+    assert steps[stop0].reasons[0] == "eos" and all(s.tokens[0] is None for s in steps[stop0 + 1:])
+    got1 = [s.tokens[1] for s in steps if s.tokens[1] is not None]
+    want1 = full[1][: full[1].index(eos) + 1] if eos in full[1] else full[1]
+    assert got1 == want1
+    assert [s.tokens[0] for s in steps[: stop0 + 1]] == full[0][: stop0 + 1]
+
+
+def test_sampling_is_seeded_and_differs_from_greedy(llama):
+    _, g = llama
+    p = SamplingParams(temperature=1.5, top_k=20, top_p=0.95, seed=7)
+    a = g.generate(PROMPTS, max_new_tokens=24, sampling=p).tokens
+    b = g.generate(PROMPTS, max_new_tokens=24, sampling=p).tokens
+    assert a == b and a != g.generate(PROMPTS, max_new_tokens=24).tokens
+
+
+def test_bad_requests_are_clear_errors_and_leave_the_generator_usable(llama):
+    _, g = llama
+    want = g.generate(PROMPTS[0], max_new_tokens=8).tokens
+    with pytest.raises(InputError, match="prompt 0 is empty"):
+        g.generate([[]], max_new_tokens=8)
+    with pytest.raises(InputError, match="cache holds 128"):
+        g.generate([list(range(1, 90))], max_new_tokens=40)
+    with pytest.raises(InputError, match="at most 4"):
+        g.generate(PROMPTS * 2, max_new_tokens=8)
+    with pytest.raises(InputError, match="outside the vocabulary"):
+        g.generate([[5, 1000]], max_new_tokens=8)
+    with pytest.raises(InputError, match="need a tokenizer"):
+        g.generate(PROMPTS[0], max_new_tokens=8, stop=["x"])
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=0)
+    assert g.generate(PROMPTS[0], max_new_tokens=8).tokens == want
+
+
+def word_tokenizer(vocab_size=97):
+    """A word-level fast tokenizer over "w0" .. "w96" (built in memory, no files, no network)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab_size)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    from tokenizers import decoders
+
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="w1")
+
+
+def test_text_prompts_stop_strings_and_streamed_text():
+    hf = hf_model()
+    tok = word_tokenizer()
+    g = kiln.from_hf(hf, tokenizer=tok, max_seq=64, batch_buckets=(2,), eos_token_id=[])
+    ids = g.generate("w5 w6 w7", max_new_tokens=10).tokens[0]
+    assert ids == hf_greedy(hf, [5, 6, 7], 10)
+    third = tok.decode(ids[2:3])
+    r = g.generate("w5 w6 w7", max_new_tokens=10, stop=[third])
+    assert r.finish_reasons == ["stop"] and r.tokens[0] == ids[: ids.index(ids[2]) + 1]
+    deltas = [s.texts[0] for s in g.stream("w5 w6 w7", max_new_tokens=10, text=True)]
+    assert "".join(deltas).split() == tok.decode(ids).split()
+
+
+@pytest.mark.interpreter
+def test_kernels_backend_writes_the_cache_in_place_and_matches():
+    """The kernels backend (Triton interpreter on CPU): one prefill and one decode plan, the cache adopted."""
+    hf = hf_model()
+    cfg = kiln.CompileConfig(backend="kernels", kernels={"gemm": "cublas", "attention": "sdpa"})
+    g = kiln.from_hf(hf, max_seq=48, batch_buckets=(2,), eos_token_id=[], config=cfg)
+    g.compiled.executor.tuner = Tuner(force=cfg.kernels)
+    r = g.generate(PROMPTS[:2], max_new_tokens=6)
+    for p, got in zip(PROMPTS[:2], r.tokens):
+        assert got == hf_greedy(hf, p, 6)
+    plans = g.compiled.executor.plans
+    assert sorted(p.bindings["seq"] for p in plans if p.adopted) == [1, 16]
+    assert all(p.describe()["launches"]["update"] == 4 for p in plans if p.adopted)
