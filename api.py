@@ -47,6 +47,7 @@ class CompiledModel:
         self.config = config
         self._report = report
         self.manifest = manifest or {}
+        self.files: dict[str, bytes] = {}  # data files an artifact carried (save(files=...))
         tuner = Tuner(Cache.from_config(config), decisions=(tuning or {}).get("decisions"), force=config.kernels)
         self.executor = Executor(graph, device=config.device, max_plans=config.max_plans, backend=config.backend,
                                  cuda_graphs=config.cuda_graphs, tuner=tuner)
@@ -89,12 +90,14 @@ class CompiledModel:
         return [{"name": n.attrs["name"], "shape": [d if isinstance(d, int) else str(d) for d in n.shape],
                  "dtype": n.dtype} for n in self.graph.inputs]
 
-    def save(self, path: str | os.PathLike, overwrite: bool = False) -> str:
-        """Write a self-contained ``.kiln`` artifact (refuses to replace a file unless ``overwrite``)."""
+    def save(self, path: str | os.PathLike, overwrite: bool = False, *, extra: dict | None = None,
+             files: dict[str, bytes] | None = None) -> str:
+        """Write a self-contained ``.kiln`` artifact (refuses to replace a file unless ``overwrite``).
+        ``extra``: more manifest entries; ``files``: data files to keep with it (``CompiledModel.files``)."""
         return artifact.save(path, self.graph, signature=self.signature.to_dict(), config=self.config.to_dict(),
-                             report=self._report.to_dict(), extra={"device": self.device.type},
+                             report=self._report.to_dict(), extra={"device": self.device.type, **(extra or {})},
                              tuning=self.executor.tuner.to_json() if self.executor.tuner and self.executor.tuner.decisions else None,
-                             overwrite=overwrite)
+                             files=files, overwrite=overwrite)
 
     def random_inputs(self, dims: dict[str, int] | None = None, seed: int = 0) -> list[torch.Tensor]:
         """Random tensors that fit the inputs (symbols take ``dims`` or a small default in range);
@@ -129,11 +132,14 @@ class CompiledModel:
 
 
 def _index_bound(graph: Graph, node) -> int:
-    """How large an integer input may be: rows of the embedding table it indexes, else 1000."""
+    """How large an integer input may be: rows of the embedding table it indexes, the size of the axis an
+    INDEX_COPY writes at it (a cache slot), else 1000."""
     bound = 1000
     for u in node.users:
         if u.op == "EMBEDDING" and u.inputs[1] is node and isinstance(u.inputs[0].shape[0], int):
             bound = min(bound, u.inputs[0].shape[0])
+        if u.op == "INDEX_COPY" and u.inputs[1] is node and isinstance(u.inputs[0].shape[u.attrs["axis"]], int):
+            bound = min(bound, u.inputs[0].shape[u.attrs["axis"]])
     return bound
 
 
@@ -463,7 +469,7 @@ def _load_source(path: str, report: Report, dynamic: dict | None = None):
 def load(path: str | os.PathLike, device: str | None = None, backend: str | None = None) -> CompiledModel:
     """Load a ``.kiln`` artifact; no model source is needed. ``device`` overrides where it runs,
     ``backend`` how ("kernels", "reference", "auto"; see CompileConfig.backend)."""
-    graph, manifest, report_dict, tuning = artifact.load(path)
+    graph, manifest, report_dict, tuning, files = artifact.load(path)
     config = CompileConfig.from_dict(manifest.get("config") or {})
     if device is None:  # where it was compiled to run, when this machine has it
         device = config.device or manifest.get("device") or "cpu"
@@ -475,7 +481,9 @@ def load(path: str | os.PathLike, device: str | None = None, backend: str | None
         config.backend = backend
         config.__post_init__()
     signature = Signature.from_dict(manifest["signature"])
-    return CompiledModel(graph, signature, config, Report.from_dict(report_dict), manifest, tuning)
+    m = CompiledModel(graph, signature, config, Report.from_dict(report_dict), manifest, tuning)
+    m.files = files
+    return m
 
 
 class _Jit:

@@ -1,4 +1,4 @@
-"""The ``kiln`` command: compile | run | bench | inspect.
+"""The ``kiln`` command: compile | run | generate | bench | inspect.
 
 Errors print as one clear message plus a hint, without a traceback (``KILN_DEBUG=1`` shows it).
 Long phases show progress on stderr; results go to stdout.
@@ -115,6 +115,8 @@ def cmd_compile(a) -> int:
                 inputs = {k: v.to(a.device) for k, v in inputs.items()}
         dynamic = None if a.static else _with_ranges(spec.dynamic(), dims)
         config.tags["model"] = spec.name
+        if a.generate:
+            return _compile_generator(a, spec, model, config, output, progress)
         compiled = kiln.compile(model, (), inputs, dynamic=dynamic, config=config, report_hook=progress)
         compiled.report().model["name"] = spec.name
     if a.emit_onnx and os.path.exists(a.emit_onnx) and not a.force:
@@ -130,6 +132,92 @@ def cmd_compile(a) -> int:
             json.dump(compiled.report().to_dict(), f, indent=1)
     size = os.path.getsize(output)
     out.print(escape(f"wrote {output} ({size / 2**20:.1f} MiB): {compiled!r}"))
+    return 0
+
+
+def _compile_generator(a, spec, model, config, output, progress) -> int:
+    from .runtime.llm import Generator, _load_tokenizer
+
+    if spec.family != "llama":
+        raise KilnError(f"--generate needs an LLM; {spec.name} is a {spec.family} model")
+    buckets = [int(b) for b in a.batch_buckets.split(",")]
+    tokenizer = _load_tokenizer(a.weights) if a.weights else None
+    with progress.step(f"compile the {spec.name} step graph (max_seq {a.max_seq}, batch buckets {buckets})"):
+        g = Generator.compile(model, max_seq=a.max_seq, batch_buckets=buckets, tokenizer=tokenizer, config=config,
+                              eos_token_id=_eos_of(a.weights))
+    with progress.step(f"save {output}"):
+        g.save(output, overwrite=a.force)
+    out.print(escape(f"wrote {output} ({os.path.getsize(output) / 2**20:.1f} MiB): a generator for {spec.name}"
+                     + (", with its tokenizer" if tokenizer is not None else ", token ids in and out (no tokenizer)")))
+    return 0
+
+
+def _eos_of(weights: str | None):
+    """The EOS token id(s) a checkpoint declares (generation_config.json, else config.json), or None."""
+    if not weights:
+        return None
+    for f in ("generation_config.json", "config.json"):
+        p = os.path.join(weights, f)
+        if os.path.exists(p):
+            with open(p) as fh:
+                eos = json.load(fh).get("eos_token_id")
+            if eos is not None:
+                return eos
+    return None
+
+
+def cmd_generate(a) -> int:
+    import torch
+
+    from .runtime.llm import Generator
+    from .runtime.sampling import SamplingParams
+
+    progress = _Progress(a.quiet)
+    with progress.step(f"load {a.artifact}"):
+        g = Generator.load(a.artifact, device=a.device)
+    if a.prompt and a.ids:
+        raise KilnError("give --prompt or --ids, not both")
+    if a.ids:
+        try:
+            prompts = [[int(t) for t in ids.replace(",", " ").split()] for ids in a.ids]
+        except ValueError:
+            raise KilnError("--ids takes token ids separated by commas or spaces, e.g. --ids 1,15043,3186") from None
+    elif a.prompt:
+        if g.tokenizer is None:
+            raise KilnError(f"{a.artifact} has no tokenizer: text prompts cannot be encoded", hint="give token ids with --ids")
+        prompts = list(a.prompt)
+    else:
+        raise KilnError("nothing to generate from", hint='kiln generate ARTIFACT --prompt "..." (or --ids 1,2,3)')
+    sampling = SamplingParams(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed)
+    text = g.tokenizer is not None and len(prompts) == 1
+    t0 = time.perf_counter()
+    first = None
+    counts = [0] * len(prompts)
+    results = [[] for _ in prompts]
+    for step in g.stream(prompts, max_new_tokens=a.max_new_tokens, sampling=sampling, stop=a.stop or (), text=text):
+        if first is None:
+            first = time.perf_counter()
+        for i, t in enumerate(step.tokens):
+            if t is not None:
+                counts[i] += 1
+                results[i].append(t)
+        if text:
+            sys.stdout.write(step.texts[0])
+            sys.stdout.flush()
+    end = time.perf_counter()
+    if text:
+        sys.stdout.write("\n")
+    else:
+        for i, r in enumerate(results):
+            shown = g.tokenizer.decode(r, skip_special_tokens=True) if g.tokenizer is not None else " ".join(map(str, r))
+            out.print(escape(f"[{i}] {shown}"))
+    if g.device.type == "cuda":
+        torch.cuda.synchronize(g.device)
+    n = sum(counts)
+    decode = end - (first or end)
+    if not a.quiet:
+        err.print(f"[dim]{n} tokens for {len(prompts)} prompt(s): first token {((first or end) - t0) * 1e3:.1f} ms, then "
+                  f"{(n - len(prompts)) / decode if decode > 0 else 0:.1f} tokens/s on {g.device}[/dim]")
     return 0
 
 
@@ -368,7 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog="kiln", description="kiln: compile and run transformer models fast.")
     p.add_argument("--version", action="version", version=f"kiln {__version__}")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{compile,run,bench,inspect}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{compile,run,generate,bench,inspect}")
 
     c = sub.add_parser("compile", help="compile a model into a .kiln artifact")
     c.add_argument("source", nargs="?", help="a .pt2 file written by torch.export.save, or an .onnx file (opset >= 17)")
@@ -388,6 +476,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--report-json", metavar="PATH", help="write the compile report as JSON")
     c.add_argument("--verify", action="store_true", help="compare against eager on the example inputs")
     c.add_argument("--emit-onnx", metavar="PATH", help="also write the optimized graph as ONNX (fused ops in the 'kiln' domain)")
+    c.add_argument("--generate", action="store_true",
+                   help="an LLM generator: the prefill / decode step graph with a KV cache, and the tokenizer of --weights")
+    c.add_argument("--max-seq", type=int, default=1024, help="with --generate: KV cache length (prompt + new tokens)")
+    c.add_argument("--batch-buckets", default="1,2,4,8,16", help="with --generate: batch sizes compiled for")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     c.set_defaults(fn=cmd_compile)
 
@@ -402,6 +494,20 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--force", action="store_true", help="replace an existing --save-outputs file")
     r.add_argument("-q", "--quiet", action="store_true")
     r.set_defaults(fn=cmd_run)
+
+    gen = sub.add_parser("generate", help="generate text (or token ids) with a generator artifact (compile --generate)")
+    gen.add_argument("artifact")
+    gen.add_argument("--prompt", action="append", help="a text prompt (repeat for a batch); needs the artifact's tokenizer")
+    gen.add_argument("--ids", action="append", help="a prompt as token ids, e.g. 1,15043,3186 (repeatable)")
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--stop", action="append", help="stop when the text contains this string (repeatable)")
+    gen.add_argument("--device", help="run on this device instead of the artifact's")
+    gen.add_argument("-q", "--quiet", action="store_true")
+    gen.set_defaults(fn=cmd_generate)
 
     b = sub.add_parser("bench", help="time an artifact (kernels vs its per-op reference), JSON out")
     b.add_argument("artifact")

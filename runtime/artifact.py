@@ -38,6 +38,7 @@ from ..ir.types import dim_to_json
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
+FILES = "files/"  # prefix of the members save(files=...) adds
 _CHUNK = 1 << 22
 _HASH_SLICE = 64 << 20  # bytes per sha256 update; hashlib releases the GIL during each
 _ALIGN = 64  # the weights' data starts on this boundary in the file, so every tensor can view it in place
@@ -61,7 +62,8 @@ def _io_specs(nodes, names) -> list[dict]:
 
 
 def save(path: str | os.PathLike, graph: Graph, *, signature: dict, config: dict, report: dict | None = None,
-         extra: dict | None = None, tuning: dict | None = None, overwrite: bool = False) -> str:
+         extra: dict | None = None, tuning: dict | None = None, files: dict[str, bytes] | None = None,
+         overwrite: bool = False) -> str:
     """Write ``graph`` (with its weights) to ``path``. Refuses to replace an existing file unless
     ``overwrite``; the file appears atomically (a crash leaves no half-written artifact)."""
     path = os.fspath(path)
@@ -98,6 +100,8 @@ def save(path: str | os.PathLike, graph: Graph, *, signature: dict, config: dict
             members = [("graph.json", graph_bytes), ("report.json", report_bytes)]
             if tuning:
                 members.append(("tuning.json", json.dumps(tuning, indent=1).encode()))
+            for name, data in (files or {}).items():  # data files kept with the model (a tokenizer's JSON)
+                members.append((FILES + name, bytes(data)))
             for member, data in members:
                 zf.writestr(member, data)
                 manifest["members"][member] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
@@ -308,8 +312,9 @@ def _tensors_from_safetensors(buf) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def load(path: str | os.PathLike) -> tuple[Graph, dict, dict, dict]:
-    """Read and check an artifact: returns (graph with weights, manifest, report dict, tuning dict).
+def load(path: str | os.PathLike) -> tuple[Graph, dict, dict, dict, dict]:
+    """Read and check an artifact: returns (graph with weights, manifest, report dict, tuning dict, files:
+    name -> bytes of the members ``save(files=...)`` added).
 
     The weights are views of the artifact file, mapped copy-on-write (see ``_map_member``); their
     sha256 runs in a thread alongside everything else and is checked before this returns."""
@@ -341,7 +346,7 @@ def load(path: str | os.PathLike) -> tuple[Graph, dict, dict, dict]:
     return result
 
 
-def _from_members(path: str, manifest: dict, data: dict, weights_buf) -> tuple[Graph, dict, dict, dict]:
+def _from_members(path: str, manifest: dict, data: dict, weights_buf) -> tuple[Graph, dict, dict, dict, dict]:
     try:
         weights = _tensors_from_safetensors(weights_buf)
     except ValueError as e:
@@ -357,4 +362,5 @@ def _from_members(path: str, manifest: dict, data: dict, weights_buf) -> tuple[G
             raise ValueError("no 'decisions' object")
     except ValueError as e:
         raise ArtifactError(f"{path}: check 'tuning' failed for member 'tuning.json': {e}") from None
-    return graph, manifest, report, tuning
+    files = {name[len(FILES):]: blob for name, blob in data.items() if name.startswith(FILES)}
+    return graph, manifest, report, tuning, files

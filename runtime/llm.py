@@ -67,48 +67,85 @@ def cache_names(num_layers: int) -> list[str]:
     return [f"{kv}_cache_{i}" for i in range(num_layers) for kv in "kv"]
 
 
+def step_inputs(ids: torch.Tensor, pad: torch.Tensor, slot0: int, caches: dict, max_seq: int, window: int | None) -> dict:
+    """The step's inputs for tokens ``ids`` [B, T] at cache slots slot0 .. slot0 + T - 1 of rows whose first real
+    slot is ``pad`` [B] (see the module docstring for the positions and the mask)."""
+    B, T = ids.shape
+    dev = ids.device
+    slots = torch.arange(slot0, slot0 + T, device=dev)
+    pad = pad.to(dev)
+    positions = (slots[None, :] - pad[:, None]).clamp_min(0)
+    keys = torch.arange(max_seq, device=dev)
+    see = (keys[None, None, :] <= slots[None, :, None]) & (keys[None, None, :] >= pad[:, None, None])  # [B, T, S]
+    if window is not None:  # i - window < j <= i
+        see &= keys[None, None, :] > slots[None, :, None] - window
+    see |= keys[None, None, :] == slots[None, :, None]  # a padding query sees itself: no empty softmax row
+    return {"input_ids": ids, "positions": positions, "slots": slots, "mask": see[:, None], **caches}
+
+
 class Generator:
-    """Generate from a Llama-family model (kiln's :class:`~kiln.models.llama.LlamaForCausalLM`; see
-    :func:`kiln.from_hf` for a transformers model and :meth:`from_pretrained` for a checkpoint directory).
+    """Generates from a compiled Llama-family step graph (:class:`~kiln.models.llama.LlamaStep`).
 
-    ``max_seq``: cache length (prompt + new tokens). ``batch_buckets``: the batch sizes compiled for (a
-    request is padded up to the next one). ``tokenizer``: a transformers / tokenizers tokenizer (text in
-    and out, stop strings); without one, prompts are token ids."""
+    Build one with :func:`kiln.from_hf` (an in-memory transformers model), :meth:`from_pretrained` (a checkpoint
+    directory), :meth:`compile` (kiln's own LlamaForCausalLM) or :meth:`load` (a saved ``.kiln`` artifact, no
+    model source or checkpoint needed). ``spec``: vocab_size, num_layers, kv_heads, head_dim, sliding_window,
+    max_seq (cache length: prompt + new tokens), batch_buckets (request batch sizes compiled for; a request is
+    padded up to the next one), eos (token ids). ``tokenizer``: a transformers tokenizer (text in and out,
+    stop strings); without one, prompts are token ids."""
 
-    def __init__(self, model, *, max_seq: int = 1024, batch_buckets=DEFAULT_BATCH_BUCKETS, device=None, dtype=None,
-                 tokenizer=None, eos_token_id: int | list[int] | None = None, config: CompileConfig | None = None):
+    def __init__(self, compiled, spec: dict, tokenizer=None):
+        self.compiled = compiled
+        self.spec = dict(spec)
+        self.max_seq = int(spec["max_seq"])
+        self.batch_buckets = tuple(spec["batch_buckets"])
+        self.vocab_size = int(spec["vocab_size"])
+        self.window = spec.get("sliding_window")
+        self.names = cache_names(spec["num_layers"])
+        self.device = compiled.device
+        self.dtype = _DTYPES[spec["dtype"]]
+        self.tokenizer = tokenizer
+        self.eos = set(spec.get("eos") or [])
+        self.compile_s = 0.0
+        self._caches: dict[int, dict[str, torch.Tensor]] = {}
+
+    @classmethod
+    def compile(cls, model, *, max_seq: int = 1024, batch_buckets=DEFAULT_BATCH_BUCKETS, device=None, dtype=None,
+                tokenizer=None, eos_token_id: int | list[int] | None = None, config: CompileConfig | None = None) -> "Generator":
+        """Compile kiln's LlamaForCausalLM ``model`` into a generator (see the class docstring)."""
         from ..api import compile as kiln_compile
         from ..models.llama import LlamaStep
 
         cfg = model.config
         if max_seq < 2:
             raise KilnError(f"max_seq must be at least 2, got {max_seq}")
-        self.cfg = cfg
-        self.max_seq = int(max_seq)
-        self.batch_buckets = tuple(sorted({int(b) for b in batch_buckets}))
-        if not self.batch_buckets or self.batch_buckets[0] < 1:
+        buckets = tuple(sorted({int(b) for b in batch_buckets}))
+        if not buckets or buckets[0] < 1:
             raise KilnError(f"batch_buckets must be positive sizes, got {batch_buckets}")
         param = next(model.parameters())
-        self.device = torch.device(device) if device is not None else param.device
-        self.dtype = dtype or param.dtype
-        model = model.to(self.device, self.dtype).eval()
-        self.tokenizer = tokenizer
+        device = torch.device(device) if device is not None else param.device
+        dtype = dtype or param.dtype
+        model = model.to(device, dtype).eval()
         eos = eos_token_id if eos_token_id is not None else getattr(tokenizer, "eos_token_id", None)
-        self.eos = set([eos] if isinstance(eos, int) else list(eos or []))
-        self.names = cache_names(cfg.num_hidden_layers)
-        self.window = cfg.sliding_window
-        fn = step_function(LlamaStep(model), cfg.num_hidden_layers)
-        b0 = min(2, self.batch_buckets[-1])
-        example = self._inputs(torch.zeros(b0, 2, dtype=torch.long, device=self.device), torch.zeros(b0, dtype=torch.long),
-                               slot0=0, caches=self._new_caches(b0))
-        smax = self.max_seq
-        batch, seq = ("batch", 1, self.batch_buckets[-1]), ("seq", 1, smax)
+        spec = dict(vocab_size=cfg.vocab_size, num_layers=cfg.num_hidden_layers, kv_heads=cfg.num_key_value_heads,
+                    head_dim=cfg.head_dim, sliding_window=cfg.sliding_window, max_seq=int(max_seq), batch_buckets=list(buckets),
+                    dtype=str(dtype).removeprefix("torch."), eos=sorted({eos} if isinstance(eos, int) else set(eos or [])))
+        config = config or CompileConfig()
+        if config.device is None:
+            config.device = str(device)
+        # the example: batch 2 (1 if that is all), 2 tokens; its caches are the example's own
+        b0 = min(2, buckets[-1])
+        names = cache_names(cfg.num_hidden_layers)
+        caches = {n: torch.zeros(b0, cfg.num_key_value_heads, max_seq, cfg.head_dim, dtype=dtype, device=device) for n in names}
+        example = step_inputs(torch.zeros(b0, 2, dtype=torch.long, device=device), torch.zeros(b0, dtype=torch.long), 0, caches,
+                              int(max_seq), cfg.sliding_window)
+        batch, seq = ("batch", 1, buckets[-1]), ("seq", 1, int(max_seq))
         dims = {"input_ids": {0: batch, 1: seq}, "positions": {0: batch, 1: seq}, "slots": {0: seq},
-                "mask": {0: batch, 2: seq}, **{n: {0: batch} for n in self.names}}
+                "mask": {0: batch, 2: seq}, **{n: {0: batch} for n in names}}
         t0 = time.perf_counter()
-        self.compiled = kiln_compile(fn, (), example, dynamic=dims, config=config or CompileConfig(device=str(self.device)))
-        self.compile_s = time.perf_counter() - t0
-        self._caches: dict[int, dict[str, torch.Tensor]] = {}
+        compiled = kiln_compile(step_function(LlamaStep(model), cfg.num_hidden_layers), (), example, dynamic=dims, config=config)
+        g = cls(compiled, spec, tokenizer)
+        g.compile_s = time.perf_counter() - t0
+        return g
 
     @classmethod
     def from_pretrained(cls, path, *, dtype=torch.bfloat16, **kw) -> "Generator":
@@ -119,34 +156,49 @@ class Generator:
         tok = kw.pop("tokenizer", None)
         if tok is None:
             tok = _load_tokenizer(path)
-        return cls(model, tokenizer=tok, **kw)
+        return cls.compile(model, tokenizer=tok, **kw)
+
+    # -- artifacts --------------------------------------------------------------------------------------
+    def save(self, path, overwrite: bool = False) -> str:
+        """A ``.kiln`` artifact of the step graph, the generation settings and the tokenizer's files (data)."""
+        files = {}
+        if self.tokenizer is not None:
+            import tempfile
+            from pathlib import Path
+
+            with tempfile.TemporaryDirectory() as d:
+                self.tokenizer.save_pretrained(d)
+                for f in sorted(Path(d).iterdir()):
+                    if f.is_file() and f.suffix in (".json", ".txt", ".model"):
+                        files["tokenizer/" + f.name] = f.read_bytes()
+        return self.compiled.save(path, overwrite, extra={"generator": self.spec}, files=files)
+
+    @classmethod
+    def load(cls, path, device=None, backend=None) -> "Generator":
+        """A generator saved with :meth:`save` (with its tokenizer when it was saved with one)."""
+        from ..api import load as kiln_load
+        from ..errors import ArtifactError
+
+        m = kiln_load(path, device=device, backend=backend)
+        spec = m.manifest.get("generator")
+        if not isinstance(spec, dict):
+            raise ArtifactError(f"{path}: check 'generator' failed: the artifact is a plain model, not a generator",
+                                hint="run it with `kiln run`, or save one with Generator.save / `kiln compile --generate`")
+        tok_files = {k.removeprefix("tokenizer/"): v for k, v in m.files.items() if k.startswith("tokenizer/")}
+        tokenizer = _tokenizer_from_files(tok_files) if tok_files else None
+        return cls(m, spec, tokenizer)
 
     # -- inputs -----------------------------------------------------------------------------------------
-    def _new_caches(self, batch: int) -> dict[str, torch.Tensor]:
-        c = self.cfg
-        return {n: torch.zeros(batch, c.num_key_value_heads, self.max_seq, c.head_dim, dtype=self.dtype, device=self.device)
-                for n in self.names}
-
     def caches(self, batch: int) -> dict[str, torch.Tensor]:
         """The KV cache of a batch bucket (allocated on first use, then reused)."""
         if batch not in self._caches:
-            self._caches[batch] = self._new_caches(batch)
+            sp = self.spec
+            self._caches[batch] = {n: torch.zeros(batch, sp["kv_heads"], self.max_seq, sp["head_dim"], dtype=self.dtype,
+                                                  device=self.device) for n in self.names}
         return self._caches[batch]
 
     def _inputs(self, ids: torch.Tensor, pad: torch.Tensor, slot0: int, caches: dict) -> dict:
-        """The step's inputs for tokens ``ids`` [B, T] at slots slot0 .. slot0 + T - 1 of rows whose first
-        real slot is ``pad`` [B]."""
-        B, T = ids.shape
-        dev = self.device
-        slots = torch.arange(slot0, slot0 + T, device=dev)
-        pad = pad.to(dev)
-        positions = (slots[None, :] - pad[:, None]).clamp_min(0)
-        keys = torch.arange(self.max_seq, device=dev)
-        see = (keys[None, None, :] <= slots[None, :, None]) & (keys[None, None, :] >= pad[:, None, None])  # [B, T, S]
-        if self.window is not None:  # i - window < j <= i
-            see &= keys[None, None, :] > slots[None, :, None] - self.window
-        see |= keys[None, None, :] == slots[None, :, None]  # a padding query sees itself: no empty softmax row
-        return {"input_ids": ids, "positions": positions, "slots": slots, "mask": see[:, None], **caches}
+        return step_inputs(ids, pad, slot0, caches, self.max_seq, self.window)
 
     def _encode(self, prompts) -> list[list[int]]:
         if isinstance(prompts, (str, torch.Tensor)) or (prompts and isinstance(prompts[0], int)):
@@ -162,9 +214,9 @@ class Generator:
             p = [int(t) for t in p]
             if not p:
                 raise InputError(f"prompt {i} is empty", hint="give at least one token")
-            bad = [t for t in p if not 0 <= t < self.cfg.vocab_size]
+            bad = [t for t in p if not 0 <= t < self.vocab_size]
             if bad:
-                raise InputError(f"prompt {i} has token id {bad[0]} outside the vocabulary [0, {self.cfg.vocab_size})")
+                raise InputError(f"prompt {i} has token id {bad[0]} outside the vocabulary [0, {self.vocab_size})")
             out.append(p)
         if not out:
             raise InputError("no prompts given")
@@ -290,7 +342,23 @@ def from_hf(model, tokenizer=None, **kw) -> Generator:
     ours.reset_buffers()  # inv_freq, on the parameters' device
     if "eos_token_id" not in kw:
         kw["eos_token_id"] = getattr(getattr(model, "generation_config", None), "eos_token_id", None) or hf_cfg.get("eos_token_id")
-    return Generator(ours.eval(), tokenizer=tokenizer, **kw)
+    return Generator.compile(ours.eval(), tokenizer=tokenizer, **kw)
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _tokenizer_from_files(files: dict[str, bytes]):
+    """A transformers tokenizer from its saved files (JSON / text data: nothing from them is executed)."""
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as d:
+        for name, data in files.items():
+            if "/" in name or name.startswith("."):
+                continue
+            (Path(d) / name).write_bytes(data)
+        return _load_tokenizer(d)
 
 
 def _load_tokenizer(path):
@@ -301,4 +369,4 @@ def _load_tokenizer(path):
         return None
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(p))
+    return AutoTokenizer.from_pretrained(str(p), trust_remote_code=False)

@@ -137,3 +137,33 @@ def test_kernels_backend_writes_the_cache_in_place_and_matches():
     plans = g.compiled.executor.plans
     assert sorted(p.bindings["seq"] for p in plans if p.adopted) == [1, 16]
     assert all(p.describe()["launches"]["update"] == 4 for p in plans if p.adopted)
+
+
+def test_save_and_load_keep_settings_and_tokenizer(tmp_path):
+    hf = hf_model()
+    g = kiln.from_hf(hf, tokenizer=word_tokenizer(), max_seq=64, batch_buckets=(1, 2), eos_token_id=[3])
+    want = g.generate(["w5 w6 w7", "w9"], max_new_tokens=12)
+    path = g.save(tmp_path / "g.kiln")
+    back = kiln.Generator.load(path)
+    assert back.spec == g.spec and back.eos == {3} and back.tokenizer is not None
+    got = back.generate(["w5 w6 w7", "w9"], max_new_tokens=12)
+    assert got.tokens == want.tokens and got.texts == want.texts and got.finish_reasons == want.finish_reasons
+    plain = kiln.compile(torch.nn.Linear(3, 3), (torch.randn(2, 3),)).save(tmp_path / "plain.kiln")
+    with pytest.raises(kiln.ArtifactError, match="not a generator"):
+        kiln.Generator.load(plain)
+
+
+def test_cli_compile_generate_and_generate(tmp_path, capsys):
+    from kiln.cli import main
+
+    path = tmp_path / "lt.kiln"
+    assert main(["compile", "--model", "llama-tiny", "--generate", "--max-seq", "48", "--batch-buckets", "1,2", "-o", str(path), "-q"]) == 0
+    assert main(["generate", str(path), "--ids", "1,2,3", "--ids", "5 6", "--max-new-tokens", "5", "-q"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    g = kiln.Generator.load(path)
+    want = g.generate([[1, 2, 3], [5, 6]], max_new_tokens=5).tokens
+    assert lines[-2:] == [f"[0] {' '.join(map(str, want[0]))}", f"[1] {' '.join(map(str, want[1]))}"]
+    assert main(["generate", str(path), "--prompt", "hello"]) == 1
+    assert "no tokenizer" in capsys.readouterr().err
+    assert main(["generate", str(path), "--ids", "1,2", "--max-new-tokens", "60"]) == 1  # 16 + 60 > 48 slots
+    assert "cache holds 48" in capsys.readouterr().err
