@@ -403,6 +403,15 @@ class KernelPlan:
         # an updated input comes back as itself (already written); every other output as a fresh tensor
         return [o if id(o) in self._state_ids else o.clone() for o in self.output_values]
 
+    def launch(self) -> list[torch.Tensor]:
+        """Run on what the input buffers hold now (a caller that updates ``input_buffers`` in place, like the
+        LLM decode loop); returns the output buffers themselves, valid until the next run."""
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self._run_launches()
+        return self.output_values
+
     def describe(self) -> dict:
         return {"bindings": self.bindings, "launches": dict(self.stats.launches), "choices": dict(self.stats.choices),
                 "cuda_graph": self.stats.cuda_graph, **({"cuda_graph_error": self.graph_error} if self.graph_error else {}),

@@ -262,12 +262,26 @@ class Generator:
         caches = self.caches(bucket)
         gen = make_generator(sampling, self.device)
         logits = self.compiled.run(list(self._inputs(ids, pad, 0, caches).values()))[0]
+        decode = _Decoder(self, bucket, pad, caches)
+        cuda = self.device.type == "cuda"
+        if cuda:
+            host_tok = torch.empty(bucket, dtype=torch.long, pin_memory=True)
+            copied = torch.cuda.Event()
         done = [False] * n
         texts = [""] * n
         produced: list[list[int]] = [[] for _ in range(n)]
         for step in range(max_new_tokens):
             tok = sample(logits, sampling, gen)  # [bucket]
-            host = tok.tolist()
+            if cuda:
+                host_tok.copy_(tok, non_blocking=True)
+                copied.record()
+            if step < max_new_tokens - 1:  # the next step goes to the GPU before this one's tokens are read back
+                logits = decode(tok, T + step)
+            if cuda:
+                copied.synchronize()
+                host = host_tok.tolist()
+            else:
+                host = tok.tolist()
             out, reasons, deltas = [], [], []
             for i in range(n):
                 if done[i]:
@@ -292,8 +306,6 @@ class Generator:
             yield Step(out, reasons, deltas if text else None)
             if all(done):
                 return
-            slot = T + step
-            logits = self.compiled.run(list(self._inputs(tok[:, None], pad, slot, caches).values()))[0]
 
     def generate(self, prompts, max_new_tokens: int = 64, sampling: SamplingParams | None = None,
                  stop: list[str] | tuple = ()) -> Result:
@@ -317,6 +329,44 @@ class Generator:
         texts = [self.tokenizer.decode(t, skip_special_tokens=True) for t in tokens] if self.tokenizer is not None else None
         return Result(tokens, texts, finish, prefill_s=(t_first or end) - t0, decode_s=end - (t_first or end),
                       decode_steps=max(steps - 1, 0))
+
+
+class _Decoder:
+    """Decode steps of one request: ``decoder(tok [B], slot)`` enqueues the step that writes slot ``slot`` and
+    returns its logits. On the kernels backend the first step picks the shape bucket's plan; later steps update
+    that plan's input buffers in place (tokens, positions + 1, slot + 1, one mask column) and replay it, so a
+    step costs a few tiny kernels and one CUDA graph replay, not a pass through the generic call path."""
+
+    def __init__(self, gen: Generator, bucket: int, pad: torch.Tensor, caches: dict):
+        self.gen, self.bucket, self.pad, self.caches = gen, bucket, pad, caches
+        self.plan = None
+        self.slot = None
+
+    def __call__(self, tok: torch.Tensor, slot: int) -> torch.Tensor:
+        g = self.gen
+        ex = g.compiled.executor
+        if self.plan is not None and slot == self.slot + 1:
+            b = self.buffers
+            b["input_ids"].copy_(tok[:, None])
+            b["positions"].add_(1)
+            b["slots"].add_(1)
+            b["mask"].select(3, slot).fill_(True)
+            if g.window is not None and slot - g.window >= 0:
+                b["mask"].select(3, slot - g.window).fill_(False)
+            self.slot = slot
+            return self.plan.launch()[self.logits_index]
+        inputs = list(step_inputs(tok[:, None], self.pad, slot, self.caches, g.max_seq, g.window).values())
+        if ex.backend == "kernels":
+            from .inputs import bind_inputs
+
+            self.plan = ex.plan(bind_inputs(ex.graph, inputs), inputs)
+            names = [n.attrs["name"] for n in ex.graph.inputs]
+            self.buffers = {name: buf for name, buf in zip(names, self.plan.input_buffers) if buf is not None}
+            self.logits_index = next(k for k, name in enumerate(ex.graph.output_names) if name not in ex.graph.updates)
+            self.slot = slot
+            self.plan.run(inputs)
+            return self.plan.output_values[self.logits_index]
+        return g.compiled.run(inputs)[0]
 
 
 def from_hf(model, tokenizer=None, **kw) -> Generator:
