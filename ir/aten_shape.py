@@ -37,7 +37,7 @@ def _index_select(cx, node, args, kwargs):
     return cx.add("INDEX", [x, index], axes=(_axis(d, len(x.shape)),))
 
 
-@handles("aten.index_copy")
+@handles("aten.index_copy", "aten.index_copy_")
 def _index_copy(cx, node, args, kwargs):
     x, d, index, src = args[0], args[1], args[2], args[3]
     return cx.add("INDEX_COPY", [x, index, src], axis=_axis(d, len(x.shape)))

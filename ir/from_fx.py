@@ -125,6 +125,8 @@ class Importer:
             raise CaptureError("exported program: input specs and placeholders disagree")
 
         self._name_symbols(placeholders, specs)
+        self._written: dict[str, Node] = {}  # placeholder name -> value after its index_copy_
+        self._input_node_names: list[str] = []
         weights_by_ptr: dict[tuple, str] = {}
         tensor_inputs = 0
         for node, spec in zip(placeholders, specs):
@@ -142,6 +144,7 @@ class Importer:
                     name = self._input_names[tensor_inputs] if self._input_names else node.name
                     tensor_inputs += 1
                     self.env[node] = g.add_input(name, self.meta_type(node).shape, dtype_name(val.dtype))
+                    self._input_node_names.append(node.name)
                 else:
                     self.env[node] = val
                     self.constants[node.name] = val
@@ -184,12 +187,20 @@ class Importer:
                                    hint="rerun with KILN_DEBUG=1 for the traceback and report it") from e
             self._check(node, value)
             self.env[node] = value
+            if node.target == torch.ops.aten.index_copy_.default:  # a write into a user input (see _functional)
+                self.env[node.args[0]] = value  # readers after it see the new value
+                self._written[node.args[0].name] = value
         if unsupported:
             raise UnsupportedOpsError(unsupported)
 
         out_node = next(n for n in gm.graph.nodes if n.op == "output")
         outs, names, updates = [], [], {}
-        input_of = {n.name: self.env[n] for n in placeholders if isinstance(self.env.get(n), Node)}
+        input_of = {n.name: g.inputs[k] for k, n in enumerate(p for p in placeholders if p.name in self._input_node_names)}
+        for pname, v in self._written.items():  # in-place writes imported as exported: their final values
+            name = input_of[pname].attrs["name"]
+            updates[f"{name}:updated"] = name
+            outs.append(v)
+            names.append(f"{name}:updated")
         for spec, arg in zip(ep.graph_signature.output_specs, out_node.args[0]):
             v = self.env.get(arg) if isinstance(arg, torch.fx.Node) else arg
             if spec.kind == OutputKind.USER_INPUT_MUTATION and spec.target in input_of and isinstance(v, Node):
@@ -319,19 +330,34 @@ def from_exported(ep: ExportedProgram, dim_names: dict[str, dict[int, str]] | No
     return graph, imp.constants
 
 
+# reads of a tensor's metadata only: they may come before a write into it
+_SHAPE_ONLY = frozenset({torch.ops.aten.sym_size.int, torch.ops.aten.sym_stride.int, torch.ops.aten.sym_numel.default,
+                         torch.ops.aten.sym_storage_offset.default})
+
+
 def _functional(ep: ExportedProgram) -> bool:
     """The program mutates nothing (no in-place or out= op, no input / buffer mutation) and calls no
-    higher-order op: what ``run_decompositions({})`` would give, minus the retrace."""
+    higher-order op: what ``run_decompositions({})`` would give, minus the retrace. One mutation is
+    allowed, as the importer can translate it without functionalisation: ``index_copy_`` straight into a
+    user input (a KV cache write), once per input, with every other reader of that input after it."""
     sig = ep.graph_signature
     if sig.buffers_to_mutate or sig.user_inputs_to_mutate:
         return False
+    user_inputs = {s.arg.name for s in sig.input_specs if s.kind == InputKind.USER_INPUT}
+    order = {n: k for k, n in enumerate(ep.graph.nodes)}
+    written = set()
     for n in ep.graph.nodes:
         if n.op != "call_function":
             continue
         t = n.target
         if isinstance(t, torch._ops.OpOverload):
             if t._schema.is_mutable:
-                return False
+                x = n.args[0] if n.args else None
+                if not (t == torch.ops.aten.index_copy_.default and isinstance(x, torch.fx.Node) and x.op == "placeholder"
+                        and x.name in user_inputs and x not in written
+                        and all(order[u] > order[n] for u in x.users if u is not n and u.target not in _SHAPE_ONLY)):
+                    return False
+                written.add(x)
         elif getattr(t, "__module__", None) not in ("_operator", "operator", "math", "builtins", "torch.sym_float"):
             return False  # a higher-order op (wrap_with_set_grad_enabled, cond, ...) or something unknown
     return True

@@ -647,3 +647,32 @@ def test_functional_programs_skip_the_retrace_others_are_functionalised():
             ep = torch.export.export(module, (x,), strict=False)
         assert _functional(ep) is functional, type(module).__name__
         assert_matches(kiln.compile(module, (x,))(x), module(x))
+
+
+def test_an_index_copy_into_an_input_imports_without_the_retrace():
+    """A KV-cache write (index_copy_ into a user input, then reads of it) is imported as exported: the input's
+    new value becomes an update output, readers after the write see it."""
+    from kiln.ir.from_fx import _functional
+
+    class Write(nn.Module):
+        def forward(self, x, slots, cache):
+            n = cache.shape[0]  # a shape read before the write is fine
+            cache.index_copy_(1, slots, x * 2)
+            return cache.sum(1) + n
+
+    class ReadBefore(nn.Module):
+        def forward(self, x, slots, cache):
+            old = cache * 1
+            cache.index_copy_(1, slots, x)
+            return old + cache
+
+    args = (randn(3, 2, 4), torch.tensor([4, 0]), randn(3, 6, 4))
+    for module, direct in ((Write(), True), (ReadBefore(), False)):
+        with torch.no_grad():
+            ep = torch.export.export(module, tuple(a.clone() for a in args), strict=False)
+        assert _functional(ep) is direct, type(module).__name__
+        c_eager, c_kiln = args[2].clone(), args[2].clone()
+        m = kiln.compile(module, tuple(a.clone() for a in args))
+        assert m.graph.updates == {"cache:updated": "cache"}
+        assert_matches(m(args[0], args[1], c_kiln), module(args[0], args[1], c_eager))
+        assert_matches(c_kiln, c_eager)
