@@ -318,8 +318,11 @@ class KernelPlan:
                 else:
                     torch.mm(x2, wt, out=out2)
                 return
-            torch.mm(x2, wt, out=h2)
-            epilogue(h, bias, gate, residual, act, glu, out=out)
+            if bias is not None:  # cuBLAS adds it in float32 before rounding, as F.linear does
+                torch.addmm(bias, x2, wt, out=h2)
+            else:
+                torch.mm(x2, wt, out=h2)
+            epilogue(h, None, gate, residual, act, glu, out=out)
 
         candidates = {"cublas": cublas}
         # cuBLAS(Lt) computes two epilogues itself: + a full residual (as addmm's C) and bias + tanh-GELU
