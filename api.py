@@ -399,13 +399,14 @@ def compile(model, example_inputs=(), example_kwargs: dict | None = None, *, dyn
     with report.phase("plan"):
         compiled = CompiledModel(graph, signature, config, report)
         example = signature.flatten(tuple(example_inputs), example_kwargs) if module is not None else None
-        if example is not None:
+        # a graph that updates its inputs (a KV-cache step) is planned at its first call instead: planning runs
+        # the graph once, which must not write into the caller's example tensors, and the example's shapes are
+        # rarely the ones generation runs at
+        if example is not None and not graph.updates:
             from .runtime.inputs import bind_inputs
 
             binding = bind_inputs(graph, example)
-            # (a graph that updates its inputs plans without them: planning runs the graph once, which must not
-            # write into the caller's example tensors)
-            plan = compiled.executor.plan(binding, None if graph.updates else example)
+            plan = compiled.executor.plan(binding, example)
             report.memory = {**plan.memory.summary(), "binding": binding}
     if config.verify and module is not None:
         with report.phase("verify"):
