@@ -8,7 +8,7 @@ from .errors import KilnError
 
 
 BACKENDS = ("auto", "kernels", "reference")
-KERNEL_CHOICES = {"gemm": ("cublas", "cublaslt", "triton"), "attention": ("sdpa", "kiln")}
+KERNEL_CHOICES = {"gemm": ("cublas", "cublaslt", "triton"), "attention": ("sdpa", "kiln", "kiln-decode")}
 
 
 @dataclass
@@ -28,7 +28,7 @@ class CompileConfig:
     backend: str = "auto"
     #: replay each shape bucket's launch list as a CUDA graph (kernels backend on CUDA)
     cuda_graphs: bool = True
-    #: skip measuring: kind ("gemm", "attention") -> implementation ("cublas" / "cublaslt" / "triton", "sdpa" / "kiln")
+    #: skip measuring: kind ("gemm", "attention") -> implementation ("cublas" / "cublaslt" / "triton", "sdpa" / "kiln" / "kiln-decode")
     kernels: dict = field(default_factory=dict)
     #: notes kept with the artifact (free-form, e.g. the registry name it was built from)
     tags: dict = field(default_factory=dict)

@@ -372,6 +372,18 @@ class KernelPlan:
             for c in cfgs[: TRITON_ATTENTION_CONFIGS]:
                 name = "kiln:" + ",".join(f"{v}" for v in c.values())
                 candidates[name] = (lambda c=c: ta.attention(q, k, v, mask, causal, scale, gqa, out=out, config=c))
+        # few query rows over a long key sequence (LLM decode): the split-KV kernel (one program per kv head and
+        # key chunk; every loaded K / V tile serves the whole query group)
+        from ..codegen.kernels import decode_attention as td
+
+        if (q.dim() == 4 and k.dim() == 4 and q.dtype in td.DTYPES and not causal and k.shape == v.shape
+                and q.shape[0] == k.shape[0] and (mask is None or mask.dtype == torch.bool)
+                and (q.shape[1] // max(k.shape[1], 1)) * q.shape[2] <= td.MAX_ROWS and q.shape[-1] <= td.MAX_HEAD_DIM
+                and (enable_gqa or q.shape[1] == k.shape[1]) and (self.device.type == "cuda" or td.INTERPRET)):
+            cfgs = td.configs() if self.device.type == "cuda" else [td.INTERPRET_CONFIG]
+            for c in cfgs[: TRITON_ATTENTION_CONFIGS]:
+                name = "kiln-decode:" + ",".join(f"{v}" for v in c.values())
+                candidates[name] = (lambda c=c: td.decode_attention(q, k, v, mask, scale, enable_gqa, out=out, config=c))
         what = {"op": "ATTENTION", "q": list(q.shape), "k": list(k.shape), "v": list(v.shape), "dtype": str(q.dtype),
                 "strides": [list(t.stride()) for t in (q, k, v)], "causal": causal, "scale": scale, "gqa": gqa,
                 "mask": None if mask is None else [list(mask.shape), str(mask.dtype)]}

@@ -77,20 +77,25 @@ def _attention_inner(
             else:
                 s += tl.load(m_ptrs, mask=m_in, other=0.0).to(tl.float32) * 1.4426950408889634
         s = tl.where(keep, s, float("-inf"))
-
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # a row with nothing attended so far has m_new = -inf: subtract 0 instead, so p = 0 and alpha = 0, no NaN
-        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.math.exp2(m_i - m_sub)
-        p = tl.math.exp2(s - m_sub[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-
         v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
                     mask=valid_n[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)  # [BLOCK_N, BLOCK_DV]
-        acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
-        m_i = m_new
+        m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc, DOT_PRECISION)
     return acc, l_i, m_i
+
+
+@triton.jit
+def online_softmax_step(s, v, m_i, l_i, acc, DOT_PRECISION: tl.constexpr):
+    """One key tile of the online softmax: scores ``s`` [M, N] in log2 units (-inf where not attended), values
+    ``v`` [N, D]; returns the running max, sum and float32 accumulator. Shared with decode_attention.py."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # a row with nothing attended so far has m_new = -inf: subtract 0 instead, so p = 0 and alpha = 0, no NaN
+    m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.math.exp2(m_i - m_sub)
+    p = tl.math.exp2(s - m_sub[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
 
 
 @triton.jit
@@ -195,20 +200,26 @@ def _as_4d(t: torch.Tensor) -> torch.Tensor:
     return t.reshape((1,) * (4 - t.dim()) + tuple(t.shape)) if t.dim() < 4 else t
 
 
+def check_operands(fn: str, q, k, v, mask, out) -> None:
+    """What every attention kernel asks of its operands: tensors, a supported dtype shared by q, k, v and out,
+    one device (``fn`` names the kernel in the message)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{fn}: {name} must be a tensor, got {type(t).__name__}")
+    if q.dtype not in DTYPES:
+        raise ValueError(f"{fn}: q has dtype {q.dtype}; supported: float16, bfloat16, float32")
+    for name, t in (("k", k), ("v", v), ("out", out)):
+        if t is not None and t.dtype != q.dtype:
+            raise ValueError(f"{fn}: {name} has dtype {t.dtype}, q has {q.dtype} (q, k, v, out share one dtype)")
+    for name, t in (("k", k), ("v", v), ("mask", mask), ("out", out)):
+        if t is not None and t.device != q.device:
+            raise ValueError(f"{fn}: {name} is on {t.device}, q is on {q.device}")
+
+
 def _check(q, k, v, mask, causal, scale, gqa, out):
     """Validate the operands; returns ``(q, k, v, mask)`` as 4-D tensors, k / v / mask expanded (stride 0,
     no copy) to q's batch, the kv heads and the scores [B, Hq, Sq, Sk], and the group size."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"attention: {name} must be a tensor, got {type(t).__name__}")
-    if q.dtype not in DTYPES:
-        raise ValueError(f"attention: q has dtype {q.dtype}; supported: float16, bfloat16, float32")
-    for name, t in (("k", k), ("v", v), ("out", out)):
-        if t is not None and t.dtype != q.dtype:
-            raise ValueError(f"attention: {name} has dtype {t.dtype}, q has {q.dtype} (q, k, v, out share one dtype)")
-    for name, t in (("k", k), ("v", v), ("mask", mask), ("out", out)):
-        if t is not None and t.device != q.device:
-            raise ValueError(f"attention: {name} is on {t.device}, q is on {q.device}")
+    check_operands("attention", q, k, v, mask, out)
     if not (2 <= q.dim() <= 4 and k.dim() == q.dim() and v.dim() == q.dim()):
         raise ValueError(f"attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} must share a rank "
                          f"of 2 to 4 ([B, H, S, D], [H, S, D] or [S, D])")

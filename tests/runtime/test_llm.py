@@ -125,10 +125,12 @@ def test_text_prompts_stop_strings_and_streamed_text():
 
 
 @pytest.mark.interpreter
-def test_kernels_backend_writes_the_cache_in_place_and_matches():
-    """The kernels backend (Triton interpreter on CPU): one prefill and one decode plan, the cache adopted."""
+@pytest.mark.parametrize("attention", ["sdpa", "kiln-decode"])
+def test_kernels_backend_writes_the_cache_in_place_and_matches(attention):
+    """The kernels backend (Triton interpreter on CPU): one prefill and one decode plan, the cache adopted;
+    attention by SDPA or kiln's split-KV decode kernel."""
     hf = hf_model()
-    cfg = kiln.CompileConfig(backend="kernels", kernels={"gemm": "cublas", "attention": "sdpa"})
+    cfg = kiln.CompileConfig(backend="kernels", kernels={"gemm": "cublas", "attention": attention})
     g = kiln.from_hf(hf, max_seq=48, batch_buckets=(2,), eos_token_id=[], config=cfg)
     g.compiled.executor.tuner = Tuner(force=cfg.kernels)
     r = g.generate(PROMPTS[:2], max_new_tokens=6)
@@ -137,6 +139,8 @@ def test_kernels_backend_writes_the_cache_in_place_and_matches():
     plans = g.compiled.executor.plans
     assert sorted(p.bindings["seq"] for p in plans if p.adopted) == [1, 16]
     assert all(p.describe()["launches"]["update"] == 4 for p in plans if p.adopted)
+    assert all(p.describe()["choices"] == {"gemm:cublas": p.describe()["choices"]["gemm:cublas"], f"attention:{attention}": 2}
+               for p in plans if p.adopted)
 
 
 def test_save_and_load_keep_settings_and_tokenizer(tmp_path):

@@ -1,0 +1,316 @@
+"""Split-KV (FlashDecoding) attention for LLM decode: a few query rows against a long KV cache.
+
+    out = softmax(q @ k^T * scale, masked) @ v        q [B, Hq, Sq, D] (Sq = 1..16), k, v [B, Hk, S, D]
+
+A decode step has one query row per head (a few with speculative tokens), so ``attention``'s grid of
+query tiles x heads is B * Hq programs: 32 for a batch-1 Llama step, a quarter of an H100. Here the key
+sequence is cut into ``splits`` chunks and two kernels run:
+
+  partial  grid (B * Hk, splits). One program takes one kv head, ALL G = Hq / Hk query heads of its group
+           and all Sq rows: a [G * Sq, D] query tile, so every K / V tile it loads serves the whole group
+           (Llama's 32 / 8 heads read the cache once, not four times). It walks its chunk BLOCK_N keys at
+           a time with the online softmax of ``attention.py`` and writes the unnormalised float32 partials
+           acc [B, Hq, Sq, splits, D], m and l [B, Hq, Sq, splits] to scratch; m is kept in log2 units
+           (scale * log2(e) folded into one multiplier, ``exp2`` instead of ``exp``).
+  reduce   grid (B * Hq * Sq,). M = max_s m_s, L = sum_s l_s * 2^(m_s - M), out = sum_s acc_s * 2^(m_s - M) / L.
+
+Masked keys (the bool mask is False, True = attend) contribute nothing. A chunk whose keys are all masked
+for a row leaves m = -inf, l = 0, acc = 0 and weighs nothing in the reduce; a row with EVERY key masked
+(or S = 0) gives zeros, not NaN, the convention of ``attention.py`` (L = 0 is replaced by 1).
+
+Head dims 1..256 (64, 72, 96, 128, 256 in practice): BLOCK_D is the next power of two >= D (at least 16,
+the smallest ``tl.dot`` depth), the padding lanes masked to zero: D = 72 runs as 128 wide. The group tile
+is padded the same way: BLOCK_M = next power of two >= G * Sq, at least 16 (G * Sq <= 128).
+
+The scratch is allocated per call with ``torch.empty``; under CUDA graph capture that memory comes from
+the graph's pool, so a captured decode step replays without allocating.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from .attention import check_operands, online_softmax_step
+
+# triton.jit picks the interpreter from this variable when the kernels below are defined; read it then too
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256
+MAX_ROWS = 128  # G * Sq: the group tile's rows; a taller query belongs to ``attention``
+LOG2E = 1.4426950408889634
+H100_SMS = 132
+CHUNK_ALIGN = 64  # GPU chunks are whole multiples of this: every tuned BLOCK_N divides it
+REDUCE_BLOCK_S = 16  # splits the reduce loads per step
+
+# the interpreter is slow per program and per key step: small key tiles, so a 45-key test cache already
+# spans three chunks and a partial one
+INTERPRET_CONFIG = dict(BLOCK_N=16)
+
+
+@triton.jit
+def _decode_partial_kernel(
+    q_ptr, k_ptr, v_ptr, mask_ptr, acc_ptr, m_ptr, l_ptr,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    Hq, Hk, GROUP, Sq, S, CHUNK, SPLITS, HEAD_DIM, qk_scale,  # qk_scale = scale * log2(e)
+    HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    split = tl.program_id(1)
+    b = (pid_bh // Hk).to(tl.int64)  # int64 base offsets: B * H * S * D may pass 2**31
+    hk = (pid_bh % Hk).to(tl.int64)
+    # row r of the group tile is query head hk * G + r // Sq, query row r % Sq
+    rows = tl.arange(0, BLOCK_M)
+    valid_r = rows < GROUP * Sq
+    h = hk * GROUP + rows // Sq  # [BLOCK_M]
+    i = rows % Sq
+    offs_d = tl.arange(0, BLOCK_D)
+    valid_d = offs_d < HEAD_DIM
+    q = tl.load(q_ptr + b * stride_qb + h[:, None] * stride_qh + i[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                mask=valid_r[:, None] & valid_d[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
+    k_base = k_ptr + b * stride_kb + hk * stride_kh
+    v_base = v_ptr + b * stride_vb + hk * stride_vh
+    mask_rows = mask_ptr + b * stride_mb + h * stride_mh + i * stride_mm  # [BLOCK_M] row starts
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    lo = split * CHUNK
+    hi = tl.minimum(lo + CHUNK, S)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        valid_n = offs_n < hi
+        # k^T tile [BLOCK_D, BLOCK_N]: padded head lanes load 0 and add nothing to the dot
+        kt = tl.load(k_base + offs_d[:, None] * stride_kd + offs_n[None, :] * stride_kn,
+                     mask=valid_d[:, None] & valid_n[None, :], other=0.0)
+        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N], log2 units
+        keep = valid_n[None, :]
+        if HAS_MASK:
+            keep = keep & (tl.load(mask_rows[:, None] + offs_n[None, :] * stride_mn,
+                                   mask=valid_r[:, None] & valid_n[None, :], other=0) != 0)
+        s = tl.where(keep, s, float("-inf"))
+        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                    mask=valid_n[:, None] & valid_d[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
+        m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc, DOT_PRECISION)
+
+    # scratch index of (b, h, i, split): m / l [B, Hq, Sq, SPLITS], acc [B, Hq, Sq, SPLITS, HEAD_DIM]
+    part = ((b * Hq + h) * Sq + i) * SPLITS + split
+    tl.store(m_ptr + part, m_i, mask=valid_r)
+    tl.store(l_ptr + part, l_i, mask=valid_r)
+    tl.store(acc_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=valid_r[:, None] & valid_d[None, :])
+
+
+@triton.jit
+def _decode_reduce_kernel(
+    acc_ptr, m_ptr, l_ptr, out_ptr,
+    stride_ob, stride_oh, stride_om, stride_od,
+    Hq, Sq, SPLITS, HEAD_DIM,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)  # (b * Hq + h) * Sq + i
+    i = row % Sq
+    h = (row // Sq) % Hq
+    b = row // (Sq * Hq)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    valid_d = offs_d < HEAD_DIM
+    base = row * SPLITS
+
+    m_max = tl.full([BLOCK_S], float("-inf"), dtype=tl.float32)
+    for s0 in range(0, SPLITS, BLOCK_S):
+        m_max = tl.maximum(m_max, tl.load(m_ptr + base + s0 + offs_s, mask=s0 + offs_s < SPLITS, other=float("-inf")))
+    big_m = tl.max(m_max, 0)
+    big_m = tl.where(big_m == float("-inf"), 0.0, big_m)  # every key masked: all weights 0, L = 0
+
+    l_sum = tl.zeros([BLOCK_S], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for s0 in range(0, SPLITS, BLOCK_S):
+        offs = s0 + offs_s
+        valid_s = offs < SPLITS
+        w = tl.math.exp2(tl.load(m_ptr + base + offs, mask=valid_s, other=float("-inf")) - big_m)  # [BLOCK_S]
+        l_sum += tl.load(l_ptr + base + offs, mask=valid_s, other=0.0) * w
+        a = tl.load(acc_ptr + (base + offs)[:, None] * HEAD_DIM + offs_d[None, :],
+                    mask=valid_s[:, None] & valid_d[None, :], other=0.0)  # [BLOCK_S, BLOCK_D]
+        acc += tl.sum(a * w[:, None], 0)
+    big_l = tl.sum(l_sum, 0)
+    big_l = tl.where(big_l == 0.0, 1.0, big_l)  # fully masked row: acc is 0, the output row is 0
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + i * stride_om + offs_d * stride_od,
+             (acc / big_l).to(out_ptr.dtype.element_ty), mask=valid_d)
+
+
+def _config(bn, warps, stages):
+    return triton.Config(dict(BLOCK_N=bn), num_warps=warps, num_stages=stages)
+
+
+# H100, memory bound: a program streams its chunk of K / V once; a few stages keep loads in flight, 8 warps
+# suit the wide (D = 128 / 256, G * Sq = 64+) tiles. Every BLOCK_N divides CHUNK_ALIGN.
+CONFIGS = [
+    _config(64, 4, 2),
+    _config(64, 4, 3),
+    _config(32, 4, 3),
+    _config(64, 8, 3),
+]
+
+
+@functools.cache
+def _tuned():
+    # built on first GPU use: an Autotuner asks for the active driver, which the CPU interpreter lacks.
+    # Benchmarking reruns only the partial kernel, which writes nothing but scratch.
+    return triton.autotune(CONFIGS, key=["S", "CHUNK", "GROUP", "Sq", "HEAD_DIM", "HAS_MASK"])(_decode_partial_kernel)
+
+
+def configs() -> list[dict]:
+    """The launch configurations the autotuner tries for the partial kernel, as plain dicts."""
+    return [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages) for c in CONFIGS]
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return H100_SMS  # the interpreter: plan as the H100 would
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def default_splits(B: int, Hk: int, S: int, block_n: int, sms: int = H100_SMS) -> int:
+    """How many chunks to cut S keys into: B * Hk * splits close to 2 programs per SM, each chunk a whole number
+    (>= 1) of BLOCK_N steps. At most cdiv(2 * sms, B * Hk) chunks of equal step counts, so rounding may land a
+    little under (Llama-3.2-1B, batch 1, 4096 keys: 8 kv heads x 32 chunks of 128 = 256 programs, not 264).
+    Big batches get 1: they fill the GPU already and need no reduce."""
+    blocks = max(1, triton.cdiv(S, block_n))  # BLOCK_N steps in the cache
+    want = triton.cdiv(2 * sms, B * Hk)
+    per = triton.cdiv(blocks, min(want, blocks))  # steps per chunk
+    return triton.cdiv(blocks, per)
+
+
+def _chunking(S: int, splits: int, block_n: int) -> tuple[int, int]:
+    """``(splits, chunk)`` actually run: chunks round up to whole BLOCK_N steps, so fewer may be needed
+    (S = 45, BLOCK_N = 16, splits = 4 runs 3 chunks of 16)."""
+    chunk = triton.cdiv(triton.cdiv(S, splits), block_n) * block_n
+    return triton.cdiv(S, chunk), chunk
+
+
+def _check(q, k, v, mask, scale, gqa, out, config, splits):
+    """Validate the operands; returns the group size and the mask expanded (stride 0, no copy) to the scores
+    [B, Hq, Sq, S] as uint8, or None."""
+    check_operands("decode_attention", q, k, v, mask, out)
+    if not (q.dim() == k.dim() == v.dim() == 4):
+        raise ValueError(f"decode_attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} must all be "
+                         f"4-d (q [B, Hq, Sq, D], k / v [B, Hk, S, D])")
+    if k.shape != v.shape:
+        raise ValueError(f"decode_attention: k {tuple(k.shape)} and v {tuple(v.shape)} must have one shape")
+    (bq, hq, sq, d), (bk, hk, sk, dk) = q.shape, k.shape
+    if dk != d:
+        raise ValueError(f"decode_attention: q {tuple(q.shape)} and k {tuple(k.shape)} differ in head dim")
+    if bk != bq:
+        raise ValueError(f"decode_attention: k {tuple(k.shape)} has batch {bk}, q {tuple(q.shape)} has {bq}")
+    if not 1 <= d <= MAX_HEAD_DIM:
+        raise ValueError(f"decode_attention: head dim {d} must lie in 1..{MAX_HEAD_DIM}")
+    if gqa:
+        if hk == 0 or hq % hk:
+            raise ValueError(f"decode_attention: {hq} query heads do not group over {hk} kv heads")
+    elif hq != hk:
+        raise ValueError(f"decode_attention: q has {hq} heads, k / v have {hk}; pass gqa=True for grouped-query attention")
+    group = hq // hk if hk else 1
+    if group * sq > MAX_ROWS:
+        raise ValueError(f"decode_attention: {group} heads per group x {sq} query rows = {group * sq} rows exceed "
+                         f"{MAX_ROWS}; use attention() for long queries")
+    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
+        raise ValueError(f"decode_attention: scale must be a finite number or None, got {scale!r}")
+    if splits is not None and not (isinstance(splits, int) and splits >= 1):
+        raise ValueError(f"decode_attention: splits must be a positive int or None, got {splits!r}")
+    if config is not None:
+        bn = config.get("BLOCK_N") if isinstance(config, dict) else None
+        if not (isinstance(bn, int) and bn >= 16 and bn & (bn - 1) == 0):
+            raise ValueError(f"decode_attention: config {config!r} needs BLOCK_N, a power of two >= 16")
+    scores = (bq, hq, sq, sk)
+    if mask is not None:
+        if mask.dtype != torch.bool:
+            raise ValueError(f"decode_attention: mask dtype {mask.dtype} must be bool (True = attend)")
+        try:
+            fits = mask.dim() <= 4 and tuple(torch.broadcast_shapes(mask.shape, scores)) == scores
+        except RuntimeError:
+            fits = False
+        if not fits:
+            raise ValueError(f"decode_attention: mask {tuple(mask.shape)} does not broadcast to the scores {scores}")
+        mask = mask.expand(scores).view(torch.uint8)  # same bytes; a uint8 pointer is the portable way to pass bools
+    if out is not None and tuple(out.shape) != tuple(q.shape):
+        raise ValueError(f"decode_attention: out {tuple(out.shape)} must have q's shape {tuple(q.shape)}")
+    if INTERPRET:
+        if q.dtype == torch.bfloat16:
+            raise ValueError("decode_attention: the Triton interpreter computes tl.dot on bfloat16 wrongly; "
+                             "use float16/float32 on CPU")
+    elif q.device.type != "cuda":
+        raise ValueError(f"decode_attention: q is on {q.device}; the kernels need CUDA tensors "
+                         f"(or TRITON_INTERPRET=1 on CPU)")
+    return group, mask
+
+
+def decode_attention(q, k, v, mask=None, scale=None, gqa=False, out=None, config: dict | None = None,
+                     splits: int | None = None) -> torch.Tensor:
+    """``softmax(q @ k^T * scale, mask) @ v`` for a few query rows over a long cache, split along the keys
+    (see the module docstring).
+
+    q [B, Hq, Sq, D]; k, v [B, Hk, S, D]. ``gqa``: Hq = G * Hk, query head h reads kv head h // G; without it
+    Hq == Hk. ``mask``: bool (True = attend) broadcastable to [B, Hq, Sq, S], typically [B, 1, Sq, S]; None
+    attends everything; rows with no key attended give zeros. ``scale`` None: 1 / sqrt(D). float16 /
+    bfloat16 / float32, float32 accumulation; the output has q's dtype and shape (``out`` may be given, any
+    strides; it must not overlap q, k or v). ``config``: one launch configuration of the partial kernel
+    (BLOCK_N, num_warps, num_stages; see ``configs``) run without the autotuner. ``splits``: how many key
+    chunks (None: ``default_splits``); chunks round up to whole BLOCK_N steps, so fewer may run.
+    """
+    group, mask4 = _check(q, k, v, mask, scale, gqa, out, config, splits)
+    (bq, hq, sq, d), (hk, sk) = q.shape, k.shape[1:3]
+    if out is None:
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    if out.numel() == 0:
+        return out
+    if sk == 0:
+        return out.zero_()  # no keys: every row fully masked
+
+    c = dict(config) if config is not None else dict(INTERPRET_CONFIG) if INTERPRET else None
+    block_n = c["BLOCK_N"] if c is not None else CHUNK_ALIGN
+    n_split, chunk = _chunking(sk, splits or default_splits(bq, hk, sk, block_n, _sm_count(q.device)), block_n)
+    acc = torch.empty(bq, hq, sq, n_split, d, dtype=torch.float32, device=q.device)
+    m = torch.empty(bq, hq, sq, n_split, dtype=torch.float32, device=q.device)
+    l_ = torch.empty_like(m)
+
+    qk_scale = (1.0 / math.sqrt(d) if scale is None else float(scale)) * LOG2E
+    block_d = max(16, triton.next_power_of_2(d))
+    args = (q, k, v, mask4 if mask4 is not None else q, acc, m, l_,
+            *q.stride(), *k.stride(), *v.stride(), *(mask4.stride() if mask4 is not None else (0, 0, 0, 0)),
+            hq, hk, group, sq, sk, chunk, n_split, d, qk_scale)
+    meta = dict(HAS_MASK=mask4 is not None, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+                BLOCK_M=max(16, triton.next_power_of_2(group * sq)), BLOCK_D=block_d)
+    grid = (bq * hk, n_split)
+    if c is not None:
+        _decode_partial_kernel[grid](*args, **meta, **c)
+    else:
+        _tuned()[grid](*args, **meta)
+    _decode_reduce_kernel[(bq * hq * sq,)](acc, m, l_, out, *out.stride(), hq, sq, n_split, d,
+                                           BLOCK_S=min(REDUCE_BLOCK_S, triton.next_power_of_2(n_split)), BLOCK_D=block_d)
+    return out
+
+
+def reference(q, k, v, mask=None, scale=None, gqa=False) -> torch.Tensor:
+    """torch SDPA in float32 (float64 for float64 operands), rows with no key attended set to 0 (the kernels'
+    convention; torch versions differ there). Returns the wide dtype."""
+    wide = torch.float64 if q.dtype == torch.float64 else torch.float32
+    q, k, v = q.to(wide), k.to(wide), v.to(wide)
+    if gqa and q.shape[1] != k.shape[1]:
+        rep = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    if mask is not None:
+        out = torch.where(mask.any(-1, keepdim=True), out, 0.0)
+    elif k.shape[2] == 0:
+        out = torch.zeros_like(out)
+    return out

@@ -1,0 +1,199 @@
+"""kiln.codegen.kernels.decode_attention: split-KV decode attention against a float64 SDPA reference (CPU: the Triton
+interpreter, float16/float32, 16-key tiles so a 45-key cache spans three chunks; GPU: bfloat16 at Llama-3.2-1B
+decode shapes)."""
+
+import pytest
+import torch
+
+import kiln.codegen.kernels.decode_attention as DA
+from kiln.codegen.kernels.decode_attention import decode_attention, default_splits, reference
+from kiln.testing import TOL, rel_err
+
+pytestmark = pytest.mark.interpreter  # CPU cases run under TRITON_INTERPRET=1; gpu-marked ones need it off
+
+gen = torch.Generator().manual_seed(0)
+
+
+def r(*shape, dtype=torch.float32):
+    return torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype)
+
+
+def qkv(b, hq, hk, sq, s, d, dtype):
+    return r(b, hq, sq, d, dtype=dtype), r(b, hk, s, d, dtype=dtype), r(b, hk, s, d, dtype=dtype)
+
+
+def check(q, k, v, mask=None, **kw):
+    got = decode_attention(q, k, v, mask, **kw)
+    kw = {n: kw[n] for n in ("scale", "gqa") if n in kw}
+    want = reference(q.double(), k.double(), v.double(), mask, **kw)
+    assert got.dtype == q.dtype and got.shape == want.shape
+    err = rel_err(got, want)
+    assert err <= TOL[q.dtype], f"rel err {err:.2e} > {TOL[q.dtype]:.0e}"
+    return got
+
+
+def left_padded(pads, sq, s, pos):
+    """[B, 1, Sq, S] bool: batch row b attends keys pad_b .. pos + i (its prompt starts at pad_b; the Sq new
+    tokens sit at slots pos .. pos + Sq - 1, causal among themselves)."""
+    j = torch.arange(s)
+    last = pos + torch.arange(sq)  # [Sq]
+    return (j >= torch.tensor(pads)[:, None, None, None]) & (j <= last[:, None])
+
+
+# S = 45 with 16-key tiles: three chunks by default, the last one 13 keys; D = 72 pads to 128 lanes
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("d", [64, 72])
+@pytest.mark.parametrize("sq", [1, 3])
+@pytest.mark.parametrize("hq,hk,gqa", [(4, 2, True), (2, 2, False)])
+def test_shapes(dtype, d, sq, hq, hk, gqa):
+    check(*qkv(2, hq, hk, sq, 45, d, dtype), gqa=gqa)
+
+
+def test_default_splits():
+    assert default_splits(1, 8, 4096, 64) == 32  # Llama-3.2-1B batch 1: 8 kv heads x 32 chunks of 128 = 256 programs
+    assert default_splits(16, 8, 4096, 64) == 3
+    assert default_splits(1, 8, 384, 64) == 6  # short cache: one BLOCK_N step per chunk, no finer
+    assert default_splits(64, 8, 4096, 64) == 1  # 512 programs already
+    assert default_splits(1, 1, 10, 64) == default_splits(1, 1, 0, 64) == 1
+    for b, hk, s, bn in [(1, 8, 4096, 64), (2, 8, 1000, 32), (1, 32, 70000, 64), (4, 2, 45, 16)]:
+        n = default_splits(b, hk, s, bn)
+        splits, chunk = DA._chunking(s, n, bn)
+        assert splits == n and chunk % bn == 0 and (splits - 1) * chunk < s <= splits * chunk
+        # about 2 programs per SM (rounding to equal whole-step chunks may land a little under), or chunks as
+        # small as they go
+        assert 2 * DA.H100_SMS * 0.75 <= b * hk * n <= 2 * DA.H100_SMS * 1.25 or chunk == bn
+
+
+@pytest.mark.parametrize("s,splits,ran", [(45, 3, 3), (45, 4, 3), (61, 4, 4), (61, 1, 1)])
+def test_splits_agree(s, splits, ran):
+    # chunks round up to whole 16-key steps: S = 45 in 4 splits runs 3 chunks; S = 61 in 4 runs 16, 16, 16, 13
+    assert DA._chunking(s, splits, 16)[0] == ran
+    q, k, v = qkv(1, 4, 2, 3, s, 64, torch.float32)
+    one = check(q, k, v, gqa=True, splits=1)
+    assert rel_err(check(q, k, v, gqa=True, splits=splits), one) <= TOL[torch.float32]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("sq", [1, 3])
+def test_left_padding_mask(dtype, sq):
+    # batch row 2's prompt starts at key 20: its whole first chunk (keys 0..15) is masked -> m = -inf, l = 0
+    # there, and the reduce must give that chunk no weight
+    q, k, v = qkv(3, 4, 2, sq, 45, 64, dtype)
+    check(q, k, v, left_padded([0, 7, 20], sq, 45, pos=40), gqa=True)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1, 45), (2, 1, 3, 45), (2, 4, 3, 45), (3, 45)])
+def test_mask_broadcasts(shape):
+    # a per-head mask ([B, Hq, Sq, S]) makes the rows of one group tile read different mask rows
+    q, k, v = qkv(2, 4, 2, 3, 45, 64, torch.float32)
+    mask = torch.rand(*shape, generator=gen) < 0.6
+    mask[..., 44] = True  # every row keeps a key
+    check(q, k, v, mask, gqa=True)
+
+
+def test_fully_masked_rows_give_zeros():
+    q, k, v = qkv(2, 4, 2, 3, 45, 64, torch.float32)
+    mask = left_padded([0, 7], 3, 45, pos=40)
+    mask[1, 0, 1] = False  # batch 1, query row 1 attends nothing
+    got = check(q, k, v, mask, gqa=True)  # the reference zeroes that row too
+    assert torch.equal(got[1, :, 1], torch.zeros(4, 64))
+    assert torch.equal(reference(q, k, v, mask, gqa=True)[1, :, 1], torch.zeros(4, 64))
+    assert got[1, :, 0].abs().sum() > 0
+    assert torch.equal(decode_attention(q, k[:, :, :0], v[:, :, :0], gqa=True), torch.zeros(2, 4, 3, 64))  # S = 0
+
+
+def test_strided_operands_out_and_scale():
+    # q from a [B, Sq, H, D] projection; k / v the first 45 slots of a 64-slot cache; out written through a transpose
+    q = r(2, 3, 4, 72).transpose(1, 2)
+    cache = r(2, 2, 2, 64, 72)  # [k/v, B, Hk, slots, D]
+    k, v = cache[0, :, :, :45], cache[1, :, :, :45]
+    out = torch.empty(2, 3, 4, 72).transpose(1, 2)
+    assert decode_attention(q, k, v, gqa=True, out=out, scale=0.2) is out
+    assert rel_err(out, reference(q.double(), k.double(), v.double(), gqa=True, scale=0.2)) <= TOL[torch.float32]
+
+
+def test_explicit_config():
+    assert all(DA.CHUNK_ALIGN % c["BLOCK_N"] == 0 for c in DA.configs())
+    check(*qkv(1, 4, 2, 1, 70, 64, torch.float16), gqa=True, config=dict(BLOCK_N=32))  # 3 chunks of 32, last 6 keys
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(q=(4, 3, 64)), "4-d"),
+    (dict(v=(1, 2, 44, 64)), "k .* and v .* one shape"),
+    (dict(k=(1, 2, 45, 72), v=(1, 2, 45, 72)), "head dim"),
+    (dict(k=(2, 2, 45, 64), v=(2, 2, 45, 64)), "batch"),
+    (dict(q=(1, 4, 3, 64), k=(1, 3, 45, 64), v=(1, 3, 45, 64), gqa=True), "4 query heads do not group over 3"),
+    (dict(q=(1, 4, 3, 64)), "pass gqa=True"),
+    (dict(q=(1, 2, 3, 300), k=(1, 2, 45, 300), v=(1, 2, 45, 300)), "head dim 300"),
+    (dict(q=(1, 32, 9, 64), gqa=True), "144 rows exceed 128"),
+    (dict(k_dtype=torch.float16), "k has dtype"),
+    (dict(q_dtype=torch.int32), "q has dtype"),
+    (dict(mask=(3, 44)), "does not broadcast"),
+    (dict(mask=(2, 1, 3, 45)), "does not broadcast"),  # would widen the batch
+    (dict(mask=(1, 1, 1, 1, 45)), "does not broadcast"),
+    (dict(mask=(1, 1, 3, 45), mask_dtype=torch.float32), "mask dtype"),
+    (dict(out=(1, 2, 3, 65)), "out"),
+    (dict(out=(1, 2, 3, 64), out_dtype=torch.float16), "out has dtype"),
+    (dict(splits=0), "splits"),
+    (dict(config=dict(BLOCK_N=24)), "BLOCK_N"),
+])
+def test_bad_operands_raise(change, match):
+    q = r(*change.get("q", (1, 2, 3, 64))).to(change.get("q_dtype", torch.float32))
+    k = r(*change.get("k", (1, 2, 45, 64)), dtype=change.get("k_dtype", torch.float32))
+    v = r(*change.get("v", (1, 2, 45, 64)))
+    mask = (r(*change["mask"]) > 0).to(change.get("mask_dtype", torch.bool)) if "mask" in change else None
+    out = torch.empty(change["out"], dtype=change.get("out_dtype", torch.float32)) if "out" in change else None
+    with pytest.raises(ValueError, match=match):
+        decode_attention(q, k, v, mask, gqa=change.get("gqa", False), out=out, splits=change.get("splits"),
+                         config=change.get("config"))
+
+
+def test_bfloat16_refused_by_the_interpreter():
+    if not DA.INTERPRET:
+        pytest.skip("interpreter only")
+    with pytest.raises(ValueError, match="bfloat16"):
+        decode_attention(*qkv(1, 1, 1, 1, 16, 64, torch.bfloat16))
+
+
+# ----------------------------------------------------------------------------- GPU (bf16, real shapes)
+
+
+def cuda_qkv(b, hq, hk, sq, s, d, dtype=torch.bfloat16):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    return [torch.randn(b, h, n, d, generator=g, device="cuda", dtype=torch.float32).to(dtype)
+            for h, n in ((hq, sq), (hk, s), (hk, s))]
+
+
+def check_against_fp32(q, k, v, mask=None, **kw):
+    wide = torch.float64 if q.dtype == torch.float32 else torch.float32
+    want = reference(q.to(wide), k.to(wide), v.to(wide), mask, **{n: kw[n] for n in ("scale", "gqa") if n in kw})
+    got = decode_attention(q, k, v, mask, **kw)
+    torch.cuda.synchronize()
+    assert got.dtype == q.dtype and got.shape == want.shape
+    err = rel_err(got, want)
+    assert err <= TOL[q.dtype], f"rel err {err:.2e} > {TOL[q.dtype]:.0e}"
+    return got
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("b", [1, 16])
+@pytest.mark.parametrize("s", [384, 4096])
+def test_gpu_llama_decode(b, s):
+    # Llama-3.2-1B decode step: 32 query heads over 8 kv heads of 64, one new token
+    check_against_fp32(*cuda_qkv(b, 32, 8, 1, s, 64), gqa=True)
+
+
+@pytest.mark.gpu
+def test_gpu_llama_left_padded_speculative():
+    # 4 speculative tokens over a left-padded 4096-slot cache; one config run directly, and one split vs many
+    q, k, v = cuda_qkv(4, 32, 8, 4, 4096, 64)
+    mask = left_padded([0, 100, 1000, 3000], 4, 4096, pos=3500).cuda()
+    many = check_against_fp32(q, k, v, mask, gqa=True)
+    one = check_against_fp32(q, k, v, mask, gqa=True, splits=1, config=DA.configs()[0])
+    assert rel_err(many, one) <= TOL[torch.bfloat16]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,d", [(torch.float16, 128), (torch.float32, 72), (torch.bfloat16, 256)])
+def test_gpu_other_dtypes_and_head_dims(dtype, d):
+    check_against_fp32(*cuda_qkv(2, 8, 2, 2, 1000, d, dtype=dtype), gqa=True)
