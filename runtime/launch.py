@@ -126,6 +126,7 @@ class KernelPlan:
         val: dict[Node, _Value] = {}
         kinds: list[str] = []
         order: dict[Node, tuple] = {}  # outputs stored in a permuted dim order (see _stored_order)
+        graph_outputs = set(graph.outputs)  # (returned to the caller: kept in their own order)
         real: dict[Node, torch.Tensor] = {n: t.to(device) for n, t in static.items()}
         for n, t in real.items():
             val[n] = _Value(torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta"), None)
@@ -160,7 +161,7 @@ class KernelPlan:
                     val.update(metas)
             if kind not in ("view", "source"):
                 for o in g.outputs:
-                    perm = _stored_order(o) if kind in ("attention", "pointwise") else None
+                    perm = _stored_order(o) if kind in ("attention", "pointwise") and o not in graph_outputs else None
                     if perm is not None:
                         order[o] = perm
                     val[o] = _Value(_empty(shape_of[o], perm, torch_dtype(o.dtype), "meta"), slot[o])
@@ -434,6 +435,9 @@ class KernelPlan:
                 "build_s": round(self.stats.build_s, 3)}
 
 
-TRITON_GEMM_CONFIGS = 2  # template configurations measured per GEMM shape (besides cuBLAS + epilogue)
+# template configurations measured per shape besides cuBLAS / SDPA. Each is a Triton compile (1-2 s) of a cold
+# start; one GEMM configuration (the template lost to cuBLAS at every measured shape) keeps DiT-XL/2's cold
+# compile inside its budget
+TRITON_GEMM_CONFIGS = 1
 TRITON_ATTENTION_CONFIGS = 2
 
