@@ -91,7 +91,8 @@ class Generator:
     model source or checkpoint needed). ``spec``: vocab_size, num_layers, kv_heads, head_dim, sliding_window,
     max_seq (cache length: prompt + new tokens), batch_buckets (request batch sizes compiled for; a request is
     padded up to the next one), eos (token ids). ``tokenizer``: a transformers tokenizer (text in and out,
-    stop strings); without one, prompts are token ids."""
+    stop strings); without one, prompts are token ids. A generator serves one request at a time (the KV
+    cache of a batch bucket is shared by its requests): finish or drop one stream before starting the next."""
 
     def __init__(self, compiled, spec: dict, tokenizer=None):
         self.compiled = compiled
