@@ -108,6 +108,7 @@ class Generator:
         self.eos = set(spec.get("eos") or [])
         self.compile_s = 0.0
         self._caches: dict[int, dict[str, torch.Tensor]] = {}
+        self._busy = False
 
     @classmethod
     def compile(cls, model, *, max_seq: int = 1024, batch_buckets=DEFAULT_BATCH_BUCKETS, device=None, dtype=None,
@@ -257,6 +258,17 @@ class Generator:
                              hint="shorten the prompt, ask for fewer tokens, or build the generator with a larger max_seq")
         if (stop or text) and self.tokenizer is None:
             raise InputError("stop strings and text need a tokenizer", hint="stop on token ids with eos_token_id instead")
+        if self._busy:
+            raise InputError("this generator is already serving a request (its KV cache is in use)",
+                             hint="finish or close the other stream first, or use a second Generator")
+        self._busy = True
+        try:
+            yield from self._stream(ids_list, bucket, T, max_new_tokens, sampling, stop, text)
+        finally:
+            self._busy = False
+
+    def _stream(self, ids_list, bucket, T, max_new_tokens, sampling, stop, text) -> Iterator[Step]:
+        n = len(ids_list)
         rows = ids_list + [ids_list[-1]] * (bucket - n)  # padding rows repeat the last prompt; dropped
         pad = torch.tensor([T - len(p) for p in rows])
         ids = torch.tensor([[0] * (T - len(p)) + p for p in rows], device=self.device)

@@ -193,3 +193,13 @@ def test_gpu_bf16_generation_with_cuda_graphs(attention):
     plans = [p for p in g.compiled.executor.plans if p.adopted]
     assert plans and all(p.describe()["cuda_graph"] for p in plans)
     assert g.generate(PROMPTS, max_new_tokens=32).tokens == r.tokens  # replays give the same tokens
+
+
+def test_one_request_at_a_time(llama):
+    _, g = llama
+    first = g.stream(PROMPTS[0], max_new_tokens=8)
+    next(first)
+    with pytest.raises(InputError, match="already serving"):
+        g.generate(PROMPTS[1], max_new_tokens=4)
+    first.close()  # dropping the stream frees the generator
+    assert len(g.generate(PROMPTS[1], max_new_tokens=4).tokens[0]) == 4
