@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from ...ir.ops_fused import ACTIVATIONS
-from .gemm import _activation, _gate_residual_store, _row_groups
+from .gemm import _activation, _gate_residual_store, output_operands
 
 # triton.jit picks the interpreter from this variable when the kernel below is defined; read it then too
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -150,16 +150,9 @@ def epilogue(h, bias=None, gate=None, residual=None, act="none", glu=False, out=
         h2 = h.view(m, nh)
     except RuntimeError as e:
         raise ValueError(f"epilogue: h {tuple(h.shape)} with strides {h.stride()} cannot be viewed as [{m}, {nh}]") from e
-    if out is None:
-        out = torch.empty(shape, dtype=h.dtype, device=h.device)
-    try:
-        out2 = out.view(m, n)
-    except RuntimeError as e:
-        raise ValueError(f"epilogue: out with strides {out.stride()} cannot be viewed as [{m}, {n}]") from e
+    out, out2, g, r = output_operands("epilogue", out, shape, h, gate, residual)
     if m == 0 or n == 0:
         return out
-    g = _row_groups(gate, lead, n) if gate is not None else (h, 1, 0, 0, 0)
-    r = _row_groups(residual, lead, n) if residual is not None else (h, 1, 0, 0, 0)
     b = bias if bias is not None else h
     c = INTERPRET_CONFIG if INTERPRET else _config(m, n, bool(glu))
     grid = (-(-m // c["BLOCK_M"]) * -(-n // c["BLOCK_N"]),)  # cdiv

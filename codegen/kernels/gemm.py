@@ -203,6 +203,23 @@ def _row_groups(t: torch.Tensor, lead: tuple, n: int):
     return e, rows, stride_b, stride_m, e.stride(-1)
 
 
+def output_operands(fn: str, out, shape: tuple, like: torch.Tensor, gate, residual):
+    """The epilogue's output and its broadcast operands, shared by ``gemm`` and ``epilogue``: ``out`` (allocated
+    in ``like``'s dtype when None) and its [M, N] view, and the ``_row_groups`` addressing of the gate and the
+    residual (``like`` stands in for an absent one; its switch is off)."""
+    lead, n = shape[:-1], shape[-1]
+    m = math.prod(lead)
+    if out is None:
+        out = torch.empty(shape, dtype=like.dtype, device=like.device)
+    try:
+        out2 = out.view(m, n)
+    except RuntimeError as e:
+        raise ValueError(f"{fn}: out with strides {out.stride()} cannot be viewed as [{m}, {n}]") from e
+    g = _row_groups(gate, lead, n) if gate is not None else (like, 1, 0, 0, 0)
+    r = _row_groups(residual, lead, n) if residual is not None else (like, 1, 0, 0, 0)
+    return out, out2, g, r
+
+
 def _check(x, w, bias, gate, residual, act, glu, out):
     """Validate the operands; returns the output shape."""
     if not isinstance(x, torch.Tensor) or not isinstance(w, torch.Tensor):
@@ -260,16 +277,9 @@ def gemm(x, w, bias=None, gate=None, residual=None, act="none", glu=False, out=N
     k = w.shape[1]
     m = math.prod(lead)
     x2 = x.reshape(m, k)  # a view unless x's leading dims cannot be flattened
-    if out is None:
-        out = torch.empty(shape, dtype=x.dtype, device=x.device)
-    try:
-        out2 = out.view(m, n)
-    except RuntimeError as e:
-        raise ValueError(f"gemm: out with strides {out.stride()} cannot be viewed as [{m}, {n}]") from e
+    out, out2, g, r = output_operands("gemm", out, shape, x, gate, residual)
     if m == 0 or n == 0:
         return out
-    g = _row_groups(gate, lead, n) if gate is not None else (x, 1, 0, 0, 0)
-    r = _row_groups(residual, lead, n) if residual is not None else (x, 1, 0, 0, 0)
     args = (x2, w, bias if bias is not None else x, g[0], r[0], out2, m, n, k,
             x2.stride(0), x2.stride(1), w.stride(0), w.stride(1), *g[1:], *r[1:], out2.stride(0), out2.stride(1))
     meta = dict(ACT=act, GLU=bool(glu), HAS_BIAS=bias is not None, HAS_GATE=gate is not None,
