@@ -9,10 +9,11 @@ import time
 
 import torch
 import triton
-import triton.testing as tt
+
+from common import measure
 
 import kiln
-from kiln.testing import DIT_DYNAMIC, dit_inputs, dit_xl2, rel_err
+from kiln.testing import DIT_DYNAMIC, dit_inputs, dit_xl2
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--modes", default="eager,default,max-autotune-no-cudagraphs")
@@ -47,18 +48,8 @@ print("kiln compile", round(res["kiln_compile_s"], 1), "s", flush=True)
 for bs in batches:
     x = inputs(bs, torch.bfloat16)
     for mode in ["kiln"] + a.modes.split(","):
-        torch._dynamo.reset()
-        torch.cuda.reset_peak_memory_stats()
         f = (lambda **kw: compiled(**kw)) if mode == "kiln" else m16 if mode == "eager" else torch.compile(m16, mode=mode)
-        t0 = time.time()
-        with torch.no_grad():
-            o = f(**x).sample
-        torch.cuda.synchronize()
-        first = time.time() - t0
-        with torch.no_grad():
-            ms = tt.do_bench(lambda: f(**x), warmup=25, rep=200, return_mode="median")
-        run = {"batch": bs, "system": mode, "ms": ms, "first_call_s": first, "peak_mem_GiB": torch.cuda.max_memory_allocated() / 2**30,
-               "rel_err_vs_fp32": rel_err(o.float(), want[bs])}
+        run = {"batch": bs, "system": mode, **measure(lambda: f(**x).sample, want[bs])}
         if mode == "kiln":
             run["executor"] = compiled.executor.describe()["plans"][-1]
         res["runs"].append(run)

@@ -10,11 +10,11 @@ import time
 
 import torch
 import triton
-import triton.testing as tt
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from common import measure
+
 import kiln
-from kiln.testing import rel_err
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--modes", default="eager,default")
@@ -46,9 +46,6 @@ for s in seqs:
     compiled = kiln.compile(m16, (x,), config=kiln.CompileConfig())
     res[f"kiln_compile_s_seq{s}"] = time.time() - t0
     for mode in ["kiln"] + a.modes.split(","):
-        torch._dynamo.reset()
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
         if mode == "kiln":
             def f(x):
                 return compiled(x).logits
@@ -56,15 +53,7 @@ for s in seqs:
             f = hf
         else:
             f = torch.compile(hf, mode=mode)
-        t0 = time.time()
-        with torch.no_grad():
-            o = f(x)
-        torch.cuda.synchronize()
-        first = time.time() - t0
-        with torch.no_grad():
-            ms = tt.do_bench(lambda: f(x), warmup=25, rep=200, return_mode="median")
-        run = {"seq": s, "batch": 1, "system": mode, "ms": ms, "first_call_s": first,
-               "peak_mem_GiB": torch.cuda.max_memory_allocated() / 2**30, "rel_err_vs_fp32": rel_err(o.float(), want[s])}
+        run = {"seq": s, "batch": 1, "system": mode, **measure(lambda: f(x), want[s])}
         if mode == "kiln":
             run["compile_s"] = res[f"kiln_compile_s_seq{s}"]
             run["executor"] = compiled.executor.describe()
