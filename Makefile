@@ -31,6 +31,8 @@ demo: $(STAMP)
 	$(VENV)/bin/kiln inspect out/llama-tiny.kiln
 	$(VENV)/bin/kiln compile --model dit-tiny -o out/dit-tiny.kiln --force --verify --report
 	$(VENV)/bin/kiln run out/dit-tiny.kiln --dim batch=4
+	$(VENV)/bin/kiln compile --model llama-tiny --generate --max-seq 128 -o out/llama-tiny-gen.kiln --force
+	$(VENV)/bin/kiln generate out/llama-tiny-gen.kiln --ids 1,2,3 --ids 7,8 --max-new-tokens 16
 
 clean:
 	rm -rf $(VENV) out .pytest_cache
