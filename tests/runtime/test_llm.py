@@ -203,3 +203,23 @@ def test_one_request_at_a_time(llama):
         g.generate(PROMPTS[1], max_new_tokens=4)
     first.close()  # dropping the stream frees the generator
     assert len(g.generate(PROMPTS[1], max_new_tokens=4).tokens[0]) == 4
+
+
+def test_from_pretrained_checkpoint_directory_with_its_tokenizer(tmp_path, capsys):
+    """A local HF checkpoint (config.json + safetensors + tokenizer files): the Python API and the CLI."""
+    from kiln.cli import main
+
+    hf = hf_model()
+    tok = word_tokenizer()
+    hf.save_pretrained(tmp_path / "ckpt")
+    tok.save_pretrained(tmp_path / "ckpt")
+    g = kiln.Generator.from_pretrained(tmp_path / "ckpt", dtype=torch.float32, max_seq=64, batch_buckets=(1,),
+                                       eos_token_id=[])
+    assert g.tokenizer is not None
+    r = g.generate("w5 w6 w7", max_new_tokens=8)
+    assert r.tokens[0] == hf_greedy(hf, [5, 6, 7], 8)
+    out = tmp_path / "g.kiln"
+    assert main(["compile", "--model", "llama-tiny", "--weights", str(tmp_path / "ckpt"), "--generate", "--max-seq", "64",
+                 "--batch-buckets", "1", "-o", str(out), "-q"]) == 0
+    assert "with its tokenizer" in capsys.readouterr().out
+    assert kiln.Generator.load(out).generate("w5 w6 w7", max_new_tokens=8).texts == r.texts
