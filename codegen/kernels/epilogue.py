@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from ...ir.ops_fused import ACTIVATIONS
-from .gemm import _activation, _gate_residual_store, output_operands
+from .gemm import _activation, _gate_residual_store, check_output_operands, output_operands
 
 # triton.jit picks the interpreter from this variable when the kernel below is defined; read it then too
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -117,19 +117,7 @@ def _check(h, bias, gate, residual, act, glu, out):
             raise ValueError("epilogue: out cannot be h with glu (the output is half as wide)")
         n //= 2
     shape = tuple(h.shape[:-1]) + (n,)
-    for name, t in (("gate", gate), ("residual", residual)):
-        if t is None:
-            continue
-        # broadcasts without widening the output; plain Python: torch.broadcast_shapes costs ~25 us a call
-        if t.dim() > len(shape) or any(s not in (1, o) for s, o in zip(reversed(t.shape), reversed(shape))):
-            raise ValueError(f"epilogue: {name} {tuple(t.shape)} does not broadcast to the output {shape}")
-    for name, t in (("bias", bias), ("gate", gate), ("residual", residual), ("out", out)):
-        if t is not None and t.dtype != h.dtype:
-            raise ValueError(f"epilogue: {name} has dtype {t.dtype}, h has {h.dtype} (all operands share one dtype)")
-        if t is not None and t.device != h.device:
-            raise ValueError(f"epilogue: {name} is on {t.device}, h is on {h.device}")
-    if out is not None and tuple(out.shape) != shape:
-        raise ValueError(f"epilogue: out {tuple(out.shape)} must have the output shape {shape}")
+    check_output_operands("epilogue", ("h", h), shape, [("bias", bias)], gate, residual, out)
     if not INTERPRET and h.device.type != "cuda":
         raise ValueError(f"epilogue: h is on {h.device}; the kernel needs CUDA tensors (or TRITON_INTERPRET=1 on CPU)")
     return shape

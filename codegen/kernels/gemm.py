@@ -220,6 +220,23 @@ def output_operands(fn: str, out, shape: tuple, like: torch.Tensor, gate, residu
     return out, out2, g, r
 
 
+def check_output_operands(fn: str, base: tuple, shape: tuple, inputs: list, gate, residual, out) -> None:
+    """The checks ``gemm`` and ``epilogue`` share: gate and residual broadcast to the output ``shape`` without
+    widening it, every operand has the dtype and device of ``base`` (name, tensor), ``out`` has ``shape``."""
+    for name, t in (("gate", gate), ("residual", residual)):
+        # plain Python: torch.broadcast_shapes costs ~25 us a call
+        if t is not None and (t.dim() > len(shape) or any(a not in (1, b) for a, b in zip(reversed(t.shape), reversed(shape)))):
+            raise ValueError(f"{fn}: {name} {tuple(t.shape)} does not broadcast to the output {shape}")
+    bname, b = base
+    for name, t in inputs + [("gate", gate), ("residual", residual), ("out", out)]:
+        if t is not None and t.dtype != b.dtype:
+            raise ValueError(f"{fn}: {name} has dtype {t.dtype}, {bname} has {b.dtype} (all operands share one dtype)")
+        if t is not None and t.device != b.device:
+            raise ValueError(f"{fn}: {name} is on {t.device}, {bname} is on {b.device}")
+    if out is not None and tuple(out.shape) != shape:
+        raise ValueError(f"{fn}: out {tuple(out.shape)} must have the output shape {shape}")
+
+
 def _check(x, w, bias, gate, residual, act, glu, out):
     """Validate the operands; returns the output shape."""
     if not isinstance(x, torch.Tensor) or not isinstance(w, torch.Tensor):
@@ -239,23 +256,7 @@ def _check(x, w, bias, gate, residual, act, glu, out):
             raise ValueError(f"gemm: glu needs an even number of weight rows ([gate; up]), weight is {tuple(w.shape)}")
         n //= 2
     shape = tuple(x.shape[:-1]) + (n,)
-    for name, t in (("gate", gate), ("residual", residual)):
-        if t is None:
-            continue
-        try:
-            fits = t.dim() <= len(shape) and tuple(torch.broadcast_shapes(t.shape, shape)) == shape
-        except RuntimeError:
-            fits = False
-        if not fits:
-            raise ValueError(f"gemm: {name} {tuple(t.shape)} does not broadcast to the output {shape}")
-    named = [("w", w), ("bias", bias), ("gate", gate), ("residual", residual), ("out", out)]
-    for name, t in named:
-        if t is not None and t.dtype != x.dtype:
-            raise ValueError(f"gemm: {name} has dtype {t.dtype}, x has {x.dtype} (all operands share one dtype)")
-        if t is not None and t.device != x.device:
-            raise ValueError(f"gemm: {name} is on {t.device}, x is on {x.device}")
-    if out is not None and tuple(out.shape) != shape:
-        raise ValueError(f"gemm: out {tuple(out.shape)} must have the output shape {shape}")
+    check_output_operands("gemm", ("x", x), shape, [("w", w), ("bias", bias)], gate, residual, out)
     if INTERPRET:
         if x.dtype == torch.bfloat16:
             raise ValueError("gemm: the Triton interpreter computes tl.dot on bfloat16 wrongly; use float16/float32 on CPU")
