@@ -389,12 +389,17 @@ def _attention(x, a):
     if a["gqa"] and q.dim() >= 3 and q.shape[-3] != k.shape[-3]:
         rep = q.shape[-3] // k.shape[-3]
         k, v = k.repeat_interleave(rep, dim=-3), v.repeat_interleave(rep, dim=-3)
-    causal = a["causal"]
-    if causal and mask is not None:  # both: combined here, since torch versions differ on accepting the pair
-        keep = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
-        mask = mask & keep if mask.dtype == torch.bool else mask.masked_fill(~keep, float("-inf"))
-        causal = False
+    mask, causal = sdpa_mask(q, k, mask, a["causal"])
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=a["scale"])
+
+
+def sdpa_mask(q, k, mask, causal: bool):
+    """(attn_mask, is_causal) for SDPA: a mask and causality together are combined into the mask, since torch
+    versions differ on accepting the pair."""
+    if causal and mask is not None:
+        keep = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+        return (mask & keep if mask.dtype == torch.bool else mask.masked_fill(~keep, float("-inf"))), False
+    return mask, causal
 
 
 # scale None: 1/sqrt(head_dim); causal: the upper-left-aligned triangle of torch's SDPA; with a mask

@@ -140,6 +140,11 @@ class Executor:
 
             tuner = Tuner()
         self.tuner = tuner
+        self._adoptable: list[int] = []  # inputs a kernels plan writes in place (keyed by address), once per graph
+        if self.backend == "kernels" and graph.updates:
+            from .launch import adoptable_updates
+
+            self._adoptable = sorted(adoptable_updates(graph))
         self._plans: OrderedDict[tuple, Plan] = OrderedDict()
         self.static: dict[Node, torch.Tensor] = {}
         for n in graph.nodes:
@@ -166,10 +171,8 @@ class Executor:
         """The plan for ``bindings`` (built on first use). ``inputs``: the call's tensors; on the kernels backend an
         input the graph updates in place is adopted by the plan, which is then also keyed by its address."""
         key = tuple(sorted(bindings.items()))
-        if self.backend == "kernels" and self.graph.updates and inputs is not None:
-            from .launch import adoptable_updates
-
-            key += tuple((k, inputs[k].data_ptr(), tuple(inputs[k].stride())) for k in sorted(adoptable_updates(self.graph)))
+        if self._adoptable and inputs is not None:
+            key += tuple((k, inputs[k].data_ptr(), tuple(inputs[k].stride())) for k in self._adoptable)
         p = self._plans.get(key)
         if p is None:
             static = dict(self.static)

@@ -29,16 +29,17 @@ import torch.nn.functional as F
 
 from ..codegen.schedule import VIEW_OPS, Group
 from ..ir.graph import Graph, Node
-from ..ir.ops import OPS
+from ..ir.ops import OPS, sdpa_mask
 from ..ir.ops_fused import gemm_operands
-from ..ir.types import ITEMSIZE, eval_attr, eval_dim, has_symbols, torch_dtype
+from ..ir.types import eval_attr, eval_dim, has_symbols, torch_dtype
+from .executor import _nbytes
 from .memory import BufferPlan, Interval, plan_memory
 
 
 @dataclass
 class Launch:
     group: Group
-    kind: str  # pointwise | gemm | attention | matmul | reference | copy
+    kind: str  # pointwise | gemm | matmul | attention | update | copy | reference
     run: object  # () -> None
     choice: str = ""
 
@@ -53,8 +54,9 @@ def _attrs(n: Node, bindings) -> dict:
     return {k: eval_attr(v, bindings) if has_symbols(v) else v for k, v in n.attrs.items()}
 
 
-def _nbytes(shape, dtype: str) -> int:
-    return ITEMSIZE[dtype] * math.prod(shape)
+def _config_name(impl: str, config: dict) -> str:
+    """A tuning candidate's name: the implementation, then its launch configuration's values."""
+    return impl + ":" + ",".join(str(v) for v in config.values())
 
 
 def adoptable_updates(graph: Graph) -> dict[int, tuple[str, Node]]:
@@ -342,8 +344,7 @@ class KernelPlan:
         if x.dtype in tg.DTYPES and (self.device.type == "cuda" or tg.INTERPRET):
             cfgs = tg.configs(m, glu) if self.device.type == "cuda" else [tg.INTERPRET_CONFIG]
             for c in cfgs[: TRITON_GEMM_CONFIGS]:
-                name = "triton:" + ",".join(f"{v}" for v in c.values())
-                candidates[name] = (lambda c=c: tg.gemm(x, w, bias, gate, residual, act, glu, out=out, config=c))
+                candidates[_config_name("triton", c)] = (lambda c=c: tg.gemm(x, w, bias, gate, residual, act, glu, out=out, config=c))
         what = {"op": "GEMM", "x": list(x.shape), "x_stride": list(x.stride()), "w": list(w.shape), "dtype": str(x.dtype),
                 "act": act, "glu": glu, "bias": bias is not None,
                 "gate": None if gate is None else list(gate.shape), "residual": None if residual is None else list(residual.shape)}
@@ -356,23 +357,18 @@ class KernelPlan:
         q, k, v = args[:3]
         mask = args[3] if len(args) > 3 else None
         causal, scale, gqa = attrs["causal"], attrs["scale"], attrs["gqa"]
-        sdpa_mask, sdpa_causal = mask, causal
-        if causal and mask is not None:  # as the reference: torch versions differ on taking both
-            keep = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
-            sdpa_mask = mask & keep if mask.dtype == torch.bool else mask.masked_fill(~keep, float("-inf"))
-            sdpa_causal = False
+        attn_mask, sdpa_causal = sdpa_mask(q, k, mask, causal)  # built once per plan, not per call
         enable_gqa = bool(gqa and q.dim() >= 3 and q.shape[-3] != k.shape[-3])
 
         def sdpa():
-            out.copy_(F.scaled_dot_product_attention(q, k, v, attn_mask=sdpa_mask, is_causal=sdpa_causal, scale=scale,
+            out.copy_(F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=sdpa_causal, scale=scale,
                                                      enable_gqa=enable_gqa))
 
         candidates = {"sdpa": sdpa}
         if q.dtype in ta.DTYPES and (self.device.type == "cuda" or ta.INTERPRET):
             cfgs = ta.configs(q.shape[-2]) if self.device.type == "cuda" else [ta.INTERPRET_CONFIG]
             for c in cfgs[: TRITON_ATTENTION_CONFIGS]:
-                name = "kiln:" + ",".join(f"{v}" for v in c.values())
-                candidates[name] = (lambda c=c: ta.attention(q, k, v, mask, causal, scale, gqa, out=out, config=c))
+                candidates[_config_name("kiln", c)] = (lambda c=c: ta.attention(q, k, v, mask, causal, scale, gqa, out=out, config=c))
         # few query rows over a long key sequence (LLM decode): the split-KV kernel (one program per kv head and
         # key chunk; every loaded K / V tile serves the whole query group)
         from ..codegen.kernels import decode_attention as td
@@ -383,8 +379,8 @@ class KernelPlan:
                 and (enable_gqa or q.shape[1] == k.shape[1]) and (self.device.type == "cuda" or td.INTERPRET)):
             cfgs = td.configs() if self.device.type == "cuda" else [td.INTERPRET_CONFIG]
             for c in cfgs[: TRITON_ATTENTION_CONFIGS]:
-                name = "kiln-decode:" + ",".join(f"{v}" for v in c.values())
-                candidates[name] = (lambda c=c: td.decode_attention(q, k, v, mask, scale, enable_gqa, out=out, config=c))
+                candidates[_config_name("kiln-decode", c)] = (
+                    lambda c=c: td.decode_attention(q, k, v, mask, scale, enable_gqa, out=out, config=c))
         what = {"op": "ATTENTION", "q": list(q.shape), "k": list(k.shape), "v": list(v.shape), "dtype": str(q.dtype),
                 "strides": [list(t.stride()) for t in (q, k, v)], "causal": causal, "scale": scale, "gqa": gqa,
                 "mask": None if mask is None else [list(mask.shape), str(mask.dtype)]}
@@ -412,12 +408,8 @@ class KernelPlan:
         for buf, t in zip(self.input_buffers, inputs):
             if buf is not None:
                 buf.copy_(t)
-        if self.graph is not None:
-            self.graph.replay()
-        else:
-            self._run_launches()
         # an updated input comes back as itself (already written); every other output as a fresh tensor
-        return [o if id(o) in self._state_ids else o.clone() for o in self.output_values]
+        return [o if id(o) in self._state_ids else o.clone() for o in self.launch()]
 
     def launch(self) -> list[torch.Tensor]:
         """Run on what the input buffers hold now (a caller that updates ``input_buffers`` in place, like the
