@@ -378,11 +378,19 @@ def load_llama(path: str | Path, dtype: torch.dtype = torch.float32) -> LlamaFor
     path = Path(path)
     cfg = LlamaConfig.from_hf(json.loads((path / "config.json").read_text()))
     tensors, source, where = read_safetensors(path, "model")
+    return llama_from_tensors(cfg, tensors, source, where, dtype)
+
+
+def llama_from_tensors(cfg: LlamaConfig, tensors: dict[str, torch.Tensor], source: dict, where,
+                       dtype: torch.dtype | None = None) -> LlamaForCausalLM:
+    """A LlamaForCausalLM holding ``tensors`` (HF names; checked by :func:`assign_checked`, which names
+    ``source[name]`` / ``where`` in its errors), cast to ``dtype`` unless None; no copy when no cast."""
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg)
     optional = frozenset({"lm_head.weight"} if cfg.tie_word_embeddings else ())
     assign_checked(model, tensors, source, where, optional, ignored_suffixes=("rotary_emb.inv_freq",))
-    model.to(dtype)
+    if dtype is not None:
+        model.to(dtype)
     model.tie_weights()  # assign=True gave embed_tokens a new Parameter; lm_head must follow it
     model.reset_buffers()
     return model.eval()

@@ -385,24 +385,18 @@ class _Decoder:
 def from_hf(model, tokenizer=None, **kw) -> Generator:
     """A :class:`Generator` for an in-memory transformers Llama / Mistral / Qwen2 causal LM (its weights are
     shared, not copied, when device and dtype stay the same)."""
-    from ..models.llama import HF_MODEL_TYPES, LlamaConfig, LlamaForCausalLM
+    from ..models.llama import HF_MODEL_TYPES, LlamaConfig, llama_from_tensors
 
     hf_cfg = model.config.to_dict()
     if hf_cfg.get("model_type") not in HF_MODEL_TYPES:
         raise KilnError(f"kiln.from_hf: model_type {hf_cfg.get('model_type')!r} is not supported",
                         hint=f"supported: {', '.join(HF_MODEL_TYPES)}")
-    cfg = LlamaConfig.from_hf(hf_cfg)
-    with torch.device("meta"):
-        ours = LlamaForCausalLM(cfg)
-    state = {k: v for k, v in model.state_dict().items() if not k.endswith("rotary_emb.inv_freq")}
-    if cfg.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
-    missing, unexpected = ours.load_state_dict(state, strict=False, assign=True)
-    missing = [k for k in missing if not (cfg.tie_word_embeddings and k == "lm_head.weight")]
-    if missing or unexpected:
-        raise KilnError(f"kiln.from_hf: parameters do not match (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    ours.tie_weights()
-    ours.reset_buffers()  # inv_freq, on the parameters' device
+    state = model.state_dict()
+    try:
+        ours = llama_from_tensors(LlamaConfig.from_hf(hf_cfg), state, dict.fromkeys(state, "the transformers model"),
+                                  "the transformers model")
+    except ValueError as e:
+        raise KilnError(f"kiln.from_hf: {e}") from None
     if "eos_token_id" not in kw:
         kw["eos_token_id"] = getattr(getattr(model, "generation_config", None), "eos_token_id", None) or hf_cfg.get("eos_token_id")
     return Generator.compile(ours.eval(), tokenizer=tokenizer, **kw)
