@@ -67,6 +67,12 @@ def cache_names(num_layers: int) -> list[str]:
     return [f"{kv}_cache_{i}" for i in range(num_layers) for kv in "kv"]
 
 
+def new_caches(spec: dict, batch: int, dtype, device) -> dict[str, torch.Tensor]:
+    """Zeroed KV caches for ``batch`` rows: k_cache_i / v_cache_i [batch, kv_heads, max_seq, head_dim]."""
+    return {n: torch.zeros(batch, spec["kv_heads"], spec["max_seq"], spec["head_dim"], dtype=dtype, device=device)
+            for n in cache_names(spec["num_layers"])}
+
+
 def step_inputs(ids: torch.Tensor, pad: torch.Tensor, slot0: int, caches: dict, max_seq: int, window: int | None) -> dict:
     """The step's inputs for tokens ``ids`` [B, T] at cache slots slot0 .. slot0 + T - 1 of rows whose first real
     slot is ``pad`` [B] (see the module docstring for the positions and the mask)."""
@@ -137,7 +143,7 @@ class Generator:
         # the example: batch 2 (1 if that is all), 2 tokens; its caches are the example's own
         b0 = min(2, buckets[-1])
         names = cache_names(cfg.num_hidden_layers)
-        caches = {n: torch.zeros(b0, cfg.num_key_value_heads, max_seq, cfg.head_dim, dtype=dtype, device=device) for n in names}
+        caches = new_caches(spec, b0, dtype, device)
         example = step_inputs(torch.zeros(b0, 2, dtype=torch.long, device=device), torch.zeros(b0, dtype=torch.long), 0, caches,
                               int(max_seq), cfg.sliding_window)
         batch, seq = ("batch", 1, buckets[-1]), ("seq", 1, int(max_seq))
@@ -194,9 +200,7 @@ class Generator:
     def caches(self, batch: int) -> dict[str, torch.Tensor]:
         """The KV cache of a batch bucket (allocated on first use, then reused)."""
         if batch not in self._caches:
-            sp = self.spec
-            self._caches[batch] = {n: torch.zeros(batch, sp["kv_heads"], self.max_seq, sp["head_dim"], dtype=self.dtype,
-                                                  device=self.device) for n in self.names}
+            self._caches[batch] = new_caches(self.spec, batch, self.dtype, self.device)
         return self._caches[batch]
 
     def _inputs(self, ids: torch.Tensor, pad: torch.Tensor, slot0: int, caches: dict) -> dict:
