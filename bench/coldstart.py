@@ -29,30 +29,24 @@ def child(phase: str, batch: int, path: str) -> dict:
     x = dit_inputs(batch)
     prof = cProfile.Profile()
     prof.enable()
+    t0 = time.time()
     if phase == "cold":
-        t0 = time.time()
         model = dit_xl2(tied=True, device="cuda").to(torch.bfloat16)
         r["model_build_s"] = time.time() - t0
         t0 = time.time()
         m = kiln.compile(model, (), dit_inputs(2), dynamic=DIT_DYNAMIC)
         r["compile_s"] = time.time() - t0
-        t1 = time.time()
-        with torch.no_grad():
-            m(**x)
-        torch.cuda.synchronize()
-        r["first_output_s"] = time.time() - t1
-        r["compile_to_first_output_s"] = time.time() - t0
-        m.save(path, overwrite=True)
     else:
-        t0 = time.time()
         m = kiln.load(path)
         r["load_s"] = time.time() - t0
-        t1 = time.time()
-        with torch.no_grad():
-            m(**x)
-        torch.cuda.synchronize()
-        r["first_output_s"] = time.time() - t1
-        r["load_to_first_output_s"] = time.time() - t0
+    t1 = time.time()
+    with torch.no_grad():
+        m(**x)
+    torch.cuda.synchronize()
+    r["first_output_s"] = time.time() - t1
+    r[("compile" if phase == "cold" else "load") + "_to_first_output_s"] = time.time() - t0
+    if phase == "cold":
+        m.save(path, overwrite=True)
     r["process_to_first_output_s"] = time.time() - T_START
     prof.disable()
     out = io.StringIO()
