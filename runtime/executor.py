@@ -151,12 +151,7 @@ class Executor:
             if n.op == "WEIGHT":
                 self.static[n] = graph.weights[n.attrs["name"]].to(self.device)
             elif n.op == "CONST" and not has_symbols(n.attrs["value"]):
-                self.static[n] = self._const(n.attrs["value"])
-
-    def _const(self, value) -> torch.Tensor:
-        # the kernels path keeps every tensor on the device (a CUDA graph cannot read host memory)
-        t = const_tensor(value)
-        return t.to(self.device) if self.backend == "kernels" and t.dim() else t
+                self.static[n] = const_tensor(n.attrs["value"])
 
     @property
     def groups(self):
@@ -178,7 +173,7 @@ class Executor:
             static = dict(self.static)
             for n in self.graph.nodes:  # CONSTs holding a symbolic dim: their value for this binding
                 if n.op == "CONST" and n not in static:
-                    static[n] = self._const(eval_dim(n.attrs["value"], bindings))
+                    static[n] = const_tensor(eval_dim(n.attrs["value"], bindings))
             if self.backend == "kernels":
                 from .launch import KernelPlan
 

@@ -129,6 +129,7 @@ class KernelPlan:
         kinds: list[str] = []
         order: dict[Node, tuple] = {}  # outputs stored in a permuted dim order (see _stored_order)
         graph_outputs = set(graph.outputs)  # (returned to the caller: kept in their own order)
+        # every tensor the launches read lives on the device (a CUDA graph cannot read host memory)
         real: dict[Node, torch.Tensor] = {n: t.to(device) for n, t in static.items()}
         for n, t in real.items():
             val[n] = _Value(torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta"), None)
