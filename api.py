@@ -403,7 +403,7 @@ def compile(model, example_inputs=(), example_kwargs: dict | None = None, *, dyn
         # the graph once, which must not write into the caller's example tensors, and the example's shapes are
         # rarely the ones generation runs at
         if example is not None and not graph.updates:
-            from .runtime.inputs import bind_inputs
+            from .ir.bind import bind_inputs
 
             binding = bind_inputs(graph, example)
             plan = compiled.executor.plan(binding, example)

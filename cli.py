@@ -345,7 +345,7 @@ def cmd_bench(a) -> int:
     import torch
 
     import kiln
-    from kiln.testing import rel_err
+    from .numerics import rel_err
 
     progress = _Progress(a.quiet)
     with progress.step(f"load {a.artifact}"):
@@ -452,7 +452,7 @@ def cmd_inspect(a) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from .version import __version__
 
     p = argparse.ArgumentParser(prog="kiln", description="kiln: compile and run transformer models fast.")
     p.add_argument("--version", action="version", version=f"kiln {__version__}")

@@ -31,6 +31,7 @@ import filelock
 import platformdirs
 
 from ..errors import KilnError
+from ..version import versions
 
 ENV_VAR = "KILN_CACHE_DIR"
 FORMAT = 1
@@ -72,9 +73,7 @@ def _arch(device: str) -> dict:
 def fingerprint(device=None) -> dict:
     """What every kernel / tuning key should include: kiln, torch, triton, python versions and the
     device's kind and GPU architecture (``device``: "cpu", "cuda", "cuda:1", a torch.device; None: cpu)."""
-    from ..runtime.artifact import _versions
-
-    return {**_versions(), **_arch(str(device or "cpu")), "cache_format": FORMAT}
+    return {**versions(), **_arch(str(device or "cpu")), "cache_format": FORMAT}
 
 
 def default_root() -> Path:

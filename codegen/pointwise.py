@@ -22,7 +22,8 @@ import sympy
 import torch
 import triton
 
-from ..ir.types import eval_dim
+from ..ir.interpret import eval_nodes
+from ..ir.types import eval_dim, torch_dtype
 
 MAX_ROW = 16384  # longest row a reduction group holds in one tile
 
@@ -255,8 +256,6 @@ def launch(group, tensors: list, bindings: dict, out: list | None = None) -> lis
     given = [t for t in tensors if isinstance(t, torch.Tensor)]
     device = given[0].device if given else torch.device("cpu")
     if out is None:
-        from ..ir.types import torch_dtype
-
         out = [torch.empty(shape, dtype=torch_dtype(n.dtype), device=device) for n in group.outputs]
     if not row_length_ok(group, bindings):  # a row longer than one tile: the reference ops
         return _reference(group, tensors, bindings, out)
@@ -293,15 +292,8 @@ def _render_cached(group, rank: int) -> str:
 
 
 def _reference(group, tensors, bindings, out):
-    from ..ir.ops import OPS, const_tensor
-    from ..ir.types import eval_attr, has_symbols
-
-    env = {}
-    for node, t in zip(group.inputs, tensors):
-        env[node] = const_tensor(eval_attr(node.attrs["value"], bindings)) if node.op == "CONST" else t
-    for node in group.nodes:
-        attrs = {k: eval_attr(v, bindings) if has_symbols(v) else v for k, v in node.attrs.items()}
-        env[node] = OPS[node.op].ref([env[i] for i in node.inputs], attrs)
+    env = {node: t for node, t in zip(group.inputs, tensors) if node.op != "CONST"}
+    eval_nodes([i for i in group.inputs if i.op == "CONST"] + list(group.nodes), env, bindings)
     for o, node in zip(out, group.outputs):
         o.copy_(env[node])
     return out

@@ -19,10 +19,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..ir.bind import bind_inputs
 from ..ir.graph import Graph, Node
-from ..ir.ops import OPS, SOURCE_OPS, _fits
+from ..ir.interpret import eval_nodes
+from ..ir.ops import SOURCE_OPS, _fits
 from ..ir.types import dims_equal, is_static
-from .pointwise import MAX_ROW, ROW_OPS, expr_key, fusible
+from .pointwise import MAX_ROW, ROW_OPS, expr_key, fusible, launch
 
 GEMM_OPS = frozenset({"GEMM", "LINEAR", "MATMUL"})
 VIEW_OPS = frozenset({"PERMUTE", "SLICE", "EXPAND", "RESHAPE"})
@@ -184,29 +186,13 @@ def schedule(graph: Graph) -> list[Group]:
 def execute(graph: Graph, groups: list[Group], inputs: list, bindings: dict | None = None) -> list:
     """Run ``groups`` in order: pointwise groups as their generated Triton kernel, every other group by its
     ops' torch references. The simplest executor of a schedule; what tests compare to ``ir.interpret``."""
-    from ..ir.ops import const_tensor
-    from ..ir.types import eval_attr, has_symbols
-    from ..runtime.inputs import bind_inputs
-    from .pointwise import launch
-
     bindings = bind_inputs(graph, inputs) if bindings is None else bindings
     env: dict = dict(zip(graph.inputs, inputs))
     for g in groups:
         if g.kind == "pointwise":
-            args = [env.get(i) for i in g.inputs]
-            for o, t in zip(g.outputs, launch(g, args, bindings)):
-                env[o] = t
-            continue
-        for n in g.nodes:
-            if n.op == "INPUT":
-                continue
-            if n.op == "WEIGHT":
-                env[n] = graph.weights[n.attrs["name"]]
-            elif n.op == "CONST":
-                env[n] = const_tensor(eval_attr(n.attrs["value"], bindings))
-            else:
-                attrs = {k: eval_attr(v, bindings) if has_symbols(v) else v for k, v in n.attrs.items()}
-                env[n] = OPS[n.op].ref([env[i] for i in n.inputs], attrs)
+            env.update(zip(g.outputs, launch(g, [env.get(i) for i in g.inputs], bindings)))
+        else:
+            eval_nodes(g.nodes, env, bindings, graph.weights)
     return [env[o] for o in graph.outputs]
 
 

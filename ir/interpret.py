@@ -1,21 +1,48 @@
-"""The reference interpreter: runs a graph node by node with each op's reference implementation.
+"""Evaluating IR nodes with their reference implementations: ONE ``eval_node`` that every executor of
+reference ops uses, and the reference interpreter built on it.
 
-It is the oracle for passes and kernels. ``compute_dtype=torch.float64`` runs every floating-point
-value in float64 (weights, inputs, casts), which is how pass tests compare graphs before and after.
+The interpreter is the oracle for passes and kernels. ``compute_dtype=torch.float64`` runs every
+floating-point value in float64 (weights, inputs, casts), which is how pass tests compare graphs before
+and after.
 """
 from __future__ import annotations
 
 import torch
 
-from .graph import Graph
+from .bind import bind_inputs
+from .graph import Graph, Node
 from .ops import OPS, const_tensor
 from .types import FLOAT_DTYPES, eval_attr, has_symbols
 
 
+def node_attrs(node: Node, bindings: dict[str, int]) -> dict:
+    """The node's attributes with every symbolic dim replaced by its value under ``bindings``."""
+    return {k: eval_attr(v, bindings) if has_symbols(v) else v for k, v in node.attrs.items()}
+
+
+def eval_node(node: Node, args: list, bindings: dict[str, int], attrs: dict | None = None) -> torch.Tensor:
+    """The value of ``node`` (not an INPUT or WEIGHT) for the values ``args`` of its inputs: its op's
+    reference implementation, or a CONST's tensor. ``attrs``: the evaluated attributes, when the caller has
+    them already (default: ``node_attrs(node, bindings)``)."""
+    attrs = node_attrs(node, bindings) if attrs is None else attrs
+    if node.op == "CONST":
+        return const_tensor(attrs["value"])
+    return OPS[node.op].ref(args, attrs)
+
+
+def eval_nodes(nodes, env: dict, bindings: dict[str, int], weights: dict | None = None) -> dict:
+    """Evaluate ``nodes`` in order into ``env`` (node -> tensor), which must hold every other value they read;
+    WEIGHT nodes read ``weights``, INPUT nodes are skipped (bound by the caller). Returns ``env``."""
+    for n in nodes:
+        if n.op == "WEIGHT":
+            env[n] = weights[n.attrs["name"]]
+        elif n.op != "INPUT":
+            env[n] = eval_node(n, [env[i] for i in n.inputs], bindings)
+    return env
+
+
 def interpret(graph: Graph, inputs: list, *, compute_dtype: torch.dtype | None = None,
               weights: dict | None = None) -> list[torch.Tensor]:
-    from ..runtime.inputs import bind_inputs
-
     bindings = bind_inputs(graph, inputs, check_dtype=compute_dtype is None)
     weights = graph.weights if weights is None else weights
 
@@ -31,12 +58,8 @@ def interpret(graph: Graph, inputs: list, *, compute_dtype: torch.dtype | None =
         if node.op == "WEIGHT":
             env[node] = up(weights[node.attrs["name"]])
             continue
-        attrs = {k: eval_attr(v, bindings) if has_symbols(v) else v for k, v in node.attrs.items()}
-        if node.op == "CONST":
-            env[node] = const_tensor(attrs["value"])
-            continue
+        attrs = node_attrs(node, bindings)
         if compute_dtype is not None and attrs.get("dtype") in FLOAT_DTYPES:
             attrs["dtype"] = str(compute_dtype).removeprefix("torch.")
-        args = [env[i] for i in node.inputs]
-        env[node] = OPS[node.op].ref(args, attrs)
+        env[node] = eval_node(node, [env[i] for i in node.inputs], bindings, attrs)
     return [env[o] for o in graph.outputs]

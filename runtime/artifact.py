@@ -20,7 +20,6 @@ import json
 import math
 import mmap
 import os
-import platform
 import shutil
 import struct
 import tempfile
@@ -34,6 +33,7 @@ from ..errors import ArtifactError, KilnError
 from ..ir.graph import Graph, GraphError
 from ..ir.serialize import graph_from_json, graph_to_json
 from ..ir.types import dim_to_json
+from ..version import versions
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -42,19 +42,6 @@ FILES = "files/"  # prefix of the members save(files=...) adds
 _CHUNK = 1 << 22
 _HASH_SLICE = 64 << 20  # bytes per sha256 update; hashlib releases the GIL during each
 _ALIGN = 64  # the weights' data starts on this boundary in the file, so every tensor can view it in place
-
-
-def _versions() -> dict:
-    from .. import __version__
-
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    return {"kiln_version": __version__, "torch_version": torch.__version__, "triton_version": triton_version,
-            "python_version": platform.python_version()}
 
 
 def _io_specs(nodes, names) -> list[dict]:
@@ -80,7 +67,7 @@ def save(path: str | os.PathLike, graph: Graph, *, signature: dict, config: dict
     manifest = {
         "format": "kiln",
         "format_version": FORMAT_VERSION,
-        **_versions(),
+        **versions(),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "gpu_arch": _gpu_arch(graph),
         "inputs": _io_specs(graph.inputs, [n.attrs["name"] for n in graph.inputs]),
@@ -173,7 +160,7 @@ def read_manifest(path: str | os.PathLike) -> tuple[zipfile.ZipFile, dict]:
         zf.close()
         raise ArtifactError(
             f"{path}: check 'format version' failed: the artifact has format version {version}, this kiln "
-            f"({_versions()['kiln_version']}) reads versions 1 to {FORMAT_VERSION}",
+            f"({versions()['kiln_version']}) reads versions 1 to {FORMAT_VERSION}",
             hint="upgrade kiln to load it, or recompile the model with this kiln")
     return zf, manifest
 

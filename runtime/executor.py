@@ -20,7 +20,7 @@ import torch
 from ..ir.graph import Graph, Node
 from ..ir.ops import OPS, const_tensor
 from ..ir.types import ITEMSIZE, eval_attr, eval_dim, has_symbols, torch_dtype
-from .inputs import bind_inputs
+from ..ir.bind import bind_inputs
 from .memory import BufferPlan, Interval, plan_memory
 
 # RESHAPE of a planned (contiguous) buffer is a view of it, not a copy

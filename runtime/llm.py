@@ -374,7 +374,7 @@ class _Decoder:
             return self.plan.launch()[self.logits_index]
         inputs = list(step_inputs(tok[:, None], self.pad, slot, self.caches, g.max_seq, g.window).values())
         if ex.backend == "kernels":
-            from .inputs import bind_inputs
+            from ..ir.bind import bind_inputs
 
             self.plan = ex.plan(bind_inputs(ex.graph, inputs), inputs)
             names = [n.attrs["name"] for n in ex.graph.inputs]

@@ -301,29 +301,3 @@ def reference(x, w, bias=None, gate=None, residual=None, act="none", glu=False) 
     attrs = dict(bias=bias is not None, gate=gate is not None, residual=residual is not None, act=act, glu=glu)
     return OPS["GEMM"].ref(ins, attrs)
 
-
-def bench_gemm(shapes, dtype=torch.bfloat16) -> list[dict]:
-    """GPU timing of the template against cuBLAS + eager epilogue. ``shapes``: dicts with M, N, K and
-    optionally act, glu, gate (DiT-style [B, 1, N'] with B = 'batch'), residual. Returns one dict per
-    shape: median ms of each, the template's TFLOP/s and its relative error vs a float32 reference."""
-    from triton.testing import do_bench
-
-    from ...testing import rel_err
-
-    results = []
-    for s in shapes:
-        m, n, k = s["M"], s["N"], s["K"]
-        act, glu, batch = s.get("act", "none"), s.get("glu", False), s.get("batch", 1)
-        nout = n // 2 if glu else n
-        t = functools.partial(torch.randn, device="cuda", dtype=dtype)
-        x, w, bias = t(batch, m // batch, k), t(n, k) / k ** 0.5, t(n)
-        gate = t(batch, 1, nout) if s.get("gate") else None
-        res = t(batch, m // batch, nout) if s.get("residual") else None
-        ops = (x, w, bias, gate, res, act, glu)
-        ms_kiln = do_bench(lambda: gemm(*ops))
-        ms_torch = do_bench(lambda: reference(*ops))
-        ms_mm = do_bench(lambda: torch.nn.functional.linear(x, w, bias))
-        want = reference(*(o.float() if isinstance(o, torch.Tensor) else o for o in ops))
-        results.append(dict(s, dtype=str(dtype), ms_kiln=ms_kiln, ms_torch_eager=ms_torch, ms_cublas_linear_only=ms_mm,
-                            tflops_kiln=2 * m * n * k / ms_kiln * 1e-9, rel_err=rel_err(gemm(*ops), want)))
-    return results

@@ -1,4 +1,4 @@
-"""kiln.runtime.inputs.bind_inputs: symbol values from the call's tensors, and an InputError naming
+"""kiln.ir.bind.bind_inputs: symbol values from the call's tensors, and an InputError naming
 the input, the dim, the symbol, the value and the allowed range for every tensor that does not fit."""
 
 import pytest
@@ -7,7 +7,7 @@ import torch
 from kiln.errors import InputError, KilnError
 from kiln.ir.graph import Graph
 from kiln.ir.types import sym
-from kiln.runtime.inputs import bind_inputs
+from kiln.ir.bind import bind_inputs
 
 BATCH, SEQ = sym("batch"), sym("seq")
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 
 from ..errors import InputError
-from ..ir.graph import Graph
-from ..ir.types import dtype_name, eval_dim, shape_str
+from .graph import Graph
+from .types import dtype_name, eval_dim, shape_str
 
 
 def bind_inputs(graph: Graph, tensors: list, *, check_dtype: bool = True) -> dict[str, int]:

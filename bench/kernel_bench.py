@@ -1,6 +1,7 @@
 """Kernel timings on the GPU: kiln's Triton GEMM (fused epilogues) and attention vs what torch eager runs
 for the same math (cuBLAS + separate epilogue ops; SDPA), at DiT-XL/2 and Llama-3.2-1B shapes, bf16.
-Medians of triton.testing.do_bench, all in ONE process. Writes $OUT/kernels.json."""
+Medians of triton.testing.do_bench, all in ONE process. Writes $OUT/kernels.json.
+(Not named kernels.py: a file of that name on sys.path shadows the `kernels` package transformers imports.)"""
 import json
 import os
 
