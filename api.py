@@ -5,33 +5,24 @@ from __future__ import annotations
 import functools
 import os
 import warnings
-from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 
 from .config import CompileConfig
 from .errors import CaptureError, KilnError
+from .ir.bind import bind_inputs
+from .ir.fx import capture
+from .ir.fx.capture import Dim  # noqa: F401  (kiln.Dim)
+from .ir.fx.importer import from_exported
 from .ir.graph import Graph
+from .ir.onnx import from_onnx
 from .ir.types import eval_dim, torch_dtype
 from .passes.pipeline import run_pipeline
 from .passes.report import Report
 from .runtime import artifact
 from .runtime.executor import Executor
 from .runtime.signature import Signature, output_names, output_structure
-
-
-class Dim:
-    """A named dynamic dim with an inclusive range: ``kiln.Dim("seq", 1, 2048)``."""
-
-    def __init__(self, name: str, min: int = 1, max: int | None = None):
-        if not name.isidentifier():
-            raise KilnError(f"dim name {name!r} must be an identifier")
-        if max is not None and max < min:
-            raise KilnError(f"dim {name}: max {max} < min {min}")
-        self.name, self.min, self.max = name, min, max
-
-    def __repr__(self) -> str:
-        return f"Dim({self.name!r}, {self.min}, {self.max})"
 
 
 class CompiledModel:
@@ -146,187 +137,6 @@ def _index_bound(graph: Graph, node) -> int:
 # ----------------------------------------------------------------------------- compile
 
 
-def _wrap_callable(fn):
-    """A Module whose forward has ``fn``'s signature (torch.export needs a Module)."""
-    import inspect
-    import types
-
-    try:
-        sig = inspect.signature(fn)
-    except (TypeError, ValueError):
-        raise KilnError(f"cannot read the signature of {fn!r}",
-                        hint="wrap it in a python function with named tensor parameters") from None
-    # torch.export records only frames named `forward` (and registered anchors): make fn's own frames
-    # count, so an unsupported op inside it is reported at its own file:line
-    anchor = getattr(torch.fx.proxy, "_register_stack_trace_anchor", None)
-    if anchor is not None:
-        anchor(fn)
-    elif isinstance(fn, types.FunctionType):
-        renamed = types.FunctionType(fn.__code__.replace(co_name="forward"), fn.__globals__, fn.__name__,
-                                     fn.__defaults__, fn.__closure__)
-        renamed.__kwdefaults__ = fn.__kwdefaults__
-        fn = renamed
-
-    class Fn(torch.nn.Module):
-        def forward(self, *args, **kwargs):
-            return fn(*args, **kwargs)
-
-    Fn.forward.__signature__ = sig.replace(parameters=[inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
-                                           + list(sig.parameters.values()))
-    Fn.__name__ = getattr(fn, "__name__", "fn")
-    return Fn()
-
-
-def _dynamic_shapes(dynamic: dict | None, canonical: dict):
-    """kiln's ``dynamic=`` -> torch.export ``dynamic_shapes`` plus the dim names per input."""
-    ds = {k: None for k in canonical}
-    names: dict[str, dict[int, str]] = {}
-    if not dynamic:
-        return ds, names
-    if not isinstance(dynamic, dict):
-        raise KilnError("dynamic= takes a dict: {input name: {dim index: name | (name, min, max) | kiln.Dim}}")
-    dims: dict[str, torch.export.Dim] = {}
-    ranges: dict[str, tuple] = {}
-    for arg, spec in dynamic.items():
-        if arg not in canonical:
-            raise KilnError(f"dynamic= names {arg!r}, which is not an argument of this call "
-                            f"(arguments: {', '.join(canonical)})")
-        t = canonical[arg]
-        if not isinstance(t, torch.Tensor):
-            raise KilnError(f"dynamic= names {arg!r}, which is not a tensor")
-        per = {}
-        for i, d in spec.items():
-            if not isinstance(i, int) or not -t.dim() <= i < t.dim():
-                raise KilnError(f"dynamic= for {arg!r}: dim {i} does not exist (rank {t.dim()})")
-            i %= t.dim()
-            if isinstance(d, str):
-                name, lo, hi = d, 1, None
-            elif isinstance(d, tuple) and len(d) == 3:
-                name, lo, hi = d
-            elif isinstance(d, Dim):
-                name, lo, hi = d.name, d.min, d.max
-            elif type(d).__name__ in ("Dim", "_Dim") or hasattr(d, "__name__"):
-                name, lo, hi = d.__name__, getattr(d, "min", 1), getattr(d, "max", None)
-            else:
-                raise KilnError(f"dynamic= for {arg!r} dim {i}: {d!r} is not a name, (name, min, max) or kiln.Dim")
-            if name in ranges and ranges[name] != (lo, hi):
-                raise KilnError(f"dim {name!r} is declared twice with different ranges {ranges[name]} and {(lo, hi)}")
-            if hi is not None and hi < 2:
-                continue  # a dim that can only be 1 is static
-            size = t.shape[i]
-            if size < lo or (hi is not None and size > hi):
-                raise KilnError(f"example input {arg!r} dim {i} ({name}) is {size}, outside the declared range "
-                                f"[{lo}, {hi if hi is not None else 'inf'}]")
-            ranges[name] = (lo, hi)
-            if name not in dims:
-                dims[name] = torch.export.Dim(name, min=lo, max=hi) if hi is not None else torch.export.Dim(name, min=lo)
-            per[i] = dims[name]
-            names.setdefault(arg, {})[i] = name
-        ds[arg] = per
-    return ds, names
-
-
-def _widen_size_one(canonical: dict, dim_names: dict[str, dict[int, str]]) -> dict:
-    """The example to capture with: torch.export fixes a dim whose example size is 1 even when it is
-    declared dynamic, so such dims are captured at size 2 (the example repeated along them)."""
-    capture = dict(canonical)
-    for arg, per in dim_names.items():
-        t = capture[arg]
-        for i in per:
-            if t.shape[i] == 1:
-                t = torch.cat([t, t], dim=i)
-        capture[arg] = t
-    return capture
-
-
-@contextmanager
-def _eval_mode(module: torch.nn.Module):
-    """Capture with inference semantics without leaving the user's module changed."""
-    modes = [(m, m.training) for m in module.modules()]
-    module.eval()
-    try:
-        yield
-    finally:
-        for m, training in modes:
-            m.training = training
-
-
-def _hf_fixed_kwargs(module, fn) -> dict:
-    """HF models return a KV-cache object by default; capture without it (generation is separate)."""
-    import inspect
-
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return {}
-    if "use_cache" in params and hasattr(getattr(module, "config", None), "use_cache"):
-        return {"use_cache": False}
-    return {}
-
-
-def _relaxed(dynamic_shapes: dict) -> dict:
-    """The same dims as ``Dim.DYNAMIC`` hints with their ranges: torch may then add guards it cannot
-    prove over the whole range (torch 2.11 cannot prove ``min(8*s, 16*s) == 8*s``) instead of failing."""
-    out = {}
-    for arg, per in dynamic_shapes.items():
-        if not per:
-            out[arg] = per
-            continue
-        out[arg] = {}
-        for i, d in per.items():
-            lo, hi = getattr(d, "min", 1), getattr(d, "max", None)
-            try:
-                out[arg][i] = torch.export.Dim.DYNAMIC(min=lo, max=hi if hi is not None and hi < 2**62 else None)
-            except TypeError:  # a torch without ranged hints
-                out[arg][i] = torch.export.Dim.DYNAMIC
-    return out
-
-
-def _export(module, canonical: dict, dynamic_shapes: dict, dim_names: dict):
-    def run(ds):
-        with torch.no_grad(), _eval_mode(module):
-            return torch.export.export(module, (), canonical, dynamic_shapes=ds, strict=False)
-
-    try:
-        try:
-            return run(dynamic_shapes)
-        except Exception as first:
-            if "Constraints violated" not in str(first) or not dim_names:
-                raise
-            try:
-                ep = run(_relaxed(dynamic_shapes))
-            except Exception:
-                raise first from None
-            if not _all_dims_symbolic(ep, dim_names):
-                raise first from None
-            return ep
-    except KilnError:
-        raise
-    except Exception as e:
-        if os.environ.get("KILN_DEBUG"):
-            raise
-        text = str(e).strip().splitlines()
-        msg = "\n  ".join(text[:12]) + ("\n  ..." if len(text) > 12 else "")
-        raise CaptureError(f"torch.export could not capture the model: {type(e).__name__}: {msg}",
-                           hint="KILN_DEBUG=1 shows the full error; a dim that cannot be dynamic is usually "
-                                "named in it") from None
-
-
-def _declared_ranges(dynamic_shapes: dict) -> dict:
-    return {d.__name__: (d.min, d.max if d.max is not None and d.max < 2**62 else None)
-            for per in dynamic_shapes.values() if per for d in per.values()}
-
-
-def _all_dims_symbolic(ep, dim_names: dict) -> bool:
-    """Every declared dynamic dim is still a symbol in the exported program's inputs."""
-    vals = {n.name: n.meta.get("val") for n in ep.graph.nodes if n.op == "placeholder"}
-    for arg, per in dim_names.items():
-        v = vals.get(arg)
-        if not isinstance(v, torch.Tensor) or any(not isinstance(v.shape[i], torch.SymInt) for i in per):
-            return False
-    return True
-
-
 def compile(model, example_inputs=(), example_kwargs: dict | None = None, *, dynamic: dict | None = None,
             config: CompileConfig | None = None, report_hook=None) -> CompiledModel:
     """Compile ``model`` (an ``nn.Module``, a function of tensors, a ``torch.export.ExportedProgram``, or
@@ -340,56 +150,8 @@ def compile(model, example_inputs=(), example_kwargs: dict | None = None, *, dyn
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     example_kwargs = dict(example_kwargs or {})
-
-    if isinstance(model, (str, os.PathLike)):
-        model = _load_source(os.fspath(model), report, dynamic)
-    if isinstance(model, Graph):  # an ONNX file, imported by _load_source
-        graph, signature, module, ep = model, _onnx_signature(model), None, None
-    elif isinstance(model, torch.export.ExportedProgram):
-        ep = model
-        signature = Signature.from_exported(ep)
-        dim_names = None
-        module = None
-        report.model.update(name=os.path.basename(str(getattr(ep, "_kiln_path", ""))) or "ExportedProgram",
-                            source="torch.export program")
-    else:
-        if isinstance(model, torch.nn.Module):
-            module, fn = model, model.forward
-        elif callable(model):
-            module, fn = _wrap_callable(model), model
-        else:
-            raise KilnError(f"cannot compile a {type(model).__name__}",
-                            hint="pass an nn.Module, a function of tensors, an ExportedProgram or a .pt2 path")
-        signature, canonical = Signature.from_callable(fn, tuple(example_inputs), example_kwargs,
-                                                       fixed=_hf_fixed_kwargs(module, fn))
-        ds, dim_names = _dynamic_shapes(dynamic, canonical)
-        report.model.update(name=type(model).__name__ if isinstance(model, torch.nn.Module) else getattr(model, "__name__", "fn"),
-                            source="torch.export")
-        with report.phase("capture"):
-            ep = _export(module, _widen_size_one(canonical, dim_names), ds, dim_names)
-
-    if ep is not None:  # (an ONNX file arrives imported)
-        from .ir.from_fx import from_exported
-
-        with report.phase("import"):
-            graph, _ = from_exported(ep, dim_names, input_names=signature.input_paths)
-        if module is not None:
-            for name, (lo, hi) in _declared_ranges(ds).items():
-                got = graph.symbols.get(name)
-                if got is not None and got[0] == 2 and lo <= 1:
-                    # torch < 2.12 reports every backed size as >= 2 (its 0/1 specialisation), not a guard of the model;
-                    # kiln's ops broadcast at any size and the graph is the same, so size 1 keeps the declared range
-                    graph.symbols[name] = got = (1, got[1])
-                if got is not None and (got[0] != lo or (hi is not None and got[1] != hi)):
-                    report.notes.append(f"dim {name}: declared [{lo}, {hi}], the model only works for [{got[0]}, {got[1]}] "
-                                        "(torch.export's analysis); calls are checked against the narrower range")
-        signature.output = output_structure(ep.call_spec.out_spec)
-        names = output_names(signature.output)
-        updates = [(o, n) for o, n in zip(graph.outputs, graph.output_names) if n in graph.updates]
-        user = [o for o, n in zip(graph.outputs, graph.output_names) if n not in graph.updates]
-        if len(user) != len(names):
-            raise CaptureError("the exported program's outputs do not match its output structure")
-        graph.set_outputs([o for o, _ in updates] + user, [n for _, n in updates] + names)
+    src = _capture(model, tuple(example_inputs), example_kwargs, dynamic, report)
+    graph = src.graph
     report.ops_before = graph.histogram()
     report.model.update(parameters=sum(t.numel() for t in graph.weights.values()), weight_bytes=graph.weight_bytes(),
                         inputs=[n.attrs["name"] for n in graph.inputs], outputs=list(graph.output_names))
@@ -397,27 +159,90 @@ def compile(model, example_inputs=(), example_kwargs: dict | None = None, *, dyn
         run_pipeline(graph, config.disable, report)
     report.ops_after = graph.histogram()
     with report.phase("plan"):
-        compiled = CompiledModel(graph, signature, config, report)
-        example = signature.flatten(tuple(example_inputs), example_kwargs) if module is not None else None
+        compiled = CompiledModel(graph, src.signature, config, report)
         # a graph that updates its inputs (a KV-cache step) is planned at its first call instead: planning runs
         # the graph once, which must not write into the caller's example tensors, and the example's shapes are
         # rarely the ones generation runs at
-        if example is not None and not graph.updates:
-            from .ir.bind import bind_inputs
-
-            binding = bind_inputs(graph, example)
-            plan = compiled.executor.plan(binding, example)
+        if src.example is not None and not graph.updates:
+            binding = bind_inputs(graph, src.example)
+            plan = compiled.executor.plan(binding, src.example)
             report.memory = {**plan.memory.summary(), "binding": binding}
-    if config.verify and module is not None:
+    if config.verify and src.module is not None:
         with report.phase("verify"):
-            report.verify = _verify(module, compiled, example_inputs, example_kwargs, signature)
+            report.verify = _verify(src.module, compiled, example_inputs, example_kwargs, src.signature)
     return compiled
+
+
+@dataclass
+class _Source:
+    """A model captured and imported: its graph, how it is called, and (for modules and functions) the eager
+    module and the example's flat tensors."""
+    graph: Graph
+    signature: Signature
+    module: torch.nn.Module | None = None
+    example: list | None = None
+
+
+def _capture(model, args: tuple, kwargs: dict, dynamic: dict | None, report: Report) -> _Source:
+    if isinstance(model, (str, os.PathLike)):
+        model = _load_source(os.fspath(model), report, dynamic)
+    if isinstance(model, Graph):  # an ONNX file, imported by _load_source
+        return _Source(model, _onnx_signature(model))
+    if isinstance(model, torch.export.ExportedProgram):
+        report.model.update(name=os.path.basename(str(getattr(model, "_kiln_path", ""))) or "ExportedProgram",
+                            source="torch.export program")
+        signature = Signature.from_exported(model)
+        return _Source(_import(model, signature, None, None, report), signature)
+    if isinstance(model, torch.nn.Module):
+        module, fn = model, model.forward
+    elif callable(model):
+        module, fn = capture.wrap_callable(model), model
+    else:
+        raise KilnError(f"cannot compile a {type(model).__name__}",
+                        hint="pass an nn.Module, a function of tensors, an ExportedProgram or a .pt2 path")
+    signature, canonical = Signature.from_callable(fn, args, kwargs, fixed=capture.hf_fixed_kwargs(module, fn))
+    shapes, dim_names = capture.dynamic_shapes(dynamic, canonical)
+    report.model.update(name=type(model).__name__ if isinstance(model, torch.nn.Module) else getattr(model, "__name__", "fn"),
+                        source="torch.export")
+    with report.phase("capture"):
+        ep = capture.export(module, capture.widen_size_one(canonical, dim_names), shapes, dim_names)
+    graph = _import(ep, signature, dim_names, shapes, report)
+    return _Source(graph, signature, module, signature.flatten(args, kwargs))
+
+
+def _import(ep, signature: Signature, dim_names: dict | None, shapes: dict | None, report: Report) -> Graph:
+    """The exported program as a graph whose outputs are the updated inputs' new values, then the model's
+    outputs in the order of its output structure (recorded in ``signature``)."""
+    with report.phase("import"):
+        graph, _ = from_exported(ep, dim_names, input_names=signature.input_paths)
+    if shapes is not None:
+        _note_narrowed_ranges(graph, shapes, report)
+    signature.output = output_structure(ep.call_spec.out_spec)
+    names = output_names(signature.output)
+    updates = [(o, n) for o, n in zip(graph.outputs, graph.output_names) if n in graph.updates]
+    user = [o for o, n in zip(graph.outputs, graph.output_names) if n not in graph.updates]
+    if len(user) != len(names):
+        raise CaptureError("the exported program's outputs do not match its output structure")
+    graph.set_outputs([o for o, _ in updates] + user, [n for _, n in updates] + names)
+    return graph
+
+
+def _note_narrowed_ranges(graph: Graph, shapes: dict, report: Report) -> None:
+    for name, (lo, hi) in capture.declared_ranges(shapes).items():
+        got = graph.symbols.get(name)
+        if got is not None and got[0] == 2 and lo <= 1:
+            # torch < 2.12 reports every backed size as >= 2 (its 0/1 specialisation), not a guard of the model;
+            # kiln's ops broadcast at any size and the graph is the same, so size 1 keeps the declared range
+            graph.symbols[name] = got = (1, got[1])
+        if got is not None and (got[0] != lo or (hi is not None and got[1] != hi)):
+            report.notes.append(f"dim {name}: declared [{lo}, {hi}], the model only works for [{got[0]}, {got[1]}] "
+                                "(torch.export's analysis); calls are checked against the narrower range")
 
 
 def _verify(module, compiled: CompiledModel, args, kwargs, signature: Signature) -> dict:
     import torch.utils._pytree as pytree
 
-    with torch.no_grad(), _eval_mode(module):
+    with torch.no_grad(), capture.eval_mode(module):
         want = module(*args, **{**signature.fixed, **kwargs})
         got = compiled(*args, **kwargs)
     errs = {}
@@ -456,8 +281,6 @@ def _load_source(path: str, report: Report, dynamic: dict | None = None):
     if ext == ".kiln":
         raise KilnError(f"{path} is already a compiled artifact", hint="load it with kiln.load / kiln run")
     if ext == ".onnx":
-        from .ir.from_onnx import from_onnx
-
         report.model.update(name=os.path.basename(path), source="ONNX")
         with report.phase("import ONNX"):
             return from_onnx(path, dynamic=dynamic)

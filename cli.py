@@ -222,7 +222,7 @@ def cmd_generate(a) -> int:
 
 
 def _emit_onnx(graph, path: str, progress) -> None:
-    from .ir.to_onnx import save_onnx
+    from .ir.onnx import save_onnx
 
     with progress.step(f"write ONNX {path}"):
         save_onnx(graph, path)

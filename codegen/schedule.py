@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from ..ir.bind import bind_inputs
 from ..ir.graph import Graph, Node
 from ..ir.interpret import eval_nodes
-from ..ir.ops import SOURCE_OPS, _fits
+from ..ir.ops import SOURCE_OPS, fits
 from ..ir.types import dims_equal, is_static
 from .pointwise import MAX_ROW, ROW_OPS, expr_key, fusible, launch
 
@@ -97,7 +97,7 @@ class _Scheduler:
     def can_join(self, n: Node, g: Group) -> bool:
         members = set(g.nodes)
         if not _same(n.shape, g.domain):
-            if not _fits(g.domain, n.shape):
+            if not fits(g.domain, n.shape):
                 return False  # n narrower than the group, or incomparable
             for m in g.nodes:  # widening: members of another shape must stay internal
                 if not _same(m.shape, n.shape) and (m in self.outputs or any(u not in members and u is not n for u in m.users)):
@@ -119,7 +119,7 @@ class _Scheduler:
             if m.op == "ROPE" and m.inputs[0] in members:
                 return False
         for m in h.nodes:
-            if not _fits(m.shape, dom) or (expr_key(m) in ROW_OPS and not dims_equal(m.shape[-1], dom[-1])):
+            if not fits(m.shape, dom) or (expr_key(m) in ROW_OPS and not dims_equal(m.shape[-1], dom[-1])):
                 return False
             if not _same(m.shape, dom) and (m in self.outputs or any(u not in members for u in m.users)):
                 return False

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import string
 
-from .from_fx import Unsupported
+from .lowering import Unsupported
 from .types import dim, dims_equal
 
 

@@ -46,7 +46,7 @@ class OpDef(NamedTuple):
 OPS: dict[str, OpDef] = {}
 
 
-def _def(op_name, inputs, kind, infer, ref, **attrs):
+def define(op_name, inputs, kind, infer, ref, **attrs):
     lo, hi = inputs if isinstance(inputs, tuple) else (inputs, inputs)
     OPS[op_name] = OpDef(op_name, lo, hi, attrs, infer, ref, kind)
 
@@ -102,9 +102,9 @@ def _axis(a: int, rank: int) -> int:
 # ----------------------------------------------------------------------------- sources
 
 for _name, _attrs in (("INPUT", {"name": REQUIRED}), ("WEIGHT", {"name": REQUIRED})):
-    _def(_name, 0, "source", None, None, **_attrs)
+    define(_name, 0, "source", None, None, **_attrs)
 # a rank-0 weak scalar; value may be a symbolic dim (evaluated per call)
-_def("CONST", 0, "source", None, None, value=REQUIRED)
+define("CONST", 0, "source", None, None, value=REQUIRED)
 
 
 def const_type(value) -> TType:
@@ -130,7 +130,7 @@ def _infer_elementwise(name, ins, attrs, fn):
 
 
 def _elementwise(name, arity, fn, **attrs):
-    _def(name, arity, "elementwise", lambda ins, a, fn=fn, name=name: _infer_elementwise(name, ins, a, fn), fn, **attrs)
+    define(name, arity, "elementwise", lambda ins, a, fn=fn, name=name: _infer_elementwise(name, ins, a, fn), fn, **attrs)
 
 
 _UNARY = {
@@ -186,7 +186,7 @@ def _infer_reduce(name, ins, a, fn):
 
 
 def _reduction(name, fn):
-    _def(name, 1, "reduction", lambda ins, a, fn=fn, name=name: _infer_reduce(name, ins, a, fn), fn,
+    define(name, 1, "reduction", lambda ins, a, fn=fn, name=name: _infer_reduce(name, ins, a, fn), fn,
          axes=REQUIRED, keepdim=False)
 
 
@@ -227,19 +227,19 @@ def _along_axis(name, fn):
 for _name, _kind, _fn in (("CUMSUM", "compute", lambda x, a: torch.cumsum(x[0], a["axis"])),
                           ("SOFTMAX", "reduction", lambda x, a: torch.softmax(x[0], a["axis"])),
                           ("LOG_SOFTMAX", "reduction", lambda x, a: torch.log_softmax(x[0], a["axis"]))):
-    _def(_name, 1, _kind, _along_axis(_name, _fn), _fn, axis=REQUIRED)
+    define(_name, 1, _kind, _along_axis(_name, _fn), _fn, axis=REQUIRED)
 
 
 # ----------------------------------------------------------------------------- normalisation
 
 
-def _infer_norm(name, ins, a, fn):
+def infer_norm(name, ins, a, fn):
     n_params = len(ins) - 1 - int(bool(a.get("residual")))
     if not 0 <= n_params <= (1 if name == "RMSNORM" else 2):
         raise ShapeError(f"{name}: {len(ins)} inputs with residual={bool(a.get('residual'))}")
     if a.get("residual"):  # NORM(x, *params, r) normalises x + r
         x, r = ins[0], ins[-1]
-        if not _fits(r.shape, x.shape):
+        if not fits(r.shape, x.shape):
             raise ShapeError(f"{name}: residual {shape_str(r.shape)} does not broadcast to the input {shape_str(x.shape)}")
         ins = [TType(x.shape, result_dtype("ADD", [x, r], {}, lambda t, _: t[0] + t[1]))] + list(ins[1:-1])
     x = ins[0]
@@ -257,7 +257,7 @@ def _with_residual(x, a) -> list:
     return [x[0] + x[-1]] + list(x[1:-1]) if a.get("residual") else list(x)
 
 
-def _layernorm(x, a):
+def layernorm_ref(x, a):
     x = _with_residual(x, a)
     k = a["dims"]
     shape = tuple(x[0].shape[-k:])
@@ -266,7 +266,7 @@ def _layernorm(x, a):
     return F.layer_norm(x[0], shape, w, b, a["eps"])
 
 
-def _rmsnorm(x, a):
+def rmsnorm_ref(x, a):
     # computed in float32 at least, like HF's RMSNorm; the result has the input's dtype
     x = _with_residual(x, a)
     v = x[0]
@@ -277,9 +277,9 @@ def _rmsnorm(x, a):
 
 
 # residual=True: the last input is a residual added before normalising, NORM(x + r) (the sum itself stays an ADD)
-_def("LAYERNORM", (1, 4), "reduction", lambda ins, a: _infer_norm("LAYERNORM", ins, a, _layernorm), _layernorm,
+define("LAYERNORM", (1, 4), "reduction", lambda ins, a: infer_norm("LAYERNORM", ins, a, layernorm_ref), layernorm_ref,
      eps=REQUIRED, dims=1, residual=False)
-_def("RMSNORM", (1, 3), "reduction", lambda ins, a: _infer_norm("RMSNORM", ins, a, _rmsnorm), _rmsnorm,
+define("RMSNORM", (1, 3), "reduction", lambda ins, a: infer_norm("RMSNORM", ins, a, rmsnorm_ref), rmsnorm_ref,
      eps=REQUIRED, dims=1, residual=False)
 
 
@@ -292,18 +292,18 @@ def _infer_linear(ins, a):
         raise ShapeError(f"LINEAR: input {shape_str(x.shape)} and weight {shape_str(w.shape)} (weight is [out, in])")
     if len(ins) == 3 and (len(ins[2].shape) != 1 or not dims_equal(ins[2].shape[0], w.shape[0])):
         raise ShapeError(f"LINEAR: bias {shape_str(ins[2].shape)} for weight {shape_str(w.shape)}")
-    _same_dtype("LINEAR", ins)
+    same_dtype("LINEAR", ins)
     return TType(x.shape[:-1] + (w.shape[0],), x.dtype)
 
 
-def _same_dtype(name, ins):
+def same_dtype(name, ins):
     if len({t.dtype for t in ins}) != 1:
         raise ShapeError(f"{name}: inputs must share one dtype, got {', '.join(t.dtype for t in ins)}")
 
 
 def _infer_matmul(ins, a):
     x, y = ins
-    _same_dtype("MATMUL", ins)
+    same_dtype("MATMUL", ins)
     if not x.shape or not y.shape:
         raise ShapeError("MATMUL needs inputs of rank >= 1")
     xs = (1,) + x.shape if len(x.shape) == 1 else x.shape
@@ -319,8 +319,8 @@ def _infer_matmul(ins, a):
     return TType(out, x.dtype)
 
 
-_def("LINEAR", (2, 3), "compute", _infer_linear, lambda x, a: F.linear(*x))
-_def("MATMUL", 2, "compute", _infer_matmul, lambda x, a: torch.matmul(x[0], x[1]))
+define("LINEAR", (2, 3), "compute", _infer_linear, lambda x, a: F.linear(*x))
+define("MATMUL", 2, "compute", _infer_matmul, lambda x, a: torch.matmul(x[0], x[1]))
 
 
 def _conv_out(size, k, s, p, d):
@@ -336,7 +336,7 @@ def _infer_conv2d(ins, a):
         raise ShapeError(f"CONV2D: {x.shape[1]} input channels, weight {shape_str(w.shape)}, {a['groups']} groups")
     if len(ins) == 3 and (len(ins[2].shape) != 1 or not dims_equal(ins[2].shape[0], w.shape[0])):
         raise ShapeError(f"CONV2D: bias {shape_str(ins[2].shape)} for weight {shape_str(w.shape)}")
-    _same_dtype("CONV2D", ins)
+    same_dtype("CONV2D", ins)
     (sh, sw), (ph, pw), (dh, dw) = a["stride"], a["padding"], a["dilation"]
     hw = (_conv_out(x.shape[2], w.shape[2], sh, ph, dh), _conv_out(x.shape[3], w.shape[3], sw, pw, dw))
     if any(isinstance(d, int) and d < 1 for d in hw):
@@ -344,12 +344,12 @@ def _infer_conv2d(ins, a):
     return TType((x.shape[0], w.shape[0]) + hw, x.dtype)
 
 
-_def("CONV2D", (2, 3), "compute", _infer_conv2d,
+define("CONV2D", (2, 3), "compute", _infer_conv2d,
      lambda x, a: F.conv2d(x[0], x[1], x[2] if len(x) > 2 else None, a["stride"], a["padding"], a["dilation"], a["groups"]),
      stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1)
 
 
-def _fits(shape, target) -> bool:
+def fits(shape, target) -> bool:
     """``shape`` broadcasts to ``target`` without widening it."""
     try:
         b = broadcast_shapes(shape, target)
@@ -364,20 +364,20 @@ def _infer_attention(ins, a):
         raise ShapeError(f"ATTENTION: q {shape_str(q.shape)}, k {shape_str(k.shape)}, v {shape_str(v.shape)} must share a rank >= 2")
     if not dims_equal(q.shape[-1], k.shape[-1]) or not dims_equal(k.shape[-2], v.shape[-2]):
         raise ShapeError(f"ATTENTION: q {shape_str(q.shape)}, k {shape_str(k.shape)}, v {shape_str(v.shape)}")
-    _same_dtype("ATTENTION", ins[:3])
+    same_dtype("ATTENTION", ins[:3])
     k_lead, v_lead = k.shape[:-2], v.shape[:-2]
     if a["gqa"] and len(q.shape) >= 3 and not dims_equal(q.shape[-3], k.shape[-3]):
         hq, hk = q.shape[-3], k.shape[-3]  # [..., H, S, D]: kv heads repeat up to the query heads
         if not (isinstance(hq, int) and isinstance(hk, int) and hq % hk == 0):
             raise ShapeError(f"ATTENTION: {hq} query heads do not group over {hk} kv heads")
         k_lead, v_lead = k_lead[:-1] + (hq,), v_lead[:-1] + (v_lead[-1] * (hq // hk),)
-    if not (_fits(k_lead, q.shape[:-2]) and _fits(v_lead, q.shape[:-2])):
+    if not (fits(k_lead, q.shape[:-2]) and fits(v_lead, q.shape[:-2])):
         raise ShapeError(f"ATTENTION: leading dims of k {shape_str(k.shape)} / v {shape_str(v.shape)} do not fit q {shape_str(q.shape)}")
     if len(ins) == 4:
         m = ins[3]
         if m.dtype != "bool" and m.dtype != q.dtype:
             raise ShapeError(f"ATTENTION: mask dtype {m.dtype} must be bool or {q.dtype}")
-        if not _fits(m.shape, q.shape[:-1] + (k.shape[-2],)):
+        if not fits(m.shape, q.shape[:-1] + (k.shape[-2],)):
             scores = q.shape[:-1] + (k.shape[-2],)
             raise ShapeError(f"ATTENTION: mask {shape_str(m.shape)} does not broadcast to the scores {shape_str(scores)}")
     return TType(q.shape[:-1] + (v.shape[-1],), q.dtype)
@@ -404,7 +404,7 @@ def sdpa_mask(q, k, mask, causal: bool):
 
 # scale None: 1/sqrt(head_dim); causal: the upper-left-aligned triangle of torch's SDPA; with a mask
 # too, a position is attended where the mask allows it (bool True / float bias) and causality does
-_def("ATTENTION", (3, 4), "compute", _infer_attention, _attention, causal=False, scale=None, gqa=False)
+define("ATTENTION", (3, 4), "compute", _infer_attention, _attention, causal=False, scale=None, gqa=False)
 
 
 # ----------------------------------------------------------------------------- gathers
@@ -460,12 +460,12 @@ def _infer_index_copy(ins, a):
     return TType(x.shape, x.dtype)
 
 
-_def("EMBEDDING", 2, "compute", _infer_embedding, lambda x, a: F.embedding(x[1], x[0]))
+define("EMBEDDING", 2, "compute", _infer_embedding, lambda x, a: F.embedding(x[1], x[0]))
 # x with the slices at ``index`` along ``axis`` replaced by ``src`` (torch.index_copy): the KV-cache write. A copy
 # in the IR's value semantics; the executor writes in place when x is an input the program updates.
-_def("INDEX_COPY", 3, "compute", _infer_index_copy, lambda x, a: x[0].index_copy(a["axis"], x[1], x[2]), axis=REQUIRED)
-_def("INDEX", (2, None), "compute", _infer_index, _index, axes=REQUIRED)
-_def("GATHER", 2, "compute", _infer_gather, lambda x, a: torch.gather(x[0], a["axis"], x[1]), axis=REQUIRED)
+define("INDEX_COPY", 3, "compute", _infer_index_copy, lambda x, a: x[0].index_copy(a["axis"], x[1], x[2]), axis=REQUIRED)
+define("INDEX", (2, None), "compute", _infer_index, _index, axes=REQUIRED)
+define("GATHER", 2, "compute", _infer_gather, lambda x, a: torch.gather(x[0], a["axis"], x[1]), axis=REQUIRED)
 
 
 # ----------------------------------------------------------------------------- layout
@@ -561,17 +561,17 @@ def _infer_tri(ins, a):
     return ins[0]
 
 
-_def("RESHAPE", 1, "layout", _infer_reshape, lambda x, a: x[0].reshape(a["shape"]), shape=REQUIRED)
-_def("PERMUTE", 1, "layout", _infer_permute, lambda x, a: x[0].permute(a["perm"]), perm=REQUIRED)
-_def("EXPAND", 1, "layout", _infer_expand, lambda x, a: x[0].expand(a["shape"]), shape=REQUIRED)
-_def("SLICE", 1, "layout", _infer_slice,
+define("RESHAPE", 1, "layout", _infer_reshape, lambda x, a: x[0].reshape(a["shape"]), shape=REQUIRED)
+define("PERMUTE", 1, "layout", _infer_permute, lambda x, a: x[0].permute(a["perm"]), perm=REQUIRED)
+define("EXPAND", 1, "layout", _infer_expand, lambda x, a: x[0].expand(a["shape"]), shape=REQUIRED)
+define("SLICE", 1, "layout", _infer_slice,
      lambda x, a: torch.ops.aten.slice.Tensor(x[0], a["axis"], a["start"], a["end"], a["step"]),
      axis=REQUIRED, start=REQUIRED, end=REQUIRED, step=1)
-_def("CONCAT", (1, None), "layout", _infer_concat, lambda x, a: torch.cat(x, a["axis"]), axis=REQUIRED)
-_def("PAD", 1, "layout", _infer_pad,
+define("CONCAT", (1, None), "layout", _infer_concat, lambda x, a: torch.cat(x, a["axis"]), axis=REQUIRED)
+define("PAD", 1, "layout", _infer_pad,
      lambda x, a: F.pad(x[0], [p for pair in a["pads"] for p in pair], value=a["value"]), pads=REQUIRED, value=0.0)
-_def("TRIU", 1, "elementwise", _infer_tri, lambda x, a: torch.triu(x[0], a["diagonal"]), diagonal=0)
-_def("TRIL", 1, "elementwise", _infer_tri, lambda x, a: torch.tril(x[0], a["diagonal"]), diagonal=0)
+define("TRIU", 1, "elementwise", _infer_tri, lambda x, a: torch.triu(x[0], a["diagonal"]), diagonal=0)
+define("TRIL", 1, "elementwise", _infer_tri, lambda x, a: torch.tril(x[0], a["diagonal"]), diagonal=0)
 
 
 # ----------------------------------------------------------------------------- creation
@@ -587,14 +587,12 @@ def _infer_full(ins, a):
     return TType(tuple(a["shape"]), a["dtype"])
 
 
-_def("ARANGE", 0, "source", _infer_arange,
+define("ARANGE", 0, "source", _infer_arange,
      lambda x, a: torch.arange(a["start"], a["end"], a["step"], dtype=torch_dtype(a["dtype"])),
      start=0, end=REQUIRED, step=1, dtype="int64")
-_def("FULL", 0, "source", _infer_full,
+define("FULL", 0, "source", _infer_full,
      lambda x, a: torch.full(a["shape"], a["value"], dtype=torch_dtype(a["dtype"])),
      shape=REQUIRED, value=REQUIRED, dtype=REQUIRED)
 
 SOURCE_OPS = frozenset({"INPUT", "WEIGHT", "CONST"})
 FLOAT = FLOAT_DTYPES
-
-from . import ops_fused  # noqa: E402,F401  the fused ops are part of the one op set (they reuse the helpers above)

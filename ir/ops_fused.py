@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .ops import REQUIRED, ShapeError, _def, _fits, _infer_norm, _layernorm, _same_dtype
+from .ops import REQUIRED, ShapeError, define, fits, infer_norm, layernorm_ref, same_dtype
 from .types import TType, dims_equal, shape_str
 
 ACTIVATIONS = {
@@ -55,9 +55,9 @@ def _infer_gemm(ins, a):
         n //= 2
     out = x.shape[:-1] + (n,)
     for name, t in (("gate", gate), ("residual", residual)):
-        if t is not None and not _fits(t.shape, out):
+        if t is not None and not fits(t.shape, out):
             raise ShapeError(f"GEMM: {name} {shape_str(t.shape)} does not broadcast to the output {shape_str(out)}")
-    _same_dtype("GEMM", ins)
+    same_dtype("GEMM", ins)
     return TType(out, x.dtype)
 
 
@@ -77,25 +77,25 @@ def _gemm(ins, a):
     return h
 
 
-_def("GEMM", (2, 5), "compute", _infer_gemm, _gemm, bias=False, act="none", glu=False, gate=False, residual=False)
+define("GEMM", (2, 5), "compute", _infer_gemm, _gemm, bias=False, act="none", glu=False, gate=False, residual=False)
 
 
 def _infer_modulate(ins, a):
     x, scale, shift = ins[:3]
-    t = _infer_norm("LAYERNORM_MODULATE", [x] + list(ins[3:]), a, _layernorm)
+    t = infer_norm("LAYERNORM_MODULATE", [x] + list(ins[3:]), a, layernorm_ref)
     for name, p in (("scale", scale), ("shift", shift)):
-        if not _fits(p.shape, x.shape):
+        if not fits(p.shape, x.shape):
             raise ShapeError(f"LAYERNORM_MODULATE: {name} {shape_str(p.shape)} does not broadcast to {shape_str(x.shape)}")
-    _same_dtype("LAYERNORM_MODULATE", ins)
+    same_dtype("LAYERNORM_MODULATE", ins)
     return t
 
 
 def _modulate(ins, a):
     x, scale, shift = ins[:3]
-    return _layernorm([x] + list(ins[3:]), a) * (1 + scale) + shift
+    return layernorm_ref([x] + list(ins[3:]), a) * (1 + scale) + shift
 
 
-_def("LAYERNORM_MODULATE", (3, 5), "reduction", _infer_modulate, _modulate, eps=REQUIRED, dims=1)
+define("LAYERNORM_MODULATE", (3, 5), "reduction", _infer_modulate, _modulate, eps=REQUIRED, dims=1)
 
 
 def _infer_rope(ins, a):
@@ -103,9 +103,9 @@ def _infer_rope(ins, a):
     if not x.shape or not isinstance(x.shape[-1], int) or x.shape[-1] % 2:
         raise ShapeError(f"ROPE: the last dim of {shape_str(x.shape)} must be even")
     for name, t in (("cos", cos), ("sin", sin)):
-        if not _fits(t.shape, x.shape):
+        if not fits(t.shape, x.shape):
             raise ShapeError(f"ROPE: {name} {shape_str(t.shape)} does not broadcast to {shape_str(x.shape)}")
-    _same_dtype("ROPE", ins)
+    same_dtype("ROPE", ins)
     return TType(x.shape, x.dtype)
 
 
@@ -114,6 +114,6 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-_def("ROPE", 3, "elementwise", _infer_rope, lambda ins, a: ins[0] * ins[1] + rotate_half(ins[0]) * ins[2])
+define("ROPE", 3, "elementwise", _infer_rope, lambda ins, a: ins[0] * ins[1] + rotate_half(ins[0]) * ins[2])
 
 FUSED_OPS = ("GEMM", "LAYERNORM_MODULATE", "ROPE")

@@ -1,4 +1,5 @@
-"""The one decorator the importers and the exporter use to fill their name -> function tables."""
+"""The one decorator the importers and the exporter use to fill their name -> function tables, and the merge
+of the tables of several handler modules."""
 from __future__ import annotations
 
 
@@ -11,3 +12,14 @@ def registrar(table: dict):
             return fn
         return deco
     return register
+
+
+def merged(*tables: dict) -> dict:
+    """One table from the tables of several handler modules; a name registered twice is a bug."""
+    out: dict = {}
+    for t in tables:
+        twice = sorted(set(out) & set(t))
+        if twice:
+            raise RuntimeError(f"handlers registered twice: {', '.join(twice)}")
+        out.update(t)
+    return out

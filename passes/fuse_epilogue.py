@@ -14,7 +14,7 @@ gated sum feeds a norm stays out (the norm's pointwise kernel takes it: see ``_g
 from __future__ import annotations
 
 from ..ir.graph import Graph, Node
-from ..ir.ops import _fits
+from ..ir.ops import fits
 from ..ir.ops_fused import gemm_operands
 from ..ir.types import dims_equal
 from .pattern import O, Rule, V, any_of, rewrite
@@ -127,7 +127,7 @@ def _guard_operand(m, slot: str, blocked: tuple) -> str | None:
         return f"{h.name} already has a {' or '.join(k for k in blocked if p[k] is not None)} epilogue"
     if other.dtype != h.dtype or m.root.dtype != h.dtype:
         return f"the {slot} is {other.dtype}, the matmul {h.dtype}"
-    if not (_fits(other.shape, h.shape) and len(m.root.shape) == len(h.shape)
+    if not (fits(other.shape, h.shape) and len(m.root.shape) == len(h.shape)
             and all(dims_equal(a, b) for a, b in zip(m.root.shape, h.shape))):
         return f"the {slot} {other.name} widens the matmul result"
     if other is h:

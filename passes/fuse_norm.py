@@ -30,7 +30,7 @@ from __future__ import annotations
 from typing import Callable
 
 from ..ir.graph import Graph, Node, dims_equal_shapes
-from ..ir.ops import _fits
+from ..ir.ops import fits
 from ..ir.types import shape_str
 from .pattern import A, Match, O, Rule, V, any_of, first_match, maybe_cast, rewrite, type_reason
 from .report import PassStats
@@ -172,7 +172,7 @@ LN_OP = any_of(_layernorm(), _layernorm(V("w")), _layernorm(V("w"), V("bias")))
 def _plan_modulate(m) -> Plan:
     x, scale, shift = m["x"], m["scale"], m["shift"]
     for name, v in (("scale", scale), ("shift", shift)):
-        if not _fits(v.shape, x.shape):
+        if not fits(v.shape, x.shape):
             return f"the {name} {v.name}{shape_str(v.shape)} does not broadcast to {x.name}{shape_str(x.shape)}"
         if v.dtype != x.dtype:
             return f"mixed dtypes: {x.name} is {x.dtype}, the {name} {v.name} {v.dtype}"

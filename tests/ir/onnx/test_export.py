@@ -10,10 +10,10 @@ from diffusers import DiTTransformer2DModel
 
 import kiln
 from kiln.ir import ops
-from kiln.ir.from_onnx import from_onnx
+from kiln.ir.onnx import from_onnx
 from kiln.ir.graph import Graph
 from kiln.ir.interpret import interpret
-from kiln.ir.to_onnx import KILN_DOMAIN, save_onnx, to_onnx
+from kiln.ir.onnx import KILN_DOMAIN, save_onnx, to_onnx
 from kiln.ir.types import TType, sym
 from kiln.passes.pipeline import PASS_NAMES
 from kiln.testing import TOL, rel_err

@@ -4,7 +4,7 @@ A program that mutates nothing and calls no higher-order op is imported as expor
 first functionalised with ``run_decompositions({})`` (inlines higher-order ops such as
 ``wrap_with_set_grad_enabled`` and removes in-place ops, but keeps linear / SDPA / layer_norm whole),
 which retraces the whole program (as long as the export itself: half of a DiT-XL/2 compile). Each
-aten call is then lowered by its handler in :mod:`kiln.ir.aten`. Dynamic sizes stay symbolic: torch's
+aten call is then lowered by its handler in :mod:`.aten` / :mod:`.aten_nn` / :mod:`.aten_shape`. Dynamic sizes stay symbolic: torch's
 size symbols are renamed after the user's dims (``s70`` -> ``seq``) and keep the ranges torch.export
 proved. An input the program writes in place (a KV cache) becomes an extra output, its new value, listed
 in ``Graph.updates``. Every op kiln cannot import is collected, with the file:line that
@@ -22,30 +22,23 @@ import torch
 from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind, OutputKind
 
-from ..errors import CaptureError, UnsupportedOpsError
-from .graph import Graph, Node
-from .graph import dims_equal_shapes
-from .types import TType, dim, dtype_name, shape_str, sym
+from ...errors import CaptureError, UnsupportedOpsError
+from ..graph import Graph, Node, dims_equal_shapes
+from ..lowering import INT_MAX, POISON, Lowering, Unsupported
+from ..registry import merged
+from ..types import TType, dim, dtype_name, shape_str, sym
+from . import aten, aten_nn, aten_shape
+from .lower import handler_key
 
-INT_MAX = 2**31 - 1  # upper bound stored for a symbol torch.export left unbounded
-
-
-class Unsupported(Exception):
-    """Raised by a handler: this call cannot be imported (the message says why)."""
-
-
-class _Poison:
-    """The value of a node that could not be imported; anything reading it is skipped."""
+HANDLERS = merged(aten.HANDLERS, aten_nn.HANDLERS, aten_shape.HANDLERS)
 
 
-POISON = _Poison()
-
-
-class Importer:
+class Importer(Lowering):
     """State of one import: the graph being built and the value of every FX node so far."""
 
     def __init__(self, ep: ExportedProgram, dim_names: dict[str, dict[int, str]] | None,
                  input_names: list[str] | None = None):
+        super().__init__()
         self.ep = ep
         self.graph = Graph()
         self.env: dict[torch.fx.Node, object] = {}
@@ -54,7 +47,8 @@ class Importer:
         self._consts: dict[tuple, Node] = {}
         self._dim_names = dim_names or {}
         self._input_names = list(input_names) if input_names else None
-        self.loc: str | None = None  # location of the FX node being lowered
+        self._written: dict[str, Node] = {}  # placeholder name -> value after its index_copy_
+        self._input_node_names: list[str] = []
 
     # ------------------------------------------------------------------ values
     def const(self, value) -> Node:
@@ -117,26 +111,30 @@ class Importer:
 
     # ------------------------------------------------------------------ the program
     def run(self) -> Graph:
-        ep, g = self.ep, self.graph
-        gm = ep.graph_module
+        gm = self.ep.graph_module
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-        specs = ep.graph_signature.input_specs
+        specs = self.ep.graph_signature.input_specs
         if len(specs) != len(placeholders):
             raise CaptureError("exported program: input specs and placeholders disagree")
-
         self._name_symbols(placeholders, specs)
-        self._written: dict[str, Node] = {}  # placeholder name -> value after its index_copy_
-        self._input_node_names: list[str] = []
+        self._bind_placeholders(placeholders, specs)
+        self.lower_all([n for n in gm.graph.nodes if n.op == "call_function"])
+        self._set_outputs(placeholders, next(n for n in gm.graph.nodes if n.op == "output"))
+        self.graph.remove_dead()
+        self.graph.verify()
+        return self.graph
+
+    def _bind_placeholders(self, placeholders, specs) -> None:
+        """Weights (tied ones: one tensor, one node), tensor inputs, and the non-tensor inputs torch baked in."""
+        g, ep = self.graph, self.ep
         weights_by_ptr: dict[tuple, str] = {}
         tensor_inputs = 0
         for node, spec in zip(placeholders, specs):
             if spec.kind in (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR):
                 t = ep.state_dict.get(spec.target)
-                if t is None:
-                    t = ep.constants[spec.target]
-                t = t.detach()
+                t = (ep.constants[spec.target] if t is None else t).detach()
                 key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
-                name = weights_by_ptr.setdefault(key, spec.target)  # tied weights: one tensor, one node
+                name = weights_by_ptr.setdefault(key, spec.target)
                 self.env[node] = g.add_weight(name, t if name == spec.target else None)
             elif spec.kind == InputKind.USER_INPUT:
                 val = node.meta.get("val")
@@ -151,63 +149,48 @@ class Importer:
             else:
                 raise CaptureError(f"exported program: unsupported input kind {spec.kind.name} ({node.name})")
 
-        from .aten import HANDLERS, handler_key
+    # ------------------------------------------------------------------ the lowering loop's hooks
+    def key(self, node) -> str:
+        return handler_key(node.target)
 
-        unsupported: dict[str, list[str]] = {}
-        for node in gm.graph.nodes:
-            if node.op != "call_function":
-                continue
-            key = handler_key(node.target)
-            if key not in HANDLERS:
-                unsupported.setdefault(key, []).append(location(node))
+    def where(self, node) -> str:
+        return location(node)
 
-        # lower the rest too, so that the calls a handler refuses are listed in the same error
-        for node in gm.graph.nodes:
-            if node.op != "call_function":
-                continue
-            if handler_key(node.target) not in HANDLERS:
-                self.env[node] = POISON
-                continue
-            args = torch.fx.node.map_arg(node.args, self.env.get)
-            kwargs = torch.fx.node.map_arg(node.kwargs, self.env.get)
-            if _poisoned((args, kwargs)):
-                self.env[node] = POISON
-                continue
-            self.loc = location(node)
-            try:
-                value = HANDLERS[handler_key(node.target)](self, node, args, kwargs)
-            except Unsupported as e:
-                unsupported.setdefault(f"{handler_key(node.target)} ({e})", []).append(self.loc)
-                self.env[node] = POISON
-                continue
-            except Exception as e:  # a bug or an unexpected argument: say where it happened
-                if os.environ.get("KILN_DEBUG"):
-                    raise
-                raise CaptureError(f"cannot import {node.target} at {self.loc}: {type(e).__name__}: {e}",
-                                   hint="rerun with KILN_DEBUG=1 for the traceback and report it") from e
+    def handler(self, node):
+        fn = HANDLERS.get(handler_key(node.target))
+        return None if fn is None else (lambda node, ins: fn(self, node, *ins))
+
+    def inputs(self, node):
+        return torch.fx.node.map_arg(node.args, self.env.get), torch.fx.node.map_arg(node.kwargs, self.env.get)
+
+    def store(self, node, value) -> None:
+        if value is not POISON:
             self._check(node, value)
-            self.env[node] = value
-            if node.target == torch.ops.aten.index_copy_.default:  # a write into a user input (see _functional)
-                self.env[node.args[0]] = value  # readers after it see the new value
-                self._written[node.args[0].name] = value
-        if unsupported:
-            raise UnsupportedOpsError(unsupported)
+        self.env[node] = value
+        if value is not POISON and node.target == torch.ops.aten.index_copy_.default:  # a write into a user input
+            self.env[node.args[0]] = value  # readers after it see the new value (see _functional)
+            self._written[node.args[0].name] = value
 
-        out_node = next(n for n in gm.graph.nodes if n.op == "output")
+    # ------------------------------------------------------------------ outputs
+    def _set_outputs(self, placeholders, out_node) -> None:
+        """The user outputs, after the new values of the inputs the program writes (``Graph.updates``)."""
+        g = self.graph
         outs, names, updates = [], [], {}
-        input_of = {n.name: g.inputs[k] for k, n in enumerate(p for p in placeholders if p.name in self._input_node_names)}
-        for pname, v in self._written.items():  # in-place writes imported as exported: their final values
+        user = [p for p in placeholders if p.name in self._input_node_names]
+        input_of = {n.name: g.inputs[k] for k, n in enumerate(user)}
+
+        def update(pname, v):
             name = input_of[pname].attrs["name"]
             updates[f"{name}:updated"] = name
             outs.append(v)
             names.append(f"{name}:updated")
-        for spec, arg in zip(ep.graph_signature.output_specs, out_node.args[0]):
+
+        for pname, v in self._written.items():  # in-place writes imported as exported: their final values
+            update(pname, v)
+        for spec, arg in zip(self.ep.graph_signature.output_specs, out_node.args[0]):
             v = self.env.get(arg) if isinstance(arg, torch.fx.Node) else arg
             if spec.kind == OutputKind.USER_INPUT_MUTATION and spec.target in input_of and isinstance(v, Node):
-                name = input_of[spec.target].attrs["name"]  # the program writes this input: its new value is an output
-                updates[f"{name}:updated"] = name
-                outs.append(v)
-                names.append(f"{name}:updated")
+                update(spec.target, v)  # the program writes this input: its new value is an output
                 continue
             if spec.kind != OutputKind.USER_OUTPUT:
                 where = location(arg) if isinstance(arg, torch.fx.Node) else "?"
@@ -218,9 +201,6 @@ class Importer:
             names.append(spec.arg.name)
         g.set_outputs(outs, names)
         g.updates = updates
-        g.remove_dead()
-        g.verify()
-        return g
 
     def _name_symbols(self, placeholders, specs) -> None:
         """Rename torch's size symbols after the user's dims and record their ranges."""
@@ -268,16 +248,6 @@ def _bound(v, default: int) -> int:
     except (TypeError, ValueError, OverflowError):
         return default
     return default if math.isinf(f) else int(v)
-
-
-def _poisoned(x) -> bool:
-    if x is POISON:
-        return True
-    if isinstance(x, (list, tuple)):
-        return any(_poisoned(v) for v in x)
-    if isinstance(x, dict):
-        return any(_poisoned(v) for v in x.values())
-    return False
 
 
 _FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\S+)')

@@ -1,11 +1,15 @@
-"""aten reductions, norms, linear algebra and attention -> kiln ops (see kiln.ir.aten)."""
+"""aten reductions, norms, linear algebra and attention -> kiln ops (see :mod:`.aten`)."""
 from __future__ import annotations
 
 import torch
 
-from .aten import (Unsupported, _axis, _expected, bind, cast, elementwise, handler_key, handles,
-                   overload)
-from .types import FLOAT_DTYPES, dim, dtype_name, numel, torch_dtype
+from ..lowering import Unsupported
+from ..registry import registrar
+from ..types import FLOAT_DTYPES, dim, dtype_name, numel, torch_dtype
+from .lower import axis, bind, cast, elementwise, expected, handler_key, overload
+
+HANDLERS: dict[str, object] = {}
+handles = registrar(HANDLERS)
 
 
 # ----------------------------------------------------------------------------- reductions
@@ -16,12 +20,12 @@ def _axes(a, rank):
     if d is None or d == []:
         return tuple(range(rank))
     d = [d] if isinstance(d, int) else d
-    return tuple(sorted(_axis(x, rank) for x in d))
+    return tuple(sorted(axis(x, rank) for x in d))
 
 
 def _reduce(cx, node, op, x, axes, keepdim):
     out = cx.add(op, [x], axes=axes, keepdim=keepdim)
-    return cast(cx, out, _expected(cx, node).dtype)
+    return cast(cx, out, expected(cx, node).dtype)
 
 
 @handles("aten.sum", "aten.mean", "aten.prod", "aten.amax", "aten.amin", "aten.any", "aten.all")
@@ -46,7 +50,7 @@ def _max_min(cx, node, args, kwargs):
     if ov == "default":
         return cx.add("MAX" if is_max else "MIN", [x], axes=tuple(range(len(x.shape))))
     a = bind(node, args, kwargs)
-    ax = (_axis(a["dim"], len(x.shape)),)
+    ax = (axis(a["dim"], len(x.shape)),)
     values = cx.add("MAX" if is_max else "MIN", [x], axes=ax, keepdim=a["keepdim"])
     index = cx.add("ARGMAX" if is_max else "ARGMIN", [x], axes=ax, keepdim=a["keepdim"])
     return [values, index]
@@ -61,7 +65,7 @@ def _argmax(cx, node, args, kwargs):
         flat = cx.add("RESHAPE", [x], shape=(dim(numel(x.shape)),))
         out = cx.add(op, [flat], axes=(0,))
         return cx.add("RESHAPE", [out], shape=(1,) * len(x.shape)) if a["keepdim"] else out
-    return cx.add(op, [x], axes=(_axis(a["dim"], len(x.shape)),), keepdim=a["keepdim"])
+    return cx.add(op, [x], axes=(axis(a["dim"], len(x.shape)),), keepdim=a["keepdim"])
 
 
 
@@ -103,17 +107,17 @@ def _cumsum(cx, node, args, kwargs):
     x = a["self"]
     if a.get("dtype") is not None:
         x = cast(cx, x, dtype_name(a["dtype"]))
-    return cast(cx, cx.add("CUMSUM", [x], axis=_axis(a["dim"], len(x.shape))), _expected(cx, node).dtype)
+    return cast(cx, cx.add("CUMSUM", [x], axis=axis(a["dim"], len(x.shape))), expected(cx, node).dtype)
 
 
 @handles("aten.softmax", "aten._softmax", "aten.log_softmax", "aten._log_softmax")
 def _softmax(cx, node, args, kwargs):
     x, d = args[0], args[1]
-    want = _expected(cx, node).dtype
+    want = expected(cx, node).dtype
     if want != x.dtype and want in FLOAT_DTYPES:
         x = cast(cx, x, want)  # dtype= / half_to_float: computed in the wider type, like torch
     op = "LOG_SOFTMAX" if "log" in handler_key(node.target) else "SOFTMAX"
-    return cx.add(op, [x], axis=_axis(d, len(x.shape)))
+    return cx.add(op, [x], axis=axis(d, len(x.shape)))
 
 
 # ----------------------------------------------------------------------------- norms, linear algebra
@@ -148,7 +152,7 @@ def _rms_norm(cx, node, args, kwargs):
     y = cx.add("MUL", [acc, cx.add("RSQRT", [cx.add("ADD", [ms, cx.const(float(eps))])])])
     if w is not None:
         y = cx.add("MUL", [y, cast(cx, w, y.dtype)])
-    return cast(cx, y, _expected(cx, node).dtype)
+    return cast(cx, y, expected(cx, node).dtype)
 
 
 @handles("aten.linear")
@@ -221,7 +225,7 @@ def _conv(cx, node, args, kwargs):
                 pad = (0, 0)
     y = cx.add("CONV2D", [x, w] + ([b] if b is not None else []), stride=_pair(a["stride"]),
                padding=_pair(pad), dilation=_pair(a["dilation"]), groups=a["groups"])
-    return cx.add("RESHAPE", [y], shape=_expected(cx, node).shape) if unbatched else y
+    return cx.add("RESHAPE", [y], shape=expected(cx, node).shape) if unbatched else y
 
 
 @handles("aten.scaled_dot_product_attention")

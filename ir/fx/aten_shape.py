@@ -1,12 +1,17 @@
-"""aten gathers, views / layout changes and tensor creation -> kiln ops (see kiln.ir.aten)."""
+"""aten gathers, views / layout changes and tensor creation -> kiln ops (see :mod:`.aten`)."""
 from __future__ import annotations
 
 import sympy
 
-from .aten import (Unsupported, _axis, _expected, bind, cast, handler_key, handles,
-                   overload)
-from .graph import Node
-from .types import FLOAT_DTYPES, dim, dims_equal, numel
+from ..einsum import lower_einsum
+from ..graph import Node
+from ..lowering import Unsupported
+from ..registry import registrar
+from ..types import FLOAT_DTYPES, dim, dims_equal, numel
+from .lower import axis, bind, cast, expected, handler_key, overload
+
+HANDLERS: dict[str, object] = {}
+handles = registrar(HANDLERS)
 
 
 # ----------------------------------------------------------------------------- gathers
@@ -34,28 +39,28 @@ def _index(cx, node, args, kwargs):
 @handles("aten.index_select")
 def _index_select(cx, node, args, kwargs):
     x, d, index = args[0], args[1], args[2]
-    return cx.add("INDEX", [x, index], axes=(_axis(d, len(x.shape)),))
+    return cx.add("INDEX", [x, index], axes=(axis(d, len(x.shape)),))
 
 
 @handles("aten.index_copy", "aten.index_copy_")
 def _index_copy(cx, node, args, kwargs):
     x, d, index, src = args[0], args[1], args[2], args[3]
-    return cx.add("INDEX_COPY", [x, index, src], axis=_axis(d, len(x.shape)))
+    return cx.add("INDEX_COPY", [x, index, src], axis=axis(d, len(x.shape)))
 
 
 @handles("aten.gather")
 def _gather(cx, node, args, kwargs):
     x, d, index = args[0], args[1], args[2]
-    return cx.add("GATHER", [x, index], axis=_axis(d, len(x.shape)))
+    return cx.add("GATHER", [x, index], axis=axis(d, len(x.shape)))
 
 
 @handles("aten.select")
 def _select(cx, node, args, kwargs):
-    x, d, i = args[0], _axis(args[1], len(args[0].shape)), args[2]
+    x, d, i = args[0], axis(args[1], len(args[0].shape)), args[2]
     if isinstance(i, int) and i < 0:
         i = dim(x.shape[d] + i)
     s = cx.add("SLICE", [x], axis=d, start=i, end=dim(i + 1), step=1)
-    return cx.add("RESHAPE", [s], shape=_expected(cx, node).shape)
+    return cx.add("RESHAPE", [s], shape=expected(cx, node).shape)
 
 
 # ----------------------------------------------------------------------------- layout
@@ -69,7 +74,7 @@ _RESHAPES = ("aten.view", "aten.reshape", "aten._unsafe_view", "aten.view_copy",
 def _to_recorded_shape(cx, node, args, kwargs):
     """views and expands: the target shape is the one torch.export recorded (no -1 to resolve)."""
     x = args[0]
-    shape = _expected(cx, node).shape
+    shape = expected(cx, node).shape
     if tuple(x.shape) == tuple(shape):
         return x
     return cx.add("RESHAPE" if handler_key(node.target) in _RESHAPES else "EXPAND", [x], shape=shape)
@@ -78,7 +83,7 @@ def _to_recorded_shape(cx, node, args, kwargs):
 @handles("aten.permute")
 def _permute(cx, node, args, kwargs):
     x = args[0]
-    perm = tuple(_axis(p, len(x.shape)) for p in args[1])
+    perm = tuple(axis(p, len(x.shape)) for p in args[1])
     return x if perm == tuple(range(len(perm))) else cx.add("PERMUTE", [x], perm=perm)
 
 
@@ -86,7 +91,7 @@ def _permute(cx, node, args, kwargs):
 def _transpose(cx, node, args, kwargs):
     x = args[0]
     r = len(x.shape)
-    d0, d1 = _axis(args[1], r), _axis(args[2], r)
+    d0, d1 = axis(args[1], r), axis(args[2], r)
     if d0 == d1:
         return x
     perm = list(range(r))
@@ -100,7 +105,7 @@ def _movedim(cx, node, args, kwargs):
     r = len(x.shape)
     src = [args[1]] if isinstance(args[1], int) else list(args[1])
     dst = [args[2]] if isinstance(args[2], int) else list(args[2])
-    src, dst = [_axis(s, r) for s in src], [_axis(d, r) for d in dst]
+    src, dst = [axis(s, r) for s in src], [axis(d, r) for d in dst]
     rest = iter(p for p in range(r) if p not in src)
     perm = [None] * r
     for s, d in zip(src, dst):
@@ -117,7 +122,7 @@ def _repeat(cx, node, args, kwargs):
     inter = tuple(v for d in shape for v in (1, d))
     y = cx.add("RESHAPE", [x], shape=inter)
     y = cx.add("EXPAND", [y], shape=tuple(v for r, d in zip(reps, shape) for v in (r, d)))
-    return cx.add("RESHAPE", [y], shape=_expected(cx, node).shape)
+    return cx.add("RESHAPE", [y], shape=expected(cx, node).shape)
 
 
 @handles("aten.repeat_interleave")
@@ -130,11 +135,11 @@ def _repeat_interleave(cx, node, args, kwargs):
     if a["dim"] is None:
         x, d = cx.add("RESHAPE", [x], shape=(dim(numel(x.shape)),)), 0
     else:
-        d = _axis(a["dim"], len(x.shape))
+        d = axis(a["dim"], len(x.shape))
     shape = tuple(x.shape)
     y = cx.add("RESHAPE", [x], shape=shape[: d + 1] + (1,) + shape[d + 1:])
     y = cx.add("EXPAND", [y], shape=shape[: d + 1] + (r,) + shape[d + 1:])
-    return cx.add("RESHAPE", [y], shape=_expected(cx, node).shape)
+    return cx.add("RESHAPE", [y], shape=expected(cx, node).shape)
 
 
 @handles("aten.slice", "aten.narrow", "aten.slice_copy")
@@ -146,10 +151,10 @@ def _slice(cx, node, args, kwargs):
     else:
         a = bind(node, args, kwargs)
         d, start, step = a["dim"], a["start"], a["step"] or 1
-    d = _axis(d, len(x.shape))
+    d = axis(d, len(x.shape))
     size = x.shape[d]
     start = _slice_start(start, size)
-    n = _expected(cx, node).shape[d]  # torch's clamping decided the length; keep it
+    n = expected(cx, node).shape[d]  # torch's clamping decided the length; keep it
     end = dim(start + (n - 1) * step + 1) if not (isinstance(n, int) and n == 0) else start
     if start == 0 and step == 1 and (end == size or (not isinstance(end, int) and dim(end - size) == 0)):
         return x
@@ -172,7 +177,7 @@ def _slice_scatter(cx, node, args, kwargs):
     """``y = x.clone(); y[:, a:b] = src`` once functionalised: CONCAT(x[:, :a], src, x[:, b:])."""
     a = bind(node, args, kwargs)
     x, src = a["self"], cast(cx, a["src"], a["self"].dtype)
-    d = _axis(a["dim"], len(x.shape))
+    d = axis(a["dim"], len(x.shape))
     size = x.shape[d]
     if handler_key(node.target) == "aten.select_scatter":
         start = _slice_start(a["index"], size)
@@ -193,7 +198,7 @@ def _slice_scatter(cx, node, args, kwargs):
 def _split(cx, node, args, kwargs):
     x = args[0]
     d = kwargs.get("dim", args[2] if len(args) > 2 else 0)
-    d = _axis(d, len(x.shape))
+    d = axis(d, len(x.shape))
     pieces, start = [], 0
     for t in node.meta["val"]:
         n = cx.sym_expr(t.shape[d])
@@ -206,7 +211,7 @@ def _split(cx, node, args, kwargs):
 @handles("aten.unbind")
 def _unbind(cx, node, args, kwargs):
     x = args[0]
-    d = _axis(args[1] if len(args) > 1 else kwargs.get("dim", 0), len(x.shape))
+    d = axis(args[1] if len(args) > 1 else kwargs.get("dim", 0), len(x.shape))
     shape = tuple(s for i, s in enumerate(x.shape) if i != d)
     if not isinstance(x.shape[d], int):
         raise Unsupported("unbind along a symbolic dim")
@@ -216,16 +221,16 @@ def _unbind(cx, node, args, kwargs):
 @handles("aten.cat", "aten.concat", "aten.concatenate")
 def _cat(cx, node, args, kwargs):
     ts = [t for t in args[0] if not (len(t.shape) == 1 and t.shape[0] == 0)]  # legacy empty 1-d tensors
-    want = _expected(cx, node)
-    d = _axis(args[1] if len(args) > 1 else kwargs.get("dim", 0), len(want.shape))
+    want = expected(cx, node)
+    d = axis(args[1] if len(args) > 1 else kwargs.get("dim", 0), len(want.shape))
     ts = [cast(cx, t, want.dtype) for t in ts]
     return ts[0] if len(ts) == 1 else cx.add("CONCAT", ts, axis=d)
 
 
 @handles("aten.stack")
 def _stack(cx, node, args, kwargs):
-    want = _expected(cx, node)
-    d = _axis(args[1] if len(args) > 1 else kwargs.get("dim", 0), len(want.shape))
+    want = expected(cx, node)
+    d = axis(args[1] if len(args) > 1 else kwargs.get("dim", 0), len(want.shape))
     ts = []
     for t in args[0]:
         shape = tuple(t.shape[:d]) + (1,) + tuple(t.shape[d:])
@@ -255,7 +260,7 @@ def _tri(cx, node, args, kwargs):
 @handles("aten.diff")
 def _diff(cx, node, args, kwargs):
     a = bind(node, args, kwargs)
-    x, d = a["self"], _axis(a["dim"], len(a["self"].shape))
+    x, d = a["self"], axis(a["dim"], len(a["self"].shape))
     parts = [p for p in (a["prepend"], x, a["append"]) if p is not None]
     y = parts[0] if len(parts) == 1 else cx.add("CONCAT", [cast(cx, p, x.dtype) for p in parts], axis=d)
     for _ in range(a["n"]):
@@ -268,9 +273,7 @@ def _diff(cx, node, args, kwargs):
 
 @handles("aten.einsum")
 def _einsum(cx, node, args, kwargs):
-    from .einsum import lower_einsum
-
-    return lower_einsum(cx, args[0], list(args[1]), _expected(cx, node))
+    return lower_einsum(cx, args[0], list(args[1]), expected(cx, node))
 
 
 # ----------------------------------------------------------------------------- creation
@@ -278,7 +281,7 @@ def _einsum(cx, node, args, kwargs):
 
 @handles("aten.arange")
 def _arange(cx, node, args, kwargs):
-    want = _expected(cx, node)
+    want = expected(cx, node)
     ov = overload(node)
     if ov == "default":
         start, end, step = 0, args[0], 1
@@ -291,7 +294,7 @@ def _arange(cx, node, args, kwargs):
 
 @handles("aten.eye")
 def _eye(cx, node, args, kwargs):
-    want = _expected(cx, node)
+    want = expected(cx, node)
     n, m = want.shape
     rows = cx.add("RESHAPE", [cx.add("ARANGE", [], end=n)], shape=(n, 1))
     return cast(cx, cx.add("EQ", [rows, cx.add("ARANGE", [], end=m)]), want.dtype)
@@ -302,7 +305,7 @@ def _eye(cx, node, args, kwargs):
          "aten.empty_like", "aten.scalar_tensor", "aten.empty_strided", "aten.new_empty_strided",
          "aten.fill", "aten.zero")
 def _full(cx, node, args, kwargs):
-    want = _expected(cx, node)
+    want = expected(cx, node)
     key = handler_key(node.target)
     if key in ("aten.full", "aten.new_full", "aten.full_like", "aten.fill"):
         value = args[1] if key != "aten.new_full" else args[2]

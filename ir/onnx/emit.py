@@ -1,4 +1,4 @@
-"""kiln ops -> standard ONNX ops, one emitter per op family (see kiln.ir.to_onnx).
+"""kiln ops -> standard ONNX ops, one emitter per op family (see :mod:`.export`).
 
 An emitter gets the exporter, the kiln node and the base name for its values, and returns the ONNX
 value holding the node's result. Operands come from ``ex.arg(node, dtype)``, cast to the dtype the
@@ -11,11 +11,11 @@ import math
 
 from onnx import TensorProto, helper
 
-from .from_onnx import KILN_TO_ONNX
-from .graph import Node
-from .ops import result_dtype
-from .registry import registrar
-from .types import FLOAT_DTYPES, TType, dims_equal
+from ..graph import Node
+from ..ops import result_dtype
+from ..registry import registrar
+from ..types import FLOAT_DTYPES, TType, dims_equal
+from .static import KILN_TO_ONNX
 
 EMITTERS: dict[str, object] = {}
 

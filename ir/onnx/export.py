@@ -17,9 +17,10 @@ import sympy
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from ..errors import KilnError
-from .from_onnx import KILN_TO_ONNX
-from .graph import Graph, Node
+from ...errors import KilnError
+from ..graph import Graph, Node
+from .emit import EMITTERS
+from .static import KILN_TO_ONNX
 
 OPSET = 18
 KILN_DOMAIN = "kiln"
@@ -189,8 +190,6 @@ class Exporter:
         return self.cast(self.names[n], n.dtype, dtype)
 
     def run(self) -> onnx.ModelProto:
-        from .onnx_emit import EMITTERS
-
         g = self.g
         inputs = []
         for n in g.inputs:

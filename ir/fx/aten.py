@@ -1,4 +1,6 @@
-"""Lowering of aten calls (as torch.export records them) onto the kiln op set.
+"""Lowering of aten calls (as torch.export records them) onto the kiln op set: elementwise ops, casts,
+identities, symbolic scalars. Reductions, norms, linear algebra and attention are in :mod:`.aten_nn`;
+gathers, layout and creation in :mod:`.aten_shape`.
 
 One handler per aten op family; a handler gets the importer, the FX node and the arguments with
 every FX node already replaced by its kiln value (a Node, a python scalar, a symbolic dim or a list),
@@ -8,104 +10,14 @@ A handler raises :class:`Unsupported` for a call it cannot lower; the importer r
 """
 from __future__ import annotations
 
-import sympy
-import torch
-
-from .from_fx import Importer, Unsupported
-from .graph import Node, dims_equal_shapes
-from .registry import registrar
-from .types import FLOAT_DTYPES, dtype_name, torch_dtype
+from ..graph import Node, dims_equal_shapes
+from ..lowering import Unsupported
+from ..registry import registrar
+from ..types import FLOAT_DTYPES
+from .lower import as_node, bind, cast, elementwise, expected, handler_key, promoted
 
 HANDLERS: dict[str, object] = {}
-
-
-def handler_key(target) -> str:
-    if isinstance(target, torch._ops.OpOverload):
-        ns, name = target._schema.name.split("::")
-        return f"{ns}.{name}"
-    if isinstance(target, torch._ops.HigherOrderOperator):
-        return f"hop.{target.name()}"
-    mod = getattr(target, "__module__", None) or ""
-    return f"{mod.lstrip('_')}.{getattr(target, '__name__', str(target))}".lstrip(".")
-
-
 handles = registrar(HANDLERS)
-
-
-def bind(node, args, kwargs) -> dict:
-    """The call's arguments by schema name, defaults filled in."""
-    out = {}
-    for i, a in enumerate(node.target._schema.arguments):
-        if i < len(args) and not a.kwarg_only:
-            out[a.name] = args[i]
-        elif a.name in kwargs:
-            out[a.name] = kwargs[a.name]
-        elif a.has_default_value():
-            out[a.name] = a.default_value
-        else:
-            out[a.name] = None
-    return out
-
-
-def overload(node) -> str:
-    return node.target._overloadname
-
-
-def _axis(a: int, rank: int) -> int:
-    return a % rank if rank else 0
-
-
-def _expected(cx: Importer, node):
-    t = cx.meta_type(node)
-    if t is None:
-        raise Unsupported("no recorded tensor type")
-    return t
-
-
-def cast(cx: Importer, x: Node, dtype: str) -> Node:
-    return x if x.dtype == dtype else cx.add("CAST", [x], dtype=dtype)
-
-
-def as_node(cx: Importer, v) -> Node:
-    if isinstance(v, Node):
-        return v
-    if isinstance(v, (bool, int, float, sympy.Expr)):
-        return cx.const(v)
-    raise Unsupported(f"operand {v!r}")
-
-
-# ----------------------------------------------------------------------------- elementwise
-
-
-def _promoted(operands) -> str:
-    """torch's promotion of the operands (python scalars are weak, 0-d tensors rank below others)."""
-    acc = None
-    for o in operands:
-        if isinstance(o, Node):
-            p = torch.ones(() if not o.shape else (1,), dtype=torch_dtype(o.dtype))
-        else:
-            p = 1 if isinstance(o, sympy.Expr) else o
-        if acc is None:
-            acc = p
-            continue
-        dt = torch.result_type(acc, p)
-        rank = max(acc.dim() if isinstance(acc, torch.Tensor) else -1, p.dim() if isinstance(p, torch.Tensor) else -1)
-        acc = torch.ones(() if rank <= 0 else (1,), dtype=dt) if rank >= 0 else torch.tensor(0, dtype=dt).item()
-    if isinstance(acc, torch.Tensor):
-        return dtype_name(acc.dtype)
-    return dtype_name(torch.result_type(torch.tensor(0), acc)) if not isinstance(acc, bool) else "bool"
-
-
-def elementwise(cx: Importer, node, op: str, *operands, promote=True) -> Node:
-    """``op`` over operands promoted the way torch promotes them; the result has the recorded dtype."""
-    if promote:
-        dtype = _promoted(operands)
-        ins = [cast(cx, o, dtype) if isinstance(o, Node) else o for o in operands]
-    else:
-        ins = list(operands)
-    out = cx.add(op, [as_node(cx, o) for o in ins])
-    want = _expected(cx, node).dtype
-    return cast(cx, out, want)
 
 
 _UNARY = {
@@ -155,10 +67,10 @@ def _binary(cx, node, args, kwargs):
     if op == "DIV":
         mode = a.get("rounding_mode")
         if mode is not None:
-            dtype = _promoted([x, y])
+            dtype = promoted([x, y])
             n = cx.add("DIV", [as_node(cx, cast(cx, x, dtype) if isinstance(x, Node) else x),
                                as_node(cx, cast(cx, y, dtype) if isinstance(y, Node) else y)], rounding=mode)
-            return cast(cx, n, _expected(cx, node).dtype)
+            return cast(cx, n, expected(cx, node).dtype)
     return elementwise(cx, node, op, x, y)
 
 
@@ -172,9 +84,9 @@ def _rsub(cx, node, args, kwargs):
 @handles("aten.floor_divide")
 def _floor_divide(cx, node, args, kwargs):
     x, y = args[0], args[1]
-    dtype = _promoted([x, y])
+    dtype = promoted([x, y])
     n = cx.add("DIV", [as_node(cx, cast(cx, x, dtype) if isinstance(x, Node) else x), as_node(cx, y)], rounding="floor")
-    return cast(cx, n, _expected(cx, node).dtype)
+    return cast(cx, n, expected(cx, node).dtype)
 
 
 @handles("aten.logical_and", "aten.logical_or", "aten.logical_xor")
@@ -189,7 +101,7 @@ def _where(cx, node, args, kwargs):
     if len(args) + len(kwargs) < 3:
         raise Unsupported("where(condition) with one argument (data-dependent shape)")
     cond, x, y = args[0], args[1], args[2]
-    dtype = _expected(cx, node).dtype
+    dtype = expected(cx, node).dtype
     x = cast(cx, x, dtype) if isinstance(x, Node) else x
     y = cast(cx, y, dtype) if isinstance(y, Node) else y
     if not isinstance(x, Node) and not isinstance(y, Node):
@@ -232,7 +144,7 @@ def _square(cx, node, args, kwargs):
 
 @handles("aten._to_copy", "aten.to", "aten.type_as", "aten._to_dtype")
 def _to(cx, node, args, kwargs):
-    return cast(cx, args[0], _expected(cx, node).dtype)
+    return cast(cx, args[0], expected(cx, node).dtype)
 
 
 @handles("aten.alias", "aten.clone", "aten.contiguous", "aten.detach", "aten.lift_fresh_copy",
@@ -241,7 +153,7 @@ def _identity(cx, node, args, kwargs):
     if handler_key(node.target).endswith("dropout") and (args[2] if len(args) > 2 else kwargs.get("train")):
         raise Unsupported("dropout in training mode (call model.eval() first)")
     src = args[1] if handler_key(node.target) == "aten.copy" else args[0]
-    want = _expected(cx, node)
+    want = expected(cx, node)
     out = cast(cx, src, want.dtype)
     return out if dims_equal_shapes(out.shape, want.shape) else cx.add("EXPAND", [out], shape=want.shape)  # copy_ broadcasts
 
@@ -283,6 +195,3 @@ def _getitem(cx, node, args, kwargs):
         raise Unsupported(f"output {i} of {node.args[0].target} (only the main output is supported)")
     return v
 
-
-# the handler families live in their own modules; importing them fills HANDLERS
-from . import aten_nn, aten_shape  # noqa: E402,F401

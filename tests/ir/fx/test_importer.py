@@ -1,4 +1,4 @@
-"""ir.from_fx + ir.aten: every handler family compiled with kiln.compile against eager torch.
+"""ir.fx (importer + aten handlers): every handler family compiled with kiln.compile against eager torch.
 
 Op coverage (irregular shapes, python-scalar operands, dtype promotion), dynamic shapes, the one
 error that lists every unsupported op with its source line, and tiny HF / diffusers models.
@@ -623,7 +623,7 @@ def test_diffusers_dit(dit):
 def test_functional_programs_skip_the_retrace_others_are_functionalised():
     """A program with no mutation and no higher-order op imports as exported; an in-place op or a grad-mode
     region sends it through run_decompositions first. Both give eager's numbers."""
-    from kiln.ir.from_fx import _functional
+    from kiln.ir.fx.importer import _functional
 
     class Plain(nn.Module):
         def forward(self, x):
@@ -652,7 +652,7 @@ def test_functional_programs_skip_the_retrace_others_are_functionalised():
 def test_an_index_copy_into_an_input_imports_without_the_retrace():
     """A KV-cache write (index_copy_ into a user input, then reads of it) is imported as exported: the input's
     new value becomes an update output, readers after the write see it."""
-    from kiln.ir.from_fx import _functional
+    from kiln.ir.fx.importer import _functional
 
     class Write(nn.Module):
         def forward(self, x, slots, cache):

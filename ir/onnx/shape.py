@@ -1,4 +1,4 @@
-"""ONNX shape arithmetic, layout, gathers and tensor creation -> kiln ops (see kiln.ir.onnx_ops).
+"""ONNX shape arithmetic, layout, gathers and tensor creation -> kiln ops (see :mod:`.ops`).
 
 ``Shape`` is always known at import time (its elements are kiln dims), so the shape subgraphs of an
 export evaluate here, statically, and the layout ops get plain target shapes.
@@ -8,12 +8,18 @@ from __future__ import annotations
 import numpy as np
 import sympy
 
-from .from_fx import Unsupported
-from .from_onnx import STATIC_LIMIT, CannotEval, Static, py_scalar
-from .graph import Node
-from .ops import ShapeError, broadcast_shapes
-from .onnx_ops import axis_of, evaluates, handles
-from .types import FLOAT_DTYPES, dim, dims_equal, numel
+from ..graph import Node
+from ..lowering import Unsupported
+from ..ops import ShapeError, broadcast_shapes
+from ..registry import registrar
+from ..types import FLOAT_DTYPES, dim, dims_equal, numel
+from .lower import axis_of
+from .static import STATIC_LIMIT, CannotEval, Static, py_scalar
+
+HANDLERS: dict[str, object] = {}
+STATIC_EVAL: dict[str, object] = {}
+handles = registrar(HANDLERS)
+evaluates = registrar(STATIC_EVAL)
 
 INT64_MAX = 2**63 - 1
 

@@ -1,4 +1,4 @@
-"""ONNX elementwise ops, reductions, norms, linear algebra -> kiln ops (see kiln.ir.from_onnx).
+"""ONNX elementwise ops, reductions, norms, linear algebra -> kiln ops (see :mod:`.importer`; shapes and layout are in :mod:`.shape`).
 
 A handler gets the importer, the NodeProto, its inputs (a Node, a :class:`Static`, or None for an
 absent optional input) and its attributes, and returns the value (a list for several outputs).
@@ -13,49 +13,18 @@ import operator
 import numpy as np
 import sympy
 
-from .from_fx import Unsupported
-from .from_onnx import CannotEval, Static, kiln_dtype, py_scalar
-from .graph import Node
-from .registry import registrar
-from .types import FLOAT_DTYPES, dim
+from ..einsum import lower_einsum
+from ..graph import Node
+from ..lowering import Unsupported
+from ..registry import registrar
+from ..types import FLOAT_DTYPES, dim
+from .lower import axis_of, cast, operands
+from .static import CannotEval, Static, kiln_dtype, py_scalar
 
 HANDLERS: dict[str, object] = {}
 STATIC_EVAL: dict[str, object] = {}
-
-
-def key_of(node) -> str:
-    return node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
-
-
 handles = registrar(HANDLERS)
 evaluates = registrar(STATIC_EVAL)
-
-
-def axis_of(a: int, rank: int) -> int:
-    if not -max(rank, 1) <= a < max(rank, 1):
-        raise Unsupported(f"axis {a} out of range for rank {rank}")
-    return a % rank if rank else 0
-
-
-def cast(cx, x, dtype: str) -> Node:
-    x = cx.node(x)
-    return x if x.dtype == dtype else cx.add("CAST", [x], dtype=dtype)
-
-
-def operands(cx, values) -> list[Node]:
-    """Nodes for an elementwise op's operands. A one-element constant beside a tensor of its dtype
-    becomes a CONST scalar (so the graph reads ``x * 0.5``, the form the passes match, not a weight);
-    it promotes to that tensor's dtype, as ONNX's same-type operands require."""
-    nodes = [v for v in values if isinstance(v, Node)]
-    out = []
-    for v in values:
-        if (isinstance(v, Static) and v.numel == 1 and (v.concrete or v.dtype == "int64")
-                and v.dtype in ("float32", "float64", "float16", "bfloat16", "int64", "bool")
-                and any(n.dtype == v.dtype and len(n.shape) >= len(v.shape) for n in nodes)):
-            out.append(cx.const(v.item()))
-        else:
-            out.append(cx.node(v))
-    return out
 
 
 # ----------------------------------------------------------------------------- static evaluation
@@ -426,10 +395,5 @@ def _conv(cx, node, ins, attrs):
 
 @handles("Einsum")
 def _einsum(cx, node, ins, attrs):
-    from .einsum import lower_einsum
-
     return lower_einsum(cx, attrs["equation"], [cx.node(i) for i in ins], None)
 
-
-# the shape / layout family lives in its own module; importing it fills HANDLERS and STATIC_EVAL
-from . import onnx_shape  # noqa: E402,F401

@@ -12,7 +12,7 @@ from diffusers import DiTTransformer2DModel
 from onnx import TensorProto, helper, numpy_helper
 
 from kiln.errors import KilnError, UnsupportedOpsError
-from kiln.ir.from_onnx import from_onnx
+from kiln.ir.onnx import from_onnx
 from kiln.ir.interpret import interpret
 from kiln.ir.types import sym
 from kiln.testing import TOL, DiTSample, LlamaLogits, export_onnx, perturbed, rel_err

@@ -1,9 +1,8 @@
 """ONNX ``ModelProto`` -> kiln IR.
 
 A model (opset >= 17, as ``torch.onnx.export`` writes it with either exporter) is read with the
-``onnx`` package, checked, and lowered node by node by the handlers in :mod:`kiln.ir.onnx_ops` and
-:mod:`kiln.ir.onnx_shape`. ``dim_param`` dims become kiln symbols; initializers become weights
-(external-data files included).
+``onnx`` package, checked, and lowered node by node by the handlers in :mod:`.ops` and :mod:`.shape`.
+``dim_param`` dims become kiln symbols; initializers become weights (external-data files included).
 
 Values known at import time are :class:`Static`: initializers, ``Constant`` nodes and everything
 computed from them and from ``Shape``. Shape subgraphs (``Shape -> Gather -> Unsqueeze -> Concat ->
@@ -17,188 +16,21 @@ import math
 import os
 import re
 
-import numpy as np
 import onnx
-import sympy
-import torch
-from onnx import TensorProto, numpy_helper
+from onnx import TensorProto
 
-from ..errors import CaptureError, KilnError, UnsupportedOpsError
-from .from_fx import INT_MAX, POISON, Unsupported, _poisoned
-from .graph import Graph, Node
-from .types import FLOAT_DTYPES, dim, dims_equal, shape_str, sym, torch_dtype
+from ...errors import CaptureError, KilnError
+from ..graph import Graph, Node
+from ..lowering import INT_MAX, POISON, Lowering, Unsupported
+from ..registry import merged
+from ..types import FLOAT_DTYPES, dims_equal, shape_str, sym
+from . import ops, shape
+from .load import check_header, check_model, default_opset, load_model
+from .lower import key_of
+from .static import ONNX_DTYPES, STATIC_LIMIT, CannotEval, Static, kiln_dtype, py_scalar
 
-MIN_OPSET = 17
-STATIC_LIMIT = 4096  # largest int / bool tensor evaluated at import time (shape arithmetic is tiny)
-
-ONNX_DTYPES = {
-    TensorProto.FLOAT: "float32", TensorProto.DOUBLE: "float64", TensorProto.FLOAT16: "float16",
-    TensorProto.BFLOAT16: "bfloat16", TensorProto.INT64: "int64", TensorProto.INT32: "int32",
-    TensorProto.INT16: "int16", TensorProto.INT8: "int8", TensorProto.UINT8: "uint8", TensorProto.BOOL: "bool",
-}
-KILN_TO_ONNX = {v: k for k, v in ONNX_DTYPES.items()}
-_NP = {"float32": np.float32, "float64": np.float64, "float16": np.float16, "int64": np.int64, "int32": np.int32,
-       "int16": np.int16, "int8": np.int8, "uint8": np.uint8, "bool": np.bool_}
-
-
-def kiln_dtype(elem_type: int) -> str:
-    d = ONNX_DTYPES.get(elem_type)
-    if d is None:
-        raise Unsupported(f"element type {TensorProto.DataType.Name(elem_type)}")
-    return d
-
-
-class CannotEval(Exception):
-    """A static evaluation that is not possible (a comparison of symbols sympy cannot decide...):
-    the op is lowered into the graph instead."""
-
-
-def py_scalar(v, dtype: str):
-    """``v`` as the python / sympy value an element of ``dtype`` holds (float32 values rounded to float32)."""
-    if isinstance(v, sympy.Basic):
-        if dtype == "bool":
-            raise CannotEval(f"bool of {v}")
-        return dim(v) if dtype not in FLOAT_DTYPES else (float(v) if v.is_number else v)
-    if dtype == "bool":
-        return bool(v)
-    if dtype in FLOAT_DTYPES:
-        return float(torch.tensor(float(v), dtype=torch_dtype(dtype)).item()) if dtype != "float64" else float(v)
-    return int(v)
-
-
-class Static:
-    """A value known at import time: elements are python numbers or sympy dims (``seq``, ``seq + 1``).
-    An initializer keeps its name and proto, and is decoded only when it is read."""
-
-    __slots__ = ("_value", "shape", "dtype", "name", "proto", "node")
-
-    def __init__(self, value=None, dtype: str = "int64", name: str | None = None, proto=None):
-        self.dtype, self.name, self.proto, self.node = dtype, name, proto, None
-        if proto is not None:
-            self._value = None
-            self.shape = tuple(int(d) for d in proto.dims)
-        else:
-            arr = np.empty(np.shape(value), dtype=object)
-            arr[...] = value if not isinstance(value, np.ndarray) else value.astype(object)
-            self._value = np.vectorize(lambda v: py_scalar(v, dtype), otypes=[object])(arr) if arr.size else arr
-            self.shape = arr.shape
-
-    @property
-    def value(self) -> np.ndarray:
-        """The elements as an object array."""
-        if self._value is None:
-            arr = _to_array(self.proto)
-            if arr.dtype.name == "bfloat16":
-                arr = arr.astype(np.float32)
-            obj = np.empty(arr.shape, dtype=object)
-            obj[...] = arr.tolist() if arr.ndim else arr.item()
-            self._value = obj
-        return self._value
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def concrete(self) -> bool:
-        return self.proto is not None or all(not isinstance(v, sympy.Basic) for v in self.value.flat)
-
-    def item(self):
-        return self.value.reshape(-1)[0]
-
-    def ints(self) -> list:
-        return [int(v) if not isinstance(v, sympy.Basic) else v for v in self.value.reshape(-1)]
-
-    def tensor(self) -> torch.Tensor:
-        if self.proto is not None:
-            arr = _to_array(self.proto)
-            if arr.dtype.name == "bfloat16":
-                return torch.from_numpy(arr.view(np.uint16).copy()).view(torch.bfloat16)
-            return torch.from_numpy(np.array(arr, copy=True))
-        if not self.concrete:
-            raise CannotEval("symbolic value")
-        if self.dtype == "bfloat16":
-            return torch.tensor(self.value.tolist(), dtype=torch.float32).reshape(self.shape).to(torch.bfloat16)
-        return torch.from_numpy(np.array(self.value.tolist(), dtype=_NP[self.dtype]).reshape(self.shape))
-
-    def __repr__(self) -> str:
-        return f"Static({self.name or ''} {self.dtype}{list(self.shape)})"
-
-
-def _to_array(proto) -> np.ndarray:
-    return numpy_helper.to_array(proto)
-
-
-# ----------------------------------------------------------------------------- loading
-
-
-def load_model(path: str) -> onnx.ModelProto:
-    """Read ``path`` (and its external-data files) into a checked ModelProto; every way a file can be
-    broken is one clear :class:`KilnError` naming the file."""
-    if not os.path.exists(path):
-        raise KilnError(f"{path}: no such file")
-    try:
-        model = onnx.load(path, load_external_data=False)
-    except Exception as e:  # protobuf's DecodeError and friends
-        raise KilnError(f"{path}: not a readable ONNX file: truncated or corrupt (the protobuf does not parse: "
-                        f"{type(e).__name__})", hint="export it again; check the download or copy is complete") from None
-    _check_header(model, path)
-    base = os.path.dirname(os.path.abspath(path))
-    for t in _external_tensors(model):
-        info = {e.key: e.value for e in t.external_data}
-        loc = info.get("location", "")
-        file = os.path.join(base, loc)
-        if not loc or not os.path.isfile(file):
-            raise KilnError(f"{path}: external data file {loc!r} of initializer {t.name!r} is missing (looked in {base})",
-                            hint="keep the data file(s) next to the .onnx file, under the name the model records")
-        end = int(info.get("offset", 0)) + int(info.get("length", 0))
-        if end > os.path.getsize(file):
-            raise KilnError(f"{path}: external data file {loc!r} is truncated: initializer {t.name!r} needs bytes up "
-                            f"to {end}, the file has {os.path.getsize(file)}")
-    try:
-        onnx.external_data_helper.load_external_data_for_model(model, base)
-    except Exception as e:
-        raise KilnError(f"{path}: cannot read its external data: {_first_line(e)}") from None
-    _check_model(model if model.ByteSize() < 2**31 - 2**20 else os.path.abspath(path), path)
-    return model
-
-
-def _external_tensors(model):
-    from onnx.external_data_helper import _get_all_tensors, uses_external_data
-
-    return [t for t in _get_all_tensors(model) if uses_external_data(t)]
-
-
-def _check_header(model: onnx.ModelProto, path: str) -> None:
-    if not model.HasField("graph") or not model.ir_version:
-        raise KilnError(f"{path}: not an ONNX model (no graph or IR version; truncated or corrupt?)")
-    opset = default_opset(model)
-    if opset is None:
-        raise KilnError(f"{path}: the model imports no default ('ai.onnx') opset")
-    if opset < MIN_OPSET:
-        raise KilnError(f"{path}: opset {opset} is too old; kiln reads ONNX opset {MIN_OPSET} and newer",
-                        hint=f"export with torch.onnx.export(..., opset_version={MIN_OPSET}) or newer, or upgrade the "
-                             f"file with onnx.version_converter.convert_version(model, {MIN_OPSET})")
-
-
-def _check_model(model, path: str) -> None:
-    """onnx's checker (on the path when the model is past protobuf's 2 GiB)."""
-    try:
-        onnx.checker.check_model(model)
-    except Exception as e:
-        raise KilnError(f"{path}: invalid ONNX model: {_first_line(e)}") from None
-
-
-def default_opset(model: onnx.ModelProto) -> int | None:
-    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
-
-
-def _first_line(e: Exception) -> str:
-    text = str(e).strip()
-    return (text.splitlines()[0] if text else type(e).__name__)[:300]
-
-
-# ----------------------------------------------------------------------------- the importer
+HANDLERS = merged(ops.HANDLERS, shape.HANDLERS)
+STATIC_EVAL = merged(ops.STATIC_EVAL, shape.STATIC_EVAL)
 
 
 def attr_values(node: onnx.NodeProto) -> dict:
@@ -215,11 +47,12 @@ def attr_values(node: onnx.NodeProto) -> dict:
     return out
 
 
-class OnnxImporter:
+class OnnxImporter(Lowering):
     """State of one import: the graph being built and the value of every ONNX value name so far."""
 
     def __init__(self, model: onnx.ModelProto, source: str = "ONNX model", dynamic: dict | None = None,
                  ranges: dict | None = None):
+        super().__init__()
         self.model = model
         self.source = source
         self.opset = default_opset(model)
@@ -228,7 +61,7 @@ class OnnxImporter:
         self._consts: dict[tuple, Node] = {}
         self._dynamic = dynamic or {}
         self._ranges = dict(ranges or {})
-        self.loc: str | None = None
+        self._renamed: dict[str, str] = {}
 
     # ------------------------------------------------------------------ values
     def add(self, op: str, inputs=(), **attrs) -> Node:
@@ -300,10 +133,27 @@ class OnnxImporter:
         return sym(name)
 
     def run(self) -> Graph:
-        from .onnx_ops import HANDLERS, STATIC_EVAL, key_of
+        self._bind_inputs()
+        self._checks = _inferred_types(self.model)
+        nodes = list(self.model.graph.node)
+        self._used = {i for n in nodes for i in n.input} | {o.name for o in self.model.graph.output}
+        self.lower_all(list(enumerate(nodes)))
+        outs, names = [], []
+        for vo in self.model.graph.output:
+            v = self.env.get(vo.name)
+            if v is None:
+                raise KilnError(f"{self.source}: graph output {vo.name!r} is not produced by any node")
+            outs.append(self.node(v))
+            names.append(vo.name)
+            self._check_output(vo, outs[-1])
+        self.graph.set_outputs(outs, names)
+        self.graph.remove_dead()
+        self.graph.verify()
+        return self.graph
 
+    def _bind_inputs(self) -> None:
+        """Initializers become statics (weights when read), graph inputs INPUT nodes with symbolic dims."""
         g, model = self.graph, self.model
-        self._renamed: dict[str, str] = {}
         inits = {t.name: t for t in model.graph.initializer}
         for t in model.graph.initializer:
             try:
@@ -325,74 +175,52 @@ class OnnxImporter:
                 raise KilnError(f"{self.source}: input {vi.name!r}: {e}") from None
             shape = tuple(self._symbol_for(vi.name, i, d) for i, d in enumerate(tt.shape.dim))
             self.env[vi.name] = g.add_input(vi.name, shape, dtype)
-        for name, rng in self._ranges.items():
+        for name, (lo, hi) in self._ranges.items():
             if name not in g.symbols:
                 raise KilnError(f"{self.source}: no dynamic dim named {name!r}; its dims are "
                                 f"{', '.join(g.symbols) or 'none (every dim is fixed)'}")
-            lo, hi = rng
             g.symbols[name] = (max(int(lo), 1), min(int(hi), INT_MAX) if hi is not None else INT_MAX)
 
-        checks = _inferred_types(model)
-        unsupported: dict[str, list[str]] = {}
-        nodes = list(model.graph.node)
-        for k, node in enumerate(nodes):
-            if key_of(node) not in HANDLERS:
-                unsupported.setdefault(key_of(node), []).append(_where(node, k))
-        used = {i for n in nodes for i in n.input} | {o.name for o in model.graph.output}
-        for k, node in enumerate(nodes):
-            key = key_of(node)
-            ins = [self.env.get(i, POISON) if i else None for i in node.input]
-            if key not in HANDLERS or _poisoned(ins):
-                for o in node.output:
-                    self.env[o] = POISON
-                continue
-            self.loc = _where(node, k)
-            try:
-                attrs = attr_values(node)
-                value = None
-                if key in STATIC_EVAL and _evaluable(ins):
-                    try:
-                        value = STATIC_EVAL[key](self, node, ins, attrs)
-                    except CannotEval:
-                        value = None
-                if value is None:
-                    value = HANDLERS[key](self, node, ins, attrs)
-            except Unsupported as e:
-                unsupported.setdefault(f"{key} ({e})", []).append(self.loc)
-                for o in node.output:
-                    self.env[o] = POISON
-                continue
-            except KilnError:
-                raise
-            except Exception as e:  # a bug or an unexpected input: say where it happened
-                if os.environ.get("KILN_DEBUG"):
-                    raise
-                raise CaptureError(f"cannot import ONNX node {self.loc} ({key}): {type(e).__name__}: {e}",
-                                   hint="rerun with KILN_DEBUG=1 for the traceback and report it") from e
-            values = value if isinstance(value, list) else [value]
-            for i, o in enumerate(node.output):
-                v = values[i] if i < len(values) else None
-                if v is None and o and o in used:
-                    unsupported.setdefault(f"{key} (output {i}, {o!r})", []).append(self.loc)
-                    v = POISON
-                if o:
-                    self._check(o, v, checks)
-                    self.env[o] = v
-        if unsupported:
-            raise UnsupportedOpsError(unsupported, source=self.source)
+    # ------------------------------------------------------------------ the lowering loop's hooks
+    def key(self, item) -> str:
+        return key_of(item[1])
 
-        outs, names = [], []
-        for vo in model.graph.output:
-            v = self.env.get(vo.name)
-            if v is None:
-                raise KilnError(f"{self.source}: graph output {vo.name!r} is not produced by any node")
-            outs.append(self.node(v))
-            names.append(vo.name)
-            self._check_output(vo, outs[-1])
-        g.set_outputs(outs, names)
-        g.remove_dead()
-        g.verify()
-        return g
+    def where(self, item) -> str:
+        k, node = item
+        return node.name or f"<node {k}: {node.op_type} -> {', '.join(node.output)}>"
+
+    def handler(self, item):
+        key = key_of(item[1])
+        return self._lower if key in HANDLERS else None
+
+    def inputs(self, item) -> list:
+        return [self.env.get(i, POISON) if i else None for i in item[1].input]
+
+    def _lower(self, item, ins):
+        """The node's value: evaluated at import time when every input is a small static, else lowered."""
+        node = item[1]
+        key, attrs = key_of(node), attr_values(node)
+        if key in STATIC_EVAL and _evaluable(ins):
+            try:
+                return STATIC_EVAL[key](self, node, ins, attrs)
+            except CannotEval:
+                pass
+        return HANDLERS[key](self, node, ins, attrs)
+
+    def store(self, item, value) -> None:
+        node = item[1]
+        if value is POISON:
+            self.env.update((o, POISON) for o in node.output)
+            return
+        values = value if isinstance(value, list) else [value]
+        for i, o in enumerate(node.output):
+            v = values[i] if i < len(values) else None
+            if v is None and o and o in self._used:
+                self.refuse(f"{key_of(node)} (output {i}, {o!r})", self.loc)
+                v = POISON
+            if o:
+                self._check(o, v, self._checks)
+                self.env[o] = v
 
     def _check(self, name: str, v, checks: dict) -> None:
         """A lowered value must have the element type (and fixed dims) ONNX shape inference gave it."""
@@ -419,10 +247,6 @@ class OnnxImporter:
             if len(want) != len(n.shape) or any(w is not None and not dims_equal(w, d) for w, d in zip(want, n.shape)):
                 raise CaptureError(f"{self.source}: output {vo.name!r} has shape {shape_str(n.shape)}, the model declares "
                                    f"{shape_str(['?' if w is None else w for w in want])}")
-
-
-def _where(node: onnx.NodeProto, k: int) -> str:
-    return node.name or f"<node {k}: {node.op_type} -> {', '.join(node.output)}>"
 
 
 def _evaluable(ins) -> bool:
@@ -496,8 +320,8 @@ def from_onnx(source, *, dynamic: dict | None = None) -> Graph:
         model, label = load_model(path), os.path.basename(path)
     elif isinstance(source, onnx.ModelProto):
         model, label = source, "ONNX model"
-        _check_header(model, label)
-        _check_model(model, label)
+        check_header(model, label)
+        check_model(model, label)
     else:
         raise KilnError(f"from_onnx takes a path or an onnx.ModelProto, got {type(source).__name__}")
     if model.functions:  # model-local functions (some exporters emit them): inline into one flat graph
