@@ -8,8 +8,7 @@
 from .api import CompiledModel, Dim, compile, jit, load
 from .config import CompileConfig
 from .errors import ArtifactError, CaptureError, InputError, KilnError, UnsupportedOpsError
-from .runtime.llm import Generator, from_hf
-from .runtime.sampling import SamplingParams
+from .llm import Generator, SamplingParams, from_hf
 from .version import __version__
 
 __all__ = ["jit", "compile", "load", "from_hf", "Generator", "SamplingParams", "CompileConfig", "CompiledModel", "Dim",

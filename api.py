@@ -22,6 +22,7 @@ from .passes.pipeline import run_pipeline
 from .passes.report import Report
 from .runtime import artifact
 from .runtime.executor import Executor
+from .runtime.target import Target
 from .runtime.signature import Signature, output_names, output_structure
 
 
@@ -30,18 +31,14 @@ class CompiledModel:
 
     def __init__(self, graph: Graph, signature: Signature, config: CompileConfig, report: Report,
                  manifest: dict | None = None, tuning: dict | None = None):
-        from .codegen.cache import Cache
-        from .codegen.tuning import Tuner
-
         self.graph = graph
         self.signature = signature
         self.config = config
         self._report = report
         self.manifest = manifest or {}
         self.files: dict[str, bytes] = {}  # data files an artifact carried (save(files=...))
-        tuner = Tuner(Cache.from_config(config), decisions=(tuning or {}).get("decisions"), force=config.kernels)
-        self.executor = Executor(graph, device=config.device, max_plans=config.max_plans, backend=config.backend,
-                                 cuda_graphs=config.cuda_graphs, tuner=tuner)
+        target = Target.from_config(config, default_device=next((t.device for t in graph.weights.values()), None), tuning=tuning)
+        self.executor = Executor(graph, target)
 
     def __call__(self, *args, **kwargs):
         tensors = self.signature.flatten(args, kwargs)

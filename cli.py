@@ -136,7 +136,7 @@ def cmd_compile(a) -> int:
 
 
 def _compile_generator(a, spec, model, config, output, progress) -> int:
-    from .runtime.llm import Generator, _load_tokenizer
+    from .llm.generator import Generator, _load_tokenizer
 
     if spec.family != "llama":
         raise KilnError(f"--generate needs an LLM; {spec.name} is a {spec.family} model")
@@ -169,8 +169,8 @@ def _eos_of(weights: str | None):
 def cmd_generate(a) -> int:
     import torch
 
-    from .runtime.llm import Generator
-    from .runtime.sampling import SamplingParams
+    from .llm.generator import Generator
+    from .llm.sampling import SamplingParams
 
     progress = _Progress(a.quiet)
     with progress.step(f"load {a.artifact}"):

@@ -83,7 +83,7 @@ x = None  # free it before the prefill run
 res["bf16_gemm_peak_tflops"] = peak
 gp = kiln.from_hf(m, max_seq=a.prefill + 8, batch_buckets=(1,), eos_token_id=[])
 ids = torch.randint(0, cfg.vocab_size, (1, a.prefill), device="cuda")
-from kiln.runtime.llm import step_inputs  # noqa: E402
+from kiln.llm.generator import step_inputs  # noqa: E402
 
 inp = list(step_inputs(ids, torch.zeros(1, dtype=torch.long), 0, gp.caches(1), gp.max_seq, None).values())
 gp.compiled.run(inp)

@@ -14,7 +14,6 @@ not in them (or declined by ``fusible``) is not scheduled into a pointwise group
 """
 from __future__ import annotations
 
-import functools
 import math
 import weakref
 
@@ -24,6 +23,7 @@ import triton
 
 from ..ir.interpret import eval_nodes
 from ..ir.types import eval_dim, torch_dtype
+from .cache import Cache, key
 
 MAX_ROW = 16384  # longest row a reduction group holds in one tile
 
@@ -229,19 +229,18 @@ def _as(v: str, ct: str, node) -> str:
 # ----------------------------------------------------------------------------- loading and launching
 
 
-def load(source: str):
-    """The module for ``source``, content-addressed in the kiln cache (ONE place to change how)."""
-    return _load(source)
+_LOADED: dict[tuple[str, str], object] = {}  # (cache root, source) -> module: Triton keeps compiled kernels per function
 
 
-@functools.lru_cache(maxsize=None)
-def _load(source: str):
-    from .cache import Cache, key
-
-    cache = Cache()
-    k = key("pointwise", source)
-    cache.get_or_create("pointwise", k, lambda: source)
-    return cache.load_module("pointwise", k)
+def load(source: str, cache: Cache):
+    """The module for ``source``, content-addressed in ``cache`` (ONE place to change how)."""
+    k = (str(cache.root), source)
+    mod = _LOADED.get(k)
+    if mod is None:
+        entry = key("pointwise", source)
+        cache.get_or_create("pointwise", entry, lambda: source)
+        mod = _LOADED[k] = cache.load_module("pointwise", entry)
+    return mod
 
 
 def row_length_ok(group, bindings) -> bool:
@@ -249,9 +248,10 @@ def row_length_ok(group, bindings) -> bool:
     return n <= MAX_ROW or not any(expr_key(m) in ROW_OPS for m in group.nodes)
 
 
-def launch(group, tensors: list, bindings: dict, out: list | None = None) -> list[torch.Tensor]:
+def launch(group, tensors: list, bindings: dict, out: list | None = None, cache: Cache | None = None) -> list[torch.Tensor]:
     """Run ``group``: ``tensors`` align with ``group.inputs`` (CONST inputs may be None); returns (or
-    fills ``out``) the tensors of ``group.outputs``, contiguous, in their IR dtypes."""
+    fills ``out``) the tensors of ``group.outputs``, contiguous, in their IR dtypes. The kernel's source lives
+    in ``cache`` (the target's; default: the default cache directory)."""
     shape = [eval_dim(d, bindings) for d in group.outputs[0].shape]
     given = [t for t in tensors if isinstance(t, torch.Tensor)]
     device = given[0].device if given else torch.device("cpu")
@@ -262,7 +262,7 @@ def launch(group, tensors: list, bindings: dict, out: list | None = None) -> lis
     dom = [1] * max(0, 2 - len(shape)) + shape  # rank >= 2: [*lead, N]
     rank = len(dom)
     src = _render_cached(group, rank)
-    kern = load(src).kernel
+    kern = load(src, cache if cache is not None else Cache()).kernel
     ptrs, strides = [], []
     for node, t in list(zip(group.inputs, tensors)) + list(zip(group.outputs, out)):
         if _const_value(node) is not None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..ir.types import ITEMSIZE
+
 ALIGN = 256  # bytes; keeps every buffer aligned for vector loads and tensor-core tiles
 
 
@@ -34,6 +36,40 @@ class BufferPlan:
     def summary(self) -> dict:
         return {"buffers": len(self.offsets), "planned_peak_bytes": self.peak_bytes,
                 "sum_of_intermediates_bytes": self.total_bytes, "saving": round(self.saving, 4)}
+
+
+def nbytes(shape, dtype: str) -> int:
+    """Bytes of a tensor of ``shape`` (ints) and IR dtype ``dtype``."""
+    n = ITEMSIZE[dtype]
+    for d in shape:
+        n *= d
+    return n
+
+
+class Liveness:
+    """The buffers of a launch list and their lifetimes: ``write`` when a step produces a buffer, ``read`` when
+    a step (or a view read at that step) reads it; ``plan`` packs them into one arena."""
+
+    def __init__(self):
+        self.first: dict[int, int] = {}
+        self.last: dict[int, int] = {}
+        self.sizes: dict[int, int] = {}
+
+    def write(self, key: int, step: int, size: int) -> None:
+        self.first[key] = self.last[key] = step
+        self.sizes[key] = size
+
+    def read(self, key: int | None, step: int) -> None:
+        """``key`` is read at ``step`` (None, or a value that is no planned buffer: nothing to do)."""
+        if key in self.last:
+            self.last[key] = max(self.last[key], step)
+
+    def intervals(self) -> list[Interval]:
+        return [Interval(k, self.sizes[k], self.first[k], self.last[k]) for k in self.first]
+
+    def plan(self) -> tuple[list[Interval], BufferPlan]:
+        ivs = self.intervals()
+        return ivs, plan_memory(ivs)
 
 
 def _align(n: int) -> int:

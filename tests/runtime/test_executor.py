@@ -7,6 +7,7 @@ from kiln.ir.interpret import interpret
 from kiln.models.registry import get
 from kiln.runtime.executor import Executor
 from kiln.runtime.memory import check_plan
+from kiln.runtime.target import Target
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +61,7 @@ def test_outputs_are_not_overwritten_by_later_calls(llama_graph):
 
 def test_plan_cache_is_bounded(llama_graph):
     graph, _ = llama_graph
-    ex = Executor(graph, max_plans=2)
+    ex = Executor(graph, Target.from_config(kiln.CompileConfig(max_plans=2)))
     for seq in (3, 4, 5):
         ex.run([torch.randint(0, 256, (1, seq))])
     assert [p.bindings["seq"] for p in ex.plans] == [4, 5]

@@ -1,4 +1,4 @@
-"""The kernels backend (runtime/launch.py) on CPU under TRITON_INTERPRET=1: every implementation choice runs
+"""The kernels backend (runtime/kernel_plan.py) on CPU under TRITON_INTERPRET=1: every implementation choice runs
 the optimized graphs of HF Llama tiny and diffusers DiT tiny to the reference backend's numbers; the buffer
 plan never overlaps live values; the tuner measures once, then hits the on-disk cache and the artifact's
 tuning.json. GPU cases (bf16, CUDA graphs) are marked gpu."""
@@ -15,6 +15,7 @@ from kiln.ir.interpret import interpret
 from kiln.ir.types import sym
 from kiln.runtime.executor import Executor
 from kiln.runtime.memory import check_plan
+from kiln.runtime.target import Target
 from kiln.testing import TOL, rel_err
 
 
@@ -23,8 +24,8 @@ def _cache_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("KILN_CACHE_DIR", str(tmp_path / "kiln-cache"))
 
 
-def run_both(graph: Graph, inputs, **kernels_kw):
-    ex = Executor(graph, backend="kernels", **kernels_kw)
+def run_both(graph: Graph, inputs, tuner: Tuner):
+    ex = Executor(graph, Target.from_config(kiln.CompileConfig(backend="kernels"), tuner=tuner))
     got = ex.run(inputs)
     want = interpret(graph, inputs)
     for a, b in zip(got, want):
@@ -33,6 +34,11 @@ def run_both(graph: Graph, inputs, **kernels_kw):
     plan = ex.plans[0]
     check_plan(plan.memory, plan.intervals)
     return ex, plan
+
+
+def reference_executor(graph: Graph) -> Executor:
+    """Per-op torch on the device of the graph's weights."""
+    return Executor(graph, Target.from_config(kiln.CompileConfig(backend="reference"), default_device="cuda"))
 
 
 CHOICES = [{"gemm": "triton", "attention": "kiln"}, {"gemm": "cublas", "attention": "sdpa"}]
@@ -87,9 +93,9 @@ def test_views_copies_and_memory_plan():
     g = _gemm_attention_graph()
     x = torch.randn(3, 8, 24)
     ex, plan = run_both(g, [x], tuner=Tuner(force={"gemm": "cublas", "attention": "kiln"}))
-    kinds = [launch.kind for launch in plan.launches]
+    kinds = [call.kind for call in plan.calls]
     assert kinds.count("copy") == 1  # RESHAPE of the permuted input
-    att = next(launch for launch in plan.launches if launch.kind == "attention").group.nodes[0]
+    att = next(call for call in plan.calls if call.kind == "attention").group.nodes[0]
     assert plan.env[att].stride() == (8 * 48, 12, 48, 1)  # [b, heads, 8, 12] stored as [b, 8, heads, 12]
     assert kinds.count("gemm") == 2 and kinds.count("attention") == 1
     # a second call reuses the plan and its buffers; outputs are fresh tensors each call
@@ -162,7 +168,7 @@ def test_gpu_llama_tiny_bf16_cuda_graph(pipeline_models, force):
         want32 = model32(x).logits
     m = kiln.compile(model32.to(torch.bfloat16), (ids(2, 7).cuda(),), dynamic=dims, config=kiln.CompileConfig(kernels=force or {}))
     out = m(x).logits
-    ref = Executor(m.graph, backend="reference").run([x])[0]  # per-op torch, same device and dtype
+    ref = reference_executor(m.graph).run([x])[0]  # per-op torch, same device and dtype
     no_worse_than_reference(out, ref, want32)
     d = m.executor.describe()
     assert d["backend"] == "kernels" and d["plans"][0]["cuda_graph"], d
@@ -191,7 +197,7 @@ def test_gpu_dit_tiny_bf16_every_gemm_choice(pipeline_models):
     for force in CHOICES + [{"gemm": "cublaslt"}]:
         m = kiln.compile(model, (), _cuda_bf16(dit_inputs(2)), dynamic=dims, config=kiln.CompileConfig(kernels=force))
         out = m(**inputs).sample
-        ref = Executor(m.graph, backend="reference").run([inputs[i.attrs["name"]] for i in m.graph.inputs])[0]
+        ref = reference_executor(m.graph).run([inputs[i.attrs["name"]] for i in m.graph.inputs])[0]
         no_worse_than_reference(out, ref, want32)
         assert m.executor.describe()["plans"][0]["cuda_graph"]
 

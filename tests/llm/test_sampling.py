@@ -1,4 +1,4 @@
-"""kiln.runtime.sampling: greedy is argmax, top-k / top-p keep exactly the tokens HF's warpers keep,
+"""kiln.llm.sampling: greedy is argmax, top-k / top-p keep exactly the tokens HF's warpers keep,
 draws follow softmax(filtered logits / T) (chi-square), per-row params mix greedy and sampled rows,
 seeds reproduce, bad params name their field, and nothing reads a tensor value on the host."""
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
-from kiln.runtime.sampling import SamplingParams, filter_logits, make_generator, sample, sample_rows
+from kiln.llm.sampling import SamplingParams, filter_logits, make_generator, sample, sample_rows
 
 # Upper 0.1% points of chi-square by degrees of freedom: a correct sampler fails a given seeded
 # check with probability 1e-3, and every check here is deterministic under its seed.

@@ -1,4 +1,4 @@
-"""LLM generation (runtime/llm.py): greedy tokens equal transformers' generate token for token on tiny Llama,
+"""LLM generation (llm/generator.py): greedy tokens equal transformers' generate token for token on tiny Llama,
 Qwen2 and Mistral (sliding window) models in float32 on CPU, for a batch of prompts of different lengths;
 streaming, stop conditions, sampling, and bad requests that leave the generator usable."""
 import pytest
@@ -133,7 +133,7 @@ def test_kernels_backend_writes_the_cache_in_place_and_matches(attention):
     hf = hf_model()
     cfg = kiln.CompileConfig(backend="kernels", kernels={"gemm": "cublas", "attention": attention})
     g = kiln.from_hf(hf, max_seq=48, batch_buckets=(2,), eos_token_id=[], config=cfg)
-    g.compiled.executor.tuner = Tuner(force=cfg.kernels)
+    g.compiled.executor.target.tuner = Tuner(force=cfg.kernels)
     r = g.generate(PROMPTS[:2], max_new_tokens=6)
     for p, got in zip(PROMPTS[:2], r.tokens):
         assert got == hf_greedy(hf, p, 6)

@@ -22,8 +22,11 @@ from typing import Iterator
 
 import torch
 
+from ..api import compile as kiln_compile
+from ..api import load as kiln_load
 from ..config import CompileConfig
-from ..errors import InputError, KilnError
+from ..errors import ArtifactError, InputError, KilnError
+from ..models.llama import HF_MODEL_TYPES, LlamaConfig, LlamaStep, llama_from_tensors, load_llama
 from .sampling import SamplingParams, make_generator, sample
 
 DEFAULT_BATCH_BUCKETS = (1, 2, 4, 8, 16)
@@ -120,9 +123,6 @@ class Generator:
     def compile(cls, model, *, max_seq: int = 1024, batch_buckets=DEFAULT_BATCH_BUCKETS, device=None, dtype=None,
                 tokenizer=None, eos_token_id: int | list[int] | None = None, config: CompileConfig | None = None) -> "Generator":
         """Compile kiln's LlamaForCausalLM ``model`` into a generator (see the class docstring)."""
-        from ..api import compile as kiln_compile
-        from ..models.llama import LlamaStep
-
         cfg = model.config
         if max_seq < 2:
             raise KilnError(f"max_seq must be at least 2, got {max_seq}")
@@ -158,8 +158,6 @@ class Generator:
     @classmethod
     def from_pretrained(cls, path, *, dtype=torch.bfloat16, **kw) -> "Generator":
         """A checkpoint directory (config.json + safetensors); its tokenizer when the directory has one."""
-        from ..models.llama import load_llama
-
         model = load_llama(path, dtype=dtype)
         tok = kw.pop("tokenizer", None)
         if tok is None:
@@ -184,9 +182,6 @@ class Generator:
     @classmethod
     def load(cls, path, device=None, backend=None) -> "Generator":
         """A generator saved with :meth:`save` (with its tokenizer when it was saved with one)."""
-        from ..api import load as kiln_load
-        from ..errors import ArtifactError
-
         m = kiln_load(path, device=device, backend=backend)
         spec = m.manifest.get("generator")
         if not isinstance(spec, dict):
@@ -350,18 +345,20 @@ class Generator:
 
 class _Decoder:
     """Decode steps of one request: ``decoder(tok [B], slot)`` enqueues the step that writes slot ``slot`` and
-    returns its logits. On the kernels backend the first step picks the shape bucket's plan; later steps update
-    that plan's input buffers in place (tokens, positions + 1, slot + 1, one mask column) and replay it, so a
-    step costs a few tiny kernels and one CUDA graph replay, not a pass through the generic call path."""
+    returns its logits. The first step binds the shape bucket's plan; later steps update that plan's input
+    buffers in place (tokens, positions + 1, slot + 1, one mask column) and replay it, so a step costs a few
+    tiny kernels and one replay (one CUDA graph on the GPU), not a pass through the generic call path."""
 
     def __init__(self, gen: Generator, bucket: int, pad: torch.Tensor, caches: dict):
         self.gen, self.bucket, self.pad, self.caches = gen, bucket, pad, caches
+        graph = gen.compiled.graph
+        self.names = [n.attrs["name"] for n in graph.inputs]
+        self.logits_index = next(k for k, name in enumerate(graph.output_names) if name not in graph.updates)
         self.plan = None
         self.slot = None
 
     def __call__(self, tok: torch.Tensor, slot: int) -> torch.Tensor:
         g = self.gen
-        ex = g.compiled.executor
         if self.plan is not None and slot == self.slot + 1:
             b = self.buffers
             b["input_ids"].copy_(tok[:, None])
@@ -370,27 +367,18 @@ class _Decoder:
             b["mask"].select(3, slot).fill_(True)
             if g.window is not None and slot - g.window >= 0:
                 b["mask"].select(3, slot - g.window).fill_(False)
-            self.slot = slot
-            return self.plan.launch()[self.logits_index]
-        inputs = list(step_inputs(tok[:, None], self.pad, slot, self.caches, g.max_seq, g.window).values())
-        if ex.backend == "kernels":
-            from ..ir.bind import bind_inputs
-
-            self.plan = ex.plan(bind_inputs(ex.graph, inputs), inputs)
-            names = [n.attrs["name"] for n in ex.graph.inputs]
-            self.buffers = {name: buf for name, buf in zip(names, self.plan.input_buffers) if buf is not None}
-            self.logits_index = next(k for k, name in enumerate(ex.graph.output_names) if name not in ex.graph.updates)
-            self.slot = slot
-            self.plan.run(inputs)
-            return self.plan.output_values[self.logits_index]
-        return g.compiled.run(inputs)[0]
+        else:
+            inputs = list(step_inputs(tok[:, None], self.pad, slot, self.caches, g.max_seq, g.window).values())
+            self.plan = g.compiled.executor.plan_for(inputs)
+            self.plan.bind(inputs)
+            self.buffers = {name: buf for name, buf in zip(self.names, self.plan.input_buffers) if buf is not None}
+        self.slot = slot
+        return self.plan.replay()[self.logits_index]
 
 
 def from_hf(model, tokenizer=None, **kw) -> Generator:
     """A :class:`Generator` for an in-memory transformers Llama / Mistral / Qwen2 causal LM (its weights are
     shared, not copied, when device and dtype stay the same)."""
-    from ..models.llama import HF_MODEL_TYPES, LlamaConfig, llama_from_tensors
-
     hf_cfg = model.config.to_dict()
     if hf_cfg.get("model_type") not in HF_MODEL_TYPES:
         raise KilnError(f"kiln.from_hf: model_type {hf_cfg.get('model_type')!r} is not supported",

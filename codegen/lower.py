@@ -1,0 +1,117 @@
+"""The candidate implementations of each kernel group: what the tuner chooses between, per shape.
+
+Each function gets the group's operands as the plan's fixed tensors (inputs, weights, arena views) and its
+output buffer, and returns ``(what, candidates)``: ``what`` describes the shape for the tuner's key, each
+candidate is a name -> a closure that runs the group once into ``out`` (so a CUDA graph can capture it).
+
+    GEMM       cuBLAS (torch.mm / addmm) + kiln's one-pass epilogue kernel; cuBLASLt's own epilogues where
+               they apply (a full residual as addmm's C; bias + tanh-GELU); kiln's Triton template
+    ATTENTION  SDPA; kiln's flash kernel; the split-KV decode kernel for few query rows over long keys
+    pointwise  the one generated Triton kernel (no choice)
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ..ir.ops import sdpa_mask
+from ..ir.ops_fused import gemm_operands
+from .kernels import attention as ta
+from .kernels import decode_attention as td
+from .kernels import gemm as tg
+from .kernels.epilogue import epilogue
+
+# template configurations measured per shape besides cuBLAS / SDPA. Each is a Triton compile (1-2 s) of a cold
+# start; one GEMM configuration (the template lost to cuBLAS at every measured shape) keeps DiT-XL/2's cold
+# compile inside its budget
+TRITON_GEMM_CONFIGS = 1
+TRITON_ATTENTION_CONFIGS = 2
+
+
+def config_name(impl: str, config: dict) -> str:
+    """A tuning candidate's name: the implementation, then its launch configuration's values."""
+    return impl + ":" + ",".join(str(v) for v in config.values())
+
+
+def _triton_ok(dtypes, dtype, device: torch.device, interpret: bool) -> bool:
+    return dtype in dtypes and (device.type == "cuda" or interpret)
+
+
+def gemm(args: list, attrs: dict, out: torch.Tensor, tmp: torch.Tensor | None, device: torch.device) -> tuple[dict, dict]:
+    """A GEMM's candidates. ``tmp``: the [M, 2N] scratch of a GLU's product behind cuBLAS (None otherwise)."""
+    x, w, bias, gate, residual = gemm_operands(args, attrs)
+    act, glu = attrs["act"], attrs["glu"]
+    m, k = math.prod(x.shape[:-1]), x.shape[-1]
+    nout = out.shape[-1]
+    out2 = out.view(m, nout)
+    wt = w.t()
+    plain = act == "none" and not glu and gate is None and residual is None
+    h2 = tmp if glu else out2  # the product; the epilogue reads it with the output's leading dims
+    h = h2.view(*out.shape[:-1], h2.shape[-1])
+
+    def cublas():
+        x2 = x.reshape(m, k)
+        dst = out2 if plain else h2
+        if bias is not None:  # cuBLAS adds it in float32 before rounding, as F.linear does
+            torch.addmm(bias, x2, wt, out=dst)
+        else:
+            torch.mm(x2, wt, out=dst)
+        if not plain:
+            epilogue(h, None, gate, residual, act, glu, out=out)
+
+    candidates = {"cublas": cublas}
+    # cuBLAS(Lt) computes two epilogues itself: + a full residual (as addmm's C) and bias + tanh-GELU
+    only_residual = residual is not None and act == "none" and not glu and gate is None and bias is None
+    if only_residual and tuple(residual.shape) == tuple(out.shape):
+        res2 = residual.reshape(m, nout)
+        candidates["cublaslt:residual"] = lambda: torch.addmm(res2, x.reshape(m, k), wt, out=out2)
+    # (cuBLASLt's GELU epilogue is the tanh form on CUDA; torch's CPU fallback of the same call uses erf)
+    if bias is not None and act == "gelu_tanh" and not glu and gate is None and residual is None and device.type == "cuda":
+        candidates["cublaslt:gelu"] = lambda: torch._addmm_activation(bias, x.reshape(m, k), wt, use_gelu=True, out=out2)
+    if _triton_ok(tg.DTYPES, x.dtype, device, tg.INTERPRET):
+        cfgs = tg.configs(m, glu) if device.type == "cuda" else [tg.INTERPRET_CONFIG]
+        for c in cfgs[:TRITON_GEMM_CONFIGS]:
+            candidates[config_name("triton", c)] = (lambda c=c: tg.gemm(x, w, bias, gate, residual, act, glu, out=out, config=c))
+    what = {"op": "GEMM", "x": list(x.shape), "x_stride": list(x.stride()), "w": list(w.shape), "dtype": str(x.dtype),
+            "act": act, "glu": glu, "bias": bias is not None,
+            "gate": None if gate is None else list(gate.shape), "residual": None if residual is None else list(residual.shape)}
+    return what, candidates
+
+
+def _decode_fits(q, k, v, mask, causal: bool, gqa: bool, device: torch.device) -> bool:
+    """Few query rows over a long key sequence (LLM decode) that the split-KV kernel handles: one program per
+    kv head and key chunk; every loaded K / V tile serves the whole query group."""
+    return (q.dim() == 4 and k.dim() == 4 and not causal and k.shape == v.shape and q.shape[0] == k.shape[0]
+            and (mask is None or mask.dtype == torch.bool)
+            and (q.shape[1] // max(k.shape[1], 1)) * q.shape[2] <= td.MAX_ROWS and q.shape[-1] <= td.MAX_HEAD_DIM
+            and (gqa or q.shape[1] == k.shape[1]) and _triton_ok(td.DTYPES, q.dtype, device, td.INTERPRET))
+
+
+def attention(args: list, attrs: dict, out: torch.Tensor, device: torch.device) -> tuple[dict, dict]:
+    """An ATTENTION's candidates."""
+    q, k, v = args[:3]
+    mask = args[3] if len(args) > 3 else None
+    causal, scale, gqa = attrs["causal"], attrs["scale"], attrs["gqa"]
+    attn_mask, sdpa_causal = sdpa_mask(q, k, mask, causal)  # built once per plan, not per call
+    enable_gqa = bool(gqa and q.dim() >= 3 and q.shape[-3] != k.shape[-3])
+
+    def sdpa():
+        out.copy_(F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=sdpa_causal, scale=scale,
+                                                 enable_gqa=enable_gqa))
+
+    candidates = {"sdpa": sdpa}
+    if _triton_ok(ta.DTYPES, q.dtype, device, ta.INTERPRET):
+        cfgs = ta.configs(q.shape[-2]) if device.type == "cuda" else [ta.INTERPRET_CONFIG]
+        for c in cfgs[:TRITON_ATTENTION_CONFIGS]:
+            candidates[config_name("kiln", c)] = (lambda c=c: ta.attention(q, k, v, mask, causal, scale, gqa, out=out, config=c))
+    if _decode_fits(q, k, v, mask, causal, enable_gqa, device):
+        cfgs = td.configs() if device.type == "cuda" else [td.INTERPRET_CONFIG]
+        for c in cfgs[:TRITON_ATTENTION_CONFIGS]:
+            candidates[config_name("kiln-decode", c)] = (
+                lambda c=c: td.decode_attention(q, k, v, mask, scale, enable_gqa, out=out, config=c))
+    what = {"op": "ATTENTION", "q": list(q.shape), "k": list(k.shape), "v": list(v.shape), "dtype": str(q.dtype),
+            "strides": [list(t.stride()) for t in (q, k, v)], "causal": causal, "scale": scale, "gqa": gqa,
+            "mask": None if mask is None else [list(mask.shape), str(mask.dtype)]}
+    return what, candidates

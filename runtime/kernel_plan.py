@@ -1,0 +1,350 @@
+"""The kernels plan: a graph's schedule as a flat list of kernel calls over planned buffers, replayed as a
+CUDA graph. One :class:`KernelPlan` per concrete shape binding (a *shape bucket*); it implements the plan
+protocol of ``plan.py``. Built in four named steps:
+
+1. Layouts (:meth:`KernelPlan._layouts`). Every value gets a meta tensor (shape and strides): inputs and
+   kernel outputs are contiguous, weights keep theirs, a view group (PERMUTE / SLICE / EXPAND / RESHAPE) is
+   evaluated on its operand's meta tensor, so the plan knows which views are free (a RESHAPE that torch
+   cannot express as a view becomes a copy kernel). Values that depend on no input are computed now.
+2. Memory (:meth:`KernelPlan._memory`). Every kernel output is an interval [group that writes it, last group
+   that reads it or a view of it]; graph outputs live to the end; a cuBLAS GLU needs a scratch [M, 2N] for
+   one step. The intervals are packed into one arena (``memory.py``); inputs get their own static buffers.
+3. Calls (:meth:`KernelPlan._calls`). Each group becomes one closure over fixed tensors: a pointwise group
+   its generated Triton kernel; a GEMM or attention the fastest of its candidates (``codegen/lower.py``,
+   measured per shape by the target's tuner); anything else its torch reference, copied into the buffer.
+4. Capture. On CUDA the call list is warmed up once (Triton compiles, choices are measured) and captured
+   into a CUDA graph; :meth:`replay` replays it. Without CUDA graphs (or on the CPU, with the Triton
+   interpreter in tests) the calls run in order.
+"""
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+
+from ..codegen import lower
+from ..codegen.pointwise import launch
+from ..codegen.schedule import VIEW_OPS, Group
+from ..ir.graph import Graph, Node
+from ..ir.interpret import eval_node, node_attrs
+from ..ir.types import eval_dim, torch_dtype
+from .memory import Liveness, nbytes
+from .plan import Plan
+
+
+@dataclass
+class KernelCall:
+    """One entry of the call list: a group, how it runs, and the implementation chosen for it."""
+    group: Group
+    kind: str  # pointwise | gemm | matmul | attention | update | copy | reference
+    run: object  # () -> None
+    choice: str = ""
+
+
+@dataclass
+class _Value:
+    meta: torch.Tensor  # shape and strides
+    root: int | None  # slot of the arena buffer this value is (a view of); None: input / weight / const
+
+
+def adoptable_updates(graph: Graph) -> dict[int, tuple[str, Node]]:
+    """Input index -> (update output name, INDEX_COPY node) for each input the program writes through one
+    INDEX_COPY that is its only reader: those can be written in place in the caller's tensor."""
+    index = {n.attrs["name"]: k for k, n in enumerate(graph.inputs)}
+    out = {}
+    for name, target in graph.updates.items():
+        node = graph.outputs[graph.output_names.index(name)]
+        k = index[target]
+        if node.op == "INDEX_COPY" and node.inputs[0] is graph.inputs[k] and len(graph.inputs[k].users) == 1:
+            out[k] = (name, node)
+    return out
+
+
+def _stored_order(node: Node):
+    """A value read only through one PERMUTE that a RESHAPE then flattens (attention's [B, H, S, D] output
+    going back to [B, S, H * D]) is stored in the permuted order, so that both become free views instead
+    of a copy: returns the permutation, or None to store it in its own order."""
+    if len(node.users) != 1:
+        return None
+    u = next(iter(node.users))
+    if u.op != "PERMUTE" or not u.users or not all(r.op == "RESHAPE" for r in u.users):
+        return None
+    return tuple(u.attrs["perm"])
+
+
+def _inverse(perm) -> tuple:
+    inv = [0] * len(perm)
+    for i, p in enumerate(perm):
+        inv[p] = i
+    return tuple(inv)
+
+
+def _empty(shape, perm, dtype, device) -> torch.Tensor:
+    if perm is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    return torch.empty([shape[p] for p in perm], dtype=dtype, device=device).permute(_inverse(perm))
+
+
+def _meta(t: torch.Tensor) -> torch.Tensor:
+    return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
+
+
+@dataclass
+class PlanStats:
+    launches: dict = field(default_factory=dict)  # kind -> count
+    choices: dict = field(default_factory=dict)  # "gemm:cublas" -> count
+    build_s: float = 0.0
+    cuda_graph: bool = False
+
+
+class KernelPlan(Plan):
+    """Call list + buffer plan (+ CUDA graph) for one binding of the symbols."""
+
+    def __init__(self, graph: Graph, groups: list[Group], bindings: dict[str, int], target,
+                 static: dict[Node, torch.Tensor], inputs: list | None = None):
+        t0 = time.perf_counter()
+        self.graph, self.groups, self.bindings, self.target = graph, groups, dict(bindings), target
+        self.device = target.device
+        # an input the program updates through one INDEX_COPY (a KV cache) is written in place: the plan adopts
+        # the caller's tensor (the executor keys plans by its address) instead of a static copy of it
+        self.adopted = adoptable_updates(graph) if inputs is not None else {}
+        self.slot = {n: k for k, n in enumerate(graph.nodes)}
+        self.shape_of = {n: tuple(eval_dim(d, bindings) for d in n.shape) for n in graph.nodes}
+        self._layouts(static)
+        self._memory()
+        self._buffers(inputs)
+        self.calls = self._calls()
+        self.output_values = [self.env[o] for o in graph.outputs]
+        self._state_ids = {id(self.env[graph.inputs[k]]) for k in self.adopted}
+        self.stats = PlanStats()
+        for call in self.calls:
+            self.stats.launches[call.kind] = self.stats.launches.get(call.kind, 0) + 1
+            if call.choice:
+                c = f"{call.kind}:{call.choice.split(':')[0]}"
+                self.stats.choices[c] = self.stats.choices.get(c, 0) + 1
+        self.cuda_graph, self.cuda_graph_error = None, None
+        if target.cuda_graphs and self.device.type == "cuda":
+            self._capture()
+        self.stats.build_s = time.perf_counter() - t0
+
+    # -- 1. layouts -----------------------------------------------------------------------------------------
+    def _layouts(self, static: dict) -> None:
+        """``self.val``: node -> _Value; ``self.kinds``: the kind of each group as it runs; ``self.real``: tensors
+        known now (weights, constants, values that depend on no input), on the device (a CUDA graph cannot read
+        host memory); ``self.order``: outputs stored in a permuted dim order (see _stored_order)."""
+        inplace = {node for _, node in self.adopted.values()}
+        self.real = {n: t.to(self.device) for n, t in static.items()}
+        self.val = {n: _Value(_meta(t), None) for n, t in self.real.items()}
+        for n in self.graph.inputs:
+            self.val[n] = _Value(torch.empty(self.shape_of[n], dtype=torch_dtype(n.dtype), device="meta"), None)
+        self.order: dict[Node, tuple] = {}
+        self.kinds: list[str] = []
+        for g in self.groups:
+            if g.nodes[0] in inplace:
+                self.val[g.nodes[0]] = self.val[g.nodes[0].inputs[0]]  # the adopted input itself
+                self.kinds.append("update")
+            elif g.kind in ("view", "reference") and all(i in self.real for i in g.inputs):
+                self._constant(g)
+                self.kinds.append("constant")
+            else:
+                self.kinds.append(self._layout(g))
+
+    def _constant(self, g: Group) -> None:
+        for n in g.nodes:
+            self.real[n] = eval_node(n, [self.real[i] for i in n.inputs], self.bindings).to(self.device)
+            self.val[n] = _Value(_meta(self.real[n]), None)
+
+    def _layout(self, g: Group) -> str:
+        """The group's kind as it runs ("view" -> "copy" when a view is not expressible) and its outputs' layouts."""
+        kind = g.kind
+        if kind == "reference" and g.nodes[0].op in VIEW_OPS:
+            kind = "view"  # a RESHAPE the schedule could not prove a view: the layouts decide
+        if kind == "view":
+            metas = {}
+            for n in g.nodes:
+                src = self.val[n.inputs[0]] if n.inputs[0] in self.val else metas[n.inputs[0]]
+                args = [src.meta] + [self.val[i].meta if i in self.val else metas[i].meta for i in n.inputs[1:]]
+                r = eval_node(n, args, self.bindings)
+                if not (r._is_view() or r is src.meta):
+                    kind = "copy"  # not expressible as a view of its operand: a copy kernel
+                    break
+                metas[n] = _Value(r, src.root)
+            if kind == "view":
+                self.val.update(metas)
+                return kind
+        if kind != "source":
+            outputs = set(self.graph.outputs)  # (returned to the caller: kept in their own order)
+            for o in g.outputs:
+                perm = _stored_order(o) if kind in ("attention", "pointwise") and o not in outputs else None
+                if perm is not None:
+                    self.order[o] = perm
+                self.val[o] = _Value(_empty(self.shape_of[o], perm, torch_dtype(o.dtype), "meta"), self.slot[o])
+        return kind
+
+    # -- 2. memory ------------------------------------------------------------------------------------------
+    def _memory(self) -> None:
+        """Intervals over group steps, packed into one arena; ``self.scratch``: group index -> (key, shape) of a
+        cuBLAS GLU's [M, 2N] product."""
+        lv = Liveness()
+        self.scratch: dict[int, tuple] = {}
+        for k, (g, kind) in enumerate(zip(self.groups, self.kinds)):
+            if kind in ("view", "source", "constant"):
+                continue
+            for i in g.inputs if kind != "update" else g.nodes[0].inputs[1:]:
+                lv.read(self.val[i].root if i in self.val else None, k)
+            for o in g.outputs:
+                lv.write(self.slot[o], k, nbytes(self.shape_of[o], o.dtype))
+            n = g.nodes[0]
+            if kind == "gemm" and n.op == "GEMM" and n.attrs["glu"]:
+                shape = (math.prod(self.shape_of[n.inputs[0]][:-1]), self.shape_of[n.inputs[1]][0])
+                self.scratch[k] = (-1 - k, shape)
+                lv.write(-1 - k, k, nbytes(shape, n.dtype))
+        for o in self.graph.outputs:
+            lv.read(self.val[o].root, len(self.groups))
+        self.intervals, self.memory = lv.plan()
+        self.arena = torch.zeros(max(self.memory.peak_bytes, 1), dtype=torch.uint8, device=self.device)
+
+    def _buffer(self, key: int, shape, dtype: torch.dtype, perm=None) -> torch.Tensor:
+        off = self.memory.offsets[key]
+        raw = self.arena[off: off + self.memory.sizes[key]].view(dtype)
+        if perm is None:
+            return raw.view(shape)
+        return raw.view([shape[p] for p in perm]).permute(_inverse(perm))
+
+    def _buffers(self, inputs: list | None) -> None:
+        """``self.env``: node -> its real tensor (static, input buffer, arena buffer, or a view of one)."""
+        self.env: dict[Node, torch.Tensor] = dict(self.real)
+        self.input_buffers = []
+        for k, n in enumerate(self.graph.inputs):
+            if k in self.adopted:
+                self.env[n] = inputs[k]
+                self.input_buffers.append(None)
+                continue
+            self.env[n] = torch.zeros(self.shape_of[n], dtype=torch_dtype(n.dtype), device=self.device)
+            if inputs is not None:  # the warm-up before capture then computes what this call asks for
+                self.env[n].copy_(inputs[k])
+            self.input_buffers.append(self.env[n])
+
+    # -- 3. calls -------------------------------------------------------------------------------------------
+    def _calls(self) -> list[KernelCall]:
+        calls = []
+        for k, (g, kind) in enumerate(zip(self.groups, self.kinds)):
+            if kind in ("source", "constant"):
+                continue
+            if kind == "update":
+                n = g.nodes[0]
+                x, index, src = (self.env[i] for i in n.inputs)
+                self.env[n] = x
+                calls.append(KernelCall(g, "update", lambda x=x, a=n.attrs["axis"], i=index, s=src: x.index_copy_(a, i, s)))
+                continue
+            if kind == "view":
+                self._views(g)
+                continue
+            for o in g.outputs:
+                self.env[o] = self._buffer(self.slot[o], self.shape_of[o], torch_dtype(o.dtype), self.order.get(o))
+            tmp = self._buffer(self.scratch[k][0], self.scratch[k][1], torch_dtype(g.nodes[0].dtype)) if k in self.scratch else None
+            calls.append(self._call(g, kind, tmp))
+        return calls + self._state_copies()
+
+    def _views(self, g: Group) -> None:
+        for n in g.nodes:
+            r = eval_node(n, [self.env[i] for i in n.inputs], self.bindings)
+            in_arena = r.untyped_storage().data_ptr() == self.arena.untyped_storage().data_ptr()
+            if r.stride() != self.val[n].meta.stride() or (self.val[n].root is not None and not in_arena):
+                raise RuntimeError(f"internal error: view {n!r} did not come out as planned")
+            self.env[n] = r
+
+    def _state_copies(self) -> list[KernelCall]:
+        """An input the graph updates but the plan could not adopt receives its new value in its input buffer
+        (the plan protocol: after a replay, an updated input holds its new value)."""
+        index = {n.attrs["name"]: k for k, n in enumerate(self.graph.inputs)}
+        calls = []
+        for name, target in self.graph.updates.items():
+            k = index[target]
+            if k in self.adopted:
+                continue
+            node, buf = self.graph.outputs[self.graph.output_names.index(name)], self.input_buffers[k]
+            value = self.env[node]
+            calls.append(KernelCall(Group("reference", [node]), "copy", lambda b=buf, v=value: b.copy_(v)))
+            self.env[node] = buf
+        return calls
+
+    def _call(self, g: Group, kind: str, tmp) -> KernelCall:
+        b, device = self.bindings, self.device
+        if kind == "pointwise":
+            args, outs, cache = [self.env.get(i) for i in g.inputs], [self.env[o] for o in g.outputs], self.target.cache
+            return KernelCall(g, "pointwise", lambda: launch(g, args, b, out=outs, cache=cache))
+        n = g.nodes[0]
+        out, args, attrs = self.env[n], [self.env[i] for i in n.inputs], node_attrs(n, b)
+        if kind == "gemm" and n.op == "MATMUL":
+            return KernelCall(g, "matmul", lambda: torch.matmul(args[0], args[1], out=out))
+        if kind == "gemm":
+            if n.op == "LINEAR":
+                attrs = dict(bias=len(args) > 2, act="none", glu=False, gate=False, residual=False)
+            what, candidates = lower.gemm(args, attrs, out, tmp, device)
+        elif kind == "attention":
+            what, candidates = lower.attention(args, attrs, out, device)
+        else:
+            return self._reference(g, kind, n, args, attrs, out)
+        choice = self.target.tuner.choose(kind, what, candidates, device)
+        return KernelCall(g, kind, candidates[choice], choice)
+
+    def _reference(self, g: Group, kind: str, n: Node, args, attrs, out) -> KernelCall:
+        b = self.bindings
+        if kind == "copy":
+            return KernelCall(g, "copy", lambda: out.copy_(eval_node(n, args, b, attrs)))
+
+        def run_reference():
+            r = eval_node(n, args, b, attrs)
+            if r.shape != out.shape or r.dtype != out.dtype:
+                raise RuntimeError(f"internal error: {n!r} produced {r.dtype}{list(r.shape)}, planned {out.dtype}{list(out.shape)}")
+            out.copy_(r)
+        return KernelCall(g, "reference", run_reference)
+
+    # -- 4. running -----------------------------------------------------------------------------------------
+    def _run_calls(self) -> None:
+        for call in self.calls:
+            call.run()
+
+    def _capture(self) -> None:
+        try:
+            s = torch.cuda.Stream(self.device)
+            s.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(s):
+                self._run_calls()  # compiles every kernel; no first-launch work may happen during capture
+            torch.cuda.current_stream(self.device).wait_stream(s)
+            cuda_graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(cuda_graph):
+                self._run_calls()
+            self.cuda_graph = cuda_graph
+            self.stats.cuda_graph = True
+        except Exception as e:  # an op that syncs or allocates on the host: run the call list instead
+            self.cuda_graph = None
+            self.cuda_graph_error = f"{type(e).__name__}: {e}"
+            torch.cuda.synchronize(self.device)
+            warnings.warn(f"kiln: CUDA graph capture failed for {self.bindings} ({self.cuda_graph_error.splitlines()[0]}); "
+                          "running the call list without a graph", stacklevel=3)
+
+    def bind(self, inputs: list[torch.Tensor]) -> None:
+        for buf, t in zip(self.input_buffers, inputs):
+            if buf is not None:
+                buf.copy_(t)
+
+    def replay(self) -> list[torch.Tensor]:
+        if self.cuda_graph is not None:
+            self.cuda_graph.replay()
+        else:
+            self._run_calls()
+        return self.output_values
+
+    def handout(self, outputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        # an adopted input comes back as itself (already written); every other output as a fresh tensor
+        return [o if id(o) in self._state_ids else o.clone() for o in outputs]
+
+    def describe(self) -> dict:
+        return {"bindings": self.bindings, "launches": dict(self.stats.launches), "choices": dict(self.stats.choices),
+                "cuda_graph": self.stats.cuda_graph, **({"cuda_graph_error": self.cuda_graph_error} if self.cuda_graph_error else {}),
+                "arena_bytes": self.memory.peak_bytes, "build_s": round(self.stats.build_s, 3)}
