@@ -17,7 +17,9 @@ A :class:`Rule` is ``(name, pattern, guard, build)``: ``guard(m)`` returns None 
 string to decline; ``build(graph, m)`` returns the node that replaces the match's root. Unless a
 rule says ``shared_ok=True``, a match whose interior values have users outside the match is declined
 (the rewrite would have to keep computing them). :func:`rewrite` runs rules to a fixed point,
-consumers first, so the largest pattern at a site wins.
+consumers first, so the largest pattern at a site wins; rules are indexed by the op of their root, and
+every match of a rule is tried (another operand order, another alternative) until one is accepted, the
+reasons of the near misses kept. Dead nodes leave the graph once per round.
 """
 from __future__ import annotations
 
@@ -62,6 +64,10 @@ class Pat(ABC):
     @abstractmethod
     def match(self, node: Node, m: Match) -> Iterator[Match]:
         """Every way this pattern matches at ``node``, extending ``m``."""
+
+    def roots(self) -> frozenset | None:
+        """The ops a node this pattern matches can have; None: any op."""
+        return None
 
     # the math operators build op patterns
     def __add__(self, o):
@@ -120,6 +126,9 @@ class C(Pat):
     name: str | None = None
     value: float | None = None
 
+    def roots(self):
+        return frozenset({"CONST"})
+
     def match(self, node, m):
         if node.op != "CONST" or isinstance(node.attrs["value"], tuple):
             return
@@ -142,6 +151,9 @@ class OpPat(Pat):
     op: str
     inputs: tuple
     attrs: dict = field(default_factory=dict)
+
+    def roots(self):
+        return frozenset({self.op})
 
     def match(self, node, m):
         if node.op != self.op or len(node.inputs) != len(self.inputs):
@@ -174,6 +186,10 @@ def _match_all(pats, nodes, m) -> Iterator[Match]:
 class AnyOf(Pat):
     alternatives: tuple
 
+    def roots(self):
+        each = [p.roots() for p in self.alternatives]
+        return None if any(r is None for r in each) else frozenset().union(*each)
+
     def match(self, node, m):
         for p in self.alternatives:
             yield from p.match(node, m)
@@ -196,6 +212,9 @@ class _Bind(Pat):
     p: Pat
     name: str
     value: object
+
+    def roots(self):
+        return self.p.roots()
 
     def match(self, node, m):
         m = m.extend(self.name, self.value)
@@ -254,42 +273,83 @@ def _escaping(m: Match, outputs: set) -> Node | None:
     return None
 
 
+def _fit(rule: Rule, node: Node, outputs: frozenset) -> tuple[Match | None, list[str]]:
+    """The first match of ``rule`` at ``node`` that its guard (and the shared-intermediate check) accepts, and
+    the reasons the matches before it were declined: a declined match lets the next operand order or
+    alternative try."""
+    reasons: list[str] = []
+    for m in rule.pattern.match(node, Match()):
+        m.outputs = outputs
+        reason = rule.guard(m)
+        if reason is None and not rule.shared_ok:
+            esc = _escaping(m, outputs)
+            if esc is not None:
+                reason = f"the intermediate value {esc.name} ({esc.op}) has other users"
+        if reason is None:
+            return m, reasons
+        if reason not in reasons:
+            reasons.append(reason)
+    return None, reasons
+
+
+class RuleIndex:
+    """Rules by the op of the node they can match at, in the rules' order (order decides which fires first)."""
+
+    def __init__(self, rules: list[Rule]):
+        self.rules = [(r, r.pattern.roots()) for r in rules]
+        self._by_op: dict[str, list[Rule]] = {}
+
+    def __call__(self, op: str) -> list[Rule]:
+        found = self._by_op.get(op)
+        if found is None:
+            found = self._by_op[op] = [r for r, roots in self.rules if roots is None or op in roots]
+        return found
+
+
+def _unlink_dead(node: Node, outputs: set, dead: set) -> None:
+    """``node`` and what only it read, once nothing reads them, leave their inputs' users (so guards and the
+    shared-intermediate check see the graph as it is); ``Graph.remove_dead`` drops them once per round."""
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if n in dead or n.users or n in outputs or n.op == "INPUT":
+            continue
+        dead.add(n)
+        for i in n.inputs:
+            i.users.pop(n, None)
+            stack.append(i)
+
+
 def rewrite(graph: Graph, rules: list[Rule], stats: PassStats | None = None, max_rounds: int = 10) -> PassStats:
-    """Apply ``rules`` until none fires (consumers first, so the largest pattern at a site wins).
-    Every rewrite and every decline (with its reason) is counted in ``stats`` per rule."""
+    """Apply ``rules`` until none fires (consumers first, so the largest pattern at a site wins). At each node
+    the rules indexed under its op are tried in order, each with every match until one is accepted. Every
+    rewrite and every decline (the first reason, near misses in ``also``) is counted in ``stats`` per rule."""
     stats = stats if stats is not None else PassStats()
-    declined: set = set()
+    index, declined = RuleIndex(rules), set()
     for _ in range(max_rounds):
-        fired = False
-        outputs, alive = set(graph.outputs), set(graph.nodes)
+        fired, dead = False, set()
+        outputs = frozenset(graph.outputs)
         for node in reversed(list(graph.nodes)):
-            if node not in alive:
+            if node in dead:
                 continue  # replaced earlier in this round
-            for rule in rules:
-                m = first_match(rule.pattern, node)
+            for rule in index(node.op):
+                m, reasons = _fit(rule, node, outputs)
                 if m is None:
-                    continue
-                m.outputs = frozenset(outputs)
-                reason = rule.guard(m)
-                if reason is None and not rule.shared_ok:
-                    esc = _escaping(m, outputs)
-                    if esc is not None:
-                        reason = f"the intermediate value {esc.name} ({esc.op}) has other users"
-                if reason is not None:
-                    key = (rule.name, node.name, reason)
-                    if key not in declined:
+                    key = (rule.name, node.name, tuple(reasons))
+                    if reasons and key not in declined:
                         declined.add(key)
-                        stats.decline(reason, node, rule=rule.name)
+                        stats.decline(reasons[0], node, rule=rule.name, **({"also": reasons[1:]} if len(reasons) > 1 else {}))
                     continue
                 new = rule.build(graph, m)
                 new.loc = new.loc or node.loc
                 graph.replace_all_uses(node, new)
-                graph.remove_dead()
-                outputs, alive = set(graph.outputs), set(graph.nodes)
+                outputs = frozenset(graph.outputs)
+                _unlink_dead(node, outputs, dead)
                 stats.rewritten += 1
                 stats.rules[rule.name] = stats.rules.get(rule.name, 0) + 1
                 fired = True
                 break
+        graph.remove_dead()
         graph.toposort()
         if not fired:
             break

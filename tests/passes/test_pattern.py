@@ -90,3 +90,43 @@ def test_consumers_first_so_the_larger_pattern_wins():
                  lambda g, m: g.add("RMSNORM", [m["x"]], eps=m["eps"]))
     stats = rewrite(g, [small, rule()])
     assert stats.rules == {"rms": 1}
+
+
+def _scaled():
+    """y = x * w: the rule wants w to be the weight; matched as written, the pattern's first operand order binds
+    w to the input x."""
+    g = Graph()
+    x_ = g.add_input("x", (3, 8), f32)
+    w = g.add_weight("w", torch.randn(8, dtype=torch.float32))
+    g.set_outputs([g.add("MUL", [x_, w])])
+    return g, x_, w
+
+
+SCALE = V("w") * V("x")
+
+
+def test_a_declined_match_lets_the_other_operand_order_fire():
+    g, x_, w = _scaled()
+    assert first_match(SCALE, g.outputs[0])["w"] is x_  # the first match: its guard declines below
+    r = Rule("scale", SCALE, lambda g, m: g.add("DIV", [m["x"], g.add("RECIPROCAL", [m["w"]])]),
+             lambda m: None if m["w"].op == "WEIGHT" else f"{m['w'].name} is not a weight")
+    stats = rewrite(g, [r])
+    assert stats.rules == {"scale": 1} and not stats.declined
+    assert g.histogram() == {"RECIPROCAL": 1, "DIV": 1} and g.outputs[0].inputs[1].inputs[0] is w
+
+
+def test_when_every_match_declines_the_near_misses_are_kept():
+    g, x_, w = _scaled()
+    r = Rule("scale", SCALE, lambda g, m: g.add("DIV", [m["x"], m["w"]]), lambda m: f"no: w is {m['w'].name}")
+    stats = rewrite(g, [r])
+    assert stats.rewritten == 0 and len(stats.declined) == 1
+    assert stats.declined[0]["reason"] == "no: w is x" and stats.declined[0]["also"] == ["no: w is w"]
+
+
+def test_rules_are_indexed_by_their_root_op():
+    from kiln.passes.pattern import RuleIndex
+
+    mul, anything, cast = Rule("m", SCALE, None), Rule("v", V("x"), None), Rule("c", maybe_cast(O.EXP(V("x"))), None)
+    index = RuleIndex([mul, anything, cast])
+    assert index("MUL") == [mul, anything] and index("ADD") == [anything]
+    assert index("CAST") == [anything, cast] and index("EXP") == [anything, cast]
