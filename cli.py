@@ -380,12 +380,23 @@ def cmd_bench(a) -> int:
         result["speedup_vs_reference"] = result["runs"][1]["ms"] / result["runs"][0]["ms"]
     result["executor"] = m.executor.describe()
 
+    _print_bench(a.artifact, result)
+    if a.json:
+        if os.path.exists(a.json) and not a.force:
+            raise KilnError(f"{a.json} already exists", hint="use --force to replace it")
+        with open(a.json, "w") as fh:
+            json.dump(result, fh, indent=1)
+        out.print(escape(f"wrote {a.json}"))
+    return 0
+
+
+def _print_bench(artifact: str, result: dict) -> None:
     t = Table(show_edge=False)
     for col in ("system", "median ms", "first call s", "peak GiB"):
         t.add_column(col, justify="right" if col != "system" else "left")
     for r in result["runs"]:
         t.add_row(r["system"], f"{r['ms']:.3f}", f"{r['first_call_s']:.2f}", f"{r['peak_mem_GiB']:.2f}" if "peak_mem_GiB" in r else "-")
-    out.print(escape(f"{a.artifact} on {result['device']}, inputs " + ", ".join(f"{k}{v}" for k, v in result["inputs"].items())))
+    out.print(escape(f"{artifact} on {result['device']}, inputs " + ", ".join(f"{k}{v}" for k, v in result["inputs"].items())))
     out.print(t)
     if "rel_err_vs_reference" in result:
         out.print(f"kiln vs reference: {result['speedup_vs_reference']:.2f}x, max relative error {result['rel_err_vs_reference']:.2e}")
@@ -394,13 +405,6 @@ def cmd_bench(a) -> int:
         p = ex["plans"][-1]
         out.print(escape(f"backend {ex['backend']}: launches {p.get('launches', p.get('steps'))}, choices {p.get('choices', {})}, "
                          f"CUDA graph {p.get('cuda_graph', False)}"))
-    if a.json:
-        if os.path.exists(a.json) and not a.force:
-            raise KilnError(f"{a.json} already exists", hint="use --force to replace it")
-        with open(a.json, "w") as fh:
-            json.dump(result, fh, indent=1)
-        out.print(escape(f"wrote {a.json}"))
-    return 0
 
 
 # ----------------------------------------------------------------------------- inspect
@@ -457,7 +461,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kiln", description="kiln: compile and run transformer models fast.")
     p.add_argument("--version", action="version", version=f"kiln {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="{compile,run,generate,bench,inspect}")
+    for add in (_compile_parser, _run_parser, _generate_parser, _bench_parser, _inspect_parser):
+        add(sub)
+    return p
 
+
+def _compile_parser(sub) -> None:
     c = sub.add_parser("compile", help="compile a model into a .kiln artifact")
     c.add_argument("source", nargs="?", help="a .pt2 file written by torch.export.save, or an .onnx file (opset >= 17)")
     c.add_argument("--model", help="a built-in model: llama-tiny, llama-3.2-1b, dit-tiny, dit-xl-2-256")
@@ -483,6 +492,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     c.set_defaults(fn=cmd_compile)
 
+
+def _run_parser(sub) -> None:
     r = sub.add_parser("run", help="run an artifact on random or given inputs")
     r.add_argument("artifact")
     r.add_argument("--inputs", metavar="FILE", help=".safetensors file with one tensor per input name")
@@ -495,6 +506,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("-q", "--quiet", action="store_true")
     r.set_defaults(fn=cmd_run)
 
+
+def _generate_parser(sub) -> None:
     gen = sub.add_parser("generate", help="generate text (or token ids) with a generator artifact (compile --generate)")
     gen.add_argument("artifact")
     gen.add_argument("--prompt", action="append", help="a text prompt (repeat for a batch); needs the artifact's tokenizer")
@@ -509,6 +522,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("-q", "--quiet", action="store_true")
     gen.set_defaults(fn=cmd_generate)
 
+
+def _bench_parser(sub) -> None:
     b = sub.add_parser("bench", help="time an artifact (kernels vs its per-op reference), JSON out")
     b.add_argument("artifact")
     b.add_argument("--dim", action="append", metavar="NAME=VALUE", help="size of a dynamic dim for random inputs")
@@ -522,6 +537,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("-q", "--quiet", action="store_true")
     b.set_defaults(fn=cmd_bench)
 
+
+def _inspect_parser(sub) -> None:
     i = sub.add_parser("inspect", help="show an artifact's manifest, inputs and op histogram")
     i.add_argument("artifact")
     i.add_argument("--graph", action="store_true", help="print the IR")
@@ -529,7 +546,6 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--onnx", metavar="PATH", help="write the artifact's graph as ONNX (for Netron / onnxruntime)")
     i.add_argument("--force", action="store_true", help="replace an existing --onnx file")
     i.set_defaults(fn=cmd_inspect)
-    return p
 
 
 def main(argv=None) -> int:

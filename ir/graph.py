@@ -254,42 +254,53 @@ class Graph:
             if n.name in names:
                 raise GraphError(f"{where}: duplicate name")
             names.add(n.name)
-            for i in n.inputs:
-                if i not in seen:
-                    raise GraphError(f"{where}: input %{i.name} is not defined before it")
-                if n not in i.users:
-                    raise GraphError(f"{where}: missing from the users of %{i.name}")
-            for u in n.users:
-                if n not in u.inputs:
-                    raise GraphError(f"{where}: lists %{u.name} as a user, which does not read it")
-            try:
-                attrs = check_attrs(n.op, n.attrs)
-            except GraphError as e:
-                raise GraphError(f"{where}: {e}") from None
-            if attrs != n.attrs:
-                raise GraphError(f"{where}: attributes are not normalised")
-            if n.op == "WEIGHT":
-                w = self.weights.get(n.attrs["name"])
-                if w is None:
-                    raise GraphError(f"{where}: no weight named {n.attrs['name']!r}")
-                if tuple(w.shape) != n.shape or dtype_name(w.dtype) != n.dtype:
-                    raise GraphError(f"{where}: weight is {dtype_name(w.dtype)}{list(w.shape)}, node says {n.dtype}{shape_str(n.shape)}")
-            elif n.op == "CONST":
-                if const_type(n.attrs["value"]) != n.type:
-                    raise GraphError(f"{where}: type does not match its value")
-            elif n.op != "INPUT":
-                try:
-                    t = infer(n.op, (i.type for i in n.inputs), n.attrs)
-                except ShapeError as e:
-                    raise GraphError(f"{where}: {e}") from None
-                if not (dims_equal_shapes(t.shape, n.shape) and t.dtype == n.dtype):
-                    raise GraphError(f"{where}: stored type {n.dtype}{shape_str(n.shape)}, inferred {t.dtype}{shape_str(t.shape)}")
+            self._verify_edges(n, where, seen)
+            self._verify_type(n, where)
             if n.op == "INPUT" and n not in self.inputs:
                 raise GraphError(f"{where}: not one of the graph inputs")
             unknown = (_symbols_of(n.shape) | _symbols_of(tuple(n.attrs.values()))) - set(self.symbols)
             if unknown:
                 raise GraphError(f"{where}: undeclared symbol(s) {', '.join(sorted(unknown))}")
             seen.add(n)
+        self._verify_interface(seen)
+
+    def _verify_edges(self, n: Node, where: str, seen: set) -> None:
+        for i in n.inputs:
+            if i not in seen:
+                raise GraphError(f"{where}: input %{i.name} is not defined before it")
+            if n not in i.users:
+                raise GraphError(f"{where}: missing from the users of %{i.name}")
+        for u in n.users:
+            if n not in u.inputs:
+                raise GraphError(f"{where}: lists %{u.name} as a user, which does not read it")
+
+    def _verify_type(self, n: Node, where: str) -> None:
+        """Normalised attributes, and the stored type agrees with the weight, the constant or the op's type rule."""
+        try:
+            attrs = check_attrs(n.op, n.attrs)
+        except GraphError as e:
+            raise GraphError(f"{where}: {e}") from None
+        if attrs != n.attrs:
+            raise GraphError(f"{where}: attributes are not normalised")
+        if n.op == "WEIGHT":
+            w = self.weights.get(n.attrs["name"])
+            if w is None:
+                raise GraphError(f"{where}: no weight named {n.attrs['name']!r}")
+            if tuple(w.shape) != n.shape or dtype_name(w.dtype) != n.dtype:
+                raise GraphError(f"{where}: weight is {dtype_name(w.dtype)}{list(w.shape)}, node says {n.dtype}{shape_str(n.shape)}")
+        elif n.op == "CONST":
+            if const_type(n.attrs["value"]) != n.type:
+                raise GraphError(f"{where}: type does not match its value")
+        elif n.op != "INPUT":
+            try:
+                t = infer(n.op, (i.type for i in n.inputs), n.attrs)
+            except ShapeError as e:
+                raise GraphError(f"{where}: {e}") from None
+            if not (dims_equal_shapes(t.shape, n.shape) and t.dtype == n.dtype):
+                raise GraphError(f"{where}: stored type {n.dtype}{shape_str(n.shape)}, inferred {t.dtype}{shape_str(t.shape)}")
+
+    def _verify_interface(self, seen: set) -> None:
+        """Inputs, outputs, updates and symbol ranges."""
         for i in self.inputs:
             if i not in seen or i.op != "INPUT":
                 raise GraphError(f"graph input %{i.name} is not an INPUT node of the graph")
