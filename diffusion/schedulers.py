@@ -1,4 +1,4 @@
-"""Diffusion schedulers as replayable tensor math: DDIM, DDPM, Euler, DPM-Solver++ (1S / 2M), matching diffusers.
+"""Diffusion schedulers as replayable tensor math: DDIM, DDPM, Euler, DPM-Solver++ (order 1, 2M), matching diffusers.
 
 diffusers' schedulers keep Python state (a step counter, a list of past outputs) and branch on it, so a
 denoising step cannot be captured in a CUDA graph. Here ``set_timesteps`` precomputes every per-step
@@ -36,6 +36,18 @@ host work, and memory does not grow with the step count as a pre-drawn [S, ...] 
 one draw of the sample's shape per step from the generator, as diffusers' ``randn_tensor`` does, so the
 same seed gives the same noise (diffusers skips the draw of DDPM's last step, t = 0, which adds none).
 A caller may also copy its own noise into the buffer.
+
+Use (the per-step part is what a CUDA graph captures; Python only counts the steps):
+
+    schedule = make_scheduler(pipe.scheduler.config).set_timesteps(25, "cuda")
+    x = noise * schedule.init_noise_sigma; state = schedule.init_state(x); i = torch.zeros((), dtype=torch.int64, device="cuda")
+    t = schedule.timesteps.index_select(0, i.reshape(1)); m = model(schedule.scale_input(x, i), t)
+    schedule.draw_noise(state, g); x_new, state_new = schedule.step(m, i, x, state)
+    x.copy_(x_new); [s.copy_(n) for s, n in zip(state, state_new)]; i.add_(1)
+
+numpy appears only where diffusers uses numpy (timestep spacing, sigma interpolation, Karras sigmas), so
+that the integers it rounds come out the same. Each class's OPTIONS lists the config keys it reads, with
+diffusers' default and the values implemented; any other value is refused with a KilnError naming it.
 """
 from __future__ import annotations
 
