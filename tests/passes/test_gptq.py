@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kiln.ir.quant import codes_of, dequantize, fit_grid, quantize_rtn
+from kiln.ir.quant import codes_of, default_scale_dtype, dequantize, fit_grid, quantize_rtn
 from kiln.passes.gptq import DampingWarning, HessianAccumulator, gptq, hessian, layer_error
 
 gen = torch.Generator().manual_seed(0)
@@ -56,34 +56,41 @@ def test_hessian_errors():
 # ----------------------------------------------------------------------------- GPTQ against a float64 reference
 
 
-def obq_reference(w, H, bits, group, symmetric, damp=0.01):
+def obq_reference(w, H, bits, group, symmetric, act_order=False, damp=0.01):
     """GPTQ's column order solved the Optimal-Brain-Quantizer way, in float64 without Cholesky or batching:
     after rounding column j, the unquantized columns F move by -(w_j - q_j) / Hinv[j, j] * Hinv[j, F], then j
-    leaves the inverse Hessian of F: Hinv -= Hinv[:, j] Hinv[j, :] / Hinv[j, j]. Codes [N, K]."""
+    leaves the inverse Hessian of F: Hinv -= Hinv[:, j] Hinv[j, :] / Hinv[j, j]. act_order visits columns by
+    descending H[j, j] with every grid fitted up front. Codes [N, K] in the original column order."""
     w, H = w.double().clone(), H.double()
     k = w.shape[1]
+    dtype = default_scale_dtype(group, k)
+    order = torch.argsort(H.diagonal(), descending=True, stable=True).tolist() if act_order else list(range(k))
+    grids = [t.double() for t in fit_grid(w, bits, group, symmetric, dtype)]  # [N, G] each, used with act_order
     Hinv = torch.linalg.inv(H + damp * H.diagonal().mean() * torch.eye(k, dtype=torch.float64))
     codes = torch.empty_like(w)
-    for j in range(k):
-        if j % group == 0:  # the group's grid from the weights as updated so far
-            s, z = (t.double()[:, 0] for t in fit_grid(w[:, j:j + group], bits, group, symmetric, torch.float32))
+    for i, j in enumerate(order):
+        if not act_order and j % group == 0:  # the group's grid from the weights as updated so far
+            grids = [t.double() for t in fit_grid(w[:, j:j + group], bits, group, symmetric, dtype)]
+        s, z = (t[:, 0 if not act_order else j // group] for t in grids)
         codes[:, j] = (torch.round(w[:, j] / s) + z).clamp(0, 2 ** bits - 1)
         err = (w[:, j] - (codes[:, j] - z) * s) / Hinv[j, j]
-        w[:, j:] -= err[:, None] * Hinv[j, j:][None, :]
+        rest = order[i:]
+        w[:, rest] -= err[:, None] * Hinv[j, rest][None, :]
         Hinv = Hinv - Hinv[:, j:j + 1] @ Hinv[j:j + 1, :] / Hinv[j, j]
     return codes
 
 
-@pytest.mark.parametrize("bits,group,symmetric,block", [
-    (4, 96, True, 128), (4, 96, False, 16), (4, 32, True, 40), (8, 96, True, 7), (4, 32, False, 128),
+@pytest.mark.parametrize("bits,group,symmetric,act_order,block", [
+    (4, 96, True, False, 128), (4, 96, False, False, 16), (4, 32, True, False, 40), (8, 96, True, False, 7),
+    (4, 32, False, False, 128), (4, 32, True, True, 40), (4, 96, False, True, 128),
 ])
-def test_gptq_matches_obq_reference(bits, group, symmetric, block):
+def test_gptq_matches_obq_reference(bits, group, symmetric, act_order, block):
     w, x = outlier_layer(n=12, k=96, rows=400)
     H = hessian(x)
-    qw = gptq(w, H, bits, group, symmetric, block=block)
-    want = obq_reference(w, H, bits, group, symmetric)
+    qw = gptq(w, H, bits, group, symmetric, act_order=act_order, block=block)
+    want = obq_reference(w, H, bits, group, symmetric, act_order)
     same = float((codes_of(qw).double() == want).double().mean())
-    # float32 sweep vs float64 reference: a handful of weights sitting on a rounding boundary may flip
+    # float32 sweep vs float64 reference: a weight sitting on a rounding boundary may flip (measured: none do)
     assert same > 0.99, same
     assert int((codes_of(qw).double() - want).abs().max()) <= 1
 
@@ -103,12 +110,12 @@ def test_diagonal_hessian_is_round_to_nearest():
 @pytest.mark.parametrize("bits,group", [(4, 64), (4, 192), (8, 192)])
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_gptq_beats_rtn_on_outlier_layer(bits, group, symmetric):
-    # measured: GPTQ 0.31-0.36 x RTN's held-out output error, act_order another 10-20% below GPTQ
+    # measured: GPTQ 0.37-0.38 x RTN's held-out output error, act_order 0.77-0.80 x GPTQ's
     rtn = layer_error(W, quantize_rtn(W, bits, group, symmetric), X_TEST)
     plain = layer_error(W, gptq(W, H_CAL, bits, group, symmetric), X_TEST)
     ordered = layer_error(W, gptq(W, H_CAL, bits, group, symmetric, act_order=True), X_TEST)
     assert plain <= 0.5 * rtn, (plain, rtn)
-    assert ordered <= plain, (ordered, plain)
+    assert ordered <= 0.9 * plain, (ordered, plain)
 
 
 def test_result_format_and_determinism():
