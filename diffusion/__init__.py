@@ -1,0 +1,1 @@
+"""Diffusion sampling above the API: schedulers as replayable tensor math (``schedulers.py``)."""
