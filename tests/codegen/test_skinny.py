@@ -107,6 +107,12 @@ def test_strided_x_and_3d_input(bits):
     check(r(2, 8, 64), wq, gate=r(2, 1, 40), residual=r(2, 8, 40), config=config(2))
 
 
+@pytest.mark.parametrize("m", [1, 4])
+def test_plain_weight_stored_transposed(m):
+    w = r(64, 40, scale=64 ** -0.5).t()  # [40, 64] with stride_wk = 40
+    check(r(m, 64), (dict(w=w), w.double()), bias=r(40), act="silu", config=config(2))
+
+
 def test_out_given_and_in_place_residual():
     kwargs, w64 = weight(24, 64, 8, torch.float16)
     x, b, res = r(4, 64, dtype=torch.float16), r(24, dtype=torch.float16), r(4, 24, dtype=torch.float16)
