@@ -1,0 +1,413 @@
+"""Weight-streaming GEMM: kiln's ``GEMM`` op on a plain, 8-bit or 4-bit weight, as ONE Triton template.
+
+    out = residual + gate * epi(x @ W^T + bias)            (the epilogue of gemm.py, same semantics)
+    W[n, k] = (q[n, k] - zero[n, k // group]) * scale[n, k // group]   (weight-only quantized)
+
+Weight format (shared with the quantizer). W is [N, K] (out, in) like ``F.linear``, quantized in groups of
+``group`` consecutive input features: group = K (one group per output channel) or 32 / 64 / 128 (any power
+of two >= 16 dividing K is accepted). Codes are unsigned with a zero point:
+- bits 8: qweight uint8 [N, K], codes 0..255;
+- bits 4: qweight uint8 [N, K // 2]; byte j of a row holds k = 2j in bits 0-3 and k = 2j + 1 in bits 4-7
+  (codes 0..15, K even);
+- scales float16 / float32 [N, K // group] (loaded, used in float32);
+- zeros uint8 [N, K // group] (asymmetric), or None (symmetric): zero = 2**(bits - 1), 128 or 8.
+
+The template. Program (pid, split) owns the output tile [BLOCK_M, BLOCK_N] (grouped order as gemm.py) and
+the K range [split * K_CHUNK, (split + 1) * K_CHUNK). Each step loads the weight tile of BLOCK_N rows x
+BLOCK_K columns ONCE (contiguous along K: BLOCK_K bytes a row at 8 bits, BLOCK_K / 2 at 4 bits),
+dequantizes it in registers in float32 and applies it to all BLOCK_M rows of x; two constexpr paths:
+  DOT      tl.dot(x [BLOCK_M, BLOCK_K], W^T) with W cast to x's dtype (tensor cores, float32 accumulator);
+           BLOCK_M >= 16: prefill (qgemm, BLOCK_M 32..128) and decode rows 2..16 (skinny.py);
+  no DOT   GEMV, one row (BLOCK_M = 1): float32 products W * x accumulate in the weight tile's own layout
+           [BLOCK_N, BLOCK_K] and are summed over K once after the loop (no per-step cross-thread
+           reduction, no layout conversion of the weight).
+
+Dequantization is ALU work per weight, and at 4 bits an H200 SM must dequantize ~36 weights a clock to keep
+up with HBM, so it is a handful of instructions: the code goes into the top mantissa bits of float32 1.0
+by bit operations, f = 1 + q / 2**bits exactly (no int -> float conversion, a quarter-rate instruction on
+sm_90), and one FMA gives w = f * S - C with S = 2**bits * scale, C = (2**bits + zero) * scale per row and
+group (one rounding; f in [1, 2) keeps the error near 2**-24 * C). At 4 bits the byte tile
+[BLOCK_N, BLOCK_K / 2] splits into its low (even k) and high (odd k) nibbles, interleaved back into k order
+in registers. A step spans SUB = BLOCK_K / group groups when group < BLOCK_K (the tile is reshaped
+[BLOCK_N, SUB, group] against scales [BLOCK_N, SUB]); otherwise one scale per row and step.
+
+Split-K (decode, see skinny.py): with PARTIAL the program writes its raw float32 sums to a workspace
+[SPLITS, M, NW] (NW = N, or 2N with GLU: gate sums at column j, up sums at N + j) and a reduce kernel adds
+the splits in a fixed order and applies the epilogue: deterministic, no atomics.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import os
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ...ir.ops_fused import ACTIVATIONS
+from .gemm import _activation, _gate_residual_store, check_output_operands, output_operands
+from .gemm import reference as gemm_reference
+
+# triton.jit picks the interpreter from this variable when the kernels below are defined; read it then too
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+SCALE_DTYPES = (torch.float16, torch.float32)
+ONE = tl.constexpr(0x3F800000)  # the bits of float32 1.0: OR a code into the top mantissa bits for 1 + q / 2**bits
+
+# the interpreter is slow per program and per K step: small tiles, so irregular test shapes span several
+INTERPRET_CONFIG = dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=32, GROUP_M=2)
+
+
+@triton.jit
+def _dequant(q, S, C, SUB: tl.constexpr, BLOCK_N: tl.constexpr, KP: tl.constexpr):
+    # q: int32 [BLOCK_N, KP] holding a code in mantissa bits 23 - B .. 22 (B = bits) and zeros elsewhere;
+    # S, C: float32 [BLOCK_N, SUB], 2**B * scale and (2**B + zero) * scale of the SUB groups the tile spans
+    # (KP // SUB columns each). Returns (code - zero) * scale = (1 + code / 2**B) * S - C, float32 [BLOCK_N, KP].
+    f = (q | ONE).to(tl.float32, bitcast=True)  # 1 + code / 2**B exactly: no int -> float conversion
+    if SUB == 1:
+        w = tl.fma(f, S, -C)
+    else:
+        f3 = tl.reshape(f, (BLOCK_N, SUB, KP // SUB))
+        w = tl.reshape(tl.fma(f3, S[:, :, None], -C[:, :, None]), (BLOCK_N, KP))
+    return w
+
+
+@triton.jit
+def _weight_tile(w_ptr, s_ptr, z_ptr, n_idx, mask_n, kk, K,
+                 stride_wn, stride_wk, stride_sn, stride_sg, stride_zn, stride_zg,
+                 BITS: tl.constexpr, PACK: tl.constexpr, HAS_ZEROS: tl.constexpr, QGROUP: tl.constexpr, SUB: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # W's rows n_idx [BLOCK_N] (int64), columns kk .. kk + BLOCK_K: [BLOCK_N, BLOCK_K], plain in its own dtype,
+    # quantized dequantized to float32
+    offs_j = kk // PACK + tl.arange(0, BLOCK_K // PACK)  # packed columns of this step
+    mask = mask_n[:, None] & (offs_j < K // PACK)[None, :]  # in packed columns: keeps the mask 16-byte uniform for cp.async
+    b = tl.load(w_ptr + n_idx[:, None] * stride_wn + offs_j[None, :] * stride_wk, mask=mask, other=0)
+    if BITS == 0:
+        w = b
+    else:
+        # the SUB groups this step spans (the last ones past K when K is no multiple of BLOCK_K); a masked scale
+        # of 0 makes padded rows and columns exactly 0
+        offs_g = kk // QGROUP + tl.arange(0, SUB)
+        mask_g = mask_n[:, None] & (offs_g < tl.cdiv(K, QGROUP))[None, :]
+        s = tl.load(s_ptr + n_idx[:, None] * stride_sn + offs_g[None, :] * stride_sg, mask=mask_g, other=0.0).to(tl.float32)
+        if HAS_ZEROS:
+            z = tl.load(z_ptr + n_idx[:, None] * stride_zn + offs_g[None, :] * stride_zg, mask=mask_g, other=0).to(tl.float32)
+        else:
+            z = tl.full((BLOCK_N, SUB), 2 ** (BITS - 1), tl.float32)
+        q = b.to(tl.int32)  # zero-extended bytes
+        if BITS == 8:
+            q = q << 15  # the code to mantissa bits 15..22
+        else:  # low nibble (k = 2j) and high nibble (k = 2j + 1) to bits 19..22, back in k order
+            q = tl.interleave((q << 19) & 0x780000, (q << 15) & 0x780000)
+        S = s * 2 ** BITS
+        w = _dequant(q, S, tl.fma(z, s, S), SUB, BLOCK_N, BLOCK_K)  # C = (zero + 2**bits) * scale
+    return w
+
+
+@triton.jit
+def _mac(acc, a, b, DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
+    # one K step: a = x's tile [BLOCK_M, BLOCK_K], b = _weight_tile's [BLOCK_N, BLOCK_K].
+    #   DOT:  acc [BLOCK_M, BLOCK_N] += a @ b^T
+    #   else: acc [BLOCK_N, BLOCK_K] += b * x (one row), summed over K after the loop: the weight stays in
+    #         the layout it was loaded in, and the loop has no cross-thread reduction
+    if DOT:
+        acc = tl.dot(a, tl.trans(b.to(a.dtype)), acc, input_precision=DOT_PRECISION)
+    else:
+        acc += b.to(tl.float32) * tl.reshape(a.to(tl.float32), (BLOCK_K,))[None, :]
+    return acc
+
+
+@triton.jit
+def _bias_act_glu(acc, acc_u, bias_ptr, cols, mask_n, N,
+                  ACT: tl.constexpr, GLU: tl.constexpr, HAS_BIAS: tl.constexpr):
+    # the first epilogue steps, in the reference's order, on float32 [BLOCK_M, BLOCK_N] (acc_u: the up half)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        if GLU:
+            acc_u += tl.load(bias_ptr + N + cols, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    acc = _activation(acc, ACT)
+    if GLU:
+        acc = acc * acc_u
+    return acc
+
+
+@triton.jit
+def _wgemm_kernel(
+    x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, gate_ptr, res_ptr, out_ptr,  # out_ptr: the workspace with PARTIAL
+    M, N, K, K_CHUNK,  # N: output columns (half of w's rows with GLU); K_CHUNK: K of one split
+    stride_xm, stride_xk,
+    stride_wn, stride_wk,  # of qweight (bytes) or of the plain weight
+    stride_sn, stride_sg, stride_zn, stride_zg,
+    gate_rows, stride_gb, stride_gm, stride_gn,  # gate row m sits at (m // gate_rows) * stride_gb + (m % gate_rows) * stride_gm
+    res_rows, stride_rb, stride_rm, stride_rn,
+    stride_om, stride_on,
+    BITS: tl.constexpr, PACK: tl.constexpr, HAS_ZEROS: tl.constexpr, QGROUP: tl.constexpr,  # BITS 0: plain; PACK: codes a byte;
+    # QGROUP: the group size, a power of two (per-channel: next_power_of_2(K), whose group 0 spans the row)
+    ACT: tl.constexpr, GLU: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GATE: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    PARTIAL: tl.constexpr, DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    LOOP_STAGES: tl.constexpr,  # the GEMV's num_stages: Triton pipelines a loop without tl.dot only when told
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    first_pid_m = (pid // num_pid_in_group) * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    rows = offs_m.to(tl.int64)  # int64 addressing: N * K may pass 2**31
+    cols = offs_n.to(tl.int64)
+
+    SUB: tl.constexpr = (BLOCK_K + QGROUP - 1) // QGROUP  # groups one K step spans: > 1 when narrower than BLOCK_K
+    if DOT:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    else:  # GEMV, BLOCK_M = 1: per-column products, reduced after the loop
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    acc_u = acc
+    k_lo = split * K_CHUNK
+    for kk in tl.range(k_lo, tl.minimum(k_lo + K_CHUNK, K), BLOCK_K, num_stages=LOOP_STAGES):
+        a = tl.load(x_ptr + rows[:, None] * stride_xm + (kk + offs_k)[None, :] * stride_xk,
+                    mask=mask_m[:, None] & (kk + offs_k < K)[None, :], other=0.0)  # [BLOCK_M, BLOCK_K]
+        b = _weight_tile(w_ptr, s_ptr, z_ptr, cols, mask_n, kk, K, stride_wn, stride_wk,
+                         stride_sn, stride_sg, stride_zn, stride_zg, BITS, PACK, HAS_ZEROS, QGROUP, SUB, BLOCK_N, BLOCK_K)
+        acc = _mac(acc, a, b, DOT, DOT_PRECISION, BLOCK_K)
+        if GLU:  # the up half: rows N + j of the merged [gate; up] weight, same x tile
+            u = _weight_tile(w_ptr, s_ptr, z_ptr, cols + N, mask_n, kk, K, stride_wn, stride_wk,
+                             stride_sn, stride_sg, stride_zn, stride_zg, BITS, PACK, HAS_ZEROS, QGROUP, SUB, BLOCK_N, BLOCK_K)
+            acc_u = _mac(acc_u, a, u, DOT, DOT_PRECISION, BLOCK_K)
+    if not DOT:
+        acc = tl.sum(acc, 1)[None, :]  # [1, BLOCK_N]
+        if GLU:
+            acc_u = tl.sum(acc_u, 1)[None, :]
+
+    mask = mask_m[:, None] & mask_n[None, :]
+    if PARTIAL:
+        # workspace [SPLITS, M, NW], float32: this split's raw sums; the reduce kernel adds bias and the rest
+        NW = 2 * N if GLU else N
+        part = out_ptr + split.to(tl.int64) * M * NW + rows[:, None] * NW + cols[None, :]
+        tl.store(part, acc, mask=mask)
+        if GLU:
+            tl.store(part + N, acc_u, mask=mask)
+    else:
+        acc = _bias_act_glu(acc, acc_u, bias_ptr, cols, mask_n, N, ACT, GLU, HAS_BIAS)
+        _gate_residual_store(acc, rows, cols, mask, gate_ptr, gate_rows, stride_gb, stride_gm, stride_gn,
+                             res_ptr, res_rows, stride_rb, stride_rm, stride_rn, out_ptr, stride_om, stride_on,
+                             HAS_GATE, HAS_RESIDUAL)
+
+
+# ----------------------------------------------------------------------------- the format, in torch
+
+
+def dequantize(qweight, scales, zeros, bits: int, group: int, dtype=torch.float32) -> torch.Tensor:
+    """W [N, K] in ``dtype`` from the packed format: ``(q - zero) * scale``, group by group (module docstring)."""
+    q = qweight
+    if bits == 4:
+        q = torch.stack((q & 15, q >> 4), dim=-1).flatten(-2)  # [N, K]: byte j -> k = 2j (low), 2j + 1 (high)
+    z = zeros.to(dtype).repeat_interleave(group, dim=1) if zeros is not None else 2 ** (bits - 1)
+    return (q.to(dtype) - z) * scales.to(dtype).repeat_interleave(group, dim=1)
+
+
+def check_qweight(fn: str, x: torch.Tensor, qweight, scales, zeros, bits, group) -> int:
+    """Check the quantized weight operands against x [..., K] and the format; returns N (the weight's rows)."""
+    if bits not in (4, 8):
+        raise ValueError(f"{fn}: bits must be 4 or 8, got {bits!r}")
+    k = x.shape[-1]
+    if bits == 4 and k % 2:
+        raise ValueError(f"{fn}: x's K = {k} is odd; a 4-bit qweight packs two input features a byte, K must be even")
+    if not isinstance(qweight, torch.Tensor) or qweight.dtype != torch.uint8 or qweight.dim() != 2:
+        got = f"{qweight.dtype} {tuple(qweight.shape)}" if isinstance(qweight, torch.Tensor) else type(qweight).__name__
+        raise ValueError(f"{fn}: qweight must be a uint8 [N, K{' // 2' if bits == 4 else ''}] tensor, got {got}")
+    n = qweight.shape[0]
+    if qweight.shape[1] * (8 // bits) != k:
+        raise ValueError(f"{fn}: qweight {tuple(qweight.shape)} does not fit x's K = {k} at {bits} bits "
+                         f"(expected [{n}, {k * bits // 8}])")
+    if not isinstance(group, int) or not (group == k or (16 <= group < k and group & (group - 1) == 0 and k % group == 0)):
+        raise ValueError(f"{fn}: group {group!r} must be K = {k} or a power of two >= 16 dividing K = {k}")
+    shape = (n, k // group)
+    if not isinstance(scales, torch.Tensor) or scales.dtype not in SCALE_DTYPES or tuple(scales.shape) != shape:
+        got = f"{scales.dtype} {tuple(scales.shape)}" if isinstance(scales, torch.Tensor) else type(scales).__name__
+        raise ValueError(f"{fn}: scales must be float16 / float32 [N, K // group] = {list(shape)}, got {got}")
+    if zeros is not None and (not isinstance(zeros, torch.Tensor) or zeros.dtype != torch.uint8 or tuple(zeros.shape) != shape):
+        got = f"{zeros.dtype} {tuple(zeros.shape)}" if isinstance(zeros, torch.Tensor) else type(zeros).__name__
+        raise ValueError(f"{fn}: zeros must be None (symmetric) or uint8 [N, K // group] = {list(shape)}, got {got}")
+    for name, t in (("qweight", qweight), ("scales", scales), ("zeros", zeros)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{fn}: {name} is on {t.device}, x is on {x.device}")
+    return n
+
+
+def check_operands(fn: str, x, w, bias, gate, residual, act, glu, out, n: int) -> tuple:
+    """The checks every launcher of the template shares (``w``: the plain weight, or None when quantized;
+    ``n``: the weight's rows). Returns the output shape."""
+    if act not in ACTIVATIONS:
+        raise ValueError(f"{fn}: unknown activation {act!r} (one of {', '.join(ACTIVATIONS)})")
+    if x.dtype not in DTYPES:
+        raise ValueError(f"{fn}: x has dtype {x.dtype}; supported: float16, bfloat16, float32")
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != n):
+        raise ValueError(f"{fn}: bias {tuple(bias.shape)} must be [{n}] (one per weight row)")
+    if glu:
+        if n % 2:
+            raise ValueError(f"{fn}: glu needs an even number of weight rows ([gate; up]), the weight has {n}")
+        n //= 2
+    shape = tuple(x.shape[:-1]) + (n,)
+    check_output_operands(fn, ("x", x), shape, [("w", w), ("bias", bias)], gate, residual, out)
+    if INTERPRET:
+        if x.dtype == torch.bfloat16:
+            raise ValueError(f"{fn}: the Triton interpreter computes tl.dot on bfloat16 wrongly; use float16/float32 on CPU")
+    elif x.device.type != "cuda":
+        raise ValueError(f"{fn}: x is on {x.device}; the kernel needs CUDA tensors (or TRITON_INTERPRET=1 on CPU)")
+    return shape
+
+
+def reference(x, qweight, scales, zeros, bits, group, bias=None, gate=None, residual=None, act="none", glu=False):
+    """Dequantize in x's dtype, then the GEMM op's reference (``OPS["GEMM"].ref``): pass float64 operands for
+    a float64 reference."""
+    w = dequantize(qweight, scales, zeros, bits, group, dtype=x.dtype)
+    return gemm_reference(x, w, bias, gate, residual, act=act, glu=glu)
+
+
+# ----------------------------------------------------------------------------- launching
+
+
+class Weight(NamedTuple):
+    """The weight operand as the template takes it: ``w`` the plain [N, K] weight (bits 0) or the qweight."""
+    w: torch.Tensor
+    scales: torch.Tensor | None = None
+    zeros: torch.Tensor | None = None
+    bits: int = 0
+    group: int = 0
+
+
+class Epilogue(NamedTuple):
+    """The epilogue operands of one call: ``g`` / ``r`` are ``output_operands``'s (tensor, rows, stride_b,
+    stride_m, stride_n) of the gate and the residual; ``meta`` the constexpr switches."""
+    bias: torch.Tensor | None
+    g: tuple
+    r: tuple
+    meta: dict
+
+
+def prepare(fn: str, x, weight: Weight, bias, gate, residual, act, glu, out):
+    """Checks, x flattened to [M, K] and the output: returns ``(x2, out, out2, epilogue, m, n)`` with n the
+    output columns and out2 out's [M, n] view."""
+    if not isinstance(x, torch.Tensor) or x.dim() < 1:
+        raise ValueError(f"{fn}: x must be a tensor [..., K]")
+    if weight.bits != 0:  # None too: check_qweight names it
+        rows = check_qweight(fn, x, weight.w, weight.scales, weight.zeros, weight.bits, weight.group)
+    else:
+        if not isinstance(weight.w, torch.Tensor) or weight.w.dim() != 2 or x.shape[-1] != weight.w.shape[1]:
+            got = tuple(weight.w.shape) if isinstance(weight.w, torch.Tensor) else type(weight.w).__name__
+            raise ValueError(f"{fn}: x {tuple(x.shape)} and weight {got} do not fit (weight is [out, in], x's last dim must equal in)")
+        rows = weight.w.shape[0]
+    shape = check_operands(fn, x, None if weight.bits != 0 else weight.w, bias, gate, residual, act, glu, out, rows)
+    m, n = math.prod(shape[:-1]), shape[-1]
+    x2 = x.reshape(m, x.shape[-1])  # a view unless x's leading dims cannot be flattened
+    out, out2, g, r = output_operands(fn, out, shape, x, gate, residual)
+    meta = dict(ACT=act, GLU=bool(glu), HAS_BIAS=bias is not None, HAS_GATE=gate is not None, HAS_RESIDUAL=residual is not None)
+    return x2, out, out2, Epilogue(bias if bias is not None else x, g, r, meta), m, n
+
+
+def launch(x2, weight: Weight, epi: Epilogue, dst, m: int, n: int, config: dict | None, dot: bool = True,
+           splits: int = 1, k_chunk: int | None = None, kernel=None) -> None:
+    """One launch of the template over x2 [M, K] (any strides). ``dst``: the [M, n] output view, or with
+    ``splits`` > 1 the float32 workspace (``k_chunk``: K of one split, a multiple of BLOCK_K). ``config``:
+    BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages; None with an autotuned ``kernel``."""
+    w, scales, zeros, bits, group = weight
+    k = x2.shape[1]
+    s = scales if scales is not None else w  # absent operands: any tensor will do, their switch is off
+    z = zeros if zeros is not None else w
+    args = (x2, w, s, z, epi.bias, epi.g[0], epi.r[0], dst, m, n, k, k_chunk or k,
+            x2.stride(0), x2.stride(1), w.stride(0), w.stride(1), s.stride(0), s.stride(-1), z.stride(0), z.stride(-1),
+            *epi.g[1:], *epi.r[1:], dst.stride(0), dst.stride(-1))
+    meta = dict(epi.meta, BITS=bits, PACK=2 if bits == 4 else 1, HAS_ZEROS=zeros is not None,
+                QGROUP=group if 0 < group < k else triton.next_power_of_2(k),  # per-channel (or plain): group 0 spans the row
+                PARTIAL=splits > 1, DOT=dot, DOT_PRECISION="ieee" if x2.dtype == torch.float32 else "tf32",
+                LOOP_STAGES=None if dot else (config or {}).get("num_stages", 3))
+    if config is not None:
+        grid = (triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"]), splits)
+        (kernel or _wgemm_kernel)[grid](*args, **meta, **config)
+    else:
+        kernel[lambda c: (triton.cdiv(m, c["BLOCK_M"]) * triton.cdiv(n, c["BLOCK_N"]), splits)](*args, **meta)
+
+
+def check_config(fn: str, config: dict, keys: tuple) -> dict:
+    """``config`` with each of ``keys`` a power of two >= 16 (tl.dot's smallest tile), as a new dict."""
+    if not isinstance(config, dict):
+        raise ValueError(f"{fn}: config must be a dict, got {type(config).__name__}")
+    for key in keys:
+        v = config.get(key)
+        if not (isinstance(v, int) and v >= 16 and v & (v - 1) == 0):
+            raise ValueError(f"{fn}: config {config!r} needs {key}, a power of two >= 16")
+    return dict(config)
+
+
+def _config(bm, bn, bk, warps, stages, group_m=8):
+    return triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group_m), num_warps=warps, num_stages=stages)
+
+
+# H200 prefill. Beside the accumulator, the dequantized float32 weight tile [BLOCK_N, BLOCK_K] sits in
+# registers before it is cast for tl.dot; every entry compiles for sm_90 without spilling (ptxas -v,
+# glu included), where 128 x 256 tiles spill.
+LARGE_M_CONFIGS = [
+    _config(128, 128, 64, 8, 3),
+    _config(128, 128, 64, 8, 4),
+    _config(128, 64, 64, 4, 3),
+    _config(64, 128, 64, 4, 3),
+]
+SMALL_M_CONFIGS = [  # 17..64 rows: thin row tiles, long K steps
+    _config(32, 64, 128, 4, 4),
+    _config(64, 64, 128, 4, 3),
+    _config(32, 128, 64, 4, 4),
+    _config(64, 128, 64, 4, 3),
+]
+SMALL_M = 64  # M at or below this uses SMALL_M_CONFIGS
+
+
+def _configs(small_m: bool, glu: bool) -> list:
+    # glu holds two accumulators and two weight tiles: tiles past 128 x 128 would spill
+    cs = SMALL_M_CONFIGS if small_m else LARGE_M_CONFIGS
+    return [c for c in cs if not glu or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 128]
+
+
+@functools.cache
+def _tuned(small_m: bool, glu: bool):
+    # built on first GPU use: an Autotuner asks for the active driver, which the CPU interpreter lacks.
+    # restore_value: the benchmark runs would otherwise re-add the residual when out IS the residual.
+    return triton.autotune(_configs(small_m, glu), key=["M", "N", "K", "BITS", "QGROUP"], restore_value=["out_ptr"])(_wgemm_kernel)
+
+
+def configs(m: int, glu: bool = False) -> list[dict]:
+    """The launch configurations the autotuner tries for ``m`` rows, as plain dicts (JSON-able)."""
+    return [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages) for c in _configs(m <= SMALL_M, glu)]
+
+
+def qgemm(x, qweight, scales, zeros, bits: int, group: int, bias=None, gate=None, residual=None, act="none", glu=False,
+          out=None, config: dict | None = None) -> torch.Tensor:
+    """``residual + gate * epi(x @ W^T + bias)`` with W weight-only quantized (module docstring), for many rows.
+
+    x [..., K] float16 / bfloat16 / float32; qweight, scales, zeros, bits, group in kiln's format (zeros None:
+    symmetric); bias [N], gate and residual broadcast to the output [..., N'] (N' = N, or N / 2 with ``glu``),
+    all in x's dtype. float32 accumulation; the output has x's dtype; ``out`` may be given (it may be the
+    residual itself). ``config``: one entry of ``configs`` run without the autotuner.
+    """
+    weight = Weight(qweight, scales, zeros, bits, group)
+    x2, out, out2, epi, m, n = prepare("qgemm", x, weight, bias, gate, residual, act, glu, out)
+    if config is not None:
+        config = check_config("qgemm", config, ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+    if m == 0 or n == 0:
+        return out
+    if INTERPRET or config is not None:
+        launch(x2, weight, epi, out2, m, n, dict(GROUP_M=8) | (config or INTERPRET_CONFIG))
+    else:
+        launch(x2, weight, epi, out2, m, n, None, kernel=_tuned(m <= SMALL_M, bool(glu)))
+    return out

@@ -1,0 +1,237 @@
+"""Skinny GEMM for LLM decode: kiln's ``GEMM`` op for M <= 16 rows, weight-bandwidth bound.
+
+    out = residual + gate * epi(x @ W^T + bias)      W plain [N, K], or 8-/4-bit weight-only quantized
+
+Decode reads every weight byte once per token for a handful of rows, so the time is the weight's bytes over
+HBM bandwidth (4.8 TB/s on an H200) and the kernel's job is to keep enough loads in flight. It is qgemm.py's
+template (see its docstring for the weight format and the dequantization) launched with one row tile:
+- every program loads its BLOCK_N weight rows x BLOCK_K columns per step (contiguous along K) once and
+  applies them to all M rows: as a GEMV in float32 (DOT False, M = 1), or by tl.dot on a 16-row tile
+  (DOT True, M = 2..16: the tensor cores make the M-fold reuse free);
+- split-K keeps the GPU busy when N / BLOCK_N tiles are too few (N = 2048 gives 64 tiles of 32 rows for 132
+  SMs): SPLIT_K programs share a tile, each over K / SPLIT_K columns, and write float32 partial sums to a
+  workspace [SPLIT_K, M, NW] (NW = N, the weight's rows); ``_splitk_reduce_kernel`` adds the splits in a
+  fixed order (deterministic, no atomics) and applies the epilogue. The workspace is ``workspace_bytes``
+  bytes that the caller may plan and pass in (CUDA graph replay: no allocation inside the call).
+
+Which configuration is fastest depends on the shape and is measured by kiln's tuner: ``configs`` lists a few
+worth trying on an H200; ``skinny_gemm`` without a config runs the first of them.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .gemm import _gate_residual_store
+from .gemm import reference as gemm_reference
+from .qgemm import Weight, _bias_act_glu, check_config, launch, prepare
+from .qgemm import reference as qgemm_reference
+
+# triton.jit picks the interpreter from this variable when the kernel below is defined; read it then too
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+MAX_M = 16  # rows this template takes: one tl.dot tile
+H200_SMS = 132
+PROGRAMS_PER_SM = 4  # split-K aims at this many programs: loads in flight to cover HBM latency
+MIN_SPLIT_STEPS = 2  # K steps of one split at least
+WORKSPACE_SHARE = 8  # split-K's workspace round trip stays under 1 / WORKSPACE_SHARE of the weight bytes
+REDUCE_BLOCK_N = 32 if INTERPRET else 128
+
+# the interpreter is slow per program and per K step: small tiles, so irregular test shapes span several
+INTERPRET_CONFIG = dict(BLOCK_N=16, BLOCK_K=32, SPLIT_K=1)
+
+# (BLOCK_N, BLOCK_K, num_warps, num_stages) per (DOT, bits; 0: a 16-bit plain weight). A step streams 8-16 KB
+# of weight. Checked by compiling for sm_90 (ptxas -v, SASS): no spills, the weight tile pipelined through
+# cp.async; GEMV tiles of 64 rows lose that pipelining (or spill), so the GEMV keeps BLOCK_N <= 32.
+TILES = {
+    (False, 0): [(32, 256, 4, 3), (16, 512, 4, 3)],
+    (False, 8): [(32, 256, 4, 3), (32, 512, 8, 3)],
+    (False, 4): [(32, 512, 8, 3), (32, 256, 4, 3)],
+    (True, 0): [(64, 128, 4, 3), (32, 256, 4, 3)],
+    (True, 8): [(64, 128, 4, 3), (32, 256, 4, 3)],
+    (True, 4): [(64, 256, 8, 3), (32, 256, 4, 3)],
+}
+
+
+@triton.jit
+def _splitk_reduce_kernel(
+    ws_ptr, bias_ptr, gate_ptr, res_ptr, out_ptr,
+    M, N, SPLITS,  # N: output columns (half of the workspace's NW with GLU)
+    gate_rows, stride_gb, stride_gm, stride_gn,
+    res_rows, stride_rb, stride_rm, stride_rn,
+    stride_om, stride_on,
+    ACT: tl.constexpr, GLU: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GATE: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # workspace [SPLITS, M, NW] float32 -> out [M, N]: the splits added in order 0, 1, ... (the same sum every
+    # run), then the epilogue. One program owns output columns [BLOCK_N] of all M (<= 16) rows.
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    mask = mask_m[:, None] & mask_n[None, :]
+    rows = offs_m.to(tl.int64)
+    cols = offs_n.to(tl.int64)
+    NW = 2 * N if GLU else N
+    part = ws_ptr + rows[:, None] * NW + cols[None, :]  # [BLOCK_M, BLOCK_N] of split 0
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_u = acc
+    for _ in range(SPLITS):
+        acc += tl.load(part, mask=mask, other=0.0)
+        if GLU:
+            acc_u += tl.load(part + N, mask=mask, other=0.0)
+        part += M * NW
+    acc = _bias_act_glu(acc, acc_u, bias_ptr, cols, mask_n, N, ACT, GLU, HAS_BIAS)
+    _gate_residual_store(acc, rows, cols, mask, gate_ptr, gate_rows, stride_gb, stride_gm, stride_gn,
+                         res_ptr, res_rows, stride_rb, stride_rm, stride_rn, out_ptr, stride_om, stride_on,
+                         HAS_GATE, HAS_RESIDUAL)
+
+
+# ----------------------------------------------------------------------------- configurations
+
+
+def _chunking(k: int, split_k: int, block_k: int) -> tuple[int, int]:
+    """``(splits, k_chunk)`` actually run: chunks are whole BLOCK_K steps, so fewer splits may be needed
+    (K = 192, BLOCK_K = 32, SPLIT_K = 4 runs 3 chunks of 64)."""
+    k_chunk = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
+    return triton.cdiv(k, k_chunk), k_chunk
+
+
+def _workspace_fits(m: int, n: int, k: int, bits: int | None, splits: int) -> bool:
+    # float32 partials written once and read once, against the weight's bytes (16-bit when plain)
+    return splits == 1 or 8 * splits * m * n * WORKSPACE_SHARE <= n * k * (bits or 16) // 8
+
+
+def _split_k(m: int, n: int, k: int, bits: int | None, glu: bool, block_n: int, block_k: int) -> int:
+    """Splits that bring the programs near PROGRAMS_PER_SM per SM, each split at least MIN_SPLIT_STEPS K steps,
+    the workspace traffic a small share of the weight's."""
+    tiles = triton.cdiv(n // 2 if glu else n, block_n)
+    want = (PROGRAMS_PER_SM * H200_SMS + tiles // 2) // tiles  # rounded: 512 tiles do not split in two
+    split = max(1, min(want, triton.cdiv(k, block_k) // MIN_SPLIT_STEPS))
+    while not _workspace_fits(m, n, k, bits, split):
+        split -= 1
+    return _chunking(k, split, block_k)[0]
+
+
+def configs(m: int, n: int, k: int, bits: int | None = None, glu: bool = False) -> list[dict]:
+    """At most 4 launch configurations worth measuring on an H200 for ``m`` rows against a weight of ``n`` rows
+    (out features; gate and up together with ``glu``) and ``k`` columns, ``bits`` 8 / 4 or None (plain
+    16-bit): dicts of BLOCK_N, BLOCK_K, SPLIT_K, DOT, num_warps, num_stages. The first is the default."""
+    if not 1 <= m <= MAX_M:
+        raise ValueError(f"skinny configs: m = {m} rows, the template takes 1..{MAX_M}")
+    dot = m > 1
+    out = []
+    for bn, bk, warps, stages in TILES[(dot, bits or 0)]:
+        if glu:  # a glu program streams a gate and an up tile: half the rows (or columns) each
+            bn, bk = (bn // 2, bk) if bn > 16 else (bn, bk // 2)
+        bk = min(bk, max(32, triton.next_power_of_2(k)))
+        split = _split_k(m, n, k, bits, glu, bn, bk)
+        out.append(dict(BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, DOT=dot, num_warps=warps, num_stages=stages))
+    # where the default splits, the same tile with twice the splits: more loads in flight for a little more
+    # workspace traffic
+    first = out[0]
+    more = _chunking(k, 2 * first["SPLIT_K"], first["BLOCK_K"])[0]
+    if first["SPLIT_K"] > 1 and more > first["SPLIT_K"] and _workspace_fits(m, n, k, bits, more):
+        out.append(dict(first, SPLIT_K=more))
+    unique = []
+    for c in out:
+        if c not in unique:
+            unique.append(c)
+    return unique[:4]
+
+
+def _resolve(m: int, n: int, k: int, bits: int | None, glu: bool, config: dict | None) -> dict:
+    """The configuration a call runs: ``config`` checked and completed (SPLIT_K 1, DOT by row count), or the
+    default (``INTERPRET_CONFIG`` under the interpreter, else ``configs(...)[0]``)."""
+    if config is None:
+        config = INTERPRET_CONFIG if INTERPRET else configs(m, n, k, bits, glu)[0]
+    c = check_config("skinny_gemm", config, ("BLOCK_N", "BLOCK_K"))
+    c.setdefault("SPLIT_K", 1)
+    c.setdefault("DOT", m > 1)
+    if not (isinstance(c["SPLIT_K"], int) and c["SPLIT_K"] >= 1):
+        raise ValueError(f"skinny_gemm: config {config!r}: SPLIT_K must be a positive int")
+    if not c["DOT"] and m > 1:
+        raise ValueError(f"skinny_gemm: config {config!r}: the GEMV path (DOT False) takes one row, x has {m}")
+    return c
+
+
+def workspace_bytes(m: int, n: int, k: int, bits: int | None = None, glu: bool = False, config: dict | None = None) -> int:
+    """Bytes of float32 workspace ``skinny_gemm`` needs for ``m`` rows, a weight of ``n`` rows (out features) and
+    ``k`` columns under ``config`` (None: the default it would run); 0 when the configuration does not split K."""
+    c = _resolve(m, n, k, bits, glu, config)
+    splits = _chunking(k, c["SPLIT_K"], c["BLOCK_K"])[0]
+    return 0 if splits == 1 else 4 * splits * m * n
+
+
+# ----------------------------------------------------------------------------- the launcher
+
+
+def _weight(w, qweight, scales, zeros, bits, group) -> Weight:
+    if (w is None) == (qweight is None):
+        raise ValueError("skinny_gemm: give exactly one weight: w (plain [N, K]) or qweight (with scales, zeros, bits, group)")
+    if w is None:
+        return Weight(qweight, scales, zeros, bits, group)
+    if any(a is not None for a in (scales, zeros, bits, group)):
+        raise ValueError("skinny_gemm: scales / zeros / bits / group describe a qweight; w is a plain weight")
+    return Weight(w)
+
+
+def _workspace(ws, numel: int, device: torch.device) -> torch.Tensor:
+    """``ws`` as a flat float32 [numel] view (allocated when None)."""
+    if ws is None:
+        return torch.empty(numel, dtype=torch.float32, device=device)
+    nbytes = 4 * numel
+    if (not isinstance(ws, torch.Tensor) or ws.dtype not in (torch.float32, torch.uint8) or not ws.is_contiguous()
+            or ws.device != device or ws.numel() * ws.element_size() < nbytes or ws.data_ptr() % 4):
+        got = f"{ws.dtype} {tuple(ws.shape)} on {ws.device}" if isinstance(ws, torch.Tensor) else type(ws).__name__
+        raise ValueError(f"skinny_gemm: workspace must be a contiguous, 4-byte aligned float32 or uint8 tensor on {device} "
+                         f"of at least {nbytes} bytes (workspace_bytes), got {got}")
+    flat = ws.view(-1)
+    if ws.dtype == torch.uint8:
+        flat = flat[:nbytes].view(torch.float32)
+    return flat[:numel]
+
+
+def skinny_gemm(x, w=None, bias=None, gate=None, residual=None, act="none", glu=False, *, qweight=None, scales=None,
+                zeros=None, bits=None, group=None, out=None, workspace=None, config: dict | None = None) -> torch.Tensor:
+    """``residual + gate * epi(x @ W^T + bias)`` for at most 16 rows (see the module docstring).
+
+    x [..., K] with prod(leading dims) <= 16, float16 / bfloat16 / float32. The weight is either ``w`` [N, K]
+    in x's dtype, or ``qweight, scales, zeros, bits, group`` in kiln's weight-only format (qgemm.py; zeros
+    None: symmetric). bias [N], gate and residual broadcast to the output [..., N'] (N' = N, or N / 2 with
+    ``glu``), in x's dtype. float32 accumulation; the output has x's dtype; ``out`` may be given (it may be
+    the residual itself). ``workspace``: a contiguous float32 / uint8 tensor of at least ``workspace_bytes``
+    bytes for split-K partials (None: allocated here). ``config``: one entry of ``configs`` (None: the first).
+    """
+    weight = _weight(w, qweight, scales, zeros, bits, group)
+    x2, out, out2, epi, m, n = prepare("skinny_gemm", x, weight, bias, gate, residual, act, glu, out)
+    if m > MAX_M:
+        raise ValueError(f"skinny_gemm: x {tuple(x.shape)} has M = {m} rows (its leading dims flattened); the skinny "
+                         f"template takes at most {MAX_M}: use qgemm / gemm")
+    if m == 0 or n == 0:
+        return out
+    nw, k = weight.w.shape[0], x2.shape[1]
+    c = _resolve(m, nw, k, weight.bits, glu, config)
+    splits, k_chunk = _chunking(k, c.pop("SPLIT_K"), c["BLOCK_K"])
+    dot = c.pop("DOT")
+    c.update(BLOCK_M=16 if dot else 1, GROUP_M=1)
+    if splits == 1:
+        launch(x2, weight, epi, out2, m, n, c, dot=dot)
+        return out
+    ws = _workspace(workspace, splits * m * nw, x.device)
+    launch(x2, weight, epi, ws, m, n, c, dot=dot, splits=splits, k_chunk=k_chunk)
+    _splitk_reduce_kernel[(triton.cdiv(n, REDUCE_BLOCK_N),)](
+        ws, epi.bias, epi.g[0], epi.r[0], out2, m, n, splits, *epi.g[1:], *epi.r[1:], out2.stride(0), out2.stride(1),
+        **epi.meta, BLOCK_M=triton.next_power_of_2(m), BLOCK_N=REDUCE_BLOCK_N)
+    return out
+
+
+def reference(x, w=None, bias=None, gate=None, residual=None, act="none", glu=False, *, qweight=None, scales=None,
+              zeros=None, bits=None, group=None) -> torch.Tensor:
+    """Dequantize (when quantized) in x's dtype, then the GEMM op's reference (``OPS["GEMM"].ref``); pass
+    float64 operands for a float64 reference."""
+    if qweight is not None:
+        return qgemm_reference(x, qweight, scales, zeros, bits, group, bias, gate, residual, act=act, glu=glu)
+    return gemm_reference(x, w, bias, gate, residual, act=act, glu=glu)

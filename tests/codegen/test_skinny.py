@@ -1,0 +1,293 @@
+"""kiln.codegen.kernels.skinny: the decode GEMM (M <= 16) on plain, 8-bit and 4-bit weights, with and without
+split-K, against a float64 reference (the weight built from its codes in float64, F.linear, the GEMM op's
+epilogue). CPU: the Triton interpreter, float16 / float32, irregular shapes; GPU: bfloat16 at Llama decode shapes."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+import kiln.codegen.kernels.skinny as S
+from kiln.codegen.kernels.gemm import reference
+from kiln.codegen.kernels.skinny import configs, skinny_gemm, workspace_bytes
+from kiln.testing import TOL, rel_err
+
+pytestmark = pytest.mark.interpreter  # CPU cases run under TRITON_INTERPRET=1; gpu-marked ones need it off
+
+# the format helpers of the qgemm tests (loaded by path: tests/ is no package)
+_spec = importlib.util.spec_from_file_location("_test_qgemm", Path(__file__).parent / "test_qgemm.py")
+_qgemm_tests = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_qgemm_tests)
+random_qweight = _qgemm_tests.random_qweight
+
+gen = torch.Generator().manual_seed(1)
+
+
+def r(*shape, dtype=torch.float32, scale=1.0):
+    return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(dtype)
+
+
+def weight(n, k, bits, dtype, group=32, sym=False):
+    """``(kwargs for skinny_gemm's weight, float64 weight)``: bits None is a plain weight in ``dtype``."""
+    if bits is None:
+        w = r(n, k, dtype=dtype, scale=k ** -0.5)
+        return dict(w=w), w.double()
+    qweight, scales, zeros, bits, g, w64 = random_qweight(n, k, bits, group, sym, generator=gen)
+    return dict(qweight=qweight, scales=scales, zeros=zeros, bits=bits, group=g), w64
+
+
+def check(x, wq, bias=None, gate=None, residual=None, act="none", glu=False, **kw):
+    kwargs, w64 = wq
+    got = skinny_gemm(x, bias=bias, gate=gate, residual=residual, act=act, glu=glu, **kwargs, **kw)
+    want = reference(*(t.double() if t is not None else None for t in (x, w64, bias, gate, residual)), act=act, glu=glu)
+    assert got.dtype == x.dtype and got.shape == want.shape
+    err = rel_err(got, want)
+    assert err <= TOL[x.dtype], f"rel err {err:.2e} > {TOL[x.dtype]:.0e}"
+    return got
+
+
+def config(split=1, dot=None, block_k=32):
+    c = dict(BLOCK_N=16, BLOCK_K=block_k, SPLIT_K=split)
+    return c if dot is None else dict(c, DOT=dot)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("split", [1, 3])
+@pytest.mark.parametrize("m", [1, 3, 16])
+@pytest.mark.parametrize("bits", [None, 8, 4])
+def test_weights_rows_and_split_k(bits, m, split, dtype):
+    # N = 37, K = 192 against 16 x 32 tiles: partial tiles in N, 6 K steps over 3 splits; M = 1 runs the
+    # GEMV path, M = 3 and 16 the tl.dot one
+    check(r(m, 192, dtype=dtype), weight(37, 192, bits, dtype), config=config(split))
+
+
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("group", [32, 64, "K"])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_groups_and_zero_points(bits, group, sym):
+    wq = weight(37, 192, bits, torch.float32, group, sym)
+    for m, dtype in ((1, torch.float32), (16, torch.float16)):
+        check(r(m, 192, dtype=dtype), wq, config=config(split=2))
+
+
+@pytest.mark.parametrize("bits,group", [(4, 32), (8, 64), (4, "K")])
+@pytest.mark.parametrize("m", [1, 5])
+def test_steps_spanning_groups(bits, group, m):
+    # BLOCK_K 128 / 256 against groups of 32, 64 and a whole row of 192: several groups (or a partial one) a step
+    for block_k in (128, 256):
+        check(r(m, 192), weight(37, 192, bits, torch.float32, group), act="silu", config=config(2, block_k=block_k))
+
+
+@pytest.mark.parametrize("split", [1, 3])
+@pytest.mark.parametrize("m", [1, 3])
+@pytest.mark.parametrize("bias,gate,residual,act,glu", [
+    (True, None, None, "none", False),
+    (False, None, None, "silu", False),
+    (True, None, None, "gelu_tanh", False),
+    (True, None, None, "silu", True),                 # merged [gate; up]: 96 weight rows -> 48 outputs
+    (False, "b1n", None, "none", False),              # DiT-style gate [B, 1, N]
+    (False, None, "full", "none", False),             # residual
+    (True, "b1n", "full", "gelu_tanh", False),
+    (True, "b1n", "full", "silu", True),
+])
+def test_epilogues(m, split, bias, gate, residual, act, glu):
+    # x [B, S, K]: B = m rows of one token each (decode), or 1 x m
+    lead = (m, 1) if gate else (1, m)
+    n_out = 48
+    wq = weight(2 * n_out if glu else n_out, 64, 4, torch.float32)
+    check(r(*lead, 64), wq, r(2 * n_out if glu else n_out) if bias else None, r(lead[0], 1, n_out) if gate else None,
+          r(*lead, n_out) if residual else None, act=act, glu=glu, config=config(split))
+
+
+@pytest.mark.parametrize("bits", [None, 4])
+def test_strided_x_and_3d_input(bits):
+    wq = weight(40, 64, bits, torch.float32)
+    check(r(3, 100)[:, 20:84], wq, act="gelu", config=config(2))  # x a column slice: stride_xm != K
+    check(r(2, 8, 64), wq, gate=r(2, 1, 40), residual=r(2, 8, 40), config=config(2))
+
+
+@pytest.mark.parametrize("m", [1, 4])
+def test_plain_weight_stored_transposed(m):
+    w = r(64, 40, scale=64 ** -0.5).t()  # [40, 64] with stride_wk = 40
+    check(r(m, 64), (dict(w=w), w.double()), bias=r(40), act="silu", config=config(2))
+
+
+def test_out_given_and_in_place_residual():
+    kwargs, w64 = weight(24, 64, 8, torch.float16)
+    x, b, res = r(4, 64, dtype=torch.float16), r(24, dtype=torch.float16), r(4, 24, dtype=torch.float16)
+    want = reference(x.double(), w64, b.double(), residual=res.double(), act="silu")
+    for split in (1, 2):
+        out = torch.empty(4, 24, dtype=torch.float16)
+        assert skinny_gemm(x, bias=b, residual=res, act="silu", out=out, config=config(split), **kwargs) is out
+        assert rel_err(out, want) <= TOL[torch.float16]
+    got = skinny_gemm(x, bias=b, residual=res, act="silu", out=res, config=config(2), **kwargs)  # out IS the residual
+    assert got is res and rel_err(res, want) <= TOL[torch.float16]
+
+
+def test_workspace_planned_by_the_caller():
+    # K = 192, BLOCK_K = 32, SPLIT_K = 4: chunks of 64, so 3 splits run and the workspace holds 3 x M x N floats
+    kwargs, w64 = weight(37, 192, 4, torch.float32)
+    x, c = r(5, 192), config(split=4)
+    need = workspace_bytes(5, 37, 192, bits=4, config=c)
+    assert need == 4 * 3 * 5 * 37 and workspace_bytes(5, 37, 192, bits=4, config=config(1)) == 0
+    want = skinny_gemm(x, config=c, **kwargs)
+    assert rel_err(want, x.double() @ w64.t()) <= TOL[torch.float32]
+    ws_float = torch.full((need // 4,), float("nan"))  # every element is written before it is read
+    assert torch.equal(skinny_gemm(x, config=c, workspace=ws_float, **kwargs), want)  # deterministic
+    arena = torch.zeros(need + 64, dtype=torch.uint8)  # a byte arena slice at a 4-byte aligned offset
+    assert torch.equal(skinny_gemm(x, config=c, workspace=arena[16:16 + need], **kwargs), want)
+    for ws in (torch.empty(need // 4 - 1), arena[1:1 + need], torch.empty(need // 4, dtype=torch.float16)):
+        with pytest.raises(ValueError, match="workspace must be"):
+            skinny_gemm(x, config=c, workspace=ws, **kwargs)
+
+
+def test_empty_and_vector_inputs():
+    kwargs, w64 = weight(24, 64, 8, torch.float32)
+    assert skinny_gemm(torch.zeros(0, 64), **kwargs).shape == (0, 24)
+    x = r(64)
+    got = skinny_gemm(x, **kwargs)
+    assert got.shape == (24,) and rel_err(got, w64 @ x.double()) <= TOL[torch.float32]
+
+
+@pytest.mark.parametrize("m,n,k,bits,glu", [
+    (1, 3072, 2048, None, False),     # Llama-3.2-1B qkv
+    (16, 3072, 2048, 8, False),
+    (1, 16384, 2048, 4, True),        # gate / up
+    (1, 2048, 8192, 4, False),        # down: few tiles, split-K
+    (16, 2048, 8192, None, False),
+    (1, 128256, 2048, 8, False),      # lm head: tiles enough, no split
+    (16, 28672, 4096, 4, True),       # Llama-3.1-8B gate / up
+])
+def test_configs_for_llama_shapes(m, n, k, bits, glu):
+    cs = configs(m, n, k, bits, glu)
+    assert 1 <= len(cs) <= 4 and len({tuple(sorted(c.items())) for c in cs}) == len(cs)
+    for c in cs:
+        assert set(c) == {"BLOCK_N", "BLOCK_K", "SPLIT_K", "DOT", "num_warps", "num_stages"}
+        assert c["DOT"] == (m > 1) and c["SPLIT_K"] >= 1 and (c["DOT"] or c["BLOCK_N"] <= 32)
+        splits, _ = S._chunking(k, c["SPLIT_K"], c["BLOCK_K"])
+        assert splits == c["SPLIT_K"]  # configs name the splits that actually run
+        assert workspace_bytes(m, n, k, bits, glu, config=c) == (0 if splits == 1 else 4 * splits * m * n)
+    # the default splits K only as far as the target of programs: 2048 rows in tiles of 32 are 64 programs
+    # for 132 SMs and must pass 2 per SM; 16384 / 2 and 128256 rows fill the GPU without splitting
+    tiles = -(-(n // 2 if glu else n) // cs[0]["BLOCK_N"])
+    target = S.PROGRAMS_PER_SM * S.H200_SMS
+    assert cs[0]["SPLIT_K"] == 1 or tiles * cs[0]["SPLIT_K"] <= 1.5 * target
+    if (n, k) == (2048, 8192):
+        assert tiles * cs[0]["SPLIT_K"] >= 2 * S.H200_SMS
+    if n in (16384, 128256):
+        assert cs[0]["SPLIT_K"] == 1
+
+
+def test_configs_refuse_rows_outside_1_to_16():
+    for m in (0, 17):
+        with pytest.raises(ValueError, match="1..16"):
+            configs(m, 64, 64)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(m=17), "M = 17 rows .* at most 16"),
+    (dict(both=True), "exactly one weight"),
+    (dict(neither=True), "exactly one weight"),
+    (dict(plain_with_scales=True), "scales / zeros / bits / group describe a qweight"),
+    (dict(qweight=torch.zeros(37, 192, dtype=torch.uint8)), "qweight .* does not fit x's K = 192 at 4 bits"),
+    (dict(qweight=torch.zeros(37, 96, dtype=torch.int32)), "qweight must be a uint8"),
+    (dict(bits=None), "bits must be 4 or 8"),
+    (dict(group=100), "group 100 must be K = 192 or a power of two"),
+    (dict(group=128), "group 128 must be K = 192 or a power of two >= 16 dividing"),
+    (dict(scales=torch.ones(37, 6, dtype=torch.bfloat16)), "scales must be float16 / float32"),
+    (dict(zeros=torch.zeros(37, 5, dtype=torch.uint8)), "zeros must be None"),
+    (dict(k=191), "K = 191 is odd"),
+    (dict(config=dict(BLOCK_N=16, BLOCK_K=32, DOT=False)), "GEMV path \\(DOT False\\) takes one row"),
+    (dict(config=dict(BLOCK_N=12, BLOCK_K=32)), "needs BLOCK_N"),
+    (dict(config=dict(BLOCK_N=16, BLOCK_K=32, SPLIT_K=0)), "SPLIT_K must be a positive int"),
+])
+def test_bad_operands_raise(kwargs, match):
+    k = kwargs.pop("k", 192)
+    qweight, scales, zeros, bits, g, _ = random_qweight(37, k - k % 2, 4, 32 if k % 32 == 0 else "K", False)
+    ops = dict(qweight=qweight, scales=scales, zeros=zeros, bits=bits, group=g)
+    x = r(kwargs.pop("m", 3), k)
+    if kwargs.pop("both", False):
+        ops["w"] = r(37, k)
+    if kwargs.pop("neither", False):
+        ops = {}
+    if kwargs.pop("plain_with_scales", False):
+        ops = dict(w=r(37, k), scales=scales)
+    ops.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        skinny_gemm(x, **ops)
+
+
+# ----------------------------------------------------------------------------- GPU (bf16, real shapes)
+
+# (name, K, weight rows N, epilogue): Llama-3.2-1B and Llama-3.1-8B decode
+DECODE_SHAPES = [
+    ("1b qkv", 2048, 3072, {}),
+    ("1b gate/up glu", 2048, 16384, {"act": "silu", "glu": True}),
+    ("1b down + residual", 8192, 2048, {"residual": True}),
+    ("1b lm head", 2048, 128256, {}),
+    ("8b qkv", 4096, 6144, {}),
+    ("8b gate/up glu", 4096, 28672, {"act": "silu", "glu": True}),
+    ("8b down + residual", 14336, 4096, {"residual": True}),
+]
+
+
+def cuda_decode_case(m, k, n, bits, epi, group=128, sym=True):
+    """bf16 operands on the GPU and the float32 reference: ``(x, weight kwargs, residual, want)``."""
+    g = torch.Generator().manual_seed(0)
+    if bits is None:
+        w = (torch.randn(n, k, generator=g) * k ** -0.5).to("cuda", torch.bfloat16)
+        kwargs, w32 = dict(w=w), w.float()
+    else:
+        qweight, scales, zeros, bits, group, w64 = random_qweight(n, k, bits, group, sym, torch.float16, g, "cuda")
+        kwargs, w32 = dict(qweight=qweight, scales=scales, zeros=zeros, bits=bits, group=group), w64.float()
+    x = torch.randn(m, k, generator=g).to("cuda", torch.bfloat16)
+    n_out = n // 2 if epi.get("glu") else n
+    res = torch.randn(m, n_out, generator=g).to("cuda", torch.bfloat16) if epi.get("residual") else None
+    want = reference(x.float(), w32, None, None, res.float() if res is not None else None,
+                     act=epi.get("act", "none"), glu=epi.get("glu", False))
+    return x, kwargs, res, want
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits", [None, 8, 4])
+@pytest.mark.parametrize("m", [1, 16])
+@pytest.mark.parametrize("name,k,n,epi", DECODE_SHAPES)
+def test_gpu_llama_decode(name, k, n, epi, m, bits):
+    x, kwargs, res, want = cuda_decode_case(m, k, n, bits, epi)
+    got = skinny_gemm(x, residual=res, act=epi.get("act", "none"), glu=epi.get("glu", False), **kwargs)
+    torch.cuda.synchronize()
+    err = rel_err(got, want)
+    assert err <= TOL[torch.bfloat16], f"{name} m={m} bits={bits}: rel err {err:.2e}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name,k,n,epi", [DECODE_SHAPES[0], DECODE_SHAPES[2], DECODE_SHAPES[5]])
+def test_gpu_every_config_is_correct(name, k, n, epi):
+    # the tuner measures every entry of configs(): each must compile and be right, with a planned workspace
+    for m, bits in ((1, None), (1, 4), (3, 8), (16, 4)):
+        x, kwargs, res, want = cuda_decode_case(m, k, n, bits, epi, group=64, sym=False)
+        for c in configs(m, n, k, bits, epi.get("glu", False)):
+            ws = torch.empty(max(1, workspace_bytes(m, n, k, bits, epi.get("glu", False), config=c)), dtype=torch.uint8, device="cuda")
+            got = skinny_gemm(x, residual=res, act=epi.get("act", "none"), glu=epi.get("glu", False), workspace=ws, config=c, **kwargs)
+            err = rel_err(got, want)
+            assert err <= TOL[torch.bfloat16], f"{name} m={m} bits={bits} {c}: rel err {err:.2e}"
+
+
+@pytest.mark.gpu
+def test_gpu_split_k_is_deterministic_and_graph_capturable():
+    x, kwargs, res, _ = cuda_decode_case(1, 8192, 2048, 4, {"residual": True})
+    c = configs(1, 2048, 8192, 4)[0]
+    assert c["SPLIT_K"] > 1
+    ws = torch.empty(workspace_bytes(1, 2048, 8192, 4, config=c), dtype=torch.uint8, device="cuda")
+    out = torch.empty(1, 2048, dtype=torch.bfloat16, device="cuda")
+    skinny_gemm(x, residual=res, out=out, workspace=ws, config=c, **kwargs)  # compile outside the capture
+    first = out.clone()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        skinny_gemm(x, residual=res, out=out, workspace=ws, config=c, **kwargs)
+    for _ in range(3):
+        out.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, first)
