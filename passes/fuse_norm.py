@@ -37,10 +37,10 @@ from .report import PassStats
 
 HALF = ("float16", "bfloat16")
 MATMULS = ("LINEAR", "GEMM")
-Plan = tuple[str, list[Node], dict] | str  # the fused node (op, inputs, attrs), or the reason to decline
+Fused = tuple[str, list[Node], dict] | str  # the fused node (op, inputs, attrs), or the reason to decline
 
 
-def _rule(name: str, pattern, plan: Callable[[Match], Plan], shared_ok: bool = False) -> Rule:
+def _rule(name: str, pattern, plan: Callable[[Match], Fused], shared_ok: bool = False) -> Rule:
     """A rule whose guard and builder share ``plan(m)``; the guard also declines when the fused node
     would not have the shape and dtype of the root it replaces."""
 
@@ -117,7 +117,7 @@ LN = _normalised(D, _mean_square(D))
 # ----------------------------------------------------------------------------- RMSNorm
 
 
-def _plan_rms(m) -> Plan:
+def _plan_rms(m) -> Fused:
     x, out = m["x"], m["out"]
     centred = first_match(D, x)
     if centred is not None and centred["axes"] == m["axes"]:
@@ -142,7 +142,7 @@ def _plan_rms(m) -> Plan:
 # ----------------------------------------------------------------------------- LayerNorm
 
 
-def _plan_ln(m) -> Plan:
+def _plan_ln(m) -> Fused:
     x = m["x"]
     eps, k = _eps(m), _trailing(m["axes"], x)
     for r in (eps, k):
@@ -169,7 +169,7 @@ def _layernorm(*params):
 LN_OP = any_of(_layernorm(), _layernorm(V("w")), _layernorm(V("w"), V("bias")))
 
 
-def _plan_modulate(m) -> Plan:
+def _plan_modulate(m) -> Fused:
     x, scale, shift = m["x"], m["scale"], m["shift"]
     for name, v in (("scale", scale), ("shift", shift)):
         if not fits(v.shape, x.shape):
@@ -196,7 +196,7 @@ def _epilogue_residual(m, v: Node) -> bool:
     return v.op in MATMULS and m.readers(v) == 1 and not v.attrs.get("residual")
 
 
-def _plan_residual(m) -> Plan:
+def _plan_residual(m) -> Fused:
     a, r = m["a"], m["r"]
     if _epilogue_residual(m, a) or _epilogue_residual(m, r):
         return "the residual add is left to the GEMM epilogue"
