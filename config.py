@@ -5,6 +5,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from .errors import KilnError
+from .passes.pipeline import PASS_NAMES
 
 
 BACKENDS = ("auto", "kernels", "reference")
@@ -43,8 +44,6 @@ class CompileConfig:
             if impl not in KERNEL_CHOICES.get(kind, ()):
                 raise KilnError(f"CompileConfig.kernels: {kind!r} -> {impl!r} is not a choice",
                                 hint="; ".join(f"{k}: {', '.join(v)}" for k, v in KERNEL_CHOICES.items()))
-        from .passes.pipeline import PASS_NAMES
-
         unknown = [d for d in self.disable if d not in PASS_NAMES]
         if unknown:
             raise KilnError(f"unknown pass name(s) to disable: {', '.join(unknown)}",

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from .ir.interpret import interpret
 from .numerics import rel_err  # noqa: F401  (the tests and benchmarks import it from here)
 
 # Relative error ||got - want|| / ||want|| allowed per dtype, in ONE place.
@@ -14,8 +15,6 @@ TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfl
 def check_pass(pass_fn, build, inputs, gen: torch.Generator):
     """Build a graph twice with the same random state, run ``pass_fn`` on one, and check both compute the same
     in float64 (dtypes included). Returns ``(stats, rewritten graph, original graph)``."""
-    from .ir.interpret import interpret
-
     state = gen.get_state()
     ref = build()
     gen.set_state(state)
