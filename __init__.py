@@ -5,9 +5,10 @@
     m.save("model.kiln"); m = kiln.load("model.kiln")
     g = kiln.from_hf(hf_llama); g.generate("Hello", max_new_tokens=64)   # LLM generation, KV cache
 """
-from .api import CompiledModel, Dim, compile, jit, load
+from .api import CompiledModel, Dim, compile, load
 from .config import CompileConfig
 from .errors import ArtifactError, CaptureError, InputError, KilnError, UnsupportedOpsError
+from .jit import jit
 from .llm import Generator, SamplingParams, from_hf
 from .version import __version__
 

@@ -2,7 +2,6 @@
 :class:`CompiledModel`: callable like the eager model, with ``.graph``, ``.report()`` and ``.save()``."""
 from __future__ import annotations
 
-import functools
 import os
 import warnings
 from dataclasses import dataclass
@@ -26,6 +25,25 @@ from .runtime.target import Target
 from .runtime.signature import Signature, output_names, output_structure
 
 
+class SourceWatch:
+    """The parameters and buffers a graph was compiled from, and a cheap check that they are still there,
+    unwritten: each registered tensor is still the same object (not replaced), with the same version counter (no
+    in-place write) and storage (no ``.data =``, which ``.to()`` uses). About 0.5 us per tensor. (Tensors a
+    compiled *function* closes over are not watched: torch.export lifts them with version counters of their own.)"""
+
+    def __init__(self, module: torch.nn.Module):
+        self.slots = [(reg, k, t) for m in module.modules() for reg in (m._parameters, m._buffers)
+                      for k, t in reg.items() if t is not None]
+        self.versions = [t._version for _, _, t in self.slots]
+        self.ptrs = [t.data_ptr() for _, _, t in self.slots]
+
+    def changed(self) -> bool:
+        slots = self.slots
+        if any(reg.get(k) is not t for reg, k, t in slots):
+            return True
+        return [t._version for _, _, t in slots] != self.versions or [t.data_ptr() for _, _, t in slots] != self.ptrs
+
+
 class CompiledModel:
     """A compiled graph with its call signature. Call it like the model it came from."""
 
@@ -37,6 +55,7 @@ class CompiledModel:
         self._report = report
         self.manifest = manifest or {}
         self.files: dict[str, bytes] = {}  # data files an artifact carried (save(files=...))
+        self.source_watch: SourceWatch | None = None  # the module compiled from, when its weights are shared
         target = Target.from_config(config, default_device=next((t.device for t in graph.weights.values()), None), tuning=tuning)
         self.executor = Executor(graph, target)
 
@@ -49,6 +68,7 @@ class CompiledModel:
     def run(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         """Run on the flat input tensors (graph order); returns the model's outputs, flat. Inputs the model
         updates in place (a KV cache) hold their new values afterwards, as they would in eager torch."""
+        self.check_source()
         outputs = self.executor.run(tensors)
         g = self.graph
         if not g.updates:
@@ -64,6 +84,16 @@ class CompiledModel:
                 if value.data_ptr() != t.data_ptr() or value.stride() != t.stride():  # (kernels: written in place)
                     t.copy_(value)
         return user
+
+    def check_source(self) -> None:
+        """Refuse to run when the module this was compiled from has changed its weights: the graph holds some of
+        them as compile-time products (merged, folded) and some as the module's own tensors, so it would answer
+        with neither the old nor the new model."""
+        if self.source_watch is not None and self.source_watch.changed():
+            raise KilnError("the module this model was compiled from has changed its parameters or buffers since "
+                            "(load_state_dict, an in-place update, .to(), a replaced tensor); the compiled graph holds "
+                            "compile-time products of the old ones", hint="compile it again, or use kiln.jit, which "
+                            "rebuilds itself when the weights change")
 
     def report(self) -> Report:
         return self._report
@@ -147,7 +177,14 @@ def compile(model, example_inputs=(), example_kwargs: dict | None = None, *, dyn
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     example_kwargs = dict(example_kwargs or {})
-    src = _capture(model, tuple(example_inputs), example_kwargs, dynamic, report)
+    src = capture_model(model, tuple(example_inputs), example_kwargs, dynamic, report)
+    return build(src, config, report, example_inputs, example_kwargs)
+
+
+def build(src: "Source", config: CompileConfig, report: Report, example_inputs=(), example_kwargs: dict | None = None,
+          watch: bool = True) -> CompiledModel:
+    """An imported graph optimized and made runnable; planned at the example's shapes, verified against the eager
+    module when the config asks. ``watch``: the result refuses to run once the source module's weights change."""
     graph = src.graph
     report.ops_before = graph.histogram()
     report.model.update(parameters=sum(t.numel() for t in graph.weights.values()), weight_bytes=graph.weight_bytes(),
@@ -157,6 +194,8 @@ def compile(model, example_inputs=(), example_kwargs: dict | None = None, *, dyn
     report.ops_after = graph.histogram()
     with report.phase("plan"):
         compiled = CompiledModel(graph, src.signature, config, report)
+        if watch and src.module is not None:
+            compiled.source_watch = SourceWatch(src.module)
         # a graph that updates its inputs (a KV-cache step) is planned at its first call instead: planning runs
         # the graph once, which must not write into the caller's example tensors, and the example's shapes are
         # rarely the ones generation runs at
@@ -166,12 +205,12 @@ def compile(model, example_inputs=(), example_kwargs: dict | None = None, *, dyn
             report.memory = {**plan.memory.summary(), "binding": binding}
     if config.verify and src.module is not None:
         with report.phase("verify"):
-            report.verify = _verify(src.module, compiled, example_inputs, example_kwargs, src.signature)
+            report.verify = _verify(src.module, compiled, example_inputs, example_kwargs or {}, src.signature)
     return compiled
 
 
 @dataclass
-class _Source:
+class Source:
     """A model captured and imported: its graph, how it is called, and (for modules and functions) the eager
     module and the example's flat tensors."""
     graph: Graph
@@ -180,16 +219,17 @@ class _Source:
     example: list | None = None
 
 
-def _capture(model, args: tuple, kwargs: dict, dynamic: dict | None, report: Report) -> _Source:
+def capture_model(model, args: tuple, kwargs: dict, dynamic: dict | None, report: Report) -> Source:
+    """``model`` captured (modules, functions, ExportedPrograms) or read (.pt2, .onnx) and imported into a graph."""
     if isinstance(model, (str, os.PathLike)):
         model = _load_source(os.fspath(model), report, dynamic)
     if isinstance(model, Graph):  # an ONNX file, imported by _load_source
-        return _Source(model, _onnx_signature(model))
+        return Source(model, _onnx_signature(model))
     if isinstance(model, torch.export.ExportedProgram):
         report.model.update(name=os.path.basename(str(getattr(model, "_kiln_path", ""))) or "ExportedProgram",
                             source="torch.export program")
         signature = Signature.from_exported(model)
-        return _Source(_import(model, signature, None, None, report), signature)
+        return Source(_import(model, signature, None, None, report), signature)
     if isinstance(model, torch.nn.Module):
         module, fn = model, model.forward
     elif callable(model):
@@ -204,7 +244,7 @@ def _capture(model, args: tuple, kwargs: dict, dynamic: dict | None, report: Rep
     with report.phase("capture"):
         ep = capture.export(module, capture.widen_size_one(canonical, dim_names), shapes, dim_names)
     graph = _import(ep, signature, dim_names, shapes, report)
-    return _Source(graph, signature, module, signature.flatten(args, kwargs))
+    return Source(graph, signature, module, signature.flatten(args, kwargs))
 
 
 def _import(ep, signature: Signature, dim_names: dict | None, shapes: dict | None, report: Report) -> Graph:
@@ -305,60 +345,3 @@ def load(path: str | os.PathLike, device: str | None = None, backend: str | None
     m = CompiledModel(graph, signature, config, Report.from_dict(report_dict), manifest, tuning)
     m.files = files
     return m
-
-
-class _Jit:
-    """Compiles on the first call, with that call's inputs; later calls run the compiled graph."""
-
-    def __init__(self, target, dynamic, config):
-        self._target = target
-        self._dynamic = dynamic
-        self._config = config
-        self._compiled: CompiledModel | None = None
-
-    def __call__(self, *args, **kwargs):
-        if self._compiled is None:
-            self._compiled = compile(self._target, args, kwargs, dynamic=self._dynamic, config=self._config)
-        return self._compiled(*args, **kwargs)
-
-    @property
-    def compiled(self) -> CompiledModel:
-        if self._compiled is None:
-            raise KilnError("not compiled yet: kiln.jit compiles on the first call")
-        return self._compiled
-
-    @property
-    def graph(self) -> Graph:
-        return self.compiled.graph
-
-    def report(self) -> Report:
-        return self.compiled.report()
-
-    def save(self, path, overwrite: bool = False) -> str:
-        return self.compiled.save(path, overwrite=overwrite)
-
-
-class JitModule(_Jit):
-    """``kiln.jit(module)``: a drop-in for the module; other attributes come from the module."""
-
-    def __getattr__(self, name):
-        if name.startswith("_"):
-            raise AttributeError(name)
-        return getattr(self._target, name)
-
-    def __repr__(self) -> str:
-        return f"kiln.jit({type(self._target).__name__})"
-
-
-def jit(target=None, *, dynamic: dict | None = None, config: CompileConfig | None = None):
-    """``model = kiln.jit(model)`` or ``@kiln.jit`` / ``@kiln.jit(dynamic=...)`` on a function of tensors.
-    The first call captures with its real inputs; ``dynamic`` declares symbolic dims as in :func:`compile`."""
-    if target is None:
-        return lambda t: jit(t, dynamic=dynamic, config=config)
-    if isinstance(target, torch.nn.Module):
-        return JitModule(target, dynamic, config)
-    if not callable(target):
-        raise KilnError(f"kiln.jit takes a module or a function, got {type(target).__name__}")
-    wrapper = _Jit(target, dynamic, config)
-    functools.update_wrapper(wrapper, target)
-    return wrapper

@@ -22,6 +22,7 @@ from typing import Iterator
 
 import torch
 
+from ..api import SourceWatch
 from ..api import compile as kiln_compile
 from ..api import load as kiln_load
 from ..config import CompileConfig
@@ -151,6 +152,7 @@ class Generator:
                 "mask": {0: batch, 2: seq}, **{n: {0: batch} for n in names}}
         t0 = time.perf_counter()
         compiled = kiln_compile(step_function(LlamaStep(model), cfg.num_hidden_layers), (), example, dynamic=dims, config=config)
+        compiled.source_watch = SourceWatch(model)  # (a function's closure is not watched: the model is)
         g = cls(compiled, spec, tokenizer)
         g.compile_s = time.perf_counter() - t0
         return g

@@ -95,12 +95,31 @@ def save(path: str | os.PathLike, graph: Graph, *, signature: dict, config: dict
             _write_aligned(zf, wtmp, WEIGHTS)
             manifest["members"][WEIGHTS] = {"sha256": _sha256_file(wtmp), "size": os.path.getsize(wtmp)}
             zf.writestr(MANIFEST, json.dumps(manifest, indent=1))
-        os.replace(tmp, path)
+        _publish(tmp, path, overwrite)
     finally:
         for f in (tmp, wtmp):
             if os.path.exists(f):
                 os.unlink(f)
     return path
+
+
+def _publish(tmp: str, path: str, overwrite: bool) -> None:
+    """Give the finished file its name. Without ``overwrite`` the name is claimed atomically (a hard link fails
+    if the name exists), so of two processes writing one path at once, exactly one succeeds."""
+    if overwrite:
+        os.replace(tmp, path)
+        return
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise KilnError(f"{path} already exists (another process wrote it while this one was writing)",
+                        hint="pass overwrite=True (kiln compile --force) to replace it") from None
+    except OSError:  # a file system without hard links: claim the name exclusively, then fill it
+        try:
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            raise KilnError(f"{path} already exists", hint="pass overwrite=True (kiln compile --force) to replace it") from None
+        os.replace(tmp, path)
 
 
 def _write_aligned(zf: zipfile.ZipFile, src: str, name: str) -> None:

@@ -64,7 +64,7 @@ def wrap_callable(fn):
 
 def dynamic_shapes(dynamic: dict | None, canonical: dict):
     """kiln's ``dynamic=`` -> torch.export ``dynamic_shapes`` plus the dim names per input."""
-    ds = {k: None for k in canonical}
+    ds = {k: _static_like(v) for k, v in canonical.items()}
     names: dict[str, dict[int, str]] = {}
     if not dynamic:
         return ds, names
@@ -111,6 +111,16 @@ def dynamic_shapes(dynamic: dict | None, canonical: dict):
     return ds, names
 
 
+def _static_like(value):
+    """A dynamic_shapes entry fixing every dim of ``value``: None, or the same container of Nones (torch.export
+    wants the structure of a dict / list / tuple argument mirrored: ``{"resolution": None, "aspect_ratio": None}``)."""
+    if isinstance(value, dict):
+        return {k: _static_like(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_static_like(v) for v in value) if not hasattr(value, "_fields") else tuple(_static_like(v) for v in value)
+    return None
+
+
 def widen_size_one(canonical: dict, dim_names: dict[str, dict[int, str]]) -> dict:
     """The example to capture with: torch.export fixes a dim whose example size is 1 even when it is
     declared dynamic, so such dims are captured at size 2 (the example repeated along them)."""
@@ -154,8 +164,8 @@ def _relaxed(shapes: dict) -> dict:
     prove over the whole range (torch 2.11 cannot prove ``min(8*s, 16*s) == 8*s``) instead of failing."""
     out = {}
     for arg, per in shapes.items():
-        if not per:
-            out[arg] = per
+        if not _declared(per):
+            out[arg] = per  # no dynamic dim: None, or a container of Nones
             continue
         out[arg] = {}
         for i, d in per.items():
@@ -202,7 +212,12 @@ def export(module, canonical: dict, shapes: dict, dim_names: dict):
 def declared_ranges(shapes: dict) -> dict:
     """dim name -> (min, max or None) of the dims declared in torch.export ``shapes``."""
     return {d.__name__: (d.min, d.max if d.max is not None and d.max < 2**62 else None)
-            for per in shapes.values() if per for d in per.values()}
+            for per in shapes.values() if _declared(per) for d in per.values()}
+
+
+def _declared(per) -> bool:
+    """``per`` is a tensor argument's {dim index: torch.export.Dim} (not None, nor a container's structure of Nones)."""
+    return isinstance(per, dict) and bool(per) and all(isinstance(i, int) for i in per)
 
 
 def _all_dims_symbolic(ep, dim_names: dict) -> bool:
