@@ -7,11 +7,11 @@
 """
 from .api import CompiledModel, Dim, compile, load
 from .config import CompileConfig
-from .errors import ArtifactError, CaptureError, InputError, KilnError, UnsupportedOpsError
+from .errors import ArtifactError, CaptureError, InputError, KilnError, SourceChangedError, UnsupportedOpsError
 from .jit import jit
 from .llm import Generator, SamplingParams, from_hf
 from .version import __version__
 
 __all__ = ["jit", "compile", "load", "from_hf", "Generator", "SamplingParams", "CompileConfig", "CompiledModel", "Dim",
            "KilnError", "InputError",
-           "CaptureError", "ArtifactError", "UnsupportedOpsError", "__version__"]
+           "CaptureError", "ArtifactError", "UnsupportedOpsError", "SourceChangedError", "__version__"]
