@@ -348,8 +348,11 @@ def cmd_bench(a) -> int:
     from .numerics import rel_err
 
     progress = _Progress(a.quiet)
+    startup = {"process_to_kiln_imported_s": _process_age()}
+    t0 = time.perf_counter()
     with progress.step(f"load {a.artifact}"):
         m = kiln.load(a.artifact, device=a.device, backend=a.backend)
+    startup["load_s"] = time.perf_counter() - t0
     dims = _parse_dims(a.dim, ranges=False)
     tensors = m.random_inputs(dims, seed=a.seed)
     dev = m.device
@@ -379,6 +382,10 @@ def cmd_bench(a) -> int:
         result["rel_err_vs_reference"] = max(rel_err(x.float(), y.float()) for x, y in zip(outputs["kiln"], outputs["reference"]))
         result["speedup_vs_reference"] = result["runs"][1]["ms"] / result["runs"][0]["ms"]
     result["executor"] = m.executor.describe()
+    startup["first_call_s"] = result["runs"][0]["first_call_s"]
+    plans = result["executor"]["plans"]
+    startup["first_call_phases"] = plans[0].get("phases", {}) if plans else {}
+    result["startup"] = startup
 
     _print_bench(a.artifact, result)
     if a.json:
@@ -388,6 +395,18 @@ def cmd_bench(a) -> int:
             json.dump(result, fh, indent=1)
         out.print(escape(f"wrote {a.json}"))
     return 0
+
+
+def _process_age() -> float | None:
+    """Seconds since this process started (Linux; None elsewhere): what a user waits before kiln is imported."""
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return round(uptime - start_ticks / os.sysconf("SC_CLK_TCK"), 3)
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _print_bench(artifact: str, result: dict) -> None:
@@ -405,6 +424,12 @@ def _print_bench(artifact: str, result: dict) -> None:
         p = ex["plans"][-1]
         out.print(escape(f"backend {ex['backend']}: launches {p.get('launches', p.get('steps'))}, choices {p.get('choices', {})}, "
                          f"CUDA graph {p.get('cuda_graph', False)}"))
+    st = result.get("startup")
+    if st:
+        phases = ", ".join(f"{k} {v:.2f}s" for k, v in st["first_call_phases"].items())
+        imported = st["process_to_kiln_imported_s"]
+        out.print(escape(f"start-up: {'kiln imported after %.2fs, ' % imported if imported is not None else ''}load {st['load_s']:.2f}s, "
+                         f"first call {st['first_call_s']:.2f}s" + (f" ({phases})" if phases else "")))
 
 
 # ----------------------------------------------------------------------------- inspect

@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -98,6 +99,9 @@ class PlanStats:
     choices: dict = field(default_factory=dict)  # "gemm:cublas" -> count
     build_s: float = 0.0
     cuda_graph: bool = False
+    # where the build's time went: layouts, memory, buffers, calls (choosing implementations, the tuner's
+    # measurements as "tuning"), warmup (the first run: Triton compiles and kernel loads), capture (the CUDA graph)
+    phases: dict = field(default_factory=dict)
 
 
 class KernelPlan(Plan):
@@ -106,6 +110,7 @@ class KernelPlan(Plan):
     def __init__(self, graph: Graph, groups: list[Group], bindings: dict[str, int], target,
                  static: dict[Node, torch.Tensor], inputs: list | None = None):
         t0 = time.perf_counter()
+        self.stats = PlanStats()
         self.graph, self.groups, self.bindings, self.target = graph, groups, dict(bindings), target
         self.device = target.device
         # an input the program updates through one INDEX_COPY (a KV cache) is written in place: the plan adopts
@@ -113,13 +118,19 @@ class KernelPlan(Plan):
         self.adopted = adoptable_updates(graph) if inputs is not None else {}
         self.slot = {n: k for k, n in enumerate(graph.nodes)}
         self.shape_of = {n: tuple(eval_dim(d, bindings) for d in n.shape) for n in graph.nodes}
-        self._layouts(static)
-        self._memory()
-        self._buffers(inputs)
-        self.calls = self._calls()
+        with self._phase("layouts"):
+            self._layouts(static)
+        with self._phase("memory"):
+            self._memory()
+        with self._phase("buffers"):
+            self._buffers(inputs)
+        tuned = target.tuner.seconds
+        with self._phase("calls"):
+            self.calls = self._calls()
+        self.stats.phases["tuning"] = round(target.tuner.seconds - tuned, 4)
+        self.stats.phases["calls"] = round(self.stats.phases["calls"] - self.stats.phases["tuning"], 4)
         self.output_values = [self.env[o] for o in graph.outputs]
         self._state_ids = {id(self.env[graph.inputs[k]]) for k in self.adopted}
-        self.stats = PlanStats()
         for call in self.calls:
             self.stats.launches[call.kind] = self.stats.launches.get(call.kind, 0) + 1
             if call.choice:
@@ -129,6 +140,12 @@ class KernelPlan(Plan):
         if target.cuda_graphs and self.device.type == "cuda":
             self._capture()
         self.stats.build_s = time.perf_counter() - t0
+
+    @contextmanager
+    def _phase(self, name: str):
+        t0 = time.perf_counter()
+        yield
+        self.stats.phases[name] = round(self.stats.phases.get(name, 0.0) + time.perf_counter() - t0, 4)
 
     # -- 1. layouts -----------------------------------------------------------------------------------------
     def _layouts(self, static: dict) -> None:
@@ -313,11 +330,12 @@ class KernelPlan(Plan):
         try:
             s = torch.cuda.Stream(self.device)
             s.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(s):
+            with self._phase("warmup"), torch.cuda.stream(s):
                 self._run_calls()  # compiles every kernel; no first-launch work may happen during capture
+                torch.cuda.synchronize(self.device)
             torch.cuda.current_stream(self.device).wait_stream(s)
             cuda_graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(cuda_graph):
+            with self._phase("capture"), torch.cuda.graph(cuda_graph):
                 self._run_calls()
             self.cuda_graph = cuda_graph
             self.stats.cuda_graph = True
@@ -347,4 +365,4 @@ class KernelPlan(Plan):
     def describe(self) -> dict:
         return {"bindings": self.bindings, "launches": dict(self.stats.launches), "choices": dict(self.stats.choices),
                 "cuda_graph": self.stats.cuda_graph, **({"cuda_graph_error": self.cuda_graph_error} if self.cuda_graph_error else {}),
-                "arena_bytes": self.memory.peak_bytes, "build_s": round(self.stats.build_s, 3)}
+                "arena_bytes": self.memory.peak_bytes, "build_s": round(self.stats.build_s, 3), "phases": dict(self.stats.phases)}
