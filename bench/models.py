@@ -31,7 +31,8 @@ def bert():
     ids = torch.randint(0, 30522, (a.batch, a.seq), device="cuda")
     mask = torch.ones(a.batch, a.seq, dtype=torch.long, device="cuda")
     mask[1::2, a.seq * 3 // 4:] = 0  # every other row padded by a quarter
-    dims = {"input_ids": {0: ("batch", 1, 64), 1: ("seq", 1, 512)}, "attention_mask": {0: "batch", 1: "seq"}}
+    B, S = ("batch", 1, 64), ("seq", 1, 512)
+    dims = {"input_ids": {0: B, 1: S}, "attention_mask": {0: B, 1: S}}
     return model, (ids,), {"attention_mask": mask}, dims, lambda o: o.last_hidden_state
 
 
