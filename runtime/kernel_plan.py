@@ -93,6 +93,40 @@ def _meta(t: torch.Tensor) -> torch.Tensor:
     return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
 
 
+MAX_OUTPUT_SETS = 2  # output buffer sets a caller may hold at once without copies (a loop rebinding `out` needs two)
+
+
+def _use_count(t: torch.Tensor) -> int:
+    """References to ``t``'s storage: its tensor, every view of it (a caller's included), and the query's own."""
+    return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
+
+
+def _run(calls: list) -> None:
+    for call in calls:
+        call.run()
+
+
+@dataclass
+class _OutputSet:
+    """Buffers for the graph outputs that kernels write, the calls writing them, their CUDA graph. Outputs are handed
+    out as aliases of these buffers; the set is written again only once nothing outside the plan refers to them."""
+    buffers: dict  # output node -> its buffer
+    calls: list
+    cuda_graph: object
+    outputs: list  # the plan's values of every graph output when this set runs
+    env: dict = field(default_factory=dict)  # every value as this set's calls read it (views of its buffers kept alive)
+    counts: list = field(default_factory=list)  # each buffer's storage use count when nobody else holds it
+
+    def free(self) -> bool:
+        return all(_use_count(t) == c for t, c in zip(self.buffers.values(), self.counts))
+
+    def run(self) -> None:
+        if self.cuda_graph is not None:
+            self.cuda_graph.replay()
+        else:
+            _run(self.calls)
+
+
 @dataclass
 class PlanStats:
     launches: dict = field(default_factory=dict)  # kind -> count
@@ -124,21 +158,22 @@ class KernelPlan(Plan):
             self._memory()
         with self._phase("buffers"):
             self._buffers(inputs)
+        self.cuda_graph_error = None
+        self.sets: list[_OutputSet] = []  # the output buffers the caller may hold, with the calls writing them
+        self._private: _OutputSet | None = None  # written when the caller holds every set's outputs: copies go out
         tuned = target.tuner.seconds
-        with self._phase("calls"):
-            self.calls = self._calls()
+        self.sets.append(self._new_set())
         self.stats.phases["tuning"] = round(target.tuner.seconds - tuned, 4)
         self.stats.phases["calls"] = round(self.stats.phases["calls"] - self.stats.phases["tuning"], 4)
-        self.output_values = [self.env[o] for o in graph.outputs]
+        self.calls = self.sets[0].calls
+        self._current = self.sets[0]
+        self.output_values = self._current.outputs
         self._state_ids = {id(self.env[graph.inputs[k]]) for k in self.adopted}
         for call in self.calls:
             self.stats.launches[call.kind] = self.stats.launches.get(call.kind, 0) + 1
             if call.choice:
                 c = f"{call.kind}:{call.choice.split(':')[0]}"
                 self.stats.choices[c] = self.stats.choices.get(c, 0) + 1
-        self.cuda_graph, self.cuda_graph_error = None, None
-        if target.cuda_graphs and self.device.type == "cuda":
-            self._capture()
         self.stats.build_s = time.perf_counter() - t0
 
     @contextmanager
@@ -221,6 +256,12 @@ class KernelPlan(Plan):
                 lv.write(-1 - k, k, nbytes(shape, n.dtype))
         for o in self.graph.outputs:
             lv.read(self.val[o].root, len(self.groups))
+        # a graph output a kernel writes gets buffers of its own, outside the arena, which are handed to the caller
+        # without a copy (see _OutputSet)
+        self.own = [o for o in dict.fromkeys(self.graph.outputs) if self.val[o].root == self.slot[o]]
+        self._own_slots = {self.slot[o]: o for o in self.own}
+        for o in self.own:
+            del lv.first[self.slot[o]], lv.last[self.slot[o]], lv.sizes[self.slot[o]]
         self.intervals, self.memory = lv.plan()
         self.arena = torch.zeros(max(self.memory.peak_bytes, 1), dtype=torch.uint8, device=self.device)
 
@@ -261,7 +302,8 @@ class KernelPlan(Plan):
                 self._views(g)
                 continue
             for o in g.outputs:
-                self.env[o] = self._buffer(self.slot[o], self.shape_of[o], torch_dtype(o.dtype), self.order.get(o))
+                if o not in self._own_buffers:
+                    self.env[o] = self._buffer(self.slot[o], self.shape_of[o], torch_dtype(o.dtype), self.order.get(o))
             tmp = self._buffer(self.scratch[k][0], self.scratch[k][1], torch_dtype(g.nodes[0].dtype)) if k in self.scratch else None
             calls.append(self._call(g, kind, tmp))
         return calls + self._state_copies()
@@ -269,8 +311,10 @@ class KernelPlan(Plan):
     def _views(self, g: Group) -> None:
         for n in g.nodes:
             r = eval_node(n, [self.env[i] for i in n.inputs], self.bindings)
-            in_arena = r.untyped_storage().data_ptr() == self.arena.untyped_storage().data_ptr()
-            if r.stride() != self.val[n].meta.stride() or (self.val[n].root is not None and not in_arena):
+            root = self.val[n].root
+            home = self.arena if root not in self._own_slots else self._own_buffers[self._own_slots[root]]
+            inside = r.untyped_storage().data_ptr() == home.untyped_storage().data_ptr()
+            if r.stride() != self.val[n].meta.stride() or (root is not None and not inside):
                 raise RuntimeError(f"internal error: view {n!r} did not come out as planned")
             self.env[n] = r
 
@@ -322,29 +366,42 @@ class KernelPlan(Plan):
         return KernelCall(g, "reference", run_reference)
 
     # -- 4. running -----------------------------------------------------------------------------------------
-    def _run_calls(self) -> None:
-        for call in self.calls:
-            call.run()
+    def _new_set(self) -> "_OutputSet":
+        """Fresh buffers for the outputs in ``self.own``, the calls writing them, and (on CUDA) their CUDA graph."""
+        self._own_buffers = {o: torch.empty(self.shape_of[o], dtype=torch_dtype(o.dtype), device=self.device) for o in self.own}
+        self.env.update(self._own_buffers)
+        with self._phase("calls"):
+            calls = self._calls()
+        out = _OutputSet(dict(self._own_buffers), calls, None, [self.env[o] for o in self.graph.outputs], dict(self.env))
+        if self.target.cuda_graphs and self.device.type == "cuda" and self.cuda_graph_error is None:
+            out.cuda_graph = self._capture(calls)
+        out.counts = [_use_count(t) for t in out.buffers.values()]  # now: the plan's own references
+        return out
 
-    def _capture(self) -> None:
+    def _capture(self, calls: list[KernelCall]):
+        """The calls as one CUDA graph (None, with a warning, when they cannot be captured)."""
         try:
             s = torch.cuda.Stream(self.device)
             s.wait_stream(torch.cuda.current_stream(self.device))
             with self._phase("warmup"), torch.cuda.stream(s):
-                self._run_calls()  # compiles every kernel; no first-launch work may happen during capture
+                _run(calls)  # compiles every kernel; no first-launch work may happen during capture
                 torch.cuda.synchronize(self.device)
             torch.cuda.current_stream(self.device).wait_stream(s)
             cuda_graph = torch.cuda.CUDAGraph()
             with self._phase("capture"), torch.cuda.graph(cuda_graph):
-                self._run_calls()
-            self.cuda_graph = cuda_graph
+                _run(calls)
             self.stats.cuda_graph = True
+            return cuda_graph
         except Exception as e:  # an op that syncs or allocates on the host: run the call list instead
-            self.cuda_graph = None
             self.cuda_graph_error = f"{type(e).__name__}: {e}"
             torch.cuda.synchronize(self.device)
             warnings.warn(f"kiln: CUDA graph capture failed for {self.bindings} ({self.cuda_graph_error.splitlines()[0]}); "
                           "running the call list without a graph", stacklevel=3)
+            return None
+
+    @property
+    def cuda_graph(self):
+        return self._current.cuda_graph
 
     def bind(self, inputs: list[torch.Tensor]) -> None:
         for buf, t in zip(self.input_buffers, inputs):
@@ -352,17 +409,28 @@ class KernelPlan(Plan):
                 buf.copy_(t)
 
     def replay(self) -> list[torch.Tensor]:
-        if self.cuda_graph is not None:
-            self.cuda_graph.replay()
-        else:
-            self._run_calls()
-        return self.output_values
+        """Run into the first output set nobody outside the plan holds; when the caller holds every one (at most
+        ``MAX_OUTPUT_SETS``), into a private set, whose outputs ``handout`` copies."""
+        free = next((s for s in self.sets if s.free()), None)
+        if free is None and len(self.sets) < MAX_OUTPUT_SETS:
+            free = self._new_set()
+            self.sets.append(free)
+        if free is None:
+            self._private = self._private or self._new_set()
+            free = self._private
+        self._current = free
+        free.run()
+        self.output_values = free.outputs
+        return free.outputs
 
     def handout(self, outputs: list[torch.Tensor]) -> list[torch.Tensor]:
-        # an adopted input comes back as itself (already written); every other output as a fresh tensor
-        return [o if id(o) in self._state_ids else o.clone() for o in outputs]
+        """An adopted input comes back as itself (already written); an output with a buffer of its own as an alias
+        of it (the set is not written again while the caller holds it); anything else as a copy."""
+        own = {id(t) for t in self._current.buffers.values()} if self._current is not self._private else set()
+        return [o if id(o) in self._state_ids else o.view(o.shape) if id(o) in own else o.clone() for o in outputs]
 
     def describe(self) -> dict:
         return {"bindings": self.bindings, "launches": dict(self.stats.launches), "choices": dict(self.stats.choices),
-                "cuda_graph": self.stats.cuda_graph, **({"cuda_graph_error": self.cuda_graph_error} if self.cuda_graph_error else {}),
+                "cuda_graph": self.stats.cuda_graph, "output_sets": len(self.sets) + (self._private is not None),
+                **({"cuda_graph_error": self.cuda_graph_error} if self.cuda_graph_error else {}),
                 "arena_bytes": self.memory.peak_bytes, "build_s": round(self.stats.build_s, 3), "phases": dict(self.stats.phases)}

@@ -246,3 +246,29 @@ def test_an_input_updated_in_place_is_updated_as_in_eager(backend, tmp_path):
         assert len(m.executor.plans) == 2 and torch.equal(c_kiln, before)
         rest = [j for j in range(10) if j not in slots.tolist()]
         assert torch.equal(other[:, :, slots], c_kiln[:, :, slots]) and not other[:, :, rest].any()
+
+
+@pytest.mark.interpreter
+def test_outputs_are_handed_out_without_copies_and_never_overwritten():
+    """A graph output a kernel writes is handed out as an alias of a buffer of its own; the buffer set is written
+    again only once the caller dropped it, so keeping outputs is safe and a loop that rebinds them copies nothing."""
+    g = _gemm_attention_graph()
+    ex = Executor(g, Target.from_config(kiln.CompileConfig(backend="kernels"), tuner=Tuner(force={"gemm": "cublas"})))
+    xs = [torch.randn(2, 8, 24) for _ in range(4)]
+    want = [interpret(g, [x])[0] for x in xs]
+    out = ex.run([xs[0]])[0]
+    plan = ex.plans[0]
+    assert out.data_ptr() == plan.sets[0].buffers[g.outputs[0]].data_ptr()  # no copy
+    kept = [out]
+    for x, w in zip(xs[1:], want[1:]):
+        kept.append(ex.run([x])[0])  # the caller keeps every output: two sets alias, then a private set copies
+    assert len(plan.sets) == 2 and plan._private is not None
+    for got, w in zip(kept, want):
+        assert rel_err(got, w) <= TOL[torch.float32]
+    del kept, out
+    out = ex.run([xs[0]])[0]  # nothing held any more: the first set again
+    assert out.data_ptr() == plan.sets[0].buffers[g.outputs[0]].data_ptr() and rel_err(out, want[0]) <= TOL[torch.float32]
+    for x, w in zip(xs, want):  # the usual loop: `out` rebound each call alternates between the two sets
+        out = ex.run([x])[0]
+        assert rel_err(out, w) <= TOL[torch.float32]
+    assert len(plan.sets) == 2
