@@ -169,7 +169,9 @@ class OnnxImporter(Lowering):
                 continue  # an initializer listed as an input (old exporters): a weight, not an input
             tt = vi.type.tensor_type
             if not vi.type.HasField("tensor_type") or not tt.HasField("shape"):
-                raise KilnError(f"{self.source}: input {vi.name!r} is not a tensor of known rank")
+                what = {"sequence_type": "a sequence", "optional_type": "an optional", "map_type": "a map",
+                        "sparse_tensor_type": "a sparse tensor"}.get(vi.type.WhichOneof("value"), "a tensor of unknown rank")
+                raise KilnError(f"{self.source}: input {vi.name!r} is {what}; kiln imports tensors of known rank only")
             try:
                 dtype = kiln_dtype(tt.elem_type)
             except Unsupported as e:
