@@ -2,8 +2,8 @@
 
 A model (opset >= 17, as ``torch.onnx.export`` writes it with either exporter; an older one is upgraded
 with ``onnx.version_converter``) is read with the ``onnx`` package, checked, and lowered node by node by
-the handlers in :mod:`.ops` and :mod:`.shape`. ``dim_param`` dims become kiln symbols; initializers become
-weights (external-data files included).
+the handlers in :mod:`.ops`, :mod:`.shape` and :mod:`.transformer`. ``dim_param`` dims become kiln symbols;
+initializers become weights (external-data files included).
 
 Values known at import time are :class:`Static`: initializers, ``Constant`` nodes and everything
 computed from them and from ``Shape``. Shape subgraphs (``Shape -> Gather -> Unsqueeze -> Concat ->
@@ -25,12 +25,12 @@ from ..graph import Graph, Node
 from ..lowering import INT_MAX, POISON, Lowering, Unsupported
 from ..registry import merged
 from ..types import FLOAT_DTYPES, dims_equal, shape_str, sym
-from . import ops, shape
+from . import ops, shape, transformer
 from .load import check_header, check_model, default_opset, load_model, upgrade_opset
 from .lower import key_of
 from .static import ONNX_DTYPES, STATIC_LIMIT, CannotEval, Static, kiln_dtype, py_scalar
 
-HANDLERS = merged(ops.HANDLERS, shape.HANDLERS)
+HANDLERS = merged(ops.HANDLERS, shape.HANDLERS, transformer.HANDLERS)
 STATIC_EVAL = merged(ops.STATIC_EVAL, shape.STATIC_EVAL)
 
 
