@@ -66,6 +66,8 @@ def _allowed(cx, sq, skv, offset, causal: bool, left: int, right: int, nonpad) -
     """The keys each query may attend as a bool [S_q, S_kv] (or [B, 1, S_q, S_kv]) tensor, or None for all:
     with ``rel = j - i`` (key minus query index), causal is ``rel <= offset``, the windows are
     ``offset - left <= rel <= offset + right``, and ``j < nonpad_kv_seqlen[b]``."""
+    if not causal and left < 0 and right < 0 and nonpad is None:
+        return None
     keys = cx.add("RESHAPE", [cx.add("ARANGE", [], start=0, end=skv, step=1, dtype="int64")], shape=(1, skv))
     queries = cx.add("RESHAPE", [cx.add("ARANGE", [], start=0, end=sq, step=1, dtype="int64")], shape=(sq, 1))
     rel = cx.add("SUB", [keys, queries])  # [S_q, S_kv]
@@ -80,7 +82,7 @@ def _allowed(cx, sq, skv, offset, causal: bool, left: int, right: int, nonpad) -
     if nonpad is not None:
         n = cx.add("RESHAPE", [cast(cx, nonpad, "int64")], shape=(nonpad.shape[0], 1, 1, 1))
         terms.append(cx.add("LT", [cx.add("RESHAPE", [keys], shape=(1, 1, 1, skv)), n]))
-    out = terms[0] if terms else None
+    out = terms[0]
     for t in terms[1:]:
         out = cx.add("AND", [out, t])
     return out
