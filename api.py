@@ -329,7 +329,7 @@ def _load_source(path: str, report: Report, dynamic: dict | None = None):
     if ext == ".onnx":
         report.model.update(name=os.path.basename(path), source="ONNX")
         with report.phase("import ONNX"):
-            return from_onnx(path, dynamic=dynamic)
+            return from_onnx(path, dynamic=dynamic, notes=report.notes)
     raise KilnError(f"{path}: unknown model file type {ext!r}", hint="kiln compiles .pt2 and .onnx files and nn.Modules")
 
 
