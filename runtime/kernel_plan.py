@@ -89,6 +89,14 @@ def _empty(shape, perm, dtype, device) -> torch.Tensor:
     return torch.empty([shape[p] for p in perm], dtype=dtype, device=device).permute(_inverse(perm))
 
 
+def _pitch(shape) -> int | None:
+    """The padded row length of a GEMM output whose rows are long and not a multiple of 8 elements (GPT-2's LM head,
+    N = 50257): cuBLAS's tensor-core kernels want 16-byte aligned rows; such an output is a view [..., :N] of rows
+    padded to a multiple of 64 (torch.compile pads the same way). None: no padding."""
+    n = shape[-1] if shape else 0
+    return -(-n // 64) * 64 if n >= 256 and n % 8 else None
+
+
 def _meta(t: torch.Tensor) -> torch.Tensor:
     return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
 
@@ -193,6 +201,7 @@ class KernelPlan(Plan):
         for n in self.graph.inputs:
             self.val[n] = _Value(torch.empty(self.shape_of[n], dtype=torch_dtype(n.dtype), device="meta"), None)
         self.order: dict[Node, tuple] = {}
+        self.pitch: dict[Node, int] = {}  # GEMM outputs whose rows are padded (see _pitch)
         self.kinds: list[str] = []
         for g in self.groups:
             if g.nodes[0] in inplace:
@@ -233,8 +242,21 @@ class KernelPlan(Plan):
                 perm = _stored_order(o) if kind in ("attention", "pointwise") and o not in outputs else None
                 if perm is not None:
                     self.order[o] = perm
-                self.val[o] = _Value(_empty(self.shape_of[o], perm, torch_dtype(o.dtype), "meta"), self.slot[o])
+                if kind == "gemm" and _pitch(self.shape_of[o]) is not None:
+                    self.pitch[o] = _pitch(self.shape_of[o])
+                self.val[o] = _Value(self._empty(o, "meta"), self.slot[o])
         return kind
+
+    def _empty(self, o: Node, device) -> torch.Tensor:
+        """A new tensor for value ``o``: in its stored dim order, rows padded to its pitch (a view of them)."""
+        shape, dtype = self.shape_of[o], torch_dtype(o.dtype)
+        if o in self.pitch:
+            return torch.empty(shape[:-1] + (self.pitch[o],), dtype=dtype, device=device)[..., :shape[-1]]
+        return _empty(shape, self.order.get(o), dtype, device)
+
+    def _nbytes(self, o: Node) -> int:
+        shape = self.shape_of[o]
+        return nbytes(shape[:-1] + (self.pitch[o],) if o in self.pitch else shape, o.dtype)
 
     # -- 2. memory ------------------------------------------------------------------------------------------
     def _memory(self) -> None:
@@ -248,7 +270,7 @@ class KernelPlan(Plan):
             for i in g.inputs if kind != "update" else g.nodes[0].inputs[1:]:
                 lv.read(self.val[i].root if i in self.val else None, k)
             for o in g.outputs:
-                lv.write(self.slot[o], k, nbytes(self.shape_of[o], o.dtype))
+                lv.write(self.slot[o], k, self._nbytes(o))
             n = g.nodes[0]
             if kind == "gemm" and n.op == "GEMM" and n.attrs["glu"]:
                 shape = (math.prod(self.shape_of[n.inputs[0]][:-1]), self.shape_of[n.inputs[1]][0])
@@ -265,9 +287,11 @@ class KernelPlan(Plan):
         self.intervals, self.memory = lv.plan()
         self.arena = torch.zeros(max(self.memory.peak_bytes, 1), dtype=torch.uint8, device=self.device)
 
-    def _buffer(self, key: int, shape, dtype: torch.dtype, perm=None) -> torch.Tensor:
+    def _buffer(self, key: int, shape, dtype: torch.dtype, perm=None, pitch=None) -> torch.Tensor:
         off = self.memory.offsets[key]
         raw = self.arena[off: off + self.memory.sizes[key]].view(dtype)
+        if pitch is not None:
+            return raw.view(tuple(shape[:-1]) + (pitch,))[..., :shape[-1]]
         if perm is None:
             return raw.view(shape)
         return raw.view([shape[p] for p in perm]).permute(_inverse(perm))
@@ -303,7 +327,7 @@ class KernelPlan(Plan):
                 continue
             for o in g.outputs:
                 if o not in self._own_buffers:
-                    self.env[o] = self._buffer(self.slot[o], self.shape_of[o], torch_dtype(o.dtype), self.order.get(o))
+                    self.env[o] = self._buffer(self.slot[o], self.shape_of[o], torch_dtype(o.dtype), self.order.get(o), self.pitch.get(o))
             tmp = self._buffer(self.scratch[k][0], self.scratch[k][1], torch_dtype(g.nodes[0].dtype)) if k in self.scratch else None
             calls.append(self._call(g, kind, tmp))
         return calls + self._state_copies()
@@ -368,7 +392,7 @@ class KernelPlan(Plan):
     # -- 4. running -----------------------------------------------------------------------------------------
     def _new_set(self) -> "_OutputSet":
         """Fresh buffers for the outputs in ``self.own``, the calls writing them, and (on CUDA) their CUDA graph."""
-        self._own_buffers = {o: torch.empty(self.shape_of[o], dtype=torch_dtype(o.dtype), device=self.device) for o in self.own}
+        self._own_buffers = {o: self._empty(o, self.device) for o in self.own}
         self.env.update(self._own_buffers)
         with self._phase("calls"):
             calls = self._calls()

@@ -272,3 +272,21 @@ def test_outputs_are_handed_out_without_copies_and_never_overwritten():
         out = ex.run([x])[0]
         assert rel_err(out, w) <= TOL[torch.float32]
     assert len(plan.sets) == 2
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("gemm", ["cublas", "triton"])
+def test_an_odd_wide_gemm_output_has_padded_rows(gemm):
+    """N = 301: the output rows are padded to 320 elements (aligned for cuBLAS's tensor-core kernels) and handed
+    out as the [..., :301] view; a kernel reading it (here a pointwise one) reads the padded rows in place."""
+    g = Graph()
+    x = g.add_input("x", (2, 3, 16), "float32")
+    w = g.add_weight("w", torch.randn(301, 16, generator=torch.Generator().manual_seed(0)))
+    y = g.add("GEMM", (x, w))
+    g.set_outputs([y, g.add("TANH", (y,))])
+    ex = Executor(g, Target.from_config(kiln.CompileConfig(backend="kernels"), tuner=Tuner(force={"gemm": gemm})))
+    xv = torch.randn(2, 3, 16)
+    got = ex.run([xv])
+    for a, b in zip(got, interpret(g, [xv])):
+        assert rel_err(a, b) <= TOL[torch.float32]
+    assert got[0].shape == (2, 3, 301) and got[0].stride() == (3 * 320, 320, 1)
