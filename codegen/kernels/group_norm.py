@@ -131,8 +131,8 @@ def _plan(rows: int, cg: int, s: int) -> tuple[int, int, int, int, int]:
     nsb = _cdiv(s, block)
     tiles = cg * nsb
     want = INTERPRET_CHUNKS if INTERPRET else _cdiv(TARGET_PROGRAMS, max(rows, 1))
-    tpc = _cdiv(tiles, max(1, min(tiles, want, MAX_CHUNKS)))
-    return block, nsb, tiles, tpc, _cdiv(tiles, tpc)
+    tpc = max(1, _cdiv(tiles, max(1, min(tiles, want, MAX_CHUNKS))))
+    return block, nsb, tiles, tpc, max(1, _cdiv(tiles, tpc))  # (an empty input: one chunk, no launch)
 
 
 def _dims(shape) -> tuple[int, int, int]:

@@ -72,6 +72,10 @@ def test_plan_fills_chunks_with_whole_tiles(monkeypatch):
     assert GN._plan(8, 2, 3)[4] == 2  # never more chunks than tiles
 
 
+def test_empty_input():
+    assert scratch_shape((2, 4, 0), 2) == (4, 1, 3) and group_norm(r(2, 4, 0), groups=2).shape == (2, 4, 0)
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(groups=5), "12 channels do not split into 5 groups"),
     (dict(w=(6,)), r"weight torch.float32\(6,\) must be"),
