@@ -12,6 +12,7 @@ from .cse import cse
 from .dce import dce
 from .fold_constants import fold_constants
 from .fuse_attention import fuse_attention
+from .fuse_conv import fuse_conv
 from .fuse_epilogue import fuse_epilogue
 from .fuse_horizontal_gemm import fuse_horizontal_gemm
 from .fuse_norm import fuse_norm
@@ -36,6 +37,9 @@ PIPELINE = [
     ("fuse_horizontal_gemm", fuse_horizontal_gemm),
     # last: activations, GLU, gates and residual adds fold into the (merged) matmuls
     ("fuse_epilogue", fuse_epilogue),
+    # the convolutional counterpart (SiLU into group norms, residual adds and divisions into convs): it reads only
+    # CONV2D / GROUP_NORM sites, which no pass above touches, after CSE and folding have settled the graph
+    ("fuse_conv", fuse_conv),
 ]
 PASS_NAMES = tuple(name for name, _ in PIPELINE)
 

@@ -260,8 +260,8 @@ class KernelPlan(Plan):
 
     # -- 2. memory ------------------------------------------------------------------------------------------
     def _memory(self) -> None:
-        """Intervals over group steps, packed into one arena; ``self.scratch``: group index -> (key, shape) of a
-        cuBLAS GLU's [M, 2N] product."""
+        """Intervals over group steps, packed into one arena; ``self.scratch``: group index -> (key, shape, dtype) of a
+        cuBLAS GLU's [M, 2N] product or of a group norm's float32 partial statistics."""
         lv = Liveness()
         self.scratch: dict[int, tuple] = {}
         for k, (g, kind) in enumerate(zip(self.groups, self.kinds)):
@@ -274,8 +274,11 @@ class KernelPlan(Plan):
             n = g.nodes[0]
             if kind == "gemm" and n.op == "GEMM" and n.attrs["glu"]:
                 shape = (math.prod(self.shape_of[n.inputs[0]][:-1]), self.shape_of[n.inputs[1]][0])
-                self.scratch[k] = (-1 - k, shape)
-                lv.write(-1 - k, k, nbytes(shape, n.dtype))
+                self.scratch[k] = (-1 - k, shape, n.dtype)
+            if kind == "group_norm":
+                self.scratch[k] = (-1 - k, lower.group_norm_scratch(self.shape_of[n.inputs[0]], n.attrs["groups"]), "float32")
+            if k in self.scratch:
+                lv.write(-1 - k, k, nbytes(self.scratch[k][1], self.scratch[k][2]))
         for o in self.graph.outputs:
             lv.read(self.val[o].root, len(self.groups))
         # a graph output a kernel writes gets buffers of its own, outside the arena, which are handed to the caller
@@ -328,7 +331,7 @@ class KernelPlan(Plan):
             for o in g.outputs:
                 if o not in self._own_buffers:
                     self.env[o] = self._buffer(self.slot[o], self.shape_of[o], torch_dtype(o.dtype), self.order.get(o), self.pitch.get(o))
-            tmp = self._buffer(self.scratch[k][0], self.scratch[k][1], torch_dtype(g.nodes[0].dtype)) if k in self.scratch else None
+            tmp = self._buffer(self.scratch[k][0], self.scratch[k][1], torch_dtype(self.scratch[k][2])) if k in self.scratch else None
             calls.append(self._call(g, kind, tmp))
         return calls + self._state_copies()
 
@@ -372,6 +375,10 @@ class KernelPlan(Plan):
             what, candidates = lower.gemm(args, attrs, out, tmp, device)
         elif kind == "attention":
             what, candidates = lower.attention(args, attrs, out, device)
+        elif kind == "conv":
+            what, candidates = lower.conv(args, attrs, out, device)
+        elif kind == "group_norm":
+            what, candidates = lower.group_norm(args, attrs, out, tmp, device)
         else:
             return self._reference(g, kind, n, args, attrs, out)
         choice = self.target.tuner.choose(kind, what, candidates, device)
@@ -379,6 +386,9 @@ class KernelPlan(Plan):
 
     def _reference(self, g: Group, kind: str, n: Node, args, attrs, out) -> KernelCall:
         b = self.bindings
+        if kind == "copy" and n.op == "RESHAPE":  # out is contiguous: one strided pass, no temporary (an upsampling)
+            dst = out.view(args[0].shape)
+            return KernelCall(g, "copy", lambda: dst.copy_(args[0]))
         if kind == "copy":
             return KernelCall(g, "copy", lambda: out.copy_(eval_node(n, args, b, attrs)))
 

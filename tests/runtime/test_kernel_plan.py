@@ -141,6 +141,40 @@ def test_artifact_carries_tuning_json(pipeline_models, tmp_path):
     assert desc["backend"] == "kernels" and desc["plans"] and desc["tuning"]["decisions"] >= 1
 
 
+def _decoder_graph():
+    """A VAE decoder's up block in small: x [b, 8, 5, 6] -> GROUP_NORM(silu) -> CONV2D 3x3 -> 2x nearest upsampling
+    (RESHAPE, EXPAND, RESHAPE: a copy) -> GROUP_NORM(silu) -> CONV(bias, the upsampled value as residual, / 2)."""
+    g = Graph()
+    b = sym("b")
+    g.symbols["b"] = (1, 4)
+    x = g.add_input("x", (b, 8, 5, 6), "float32")
+    gen = torch.Generator().manual_seed(1)
+
+    def wt(name, *shape, scale=1.0):
+        return g.add_weight(name, torch.randn(*shape, generator=gen) * scale)
+
+    h = g.add("GROUP_NORM", (x, wt("n1.w", 8), wt("n1.b", 8)), groups=4, eps=1e-6, act="silu")
+    h = g.add("CONV2D", (h, wt("c1.w", 6, 8, 3, 3, scale=0.2)), padding=(1, 1))
+    h = g.add("RESHAPE", (h,), shape=(b, 6, 5, 1, 6, 1))
+    up = g.add("RESHAPE", (g.add("EXPAND", (h,), shape=(b, 6, 5, 2, 6, 2)),), shape=(b, 6, 10, 12))
+    h = g.add("GROUP_NORM", (up, wt("n2.w", 6), wt("n2.b", 6)), groups=3, eps=1e-6, act="silu")
+    y = g.add("CONV", (h, wt("c2.w", 6, 6, 3, 3, scale=0.2), wt("c2.b", 6), up), padding=(1, 1), bias=True, residual=True, divisor=2.0)
+    g.set_outputs([y])
+    return g
+
+
+@pytest.mark.interpreter
+def test_convs_group_norms_and_an_upsampling_copy():
+    ex, plan = run_both(_decoder_graph(), [torch.randn(3, 8, 5, 6)], tuner=Tuner(force={"group_norm": "kiln"}))
+    d = plan.describe()
+    assert d["launches"] == {"group_norm": 2, "conv": 2, "copy": 1}, d
+    assert d["choices"] == {"group_norm:kiln": 2, "conv:torch": 2}
+    # each group norm has its float32 partial statistics [N*G, chunks, 3] in the arena, next to the values
+    norms = [k for k, grp in enumerate(plan.groups) if grp.kind == "group_norm"]
+    assert sorted(plan.scratch) == norms and all(dtype == "float32" and shape[0] in (12, 9) for _, shape, dtype in plan.scratch.values())
+    assert ex.run([torch.randn(1, 8, 5, 6)])[0].shape == (1, 6, 10, 12)  # another batch: its own plan
+
+
 def test_config_rejects_unknown_backend_and_choice():
     with pytest.raises(kiln.KilnError, match="backend"):
         kiln.CompileConfig(backend="fast")
