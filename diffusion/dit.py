@@ -6,6 +6,11 @@
 Classifier-free guidance runs the labels and the null label (the class embedding's extra row, ``num_classes``)
 as one batch of 2B through the transformer; the guidance combine acts on the first C output channels (the
 learned-sigma channels are dropped, as diffusers drops them); each step is one replay of the step graph.
+
+With a scheduler that scales the model input (Euler), diffusers' DiTPipeline neither scales the initial noise by
+``init_noise_sigma`` nor steps from the unscaled latents; kiln samples as the scheduler defines it (as diffusers'
+PixArt pipeline does), so only there do its images differ from diffusers' DiT pipeline (DDIM, DDPM and DPM-Solver++
+scale nothing).
 """
 from __future__ import annotations
 
@@ -39,7 +44,7 @@ class DiTPipeline(Pipeline):
         num_classes = int(tr.config.num_embeds_ada_norm)
         spec = dict(kind=cls.KIND, scheduler=dict(scheduler.config, _class_name=scheduler.NAME),
                     latent_shape=[C, tr.config.sample_size, tr.config.sample_size], dtype=str(tr.dtype).removeprefix("torch."),
-                    max_batch=int(max_batch), scale_noise=False, num_classes=num_classes, **structure)
+                    max_batch=int(max_batch), num_classes=num_classes, **structure)
         module = DiTStep(tr, num_classes, latent_channels=C, **structure).eval()
         labels = torch.zeros(2, dtype=torch.int64, device=tr.device)
         step = compile_step(module, spec, scheduler, {"class_labels": labels}, ("class_labels",), config)

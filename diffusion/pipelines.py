@@ -129,9 +129,8 @@ def on_device(config: CompileConfig | None, device: torch.device) -> CompileConf
 class Pipeline:
     """A compiled sampling pipeline: ``models`` (CompiledModels by component name: step, vae[, text_encoder]),
     ``spec`` (plain data, stored in the artifact: kind, the scheduler's diffusers config, latent_shape [C, h, w],
-    dtype of the latents, max_batch, the step graph's schedule structure: terms, clip, output_dtype; scale_noise:
-    the initial noise times the scheduler's init_noise_sigma, as diffusers' PixArt does and its DiT does not), and
-    for text-conditioned pipelines a tokenizer. Built by a subclass's ``from_diffusers`` / ``from_pretrained`` or
+    dtype of the latents, max_batch, the step graph's schedule structure: terms, clip, output_dtype), and for
+    text-conditioned pipelines a tokenizer. Built by a subclass's ``from_diffusers`` / ``from_pretrained`` or
     by :meth:`load`."""
 
     KIND = ""
@@ -184,9 +183,7 @@ class Pipeline:
         if extra:
             raise KilnError(f"internal error: a {num_inference_steps}-step schedule uses {', '.join(sorted(extra))}, which "
                             "the step graph was not compiled for")
-        latents = randn((batch, *self.latent_shape), generator, self.device, self.dtype)
-        if self.spec["scale_noise"]:
-            latents = latents * schedule.init_noise_sigma
+        latents = randn((batch, *self.latent_shape), generator, self.device, self.dtype) * schedule.init_noise_sigma
         noises = ([randn(latents.shape, generator, self.device, self.dtype) for _ in range(schedule.num_steps)]
                   if "p_noise" in self.spec["terms"] else None)
         # diffusers samples without guidance at a scale <= 1: here the combine with weight 1, the conditional half

@@ -44,7 +44,7 @@ class PixArtPipeline(Pipeline):
         structure = step_structure(scheduler)
         size, factor = tr.config.sample_size, 2 ** (len(vae.config.block_out_channels) - 1)
         spec = dict(kind=cls.KIND, scheduler=dict(scheduler.config, _class_name=scheduler.NAME), latent_shape=[C, size, size],
-                    dtype=str(te.dtype).removeprefix("torch."), max_batch=int(max_batch), scale_noise=True,
+                    dtype=str(te.dtype).removeprefix("torch."), max_batch=int(max_batch),
                     max_length=int(max_sequence_length), image_size=[size * factor] * 2,
                     micro_conditions=bool(tr.use_additional_conditions), **structure)
         module = PixArtStep(tr, latent_channels=C, **structure).eval()
