@@ -92,8 +92,9 @@ def pixart_pipeline():
     with torch.device(DEV):
         te = T5EncoderModel(T5Config(**T5_XXL))
         tr = diffusers.PixArtTransformer2DModel(**PIXART)
+    scheduler = diffusers.DPMSolverMultistepScheduler.from_config(DPM)
     return diffusers.PixArtAlphaPipeline(tokenizer=stand_in_tokenizer(), text_encoder=randomized(te, 3, std=0.01),
-                                         vae=sd_vae(), transformer=randomized(tr, 4), scheduler=diffusers.DPMSolverMultistepScheduler.from_config(DPM))
+                                         vae=sd_vae(), transformer=randomized(tr, 4), scheduler=scheduler)
 
 
 def psnr(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -120,10 +121,13 @@ def timed(fn) -> tuple[torch.Tensor, float, float]:
 def bench(name: str, pipe, kiln_cls, calls: dict, res: dict) -> None:
     """Every system on every call of ``calls`` (batch -> pipeline kwargs); results appended to res["runs"]."""
     pipe.set_progress_bar_config(disable=True)
-    diffusers_call = (lambda kw: dict(kw, use_resolution_binning=False, clean_caption=False)) if kiln_cls is kiln.diffusion.PixArtPipeline else dict
+    extra = dict(use_resolution_binning=False, clean_caption=False) if kiln_cls is kiln.diffusion.PixArtPipeline else {}
+
+    def diffusers_images(kw):
+        return pipe(**kw, **extra, generator=torch.Generator("cpu").manual_seed(0), output_type="pt").images
     want = {}
     for batch, kw in calls.items():
-        images, first, ms = timed(lambda: pipe(**diffusers_call(kw), generator=torch.Generator("cpu").manual_seed(0), output_type="pt").images)
+        images, first, ms = timed(lambda: diffusers_images(kw))
         want[batch] = images.float()
         record(res, name, batch, "diffusers eager", first, ms, images, want[batch])
     torch.cuda.synchronize()
@@ -134,20 +138,20 @@ def bench(name: str, pipe, kiln_cls, calls: dict, res: dict) -> None:
     for batch, kw in calls.items():
         images, first, ms = timed(lambda: kp(**kw, seed=0, output_type="pt").images)
         record(res, name, batch, "kiln", first, ms, images, want[batch], kp.step.executor.describe()["plans"][-1])
-    del kp
     eager = pipe.transformer
     for mode in filter(None, a.compile_modes.split(",")):
         torch._dynamo.reset()
         pipe.transformer = torch.compile(eager, mode=mode)
         for batch, kw in calls.items():
-            images, first, ms = timed(lambda: pipe(**diffusers_call(kw), generator=torch.Generator("cpu").manual_seed(0), output_type="pt").images)
+            images, first, ms = timed(lambda: diffusers_images(kw))
             record(res, name, batch, f"diffusers + torch.compile({mode})", first, ms, images, want[batch])
     pipe.transformer = eager
     torch.cuda.empty_cache()
 
 
 def record(res, name, batch, system, first, ms, images, want, executor=None) -> None:
-    run = {"model": name, "batch": batch, "system": system, "ms": ms, "first_call_s": first, "psnr_vs_diffusers_bf16": psnr(images.float(), want)}
+    run = {"model": name, "batch": batch, "system": system, "ms": ms, "first_call_s": first,
+           "psnr_vs_diffusers_bf16": psnr(images.float(), want)}
     if executor is not None:
         run["step_plan"] = executor
     res["runs"].append(run)

@@ -18,7 +18,7 @@ import torch
 
 from ..config import CompileConfig
 from ..errors import InputError, KilnError
-from .pipelines import Pipeline, PipelineOutput, compile_step, compile_vae, scheduler_config, step_structure
+from .pipelines import Pipeline, PipelineOutput, compile_step, compile_vae, example_batch, scheduler_config, step_structure
 from .schedulers import make_scheduler
 from .steps import DiTStep
 
@@ -46,7 +46,7 @@ class DiTPipeline(Pipeline):
                     latent_shape=[C, tr.config.sample_size, tr.config.sample_size], dtype=str(tr.dtype).removeprefix("torch."),
                     max_batch=int(max_batch), num_classes=num_classes, **structure)
         module = DiTStep(tr, num_classes, latent_channels=C, **structure).eval()
-        labels = torch.zeros(2, dtype=torch.int64, device=tr.device)
+        labels = torch.zeros(example_batch(spec), dtype=torch.int64, device=tr.device)
         step = compile_step(module, spec, scheduler, {"class_labels": labels}, ("class_labels",), config)
         return cls({"step": step, "vae": compile_vae(vae, spec, config)}, spec)
 

@@ -98,12 +98,17 @@ def step_inputs(latents: torch.Tensor, schedule: Schedule, guidance: float, cond
             "guidance": torch.tensor(float(guidance), dtype=torch.float32, device=dev), **conditioning, **state}
 
 
+def example_batch(spec: dict) -> int:
+    """The batch the graphs are captured at: 2 (a dynamic dim is captured above 1), 1 when max_batch is 1 (static)."""
+    return min(2, spec["max_batch"])
+
+
 def compile_step(module: torch.nn.Module, spec: dict, scheduler: Scheduler, conditioning: dict, batched: tuple[str, ...],
                  config: CompileConfig | None) -> CompiledModel:
-    """The step module captured at batch 2 (``conditioning``: example values) with a dynamic batch (1 .. max_batch)
-    on the latents, the state and the ``batched`` conditioning inputs."""
+    """The step module captured at the example batch (``conditioning``: example values) with a dynamic batch
+    (1 .. max_batch) on the latents, the state and the ``batched`` conditioning inputs."""
     param = next(module.parameters())
-    latents = torch.zeros(2, *spec["latent_shape"], dtype=DTYPES[spec["dtype"]], device=param.device)
+    latents = torch.zeros(example_batch(spec), *spec["latent_shape"], dtype=DTYPES[spec["dtype"]], device=param.device)
     schedule = scheduler.set_timesteps(min(25, scheduler.config["num_train_timesteps"]), param.device)
     inputs = step_inputs(latents, schedule, 1.0, conditioning, spec)
     batch = ("batch", 1, spec["max_batch"])
@@ -112,9 +117,9 @@ def compile_step(module: torch.nn.Module, spec: dict, scheduler: Scheduler, cond
 
 
 def compile_vae(vae: torch.nn.Module, spec: dict, config: CompileConfig) -> CompiledModel:
-    """``VAEDecode(vae)`` captured at batch 2 with a dynamic batch."""
+    """``VAEDecode(vae)`` captured at the example batch with a dynamic batch."""
     param = next(vae.parameters())
-    z = torch.randn(2, *spec["latent_shape"], generator=torch.Generator().manual_seed(0)).to(param.device, param.dtype)
+    z = torch.randn(example_batch(spec), *spec["latent_shape"], generator=torch.Generator().manual_seed(0)).to(param.device, param.dtype)
     return kiln_compile(VAEDecode(vae).eval(), (z,), dynamic={"latents": {0: ("batch", 1, spec["max_batch"])}},
                         config=on_device(config, param.device))
 

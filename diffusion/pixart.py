@@ -17,7 +17,8 @@ import torch
 from ..api import compile as kiln_compile
 from ..config import CompileConfig
 from ..errors import InputError, KilnError
-from .pipelines import Pipeline, PipelineOutput, compile_step, compile_vae, on_device, scheduler_config, step_structure
+from .pipelines import (Pipeline, PipelineOutput, compile_step, compile_vae, example_batch, on_device, scheduler_config,
+                        step_structure)
 from .schedulers import make_scheduler
 from .steps import PixArtStep, TextEncode
 
@@ -55,12 +56,12 @@ class PixArtPipeline(Pipeline):
 
     @staticmethod
     def _example_conditioning(spec: dict, width: int, dtype: torch.dtype, device) -> dict:
-        """Batch-2 example values of the step's text (and micro-condition) inputs."""
-        L = spec["max_length"]
-        embeds, mask = torch.zeros(2, L, width, dtype=dtype, device=device), torch.ones(2, L, dtype=torch.int64, device=device)
+        """Example values of the step's text (and micro-condition) inputs."""
+        L, B = spec["max_length"], example_batch(spec)
+        embeds, mask = torch.zeros(B, L, width, dtype=dtype, device=device), torch.ones(B, L, dtype=torch.int64, device=device)
         cond = {"prompt_embeds": embeds, "prompt_mask": mask, "negative_embeds": embeds.clone(), "negative_mask": mask.clone()}
         if spec["micro_conditions"]:
-            cond.update(resolution=torch.ones(2, 2, dtype=dtype, device=device), aspect_ratio=torch.ones(2, 1, dtype=dtype, device=device))
+            cond.update(resolution=torch.ones(B, 2, dtype=dtype, device=device), aspect_ratio=torch.ones(B, 1, dtype=dtype, device=device))
         return cond
 
     @staticmethod
