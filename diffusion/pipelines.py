@@ -69,7 +69,7 @@ def step_structure(scheduler: Scheduler) -> dict:
 
 def scheduler_config(scheduler) -> dict:
     """A diffusers scheduler's config as plain data, with its class name (an in-memory config lacks it)."""
-    return {**{k: v for k, v in scheduler.config.items()}, "_class_name": type(scheduler).__name__}
+    return {**scheduler.config, "_class_name": type(scheduler).__name__}
 
 
 def randn(shape: tuple, generator, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -87,7 +87,7 @@ def randn(shape: tuple, generator, device: torch.device, dtype: torch.dtype) -> 
 def step_inputs(latents: torch.Tensor, schedule: Schedule, guidance: float, conditioning: dict, spec: dict) -> dict:
     """The step graph's inputs for a call: the schedule's table and timesteps padded to the training length T (one
     graph for every step count), the step index 0, the guidance scale as a 0-d float32, zeroed scheduler state."""
-    T, S, dev = spec["scheduler"].get("num_train_timesteps", 1000), schedule.num_steps, latents.device
+    T, S, dev = spec["scheduler"]["num_train_timesteps"], schedule.num_steps, latents.device
     table = torch.zeros((T, len(COLUMNS)), dtype=schedule.table.dtype, device=dev)
     table[:S] = schedule.table
     timesteps = torch.zeros(T, dtype=schedule.timesteps.dtype, device=dev)
