@@ -339,6 +339,8 @@ def _load_source(path: str, report: Report, dynamic: dict | None = None):
 def load(path: str | os.PathLike, device: str | None = None, backend: str | None = None) -> CompiledModel:
     """Load a ``.kiln`` artifact; no model source is needed. ``device`` overrides where it runs,
     ``backend`` how ("kernels", "reference", "auto"; see CompileConfig.backend)."""
+    if device is not None:
+        check_device(device)
     graph, manifest, report_dict, tuning, files = artifact.load(path)
     config = CompileConfig.from_dict(manifest.get("config") or {})
     if device is None:  # where it was compiled to run, when this machine has it
@@ -350,7 +352,35 @@ def load(path: str | os.PathLike, device: str | None = None, backend: str | None
     if backend is not None:
         config.backend = backend
         config.__post_init__()
+    _check_backend(torch.device(config.device), config.backend)
     signature = Signature.from_dict(manifest["signature"])
     m = CompiledModel(graph, signature, config, Report.from_dict(report_dict), manifest, tuning)
     m.files = files
     return m
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """``device`` as a torch.device kiln can run on; a KilnError when torch does not know the name, it is neither
+    cpu nor cuda, or it is a CUDA device this machine lacks."""
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise KilnError(f"device {str(device)!r} is not a device name", hint="kiln runs on cpu, cuda or cuda:N") from None
+    if d.type not in ("cpu", "cuda"):
+        raise KilnError(f"device {str(device)!r}: kiln runs on the CPU or a CUDA GPU", hint="use cpu, cuda or cuda:N")
+    if d.type == "cuda" and not torch.cuda.is_available():
+        why = f"torch {torch.__version__} was built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+        raise KilnError(f"device {str(device)!r}: this machine cannot run CUDA ({why})", hint="run on the CPU: device cpu")
+    if d.type == "cuda" and d.index is not None and d.index >= torch.cuda.device_count():
+        n = torch.cuda.device_count()
+        raise KilnError(f"device {str(device)!r}: this machine has {n} CUDA GPU{'s' if n != 1 else ''}",
+                        hint=f"use cuda:0 .. cuda:{n - 1}")
+    return d
+
+
+def _check_backend(device: torch.device, backend: str) -> None:
+    """The kernels backend launches Triton kernels: CUDA, or Triton's interpreter on the CPU (for testing)."""
+    if backend == "kernels" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise KilnError(f"the kernels backend needs CUDA, and this runs on {device}",
+                        hint="use the reference backend on the CPU (kiln bench --backend reference); TRITON_INTERPRET=1 "
+                             "runs the kernels under Triton's interpreter, for testing")

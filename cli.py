@@ -57,22 +57,52 @@ class _Progress:
 
 
 def _parse_dims(items, ranges: bool) -> dict:
-    """``NAME=V`` (or ``NAME=MIN:MAX`` when ``ranges``) options into a dict."""
+    """``NAME=V`` (or ``NAME=MIN:MAX`` when ``ranges``) options into a dict; sizes are >= 1 and MIN <= MAX."""
     dims = {}
     for item in items or []:
         name, sep, value = item.partition("=")
         try:
-            if not sep:
+            bounds = tuple(int(v) for v in value.split(":"))
+            if not sep or not name or len(bounds) != (2 if ranges else 1):
                 raise ValueError
-            if ranges:
-                lo, _, hi = value.partition(":")
-                dims[name] = (int(lo), int(hi))
-            else:
-                dims[name] = int(value)
         except ValueError:
-            form = "NAME=MIN:MAX" if ranges else "NAME=VALUE"
-            raise KilnError(f"--dim {item!r} is not of the form {form}") from None
+            raise KilnError(f"--dim {item!r} is not of the form {'NAME=MIN:MAX' if ranges else 'NAME=VALUE'}") from None
+        if min(bounds) < 1:
+            raise KilnError(f"--dim {item!r}: a dim is at least 1", hint=f"--dim {name}={':'.join(str(max(b, 1)) for b in bounds)}")
+        if ranges and bounds[0] > bounds[1]:
+            raise KilnError(f"--dim {item!r}: min {bounds[0]} > max {bounds[1]}", hint=f"--dim {name}={bounds[1]}:{bounds[0]}")
+        dims[name] = bounds if ranges else bounds[0]
     return dims
+
+
+def _parse_buckets(text: str) -> list[int]:
+    """``--batch-buckets 1,2,4`` into sizes, each >= 1."""
+    try:
+        buckets = [int(b) for b in text.split(",")]
+    except ValueError:
+        buckets = []
+    if not buckets or min(buckets) < 1:
+        raise KilnError(f"--batch-buckets {text!r}: give batch sizes >= 1 separated by commas", hint="--batch-buckets 1,2,4,8")
+    return buckets
+
+
+def _check_output(path: str | None, force: bool, hint: str = "use --force to replace it") -> None:
+    """Refuse an output path before any work: a directory, a missing parent directory, an existing file without --force."""
+    if path:
+        from .runtime.artifact import check_output_path
+
+        check_output_path(path, force, replace_hint=hint)
+
+
+def _check_weights(path: str) -> None:
+    """``--weights`` must be a checkpoint directory with its config.json (a diffusers pipeline's in transformer/)."""
+    hint = "an HF / diffusers checkpoint directory: config.json + *.safetensors, sharded or not"
+    if not os.path.exists(path):
+        raise KilnError(f"--weights {path}: no such directory", hint=hint)
+    if not os.path.isdir(path):
+        raise KilnError(f"--weights {path} is a file, not a checkpoint directory", hint=hint)
+    if not any(os.path.isfile(os.path.join(path, *f)) for f in (("config.json",), ("transformer", "config.json"))):
+        raise KilnError(f"--weights {path} has no config.json", hint=hint)
 
 
 def _torch_dtype(name: str):
@@ -84,22 +114,40 @@ def _torch_dtype(name: str):
 # ----------------------------------------------------------------------------- compile
 
 
+def _check_compile_args(a) -> str:
+    """Refuse options that do not fit together, and paths kiln cannot read or write, before any work; the output path."""
+    if bool(a.source) == bool(a.model):
+        raise KilnError("give either a model file (.pt2 / .onnx) or --model NAME", hint="kiln compile --model llama-tiny -o llama.kiln")
+    if a.source and ((a.dim and not a.source.lower().endswith(".onnx")) or a.weights or a.static or a.generate):
+        raise KilnError("--weights, --static and --generate apply to --model, and --dim to --model or an .onnx file's dims",
+                        hint=f"compile {a.source} without them: a .pt2 program fixes its own dims")
+    generate_only = [f for f, v in (("--max-seq", a.max_seq), ("--batch-buckets", a.batch_buckets)) if v is not None]
+    if generate_only and not a.generate:
+        raise KilnError(f"{' and '.join(generate_only)} appl{'y' if len(generate_only) > 1 else 'ies'} only to a generator",
+                        hint="add --generate to compile an LLM generator (KV cache)")
+    if a.generate and (a.dim or a.static):
+        raise KilnError("--generate sets its own dims: --dim and --static do not apply",
+                        hint="batch sizes come from --batch-buckets, the sequence range from --max-seq")
+    if a.static and a.dim:
+        raise KilnError("--static fixes every dim, so --dim has nothing to range", hint="give one of them")
+    if a.weights:
+        _check_weights(a.weights)
+    output = a.output or (os.path.splitext(os.path.basename(a.source))[0] if a.source else a.model) + ".kiln"
+    _check_output(output, a.force, hint="use --force to replace it, or -o to write elsewhere")
+    _check_output(a.emit_onnx, a.force)
+    _check_output(a.report_json, True)
+    return output
+
+
 def cmd_compile(a) -> int:
     import kiln
 
-    if bool(a.source) == bool(a.model):
-        raise KilnError("give either a model file (.pt2 / .onnx) or --model NAME", hint="kiln compile --model llama-tiny -o llama.kiln")
-    output = a.output or (os.path.splitext(os.path.basename(a.source))[0] if a.source else a.model) + ".kiln"
-    if os.path.exists(output) and not a.force:
-        raise KilnError(f"{output} already exists", hint="use --force to replace it, or -o to write elsewhere")
+    output = _check_compile_args(a)
+    dims = _parse_dims(a.dim, ranges=True)
+    buckets = _parse_buckets(a.batch_buckets) if a.batch_buckets is not None else None
     progress = _Progress(a.quiet)
     config = kiln.CompileConfig(disable=tuple(a.disable_pass or ()), device=a.device, verify=a.verify)
-    dims = _parse_dims(a.dim, ranges=True)
     if a.source:
-        is_onnx = a.source.lower().endswith(".onnx")
-        if (dims and not is_onnx) or a.weights or a.static:
-            raise KilnError("--dim, --weights and --static apply to --model (and --dim to an .onnx file's dims); "
-                            "a .pt2 program fixes its own dims")
         compiled = kiln.compile(a.source, dynamic=dims or None, config=config, report_hook=progress)
     else:
         from .models import registry
@@ -116,11 +164,9 @@ def cmd_compile(a) -> int:
         dynamic = None if a.static else _with_ranges(spec.dynamic(), dims)
         config.tags["model"] = spec.name
         if a.generate:
-            return _compile_generator(a, spec, model, config, output, progress)
+            return _compile_generator(a, spec, model, config, output, buckets, progress)
         compiled = kiln.compile(model, (), inputs, dynamic=dynamic, config=config, report_hook=progress)
         compiled.report().model["name"] = spec.name
-    if a.emit_onnx and os.path.exists(a.emit_onnx) and not a.force:
-        raise KilnError(f"{a.emit_onnx} already exists", hint="use --force to replace it")
     with progress.step(f"save {output}"):
         compiled.save(output, overwrite=a.force)
     if a.emit_onnx:
@@ -135,15 +181,16 @@ def cmd_compile(a) -> int:
     return 0
 
 
-def _compile_generator(a, spec, model, config, output, progress) -> int:
-    from .llm.generator import Generator, _load_tokenizer
+def _compile_generator(a, spec, model, config, output, buckets, progress) -> int:
+    from .llm.generator import DEFAULT_BATCH_BUCKETS, Generator, _load_tokenizer
 
     if spec.family != "llama":
         raise KilnError(f"--generate needs an LLM; {spec.name} is a {spec.family} model")
-    buckets = [int(b) for b in a.batch_buckets.split(",")]
+    buckets = buckets or list(DEFAULT_BATCH_BUCKETS)
+    max_seq = a.max_seq if a.max_seq is not None else 1024
     tokenizer = _load_tokenizer(a.weights) if a.weights else None
-    with progress.step(f"compile the {spec.name} step graph (max_seq {a.max_seq}, batch buckets {buckets})"):
-        g = Generator.compile(model, max_seq=a.max_seq, batch_buckets=buckets, tokenizer=tokenizer, config=config,
+    with progress.step(f"compile the {spec.name} step graph (max_seq {max_seq}, batch buckets {buckets})"):
+        g = Generator.compile(model, max_seq=max_seq, batch_buckets=buckets, tokenizer=tokenizer, config=config,
                               eos_token_id=_eos_of(a.weights))
     with progress.step(f"save {output}"):
         g.save(output, overwrite=a.force)
@@ -172,6 +219,7 @@ def cmd_generate(a) -> int:
     from .llm.generator import Generator
     from .llm.sampling import SamplingParams
 
+    sampling = SamplingParams(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed)
     progress = _Progress(a.quiet)
     with progress.step(f"load {a.artifact}"):
         g = Generator.load(a.artifact, device=a.device)
@@ -188,7 +236,6 @@ def cmd_generate(a) -> int:
         prompts = list(a.prompt)
     else:
         raise KilnError("nothing to generate from", hint='kiln generate ARTIFACT --prompt "..." (or --ids 1,2,3)')
-    sampling = SamplingParams(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed)
     text = g.tokenizer is not None and len(prompts) == 1
     t0 = time.perf_counter()
     first = None
@@ -253,6 +300,7 @@ def cmd_run(a) -> int:
 
     import kiln
 
+    _check_output(a.save_outputs, a.force)
     progress = _Progress(a.quiet)
     with progress.step(f"load {a.artifact}"):
         m = kiln.load(a.artifact, device=a.device)
@@ -289,8 +337,6 @@ def cmd_run(a) -> int:
         line += f", then median {statistics.median(times) * 1e3:.2f} ms over {len(times)} runs"
     out.print(line + f" on {m.device}")
     if a.save_outputs:
-        if os.path.exists(a.save_outputs) and not a.force:
-            raise KilnError(f"{a.save_outputs} already exists", hint="use --force to replace it")
         from safetensors.torch import save_file
 
         save_file({n: o.detach().cpu().contiguous() for n, o in zip(m.graph.output_names, outputs)}, a.save_outputs)
@@ -347,6 +393,7 @@ def cmd_bench(a) -> int:
     import kiln
     from .numerics import rel_err
 
+    _check_output(a.json, a.force)
     progress = _Progress(a.quiet)
     startup = {"process_to_kiln_imported_s": _process_age()}
     t0 = time.perf_counter()
@@ -389,8 +436,6 @@ def cmd_bench(a) -> int:
 
     _print_bench(a.artifact, result)
     if a.json:
-        if os.path.exists(a.json) and not a.force:
-            raise KilnError(f"{a.json} already exists", hint="use --force to replace it")
         with open(a.json, "w") as fh:
             json.dump(result, fh, indent=1)
         out.print(escape(f"wrote {a.json}"))
@@ -438,11 +483,10 @@ def _print_bench(artifact: str, result: dict) -> None:
 def cmd_inspect(a) -> int:
     import kiln
 
+    _check_output(a.onnx, a.force)
     m = kiln.load(a.artifact)
     man = m.manifest
     if a.onnx:
-        if os.path.exists(a.onnx) and not a.force:
-            raise KilnError(f"{a.onnx} already exists", hint="use --force to replace it")
         _emit_onnx(m.graph, a.onnx, _Progress(quiet=True))
         out.print(escape(f"wrote {a.onnx}"))
     if a.json:
@@ -512,8 +556,8 @@ def _compile_parser(sub) -> None:
     c.add_argument("--emit-onnx", metavar="PATH", help="also write the optimized graph as ONNX (fused ops in the 'kiln' domain)")
     c.add_argument("--generate", action="store_true",
                    help="an LLM generator: the prefill / decode step graph with a KV cache, and the tokenizer of --weights")
-    c.add_argument("--max-seq", type=int, default=1024, help="with --generate: KV cache length (prompt + new tokens)")
-    c.add_argument("--batch-buckets", default="1,2,4,8,16", help="with --generate: batch sizes compiled for")
+    c.add_argument("--max-seq", type=int, help="with --generate: KV cache length, prompt + new tokens (default 1024)")
+    c.add_argument("--batch-buckets", help="with --generate: batch sizes compiled for (default 1,2,4,8,16)")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     c.set_defaults(fn=cmd_compile)
 
@@ -576,6 +620,10 @@ def _inspect_parser(sub) -> None:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "device", None):
+            from .api import check_device
+
+            check_device(args.device)  # before any work, and before a model is moved there
         return args.fn(args)
     except KilnError as e:
         if os.environ.get("KILN_DEBUG"):
