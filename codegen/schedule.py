@@ -1,6 +1,6 @@
 """Partition an optimized graph into kernel groups.
 
-    gemm       GEMM / LINEAR / MATMUL, one node (its epilogue is part of the op)
+    gemm       GEMM / LINEAR / MATMUL / QGEMM, one node (its epilogue is part of the op)
     attention  ATTENTION, one node
     pointwise  a chain of elementwise ops and last-axis row reductions over one domain (the shape of the
                group's outputs), rendered by ``codegen/pointwise.py`` into one Triton kernel
@@ -26,7 +26,7 @@ from ..ir.ops import SOURCE_OPS, fits
 from ..ir.types import dims_equal, is_static
 from .pointwise import MAX_ROW, ROW_OPS, expr_key, fusible, launch
 
-GEMM_OPS = frozenset({"GEMM", "LINEAR", "MATMUL"})
+GEMM_OPS = frozenset({"GEMM", "LINEAR", "MATMUL", "QGEMM"})
 VIEW_OPS = frozenset({"PERMUTE", "SLICE", "EXPAND", "RESHAPE"})
 
 
