@@ -93,12 +93,13 @@ def cmd_compile(a) -> int:
     if os.path.exists(output) and not a.force:
         raise KilnError(f"{output} already exists", hint="use --force to replace it, or -o to write elsewhere")
     progress = _Progress(a.quiet)
-    config = kiln.CompileConfig(disable=tuple(a.disable_pass or ()), device=a.device, verify=a.verify)
+    config = kiln.CompileConfig(disable=tuple(a.disable_pass or ()), device=a.device, verify=a.verify, quantize=a.quantize,
+                                quantize_group=None if a.quantize_group == "channel" else int(a.quantize_group))
     dims = _parse_dims(a.dim, ranges=True)
     if a.source:
         is_onnx = a.source.lower().endswith(".onnx")
-        if (dims and not is_onnx) or a.weights or a.static:
-            raise KilnError("--dim, --weights and --static apply to --model (and --dim to an .onnx file's dims); "
+        if (dims and not is_onnx) or a.weights or a.static or a.calib:
+            raise KilnError("--dim, --weights, --static and --calib apply to --model (and --dim to an .onnx file's dims); "
                             "a .pt2 program fixes its own dims")
         compiled = kiln.compile(a.source, dynamic=dims or None, config=config, report_hook=progress)
     else:
@@ -115,9 +116,11 @@ def cmd_compile(a) -> int:
                 inputs = {k: v.to(a.device) for k, v in inputs.items()}
         dynamic = None if a.static else _with_ranges(spec.dynamic(), dims)
         config.tags["model"] = spec.name
+        calib = _read_calibration(a.calib, spec) if a.calib else None
         if a.generate:
-            return _compile_generator(a, spec, model, config, output, progress)
-        compiled = kiln.compile(model, (), inputs, dynamic=dynamic, config=config, report_hook=progress)
+            return _compile_generator(a, spec, model, config, output, progress, calib)
+        compiled = kiln.compile(model, (), inputs, dynamic=dynamic, config=config, report_hook=progress,
+                                calibration=_token_calls(calib, a.weights, spec) if calib is not None else None)
         compiled.report().model["name"] = spec.name
     if a.emit_onnx and os.path.exists(a.emit_onnx) and not a.force:
         raise KilnError(f"{a.emit_onnx} already exists", hint="use --force to replace it")
@@ -135,7 +138,7 @@ def cmd_compile(a) -> int:
     return 0
 
 
-def _compile_generator(a, spec, model, config, output, progress) -> int:
+def _compile_generator(a, spec, model, config, output, progress, calibration=None) -> int:
     from .llm.generator import Generator, _load_tokenizer
 
     if spec.family != "llama":
@@ -144,12 +147,55 @@ def _compile_generator(a, spec, model, config, output, progress) -> int:
     tokenizer = _load_tokenizer(a.weights) if a.weights else None
     with progress.step(f"compile the {spec.name} step graph (max_seq {a.max_seq}, batch buckets {buckets})"):
         g = Generator.compile(model, max_seq=a.max_seq, batch_buckets=buckets, tokenizer=tokenizer, config=config,
-                              eos_token_id=_eos_of(a.weights))
+                              eos_token_id=_eos_of(a.weights), calibration=calibration)
     with progress.step(f"save {output}"):
         g.save(output, overwrite=a.force)
+    if a.report:
+        out.print(g.compiled.report())
     out.print(escape(f"wrote {output} ({os.path.getsize(output) / 2**20:.1f} MiB): a generator for {spec.name}"
                      + (", with its tokenizer" if tokenizer is not None else ", token ids in and out (no tokenizer)")))
     return 0
+
+
+def _read_calibration(path: str, spec):
+    """--calib FILE: token ids from a .npy (1-d, or one row per item) or .json (a list of ids, or of lists), else
+    the file's text."""
+    if spec.family != "llama":
+        raise KilnError(f"--calib calibrates LLMs on text or token ids; {spec.name} is a {spec.family} model",
+                        hint="quantize it with a rounding mode (--quantize w8a16 / w4a16), which needs no calibration")
+    if not os.path.exists(path):
+        raise KilnError(f"{path}: no such file")
+    ext = os.path.splitext(path)[1].lower()
+    try:
+        if ext == ".npy":
+            import numpy as np
+
+            ids = np.load(path, allow_pickle=False)
+            return [ids.astype("int64").tolist()] if ids.ndim == 1 else [row.astype("int64").tolist() for row in ids]
+        if ext == ".json":
+            with open(path) as fh:
+                ids = json.load(fh)
+            return [ids] if ids and isinstance(ids[0], int) else ids
+        with open(path, encoding="utf-8") as fh:
+            return fh.read()
+    except (ValueError, OSError, UnicodeDecodeError) as e:
+        raise KilnError(f"{path}: cannot read calibration data ({type(e).__name__}: {e})",
+                        hint="give a text file, a .npy of token ids or a .json list of token ids") from None
+
+
+def _token_calls(calib, weights: str | None, spec) -> list:
+    """Calibration for a plain LLM compile: calls ``input_ids`` [1, T] of at most 256 tokens (and the model's length)."""
+    import torch
+
+    from .llm.generator import _load_tokenizer
+
+    if isinstance(calib, str):
+        tokenizer = _load_tokenizer(weights) if weights else None
+        if tokenizer is None:
+            raise KilnError("a text --calib file needs a tokenizer (that of --weights)", hint="give token ids: a .npy or .json file")
+        calib = [tokenizer.encode(calib)]
+    window = min(256, spec.model_config().max_position_embeddings)
+    return [{"input_ids": torch.tensor([ids[i:i + window]])} for ids in calib for i in range(0, len(ids), window)]
 
 
 def _eos_of(weights: str | None):
@@ -489,6 +535,12 @@ def _compile_parser(sub) -> None:
                    help="an LLM generator: the prefill / decode step graph with a KV cache, and the tokenizer of --weights")
     c.add_argument("--max-seq", type=int, default=1024, help="with --generate: KV cache length (prompt + new tokens)")
     c.add_argument("--batch-buckets", default="1,2,4,8,16", help="with --generate: batch sizes compiled for")
+    c.add_argument("--quantize", choices=["w8a16", "w8a16-gptq", "w4a16", "w4a16-gptq"],
+                   help="weight-only quantization: int8 per channel / int4 groups, rounded or GPTQ (needs --calib)")
+    c.add_argument("--quantize-group", default="128", choices=["32", "64", "128", "channel"],
+                   help="input features per scale of 4-bit weights (default 128)")
+    c.add_argument("--calib", metavar="FILE", help="calibration data for --quantize with --model: a text file (tokenized "
+                   "with --weights' tokenizer), or token ids as .npy / .json")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     c.set_defaults(fn=cmd_compile)
 
