@@ -127,8 +127,8 @@ def _sites(graph: Graph, spec: QuantizeSpec, stats: PassStats) -> dict[str, list
     """The matmuls to quantize, by the name of their stored weight (declined ones noted with their reason)."""
     sites: dict[str, list[Node]] = {}
     for n in graph.nodes:
-        if n.op not in ("LINEAR", "MATMUL", "GEMM"):
-            continue
+        if n.op not in ("LINEAR", "MATMUL", "GEMM") or (n.op == "MATMUL" and n.inputs[1].op != "WEIGHT"):
+            continue  # (a MATMUL of two activations, attention's q @ k^T, has no weight to quantize)
         why = _why_not(graph, n, spec)
         if why is None:
             sites.setdefault(n.inputs[1].attrs["name"], []).append(n)
