@@ -124,14 +124,15 @@ def quantize_weights(graph: Graph, spec: QuantizeSpec | None = None, calibration
 
 
 def _sites(graph: Graph, spec: QuantizeSpec, stats: PassStats) -> dict[str, list[Node]]:
-    """The matmuls to quantize, by the name of their stored weight (declined ones noted with their reason)."""
+    """The matmuls to quantize, by the name of their stored weight (declined ones noted with their reason); a
+    weight that a MATMUL reads as [K, N] and another matmul as [N, K] is two sites ("name" and "name^T")."""
     sites: dict[str, list[Node]] = {}
     for n in graph.nodes:
         if n.op not in ("LINEAR", "MATMUL", "GEMM") or (n.op == "MATMUL" and n.inputs[1].op != "WEIGHT"):
             continue  # (a MATMUL of two activations, attention's q @ k^T, has no weight to quantize)
         why = _why_not(graph, n, spec)
         if why is None:
-            sites.setdefault(n.inputs[1].attrs["name"], []).append(n)
+            sites.setdefault(n.inputs[1].attrs["name"] + ("^T" if n.op == "MATMUL" else ""), []).append(n)
         else:
             stats.decline(why, n)
     return sites
@@ -232,7 +233,7 @@ def _pack(w: torch.Tensor, acc: HessianAccumulator | None, spec: QuantizeSpec) -
 
 def _add_packed(graph: Graph, name: str, qw: QuantWeight) -> list[Node]:
     """WEIGHT nodes of the packed weight: [qweight, scales] (+ [zeros])."""
-    base = name.removesuffix(".weight")
+    base = name.removesuffix("^T").removesuffix(".weight")
     parts = [("qweight", qw.qweight), ("scales", qw.scales)] + ([("zeros", qw.zeros)] if qw.zeros is not None else [])
     out = []
     for suffix, t in parts:

@@ -68,3 +68,20 @@ def test_workspace_is_planned_and_used(compiled):
     assert plan.describe()["choices"] == {"gemm:triton-skinny": 9, "attention:sdpa": 2}
     keys = {key for key, _ in plan.workspace.values()}
     assert keys and keys <= set(plan.memory.offsets)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["w8a16", "w4a16"])
+def test_quantized_llama_on_cuda(pipeline_models, mode):
+    # bf16 on the GPU, CUDA graphs on, every candidate measured: decode rows (skinny, split-K) and a prefill (qgemm)
+    hf_llm, ids, dims = pipeline_models["llama"]
+    model = hf_llm().to("cuda", torch.bfloat16)
+    m = kiln.compile(model, (ids(2, 7).cuda(),), dynamic=dims, config=kiln.CompileConfig(quantize=mode, quantize_group=32))
+    ref = Executor(m.graph, Target.from_config(kiln.CompileConfig(backend="reference"), default_device="cuda"))
+    for b, s in [(1, 1), (4, 1), (16, 1), (2, 40)]:
+        x = ids(b, s, seed=b + s).cuda()
+        got, want = m.executor.run([x])[0], ref.run([x])[0]
+        assert rel_err(got.float(), want.float()) <= TOL[torch.bfloat16], (b, s)
+    for plan in m.executor.plans:
+        d = plan.describe()
+        assert d["cuda_graph"] and sum(n for c, n in d["choices"].items() if c.startswith("gemm:")) >= 9, d
