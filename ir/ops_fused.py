@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .ops import REQUIRED, ShapeError, define, fits, infer_norm, layernorm_ref, same_dtype
-from .quant import QuantWeight, check_layout, dequantize
+from .quant import QuantWeight, check_layout, codes_of
 from .types import TType, dims_equal, shape_str
 
 ACTIVATIONS = {
@@ -166,12 +166,14 @@ def _infer_qgemm(ins, a):
 
 
 def _qgemm(ins, a):
+    # ir/quant.dequantize's formula, without its checks of the values (what the quantizer guarantees, a reference
+    # need not sync the device for): float32, or float64 for float64 x (the interpreter's float64 mode)
     x, q, scales, zeros, bias, gate, residual = qgemm_operands(ins, a)
-    if scales.dtype == torch.float64:  # the interpreter's float64 mode upcasts every float weight: exactly
-        scales = scales.float()
-    w = dequantize(QuantWeight(q, scales, zeros, a["bits"], a["group"], (q.shape[0], x.shape[-1])), x.dtype)
+    qw = QuantWeight(q, scales, zeros, a["bits"], a["group"], (q.shape[0], x.shape[-1]))
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    w = (codes_of(qw).to(acc) - qw.zero_point().to(acc).repeat_interleave(qw.group, 1)) * scales.to(acc).repeat_interleave(qw.group, 1)
     rest = [t for t in (bias, gate, residual) if t is not None]
-    return _gemm([x, w] + rest, a)
+    return _gemm([x, w.to(x.dtype)] + rest, a)
 
 
 define("QGEMM", (3, 7), "compute", _infer_qgemm, _qgemm, bits=REQUIRED, group=REQUIRED, zeros=False, bias=False, act="none",
