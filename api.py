@@ -2,7 +2,7 @@
 :class:`CompiledModel`: callable like the eager model, with ``.graph``, ``.report()`` and ``.save()``."""
 from __future__ import annotations
 
-import functools
+import operator
 import os
 import warnings
 from dataclasses import dataclass
@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import CompileConfig
-from .errors import CaptureError, KilnError
+from .errors import CaptureError, KilnError, SourceChangedError
 from .ir.bind import bind_inputs
 from .ir.fx import capture
 from .ir.fx.capture import Dim  # noqa: F401  (kiln.Dim)
@@ -26,6 +26,28 @@ from .runtime.target import Target
 from .runtime.signature import Signature, output_names, output_structure
 
 
+class SourceWatch:
+    """The parameters and buffers a graph was compiled from, and a cheap check that they are still there,
+    unwritten: each registered tensor is still the same object (not replaced), with the same version counter (no
+    in-place write) and storage (no ``.data =``, which ``.to()`` uses). About 0.3 us per tensor. (Tensors a
+    compiled *function* closes over are not watched: torch.export lifts them with version counters of their own.)"""
+
+    def __init__(self, module: torch.nn.Module):
+        slots = [(reg, k, t) for m in module.modules() for reg in (m._parameters, m._buffers) for k, t in reg.items()
+                 if t is not None]
+        self.registries, self.keys, self.tensors = [r for r, _, _ in slots], [k for _, k, _ in slots], [t for _, _, t in slots]
+        self.versions = list(map(_VERSION, self.tensors))
+        self.ptrs = list(map(torch.Tensor.data_ptr, self.tensors))
+
+    def changed(self) -> bool:
+        ts = self.tensors
+        return (list(map(_VERSION, ts)) != self.versions or list(map(torch.Tensor.data_ptr, ts)) != self.ptrs
+                or any(map(operator.is_not, map(dict.get, self.registries, self.keys), ts)))
+
+
+_VERSION = operator.attrgetter("_version")
+
+
 class CompiledModel:
     """A compiled graph with its call signature. Call it like the model it came from."""
 
@@ -37,6 +59,7 @@ class CompiledModel:
         self._report = report
         self.manifest = manifest or {}
         self.files: dict[str, bytes] = {}  # data files an artifact carried (save(files=...))
+        self.source_watch: SourceWatch | None = None  # the module compiled from, when its weights are shared
         target = Target.from_config(config, default_device=next((t.device for t in graph.weights.values()), None), tuning=tuning)
         self.executor = Executor(graph, target)
 
@@ -49,8 +72,15 @@ class CompiledModel:
     def run(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         """Run on the flat input tensors (graph order); returns the model's outputs, flat. Inputs the model
         updates in place (a KV cache) hold their new values afterwards, as they would in eager torch."""
-        outputs = self.executor.run(tensors)
+        plan = self.executor.plan_for(tensors)
         g = self.graph
+        if g.updates:
+            self.check_source()  # before running: a stale run would write the caller's inputs
+        plan.bind(tensors)
+        outputs = plan.replay()
+        if not g.updates:
+            self.check_source()  # (checked while the device runs the replay: the check costs no latency there)
+        outputs = plan.handout(outputs)
         if not g.updates:
             return outputs
         index = {n.attrs["name"]: k for k, n in enumerate(g.inputs)}
@@ -64,6 +94,16 @@ class CompiledModel:
                 if value.data_ptr() != t.data_ptr() or value.stride() != t.stride():  # (kernels: written in place)
                     t.copy_(value)
         return user
+
+    def check_source(self) -> None:
+        """Refuse to run when the module this was compiled from has changed its weights: the graph holds some of
+        them as compile-time products (merged, folded) and some as the module's own tensors, so it would answer
+        with neither the old nor the new model."""
+        if self.source_watch is not None and self.source_watch.changed():
+            raise SourceChangedError("the module this model was compiled from has changed its parameters or buffers since "
+                            "(load_state_dict, an in-place update, .to(), a replaced tensor); the compiled graph holds "
+                            "compile-time products of the old ones", hint="compile it again, or use kiln.jit, which "
+                            "rebuilds itself when the weights change")
 
     def report(self) -> Report:
         return self._report
@@ -149,7 +189,15 @@ def compile(model, example_inputs=(), example_kwargs: dict | None = None, *, dyn
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     example_kwargs = dict(example_kwargs or {})
-    src = _capture(model, tuple(example_inputs), example_kwargs, dynamic, report)
+    src = capture_model(model, tuple(example_inputs), example_kwargs, dynamic, report)
+    return build(src, config, report, example_inputs, example_kwargs, calibration=calibration)
+
+
+def build(src: "Source", config: CompileConfig, report: Report, example_inputs=(), example_kwargs: dict | None = None,
+          calibration=None) -> CompiledModel:
+    """An imported graph optimized and made runnable; planned at the example's shapes, verified against the eager
+    module when the config asks; refusing to run once the source module's weights change. ``calibration``: as
+    :func:`compile` takes it."""
     graph = src.graph
     report.ops_before = graph.histogram()
     report.model.update(parameters=sum(t.numel() for t in graph.weights.values()), weight_bytes=graph.weight_bytes(),
@@ -160,6 +208,8 @@ def compile(model, example_inputs=(), example_kwargs: dict | None = None, *, dyn
     report.ops_after = graph.histogram()
     with report.phase("plan"):
         compiled = CompiledModel(graph, src.signature, config, report)
+        if src.module is not None:
+            compiled.source_watch = SourceWatch(src.module)
         # a graph that updates its inputs (a KV-cache step) is planned at its first call instead: planning runs
         # the graph once, which must not write into the caller's example tensors, and the example's shapes are
         # rarely the ones generation runs at
@@ -167,9 +217,9 @@ def compile(model, example_inputs=(), example_kwargs: dict | None = None, *, dyn
             binding = bind_inputs(graph, src.example)
             plan = compiled.executor.plan(binding, src.example)
             report.memory = {**plan.memory.summary(), "binding": binding}
-    if config.verify and src.module is not None:
+    if config.verify and src.module is not None and src.example is not None:
         with report.phase("verify"):
-            report.verify = _verify(src.module, compiled, example_inputs, example_kwargs, src.signature)
+            report.verify = _verify(src.module, compiled, example_inputs, example_kwargs or {}, src.signature)
     return compiled
 
 
@@ -188,7 +238,7 @@ def _calibration_inputs(calibration, signature: Signature) -> list | None:
 
 
 @dataclass
-class _Source:
+class Source:
     """A model captured and imported: its graph, how it is called, and (for modules and functions) the eager
     module and the example's flat tensors."""
     graph: Graph
@@ -197,16 +247,17 @@ class _Source:
     example: list | None = None
 
 
-def _capture(model, args: tuple, kwargs: dict, dynamic: dict | None, report: Report) -> _Source:
+def capture_model(model, args: tuple, kwargs: dict, dynamic: dict | None, report: Report) -> Source:
+    """``model`` captured (modules, functions, ExportedPrograms) or read (.pt2, .onnx) and imported into a graph."""
     if isinstance(model, (str, os.PathLike)):
         model = _load_source(os.fspath(model), report, dynamic)
     if isinstance(model, Graph):  # an ONNX file, imported by _load_source
-        return _Source(model, _onnx_signature(model))
+        return Source(model, _onnx_signature(model))
     if isinstance(model, torch.export.ExportedProgram):
         report.model.update(name=os.path.basename(str(getattr(model, "_kiln_path", ""))) or "ExportedProgram",
                             source="torch.export program")
         signature = Signature.from_exported(model)
-        return _Source(_import(model, signature, None, None, report), signature)
+        return Source(_import(model, signature, None, None, report), signature)
     if isinstance(model, torch.nn.Module):
         module, fn = model, model.forward
     elif callable(model):
@@ -221,7 +272,7 @@ def _capture(model, args: tuple, kwargs: dict, dynamic: dict | None, report: Rep
     with report.phase("capture"):
         ep = capture.export(module, capture.widen_size_one(canonical, dim_names), shapes, dim_names)
     graph = _import(ep, signature, dim_names, shapes, report)
-    return _Source(graph, signature, module, signature.flatten(args, kwargs))
+    return Source(graph, signature, module, signature.flatten(args, kwargs))
 
 
 def _import(ep, signature: Signature, dim_names: dict | None, shapes: dict | None, report: Report) -> Graph:
@@ -297,7 +348,7 @@ def _load_source(path: str, report: Report, dynamic: dict | None = None):
     if ext == ".onnx":
         report.model.update(name=os.path.basename(path), source="ONNX")
         with report.phase("import ONNX"):
-            return from_onnx(path, dynamic=dynamic)
+            return from_onnx(path, dynamic=dynamic, notes=report.notes)
     raise KilnError(f"{path}: unknown model file type {ext!r}", hint="kiln compiles .pt2 and .onnx files and nn.Modules")
 
 
@@ -307,6 +358,8 @@ def _load_source(path: str, report: Report, dynamic: dict | None = None):
 def load(path: str | os.PathLike, device: str | None = None, backend: str | None = None) -> CompiledModel:
     """Load a ``.kiln`` artifact; no model source is needed. ``device`` overrides where it runs,
     ``backend`` how ("kernels", "reference", "auto"; see CompileConfig.backend)."""
+    if device is not None:
+        check_device(device)
     graph, manifest, report_dict, tuning, files = artifact.load(path)
     config = CompileConfig.from_dict(manifest.get("config") or {})
     if device is None:  # where it was compiled to run, when this machine has it
@@ -318,64 +371,35 @@ def load(path: str | os.PathLike, device: str | None = None, backend: str | None
     if backend is not None:
         config.backend = backend
         config.__post_init__()
+    _check_backend(torch.device(config.device), config.backend)
     signature = Signature.from_dict(manifest["signature"])
     m = CompiledModel(graph, signature, config, Report.from_dict(report_dict), manifest, tuning)
     m.files = files
     return m
 
 
-class _Jit:
-    """Compiles on the first call, with that call's inputs; later calls run the compiled graph."""
-
-    def __init__(self, target, dynamic, config):
-        self._target = target
-        self._dynamic = dynamic
-        self._config = config
-        self._compiled: CompiledModel | None = None
-
-    def __call__(self, *args, **kwargs):
-        if self._compiled is None:
-            self._compiled = compile(self._target, args, kwargs, dynamic=self._dynamic, config=self._config)
-        return self._compiled(*args, **kwargs)
-
-    @property
-    def compiled(self) -> CompiledModel:
-        if self._compiled is None:
-            raise KilnError("not compiled yet: kiln.jit compiles on the first call")
-        return self._compiled
-
-    @property
-    def graph(self) -> Graph:
-        return self.compiled.graph
-
-    def report(self) -> Report:
-        return self.compiled.report()
-
-    def save(self, path, overwrite: bool = False) -> str:
-        return self.compiled.save(path, overwrite=overwrite)
+def check_device(device: str | torch.device) -> torch.device:
+    """``device`` as a torch.device kiln can run on; a KilnError when torch does not know the name, it is neither
+    cpu nor cuda, or it is a CUDA device this machine lacks."""
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise KilnError(f"device {str(device)!r} is not a device name", hint="kiln runs on cpu, cuda or cuda:N") from None
+    if d.type not in ("cpu", "cuda"):
+        raise KilnError(f"device {str(device)!r}: kiln runs on the CPU or a CUDA GPU", hint="use cpu, cuda or cuda:N")
+    if d.type == "cuda" and not torch.cuda.is_available():
+        why = f"torch {torch.__version__} was built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+        raise KilnError(f"device {str(device)!r}: this machine cannot run CUDA ({why})", hint="run on the CPU: device cpu")
+    if d.type == "cuda" and d.index is not None and d.index >= torch.cuda.device_count():
+        n = torch.cuda.device_count()
+        raise KilnError(f"device {str(device)!r}: this machine has {n} CUDA GPU{'s' if n != 1 else ''}",
+                        hint=f"use cuda:0 .. cuda:{n - 1}")
+    return d
 
 
-class JitModule(_Jit):
-    """``kiln.jit(module)``: a drop-in for the module; other attributes come from the module."""
-
-    def __getattr__(self, name):
-        if name.startswith("_"):
-            raise AttributeError(name)
-        return getattr(self._target, name)
-
-    def __repr__(self) -> str:
-        return f"kiln.jit({type(self._target).__name__})"
-
-
-def jit(target=None, *, dynamic: dict | None = None, config: CompileConfig | None = None):
-    """``model = kiln.jit(model)`` or ``@kiln.jit`` / ``@kiln.jit(dynamic=...)`` on a function of tensors.
-    The first call captures with its real inputs; ``dynamic`` declares symbolic dims as in :func:`compile`."""
-    if target is None:
-        return lambda t: jit(t, dynamic=dynamic, config=config)
-    if isinstance(target, torch.nn.Module):
-        return JitModule(target, dynamic, config)
-    if not callable(target):
-        raise KilnError(f"kiln.jit takes a module or a function, got {type(target).__name__}")
-    wrapper = _Jit(target, dynamic, config)
-    functools.update_wrapper(wrapper, target)
-    return wrapper
+def _check_backend(device: torch.device, backend: str) -> None:
+    """The kernels backend launches Triton kernels: CUDA, or Triton's interpreter on the CPU (for testing)."""
+    if backend == "kernels" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise KilnError(f"the kernels backend needs CUDA, and this runs on {device}",
+                        hint="use the reference backend on the CPU (kiln bench --backend reference); TRITON_INTERPRET=1 "
+                             "runs the kernels under Triton's interpreter, for testing")

@@ -38,3 +38,7 @@ class CaptureError(KilnError):
 
 class ArtifactError(KilnError):
     """A .kiln file failed a check on load: which check, and which member."""
+
+
+class SourceChangedError(KilnError):
+    """The module a model was compiled from changed its parameters or buffers after the compile."""

@@ -111,3 +111,35 @@ def dit_inputs(batch: int, dtype=torch.bfloat16, device="cuda", seed: int | None
 
 
 DIT_DYNAMIC = {k: {0: "batch"} for k in ("hidden_states", "timestep", "class_labels")}
+
+
+SD_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32, latent_channels=4, sample_size=512)
+TINY_VAE = dict(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, latent_channels=4, sample_size=32)
+
+
+def vae(config: dict, noise: float = 0.1, seed: int = 0, device="cpu"):
+    """diffusers AutoencoderKL of ``config`` (``SD_VAE``: Stable Diffusion's VAE architecture; ``TINY_VAE``), random
+    weights with every parameter nudged by ``noise`` * N(0, 1) (its norms init to ones / zeros), float32, eval mode,
+    initialised on ``device``."""
+    from diffusers import AutoencoderKL
+
+    blocks = len(config["block_out_channels"])
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * blocks, up_block_types=("UpDecoderBlock2D",) * blocks,
+                              **config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * noise)
+    return model.eval()
+
+
+class VAEDecode(torch.nn.Module):
+    """``vae.decode(z).sample`` as a module of the latents ``z`` [batch, 4, h, w] (kiln.compile, exporters)."""
+
+    def __init__(self, m):
+        super().__init__()
+        self.m = m
+
+    def forward(self, z):
+        return self.m.decode(z).sample

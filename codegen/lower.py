@@ -10,6 +10,9 @@ candidate is a name -> a closure that runs the group once into ``out`` (so a CUD
     QGEMM      the weight dequantized then cuBLAS (the fallback: a torch temporary of the weight per call);
                the skinny template (<= 16 rows) or the qgemm template (more rows) dequantizing in registers
     ATTENTION  SDPA; kiln's flash kernel; the split-KV decode kernel for few query rows over long keys
+    CONV       cuDNN into the planned buffer (``aten.cudnn_convolution.out``) + kiln's conv epilogue in place; cuDNN on
+               channels-last copies + the epilogue back into NCHW; torch's conv2d + the epilogue (one copy)
+    GROUP_NORM kiln's two-pass chunked kernel (+ SiLU); torch's group_norm (+ silu) copied into the buffer
     pointwise  the one generated Triton kernel (no choice)
 """
 from __future__ import annotations
@@ -19,11 +22,13 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..ir.ops import sdpa_mask
+from ..ir.ops import OPS, conv_operands, sdpa_mask
 from ..ir.ops_fused import gemm_operands, qgemm_operands
 from .kernels import attention as ta
+from .kernels import conv_epilogue as tce
 from .kernels import decode_attention as td
 from .kernels import gemm as tg
+from .kernels import group_norm as tgn
 from .kernels import qgemm as tq
 from .kernels import skinny as ts
 from .kernels.epilogue import epilogue
@@ -188,4 +193,59 @@ def attention(args: list, attrs: dict, out: torch.Tensor, device: torch.device) 
     what = {"op": "ATTENTION", "q": list(q.shape), "k": list(k.shape), "v": list(v.shape), "dtype": str(q.dtype),
             "strides": [list(t.stride()) for t in (q, k, v)], "causal": causal, "scale": scale, "gqa": gqa,
             "mask": None if mask is None else [list(mask.shape), str(mask.dtype)]}
+    return what, candidates
+
+
+def conv(args: list, attrs: dict, out: torch.Tensor, device: torch.device) -> tuple[dict, dict]:
+    """A CONV2D's or CONV's candidates (a CONV2D is a CONV without residual or divisor)."""
+    x, w, bias, residual = conv_operands(args, attrs)
+    geometry = [attrs[k] for k in ("stride", "padding", "dilation", "groups")]
+    stride, padding, dilation, groups = geometry
+    divisor = attrs.get("divisor")
+    epilogue = bias is not None or residual is not None or divisor not in (None, 1.0)
+    candidates = {}
+    if _triton_ok(tce.DTYPES, x.dtype, device, tce.INTERPRET):
+        if device.type == "cuda" and torch.backends.cudnn.is_available():
+            # benchmark=True: cuDNN times its algorithms once per shape (in the tuner's warm-up, before capture)
+            flags = (True, False, torch.backends.cudnn.allow_tf32)  # benchmark, deterministic, tf32 (as eager's)
+
+            def cudnn():
+                torch.ops.aten.cudnn_convolution.out(x, w, padding, stride, dilation, groups, *flags, out=out)
+                if epilogue:
+                    tce.conv_epilogue(out, bias, residual, divisor, out=out)
+            w_nhwc = w.contiguous(memory_format=torch.channels_last)
+
+            def cudnn_nhwc():  # cuDNN's fastest kernels are channels-last: copy x there, come back in the epilogue
+                h = torch.ops.aten.cudnn_convolution(x.contiguous(memory_format=torch.channels_last), w_nhwc, padding, stride,
+                                                     dilation, groups, *flags)
+                tce.conv_epilogue(h, bias, residual, divisor, out=out)
+            candidates.update({"cudnn": cudnn, "cudnn-nhwc": cudnn_nhwc})
+        candidates["torch"] = lambda: tce.conv_epilogue(F.conv2d(x, w, None, stride, padding, dilation, groups), bias,
+                                                        residual, divisor, out=out)
+    else:  # no Triton for this dtype / device: the op's reference, copied
+        op = "CONV" if "residual" in attrs else "CONV2D"
+        candidates["torch"] = lambda: out.copy_(OPS[op].ref(args, attrs))
+    what = {"op": "CONV", "x": list(x.shape), "x_stride": list(x.stride()), "w": list(w.shape), "dtype": str(x.dtype),
+            "geometry": [list(g) if isinstance(g, tuple) else g for g in geometry], "bias": bias is not None,
+            "residual": None if residual is None else [list(residual.shape), list(residual.stride())], "divisor": divisor}
+    return what, candidates
+
+
+def group_norm_scratch(shape: tuple, groups: int) -> tuple:
+    """The float32 scratch of kiln's group norm kernel for an input of ``shape`` (planned by the kernels plan)."""
+    return tgn.scratch_shape(shape, groups)
+
+
+def group_norm(args: list, attrs: dict, out: torch.Tensor, scratch: torch.Tensor | None,
+               device: torch.device) -> tuple[dict, dict]:
+    """A GROUP_NORM's candidates. ``scratch``: the ``group_norm_scratch`` buffer."""
+    x = args[0]
+    w = args[1] if len(args) > 1 else None
+    b = args[2] if len(args) > 2 else None
+    groups, eps, act = attrs["groups"], attrs["eps"], attrs["act"]
+    candidates = {"torch": lambda: out.copy_(OPS["GROUP_NORM"].ref(args, attrs))}
+    if scratch is not None and _triton_ok(tgn.DTYPES, x.dtype, device, tgn.INTERPRET):
+        candidates["kiln"] = lambda: tgn.group_norm(x, w, b, groups, eps, act, out=out, scratch=scratch)
+    what = {"op": "GROUP_NORM", "x": list(x.shape), "x_stride": list(x.stride()), "dtype": str(x.dtype), "groups": groups,
+            "eps": eps, "act": act, "params": len(args) - 1}
     return what, candidates

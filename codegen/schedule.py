@@ -2,6 +2,9 @@
 
     gemm       GEMM / LINEAR / MATMUL / QGEMM, one node (its epilogue is part of the op)
     attention  ATTENTION, one node
+    conv       CONV2D / CONV, one node (CONV's epilogue is part of the op)
+    group_norm GROUP_NORM, one node (its SiLU is part of the op): a group is C/G x H x W values, more than a pointwise
+               row holds, so it has a kernel of its own
     pointwise  a chain of elementwise ops and last-axis row reductions over one domain (the shape of the
                group's outputs), rendered by ``codegen/pointwise.py`` into one Triton kernel
     view       PERMUTE / SLICE / EXPAND, and RESHAPE of a contiguous value: no data moves. A pointwise
@@ -27,12 +30,13 @@ from ..ir.types import dims_equal, is_static
 from .pointwise import MAX_ROW, ROW_OPS, expr_key, fusible, launch
 
 GEMM_OPS = frozenset({"GEMM", "LINEAR", "MATMUL", "QGEMM"})
+CONV_OPS = frozenset({"CONV2D", "CONV"})
 VIEW_OPS = frozenset({"PERMUTE", "SLICE", "EXPAND", "RESHAPE"})
 
 
 @dataclass(eq=False)
 class Group:
-    kind: str  # gemm | attention | pointwise | view | source | reference
+    kind: str  # gemm | attention | conv | group_norm | pointwise | view | source | reference
     nodes: list[Node]
     inputs: list[Node] = field(default_factory=list)  # values read from other groups, first-use order
     outputs: list[Node] = field(default_factory=list)  # members read by other groups or graph outputs
@@ -62,6 +66,10 @@ def _kind(node: Node, group_of: dict) -> str:
         return "gemm"
     if node.op == "ATTENTION":
         return "attention"
+    if node.op in CONV_OPS:
+        return "conv"
+    if node.op == "GROUP_NORM":
+        return "group_norm"
     if node.op in VIEW_OPS:
         src = node.inputs[0]
         # RESHAPE is a view only of a value we know is contiguous: a kernel's output or such a reshape

@@ -58,6 +58,7 @@ class Tuner:
         self.decisions: dict[str, dict] = dict(decisions or {})
         self.force = dict(force or {})
         self.counts = {"measured": 0, "cache": 0, "artifact": 0, "memory": 0, "forced": 0}
+        self.seconds = 0.0  # spent measuring (Triton compiles of the candidates included)
         self._origin = dict.fromkeys(self.decisions, "artifact")
 
     def choose(self, kind: str, what: dict, candidates: dict[str, Callable[[], object]], device: torch.device) -> str:
@@ -79,7 +80,9 @@ class Tuner:
                 self.decisions[k] = d
                 self.counts["cache"] += 1
                 return d["choice"]
+        t0 = time.perf_counter()
         d = self.measure(kind, what, candidates, device)
+        self.seconds += time.perf_counter() - t0
         self.decisions[k] = d
         self.counts["measured"] += 1
         if self.cache is not None:
@@ -109,4 +112,4 @@ class Tuner:
         for d in self.decisions.values():
             c = d["kind"] + ":" + d["choice"].split(":")[0]
             chosen[c] = chosen.get(c, 0) + 1
-        return {"decisions": len(self.decisions), "chosen": chosen, "sources": dict(self.counts)}
+        return {"decisions": len(self.decisions), "chosen": chosen, "sources": dict(self.counts), "seconds": round(self.seconds, 3)}

@@ -596,3 +596,72 @@ define("FULL", 0, "source", _infer_full,
 
 SOURCE_OPS = frozenset({"INPUT", "WEIGHT", "CONST"})
 FLOAT = FLOAT_DTYPES
+
+
+# ----------------------------------------------------------------------------- convolutional decoders (the VAE)
+
+GROUP_NORM_ACTS = {"none": lambda y: y, "silu": F.silu}
+
+
+def _infer_group_norm(ins, a):
+    x, params = ins[0], ins[1:]
+    if len(x.shape) < 2 or x.dtype not in FLOAT_DTYPES:
+        raise ShapeError(f"GROUP_NORM: input {x.dtype}{shape_str(x.shape)} must be a float tensor [N, C, *]")
+    c, g = x.shape[1], a["groups"]
+    if not isinstance(g, int) or g < 1 or (isinstance(c, int) and c % g):
+        raise ShapeError(f"GROUP_NORM: {c} channels do not split into {g} groups")
+    for p in params:
+        if len(p.shape) != 1 or not dims_equal(p.shape[0], c):
+            raise ShapeError(f"GROUP_NORM: parameter {shape_str(p.shape)} for {c} channels (must be [{c}])")
+    if a["act"] not in GROUP_NORM_ACTS:
+        raise ShapeError(f"GROUP_NORM: unknown activation {a['act']!r} (one of {', '.join(GROUP_NORM_ACTS)})")
+    same_dtype("GROUP_NORM", ins)
+    return TType(x.shape, x.dtype)
+
+
+def _group_norm(x, a):
+    w = x[1] if len(x) > 1 else None
+    b = x[2] if len(x) > 2 else None
+    return GROUP_NORM_ACTS[a["act"]](F.group_norm(x[0], a["groups"], w, b, a["eps"]))
+
+
+# act(F.group_norm(x, groups, w, b, eps)): x [N, C, *] normalised over each of the ``groups`` channel groups of each
+# sample (C/G x prod(*) values, biased variance), then w [C] * . + b [C]; act "silu" is the decoders' norm -> SiLU
+define("GROUP_NORM", (1, 3), "reduction", _infer_group_norm, _group_norm, groups=REQUIRED, eps=1e-5, act="none")
+
+
+def conv_operands(ins, a) -> tuple:
+    """(x, w, bias, residual) of a CONV, or of a CONV2D read as a CONV without epilogue; absent ones are None."""
+    has_bias = a["bias"] if "bias" in a else len(ins) > 2
+    bias = ins[2] if has_bias else None
+    residual = ins[-1] if a.get("residual") else None
+    return ins[0], ins[1], bias, residual
+
+
+def _infer_conv(ins, a):
+    want = 2 + int(a["bias"]) + int(a["residual"])
+    if len(ins) != want:
+        raise ShapeError(f"CONV: {len(ins)} inputs, the attributes (bias={a['bias']}, residual={a['residual']}) say {want}")
+    x, w, bias, residual = conv_operands(ins, a)
+    t = _infer_conv2d([x, w] + ([bias] if bias is not None else []), a)
+    if residual is not None and (not fits(residual.shape, t.shape) or residual.dtype != t.dtype):
+        raise ShapeError(f"CONV: residual {residual.dtype}{shape_str(residual.shape)} does not fit the output "
+                         f"{t.dtype}{shape_str(t.shape)}")
+    d = a["divisor"]
+    if d is not None and (not isinstance(d, float) or d == 0.0):
+        raise ShapeError(f"CONV: divisor {d!r} must be a non-zero float")
+    return t
+
+
+def _conv(ins, a):
+    x, w, bias, residual = conv_operands(ins, a)
+    h = F.conv2d(x, w, bias, a["stride"], a["padding"], a["dilation"], a["groups"])
+    if residual is not None:
+        h = residual + h
+    return h / a["divisor"] if a["divisor"] is not None else h
+
+
+# CONV2D with its epilogue, as GEMM is LINEAR with one: (residual + conv2d(x, w, bias)) / divisor, the residual
+# block's ending (x + h) / output_scale_factor; which optional inputs are present is said by bias / residual
+define("CONV", (2, 4), "compute", _infer_conv, _conv, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1,
+     bias=False, residual=False, divisor=None)

@@ -23,6 +23,7 @@ from typing import Iterator
 
 import torch
 
+from ..api import SourceWatch
 from ..api import compile as kiln_compile
 from ..api import load as kiln_load
 from ..config import CompileConfig
@@ -204,6 +205,7 @@ class Generator:
         steps = None if calibration is None else calibration_steps(calibration, tokenizer, spec, dtype, device)
         compiled = kiln_compile(step_function(LlamaStep(model), cfg.num_hidden_layers), (), example, dynamic=dims, config=config,
                                 calibration=steps)
+        compiled.source_watch = SourceWatch(model)  # (a function's closure is not watched: the model is)
         g = cls(compiled, spec, tokenizer)
         g.compile_s = time.perf_counter() - t0
         return g

@@ -13,6 +13,7 @@ from .cse import cse
 from .dce import dce
 from .fold_constants import fold_constants
 from .fuse_attention import fuse_attention
+from .fuse_conv import fuse_conv
 from .fuse_epilogue import fuse_epilogue
 from .fuse_horizontal_gemm import fuse_horizontal_gemm
 from .fuse_norm import fuse_norm
@@ -38,6 +39,9 @@ PIPELINE = [
     ("fuse_horizontal_gemm", fuse_horizontal_gemm),
     # activations, GLU, gates and residual adds fold into the (merged) matmuls
     ("fuse_epilogue", fuse_epilogue),
+    # the convolutional counterpart (SiLU into group norms, residual adds and divisions into convs): it reads only
+    # CONV2D / GROUP_NORM sites, which no pass above touches, after CSE and folding have settled the graph
+    ("fuse_conv", fuse_conv),
     # last: a merged QKV / gate-up / adaLN GEMM is quantized as ONE weight against its one input's Hessian, and its
     # fused epilogue carries over into the QGEMM; off unless CompileConfig.quantize is set
     ("quantize_weights", quantize_weights),

@@ -53,11 +53,8 @@ def save(path: str | os.PathLike, graph: Graph, *, signature: dict, config: dict
          overwrite: bool = False) -> str:
     """Write ``graph`` (with its weights) to ``path``. Refuses to replace an existing file unless
     ``overwrite``; the file appears atomically (a crash leaves no half-written artifact)."""
-    path = os.fspath(path)
-    if os.path.exists(path) and not overwrite:
-        raise KilnError(f"{path} already exists", hint="pass overwrite=True (kiln compile --force) to replace it")
+    path = check_output_path(path, overwrite, replace_hint="pass overwrite=True (kiln compile --force) to replace it")
     directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
     graph_bytes = json.dumps(graph_to_json(graph), separators=(",", ":")).encode()
     report_bytes = json.dumps(report or {}, indent=1).encode()
     tensors = {}
@@ -80,6 +77,7 @@ def save(path: str | os.PathLike, graph: Graph, *, signature: dict, config: dict
     }
     fd, tmp = tempfile.mkstemp(prefix=".kiln-", suffix=".tmp", dir=directory)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; an artifact is an ordinary file, readable as the umask allows
     wtmp = tmp + ".weights"
     try:
         st_save_file(tensors, wtmp, metadata={"format": "pt"})
@@ -95,12 +93,52 @@ def save(path: str | os.PathLike, graph: Graph, *, signature: dict, config: dict
             _write_aligned(zf, wtmp, WEIGHTS)
             manifest["members"][WEIGHTS] = {"sha256": _sha256_file(wtmp), "size": os.path.getsize(wtmp)}
             zf.writestr(MANIFEST, json.dumps(manifest, indent=1))
-        os.replace(tmp, path)
+        _publish(tmp, path, overwrite)
     finally:
         for f in (tmp, wtmp):
             if os.path.exists(f):
                 os.unlink(f)
     return path
+
+
+def _publish(tmp: str, path: str, overwrite: bool) -> None:
+    """Give the finished file its name. Without ``overwrite`` the name is claimed atomically (a hard link fails
+    if the name exists), so of two processes writing one path at once, exactly one succeeds."""
+    if overwrite:
+        os.replace(tmp, path)
+        return
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise KilnError(f"{path} already exists (another process wrote it while this one was writing)",
+                        hint="pass overwrite=True (kiln compile --force) to replace it") from None
+    except OSError:  # a file system without hard links: claim the name exclusively, then fill it
+        try:
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            raise KilnError(f"{path} already exists", hint="pass overwrite=True (kiln compile --force) to replace it") from None
+        os.replace(tmp, path)
+
+
+def check_output_path(path: str | os.PathLike, overwrite: bool = False, replace_hint: str = "pass overwrite=True to replace it") -> str:
+    """``path`` as a str when a file can be written there; else a KilnError: it is a directory, its directory
+    does not exist (kiln creates none), or it exists and ``overwrite`` is False (``replace_hint`` says what to do)."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise KilnError(f"{path} is a directory", hint=f"name the file to write, e.g. {os.path.join(path, 'NAME')}")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise KilnError(f"{path}: the directory {parent} does not exist", hint="create it first: kiln does not create directories")
+    if os.path.exists(path) and not overwrite:
+        raise KilnError(f"{path} already exists", hint=replace_hint)
+    return path
+
+
+def _umask() -> int:
+    """The process's umask: os has no getter, so it is set and put back at once."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _write_aligned(zf: zipfile.ZipFile, src: str, name: str) -> None:
@@ -138,12 +176,18 @@ def _sha256_file(path: str) -> str:
 def read_manifest(path: str | os.PathLike) -> tuple[zipfile.ZipFile, dict]:
     """Open the zip and return it with its parsed, version-checked manifest."""
     path = os.fspath(path)
+    if os.path.isdir(path):
+        found = sorted(f for f in os.listdir(path) if f.endswith(".kiln"))[:1]
+        raise ArtifactError(f"{path} is a directory, not a .kiln artifact",
+                            hint="give the artifact file" + (f", e.g. {os.path.join(path, found[0])}" if found else ""))
     if not os.path.exists(path):
         raise ArtifactError(f"{path}: no such file")
     try:
         zf = zipfile.ZipFile(path)
     except zipfile.BadZipFile:
         raise ArtifactError(f"{path}: not a kiln artifact (check 'zip container' failed: not a zip file)") from None
+    except OSError as e:  # unreadable: permissions, a special file
+        raise ArtifactError(f"{path}: cannot read it ({e.strerror or e})") from None
     try:
         manifest = json.loads(zf.read(MANIFEST))
     except KeyError:

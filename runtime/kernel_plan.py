@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -89,8 +90,50 @@ def _empty(shape, perm, dtype, device) -> torch.Tensor:
     return torch.empty([shape[p] for p in perm], dtype=dtype, device=device).permute(_inverse(perm))
 
 
+def _pitch(shape) -> int | None:
+    """The padded row length of a GEMM output whose rows are long and not a multiple of 8 elements (GPT-2's LM head,
+    N = 50257): cuBLAS's tensor-core kernels want 16-byte aligned rows; such an output is a view [..., :N] of rows
+    padded to a multiple of 64 (torch.compile pads the same way). None: no padding."""
+    n = shape[-1] if shape else 0
+    return -(-n // 64) * 64 if n >= 256 and n % 8 else None
+
+
 def _meta(t: torch.Tensor) -> torch.Tensor:
     return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
+
+
+MAX_OUTPUT_SETS = 2  # output buffer sets a caller may hold at once without copies (a loop rebinding `out` needs two)
+
+
+def _use_count(t: torch.Tensor) -> int:
+    """References to ``t``'s storage: its tensor, every view of it (a caller's included), and the query's own."""
+    return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
+
+
+def _run(calls: list) -> None:
+    for call in calls:
+        call.run()
+
+
+@dataclass
+class _OutputSet:
+    """Buffers for the graph outputs that kernels write, the calls writing them, their CUDA graph. Outputs are handed
+    out as aliases of these buffers; the set is written again only once nothing outside the plan refers to them."""
+    buffers: dict  # output node -> its buffer
+    calls: list
+    cuda_graph: object
+    outputs: list  # the plan's values of every graph output when this set runs
+    env: dict = field(default_factory=dict)  # every value as this set's calls read it (views of its buffers kept alive)
+    counts: list = field(default_factory=list)  # each buffer's storage use count when nobody else holds it
+
+    def free(self) -> bool:
+        return all(_use_count(t) == c for t, c in zip(self.buffers.values(), self.counts))
+
+    def run(self) -> None:
+        if self.cuda_graph is not None:
+            self.cuda_graph.replay()
+        else:
+            _run(self.calls)
 
 
 @dataclass
@@ -99,6 +142,9 @@ class PlanStats:
     choices: dict = field(default_factory=dict)  # "gemm:cublas" -> count
     build_s: float = 0.0
     cuda_graph: bool = False
+    # where the build's time went: layouts, memory, buffers, calls (choosing implementations, the tuner's
+    # measurements as "tuning"), warmup (the first run: Triton compiles and kernel loads), capture (the CUDA graph)
+    phases: dict = field(default_factory=dict)
 
 
 class KernelPlan(Plan):
@@ -107,6 +153,7 @@ class KernelPlan(Plan):
     def __init__(self, graph: Graph, groups: list[Group], bindings: dict[str, int], target,
                  static: dict[Node, torch.Tensor], inputs: list | None = None):
         t0 = time.perf_counter()
+        self.stats = PlanStats()
         self.graph, self.groups, self.bindings, self.target = graph, groups, dict(bindings), target
         self.device = target.device
         # an input the program updates through one INDEX_COPY (a KV cache) is written in place: the plan adopts
@@ -114,22 +161,35 @@ class KernelPlan(Plan):
         self.adopted = adoptable_updates(graph) if inputs is not None else {}
         self.slot = {n: k for k, n in enumerate(graph.nodes)}
         self.shape_of = {n: tuple(eval_dim(d, bindings) for d in n.shape) for n in graph.nodes}
-        self._layouts(static)
-        self._memory()
-        self._buffers(inputs)
-        self.calls = self._calls()
-        self.output_values = [self.env[o] for o in graph.outputs]
+        with self._phase("layouts"):
+            self._layouts(static)
+        with self._phase("memory"):
+            self._memory()
+        with self._phase("buffers"):
+            self._buffers(inputs)
+        self.cuda_graph_error = None
+        self.sets: list[_OutputSet] = []  # the output buffers the caller may hold, with the calls writing them
+        self._private: _OutputSet | None = None  # written when the caller holds every set's outputs: copies go out
+        tuned = target.tuner.seconds
+        self.sets.append(self._new_set())
+        self.stats.phases["tuning"] = round(target.tuner.seconds - tuned, 4)
+        self.stats.phases["calls"] = round(self.stats.phases["calls"] - self.stats.phases["tuning"], 4)
+        self.calls = self.sets[0].calls
+        self._current = self.sets[0]
+        self.output_values = self._current.outputs
         self._state_ids = {id(self.env[graph.inputs[k]]) for k in self.adopted}
-        self.stats = PlanStats()
         for call in self.calls:
             self.stats.launches[call.kind] = self.stats.launches.get(call.kind, 0) + 1
             if call.choice:
                 c = f"{call.kind}:{call.choice.split(':')[0]}"
                 self.stats.choices[c] = self.stats.choices.get(c, 0) + 1
-        self.cuda_graph, self.cuda_graph_error = None, None
-        if target.cuda_graphs and self.device.type == "cuda":
-            self._capture()
         self.stats.build_s = time.perf_counter() - t0
+
+    @contextmanager
+    def _phase(self, name: str):
+        t0 = time.perf_counter()
+        yield
+        self.stats.phases[name] = round(self.stats.phases.get(name, 0.0) + time.perf_counter() - t0, 4)
 
     # -- 1. layouts -----------------------------------------------------------------------------------------
     def _layouts(self, static: dict) -> None:
@@ -142,6 +202,7 @@ class KernelPlan(Plan):
         for n in self.graph.inputs:
             self.val[n] = _Value(torch.empty(self.shape_of[n], dtype=torch_dtype(n.dtype), device="meta"), None)
         self.order: dict[Node, tuple] = {}
+        self.pitch: dict[Node, int] = {}  # GEMM outputs whose rows are padded (see _pitch)
         self.kinds: list[str] = []
         for g in self.groups:
             if g.nodes[0] in inplace:
@@ -182,13 +243,26 @@ class KernelPlan(Plan):
                 perm = _stored_order(o) if kind in ("attention", "pointwise") and o not in outputs else None
                 if perm is not None:
                     self.order[o] = perm
-                self.val[o] = _Value(_empty(self.shape_of[o], perm, torch_dtype(o.dtype), "meta"), self.slot[o])
+                if kind == "gemm" and _pitch(self.shape_of[o]) is not None:
+                    self.pitch[o] = _pitch(self.shape_of[o])
+                self.val[o] = _Value(self._empty(o, "meta"), self.slot[o])
         return kind
+
+    def _empty(self, o: Node, device) -> torch.Tensor:
+        """A new tensor for value ``o``: in its stored dim order, rows padded to its pitch (a view of them)."""
+        shape, dtype = self.shape_of[o], torch_dtype(o.dtype)
+        if o in self.pitch:
+            return torch.empty(shape[:-1] + (self.pitch[o],), dtype=dtype, device=device)[..., :shape[-1]]
+        return _empty(shape, self.order.get(o), dtype, device)
+
+    def _nbytes(self, o: Node) -> int:
+        shape = self.shape_of[o]
+        return nbytes(shape[:-1] + (self.pitch[o],) if o in self.pitch else shape, o.dtype)
 
     # -- 2. memory ------------------------------------------------------------------------------------------
     def _memory(self) -> None:
-        """Intervals over group steps, packed into one arena; ``self.scratch``: group index -> (key, shape) of a
-        cuBLAS GLU's [M, 2N] product."""
+        """Intervals over group steps, packed into one arena; ``self.scratch``: group index -> (key, shape, dtype) of a
+        cuBLAS GLU's [M, 2N] product or of a group norm's float32 partial statistics."""
         lv = Liveness()
         self.scratch: dict[int, tuple] = {}
         self.workspace: dict[int, tuple] = {}
@@ -198,16 +272,25 @@ class KernelPlan(Plan):
             for i in g.inputs if kind != "update" else g.nodes[0].inputs[1:]:
                 lv.read(self.val[i].root if i in self.val else None, k)
             for o in g.outputs:
-                lv.write(self.slot[o], k, nbytes(self.shape_of[o], o.dtype))
+                lv.write(self.slot[o], k, self._nbytes(o))
             n = g.nodes[0]
             if kind == "gemm" and n.op in ("GEMM", "QGEMM") and n.attrs["glu"]:
                 shape = (math.prod(self.shape_of[n.inputs[0]][:-1]), self.shape_of[n.inputs[1]][0])
-                self.scratch[k] = (-1 - k, shape)
-                lv.write(-1 - k, k, nbytes(shape, n.dtype))
+                self.scratch[k] = (-1 - k, shape, n.dtype)
+            if kind == "group_norm":
+                self.scratch[k] = (-1 - k, lower.group_norm_scratch(self.shape_of[n.inputs[0]], n.attrs["groups"]), "float32")
+            if k in self.scratch:
+                lv.write(-1 - k, k, nbytes(self.scratch[k][1], self.scratch[k][2]))
             if kind == "gemm":
                 self._workspace(lv, k, n)
         for o in self.graph.outputs:
             lv.read(self.val[o].root, len(self.groups))
+        # a graph output a kernel writes gets buffers of its own, outside the arena, which are handed to the caller
+        # without a copy (see _OutputSet)
+        self.own = [o for o in dict.fromkeys(self.graph.outputs) if self.val[o].root == self.slot[o]]
+        self._own_slots = {self.slot[o]: o for o in self.own}
+        for o in self.own:
+            del lv.first[self.slot[o]], lv.last[self.slot[o]], lv.sizes[self.slot[o]]
         self.intervals, self.memory = lv.plan()
         self.arena = torch.zeros(max(self.memory.peak_bytes, 1), dtype=torch.uint8, device=self.device)
 
@@ -216,12 +299,14 @@ class KernelPlan(Plan):
         x, w = n.inputs[0], n.inputs[1]
         size = lower.workspace_bytes(n.op, n.attrs, self.shape_of[x], self.shape_of[w], torch_dtype(x.dtype), self.device)
         if size:
-            self.workspace[k] = (-1 - len(self.groups) - k, size)  # (keys apart from the GLU scratch's)
+            self.workspace[k] = (-1 - len(self.groups) - k, size)  # (keys apart from the scratch's)
             lv.write(self.workspace[k][0], k, size)
 
-    def _buffer(self, key: int, shape, dtype: torch.dtype, perm=None) -> torch.Tensor:
+    def _buffer(self, key: int, shape, dtype: torch.dtype, perm=None, pitch=None) -> torch.Tensor:
         off = self.memory.offsets[key]
         raw = self.arena[off: off + self.memory.sizes[key]].view(dtype)
+        if pitch is not None:
+            return raw.view(tuple(shape[:-1]) + (pitch,))[..., :shape[-1]]
         if perm is None:
             return raw.view(shape)
         return raw.view([shape[p] for p in perm]).permute(_inverse(perm))
@@ -256,8 +341,9 @@ class KernelPlan(Plan):
                 self._views(g)
                 continue
             for o in g.outputs:
-                self.env[o] = self._buffer(self.slot[o], self.shape_of[o], torch_dtype(o.dtype), self.order.get(o))
-            tmp = self._buffer(self.scratch[k][0], self.scratch[k][1], torch_dtype(g.nodes[0].dtype)) if k in self.scratch else None
+                if o not in self._own_buffers:
+                    self.env[o] = self._buffer(self.slot[o], self.shape_of[o], torch_dtype(o.dtype), self.order.get(o), self.pitch.get(o))
+            tmp = self._buffer(self.scratch[k][0], self.scratch[k][1], torch_dtype(self.scratch[k][2])) if k in self.scratch else None
             ws = self._buffer(self.workspace[k][0], (self.workspace[k][1],), torch.uint8) if k in self.workspace else None
             calls.append(self._call(g, kind, tmp, ws))
         return calls + self._state_copies()
@@ -265,8 +351,10 @@ class KernelPlan(Plan):
     def _views(self, g: Group) -> None:
         for n in g.nodes:
             r = eval_node(n, [self.env[i] for i in n.inputs], self.bindings)
-            in_arena = r.untyped_storage().data_ptr() == self.arena.untyped_storage().data_ptr()
-            if r.stride() != self.val[n].meta.stride() or (self.val[n].root is not None and not in_arena):
+            root = self.val[n].root
+            home = self.arena if root not in self._own_slots else self._own_buffers[self._own_slots[root]]
+            inside = r.untyped_storage().data_ptr() == home.untyped_storage().data_ptr()
+            if r.stride() != self.val[n].meta.stride() or (root is not None and not inside):
                 raise RuntimeError(f"internal error: view {n!r} did not come out as planned")
             self.env[n] = r
 
@@ -300,6 +388,10 @@ class KernelPlan(Plan):
             what, candidates = (lower.qgemm if n.op == "QGEMM" else lower.gemm)(args, attrs, out, tmp, device, workspace)
         elif kind == "attention":
             what, candidates = lower.attention(args, attrs, out, device)
+        elif kind == "conv":
+            what, candidates = lower.conv(args, attrs, out, device)
+        elif kind == "group_norm":
+            what, candidates = lower.group_norm(args, attrs, out, tmp, device)
         else:
             return self._reference(g, kind, n, args, attrs, out)
         choice = self.target.tuner.choose(kind, what, candidates, device)
@@ -307,6 +399,9 @@ class KernelPlan(Plan):
 
     def _reference(self, g: Group, kind: str, n: Node, args, attrs, out) -> KernelCall:
         b = self.bindings
+        if kind == "copy" and n.op == "RESHAPE":  # out is contiguous: one strided pass, no temporary (an upsampling)
+            dst = out.view(args[0].shape)
+            return KernelCall(g, "copy", lambda: dst.copy_(args[0]))
         if kind == "copy":
             return KernelCall(g, "copy", lambda: out.copy_(eval_node(n, args, b, attrs)))
 
@@ -318,28 +413,42 @@ class KernelPlan(Plan):
         return KernelCall(g, "reference", run_reference)
 
     # -- 4. running -----------------------------------------------------------------------------------------
-    def _run_calls(self) -> None:
-        for call in self.calls:
-            call.run()
+    def _new_set(self) -> "_OutputSet":
+        """Fresh buffers for the outputs in ``self.own``, the calls writing them, and (on CUDA) their CUDA graph."""
+        self._own_buffers = {o: self._empty(o, self.device) for o in self.own}
+        self.env.update(self._own_buffers)
+        with self._phase("calls"):
+            calls = self._calls()
+        out = _OutputSet(dict(self._own_buffers), calls, None, [self.env[o] for o in self.graph.outputs], dict(self.env))
+        if self.target.cuda_graphs and self.device.type == "cuda" and self.cuda_graph_error is None:
+            out.cuda_graph = self._capture(calls)
+        out.counts = [_use_count(t) for t in out.buffers.values()]  # now: the plan's own references
+        return out
 
-    def _capture(self) -> None:
+    def _capture(self, calls: list[KernelCall]):
+        """The calls as one CUDA graph (None, with a warning, when they cannot be captured)."""
         try:
             s = torch.cuda.Stream(self.device)
             s.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(s):
-                self._run_calls()  # compiles every kernel; no first-launch work may happen during capture
+            with self._phase("warmup"), torch.cuda.stream(s):
+                _run(calls)  # compiles every kernel; no first-launch work may happen during capture
+                torch.cuda.synchronize(self.device)
             torch.cuda.current_stream(self.device).wait_stream(s)
             cuda_graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(cuda_graph):
-                self._run_calls()
-            self.cuda_graph = cuda_graph
+            with self._phase("capture"), torch.cuda.graph(cuda_graph):
+                _run(calls)
             self.stats.cuda_graph = True
+            return cuda_graph
         except Exception as e:  # an op that syncs or allocates on the host: run the call list instead
-            self.cuda_graph = None
             self.cuda_graph_error = f"{type(e).__name__}: {e}"
             torch.cuda.synchronize(self.device)
             warnings.warn(f"kiln: CUDA graph capture failed for {self.bindings} ({self.cuda_graph_error.splitlines()[0]}); "
                           "running the call list without a graph", stacklevel=3)
+            return None
+
+    @property
+    def cuda_graph(self):
+        return self._current.cuda_graph
 
     def bind(self, inputs: list[torch.Tensor]) -> None:
         for buf, t in zip(self.input_buffers, inputs):
@@ -347,17 +456,28 @@ class KernelPlan(Plan):
                 buf.copy_(t)
 
     def replay(self) -> list[torch.Tensor]:
-        if self.cuda_graph is not None:
-            self.cuda_graph.replay()
-        else:
-            self._run_calls()
-        return self.output_values
+        """Run into the first output set nobody outside the plan holds; when the caller holds every one (at most
+        ``MAX_OUTPUT_SETS``), into a private set, whose outputs ``handout`` copies."""
+        free = next((s for s in self.sets if s.free()), None)
+        if free is None and len(self.sets) < MAX_OUTPUT_SETS:
+            free = self._new_set()
+            self.sets.append(free)
+        if free is None:
+            self._private = self._private or self._new_set()
+            free = self._private
+        self._current = free
+        free.run()
+        self.output_values = free.outputs
+        return free.outputs
 
     def handout(self, outputs: list[torch.Tensor]) -> list[torch.Tensor]:
-        # an adopted input comes back as itself (already written); every other output as a fresh tensor
-        return [o if id(o) in self._state_ids else o.clone() for o in outputs]
+        """An adopted input comes back as itself (already written); an output with a buffer of its own as an alias
+        of it (the set is not written again while the caller holds it); anything else as a copy."""
+        own = {id(t) for t in self._current.buffers.values()} if self._current is not self._private else set()
+        return [o if id(o) in self._state_ids else o.view(o.shape) if id(o) in own else o.clone() for o in outputs]
 
     def describe(self) -> dict:
         return {"bindings": self.bindings, "launches": dict(self.stats.launches), "choices": dict(self.stats.choices),
-                "cuda_graph": self.stats.cuda_graph, **({"cuda_graph_error": self.cuda_graph_error} if self.cuda_graph_error else {}),
-                "arena_bytes": self.memory.peak_bytes, "build_s": round(self.stats.build_s, 3)}
+                "cuda_graph": self.stats.cuda_graph, "output_sets": len(self.sets) + (self._private is not None),
+                **({"cuda_graph_error": self.cuda_graph_error} if self.cuda_graph_error else {}),
+                "arena_bytes": self.memory.peak_bytes, "build_s": round(self.stats.build_s, 3), "phases": dict(self.stats.phases)}

@@ -23,7 +23,7 @@ LAYERS = [
     ("config",),
     ("codegen",),
     ("runtime",),
-    ("api",),
+    ("api", "jit"),
     ("llm", "diffusion"),
     ("cli", ""),
     ("testing",),  # helpers for tests and benchmarks: nothing in the product imports them

@@ -123,8 +123,8 @@ def _softmax(cx, node, args, kwargs):
 # ----------------------------------------------------------------------------- norms, linear algebra
 
 
-def _norm_params(cx, x, k, w, b):
-    shape = x.shape[-k:]
+def _norm_params(cx, x, shape, w, b):
+    """The weight and bias a norm has, in its trailing-optional input order (a bias alone gets a weight of ones)."""
     if b is not None and w is None:
         w = cx.add("FULL", [], shape=shape, value=1.0, dtype=x.dtype)
     return [p for p in (w, b) if p is not None]
@@ -135,8 +135,18 @@ def _layer_norm(cx, node, args, kwargs):
     a = bind(node, args, kwargs)
     x = a["input"]
     k = len(a["normalized_shape"])
-    out = cx.add("LAYERNORM", [x] + _norm_params(cx, x, k, a["weight"], a["bias"]), eps=float(a["eps"]), dims=k)
+    out = cx.add("LAYERNORM", [x] + _norm_params(cx, x, x.shape[-k:], a["weight"], a["bias"]), eps=float(a["eps"]), dims=k)
     return out if handler_key(node.target) == "aten.layer_norm" else [out, None, None]
+
+
+@handles("aten.group_norm", "aten.native_group_norm")
+def _group_norm(cx, node, args, kwargs):
+    a = bind(node, args, kwargs)
+    x = a["input"]
+    plain = handler_key(node.target) == "aten.group_norm"
+    params = _norm_params(cx, x, (x.shape[1],), a["weight"], a["bias"])
+    out = cx.add("GROUP_NORM", [x] + params, groups=a["num_groups"] if plain else a["group"], eps=float(a["eps"]))
+    return out if plain else [out, None, None]
 
 
 @handles("aten.rms_norm")

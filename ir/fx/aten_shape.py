@@ -142,6 +142,36 @@ def _repeat_interleave(cx, node, args, kwargs):
     return cx.add("RESHAPE", [y], shape=expected(cx, node).shape)
 
 
+_UPSAMPLE_NEAREST = tuple(f"aten.{kind}{n}d" for kind in ("upsample_nearest", "_upsample_nearest_exact") for n in (1, 2, 3))
+
+
+@handles(*_UPSAMPLE_NEAREST)
+def _upsample_nearest(cx, node, args, kwargs):
+    """Nearest upsampling by whole factors f: [N, C, H, W] -> RESHAPE [N, C, H, 1, W, 1] -> EXPAND [N, C, H, fh, W, fw]
+    -> RESHAPE [N, C, H*fh, W*fw]. Output i reads input i // f, which is what both torch modes pick for an output f
+    times the input: 'nearest' floor(i / f) (its 2x case is exactly i >> 1) and 'nearest-exact' floor((i + 0.5) / f).
+    Exact, no new op, and it stays standard ONNX; on the kernels backend it costs one strided copy, as a kernel would."""
+    a = bind(node, args, kwargs)
+    x = a.get("input", a.get("self"))
+    want = expected(cx, node).shape
+    factors = []
+    for d_in, d_out in zip(x.shape[2:], want[2:]):
+        f = sympy.simplify(sympy.sympify(d_out) / d_in)
+        if not (f.is_Integer and f >= 1):
+            raise Unsupported(f"nearest resampling from {d_in} to {d_out} (kiln lowers upsampling by whole factors)")
+        factors.append(int(f))
+    # given scales decide torch's source index (floor(i / scale)): one that is not the size ratio picks other pixels
+    scales = a.get("scale_factors") or [a[k] for k in ("scales_d", "scales", "scales_h", "scales_w") if k in a]
+    if any(s is not None and float(s) != f for s, f in zip(scales, factors)):
+        raise Unsupported(f"nearest upsampling with scales {scales} that differ from the size ratios {factors}")
+    if all(f == 1 for f in factors):
+        return x
+    lead, spatial = tuple(x.shape[:2]), tuple(x.shape[2:])
+    y = cx.add("RESHAPE", [x], shape=lead + tuple(v for d in spatial for v in (d, 1)))
+    y = cx.add("EXPAND", [y], shape=lead + tuple(v for d, f in zip(spatial, factors) for v in (d, f)))
+    return cx.add("RESHAPE", [y], shape=want)
+
+
 @handles("aten.slice", "aten.narrow", "aten.slice_copy")
 def _slice(cx, node, args, kwargs):
     x = args[0]

@@ -1,8 +1,9 @@
 """ONNX ``ModelProto`` -> kiln IR.
 
-A model (opset >= 17, as ``torch.onnx.export`` writes it with either exporter) is read with the
-``onnx`` package, checked, and lowered node by node by the handlers in :mod:`.ops` and :mod:`.shape`.
-``dim_param`` dims become kiln symbols; initializers become weights (external-data files included).
+A model (opset >= 17, as ``torch.onnx.export`` writes it with either exporter; an older one is upgraded
+with ``onnx.version_converter``) is read with the ``onnx`` package, checked, and lowered node by node by
+the handlers in :mod:`.ops`, :mod:`.shape` and :mod:`.transformer`. ``dim_param`` dims become kiln symbols;
+initializers become weights (external-data files included).
 
 Values known at import time are :class:`Static`: initializers, ``Constant`` nodes and everything
 computed from them and from ``Shape``. Shape subgraphs (``Shape -> Gather -> Unsqueeze -> Concat ->
@@ -24,12 +25,12 @@ from ..graph import Graph, Node
 from ..lowering import INT_MAX, POISON, Lowering, Unsupported
 from ..registry import merged
 from ..types import FLOAT_DTYPES, dims_equal, shape_str, sym
-from . import ops, shape
-from .load import check_header, check_model, default_opset, load_model
+from . import ops, shape, transformer
+from .load import check_header, check_model, default_opset, load_model, upgrade_opset
 from .lower import key_of
 from .static import ONNX_DTYPES, STATIC_LIMIT, CannotEval, Static, kiln_dtype, py_scalar
 
-HANDLERS = merged(ops.HANDLERS, shape.HANDLERS)
+HANDLERS = merged(ops.HANDLERS, shape.HANDLERS, transformer.HANDLERS)
 STATIC_EVAL = merged(ops.STATIC_EVAL, shape.STATIC_EVAL)
 
 
@@ -168,7 +169,9 @@ class OnnxImporter(Lowering):
                 continue  # an initializer listed as an input (old exporters): a weight, not an input
             tt = vi.type.tensor_type
             if not vi.type.HasField("tensor_type") or not tt.HasField("shape"):
-                raise KilnError(f"{self.source}: input {vi.name!r} is not a tensor of known rank")
+                what = {"sequence_type": "a sequence", "optional_type": "an optional", "map_type": "a map",
+                        "sparse_tensor_type": "a sparse tensor"}.get(vi.type.WhichOneof("value"), "a tensor of unknown rank")
+                raise KilnError(f"{self.source}: input {vi.name!r} is {what}; kiln imports tensors of known rank only")
             try:
                 dtype = kiln_dtype(tt.elem_type)
             except Unsupported as e:
@@ -310,11 +313,12 @@ def _dim_specs(dynamic: dict | None) -> tuple[dict, dict]:
     return per_input, ranges
 
 
-def from_onnx(source, *, dynamic: dict | None = None) -> Graph:
+def from_onnx(source, *, dynamic: dict | None = None, notes: list | None = None) -> Graph:
     """Import an ONNX model (a path or a ``ModelProto``). ``dim_param`` dims become symbols with the range
     [1, 2**31-1]; ``dynamic`` narrows them by name (``{"seq": (1, 2048)}``) or renames and ranges them
-    per input, like the PyTorch path (``{"input_ids": {1: ("seq", 1, 2048)}}``). Unsupported ops raise
-    one :class:`UnsupportedOpsError` listing them all."""
+    per input, like the PyTorch path (``{"input_ids": {1: ("seq", 1, 2048)}}``). A model older than opset 17
+    is upgraded with ``onnx.version_converter`` first, which is said in ``notes`` (a list the import appends
+    to, e.g. a compile report's). Unsupported ops raise one :class:`UnsupportedOpsError` listing them all."""
     if isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
         model, label = load_model(path), os.path.basename(path)
@@ -326,5 +330,8 @@ def from_onnx(source, *, dynamic: dict | None = None) -> Graph:
         raise KilnError(f"from_onnx takes a path or an onnx.ModelProto, got {type(source).__name__}")
     if model.functions:  # model-local functions (some exporters emit them): inline into one flat graph
         model = onnx.inliner.inline_local_functions(model)
+    model, note = upgrade_opset(model, label)
+    if note is not None and notes is not None:
+        notes.append(f"{label}: {note}")
     per_input, ranges = _dim_specs(dynamic)
     return OnnxImporter(model, label, per_input, ranges).run()

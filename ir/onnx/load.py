@@ -5,10 +5,11 @@ from __future__ import annotations
 import os
 
 import onnx
+import onnx.version_converter
 
 from ...errors import KilnError
 
-MIN_OPSET = 17
+MIN_OPSET = 17  # older models are upgraded to this opset with onnx's version converter
 
 
 def load_model(path: str) -> onnx.ModelProto:
@@ -51,13 +52,26 @@ def _external_tensors(model):
 def check_header(model: onnx.ModelProto, path: str) -> None:
     if not model.HasField("graph") or not model.ir_version:
         raise KilnError(f"{path}: not an ONNX model (no graph or IR version; truncated or corrupt?)")
+
+
+def upgrade_opset(model: onnx.ModelProto, path: str) -> tuple[onnx.ModelProto, str | None]:
+    """``model`` at opset >= MIN_OPSET, and a note when it had to be upgraded: a model of an older opset (a 2021
+    BERT export is opset 11-13) goes through onnx's version converter, whose failure is one clear KilnError."""
     opset = default_opset(model)
-    if opset is None:
-        raise KilnError(f"{path}: the model imports no default ('ai.onnx') opset")
-    if opset < MIN_OPSET:
-        raise KilnError(f"{path}: opset {opset} is too old; kiln reads ONNX opset {MIN_OPSET} and newer",
-                        hint=f"export with torch.onnx.export(..., opset_version={MIN_OPSET}) or newer, or upgrade the "
-                             f"file with onnx.version_converter.convert_version(model, {MIN_OPSET})")
+    if opset is None or opset >= MIN_OPSET:  # (no default opset: only other domains' ops, listed as unsupported)
+        return model, None
+    try:
+        model = onnx.version_converter.convert_version(model, MIN_OPSET)
+        # the converter keeps the IR version, but its adapters write initializers that are not graph inputs,
+        # which IR < 4 forbids: the IR version of the new opset
+        model.ir_version = max(model.ir_version, onnx.helper.find_min_ir_version_for(
+            [onnx.helper.make_opsetid("", MIN_OPSET)], ignore_unknown=True))
+        onnx.checker.check_model(model)
+    except Exception as e:
+        raise KilnError(f"{path}: opset {opset} is older than the {MIN_OPSET} kiln reads, and onnx.version_converter cannot "
+                        f"upgrade it: {_first_line(e)}",
+                        hint=f"export the model again with torch.onnx.export(..., opset_version={MIN_OPSET}) or newer") from None
+    return model, f"converted from opset {opset} to {MIN_OPSET} with onnx.version_converter"
 
 
 def check_model(model, path: str) -> None:

@@ -201,10 +201,12 @@ def _identity(cx, node, ins, attrs):
 
 @handles("Dropout")
 def _dropout(cx, node, ins, attrs):
+    """Inference: the identity, and a mask of all True."""
     training = ins[2] if len(ins) > 2 else None
     if training is not None and (not isinstance(training, Static) or bool(training.item())):
         raise Unsupported("dropout in training mode")
-    return [ins[0], None]
+    mask = cx.add("FULL", [], shape=ins[0].shape, value=True, dtype="bool") if len(node.output) > 1 and node.output[1] else None
+    return [ins[0], mask]
 
 
 @handles("Cast", "CastLike")
@@ -348,7 +350,19 @@ def _norm(cx, node, ins, attrs):
     eps = float(attrs.get("epsilon", 1e-5))
     if node.op_type == "RMSNormalization":
         return [cx.add("RMSNORM", [x] + params[:1], eps=eps, dims=k)]
-    return [cx.add("LAYERNORM", [x] + params, eps=eps, dims=k), None, None]
+    y = cx.add("LAYERNORM", [x] + params, eps=eps, dims=k)
+    return [y] + (_norm_stats(cx, x, k, eps, attrs) if len(node.output) > 1 else [])
+
+
+def _norm_stats(cx, x: Node, k: int, eps: float, attrs) -> list[Node]:
+    """LayerNormalization's Mean and InvStdDev outputs: mean(x) and 1 / sqrt(mean((x - mean(x))^2) + eps) over
+    the last k dims, kept as size-1 dims, in the stash type."""
+    xs = cast(cx, x, kiln_dtype(attrs.get("stash_type", 1)))
+    axes = tuple(range(len(x.shape) - k, len(x.shape)))
+    mean = cx.add("MEAN", [xs], axes=axes, keepdim=True)
+    centered = cx.add("SUB", [xs, mean])
+    var = cx.add("MEAN", [cx.add("MUL", [centered, centered])], axes=axes, keepdim=True)
+    return [mean, cx.add("RSQRT", [cx.add("ADD", [var, cx.const(eps)])])]
 
 
 @handles("MatMul")

@@ -167,7 +167,10 @@ def _new_shape(cx, node, ins, attrs) -> tuple:
         return _unsqueezed(shape, _axes_input(cx, ins, attrs, "Unsqueeze axes"))
     if node.op_type == "Squeeze":
         return _squeezed(shape, _axes_input(cx, ins, attrs, "Squeeze axes"))
-    ax = axis_of(attrs.get("axis", 1), len(shape) + 1) if shape else 0  # Flatten
+    r, ax = len(shape), attrs.get("axis", 1)  # Flatten: axis in [-r, r], the first axis of the second factor
+    if not -r <= ax <= r:
+        raise Unsupported(f"axis {ax} out of range for rank {r}")
+    ax = ax + r if ax < 0 else ax
     return (numel(shape[:ax]), numel(shape[ax:]))
 
 
@@ -376,8 +379,14 @@ def _gather(cx, node, ins, attrs):
 
 @handles("GatherElements")
 def _gather_elements(cx, node, ins, attrs):
-    x = cx.node(ins[0])
-    return cx.add("GATHER", [x, ins[1]], axis=axis_of(attrs.get("axis", 0), len(x.shape)))
+    """ONNX counts negative indices from the end, torch.gather refuses them: ``idx < 0 ? idx + size : idx``."""
+    x, idx = cx.node(ins[0]), ins[1]
+    ax = axis_of(attrs.get("axis", 0), len(x.shape))
+    if not (isinstance(idx, Static) and idx.concrete and all(int(i) >= 0 for i in idx.value.flat)):
+        idx = cx.node(idx)
+        wrapped = cx.add("ADD", [idx, cx.const(x.shape[ax])])
+        idx = cx.add("WHERE", [cx.add("LT", [idx, cx.const(0)]), wrapped, idx])
+    return cx.add("GATHER", [x, idx], axis=ax)
 
 
 @handles("GatherND")

@@ -144,6 +144,13 @@ CASES += [
     case("CONV2D", ((2, 4, 9, 11), f32), ((6, 2, 3, 3), f32), ((6,), f32),
          stride=(2, 1), padding=(1, 0), dilation=(1, 2), groups=2),
     case("CONV2D", ((1, 3, 8, 8), f32), ((5, 3, 2, 2), f32), stride=(2, 2)),
+    case("CONV", ((2, 4, 9, 11), f32), ((6, 2, 3, 3), f32), ((6,), f32), ((2, 6, 9, 11), f32), padding=(1, 1),
+         groups=2, bias=True, residual=True, divisor=2.0),
+    case("CONV", ((1, 3, 8, 8), f16), ((5, 3, 1, 1), f16), ((5, 1, 1), f16), residual=True),
+    case("CONV", ((1, 3, 8, 8), bf16), ((5, 3, 2, 2), bf16), stride=(2, 2), divisor=0.5),
+    case("GROUP_NORM", ((2, 6, 5, 7), f32), ((6,), f32), ((6,), f32), groups=3, eps=1e-6),
+    case("GROUP_NORM", ((2, 4, 9), bf16), groups=2, act="silu"),
+    case("GROUP_NORM", ((3, 6), f16), ((6,), f16), groups=6, act="silu"),
     case("ATTENTION", ((2, 4, 5, 8), f32), ((2, 2, 7, 8), f32), ((2, 2, 7, 6), f32), ((5, 7), b), gqa=True),
     case("ATTENTION", ((3, 5, 8), f32), ((1, 7, 8), f32), ((1, 7, 8), f32), ((3, 5, 7), f32), scale=0.2),
     case("ATTENTION", ((5, 8), bf16), ((5, 8), bf16), ((5, 8), bf16), causal=True),
@@ -291,6 +298,11 @@ SYMBOLIC = [
              dict(stride=(2, 3), padding=(1, 0), dilation=(1, 2)),
              (BATCH, 5, sympy.floor((H - 1) / 2) + 1, sympy.floor((W - 3) / 3) + 1),
              lambda s, x, w: F.conv2d(x, w, stride=(2, 3), padding=(1, 0), dilation=(1, 2))),
+    sym_case("group_norm", "GROUP_NORM", [((BATCH, 6, H, W), f32), ((6,), f32)], dict(groups=2, act="silu"),
+             (BATCH, 6, H, W), lambda s, x, w: F.silu(F.group_norm(x, 2, w))),
+    sym_case("conv-residual", "CONV", [((BATCH, 3, H, W), f32), ((5, 3, 3, 3), f32), ((BATCH, 5, H, W), f32)],
+             dict(padding=(1, 1), residual=True, divisor=2.0), (BATCH, 5, H, W),
+             lambda s, x, w, r: (r + F.conv2d(x, w, padding=1)) / 2.0),
     sym_case("matmul", "MATMUL", [((BATCH, SEQ, 8), f32), ((8, 5), f32)], {}, (BATCH, SEQ, 5),
              lambda s, x, y: x @ y),
     sym_case("expand", "EXPAND", [((1, SEQ), f32)], dict(shape=(BATCH, SEQ)), (BATCH, SEQ),
@@ -388,6 +400,16 @@ BAD = [
     bad("CONV2D", [((1, 4, 9, 9), f32), ((3, 2, 3, 3), f32)], dict(groups=2), "2 groups"),
     bad("CONV2D", [((1, 4, 9, 9), f32), ((6, 4, 3, 3), f32), ((4,), f32)], {}, "CONV2D: bias [4]"),
     bad("CONV2D", [((1, 4, 2, 9), f32), ((6, 4, 3, 3), f32)], {}, "does not fit input"),
+    bad("CONV", [((1, 4, 9, 9), f32), ((6, 4, 3, 3), f32)], dict(bias=True), "the attributes (bias=True"),
+    bad("CONV", [((1, 4, 9, 9), f32), ((6, 4, 3, 3), f32), ((1, 6, 9, 9), f32)], dict(residual=True), "residual float32[1, 6, 9, 9]"),
+    bad("CONV", [((1, 4, 9, 9), f16), ((6, 4, 3, 3), f16), ((1, 6, 7, 7), f32)], dict(residual=True), "residual float32"),
+    bad("CONV", [((1, 4, 9, 9), f32), ((6, 4, 3, 3), f32)], dict(divisor=0.0), "divisor 0.0"),
+    bad("GROUP_NORM", [((2, 6, 5), f32)], dict(groups=4), "6 channels do not split into 4 groups"),
+    bad("GROUP_NORM", [((6,), f32)], dict(groups=2), "must be a float tensor [N, C, *]"),
+    bad("GROUP_NORM", [((2, 6, 5), i64)], dict(groups=2), "must be a float tensor"),
+    bad("GROUP_NORM", [((2, 6, 5), f32), ((5,), f32)], dict(groups=2), "parameter [5] for 6 channels"),
+    bad("GROUP_NORM", [((2, 6, 5), bf16), ((6,), f32)], dict(groups=2), "share one dtype"),
+    bad("GROUP_NORM", [((2, 6, 5), f32)], dict(groups=2, act="gelu"), "unknown activation 'gelu'"),
     bad("ATTENTION", [((2, 5, 8), f32), ((2, 7, 6), f32), ((2, 7, 8), f32)], {}, "ATTENTION: q [2, 5, 8]"),
     bad("ATTENTION", [((2, 5, 8), f32), ((2, 7, 8), f32), ((2, 6, 8), f32)], {}, "ATTENTION: q [2, 5, 8]"),
     bad("ATTENTION", [((2, 5, 8), f32), ((7, 8), f32), ((7, 8), f32)], {}, "share a rank"),
@@ -509,3 +531,30 @@ def test_index_matches_advanced_indexing(axes, index_shapes, key, idx_dtype):
     g, node = build("INDEX", [((3, 5, 7, 4), f32)] + [(s, idx_dtype) for s in index_shapes], dict(axes=axes))
     assert node.shape == tuple(want.shape)
     assert torch.equal(interpret(g, [x, *idx])[0], want)
+
+
+# ----------------------------------------------------------------------------- GROUP_NORM and CONV against their formulas
+
+
+@pytest.mark.parametrize("act", ["none", "silu"])
+def test_group_norm_is_its_formula(act):
+    """Each sample's C/G x H x W values of a group share one mean and (biased) variance; then w, b per channel."""
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(2, 6, 5, 7, generator=gen, dtype=torch.float64) * 3 + 4
+    w, bias = torch.randn(6, generator=gen, dtype=torch.float64), torch.randn(6, generator=gen, dtype=torch.float64)
+    g = x.reshape(2, 3, -1)  # 3 groups of 2 channels
+    y = ((g - g.mean(-1, keepdim=True)) / torch.sqrt(g.var(-1, unbiased=False, keepdim=True) + 1e-6)).reshape(x.shape)
+    want = y * w[:, None, None] + bias[:, None, None]
+    graph, _ = build("GROUP_NORM", [((2, 6, 5, 7), f64), ((6,), f64), ((6,), f64)], dict(groups=3, eps=1e-6, act=act))
+    (got,) = interpret(graph, [x, w, bias])
+    assert rel_err(got, want * torch.sigmoid(want) if act == "silu" else want) <= 1e-12
+
+
+def test_conv_is_residual_plus_conv2d_over_divisor():
+    gen = torch.Generator().manual_seed(9)
+    x, w = torch.randn(2, 4, 9, 11, generator=gen, dtype=torch.float64), torch.randn(6, 2, 3, 3, generator=gen, dtype=torch.float64)
+    bias, r = torch.randn(6, generator=gen, dtype=torch.float64), torch.randn(2, 6, 1, 11, generator=gen, dtype=torch.float64)
+    attrs = dict(padding=(1, 1), groups=2, bias=True, residual=True, divisor=3.0)
+    graph, _ = build("CONV", [((2, 4, 9, 11), f64), ((6, 2, 3, 3), f64), ((6,), f64), ((2, 6, 1, 11), f64)], attrs)
+    (got,) = interpret(graph, [x, w, bias, r])
+    assert torch.equal(got, (r + F.conv2d(x, w, bias, padding=1, groups=2)) / 3.0)

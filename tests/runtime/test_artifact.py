@@ -142,6 +142,41 @@ def test_save_never_overwrites_unasked(artifact, tmp_path):
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".kiln-")]  # no temp files left behind
 
 
+_SAVE_WHEN_TOLD = (
+    "import sys, time, pathlib, kiln\n"
+    "m = kiln.load(sys.argv[1]); print('ready', flush=True)\n"
+    "while not pathlib.Path(sys.argv[3]).exists(): time.sleep(0.001)\n"
+    "try:\n    m.save(sys.argv[2]); print('wrote')\n"
+    "except kiln.KilnError as e:\n    print('refused:', e.message)\n"
+)
+
+
+def test_two_processes_saving_one_path_at_once_one_wins(artifact, tmp_path):
+    _, path = artifact
+    dst, go = tmp_path / "same.kiln", tmp_path / "go"
+    procs = [subprocess.Popen([sys.executable, "-c", _SAVE_WHEN_TOLD, str(path), str(dst), str(go)], stdout=subprocess.PIPE,
+                              text=True, cwd=tmp_path) for _ in range(2)]
+    for p in procs:
+        assert p.stdout.readline().strip() == "ready"
+    go.touch()
+    results = sorted(p.communicate(timeout=120)[0].strip() for p in procs)
+    assert results[0].startswith("refused:") and "already exists" in results[0] and results[1] == "wrote", results
+    assert kiln.load(dst)(torch.randint(0, 256, (1, 3))).shape == (1, 3, 256)
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".kiln-")]
+
+
+def test_the_name_is_claimed_atomically(tmp_path):
+    """The last step of a save: a name that appeared while the file was being written is never replaced."""
+    tmp, dst = tmp_path / "tmp", tmp_path / "dst"
+    tmp.write_bytes(b"new")
+    dst.write_bytes(b"theirs")
+    with pytest.raises(kiln.KilnError, match="another process wrote it"):
+        art._publish(str(tmp), str(dst), overwrite=False)
+    assert dst.read_bytes() == b"theirs"
+    art._publish(str(tmp), str(tmp_path / "fresh"), overwrite=False)
+    assert (tmp_path / "fresh").read_bytes() == b"new"
+
+
 def test_flipped_byte_in_weight_data_fails_the_sha256(tmp_path):
     path = _weights_artifact(tmp_path / "w.kiln", {"w": torch.randn(64, 1024)})
     data = bytearray(Path(path).read_bytes())

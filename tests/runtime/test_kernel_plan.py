@@ -141,6 +141,40 @@ def test_artifact_carries_tuning_json(pipeline_models, tmp_path):
     assert desc["backend"] == "kernels" and desc["plans"] and desc["tuning"]["decisions"] >= 1
 
 
+def _decoder_graph():
+    """A VAE decoder's up block in small: x [b, 8, 5, 6] -> GROUP_NORM(silu) -> CONV2D 3x3 -> 2x nearest upsampling
+    (RESHAPE, EXPAND, RESHAPE: a copy) -> GROUP_NORM(silu) -> CONV(bias, the upsampled value as residual, / 2)."""
+    g = Graph()
+    b = sym("b")
+    g.symbols["b"] = (1, 4)
+    x = g.add_input("x", (b, 8, 5, 6), "float32")
+    gen = torch.Generator().manual_seed(1)
+
+    def wt(name, *shape, scale=1.0):
+        return g.add_weight(name, torch.randn(*shape, generator=gen) * scale)
+
+    h = g.add("GROUP_NORM", (x, wt("n1.w", 8), wt("n1.b", 8)), groups=4, eps=1e-6, act="silu")
+    h = g.add("CONV2D", (h, wt("c1.w", 6, 8, 3, 3, scale=0.2)), padding=(1, 1))
+    h = g.add("RESHAPE", (h,), shape=(b, 6, 5, 1, 6, 1))
+    up = g.add("RESHAPE", (g.add("EXPAND", (h,), shape=(b, 6, 5, 2, 6, 2)),), shape=(b, 6, 10, 12))
+    h = g.add("GROUP_NORM", (up, wt("n2.w", 6), wt("n2.b", 6)), groups=3, eps=1e-6, act="silu")
+    y = g.add("CONV", (h, wt("c2.w", 6, 6, 3, 3, scale=0.2), wt("c2.b", 6), up), padding=(1, 1), bias=True, residual=True, divisor=2.0)
+    g.set_outputs([y])
+    return g
+
+
+@pytest.mark.interpreter
+def test_convs_group_norms_and_an_upsampling_copy():
+    ex, plan = run_both(_decoder_graph(), [torch.randn(3, 8, 5, 6)], tuner=Tuner(force={"group_norm": "kiln"}))
+    d = plan.describe()
+    assert d["launches"] == {"group_norm": 2, "conv": 2, "copy": 1}, d
+    assert d["choices"] == {"group_norm:kiln": 2, "conv:torch": 2}
+    # each group norm has its float32 partial statistics [N*G, chunks, 3] in the arena, next to the values
+    norms = [k for k, grp in enumerate(plan.groups) if grp.kind == "group_norm"]
+    assert sorted(plan.scratch) == norms and all(dtype == "float32" and shape[0] in (12, 9) for _, shape, dtype in plan.scratch.values())
+    assert ex.run([torch.randn(1, 8, 5, 6)])[0].shape == (1, 6, 10, 12)  # another batch: its own plan
+
+
 def test_config_rejects_unknown_backend_and_choice():
     with pytest.raises(kiln.KilnError, match="backend"):
         kiln.CompileConfig(backend="fast")
@@ -246,3 +280,47 @@ def test_an_input_updated_in_place_is_updated_as_in_eager(backend, tmp_path):
         assert len(m.executor.plans) == 2 and torch.equal(c_kiln, before)
         rest = [j for j in range(10) if j not in slots.tolist()]
         assert torch.equal(other[:, :, slots], c_kiln[:, :, slots]) and not other[:, :, rest].any()
+
+
+@pytest.mark.interpreter
+def test_outputs_are_handed_out_without_copies_and_never_overwritten():
+    """A graph output a kernel writes is handed out as an alias of a buffer of its own; the buffer set is written
+    again only once the caller dropped it, so keeping outputs is safe and a loop that rebinds them copies nothing."""
+    g = _gemm_attention_graph()
+    ex = Executor(g, Target.from_config(kiln.CompileConfig(backend="kernels"), tuner=Tuner(force={"gemm": "cublas"})))
+    xs = [torch.randn(2, 8, 24) for _ in range(4)]
+    want = [interpret(g, [x])[0] for x in xs]
+    out = ex.run([xs[0]])[0]
+    plan = ex.plans[0]
+    assert out.data_ptr() == plan.sets[0].buffers[g.outputs[0]].data_ptr()  # no copy
+    kept = [out]
+    for x, w in zip(xs[1:], want[1:]):
+        kept.append(ex.run([x])[0])  # the caller keeps every output: two sets alias, then a private set copies
+    assert len(plan.sets) == 2 and plan._private is not None
+    for got, w in zip(kept, want):
+        assert rel_err(got, w) <= TOL[torch.float32]
+    del kept, out
+    out = ex.run([xs[0]])[0]  # nothing held any more: the first set again
+    assert out.data_ptr() == plan.sets[0].buffers[g.outputs[0]].data_ptr() and rel_err(out, want[0]) <= TOL[torch.float32]
+    for x, w in zip(xs, want):  # the usual loop: `out` rebound each call alternates between the two sets
+        out = ex.run([x])[0]
+        assert rel_err(out, w) <= TOL[torch.float32]
+    assert len(plan.sets) == 2
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("gemm", ["cublas", "triton"])
+def test_an_odd_wide_gemm_output_has_padded_rows(gemm):
+    """N = 301: the output rows are padded to 320 elements (aligned for cuBLAS's tensor-core kernels) and handed
+    out as the [..., :301] view; a kernel reading it (here a pointwise one) reads the padded rows in place."""
+    g = Graph()
+    x = g.add_input("x", (2, 3, 16), "float32")
+    w = g.add_weight("w", torch.randn(301, 16, generator=torch.Generator().manual_seed(0)))
+    y = g.add("GEMM", (x, w))
+    g.set_outputs([y, g.add("TANH", (y,))])
+    ex = Executor(g, Target.from_config(kiln.CompileConfig(backend="kernels"), tuner=Tuner(force={"gemm": gemm})))
+    xv = torch.randn(2, 3, 16)
+    got = ex.run([xv])
+    for a, b in zip(got, interpret(g, [xv])):
+        assert rel_err(a, b) <= TOL[torch.float32]
+    assert got[0].shape == (2, 3, 301) and got[0].stride() == (3 * 320, 320, 1)

@@ -83,6 +83,7 @@ c357 = randbool(3, 5, 7)
 b57 = randbool(5, 7)
 nan357 = torch.where(b357, torch.nan, x357)
 scalar_t = torch.tensor(0.75)
+x6 = torch.randn(2, 6, 5, 7, generator=torch.Generator().manual_seed(6)) * 2 + 1  # [N, C, H, W]: a mean off zero
 
 
 def perturbed(module: nn.Module) -> nn.Module:
@@ -359,6 +360,16 @@ OPS = {
                        (x357, randn(5, 7), i357)),
     "fill_zero": (_fill, (x357, i357)),
     "setitem": (_setitem, (x357, randn(3, 7), b357)),
+    # group norm, nearest upsampling (the VAE decoder's)
+    "group_norm": (lambda x, y, w, b: (F.group_norm(x, 2, w, b, eps=1e-3), F.group_norm(x, 3), F.group_norm(x, 6, None, b),
+                                       F.group_norm(y, 3, w), F.silu(F.group_norm(x.half(), 2, w.half(), b.half())).float()),
+                   (x6, randn(2, 6, 9), randn(6), randn(6))),
+    "group_norm_module": (perturbed(nn.GroupNorm(2, 6)), (x6,)),
+    "upsample_nearest": (lambda x: (F.interpolate(x, scale_factor=2.0, mode="nearest"), F.interpolate(x, size=(10, 21)),
+                                    F.interpolate(x, scale_factor=(1, 3), mode="nearest-exact"), nn.Upsample(scale_factor=2)(x),
+                                    F.interpolate(x, size=(5, 7))), (randn(2, 3, 5, 7),)),
+    "upsample_nearest_1d_3d": (lambda x, v: (F.interpolate(x, scale_factor=3), F.interpolate(v, scale_factor=2, mode="nearest-exact")),
+                               (randn(2, 3, 5), randn(1, 2, 3, 4, 2))),
 }
 
 
@@ -423,6 +434,28 @@ def test_dynamic_shapes(fn):
         x = randn(b, s, 6)
         with torch.no_grad():
             assert_matches(m(x), fn(x))
+
+
+def _dyn_vae_ops(x):
+    """The decoder's group norm and 2x nearest upsampling over a dynamic batch and height."""
+    return F.silu(F.group_norm(F.interpolate(x, scale_factor=2.0), 3)), F.interpolate(x, scale_factor=(3, 1), mode="nearest-exact")
+
+
+def test_dynamic_group_norm_and_upsampling():
+    dims = {"x": {0: ("batch", 1, 4), 2: ("h", 2, 16)}}
+    m = compile_and_check(_dyn_vae_ops, (randn(2, 6, 5, 3),), dynamic=dims)
+    assert m.graph.histogram().get("GROUP_NORM") == 1
+    for b, h in [(1, 2), (3, 7), (4, 16)]:
+        x = randn(b, 6, h, 3)
+        assert_matches(m(x), _dyn_vae_ops(x))
+
+
+def test_upsampling_by_a_fraction_is_refused():
+    with pytest.raises(kiln.UnsupportedOpsError) as info:
+        kiln.compile(lambda x: F.interpolate(x, scale_factor=1.5), (randn(1, 2, 4, 4),))
+    assert "nearest resampling from 4 to 6" in str(info.value)
+    with pytest.raises(kiln.UnsupportedOpsError, match="scales .* differ from the size ratios"):
+        kiln.compile(lambda x: F.interpolate(x, scale_factor=2.1), (randn(1, 2, 5, 5),))  # 10 x 10, picking floor(i / 2.1)
 
 
 def test_dynamic_dims_captured_from_an_example_of_size_one():

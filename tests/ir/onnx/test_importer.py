@@ -11,6 +11,7 @@ import transformers
 from diffusers import DiTTransformer2DModel
 from onnx import TensorProto, helper, numpy_helper
 
+import kiln
 from kiln.errors import KilnError, UnsupportedOpsError
 from kiln.ir.onnx import from_onnx
 from kiln.ir.interpret import interpret
@@ -226,14 +227,37 @@ def test_missing_file(tmp_path):
         from_onnx(tmp_path / "nope.onnx")
 
 
-def test_opset_too_old(tmp_path):
-    m = model_of([helper.make_node("Relu", ["x"], ["y"])], [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
-                 [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])], opset=13)
-    path = tmp_path / "old.onnx"
+def test_old_opset_is_converted(tmp_path):
+    """opset 11's Softmax(axis=1) normalises over all dims from 1 on (opset 13 changed it to one axis): the converted
+    model must keep the old meaning, and the compile report says it was converted."""
+    m = model_of([helper.make_node("Softmax", ["x"], ["y"], axis=1)], [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 4])],
+                 [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3, 4])], opset=11)
+    m.ir_version = 6
+    path = str(tmp_path / "old.onnx")
     onnx.save(m, path)
-    with pytest.raises(KilnError, match=r"old.onnx: opset 13 is too old; kiln reads ONNX opset 17 and newer") as e:
-        from_onnx(path)
-    assert "opset_version=17" in e.value.hint
+    compiled = kiln.compile(path)
+    assert "old.onnx: converted from opset 11 to 17 with onnx.version_converter" in compiled.report().notes
+    x = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(0))
+    got, want = compiled(x), torch.from_numpy(ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0])
+    assert rel_err(got, want) <= TOL[torch.float32]
+    assert rel_err(got, x.reshape(2, 12).softmax(-1).reshape(2, 3, 4)) <= TOL[torch.float32]
+    notes = []
+    from_onnx(m, notes=notes)
+    assert notes == ["ONNX model: converted from opset 11 to 17 with onnx.version_converter"]
+
+
+def test_old_opset_the_converter_cannot_upgrade(tmp_path):
+    f = TensorProto.FLOAT
+    m = model_of([helper.make_node("BatchNormalization", ["x", "s", "b", "m", "v"], ["y"], spatial=0)],
+                 [helper.make_tensor_value_info(n, f, shape) for n, shape in (("x", [1, 2, 3]), ("s", [2]), ("b", [2]), ("m", [2]), ("v", [2]))],
+                 [helper.make_tensor_value_info("y", f, [1, 2, 3])], opset=7)
+    m.ir_version = 3
+    path = tmp_path / "bn.onnx"
+    onnx.save(m, path)
+    with pytest.raises(KilnError, match=r"bn.onnx: opset 7 is older than the 17 kiln reads, and onnx.version_converter cannot "
+                                        r"upgrade it: .*Attribute spatial must have value 1") as e:
+        kiln.compile(str(path))
+    assert "\n" not in e.value.message and "opset_version=17" in e.value.hint
 
 
 def test_unsupported_ops_are_listed_together():

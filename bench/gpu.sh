@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The GPU session's runs, by stage: `bash bench/gpu.sh STAGE...` on the device machine (carry .whl: diffusers,
+# platformdirs, importlib_metadata, which its image lacks). Logs and JSON go to $OUT; bench/NOTES.md has the record.
+set -u
+OUT=${OUT:-/tmp/out}
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+mkdir -p /tmp/kpkg && ln -sfn "$PWD" /tmp/kpkg/kiln
+export PYTHONPATH=/tmp/kpkg:/tmp/site PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 KILN_CACHE_DIR=/tmp/kiln-cache
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+for stage in "$@"; do
+  echo "=== $stage $(date +%T)"
+  case $stage in
+    kernels)  # the bf16 GPU tests of the decode / quantized GEMMs, the schedulers' CUDA-graph step, GPTQ on CUDA
+      timeout 300 python3 -m pytest -q -x -m gpu tests/codegen/test_skinny.py tests/codegen/test_qgemm.py \
+        tests/diffusion tests/passes/test_gptq.py 2>&1 | tee "$OUT/kernels.log" | tail -25 ;;
+    gputests)  # every GPU test
+      timeout 540 python3 -m pytest -q -m gpu tests 2>&1 | tee "$OUT/gputests.log" | tail -25 ;;
+    models) timeout 420 python3 bench/models.py 2>&1 | tail -20 ;;
+    decode_gemm) timeout 300 python3 bench/decode_gemm.py --out "$OUT/decode_gemm.json" --m 1 16 \
+        --shapes "1b qkv" "1b down + residual" "8b gate/up glu" 2>&1 | tail -30 ;;
+    llm) timeout 420 python3 bench/llm.py 2>&1 | tail -20 ;;
+    dit) timeout 420 python3 bench/dit.py --modes eager,reduce-overhead --batches 1,8 2>&1 | tail -20 ;;
+    *) echo "unknown stage $stage" ;;
+  esac
+done
+echo "=== done $(date +%T)"

@@ -1,0 +1,208 @@
+"""Group normalisation (+ SiLU) in two passes over chunks of each group: kiln's ``GROUP_NORM`` op.
+
+    y[n, c, s] = act((x[n, c, s] - mean[n, g]) * rstd[n, g] * w[c] + b[c]),    g = c // (C / G)
+    mean, var over the group's C/G x S values (biased), rstd = 1 / sqrt(var + eps)
+
+A group holds C/G x H x W values: 16 x 128 x 128 = 262144 in the SD VAE decoder's mid block at 1024 px, 4 x
+1024 x 1024 in its last block. That is too long for one program, and one program per group gives 32 programs
+per image for 132 SMs. So each group is cut into chunks and two kernels run over a (N*G, chunks) grid:
+
+1. ``_stats_kernel``: each program reduces its chunk to (count, mean, M2) in float32. It accumulates the
+   shifted sums sum(x - k) and sum((x - k)^2) with k the chunk's first value, so M2 = S2 - S1^2/n does not
+   cancel the way E[x^2] - E[x]^2 does when the mean is large against the spread.
+2. ``_apply_kernel``: each program combines its group's partials (Chan et al.: mean = sum(n_i m_i) / n,
+   M2 = sum(M2_i) + sum(n_i (m_i - mean)^2), in the same order in every program: deterministic), then
+   normalises its chunk, applies w / b and the activation, and stores in the output's dtype.
+
+x is read as [N, C, S] through its strides. A tile is BLOCK consecutive spatial positions of one channel;
+the group's tiles are numbered channel-major (t = c_local * tiles_per_channel + s_block) and chunk j takes
+tiles [j * TPC, (j + 1) * TPC). The partials live in a float32 scratch [N*G, chunks, 3] that the kernels
+plan reserves in its arena (``scratch_shape``), so a CUDA graph captures both launches.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ...ir.ops import OPS
+
+# triton.jit picks the interpreter from this variable when the kernels below are defined; read it then too
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+ACTS = ("none", "silu")
+
+# GPU: tiles of up to 2048 values, and chunks enough for ~8 programs per SM of an H200 (132 SMs). The interpreter
+# is slow per program (a reduction costs milliseconds): 2 chunks, so irregular test shapes still span several tiles and chunks
+BLOCK, TARGET_PROGRAMS, MAX_CHUNKS = 2048, 1024, 256
+INTERPRET_BLOCK, INTERPRET_CHUNKS = 128, 2
+
+
+@triton.jit
+def _stats_kernel(
+    x_ptr, part_ptr,
+    G, CG, S, NSB, T, TPC,  # groups, channels per group, spatial size, tiles per channel, tiles per group, per chunk
+    stride_xn, stride_xc, stride_xs,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0)  # n * G + g
+    chunk = tl.program_id(1)
+    x_ptr += (row // G).to(tl.int64) * stride_xn + ((row % G) * CG).to(tl.int64) * stride_xc
+    offs = tl.arange(0, BLOCK)
+    t0 = chunk * TPC
+    t1 = tl.minimum(t0 + TPC, T)
+    # the shift k: the chunk's first value (near the mean, so the shifted sums below do not cancel)
+    shift = tl.load(x_ptr + (t0 // NSB).to(tl.int64) * stride_xc + ((t0 % NSB) * BLOCK).to(tl.int64) * stride_xs).to(tl.float32)
+
+    acc_1 = tl.zeros([BLOCK], dtype=tl.float32)  # sum(x - k)
+    acc_2 = tl.zeros([BLOCK], dtype=tl.float32)  # sum((x - k)^2)
+    for t in range(t0, t1):
+        s = (t % NSB) * BLOCK + offs
+        mask = s < S
+        v = tl.load(x_ptr + (t // NSB).to(tl.int64) * stride_xc + s.to(tl.int64) * stride_xs, mask=mask, other=0.0)
+        d = tl.where(mask, v.to(tl.float32) - shift, 0.0)
+        acc_1 += d
+        acc_2 += d * d
+    # tiles hold BLOCK values, except a channel's last one (t % NSB == NSB - 1), which is NSB * BLOCK - S short
+    n = ((t1 - t0) * BLOCK - (t1 // NSB - t0 // NSB) * (NSB * BLOCK - S)).to(tl.float32)
+    s1 = tl.sum(acc_1, axis=0)
+    p = part_ptr + (row * tl.num_programs(1) + chunk) * 3
+    tl.store(p, n)
+    tl.store(p + 1, shift + s1 / n)
+    tl.store(p + 2, tl.maximum(tl.sum(acc_2, axis=0) - s1 * s1 / n, 0.0))
+
+
+@triton.jit
+def _apply_kernel(
+    x_ptr, w_ptr, b_ptr, part_ptr, out_ptr,
+    G, CG, S, NSB, T, TPC, CHUNKS, eps,
+    stride_xn, stride_xc, stride_xs,
+    stride_on, stride_oc, stride_os,
+    ACT: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+    BLOCK: tl.constexpr, CHUNKS_P2: tl.constexpr,
+):
+    row = tl.program_id(0)
+    chunk = tl.program_id(1)
+
+    # the group's statistics from every chunk's (count, mean, M2)
+    k = tl.arange(0, CHUNKS_P2)
+    p = part_ptr + (row * CHUNKS + k) * 3
+    kmask = k < CHUNKS
+    cnt = tl.load(p, mask=kmask, other=0.0)
+    means = tl.load(p + 1, mask=kmask, other=0.0)
+    m2s = tl.load(p + 2, mask=kmask, other=0.0)
+    total = tl.sum(cnt, axis=0)
+    mean = tl.sum(cnt * means, axis=0) / total
+    dm = means - mean
+    rstd = tl.rsqrt(tl.sum(m2s + cnt * dm * dm, axis=0) / total + eps)
+
+    n = (row // G).to(tl.int64)
+    c0 = (row % G) * CG
+    x_ptr += n * stride_xn
+    out_ptr += n * stride_on
+    offs = tl.arange(0, BLOCK)
+    t0 = chunk * TPC
+    for t in range(t0, tl.minimum(t0 + TPC, T)):
+        c = c0 + t // NSB
+        s = (t % NSB) * BLOCK + offs
+        mask = s < S
+        v = tl.load(x_ptr + c.to(tl.int64) * stride_xc + s.to(tl.int64) * stride_xs, mask=mask, other=0.0)
+        y = (v.to(tl.float32) - mean) * rstd
+        if HAS_W:
+            y = y * tl.load(w_ptr + c).to(tl.float32)
+        if HAS_B:
+            y = y + tl.load(b_ptr + c).to(tl.float32)
+        if ACT == "silu":
+            y = y * tl.sigmoid(y)
+        tl.store(out_ptr + c.to(tl.int64) * stride_oc + s.to(tl.int64) * stride_os, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _plan(rows: int, cg: int, s: int) -> tuple[int, int, int, int, int]:
+    """(BLOCK, tiles per channel, tiles per group, tiles per chunk, chunks) for ``rows`` groups of ``cg`` channels of
+    ``s`` positions: enough chunks to fill the GPU, each a run of whole tiles, none empty."""
+    block = INTERPRET_BLOCK if INTERPRET else min(triton.next_power_of_2(max(s, 1)), BLOCK)
+    nsb = _cdiv(s, block)
+    tiles = cg * nsb
+    want = INTERPRET_CHUNKS if INTERPRET else _cdiv(TARGET_PROGRAMS, max(rows, 1))
+    tpc = max(1, _cdiv(tiles, max(1, min(tiles, want, MAX_CHUNKS))))
+    return block, nsb, tiles, tpc, max(1, _cdiv(tiles, tpc))  # (an empty input: one chunk, no launch)
+
+
+def _dims(shape) -> tuple[int, int, int]:
+    """(N, C, S) of an input [N, C, *]."""
+    return shape[0], shape[1], math.prod(shape[2:])
+
+
+def scratch_shape(shape, groups: int) -> tuple[int, int, int]:
+    """The float32 scratch [N*G, chunks, 3] that ``group_norm`` needs for an input of ``shape`` [N, C, *]."""
+    n, c, s = _dims(shape)
+    return n * groups, _plan(n * groups, c // groups, s)[-1], 3
+
+
+def _check(x, weight, bias, groups, act, out, scratch):
+    if not isinstance(x, torch.Tensor) or x.dim() < 2:
+        raise ValueError("group_norm: x must be a tensor [N, C, *]")
+    if x.dtype not in DTYPES:
+        raise ValueError(f"group_norm: x has dtype {x.dtype}; supported: float16, bfloat16, float32")
+    if act not in ACTS:
+        raise ValueError(f"group_norm: unknown activation {act!r} (one of {', '.join(ACTS)})")
+    c = x.shape[1]
+    if groups < 1 or c % groups:
+        raise ValueError(f"group_norm: {c} channels do not split into {groups} groups")
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is not None and (tuple(p.shape) != (c,) or p.dtype != x.dtype or p.device != x.device):
+            raise ValueError(f"group_norm: {name} {p.dtype}{tuple(p.shape)} must be {x.dtype}[{c}] on {x.device}")
+    if out is not None and (out.shape != x.shape or out.dtype != x.dtype):
+        raise ValueError(f"group_norm: out {out.dtype}{tuple(out.shape)} must be {x.dtype}{tuple(x.shape)}")
+    want = scratch_shape(tuple(x.shape), groups)
+    if scratch is not None and (tuple(scratch.shape) != want or scratch.dtype != torch.float32 or not scratch.is_contiguous()):
+        raise ValueError(f"group_norm: scratch {scratch.dtype}{tuple(scratch.shape)} must be contiguous float32{want}")
+    if not INTERPRET and x.device.type != "cuda":
+        raise ValueError(f"group_norm: x is on {x.device}; the kernels need CUDA tensors (or TRITON_INTERPRET=1 on CPU)")
+
+
+def group_norm(x, weight=None, bias=None, groups: int = 1, eps: float = 1e-5, act: str = "none", out=None,
+               scratch=None) -> torch.Tensor:
+    """``act(F.group_norm(x, groups, weight, bias, eps))`` in two kernels (see the module docstring).
+
+    x [N, C, *] (float16, bfloat16, float32; any strides whose spatial dims flatten to one); weight, bias [C] in
+    x's dtype or None; act "none" or "silu". ``out`` (x's shape and dtype, its spatial dims flattenable by a view)
+    may be given, and so may ``scratch``, the contiguous float32 ``scratch_shape(x.shape, groups)``."""
+    _check(x, weight, bias, groups, act, out, scratch)
+    n, c, s = _dims(tuple(x.shape))
+    if out is None:
+        out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    if n * c * s == 0:
+        return out
+    x3 = x.reshape(n, c, s)  # a view unless the spatial dims do not flatten
+    try:
+        o3 = out.view(n, c, s)
+    except RuntimeError as e:
+        raise ValueError(f"group_norm: out with strides {out.stride()} cannot be viewed as [{n}, {c}, {s}]") from e
+    rows, cg = n * groups, c // groups
+    block, nsb, tiles, tpc, chunks = _plan(rows, cg, s)
+    if scratch is None:
+        scratch = torch.empty((rows, chunks, 3), dtype=torch.float32, device=x.device)
+    warps = 1 if INTERPRET else (8 if block >= 2048 else 4)
+    sizes = (groups, cg, s, nsb, tiles, tpc)
+    _stats_kernel[(rows, chunks)](x3, scratch, *sizes, *x3.stride(), BLOCK=block, num_warps=warps)
+    _apply_kernel[(rows, chunks)](
+        x3, weight if weight is not None else x3, bias if bias is not None else x3, scratch, o3, *sizes, chunks, float(eps),
+        *x3.stride(), *o3.stride(), ACT=act, HAS_W=weight is not None, HAS_B=bias is not None,
+        BLOCK=block, CHUNKS_P2=max(2, triton.next_power_of_2(chunks)), num_warps=warps)
+    return out
+
+
+def reference(x, weight=None, bias=None, groups: int = 1, eps: float = 1e-5, act: str = "none") -> torch.Tensor:
+    """The GROUP_NORM op's reference implementation (``OPS["GROUP_NORM"].ref``), in the operands' own dtype."""
+    ins = [x] + [p for p in (weight, bias) if p is not None]
+    if bias is not None and weight is None:
+        ins.insert(1, torch.ones_like(bias))
+    return OPS["GROUP_NORM"].ref(ins, dict(groups=groups, eps=eps, act=act))

@@ -1,0 +1,125 @@
+"""kiln.codegen.kernels.group_norm: the two-pass chunked group norm (+ SiLU) against the GROUP_NORM op's reference in
+float64 (CPU: the Triton interpreter, float16/float32, irregular shapes that cut groups into several tiles and chunks;
+GPU: bfloat16 at the SD VAE decoder's shapes)."""
+
+import pytest
+import torch
+
+import kiln.codegen.kernels.group_norm as GN
+from kiln.codegen.kernels.group_norm import group_norm, reference, scratch_shape
+from kiln.testing import TOL, rel_err
+
+pytestmark = pytest.mark.interpreter  # CPU cases run under TRITON_INTERPRET=1; gpu-marked ones need it off
+
+gen = torch.Generator().manual_seed(0)
+
+
+def r(*shape, dtype=torch.float32, scale=1.0, shift=0.0, device="cpu"):
+    return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale + shift).to(dtype).to(device)
+
+
+def check(x, w, b, groups, act, eps=1e-5, **kw):
+    want = reference(*(t.double() if t is not None else None for t in (x, w, b)), groups=groups, eps=eps, act=act)
+    got = group_norm(x, w, b, groups, eps, act, **kw)
+    assert got.dtype == x.dtype and got.shape == x.shape
+    err = rel_err(got, want)
+    assert err <= TOL[x.dtype], f"rel err {err:.2e} > {TOL[x.dtype]:.0e}"
+    return got
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("act", ["none", "silu"])
+@pytest.mark.parametrize("shape,groups", [
+    ((2, 12, 7, 19), 3),  # 4 channels x 133 positions a group: two tiles per channel, the second 5 long
+    ((1, 3, 300), 1),     # 3 channels x 3 tiles, 2 chunks of 5 tiles: a chunk boundary inside a channel
+    ((3, 8, 37), 4),      # one short tile per channel
+    ((2, 6), 2),          # [N, C]: one value per channel
+])
+def test_shapes_and_activation(dtype, act, shape, groups):
+    c = shape[1]
+    check(r(*shape, dtype=dtype, scale=2.0, shift=0.5), r(c, dtype=dtype), r(c, dtype=dtype), groups, act)
+
+
+@pytest.mark.parametrize("params", ["weight", "bias", "none"])
+def test_optional_parameters(params):
+    x = r(2, 6, 5, 7)
+    w = r(6) if params == "weight" else None
+    b = r(6) if params == "bias" else None
+    check(x, w, b, 3, "silu", eps=1e-3)
+
+
+def test_a_mean_far_from_zero_does_not_cancel():
+    """float32 values 100 +- 1: float32 sums of x and x^2, then sum(x^2) / n - mean^2, get the variance to ~1e-4 (the output
+    to ~6e-5); the shifted sums keep it to float32's rounding of the mean itself (100 * 6e-8)."""
+    x = r(2, 8, 300, shift=100.0)
+    check(x, r(8), r(8), 2, "none")
+
+
+def test_channels_last_input_out_and_scratch_given():
+    # [N, H, W, C] memory read through strides (stride_c = 1); out and scratch preallocated, as the kernels plan does
+    x = r(2, 9, 15, 12, scale=3.0).permute(0, 3, 1, 2)
+    out = torch.empty(2, 12, 9, 15)
+    scratch = torch.empty(scratch_shape((2, 12, 9, 15), 4), dtype=torch.float32)
+    got = check(x, r(12), r(12), 4, "silu", out=out, scratch=scratch)
+    assert got is out
+
+
+def test_plan_fills_chunks_with_whole_tiles(monkeypatch):
+    monkeypatch.setattr(GN, "INTERPRET", False)  # the GPU plan
+    block, nsb, tiles, tpc, chunks = GN._plan(32, 4, 1024 * 1024)  # SD VAE's last norm at 1024 px: 32 groups of 4M values
+    assert block == 2048 and nsb == 512 and tiles == 2048 and chunks * 32 >= GN.TARGET_PROGRAMS and (chunks - 1) * tpc < tiles
+    assert GN._plan(32, 16, 1024)[1:] == (1, 16, 1, 16)  # mid block at 256 px: a tile per channel, a chunk per tile
+    assert GN._plan(8, 2, 3)[4] == 2  # never more chunks than tiles
+
+
+def test_empty_input():
+    assert scratch_shape((2, 4, 0), 2) == (4, 1, 3) and group_norm(r(2, 4, 0), groups=2).shape == (2, 4, 0)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(groups=5), "12 channels do not split into 5 groups"),
+    (dict(w=(6,)), r"weight torch.float32\(6,\) must be"),
+    (dict(act="gelu"), "unknown activation"),
+    (dict(scratch=(4, 1, 3)), "scratch"),
+    (dict(x_dtype=torch.float64), "dtype torch.float64"),
+])
+def test_errors(kwargs, match):
+    x = r(2, 12, 5, dtype=kwargs.get("x_dtype", torch.float32))
+    w = r(*kwargs.get("w", (12,)))
+    s = torch.empty(kwargs["scratch"]) if "scratch" in kwargs else None
+    with pytest.raises(ValueError, match=match):
+        group_norm(x, w, None, kwargs.get("groups", 4), act=kwargs.get("act", "none"), scratch=s)
+
+
+# ----------------------------------------------------------------------------- GPU (bf16 at the SD VAE decoder's shapes)
+
+
+def check_gpu(shape, groups, act, dtype=torch.bfloat16):
+    x = r(*shape, dtype=dtype, scale=2.0, shift=0.3, device="cuda")
+    w, b = r(shape[1], dtype=dtype, device="cuda"), r(shape[1], dtype=dtype, device="cuda")
+    want = reference(x.float(), w.float(), b.float(), groups, 1e-6, act)
+    got = group_norm(x, w, b, groups, 1e-6, act)
+    torch.cuda.synchronize()
+    assert rel_err(got, want) <= TOL[dtype]
+    # eager bf16 (group_norm, then silu on the rounded values) is no closer to float32 than kiln is
+    eager = reference(x, w, b, groups, 1e-6, act)
+    assert rel_err(got, want) <= rel_err(eager, want) * 1.5 + 1e-4
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(1, 512, 32, 32), (1, 512, 128, 128), (1, 128, 256, 256), (2, 256, 64, 64)])
+def test_gpu_vae_shapes(shape):
+    check_gpu(shape, 32, "silu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_gpu_other_dtypes_irregular(dtype):
+    check_gpu((3, 96, 37, 41), 8, "none", dtype)
+
+
+@pytest.mark.gpu
+def test_gpu_deterministic():
+    x = r(1, 128, 512, 512, dtype=torch.bfloat16, device="cuda")
+    a, b = group_norm(x, groups=32, act="silu"), group_norm(x, groups=32, act="silu")
+    assert torch.equal(a, b)
