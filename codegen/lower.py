@@ -89,10 +89,13 @@ def gemm(args: list, attrs: dict, out: torch.Tensor, tmp: torch.Tensor | None, d
         cfgs = tg.configs(m, glu) if device.type == "cuda" else [tg.INTERPRET_CONFIG]
         for c in cfgs[:TRITON_GEMM_CONFIGS]:
             candidates[config_name("triton", c)] = (lambda c=c: tg.gemm(x, w, bias, gate, residual, act, glu, out=out, config=c))
-    candidates.update(skinny(x, dict(w=w), (bias, gate, residual), attrs, out, workspace, device))
+    decode = skinny(x, dict(w=w), (bias, gate, residual), attrs, out, workspace, device)
+    candidates.update(decode)
     what = {"op": "GEMM", "x": list(x.shape), "x_stride": list(x.stride()), "w": list(w.shape), "dtype": str(x.dtype),
             "act": act, "glu": glu, "bias": bias is not None,
             "gate": None if gate is None else list(gate.shape), "residual": None if residual is None else list(residual.shape)}
+    if decode:  # (a decision cached before the skinny template was a candidate is not one between these)
+        what["skinny"] = True
     return what, candidates
 
 
