@@ -181,31 +181,36 @@ def _index_bound(graph: Graph, node) -> int:
 
 
 def compile(model, example_inputs=(), example_kwargs: dict | None = None, *, dynamic: dict | None = None,
-            config: CompileConfig | None = None, report_hook=None) -> CompiledModel:
+            config: CompileConfig | None = None, report_hook=None, calibration=None) -> CompiledModel:
     """Compile ``model`` (an ``nn.Module``, a function of tensors, a ``torch.export.ExportedProgram``, or
     the path of a ``.pt2`` or ``.onnx`` file) for the example inputs, which are given as torch.export takes them.
 
     ``dynamic`` declares symbolic dims: ``{"input_ids": {0: ("batch", 1, 8), 1: kiln.Dim("seq", 1, 2048)}}``;
     every other dim is fixed to its example size. An ONNX file declares its own dims (``dim_param``);
-    ``dynamic`` may rename / range them the same way, or range them by name: ``{"seq": (1, 2048)}``."""
+    ``dynamic`` may rename / range them the same way, or range them by name: ``{"seq": (1, 2048)}``.
+    ``calibration``: inputs for ``config.quantize`` (GPTQ fits to them; every mode reports its error on them),
+    a list of calls, each a dict of keyword arguments, a tuple of positional ones, or one tensor."""
     config = config or CompileConfig()
     report = Report(listener=report_hook)
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     example_kwargs = dict(example_kwargs or {})
     src = capture_model(model, tuple(example_inputs), example_kwargs, dynamic, report)
-    return build(src, config, report, example_inputs, example_kwargs)
+    return build(src, config, report, example_inputs, example_kwargs, calibration=calibration)
 
 
-def build(src: "Source", config: CompileConfig, report: Report, example_inputs=(), example_kwargs: dict | None = None) -> CompiledModel:
+def build(src: "Source", config: CompileConfig, report: Report, example_inputs=(), example_kwargs: dict | None = None,
+          calibration=None) -> CompiledModel:
     """An imported graph optimized and made runnable; planned at the example's shapes, verified against the eager
-    module when the config asks; refusing to run once the source module's weights change."""
+    module when the config asks; refusing to run once the source module's weights change. ``calibration``: as
+    :func:`compile` takes it."""
     graph = src.graph
     report.ops_before = graph.histogram()
     report.model.update(parameters=sum(t.numel() for t in graph.weights.values()), weight_bytes=graph.weight_bytes(),
                         inputs=[n.attrs["name"] for n in graph.inputs], outputs=list(graph.output_names))
+    samples = _calibration_inputs(calibration, src.signature)
     with report.phase("optimize"):
-        run_pipeline(graph, config.disable, report)
+        run_pipeline(graph, config.disable, report, config.quantize_spec(), samples)
     report.ops_after = graph.histogram()
     with report.phase("plan"):
         compiled = CompiledModel(graph, src.signature, config, report)
@@ -222,6 +227,20 @@ def build(src: "Source", config: CompileConfig, report: Report, example_inputs=(
         with report.phase("verify"):
             report.verify = _verify(src.module, compiled, example_inputs, example_kwargs or {}, src.signature)
     return compiled
+
+
+def _calibration_inputs(calibration, signature: Signature) -> list | None:
+    """Each calibration call (kwargs dict, args tuple or one tensor) as the graph's flat input tensors."""
+    if calibration is None:
+        return None
+    samples = []
+    for k, call in enumerate(calibration):
+        args, kwargs = ((), call) if isinstance(call, dict) else ((call,) if isinstance(call, torch.Tensor) else tuple(call), {})
+        try:
+            samples.append(signature.flatten(args, kwargs))
+        except KilnError as e:
+            raise KilnError(f"calibration call {k}: {e.message}", hint=e.hint) from None
+    return samples
 
 
 @dataclass
@@ -347,6 +366,8 @@ def load(path: str | os.PathLike, device: str | None = None, backend: str | None
     """Load a ``.kiln`` artifact; no model source is needed. ``device`` overrides where it runs,
     ``backend`` how ("kernels", "reference", "auto"; see CompileConfig.backend). ``component``: one named graph
     of an artifact of several (a diffusion pipeline's "step", "vae", "text_encoder")."""
+    if device is not None:
+        check_device(device)
     graph, manifest, report_dict, tuning, files = artifact.load(path, component)
     config = CompileConfig.from_dict(manifest.get("config") or {})
     if device is None:  # where it was compiled to run, when this machine has it
@@ -358,7 +379,35 @@ def load(path: str | os.PathLike, device: str | None = None, backend: str | None
     if backend is not None:
         config.backend = backend
         config.__post_init__()
+    _check_backend(torch.device(config.device), config.backend)
     signature = Signature.from_dict(manifest["signature"])
     m = CompiledModel(graph, signature, config, Report.from_dict(report_dict), manifest, tuning)
     m.files = files
     return m
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """``device`` as a torch.device kiln can run on; a KilnError when torch does not know the name, it is neither
+    cpu nor cuda, or it is a CUDA device this machine lacks."""
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise KilnError(f"device {str(device)!r} is not a device name", hint="kiln runs on cpu, cuda or cuda:N") from None
+    if d.type not in ("cpu", "cuda"):
+        raise KilnError(f"device {str(device)!r}: kiln runs on the CPU or a CUDA GPU", hint="use cpu, cuda or cuda:N")
+    if d.type == "cuda" and not torch.cuda.is_available():
+        why = f"torch {torch.__version__} was built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+        raise KilnError(f"device {str(device)!r}: this machine cannot run CUDA ({why})", hint="run on the CPU: device cpu")
+    if d.type == "cuda" and d.index is not None and d.index >= torch.cuda.device_count():
+        n = torch.cuda.device_count()
+        raise KilnError(f"device {str(device)!r}: this machine has {n} CUDA GPU{'s' if n != 1 else ''}",
+                        hint=f"use cuda:0 .. cuda:{n - 1}")
+    return d
+
+
+def _check_backend(device: torch.device, backend: str) -> None:
+    """The kernels backend launches Triton kernels: CUDA, or Triton's interpreter on the CPU (for testing)."""
+    if backend == "kernels" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise KilnError(f"the kernels backend needs CUDA, and this runs on {device}",
+                        hint="use the reference backend on the CPU (kiln bench --backend reference); TRITON_INTERPRET=1 "
+                             "runs the kernels under Triton's interpreter, for testing")

@@ -57,22 +57,52 @@ class _Progress:
 
 
 def _parse_dims(items, ranges: bool) -> dict:
-    """``NAME=V`` (or ``NAME=MIN:MAX`` when ``ranges``) options into a dict."""
+    """``NAME=V`` (or ``NAME=MIN:MAX`` when ``ranges``) options into a dict; sizes are >= 1 and MIN <= MAX."""
     dims = {}
     for item in items or []:
         name, sep, value = item.partition("=")
         try:
-            if not sep:
+            bounds = tuple(int(v) for v in value.split(":"))
+            if not sep or not name or len(bounds) != (2 if ranges else 1):
                 raise ValueError
-            if ranges:
-                lo, _, hi = value.partition(":")
-                dims[name] = (int(lo), int(hi))
-            else:
-                dims[name] = int(value)
         except ValueError:
-            form = "NAME=MIN:MAX" if ranges else "NAME=VALUE"
-            raise KilnError(f"--dim {item!r} is not of the form {form}") from None
+            raise KilnError(f"--dim {item!r} is not of the form {'NAME=MIN:MAX' if ranges else 'NAME=VALUE'}") from None
+        if min(bounds) < 1:
+            raise KilnError(f"--dim {item!r}: a dim is at least 1", hint=f"--dim {name}={':'.join(str(max(b, 1)) for b in bounds)}")
+        if ranges and bounds[0] > bounds[1]:
+            raise KilnError(f"--dim {item!r}: min {bounds[0]} > max {bounds[1]}", hint=f"--dim {name}={bounds[1]}:{bounds[0]}")
+        dims[name] = bounds if ranges else bounds[0]
     return dims
+
+
+def _parse_buckets(text: str) -> list[int]:
+    """``--batch-buckets 1,2,4`` into sizes, each >= 1."""
+    try:
+        buckets = [int(b) for b in text.split(",")]
+    except ValueError:
+        buckets = []
+    if not buckets or min(buckets) < 1:
+        raise KilnError(f"--batch-buckets {text!r}: give batch sizes >= 1 separated by commas", hint="--batch-buckets 1,2,4,8")
+    return buckets
+
+
+def _check_output(path: str | None, force: bool, hint: str = "use --force to replace it") -> None:
+    """Refuse an output path before any work: a directory, a missing parent directory, an existing file without --force."""
+    if path:
+        from .runtime.artifact import check_output_path
+
+        check_output_path(path, force, replace_hint=hint)
+
+
+def _check_weights(path: str) -> None:
+    """``--weights`` must be a checkpoint directory with its config.json (a diffusers pipeline's in transformer/)."""
+    hint = "an HF / diffusers checkpoint directory: config.json + *.safetensors, sharded or not"
+    if not os.path.exists(path):
+        raise KilnError(f"--weights {path}: no such directory", hint=hint)
+    if not os.path.isdir(path):
+        raise KilnError(f"--weights {path} is a file, not a checkpoint directory", hint=hint)
+    if not any(os.path.isfile(os.path.join(path, *f)) for f in (("config.json",), ("transformer", "config.json"))):
+        raise KilnError(f"--weights {path} has no config.json", hint=hint)
 
 
 def _torch_dtype(name: str):
@@ -84,29 +114,60 @@ def _torch_dtype(name: str):
 # ----------------------------------------------------------------------------- compile
 
 
+def _check_compile_args(a) -> str:
+    """Refuse options that do not fit together, and paths kiln cannot read or write, before any work; the output path."""
+    if bool(a.source) == bool(a.model):
+        raise KilnError("give either a model file (.pt2 / .onnx) or --model NAME", hint="kiln compile --model llama-tiny -o llama.kiln")
+    if a.source and ((a.dim and not a.source.lower().endswith(".onnx")) or a.weights or a.static or a.generate):
+        raise KilnError("--weights, --static and --generate apply to --model, and --dim to --model or an .onnx file's dims",
+                        hint=f"compile {a.source} without them: a .pt2 program fixes its own dims")
+    generate_only = [f for f, v in (("--max-seq", a.max_seq), ("--batch-buckets", a.batch_buckets)) if v is not None]
+    if generate_only and not a.generate:
+        raise KilnError(f"{' and '.join(generate_only)} appl{'y' if len(generate_only) > 1 else 'ies'} only to a generator",
+                        hint="add --generate to compile an LLM generator (KV cache)")
+    if a.generate and (a.dim or a.static):
+        raise KilnError("--generate sets its own dims: --dim and --static do not apply",
+                        hint="batch sizes come from --batch-buckets, the sequence range from --max-seq")
+    if a.static and a.dim:
+        raise KilnError("--static fixes every dim, so --dim has nothing to range", hint="give one of them")
+    _check_quantize_args(a)
+    if a.weights:
+        _check_weights(a.weights)
+    output = a.output or (os.path.splitext(os.path.basename(a.source))[0] if a.source else a.model) + ".kiln"
+    _check_output(output, a.force, hint="use --force to replace it, or -o to write elsewhere")
+    _check_output(a.emit_onnx, a.force)
+    _check_output(a.report_json, True)
+    return output
+
+
+def _check_quantize_args(a) -> None:
+    if a.calib and (a.source or not a.quantize):
+        raise KilnError("--calib calibrates --quantize of a --model", hint="kiln compile --model NAME --quantize w4a16-gptq --calib FILE")
+    if a.quantize and a.quantize.endswith("-gptq") and not a.calib:
+        raise KilnError(f"--quantize {a.quantize} runs GPTQ, which needs calibration data: give --calib FILE",
+                        hint="a text file, or token ids as .npy / .json; the rounding modes (w8a16, w4a16) need none")
+    if a.calib and not os.path.isfile(a.calib):
+        raise KilnError(f"--calib {a.calib}: no such file")
+
+
 def cmd_compile(a) -> int:
     import kiln
 
     if a.pipeline:
         return _compile_pipeline(a)
-    if bool(a.source) == bool(a.model):
-        raise KilnError("give either a model file (.pt2 / .onnx) or --model NAME", hint="kiln compile --model llama-tiny -o llama.kiln")
-    output = a.output or (os.path.splitext(os.path.basename(a.source))[0] if a.source else a.model) + ".kiln"
-    if os.path.exists(output) and not a.force:
-        raise KilnError(f"{output} already exists", hint="use --force to replace it, or -o to write elsewhere")
-    progress = _Progress(a.quiet)
-    config = kiln.CompileConfig(disable=tuple(a.disable_pass or ()), device=a.device, verify=a.verify)
+    output = _check_compile_args(a)
     dims = _parse_dims(a.dim, ranges=True)
+    buckets = _parse_buckets(a.batch_buckets) if a.batch_buckets is not None else None
+    progress = _Progress(a.quiet)
+    config = kiln.CompileConfig(disable=tuple(a.disable_pass or ()), device=a.device, verify=a.verify, quantize=a.quantize,
+                                quantize_group=None if a.quantize_group == "channel" else int(a.quantize_group))
     if a.source:
-        is_onnx = a.source.lower().endswith(".onnx")
-        if (dims and not is_onnx) or a.weights or a.static:
-            raise KilnError("--dim, --weights and --static apply to --model (and --dim to an .onnx file's dims); "
-                            "a .pt2 program fixes its own dims")
         compiled = kiln.compile(a.source, dynamic=dims or None, config=config, report_hook=progress)
     else:
         from .models import registry
 
         spec = registry.get(a.model)
+        calib = _read_calibration(a.calib, spec) if a.calib else None
         dtype = _torch_dtype(a.dtype)
         with progress.step(f"build {spec.name}" + (f" from {a.weights}" if a.weights else " (random weights)")):
             model = spec.build(weights=a.weights, dtype=dtype, seed=a.seed)
@@ -118,11 +179,10 @@ def cmd_compile(a) -> int:
         dynamic = None if a.static else _with_ranges(spec.dynamic(), dims)
         config.tags["model"] = spec.name
         if a.generate:
-            return _compile_generator(a, spec, model, config, output, progress)
-        compiled = kiln.compile(model, (), inputs, dynamic=dynamic, config=config, report_hook=progress)
+            return _compile_generator(a, spec, model, config, output, buckets, progress, calib)
+        compiled = kiln.compile(model, (), inputs, dynamic=dynamic, config=config, report_hook=progress,
+                                calibration=_token_calls(calib, a.weights, spec) if calib is not None else None)
         compiled.report().model["name"] = spec.name
-    if a.emit_onnx and os.path.exists(a.emit_onnx) and not a.force:
-        raise KilnError(f"{a.emit_onnx} already exists", hint="use --force to replace it")
     with progress.step(f"save {output}"):
         compiled.save(output, overwrite=a.force)
     if a.emit_onnx:
@@ -137,18 +197,21 @@ def cmd_compile(a) -> int:
     return 0
 
 
-def _compile_generator(a, spec, model, config, output, progress) -> int:
-    from .llm.generator import Generator, _load_tokenizer
+def _compile_generator(a, spec, model, config, output, buckets, progress, calibration=None) -> int:
+    from .llm.generator import DEFAULT_BATCH_BUCKETS, Generator, _load_tokenizer
 
     if spec.family != "llama":
         raise KilnError(f"--generate needs an LLM; {spec.name} is a {spec.family} model")
-    buckets = [int(b) for b in a.batch_buckets.split(",")]
+    buckets = buckets or list(DEFAULT_BATCH_BUCKETS)
+    max_seq = a.max_seq if a.max_seq is not None else 1024
     tokenizer = _load_tokenizer(a.weights) if a.weights else None
-    with progress.step(f"compile the {spec.name} step graph (max_seq {a.max_seq}, batch buckets {buckets})"):
-        g = Generator.compile(model, max_seq=a.max_seq, batch_buckets=buckets, tokenizer=tokenizer, config=config,
-                              eos_token_id=_eos_of(a.weights))
+    with progress.step(f"compile the {spec.name} step graph (max_seq {max_seq}, batch buckets {buckets})"):
+        g = Generator.compile(model, max_seq=max_seq, batch_buckets=buckets, tokenizer=tokenizer, config=config,
+                              eos_token_id=_eos_of(a.weights), calibration=calibration)
     with progress.step(f"save {output}"):
         g.save(output, overwrite=a.force)
+    if a.report:
+        out.print(g.compiled.report())
     out.print(escape(f"wrote {output} ({os.path.getsize(output) / 2**20:.1f} MiB): a generator for {spec.name}"
                      + (", with its tokenizer" if tokenizer is not None else ", token ids in and out (no tokenizer)")))
     return 0
@@ -163,9 +226,15 @@ def _compile_pipeline(a) -> int:
     if a.source or not (a.model or a.weights) or a.generate:
         raise KilnError("--pipeline takes --model NAME (random weights) or --weights DIR (a diffusers pipeline directory)",
                         hint="kiln compile --model dit-xl-2-256 --pipeline -o dit-pipe.kiln")
+    unused = [f for f, v in (("--max-seq", a.max_seq), ("--batch-buckets", a.batch_buckets), ("--quantize", a.quantize),
+                             ("--calib", a.calib), ("--static", a.static)) if v]
+    if unused:
+        raise KilnError(f"{', '.join(unused)} do{'es' if len(unused) == 1 else ''} not apply to --pipeline",
+                        hint="a pipeline's one option of shape is --dim batch=1:N (images per call)")
+    if a.weights:
+        _check_weights(a.weights)
     output = a.output or f"{a.model or os.path.basename(os.path.normpath(a.weights))}-pipeline.kiln"
-    if os.path.exists(output) and not a.force:
-        raise KilnError(f"{output} already exists", hint="use --force to replace it, or -o to write elsewhere")
+    _check_output(output, a.force, hint="use --force to replace it, or -o to write elsewhere")
     dims = _parse_dims(a.dim, ranges=True)
     if set(dims) - {"batch"}:
         raise KilnError(f"a pipeline's one dim is batch (images per call); got --dim {', '.join(sorted(set(dims) - {'batch'}))}")
@@ -183,6 +252,45 @@ def _compile_pipeline(a) -> int:
     out.print(escape(f"wrote {output} ({os.path.getsize(output) / 2**20:.1f} MiB): a {kp.KIND} sampling pipeline ({parts}; "
                      f"{kp.scheduler.NAME}, {kp.spec['dtype']})"))
     return 0
+
+
+def _read_calibration(path: str, spec):
+    """--calib FILE: token ids from a .npy (1-d, or one row per item) or .json (a list of ids, or of lists), else
+    the file's text."""
+    if spec.family != "llama":
+        raise KilnError(f"--calib calibrates LLMs on text or token ids; {spec.name} is a {spec.family} model",
+                        hint="quantize it with a rounding mode (--quantize w8a16 / w4a16), which needs no calibration")
+    ext = os.path.splitext(path)[1].lower()
+    try:
+        if ext == ".npy":
+            import numpy as np
+
+            ids = np.load(path, allow_pickle=False)
+            return [ids.astype("int64").tolist()] if ids.ndim == 1 else [row.astype("int64").tolist() for row in ids]
+        if ext == ".json":
+            with open(path) as fh:
+                ids = json.load(fh)
+            return [ids] if ids and isinstance(ids[0], int) else ids
+        with open(path, encoding="utf-8") as fh:
+            return fh.read()
+    except (ValueError, OSError, UnicodeDecodeError) as e:
+        raise KilnError(f"{path}: cannot read calibration data ({type(e).__name__}: {e})",
+                        hint="give a text file, a .npy of token ids or a .json list of token ids") from None
+
+
+def _token_calls(calib, weights: str | None, spec) -> list:
+    """Calibration for a plain LLM compile: calls ``input_ids`` [1, T] of at most 256 tokens (and the model's length)."""
+    import torch
+
+    from .llm.generator import _load_tokenizer
+
+    if isinstance(calib, str):
+        tokenizer = _load_tokenizer(weights) if weights else None
+        if tokenizer is None:
+            raise KilnError("a text --calib file needs a tokenizer (that of --weights)", hint="give token ids: a .npy or .json file")
+        calib = [tokenizer.encode(calib)]
+    window = min(256, spec.model_config().max_position_embeddings)
+    return [{"input_ids": torch.tensor([ids[i:i + window]])} for ids in calib for i in range(0, len(ids), window)]
 
 
 def _eos_of(weights: str | None):
@@ -205,6 +313,7 @@ def cmd_generate(a) -> int:
     from .llm.generator import Generator
     from .llm.sampling import SamplingParams
 
+    sampling = SamplingParams(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed)
     progress = _Progress(a.quiet)
     with progress.step(f"load {a.artifact}"):
         g = Generator.load(a.artifact, device=a.device)
@@ -221,7 +330,6 @@ def cmd_generate(a) -> int:
         prompts = list(a.prompt)
     else:
         raise KilnError("nothing to generate from", hint='kiln generate ARTIFACT --prompt "..." (or --ids 1,2,3)')
-    sampling = SamplingParams(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed)
     text = g.tokenizer is not None and len(prompts) == 1
     t0 = time.perf_counter()
     first = None
@@ -353,6 +461,7 @@ def cmd_run(a) -> int:
 
     import kiln
 
+    _check_output(a.save_outputs, a.force)
     progress = _Progress(a.quiet)
     with progress.step(f"load {a.artifact}"):
         m = kiln.load(a.artifact, device=a.device)
@@ -389,8 +498,6 @@ def cmd_run(a) -> int:
         line += f", then median {statistics.median(times) * 1e3:.2f} ms over {len(times)} runs"
     out.print(line + f" on {m.device}")
     if a.save_outputs:
-        if os.path.exists(a.save_outputs) and not a.force:
-            raise KilnError(f"{a.save_outputs} already exists", hint="use --force to replace it")
         from safetensors.torch import save_file
 
         save_file({n: o.detach().cpu().contiguous() for n, o in zip(m.graph.output_names, outputs)}, a.save_outputs)
@@ -447,6 +554,7 @@ def cmd_bench(a) -> int:
     import kiln
     from .numerics import rel_err
 
+    _check_output(a.json, a.force)
     progress = _Progress(a.quiet)
     startup = {"process_to_kiln_imported_s": _process_age()}
     t0 = time.perf_counter()
@@ -489,8 +597,6 @@ def cmd_bench(a) -> int:
 
     _print_bench(a.artifact, result)
     if a.json:
-        if os.path.exists(a.json) and not a.force:
-            raise KilnError(f"{a.json} already exists", hint="use --force to replace it")
         with open(a.json, "w") as fh:
             json.dump(result, fh, indent=1)
         out.print(escape(f"wrote {a.json}"))
@@ -538,11 +644,10 @@ def _print_bench(artifact: str, result: dict) -> None:
 def cmd_inspect(a) -> int:
     import kiln
 
+    _check_output(a.onnx, a.force)
     m = kiln.load(a.artifact)
     man = m.manifest
     if a.onnx:
-        if os.path.exists(a.onnx) and not a.force:
-            raise KilnError(f"{a.onnx} already exists", hint="use --force to replace it")
         _emit_onnx(m.graph, a.onnx, _Progress(quiet=True))
         out.print(escape(f"wrote {a.onnx}"))
     if a.json:
@@ -612,8 +717,14 @@ def _compile_parser(sub) -> None:
     c.add_argument("--emit-onnx", metavar="PATH", help="also write the optimized graph as ONNX (fused ops in the 'kiln' domain)")
     c.add_argument("--generate", action="store_true",
                    help="an LLM generator: the prefill / decode step graph with a KV cache, and the tokenizer of --weights")
-    c.add_argument("--max-seq", type=int, default=1024, help="with --generate: KV cache length (prompt + new tokens)")
-    c.add_argument("--batch-buckets", default="1,2,4,8,16", help="with --generate: batch sizes compiled for")
+    c.add_argument("--max-seq", type=int, help="with --generate: KV cache length, prompt + new tokens (default 1024)")
+    c.add_argument("--batch-buckets", help="with --generate: batch sizes compiled for (default 1,2,4,8,16)")
+    c.add_argument("--quantize", choices=["w8a16", "w8a16-gptq", "w4a16", "w4a16-gptq"],
+                   help="weight-only quantization: int8 per channel / int4 groups, rounded or GPTQ (needs --calib)")
+    c.add_argument("--quantize-group", default="128", choices=["32", "64", "128", "channel"],
+                   help="input features per scale of 4-bit weights (default 128)")
+    c.add_argument("--calib", metavar="FILE", help="calibration data for --quantize with --model: a text file (tokenized "
+                   "with --weights' tokenizer), or token ids as .npy / .json")
     c.add_argument("--pipeline", action="store_true",
                    help="a diffusion sampling pipeline (denoising step graph, VAE decoder, scheduler; text encoder and "
                         "tokenizer for PixArt) of --model dit-tiny / dit-xl-2-256 or of --weights DIR (a diffusers "
@@ -697,6 +808,10 @@ def _inspect_parser(sub) -> None:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "device", None):
+            from .api import check_device
+
+            check_device(args.device)  # before any work, and before a model is moved there
         return args.fn(args)
     except KilnError as e:
         if os.environ.get("KILN_DEBUG"):

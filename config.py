@@ -6,10 +6,12 @@ from dataclasses import dataclass, field
 
 from .errors import KilnError
 from .passes.pipeline import PASS_NAMES
+from .passes.quantize_weights import MODES, QuantizeSpec
 
 
 BACKENDS = ("auto", "kernels", "reference")
-KERNEL_CHOICES = {"gemm": ("cublas", "cublaslt", "triton"), "attention": ("sdpa", "kiln", "kiln-decode")}
+KERNEL_CHOICES = {"gemm": ("cublas", "cublaslt", "triton", "triton-skinny", "triton-qgemm", "dequant-cublas"),
+                  "attention": ("sdpa", "kiln", "kiln-decode")}
 
 
 @dataclass
@@ -33,6 +35,18 @@ class CompileConfig:
     kernels: dict = field(default_factory=dict)
     #: notes kept with the artifact (free-form, e.g. the registry name it was built from)
     tags: dict = field(default_factory=dict)
+    #: weight-only quantization of every matmul on a stored weight: None (off), "w8a16" (int8 per output channel),
+    #: "w4a16" (int4 in groups of quantize_group), rounded to nearest; "w4a16-gptq" / "w8a16-gptq": GPTQ on
+    #: calibration data (``kiln.compile(..., calibration=...)``)
+    quantize: str | None = None
+    #: input features per scale of 4-bit weights: 32, 64, 128, or None (one scale per output channel)
+    quantize_group: int | None = 128
+    #: symmetric grids (no zero points); False: a uint8 zero point per group
+    quantize_symmetric: bool = True
+    #: quantize the output (LM) head too; None: only at 8 bits (its 4-bit error reaches the logits unfiltered)
+    quantize_lm_head: bool | None = None
+    #: GPTQ visits input features by descending Hessian diagonal (act_order)
+    quantize_act_order: bool = False
 
     def __post_init__(self):
         self.disable = tuple(self.disable)
@@ -44,10 +58,22 @@ class CompileConfig:
             if impl not in KERNEL_CHOICES.get(kind, ()):
                 raise KilnError(f"CompileConfig.kernels: {kind!r} -> {impl!r} is not a choice",
                                 hint="; ".join(f"{k}: {', '.join(v)}" for k, v in KERNEL_CHOICES.items()))
+        self.quantize_spec()  # checks the quantize knobs
         unknown = [d for d in self.disable if d not in PASS_NAMES]
         if unknown:
             raise KilnError(f"unknown pass name(s) to disable: {', '.join(unknown)}",
                             hint=f"passes are: {', '.join(PASS_NAMES)}")
+
+    def quantize_spec(self) -> QuantizeSpec | None:
+        """What the quantize_weights pass does (None: quantization off)."""
+        if self.quantize is None:
+            return None
+        if self.quantize not in MODES:
+            raise KilnError(f"CompileConfig.quantize must be None or one of {', '.join(MODES)}, got {self.quantize!r}")
+        if self.quantize_lm_head not in (None, True, False):
+            raise KilnError(f"CompileConfig.quantize_lm_head must be None, True or False, got {self.quantize_lm_head!r}")
+        return QuantizeSpec(self.quantize, self.quantize_group, bool(self.quantize_symmetric), self.quantize_lm_head,
+                            bool(self.quantize_act_order))
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

@@ -69,6 +69,7 @@ def run_model(name: str) -> None:
         if system == "kiln":
             run["compile_s"] = compile_s
             run["executor"] = compiled.executor.describe()
+            run["tuning"] = compiled.executor.tuner.to_json()["decisions"]  # each choice with every candidate's ms
             run["top_kernels"] = top_kernels(fn)
         res["runs"].append(run)
         print({k: v for k, v in run.items() if k not in ("executor", "top_kernels")}, flush=True)

@@ -386,7 +386,7 @@ class EulerDiscrete(Scheduler):
         """diffusers' ``timesteps`` [S] float32 and ``sigmas`` [S+1] float32 (sigma interpolated at each timestep)."""
         cfg, acp = self.config, self.alphas_cumprod
         t = _spaced_timesteps(cfg, n).astype(np.float32)
-        train_sigmas = np.array(((1 - acp) / acp) ** 0.5)  # [T] float32
+        train_sigmas = (((1 - acp) / acp) ** 0.5).numpy()  # [T] float32 (np.array(tensor) is deprecated under numpy 2)
         sig = np.interp(t, np.arange(0, len(train_sigmas)), train_sigmas)
         if cfg["use_karras_sigmas"]:
             sig = _karras(sig, n, cfg["sigma_min"], cfg["sigma_max"])
@@ -449,7 +449,7 @@ class DPMSolverMultistep(Scheduler):
             t = (np.arange(0, n + 1) * (last // (n + 1))).round()[::-1][:-1].astype(np.int64) + cfg["steps_offset"]
         else:
             t = np.arange(last, 0, -T / n).round().astype(np.int64) - 1
-        train_sigmas = np.array(((1 - acp) / acp) ** 0.5)  # [T] float32
+        train_sigmas = (((1 - acp) / acp) ** 0.5).numpy()  # [T] float32 (np.array(tensor) is deprecated under numpy 2)
         if cfg["use_karras_sigmas"]:
             sig = _karras(np.flip(train_sigmas).copy(), n)
             t = np.array([_sigma_to_t(x, np.log(train_sigmas)) for x in sig])

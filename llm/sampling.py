@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import InputError
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -23,15 +25,17 @@ class SamplingParams:
     seed: int | None = None  # seeds the generator ``make_generator`` builds
 
     def __post_init__(self):
+        """Refuse values outside the allowed ranges with a ``kiln.InputError`` (a ValueError) naming the field."""
         t, k, p = self.temperature, self.top_k, self.top_p
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not (math.isfinite(t) and t >= 0):
-            raise ValueError(f"temperature={t!r}: must be a finite number >= 0 (0 = greedy)")
+            raise InputError(f"temperature={t!r}: must be a finite number >= 0", hint="0 is greedy (argmax); 0.6 - 1.0 samples")
         if isinstance(k, bool) or not isinstance(k, int) or k < 0:
-            raise ValueError(f"top_k={k!r}: must be an int >= 0 (0 = off)")
+            raise InputError(f"top_k={k!r}: must be an int >= 0", hint="0 switches top-k off; k keeps the k most likely tokens")
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not (0 < p <= 1):
-            raise ValueError(f"top_p={p!r}: must be in (0, 1] (1.0 = off)")
+            raise InputError(f"top_p={p!r}: must be in (0, 1]", hint="1.0 switches top-p off; 0.9 keeps the most likely "
+                             "tokens that make up 90% of the probability")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise ValueError(f"seed={self.seed!r}: must be an int or None")
+            raise InputError(f"seed={self.seed!r}: must be an int or None", hint="None draws fresh noise every request")
 
 
 def make_generator(params: SamplingParams, device: torch.device | str = "cpu") -> torch.Generator | None:

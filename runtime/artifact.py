@@ -116,11 +116,8 @@ def _cpu_weights(graph: Graph) -> dict[str, torch.Tensor]:
 
 def _write(path, components: dict[str, Component], extra: dict | None, files: dict[str, bytes] | None, overwrite: bool) -> str:
     """Components named "" (a single graph) live at the root in the version-1 layout; others under components/<name>/."""
-    path = os.fspath(path)
-    if os.path.exists(path) and not overwrite:
-        raise KilnError(f"{path} already exists", hint="pass overwrite=True (kiln compile --force) to replace it")
+    path = check_output_path(path, overwrite, replace_hint="pass overwrite=True (kiln compile --force) to replace it")
     directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
     single = list(components) == [""]
     manifest = {"format": "kiln", "format_version": 1 if single else FORMAT_VERSION, **versions(),
                 "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -130,6 +127,7 @@ def _write(path, components: dict[str, Component], extra: dict | None, files: di
     manifest["members"] = {}
     fd, tmp = tempfile.mkstemp(prefix=".kiln-", suffix=".tmp", dir=directory)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; an artifact is an ordinary file, readable as the umask allows
     wtmp = tmp + ".weights"
     try:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
@@ -172,6 +170,27 @@ def _publish(tmp: str, path: str, overwrite: bool) -> None:
         os.replace(tmp, path)
 
 
+def check_output_path(path: str | os.PathLike, overwrite: bool = False, replace_hint: str = "pass overwrite=True to replace it") -> str:
+    """``path`` as a str when a file can be written there; else a KilnError: it is a directory, its directory
+    does not exist (kiln creates none), or it exists and ``overwrite`` is False (``replace_hint`` says what to do)."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise KilnError(f"{path} is a directory", hint=f"name the file to write, e.g. {os.path.join(path, 'NAME')}")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise KilnError(f"{path}: the directory {parent} does not exist", hint="create it first: kiln does not create directories")
+    if os.path.exists(path) and not overwrite:
+        raise KilnError(f"{path} already exists", hint=replace_hint)
+    return path
+
+
+def _umask() -> int:
+    """The process's umask: os has no getter, so it is set and put back at once."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _write_aligned(zf: zipfile.ZipFile, src: str, name: str) -> None:
     """Store ``src`` as member ``name`` with its data starting on an ``_ALIGN`` boundary of the file,
     padded by an extra field in the local header (as Android's zipalign does)."""
@@ -207,12 +226,18 @@ def _sha256_file(path: str) -> str:
 def read_manifest(path: str | os.PathLike) -> tuple[zipfile.ZipFile, dict]:
     """Open the zip and return it with its parsed, version-checked manifest."""
     path = os.fspath(path)
+    if os.path.isdir(path):
+        found = sorted(f for f in os.listdir(path) if f.endswith(".kiln"))[:1]
+        raise ArtifactError(f"{path} is a directory, not a .kiln artifact",
+                            hint="give the artifact file" + (f", e.g. {os.path.join(path, found[0])}" if found else ""))
     if not os.path.exists(path):
         raise ArtifactError(f"{path}: no such file")
     try:
         zf = zipfile.ZipFile(path)
     except zipfile.BadZipFile:
         raise ArtifactError(f"{path}: not a kiln artifact (check 'zip container' failed: not a zip file)") from None
+    except OSError as e:  # unreadable: permissions, a special file
+        raise ArtifactError(f"{path}: cannot read it ({e.strerror or e})") from None
     try:
         manifest = json.loads(zf.read(MANIFEST))
     except KeyError:

@@ -79,10 +79,10 @@ class Signature:
         names, its keyword inputs their keys."""
         from torch.export.graph_signature import InputKind
 
-        args_spec, kwargs_spec = ep.call_spec.in_spec.children_specs
+        args_spec, kwargs_spec = ep.call_spec.in_spec.children()
         user = [n for n, s in zip((n for n in ep.graph.nodes if n.op == "placeholder"), ep.graph_signature.input_specs)
                 if s.kind == InputKind.USER_INPUT]
-        if any(not c.is_leaf() for c in args_spec.children_specs + kwargs_spec.children_specs):
+        if any(not c.is_leaf() for c in args_spec.children() + kwargs_spec.children()):
             raise KilnError("this .pt2 program takes nested inputs; kiln reads programs whose inputs are tensors "
                             "and scalars")
         names = [n.name for n in user[: args_spec.num_children]] + list(kwargs_spec.context)
@@ -208,7 +208,7 @@ def output_structure(spec: pytree.TreeSpec) -> dict:
     if spec.is_leaf():
         return {"leaf": True}
     t = spec.type
-    children = [output_structure(c) for c in spec.children_specs]
+    children = [output_structure(c) for c in spec.children()]
     if t is tuple or t is list:
         return {"type": t.__name__, "children": children}
     if t is dict:

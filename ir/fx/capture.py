@@ -63,15 +63,40 @@ def wrap_callable(fn):
 
 
 def dynamic_shapes(dynamic: dict | None, canonical: dict):
-    """kiln's ``dynamic=`` -> torch.export ``dynamic_shapes`` plus the dim names per input."""
+    """kiln's ``dynamic=`` -> torch.export ``dynamic_shapes`` plus the dim names per input.
+
+    A name used in several places is one dim. Its range is given once, by ``kiln.Dim`` or ``(name, min, max)``;
+    a plain name (or ``(name,)``) elsewhere means that same dim. Two different explicit ranges are an error."""
     ds = {k: _static_like(v) for k, v in canonical.items()}
     names: dict[str, dict[int, str]] = {}
     if not dynamic:
         return ds, names
     if not isinstance(dynamic, dict):
         raise KilnError("dynamic= takes a dict: {input name: {dim index: name | (name, min, max) | kiln.Dim}}")
+    entries = _dim_entries(dynamic, canonical)
+    ranges = _merged_ranges(entries)
     dims: dict[str, torch.export.Dim] = {}
-    ranges: dict[str, tuple] = {}
+    for arg in dynamic:
+        ds[arg] = {}
+    for arg, i, name, _, _, _ in entries:
+        lo, hi = ranges[name]
+        if hi is not None and hi < 2:
+            continue  # a dim that can only be 1 is static
+        size = canonical[arg].shape[i]
+        if size < lo or (hi is not None and size > hi):
+            raise KilnError(f"example input {arg!r} dim {i} ({name}) is {size}, outside the declared range "
+                            f"[{lo}, {hi if hi is not None else 'inf'}]")
+        if name not in dims:
+            dims[name] = torch.export.Dim(name, min=lo, max=hi) if hi is not None else torch.export.Dim(name, min=lo)
+        ds[arg][i] = dims[name]
+        names.setdefault(arg, {})[i] = name
+    return ds, names
+
+
+def _dim_entries(dynamic: dict, canonical: dict) -> list[tuple]:
+    """Every entry of ``dynamic=`` as (input, dim index >= 0, name, min, max, ranged); ``ranged`` is False for a
+    plain name, which takes the range declared elsewhere."""
+    entries = []
     for arg, spec in dynamic.items():
         if arg not in canonical:
             raise KilnError(f"dynamic= names {arg!r}, which is not an argument of this call "
@@ -79,36 +104,40 @@ def dynamic_shapes(dynamic: dict | None, canonical: dict):
         t = canonical[arg]
         if not isinstance(t, torch.Tensor):
             raise KilnError(f"dynamic= names {arg!r}, which is not a tensor")
-        per = {}
+        if not isinstance(spec, dict):
+            raise KilnError(f"dynamic= for {arg!r} takes a dict {{dim index: name | (name, min, max) | kiln.Dim}}, got {spec!r}")
         for i, d in spec.items():
             if not isinstance(i, int) or not -t.dim() <= i < t.dim():
                 raise KilnError(f"dynamic= for {arg!r}: dim {i} does not exist (rank {t.dim()})")
-            i %= t.dim()
-            if isinstance(d, str):
-                name, lo, hi = d, 1, None
-            elif isinstance(d, tuple) and len(d) == 3:
-                name, lo, hi = d
-            elif isinstance(d, Dim):
-                name, lo, hi = d.name, d.min, d.max
-            elif type(d).__name__ in ("Dim", "_Dim") or hasattr(d, "__name__"):
-                name, lo, hi = d.__name__, getattr(d, "min", 1), getattr(d, "max", None)
-            else:
-                raise KilnError(f"dynamic= for {arg!r} dim {i}: {d!r} is not a name, (name, min, max) or kiln.Dim")
-            if name in ranges and ranges[name] != (lo, hi):
-                raise KilnError(f"dim {name!r} is declared twice with different ranges {ranges[name]} and {(lo, hi)}")
-            if hi is not None and hi < 2:
-                continue  # a dim that can only be 1 is static
-            size = t.shape[i]
-            if size < lo or (hi is not None and size > hi):
-                raise KilnError(f"example input {arg!r} dim {i} ({name}) is {size}, outside the declared range "
-                                f"[{lo}, {hi if hi is not None else 'inf'}]")
-            ranges[name] = (lo, hi)
-            if name not in dims:
-                dims[name] = torch.export.Dim(name, min=lo, max=hi) if hi is not None else torch.export.Dim(name, min=lo)
-            per[i] = dims[name]
-            names.setdefault(arg, {})[i] = name
-        ds[arg] = per
-    return ds, names
+            entries.append((arg, i % t.dim(), *_dim_spec(arg, i, d)))
+    return entries
+
+
+def _dim_spec(arg: str, i: int, d) -> tuple[str, int, int | None, bool]:
+    """(name, min, max, ranged) of one dim declaration."""
+    if isinstance(d, str):
+        return d, 1, None, False
+    if isinstance(d, tuple) and len(d) == 1 and isinstance(d[0], str):
+        return d[0], 1, None, False
+    if isinstance(d, tuple) and len(d) == 3 and isinstance(d[0], str):
+        return d[0], d[1], d[2], True
+    if isinstance(d, Dim):
+        return d.name, d.min, d.max, True
+    if type(d).__name__ in ("Dim", "_Dim") or hasattr(d, "__name__"):  # a torch.export.Dim
+        return d.__name__, getattr(d, "min", 1), getattr(d, "max", None), True
+    raise KilnError(f"dynamic= for {arg!r} dim {i}: {d!r} is not a name, (name, min, max) or kiln.Dim")
+
+
+def _merged_ranges(entries: list[tuple]) -> dict[str, tuple]:
+    """dim name -> (min, max or None): the range its ranged entries agree on, else [1, inf)."""
+    ranges: dict[str, tuple] = {}
+    for _, _, name, lo, hi, ranged in entries:
+        if ranged and ranges.setdefault(name, (lo, hi)) != (lo, hi):
+            raise KilnError(f"dim {name!r} is declared twice with different ranges {ranges[name]} and {(lo, hi)}",
+                            hint=f"give its range once; a plain {name!r} elsewhere means the same dim")
+    for _, _, name, *_ in entries:
+        ranges.setdefault(name, (1, None))
+    return ranges
 
 
 def _static_like(value):

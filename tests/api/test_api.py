@@ -191,3 +191,31 @@ def test_bad_dynamic_specs_are_explained():
         kiln.compile(lin, (torch.randn(2, 4),), dynamic={"input": {5: "b"}})
     with pytest.raises(kiln.KilnError, match=r"outside the declared range"):
         kiln.compile(lin, (torch.randn(9, 4),), dynamic={"input": {0: ("b", 1, 8)}})
+    with pytest.raises(kiln.KilnError, match=r"dynamic= for 'input' takes a dict"):
+        kiln.compile(lin, (torch.randn(2, 4),), dynamic={"input": ("b", 1, 8)})
+
+
+def _masked(x, mask):
+    return x * mask
+
+
+@pytest.mark.parametrize("dynamic", [
+    {"x": {1: kiln.Dim("seq", 1, 64)}, "mask": {1: "seq"}},  # README's kiln.compile example, in small
+    {"mask": {1: "seq"}, "x": {1: ("seq", 1, 64)}},  # the plain name first
+    {"x": {1: ("seq",)}, "mask": {1: kiln.Dim("seq", 1, 64)}},  # a tuple without a range
+    {"x": {1: ("seq", 1, 64)}, "mask": {1: kiln.Dim("seq", 1, 64)}},  # the same range twice
+], ids=["dim-then-name", "name-then-tuple", "1-tuple-then-dim", "same-range-twice"])
+def test_a_plain_dim_name_means_the_ranged_dim_of_that_name(dynamic):
+    x, mask = torch.randn(2, 8), torch.ones(2, 8)
+    m = kiln.compile(_masked, (x, mask), dynamic=dynamic)
+    assert m.graph.symbols == {"seq": (1, 64)}
+    x, mask = torch.randn(2, 64), torch.rand(2, 64)
+    assert torch.equal(m(x, mask), x * mask)
+    with pytest.raises(kiln.InputError, match=r"dim 1 \(seq\) is 65, outside the allowed range \[1, 64\]"):
+        m(torch.randn(2, 65), torch.ones(2, 65))
+
+
+def test_two_different_ranges_of_one_dim_are_an_error():
+    x, mask = torch.randn(2, 8), torch.ones(2, 8)
+    with pytest.raises(kiln.KilnError, match=r"dim 'seq' is declared twice with different ranges \(1, 64\) and \(1, 32\)"):
+        kiln.compile(_masked, (x, mask), dynamic={"x": {1: kiln.Dim("seq", 1, 64)}, "mask": {1: ("seq", 1, 32)}})

@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
+from kiln import InputError
 from kiln.llm.sampling import SamplingParams, filter_logits, make_generator, sample, sample_rows
 
 # Upper 0.1% points of chi-square by degrees of freedom: a correct sampler fails a given seeded
@@ -163,10 +164,12 @@ def test_same_seed_same_tokens():
                                           ("temperature", "1"), ("top_k", -1), ("top_k", 2.0), ("top_k", True),
                                           ("top_p", 0.0), ("top_p", 1.5), ("top_p", -0.2), ("top_p", math.nan),
                                           ("seed", 1.5)])
-def test_invalid_params_name_the_field(field, value):
-    with pytest.raises(ValueError, match=rf"^{field}=") as err:
+def test_invalid_params_name_the_field_and_its_range(field, value):
+    with pytest.raises(InputError, match=rf"^{field}=") as err:
         SamplingParams(**{field: value})
-    assert repr(value) in str(err.value)
+    assert isinstance(err.value, ValueError)  # existing `except ValueError` keeps working
+    allowed = {"temperature": ">= 0", "top_k": ">= 0", "top_p": "(0, 1]", "seed": "int or None"}[field]
+    assert repr(value) in err.value.message and allowed in err.value.message and err.value.hint
 
 
 def test_bad_shapes_are_refused():
