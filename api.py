@@ -127,6 +127,12 @@ class CompiledModel:
                              tuning=self.executor.tuner.to_json() if self.executor.tuner and self.executor.tuner.decisions else None,
                              files=files, overwrite=overwrite)
 
+    def as_component(self) -> artifact.Component:
+        """This model as one named graph of a multi-graph artifact (``artifact.save_components``)."""
+        tuner = self.executor.tuner
+        return artifact.Component(self.graph, self.signature.to_dict(), self.config.to_dict(), self._report.to_dict(),
+                                  tuner.to_json() if tuner and tuner.decisions else None, {"device": self.device.type})
+
     def random_inputs(self, dims: dict[str, int] | None = None, seed: int = 0) -> list[torch.Tensor]:
         """Random tensors that fit the inputs (symbols take ``dims`` or a small default in range);
         integer inputs feeding an embedding stay below its number of rows."""
@@ -355,12 +361,14 @@ def _load_source(path: str, report: Report, dynamic: dict | None = None):
 # ----------------------------------------------------------------------------- load, jit
 
 
-def load(path: str | os.PathLike, device: str | None = None, backend: str | None = None) -> CompiledModel:
+def load(path: str | os.PathLike, device: str | None = None, backend: str | None = None, *,
+         component: str | None = None) -> CompiledModel:
     """Load a ``.kiln`` artifact; no model source is needed. ``device`` overrides where it runs,
-    ``backend`` how ("kernels", "reference", "auto"; see CompileConfig.backend)."""
+    ``backend`` how ("kernels", "reference", "auto"; see CompileConfig.backend). ``component``: one named graph
+    of an artifact of several (a diffusion pipeline's "step", "vae", "text_encoder")."""
     if device is not None:
         check_device(device)
-    graph, manifest, report_dict, tuning, files = artifact.load(path)
+    graph, manifest, report_dict, tuning, files = artifact.load(path, component)
     config = CompileConfig.from_dict(manifest.get("config") or {})
     if device is None:  # where it was compiled to run, when this machine has it
         device = config.device or manifest.get("device") or "cpu"

@@ -1,4 +1,4 @@
-"""The ``kiln`` command: compile | run | generate | bench | inspect.
+"""The ``kiln`` command: compile | run | generate | sample | bench | inspect.
 
 Errors print as one clear message plus a hint, without a traceback (``KILN_DEBUG=1`` shows it).
 Long phases show progress on stderr; results go to stdout.
@@ -153,6 +153,8 @@ def _check_quantize_args(a) -> None:
 def cmd_compile(a) -> int:
     import kiln
 
+    if a.pipeline:
+        return _compile_pipeline(a)
     output = _check_compile_args(a)
     dims = _parse_dims(a.dim, ranges=True)
     buckets = _parse_buckets(a.batch_buckets) if a.batch_buckets is not None else None
@@ -212,6 +214,43 @@ def _compile_generator(a, spec, model, config, output, buckets, progress, calibr
         out.print(g.compiled.report())
     out.print(escape(f"wrote {output} ({os.path.getsize(output) / 2**20:.1f} MiB): a generator for {spec.name}"
                      + (", with its tokenizer" if tokenizer is not None else ", token ids in and out (no tokenizer)")))
+    return 0
+
+
+def _compile_pipeline(a) -> int:
+    """``--pipeline``: a diffusion sampling pipeline (step graph, VAE decoder[, text encoder]) as one artifact."""
+    import kiln
+
+    from .diffusion import presets
+
+    if a.source or not (a.model or a.weights) or a.generate:
+        raise KilnError("--pipeline takes --model NAME (random weights) or --weights DIR (a diffusers pipeline directory)",
+                        hint="kiln compile --model dit-xl-2-256 --pipeline -o dit-pipe.kiln")
+    unused = [f for f, v in (("--max-seq", a.max_seq), ("--batch-buckets", a.batch_buckets), ("--quantize", a.quantize),
+                             ("--calib", a.calib), ("--static", a.static)) if v]
+    if unused:
+        raise KilnError(f"{', '.join(unused)} do{'es' if len(unused) == 1 else ''} not apply to --pipeline",
+                        hint="a pipeline's one option of shape is --dim batch=1:N (images per call)")
+    if a.weights:
+        _check_weights(a.weights)
+    output = a.output or f"{a.model or os.path.basename(os.path.normpath(a.weights))}-pipeline.kiln"
+    _check_output(output, a.force, hint="use --force to replace it, or -o to write elsewhere")
+    dims = _parse_dims(a.dim, ranges=True)
+    if set(dims) - {"batch"}:
+        raise KilnError(f"a pipeline's one dim is batch (images per call); got --dim {', '.join(sorted(set(dims) - {'batch'}))}")
+    max_batch = dims.get("batch", (1, 8))[1]
+    progress = _Progress(a.quiet)
+    source = f"from {a.weights}" if a.weights else "(random weights)"
+    with progress.step(f"build the diffusers pipeline {a.model or ''} {source}"):
+        pipe = presets.diffusers_pipeline(a.model, a.weights, _torch_dtype(a.dtype), a.seed, a.device)
+    config = kiln.CompileConfig(disable=tuple(a.disable_pass or ()), device=a.device)
+    with progress.step(f"compile the sampling pipeline (up to {max_batch} images per call)"):
+        kp = presets.compile_pipeline(pipe, max_batch=max_batch, config=config)
+    with progress.step(f"save {output}"):
+        kp.save(output, overwrite=a.force)
+    parts = ", ".join(kp.models)
+    out.print(escape(f"wrote {output} ({os.path.getsize(output) / 2**20:.1f} MiB): a {kp.KIND} sampling pipeline ({parts}; "
+                     f"{kp.scheduler.NAME}, {kp.spec['dtype']})"))
     return 0
 
 
@@ -321,6 +360,73 @@ def cmd_generate(a) -> int:
         err.print(f"[dim]{n} tokens for {len(prompts)} prompt(s): first token {((first or end) - t0) * 1e3:.1f} ms, then "
                   f"{(n - len(prompts)) / decode if decode > 0 else 0:.1f} tokens/s on {g.device}[/dim]")
     return 0
+
+
+def cmd_sample(a) -> int:
+    """Sample images with a pipeline artifact and write them as PNG files."""
+    from .diffusion import load
+
+    progress = _Progress(a.quiet)
+    with progress.step(f"load {a.artifact}"):
+        kp = load(a.artifact, device=a.device)
+    kw = {k: v for k, v in (("num_inference_steps", a.steps), ("guidance_scale", a.guidance)) if v is not None}
+    if kp.KIND == "dit":
+        if a.prompt or not a.class_labels:
+            raise KilnError(f"{a.artifact} is a class-conditional DiT pipeline: give --class N (ints in "
+                            f"[0, {kp.spec['num_classes'] - 1}]), not --prompt", hint="kiln sample dit.kiln --class 207")
+        kw["class_labels"] = a.class_labels
+    else:
+        if a.class_labels or not a.prompt:
+            raise KilnError(f"{a.artifact} is a text-to-image pipeline: give --prompt TEXT, not --class",
+                            hint='kiln sample pixart.kiln --prompt "a red fox in snow"')
+        kw.update(prompt=a.prompt, negative_prompt=a.negative_prompt)
+    n = len(a.class_labels or a.prompt)
+    paths = _png_paths(a.output, n, a.force)
+    t0 = time.perf_counter()
+    images = _sample_with_bar(kp, kw, a.seed, a.quiet)
+    seconds = time.perf_counter() - t0
+    for image, path in zip(images, paths):
+        image.save(path, format="PNG")
+    w, h = images[0].size
+    out.print(escape(f"wrote {', '.join(paths)} ({w}x{h}) in {seconds:.2f}s on {kp.device}"))
+    return 0
+
+
+def _png_paths(output: str, n: int, force: bool) -> list[str]:
+    """``output`` for one image; ``stem-0.png``, ``stem-1.png``, ... for several. Refuses to replace files unasked."""
+    stem, ext = os.path.splitext(output)
+    paths = [output] if n == 1 else [f"{stem}-{i}{ext or '.png'}" for i in range(n)]
+    for p in paths:
+        if os.path.exists(p) and not force:
+            raise KilnError(f"{p} already exists", hint="use --force to replace it, or -o to write elsewhere")
+        if not os.path.isdir(os.path.dirname(os.path.abspath(p))):
+            raise KilnError(f"{p}: no such directory", hint="create it first, or -o a path in an existing directory")
+    return paths
+
+
+def _sample_with_bar(kp, kw: dict, seed: int, quiet: bool) -> list:
+    """The pipeline's PIL images, with a progress bar over the denoising steps (it follows the device: each step
+    is waited for, which the pipeline itself never does)."""
+    import torch
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    if quiet:
+        return kp(seed=seed, output_type="pil", **kw).images
+    cuda = kp.device.type == "cuda"
+    bar = Progress(TextColumn("  denoising"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err, transient=True)
+    task = bar.add_task("steps", total=None)
+
+    def advance(i: int, total: int) -> None:
+        if i == 0:
+            bar.start()  # (once the call's inputs are checked: an error prints alone)
+        if cuda:
+            torch.cuda.synchronize(kp.device)
+        bar.update(task, completed=i + 1, total=total)
+    try:
+        return kp(seed=seed, output_type="pil", callback=advance, **kw).images
+    finally:
+        if bar.live.is_started:
+            bar.stop()
 
 
 def _emit_onnx(graph, path: str, progress) -> None:
@@ -584,8 +690,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog="kiln", description="kiln: compile and run transformer models fast.")
     p.add_argument("--version", action="version", version=f"kiln {__version__}")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{compile,run,generate,bench,inspect}")
-    for add in (_compile_parser, _run_parser, _generate_parser, _bench_parser, _inspect_parser):
+    sub = p.add_subparsers(dest="command", required=True, metavar="{compile,run,generate,sample,bench,inspect}")
+    for add in (_compile_parser, _run_parser, _generate_parser, _sample_parser, _bench_parser, _inspect_parser):
         add(sub)
     return p
 
@@ -619,6 +725,10 @@ def _compile_parser(sub) -> None:
                    help="input features per scale of 4-bit weights (default 128)")
     c.add_argument("--calib", metavar="FILE", help="calibration data for --quantize with --model: a text file (tokenized "
                    "with --weights' tokenizer), or token ids as .npy / .json")
+    c.add_argument("--pipeline", action="store_true",
+                   help="a diffusion sampling pipeline (denoising step graph, VAE decoder, scheduler; text encoder and "
+                        "tokenizer for PixArt) of --model dit-tiny / dit-xl-2-256 or of --weights DIR (a diffusers "
+                        "pipeline directory); --dim batch=1:N sets the most images per call (default 8)")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     c.set_defaults(fn=cmd_compile)
 
@@ -651,6 +761,23 @@ def _generate_parser(sub) -> None:
     gen.add_argument("--device", help="run on this device instead of the artifact's")
     gen.add_argument("-q", "--quiet", action="store_true")
     gen.set_defaults(fn=cmd_generate)
+
+
+def _sample_parser(sub) -> None:
+    s = sub.add_parser("sample", help="sample images with a pipeline artifact (compile --pipeline), PNG out")
+    s.add_argument("artifact")
+    s.add_argument("--class", dest="class_labels", type=int, action="append", metavar="N",
+                   help="a class label for a DiT pipeline (repeat for several images)")
+    s.add_argument("--prompt", action="append", help="a text prompt for a PixArt pipeline (repeat for several images)")
+    s.add_argument("--negative-prompt", default="", help="PixArt's negative prompt (default: empty, as diffusers)")
+    s.add_argument("--steps", type=int, help="denoising steps (default: the pipeline's, as diffusers: DiT 50, PixArt 20)")
+    s.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: DiT 4.0, PixArt 4.5)")
+    s.add_argument("--seed", type=int, default=0, help="noise seed, drawn as diffusers draws it (default 0)")
+    s.add_argument("-o", "--output", default="sample.png", help="PNG path (several images: STEM-0.png, STEM-1.png, ...)")
+    s.add_argument("--device", help="run on this device instead of the artifact's")
+    s.add_argument("--force", action="store_true", help="replace existing PNG files")
+    s.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    s.set_defaults(fn=cmd_sample)
 
 
 def _bench_parser(sub) -> None:
