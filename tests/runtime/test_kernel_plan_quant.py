@@ -79,9 +79,12 @@ def test_quantized_llama_on_cuda(pipeline_models, mode):
     m = kiln.compile(model, (ids(2, 7).cuda(),), dynamic=dims, config=kiln.CompileConfig(quantize=mode, quantize_group=32))
     ref = Executor(m.graph, Target.from_config(kiln.CompileConfig(backend="reference"), default_device="cuda"))
     for b, s in [(1, 1), (4, 1), (16, 1), (2, 40)]:
+        # against the graph's float64 function: the kernels' bf16 error is at most the per-op reference's (which
+        # rounds every op's output to bf16), with slack for a different order of rounding
         x = ids(b, s, seed=b + s).cuda()
-        got, want = m.executor.run([x])[0], ref.run([x])[0]
-        assert rel_err(got.float(), want.float()) <= TOL[torch.bfloat16], (b, s)
+        exact = interpret(m.graph, [x], compute_dtype=torch.float64)[0]
+        got, ref_err = m.executor.run([x])[0], rel_err(ref.run([x])[0].double(), exact)
+        assert rel_err(got.double(), exact) <= max(TOL[torch.bfloat16], 1.5 * ref_err), (b, s, ref_err)
     for plan in m.executor.plans:
         d = plan.describe()
         assert d["cuda_graph"] and sum(n for c, n in d["choices"].items() if c.startswith("gemm:")) >= 9, d
