@@ -88,7 +88,28 @@ def wrong_rank(rank: int, world: int, out: Path) -> dict:
     return {"error": None}
 
 
-SCENARIOS = {"equivalence": equivalence, "wrong_rank": wrong_rank}
+def collectives(rank: int, world: int, out: Path) -> dict:
+    """ALL_REDUCE and ALL_GATHER (axis 1; stride 1 and world) as the reference interpreter runs them in float64 and as
+    the kernels plan launches them (``collective_call``), on this rank's x = rank + 1 + [0, 1, ..)."""
+    from kiln.codegen.schedule import Group
+    from kiln.ir.graph import Graph
+    from kiln.ir.interpret import interpret
+    from kiln.runtime.kernel_plan import collective_call
+
+    x = torch.arange(12, dtype=torch.float32).reshape(3, 4) + rank + 1
+    got = {}
+    for op, attrs in (("ALL_REDUCE", {}), ("ALL_GATHER", dict(axis=1)), ("ALL_GATHER", dict(axis=1, stride=world))):
+        g = Graph()
+        node = g.add(op, [g.add_input("x", (3, 4), "float32")], world=world, **attrs)
+        g.set_outputs([node])
+        (ref,) = interpret(g, [x], compute_dtype=torch.float64)
+        buf = torch.full(node.shape, float("nan"))
+        collective_call(Group("reference", [node]), op, x, node.attrs, buf).run()
+        got[f"{op}{attrs}"] = (ref, buf)
+    return got
+
+
+SCENARIOS = {"collectives": collectives, "equivalence": equivalence, "wrong_rank": wrong_rank}
 
 
 def main() -> None:

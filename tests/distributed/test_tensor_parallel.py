@@ -68,3 +68,12 @@ def test_tp_without_a_process_group_is_a_clear_error():
     hf = ranks.hf_model("Llama")
     with pytest.raises(kiln.KilnError, match="tp=2 needs an initialised torch.distributed process group of 2 ranks"):
         kiln.from_hf(hf, max_seq=32, batch_buckets=(1,), tp=2)
+
+
+def test_collectives_sum_and_gather_across_ranks(tmp_path):
+    x = [torch.arange(12, dtype=torch.float64).reshape(3, 4) + r + 1 for r in range(2)]
+    want = {"ALL_REDUCE{}": x[0] + x[1], "ALL_GATHER{'axis': 1}": torch.cat(x, 1), "ALL_GATHER{'axis': 1, 'stride': 2}": x[0]}
+    for got in ranks.launch("collectives", tmp_path):
+        for key, (ref, kernels_plan) in got.items():
+            assert torch.equal(ref, want[key]) and ref.dtype == torch.float64  # the interpreter's reference, in float64
+            assert torch.equal(kernels_plan.double(), want[key])  # the kernels plan's call into its planned buffer
