@@ -302,7 +302,7 @@ def cmd_generate(a) -> int:
     from .llm.sampling import SamplingParams
 
     if a.tp > 1 and "RANK" not in os.environ:
-        return _spawn_ranks(a.tp)
+        return _spawn_ranks(a.argv, a.tp)
     rank = _join_ranks(a)
     sampling = SamplingParams(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed)
     progress = _Progress(a.quiet)
@@ -353,7 +353,7 @@ def cmd_generate(a) -> int:
     return 0
 
 
-def _spawn_ranks(world: int) -> int:
+def _spawn_ranks(argv: list, world: int) -> int:
     """``kiln generate --tp N``: this command again in N processes, one per rank, as torchrun would start them
     (RANK, WORLD_SIZE, MASTER_ADDR / PORT on localhost); rank 0 prints. The exit status is the first failing rank's."""
     import socket
@@ -363,7 +363,7 @@ def _spawn_ranks(world: int) -> int:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world)}
-    procs = [subprocess.Popen([sys.executable, "-m", "kiln", *sys.argv[1:]], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)})
+    procs = [subprocess.Popen([sys.executable, "-m", "kiln", *argv], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)})
              for r in range(world)]
     codes = [p.wait() for p in procs]
     return next((c for c in codes if c), 0)
@@ -754,6 +754,7 @@ def _inspect_parser(sub) -> None:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # (kiln generate --tp N runs this command again per rank)
     try:
         if getattr(args, "device", None):
             from .api import check_device
