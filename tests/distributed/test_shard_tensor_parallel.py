@@ -156,3 +156,12 @@ def test_one_rank_changes_nothing():
     before = graph_to_json(g)
     stats = shard_tensor_parallel(g, 0, 1)
     assert stats.rewritten == 0 and graph_to_json(g) == before
+
+
+def test_quantization_after_sharding_packs_each_rank_block_and_knows_the_gathered_head():
+    from kiln.passes.quantize_weights import QuantizeSpec, quantize_weights
+
+    (s, _), _ = shards(block(4, 2), 2)
+    stats = quantize_weights(s, QuantizeSpec("w4a16", None, True, None, False))
+    assert [d["reason"].split(":")[0] for d in stats.declined] == ["output head (LM head) kept in float32 at 4 bits"]
+    assert s.histogram()["QGEMM"] == 4 and s.outputs[2].op == "ALL_GATHER" and s.outputs[2].inputs[0].op == "LINEAR"
