@@ -160,7 +160,9 @@ def cmd_compile(a) -> int:
     buckets = _parse_buckets(a.batch_buckets) if a.batch_buckets is not None else None
     progress = _Progress(a.quiet)
     config = kiln.CompileConfig(disable=tuple(a.disable_pass or ()), device=a.device, verify=a.verify, quantize=a.quantize,
-                                quantize_group=None if a.quantize_group == "channel" else int(a.quantize_group))
+                                quantize_group=None if a.quantize_group == "channel" else int(a.quantize_group), tp=a.tp)
+    if a.tp > 1:
+        return _compile_shards(a, config, output, buckets, progress)
     if a.source:
         compiled = kiln.compile(a.source, dynamic=dims or None, config=config, report_hook=progress)
     else:
@@ -197,6 +199,31 @@ def cmd_compile(a) -> int:
     return 0
 
 
+def _compile_shards(a, config, output: str, buckets, progress) -> int:
+    """--tp N: each rank's shard compiled here, one after another, without a process group (sharding needs no
+    communication), written as OUTPUT's shard files (``gen.rank0-of-2.kiln``, ...)."""
+    import dataclasses
+
+    from .llm.generator import DEFAULT_BATCH_BUCKETS, Generator
+    from .models import registry
+    from .runtime.artifact import check_output_path, shard_path
+
+    if a.source or not a.generate or a.calib:
+        raise KilnError("--tp shards LLM generators: give --model with --generate (and no --calib)",
+                        hint="compile a plain model without --tp")
+    spec = registry.get(a.model)
+    paths = [check_output_path(shard_path(output, r, a.tp), a.force, "use --force to replace it") for r in range(a.tp)]
+    with progress.step(f"build {spec.name}" + (f" from {a.weights}" if a.weights else " (random weights)")):
+        model = spec.build(weights=a.weights, dtype=_torch_dtype(a.dtype), seed=a.seed)
+    for r, path in enumerate(paths):
+        with progress.step(f"compile rank {r} of {a.tp}"):
+            g = Generator.compile(model, max_seq=a.max_seq or 1024, batch_buckets=buckets or DEFAULT_BATCH_BUCKETS,
+                                  config=dataclasses.replace(config, tp_rank=r), eos_token_id=_eos_of(a.weights), device=a.device)
+        g.save(output, overwrite=a.force)
+        out.print(escape(f"wrote {path} ({os.path.getsize(path) / 2**20:.1f} MiB): rank {r} of {a.tp} of a generator for {spec.name}"))
+    return 0
+
+
 def _compile_generator(a, spec, model, config, output, buckets, progress, calibration=None) -> int:
     from .llm.generator import DEFAULT_BATCH_BUCKETS, Generator, _load_tokenizer
 
@@ -227,7 +254,7 @@ def _compile_pipeline(a) -> int:
         raise KilnError("--pipeline takes --model NAME (random weights) or --weights DIR (a diffusers pipeline directory)",
                         hint="kiln compile --model dit-xl-2-256 --pipeline -o dit-pipe.kiln")
     unused = [f for f, v in (("--max-seq", a.max_seq), ("--batch-buckets", a.batch_buckets), ("--quantize", a.quantize),
-                             ("--calib", a.calib), ("--static", a.static)) if v]
+                             ("--calib", a.calib), ("--static", a.static), ("--tp", a.tp != 1)) if v]
     if unused:
         raise KilnError(f"{', '.join(unused)} do{'es' if len(unused) == 1 else ''} not apply to --pipeline",
                         hint="a pipeline's one option of shape is --dim batch=1:N (images per call)")
@@ -313,6 +340,9 @@ def cmd_generate(a) -> int:
     from .llm.generator import Generator
     from .llm.sampling import SamplingParams
 
+    if a.tp > 1 and "RANK" not in os.environ:
+        return _spawn_ranks(a.argv, a.tp)
+    rank = _join_ranks(a)
     sampling = SamplingParams(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed)
     progress = _Progress(a.quiet)
     with progress.step(f"load {a.artifact}"):
@@ -330,7 +360,7 @@ def cmd_generate(a) -> int:
         prompts = list(a.prompt)
     else:
         raise KilnError("nothing to generate from", hint='kiln generate ARTIFACT --prompt "..." (or --ids 1,2,3)')
-    text = g.tokenizer is not None and len(prompts) == 1
+    text = g.tokenizer is not None and len(prompts) == 1 and rank == 0
     t0 = time.perf_counter()
     first = None
     counts = [0] * len(prompts)
@@ -348,7 +378,7 @@ def cmd_generate(a) -> int:
     end = time.perf_counter()
     if text:
         sys.stdout.write("\n")
-    else:
+    elif rank == 0:
         for i, r in enumerate(results):
             shown = g.tokenizer.decode(r, skip_special_tokens=True) if g.tokenizer is not None else " ".join(map(str, r))
             out.print(escape(f"[{i}] {shown}"))
@@ -427,6 +457,46 @@ def _sample_with_bar(kp, kw: dict, seed: int, quiet: bool) -> list:
     finally:
         if bar.live.is_started:
             bar.stop()
+
+
+def _spawn_ranks(argv: list, world: int) -> int:
+    """``kiln generate --tp N``: this command again in N processes, one per rank, as torchrun would start them
+    (RANK, WORLD_SIZE, MASTER_ADDR / PORT on localhost); rank 0 prints. The exit status is the first failing rank's."""
+    import socket
+    import subprocess
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world)}
+    procs = [subprocess.Popen([sys.executable, "-m", "kiln", *argv], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)})
+             for r in range(world)]
+    codes = [p.wait() for p in procs]
+    return next((c for c in codes if c), 0)
+
+
+def _join_ranks(a) -> int:
+    """Under torchrun (or --tp's processes): join the process group (NCCL on CUDA, else gloo), run on this rank's GPU;
+    ranks other than 0 print nothing. Returns this process's rank (0 without one)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0
+    import torch
+    import torch.distributed as dist
+
+    if a.tp not in (1, world):
+        raise KilnError(f"--tp {a.tp}, but {world} ranks were started", hint=f"--tp {world}, or leave it out under torchrun")
+    cuda = torch.cuda.is_available() and (a.device or "cuda").startswith("cuda")
+    if cuda:
+        a.device = a.device or f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        torch.cuda.set_device(torch.device(a.device))
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    rank = dist.get_rank()
+    if rank:
+        a.quiet = True
+        out.quiet = True
+    return rank
 
 
 def _emit_onnx(graph, path: str, progress) -> None:
@@ -729,6 +799,8 @@ def _compile_parser(sub) -> None:
                    help="a diffusion sampling pipeline (denoising step graph, VAE decoder, scheduler; text encoder and "
                         "tokenizer for PixArt) of --model dit-tiny / dit-xl-2-256 or of --weights DIR (a diffusers "
                         "pipeline directory); --dim batch=1:N sets the most images per call (default 8)")
+    c.add_argument("--tp", type=int, default=1, metavar="N", help="with --generate: tensor parallel over N GPUs; writes one "
+                   "shard per rank, OUTPUT's name + .rankR-of-N.kiln (no process group needed)")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     c.set_defaults(fn=cmd_compile)
 
@@ -759,6 +831,8 @@ def _generate_parser(sub) -> None:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--stop", action="append", help="stop when the text contains this string (repeatable)")
     gen.add_argument("--device", help="run on this device instead of the artifact's")
+    gen.add_argument("--tp", type=int, default=1, metavar="N", help="a tensor-parallel generator's N shards: starts N "
+                     "processes, one per rank (or start them with torchrun --nproc-per-node N -m kiln generate ...)")
     gen.add_argument("-q", "--quiet", action="store_true")
     gen.set_defaults(fn=cmd_generate)
 
@@ -807,6 +881,7 @@ def _inspect_parser(sub) -> None:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # (kiln generate --tp N runs this command again per rank)
     try:
         if getattr(args, "device", None):
             from .api import check_device

@@ -47,6 +47,10 @@ class CompileConfig:
     quantize_lm_head: bool | None = None
     #: GPTQ visits input features by descending Hessian diagonal (act_order)
     quantize_act_order: bool = False
+    #: tensor parallel: the number of ranks the graph is sharded over (passes/shard_tensor_parallel.py); 1: not sharded
+    tp: int = 1
+    #: the rank whose shard this is; None: the process group's rank (torch.distributed, initialised with tp ranks)
+    tp_rank: int | None = None
 
     def __post_init__(self):
         self.disable = tuple(self.disable)
@@ -59,6 +63,11 @@ class CompileConfig:
                 raise KilnError(f"CompileConfig.kernels: {kind!r} -> {impl!r} is not a choice",
                                 hint="; ".join(f"{k}: {', '.join(v)}" for k, v in KERNEL_CHOICES.items()))
         self.quantize_spec()  # checks the quantize knobs
+        if not isinstance(self.tp, int) or self.tp < 1 or (self.tp_rank is not None and not 0 <= self.tp_rank < self.tp):
+            raise KilnError(f"CompileConfig.tp = {self.tp!r}, tp_rank = {self.tp_rank!r}: tp is a rank count >= 1, tp_rank one "
+                            "of its ranks (or None: the process group's)")
+        if self.tp > 1 and "shard_tensor_parallel" in self.disable:
+            raise KilnError("CompileConfig.tp > 1 needs the pass shard_tensor_parallel", hint="do not disable it, or use tp=1")
         unknown = [d for d in self.disable if d not in PASS_NAMES]
         if unknown:
             raise KilnError(f"unknown pass name(s) to disable: {', '.join(unknown)}",

@@ -23,12 +23,13 @@ from typing import Iterator
 
 import torch
 
-from ..api import SourceWatch
+from ..api import SourceWatch, process_group
 from ..api import compile as kiln_compile
 from ..api import load as kiln_load
 from ..config import CompileConfig
 from ..errors import ArtifactError, InputError, KilnError
 from ..models.llama import HF_MODEL_TYPES, LlamaConfig, LlamaStep, llama_from_tensors, load_llama
+from ..runtime.artifact import shard_path
 from .sampling import SamplingParams, make_generator, sample
 
 DEFAULT_BATCH_BUCKETS = (1, 2, 4, 8, 16)
@@ -163,6 +164,7 @@ class Generator:
         self.dtype = _DTYPES[spec["dtype"]]
         self.tokenizer = tokenizer
         self.eos = set(spec.get("eos") or [])
+        self.tp = tuple(spec.get("tp") or (0, 1))  # (rank, world)
         self.compile_s = 0.0
         self._caches: dict[int, dict[str, torch.Tensor]] = {}
         self._busy = False
@@ -170,11 +172,12 @@ class Generator:
     @classmethod
     def compile(cls, model, *, max_seq: int = 1024, batch_buckets=DEFAULT_BATCH_BUCKETS, device=None, dtype=None,
                 tokenizer=None, eos_token_id: int | list[int] | None = None, config: CompileConfig | None = None,
-                quantize: str | None = None, calibration=None) -> "Generator":
+                quantize: str | None = None, calibration=None, tp: int | None = None) -> "Generator":
         """Compile kiln's LlamaForCausalLM ``model`` into a generator (see the class docstring). ``quantize``: a
         weight-only mode (``CompileConfig.quantize``; overrides ``config``'s); ``calibration``: text (with the
         tokenizer) or token ids, one item or a list of them, run as prefill steps (``calibration_steps``) for
-        GPTQ and for each quantized GEMM's measured error."""
+        GPTQ and for each quantized GEMM's measured error. ``tp``: tensor parallel over that many ranks (``CompileConfig.tp``;
+        overrides ``config``'s): the generator is this process's rank of them (see :func:`tensor_parallel_sampling`)."""
         cfg = model.config
         if max_seq < 2:
             raise KilnError(f"max_seq must be at least 2, got {max_seq}")
@@ -189,7 +192,10 @@ class Generator:
         spec = dict(vocab_size=cfg.vocab_size, num_layers=cfg.num_hidden_layers, kv_heads=cfg.num_key_value_heads,
                     head_dim=cfg.head_dim, sliding_window=cfg.sliding_window, max_seq=int(max_seq), batch_buckets=list(buckets),
                     dtype=str(dtype).removeprefix("torch."), eos=sorted({eos} if isinstance(eos, int) else set(eos or [])))
-        config = dataclasses.replace(config or CompileConfig(), **({"quantize": quantize} if quantize is not None else {}))
+        config = dataclasses.replace(config or CompileConfig(), **({"quantize": quantize} if quantize is not None else {}),
+                                     **({"tp": tp} if tp is not None else {}))
+        if config.tp > 1 and calibration is not None:
+            raise KilnError("calibration with tp > 1 is not supported yet", hint="quantize without calibration (w8a16, w4a16), or tp=1")
         if config.device is None:
             config.device = str(device)
         # the example: batch 2 (1 if that is all), 2 tokens; its caches are the example's own
@@ -206,6 +212,7 @@ class Generator:
         compiled = kiln_compile(step_function(LlamaStep(model), cfg.num_hidden_layers), (), example, dynamic=dims, config=config,
                                 calibration=steps)
         compiled.source_watch = SourceWatch(model)  # (a function's closure is not watched: the model is)
+        _shard_spec(spec, compiled)
         g = cls(compiled, spec, tokenizer)
         g.compile_s = time.perf_counter() - t0
         return g
@@ -232,12 +239,15 @@ class Generator:
                 for f in sorted(Path(d).iterdir()):
                     if f.is_file() and f.suffix in (".json", ".txt", ".model"):
                         files["tokenizer/" + f.name] = f.read_bytes()
+        if self.spec.get("tp"):  # a tensor-parallel rank writes its own shard: gen.kiln -> gen.rank0-of-2.kiln
+            path = shard_path(path, *self.spec["tp"])
         return self.compiled.save(path, overwrite, extra={"generator": self.spec}, files=files)
 
     @classmethod
     def load(cls, path, device=None, backend=None) -> "Generator":
-        """A generator saved with :meth:`save` (with its tokenizer when it was saved with one)."""
-        m = kiln_load(path, device=device, backend=backend)
+        """A generator saved with :meth:`save` (with its tokenizer when it was saved with one). In a process group of
+        several ranks, ``gen.kiln`` means this rank's shard ``gen.rank{R}-of-{N}.kiln`` when no ``gen.kiln`` exists."""
+        m = kiln_load(_rank_file(path), device=device, backend=backend)
         spec = m.manifest.get("generator")
         if not isinstance(spec, dict):
             raise ArtifactError(f"{path}: check 'generator' failed: the artifact is a plain model, not a generator",
@@ -324,7 +334,7 @@ class Generator:
         pad = torch.tensor([T - len(p) for p in rows])
         ids = torch.tensor([[0] * (T - len(p)) + p for p in rows], device=self.device)
         caches = self.caches(bucket)
-        gen = make_generator(sampling, self.device)
+        gen = make_generator(tensor_parallel_sampling(sampling, self.tp[1]), self.device)
         logits = self.compiled.run(list(self._inputs(ids, pad, 0, caches).values()))[0]
         decode = _Decoder(self, bucket, pad, caches)
         cuda = self.device.type == "cuda"
@@ -444,6 +454,40 @@ def from_hf(model, tokenizer=None, **kw) -> Generator:
     if "eos_token_id" not in kw:
         kw["eos_token_id"] = getattr(getattr(model, "generation_config", None), "eos_token_id", None) or hf_cfg.get("eos_token_id")
     return Generator.compile(ours.eval(), tokenizer=tokenizer, **kw)
+
+
+def _shard_spec(spec: dict, compiled) -> None:
+    """A tensor-parallel rank's generation settings: its KV caches hold its kv heads (the sharded cache inputs say how
+    many), and ``tp`` records (rank, world)."""
+    config = compiled.config
+    if config.tp > 1:
+        k0 = next(n for n in compiled.graph.inputs if n.attrs["name"] == "k_cache_0")
+        spec.update(kv_heads=int(k0.shape[1]), tp=[config.tp_rank, config.tp])
+
+
+def tensor_parallel_sampling(sampling: SamplingParams, world: int) -> SamplingParams:
+    """How the ranks of a tensor-parallel generator agree on each token: every rank samples the same way from the same
+    logits (the LM head's ALL_GATHER hands every rank all of them) with the same seed, so their tokens are equal with
+    no collective per token; the alternative, rank 0 sampling and broadcasting, would add a broadcast and a host
+    round trip to every decode step. An unseeded request gets one seed drawn on rank 0 and broadcast once (per
+    request). Greedy decoding needs no seed."""
+    if world == 1 or sampling.seed is not None or sampling.temperature == 0:
+        return sampling
+    import torch.distributed as dist
+
+    seed = torch.randint(0, 2 ** 62, (1,), dtype=torch.int64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.broadcast(seed, src=0)
+    return dataclasses.replace(sampling, seed=int(seed))
+
+
+def _rank_file(path):
+    """``path``, or this rank's shard of it when it does not exist and this process is one of several ranks."""
+    import os
+
+    rank, world = process_group()
+    if world > 1 and not os.path.exists(path) and os.path.exists(shard_path(path, rank, world)):
+        return shard_path(path, rank, world)
+    return path
 
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -19,6 +19,7 @@ from .fuse_horizontal_gemm import fuse_horizontal_gemm
 from .fuse_norm import fuse_norm
 from .quantize_weights import QuantizeSpec, quantize_weights
 from .report import Report
+from .shard_tensor_parallel import shard_tensor_parallel
 
 PIPELINE = [
     # the importers leave shape-only and assert-only values behind; drop them before anything reads the graph
@@ -42,6 +43,9 @@ PIPELINE = [
     # the convolutional counterpart (SiLU into group norms, residual adds and divisions into convs): it reads only
     # CONV2D / GROUP_NORM sites, which no pass above touches, after CSE and folding have settled the graph
     ("fuse_conv", fuse_conv),
+    # after every fusion, so each rank keeps merged QKV / gate-up GEMMs and fused epilogues (split by their parts), and
+    # before quantization, which then packs each rank's block of a weight with scales of its own; off at tp = 1
+    ("shard_tensor_parallel", shard_tensor_parallel),
     # last: a merged QKV / gate-up / adaLN GEMM is quantized as ONE weight against its one input's Hessian, and its
     # fused epilogue carries over into the QGEMM; off unless CompileConfig.quantize is set
     ("quantize_weights", quantize_weights),
@@ -50,11 +54,13 @@ PASS_NAMES = tuple(name for name, _ in PIPELINE)
 
 
 def run_pipeline(graph: Graph, disable=(), report: Report | None = None, quantize: QuantizeSpec | None = None,
-                 calibration: list | None = None) -> Graph:
+                 calibration: list | None = None, tp: tuple[int, int] = (0, 1)) -> Graph:
     """Run every enabled pass in order; verify the graph after each that changed it. ``KILN_DEBUG=1``
     verifies after every pass and prints the IR after each to stderr. ``quantize``: weight-only quantization
-    (None: off) and its ``calibration`` samples (flat input lists, graph order)."""
-    settings = {"quantize_weights": dict(spec=quantize, calibration=calibration)}  # the passes that take settings
+    (None: off) and its ``calibration`` samples (flat input lists, graph order); ``tp``: (rank, world) of the tensor-parallel
+    shard to make (world 1: the whole graph)."""
+    settings = {"quantize_weights": dict(spec=quantize, calibration=calibration),  # the passes that take settings
+                "shard_tensor_parallel": dict(rank=tp[0], world=tp[1])}
     for name, fn in PIPELINE:
         if name in disable:
             if report is not None:

@@ -474,3 +474,28 @@ def _from_members(path: str, manifest: dict, data: dict, weights_buf, prefix: st
         raise ArtifactError(f"{path}: check 'tuning' failed for member {prefix + 'tuning.json'!r}: {e}") from None
     files = {name[len(FILES):]: blob for name, blob in data.items() if name.startswith(FILES)}
     return graph, manifest, report, tuning, files
+
+
+# ----------------------------------------------------------------------------- tensor-parallel shards
+
+
+def shard_path(path: str | os.PathLike, rank: int, world: int) -> str:
+    """The file of rank ``rank``'s shard of a ``world``-rank artifact ``path``: ``gen.kiln`` -> ``gen.rank0-of-2.kiln``.
+    One ordinary artifact per rank: a rank maps its own file only (on a node's local disk, if need be), and
+    ``kiln inspect`` reads any of them."""
+    root, ext = os.path.splitext(os.fspath(path))
+    return f"{root}.rank{rank}-of-{world}{ext or '.kiln'}"
+
+
+def check_shard(path: str, manifest: dict, rank: int, world: int) -> None:
+    """Refuse a tensor-parallel shard in a process that is not its rank of a group of its size: the ArtifactError names
+    the check that failed."""
+    config = manifest.get("config") or {}
+    tp, tp_rank = int(config.get("tp", 1)), config.get("tp_rank")
+    if tp != world:
+        raise ArtifactError(f"{path}: check 'tensor_parallel world size' failed: the artifact is rank {tp_rank}'s shard of a "
+                            f"{tp}-rank model, this process is rank {rank} of {world}",
+                            hint=f"run it with {tp} ranks (torchrun --nproc-per-node {tp}, or kiln generate --tp {tp})")
+    if tp_rank != rank:
+        raise ArtifactError(f"{path}: check 'tensor_parallel rank' failed: the artifact is rank {tp_rank}'s shard, this "
+                            f"process is rank {rank}", hint=f"load {shard_path('NAME.kiln', rank, world)} on rank {rank}")

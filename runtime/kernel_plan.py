@@ -32,6 +32,7 @@ from ..codegen.pointwise import launch
 from ..codegen.schedule import VIEW_OPS, Group
 from ..ir.graph import Graph, Node
 from ..ir.interpret import eval_node, node_attrs
+from ..ir.ops import COLLECTIVE_OPS
 from ..ir.types import eval_dim, torch_dtype
 from .memory import Liveness, nbytes
 from .plan import Plan
@@ -41,7 +42,7 @@ from .plan import Plan
 class KernelCall:
     """One entry of the call list: a group, how it runs, and the implementation chosen for it."""
     group: Group
-    kind: str  # pointwise | gemm | matmul | attention | update | copy | reference
+    kind: str  # pointwise | gemm | matmul | attention | update | copy | collective | reference
     run: object  # () -> None
     choice: str = ""
 
@@ -108,6 +109,32 @@ MAX_OUTPUT_SETS = 2  # output buffer sets a caller may hold at once without copi
 def _use_count(t: torch.Tensor) -> int:
     """References to ``t``'s storage: its tensor, every view of it (a caller's included), and the query's own."""
     return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
+
+
+def collective_call(g: Group, op: str, x: torch.Tensor, attrs: dict, out: torch.Tensor) -> KernelCall:
+    """ALL_REDUCE / ALL_GATHER through torch.distributed, straight into the planned buffer ``out``. On NCCL the collective
+    is captured in the bucket's CUDA graph and runs at each replay (every rank replays the same graphs in the same
+    order: the decode loop runs in lock step). ALL_GATHER gathers into a [world, *x.shape] buffer made with the plan,
+    then copies the kept pieces (every ``stride``-th) into ``out`` along ``axis``."""
+    import torch.distributed as dist
+
+    world = attrs["world"]
+    if world == 1:
+        return KernelCall(g, "collective", lambda: out.copy_(x), op.lower())
+    if op == "ALL_REDUCE":
+        def all_reduce():
+            out.copy_(x)
+            dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        return KernelCall(g, "collective", all_reduce, "all_reduce")
+    ax, stride = attrs["axis"], attrs["stride"]
+    flat = torch.empty((world * x.shape[0],) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)  # (gloo's layout)
+    kept = flat.view((world,) + tuple(x.shape))[::stride].movedim(0, ax)  # [..., world / stride, n, ...]: the pieces in order along ax
+    dst = out.view(kept.shape)
+
+    def all_gather():
+        dist.all_gather_into_tensor(flat, x.contiguous())
+        dst.copy_(kept)
+    return KernelCall(g, "collective", all_gather, "all_gather")
 
 
 def _run(calls: list) -> None:
@@ -392,6 +419,8 @@ class KernelPlan(Plan):
             what, candidates = lower.conv(args, attrs, out, device)
         elif kind == "group_norm":
             what, candidates = lower.group_norm(args, attrs, out, tmp, device)
+        elif n.op in COLLECTIVE_OPS:
+            return collective_call(g, n.op, args[0], attrs, out)
         else:
             return self._reference(g, kind, n, args, attrs, out)
         choice = self.target.tuner.choose(kind, what, candidates, device)

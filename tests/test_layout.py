@@ -25,7 +25,7 @@ LAYERS = [
     ("runtime",),
     ("api", "jit"),
     ("llm", "diffusion"),
-    ("cli", ""),
+    ("cli", "", "__main__"),
     ("testing",),  # helpers for tests and benchmarks: nothing in the product imports them
 ]
 EXACT = {"ir", ""}

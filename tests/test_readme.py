@@ -38,7 +38,8 @@ import kiln
 from kiln.cli import main
 
 README = Path(__file__).resolve().parent.parent / "README.md"
-MARKED = {("How a graph runs", "needs a GPU")}  # (section, marker) of every marked block
+MARKED = {("How a graph runs", "needs a GPU"),  # (section, marker) of every marked block
+          ("Tensor parallel", "needs 2 processes: torchrun --nproc-per-node 2 script.py")}
 VOCAB = 128256
 
 
