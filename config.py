@@ -5,6 +5,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from .errors import KilnError
+from .ir.kv_quant import KV_DTYPES
 from .passes.pipeline import PASS_NAMES
 
 
@@ -33,6 +34,9 @@ class CompileConfig:
     kernels: dict = field(default_factory=dict)
     #: notes kept with the artifact (free-form, e.g. the registry name it was built from)
     tags: dict = field(default_factory=dict)
+    #: an LLM generator's KV cache: None (the activations' dtype), "int8" or "fp8" (e4m3): quantized codes plus a
+    #: float32 scale per (row, kv head, slot), dequantized inside the attention kernels (``ir/kv_quant.py``)
+    kv_cache_dtype: str | None = None
 
     def __post_init__(self):
         self.disable = tuple(self.disable)
@@ -44,6 +48,9 @@ class CompileConfig:
             if impl not in KERNEL_CHOICES.get(kind, ()):
                 raise KilnError(f"CompileConfig.kernels: {kind!r} -> {impl!r} is not a choice",
                                 hint="; ".join(f"{k}: {', '.join(v)}" for k, v in KERNEL_CHOICES.items()))
+        if self.kv_cache_dtype is not None and self.kv_cache_dtype not in KV_DTYPES:
+            raise KilnError(f"CompileConfig.kv_cache_dtype must be None, {' or '.join(repr(k) for k in KV_DTYPES)}, "
+                            f"got {self.kv_cache_dtype!r}")
         unknown = [d for d in self.disable if d not in PASS_NAMES]
         if unknown:
             raise KilnError(f"unknown pass name(s) to disable: {', '.join(unknown)}",
