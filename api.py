@@ -175,31 +175,36 @@ def _index_bound(graph: Graph, node) -> int:
 
 
 def compile(model, example_inputs=(), example_kwargs: dict | None = None, *, dynamic: dict | None = None,
-            config: CompileConfig | None = None, report_hook=None) -> CompiledModel:
+            config: CompileConfig | None = None, report_hook=None, calibration=None) -> CompiledModel:
     """Compile ``model`` (an ``nn.Module``, a function of tensors, a ``torch.export.ExportedProgram``, or
     the path of a ``.pt2`` or ``.onnx`` file) for the example inputs, which are given as torch.export takes them.
 
     ``dynamic`` declares symbolic dims: ``{"input_ids": {0: ("batch", 1, 8), 1: kiln.Dim("seq", 1, 2048)}}``;
     every other dim is fixed to its example size. An ONNX file declares its own dims (``dim_param``);
-    ``dynamic`` may rename / range them the same way, or range them by name: ``{"seq": (1, 2048)}``."""
+    ``dynamic`` may rename / range them the same way, or range them by name: ``{"seq": (1, 2048)}``.
+    ``calibration``: inputs for ``config.quantize`` (GPTQ fits to them; every mode reports its error on them),
+    a list of calls, each a dict of keyword arguments, a tuple of positional ones, or one tensor."""
     config = config or CompileConfig()
     report = Report(listener=report_hook)
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     example_kwargs = dict(example_kwargs or {})
     src = capture_model(model, tuple(example_inputs), example_kwargs, dynamic, report)
-    return build(src, config, report, example_inputs, example_kwargs)
+    return build(src, config, report, example_inputs, example_kwargs, calibration=calibration)
 
 
-def build(src: "Source", config: CompileConfig, report: Report, example_inputs=(), example_kwargs: dict | None = None) -> CompiledModel:
+def build(src: "Source", config: CompileConfig, report: Report, example_inputs=(), example_kwargs: dict | None = None,
+          calibration=None) -> CompiledModel:
     """An imported graph optimized and made runnable; planned at the example's shapes, verified against the eager
-    module when the config asks; refusing to run once the source module's weights change."""
+    module when the config asks; refusing to run once the source module's weights change. ``calibration``: as
+    :func:`compile` takes it."""
     graph = src.graph
     report.ops_before = graph.histogram()
     report.model.update(parameters=sum(t.numel() for t in graph.weights.values()), weight_bytes=graph.weight_bytes(),
                         inputs=[n.attrs["name"] for n in graph.inputs], outputs=list(graph.output_names))
+    samples = _calibration_inputs(calibration, src.signature)
     with report.phase("optimize"):
-        run_pipeline(graph, config.disable, report)
+        run_pipeline(graph, config.disable, report, config.quantize_spec(), samples)
     report.ops_after = graph.histogram()
     with report.phase("plan"):
         compiled = CompiledModel(graph, src.signature, config, report)
@@ -216,6 +221,20 @@ def build(src: "Source", config: CompileConfig, report: Report, example_inputs=(
         with report.phase("verify"):
             report.verify = _verify(src.module, compiled, example_inputs, example_kwargs or {}, src.signature)
     return compiled
+
+
+def _calibration_inputs(calibration, signature: Signature) -> list | None:
+    """Each calibration call (kwargs dict, args tuple or one tensor) as the graph's flat input tensors."""
+    if calibration is None:
+        return None
+    samples = []
+    for k, call in enumerate(calibration):
+        args, kwargs = ((), call) if isinstance(call, dict) else ((call,) if isinstance(call, torch.Tensor) else tuple(call), {})
+        try:
+            samples.append(signature.flatten(args, kwargs))
+        except KilnError as e:
+            raise KilnError(f"calibration call {k}: {e.message}", hint=e.hint) from None
+    return samples
 
 
 @dataclass

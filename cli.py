@@ -131,6 +131,7 @@ def _check_compile_args(a) -> str:
                         hint="batch sizes come from --batch-buckets, the sequence range from --max-seq")
     if a.static and a.dim:
         raise KilnError("--static fixes every dim, so --dim has nothing to range", hint="give one of them")
+    _check_quantize_args(a)
     if a.weights:
         _check_weights(a.weights)
     output = a.output or (os.path.splitext(os.path.basename(a.source))[0] if a.source else a.model) + ".kiln"
@@ -140,6 +141,16 @@ def _check_compile_args(a) -> str:
     return output
 
 
+def _check_quantize_args(a) -> None:
+    if a.calib and (a.source or not a.quantize):
+        raise KilnError("--calib calibrates --quantize of a --model", hint="kiln compile --model NAME --quantize w4a16-gptq --calib FILE")
+    if a.quantize and a.quantize.endswith("-gptq") and not a.calib:
+        raise KilnError(f"--quantize {a.quantize} runs GPTQ, which needs calibration data: give --calib FILE",
+                        hint="a text file, or token ids as .npy / .json; the rounding modes (w8a16, w4a16) need none")
+    if a.calib and not os.path.isfile(a.calib):
+        raise KilnError(f"--calib {a.calib}: no such file")
+
+
 def cmd_compile(a) -> int:
     import kiln
 
@@ -147,13 +158,15 @@ def cmd_compile(a) -> int:
     dims = _parse_dims(a.dim, ranges=True)
     buckets = _parse_buckets(a.batch_buckets) if a.batch_buckets is not None else None
     progress = _Progress(a.quiet)
-    config = kiln.CompileConfig(disable=tuple(a.disable_pass or ()), device=a.device, verify=a.verify)
+    config = kiln.CompileConfig(disable=tuple(a.disable_pass or ()), device=a.device, verify=a.verify, quantize=a.quantize,
+                                quantize_group=None if a.quantize_group == "channel" else int(a.quantize_group))
     if a.source:
         compiled = kiln.compile(a.source, dynamic=dims or None, config=config, report_hook=progress)
     else:
         from .models import registry
 
         spec = registry.get(a.model)
+        calib = _read_calibration(a.calib, spec) if a.calib else None
         dtype = _torch_dtype(a.dtype)
         with progress.step(f"build {spec.name}" + (f" from {a.weights}" if a.weights else " (random weights)")):
             model = spec.build(weights=a.weights, dtype=dtype, seed=a.seed)
@@ -165,8 +178,9 @@ def cmd_compile(a) -> int:
         dynamic = None if a.static else _with_ranges(spec.dynamic(), dims)
         config.tags["model"] = spec.name
         if a.generate:
-            return _compile_generator(a, spec, model, config, output, buckets, progress)
-        compiled = kiln.compile(model, (), inputs, dynamic=dynamic, config=config, report_hook=progress)
+            return _compile_generator(a, spec, model, config, output, buckets, progress, calib)
+        compiled = kiln.compile(model, (), inputs, dynamic=dynamic, config=config, report_hook=progress,
+                                calibration=_token_calls(calib, a.weights, spec) if calib is not None else None)
         compiled.report().model["name"] = spec.name
     with progress.step(f"save {output}"):
         compiled.save(output, overwrite=a.force)
@@ -182,7 +196,7 @@ def cmd_compile(a) -> int:
     return 0
 
 
-def _compile_generator(a, spec, model, config, output, buckets, progress) -> int:
+def _compile_generator(a, spec, model, config, output, buckets, progress, calibration=None) -> int:
     from .llm.generator import DEFAULT_BATCH_BUCKETS, Generator, _load_tokenizer
 
     if spec.family != "llama":
@@ -190,17 +204,56 @@ def _compile_generator(a, spec, model, config, output, buckets, progress) -> int
     buckets = buckets or list(DEFAULT_BATCH_BUCKETS)
     max_seq = a.max_seq if a.max_seq is not None else 1024
     tokenizer = _load_tokenizer(a.weights) if a.weights else None
-    if a.kv_cache:
-        config.kv_cache_dtype = a.kv_cache  # (argparse checked the choice)
-    kv = f", KV cache {config.kv_cache_dtype}" if config.kv_cache_dtype else ""
-    with progress.step(f"compile the {spec.name} step graph (max_seq {max_seq}, batch buckets {buckets}{kv})"):
+    kv = a.kv_cache or config.kv_cache_dtype
+    with progress.step(f"compile the {spec.name} step graph (max_seq {max_seq}, batch buckets {buckets}{f', KV cache {kv}' if kv else ''})"):
         g = Generator.compile(model, max_seq=max_seq, batch_buckets=buckets, tokenizer=tokenizer, config=config,
-                              eos_token_id=_eos_of(a.weights))
+                              eos_token_id=_eos_of(a.weights), calibration=calibration, kv_cache_dtype=a.kv_cache)
     with progress.step(f"save {output}"):
         g.save(output, overwrite=a.force)
+    if a.report:
+        out.print(g.compiled.report())
     out.print(escape(f"wrote {output} ({os.path.getsize(output) / 2**20:.1f} MiB): a generator for {spec.name}"
                      + (", with its tokenizer" if tokenizer is not None else ", token ids in and out (no tokenizer)")))
     return 0
+
+
+def _read_calibration(path: str, spec):
+    """--calib FILE: token ids from a .npy (1-d, or one row per item) or .json (a list of ids, or of lists), else
+    the file's text."""
+    if spec.family != "llama":
+        raise KilnError(f"--calib calibrates LLMs on text or token ids; {spec.name} is a {spec.family} model",
+                        hint="quantize it with a rounding mode (--quantize w8a16 / w4a16), which needs no calibration")
+    ext = os.path.splitext(path)[1].lower()
+    try:
+        if ext == ".npy":
+            import numpy as np
+
+            ids = np.load(path, allow_pickle=False)
+            return [ids.astype("int64").tolist()] if ids.ndim == 1 else [row.astype("int64").tolist() for row in ids]
+        if ext == ".json":
+            with open(path) as fh:
+                ids = json.load(fh)
+            return [ids] if ids and isinstance(ids[0], int) else ids
+        with open(path, encoding="utf-8") as fh:
+            return fh.read()
+    except (ValueError, OSError, UnicodeDecodeError) as e:
+        raise KilnError(f"{path}: cannot read calibration data ({type(e).__name__}: {e})",
+                        hint="give a text file, a .npy of token ids or a .json list of token ids") from None
+
+
+def _token_calls(calib, weights: str | None, spec) -> list:
+    """Calibration for a plain LLM compile: calls ``input_ids`` [1, T] of at most 256 tokens (and the model's length)."""
+    import torch
+
+    from .llm.generator import _load_tokenizer
+
+    if isinstance(calib, str):
+        tokenizer = _load_tokenizer(weights) if weights else None
+        if tokenizer is None:
+            raise KilnError("a text --calib file needs a tokenizer (that of --weights)", hint="give token ids: a .npy or .json file")
+        calib = [tokenizer.encode(calib)]
+    window = min(256, spec.model_config().max_position_embeddings)
+    return [{"input_ids": torch.tensor([ids[i:i + window]])} for ids in calib for i in range(0, len(ids), window)]
 
 
 def _eos_of(weights: str | None):
@@ -565,6 +618,12 @@ def _compile_parser(sub) -> None:
                    "per token and kv head; default: the model's dtype)")
     c.add_argument("--max-seq", type=int, help="with --generate: KV cache length, prompt + new tokens (default 1024)")
     c.add_argument("--batch-buckets", help="with --generate: batch sizes compiled for (default 1,2,4,8,16)")
+    c.add_argument("--quantize", choices=["w8a16", "w8a16-gptq", "w4a16", "w4a16-gptq"],
+                   help="weight-only quantization: int8 per channel / int4 groups, rounded or GPTQ (needs --calib)")
+    c.add_argument("--quantize-group", default="128", choices=["32", "64", "128", "channel"],
+                   help="input features per scale of 4-bit weights (default 128)")
+    c.add_argument("--calib", metavar="FILE", help="calibration data for --quantize with --model: a text file (tokenized "
+                   "with --weights' tokenizer), or token ids as .npy / .json")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     c.set_defaults(fn=cmd_compile)
 

@@ -7,10 +7,12 @@ from dataclasses import dataclass, field
 from .errors import KilnError
 from .ir.kv_quant import KV_DTYPES
 from .passes.pipeline import PASS_NAMES
+from .passes.quantize_weights import MODES, QuantizeSpec
 
 
 BACKENDS = ("auto", "kernels", "reference")
-KERNEL_CHOICES = {"gemm": ("cublas", "cublaslt", "triton"), "attention": ("sdpa", "kiln", "kiln-decode")}
+KERNEL_CHOICES = {"gemm": ("cublas", "cublaslt", "triton", "triton-skinny", "triton-qgemm", "dequant-cublas"),
+                  "attention": ("sdpa", "kiln", "kiln-decode")}
 
 
 @dataclass
@@ -34,6 +36,18 @@ class CompileConfig:
     kernels: dict = field(default_factory=dict)
     #: notes kept with the artifact (free-form, e.g. the registry name it was built from)
     tags: dict = field(default_factory=dict)
+    #: weight-only quantization of every matmul on a stored weight: None (off), "w8a16" (int8 per output channel),
+    #: "w4a16" (int4 in groups of quantize_group), rounded to nearest; "w4a16-gptq" / "w8a16-gptq": GPTQ on
+    #: calibration data (``kiln.compile(..., calibration=...)``)
+    quantize: str | None = None
+    #: input features per scale of 4-bit weights: 32, 64, 128, or None (one scale per output channel)
+    quantize_group: int | None = 128
+    #: symmetric grids (no zero points); False: a uint8 zero point per group
+    quantize_symmetric: bool = True
+    #: quantize the output (LM) head too; None: only at 8 bits (its 4-bit error reaches the logits unfiltered)
+    quantize_lm_head: bool | None = None
+    #: GPTQ visits input features by descending Hessian diagonal (act_order)
+    quantize_act_order: bool = False
     #: an LLM generator's KV cache: None (the activations' dtype), "int8" or "fp8" (e4m3): quantized codes plus a
     #: float32 scale per (row, kv head, slot), dequantized inside the attention kernels (``ir/kv_quant.py``)
     kv_cache_dtype: str | None = None
@@ -51,10 +65,22 @@ class CompileConfig:
         if self.kv_cache_dtype is not None and self.kv_cache_dtype not in KV_DTYPES:
             raise KilnError(f"CompileConfig.kv_cache_dtype must be None, {' or '.join(repr(k) for k in KV_DTYPES)}, "
                             f"got {self.kv_cache_dtype!r}")
+        self.quantize_spec()  # checks the quantize knobs
         unknown = [d for d in self.disable if d not in PASS_NAMES]
         if unknown:
             raise KilnError(f"unknown pass name(s) to disable: {', '.join(unknown)}",
                             hint=f"passes are: {', '.join(PASS_NAMES)}")
+
+    def quantize_spec(self) -> QuantizeSpec | None:
+        """What the quantize_weights pass does (None: quantization off)."""
+        if self.quantize is None:
+            return None
+        if self.quantize not in MODES:
+            raise KilnError(f"CompileConfig.quantize must be None or one of {', '.join(MODES)}, got {self.quantize!r}")
+        if self.quantize_lm_head not in (None, True, False):
+            raise KilnError(f"CompileConfig.quantize_lm_head must be None, True or False, got {self.quantize_lm_head!r}")
+        return QuantizeSpec(self.quantize, self.quantize_group, bool(self.quantize_symmetric), self.quantize_lm_head,
+                            bool(self.quantize_act_order))
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

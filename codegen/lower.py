@@ -5,7 +5,10 @@ output buffer, and returns ``(what, candidates)``: ``what`` describes the shape 
 candidate is a name -> a closure that runs the group once into ``out`` (so a CUDA graph can capture it).
 
     GEMM       cuBLAS (torch.mm / addmm) + kiln's one-pass epilogue kernel; cuBLASLt's own epilogues where
-               they apply (a full residual as addmm's C; bias + tanh-GELU); kiln's Triton template
+               they apply (a full residual as addmm's C; bias + tanh-GELU); kiln's Triton template; for at most
+               16 rows (LLM decode) kiln's skinny template at its configurations (GEMV / split-K)
+    QGEMM      the weight dequantized then cuBLAS (the fallback: a torch temporary of the weight per call);
+               the skinny template (<= 16 rows) or the qgemm template (more rows) dequantizing in registers
     ATTENTION  SDPA; kiln's flash kernel; the split-KV decode kernel for few query rows over long keys. On a quantized
                KV cache both kernels dequantize in registers; SDPA, offered there only for many query rows (prefill),
                reads a planned scratch the cache is dequantized into first (``attention_scratch``)
@@ -22,12 +25,14 @@ import torch
 import torch.nn.functional as F
 
 from ..ir.ops import OPS, attention_operands, conv_operands, sdpa_mask
-from ..ir.ops_fused import gemm_operands
+from ..ir.ops_fused import gemm_operands, qgemm_operands
 from .kernels import attention as ta
 from .kernels import conv_epilogue as tce
 from .kernels import decode_attention as td
 from .kernels import gemm as tg
 from .kernels import group_norm as tgn
+from .kernels import qgemm as tq
+from .kernels import skinny as ts
 from .kernels.epilogue import epilogue
 
 # template configurations measured per shape besides cuBLAS / SDPA. Each is a Triton compile (1-2 s) of a cold
@@ -46,29 +51,34 @@ def _triton_ok(dtypes, dtype, device: torch.device, interpret: bool) -> bool:
     return dtype in dtypes and (device.type == "cuda" or interpret)
 
 
-def gemm(args: list, attrs: dict, out: torch.Tensor, tmp: torch.Tensor | None, device: torch.device) -> tuple[dict, dict]:
-    """A GEMM's candidates. ``tmp``: the [M, 2N] scratch of a GLU's product behind cuBLAS (None otherwise)."""
+def _cublas(x, w, bias, gate, residual, act: str, glu: bool, out: torch.Tensor, tmp: torch.Tensor | None) -> None:
+    """``residual + gate * epi(x @ w^T + bias)`` into ``out`` as torch.mm / addmm + kiln's one-pass epilogue kernel
+    (``tmp``: the [M, 2N] product of a GLU)."""
+    m, k = math.prod(x.shape[:-1]), x.shape[-1]
+    out2 = out.view(m, out.shape[-1])
+    plain = act == "none" and not glu and gate is None and residual is None
+    h2 = tmp if glu else out2  # the product; the epilogue reads it with the output's leading dims
+    x2, dst = x.reshape(m, k), out2 if plain else h2
+    if bias is not None:  # cuBLAS adds it in float32 before rounding, as F.linear does
+        torch.addmm(bias, x2, w.t(), out=dst)
+    else:
+        torch.mm(x2, w.t(), out=dst)
+    if not plain:
+        epilogue(h2.view(*out.shape[:-1], h2.shape[-1]), None, gate, residual, act, glu, out=out)
+
+
+def gemm(args: list, attrs: dict, out: torch.Tensor, tmp: torch.Tensor | None, device: torch.device,
+         workspace: torch.Tensor | None = None) -> tuple[dict, dict]:
+    """A GEMM's candidates. ``tmp``: the [M, 2N] scratch of a GLU's product behind cuBLAS (None otherwise);
+    ``workspace``: ``workspace_bytes`` of split-K scratch for the skinny candidates."""
     x, w, bias, gate, residual = gemm_operands(args, attrs)
     act, glu = attrs["act"], attrs["glu"]
     m, k = math.prod(x.shape[:-1]), x.shape[-1]
     nout = out.shape[-1]
     out2 = out.view(m, nout)
     wt = w.t()
-    plain = act == "none" and not glu and gate is None and residual is None
-    h2 = tmp if glu else out2  # the product; the epilogue reads it with the output's leading dims
-    h = h2.view(*out.shape[:-1], h2.shape[-1])
 
-    def cublas():
-        x2 = x.reshape(m, k)
-        dst = out2 if plain else h2
-        if bias is not None:  # cuBLAS adds it in float32 before rounding, as F.linear does
-            torch.addmm(bias, x2, wt, out=dst)
-        else:
-            torch.mm(x2, wt, out=dst)
-        if not plain:
-            epilogue(h, None, gate, residual, act, glu, out=out)
-
-    candidates = {"cublas": cublas}
+    candidates = {"cublas": lambda: _cublas(x, w, bias, gate, residual, act, glu, out, tmp)}
     # cuBLAS(Lt) computes two epilogues itself: + a full residual (as addmm's C) and bias + tanh-GELU
     only_residual = residual is not None and act == "none" and not glu and gate is None and bias is None
     if only_residual and tuple(residual.shape) == tuple(out.shape):
@@ -81,9 +91,76 @@ def gemm(args: list, attrs: dict, out: torch.Tensor, tmp: torch.Tensor | None, d
         cfgs = tg.configs(m, glu) if device.type == "cuda" else [tg.INTERPRET_CONFIG]
         for c in cfgs[:TRITON_GEMM_CONFIGS]:
             candidates[config_name("triton", c)] = (lambda c=c: tg.gemm(x, w, bias, gate, residual, act, glu, out=out, config=c))
+    decode = skinny(x, dict(w=w), (bias, gate, residual), attrs, out, workspace, device)
+    candidates.update(decode)
     what = {"op": "GEMM", "x": list(x.shape), "x_stride": list(x.stride()), "w": list(w.shape), "dtype": str(x.dtype),
             "act": act, "glu": glu, "bias": bias is not None,
             "gate": None if gate is None else list(gate.shape), "residual": None if residual is None else list(residual.shape)}
+    if decode:  # (a decision cached before the skinny template was a candidate is not one between these)
+        what["skinny"] = True
+    return what, candidates
+
+
+def _skinny_configs(m: int, n: int, k: int, bits: int | None, glu: bool, device: torch.device) -> list[dict]:
+    """The skinny template's configurations for ``m`` rows: its H200 list, or under the interpreter its small
+    tiles without and with split-K (so that the workspace path runs in CPU tests too)."""
+    if device.type == "cuda":
+        return ts.configs(m, n, k, bits, glu)
+    return [ts.INTERPRET_CONFIG, dict(ts.INTERPRET_CONFIG, SPLIT_K=2)]
+
+
+def _skinny_fits(m: int, dtype: torch.dtype, device: torch.device) -> bool:
+    return 1 <= m <= ts.MAX_M and _triton_ok(tq.DTYPES, dtype, device, ts.INTERPRET)
+
+
+def workspace_bytes(op: str, attrs: dict, x_shape, w_shape, dtype: torch.dtype, device: torch.device) -> int:
+    """Bytes of split-K workspace the candidates of a GEMM / LINEAR / QGEMM group need: the largest over the skinny
+    configurations (0 when none runs or none splits). ``w_shape``: the weight's (QGEMM: the qweight's) shape."""
+    m, k = math.prod(x_shape[:-1]), x_shape[-1]
+    if op not in ("GEMM", "LINEAR", "QGEMM") or not _skinny_fits(m, dtype, device):
+        return 0
+    bits, glu = attrs.get("bits"), attrs.get("glu", False)
+    return max(ts.workspace_bytes(m, w_shape[0], k, bits, glu, c) for c in _skinny_configs(m, w_shape[0], k, bits, glu, device))
+
+
+def skinny(x, weight: dict, epilogue_ops: tuple, attrs: dict, out, workspace, device: torch.device) -> dict:
+    """The skinny template's candidates for at most 16 rows (none for more): ``weight`` is ``dict(w=...)`` or the
+    quantized ``dict(qweight=, scales=, zeros=, bits=, group=)``; ``epilogue_ops`` (bias, gate, residual)."""
+    m, k = math.prod(x.shape[:-1]), x.shape[-1]
+    if not _skinny_fits(m, x.dtype, device):
+        return {}
+    n = (weight["w"] if "w" in weight else weight["qweight"]).shape[0]  # the weight's rows
+    bias, gate, residual = epilogue_ops
+    act, glu = attrs["act"], attrs["glu"]
+    candidates = {}
+    for c in _skinny_configs(m, n, k, weight.get("bits"), glu, device):
+        candidates[config_name("triton-skinny", c)] = (lambda c=c: ts.skinny_gemm(x, bias=bias, gate=gate, residual=residual, act=act, glu=glu,
+                                                                                  **weight, out=out, workspace=workspace, config=c))
+    return candidates
+
+
+def qgemm(args: list, attrs: dict, out: torch.Tensor, tmp: torch.Tensor | None, device: torch.device,
+          workspace: torch.Tensor | None = None) -> tuple[dict, dict]:
+    """A QGEMM's candidates (``tmp``, ``workspace``: as for ``gemm``)."""
+    x, q, scales, zeros, bias, gate, residual = qgemm_operands(args, attrs)
+    act, glu, bits, group = attrs["act"], attrs["glu"], attrs["bits"], attrs["group"]
+    m = math.prod(x.shape[:-1])
+
+    def dequant_cublas():  # the kernels' float32 dequantization, rounded once to x's dtype: what the op's reference does
+        w = tq.dequantize(q, scales, zeros, bits, group, torch.float32).to(x.dtype)
+        _cublas(x, w, bias, gate, residual, act, glu, out, tmp)
+
+    candidates = {"dequant-cublas": dequant_cublas}
+    weight = dict(qweight=q, scales=scales, zeros=zeros, bits=bits, group=group)
+    candidates.update(skinny(x, weight, (bias, gate, residual), attrs, out, workspace, device))
+    if m > ts.MAX_M and _triton_ok(tq.DTYPES, x.dtype, device, tq.INTERPRET):
+        for c in tq.configs(m, glu) if device.type == "cuda" else [tq.INTERPRET_CONFIG]:
+            candidates[config_name("triton-qgemm", c)] = (
+                lambda c=c: tq.qgemm(x, q, scales, zeros, bits, group, bias, gate, residual, act, glu, out=out, config=c))
+    what = {"op": "QGEMM", "x": list(x.shape), "x_stride": list(x.stride()), "qweight": list(q.shape), "bits": bits,
+            "group": group, "scales": str(scales.dtype), "zeros": zeros is not None, "dtype": str(x.dtype), "act": act,
+            "glu": glu, "bias": bias is not None, "gate": None if gate is None else list(gate.shape),
+            "residual": None if residual is None else list(residual.shape)}
     return what, candidates
 
 

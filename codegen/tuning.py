@@ -4,7 +4,9 @@ A GEMM can run as kiln's Triton template (one of a few launch configurations, ep
 cuBLAS (``torch.mm``) followed by kiln's one-pass epilogue kernel; attention as kiln's flash kernel or
 torch's SDPA. Which is faster depends on the shape and the GPU, so the executor asks a :class:`Tuner`
 once per distinct (op, shapes, dtypes, attributes, device) — the *what* — and the tuner times every
-candidate on the plan's own buffers and keeps the fastest.
+candidate on the plan's own buffers and keeps the fastest. Candidates are timed as the plan runs them:
+back-to-back runs replayed from a CUDA graph (so a candidate of two kernels is not charged two launch
+latencies that the plan's graph does not pay), sampled round-robin across the candidates.
 
 Choices are remembered three ways: in memory (a model with 28 identical blocks measures once), in the
 on-disk cache (``tuning/<key>.json``: a second process skips the measurements), and in the artifact's
@@ -21,29 +23,70 @@ import torch
 
 from .cache import Cache, fingerprint, key
 
-TIMING_REPS = 20  # timed runs per candidate (after 3 warm-up runs); the median counts
+TIMING_REPS = 15  # timed samples per candidate (after 3 warm-up runs); the median counts
+CALLS_PER_SAMPLE = 5  # runs per sample, replayed from one CUDA graph
 
 
-def _median_ms(fn: Callable[[], object], device: torch.device) -> float:
-    times = []
-    if device.type == "cuda":
-        for _ in range(3):
-            fn()
-        for _ in range(TIMING_REPS):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b))
-    else:  # CPU (the interpreter in tests): wall clock of a few runs
+def _cuda_timer(fn: Callable[[], object], device: torch.device) -> Callable[[], float]:
+    """A function timing ``CALLS_PER_SAMPLE`` back-to-back runs of ``fn`` in ms per run, as the plan runs it: replayed
+    from a CUDA graph (kernel gaps inside a graph, not launch latencies, count), or launched eagerly when ``fn`` cannot
+    be captured."""
+    for _ in range(3):
+        fn()  # compiles (Triton), allocates workspaces: nothing of that may happen during capture
+    torch.cuda.synchronize(device)
+    run = None
+    try:
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for _ in range(CALLS_PER_SAMPLE):
+                fn()
+        run = g.replay
+    except Exception:
+        torch.cuda.synchronize(device)
+
+        def run():
+            for _ in range(CALLS_PER_SAMPLE):
+                fn()
+
+    def sample() -> float:
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        run()
+        b.record()
+        b.synchronize()
+        return a.elapsed_time(b) / CALLS_PER_SAMPLE
+    return sample
+
+
+def _cpu_timer(fn: Callable[[], object]) -> Callable[[], float]:
+    """The wall clock of one run (the Triton interpreter in tests)."""
+    fn()
+
+    def sample() -> float:
+        t0 = time.perf_counter()
         fn()
-        for _ in range(3):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    times.sort()
-    return times[len(times) // 2]
+        return (time.perf_counter() - t0) * 1e3
+    return sample
+
+
+def time_candidates(candidates: dict[str, Callable[[], object]], device: torch.device) -> tuple[dict, dict]:
+    """Median ms per run of each candidate, and the error of each that does not compile or run. The samples are
+    taken round-robin across the candidates, so a clock or thermal drift during the measurement biases none."""
+    timers, failed = {}, {}
+    for name, fn in candidates.items():
+        try:
+            timers[name] = _cuda_timer(fn, device) if device.type == "cuda" else _cpu_timer(fn)
+        except Exception as e:  # a config that does not compile (shared memory) or launch: not a choice
+            failed[name] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+    samples: dict[str, list] = {name: [] for name in timers}
+    for _ in range(TIMING_REPS if device.type == "cuda" else 3):
+        for name, timer in list(timers.items()):
+            try:
+                samples[name].append(timer())
+            except Exception as e:
+                failed[name] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+                del timers[name], samples[name]
+    return {name: round(sorted(t)[len(t) // 2], 5) for name, t in samples.items()}, failed
 
 
 class Tuner:
@@ -91,13 +134,7 @@ class Tuner:
 
     @staticmethod
     def measure(kind: str, what: dict, candidates: dict, device: torch.device) -> dict:
-        ms: dict[str, float] = {}
-        failed: dict[str, str] = {}
-        for name, fn in candidates.items():
-            try:
-                ms[name] = round(_median_ms(fn, device), 5)
-            except Exception as e:  # a config that does not compile (shared memory) or launch: not a choice
-                failed[name] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+        ms, failed = time_candidates(candidates, device)
         if not ms:
             raise RuntimeError(f"no {kind} implementation ran for {what}: " + "; ".join(f"{k}: {v}" for k, v in failed.items()))
         choice = min(ms, key=ms.get)

@@ -7,6 +7,9 @@ unfused formula, in the same order, so a fusion changes no number on the referen
   on a merged gate/up weight). Which optional inputs are present is said by the boolean attributes.
 - ``LAYERNORM_MODULATE(x, scale, shift[, w, b])``: DiT's adaLN ``layer_norm(x) * (1 + scale) + shift``.
 - ``ROPE(x, cos, sin)``: rotary embedding in the rotate-half form ``x * cos + rotate_half(x) * sin``.
+- ``QGEMM(x, qweight, scales[, zeros][, bias][, gate][, residual])``: GEMM on a weight-only quantized weight
+  in kiln's packed format (``ir/quant.py``): ``W = (q - zero) * scale`` dequantized in float32, rounded to
+  x's dtype, then exactly GEMM's formula. Attributes: GEMM's, plus ``bits`` (4 / 8), ``group`` and ``zeros``.
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .ops import REQUIRED, ShapeError, define, fits, infer_norm, layernorm_ref, same_dtype
+from .quant import QuantWeight, check_layout, codes_of
 from .types import TType, dims_equal, shape_str
 
 ACTIVATIONS = {
@@ -41,23 +45,28 @@ def _infer_gemm(ins, a):
     if len(ins) != _gemm_arity(a):
         raise ShapeError(f"GEMM: {len(ins)} inputs, the attributes (bias={a['bias']}, gate={a['gate']}, "
                          f"residual={a['residual']}) say {_gemm_arity(a)}")
-    if a["act"] not in ACTIVATIONS:
-        raise ShapeError(f"GEMM: unknown activation {a['act']!r} (one of {', '.join(ACTIVATIONS)})")
     x, w, bias, gate, residual = gemm_operands(ins, a)
     if len(w.shape) != 2 or not x.shape or not dims_equal(x.shape[-1], w.shape[1]):
         raise ShapeError(f"GEMM: input {shape_str(x.shape)} and weight {shape_str(w.shape)} (weight is [out, in])")
-    if bias is not None and (len(bias.shape) != 1 or not dims_equal(bias.shape[0], w.shape[0])):
-        raise ShapeError(f"GEMM: bias {shape_str(bias.shape)} for weight {shape_str(w.shape)}")
-    n = w.shape[0]
+    same_dtype("GEMM", ins)
+    return _epilogue_type("GEMM", x, w.shape, bias, gate, residual, a)
+
+
+def _epilogue_type(op: str, x: TType, w_shape: tuple, bias, gate, residual, a) -> TType:
+    """The output type of ``residual + gate * epi(x @ W^T + bias)`` for a weight W of shape ``w_shape`` [N, K]."""
+    if a["act"] not in ACTIVATIONS:
+        raise ShapeError(f"{op}: unknown activation {a['act']!r} (one of {', '.join(ACTIVATIONS)})")
+    if bias is not None and (len(bias.shape) != 1 or not dims_equal(bias.shape[0], w_shape[0])):
+        raise ShapeError(f"{op}: bias {shape_str(bias.shape)} for weight {shape_str(w_shape)}")
+    n = w_shape[0]
     if a["glu"]:
         if not isinstance(n, int) or n % 2:
-            raise ShapeError(f"GEMM: glu needs an even output width, weight is {shape_str(w.shape)}")
+            raise ShapeError(f"{op}: glu needs an even output width, weight is {shape_str(w_shape)}")
         n //= 2
     out = x.shape[:-1] + (n,)
     for name, t in (("gate", gate), ("residual", residual)):
         if t is not None and not fits(t.shape, out):
-            raise ShapeError(f"GEMM: {name} {shape_str(t.shape)} does not broadcast to the output {shape_str(out)}")
-    same_dtype("GEMM", ins)
+            raise ShapeError(f"{op}: {name} {shape_str(t.shape)} does not broadcast to the output {shape_str(out)}")
     return TType(out, x.dtype)
 
 
@@ -116,4 +125,58 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 define("ROPE", 3, "elementwise", _infer_rope, lambda ins, a: ins[0] * ins[1] + rotate_half(ins[0]) * ins[2])
 
-FUSED_OPS = ("GEMM", "LAYERNORM_MODULATE", "ROPE")
+
+
+# ----------------------------------------------------------------------------- QGEMM: GEMM on a quantized weight
+
+SCALE_DTYPES = ("float16", "float32")
+
+
+def qgemm_operands(ins, a) -> tuple:
+    """(x, qweight, scales, zeros, bias, gate, residual) from a QGEMM's inputs; absent ones are None."""
+    it = iter(ins[3:])
+    zeros = next(it) if a["zeros"] else None
+    bias = next(it) if a["bias"] else None
+    gate = next(it) if a["gate"] else None
+    residual = next(it) if a["residual"] else None
+    return ins[0], ins[1], ins[2], zeros, bias, gate, residual
+
+
+def _infer_qgemm(ins, a):
+    arity = 3 + int(a["zeros"]) + _gemm_arity(a) - 2
+    if len(ins) != arity:
+        raise ShapeError(f"QGEMM: {len(ins)} inputs, the attributes (zeros={a['zeros']}, bias={a['bias']}, gate={a['gate']}, "
+                         f"residual={a['residual']}) say {arity}")
+    x, q, scales, zeros, bias, gate, residual = qgemm_operands(ins, a)
+    bits, group = a["bits"], a["group"]
+    if not x.shape or not isinstance(x.shape[-1], int) or len(q.shape) != 2 or not isinstance(q.shape[0], int):
+        raise ShapeError(f"QGEMM: input {shape_str(x.shape)} and qweight {shape_str(q.shape)} (qweight is [N, K * bits / 8])")
+    n, k = q.shape[0], x.shape[-1]
+    try:
+        check_layout(bits, group, (n, k))
+    except ValueError as e:
+        raise ShapeError(f"QGEMM: {e}") from None
+    if q.dtype != "uint8" or tuple(q.shape) != (n, k * bits // 8):
+        raise ShapeError(f"QGEMM: qweight is {q.dtype}{shape_str(q.shape)}, input K = {k} at {bits} bits needs uint8[{n}, {k * bits // 8}]")
+    for name, t, dtypes in (("scales", scales, SCALE_DTYPES), ("zeros", zeros, ("uint8",))):
+        if t is not None and (t.dtype not in dtypes or tuple(t.shape) != (n, k // group)):
+            raise ShapeError(f"QGEMM: {name} is {t.dtype}{shape_str(t.shape)}, expected {' or '.join(dtypes)}[{n}, {k // group}]")
+    same_dtype("QGEMM", [x] + [t for t in (bias, gate, residual) if t is not None])
+    return _epilogue_type("QGEMM", x, (n, k), bias, gate, residual, a)
+
+
+def _qgemm(ins, a):
+    # ir/quant.dequantize's formula, without its checks of the values (what the quantizer guarantees, a reference
+    # need not sync the device for): float32, or float64 for float64 x (the interpreter's float64 mode)
+    x, q, scales, zeros, bias, gate, residual = qgemm_operands(ins, a)
+    qw = QuantWeight(q, scales, zeros, a["bits"], a["group"], (q.shape[0], x.shape[-1]))
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    w = (codes_of(qw).to(acc) - qw.zero_point().to(acc).repeat_interleave(qw.group, 1)) * scales.to(acc).repeat_interleave(qw.group, 1)
+    rest = [t for t in (bias, gate, residual) if t is not None]
+    return _gemm([x, w.to(x.dtype)] + rest, a)
+
+
+define("QGEMM", (3, 7), "compute", _infer_qgemm, _qgemm, bits=REQUIRED, group=REQUIRED, zeros=False, bias=False, act="none",
+       glu=False, gate=False, residual=False)
+
+FUSED_OPS = ("GEMM", "LAYERNORM_MODULATE", "ROPE", "QGEMM")

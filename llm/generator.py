@@ -122,6 +122,52 @@ def step_inputs(ids: torch.Tensor, pad: torch.Tensor, slot0: int, caches: dict, 
     return {"input_ids": ids, "positions": positions, "slots": slots, "mask": see[:, None], **caches}
 
 
+CALIBRATION_WINDOW = 256  # tokens per calibration prefill (and at most the cache length)
+
+
+def calibration_steps(calibration, tokenizer, spec: dict, dtype, device) -> list[dict]:
+    """Calibration text / token ids as the step graph's prefill inputs: each item's tokens (text encoded with
+    ``tokenizer``) cut into windows of CALIBRATION_WINDOW tokens (at most the cache), each window a batch-1
+    prefill at slot 0, left-padded to its prefill bucket exactly as the generator's prefill pads a prompt."""
+    items = [calibration] if isinstance(calibration, str) or _is_token_list(calibration) else list(calibration)
+    max_seq = int(spec["max_seq"])
+    window = min(CALIBRATION_WINDOW, max_seq)
+    caches = new_caches(spec, 1, dtype, device)  # read only: the calibration run computes the updates out of place
+    steps = []
+    for k, item in enumerate(items):
+        if isinstance(item, str):
+            if tokenizer is None:
+                raise KilnError(f"calibration item {k} is text, but there is no tokenizer", hint="give token ids")
+            item = tokenizer.encode(item)
+        ids = [int(t) for t in (item.reshape(-1).tolist() if hasattr(item, "reshape") else item)]
+        bad = [t for t in ids if not 0 <= t < spec["vocab_size"]]
+        if bad:
+            raise KilnError(f"calibration item {k} has token id {bad[0]} outside the vocabulary [0, {spec['vocab_size']})")
+        for i in range(0, len(ids), window):
+            piece = ids[i:i + window]
+            T = _prefill_bucket(len(piece), max_seq)
+            row = torch.tensor([[0] * (T - len(piece)) + piece], device=device)
+            steps.append(step_inputs(row, torch.tensor([T - len(piece)]), 0, caches, max_seq, spec["sliding_window"]))
+    if not steps:
+        raise KilnError("the calibration data holds no tokens", hint="give text or token ids to calibrate on")
+    return steps
+
+
+def _is_token_list(x) -> bool:
+    """One sequence of token ids (a list of ints or a 1-d tensor / array), not a list of items."""
+    if hasattr(x, "ndim"):
+        return x.ndim <= 1
+    return isinstance(x, (list, tuple)) and len(x) > 0 and all(isinstance(t, int) for t in x)
+
+
+def _prefill_bucket(n: int, max_seq: int) -> int:
+    """The prefill length of a longest prompt of n tokens: a power of two >= 16, at most max_seq."""
+    b = MIN_PREFILL_BUCKET
+    while b < n:
+        b *= 2
+    return min(b, max_seq)
+
+
 class Generator:
     """Generates from a compiled Llama-family step graph (:class:`~kiln.models.llama.LlamaStep`).
 
@@ -155,9 +201,12 @@ class Generator:
     @classmethod
     def compile(cls, model, *, max_seq: int = 1024, batch_buckets=DEFAULT_BATCH_BUCKETS, device=None, dtype=None,
                 tokenizer=None, eos_token_id: int | list[int] | None = None, config: CompileConfig | None = None,
-                kv_cache_dtype: str | None = None) -> "Generator":
-        """Compile kiln's LlamaForCausalLM ``model`` into a generator (see the class docstring). ``kv_cache_dtype``:
-        None, "int8" or "fp8" (overrides ``config.kv_cache_dtype``)."""
+                quantize: str | None = None, calibration=None, kv_cache_dtype: str | None = None) -> "Generator":
+        """Compile kiln's LlamaForCausalLM ``model`` into a generator (see the class docstring). ``quantize``: a
+        weight-only mode (``CompileConfig.quantize``; overrides ``config``'s); ``calibration``: text (with the
+        tokenizer) or token ids, one item or a list of them, run as prefill steps (``calibration_steps``) for
+        GPTQ and for each quantized GEMM's measured error. ``kv_cache_dtype``: None, "int8" or "fp8"
+        (``CompileConfig.kv_cache_dtype``; overrides ``config``'s)."""
         cfg = model.config
         if max_seq < 2:
             raise KilnError(f"max_seq must be at least 2, got {max_seq}")
@@ -172,8 +221,8 @@ class Generator:
         spec = dict(vocab_size=cfg.vocab_size, num_layers=cfg.num_hidden_layers, kv_heads=cfg.num_key_value_heads,
                     head_dim=cfg.head_dim, sliding_window=cfg.sliding_window, max_seq=int(max_seq), batch_buckets=list(buckets),
                     dtype=str(dtype).removeprefix("torch."), eos=sorted({eos} if isinstance(eos, int) else set(eos or [])))
-        config = config or CompileConfig()
-        config = dataclasses.replace(config, kv_cache_dtype=kv_cache_dtype or config.kv_cache_dtype)  # (validates it)
+        overrides = {k: v for k, v in (("quantize", quantize), ("kv_cache_dtype", kv_cache_dtype)) if v is not None}
+        config = dataclasses.replace(config or CompileConfig(), **overrides)  # (validates them)
         spec["kv_cache_dtype"] = kv = config.kv_cache_dtype
         if config.device is None:
             config.device = str(device)
@@ -185,8 +234,9 @@ class Generator:
                               int(max_seq), cfg.sliding_window)
         dims = step_dims(names, buckets[-1], int(max_seq))
         t0 = time.perf_counter()
+        steps = None if calibration is None else calibration_steps(calibration, tokenizer, spec, dtype, device)
         compiled = kiln_compile(step_function(LlamaStep(model, kv), cfg.num_hidden_layers, kv), (), example, dynamic=dims,
-                                config=config)
+                                config=config, calibration=steps)
         compiled.report().notes.append(kv_cache_note(spec, dtype))
         compiled.source_watch = SourceWatch(model)  # (a function's closure is not watched: the model is)
         g = cls(compiled, spec, tokenizer)
@@ -270,10 +320,7 @@ class Generator:
 
     def _prefill_len(self, n: int) -> int:
         """The prefill bucket of a longest prompt of n tokens: a power of two >= 16, at most max_seq."""
-        b = MIN_PREFILL_BUCKET
-        while b < n:
-            b *= 2
-        return min(b, self.max_seq)
+        return _prefill_bucket(n, self.max_seq)
 
     # -- generation -------------------------------------------------------------------------------------
     def stream(self, prompts, max_new_tokens: int = 64, sampling: SamplingParams | None = None,

@@ -1,5 +1,6 @@
 """THE pass order. Each line says why the pass sits where it does. Any pass can be switched off by
-name (``CompileConfig(disable=[...])``, ``kiln compile --disable-pass NAME``)."""
+name (``CompileConfig(disable=[...])``, ``kiln compile --disable-pass NAME``). A pass that needs settings
+gets them through keyword arguments from ``run_pipeline`` (the ``settings`` table there), nothing else."""
 from __future__ import annotations
 
 import os
@@ -16,6 +17,7 @@ from .fuse_conv import fuse_conv
 from .fuse_epilogue import fuse_epilogue
 from .fuse_horizontal_gemm import fuse_horizontal_gemm
 from .fuse_norm import fuse_norm
+from .quantize_weights import QuantizeSpec, quantize_weights
 from .report import Report
 
 PIPELINE = [
@@ -35,25 +37,31 @@ PIPELINE = [
     ("fuse_attention", fuse_attention),
     # after CSE (shared inputs) and before epilogue fusion, which needs gate/up merged to see silu(gate) * up
     ("fuse_horizontal_gemm", fuse_horizontal_gemm),
-    # last: activations, GLU, gates and residual adds fold into the (merged) matmuls
+    # activations, GLU, gates and residual adds fold into the (merged) matmuls
     ("fuse_epilogue", fuse_epilogue),
     # the convolutional counterpart (SiLU into group norms, residual adds and divisions into convs): it reads only
     # CONV2D / GROUP_NORM sites, which no pass above touches, after CSE and folding have settled the graph
     ("fuse_conv", fuse_conv),
+    # last: a merged QKV / gate-up / adaLN GEMM is quantized as ONE weight against its one input's Hessian, and its
+    # fused epilogue carries over into the QGEMM; off unless CompileConfig.quantize is set
+    ("quantize_weights", quantize_weights),
 ]
 PASS_NAMES = tuple(name for name, _ in PIPELINE)
 
 
-def run_pipeline(graph: Graph, disable=(), report: Report | None = None) -> Graph:
+def run_pipeline(graph: Graph, disable=(), report: Report | None = None, quantize: QuantizeSpec | None = None,
+                 calibration: list | None = None) -> Graph:
     """Run every enabled pass in order; verify the graph after each that changed it. ``KILN_DEBUG=1``
-    verifies after every pass and prints the IR after each to stderr."""
+    verifies after every pass and prints the IR after each to stderr. ``quantize``: weight-only quantization
+    (None: off) and its ``calibration`` samples (flat input lists, graph order)."""
+    settings = {"quantize_weights": dict(spec=quantize, calibration=calibration)}  # the passes that take settings
     for name, fn in PIPELINE:
         if name in disable:
             if report is not None:
                 report.add_pass(name, None, 0.0)
             continue
         t0 = time.perf_counter()
-        stats = fn(graph)
+        stats = fn(graph, **settings.get(name, {}))
         if stats is None or getattr(stats, "rewritten", 1) or os.environ.get("KILN_DEBUG"):  # a pass that changed nothing
             graph.toposort()  # leaves the graph as it was: skip the checks (the executor verifies the result once more)
             graph.verify()

@@ -8,8 +8,9 @@ protocol of ``plan.py``. Built in four named steps:
    cannot express as a view becomes a copy kernel). Values that depend on no input are computed now.
 2. Memory (:meth:`KernelPlan._memory`). Every kernel output is an interval [group that writes it, last group
    that reads it or a view of it]; graph outputs live to the end; a cuBLAS GLU needs a scratch [M, 2N] for
-   one step, an SDPA prefill on a quantized KV cache the cache dequantized. The intervals are packed into one
-   arena (``memory.py``); inputs get their own static buffers.
+   one step, an SDPA prefill on a quantized KV cache the cache dequantized, a skinny (decode) GEMM's split-K its
+   workspace (the largest its candidates need, planned before the tuner picks one). The intervals are packed into
+   one arena (``memory.py``); inputs get their own static buffers.
 3. Calls (:meth:`KernelPlan._calls`). Each group becomes one closure over fixed tensors: a pointwise group
    its generated Triton kernel; a GEMM or attention the fastest of its candidates (``codegen/lower.py``,
    measured per shape by the target's tuner); anything else its torch reference, copied into the buffer.
@@ -267,6 +268,7 @@ class KernelPlan(Plan):
         ATTENTION's SDPA candidate reads (prefill on a quantized cache)."""
         lv = Liveness()
         self.scratch: dict[int, tuple] = {}
+        self.workspace: dict[int, tuple] = {}
         for k, (g, kind) in enumerate(zip(self.groups, self.kinds)):
             if kind in ("view", "source", "constant"):
                 continue
@@ -275,7 +277,7 @@ class KernelPlan(Plan):
             for o in g.outputs:
                 lv.write(self.slot[o], k, self._nbytes(o))
             n = g.nodes[0]
-            if kind == "gemm" and n.op == "GEMM" and n.attrs["glu"]:
+            if kind == "gemm" and n.op in ("GEMM", "QGEMM") and n.attrs["glu"]:
                 shape = (math.prod(self.shape_of[n.inputs[0]][:-1]), self.shape_of[n.inputs[1]][0])
                 self.scratch[k] = (-1 - k, shape, n.dtype)
             if kind == "group_norm":
@@ -284,6 +286,8 @@ class KernelPlan(Plan):
                 self.scratch[k] = (-1 - k, shape, n.dtype)
             if k in self.scratch:
                 lv.write(-1 - k, k, nbytes(self.scratch[k][1], self.scratch[k][2]))
+            if kind == "gemm":
+                self._workspace(lv, k, n)
         for o in self.graph.outputs:
             lv.read(self.val[o].root, len(self.groups))
         # a graph output a kernel writes gets buffers of its own, outside the arena, which are handed to the caller
@@ -299,6 +303,14 @@ class KernelPlan(Plan):
         """The scratch an ATTENTION on a quantized KV cache needs for its SDPA candidate (``lower.attention_scratch``)."""
         q, k, v = (self.shape_of[i] for i in n.inputs[:3])
         return lower.attention_scratch(q, k, v, n.attrs, torch_dtype(n.dtype), self.device)
+
+    def _workspace(self, lv: Liveness, k: int, n: Node) -> None:
+        """``self.workspace[k]``: (key, bytes) of the split-K workspace of gemm group k's skinny candidates, if any."""
+        x, w = n.inputs[0], n.inputs[1]
+        size = lower.workspace_bytes(n.op, n.attrs, self.shape_of[x], self.shape_of[w], torch_dtype(x.dtype), self.device)
+        if size:
+            self.workspace[k] = (-1 - len(self.groups) - k, size)  # (keys apart from the scratch's)
+            lv.write(self.workspace[k][0], k, size)
 
     def _buffer(self, key: int, shape, dtype: torch.dtype, perm=None, pitch=None) -> torch.Tensor:
         off = self.memory.offsets[key]
@@ -342,7 +354,8 @@ class KernelPlan(Plan):
                 if o not in self._own_buffers:
                     self.env[o] = self._buffer(self.slot[o], self.shape_of[o], torch_dtype(o.dtype), self.order.get(o), self.pitch.get(o))
             tmp = self._buffer(self.scratch[k][0], self.scratch[k][1], torch_dtype(self.scratch[k][2])) if k in self.scratch else None
-            calls.append(self._call(g, kind, tmp))
+            ws = self._buffer(self.workspace[k][0], (self.workspace[k][1],), torch.uint8) if k in self.workspace else None
+            calls.append(self._call(g, kind, tmp, ws))
         return calls + self._state_copies()
 
     def _views(self, g: Group) -> None:
@@ -370,7 +383,7 @@ class KernelPlan(Plan):
             self.env[node] = buf
         return calls
 
-    def _call(self, g: Group, kind: str, tmp) -> KernelCall:
+    def _call(self, g: Group, kind: str, tmp, workspace=None) -> KernelCall:
         b, device = self.bindings, self.device
         if kind == "pointwise":
             args, outs, cache = [self.env.get(i) for i in g.inputs], [self.env[o] for o in g.outputs], self.target.cache
@@ -382,7 +395,7 @@ class KernelPlan(Plan):
         if kind == "gemm":
             if n.op == "LINEAR":
                 attrs = dict(bias=len(args) > 2, act="none", glu=False, gate=False, residual=False)
-            what, candidates = lower.gemm(args, attrs, out, tmp, device)
+            what, candidates = (lower.qgemm if n.op == "QGEMM" else lower.gemm)(args, attrs, out, tmp, device, workspace)
         elif kind == "attention":
             what, candidates = lower.attention(args, attrs, out, tmp, device)
         elif kind == "conv":

@@ -12,6 +12,7 @@ What a block's placeholders stand for:
     model.onnx            (input_ids, attention_mask) -> [batch, seq, 4], dims named batch and seq (opset 17)
     inputs.safetensors    input_ids [2, 8] for the built-in llama-tiny
     ckpt/Llama-3.2-1B     `model` and `tok` saved as an HF checkpoint; `~/ckpt/...` in a command means it too
+    calib.txt             a few lines of text (calibration data for --quantize ... --calib)
 Each block runs in a fresh directory holding the files above that it reads (those it does not write itself).
 Optional parts of a command (`[--graph]`) are run included.
 
@@ -111,6 +112,7 @@ def stand_ins(tmp_path_factory):
     from safetensors.torch import save_file
 
     save_file({"input_ids": torch.randint(0, 256, (2, 8))}, files / "inputs.safetensors")
+    (files / "calib.txt").write_text("def read_config(path):\n    with open(path) as f:\n        return f.read()\n" * 8)
     model.save_pretrained(files / "ckpt" / "Llama-3.2-1B")
     tok.save_pretrained(files / "ckpt" / "Llama-3.2-1B")
     names = {"torch": torch, "kiln": kiln, "model": model, "hf_model": model, "tok": tok, "input_ids": input_ids,
@@ -122,7 +124,7 @@ def stand_ins(tmp_path_factory):
 def _prepare(block: Block, files: Path, here: Path) -> None:
     """Copy into ``here`` the placeholder files the block reads (mentions, and does not write first)."""
     written = set(re.findall(r'(?:-o\s+|\.save\(")([^\s"]+)', block.text))
-    for name in ("model.kiln", "model.pt2", "model.onnx", "inputs.safetensors", "ckpt/Llama-3.2-1B"):
+    for name in ("model.kiln", "model.pt2", "model.onnx", "inputs.safetensors", "ckpt/Llama-3.2-1B", "calib.txt"):
         if name in block.text and name not in written:
             src, dst = files / name, here / name
             dst.parent.mkdir(parents=True, exist_ok=True)

@@ -132,6 +132,8 @@ CASES += [
     case("GEMM", ((3, 5), bf16), ((7, 5), bf16), ((7,), bf16), ((3, 1), bf16), ((3, 7), bf16), bias=True, act="gelu_tanh",
          gate=True, residual=True),
     case("ROPE", ((2, 4, 5, 8), f32), ((2, 1, 5, 8), f32), ((2, 1, 5, 8), f32)),
+    case("QGEMM", ((2, 3, 64), f32), ((8, 32), u8), ((8, 2), f16), ((8, 2), u8), bits=4, group=32, zeros=True, act="silu", glu=True),
+    case("QGEMM", ((3, 64), bf16), ((7, 64), u8), ((7, 1), f32), ((7,), bf16), ((3, 7), bf16), bits=8, group=64, bias=True, residual=True),
     # linear algebra
     case("LINEAR", ((2, 3, 5), f32), ((7, 5), f32), ((7,), f32)),
     case("LINEAR", ((5,), bf16), ((7, 5), bf16)),

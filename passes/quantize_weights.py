@@ -1,0 +1,265 @@
+"""Weight-only quantization: a matmul on a stored weight becomes a QGEMM on that weight packed at compile time.
+
+    LINEAR(x, W[, b])  /  MATMUL(x, W^T)  /  GEMM(x, W[, b][, gate][, residual]; act, glu)
+        ->  QGEMM(x, q, s[, z][, b][, gate][, residual]; act, glu, bits, group)      W ~ (q - z) * s
+
+The packed format is ``ir/quant.py``'s; W is packed by rounding to nearest (``quantize_rtn``) or by GPTQ
+(``passes/gptq.py``), which needs the Hessian H = 2/n X^T X of the GEMM's inputs X on calibration data.
+
+Why last in the pipeline: after horizontal fusion a merged QKV / gate-up / adaLN GEMM is ONE weight with ONE
+input, so it is quantized as one weight against one Hessian (quantization-aware horizontal fusion), and the
+epilogues fused into it stay fused in the QGEMM.
+
+Calibration: the float graph (this graph, before the rewrite) runs on each calibration sample (a flat list of
+input tensors, graph order) with the reference ops (``ir/interpret.py``'s ``eval_node``), and every quantized
+GEMM's input rows are added to its weight's Hessian as they are computed (streaming: one sample's values
+at a time, each freed after its last reader). A weight read by several GEMMs (CSE merged them) gets one
+Hessian over all their inputs and is packed once.
+
+Measured error, per quantized weight: the relative output error on the calibration data, from the Hessian
+(exact, no second pass): ||X (W - Wq)^T|| / ||X W^T|| = sqrt(tr(D H D^T) / tr(W H W^T)), D = W - Wq, of the
+matmul before its epilogue. Without calibration data: the weight's own relative error ||D|| / ||W||.
+
+Choices, and why:
+- 8-bit weights have one group per output channel (int8 per channel is near lossless); 4-bit ones groups of
+  ``QuantizeSpec.group`` input features (32 / 64 / 128, or per channel).
+- The output head (an LM head: a GEMM whose weight is also an embedding table, or whose result is a graph
+  output through views / casts only) is quantized by default only at 8 bits: its rounding noise lands in
+  the logits unfiltered by any later layer, and at 4 bits that is the single largest loss (bench/quality.py on
+  the shared pyllama model: GPTQ +0.56% held-out perplexity, +1.47% with the head at 4 bits as well); at 8
+  bits it costs nothing measurable and the head is a large share of a small LLM's bytes per token
+  (Llama-3.2-1B: 21%).
+  ``QuantizeSpec.lm_head`` overrides it either way. A tied head keeps its float table for the embedding.
+- GPTQ needs a Hessian of full rank: a weight with fewer calibration rows than input features (an LM head in
+  a step graph sees one row per sample) is rounded to nearest instead, and a note says so.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import KilnError
+from ..ir.bind import bind_inputs
+from ..ir.graph import Graph, Node
+from ..ir.interpret import eval_node
+from ..ir.quant import GROUPS, QuantWeight, check_layout, dequantize, quantize_rtn
+from .gptq import HessianAccumulator, gptq
+from .report import PassStats
+
+MODES = {"w8a16": (8, "rtn"), "w8a16-gptq": (8, "gptq"), "w4a16": (4, "rtn"), "w4a16-gptq": (4, "gptq")}
+CALIBRATION_HINT = ("give calibration data: kiln.compile(..., calibration=[inputs, ...]), kiln.from_hf(..., calibration=texts), "
+                    "Generator.from_pretrained(..., calibration=...), or kiln compile ... --calib FILE; or use a rounding mode "
+                    "(w8a16, w4a16)")
+_VIEWS = ("RESHAPE", "SLICE", "PERMUTE", "EXPAND", "CAST")
+
+
+@dataclass(frozen=True)
+class QuantizeSpec:
+    """What ``quantize_weights`` does (built from ``CompileConfig.quantize*`` by ``CompileConfig.quantize_spec``)."""
+
+    mode: str  # one of MODES: "w<bits>a16" rounds to nearest, "-gptq" runs GPTQ on calibration data
+    group: int | None = 128  # 4-bit group (32 / 64 / 128; None: per output channel); 8-bit is per output channel
+    symmetric: bool = True  # False: a zero point per group (uint8 zeros)
+    lm_head: bool | None = None  # quantize the output head; None: only at 8 bits (module docstring)
+    act_order: bool = False  # GPTQ quantizes inputs by descending Hessian diagonal
+    damp: float = 0.01  # GPTQ damping, a fraction of mean(diag H)
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise KilnError(f"quantize mode {self.mode!r} is not one of {', '.join(MODES)}")
+        if self.group is not None and self.group not in GROUPS:
+            raise KilnError(f"quantize group {self.group!r} is not one of {', '.join(map(str, GROUPS))} (or None: per channel)")
+
+    @property
+    def bits(self) -> int:
+        return MODES[self.mode][0]
+
+    @property
+    def method(self) -> str:
+        return MODES[self.mode][1]
+
+    def group_for(self, k: int) -> int:
+        return k if self.bits == 8 or self.group is None else self.group
+
+    @property
+    def quantize_head(self) -> bool:
+        return self.bits == 8 if self.lm_head is None else self.lm_head
+
+
+def quantize_weights(graph: Graph, spec: QuantizeSpec | None = None, calibration: list | None = None) -> PassStats:
+    """LINEAR / MATMUL / GEMM on a stored 2-d weight -> QGEMM on the weight packed by ``spec`` (module docstring).
+
+    ``calibration``: samples, each a flat list of input tensors in graph order; required by GPTQ, optional for
+    rounding (it then only measures each GEMM's output error). ``spec`` None: nothing to do."""
+    stats = PassStats()
+    if spec is None:
+        return stats
+    sites = _sites(graph, spec, stats)
+    if not sites:
+        return stats
+    if spec.method == "gptq" and not calibration:
+        raise KilnError(f"quantize={spec.mode!r} runs GPTQ, which needs calibration data; none was given", hint=CALIBRATION_HINT)
+    hessians = _hessians(graph, sites, calibration) if calibration else {}
+    for name, nodes in sites.items():
+        w = _float_weight(graph, nodes[0])  # [N, K]
+        acc = hessians.get(name)
+        qw, method, why = _pack(w, acc, spec)
+        packed = _add_packed(graph, name, qw)
+        for n in nodes:
+            graph.replace_all_uses(n, _build(graph, n, packed, qw))
+            stats.rewritten += 1
+            stats.rules[method] = stats.rules.get(method, 0) + 1
+        H = acc.value() if acc is not None else None
+        where = f"output error {_output_error(w, qw, H):.2e} on {acc.n} calibration rows" if H is not None else \
+            f"weight error {_output_error(w, qw, None):.2e} (no calibration data)"
+        stats.notes.append(f"{name} [{qw.shape[0]}, {qw.shape[1]}] -> {qw.bits}-bit g{qw.group} {method}: {where}"
+                           + (f" ({why})" if why else "") + f"; read by {', '.join(n.name for n in nodes)}")
+    graph.remove_dead()
+    graph.toposort()
+    return stats
+
+
+# ----------------------------------------------------------------------------- pattern / guard
+
+
+def _sites(graph: Graph, spec: QuantizeSpec, stats: PassStats) -> dict[str, list[Node]]:
+    """The matmuls to quantize, by the name of their stored weight (declined ones noted with their reason); a
+    weight that a MATMUL reads as [K, N] and another matmul as [N, K] is two sites ("name" and "name^T")."""
+    sites: dict[str, list[Node]] = {}
+    for n in graph.nodes:
+        if n.op not in ("LINEAR", "MATMUL", "GEMM") or (n.op == "MATMUL" and n.inputs[1].op != "WEIGHT"):
+            continue  # (a MATMUL of two activations, attention's q @ k^T, has no weight to quantize)
+        why = _why_not(graph, n, spec)
+        if why is None:
+            sites.setdefault(n.inputs[1].attrs["name"] + ("^T" if n.op == "MATMUL" else ""), []).append(n)
+        else:
+            stats.decline(why, n)
+    return sites
+
+
+def _why_not(graph: Graph, n: Node, spec: QuantizeSpec) -> str | None:
+    w = n.inputs[1]
+    if w.op != "WEIGHT" or w.attrs["name"] not in graph.weights:
+        return f"weight is computed ({w.op}), not a stored WEIGHT: cannot pack it at compile time"
+    if len(w.shape) != 2:
+        return f"weight is {len(w.shape)}-d {list(w.shape)}; only 2-d weights are quantized"
+    if w.dtype not in ("float32", "float16", "bfloat16"):
+        return f"weight is {w.dtype}, not a float"
+    k = w.shape[1] if n.op != "MATMUL" else w.shape[0]
+    try:
+        check_layout(spec.bits, spec.group_for(k), (1, k))
+    except ValueError as e:
+        return f"{spec.bits}-bit layout: {e}"
+    if not spec.quantize_head and _is_output_head(graph, n):
+        return (f"output head (LM head) kept in {w.dtype} at {spec.bits} bits: its error reaches the logits unfiltered "
+                "(CompileConfig.quantize_lm_head=True quantizes it)")
+    return None
+
+
+def _is_output_head(graph: Graph, n: Node) -> bool:
+    """The weight is also an embedding table (a tied LM head), or the result is a graph output through views /
+    casts only."""
+    if any(u.op == "EMBEDDING" for u in n.inputs[1].users):
+        return True
+    outputs = set(graph.outputs)
+    while n not in outputs:
+        if len(n.users) != 1 or next(iter(n.users)).op not in _VIEWS:
+            return False
+        n = next(iter(n.users))
+    return True
+
+
+# ----------------------------------------------------------------------------- calibration
+
+
+def _hessians(graph: Graph, sites: dict[str, list[Node]], calibration) -> dict[str, HessianAccumulator]:
+    """Each site weight's Hessian over its GEMMs' inputs, the float graph run on every calibration sample."""
+    device = next(iter(graph.weights.values())).device
+    site_of = {n: name for name, nodes in sites.items() for n in nodes}
+    # float32 sums, as the GPTQ reference keeps them: twice the speed of float64 on a CPU, half the memory on a GPU
+    # (a 1B model's 8192-wide down projections: 256 MiB each); GPTQ factors them in float64
+    accs = {name: HessianAccumulator(nodes[0].inputs[0].shape[-1], torch.float32, device) for name, nodes in sites.items()}
+    last = {}
+    for k, n in enumerate(graph.nodes):
+        for i in n.inputs:
+            last[i] = k
+    for s, sample in enumerate(calibration):
+        sample = _sample(graph, sample, s, device)
+        bindings = bind_inputs(graph, sample)
+        env: dict = dict(zip(graph.inputs, sample))
+        with torch.no_grad():
+            for k, n in enumerate(graph.nodes):
+                if n.op == "WEIGHT":
+                    env[n] = graph.weights[n.attrs["name"]]
+                elif n.op != "INPUT" and n in last:  # (a value nothing reads is not computed)
+                    env[n] = eval_node(n, [env[i] for i in n.inputs], bindings)
+                if n in site_of:
+                    accs[site_of[n]].add(env[n.inputs[0]])
+                for i in n.inputs:
+                    if last[i] == k:
+                        env.pop(i, None)
+    return accs
+
+
+def _sample(graph: Graph, sample, index: int, device) -> list[torch.Tensor]:
+    if not isinstance(sample, (list, tuple)) or len(sample) != len(graph.inputs) or \
+            not all(isinstance(t, torch.Tensor) for t in sample):
+        raise KilnError(f"calibration sample {index}: expected a list of {len(graph.inputs)} tensors "
+                        f"({', '.join(i.attrs['name'] for i in graph.inputs)}), got {type(sample).__name__}")
+    return [t.to(device) for t in sample]
+
+
+# ----------------------------------------------------------------------------- builder
+
+
+def _float_weight(graph: Graph, n: Node) -> torch.Tensor:
+    """The stored weight as [N, K] (out, in); MATMUL's [K, N] transposed."""
+    w = graph.weights[n.inputs[1].attrs["name"]]
+    return w.t() if n.op == "MATMUL" else w
+
+
+def _pack(w: torch.Tensor, acc: HessianAccumulator | None, spec: QuantizeSpec) -> tuple[QuantWeight, str, str]:
+    """(packed weight, the method used, why it is not the one asked for or "")."""
+    n, k = w.shape
+    group = spec.group_for(k)
+    if spec.method == "gptq":
+        if acc is not None and acc.n >= k:
+            return gptq(w.float(), acc.value(), spec.bits, group, spec.symmetric, spec.act_order, spec.damp), "gptq", ""
+        why = f"{acc.n if acc is not None else 0} calibration rows < K = {k}: too few for GPTQ's Hessian"
+        return quantize_rtn(w.float(), spec.bits, group, spec.symmetric), "rtn", why
+    return quantize_rtn(w.float(), spec.bits, group, spec.symmetric), "rtn", ""
+
+
+def _add_packed(graph: Graph, name: str, qw: QuantWeight) -> list[Node]:
+    """WEIGHT nodes of the packed weight: [qweight, scales] (+ [zeros])."""
+    base = name.removesuffix("^T").removesuffix(".weight")
+    parts = [("qweight", qw.qweight), ("scales", qw.scales)] + ([("zeros", qw.zeros)] if qw.zeros is not None else [])
+    out = []
+    for suffix, t in parts:
+        key, k = f"{base}.{suffix}", 2
+        while key in graph.weights:
+            key, k = f"{base}.{suffix}_{k}", k + 1
+        out.append(graph.add_weight(key, t.contiguous()))
+    return out
+
+
+def _build(graph: Graph, n: Node, packed: list[Node], qw: QuantWeight) -> Node:
+    """The QGEMM computing what ``n`` computes, on the packed weight (a GEMM keeps its epilogue and its operands)."""
+    a = dict(n.attrs) if n.op == "GEMM" else dict(bias=len(n.inputs) > 2, act="none", glu=False, gate=False, residual=False)
+    return graph.add("QGEMM", [n.inputs[0], *packed, *n.inputs[2:]], name=f"{n.name}_q{qw.bits}", loc=n.loc, bits=qw.bits,
+                     group=qw.group, zeros=qw.zeros is not None, **a)
+
+
+def _output_error(w: torch.Tensor, qw: QuantWeight, H: torch.Tensor | None, rows: int = 4096) -> float:
+    """sqrt(tr(D H D^T) / tr(W H W^T)) with D = W - Wq (H None: the identity), float64, ``rows`` rows at a time."""
+    num = den = 0.0
+    wq = dequantize(qw, torch.float64)  # [N, K]
+    H = H.double() if H is not None else None
+    for i in range(0, w.shape[0], rows):
+        wi = w[i:i + rows].double()
+        d = wi - wq[i:i + rows]
+        num += float((d * (d @ H if H is not None else d)).sum())
+        den += float((wi * (wi @ H if H is not None else wi)).sum())
+    return math.sqrt(max(num, 0.0) / den) if den > 0 else 0.0
