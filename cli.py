@@ -121,7 +121,8 @@ def _check_compile_args(a) -> str:
     if a.source and ((a.dim and not a.source.lower().endswith(".onnx")) or a.weights or a.static or a.generate):
         raise KilnError("--weights, --static and --generate apply to --model, and --dim to --model or an .onnx file's dims",
                         hint=f"compile {a.source} without them: a .pt2 program fixes its own dims")
-    generate_only = [f for f, v in (("--max-seq", a.max_seq), ("--batch-buckets", a.batch_buckets)) if v is not None]
+    generate_only = [f for f, v in (("--max-seq", a.max_seq), ("--batch-buckets", a.batch_buckets), ("--kv-cache", a.kv_cache))
+                     if v is not None]
     if generate_only and not a.generate:
         raise KilnError(f"{' and '.join(generate_only)} appl{'y' if len(generate_only) > 1 else 'ies'} only to a generator",
                         hint="add --generate to compile an LLM generator (KV cache)")
@@ -232,9 +233,10 @@ def _compile_generator(a, spec, model, config, output, buckets, progress, calibr
     buckets = buckets or list(DEFAULT_BATCH_BUCKETS)
     max_seq = a.max_seq if a.max_seq is not None else 1024
     tokenizer = _load_tokenizer(a.weights) if a.weights else None
-    with progress.step(f"compile the {spec.name} step graph (max_seq {max_seq}, batch buckets {buckets})"):
+    kv = a.kv_cache or config.kv_cache_dtype
+    with progress.step(f"compile the {spec.name} step graph (max_seq {max_seq}, batch buckets {buckets}{f', KV cache {kv}' if kv else ''})"):
         g = Generator.compile(model, max_seq=max_seq, batch_buckets=buckets, tokenizer=tokenizer, config=config,
-                              eos_token_id=_eos_of(a.weights), calibration=calibration)
+                              eos_token_id=_eos_of(a.weights), calibration=calibration, kv_cache_dtype=a.kv_cache)
     with progress.step(f"save {output}"):
         g.save(output, overwrite=a.force)
     if a.report:
@@ -388,7 +390,8 @@ def cmd_generate(a) -> int:
     decode = end - (first or end)
     if not a.quiet:
         err.print(f"[dim]{n} tokens for {len(prompts)} prompt(s): first token {((first or end) - t0) * 1e3:.1f} ms, then "
-                  f"{(n - len(prompts)) / decode if decode > 0 else 0:.1f} tokens/s on {g.device}[/dim]")
+                  f"{(n - len(prompts)) / decode if decode > 0 else 0:.1f} tokens/s on {g.device}"
+                  f"{f', KV cache {g.kv_cache_dtype}' if g.kv_cache_dtype else ''}[/dim]")
     return 0
 
 
@@ -787,6 +790,8 @@ def _compile_parser(sub) -> None:
     c.add_argument("--emit-onnx", metavar="PATH", help="also write the optimized graph as ONNX (fused ops in the 'kiln' domain)")
     c.add_argument("--generate", action="store_true",
                    help="an LLM generator: the prefill / decode step graph with a KV cache, and the tokenizer of --weights")
+    c.add_argument("--kv-cache", choices=["int8", "fp8"], help="with --generate: a quantized KV cache (codes + a float32 scale "
+                   "per token and kv head; default: the model's dtype)")
     c.add_argument("--max-seq", type=int, help="with --generate: KV cache length, prompt + new tokens (default 1024)")
     c.add_argument("--batch-buckets", help="with --generate: batch sizes compiled for (default 1,2,4,8,16)")
     c.add_argument("--quantize", choices=["w8a16", "w8a16-gptq", "w4a16", "w4a16-gptq"],

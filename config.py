@@ -5,6 +5,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from .errors import KilnError
+from .ir.kv_quant import KV_DTYPES
 from .passes.pipeline import PASS_NAMES
 from .passes.quantize_weights import MODES, QuantizeSpec
 
@@ -51,6 +52,9 @@ class CompileConfig:
     tp: int = 1
     #: the rank whose shard this is; None: the process group's rank (torch.distributed, initialised with tp ranks)
     tp_rank: int | None = None
+    #: an LLM generator's KV cache: None (the activations' dtype), "int8" or "fp8" (e4m3): quantized codes plus a
+    #: float32 scale per (row, kv head, slot), dequantized inside the attention kernels (``ir/kv_quant.py``)
+    kv_cache_dtype: str | None = None
 
     def __post_init__(self):
         self.disable = tuple(self.disable)
@@ -62,6 +66,9 @@ class CompileConfig:
             if impl not in KERNEL_CHOICES.get(kind, ()):
                 raise KilnError(f"CompileConfig.kernels: {kind!r} -> {impl!r} is not a choice",
                                 hint="; ".join(f"{k}: {', '.join(v)}" for k, v in KERNEL_CHOICES.items()))
+        if self.kv_cache_dtype is not None and self.kv_cache_dtype not in KV_DTYPES:
+            raise KilnError(f"CompileConfig.kv_cache_dtype must be None, {' or '.join(repr(k) for k in KV_DTYPES)}, "
+                            f"got {self.kv_cache_dtype!r}")
         self.quantize_spec()  # checks the quantize knobs
         if not isinstance(self.tp, int) or self.tp < 1 or (self.tp_rank is not None and not 0 <= self.tp_rank < self.tp):
             raise KilnError(f"CompileConfig.tp = {self.tp!r}, tp_rank = {self.tp_rank!r}: tp is a rank count >= 1, tp_rank one "

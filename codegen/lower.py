@@ -9,7 +9,9 @@ candidate is a name -> a closure that runs the group once into ``out`` (so a CUD
                16 rows (LLM decode) kiln's skinny template at its configurations (GEMV / split-K)
     QGEMM      the weight dequantized then cuBLAS (the fallback: a torch temporary of the weight per call);
                the skinny template (<= 16 rows) or the qgemm template (more rows) dequantizing in registers
-    ATTENTION  SDPA; kiln's flash kernel; the split-KV decode kernel for few query rows over long keys
+    ATTENTION  SDPA; kiln's flash kernel; the split-KV decode kernel for few query rows over long keys. On a quantized
+               KV cache both kernels dequantize in registers; SDPA, offered there only for many query rows (prefill),
+               reads a planned scratch the cache is dequantized into first (``attention_scratch``)
     CONV       cuDNN into the planned buffer (``aten.cudnn_convolution.out``) + kiln's conv epilogue in place; cuDNN on
                channels-last copies + the epilogue back into NCHW; torch's conv2d + the epilogue (one copy)
     GROUP_NORM kiln's two-pass chunked kernel (+ SiLU); torch's group_norm (+ silu) copied into the buffer
@@ -22,7 +24,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..ir.ops import OPS, conv_operands, sdpa_mask
+from ..ir.ops import OPS, attention_operands, conv_operands, sdpa_mask
 from ..ir.ops_fused import gemm_operands, qgemm_operands
 from .kernels import attention as ta
 from .kernels import conv_epilogue as tce
@@ -171,31 +173,67 @@ def _decode_fits(q, k, v, mask, causal: bool, gqa: bool, device: torch.device) -
             and (gqa or q.shape[1] == k.shape[1]) and _triton_ok(td.DTYPES, q.dtype, device, td.INTERPRET))
 
 
-def attention(args: list, attrs: dict, out: torch.Tensor, device: torch.device) -> tuple[dict, dict]:
-    """An ATTENTION's candidates."""
-    q, k, v = args[:3]
-    mask = args[3] if len(args) > 3 else None
+def attention_scratch(q_shape: tuple, k_shape: tuple, v_shape: tuple, attrs: dict, dtype: torch.dtype,
+                      device: torch.device) -> tuple | None:
+    """The scratch (elements of q's dtype) that SDPA reads an ATTENTION's quantized k / v from, dequantized first;
+    None when SDPA is not offered on them: no scales, or a decode shape (few query rows per kv head) that kiln's
+    kernels serve reading the codes alone, where the scratch would cost a full-precision copy of the cache."""
+    scaled = [s for s, on in ((k_shape, attrs.get("k_scale")), (v_shape, attrs.get("v_scale"))) if on]
+    if not scaled:
+        return None
+    rows = q_shape[-2] * (q_shape[-3] // k_shape[-3] if len(q_shape) >= 3 and attrs["gqa"] else 1)
+    if rows <= td.MAX_ROWS and _triton_ok(ta.DTYPES, dtype, device, ta.INTERPRET):
+        return None
+    return (sum(math.prod(s) for s in scaled),)
+
+
+def _dequantized(k, v, ks, vs, scratch: torch.Tensor | None):
+    """(k, v as SDPA reads them, the call that dequantizes the quantized ones into ``scratch``)."""
+    if scratch is None:
+        return k, v, lambda: None
+    pairs, at = [], 0
+    for codes, scale in ((k, ks), (v, vs)):
+        if scale is not None:
+            pairs.append((codes, scale, scratch[at:at + codes.numel()].view(codes.shape)))
+            at += codes.numel()
+
+    def dequantize():  # = kv_quant.dequantize_kv: float32 product (codes exact in q's dtype) rounded once to q's dtype
+        for codes, scale, buf in pairs:
+            buf.copy_(codes)
+            buf.mul_(scale.unsqueeze(-1))
+    it = iter(p[2] for p in pairs)
+    return next(it) if ks is not None else k, next(it) if vs is not None else v, dequantize
+
+
+def attention(args: list, attrs: dict, out: torch.Tensor, scratch: torch.Tensor | None, device: torch.device) -> tuple[dict, dict]:
+    """An ATTENTION's candidates. ``scratch``: the ``attention_scratch`` buffer (None where it has none)."""
+    q, k, v, mask, ks, vs = attention_operands(args, attrs)
     causal, scale, gqa = attrs["causal"], attrs["scale"], attrs["gqa"]
     attn_mask, sdpa_causal = sdpa_mask(q, k, mask, causal)  # built once per plan, not per call
     enable_gqa = bool(gqa and q.dim() >= 3 and q.shape[-3] != k.shape[-3])
+    kd, vd, dequantize = _dequantized(k, v, ks, vs, scratch)
 
     def sdpa():
-        out.copy_(F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=sdpa_causal, scale=scale,
+        dequantize()
+        out.copy_(F.scaled_dot_product_attention(q, kd, vd, attn_mask=attn_mask, is_causal=sdpa_causal, scale=scale,
                                                  enable_gqa=enable_gqa))
 
-    candidates = {"sdpa": sdpa}
+    candidates = {"sdpa": sdpa} if (ks is None and vs is None) or scratch is not None else {}
     if _triton_ok(ta.DTYPES, q.dtype, device, ta.INTERPRET):
         cfgs = ta.configs(q.shape[-2]) if device.type == "cuda" else [ta.INTERPRET_CONFIG]
         for c in cfgs[:TRITON_ATTENTION_CONFIGS]:
-            candidates[config_name("kiln", c)] = (lambda c=c: ta.attention(q, k, v, mask, causal, scale, gqa, out=out, config=c))
+            candidates[config_name("kiln", c)] = (
+                lambda c=c: ta.attention(q, k, v, mask, causal, scale, gqa, out=out, config=c, k_scale=ks, v_scale=vs))
     if _decode_fits(q, k, v, mask, causal, enable_gqa, device):
         cfgs = td.configs() if device.type == "cuda" else [td.INTERPRET_CONFIG]
         for c in cfgs[:TRITON_ATTENTION_CONFIGS]:
             candidates[config_name("kiln-decode", c)] = (
-                lambda c=c: td.decode_attention(q, k, v, mask, scale, enable_gqa, out=out, config=c))
+                lambda c=c: td.decode_attention(q, k, v, mask, scale, enable_gqa, out=out, config=c, k_scale=ks, v_scale=vs))
     what = {"op": "ATTENTION", "q": list(q.shape), "k": list(k.shape), "v": list(v.shape), "dtype": str(q.dtype),
             "strides": [list(t.stride()) for t in (q, k, v)], "causal": causal, "scale": scale, "gqa": gqa,
             "mask": None if mask is None else [list(mask.shape), str(mask.dtype)]}
+    if ks is not None or vs is not None:
+        what["codes"] = [str(t.dtype) if s is not None else None for t, s in ((k, ks), (v, vs))]
     return what, candidates
 
 

@@ -8,8 +8,9 @@ protocol of ``plan.py``. Built in four named steps:
    cannot express as a view becomes a copy kernel). Values that depend on no input are computed now.
 2. Memory (:meth:`KernelPlan._memory`). Every kernel output is an interval [group that writes it, last group
    that reads it or a view of it]; graph outputs live to the end; a cuBLAS GLU needs a scratch [M, 2N] for
-   one step, a skinny (decode) GEMM's split-K its workspace (the largest its candidates need, planned before the
-   tuner picks one). The intervals are packed into one arena (``memory.py``); inputs get their own static buffers.
+   one step, an SDPA prefill on a quantized KV cache the cache dequantized, a skinny (decode) GEMM's split-K its
+   workspace (the largest its candidates need, planned before the tuner picks one). The intervals are packed into
+   one arena (``memory.py``); inputs get their own static buffers.
 3. Calls (:meth:`KernelPlan._calls`). Each group becomes one closure over fixed tensors: a pointwise group
    its generated Triton kernel; a GEMM or attention the fastest of its candidates (``codegen/lower.py``,
    measured per shape by the target's tuner); anything else its torch reference, copied into the buffer.
@@ -32,7 +33,7 @@ from ..codegen.pointwise import launch
 from ..codegen.schedule import VIEW_OPS, Group
 from ..ir.graph import Graph, Node
 from ..ir.interpret import eval_node, node_attrs
-from ..ir.ops import COLLECTIVE_OPS
+from ..ir.ops import COLLECTIVE_OPS, index_copy
 from ..ir.types import eval_dim, torch_dtype
 from .memory import Liveness, nbytes
 from .plan import Plan
@@ -289,7 +290,8 @@ class KernelPlan(Plan):
     # -- 2. memory ------------------------------------------------------------------------------------------
     def _memory(self) -> None:
         """Intervals over group steps, packed into one arena; ``self.scratch``: group index -> (key, shape, dtype) of a
-        cuBLAS GLU's [M, 2N] product or of a group norm's float32 partial statistics."""
+        cuBLAS GLU's [M, 2N] product, of a group norm's float32 partial statistics, or of the dequantized KV cache an
+        ATTENTION's SDPA candidate reads (prefill on a quantized cache)."""
         lv = Liveness()
         self.scratch: dict[int, tuple] = {}
         self.workspace: dict[int, tuple] = {}
@@ -306,6 +308,8 @@ class KernelPlan(Plan):
                 self.scratch[k] = (-1 - k, shape, n.dtype)
             if kind == "group_norm":
                 self.scratch[k] = (-1 - k, lower.group_norm_scratch(self.shape_of[n.inputs[0]], n.attrs["groups"]), "float32")
+            if kind == "attention" and (shape := self._attention_scratch(n)):
+                self.scratch[k] = (-1 - k, shape, n.dtype)
             if k in self.scratch:
                 lv.write(-1 - k, k, nbytes(self.scratch[k][1], self.scratch[k][2]))
             if kind == "gemm":
@@ -320,6 +324,11 @@ class KernelPlan(Plan):
             del lv.first[self.slot[o]], lv.last[self.slot[o]], lv.sizes[self.slot[o]]
         self.intervals, self.memory = lv.plan()
         self.arena = torch.zeros(max(self.memory.peak_bytes, 1), dtype=torch.uint8, device=self.device)
+
+    def _attention_scratch(self, n: Node) -> tuple | None:
+        """The scratch an ATTENTION on a quantized KV cache needs for its SDPA candidate (``lower.attention_scratch``)."""
+        q, k, v = (self.shape_of[i] for i in n.inputs[:3])
+        return lower.attention_scratch(q, k, v, n.attrs, torch_dtype(n.dtype), self.device)
 
     def _workspace(self, lv: Liveness, k: int, n: Node) -> None:
         """``self.workspace[k]``: (key, bytes) of the split-K workspace of gemm group k's skinny candidates, if any."""
@@ -362,7 +371,7 @@ class KernelPlan(Plan):
                 n = g.nodes[0]
                 x, index, src = (self.env[i] for i in n.inputs)
                 self.env[n] = x
-                calls.append(KernelCall(g, "update", lambda x=x, a=n.attrs["axis"], i=index, s=src: x.index_copy_(a, i, s)))
+                calls.append(KernelCall(g, "update", lambda x=x, a=n.attrs["axis"], i=index, s=src: index_copy(x, a, i, s, inplace=True)))
                 continue
             if kind == "view":
                 self._views(g)
@@ -414,7 +423,7 @@ class KernelPlan(Plan):
                 attrs = dict(bias=len(args) > 2, act="none", glu=False, gate=False, residual=False)
             what, candidates = (lower.qgemm if n.op == "QGEMM" else lower.gemm)(args, attrs, out, tmp, device, workspace)
         elif kind == "attention":
-            what, candidates = lower.attention(args, attrs, out, device)
+            what, candidates = lower.attention(args, attrs, out, tmp, device)
         elif kind == "conv":
             what, candidates = lower.conv(args, attrs, out, device)
         elif kind == "group_norm":
