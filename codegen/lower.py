@@ -6,7 +6,9 @@ candidate is a name -> a closure that runs the group once into ``out`` (so a CUD
 
     GEMM       cuBLAS (torch.mm / addmm) + kiln's one-pass epilogue kernel; cuBLASLt's own epilogues where
                they apply (a full residual as addmm's C; bias + tanh-GELU); kiln's Triton template; for at most
-               16 rows (LLM decode) kiln's skinny template at its configurations (GEMV / split-K)
+               16 rows (LLM decode) kiln's skinny template at its configurations (GEMV / split-K). With a norm
+               prologue (schedule.py): the norm's kernel then each of those, and for at most 16 rows the skinny
+               template normalising x as it loads it (``triton-skinny-norm``, one launch)
     QGEMM      the weight dequantized then cuBLAS (the fallback: a torch temporary of the weight per call);
                the skinny template (<= 16 rows) or the qgemm template (more rows) dequantizing in registers
     ATTENTION  SDPA; kiln's flash kernel; the split-KV decode kernel for few query rows over long keys. On a quantized
@@ -67,10 +69,33 @@ def _cublas(x, w, bias, gate, residual, act: str, glu: bool, out: torch.Tensor, 
         epilogue(h2.view(*out.shape[:-1], h2.shape[-1]), None, gate, residual, act, glu, out=out)
 
 
+def with_norm(candidates: dict, fused: dict, norm: dict | None) -> dict:
+    """The candidates of a GEMM with a norm prologue ``norm`` (x, w, eps, and ``run``, which writes the normalised x
+    the candidates read): each of ``candidates`` after the norm's own kernel, and the ``fused`` ones (the norm in
+    the skinny template's loads) just before the plain skinny ones, so that a forced "triton-skinny" takes them.
+    Without a prologue, ``candidates`` as they are."""
+    if norm is None:
+        return candidates
+    run = norm["run"]
+    out = {}
+    for name, f in candidates.items():
+        if name.startswith("triton-skinny:"):
+            out.update(fused)
+        out[name] = lambda f=f: (run(), f())
+    return {**out, **fused}
+
+
+def _norm_what(what: dict, norm: dict | None) -> dict:
+    if norm is not None:  # the tuner's key: a GEMM with a prologue is another choice than the bare GEMM
+        what["norm"] = {"eps": norm["eps"], "x_stride": list(norm["x"].stride())}
+    return what
+
+
 def gemm(args: list, attrs: dict, out: torch.Tensor, tmp: torch.Tensor | None, device: torch.device,
-         workspace: torch.Tensor | None = None) -> tuple[dict, dict]:
+         workspace: torch.Tensor | None = None, norm: dict | None = None) -> tuple[dict, dict]:
     """A GEMM's candidates. ``tmp``: the [M, 2N] scratch of a GLU's product behind cuBLAS (None otherwise);
-    ``workspace``: ``workspace_bytes`` of split-K scratch for the skinny candidates."""
+    ``workspace``: ``workspace_bytes`` of split-K scratch for the skinny candidates; ``norm``: the RMSNORM
+    prologue (``with_norm``), whose output is ``args[0]``."""
     x, w, bias, gate, residual = gemm_operands(args, attrs)
     act, glu = attrs["act"], attrs["glu"]
     m, k = math.prod(x.shape[:-1]), x.shape[-1]
@@ -93,12 +118,13 @@ def gemm(args: list, attrs: dict, out: torch.Tensor, tmp: torch.Tensor | None, d
             candidates[config_name("triton", c)] = (lambda c=c: tg.gemm(x, w, bias, gate, residual, act, glu, out=out, config=c))
     decode = skinny(x, dict(w=w), (bias, gate, residual), attrs, out, workspace, device)
     candidates.update(decode)
+    candidates = with_norm(candidates, skinny(x, dict(w=w), (bias, gate, residual), attrs, out, workspace, device, norm), norm)
     what = {"op": "GEMM", "x": list(x.shape), "x_stride": list(x.stride()), "w": list(w.shape), "dtype": str(x.dtype),
             "act": act, "glu": glu, "bias": bias is not None,
             "gate": None if gate is None else list(gate.shape), "residual": None if residual is None else list(residual.shape)}
     if decode:  # (a decision cached before the skinny template was a candidate is not one between these)
         what["skinny"] = True
-    return what, candidates
+    return _norm_what(what, norm), candidates
 
 
 def _skinny_configs(m: int, n: int, k: int, bits: int | None, glu: bool, device: torch.device) -> list[dict]:
@@ -123,25 +149,30 @@ def workspace_bytes(op: str, attrs: dict, x_shape, w_shape, dtype: torch.dtype, 
     return max(ts.workspace_bytes(m, w_shape[0], k, bits, glu, c) for c in _skinny_configs(m, w_shape[0], k, bits, glu, device))
 
 
-def skinny(x, weight: dict, epilogue_ops: tuple, attrs: dict, out, workspace, device: torch.device) -> dict:
+def skinny(x, weight: dict, epilogue_ops: tuple, attrs: dict, out, workspace, device: torch.device,
+           norm: dict | None = None) -> dict:
     """The skinny template's candidates for at most 16 rows (none for more): ``weight`` is ``dict(w=...)`` or the
-    quantized ``dict(qweight=, scales=, zeros=, bits=, group=)``; ``epilogue_ops`` (bias, gate, residual)."""
+    quantized ``dict(qweight=, scales=, zeros=, bits=, group=)``; ``epilogue_ops`` (bias, gate, residual);
+    with ``norm`` (a prologue, see ``with_norm``) the template normalising ``norm["x"]`` itself (``x``: unused)."""
     m, k = math.prod(x.shape[:-1]), x.shape[-1]
     if not _skinny_fits(m, x.dtype, device):
         return {}
     n = (weight["w"] if "w" in weight else weight["qweight"]).shape[0]  # the weight's rows
     bias, gate, residual = epilogue_ops
     act, glu = attrs["act"], attrs["glu"]
+    name, src, prologue = "triton-skinny", x, {}
+    if norm is not None:
+        name, src, prologue = "triton-skinny-norm", norm["x"], dict(norm_weight=norm["w"], norm_eps=norm["eps"])
     candidates = {}
     for c in _skinny_configs(m, n, k, weight.get("bits"), glu, device):
-        candidates[config_name("triton-skinny", c)] = (lambda c=c: ts.skinny_gemm(x, bias=bias, gate=gate, residual=residual, act=act, glu=glu,
-                                                                                  **weight, out=out, workspace=workspace, config=c))
+        candidates[config_name(name, c)] = (lambda c=c: ts.skinny_gemm(src, bias=bias, gate=gate, residual=residual, act=act, glu=glu,
+                                                                       **weight, **prologue, out=out, workspace=workspace, config=c))
     return candidates
 
 
 def qgemm(args: list, attrs: dict, out: torch.Tensor, tmp: torch.Tensor | None, device: torch.device,
-          workspace: torch.Tensor | None = None) -> tuple[dict, dict]:
-    """A QGEMM's candidates (``tmp``, ``workspace``: as for ``gemm``)."""
+          workspace: torch.Tensor | None = None, norm: dict | None = None) -> tuple[dict, dict]:
+    """A QGEMM's candidates (``tmp``, ``workspace``, ``norm``: as for ``gemm``)."""
     x, q, scales, zeros, bias, gate, residual = qgemm_operands(args, attrs)
     act, glu, bits, group = attrs["act"], attrs["glu"], attrs["bits"], attrs["group"]
     m = math.prod(x.shape[:-1])
@@ -157,11 +188,12 @@ def qgemm(args: list, attrs: dict, out: torch.Tensor, tmp: torch.Tensor | None, 
         for c in tq.configs(m, glu) if device.type == "cuda" else [tq.INTERPRET_CONFIG]:
             candidates[config_name("triton-qgemm", c)] = (
                 lambda c=c: tq.qgemm(x, q, scales, zeros, bits, group, bias, gate, residual, act, glu, out=out, config=c))
+    candidates = with_norm(candidates, skinny(x, weight, (bias, gate, residual), attrs, out, workspace, device, norm), norm)
     what = {"op": "QGEMM", "x": list(x.shape), "x_stride": list(x.stride()), "qweight": list(q.shape), "bits": bits,
             "group": group, "scales": str(scales.dtype), "zeros": zeros is not None, "dtype": str(x.dtype), "act": act,
             "glu": glu, "bias": bias is not None, "gate": None if gate is None else list(gate.shape),
             "residual": None if residual is None else list(residual.shape)}
-    return what, candidates
+    return _norm_what(what, norm), candidates
 
 
 def _decode_fits(q, k, v, mask, causal: bool, gqa: bool, device: torch.device) -> bool:

@@ -30,7 +30,7 @@ import torch
 
 from ..codegen import lower
 from ..codegen.pointwise import launch
-from ..codegen.schedule import VIEW_OPS, Group
+from ..codegen.schedule import VIEW_OPS, Group, norm_prologue
 from ..ir.graph import Graph, Node
 from ..ir.interpret import eval_node, node_attrs
 from ..ir.ops import COLLECTIVE_OPS, index_copy
@@ -295,6 +295,7 @@ class KernelPlan(Plan):
         lv = Liveness()
         self.scratch: dict[int, tuple] = {}
         self.workspace: dict[int, tuple] = {}
+        self.prologue: dict[int, int] = {}  # gemm group index -> key of its norm prologue's output
         for k, (g, kind) in enumerate(zip(self.groups, self.kinds)):
             if kind in ("view", "source", "constant"):
                 continue
@@ -302,7 +303,10 @@ class KernelPlan(Plan):
                 lv.read(self.val[i].root if i in self.val else None, k)
             for o in g.outputs:
                 lv.write(self.slot[o], k, self._nbytes(o))
-            n = g.nodes[0]
+            n = g.nodes[-1]  # (a gemm group's GEMM comes after its norm prologue)
+            if kind == "gemm" and len(g.nodes) > 1:  # the normalised x, written and read inside this step
+                self.prologue[k] = -1 - 2 * len(self.groups) - k
+                lv.write(self.prologue[k], k, self._nbytes(g.nodes[0]))
             if kind == "gemm" and n.op in ("GEMM", "QGEMM") and n.attrs["glu"]:
                 shape = (math.prod(self.shape_of[n.inputs[0]][:-1]), self.shape_of[n.inputs[1]][0])
                 self.scratch[k] = (-1 - k, shape, n.dtype)
@@ -381,6 +385,9 @@ class KernelPlan(Plan):
                     self.env[o] = self._buffer(self.slot[o], self.shape_of[o], torch_dtype(o.dtype), self.order.get(o), self.pitch.get(o))
             tmp = self._buffer(self.scratch[k][0], self.scratch[k][1], torch_dtype(self.scratch[k][2])) if k in self.scratch else None
             ws = self._buffer(self.workspace[k][0], (self.workspace[k][1],), torch.uint8) if k in self.workspace else None
+            if k in self.prologue:
+                norm = g.nodes[0]
+                self.env[norm] = self._buffer(self.prologue[k], self.shape_of[norm], torch_dtype(norm.dtype))
             calls.append(self._call(g, kind, tmp, ws))
         return calls + self._state_copies()
 
@@ -414,14 +421,15 @@ class KernelPlan(Plan):
         if kind == "pointwise":
             args, outs, cache = [self.env.get(i) for i in g.inputs], [self.env[o] for o in g.outputs], self.target.cache
             return KernelCall(g, "pointwise", lambda: launch(g, args, b, out=outs, cache=cache))
-        n = g.nodes[0]
+        n = g.nodes[-1]
         out, args, attrs = self.env[n], [self.env[i] for i in n.inputs], node_attrs(n, b)
         if kind == "gemm" and n.op == "MATMUL":
             return KernelCall(g, "matmul", lambda: torch.matmul(args[0], args[1], out=out))
         if kind == "gemm":
             if n.op == "LINEAR":
                 attrs = dict(bias=len(args) > 2, act="none", glu=False, gate=False, residual=False)
-            what, candidates = (lower.qgemm if n.op == "QGEMM" else lower.gemm)(args, attrs, out, tmp, device, workspace)
+            what, candidates = (lower.qgemm if n.op == "QGEMM" else lower.gemm)(args, attrs, out, tmp, device, workspace,
+                                                                                self._norm(g))
         elif kind == "attention":
             what, candidates = lower.attention(args, attrs, out, tmp, device)
         elif kind == "conv":
@@ -434,6 +442,17 @@ class KernelPlan(Plan):
             return self._reference(g, kind, n, args, attrs, out)
         choice = self.target.tuner.choose(kind, what, candidates, device)
         return KernelCall(g, kind, candidates[choice], choice)
+
+    def _norm(self, g: Group) -> dict | None:
+        """A gemm group's norm prologue as ``lower.gemm`` takes it (None without one): its input, weight and eps, and
+        its own kernel writing the normalised x (the GEMM's planned operand)."""
+        p = norm_prologue(g)
+        if p is None:
+            return None
+        norm, b, cache = p.nodes[0], self.bindings, self.target.cache
+        args, out = [self.env[i] for i in p.inputs], [self.env[norm]]
+        return dict(x=self.env[norm.inputs[0]], w=self.env[norm.inputs[1]].contiguous(), eps=norm.attrs["eps"],
+                    run=lambda: launch(p, args, b, out=out, cache=cache))
 
     def _reference(self, g: Group, kind: str, n: Node, args, attrs, out) -> KernelCall:
         b = self.bindings
