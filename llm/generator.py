@@ -28,6 +28,7 @@ from ..api import compile as kiln_compile
 from ..api import load as kiln_load
 from ..config import CompileConfig
 from ..errors import ArtifactError, InputError, KilnError
+from ..models.gptq import GPTQConfig, gptq_config, load_gptq_llama
 from ..models.llama import HF_MODEL_TYPES, LlamaConfig, LlamaStep, llama_from_tensors, load_llama
 from .sampling import SamplingParams, make_generator, sample
 
@@ -170,11 +171,12 @@ class Generator:
     @classmethod
     def compile(cls, model, *, max_seq: int = 1024, batch_buckets=DEFAULT_BATCH_BUCKETS, device=None, dtype=None,
                 tokenizer=None, eos_token_id: int | list[int] | None = None, config: CompileConfig | None = None,
-                quantize: str | None = None, calibration=None) -> "Generator":
+                quantize: str | None = None, calibration=None, prequantized: dict | None = None) -> "Generator":
         """Compile kiln's LlamaForCausalLM ``model`` into a generator (see the class docstring). ``quantize``: a
         weight-only mode (``CompileConfig.quantize``; overrides ``config``'s); ``calibration``: text (with the
         tokenizer) or token ids, one item or a list of them, run as prefill steps (``calibration_steps``) for
-        GPTQ and for each quantized GEMM's measured error."""
+        GPTQ and for each quantized GEMM's measured error. ``prequantized``: {parameter name: QuantWeight} of
+        weights a checkpoint holds already quantized (:meth:`from_pretrained` on a GPTQ directory), packed as given."""
         cfg = model.config
         if max_seq < 2:
             raise KilnError(f"max_seq must be at least 2, got {max_seq}")
@@ -203,8 +205,9 @@ class Generator:
                 "mask": {0: batch, 2: seq}, **{n: {0: batch} for n in names}}
         t0 = time.perf_counter()
         steps = None if calibration is None else calibration_steps(calibration, tokenizer, spec, dtype, device)
+        pre = None if prequantized is None else [(model.get_parameter(n), qw) for n, qw in prequantized.items()]
         compiled = kiln_compile(step_function(LlamaStep(model), cfg.num_hidden_layers), (), example, dynamic=dims, config=config,
-                                calibration=steps)
+                                calibration=steps, prequantized=pre)
         compiled.source_watch = SourceWatch(model)  # (a function's closure is not watched: the model is)
         g = cls(compiled, spec, tokenizer)
         g.compile_s = time.perf_counter() - t0
@@ -212,8 +215,15 @@ class Generator:
 
     @classmethod
     def from_pretrained(cls, path, *, dtype=torch.bfloat16, **kw) -> "Generator":
-        """A checkpoint directory (config.json + safetensors); its tokenizer when the directory has one."""
-        model = load_llama(path, dtype=dtype)
+        """A checkpoint directory (config.json + safetensors); its tokenizer when the directory has one. A GPTQ
+        checkpoint (``quantization_config.quant_method: "gptq"``) compiles with its own codes (``models/gptq.py``):
+        the quantize mode, group and symmetry come from it; asking for another mode is an error."""
+        gptq = gptq_config(path)
+        if gptq is None:
+            model = load_llama(path, dtype=dtype)
+        else:
+            model, kw["prequantized"], _ = load_gptq_llama(path, dtype=dtype)
+            kw["config"] = _checkpoint_config(kw.get("config"), kw.pop("quantize", None), gptq, path)
         tok = kw.pop("tokenizer", None)
         if tok is None:
             tok = _load_tokenizer(path)
@@ -447,6 +457,17 @@ def from_hf(model, tokenizer=None, **kw) -> Generator:
 
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _checkpoint_config(config: CompileConfig | None, quantize: str | None, gptq: GPTQConfig, path) -> CompileConfig:
+    """``config`` with the GPTQ checkpoint's quantize mode, group and symmetry (other weights stay float)."""
+    config = config or CompileConfig()
+    for asked in (quantize, config.quantize):
+        if asked is not None and asked != gptq.mode:
+            raise KilnError(f"{path} is a {gptq.bits}-bit GPTQ checkpoint (quantize={gptq.mode!r}); quantize={asked!r} "
+                            "would quantize its dequantized weights again", hint=f"leave quantize unset (or {gptq.mode!r})")
+    return dataclasses.replace(config, quantize=gptq.mode, quantize_group=None if gptq.group_size == -1 else gptq.group_size,
+                               quantize_symmetric=gptq.sym)
 
 
 def _tokenizer_from_files(files: dict[str, bytes]):

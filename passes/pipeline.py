@@ -50,11 +50,13 @@ PASS_NAMES = tuple(name for name, _ in PIPELINE)
 
 
 def run_pipeline(graph: Graph, disable=(), report: Report | None = None, quantize: QuantizeSpec | None = None,
-                 calibration: list | None = None) -> Graph:
+                 calibration: list | None = None, prequantized: dict | None = None) -> Graph:
     """Run every enabled pass in order; verify the graph after each that changed it. ``KILN_DEBUG=1``
     verifies after every pass and prints the IR after each to stderr. ``quantize``: weight-only quantization
-    (None: off) and its ``calibration`` samples (flat input lists, graph order)."""
-    settings = {"quantize_weights": dict(spec=quantize, calibration=calibration)}  # the passes that take settings
+    (None: off) and its ``calibration`` samples (flat input lists, graph order); ``prequantized``: weights a
+    checkpoint holds already quantized, by graph weight name (``quantize_weights`` packs them as given)."""
+    # the passes that take settings
+    settings = {"quantize_weights": dict(spec=quantize, calibration=calibration, prequantized=prequantized)}
     for name, fn in PIPELINE:
         if name in disable:
             if report is not None:
