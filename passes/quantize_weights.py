@@ -30,6 +30,10 @@ Choices, and why:
   bits it costs nothing measurable and the head is a large share of a small LLM's bytes per token
   (Llama-3.2-1B: 21%).
   ``QuantizeSpec.lm_head`` overrides it either way. A tied head keeps its float table for the embedding.
+- Weights a checkpoint holds already quantized (``prequantized``, e.g. a GPTQ checkpoint's, ``models/gptq.py``) are
+  packed as given, method "checkpoint", and measured like the others against the float weight the graph holds (its
+  dequantized codes). A weight horizontal fusion merged is built from its parts (``Graph.weight_parts``) when all are
+  quantized alike, else quantized as usual with a note; the checkpoint decides which weights stay float.
 - GPTQ needs a Hessian of full rank: a weight with fewer calibration rows than input features (an LM head in
   a step graph sees one row per sample) is rounded to nearest instead, and a note says so.
 """

@@ -219,3 +219,22 @@ def test_merged_weight_is_built_from_its_parts_or_quantized_as_usual_when_they_d
     g, ws = merged_graph(gen)
     stats = quantize_weights(g, QuantizeSpec("w4a16", 32, False), prequantized={})
     assert stats.rewritten == 0 and "checkpoint stores this weight unquantized" in str(stats.declined)
+
+
+def test_cli_compiles_a_gptq_directory_into_a_generator_with_its_codes(tmp_path, capsys):
+    from kiln.cli import main
+
+    write_checkpoint(tmp_path / "ckpt", 4, 32, False, "gptq_v2")
+    out = tmp_path / "g.kiln"
+    args = ["compile", "--model", "llama-tiny", "--weights", str(tmp_path / "ckpt")]
+    assert main(args + ["-o", str(out), "-q"]) == 1
+    assert "is a GPTQ checkpoint" in capsys.readouterr().err
+    args += ["--max-seq", "32", "--batch-buckets", "1"]
+    assert main(args + ["--generate", "--quantize", "w8a16", "-o", str(out), "-q"]) == 1
+    assert "quantize='w8a16' would quantize" in capsys.readouterr().err
+    assert main(args + ["--generate", "-o", str(out), "-q", "--report"]) == 0
+    assert "pre-quantized in the checkpoint" in capsys.readouterr().out
+    g = Generator.load(out)
+    assert g.compiled.graph.histogram()["QGEMM"] == 8
+    want = Generator.from_pretrained(tmp_path / "ckpt", dtype=torch.float32, max_seq=32, batch_buckets=(1,), eos_token_id=[])
+    assert g.generate([[5, 6, 7]], max_new_tokens=5).tokens == want.generate([[5, 6, 7]], max_new_tokens=5).tokens
