@@ -105,11 +105,11 @@ def test_unpack_reads_every_bit_of_a_word():
     assert unpack_int32(words, 8, 0)[:, 1].tolist() == [0x78, 0x56, 0x34, 0x12, 0, 0, 0, 0x80]
 
 
-def prefill_logits(step, ids: list[int]) -> torch.Tensor:
+def prefill_logits(step, ids: list[int], dtype=torch.float32, device="cpu") -> torch.Tensor:
     """The last position's logits of a prefill of ``ids`` through ``step`` (a compiled step or an eager LlamaStep)."""
     spec = dict(vocab_size=97, num_layers=2, kv_heads=2, head_dim=16, max_seq=32)
-    caches = new_caches(spec, 1, torch.float32, "cpu")
-    inputs = step_inputs(torch.tensor([ids]), torch.zeros(1, dtype=torch.long), 0, caches, 32, None)
+    caches = new_caches(spec, 1, dtype, device)
+    inputs = step_inputs(torch.tensor([ids], device=device), torch.zeros(1, dtype=torch.long, device=device), 0, caches, 32, None)
     if isinstance(step, LlamaStep):
         with torch.no_grad():
             return step(*(inputs[k] for k in ("input_ids", "positions", "slots", "mask")), tuple(caches.values()))
@@ -238,3 +238,20 @@ def test_cli_compiles_a_gptq_directory_into_a_generator_with_its_codes(tmp_path,
     assert g.compiled.graph.histogram()["QGEMM"] == 8
     want = Generator.from_pretrained(tmp_path / "ckpt", dtype=torch.float32, max_seq=32, batch_buckets=(1,), eos_token_id=[])
     assert g.generate([[5, 6, 7]], max_new_tokens=5).tokens == want.generate([[5, 6, 7]], max_new_tokens=5).tokens
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", ["4bit-g32-asym-v1", "4bit-g32-sym-v1", "8bit-channel-sym-v1"])
+def test_gpu_bf16_gptq_generator_matches_the_eager_dequantized_model(case, tmp_path):
+    """bf16 on CUDA, kernels backend (the QGEMM kernels read the checkpoint's codes): prefill logits against the eager
+    model on the dequantized weights in bf16 on CUDA."""
+    bits, group_size, sym, fmt = CASES[case]
+    write_checkpoint(tmp_path / "ckpt", bits, group_size, sym, fmt)
+    g = Generator.from_pretrained(tmp_path / "ckpt", dtype=torch.bfloat16, device="cuda", max_seq=32, batch_buckets=(1,),
+                                  eos_token_id=[])
+    assert g.compiled.graph.histogram()["QGEMM"] == 8
+    model, _, _ = load_gptq_llama(tmp_path / "ckpt", dtype=torch.bfloat16)
+    step = LlamaStep(model.to("cuda"))
+    for ids in ([5, 6, 7], [1, 2, 3, 4, 5, 6, 7, 8, 9]):
+        want = prefill_logits(step, ids, torch.bfloat16, "cuda").float()
+        assert rel_err(prefill_logits(g.compiled, ids, torch.bfloat16, "cuda").float(), want) <= TOL[torch.bfloat16]
