@@ -2,10 +2,10 @@
 :class:`CompiledModel`: callable like the eager model, with ``.graph``, ``.report()`` and ``.save()``."""
 from __future__ import annotations
 
+import dataclasses
 import operator
 import os
 import warnings
-import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -213,6 +213,9 @@ def build(src: "Source", config: CompileConfig, report: Report, example_inputs=(
     report.model.update(parameters=sum(t.numel() for t in graph.weights.values()), weight_bytes=graph.weight_bytes(),
                         inputs=[n.attrs["name"] for n in graph.inputs], outputs=list(graph.output_names))
     samples = _calibration_inputs(calibration, src.signature)
+    if prequantized is not None and config.quantize is None:
+        raise KilnError("prequantized weights are packed by the quantize_weights pass, which config.quantize=None turns off",
+                        hint="set CompileConfig(quantize=...) to the checkpoint's mode (w4a16 / w8a16)")
     by_name = _prequantized_by_name(graph, prequantized) if prequantized is not None else None
     if by_name is not None and len(by_name) < len(prequantized):
         raise KilnError(f"{len(prequantized) - len(by_name)} of the {len(prequantized)} prequantized weights are not weights "

@@ -255,3 +255,17 @@ def test_gpu_bf16_gptq_generator_matches_the_eager_dequantized_model(case, tmp_p
     for ids in ([5, 6, 7], [1, 2, 3, 4, 5, 6, 7, 8, 9]):
         want = prefill_logits(step, ids, torch.bfloat16, "cuda").float()
         assert rel_err(prefill_logits(g.compiled, ids, torch.bfloat16, "cuda").float(), want) <= TOL[torch.bfloat16]
+
+
+def test_compile_matches_prequantized_parameters_by_storage():
+    lin = torch.nn.Linear(64, 24, bias=False)
+    qw = quantize_rtn(lin.weight.detach(), 4, 32, True)
+    x = torch.randn(3, 64)
+    with pytest.raises(KilnError, match="config.quantize=None turns off"):
+        kiln.compile(lin, (x,), prequantized=[(lin.weight, qw)])
+    with pytest.raises(KilnError, match="1 of the 1 prequantized weights are not weights the captured graph reads"):
+        kiln.compile(lin, (x,), config=kiln.CompileConfig(quantize="w4a16"), prequantized=[(lin.weight.clone(), qw)])
+    m = kiln.compile(lin, (x,), config=kiln.CompileConfig(quantize="w4a16", backend="reference"), prequantized={lin.weight: qw})
+    [node] = [n for n in m.graph.nodes if n.op == "QGEMM"]
+    assert torch.equal(m.graph.weights[node.inputs[1].attrs["name"]], qw.qweight)
+    assert rel_err(m(x), x @ dequantize(qw).t()) <= TOL[torch.float32]
