@@ -182,7 +182,7 @@ def _index_bound(graph: Graph, node) -> int:
 
 
 def compile(model, example_inputs=(), example_kwargs: dict | None = None, *, dynamic: dict | None = None,
-            config: CompileConfig | None = None, report_hook=None, calibration=None) -> CompiledModel:
+            config: CompileConfig | None = None, report_hook=None, calibration=None, prequantized=None) -> CompiledModel:
     """Compile ``model`` (an ``nn.Module``, a function of tensors, a ``torch.export.ExportedProgram``, or
     the path of a ``.pt2`` or ``.onnx`` file) for the example inputs, which are given as torch.export takes them.
 
@@ -190,18 +190,21 @@ def compile(model, example_inputs=(), example_kwargs: dict | None = None, *, dyn
     every other dim is fixed to its example size. An ONNX file declares its own dims (``dim_param``);
     ``dynamic`` may rename / range them the same way, or range them by name: ``{"seq": (1, 2048)}``.
     ``calibration``: inputs for ``config.quantize`` (GPTQ fits to them; every mode reports its error on them),
-    a list of calls, each a dict of keyword arguments, a tuple of positional ones, or one tensor."""
+    a list of calls, each a dict of keyword arguments, a tuple of positional ones, or one tensor.
+    ``prequantized``: weights a checkpoint holds already quantized (GPTQ), as ``[(parameter, QuantWeight), ...]``
+    (or a dict): each model parameter the graph reads (matched by storage) is packed from its QuantWeight as given,
+    and with ``config.quantize`` set every other weight stays float."""
     config = config or CompileConfig()
     report = Report(listener=report_hook)
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     example_kwargs = dict(example_kwargs or {})
     src = capture_model(model, tuple(example_inputs), example_kwargs, dynamic, report)
-    return build(src, config, report, example_inputs, example_kwargs, calibration=calibration)
+    return build(src, config, report, example_inputs, example_kwargs, calibration=calibration, prequantized=prequantized)
 
 
 def build(src: "Source", config: CompileConfig, report: Report, example_inputs=(), example_kwargs: dict | None = None,
-          calibration=None) -> CompiledModel:
+          calibration=None, prequantized=None) -> CompiledModel:
     """An imported graph optimized and made runnable; planned at the example's shapes, verified against the eager
     module when the config asks; refusing to run once the source module's weights change. ``calibration``: as
     :func:`compile` takes it."""
@@ -210,11 +213,19 @@ def build(src: "Source", config: CompileConfig, report: Report, example_inputs=(
     report.model.update(parameters=sum(t.numel() for t in graph.weights.values()), weight_bytes=graph.weight_bytes(),
                         inputs=[n.attrs["name"] for n in graph.inputs], outputs=list(graph.output_names))
     samples = _calibration_inputs(calibration, src.signature)
+    if prequantized is not None and config.quantize is None:
+        raise KilnError("prequantized weights are packed by the quantize_weights pass, which config.quantize=None turns off",
+                        hint="set CompileConfig(quantize=...) to the checkpoint's mode (w4a16 / w8a16)")
+    by_name = _prequantized_by_name(graph, prequantized) if prequantized is not None else None
+    if by_name is not None and len(by_name) < len(prequantized):
+        raise KilnError(f"{len(prequantized) - len(by_name)} of the {len(prequantized)} prequantized weights are not weights "
+                        "the captured graph reads (matched by storage and shape)",
+                        hint="give the model's own parameters, as they are when it is compiled (after any .to())")
     tp = tensor_parallel(config)
     if tp[1] > 1:
         config = dataclasses.replace(config, tp_rank=tp[0])  # (recorded in the artifact: the shard's rank)
     with report.phase("optimize"):
-        run_pipeline(graph, config.disable, report, config.quantize_spec(), samples, tp=tp)
+        run_pipeline(graph, config.disable, report, config.quantize_spec(), samples, tp=tp, prequantized=by_name)
     report.ops_after = graph.histogram()
     with report.phase("plan"):
         compiled = CompiledModel(graph, src.signature, config, report)
@@ -272,6 +283,23 @@ def _calibration_inputs(calibration, signature: Signature) -> list | None:
         except KilnError as e:
             raise KilnError(f"calibration call {k}: {e.message}", hint=e.hint) from None
     return samples
+
+
+def _prequantized_by_name(graph: Graph, prequantized) -> dict:
+    """(parameter, QuantWeight) pairs -> {graph weight name: QuantWeight on that weight's device}: the graph's weights
+    are the captured parameters' storage (names like ``lifted_tensor_3`` say nothing), so they match by storage."""
+    def key(t):
+        return t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape)
+
+    pairs = prequantized.items() if isinstance(prequantized, dict) else prequantized
+    by_key = {key(t): qw for t, qw in pairs}
+    out = {}
+    for name, t in graph.weights.items():
+        qw = by_key.get(key(t))
+        if qw is not None and t.dim() == 2 and tuple(t.shape) == tuple(qw.shape):
+            out[name] = dataclasses.replace(qw, qweight=qw.qweight.to(t.device), scales=qw.scales.to(t.device),
+                                            zeros=None if qw.zeros is None else qw.zeros.to(t.device))
+    return out
 
 
 @dataclass

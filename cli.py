@@ -172,6 +172,10 @@ def cmd_compile(a) -> int:
         spec = registry.get(a.model)
         calib = _read_calibration(a.calib, spec) if a.calib else None
         dtype = _torch_dtype(a.dtype)
+        if a.weights and spec.family == "llama" and _is_gptq(a.weights):  # its own codes: models/gptq.py
+            if not a.generate:
+                raise KilnError(f"{a.weights} is a GPTQ checkpoint: kiln compiles it as a generator", hint="add --generate")
+            return _compile_generator(a, spec, None, config, output, buckets, progress, calib)
         with progress.step(f"build {spec.name}" + (f" from {a.weights}" if a.weights else " (random weights)")):
             model = spec.build(weights=a.weights, dtype=dtype, seed=a.seed)
             if a.device:
@@ -234,9 +238,12 @@ def _compile_generator(a, spec, model, config, output, buckets, progress, calibr
     max_seq = a.max_seq if a.max_seq is not None else 1024
     tokenizer = _load_tokenizer(a.weights) if a.weights else None
     kv = a.kv_cache or config.kv_cache_dtype
-    with progress.step(f"compile the {spec.name} step graph (max_seq {max_seq}, batch buckets {buckets}{f', KV cache {kv}' if kv else ''})"):
-        g = Generator.compile(model, max_seq=max_seq, batch_buckets=buckets, tokenizer=tokenizer, config=config,
-                              eos_token_id=_eos_of(a.weights), calibration=calibration, kv_cache_dtype=a.kv_cache)
+    kw = dict(max_seq=max_seq, batch_buckets=buckets, tokenizer=tokenizer, config=config, eos_token_id=_eos_of(a.weights),
+              calibration=calibration, kv_cache_dtype=a.kv_cache)
+    with progress.step(f"compile the {spec.name} step graph (max_seq {max_seq}, batch buckets {buckets}{f', KV cache {kv}' if kv else ''})"
+                       + (" from the GPTQ checkpoint's codes" if model is None else "")):
+        g = Generator.compile(model, **kw) if model is not None else \
+            Generator.from_pretrained(a.weights, dtype=_torch_dtype(a.dtype), device=a.device, **kw)
     with progress.step(f"save {output}"):
         g.save(output, overwrite=a.force)
     if a.report:
@@ -244,6 +251,12 @@ def _compile_generator(a, spec, model, config, output, buckets, progress, calibr
     out.print(escape(f"wrote {output} ({os.path.getsize(output) / 2**20:.1f} MiB): a generator for {spec.name}"
                      + (", with its tokenizer" if tokenizer is not None else ", token ids in and out (no tokenizer)")))
     return 0
+
+
+def _is_gptq(weights: str) -> bool:
+    from .models.gptq import gptq_config
+
+    return os.path.isfile(os.path.join(weights, "config.json")) and gptq_config(weights) is not None
 
 
 def _compile_pipeline(a) -> int:

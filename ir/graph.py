@@ -99,6 +99,9 @@ class Graph:
         # output name -> input name: that output is the input's new value (a program that updates an input in
         # place, e.g. a KV cache); the caller's tensor receives it after each call
         self.updates: dict[str, str] = {}
+        # merged weight name -> its parts ((name, first row, end row), ...), recorded by fuse_horizontal_gemm for
+        # quantize_weights (a merged weight built from checkpoint-quantized parts); not serialized
+        self.weight_parts: dict[str, tuple[tuple[str, int, int], ...]] = {}
         self._names: set[str] = set()
         self._weight_nodes: dict[str, Node] = {}
 

@@ -29,6 +29,7 @@ from ..api import load as kiln_load
 from ..config import CompileConfig
 from ..errors import ArtifactError, InputError, KilnError
 from ..ir.kv_quant import KV_DTYPES
+from ..models.gptq import GPTQConfig, gptq_config, load_gptq_llama
 from ..models.llama import HF_MODEL_TYPES, LlamaConfig, LlamaStep, llama_from_tensors, load_llama
 from ..runtime.artifact import shard_path
 from .sampling import SamplingParams, make_generator, sample
@@ -204,14 +205,15 @@ class Generator:
     def compile(cls, model, *, max_seq: int = 1024, batch_buckets=DEFAULT_BATCH_BUCKETS, device=None, dtype=None,
                 tokenizer=None, eos_token_id: int | list[int] | None = None, config: CompileConfig | None = None,
                 quantize: str | None = None, calibration=None, kv_cache_dtype: str | None = None,
-                tp: int | None = None) -> "Generator":
+                tp: int | None = None, prequantized: dict | None = None) -> "Generator":
         """Compile kiln's LlamaForCausalLM ``model`` into a generator (see the class docstring). ``quantize``: a
         weight-only mode (``CompileConfig.quantize``; overrides ``config``'s); ``calibration``: text (with the
         tokenizer) or token ids, one item or a list of them, run as prefill steps (``calibration_steps``) for
         GPTQ and for each quantized GEMM's measured error. ``kv_cache_dtype``: None, "int8" or "fp8"
         (``CompileConfig.kv_cache_dtype``; overrides ``config``'s). ``tp``: tensor parallel over that many ranks
         (``CompileConfig.tp``; overrides ``config``'s): the generator is this process's rank of them (see
-        :func:`tensor_parallel_sampling`)."""
+        :func:`tensor_parallel_sampling`). ``prequantized``: {parameter name: QuantWeight} of weights a checkpoint
+        holds already quantized (:meth:`from_pretrained` on a GPTQ directory), packed as given."""
         cfg = model.config
         if max_seq < 2:
             raise KilnError(f"max_seq must be at least 2, got {max_seq}")
@@ -230,6 +232,9 @@ class Generator:
         config = dataclasses.replace(config or CompileConfig(), **overrides)  # (validates them)
         if config.tp > 1 and calibration is not None:
             raise KilnError("calibration with tp > 1 is not supported yet", hint="quantize without calibration (w8a16, w4a16), or tp=1")
+        if config.tp > 1 and prequantized is not None:
+            raise KilnError("a GPTQ checkpoint's codes with tp > 1 are not supported yet: the shards would be quantized again",
+                            hint="tp=1, or quantize the float checkpoint (quantize='w4a16') with tp")
         spec["kv_cache_dtype"] = kv = config.kv_cache_dtype
         if config.device is None:
             config.device = str(device)
@@ -242,8 +247,9 @@ class Generator:
         dims = step_dims(names, buckets[-1], int(max_seq))
         t0 = time.perf_counter()
         steps = None if calibration is None else calibration_steps(calibration, tokenizer, spec, dtype, device)
+        pre = None if prequantized is None else [(model.get_parameter(n), qw) for n, qw in prequantized.items()]
         compiled = kiln_compile(step_function(LlamaStep(model, kv), cfg.num_hidden_layers, kv), (), example, dynamic=dims,
-                                config=config, calibration=steps)
+                                config=config, calibration=steps, prequantized=pre)
         compiled.report().notes.append(kv_cache_note(spec, dtype))
         compiled.source_watch = SourceWatch(model)  # (a function's closure is not watched: the model is)
         _shard_spec(spec, compiled)
@@ -253,8 +259,15 @@ class Generator:
 
     @classmethod
     def from_pretrained(cls, path, *, dtype=torch.bfloat16, **kw) -> "Generator":
-        """A checkpoint directory (config.json + safetensors); its tokenizer when the directory has one."""
-        model = load_llama(path, dtype=dtype)
+        """A checkpoint directory (config.json + safetensors); its tokenizer when the directory has one. A GPTQ
+        checkpoint (``quantization_config.quant_method: "gptq"``) compiles with its own codes (``models/gptq.py``):
+        the quantize mode, group and symmetry come from it; asking for another mode is an error."""
+        gptq = gptq_config(path)
+        if gptq is None:
+            model = load_llama(path, dtype=dtype)
+        else:
+            model, kw["prequantized"], _ = load_gptq_llama(path, dtype=dtype)
+            kw["config"] = _checkpoint_config(kw.get("config"), kw.pop("quantize", None), gptq, path)
         tok = kw.pop("tokenizer", None)
         if tok is None:
             tok = _load_tokenizer(path)
@@ -525,6 +538,17 @@ def _rank_file(path):
 
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _checkpoint_config(config: CompileConfig | None, quantize: str | None, gptq: GPTQConfig, path) -> CompileConfig:
+    """``config`` with the GPTQ checkpoint's quantize mode, group and symmetry (other weights stay float)."""
+    config = config or CompileConfig()
+    for asked in (quantize, config.quantize):
+        if asked is not None and asked != gptq.mode:
+            raise KilnError(f"{path} is a {gptq.bits}-bit GPTQ checkpoint (quantize={gptq.mode!r}); quantize={asked!r} "
+                            "would quantize its dequantized weights again", hint=f"leave quantize unset (or {gptq.mode!r})")
+    return dataclasses.replace(config, quantize=gptq.mode, quantize_group=None if gptq.group_size == -1 else gptq.group_size,
+                               quantize_symmetric=gptq.sym)
 
 
 def _tokenizer_from_files(files: dict[str, bytes]):

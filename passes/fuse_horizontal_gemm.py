@@ -116,11 +116,14 @@ def _merge(graph: Graph, x: Node, group: list[Node]) -> Node:
         bs = [graph.weights[g.inputs[2].attrs["name"]] if len(g.inputs) == 3 else w.new_zeros(w.shape[0]) for g, w in zip(group, ws)]
         inputs.append(graph.add_weight(_fresh(graph, _bias_name(weight.attrs["name"])), torch.cat(bs, 0)))
     fused = graph.add("LINEAR", inputs, name=f"{group[0].name}_hgemm{len(group)}", loc=group[0].loc)
-    axis, start = len(fused.shape) - 1, 0
+    axis, start, parts = len(fused.shape) - 1, 0, []
     for g, w in zip(group, ws):
         part = graph.add("SLICE", [fused], name=g.name, loc=g.loc, axis=axis, start=start, end=start + w.shape[0])
         graph.replace_all_uses(g, part)
+        # a MATMUL's weight is [in, out]: its part of the merged weight is that weight transposed ("^T")
+        parts.append((g.inputs[1].attrs["name"] + ("" if g.op == "LINEAR" else "^T"), start, start + w.shape[0]))
         start += w.shape[0]
+    graph.weight_parts[weight.attrs["name"]] = tuple(parts)
     return fused
 
 

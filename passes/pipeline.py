@@ -54,12 +54,13 @@ PASS_NAMES = tuple(name for name, _ in PIPELINE)
 
 
 def run_pipeline(graph: Graph, disable=(), report: Report | None = None, quantize: QuantizeSpec | None = None,
-                 calibration: list | None = None, tp: tuple[int, int] = (0, 1)) -> Graph:
+                 calibration: list | None = None, tp: tuple[int, int] = (0, 1), prequantized: dict | None = None) -> Graph:
     """Run every enabled pass in order; verify the graph after each that changed it. ``KILN_DEBUG=1``
     verifies after every pass and prints the IR after each to stderr. ``quantize``: weight-only quantization
     (None: off) and its ``calibration`` samples (flat input lists, graph order); ``tp``: (rank, world) of the tensor-parallel
-    shard to make (world 1: the whole graph)."""
-    settings = {"quantize_weights": dict(spec=quantize, calibration=calibration),  # the passes that take settings
+    shard to make (world 1: the whole graph); ``prequantized``: weights a checkpoint holds already quantized, by graph
+    weight name (``quantize_weights`` packs them as given)."""
+    settings = {"quantize_weights": dict(spec=quantize, calibration=calibration, prequantized=prequantized),  # passes with settings
                 "shard_tensor_parallel": dict(rank=tp[0], world=tp[1])}
     for name, fn in PIPELINE:
         if name in disable:

@@ -30,6 +30,10 @@ Choices, and why:
   bits it costs nothing measurable and the head is a large share of a small LLM's bytes per token
   (Llama-3.2-1B: 21%).
   ``QuantizeSpec.lm_head`` overrides it either way. A tied head keeps its float table for the embedding.
+- Weights a checkpoint holds already quantized (``prequantized``, e.g. a GPTQ checkpoint's, ``models/gptq.py``) are
+  packed as given, method "checkpoint", and measured like the others against the float weight the graph holds (its
+  dequantized codes). A weight horizontal fusion merged is built from its parts (``Graph.weight_parts``) when all are
+  quantized alike, else quantized as usual with a note; the checkpoint decides which weights stay float.
 - GPTQ needs a Hessian of full rank: a weight with fewer calibration rows than input features (an LM head in
   a step graph sees one row per sample) is rounded to nearest instead, and a note says so.
 """
@@ -88,24 +92,30 @@ class QuantizeSpec:
         return self.bits == 8 if self.lm_head is None else self.lm_head
 
 
-def quantize_weights(graph: Graph, spec: QuantizeSpec | None = None, calibration: list | None = None) -> PassStats:
+def quantize_weights(graph: Graph, spec: QuantizeSpec | None = None, calibration: list | None = None,
+                     prequantized: dict[str, QuantWeight] | None = None) -> PassStats:
     """LINEAR / MATMUL / GEMM on a stored 2-d weight -> QGEMM on the weight packed by ``spec`` (module docstring).
 
     ``calibration``: samples, each a flat list of input tensors in graph order; required by GPTQ, optional for
-    rounding (it then only measures each GEMM's output error). ``spec`` None: nothing to do."""
+    rounding (it then only measures each GEMM's output error). ``spec`` None: nothing to do.
+    ``prequantized``: weights already quantized (a GPTQ checkpoint's), by graph weight name: those are packed as
+    given (method "checkpoint"; a merged weight whose parts all are, from its parts), every other weight stays float."""
     stats = PassStats()
     if spec is None:
         return stats
-    sites = _sites(graph, spec, stats)
+    sites = _sites(graph, spec, stats, prequantized)
     if not sites:
         return stats
-    if spec.method == "gptq" and not calibration:
+    if spec.method == "gptq" and not calibration and prequantized is None:
         raise KilnError(f"quantize={spec.mode!r} runs GPTQ, which needs calibration data; none was given", hint=CALIBRATION_HINT)
     hessians = _hessians(graph, sites, calibration) if calibration else {}
+    if prequantized is not None:
+        stats.notes.append(f"weights pre-quantized in the checkpoint: {len(prequantized)} packed from its codes, not quantized again")
     for name, nodes in sites.items():
         w = _float_weight(graph, nodes[0])  # [N, K]
         acc = hessians.get(name)
-        qw, method, why = _pack(w, acc, spec)
+        qw, why = checkpoint_weight(graph, name, prequantized) if prequantized is not None else (None, "")
+        qw, method, why = (qw, "checkpoint", "") if qw is not None else _pack(w, acc, spec, why)
         packed = _add_packed(graph, name, qw)
         for n in nodes:
             graph.replace_all_uses(n, _build(graph, n, packed, qw))
@@ -124,14 +134,14 @@ def quantize_weights(graph: Graph, spec: QuantizeSpec | None = None, calibration
 # ----------------------------------------------------------------------------- pattern / guard
 
 
-def _sites(graph: Graph, spec: QuantizeSpec, stats: PassStats) -> dict[str, list[Node]]:
+def _sites(graph: Graph, spec: QuantizeSpec, stats: PassStats, prequantized: dict | None = None) -> dict[str, list[Node]]:
     """The matmuls to quantize, by the name of their stored weight (declined ones noted with their reason); a
     weight that a MATMUL reads as [K, N] and another matmul as [N, K] is two sites ("name" and "name^T")."""
     sites: dict[str, list[Node]] = {}
     for n in graph.nodes:
         if n.op not in ("LINEAR", "MATMUL", "GEMM") or (n.op == "MATMUL" and n.inputs[1].op != "WEIGHT"):
             continue  # (a MATMUL of two activations, attention's q @ k^T, has no weight to quantize)
-        why = _why_not(graph, n, spec)
+        why = _why_not(graph, n, spec) if prequantized is None else _why_not_checkpoint(graph, n, prequantized)
         if why is None:
             sites.setdefault(n.inputs[1].attrs["name"] + ("^T" if n.op == "MATMUL" else ""), []).append(n)
         else:
@@ -156,6 +166,35 @@ def _why_not(graph: Graph, n: Node, spec: QuantizeSpec) -> str | None:
         return (f"output head (LM head) kept in {w.dtype} at {spec.bits} bits: its error reaches the logits unfiltered "
                 "(CompileConfig.quantize_lm_head=True quantizes it)")
     return None
+
+
+def _why_not_checkpoint(graph: Graph, n: Node, prequantized: dict[str, QuantWeight]) -> str | None:
+    """With a quantized checkpoint, the checkpoint decides: a weight none of whose parts it quantized stays float."""
+    w = n.inputs[1]
+    if w.op != "WEIGHT" or n.op == "MATMUL":
+        return f"{'a MATMUL' if w.op == 'WEIGHT' else 'a computed'} weight: not one of the checkpoint's quantized linears"
+    parts = graph.weight_parts.get(w.attrs["name"], ((w.attrs["name"], 0, 0),))
+    if not any(p in prequantized for p, _, _ in parts):
+        return "kept in float: the checkpoint stores this weight unquantized"
+    return None
+
+
+def checkpoint_weight(graph: Graph, name: str, prequantized: dict[str, QuantWeight]) -> tuple[QuantWeight | None, str]:
+    """The checkpoint's QuantWeight of weight ``name``: given, or a merged weight's parts' concatenated along N (codes,
+    scales, zeros: exact, the rows of each part in order). (None, why) when the parts are not all quantized alike."""
+    if name in prequantized:
+        return prequantized[name], ""
+    parts = graph.weight_parts.get(name, ())
+    qws = [prequantized.get(p) for p, _, _ in parts]
+    if not qws or any(q is None for q in qws):
+        return None, f"parts {', '.join(p for p, _, _ in parts if p not in prequantized)} are not quantized in the checkpoint"
+    layouts = {(q.bits, q.group, q.symmetric, q.scales.dtype, q.shape[1]) for q in qws}
+    if len(layouts) > 1:
+        return None, "its parts are quantized with different bits / groups / symmetry in the checkpoint"
+    zeros = None if qws[0].symmetric else torch.cat([q.zeros for q in qws])
+    qw = QuantWeight(torch.cat([q.qweight for q in qws]), torch.cat([q.scales for q in qws]), zeros, qws[0].bits,
+                     qws[0].group, (sum(q.shape[0] for q in qws), qws[0].shape[1]))
+    return qw.check(), ""
 
 
 def _is_output_head(graph: Graph, n: Node) -> bool:
@@ -220,16 +259,16 @@ def _float_weight(graph: Graph, n: Node) -> torch.Tensor:
     return w.t() if n.op == "MATMUL" else w
 
 
-def _pack(w: torch.Tensor, acc: HessianAccumulator | None, spec: QuantizeSpec) -> tuple[QuantWeight, str, str]:
-    """(packed weight, the method used, why it is not the one asked for or "")."""
+def _pack(w: torch.Tensor, acc: HessianAccumulator | None, spec: QuantizeSpec, why: str = "") -> tuple[QuantWeight, str, str]:
+    """(packed weight, the method used, why it is not the one asked for or ``why``)."""
     n, k = w.shape
     group = spec.group_for(k)
     if spec.method == "gptq":
         if acc is not None and acc.n >= k:
-            return gptq(w.float(), acc.value(), spec.bits, group, spec.symmetric, spec.act_order, spec.damp), "gptq", ""
+            return gptq(w.float(), acc.value(), spec.bits, group, spec.symmetric, spec.act_order, spec.damp), "gptq", why
         why = f"{acc.n if acc is not None else 0} calibration rows < K = {k}: too few for GPTQ's Hessian"
         return quantize_rtn(w.float(), spec.bits, group, spec.symmetric), "rtn", why
-    return quantize_rtn(w.float(), spec.bits, group, spec.symmetric), "rtn", ""
+    return quantize_rtn(w.float(), spec.bits, group, spec.symmetric), "rtn", why
 
 
 def _add_packed(graph: Graph, name: str, qw: QuantWeight) -> list[Node]:

@@ -1,0 +1,271 @@
+"""models/gptq.py: checkpoints already quantized in the GPTQ layout (AutoGPTQ / GPTQModel / transformers).
+
+A tiny checkpoint directory is written with this file's own packer, from the layout as documented (codes packed along
+K in int32 words, little end first; zeros packed along N, stored as zero - 1 in format v1). Checks: the converted
+QuantWeight holds the checkpoint's codes, scales and zeros exactly; a generator built from the directory packs those
+codes (merged QKV / gate-up from their parts) and its logits equal a float model on the dequantized weights; act-order,
+unsupported bits / groups and a contradicting quantize mode are refused with the reason."""
+import json
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import save_file
+
+import kiln
+from kiln.errors import KilnError
+from kiln.ir.graph import Graph
+from kiln.ir.quant import codes_of, dequantize, quantize_rtn
+from kiln.llm.generator import Generator, new_caches, step_inputs
+from kiln.models.gptq import GPTQConfig, load_gptq_llama, quant_weight, unpack_int32
+from kiln.models.llama import LlamaStep
+from kiln.passes.fuse_horizontal_gemm import fuse_horizontal_gemm
+from kiln.passes.quantize_weights import QuantizeSpec, quantize_weights
+from kiln.testing import TOL, rel_err
+
+TINY = dict(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5)
+LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
+           "mlp.down_proj")
+CASES = {  # (bits, group_size, sym, checkpoint_format)
+    "4bit-g32-sym-v1": (4, 32, True, "gptq"),
+    "4bit-g32-asym-v2": (4, 32, False, "gptq_v2"),
+    "4bit-g32-asym-v1": (4, 32, False, "gptq"),
+    "8bit-channel-sym-v1": (8, -1, True, "gptq"),
+    "8bit-channel-asym-v2": (8, -1, False, "gptq_v2"),
+}
+
+
+def pack_int32(codes: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    """Integer codes -> int32 words, 32 / bits codes per word along ``dim``, code j at bits [j*bits, (j+1)*bits)."""
+    per = 32 // bits
+    c = codes.long() & (2 ** bits - 1)  # (a v1 zero of -1 packs as all ones, as AutoGPTQ's does)
+    c = c.t() if dim == 1 else c
+    words = sum(c[j::per] << (bits * j) for j in range(per))  # [R / per, C], each < 2**32
+    words = torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32)
+    return (words.t() if dim == 1 else words).contiguous()
+
+
+def gptq_layer(n: int, k: int, bits: int, group_size: int, sym: bool, fmt: str, gen: torch.Generator) -> dict:
+    """Random codes [N, K], scales and zeros [N, G] and the GPTQ tensors holding them."""
+    group = k if group_size == -1 else group_size
+    g = k // group
+    codes = torch.randint(0, 2 ** bits, (n, k), generator=gen)
+    zeros = torch.full((n, g), 2 ** (bits - 1)) if sym else torch.randint(1, 2 ** bits, (n, g), generator=gen)
+    scales = (0.02 + 0.03 * torch.rand(n, g, generator=gen)).half()
+    stored = zeros - 1 if fmt == "gptq" else zeros
+    return dict(codes=codes, zeros=zeros, scales=scales, tensors=dict(
+        qweight=pack_int32(codes.t(), bits, 0), qzeros=pack_int32(stored.t(), bits, 1), scales=scales.t().contiguous(),
+        g_idx=(torch.arange(k) // group).to(torch.int32)))
+
+
+def write_checkpoint(path, bits, group_size, sym, fmt, seed=0, edit=None) -> dict:
+    """A tiny Llama GPTQ checkpoint directory; returns each quantized layer's codes / zeros / scales by prefix."""
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(**TINY)
+    hf = transformers.LlamaForCausalLM(cfg)
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {k: v.detach().half() for k, v in hf.state_dict().items() if not k.endswith(tuple(f"{lin}.weight" for lin in LINEARS))}
+    layers = {}
+    for i in range(TINY["num_hidden_layers"]):
+        for lin in LINEARS:
+            p = f"model.layers.{i}.{lin}"
+            w = hf.get_parameter(f"{p}.weight")
+            layers[p] = gptq_layer(*w.shape, bits, group_size, sym, fmt, gen)
+            tensors.update({f"{p}.{s}": t for s, t in layers[p]["tensors"].items()})
+            tensors[f"{p}.bias"] = torch.zeros(w.shape[0], dtype=torch.float16)  # AutoGPTQ writes one for every layer
+    if edit:
+        edit(tensors)
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path / "model.safetensors"))
+    q = dict(quant_method="gptq", bits=bits, group_size=group_size, desc_act=False, sym=sym, checkpoint_format=fmt)
+    (path / "config.json").write_text(json.dumps({**cfg.to_dict(), "quantization_config": q}))
+    return layers
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_quant_weight_holds_the_checkpoints_codes_scales_and_zeros_exactly(case):
+    bits, group_size, sym, fmt = CASES[case]
+    layer = gptq_layer(48, 128, bits, group_size, sym, fmt, torch.Generator().manual_seed(1))
+    qw = quant_weight("p", layer["tensors"], GPTQConfig(bits, group_size, False, sym, fmt))
+    assert qw.shape == (48, 128) and qw.bits == bits and qw.group == (128 if group_size == -1 else group_size)
+    assert torch.equal(codes_of(qw).long(), layer["codes"])
+    assert torch.equal(qw.scales, layer["scales"])
+    assert qw.symmetric == sym and (sym or torch.equal(qw.zeros.long(), layer["zeros"]))
+    # the layout's own dequantization, float64: W[n, k] = scales[g(k), n] * (q(k, n) - zero(g(k), n))
+    group = qw.group
+    want = (layer["codes"].double() - layer["zeros"].double().repeat_interleave(group, 1)) * \
+        layer["scales"].double().repeat_interleave(group, 1)
+    assert torch.equal(dequantize(qw, torch.float64), want)
+
+
+def test_unpack_reads_every_bit_of_a_word():
+    words = torch.tensor([[-1, 0x12345678], [0x7FFFFFFF, -0x80000000]], dtype=torch.int32)  # [2, 2]
+    assert unpack_int32(words, 4, 1)[0].tolist() == [15] * 8 + [8, 7, 6, 5, 4, 3, 2, 1]
+    assert unpack_int32(words, 8, 0)[:, 1].tolist() == [0x78, 0x56, 0x34, 0x12, 0, 0, 0, 0x80]
+
+
+def prefill_logits(step, ids: list[int], dtype=torch.float32, device="cpu") -> torch.Tensor:
+    """The last position's logits of a prefill of ``ids`` through ``step`` (a compiled step or an eager LlamaStep)."""
+    spec = dict(vocab_size=97, num_layers=2, kv_heads=2, head_dim=16, max_seq=32)
+    caches = new_caches(spec, 1, dtype, device)
+    inputs = step_inputs(torch.tensor([ids], device=device), torch.zeros(1, dtype=torch.long, device=device), 0, caches, 32, None)
+    if isinstance(step, LlamaStep):
+        with torch.no_grad():
+            return step(*(inputs[k] for k in ("input_ids", "positions", "slots", "mask")), tuple(caches.values()))
+    return step(**inputs)
+
+
+def qgemm_codes(graph: Graph) -> dict[str, torch.Tensor]:
+    """Each QGEMM's weight's codes [N, K], by the packed weight's name."""
+    out = {}
+    for n in graph.nodes:
+        if n.op == "QGEMM":
+            name, bits = n.inputs[1].attrs["name"], n.attrs["bits"]
+            q = graph.weights[name]
+            out[name.removesuffix(".qweight")] = torch.stack((q & 0xF, q >> 4), -1).flatten(-2) if bits == 4 else q
+    return out
+
+
+@pytest.mark.parametrize("case", ["4bit-g32-asym-v1", "8bit-channel-sym-v1"])
+def test_generator_packs_the_checkpoints_codes_and_matches_the_dequantized_float_model(case, tmp_path):
+    bits, group_size, sym, fmt = CASES[case]
+    layers = write_checkpoint(tmp_path / "ckpt", bits, group_size, sym, fmt)
+    g = Generator.from_pretrained(tmp_path / "ckpt", dtype=torch.float32, max_seq=32, batch_buckets=(1,), eos_token_id=[],
+                                  config=kiln.CompileConfig(backend="reference"))
+    graph = g.compiled.graph
+    assert g.compiled.config.quantize == f"w{bits}a16" and graph.histogram()["QGEMM"] == 8
+    # one merged QKV, one o_proj, one merged gate/up and one down_proj per layer; the LM head stays float
+    got = sorted(qgemm_codes(graph).values(), key=lambda c: (c.shape[0], c.shape[1], c.flatten()[:64].tolist()))
+    want = []
+    for i in range(2):
+        parts = [layers[f"model.layers.{i}.{lin}"]["codes"] for lin in LINEARS]
+        want += [torch.cat(parts[:3]), parts[3], torch.cat(parts[4:6]), parts[6]]
+    want.sort(key=lambda c: (c.shape[0], c.shape[1], c.flatten()[:64].tolist()))
+    assert all(torch.equal(a.long(), b) for a, b in zip(got, want))
+    notes = g.compiled.report().to_dict()["passes"]["quantize_weights"]["notes"]
+    assert "pre-quantized in the checkpoint: 14 packed from its codes" in notes[0]
+    assert sum(f"{bits}-bit" in n and " checkpoint: weight error" in n for n in notes) == 8
+    # the float model on the dequantized weights (float32, eager), and greedy generation against it
+    model, quantized, cfg = load_gptq_llama(tmp_path / "ckpt")
+    assert cfg == GPTQConfig(bits, group_size, False, sym, fmt) and len(quantized) == 14
+    for ids in ([5, 6, 7], [1, 2, 3, 4, 5, 6, 7, 8, 9]):
+        want = prefill_logits(LlamaStep(model), ids)
+        assert rel_err(prefill_logits(g.compiled, ids), want) <= TOL[torch.float32]
+    ids = [5, 6, 7]
+    for _ in range(6):
+        ids.append(int(prefill_logits(LlamaStep(model), ids).argmax()))
+    assert g.generate([[5, 6, 7]], max_new_tokens=6).tokens[0] == ids[3:]
+
+
+def test_act_order_bad_bits_bad_groups_and_another_mode_are_refused(tmp_path):
+    def permute(tensors):
+        tensors["model.layers.0.self_attn.q_proj.g_idx"] = tensors["model.layers.0.self_attn.q_proj.g_idx"].flip(0)
+
+    write_checkpoint(tmp_path / "act", 4, 32, True, "gptq", edit=permute)
+    with pytest.raises(KilnError, match="act-order .*g_idx reorders") as e:
+        Generator.from_pretrained(tmp_path / "act", dtype=torch.float32, max_seq=32, batch_buckets=(1,))
+    assert "quantize_act_order=True" in e.value.hint
+    write_checkpoint(tmp_path / "ok", 4, 32, True, "gptq")
+    for key, value, match in (("bits", 3, "a 3-bit GPTQ checkpoint"), ("group_size", 256, "group_size 256"),
+                              ("quant_method", "awq", "'awq' is not read")):
+        cfg = json.loads((tmp_path / "ok" / "config.json").read_text())
+        cfg["quantization_config"][key] = value
+        (tmp_path / "bad").mkdir(exist_ok=True)
+        (tmp_path / "bad" / "config.json").write_text(json.dumps(cfg))
+        with pytest.raises(KilnError, match=match):
+            Generator.from_pretrained(tmp_path / "bad", dtype=torch.float32)
+    with pytest.raises(KilnError, match="4-bit GPTQ checkpoint .*quantize='w8a16' would quantize"):
+        Generator.from_pretrained(tmp_path / "ok", dtype=torch.float32, quantize="w8a16")
+
+
+def test_a_v1_zero_point_that_wrapped_around_is_refused():
+    layer = gptq_layer(8, 64, 4, 32, False, "gptq", torch.Generator().manual_seed(2))
+    layer["tensors"]["qzeros"] = pack_int32(torch.full((2, 8), -1), 4, 1)  # zero 0 stored as -1: reads back as 16
+    with pytest.raises(KilnError, match="zero point of 16"):
+        quant_weight("p", layer["tensors"], GPTQConfig(4, 32, False, False, "gptq"))
+
+
+def merged_graph(gen) -> tuple[Graph, dict]:
+    """x -> LINEAR(x, a), LINEAR(x, b) fused into one LINEAR on [a; b] (the parts recorded)."""
+    g = Graph()
+    x = g.add_input("x", (3, 64), "float32")
+    ws = {name: torch.randn(n, 64, generator=gen) for name, n in (("a.weight", 24), ("b.weight", 40))}
+    outs = [g.add("LINEAR", [x, g.add_weight(name, w)]) for name, w in ws.items()]
+    heads = [g.add("SLICE", [o], axis=1, start=0, end=24) for o in outs]  # [3, 24] each
+    g.set_outputs([g.add("ADD", heads)], ["y"])
+    assert fuse_horizontal_gemm(g).rewritten == 1
+    return g, ws
+
+
+def test_merged_weight_is_built_from_its_parts_or_quantized_as_usual_when_they_differ():
+    gen = torch.Generator().manual_seed(3)
+    g, ws = merged_graph(gen)
+    [(merged, parts)] = g.weight_parts.items()
+    assert parts == (("a.weight", 0, 24), ("b.weight", 24, 64))
+    pre = {name: quantize_rtn(w, 4, 32, False) for name, w in ws.items()}
+    stats = quantize_weights(g, QuantizeSpec("w4a16", 32, False), prequantized=pre)
+    [node] = [n for n in g.nodes if n.op == "QGEMM"]
+    assert stats.rules == {"checkpoint": 1} and node.attrs["zeros"]
+    assert torch.equal(g.weights[node.inputs[1].attrs["name"]], torch.cat([pre["a.weight"].qweight, pre["b.weight"].qweight]))
+    assert torch.equal(g.weights[node.inputs[2].attrs["name"]], torch.cat([pre["a.weight"].scales, pre["b.weight"].scales]))
+    assert torch.equal(g.weights[node.inputs[3].attrs["name"]], torch.cat([pre["a.weight"].zeros, pre["b.weight"].zeros]))
+    # parts of different groups: the merged weight is quantized as usual, and the note says why
+    g, ws = merged_graph(gen)
+    pre = {"a.weight": quantize_rtn(ws["a.weight"], 4, 32, False), "b.weight": quantize_rtn(ws["b.weight"], 4, 64, False)}
+    stats = quantize_weights(g, QuantizeSpec("w4a16", 32, False), prequantized=pre)
+    assert stats.rules == {"rtn": 1} and "different bits / groups / symmetry" in stats.notes[1]
+    # none of the parts quantized in the checkpoint: it stays float
+    g, ws = merged_graph(gen)
+    stats = quantize_weights(g, QuantizeSpec("w4a16", 32, False), prequantized={})
+    assert stats.rewritten == 0 and "checkpoint stores this weight unquantized" in str(stats.declined)
+
+
+def test_cli_compiles_a_gptq_directory_into_a_generator_with_its_codes(tmp_path, capsys):
+    from kiln.cli import main
+
+    write_checkpoint(tmp_path / "ckpt", 4, 32, False, "gptq_v2")
+    out = tmp_path / "g.kiln"
+    args = ["compile", "--model", "llama-tiny", "--weights", str(tmp_path / "ckpt")]
+    assert main(args + ["-o", str(out), "-q"]) == 1
+    assert "is a GPTQ checkpoint" in capsys.readouterr().err
+    args += ["--max-seq", "32", "--batch-buckets", "1"]
+    assert main(args + ["--generate", "--quantize", "w8a16", "-o", str(out), "-q"]) == 1
+    assert "quantize='w8a16' would quantize" in capsys.readouterr().err
+    assert main(args + ["--generate", "-o", str(out), "-q", "--report"]) == 0
+    assert "pre-quantized in the checkpoint" in capsys.readouterr().out
+    g = Generator.load(out)
+    assert g.compiled.graph.histogram()["QGEMM"] == 8
+    want = Generator.from_pretrained(tmp_path / "ckpt", dtype=torch.float32, max_seq=32, batch_buckets=(1,), eos_token_id=[])
+    assert g.generate([[5, 6, 7]], max_new_tokens=5).tokens == want.generate([[5, 6, 7]], max_new_tokens=5).tokens
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", ["4bit-g32-asym-v1", "4bit-g32-sym-v1", "8bit-channel-sym-v1"])
+def test_gpu_bf16_gptq_generator_matches_the_eager_dequantized_model(case, tmp_path):
+    """bf16 on CUDA, kernels backend (the QGEMM kernels read the checkpoint's codes): prefill logits against the eager
+    model on the dequantized weights in bf16 on CUDA."""
+    bits, group_size, sym, fmt = CASES[case]
+    write_checkpoint(tmp_path / "ckpt", bits, group_size, sym, fmt)
+    g = Generator.from_pretrained(tmp_path / "ckpt", dtype=torch.bfloat16, device="cuda", max_seq=32, batch_buckets=(1,),
+                                  eos_token_id=[])
+    assert g.compiled.graph.histogram()["QGEMM"] == 8
+    model, _, _ = load_gptq_llama(tmp_path / "ckpt", dtype=torch.bfloat16)
+    step = LlamaStep(model.to("cuda"))
+    for ids in ([5, 6, 7], [1, 2, 3, 4, 5, 6, 7, 8, 9]):
+        want = prefill_logits(step, ids, torch.bfloat16, "cuda").float()
+        assert rel_err(prefill_logits(g.compiled, ids, torch.bfloat16, "cuda").float(), want) <= TOL[torch.bfloat16]
+
+
+def test_compile_matches_prequantized_parameters_by_storage():
+    lin = torch.nn.Linear(64, 24, bias=False)
+    qw = quantize_rtn(lin.weight.detach(), 4, 32, True)
+    x = torch.randn(3, 64)
+    with pytest.raises(KilnError, match="config.quantize=None turns off"):
+        kiln.compile(lin, (x,), prequantized=[(lin.weight, qw)])
+    with pytest.raises(KilnError, match="1 of the 1 prequantized weights are not weights the captured graph reads"):
+        kiln.compile(lin, (x,), config=kiln.CompileConfig(quantize="w4a16"), prequantized=[(lin.weight.clone(), qw)])
+    m = kiln.compile(lin, (x,), config=kiln.CompileConfig(quantize="w4a16", backend="reference"), prequantized={lin.weight: qw})
+    [node] = [n for n in m.graph.nodes if n.op == "QGEMM"]
+    assert torch.equal(m.graph.weights[node.inputs[1].attrs["name"]], qw.qweight)
+    assert rel_err(m(x), x @ dequantize(qw).t()) <= TOL[torch.float32]
