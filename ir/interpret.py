@@ -3,7 +3,7 @@ reference ops uses, and the reference interpreter built on it.
 
 The interpreter is the oracle for passes and kernels. ``compute_dtype=torch.float64`` runs every
 floating-point value in float64 (weights, inputs, casts), which is how pass tests compare graphs before
-and after.
+and after. Storage-only dtypes (float8 codes of a quantized KV cache) stay what they are, like int8 codes.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 from .bind import bind_inputs
 from .graph import Graph, Node
 from .ops import OPS, const_tensor
-from .types import FLOAT_DTYPES, eval_attr, has_symbols
+from .types import FLOAT_DTYPES, dtype_name, eval_attr, has_symbols
 
 
 def node_attrs(node: Node, bindings: dict[str, int]) -> dict:
@@ -47,7 +47,7 @@ def interpret(graph: Graph, inputs: list, *, compute_dtype: torch.dtype | None =
     weights = graph.weights if weights is None else weights
 
     def up(t: torch.Tensor) -> torch.Tensor:
-        return t.to(compute_dtype) if compute_dtype is not None and t.is_floating_point() else t
+        return t.to(compute_dtype) if compute_dtype is not None and dtype_name(t.dtype) in FLOAT_DTYPES else t
 
     env: dict = {}
     for node, t in zip(graph.inputs, inputs):

@@ -3,7 +3,8 @@
 A dim is a python ``int`` or a sympy expression over named symbols (``batch``, ``seq``,
 ``2*seq``, ``floor(h/2)``). Every symbol is created by :func:`sym` so that two symbols of the
 same name are the same object to sympy. Dtypes are plain strings (``"bfloat16"``); the tables here
-are the only place that maps them to torch.
+are the only place that maps them to torch. ``float8_e4m3fn`` is a storage dtype (quantized KV-cache codes,
+``ir/kv_quant.py``): no op computes in it, so it is not one of ``FLOAT_DTYPES``.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "float16": torch.float16,
     "bfloat16": torch.bfloat16,
+    "float8_e4m3fn": torch.float8_e4m3fn,
     "int64": torch.int64,
     "int32": torch.int32,
     "int16": torch.int16,

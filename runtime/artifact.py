@@ -280,6 +280,7 @@ def _map_member(zf: zipfile.ZipFile, path: str, info: zipfile.ZipInfo) -> memory
 
 # safetensors dtype codes for the kiln dtypes
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "F8_E4M3": torch.float8_e4m3fn,
               "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
               "BOOL": torch.bool}
 

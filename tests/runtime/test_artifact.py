@@ -224,7 +224,7 @@ def _header_edit(edit):
 
 @pytest.mark.parametrize("edit, message", [
     (lambda h: h["w"].update(data_offsets=[0, 1 << 40]), r"data_offsets \[0, 1099511627776\] do not lie within"),
-    (lambda h: h["w"].update(dtype="F8_E4M3"), r"unknown dtype 'F8_E4M3'"),
+    (lambda h: h["w"].update(dtype="F8_E5M2"), r"unknown dtype 'F8_E5M2'"),
     (lambda h: h["w"].update(shape=[3, 5]), r"128 bytes of data for 15 x torch.float32 \(60 bytes\)"),
     (lambda h: h["b"].update(data_offsets=[32, 64]), r"data_offsets start at 32, expected 0 \(tensors overlap or leave a gap\)"),
 ])
