@@ -1,6 +1,6 @@
 """Partition an optimized graph into kernel groups.
 
-    gemm       GEMM / LINEAR / MATMUL / QGEMM, one node (its epilogue is part of the op)
+    gemm       GEMM / LINEAR / MATMUL / QGEMM / AQGEMM, one node (its epilogue is part of the op)
     attention  ATTENTION, one node
     conv       CONV2D / CONV, one node (CONV's epilogue is part of the op)
     group_norm GROUP_NORM, one node (its SiLU is part of the op): a group is C/G x H x W values, more than a pointwise
@@ -29,7 +29,7 @@ from ..ir.ops import SOURCE_OPS, fits
 from ..ir.types import dims_equal, is_static
 from .pointwise import MAX_ROW, ROW_OPS, expr_key, fusible, launch
 
-GEMM_OPS = frozenset({"GEMM", "LINEAR", "MATMUL", "QGEMM"})
+GEMM_OPS = frozenset({"GEMM", "LINEAR", "MATMUL", "QGEMM", "AQGEMM"})
 CONV_OPS = frozenset({"CONV2D", "CONV"})
 VIEW_OPS = frozenset({"PERMUTE", "SLICE", "EXPAND", "RESHAPE"})
 
