@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from ...ir.ops_fused import ACTIVATIONS, apply_epilogue
-from .gemm import _gate_residual_store, check_output_operands, output_operands
+from .gemm import _config, _gate_residual_store, check_output_operands, output_operands
 from .qgemm import _bias_act_glu
 
 # triton.jit picks the interpreter from this variable when the kernels below are defined; read it then too
@@ -135,10 +135,6 @@ def _scaled_epilogue_kernel(
     _gate_residual_store(acc, rows, cols, mask, gate_ptr, gate_rows, stride_gb, stride_gm, stride_gn,
                          res_ptr, res_rows, stride_rb, stride_rm, stride_rn, out_ptr, stride_om, stride_on,
                          HAS_GATE, HAS_RESIDUAL)
-
-
-def _config(bm, bn, bk, warps, stages, group_m=8):
-    return triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group_m), num_warps=warps, num_stages=stages)
 
 
 # H200: one-byte operands, so K steps of 128 (a 128-byte row per step, as the bf16 template's 64); large tiles for
