@@ -30,7 +30,7 @@ import triton.language as tl
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 FORMATS = {"int8": (torch.int8, 127.0), "fp8": (torch.float8_e4m3fn, 448.0)}  # as ir/quant.py's ACT_FORMATS
-TINY = 1.1754943508222875e-38  # float32's smallest normal: the scale of an all-zero row
+TINY = tl.constexpr(1.1754943508222875e-38)  # float32's smallest normal: the scale of an all-zero row (constexpr: a kernel reads it)
 
 INTERPRET_CONFIG = dict(BLOCK_M=4, BLOCK_K=16)
 
