@@ -105,10 +105,11 @@ def row_samples(graph: Graph, sites: dict, calibration) -> dict:
     return samples
 
 
-def matmul_error(x: torch.Tensor, w: torch.Tensor, fmt: str) -> float:
-    """||x W^T - Q(x) Q(W)^T|| / ||x W^T|| for rows x [R, K] and a weight w [N, K] (float32, on x's device)."""
+def matmul_error(x: torch.Tensor, w: torch.Tensor, fmt: str, want: torch.Tensor | None = None) -> float:
+    """||x W^T - Q(x) Q(W)^T|| / ||x W^T|| for rows x [R, K] and a weight w [N, K] (float32, on x's device); ``want``:
+    x W^T when known (smoothing does not change it)."""
     w = w.to(x.device, torch.float32)
-    want = x @ w.T
+    want = x @ w.T if want is None else want
     qx, sx = quantize_rows(x, fmt)
     qw, sw = quantize_rows(w, fmt)
     got = (qx.float() @ qw.float().T) * sx[:, None] * sw

@@ -87,12 +87,13 @@ def search(sample, w: torch.Tensor, smoothing) -> tuple:
     w [N, K]; s None when no strength of the grid beats no smoothing ("search"), or ``smoothing`` is the fixed strength."""
     x = sample.rows  # [R, K]
     w = w.to(x.device)
-    err_off = matmul_error(x, w, "int8")
+    want = x @ w.T  # [R, N]: what every strength approximates
+    err_off = matmul_error(x, w, "int8", want)
     amax_w = w.abs().amax(0)
     best = (None, None, err_off)
     for a in GRID if smoothing == "search" else (float(smoothing),):
         s = factors(sample.amax, amax_w, a)
-        err = matmul_error(x / s, w * s, "int8")
+        err = matmul_error(x / s, w * s, "int8", want)
         if err < best[2] or smoothing != "search":
             best = (a, s, err)
     return (*best, err_off)

@@ -118,3 +118,17 @@ def test_float64_interpretation_keeps_the_codes():
     g = _graph("fp8")
     x = [r(3, 32).float()]
     assert rel_err(interpret(g, x, compute_dtype=torch.float64)[0], interpret(g, x)[0].double()) < 1e-5
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_exports_to_onnx_with_its_codes(fmt, tmp_path):
+    import onnx
+
+    from kiln.ir.onnx import save_onnx
+
+    save_onnx(_graph(fmt), tmp_path / "g.onnx")
+    model = onnx.load(tmp_path / "g.onnx")
+    onnx.checker.check_model(model)
+    codes = next(i for i in model.graph.initializer if i.name == "qw")
+    assert [n.op_type for n in model.graph.node] == ["AQGEMM"]
+    assert codes.data_type == (onnx.TensorProto.INT8 if fmt == "int8" else onnx.TensorProto.FLOAT8E4M3FN)
