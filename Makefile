@@ -33,6 +33,8 @@ demo: $(STAMP)
 	$(VENV)/bin/kiln run out/dit-tiny.kiln --dim batch=4
 	$(VENV)/bin/kiln compile --model llama-tiny --generate --max-seq 128 -o out/llama-tiny-gen.kiln --force
 	$(VENV)/bin/kiln generate out/llama-tiny-gen.kiln --ids 1,2,3 --ids 7,8 --max-new-tokens 16
+	$(VENV)/bin/kiln compile --model dit-tiny --pipeline -o out/dit-tiny-pipe.kiln --force
+	$(VENV)/bin/kiln sample out/dit-tiny-pipe.kiln --class 3 --steps 25 --guidance 4 --seed 0 -o out/dit-tiny.png --force
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

@@ -2,6 +2,7 @@
 :class:`CompiledModel`: callable like the eager model, with ``.graph``, ``.report()`` and ``.save()``."""
 from __future__ import annotations
 
+import dataclasses
 import operator
 import os
 import warnings
@@ -127,6 +128,12 @@ class CompiledModel:
                              tuning=self.executor.tuner.to_json() if self.executor.tuner and self.executor.tuner.decisions else None,
                              files=files, overwrite=overwrite)
 
+    def as_component(self) -> artifact.Component:
+        """This model as one named graph of a multi-graph artifact (``artifact.save_components``)."""
+        tuner = self.executor.tuner
+        return artifact.Component(self.graph, self.signature.to_dict(), self.config.to_dict(), self._report.to_dict(),
+                                  tuner.to_json() if tuner and tuner.decisions else None, {"device": self.device.type})
+
     def random_inputs(self, dims: dict[str, int] | None = None, seed: int = 0) -> list[torch.Tensor]:
         """Random tensors that fit the inputs (symbols take ``dims`` or a small default in range);
         integer inputs feeding an embedding stay below its number of rows."""
@@ -203,8 +210,11 @@ def build(src: "Source", config: CompileConfig, report: Report, example_inputs=(
     report.model.update(parameters=sum(t.numel() for t in graph.weights.values()), weight_bytes=graph.weight_bytes(),
                         inputs=[n.attrs["name"] for n in graph.inputs], outputs=list(graph.output_names))
     samples = _calibration_inputs(calibration, src.signature)
+    tp = tensor_parallel(config)
+    if tp[1] > 1:
+        config = dataclasses.replace(config, tp_rank=tp[0])  # (recorded in the artifact: the shard's rank)
     with report.phase("optimize"):
-        run_pipeline(graph, config.disable, report, config.quantize_spec(), samples)
+        run_pipeline(graph, config.disable, report, config.quantize_spec(), samples, tp=tp)
     report.ops_after = graph.histogram()
     with report.phase("plan"):
         compiled = CompiledModel(graph, src.signature, config, report)
@@ -221,6 +231,33 @@ def build(src: "Source", config: CompileConfig, report: Report, example_inputs=(
         with report.phase("verify"):
             report.verify = _verify(src.module, compiled, example_inputs, example_kwargs or {}, src.signature)
     return compiled
+
+
+def process_group() -> tuple[int, int]:
+    """(rank, world size) of torch.distributed's default process group; (0, 1) when none is initialised."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def tensor_parallel(config: CompileConfig) -> tuple[int, int]:
+    """(rank, world) of the shard ``config`` asks for: ``tp_rank`` when given (offline sharding needs no process group),
+    else the rank of the initialised process group, which must have ``tp`` ranks."""
+    if config.tp == 1:
+        return 0, 1
+    if config.tp_rank is not None:
+        return config.tp_rank, config.tp
+    rank, world = process_group()
+    if world == 1:
+        raise KilnError(f"tp={config.tp} needs an initialised torch.distributed process group of {config.tp} ranks",
+                        hint=f"call torch.distributed.init_process_group in each of {config.tp} processes (torchrun "
+                             f"--nproc-per-node {config.tp}), or shard offline: CompileConfig(tp={config.tp}, tp_rank=R)")
+    if world != config.tp:
+        raise KilnError(f"tp={config.tp}, but the process group has {world} ranks",
+                        hint=f"tp must be the process group's size ({world})")
+    return rank, world
 
 
 def _calibration_inputs(calibration, signature: Signature) -> list | None:
@@ -355,13 +392,17 @@ def _load_source(path: str, report: Report, dynamic: dict | None = None):
 # ----------------------------------------------------------------------------- load, jit
 
 
-def load(path: str | os.PathLike, device: str | None = None, backend: str | None = None) -> CompiledModel:
+def load(path: str | os.PathLike, device: str | None = None, backend: str | None = None, *,
+         component: str | None = None) -> CompiledModel:
     """Load a ``.kiln`` artifact; no model source is needed. ``device`` overrides where it runs,
-    ``backend`` how ("kernels", "reference", "auto"; see CompileConfig.backend)."""
+    ``backend`` how ("kernels", "reference", "auto"; see CompileConfig.backend). ``component``: one named graph
+    of an artifact of several (a diffusion pipeline's "step", "vae", "text_encoder")."""
     if device is not None:
         check_device(device)
-    graph, manifest, report_dict, tuning, files = artifact.load(path)
+    graph, manifest, report_dict, tuning, files = artifact.load(path, component)
     config = CompileConfig.from_dict(manifest.get("config") or {})
+    if config.tp > 1:
+        artifact.check_shard(os.fspath(path), manifest, *process_group())
     if device is None:  # where it was compiled to run, when this machine has it
         device = config.device or manifest.get("device") or "cpu"
         if torch.device(device).type == "cuda" and not torch.cuda.is_available():

@@ -1,4 +1,4 @@
-"""The ``kiln`` command: compile | run | generate | bench | inspect.
+"""The ``kiln`` command: compile | run | generate | sample | bench | inspect.
 
 Errors print as one clear message plus a hint, without a traceback (``KILN_DEBUG=1`` shows it).
 Long phases show progress on stderr; results go to stdout.
@@ -121,7 +121,8 @@ def _check_compile_args(a) -> str:
     if a.source and ((a.dim and not a.source.lower().endswith(".onnx")) or a.weights or a.static or a.generate):
         raise KilnError("--weights, --static and --generate apply to --model, and --dim to --model or an .onnx file's dims",
                         hint=f"compile {a.source} without them: a .pt2 program fixes its own dims")
-    generate_only = [f for f, v in (("--max-seq", a.max_seq), ("--batch-buckets", a.batch_buckets)) if v is not None]
+    generate_only = [f for f, v in (("--max-seq", a.max_seq), ("--batch-buckets", a.batch_buckets), ("--kv-cache", a.kv_cache))
+                     if v is not None]
     if generate_only and not a.generate:
         raise KilnError(f"{' and '.join(generate_only)} appl{'y' if len(generate_only) > 1 else 'ies'} only to a generator",
                         hint="add --generate to compile an LLM generator (KV cache)")
@@ -186,13 +187,17 @@ def _dit_calibration(spec, dtype, seed: int) -> list[dict]:
 def cmd_compile(a) -> int:
     import kiln
 
+    if a.pipeline:
+        return _compile_pipeline(a)
     output = _check_compile_args(a)
     dims = _parse_dims(a.dim, ranges=True)
     buckets = _parse_buckets(a.batch_buckets) if a.batch_buckets is not None else None
     progress = _Progress(a.quiet)
     config = kiln.CompileConfig(disable=tuple(a.disable_pass or ()), device=a.device, verify=a.verify, quantize=a.quantize,
-                                quantize_group=None if a.quantize_group == "channel" else int(a.quantize_group),
+                                quantize_group=None if a.quantize_group == "channel" else int(a.quantize_group), tp=a.tp,
                                 quantize_smoothing=a.quantize_smoothing)
+    if a.tp > 1:
+        return _compile_shards(a, config, output, buckets, progress)
     if a.source:
         compiled = kiln.compile(a.source, dynamic=dims or None, config=config, report_hook=progress)
     else:
@@ -235,6 +240,31 @@ def cmd_compile(a) -> int:
     return 0
 
 
+def _compile_shards(a, config, output: str, buckets, progress) -> int:
+    """--tp N: each rank's shard compiled here, one after another, without a process group (sharding needs no
+    communication), written as OUTPUT's shard files (``gen.rank0-of-2.kiln``, ...)."""
+    import dataclasses
+
+    from .llm.generator import DEFAULT_BATCH_BUCKETS, Generator
+    from .models import registry
+    from .runtime.artifact import check_output_path, shard_path
+
+    if a.source or not a.generate or a.calib:
+        raise KilnError("--tp shards LLM generators: give --model with --generate (and no --calib)",
+                        hint="compile a plain model without --tp")
+    spec = registry.get(a.model)
+    paths = [check_output_path(shard_path(output, r, a.tp), a.force, "use --force to replace it") for r in range(a.tp)]
+    with progress.step(f"build {spec.name}" + (f" from {a.weights}" if a.weights else " (random weights)")):
+        model = spec.build(weights=a.weights, dtype=_torch_dtype(a.dtype), seed=a.seed)
+    for r, path in enumerate(paths):
+        with progress.step(f"compile rank {r} of {a.tp}"):
+            g = Generator.compile(model, max_seq=a.max_seq or 1024, batch_buckets=buckets or DEFAULT_BATCH_BUCKETS,
+                                  config=dataclasses.replace(config, tp_rank=r), eos_token_id=_eos_of(a.weights), device=a.device)
+        g.save(output, overwrite=a.force)
+        out.print(escape(f"wrote {path} ({os.path.getsize(path) / 2**20:.1f} MiB): rank {r} of {a.tp} of a generator for {spec.name}"))
+    return 0
+
+
 def _compile_generator(a, spec, model, config, output, buckets, progress, calibration=None) -> int:
     from .llm.generator import DEFAULT_BATCH_BUCKETS, Generator, _load_tokenizer
 
@@ -243,15 +273,53 @@ def _compile_generator(a, spec, model, config, output, buckets, progress, calibr
     buckets = buckets or list(DEFAULT_BATCH_BUCKETS)
     max_seq = a.max_seq if a.max_seq is not None else 1024
     tokenizer = _load_tokenizer(a.weights) if a.weights else None
-    with progress.step(f"compile the {spec.name} step graph (max_seq {max_seq}, batch buckets {buckets})"):
+    kv = a.kv_cache or config.kv_cache_dtype
+    with progress.step(f"compile the {spec.name} step graph (max_seq {max_seq}, batch buckets {buckets}{f', KV cache {kv}' if kv else ''})"):
         g = Generator.compile(model, max_seq=max_seq, batch_buckets=buckets, tokenizer=tokenizer, config=config,
-                              eos_token_id=_eos_of(a.weights), calibration=calibration)
+                              eos_token_id=_eos_of(a.weights), calibration=calibration, kv_cache_dtype=a.kv_cache)
     with progress.step(f"save {output}"):
         g.save(output, overwrite=a.force)
     if a.report:
         out.print(g.compiled.report())
     out.print(escape(f"wrote {output} ({os.path.getsize(output) / 2**20:.1f} MiB): a generator for {spec.name}"
                      + (", with its tokenizer" if tokenizer is not None else ", token ids in and out (no tokenizer)")))
+    return 0
+
+
+def _compile_pipeline(a) -> int:
+    """``--pipeline``: a diffusion sampling pipeline (step graph, VAE decoder[, text encoder]) as one artifact."""
+    import kiln
+
+    from .diffusion import presets
+
+    if a.source or not (a.model or a.weights) or a.generate:
+        raise KilnError("--pipeline takes --model NAME (random weights) or --weights DIR (a diffusers pipeline directory)",
+                        hint="kiln compile --model dit-xl-2-256 --pipeline -o dit-pipe.kiln")
+    unused = [f for f, v in (("--max-seq", a.max_seq), ("--batch-buckets", a.batch_buckets), ("--quantize", a.quantize),
+                             ("--calib", a.calib), ("--static", a.static), ("--tp", a.tp != 1)) if v]
+    if unused:
+        raise KilnError(f"{', '.join(unused)} do{'es' if len(unused) == 1 else ''} not apply to --pipeline",
+                        hint="a pipeline's one option of shape is --dim batch=1:N (images per call)")
+    if a.weights:
+        _check_weights(a.weights)
+    output = a.output or f"{a.model or os.path.basename(os.path.normpath(a.weights))}-pipeline.kiln"
+    _check_output(output, a.force, hint="use --force to replace it, or -o to write elsewhere")
+    dims = _parse_dims(a.dim, ranges=True)
+    if set(dims) - {"batch"}:
+        raise KilnError(f"a pipeline's one dim is batch (images per call); got --dim {', '.join(sorted(set(dims) - {'batch'}))}")
+    max_batch = dims.get("batch", (1, 8))[1]
+    progress = _Progress(a.quiet)
+    source = f"from {a.weights}" if a.weights else "(random weights)"
+    with progress.step(f"build the diffusers pipeline {a.model or ''} {source}"):
+        pipe = presets.diffusers_pipeline(a.model, a.weights, _torch_dtype(a.dtype), a.seed, a.device)
+    config = kiln.CompileConfig(disable=tuple(a.disable_pass or ()), device=a.device)
+    with progress.step(f"compile the sampling pipeline (up to {max_batch} images per call)"):
+        kp = presets.compile_pipeline(pipe, max_batch=max_batch, config=config)
+    with progress.step(f"save {output}"):
+        kp.save(output, overwrite=a.force)
+    parts = ", ".join(kp.models)
+    out.print(escape(f"wrote {output} ({os.path.getsize(output) / 2**20:.1f} MiB): a {kp.KIND} sampling pipeline ({parts}; "
+                     f"{kp.scheduler.NAME}, {kp.spec['dtype']})"))
     return 0
 
 
@@ -314,6 +382,9 @@ def cmd_generate(a) -> int:
     from .llm.generator import Generator
     from .llm.sampling import SamplingParams
 
+    if a.tp > 1 and "RANK" not in os.environ:
+        return _spawn_ranks(a.argv, a.tp)
+    rank = _join_ranks(a)
     sampling = SamplingParams(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed)
     progress = _Progress(a.quiet)
     with progress.step(f"load {a.artifact}"):
@@ -331,7 +402,7 @@ def cmd_generate(a) -> int:
         prompts = list(a.prompt)
     else:
         raise KilnError("nothing to generate from", hint='kiln generate ARTIFACT --prompt "..." (or --ids 1,2,3)')
-    text = g.tokenizer is not None and len(prompts) == 1
+    text = g.tokenizer is not None and len(prompts) == 1 and rank == 0
     t0 = time.perf_counter()
     first = None
     counts = [0] * len(prompts)
@@ -349,7 +420,7 @@ def cmd_generate(a) -> int:
     end = time.perf_counter()
     if text:
         sys.stdout.write("\n")
-    else:
+    elif rank == 0:
         for i, r in enumerate(results):
             shown = g.tokenizer.decode(r, skip_special_tokens=True) if g.tokenizer is not None else " ".join(map(str, r))
             out.print(escape(f"[{i}] {shown}"))
@@ -359,8 +430,116 @@ def cmd_generate(a) -> int:
     decode = end - (first or end)
     if not a.quiet:
         err.print(f"[dim]{n} tokens for {len(prompts)} prompt(s): first token {((first or end) - t0) * 1e3:.1f} ms, then "
-                  f"{(n - len(prompts)) / decode if decode > 0 else 0:.1f} tokens/s on {g.device}[/dim]")
+                  f"{(n - len(prompts)) / decode if decode > 0 else 0:.1f} tokens/s on {g.device}"
+                  f"{f', KV cache {g.kv_cache_dtype}' if g.kv_cache_dtype else ''}[/dim]")
     return 0
+
+
+def cmd_sample(a) -> int:
+    """Sample images with a pipeline artifact and write them as PNG files."""
+    from .diffusion import load
+
+    progress = _Progress(a.quiet)
+    with progress.step(f"load {a.artifact}"):
+        kp = load(a.artifact, device=a.device)
+    kw = {k: v for k, v in (("num_inference_steps", a.steps), ("guidance_scale", a.guidance)) if v is not None}
+    if kp.KIND == "dit":
+        if a.prompt or not a.class_labels:
+            raise KilnError(f"{a.artifact} is a class-conditional DiT pipeline: give --class N (ints in "
+                            f"[0, {kp.spec['num_classes'] - 1}]), not --prompt", hint="kiln sample dit.kiln --class 207")
+        kw["class_labels"] = a.class_labels
+    else:
+        if a.class_labels or not a.prompt:
+            raise KilnError(f"{a.artifact} is a text-to-image pipeline: give --prompt TEXT, not --class",
+                            hint='kiln sample pixart.kiln --prompt "a red fox in snow"')
+        kw.update(prompt=a.prompt, negative_prompt=a.negative_prompt)
+    n = len(a.class_labels or a.prompt)
+    paths = _png_paths(a.output, n, a.force)
+    t0 = time.perf_counter()
+    images = _sample_with_bar(kp, kw, a.seed, a.quiet)
+    seconds = time.perf_counter() - t0
+    for image, path in zip(images, paths):
+        image.save(path, format="PNG")
+    w, h = images[0].size
+    out.print(escape(f"wrote {', '.join(paths)} ({w}x{h}) in {seconds:.2f}s on {kp.device}"))
+    return 0
+
+
+def _png_paths(output: str, n: int, force: bool) -> list[str]:
+    """``output`` for one image; ``stem-0.png``, ``stem-1.png``, ... for several. Refuses to replace files unasked."""
+    stem, ext = os.path.splitext(output)
+    paths = [output] if n == 1 else [f"{stem}-{i}{ext or '.png'}" for i in range(n)]
+    for p in paths:
+        if os.path.exists(p) and not force:
+            raise KilnError(f"{p} already exists", hint="use --force to replace it, or -o to write elsewhere")
+        if not os.path.isdir(os.path.dirname(os.path.abspath(p))):
+            raise KilnError(f"{p}: no such directory", hint="create it first, or -o a path in an existing directory")
+    return paths
+
+
+def _sample_with_bar(kp, kw: dict, seed: int, quiet: bool) -> list:
+    """The pipeline's PIL images, with a progress bar over the denoising steps (it follows the device: each step
+    is waited for, which the pipeline itself never does)."""
+    import torch
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    if quiet:
+        return kp(seed=seed, output_type="pil", **kw).images
+    cuda = kp.device.type == "cuda"
+    bar = Progress(TextColumn("  denoising"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err, transient=True)
+    task = bar.add_task("steps", total=None)
+
+    def advance(i: int, total: int) -> None:
+        if i == 0:
+            bar.start()  # (once the call's inputs are checked: an error prints alone)
+        if cuda:
+            torch.cuda.synchronize(kp.device)
+        bar.update(task, completed=i + 1, total=total)
+    try:
+        return kp(seed=seed, output_type="pil", callback=advance, **kw).images
+    finally:
+        if bar.live.is_started:
+            bar.stop()
+
+
+def _spawn_ranks(argv: list, world: int) -> int:
+    """``kiln generate --tp N``: this command again in N processes, one per rank, as torchrun would start them
+    (RANK, WORLD_SIZE, MASTER_ADDR / PORT on localhost); rank 0 prints. The exit status is the first failing rank's."""
+    import socket
+    import subprocess
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world)}
+    procs = [subprocess.Popen([sys.executable, "-m", "kiln", *argv], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)})
+             for r in range(world)]
+    codes = [p.wait() for p in procs]
+    return next((c for c in codes if c), 0)
+
+
+def _join_ranks(a) -> int:
+    """Under torchrun (or --tp's processes): join the process group (NCCL on CUDA, else gloo), run on this rank's GPU;
+    ranks other than 0 print nothing. Returns this process's rank (0 without one)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0
+    import torch
+    import torch.distributed as dist
+
+    if a.tp not in (1, world):
+        raise KilnError(f"--tp {a.tp}, but {world} ranks were started", hint=f"--tp {world}, or leave it out under torchrun")
+    cuda = torch.cuda.is_available() and (a.device or "cuda").startswith("cuda")
+    if cuda:
+        a.device = a.device or f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        torch.cuda.set_device(torch.device(a.device))
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    rank = dist.get_rank()
+    if rank:
+        a.quiet = True
+        out.quiet = True
+    return rank
 
 
 def _emit_onnx(graph, path: str, progress) -> None:
@@ -624,8 +803,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog="kiln", description="kiln: compile and run transformer models fast.")
     p.add_argument("--version", action="version", version=f"kiln {__version__}")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{compile,run,generate,bench,inspect}")
-    for add in (_compile_parser, _run_parser, _generate_parser, _bench_parser, _inspect_parser):
+    sub = p.add_subparsers(dest="command", required=True, metavar="{compile,run,generate,sample,bench,inspect}")
+    for add in (_compile_parser, _run_parser, _generate_parser, _sample_parser, _bench_parser, _inspect_parser):
         add(sub)
     return p
 
@@ -651,6 +830,8 @@ def _compile_parser(sub) -> None:
     c.add_argument("--emit-onnx", metavar="PATH", help="also write the optimized graph as ONNX (fused ops in the 'kiln' domain)")
     c.add_argument("--generate", action="store_true",
                    help="an LLM generator: the prefill / decode step graph with a KV cache, and the tokenizer of --weights")
+    c.add_argument("--kv-cache", choices=["int8", "fp8"], help="with --generate: a quantized KV cache (codes + a float32 scale "
+                   "per token and kv head; default: the model's dtype)")
     c.add_argument("--max-seq", type=int, help="with --generate: KV cache length, prompt + new tokens (default 1024)")
     c.add_argument("--batch-buckets", help="with --generate: batch sizes compiled for (default 1,2,4,8,16)")
     c.add_argument("--quantize", choices=["w8a16", "w8a16-gptq", "w4a16", "w4a16-gptq", "fp8", "w8a8"],
@@ -663,6 +844,12 @@ def _compile_parser(sub) -> None:
                    help="input features per scale of 4-bit weights (default 128)")
     c.add_argument("--calib", metavar="FILE", help="calibration data for --quantize with --model: a text file (tokenized "
                    "with --weights' tokenizer), or token ids as .npy / .json")
+    c.add_argument("--pipeline", action="store_true",
+                   help="a diffusion sampling pipeline (denoising step graph, VAE decoder, scheduler; text encoder and "
+                        "tokenizer for PixArt) of --model dit-tiny / dit-xl-2-256 or of --weights DIR (a diffusers "
+                        "pipeline directory); --dim batch=1:N sets the most images per call (default 8)")
+    c.add_argument("--tp", type=int, default=1, metavar="N", help="with --generate: tensor parallel over N GPUs; writes one "
+                   "shard per rank, OUTPUT's name + .rankR-of-N.kiln (no process group needed)")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     c.set_defaults(fn=cmd_compile)
 
@@ -693,8 +880,27 @@ def _generate_parser(sub) -> None:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--stop", action="append", help="stop when the text contains this string (repeatable)")
     gen.add_argument("--device", help="run on this device instead of the artifact's")
+    gen.add_argument("--tp", type=int, default=1, metavar="N", help="a tensor-parallel generator's N shards: starts N "
+                     "processes, one per rank (or start them with torchrun --nproc-per-node N -m kiln generate ...)")
     gen.add_argument("-q", "--quiet", action="store_true")
     gen.set_defaults(fn=cmd_generate)
+
+
+def _sample_parser(sub) -> None:
+    s = sub.add_parser("sample", help="sample images with a pipeline artifact (compile --pipeline), PNG out")
+    s.add_argument("artifact")
+    s.add_argument("--class", dest="class_labels", type=int, action="append", metavar="N",
+                   help="a class label for a DiT pipeline (repeat for several images)")
+    s.add_argument("--prompt", action="append", help="a text prompt for a PixArt pipeline (repeat for several images)")
+    s.add_argument("--negative-prompt", default="", help="PixArt's negative prompt (default: empty, as diffusers)")
+    s.add_argument("--steps", type=int, help="denoising steps (default: the pipeline's, as diffusers: DiT 50, PixArt 20)")
+    s.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: DiT 4.0, PixArt 4.5)")
+    s.add_argument("--seed", type=int, default=0, help="noise seed, drawn as diffusers draws it (default 0)")
+    s.add_argument("-o", "--output", default="sample.png", help="PNG path (several images: STEM-0.png, STEM-1.png, ...)")
+    s.add_argument("--device", help="run on this device instead of the artifact's")
+    s.add_argument("--force", action="store_true", help="replace existing PNG files")
+    s.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    s.set_defaults(fn=cmd_sample)
 
 
 def _bench_parser(sub) -> None:
@@ -724,6 +930,7 @@ def _inspect_parser(sub) -> None:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # (kiln generate --tp N runs this command again per rank)
     try:
         if getattr(args, "device", None):
             from .api import check_device

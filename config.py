@@ -5,6 +5,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from .errors import KilnError
+from .ir.kv_quant import KV_DTYPES
 from .passes.pipeline import PASS_NAMES
 from .passes.quantize_acts import MODES as ACT_MODES
 from .passes.quantize_acts import ActQuantSpec
@@ -54,6 +55,13 @@ class CompileConfig:
     quantize_act_order: bool = False
     #: w8a8's SmoothQuant strength: "search" (per GEMM input, on the calibration data), "off", or a fixed value in [0, 1]
     quantize_smoothing: str | float = "search"
+    #: tensor parallel: the number of ranks the graph is sharded over (passes/shard_tensor_parallel.py); 1: not sharded
+    tp: int = 1
+    #: the rank whose shard this is; None: the process group's rank (torch.distributed, initialised with tp ranks)
+    tp_rank: int | None = None
+    #: an LLM generator's KV cache: None (the activations' dtype), "int8" or "fp8" (e4m3): quantized codes plus a
+    #: float32 scale per (row, kv head, slot), dequantized inside the attention kernels (``ir/kv_quant.py``)
+    kv_cache_dtype: str | None = None
 
     def __post_init__(self):
         self.disable = tuple(self.disable)
@@ -65,7 +73,15 @@ class CompileConfig:
             if impl not in KERNEL_CHOICES.get(kind, ()):
                 raise KilnError(f"CompileConfig.kernels: {kind!r} -> {impl!r} is not a choice",
                                 hint="; ".join(f"{k}: {', '.join(v)}" for k, v in KERNEL_CHOICES.items()))
+        if self.kv_cache_dtype is not None and self.kv_cache_dtype not in KV_DTYPES:
+            raise KilnError(f"CompileConfig.kv_cache_dtype must be None, {' or '.join(repr(k) for k in KV_DTYPES)}, "
+                            f"got {self.kv_cache_dtype!r}")
         self.quantize_spec()  # checks the quantize knobs
+        if not isinstance(self.tp, int) or self.tp < 1 or (self.tp_rank is not None and not 0 <= self.tp_rank < self.tp):
+            raise KilnError(f"CompileConfig.tp = {self.tp!r}, tp_rank = {self.tp_rank!r}: tp is a rank count >= 1, tp_rank one "
+                            "of its ranks (or None: the process group's)")
+        if self.tp > 1 and "shard_tensor_parallel" in self.disable:
+            raise KilnError("CompileConfig.tp > 1 needs the pass shard_tensor_parallel", hint="do not disable it, or use tp=1")
         unknown = [d for d in self.disable if d not in PASS_NAMES]
         if unknown:
             raise KilnError(f"unknown pass name(s) to disable: {', '.join(unknown)}",

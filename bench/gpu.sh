@@ -20,6 +20,23 @@ for stage in "$@"; do
         --shapes "1b qkv" "1b down + residual" "8b gate/up glu" 2>&1 | tail -30 ;;
     llm) timeout 420 python3 bench/llm.py 2>&1 | tail -20 ;;
     dit) timeout 420 python3 bench/dit.py --modes eager,reduce-overhead --batches 1,8 2>&1 | tail -20 ;;
+    newtests)  # the GPU tests of what landed since the last GPU session (quantized plans, conv / VAE, pipelines, README)
+      timeout 420 python3 -m pytest -q -m gpu tests/runtime tests/llm tests/diffusion tests/codegen/test_group_norm.py \
+        tests/codegen/test_conv_epilogue.py tests/test_readme.py tests/api 2>&1 | tee "$OUT/newtests.log" | tail -25 ;;
+    llm_quant) timeout 540 python3 bench/llm_quant.py 2>&1 | tail -20 ;;
+    vae) timeout 300 python3 bench/vae.py 2>&1 | tail -20 ;;
+    diffusion_dit) timeout 540 python3 bench/diffusion.py --models dit --out "$OUT/diffusion_dit.json" 2>&1 | tail -25 ;;
+    diffusion_pixart) timeout 540 python3 bench/diffusion.py --models pixart --out "$OUT/diffusion_pixart.json" 2>&1 | tail -25 ;;
+    coldstart) timeout 400 python3 bench/coldstart.py 2>&1 | tail -20 ;;
+    sessiontests)  # GPU tests of this session's branches (KV cache, norm prologue, quantized plans, pipelines, README)
+      timeout 300 python3 -m pytest -q -m gpu tests/codegen/test_attention_kv.py tests/codegen/test_skinny.py \
+        tests/llm tests/runtime/test_kernel_plan_quant.py tests/diffusion/test_pipelines.py tests/test_readme.py \
+        2>&1 | tee "$OUT/sessiontests.log" | grep -v DEBUG | tail -30 ;;
+    decode) timeout 280 python3 bench/decode.py 2>&1 | tail -25 ;;
+    llm_kv) timeout 240 python3 bench/llm_kv.py --contexts 2048,8192 --batches 1,16 2>&1 | tail -20 ;;
+    llm_quant_1b) timeout 240 python3 bench/llm_quant.py --models 1b 2>&1 | tail -20 ;;
+    diffusion_profile) timeout 200 python3 bench/diffusion_profile.py 2>&1 | tail -45 ;;
+    fp8) timeout 300 python3 bench/fp8.py --out "$OUT/fp8.json" 2>&1 | tail -30 ;;
     *) echo "unknown stage $stage" ;;
   esac
 done

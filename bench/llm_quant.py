@@ -42,14 +42,15 @@ def gemm_weight_bytes(graph) -> int:
     return sum(graph.weights[k].numel() * graph.weights[k].element_size() for k in names)
 
 
-def decode(g, rows: list[list[int]]) -> dict:
+def decode(g, rows: list[list[int]], new_tokens: int = GEN) -> dict:
     """First run (plans, tunes, captures this bucket), then the best decode tokens/s of 3 runs."""
-    torch.cuda.synchronize()
+    sync = torch.cuda.synchronize if g.device.type == "cuda" else (lambda: None)
+    sync()
     t0 = time.perf_counter()
-    g.generate(rows, max_new_tokens=GEN)
-    torch.cuda.synchronize()
+    g.generate(rows, max_new_tokens=new_tokens)
+    sync()
     first = time.perf_counter() - t0
-    r = min((g.generate(rows, max_new_tokens=GEN) for _ in range(3)), key=lambda r: r.decode_s)
+    r = min((g.generate(rows, max_new_tokens=new_tokens) for _ in range(3)), key=lambda r: r.decode_s)
     return {"decode_tok_s": len(rows) * r.decode_steps / r.decode_s, "first_run_s": first, "prefill_ms": r.prefill_s * 1e3}
 
 

@@ -6,13 +6,17 @@ candidate is a name -> a closure that runs the group once into ``out`` (so a CUD
 
     GEMM       cuBLAS (torch.mm / addmm) + kiln's one-pass epilogue kernel; cuBLASLt's own epilogues where
                they apply (a full residual as addmm's C; bias + tanh-GELU); kiln's Triton template; for at most
-               16 rows (LLM decode) kiln's skinny template at its configurations (GEMV / split-K)
+               16 rows (LLM decode) kiln's skinny template at its configurations (GEMV / split-K). With a norm
+               prologue (schedule.py): the norm's kernel then each of those, and for at most 16 rows the skinny
+               template normalising x as it loads it (``triton-skinny-norm``, one launch)
     QGEMM      the weight dequantized then cuBLAS (the fallback: a torch temporary of the weight per call);
                the skinny template (<= 16 rows) or the qgemm template (more rows) dequantizing in registers
     AQGEMM     x quantized per token by kiln's row kernel, then kiln's int8 / fp8 template (scales and epilogue
                fused); torch._int_mm + kiln's scaled epilogue (int8); torch._scaled_mm, cuBLASLt's fp8 GEMM with
                row-wise scales, + kiln's epilogue (fp8, bfloat16 out)
-    ATTENTION  SDPA; kiln's flash kernel; the split-KV decode kernel for few query rows over long keys
+    ATTENTION  SDPA; kiln's flash kernel; the split-KV decode kernel for few query rows over long keys. On a quantized
+               KV cache both kernels dequantize in registers; SDPA, offered there only for many query rows (prefill),
+               reads a planned scratch the cache is dequantized into first (``attention_scratch``)
     CONV       cuDNN into the planned buffer (``aten.cudnn_convolution.out``) + kiln's conv epilogue in place; cuDNN on
                channels-last copies + the epilogue back into NCHW; torch's conv2d + the epilogue (one copy)
     GROUP_NORM kiln's two-pass chunked kernel (+ SiLU); torch's group_norm (+ silu) copied into the buffer
@@ -25,7 +29,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..ir.ops import OPS, conv_operands, sdpa_mask
+from ..ir.ops import OPS, attention_operands, conv_operands, sdpa_mask
 from ..ir.ops_fused import aqgemm_operands, gemm_operands, qgemm_operands
 from .kernels import aqgemm as taq
 from .kernels import attention as ta
@@ -71,10 +75,33 @@ def _cublas(x, w, bias, gate, residual, act: str, glu: bool, out: torch.Tensor, 
         epilogue(h2.view(*out.shape[:-1], h2.shape[-1]), None, gate, residual, act, glu, out=out)
 
 
+def with_norm(candidates: dict, fused: dict, norm: dict | None) -> dict:
+    """The candidates of a GEMM with a norm prologue ``norm`` (x, w, eps, and ``run``, which writes the normalised x
+    the candidates read): each of ``candidates`` after the norm's own kernel, and the ``fused`` ones (the norm in
+    the skinny template's loads) just before the plain skinny ones, so that a forced "triton-skinny" takes them.
+    Without a prologue, ``candidates`` as they are."""
+    if norm is None:
+        return candidates
+    run = norm["run"]
+    out = {}
+    for name, f in candidates.items():
+        if name.startswith("triton-skinny:"):
+            out.update(fused)
+        out[name] = lambda f=f: (run(), f())
+    return {**out, **fused}
+
+
+def _norm_what(what: dict, norm: dict | None) -> dict:
+    if norm is not None:  # the tuner's key: a GEMM with a prologue is another choice than the bare GEMM
+        what["norm"] = {"eps": norm["eps"], "x_stride": list(norm["x"].stride())}
+    return what
+
+
 def gemm(args: list, attrs: dict, out: torch.Tensor, tmp: torch.Tensor | None, device: torch.device,
-         workspace: torch.Tensor | None = None) -> tuple[dict, dict]:
+         workspace: torch.Tensor | None = None, norm: dict | None = None) -> tuple[dict, dict]:
     """A GEMM's candidates. ``tmp``: the [M, 2N] scratch of a GLU's product behind cuBLAS (None otherwise);
-    ``workspace``: ``workspace_bytes`` of split-K scratch for the skinny candidates."""
+    ``workspace``: ``workspace_bytes`` of split-K scratch for the skinny candidates; ``norm``: the RMSNORM
+    prologue (``with_norm``), whose output is ``args[0]``."""
     x, w, bias, gate, residual = gemm_operands(args, attrs)
     act, glu = attrs["act"], attrs["glu"]
     m, k = math.prod(x.shape[:-1]), x.shape[-1]
@@ -97,12 +124,13 @@ def gemm(args: list, attrs: dict, out: torch.Tensor, tmp: torch.Tensor | None, d
             candidates[config_name("triton", c)] = (lambda c=c: tg.gemm(x, w, bias, gate, residual, act, glu, out=out, config=c))
     decode = skinny(x, dict(w=w), (bias, gate, residual), attrs, out, workspace, device)
     candidates.update(decode)
+    candidates = with_norm(candidates, skinny(x, dict(w=w), (bias, gate, residual), attrs, out, workspace, device, norm), norm)
     what = {"op": "GEMM", "x": list(x.shape), "x_stride": list(x.stride()), "w": list(w.shape), "dtype": str(x.dtype),
             "act": act, "glu": glu, "bias": bias is not None,
             "gate": None if gate is None else list(gate.shape), "residual": None if residual is None else list(residual.shape)}
     if decode:  # (a decision cached before the skinny template was a candidate is not one between these)
         what["skinny"] = True
-    return what, candidates
+    return _norm_what(what, norm), candidates
 
 
 def _skinny_configs(m: int, n: int, k: int, bits: int | None, glu: bool, device: torch.device) -> list[dict]:
@@ -127,25 +155,30 @@ def workspace_bytes(op: str, attrs: dict, x_shape, w_shape, dtype: torch.dtype, 
     return max(ts.workspace_bytes(m, w_shape[0], k, bits, glu, c) for c in _skinny_configs(m, w_shape[0], k, bits, glu, device))
 
 
-def skinny(x, weight: dict, epilogue_ops: tuple, attrs: dict, out, workspace, device: torch.device) -> dict:
+def skinny(x, weight: dict, epilogue_ops: tuple, attrs: dict, out, workspace, device: torch.device,
+           norm: dict | None = None) -> dict:
     """The skinny template's candidates for at most 16 rows (none for more): ``weight`` is ``dict(w=...)`` or the
-    quantized ``dict(qweight=, scales=, zeros=, bits=, group=)``; ``epilogue_ops`` (bias, gate, residual)."""
+    quantized ``dict(qweight=, scales=, zeros=, bits=, group=)``; ``epilogue_ops`` (bias, gate, residual);
+    with ``norm`` (a prologue, see ``with_norm``) the template normalising ``norm["x"]`` itself (``x``: unused)."""
     m, k = math.prod(x.shape[:-1]), x.shape[-1]
     if not _skinny_fits(m, x.dtype, device):
         return {}
     n = (weight["w"] if "w" in weight else weight["qweight"]).shape[0]  # the weight's rows
     bias, gate, residual = epilogue_ops
     act, glu = attrs["act"], attrs["glu"]
+    name, src, prologue = "triton-skinny", x, {}
+    if norm is not None:
+        name, src, prologue = "triton-skinny-norm", norm["x"], dict(norm_weight=norm["w"], norm_eps=norm["eps"])
     candidates = {}
     for c in _skinny_configs(m, n, k, weight.get("bits"), glu, device):
-        candidates[config_name("triton-skinny", c)] = (lambda c=c: ts.skinny_gemm(x, bias=bias, gate=gate, residual=residual, act=act, glu=glu,
-                                                                                  **weight, out=out, workspace=workspace, config=c))
+        candidates[config_name(name, c)] = (lambda c=c: ts.skinny_gemm(src, bias=bias, gate=gate, residual=residual, act=act, glu=glu,
+                                                                       **weight, **prologue, out=out, workspace=workspace, config=c))
     return candidates
 
 
 def qgemm(args: list, attrs: dict, out: torch.Tensor, tmp: torch.Tensor | None, device: torch.device,
-          workspace: torch.Tensor | None = None) -> tuple[dict, dict]:
-    """A QGEMM's candidates (``tmp``, ``workspace``: as for ``gemm``)."""
+          workspace: torch.Tensor | None = None, norm: dict | None = None) -> tuple[dict, dict]:
+    """A QGEMM's candidates (``tmp``, ``workspace``, ``norm``: as for ``gemm``)."""
     x, q, scales, zeros, bias, gate, residual = qgemm_operands(args, attrs)
     act, glu, bits, group = attrs["act"], attrs["glu"], attrs["bits"], attrs["group"]
     m = math.prod(x.shape[:-1])
@@ -161,17 +194,19 @@ def qgemm(args: list, attrs: dict, out: torch.Tensor, tmp: torch.Tensor | None, 
         for c in tq.configs(m, glu) if device.type == "cuda" else [tq.INTERPRET_CONFIG]:
             candidates[config_name("triton-qgemm", c)] = (
                 lambda c=c: tq.qgemm(x, q, scales, zeros, bits, group, bias, gate, residual, act, glu, out=out, config=c))
+    candidates = with_norm(candidates, skinny(x, weight, (bias, gate, residual), attrs, out, workspace, device, norm), norm)
     what = {"op": "QGEMM", "x": list(x.shape), "x_stride": list(x.stride()), "qweight": list(q.shape), "bits": bits,
             "group": group, "scales": str(scales.dtype), "zeros": zeros is not None, "dtype": str(x.dtype), "act": act,
             "glu": glu, "bias": bias is not None, "gate": None if gate is None else list(gate.shape),
             "residual": None if residual is None else list(residual.shape)}
-    return what, candidates
+    return _norm_what(what, norm), candidates
 
 
 def aqgemm(args: list, attrs: dict, out: torch.Tensor, tmp: torch.Tensor | None, device: torch.device,
-           workspace: torch.Tensor | None = None) -> tuple[dict, dict]:
-    """An AQGEMM's candidates (``tmp``, ``workspace``: unused, the signature of ``gemm``'s). The codes of x and the
-    library products are torch temporaries of each call (a CUDA graph serves them from its pool at fixed addresses)."""
+           workspace: torch.Tensor | None = None, norm: dict | None = None) -> tuple[dict, dict]:
+    """An AQGEMM's candidates (``tmp``, ``workspace``, ``norm``: unused, the signature of ``gemm``'s; an AQGEMM takes no
+    norm prologue). The codes of x and the library products are torch temporaries of each call (a CUDA graph serves
+    them from its pool at fixed addresses)."""
     x, wq, ws, smooth, bias, gate, residual = aqgemm_operands(args, attrs)
     fmt, act, glu = attrs["format"], attrs["act"], attrs["glu"]
     m, k, nw = math.prod(x.shape[:-1]), x.shape[-1], wq.shape[0]
@@ -230,31 +265,67 @@ def _decode_fits(q, k, v, mask, causal: bool, gqa: bool, device: torch.device) -
             and (gqa or q.shape[1] == k.shape[1]) and _triton_ok(td.DTYPES, q.dtype, device, td.INTERPRET))
 
 
-def attention(args: list, attrs: dict, out: torch.Tensor, device: torch.device) -> tuple[dict, dict]:
-    """An ATTENTION's candidates."""
-    q, k, v = args[:3]
-    mask = args[3] if len(args) > 3 else None
+def attention_scratch(q_shape: tuple, k_shape: tuple, v_shape: tuple, attrs: dict, dtype: torch.dtype,
+                      device: torch.device) -> tuple | None:
+    """The scratch (elements of q's dtype) that SDPA reads an ATTENTION's quantized k / v from, dequantized first;
+    None when SDPA is not offered on them: no scales, or a decode shape (few query rows per kv head) that kiln's
+    kernels serve reading the codes alone, where the scratch would cost a full-precision copy of the cache."""
+    scaled = [s for s, on in ((k_shape, attrs.get("k_scale")), (v_shape, attrs.get("v_scale"))) if on]
+    if not scaled:
+        return None
+    rows = q_shape[-2] * (q_shape[-3] // k_shape[-3] if len(q_shape) >= 3 and attrs["gqa"] else 1)
+    if rows <= td.MAX_ROWS and _triton_ok(ta.DTYPES, dtype, device, ta.INTERPRET):
+        return None
+    return (sum(math.prod(s) for s in scaled),)
+
+
+def _dequantized(k, v, ks, vs, scratch: torch.Tensor | None):
+    """(k, v as SDPA reads them, the call that dequantizes the quantized ones into ``scratch``)."""
+    if scratch is None:
+        return k, v, lambda: None
+    pairs, at = [], 0
+    for codes, scale in ((k, ks), (v, vs)):
+        if scale is not None:
+            pairs.append((codes, scale, scratch[at:at + codes.numel()].view(codes.shape)))
+            at += codes.numel()
+
+    def dequantize():  # = kv_quant.dequantize_kv: float32 product (codes exact in q's dtype) rounded once to q's dtype
+        for codes, scale, buf in pairs:
+            buf.copy_(codes)
+            buf.mul_(scale.unsqueeze(-1))
+    it = iter(p[2] for p in pairs)
+    return next(it) if ks is not None else k, next(it) if vs is not None else v, dequantize
+
+
+def attention(args: list, attrs: dict, out: torch.Tensor, scratch: torch.Tensor | None, device: torch.device) -> tuple[dict, dict]:
+    """An ATTENTION's candidates. ``scratch``: the ``attention_scratch`` buffer (None where it has none)."""
+    q, k, v, mask, ks, vs = attention_operands(args, attrs)
     causal, scale, gqa = attrs["causal"], attrs["scale"], attrs["gqa"]
     attn_mask, sdpa_causal = sdpa_mask(q, k, mask, causal)  # built once per plan, not per call
     enable_gqa = bool(gqa and q.dim() >= 3 and q.shape[-3] != k.shape[-3])
+    kd, vd, dequantize = _dequantized(k, v, ks, vs, scratch)
 
     def sdpa():
-        out.copy_(F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=sdpa_causal, scale=scale,
+        dequantize()
+        out.copy_(F.scaled_dot_product_attention(q, kd, vd, attn_mask=attn_mask, is_causal=sdpa_causal, scale=scale,
                                                  enable_gqa=enable_gqa))
 
-    candidates = {"sdpa": sdpa}
+    candidates = {"sdpa": sdpa} if (ks is None and vs is None) or scratch is not None else {}
     if _triton_ok(ta.DTYPES, q.dtype, device, ta.INTERPRET):
         cfgs = ta.configs(q.shape[-2]) if device.type == "cuda" else [ta.INTERPRET_CONFIG]
         for c in cfgs[:TRITON_ATTENTION_CONFIGS]:
-            candidates[config_name("kiln", c)] = (lambda c=c: ta.attention(q, k, v, mask, causal, scale, gqa, out=out, config=c))
+            candidates[config_name("kiln", c)] = (
+                lambda c=c: ta.attention(q, k, v, mask, causal, scale, gqa, out=out, config=c, k_scale=ks, v_scale=vs))
     if _decode_fits(q, k, v, mask, causal, enable_gqa, device):
         cfgs = td.configs() if device.type == "cuda" else [td.INTERPRET_CONFIG]
         for c in cfgs[:TRITON_ATTENTION_CONFIGS]:
             candidates[config_name("kiln-decode", c)] = (
-                lambda c=c: td.decode_attention(q, k, v, mask, scale, enable_gqa, out=out, config=c))
+                lambda c=c: td.decode_attention(q, k, v, mask, scale, enable_gqa, out=out, config=c, k_scale=ks, v_scale=vs))
     what = {"op": "ATTENTION", "q": list(q.shape), "k": list(k.shape), "v": list(v.shape), "dtype": str(q.dtype),
             "strides": [list(t.stride()) for t in (q, k, v)], "causal": causal, "scale": scale, "gqa": gqa,
             "mask": None if mask is None else [list(mask.shape), str(mask.dtype)]}
+    if ks is not None or vs is not None:
+        what["codes"] = [str(t.dtype) if s is not None else None for t, s in ((k, ks), (v, vs))]
     return what, candidates
 
 

@@ -1,6 +1,7 @@
 """Partition an optimized graph into kernel groups.
 
-    gemm       GEMM / LINEAR / MATMUL / QGEMM / AQGEMM, one node (its epilogue is part of the op)
+    gemm       GEMM / LINEAR / MATMUL / QGEMM / AQGEMM, one node (its epilogue is part of the op), or that node after
+               the RMSNORM that only it reads: the norm prologue (see ``norm_prologue``)
     attention  ATTENTION, one node
     conv       CONV2D / CONV, one node (CONV's epilogue is part of the op)
     group_norm GROUP_NORM, one node (its SiLU is part of the op): a group is C/G x H x W values, more than a pointwise
@@ -17,6 +18,11 @@ Fusion is greedy in topological order: a fusible node joins the pointwise group 
 only inside the group; (2) a row reduction has the domain's shape; (3) ROPE's ``x`` comes from outside the
 group (its partner lane is a second load); (4) no operand from another group depends on this group
 (no cycle between groups). A member read outside the group, or a graph output, is a group output.
+
+Norm prologues. An RMSNORM in a pointwise group of its own whose one reader is a GEMM / LINEAR / QGEMM's x (Llama's
+input and post-attention norms before the QKV and gate/up projections, the final norm before the LM head) joins
+that GEMM's group: ``lower.py`` then offers the norm folded into the skinny template's loads (one launch, at most
+16 rows: decode) beside the norm's own kernel followed by the GEMM (every row count: prefill).
 """
 from __future__ import annotations
 
@@ -30,6 +36,7 @@ from ..ir.types import dims_equal, is_static
 from .pointwise import MAX_ROW, ROW_OPS, expr_key, fusible, launch
 
 GEMM_OPS = frozenset({"GEMM", "LINEAR", "MATMUL", "QGEMM", "AQGEMM"})
+PROLOGUE_GEMMS = frozenset({"GEMM", "LINEAR", "QGEMM"})  # the ops of the weight-streaming template (a norm prologue)
 CONV_OPS = frozenset({"CONV2D", "CONV"})
 VIEW_OPS = frozenset({"PERMUTE", "SLICE", "EXPAND", "RESHAPE"})
 
@@ -141,7 +148,9 @@ class _Scheduler:
         for n in self.graph.nodes:
             kind = _kind(n, self.group_of)
             target = None
-            if kind == "pointwise":
+            if kind == "gemm" and self.foldable_norm(n):
+                target = self.fold_norm(n)
+            elif kind == "pointwise":
                 for i in n.inputs:
                     g = self.group_of[i]
                     if g.kind == "pointwise" and self.can_join(n, g):
@@ -163,6 +172,26 @@ class _Scheduler:
             g.outputs = [n for n in g.nodes if n in self.outputs or any(u not in members for u in n.users)]
         return self.order(groups)
 
+    def foldable_norm(self, n: Node) -> bool:
+        """``n``'s x is an RMSNORM (one weight, last axis, no residual, one dtype throughout) that only ``n`` reads,
+        alone in its pointwise group: a norm prologue."""
+        norm = n.inputs[0]
+        if n.op not in PROLOGUE_GEMMS or norm.op != "RMSNORM" or norm in self.outputs or len(norm.inputs) != 2:
+            return False
+        if norm.attrs["residual"] or norm.attrs["dims"] != 1 or norm.inputs[1].op not in SOURCE_OPS:
+            return False
+        if {i.dtype for i in norm.inputs} != {norm.dtype} or n.dtype != norm.dtype:
+            return False
+        if set(norm.users) != {n} or sum(i is norm for i in n.inputs) != 1:
+            return False
+        return self.group_of[norm].nodes == [norm]
+
+    def fold_norm(self, n: Node) -> Group:
+        """The gemm group of ``n`` that takes over the norm's group (the norm's inputs come before it)."""
+        h = self.group_of[n.inputs[0]]
+        h.kind = "gemm"
+        return h
+
     def order(self, groups: list[Group]) -> list[Group]:
         """Topological order of the groups, stable in the order of their first nodes."""
         pos = {g: k for k, g in enumerate(groups)}
@@ -183,6 +212,14 @@ class _Scheduler:
                 done.add(g)
                 out.append(stack.pop())
         return out
+
+
+def norm_prologue(g: Group) -> Group | None:
+    """The RMSNORM a gemm group begins with, as the pointwise group it is on its own (None when there is none)."""
+    if g.kind != "gemm" or len(g.nodes) == 1:
+        return None
+    norm = g.nodes[0]
+    return Group("pointwise", [norm], list(dict.fromkeys(norm.inputs)), [norm])
 
 
 def schedule(graph: Graph) -> list[Group]:

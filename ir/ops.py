@@ -24,6 +24,7 @@ import sympy
 import torch
 import torch.nn.functional as F
 
+from .kv_quant import CODE_DTYPES, dequantize_kv
 from .types import FLOAT_DTYPES, Dim, TType, dim, dims_equal, dtype_name, numel, shape_str, torch_dtype
 
 REQUIRED = object()
@@ -358,13 +359,42 @@ def fits(shape, target) -> bool:
     return len(b) == len(target) and all(dims_equal(d, e) for d, e in zip(b, target))
 
 
+def attention_operands(ins, a) -> tuple:
+    """(q, k, v, mask, k_scale, v_scale) from an ATTENTION's inputs; absent ones are None. The scales are present as
+    the attributes say; the mask is the one input left over (graphs saved before the scales existed lack the attributes)."""
+    k_scaled, v_scaled = bool(a.get("k_scale")), bool(a.get("v_scale"))
+    mask = ins[3] if len(ins) - k_scaled - v_scaled == 4 else None
+    rest = iter(ins[3 + (mask is not None):])
+    k_scale = next(rest) if k_scaled else None
+    v_scale = next(rest) if v_scaled else None
+    return ins[0], ins[1], ins[2], mask, k_scale, v_scale
+
+
+def _infer_kv_codes(name: str, t: TType, scale: TType | None, q: TType) -> None:
+    """k or v: q's dtype, or (with its scale) quantized codes and a float32 scale per vector (``kv_quant.py``)."""
+    if scale is None:
+        if t.dtype != q.dtype:
+            raise ShapeError(f"ATTENTION: {name} is {t.dtype}, q is {q.dtype} (q, k, v share one dtype unless {name} has a scale)")
+        return
+    if t.dtype not in CODE_DTYPES:
+        raise ShapeError(f"ATTENTION: {name} with a scale must hold codes ({', '.join(sorted(CODE_DTYPES))}), got {t.dtype}")
+    if scale.dtype != "float32" or len(scale.shape) != len(t.shape) - 1 or not all(map(dims_equal, scale.shape, t.shape[:-1])):
+        raise ShapeError(f"ATTENTION: the {name} scale {scale.dtype}{shape_str(scale.shape)} must be float32 "
+                         f"{shape_str(t.shape[:-1])} (one per vector of {name} {shape_str(t.shape)})")
+
+
 def _infer_attention(ins, a):
-    q, k, v = ins[:3]
+    want = 3 + int(bool(a.get("k_scale"))) + int(bool(a.get("v_scale")))
+    if len(ins) not in (want, want + 1):
+        raise ShapeError(f"ATTENTION: {len(ins)} inputs, the attributes (k_scale={a.get('k_scale')}, v_scale={a.get('v_scale')}) "
+                         f"say {want} or {want + 1} (with a mask)")
+    q, k, v, m, ks, vs = attention_operands(ins, a)
     if len(q.shape) < 2 or len(k.shape) != len(q.shape) or len(v.shape) != len(q.shape):
         raise ShapeError(f"ATTENTION: q {shape_str(q.shape)}, k {shape_str(k.shape)}, v {shape_str(v.shape)} must share a rank >= 2")
     if not dims_equal(q.shape[-1], k.shape[-1]) or not dims_equal(k.shape[-2], v.shape[-2]):
         raise ShapeError(f"ATTENTION: q {shape_str(q.shape)}, k {shape_str(k.shape)}, v {shape_str(v.shape)}")
-    same_dtype("ATTENTION", ins[:3])
+    _infer_kv_codes("k", k, ks, q)
+    _infer_kv_codes("v", v, vs, q)
     k_lead, v_lead = k.shape[:-2], v.shape[:-2]
     if a["gqa"] and len(q.shape) >= 3 and not dims_equal(q.shape[-3], k.shape[-3]):
         hq, hk = q.shape[-3], k.shape[-3]  # [..., H, S, D]: kv heads repeat up to the query heads
@@ -373,8 +403,7 @@ def _infer_attention(ins, a):
         k_lead, v_lead = k_lead[:-1] + (hq,), v_lead[:-1] + (v_lead[-1] * (hq // hk),)
     if not (fits(k_lead, q.shape[:-2]) and fits(v_lead, q.shape[:-2])):
         raise ShapeError(f"ATTENTION: leading dims of k {shape_str(k.shape)} / v {shape_str(v.shape)} do not fit q {shape_str(q.shape)}")
-    if len(ins) == 4:
-        m = ins[3]
+    if m is not None:
         if m.dtype != "bool" and m.dtype != q.dtype:
             raise ShapeError(f"ATTENTION: mask dtype {m.dtype} must be bool or {q.dtype}")
         if not fits(m.shape, q.shape[:-1] + (k.shape[-2],)):
@@ -384,8 +413,11 @@ def _infer_attention(ins, a):
 
 
 def _attention(x, a):
-    q, k, v = x[:3]
-    mask = x[3] if len(x) > 3 else None
+    q, k, v, mask, ks, vs = attention_operands(x, a)
+    if ks is not None:  # the dequantized cache, exactly as the unfused graph computes it
+        k = dequantize_kv(k, ks, q.dtype)
+    if vs is not None:
+        v = dequantize_kv(v, vs, q.dtype)
     if a["gqa"] and q.dim() >= 3 and q.shape[-3] != k.shape[-3]:
         rep = q.shape[-3] // k.shape[-3]
         k, v = k.repeat_interleave(rep, dim=-3), v.repeat_interleave(rep, dim=-3)
@@ -403,8 +435,11 @@ def sdpa_mask(q, k, mask, causal: bool):
 
 
 # scale None: 1/sqrt(head_dim); causal: the upper-left-aligned triangle of torch's SDPA; with a mask
-# too, a position is attended where the mask allows it (bool True / float bias) and causality does
-define("ATTENTION", (3, 4), "compute", _infer_attention, _attention, causal=False, scale=None, gqa=False)
+# too, a position is attended where the mask allows it (bool True / float bias) and causality does.
+# ATTENTION(q, k, v[, mask][, k_scale][, v_scale]): with k_scale (v_scale), k (v) holds quantized codes [.., S, D] and
+# the input a float32 scale per vector [.., S]; the op reads dequantize_kv(codes, scale, q.dtype) (kv_quant.py)
+define("ATTENTION", (3, 6), "compute", _infer_attention, _attention, causal=False, scale=None, gqa=False,
+       k_scale=False, v_scale=False)
 
 
 # ----------------------------------------------------------------------------- gathers
@@ -460,10 +495,18 @@ def _infer_index_copy(ins, a):
     return TType(x.shape, x.dtype)
 
 
+def index_copy(x: torch.Tensor, axis: int, index: torch.Tensor, src: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    """torch's ``index_copy`` (``inplace``: ``index_copy_``); float8 tensors (quantized KV-cache codes) are copied as
+    their bytes, since torch's CPU kernel has no float8."""
+    if x.dtype == torch.float8_e4m3fn and src.dtype == x.dtype:
+        return index_copy(x.view(torch.uint8), axis, index, src.view(torch.uint8), inplace).view(x.dtype)
+    return x.index_copy_(axis, index, src) if inplace else x.index_copy(axis, index, src)
+
+
 define("EMBEDDING", 2, "compute", _infer_embedding, lambda x, a: F.embedding(x[1], x[0]))
 # x with the slices at ``index`` along ``axis`` replaced by ``src`` (torch.index_copy): the KV-cache write. A copy
 # in the IR's value semantics; the executor writes in place when x is an input the program updates.
-define("INDEX_COPY", 3, "compute", _infer_index_copy, lambda x, a: x[0].index_copy(a["axis"], x[1], x[2]), axis=REQUIRED)
+define("INDEX_COPY", 3, "compute", _infer_index_copy, lambda x, a: index_copy(x[0], a["axis"], x[1], x[2]), axis=REQUIRED)
 define("INDEX", (2, None), "compute", _infer_index, _index, axes=REQUIRED)
 define("GATHER", 2, "compute", _infer_gather, lambda x, a: torch.gather(x[0], a["axis"], x[1]), axis=REQUIRED)
 
@@ -665,3 +708,74 @@ def _conv(ins, a):
 # block's ending (x + h) / output_scale_factor; which optional inputs are present is said by bias / residual
 define("CONV", (2, 4), "compute", _infer_conv, _conv, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1,
      bias=False, residual=False, divisor=None)
+
+
+# ----------------------------------------------------------------------------- collectives (tensor parallel)
+
+COLLECTIVE_GROUPS = ("tp",)  # "tp": the default process group of torch.distributed, every rank of it
+
+
+def _process_group_size(op: str, a) -> int:
+    """The ranks the collective runs over: ``a["world"]``, checked against torch.distributed's default group."""
+    import torch.distributed as dist
+
+    if a["group"] not in COLLECTIVE_GROUPS:
+        raise ValueError(f"{op}: unknown group {a['group']!r} (one of {', '.join(COLLECTIVE_GROUPS)})")
+    if a["world"] == 1:
+        return 1
+    got = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if got != a["world"]:
+        raise RuntimeError(f"{op}: the graph was sharded for {a['world']} ranks, the process group has {got} "
+                           "(torch.distributed.init_process_group with the world size the model was compiled for)")
+    return got
+
+
+def _infer_collective(op: str):
+    def infer(ins, a):
+        (x,) = ins
+        if a["group"] not in COLLECTIVE_GROUPS or not isinstance(a["world"], int) or a["world"] < 1:
+            raise ShapeError(f"{op}: group {a['group']!r} over {a['world']!r} ranks")
+        if op == "ALL_REDUCE":
+            if a["op"] != "sum" or x.dtype not in FLOAT_DTYPES:
+                raise ShapeError(f"ALL_REDUCE: op {a['op']!r} on {x.dtype} (sum of a float tensor)")
+            return x
+        ax, stride = a["axis"], a["stride"]
+        if not 0 <= ax < len(x.shape) or stride < 1 or a["world"] % stride:
+            raise ShapeError(f"ALL_GATHER: axis {ax}, stride {stride} over {a['world']} ranks on {shape_str(x.shape)}")
+        shape = list(x.shape)
+        shape[ax] = dim(shape[ax] * (a["world"] // stride))
+        return TType(tuple(shape), x.dtype)
+    return infer
+
+
+def _all_reduce(x, a):
+    """sum over the ranks of x (a new tensor; x itself at one rank)."""
+    import torch.distributed as dist
+
+    if _process_group_size("ALL_REDUCE", a) == 1:
+        return x[0]
+    y = x[0].contiguous().clone()
+    dist.all_reduce(y, op=dist.ReduceOp.SUM)
+    return y
+
+
+def _all_gather(x, a):
+    """concat(piece of rank 0, piece of rank stride, piece of rank 2 * stride, ...) along ``axis``."""
+    import torch.distributed as dist
+
+    world = _process_group_size("ALL_GATHER", a)
+    if world == 1:
+        return x[0]
+    t = x[0].contiguous()
+    pieces = [torch.empty_like(t) for _ in range(world)]
+    dist.all_gather(pieces, t)
+    return torch.cat(pieces[:: a["stride"]], a["axis"])
+
+
+# the collectives of a tensor-parallel graph (passes/shard_tensor_parallel.py); ``world``: the ranks of ``group`` the
+# graph was sharded for (the reference refuses a process group of another size; 1: identity). ALL_GATHER keeps the
+# pieces of ranks 0, stride, 2 * stride, ...: ``stride`` > 1 when neighbouring ranks hold copies of one piece
+define("ALL_REDUCE", 1, "compute", _infer_collective("ALL_REDUCE"), _all_reduce, group="tp", op="sum", world=REQUIRED)
+define("ALL_GATHER", 1, "compute", _infer_collective("ALL_GATHER"), _all_gather, group="tp", axis=REQUIRED, world=REQUIRED,
+       stride=1)
+COLLECTIVE_OPS = frozenset({"ALL_REDUCE", "ALL_GATHER"})

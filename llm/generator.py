@@ -23,12 +23,14 @@ from typing import Iterator
 
 import torch
 
-from ..api import SourceWatch
+from ..api import SourceWatch, process_group
 from ..api import compile as kiln_compile
 from ..api import load as kiln_load
 from ..config import CompileConfig
 from ..errors import ArtifactError, InputError, KilnError
+from ..ir.kv_quant import KV_DTYPES
 from ..models.llama import HF_MODEL_TYPES, LlamaConfig, LlamaStep, llama_from_tensors, load_llama
+from ..runtime.artifact import shard_path
 from .sampling import SamplingParams, make_generator, sample
 
 DEFAULT_BATCH_BUCKETS = (1, 2, 4, 8, 16)
@@ -55,9 +57,10 @@ class Result:
     decode_steps: int = 0
 
 
-def step_function(step: torch.nn.Module, num_layers: int):
-    """``step`` as a function of named tensors (k_cache_0, v_cache_0, ...): what kiln.compile captures."""
-    names = cache_names(num_layers)
+def step_function(step: torch.nn.Module, num_layers: int, kv_dtype: str | None = None):
+    """``step`` as a function of named tensors (k_cache_0, v_cache_0, ...; see ``cache_names``): what kiln.compile
+    captures."""
+    names = cache_names(num_layers, kv_dtype)
 
     def fn(input_ids, positions, slots, mask, **caches):
         return step(input_ids, positions, slots, mask, tuple(caches[n] for n in names))
@@ -68,14 +71,40 @@ def step_function(step: torch.nn.Module, num_layers: int):
     return fn
 
 
-def cache_names(num_layers: int) -> list[str]:
-    return [f"{kv}_cache_{i}" for i in range(num_layers) for kv in "kv"]
+def cache_names(num_layers: int, kv_dtype: str | None = None) -> list[str]:
+    """The cache inputs, per layer: k_cache_i, v_cache_i, and with a quantized cache k_scale_i, v_scale_i
+    (:class:`~kiln.models.llama.LlamaStep`'s order)."""
+    kinds = ("k_cache", "v_cache") + (("k_scale", "v_scale") if kv_dtype is not None else ())
+    return [f"{kind}_{i}" for i in range(num_layers) for kind in kinds]
 
 
 def new_caches(spec: dict, batch: int, dtype, device) -> dict[str, torch.Tensor]:
-    """Zeroed KV caches for ``batch`` rows: k_cache_i / v_cache_i [batch, kv_heads, max_seq, head_dim]."""
-    return {n: torch.zeros(batch, spec["kv_heads"], spec["max_seq"], spec["head_dim"], dtype=dtype, device=device)
-            for n in cache_names(spec["num_layers"])}
+    """Zeroed KV caches for ``batch`` rows: k_cache_i / v_cache_i [batch, kv_heads, max_seq, head_dim] in ``dtype``,
+    or, with ``spec["kv_cache_dtype"]`` "int8" / "fp8", codes of that format and k_scale_i / v_scale_i
+    [batch, kv_heads, max_seq] float32 scales."""
+    kv = spec.get("kv_cache_dtype")
+    shape = (batch, spec["kv_heads"], spec["max_seq"], spec["head_dim"])
+    codes = KV_DTYPES[kv] if kv is not None else dtype
+    return {n: torch.zeros(shape if "cache" in n else shape[:-1], dtype=codes if "cache" in n else torch.float32, device=device)
+            for n in cache_names(spec["num_layers"], kv)}
+
+
+def step_dims(names: list[str], max_batch: int, max_seq: int) -> dict:
+    """The step's dynamic dims (kiln.compile's ``dynamic``): batch in [1, max_batch] and seq, the step's tokens, in
+    [1, max_seq]; ``names``: the cache inputs."""
+    batch, seq = ("batch", 1, max_batch), ("seq", 1, max_seq)
+    return {"input_ids": {0: batch, 1: seq}, "positions": {0: batch, 1: seq}, "slots": {0: seq},
+            "mask": {0: batch, 2: seq}, **{n: {0: batch} for n in names}}
+
+
+def kv_cache_note(spec: dict, dtype) -> str:
+    """The report's line on the cache format: what one token costs per layer."""
+    kv, d = spec.get("kv_cache_dtype"), spec["kv_heads"] * spec["head_dim"]
+    plain = 2 * d * torch.empty((), dtype=dtype).element_size()
+    if kv is None:
+        return f"KV cache: {str(dtype).removeprefix('torch.')}, {plain} bytes per token per layer"
+    return (f"KV cache: {kv} codes + float32 scales per (row, kv head, slot), {2 * d + 8 * spec['kv_heads']} bytes per token "
+            f"per layer ({str(dtype).removeprefix('torch.')}: {plain})")
 
 
 def step_inputs(ids: torch.Tensor, pad: torch.Tensor, slot0: int, caches: dict, max_seq: int, window: int | None) -> dict:
@@ -149,7 +178,9 @@ class Generator:
     max_seq (cache length: prompt + new tokens), batch_buckets (request batch sizes compiled for; a request is
     padded up to the next one), eos (token ids). ``tokenizer``: a transformers tokenizer (text in and out,
     stop strings); without one, prompts are token ids. A generator serves one request at a time (the KV
-    cache of a batch bucket is shared by its requests): finish or drop one stream before starting the next."""
+    cache of a batch bucket is shared by its requests): finish or drop one stream before starting the next.
+    ``kv_cache_dtype`` (``spec["kv_cache_dtype"]``): None (the cache holds the activations' dtype), "int8" or "fp8"
+    (quantized codes + float32 scales, ``ir/kv_quant.py``); a saved generator keeps it."""
 
     def __init__(self, compiled, spec: dict, tokenizer=None):
         self.compiled = compiled
@@ -158,11 +189,13 @@ class Generator:
         self.batch_buckets = tuple(spec["batch_buckets"])
         self.vocab_size = int(spec["vocab_size"])
         self.window = spec.get("sliding_window")
-        self.names = cache_names(spec["num_layers"])
+        self.kv_cache_dtype = spec.get("kv_cache_dtype")
+        self.names = cache_names(spec["num_layers"], self.kv_cache_dtype)
         self.device = compiled.device
         self.dtype = _DTYPES[spec["dtype"]]
         self.tokenizer = tokenizer
         self.eos = set(spec.get("eos") or [])
+        self.tp = tuple(spec.get("tp") or (0, 1))  # (rank, world)
         self.compile_s = 0.0
         self._caches: dict[int, dict[str, torch.Tensor]] = {}
         self._busy = False
@@ -170,11 +203,15 @@ class Generator:
     @classmethod
     def compile(cls, model, *, max_seq: int = 1024, batch_buckets=DEFAULT_BATCH_BUCKETS, device=None, dtype=None,
                 tokenizer=None, eos_token_id: int | list[int] | None = None, config: CompileConfig | None = None,
-                quantize: str | None = None, calibration=None) -> "Generator":
+                quantize: str | None = None, calibration=None, kv_cache_dtype: str | None = None,
+                tp: int | None = None) -> "Generator":
         """Compile kiln's LlamaForCausalLM ``model`` into a generator (see the class docstring). ``quantize``: a
         weight-only mode (``CompileConfig.quantize``; overrides ``config``'s); ``calibration``: text (with the
         tokenizer) or token ids, one item or a list of them, run as prefill steps (``calibration_steps``) for
-        GPTQ and for each quantized GEMM's measured error."""
+        GPTQ and for each quantized GEMM's measured error. ``kv_cache_dtype``: None, "int8" or "fp8"
+        (``CompileConfig.kv_cache_dtype``; overrides ``config``'s). ``tp``: tensor parallel over that many ranks
+        (``CompileConfig.tp``; overrides ``config``'s): the generator is this process's rank of them (see
+        :func:`tensor_parallel_sampling`)."""
         cfg = model.config
         if max_seq < 2:
             raise KilnError(f"max_seq must be at least 2, got {max_seq}")
@@ -189,23 +226,27 @@ class Generator:
         spec = dict(vocab_size=cfg.vocab_size, num_layers=cfg.num_hidden_layers, kv_heads=cfg.num_key_value_heads,
                     head_dim=cfg.head_dim, sliding_window=cfg.sliding_window, max_seq=int(max_seq), batch_buckets=list(buckets),
                     dtype=str(dtype).removeprefix("torch."), eos=sorted({eos} if isinstance(eos, int) else set(eos or [])))
-        config = dataclasses.replace(config or CompileConfig(), **({"quantize": quantize} if quantize is not None else {}))
+        overrides = {k: v for k, v in (("quantize", quantize), ("kv_cache_dtype", kv_cache_dtype), ("tp", tp)) if v is not None}
+        config = dataclasses.replace(config or CompileConfig(), **overrides)  # (validates them)
+        if config.tp > 1 and calibration is not None:
+            raise KilnError("calibration with tp > 1 is not supported yet", hint="quantize without calibration (w8a16, w4a16), or tp=1")
+        spec["kv_cache_dtype"] = kv = config.kv_cache_dtype
         if config.device is None:
             config.device = str(device)
         # the example: batch 2 (1 if that is all), 2 tokens; its caches are the example's own
         b0 = min(2, buckets[-1])
-        names = cache_names(cfg.num_hidden_layers)
+        names = cache_names(cfg.num_hidden_layers, kv)
         caches = new_caches(spec, b0, dtype, device)
         example = step_inputs(torch.zeros(b0, 2, dtype=torch.long, device=device), torch.zeros(b0, dtype=torch.long), 0, caches,
                               int(max_seq), cfg.sliding_window)
-        batch, seq = ("batch", 1, buckets[-1]), ("seq", 1, int(max_seq))
-        dims = {"input_ids": {0: batch, 1: seq}, "positions": {0: batch, 1: seq}, "slots": {0: seq},
-                "mask": {0: batch, 2: seq}, **{n: {0: batch} for n in names}}
+        dims = step_dims(names, buckets[-1], int(max_seq))
         t0 = time.perf_counter()
         steps = None if calibration is None else calibration_steps(calibration, tokenizer, spec, dtype, device)
-        compiled = kiln_compile(step_function(LlamaStep(model), cfg.num_hidden_layers), (), example, dynamic=dims, config=config,
-                                calibration=steps)
+        compiled = kiln_compile(step_function(LlamaStep(model, kv), cfg.num_hidden_layers, kv), (), example, dynamic=dims,
+                                config=config, calibration=steps)
+        compiled.report().notes.append(kv_cache_note(spec, dtype))
         compiled.source_watch = SourceWatch(model)  # (a function's closure is not watched: the model is)
+        _shard_spec(spec, compiled)
         g = cls(compiled, spec, tokenizer)
         g.compile_s = time.perf_counter() - t0
         return g
@@ -232,12 +273,15 @@ class Generator:
                 for f in sorted(Path(d).iterdir()):
                     if f.is_file() and f.suffix in (".json", ".txt", ".model"):
                         files["tokenizer/" + f.name] = f.read_bytes()
+        if self.spec.get("tp"):  # a tensor-parallel rank writes its own shard: gen.kiln -> gen.rank0-of-2.kiln
+            path = shard_path(path, *self.spec["tp"])
         return self.compiled.save(path, overwrite, extra={"generator": self.spec}, files=files)
 
     @classmethod
     def load(cls, path, device=None, backend=None) -> "Generator":
-        """A generator saved with :meth:`save` (with its tokenizer when it was saved with one)."""
-        m = kiln_load(path, device=device, backend=backend)
+        """A generator saved with :meth:`save` (with its tokenizer when it was saved with one). In a process group of
+        several ranks, ``gen.kiln`` means this rank's shard ``gen.rank{R}-of-{N}.kiln`` when no ``gen.kiln`` exists."""
+        m = kiln_load(_rank_file(path), device=device, backend=backend)
         spec = m.manifest.get("generator")
         if not isinstance(spec, dict):
             raise ArtifactError(f"{path}: check 'generator' failed: the artifact is a plain model, not a generator",
@@ -324,7 +368,7 @@ class Generator:
         pad = torch.tensor([T - len(p) for p in rows])
         ids = torch.tensor([[0] * (T - len(p)) + p for p in rows], device=self.device)
         caches = self.caches(bucket)
-        gen = make_generator(sampling, self.device)
+        gen = make_generator(tensor_parallel_sampling(sampling, self.tp[1]), self.device)
         logits = self.compiled.run(list(self._inputs(ids, pad, 0, caches).values()))[0]
         decode = _Decoder(self, bucket, pad, caches)
         cuda = self.device.type == "cuda"
@@ -444,6 +488,40 @@ def from_hf(model, tokenizer=None, **kw) -> Generator:
     if "eos_token_id" not in kw:
         kw["eos_token_id"] = getattr(getattr(model, "generation_config", None), "eos_token_id", None) or hf_cfg.get("eos_token_id")
     return Generator.compile(ours.eval(), tokenizer=tokenizer, **kw)
+
+
+def _shard_spec(spec: dict, compiled) -> None:
+    """A tensor-parallel rank's generation settings: its KV caches hold its kv heads (the sharded cache inputs say how
+    many), and ``tp`` records (rank, world)."""
+    config = compiled.config
+    if config.tp > 1:
+        k0 = next(n for n in compiled.graph.inputs if n.attrs["name"] == "k_cache_0")
+        spec.update(kv_heads=int(k0.shape[1]), tp=[config.tp_rank, config.tp])
+
+
+def tensor_parallel_sampling(sampling: SamplingParams, world: int) -> SamplingParams:
+    """How the ranks of a tensor-parallel generator agree on each token: every rank samples the same way from the same
+    logits (the LM head's ALL_GATHER hands every rank all of them) with the same seed, so their tokens are equal with
+    no collective per token; the alternative, rank 0 sampling and broadcasting, would add a broadcast and a host
+    round trip to every decode step. An unseeded request gets one seed drawn on rank 0 and broadcast once (per
+    request). Greedy decoding needs no seed."""
+    if world == 1 or sampling.seed is not None or sampling.temperature == 0:
+        return sampling
+    import torch.distributed as dist
+
+    seed = torch.randint(0, 2 ** 62, (1,), dtype=torch.int64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.broadcast(seed, src=0)
+    return dataclasses.replace(sampling, seed=int(seed))
+
+
+def _rank_file(path):
+    """``path``, or this rank's shard of it when it does not exist and this process is one of several ranks."""
+    import os
+
+    rank, world = process_group()
+    if world > 1 and not os.path.exists(path) and os.path.exists(shard_path(path, rank, world)):
+        return shard_path(path, rank, world)
+    return path
 
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
 
+from ..ir.kv_quant import check_kv_dtype, dequantize_kv, quantize_kv
+
 ROPE_TYPES = ("default", "linear", "llama3")
 _ROPE_KEYS = {
     "default": (),
@@ -273,18 +275,26 @@ class LlamaStep(nn.Module):
     """One generation step of a :class:`LlamaForCausalLM` over an explicit, preallocated KV cache.
 
     forward(input_ids [B, T], positions [B, T], slots [T], mask [B, 1, T, S], caches) -> logits [B, vocab] of the
-    last position. ``caches`` is a tuple (k_0, v_0, k_1, v_1, ...) of [B, kv_heads, S, head_dim] tensors; the
-    step writes this step's keys / values at cache slots ``slots`` (in place, ``index_copy_``) and attends
-    over the whole cache under ``mask`` (bool, True = attend), so prefill (T tokens) and decode (T = 1) are
-    the same program at different sizes. Rows are left-padded: row b's token at slot s has position
-    ``positions[b, t]``; the caller's mask hides the padding, the future and slots outside a sliding window.
+    last position ([B, T, vocab] of every position with ``all_logits``, what perplexity needs). ``caches`` is a
+    tuple with, per layer, k_i, v_i [B, kv_heads, S, head_dim] and, with a ``kv_dtype``, k_scale_i, v_scale_i
+    [B, kv_heads, S] float32. The step writes this step's keys / values at cache slots ``slots`` (in place,
+    ``index_copy_``) and attends over the whole cache under ``mask`` (bool, True = attend), so prefill (T tokens)
+    and decode (T = 1) are the same program at different sizes. Rows are left-padded: row b's token at slot s has
+    position ``positions[b, t]``; the caller's mask hides the padding, the future and slots outside a sliding window.
+
+    ``kv_dtype`` "int8" / "fp8": the cache holds quantized codes and per-(row, head, slot) scales (``ir/kv_quant.py``):
+    the step quantizes its keys (after RoPE) and values, writes codes and scales, and attention reads the
+    dequantized cache ``(codes * scale).to(activation dtype)`` (kiln fuses that into ATTENTION's K / V loads).
     """
 
-    def __init__(self, model: LlamaForCausalLM):
+    def __init__(self, model: LlamaForCausalLM, kv_dtype: str | None = None, all_logits: bool = False):
         super().__init__()
+        check_kv_dtype(kv_dtype)
         self.model = model
         cfg = model.config
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.kv_dtype, self.all_logits = kv_dtype, all_logits
+        self.per_layer = 2 if kv_dtype is None else 4  # cache tensors per layer
 
     def forward(self, input_ids, positions, slots, mask, caches):
         m = self.model.model
@@ -299,13 +309,27 @@ class LlamaStep(nn.Module):
             k = a.k_proj(h).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
             v = a.v_proj(h).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-            kc, vc = caches[2 * i], caches[2 * i + 1]
-            kc.index_copy_(2, slots, k)
-            vc.index_copy_(2, slots, v)
+            kc, vc = self.write_cache(caches[self.per_layer * i: self.per_layer * (i + 1)], slots, k, v)
             y = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, enable_gqa=self.n_kv_heads != self.n_heads)
             x = x + a.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
-        return self.model.lm_head(m.norm(x[:, -1]))
+        return self.model.lm_head(m.norm(x if self.all_logits else x[:, -1]))
+
+    def write_cache(self, caches: tuple, slots, k, v) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v [B, kv_heads, T, hd] at ``slots`` of one layer's caches; returns the K / V attention reads
+        [B, kv_heads, S, hd] in k's dtype."""
+        if self.kv_dtype is None:
+            kc, vc = caches
+            kc.index_copy_(2, slots, k)
+            vc.index_copy_(2, slots, v)
+            return kc, vc
+        read = []
+        for x, codes, scales in zip((k, v), caches[:2], caches[2:]):
+            c, s = quantize_kv(x, self.kv_dtype)  # [B, KV, T, hd], [B, KV, T]
+            codes.index_copy_(2, slots, c)
+            scales.index_copy_(2, slots, s)
+            read.append(dequantize_kv(codes, scales, x.dtype))
+        return read[0], read[1]
 
 
 # --- safetensors checkpoints (shared with dit.load_dit) -------------------------------------------

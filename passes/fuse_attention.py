@@ -1,9 +1,11 @@
-"""Attention fusion: the explicit attention formula, repeat_kv before an ATTENTION, and rotate-half
-RoPE, each to one op.
+"""Attention fusion: the explicit attention formula, repeat_kv before an ATTENTION, a dequantized KV cache read
+by an ATTENTION, and rotate-half RoPE, each to one op.
 
     softmax(q @ k^T * scale + mask) @ v       ->  ATTENTION(q, k, v, mask, scale)
     where(isnan(p), 0, p) @ v,  p as above    ->  ATTENTION(q, k, v, mask, scale)
     ATTENTION(q, repeat_kv(k), repeat_kv(v))  ->  ATTENTION(q, k, v, gqa=True)
+    ATTENTION(q, CAST(kc) * ks[.., None], CAST(vc) * vs[.., None])
+                                              ->  ATTENTION(q, kc, vc, ks, vs, k_scale=True, v_scale=True)
     x * cos + cat(-x2, x1) * sin              ->  ROPE(x, cos, sin)        (x1, x2: the halves of x's last dim)
 
 ``F.scaled_dot_product_attention`` is imported as ATTENTION already; the first rule covers HF's
@@ -15,6 +17,10 @@ SDPA gives NaN: the fused graph differs from the exported one only on such input
 form first becomes an ATTENTION on the repeated k / v, which the second rule then un-repeats.
 A mask computed in the graph (HF's causal mask from ARANGE / LE comparisons) stays a mask input:
 ``causal`` is not inferred from it (correct either way; a kernel that wants the flag must look at it).
+
+The dequantization rule takes ``kv_quant.dequantize_kv`` as a quantized-cache step writes it (int8 / float8 codes
+cast to float32, times a float32 scale per vector, cast to the queries' dtype) for k, v or both: the kernels then
+read the codes and dequantize each tile in registers instead of a dequantized cache materialised every step.
 """
 from __future__ import annotations
 
@@ -23,6 +29,8 @@ import math
 import torch
 
 from ..ir.graph import Graph, Node
+from ..ir.kv_quant import CODE_DTYPES
+from ..ir.ops import attention_operands
 from ..ir.types import FLOAT_DTYPES, TType, dims_equal, shape_str, torch_dtype
 from .pattern import A, C, Match, O, Rule, V, any_of, maybe_cast, rewrite, type_reason
 from .report import PassStats
@@ -153,7 +161,8 @@ def repeat_kv(name: str):
     return O.RESHAPE(O.EXPAND(O.RESHAPE(V(name), shape=A(name + "_1")), shape=A(name + "_n")), shape=A(name + "_hn"))
 
 
-REPEATED = any_of(*(O.ATTENTION(V("q"), repeat_kv("k"), repeat_kv("v"), *mask, causal=A("causal"), scale=A("scale"), gqa=False)
+REPEATED = any_of(*(O.ATTENTION(V("q"), repeat_kv("k"), repeat_kv("v"), *mask, causal=A("causal"), scale=A("scale"), gqa=False,
+                                k_scale=False, v_scale=False)
                     for mask in ((V("mask"),), ())))
 
 
@@ -185,6 +194,66 @@ def _repeated_guard(m: Match) -> str | None:
 def _repeated_build(g: Graph, m: Match) -> Node:
     ins = [m[n] for n in ("q", "k", "v", "mask") if n in m]
     return g.add("ATTENTION", ins, causal=m["causal"], scale=m["scale"], gqa=_repeats(m, "k") > 1, loc=m.root.loc)
+
+
+# ----------------------------------------------------------------------------- a dequantized KV cache
+
+
+def dequantized(name: str):
+    """``dequantize_kv(codes, scale, dtype)`` as captured: CAST(codes) * scale[.., None], then maybe a cast to
+    the queries' dtype (none when they are float32)."""
+    return maybe_cast(O.CAST(V(name + "_codes"), dtype=A(name + "_wide")) * V(name + "_scale"), name + "_cast")
+
+
+# k and v, k alone, v alone (a cache quantizing one of them); with and without a mask
+DEQUANTIZED = any_of(*(O.ATTENTION(V("q"), dequantized("k") if "k" in which else V("k"), dequantized("v") if "v" in which else V("v"),
+                                   *mask, causal=A("causal"), scale=A("scale"), gqa=A("gqa"), k_scale=False, v_scale=False)
+                       for which in ("kv", "k", "v") for mask in ((V("mask"),), ())))
+
+
+def _dequantized_reason(m: Match, name: str) -> str | None:
+    """Why ``name``'s operand is not dequantize_kv of a quantized cache, or None."""
+    codes, scale = m[name + "_codes"], m[name + "_scale"]
+    if codes.dtype not in CODE_DTYPES:
+        return f"{name} is a cast of {codes.dtype} {codes.name}, not of quantized codes ({', '.join(sorted(CODE_DTYPES))})"
+    if m[name + "_wide"] != "float32" or scale.dtype != "float32":
+        return f"{name}'s codes are dequantized in {m[name + '_wide']} with a {scale.dtype} scale, not in float32"
+    per_vector = codes.shape[:-1] + (1,)
+    if len(scale.shape) != len(per_vector) or not all(map(dims_equal, scale.shape, per_vector)):
+        return f"the {name} scale {shape_str(scale.shape)} is not one per vector of the codes {shape_str(codes.shape)}"
+    return None
+
+
+def _dequantized_inputs(m: Match) -> tuple[list, dict]:
+    """The fused ATTENTION's operands (the scales still [.., S, 1]) and its scale attributes."""
+    scaled = {f"{n}_scale": f"{n}_codes" in m for n in "kv"}
+    ins = [m["q"]] + [m[f"{n}_codes"] if scaled[f"{n}_scale"] else m[n] for n in "kv"] + ([m["mask"]] if "mask" in m else [])
+    return ins + [m[f"{n}_scale"] for n in "kv" if scaled[f"{n}_scale"]], scaled
+
+
+def _dequantized_guard(m: Match) -> str | None:
+    for name in "kv":
+        if f"{name}_codes" in m and (why := _dequantized_reason(m, name)):
+            return why
+    ins, scaled = _dequantized_inputs(m)
+    types = [t.type for t in ins[:len(ins) - sum(scaled.values())]]
+    types += [TType(t.shape[:-1], t.dtype) for t in ins[len(types):]]
+    return type_reason("ATTENTION", types, m.root, causal=m["causal"], scale=m["scale"], gqa=m["gqa"], **scaled)
+
+
+def _per_vector(g: Graph, scale: Node, loc) -> Node:
+    """A [.., S, 1] scale as [.., S]: the RESHAPE that added the 1 undone, or a new one."""
+    if scale.op == "RESHAPE" and len(scale.inputs[0].shape) == len(scale.shape) - 1 and \
+            all(map(dims_equal, scale.inputs[0].shape, scale.shape[:-1])):
+        return scale.inputs[0]
+    return g.add("RESHAPE", [scale], shape=scale.shape[:-1], loc=loc)
+
+
+def _dequantized_build(g: Graph, m: Match) -> Node:
+    ins, scaled = _dequantized_inputs(m)
+    n = len(ins) - sum(scaled.values())
+    ins = ins[:n] + [_per_vector(g, s, m.root.loc) for s in ins[n:]]
+    return g.add("ATTENTION", ins, causal=m["causal"], scale=m["scale"], gqa=m["gqa"], loc=m.root.loc, **scaled)
 
 
 # ----------------------------------------------------------------------------- RoPE
@@ -227,15 +296,18 @@ def _rope_build(g: Graph, m: Match) -> Node:
 RULES = [
     Rule("explicit_attention", EXPLICIT, _explicit_build, _explicit_guard),
     Rule("gqa_attention", REPEATED, _repeated_build, _repeated_guard),
+    Rule("dequantized_kv", DEQUANTIZED, _dequantized_build, _dequantized_guard),
     Rule("rope", ROPE, _rope_build, _rope_guard),
 ]
 
 
 def fuse_attention(graph: Graph) -> PassStats:
     """``softmax(q @ k^T * scale + mask) @ v -> ATTENTION``; ``ATTENTION(q, repeat_kv(k), repeat_kv(v))
-    -> ATTENTION(q, k, v, gqa=True)``; ``x * cos + rotate_half(x) * sin -> ROPE(x, cos, sin)``."""
+    -> ATTENTION(q, k, v, gqa=True)``; ``ATTENTION(q, CAST(kc) * ks[.., None], CAST(vc) * vs[.., None]) ->
+    ATTENTION(q, kc, vc, ks, vs, k_scale=True, v_scale=True)``; ``x * cos + rotate_half(x) * sin -> ROPE(x, cos, sin)``."""
     stats = rewrite(graph, RULES)
-    masked = sum(1 for n in graph.nodes if n.op == "ATTENTION" and len(n.inputs) == 4 and not n.attrs["causal"])
+    masked = sum(1 for n in graph.nodes if n.op == "ATTENTION" and attention_operands(n.inputs, n.attrs)[3] is not None
+                 and not n.attrs["causal"])
     if masked:
         stats.notes.append(f"{masked} ATTENTION read a mask input: causal is not inferred from a mask computed in the graph")
     return stats

@@ -21,6 +21,7 @@ from .smooth import smooth
 from .quantize_acts import ActQuantSpec, quantize_acts
 from .quantize_weights import QuantizeSpec, quantize_weights
 from .report import Report
+from .shard_tensor_parallel import shard_tensor_parallel
 
 PIPELINE = [
     # the importers leave shape-only and assert-only values behind; drop them before anything reads the graph
@@ -44,6 +45,9 @@ PIPELINE = [
     # the convolutional counterpart (SiLU into group norms, residual adds and divisions into convs): it reads only
     # CONV2D / GROUP_NORM sites, which no pass above touches, after CSE and folding have settled the graph
     ("fuse_conv", fuse_conv),
+    # after every fusion, so each rank keeps merged QKV / gate-up GEMMs and fused epilogues (split by their parts), and
+    # before quantization, which then packs each rank's block of a weight with scales of its own; off at tp = 1
+    ("shard_tensor_parallel", shard_tensor_parallel),
     # last: a merged QKV / gate-up / adaLN GEMM is quantized as ONE weight against its one input's Hessian, and its
     # fused epilogue carries over into the QGEMM; off unless CompileConfig.quantize is set
     ("quantize_weights", quantize_weights),
@@ -57,15 +61,16 @@ PASS_NAMES = tuple(name for name, _ in PIPELINE)
 
 
 def run_pipeline(graph: Graph, disable=(), report: Report | None = None, quantize: QuantizeSpec | ActQuantSpec | None = None,
-                 calibration: list | None = None) -> Graph:
+                 calibration: list | None = None, tp: tuple[int, int] = (0, 1)) -> Graph:
     """Run every enabled pass in order; verify the graph after each that changed it. ``KILN_DEBUG=1``
     verifies after every pass and prints the IR after each to stderr. ``quantize``: weight-only (QuantizeSpec) or
     weight-and-activation (ActQuantSpec) quantization (None: off) and its ``calibration`` samples (flat input lists,
-    graph order)."""
+    graph order); ``tp``: (rank, world) of the tensor-parallel shard to make (world 1: the whole graph)."""
     weights = quantize if isinstance(quantize, QuantizeSpec) else None
     acts = quantize if isinstance(quantize, ActQuantSpec) else None
     settings = {"quantize_weights": dict(spec=weights, calibration=calibration),  # the passes that take settings
-                "smooth": dict(spec=acts, calibration=calibration), "quantize_acts": dict(spec=acts, calibration=calibration)}
+                "smooth": dict(spec=acts, calibration=calibration), "quantize_acts": dict(spec=acts, calibration=calibration),
+                "shard_tensor_parallel": dict(rank=tp[0], world=tp[1])}
     for name, fn in PIPELINE:
         if name in disable:
             if report is not None:

@@ -159,12 +159,12 @@ def _why_not(graph: Graph, n: Node, spec: QuantizeSpec) -> str | None:
 
 def _is_output_head(graph: Graph, n: Node) -> bool:
     """The weight is also an embedding table (a tied LM head), or the result is a graph output through views /
-    casts only."""
+    casts only (and a tensor-parallel rank's vocab gather)."""
     if any(u.op == "EMBEDDING" for u in n.inputs[1].users):
         return True
     outputs = set(graph.outputs)
     while n not in outputs:
-        if len(n.users) != 1 or next(iter(n.users)).op not in _VIEWS:
+        if len(n.users) != 1 or next(iter(n.users)).op not in (*_VIEWS, "ALL_GATHER"):
             return False
         n = next(iter(n.users))
     return True

@@ -7,6 +7,13 @@
     weights.safetensors every weight the graph reads
     report.json         the compile report
 
+A file of several graphs (a diffusion pipeline: denoising step, VAE decoder, text encoder) holds each as a named
+*component*: its graph.json, weights.safetensors, report.json (and tuning.json) under ``components/<name>/``,
+its inputs, outputs, symbols, signature and config in the manifest's ``components`` record, every member listed
+with its checksum like any other. Such a file has format version 2; a single graph is still written as version 1
+(its layout is unchanged), so a kiln that reads only version 1 reads it. ``load(path, component=NAME)`` loads one
+component with every check a single-graph load makes.
+
 Loading never unpickles and never runs code from the file. It checks, in order: the file is a zip,
 the manifest parses and names a format this kiln reads, every member listed is present and matches
 its checksum, the graph parses and verifies against the weights. A failure names the check and the
@@ -16,6 +23,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import re
 import json
 import math
 import mmap
@@ -25,6 +33,7 @@ import struct
 import tempfile
 import threading
 import zipfile
+from dataclasses import dataclass
 
 import torch
 from safetensors.torch import save_file as st_save_file
@@ -35,10 +44,12 @@ from ..ir.serialize import graph_from_json, graph_to_json
 from ..ir.types import dim_to_json
 from ..version import versions
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest this kiln reads; 2 added named components
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
 FILES = "files/"  # prefix of the members save(files=...) adds
+COMPONENTS = "components/"  # prefix of the members of named components
+_COMPONENT_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 _CHUNK = 1 << 22
 _HASH_SLICE = 64 << 20  # bytes per sha256 update; hashlib releases the GIL during each
 _ALIGN = 64  # the weights' data starts on this boundary in the file, so every tensor can view it in place
@@ -48,50 +59,89 @@ def _io_specs(nodes, names) -> list[dict]:
     return [{"name": name, "shape": [dim_to_json(d) for d in n.shape], "dtype": n.dtype} for n, name in zip(nodes, names)]
 
 
+@dataclass
+class Component:
+    """One graph of an artifact with what loading it needs: the call signature, the config, the compile report,
+    the tuner's decisions, more entries for its manifest record (the device it was compiled for)."""
+    graph: Graph
+    signature: dict
+    config: dict
+    report: dict | None = None
+    tuning: dict | None = None
+    extra: dict | None = None
+
+
 def save(path: str | os.PathLike, graph: Graph, *, signature: dict, config: dict, report: dict | None = None,
          extra: dict | None = None, tuning: dict | None = None, files: dict[str, bytes] | None = None,
          overwrite: bool = False) -> str:
     """Write ``graph`` (with its weights) to ``path``. Refuses to replace an existing file unless
     ``overwrite``; the file appears atomically (a crash leaves no half-written artifact)."""
-    path = check_output_path(path, overwrite, replace_hint="pass overwrite=True (kiln compile --force) to replace it")
-    directory = os.path.dirname(os.path.abspath(path))
-    graph_bytes = json.dumps(graph_to_json(graph), separators=(",", ":")).encode()
-    report_bytes = json.dumps(report or {}, indent=1).encode()
+    return _write(path, {"": Component(graph, signature, config, report, tuning)}, extra, files, overwrite)
+
+
+def save_components(path: str | os.PathLike, components: dict[str, Component], *, extra: dict | None = None,
+                    files: dict[str, bytes] | None = None, overwrite: bool = False) -> str:
+    """Write several graphs as named components of one artifact (format version 2), like :func:`save`."""
+    if not components:
+        raise KilnError("an artifact of components needs at least one component")
+    for name in components:
+        if not isinstance(name, str) or not _COMPONENT_NAME.fullmatch(name):
+            raise KilnError(f"component name {name!r} is not a plain name (letters, digits, '_', '.', '-')")
+    return _write(path, dict(components), extra, files, overwrite)
+
+
+def _record(c: Component) -> dict:
+    """A graph's manifest entries: inputs and outputs with dtypes and symbolic dims, symbol ranges, signature, config."""
+    graph = c.graph
+    return {"gpu_arch": _gpu_arch(graph), "inputs": _io_specs(graph.inputs, [n.attrs["name"] for n in graph.inputs]),
+            "outputs": _io_specs(graph.outputs, graph.output_names), "symbols": {k: list(v) for k, v in graph.symbols.items()},
+            "signature": c.signature, "config": c.config, **(c.extra or {})}
+
+
+def _members(c: Component) -> list[tuple[str, bytes]]:
+    members = [("graph.json", json.dumps(graph_to_json(c.graph), separators=(",", ":")).encode()),
+               ("report.json", json.dumps(c.report or {}, indent=1).encode())]
+    if c.tuning:
+        members.append(("tuning.json", json.dumps(c.tuning, indent=1).encode()))
+    return members
+
+
+def _cpu_weights(graph: Graph) -> dict[str, torch.Tensor]:
     tensors = {}
     for name, t in graph.weights.items():
         t = t.detach()
         tensors[name] = t.to("cpu").contiguous() if t.device.type != "cpu" or not t.is_contiguous() else t
-    manifest = {
-        "format": "kiln",
-        "format_version": FORMAT_VERSION,
-        **versions(),
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "gpu_arch": _gpu_arch(graph),
-        "inputs": _io_specs(graph.inputs, [n.attrs["name"] for n in graph.inputs]),
-        "outputs": _io_specs(graph.outputs, graph.output_names),
-        "symbols": {k: list(v) for k, v in graph.symbols.items()},
-        "signature": signature,
-        "config": config,
-        **(extra or {}),
-        "members": {},
-    }
+    return tensors
+
+
+def _write(path, components: dict[str, Component], extra: dict | None, files: dict[str, bytes] | None, overwrite: bool) -> str:
+    """Components named "" (a single graph) live at the root in the version-1 layout; others under components/<name>/."""
+    path = check_output_path(path, overwrite, replace_hint="pass overwrite=True (kiln compile --force) to replace it")
+    directory = os.path.dirname(os.path.abspath(path))
+    single = list(components) == [""]
+    manifest = {"format": "kiln", "format_version": 1 if single else FORMAT_VERSION, **versions(),
+                "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                **(_record(components[""]) if single else {}), **(extra or {})}
+    if not single:
+        manifest["components"] = {name: _record(c) for name, c in components.items()}
+    manifest["members"] = {}
     fd, tmp = tempfile.mkstemp(prefix=".kiln-", suffix=".tmp", dir=directory)
     os.close(fd)
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; an artifact is an ordinary file, readable as the umask allows
     wtmp = tmp + ".weights"
     try:
-        st_save_file(tensors, wtmp, metadata={"format": "pt"})
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
-            members = [("graph.json", graph_bytes), ("report.json", report_bytes)]
-            if tuning:
-                members.append(("tuning.json", json.dumps(tuning, indent=1).encode()))
-            for name, data in (files or {}).items():  # data files kept with the model (a tokenizer's JSON)
-                members.append((FILES + name, bytes(data)))
-            for member, data in members:
-                zf.writestr(member, data)
-                manifest["members"][member] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
-            _write_aligned(zf, wtmp, WEIGHTS)
-            manifest["members"][WEIGHTS] = {"sha256": _sha256_file(wtmp), "size": os.path.getsize(wtmp)}
+            for name, c in components.items():
+                prefix = f"{COMPONENTS}{name}/" if name else ""
+                members = [(prefix + member, data) for member, data in _members(c)]
+                if name == list(components)[0]:
+                    members += [(FILES + f, bytes(data)) for f, data in (files or {}).items()]  # data kept with the model
+                for member, data in members:
+                    zf.writestr(member, data)
+                    manifest["members"][member] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+                st_save_file(_cpu_weights(c.graph), wtmp, metadata={"format": "pt"})
+                _write_aligned(zf, wtmp, prefix + WEIGHTS)
+                manifest["members"][prefix + WEIGHTS] = {"sha256": _sha256_file(wtmp), "size": os.path.getsize(wtmp)}
             zf.writestr(MANIFEST, json.dumps(manifest, indent=1))
         _publish(tmp, path, overwrite)
     finally:
@@ -344,55 +394,109 @@ def _tensors_from_safetensors(buf) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def load(path: str | os.PathLike) -> tuple[Graph, dict, dict, dict, dict]:
+def load(path: str | os.PathLike, component: str | None = None) -> tuple[Graph, dict, dict, dict, dict]:
     """Read and check an artifact: returns (graph with weights, manifest, report dict, tuning dict, files:
-    name -> bytes of the members ``save(files=...)`` added).
+    name -> bytes of the members ``save(files=...)`` added). ``component``: the named component of a file of
+    several graphs, whose manifest is the file's with the component's record laid over it (and "component").
 
     The weights are views of the artifact file, mapped copy-on-write (see ``_map_member``); their
     sha256 runs in a thread alongside everything else and is checked before this returns."""
     path = os.fspath(path)
     zf, manifest = read_manifest(path)
     with zf:
+        prefix, manifest = _select(path, manifest, component)
         members = manifest.get("members") or {}
-        for required in ("graph.json", WEIGHTS):
+        for required in (prefix + "graph.json", prefix + WEIGHTS):
             if required not in members:
                 raise ArtifactError(f"{path}: check 'manifest' failed: member {required!r} is not listed")
-        weights_meta = members[WEIGHTS]
-        weights_buf = _map_member(zf, path, _member_info(zf, path, WEIGHTS, weights_meta))
+        weights_name = prefix + WEIGHTS
+        weights_meta = members[weights_name]
+        weights_buf = _map_member(zf, path, _member_info(zf, path, weights_name, weights_meta))
         if weights_buf is None:  # compressed: read (and checked) through zipfile, one copy
-            weights_buf, hashing = bytearray(_read_member(zf, path, WEIGHTS, weights_meta)), None
+            weights_buf, hashing = bytearray(_read_member(zf, path, weights_name, weights_meta)), None
         else:
             hashing = _Sha256(weights_buf)
             hashing.start()
         try:
-            data = {name: _read_member(zf, path, name, meta) for name, meta in members.items() if name != WEIGHTS}
-            result = _from_members(path, manifest, data, weights_buf)
+            data = {name[len(prefix):] if name.startswith(prefix) else name: _read_member(zf, path, name, meta)
+                    for name, meta in members.items() if name != weights_name and _selected(name, prefix)}
+            result = _from_members(path, manifest, data, weights_buf, prefix)
         except ArtifactError:
             if hashing is not None:  # damaged weights explain a bad header or graph mismatch best
                 hashing.join()
-                _check_sha256(path, WEIGHTS, hashing.hexdigest, weights_meta)
+                _check_sha256(path, weights_name, hashing.hexdigest, weights_meta)
             raise
     if hashing is not None:
         hashing.join()
-        _check_sha256(path, WEIGHTS, hashing.hexdigest, weights_meta)
+        _check_sha256(path, weights_name, hashing.hexdigest, weights_meta)
     return result
 
 
-def _from_members(path: str, manifest: dict, data: dict, weights_buf) -> tuple[Graph, dict, dict, dict, dict]:
+def _selected(member: str, prefix: str) -> bool:
+    """The members a load reads: its graph's (at the root, or under its component's prefix) and the data files."""
+    if member.startswith(FILES):
+        return True
+    return member.startswith(prefix) if prefix else not member.startswith(COMPONENTS)
+
+
+def _select(path: str, manifest: dict, component: str | None) -> tuple[str, dict]:
+    """The member prefix of the graph to load and the manifest it reads (the component's record over the file's)."""
+    components = manifest.get("components")
+    if component is None:
+        if components is not None:
+            names = ", ".join(components) if isinstance(components, dict) else "?"
+            raise ArtifactError(f"{path} holds several graphs (components {names}), not one model",
+                                hint="load one with kiln.load(path, component=NAME); a diffusion pipeline with "
+                                     "kiln.diffusion.load(path) or `kiln sample`")
+        return "", manifest
+    if not isinstance(components, dict) or not isinstance(components.get(component), dict):
+        held = ", ".join(components) if isinstance(components, dict) else "none"
+        raise ArtifactError(f"{path}: check 'components' failed: no component {component!r} (it holds: {held})")
+    top = {k: v for k, v in manifest.items() if k != "components"}
+    return f"{COMPONENTS}{component}/", {**top, **components[component], "component": component}
+
+
+def _from_members(path: str, manifest: dict, data: dict, weights_buf, prefix: str = "") -> tuple[Graph, dict, dict, dict, dict]:
+    """``data``: member name (without the component's prefix) -> bytes; error messages name members in full."""
     try:
         weights = _tensors_from_safetensors(weights_buf)
     except ValueError as e:
-        raise ArtifactError(f"{path}: check 'weights' failed for member {WEIGHTS!r}: {e}") from None
+        raise ArtifactError(f"{path}: check 'weights' failed for member {prefix + WEIGHTS!r}: {e}") from None
     try:
         graph = graph_from_json(json.loads(data.pop("graph.json")), weights)
     except (GraphError, ValueError, KeyError) as e:
-        raise ArtifactError(f"{path}: check 'graph' failed for member 'graph.json': {e}") from None
+        raise ArtifactError(f"{path}: check 'graph' failed for member {prefix + 'graph.json'!r}: {e}") from None
     report = json.loads(data["report.json"]) if "report.json" in data else {}
     try:
         tuning = json.loads(data["tuning.json"]) if "tuning.json" in data else {}
         if tuning and not isinstance(tuning.get("decisions"), dict):
             raise ValueError("no 'decisions' object")
     except ValueError as e:
-        raise ArtifactError(f"{path}: check 'tuning' failed for member 'tuning.json': {e}") from None
+        raise ArtifactError(f"{path}: check 'tuning' failed for member {prefix + 'tuning.json'!r}: {e}") from None
     files = {name[len(FILES):]: blob for name, blob in data.items() if name.startswith(FILES)}
     return graph, manifest, report, tuning, files
+
+
+# ----------------------------------------------------------------------------- tensor-parallel shards
+
+
+def shard_path(path: str | os.PathLike, rank: int, world: int) -> str:
+    """The file of rank ``rank``'s shard of a ``world``-rank artifact ``path``: ``gen.kiln`` -> ``gen.rank0-of-2.kiln``.
+    One ordinary artifact per rank: a rank maps its own file only (on a node's local disk, if need be), and
+    ``kiln inspect`` reads any of them."""
+    root, ext = os.path.splitext(os.fspath(path))
+    return f"{root}.rank{rank}-of-{world}{ext or '.kiln'}"
+
+
+def check_shard(path: str, manifest: dict, rank: int, world: int) -> None:
+    """Refuse a tensor-parallel shard in a process that is not its rank of a group of its size: the ArtifactError names
+    the check that failed."""
+    config = manifest.get("config") or {}
+    tp, tp_rank = int(config.get("tp", 1)), config.get("tp_rank")
+    if tp != world:
+        raise ArtifactError(f"{path}: check 'tensor_parallel world size' failed: the artifact is rank {tp_rank}'s shard of a "
+                            f"{tp}-rank model, this process is rank {rank} of {world}",
+                            hint=f"run it with {tp} ranks (torchrun --nproc-per-node {tp}, or kiln generate --tp {tp})")
+    if tp_rank != rank:
+        raise ArtifactError(f"{path}: check 'tensor_parallel rank' failed: the artifact is rank {tp_rank}'s shard, this "
+                            f"process is rank {rank}", hint=f"load {shard_path('NAME.kiln', rank, world)} on rank {rank}")

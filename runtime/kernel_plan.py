@@ -8,8 +8,9 @@ protocol of ``plan.py``. Built in four named steps:
    cannot express as a view becomes a copy kernel). Values that depend on no input are computed now.
 2. Memory (:meth:`KernelPlan._memory`). Every kernel output is an interval [group that writes it, last group
    that reads it or a view of it]; graph outputs live to the end; a cuBLAS GLU needs a scratch [M, 2N] for
-   one step, a skinny (decode) GEMM's split-K its workspace (the largest its candidates need, planned before the
-   tuner picks one). The intervals are packed into one arena (``memory.py``); inputs get their own static buffers.
+   one step, an SDPA prefill on a quantized KV cache the cache dequantized, a skinny (decode) GEMM's split-K its
+   workspace (the largest its candidates need, planned before the tuner picks one). The intervals are packed into
+   one arena (``memory.py``); inputs get their own static buffers.
 3. Calls (:meth:`KernelPlan._calls`). Each group becomes one closure over fixed tensors: a pointwise group
    its generated Triton kernel; a GEMM or attention the fastest of its candidates (``codegen/lower.py``,
    measured per shape by the target's tuner); anything else its torch reference, copied into the buffer.
@@ -29,9 +30,10 @@ import torch
 
 from ..codegen import lower
 from ..codegen.pointwise import launch
-from ..codegen.schedule import VIEW_OPS, Group
+from ..codegen.schedule import VIEW_OPS, Group, norm_prologue
 from ..ir.graph import Graph, Node
 from ..ir.interpret import eval_node, node_attrs
+from ..ir.ops import COLLECTIVE_OPS, index_copy
 from ..ir.types import eval_dim, torch_dtype
 from .memory import Liveness, nbytes
 from .plan import Plan
@@ -41,7 +43,7 @@ from .plan import Plan
 class KernelCall:
     """One entry of the call list: a group, how it runs, and the implementation chosen for it."""
     group: Group
-    kind: str  # pointwise | gemm | matmul | attention | update | copy | reference
+    kind: str  # pointwise | gemm | matmul | attention | update | copy | collective | reference
     run: object  # () -> None
     choice: str = ""
 
@@ -108,6 +110,32 @@ MAX_OUTPUT_SETS = 2  # output buffer sets a caller may hold at once without copi
 def _use_count(t: torch.Tensor) -> int:
     """References to ``t``'s storage: its tensor, every view of it (a caller's included), and the query's own."""
     return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
+
+
+def collective_call(g: Group, op: str, x: torch.Tensor, attrs: dict, out: torch.Tensor) -> KernelCall:
+    """ALL_REDUCE / ALL_GATHER through torch.distributed, straight into the planned buffer ``out``. On NCCL the collective
+    is captured in the bucket's CUDA graph and runs at each replay (every rank replays the same graphs in the same
+    order: the decode loop runs in lock step). ALL_GATHER gathers into a [world, *x.shape] buffer made with the plan,
+    then copies the kept pieces (every ``stride``-th) into ``out`` along ``axis``."""
+    import torch.distributed as dist
+
+    world = attrs["world"]
+    if world == 1:
+        return KernelCall(g, "collective", lambda: out.copy_(x), op.lower())
+    if op == "ALL_REDUCE":
+        def all_reduce():
+            out.copy_(x)
+            dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        return KernelCall(g, "collective", all_reduce, "all_reduce")
+    ax, stride = attrs["axis"], attrs["stride"]
+    flat = torch.empty((world * x.shape[0],) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)  # (gloo's layout)
+    kept = flat.view((world,) + tuple(x.shape))[::stride].movedim(0, ax)  # [..., world / stride, n, ...]: the pieces in order along ax
+    dst = out.view(kept.shape)
+
+    def all_gather():
+        dist.all_gather_into_tensor(flat, x.contiguous())
+        dst.copy_(kept)
+    return KernelCall(g, "collective", all_gather, "all_gather")
 
 
 def _run(calls: list) -> None:
@@ -262,10 +290,12 @@ class KernelPlan(Plan):
     # -- 2. memory ------------------------------------------------------------------------------------------
     def _memory(self) -> None:
         """Intervals over group steps, packed into one arena; ``self.scratch``: group index -> (key, shape, dtype) of a
-        cuBLAS GLU's [M, 2N] product or of a group norm's float32 partial statistics."""
+        cuBLAS GLU's [M, 2N] product, of a group norm's float32 partial statistics, or of the dequantized KV cache an
+        ATTENTION's SDPA candidate reads (prefill on a quantized cache)."""
         lv = Liveness()
         self.scratch: dict[int, tuple] = {}
         self.workspace: dict[int, tuple] = {}
+        self.prologue: dict[int, int] = {}  # gemm group index -> key of its norm prologue's output
         for k, (g, kind) in enumerate(zip(self.groups, self.kinds)):
             if kind in ("view", "source", "constant"):
                 continue
@@ -273,12 +303,17 @@ class KernelPlan(Plan):
                 lv.read(self.val[i].root if i in self.val else None, k)
             for o in g.outputs:
                 lv.write(self.slot[o], k, self._nbytes(o))
-            n = g.nodes[0]
+            n = g.nodes[-1]  # (a gemm group's GEMM comes after its norm prologue)
+            if kind == "gemm" and len(g.nodes) > 1:  # the normalised x, written and read inside this step
+                self.prologue[k] = -1 - 2 * len(self.groups) - k
+                lv.write(self.prologue[k], k, self._nbytes(g.nodes[0]))
             if kind == "gemm" and n.op in ("GEMM", "QGEMM") and n.attrs["glu"]:
                 shape = (math.prod(self.shape_of[n.inputs[0]][:-1]), self.shape_of[n.inputs[1]][0])
                 self.scratch[k] = (-1 - k, shape, n.dtype)
             if kind == "group_norm":
                 self.scratch[k] = (-1 - k, lower.group_norm_scratch(self.shape_of[n.inputs[0]], n.attrs["groups"]), "float32")
+            if kind == "attention" and (shape := self._attention_scratch(n)):
+                self.scratch[k] = (-1 - k, shape, n.dtype)
             if k in self.scratch:
                 lv.write(-1 - k, k, nbytes(self.scratch[k][1], self.scratch[k][2]))
             if kind == "gemm":
@@ -293,6 +328,11 @@ class KernelPlan(Plan):
             del lv.first[self.slot[o]], lv.last[self.slot[o]], lv.sizes[self.slot[o]]
         self.intervals, self.memory = lv.plan()
         self.arena = torch.zeros(max(self.memory.peak_bytes, 1), dtype=torch.uint8, device=self.device)
+
+    def _attention_scratch(self, n: Node) -> tuple | None:
+        """The scratch an ATTENTION on a quantized KV cache needs for its SDPA candidate (``lower.attention_scratch``)."""
+        q, k, v = (self.shape_of[i] for i in n.inputs[:3])
+        return lower.attention_scratch(q, k, v, n.attrs, torch_dtype(n.dtype), self.device)
 
     def _workspace(self, lv: Liveness, k: int, n: Node) -> None:
         """``self.workspace[k]``: (key, bytes) of the split-K workspace of gemm group k's skinny candidates, if any."""
@@ -335,7 +375,7 @@ class KernelPlan(Plan):
                 n = g.nodes[0]
                 x, index, src = (self.env[i] for i in n.inputs)
                 self.env[n] = x
-                calls.append(KernelCall(g, "update", lambda x=x, a=n.attrs["axis"], i=index, s=src: x.index_copy_(a, i, s)))
+                calls.append(KernelCall(g, "update", lambda x=x, a=n.attrs["axis"], i=index, s=src: index_copy(x, a, i, s, inplace=True)))
                 continue
             if kind == "view":
                 self._views(g)
@@ -345,6 +385,9 @@ class KernelPlan(Plan):
                     self.env[o] = self._buffer(self.slot[o], self.shape_of[o], torch_dtype(o.dtype), self.order.get(o), self.pitch.get(o))
             tmp = self._buffer(self.scratch[k][0], self.scratch[k][1], torch_dtype(self.scratch[k][2])) if k in self.scratch else None
             ws = self._buffer(self.workspace[k][0], (self.workspace[k][1],), torch.uint8) if k in self.workspace else None
+            if k in self.prologue:
+                norm = g.nodes[0]
+                self.env[norm] = self._buffer(self.prologue[k], self.shape_of[norm], torch_dtype(norm.dtype))
             calls.append(self._call(g, kind, tmp, ws))
         return calls + self._state_copies()
 
@@ -378,24 +421,38 @@ class KernelPlan(Plan):
         if kind == "pointwise":
             args, outs, cache = [self.env.get(i) for i in g.inputs], [self.env[o] for o in g.outputs], self.target.cache
             return KernelCall(g, "pointwise", lambda: launch(g, args, b, out=outs, cache=cache))
-        n = g.nodes[0]
+        n = g.nodes[-1]
         out, args, attrs = self.env[n], [self.env[i] for i in n.inputs], node_attrs(n, b)
         if kind == "gemm" and n.op == "MATMUL":
             return KernelCall(g, "matmul", lambda: torch.matmul(args[0], args[1], out=out))
         if kind == "gemm":
             if n.op == "LINEAR":
                 attrs = dict(bias=len(args) > 2, act="none", glu=False, gate=False, residual=False)
-            what, candidates = {"QGEMM": lower.qgemm, "AQGEMM": lower.aqgemm}.get(n.op, lower.gemm)(args, attrs, out, tmp, device, workspace)
+            what, candidates = {"QGEMM": lower.qgemm, "AQGEMM": lower.aqgemm}.get(n.op, lower.gemm)(args, attrs, out, tmp, device,
+                                                                                                 workspace, self._norm(g))
         elif kind == "attention":
-            what, candidates = lower.attention(args, attrs, out, device)
+            what, candidates = lower.attention(args, attrs, out, tmp, device)
         elif kind == "conv":
             what, candidates = lower.conv(args, attrs, out, device)
         elif kind == "group_norm":
             what, candidates = lower.group_norm(args, attrs, out, tmp, device)
+        elif n.op in COLLECTIVE_OPS:
+            return collective_call(g, n.op, args[0], attrs, out)
         else:
             return self._reference(g, kind, n, args, attrs, out)
         choice = self.target.tuner.choose(kind, what, candidates, device)
         return KernelCall(g, kind, candidates[choice], choice)
+
+    def _norm(self, g: Group) -> dict | None:
+        """A gemm group's norm prologue as ``lower.gemm`` takes it (None without one): its input, weight and eps, and
+        its own kernel writing the normalised x (the GEMM's planned operand)."""
+        p = norm_prologue(g)
+        if p is None:
+            return None
+        norm, b, cache = p.nodes[0], self.bindings, self.target.cache
+        args, out = [self.env[i] for i in p.inputs], [self.env[norm]]
+        return dict(x=self.env[norm.inputs[0]], w=self.env[norm.inputs[1]].contiguous(), eps=norm.attrs["eps"],
+                    run=lambda: launch(p, args, b, out=out, cache=cache))
 
     def _reference(self, g: Group, kind: str, n: Node, args, attrs, out) -> KernelCall:
         b = self.bindings

@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parent.parent  # the repository root is the pack
 # name only the package's own __init__ (a new module of that package must be placed explicitly)
 LAYERS = [
     ("errors", "version", "numerics"),
-    ("ir.types", "ir.registry", "ir.quant"),
+    ("ir.types", "ir.registry", "ir.quant", "ir.kv_quant"),
     ("ir.ops", "ir.ops_fused"),
     ("ir.graph",),
     ("ir.serialize", "ir.bind", "ir.interpret"),
@@ -25,7 +25,7 @@ LAYERS = [
     ("runtime",),
     ("api", "jit"),
     ("llm", "diffusion"),
-    ("cli", ""),
+    ("cli", "", "__main__"),
     ("testing",),  # helpers for tests and benchmarks: nothing in the product imports them
 ]
 EXACT = {"ir", ""}

@@ -13,6 +13,9 @@ What a block's placeholders stand for:
     inputs.safetensors    input_ids [2, 8] for the built-in llama-tiny
     ckpt/Llama-3.2-1B     `model` and `tok` saved as an HF checkpoint; `~/ckpt/...` in a command means it too
     calib.txt             a few lines of text (calibration data for --quantize ... --calib)
+    pipe, pixart_pipe     tiny diffusers DiT (1000 classes) and PixArt-α pipelines (tests/diffusion/conftest.py), float32
+    ckpt/DiT-XL-2-256     `pipe` saved as a diffusers pipeline directory
+    pixart.kiln           `pixart_pipe` compiled by kiln.diffusion
 Each block runs in a fresh directory holding the files above that it reads (those it does not write itself).
 Optional parts of a command (`[--graph]`) are run included.
 
@@ -35,7 +38,8 @@ import kiln
 from kiln.cli import main
 
 README = Path(__file__).resolve().parent.parent / "README.md"
-MARKED = {("How a graph runs", "needs a GPU")}  # (section, marker) of every marked block
+MARKED = {("How a graph runs", "needs a GPU"),  # (section, marker) of every marked block
+          ("Tensor parallel", "needs 2 processes: torchrun --nproc-per-node 2 script.py")}
 VOCAB = 128256
 
 
@@ -121,10 +125,29 @@ def stand_ins(tmp_path_factory):
     return names, files
 
 
+@pytest.fixture(scope="module")
+def diffusion_stand_ins(stand_ins):
+    """The diffusion placeholders, built only for the blocks of the diffusion section (diffusers may be absent)."""
+    import importlib.util
+
+    import kiln.diffusion
+
+    path = Path(__file__).resolve().parent / "diffusion" / "conftest.py"
+    spec = importlib.util.spec_from_file_location("kiln_readme_diffusion_stand_ins", path)
+    tiny = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tiny)
+    names, files = stand_ins
+    pipe, pixart_pipe = tiny.tiny_dit_pipeline(), tiny.tiny_pixart_pipeline()
+    pipe.save_pretrained(files / "ckpt" / "DiT-XL-2-256")
+    kiln.diffusion.PixArtPipeline.from_diffusers(tiny.tiny_pixart_pipeline(), max_batch=2).save(files / "pixart.kiln")
+    return {**names, "pipe": pipe, "pixart_pipe": pixart_pipe}, files
+
+
 def _prepare(block: Block, files: Path, here: Path) -> None:
     """Copy into ``here`` the placeholder files the block reads (mentions, and does not write first)."""
     written = set(re.findall(r'(?:-o\s+|\.save\(")([^\s"]+)', block.text))
-    for name in ("model.kiln", "model.pt2", "model.onnx", "inputs.safetensors", "ckpt/Llama-3.2-1B", "calib.txt"):
+    for name in ("model.kiln", "model.pt2", "model.onnx", "inputs.safetensors", "ckpt/Llama-3.2-1B", "calib.txt",
+                 "ckpt/DiT-XL-2-256", "pixart.kiln"):
         if name in block.text and name not in written:
             src, dst = files / name, here / name
             dst.parent.mkdir(parents=True, exist_ok=True)
@@ -146,8 +169,8 @@ def _param(b: Block):
 
 
 @pytest.mark.parametrize("block", [_param(b) for b in BLOCKS])
-def test_readme_block_runs(block, stand_ins, tmp_path, monkeypatch, capsys):
-    names, files = stand_ins
+def test_readme_block_runs(block, stand_ins, request, tmp_path, monkeypatch, capsys):
+    names, files = request.getfixturevalue("diffusion_stand_ins") if block.section == "Diffusion sampling" else stand_ins
     _prepare(block, files, tmp_path)
     monkeypatch.chdir(tmp_path)
     if block.lang == "python":

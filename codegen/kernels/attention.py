@@ -15,6 +15,9 @@ Variants are constexpr switches of the ONE kernel below:
            mask may be anything that broadcasts to [B, Hq, Sq, Sk]: the launcher expands it (stride 0
            on broadcast dims, no copy), so a [B, 1, 1, Sk] padding mask costs one row of memory.
   GQA      query head h reads kv head h // (Hq // Hk); a kv head count of 1 also broadcasts (stride 0).
+  K_SCALED / V_SCALED  k / v is a quantized KV cache (``ir/kv_quant.py``: int8 / float8 e4m3 codes, a float32
+           scale per vector [B, Hk, Sk]); each tile is dequantized in registers as ATTENTION's reference does,
+           ``(codes.float32 * scale).to(q.dtype)``.
 
 Head dims. BLOCK_D is the next power of two >= D (at least 16, the smallest ``tl.dot`` depth), with
 the padding lanes masked to zero: D = 72 (DiT-XL) runs as 128 wide. D <= 256; v may have its own Dv.
@@ -40,6 +43,7 @@ from ...ir.ops import OPS
 # triton.jit picks the interpreter from this variable when the kernel below is defined; read it then too
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+CODE_DTYPES = (torch.int8, torch.float8_e4m3fn)  # a quantized KV cache's codes (ir/kv_quant.py)
 MAX_HEAD_DIM = 256  # q / k / v tiles of wider heads do not fit the H100's shared memory at useful block sizes
 LOG2E = 1.4426950408889634
 
@@ -51,11 +55,11 @@ INTERPRET_CONFIG = dict(BLOCK_M=16, BLOCK_N=16)
 @triton.jit
 def _attention_inner(
     acc, l_i, m_i, q,  # acc [BLOCK_M, BLOCK_DV] fp32, l_i / m_i [BLOCK_M] fp32 (log2 units), q [BLOCK_M, BLOCK_D]
-    k_base, v_base, mask_base,
+    k_base, v_base, mask_base, ks_base, vs_base,
     offs_m, lo, hi, Sq, Sk, HEAD_DIM, HEAD_DIM_V, qk_scale,
-    stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
-    APPLY_CAUSAL: tl.constexpr, MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, stride_ksn, stride_vsn,
+    APPLY_CAUSAL: tl.constexpr, MASK: tl.constexpr, K_SCALED: tl.constexpr, V_SCALED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -65,6 +69,8 @@ def _attention_inner(
         # k^T tile [BLOCK_D, BLOCK_N]: padded head lanes load 0 and add nothing to the dot
         kt = tl.load(k_base + offs_d[:, None] * stride_kd + offs_n[None, :] * stride_kn,
                      mask=(offs_d[:, None] < HEAD_DIM) & valid_n[None, :], other=0.0)
+        if K_SCALED:  # codes -> float32 * the key's scale -> q's dtype, in registers
+            kt = (kt.to(tl.float32) * tl.load(ks_base + offs_n * stride_ksn, mask=valid_n, other=0.0)[None, :]).to(q.dtype)
         s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N], log2 units
         keep = valid_n[None, :]
         if APPLY_CAUSAL:
@@ -79,6 +85,8 @@ def _attention_inner(
         s = tl.where(keep, s, float("-inf"))
         v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
                     mask=valid_n[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)  # [BLOCK_N, BLOCK_DV]
+        if V_SCALED:
+            v = (v.to(tl.float32) * tl.load(vs_base + offs_n * stride_vsn, mask=valid_n, other=0.0)[:, None]).to(q.dtype)
         m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc, DOT_PRECISION)
     return acc, l_i, m_i
 
@@ -100,15 +108,16 @@ def online_softmax_step(s, v, m_i, l_i, acc, DOT_PRECISION: tl.constexpr):
 
 @triton.jit
 def _attention_kernel(
-    q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr,
+    q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, ks_ptr, vs_ptr,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_ob, stride_oh, stride_om, stride_od,
+    stride_ksb, stride_ksh, stride_ksn, stride_vsb, stride_vsh, stride_vsn,  # the scales [B, Hk, Sk] of quantized k / v
     H, GROUP,  # query heads; query heads per kv head
     Sq, Sk, HEAD_DIM, HEAD_DIM_V, qk_scale,  # qk_scale = scale * log2(e)
-    CAUSAL: tl.constexpr, MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    CAUSAL: tl.constexpr, MASK: tl.constexpr, K_SCALED: tl.constexpr, V_SCALED: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -120,6 +129,8 @@ def _attention_kernel(
     k_base = k_ptr + b * stride_kb + hk * stride_kh
     v_base = v_ptr + b * stride_vb + hk * stride_vh
     mask_base = mask_ptr + b * stride_mb + h * stride_mh
+    ks_base = ks_ptr + b * stride_ksb + hk * stride_ksh
+    vs_base = vs_ptr + b * stride_vsb + hk * stride_vsh
     out_base = out_ptr + b * stride_ob + h * stride_oh
 
     start_m = pid_m * BLOCK_M
@@ -138,18 +149,18 @@ def _attention_kernel(
         hi = tl.minimum(Sk, start_m + BLOCK_M)
         diag = tl.minimum((start_m // BLOCK_N) * BLOCK_N, hi)
         acc, l_i, m_i = _attention_inner(
-            acc, l_i, m_i, q, k_base, v_base, mask_base, offs_m, 0, diag, Sq, Sk, HEAD_DIM, HEAD_DIM_V, qk_scale,
-            stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
-            False, MASK, DOT_PRECISION, BLOCK_N, BLOCK_D, BLOCK_DV)
+            acc, l_i, m_i, q, k_base, v_base, mask_base, ks_base, vs_base, offs_m, 0, diag, Sq, Sk, HEAD_DIM, HEAD_DIM_V,
+            qk_scale, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, stride_ksn, stride_vsn,
+            False, MASK, K_SCALED, V_SCALED, DOT_PRECISION, BLOCK_N, BLOCK_D, BLOCK_DV)
         acc, l_i, m_i = _attention_inner(
-            acc, l_i, m_i, q, k_base, v_base, mask_base, offs_m, diag, hi, Sq, Sk, HEAD_DIM, HEAD_DIM_V, qk_scale,
-            stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
-            True, MASK, DOT_PRECISION, BLOCK_N, BLOCK_D, BLOCK_DV)
+            acc, l_i, m_i, q, k_base, v_base, mask_base, ks_base, vs_base, offs_m, diag, hi, Sq, Sk, HEAD_DIM, HEAD_DIM_V,
+            qk_scale, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, stride_ksn, stride_vsn,
+            True, MASK, K_SCALED, V_SCALED, DOT_PRECISION, BLOCK_N, BLOCK_D, BLOCK_DV)
     else:
         acc, l_i, m_i = _attention_inner(
-            acc, l_i, m_i, q, k_base, v_base, mask_base, offs_m, 0, Sk, Sq, Sk, HEAD_DIM, HEAD_DIM_V, qk_scale,
-            stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
-            False, MASK, DOT_PRECISION, BLOCK_N, BLOCK_D, BLOCK_DV)
+            acc, l_i, m_i, q, k_base, v_base, mask_base, ks_base, vs_base, offs_m, 0, Sk, Sq, Sk, HEAD_DIM, HEAD_DIM_V,
+            qk_scale, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, stride_ksn, stride_vsn,
+            False, MASK, K_SCALED, V_SCALED, DOT_PRECISION, BLOCK_N, BLOCK_D, BLOCK_DV)
 
     l_i = tl.where(l_i == 0.0, 1.0, l_i)  # fully masked rows: acc is 0, the output row is 0 (module docstring)
     out = acc / l_i[:, None]
@@ -187,7 +198,7 @@ def _tuned(short_q: bool):
     # built on first GPU use: an Autotuner asks for the active driver, which the CPU interpreter lacks.
     # The key names the constexpr switches too, so a causal and a masked call never share a tuning entry.
     return triton.autotune(SHORT_Q_CONFIGS if short_q else LONG_Q_CONFIGS,
-                           key=["Sq", "Sk", "HEAD_DIM", "HEAD_DIM_V", "CAUSAL", "MASK"])(_attention_kernel)
+                           key=["Sq", "Sk", "HEAD_DIM", "HEAD_DIM_V", "CAUSAL", "MASK", "K_SCALED", "V_SCALED"])(_attention_kernel)
 
 
 def configs(sq: int) -> list[dict]:
@@ -200,26 +211,30 @@ def _as_4d(t: torch.Tensor) -> torch.Tensor:
     return t.reshape((1,) * (4 - t.dim()) + tuple(t.shape)) if t.dim() < 4 else t
 
 
-def check_operands(fn: str, q, k, v, mask, out) -> None:
-    """What every attention kernel asks of its operands: tensors, a supported dtype shared by q, k, v and out,
-    one device (``fn`` names the kernel in the message)."""
+def check_operands(fn: str, q, k, v, mask, out, k_scale=None, v_scale=None) -> None:
+    """What every attention kernel asks of its operands: tensors, a supported dtype shared by q, k, v and out (a k or
+    v with a scale: int8 / float8 codes and float32 scales of its shape but the last dim), one device (``fn`` names the
+    kernel in the message)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{fn}: {name} must be a tensor, got {type(t).__name__}")
     if q.dtype not in DTYPES:
         raise ValueError(f"{fn}: q has dtype {q.dtype}; supported: float16, bfloat16, float32")
-    for name, t in (("k", k), ("v", v), ("out", out)):
-        if t is not None and t.dtype != q.dtype:
+    for name, t, s in (("k", k, k_scale), ("v", v, v_scale), ("out", out, None)):
+        if t is not None and s is None and t.dtype != q.dtype:
             raise ValueError(f"{fn}: {name} has dtype {t.dtype}, q has {q.dtype} (q, k, v, out share one dtype)")
-    for name, t in (("k", k), ("v", v), ("mask", mask), ("out", out)):
+        if s is not None and (t.dtype not in CODE_DTYPES or s.dtype != torch.float32 or s.shape != t.shape[:-1]):
+            raise ValueError(f"{fn}: a quantized {name} is int8 / float8_e4m3fn codes with float32 scales of its shape but the "
+                             f"last dim; got {t.dtype}{list(t.shape)} and {s.dtype}{list(s.shape)}")
+    for name, t in (("k", k), ("v", v), ("mask", mask), ("out", out), ("k_scale", k_scale), ("v_scale", v_scale)):
         if t is not None and t.device != q.device:
             raise ValueError(f"{fn}: {name} is on {t.device}, q is on {q.device}")
 
 
-def _check(q, k, v, mask, causal, scale, gqa, out):
-    """Validate the operands; returns ``(q, k, v, mask)`` as 4-D tensors, k / v / mask expanded (stride 0,
-    no copy) to q's batch, the kv heads and the scores [B, Hq, Sq, Sk], and the group size."""
-    check_operands("attention", q, k, v, mask, out)
+def _check(q, k, v, mask, causal, scale, gqa, out, k_scale=None, v_scale=None):
+    """Validate the operands; returns ``(q, k, v, mask, group, scales)`` with q, k, v, mask 4-D, k / v / mask expanded
+    (stride 0, no copy) to q's batch, the kv heads and the scores [B, Hq, Sq, Sk], the scales [B, Hk, Sk] as k / v."""
+    check_operands("attention", q, k, v, mask, out, k_scale, v_scale)
     if not (2 <= q.dim() <= 4 and k.dim() == q.dim() and v.dim() == q.dim()):
         raise ValueError(f"attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} must share a rank "
                          f"of 2 to 4 ([B, H, S, D], [H, S, D] or [S, D])")
@@ -244,6 +259,8 @@ def _check(q, k, v, mask, causal, scale, gqa, out):
         group = hq // hk
     hk_expanded = hk if group > 1 else hq  # one kv head, or as many as q: expand (stride 0 when hk == 1)
     k4, v4 = k4.expand(bq, hk_expanded, sk, -1), v4.expand(bq, hk_expanded, sk, -1)
+    scales = [None if t is None else t.reshape((1,) * (3 - t.dim()) + tuple(t.shape)).expand(bq, hk_expanded, sk)
+              for t in (k_scale, v_scale)]
     scores = (bq, hq, sq, sk)
     if mask is not None:
         if mask.dtype != torch.bool and mask.dtype != q.dtype:
@@ -266,10 +283,11 @@ def _check(q, k, v, mask, causal, scale, gqa, out):
             raise ValueError("attention: the Triton interpreter computes tl.dot on bfloat16 wrongly; use float16/float32 on CPU")
     elif q.device.type != "cuda":
         raise ValueError(f"attention: q is on {q.device}; the kernel needs CUDA tensors (or TRITON_INTERPRET=1 on CPU)")
-    return q4, k4, v4, mask, group
+    return q4, k4, v4, mask, group, scales
 
 
-def attention(q, k, v, mask=None, causal=False, scale=None, gqa=False, out=None, config: dict | None = None) -> torch.Tensor:
+def attention(q, k, v, mask=None, causal=False, scale=None, gqa=False, out=None, config: dict | None = None,
+              k_scale=None, v_scale=None) -> torch.Tensor:
     """``softmax(q @ k^T * scale + mask) @ v`` in one kernel (see the module docstring).
 
     q [B, Hq, Sq, D]; k [B, Hk, Sk, D]; v [B, Hk, Sk, Dv] (ranks 2 and 3 drop leading dims; k / v may
@@ -278,9 +296,11 @@ def attention(q, k, v, mask=None, causal=False, scale=None, gqa=False, out=None,
     with a mask too, both apply. ``scale`` None: 1 / sqrt(D). ``gqa``: Hq = G * Hk, query head h reads
     kv head h // G. float16 / bfloat16 / float32; float32 accumulation; the output has q's dtype and
     shape [B, Hq, Sq, Dv] (``out`` may be given; it must not overlap q, k or v). ``config``: one launch
-    configuration (BLOCK_M, BLOCK_N, num_warps, num_stages; see ``configs``) run without the autotuner.
+    configuration (BLOCK_M, BLOCK_N, num_warps, num_stages; see ``configs``) run without the autotuner. ``k_scale`` /
+    ``v_scale``: float32 scales (k's / v's shape but the last dim) of a quantized k / v (int8 or float8_e4m3fn codes,
+    ``ir/kv_quant.py``), each tile dequantized in registers.
     """
-    q4, k4, v4, mask4, group = _check(q, k, v, mask, causal, scale, gqa, out)
+    q4, k4, v4, mask4, group, (ks, vs) = _check(q, k, v, mask, causal, scale, gqa, out, k_scale, v_scale)
     (bq, hq, sq, d), (sk, dv) = q4.shape, v4.shape[-2:]
     if out is None:
         out = torch.empty(tuple(q.shape[:-1]) + (dv,), dtype=q.dtype, device=q.device)
@@ -289,11 +309,13 @@ def attention(q, k, v, mask=None, causal=False, scale=None, gqa=False, out=None,
         return out
     qk_scale = (1.0 / math.sqrt(d) if scale is None else float(scale)) * LOG2E
     mask_strides = mask4.stride() if mask4 is not None else (0, 0, 0, 0)
-    args = (q4, k4, v4, mask4 if mask4 is not None else q4, out4,
+    args = (q4, k4, v4, mask4 if mask4 is not None else q4, out4, ks if ks is not None else q4, vs if vs is not None else q4,
             *q4.stride(), *k4.stride(), *v4.stride(), *mask_strides, *out4.stride(),
+            *(ks.stride() if ks is not None else (0, 0, 0)), *(vs.stride() if vs is not None else (0, 0, 0)),
             hq, group, sq, sk, d, dv, qk_scale)
     kind = "none" if mask4 is None else "bool" if mask4.dtype == torch.uint8 else "bias"
-    meta = dict(CAUSAL=bool(causal), MASK=kind, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+    meta = dict(CAUSAL=bool(causal), MASK=kind, K_SCALED=ks is not None, V_SCALED=vs is not None,
+                DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
                 BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_DV=max(16, triton.next_power_of_2(dv)))
     if INTERPRET or config is not None:
         c = dict(config or INTERPRET_CONFIG)
@@ -304,7 +326,8 @@ def attention(q, k, v, mask=None, causal=False, scale=None, gqa=False, out=None,
     return out
 
 
-def reference(q, k, v, mask=None, causal=False, scale=None, gqa=False) -> torch.Tensor:
+def reference(q, k, v, mask=None, causal=False, scale=None, gqa=False, k_scale=None, v_scale=None) -> torch.Tensor:
     """The ATTENTION op's reference implementation (``OPS["ATTENTION"].ref``), in the operands' own dtype."""
-    ins = [q, k, v] + ([mask] if mask is not None else [])
-    return OPS["ATTENTION"].ref(ins, dict(causal=causal, scale=scale, gqa=gqa))
+    ins = [q, k, v] + [t for t in (mask, k_scale, v_scale) if t is not None]
+    return OPS["ATTENTION"].ref(ins, dict(causal=causal, scale=scale, gqa=gqa, k_scale=k_scale is not None,
+                                          v_scale=v_scale is not None))

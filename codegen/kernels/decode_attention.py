@@ -14,6 +14,10 @@ sequence is cut into ``splits`` chunks and two kernels run:
            (scale * log2(e) folded into one multiplier, ``exp2`` instead of ``exp``).
   reduce   grid (B * Hq * Sq,). M = max_s m_s, L = sum_s l_s * 2^(m_s - M), out = sum_s acc_s * 2^(m_s - M) / L.
 
+A quantized KV cache (``ir/kv_quant.py``: int8 or float8 e4m3 codes, one float32 scale per (row, kv head, slot))
+is read as codes plus scales, each K / V tile dequantized in registers as ATTENTION's reference does,
+``(codes.float32 * scale).to(q.dtype)``: the cache's bytes are read once, nothing dequantized reaches memory.
+
 Masked keys (the bool mask is False, True = attend) contribute nothing. A chunk whose keys are all masked
 for a row leaves m = -inf, l = 0, acc = 0 and weighs nothing in the reduce; a row with EVERY key masked
 (or S = 0) gives zeros, not NaN, the convention of ``attention.py`` (L = 0 is replaced by 1).
@@ -55,13 +59,14 @@ INTERPRET_CONFIG = dict(BLOCK_N=16)
 
 @triton.jit
 def _decode_partial_kernel(
-    q_ptr, k_ptr, v_ptr, mask_ptr, acc_ptr, m_ptr, l_ptr,
+    q_ptr, k_ptr, v_ptr, mask_ptr, ks_ptr, vs_ptr, acc_ptr, m_ptr, l_ptr,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_ksb, stride_ksh, stride_ksn, stride_vsb, stride_vsh, stride_vsn,  # the scales [B, Hk, S] of quantized k / v
     Hq, Hk, GROUP, Sq, S, CHUNK, SPLITS, HEAD_DIM, qk_scale,  # qk_scale = scale * log2(e)
-    HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_MASK: tl.constexpr, K_SCALED: tl.constexpr, V_SCALED: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
@@ -79,6 +84,8 @@ def _decode_partial_kernel(
                 mask=valid_r[:, None] & valid_d[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
     k_base = k_ptr + b * stride_kb + hk * stride_kh
     v_base = v_ptr + b * stride_vb + hk * stride_vh
+    ks_base = ks_ptr + b * stride_ksb + hk * stride_ksh
+    vs_base = vs_ptr + b * stride_vsb + hk * stride_vsh
     mask_rows = mask_ptr + b * stride_mb + h * stride_mh + i * stride_mm  # [BLOCK_M] row starts
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -92,6 +99,9 @@ def _decode_partial_kernel(
         # k^T tile [BLOCK_D, BLOCK_N]: padded head lanes load 0 and add nothing to the dot
         kt = tl.load(k_base + offs_d[:, None] * stride_kd + offs_n[None, :] * stride_kn,
                      mask=valid_d[:, None] & valid_n[None, :], other=0.0)
+        if K_SCALED:  # codes -> float32 * the key's scale -> q's dtype, in registers
+            ks = tl.load(ks_base + offs_n * stride_ksn, mask=valid_n, other=0.0)
+            kt = (kt.to(tl.float32) * ks[None, :]).to(q.dtype)
         s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N], log2 units
         keep = valid_n[None, :]
         if HAS_MASK:
@@ -100,6 +110,9 @@ def _decode_partial_kernel(
         s = tl.where(keep, s, float("-inf"))
         v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
                     mask=valid_n[:, None] & valid_d[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
+        if V_SCALED:
+            vs = tl.load(vs_base + offs_n * stride_vsn, mask=valid_n, other=0.0)
+            v = (v.to(tl.float32) * vs[:, None]).to(q.dtype)
         m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc, DOT_PRECISION)
 
     # scratch index of (b, h, i, split): m / l [B, Hq, Sq, SPLITS], acc [B, Hq, Sq, SPLITS, HEAD_DIM]
@@ -165,7 +178,8 @@ CONFIGS = [
 def _tuned():
     # built on first GPU use: an Autotuner asks for the active driver, which the CPU interpreter lacks.
     # Benchmarking reruns only the partial kernel, which writes nothing but scratch.
-    return triton.autotune(CONFIGS, key=["S", "CHUNK", "GROUP", "Sq", "HEAD_DIM", "HAS_MASK"])(_decode_partial_kernel)
+    return triton.autotune(CONFIGS, key=["S", "CHUNK", "GROUP", "Sq", "HEAD_DIM", "HAS_MASK", "K_SCALED", "V_SCALED"])(
+        _decode_partial_kernel)
 
 
 def configs() -> list[dict]:
@@ -198,10 +212,10 @@ def _chunking(S: int, splits: int, block_n: int) -> tuple[int, int]:
     return triton.cdiv(S, chunk), chunk
 
 
-def _check(q, k, v, mask, scale, gqa, out, config, splits):
+def _check(q, k, v, mask, scale, gqa, out, config, splits, k_scale, v_scale):
     """Validate the operands; returns the group size and the mask expanded (stride 0, no copy) to the scores
     [B, Hq, Sq, S] as uint8, or None."""
-    check_operands("decode_attention", q, k, v, mask, out)
+    check_operands("decode_attention", q, k, v, mask, out, k_scale, v_scale)
     if not (q.dim() == k.dim() == v.dim() == 4):
         raise ValueError(f"decode_attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} must all be "
                          f"4-d (q [B, Hq, Sq, D], k / v [B, Hk, S, D])")
@@ -255,7 +269,7 @@ def _check(q, k, v, mask, scale, gqa, out, config, splits):
 
 
 def decode_attention(q, k, v, mask=None, scale=None, gqa=False, out=None, config: dict | None = None,
-                     splits: int | None = None) -> torch.Tensor:
+                     splits: int | None = None, k_scale=None, v_scale=None) -> torch.Tensor:
     """``softmax(q @ k^T * scale, mask) @ v`` for a few query rows over a long cache, split along the keys
     (see the module docstring).
 
@@ -265,9 +279,11 @@ def decode_attention(q, k, v, mask=None, scale=None, gqa=False, out=None, config
     bfloat16 / float32, float32 accumulation; the output has q's dtype and shape (``out`` may be given, any
     strides; it must not overlap q, k or v). ``config``: one launch configuration of the partial kernel
     (BLOCK_N, num_warps, num_stages; see ``configs``) run without the autotuner. ``splits``: how many key
-    chunks (None: ``default_splits``); chunks round up to whole BLOCK_N steps, so fewer may run.
+    chunks (None: ``default_splits``); chunks round up to whole BLOCK_N steps, so fewer may run. ``k_scale`` /
+    ``v_scale``: float32 [B, Hk, S] scales of a quantized k / v (int8 or float8_e4m3fn codes, ``ir/kv_quant.py``),
+    each tile dequantized in registers.
     """
-    group, mask4 = _check(q, k, v, mask, scale, gqa, out, config, splits)
+    group, mask4 = _check(q, k, v, mask, scale, gqa, out, config, splits, k_scale, v_scale)
     (bq, hq, sq, d), (hk, sk) = q.shape, k.shape[1:3]
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
@@ -285,10 +301,13 @@ def decode_attention(q, k, v, mask=None, scale=None, gqa=False, out=None, config
 
     qk_scale = (1.0 / math.sqrt(d) if scale is None else float(scale)) * LOG2E
     block_d = max(16, triton.next_power_of_2(d))
-    args = (q, k, v, mask4 if mask4 is not None else q, acc, m, l_,
+    args = (q, k, v, mask4 if mask4 is not None else q, k_scale if k_scale is not None else acc,
+            v_scale if v_scale is not None else acc, acc, m, l_,
             *q.stride(), *k.stride(), *v.stride(), *(mask4.stride() if mask4 is not None else (0, 0, 0, 0)),
+            *(k_scale.stride() if k_scale is not None else (0, 0, 0)), *(v_scale.stride() if v_scale is not None else (0, 0, 0)),
             hq, hk, group, sq, sk, chunk, n_split, d, qk_scale)
-    meta = dict(HAS_MASK=mask4 is not None, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+    meta = dict(HAS_MASK=mask4 is not None, K_SCALED=k_scale is not None, V_SCALED=v_scale is not None,
+                DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
                 BLOCK_M=max(16, triton.next_power_of_2(group * sq)), BLOCK_D=block_d)
     grid = (bq * hk, n_split)
     if c is not None:
@@ -300,10 +319,12 @@ def decode_attention(q, k, v, mask=None, scale=None, gqa=False, out=None, config
     return out
 
 
-def reference(q, k, v, mask=None, scale=None, gqa=False) -> torch.Tensor:
+def reference(q, k, v, mask=None, scale=None, gqa=False, k_scale=None, v_scale=None) -> torch.Tensor:
     """torch SDPA in float32 (float64 for float64 operands), rows with no key attended set to 0 (the kernels'
-    convention; torch versions differ there). Returns the wide dtype."""
+    convention; torch versions differ there); quantized k / v dequantized in that dtype. Returns the wide dtype."""
     wide = torch.float64 if q.dtype == torch.float64 else torch.float32
+    k = k.to(wide) * k_scale.to(wide)[..., None] if k_scale is not None else k
+    v = v.to(wide) * v_scale.to(wide)[..., None] if v_scale is not None else v
     q, k, v = q.to(wide), k.to(wide), v.to(wide)
     if gqa and q.shape[1] != k.shape[1]:
         rep = q.shape[1] // k.shape[1]

@@ -134,8 +134,31 @@ def _bias_act_glu(acc, acc_u, bias_ptr, cols, mask_n, N,
 
 
 @triton.jit
+def _row_rstd(x_ptr, rows, mask_m, K, stride_xm, stride_xk, eps, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    # the norm prologue's statistics: 1 / sqrt(mean(x^2, -1) + eps) of each row [BLOCK_M], float32, over the whole
+    # row (a split of K too reads all K values: at decode a row is a few KB against the MBs of its weight tile)
+    offs_k = tl.arange(0, BLOCK_K)
+    ss = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for kk in range(0, K, BLOCK_K):
+        a = tl.load(x_ptr + rows[:, None] * stride_xm + (kk + offs_k)[None, :] * stride_xk,
+                    mask=mask_m[:, None] & (kk + offs_k < K)[None, :], other=0.0).to(tl.float32)
+        ss += a * a
+    return tl.rsqrt(tl.sum(ss, 1) / K + eps)
+
+
+@triton.jit
+def _norm_tile(a, rstd, nw_ptr, cols, mask_k):
+    # RMSNORM of x's tile a [BLOCK_M, BLOCK_K] at columns cols, rounded as the op's reference rounds: the normalised
+    # value to x's dtype, then times the norm weight, rounded again
+    y = (a.to(tl.float32) * rstd[:, None]).to(a.dtype)
+    nw = tl.load(nw_ptr + cols, mask=mask_k, other=0.0)
+    return (y.to(tl.float32) * nw.to(tl.float32)[None, :]).to(a.dtype)
+
+
+@triton.jit
 def _wgemm_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, gate_ptr, res_ptr, out_ptr,  # out_ptr: the workspace with PARTIAL
+    nw_ptr, eps,  # NORM: the RMSNORM weight [K] and eps applied to x's rows first
     M, N, K, K_CHUNK,  # N: output columns (half of w's rows with GLU); K_CHUNK: K of one split
     stride_xm, stride_xk,
     stride_wn, stride_wk,  # of qweight (bytes) or of the plain weight
@@ -146,7 +169,7 @@ def _wgemm_kernel(
     BITS: tl.constexpr, PACK: tl.constexpr, HAS_ZEROS: tl.constexpr, QGROUP: tl.constexpr,  # BITS 0: plain; PACK: codes a byte;
     # QGROUP: the group size, a power of two (per-channel: next_power_of_2(K), whose group 0 spans the row)
     ACT: tl.constexpr, GLU: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GATE: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    PARTIAL: tl.constexpr, DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    PARTIAL: tl.constexpr, DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, NORM: tl.constexpr,
     LOOP_STAGES: tl.constexpr,  # the GEMV's num_stages: Triton pipelines a loop without tl.dot only when told
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -174,10 +197,14 @@ def _wgemm_kernel(
     else:  # GEMV, BLOCK_M = 1: per-column products, reduced after the loop
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     acc_u = acc
+    if NORM:
+        rstd = _row_rstd(x_ptr, rows, mask_m, K, stride_xm, stride_xk, eps, BLOCK_M, BLOCK_K)
     k_lo = split * K_CHUNK
     for kk in tl.range(k_lo, tl.minimum(k_lo + K_CHUNK, K), BLOCK_K, num_stages=LOOP_STAGES):
         a = tl.load(x_ptr + rows[:, None] * stride_xm + (kk + offs_k)[None, :] * stride_xk,
                     mask=mask_m[:, None] & (kk + offs_k < K)[None, :], other=0.0)  # [BLOCK_M, BLOCK_K]
+        if NORM:
+            a = _norm_tile(a, rstd, nw_ptr, kk + offs_k, kk + offs_k < K)
         b = _weight_tile(w_ptr, s_ptr, z_ptr, cols, mask_n, kk, K, stride_wn, stride_wk,
                          stride_sn, stride_sg, stride_zn, stride_zg, BITS, PACK, HAS_ZEROS, QGROUP, SUB, BLOCK_N, BLOCK_K)
         acc = _mac(acc, a, b, DOT, DOT_PRECISION, BLOCK_K)
@@ -318,20 +345,22 @@ def prepare(fn: str, x, weight: Weight, bias, gate, residual, act, glu, out):
 
 
 def launch(x2, weight: Weight, epi: Epilogue, dst, m: int, n: int, config: dict | None, dot: bool = True,
-           splits: int = 1, k_chunk: int | None = None, kernel=None) -> None:
+           splits: int = 1, k_chunk: int | None = None, kernel=None, norm: tuple | None = None) -> None:
     """One launch of the template over x2 [M, K] (any strides). ``dst``: the [M, n] output view, or with
     ``splits`` > 1 the float32 workspace (``k_chunk``: K of one split, a multiple of BLOCK_K). ``config``:
-    BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages; None with an autotuned ``kernel``."""
+    BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages; None with an autotuned ``kernel``. ``norm``:
+    (weight [K], eps) of an RMSNORM applied to x2's rows as they are loaded (skinny.py's prologue)."""
     w, scales, zeros, bits, group = weight
     k = x2.shape[1]
     s = scales if scales is not None else w  # absent operands: any tensor will do, their switch is off
     z = zeros if zeros is not None else w
-    args = (x2, w, s, z, epi.bias, epi.g[0], epi.r[0], dst, m, n, k, k_chunk or k,
+    nw, eps = norm if norm is not None else (x2, 0.0)
+    args = (x2, w, s, z, epi.bias, epi.g[0], epi.r[0], dst, nw, float(eps), m, n, k, k_chunk or k,
             x2.stride(0), x2.stride(1), w.stride(0), w.stride(1), s.stride(0), s.stride(-1), z.stride(0), z.stride(-1),
             *epi.g[1:], *epi.r[1:], dst.stride(0), dst.stride(-1))
     meta = dict(epi.meta, BITS=bits, PACK=2 if bits == 4 else 1, HAS_ZEROS=zeros is not None,
                 QGROUP=group if 0 < group < k else triton.next_power_of_2(k),  # per-channel (or plain): group 0 spans the row
-                PARTIAL=splits > 1, DOT=dot, DOT_PRECISION="ieee" if x2.dtype == torch.float32 else "tf32",
+                PARTIAL=splits > 1, DOT=dot, DOT_PRECISION="ieee" if x2.dtype == torch.float32 else "tf32", NORM=norm is not None,
                 LOOP_STAGES=None if dot else (config or {}).get("num_stages", 3))
     if config is not None:
         grid = (triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"]), splits)

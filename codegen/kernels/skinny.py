@@ -14,6 +14,14 @@ template (see its docstring for the weight format and the dequantization) launch
   fixed order (deterministic, no atomics) and applies the epilogue. The workspace is ``workspace_bytes``
   bytes that the caller may plan and pass in (CUDA graph replay: no allocation inside the call).
 
+Norm prologue. Decode's RMSNorm feeds a GEMM (the QKV and gate/up projections, the LM head) and nothing else,
+so ``norm_weight`` / ``norm_eps`` fold it into this kernel instead of a launch of its own:
+
+    out = residual + gate * epi(RMSNORM(x, norm_weight, eps) @ W^T + bias)
+
+every program first reads its rows of x whole (K values a row: a few KB at decode) for rstd = 1 / sqrt(mean(x^2)
++ eps), then scales each x tile by rstd and the norm weight as it loads it, rounded as the RMSNORM op rounds.
+
 Which configuration is fastest depends on the shape and is measured by kiln's tuner: ``configs`` lists a few
 worth trying on an H200; ``skinny_gemm`` without a config runs the first of them.
 """
@@ -25,6 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ...ir.ops import OPS
 from .gemm import _gate_residual_store
 from .gemm import reference as gemm_reference
 from .qgemm import Weight, _bias_act_glu, check_config, launch, prepare
@@ -194,9 +203,27 @@ def _workspace(ws, numel: int, device: torch.device) -> torch.Tensor:
     return flat[:numel]
 
 
+def _norm(x, norm_weight, norm_eps) -> tuple | None:
+    """The prologue's (weight, eps) checked against x [..., K], or None without a norm weight."""
+    if norm_weight is None:
+        if norm_eps is not None:
+            raise ValueError("skinny_gemm: norm_eps without norm_weight")
+        return None
+    k = x.shape[-1]
+    if (not isinstance(norm_weight, torch.Tensor) or tuple(norm_weight.shape) != (k,) or norm_weight.dtype != x.dtype
+            or norm_weight.device != x.device or not norm_weight.is_contiguous()):
+        got = f"{norm_weight.dtype} {tuple(norm_weight.shape)}" if isinstance(norm_weight, torch.Tensor) else type(norm_weight).__name__
+        raise ValueError(f"skinny_gemm: norm_weight must be a contiguous [{k}] tensor of x's dtype {x.dtype} on {x.device}, got {got}")
+    if not isinstance(norm_eps, (int, float)) or isinstance(norm_eps, bool) or norm_eps < 0:
+        raise ValueError(f"skinny_gemm: norm_eps must be a number >= 0 with norm_weight, got {norm_eps!r}")
+    return norm_weight, float(norm_eps)
+
+
 def skinny_gemm(x, w=None, bias=None, gate=None, residual=None, act="none", glu=False, *, qweight=None, scales=None,
-                zeros=None, bits=None, group=None, out=None, workspace=None, config: dict | None = None) -> torch.Tensor:
-    """``residual + gate * epi(x @ W^T + bias)`` for at most 16 rows (see the module docstring).
+                zeros=None, bits=None, group=None, norm_weight=None, norm_eps=None, out=None, workspace=None,
+                config: dict | None = None) -> torch.Tensor:
+    """``residual + gate * epi(x @ W^T + bias)`` for at most 16 rows (see the module docstring); with
+    ``norm_weight`` [K] (x's dtype) and ``norm_eps``, ``x`` is RMSNORM(x, norm_weight, norm_eps) first.
 
     x [..., K] with prod(leading dims) <= 16, float16 / bfloat16 / float32. The weight is either ``w`` [N, K]
     in x's dtype, or ``qweight, scales, zeros, bits, group`` in kiln's weight-only format (qgemm.py; zeros
@@ -207,6 +234,7 @@ def skinny_gemm(x, w=None, bias=None, gate=None, residual=None, act="none", glu=
     """
     weight = _weight(w, qweight, scales, zeros, bits, group)
     x2, out, out2, epi, m, n = prepare("skinny_gemm", x, weight, bias, gate, residual, act, glu, out)
+    norm = _norm(x, norm_weight, norm_eps)
     if m > MAX_M:
         raise ValueError(f"skinny_gemm: x {tuple(x.shape)} has M = {m} rows (its leading dims flattened); the skinny "
                          f"template takes at most {MAX_M}: use qgemm / gemm")
@@ -218,10 +246,10 @@ def skinny_gemm(x, w=None, bias=None, gate=None, residual=None, act="none", glu=
     dot = c.pop("DOT")
     c.update(BLOCK_M=16 if dot else 1, GROUP_M=1)
     if splits == 1:
-        launch(x2, weight, epi, out2, m, n, c, dot=dot)
+        launch(x2, weight, epi, out2, m, n, c, dot=dot, norm=norm)
         return out
     ws = _workspace(workspace, splits * m * nw, x.device)
-    launch(x2, weight, epi, ws, m, n, c, dot=dot, splits=splits, k_chunk=k_chunk)
+    launch(x2, weight, epi, ws, m, n, c, dot=dot, splits=splits, k_chunk=k_chunk, norm=norm)
     _splitk_reduce_kernel[(triton.cdiv(n, REDUCE_BLOCK_N),)](
         ws, epi.bias, epi.g[0], epi.r[0], out2, m, n, splits, *epi.g[1:], *epi.r[1:], out2.stride(0), out2.stride(1),
         **epi.meta, BLOCK_M=triton.next_power_of_2(m), BLOCK_N=REDUCE_BLOCK_N)
@@ -229,9 +257,11 @@ def skinny_gemm(x, w=None, bias=None, gate=None, residual=None, act="none", glu=
 
 
 def reference(x, w=None, bias=None, gate=None, residual=None, act="none", glu=False, *, qweight=None, scales=None,
-              zeros=None, bits=None, group=None) -> torch.Tensor:
-    """Dequantize (when quantized) in x's dtype, then the GEMM op's reference (``OPS["GEMM"].ref``); pass
-    float64 operands for a float64 reference."""
+              zeros=None, bits=None, group=None, norm_weight=None, norm_eps=None) -> torch.Tensor:
+    """Dequantize (when quantized) in x's dtype, then the GEMM op's reference (``OPS["GEMM"].ref``), on
+    ``OPS["RMSNORM"].ref`` of x with a norm weight; pass float64 operands for a float64 reference."""
+    if norm_weight is not None:
+        x = OPS["RMSNORM"].ref([x, norm_weight], dict(eps=norm_eps, dims=1))
     if qweight is not None:
         return qgemm_reference(x, qweight, scales, zeros, bits, group, bias, gate, residual, act=act, glu=glu)
     return gemm_reference(x, w, bias, gate, residual, act=act, glu=glu)

@@ -12,7 +12,7 @@ import math
 from onnx import TensorProto, helper
 
 from ..graph import Node
-from ..ops import result_dtype
+from ..ops import attention_operands, result_dtype
 from ..registry import registrar
 from ..types import FLOAT_DTYPES, TType, dims_equal
 from .static import KILN_TO_ONNX
@@ -261,10 +261,12 @@ def _conv(ex, n, base):
 
 @emits("ATTENTION")
 def _attention(ex, n, base):
-    """softmax(q @ k^T * scale + mask) @ v; GQA repeats each kv head; causal keeps j <= i."""
-    q, k, v = n.inputs[:3]
+    """softmax(q @ k^T * scale + mask) @ v; GQA repeats each kv head; causal keeps j <= i; quantized k / v dequantized
+    first (codes as float32 * their scale, cast to q's dtype)."""
+    q, k, v, mask, k_scale, v_scale = attention_operands(n.inputs, n.attrs)
     dt = q.dtype
-    kn, vn = ex.arg(k), ex.arg(v)
+    kn, vn = (ex.arg(t) if s is None else _dequantized(ex, t, s, dt, base + suffix)
+              for t, s, suffix in ((k, k_scale, "_k"), (v, v_scale, "_v")))
     if n.attrs["gqa"] and not _same(q.shape[-3], k.shape[-3]):
         rep = q.shape[-3] // k.shape[-3]
         kn, vn = (_repeat_heads(ex, t, node.shape, rep, base + suffix) for t, node, suffix in ((kn, k, "_k"), (vn, v, "_v")))
@@ -272,12 +274,11 @@ def _attention(ex, n, base):
     kt = ex.emit("Transpose", [kn], base + "_kT", perm=list(range(r - 2)) + [r - 1, r - 2])
     scale = n.attrs["scale"] if n.attrs["scale"] is not None else 1.0 / math.sqrt(q.shape[-1])
     s = ex.emit("Mul", [ex.emit("MatMul", [ex.arg(q), kt], base + "_qk"), ex.scalar(scale, dt)], base + "_scores")
-    if len(n.inputs) > 3:
-        m = n.inputs[3]
-        if m.dtype == "bool":
-            s = ex.emit("Where", [ex.arg(m), s, ex.scalar(float("-inf"), dt)], base + "_masked")
+    if mask is not None:
+        if mask.dtype == "bool":
+            s = ex.emit("Where", [ex.arg(mask), s, ex.scalar(float("-inf"), dt)], base + "_masked")
         else:
-            s = ex.emit("Add", [s, ex.arg(m, dt)], base + "_masked")
+            s = ex.emit("Add", [s, ex.arg(mask, dt)], base + "_masked")
     if n.attrs["causal"]:
         rows = ex.emit("Unsqueeze", [ex.emit("Range", [ex.scalar(0, "int64"), ex.scalar(q.shape[-2], "int64"), ex.scalar(1, "int64")],
                                              base + "_i"), ex.constant([1], "int64")], base + "_rows")
@@ -286,6 +287,12 @@ def _attention(ex, n, base):
         s = ex.emit("Where", [keep, s, ex.scalar(float("-inf"), dt)], base + "_causal_scores")
     p = ex.emit("Softmax", [s], base + "_p", axis=-1)
     return ex.emit("MatMul", [p, vn], base)
+
+
+def _dequantized(ex, codes: Node, scale: Node, dtype: str, base: str) -> str:
+    """kv_quant.dequantize_kv: codes [.., S, D] as float32 times scale [.., S] (unsqueezed), cast to ``dtype``."""
+    s = ex.emit("Unsqueeze", [ex.arg(scale), ex.constant([len(scale.shape)], "int64")], base + "_scale")
+    return ex.cast(ex.emit("Mul", [ex.arg(codes, "float32"), s], base + "_dequantized"), "float32", dtype)
 
 
 def _same(a, b) -> bool:

@@ -87,3 +87,38 @@ def test_workspace_bytes_only_where_a_skinny_candidate_runs():
     assert lower.workspace_bytes("QGEMM", attrs, (4, 64), (40, 32), torch.float64, CPU) == 0  # no Triton for float64
     assert lower.workspace_bytes("MATMUL", {}, (4, 64), (64, 40), torch.float32, CPU) == 0
     assert lower.workspace_bytes("LINEAR", {}, (2, 2, 64), (40, 64), torch.float32, CPU) == 4 * 2 * 4 * 40
+
+
+@pytest.mark.parametrize("op", ["GEMM", "QGEMM"])
+@pytest.mark.parametrize("lead", [(1,), (3, 5), (20,)], ids=["gemv", "m15", "m20"])
+def test_norm_prologue_candidates(op, lead):
+    # every candidate computes GEMM(RMSNORM(x, nw)): the fused skinny ones from x itself, the others after the norm's
+    # kernel (here its reference) wrote the normalised x they read; fused ones only for <= 16 rows
+    n, k = 38, 96
+    x, extra, out = operands(lead, n, k, torch.float32, False, False, True, False)
+    nw, eps = 1 + r(k) * 0.3, 1e-5
+    normed = torch.empty_like(x)
+    norm = dict(x=x, w=nw, eps=eps, run=lambda: normed.copy_(OPS["RMSNORM"].ref([x, nw], dict(eps=eps, dims=1))))
+    attrs = dict(bias=False, act="none", glu=False, gate=False, residual=True)
+    if op == "QGEMM":
+        qw = quantize_rtn(r(n, k) / k ** 0.5, 8, k, symmetric=True)
+        weight, attrs = [qw.qweight, qw.scales], dict(attrs, bits=8, group=k, zeros=False)
+    else:
+        weight = [r(n, k) / k ** 0.5]
+    size = lower.workspace_bytes(op, attrs, x.shape, weight[0].shape, x.dtype, CPU)
+    ws = torch.empty(size, dtype=torch.uint8) if size else None
+    fn = lower.qgemm if op == "QGEMM" else lower.gemm
+    args = [normed] + weight + extra
+    what, candidates = fn(args, attrs, out, None, CPU, ws, norm)
+    want = OPS[op].ref([OPS["RMSNORM"].ref([x.double(), nw.double()], dict(eps=eps, dims=1))] + [a.double() if a.is_floating_point() else a
+                                                                                                for a in args[1:]], attrs)
+    for name, run in candidates.items():
+        out.fill_(float("nan"))
+        normed.fill_(float("nan"))
+        run()
+        assert rel_err(out.double(), want) <= TOL[torch.float32], name
+    fused = [name for name in candidates if name.startswith("triton-skinny-norm:")]
+    assert len(fused) == (2 if math.prod(lead) <= 16 else 0) and what["norm"]["eps"] == eps
+    names = list(candidates)
+    assert not fused or names.index(fused[0]) < min(i for i, c in enumerate(names) if c.startswith("triton-skinny:"))
+    assert names[0] == ("dequant-cublas" if op == "QGEMM" else "cublas")

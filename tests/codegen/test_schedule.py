@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import kiln
-from kiln.codegen.schedule import execute, schedule, summary
+from kiln.codegen.schedule import execute, norm_prologue, schedule, summary
 from kiln.ir.graph import Graph
 from kiln.ir.interpret import interpret
 from kiln.ir.types import sym
@@ -99,6 +99,38 @@ def test_rows_too_long_for_one_tile_fall_back_to_reference():
     assert kinds(schedule(g)) == ["pointwise", "reference"]
 
 
+def norm_graph(case: str) -> Graph:
+    """x -> RMSNORM -> LINEAR (+ a residual GEMM epilogue), with one thing that keeps the norm out of the GEMM."""
+    g = Graph()
+    x = g.add_input("x", (3, 40), "float32")
+    r = g.add_input("r", (3, 24), "float32")
+    src = g.add("EXP", (x,)) if case == "norm fused into its producer" else x
+    nw = g.add_input("nw", (40,), "float32")
+    nw = g.add("MUL", (nw, nw)) if case == "norm weight computed" else nw
+    n = g.add("RMSNORM", (src, nw), eps=1e-5)
+    y = g.add("GEMM", (n, g.add_weight("w", torch.randn(24, 40)), r), residual=True)
+    outs = [y, n] if case == "norm also an output" else [g.add("TANH", (n,)), y] if case == "norm read twice" else [y]
+    g.set_outputs(outs)
+    g.verify()
+    return g
+
+
+@pytest.mark.parametrize("case", ["fold", "norm also an output", "norm read twice", "norm fused into its producer",
+                                  "norm weight computed"])
+def test_norm_prologue_joins_the_gemm_it_feeds_only(case):
+    g = norm_graph(case)
+    inputs = [torch.randn(3, 40), torch.randn(3, 24), torch.randn(40)]
+    groups = compare(g, inputs)
+    gemm = next(grp for grp in groups if grp.kind == "gemm")
+    if case == "fold":
+        assert [n.op for n in gemm.nodes] == ["RMSNORM", "GEMM"] and kinds(groups) == ["gemm"]
+        p = norm_prologue(gemm)
+        assert p.kind == "pointwise" and p.nodes == gemm.nodes[:1] and p.outputs == p.nodes and set(p.inputs) <= set(gemm.inputs)
+        assert gemm.outputs == gemm.nodes[1:]  # the normalised x stays inside
+    else:
+        assert [n.op for n in gemm.nodes] == ["GEMM"] and norm_prologue(gemm) is None
+
+
 # ----------------------------------------------------------------------------- real optimized graphs
 
 
@@ -108,7 +140,10 @@ def test_llama_tiny_optimized_graph(pipeline_models):
     groups = compare(m.graph, [ids(3, 5, seed=2)])  # other sizes than compiled for: symbolic dims
     pw = [grp for grp in groups if grp.kind == "pointwise"]
     ops = {n.op for grp in pw for n in grp.nodes}
-    assert {"RMSNORM", "ROPE"} <= ops
+    assert "ROPE" in ops and "RMSNORM" not in ops
+    # every norm (2 per layer and the final one) is the prologue of the GEMM reading it: QKV, gate/up, LM head
+    assert [[n.op for n in grp.nodes] for grp in groups if norm_prologue(grp)] == [["RMSNORM", "LINEAR"], ["RMSNORM", "GEMM"]] * 2 + [
+        ["RMSNORM", "LINEAR"]]
     assert sum(grp.kind == "attention" for grp in groups) == 2
     print(summary(groups))
 

@@ -218,6 +218,54 @@ def test_bad_operands_raise(kwargs, match):
         skinny_gemm(x, **ops)
 
 
+# ----------------------------------------------------------------------------- the RMSNorm prologue
+
+
+def check_norm(x, wq, nw, eps=1e-5, **kw):
+    """skinny_gemm with a norm prologue against RMSNORM then the GEMM, both in float64."""
+    kwargs, w64 = wq
+    got = skinny_gemm(x, norm_weight=nw, norm_eps=eps, **kwargs, **kw)
+    epi = {k: kw[k] for k in ("act", "glu") if k in kw}
+    operands = {k: kw[k].double() for k in ("bias", "residual") if kw.get(k) is not None}
+    want = S.reference(x.double(), w64, norm_weight=nw.double(), norm_eps=eps, **operands, **epi)
+    err = rel_err(got, want)
+    assert got.dtype == x.dtype and err <= TOL[x.dtype], f"rel err {err:.2e} > {TOL[x.dtype]:.0e}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("split", [1, 3])
+@pytest.mark.parametrize("m", [1, 3, 16])
+@pytest.mark.parametrize("bits", [None, 4])
+def test_norm_prologue(bits, m, split, dtype):
+    # K = 200: 7 K steps of 32, the last partial (the row statistics must mask it); rows of very different scale
+    # and a norm weight with a few large channels, so a missed rstd or weight shows
+    x = r(m, 200, dtype=dtype) * torch.logspace(-1, 1, m, dtype=torch.float64)[:, None].to(dtype)
+    nw = (1 + r(200, scale=0.2)).to(dtype)
+    nw[[3, 77, 190]] = 8.0
+    check_norm(x, weight(37, 200, bits, dtype, group="K"), nw, config=config(split))
+
+
+@pytest.mark.parametrize("m", [1, 4])
+def test_norm_prologue_with_epilogues_and_strided_rows(m):
+    # the final norm + LM head reads x[:, -1] of [B, T, K] (stride_xm = T * K); gate/up with silu GLU; a residual
+    x = r(m, 3, 64)[:, -1]
+    nw = 1 + r(64, scale=0.3)
+    check_norm(x, weight(37, 64, None, torch.float32), nw, eps=1e-6, config=config(2))
+    check_norm(x, weight(96, 64, 8, torch.float32), nw, act="silu", glu=True, bias=r(96), config=config(2))
+    check_norm(x, weight(40, 64, None, torch.float32), nw, residual=r(m, 40), config=config(1))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(norm_weight=torch.ones(191)), "norm_weight must be a contiguous \\[192\\] tensor"),
+    (dict(norm_weight=torch.ones(192, dtype=torch.float16)), "norm_weight must be .* of x's dtype"),
+    (dict(norm_weight=torch.ones(192)), "norm_eps must be a number"),
+    (dict(norm_eps=1e-5), "norm_eps without norm_weight"),
+])
+def test_bad_norm_operands_raise(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        skinny_gemm(r(2, 192), w=r(37, 192), **kwargs)
+
+
 # ----------------------------------------------------------------------------- GPU (bf16, real shapes)
 
 # (name, K, weight rows N, epilogue): Llama-3.2-1B and Llama-3.1-8B decode
@@ -291,3 +339,20 @@ def test_gpu_split_k_is_deterministic_and_graph_capturable():
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(out, first)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name,k,n,epi", [DECODE_SHAPES[0], DECODE_SHAPES[1], DECODE_SHAPES[3]])
+def test_gpu_norm_prologue_every_config(name, k, n, epi):
+    # the decode norms fold into the QKV, gate/up and LM head GEMMs: each configuration the tuner tries, in bf16
+    for m in (1, 16):
+        x, kwargs, _, _ = cuda_decode_case(m, k, n, None, epi)
+        nw = (1 + 0.2 * torch.randn(k, generator=torch.Generator().manual_seed(1))).to("cuda", torch.bfloat16)
+        want = S.reference(x.float(), kwargs["w"].float(), act=epi.get("act", "none"), glu=epi.get("glu", False),
+                           norm_weight=nw.float(), norm_eps=1e-5)
+        for c in configs(m, n, k, None, epi.get("glu", False)):
+            ws = torch.empty(max(1, workspace_bytes(m, n, k, None, epi.get("glu", False), config=c)), dtype=torch.uint8, device="cuda")
+            got = skinny_gemm(x, act=epi.get("act", "none"), glu=epi.get("glu", False), norm_weight=nw, norm_eps=1e-5,
+                              workspace=ws, config=c, **kwargs)
+            err = rel_err(got, want)
+            assert err <= TOL[torch.bfloat16], f"{name} m={m} {c}: rel err {err:.2e}"

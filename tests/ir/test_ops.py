@@ -154,6 +154,9 @@ CASES += [
     case("GROUP_NORM", ((2, 6, 5, 7), f32), ((6,), f32), ((6,), f32), groups=3, eps=1e-6),
     case("GROUP_NORM", ((2, 4, 9), bf16), groups=2, act="silu"),
     case("GROUP_NORM", ((3, 6), f16), ((6,), f16), groups=6, act="silu"),
+    # collectives at one rank (identity); two ranks: tests/distributed
+    case("ALL_REDUCE", ((3, 5), f32), world=1),
+    case("ALL_GATHER", ((3, 5), bf16), axis=1, world=1),
     case("ATTENTION", ((2, 4, 5, 8), f32), ((2, 2, 7, 8), f32), ((2, 2, 7, 6), f32), ((5, 7), b), gqa=True),
     case("ATTENTION", ((3, 5, 8), f32), ((1, 7, 8), f32), ((1, 7, 8), f32), ((3, 5, 7), f32), scale=0.2),
     case("ATTENTION", ((5, 8), bf16), ((5, 8), bf16), ((5, 8), bf16), causal=True),
@@ -413,6 +416,8 @@ BAD = [
     bad("GROUP_NORM", [((2, 6, 5), f32), ((5,), f32)], dict(groups=2), "parameter [5] for 6 channels"),
     bad("GROUP_NORM", [((2, 6, 5), bf16), ((6,), f32)], dict(groups=2), "share one dtype"),
     bad("GROUP_NORM", [((2, 6, 5), f32)], dict(groups=2, act="gelu"), "unknown activation 'gelu'"),
+    bad("ALL_REDUCE", [((2, 6), i64)], dict(world=2), "op 'sum' on int64"),
+    bad("ALL_GATHER", [((2, 6), f32)], dict(axis=1, world=4, stride=3), "stride 3 over 4 ranks"),
     bad("ATTENTION", [((2, 5, 8), f32), ((2, 7, 6), f32), ((2, 7, 8), f32)], {}, "ATTENTION: q [2, 5, 8]"),
     bad("ATTENTION", [((2, 5, 8), f32), ((2, 7, 8), f32), ((2, 6, 8), f32)], {}, "ATTENTION: q [2, 5, 8]"),
     bad("ATTENTION", [((2, 5, 8), f32), ((7, 8), f32), ((7, 8), f32)], {}, "share a rank"),

@@ -55,7 +55,7 @@ def test_causal_4d_is_one_attention_with_the_causal_flag():
     g, (y,) = run(m, q, k, v)
     (att,) = [n for n in g.nodes if n.op == "ATTENTION"]
     scale = float(np.float32(0.3))  # an ONNX float attribute
-    assert att.attrs == {"causal": True, "scale": scale, "gqa": False} and len(att.inputs) == 3
+    assert att.attrs == {"causal": True, "scale": scale, "gqa": False, "k_scale": False, "v_scale": False} and len(att.inputs) == 3
     assert torch.allclose(y, reference_attention(q, k, v, scale, causal_offset=0), rtol=1e-12, atol=1e-12)
 
 

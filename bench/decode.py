@@ -1,0 +1,185 @@
+"""The LLM decode step, launch by launch: kiln's step plan against a static-KV decode loop under
+torch.compile(mode="reduce-overhead"), in ONE process, bf16, random weights of the real shapes.
+
+Per (model, batch): kernels launched per decode step (and per layer), the step plan's kinds and implementation
+choices, the time of one decode step (the plan's CUDA graph replayed, median over many), and decode tokens/s over a
+prompt of 128 and 256 new tokens (greedy, sampling included) for kiln and the peer. Models: Llama-3.2-1B at batch 1
+and 16, the Llama-3.1-8B shape at batch 1 (random weights: no checkpoint needed).
+
+Launches are counted with the profiler while the plan's calls run once outside their CUDA graph (a call may
+launch more than one kernel: cuBLAS + an epilogue, split-K + its reduction, a norm kernel + a GEMM).
+
+    python bench/decode.py [--models 1b,8b] [--no-compile-peer]      writes $OUT/decode.json
+    python bench/decode.py --smoke                                     CPU: a tiny Llama under the Triton interpreter
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--models", default="1b,8b")
+ap.add_argument("--no-compile-peer", action="store_true")
+ap.add_argument("--smoke", action="store_true", help="a tiny Llama on the CPU (Triton interpreter), few tokens")
+a = ap.parse_args()
+if a.smoke:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel is defined
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+import kiln  # noqa: E402
+from kiln.llm.generator import step_inputs  # noqa: E402
+
+# name -> (transformers LlamaConfig kwargs, batches)
+MODELS = {
+    "1b": (dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                num_key_value_heads=8, tie_word_embeddings=True, rope_theta=500000.0), (1, 16)),
+    "8b": (dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                num_key_value_heads=8, tie_word_embeddings=False, rope_theta=500000.0), (1,)),
+    "smoke": (dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2), (1, 2)),
+}
+P, GEN = (16, 4) if a.smoke else (128, 256)
+DEVICE = "cpu" if a.smoke else "cuda"
+DTYPE = torch.float32 if a.smoke else torch.bfloat16
+
+
+def sync():
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def step_time_ms(fn, reps: int) -> float:
+    """Median milliseconds of ``fn()`` over ``reps`` runs (CUDA events on the GPU)."""
+    fn()
+    sync()
+    times = []
+    for _ in range(reps):
+        if DEVICE == "cuda":
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            fn()
+            e.record()
+            e.synchronize()
+            times.append(s.elapsed_time(e))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def kernels_launched(plan) -> int | None:
+    """CUDA kernels (and memsets / copies) one run of the plan's calls launches, outside its CUDA graph; None on the CPU."""
+    if DEVICE != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for call in plan.calls:
+            call.run()
+        sync()
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+
+
+def decode_plan(g, bs: int):
+    """The decode plan of batch bucket ``bs`` (one new token at slot P) and its inputs."""
+    ids = torch.zeros(bs, 1, dtype=torch.long, device=DEVICE)
+    inputs = list(step_inputs(ids, torch.zeros(bs, dtype=torch.long), P, g.caches(bs), g.max_seq, None).values())
+    plan = g.compiled.executor.plan_for(inputs)
+    plan.bind(inputs)
+    return plan
+
+
+def kiln_case(g, layers: int, bs: int, prompt) -> dict:
+    rows = prompt[:bs].tolist()
+    t0 = time.perf_counter()
+    g.generate(rows, max_new_tokens=GEN)  # plans, tunes and captures the prefill and decode buckets
+    first = time.perf_counter() - t0
+    r = min((g.generate(rows, max_new_tokens=GEN) for _ in range(1 if a.smoke else 3)), key=lambda r: r.decode_s)
+    plan = decode_plan(g, bs)
+    kernels = kernels_launched(plan)
+    out = {"decode_tok_s": bs * r.decode_steps / r.decode_s, "first_run_s": first,
+           "step_ms": step_time_ms(plan.replay, 5 if a.smoke else 200),
+           "calls_per_step": len(plan.calls), "kernels_per_step": kernels,
+           "kernels_per_layer": None if kernels is None else kernels / layers,
+           "launches_by_kind": dict(plan.stats.launches), "choices": dict(plan.stats.choices),
+           "cuda_graph": plan.stats.cuda_graph}
+    return out
+
+
+def static_step(m, compiled: bool):
+    """A static-KV decode step of the transformers model (torch.compile reduce-overhead unless ``compiled`` is False)."""
+    def step(ids, cache, pos):
+        return m(ids, past_key_values=cache, cache_position=pos, use_cache=True).logits
+    return torch.compile(step, mode="reduce-overhead", fullgraph=True) if compiled else step
+
+
+def peer_case(m, cfg, bs: int, prompt, compiled: bool) -> dict:
+    step = static_step(m, compiled)
+
+    def loop():
+        cache = transformers.StaticCache(config=cfg, max_cache_len=P + GEN + 8)
+        with torch.no_grad():
+            logits = m(prompt[:bs], past_key_values=cache, cache_position=torch.arange(P, device=DEVICE), use_cache=True).logits
+            tok = logits[:, -1:].argmax(-1)
+            sync()
+            t0 = time.perf_counter()
+            for i in range(GEN - 1):
+                if compiled:
+                    torch.compiler.cudagraph_mark_step_begin()
+                tok = step(tok, cache, torch.tensor([P + i], device=DEVICE))[:, -1:].argmax(-1).clone()
+            sync()
+        return time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    loop()
+    first = time.perf_counter() - t0
+    dec = min(loop() for _ in range(1 if a.smoke else 2))
+    return {"decode_tok_s": bs * (GEN - 1) / dec, "step_ms": dec / (GEN - 1) * 1e3, "first_run_s": first,
+            "peer": "static KV + torch.compile reduce-overhead" if compiled else "static KV, eager"}
+
+
+def bench_model(name: str) -> dict:
+    kw, batches = MODELS[name]
+    cfg = transformers.LlamaConfig(max_position_embeddings=4096, **kw)
+    torch.manual_seed(0)
+    with torch.device(DEVICE):
+        m = transformers.LlamaForCausalLM(cfg).to(DTYPE).eval()
+    m.generation_config.eos_token_id = None
+    config = kiln.CompileConfig(backend="kernels")
+    t0 = time.perf_counter()
+    g = kiln.from_hf(m, max_seq=P + GEN, batch_buckets=batches, eos_token_id=[], config=config)
+    res = {"compile_s": time.perf_counter() - t0, "params_B": sum(p.numel() for p in m.parameters()) / 1e9}
+    prompt = torch.randint(0, cfg.vocab_size, (max(batches), P), device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(0))
+    for bs in batches:
+        res[f"bs{bs}"] = {"kiln": kiln_case(g, cfg.num_hidden_layers, bs, prompt)}
+        print(name, bs, "kiln", json.dumps(res[f"bs{bs}"]["kiln"]), flush=True)
+    g = None
+    for bs in batches:
+        compiled = not (a.smoke or a.no_compile_peer)
+        res[f"bs{bs}"]["peer"] = peer_case(m, cfg, bs, prompt, compiled)
+        res[f"bs{bs}"]["kiln_speedup"] = res[f"bs{bs}"]["kiln"]["decode_tok_s"] / res[f"bs{bs}"]["peer"]["decode_tok_s"]
+        print(name, bs, "peer", json.dumps(res[f"bs{bs}"]["peer"]), flush=True)
+    return res
+
+
+def main():
+    names = ["smoke"] if a.smoke else a.models.split(",")
+    res = {"device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu", "torch": torch.__version__,
+           "prompt": P, "new_tokens": GEN, "dtype": str(DTYPE)}
+    for name in names:
+        res[name] = bench_model(name)
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
+    path = os.path.join(os.environ.get("OUT", "/tmp"), "decode.json")
+    with open(path, "w") as fh:
+        json.dump(res, fh, indent=1)
+    print(json.dumps(res, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,179 @@
+"""Diffusion sampling end to end on the GPU, ONE process, bf16, random weights of the real configs (written inline):
+
+- DiT-XL/2 256 px: CFG 4.0, 25 DDIM steps, VAE decode (the SD VAE), 1 and 8 images;
+- PixArt-α 512 px: 20 DPM-Solver++ steps, CFG 4.5, the T5-XXL text encoding included, 1 image (a word-level
+  stand-in tokenizer: the machine has no sentencepiece model; tokenizing is host work of microseconds either way).
+
+Systems: kiln's pipeline (``kiln.diffusion``: one CUDA graph replay per step), diffusers eager, diffusers with the
+transformer under torch.compile (each ``--compile-modes`` entry). Per system and batch: the first call (kiln: plans,
+tuning and CUDA graph captures; torch.compile: its compile), then the median of ``--repeat`` calls, each from
+``pipe(...)`` to the image on the device (synchronized); kiln's compile time apart; PSNR of each system's images
+against diffusers' eager bf16 images with the same seed (the issue's bar: >= 30 dB).
+Usage: python3 bench/diffusion.py [--models dit,pixart] [--batches 1,8] [--repeat 5] [--compile-modes default]
+[--out $OUT/diffusion.json]."""
+import argparse
+import json
+import math
+import os
+import statistics
+import time
+
+import diffusers
+import torch
+import triton
+
+import kiln
+import kiln.diffusion
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--models", default="dit,pixart")
+ap.add_argument("--batches", default="1,8", help="images per call for DiT (PixArt: 1)")
+ap.add_argument("--repeat", type=int, default=5)
+ap.add_argument("--compile-modes", default="default", help="torch.compile modes for the transformer ('' for none)")
+ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "/tmp"), "diffusion.json"))
+a = ap.parse_args()
+DEV, BF16 = torch.device("cuda"), torch.bfloat16
+
+# facebook/DiT-XL-2-256: transformer/config.json, scheduler/scheduler_config.json; stabilityai/sd-vae-ft-ema
+DIT = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28, sample_size=32,
+           patch_size=2, num_embeds_ada_norm=1000, norm_type="ada_norm_zero", activation_fn="gelu-approximate")
+DDIM = dict(beta_start=0.0001, beta_end=0.02, beta_schedule="linear", clip_sample=False, num_train_timesteps=1000,
+            prediction_type="epsilon", set_alpha_to_one=True, steps_offset=0)
+SD_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32, latent_channels=4,
+              sample_size=256, scaling_factor=0.18215, down_block_types=("DownEncoderBlock2D",) * 4,
+              up_block_types=("UpDecoderBlock2D",) * 4)
+# PixArt-alpha/PixArt-XL-2-512x512: transformer, scheduler; google/t5-v1_1-xxl's encoder
+PIXART = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28, sample_size=64,
+              patch_size=2, cross_attention_dim=1152, caption_channels=4096, norm_type="ada_norm_single", norm_eps=1e-6,
+              norm_elementwise_affine=False, num_embeds_ada_norm=1000, activation_fn="gelu-approximate", attention_bias=True)
+DPM = dict(algorithm_type="dpmsolver++", beta_start=0.0001, beta_end=0.02, beta_schedule="linear", lambda_min_clipped=-math.inf,
+           lower_order_final=True, num_train_timesteps=1000, solver_order=2, solver_type="midpoint", timestep_spacing="linspace",
+           prediction_type="epsilon", use_karras_sigmas=False)
+T5_XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64, feed_forward_proj="gated-gelu",
+              relative_attention_num_buckets=32, relative_attention_max_distance=128, layer_norm_epsilon=1e-6,
+              is_encoder_decoder=False)
+
+
+def randomized(module, seed: int, std: float = 0.02):
+    """``module`` on the GPU in bf16, every parameter nudged by std * N(0, 1) (off zero-initialised adaLN / outputs)."""
+    g = torch.Generator(DEV).manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, device=DEV, generator=g) * std)
+    return module.to(BF16).eval()
+
+
+def sd_vae(seed=2):
+    with torch.device(DEV):
+        return randomized(diffusers.AutoencoderKL(**SD_VAE), seed)
+
+
+def dit_pipeline():
+    with torch.device(DEV):
+        tr = diffusers.DiTTransformer2DModel(**DIT)
+    return diffusers.DiTPipeline(randomized(tr, 1), sd_vae(), diffusers.DDIMScheduler.from_config(DDIM))
+
+
+def stand_in_tokenizer():
+    """A word-level fast tokenizer over T5's vocabulary size ("w0" ... ), ending texts with </s> and padding, as T5's."""
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    words = ["<pad>", "</s>", "<unk>"] + [f"w{i}" for i in range(T5_XXL["vocab_size"] - 3)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+
+
+def pixart_pipeline():
+    from transformers import T5Config, T5EncoderModel
+
+    with torch.device(DEV):
+        te = T5EncoderModel(T5Config(**T5_XXL))
+        tr = diffusers.PixArtTransformer2DModel(**PIXART)
+    scheduler = diffusers.DPMSolverMultistepScheduler.from_config(DPM)
+    return diffusers.PixArtAlphaPipeline(tokenizer=stand_in_tokenizer(), text_encoder=randomized(te, 3, std=0.01),
+                                         vae=sd_vae(), transformer=randomized(tr, 4), scheduler=scheduler)
+
+
+def psnr(got: torch.Tensor, want: torch.Tensor) -> float:
+    mse = float(((got.double() - want.double()) ** 2).mean())
+    return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
+
+
+def timed(fn) -> tuple[torch.Tensor, float, float]:
+    """(images, first call s, median steady-state ms) of ``fn()`` -> images on the device."""
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    images = fn()
+    torch.cuda.synchronize()
+    first = time.perf_counter() - t0
+    times = []
+    for _ in range(a.repeat):
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return images, first, statistics.median(times)
+
+
+def bench(name: str, pipe, kiln_cls, calls: dict, res: dict) -> None:
+    """Every system on every call of ``calls`` (batch -> pipeline kwargs); results appended to res["runs"]."""
+    pipe.set_progress_bar_config(disable=True)
+    extra = dict(use_resolution_binning=False, clean_caption=False) if kiln_cls is kiln.diffusion.PixArtPipeline else {}
+
+    def diffusers_images(kw):
+        return pipe(**kw, **extra, generator=torch.Generator("cpu").manual_seed(0), output_type="pt").images
+    want = {}
+    for batch, kw in calls.items():
+        images, first, ms = timed(lambda: diffusers_images(kw))
+        want[batch] = images.float()
+        record(res, name, batch, "diffusers eager", first, ms, images, want[batch])
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    kp = kiln_cls.from_diffusers(pipe, max_batch=max(calls))
+    res[f"{name}_kiln_compile_s"] = time.perf_counter() - t0
+    print(f"{name}: kiln compile {res[f'{name}_kiln_compile_s']:.1f} s", flush=True)
+    for batch, kw in calls.items():
+        images, first, ms = timed(lambda: kp(**kw, seed=0, output_type="pt").images)
+        record(res, name, batch, "kiln", first, ms, images, want[batch], kp.step.executor.describe()["plans"][-1])
+    eager = pipe.transformer
+    for mode in filter(None, a.compile_modes.split(",")):
+        torch._dynamo.reset()
+        pipe.transformer = torch.compile(eager, mode=mode)
+        for batch, kw in calls.items():
+            images, first, ms = timed(lambda: diffusers_images(kw))
+            record(res, name, batch, f"diffusers + torch.compile({mode})", first, ms, images, want[batch])
+    pipe.transformer = eager
+    torch.cuda.empty_cache()
+
+
+def record(res, name, batch, system, first, ms, images, want, executor=None) -> None:
+    run = {"model": name, "batch": batch, "system": system, "ms": ms, "first_call_s": first,
+           "psnr_vs_diffusers_bf16": psnr(images.float(), want)}
+    if executor is not None:
+        run["step_plan"] = executor
+    res["runs"].append(run)
+    print({k: v for k, v in run.items() if k != "step_plan"}, flush=True)
+
+
+res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+       "diffusers": diffusers.__version__, "runs": []}
+models = a.models.split(",")
+if "dit" in models:
+    labels = [207, 360, 387, 974, 88, 979, 417, 279]
+    bench("dit-xl-2-256", dit_pipeline(), kiln.diffusion.DiTPipeline,
+          {b: dict(class_labels=labels[:b], num_inference_steps=25, guidance_scale=4.0) for b in map(int, a.batches.split(","))}, res)
+if "pixart" in models:
+    prompt = " ".join(f"w{i * 37 % 32000}" for i in range(24))  # 25 tokens with </s>, padded to 120
+    bench("pixart-alpha-512", pixart_pipeline(), kiln.diffusion.PixArtPipeline,
+          {1: dict(prompt=prompt, num_inference_steps=20, guidance_scale=4.5)}, res)
+for model in {r["model"] for r in res["runs"]}:
+    for batch in {r["batch"] for r in res["runs"] if r["model"] == model}:
+        ms = {r["system"]: r["ms"] for r in res["runs"] if r["model"] == model and r["batch"] == batch}
+        res[f"speedup_{model}_bs{batch}"] = {k: v / ms["kiln"] for k, v in ms.items() if k != "kiln"}
+        print(model, batch, "kiln speedup", res[f"speedup_{model}_bs{batch}"], flush=True)
+with open(a.out, "w") as fh:
+    json.dump(res, fh, indent=1)
+print("wrote", a.out)

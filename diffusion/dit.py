@@ -1,0 +1,81 @@
+"""Class-conditional sampling with a DiT (Peebles & Xie), as diffusers' ``DiTPipeline`` samples:
+
+    kp = kiln.diffusion.DiTPipeline.from_diffusers(pipe)            # or .from_pretrained(dir), .load("dit.kiln")
+    kp(class_labels=[207], num_inference_steps=25, guidance_scale=4.0, seed=0, output_type="pt").images
+
+Classifier-free guidance runs the labels and the null label (the class embedding's extra row, ``num_classes``)
+as one batch of 2B through the transformer; the guidance combine acts on the first C output channels (the
+learned-sigma channels are dropped, as diffusers drops them); each step is one replay of the step graph.
+
+With a scheduler that scales the model input (Euler), diffusers' DiTPipeline neither scales the initial noise by
+``init_noise_sigma`` nor steps from the unscaled latents; kiln samples as the scheduler defines it (as diffusers'
+PixArt pipeline does), so only there do its images differ from diffusers' DiT pipeline (DDIM, DDPM and DPM-Solver++
+scale nothing).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..config import CompileConfig
+from ..errors import InputError, KilnError
+from .pipelines import Pipeline, PipelineOutput, compile_step, compile_vae, example_batch, scheduler_config, step_structure
+from .schedulers import make_scheduler
+from .steps import DiTStep
+
+
+class DiTPipeline(Pipeline):
+    """A compiled DiT sampling pipeline (see the module docstring); ``spec["num_classes"]``: the labels it takes."""
+
+    KIND = "dit"
+
+    @classmethod
+    def from_diffusers(cls, pipe, *, max_batch: int = 8, config: CompileConfig | None = None) -> "DiTPipeline":
+        """Compile a diffusers ``DiTPipeline`` in memory (its transformer, VAE and scheduler config), on the device and
+        in the dtype of its transformer; ``max_batch``: the most images one call makes."""
+        tr, vae = pipe.transformer, pipe.vae
+        C, out = tr.config.in_channels, tr.config.out_channels
+        if out not in (C, 2 * C):
+            raise KilnError(f"the transformer has {out} output channels for {C} latent channels; kiln's DiT pipeline "
+                            f"takes {C} (epsilon) or {2 * C} (epsilon and learned sigma)")
+        if max_batch < 1:
+            raise KilnError(f"max_batch must be at least 1, got {max_batch}")
+        scheduler = make_scheduler(scheduler_config(pipe.scheduler))
+        structure = step_structure(scheduler)
+        num_classes = int(tr.config.num_embeds_ada_norm)
+        spec = dict(kind=cls.KIND, scheduler=dict(scheduler.config, _class_name=scheduler.NAME),
+                    latent_shape=[C, tr.config.sample_size, tr.config.sample_size], dtype=str(tr.dtype).removeprefix("torch."),
+                    max_batch=int(max_batch), num_classes=num_classes, **structure)
+        module = DiTStep(tr, num_classes, latent_channels=C, **structure).eval()
+        labels = torch.zeros(example_batch(spec), dtype=torch.int64, device=tr.device)
+        step = compile_step(module, spec, scheduler, {"class_labels": labels}, ("class_labels",), config)
+        return cls({"step": step, "vae": compile_vae(vae, spec, config)}, spec)
+
+    @classmethod
+    def from_pretrained(cls, path, *, dtype: torch.dtype | None = None, device=None, **kw) -> "DiTPipeline":
+        """A diffusers DiT pipeline directory (model_index.json, transformer/, vae/, scheduler/): loaded with diffusers'
+        model code, then compiled (``kw``: as :meth:`from_diffusers`)."""
+        from diffusers import DiTPipeline as DiffusersDiT
+
+        pipe = DiffusersDiT.from_pretrained(str(path), torch_dtype=dtype)
+        return cls.from_diffusers(pipe.to(device) if device is not None else pipe, **kw)
+
+    @torch.no_grad()
+    def __call__(self, class_labels, num_inference_steps: int = 50, guidance_scale: float = 4.0, seed: int | None = None,
+                 generator=None, output_type: str = "pil", callback=None) -> PipelineOutput:
+        """Images of the classes ``class_labels`` (ints in [0, num_classes)), diffusers' defaults and noise:
+        ``seed=N`` draws what ``generator=torch.Generator("cpu").manual_seed(N)`` draws in diffusers."""
+        labels = self._labels(class_labels)
+        generator = self.check_call(len(labels), num_inference_steps, guidance_scale, output_type, seed, generator)
+        latents = self.denoise({"class_labels": labels}, len(labels), num_inference_steps, guidance_scale, generator, callback)
+        return PipelineOutput(self.decode(latents, output_type))
+
+    def _labels(self, class_labels) -> torch.Tensor:
+        labels = class_labels.flatten().tolist() if isinstance(class_labels, torch.Tensor) else class_labels
+        labels = [labels] if isinstance(labels, int) else list(labels)
+        n = self.spec["num_classes"]
+        if not labels:
+            raise InputError("no class labels given", hint=f"class_labels=[207]: ints in [0, {n - 1}]")
+        for label in labels:
+            if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < n:
+                raise InputError(f"class label {label!r} is not a class of this model: labels are ints in [0, {n - 1}]")
+        return torch.tensor(labels, dtype=torch.int64, device=self.device)

@@ -1,0 +1,77 @@
+"""The Llama step graph's kernel plan on CPU under TRITON_INTERPRET=1: how many kernels a decode step launches
+(pinned per layer as an upper bound, so that no change adds launches unnoticed) and that the decode and prefill
+plans, fusions included, compute the reference interpreter's logits and cache updates.
+
+A decode step of a Llama layer launches (kernels backend, the skinny GEMMs chosen):
+    QKV GEMM with the input norm folded into its loads      1   (was: RMSNORM kernel + GEMM)
+    RoPE of q, RoPE of k                                    2
+    the KV-cache writes (index_copy_ of k and of v)         2
+    attention                                               1
+    o-proj GEMM + residual (epilogue)                       1
+    gate/up GEMM (SiLU GLU epilogue) with the post-attention norm folded in   1   (was: RMSNORM kernel + GEMM)
+    down-proj GEMM + residual (epilogue)                    1
+and once per step: the embedding, the RoPE angles (positions * inv_freq, concat, cos, sin: 4) and the LM head with
+the final norm folded in: 6 (was 7)."""
+import pytest
+import torch
+
+from kiln.config import CompileConfig
+from kiln.ir.interpret import interpret
+from kiln.llm.generator import Generator, step_inputs
+from kiln.models.llama import LlamaConfig, LlamaForCausalLM
+from kiln.testing import TOL, rel_err
+
+pytestmark = pytest.mark.interpreter
+
+DECODE_LAUNCHES_PER_LAYER = 9
+DECODE_LAUNCHES_PER_STEP = 6  # outside the layers
+CFG = dict(vocab_size=97, hidden_size=72, intermediate_size=104, num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5)
+MAX_SEQ = 40
+
+
+def tiny_llama(layers: int) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    m = LlamaForCausalLM(LlamaConfig(num_hidden_layers=layers, **CFG)).eval()
+    with torch.no_grad():  # norm weights away from 1: a norm prologue that skips its weight shows
+        for name, p in m.named_parameters():
+            p.add_(torch.randn_like(p) * (0.3 if "norm" in name else 0.05))
+    return m
+
+
+@pytest.fixture(scope="module")
+def generator():
+    config = CompileConfig(backend="kernels", kernels={"gemm": "triton-skinny", "attention": "sdpa"})
+    return 2, Generator.compile(tiny_llama(2), max_seq=MAX_SEQ, batch_buckets=(1, 3), config=config, eos_token_id=[])
+
+
+def inputs(g: Generator, batch: int, slot0: int, tokens: int, seed: int) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, CFG["vocab_size"], (batch, tokens), generator=gen)
+    pad = torch.tensor([0, 5, 2][:batch])
+    return step_inputs(ids, pad, slot0, g.caches(batch), MAX_SEQ, None)
+
+
+def test_decode_launches_per_layer_are_pinned(generator):
+    layers, g = generator
+    plan = g.compiled.executor.plan_for(list(inputs(g, 1, 16, 1, 0).values()))
+    calls = plan.calls
+    assert len(calls) <= DECODE_LAUNCHES_PER_LAYER * layers + DECODE_LAUNCHES_PER_STEP, [str(c.group) for c in calls]
+    # each norm is folded into the skinny GEMM after it: no norm kernel runs, the fused template does
+    assert not any(n.op == "RMSNORM" for c in calls if c.kind == "pointwise" for n in c.group.nodes)
+    norm_gemms = [c for c in calls if c.kind == "gemm" and c.group.nodes[0].op == "RMSNORM"]
+    assert len(norm_gemms) == 2 * layers + 1 and all(c.choice.startswith("triton-skinny-norm:") for c in norm_gemms)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_prefill_then_decode_match_the_reference_interpreter(generator, batch):
+    # prefill (16 x batch rows: the norm's kernel, then the GEMM) then two decode steps (the norm folded into the
+    # skinny GEMM); logits and every cache against the interpreter on the same inputs
+    _, g = generator
+    graph = g.compiled.graph
+    for slot0, tokens in ((0, 16), (16, 1), (17, 1)):
+        step = inputs(g, batch, slot0, tokens, seed=slot0)
+        want = dict(zip(graph.output_names, interpret(graph, [t.clone() for t in step.values()])))  # (the plan writes the caches)
+        (logits,) = g.compiled.run(list(step.values()))
+        for name, value in want.items():
+            got = step[graph.updates[name]] if name in graph.updates else logits
+            assert rel_err(got, value) <= TOL[torch.float32], (slot0, name, rel_err(got, value))
