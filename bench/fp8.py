@@ -9,9 +9,9 @@ quantized mode its speedup over kiln bf16, its error over kiln bf16's, and the c
 The issue's targets: DiT fp8 batch 8 <= 3.0 ms, batch 1 <= 1.5 ms, error <= 2x bf16's; prefill fp8 >= 1.6x, w8a8
 >= 1.4x kiln bf16.
 
-Usage: python3 bench/fp8.py [--parts dit,llm] [--batches 1,8] [--seq 2048] [--modes bf16,fp8,w8a8]
+Usage: python3 bench/fp8.py [--parts dit,llm] [--batches 1,8] [--seq 2048] [--modes bf16,fp8,w8a8] [--out PATH]
        python3 bench/fp8.py --smoke        (tiny models on the CPU: checks the script runs)
-Writes $OUT/fp8.json."""
+Writes --out (default $OUT/fp8.json) after every measured run, so a timeout keeps what was measured."""
 import argparse
 import json
 import os
@@ -24,6 +24,11 @@ import kiln
 from kiln.testing import DIT_DYNAMIC, dit_inputs, dit_xl2, rel_err
 
 DIT_CALIB, LLM_CALIB = 4, 4  # calibration calls (DiT: 2 samples each; LLM: 512 tokens each)
+
+
+def save(res: dict, path: str) -> None:
+    with open(path, "w") as fh:
+        json.dump(res, fh, indent=1)
 
 
 def measure(fn, want: torch.Tensor, device: str) -> dict:
@@ -103,6 +108,7 @@ def bench_dit(a, res: dict, device: str, dtype) -> None:
             if device == "cuda":
                 run["executor"] = compiled.executor.describe()["plans"][-1]
             res["runs"].append(run)
+            save(res, a.out)
             print({k: v for k, v in run.items() if k != "executor"}, flush=True)
     for bs in batches:
         x = inputs(bs, dtype)
@@ -134,6 +140,7 @@ def bench_llm(a, res: dict, device: str, dtype) -> None:
         res[f"llm_notes_{mode}"] = notes(compiled)
         run = {"part": "llm", "seq": a.seq, "system": f"kiln-{mode}", **measure(lambda: compiled(ids).logits, want, device)}
         res["runs"].append(run)
+        save(res, a.out)
         print(run, flush=True)
     res["runs"].append({"part": "llm", "seq": a.seq, "system": "eager-bf16",
                         **measure(lambda: m(ids, use_cache=False).logits, want, device)})
@@ -147,6 +154,7 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--modes", default="bf16,fp8,w8a8")
     ap.add_argument("--smoke", action="store_true", help="tiny models on the CPU (float32): checks that the script runs")
+    ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "/tmp"), "fp8.json"))
     a = ap.parse_args()
     if a.smoke:
         a.seq = min(a.seq, 32)
@@ -157,11 +165,9 @@ def main() -> None:
         bench_dit(a, res, device, dtype)
     if "llm" in a.parts:
         bench_llm(a, res, device, dtype)
-    path = os.path.join(os.environ.get("OUT", "/tmp"), "fp8.json")
-    with open(path, "w") as fh:
-        json.dump(res, fh, indent=1)
+    save(res, a.out)
     print(json.dumps({k: v for k, v in res.items() if k != "runs" and "notes" not in k}, indent=1))
-    print("wrote", path)
+    print("wrote", a.out)
 
 
 if __name__ == "__main__":
