@@ -147,8 +147,41 @@ def _check_quantize_args(a) -> None:
     if a.quantize and a.quantize.endswith("-gptq") and not a.calib:
         raise KilnError(f"--quantize {a.quantize} runs GPTQ, which needs calibration data: give --calib FILE",
                         hint="a text file, or token ids as .npy / .json; the rounding modes (w8a16, w4a16) need none")
+    a.quantize_smoothing = _smoothing(a.quantize_smoothing)
+    if a.quantize == "w8a8" and a.quantize_smoothing != "off" and not a.calib and (a.source or _family(a.model) != "dit"):
+        raise KilnError("--quantize w8a8 searches its smoothing on calibration data: give --calib FILE",
+                        hint="a text file, or token ids as .npy / .json; or --quantize-smoothing off, or --quantize fp8 (no calibration)")
     if a.calib and not os.path.isfile(a.calib):
         raise KilnError(f"--calib {a.calib}: no such file")
+
+
+def _smoothing(text: str):
+    if text in ("search", "off"):
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 1:
+        raise KilnError(f"--quantize-smoothing {text}: expected search, off or a strength in [0, 1]")
+    return value
+
+
+def _family(model: str | None) -> str | None:
+    from .models import registry
+
+    try:
+        return registry.get(model).family if model else None
+    except (KilnError, KeyError):  # (an unknown name is reported where the model is built)
+        return None
+
+
+DIT_CALIBRATION = 4  # random latents / timesteps / classes a DiT calibrates W8A8 on without --calib
+
+
+def _dit_calibration(spec, dtype, seed: int) -> list[dict]:
+    """A DiT's default calibration: DIT_CALIBRATION calls of 2 random latents, timesteps and class labels each."""
+    return [spec.example_inputs(batch=2, dtype=dtype, seed=seed + 1000 + s) for s in range(DIT_CALIBRATION)]
 
 
 def cmd_compile(a) -> int:
@@ -161,7 +194,8 @@ def cmd_compile(a) -> int:
     buckets = _parse_buckets(a.batch_buckets) if a.batch_buckets is not None else None
     progress = _Progress(a.quiet)
     config = kiln.CompileConfig(disable=tuple(a.disable_pass or ()), device=a.device, verify=a.verify, quantize=a.quantize,
-                                quantize_group=None if a.quantize_group == "channel" else int(a.quantize_group), tp=a.tp)
+                                quantize_group=None if a.quantize_group == "channel" else int(a.quantize_group), tp=a.tp,
+                                quantize_smoothing=a.quantize_smoothing)
     if a.tp > 1:
         return _compile_shards(a, config, output, buckets, progress)
     if a.source:
@@ -187,9 +221,15 @@ def cmd_compile(a) -> int:
         config.tags["model"] = spec.name
         if a.generate:
             return _compile_generator(a, spec, model, config, output, buckets, progress, calib)
-        compiled = kiln.compile(model, (), inputs, dynamic=dynamic, config=config, report_hook=progress,
-                                calibration=_token_calls(calib, a.weights, spec) if calib is not None else None)
+        calls = _token_calls(calib, a.weights, spec) if calib is not None else None
+        default_calib = a.quantize == "w8a8" and calls is None and spec.family == "dit"
+        if default_calib:
+            calls = [{k: v.to(a.device) if a.device else v for k, v in c.items()} for c in _dit_calibration(spec, dtype, a.seed)]
+        compiled = kiln.compile(model, (), inputs, dynamic=dynamic, config=config, report_hook=progress, calibration=calls)
         compiled.report().model["name"] = spec.name
+        if default_calib:
+            compiled.report().notes.append(f"w8a8 calibrated on {DIT_CALIBRATION} x 2 random latents / timesteps / class labels "
+                                           "(no --calib given)")
     with progress.step(f"save {output}"):
         compiled.save(output, overwrite=a.force)
     if a.emit_onnx:
@@ -807,8 +847,12 @@ def _compile_parser(sub) -> None:
                    "per token and kv head; default: the model's dtype)")
     c.add_argument("--max-seq", type=int, help="with --generate: KV cache length, prompt + new tokens (default 1024)")
     c.add_argument("--batch-buckets", help="with --generate: batch sizes compiled for (default 1,2,4,8,16)")
-    c.add_argument("--quantize", choices=["w8a16", "w8a16-gptq", "w4a16", "w4a16-gptq"],
-                   help="weight-only quantization: int8 per channel / int4 groups, rounded or GPTQ (needs --calib)")
+    c.add_argument("--quantize", choices=["w8a16", "w8a16-gptq", "w4a16", "w4a16-gptq", "fp8", "w8a8"],
+                   help="weight-only quantization: int8 per channel / int4 groups, rounded or GPTQ (needs --calib); or weights "
+                   "and activations in 8 bits for compute-bound GEMMs (DiT, prefill): fp8 (e4m3), w8a8 (int8 with SmoothQuant: "
+                   "an LLM needs --calib, a DiT calibrates on random latents / timesteps / classes)")
+    c.add_argument("--quantize-smoothing", default="search", metavar="search|off|A",
+                   help="w8a8's SmoothQuant strength: searched per GEMM input (default), off, or a fixed value in [0, 1]")
     c.add_argument("--quantize-group", default="128", choices=["32", "64", "128", "channel"],
                    help="input features per scale of 4-bit weights (default 128)")
     c.add_argument("--calib", metavar="FILE", help="calibration data for --quantize with --model: a text file (tokenized "

@@ -7,11 +7,14 @@ from dataclasses import dataclass, field
 from .errors import KilnError
 from .ir.kv_quant import KV_DTYPES
 from .passes.pipeline import PASS_NAMES
+from .passes.quantize_acts import MODES as ACT_MODES
+from .passes.quantize_acts import ActQuantSpec
 from .passes.quantize_weights import MODES, QuantizeSpec
 
 
 BACKENDS = ("auto", "kernels", "reference")
-KERNEL_CHOICES = {"gemm": ("cublas", "cublaslt", "triton", "triton-skinny", "triton-qgemm", "dequant-cublas"),
+KERNEL_CHOICES = {"gemm": ("cublas", "cublaslt", "triton", "triton-skinny", "triton-qgemm", "dequant-cublas", "triton-aqgemm",
+                          "scaled-mm", "int-mm", "reference"),
                   "attention": ("sdpa", "kiln", "kiln-decode")}
 
 
@@ -38,7 +41,9 @@ class CompileConfig:
     tags: dict = field(default_factory=dict)
     #: weight-only quantization of every matmul on a stored weight: None (off), "w8a16" (int8 per output channel),
     #: "w4a16" (int4 in groups of quantize_group), rounded to nearest; "w4a16-gptq" / "w8a16-gptq": GPTQ on
-    #: calibration data (``kiln.compile(..., calibration=...)``)
+    #: calibration data (``kiln.compile(..., calibration=...)``); compute-bound (weights and activations in 8 bits,
+    #: activations per token at run time): "fp8" (e4m3, no calibration needed), "w8a8" (int8 with SmoothQuant, its
+    #: strength searched per GEMM input on calibration data)
     quantize: str | None = None
     #: input features per scale of 4-bit weights: 32, 64, 128, or None (one scale per output channel)
     quantize_group: int | None = 128
@@ -48,6 +53,8 @@ class CompileConfig:
     quantize_lm_head: bool | None = None
     #: GPTQ visits input features by descending Hessian diagonal (act_order)
     quantize_act_order: bool = False
+    #: w8a8's SmoothQuant strength: "search" (per GEMM input, on the calibration data), "off", or a fixed value in [0, 1]
+    quantize_smoothing: str | float = "search"
     #: tensor parallel: the number of ranks the graph is sharded over (passes/shard_tensor_parallel.py); 1: not sharded
     tp: int = 1
     #: the rank whose shard this is; None: the process group's rank (torch.distributed, initialised with tp ranks)
@@ -80,14 +87,16 @@ class CompileConfig:
             raise KilnError(f"unknown pass name(s) to disable: {', '.join(unknown)}",
                             hint=f"passes are: {', '.join(PASS_NAMES)}")
 
-    def quantize_spec(self) -> QuantizeSpec | None:
-        """What the quantize_weights pass does (None: quantization off)."""
+    def quantize_spec(self) -> QuantizeSpec | ActQuantSpec | None:
+        """What the quantize_weights pass (or smooth and quantize_acts) do (None: quantization off)."""
         if self.quantize is None:
             return None
-        if self.quantize not in MODES:
-            raise KilnError(f"CompileConfig.quantize must be None or one of {', '.join(MODES)}, got {self.quantize!r}")
+        if self.quantize not in MODES and self.quantize not in ACT_MODES:
+            raise KilnError(f"CompileConfig.quantize must be None or one of {', '.join([*MODES, *ACT_MODES])}, got {self.quantize!r}")
         if self.quantize_lm_head not in (None, True, False):
             raise KilnError(f"CompileConfig.quantize_lm_head must be None, True or False, got {self.quantize_lm_head!r}")
+        if self.quantize in ACT_MODES:
+            return ActQuantSpec(self.quantize, self.quantize_smoothing, self.quantize_lm_head)
         return QuantizeSpec(self.quantize, self.quantize_group, bool(self.quantize_symmetric), self.quantize_lm_head,
                             bool(self.quantize_act_order))
 

@@ -1,14 +1,14 @@
-"""Quality of kiln's weight-only quantization on a real small model: /work/shared/models/pyllama (a 5.2M-parameter
+"""Quality of kiln's quantization (weight-only, FP8, W8A8) on a real small model: /work/shared/models/pyllama (a 5.2M-parameter
 Llama trained on Python source, bf16 weights; see its README), through kiln on the CPU (reference backend).
 
 For each mode (bf16 weights, w8a16, w4a16 rounding, w4a16 GPTQ; group 128; and GPTQ with the LM head at 4 bits
-too, the case CompileConfig.quantize_lm_head's default leaves out):
+too, the case CompileConfig.quantize_lm_head's default leaves out; fp8; w8a8 with the searched smoothing and without):
 - held-out perplexity: tokens [0, EVAL_TOKENS) of heldout.npy in windows of 512 (the README's figure: 49.4 in
   fp32 compute, transformers eager), next-token NLL over every window position but the last;
 - greedy generation of a Python prompt (``def read_config(path):\\n    ``) by kiln's generator (bf16 compute), how
   many of its first tokens equal the bf16 model's, and the top-1 agreement with the bf16 model along the bf16
   model's continuation (teacher-forced, float32: unlike the first divergence, not thrown by one near tie).
-Calibration (GPTQ's Hessians, every mode's measured errors): 16 windows of 256 held-out tokens far from the
+Calibration (GPTQ's Hessians, SmoothQuant's strengths, every mode's measured errors): 16 windows of 256 held-out tokens far from the
 evaluated range ([CALIB_START, CALIB_START + 4096)). Compute is float32 on the model's bf16 weights (cast exactly),
 so the perplexity deltas are the quantization's alone.
 
@@ -30,6 +30,7 @@ MODEL = Path("/work/shared/models/pyllama")
 MODES = {  # name -> CompileConfig fields; "bf16": the weights as they are
     "bf16": {}, "w8a16": dict(quantize="w8a16"), "w4a16": dict(quantize="w4a16"), "w4a16-gptq": dict(quantize="w4a16-gptq"),
     "w4a16-gptq+head": dict(quantize="w4a16-gptq", quantize_lm_head=True),
+    "fp8": dict(quantize="fp8"), "w8a8": dict(quantize="w8a8"), "w8a8-nosmooth": dict(quantize="w8a8", quantize_smoothing="off"),
 }
 WINDOW, EVAL_TOKENS = 512, 20480
 CALIB_START, CALIB_WINDOWS, CALIB_LEN = 96_000, 16, 256
@@ -96,12 +97,15 @@ def top1(compiled, seq: list[int], n: int) -> torch.Tensor:
 
 
 def quantized_gemms(compiled) -> list[str]:
-    """The report's line per quantized weight: its shape, bits, method and measured output error."""
-    return list(compiled.report().to_dict()["passes"]["quantize_weights"].get("notes", []))
+    """The report's line per quantized weight (its shape, format, method and measured output error), and per smoothed
+    GEMM input its strength."""
+    passes = compiled.report().to_dict()["passes"]
+    return [n for name in ("smooth", "quantize_weights", "quantize_acts") for n in passes.get(name, {}).get("notes", [])]
 
 
-def run(n_tokens: int = EVAL_TOKENS, modes=tuple(MODES), new_tokens: int = 32, calib_windows: int = CALIB_WINDOWS) -> dict:
-    """Perplexity and greedy text of each of ``modes`` (names of MODES, "bf16" first for the deltas)."""
+def run(n_tokens: int = EVAL_TOKENS, modes=tuple(MODES), new_tokens: int = 32, calib_windows: int = CALIB_WINDOWS,
+        texts: bool = True) -> dict:
+    """Perplexity and (``texts``) greedy text of each of ``modes`` (names of MODES, "bf16" first for the deltas)."""
     tokens = heldout()
     calib = calibration(tokens, calib_windows)
     res = {"model": str(MODEL), "eval_tokens": n_tokens // WINDOW * WINDOW, "window": WINDOW,
@@ -112,18 +116,19 @@ def run(n_tokens: int = EVAL_TOKENS, modes=tuple(MODES), new_tokens: int = 32, c
         lm = compile_lm(MODES[name], calib)
         compile_s = time.perf_counter() - t0
         ppl = perplexity(lm, tokens, n_tokens)
-        toks, text, g = generate(MODES[name], calib, new_tokens)
-        seq = seq or g.tokenizer.encode(PROMPT) + toks  # the first mode's (bf16's) continuation
-        pred[name] = top1(lm, seq, new_tokens)
-        res["modes"][name] = {"perplexity": ppl, "compile_s": compile_s, "tokens": toks, "text": text,
-                              "quantized": quantized_gemms(lm) if MODES[name] else []}
-        print(f"{name:>15}  ppl {ppl:8.3f}  compile {compile_s:5.1f} s  {text!r}", flush=True)
-    base = next(iter(res["modes"]))
+        r = res["modes"][name] = {"perplexity": ppl, "compile_s": compile_s, "quantized": quantized_gemms(lm) if MODES[name] else []}
+        if texts:
+            r["tokens"], r["text"], g = generate(MODES[name], calib, new_tokens)
+            seq = seq or g.tokenizer.encode(PROMPT) + r["tokens"]  # the first mode's (bf16's) continuation
+            pred[name] = top1(lm, seq, new_tokens)
+        print(f"{name:>15}  ppl {ppl:8.3f}  compile {compile_s:5.1f} s  {r.get('text', '')!r}", flush=True)
+    base = res["modes"][next(iter(res["modes"]))]
     for name, r in res["modes"].items():
-        r["ppl_delta"] = r["perplexity"] / res["modes"][base]["perplexity"] - 1
-        r["same_first_tokens"] = next((i for i, (a, b) in enumerate(zip(r["tokens"], res["modes"][base]["tokens"])) if a != b),
-                                      min(len(r["tokens"]), len(res["modes"][base]["tokens"])))
-        r["top1_agreement"] = float((pred[name] == pred[base]).double().mean())
+        r["ppl_delta"] = r["perplexity"] / base["perplexity"] - 1
+        if texts:
+            r["same_first_tokens"] = next((i for i, (a, b) in enumerate(zip(r["tokens"], base["tokens"])) if a != b),
+                                          min(len(r["tokens"]), len(base["tokens"])))
+            r["top1_agreement"] = float((pred[name] == pred[next(iter(pred))]).double().mean())
     return res
 
 

@@ -11,6 +11,9 @@ candidate is a name -> a closure that runs the group once into ``out`` (so a CUD
                template normalising x as it loads it (``triton-skinny-norm``, one launch)
     QGEMM      the weight dequantized then cuBLAS (the fallback: a torch temporary of the weight per call);
                the skinny template (<= 16 rows) or the qgemm template (more rows) dequantizing in registers
+    AQGEMM     x quantized per token by kiln's row kernel, then kiln's int8 / fp8 template (scales and epilogue
+               fused); torch._int_mm + kiln's scaled epilogue (int8); torch._scaled_mm, cuBLASLt's fp8 GEMM with
+               row-wise scales, + kiln's epilogue (fp8, bfloat16 out)
     ATTENTION  SDPA; kiln's flash kernel; the split-KV decode kernel for few query rows over long keys. On a quantized
                KV cache both kernels dequantize in registers; SDPA, offered there only for many query rows (prefill),
                reads a planned scratch the cache is dequantized into first (``attention_scratch``)
@@ -27,13 +30,15 @@ import torch
 import torch.nn.functional as F
 
 from ..ir.ops import OPS, attention_operands, conv_operands, sdpa_mask
-from ..ir.ops_fused import gemm_operands, qgemm_operands
+from ..ir.ops_fused import aqgemm_operands, gemm_operands, qgemm_operands
+from .kernels import aqgemm as taq
 from .kernels import attention as ta
 from .kernels import conv_epilogue as tce
 from .kernels import decode_attention as td
 from .kernels import gemm as tg
 from .kernels import group_norm as tgn
 from .kernels import qgemm as tq
+from .kernels import quantize_rows as tqr
 from .kernels import skinny as ts
 from .kernels.epilogue import epilogue
 
@@ -41,6 +46,7 @@ from .kernels.epilogue import epilogue
 # start; one GEMM configuration (the template lost to cuBLAS at every measured shape) keeps DiT-XL/2's cold
 # compile inside its budget
 TRITON_GEMM_CONFIGS = 1
+TRITON_AQGEMM_CONFIGS = 2
 TRITON_ATTENTION_CONFIGS = 2
 
 
@@ -194,6 +200,60 @@ def qgemm(args: list, attrs: dict, out: torch.Tensor, tmp: torch.Tensor | None, 
             "glu": glu, "bias": bias is not None, "gate": None if gate is None else list(gate.shape),
             "residual": None if residual is None else list(residual.shape)}
     return _norm_what(what, norm), candidates
+
+
+def aqgemm(args: list, attrs: dict, out: torch.Tensor, tmp: torch.Tensor | None, device: torch.device,
+           workspace: torch.Tensor | None = None, norm: dict | None = None) -> tuple[dict, dict]:
+    """An AQGEMM's candidates (``tmp``, ``workspace``, ``norm``: unused, the signature of ``gemm``'s; an AQGEMM takes no
+    norm prologue). The codes of x and the library products are torch temporaries of each call (a CUDA graph serves
+    them from its pool at fixed addresses)."""
+    x, wq, ws, smooth, bias, gate, residual = aqgemm_operands(args, attrs)
+    fmt, act, glu = attrs["format"], attrs["act"], attrs["glu"]
+    m, k, nw = math.prod(x.shape[:-1]), x.shape[-1], wq.shape[0]
+    x2, lead = x.reshape(m, k), tuple(x.shape[:-1])
+
+    def quantized():  # (codes [..., K], scales [...])
+        q, s = tqr.quantize_rows(x2, fmt, smooth)
+        return q.view(*lead, k), s.view(lead)
+
+    candidates = {}
+    if _triton_ok(tqr.DTYPES, x.dtype, device, tqr.INTERPRET):
+        cfgs = taq.configs(m, glu) if device.type == "cuda" else [taq.INTERPRET_CONFIG]
+        for c in cfgs[:TRITON_AQGEMM_CONFIGS]:
+            candidates[config_name("triton-aqgemm", c)] = (
+                lambda c=c: taq.aqgemm(*quantized(), wq, ws, bias, gate, residual, act, glu, out=out, config=c))
+        candidates.update(_aqgemm_library(quantized, wq, ws, (bias, gate, residual), attrs, out, device, (m, k, nw)))
+    if not candidates:  # no kernel for this dtype / device: the op's reference, copied
+        candidates["reference"] = lambda: out.copy_(OPS["AQGEMM"].ref(args, attrs))
+    what = {"op": "AQGEMM", "format": fmt, "x": list(x.shape), "x_stride": list(x.stride()), "w": list(wq.shape),
+            "dtype": str(x.dtype), "smooth": smooth is not None, "act": act, "glu": glu, "bias": bias is not None,
+            "gate": None if gate is None else list(gate.shape), "residual": None if residual is None else list(residual.shape)}
+    return what, candidates
+
+
+def _aqgemm_library(quantized, wq, ws, epilogue_ops: tuple, attrs: dict, out, device: torch.device, mkn: tuple) -> dict:
+    """torch._int_mm (int8, CUDA or the CPU tests) and torch._scaled_mm (fp8, CUDA, bfloat16 out) on the codes, each + one
+    epilogue kernel, where cuBLAS(Lt) takes the shape (int8: M > 16, K and N multiples of 8; fp8: K, N multiples of 16)."""
+    (m, k, nw), (bias, gate, residual) = mkn, epilogue_ops
+    act, glu, wt = attrs["act"], attrs["glu"], wq.t()  # wq [N, K] row-major: the column-major [K, N] cuBLAS wants
+    candidates = {}
+    if attrs["format"] == "int8" and m > 16 and k % 8 == 0 and nw % 8 == 0:
+        def int_mm():
+            q, s = quantized()
+            taq.scaled_epilogue(torch._int_mm(q.view(m, k), wt).view(*q.shape[:-1], nw), s, ws, bias, gate, residual, act, glu, out=out)
+        candidates["int-mm"] = int_mm
+    if attrs["format"] == "fp8" and device.type == "cuda" and out.dtype == torch.bfloat16 and k % 16 == 0 and nw % 16 == 0:
+        plain = bias is None and gate is None and residual is None and act == "none" and not glu
+
+        def scaled_mm():
+            q, s = quantized()
+            mm = dict(scale_a=s.view(m, 1), scale_b=ws.view(1, nw), out_dtype=out.dtype)
+            if plain:
+                torch._scaled_mm(q.view(m, k), wt, **mm, out=out.view(m, nw))
+            else:
+                epilogue(torch._scaled_mm(q.view(m, k), wt, **mm).view(*q.shape[:-1], nw), bias, gate, residual, act, glu, out=out)
+        candidates["scaled-mm"] = scaled_mm
+    return candidates
 
 
 def _decode_fits(q, k, v, mask, causal: bool, gqa: bool, device: torch.device) -> bool:

@@ -1,6 +1,6 @@
 """Partition an optimized graph into kernel groups.
 
-    gemm       GEMM / LINEAR / MATMUL / QGEMM, one node (its epilogue is part of the op), or that node after
+    gemm       GEMM / LINEAR / MATMUL / QGEMM / AQGEMM, one node (its epilogue is part of the op), or that node after
                the RMSNORM that only it reads: the norm prologue (see ``norm_prologue``)
     attention  ATTENTION, one node
     conv       CONV2D / CONV, one node (CONV's epilogue is part of the op)
@@ -35,7 +35,7 @@ from ..ir.ops import SOURCE_OPS, fits
 from ..ir.types import dims_equal, is_static
 from .pointwise import MAX_ROW, ROW_OPS, expr_key, fusible, launch
 
-GEMM_OPS = frozenset({"GEMM", "LINEAR", "MATMUL", "QGEMM"})
+GEMM_OPS = frozenset({"GEMM", "LINEAR", "MATMUL", "QGEMM", "AQGEMM"})
 PROLOGUE_GEMMS = frozenset({"GEMM", "LINEAR", "QGEMM"})  # the ops of the weight-streaming template (a norm prologue)
 CONV_OPS = frozenset({"CONV2D", "CONV"})
 VIEW_OPS = frozenset({"PERMUTE", "SLICE", "EXPAND", "RESHAPE"})

@@ -10,6 +10,8 @@ unfused formula, in the same order, so a fusion changes no number on the referen
 - ``QGEMM(x, qweight, scales[, zeros][, bias][, gate][, residual])``: GEMM on a weight-only quantized weight
   in kiln's packed format (``ir/quant.py``): ``W = (q - zero) * scale`` dequantized in float32, rounded to
   x's dtype, then exactly GEMM's formula. Attributes: GEMM's, plus ``bits`` (4 / 8), ``group`` and ``zeros``.
+- ``AQGEMM(x, wq, ws[, smooth][, bias][, gate][, residual])``: GEMM with activations quantized too (W8A8 int8, FP8
+  e4m3): see its section below.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .ops import REQUIRED, ShapeError, define, fits, infer_norm, layernorm_ref, same_dtype
-from .quant import QuantWeight, check_layout, codes_of
+from .quant import QuantWeight, check_layout, codes_of, quantize_rows
 from .types import TType, dims_equal, shape_str
 
 ACTIVATIONS = {
@@ -72,7 +74,11 @@ def _epilogue_type(op: str, x: TType, w_shape: tuple, bias, gate, residual, a) -
 
 def _gemm(ins, a):
     x, w, bias, gate, residual = gemm_operands(ins, a)
-    h = F.linear(x, w, bias)
+    return apply_epilogue(F.linear(x, w, bias), gate, residual, a)
+
+
+def apply_epilogue(h, gate, residual, a):
+    """``residual + gate * epi(h)``: GEMM's epilogue after the matmul and its bias (``a``: act, glu)."""
     act = ACTIVATIONS[a["act"]]
     if a["glu"]:
         g, u = h.chunk(2, dim=-1)
@@ -179,4 +185,70 @@ def _qgemm(ins, a):
 define("QGEMM", (3, 7), "compute", _infer_qgemm, _qgemm, bits=REQUIRED, group=REQUIRED, zeros=False, bias=False, act="none",
        glu=False, gate=False, residual=False)
 
-FUSED_OPS = ("GEMM", "LAYERNORM_MODULATE", "ROPE", "QGEMM")
+
+
+# ----------------------------------------------------------------------------- AQGEMM: activations quantized too
+#
+# AQGEMM(x, wq, ws[, smooth][, bias][, gate][, residual]; format, smooth, bias, act, glu, gate, residual):
+#
+#     qx, sx = quantize_rows(x * smooth, format)             per token, at run time (ir/quant.py)
+#     h = (qx @ wq^T) * sx[:, None] * ws[None, :] + bias      float32 (integer / fp8 products, scaled once)
+#     out = residual + gate * epi(h)                          GEMM's epilogue, in float32, rounded once to x's dtype
+#
+# wq: int8 (format "int8") or float8_e4m3fn ("fp8") codes [N, K], per output channel; ws float32 [N]; smooth float32
+# [K] (SmoothQuant's 1 / s where no norm weight can absorb it: the quantizing kernel reads x anyway).
+# A sibling of QGEMM, not a QGEMM variant: QGEMM computes on x as it is (the weight is dequantized to x's dtype),
+# AQGEMM quantizes x, so the matmul runs on int8 / fp8 tensor cores; the weight formats (unsigned grouped codes with
+# zero points vs signed per-channel codes) and attributes share nothing beyond the epilogue.
+
+AQ_FORMATS = {"int8": "int8", "fp8": "float8_e4m3fn"}  # format -> the codes' IR dtype
+
+
+def aqgemm_operands(ins, a) -> tuple:
+    """(x, wq, ws, smooth, bias, gate, residual) from an AQGEMM's inputs; absent ones are None."""
+    it = iter(ins[3:])
+    smooth = next(it) if a["smooth"] else None
+    bias = next(it) if a["bias"] else None
+    gate = next(it) if a["gate"] else None
+    residual = next(it) if a["residual"] else None
+    return ins[0], ins[1], ins[2], smooth, bias, gate, residual
+
+
+def _infer_aqgemm(ins, a):
+    arity = 3 + int(a["smooth"]) + _gemm_arity(a) - 2
+    if len(ins) != arity:
+        raise ShapeError(f"AQGEMM: {len(ins)} inputs, the attributes (smooth={a['smooth']}, bias={a['bias']}, gate={a['gate']}, "
+                         f"residual={a['residual']}) say {arity}")
+    if a["format"] not in AQ_FORMATS:
+        raise ShapeError(f"AQGEMM: unknown format {a['format']!r} (one of {', '.join(AQ_FORMATS)})")
+    x, wq, ws, smooth, bias, gate, residual = aqgemm_operands(ins, a)
+    if not x.shape or not isinstance(x.shape[-1], int) or len(wq.shape) != 2 or not dims_equal(wq.shape[1], x.shape[-1]):
+        raise ShapeError(f"AQGEMM: input {shape_str(x.shape)} and weight codes {shape_str(wq.shape)} (codes are [N, K])")
+    if x.dtype not in ("float16", "bfloat16", "float32", "float64"):
+        raise ShapeError(f"AQGEMM: input dtype {x.dtype} is not a float")
+    if wq.dtype != AQ_FORMATS[a["format"]]:
+        raise ShapeError(f"AQGEMM: {a['format']} weight codes must be {AQ_FORMATS[a['format']]}, got {wq.dtype}")
+    n, k = wq.shape
+    for name, t, size in (("ws", ws, n), ("smooth", smooth, k)):
+        if t is not None and (t.dtype not in ("float32", "float64") or len(t.shape) != 1 or not dims_equal(t.shape[0], size)):
+            raise ShapeError(f"AQGEMM: {name} is {t.dtype}{shape_str(t.shape)}, expected float32[{size}]")
+    same_dtype("AQGEMM", [x] + [t for t in (bias, gate, residual) if t is not None])
+    return _epilogue_type("AQGEMM", x, (n, k), bias, gate, residual, a)
+
+
+def _aqgemm(ins, a):
+    x, wq, ws, smooth, bias, gate, residual = aqgemm_operands(ins, a)
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xs = x.to(acc) * smooth.to(acc) if smooth is not None else x
+    qx, sx = quantize_rows(xs, a["format"])  # [..., K], [...]
+    h = (qx.to(acc) @ wq.to(acc).T) * sx.to(acc)[..., None] * ws.to(acc)
+    if bias is not None:
+        h = h + bias.to(acc)
+    up = [t.to(acc) if t is not None else None for t in (gate, residual)]
+    return apply_epilogue(h, *up, a).to(x.dtype)
+
+
+define("AQGEMM", (3, 7), "compute", _infer_aqgemm, _aqgemm, format=REQUIRED, smooth=False, bias=False, act="none", glu=False,
+       gate=False, residual=False)
+
+FUSED_OPS = ("GEMM", "LAYERNORM_MODULATE", "ROPE", "QGEMM", "AQGEMM")

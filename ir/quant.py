@@ -205,3 +205,37 @@ def quantize_rtn(w: torch.Tensor, bits: int, group: int, symmetric: bool,
     expand = dict(repeats=group, dim=1)
     codes = round_to_grid(w, scales.float().repeat_interleave(**expand), zero.repeat_interleave(**expand), bits)
     return from_codes(codes, scales, zero, bits, group, symmetric)
+
+
+# ----------------------------------------------------------------------------- activation-quantized formats (W8A8, FP8)
+#
+# Weights AND activations are quantized symmetrically, one scale per row: a weight [N, K] per output channel (at
+# compile time), an activation [..., K] per token (at run time, from that row's values: dynamic):
+#
+#     s = max(amax |t_row| / qmax, tiny)            (float32; qmax 127 for int8, 448 for fp8 e4m3; a zero row: tiny)
+#     int8:  q = clamp(round(t / s), -127, 127)     (round half to even; -128 unused: the grid is symmetric)
+#     fp8:   q = e4m3(clamp(t / s, -448, 448))      (torch.float8_e4m3fn, rounded to nearest even)
+#     t ~ q * s
+#
+# A matmul of two such operands is exact integer (or fp8 product) arithmetic scaled once per output element:
+# x W^T ~ (qx qw^T) * s_x[m] * s_w[n], the row scale of x times the column scale of W (the GEMM's epilogue).
+
+ACT_FORMATS = {"int8": (torch.int8, 127.0), "fp8": (torch.float8_e4m3fn, 448.0)}
+
+
+def quantize_rows(t: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """t [..., K] -> (codes [..., K] in the format's dtype, scales [...]), one symmetric scale per row (see above).
+
+    Scales are float32 (float64 for float64 t: the interpreter's float64 mode); the division is one IEEE rounding,
+    as in the kernels, so a kernel's codes equal these."""
+    dtype, qmax = ACT_FORMATS[fmt]
+    acc = torch.float64 if t.dtype == torch.float64 else torch.float32
+    t = t.to(acc)
+    scale = (t.abs().amax(-1) / qmax).clamp_min(torch.finfo(torch.float32).tiny)  # [...]
+    v = (t / scale[..., None]).clamp(-qmax, qmax)
+    return (torch.round(v) if fmt == "int8" else v).to(dtype), scale
+
+
+def dequantize_rows(codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """codes [..., K] * scales [...] per row, in ``dtype``."""
+    return codes.to(dtype) * scales.to(dtype)[..., None]

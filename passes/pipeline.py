@@ -17,6 +17,8 @@ from .fuse_conv import fuse_conv
 from .fuse_epilogue import fuse_epilogue
 from .fuse_horizontal_gemm import fuse_horizontal_gemm
 from .fuse_norm import fuse_norm
+from .smooth import smooth
+from .quantize_acts import ActQuantSpec, quantize_acts
 from .quantize_weights import QuantizeSpec, quantize_weights
 from .report import Report
 from .shard_tensor_parallel import shard_tensor_parallel
@@ -49,18 +51,27 @@ PIPELINE = [
     # last: a merged QKV / gate-up / adaLN GEMM is quantized as ONE weight against its one input's Hessian, and its
     # fused epilogue carries over into the QGEMM; off unless CompileConfig.quantize is set
     ("quantize_weights", quantize_weights),
+    # the compute-bound modes (fp8, w8a8), the alternative to quantize_weights, late for the same reasons. SmoothQuant
+    # first: it rewrites the float graph (norm weights, GEMM weights) that quantize_acts then quantizes; after fusion,
+    # so the inputs it smooths are those of the merged GEMMs. Off unless CompileConfig.quantize is "fp8" / "w8a8"
+    ("smooth", smooth),
+    ("quantize_acts", quantize_acts),
 ]
 PASS_NAMES = tuple(name for name, _ in PIPELINE)
 
 
-def run_pipeline(graph: Graph, disable=(), report: Report | None = None, quantize: QuantizeSpec | None = None,
+def run_pipeline(graph: Graph, disable=(), report: Report | None = None, quantize: QuantizeSpec | ActQuantSpec | None = None,
                  calibration: list | None = None, tp: tuple[int, int] = (0, 1), prequantized: dict | None = None) -> Graph:
     """Run every enabled pass in order; verify the graph after each that changed it. ``KILN_DEBUG=1``
-    verifies after every pass and prints the IR after each to stderr. ``quantize``: weight-only quantization
-    (None: off) and its ``calibration`` samples (flat input lists, graph order); ``tp``: (rank, world) of the tensor-parallel
-    shard to make (world 1: the whole graph); ``prequantized``: weights a checkpoint holds already quantized, by graph
-    weight name (``quantize_weights`` packs them as given)."""
-    settings = {"quantize_weights": dict(spec=quantize, calibration=calibration, prequantized=prequantized),  # passes with settings
+    verifies after every pass and prints the IR after each to stderr. ``quantize``: weight-only (QuantizeSpec) or
+    weight-and-activation (ActQuantSpec) quantization (None: off) and its ``calibration`` samples (flat input lists,
+    graph order); ``tp``: (rank, world) of the tensor-parallel shard to make (world 1: the whole graph);
+    ``prequantized``: weights a checkpoint holds already quantized, by graph weight name (``quantize_weights`` packs
+    them as given)."""
+    weights = quantize if isinstance(quantize, QuantizeSpec) else None
+    acts = quantize if isinstance(quantize, ActQuantSpec) else None
+    settings = {"quantize_weights": dict(spec=weights, calibration=calibration, prequantized=prequantized),  # passes with settings
+                "smooth": dict(spec=acts, calibration=calibration), "quantize_acts": dict(spec=acts, calibration=calibration),
                 "shard_tensor_parallel": dict(rank=tp[0], world=tp[1])}
     for name, fn in PIPELINE:
         if name in disable:

@@ -45,10 +45,9 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import KilnError
-from ..ir.bind import bind_inputs
 from ..ir.graph import Graph, Node
-from ..ir.interpret import eval_node
 from ..ir.quant import GROUPS, QuantWeight, check_layout, dequantize, quantize_rtn
+from .calibrate import observe_inputs
 from .gptq import HessianAccumulator, gptq
 from .report import PassStats
 
@@ -216,38 +215,11 @@ def _is_output_head(graph: Graph, n: Node) -> bool:
 def _hessians(graph: Graph, sites: dict[str, list[Node]], calibration) -> dict[str, HessianAccumulator]:
     """Each site weight's Hessian over its GEMMs' inputs, the float graph run on every calibration sample."""
     device = next(iter(graph.weights.values())).device
-    site_of = {n: name for name, nodes in sites.items() for n in nodes}
     # float32 sums, as the GPTQ reference keeps them: twice the speed of float64 on a CPU, half the memory on a GPU
     # (a 1B model's 8192-wide down projections: 256 MiB each); GPTQ factors them in float64
     accs = {name: HessianAccumulator(nodes[0].inputs[0].shape[-1], torch.float32, device) for name, nodes in sites.items()}
-    last = {}
-    for k, n in enumerate(graph.nodes):
-        for i in n.inputs:
-            last[i] = k
-    for s, sample in enumerate(calibration):
-        sample = _sample(graph, sample, s, device)
-        bindings = bind_inputs(graph, sample)
-        env: dict = dict(zip(graph.inputs, sample))
-        with torch.no_grad():
-            for k, n in enumerate(graph.nodes):
-                if n.op == "WEIGHT":
-                    env[n] = graph.weights[n.attrs["name"]]
-                elif n.op != "INPUT" and n in last:  # (a value nothing reads is not computed)
-                    env[n] = eval_node(n, [env[i] for i in n.inputs], bindings)
-                if n in site_of:
-                    accs[site_of[n]].add(env[n.inputs[0]])
-                for i in n.inputs:
-                    if last[i] == k:
-                        env.pop(i, None)
+    observe_inputs(graph, {n: accs[name].add for name, nodes in sites.items() for n in nodes}, calibration)
     return accs
-
-
-def _sample(graph: Graph, sample, index: int, device) -> list[torch.Tensor]:
-    if not isinstance(sample, (list, tuple)) or len(sample) != len(graph.inputs) or \
-            not all(isinstance(t, torch.Tensor) for t in sample):
-        raise KilnError(f"calibration sample {index}: expected a list of {len(graph.inputs)} tensors "
-                        f"({', '.join(i.attrs['name'] for i in graph.inputs)}), got {type(sample).__name__}")
-    return [t.to(device) for t in sample]
 
 
 # ----------------------------------------------------------------------------- builder

@@ -428,8 +428,8 @@ class KernelPlan(Plan):
         if kind == "gemm":
             if n.op == "LINEAR":
                 attrs = dict(bias=len(args) > 2, act="none", glu=False, gate=False, residual=False)
-            what, candidates = (lower.qgemm if n.op == "QGEMM" else lower.gemm)(args, attrs, out, tmp, device, workspace,
-                                                                                self._norm(g))
+            what, candidates = {"QGEMM": lower.qgemm, "AQGEMM": lower.aqgemm}.get(n.op, lower.gemm)(args, attrs, out, tmp, device,
+                                                                                                 workspace, self._norm(g))
         elif kind == "attention":
             what, candidates = lower.attention(args, attrs, out, tmp, device)
         elif kind == "conv":

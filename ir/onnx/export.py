@@ -39,6 +39,8 @@ def _tensor_proto(t: torch.Tensor, name: str) -> TensorProto:
     t = t.detach().cpu().contiguous()
     if t.dtype == torch.bfloat16:
         return helper.make_tensor(name, TensorProto.BFLOAT16, list(t.shape), t.view(torch.int16).numpy().tobytes(), raw=True)
+    if t.dtype == torch.float8_e4m3fn:
+        return helper.make_tensor(name, TensorProto.FLOAT8E4M3FN, list(t.shape), t.view(torch.uint8).numpy().tobytes(), raw=True)
     return numpy_helper.from_array(t.numpy(), name)
 
 

@@ -20,7 +20,7 @@ ONNX_DTYPES = {
     TensorProto.BFLOAT16: "bfloat16", TensorProto.INT64: "int64", TensorProto.INT32: "int32",
     TensorProto.INT16: "int16", TensorProto.INT8: "int8", TensorProto.UINT8: "uint8", TensorProto.BOOL: "bool",
 }
-KILN_TO_ONNX = {v: k for k, v in ONNX_DTYPES.items()}
+KILN_TO_ONNX = {v: k for k, v in ONNX_DTYPES.items()} | {"float8_e4m3fn": TensorProto.FLOAT8E4M3FN}  # (fp8 AQGEMM codes: export only)
 _NP = {"float32": np.float32, "float64": np.float64, "float16": np.float16, "int64": np.int64, "int32": np.int32,
        "int16": np.int16, "int8": np.int8, "uint8": np.uint8, "bool": np.bool_}
 

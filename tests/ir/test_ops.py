@@ -134,6 +134,9 @@ CASES += [
     case("ROPE", ((2, 4, 5, 8), f32), ((2, 1, 5, 8), f32), ((2, 1, 5, 8), f32)),
     case("QGEMM", ((2, 3, 64), f32), ((8, 32), u8), ((8, 2), f16), ((8, 2), u8), bits=4, group=32, zeros=True, act="silu", glu=True),
     case("QGEMM", ((3, 64), bf16), ((7, 64), u8), ((7, 1), f32), ((7,), bf16), ((3, 7), bf16), bits=8, group=64, bias=True, residual=True),
+    case("AQGEMM", ((2, 3, 40), f32), ((12, 40), i8), ((12,), f32), ((40,), f32), format="int8", smooth=True, act="silu", glu=True),
+    case("AQGEMM", ((3, 40), bf16), ((7, 40), "float8_e4m3fn"), ((7,), f32), ((7,), bf16), ((3, 7), bf16), format="fp8", bias=True,
+         residual=True),
     # linear algebra
     case("LINEAR", ((2, 3, 5), f32), ((7, 5), f32), ((7,), f32)),
     case("LINEAR", ((5,), bf16), ((7, 5), bf16)),

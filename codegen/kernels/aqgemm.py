@@ -1,0 +1,256 @@
+"""GEMM on quantized activations AND weights (W8A8 int8, FP8 e4m3): the AQGEMM op's matmul, as one Triton template.
+
+    acc[m, n] = sum_k qx[m, k] * qw[n, k]              int8 x int8 -> int32 exactly, or fp8 x fp8 -> float32
+    h[m, n]   = acc[m, n] * sx[m] * sw[n] (+ bias[n])  the row scale of x times the column scale of W, float32
+    out       = residual + gate * epi(h)               gemm.py's epilogue (act, glu, gate, residual), one rounding
+
+qx [M, K] and its scales sx [M] come from ``quantize_rows.py`` (per token, at run time); qw [N, K] (out, in) and
+sw [N] are the weight's codes per output channel (``ir/quant.py``). Hopper's tensor cores run both operand types
+at twice the bf16 rate; the dequantization costs two multiplies per output element, none per weight.
+
+The template is gemm.py's (grouped program order, masked K steps, GLU as two accumulators sharing each x tile);
+the accumulator is int32 for int8 (exact: |acc| <= 127 * 127 * K < 2**31 for K < 133000), float32 for fp8. The
+same epilogue also runs alone (``scaled_epilogue``) on a library product: ``torch._int_mm``'s int32 [M, Nh].
+"""
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ...ir.ops_fused import ACTIVATIONS, apply_epilogue
+from .gemm import _config, _gate_residual_store, check_output_operands, output_operands
+from .qgemm import _bias_act_glu
+
+# triton.jit picks the interpreter from this variable when the kernels below are defined; read it then too
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+CODE_DTYPES = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
+OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+INTERPRET_CONFIG = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, GROUP_M=2)
+
+
+@triton.jit
+def _scale(acc, acc_u, xs_ptr, ws_ptr, rows, cols, mask_m, mask_n, N, GLU: tl.constexpr):
+    # acc (int32 or float32 [BLOCK_M, BLOCK_N]) * sx[rows] * sw[cols] in float32; acc_u: the up half, columns N + cols
+    sx = tl.load(xs_ptr + rows, mask=mask_m, other=0.0)[:, None]
+    acc = acc.to(tl.float32) * sx * tl.load(ws_ptr + cols, mask=mask_n, other=0.0)[None, :]
+    if GLU:
+        acc_u = acc_u.to(tl.float32) * sx * tl.load(ws_ptr + N + cols, mask=mask_n, other=0.0)[None, :]
+    return acc, acc_u
+
+
+@triton.jit
+def _aqgemm_kernel(
+    x_ptr, w_ptr, xs_ptr, ws_ptr, bias_ptr, gate_ptr, res_ptr, out_ptr,
+    M, N, K,  # N: output columns (half of w's rows with GLU)
+    stride_xm, stride_xk,
+    stride_wn, stride_wk,
+    gate_rows, stride_gb, stride_gm, stride_gn,  # gate row m sits at (m // gate_rows) * stride_gb + (m % gate_rows) * stride_gm
+    res_rows, stride_rb, stride_rm, stride_rn,
+    stride_om, stride_on,
+    ACT: tl.constexpr, GLU: tl.constexpr, INT8: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_GATE: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # grouped program order (Triton matmul tutorial): GROUP_M row tiles share the weight tiles in L2
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    first_pid_m = (pid // num_pid_in_group) * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    rows = offs_m.to(tl.int64)  # int64 addressing: M * K may pass 2**31
+    cols = offs_n.to(tl.int64)
+
+    x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk  # [BLOCK_M, BLOCK_K]
+    w_ptrs = w_ptr + offs_k[:, None] * stride_wk + cols[None, :] * stride_wn  # [BLOCK_K, BLOCK_N] of w^T (K-major: wgmma's fp8 layout)
+    ACC: tl.constexpr = tl.int32 if INT8 else tl.float32
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    acc_u = acc
+    if GLU:
+        wu_ptrs = w_ptr + offs_k[:, None] * stride_wk + (cols + N)[None, :] * stride_wn  # the up half
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        k_left = K - k * BLOCK_K
+        a = tl.load(x_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
+        b = tl.load(w_ptrs, mask=(offs_k[:, None] < k_left) & mask_n[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, out_dtype=ACC)
+        if GLU:
+            bu = tl.load(wu_ptrs, mask=(offs_k[:, None] < k_left) & mask_n[None, :], other=0.0)
+            acc_u = tl.dot(a, bu, acc_u, out_dtype=ACC)
+            wu_ptrs += BLOCK_K * stride_wk
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K * stride_wk
+
+    # epilogue, in float32, in the reference's order: scales, bias, activation (glu), gate, residual
+    acc, acc_u = _scale(acc, acc_u, xs_ptr, ws_ptr, rows, cols, mask_m, mask_n, N, GLU)
+    acc = _bias_act_glu(acc, acc_u, bias_ptr, cols, mask_n, N, ACT, GLU, HAS_BIAS)
+    mask = mask_m[:, None] & mask_n[None, :]
+    _gate_residual_store(acc, rows, cols, mask, gate_ptr, gate_rows, stride_gb, stride_gm, stride_gn,
+                         res_ptr, res_rows, stride_rb, stride_rm, stride_rn, out_ptr, stride_om, stride_on,
+                         HAS_GATE, HAS_RESIDUAL)
+
+
+@triton.jit
+def _scaled_epilogue_kernel(
+    h_ptr, xs_ptr, ws_ptr, bias_ptr, gate_ptr, res_ptr, out_ptr,
+    M, N,  # N: output columns (half of h's with GLU)
+    stride_hm, stride_hn,
+    gate_rows, stride_gb, stride_gm, stride_gn,
+    res_rows, stride_rb, stride_rm, stride_rn,
+    stride_om, stride_on,
+    ACT: tl.constexpr, GLU: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_GATE: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # the template's epilogue over a finished product h [M, Nh] (a library GEMM's): one read of h, one write
+    pid = tl.program_id(0)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    offs_m = (pid // num_pid_n) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = (pid % num_pid_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    mask = mask_m[:, None] & mask_n[None, :]
+    rows = offs_m.to(tl.int64)
+    cols = offs_n.to(tl.int64)
+    h_ptrs = h_ptr + rows[:, None] * stride_hm + cols[None, :] * stride_hn
+    acc = tl.load(h_ptrs, mask=mask, other=0)
+    acc_u = acc
+    if GLU:
+        acc_u = tl.load(h_ptrs + N * stride_hn, mask=mask, other=0)
+    acc, acc_u = _scale(acc, acc_u, xs_ptr, ws_ptr, rows, cols, mask_m, mask_n, N, GLU)
+    acc = _bias_act_glu(acc, acc_u, bias_ptr, cols, mask_n, N, ACT, GLU, HAS_BIAS)
+    _gate_residual_store(acc, rows, cols, mask, gate_ptr, gate_rows, stride_gb, stride_gm, stride_gn,
+                         res_ptr, res_rows, stride_rb, stride_rm, stride_rn, out_ptr, stride_om, stride_on,
+                         HAS_GATE, HAS_RESIDUAL)
+
+
+# H200: one-byte operands, so K steps of 128 (a 128-byte row per step, as the bf16 template's 64); large tiles for
+# prefill / DiT (M in the thousands), thinner rows below SMALL_M
+LARGE_M_CONFIGS = [
+    _config(128, 128, 128, 8, 3),
+    _config(128, 256, 128, 8, 3),
+    _config(256, 128, 128, 8, 3),
+    _config(128, 128, 64, 4, 4),
+    _config(64, 128, 128, 4, 4),
+]
+SMALL_M_CONFIGS = [
+    _config(64, 128, 128, 4, 4),
+    _config(32, 128, 128, 4, 4),
+    _config(64, 64, 128, 4, 4),
+]
+SMALL_M = 64
+
+
+def _configs(small_m: bool, glu: bool) -> list:
+    # glu holds two accumulators: tiles past 128 x 128 would spill
+    cs = SMALL_M_CONFIGS if small_m else LARGE_M_CONFIGS
+    return [c for c in cs if not glu or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 128]
+
+
+@functools.cache
+def _tuned(small_m: bool, glu: bool):
+    # built on first GPU use (an Autotuner asks for the active driver); restore_value: out may be the residual
+    return triton.autotune(_configs(small_m, glu), key=["M", "N", "K", "INT8"], restore_value=["out_ptr"])(_aqgemm_kernel)
+
+
+def configs(m: int, glu: bool = False) -> list[dict]:
+    """The launch configurations the autotuner tries for ``m`` rows, as plain dicts (JSON-able)."""
+    return [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages) for c in _configs(m <= SMALL_M, glu)]
+
+
+def _check(fn, lead, nw, xs, ws, bias, gate, residual, act, glu, out, dtype):
+    """Validate the operands (``lead``: the leading dims of x / h, ``nw``: weight rows); returns (output shape, a
+    tensor of the output's dtype standing in for absent operands)."""
+    if act not in ACTIVATIONS:
+        raise ValueError(f"{fn}: unknown activation {act!r} (one of {', '.join(ACTIVATIONS)})")
+    dtype = out.dtype if out is not None else dtype
+    if dtype not in OUT_DTYPES:
+        raise ValueError(f"{fn}: the output dtype must be float16 / bfloat16 / float32, got {dtype}")
+    for name, t, size in (("xs", xs, lead), ("ws", ws, (nw,))):
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.float32 or tuple(t.shape) != tuple(size):
+            raise ValueError(f"{fn}: {name} must be float32 {list(size)}, got {getattr(t, 'dtype', None)} {tuple(getattr(t, 'shape', ()))}")
+    if bias is not None and tuple(bias.shape) != (nw,):
+        raise ValueError(f"{fn}: bias {tuple(bias.shape)} must be [{nw}]")
+    if glu and nw % 2:
+        raise ValueError(f"{fn}: glu needs an even number of weight rows ([gate; up]), got {nw}")
+    shape = tuple(lead) + (nw // 2 if glu else nw,)
+    like = torch.empty(0, dtype=dtype, device=xs.device)
+    check_output_operands(fn, ("the output", like), shape, [("bias", bias)], gate, residual, out)
+    if not INTERPRET and xs.device.type != "cuda":
+        raise ValueError(f"{fn}: the operands are on {xs.device}; the kernel needs CUDA tensors (or TRITON_INTERPRET=1 on CPU)")
+    return shape, like
+
+
+def aqgemm(qx, xs, qw, ws, bias=None, gate=None, residual=None, act="none", glu=False, out=None, dtype=torch.bfloat16,
+           config: dict | None = None) -> torch.Tensor:
+    """``residual + gate * epi((qx @ qw^T) * xs[..., None] * ws + bias)`` in one kernel (module docstring).
+
+    qx [..., K] and qw [N, K] both int8 or both float8_e4m3fn (qx's leading dims flattenable to M rows); xs [...] and
+    ws [N] float32; bias [N], gate / residual broadcast to the output [..., N'] (N' = N, or N / 2 with ``glu``), in the
+    output's dtype (``out``'s, else ``dtype``). ``out`` may be the residual itself. ``config``: one entry of
+    ``configs`` run without the autotuner."""
+    fmt = next((f for f, d in CODE_DTYPES.items() if getattr(qx, "dtype", None) == d), None)
+    if fmt is None or qw.dtype != qx.dtype or qx.dim() < 1 or qw.dim() != 2 or qx.shape[-1] != qw.shape[1]:
+        raise ValueError(f"aqgemm: qx and qw must be int8 or float8_e4m3fn [..., K] and [N, K], got {getattr(qx, 'dtype', None)} "
+                         f"{tuple(getattr(qx, 'shape', ()))} and {getattr(qw, 'dtype', None)} {tuple(getattr(qw, 'shape', ()))}")
+    shape, like = _check("aqgemm", qx.shape[:-1], qw.shape[0], xs, ws, bias, gate, residual, act, glu, out, dtype)
+    m, n, k = math.prod(shape[:-1]), shape[-1], qx.shape[-1]
+    out, out2, g, r = output_operands("aqgemm", out, shape, like, gate, residual)
+    if m == 0 or n == 0:
+        return out
+    qx2, xs2 = qx.reshape(m, k), xs.reshape(m)
+    args = (qx2, qw, xs2, ws, bias if bias is not None else like, g[0], r[0], out2, m, n, k, qx2.stride(0), qx2.stride(1),
+            qw.stride(0), qw.stride(1), *g[1:], *r[1:], out2.stride(0), out2.stride(1))
+    meta = dict(ACT=act, GLU=bool(glu), INT8=fmt == "int8", HAS_BIAS=bias is not None, HAS_GATE=gate is not None,
+                HAS_RESIDUAL=residual is not None)
+    if INTERPRET or config is not None:
+        c = dict(GROUP_M=8) | dict(config or INTERPRET_CONFIG)
+        _aqgemm_kernel[(triton.cdiv(m, c["BLOCK_M"]) * triton.cdiv(n, c["BLOCK_N"]),)](*args, **meta, **c)
+    else:
+        grid = lambda c: (triton.cdiv(m, c["BLOCK_M"]) * triton.cdiv(n, c["BLOCK_N"]),)  # noqa: E731
+        _tuned(m <= SMALL_M, bool(glu))[grid](*args, **meta)
+    return out
+
+
+def scaled_epilogue(h, xs, ws, bias=None, gate=None, residual=None, act="none", glu=False, out=None,
+                    dtype=torch.bfloat16) -> torch.Tensor:
+    """``residual + gate * epi(h * xs[..., None] * ws + bias)`` in one pass over h [..., Nh] (int32 / float32, viewable
+    as [M, Nh]: a library GEMM's product of the codes); arguments as ``aqgemm``'s."""
+    if not isinstance(h, torch.Tensor) or h.dim() < 1 or h.dtype not in (torch.int32, torch.float32):
+        raise ValueError(f"scaled_epilogue: h must be an int32 / float32 [..., Nh] tensor, got {getattr(h, 'dtype', None)}")
+    shape, like = _check("scaled_epilogue", h.shape[:-1], h.shape[-1], xs, ws, bias, gate, residual, act, glu, out, dtype)
+    m, n = math.prod(shape[:-1]), shape[-1]
+    out, out2, g, r = output_operands("scaled_epilogue", out, shape, like, gate, residual)
+    if m == 0 or n == 0:
+        return out
+    h2 = h.view(m, h.shape[-1])
+    block_n = min(triton.next_power_of_2(n), 128 if glu else 256)
+    c = dict(BLOCK_M=16, BLOCK_N=32) if INTERPRET else dict(BLOCK_M=max(1, min(triton.next_power_of_2(m), 8192 // block_n)),
+                                                          BLOCK_N=block_n, num_warps=8)
+    grid = (triton.cdiv(m, c["BLOCK_M"]) * triton.cdiv(n, c["BLOCK_N"]),)
+    _scaled_epilogue_kernel[grid](h2, xs.reshape(m), ws, bias if bias is not None else like, g[0], r[0], out2, m, n, h2.stride(0),
+                                  h2.stride(1), *g[1:], *r[1:], out2.stride(0), out2.stride(1), ACT=act, GLU=bool(glu),
+                                  HAS_BIAS=bias is not None, HAS_GATE=gate is not None, HAS_RESIDUAL=residual is not None, **c)
+    return out
+
+
+def reference(qx, xs, qw, ws, bias=None, gate=None, residual=None, act="none", glu=False, dtype=torch.float64) -> torch.Tensor:
+    """The formula in torch: codes and scales in ``dtype`` (float64: the test oracle), then GEMM's epilogue."""
+    h = (qx.to(dtype) @ qw.to(dtype).T) * xs.to(dtype)[..., None] * ws.to(dtype)
+    if bias is not None:
+        h = h + bias.to(dtype)
+    up = [t.to(dtype) if t is not None else None for t in (gate, residual)]
+    return apply_epilogue(h, *up, dict(act=act, glu=glu))

@@ -1,0 +1,108 @@
+"""Per-token activation quantization: the AQGEMM op's first step, as one Triton row kernel.
+
+    s[m] = max(amax_k |x[m, k] * c[k]| / qmax, tiny)                   (float32; c: the optional smooth vector)
+    q[m, k] = clamp(round(x[m, k] * c[k] / s[m]), -127, 127)  int8     (round half to even)
+            = e4m3(clamp(x[m, k] * c[k] / s[m], -448, 448))     fp8    (torch.float8_e4m3fn, round to nearest even)
+
+The formulas of ``ir/quant.py``'s ``quantize_rows`` (the reference), with the same roundings: the division is
+IEEE's (``tl.div_rn``, not the approximate ``/``), and round-half-even comes from adding and subtracting
+1.5 * 2**23 (exact for |v| < 2**22: the float32 add itself rounds to nearest even), so the codes equal torch's
+bit for bit. On the GPU the fp8 cast is cvt.rn.satfinite: torch's. The Triton interpreter's cast truncates and
+loses the carry into the exponent (126.3 -> 64), so under the interpreter (``EMULATE_FP8``) v is first rounded to
+e4m3's 4 significant bits by Veltkamp's split (hi = c - (c - v), c = v * (2**20 + 1): exact in IEEE float32 without
+fused multiply-adds, which is why the GPU path does not use it) and the cast has nothing left to round; e4m3's
+subnormals (|v| < 2**-6, i.e. below amax / 28672) the interpreter still flushes to zero.
+
+One program owns BLOCK_M rows and walks K twice in BLOCK_K steps: the row maxima, then the codes (the second read
+of a row mostly hits L2). Where the GEMM's producer is a norm kernel this is a second kernel, not a fused
+epilogue: kiln's norms are generated pointwise kernels whose outputs all have the domain's shape, and the scales
+[M] are narrower.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# triton.jit picks the interpreter from this variable when the kernel below is defined; read it then too
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+FORMATS = {"int8": (torch.int8, 127.0), "fp8": (torch.float8_e4m3fn, 448.0)}  # as ir/quant.py's ACT_FORMATS
+TINY = tl.constexpr(1.1754943508222875e-38)  # float32's smallest normal: the scale of an all-zero row (constexpr: a kernel reads it)
+
+INTERPRET_CONFIG = dict(BLOCK_M=4, BLOCK_K=16)
+
+
+@triton.jit
+def _quantize_rows_kernel(
+    x_ptr, c_ptr, q_ptr, s_ptr,
+    M, K,
+    stride_xm, stride_xk, stride_qm, stride_qk,
+    QMAX: tl.constexpr, FP8: tl.constexpr, HAS_SMOOTH: tl.constexpr, EMULATE_FP8: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < M
+    rows = offs_m.to(tl.int64)  # int64 addressing: M * K may pass 2**31
+    offs_k = tl.arange(0, BLOCK_K)
+
+    amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for kk in range(0, K, BLOCK_K):
+        mask = mask_m[:, None] & (kk + offs_k < K)[None, :]
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + (kk + offs_k)[None, :] * stride_xk, mask=mask, other=0.0).to(tl.float32)
+        if HAS_SMOOTH:
+            x = x * tl.load(c_ptr + kk + offs_k, mask=kk + offs_k < K, other=0.0)[None, :]
+        amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
+    scale = tl.maximum(tl.div_rn(amax, QMAX), TINY)  # [BLOCK_M]
+    tl.store(s_ptr + rows, scale, mask=mask_m)
+
+    for kk in range(0, K, BLOCK_K):
+        mask = mask_m[:, None] & (kk + offs_k < K)[None, :]
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + (kk + offs_k)[None, :] * stride_xk, mask=mask, other=0.0).to(tl.float32)
+        if HAS_SMOOTH:
+            x = x * tl.load(c_ptr + kk + offs_k, mask=kk + offs_k < K, other=0.0)[None, :]
+        v = tl.minimum(tl.maximum(tl.div_rn(x, scale[:, None]), -QMAX), QMAX)
+        if FP8:
+            if EMULATE_FP8:  # (module docstring)
+                c = v * 1048577.0
+                v = c - (c - v)
+            q = v.to(tl.float8e4nv)
+        else:
+            q = ((v + 12582912.0) - 12582912.0).to(tl.int8)  # round half to even (module docstring)
+        tl.store(q_ptr + rows[:, None] * stride_qm + (kk + offs_k)[None, :] * stride_qk, q, mask=mask)
+
+
+def _config(m: int, k: int) -> dict:
+    """GPU tiles, no autotuning: a memory-bound pass; whole rows up to 4096 wide, 8-16 K elements a program."""
+    block_k = min(triton.next_power_of_2(k), 4096)
+    block_m = max(1, min(triton.next_power_of_2(m), 8192 // block_k))
+    return dict(BLOCK_M=block_m, BLOCK_K=block_k, num_warps=8 if block_m * block_k >= 8192 else 4)
+
+
+def quantize_rows(x: torch.Tensor, fmt: str, smooth: torch.Tensor | None = None, out: tuple | None = None) -> tuple:
+    """x [M, K] (float16 / bfloat16 / float32, any strides) -> (codes [M, K] int8 / float8_e4m3fn, scales [M] float32),
+    one scale per row (module docstring). ``smooth``: float32 [K], multiplied in first. ``out``: (codes, scales)."""
+    if fmt not in FORMATS:
+        raise ValueError(f"quantize_rows: format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.dtype not in DTYPES:
+        raise ValueError(f"quantize_rows: x must be a float16 / bfloat16 / float32 [M, K] tensor, got "
+                         f"{getattr(x, 'dtype', type(x).__name__)} {tuple(getattr(x, 'shape', ()))}")
+    m, k = x.shape
+    if smooth is not None and (smooth.dtype != torch.float32 or tuple(smooth.shape) != (k,) or smooth.device != x.device):
+        raise ValueError(f"quantize_rows: smooth must be float32 [{k}] on {x.device}, got {smooth.dtype} {tuple(smooth.shape)}")
+    if not INTERPRET and x.device.type != "cuda":
+        raise ValueError(f"quantize_rows: x is on {x.device}; the kernel needs CUDA tensors (or TRITON_INTERPRET=1 on CPU)")
+    dtype, qmax = FORMATS[fmt]
+    q, s = out if out is not None else (torch.empty(m, k, dtype=dtype, device=x.device), torch.empty(m, dtype=torch.float32, device=x.device))
+    if q.dtype != dtype or tuple(q.shape) != (m, k) or s.dtype != torch.float32 or tuple(s.shape) != (m,):
+        raise ValueError(f"quantize_rows: out must be ({dtype} [{m}, {k}], float32 [{m}])")
+    if m == 0:
+        return q, s
+    c = INTERPRET_CONFIG if INTERPRET else _config(m, k)
+    _quantize_rows_kernel[(triton.cdiv(m, c["BLOCK_M"]),)](
+        x, smooth if smooth is not None else x, q, s, m, k, x.stride(0), x.stride(1), q.stride(0), q.stride(1),
+        QMAX=qmax, FP8=fmt == "fp8", HAS_SMOOTH=smooth is not None, EMULATE_FP8=INTERPRET, **c)
+    return q, s

@@ -1,0 +1,162 @@
+"""Compute-bound quantization: a matmul on a stored weight becomes an AQGEMM, weights AND activations in 8 bits.
+
+    LINEAR(x, W[, b])  /  MATMUL(x, W^T)  /  GEMM(x, W[, b][, gate][, residual]; act, glu)
+        ->  AQGEMM(x, qw, sw[, b][, gate][, residual]; format, act, glu)       W ~ qw * sw[:, None]
+    MUL(x, c) read only by such matmuls (smooth.py's 1 / s where no norm weight absorbs it), c a stored [K] vector:
+        ->  AQGEMM(x, qw, sw, c, ...; smooth)      the quantizing kernel multiplies by c as it reads x: no extra pass
+
+Formats (``ir/quant.py``'s ``quantize_rows``): "fp8" (e4m3, qmax 448) and "w8a8" (int8, qmax 127). The weight is
+quantized here per output channel; the activations per token, at run time, by the op (``ir/ops_fused.py``).
+Where Hopper's FP8 / int8 tensor cores double the bf16 rate, this is for the compute-bound GEMMs: DiT, LLM
+prefill. "w8a8" expects smooth.py to have run first (SmoothQuant: int8 activations lose to outlier channels).
+
+Why last in the pipeline (with quantize_weights): a merged QKV / gate-up / adaLN GEMM is one weight with one input,
+quantized once, its input quantized once per call, and the fused epilogues stay fused in the AQGEMM.
+
+Measured error, per quantized weight, on calibration data when given: the relative output error of the matmul
+before its epilogue, ||X W^T - Q(X) Q(W)^T|| / ||X W^T|| over up to ``ROWS`` rows of its inputs X (``RowSample``);
+without calibration data the weight's own relative error ||W - Q(W)|| / ||W||.
+
+The output head: kept in its float dtype by default in "w8a8" (its per-token int8 error reaches the logits
+unfiltered), quantized in "fp8" (e4m3's relative step is uniform: no outlier problem); ``lm_head`` overrides.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import KilnError
+from ..ir.graph import Graph, Node
+from ..ir.quant import dequantize_rows, quantize_rows
+from .calibrate import RowSample, observe_inputs
+from .quantize_weights import _float_weight, _sites
+from .report import PassStats
+
+MODES = {"fp8": "fp8", "w8a8": "int8"}  # mode -> ir/quant.py's ACT_FORMATS entry
+ROWS = 512  # calibration rows kept per GEMM input for measuring errors (and for smooth.py's search)
+
+
+@dataclass(frozen=True)
+class ActQuantSpec:
+    """What ``smooth`` and ``quantize_acts`` do (built by ``CompileConfig.quantize_spec``)."""
+
+    mode: str  # one of MODES
+    smoothing: str | float = "search"  # w8a8: "search" (per GEMM input, smooth.py), "off", or a fixed strength in [0, 1]
+    lm_head: bool | None = None  # quantize the output head; None: in fp8 only (module docstring)
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise KilnError(f"quantize mode {self.mode!r} is not one of {', '.join(MODES)}")
+        s = self.smoothing
+        if s not in ("search", "off") and not (isinstance(s, (int, float)) and not isinstance(s, bool) and 0 <= s <= 1):
+            raise KilnError(f"quantize smoothing {s!r} must be 'search', 'off' or a strength in [0, 1]")
+
+    @property
+    def format(self) -> str:
+        return MODES[self.mode]
+
+    # what quantize_weights' site selection asks of a spec: 8 bits, one group per output channel
+    bits = 8
+
+    def group_for(self, k: int) -> int:
+        return k
+
+    @property
+    def quantize_head(self) -> bool:
+        return self.mode == "fp8" if self.lm_head is None else self.lm_head
+
+
+def quantize_acts(graph: Graph, spec: ActQuantSpec | None = None, calibration: list | None = None) -> PassStats:
+    """LINEAR / MATMUL / GEMM on a stored 2-d weight -> AQGEMM (module docstring). ``calibration``: samples, each a flat
+    list of input tensors in graph order, to measure each GEMM's error on (optional). ``spec`` None: nothing to do."""
+    stats = PassStats()
+    if spec is None:
+        return stats
+    sites = _sites(graph, spec, stats)
+    if not sites:
+        return stats
+    samples = row_samples(graph, sites, calibration) if calibration else {}
+    smooths: dict[Node, Node] = {}
+    for name, nodes in sites.items():
+        w = _float_weight(graph, nodes[0]).float()  # [N, K]
+        qw, sw = quantize_rows(w, spec.format)
+        codes = [graph.add_weight(free_name(graph, name, suffix), t.contiguous()) for suffix, t in (("qweight", qw), ("wscales", sw))]
+        for n in nodes:
+            graph.replace_all_uses(n, _build(graph, n, codes, spec, smooths))
+        stats.rewritten += len(nodes)
+        stats.rules[spec.mode] = stats.rules.get(spec.mode, 0) + len(nodes)
+        sample = samples.get(name)
+        where = f"output error {matmul_error(sample.rows, w, spec.format):.2e} on {sample.rows.shape[0]} calibration rows" \
+            if sample is not None else f"weight error {_weight_error(w, qw, sw):.2e} (no calibration data)"
+        stats.notes.append(f"{name} [{w.shape[0]}, {w.shape[1]}] -> {spec.mode}: {where}; read by {', '.join(n.name for n in nodes)}")
+    if smooths:
+        stats.rules["smooth-into-aqgemm"] = len(smooths)
+    graph.remove_dead()
+    graph.toposort()
+    return stats
+
+
+def row_samples(graph: Graph, sites: dict, calibration) -> dict:
+    """key -> ``RowSample`` of the inputs of the nodes ``sites[key]``, the float graph run on ``calibration``."""
+    per_call = ROWS // max(1, len(calibration))
+    samples = {key: RowSample(per_call) for key in sites}
+    observe_inputs(graph, {n: samples[key].add for key, nodes in sites.items() for n in nodes}, calibration)
+    return samples
+
+
+def matmul_error(x: torch.Tensor, w: torch.Tensor, fmt: str, want: torch.Tensor | None = None) -> float:
+    """||x W^T - Q(x) Q(W)^T|| / ||x W^T|| for rows x [R, K] and a weight w [N, K] (float32, on x's device); ``want``:
+    x W^T when known (smoothing does not change it)."""
+    w = w.to(x.device, torch.float32)
+    want = x @ w.T if want is None else want
+    qx, sx = quantize_rows(x, fmt)
+    qw, sw = quantize_rows(w, fmt)
+    got = (qx.float() @ qw.float().T) * sx[:, None] * sw
+    den = float(want.norm())
+    return float((got - want).norm()) / den if den > 0 else 0.0
+
+
+def _weight_error(w: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor) -> float:
+    den = float(w.norm())
+    return float((dequantize_rows(qw, sw) - w).norm()) / den if den > 0 else 0.0
+
+
+# ----------------------------------------------------------------------------- builder
+
+
+def free_name(graph: Graph, name: str, suffix: str) -> str:
+    """A weight name not yet in ``graph``: ``name`` less ".weight" / "^T", then ".suffix" (and "_2", "_3", .. if taken)."""
+    base = name.removesuffix("^T").removesuffix(".weight")
+    key, k = f"{base}.{suffix}", 2
+    while key in graph.weights:
+        key, k = f"{base}.{suffix}_{k}", k + 1
+    return key
+
+
+def _absorbable(graph: Graph, x: Node, n: Node) -> Node | None:
+    """The stored [K] vector c when ``x`` is MUL(a, c) / MUL(c, a) in a's dtype, else None. (Another reader of x keeps the
+    MUL alive: still correct, x * c is then computed twice.)"""
+    if x.op != "MUL":
+        return None
+    k = n.inputs[0].shape[-1]
+    for a, c in (x.inputs, x.inputs[::-1]):
+        if c.op == "WEIGHT" and c.attrs["name"] in graph.weights and len(c.shape) == 1 and c.shape[0] == k \
+                and a.dtype == x.dtype and tuple(a.shape) == tuple(x.shape):
+            return c
+    return None
+
+
+def _build(graph: Graph, n: Node, codes: list[Node], spec: ActQuantSpec, smooths: dict) -> Node:
+    """The AQGEMM computing what ``n`` computes (a GEMM keeps its epilogue and its operands)."""
+    a = dict(n.attrs) if n.op == "GEMM" else dict(bias=len(n.inputs) > 2, act="none", glu=False, gate=False, residual=False)
+    x, extra = n.inputs[0], []
+    c = _absorbable(graph, x, n)
+    if c is not None:
+        if x not in smooths:
+            vec = graph.weights[c.attrs["name"]].float()
+            smooths[x] = graph.add_weight(free_name(graph, x.name, "smooth"), vec.contiguous())
+        x, extra = x.inputs[0] if x.inputs[1] is c else x.inputs[1], [smooths[n.inputs[0]]]
+    return graph.add("AQGEMM", [x, *codes, *extra, *n.inputs[2:]], name=f"{n.name}_{spec.mode}", loc=n.loc,
+                     format=spec.format, smooth=bool(extra), **a)
+
