@@ -201,8 +201,8 @@ class _Scheduler:
         four groups of their own, merged into one rope_kv group when no other group lies on a path between them."""
         for n in self.graph.nodes:
             nodes = rope_kv_nodes(n) if n.op == "ATTENTION" else None
-            if nodes is None:
-                continue
+            if nodes is None or nodes[1] in self.outputs:
+                continue  # (roped k has no buffer of its own in the fused kernel)
             parts = [self.group_of[m] for m in nodes]
             if len(set(parts)) != 4 or any(p.nodes != [m] for p, m in zip(parts, nodes)):
                 continue

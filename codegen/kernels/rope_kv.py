@@ -26,6 +26,15 @@ from ...ir.ops_fused import rotate_half
 
 
 @triton.jit
+def _rope_row(src, stride_s, dst, stride_d, cos1, cos2, sin1, sin2, offs, mask, HALF):
+    # one head's D values: dst[:D/2] = x1 cos1 - x2 sin1, dst[D/2:] = x2 cos2 + x1 sin2, rounded once to dst's dtype
+    x1 = tl.load(src + offs * stride_s, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(src + (offs + HALF) * stride_s, mask=mask, other=0.0).to(tl.float32)
+    tl.store(dst + offs * stride_d, (x1 * cos1 - x2 * sin1).to(dst.dtype.element_ty), mask=mask)
+    tl.store(dst + (offs + HALF) * stride_d, (x2 * cos2 + x1 * sin2).to(dst.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _rope_kv_kernel(
     q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, slots_ptr, qo_ptr, kc_ptr, vc_ptr,
     T, H, HALF,
@@ -51,21 +60,13 @@ def _rope_kv_kernel(
     sin1 = tl.load(sin_ptr + c_row + offs * stride_cd, mask=mask, other=0.0).to(tl.float32)
     sin2 = tl.load(sin_ptr + c_row + (offs + HALF) * stride_cd, mask=mask, other=0.0).to(tl.float32)
     if head < H:
-        src = q_ptr + b * stride_qb + head * stride_qh + t * stride_qt
-        x1 = tl.load(src + offs * stride_qd, mask=mask, other=0.0).to(tl.float32)
-        x2 = tl.load(src + (offs + HALF) * stride_qd, mask=mask, other=0.0).to(tl.float32)
-        dst = qo_ptr + b * stride_ob + head * stride_oh + t * stride_ot
-        tl.store(dst + offs * stride_od, (x1 * cos1 - x2 * sin1).to(qo_ptr.dtype.element_ty), mask=mask)
-        tl.store(dst + (offs + HALF) * stride_od, (x2 * cos2 + x1 * sin2).to(qo_ptr.dtype.element_ty), mask=mask)
+        _rope_row(q_ptr + b * stride_qb + head * stride_qh + t * stride_qt, stride_qd,
+                  qo_ptr + b * stride_ob + head * stride_oh + t * stride_ot, stride_od, cos1, cos2, sin1, sin2, offs, mask, HALF)
     else:
         kvh = head - H
         slot = tl.load(slots_ptr + t)
-        src = k_ptr + b * stride_kb + kvh * stride_kh + t * stride_kt
-        x1 = tl.load(src + offs * stride_kd, mask=mask, other=0.0).to(tl.float32)
-        x2 = tl.load(src + (offs + HALF) * stride_kd, mask=mask, other=0.0).to(tl.float32)
-        dst = kc_ptr + b * stride_kcb + kvh * stride_kch + slot * stride_kcs
-        tl.store(dst + offs * stride_kcd, (x1 * cos1 - x2 * sin1).to(kc_ptr.dtype.element_ty), mask=mask)
-        tl.store(dst + (offs + HALF) * stride_kcd, (x2 * cos2 + x1 * sin2).to(kc_ptr.dtype.element_ty), mask=mask)
+        _rope_row(k_ptr + b * stride_kb + kvh * stride_kh + t * stride_kt, stride_kd,
+                  kc_ptr + b * stride_kcb + kvh * stride_kch + slot * stride_kcs, stride_kcd, cos1, cos2, sin1, sin2, offs, mask, HALF)
         # v: a plain copy of both halves
         src = v_ptr + b * stride_vb + kvh * stride_vh + t * stride_vt
         dst = vc_ptr + b * stride_vcb + kvh * stride_vch + slot * stride_vcs

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from kiln.config import CompileConfig
+from kiln.ir.bind import bind_inputs
 from kiln.ir.interpret import interpret
 from kiln.llm.generator import Generator, step_inputs
 from kiln.models.llama import LlamaConfig, LlamaForCausalLM
@@ -93,3 +94,19 @@ def test_prefill_then_decode_match_the_reference_interpreter(request, fixture, b
         for name, value in want.items():
             got = step[graph.updates[name]] if name in graph.updates else logits
             assert rel_err(got, value) <= TOL[torch.float32], (slot0, name, rel_err(got, value))
+
+
+def test_caches_not_adopted_run_the_rope_kv_parts(separate_generator):
+    # a plan built without the caller's tensors cannot write the caches in place: ROPE and INDEX_COPY run as the
+    # groups the rope_kv group merged, and the plan still computes the interpreter's logits and new caches
+    _, g = separate_generator
+    graph = g.compiled.graph
+    step = inputs(g, 1, 16, 1, seed=5)
+    plan = g.compiled.executor.plan(bind_inputs(graph, list(step.values())))
+    assert not any(c.kind == "rope_kv" for c in plan.calls)
+    parts = sorted(n.op for c in plan.calls if c.kind in ("pointwise", "reference") for n in c.group.nodes if n.op in ("ROPE", "INDEX_COPY"))
+    assert parts == ["INDEX_COPY"] * 2 + ["ROPE"] * 2
+    want = interpret(graph, [t.clone() for t in step.values()])
+    got = plan.run(list(step.values()))
+    for name, a, b in zip(graph.output_names, got, want):
+        assert rel_err(a, b) <= TOL[torch.float32], (name, rel_err(a, b))
