@@ -20,6 +20,8 @@ candidate is a name -> a closure that runs the group once into ``out`` (so a CUD
     CONV       cuDNN into the planned buffer (``aten.cudnn_convolution.out``) + kiln's conv epilogue in place; cuDNN on
                channels-last copies + the epilogue back into NCHW; torch's conv2d + the epilogue (one copy)
     GROUP_NORM kiln's two-pass chunked kernel (+ SiLU); torch's group_norm (+ silu) copied into the buffer
+    rope_kv    ROPE(q), ROPE(k) and the KV-cache writes of k and v: kiln's one-launch kernel (``kernels/rope_kv.py``);
+               the two RoPE pointwise kernels then two ``index_copy_`` (roped k through a planned scratch)
     pointwise  the one generated Triton kernel (no choice)
 """
 from __future__ import annotations
@@ -29,7 +31,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..ir.ops import OPS, attention_operands, conv_operands, sdpa_mask
+from ..ir.ops import OPS, attention_operands, conv_operands, index_copy, sdpa_mask
 from ..ir.ops_fused import aqgemm_operands, gemm_operands, qgemm_operands
 from .kernels import aqgemm as taq
 from .kernels import attention as ta
@@ -38,6 +40,7 @@ from .kernels import decode_attention as td
 from .kernels import gemm as tg
 from .kernels import group_norm as tgn
 from .kernels import qgemm as tq
+from .kernels import rope_kv as trk
 from .kernels import quantize_rows as tqr
 from .kernels import skinny as ts
 from .kernels.epilogue import epilogue
@@ -326,6 +329,27 @@ def attention(args: list, attrs: dict, out: torch.Tensor, scratch: torch.Tensor 
             "mask": None if mask is None else [list(mask.shape), str(mask.dtype)]}
     if ks is not None or vs is not None:
         what["codes"] = [str(t.dtype) if s is not None else None for t, s in ((k, ks), (v, vs))]
+    return what, candidates
+
+
+def rope_kv(args: list, q_out: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_roped: torch.Tensor,
+            ropes: list, device: torch.device) -> tuple[dict, dict]:
+    """A rope_kv group's candidates. ``args``: q, k, v, cos, sin, slots; ``ropes``: the pointwise kernels of ROPE(q)
+    into ``q_out`` and ROPE(k) into the scratch ``k_roped``, which the separate candidate then writes at the slots."""
+    q, k, v, cos, sin, slots = args
+    rope_q, rope_k = ropes
+
+    def separate():
+        rope_q()
+        rope_k()
+        index_copy(k_cache, 2, slots, k_roped, inplace=True)
+        index_copy(v_cache, 2, slots, v, inplace=True)
+    candidates = {"separate": separate}
+    operands = (q, k, v, cos, sin, slots, q_out, k_cache, v_cache)
+    if _triton_ok(tg.DTYPES, q.dtype, device, tg.INTERPRET) and trk.check(*operands) is None:
+        candidates["triton-rope-kv"] = lambda: trk.rope_kv(*operands)
+    what = {"op": "ROPE_KV", "q": list(q.shape), "k": list(k.shape), "cache": list(k_cache.shape), "dtype": str(q.dtype),
+            "strides": [list(t.stride()) for t in (q, k, v, cos)]}
     return what, candidates
 
 

@@ -8,6 +8,9 @@
                row holds, so it has a kernel of its own
     pointwise  a chain of elementwise ops and last-axis row reductions over one domain (the shape of the
                group's outputs), rendered by ``codegen/pointwise.py`` into one Triton kernel
+    rope_kv    ROPE(q), ROPE(k) and the two INDEX_COPYs that write k and v into an ATTENTION's KV caches (decode's
+               small work between the QKV GEMM and attention), see ``rope_kv_nodes``: one kernel when the plan
+               writes the caches in place, else the four groups it merged (``rope_kv_parts``)
     view       PERMUTE / SLICE / EXPAND, and RESHAPE of a contiguous value: no data moves. A pointwise
                group reading a view reads it in place through its strides (the view is folded into the load)
     source     INPUT / WEIGHT / CONST: bound by the executor
@@ -43,7 +46,7 @@ VIEW_OPS = frozenset({"PERMUTE", "SLICE", "EXPAND", "RESHAPE"})
 
 @dataclass(eq=False)
 class Group:
-    kind: str  # gemm | attention | conv | group_norm | pointwise | view | source | reference
+    kind: str  # gemm | attention | conv | group_norm | rope_kv | pointwise | view | source | reference
     nodes: list[Node]
     inputs: list[Node] = field(default_factory=list)  # values read from other groups, first-use order
     outputs: list[Node] = field(default_factory=list)  # members read by other groups or graph outputs
@@ -166,6 +169,7 @@ class _Scheduler:
                     target.nodes = sorted(target.nodes + h.nodes, key=index.get)
                     self.group_of.update(dict.fromkeys(h.nodes, target))
                     groups.remove(h)
+        groups = self.fuse_rope_kv(groups)
         for g in groups:
             members = set(g.nodes)
             g.inputs = list(dict.fromkeys(i for n in g.nodes for i in n.inputs if i not in members))
@@ -191,6 +195,25 @@ class _Scheduler:
         h = self.group_of[n.inputs[0]]
         h.kind = "gemm"
         return h
+
+    def fuse_rope_kv(self, groups: list[Group]) -> list[Group]:
+        """Each ATTENTION's ROPE(q), ROPE(k) and the two INDEX_COPYs writing k and v into the caches (``rope_kv_nodes``),
+        four groups of their own, merged into one rope_kv group when no other group lies on a path between them."""
+        for n in self.graph.nodes:
+            nodes = rope_kv_nodes(n) if n.op == "ATTENTION" else None
+            if nodes is None or nodes[1] in self.outputs:
+                continue  # (roped k has no buffer of its own in the fused kernel)
+            parts = [self.group_of[m] for m in nodes]
+            if len(set(parts)) != 4 or any(p.nodes != [m] for p, m in zip(parts, nodes)):
+                continue
+            outside = {d for p in parts for d in self.deps(p)} - set(parts)
+            if any(self.reaches(d, p) for d in outside for p in parts):
+                continue  # rope -> X -> copy: merging would make a cycle
+            g = Group("rope_kv", list(nodes))
+            groups[groups.index(parts[0])] = g
+            groups = [h for h in groups if h not in parts]
+            self.group_of.update(dict.fromkeys(nodes, g))
+        return groups
 
     def order(self, groups: list[Group]) -> list[Group]:
         """Topological order of the groups, stable in the order of their first nodes."""
@@ -220,6 +243,36 @@ def norm_prologue(g: Group) -> Group | None:
         return None
     norm = g.nodes[0]
     return Group("pointwise", [norm], list(dict.fromkeys(norm.inputs)), [norm])
+
+
+def rope_kv_nodes(attention: Node) -> tuple | None:
+    """(ROPE q, ROPE k, INDEX_COPY k, INDEX_COPY v) when ``attention`` reads ROPE(q, cos, sin) as q and, as K and V, two
+    caches (graph inputs) written along the slot axis at the same slots with ROPE(k, cos, sin) (read by nothing else)
+    and v: one dtype throughout, 4-d, no quantized cache (its INDEX_COPYs write codes, so this never matches).
+    None otherwise: the rope_kv group's pattern (``codegen/kernels/rope_kv.py``)."""
+    q_rope, kc, vc = attention.inputs[:3]
+    if q_rope.op != "ROPE" or kc.op != "INDEX_COPY" or vc.op != "INDEX_COPY" or attention.attrs.get("k_scale"):
+        return None
+    k_rope = kc.inputs[2]
+    if k_rope.op != "ROPE" or q_rope.inputs[1:] != k_rope.inputs[1:] or set(k_rope.users) != {kc}:
+        return None
+    if kc.attrs["axis"] != 2 or vc.attrs["axis"] != 2 or kc.inputs[1] is not vc.inputs[1]:
+        return None
+    if kc.inputs[0].op != "INPUT" or vc.inputs[0].op != "INPUT" or kc.inputs[0] is vc.inputs[0]:
+        return None
+    values = (q_rope, k_rope, vc.inputs[2], kc, vc, *q_rope.inputs)
+    if len({m.dtype for m in values}) != 1 or any(len(m.shape) != 4 for m in values):
+        return None
+    return q_rope, k_rope, kc, vc
+
+
+def rope_kv_parts(g: Group) -> list[Group]:
+    """A rope_kv group as the four groups it merged (what runs when the plan cannot write the caches in place)."""
+    parts = [Group("pointwise", [n]) for n in g.nodes[:2]] + [Group("reference", [n]) for n in g.nodes[2:]]
+    for p in parts:
+        n = p.nodes[0]
+        p.inputs, p.outputs = list(dict.fromkeys(n.inputs)), [n]
+    return [parts[1], parts[2], parts[3], parts[0]]  # k's rope before its copy
 
 
 def schedule(graph: Graph) -> list[Group]:

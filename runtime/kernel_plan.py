@@ -30,7 +30,7 @@ import torch
 
 from ..codegen import lower
 from ..codegen.pointwise import launch
-from ..codegen.schedule import VIEW_OPS, Group, norm_prologue
+from ..codegen.schedule import VIEW_OPS, Group, norm_prologue, rope_kv_parts
 from ..ir.graph import Graph, Node
 from ..ir.interpret import eval_node, node_attrs
 from ..ir.ops import COLLECTIVE_OPS, index_copy
@@ -43,7 +43,7 @@ from .plan import Plan
 class KernelCall:
     """One entry of the call list: a group, how it runs, and the implementation chosen for it."""
     group: Group
-    kind: str  # pointwise | gemm | matmul | attention | update | copy | collective | reference
+    kind: str  # pointwise | gemm | matmul | attention | update | rope_kv | copy | collective | reference
     run: object  # () -> None
     choice: str = ""
 
@@ -187,6 +187,9 @@ class KernelPlan(Plan):
         # an input the program updates through one INDEX_COPY (a KV cache) is written in place: the plan adopts
         # the caller's tensor (the executor keys plans by its address) instead of a static copy of it
         self.adopted = adoptable_updates(graph) if inputs is not None else {}
+        # a rope_kv group writes its caches in place: only where both are adopted, else its four parts
+        inplace = {node for _, node in self.adopted.values()}
+        self.groups = [p for g in groups for p in ([g] if g.kind != "rope_kv" or set(g.nodes[2:]) <= inplace else rope_kv_parts(g))]
         self.slot = {n: k for k, n in enumerate(graph.nodes)}
         self.shape_of = {n: tuple(eval_dim(d, bindings) for d in n.shape) for n in graph.nodes}
         with self._phase("layouts"):
@@ -236,6 +239,11 @@ class KernelPlan(Plan):
             if g.nodes[0] in inplace:
                 self.val[g.nodes[0]] = self.val[g.nodes[0].inputs[0]]  # the adopted input itself
                 self.kinds.append("update")
+            elif g.kind == "rope_kv":  # (its caches adopted: see __init__) roped q in a buffer, the caches in place
+                q = g.nodes[0]
+                self.val.update({n: self.val[n.inputs[0]] for n in g.nodes[2:]})
+                self.val[q] = _Value(self._empty(q, "meta"), self.slot[q])
+                self.kinds.append("rope_kv")
             elif g.kind in ("view", "reference") and all(i in self.real for i in g.inputs):
                 self._constant(g)
                 self.kinds.append("constant")
@@ -301,7 +309,7 @@ class KernelPlan(Plan):
                 continue
             for i in g.inputs if kind != "update" else g.nodes[0].inputs[1:]:
                 lv.read(self.val[i].root if i in self.val else None, k)
-            for o in g.outputs:
+            for o in g.outputs if kind != "rope_kv" else g.nodes[:1]:
                 lv.write(self.slot[o], k, self._nbytes(o))
             n = g.nodes[-1]  # (a gemm group's GEMM comes after its norm prologue)
             if kind == "gemm" and len(g.nodes) > 1:  # the normalised x, written and read inside this step
@@ -314,6 +322,8 @@ class KernelPlan(Plan):
                 self.scratch[k] = (-1 - k, lower.group_norm_scratch(self.shape_of[n.inputs[0]], n.attrs["groups"]), "float32")
             if kind == "attention" and (shape := self._attention_scratch(n)):
                 self.scratch[k] = (-1 - k, shape, n.dtype)
+            if kind == "rope_kv":  # roped k, where the separate kernels put it before the cache write
+                self.scratch[k] = (-1 - k, self.shape_of[g.nodes[1]], g.nodes[1].dtype)
             if k in self.scratch:
                 lv.write(-1 - k, k, nbytes(self.scratch[k][1], self.scratch[k][2]))
             if kind == "gemm":
@@ -376,6 +386,9 @@ class KernelPlan(Plan):
                 x, index, src = (self.env[i] for i in n.inputs)
                 self.env[n] = x
                 calls.append(KernelCall(g, "update", lambda x=x, a=n.attrs["axis"], i=index, s=src: index_copy(x, a, i, s, inplace=True)))
+                continue
+            if kind == "rope_kv":
+                calls.append(self._rope_kv(k, g))
                 continue
             if kind == "view":
                 self._views(g)
@@ -442,6 +455,25 @@ class KernelPlan(Plan):
             return self._reference(g, kind, n, args, attrs, out)
         choice = self.target.tuner.choose(kind, what, candidates, device)
         return KernelCall(g, kind, candidates[choice], choice)
+
+    def _rope_kv(self, k: int, g: Group) -> KernelCall:
+        """A rope_kv group's call: the fused kernel or the separate one (two RoPE kernels and two cache writes, roped k
+        through the planned scratch), as the tuner picks (``lower.rope_kv``)."""
+        q_rope, k_rope, kc, vc = g.nodes
+        self.env[q_rope] = self._buffer(self.slot[q_rope], self.shape_of[q_rope], torch_dtype(q_rope.dtype), self.order.get(q_rope))
+        self.env[kc], self.env[vc] = self.env[kc.inputs[0]], self.env[vc.inputs[0]]
+        self.env[k_rope] = self._buffer(*self.scratch[k][:2], torch_dtype(k_rope.dtype))
+        b, cache = self.bindings, self.target.cache
+        ropes = []
+        for n in (q_rope, k_rope):
+            p = Group("pointwise", [n], list(dict.fromkeys(n.inputs)), [n])
+            args, out = [self.env[i] for i in p.inputs], [self.env[n]]
+            ropes.append(lambda p=p, args=args, out=out: launch(p, args, b, out=out, cache=cache))
+        q, cos, sin = (self.env[i] for i in q_rope.inputs)
+        args = [q, self.env[k_rope.inputs[0]], self.env[vc.inputs[2]], cos, sin, self.env[kc.inputs[1]]]
+        what, candidates = lower.rope_kv(args, self.env[q_rope], self.env[kc], self.env[vc], self.env[k_rope], ropes, self.device)
+        choice = self.target.tuner.choose("rope_kv", what, candidates, self.device)
+        return KernelCall(g, "rope_kv", candidates[choice], choice)
 
     def _norm(self, g: Group) -> dict | None:
         """A gemm group's norm prologue as ``lower.gemm`` takes it (None without one): its input, weight and eps, and

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import kiln
-from kiln.codegen.schedule import execute, norm_prologue, schedule, summary
+from kiln.codegen.schedule import execute, norm_prologue, rope_kv_parts, schedule, summary
 from kiln.ir.graph import Graph
 from kiln.ir.interpret import interpret
 from kiln.ir.types import sym
@@ -129,6 +129,45 @@ def test_norm_prologue_joins_the_gemm_it_feeds_only(case):
         assert gemm.outputs == gemm.nodes[1:]  # the normalised x stays inside
     else:
         assert [n.op for n in gemm.nodes] == ["GEMM"] and norm_prologue(gemm) is None
+
+
+def rope_kv_graph(case: str) -> tuple[Graph, list]:
+    """ROPE(q), ROPE(k) -> INDEX_COPY into a k cache, v -> INDEX_COPY into a v cache, ATTENTION over both (a Llama
+    layer's decode between the QKV GEMM and attention, GQA 4 / 2 heads), with one thing that breaks the pattern."""
+    B, H, KV, T, D, S = 2, 4, 2, 3, 10, 7
+    g = Graph()
+    q, k, v = (g.add_input(name, (B, h, T, D), "float32") for name, h in (("q", H), ("k", KV), ("v", KV)))
+    cos, sin = g.add_input("cos", (B, 1, T, D), "float32"), g.add_input("sin", (B, 1, T, D), "float32")
+    slots = g.add_input("slots", (T,), "int64")
+    kc, vc = g.add_input("k_cache", (B, KV, S, D), "float32"), g.add_input("v_cache", (B, KV, S, D), "float32")
+    k_sin = g.add("NEG", (sin,)) if case == "k roped with other angles" else sin
+    qr, kr = g.add("ROPE", (q, cos, sin)), g.add("ROPE", (k, cos, k_sin))
+    k_new = g.add("INDEX_COPY", (kc, slots, kr), axis=2)
+    v_new = g.add("INDEX_COPY", (vc, slots, v), axis=2)
+    y = g.add("ATTENTION", (qr, k_new, v_new), gqa=True)
+    g.set_outputs([y, k_new, v_new] + ([kr] if case == "roped k also an output" else []))
+    g.verify()
+    gen = torch.Generator().manual_seed(4)
+    inputs = [torch.randn(B, H, T, D, generator=gen), torch.randn(B, KV, T, D, generator=gen), torch.randn(B, KV, T, D, generator=gen),
+              torch.randn(B, 1, T, D, generator=gen), torch.randn(B, 1, T, D, generator=gen), torch.tensor([5, 0, 2]),
+              torch.randn(B, KV, S, D, generator=gen), torch.randn(B, KV, S, D, generator=gen)]
+    return g, inputs
+
+
+@pytest.mark.parametrize("case", ["fuse", "roped k also an output", "k roped with other angles"])
+def test_rope_kv_groups_the_ropes_and_cache_writes_attention_reads(case):
+    g, inputs = rope_kv_graph(case)
+    groups = compare(g, inputs)
+    if case == "fuse":
+        assert kinds(groups) == ["rope_kv", "attention"]
+        fused = groups[-2]
+        assert [n.op for n in fused.nodes] == ["ROPE", "ROPE", "INDEX_COPY", "INDEX_COPY"]
+        assert fused.outputs == [fused.nodes[0]] + fused.nodes[2:]  # roped k stays inside
+        parts = rope_kv_parts(fused)
+        check_partition(g, [grp for grp in groups if grp is not fused][:-1] + parts + groups[-1:])
+        assert [p.kind for p in parts] == ["pointwise", "reference", "reference", "pointwise"]
+    else:
+        assert "rope_kv" not in kinds(groups) and kinds(groups).count("reference") == 2  # today's groups
 
 
 # ----------------------------------------------------------------------------- real optimized graphs

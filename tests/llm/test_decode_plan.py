@@ -4,8 +4,7 @@ plans, fusions included, compute the reference interpreter's logits and cache up
 
 A decode step of a Llama layer launches (kernels backend, the skinny GEMMs chosen):
     QKV GEMM with the input norm folded into its loads      1   (was: RMSNORM kernel + GEMM)
-    RoPE of q, RoPE of k                                    2
-    the KV-cache writes (index_copy_ of k and of v)         2
+    RoPE of q and k with the KV-cache writes of k and v     1   (was: 2 RoPE kernels + 2 index_copy_)
     attention                                               1
     o-proj GEMM + residual (epilogue)                       1
     gate/up GEMM (SiLU GLU epilogue) with the post-attention norm folded in   1   (was: RMSNORM kernel + GEMM)
@@ -16,6 +15,7 @@ import pytest
 import torch
 
 from kiln.config import CompileConfig
+from kiln.ir.bind import bind_inputs
 from kiln.ir.interpret import interpret
 from kiln.llm.generator import Generator, step_inputs
 from kiln.models.llama import LlamaConfig, LlamaForCausalLM
@@ -23,7 +23,7 @@ from kiln.testing import TOL, rel_err
 
 pytestmark = pytest.mark.interpreter
 
-DECODE_LAUNCHES_PER_LAYER = 9
+DECODE_LAUNCHES_PER_LAYER = 6
 DECODE_LAUNCHES_PER_STEP = 6  # outside the layers
 CFG = dict(vocab_size=97, hidden_size=72, intermediate_size=104, num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5)
 MAX_SEQ = 40
@@ -38,10 +38,21 @@ def tiny_llama(layers: int) -> LlamaForCausalLM:
     return m
 
 
+def compile_tiny(layers: int, rope_kv: str) -> Generator:
+    config = CompileConfig(backend="kernels", kernels={"gemm": "triton-skinny", "attention": "sdpa", "rope_kv": rope_kv})
+    return Generator.compile(tiny_llama(layers), max_seq=MAX_SEQ, batch_buckets=(1, 3), config=config, eos_token_id=[])
+
+
 @pytest.fixture(scope="module")
 def generator():
-    config = CompileConfig(backend="kernels", kernels={"gemm": "triton-skinny", "attention": "sdpa"})
-    return 2, Generator.compile(tiny_llama(2), max_seq=MAX_SEQ, batch_buckets=(1, 3), config=config, eos_token_id=[])
+    # (the interpreter runs the fused RoPE + KV-write kernel's few programs slower than the separate kernels: forced)
+    return 2, compile_tiny(2, "triton-rope-kv")
+
+
+@pytest.fixture(scope="module")
+def separate_generator():
+    # the rope_kv group's other candidate: the RoPE kernels, then the cache writes from the planned scratch
+    return 1, compile_tiny(1, "separate")
 
 
 def inputs(g: Generator, batch: int, slot0: int, tokens: int, seed: int) -> dict:
@@ -60,13 +71,21 @@ def test_decode_launches_per_layer_are_pinned(generator):
     assert not any(n.op == "RMSNORM" for c in calls if c.kind == "pointwise" for n in c.group.nodes)
     norm_gemms = [c for c in calls if c.kind == "gemm" and c.group.nodes[0].op == "RMSNORM"]
     assert len(norm_gemms) == 2 * layers + 1 and all(c.choice.startswith("triton-skinny-norm:") for c in norm_gemms)
+    # RoPE of q and k and both cache writes: one kernel per layer, no ROPE / INDEX_COPY runs on its own
+    rope_kv = [c for c in calls if c.kind == "rope_kv"]
+    assert len(rope_kv) == layers and all(c.choice == "triton-rope-kv" for c in rope_kv)
+    assert not any(c.kind in ("update", "pointwise") and c.group.nodes[0].op in ("ROPE", "INDEX_COPY") for c in calls)
 
 
+@pytest.mark.parametrize("fixture", ["generator", "separate_generator"])
 @pytest.mark.parametrize("batch", [1, 3])
-def test_prefill_then_decode_match_the_reference_interpreter(generator, batch):
+def test_prefill_then_decode_match_the_reference_interpreter(request, fixture, batch):
     # prefill (16 x batch rows: the norm's kernel, then the GEMM) then two decode steps (the norm folded into the
     # skinny GEMM); logits and every cache against the interpreter on the same inputs
-    _, g = generator
+    _, g = request.getfixturevalue(fixture)
+    if fixture == "separate_generator":
+        plan = g.compiled.executor.plan_for(list(inputs(g, 1, 16, 1, 0).values()))
+        assert [c.choice for c in plan.calls if c.kind == "rope_kv"] == ["separate"]
     graph = g.compiled.graph
     for slot0, tokens in ((0, 16), (16, 1), (17, 1)):
         step = inputs(g, batch, slot0, tokens, seed=slot0)
@@ -75,3 +94,19 @@ def test_prefill_then_decode_match_the_reference_interpreter(generator, batch):
         for name, value in want.items():
             got = step[graph.updates[name]] if name in graph.updates else logits
             assert rel_err(got, value) <= TOL[torch.float32], (slot0, name, rel_err(got, value))
+
+
+def test_caches_not_adopted_run_the_rope_kv_parts(separate_generator):
+    # a plan built without the caller's tensors cannot write the caches in place: ROPE and INDEX_COPY run as the
+    # groups the rope_kv group merged, and the plan still computes the interpreter's logits and new caches
+    _, g = separate_generator
+    graph = g.compiled.graph
+    step = inputs(g, 1, 16, 1, seed=5)
+    plan = g.compiled.executor.plan(bind_inputs(graph, list(step.values())))
+    assert not any(c.kind == "rope_kv" for c in plan.calls)
+    parts = sorted(n.op for c in plan.calls if c.kind in ("pointwise", "reference") for n in c.group.nodes if n.op in ("ROPE", "INDEX_COPY"))
+    assert parts == ["INDEX_COPY"] * 2 + ["ROPE"] * 2
+    want = interpret(graph, [t.clone() for t in step.values()])
+    got = plan.run(list(step.values()))
+    for name, a, b in zip(graph.output_names, got, want):
+        assert rel_err(a, b) <= TOL[torch.float32], (name, rel_err(a, b))
