@@ -8,107 +8,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
-from contextlib import contextmanager
 
-from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
 
-from .errors import KilnError
-
-# piped output (logs, CI) gets a fixed width so tables and messages are not wrapped at 80 columns
-out = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
-err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 160)
-
-
-class _Progress:
-    """Shows a spinner while a phase runs and a line with its time when it ends."""
-
-    def __init__(self, quiet: bool = False):
-        self.quiet = quiet
-        self._status = None
-
-    def __call__(self, name: str, seconds):
-        if self.quiet:
-            return
-        if seconds is None:
-            self._status = err.status(f"{name}...")
-            self._status.start()
-            return
-        if self._status is not None:
-            self._status.stop()
-            self._status = None
-        mark = "[green]done[/green]" if seconds >= 0 else "[red]failed[/red]"
-        err.print(f"  {mark} {name} [dim]{max(seconds, 0):.2f}s[/dim]")
-
-    @contextmanager
-    def step(self, name: str):
-        self(name, None)
-        t0 = time.perf_counter()
-        ok = False
-        try:
-            yield
-            ok = True
-        finally:
-            self(name, time.perf_counter() - t0 if ok else -1.0)
-
-
-def _parse_dims(items, ranges: bool) -> dict:
-    """``NAME=V`` (or ``NAME=MIN:MAX`` when ``ranges``) options into a dict; sizes are >= 1 and MIN <= MAX."""
-    dims = {}
-    for item in items or []:
-        name, sep, value = item.partition("=")
-        try:
-            bounds = tuple(int(v) for v in value.split(":"))
-            if not sep or not name or len(bounds) != (2 if ranges else 1):
-                raise ValueError
-        except ValueError:
-            raise KilnError(f"--dim {item!r} is not of the form {'NAME=MIN:MAX' if ranges else 'NAME=VALUE'}") from None
-        if min(bounds) < 1:
-            raise KilnError(f"--dim {item!r}: a dim is at least 1", hint=f"--dim {name}={':'.join(str(max(b, 1)) for b in bounds)}")
-        if ranges and bounds[0] > bounds[1]:
-            raise KilnError(f"--dim {item!r}: min {bounds[0]} > max {bounds[1]}", hint=f"--dim {name}={bounds[1]}:{bounds[0]}")
-        dims[name] = bounds if ranges else bounds[0]
-    return dims
-
-
-def _parse_buckets(text: str) -> list[int]:
-    """``--batch-buckets 1,2,4`` into sizes, each >= 1."""
-    try:
-        buckets = [int(b) for b in text.split(",")]
-    except ValueError:
-        buckets = []
-    if not buckets or min(buckets) < 1:
-        raise KilnError(f"--batch-buckets {text!r}: give batch sizes >= 1 separated by commas", hint="--batch-buckets 1,2,4,8")
-    return buckets
-
-
-def _check_output(path: str | None, force: bool, hint: str = "use --force to replace it") -> None:
-    """Refuse an output path before any work: a directory, a missing parent directory, an existing file without --force."""
-    if path:
-        from .runtime.artifact import check_output_path
-
-        check_output_path(path, force, replace_hint=hint)
-
-
-def _check_weights(path: str) -> None:
-    """``--weights`` must be a checkpoint directory with its config.json (a diffusers pipeline's in transformer/)."""
-    hint = "an HF / diffusers checkpoint directory: config.json + *.safetensors, sharded or not"
-    if not os.path.exists(path):
-        raise KilnError(f"--weights {path}: no such directory", hint=hint)
-    if not os.path.isdir(path):
-        raise KilnError(f"--weights {path} is a file, not a checkpoint directory", hint=hint)
-    if not any(os.path.isfile(os.path.join(path, *f)) for f in (("config.json",), ("transformer", "config.json"))):
-        raise KilnError(f"--weights {path} has no config.json", hint=hint)
-
-
-def _torch_dtype(name: str):
-    import torch
-
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+from ..errors import KilnError
+from .common import _check_output, _check_weights, _emit_onnx, _parse_buckets, _parse_dims, _Progress, _torch_dtype, err, out
+from .tools import cmd_bench, cmd_inspect, cmd_run
 
 
 # ----------------------------------------------------------------------------- compile
@@ -168,7 +75,7 @@ def _smoothing(text: str):
 
 
 def _family(model: str | None) -> str | None:
-    from .models import registry
+    from ..models import registry
 
     try:
         return registry.get(model).family if model else None
@@ -201,7 +108,7 @@ def cmd_compile(a) -> int:
     if a.source:
         compiled = kiln.compile(a.source, dynamic=dims or None, config=config, report_hook=progress)
     else:
-        from .models import registry
+        from ..models import registry
 
         spec = registry.get(a.model)
         calib = _read_calibration(a.calib, spec) if a.calib else None
@@ -249,9 +156,9 @@ def _compile_shards(a, config, output: str, buckets, progress) -> int:
     communication), written as OUTPUT's shard files (``gen.rank0-of-2.kiln``, ...)."""
     import dataclasses
 
-    from .llm.generator import DEFAULT_BATCH_BUCKETS, Generator
-    from .models import registry
-    from .runtime.artifact import check_output_path, shard_path
+    from ..llm.generator import DEFAULT_BATCH_BUCKETS, Generator
+    from ..models import registry
+    from ..runtime.artifact import check_output_path, shard_path
 
     if a.source or not a.generate or a.calib:
         raise KilnError("--tp shards LLM generators: give --model with --generate (and no --calib)",
@@ -270,7 +177,7 @@ def _compile_shards(a, config, output: str, buckets, progress) -> int:
 
 
 def _compile_generator(a, spec, model, config, output, buckets, progress, calibration=None) -> int:
-    from .llm.generator import DEFAULT_BATCH_BUCKETS, Generator, _load_tokenizer
+    from ..llm.generator import DEFAULT_BATCH_BUCKETS, Generator, _load_tokenizer
 
     if spec.family != "llama":
         raise KilnError(f"--generate needs an LLM; {spec.name} is a {spec.family} model")
@@ -294,7 +201,7 @@ def _compile_generator(a, spec, model, config, output, buckets, progress, calibr
 
 
 def _is_gptq(weights: str) -> bool:
-    from .models.gptq import gptq_config
+    from ..models.gptq import gptq_config
 
     return os.path.isfile(os.path.join(weights, "config.json")) and gptq_config(weights) is not None
 
@@ -303,7 +210,7 @@ def _compile_pipeline(a) -> int:
     """``--pipeline``: a diffusion sampling pipeline (step graph, VAE decoder[, text encoder]) as one artifact."""
     import kiln
 
-    from .diffusion import presets
+    from ..diffusion import presets
 
     if a.source or not (a.model or a.weights) or a.generate:
         raise KilnError("--pipeline takes --model NAME (random weights) or --weights DIR (a diffusers pipeline directory)",
@@ -364,7 +271,7 @@ def _token_calls(calib, weights: str | None, spec) -> list:
     """Calibration for a plain LLM compile: calls ``input_ids`` [1, T] of at most 256 tokens (and the model's length)."""
     import torch
 
-    from .llm.generator import _load_tokenizer
+    from ..llm.generator import _load_tokenizer
 
     if isinstance(calib, str):
         tokenizer = _load_tokenizer(weights) if weights else None
@@ -392,8 +299,8 @@ def _eos_of(weights: str | None):
 def cmd_generate(a) -> int:
     import torch
 
-    from .llm.generator import Generator
-    from .llm.sampling import SamplingParams
+    from ..llm.generator import Generator
+    from ..llm.sampling import SamplingParams
 
     if a.tp > 1 and "RANK" not in os.environ:
         return _spawn_ranks(a.argv, a.tp)
@@ -450,7 +357,7 @@ def cmd_generate(a) -> int:
 
 def cmd_sample(a) -> int:
     """Sample images with a pipeline artifact and write them as PNG files."""
-    from .diffusion import load
+    from ..diffusion import load
 
     progress = _Progress(a.quiet)
     with progress.step(f"load {a.artifact}"):
@@ -555,13 +462,6 @@ def _join_ranks(a) -> int:
     return rank
 
 
-def _emit_onnx(graph, path: str, progress) -> None:
-    from .ir.onnx import save_onnx
-
-    with progress.step(f"write ONNX {path}"):
-        save_onnx(graph, path)
-
-
 def _with_ranges(dynamic: dict, ranges: dict) -> dict:
     seen = set()
     result = {}
@@ -579,240 +479,11 @@ def _with_ranges(dynamic: dict, ranges: dict) -> dict:
     return result
 
 
-# ----------------------------------------------------------------------------- run
-
-
-def cmd_run(a) -> int:
-    import torch
-
-    import kiln
-
-    _check_output(a.save_outputs, a.force)
-    progress = _Progress(a.quiet)
-    with progress.step(f"load {a.artifact}"):
-        m = kiln.load(a.artifact, device=a.device)
-    if a.inputs:
-        tensors = _read_inputs(a.inputs, m)
-    else:
-        tensors = m.random_inputs(_parse_dims(a.dim, ranges=False), seed=a.seed)
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        outputs = m.executor.run(tensors)
-    _sync(m)
-    first = time.perf_counter() - t0
-    times = []
-    for _ in range(a.repeat):
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            m.executor.run(tensors)
-        _sync(m)
-        times.append(time.perf_counter() - t0)
-
-    t = Table(show_edge=False)
-    for col in ("output", "shape", "dtype", "mean", "std", "min", "max", "non-finite"):
-        t.add_column(col)
-    for name, o in zip(m.graph.output_names, outputs):
-        f = o.detach().double()
-        bad = int((~torch.isfinite(f)).sum())
-        t.add_row(escape(name), str(list(o.shape)), str(o.dtype).removeprefix("torch."), f"{f.mean():.4g}",
-                  f"{f.std():.4g}" if f.numel() > 1 else "-", f"{f.min():.4g}", f"{f.max():.4g}", str(bad))
-    shapes = ", ".join(f"{n.attrs['name']}{list(x.shape)}" for n, x in zip(m.graph.inputs, tensors))
-    out.print(escape(f"inputs: {shapes}" + ("" if a.inputs else f" (random, seed {a.seed})")))
-    out.print(t)
-    line = f"time: first call {first * 1e3:.2f} ms (includes planning)"
-    if times:
-        line += f", then median {statistics.median(times) * 1e3:.2f} ms over {len(times)} runs"
-    out.print(line + f" on {m.device}")
-    if a.save_outputs:
-        from safetensors.torch import save_file
-
-        save_file({n: o.detach().cpu().contiguous() for n, o in zip(m.graph.output_names, outputs)}, a.save_outputs)
-        out.print(f"wrote outputs to {a.save_outputs}")
-    return 0
-
-
-def _sync(m):
-    import torch
-
-    if m.device.type == "cuda":
-        torch.cuda.synchronize(m.device)
-
-
-def _read_inputs(path: str, m):
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    if not os.path.exists(path):
-        raise KilnError(f"{path}: no such file")
-    try:
-        data = load_file(path)
-    except (SafetensorError, OSError, ValueError) as e:
-        raise KilnError(f"{path}: not a readable safetensors file ({e})") from None
-    names = [n.attrs["name"] for n in m.graph.inputs]
-    missing = [n for n in names if n not in data]
-    if missing:
-        raise KilnError(f"{path} lacks input(s) {', '.join(missing)}; it has {', '.join(data) or 'nothing'}",
-                        hint=f"the model's inputs are {', '.join(names)}")
-    return [data[n].to(m.device) for n in names]
-
-
-# ----------------------------------------------------------------------------- bench
-
-
-def _median_ms(fn, device) -> float:
-    if device.type == "cuda":
-        from triton.testing import do_bench
-
-        return do_bench(fn, warmup=25, rep=200, return_mode="median")
-    fn()
-    times = []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
-def cmd_bench(a) -> int:
-    """Time an artifact on the kernels backend against its own per-op torch reference, one process."""
-    import torch
-
-    import kiln
-    from .numerics import rel_err
-
-    _check_output(a.json, a.force)
-    progress = _Progress(a.quiet)
-    startup = {"process_to_kiln_imported_s": _process_age()}
-    t0 = time.perf_counter()
-    with progress.step(f"load {a.artifact}"):
-        m = kiln.load(a.artifact, device=a.device, backend=a.backend)
-    startup["load_s"] = time.perf_counter() - t0
-    dims = _parse_dims(a.dim, ranges=False)
-    tensors = m.random_inputs(dims, seed=a.seed)
-    dev = m.device
-    result = {"artifact": os.path.abspath(a.artifact), "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-              "torch": torch.__version__, "inputs": {n.attrs["name"]: list(t.shape) for n, t in zip(m.graph.inputs, tensors)},
-              "runs": []}
-    systems = [("kiln", m)]
-    if a.compare_reference and m.executor.backend != "reference":
-        systems.append(("reference", kiln.load(a.artifact, device=a.device, backend="reference")))
-    outputs = {}
-    for name, model in systems:
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-            torch.cuda.reset_peak_memory_stats(dev)
-        with progress.step(f"{name}: first call (plans, tunes, captures)"), torch.no_grad():
-            t0 = time.perf_counter()
-            outputs[name] = model.executor.run(tensors)
-            _sync(model)
-            first = time.perf_counter() - t0
-        with progress.step(f"{name}: timing"), torch.no_grad():
-            ms = _median_ms(lambda: model.executor.run(tensors), dev)
-        run = {"system": name, "ms": ms, "first_call_s": first}
-        if dev.type == "cuda":
-            run["peak_mem_GiB"] = torch.cuda.max_memory_allocated(dev) / 2**30
-        result["runs"].append(run)
-    if "reference" in outputs:
-        result["rel_err_vs_reference"] = max(rel_err(x.float(), y.float()) for x, y in zip(outputs["kiln"], outputs["reference"]))
-        result["speedup_vs_reference"] = result["runs"][1]["ms"] / result["runs"][0]["ms"]
-    result["executor"] = m.executor.describe()
-    startup["first_call_s"] = result["runs"][0]["first_call_s"]
-    plans = result["executor"]["plans"]
-    startup["first_call_phases"] = plans[0].get("phases", {}) if plans else {}
-    result["startup"] = startup
-
-    _print_bench(a.artifact, result)
-    if a.json:
-        with open(a.json, "w") as fh:
-            json.dump(result, fh, indent=1)
-        out.print(escape(f"wrote {a.json}"))
-    return 0
-
-
-def _process_age() -> float | None:
-    """Seconds since this process started (Linux; None elsewhere): what a user waits before kiln is imported."""
-    try:
-        with open("/proc/self/stat") as f:
-            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
-        with open("/proc/uptime") as f:
-            uptime = float(f.read().split()[0])
-        return round(uptime - start_ticks / os.sysconf("SC_CLK_TCK"), 3)
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def _print_bench(artifact: str, result: dict) -> None:
-    t = Table(show_edge=False)
-    for col in ("system", "median ms", "first call s", "peak GiB"):
-        t.add_column(col, justify="right" if col != "system" else "left")
-    for r in result["runs"]:
-        t.add_row(r["system"], f"{r['ms']:.3f}", f"{r['first_call_s']:.2f}", f"{r['peak_mem_GiB']:.2f}" if "peak_mem_GiB" in r else "-")
-    out.print(escape(f"{artifact} on {result['device']}, inputs " + ", ".join(f"{k}{v}" for k, v in result["inputs"].items())))
-    out.print(t)
-    if "rel_err_vs_reference" in result:
-        out.print(f"kiln vs reference: {result['speedup_vs_reference']:.2f}x, max relative error {result['rel_err_vs_reference']:.2e}")
-    ex = result["executor"]
-    if ex.get("plans"):
-        p = ex["plans"][-1]
-        out.print(escape(f"backend {ex['backend']}: launches {p.get('launches', p.get('steps'))}, choices {p.get('choices', {})}, "
-                         f"CUDA graph {p.get('cuda_graph', False)}"))
-    st = result.get("startup")
-    if st:
-        phases = ", ".join(f"{k} {v:.2f}s" for k, v in st["first_call_phases"].items())
-        imported = st["process_to_kiln_imported_s"]
-        out.print(escape(f"start-up: {'kiln imported after %.2fs, ' % imported if imported is not None else ''}load {st['load_s']:.2f}s, "
-                         f"first call {st['first_call_s']:.2f}s" + (f" ({phases})" if phases else "")))
-
-
-# ----------------------------------------------------------------------------- inspect
-
-
-def cmd_inspect(a) -> int:
-    import kiln
-
-    _check_output(a.onnx, a.force)
-    m = kiln.load(a.artifact)
-    man = m.manifest
-    if a.onnx:
-        _emit_onnx(m.graph, a.onnx, _Progress(quiet=True))
-        out.print(escape(f"wrote {a.onnx}"))
-    if a.json:
-        print(json.dumps(man, indent=1))
-        return 0
-    out.print(f"[bold]{escape(a.artifact)}[/bold]  kiln artifact format {man['format_version']}, "
-              f"{os.path.getsize(a.artifact) / 2**20:.1f} MiB")
-    out.print(f"  built by kiln {man.get('kiln_version')}, torch {man.get('torch_version')}, "
-              f"triton {man.get('triton_version')}, python {man.get('python_version')} on {man.get('created')}")
-    if man.get("config"):
-        out.print(escape(f"  config: {json.dumps(man['config'])}"))
-    t = Table(title="inputs / outputs", title_justify="left", show_edge=False)
-    for col in ("", "name", "shape", "dtype"):
-        t.add_column(col)
-    for kind in ("inputs", "outputs"):
-        for spec in man[kind]:
-            t.add_row(kind[:-1], escape(spec["name"]), escape("[" + ", ".join(map(str, spec["shape"])) + "]"), spec["dtype"])
-    out.print(t)
-    if man.get("symbols"):
-        out.print("  dims: " + ", ".join(f"{k} in [{lo}, {hi}]" for k, (lo, hi) in man["symbols"].items()))
-    g = m.graph
-    out.print(f"  weights: {len(g.weights)} tensors, {sum(t.numel() for t in g.weights.values()):,} parameters, "
-              f"{g.weight_bytes() / 2**20:.1f} MiB")
-    t = Table(title="ops", title_justify="left", show_edge=False)
-    t.add_column("op")
-    t.add_column("count", justify="right")
-    for op, n in g.histogram().items():
-        t.add_row(op, str(n))
-    out.print(t)
-    if a.graph:
-        out.print(repr(g), markup=False)
-    return 0
-
-
 # ----------------------------------------------------------------------------- main
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .version import __version__
+    from ..version import __version__
 
     p = argparse.ArgumentParser(prog="kiln", description="kiln: compile and run transformer models fast.")
     p.add_argument("--version", action="version", version=f"kiln {__version__}")
@@ -946,7 +617,7 @@ def main(argv=None) -> int:
     args.argv = list(sys.argv[1:] if argv is None else argv)  # (kiln generate --tp N runs this command again per rank)
     try:
         if getattr(args, "device", None):
-            from .api import check_device
+            from ..api import check_device
 
             check_device(args.device)  # before any work, and before a model is moved there
         return args.fn(args)
