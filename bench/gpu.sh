@@ -36,7 +36,10 @@ for stage in "$@"; do
     llm_kv) timeout 240 python3 bench/llm_kv.py --contexts 2048,8192 --batches 1,16 2>&1 | tail -20 ;;
     llm_quant_1b) timeout 240 python3 bench/llm_quant.py --models 1b 2>&1 | tail -20 ;;
     diffusion_profile) timeout 200 python3 bench/diffusion_profile.py 2>&1 | tail -45 ;;
-    fp8) timeout 300 python3 bench/fp8.py --out "$OUT/fp8.json" 2>&1 | tail -30 ;;
+    qtests)  # the quantized / rope_kv GPU tests alone, failures printed
+      timeout 150 python3 -m pytest -q -x -rf -p no:logging -m gpu tests/runtime/test_kernel_plan_quant.py \
+        tests/models/test_gptq.py tests/codegen/test_aqgemm.py tests/codegen/test_rope_kv.py 2>&1 | tee "$OUT/qtests.log" | tail -40 ;;
+    fp8) timeout ${FP8_TIMEOUT:-300} python3 bench/fp8.py --out "$OUT/fp8.json" 2>&1 | tail -30 ;;
     *) echo "unknown stage $stage" ;;
   esac
 done

@@ -293,7 +293,7 @@ def _render_cached(group, rank: int) -> str:
 
 def _reference(group, tensors, bindings, out):
     env = {node: t for node, t in zip(group.inputs, tensors) if node.op != "CONST"}
-    eval_nodes([i for i in group.inputs if i.op == "CONST"] + list(group.nodes), env, bindings)
+    eval_nodes([i for i in group.inputs if i.op == "CONST"] + list(group.nodes), env, bindings, device=out[0].device)
     for o, node in zip(out, group.outputs):
         o.copy_(env[node])
     return out

@@ -290,7 +290,7 @@ def execute(graph: Graph, groups: list[Group], inputs: list, bindings: dict | No
         if g.kind == "pointwise":
             env.update(zip(g.outputs, launch(g, [env.get(i) for i in g.inputs], bindings)))
         else:
-            eval_nodes(g.nodes, env, bindings, graph.weights)
+            eval_nodes(g.nodes, env, bindings, graph.weights, device=inputs[0].device if inputs else None)
     return [env[o] for o in graph.outputs]
 
 

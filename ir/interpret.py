@@ -20,24 +20,28 @@ def node_attrs(node: Node, bindings: dict[str, int]) -> dict:
     return {k: eval_attr(v, bindings) if has_symbols(v) else v for k, v in node.attrs.items()}
 
 
-def eval_node(node: Node, args: list, bindings: dict[str, int], attrs: dict | None = None) -> torch.Tensor:
+def eval_node(node: Node, args: list, bindings: dict[str, int], attrs: dict | None = None,
+              device: torch.device | str | None = None) -> torch.Tensor:
     """The value of ``node`` (not an INPUT or WEIGHT) for the values ``args`` of its inputs: its op's
-    reference implementation, or a CONST's tensor. ``attrs``: the evaluated attributes, when the caller has
-    them already (default: ``node_attrs(node, bindings)``)."""
+    reference implementation, or a CONST's tensor (on ``device``, default the CPU). ``attrs``: the evaluated
+    attributes, when the caller has them already (default: ``node_attrs(node, bindings)``)."""
     attrs = node_attrs(node, bindings) if attrs is None else attrs
     if node.op == "CONST":
-        return const_tensor(attrs["value"])
+        t = const_tensor(attrs["value"])
+        return t if device is None else t.to(device)
     return OPS[node.op].ref(args, attrs)
 
 
-def eval_nodes(nodes, env: dict, bindings: dict[str, int], weights: dict | None = None) -> dict:
+def eval_nodes(nodes, env: dict, bindings: dict[str, int], weights: dict | None = None,
+               device: torch.device | str | None = None) -> dict:
     """Evaluate ``nodes`` in order into ``env`` (node -> tensor), which must hold every other value they read;
-    WEIGHT nodes read ``weights``, INPUT nodes are skipped (bound by the caller). Returns ``env``."""
+    WEIGHT nodes read ``weights``, INPUT nodes are skipped (bound by the caller), constants are made on
+    ``device``. Returns ``env``."""
     for n in nodes:
         if n.op == "WEIGHT":
             env[n] = weights[n.attrs["name"]]
         elif n.op != "INPUT":
-            env[n] = eval_node(n, [env[i] for i in n.inputs], bindings)
+            env[n] = eval_node(n, [env[i] for i in n.inputs], bindings, device=device)
     return env
 
 
@@ -49,6 +53,8 @@ def interpret(graph: Graph, inputs: list, *, compute_dtype: torch.dtype | None =
     def up(t: torch.Tensor) -> torch.Tensor:
         return t.to(compute_dtype) if compute_dtype is not None and dtype_name(t.dtype) in FLOAT_DTYPES else t
 
+    tensors = [t for t in inputs if isinstance(t, torch.Tensor)] + list(weights.values())
+    device = tensors[0].device if tensors else None  # (constants are made where the data is)
     env: dict = {}
     for node, t in zip(graph.inputs, inputs):
         env[node] = up(t)
@@ -61,5 +67,5 @@ def interpret(graph: Graph, inputs: list, *, compute_dtype: torch.dtype | None =
         attrs = node_attrs(node, bindings)
         if compute_dtype is not None and attrs.get("dtype") in FLOAT_DTYPES:
             attrs["dtype"] = str(compute_dtype).removeprefix("torch.")
-        env[node] = eval_node(node, [env[i] for i in node.inputs], bindings, attrs)
+        env[node] = eval_node(node, [env[i] for i in node.inputs], bindings, attrs, device)
     return [env[o] for o in graph.outputs]

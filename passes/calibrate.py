@@ -33,7 +33,7 @@ def observe_inputs(graph: Graph, watch: dict[Node, Callable[[torch.Tensor], None
                 if n.op == "WEIGHT":
                     env[n] = graph.weights[n.attrs["name"]]
                 elif n.op != "INPUT" and n in last:  # (a value nothing reads is not computed)
-                    env[n] = eval_node(n, [env[i] for i in n.inputs], bindings)
+                    env[n] = eval_node(n, [env[i] for i in n.inputs], bindings, device=device)
                 if n in watch:
                     watch[n](env[n.inputs[0]])
                 for i in n.inputs:
