@@ -23,13 +23,13 @@ def node_attrs(node: Node, bindings: dict[str, int]) -> dict:
 def eval_node(node: Node, args: list, bindings: dict[str, int], attrs: dict | None = None,
               device: torch.device | str | None = None) -> torch.Tensor:
     """The value of ``node`` (not an INPUT or WEIGHT) for the values ``args`` of its inputs: its op's
-    reference implementation, or a CONST's tensor (on ``device``, default the CPU). ``attrs``: the evaluated
-    attributes, when the caller has them already (default: ``node_attrs(node, bindings)``)."""
+    reference implementation, or a CONST's tensor; a node without inputs makes its tensor on ``device``
+    (default the CPU). ``attrs``: the evaluated attributes, when the caller has them already (default:
+    ``node_attrs(node, bindings)``)."""
     attrs = node_attrs(node, bindings) if attrs is None else attrs
-    if node.op == "CONST":
-        t = const_tensor(attrs["value"])
-        return t if device is None else t.to(device)
-    return OPS[node.op].ref(args, attrs)
+    t = const_tensor(attrs["value"]) if node.op == "CONST" else OPS[node.op].ref(args, attrs)
+    # a node without inputs (CONST, ARANGE, FULL) makes its tensor on the CPU; the rest follow their inputs
+    return t if device is None or node.inputs else t.to(device)
 
 
 def eval_nodes(nodes, env: dict, bindings: dict[str, int], weights: dict | None = None,

@@ -1,10 +1,13 @@
 """ir/interpret.py: constants are made on the device of the data, so a graph whose inputs and weights live on an
 accelerator evaluates there (the oracle of the GPU tests, and calibration of a CUDA model: a constant left on the CPU
 fails CUDA's device checks). The "meta" device stands in for CUDA on the CPU."""
+import pytest
 import torch
 
+import kiln
 from kiln.ir.graph import Graph
 from kiln.ir.interpret import interpret
+from kiln.ir.ops import OPS
 from kiln.passes.calibrate import observe_inputs
 
 
@@ -35,3 +38,33 @@ def test_calibration_runs_on_the_weights_device():
     seen = []
     observe_inputs(g, {mm: seen.append}, [[torch.ones(1, 3)]])  # mm's first input: the constant
     assert [t.device.type for t in seen] == ["meta"]
+
+
+@pytest.fixture
+def same_device_refs(monkeypatch):
+    """Every op's reference refuses tensors on two devices (the meta device, unlike CUDA, would mix with the CPU)."""
+    def checked(ref):
+        def run(args, attrs):
+            devices = {t.device for t in args if isinstance(t, torch.Tensor) and t.dim() > 0}
+            assert len(devices) <= 1, devices
+            return ref(args, attrs)
+        return run
+    for name, op in list(OPS.items()):
+        monkeypatch.setitem(OPS, name, op._replace(ref=checked(op.ref)))
+
+
+@pytest.mark.parametrize("model", ["llama", "dit"])
+def test_real_graphs_evaluate_on_one_device(pipeline_models, same_device_refs, model):
+    # the decode step's position ids come from ARANGE / FULL nodes: without inputs, made on the data's device
+    make, inputs, dims = pipeline_models[model]
+    if model == "llama":
+        graph = kiln.compile(make(), (inputs(2, 3),), dynamic=dims).graph
+        feeds = [inputs(1, 1).to("meta")]
+    else:
+        graph = kiln.compile(make(), (), inputs(2), dynamic=dims).graph
+        feeds = [t.to("meta") for t in inputs(1).values()]
+    for name, w in graph.weights.items():
+        graph.weights[name] = w.to("meta")
+    out = interpret(graph, feeds, compute_dtype=torch.float64)
+    assert all(o.device.type == "meta" for o in out)
+    observe_inputs(graph, {}, [feeds])
