@@ -236,6 +236,11 @@ class Graph:
     def histogram(self) -> dict[str, int]:
         return dict(Counter(n.op for n in self.nodes if n.op not in ("INPUT", "WEIGHT", "CONST")).most_common())
 
+    def weights_device(self) -> torch.device:
+        """Where the weights live: the device of any weight off the CPU (a model moved to CUDA), else the CPU.
+        Values computed from no weight (folded constants, calibration's) are made there."""
+        return next((t.device for t in self.weights.values() if t.device.type != "cpu"), torch.device("cpu"))
+
     def weight_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.weights.values())
 

@@ -19,7 +19,7 @@ from ..ir.interpret import eval_node
 
 def observe_inputs(graph: Graph, watch: dict[Node, Callable[[torch.Tensor], None]], calibration) -> None:
     """Run ``graph`` on every sample of ``calibration``; ``watch[n](x)`` with x the value of ``n.inputs[0]``."""
-    device = next(iter(graph.weights.values())).device
+    device = graph.weights_device()
     last = {}
     for k, n in enumerate(graph.nodes):
         for i in n.inputs:

@@ -23,7 +23,8 @@ from collections import deque
 import torch
 
 from ..ir.graph import Graph, Node, dims_equal_shapes
-from ..ir.ops import OPS, const_tensor, const_type
+from ..ir.interpret import eval_node
+from ..ir.ops import OPS, const_type
 from ..ir.types import ITEMSIZE, dims_equal, dtype_name, has_symbols, is_static
 from .report import PassStats
 
@@ -115,6 +116,7 @@ def _fold(graph: Graph, stats: PassStats) -> None:
     roots = [n for n in graph.nodes if n in const and n.op not in ("WEIGHT", "CONST")
              and (n in graph.outputs or any(u not in const for u in n.users))]
     values: dict[Node, torch.Tensor] = {}
+    device = graph.weights_device()
     seen: set[Node] = set()
     roots = deque(roots)
     while roots:
@@ -131,7 +133,7 @@ def _fold(graph: Graph, stats: PassStats) -> None:
             roots.extend(i for i in root.inputs if i in const)  # fold what is below it instead
             continue
         try:  # a copy of its own: a view (or a no-op .to) would share storage with the weight it came from
-            value = _evaluate(graph, root, values).clone(memory_format=torch.contiguous_format)
+            value = _evaluate(graph, root, values, device).clone(memory_format=torch.contiguous_format)
         except Exception as e:  # noqa: BLE001 - a reference that cannot run on these values leaves the graph as it is
             stats.decline(f"cannot evaluate at compile time: {type(e).__name__}: {e}", root)
             continue
@@ -172,16 +174,14 @@ def _cone(root: Node) -> tuple[list[Node], int]:
     return cone, sum(_nbytes(w) for w in leaves)
 
 
-def _evaluate(graph: Graph, node: Node, values: dict) -> torch.Tensor:
+def _evaluate(graph: Graph, node: Node, values: dict, device: torch.device) -> torch.Tensor:
+    """The value of a node of a folded cone, made on ``device`` (the weights': a cone of no weight too)."""
     if node not in values:
         if node.op == "WEIGHT":
             return graph.weights[node.attrs["name"]]
-        if node.op == "CONST":
-            return const_tensor(node.attrs["value"])
-        args = [_evaluate(graph, i, values) for i in node.inputs]
+        args = [_evaluate(graph, i, values, device) for i in node.inputs]
         with torch.no_grad():
-            out = OPS[node.op].ref(args, node.attrs)
-        values[node] = out
+            values[node] = eval_node(node, args, {}, node.attrs, device)
     return values[node]
 
 
