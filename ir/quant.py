@@ -231,7 +231,9 @@ def quantize_rows(t: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor
     dtype, qmax = ACT_FORMATS[fmt]
     acc = torch.float64 if t.dtype == torch.float64 else torch.float32
     t = t.to(acc)
-    scale = (t.abs().amax(-1) / qmax).clamp_min(torch.finfo(torch.float32).tiny)  # [...]
+    amax = t.abs().amax(-1)  # [...]
+    # a tensor divisor: CUDA divides by a python scalar as a multiply by its reciprocal, not one IEEE division
+    scale = (amax / torch.full_like(amax, qmax)).clamp_min(torch.finfo(torch.float32).tiny)
     v = (t / scale[..., None]).clamp(-qmax, qmax)
     return (torch.round(v) if fmt == "int8" else v).to(dtype), scale
 
