@@ -40,10 +40,10 @@ for stage in "$@"; do
       timeout 150 python3 -m pytest -q -x -rf -p no:logging -m gpu tests/runtime/test_kernel_plan_quant.py \
         tests/models/test_gptq.py tests/codegen/test_aqgemm.py tests/codegen/test_rope_kv.py 2>&1 | tee "$OUT/qtests.log" | tail -40 ;;
     qtests2)  # the FP8 / int8 row-quantizer and AQGEMM GPU tests, RoPE + KV-cache writes
-      timeout 90 python3 -m pytest -q -rf -p no:logging -m gpu tests/codegen/test_aqgemm.py tests/codegen/test_rope_kv.py 2>&1 \
+      timeout 60 python3 -m pytest -q -rf -p no:logging -m gpu tests/codegen/test_aqgemm.py tests/codegen/test_rope_kv.py 2>&1 \
         | tee "$OUT/qtests2.log" | tail -30 ;;
-    fp8_gemm) timeout 150 python3 bench/fp8_gemm.py --out "$OUT/fp8_gemm.json" 2>&1 | tail -15 ;;
-    decode_1b) timeout 200 python3 bench/decode.py --models 1b 2>&1 | tail -25 ;;
+    fp8_gemm) timeout 120 python3 bench/fp8_gemm.py --out "$OUT/fp8_gemm.json" 2>&1 | tail -15 ;;
+    decode_1b) timeout 180 python3 bench/decode.py --models 1b 2>&1 | tail -25 ;;
     models_short) timeout 150 python3 bench/models.py 2>&1 | tail -20 ;;
     fp8) timeout ${FP8_TIMEOUT:-300} python3 bench/fp8.py --out "$OUT/fp8.json" 2>&1 | tail -30 ;;
     *) echo "unknown stage $stage" ;;
