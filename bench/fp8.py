@@ -54,6 +54,14 @@ def notes(compiled) -> list[str]:
     return [f"{name}: {n}" for name in ("smooth", "quantize_acts") for n in passes.get(name, {}).get("notes", [])]
 
 
+def gemm_choices(compiled) -> list[dict]:
+    """The tuner's decision for every distinct quantized GEMM shape: the candidates' ms and any that failed (and why)."""
+    tuner = compiled.executor.tuner
+    return [{"x": d["what"].get("x"), "w": d["what"].get("w"), "act": d["what"].get("act"), "glu": d["what"].get("glu"),
+             "choice": d["choice"], "ms": d["ms"], **({"failed": d["failed"]} if "failed" in d else {})}
+            for d in (tuner.decisions.values() if tuner else []) if d["what"].get("op") == "AQGEMM"]
+
+
 def config(mode: str) -> kiln.CompileConfig:
     return kiln.CompileConfig(quantize=None if mode == "bf16" else mode)
 
@@ -107,9 +115,12 @@ def bench_dit(a, res: dict, device: str, dtype) -> None:
             run = {"part": "dit", "batch": bs, "system": f"kiln-{mode}", **measure(lambda: compiled(**x).sample, want[bs], device)}
             if device == "cuda":
                 run["executor"] = compiled.executor.describe()["plans"][-1]
+            run["aqgemm_tuning"] = gemm_choices(compiled)
             res["runs"].append(run)
             save(res, a.out)
-            print({k: v for k, v in run.items() if k != "executor"}, flush=True)
+            print({k: v for k, v in run.items() if k not in ("executor", "aqgemm_tuning")}, flush=True)
+            for d in run["aqgemm_tuning"]:
+                print("   ", d, flush=True)
     for bs in batches:
         x = inputs(bs, dtype)
         res["runs"].append({"part": "dit", "batch": bs, "system": "eager-bf16", **measure(lambda: m(**x).sample, want[bs], device)})
@@ -139,9 +150,12 @@ def bench_llm(a, res: dict, device: str, dtype) -> None:
         res[f"llm_compile_s_{mode}"] = time.time() - t0
         res[f"llm_notes_{mode}"] = notes(compiled)
         run = {"part": "llm", "seq": a.seq, "system": f"kiln-{mode}", **measure(lambda: compiled(ids).logits, want, device)}
+        run["aqgemm_tuning"] = gemm_choices(compiled)
         res["runs"].append(run)
         save(res, a.out)
-        print(run, flush=True)
+        print({k: v for k, v in run.items() if k != "aqgemm_tuning"}, flush=True)
+        for d in run["aqgemm_tuning"]:
+            print("   ", d, flush=True)
     res["runs"].append({"part": "llm", "seq": a.seq, "system": "eager-bf16",
                         **measure(lambda: m(ids, use_cache=False).logits, want, device)})
     summarize(res, "llm", "seq")
