@@ -4,13 +4,16 @@
 - PixArt-α 512 px: 20 DPM-Solver++ steps, CFG 4.5, the T5-XXL text encoding included, 1 image (a word-level
   stand-in tokenizer: the machine has no sentencepiece model; tokenizing is host work of microseconds either way).
 
-Systems: kiln's pipeline (``kiln.diffusion``: one CUDA graph replay per step), diffusers eager, diffusers with the
-transformer under torch.compile (each ``--compile-modes`` entry). Per system and batch: the first call (kiln: plans,
-tuning and CUDA graph captures; torch.compile: its compile), then the median of ``--repeat`` calls, each from
-``pipe(...)`` to the image on the device (synchronized); kiln's compile time apart; PSNR of each system's images
-against diffusers' eager bf16 images with the same seed (the issue's bar: >= 30 dB).
+Systems: kiln's pipeline (``kiln.diffusion``: one CUDA graph replay per step), with ``--quantize`` also kiln's pipeline
+with its step graph quantized in each mode given (fp8, w8a8: calibrated on random conditioning; the VAE and T5 stay
+bf16), diffusers eager, diffusers with the transformer under torch.compile (each ``--compile-modes`` entry). Per system
+and batch: the first call (kiln: plans, tuning and CUDA graph captures; torch.compile: its compile), then the median
+of ``--repeat`` calls, each from ``pipe(...)`` to the image on the device (synchronized); kiln's compile times apart;
+PSNR of each system's images against diffusers' eager bf16 images with the same seed (the issue's bar: >= 30 dB), and
+of the quantized pipelines' against the bf16 kiln pipeline's (the quantization issue's goal: >= 25 dB).
 Usage: python3 bench/diffusion.py [--models dit,pixart] [--batches 1,8] [--repeat 5] [--compile-modes default]
-[--out $OUT/diffusion.json]."""
+[--quantize fp8,w8a8] [--out $OUT/diffusion.json]
+       python3 bench/diffusion.py --smoke   (tiny configs on the CPU in float32, 3 steps: checks the script runs)"""
 import argparse
 import json
 import math
@@ -24,15 +27,6 @@ import triton
 
 import kiln
 import kiln.diffusion
-
-ap = argparse.ArgumentParser()
-ap.add_argument("--models", default="dit,pixart")
-ap.add_argument("--batches", default="1,8", help="images per call for DiT (PixArt: 1)")
-ap.add_argument("--repeat", type=int, default=5)
-ap.add_argument("--compile-modes", default="default", help="torch.compile modes for the transformer ('' for none)")
-ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "/tmp"), "diffusion.json"))
-a = ap.parse_args()
-DEV, BF16 = torch.device("cuda"), torch.bfloat16
 
 # facebook/DiT-XL-2-256: transformer/config.json, scheduler/scheduler_config.json; stabilityai/sd-vae-ft-ema
 DIT = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28, sample_size=32,
@@ -52,15 +46,23 @@ DPM = dict(algorithm_type="dpmsolver++", beta_start=0.0001, beta_end=0.02, beta_
 T5_XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64, feed_forward_proj="gated-gelu",
               relative_attention_num_buckets=32, relative_attention_max_distance=128, layer_norm_epsilon=1e-6,
               is_encoder_decoder=False)
+# --smoke: the same architectures at toy sizes (8x8 latents, 16 px images, 64-word vocabulary), 3 steps
+SMOKE = dict(DIT=dict(DIT, num_attention_heads=2, attention_head_dim=8, num_layers=2, sample_size=8),
+             SD_VAE=dict(SD_VAE, block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8, sample_size=16,
+                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2),
+             PIXART=dict(PIXART, num_attention_heads=2, attention_head_dim=6, num_layers=2, sample_size=8, cross_attention_dim=12,
+                         caption_channels=12),
+             T5_XXL=dict(T5_XXL, vocab_size=64, d_model=12, d_kv=4, d_ff=24, num_layers=2, num_heads=3,
+                         relative_attention_num_buckets=8, relative_attention_max_distance=16))
 
 
 def randomized(module, seed: int, std: float = 0.02):
-    """``module`` on the GPU in bf16, every parameter nudged by std * N(0, 1) (off zero-initialised adaLN / outputs)."""
+    """``module`` on DEV in DTYPE, every parameter nudged by std * N(0, 1) (off zero-initialised adaLN / outputs)."""
     g = torch.Generator(DEV).manual_seed(seed)
     with torch.no_grad():
         for p in module.parameters():
             p.add_(torch.randn(p.shape, device=DEV, generator=g) * std)
-    return module.to(BF16).eval()
+    return module.to(DTYPE).eval()
 
 
 def sd_vae(seed=2):
@@ -102,23 +104,28 @@ def psnr(got: torch.Tensor, want: torch.Tensor) -> float:
     return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
 
 
-def timed(fn) -> tuple[torch.Tensor, float, float]:
+def sync() -> None:
+    if DEV.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, repeat: int) -> tuple[torch.Tensor, float, float]:
     """(images, first call s, median steady-state ms) of ``fn()`` -> images on the device."""
-    torch.cuda.synchronize()
+    sync()
     t0 = time.perf_counter()
     images = fn()
-    torch.cuda.synchronize()
+    sync()
     first = time.perf_counter() - t0
     times = []
-    for _ in range(a.repeat):
+    for _ in range(repeat):
         t0 = time.perf_counter()
         fn()
-        torch.cuda.synchronize()
+        sync()
         times.append((time.perf_counter() - t0) * 1e3)
     return images, first, statistics.median(times)
 
 
-def bench(name: str, pipe, kiln_cls, calls: dict, res: dict) -> None:
+def bench(a, name: str, pipe, kiln_cls, calls: dict, res: dict) -> None:
     """Every system on every call of ``calls`` (batch -> pipeline kwargs); results appended to res["runs"]."""
     pipe.set_progress_bar_config(disable=True)
     extra = dict(use_resolution_binning=False, clean_caption=False) if kiln_cls is kiln.diffusion.PixArtPipeline else {}
@@ -127,53 +134,104 @@ def bench(name: str, pipe, kiln_cls, calls: dict, res: dict) -> None:
         return pipe(**kw, **extra, generator=torch.Generator("cpu").manual_seed(0), output_type="pt").images
     want = {}
     for batch, kw in calls.items():
-        images, first, ms = timed(lambda: diffusers_images(kw))
+        images, first, ms = timed(lambda: diffusers_images(kw), a.repeat)
         want[batch] = images.float()
         record(res, name, batch, "diffusers eager", first, ms, images, want[batch])
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    kp = kiln_cls.from_diffusers(pipe, max_batch=max(calls))
-    res[f"{name}_kiln_compile_s"] = time.perf_counter() - t0
-    print(f"{name}: kiln compile {res[f'{name}_kiln_compile_s']:.1f} s", flush=True)
-    for batch, kw in calls.items():
-        images, first, ms = timed(lambda: kp(**kw, seed=0, output_type="pt").images)
-        record(res, name, batch, "kiln", first, ms, images, want[batch], kp.step.executor.describe()["plans"][-1])
+    float_images = bench_kiln(a, name, pipe, kiln_cls, calls, res, want, None, {})
+    for mode in filter(None, a.quantize.split(",")):
+        bench_kiln(a, name, pipe, kiln_cls, calls, res, want, mode, float_images)
     eager = pipe.transformer
     for mode in filter(None, a.compile_modes.split(",")):
         torch._dynamo.reset()
         pipe.transformer = torch.compile(eager, mode=mode)
         for batch, kw in calls.items():
-            images, first, ms = timed(lambda: diffusers_images(kw))
+            images, first, ms = timed(lambda: diffusers_images(kw), a.repeat)
             record(res, name, batch, f"diffusers + torch.compile({mode})", first, ms, images, want[batch])
     pipe.transformer = eager
-    torch.cuda.empty_cache()
+    if DEV.type == "cuda":
+        torch.cuda.empty_cache()
 
 
-def record(res, name, batch, system, first, ms, images, want, executor=None) -> None:
+def bench_kiln(a, name, pipe, kiln_cls, calls, res, want, mode, float_images) -> dict:
+    """kiln's pipeline (its step graph quantized in ``mode``, or not) compiled and timed on every call; its images by
+    batch. A quantized one is compared with ``float_images`` (the unquantized kiln pipeline's) too."""
+    system = "kiln" if mode is None else f"kiln {mode}"
+    sync()
+    t0 = time.perf_counter()
+    kp = kiln_cls.from_diffusers(pipe, max_batch=max(calls), config=kiln.CompileConfig(quantize=mode))
+    res[f"{name}_{system.replace(' ', '_')}_compile_s"] = time.perf_counter() - t0
+    print(f"{name}: {system} compile {time.perf_counter() - t0:.1f} s", flush=True)
+    if mode is not None:
+        res[f"{name}_{mode}_notes"] = kp.step.report().notes + [f"{op}: {n}" for op, n in kp.step.graph.histogram().items()
+                                                                 if op in ("AQGEMM", "QGEMM")]
+    out = {}
+    for batch, kw in calls.items():
+        images, first, ms = timed(lambda: kp(**kw, seed=0, output_type="pt").images, a.repeat)
+        out[batch] = images.float()
+        more = {} if mode is None else {"psnr_vs_kiln_bf16": psnr(out[batch], float_images[batch])}
+        plan = kp.step.executor.describe()["plans"][-1] if DEV.type == "cuda" else None
+        record(res, name, batch, system, first, ms, images, want[batch], plan, more)
+    return out
+
+
+def record(res, name, batch, system, first, ms, images, want, executor=None, more=None) -> None:
     run = {"model": name, "batch": batch, "system": system, "ms": ms, "first_call_s": first,
-           "psnr_vs_diffusers_bf16": psnr(images.float(), want)}
+           "psnr_vs_diffusers_bf16": psnr(images.float(), want), **(more or {})}
     if executor is not None:
         run["step_plan"] = executor
     res["runs"].append(run)
     print({k: v for k, v in run.items() if k != "step_plan"}, flush=True)
 
 
-res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-       "diffusers": diffusers.__version__, "runs": []}
-models = a.models.split(",")
-if "dit" in models:
-    labels = [207, 360, 387, 974, 88, 979, 417, 279]
-    bench("dit-xl-2-256", dit_pipeline(), kiln.diffusion.DiTPipeline,
-          {b: dict(class_labels=labels[:b], num_inference_steps=25, guidance_scale=4.0) for b in map(int, a.batches.split(","))}, res)
-if "pixart" in models:
-    prompt = " ".join(f"w{i * 37 % 32000}" for i in range(24))  # 25 tokens with </s>, padded to 120
-    bench("pixart-alpha-512", pixart_pipeline(), kiln.diffusion.PixArtPipeline,
-          {1: dict(prompt=prompt, num_inference_steps=20, guidance_scale=4.5)}, res)
-for model in {r["model"] for r in res["runs"]}:
-    for batch in {r["batch"] for r in res["runs"] if r["model"] == model}:
-        ms = {r["system"]: r["ms"] for r in res["runs"] if r["model"] == model and r["batch"] == batch}
-        res[f"speedup_{model}_bs{batch}"] = {k: v / ms["kiln"] for k, v in ms.items() if k != "kiln"}
-        print(model, batch, "kiln speedup", res[f"speedup_{model}_bs{batch}"], flush=True)
-with open(a.out, "w") as fh:
-    json.dump(res, fh, indent=1)
-print("wrote", a.out)
+def speedups(res: dict) -> None:
+    """Per model and batch: kiln's (bf16) speedup over every other system, and each quantized kiln pipeline's over it."""
+    for model in {r["model"] for r in res["runs"]}:
+        for batch in {r["batch"] for r in res["runs"] if r["model"] == model}:
+            ms = {r["system"]: r["ms"] for r in res["runs"] if r["model"] == model and r["batch"] == batch}
+            res[f"speedup_{model}_bs{batch}"] = {k: v / ms["kiln"] for k, v in ms.items() if not k.startswith("kiln")}
+            res[f"quantized_speedup_{model}_bs{batch}"] = {k: ms["kiln"] / v for k, v in ms.items() if k.startswith("kiln ")}
+            print(model, batch, "kiln speedup", res[f"speedup_{model}_bs{batch}"], "quantized kiln's over kiln",
+                  res[f"quantized_speedup_{model}_bs{batch}"], flush=True)
+
+
+def parse_args():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", default="dit,pixart")
+    ap.add_argument("--batches", default="1,8", help="images per call for DiT (PixArt: 1)")
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--compile-modes", default="default", help="torch.compile modes for the transformer ('' for none)")
+    ap.add_argument("--quantize", default="", help="kiln pipelines with the step graph quantized too: fp8, w8a8 ('' for none)")
+    ap.add_argument("--smoke", action="store_true", help="tiny configs on the CPU in float32, 3 steps: checks the script runs")
+    ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "/tmp"), "diffusion.json"))
+    a = ap.parse_args()
+    if a.smoke:  # (torch.compile on the CPU would time the C++ compiler)
+        a.batches, a.repeat, a.compile_modes = "1,2", 1, ""
+        globals().update(SMOKE)
+    return a
+
+
+def main() -> None:
+    global DEV, DTYPE
+    a = parse_args()
+    DEV, DTYPE = (torch.device("cpu"), torch.float32) if a.smoke else (torch.device("cuda"), torch.bfloat16)
+    steps = 3 if a.smoke else None
+    res = {"device": "cpu" if a.smoke else torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+           "diffusers": diffusers.__version__, "smoke": a.smoke, "runs": []}
+    models = a.models.split(",")
+    if "dit" in models:
+        labels = [207, 360, 387, 974, 88, 979, 417, 279]
+        bench(a, "dit-xl-2-256", dit_pipeline(), kiln.diffusion.DiTPipeline,
+              {b: dict(class_labels=labels[:b], num_inference_steps=steps or 25, guidance_scale=4.0)
+               for b in map(int, a.batches.split(","))}, res)
+    if "pixart" in models:
+        prompt = " ".join(f"w{i * 37 % min(32000, T5_XXL['vocab_size'] - 3)}" for i in range(24))  # 25 tokens with </s>, padded to 120
+        bench(a, "pixart-alpha-512", pixart_pipeline(), kiln.diffusion.PixArtPipeline,
+              {1: dict(prompt=prompt, num_inference_steps=steps or 20, guidance_scale=4.5)}, res)
+    speedups(res)
+    with open(a.out, "w") as fh:
+        json.dump(res, fh, indent=1)
+    print("wrote", a.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -207,16 +207,49 @@ def _is_gptq(weights: str) -> bool:
 
 
 def _compile_pipeline(a) -> int:
-    """``--pipeline``: a diffusion sampling pipeline (step graph, VAE decoder[, text encoder]) as one artifact."""
+    """``--pipeline``: a diffusion sampling pipeline (step graph, VAE decoder[, text encoder]) as one artifact; ``--quantize``
+    quantizes the step graph alone, calibrated on random conditioning (``kiln.diffusion.pipelines``)."""
     import kiln
 
     from ..diffusion import presets
 
+    output, max_batch = _check_pipeline_args(a)
+    progress = _Progress(a.quiet)
+    source = f"from {a.weights}" if a.weights else "(random weights)"
+    with progress.step(f"build the diffusers pipeline {a.model or ''} {source}"):
+        pipe = presets.diffusers_pipeline(a.model, a.weights, _torch_dtype(a.dtype), a.seed, a.device)
+    config = kiln.CompileConfig(disable=tuple(a.disable_pass or ()), device=a.device, quantize=a.quantize,
+                                quantize_group=None if a.quantize_group == "channel" else int(a.quantize_group),
+                                quantize_smoothing=a.quantize_smoothing)
+    quantized = f"; the step graph in {a.quantize}, calibrated on random latents, timesteps and conditioning" if a.quantize else ""
+    with progress.step(f"compile the sampling pipeline (up to {max_batch} images per call{quantized})"):
+        kp = presets.compile_pipeline(pipe, max_batch=max_batch, config=config)
+    with progress.step(f"save {output}"):
+        kp.save(output, overwrite=a.force)
+    if a.report:
+        for name, m in kp.models.items():
+            out.print(f"[bold]{name}[/bold]")
+            out.print(m.report())
+    if a.report_json:
+        with open(a.report_json, "w") as f:
+            json.dump({name: m.report().to_dict() for name, m in kp.models.items()}, f, indent=1)
+    parts = ", ".join(f"{name} in {m.config.quantize}" if m.config.quantize else name for name, m in kp.models.items())
+    out.print(escape(f"wrote {output} ({os.path.getsize(output) / 2**20:.1f} MiB): a {kp.KIND} sampling pipeline ({parts}; "
+                     f"{kp.scheduler.NAME}, {kp.spec['dtype']})"))
+    return 0
+
+
+def _check_pipeline_args(a) -> tuple[str, int]:
+    """Refuse what --pipeline does not take, before any work; the output path and the most images per call."""
     if a.source or not (a.model or a.weights) or a.generate:
         raise KilnError("--pipeline takes --model NAME (random weights) or --weights DIR (a diffusers pipeline directory)",
                         hint="kiln compile --model dit-xl-2-256 --pipeline -o dit-pipe.kiln")
-    unused = [f for f, v in (("--max-seq", a.max_seq), ("--batch-buckets", a.batch_buckets), ("--quantize", a.quantize),
-                             ("--calib", a.calib), ("--static", a.static), ("--tp", a.tp != 1)) if v]
+    if a.calib:
+        raise KilnError("--calib does not apply to --pipeline: a quantized pipeline calibrates its step graph on random latents, "
+                        "timesteps and class labels / prompts", hint="to calibrate on your own class labels or prompts, "
+                        "compile in Python: DiTPipeline.from_diffusers(pipe, config=..., calibration=[207, 360, ...])")
+    unused = [f for f, v in (("--max-seq", a.max_seq), ("--batch-buckets", a.batch_buckets), ("--kv-cache", a.kv_cache),
+                             ("--static", a.static), ("--tp", a.tp != 1), ("--verify", a.verify), ("--emit-onnx", a.emit_onnx)) if v]
     if unused:
         raise KilnError(f"{', '.join(unused)} do{'es' if len(unused) == 1 else ''} not apply to --pipeline",
                         hint="a pipeline's one option of shape is --dim batch=1:N (images per call)")
@@ -224,23 +257,12 @@ def _compile_pipeline(a) -> int:
         _check_weights(a.weights)
     output = a.output or f"{a.model or os.path.basename(os.path.normpath(a.weights))}-pipeline.kiln"
     _check_output(output, a.force, hint="use --force to replace it, or -o to write elsewhere")
+    _check_output(a.report_json, True)
+    a.quantize_smoothing = _smoothing(a.quantize_smoothing)
     dims = _parse_dims(a.dim, ranges=True)
     if set(dims) - {"batch"}:
         raise KilnError(f"a pipeline's one dim is batch (images per call); got --dim {', '.join(sorted(set(dims) - {'batch'}))}")
-    max_batch = dims.get("batch", (1, 8))[1]
-    progress = _Progress(a.quiet)
-    source = f"from {a.weights}" if a.weights else "(random weights)"
-    with progress.step(f"build the diffusers pipeline {a.model or ''} {source}"):
-        pipe = presets.diffusers_pipeline(a.model, a.weights, _torch_dtype(a.dtype), a.seed, a.device)
-    config = kiln.CompileConfig(disable=tuple(a.disable_pass or ()), device=a.device)
-    with progress.step(f"compile the sampling pipeline (up to {max_batch} images per call)"):
-        kp = presets.compile_pipeline(pipe, max_batch=max_batch, config=config)
-    with progress.step(f"save {output}"):
-        kp.save(output, overwrite=a.force)
-    parts = ", ".join(kp.models)
-    out.print(escape(f"wrote {output} ({os.path.getsize(output) / 2**20:.1f} MiB): a {kp.KIND} sampling pipeline ({parts}; "
-                     f"{kp.scheduler.NAME}, {kp.spec['dtype']})"))
-    return 0
+    return output, dims.get("batch", (1, 8))[1]
 
 
 def _read_calibration(path: str, spec):
@@ -381,7 +403,8 @@ def cmd_sample(a) -> int:
     for image, path in zip(images, paths):
         image.save(path, format="PNG")
     w, h = images[0].size
-    out.print(escape(f"wrote {', '.join(paths)} ({w}x{h}) in {seconds:.2f}s on {kp.device}"))
+    quantized = f", the step graph in {kp.step.config.quantize}" if kp.step.config.quantize else ""
+    out.print(escape(f"wrote {', '.join(paths)} ({w}x{h}) in {seconds:.2f}s on {kp.device}{quantized}"))
     return 0
 
 
@@ -531,7 +554,8 @@ def _compile_parser(sub) -> None:
     c.add_argument("--pipeline", action="store_true",
                    help="a diffusion sampling pipeline (denoising step graph, VAE decoder, scheduler; text encoder and "
                         "tokenizer for PixArt) of --model dit-tiny / dit-xl-2-256 or of --weights DIR (a diffusers "
-                        "pipeline directory); --dim batch=1:N sets the most images per call (default 8)")
+                        "pipeline directory); --dim batch=1:N sets the most images per call (default 8); --quantize MODE "
+                        "quantizes its step graph (the VAE and text encoder stay float), calibrated on random conditioning")
     c.add_argument("--tp", type=int, default=1, metavar="N", help="with --generate: tensor parallel over N GPUs; writes one "
                    "shard per rank, OUTPUT's name + .rankR-of-N.kiln (no process group needed)")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress output")

@@ -18,7 +18,8 @@ import torch
 
 from ..config import CompileConfig
 from ..errors import InputError, KilnError
-from .pipelines import Pipeline, PipelineOutput, compile_step, compile_vae, example_batch, scheduler_config, step_structure
+from .pipelines import (CALIBRATION_CALLS, CALIBRATION_SEED, Pipeline, PipelineOutput, calibration_calls, compile_step,
+                        compile_vae, example_batch, quantizes, scheduler_config, step_structure)
 from .schedulers import make_scheduler
 from .steps import DiTStep
 
@@ -29,9 +30,12 @@ class DiTPipeline(Pipeline):
     KIND = "dit"
 
     @classmethod
-    def from_diffusers(cls, pipe, *, max_batch: int = 8, config: CompileConfig | None = None) -> "DiTPipeline":
+    def from_diffusers(cls, pipe, *, max_batch: int = 8, config: CompileConfig | None = None,
+                       calibration=None) -> "DiTPipeline":
         """Compile a diffusers ``DiTPipeline`` in memory (its transformer, VAE and scheduler config), on the device and
-        in the dtype of its transformer; ``max_batch``: the most images one call makes."""
+        in the dtype of its transformer; ``max_batch``: the most images one call makes. ``config.quantize`` quantizes
+        the step graph (the transformer; the VAE stays float), calibrated on the class labels ``calibration`` (ints, in
+        calls of 2) or, by default, on random ones, with random latents and timesteps (``pipelines.calibration_calls``)."""
         tr, vae = pipe.transformer, pipe.vae
         C, out = tr.config.in_channels, tr.config.out_channels
         if out not in (C, 2 * C):
@@ -47,8 +51,22 @@ class DiTPipeline(Pipeline):
                     max_batch=int(max_batch), num_classes=num_classes, **structure)
         module = DiTStep(tr, num_classes, latent_channels=C, **structure).eval()
         labels = torch.zeros(example_batch(spec), dtype=torch.int64, device=tr.device)
-        step = compile_step(module, spec, scheduler, {"class_labels": labels}, ("class_labels",), config)
+        calls, about = cls._calibration(calibration, spec, scheduler, tr.device) if quantizes(config, calibration) else (None, "")
+        step = compile_step(module, spec, scheduler, {"class_labels": labels}, ("class_labels",), config, calls, about)
         return cls({"step": step, "vae": compile_vae(vae, spec, config)}, spec)
+
+    @staticmethod
+    def _calibration(calibration, spec: dict, scheduler, device) -> tuple[list[dict], str]:
+        """Step calls of the given class labels, else of CALIBRATION_CALLS x b random ones; what they are, in words."""
+        g, b = torch.Generator().manual_seed(CALIBRATION_SEED), example_batch(spec)
+        if calibration is None:
+            labels = torch.randint(0, spec["num_classes"], (CALIBRATION_CALLS * b,), generator=g).to(device)
+            what = "random class labels"
+        else:
+            labels, what = check_labels(calibration, spec["num_classes"], device), "the given class labels"
+        calls = calibration_calls(spec, scheduler, [{"class_labels": c} for c in labels.split(b)], g)
+        return calls, (f"{len(calls)} step calls of {what}, {b} per call, with random latents at random timesteps "
+                       f"(seed {CALIBRATION_SEED}{'; no calibration given' if calibration is None else ''})")
 
     @classmethod
     def from_pretrained(cls, path, *, dtype: torch.dtype | None = None, device=None, **kw) -> "DiTPipeline":
@@ -70,12 +88,18 @@ class DiTPipeline(Pipeline):
         return PipelineOutput(self.decode(latents, output_type))
 
     def _labels(self, class_labels) -> torch.Tensor:
-        labels = class_labels.flatten().tolist() if isinstance(class_labels, torch.Tensor) else class_labels
-        labels = [labels] if isinstance(labels, int) else list(labels)
-        n = self.spec["num_classes"]
-        if not labels:
-            raise InputError("no class labels given", hint=f"class_labels=[207]: ints in [0, {n - 1}]")
-        for label in labels:
-            if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < n:
-                raise InputError(f"class label {label!r} is not a class of this model: labels are ints in [0, {n - 1}]")
-        return torch.tensor(labels, dtype=torch.int64, device=self.device)
+        return check_labels(class_labels, self.spec["num_classes"], self.device)
+
+
+def check_labels(class_labels, num_classes: int, device) -> torch.Tensor:
+    """``class_labels`` (an int, a list of ints, a tensor) as int64 [B] on ``device``; InputError for anything else,
+    or a label outside [0, num_classes)."""
+    labels = class_labels.flatten().tolist() if isinstance(class_labels, torch.Tensor) else class_labels
+    labels = [labels] if isinstance(labels, int) else list(labels)
+    n = num_classes
+    if not labels:
+        raise InputError("no class labels given", hint=f"class_labels=[207]: ints in [0, {n - 1}]")
+    for label in labels:
+        if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < n:
+            raise InputError(f"class label {label!r} is not a class of this model: labels are ints in [0, {n - 1}]")
+    return torch.tensor(labels, dtype=torch.int64, device=device)

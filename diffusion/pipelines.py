@@ -15,6 +15,17 @@ step's noise buffer before each replay (a device copy).
 The ``.kiln`` artifact of a pipeline holds the graphs as named components (``step``, ``vae``, ``text_encoder``),
 the pipeline's spec (the scheduler's diffusers config, latent shape, dtype, ...) in the manifest under
 ``pipeline``, and a tokenizer's files as data; it loads without diffusers (the scheduler is kiln's).
+
+Quantization (``CompileConfig(quantize="fp8" | "w8a8" | ...)``) applies to the step graph alone, i.e. to the
+transformer's GEMMs, where a sampling call spends its time (S steps of a compute-bound forward on the CFG batch).
+The VAE decoder and the text encoder compile from the same config without it (``float_config``): the VAE runs once
+per call and is convolution-bound (its only GEMMs are one attention block's projections), so quantizing it would
+cost image quality for no time; the T5 encoder also runs once per call, a small share of it beside S transformer
+steps, and its activations carry T5's well-known large outliers. A quantized step graph is calibrated (the data
+W8A8's smoothing search and GPTQ need, and on which every mode measures each GEMM's error) on ``CALIBRATION_CALLS``
+step calls of random conditioning (class labels; prompts of random tokens through the float text encoder), or on
+the conditioning the caller gives, each with random latents at a random step of the schedule, drawn from a fixed seed
+(``calibration_calls``); the step graph's report says what it was calibrated on.
 """
 from __future__ import annotations
 
@@ -42,6 +53,8 @@ OUTPUT_TYPES = ("pil", "pt", "np")
 # vanish for a short schedule: DDIM's eps weight for 1 step, DPM-Solver++'s second-order weight for <= 2 steps)
 _PROBE_STEPS = (1, 2, 3, 4, 10, 25, 50)
 _STATE = (("p_delta", "x0_prev"), ("p_noise", "noise"))  # the column that needs a state input, its name
+CALIBRATION_CALLS = 4  # step calls of the example batch a quantized step graph calibrates on when none are given
+CALIBRATION_SEED = 0
 
 
 @dataclasses.dataclass
@@ -104,24 +117,28 @@ def example_batch(spec: dict) -> int:
 
 
 def compile_step(module: torch.nn.Module, spec: dict, scheduler: Scheduler, conditioning: dict, batched: tuple[str, ...],
-                 config: CompileConfig | None) -> CompiledModel:
+                 config: CompileConfig | None, calibration: list[dict] | None = None, about: str = "") -> CompiledModel:
     """The step module captured at the example batch (``conditioning``: example values) with a dynamic batch
-    (1 .. max_batch) on the latents, the state and the ``batched`` conditioning inputs."""
+    (1 .. max_batch) on the latents, the state and the ``batched`` conditioning inputs. ``calibration``: step calls
+    (``calibration_calls``) for ``config.quantize``, described by ``about`` in the report's notes."""
     param = next(module.parameters())
     latents = torch.zeros(example_batch(spec), *spec["latent_shape"], dtype=DTYPES[spec["dtype"]], device=param.device)
     schedule = scheduler.set_timesteps(min(25, scheduler.config["num_train_timesteps"]), param.device)
     inputs = step_inputs(latents, schedule, 1.0, conditioning, spec)
     batch = ("batch", 1, spec["max_batch"])
     dynamic = {name: {0: batch} for name in ("latents", *batched, *(n for _, n in _STATE if n in inputs))}
-    return kiln_compile(module, (), inputs, dynamic=dynamic, config=on_device(config, param.device))
+    step = kiln_compile(module, (), inputs, dynamic=dynamic, config=on_device(config, param.device), calibration=calibration)
+    if calibration:
+        step.report().notes.append(f"{config.quantize} calibrated on {about}")
+    return step
 
 
-def compile_vae(vae: torch.nn.Module, spec: dict, config: CompileConfig) -> CompiledModel:
-    """``VAEDecode(vae)`` captured at the example batch with a dynamic batch."""
+def compile_vae(vae: torch.nn.Module, spec: dict, config: CompileConfig | None) -> CompiledModel:
+    """``VAEDecode(vae)`` captured at the example batch with a dynamic batch; never quantized (``float_config``)."""
     param = next(vae.parameters())
     z = torch.randn(example_batch(spec), *spec["latent_shape"], generator=torch.Generator().manual_seed(0)).to(param.device, param.dtype)
     return kiln_compile(VAEDecode(vae).eval(), (z,), dynamic={"latents": {0: ("batch", 1, spec["max_batch"])}},
-                        config=on_device(config, param.device))
+                        config=on_device(float_config(config), param.device))
 
 
 def on_device(config: CompileConfig | None, device: torch.device) -> CompileConfig:
@@ -129,6 +146,45 @@ def on_device(config: CompileConfig | None, device: torch.device) -> CompileConf
     config = dataclasses.replace(config) if config is not None else CompileConfig()
     config.device = config.device or str(device)
     return config
+
+
+def float_config(config: CompileConfig | None) -> CompileConfig | None:
+    """``config`` without quantization: what the VAE decoder and the text encoder compile with (module docstring)."""
+    return dataclasses.replace(config, quantize=None) if config is not None and config.quantize is not None else config
+
+
+def quantizes(config: CompileConfig | None, calibration) -> bool:
+    """Whether ``config`` quantizes the step graph (which then calibrates); ``calibration`` without it is refused."""
+    quantized = config is not None and config.quantize is not None
+    if calibration is not None and not quantized:
+        raise KilnError("calibration= calibrates the step graph's quantization, and config.quantize is not set",
+                        hint='set CompileConfig(quantize="fp8" / "w8a8" / ...), or leave calibration out')
+    return quantized
+
+
+def calibration_calls(spec: dict, scheduler: Scheduler, conditionings: list[dict], generator: torch.Generator) -> list[dict]:
+    """Step-graph calls to calibrate a quantized step on, one per entry of ``conditionings`` (one call's conditioning
+    inputs, batch b each): latents x ~ N(0, 1) / input_scale[i] (the spread of a sample at step i: sigma_i^2 + 1 for
+    Euler, 1 otherwise) at a random step i of a min(25, T)-step schedule, call k of n drawing i from the k-th n-th of
+    it (every noise level seen); guidance 1 and zeroed state, which reach no GEMM."""
+    first = next(iter(conditionings[0].values()))  # [b, ...]
+    schedule = scheduler.set_timesteps(min(25, scheduler.config["num_train_timesteps"]), first.device)
+    S, n = schedule.num_steps, len(conditionings)
+    calls = []
+    for k, conditioning in enumerate(conditionings):
+        i = (k * S + int(torch.randint(0, S, (), generator=generator))) // n
+        b = next(iter(conditioning.values())).shape[0]
+        x = torch.randn((b, *spec["latent_shape"]), generator=generator, dtype=torch.float64)
+        x = x / float(schedule.table[i, COLUMNS.index("input_scale")])
+        call = step_inputs(x.to(first.device, DTYPES[spec["dtype"]]), schedule, 1.0, conditioning, spec)
+        call["step"].fill_(i)
+        calls.append(call)
+    return calls
+
+
+def batches(items: list, size: int) -> list[list]:
+    """``items`` in consecutive batches of at most ``size``."""
+    return [items[k:k + size] for k in range(0, len(items), size)]
 
 
 class Pipeline:

@@ -17,7 +17,8 @@ import torch
 from ..api import compile as kiln_compile
 from ..config import CompileConfig
 from ..errors import InputError, KilnError
-from .pipelines import (Pipeline, PipelineOutput, compile_step, compile_vae, example_batch, on_device, scheduler_config,
+from .pipelines import (CALIBRATION_CALLS, CALIBRATION_SEED, DTYPES, Pipeline, PipelineOutput, batches, calibration_calls,
+                        compile_step, compile_vae, example_batch, float_config, on_device, quantizes, scheduler_config,
                         step_structure)
 from .schedulers import make_scheduler
 from .steps import PixArtStep, TextEncode
@@ -31,9 +32,12 @@ class PixArtPipeline(Pipeline):
 
     @classmethod
     def from_diffusers(cls, pipe, *, max_batch: int = 8, max_sequence_length: int = 120,
-                       config: CompileConfig | None = None) -> "PixArtPipeline":
+                       config: CompileConfig | None = None, calibration=None) -> "PixArtPipeline":
         """Compile a diffusers ``PixArtAlphaPipeline`` in memory (transformer, T5 encoder, VAE, scheduler config and
-        tokenizer), on the device of its transformer; latents in the text encoder's dtype, as diffusers makes them."""
+        tokenizer), on the device of its transformer; latents in the text encoder's dtype, as diffusers makes them.
+        ``config.quantize`` quantizes the step graph (the transformer; the T5 encoder and the VAE stay float),
+        calibrated on the prompts ``calibration`` (strings, in calls of 2, with the empty negative prompt) or, by default,
+        on prompts of random tokens, with random latents and timesteps (``pipelines.calibration_calls``)."""
         tr, te, vae = pipe.transformer, pipe.text_encoder, pipe.vae
         C, out = tr.config.in_channels, tr.config.out_channels
         if out not in (C, 2 * C):
@@ -49,10 +53,32 @@ class PixArtPipeline(Pipeline):
                     max_length=int(max_sequence_length), image_size=[size * factor] * 2,
                     micro_conditions=bool(tr.use_additional_conditions), **structure)
         module = PixArtStep(tr, latent_channels=C, **structure).eval()
+        text = cls._compile_text(te, spec, config)
+        calls, about = cls._calibration(calibration, text, pipe.tokenizer, spec, scheduler) if quantizes(config, calibration) \
+            else (None, "")
         conditioning = cls._example_conditioning(spec, te.config.d_model, te.dtype, tr.device)
-        step = compile_step(module, spec, scheduler, conditioning, tuple(conditioning), config)
-        return cls({"step": step, "vae": compile_vae(vae, spec, config), "text_encoder": cls._compile_text(te, spec, config)},
-                   spec, pipe.tokenizer)
+        step = compile_step(module, spec, scheduler, conditioning, tuple(conditioning), config, calls, about)
+        return cls({"step": step, "vae": compile_vae(vae, spec, config), "text_encoder": text}, spec, pipe.tokenizer)
+
+    @staticmethod
+    def _calibration(calibration, text_encoder, tokenizer, spec: dict, scheduler) -> tuple[list[dict], str]:
+        """Step calls of the given prompts, else of CALIBRATION_CALLS x b prompts of random tokens (each as long as a
+        random 1 .. max_length - 1 tokens), with the empty negative prompt; what they are, in words."""
+        g, b = torch.Generator().manual_seed(CALIBRATION_SEED), example_batch(spec)
+        if tokenizer is None:
+            raise KilnError("the pipeline has no tokenizer: its step graph cannot be calibrated on prompts")
+        if calibration is None:
+            special = set(tokenizer.all_special_ids)
+            vocab = torch.tensor([i for i in range(tokenizer.vocab_size) if i not in special])
+            lengths = torch.randint(1, max(2, spec["max_length"]), (CALIBRATION_CALLS * b,), generator=g).tolist()
+            prompts = [tokenizer.decode(vocab[torch.randint(0, len(vocab), (n,), generator=g)].tolist()) for n in lengths]
+            what = "prompts of random tokens"
+        else:
+            prompts, what = PixArtPipeline._prompts(calibration, "")[0], "the given prompts"
+        conditionings = [encode_text(text_encoder, tokenizer, spec, p, [""] * len(p)) for p in batches(prompts, b)]
+        calls = calibration_calls(spec, scheduler, conditionings, g)
+        return calls, (f"{len(calls)} step calls of {what}, {b} per call, with the empty negative prompt and random latents "
+                       f"at random timesteps (seed {CALIBRATION_SEED}{'; no calibration given' if calibration is None else ''})")
 
     @staticmethod
     def _example_conditioning(spec: dict, width: int, dtype: torch.dtype, device) -> dict:
@@ -66,12 +92,13 @@ class PixArtPipeline(Pipeline):
 
     @staticmethod
     def _compile_text(te, spec: dict, config: CompileConfig | None):
-        """The T5 encoder on (input_ids, attention_mask) [N, max_length], N in 1 .. 2 max_batch (prompts and negatives)."""
+        """The T5 encoder on (input_ids, attention_mask) [N, max_length], N in 1 .. 2 max_batch (prompts and negatives);
+        never quantized (``float_config``)."""
         device = next(te.parameters()).device
         ids = torch.zeros(2, spec["max_length"], dtype=torch.int64, device=device)
         rows = ("batch", 1, 2 * spec["max_batch"])
         return kiln_compile(TextEncode(te).eval(), (ids, torch.ones_like(ids)), dynamic={"input_ids": {0: rows}, "attention_mask": {0: rows}},
-                            config=on_device(config, device))
+                            config=on_device(float_config(config), device))
 
     @classmethod
     def from_pretrained(cls, path, *, dtype: torch.dtype | None = None, device=None, **kw) -> "PixArtPipeline":
@@ -97,18 +124,7 @@ class PixArtPipeline(Pipeline):
         """The step's text inputs: T5 embeddings [B, L, D] and token masks [B, L] of the prompts and the negatives."""
         if self.tokenizer is None:
             raise InputError("this pipeline has no tokenizer: it cannot encode text", hint="save it with its tokenizer")
-        B, L = len(prompts), self.spec["max_length"]
-        texts = [t.lower().strip() for t in prompts + negatives]
-        tokens = self.tokenizer(texts, padding="max_length", max_length=L, truncation=True, add_special_tokens=True,
-                                return_tensors="pt")
-        ids, mask = tokens.input_ids.to(self.device), tokens.attention_mask.to(self.device)
-        hidden = self.text_encoder(ids, mask)  # [2B, L, D]
-        cond = {"prompt_embeds": hidden[:B], "prompt_mask": mask[:B], "negative_embeds": hidden[B:], "negative_mask": mask[B:]}
-        if self.spec["micro_conditions"]:  # diffusers: torch.tensor([height, width]), [height / width], per image
-            H, W = self.spec["image_size"]
-            cond["resolution"] = torch.tensor([[H, W]], dtype=self.dtype, device=self.device).repeat(B, 1)
-            cond["aspect_ratio"] = torch.tensor([[H / W]], dtype=self.dtype, device=self.device).repeat(B, 1)
-        return cond
+        return encode_text(self.text_encoder, self.tokenizer, self.spec, prompts, negatives)
 
     @staticmethod
     def _prompts(prompt, negative_prompt) -> tuple[list[str], list[str]]:
@@ -119,3 +135,19 @@ class PixArtPipeline(Pipeline):
         if len(negatives) != len(prompts) or not all(isinstance(n, str) for n in negatives):
             raise InputError(f"negative_prompt: give a string, or one string per prompt ({len(prompts)})")
         return prompts, negatives
+
+
+def encode_text(text_encoder, tokenizer, spec: dict, prompts: list[str], negatives: list[str]) -> dict:
+    """The step's text inputs of B prompts and B negatives: T5 embeddings [B, L, D] and token masks [B, L] (the compiled
+    ``text_encoder``), and the micro-conditions of a transformer that takes them."""
+    B, L, device, dtype = len(prompts), spec["max_length"], text_encoder.device, DTYPES[spec["dtype"]]
+    texts = [t.lower().strip() for t in prompts + negatives]
+    tokens = tokenizer(texts, padding="max_length", max_length=L, truncation=True, add_special_tokens=True, return_tensors="pt")
+    ids, mask = tokens.input_ids.to(device), tokens.attention_mask.to(device)
+    hidden = text_encoder(ids, mask)  # [2B, L, D]
+    cond = {"prompt_embeds": hidden[:B], "prompt_mask": mask[:B], "negative_embeds": hidden[B:], "negative_mask": mask[B:]}
+    if spec["micro_conditions"]:  # diffusers: torch.tensor([height, width]), [height / width], per image
+        H, W = spec["image_size"]
+        cond["resolution"] = torch.tensor([[H, W]], dtype=dtype, device=device).repeat(B, 1)
+        cond["aspect_ratio"] = torch.tensor([[H / W]], dtype=dtype, device=device).repeat(B, 1)
+    return cond

@@ -103,6 +103,12 @@ def diffusers_images(pipe, seed=0, **kw):
 MAX_LENGTH = 10  # PixArt's tokens per prompt here (diffusers: 120)
 
 
+def image_psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Peak signal-to-noise ratio in dB of images in [0, 1]: 10 log10(1 / mean((a - b)^2)), float64."""
+    mse = float(((a.double() - b.double()) ** 2).mean())
+    return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
+
+
 def _cached(build):
     cache = {}
 
@@ -141,3 +147,30 @@ def pixart():
 def reference_images():
     """reference_images(diffusers pipe, seed=0, **call) -> diffusers' own "pt" images."""
     return diffusers_images
+
+
+@pytest.fixture(scope="session")
+def quantized(dit, pixart):
+    """quantized(kind, mode, calibration=None) -> kiln pipeline compiled with CompileConfig(quantize=mode) from the diffusers
+    pipeline of dit("ddim") (kind "dit") or pixart("dpm") (kind "pixart"); calibration: a tuple of class labels / prompts."""
+    import kiln
+    import kiln.diffusion
+
+    cache = {}
+
+    def get(kind, mode, calibration=None):
+        key = (kind, mode, calibration)
+        if key not in cache:
+            pipe = (dit("ddim") if kind == "dit" else pixart("dpm"))[0]
+            cls, kw = (kiln.diffusion.DiTPipeline, {}) if kind == "dit" else \
+                (kiln.diffusion.PixArtPipeline, dict(max_sequence_length=MAX_LENGTH))
+            cache[key] = cls.from_diffusers(pipe, max_batch=4, config=kiln.CompileConfig(quantize=mode),
+                                            calibration=None if calibration is None else list(calibration), **kw)
+        return cache[key]
+    return get
+
+
+@pytest.fixture(scope="session")
+def psnr():
+    """psnr(a, b) -> the PSNR in dB of images in [0, 1] (``image_psnr``)."""
+    return image_psnr

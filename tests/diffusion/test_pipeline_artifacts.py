@@ -78,8 +78,8 @@ def test_cli_compile_pipeline_and_sample(tmp_path, capsys):
         (["sample", art, "--class", "3", "-o", str(tmp_path / "out-0.png")], "already exists"),
         (["sample", str(tmp_path / "absent.kiln"), "--class", "3"], "no such file"),
         (["compile", "--pipeline", "--model", "llama-tiny", "-o", str(tmp_path / "l.kiln")], "--pipeline builds dit-tiny"),
-        (["compile", "--pipeline", "--model", "dit-tiny", "--quantize", "w8a16", "-o", str(tmp_path / "q.kiln")],
-         "--quantize does not apply to --pipeline"),
+        (["compile", "--pipeline", "--model", "dit-tiny", "--kv-cache", "int8", "-o", str(tmp_path / "q.kiln")],
+         "--kv-cache does not apply to --pipeline"),
         (["compile", "--pipeline", "--model", "dit-tiny", "-o", art], "already exists"),
         (["compile", "--pipeline", "--model", "dit-tiny", "-o", str(tmp_path / "missing" / "p.kiln")], "does not exist"),
     ]:

@@ -180,13 +180,8 @@ def test_kernels_backend_matches_diffusers(dit, reference_images):
 # ----------------------------------------------------------------------------- GPU: DiT-XL/2 256 px in bf16
 
 
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    mse = float(((a.double() - b.double()) ** 2).mean())
-    return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
-
-
 @pytest.mark.gpu
-def test_gpu_dit_xl2_bf16_pipeline_near_diffusers():
+def test_gpu_dit_xl2_bf16_pipeline_near_diffusers(psnr):
     """DiT-XL/2 shape (random weights), the SD VAE shape, DDIM, CFG 4, 25 steps, two images in bf16: PSNR >= 30 dB
     against diffusers' bf16 pipeline with the same seed; every step one CUDA graph replay, the loop free of host
     syncs; two calls give the same images."""
