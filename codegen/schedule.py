@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 from ..ir.bind import bind_inputs
 from ..ir.graph import Graph, Node
-from ..ir.interpret import eval_nodes
+from ..ir.interpret import data_device, eval_nodes
 from ..ir.ops import SOURCE_OPS, fits
 from ..ir.types import dims_equal, is_static
 from .pointwise import MAX_ROW, ROW_OPS, expr_key, fusible, launch
@@ -286,11 +286,12 @@ def execute(graph: Graph, groups: list[Group], inputs: list, bindings: dict | No
     ops' torch references. The simplest executor of a schedule; what tests compare to ``ir.interpret``."""
     bindings = bind_inputs(graph, inputs) if bindings is None else bindings
     env: dict = dict(zip(graph.inputs, inputs))
+    device = data_device(inputs, graph.weights)
     for g in groups:
         if g.kind == "pointwise":
             env.update(zip(g.outputs, launch(g, [env.get(i) for i in g.inputs], bindings)))
         else:
-            eval_nodes(g.nodes, env, bindings, graph.weights, device=inputs[0].device if inputs else None)
+            eval_nodes(g.nodes, env, bindings, graph.weights, device=device)
     return [env[o] for o in graph.outputs]
 
 

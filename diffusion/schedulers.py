@@ -51,6 +51,7 @@ diffusers' default and the values implemented; any other value is refused with a
 """
 from __future__ import annotations
 
+import abc
 import math
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -270,7 +271,7 @@ def _x0_and_eps(prediction: str, a: torch.Tensor) -> tuple[dict[str, torch.Tenso
 # the schedulers
 
 
-class Scheduler:
+class Scheduler(abc.ABC):
     """A checked diffusers scheduler config and its training noise schedule; ``set_timesteps`` -> Schedule."""
 
     NAME = ""
@@ -280,8 +281,9 @@ class Scheduler:
         self.config = _checked(self.NAME, self.OPTIONS, config)
         self.alphas_cumprod = _alphas_cumprod(self.config)  # [T] float32
 
+    @abc.abstractmethod
     def set_timesteps(self, num_inference_steps: int, device=None, dtype: torch.dtype = torch.float32) -> Schedule:
-        raise NotImplementedError
+        """The inference timesteps and every step's coefficients, precomputed (each scheduler's own rule)."""
 
     def _check(self, n: int, dtype: torch.dtype) -> int:
         T = self.config["num_train_timesteps"]

@@ -7,6 +7,8 @@ and after. Storage-only dtypes (float8 codes of a quantized KV cache) stay what 
 """
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from .bind import bind_inputs
@@ -45,6 +47,11 @@ def eval_nodes(nodes, env: dict, bindings: dict[str, int], weights: dict | None 
     return env
 
 
+def data_device(inputs: list, weights: dict) -> torch.device | None:
+    """Where a run's constants are made: the first tensor input's device, else the weights' (None: no tensor)."""
+    return next((t.device for t in itertools.chain(inputs, weights.values()) if isinstance(t, torch.Tensor)), None)
+
+
 def interpret(graph: Graph, inputs: list, *, compute_dtype: torch.dtype | None = None,
               weights: dict | None = None) -> list[torch.Tensor]:
     bindings = bind_inputs(graph, inputs, check_dtype=compute_dtype is None)
@@ -53,8 +60,7 @@ def interpret(graph: Graph, inputs: list, *, compute_dtype: torch.dtype | None =
     def up(t: torch.Tensor) -> torch.Tensor:
         return t.to(compute_dtype) if compute_dtype is not None and dtype_name(t.dtype) in FLOAT_DTYPES else t
 
-    tensors = [t for t in inputs if isinstance(t, torch.Tensor)] + list(weights.values())
-    device = tensors[0].device if tensors else None  # (constants are made where the data is)
+    device = data_device(inputs, weights)
     env: dict = {}
     for node, t in zip(graph.inputs, inputs):
         env[node] = up(t)
