@@ -32,9 +32,8 @@ in registers. A step spans SUB = BLOCK_K / group groups when group < BLOCK_K (th
 [BLOCK_N, SUB, group] against scales [BLOCK_N, SUB]); otherwise one scale per row and step.
 
 Split-K (decode, see skinny.py): with PARTIAL the program writes its raw float32 sums to a workspace
-[SPLITS, M, NW] (NW = N, or 2N with GLU: gate sums at column j, up sums at N + j); the splits are added in
-the fixed order 0, 1, ... (deterministic: the same sum whichever program finishes first) by ``_sum_splits``,
-then the epilogue runs, either
+[SPLITS, M, NW] (NW = N, or 2N with GLU: gate sums at column j, up sums at N + j); ``_sum_splits`` adds them
+in the fixed order 0, 1, ... (deterministic: the same bits whichever program finishes first), then the epilogue:
   REDUCE_LAST   in the same launch: each program then adds 1 to its output tile's int32 counter (acq_rel), and
                 the program that sees SPLITS - 1 (the last to arrive) reduces and stores, then sets the
                 counter back to 0 for the next call (a CUDA graph replay: no memset launch);
@@ -178,11 +177,9 @@ def _sum_splits(ws_ptr, rows, cols, mask, M, N, SPLITS, GLU: tl.constexpr, BLOCK
 
 
 @triton.jit
-def _epilogue_store(acc, acc_u, rows, cols, mask_n, mask, N, bias_ptr,
-                    gate_ptr, gate_rows, stride_gb, stride_gm, stride_gn,
+def _epilogue_store(acc, acc_u, rows, cols, mask_n, mask, N, bias_ptr, gate_ptr, gate_rows, stride_gb, stride_gm, stride_gn,
                     res_ptr, res_rows, stride_rb, stride_rm, stride_rn, out_ptr, stride_om, stride_on,
-                    ACT: tl.constexpr, GLU: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GATE: tl.constexpr,
-                    HAS_RESIDUAL: tl.constexpr):
+                    ACT: tl.constexpr, GLU: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GATE: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
     # out = residual + gate * epi(acc + bias) of the float32 sums acc (and acc_u, the up half) [BLOCK_M, BLOCK_N]
     acc = _bias_act_glu(acc, acc_u, bias_ptr, cols, mask_n, N, ACT, GLU, HAS_BIAS)
     _gate_residual_store(acc, rows, cols, mask, gate_ptr, gate_rows, stride_gb, stride_gm, stride_gn,
