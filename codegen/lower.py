@@ -6,7 +6,8 @@ candidate is a name -> a closure that runs the group once into ``out`` (so a CUD
 
     GEMM       cuBLAS (torch.mm / addmm) + kiln's one-pass epilogue kernel; cuBLASLt's own epilogues where
                they apply (a full residual as addmm's C; bias + tanh-GELU); kiln's Triton template; for at most
-               16 rows (LLM decode) kiln's skinny template at its configurations (GEMV / split-K). With a norm
+               16 rows (LLM decode) kiln's skinny template at its configurations (GEMV / split-K, the partials added
+               by the last program of each tile or by a second launch). With a norm
                prologue (schedule.py): the norm's kernel then each of those, and for at most 16 rows the skinny
                template normalising x as it loads it (``triton-skinny-norm``, one launch)
     QGEMM      the weight dequantized then cuBLAS (the fallback: a torch temporary of the weight per call);
@@ -51,6 +52,9 @@ from .kernels.epilogue import epilogue
 TRITON_GEMM_CONFIGS = 1
 TRITON_AQGEMM_CONFIGS = 2
 TRITON_ATTENTION_CONFIGS = 2
+# the skinny candidates' generation in the tuner's key: 2 since split-K may reduce in its last program (a decision
+# measured between older candidates is measured again)
+SKINNY_CANDIDATES = 2
 
 
 def config_name(impl: str, config: dict) -> str:
@@ -101,10 +105,11 @@ def _norm_what(what: dict, norm: dict | None) -> dict:
 
 
 def gemm(args: list, attrs: dict, out: torch.Tensor, tmp: torch.Tensor | None, device: torch.device,
-         workspace: torch.Tensor | None = None, norm: dict | None = None) -> tuple[dict, dict]:
+         workspace: torch.Tensor | tuple | None = None, norm: dict | None = None) -> tuple[dict, dict]:
     """A GEMM's candidates. ``tmp``: the [M, 2N] scratch of a GLU's product behind cuBLAS (None otherwise);
-    ``workspace``: ``workspace_bytes`` of split-K scratch for the skinny candidates; ``norm``: the RMSNORM
-    prologue (``with_norm``), whose output is ``args[0]``."""
+    ``workspace``: the skinny candidates' split-K scratch: the partials (``workspace_bytes`` bytes; counters are then
+    allocated zeroed per call), or ``(partials, counters)`` with ``counter_bytes`` bytes of counters kept by the
+    caller, or None (both per call); ``norm``: the RMSNORM prologue (``with_norm``), whose output is ``args[0]``."""
     x, w, bias, gate, residual = gemm_operands(args, attrs)
     act, glu = attrs["act"], attrs["glu"]
     m, k = math.prod(x.shape[:-1]), x.shape[-1]
@@ -131,56 +136,73 @@ def gemm(args: list, attrs: dict, out: torch.Tensor, tmp: torch.Tensor | None, d
     what = {"op": "GEMM", "x": list(x.shape), "x_stride": list(x.stride()), "w": list(w.shape), "dtype": str(x.dtype),
             "act": act, "glu": glu, "bias": bias is not None,
             "gate": None if gate is None else list(gate.shape), "residual": None if residual is None else list(residual.shape)}
-    if decode:  # (a decision cached before the skinny template was a candidate is not one between these)
-        what["skinny"] = True
+    if decode:  # (a decision cached before the skinny template, or its one-launch split-K, was a candidate is not one
+        what["skinny"] = SKINNY_CANDIDATES  # between these)
     return _norm_what(what, norm), candidates
 
 
 def _skinny_configs(m: int, n: int, k: int, bits: int | None, glu: bool, device: torch.device) -> list[dict]:
-    """The skinny template's configurations for ``m`` rows: its H200 list, or under the interpreter its small
-    tiles without and with split-K (so that the workspace path runs in CPU tests too)."""
+    """The skinny template's configurations for ``m`` rows: its H200 list, or under the interpreter its small tiles
+    with split-K reduced by the last program (first, as the H200 default of a decode GEMM that splits: a forced
+    "triton-skinny" plan runs the workspace and counter paths in CPU tests too) and without split-K. (The two-launch
+    reduction, REDUCE "separate", is an H200 candidate; kernels/skinny.py's tests run it on CPU.)"""
     if device.type == "cuda":
         return ts.configs(m, n, k, bits, glu)
-    return [ts.INTERPRET_CONFIG, dict(ts.INTERPRET_CONFIG, SPLIT_K=2)]
+    return [dict(ts.INTERPRET_CONFIG, SPLIT_K=2, REDUCE="last"), ts.INTERPRET_CONFIG]
 
 
 def _skinny_fits(m: int, dtype: torch.dtype, device: torch.device) -> bool:
     return 1 <= m <= ts.MAX_M and _triton_ok(tq.DTYPES, dtype, device, ts.INTERPRET)
 
 
-def workspace_bytes(op: str, attrs: dict, x_shape, w_shape, dtype: torch.dtype, device: torch.device) -> int:
-    """Bytes of split-K workspace the candidates of a GEMM / LINEAR / QGEMM group need: the largest over the skinny
-    configurations (0 when none runs or none splits). ``w_shape``: the weight's (QGEMM: the qweight's) shape."""
+def _skinny_scratch(size, op: str, attrs: dict, x_shape, w_shape, dtype: torch.dtype, device: torch.device) -> int:
+    # the largest ``size(m, n, k, bits, glu, config)`` over the skinny configurations of a GEMM / LINEAR / QGEMM
     m, k = math.prod(x_shape[:-1]), x_shape[-1]
     if op not in ("GEMM", "LINEAR", "QGEMM") or not _skinny_fits(m, dtype, device):
         return 0
-    bits, glu = attrs.get("bits"), attrs.get("glu", False)
-    return max(ts.workspace_bytes(m, w_shape[0], k, bits, glu, c) for c in _skinny_configs(m, w_shape[0], k, bits, glu, device))
+    bits, glu, n = attrs.get("bits"), attrs.get("glu", False), w_shape[0]
+    return max(size(m, n, k, bits, glu, c) for c in _skinny_configs(m, n, k, bits, glu, device))
+
+
+def workspace_bytes(op: str, attrs: dict, x_shape, w_shape, dtype: torch.dtype, device: torch.device) -> int:
+    """Bytes of split-K workspace (the partials, scratch of one call) the candidates of a GEMM / LINEAR / QGEMM group
+    need: the largest over the skinny configurations (0 when none runs or none splits). ``w_shape``: the weight's
+    (QGEMM: the qweight's) shape."""
+    return _skinny_scratch(ts.workspace_bytes, op, attrs, x_shape, w_shape, dtype, device)
+
+
+def counter_bytes(op: str, attrs: dict, x_shape, w_shape, dtype: torch.dtype, device: torch.device) -> int:
+    """Bytes of split-K counters the skinny candidates of a group need (arguments as for ``workspace_bytes``; 0 unless
+    one reduces in its last program). Unlike the workspace they are state: zero when planned, left zero by every call,
+    and the group's alone (``kernels/skinny.py``)."""
+    return _skinny_scratch(ts.counter_bytes, op, attrs, x_shape, w_shape, dtype, device)
 
 
 def skinny(x, weight: dict, epilogue_ops: tuple, attrs: dict, out, workspace, device: torch.device,
            norm: dict | None = None) -> dict:
     """The skinny template's candidates for at most 16 rows (none for more): ``weight`` is ``dict(w=...)`` or the
     quantized ``dict(qweight=, scales=, zeros=, bits=, group=)``; ``epilogue_ops`` (bias, gate, residual);
-    with ``norm`` (a prologue, see ``with_norm``) the template normalising ``norm["x"]`` itself (``x``: unused)."""
+    ``workspace``: the split-K scratch as for ``gemm``; with ``norm`` (a prologue, see ``with_norm``) the
+    template normalising ``norm["x"]`` itself (``x``: unused)."""
     m, k = math.prod(x.shape[:-1]), x.shape[-1]
     if not _skinny_fits(m, x.dtype, device):
         return {}
     n = (weight["w"] if "w" in weight else weight["qweight"]).shape[0]  # the weight's rows
     bias, gate, residual = epilogue_ops
     act, glu = attrs["act"], attrs["glu"]
+    scratch = dict(zip(("workspace", "counters"), workspace if isinstance(workspace, tuple) else (workspace, None)))
     name, src, prologue = "triton-skinny", x, {}
     if norm is not None:
         name, src, prologue = "triton-skinny-norm", norm["x"], dict(norm_weight=norm["w"], norm_eps=norm["eps"])
     candidates = {}
     for c in _skinny_configs(m, n, k, weight.get("bits"), glu, device):
         candidates[config_name(name, c)] = (lambda c=c: ts.skinny_gemm(src, bias=bias, gate=gate, residual=residual, act=act, glu=glu,
-                                                                       **weight, **prologue, out=out, workspace=workspace, config=c))
+                                                                       **weight, **prologue, out=out, **scratch, config=c))
     return candidates
 
 
 def qgemm(args: list, attrs: dict, out: torch.Tensor, tmp: torch.Tensor | None, device: torch.device,
-          workspace: torch.Tensor | None = None, norm: dict | None = None) -> tuple[dict, dict]:
+          workspace: torch.Tensor | tuple | None = None, norm: dict | None = None) -> tuple[dict, dict]:
     """A QGEMM's candidates (``tmp``, ``workspace``, ``norm``: as for ``gemm``)."""
     x, q, scales, zeros, bias, gate, residual = qgemm_operands(args, attrs)
     act, glu, bits, group = attrs["act"], attrs["glu"], attrs["bits"], attrs["group"]
@@ -192,7 +214,8 @@ def qgemm(args: list, attrs: dict, out: torch.Tensor, tmp: torch.Tensor | None, 
 
     candidates = {"dequant-cublas": dequant_cublas}
     weight = dict(qweight=q, scales=scales, zeros=zeros, bits=bits, group=group)
-    candidates.update(skinny(x, weight, (bias, gate, residual), attrs, out, workspace, device))
+    decode = skinny(x, weight, (bias, gate, residual), attrs, out, workspace, device)
+    candidates.update(decode)
     if m > ts.MAX_M and _triton_ok(tq.DTYPES, x.dtype, device, tq.INTERPRET):
         for c in tq.configs(m, glu) if device.type == "cuda" else [tq.INTERPRET_CONFIG]:
             candidates[config_name("triton-qgemm", c)] = (
@@ -202,6 +225,8 @@ def qgemm(args: list, attrs: dict, out: torch.Tensor, tmp: torch.Tensor | None, 
             "group": group, "scales": str(scales.dtype), "zeros": zeros is not None, "dtype": str(x.dtype), "act": act,
             "glu": glu, "bias": bias is not None, "gate": None if gate is None else list(gate.shape),
             "residual": None if residual is None else list(residual.shape)}
+    if decode:
+        what["skinny"] = SKINNY_CANDIDATES
     return _norm_what(what, norm), candidates
 
 

@@ -9,8 +9,9 @@ protocol of ``plan.py``. Built in four named steps:
 2. Memory (:meth:`KernelPlan._memory`). Every kernel output is an interval [group that writes it, last group
    that reads it or a view of it]; graph outputs live to the end; a cuBLAS GLU needs a scratch [M, 2N] for
    one step, an SDPA prefill on a quantized KV cache the cache dequantized, a skinny (decode) GEMM's split-K its
-   workspace (the largest its candidates need, planned before the tuner picks one). The intervals are packed into
-   one arena (``memory.py``); inputs get their own static buffers.
+   workspace (the largest its candidates need, planned before the tuner picks one) and its counters (alive over
+   the whole plan, so zero from the arena's allocation on: each call leaves them zero). The intervals are packed
+   into one arena (``memory.py``); inputs get their own static buffers.
 3. Calls (:meth:`KernelPlan._calls`). Each group becomes one closure over fixed tensors: a pointwise group
    its generated Triton kernel; a GEMM or attention the fastest of its candidates (``codegen/lower.py``,
    measured per shape by the target's tuner); anything else its torch reference, copied into the buffer.
@@ -303,6 +304,7 @@ class KernelPlan(Plan):
         lv = Liveness()
         self.scratch: dict[int, tuple] = {}
         self.workspace: dict[int, tuple] = {}
+        self.counters: dict[int, tuple] = {}
         self.prologue: dict[int, int] = {}  # gemm group index -> key of its norm prologue's output
         for k, (g, kind) in enumerate(zip(self.groups, self.kinds)):
             if kind in ("view", "source", "constant"):
@@ -345,12 +347,21 @@ class KernelPlan(Plan):
         return lower.attention_scratch(q, k, v, n.attrs, torch_dtype(n.dtype), self.device)
 
     def _workspace(self, lv: Liveness, k: int, n: Node) -> None:
-        """``self.workspace[k]``: (key, bytes) of the split-K workspace of gemm group k's skinny candidates, if any."""
+        """``self.workspace[k]``: (key, bytes) of the split-K workspace of gemm group k's skinny candidates, if any, and
+        ``self.counters[k]`` of their split-K counters. The counters are state, not scratch: they must be zero when a
+        call starts and each call leaves them zero, so they live from the first step past the last (no other buffer
+        ever shares their bytes) in the arena, which is zeroed when allocated: no memset per call or replay."""
         x, w = n.inputs[0], n.inputs[1]
-        size = lower.workspace_bytes(n.op, n.attrs, self.shape_of[x], self.shape_of[w], torch_dtype(x.dtype), self.device)
+        shapes = (n.op, n.attrs, self.shape_of[x], self.shape_of[w], torch_dtype(x.dtype), self.device)
+        size = lower.workspace_bytes(*shapes)
         if size:
             self.workspace[k] = (-1 - len(self.groups) - k, size)  # (keys apart from the scratch's)
             lv.write(self.workspace[k][0], k, size)
+        count = lower.counter_bytes(*shapes)
+        if count:
+            self.counters[k] = (-1 - 3 * len(self.groups) - k, count)  # (apart from the prologue's too)
+            lv.write(self.counters[k][0], 0, count)
+            lv.read(self.counters[k][0], len(self.groups))
 
     def _buffer(self, key: int, shape, dtype: torch.dtype, perm=None, pitch=None) -> torch.Tensor:
         off = self.memory.offsets[key]
@@ -398,6 +409,8 @@ class KernelPlan(Plan):
                     self.env[o] = self._buffer(self.slot[o], self.shape_of[o], torch_dtype(o.dtype), self.order.get(o), self.pitch.get(o))
             tmp = self._buffer(self.scratch[k][0], self.scratch[k][1], torch_dtype(self.scratch[k][2])) if k in self.scratch else None
             ws = self._buffer(self.workspace[k][0], (self.workspace[k][1],), torch.uint8) if k in self.workspace else None
+            if k in self.counters:  # the skinny candidates' (partials, counters)
+                ws = (ws, self._buffer(self.counters[k][0], (self.counters[k][1],), torch.uint8))
             if k in self.prologue:
                 norm = g.nodes[0]
                 self.env[norm] = self._buffer(self.prologue[k], self.shape_of[norm], torch_dtype(norm.dtype))

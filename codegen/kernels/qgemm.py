@@ -32,8 +32,12 @@ in registers. A step spans SUB = BLOCK_K / group groups when group < BLOCK_K (th
 [BLOCK_N, SUB, group] against scales [BLOCK_N, SUB]); otherwise one scale per row and step.
 
 Split-K (decode, see skinny.py): with PARTIAL the program writes its raw float32 sums to a workspace
-[SPLITS, M, NW] (NW = N, or 2N with GLU: gate sums at column j, up sums at N + j) and a reduce kernel adds
-the splits in a fixed order and applies the epilogue: deterministic, no atomics.
+[SPLITS, M, NW] (NW = N, or 2N with GLU: gate sums at column j, up sums at N + j); ``_sum_splits`` adds them
+in the fixed order 0, 1, ... (deterministic: the same bits whichever program finishes first), then the epilogue:
+  REDUCE_LAST   in the same launch: each program then adds 1 to its output tile's int32 counter (acq_rel), and
+                the program that sees SPLITS - 1 (the last to arrive) reduces and stores, then sets the
+                counter back to 0 for the next call (a CUDA graph replay: no memset launch);
+  else          in a second launch, skinny.py's ``_splitk_reduce_kernel``.
 """
 from __future__ import annotations
 
@@ -156,8 +160,37 @@ def _norm_tile(a, rstd, nw_ptr, cols, mask_k):
 
 
 @triton.jit
+def _sum_splits(ws_ptr, rows, cols, mask, M, N, SPLITS, GLU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # workspace [SPLITS, M, NW] float32 -> the sums over the splits at rows x cols, [BLOCK_M, BLOCK_N] (and of the up
+    # half, at N + cols, with GLU), added in split order 0, 1, ...: every caller gets the same bits. The loads bypass
+    # L1 (.cg): the partials of a split-K launch were written by other SMs
+    NW = 2 * N if GLU else N
+    part = ws_ptr + rows[:, None] * NW + cols[None, :]  # split 0
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_u = acc
+    for _ in range(SPLITS):
+        acc += tl.load(part, mask=mask, other=0.0, cache_modifier=".cg")
+        if GLU:
+            acc_u += tl.load(part + N, mask=mask, other=0.0, cache_modifier=".cg")
+        part += M * NW
+    return acc, acc_u
+
+
+@triton.jit
+def _epilogue_store(acc, acc_u, rows, cols, mask_n, mask, N, bias_ptr, gate_ptr, gate_rows, stride_gb, stride_gm, stride_gn,
+                    res_ptr, res_rows, stride_rb, stride_rm, stride_rn, out_ptr, stride_om, stride_on,
+                    ACT: tl.constexpr, GLU: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GATE: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
+    # out = residual + gate * epi(acc + bias) of the float32 sums acc (and acc_u, the up half) [BLOCK_M, BLOCK_N]
+    acc = _bias_act_glu(acc, acc_u, bias_ptr, cols, mask_n, N, ACT, GLU, HAS_BIAS)
+    _gate_residual_store(acc, rows, cols, mask, gate_ptr, gate_rows, stride_gb, stride_gm, stride_gn,
+                         res_ptr, res_rows, stride_rb, stride_rm, stride_rn, out_ptr, stride_om, stride_on,
+                         HAS_GATE, HAS_RESIDUAL)
+
+
+@triton.jit
 def _wgemm_kernel(
-    x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, gate_ptr, res_ptr, out_ptr,  # out_ptr: the workspace with PARTIAL
+    x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, gate_ptr, res_ptr, out_ptr,
+    ws_ptr, cnt_ptr,  # PARTIAL: the float32 workspace [SPLITS, M, NW]; REDUCE_LAST: int32 counters, one per output tile
     nw_ptr, eps,  # NORM: the RMSNORM weight [K] and eps applied to x's rows first
     M, N, K, K_CHUNK,  # N: output columns (half of w's rows with GLU); K_CHUNK: K of one split
     stride_xm, stride_xk,
@@ -169,7 +202,7 @@ def _wgemm_kernel(
     BITS: tl.constexpr, PACK: tl.constexpr, HAS_ZEROS: tl.constexpr, QGROUP: tl.constexpr,  # BITS 0: plain; PACK: codes a byte;
     # QGROUP: the group size, a power of two (per-channel: next_power_of_2(K), whose group 0 spans the row)
     ACT: tl.constexpr, GLU: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GATE: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    PARTIAL: tl.constexpr, DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, NORM: tl.constexpr,
+    PARTIAL: tl.constexpr, REDUCE_LAST: tl.constexpr, DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, NORM: tl.constexpr,
     LOOP_STAGES: tl.constexpr,  # the GEMV's num_stages: Triton pipelines a loop without tl.dot only when told
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -219,17 +252,27 @@ def _wgemm_kernel(
 
     mask = mask_m[:, None] & mask_n[None, :]
     if PARTIAL:
-        # workspace [SPLITS, M, NW], float32: this split's raw sums; the reduce kernel adds bias and the rest
+        # workspace [SPLITS, M, NW], float32: this split's raw sums; bias and the rest come after the reduction
         NW = 2 * N if GLU else N
-        part = out_ptr + split.to(tl.int64) * M * NW + rows[:, None] * NW + cols[None, :]
+        part = ws_ptr + split.to(tl.int64) * M * NW + rows[:, None] * NW + cols[None, :]
         tl.store(part, acc, mask=mask)
         if GLU:
             tl.store(part + N, acc_u, mask=mask)
+        if REDUCE_LAST:
+            # the barrier: every warp's partial is stored before the count goes up (the scalar atomic is one
+            # thread's); acq_rel: releases this program's partial, and acquires the others' for the last to arrive
+            tl.debug_barrier()
+            arrived = tl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel")
+            if arrived == tl.num_programs(1) - 1:
+                tot, tot_u = _sum_splits(ws_ptr, rows, cols, mask, M, N, tl.num_programs(1), GLU, BLOCK_M, BLOCK_N)
+                _epilogue_store(tot, tot_u, rows, cols, mask_n, mask, N, bias_ptr, gate_ptr, gate_rows, stride_gb, stride_gm,
+                                stride_gn, res_ptr, res_rows, stride_rb, stride_rm, stride_rn, out_ptr, stride_om, stride_on,
+                                ACT, GLU, HAS_BIAS, HAS_GATE, HAS_RESIDUAL)
+                tl.store(cnt_ptr + pid, 0)  # no other program of this launch touches it again
     else:
-        acc = _bias_act_glu(acc, acc_u, bias_ptr, cols, mask_n, N, ACT, GLU, HAS_BIAS)
-        _gate_residual_store(acc, rows, cols, mask, gate_ptr, gate_rows, stride_gb, stride_gm, stride_gn,
-                             res_ptr, res_rows, stride_rb, stride_rm, stride_rn, out_ptr, stride_om, stride_on,
-                             HAS_GATE, HAS_RESIDUAL)
+        _epilogue_store(acc, acc_u, rows, cols, mask_n, mask, N, bias_ptr, gate_ptr, gate_rows, stride_gb, stride_gm, stride_gn,
+                        res_ptr, res_rows, stride_rb, stride_rm, stride_rn, out_ptr, stride_om, stride_on,
+                        ACT, GLU, HAS_BIAS, HAS_GATE, HAS_RESIDUAL)
 
 
 # ----------------------------------------------------------------------------- the format, in torch
@@ -344,23 +387,36 @@ def prepare(fn: str, x, weight: Weight, bias, gate, residual, act, glu, out):
     return x2, out, out2, Epilogue(bias if bias is not None else x, g, r, meta), m, n
 
 
-def launch(x2, weight: Weight, epi: Epilogue, dst, m: int, n: int, config: dict | None, dot: bool = True,
-           splits: int = 1, k_chunk: int | None = None, kernel=None, norm: tuple | None = None) -> None:
-    """One launch of the template over x2 [M, K] (any strides). ``dst``: the [M, n] output view, or with
-    ``splits`` > 1 the float32 workspace (``k_chunk``: K of one split, a multiple of BLOCK_K). ``config``:
-    BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages; None with an autotuned ``kernel``. ``norm``:
-    (weight [K], eps) of an RMSNORM applied to x2's rows as they are loaded (skinny.py's prologue)."""
+class SplitK(NamedTuple):
+    """Split-K of one launch: ``splits`` programs per output tile, each over ``k_chunk`` columns of K (a multiple of
+    BLOCK_K), write float32 partial sums to ``workspace`` (flat, at least [splits, M, NW]). ``counters``: int32, one
+    per output tile, zero on entry and on return: the last program of a tile to arrive reduces and runs the
+    epilogue (REDUCE_LAST); None: the partials wait for a reduce launch of the caller's."""
+    splits: int
+    k_chunk: int
+    workspace: torch.Tensor
+    counters: torch.Tensor | None = None
+
+
+def launch(x2, weight: Weight, epi: Epilogue, out2, m: int, n: int, config: dict | None, dot: bool = True,
+           split: SplitK | None = None, kernel=None, norm: tuple | None = None) -> None:
+    """One launch of the template over x2 [M, K] (any strides) into ``out2``, the [M, n] output view (not written
+    when ``split`` has no counters). ``config``: BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages; None with
+    an autotuned ``kernel``. ``norm``: (weight [K], eps) of an RMSNORM applied to x2's rows as they are loaded
+    (skinny.py's prologue)."""
     w, scales, zeros, bits, group = weight
     k = x2.shape[1]
     s = scales if scales is not None else w  # absent operands: any tensor will do, their switch is off
     z = zeros if zeros is not None else w
     nw, eps = norm if norm is not None else (x2, 0.0)
-    args = (x2, w, s, z, epi.bias, epi.g[0], epi.r[0], dst, nw, float(eps), m, n, k, k_chunk or k,
-            x2.stride(0), x2.stride(1), w.stride(0), w.stride(1), s.stride(0), s.stride(-1), z.stride(0), z.stride(-1),
-            *epi.g[1:], *epi.r[1:], dst.stride(0), dst.stride(-1))
+    splits, k_chunk, ws, counters = split if split is not None else (1, k, out2, None)
+    args = (x2, w, s, z, epi.bias, epi.g[0], epi.r[0], out2, ws, counters if counters is not None else ws, nw, float(eps),
+            m, n, k, k_chunk, x2.stride(0), x2.stride(1), w.stride(0), w.stride(1), s.stride(0), s.stride(-1), z.stride(0),
+            z.stride(-1), *epi.g[1:], *epi.r[1:], out2.stride(0), out2.stride(-1))
     meta = dict(epi.meta, BITS=bits, PACK=2 if bits == 4 else 1, HAS_ZEROS=zeros is not None,
                 QGROUP=group if 0 < group < k else triton.next_power_of_2(k),  # per-channel (or plain): group 0 spans the row
-                PARTIAL=splits > 1, DOT=dot, DOT_PRECISION="ieee" if x2.dtype == torch.float32 else "tf32", NORM=norm is not None,
+                PARTIAL=splits > 1, REDUCE_LAST=splits > 1 and counters is not None, DOT=dot,
+                DOT_PRECISION="ieee" if x2.dtype == torch.float32 else "tf32", NORM=norm is not None,
                 LOOP_STAGES=None if dot else (config or {}).get("num_stages", 3))
     if config is not None:
         grid = (triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"]), splits)

@@ -10,9 +10,23 @@ template (see its docstring for the weight format and the dequantization) launch
   (DOT True, M = 2..16: the tensor cores make the M-fold reuse free);
 - split-K keeps the GPU busy when N / BLOCK_N tiles are too few (N = 2048 gives 64 tiles of 32 rows for 132
   SMs): SPLIT_K programs share a tile, each over K / SPLIT_K columns, and write float32 partial sums to a
-  workspace [SPLIT_K, M, NW] (NW = N, the weight's rows); ``_splitk_reduce_kernel`` adds the splits in a
-  fixed order (deterministic, no atomics) and applies the epilogue. The workspace is ``workspace_bytes``
-  bytes that the caller may plan and pass in (CUDA graph replay: no allocation inside the call).
+  workspace [SPLIT_K, M, NW] (NW = N, the weight's rows). The splits are added in a fixed order (deterministic:
+  the same bits whichever program finishes last) and the epilogue applied by (config REDUCE)
+    "last"      the last program of each tile to arrive, in the same launch (qgemm.py's REDUCE_LAST): one kernel
+                instead of two, which inside a CUDA graph saves a kernel's gap (~2-4 us) per GEMM;
+    "separate"  ``_splitk_reduce_kernel``, a second launch (no counters).
+  The workspace is ``workspace_bytes`` bytes that the caller may plan and pass in (CUDA graph replay: no
+  allocation inside the call); REDUCE "last" also needs ``counter_bytes`` of int32 counters, one per output tile.
+
+Counters. They must be zero when a call starts, and each call leaves them zero: the last program of a tile resets
+its counter after reducing, so a caller plans them once, zeroed, and keeps them for its lifetime (runtime/kernel_plan.py:
+bytes of the arena that no other buffer shares) — no memset launch per call. The bytes differ from zero only while a
+launch runs. A launch that fails on the host (compile, resources, arguments) runs no program; a launch that stops
+part-way on the GPU is a sticky CUDA error, after which nothing on that context runs again; under the Triton
+interpreter (programs run one after another in Python) an exception can stop a launch part-way, so
+``skinny_gemm`` zeroes the counters it was given before re-raising. A counter left nonzero by other means would
+make a later call of that tile skip its epilogue or reduce too early; hence the counters belong to one caller
+(one plan's GEMM group) alone.
 
 Norm prologue. Decode's RMSNorm feeds a GEMM (the QKV and gate/up projections, the LM head) and nothing else,
 so ``norm_weight`` / ``norm_eps`` fold it into this kernel instead of a launch of its own:
@@ -34,9 +48,8 @@ import triton
 import triton.language as tl
 
 from ...ir.ops import OPS
-from .gemm import _gate_residual_store
 from .gemm import reference as gemm_reference
-from .qgemm import Weight, _bias_act_glu, check_config, launch, prepare
+from .qgemm import SplitK, Weight, _epilogue_store, _sum_splits, check_config, launch, prepare
 from .qgemm import reference as qgemm_reference
 
 # triton.jit picks the interpreter from this variable when the kernel below is defined; read it then too
@@ -47,6 +60,8 @@ PROGRAMS_PER_SM = 4  # split-K aims at this many programs: loads in flight to co
 MIN_SPLIT_STEPS = 2  # K steps of one split at least
 WORKSPACE_SHARE = 8  # split-K's workspace round trip stays under 1 / WORKSPACE_SHARE of the weight bytes
 REDUCE_BLOCK_N = 32 if INTERPRET else 128
+
+REDUCE = ("last", "separate")  # who adds the split-K partials: the last program of a tile, or a second launch
 
 # the interpreter is slow per program and per K step: small tiles, so irregular test shapes span several
 INTERPRET_CONFIG = dict(BLOCK_N=16, BLOCK_K=32, SPLIT_K=1)
@@ -74,28 +89,18 @@ def _splitk_reduce_kernel(
     ACT: tl.constexpr, GLU: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GATE: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    # workspace [SPLITS, M, NW] float32 -> out [M, N]: the splits added in order 0, 1, ... (the same sum every
-    # run), then the epilogue. One program owns output columns [BLOCK_N] of all M (<= 16) rows.
+    # REDUCE "separate": workspace [SPLITS, M, NW] float32 -> out [M, N], the splits added in order 0, 1, ... (the
+    # sum REDUCE "last" computes too), then the epilogue. One program owns output columns [BLOCK_N] of all M rows.
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < M
     mask_n = offs_n < N
-    mask = mask_m[:, None] & mask_n[None, :]
+    mask = (offs_m < M)[:, None] & mask_n[None, :]
     rows = offs_m.to(tl.int64)
     cols = offs_n.to(tl.int64)
-    NW = 2 * N if GLU else N
-    part = ws_ptr + rows[:, None] * NW + cols[None, :]  # [BLOCK_M, BLOCK_N] of split 0
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_u = acc
-    for _ in range(SPLITS):
-        acc += tl.load(part, mask=mask, other=0.0)
-        if GLU:
-            acc_u += tl.load(part + N, mask=mask, other=0.0)
-        part += M * NW
-    acc = _bias_act_glu(acc, acc_u, bias_ptr, cols, mask_n, N, ACT, GLU, HAS_BIAS)
-    _gate_residual_store(acc, rows, cols, mask, gate_ptr, gate_rows, stride_gb, stride_gm, stride_gn,
-                         res_ptr, res_rows, stride_rb, stride_rm, stride_rn, out_ptr, stride_om, stride_on,
-                         HAS_GATE, HAS_RESIDUAL)
+    acc, acc_u = _sum_splits(ws_ptr, rows, cols, mask, M, N, SPLITS, GLU, BLOCK_M, BLOCK_N)
+    _epilogue_store(acc, acc_u, rows, cols, mask_n, mask, N, bias_ptr, gate_ptr, gate_rows, stride_gb, stride_gm, stride_gn,
+                    res_ptr, res_rows, stride_rb, stride_rm, stride_rn, out_ptr, stride_om, stride_on,
+                    ACT, GLU, HAS_BIAS, HAS_GATE, HAS_RESIDUAL)
 
 
 # ----------------------------------------------------------------------------- configurations
@@ -127,7 +132,9 @@ def _split_k(m: int, n: int, k: int, bits: int | None, glu: bool, block_n: int, 
 def configs(m: int, n: int, k: int, bits: int | None = None, glu: bool = False) -> list[dict]:
     """At most 4 launch configurations worth measuring on an H200 for ``m`` rows against a weight of ``n`` rows
     (out features; gate and up together with ``glu``) and ``k`` columns, ``bits`` 8 / 4 or None (plain
-    16-bit): dicts of BLOCK_N, BLOCK_K, SPLIT_K, DOT, num_warps, num_stages. The first is the default."""
+    16-bit): dicts of BLOCK_N, BLOCK_K, SPLIT_K, REDUCE (where SPLIT_K > 1), DOT, num_warps, num_stages. The
+    first is the default; split-K configurations reduce in their last program (REDUCE "last"), and where the
+    default splits, its two-launch twin (REDUCE "separate") is one of them."""
     if not 1 <= m <= MAX_M:
         raise ValueError(f"skinny configs: m = {m} rows, the template takes 1..{MAX_M}")
     dot = m > 1
@@ -137,13 +144,16 @@ def configs(m: int, n: int, k: int, bits: int | None = None, glu: bool = False) 
             bn, bk = (bn // 2, bk) if bn > 16 else (bn, bk // 2)
         bk = min(bk, max(32, triton.next_power_of_2(k)))
         split = _split_k(m, n, k, bits, glu, bn, bk)
-        out.append(dict(BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, DOT=dot, num_warps=warps, num_stages=stages))
+        reduce = {"REDUCE": "last"} if split > 1 else {}
+        out.append(dict(BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, **reduce, DOT=dot, num_warps=warps, num_stages=stages))
     # where the default splits, the same tile with twice the splits: more loads in flight for a little more
-    # workspace traffic
+    # workspace traffic; and the default reduced by a second launch (the tuner measures which is faster)
     first = out[0]
     more = _chunking(k, 2 * first["SPLIT_K"], first["BLOCK_K"])[0]
     if first["SPLIT_K"] > 1 and more > first["SPLIT_K"] and _workspace_fits(m, n, k, bits, more):
         out.append(dict(first, SPLIT_K=more))
+    if first["SPLIT_K"] > 1:
+        out.append(dict(first, REDUCE="separate"))
     unique = []
     for c in out:
         if c not in unique:
@@ -152,15 +162,18 @@ def configs(m: int, n: int, k: int, bits: int | None = None, glu: bool = False) 
 
 
 def _resolve(m: int, n: int, k: int, bits: int | None, glu: bool, config: dict | None) -> dict:
-    """The configuration a call runs: ``config`` checked and completed (SPLIT_K 1, DOT by row count), or the
-    default (``INTERPRET_CONFIG`` under the interpreter, else ``configs(...)[0]``)."""
+    """The configuration a call runs: ``config`` checked and completed (SPLIT_K 1, REDUCE "last", DOT by row count),
+    or the default (``INTERPRET_CONFIG`` under the interpreter, else ``configs(...)[0]``)."""
     if config is None:
         config = INTERPRET_CONFIG if INTERPRET else configs(m, n, k, bits, glu)[0]
     c = check_config("skinny_gemm", config, ("BLOCK_N", "BLOCK_K"))
     c.setdefault("SPLIT_K", 1)
+    c.setdefault("REDUCE", "last")
     c.setdefault("DOT", m > 1)
     if not (isinstance(c["SPLIT_K"], int) and c["SPLIT_K"] >= 1):
         raise ValueError(f"skinny_gemm: config {config!r}: SPLIT_K must be a positive int")
+    if c["REDUCE"] not in REDUCE:
+        raise ValueError(f"skinny_gemm: config {config!r}: REDUCE must be one of {', '.join(map(repr, REDUCE))}")
     if not c["DOT"] and m > 1:
         raise ValueError(f"skinny_gemm: config {config!r}: the GEMV path (DOT False) takes one row, x has {m}")
     return c
@@ -172,6 +185,16 @@ def workspace_bytes(m: int, n: int, k: int, bits: int | None = None, glu: bool =
     c = _resolve(m, n, k, bits, glu, config)
     splits = _chunking(k, c["SPLIT_K"], c["BLOCK_K"])[0]
     return 0 if splits == 1 else 4 * splits * m * n
+
+
+def counter_bytes(m: int, n: int, k: int, bits: int | None = None, glu: bool = False, config: dict | None = None) -> int:
+    """Bytes of int32 counters (one per output tile) ``skinny_gemm`` needs under ``config`` (arguments as for
+    ``workspace_bytes``): 0 unless the configuration splits K and reduces in its last program (REDUCE "last").
+    They must be zero when planned; every call leaves them zero (module docstring)."""
+    c = _resolve(m, n, k, bits, glu, config)
+    if _chunking(k, c["SPLIT_K"], c["BLOCK_K"])[0] == 1 or c["REDUCE"] != "last":
+        return 0
+    return 4 * triton.cdiv(n // 2 if glu else n, c["BLOCK_N"])
 
 
 # ----------------------------------------------------------------------------- the launcher
@@ -187,19 +210,21 @@ def _weight(w, qweight, scales, zeros, bits, group) -> Weight:
     return Weight(w)
 
 
-def _workspace(ws, numel: int, device: torch.device) -> torch.Tensor:
-    """``ws`` as a flat float32 [numel] view (allocated when None)."""
-    if ws is None:
-        return torch.empty(numel, dtype=torch.float32, device=device)
+def _scratch(name: str, t, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``t`` (the ``workspace``, float32, or the ``counters``, int32) as a flat [numel] view of ``dtype``: allocated
+    when None (counters zeroed); given as ``dtype`` or as uint8 bytes (a slice of a planned arena)."""
+    if t is None:
+        return (torch.zeros if dtype == torch.int32 else torch.empty)(numel, dtype=dtype, device=device)
     nbytes = 4 * numel
-    if (not isinstance(ws, torch.Tensor) or ws.dtype not in (torch.float32, torch.uint8) or not ws.is_contiguous()
-            or ws.device != device or ws.numel() * ws.element_size() < nbytes or ws.data_ptr() % 4):
-        got = f"{ws.dtype} {tuple(ws.shape)} on {ws.device}" if isinstance(ws, torch.Tensor) else type(ws).__name__
-        raise ValueError(f"skinny_gemm: workspace must be a contiguous, 4-byte aligned float32 or uint8 tensor on {device} "
-                         f"of at least {nbytes} bytes (workspace_bytes), got {got}")
-    flat = ws.view(-1)
-    if ws.dtype == torch.uint8:
-        flat = flat[:nbytes].view(torch.float32)
+    if (not isinstance(t, torch.Tensor) or t.dtype not in (dtype, torch.uint8) or not t.is_contiguous()
+            or t.device != device or t.numel() * t.element_size() < nbytes or t.data_ptr() % 4):
+        got = f"{t.dtype} {tuple(t.shape)} on {t.device}" if isinstance(t, torch.Tensor) else type(t).__name__
+        size = "workspace_bytes" if name == "workspace" else "counter_bytes"
+        raise ValueError(f"skinny_gemm: {name} must be a contiguous, 4-byte aligned {str(dtype)[6:]} or uint8 tensor on {device} "
+                         f"of at least {nbytes} bytes ({size}), got {got}")
+    flat = t.view(-1)
+    if t.dtype == torch.uint8:
+        flat = flat[:nbytes].view(dtype)
     return flat[:numel]
 
 
@@ -220,7 +245,7 @@ def _norm(x, norm_weight, norm_eps) -> tuple | None:
 
 
 def skinny_gemm(x, w=None, bias=None, gate=None, residual=None, act="none", glu=False, *, qweight=None, scales=None,
-                zeros=None, bits=None, group=None, norm_weight=None, norm_eps=None, out=None, workspace=None,
+                zeros=None, bits=None, group=None, norm_weight=None, norm_eps=None, out=None, workspace=None, counters=None,
                 config: dict | None = None) -> torch.Tensor:
     """``residual + gate * epi(x @ W^T + bias)`` for at most 16 rows (see the module docstring); with
     ``norm_weight`` [K] (x's dtype) and ``norm_eps``, ``x`` is RMSNORM(x, norm_weight, norm_eps) first.
@@ -230,7 +255,9 @@ def skinny_gemm(x, w=None, bias=None, gate=None, residual=None, act="none", glu=
     None: symmetric). bias [N], gate and residual broadcast to the output [..., N'] (N' = N, or N / 2 with
     ``glu``), in x's dtype. float32 accumulation; the output has x's dtype; ``out`` may be given (it may be
     the residual itself). ``workspace``: a contiguous float32 / uint8 tensor of at least ``workspace_bytes``
-    bytes for split-K partials (None: allocated here). ``config``: one entry of ``configs`` (None: the first).
+    bytes for split-K partials (None: allocated here). ``counters``: a contiguous int32 / uint8 tensor of at least
+    ``counter_bytes`` bytes, zero, that the call leaves zero (None: allocated zeroed here; see the module docstring).
+    ``config``: one entry of ``configs`` (None: the first).
     """
     weight = _weight(w, qweight, scales, zeros, bits, group)
     x2, out, out2, epi, m, n = prepare("skinny_gemm", x, weight, bias, gate, residual, act, glu, out)
@@ -243,13 +270,21 @@ def skinny_gemm(x, w=None, bias=None, gate=None, residual=None, act="none", glu=
     nw, k = weight.w.shape[0], x2.shape[1]
     c = _resolve(m, nw, k, weight.bits, glu, config)
     splits, k_chunk = _chunking(k, c.pop("SPLIT_K"), c["BLOCK_K"])
-    dot = c.pop("DOT")
+    reduce, dot = c.pop("REDUCE"), c.pop("DOT")
     c.update(BLOCK_M=16 if dot else 1, GROUP_M=1)
     if splits == 1:
         launch(x2, weight, epi, out2, m, n, c, dot=dot, norm=norm)
         return out
-    ws = _workspace(workspace, splits * m * nw, x.device)
-    launch(x2, weight, epi, ws, m, n, c, dot=dot, splits=splits, k_chunk=k_chunk, norm=norm)
+    ws = _scratch("workspace", workspace, splits * m * nw, torch.float32, x.device)
+    if reduce == "last":
+        cnt = _scratch("counters", counters, triton.cdiv(n, c["BLOCK_N"]), torch.int32, x.device)  # one per tile
+        try:
+            launch(x2, weight, epi, out2, m, n, c, dot=dot, split=SplitK(splits, k_chunk, ws, cnt), norm=norm)
+        except BaseException:  # (the interpreter can stop part-way: the next call must find the counters zero)
+            cnt.zero_()
+            raise
+        return out
+    launch(x2, weight, epi, out2, m, n, c, dot=dot, split=SplitK(splits, k_chunk, ws), norm=norm)
     _splitk_reduce_kernel[(triton.cdiv(n, REDUCE_BLOCK_N),)](
         ws, epi.bias, epi.g[0], epi.r[0], out2, m, n, splits, *epi.g[1:], *epi.r[1:], out2.stride(0), out2.stride(1),
         **epi.meta, BLOCK_M=triton.next_power_of_2(m), BLOCK_N=REDUCE_BLOCK_N)

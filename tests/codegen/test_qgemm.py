@@ -1,5 +1,6 @@
-"""kiln.codegen.kernels.qgemm: the weight-only quantized GEMM (prefill, M > 16) against a float64 reference
-(the weight built from its codes in float64, F.linear, the GEMM op's epilogue). CPU: the Triton interpreter,
+"""kiln.codegen.kernels.qgemm: the weight-only quantized GEMM (prefill, M > 16; its split-K, which the decode path
+uses, on row tiles too) against a float64 reference (the weight built from its codes in float64, F.linear, the GEMM
+op's epilogue). CPU: the Triton interpreter,
 float16 / float32, irregular shapes; GPU: bfloat16 at Llama prefill shapes."""
 
 import pytest
@@ -118,6 +119,32 @@ def test_configs_are_plain_dicts():
         cs = Q.configs(m, glu)
         assert cs and all(set(c) == {"BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages"} for c in cs)
         assert not glu or all(c["BLOCK_M"] * c["BLOCK_N"] <= 128 * 128 for c in cs)
+
+
+@pytest.mark.parametrize("glu", [False, True])
+def test_split_k_through_the_template(glu):
+    # the template's split-K (skinny.py's decode path) on grouped row tiles too: M = 40 in 2 tiles of 32 rows
+    # (GROUP_M 2), K = 192 in 3 splits of 64. Without counters the programs only write partials, which sum to
+    # x @ W^T; with counters the last program of each tile adds them and runs the epilogue, and resets its counter
+    n, splits = (96 if glu else 37), 3
+    qweight, scales, zeros, bits, g, w64 = random_qweight(n, 192, 4, 32, sym=False)
+    weight = Q.Weight(qweight, scales, zeros, bits, g)
+    x, bias = r(40, 192), r(n)
+    residual = None if glu else r(40, n)
+    act = "silu" if glu else "gelu_tanh"
+    x2, out, out2, epi, m, n_out = Q.prepare("test", x, weight, bias, None, residual, act, glu, None)
+    config = dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=32, GROUP_M=2)
+    ws = torch.full((splits * m * n,), float("nan"))
+    out.fill_(float("nan"))
+    Q.launch(x2, weight, epi, out2, m, n_out, config, split=Q.SplitK(splits, 64, ws))
+    assert rel_err(ws.view(splits, m, n).double().sum(0), x.double() @ w64.t()) <= TOL[torch.float32]
+    assert out.isnan().all()  # (the reduction is the caller's)
+    want = reference(x.double(), w64, bias.double(), None, residual.double() if residual is not None else None, act=act, glu=glu)
+    counters = torch.zeros(2 * -(-n_out // 16), dtype=torch.int32)  # one per output tile: 2 row tiles x column tiles
+    for _ in range(2):
+        out.fill_(float("nan"))
+        Q.launch(x2, weight, epi, out2, m, n_out, config, split=Q.SplitK(splits, 64, ws, counters))
+        assert rel_err(out, want) <= TOL[torch.float32] and not counters.any()
 
 
 def bad(**change):

@@ -1,6 +1,8 @@
 """kiln.codegen.kernels.skinny: the decode GEMM (M <= 16) on plain, 8-bit and 4-bit weights, with and without
 split-K, against a float64 reference (the weight built from its codes in float64, F.linear, the GEMM op's
-epilogue). CPU: the Triton interpreter, float16 / float32, irregular shapes; GPU: bfloat16 at Llama decode shapes."""
+epilogue). Split-K reduced in one launch (the last program of a tile) must give the two-launch form's bits, and
+leave its counters zero. CPU: the Triton interpreter, float16 / float32, irregular shapes; GPU: bfloat16 at Llama
+decode shapes."""
 
 import importlib.util
 from pathlib import Path
@@ -10,7 +12,7 @@ import torch
 
 import kiln.codegen.kernels.skinny as S
 from kiln.codegen.kernels.gemm import reference
-from kiln.codegen.kernels.skinny import configs, skinny_gemm, workspace_bytes
+from kiln.codegen.kernels.skinny import configs, counter_bytes, skinny_gemm, workspace_bytes
 from kiln.testing import TOL, rel_err
 
 pytestmark = pytest.mark.interpreter  # CPU cases run under TRITON_INTERPRET=1; gpu-marked ones need it off
@@ -142,6 +144,89 @@ def test_workspace_planned_by_the_caller():
             skinny_gemm(x, config=c, workspace=ws, **kwargs)
 
 
+# ----------------------------------------------------------------------------- split-K in one launch
+
+
+def counters_for(m, n, k, bits=None, glu=False, config=None):
+    """Zeroed int32 counters of ``counter_bytes``, as a plan holds them."""
+    return torch.zeros(max(1, counter_bytes(m, n, k, bits, glu, config) // 4), dtype=torch.int32)
+
+
+@pytest.mark.parametrize("bits", [None, 8, 4])
+@pytest.mark.parametrize("m", [1, 3, 16])
+def test_one_launch_split_k_is_the_two_launch_sum(m, bits):
+    # the last program of a tile adds the partials in the order the reduce kernel does: the same bits, on a plain
+    # GEMM (N = 37, K = 72: 2 splits of 64 and 8 columns) and a GLU with every epilogue (96 weight rows -> 48
+    # outputs, K = 200: 3 splits of 96, 96, 8); called twice on the same counters, which each call leaves zero
+    for (n, k, dtype, split, epi) in ((37, 72, torch.float32, 2, {}),
+                                      (96, 200, torch.float16, 3, dict(bias=True, residual=True, act="silu", glu=True))):
+        wq = weight(n, k, bits, dtype, group="K")  # (no power of two >= 16 divides K: one group a row)
+        n_out = n // 2 if epi.get("glu") else n
+        ops = dict(bias=r(n, dtype=dtype) if epi.get("bias") else None, residual=r(m, n_out, dtype=dtype) if epi.get("residual") else None,
+                   act=epi.get("act", "none"), glu=epi.get("glu", False))
+        c = config(split)
+        assert S._chunking(k, split, 32)[0] == split and counter_bytes(m, n, k, bits, ops["glu"], c) == 4 * -(-n_out // 16)
+        counters = counters_for(m, n, k, bits, ops["glu"], c)
+        check(r(m, k, dtype=dtype), wq, **ops, config=c, counters=counters)
+        x = r(m, k, dtype=dtype)
+        one = check(x, wq, **ops, config=c, counters=counters)  # a second call on the same counters
+        assert not counters.any()
+        two = skinny_gemm(x, **wq[0], **ops, config=dict(c, REDUCE="separate"))
+        assert torch.equal(one, two), (n, k, (one - two).abs().max())
+
+
+def test_one_launch_split_k_with_the_norm_prologue():
+    # RMSNORM folded into the loads, 4-bit gate/up GLU, 7 splits of one 32-wide K step (K = 200): two launches' bits
+    x, nw = r(3, 200, dtype=torch.float16), (1 + r(200, scale=0.2)).to(torch.float16)
+    wq = weight(96, 200, 4, torch.float16, group="K")
+    c, ops = config(7), dict(act="silu", glu=True)
+    counters = counters_for(3, 96, 200, 4, True, c)
+    one = skinny_gemm(x, **wq[0], **ops, norm_weight=nw, norm_eps=1e-5, counters=counters, config=c)
+    two = skinny_gemm(x, **wq[0], **ops, norm_weight=nw, norm_eps=1e-5, config=dict(c, REDUCE="separate"))
+    assert torch.equal(one, two) and not counters.any()
+    check_norm(x, wq, nw, **ops, counters=counters, config=c)
+
+
+def test_counters_planned_by_the_caller():
+    # counters: one int32 per output tile (37 columns in tiles of 16: 3), as int32 or as a byte slice of an arena;
+    # none where K is not split or the partials are reduced by a second launch
+    kwargs, w64 = weight(37, 192, 8, torch.float32)
+    x, c = r(5, 192), config(split=4)
+    assert counter_bytes(5, 37, 192, 8, config=c) == 4 * 3
+    assert counter_bytes(5, 37, 192, 8, config=config(1)) == 0
+    assert counter_bytes(5, 37, 192, 8, config=dict(c, REDUCE="separate")) == 0
+    assert counter_bytes(5, 74, 192, 8, glu=True, config=c) == 4 * 3  # a GLU's tiles are of its 37 outputs
+    want = skinny_gemm(x, config=dict(c, REDUCE="separate"), **kwargs)
+    arena = torch.zeros(64, dtype=torch.uint8)
+    for _ in range(2):
+        assert torch.equal(skinny_gemm(x, config=c, counters=arena[8:20], **kwargs), want)
+        assert not arena.any()
+    bad = (torch.zeros(2, dtype=torch.int32), torch.zeros(3), arena[1:13], torch.zeros(6, dtype=torch.int32)[::2])
+    for counters in bad:
+        with pytest.raises(ValueError, match="counters must be"):
+            skinny_gemm(x, config=c, counters=counters, **kwargs)
+
+
+def test_a_call_stopped_part_way_leaves_the_counters_zero(monkeypatch):
+    # the interpreter runs programs one after another in Python: an exception between them leaves some tiles counted.
+    # The launcher zeroes the counters before re-raising, so the next call reduces at the right program.
+    kwargs, w64 = weight(37, 192, None, torch.float32)
+    x, c = r(3, 192), config(split=3)
+    counters = counters_for(3, 37, 192, None, False, c)
+    real = S.launch
+
+    def stopped(*args, split=None, **kw):
+        split.counters[:2] += 1  # the first split of two tiles arrived
+        raise KeyboardInterrupt
+    monkeypatch.setattr(S, "launch", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        skinny_gemm(x, config=c, counters=counters, **kwargs)
+    assert not counters.any()
+    monkeypatch.setattr(S, "launch", real)
+    check(x, (kwargs, w64), config=c, counters=counters)
+    assert not counters.any()
+
+
 def test_empty_and_vector_inputs():
     kwargs, w64 = weight(24, 64, 8, torch.float32)
     assert skinny_gemm(torch.zeros(0, 64), **kwargs).shape == (0, 24)
@@ -163,11 +248,17 @@ def test_configs_for_llama_shapes(m, n, k, bits, glu):
     cs = configs(m, n, k, bits, glu)
     assert 1 <= len(cs) <= 4 and len({tuple(sorted(c.items())) for c in cs}) == len(cs)
     for c in cs:
-        assert set(c) == {"BLOCK_N", "BLOCK_K", "SPLIT_K", "DOT", "num_warps", "num_stages"}
+        split_keys = {"REDUCE"} if c["SPLIT_K"] > 1 else set()  # REDUCE only where K is split
+        assert set(c) == {"BLOCK_N", "BLOCK_K", "SPLIT_K", "DOT", "num_warps", "num_stages"} | split_keys
         assert c["DOT"] == (m > 1) and c["SPLIT_K"] >= 1 and (c["DOT"] or c["BLOCK_N"] <= 32)
         splits, _ = S._chunking(k, c["SPLIT_K"], c["BLOCK_K"])
         assert splits == c["SPLIT_K"]  # configs name the splits that actually run
         assert workspace_bytes(m, n, k, bits, glu, config=c) == (0 if splits == 1 else 4 * splits * m * n)
+        tiles = -(-(n // 2 if glu else n) // c["BLOCK_N"])
+        assert counter_bytes(m, n, k, bits, glu, config=c) == (4 * tiles if c.get("REDUCE") == "last" else 0)
+    # a default that splits reduces in its last program (one launch); its two-launch twin is measured too
+    if cs[0]["SPLIT_K"] > 1:
+        assert cs[0]["REDUCE"] == "last" and dict(cs[0], REDUCE="separate") in cs
     # the default splits K only as far as the target of programs: 2048 rows in tiles of 32 are 64 programs
     # for 132 SMs and must pass 2 per SM; 16384 / 2 and 128256 rows fill the GPU without splitting
     tiles = -(-(n // 2 if glu else n) // cs[0]["BLOCK_N"])
@@ -201,6 +292,7 @@ def test_configs_refuse_rows_outside_1_to_16():
     (dict(config=dict(BLOCK_N=16, BLOCK_K=32, DOT=False)), "GEMV path \\(DOT False\\) takes one row"),
     (dict(config=dict(BLOCK_N=12, BLOCK_K=32)), "needs BLOCK_N"),
     (dict(config=dict(BLOCK_N=16, BLOCK_K=32, SPLIT_K=0)), "SPLIT_K must be a positive int"),
+    (dict(config=dict(BLOCK_N=16, BLOCK_K=32, SPLIT_K=2, REDUCE="atomic")), "REDUCE must be one of 'last', 'separate'"),
 ])
 def test_bad_operands_raise(kwargs, match):
     k = kwargs.pop("k", 192)
@@ -316,29 +408,72 @@ def test_gpu_every_config_is_correct(name, k, n, epi):
     for m, bits in ((1, None), (1, 4), (3, 8), (16, 4)):
         x, kwargs, res, want = cuda_decode_case(m, k, n, bits, epi, group=64, sym=False)
         for c in configs(m, n, k, bits, epi.get("glu", False)):
-            ws = torch.empty(max(1, workspace_bytes(m, n, k, bits, epi.get("glu", False), config=c)), dtype=torch.uint8, device="cuda")
-            got = skinny_gemm(x, residual=res, act=epi.get("act", "none"), glu=epi.get("glu", False), workspace=ws, config=c, **kwargs)
+            ws, counters = cuda_scratch(m, n, k, bits, epi.get("glu", False), c)
+            got = skinny_gemm(x, residual=res, act=epi.get("act", "none"), glu=epi.get("glu", False), workspace=ws, counters=counters,
+                              config=c, **kwargs)
             err = rel_err(got, want)
             assert err <= TOL[torch.bfloat16], f"{name} m={m} bits={bits} {c}: rel err {err:.2e}"
+            assert not counters.any(), c
+
+
+def cuda_scratch(m, n, k, bits, glu, c):
+    """A planned workspace and zeroed counters for ``c``, as byte tensors on the GPU (a plan's arena slices)."""
+    ws = torch.empty(max(4, workspace_bytes(m, n, k, bits, glu, config=c)), dtype=torch.uint8, device="cuda")
+    return ws, torch.zeros(max(4, counter_bytes(m, n, k, bits, glu, config=c)), dtype=torch.uint8, device="cuda")
 
 
 @pytest.mark.gpu
-def test_gpu_split_k_is_deterministic_and_graph_capturable():
-    x, kwargs, res, _ = cuda_decode_case(1, 8192, 2048, 4, {"residual": True})
-    c = configs(1, 2048, 8192, 4)[0]
-    assert c["SPLIT_K"] > 1
-    ws = torch.empty(workspace_bytes(1, 2048, 8192, 4, config=c), dtype=torch.uint8, device="cuda")
-    out = torch.empty(1, 2048, dtype=torch.bfloat16, device="cuda")
-    skinny_gemm(x, residual=res, out=out, workspace=ws, config=c, **kwargs)  # compile outside the capture
-    first = out.clone()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        skinny_gemm(x, residual=res, out=out, workspace=ws, config=c, **kwargs)
-    for _ in range(3):
-        out.zero_()
+@pytest.mark.parametrize("m", [1, 16])
+def test_gpu_split_k_is_deterministic_and_graph_capturable(m):
+    # both reductions captured in a CUDA graph and replayed: the same bits every replay, the one-launch form's equal
+    # to the two-launch form's, the counters zero after each replay (no memset in the graph)
+    x, kwargs, res, _ = cuda_decode_case(m, 8192, 2048, 4, {"residual": True})
+    c = configs(m, 2048, 8192, 4)[0]
+    assert c["SPLIT_K"] > 1 and c["REDUCE"] == "last"
+    outs = {}
+    for reduce in ("last", "separate"):
+        cr = dict(c, REDUCE=reduce)
+        ws, counters = cuda_scratch(m, 2048, 8192, 4, False, cr)
+        out = torch.empty(m, 2048, dtype=torch.bfloat16, device="cuda")
+        skinny_gemm(x, residual=res, out=out, workspace=ws, counters=counters, config=cr, **kwargs)  # compile outside the capture
+        first = out.clone()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            skinny_gemm(x, residual=res, out=out, workspace=ws, counters=counters, config=cr, **kwargs)
+        for _ in range(3):
+            out.zero_()
+            graph.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(out, first) and not counters.any()
+        outs[reduce] = first
+    assert torch.equal(outs["last"], outs["separate"])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits", [None, 4])
+@pytest.mark.parametrize("m", [1, 3, 16])
+def test_gpu_one_launch_split_k_under_contention(m, bits):
+    # many splits of few tiles (2048 outputs, K = 14336 in up to 28 splits), replayed back to back 200 times from one
+    # CUDA graph: every replay's last program must see every partial (the barrier, the acq_rel count and the .cg
+    # loads), so each output equals the two-launch form's bits and the counters end zero
+    n, k = 2048, 14336
+    x, kwargs, res, _ = cuda_decode_case(m, k, n, bits, {"residual": True})
+    base = configs(m, n, k, bits)[0]
+    for split in (base["SPLIT_K"], S._chunking(k, 28, base["BLOCK_K"])[0]):
+        c = dict(base, SPLIT_K=split, REDUCE="last")
+        ws, counters = cuda_scratch(m, n, k, bits, False, c)
+        want = skinny_gemm(x, residual=res, config=dict(c, REDUCE="separate"), **kwargs)
+        outs = torch.empty(200, m, n, dtype=torch.bfloat16, device="cuda")
+        skinny_gemm(x, residual=res, out=outs[0], workspace=ws, counters=counters, config=c, **kwargs)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for i in range(200):
+                skinny_gemm(x, residual=res, out=outs[i], workspace=ws, counters=counters, config=c, **kwargs)
+        outs.zero_()
         graph.replay()
         torch.cuda.synchronize()
-        assert torch.equal(out, first)
+        assert all(torch.equal(o, want) for o in outs), (m, bits, c)
+        assert not counters.any()
 
 
 @pytest.mark.gpu
@@ -351,8 +486,8 @@ def test_gpu_norm_prologue_every_config(name, k, n, epi):
         want = S.reference(x.float(), kwargs["w"].float(), act=epi.get("act", "none"), glu=epi.get("glu", False),
                            norm_weight=nw.float(), norm_eps=1e-5)
         for c in configs(m, n, k, None, epi.get("glu", False)):
-            ws = torch.empty(max(1, workspace_bytes(m, n, k, None, epi.get("glu", False), config=c)), dtype=torch.uint8, device="cuda")
+            ws, counters = cuda_scratch(m, n, k, None, epi.get("glu", False), c)
             got = skinny_gemm(x, act=epi.get("act", "none"), glu=epi.get("glu", False), norm_weight=nw, norm_eps=1e-5,
-                              workspace=ws, config=c, **kwargs)
+                              workspace=ws, counters=counters, config=c, **kwargs)
             err = rel_err(got, want)
             assert err <= TOL[torch.bfloat16], f"{name} m={m} {c}: rel err {err:.2e}"

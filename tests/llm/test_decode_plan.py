@@ -2,7 +2,8 @@
 (pinned per layer as an upper bound, so that no change adds launches unnoticed) and that the decode and prefill
 plans, fusions included, compute the reference interpreter's logits and cache updates.
 
-A decode step of a Llama layer launches (kernels backend, the skinny GEMMs chosen):
+A decode step of a Llama layer launches (kernels backend, the skinny GEMMs chosen, each splitting K in two as a
+decode GEMM of few output tiles does on an H200, the partials added by the last program of each tile):
     QKV GEMM with the input norm folded into its loads      1   (was: RMSNORM kernel + GEMM)
     RoPE of q and k with the KV-cache writes of k and v     1   (was: 2 RoPE kernels + 2 index_copy_)
     attention                                               1
@@ -10,9 +11,12 @@ A decode step of a Llama layer launches (kernels backend, the skinny GEMMs chose
     gate/up GEMM (SiLU GLU epilogue) with the post-attention norm folded in   1   (was: RMSNORM kernel + GEMM)
     down-proj GEMM + residual (epilogue)                    1
 and once per step: the embedding, the RoPE angles (positions * inv_freq, concat, cos, sin: 4) and the LM head with
-the final norm folded in: 6 (was 7)."""
+the final norm folded in: 6 (was 7). Kernels, not calls, are pinned: split-K reduced by a second launch (REDUCE
+"separate", the only form before issue 13) made each of the 4 GEMMs of a layer and the LM head two kernels, 10 a
+layer and 7 a step; one launch brings that back to 6 and 6 (Llama-3.2-1B at batch 1 on the H200: 169 -> ~105)."""
 import pytest
 import torch
+from triton.runtime.interpreter import InterpretedFunction
 
 from kiln.config import CompileConfig
 from kiln.ir.bind import bind_inputs
@@ -62,11 +66,35 @@ def inputs(g: Generator, batch: int, slot0: int, tokens: int, seed: int) -> dict
     return step_inputs(ids, pad, slot0, g.caches(batch), MAX_SEQ, None)
 
 
-def test_decode_launches_per_layer_are_pinned(generator):
+def kernels_per_call(calls: list, monkeypatch) -> list[int]:
+    """The kernels each call launches: its Triton launches (the interpreter's, counted), or 1 for a call that launches
+    none and runs one torch op (attention's SDPA, the embedding's reference)."""
+    launched, real = [], InterpretedFunction.run
+
+    def counting(self, *args, **kwargs):
+        launched[-1] += 1
+        return real(self, *args, **kwargs)
+    monkeypatch.setattr(InterpretedFunction, "run", counting)
+    for c in calls:
+        launched.append(0)
+        c.run()
+    monkeypatch.undo()
+    return [max(1, n) for n in launched]
+
+
+def test_decode_launches_per_layer_are_pinned(generator, monkeypatch):
     layers, g = generator
     plan = g.compiled.executor.plan_for(list(inputs(g, 1, 16, 1, 0).values()))
     calls = plan.calls
-    assert len(calls) <= DECODE_LAUNCHES_PER_LAYER * layers + DECODE_LAUNCHES_PER_STEP, [str(c.group) for c in calls]
+    kernels = kernels_per_call(calls, monkeypatch)
+    assert sum(kernels) <= DECODE_LAUNCHES_PER_LAYER * layers + DECODE_LAUNCHES_PER_STEP, [(str(c.group), n) for c, n in zip(calls, kernels)]
+    # every GEMM splits K (2 splits of the interpreter's tiles) and is still one kernel: its last program reduces
+    gemms = [(c, n) for c, n in zip(calls, kernels) if c.kind == "gemm"]
+    assert len(gemms) == 4 * layers + 1 and all(c.choice.endswith(":16,32,2,last") and n == 1 for c, n in gemms), gemms
+    # their counters: planned in the arena for the whole plan (no other buffer shares the bytes), zero after the calls
+    spans = {iv.key: (iv.start, iv.end) for iv in plan.intervals}
+    assert len(plan.counters) == len(gemms) and all(spans[key] == (0, len(plan.groups)) for key, _ in plan.counters.values())
+    assert not any(plan.arena[plan.memory.offsets[key]:][:size].any() for key, size in plan.counters.values())
     # each norm is folded into the skinny GEMM after it: no norm kernel runs, the fused template does
     assert not any(n.op == "RMSNORM" for c in calls if c.kind == "pointwise" for n in c.group.nodes)
     norm_gemms = [c for c in calls if c.kind == "gemm" and c.group.nodes[0].op == "RMSNORM"]
