@@ -17,6 +17,7 @@ from .fuse_conv import fuse_conv
 from .fuse_epilogue import fuse_epilogue
 from .fuse_horizontal_gemm import fuse_horizontal_gemm
 from .fuse_norm import fuse_norm
+from .pad_gemm import pad_gemm
 from .smooth import smooth
 from .quantize_acts import ActQuantSpec, quantize_acts
 from .quantize_weights import QuantizeSpec, quantize_weights
@@ -56,6 +57,11 @@ PIPELINE = [
     # so the inputs it smooths are those of the merged GEMMs. Off unless CompileConfig.quantize is "fp8" / "w8a8"
     ("smooth", smooth),
     ("quantize_acts", quantize_acts),
+    # very last: it pads the GEMMs the graph finally computes, whatever the passes above made of them. Every fusion sees
+    # the unpadded math (an epilogue rule matching act(LINEAR) is not blocked by the slice), tensor parallelism splits
+    # the true vocab (a rank's shard is padded on its own), the quantizers find the LM head as they know it and keep
+    # it float or pack it (a QGEMM is not padded: its kernels mask N); what stays a float GEMM of odd width is padded
+    ("pad_gemm", pad_gemm),
 ]
 PASS_NAMES = tuple(name for name, _ in PIPELINE)
 

@@ -11,7 +11,8 @@ protocol of ``plan.py``. Built in four named steps:
    one step, an SDPA prefill on a quantized KV cache the cache dequantized, a skinny (decode) GEMM's split-K its
    workspace (the largest its candidates need, planned before the tuner picks one) and its counters (alive over
    the whole plan, so zero from the arena's allocation on: each call leaves them zero). The intervals are packed
-   into one arena (``memory.py``); inputs get their own static buffers.
+   into one arena (``memory.py``); inputs get their own static buffers, and so do graph outputs a kernel writes
+   and the values outputs are views of (handed to the caller without a copy: ``_OutputSet``).
 3. Calls (:meth:`KernelPlan._calls`). Each group becomes one closure over fixed tensors: a pointwise group
    its generated Triton kernel; a GEMM or attention the fastest of its candidates (``codegen/lower.py``,
    measured per shape by the target's tuner); anything else its torch reference, copied into the buffer.
@@ -146,14 +147,16 @@ def _run(calls: list) -> None:
 
 @dataclass
 class _OutputSet:
-    """Buffers for the graph outputs that kernels write, the calls writing them, their CUDA graph. Outputs are handed
-    out as aliases of these buffers; the set is written again only once nothing outside the plan refers to them."""
-    buffers: dict  # output node -> its buffer
+    """Buffers for the graph outputs that kernels write (or the values outputs are views of), the calls writing them,
+    their CUDA graph. Outputs in these buffers are handed out as aliases of them (the view itself for a view); the set
+    is written again only once nothing outside the plan refers to them."""
+    buffers: dict  # node (an output, or the value an output views) -> its buffer
     calls: list
     cuda_graph: object
     outputs: list  # the plan's values of every graph output when this set runs
     env: dict = field(default_factory=dict)  # every value as this set's calls read it (views of its buffers kept alive)
     counts: list = field(default_factory=list)  # each buffer's storage use count when nobody else holds it
+    direct: frozenset = frozenset()  # indices of the outputs that live in one of ``buffers`` (handed out without a copy)
 
     def free(self) -> bool:
         return all(_use_count(t) == c for t, c in zip(self.buffers.values(), self.counts))
@@ -332,14 +335,32 @@ class KernelPlan(Plan):
                 self._workspace(lv, k, n)
         for o in self.graph.outputs:
             lv.read(self.val[o].root, len(self.groups))
-        # a graph output a kernel writes gets buffers of its own, outside the arena, which are handed to the caller
-        # without a copy (see _OutputSet)
-        self.own = [o for o in dict.fromkeys(self.graph.outputs) if self.val[o].root == self.slot[o]]
+        # a graph output a kernel writes, or the value an output is a view of, gets buffers of its own, outside the
+        # arena, which are handed to the caller without a copy (see _OutputSet and _own_values)
+        self.own = self._own_values()
         self._own_slots = {self.slot[o]: o for o in self.own}
         for o in self.own:
             del lv.first[self.slot[o]], lv.last[self.slot[o]], lv.sizes[self.slot[o]]
         self.intervals, self.memory = lv.plan()
         self.arena = torch.zeros(max(self.memory.peak_bytes, 1), dtype=torch.uint8, device=self.device)
+
+    def _own_values(self) -> list[Node]:
+        """The values with buffers of their own: each graph output a kernel writes, and each kernel-written value a
+        graph output is a view of, when the view holds at least half of it and no more (a padded GEMM's [..., :N],
+        ``passes/pad_gemm.py``: handed out as that view, row stride and all; a smaller view, say the last position's
+        logits, is copied out instead, so that each output set does not keep a whole root). A rope_kv group's q is
+        written into the arena by its call (``_rope_kv``): an output of it is copied out."""
+        roped = {g.nodes[0] for g, kind in zip(self.groups, self.kinds) if kind == "rope_kv"}
+        own = {}
+        for o in self.graph.outputs:
+            root = self.val[o].root
+            if root is None or self.graph.nodes[root] in roped:
+                continue
+            r = self.graph.nodes[root]
+            view, whole = math.prod(self.shape_of[o]), math.prod(self.shape_of[r])
+            if r is o or whole <= 2 * view <= 2 * whole:
+                own[r] = None
+        return list(own)
 
     def _attention_scratch(self, n: Node) -> tuple | None:
         """The scratch an ATTENTION on a quantized KV cache needs for its SDPA candidate (``lower.attention_scratch``)."""
@@ -521,7 +542,10 @@ class KernelPlan(Plan):
         self.env.update(self._own_buffers)
         with self._phase("calls"):
             calls = self._calls()
-        out = _OutputSet(dict(self._own_buffers), calls, None, [self.env[o] for o in self.graph.outputs], dict(self.env))
+        outputs = [self.env[o] for o in self.graph.outputs]
+        homes = {t.untyped_storage().data_ptr() for t in self._own_buffers.values() if t.numel()}
+        direct = frozenset(k for k, t in enumerate(outputs) if t.numel() and t.untyped_storage().data_ptr() in homes)
+        out = _OutputSet(dict(self._own_buffers), calls, None, outputs, dict(self.env), direct=direct)
         if self.target.cuda_graphs and self.device.type == "cuda" and self.cuda_graph_error is None:
             out.cuda_graph = self._capture(calls)
         out.counts = [_use_count(t) for t in out.buffers.values()]  # now: the plan's own references
@@ -573,13 +597,24 @@ class KernelPlan(Plan):
         return free.outputs
 
     def handout(self, outputs: list[torch.Tensor]) -> list[torch.Tensor]:
-        """An adopted input comes back as itself (already written); an output with a buffer of its own as an alias
-        of it (the set is not written again while the caller holds it); anything else as a copy."""
-        own = {id(t) for t in self._current.buffers.values()} if self._current is not self._private else set()
-        return [o if id(o) in self._state_ids else o.view(o.shape) if id(o) in own else o.clone() for o in outputs]
+        """An adopted input comes back as itself (already written); an output in a buffer of its own (or a view of
+        one: a padded GEMM's [..., :N], row stride Np) as an alias of it, strides kept (the set is not written again
+        while the caller holds it); anything else as a copy."""
+        return [o if how == "input" else o.view(o.shape) if how in ("buffer", "view") else o.clone()
+                for o, how in zip(outputs, self._handed(self._current))]
+
+    def _handed(self, s: _OutputSet) -> list[str]:
+        """How each output of set ``s`` goes to the caller: "input" (an adopted input, itself), "buffer" (an alias of
+        its own buffer), "view" (an alias of a view of one, strides kept), "copy" (the private set's, and the rest)."""
+        own = {id(t) for t in s.buffers.values()}
+        direct = s.direct if s is not self._private else frozenset()
+        return ["input" if id(o) in self._state_ids else ("buffer" if id(o) in own else "view") if k in direct else "copy"
+                for k, o in enumerate(s.outputs)]
 
     def describe(self) -> dict:
+        handed = self._handed(self.sets[0])  # how a call's outputs go out, while the caller holds no earlier ones
         return {"bindings": self.bindings, "launches": dict(self.stats.launches), "choices": dict(self.stats.choices),
                 "cuda_graph": self.stats.cuda_graph, "output_sets": len(self.sets) + (self._private is not None),
+                "outputs": {k: handed.count(k) for k in ("input", "buffer", "view", "copy")},
                 **({"cuda_graph_error": self.cuda_graph_error} if self.cuda_graph_error else {}),
                 "arena_bytes": self.memory.peak_bytes, "build_s": round(self.stats.build_s, 3), "phases": dict(self.stats.phases)}
