@@ -17,7 +17,9 @@ per image for 132 SMs. So each group is cut into chunks and two kernels run over
 x and out are read as [N, C, S] through their own strides, so each may be NCHW or channels-last (NHWC memory: the
 group's C/G channels of one position are adjacent). A tile is [BLOCK_C, BLOCK_S]: BLOCK_C channels of the group
 (all of them, up to 16) by BLOCK_S consecutive positions, so it reads runs of BLOCK_S values in NCHW and runs of
-BLOCK_C values in NHWC, the same tiles (and the same numbers) either way. The group's tiles are numbered
+BLOCK_C values in NHWC, the same tiles (and the same numbers) either way. C/G is a compile-time constant (a kernel
+per channels-per-group count: 4, 8, 16 in the SD VAE), so the compiler knows a group's first channel is a multiple of
+it and loads its channels of one position as one vector in NHWC. The group's tiles are numbered
 channel-block-major (t = c_block * NSB + s_block) and chunk j takes tiles [j * TPC, (j + 1) * TPC). The partials
 live in a float32 scratch [N*G, chunks, 3] that the kernels plan reserves in its arena (``scratch_shape``), so a
 CUDA graph captures both launches.
@@ -48,7 +50,7 @@ INTERPRET_BLOCK, INTERPRET_BLOCK_C, INTERPRET_CHUNKS = 128, 4, 2
 @triton.jit
 def _stats_kernel(
     x_ptr, part_ptr,
-    G, CG, S, NSB, T, TPC,  # groups, channels per group, spatial size, tiles per channel block, tiles per group, per chunk
+    G, CG: tl.constexpr, S, NSB, T, TPC,  # groups, channels per group, positions, tiles per channel block, per group, per chunk
     stride_xn, stride_xc, stride_xs,
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
@@ -87,7 +89,7 @@ def _stats_kernel(
 @triton.jit
 def _apply_kernel(
     x_ptr, w_ptr, b_ptr, part_ptr, out_ptr,
-    G, CG, S, NSB, T, TPC, CHUNKS, eps,
+    G, CG: tl.constexpr, S, NSB, T, TPC, CHUNKS, eps,
     stride_xn, stride_xc, stride_xs,
     stride_on, stride_oc, stride_os,
     ACT: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
