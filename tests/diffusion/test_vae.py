@@ -65,42 +65,34 @@ def kernels_plan(m, z, force: dict):
 
 
 @pytest.mark.interpreter
-def test_kernels_backend_matches_eager(tiny):
-    """Every group norm on kiln's kernel, every conv on torch's conv2d + kiln's epilogue, the 2x upsampling a copy; every
-    value NCHW."""
+@pytest.mark.parametrize("layout,stored,changes", [("nchw", 0, 0), ("nhwc", 30, 2)])
+def test_kernels_backend_matches_eager(tiny, layout, stored, changes):
+    """Every group norm on kiln's kernel, every conv on torch's conv2d + kiln's epilogue, the 2x upsampling a copy.
+
+    With every conv measured faster channels-last (forced "nhwc"), the values between convs are stored NHWC — 16 conv
+    results (not conv_out's, a graph output), 13 group norms (not the attention block's 3-d one) and the upsampling's
+    copy — and each conv reads and writes NHWC: 2 layout changes per call are left, z into post_quant_conv and
+    conv_out's NCHW output (an NHWC conv between NCHW buffers, as the GPU plan ran before, makes 2 for each of the 17:
+    x copied in, the result back out; test_gpu_sd_vae_256px_channels_last counts them). The numbers stay eager's."""
     decode, m = tiny
     z = latents(1, 4, 3, 4, seed=5)
     with torch.no_grad():
         want = decode(z)
-    got, plan = kernels_plan(m, z, {"conv_layout": "nchw", "conv": "torch"})
+    got, plan = kernels_plan(m, z, {"conv_layout": layout, "conv": "torch"})
     assert rel_err(got, want) <= 1e-4
     d = plan.describe()
     assert d["launches"]["group_norm"] == 14 and d["launches"]["conv"] == 17 and d["launches"]["copy"] == 1
     assert "reference" not in d["launches"]
-    assert d["layouts"] == {"channels_last": 0, "conv_layout_changes": 0}
+    assert d["layouts"] == {"channels_last": stored, "conv_layout_changes": changes}
 
-
-@pytest.mark.interpreter
-def test_kernels_backend_channels_last_between_convs(tiny):
-    """Every conv measured faster channels-last (forced): the values between convs are stored NHWC — 16 conv results (not
-    conv_out's, a graph output), 13 group norms (not the attention block's 3-d one) and the upsampling's copy — and each
-    conv reads and writes NHWC, so 2 layout changes per call are left: z into post_quant_conv, conv_out's NCHW output
-    (an NHWC conv between NCHW buffers, as the GPU plan ran before, makes 2 for each of the 17: x copied in, the result
-    back out; test_gpu_sd_vae_256px_channels_last counts them). The numbers stay eager's."""
-    decode, m = tiny
-    z = latents(1, 4, 3, 4, seed=5)
-    with torch.no_grad():
-        want = decode(z)
-    got, plan = kernels_plan(m, z, {"conv_layout": "nhwc", "conv": "torch"})
-    assert rel_err(got, want) <= 1e-4
-    d = plan.describe()
-    assert d["layouts"] == {"channels_last": 30, "conv_layout_changes": 2}
-    assert d["launches"]["conv"] == 17 and d["launches"]["copy"] == 1 and "reference" not in d["launches"]
-    def cl(n):
+    def nhwc(n):
         return plan.env[n].is_contiguous(memory_format=torch.channels_last)
-    nhwc = [(cl(g.nodes[0].inputs[0]), cl(g.nodes[0])) for g in plan.groups if g.kind == "conv"]  # (x, result) of each conv
-    assert nhwc[0] == (False, True) and nhwc[-1] == (True, False) and set(nhwc[1:-1]) == {(True, True)}
-    assert not got.is_contiguous(memory_format=torch.channels_last) and got.is_contiguous()
+    convs = [(nhwc(g.nodes[0].inputs[0]), nhwc(g.nodes[0])) for g in plan.groups if g.kind == "conv"]  # (x, result) of each
+    if layout == "nhwc":
+        assert convs[0] == (False, True) and convs[-1] == (True, False) and set(convs[1:-1]) == {(True, True)}
+    else:
+        assert set(convs) == {(False, False)}
+    assert got.is_contiguous()
 
 
 # ----------------------------------------------------------------------------- GPU: the SD VAE at 256 px in bf16

@@ -27,24 +27,26 @@ def weights(g: Graph, seed=1):
     return lambda name, *shape, scale=1.0: g.add_weight(name, torch.randn(*shape, generator=gen) * scale)
 
 
-def decoder(dtype="float32"):
-    """x [b, 8, 5, 6] -> GROUP_NORM(silu) -> c1 = CONV2D 3x3 -> 2x nearest upsampling (RESHAPE, EXPAND, RESHAPE: a
-    copy) -> GROUP_NORM(silu) -> c2 = CONV(bias, the upsampled value as residual, / 2): the graph's output."""
+def up_block(dtype="float32"):
+    """A VAE decoder's up block in small: x [b, 8, 5, 6] -> GROUP_NORM(silu) -> c1 = CONV2D 3x3 -> up = 2x nearest
+    upsampling (RESHAPE, EXPAND, RESHAPE: a copy) -> GROUP_NORM(silu) -> c2 = CONV2D 3x3; the 1x1 shortcut of the
+    upsampled value with c2 as its residual, sc = CONV(up, w, b, c2), is the graph's output."""
     g = Graph()
     b = sym("b")
     g.symbols["b"] = (1, 4)
     wt = weights(g)
-    x = g.add_input("x", (b, 8, 5, 6), dtype)
     if dtype != "float32":
         wt = (lambda w: lambda *a, **k: g.add("CAST", (w(*a, **k),), dtype=dtype))(wt)
+    x = g.add_input("x", (b, 8, 5, 6), dtype)
     n1 = g.add("GROUP_NORM", (x, wt("n1.w", 8), wt("n1.b", 8)), groups=4, eps=1e-6, act="silu")
     c1 = g.add("CONV2D", (n1, wt("c1.w", 6, 8, 3, 3, scale=0.2)), padding=(1, 1))
     h = g.add("RESHAPE", (c1,), shape=(b, 6, 5, 1, 6, 1))
     up = g.add("RESHAPE", (g.add("EXPAND", (h,), shape=(b, 6, 5, 2, 6, 2)),), shape=(b, 6, 10, 12))
     n2 = g.add("GROUP_NORM", (up, wt("n2.w", 6), wt("n2.b", 6)), groups=3, eps=1e-6, act="silu")
-    y = g.add("CONV", (n2, wt("c2.w", 6, 6, 3, 3, scale=0.2), wt("c2.b", 6), up), padding=(1, 1), bias=True, residual=True, divisor=2.0)
-    g.set_outputs([y])
-    return g, dict(n1=n1, c1=c1, up=up, n2=n2, c2=y)
+    c2 = g.add("CONV2D", (n2, wt("c2.w", 4, 6, 3, 3, scale=0.2)), padding=(1, 1))
+    sc = g.add("CONV", (up, wt("sc.w", 4, 6, 1, 1), wt("sc.b", 4), c2), bias=True, residual=True, divisor=None)
+    g.set_outputs([sc])
+    return g, dict(n1=n1, c1=c1, up=up, n2=n2, c2=c2, sc=sc)
 
 
 def chosen(g: Graph, prefers: dict, b=2):
@@ -59,21 +61,25 @@ def chosen(g: Graph, prefers: dict, b=2):
 
 
 def test_values_between_convs_that_prefer_nhwc():
-    g, v = decoder()
-    names = {v["c1"].name: 1, v["c2"].name: 1}
-    got, asked = chosen(g, names)
-    # the norms feeding the convs and c1's result; the upsampled value is only a residual and a norm's input (no
-    # vote), c2's result is the graph's output
-    assert got == {v["n1"], v["c1"], v["n2"]}
-    assert sorted(asked) == sorted(names)  # each conv measured once, though c1 votes twice
-    assert chosen(g, dict.fromkeys(names, -1))[0] == set()
-    assert chosen(g, dict.fromkeys(names, 0))[0] == set()
+    g, v = up_block()
+    convs = {v[k].name: 1 for k in ("c1", "c2", "sc")}
+    got, asked = chosen(g, convs)
+    # everything but the graph's output: the norms and the copy feeding convs, the convs' results (c2's read as a residual)
+    assert got == {v[k] for k in ("n1", "c1", "up", "n2", "c2")}
+    assert sorted(asked) == sorted(convs)  # each conv measured once, though c1 and the shortcut vote twice
+    assert chosen(g, dict.fromkeys(convs, -1))[0] == set()
+    assert chosen(g, dict.fromkeys(convs, 0))[0] == set()
 
 
-def test_a_conv_that_prefers_nchw_outvotes_its_neighbour():
-    g, v = decoder()
-    got, _ = chosen(g, {v["c1"].name: 1, v["c2"].name: -1})
-    assert got == {v["n1"], v["c1"]}  # n2 converts: it reads c1's NHWC (through the copy) and writes NCHW for c2
+def test_convs_that_disagree():
+    g, v = up_block()
+    c1, c2, sc = (v[k].name for k in ("c1", "c2", "sc"))
+    # c1 channels-last, the rest NCHW: n2 converts (it reads the copy of c1's NHWC result, writes NCHW for c2)
+    assert chosen(g, {c1: 1, c2: -1, sc: -1})[0] == {v["n1"], v["c1"]}
+    # only the shortcut channels-last: the copy it reads is NHWC (+1 and no other vote), c1's result is not (-1)
+    assert chosen(g, {c1: -1, c2: -1, sc: 1})[0] == {v["up"]}
+    # c1 and the shortcut channels-last, c2 not: c1's result +1; the copy +1 (the shortcut); n2 -1 (c2); c2's result -1
+    assert chosen(g, {c1: 1, c2: -1, sc: 1})[0] == {v["n1"], v["c1"], v["up"]}
 
 
 def test_a_gemm_reader_or_a_float64_value_stays_nchw():
@@ -86,8 +92,8 @@ def test_a_gemm_reader_or_a_float64_value_stays_nchw():
     h = g.add("PERMUTE", (g.add("RESHAPE", (h,), shape=(2, 16, 16)),), perm=(0, 2, 1))
     g.set_outputs([g.add("LINEAR", (h, wt("l.w", 8, 16)))])
     assert chosen(g, {}) == (set(), [])
-    g, v = decoder("float64")
-    assert chosen(g, {v["c1"].name: 1, v["c2"].name: 1})[0] == set()
+    g, v = up_block("float64")
+    assert chosen(g, {v[k].name: 1 for k in ("c1", "c2", "sc")})[0] == set()
 
 
 def run_plan(g: Graph, x: torch.Tensor, force: dict):
@@ -101,15 +107,16 @@ def run_plan(g: Graph, x: torch.Tensor, force: dict):
 
 @pytest.mark.interpreter
 def test_plan_stores_them_channels_last():
-    g, v = decoder()
+    g, v = up_block()
     plan = run_plan(g, torch.randn(3, 8, 5, 6), {"conv_layout": "nhwc", "conv": "torch"})
-    assert plan.channels_last == {v["n1"], v["c1"], v["n2"]}
-    for name in ("n1", "c1", "n2"):
+    assert plan.channels_last == {v[k] for k in ("n1", "c1", "up", "n2", "c2")}
+    for name in ("n1", "c1", "up", "n2", "c2"):
         t = plan.env[v[name]]
         assert t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous(), name
-    assert plan.env[v["up"]].is_contiguous()  # the upsampling's copy reads c1 in NHWC, writes NCHW
-    # one layout change: c2's NCHW result (n1 reads the NCHW input and writes NHWC as it goes)
-    assert plan.describe()["layouts"] == {"channels_last": 3, "conv_layout_changes": 1}
+    assert plan.env[v["sc"]].is_contiguous()  # the graph's output
+    # one layout change: the shortcut's NCHW result (n1 reads the NCHW input and writes NHWC as it goes)
+    assert plan.describe()["layouts"] == {"channels_last": 5, "conv_layout_changes": 1}
+    assert plan.describe()["launches"] == {"group_norm": 2, "conv": 3, "copy": 1}
 
 
 @pytest.mark.interpreter
