@@ -18,8 +18,10 @@ candidate is a name -> a closure that runs the group once into ``out`` (so a CUD
     ATTENTION  SDPA; kiln's flash kernel; the split-KV decode kernel for few query rows over long keys. On a quantized
                KV cache both kernels dequantize in registers; SDPA, offered there only for many query rows (prefill),
                reads a planned scratch the cache is dequantized into first (``attention_scratch``)
-    CONV       cuDNN into the planned buffer (``aten.cudnn_convolution.out``) + kiln's conv epilogue in place; cuDNN on
-               channels-last copies + the epilogue back into NCHW; torch's conv2d + the epilogue (one copy)
+    CONV       cuDNN into the planned buffer in its layout (``aten.cudnn_convolution.out``: NCHW or channels-last, no
+               copy where x is in it too) + kiln's conv epilogue in place; cuDNN in the other layout + the epilogue back
+               into the buffer's; torch's conv2d in x's layout + the epilogue. ``conv_layouts``: the convolution alone
+               in each layout, which the kernels plan measures to choose the layouts it stores values in
     GROUP_NORM kiln's two-pass chunked kernel (+ SiLU); torch's group_norm (+ silu) copied into the buffer
     rope_kv    ROPE(q), ROPE(k) and the KV-cache writes of k and v: kiln's one-launch kernel (``kernels/rope_kv.py``);
                the two RoPE pointwise kernels then two ``index_copy_`` (roped k through a planned scratch)
@@ -28,6 +30,7 @@ candidate is a name -> a closure that runs the group once into ``out`` (so a CUD
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -378,39 +381,115 @@ def rope_kv(args: list, q_out: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     return what, candidates
 
 
+LAYOUTS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
+
+
+def memory_layout(t: torch.Tensor) -> str:
+    """"nhwc" for a 4-d tensor stored channels-last (and not also contiguous: C or H x W of 1), else "nchw"."""
+    return "nhwc" if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous() else "nchw"
+
+
+def _other(layout: str) -> str:
+    return "nchw" if layout == "nhwc" else "nhwc"
+
+
+def _cudnn_flags() -> tuple:
+    # benchmark=True: cuDNN times its algorithms once per shape (in the tuner's warm-up, before capture)
+    return True, False, torch.backends.cudnn.allow_tf32  # benchmark, deterministic, tf32 (as eager's)
+
+
+def _has_cudnn(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.backends.cudnn.is_available()
+
+
 def conv(args: list, attrs: dict, out: torch.Tensor, device: torch.device) -> tuple[dict, dict]:
-    """A CONV2D's or CONV's candidates (a CONV2D is a CONV without residual or divisor)."""
+    """A CONV2D's or CONV's candidates (a CONV2D is a CONV without residual or divisor). A name's suffix is the layout
+    it computes in; without one, the layout that needs no copy: "cudnn" computes in out's (cuDNN converts x first only
+    where x is in the other), "torch" in x's (the epilogue converts where out is in the other)."""
     x, w, bias, residual = conv_operands(args, attrs)
     geometry = [attrs[k] for k in ("stride", "padding", "dilation", "groups")]
-    stride, padding, dilation, groups = geometry
     divisor = attrs.get("divisor")
-    epilogue = bias is not None or residual is not None or divisor not in (None, 1.0)
-    candidates = {}
     if _triton_ok(tce.DTYPES, x.dtype, device, tce.INTERPRET):
-        if device.type == "cuda" and torch.backends.cudnn.is_available():
-            # benchmark=True: cuDNN times its algorithms once per shape (in the tuner's warm-up, before capture)
-            flags = (True, False, torch.backends.cudnn.allow_tf32)  # benchmark, deterministic, tf32 (as eager's)
-
-            def cudnn():
-                torch.ops.aten.cudnn_convolution.out(x, w, padding, stride, dilation, groups, *flags, out=out)
-                if epilogue:
-                    tce.conv_epilogue(out, bias, residual, divisor, out=out)
-            w_nhwc = w.contiguous(memory_format=torch.channels_last)
-
-            def cudnn_nhwc():  # cuDNN's fastest kernels are channels-last: copy x there, come back in the epilogue
-                h = torch.ops.aten.cudnn_convolution(x.contiguous(memory_format=torch.channels_last), w_nhwc, padding, stride,
-                                                     dilation, groups, *flags)
-                tce.conv_epilogue(h, bias, residual, divisor, out=out)
-            candidates.update({"cudnn": cudnn, "cudnn-nhwc": cudnn_nhwc})
-        candidates["torch"] = lambda: tce.conv_epilogue(F.conv2d(x, w, None, stride, padding, dilation, groups), bias,
-                                                        residual, divisor, out=out)
+        candidates = _conv_candidates(x, w, geometry, (bias, residual, divisor), out, device)
     else:  # no Triton for this dtype / device: the op's reference, copied
         op = "CONV" if "residual" in attrs else "CONV2D"
-        candidates["torch"] = lambda: out.copy_(OPS[op].ref(args, attrs))
+        candidates = {"torch": lambda: out.copy_(OPS[op].ref(args, attrs))}
     what = {"op": "CONV", "x": list(x.shape), "x_stride": list(x.stride()), "w": list(w.shape), "dtype": str(x.dtype),
             "geometry": [list(g) if isinstance(g, tuple) else g for g in geometry], "bias": bias is not None,
-            "residual": None if residual is None else [list(residual.shape), list(residual.stride())], "divisor": divisor}
+            "residual": None if residual is None else [list(residual.shape), list(residual.stride())], "divisor": divisor,
+            "out_stride": list(out.stride())}
     return what, candidates
+
+
+def _conv_candidates(x, w, geometry: list, epilogue_ops: tuple, out, device: torch.device) -> dict:
+    """``conv``'s candidates where kiln's epilogue runs: cuDNN (CUDA) in out's layout and in the other; torch's conv2d in
+    x's layout. Each holds the weight in the layout it computes in (made once per plan; a closure not chosen lets its
+    copy go)."""
+    stride, padding, dilation, groups = geometry
+    bias, residual, divisor = epilogue_ops
+    x_layout, out_layout = memory_layout(x), memory_layout(out)
+    flags, other = _cudnn_flags(), _other(out_layout)
+
+    def epi(h):  # + bias, residual, / divisor, from h's layout into out's
+        tce.conv_epilogue(h, bias, residual, divisor, out=out)
+
+    def cudnn(w_out):  # cuDNN follows out's layout (x is made so first where it is in the other)
+        torch.ops.aten.cudnn_convolution.out(x, w_out, padding, stride, dilation, groups, *flags, out=out)
+        if bias is not None or residual is not None or divisor not in (None, 1.0):
+            epi(out)
+
+    def cudnn_other(w_other, fmt):  # in the other layout (cuDNN's channels-last kernels for an NCHW out): back in the epilogue
+        epi(torch.ops.aten.cudnn_convolution(x.contiguous(memory_format=fmt), w_other, padding, stride, dilation, groups, *flags))
+
+    def conv2d(w_x):
+        epi(F.conv2d(x, w_x, None, stride, padding, dilation, groups))
+
+    def weight(layout):
+        return w.contiguous(memory_format=LAYOUTS[layout])
+    candidates = {}
+    if _has_cudnn(device):
+        candidates["cudnn"] = partial(cudnn, weight(out_layout))
+        candidates[f"cudnn-{other}"] = partial(cudnn_other, weight(other), LAYOUTS[other])
+    candidates["torch"] = partial(conv2d, weight(x_layout))
+    return candidates
+
+
+def conv_layout_changes(choice: str, x: torch.Tensor, out: torch.Tensor) -> int:
+    """Layout conversions a conv candidate (``conv``'s name ``choice``) makes per call: x into the layout it computes in
+    (a copy), and the result into out's (a copy, or in the epilogue's pass). 0: NCHW or NHWC end to end."""
+    name = choice.split(":")[0]
+    compute = name[-4:] if name.endswith(tuple(LAYOUTS)) else memory_layout(out) if name == "cudnn" else memory_layout(x)
+    return int(memory_layout(x) != compute) + int(compute != memory_layout(out))
+
+
+def conv_layouts(x_shape: tuple, w: torch.Tensor, attrs: dict, device: torch.device) -> tuple[dict, dict] | None:
+    """What the kernels plan measures to choose the layouts it stores a conv's x and result in: candidates "nchw" and
+    "nhwc" run the convolution alone (cuDNN into its output; without cuDNN torch's conv2d) with x, the weight and the
+    result all in that layout, on temporaries made at their first run (none when the choice is cached or forced). None
+    where the conv's candidates do not depend on layouts (no kernels for its dtype / device: it runs the reference)."""
+    if len(x_shape) != 4 or not _triton_ok(tce.DTYPES, w.dtype, device, tce.INTERPRET):
+        return None
+    geometry = [attrs[k] for k in ("stride", "padding", "dilation", "groups")]
+    stride, padding, dilation, groups = geometry
+    cudnn = _has_cudnn(device)
+    out_shape = F.conv2d(torch.empty(x_shape, dtype=w.dtype, device="meta"), w.to("meta"), None, stride, padding, dilation, groups).shape
+
+    def run(layout: str):
+        t = {}
+
+        def once():
+            if not t:
+                fmt = LAYOUTS[layout]
+                t.update(x=torch.randn(x_shape, dtype=w.dtype, device=device).contiguous(memory_format=fmt),
+                         w=w.contiguous(memory_format=fmt), out=torch.empty(out_shape, dtype=w.dtype, device=device, memory_format=fmt))
+            if cudnn:
+                torch.ops.aten.cudnn_convolution.out(t["x"], t["w"], padding, stride, dilation, groups, *_cudnn_flags(), out=t["out"])
+            else:
+                F.conv2d(t["x"], t["w"], None, stride, padding, dilation, groups)
+        return once
+    what = {"op": "CONV_LAYOUT", "x": list(x_shape), "w": list(w.shape), "dtype": str(w.dtype),
+            "geometry": [list(g) if isinstance(g, tuple) else g for g in geometry]}
+    return what, {"nchw": run("nchw"), "nhwc": run("nhwc")}
 
 
 def group_norm_scratch(shape: tuple, groups: int) -> tuple:
@@ -429,5 +508,5 @@ def group_norm(args: list, attrs: dict, out: torch.Tensor, scratch: torch.Tensor
     if scratch is not None and _triton_ok(tgn.DTYPES, x.dtype, device, tgn.INTERPRET):
         candidates["kiln"] = lambda: tgn.group_norm(x, w, b, groups, eps, act, out=out, scratch=scratch)
     what = {"op": "GROUP_NORM", "x": list(x.shape), "x_stride": list(x.stride()), "dtype": str(x.dtype), "groups": groups,
-            "eps": eps, "act": act, "params": len(args) - 1}
+            "eps": eps, "act": act, "params": len(args) - 1, "out_stride": list(out.stride())}
     return what, candidates

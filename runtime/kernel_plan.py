@@ -3,9 +3,11 @@ CUDA graph. One :class:`KernelPlan` per concrete shape binding (a *shape bucket*
 protocol of ``plan.py``. Built in four named steps:
 
 1. Layouts (:meth:`KernelPlan._layouts`). Every value gets a meta tensor (shape and strides): inputs and
-   kernel outputs are contiguous, weights keep theirs, a view group (PERMUTE / SLICE / EXPAND / RESHAPE) is
-   evaluated on its operand's meta tensor, so the plan knows which views are free (a RESHAPE that torch
-   cannot express as a view becomes a copy kernel). Values that depend on no input are computed now.
+   kernel outputs are contiguous (or stored permuted: attention outputs read back through a permute, and values
+   between convolutions channels-last where the convolutions measure faster so, ``layouts.py``), weights keep
+   theirs, a view group (PERMUTE / SLICE / EXPAND / RESHAPE) is evaluated on its operand's meta tensor, so the
+   plan knows which views are free (a RESHAPE that torch cannot express as a view becomes a copy kernel).
+   Values that depend on no input are computed now.
 2. Memory (:meth:`KernelPlan._memory`). Every kernel output is an interval [group that writes it, last group
    that reads it or a view of it]; graph outputs live to the end; a cuBLAS GLU needs a scratch [M, 2N] for
    one step, an SDPA prefill on a quantized KV cache the cache dequantized, a skinny (decode) GEMM's split-K its
@@ -37,6 +39,7 @@ from ..ir.graph import Graph, Node
 from ..ir.interpret import eval_node, node_attrs
 from ..ir.ops import COLLECTIVE_OPS, index_copy
 from ..ir.types import eval_dim, torch_dtype
+from .layouts import CHANNELS_LAST, channels_last_values
 from .memory import Liveness, nbytes
 from .plan import Plan
 
@@ -174,9 +177,12 @@ class PlanStats:
     choices: dict = field(default_factory=dict)  # "gemm:cublas" -> count
     build_s: float = 0.0
     cuda_graph: bool = False
-    # where the build's time went: layouts, memory, buffers, calls (choosing implementations, the tuner's
-    # measurements as "tuning"), warmup (the first run: Triton compiles and kernel loads), capture (the CUDA graph)
+    # where the build's time went: layouts (the convs' layout measurements included), memory, buffers, calls (choosing
+    # implementations, the tuner's measurements as "tuning"), warmup (the first run: Triton compiles and kernel loads),
+    # capture (the CUDA graph)
     phases: dict = field(default_factory=dict)
+    # values stored channels-last, and the layout conversions the convs make per call (``lower.conv_layout_changes``)
+    layouts: dict = field(default_factory=dict)
 
 
 class KernelPlan(Plan):
@@ -218,7 +224,19 @@ class KernelPlan(Plan):
             if call.choice:
                 c = f"{call.kind}:{call.choice.split(':')[0]}"
                 self.stats.choices[c] = self.stats.choices.get(c, 0) + 1
+        self.stats.layouts = self._layout_stats()
         self.stats.build_s = time.perf_counter() - t0
+
+    def _layout_stats(self) -> dict:
+        """How many values are stored channels-last; how many layout conversions (x into the layout a conv computes in,
+        its result into its buffer's) the chosen convs make per call."""
+        changes = 0
+        for call in self.calls:
+            if call.kind == "conv":
+                n = call.group.nodes[-1]
+                changes += lower.conv_layout_changes(call.choice, self.env[n.inputs[0]], self.env[n])
+        stored = sum(o in self.channels_last for o in self.order)  # (a RESHAPE that came out a view has no order)
+        return {"channels_last": stored, "conv_layout_changes": changes}
 
     @contextmanager
     def _phase(self, name: str):
@@ -230,7 +248,8 @@ class KernelPlan(Plan):
     def _layouts(self, static: dict) -> None:
         """``self.val``: node -> _Value; ``self.kinds``: the kind of each group as it runs; ``self.real``: tensors
         known now (weights, constants, values that depend on no input), on the device (a CUDA graph cannot read
-        host memory); ``self.order``: outputs stored in a permuted dim order (see _stored_order)."""
+        host memory); ``self.order``: outputs stored in a permuted dim order (see _stored_order), among them the
+        ``self.channels_last`` values (``layouts.py``)."""
         inplace = {node for _, node in self.adopted.values()}
         self.real = {n: t.to(self.device) for n, t in static.items()}
         self.val = {n: _Value(_meta(t), None) for n, t in self.real.items()}
@@ -238,6 +257,7 @@ class KernelPlan(Plan):
             self.val[n] = _Value(torch.empty(self.shape_of[n], dtype=torch_dtype(n.dtype), device="meta"), None)
         self.order: dict[Node, tuple] = {}
         self.pitch: dict[Node, int] = {}  # GEMM outputs whose rows are padded (see _pitch)
+        self.channels_last = channels_last_values(self.graph, self.groups, self.shape_of, self._conv_layout)
         self.kinds: list[str] = []
         for g in self.groups:
             if g.nodes[0] in inplace:
@@ -253,6 +273,17 @@ class KernelPlan(Plan):
                 self.kinds.append("constant")
             else:
                 self.kinds.append(self._layout(g))
+
+    def _conv_layout(self, n: Node) -> int:
+        """+1 / -1: conv ``n`` alone runs faster with x and its result channels-last / NCHW at this shape, as the tuner
+        measures it (``lower.conv_layouts``); 0: no such choice (its weight is not static, or it runs the reference)."""
+        w = n.inputs[1]
+        choice = None
+        if w in self.real:
+            choice = lower.conv_layouts(self.shape_of[n.inputs[0]], self.real[w], node_attrs(n, self.bindings), self.device)
+        if choice is None:
+            return 0
+        return 1 if self.target.tuner.choose("conv_layout", *choice, self.device) == "nhwc" else -1
 
     def _constant(self, g: Group) -> None:
         for n in g.nodes:
@@ -281,6 +312,8 @@ class KernelPlan(Plan):
             outputs = set(self.graph.outputs)  # (returned to the caller: kept in their own order)
             for o in g.outputs:
                 perm = _stored_order(o) if kind in ("attention", "pointwise") and o not in outputs else None
+                if o in self.channels_last:
+                    perm = CHANNELS_LAST
                 if perm is not None:
                     self.order[o] = perm
                 if kind == "gemm" and _pitch(self.shape_of[o]) is not None:
@@ -522,9 +555,12 @@ class KernelPlan(Plan):
 
     def _reference(self, g: Group, kind: str, n: Node, args, attrs, out) -> KernelCall:
         b = self.bindings
-        if kind == "copy" and n.op == "RESHAPE":  # out is contiguous: one strided pass, no temporary (an upsampling)
-            dst = out.view(args[0].shape)
-            return KernelCall(g, "copy", lambda: dst.copy_(args[0]))
+        if kind == "copy" and n.op == "RESHAPE":  # out seen in x's shape: one strided pass, no temporary (an upsampling)
+            try:
+                dst = out.view(args[0].shape)  # (out contiguous, or channels-last and the reshape splits H and W)
+                return KernelCall(g, "copy", lambda: dst.copy_(args[0]))
+            except RuntimeError:
+                pass
         if kind == "copy":
             return KernelCall(g, "copy", lambda: out.copy_(eval_node(n, args, b, attrs)))
 
@@ -617,4 +653,5 @@ class KernelPlan(Plan):
                 "cuda_graph": self.stats.cuda_graph, "output_sets": len(self.sets) + (self._private is not None),
                 "outputs": {k: handed.count(k) for k in ("input", "buffer", "view", "copy")},
                 **({"cuda_graph_error": self.cuda_graph_error} if self.cuda_graph_error else {}),
-                "arena_bytes": self.memory.peak_bytes, "build_s": round(self.stats.build_s, 3), "phases": dict(self.stats.phases)}
+                "arena_bytes": self.memory.peak_bytes, "build_s": round(self.stats.build_s, 3), "phases": dict(self.stats.phases),
+                "layouts": dict(self.stats.layouts)}

@@ -14,10 +14,15 @@ per image for 132 SMs. So each group is cut into chunks and two kernels run over
    M2 = sum(M2_i) + sum(n_i (m_i - mean)^2), in the same order in every program: deterministic), then
    normalises its chunk, applies w / b and the activation, and stores in the output's dtype.
 
-x is read as [N, C, S] through its strides. A tile is BLOCK consecutive spatial positions of one channel;
-the group's tiles are numbered channel-major (t = c_local * tiles_per_channel + s_block) and chunk j takes
-tiles [j * TPC, (j + 1) * TPC). The partials live in a float32 scratch [N*G, chunks, 3] that the kernels
-plan reserves in its arena (``scratch_shape``), so a CUDA graph captures both launches.
+x and out are read as [N, C, S] through their own strides, so each may be NCHW or channels-last (NHWC memory: the
+group's C/G channels of one position are adjacent). A tile is [BLOCK_C, BLOCK_S]: BLOCK_C channels of the group
+(all of them, up to 16) by BLOCK_S consecutive positions, so it reads runs of BLOCK_S values in NCHW and runs of
+BLOCK_C values in NHWC, the same tiles (and the same numbers) either way. C/G is a compile-time constant (a kernel
+per channels-per-group count: 4, 8, 16 in the SD VAE), so the compiler knows a group's first channel is a multiple of
+it and loads its channels of one position as one vector in NHWC. The group's tiles are numbered
+channel-block-major (t = c_block * NSB + s_block) and chunk j takes tiles [j * TPC, (j + 1) * TPC). The partials
+live in a float32 scratch [N*G, chunks, 3] that the kernels plan reserves in its arena (``scratch_shape``), so a
+CUDA graph captures both launches.
 """
 from __future__ import annotations
 
@@ -35,54 +40,60 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 ACTS = ("none", "silu")
 
-# GPU: tiles of up to 2048 values, and chunks enough for ~8 programs per SM of an H200 (132 SMs). The interpreter
-# is slow per program (a reduction costs milliseconds): 2 chunks, so irregular test shapes still span several tiles and chunks
-BLOCK, TARGET_PROGRAMS, MAX_CHUNKS = 2048, 1024, 256
-INTERPRET_BLOCK, INTERPRET_CHUNKS = 128, 2
+# GPU: tiles of up to 2048 values (at most 16 channels), and chunks enough for ~8 programs per SM of an H200 (132 SMs).
+# The interpreter is slow per program (a reduction costs milliseconds): tiles of 128 values, at most 4 channels, and 2
+# chunks, so irregular test shapes still span several tiles both ways and several chunks
+BLOCK, BLOCK_C, TARGET_PROGRAMS, MAX_CHUNKS = 2048, 16, 1024, 256
+INTERPRET_BLOCK, INTERPRET_BLOCK_C, INTERPRET_CHUNKS = 128, 4, 2
 
 
 @triton.jit
 def _stats_kernel(
     x_ptr, part_ptr,
-    G, CG, S, NSB, T, TPC,  # groups, channels per group, spatial size, tiles per channel, tiles per group, per chunk
+    G, CG: tl.constexpr, S, NSB, T, TPC,  # groups, channels per group, positions, tiles per channel block, per group, per chunk
     stride_xn, stride_xc, stride_xs,
-    BLOCK: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     row = tl.program_id(0)  # n * G + g
     chunk = tl.program_id(1)
     x_ptr += (row // G).to(tl.int64) * stride_xn + ((row % G) * CG).to(tl.int64) * stride_xc
-    offs = tl.arange(0, BLOCK)
+    offs_c = tl.arange(0, BLOCK_C)
+    offs_s = tl.arange(0, BLOCK_S)
     t0 = chunk * TPC
     t1 = tl.minimum(t0 + TPC, T)
     # the shift k: the chunk's first value (near the mean, so the shifted sums below do not cancel)
-    shift = tl.load(x_ptr + (t0 // NSB).to(tl.int64) * stride_xc + ((t0 % NSB) * BLOCK).to(tl.int64) * stride_xs).to(tl.float32)
+    shift = tl.load(x_ptr + ((t0 // NSB) * BLOCK_C).to(tl.int64) * stride_xc + ((t0 % NSB) * BLOCK_S).to(tl.int64) * stride_xs)
+    shift = shift.to(tl.float32)
 
-    acc_1 = tl.zeros([BLOCK], dtype=tl.float32)  # sum(x - k)
-    acc_2 = tl.zeros([BLOCK], dtype=tl.float32)  # sum((x - k)^2)
+    acc_n = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)  # values counted (tiles at the group's edges are partial)
+    acc_1 = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)  # sum(x - k)
+    acc_2 = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)  # sum((x - k)^2)
     for t in range(t0, t1):
-        s = (t % NSB) * BLOCK + offs
-        mask = s < S
-        v = tl.load(x_ptr + (t // NSB).to(tl.int64) * stride_xc + s.to(tl.int64) * stride_xs, mask=mask, other=0.0)
+        c = (t // NSB) * BLOCK_C + offs_c  # [BLOCK_C] channels of the group
+        s = (t % NSB) * BLOCK_S + offs_s  # [BLOCK_S] positions
+        mask = (c < CG)[:, None] & (s < S)[None, :]
+        v = tl.load(x_ptr + c.to(tl.int64)[:, None] * stride_xc + s.to(tl.int64)[None, :] * stride_xs, mask=mask, other=0.0)
         d = tl.where(mask, v.to(tl.float32) - shift, 0.0)
+        acc_n += mask.to(tl.float32)
         acc_1 += d
         acc_2 += d * d
-    # tiles hold BLOCK values, except a channel's last one (t % NSB == NSB - 1), which is NSB * BLOCK - S short
-    n = ((t1 - t0) * BLOCK - (t1 // NSB - t0 // NSB) * (NSB * BLOCK - S)).to(tl.float32)
-    s1 = tl.sum(acc_1, axis=0)
+    n = tl.sum(tl.sum(acc_n, axis=1), axis=0)
+    s1 = tl.sum(tl.sum(acc_1, axis=1), axis=0)
+    s2 = tl.sum(tl.sum(acc_2, axis=1), axis=0)
     p = part_ptr + (row * tl.num_programs(1) + chunk) * 3
     tl.store(p, n)
     tl.store(p + 1, shift + s1 / n)
-    tl.store(p + 2, tl.maximum(tl.sum(acc_2, axis=0) - s1 * s1 / n, 0.0))
+    tl.store(p + 2, tl.maximum(s2 - s1 * s1 / n, 0.0))
 
 
 @triton.jit
 def _apply_kernel(
     x_ptr, w_ptr, b_ptr, part_ptr, out_ptr,
-    G, CG, S, NSB, T, TPC, CHUNKS, eps,
+    G, CG: tl.constexpr, S, NSB, T, TPC, CHUNKS, eps,
     stride_xn, stride_xc, stride_xs,
     stride_on, stride_oc, stride_os,
     ACT: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-    BLOCK: tl.constexpr, CHUNKS_P2: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, CHUNKS_P2: tl.constexpr,
 ):
     row = tl.program_id(0)
     chunk = tl.program_id(1)
@@ -103,36 +114,41 @@ def _apply_kernel(
     c0 = (row % G) * CG
     x_ptr += n * stride_xn
     out_ptr += n * stride_on
-    offs = tl.arange(0, BLOCK)
+    offs_c = tl.arange(0, BLOCK_C)
+    offs_s = tl.arange(0, BLOCK_S)
     t0 = chunk * TPC
     for t in range(t0, tl.minimum(t0 + TPC, T)):
-        c = c0 + t // NSB
-        s = (t % NSB) * BLOCK + offs
-        mask = s < S
-        v = tl.load(x_ptr + c.to(tl.int64) * stride_xc + s.to(tl.int64) * stride_xs, mask=mask, other=0.0)
+        cl = (t // NSB) * BLOCK_C + offs_c  # [BLOCK_C] channels of the group
+        cmask = cl < CG
+        c = (c0 + cl).to(tl.int64)
+        s = ((t % NSB) * BLOCK_S + offs_s).to(tl.int64)  # [BLOCK_S]
+        mask = cmask[:, None] & (s < S)[None, :]
+        v = tl.load(x_ptr + c[:, None] * stride_xc + s[None, :] * stride_xs, mask=mask, other=0.0)
         y = (v.to(tl.float32) - mean) * rstd
         if HAS_W:
-            y = y * tl.load(w_ptr + c).to(tl.float32)
+            y = y * tl.load(w_ptr + c, mask=cmask, other=0.0).to(tl.float32)[:, None]
         if HAS_B:
-            y = y + tl.load(b_ptr + c).to(tl.float32)
+            y = y + tl.load(b_ptr + c, mask=cmask, other=0.0).to(tl.float32)[:, None]
         if ACT == "silu":
             y = y * tl.sigmoid(y)
-        tl.store(out_ptr + c.to(tl.int64) * stride_oc + s.to(tl.int64) * stride_os, y.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_ptr + c[:, None] * stride_oc + s[None, :] * stride_os, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _plan(rows: int, cg: int, s: int) -> tuple[int, int, int, int, int]:
-    """(BLOCK, tiles per channel, tiles per group, tiles per chunk, chunks) for ``rows`` groups of ``cg`` channels of
-    ``s`` positions: enough chunks to fill the GPU, each a run of whole tiles, none empty."""
-    block = INTERPRET_BLOCK if INTERPRET else min(triton.next_power_of_2(max(s, 1)), BLOCK)
-    nsb = _cdiv(s, block)
-    tiles = cg * nsb
+def _plan(rows: int, cg: int, s: int) -> tuple[int, int, int, int, int, int]:
+    """(BLOCK_C, BLOCK_S, tiles per channel block, tiles per group, tiles per chunk, chunks) for ``rows`` groups of ``cg``
+    channels of ``s`` positions: enough chunks to fill the GPU, each a run of whole tiles, none empty."""
+    block, cap = (INTERPRET_BLOCK, INTERPRET_BLOCK_C) if INTERPRET else (BLOCK, BLOCK_C)
+    block_c = min(triton.next_power_of_2(max(cg, 1)), cap)
+    block_s = min(triton.next_power_of_2(max(s, 1)), block // block_c)
+    nsb = _cdiv(s, block_s)
+    tiles = _cdiv(cg, block_c) * nsb
     want = INTERPRET_CHUNKS if INTERPRET else _cdiv(TARGET_PROGRAMS, max(rows, 1))
     tpc = max(1, _cdiv(tiles, max(1, min(tiles, want, MAX_CHUNKS))))
-    return block, nsb, tiles, tpc, max(1, _cdiv(tiles, tpc))  # (an empty input: one chunk, no launch)
+    return block_c, block_s, nsb, tiles, tpc, max(1, _cdiv(tiles, tpc))  # (an empty input: one chunk, no launch)
 
 
 def _dims(shape) -> tuple[int, int, int]:
@@ -172,9 +188,10 @@ def group_norm(x, weight=None, bias=None, groups: int = 1, eps: float = 1e-5, ac
                scratch=None) -> torch.Tensor:
     """``act(F.group_norm(x, groups, weight, bias, eps))`` in two kernels (see the module docstring).
 
-    x [N, C, *] (float16, bfloat16, float32; any strides whose spatial dims flatten to one); weight, bias [C] in
-    x's dtype or None; act "none" or "silu". ``out`` (x's shape and dtype, its spatial dims flattenable by a view)
-    may be given, and so may ``scratch``, the contiguous float32 ``scratch_shape(x.shape, groups)``."""
+    x [N, C, *] (float16, bfloat16, float32; any strides whose spatial dims flatten to one: NCHW, channels-last);
+    weight, bias [C] in x's dtype or None; act "none" or "silu". ``out`` (x's shape and dtype, its spatial dims
+    flattenable by a view, in x's layout or another) may be given, and so may ``scratch``, the contiguous float32
+    ``scratch_shape(x.shape, groups)``."""
     _check(x, weight, bias, groups, act, out, scratch)
     n, c, s = _dims(tuple(x.shape))
     if out is None:
@@ -187,16 +204,16 @@ def group_norm(x, weight=None, bias=None, groups: int = 1, eps: float = 1e-5, ac
     except RuntimeError as e:
         raise ValueError(f"group_norm: out with strides {out.stride()} cannot be viewed as [{n}, {c}, {s}]") from e
     rows, cg = n * groups, c // groups
-    block, nsb, tiles, tpc, chunks = _plan(rows, cg, s)
+    block_c, block_s, nsb, tiles, tpc, chunks = _plan(rows, cg, s)
     if scratch is None:
         scratch = torch.empty((rows, chunks, 3), dtype=torch.float32, device=x.device)
-    warps = 1 if INTERPRET else (8 if block >= 2048 else 4)
-    sizes = (groups, cg, s, nsb, tiles, tpc)
-    _stats_kernel[(rows, chunks)](x3, scratch, *sizes, *x3.stride(), BLOCK=block, num_warps=warps)
+    warps = 1 if INTERPRET else (8 if block_c * block_s >= 2048 else 4)
+    sizes, tile = (groups, cg, s, nsb, tiles, tpc), dict(BLOCK_C=block_c, BLOCK_S=block_s, num_warps=warps)
+    _stats_kernel[(rows, chunks)](x3, scratch, *sizes, *x3.stride(), **tile)
     _apply_kernel[(rows, chunks)](
         x3, weight if weight is not None else x3, bias if bias is not None else x3, scratch, o3, *sizes, chunks, float(eps),
         *x3.stride(), *o3.stride(), ACT=act, HAS_W=weight is not None, HAS_B=bias is not None,
-        BLOCK=block, CHUNKS_P2=max(2, triton.next_power_of_2(chunks)), num_warps=warps)
+        CHUNKS_P2=max(2, triton.next_power_of_2(chunks)), **tile)
     return out
 
 

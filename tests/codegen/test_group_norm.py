@@ -1,6 +1,6 @@
 """kiln.codegen.kernels.group_norm: the two-pass chunked group norm (+ SiLU) against the GROUP_NORM op's reference in
-float64 (CPU: the Triton interpreter, float16/float32, irregular shapes that cut groups into several tiles and chunks;
-GPU: bfloat16 at the SD VAE decoder's shapes)."""
+float64 (CPU: the Triton interpreter, float16/float32, irregular shapes that cut groups into several tiles and chunks,
+NCHW and channels-last inputs and outputs; GPU: bfloat16 at the SD VAE decoder's shapes, in both layouts)."""
 
 import pytest
 import torch
@@ -30,9 +30,10 @@ def check(x, w, b, groups, act, eps=1e-5, **kw):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("act", ["none", "silu"])
 @pytest.mark.parametrize("shape,groups", [
-    ((2, 12, 7, 19), 3),  # 4 channels x 133 positions a group: two tiles per channel, the second 5 long
-    ((1, 3, 300), 1),     # 3 channels x 3 tiles, 2 chunks of 5 tiles: a chunk boundary inside a channel
-    ((3, 8, 37), 4),      # one short tile per channel
+    ((2, 12, 7, 19), 3),  # 4 channels x 133 positions a group: tiles of 4 x 32, the fifth 5 positions long
+    ((1, 3, 300), 1),     # 3 channels (a masked fourth) x 10 tiles, 2 chunks of 5: a chunk boundary inside a row of tiles
+    ((2, 18, 5, 7), 2),   # 9 channels: 3 channel blocks (the last 1 wide) x 2 position blocks, chunks of 3 tiles
+    ((3, 8, 37), 4),      # one tile per group, 2 x 37 of its 4 x 64
     ((2, 6), 2),          # [N, C]: one value per channel
 ])
 def test_shapes_and_activation(dtype, act, shape, groups):
@@ -55,21 +56,41 @@ def test_a_mean_far_from_zero_does_not_cancel():
     check(x, r(8), r(8), 2, "none")
 
 
-def test_channels_last_input_out_and_scratch_given():
-    # [N, H, W, C] memory read through strides (stride_c = 1); out and scratch preallocated, as the kernels plan does
-    x = r(2, 9, 15, 12, scale=3.0).permute(0, 3, 1, 2)
-    out = torch.empty(2, 12, 9, 15)
-    scratch = torch.empty(scratch_shape((2, 12, 9, 15), 4), dtype=torch.float32)
-    got = check(x, r(12), r(12), 4, "silu", out=out, scratch=scratch)
-    assert got is out
+def empty(shape, layout, dtype=torch.float32):
+    return torch.empty(shape, dtype=dtype, memory_format=torch.channels_last if layout == "nhwc" else torch.contiguous_format)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("x_layout,out_layout", [("nhwc", "nhwc"), ("nchw", "nhwc"), ("nhwc", "nchw")])
+def test_channels_last_input_and_output(dtype, x_layout, out_layout):
+    """NHWC memory read and written through strides (stride_c = 1): 6 channels a group, so tiles of 4 channels (the second
+    block 2 wide) by 32 positions; out and scratch preallocated, as the kernels plan does."""
+    shape = (2, 18, 5, 7)
+    x = empty(shape, x_layout, dtype).copy_(r(*shape, dtype=dtype, scale=3.0, shift=0.5))
+    out = empty(shape, out_layout, dtype)
+    scratch = torch.empty(scratch_shape(shape, 3), dtype=torch.float32)
+    got = check(x, r(18, dtype=dtype), r(18, dtype=dtype), 3, "silu", out=out, scratch=scratch)
+    assert got is out and out.is_contiguous(memory_format=torch.channels_last) == (out_layout == "nhwc")
+
+
+def test_layout_does_not_change_the_numbers():
+    """The same tiles in either layout: NCHW and NHWC give the same bits."""
+    x = r(1, 24, 9, 13, dtype=torch.float16, scale=2.0)
+    w, b = r(24, dtype=torch.float16), r(24, dtype=torch.float16)
+    a = group_norm(x, w, b, 4, 1e-6, "silu")
+    c = group_norm(x.contiguous(memory_format=torch.channels_last), w, b, 4, 1e-6, "silu", out=empty(x.shape, "nhwc", x.dtype))
+    assert torch.equal(a, c)
 
 
 def test_plan_fills_chunks_with_whole_tiles(monkeypatch):
     monkeypatch.setattr(GN, "INTERPRET", False)  # the GPU plan
-    block, nsb, tiles, tpc, chunks = GN._plan(32, 4, 1024 * 1024)  # SD VAE's last norm at 1024 px: 32 groups of 4M values
-    assert block == 2048 and nsb == 512 and tiles == 2048 and chunks * 32 >= GN.TARGET_PROGRAMS and (chunks - 1) * tpc < tiles
-    assert GN._plan(32, 16, 1024)[1:] == (1, 16, 1, 16)  # mid block at 256 px: a tile per channel, a chunk per tile
-    assert GN._plan(8, 2, 3)[4] == 2  # never more chunks than tiles
+    # SD VAE's last norm at 1024 px: 32 groups of 4 channels x 1M positions, tiles of 4 x 512
+    block_c, block_s, nsb, tiles, tpc, chunks = GN._plan(32, 4, 1024 * 1024)
+    assert (block_c, block_s, nsb, tiles) == (4, 512, 2048, 2048)
+    assert chunks * 32 >= GN.TARGET_PROGRAMS and (chunks - 1) * tpc < tiles
+    assert GN._plan(32, 16, 1024) == (16, 128, 8, 8, 1, 8)  # mid block at 256 px: 16 channels a tile, a chunk per tile
+    assert GN._plan(32, 32, 64)[:4] == (16, 64, 1, 2)  # more channels than a tile holds: two channel blocks
+    assert GN._plan(8, 2, 3)[-1] == 1  # never more chunks than tiles
 
 
 def test_empty_input():
@@ -94,11 +115,12 @@ def test_errors(kwargs, match):
 # ----------------------------------------------------------------------------- GPU (bf16 at the SD VAE decoder's shapes)
 
 
-def check_gpu(shape, groups, act, dtype=torch.bfloat16):
-    x = r(*shape, dtype=dtype, scale=2.0, shift=0.3, device="cuda")
+def check_gpu(shape, groups, act, dtype=torch.bfloat16, layout="nchw"):
+    fmt = torch.channels_last if layout == "nhwc" else torch.contiguous_format
+    x = r(*shape, dtype=dtype, scale=2.0, shift=0.3, device="cuda").contiguous(memory_format=fmt)
     w, b = r(shape[1], dtype=dtype, device="cuda"), r(shape[1], dtype=dtype, device="cuda")
     want = reference(x.float(), w.float(), b.float(), groups, 1e-6, act)
-    got = group_norm(x, w, b, groups, 1e-6, act)
+    got = group_norm(x, w, b, groups, 1e-6, act, out=torch.empty_like(x, memory_format=fmt))
     torch.cuda.synchronize()
     assert rel_err(got, want) <= TOL[dtype]
     # eager bf16 (group_norm, then silu on the rounded values) is no closer to float32 than kiln is
@@ -107,15 +129,17 @@ def check_gpu(shape, groups, act, dtype=torch.bfloat16):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
 @pytest.mark.parametrize("shape", [(1, 512, 32, 32), (1, 512, 128, 128), (1, 128, 256, 256), (2, 256, 64, 64)])
-def test_gpu_vae_shapes(shape):
-    check_gpu(shape, 32, "silu")
+def test_gpu_vae_shapes(shape, layout):
+    check_gpu(shape, 32, "silu", layout=layout)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_gpu_other_dtypes_irregular(dtype):
     check_gpu((3, 96, 37, 41), 8, "none", dtype)
+    check_gpu((3, 96, 37, 41), 4, "silu", dtype, "nhwc")  # 24 channels a group: two channel blocks
 
 
 @pytest.mark.gpu

@@ -57,20 +57,42 @@ def test_artifact_round_trip(tiny, tmp_path):
     assert torch.equal(back(z), m(z))
 
 
+def kernels_plan(m, z, force: dict):
+    """The tiny decoder on the kernels backend, the choices ``force`` names forced (group norms on kiln's kernel)."""
+    tuner = Tuner(force={"group_norm": "kiln", "gemm": "cublas", "attention": "sdpa", **force})
+    ex = Executor(m.graph, Target.from_config(kiln.CompileConfig(backend="kernels"), tuner=tuner))
+    return ex.run([z])[0], ex.plans[0]
+
+
 @pytest.mark.interpreter
-def test_kernels_backend_matches_eager(tiny):
-    """Every group norm on kiln's kernel, every conv on torch's conv2d + kiln's epilogue, the 2x upsampling a copy."""
+@pytest.mark.parametrize("layout,stored,changes", [("nchw", 0, 0), ("nhwc", 30, 2)])
+def test_kernels_backend_matches_eager(tiny, layout, stored, changes):
+    """Every group norm on kiln's kernel, every conv on torch's conv2d + kiln's epilogue, the 2x upsampling a copy.
+
+    With every conv measured faster channels-last (forced "nhwc"), the values between convs are stored NHWC — 16 conv
+    results (not conv_out's, a graph output), 13 group norms (not the attention block's 3-d one) and the upsampling's
+    copy — and each conv reads and writes NHWC: 2 layout changes per call are left, z into post_quant_conv and
+    conv_out's NCHW output (an NHWC conv between NCHW buffers, as the GPU plan ran before, makes 2 for each of the 17:
+    x copied in, the result back out; test_gpu_sd_vae_256px_channels_last counts them). The numbers stay eager's."""
     decode, m = tiny
     z = latents(1, 4, 3, 4, seed=5)
     with torch.no_grad():
         want = decode(z)
-    tuner = Tuner(force={"group_norm": "kiln", "conv": "torch", "gemm": "cublas", "attention": "sdpa"})
-    ex = Executor(m.graph, Target.from_config(kiln.CompileConfig(backend="kernels"), tuner=tuner))
-    got = ex.run([z])[0]
+    got, plan = kernels_plan(m, z, {"conv_layout": layout, "conv": "torch"})
     assert rel_err(got, want) <= 1e-4
-    d = ex.plans[0].describe()
+    d = plan.describe()
     assert d["launches"]["group_norm"] == 14 and d["launches"]["conv"] == 17 and d["launches"]["copy"] == 1
     assert "reference" not in d["launches"]
+    assert d["layouts"] == {"channels_last": stored, "conv_layout_changes": changes}
+
+    def nhwc(n):
+        return plan.env[n].is_contiguous(memory_format=torch.channels_last)
+    convs = [(nhwc(g.nodes[0].inputs[0]), nhwc(g.nodes[0])) for g in plan.groups if g.kind == "conv"]  # (x, result) of each
+    if layout == "nhwc":
+        assert convs[0] == (False, True) and convs[-1] == (True, False) and set(convs[1:-1]) == {(True, True)}
+    else:
+        assert set(convs) == {(False, False)}
+    assert got.is_contiguous()
 
 
 # ----------------------------------------------------------------------------- GPU: the SD VAE at 256 px in bf16
@@ -95,3 +117,28 @@ def test_gpu_sd_vae_256px_bf16():
     d = m.executor.describe()["plans"][0]
     assert d["cuda_graph"] and d["launches"]["group_norm"] == 30 and "reference" not in d["launches"], d
     assert torch.equal(m(z), got)
+
+
+@pytest.mark.gpu
+def test_gpu_sd_vae_256px_channels_last():
+    """Every conv forced channels-last on cuDNN ("cudnn": straight into the NHWC buffer): z into the first conv and the
+    image out of the last are the only layout changes, where NCHW buffers around cuDNN's channels-last kernels (the plan
+    before) make 2 per conv; both as close to the float32 model as the measured plan must be, each one CUDA graph."""
+    model = vae(SD_VAE, noise=0.02, device="cuda")
+    z32 = latents(1, 4, 32, 32, seed=3, device="cuda")
+    with torch.no_grad():
+        want32 = VAEDecode(model)(z32)
+        decode = VAEDecode(model.to(torch.bfloat16))
+        eager_err = rel_err(decode(z32.bfloat16()).float(), want32)
+    m = kiln.compile(decode, (z32.bfloat16(),), config=kiln.CompileConfig(verify=False))
+    layouts = {}
+    for name, force in {"nhwc": {"conv_layout": "nhwc", "conv": "cudnn"}, "copies": {"conv_layout": "nchw", "conv": "cudnn-nhwc"}}.items():
+        ex = Executor(m.graph, Target.from_config(kiln.CompileConfig(backend="kernels", device="cuda"), tuner=Tuner(force=force)))
+        err = rel_err(ex.run([z32.bfloat16()])[0].float(), want32)
+        assert err <= max(1.25 * eager_err, TOL[torch.bfloat16]), (name, err, eager_err)
+        d = ex.plans[0].describe()
+        assert d["cuda_graph"], d
+        layouts[name] = d["layouts"]
+    convs = m.graph.histogram()["CONV"] + m.graph.histogram()["CONV2D"]
+    assert layouts["nhwc"]["conv_layout_changes"] == 2 and layouts["nhwc"]["channels_last"] > 30, layouts
+    assert layouts["copies"] == {"channels_last": 0, "conv_layout_changes": 2 * convs}, layouts
