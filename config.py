@@ -16,7 +16,8 @@ BACKENDS = ("auto", "kernels", "reference")
 KERNEL_CHOICES = {"gemm": ("cublas", "cublaslt", "triton", "triton-skinny", "triton-qgemm", "dequant-cublas", "triton-aqgemm",
                           "scaled-mm", "int-mm", "reference"),
                   "attention": ("sdpa", "kiln", "kiln-decode"),
-                  "rope_kv": ("separate", "triton-rope-kv")}
+                  "rope_kv": ("separate", "triton-rope-kv"),
+                  "quantize": ("fused", "separate")}  # an AQGEMM input's quantizer in the kernel producing it, or apart
 
 
 @dataclass

@@ -12,9 +12,10 @@ candidate is a name -> a closure that runs the group once into ``out`` (so a CUD
                template normalising x as it loads it (``triton-skinny-norm``, one launch)
     QGEMM      the weight dequantized then cuBLAS (the fallback: a torch temporary of the weight per call);
                the skinny template (<= 16 rows) or the qgemm template (more rows) dequantizing in registers
-    AQGEMM     x quantized per token by kiln's row kernel, then kiln's int8 / fp8 template (scales and epilogue
-               fused); torch._int_mm + kiln's scaled epilogue (int8); torch._scaled_mm, cuBLASLt's fp8 GEMM with
-               row-wise scales, + kiln's epilogue (fp8, bfloat16 out)
+    AQGEMM     on the codes of x (per token: kiln's row kernel, a launch of its own, or the kernel producing x, see
+               pointwise below): kiln's int8 / fp8 template (scales and epilogue fused); torch._int_mm + kiln's scaled
+               epilogue (int8); torch._scaled_mm, cuBLASLt's fp8 GEMM with row-wise scales, + kiln's epilogue (fp8,
+               bfloat16 out)
     ATTENTION  SDPA; kiln's flash kernel; the split-KV decode kernel for few query rows over long keys. On a quantized
                KV cache both kernels dequantize in registers; SDPA, offered there only for many query rows (prefill),
                reads a planned scratch the cache is dequantized into first (``attention_scratch``)
@@ -25,7 +26,9 @@ candidate is a name -> a closure that runs the group once into ``out`` (so a CUD
     GROUP_NORM kiln's two-pass chunked kernel (+ SiLU); torch's group_norm (+ silu) copied into the buffer
     rope_kv    ROPE(q), ROPE(k) and the KV-cache writes of k and v: kiln's one-launch kernel (``kernels/rope_kv.py``);
                the two RoPE pointwise kernels then two ``index_copy_`` (roped k through a planned scratch)
-    pointwise  the one generated Triton kernel (no choice)
+    pointwise  the one generated Triton kernel; where outputs of it feed AQGEMMs (schedule.py's activation codes) the
+               kernel storing their codes and scales itself (``fused``) or storing them, then kiln's row quantizer
+               (``separate``)
 """
 from __future__ import annotations
 
@@ -48,6 +51,7 @@ from .kernels import rope_kv as trk
 from .kernels import quantize_rows as tqr
 from .kernels import skinny as ts
 from .kernels.epilogue import epilogue
+from .pointwise import launch
 
 # template configurations measured per shape besides cuBLAS / SDPA. Each is a Triton compile (1-2 s) of a cold
 # start; one GEMM configuration (the template lost to cuBLAS at every measured shape) keeps DiT-XL/2's cold
@@ -234,21 +238,24 @@ def qgemm(args: list, attrs: dict, out: torch.Tensor, tmp: torch.Tensor | None, 
 
 
 def aqgemm(args: list, attrs: dict, out: torch.Tensor, tmp: torch.Tensor | None, device: torch.device,
-           workspace: torch.Tensor | None = None, norm: dict | None = None) -> tuple[dict, dict]:
+           workspace: torch.Tensor | None = None, norm: dict | None = None, codes: tuple | None = None) -> tuple[dict, dict]:
     """An AQGEMM's candidates (``tmp``, ``workspace``, ``norm``: unused, the signature of ``gemm``'s; an AQGEMM takes no
-    norm prologue). The codes of x and the library products are torch temporaries of each call (a CUDA graph serves
-    them from its pool at fixed addresses)."""
+    norm prologue). ``codes``: (codes [..., K], scales [...]) of x, written before the call (``quantizer`` or the kernel
+    producing x); None: each candidate quantizes x first, into torch temporaries (a CUDA graph serves them from its
+    pool at fixed addresses). The library products are torch temporaries of each call."""
     x, wq, ws, smooth, bias, gate, residual = aqgemm_operands(args, attrs)
     fmt, act, glu = attrs["format"], attrs["act"], attrs["glu"]
     m, k, nw = math.prod(x.shape[:-1]), x.shape[-1], wq.shape[0]
     x2, lead = x.reshape(m, k), tuple(x.shape[:-1])
 
     def quantized():  # (codes [..., K], scales [...])
+        if codes is not None:
+            return codes
         q, s = tqr.quantize_rows(x2, fmt, smooth)
         return q.view(*lead, k), s.view(lead)
 
     candidates = {}
-    if _triton_ok(tqr.DTYPES, x.dtype, device, tqr.INTERPRET):
+    if quantizes(x.dtype, device):
         cfgs = taq.configs(m, glu) if device.type == "cuda" else [taq.INTERPRET_CONFIG]
         for c in cfgs[:TRITON_AQGEMM_CONFIGS]:
             candidates[config_name("triton-aqgemm", c)] = (
@@ -259,7 +266,46 @@ def aqgemm(args: list, attrs: dict, out: torch.Tensor, tmp: torch.Tensor | None,
     what = {"op": "AQGEMM", "format": fmt, "x": list(x.shape), "x_stride": list(x.stride()), "w": list(wq.shape),
             "dtype": str(x.dtype), "smooth": smooth is not None, "act": act, "glu": glu, "bias": bias is not None,
             "gate": None if gate is None else list(gate.shape), "residual": None if residual is None else list(residual.shape)}
+    if codes is not None:  # (the GEMM alone: another measurement than quantizer + GEMM)
+        what["codes"] = True
     return what, candidates
+
+
+def quantizes(dtype: torch.dtype, device: torch.device) -> bool:
+    """kiln's row quantizer takes an AQGEMM's x of ``dtype`` on ``device`` (else the AQGEMM runs its reference)."""
+    return _triton_ok(tqr.DTYPES, dtype, device, tqr.INTERPRET)
+
+
+def quantizer(x: torch.Tensor, fmt: str, codes: torch.Tensor, scales: torch.Tensor, smooth: torch.Tensor | None):
+    """A call writing the ``fmt`` codes [..., K] and scales [...] of x [..., K] (times ``smooth``) by kiln's row kernel."""
+    m, k = math.prod(x.shape[:-1]), x.shape[-1]
+    q2, s2 = codes.view(m, k), scales.view(m)
+    return lambda: tqr.quantize_rows(x.reshape(m, k), fmt, smooth, out=(q2, s2))
+
+
+def act_codes(group, args: list, outs: list, codes: dict, bindings: dict, cache) -> tuple[dict, dict, dict]:
+    """A pointwise group whose outputs ``codes`` names feed AQGEMMs as codes (``schedule.act_codes``; output x ->
+    (format, codes [..., K], scales [...], smooth or None)): "fused", the group's kernel storing those x as codes and
+    scales itself (x not stored), and "separate", the kernel storing every output into ``outs``, then ``quantizer``
+    on each x. Returns (what, candidates, steps): steps gives per candidate the calls it makes as (kind, run) pairs,
+    which the plan lists as calls of their own."""
+    def plain():
+        launch(group, args, bindings, out=outs, cache=cache)
+
+    def fused():
+        launch(group, args, bindings, out=outs, cache=cache, codes=codes)
+    quantize = [quantizer(outs[group.outputs.index(x)], fmt, q, s, c) for x, (fmt, q, s, c) in codes.items()]
+
+    def separate():
+        plain()
+        for f in quantize:
+            f()
+    steps = {"fused": [("pointwise", fused)], "separate": [("pointwise", plain)] + [("quantize", f) for f in quantize]}
+    tensors = [t for t in args if isinstance(t, torch.Tensor)]
+    what = {"op": "ACT_CODES", "ops": [n.op for n in group.nodes], "out": [list(t.shape) for t in outs if t is not None],
+            "in": [[list(t.shape), list(t.stride()), str(t.dtype)] for t in tensors],
+            "codes": [[group.outputs.index(x), fmt, c is not None] for x, (fmt, _, _, c) in codes.items()]}
+    return what, {"fused": fused, "separate": separate}, steps
 
 
 def _aqgemm_library(quantized, wq, ws, epilogue_ops: tuple, attrs: dict, out, device: torch.device, mkn: tuple) -> dict:

@@ -11,6 +11,15 @@ each output's dtype; an explicit CAST to a half type rounds, so the numbers foll
 
 ``EXPR`` is the one op -> Triton expression table; ``ROW_OPS`` renders the row reductions. Anything
 not in them (or declined by ``fusible``) is not scheduled into a pointwise group.
+
+Codes (the activation quantizer of the AQGEMMs an output x feeds, fused: see ``schedule.py``'s ``Group.codes``). With
+whole rows in a tile the kernel can store x as the quantizer would, in place of x itself:
+
+    s[m] = max(amax_k |x[m, k] * c[k]| / qmax, tiny)          float32 [M]      (c: the optional smooth vector)
+    q[m, k] = round(x[m, k] * c[k] / s[m])                    int8 / e4m3 [M, K]   (|.| <= qmax)
+
+with x first rounded to its own dtype (the value the float store would have written) and the scale and codes of
+``kernels/quantize_rows.py`` (``row_scale``, ``row_codes``): the same numbers as the row quantizer reading x.
 """
 from __future__ import annotations
 
@@ -24,6 +33,7 @@ import triton
 from ..ir.interpret import eval_nodes
 from ..ir.types import eval_dim, torch_dtype
 from .cache import Cache, key
+from .kernels import quantize_rows as tqr
 
 MAX_ROW = 16384  # longest row a reduction group holds in one tile
 
@@ -148,17 +158,22 @@ def _row_op(op, v, args, a, ct) -> list[str]:
     return lines + [f"{v} = {v} - tl.log(tl.sum({v}_e, axis=1)[:, None])"]
 
 
-def render(group, rank: int) -> str:
+def render(group, rank: int, codes: tuple = ()) -> str:
     """Triton source of the kernel computing ``group`` over a domain of ``rank`` dims (>= 2, padded).
 
     Signature: one pointer per tensor input, then per output; ``M, N``; the lead sizes ``size_0 ..
-    size_{rank-2}``; per tensor input and output its ``rank`` domain strides; ``BLOCK_M, BLOCK_N``."""
+    size_{rank-2}``; per tensor input and output its ``rank`` domain strides; ``BLOCK_M, BLOCK_N``.
+    ``codes``: (output index, format, smooth) of each output stored as codes (module docstring, whole rows in a
+    tile): its pointer and strides are the codes' [*lead, N], and after the outputs' pointers come its scales'
+    (float32, contiguous [M]) and, with ``smooth``, the smooth vector's (float32 [N])."""
     tensors = [i for i in group.inputs if _const_value(i) is None]
     name = {n: f"in{k}" for k, n in enumerate(tensors)}
     name.update({n: f"out{k}" for k, n in enumerate(group.outputs)})
+    coded = {group.outputs[k]: (fmt, smooth) for k, fmt, smooth in codes}
     lead = [f"size_{d}" for d in range(rank - 1)]
     strides = [f"s_{name[t]}_{d}" for t in tensors + list(group.outputs) for d in range(rank)]
-    params = [f"{name[t]}_ptr" for t in tensors + list(group.outputs)] + ["M", "N"] + lead + strides
+    extra = [f"{p}_{name[n]}_ptr" for n, (_, smooth) in coded.items() for p in ("sc", "c")[:1 + smooth]]
+    params = [f"{name[t]}_ptr" for t in tensors + list(group.outputs)] + extra + ["M", "N"] + lead + strides
     body = [
         "pid_m = tl.program_id(0)",
         "rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)",
@@ -184,30 +199,50 @@ def render(group, rank: int) -> str:
         val[t] = f"x{k}"
         body.append(f"x{k} = tl.load({name[t]}_ptr + {offsets(t)}, mask=mask, other=0).to({_CT[t.dtype]})")
     for k, n in enumerate(group.nodes):
-        v, ct, key = f"v{k}", _CT[n.dtype], expr_key(n)
-        if key in ROW_OPS:
-            args = [_as(val[i], ct, i) for i in n.inputs]
-            body += _row_op(key, v, args, n.attrs, ct)
-            body.append(f"{v} = {v}.to({ct})")
-        else:
-            args = _operands(n, val)
-            fields = dict(n.attrs, ct=ct, tl_dtype=_TL.get(n.attrs.get("dtype"), ct))
-            if key == "POW:base":
-                fields["log_base"] = _literal(math.log(_const_value(n.inputs[0])))
-            if key == "ROPE":  # x is a group input (schedule ensures it): load it again at the partner column
-                x = n.inputs[0]
-                partner = "tl.where(cols < N // 2, cols + N // 2, cols - N // 2)"
-                body.append(f"{v}_p = tl.load({name[x]}_ptr + {offsets(x, partner)}, mask=mask, other=0).to({ct})")
-                fields["p"] = f"{v}_p"
-            body.append(f"{v} = ({EXPR[key].format(*args, **fields)}).to({ct})")
-        val[n] = v
+        body += _compute(n, f"v{k}", val, name, offsets)
     for n in group.outputs:
-        body.append(f"tl.store({name[n]}_ptr + {offsets(n)}, {val[n]}.to({name[n]}_ptr.dtype.element_ty), mask=mask)")
+        if n in coded:
+            body += _store_codes(name[n], val[n], n.dtype, *coded[n], offsets(n))
+        else:
+            body.append(f"tl.store({name[n]}_ptr + {offsets(n)}, {val[n]}.to({name[n]}_ptr.dtype.element_ty), mask=mask)")
     sig = ",\n    ".join(params + ["BLOCK_M: tl.constexpr", "BLOCK_N: tl.constexpr"])
-    ops = " -> ".join(n.op for n in group.nodes)
+    ops = " -> ".join(n.op for n in group.nodes) + "".join(f"; {name[n]} as {fmt} codes" for n, (fmt, _) in coded.items())
+    imports = f"from {tqr.__name__} import row_codes, row_scale\n" if coded else ""
     return ("# generated by kiln.codegen.pointwise: " + ops + "\n"
-            "import triton\nimport triton.language as tl\n\n\n@triton.jit\n"
+            f"import triton\nimport triton.language as tl\n{imports}\n\n@triton.jit\n"
             f"def kernel(\n    {sig},\n):\n" + "".join(f"    {line}\n" for line in body))
+
+
+def _compute(n, v: str, val: dict, name: dict, offsets) -> list[str]:
+    """Lines computing node ``n`` into ``v`` (its compute type) from the values ``val`` (which gains ``n``)."""
+    ct, key = _CT[n.dtype], expr_key(n)
+    val[n] = v
+    if key in ROW_OPS:
+        args = [_as(val[i], ct, i) for i in n.inputs]
+        return _row_op(key, v, args, n.attrs, ct) + [f"{v} = {v}.to({ct})"]
+    lines, args = [], _operands(n, val)
+    fields = dict(n.attrs, ct=ct, tl_dtype=_TL.get(n.attrs.get("dtype"), ct))
+    if key == "POW:base":
+        fields["log_base"] = _literal(math.log(_const_value(n.inputs[0])))
+    if key == "ROPE":  # x is a group input (schedule ensures it): load it again at the partner column
+        x = n.inputs[0]
+        partner = "tl.where(cols < N // 2, cols + N // 2, cols - N // 2)"
+        lines.append(f"{v}_p = tl.load({name[x]}_ptr + {offsets(x, partner)}, mask=mask, other=0).to({ct})")
+        fields["p"] = f"{v}_p"
+    return lines + [f"{v} = ({EXPR[key].format(*args, **fields)}).to({ct})"]
+
+
+def _store_codes(o: str, v: str, dtype: str, fmt: str, smooth: bool, at: str) -> list[str]:
+    """Lines storing ``v`` (an output of IR dtype ``dtype``, in its compute type) as ``fmt`` codes at ``{o}_ptr + at``
+    and its rows' scales at ``sc_{o}_ptr + rows`` (module docstring; masked lanes hold anything: not in the maxima)."""
+    qmax = tqr.FORMATS[fmt][1]
+    x = f"{v}.to({_TL[dtype]}).to(tl.float32)" if dtype in ("float16", "bfloat16") else v  # the value x's store rounds to
+    if smooth:
+        x = f"{x} * tl.load(c_{o}_ptr + cols, mask=cmask, other=0.0)[None, :]"
+    return [f"{v}_a = {x}",
+            f"{v}_s = row_scale(tl.max(tl.where(mask, tl.abs({v}_a), 0.0), axis=1), {qmax})",
+            f"tl.store(sc_{o}_ptr + rows, {v}_s, mask=rows < M)",
+            f"tl.store({o}_ptr + {at}, row_codes({v}_a, {v}_s, {qmax}, {fmt == 'fp8'}, {tqr.INTERPRET}), mask=mask)"]
 
 
 def _operands(n, val) -> list[str]:
@@ -243,36 +278,45 @@ def load(source: str, cache: Cache):
     return mod
 
 
-def row_length_ok(group, bindings) -> bool:
+def row_length_ok(group, bindings, whole: bool = False) -> bool:
+    """The group's rows fit one tile where it must hold them whole (a row reduction, or ``whole``: codes)."""
     n = eval_dim(group.outputs[0].shape[-1], bindings) if group.outputs[0].shape else 1
-    return n <= MAX_ROW or not any(expr_key(m) in ROW_OPS for m in group.nodes)
+    return n <= MAX_ROW or not (whole or any(expr_key(m) in ROW_OPS for m in group.nodes))
 
 
-def launch(group, tensors: list, bindings: dict, out: list | None = None, cache: Cache | None = None) -> list[torch.Tensor]:
+def launch(group, tensors: list, bindings: dict, out: list | None = None, cache: Cache | None = None,
+           codes: dict | None = None) -> list[torch.Tensor]:
     """Run ``group``: ``tensors`` align with ``group.inputs`` (CONST inputs may be None); returns (or
     fills ``out``) the tensors of ``group.outputs``, contiguous, in their IR dtypes. The kernel's source lives
-    in ``cache`` (the target's; default: the default cache directory)."""
+    in ``cache`` (the target's; default: the default cache directory). ``codes``: output -> (format, codes, scales,
+    smooth or None) for outputs stored as the AQGEMM quantizer's codes [*lead, N] and contiguous float32 scales
+    [*lead] instead (module docstring; their entries of ``out`` are not written, None when allocated here)."""
+    codes = codes or {}
     shape = [eval_dim(d, bindings) for d in group.outputs[0].shape]
     given = [t for t in tensors if isinstance(t, torch.Tensor)]
     device = given[0].device if given else torch.device("cpu")
     if out is None:
-        out = [torch.empty(shape, dtype=torch_dtype(n.dtype), device=device) for n in group.outputs]
-    if not row_length_ok(group, bindings):  # a row longer than one tile: the reference ops
+        out = [None if n in codes else torch.empty(shape, dtype=torch_dtype(n.dtype), device=device) for n in group.outputs]
+    if not row_length_ok(group, bindings, bool(codes)):  # a row longer than one tile: the reference ops
+        if codes:
+            raise ValueError(f"pointwise launch: codes need whole rows in a tile, rows of {shape[-1]} > {MAX_ROW}")
         return _reference(group, tensors, bindings, out)
     dom = [1] * max(0, 2 - len(shape)) + shape  # rank >= 2: [*lead, N]
     rank = len(dom)
-    src = _render_cached(group, rank)
-    kern = load(src, cache if cache is not None else Cache()).kernel
+    spec = tuple((k, codes[n][0], codes[n][3] is not None) for k, n in enumerate(group.outputs) if n in codes)
+    kern = load(_render_cached(group, rank, spec), cache if cache is not None else Cache()).kernel
+    stored = [codes[n][1] if n in codes else t for n, t in zip(group.outputs, out)]
     ptrs, strides = [], []
-    for node, t in list(zip(group.inputs, tensors)) + list(zip(group.outputs, out)):
+    for node, t in list(zip(group.inputs, tensors)) + list(zip(group.outputs, stored)):
         if _const_value(node) is not None:
             continue
         e = t.expand(shape) if shape else t.reshape(())  # broadcast dims get stride 0
         ptrs.append(e)
         strides += [0] * (rank - len(shape)) + [s if n > 1 else 0 for s, n in zip(e.stride(), shape)]
+    ptrs += [_contiguous(t, n) for n in group.outputs if n in codes for t in codes[n][2:] if t is not None]
     m, n = math.prod(dom[:-1]), dom[-1]
-    reduces = any(expr_key(x) in ROW_OPS for x in group.nodes)
-    block_n = triton.next_power_of_2(n) if reduces else min(triton.next_power_of_2(n), 1024)
+    whole = codes or any(expr_key(x) in ROW_OPS for x in group.nodes)  # whole rows in a tile
+    block_n = triton.next_power_of_2(n) if whole else min(triton.next_power_of_2(n), 1024)
     block_m = max(1, min(triton.next_power_of_2(m), 4096 // block_n))
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
     if m * n:
@@ -281,14 +325,21 @@ def launch(group, tensors: list, bindings: dict, out: list | None = None, cache:
     return out
 
 
-_RENDERED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # group -> {rank: source}
+def _contiguous(t: torch.Tensor, node) -> torch.Tensor:
+    if t.dtype != torch.float32 or not t.is_contiguous():
+        raise ValueError(f"pointwise launch: the scales / smooth vector of {node!r}'s codes must be contiguous float32, "
+                         f"got {t.dtype} {tuple(t.stride())}")
+    return t
 
 
-def _render_cached(group, rank: int) -> str:
+_RENDERED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # group -> {(rank, codes): source}
+
+
+def _render_cached(group, rank: int, codes: tuple = ()) -> str:
     per_rank = _RENDERED.setdefault(group, {})
-    if rank not in per_rank:
-        per_rank[rank] = render(group, rank)
-    return per_rank[rank]
+    if (rank, codes) not in per_rank:
+        per_rank[rank, codes] = render(group, rank, codes)
+    return per_rank[rank, codes]
 
 
 def _reference(group, tensors, bindings, out):

@@ -26,6 +26,13 @@ Norm prologues. An RMSNORM in a pointwise group of its own whose one reader is a
 input and post-attention norms before the QKV and gate/up projections, the final norm before the LM head) joins
 that GEMM's group: ``lower.py`` then offers the norm folded into the skinny template's loads (one launch, at most
 16 rows: decode) beside the norm's own kernel followed by the GEMM (every row count: prefill).
+
+Activation codes. An AQGEMM quantizes its x per row (codes + one scale a row) before its GEMM. Where x is an output
+of a pointwise group that can hold its rows whole (x has the domain's shape, rows of at most ``MAX_ROW``) and every
+reader of x is an AQGEMM reading it as x, with one format and one smooth vector (a merged QKV is one reader), the
+group records it in ``Group.codes`` (see ``act_codes``): ``lower.py`` then offers the group's kernel storing x as those
+codes and scales itself (the quantizer in its epilogue, x not stored) beside the kernel storing x followed by the
+row quantizer; the AQGEMMs read the codes either way.
 """
 from __future__ import annotations
 
@@ -35,6 +42,7 @@ from ..ir.bind import bind_inputs
 from ..ir.graph import Graph, Node
 from ..ir.interpret import data_device, eval_nodes
 from ..ir.ops import SOURCE_OPS, fits
+from ..ir.ops_fused import aqgemm_operands
 from ..ir.types import dims_equal, is_static
 from .pointwise import MAX_ROW, ROW_OPS, expr_key, fusible, launch
 
@@ -42,6 +50,15 @@ GEMM_OPS = frozenset({"GEMM", "LINEAR", "MATMUL", "QGEMM", "AQGEMM"})
 PROLOGUE_GEMMS = frozenset({"GEMM", "LINEAR", "QGEMM"})  # the ops of the weight-streaming template (a norm prologue)
 CONV_OPS = frozenset({"CONV2D", "CONV"})
 VIEW_OPS = frozenset({"PERMUTE", "SLICE", "EXPAND", "RESHAPE"})
+CODE_DTYPES = ("float16", "bfloat16", "float32")  # what the row quantizer reads (``kernels/quantize_rows.py``)
+
+
+@dataclass(frozen=True)
+class Codes:
+    """How the AQGEMMs reading a value quantize it: ``fmt`` ("int8" / "fp8") codes of value * ``smooth`` (a stored [K]
+    vector, or None), one float32 scale per row."""
+    fmt: str
+    smooth: Node | None
 
 
 @dataclass(eq=False)
@@ -50,6 +67,7 @@ class Group:
     nodes: list[Node]
     inputs: list[Node] = field(default_factory=list)  # values read from other groups, first-use order
     outputs: list[Node] = field(default_factory=list)  # members read by other groups or graph outputs
+    codes: dict = field(default_factory=dict)  # pointwise: output -> Codes, where it may be stored as those (``act_codes``)
 
     @property
     def domain(self) -> tuple:
@@ -174,6 +192,8 @@ class _Scheduler:
             members = set(g.nodes)
             g.inputs = list(dict.fromkeys(i for n in g.nodes for i in n.inputs if i not in members))
             g.outputs = [n for n in g.nodes if n in self.outputs or any(u not in members for u in n.users)]
+            if g.kind == "pointwise":
+                g.codes = {x: c for x in g.outputs if (c := act_codes(x, g.domain, self.outputs)) is not None}
         return self.order(groups)
 
     def foldable_norm(self, n: Node) -> bool:
@@ -235,6 +255,25 @@ class _Scheduler:
                 done.add(g)
                 out.append(stack.pop())
         return out
+
+
+def act_codes(x: Node, domain: tuple, outputs: set) -> Codes | None:
+    """How the readers of ``x``, an output of a pointwise group over ``domain``, quantize it, where that group can
+    store it so (module docstring): every reader an AQGEMM reading x as its x only, one format and one stored smooth
+    vector (or none) among them, x no graph output, of the domain's shape with static rows of at most ``MAX_ROW``, in
+    a dtype the quantizer reads. None otherwise."""
+    readers = list(x.users)
+    if not readers or any(u.op != "AQGEMM" or u.inputs[0] is not x or any(i is x for i in u.inputs[1:]) for u in readers):
+        return None
+    if x in outputs or x.dtype not in CODE_DTYPES or not _same(x.shape, domain):
+        return None
+    if not isinstance(x.shape[-1], int) or x.shape[-1] > MAX_ROW:
+        return None
+    kinds = {Codes(u.attrs["format"], aqgemm_operands(u.inputs, u.attrs)[3]) for u in readers}
+    if len(kinds) != 1:
+        return None
+    c = kinds.pop()
+    return c if c.smooth is None or (c.smooth.op in SOURCE_OPS and c.smooth.dtype == "float32") else None
 
 
 def norm_prologue(g: Group) -> Group | None:

@@ -12,9 +12,11 @@ protocol of ``plan.py``. Built in four named steps:
    that reads it or a view of it]; graph outputs live to the end; a cuBLAS GLU needs a scratch [M, 2N] for
    one step, an SDPA prefill on a quantized KV cache the cache dequantized, a skinny (decode) GEMM's split-K its
    workspace (the largest its candidates need, planned before the tuner picks one) and its counters (alive over
-   the whole plan, so zero from the arena's allocation on: each call leaves them zero). The intervals are packed
-   into one arena (``memory.py``); inputs get their own static buffers, and so do graph outputs a kernel writes
-   and the values outputs are views of (handed to the caller without a copy: ``_OutputSet``).
+   the whole plan, so zero from the arena's allocation on: each call leaves them zero), an AQGEMM the codes +
+   scales of its x (from the kernel producing x to the last AQGEMM reading them, where that kernel may store them:
+   the float x then lives inside that step only). The intervals are packed into one arena (``memory.py``); inputs
+   get their own static buffers, and so do graph outputs a kernel writes and the values outputs are views of
+   (handed to the caller without a copy: ``_OutputSet``).
 3. Calls (:meth:`KernelPlan._calls`). Each group becomes one closure over fixed tensors: a pointwise group
    its generated Triton kernel; a GEMM or attention the fastest of its candidates (``codegen/lower.py``,
    measured per shape by the target's tuner); anything else its torch reference, copied into the buffer.
@@ -38,6 +40,7 @@ from ..codegen.schedule import VIEW_OPS, Group, norm_prologue, rope_kv_parts
 from ..ir.graph import Graph, Node
 from ..ir.interpret import eval_node, node_attrs
 from ..ir.ops import COLLECTIVE_OPS, index_copy
+from ..ir.ops_fused import AQ_FORMATS, aqgemm_operands
 from ..ir.types import eval_dim, torch_dtype
 from .layouts import CHANNELS_LAST, channels_last_values
 from .memory import Liveness, nbytes
@@ -103,6 +106,11 @@ def _pitch(shape) -> int | None:
     padded to a multiple of 64 (torch.compile pads the same way). None: no padding."""
     n = shape[-1] if shape else 0
     return -(-n // 64) * 64 if n >= 256 and n % 8 else None
+
+
+def _codes_scales_at(shape) -> int:
+    """Where the float32 scales of codes [..., K] (one byte each) begin in their buffer: after the codes, 256-aligned."""
+    return -(-math.prod(shape) // 256) * 256
 
 
 def _meta(t: torch.Tensor) -> torch.Tensor:
@@ -342,11 +350,15 @@ class KernelPlan(Plan):
         self.workspace: dict[int, tuple] = {}
         self.counters: dict[int, tuple] = {}
         self.prologue: dict[int, int] = {}  # gemm group index -> key of its norm prologue's output
+        self.codes: dict[Node, int] = {}  # pointwise output x its kernel may store as AQGEMM codes -> key of codes + scales
+        self.quantizing: dict[int, int] = {}  # AQGEMM group index -> key of the codes + scales it quantizes its x into
         for k, (g, kind) in enumerate(zip(self.groups, self.kinds)):
             if kind in ("view", "source", "constant"):
                 continue
             for i in g.inputs if kind != "update" else g.nodes[0].inputs[1:]:
-                lv.read(self.val[i].root if i in self.val else None, k)
+                if not (kind == "gemm" and i in self.codes):  # (an AQGEMM reads x's codes instead: _act_codes)
+                    lv.read(self.val[i].root if i in self.val else None, k)
+            self._act_codes(lv, k, g, kind)
             for o in g.outputs if kind != "rope_kv" else g.nodes[:1]:
                 lv.write(self.slot[o], k, self._nbytes(o))
             n = g.nodes[-1]  # (a gemm group's GEMM comes after its norm prologue)
@@ -417,6 +429,33 @@ class KernelPlan(Plan):
             lv.write(self.counters[k][0], 0, count)
             lv.read(self.counters[k][0], len(self.groups))
 
+    def _act_codes(self, lv: Liveness, k: int, g: Group, kind: str) -> None:
+        """The codes + scales of AQGEMM inputs: written by the pointwise group k for each output in ``g.codes`` (read by
+        the AQGEMMs instead of x), or by AQGEMM group k's own quantizer call when its x has none."""
+        key = lambda n: -1 - 4 * len(self.groups) - self.slot[n]  # noqa: E731 (apart from the counters' keys)
+        size = lambda x: _codes_scales_at(self.shape_of[x]) + 4 * math.prod(self.shape_of[x][:-1])  # noqa: E731
+        if kind == "pointwise":
+            for x in g.codes:
+                if lower.quantizes(torch_dtype(x.dtype), self.device):
+                    self.codes[x] = key(x)
+                    lv.write(key(x), k, size(x))
+        n = g.nodes[-1]
+        if kind == "gemm" and n.op == "AQGEMM":
+            x = n.inputs[0]
+            if x in self.codes:
+                lv.read(self.codes[x], k)
+            elif lower.quantizes(torch_dtype(x.dtype), self.device):
+                self.quantizing[k] = key(n)
+                lv.write(key(n), k, size(x))
+
+    def _codes_buffers(self, key: int, x: Node, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(codes [..., K], scales [...]) of x in the arena at ``key``: the codes (one byte each), then the float32 scales
+        (``_codes_scales_at``)."""
+        shape, off = self.shape_of[x], self.memory.offsets[key]
+        at, m = off + _codes_scales_at(shape), math.prod(shape[:-1])
+        q = self.arena[off: off + math.prod(shape)].view(torch_dtype(AQ_FORMATS[fmt])).view(shape)
+        return q, self.arena[at: at + 4 * m].view(torch.float32).view(shape[:-1])
+
     def _buffer(self, key: int, shape, dtype: torch.dtype, perm=None, pitch=None) -> torch.Tensor:
         off = self.memory.offsets[key]
         raw = self.arena[off: off + self.memory.sizes[key]].view(dtype)
@@ -468,7 +507,13 @@ class KernelPlan(Plan):
             if k in self.prologue:
                 norm = g.nodes[0]
                 self.env[norm] = self._buffer(self.prologue[k], self.shape_of[norm], torch_dtype(norm.dtype))
-            calls.append(self._call(g, kind, tmp, ws))
+            if kind == "pointwise" and any(x in self.codes for x in g.codes):
+                calls += self._coded_calls(g)
+                continue
+            codes = self._aqgemm_codes(k, g) if kind == "gemm" and g.nodes[-1].op == "AQGEMM" else None
+            if k in self.quantizing:
+                calls.append(self._quantizer_call(g, codes))
+            calls.append(self._call(g, kind, tmp, ws, codes))
         return calls + self._state_copies()
 
     def _views(self, g: Group) -> None:
@@ -496,7 +541,7 @@ class KernelPlan(Plan):
             self.env[node] = buf
         return calls
 
-    def _call(self, g: Group, kind: str, tmp, workspace=None) -> KernelCall:
+    def _call(self, g: Group, kind: str, tmp, workspace=None, codes: tuple | None = None) -> KernelCall:
         b, device = self.bindings, self.device
         if kind == "pointwise":
             args, outs, cache = [self.env.get(i) for i in g.inputs], [self.env[o] for o in g.outputs], self.target.cache
@@ -508,8 +553,10 @@ class KernelPlan(Plan):
         if kind == "gemm":
             if n.op == "LINEAR":
                 attrs = dict(bias=len(args) > 2, act="none", glu=False, gate=False, residual=False)
-            what, candidates = {"QGEMM": lower.qgemm, "AQGEMM": lower.aqgemm}.get(n.op, lower.gemm)(args, attrs, out, tmp, device,
-                                                                                                 workspace, self._norm(g))
+            if n.op == "AQGEMM":
+                what, candidates = lower.aqgemm(args, attrs, out, tmp, device, workspace, codes=codes)
+            else:
+                what, candidates = {"QGEMM": lower.qgemm}.get(n.op, lower.gemm)(args, attrs, out, tmp, device, workspace, self._norm(g))
         elif kind == "attention":
             what, candidates = lower.attention(args, attrs, out, tmp, device)
         elif kind == "conv":
@@ -541,6 +588,33 @@ class KernelPlan(Plan):
         what, candidates = lower.rope_kv(args, self.env[q_rope], self.env[kc], self.env[vc], self.env[k_rope], ropes, self.device)
         choice = self.target.tuner.choose("rope_kv", what, candidates, self.device)
         return KernelCall(g, "rope_kv", candidates[choice], choice)
+
+    def _aqgemm_codes(self, k: int, g: Group) -> tuple | None:
+        """(codes, scales) of AQGEMM group k's x, as its producer or its own quantizer call writes them (None: neither,
+        the AQGEMM quantizes x itself)."""
+        n = g.nodes[-1]
+        x = n.inputs[0]
+        key = self.codes.get(x, self.quantizing.get(k))
+        return None if key is None else self._codes_buffers(key, x, n.attrs["format"])
+
+    def _quantizer_call(self, g: Group, codes: tuple) -> KernelCall:
+        """AQGEMM group g's quantizer, a launch of its own: x -> ``codes`` (codes, scales) by kiln's row kernel."""
+        n = g.nodes[-1]
+        smooth = aqgemm_operands([self.env[i] for i in n.inputs], n.attrs)[3]
+        return KernelCall(g, "quantize", lower.quantizer(self.env[n.inputs[0]], n.attrs["format"], *codes, smooth))
+
+    def _coded_calls(self, g: Group) -> list[KernelCall]:
+        """A pointwise group some of whose outputs feed AQGEMMs as codes: its kernel storing them itself ("fused") or
+        its kernel and then a quantizer call per such output ("separate"), as the tuner picks (``lower.act_codes``)."""
+        codes = {}
+        for x, c in g.codes.items():
+            if x in self.codes:
+                smooth = self.env[c.smooth].contiguous() if c.smooth is not None else None
+                codes[x] = (c.fmt, *self._codes_buffers(self.codes[x], x, c.fmt), smooth)
+        args, outs = [self.env.get(i) for i in g.inputs], [self.env[o] for o in g.outputs]
+        what, candidates, steps = lower.act_codes(g, args, outs, codes, self.bindings, self.target.cache)
+        choice = self.target.tuner.choose("quantize", what, candidates, self.device)
+        return [KernelCall(g, kind, run, choice if kind == "pointwise" else "") for kind, run in steps[choice]]
 
     def _norm(self, g: Group) -> dict | None:
         """A gemm group's norm prologue as ``lower.gemm`` takes it (None without one): its input, weight and eps, and

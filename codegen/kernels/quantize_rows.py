@@ -14,9 +14,9 @@ fused multiply-adds, which is why the GPU path does not use it) and the cast has
 subnormals (|v| < 2**-6, i.e. below amax / 28672) the interpreter still flushes to zero.
 
 One program owns BLOCK_M rows and walks K twice in BLOCK_K steps: the row maxima, then the codes (the second read
-of a row mostly hits L2). Where the GEMM's producer is a norm kernel this is a second kernel, not a fused
-epilogue: kiln's norms are generated pointwise kernels whose outputs all have the domain's shape, and the scales
-[M] are narrower.
+of a row mostly hits L2). The scale and the codes of a tile are ``row_scale`` and ``row_codes``, which a generated
+pointwise kernel holding whole rows calls too when it stores its output as codes (``codegen/pointwise.py``: the
+quantizer fused into the kernel producing the activations, no pass of its own).
 """
 from __future__ import annotations
 
@@ -33,6 +33,26 @@ FORMATS = {"int8": (torch.int8, 127.0), "fp8": (torch.float8_e4m3fn, 448.0)}  # 
 TINY = tl.constexpr(1.1754943508222875e-38)  # float32's smallest normal: the scale of an all-zero row (constexpr: a kernel reads it)
 
 INTERPRET_CONFIG = dict(BLOCK_M=4, BLOCK_K=16)
+
+
+@triton.jit
+def row_scale(amax, QMAX: tl.constexpr):
+    # amax [BLOCK_M] float32 -> the rows' scales: one IEEE division, never below TINY
+    return tl.maximum(tl.div_rn(amax, QMAX), TINY)
+
+
+@triton.jit
+def row_codes(x, scale, QMAX: tl.constexpr, FP8: tl.constexpr, EMULATE_FP8: tl.constexpr):
+    # x [BLOCK_M, BLOCK_K] float32 (smoothed), scale [BLOCK_M] -> int8 / e4m3 codes (module docstring)
+    v = tl.minimum(tl.maximum(tl.div_rn(x, scale[:, None]), -QMAX), QMAX)
+    if FP8:
+        if EMULATE_FP8:  # (module docstring)
+            c = v * 1048577.0
+            v = c - (c - v)
+        q = v.to(tl.float8e4nv)
+    else:
+        q = ((v + 12582912.0) - 12582912.0).to(tl.int8)  # round half to even (module docstring)
+    return q
 
 
 @triton.jit
@@ -56,7 +76,7 @@ def _quantize_rows_kernel(
         if HAS_SMOOTH:
             x = x * tl.load(c_ptr + kk + offs_k, mask=kk + offs_k < K, other=0.0)[None, :]
         amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
-    scale = tl.maximum(tl.div_rn(amax, QMAX), TINY)  # [BLOCK_M]
+    scale = row_scale(amax, QMAX)  # [BLOCK_M]
     tl.store(s_ptr + rows, scale, mask=mask_m)
 
     for kk in range(0, K, BLOCK_K):
@@ -64,14 +84,7 @@ def _quantize_rows_kernel(
         x = tl.load(x_ptr + rows[:, None] * stride_xm + (kk + offs_k)[None, :] * stride_xk, mask=mask, other=0.0).to(tl.float32)
         if HAS_SMOOTH:
             x = x * tl.load(c_ptr + kk + offs_k, mask=kk + offs_k < K, other=0.0)[None, :]
-        v = tl.minimum(tl.maximum(tl.div_rn(x, scale[:, None]), -QMAX), QMAX)
-        if FP8:
-            if EMULATE_FP8:  # (module docstring)
-                c = v * 1048577.0
-                v = c - (c - v)
-            q = v.to(tl.float8e4nv)
-        else:
-            q = ((v + 12582912.0) - 12582912.0).to(tl.int8)  # round half to even (module docstring)
+        q = row_codes(x, scale, QMAX, FP8, EMULATE_FP8)
         tl.store(q_ptr + rows[:, None] * stride_qm + (kk + offs_k)[None, :] * stride_qk, q, mask=mask)
 
 

@@ -1,0 +1,93 @@
+"""The kernels plan with the activation quantizer fused into the kernels that produce the AQGEMMs' inputs (CPU under
+TRITON_INTERPRET=1): a tiny DiT and a tiny Llama compiled with quantize="fp8" and "w8a8" give, with the fused form
+forced, the output of the plan with it forced apart (the producer's kernel, then kiln's row quantizer), bit for bit,
+with one launch fewer per fused quantizer; the codes and scales are planned in the arena like any buffer."""
+import pytest
+import torch
+
+import kiln
+from kiln.codegen.tuning import Tuner
+from kiln.ir.interpret import interpret
+from kiln.runtime.executor import Executor
+from kiln.runtime.memory import check_plan
+from kiln.runtime.target import Target
+from kiln.testing import rel_err
+
+pytestmark = pytest.mark.interpreter
+
+# (fusible quantizers, AQGEMMs) of the tiny models. DiT: per block the modulated norms before QKV and the MLP and the
+# SiLU before each adaLN projection, and the final modulated norm (fp8 only: w8a8 keeps the output head float); the
+# attention output, the MLP's hidden value and the class-embedding concat reach their AQGEMMs from other kernels.
+# Llama: the RMSNorms before QKV and gate/up, and before the LM head in fp8 (w8a8 keeps it float)
+FUSIBLE = {("dit", "fp8"): (13, 20), ("dit", "w8a8"): (12, 19), ("llama", "fp8"): (5, 9), ("llama", "w8a8"): (4, 8)}
+FORCE = {"gemm": "triton-aqgemm", "attention": "sdpa"}
+
+
+@pytest.fixture(autouse=True)
+def _cache_dir(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("KILN_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "kiln-cache"))
+
+
+@pytest.fixture(scope="module")
+def compiled(pipeline_models):
+    hf_llm, ids, llm_dims = pipeline_models["llama"]
+    dit, dit_inputs, dit_dims = pipeline_models["dit"]
+    llm, dt = hf_llm(), dit()
+    out = {}
+    for mode in ("fp8", "w8a8"):
+        config = kiln.CompileConfig(quantize=mode)
+        calib = [(ids(1, 32, seed=10 + s),) for s in range(2)]
+        out["llama", mode] = kiln.compile(llm, (ids(2, 7),), dynamic=llm_dims, config=config, calibration=calib).graph, [ids(2, 12, seed=24)]
+        calib = [tuple(dit_inputs(2, seed=s).values()) for s in range(2)]
+        out["dit", mode] = (kiln.compile(dt, tuple(dit_inputs(2).values()), dynamic=dit_dims, config=config, calibration=calib).graph,
+                            list(dit_inputs(2, seed=7).values()))
+    return out
+
+
+def run(graph, inputs, form: str):
+    ex = Executor(graph, Target.from_config(kiln.CompileConfig(backend="kernels"), tuner=Tuner(force={**FORCE, "quantize": form})))
+    return ex.run(inputs)[0], ex.plans[0]
+
+
+@pytest.mark.parametrize("model", ["dit", "llama"])
+@pytest.mark.parametrize("mode", ["fp8", "w8a8"])
+def test_fused_quantizers_change_the_launch_count_only(compiled, model, mode):
+    graph, inputs = compiled[model, mode]
+    fusible, n_aq = FUSIBLE[model, mode]
+    assert graph.histogram()["AQGEMM"] == n_aq
+    (fused, p_fused), (separate, p_separate) = run(graph, inputs, "fused"), run(graph, inputs, "separate")
+    assert torch.equal(fused, separate)
+    # against the reference backend: the kernels' float32 scaling order and division differ from the reference's by an
+    # ulp, which can move a code at a rounding tie (as in test_aqgemm.py)
+    assert rel_err(fused, interpret(graph, inputs)[0]) <= 1e-4
+    d_fused, d_separate = p_fused.describe(), p_separate.describe()
+    assert sum(d_separate["launches"].values()) - sum(d_fused["launches"].values()) == fusible
+    assert d_fused["choices"]["pointwise:fused"] == d_separate["choices"]["pointwise:separate"] == fusible
+    # every AQGEMM reads codes: quantized by its producer, or by a launch of its own
+    assert d_fused["launches"]["quantize"] == n_aq - fusible and d_separate["launches"]["quantize"] == n_aq
+    assert d_fused["launches"]["gemm"] == d_separate["launches"]["gemm"] >= n_aq
+    for plan in (p_fused, p_separate):
+        check_plan(plan.memory, plan.intervals)
+        assert len(plan.codes) == fusible and len(plan.quantizing) == n_aq - fusible
+        assert {*plan.codes.values(), *plan.quantizing.values()} <= set(plan.memory.offsets)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["fp8", "w8a8"])
+def test_dit_on_cuda_fused_and_apart(pipeline_models, mode):
+    # bf16, CUDA graphs on: the fused form gives the separate form's output, bit for bit, and the tuner may take either
+    dit, dit_inputs, dims = pipeline_models["dit"]
+    model = dit().to("cuda", torch.bfloat16)
+    def cuda(seed):
+        return {k: (v.to("cuda", torch.bfloat16) if v.is_floating_point() else v.cuda()) for k, v in dit_inputs(2, seed=seed).items()}
+    inputs, calib = cuda(7), [tuple(cuda(s).values()) for s in range(2)]
+    m = kiln.compile(model, tuple(inputs.values()), dynamic=dims, config=kiln.CompileConfig(quantize=mode), calibration=calib)
+    outs = {}
+    for form in ("fused", "separate"):
+        ex = Executor(m.graph, Target.from_config(kiln.CompileConfig(backend="kernels"), default_device="cuda",
+                                                  tuner=Tuner(force={"quantize": form, "gemm": "triton-aqgemm"})))
+        outs[form] = ex.run(list(inputs.values()))[0]
+        assert ex.plans[0].describe()["cuda_graph"]
+    assert torch.equal(outs["fused"], outs["separate"])
+    tuned = m.executor.run(list(inputs.values()))[0]
+    assert rel_err(tuned, outs["fused"]) <= 1e-2
