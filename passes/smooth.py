@@ -31,8 +31,8 @@ import torch
 from ..errors import KilnError
 from ..ir.graph import Graph, Node
 from ..ir.types import torch_dtype
-from .quantize_acts import ActQuantSpec, free_name, matmul_error, row_samples
-from .quantize_weights import CALIBRATION_HINT, _float_weight, _sites
+from .quantize_acts import ActQuantSpec, act_sites, free_name, matmul_error, row_samples
+from .quantize_weights import CALIBRATION_HINT, _float_weight
 from .report import PassStats
 
 GRID = tuple(round(0.05 * i, 2) for i in range(21))  # the searched strengths
@@ -48,7 +48,7 @@ def smooth(graph: Graph, spec: ActQuantSpec | None = None, calibration: list | N
     if spec is None or spec.mode != "w8a8" or spec.smoothing == "off":
         return stats
     groups: dict[Node, list[Node]] = {}
-    for nodes in _sites(graph, spec, PassStats()).values():  # (quantize_acts reports the declined ones)
+    for nodes in act_sites(graph, spec, PassStats()).values():  # (quantize_acts reports the declined ones)
         for n in nodes:
             groups.setdefault(n.inputs[0], []).append(n)
     if not groups:
