@@ -21,7 +21,7 @@ Choices, and why:
   computes exactly what the original does (bf16 weights included) and the norm fold is exact.
 - Folding into the norm needs the norm's output to be read by the smoothed GEMMs only, and its weight (and bias)
   to be stored; the folded parameters are new weights (CSE may have merged one norm weight for many norms).
-  DiT's LAYERNORM_MODULATE (scale and shift are graph values) and the adaLN input SiLU(c) take the MUL.
+  DiT's LAYERNORM_MODULATE (scale and shift are graph values) takes the MUL.
 - Without calibration data there is nothing to search: a clear error, unless ``smoothing="off"``.
 """
 from __future__ import annotations
