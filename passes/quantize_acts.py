@@ -19,22 +19,46 @@ without calibration data the weight's own relative error ||W - Q(W)|| / ||W||.
 
 The output head: kept in its float dtype by default in "w8a8" (its per-token int8 error reaches the logits
 unfiltered), quantized in "fp8" (e4m3's relative step is uniform: no outlier problem); ``lm_head`` overrides.
+
+Per-sample GEMMs stay in their float dtype (``per_sample``, the default ``ActQuantSpec.keep_float``): a GEMM reading
+[B, K], one row per sample, in a graph whose token GEMMs read [B, T.., K] (DiT's adaLN modulation and timestep
+embedder; not an LLM's, whose every GEMM has a token axis, nor the output head, which the rule above decides). It is
+memory-bound (M = B): 8 bits buy it no compute; and its output, the modulation's scales / shifts / gates, multiplies
+the residual stream of every token in every block. Measured on DiT-XL/2 (bench/dit_fp8_error.py, CPU, batch 1): in
+fp8 its three per-sample weights alone give an output error of 5.8e-2, its 112 token GEMMs 6.3e-2, all 9.5e-2.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 from ..errors import KilnError
 from ..ir.graph import Graph, Node
 from ..ir.quant import dequantize_rows, quantize_rows
+from ..ir.types import dims_equal, numel, shape_str
 from .calibrate import RowSample, observe_inputs
-from .quantize_weights import _float_weight, _sites
+from .quantize_weights import _float_weight, _is_output_head, _sites
 from .report import PassStats
 
 MODES = {"fp8": "fp8", "w8a8": "int8"}  # mode -> ir/quant.py's ACT_FORMATS entry
 ROWS = 512  # calibration rows kept per GEMM input for measuring errors (and for smooth.py's search)
+MATMULS = ("LINEAR", "MATMUL", "GEMM")
+
+
+def per_sample(graph: Graph, n: Node) -> str | None:
+    """Why matmul ``n`` stays in its float dtype (module docstring), or None: n reads x [B, K] with no token axis while
+    a matmul on a stored weight reads [B, T.., K'] (T.. not all 1), and n is not the output head."""
+    x = n.inputs[0]
+    if len(x.shape) != 2 or _is_output_head(graph, n):
+        return None
+    for m in graph.nodes:
+        t = m.inputs[0].shape if m.op in MATMULS and m.inputs[1].op == "WEIGHT" else ()
+        if len(t) >= 3 and dims_equal(t[0], x.shape[0]) and numel(t[1:-1]) != 1:
+            return (f"one row per sample ({shape_str(x.shape)}; the token GEMMs read e.g. {shape_str(t)}): memory-bound, 8 bits "
+                    "buy it no compute, and its output (e.g. adaLN scales / shifts / gates) multiplies the whole residual stream")
+    return None
 
 
 @dataclass(frozen=True)
@@ -44,6 +68,8 @@ class ActQuantSpec:
     mode: str  # one of MODES
     smoothing: str | float = "search"  # w8a8: "search" (per GEMM input, smooth.py), "off", or a fixed strength in [0, 1]
     lm_head: bool | None = None  # quantize the output head; None: in fp8 only (module docstring)
+    # (graph, matmul) -> why it stays float, or None: quantize it; None: every site (bench/dit_fp8_error.py's ablations)
+    keep_float: Callable[[Graph, Node], str | None] | None = per_sample
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -73,7 +99,7 @@ def quantize_acts(graph: Graph, spec: ActQuantSpec | None = None, calibration: l
     stats = PassStats()
     if spec is None:
         return stats
-    sites = _sites(graph, spec, stats)
+    sites = act_sites(graph, spec, stats)
     if not sites:
         return stats
     samples = row_samples(graph, sites, calibration) if calibration else {}
@@ -95,6 +121,26 @@ def quantize_acts(graph: Graph, spec: ActQuantSpec | None = None, calibration: l
     graph.remove_dead()
     graph.toposort()
     return stats
+
+
+def act_sites(graph: Graph, spec: ActQuantSpec, stats: PassStats) -> dict[str, list[Node]]:
+    """quantize_weights' sites (by weight name) less the matmuls ``spec.keep_float`` keeps in float: each declined with
+    its reason, and a note per weight naming it, its shape and dtype, and why."""
+    sites = _sites(graph, spec, stats)
+    if spec.keep_float is None:
+        return sites
+    for name in list(sites):
+        kept = {n: why for n in sites[name] if (why := spec.keep_float(graph, n)) is not None}
+        if not kept:
+            continue
+        for n, why in kept.items():
+            stats.decline(f"kept in {n.inputs[1].dtype}: {why}", n)
+        w, why = next(iter(kept)).inputs[1], next(iter(kept.values()))
+        stats.notes.append(f"{name} {shape_str(w.shape)} kept in {w.dtype}: {why}; read by {', '.join(n.name for n in kept)}")
+        sites[name] = [n for n in sites[name] if n not in kept]
+        if not sites[name]:
+            del sites[name]
+    return sites
 
 
 def row_samples(graph: Graph, sites: dict, calibration) -> dict:

@@ -21,7 +21,7 @@ Choices, and why:
   computes exactly what the original does (bf16 weights included) and the norm fold is exact.
 - Folding into the norm needs the norm's output to be read by the smoothed GEMMs only, and its weight (and bias)
   to be stored; the folded parameters are new weights (CSE may have merged one norm weight for many norms).
-  DiT's LAYERNORM_MODULATE (scale and shift are graph values) and the adaLN input SiLU(c) take the MUL.
+  DiT's LAYERNORM_MODULATE (scale and shift are graph values) takes the MUL.
 - Without calibration data there is nothing to search: a clear error, unless ``smoothing="off"``.
 """
 from __future__ import annotations
@@ -31,8 +31,8 @@ import torch
 from ..errors import KilnError
 from ..ir.graph import Graph, Node
 from ..ir.types import torch_dtype
-from .quantize_acts import ActQuantSpec, free_name, matmul_error, row_samples
-from .quantize_weights import CALIBRATION_HINT, _float_weight, _sites
+from .quantize_acts import ActQuantSpec, act_sites, free_name, matmul_error, row_samples
+from .quantize_weights import CALIBRATION_HINT, _float_weight
 from .report import PassStats
 
 GRID = tuple(round(0.05 * i, 2) for i in range(21))  # the searched strengths
@@ -48,7 +48,7 @@ def smooth(graph: Graph, spec: ActQuantSpec | None = None, calibration: list | N
     if spec is None or spec.mode != "w8a8" or spec.smoothing == "off":
         return stats
     groups: dict[Node, list[Node]] = {}
-    for nodes in _sites(graph, spec, PassStats()).values():  # (quantize_acts reports the declined ones)
+    for nodes in act_sites(graph, spec, PassStats()).values():  # (quantize_acts reports the declined ones)
         for n in nodes:
             groups.setdefault(n.inputs[0], []).append(n)
     if not groups:
