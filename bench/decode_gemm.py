@@ -24,7 +24,7 @@ import triton
 from triton.testing import do_bench
 
 from kiln.codegen.kernels.qgemm import dequantize
-from kiln.codegen.kernels.skinny import configs, skinny_gemm, workspace_bytes
+from kiln.codegen.kernels.skinny import configs, counter_bytes, skinny_gemm, workspace_bytes
 
 # (name, K, weight rows N, epilogue): the decode GEMMs of Llama-3.2-1B and Llama-3.1-8B
 SHAPES = [
@@ -106,7 +106,10 @@ def bench_skinny(m, k, n, epi, make_weight, peak) -> dict:
     rows = []
     for c in configs(m, n, k, bits, glu):
         ws = torch.empty(max(1, workspace_bytes(m, n, k, bits, glu, config=c)), dtype=torch.uint8, device="cuda")
-        calls = [lambda kw=kw, o=o: skinny_gemm(x, residual=res, act=act, glu=glu, out=o, workspace=ws, config=c, **kw)
+        # zeroed once, left zero by every call (as planned): no memset inside the timed graph
+        cnt = torch.zeros(max(1, counter_bytes(m, n, k, bits, glu, config=c)), dtype=torch.uint8, device="cuda")
+        calls = [lambda kw=kw, o=o: skinny_gemm(x, residual=res, act=act, glu=glu, out=o, workspace=ws, counters=cnt,
+                                                config=c, **kw)
                  for kw, o in zip(weights, outs)]
         us = graph_us(calls)
         rows.append(dict(config=c, us=us, GBps=(wbytes + act_bytes) / us * 1e-3))

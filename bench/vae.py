@@ -37,7 +37,7 @@ def kiln_choices(compiled) -> dict:
     """The tuner's conv and group norm decisions: shape -> chosen candidate and every candidate's ms."""
     out = {}
     for d in compiled.executor.tuner.decisions.values():
-        if d["kind"] in ("conv", "group_norm"):
+        if d["kind"] in ("conv", "group_norm", "conv_layout"):
             w = d["what"]
             out[f"{d['kind']} x{w['x']}" + (f" w{w['w']}" if "w" in w else "")] = {"choice": d["choice"], "ms": d["ms"]}
     return out

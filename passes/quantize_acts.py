@@ -10,7 +10,7 @@ quantized here per output channel; the activations per token, at run time, by th
 Where Hopper's FP8 / int8 tensor cores double the bf16 rate, this is for the compute-bound GEMMs: DiT, LLM
 prefill. "w8a8" expects smooth.py to have run first (SmoothQuant: int8 activations lose to outlier channels).
 
-Why last in the pipeline (with quantize_weights): a merged QKV / gate-up / adaLN GEMM is one weight with one input,
+Why last in the pipeline (with quantize_weights): a merged QKV / gate-up GEMM is one weight with one input,
 quantized once, its input quantized once per call, and the fused epilogues stay fused in the AQGEMM.
 
 Measured error, per quantized weight, on calibration data when given: the relative output error of the matmul
