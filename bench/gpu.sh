@@ -46,6 +46,18 @@ for stage in "$@"; do
     decode_1b) timeout 180 python3 bench/decode.py --models 1b 2>&1 | tail -25 ;;
     models_short) timeout 150 python3 bench/models.py 2>&1 | tail -20 ;;
     fp8) timeout ${FP8_TIMEOUT:-300} python3 bench/fp8.py --out "$OUT/fp8.json" 2>&1 | tail -30 ;;
+    mergetests)  # GPU tests of the branches merged in session 4 (one-launch split-K, padded LM head, channels-last VAE,
+                 # fused activation quantizer)
+      timeout 330 python3 -m pytest -q -rf -p no:logging -m gpu tests/codegen/test_skinny.py tests/codegen/test_qgemm.py \
+        tests/runtime/test_kernel_plan_quant.py tests/llm tests/api/test_gpt2_head.py tests/codegen/test_group_norm.py \
+        tests/codegen/test_conv_epilogue.py tests/diffusion/test_vae.py tests/runtime/test_layouts.py \
+        tests/codegen/test_act_codes.py tests/runtime/test_kernel_plan_codes.py tests/codegen/test_aqgemm.py 2>&1 \
+        | tee "$OUT/mergetests.log" | grep -v DEBUG | tail -40 ;;
+    mergetests2)  # the part of mergetests that run 1 of session 4 did not reach (its 330 s ran out after 69 passed)
+      timeout ${TESTS_TIMEOUT:-240} python3 -m pytest -q -rf -p no:logging -m gpu tests/llm tests/api/test_gpt2_head.py \
+        tests/codegen/test_group_norm.py tests/codegen/test_conv_epilogue.py tests/diffusion/test_vae.py \
+        tests/runtime/test_layouts.py tests/codegen/test_act_codes.py tests/runtime/test_kernel_plan_codes.py \
+        tests/codegen/test_aqgemm.py 2>&1 | tee "$OUT/mergetests2.log" | grep -v DEBUG | tail -40 ;;
     *) echo "unknown stage $stage" ;;
   esac
 done
