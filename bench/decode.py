@@ -6,8 +6,10 @@ choices, the time of one decode step (the plan's CUDA graph replayed, median ove
 prompt of 128 and 256 new tokens (greedy, sampling included) for kiln and the peer. Models: Llama-3.2-1B at batch 1
 and 16, the Llama-3.1-8B shape at batch 1 (random weights: no checkpoint needed).
 
-Launches are counted with the profiler while the plan's calls run once outside their CUDA graph (a call may
-launch more than one kernel: cuBLAS + an epilogue, split-K + its reduction, a norm kernel + a GEMM).
+Launches are counted with the profiler while the plan's calls run outside their CUDA graph (a call may launch more
+than one kernel: cuBLAS + an epilogue, a norm kernel + a GEMM); the kernels' summed device time per step against the
+replayed step's time says how much of a step is kernels and how much the gaps between them, and the top kernels by
+time say which.
 
     python bench/decode.py [--models 1b,8b] [--no-compile-peer]      writes $OUT/decode.json
     python bench/decode.py --smoke                                     CPU: a tiny Llama under the Triton interpreter
@@ -71,17 +73,31 @@ def step_time_ms(fn, reps: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def kernels_launched(plan) -> int | None:
-    """CUDA kernels (and memsets / copies) one run of the plan's calls launches, outside its CUDA graph; None on the CPU."""
+def kernels_launched(plan) -> dict:
+    """What one run of the plan's calls puts on the GPU, outside its CUDA graph (empty on the CPU): kernels (and memsets
+    / copies) launched, the sum of their device times per step (against the replayed step's time: the rest is gaps
+    between kernels), and the kernels by total time (name, count per step, us per step)."""
     if DEVICE != "cuda":
-        return None
+        return {}
     from torch.profiler import ProfilerActivity, profile
 
+    runs = 3
+    for call in plan.calls:  # (warm: nothing compiles or allocates under the profiler)
+        call.run()
+    sync()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for call in plan.calls:
-            call.run()
+        for _ in range(runs):
+            for call in plan.calls:
+                call.run()
         sync()
-    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    us = lambda e: getattr(e, "device_time", None) or getattr(e, "cuda_time", 0.0)  # noqa: E731 (torch renamed it)
+    by_name: dict[str, list] = {}
+    for e in events:
+        by_name.setdefault(e.name[:90], []).append(us(e))
+    top = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))
+    return {"kernels": len(events) // runs, "kernel_us": sum(map(us, events)) / runs,
+            "top": [[name, len(t) / runs, round(sum(t) / runs, 2)] for name, t in top[:25]]}
 
 
 def decode_plan(g, bs: int):
@@ -100,11 +116,13 @@ def kiln_case(g, layers: int, bs: int, prompt) -> dict:
     first = time.perf_counter() - t0
     r = min((g.generate(rows, max_new_tokens=GEN) for _ in range(1 if a.smoke else 3)), key=lambda r: r.decode_s)
     plan = decode_plan(g, bs)
-    kernels = kernels_launched(plan)
+    launched = kernels_launched(plan)
+    kernels = launched.get("kernels")
     out = {"decode_tok_s": bs * r.decode_steps / r.decode_s, "first_run_s": first,
            "step_ms": step_time_ms(plan.replay, 5 if a.smoke else 200),
            "calls_per_step": len(plan.calls), "kernels_per_step": kernels,
            "kernels_per_layer": None if kernels is None else kernels / layers,
+           "kernel_ms_per_step": launched.get("kernel_us", 0) / 1e3 or None, "kernel_top": launched.get("top"),
            "launches_by_kind": dict(plan.stats.launches), "choices": dict(plan.stats.choices),
            "cuda_graph": plan.stats.cuda_graph}
     return out

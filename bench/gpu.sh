@@ -58,6 +58,11 @@ for stage in "$@"; do
         tests/codegen/test_group_norm.py tests/codegen/test_conv_epilogue.py tests/diffusion/test_vae.py \
         tests/runtime/test_layouts.py tests/codegen/test_act_codes.py tests/runtime/test_kernel_plan_codes.py \
         tests/codegen/test_aqgemm.py 2>&1 | tee "$OUT/mergetests2.log" | grep -v DEBUG | tail -40 ;;
+    codestests) timeout 100 python3 -m pytest -q -rf -p no:logging -m gpu tests/runtime/test_kernel_plan_codes.py 2>&1 \
+        | tee "$OUT/codestests.log" | grep -v DEBUG | tail -15 ;;
+    gpt2) timeout 150 python3 bench/models.py --models gpt2 2>&1 | tail -12 ;;
+    decode_1b_profile) timeout 170 python3 bench/decode.py --models 1b --no-compile-peer 2>&1 | grep -v '^ *\[\|^ *"' | tail -8 ;;
+    vae256) timeout 130 python3 bench/vae.py --sizes 32 --modes eager,reduce-overhead 2>&1 | tail -12 ;;
     *) echo "unknown stage $stage" ;;
   esac
 done

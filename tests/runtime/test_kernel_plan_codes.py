@@ -89,5 +89,11 @@ def test_dit_on_cuda_fused_and_apart(pipeline_models, mode):
         outs[form] = ex.run(list(inputs.values()))[0]
         assert ex.plans[0].describe()["cuda_graph"]
     assert torch.equal(outs["fused"], outs["separate"])
+    # the tuner's kernels (cuBLASLt's scaled_mm / int_mm, other tiles) round differently by an ulp, and an ulp moves an
+    # activation code at a rounding tie: the tuned output may differ from the forced one by up to the quantization
+    # error itself, so it is held to that, against the float32 model
+    with torch.no_grad():
+        want = dit().to("cuda", torch.float32)(**{k: v.float() if v.is_floating_point() else v for k, v in inputs.items()})
+    want = want.sample if hasattr(want, "sample") else want[0]
     tuned = m.executor.run(list(inputs.values()))[0]
-    assert rel_err(tuned, outs["fused"]) <= 1e-2
+    assert rel_err(tuned, want) <= 1.25 * rel_err(outs["fused"], want), (rel_err(tuned, want), rel_err(outs["fused"], want))
