@@ -40,7 +40,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from . import pdl
 from .attention import check_operands, online_softmax_step
+from .pdl import gdc
 
 # triton.jit picks the interpreter from this variable when the kernels below are defined; read it then too
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -68,7 +70,9 @@ def _decode_partial_kernel(
     Hq, Hk, GROUP, Sq, S, CHUNK, SPLITS, HEAD_DIM, qk_scale,  # qk_scale = scale * log2(e)
     HAS_MASK: tl.constexpr, K_SCALED: tl.constexpr, V_SCALED: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    PDL: tl.constexpr = False,  # launched with programmatic dependent launch (pdl.py)
 ):
+    gdc(PDL)
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
     b = (pid_bh // Hk).to(tl.int64)  # int64 base offsets: B * H * S * D may pass 2**31
@@ -128,7 +132,9 @@ def _decode_reduce_kernel(
     stride_ob, stride_oh, stride_om, stride_od,
     Hq, Sq, SPLITS, HEAD_DIM,
     BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    gdc(PDL)
     row = tl.program_id(0).to(tl.int64)  # (b * Hq + h) * Sq + i
     i = row % Sq
     h = (row // Sq) % Hq
@@ -308,14 +314,15 @@ def decode_attention(q, k, v, mask=None, scale=None, gqa=False, out=None, config
             hq, hk, group, sq, sk, chunk, n_split, d, qk_scale)
     meta = dict(HAS_MASK=mask4 is not None, K_SCALED=k_scale is not None, V_SCALED=v_scale is not None,
                 DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-                BLOCK_M=max(16, triton.next_power_of_2(group * sq)), BLOCK_D=block_d)
+                BLOCK_M=max(16, triton.next_power_of_2(group * sq)), BLOCK_D=block_d, **pdl.kwargs(q))
     grid = (bq * hk, n_split)
     if c is not None:
         _decode_partial_kernel[grid](*args, **meta, **c)
     else:
         _tuned()[grid](*args, **meta)
     _decode_reduce_kernel[(bq * hq * sq,)](acc, m, l_, out, *out.stride(), hq, sq, n_split, d,
-                                           BLOCK_S=min(REDUCE_BLOCK_S, triton.next_power_of_2(n_split)), BLOCK_D=block_d)
+                                           BLOCK_S=min(REDUCE_BLOCK_S, triton.next_power_of_2(n_split)), BLOCK_D=block_d,
+                                           **pdl.kwargs(q))
     return out
 
 

@@ -53,6 +53,8 @@ import triton.language as tl
 from ...ir.ops_fused import ACTIVATIONS
 from .gemm import _activation, _gate_residual_store, check_output_operands, output_operands
 from .gemm import reference as gemm_reference
+from . import pdl
+from .pdl import gdc
 
 # triton.jit picks the interpreter from this variable when the kernels below are defined; read it then too
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -205,7 +207,9 @@ def _wgemm_kernel(
     PARTIAL: tl.constexpr, REDUCE_LAST: tl.constexpr, DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, NORM: tl.constexpr,
     LOOP_STAGES: tl.constexpr,  # the GEMV's num_stages: Triton pipelines a loop without tl.dot only when told
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    PDL: tl.constexpr = False,  # launched with programmatic dependent launch (pdl.py): wait for the previous kernel first
 ):
+    gdc(PDL)
     pid = tl.program_id(0)
     split = tl.program_id(1)
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -418,6 +422,7 @@ def launch(x2, weight: Weight, epi: Epilogue, out2, m: int, n: int, config: dict
                 PARTIAL=splits > 1, REDUCE_LAST=splits > 1 and counters is not None, DOT=dot,
                 DOT_PRECISION="ieee" if x2.dtype == torch.float32 else "tf32", NORM=norm is not None,
                 LOOP_STAGES=None if dot else (config or {}).get("num_stages", 3))
+    meta.update(pdl.kwargs(x2))
     if config is not None:
         grid = (triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"]), splits)
         (kernel or _wgemm_kernel)[grid](*args, **meta, **config)

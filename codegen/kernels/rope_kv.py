@@ -23,6 +23,8 @@ import triton.language as tl
 
 from ...ir.ops import index_copy
 from ...ir.ops_fused import rotate_half
+from . import pdl
+from .pdl import gdc
 
 
 @triton.jit
@@ -46,7 +48,9 @@ def _rope_kv_kernel(
     stride_kcb, stride_kch, stride_kcs, stride_kcd,
     stride_vcb, stride_vch, stride_vcs, stride_vcd,
     BLOCK_HALF: tl.constexpr,
+    PDL: tl.constexpr = False,  # launched with programmatic dependent launch (pdl.py)
 ):
+    gdc(PDL)
     # grid (B * T, H + KV): program (b * T + t, head); heads [0, H) are q's, [H, H + KV) k's and v's
     bt = tl.program_id(0)
     head = tl.program_id(1)
@@ -114,7 +118,7 @@ def rope_kv(q, k, v, cos, sin, slots, q_out, k_cache, v_cache) -> None:
         *q.stride(), *k.stride(), *v.stride(),
         cb, cos.stride(2), cos.stride(3),
         *q_out.stride(), *k_cache.stride(), *v_cache.stride(),
-        BLOCK_HALF=triton.next_power_of_2(D // 2),
+        BLOCK_HALF=triton.next_power_of_2(D // 2), **pdl.kwargs(q),
     )
 
 

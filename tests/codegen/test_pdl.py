@@ -1,0 +1,69 @@
+"""Programmatic dependent launch (codegen/kernels/pdl.py): off by default; where on (KILN_PDL=1, Hopper), a chain of
+decode kernels replayed from a CUDA graph gives the plain launches' bits. Each kernel reads what the one before
+wrote, and writes the buffer the one before read (ping-pong): both hazards a too-early start would show."""
+import pytest
+import torch
+
+from kiln.codegen.kernels import pdl
+from kiln.codegen.kernels.decode_attention import decode_attention
+from kiln.codegen.kernels.skinny import configs, counter_bytes, skinny_gemm, workspace_bytes
+
+
+def test_off_by_default_and_on_the_cpu(monkeypatch):
+    monkeypatch.delenv(pdl.ENV, raising=False)
+    assert pdl.kwargs(torch.zeros(1)) == {"PDL": False}
+    monkeypatch.setenv(pdl.ENV, "1")
+    assert pdl.kwargs(torch.zeros(1)) == {"PDL": False}  # not CUDA
+
+
+def _chain(m: int, k: int, layers: int):
+    """A function running ``layers`` x (GEMM up + GELU, GEMM down + residual, decode attention over a cache of the
+    activations) on fixed buffers, every GEMM on its split-K configuration where it has one."""
+    g = torch.Generator("cuda").manual_seed(0)
+    bf16 = dict(device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(m, k, generator=g, **bf16)
+    ups = [torch.randn(4 * k, k, generator=g, **bf16) * k ** -0.5 for _ in range(layers)]
+    downs = [torch.randn(k, 4 * k, generator=g, **bf16) * (4 * k) ** -0.5 for _ in range(layers)]
+    kv = torch.randn(1, 2, 512, 64, generator=g, **bf16)
+    h, hid = torch.empty(m, k, **bf16), torch.empty(m, 4 * k, **bf16)
+    att = torch.empty(1, 8, m, 64, **bf16)
+    cfg = {s: next((c for c in configs(m, *s) if c["SPLIT_K"] > 1), configs(m, *s)[0]) for s in ((4 * k, k), (k, 4 * k))}
+    ws = {s: torch.empty(max(1, workspace_bytes(m, *s, config=c)), device="cuda", dtype=torch.uint8) for s, c in cfg.items()}
+    cnt = {s: torch.zeros(max(4, counter_bytes(m, *s, config=c)), device="cuda", dtype=torch.uint8) for s, c in cfg.items()}
+
+    def run():
+        h.copy_(x)
+        for up, down in zip(ups, downs):
+            s = (4 * k, k)
+            skinny_gemm(h, up, act="gelu_tanh", out=hid, workspace=ws[s], counters=cnt[s], config=cfg[s])
+            s = (k, 4 * k)
+            skinny_gemm(hid, down, residual=h, out=h, workspace=ws[s], counters=cnt[s], config=cfg[s])
+            q = h[:, : 8 * 64].reshape(1, m, 8, 64).transpose(1, 2)
+            decode_attention(q, kv, kv, gqa=True, out=att)
+            h[:, : 8 * 64].copy_(att.transpose(1, 2).reshape(m, 8 * 64))
+        return h
+    return run, h
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 4])
+def test_chain_in_a_cuda_graph_equals_plain_launches(monkeypatch, m):
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("programmatic dependent launch needs compute capability >= 9")
+    outs = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv(pdl.ENV, flag)
+        run, h = _chain(m, 1024, layers=6)
+        want = run().clone()  # eager (compiles and tunes outside the capture)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            run()
+        for _ in range(3):
+            h.zero_()
+            graph.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(h, want), flag  # every replay: the eager launches' bits
+        outs[flag] = want
+    assert pdl.kwargs(torch.zeros(1, device="cuda")) == {"PDL": True, "launch_pdl": True}
+    assert torch.isfinite(outs["1"].float()).all() and torch.equal(outs["1"], outs["0"])
