@@ -13,7 +13,7 @@ time say which.
 
     python bench/decode.py [--models 1b,8b] [--no-compile-peer]      writes $OUT/decode.json
     python bench/decode.py --smoke                                     CPU: a tiny Llama under the Triton interpreter
-    KILN_PDL=1 python bench/decode.py ...                              kiln's decode kernels with programmatic
+    KILN_PDL=0 python bench/decode.py ...                              kiln's decode kernels without programmatic
                                                                        dependent launch (codegen/kernels/pdl.py)
 """
 import argparse
@@ -120,7 +120,7 @@ def kiln_case(g, layers: int, bs: int, prompt) -> dict:
     plan = decode_plan(g, bs)
     launched = kernels_launched(plan)
     kernels = launched.get("kernels")
-    out = {"decode_tok_s": bs * r.decode_steps / r.decode_s, "first_run_s": first, "pdl": os.environ.get("KILN_PDL", "0"),
+    out = {"decode_tok_s": bs * r.decode_steps / r.decode_s, "first_run_s": first, "pdl": os.environ.get("KILN_PDL", "1") != "0",
            "tokens_row0": r.tokens[0][:64],  # (greedy: two runs of one model, e.g. with and without PDL, must agree)
            "step_ms": step_time_ms(plan.replay, 5 if a.smoke else 200),
            "calls_per_step": len(plan.calls), "kernels_per_step": kernels,

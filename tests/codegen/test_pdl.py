@@ -1,4 +1,4 @@
-"""Programmatic dependent launch (codegen/kernels/pdl.py): off by default; where on (KILN_PDL=1, Hopper), a chain of
+"""Programmatic dependent launch (codegen/kernels/pdl.py): on for Hopper unless KILN_PDL=0, never on the CPU; a chain of
 decode kernels replayed from a CUDA graph gives the plain launches' bits. Each kernel reads what the one before
 wrote, and writes the buffer the one before read (ping-pong): both hazards a too-early start would show."""
 import pytest
@@ -9,11 +9,13 @@ from kiln.codegen.kernels.decode_attention import decode_attention
 from kiln.codegen.kernels.skinny import configs, counter_bytes, skinny_gemm, workspace_bytes
 
 
-def test_off_by_default_and_on_the_cpu(monkeypatch):
-    monkeypatch.delenv(pdl.ENV, raising=False)
-    assert pdl.kwargs(torch.zeros(1)) == {"PDL": False}
-    monkeypatch.setenv(pdl.ENV, "1")
-    assert pdl.kwargs(torch.zeros(1)) == {"PDL": False}  # not CUDA
+def test_never_on_the_cpu(monkeypatch):
+    for flag in (None, "0", "1"):
+        if flag is None:
+            monkeypatch.delenv(pdl.ENV, raising=False)
+        else:
+            monkeypatch.setenv(pdl.ENV, flag)
+        assert pdl.kwargs(torch.zeros(1)) == {"PDL": False}
 
 
 def _chain(m: int, k: int, layers: int):
@@ -66,4 +68,6 @@ def test_chain_in_a_cuda_graph_equals_plain_launches(monkeypatch, m):
             assert torch.equal(h, want), flag  # every replay: the eager launches' bits
         outs[flag] = want
     assert pdl.kwargs(torch.zeros(1, device="cuda")) == {"PDL": True, "launch_pdl": True}
+    monkeypatch.delenv(pdl.ENV)
+    assert pdl.enabled(torch.zeros(1, device="cuda"))  # the default
     assert torch.isfinite(outs["1"].float()).all() and torch.equal(outs["1"], outs["0"])
