@@ -145,6 +145,7 @@ def gemm(args: list, attrs: dict, out: torch.Tensor, tmp: torch.Tensor | None, d
             "gate": None if gate is None else list(gate.shape), "residual": None if residual is None else list(residual.shape)}
     if decode:  # (a decision cached before the skinny template, or its one-launch split-K, was a candidate is not one
         what["skinny"] = SKINNY_CANDIDATES  # between these)
+        what["weights"] = "cold"  # a decode GEMM streams its weight from HBM: timed so (tuning.py)
     return _norm_what(what, norm), candidates
 
 
@@ -234,6 +235,7 @@ def qgemm(args: list, attrs: dict, out: torch.Tensor, tmp: torch.Tensor | None, 
             "residual": None if residual is None else list(residual.shape)}
     if decode:
         what["skinny"] = SKINNY_CANDIDATES
+        what["weights"] = "cold"
     return _norm_what(what, norm), candidates
 
 

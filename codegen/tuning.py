@@ -6,7 +6,10 @@ torch's SDPA. Which is faster depends on the shape and the GPU, so the executor 
 once per distinct (op, shapes, dtypes, attributes, device) — the *what* — and the tuner times every
 candidate on the plan's own buffers and keeps the fastest. Candidates are timed as the plan runs them:
 back-to-back runs replayed from a CUDA graph (so a candidate of two kernels is not charged two launch
-latencies that the plan's graph does not pay), sampled round-robin across the candidates.
+latencies that the plan's graph does not pay), sampled round-robin across the candidates. A *what* marked
+``"weights": "cold"`` (a decode GEMM: the plan streams each weight once per step, gigabytes per step against an L2
+of tens of megabytes) is timed one run per sample after a write over more than the L2, so a weight that fits in
+L2 is not measured L2-resident: back-to-back runs would rank the candidates by L2 bandwidth, not HBM's.
 
 Choices are remembered three ways: in memory (a model with 28 identical blocks measures once), in the
 on-disk cache (``tuning/<key>.json``: a second process skips the measurements), and in the artifact's
@@ -25,12 +28,14 @@ from .cache import Cache, fingerprint, key
 
 TIMING_REPS = 15  # timed samples per candidate (after 3 warm-up runs); the median counts
 CALLS_PER_SAMPLE = 5  # runs per sample, replayed from one CUDA graph
+L2_FLUSH_BYTES = 256 << 20  # written before each sample of a cold measurement: more than any GPU's L2 (H200: 60 MB)
 
 
-def _cuda_timer(fn: Callable[[], object], device: torch.device) -> Callable[[], float]:
+def _cuda_timer(fn: Callable[[], object], device: torch.device, flush: torch.Tensor | None = None) -> Callable[[], float]:
     """A function timing ``CALLS_PER_SAMPLE`` back-to-back runs of ``fn`` in ms per run, as the plan runs it: replayed
     from a CUDA graph (kernel gaps inside a graph, not launch latencies, count), or launched eagerly when ``fn`` cannot
-    be captured."""
+    be captured. ``flush``: a tensor written before each sample, which is then ONE run (a cold measurement)."""
+    calls = 1 if flush is not None else CALLS_PER_SAMPLE
     for _ in range(3):
         fn()  # compiles (Triton), allocates workspaces: nothing of that may happen during capture
     torch.cuda.synchronize(device)
@@ -38,23 +43,25 @@ def _cuda_timer(fn: Callable[[], object], device: torch.device) -> Callable[[], 
     try:
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g):
-            for _ in range(CALLS_PER_SAMPLE):
+            for _ in range(calls):
                 fn()
         run = g.replay
     except Exception:
         torch.cuda.synchronize(device)
 
         def run():
-            for _ in range(CALLS_PER_SAMPLE):
+            for _ in range(calls):
                 fn()
 
     def sample() -> float:
+        if flush is not None:
+            flush.zero_()  # (before the first event: the write evicts the weights, its time is not counted)
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
         run()
         b.record()
         b.synchronize()
-        return a.elapsed_time(b) / CALLS_PER_SAMPLE
+        return a.elapsed_time(b) / calls
     return sample
 
 
@@ -69,13 +76,15 @@ def _cpu_timer(fn: Callable[[], object]) -> Callable[[], float]:
     return sample
 
 
-def time_candidates(candidates: dict[str, Callable[[], object]], device: torch.device) -> tuple[dict, dict]:
+def time_candidates(candidates: dict[str, Callable[[], object]], device: torch.device, cold: bool = False) -> tuple[dict, dict]:
     """Median ms per run of each candidate, and the error of each that does not compile or run. The samples are
-    taken round-robin across the candidates, so a clock or thermal drift during the measurement biases none."""
+    taken round-robin across the candidates, so a clock or thermal drift during the measurement biases none.
+    ``cold``: each CUDA sample one run after L2 is flushed (module docstring)."""
     timers, failed = {}, {}
+    flush = torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.int32, device=device) if cold and device.type == "cuda" else None
     for name, fn in candidates.items():
         try:
-            timers[name] = _cuda_timer(fn, device) if device.type == "cuda" else _cpu_timer(fn)
+            timers[name] = _cuda_timer(fn, device, flush) if device.type == "cuda" else _cpu_timer(fn)
         except Exception as e:  # a config that does not compile (shared memory) or launch: not a choice
             failed[name] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
     samples: dict[str, list] = {name: [] for name in timers}
@@ -134,7 +143,7 @@ class Tuner:
 
     @staticmethod
     def measure(kind: str, what: dict, candidates: dict, device: torch.device) -> dict:
-        ms, failed = time_candidates(candidates, device)
+        ms, failed = time_candidates(candidates, device, cold=what.get("weights") == "cold")
         if not ms:
             raise RuntimeError(f"no {kind} implementation ran for {what}: " + "; ".join(f"{k}: {v}" for k, v in failed.items()))
         choice = min(ms, key=ms.get)

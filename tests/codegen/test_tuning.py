@@ -36,3 +36,33 @@ def test_tuner_chooses_the_fastest_and_remembers():
     assert t.counts["measured"] == 1 and t.counts["memory"] == 1 and t.seconds > 0
     with pytest.raises(RuntimeError, match="no gemm implementation ran"):
         t.choose("gemm", {"op": "GEMM", "x": [4]}, {"broken": _broken}, torch.device("cpu"))
+
+
+def test_decode_gemms_are_timed_with_cold_weights():
+    """A GEMM of a few rows (decode: its weight streamed from HBM once a step) asks for a cold measurement; a GEMM of
+    many rows does not. On the CPU a cold measurement times as a warm one."""
+    from kiln.codegen import lower
+
+    w = torch.randn(48, 32)
+    for m, cold in ((1, True), (16, True), (64, False)):
+        x, out = torch.randn(m, 32), torch.empty(m, 48)
+        attrs = dict(act="none", glu=False, bias=False, gate=False, residual=False)
+        what, candidates = lower.gemm([x, w], attrs, out, None, torch.device("cpu"))
+        assert (what.get("weights") == "cold") == cold, (m, what)
+        assert any(name.startswith("triton-skinny") for name in candidates) == cold
+    calls = []
+    ms, failed = time_candidates({"a": _sleeper(2, calls), "b": _sleeper(1, calls)}, torch.device("cpu"), cold=True)
+    assert ms["b"] < ms["a"] and not failed
+
+
+@pytest.mark.gpu
+def test_cold_timing_on_cuda():
+    """A cold sample is one run after L2 is overwritten: a GEMV of a 16 MB weight (L2-resident when warm) measures
+    positive, finite times either way, and the flush buffer goes when the measurement ends."""
+    w = torch.randn(4096, 2048, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(1, 2048, device="cuda", dtype=torch.bfloat16)
+    before = torch.cuda.memory_allocated()
+    for cold in (False, True):
+        ms, failed = time_candidates({"mm": lambda: x @ w.T}, torch.device("cuda"), cold=cold)
+        assert not failed and 0 < ms["mm"] < 10, (cold, ms)
+    assert torch.cuda.memory_allocated() <= before + (1 << 20)
