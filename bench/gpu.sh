@@ -63,10 +63,10 @@ for stage in "$@"; do
     gpt2) timeout 150 python3 bench/models.py --models gpt2 2>&1 | tail -12 ;;
     decode_1b_profile) timeout 170 python3 bench/decode.py --models 1b --no-compile-peer 2>&1 | grep -v '^ *\[\|^ *"' | tail -8 ;;
     vae256) timeout 130 python3 bench/vae.py --sizes 32 --modes eager,reduce-overhead 2>&1 | tail -12 ;;
-    pdl)  # programmatic dependent launch: its GPU test, then the 1B decode with it off and on (tokens must agree)
+    pdl)  # programmatic dependent launch: its GPU test, then the 1B decode off, on, on + weight prefetch (same tokens)
       timeout 120 python3 -m pytest -q -rf -p no:logging -m gpu tests/codegen/test_pdl.py 2>&1 | tee "$OUT/pdl_test.log" \
         | grep -v DEBUG | tail -8
-      for f in 0 1; do KILN_PDL=$f DECODE_JSON=decode_pdl$f.json timeout 150 python3 bench/decode.py --models 1b \
+      for f in 0 1 prefetch; do KILN_PDL=$f DECODE_JSON=decode_pdl$f.json timeout 150 python3 bench/decode.py --models 1b \
         --no-compile-peer 2>&1 | grep -v '^ *\[\|^ *"' | tail -3; done ;;
     *) echo "unknown stage $stage" ;;
   esac

@@ -13,9 +13,11 @@ next kernel's programs then wait in their own ``gdc``. The wait covers the whole
 its own wait), and a kernel launched without PDL (cuBLAS, torch) waits for everything before it as usual.
 
 On for CUDA devices of compute capability >= 9 whose Triton has the GDC ops; ``KILN_PDL=0`` turns it off (read at
-each launch). Measured on the H200 (bench/NOTES.md, session 4): Llama-3.2-1B decode step 1.012 -> 0.968 ms at batch
-1 (976 -> 1020 tok/s), the same greedy tokens, and a ping-pong chain of split-K GEMMs and split-KV attention in a CUDA
-graph bit for bit the plain launches' (tests/codegen/test_pdl.py).
+each launch). Measured on the H200 (bench/NOTES.md, session 4): Llama-3.2-1B decode step 1.012 -> 0.968 ms at
+batch 1 (976 -> 1020 tok/s), the same greedy tokens, and a ping-pong chain of split-K GEMMs and split-KV attention in
+a CUDA graph bit for bit the plain launches' (tests/codegen/test_pdl.py). ``KILN_PDL=prefetch`` also has the
+weight-streaming GEMM load its first K step's weight tiles before its wait (weights are never written by a kernel),
+overlapping them with the previous kernel's tail: the same sums (tested), its speed not yet measured.
 """
 from __future__ import annotations
 
@@ -48,6 +50,12 @@ def enabled(t: torch.Tensor) -> bool:
     ``KILN_PDL`` not "0". Read at each launch (a CUDA graph keeps what it captured), so a process may compare both."""
     return (os.environ.get(ENV, "1") != "0" and not INTERPRET and t.is_cuda
             and _device_ok(t.device.index if t.device.index is not None else torch.cuda.current_device()))
+
+
+def prefetch(t: torch.Tensor) -> bool:
+    """Whether the weight-streaming GEMM (qgemm.py) also loads its first weight tiles before the wait, overlapping
+    them with the previous kernel's tail: ``KILN_PDL=prefetch`` (PDL on), until the H200 says it pays."""
+    return os.environ.get(ENV) == "prefetch" and enabled(t)
 
 
 def kwargs(t: torch.Tensor) -> dict:

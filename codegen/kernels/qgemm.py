@@ -190,6 +190,21 @@ def _epilogue_store(acc, acc_u, rows, cols, mask_n, mask, N, bias_ptr, gate_ptr,
 
 
 @triton.jit
+def _k_step(acc, acc_u, b, u, x_ptr, rows, mask_m, offs_k, kk, K, stride_xm, stride_xk, nw_ptr, rstd,
+            NORM: tl.constexpr, GLU: tl.constexpr, DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
+    # one K step of _wgemm_kernel on the weight tiles b (and u, the up half with GLU): x's tile [BLOCK_M, BLOCK_K]
+    # at columns kk.. (normalised by the prologue's rstd with NORM), into the accumulators
+    a = tl.load(x_ptr + rows[:, None] * stride_xm + (kk + offs_k)[None, :] * stride_xk,
+                mask=mask_m[:, None] & (kk + offs_k < K)[None, :], other=0.0)  # [BLOCK_M, BLOCK_K]
+    if NORM:
+        a = _norm_tile(a, rstd, nw_ptr, kk + offs_k, kk + offs_k < K)
+    acc = _mac(acc, a, b, DOT, DOT_PRECISION, BLOCK_K)
+    if GLU:
+        acc_u = _mac(acc_u, a, u, DOT, DOT_PRECISION, BLOCK_K)
+    return acc, acc_u
+
+
+@triton.jit
 def _wgemm_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, gate_ptr, res_ptr, out_ptr,
     ws_ptr, cnt_ptr,  # PARTIAL: the float32 workspace [SPLITS, M, NW]; REDUCE_LAST: int32 counters, one per output tile
@@ -208,8 +223,10 @@ def _wgemm_kernel(
     LOOP_STAGES: tl.constexpr,  # the GEMV's num_stages: Triton pipelines a loop without tl.dot only when told
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     PDL: tl.constexpr = False,  # launched with programmatic dependent launch (pdl.py): wait for the previous kernel first
+    PREFETCH: tl.constexpr = False,  # the first K step's weight tiles loaded before that wait (pdl.py)
 ):
-    gdc(PDL)
+    if not PREFETCH:
+        gdc(PDL)
     pid = tl.program_id(0)
     split = tl.program_id(1)
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -234,21 +251,37 @@ def _wgemm_kernel(
     else:  # GEMV, BLOCK_M = 1: per-column products, reduced after the loop
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     acc_u = acc
+    k_lo = split * K_CHUNK
+    k_hi = tl.minimum(k_lo + K_CHUNK, K)
+    if PREFETCH:
+        # the weights are never written by a kernel: the first step's tiles load while the previous kernel finishes,
+        # then the wait, then that step (accumulated first, as in the loop: the same sums in the same order)
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+        b = _weight_tile(w_ptr, s_ptr, z_ptr, cols, mask_n, k_lo, K, stride_wn, stride_wk,
+                         stride_sn, stride_sg, stride_zn, stride_zg, BITS, PACK, HAS_ZEROS, QGROUP, SUB, BLOCK_N, BLOCK_K)
+        u = b
+        if GLU:
+            u = _weight_tile(w_ptr, s_ptr, z_ptr, cols + N, mask_n, k_lo, K, stride_wn, stride_wk,
+                             stride_sn, stride_sg, stride_zn, stride_zg, BITS, PACK, HAS_ZEROS, QGROUP, SUB, BLOCK_N, BLOCK_K)
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+    rstd = eps  # (unused without NORM)
     if NORM:
         rstd = _row_rstd(x_ptr, rows, mask_m, K, stride_xm, stride_xk, eps, BLOCK_M, BLOCK_K)
-    k_lo = split * K_CHUNK
-    for kk in tl.range(k_lo, tl.minimum(k_lo + K_CHUNK, K), BLOCK_K, num_stages=LOOP_STAGES):
-        a = tl.load(x_ptr + rows[:, None] * stride_xm + (kk + offs_k)[None, :] * stride_xk,
-                    mask=mask_m[:, None] & (kk + offs_k < K)[None, :], other=0.0)  # [BLOCK_M, BLOCK_K]
-        if NORM:
-            a = _norm_tile(a, rstd, nw_ptr, kk + offs_k, kk + offs_k < K)
+    if PREFETCH:
+        acc, acc_u = _k_step(acc, acc_u, b, u, x_ptr, rows, mask_m, offs_k, k_lo, K, stride_xm, stride_xk, nw_ptr,
+                             rstd, NORM, GLU, DOT, DOT_PRECISION, BLOCK_K)
+        k_lo += BLOCK_K
+    for kk in tl.range(k_lo, k_hi, BLOCK_K, num_stages=LOOP_STAGES):
         b = _weight_tile(w_ptr, s_ptr, z_ptr, cols, mask_n, kk, K, stride_wn, stride_wk,
                          stride_sn, stride_sg, stride_zn, stride_zg, BITS, PACK, HAS_ZEROS, QGROUP, SUB, BLOCK_N, BLOCK_K)
-        acc = _mac(acc, a, b, DOT, DOT_PRECISION, BLOCK_K)
+        u = b
         if GLU:  # the up half: rows N + j of the merged [gate; up] weight, same x tile
             u = _weight_tile(w_ptr, s_ptr, z_ptr, cols + N, mask_n, kk, K, stride_wn, stride_wk,
                              stride_sn, stride_sg, stride_zn, stride_zg, BITS, PACK, HAS_ZEROS, QGROUP, SUB, BLOCK_N, BLOCK_K)
-            acc_u = _mac(acc_u, a, u, DOT, DOT_PRECISION, BLOCK_K)
+        acc, acc_u = _k_step(acc, acc_u, b, u, x_ptr, rows, mask_m, offs_k, kk, K, stride_xm, stride_xk, nw_ptr,
+                             rstd, NORM, GLU, DOT, DOT_PRECISION, BLOCK_K)
     if not DOT:
         acc = tl.sum(acc, 1)[None, :]  # [1, BLOCK_N]
         if GLU:
@@ -403,11 +436,12 @@ class SplitK(NamedTuple):
 
 
 def launch(x2, weight: Weight, epi: Epilogue, out2, m: int, n: int, config: dict | None, dot: bool = True,
-           split: SplitK | None = None, kernel=None, norm: tuple | None = None) -> None:
+           split: SplitK | None = None, kernel=None, norm: tuple | None = None, prefetch: bool | None = None) -> None:
     """One launch of the template over x2 [M, K] (any strides) into ``out2``, the [M, n] output view (not written
     when ``split`` has no counters). ``config``: BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages; None with
     an autotuned ``kernel``. ``norm``: (weight [K], eps) of an RMSNORM applied to x2's rows as they are loaded
-    (skinny.py's prologue)."""
+    (skinny.py's prologue). ``prefetch``: the first K step peeled, its weight tiles loaded before the PDL wait
+    (None: ``pdl.prefetch``; True without PDL: the same sums, for tests)."""
     w, scales, zeros, bits, group = weight
     k = x2.shape[1]
     s = scales if scales is not None else w  # absent operands: any tensor will do, their switch is off
@@ -422,7 +456,7 @@ def launch(x2, weight: Weight, epi: Epilogue, out2, m: int, n: int, config: dict
                 PARTIAL=splits > 1, REDUCE_LAST=splits > 1 and counters is not None, DOT=dot,
                 DOT_PRECISION="ieee" if x2.dtype == torch.float32 else "tf32", NORM=norm is not None,
                 LOOP_STAGES=None if dot else (config or {}).get("num_stages", 3))
-    meta.update(pdl.kwargs(x2))
+    meta.update(pdl.kwargs(x2), PREFETCH=pdl.prefetch(x2) if prefetch is None else prefetch)
     if config is not None:
         grid = (triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"]), splits)
         (kernel or _wgemm_kernel)[grid](*args, **meta, **config)
