@@ -16,7 +16,7 @@ protocol of ``plan.py``. Built in four named steps:
    scales of its x (from the kernel producing x to the last AQGEMM reading them, where that kernel may store them:
    the float x then lives inside that step only). The intervals are packed into one arena (``memory.py``); inputs
    get their own static buffers, and so do graph outputs a kernel writes and the values outputs are views of
-   (handed to the caller without a copy: ``_OutputSet``).
+   (handed to the caller without a copy: ``kernel_calls.OutputSet``).
 3. Calls (:meth:`KernelPlan._calls`). Each group becomes one closure over fixed tensors: a pointwise group
    its generated Triton kernel; a GEMM or attention the fastest of its candidates (``codegen/lower.py``,
    measured per shape by the target's tuner); anything else its torch reference, copied into the buffer.
@@ -30,7 +30,7 @@ import math
 import time
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -42,18 +42,10 @@ from ..ir.interpret import eval_node, node_attrs
 from ..ir.ops import COLLECTIVE_OPS, index_copy
 from ..ir.ops_fused import AQ_FORMATS, aqgemm_operands
 from ..ir.types import eval_dim, torch_dtype
+from .kernel_calls import MAX_OUTPUT_SETS, KernelCall, OutputSet, PlanStats, collective_call, run_calls, use_count
 from .layouts import CHANNELS_LAST, channels_last_values
 from .memory import Liveness, nbytes
 from .plan import Plan
-
-
-@dataclass
-class KernelCall:
-    """One entry of the call list: a group, how it runs, and the implementation chosen for it."""
-    group: Group
-    kind: str  # pointwise | gemm | matmul | attention | update | rope_kv | copy | collective | reference
-    run: object  # () -> None
-    choice: str = ""
 
 
 @dataclass
@@ -117,82 +109,6 @@ def _meta(t: torch.Tensor) -> torch.Tensor:
     return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
 
 
-MAX_OUTPUT_SETS = 2  # output buffer sets a caller may hold at once without copies (a loop rebinding `out` needs two)
-
-
-def _use_count(t: torch.Tensor) -> int:
-    """References to ``t``'s storage: its tensor, every view of it (a caller's included), and the query's own."""
-    return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
-
-
-def collective_call(g: Group, op: str, x: torch.Tensor, attrs: dict, out: torch.Tensor) -> KernelCall:
-    """ALL_REDUCE / ALL_GATHER through torch.distributed, straight into the planned buffer ``out``. On NCCL the collective
-    is captured in the bucket's CUDA graph and runs at each replay (every rank replays the same graphs in the same
-    order: the decode loop runs in lock step). ALL_GATHER gathers into a [world, *x.shape] buffer made with the plan,
-    then copies the kept pieces (every ``stride``-th) into ``out`` along ``axis``."""
-    import torch.distributed as dist
-
-    world = attrs["world"]
-    if world == 1:
-        return KernelCall(g, "collective", lambda: out.copy_(x), op.lower())
-    if op == "ALL_REDUCE":
-        def all_reduce():
-            out.copy_(x)
-            dist.all_reduce(out, op=dist.ReduceOp.SUM)
-        return KernelCall(g, "collective", all_reduce, "all_reduce")
-    ax, stride = attrs["axis"], attrs["stride"]
-    flat = torch.empty((world * x.shape[0],) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)  # (gloo's layout)
-    kept = flat.view((world,) + tuple(x.shape))[::stride].movedim(0, ax)  # [..., world / stride, n, ...]: the pieces in order along ax
-    dst = out.view(kept.shape)
-
-    def all_gather():
-        dist.all_gather_into_tensor(flat, x.contiguous())
-        dst.copy_(kept)
-    return KernelCall(g, "collective", all_gather, "all_gather")
-
-
-def _run(calls: list) -> None:
-    for call in calls:
-        call.run()
-
-
-@dataclass
-class _OutputSet:
-    """Buffers for the graph outputs that kernels write (or the values outputs are views of), the calls writing them,
-    their CUDA graph. Outputs in these buffers are handed out as aliases of them (the view itself for a view); the set
-    is written again only once nothing outside the plan refers to them."""
-    buffers: dict  # node (an output, or the value an output views) -> its buffer
-    calls: list
-    cuda_graph: object
-    outputs: list  # the plan's values of every graph output when this set runs
-    env: dict = field(default_factory=dict)  # every value as this set's calls read it (views of its buffers kept alive)
-    counts: list = field(default_factory=list)  # each buffer's storage use count when nobody else holds it
-    direct: frozenset = frozenset()  # indices of the outputs that live in one of ``buffers`` (handed out without a copy)
-
-    def free(self) -> bool:
-        return all(_use_count(t) == c for t, c in zip(self.buffers.values(), self.counts))
-
-    def run(self) -> None:
-        if self.cuda_graph is not None:
-            self.cuda_graph.replay()
-        else:
-            _run(self.calls)
-
-
-@dataclass
-class PlanStats:
-    launches: dict = field(default_factory=dict)  # kind -> count
-    choices: dict = field(default_factory=dict)  # "gemm:cublas" -> count
-    build_s: float = 0.0
-    cuda_graph: bool = False
-    # where the build's time went: layouts (the convs' layout measurements included), memory, buffers, calls (choosing
-    # implementations, the tuner's measurements as "tuning"), warmup (the first run: Triton compiles and kernel loads),
-    # capture (the CUDA graph)
-    phases: dict = field(default_factory=dict)
-    # values stored channels-last, and the layout conversions the convs make per call (``lower.conv_layout_changes``)
-    layouts: dict = field(default_factory=dict)
-
-
 class KernelPlan(Plan):
     """Call list + buffer plan (+ CUDA graph) for one binding of the symbols."""
 
@@ -217,8 +133,8 @@ class KernelPlan(Plan):
         with self._phase("buffers"):
             self._buffers(inputs)
         self.cuda_graph_error = None
-        self.sets: list[_OutputSet] = []  # the output buffers the caller may hold, with the calls writing them
-        self._private: _OutputSet | None = None  # written when the caller holds every set's outputs: copies go out
+        self.sets: list[OutputSet] = []  # the output buffers the caller may hold, with the calls writing them
+        self._private: OutputSet | None = None  # written when the caller holds every set's outputs: copies go out
         tuned = target.tuner.seconds
         self.sets.append(self._new_set())
         self.stats.phases["tuning"] = round(target.tuner.seconds - tuned, 4)
@@ -381,7 +297,7 @@ class KernelPlan(Plan):
         for o in self.graph.outputs:
             lv.read(self.val[o].root, len(self.groups))
         # a graph output a kernel writes, or the value an output is a view of, gets buffers of its own, outside the
-        # arena, which are handed to the caller without a copy (see _OutputSet and _own_values)
+        # arena, which are handed to the caller without a copy (see OutputSet and _own_values)
         self.own = self._own_values()
         self._own_slots = {self.slot[o]: o for o in self.own}
         for o in self.own:
@@ -646,7 +562,7 @@ class KernelPlan(Plan):
         return KernelCall(g, "reference", run_reference)
 
     # -- 4. running -----------------------------------------------------------------------------------------
-    def _new_set(self) -> "_OutputSet":
+    def _new_set(self) -> "OutputSet":
         """Fresh buffers for the outputs in ``self.own``, the calls writing them, and (on CUDA) their CUDA graph."""
         self._own_buffers = {o: self._empty(o, self.device) for o in self.own}
         self.env.update(self._own_buffers)
@@ -655,10 +571,10 @@ class KernelPlan(Plan):
         outputs = [self.env[o] for o in self.graph.outputs]
         homes = {t.untyped_storage().data_ptr() for t in self._own_buffers.values() if t.numel()}
         direct = frozenset(k for k, t in enumerate(outputs) if t.numel() and t.untyped_storage().data_ptr() in homes)
-        out = _OutputSet(dict(self._own_buffers), calls, None, outputs, dict(self.env), direct=direct)
+        out = OutputSet(dict(self._own_buffers), calls, None, outputs, dict(self.env), direct=direct)
         if self.target.cuda_graphs and self.device.type == "cuda" and self.cuda_graph_error is None:
             out.cuda_graph = self._capture(calls)
-        out.counts = [_use_count(t) for t in out.buffers.values()]  # now: the plan's own references
+        out.counts = [use_count(t) for t in out.buffers.values()]  # now: the plan's own references
         return out
 
     def _capture(self, calls: list[KernelCall]):
@@ -667,12 +583,12 @@ class KernelPlan(Plan):
             s = torch.cuda.Stream(self.device)
             s.wait_stream(torch.cuda.current_stream(self.device))
             with self._phase("warmup"), torch.cuda.stream(s):
-                _run(calls)  # compiles every kernel; no first-launch work may happen during capture
+                run_calls(calls)  # compiles every kernel; no first-launch work may happen during capture
                 torch.cuda.synchronize(self.device)
             torch.cuda.current_stream(self.device).wait_stream(s)
             cuda_graph = torch.cuda.CUDAGraph()
             with self._phase("capture"), torch.cuda.graph(cuda_graph):
-                _run(calls)
+                run_calls(calls)
             self.stats.cuda_graph = True
             return cuda_graph
         except Exception as e:  # an op that syncs or allocates on the host: run the call list instead
@@ -713,7 +629,7 @@ class KernelPlan(Plan):
         return [o if how == "input" else o.view(o.shape) if how in ("buffer", "view") else o.clone()
                 for o, how in zip(outputs, self._handed(self._current))]
 
-    def _handed(self, s: _OutputSet) -> list[str]:
+    def _handed(self, s: OutputSet) -> list[str]:
         """How each output of set ``s`` goes to the caller: "input" (an adopted input, itself), "buffer" (an alias of
         its own buffer), "view" (an alias of a view of one, strides kept), "copy" (the private set's, and the rest)."""
         own = {id(t) for t in s.buffers.values()}

@@ -94,7 +94,7 @@ def collectives(rank: int, world: int, out: Path) -> dict:
     from kiln.codegen.schedule import Group
     from kiln.ir.graph import Graph
     from kiln.ir.interpret import interpret
-    from kiln.runtime.kernel_plan import collective_call
+    from kiln.runtime.kernel_calls import collective_call
 
     x = torch.arange(12, dtype=torch.float32).reshape(3, 4) + rank + 1
     got = {}
