@@ -62,6 +62,7 @@ TRITON_ATTENTION_CONFIGS = 2
 # the skinny candidates' generation in the tuner's key: 2 since split-K may reduce in its last program (a decision
 # measured between older candidates is measured again)
 SKINNY_CANDIDATES = 2
+DECODE_CANDIDATES = 2  # (in a decode attention's what: a decision cached before "kiln-decode-whole" existed is not one)
 
 
 def config_name(impl: str, config: dict) -> str:
@@ -395,14 +396,21 @@ def attention(args: list, attrs: dict, out: torch.Tensor, scratch: torch.Tensor 
         for c in cfgs[:TRITON_ATTENTION_CONFIGS]:
             candidates[config_name("kiln", c)] = (
                 lambda c=c: ta.attention(q, k, v, mask, causal, scale, gqa, out=out, config=c, k_scale=ks, v_scale=vs))
-    if _decode_fits(q, k, v, mask, causal, enable_gqa, device):
+    decode = _decode_fits(q, k, v, mask, causal, enable_gqa, device)
+    if decode:
         cfgs = td.configs() if device.type == "cuda" else [td.INTERPRET_CONFIG]
         for c in cfgs[:TRITON_ATTENTION_CONFIGS]:
             candidates[config_name("kiln-decode", c)] = (
                 lambda c=c: td.decode_attention(q, k, v, mask, scale, enable_gqa, out=out, config=c, k_scale=ks, v_scale=vs))
+        # the whole cache in one split: fewer programs, but one launch and no partials (a short cache may prefer it)
+        candidates[config_name("kiln-decode-whole", cfgs[0])] = (
+            lambda c=cfgs[0]: td.decode_attention(q, k, v, mask, scale, enable_gqa, out=out, config=c, splits=1, k_scale=ks,
+                                                  v_scale=vs))
     what = {"op": "ATTENTION", "q": list(q.shape), "k": list(k.shape), "v": list(v.shape), "dtype": str(q.dtype),
             "strides": [list(t.stride()) for t in (q, k, v)], "causal": causal, "scale": scale, "gqa": gqa,
             "mask": None if mask is None else [list(mask.shape), str(mask.dtype)]}
+    if decode:
+        what["decode"] = DECODE_CANDIDATES
     if ks is not None or vs is not None:
         what["codes"] = [str(t.dtype) if s is not None else None for t, s in ((k, ks), (v, vs))]
     return what, candidates

@@ -13,6 +13,8 @@ sequence is cut into ``splits`` chunks and two kernels run:
            acc [B, Hq, Sq, splits, D], m and l [B, Hq, Sq, splits] to scratch; m is kept in log2 units
            (scale * log2(e) folded into one multiplier, ``exp2`` instead of ``exp``).
   reduce   grid (B * Hq * Sq,). M = max_s m_s, L = sum_s l_s * 2^(m_s - M), out = sum_s acc_s * 2^(m_s - M) / L.
+With one split the partial kernel stores acc / l itself (what the reduce makes of one split, bit for bit): one
+launch. The kernels plan offers that form ("kiln-decode-whole") beside the split ones: a short cache may prefer it.
 
 A quantized KV cache (``ir/kv_quant.py``: int8 or float8 e4m3 codes, one float32 scale per (row, kv head, slot))
 is read as codes plus scales, each K / V tile dequantized in registers as ATTENTION's reference does,
@@ -68,8 +70,10 @@ def _decode_partial_kernel(
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_ksb, stride_ksh, stride_ksn, stride_vsb, stride_vsh, stride_vsn,  # the scales [B, Hk, S] of quantized k / v
     Hq, Hk, GROUP, Sq, S, CHUNK, SPLITS, HEAD_DIM, qk_scale,  # qk_scale = scale * log2(e)
+    out_ptr, stride_ob, stride_oh, stride_om, stride_od,  # DIRECT: the output [B, Hq, Sq, D]
     HAS_MASK: tl.constexpr, K_SCALED: tl.constexpr, V_SCALED: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    DIRECT: tl.constexpr = False,  # one split: the normalised output stored here, no partials and no reduce launch
     PDL: tl.constexpr = False,  # launched with programmatic dependent launch (pdl.py)
 ):
     gdc(PDL)
@@ -119,11 +123,16 @@ def _decode_partial_kernel(
             v = (v.to(tl.float32) * vs[:, None]).to(q.dtype)
         m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc, DOT_PRECISION)
 
-    # scratch index of (b, h, i, split): m / l [B, Hq, Sq, SPLITS], acc [B, Hq, Sq, SPLITS, HEAD_DIM]
-    part = ((b * Hq + h) * Sq + i) * SPLITS + split
-    tl.store(m_ptr + part, m_i, mask=valid_r)
-    tl.store(l_ptr + part, l_i, mask=valid_r)
-    tl.store(acc_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=valid_r[:, None] & valid_d[None, :])
+    if DIRECT:  # what the reduce makes of one split (weight exp2(0) = 1): acc / l, l = 0 (all masked) read as 1
+        l_i = tl.where(l_i == 0.0, 1.0, l_i)
+        tl.store(out_ptr + b * stride_ob + h[:, None] * stride_oh + i[:, None] * stride_om + offs_d[None, :] * stride_od,
+                 (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=valid_r[:, None] & valid_d[None, :])
+    else:
+        # scratch index of (b, h, i, split): m / l [B, Hq, Sq, SPLITS], acc [B, Hq, Sq, SPLITS, HEAD_DIM]
+        part = ((b * Hq + h) * Sq + i) * SPLITS + split
+        tl.store(m_ptr + part, m_i, mask=valid_r)
+        tl.store(l_ptr + part, l_i, mask=valid_r)
+        tl.store(acc_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=valid_r[:, None] & valid_d[None, :])
 
 
 @triton.jit
@@ -275,7 +284,7 @@ def _check(q, k, v, mask, scale, gqa, out, config, splits, k_scale, v_scale):
 
 
 def decode_attention(q, k, v, mask=None, scale=None, gqa=False, out=None, config: dict | None = None,
-                     splits: int | None = None, k_scale=None, v_scale=None) -> torch.Tensor:
+                     splits: int | None = None, k_scale=None, v_scale=None, direct: bool = True) -> torch.Tensor:
     """``softmax(q @ k^T * scale, mask) @ v`` for a few query rows over a long cache, split along the keys
     (see the module docstring).
 
@@ -287,7 +296,8 @@ def decode_attention(q, k, v, mask=None, scale=None, gqa=False, out=None, config
     (BLOCK_N, num_warps, num_stages; see ``configs``) run without the autotuner. ``splits``: how many key
     chunks (None: ``default_splits``); chunks round up to whole BLOCK_N steps, so fewer may run. ``k_scale`` /
     ``v_scale``: float32 [B, Hk, S] scales of a quantized k / v (int8 or float8_e4m3fn codes, ``ir/kv_quant.py``),
-    each tile dequantized in registers.
+    each tile dequantized in registers. Where one split runs, the partial kernel stores the output itself: one launch,
+    the same bits as partial + reduce (``direct`` False: the two launches anyway, for tests).
     """
     group, mask4 = _check(q, k, v, mask, scale, gqa, out, config, splits, k_scale, v_scale)
     (bq, hq, sq, d), (hk, sk) = q.shape, k.shape[1:3]
@@ -301,8 +311,10 @@ def decode_attention(q, k, v, mask=None, scale=None, gqa=False, out=None, config
     c = dict(config) if config is not None else dict(INTERPRET_CONFIG) if INTERPRET else None
     block_n = c["BLOCK_N"] if c is not None else CHUNK_ALIGN
     n_split, chunk = _chunking(sk, splits or default_splits(bq, hk, sk, block_n, _sm_count(q.device)), block_n)
-    acc = torch.empty(bq, hq, sq, n_split, d, dtype=torch.float32, device=q.device)
-    m = torch.empty(bq, hq, sq, n_split, dtype=torch.float32, device=q.device)
+    one = direct and n_split == 1
+    # the partials, flat (one split: never touched, one element each so that every pointer argument is a real one)
+    acc = torch.empty(1 if one else bq * hq * sq * n_split * d, dtype=torch.float32, device=q.device)
+    m = torch.empty(1 if one else bq * hq * sq * n_split, dtype=torch.float32, device=q.device)
     l_ = torch.empty_like(m)
 
     qk_scale = (1.0 / math.sqrt(d) if scale is None else float(scale)) * LOG2E
@@ -311,15 +323,17 @@ def decode_attention(q, k, v, mask=None, scale=None, gqa=False, out=None, config
             v_scale if v_scale is not None else acc, acc, m, l_,
             *q.stride(), *k.stride(), *v.stride(), *(mask4.stride() if mask4 is not None else (0, 0, 0, 0)),
             *(k_scale.stride() if k_scale is not None else (0, 0, 0)), *(v_scale.stride() if v_scale is not None else (0, 0, 0)),
-            hq, hk, group, sq, sk, chunk, n_split, d, qk_scale)
+            hq, hk, group, sq, sk, chunk, n_split, d, qk_scale, out, *out.stride())
     meta = dict(HAS_MASK=mask4 is not None, K_SCALED=k_scale is not None, V_SCALED=v_scale is not None,
                 DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-                BLOCK_M=max(16, triton.next_power_of_2(group * sq)), BLOCK_D=block_d, **pdl.kwargs(q))
+                BLOCK_M=max(16, triton.next_power_of_2(group * sq)), BLOCK_D=block_d, DIRECT=one, **pdl.kwargs(q))
     grid = (bq * hk, n_split)
     if c is not None:
         _decode_partial_kernel[grid](*args, **meta, **c)
     else:
         _tuned()[grid](*args, **meta)
+    if one:
+        return out
     _decode_reduce_kernel[(bq * hq * sq,)](acc, m, l_, out, *out.stride(), hq, sq, n_split, d,
                                            BLOCK_S=min(REDUCE_BLOCK_S, triton.next_power_of_2(n_split)), BLOCK_D=block_d,
                                            **pdl.kwargs(q))

@@ -125,7 +125,7 @@ def test_decode_candidates_read_the_codes_alone():
     q, k, v, ks, vs = operands(2, 8, 2, 1, 40, 16, torch.float32, "int8", which="v")
     mask = left_padded([0, 5], 1, 40, pos=30)
     shape, _, cands, out = candidates(q, k, v, ks, vs, mask)
-    assert shape is None and sorted(c.split(":")[0] for c in cands) == ["kiln", "kiln-decode"]
+    assert shape is None and sorted(c.split(":")[0] for c in cands) == ["kiln", "kiln-decode", "kiln-decode-whole"]
     want = reference(q.double(), k, v, mask, gqa=True, v_scale=vs)
     for name, run in cands.items():
         run()

@@ -74,6 +74,21 @@ def test_splits_agree(s, splits, ran):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_one_split_stores_directly_the_same_bits(dtype):
+    """One split: the partial kernel writes the output itself (one launch) — bit for bit what the reduce makes of it,
+    fully masked rows (zeros) and a strided out included."""
+    q, k, v = qkv(2, 4, 2, 3, 45, 64, dtype)
+    mask = left_padded([0, 20], 3, 45, pos=40)
+    mask[1, 0, 2] = False  # a row attending nothing
+    outs = []
+    for direct in (True, False):
+        out = torch.full((2, 3, 4, 64), float("nan"), dtype=dtype).transpose(1, 2)
+        outs.append(decode_attention(q, k, v, mask, gqa=True, splits=1, out=out, direct=direct))
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0][1, :, 2], torch.zeros(4, 64, dtype=dtype))
+    check(q, k, v, mask, gqa=True, splits=1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("sq", [1, 3])
 def test_left_padding_mask(dtype, sq):
     # batch row 2's prompt starts at key 20: its whole first chunk (keys 0..15) is masked -> m = -inf, l = 0
