@@ -192,8 +192,9 @@ def _epilogue_store(acc, acc_u, rows, cols, mask_n, mask, N, bias_ptr, gate_ptr,
 @triton.jit
 def _k_step(acc, acc_u, b, u, x_ptr, rows, mask_m, offs_k, kk, K, stride_xm, stride_xk, nw_ptr, rstd,
             NORM: tl.constexpr, GLU: tl.constexpr, DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
-    # one K step of _wgemm_kernel on the weight tiles b (and u, the up half with GLU): x's tile [BLOCK_M, BLOCK_K]
-    # at columns kk.. (normalised by the prologue's rstd with NORM), into the accumulators
+    # one K step of _wgemm_kernel on weight tiles loaded before (b, and u, the up half with GLU): x's tile [BLOCK_M,
+    # BLOCK_K] at columns kk.. (normalised by the prologue's rstd with NORM), into the accumulators: the PREFETCH
+    # peel of the loop's first step, the same operations
     a = tl.load(x_ptr + rows[:, None] * stride_xm + (kk + offs_k)[None, :] * stride_xk,
                 mask=mask_m[:, None] & (kk + offs_k < K)[None, :], other=0.0)  # [BLOCK_M, BLOCK_K]
     if NORM:
@@ -273,15 +274,19 @@ def _wgemm_kernel(
         acc, acc_u = _k_step(acc, acc_u, b, u, x_ptr, rows, mask_m, offs_k, k_lo, K, stride_xm, stride_xk, nw_ptr,
                              rstd, NORM, GLU, DOT, DOT_PRECISION, BLOCK_K)
         k_lo += BLOCK_K
+    # (the loop keeps its own statements in the order measured on the H200; _k_step is the same operations)
     for kk in tl.range(k_lo, k_hi, BLOCK_K, num_stages=LOOP_STAGES):
+        a = tl.load(x_ptr + rows[:, None] * stride_xm + (kk + offs_k)[None, :] * stride_xk,
+                    mask=mask_m[:, None] & (kk + offs_k < K)[None, :], other=0.0)  # [BLOCK_M, BLOCK_K]
+        if NORM:
+            a = _norm_tile(a, rstd, nw_ptr, kk + offs_k, kk + offs_k < K)
         b = _weight_tile(w_ptr, s_ptr, z_ptr, cols, mask_n, kk, K, stride_wn, stride_wk,
                          stride_sn, stride_sg, stride_zn, stride_zg, BITS, PACK, HAS_ZEROS, QGROUP, SUB, BLOCK_N, BLOCK_K)
-        u = b
+        acc = _mac(acc, a, b, DOT, DOT_PRECISION, BLOCK_K)
         if GLU:  # the up half: rows N + j of the merged [gate; up] weight, same x tile
             u = _weight_tile(w_ptr, s_ptr, z_ptr, cols + N, mask_n, kk, K, stride_wn, stride_wk,
                              stride_sn, stride_sg, stride_zn, stride_zg, BITS, PACK, HAS_ZEROS, QGROUP, SUB, BLOCK_N, BLOCK_K)
-        acc, acc_u = _k_step(acc, acc_u, b, u, x_ptr, rows, mask_m, offs_k, kk, K, stride_xm, stride_xk, nw_ptr,
-                             rstd, NORM, GLU, DOT, DOT_PRECISION, BLOCK_K)
+            acc_u = _mac(acc_u, a, u, DOT, DOT_PRECISION, BLOCK_K)
     if not DOT:
         acc = tl.sum(acc, 1)[None, :]  # [1, BLOCK_N]
         if GLU:
