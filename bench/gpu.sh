@@ -74,6 +74,9 @@ for stage in "$@"; do
         tests/codegen/test_tuning.py tests/codegen/test_decode_attention.py tests/llm/test_generator.py \
         tests/llm/test_decode_plan.py 2>&1 | tee "$OUT/s5tests.log" | grep -v DEBUG | tail -30 ;;
     decode_8b) timeout 240 python3 bench/decode.py --models 8b --no-compile-peer 2>&1 | grep -v '^ *\[\|^ *"' | tail -8 ;;
+    diffusion_dit_fp8)  # the DiT pipeline with its step graph in fp8: PSNR vs kiln bf16 (issue 14), no torch.compile peer
+      timeout 400 python3 bench/diffusion.py --models dit --batches 1 --compile-modes '' --quantize fp8 \
+        --out "$OUT/diffusion_dit_fp8.json" 2>&1 | tail -20 ;;
     *) echo "unknown stage $stage" ;;
   esac
 done
