@@ -63,6 +63,7 @@ TRITON_ATTENTION_CONFIGS = 2
 # measured between older candidates is measured again)
 SKINNY_CANDIDATES = 2
 DECODE_CANDIDATES = 2  # (in a decode attention's what: a decision cached before "kiln-decode-whole" existed is not one)
+# (a plan that gives counters adds "kiln-decode-last": its what says so, apart from a call without them)
 
 
 def config_name(impl: str, config: dict) -> str:
@@ -377,8 +378,20 @@ def _dequantized(k, v, ks, vs, scratch: torch.Tensor | None):
     return next(it) if ks is not None else k, next(it) if vs is not None else v, dequantize
 
 
-def attention(args: list, attrs: dict, out: torch.Tensor, scratch: torch.Tensor | None, device: torch.device) -> tuple[dict, dict]:
-    """An ATTENTION's candidates. ``scratch``: the ``attention_scratch`` buffer (None where it has none)."""
+def attention_counter_bytes(q_shape: tuple, k_shape: tuple, attrs: dict, dtype: torch.dtype, device: torch.device) -> int:
+    """Bytes of the counters the one-launch split-KV candidates ("kiln-decode-last") of an ATTENTION need: 0 unless it
+    is a decode shape kiln's kernel takes. State like the skinny GEMMs' counters: zero when planned, left zero."""
+    rows = q_shape[-2] * (q_shape[-3] // k_shape[-3] if len(q_shape) == 4 and attrs["gqa"] else 1)
+    if len(q_shape) != 4 or len(k_shape) != 4 or attrs["causal"] or rows > td.MAX_ROWS or q_shape[0] != k_shape[0] \
+            or not _triton_ok(td.DTYPES, dtype, device, td.INTERPRET):
+        return 0
+    return td.counter_bytes(k_shape[0], k_shape[1])
+
+
+def attention(args: list, attrs: dict, out: torch.Tensor, scratch: torch.Tensor | None, device: torch.device,
+              counters: torch.Tensor | None = None) -> tuple[dict, dict]:
+    """An ATTENTION's candidates. ``scratch``: the ``attention_scratch`` buffer (None where it has none); ``counters``:
+    the ``attention_counter_bytes`` buffer (None: no one-launch split-KV candidates)."""
     q, k, v, mask, ks, vs = attention_operands(args, attrs)
     causal, scale, gqa = attrs["causal"], attrs["scale"], attrs["gqa"]
     attn_mask, sdpa_causal = sdpa_mask(q, k, mask, causal)  # built once per plan, not per call
@@ -402,6 +415,11 @@ def attention(args: list, attrs: dict, out: torch.Tensor, scratch: torch.Tensor 
         for c in cfgs[:TRITON_ATTENTION_CONFIGS]:
             candidates[config_name("kiln-decode", c)] = (
                 lambda c=c: td.decode_attention(q, k, v, mask, scale, enable_gqa, out=out, config=c, k_scale=ks, v_scale=vs))
+        if counters is not None:  # the same splits, reduced by the last program of each kv head's: one launch
+            for c in cfgs[:TRITON_ATTENTION_CONFIGS]:
+                candidates[config_name("kiln-decode-last", c)] = (
+                    lambda c=c: td.decode_attention(q, k, v, mask, scale, enable_gqa, out=out, config=c, k_scale=ks,
+                                                    v_scale=vs, counters=counters))
         # the whole cache in one split: fewer programs, but one launch and no partials (a short cache may prefer it)
         candidates[config_name("kiln-decode-whole", cfgs[0])] = (
             lambda c=cfgs[0]: td.decode_attention(q, k, v, mask, scale, enable_gqa, out=out, config=c, splits=1, k_scale=ks,
@@ -411,6 +429,8 @@ def attention(args: list, attrs: dict, out: torch.Tensor, scratch: torch.Tensor 
             "mask": None if mask is None else [list(mask.shape), str(mask.dtype)]}
     if decode:
         what["decode"] = DECODE_CANDIDATES
+        if counters is not None:
+            what["one_launch"] = True
     if ks is not None or vs is not None:
         what["codes"] = [str(t.dtype) if s is not None else None for t, s in ((k, ks), (v, vs))]
     return what, candidates

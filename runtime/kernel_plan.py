@@ -294,6 +294,9 @@ class KernelPlan(Plan):
                 lv.write(-1 - k, k, nbytes(self.scratch[k][1], self.scratch[k][2]))
             if kind == "gemm":
                 self._workspace(lv, k, n)
+            if kind == "attention":
+                self._counters(lv, k, lower.attention_counter_bytes(self.shape_of[n.inputs[0]], self.shape_of[n.inputs[1]],
+                                                                    n.attrs, torch_dtype(n.dtype), self.device))
         for o in self.graph.outputs:
             lv.read(self.val[o].root, len(self.groups))
         # a graph output a kernel writes, or the value an output is a view of, gets buffers of its own, outside the
@@ -339,7 +342,11 @@ class KernelPlan(Plan):
         if size:
             self.workspace[k] = (-1 - len(self.groups) - k, size)  # (keys apart from the scratch's)
             lv.write(self.workspace[k][0], k, size)
-        count = lower.counter_bytes(*shapes)
+        self._counters(lv, k, lower.counter_bytes(*shapes))
+
+    def _counters(self, lv: Liveness, k: int, count: int) -> None:
+        """``self.counters[k]``: (key, bytes) of group k's counters (split-K GEMMs, one-launch split-KV attention), alive
+        over the whole plan (see ``_workspace``)."""
         if count:
             self.counters[k] = (-1 - 3 * len(self.groups) - k, count)  # (apart from the prologue's too)
             lv.write(self.counters[k][0], 0, count)
@@ -418,7 +425,7 @@ class KernelPlan(Plan):
                     self.env[o] = self._buffer(self.slot[o], self.shape_of[o], torch_dtype(o.dtype), self.order.get(o), self.pitch.get(o))
             tmp = self._buffer(self.scratch[k][0], self.scratch[k][1], torch_dtype(self.scratch[k][2])) if k in self.scratch else None
             ws = self._buffer(self.workspace[k][0], (self.workspace[k][1],), torch.uint8) if k in self.workspace else None
-            if k in self.counters:  # the skinny candidates' (partials, counters)
+            if k in self.counters:  # (partials, counters) of a skinny GEMM, (None, counters) of a decode attention
                 ws = (ws, self._buffer(self.counters[k][0], (self.counters[k][1],), torch.uint8))
             if k in self.prologue:
                 norm = g.nodes[0]
@@ -473,8 +480,8 @@ class KernelPlan(Plan):
                 what, candidates = lower.aqgemm(args, attrs, out, tmp, device, workspace, codes=codes)
             else:
                 what, candidates = {"QGEMM": lower.qgemm}.get(n.op, lower.gemm)(args, attrs, out, tmp, device, workspace, self._norm(g))
-        elif kind == "attention":
-            what, candidates = lower.attention(args, attrs, out, tmp, device)
+        elif kind == "attention":  # (workspace: (None, counters) where the plan has counters for it)
+            what, candidates = lower.attention(args, attrs, out, tmp, device, workspace[1] if isinstance(workspace, tuple) else None)
         elif kind == "conv":
             what, candidates = lower.conv(args, attrs, out, device)
         elif kind == "group_norm":

@@ -15,6 +15,9 @@ sequence is cut into ``splits`` chunks and two kernels run:
   reduce   grid (B * Hq * Sq,). M = max_s m_s, L = sum_s l_s * 2^(m_s - M), out = sum_s acc_s * 2^(m_s - M) / L.
 With one split the partial kernel stores acc / l itself (what the reduce makes of one split, bit for bit): one
 launch. The kernels plan offers that form ("kiln-decode-whole") beside the split ones: a short cache may prefer it.
+Given counters (int32, one per (b, kv head), planned zero and left zero), several splits reduce in one launch too:
+each program counts itself in after storing its partials, and the last of a kv head's splits reduces that group's
+rows with the reduce kernel's code ("kiln-decode-last" in the plan).
 
 A quantized KV cache (``ir/kv_quant.py``: int8 or float8 e4m3 codes, one float32 scale per (row, kv head, slot))
 is read as codes plus scales, each K / V tile dequantized in registers as ATTENTION's reference does,
@@ -70,10 +73,13 @@ def _decode_partial_kernel(
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_ksb, stride_ksh, stride_ksn, stride_vsb, stride_vsh, stride_vsn,  # the scales [B, Hk, S] of quantized k / v
     Hq, Hk, GROUP, Sq, S, CHUNK, SPLITS, HEAD_DIM, qk_scale,  # qk_scale = scale * log2(e)
-    out_ptr, stride_ob, stride_oh, stride_om, stride_od,  # DIRECT: the output [B, Hq, Sq, D]
+    out_ptr, stride_ob, stride_oh, stride_om, stride_od,  # DIRECT / REDUCE_LAST: the output [B, Hq, Sq, D]
+    cnt_ptr,  # REDUCE_LAST: int32 counters, one per (b, kv head), zero before and after each call
     HAS_MASK: tl.constexpr, K_SCALED: tl.constexpr, V_SCALED: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DIRECT: tl.constexpr = False,  # one split: the normalised output stored here, no partials and no reduce launch
+    REDUCE_LAST: tl.constexpr = False,  # the last program of a (b, kv head) to finish reduces its group's rows
+    BLOCK_S: tl.constexpr = 16,  # REDUCE_LAST: the splits the reduce loads per step (as _decode_reduce_kernel's)
     PDL: tl.constexpr = False,  # launched with programmatic dependent launch (pdl.py)
 ):
     gdc(PDL)
@@ -133,6 +139,54 @@ def _decode_partial_kernel(
         tl.store(m_ptr + part, m_i, mask=valid_r)
         tl.store(l_ptr + part, l_i, mask=valid_r)
         tl.store(acc_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=valid_r[:, None] & valid_d[None, :])
+        if REDUCE_LAST:
+            # every warp's partials stored before the count goes up (the scalar atomic is one thread's); acq_rel:
+            # releases this program's partials and acquires the others' for the last to arrive, which reduces the
+            # group's G * Sq rows as the reduce kernel would, then sets the counter back to 0 for the next call
+            tl.debug_barrier()
+            arrived = tl.atomic_add(cnt_ptr + pid_bh, 1, sem="acq_rel")
+            if arrived == tl.num_programs(1) - 1:
+                for r in range(0, GROUP * Sq):
+                    row = (b * Hq + hk * GROUP + r // Sq) * Sq + r % Sq
+                    _reduce_row(acc_ptr, m_ptr, l_ptr, out_ptr, row, stride_ob, stride_oh, stride_om, stride_od, Hq, Sq,
+                                SPLITS, HEAD_DIM, BLOCK_S, BLOCK_D)
+                tl.store(cnt_ptr + pid_bh, 0)
+
+
+@triton.jit
+def _reduce_row(acc_ptr, m_ptr, l_ptr, out_ptr, row, stride_ob, stride_oh, stride_om, stride_od, Hq, Sq, SPLITS, HEAD_DIM,
+                BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    # the output row ``row`` = (b * Hq + h) * Sq + i from its SPLITS partials. The loads bypass L1 (.cg): the partials
+    # were written by other programs (other SMs)
+    i = row % Sq
+    h = (row // Sq) % Hq
+    b = row // (Sq * Hq)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    valid_d = offs_d < HEAD_DIM
+    base = row * SPLITS
+
+    m_max = tl.full([BLOCK_S], float("-inf"), dtype=tl.float32)
+    for s0 in range(0, SPLITS, BLOCK_S):
+        m_max = tl.maximum(m_max, tl.load(m_ptr + base + s0 + offs_s, mask=s0 + offs_s < SPLITS, other=float("-inf"),
+                                          cache_modifier=".cg"))
+    big_m = tl.max(m_max, 0)
+    big_m = tl.where(big_m == float("-inf"), 0.0, big_m)  # every key masked: all weights 0, L = 0
+
+    l_sum = tl.zeros([BLOCK_S], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for s0 in range(0, SPLITS, BLOCK_S):
+        offs = s0 + offs_s
+        valid_s = offs < SPLITS
+        w = tl.math.exp2(tl.load(m_ptr + base + offs, mask=valid_s, other=float("-inf"), cache_modifier=".cg") - big_m)
+        l_sum += tl.load(l_ptr + base + offs, mask=valid_s, other=0.0, cache_modifier=".cg") * w
+        a = tl.load(acc_ptr + (base + offs)[:, None] * HEAD_DIM + offs_d[None, :],
+                    mask=valid_s[:, None] & valid_d[None, :], other=0.0, cache_modifier=".cg")  # [BLOCK_S, BLOCK_D]
+        acc += tl.sum(a * w[:, None], 0)
+    big_l = tl.sum(l_sum, 0)
+    big_l = tl.where(big_l == 0.0, 1.0, big_l)  # fully masked row: acc is 0, the output row is 0
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + i * stride_om + offs_d * stride_od,
+             (acc / big_l).to(out_ptr.dtype.element_ty), mask=valid_d)
 
 
 @triton.jit
@@ -144,35 +198,8 @@ def _decode_reduce_kernel(
     PDL: tl.constexpr = False,
 ):
     gdc(PDL)
-    row = tl.program_id(0).to(tl.int64)  # (b * Hq + h) * Sq + i
-    i = row % Sq
-    h = (row // Sq) % Hq
-    b = row // (Sq * Hq)
-    offs_s = tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, BLOCK_D)
-    valid_d = offs_d < HEAD_DIM
-    base = row * SPLITS
-
-    m_max = tl.full([BLOCK_S], float("-inf"), dtype=tl.float32)
-    for s0 in range(0, SPLITS, BLOCK_S):
-        m_max = tl.maximum(m_max, tl.load(m_ptr + base + s0 + offs_s, mask=s0 + offs_s < SPLITS, other=float("-inf")))
-    big_m = tl.max(m_max, 0)
-    big_m = tl.where(big_m == float("-inf"), 0.0, big_m)  # every key masked: all weights 0, L = 0
-
-    l_sum = tl.zeros([BLOCK_S], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for s0 in range(0, SPLITS, BLOCK_S):
-        offs = s0 + offs_s
-        valid_s = offs < SPLITS
-        w = tl.math.exp2(tl.load(m_ptr + base + offs, mask=valid_s, other=float("-inf")) - big_m)  # [BLOCK_S]
-        l_sum += tl.load(l_ptr + base + offs, mask=valid_s, other=0.0) * w
-        a = tl.load(acc_ptr + (base + offs)[:, None] * HEAD_DIM + offs_d[None, :],
-                    mask=valid_s[:, None] & valid_d[None, :], other=0.0)  # [BLOCK_S, BLOCK_D]
-        acc += tl.sum(a * w[:, None], 0)
-    big_l = tl.sum(l_sum, 0)
-    big_l = tl.where(big_l == 0.0, 1.0, big_l)  # fully masked row: acc is 0, the output row is 0
-    tl.store(out_ptr + b * stride_ob + h * stride_oh + i * stride_om + offs_d * stride_od,
-             (acc / big_l).to(out_ptr.dtype.element_ty), mask=valid_d)
+    _reduce_row(acc_ptr, m_ptr, l_ptr, out_ptr, tl.program_id(0).to(tl.int64), stride_ob, stride_oh, stride_om, stride_od,
+                Hq, Sq, SPLITS, HEAD_DIM, BLOCK_S, BLOCK_D)
 
 
 def _config(bn, warps, stages):
@@ -284,7 +311,8 @@ def _check(q, k, v, mask, scale, gqa, out, config, splits, k_scale, v_scale):
 
 
 def decode_attention(q, k, v, mask=None, scale=None, gqa=False, out=None, config: dict | None = None,
-                     splits: int | None = None, k_scale=None, v_scale=None, direct: bool = True) -> torch.Tensor:
+                     splits: int | None = None, k_scale=None, v_scale=None, direct: bool = True,
+                     counters: torch.Tensor | None = None) -> torch.Tensor:
     """``softmax(q @ k^T * scale, mask) @ v`` for a few query rows over a long cache, split along the keys
     (see the module docstring).
 
@@ -297,7 +325,9 @@ def decode_attention(q, k, v, mask=None, scale=None, gqa=False, out=None, config
     chunks (None: ``default_splits``); chunks round up to whole BLOCK_N steps, so fewer may run. ``k_scale`` /
     ``v_scale``: float32 [B, Hk, S] scales of a quantized k / v (int8 or float8_e4m3fn codes, ``ir/kv_quant.py``),
     each tile dequantized in registers. Where one split runs, the partial kernel stores the output itself: one launch,
-    the same bits as partial + reduce (``direct`` False: the two launches anyway, for tests).
+    the same bits as partial + reduce (``direct`` False: the two launches anyway, for tests). ``counters``: a
+    contiguous int32 / uint8 tensor of at least ``counter_bytes`` bytes, zero, that the call leaves zero: several
+    splits then reduce in one launch too (the last program of each kv head's splits reduces its rows).
     """
     group, mask4 = _check(q, k, v, mask, scale, gqa, out, config, splits, k_scale, v_scale)
     (bq, hq, sq, d), (hk, sk) = q.shape, k.shape[1:3]
@@ -327,17 +357,30 @@ def decode_attention(q, k, v, mask=None, scale=None, gqa=False, out=None, config
     meta = dict(HAS_MASK=mask4 is not None, K_SCALED=k_scale is not None, V_SCALED=v_scale is not None,
                 DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
                 BLOCK_M=max(16, triton.next_power_of_2(group * sq)), BLOCK_D=block_d, DIRECT=one, **pdl.kwargs(q))
+    last = counters is not None and not one
+    if last:
+        if not counters.is_contiguous() or counters.dtype not in (torch.int32, torch.uint8) or \
+                counters.numel() * counters.element_size() < counter_bytes(bq, hk) or counters.device != q.device:
+            raise ValueError(f"decode_attention: counters must be a contiguous int32 / uint8 tensor of at least "
+                             f"{counter_bytes(bq, hk)} bytes on {q.device}, got {counters.dtype} {tuple(counters.shape)}")
+        meta.update(REDUCE_LAST=True, BLOCK_S=min(REDUCE_BLOCK_S, triton.next_power_of_2(n_split)))
+    args += (counters.view(torch.int32) if last else m,)
     grid = (bq * hk, n_split)
     if c is not None:
         _decode_partial_kernel[grid](*args, **meta, **c)
     else:
         _tuned()[grid](*args, **meta)
-    if one:
+    if one or last:
         return out
     _decode_reduce_kernel[(bq * hq * sq,)](acc, m, l_, out, *out.stride(), hq, sq, n_split, d,
                                            BLOCK_S=min(REDUCE_BLOCK_S, triton.next_power_of_2(n_split)), BLOCK_D=block_d,
                                            **pdl.kwargs(q))
     return out
+
+
+def counter_bytes(batch: int, kv_heads: int) -> int:
+    """Bytes of the int32 counters ``decode_attention(..., counters=)`` needs: one per (batch row, kv head)."""
+    return 4 * batch * kv_heads
 
 
 def reference(q, k, v, mask=None, scale=None, gqa=False, k_scale=None, v_scale=None) -> torch.Tensor:

@@ -89,6 +89,25 @@ def test_one_split_stores_directly_the_same_bits(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("sq, splits", [(1, 3), (3, 4), (3, 2)])
+def test_last_program_reduces_the_same_bits(dtype, sq, splits):
+    """Counters given: the last program of each kv head's splits reduces its group's rows in the same launch — bit for
+    bit the reduce kernel's output, a fully masked row and a wholly masked first chunk included; the counters are left
+    zero for the next call, which gives the same bits again."""
+    q, k, v = qkv(2, 4, 2, sq, 45, 64, dtype)
+    mask = left_padded([0, 20], sq, 45, pos=40)
+    mask[1, 0, sq - 1, :] = False  # a row attending nothing
+    counters = torch.zeros(DA.counter_bytes(2, 2), dtype=torch.uint8)
+    want = decode_attention(q, k, v, mask, gqa=True, splits=splits)
+    for _ in range(2):
+        out = torch.full((2, sq, 4, 64), float("nan"), dtype=dtype).transpose(1, 2)
+        got = decode_attention(q, k, v, mask, gqa=True, splits=splits, out=out, counters=counters)
+        assert torch.equal(got, want) and not counters.any()
+    with pytest.raises(ValueError, match="counters must be"):
+        decode_attention(q, k, v, mask, gqa=True, splits=splits, counters=torch.zeros(3, dtype=torch.uint8))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("sq", [1, 3])
 def test_left_padding_mask(dtype, sq):
     # batch row 2's prompt starts at key 20: its whole first chunk (keys 0..15) is masked -> m = -inf, l = 0

@@ -126,10 +126,11 @@ def test_text_prompts_stop_strings_and_streamed_text():
 
 
 @pytest.mark.interpreter
-@pytest.mark.parametrize("attention", ["sdpa", "kiln-decode"])
+@pytest.mark.parametrize("attention", ["sdpa", "kiln-decode", "kiln-decode-last", "kiln-decode-whole"])
 def test_kernels_backend_writes_the_cache_in_place_and_matches(attention):
     """The kernels backend (Triton interpreter on CPU): one prefill and one decode plan, the cache adopted;
-    attention by SDPA or kiln's split-KV decode kernel."""
+    attention by SDPA or kiln's split-KV decode kernel (partials reduced by a second launch, by the last program of
+    each kv head with the plan's counters, or one split)."""
     hf = hf_model()
     cfg = kiln.CompileConfig(backend="kernels", kernels={"gemm": "cublas", "attention": attention})
     g = kiln.from_hf(hf, max_seq=48, batch_buckets=(2,), eos_token_id=[], config=cfg)
@@ -176,7 +177,7 @@ def test_cli_compile_generate_and_generate(tmp_path, capsys):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("attention", [None, "sdpa", "kiln-decode"])
+@pytest.mark.parametrize("attention", [None, "sdpa", "kiln-decode", "kiln-decode-last", "kiln-decode-whole"])
 def test_gpu_bf16_generation_with_cuda_graphs(attention):
     """bf16 on CUDA, kernels backend, CUDA graphs: greedy tokens equal transformers' where its own top-2 logits
     are apart; a divergence is allowed only where they are within bf16 noise."""
