@@ -231,3 +231,25 @@ def test_gpu_llama_left_padded_speculative():
 @pytest.mark.parametrize("dtype,d", [(torch.float16, 128), (torch.float32, 72), (torch.bfloat16, 256)])
 def test_gpu_other_dtypes_and_head_dims(dtype, d):
     check_against_fp32(*cuda_qkv(2, 8, 2, 2, 1000, d, dtype=dtype), gqa=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("b, s", [(1, 4096), (16, 384)])
+def test_gpu_one_launch_reduce_in_a_cuda_graph(b, s):
+    """Llama-3.2-1B decode shapes: the last program's reduce against fp32, near the two-launch form (the reduce's sums
+    may be laid out over other warps), replayed from a CUDA graph with the counters left zero every time."""
+    q, k, v = cuda_qkv(b, 32, 8, 1, s, 64)
+    counters = torch.zeros(DA.counter_bytes(b, 8), dtype=torch.uint8, device="cuda")
+    cfg = DA.configs()[0]
+    two = check_against_fp32(q, k, v, gqa=True, config=cfg)
+    one = check_against_fp32(q, k, v, gqa=True, config=cfg, counters=counters)
+    assert rel_err(one, two) <= 1e-3 and not counters.any()
+    out = torch.empty_like(q)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        decode_attention(q, k, v, gqa=True, config=cfg, counters=counters, out=out)
+    for _ in range(3):
+        out.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, one) and not counters.any()
