@@ -102,6 +102,47 @@ def kernels_launched(plan) -> dict:
             "top": [[name, len(t) / runs, round(sum(t) / runs, 2)] for name, t in top[:25]]}
 
 
+def call_times(plan) -> list | None:
+    """Each call of the step alone, cold: a 256 MB write over L2, then the call between two events (the write keeps the
+    GPU busy while the call is launched, so host launch time does not count). Calls of one group kind, choice and
+    weight shape are merged: [kind, choice, weight shape, calls per step, us per call (median), weight MB, GB/s of the
+    weight]. The GEMVs' GB/s against the copy rate is where a batch-1 step's time goes. None on the CPU."""
+    if DEVICE != "cuda":
+        return None
+    try:
+        return _call_times(plan)
+    except Exception as e:  # (a diagnostic: the figures above it stay)
+        return [f"failed: {type(e).__name__}: {e}"]
+
+
+def _call_times(plan, sample=None) -> list:
+    # (``sample``: call -> us instead of the events, to check the bookkeeping without a GPU)
+    flush = torch.empty(64 << 20, dtype=torch.int32, device=DEVICE)
+    rows: dict[tuple, list] = {}
+    for call in plan.calls:
+        n = call.group.nodes[-1]
+        w = n.inputs[1] if n.op in ("GEMM", "LINEAR", "QGEMM", "AQGEMM") and len(n.inputs) > 1 else None
+        wt = plan.env.get(w) if w is not None else None
+        mb = wt.numel() * wt.element_size() / 1e6 if isinstance(wt, torch.Tensor) else None
+        times = [] if sample is None else [sample(call)] * 5
+        for _ in range(5 if sample is None else 0):
+            flush.zero_()
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            call.run()
+            e.record()
+            e.synchronize()
+            times.append(s.elapsed_time(e) * 1e3)
+        key = (call.kind, call.choice.split(":")[0], tuple(wt.shape) if mb else None)
+        rows.setdefault(key, [mb]).append(sorted(times)[2])
+    out = []
+    for (kind, choice, shape), (mb, *us) in rows.items():
+        med = sorted(us)[len(us) // 2]
+        gbps = mb and round(mb / med * 1e3, 1)  # MB / us = TB/s
+        out.append([kind, choice, list(shape) if shape else None, len(us), round(med, 2), shape and round(mb, 2), gbps])
+    return sorted(out, key=lambda row: -row[3] * row[4])
+
+
 def decode_plan(g, bs: int):
     """The decode plan of batch bucket ``bs`` (one new token at slot P) and its inputs."""
     ids = torch.zeros(bs, 1, dtype=torch.long, device=DEVICE)
@@ -127,7 +168,7 @@ def kiln_case(g, layers: int, bs: int, prompt) -> dict:
            "kernels_per_layer": None if kernels is None else kernels / layers,
            "kernel_ms_per_step": launched.get("kernel_us", 0) / 1e3 or None, "kernel_top": launched.get("top"),
            "launches_by_kind": dict(plan.stats.launches), "choices": dict(plan.stats.choices),
-           "cuda_graph": plan.stats.cuda_graph}
+           "cuda_graph": plan.stats.cuda_graph, "call_times_cold": call_times(plan)}
     return out
 
 
