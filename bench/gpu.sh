@@ -68,11 +68,11 @@ for stage in "$@"; do
         | grep -v DEBUG | tail -8
       for f in 0 1 prefetch; do KILN_PDL=$f DECODE_JSON=decode_pdl$f.json timeout 150 python3 bench/decode.py --models 1b \
         --no-compile-peer 2>&1 | grep -v '^ *\[\|^ *"' | tail -3; done ;;
-    s5tests)  # GPU tests of session 4's late changes: PDL (default on), cold decode-GEMM timing, one-launch decode
+    s5tests)  # GPU tests of session 4's late changes: PDL (default on; the quantized plans too), cold decode-GEMM timing, one-launch decode
               # attention, the decode plans (tokens vs transformers)
       timeout ${TESTS_TIMEOUT:-300} python3 -m pytest -q -rf -p no:logging -m gpu tests/codegen/test_pdl.py \
         tests/codegen/test_tuning.py tests/codegen/test_decode_attention.py tests/llm/test_generator.py \
-        tests/llm/test_decode_plan.py 2>&1 | tee "$OUT/s5tests.log" | grep -v DEBUG | tail -30 ;;
+        tests/llm/test_decode_plan.py tests/runtime/test_kernel_plan_quant.py 2>&1 | tee "$OUT/s5tests.log" | grep -v DEBUG | tail -30 ;;
     decode_8b) timeout 240 python3 bench/decode.py --models 8b --no-compile-peer 2>&1 | grep -v '^ *\[\|^ *"' | tail -8 ;;
     diffusion_dit_fp8)  # the DiT pipeline with its step graph in fp8: PSNR vs kiln bf16 (issue 14), no torch.compile peer
       timeout 400 python3 bench/diffusion.py --models dit --batches 1 --compile-modes '' --quantize fp8 \
