@@ -34,6 +34,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 import kiln  # noqa: E402
+from kiln.codegen.tuning import L2_FLUSH_BYTES  # noqa: E402
 from kiln.llm.generator import step_inputs  # noqa: E402
 
 # name -> (transformers LlamaConfig kwargs, batches)
@@ -115,17 +116,16 @@ def call_times(plan) -> list | None:
         return [f"failed: {type(e).__name__}: {e}"]
 
 
-def _call_times(plan, sample=None) -> list:
-    # (``sample``: call -> us instead of the events, to check the bookkeeping without a GPU)
-    flush = torch.empty(64 << 20, dtype=torch.int32, device=DEVICE)
+def _call_times(plan) -> list:
+    flush = torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.int32, device=DEVICE)  # (the tuner's cold measurement's)
     rows: dict[tuple, list] = {}
     for call in plan.calls:
         n = call.group.nodes[-1]
         w = n.inputs[1] if n.op in ("GEMM", "LINEAR", "QGEMM", "AQGEMM") and len(n.inputs) > 1 else None
         wt = plan.env.get(w) if w is not None else None
         mb = wt.numel() * wt.element_size() / 1e6 if isinstance(wt, torch.Tensor) else None
-        times = [] if sample is None else [sample(call)] * 5
-        for _ in range(5 if sample is None else 0):
+        times = []
+        for _ in range(5):
             flush.zero_()
             s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             s.record()
@@ -138,7 +138,7 @@ def _call_times(plan, sample=None) -> list:
     out = []
     for (kind, choice, shape), (mb, *us) in rows.items():
         med = sorted(us)[len(us) // 2]
-        gbps = mb and round(mb / med * 1e3, 1)  # MB / us = TB/s
+        gbps = mb and round(mb / med * 1e3, 1)  # (MB per us is TB/s)
         out.append([kind, choice, list(shape) if shape else None, len(us), round(med, 2), shape and round(mb, 2), gbps])
     return sorted(out, key=lambda row: -row[3] * row[4])
 

@@ -346,6 +346,11 @@ def _decode_fits(q, k, v, mask, causal: bool, gqa: bool, device: torch.device) -
             and (gqa or q.shape[1] == k.shape[1]) and _triton_ok(td.DTYPES, q.dtype, device, td.INTERPRET))
 
 
+def _group_rows(q_shape: tuple, k_shape: tuple, attrs: dict) -> int:
+    """The query rows one kv head serves (the split-KV kernel's group tile): Sq, times the group size with GQA."""
+    return q_shape[-2] * (q_shape[-3] // k_shape[-3] if len(q_shape) >= 3 and attrs["gqa"] else 1)
+
+
 def attention_scratch(q_shape: tuple, k_shape: tuple, v_shape: tuple, attrs: dict, dtype: torch.dtype,
                       device: torch.device) -> tuple | None:
     """The scratch (elements of q's dtype) that SDPA reads an ATTENTION's quantized k / v from, dequantized first;
@@ -354,7 +359,7 @@ def attention_scratch(q_shape: tuple, k_shape: tuple, v_shape: tuple, attrs: dic
     scaled = [s for s, on in ((k_shape, attrs.get("k_scale")), (v_shape, attrs.get("v_scale"))) if on]
     if not scaled:
         return None
-    rows = q_shape[-2] * (q_shape[-3] // k_shape[-3] if len(q_shape) >= 3 and attrs["gqa"] else 1)
+    rows = _group_rows(q_shape, k_shape, attrs)
     if rows <= td.MAX_ROWS and _triton_ok(ta.DTYPES, dtype, device, ta.INTERPRET):
         return None
     return (sum(math.prod(s) for s in scaled),)
@@ -381,7 +386,7 @@ def _dequantized(k, v, ks, vs, scratch: torch.Tensor | None):
 def attention_counter_bytes(q_shape: tuple, k_shape: tuple, attrs: dict, dtype: torch.dtype, device: torch.device) -> int:
     """Bytes of the counters the one-launch split-KV candidates ("kiln-decode-last") of an ATTENTION need: 0 unless it
     is a decode shape kiln's kernel takes. State like the skinny GEMMs' counters: zero when planned, left zero."""
-    rows = q_shape[-2] * (q_shape[-3] // k_shape[-3] if len(q_shape) == 4 and attrs["gqa"] else 1)
+    rows = _group_rows(q_shape, k_shape, attrs)
     if len(q_shape) != 4 or len(k_shape) != 4 or attrs["causal"] or rows > td.MAX_ROWS or q_shape[0] != k_shape[0] \
             or not _triton_ok(td.DTYPES, dtype, device, td.INTERPRET):
         return 0

@@ -48,6 +48,7 @@ import triton.language as tl
 from . import pdl
 from .attention import check_operands, online_softmax_step
 from .pdl import gdc
+from .skinny import scratch_view
 
 # triton.jit picks the interpreter from this variable when the kernels below are defined; read it then too
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -358,13 +359,10 @@ def decode_attention(q, k, v, mask=None, scale=None, gqa=False, out=None, config
                 DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
                 BLOCK_M=max(16, triton.next_power_of_2(group * sq)), BLOCK_D=block_d, DIRECT=one, **pdl.kwargs(q))
     last = counters is not None and not one
+    block_s = min(REDUCE_BLOCK_S, triton.next_power_of_2(n_split))
     if last:
-        if not counters.is_contiguous() or counters.dtype not in (torch.int32, torch.uint8) or \
-                counters.numel() * counters.element_size() < counter_bytes(bq, hk) or counters.device != q.device:
-            raise ValueError(f"decode_attention: counters must be a contiguous int32 / uint8 tensor of at least "
-                             f"{counter_bytes(bq, hk)} bytes on {q.device}, got {counters.dtype} {tuple(counters.shape)}")
-        meta.update(REDUCE_LAST=True, BLOCK_S=min(REDUCE_BLOCK_S, triton.next_power_of_2(n_split)))
-    args += (counters.view(torch.int32) if last else m,)
+        meta.update(REDUCE_LAST=True, BLOCK_S=block_s)
+    args += (scratch_view("decode_attention", "counters", counters, bq * hk, torch.int32, q.device) if last else m,)
     grid = (bq * hk, n_split)
     if c is not None:
         _decode_partial_kernel[grid](*args, **meta, **c)
@@ -373,7 +371,7 @@ def decode_attention(q, k, v, mask=None, scale=None, gqa=False, out=None, config
     if one or last:
         return out
     _decode_reduce_kernel[(bq * hq * sq,)](acc, m, l_, out, *out.stride(), hq, sq, n_split, d,
-                                           BLOCK_S=min(REDUCE_BLOCK_S, triton.next_power_of_2(n_split)), BLOCK_D=block_d,
+                                           BLOCK_S=block_s, BLOCK_D=block_d,
                                            **pdl.kwargs(q))
     return out
 

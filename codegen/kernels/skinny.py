@@ -210,9 +210,9 @@ def _weight(w, qweight, scales, zeros, bits, group) -> Weight:
     return Weight(w)
 
 
-def _scratch(name: str, t, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """``t`` (the ``workspace``, float32, or the ``counters``, int32) as a flat [numel] view of ``dtype``: allocated
-    when None (counters zeroed); given as ``dtype`` or as uint8 bytes (a slice of a planned arena)."""
+def scratch_view(fn: str, name: str, t, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``t`` (a ``workspace``, float32, or ``counters``, int32, of kernel wrapper ``fn``) as a flat [numel] view of
+    ``dtype``: allocated when None (counters zeroed); given as ``dtype`` or as uint8 bytes (a slice of a planned arena)."""
     if t is None:
         return (torch.zeros if dtype == torch.int32 else torch.empty)(numel, dtype=dtype, device=device)
     nbytes = 4 * numel
@@ -220,7 +220,7 @@ def _scratch(name: str, t, numel: int, dtype: torch.dtype, device: torch.device)
             or t.device != device or t.numel() * t.element_size() < nbytes or t.data_ptr() % 4):
         got = f"{t.dtype} {tuple(t.shape)} on {t.device}" if isinstance(t, torch.Tensor) else type(t).__name__
         size = "workspace_bytes" if name == "workspace" else "counter_bytes"
-        raise ValueError(f"skinny_gemm: {name} must be a contiguous, 4-byte aligned {str(dtype)[6:]} or uint8 tensor on {device} "
+        raise ValueError(f"{fn}: {name} must be a contiguous, 4-byte aligned {str(dtype)[6:]} or uint8 tensor on {device} "
                          f"of at least {nbytes} bytes ({size}), got {got}")
     flat = t.view(-1)
     if t.dtype == torch.uint8:
@@ -275,9 +275,9 @@ def skinny_gemm(x, w=None, bias=None, gate=None, residual=None, act="none", glu=
     if splits == 1:
         launch(x2, weight, epi, out2, m, n, c, dot=dot, norm=norm)
         return out
-    ws = _scratch("workspace", workspace, splits * m * nw, torch.float32, x.device)
+    ws = scratch_view("skinny_gemm", "workspace", workspace, splits * m * nw, torch.float32, x.device)
     if reduce == "last":
-        cnt = _scratch("counters", counters, triton.cdiv(n, c["BLOCK_N"]), torch.int32, x.device)  # one per tile
+        cnt = scratch_view("skinny_gemm", "counters", counters, triton.cdiv(n, c["BLOCK_N"]), torch.int32, x.device)  # one per tile
         try:
             launch(x2, weight, epi, out2, m, n, c, dot=dot, split=SplitK(splits, k_chunk, ws, cnt), norm=norm)
         except BaseException:  # (the interpreter can stop part-way: the next call must find the counters zero)
