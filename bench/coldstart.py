@@ -1,10 +1,13 @@
-"""Cold compile and warm start of DiT-XL/2 (bf16, tied embedders), each in a fresh process.
+"""Cold compile and warm start, each in a fresh process: DiT-XL/2 (bf16, tied embedders) or a Llama-3.2-1B shape
+generator (bf16, random weights, batch bucket 1).
 
-cold: empty kiln and Triton caches; build the model (not timed), kiln.compile, the first output at --batch
-      (planning, Triton compiles, measured kernel choices, CUDA graph capture), save the artifact.
-warm: a second process, same caches: kiln.load(artifact) and its first output at --batch.
-Each phase also records where its time went (cProfile, top 40 by cumulative time).
-Usage: python3 bench/coldstart.py [--batch 8]. Writes $OUT/coldstart.json."""
+cold: empty kiln and Triton caches; build the model (not timed), compile (kiln.compile / kiln.from_hf), the first
+      output (DiT: one forward at --batch; Llama: generate 8 tokens from a 16-token prompt), which plans, compiles
+      Triton kernels, measures kernel choices and captures CUDA graphs; save the artifact.
+warm: a second process, same caches: load the artifact (kiln.load / kiln.Generator.load) and its first output.
+Each phase also records where its time went (cProfile, top 40 by cumulative time) and the plans' phase times.
+Issue 12's goals: cold compile to first output <= 25 s (DiT-XL/2), <= 15 s (1B); warm <= 4 s (DiT-XL/2).
+Usage: python3 bench/coldstart.py [--model dit|llama-1b] [--batch 8]. Writes $OUT/coldstart_<model>.json."""
 import argparse
 import cProfile
 import io
@@ -19,13 +22,51 @@ import time
 T_START = time.time()
 
 
-def child(phase: str, batch: int, path: str) -> dict:
+def llama_child(phase: str, path: str, r: dict, prof) -> object:
+    """The Llama-3.2-1B shape's phase: the generator, its first 8 tokens timed into ``r``."""
+    import torch
+    import transformers
+
+    import kiln
+
+    prompt = [list(range(100, 116))]
+    prof.enable()
+    t0 = time.time()
+    if phase == "cold":
+        cfg = transformers.LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                                       num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True,
+                                       rope_theta=500000.0, max_position_embeddings=4096)
+        torch.manual_seed(0)
+        with torch.device("cuda"):
+            m = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+        r["model_build_s"] = time.time() - t0
+        t0 = time.time()
+        g = kiln.from_hf(m, max_seq=256, batch_buckets=(1,), eos_token_id=[])
+        r["compile_s"] = time.time() - t0
+    else:
+        g = kiln.Generator.load(path)
+        r["load_s"] = time.time() - t0
+    t1 = time.time()
+    g.generate(prompt, max_new_tokens=8)
+    torch.cuda.synchronize()
+    r["first_output_s"] = time.time() - t1
+    r[("compile" if phase == "cold" else "load") + "_to_first_output_s"] = time.time() - t0
+    if phase == "cold":
+        g.save(path, overwrite=True)
+    return g.compiled
+
+
+def child(phase: str, batch: int, path: str, model: str) -> dict:
     import torch
 
     import kiln
     from kiln.testing import DIT_DYNAMIC, dit_inputs, dit_xl2
 
     r = {"phase": phase, "import_s": time.time() - T_START}
+    if model == "llama-1b":
+        prof = cProfile.Profile()
+        m = llama_child(phase, path, r, prof)
+        return _finish(r, prof, m)
     x = dit_inputs(batch)
     prof = cProfile.Profile()
     prof.enable()
@@ -47,11 +88,18 @@ def child(phase: str, batch: int, path: str) -> dict:
     r[("compile" if phase == "cold" else "load") + "_to_first_output_s"] = time.time() - t0
     if phase == "cold":
         m.save(path, overwrite=True)
+    return _finish(r, prof, m)
+
+
+def _finish(r: dict, prof, m) -> dict:
     r["process_to_first_output_s"] = time.time() - T_START
     prof.disable()
     out = io.StringIO()
     pstats.Stats(prof, stream=out).sort_stats("cumulative").print_stats(40)
     r["profile_top40_cumulative"] = out.getvalue().splitlines()
+    out = io.StringIO()
+    pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(25)
+    r["profile_top25_tottime"] = out.getvalue().splitlines()
     r["executor"] = m.executor.describe()
     return r
 
@@ -59,19 +107,21 @@ def child(phase: str, batch: int, path: str) -> dict:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--model", choices=["dit", "llama-1b"], default="dit")
     ap.add_argument("--phase", choices=["cold", "warm"])
     ap.add_argument("--artifact")
     a = ap.parse_args()
     if a.phase:
-        print("RESULT " + json.dumps(child(a.phase, a.batch, a.artifact)), flush=True)
+        print("RESULT " + json.dumps(child(a.phase, a.batch, a.artifact, a.model)), flush=True)
         return
     tmp = tempfile.mkdtemp(prefix="kiln-coldstart-")
     env = dict(os.environ, KILN_CACHE_DIR=os.path.join(tmp, "kiln"), TRITON_CACHE_DIR=os.path.join(tmp, "triton"))
-    path = os.path.join(tmp, "dit.kiln")
-    res = {"batch": a.batch, "runs": []}
+    path = os.path.join(tmp, f"{a.model}.kiln")
+    res = {"model": a.model, "batch": a.batch, "runs": []}
     for phase in ("cold", "warm"):
         t0 = time.time()
-        p = subprocess.run([sys.executable, __file__, "--phase", phase, "--batch", str(a.batch), "--artifact", path],
+        p = subprocess.run([sys.executable, __file__, "--phase", phase, "--batch", str(a.batch), "--artifact", path,
+                            "--model", a.model],
                            env=env, capture_output=True, text=True)
         line = [s for s in p.stdout.splitlines() if s.startswith("RESULT ")]
         if p.returncode or not line:
@@ -79,11 +129,11 @@ def main():
         r = json.loads(line[0][7:])
         r["wall_s"] = time.time() - t0
         res["runs"].append(r)
-        print({k: v for k, v in r.items() if k not in ("executor", "profile_top40_cumulative")}, flush=True)
+        print({k: v for k, v in r.items() if not k.startswith(("executor", "profile_"))}, flush=True)
     import torch
 
     res["device"] = torch.cuda.get_device_name()
-    with open(os.path.join(os.environ.get("OUT", "/tmp"), "coldstart.json"), "w") as fh:
+    with open(os.path.join(os.environ.get("OUT", "/tmp"), f"coldstart_{a.model}.json"), "w") as fh:
         json.dump(res, fh, indent=1)
 
 

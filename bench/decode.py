@@ -48,6 +48,7 @@ MODELS = {
 }
 P, GEN = (16, 4) if a.smoke else (128, 256)
 DEVICE = "cpu" if a.smoke else "cuda"
+SLEEP_CYCLES = 2_000_000  # ~1 ms at the H200's clock: longer than a Python launch
 DTYPE = torch.float32 if a.smoke else torch.bfloat16
 
 
@@ -104,8 +105,9 @@ def kernels_launched(plan) -> dict:
 
 
 def call_times(plan) -> list | None:
-    """Each call of the step alone, cold: a 256 MB write over L2, then the call between two events (the write keeps the
-    GPU busy while the call is launched, so host launch time does not count). Calls of one group kind, choice and
+    """Each call of the step alone, cold: a 256 MB write over L2, a ~1 ms spin of the GPU, then the call between two
+    events (the spin keeps the GPU busy while the host launches the call, so launch time does not count: the write
+    alone was too short for a Python launch of a Triton kernel, and run 1 of session 5 timed launches). Calls of one group kind, choice and
     weight shape are merged: [kind, choice, weight shape, calls per step, us per call (median), weight MB, GB/s of the
     weight]. The GEMVs' GB/s against the copy rate is where a batch-1 step's time goes. None on the CPU."""
     if DEVICE != "cuda":
@@ -127,6 +129,7 @@ def _call_times(plan) -> list:
         times = []
         for _ in range(5):
             flush.zero_()
+            torch.cuda._sleep(SLEEP_CYCLES)  # the GPU waits here while the host launches the call: no launch time timed
             s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             s.record()
             call.run()

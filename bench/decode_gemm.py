@@ -24,18 +24,25 @@ import triton
 from triton.testing import do_bench
 
 from kiln.codegen.kernels.qgemm import dequantize
-from kiln.codegen.kernels.skinny import configs, counter_bytes, skinny_gemm, workspace_bytes
+from kiln.codegen.kernels.skinny import _chunking, _split_k, _workspace_fits, configs, counter_bytes, skinny_gemm, workspace_bytes
 
 # (name, K, weight rows N, epilogue): the decode GEMMs of Llama-3.2-1B and Llama-3.1-8B
 SHAPES = [
-    ("1b qkv", 2048, 3072, {}),
-    ("1b gate/up glu", 2048, 16384, {"act": "silu", "glu": True}),
+    ("1b gate/up glu", 2048, 16384, {"act": "silu", "glu": True}),  # (the 1B's by bytes per step)
     ("1b down + residual", 8192, 2048, {"residual": True}),
     ("1b lm head", 2048, 128256, {}),
+    ("1b qkv", 2048, 3072, {}),
+    ("1b o + residual", 2048, 2048, {"residual": True}),
     ("8b qkv", 4096, 6144, {}),
     ("8b gate/up glu", 4096, 28672, {"act": "silu", "glu": True}),
     ("8b down + residual", 14336, 4096, {"residual": True}),
 ]
+# --sweep: GEMV tiles (BLOCK_N, BLOCK_K, num_warps, num_stages) beyond skinny.TILES, each at split-K as skinny picks
+# it, twice and half that: what the template can reach at the 1B decode shapes (bf16, M = 1)
+SWEEP_TILES = [(16, 256, 2, 4), (16, 256, 4, 4), (16, 512, 4, 3), (16, 512, 4, 4), (16, 512, 8, 3), (16, 1024, 4, 3),
+               (16, 1024, 8, 3), (32, 128, 4, 4), (32, 128, 4, 6), (32, 256, 4, 3), (32, 256, 4, 4), (32, 256, 4, 5),
+               (32, 256, 8, 3), (32, 256, 8, 4), (32, 512, 8, 2), (32, 512, 8, 3), (64, 128, 4, 3), (64, 128, 8, 4),
+               (64, 256, 8, 3)]
 ROTATE_BYTES = 512 << 20  # weight bytes cycled through in one graph: over 8x the H200's L2
 BF16 = torch.bfloat16
 
@@ -95,8 +102,29 @@ def reference(x, kw: dict, epi: dict, res):
     return h + res.float() if res is not None else h
 
 
-def bench_skinny(m, k, n, epi, make_weight, peak) -> dict:
-    """Every configuration of one weight kind at one shape: times, bandwidth, error of the best."""
+def sweep_configs(m: int, n: int, k: int, glu: bool) -> list[dict]:
+    """--sweep's configurations of a bf16 weight: every SWEEP_TILES entry at skinny's split-K, twice and half it."""
+    out = []
+    for bn, bk, warps, stages in SWEEP_TILES:
+        if glu:
+            bn, bk = (bn // 2, bk) if bn > 16 else (bn, bk // 2)
+        bk = min(bk, max(32, triton.next_power_of_2(k)))
+        s0 = _split_k(m, n, k, None, glu, bn, bk)
+        for split in sorted({s0, max(1, s0 // 2), 2 * s0}):
+            split = _chunking(k, split, bk)[0]
+            if not _workspace_fits(m, n, k, None, split):
+                continue
+            c = dict(BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, DOT=m > 1, num_warps=warps, num_stages=stages)
+            if split > 1:
+                c["REDUCE"] = "last"
+            if c not in out:
+                out.append(c)
+    return out
+
+
+def bench_skinny(m, k, n, epi, make_weight, peak, sweep: bool = False) -> dict:
+    """Every configuration of one weight kind at one shape (``sweep``: also SWEEP_TILES'): times, bandwidth, error of
+    the best."""
     probe = make_weight()
     wbytes = weight_bytes(probe)
     copies = max(1, math.ceil(ROTATE_BYTES / wbytes))
@@ -104,7 +132,9 @@ def bench_skinny(m, k, n, epi, make_weight, peak) -> dict:
     bits, glu, act = probe.get("bits"), epi.get("glu", False), epi.get("act", "none")
     act_bytes = x.numel() * 2 + outs[0].numel() * 2 * (2 if res is not None else 1)
     rows = []
-    for c in configs(m, n, k, bits, glu):
+    todo = configs(m, n, k, bits, glu)
+    todo += [c for c in (sweep_configs(m, n, k, glu) if sweep else []) if c not in todo]
+    for i, c in enumerate(todo):
         ws = torch.empty(max(1, workspace_bytes(m, n, k, bits, glu, config=c)), dtype=torch.uint8, device="cuda")
         # zeroed once, left zero by every call (as planned): no memset inside the timed graph
         cnt = torch.zeros(max(1, counter_bytes(m, n, k, bits, glu, config=c)), dtype=torch.uint8, device="cuda")
@@ -113,6 +143,8 @@ def bench_skinny(m, k, n, epi, make_weight, peak) -> dict:
                  for kw, o in zip(weights, outs)]
         us = graph_us(calls)
         rows.append(dict(config=c, us=us, GBps=(wbytes + act_bytes) / us * 1e-3))
+        if sweep:
+            print(f"    {i + 1}/{len(todo)} {c}: {us:.2f} us {rows[-1]['GBps']:.0f} GB/s", flush=True)
     best = min(rows, key=lambda row: row["us"])
     got = skinny_gemm(x, residual=res, act=act, glu=glu, config=best["config"], **weights[0])
     err = float((got.float() - reference(x, weights[0], epi, res)).norm() / reference(x, weights[0], epi, res).norm())
@@ -144,6 +176,7 @@ def main():
     p.add_argument("--out", required=True, help="JSON results path")
     p.add_argument("--m", type=int, nargs="+", default=[1, 16], help="rows (decode batch), each <= 16")
     p.add_argument("--shapes", nargs="+", default=None, help=f"names among: {', '.join(s[0] for s in SHAPES)}")
+    p.add_argument("--sweep", action="store_true", help="bf16 only, every SWEEP_TILES configuration too")
     p.add_argument("--peak", type=float, default=4.8e12, help="HBM bandwidth the percentages refer to, bytes/s")
     args = p.parse_args()
     shapes = [s for s in SHAPES if args.shapes is None or s[0] in args.shapes]
@@ -157,8 +190,10 @@ def main():
             kinds = dict(bf16=lambda: dict(w=torch.randn(n, k, device="cuda", dtype=BF16) * k ** -0.5),
                          int8=lambda: quantize(torch.randn(n, k, device="cuda", dtype=BF16), 8, k),
                          int4_g128=lambda: quantize(torch.randn(n, k, device="cuda", dtype=BF16), 4, 128))
+            if args.sweep:
+                kinds = {"bf16": kinds["bf16"]}
             for kind, make in kinds.items():
-                row[kind] = bench_skinny(m, k, n, epi, make, args.peak)
+                row[kind] = bench_skinny(m, k, n, epi, make, args.peak, sweep=args.sweep)
                 torch.cuda.empty_cache()
             res["results"].append(row)
             print(f"{name:20s} M={m:2d}  cuBLAS {row['cublas']['us']:7.1f} us {row['cublas']['pct_peak']:5.1f}%  " + "  ".join(

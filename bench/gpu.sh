@@ -35,7 +35,7 @@ for stage in "$@"; do
     decode) timeout 280 python3 bench/decode.py 2>&1 | tail -25 ;;
     llm_kv) timeout 240 python3 bench/llm_kv.py --contexts 2048,8192 --batches 1,16 2>&1 | tail -20 ;;
     llm_quant_1b) timeout 240 python3 bench/llm_quant.py --models 1b 2>&1 | tail -20 ;;
-    diffusion_profile) timeout 200 python3 bench/diffusion_profile.py 2>&1 | tail -45 ;;
+    diffusion_profile) timeout 330 python3 bench/diffusion_profile.py 2>&1 | tail -45 ;;
     qtests)  # the quantized / rope_kv GPU tests alone, failures printed
       timeout 150 python3 -m pytest -q -x -rf -p no:logging -m gpu tests/runtime/test_kernel_plan_quant.py \
         tests/models/test_gptq.py tests/codegen/test_aqgemm.py tests/codegen/test_rope_kv.py 2>&1 | tee "$OUT/qtests.log" | tail -40 ;;
@@ -77,6 +77,11 @@ for stage in "$@"; do
     diffusion_dit_fp8)  # the DiT pipeline with its step graph in fp8: PSNR vs kiln bf16 (issue 14), no torch.compile peer
       timeout 400 python3 bench/diffusion.py --models dit --batches 1 --compile-modes '' --quantize fp8 \
         --out "$OUT/diffusion_dit_fp8.json" 2>&1 | tail -20 ;;
+    gemv_sweep)  # the bf16 GEMV template's tiles at the 1B decode shapes, M = 1 (what the template can reach)
+      timeout ${SWEEP_TIMEOUT:-250} python3 bench/decode_gemm.py --out "$OUT/gemv_sweep.json" --m 1 --sweep \
+        --shapes "1b gate/up glu" "1b down + residual" "1b lm head" "1b qkv" "1b o + residual" 2>&1 | tail -12 ;;
+    coldstart_1b) timeout 300 python3 bench/coldstart.py --model llama-1b 2>&1 | tail -6 ;;
+    tuningtest) timeout 90 python3 -m pytest -q -rf -p no:logging -m gpu tests/codegen/test_tuning.py 2>&1 | grep -v DEBUG | tail -4 ;;
     *) echo "unknown stage $stage" ;;
   esac
 done

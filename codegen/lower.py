@@ -59,9 +59,9 @@ from .pointwise import launch
 TRITON_GEMM_CONFIGS = 1
 TRITON_AQGEMM_CONFIGS = 2
 TRITON_ATTENTION_CONFIGS = 2
-# the skinny candidates' generation in the tuner's key: 2 since split-K may reduce in its last program (a decision
-# measured between older candidates is measured again)
-SKINNY_CANDIDATES = 2
+# the skinny candidates' generation in the tuner's key (a decision measured between older candidates is measured
+# again): 2 since split-K may reduce in its last program, 3 since a plain GEMV also tries skinny.WHOLE_K's tile
+SKINNY_CANDIDATES = 3
 DECODE_CANDIDATES = 2  # (in a decode attention's what: a decision cached before "kiln-decode-whole" existed is not one)
 # (a plan that gives counters adds "kiln-decode-last": its what says so, apart from a call without them)
 

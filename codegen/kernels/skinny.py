@@ -78,6 +78,12 @@ TILES = {
     (True, 4): [(64, 256, 8, 3), (32, 256, 4, 3)],
 }
 
+# a GEMV tile run over the whole of K (no split), 8 warps: at the 1B's qkv and o shapes (K = 2048; 192 and 128
+# programs) the fastest of 55 tiles measured on the H200 (bench/decode_gemm.py --sweep, session 5: 5.6 us vs 6.7 for
+# the default at qkv, 5.0 vs 6.0 at o): there, split-K's partials and last-program reduction cost more than the
+# loads in flight it adds
+WHOLE_K = {(False, 0): (16, 512, 8, 3)}
+
 
 @triton.jit
 def _splitk_reduce_kernel(
@@ -134,26 +140,27 @@ def configs(m: int, n: int, k: int, bits: int | None = None, glu: bool = False) 
     (out features; gate and up together with ``glu``) and ``k`` columns, ``bits`` 8 / 4 or None (plain
     16-bit): dicts of BLOCK_N, BLOCK_K, SPLIT_K, REDUCE (where SPLIT_K > 1), DOT, num_warps, num_stages. The
     first is the default; split-K configurations reduce in their last program (REDUCE "last"), and where the
-    default splits, its two-launch twin (REDUCE "separate") is one of them."""
+    default splits, its two-launch twin (REDUCE "separate") is one of them. A plain GEMV also tries WHOLE_K's tile."""
     if not 1 <= m <= MAX_M:
         raise ValueError(f"skinny configs: m = {m} rows, the template takes 1..{MAX_M}")
     dot = m > 1
     out = []
-    for bn, bk, warps, stages in TILES[(dot, bits or 0)]:
+    whole = WHOLE_K.get((dot, bits or 0))
+    for i, (bn, bk, warps, stages) in enumerate(TILES[(dot, bits or 0)] + ([whole] if whole else [])):
         if glu:  # a glu program streams a gate and an up tile: half the rows (or columns) each
             bn, bk = (bn // 2, bk) if bn > 16 else (bn, bk // 2)
         bk = min(bk, max(32, triton.next_power_of_2(k)))
-        split = _split_k(m, n, k, bits, glu, bn, bk)
+        split = 1 if i == len(TILES[(dot, bits or 0)]) else _split_k(m, n, k, bits, glu, bn, bk)  # (WHOLE_K: 1)
         reduce = {"REDUCE": "last"} if split > 1 else {}
         out.append(dict(BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, **reduce, DOT=dot, num_warps=warps, num_stages=stages))
-    # where the default splits, the same tile with twice the splits: more loads in flight for a little more
-    # workspace traffic; and the default reduced by a second launch (the tuner measures which is faster)
+    # where the default splits: the default reduced by a second launch, and the same tile with twice the splits
+    # (more loads in flight for a little more workspace traffic); the tuner measures which is faster
     first = out[0]
+    if first["SPLIT_K"] > 1:
+        out.append(dict(first, REDUCE="separate"))
     more = _chunking(k, 2 * first["SPLIT_K"], first["BLOCK_K"])[0]
     if first["SPLIT_K"] > 1 and more > first["SPLIT_K"] and _workspace_fits(m, n, k, bits, more):
         out.append(dict(first, SPLIT_K=more))
-    if first["SPLIT_K"] > 1:
-        out.append(dict(first, REDUCE="separate"))
     unique = []
     for c in out:
         if c not in unique:

@@ -61,6 +61,8 @@ def test_cold_timing_on_cuda():
     positive, finite times either way, and the flush buffer goes when the measurement ends."""
     w = torch.randn(4096, 2048, device="cuda", dtype=torch.bfloat16)
     x = torch.randn(1, 2048, device="cuda", dtype=torch.bfloat16)
+    x @ w.T  # cuBLAS's workspace (allocated by torch on first use) is not the measurement's
+    torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
     for cold in (False, True):
         ms, failed = time_candidates({"mm": lambda: x @ w.T}, torch.device("cuda"), cold=cold)
