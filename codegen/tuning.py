@@ -19,7 +19,10 @@ with its error and never chosen.
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import torch
@@ -29,6 +32,29 @@ from .cache import Cache, fingerprint, key
 TIMING_REPS = 15  # timed samples per candidate (after 3 warm-up runs); the median counts
 CALLS_PER_SAMPLE = 5  # runs per sample, replayed from one CUDA graph
 L2_FLUSH_BYTES = 256 << 20  # written before each sample of a cold measurement: more than any GPU's L2 (H200: 60 MB)
+# threads that run a decision's candidates once before they are timed, so that their Triton compiles overlap: most of
+# a compile (LLVM, ptxas: a subprocess) runs without the GIL, and a cold 1B generator spent 40 s of its 52 s to first
+# token compiling ~90 candidates one after another (H200 machine, session 5). KILN_COMPILE_THREADS=1: one at a time
+COMPILE_THREADS = int(os.environ.get("KILN_COMPILE_THREADS", "0") or 0) or min(8, os.cpu_count() or 1)
+
+
+def warm_in_parallel(candidates: dict[str, Callable[[], object]], context: Callable[[], object] = contextlib.nullcontext,
+                     threads: int | None = None) -> None:
+    """Run each candidate once, ``threads`` (default COMPILE_THREADS) at a time, each inside ``context()``; errors
+    are left for the timer, which runs the candidate again and records them. On CUDA the launches share the caller's
+    stream (``context``), so the GPU runs them one after another, as serial calls would."""
+    threads = min(threads or COMPILE_THREADS, len(candidates))
+    if threads <= 1:
+        return
+
+    def run(fn):
+        with context():
+            try:
+                fn()
+            except Exception:  # (a config that does not compile: its timer says so)
+                pass
+    with ThreadPoolExecutor(threads, thread_name_prefix="kiln-compile") as pool:
+        list(pool.map(run, candidates.values()))
 
 
 def _cuda_timer(fn: Callable[[], object], device: torch.device, flush: torch.Tensor | None = None) -> Callable[[], float]:
@@ -82,6 +108,10 @@ def time_candidates(candidates: dict[str, Callable[[], object]], device: torch.d
     ``cold``: each CUDA sample one run after L2 is flushed (module docstring)."""
     timers, failed = {}, {}
     flush = torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.int32, device=device) if cold and device.type == "cuda" else None
+    if device.type == "cuda":  # (not under the interpreter: the CPU tests run kernels in Python, one thread)
+        stream = torch.cuda.current_stream(device)
+        warm_in_parallel(candidates, lambda: torch.cuda.stream(stream))
+        torch.cuda.synchronize(device)
     for name, fn in candidates.items():
         try:
             timers[name] = _cuda_timer(fn, device, flush) if device.type == "cuda" else _cpu_timer(fn)
