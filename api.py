@@ -17,7 +17,6 @@ from .ir.fx import capture
 from .ir.fx.capture import Dim  # noqa: F401  (kiln.Dim)
 from .ir.fx.importer import from_exported
 from .ir.graph import Graph
-from .ir.onnx import from_onnx
 from .ir.types import eval_dim, torch_dtype
 from .passes.pipeline import run_pipeline
 from .passes.report import Report
@@ -412,6 +411,7 @@ def _load_source(path: str, report: Report, dynamic: dict | None = None):
         raise KilnError(f"{path} is already a compiled artifact", hint="load it with kiln.load / kiln run")
     if ext == ".onnx":
         report.model.update(name=os.path.basename(path), source="ONNX")
+        from .ir.onnx import from_onnx  # (here: onnx takes ~0.8 s to import, and most processes never read one)
         with report.phase("import ONNX"):
             return from_onnx(path, dynamic=dynamic, notes=report.notes)
     raise KilnError(f"{path}: unknown model file type {ext!r}", hint="kiln compiles .pt2 and .onnx files and nn.Modules")

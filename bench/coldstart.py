@@ -20,6 +20,22 @@ import tempfile
 import time
 
 T_START = time.time()
+# heavy modules a warm start should not need: the stack that first imports each is recorded (r["import_stacks"])
+WATCH = ("torch._dynamo", "torch._inductor", "torch.distributed.fsdp", "diffusers", "transformers", "onnx")
+IMPORT_STACKS: dict = {}
+
+
+class _ImportWatch:
+    """A meta-path finder that finds nothing: it records who imports a WATCH module first."""
+
+    def find_spec(self, name, path, target=None):
+        if name in WATCH and name not in IMPORT_STACKS:
+            import traceback
+            IMPORT_STACKS[name] = [f"{f.filename}:{f.lineno} {f.name}" for f in traceback.extract_stack()[-16:-1]]
+        return None
+
+
+sys.meta_path.insert(0, _ImportWatch())
 
 
 def llama_child(phase: str, path: str, r: dict, prof) -> object:
@@ -94,6 +110,7 @@ def child(phase: str, batch: int, path: str, model: str) -> dict:
 def _finish(r: dict, prof, m) -> dict:
     r["process_to_first_output_s"] = time.time() - T_START
     prof.disable()
+    r["import_stacks"] = IMPORT_STACKS
     out = io.StringIO()
     pstats.Stats(prof, stream=out).sort_stats("cumulative").print_stats(40)
     r["profile_top40_cumulative"] = out.getvalue().splitlines()
@@ -129,7 +146,7 @@ def main():
         r = json.loads(line[0][7:])
         r["wall_s"] = time.time() - t0
         res["runs"].append(r)
-        print({k: v for k, v in r.items() if not k.startswith(("executor", "profile_"))}, flush=True)
+        print({k: v for k, v in r.items() if not k.startswith(("executor", "profile_", "import_stacks"))}, flush=True)
     import torch
 
     res["device"] = torch.cuda.get_device_name()

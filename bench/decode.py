@@ -11,7 +11,7 @@ than one kernel: cuBLAS + an epilogue, a norm kernel + a GEMM); the kernels' sum
 replayed step's time says how much of a step is kernels and how much the gaps between them, and the top kernels by
 time say which.
 
-    python bench/decode.py [--models 1b,8b] [--no-compile-peer]      writes $OUT/decode.json
+    python bench/decode.py [--models 1b,8b] [--no-compile-peer] [--max-seq N]    writes $OUT/decode.json
     python bench/decode.py --smoke                                     CPU: a tiny Llama under the Triton interpreter
     KILN_PDL=0 python bench/decode.py ...                              kiln's decode kernels without programmatic
                                                                        dependent launch (codegen/kernels/pdl.py)
@@ -25,6 +25,8 @@ import time
 ap = argparse.ArgumentParser()
 ap.add_argument("--models", default="1b,8b")
 ap.add_argument("--no-compile-peer", action="store_true")
+ap.add_argument("--max-seq", type=int, default=None, help="the generator's KV-cache length (default: prompt + new tokens, "
+                "the least that fits; a user's is often 4096: decode attention must not pay for the empty slots)")
 ap.add_argument("--smoke", action="store_true", help="a tiny Llama on the CPU (Triton interpreter), few tokens")
 a = ap.parse_args()
 if a.smoke:
@@ -216,7 +218,7 @@ def bench_model(name: str) -> dict:
     m.generation_config.eos_token_id = None
     config = kiln.CompileConfig(backend="kernels")
     t0 = time.perf_counter()
-    g = kiln.from_hf(m, max_seq=P + GEN, batch_buckets=batches, eos_token_id=[], config=config)
+    g = kiln.from_hf(m, max_seq=a.max_seq or P + GEN, batch_buckets=batches, eos_token_id=[], config=config)
     res = {"compile_s": time.perf_counter() - t0, "params_B": sum(p.numel() for p in m.parameters()) / 1e9}
     prompt = torch.randint(0, cfg.vocab_size, (max(batches), P), device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(0))
     for bs in batches:
@@ -234,7 +236,7 @@ def bench_model(name: str) -> dict:
 def main():
     names = ["smoke"] if a.smoke else a.models.split(",")
     res = {"device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu", "torch": torch.__version__,
-           "prompt": P, "new_tokens": GEN, "dtype": str(DTYPE)}
+           "prompt": P, "new_tokens": GEN, "max_seq": a.max_seq or P + GEN, "dtype": str(DTYPE)}
     for name in names:
         res[name] = bench_model(name)
         if DEVICE == "cuda":

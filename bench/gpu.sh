@@ -82,6 +82,9 @@ for stage in "$@"; do
         --shapes "1b gate/up glu" "1b down + residual" "1b lm head" "1b qkv" "1b o + residual" 2>&1 | tail -12 ;;
     coldstart_1b) timeout 300 python3 bench/coldstart.py --model llama-1b 2>&1 | tail -6 ;;
     tuningtest) timeout 90 python3 -m pytest -q -rf -p no:logging -m gpu tests/codegen/test_tuning.py 2>&1 | grep -v DEBUG | tail -4 ;;
+    decode_long)  # a user's cache length: the 1B at max_seq 4096 (decode attention must not read the empty slots)
+      DECODE_JSON=decode_long.json timeout 200 python3 bench/decode.py --models 1b --no-compile-peer --max-seq 4096 2>&1 \
+        | grep -v '^ *\[\|^ *"' | tail -4 ;;
     *) echo "unknown stage $stage" ;;
   esac
 done
