@@ -12,7 +12,7 @@ import importlib
 import inspect
 import json
 import re
-import warnings
+import sys
 
 import torch
 import torch.utils._pytree as pytree
@@ -253,22 +253,36 @@ def output_names(s: dict, prefix: str = "output") -> list[str]:
     return names
 
 
-_warned: set[str] = set()
+class ModelOutput(dict):
+    """The fields of a transformers / diffusers ModelOutput whose class this process has not imported (a loaded
+    artifact needs no model code, and importing diffusers to build one output would add seconds to the first call):
+    ``out.sample``, ``out["sample"]``, ``out[0]`` and ``out.to_tuple()`` work as on the original class (indices and
+    ``to_tuple`` skip None fields, as theirs do). Once the process has imported the original class's module, outputs
+    are of that class again."""
+
+    def __getattr__(self, name: str):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(f"this output has no field {name!r}; it has {', '.join(self)}") from None
+
+    def __getitem__(self, key):
+        if isinstance(key, (int, slice)):
+            return self.to_tuple()[key]
+        return super().__getitem__(key)
+
+    def to_tuple(self) -> tuple:
+        return tuple(v for v in self.values() if v is not None)
 
 
 def _output_class(qualname: str):
-    """The ModelOutput class named in an artifact: only transformers / diffusers classes are imported."""
+    """The ModelOutput class named in an artifact when this process has imported its module (transformers / diffusers
+    classes only), else kiln's ``ModelOutput``: outputs never import a model library."""
     module, _, name = qualname.rpartition(".")
-    if module.split(".")[0] not in ("transformers", "diffusers"):
-        return None
-    try:
-        cls = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError):
-        if qualname not in _warned:
-            _warned.add(qualname)
-            warnings.warn(f"{qualname} is not importable here; outputs come back as a dict", stacklevel=3)
-        return None
-    return cls if _is_model_output(cls) else None
+    if module.split(".")[0] not in ("transformers", "diffusers") or module not in sys.modules:
+        return ModelOutput
+    cls = getattr(sys.modules[module], name, None)
+    return cls if isinstance(cls, type) and _is_model_output(cls) else ModelOutput
 
 
 def _build(s: dict, it):
@@ -287,6 +301,5 @@ def _build(s: dict, it):
         return children
     values = dict(zip(s["keys"], children))
     if kind == "model_output":
-        cls = _output_class(s["class"])
-        return cls(**values) if cls is not None else values
+        return _output_class(s["class"])(**values)
     return values
