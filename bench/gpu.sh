@@ -85,6 +85,9 @@ for stage in "$@"; do
     decode_long)  # a user's cache length: the 1B at max_seq 4096 (decode attention must not read the empty slots)
       DECODE_JSON=decode_long.json timeout 200 python3 bench/decode.py --models 1b --no-compile-peer --max-seq 4096 2>&1 \
         | grep -v '^ *\[\|^ *"' | tail -4 ;;
+    s5final)  # GPU tests of session 5's kernels: decode attention over the attended keys only, the channels-last group norm
+      timeout 100 python3 -m pytest -q -rf -p no:logging -m gpu tests/codegen/test_decode_attention.py \
+        tests/codegen/test_group_norm.py 2>&1 | tee "$OUT/s5final.log" | grep -v DEBUG | tail -8 ;;
     *) echo "unknown stage $stage" ;;
   esac
 done
