@@ -62,7 +62,13 @@ TRITON_ATTENTION_CONFIGS = 2
 # the skinny candidates' generation in the tuner's key (a decision measured between older candidates is measured
 # again): 2 since split-K may reduce in its last program, 3 since a plain GEMV also tries skinny.WHOLE_K's tile
 SKINNY_CANDIDATES = 3
-DECODE_CANDIDATES = 2  # (in a decode attention's what: a decision cached before "kiln-decode-whole" existed is not one)
+# the decode attention candidates' generation (in a decode attention's what; a decision measured between older ones is
+# measured again): 2 since "kiln-decode-whole" exists, 3 since the kernel reads only the keys the mask attends
+DECODE_CANDIDATES = 3
+# the longest cache "kiln-decode-whole" (one split, a program per kv head) is offered on. The tuner times a decode step
+# on its example inputs, where only the prompt's keys are attended: one split over those few keys looks cheap, but the
+# plan runs at every length up to the cache's, where a handful of programs would stream the whole context alone
+WHOLE_MAX_KEYS = 512
 # (a plan that gives counters adds "kiln-decode-last": its what says so, apart from a call without them)
 
 
@@ -425,10 +431,10 @@ def attention(args: list, attrs: dict, out: torch.Tensor, scratch: torch.Tensor 
                 candidates[config_name("kiln-decode-last", c)] = (
                     lambda c=c: td.decode_attention(q, k, v, mask, scale, enable_gqa, out=out, config=c, k_scale=ks,
                                                     v_scale=vs, counters=counters))
-        # the whole cache in one split: fewer programs, but one launch and no partials (a short cache may prefer it)
-        candidates[config_name("kiln-decode-whole", cfgs[0])] = (
-            lambda c=cfgs[0]: td.decode_attention(q, k, v, mask, scale, enable_gqa, out=out, config=c, splits=1, k_scale=ks,
-                                                  v_scale=vs))
+        if k.shape[2] <= WHOLE_MAX_KEYS:  # the whole cache in one split: fewer programs, but one launch, no partials
+            candidates[config_name("kiln-decode-whole", cfgs[0])] = (
+                lambda c=cfgs[0]: td.decode_attention(q, k, v, mask, scale, enable_gqa, out=out, config=c, splits=1,
+                                                      k_scale=ks, v_scale=vs))
     what = {"op": "ATTENTION", "q": list(q.shape), "k": list(k.shape), "v": list(v.shape), "dtype": str(q.dtype),
             "strides": [list(t.stride()) for t in (q, k, v)], "causal": causal, "scale": scale, "gqa": gqa,
             "mask": None if mask is None else [list(mask.shape), str(mask.dtype)]}

@@ -14,7 +14,7 @@ sequence is cut into ``splits`` chunks and two kernels run:
            (scale * log2(e) folded into one multiplier, ``exp2`` instead of ``exp``).
   reduce   grid (B * Hq * Sq,). M = max_s m_s, L = sum_s l_s * 2^(m_s - M), out = sum_s acc_s * 2^(m_s - M) / L.
 With one split the partial kernel stores acc / l itself (what the reduce makes of one split, bit for bit): one
-launch. The kernels plan offers that form ("kiln-decode-whole") beside the split ones: a short cache may prefer it.
+launch. The kernels plan offers that form ("kiln-decode-whole") beside the split ones where the cache is short.
 Given counters (int32, one per (b, kv head), planned zero and left zero), several splits reduce in one launch too:
 each program counts itself in after storing its partials, and the last of a kv head's splits reduces that group's
 rows with the reduce kernel's code ("kiln-decode-last" in the plan).
@@ -23,9 +23,19 @@ A quantized KV cache (``ir/kv_quant.py``: int8 or float8 e4m3 codes, one float32
 is read as codes plus scales, each K / V tile dequantized in registers as ATTENTION's reference does,
 ``(codes.float32 * scale).to(q.dtype)``: the cache's bytes are read once, nothing dequantized reaches memory.
 
+Only the keys that can be attended are read. The cache holds S = max_seq slots, but a generator at step t has
+written t of them: each program first scans its group's mask rows (SCAN_M x SCAN_N bytes a step, a small fraction
+of the K / V bytes) for n = 1 + the last key any of its G * Sq rows attends (no mask: n = S), and the splits cut
+n, not S:  chunk = ceil(ceil(n / splits) / BLOCK_N) * BLOCK_N,  keys [split * chunk, min((split + 1) * chunk, n)).
+The length must be read on the device, from the mask: a decode step replays from a CUDA graph, whose launches (grid,
+arguments) were fixed at capture while the mask changes every step. So the grid keeps the ``splits`` programs
+planned from S; a split past n runs no key step and stores the empty partial. Every program of one (b, kv head)
+finds the same n, so the counters and the one-split store need nothing more. A 4096-slot cache 200 tokens in reads
+200 slots of K / V a step, not 4096 (keys before n stay masked by the mask: left padding).
+
 Masked keys (the bool mask is False, True = attend) contribute nothing. A chunk whose keys are all masked
-for a row leaves m = -inf, l = 0, acc = 0 and weighs nothing in the reduce; a row with EVERY key masked
-(or S = 0) gives zeros, not NaN, the convention of ``attention.py`` (L = 0 is replaced by 1).
+for a row, or that lies past n, leaves m = -inf, l = 0, acc = 0 and weighs nothing in the reduce; a row with
+EVERY key masked (or S = 0) gives zeros, not NaN, the convention of ``attention.py`` (L = 0 is replaced by 1).
 
 Head dims 1..256 (64, 72, 96, 128, 256 in practice): BLOCK_D is the next power of two >= D (at least 16,
 the smallest ``tl.dot`` depth), the padding lanes masked to zero: D = 72 runs as 128 wide. The group tile
@@ -59,6 +69,9 @@ LOG2E = 1.4426950408889634
 H100_SMS = 132
 CHUNK_ALIGN = 64  # GPU chunks are whole multiples of this: every tuned BLOCK_N divides it
 REDUCE_BLOCK_S = 16  # splits the reduce loads per step
+# mask bytes a program loads per step of its length scan ([SCAN_M rows, SCAN_N keys]): a decode step's mask rows
+# (Sq = 1, broadcast over the heads) scan 4096 keys a step, 32 a thread; the interpreter scans 45 keys in steps of 16
+SCAN_TILE = 64 if INTERPRET else 4096
 
 # the interpreter is slow per program and per key step: small key tiles, so a 45-key test cache already
 # spans three chunks and a partial one
@@ -73,11 +86,12 @@ def _decode_partial_kernel(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_ksb, stride_ksh, stride_ksn, stride_vsb, stride_vsh, stride_vsn,  # the scales [B, Hk, S] of quantized k / v
-    Hq, Hk, GROUP, Sq, S, CHUNK, SPLITS, HEAD_DIM, qk_scale,  # qk_scale = scale * log2(e)
+    Hq, Hk, GROUP, Sq, S, SPLITS, HEAD_DIM, qk_scale,  # qk_scale = scale * log2(e)
     out_ptr, stride_ob, stride_oh, stride_om, stride_od,  # DIRECT / REDUCE_LAST: the output [B, Hq, Sq, D]
     cnt_ptr,  # REDUCE_LAST: int32 counters, one per (b, kv head), zero before and after each call
     HAS_MASK: tl.constexpr, K_SCALED: tl.constexpr, V_SCALED: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    SCAN_M: tl.constexpr = 16, SCAN_N: tl.constexpr = 16,  # HAS_MASK: the mask tile [SCAN_M rows, SCAN_N keys] scanned
     DIRECT: tl.constexpr = False,  # one split: the normalised output stored here, no partials and no reduce launch
     REDUCE_LAST: tl.constexpr = False,  # the last program of a (b, kv head) to finish reduces its group's rows
     BLOCK_S: tl.constexpr = 16,  # REDUCE_LAST: the splits the reduce loads per step (as _decode_reduce_kernel's)
@@ -103,11 +117,19 @@ def _decode_partial_kernel(
     vs_base = vs_ptr + b * stride_vsb + hk * stride_vsh
     mask_rows = mask_ptr + b * stride_mb + h * stride_mh + i * stride_mm  # [BLOCK_M] row starts
 
+    # the keys 0 .. n_keys - 1 that any row of the group may attend, cut into SPLITS chunks of whole BLOCK_N steps;
+    # the keys past n_keys are never read (a split past them runs no step and stores the empty partial)
+    n_keys = S
+    if HAS_MASK:
+        n_keys = _attended_length(mask_ptr + b * stride_mb + hk * GROUP * stride_mh, stride_mh, stride_mm, stride_mn,
+                                  GROUP, Sq, S, SCAN_M, SCAN_N)
+    chunk = tl.cdiv(tl.cdiv(n_keys, SPLITS), BLOCK_N) * BLOCK_N
+
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    lo = split * CHUNK
-    hi = tl.minimum(lo + CHUNK, S)
+    lo = split * chunk
+    hi = tl.minimum(lo + chunk, n_keys)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         valid_n = offs_n < hi
@@ -152,6 +174,23 @@ def _decode_partial_kernel(
                     _reduce_row(acc_ptr, m_ptr, l_ptr, out_ptr, row, stride_ob, stride_oh, stride_om, stride_od, Hq, Sq,
                                 SPLITS, HEAD_DIM, BLOCK_S, BLOCK_D)
                 tl.store(cnt_ptr + pid_bh, 0)
+
+
+@triton.jit
+def _attended_length(mask_group, stride_mh, stride_mm, stride_mn, GROUP, Sq, S, SCAN_M: tl.constexpr, SCAN_N: tl.constexpr):
+    # 1 + the last key any of the group's G * Sq rows attends (0: none). mask_group: the group's first row [S]. The host
+    # makes SCAN_M cover the rows that may differ: all G * Sq, or the first Sq of a mask broadcast over the heads
+    rows = tl.arange(0, SCAN_M)
+    scanned = rows < GROUP * Sq
+    row_ptrs = mask_group + (rows // Sq) * stride_mh + (rows % Sq) * stride_mm  # [SCAN_M]
+    offs = tl.arange(0, SCAN_N)
+    n_keys = tl.zeros([SCAN_N], dtype=tl.int32)  # per key lane: 1 + the last attended key seen there
+    for start in range(0, S, SCAN_N):
+        offs_n = start + offs
+        attend = tl.load(row_ptrs[:, None] + offs_n[None, :] * stride_mn,
+                         mask=scanned[:, None] & (offs_n < S)[None, :], other=0) != 0  # [SCAN_M, SCAN_N]
+        n_keys = tl.maximum(n_keys, tl.max(tl.where(attend, offs_n[None, :] + 1, 0), 0))
+    return tl.max(n_keys, 0)
 
 
 @triton.jit
@@ -221,7 +260,7 @@ CONFIGS = [
 def _tuned():
     # built on first GPU use: an Autotuner asks for the active driver, which the CPU interpreter lacks.
     # Benchmarking reruns only the partial kernel, which writes nothing but scratch.
-    return triton.autotune(CONFIGS, key=["S", "CHUNK", "GROUP", "Sq", "HEAD_DIM", "HAS_MASK", "K_SCALED", "V_SCALED"])(
+    return triton.autotune(CONFIGS, key=["S", "SPLITS", "GROUP", "Sq", "HEAD_DIM", "HAS_MASK", "K_SCALED", "V_SCALED"])(
         _decode_partial_kernel)
 
 
@@ -249,10 +288,20 @@ def default_splits(B: int, Hk: int, S: int, block_n: int, sms: int = H100_SMS) -
 
 
 def _chunking(S: int, splits: int, block_n: int) -> tuple[int, int]:
-    """``(splits, chunk)`` actually run: chunks round up to whole BLOCK_N steps, so fewer may be needed
-    (S = 45, BLOCK_N = 16, splits = 4 runs 3 chunks of 16)."""
+    """``(splits, chunk)`` of all S keys: chunks round up to whole BLOCK_N steps, so fewer may be needed (S = 45,
+    BLOCK_N = 16, splits = 4 runs 3 chunks of 16). The grid launches that many splits; each program cuts the
+    attended length the same way on the device (the module docstring)."""
     chunk = triton.cdiv(triton.cdiv(S, splits), block_n) * block_n
     return triton.cdiv(S, chunk), chunk
+
+
+def _scan_tile(mask4: torch.Tensor | None, group: int, sq: int) -> dict:
+    """The mask tile the length scan loads: rows of one group that may differ (Sq when the mask is broadcast over
+    the heads, else G * Sq), as many keys as keep it SCAN_TILE bytes."""
+    if mask4 is None:
+        return {}
+    rows = triton.next_power_of_2(sq if mask4.stride(1) == 0 else group * sq)
+    return dict(SCAN_M=rows, SCAN_N=max(16, SCAN_TILE // rows))
 
 
 def _check(q, k, v, mask, scale, gqa, out, config, splits, k_scale, v_scale):
@@ -323,10 +372,11 @@ def decode_attention(q, k, v, mask=None, scale=None, gqa=False, out=None, config
     bfloat16 / float32, float32 accumulation; the output has q's dtype and shape (``out`` may be given, any
     strides; it must not overlap q, k or v). ``config``: one launch configuration of the partial kernel
     (BLOCK_N, num_warps, num_stages; see ``configs``) run without the autotuner. ``splits``: how many key
-    chunks (None: ``default_splits``); chunks round up to whole BLOCK_N steps, so fewer may run. ``k_scale`` /
-    ``v_scale``: float32 [B, Hk, S] scales of a quantized k / v (int8 or float8_e4m3fn codes, ``ir/kv_quant.py``),
-    each tile dequantized in registers. Where one split runs, the partial kernel stores the output itself: one launch,
-    the same bits as partial + reduce (``direct`` False: the two launches anyway, for tests). ``counters``: a
+    chunks (None: ``default_splits``); chunks round up to whole BLOCK_N steps, so fewer may run; they cut the keys up
+    to the last one the mask attends, the rest never read. ``k_scale`` / ``v_scale``: float32 [B, Hk, S] scales of
+    a quantized k / v (int8 or float8_e4m3fn codes, ``ir/kv_quant.py``), each tile dequantized in registers. Where
+    one split runs, the partial kernel stores the output itself: one launch, the same bits as partial + reduce
+    (``direct`` False: the two launches anyway, for tests). ``counters``: a
     contiguous int32 / uint8 tensor of at least ``counter_bytes`` bytes, zero, that the call leaves zero: several
     splits then reduce in one launch too (the last program of each kv head's splits reduces its rows).
     """
@@ -341,7 +391,7 @@ def decode_attention(q, k, v, mask=None, scale=None, gqa=False, out=None, config
 
     c = dict(config) if config is not None else dict(INTERPRET_CONFIG) if INTERPRET else None
     block_n = c["BLOCK_N"] if c is not None else CHUNK_ALIGN
-    n_split, chunk = _chunking(sk, splits or default_splits(bq, hk, sk, block_n, _sm_count(q.device)), block_n)
+    n_split, _ = _chunking(sk, splits or default_splits(bq, hk, sk, block_n, _sm_count(q.device)), block_n)
     one = direct and n_split == 1
     # the partials, flat (one split: never touched, one element each so that every pointer argument is a real one)
     acc = torch.empty(1 if one else bq * hq * sq * n_split * d, dtype=torch.float32, device=q.device)
@@ -354,8 +404,8 @@ def decode_attention(q, k, v, mask=None, scale=None, gqa=False, out=None, config
             v_scale if v_scale is not None else acc, acc, m, l_,
             *q.stride(), *k.stride(), *v.stride(), *(mask4.stride() if mask4 is not None else (0, 0, 0, 0)),
             *(k_scale.stride() if k_scale is not None else (0, 0, 0)), *(v_scale.stride() if v_scale is not None else (0, 0, 0)),
-            hq, hk, group, sq, sk, chunk, n_split, d, qk_scale, out, *out.stride())
-    meta = dict(HAS_MASK=mask4 is not None, K_SCALED=k_scale is not None, V_SCALED=v_scale is not None,
+            hq, hk, group, sq, sk, n_split, d, qk_scale, out, *out.stride())
+    meta = dict(HAS_MASK=mask4 is not None, **_scan_tile(mask4, group, sq), K_SCALED=k_scale is not None, V_SCALED=v_scale is not None,
                 DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
                 BLOCK_M=max(16, triton.next_power_of_2(group * sq)), BLOCK_D=block_d, DIRECT=one, **pdl.kwargs(q))
     last = counters is not None and not one

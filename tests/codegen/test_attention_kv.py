@@ -134,6 +134,16 @@ def test_decode_candidates_read_the_codes_alone():
     assert "sdpa" in plain
 
 
+@pytest.mark.parametrize("s", [lower.WHOLE_MAX_KEYS, lower.WHOLE_MAX_KEYS + 1])
+def test_one_split_offered_only_on_a_short_cache(s):
+    # tuned at the prompt's length, one split would look cheap and then stream a long context in a few programs alone
+    q, k, v, _, _ = operands(1, 4, 2, 1, s, 16, torch.float32, "int8", which="")
+    _, what, cands, _ = candidates(q, k, v, None, None, left_padded([0], 1, s, pos=10))
+    whole = ["kiln-decode-whole"] if s <= lower.WHOLE_MAX_KEYS else []
+    assert sorted(c.split(":")[0] for c in cands) == ["kiln", "kiln-decode", *whole, "sdpa"]
+    assert what["decode"] == lower.DECODE_CANDIDATES == 3
+
+
 # ----------------------------------------------------------------------------- GPU (bf16, real shapes)
 
 

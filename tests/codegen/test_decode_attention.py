@@ -136,6 +136,92 @@ def test_fully_masked_rows_give_zeros():
     assert torch.equal(decode_attention(q, k[:, :, :0], v[:, :, :0], gqa=True), torch.zeros(2, 4, 3, 64))  # S = 0
 
 
+def windows(starts, ends, sq, s, heads=1):
+    """[B, heads, Sq, S] bool: batch row b (head h) attends keys starts[b][h] .. ends[b][h] - Sq + i, query row i of the
+    Sq new tokens causal among them; an end of 0 attends nothing. starts / ends: one int per row, or a list per head."""
+    def per_head(x):
+        return torch.tensor([[v] * heads if isinstance(v, int) else v for v in x])[:, :, None, None]  # [B, heads, 1, 1]
+    j = torch.arange(s)
+    last = per_head(ends) - sq + torch.arange(sq)[:, None]  # [B, heads, Sq, 1]
+    return (j >= per_head(starts)) & (j <= last)
+
+
+def poisoned(t, mask, value=float("nan")):
+    """t [B, Hk, S, ...] with ``value`` at every slot past the last one any row of its batch row's mask attends: the
+    slots the kernel must not read (a NaN read, even at weight 0, reaches the output: 0 * NaN = NaN)."""
+    t = t.clone()
+    attended = mask.flatten(1, 2).any(1)  # [B, S]
+    length = torch.where(attended, torch.arange(1, mask.shape[-1] + 1, device=mask.device), 0).amax(-1)  # [B]
+    for b, n in enumerate(length.tolist()):
+        t[b, :, n:] = value
+    return t
+
+
+def check_skips_past_length(q, k, v, mask, **kw):
+    """decode_attention on k / v poisoned past each batch row's attended length: finite, equal to the float64 reference
+    on the clean operands (keys before the length stay masked as the mask says)."""
+    got = decode_attention(q, poisoned(k, mask), poisoned(v, mask), mask, **kw)
+    want = reference(q.double(), k.double(), v.double(), mask, gqa=kw.get("gqa", False))
+    assert torch.isfinite(got).all()
+    err = rel_err(got, want)
+    assert err <= TOL[q.dtype], f"rel err {err:.2e} > {TOL[q.dtype]:.0e}"
+    return got
+
+
+# S = 45 with 16-key tiles; a prefix of 0 (every row masked), 1, 17 keys or all 45; batch rows of other lengths in one
+# launch; two launches + reduce, the last program's reduce (counters) and one split stored directly
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("sq", [1, 3])
+@pytest.mark.parametrize("mode", ["reduce", "last", "direct"])
+def test_reads_only_the_attended_prefix(dtype, sq, mode):
+    q, k, v = qkv(4, 4, 2, sq, 45, 64, dtype)
+    mask = windows([0, 0, 0, 0], [0, 1, 17, 45], sq, 45)
+    mask[0] = False  # a prefix of 0: nothing attended, nothing read
+    kw = dict(splits=1) if mode == "direct" else dict(counters=torch.zeros(DA.counter_bytes(4, 2), dtype=torch.uint8)) \
+        if mode == "last" else {}
+    got = check_skips_past_length(q, k, v, mask, gqa=True, **kw)
+    assert torch.equal(got[0], torch.zeros_like(got[0]))
+    assert "counters" not in kw or not kw["counters"].any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("sq", [1, 3])
+def test_left_padding_and_a_prefix(dtype, sq):
+    # batch rows' prompts start at 0 / 7 / 20 and end at 30 / 21 / 44: one launch, three lengths, masked heads and tails
+    q, k, v = qkv(3, 4, 2, sq, 45, 64, dtype)
+    check_skips_past_length(q, k, v, windows([0, 7, 20], [30, 21, 44], sq, 45), gqa=True)
+
+
+@pytest.mark.parametrize("mode", ["reduce", "last"])
+def test_most_splits_empty(mode):
+    # 130 keys in 9 chunks of 16; 20 attended keys (batch row 1: 3) run as 9 chunks of 16 over 20: two busy, seven empty
+    q, k, v = qkv(2, 4, 2, 1, 130, 64, torch.float32)
+    assert DA._chunking(130, 9, 16) == (9, 16)
+    kw = dict(counters=torch.zeros(DA.counter_bytes(2, 2), dtype=torch.uint8)) if mode == "last" else {}
+    check_skips_past_length(q, k, v, windows([0, 0], [20, 3], 1, 130), gqa=True, splits=9, **kw)
+
+
+def test_per_head_lengths_take_the_groups_longest():
+    # a per-head mask: the heads of one group attend prefixes of 5 / 12 / 30 / 9 (kv head 0) and 40 / 2 / 2 / 2 (kv
+    # head 1); the program reads its group's longest, the others' extra keys masked; past 40 nothing is read
+    q, k, v = qkv(2, 8, 2, 3, 45, 64, torch.float16)
+    mask = windows([0, [3, 0, 0, 0, 0, 0, 0, 0]], [[5, 12, 30, 9, 40, 2, 2, 2], 40], 3, 45, heads=8)
+    check_skips_past_length(q, k, v, mask, gqa=True)
+
+
+@pytest.mark.parametrize("kv", ["int8", "float8_e4m3fn"])
+def test_quantized_cache_reads_only_the_attended_prefix(kv):
+    # codes past the length hold 0, their scales inf: a read scale makes 0 * inf = NaN
+    q = r(2, 4, 3, 64, dtype=torch.float16)
+    k, v = (r(2, 2, 45, 64).mul(8).clamp(-100, 100).to(getattr(torch, kv)) for _ in range(2))
+    ks, vs = r(2, 2, 45).abs() / 8, r(2, 2, 45).abs() / 8
+    mask = windows([0, 4], [17, 33], 3, 45)
+    got = decode_attention(q, poisoned(k.float(), mask, 0.0).to(k.dtype), poisoned(v.float(), mask, 0.0).to(v.dtype),
+                           mask, gqa=True, k_scale=poisoned(ks, mask, float("inf")), v_scale=poisoned(vs, mask, float("inf")))
+    want = reference(q.double(), k, v, mask, gqa=True, k_scale=ks, v_scale=vs)
+    assert torch.isfinite(got).all() and rel_err(got, want) <= TOL[torch.float16]
+
+
 def test_strided_operands_out_and_scale():
     # q from a [B, Sq, H, D] projection; k / v the first 45 slots of a 64-slot cache; out written through a transpose
     q = r(2, 3, 4, 72).transpose(1, 2)
@@ -253,3 +339,36 @@ def test_gpu_one_launch_reduce_in_a_cuda_graph(b, s):
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(out, one) and not counters.any()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["reduce", "last", "direct"])
+def test_gpu_cuda_graph_replays_read_the_growing_prefix(mode):
+    """A generator's decode step: Llama-3.2-1B heads over a 4096-slot cache, captured once in a CUDA graph and replayed
+    as the context grows (the mask and the cache change in place between replays). Every replay reads only the keys its
+    mask attends (the slots past them hold NaN) and matches the float32 reference on the clean cache."""
+    b, s = 4, 4096
+    q, k, v = cuda_qkv(b, 32, 8, 1, s, 64)
+    kq, vq = torch.empty_like(k), torch.empty_like(v)
+    mask = torch.zeros(b, 1, 1, s, dtype=torch.bool, device="cuda")
+    kw = dict(splits=1) if mode == "direct" else dict(
+        counters=torch.zeros(DA.counter_bytes(b, 8), dtype=torch.uint8, device="cuda")) if mode == "last" else {}
+    out = torch.empty_like(q)
+    decode_attention(q, k, v, mask, gqa=True, config=DA.configs()[0], out=out, **kw)  # compiled before the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        decode_attention(q, kq, vq, mask, gqa=True, config=DA.configs()[0], out=out, **kw)
+    pads = torch.tensor([0, 3, 100, 900], device="cuda")
+    for end in (1, 17, 200, 1000, 2500, s):  # keys pads[b] .. end - 1 attended, the last one the new token
+        step = windows(pads.tolist(), [end] * b, 1, s).cuda()
+        mask.copy_(step)
+        kq.copy_(poisoned(k, step))
+        vq.copy_(poisoned(v, step))
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        want = reference(q.float(), k.float(), v.float(), step, gqa=True)
+        assert torch.isfinite(out).all(), end
+        err = rel_err(out, want)
+        assert err <= TOL[torch.bfloat16], f"end {end}: rel err {err:.2e}"
+        assert "counters" not in kw or not kw["counters"].any()
