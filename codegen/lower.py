@@ -23,7 +23,8 @@ candidate is a name -> a closure that runs the group once into ``out`` (so a CUD
                copy where x is in it too) + kiln's conv epilogue in place; cuDNN in the other layout + the epilogue back
                into the buffer's; torch's conv2d in x's layout + the epilogue. ``conv_layouts``: the convolution alone
                in each layout, which the kernels plan measures to choose the layouts it stores values in
-    GROUP_NORM kiln's two-pass chunked kernel (+ SiLU); torch's group_norm (+ silu) copied into the buffer
+    GROUP_NORM kiln's two-pass chunked kernels (+ SiLU): one group's tiles (``kiln``), and for channels-last x tiles of
+               positions x whole groups (``kiln-nhwc``); torch's group_norm (+ silu) copied into the buffer
     rope_kv    ROPE(q), ROPE(k) and the KV-cache writes of k and v: kiln's one-launch kernel (``kernels/rope_kv.py``);
                the two RoPE pointwise kernels then two ``index_copy_`` (roped k through a planned scratch)
     pointwise  the one generated Triton kernel; where outputs of it feed AQGEMMs (schedule.py's activation codes) the
@@ -593,7 +594,10 @@ def group_norm(args: list, attrs: dict, out: torch.Tensor, scratch: torch.Tensor
     groups, eps, act = attrs["groups"], attrs["eps"], attrs["act"]
     candidates = {"torch": lambda: out.copy_(OPS["GROUP_NORM"].ref(args, attrs))}
     if scratch is not None and _triton_ok(tgn.DTYPES, x.dtype, device, tgn.INTERPRET):
-        candidates["kiln"] = lambda: tgn.group_norm(x, w, b, groups, eps, act, out=out, scratch=scratch)
+        candidates["kiln"] = lambda: tgn.group_norm(x, w, b, groups, eps, act, out=out, scratch=scratch, form="group")
+        if tgn.kernel_form(x) == "nhwc":  # channels-last x: also the position-tile pair that reads it in whole rows
+            candidates["kiln-nhwc"] = lambda: tgn.group_norm(x, w, b, groups, eps, act, out=out, scratch=scratch, form="nhwc")
     what = {"op": "GROUP_NORM", "x": list(x.shape), "x_stride": list(x.stride()), "dtype": str(x.dtype), "groups": groups,
-            "eps": eps, "act": act, "params": len(args) - 1, "out_stride": list(out.stride())}
+            "eps": eps, "act": act, "params": len(args) - 1, "out_stride": list(out.stride()),
+            "kernels": sorted(candidates)}  # (a decision cached before "kiln-nhwc" existed is measured again)
     return what, candidates
