@@ -218,10 +218,14 @@ def _reduce_row(acc_ptr, m_ptr, l_ptr, out_ptr, row, stride_ob, stride_oh, strid
     for s0 in range(0, SPLITS, BLOCK_S):
         offs = s0 + offs_s
         valid_s = offs < SPLITS
-        w = tl.math.exp2(tl.load(m_ptr + base + offs, mask=valid_s, other=float("-inf"), cache_modifier=".cg") - big_m)
-        l_sum += tl.load(l_ptr + base + offs, mask=valid_s, other=0.0, cache_modifier=".cg") * w
+        m_s = tl.load(m_ptr + base + offs, mask=valid_s, other=float("-inf"), cache_modifier=".cg")
+        w = tl.math.exp2(m_s - big_m)
+        # an empty split (past the attended keys, or all masked: m = -inf, l = 0, acc = 0) weighs 0: its l and acc
+        # are not read (a 4096-slot cache 129 keys in has most splits empty), which adds the same zeros
+        live = valid_s & (m_s > float("-inf"))
+        l_sum += tl.load(l_ptr + base + offs, mask=live, other=0.0, cache_modifier=".cg") * w
         a = tl.load(acc_ptr + (base + offs)[:, None] * HEAD_DIM + offs_d[None, :],
-                    mask=valid_s[:, None] & valid_d[None, :], other=0.0, cache_modifier=".cg")  # [BLOCK_S, BLOCK_D]
+                    mask=live[:, None] & valid_d[None, :], other=0.0, cache_modifier=".cg")  # [BLOCK_S, BLOCK_D]
         acc += tl.sum(a * w[:, None], 0)
     big_l = tl.sum(l_sum, 0)
     big_l = tl.where(big_l == 0.0, 1.0, big_l)  # fully masked row: acc is 0, the output row is 0
