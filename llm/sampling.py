@@ -103,7 +103,7 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     Without a ``generator``, a seeded ``params`` draws from a fresh generator made from its seed (the
     same draw every call); a decode loop should make one with ``make_generator`` and pass it."""
     if params.temperature == 0:  # a branch on host params, not on tensor values
-        return logits.float().argmax(dim=-1)
+        return logits.argmax(dim=-1)  # (in the logits' dtype: widening is exact, so the same token, one kernel fewer)
     if generator is None:
         generator = make_generator(params, logits.device)
     B, dev = logits.shape[0], logits.device
