@@ -110,7 +110,13 @@ def time_candidates(candidates: dict[str, Callable[[], object]], device: torch.d
     flush = torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.int32, device=device) if cold and device.type == "cuda" else None
     if device.type == "cuda":  # (not under the interpreter: the CPU tests run kernels in Python, one thread)
         stream = torch.cuda.current_stream(device)
-        warm_in_parallel(candidates, lambda: torch.cuda.stream(stream))
+
+        def on_stream():  # a new thread's current device is the default one; Triton launches on the current device
+            stack = contextlib.ExitStack()
+            stack.enter_context(torch.cuda.device(device))
+            stack.enter_context(torch.cuda.stream(stream))
+            return stack
+        warm_in_parallel(candidates, on_stream)
         torch.cuda.synchronize(device)
     for name, fn in candidates.items():
         try:
