@@ -148,10 +148,10 @@ def _call_times(plan) -> list:
     return sorted(out, key=lambda row: -row[3] * row[4])
 
 
-def decode_plan(g, bs: int):
-    """The decode plan of batch bucket ``bs`` (one new token at slot P) and its inputs."""
+def decode_plan(g, bs: int, slot: int = P):
+    """The decode plan of batch bucket ``bs`` (one new token at ``slot``, the keys before it attended) and its inputs."""
     ids = torch.zeros(bs, 1, dtype=torch.long, device=DEVICE)
-    inputs = list(step_inputs(ids, torch.zeros(bs, dtype=torch.long), P, g.caches(bs), g.max_seq, None).values())
+    inputs = list(step_inputs(ids, torch.zeros(bs, dtype=torch.long), slot, g.caches(bs), g.max_seq, None).values())
     plan = g.compiled.executor.plan_for(inputs)
     plan.bind(inputs)
     return plan
@@ -174,6 +174,8 @@ def kiln_case(g, layers: int, bs: int, prompt) -> dict:
            "kernel_ms_per_step": launched.get("kernel_us", 0) / 1e3 or None, "kernel_top": launched.get("top"),
            "launches_by_kind": dict(plan.stats.launches), "choices": dict(plan.stats.choices),
            "cuda_graph": plan.stats.cuda_graph, "call_times_cold": call_times(plan)}
+    # the run's last step (P + GEN keys; the plan bound again): decode attention reads the attended keys only
+    out["step_ms_last"] = step_time_ms(decode_plan(g, bs, P + GEN - 1).replay, 5 if a.smoke else 200)
     return out
 
 
