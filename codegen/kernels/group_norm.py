@@ -104,6 +104,17 @@ def _stats_kernel(
 
 
 @triton.jit
+def _combine(cnt, means, m2s, eps, AXIS: tl.constexpr):
+    # (mean, rstd) of the groups whose chunks' (count, mean, M2) lie along AXIS, by Chan et al. (module docstring), in
+    # the same order in every program; a group without values (padding lanes) counts 1, so no 0 / 0
+    total = tl.maximum(tl.sum(cnt, axis=AXIS), 1.0)
+    mean = tl.sum(cnt * means, axis=AXIS) / total
+    dm = means - tl.expand_dims(mean, AXIS)
+    rstd = tl.rsqrt(tl.sum(m2s + cnt * dm * dm, axis=AXIS) / total + eps)
+    return mean, rstd
+
+
+@triton.jit
 def _apply_kernel(
     x_ptr, w_ptr, b_ptr, part_ptr, out_ptr,
     G, CG: tl.constexpr, S, NSB, T, TPC, PC, CHUNKS, eps,
@@ -119,13 +130,8 @@ def _apply_kernel(
     k = tl.arange(0, CHUNKS_P2)
     p = part_ptr + (row * PC + k) * 3
     kmask = k < CHUNKS
-    cnt = tl.load(p, mask=kmask, other=0.0)
-    means = tl.load(p + 1, mask=kmask, other=0.0)
-    m2s = tl.load(p + 2, mask=kmask, other=0.0)
-    total = tl.sum(cnt, axis=0)
-    mean = tl.sum(cnt * means, axis=0) / total
-    dm = means - mean
-    rstd = tl.rsqrt(tl.sum(m2s + cnt * dm * dm, axis=0) / total + eps)
+    mean, rstd = _combine(tl.load(p, mask=kmask, other=0.0), tl.load(p + 1, mask=kmask, other=0.0),
+                          tl.load(p + 2, mask=kmask, other=0.0), eps, 0)
 
     n = (row // G).to(tl.int64)
     c0 = (row % G) * CG
@@ -213,13 +219,8 @@ def _apply_nhwc_kernel(
     k = tl.arange(0, CHUNKS_P2)
     pmask = ((gl < GB) & (g0 + gl < G))[:, None] & (k < CHUNKS)[None, :]
     p = part_ptr + ((n * G + g0 + gl)[:, None] * PC + k[None, :]) * 3
-    cnt = tl.load(p, mask=pmask, other=0.0)
-    means = tl.load(p + 1, mask=pmask, other=0.0)
-    m2s = tl.load(p + 2, mask=pmask, other=0.0)
-    total = tl.maximum(tl.sum(cnt, axis=1), 1.0)  # [GB_P2] (1 for the padding groups: no 0 / 0)
-    mean = tl.sum(cnt * means, axis=1) / total
-    dm = means - mean[:, None]
-    rstd = tl.rsqrt(tl.sum(m2s + cnt * dm * dm, axis=1) / total + eps)
+    mean, rstd = _combine(tl.load(p, mask=pmask, other=0.0), tl.load(p + 1, mask=pmask, other=0.0),
+                          tl.load(p + 2, mask=pmask, other=0.0), eps, 1)  # [GB_P2] each
 
     # groups -> their channels [BLOCK_C]: y = (x - mean) * (rstd * w) + b
     cl = tl.arange(0, BLOCK_C)
