@@ -17,7 +17,27 @@ each launch). Measured on the H200 (bench/NOTES.md, session 4): Llama-3.2-1B dec
 batch 1 (976 -> 1020 tok/s), the same greedy tokens, and a ping-pong chain of split-K GEMMs and split-KV attention in
 a CUDA graph bit for bit the plain launches' (tests/codegen/test_pdl.py). ``KILN_PDL=prefetch`` also has the
 weight-streaming GEMM load its first K step's weight tiles before its wait (weights are never written by a kernel),
-overlapping them with the previous kernel's tail: the same sums (tested), its speed not yet measured.
+overlapping them with the previous kernel's tail: the same sums (tested); measured -13 us a 1B decode step at batch 1,
+within the noise between processes (session 5).
+
+``KILN_PDL=l2`` (``l2:<KB>``; ``prefetch+l2`` for both) goes deeper: before its wait each program of the weight-streaming
+GEMM asks the L2 for the first ``l2`` bytes (default 32 KB) of its weight slice, one Hopper bulk prefetch per weight row
+(``cp.async.bulk.prefetch.L2.global``, ``l2_prefetch``), so the loop's first loads hit L2 instead of paying the ~2.5 us
+DRAM ramp each of a 1B step's 65 GEMVs shows (bench/NOTES.md, session 5). A prefetch is a hint: no register holds its
+bytes, no value is read, so the sums are the plain loop's by construction; under the Triton interpreter it is skipped.
+The budget is per program, so the resident programs of a big GEMV (gate/up 67 MB, the LM head 525 MB) prefetch ~17 MB
+at most (528 programs x 32 KB), a third of the 50 MB L2, and do not evict each other's lines before their loop reads
+them. Off by default until the H200 says it pays. Not prefetched: the scales of a quantized weight (1/64 of its bytes
+at 4 bits in groups of 128, per-channel rows of 2 bytes that break the 16-byte rule) and the decode attention's K / V
+rows: which keys it reads is known only after the wait (the attended length is read from the mask, an earlier kernel's
+output), and the whole cache would be up to S / n times the bytes read.
+
+Replicated prefetches. ``cp.async.bulk.prefetch`` is a per-thread PTX instruction, but sm_90 runs it on the uniform
+datapath (SASS: ``UBLKPF.L2 [UR], UR``): ptxas wraps it in a loop that issues one prefetch per distinct (address, size)
+among a warp's active lanes, so copies of one row inside a warp cost nothing, while each warp holding a copy issues its
+own. A [BLOCK_N] tensor over 4 warps holds every element in every warp (16 rows: 64 prefetches, 16 a warp, serial);
+``l2_prefetch``'s callers therefore hand it one row per thread, rows spread over the warps (16 rows over 4 warps: 4 a
+warp, 16 in all), the other lanes predicated off.
 """
 from __future__ import annotations
 
@@ -30,6 +50,8 @@ import triton.language as tl
 
 ENV = "KILN_PDL"
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+INTERPRETED = tl.constexpr(INTERPRET)  # (for kernels: a global a jit function reads must be a constexpr)
+L2_BYTES = 32 << 10  # bytes a program prefetches into L2 before its wait with KILN_PDL=l2 (l2:<KB> sets it)
 
 
 @triton.jit
@@ -52,10 +74,50 @@ def enabled(t: torch.Tensor) -> bool:
             and _device_ok(t.device.index if t.device.index is not None else torch.cuda.current_device()))
 
 
+def _words() -> list[str]:
+    # KILN_PDL's value as its "+"-separated words: "prefetch", "l2", "prefetch+l2:64"
+    return os.environ.get(ENV, "1").split("+")
+
+
 def prefetch(t: torch.Tensor) -> bool:
     """Whether the weight-streaming GEMM (qgemm.py) also loads its first weight tiles before the wait, overlapping
     them with the previous kernel's tail: ``KILN_PDL=prefetch`` (PDL on), until the H200 says it pays."""
-    return os.environ.get(ENV) == "prefetch" and enabled(t)
+    return "prefetch" in _words() and enabled(t)
+
+
+def l2(t: torch.Tensor) -> int:
+    """Bytes each program of the weight-streaming GEMM prefetches into L2 before its wait (module docstring), 0 for
+    none: ``KILN_PDL=l2`` (L2_BYTES) or ``l2:<KB>``, PDL on, until the H200 says it pays."""
+    words = [w for w in _words() if w == "l2" or w.startswith("l2:")]
+    if not words or not enabled(t):
+        return 0
+    kb = words[-1][3:]
+    if kb and not kb.isdigit():
+        raise ValueError(f"{ENV}={os.environ[ENV]!r}: l2:<KB> takes a whole number of kilobytes, got {kb!r}")
+    return int(kb) << 10 if kb else L2_BYTES
+
+
+def l2_bytes(w: torch.Tensor, step_bytes: int, budget: int) -> int:
+    """The L2 prefetch budget of a program reading rows of ``w`` [R, C] from a byte offset that is a multiple of
+    ``step_bytes`` (0: the row's start only): ``budget`` rounded down to 16 bytes, or 0 where a row range could start
+    off a 16-byte boundary (``cp.async.bulk.prefetch`` needs the address and size 16-byte aligned): w's rows must be
+    contiguous, start 16-byte aligned and lie a multiple of 16 bytes apart."""
+    row_stride = w.stride(0) * w.element_size()
+    if w.dim() != 2 or w.stride(1) != 1 or w.data_ptr() % 16 or row_stride % 16 or step_bytes % 16:
+        return 0
+    return max(budget, 0) // 16 * 16
+
+
+@triton.jit
+def l2_prefetch(ptr, nbytes, live):
+    """Ask the L2 for ``nbytes`` bytes at each of ``ptr`` where ``live`` (tensors of one shape, broadcast): Hopper's
+    ``cp.async.bulk.prefetch.L2.global`` (PTX ISA 8.0, sm_90), address and size 16-byte aligned. A hint: nothing is
+    read into registers, no result; skipped under the interpreter (which cannot run inline asm). Give each thread one
+    element (module docstring: replicated elements repeat the prefetch once per warp)."""
+    if not INTERPRETED:
+        tl.inline_asm_elementwise(
+            "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $3; mov.u32 $0, 0; }",
+            "=r,l,r,r", [ptr, live.to(tl.int32), nbytes.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
 
 
 def kwargs(t: torch.Tensor) -> dict:

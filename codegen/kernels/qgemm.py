@@ -54,7 +54,7 @@ from ...ir.ops_fused import ACTIVATIONS
 from .gemm import _activation, _gate_residual_store, check_output_operands, output_operands
 from .gemm import reference as gemm_reference
 from . import pdl
-from .pdl import gdc
+from .pdl import INTERPRETED, gdc, l2_prefetch
 
 # triton.jit picks the interpreter from this variable when the kernels below are defined; read it then too
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -206,6 +206,27 @@ def _k_step(acc, acc_u, b, u, x_ptr, rows, mask_m, offs_k, kk, K, stride_xm, str
 
 
 @triton.jit
+def _l2_rows(w_ptr, pid_n, k_lo, k_hi, N, stride_wn,
+             PACK: tl.constexpr, GLU: tl.constexpr, BLOCK_N: tl.constexpr, L2_BYTES: tl.constexpr, WARPS: tl.constexpr):
+    # what _wgemm_kernel's program asks the L2 for before its wait (pdl.l2_prefetch): of each weight row it streams
+    # (BLOCK_N, and their up rows at + N with GLU) the bytes from column k_lo on, L2_BYTES over all rows, none past k_hi
+    # (a multiple of 16: the launcher checked that the starts are 16-byte aligned). One row a thread, row r on warp
+    # r % WARPS: a warp issues its rows one after another (pdl.py), the warps side by side. Returns the row starts,
+    # their byte counts and which lanes prefetch, [LANES] each.
+    ROWS: tl.constexpr = 2 * BLOCK_N if GLU else BLOCK_N
+    THREADS: tl.constexpr = 32 * WARPS
+    LANES: tl.constexpr = ROWS if ROWS > THREADS else THREADS
+    ROW_BYTES: tl.constexpr = L2_BYTES // ROWS // 16 * 16
+    EB: tl.constexpr = w_ptr.dtype.element_ty.primitive_bitwidth // 8  # bytes an element (qweight: 1)
+    i = tl.arange(0, LANES)  # element i sits on thread i % THREADS, in warp i // 32 % WARPS
+    r = i // THREADS * THREADS + i % 32 * WARPS + i // 32 % WARPS
+    n = pid_n * BLOCK_N + r % BLOCK_N
+    row = (n + r // BLOCK_N * N).to(tl.int64)  # GLU: r >= BLOCK_N is column n's up row
+    nbytes = tl.minimum((k_hi - k_lo) // PACK * EB // 16 * 16, ROW_BYTES)
+    return w_ptr + row * stride_wn + k_lo // PACK, nbytes, (r < ROWS) & (n < N) & (nbytes > 0)
+
+
+@triton.jit
 def _wgemm_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, gate_ptr, res_ptr, out_ptr,
     ws_ptr, cnt_ptr,  # PARTIAL: the float32 workspace [SPLITS, M, NW]; REDUCE_LAST: int32 counters, one per output tile
@@ -225,8 +246,10 @@ def _wgemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     PDL: tl.constexpr = False,  # launched with programmatic dependent launch (pdl.py): wait for the previous kernel first
     PREFETCH: tl.constexpr = False,  # the first K step's weight tiles loaded before that wait (pdl.py)
+    L2_BYTES: tl.constexpr = 0,  # > 0: bytes of this program's weight asked of the L2 before that wait (pdl.py)
 ):
-    if not PREFETCH:
+    EARLY: tl.constexpr = PREFETCH or L2_BYTES > 0  # weights read before the wait (a kernel never writes them)
+    if not EARLY:
         gdc(PDL)
     pid = tl.program_id(0)
     split = tl.program_id(1)
@@ -254,19 +277,23 @@ def _wgemm_kernel(
     acc_u = acc
     k_lo = split * K_CHUNK
     k_hi = tl.minimum(k_lo + K_CHUNK, K)
+    if EARLY and PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+    if L2_BYTES > 0:  # the first bytes of this program's weight rows on their way to L2 while the previous kernel runs
+        pf, pf_bytes, pf_live = _l2_rows(w_ptr, pid_n, k_lo, k_hi, N, stride_wn, PACK, GLU, BLOCK_N, L2_BYTES,
+                                         1 if INTERPRETED else tl.extra.cuda.num_warps())
+        l2_prefetch(pf, pf_bytes, pf_live)
     if PREFETCH:
-        # the weights are never written by a kernel: the first step's tiles load while the previous kernel finishes,
-        # then the wait, then that step (accumulated first, as in the loop: the same sums in the same order)
-        if PDL:
-            tl.extra.cuda.gdc_launch_dependents()
+        # the first step's tiles load while the previous kernel finishes, then the wait, then that step (accumulated
+        # first, as in the loop: the same sums in the same order)
         b = _weight_tile(w_ptr, s_ptr, z_ptr, cols, mask_n, k_lo, K, stride_wn, stride_wk,
                          stride_sn, stride_sg, stride_zn, stride_zg, BITS, PACK, HAS_ZEROS, QGROUP, SUB, BLOCK_N, BLOCK_K)
         u = b
         if GLU:
             u = _weight_tile(w_ptr, s_ptr, z_ptr, cols + N, mask_n, k_lo, K, stride_wn, stride_wk,
                              stride_sn, stride_sg, stride_zn, stride_zg, BITS, PACK, HAS_ZEROS, QGROUP, SUB, BLOCK_N, BLOCK_K)
-        if PDL:
-            tl.extra.cuda.gdc_wait()
+    if EARLY and PDL:
+        tl.extra.cuda.gdc_wait()
     rstd = eps  # (unused without NORM)
     if NORM:
         rstd = _row_rstd(x_ptr, rows, mask_m, K, stride_xm, stride_xk, eps, BLOCK_M, BLOCK_K)
@@ -441,12 +468,14 @@ class SplitK(NamedTuple):
 
 
 def launch(x2, weight: Weight, epi: Epilogue, out2, m: int, n: int, config: dict | None, dot: bool = True,
-           split: SplitK | None = None, kernel=None, norm: tuple | None = None, prefetch: bool | None = None) -> None:
+           split: SplitK | None = None, kernel=None, norm: tuple | None = None, prefetch: bool | None = None,
+           l2: int | None = None) -> None:
     """One launch of the template over x2 [M, K] (any strides) into ``out2``, the [M, n] output view (not written
     when ``split`` has no counters). ``config``: BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages; None with
     an autotuned ``kernel``. ``norm``: (weight [K], eps) of an RMSNORM applied to x2's rows as they are loaded
     (skinny.py's prologue). ``prefetch``: the first K step peeled, its weight tiles loaded before the PDL wait
-    (None: ``pdl.prefetch``; True without PDL: the same sums, for tests)."""
+    (None: ``pdl.prefetch``; True without PDL: the same sums, for tests). ``l2``: bytes each program asks the L2 for
+    before the wait (None: ``pdl.l2``; 0: none), dropped where a row range could start off 16 bytes (``pdl.l2_bytes``)."""
     w, scales, zeros, bits, group = weight
     k = x2.shape[1]
     s = scales if scales is not None else w  # absent operands: any tensor will do, their switch is off
@@ -461,7 +490,10 @@ def launch(x2, weight: Weight, epi: Epilogue, out2, m: int, n: int, config: dict
                 PARTIAL=splits > 1, REDUCE_LAST=splits > 1 and counters is not None, DOT=dot,
                 DOT_PRECISION="ieee" if x2.dtype == torch.float32 else "tf32", NORM=norm is not None,
                 LOOP_STAGES=None if dot else (config or {}).get("num_stages", 3))
-    meta.update(pdl.kwargs(x2), PREFETCH=pdl.prefetch(x2) if prefetch is None else prefetch)
+    budget = pdl.l2(x2) if l2 is None else l2
+    step = k_chunk // meta["PACK"] * w.element_size() if splits > 1 else 0  # a split's first byte in a row: a multiple
+    meta.update(pdl.kwargs(x2), PREFETCH=pdl.prefetch(x2) if prefetch is None else prefetch,
+                L2_BYTES=pdl.l2_bytes(w, step, budget) if budget else 0)
     if config is not None:
         grid = (triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"]), splits)
         (kernel or _wgemm_kernel)[grid](*args, **meta, **config)

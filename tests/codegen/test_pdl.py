@@ -53,7 +53,7 @@ def test_chain_in_a_cuda_graph_equals_plain_launches(monkeypatch, m):
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("programmatic dependent launch needs compute capability >= 9")
     outs = {}
-    for flag in ("0", "1", "prefetch"):
+    for flag in ("0", "1", "prefetch", "l2"):
         monkeypatch.setenv(pdl.ENV, flag)
         run, h = _chain(m, 1024, layers=6)
         want = run().clone()  # eager (compiles and tunes outside the capture)
@@ -71,24 +71,19 @@ def test_chain_in_a_cuda_graph_equals_plain_launches(monkeypatch, m):
     monkeypatch.delenv(pdl.ENV)
     assert pdl.enabled(torch.zeros(1, device="cuda"))  # the default
     assert torch.isfinite(outs["1"].float()).all() and torch.equal(outs["1"], outs["0"])
-    assert torch.equal(outs["prefetch"], outs["0"])
+    assert torch.equal(outs["prefetch"], outs["0"]) and torch.equal(outs["l2"], outs["0"])
 
 
-@pytest.mark.parametrize("m, bits, split, glu, norm", [
-    (1, None, 1, False, False), (1, None, 3, True, True), (1, 8, 2, False, True), (1, 4, 3, True, False),
-    (3, None, 3, False, True), (3, 4, 1, True, False), (16, 8, 3, True, True)])
-def test_prefetched_first_step_gives_the_same_bits(monkeypatch, m, bits, split, glu, norm):
-    """The weight-streaming GEMM with its first K step peeled (weight tiles loaded before the PDL wait, which the CPU
-    skips): bit for bit the plain loop, GEMV and tl.dot paths, plain / 8 / 4-bit weights, split-K, GLU, norm prologue.
-    K = 208: 7 steps of 32, the last partial."""
-    from kiln.codegen.kernels import skinny
-
-    g = torch.Generator().manual_seed(3)
-    n, k = 2 * 37 if glu else 37, 208
+def early_case(m: int, bits, split: int, glu: bool, norm: bool, k: int, seed: int = 3):
+    """``(x, skinny_gemm's keywords)`` of a test of the weights read before the PDL wait: m rows of K = k, 37 output
+    columns, a plain or kiln-format weight (qgemm.py: codes with zero points, groups of 16, 4 bits two a byte), a
+    residual, GLU and the norm prologue as asked, 16 x 32 tiles in ``split`` splits."""
+    g = torch.Generator().manual_seed(seed)
+    n = 2 * 37 if glu else 37
     x = torch.randn(m, k, generator=g)
     if bits is None:
         wkw = dict(w=torch.randn(n, k, generator=g) * k ** -0.5)
-    else:  # kiln's format (qgemm.py): codes with zero points, groups of 16, 4 bits two a byte
+    else:
         codes = torch.randint(0, 2 ** bits, (n, k), generator=g, dtype=torch.uint8)
         q = codes if bits == 8 else codes[:, 0::2] | (codes[:, 1::2] << 4)
         wkw = dict(qweight=q, scales=(torch.rand(n, k // 16, generator=g) + 0.5) / (2 ** bits * k ** 0.5),
@@ -97,6 +92,20 @@ def test_prefetched_first_step_gives_the_same_bits(monkeypatch, m, bits, split, 
               config=dict(BLOCK_N=16, BLOCK_K=32, SPLIT_K=split))
     if norm:
         kw.update(norm_weight=1 + 0.1 * torch.randn(k, generator=g), norm_eps=1e-6)
+    return x, kw
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("m, bits, split, glu, norm", [
+    (1, None, 1, False, False), (1, None, 3, True, True), (1, 8, 2, False, True), (1, 4, 3, True, False),
+    (3, None, 3, False, True), (3, 4, 1, True, False), (16, 8, 3, True, True)])
+def test_prefetched_first_step_gives_the_same_bits(monkeypatch, m, bits, split, glu, norm):
+    """The weight-streaming GEMM with its first K step peeled (weight tiles loaded before the PDL wait, which the CPU
+    skips): bit for bit the plain loop, GEMV and tl.dot paths, plain / 8 / 4-bit weights, split-K, GLU, norm prologue.
+    K = 208: 7 steps of 32, the last partial (in 3 splits the last is that partial step alone)."""
+    from kiln.codegen.kernels import skinny
+
+    x, kw = early_case(m, bits, split, glu, norm, k=208)
     plain = skinny.skinny_gemm(x, **kw)
     monkeypatch.setattr(pdl, "prefetch", lambda t: True)
     assert torch.equal(skinny.skinny_gemm(x, **kw), plain)
