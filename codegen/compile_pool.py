@@ -60,13 +60,20 @@ def default_workers() -> int:
 def record(fns: Iterable[Callable[[], object]], context: Callable[[], object] = contextlib.nullcontext) -> list[dict]:
     """The distinct Triton compiles that running each of ``fns`` (inside ``context()``) would do, as jobs (module
     docstring); none of them is compiled or launched. Launches from other threads meanwhile compile as usual. An
-    exception in a callable ends that callable (its later kernels go unrecorded)."""
+    exception in a callable ends that callable (its later kernels go unrecorded). A launch through ``triton.autotune``
+    raises (ending its callable): its benchmark would time launches that do not happen and keep the verdict."""
     from triton import knobs
+    from triton.runtime.autotuner import Autotuner
 
     found: dict[str, dict] = {}
     me = threading.get_ident()
     with _RECORDING:
-        previous = knobs.runtime.jit_cache_hook
+        previous, autotuned = knobs.runtime.jit_cache_hook, Autotuner.run
+
+        def refuse(self, *args, **kwargs):
+            if threading.get_ident() == me:
+                raise RuntimeError("an autotuned launch is not recorded")
+            return autotuned(self, *args, **kwargs)
 
         def hook(**kw):
             if threading.get_ident() != me:
@@ -75,7 +82,7 @@ def record(fns: Iterable[Callable[[], object]], context: Callable[[], object] = 
             if data not in found:
                 found[data] = _job(kw["fn"], data)
             return True  # Triton skips the compile and the launch
-        knobs.runtime.jit_cache_hook = hook
+        knobs.runtime.jit_cache_hook, Autotuner.run = hook, refuse
         try:
             for fn in fns:
                 with context():
@@ -84,7 +91,7 @@ def record(fns: Iterable[Callable[[], object]], context: Callable[[], object] = 
                     except Exception:  # (the kernels it launched so far are recorded)
                         pass
         finally:
-            knobs.runtime.jit_cache_hook = previous
+            knobs.runtime.jit_cache_hook, Autotuner.run = previous, autotuned
     return list(found.values())
 
 

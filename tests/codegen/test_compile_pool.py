@@ -17,7 +17,7 @@ from kiln.codegen.compile_pool import CompilePool, default_workers, workable
 # (runs in a fresh process: TRITON_INTERPRET=0, so @triton.jit makes real JITFunctions; prints one JSON line)
 E2E = textwrap.dedent('''
     import json, os, threading, time
-    import torch
+    import torch, triton, triton.language as tl
     from triton import knobs
     from triton.backends.compiler import GPUTarget
     from triton.runtime import driver
@@ -44,11 +44,19 @@ E2E = textwrap.dedent('''
             other.append("compiled" if "compile-only" in str(e) else str(e))
     threaded = lambda: [t.start() or t.join() for t in [threading.Thread(target=elsewhere)]]
 
+    @triton.autotune([triton.Config({"BLOCK": 16})], key=["n"])
+    @triton.jit
+    def fill(p, n, BLOCK: tl.constexpr):
+        tl.store(p + tl.arange(0, BLOCK), 1.0, mask=tl.arange(0, BLOCK) < n)
+    autotuned = lambda: fill[(1,)](torch.empty(16), 16)  # refused while recording: nothing benchmarked, nothing kept
+
     def broken():
         gemm()
         raise RuntimeError("a candidate that fails after its launch")
-    jobs = compile_pool.record([gemm, pointwise, gemm, broken, threaded])
-    hook_restored = knobs.runtime.jit_cache_hook is None
+    run_before = triton.runtime.autotuner.Autotuner.run
+    jobs = compile_pool.record([gemm, autotuned, pointwise, gemm, broken, threaded])
+    hook_restored = knobs.runtime.jit_cache_hook is None and triton.runtime.autotuner.Autotuner.run is run_before
+    assert not fill.cache
     bogus = dict(jobs[0], qualname="no_such_kernel")
     pool = compile_pool.CompilePool(2)
     stats = pool.compile(jobs + [bogus, dict(jobs[0], module="__main__")])
@@ -67,13 +75,14 @@ E2E = textwrap.dedent('''
 
 
 def test_record_compile_in_workers_then_cache_hit(tmp_path):
-    """Two distinct launches recorded (a repeated one once, one from a callable that then fails), none compiled; another
-    thread's launch compiles meanwhile; workers compile both for sm_90 into Triton's cache; a job they cannot do is a
-    failure, a job from a user's module is left to the parent; the parent's own compiles of both launches are cache
-    hits that add nothing to the cache."""
+    """Two distinct launches recorded (a repeated one once, one from a callable that then fails), none compiled, an
+    autotuned launch refused; another thread's launch compiles meanwhile; workers compile both for sm_90 into Triton's
+    cache; a job they cannot do is a failure, a job from a user's module is left to the parent; the parent's own
+    compiles of both launches are cache hits that add nothing to the cache."""
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path / "triton"), KILN_CACHE_DIR=str(tmp_path / "kiln"))
     t0 = time.perf_counter()
-    r = subprocess.run([sys.executable, "-c", E2E], env=env, capture_output=True, text=True, timeout=600)
+    (tmp_path / "e2e.py").write_text(E2E)  # (a file: Triton reads a kernel's source from it)
+    r = subprocess.run([sys.executable, str(tmp_path / "e2e.py")], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
     modules = sorted(m for m, _ in out["jobs"])
