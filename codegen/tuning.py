@@ -21,12 +21,12 @@ Start-up. Most of a cold plan build is compiling the candidates' Triton kernels 
 the generated kernels that the CUDA graph capture's warm-up launches. So a plan on CUDA first *surveys*: it builds its
 calls once with the tuner :meth:`Tuner.surveying`, when ``choose`` measures and remembers nothing but records each
 decision it cannot answer from memory, the cache or the artifact and answers it provisionally (its first
-candidate). :func:`compile_ahead` then compiles every kernel that the surveyed candidates and the survey's calls
-launch, all at once, in worker processes (``compile_pool.py``: Triton's Python front end holds the GIL, so threads
-would take turns there); with ``KILN_COMPILE_WORKERS=0`` it runs the surveyed candidates from threads instead
-(:func:`warm_in_parallel`). Then the plan builds its calls for real: the tuner measures as without the survey, each
-compile now a hit in Triton's cache, and makes the same choices. A decision's candidates are still run once from
-threads before they are timed (:func:`warm_in_parallel`), which compiles whatever the survey missed.
+candidate). If it recorded any, :func:`compile_ahead` then compiles every kernel that the surveyed candidates and
+the survey's calls launch, all at once, in worker processes (``compile_pool.py``: Triton's Python front end holds
+the GIL, so threads would take turns there); with ``KILN_COMPILE_WORKERS=0`` it runs the surveyed candidates from
+threads instead (:func:`warm_in_parallel`). Then the plan builds its calls for real: the tuner measures as without
+the survey, each compile now a hit in Triton's cache, and makes the same choices. A decision's candidates are still
+run once from threads before they are timed (:func:`warm_in_parallel`), which compiles whatever the survey missed.
 """
 from __future__ import annotations
 
@@ -88,9 +88,11 @@ def compile_ahead(survey: dict, calls: list[Callable[[], object]], device: torch
     :meth:`Tuner.surveying`) and ``calls`` launch: recorded without compiling or launching them (torch ops in them
     run), then compiled in the worker processes of ``compile_pool``. Without workers (``KILN_COMPILE_WORKERS=0``) the
     candidates run once from threads instead, and ``calls`` are left to the capture's warm-up (out of order they
-    would read what no earlier call has written). Returns the pool's statistics; None where it did not run (on the
-    CPU, under the interpreter, without workers)."""
-    if device.type != "cuda" or INTERPRET:
+    would read what no earlier call has written). Nothing happens when no decision was surveyed: every choice was
+    known (an artifact's, the cache's), so the kernels most likely are in Triton's cache too, and a warm start should
+    not wait for workers to start only to find them there (the warm-up compiles any that are not, as without a
+    survey). Returns the pool's statistics; None where it did not run (also on the CPU, under the interpreter)."""
+    if device.type != "cuda" or INTERPRET or not survey:
         return None
     candidates = [fn for _, _, cands, _ in survey.values() for fn in cands.values()]
     context = _on_stream(device)
