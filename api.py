@@ -9,7 +9,9 @@ import warnings
 from dataclasses import dataclass
 
 import torch
+import torch.utils._pytree as pytree
 
+from .codegen import compile_pool
 from .config import CompileConfig
 from .errors import CaptureError, KilnError, SourceChangedError
 from .ir.bind import bind_inputs
@@ -330,6 +332,7 @@ def capture_model(model, args: tuple, kwargs: dict, dynamic: dict | None, report
         raise KilnError(f"cannot compile a {type(model).__name__}",
                         hint="pass an nn.Module, a function of tensors, an ExportedProgram or a .pt2 path")
     signature, canonical = Signature.from_callable(fn, args, kwargs, fixed=capture.hf_fixed_kwargs(module, fn))
+    _start_compile_workers(module, args, kwargs)
     shapes, dim_names = capture.dynamic_shapes(dynamic, canonical)
     report.model.update(name=type(model).__name__ if isinstance(model, torch.nn.Module) else getattr(model, "__name__", "fn"),
                         source="torch.export")
@@ -337,6 +340,15 @@ def capture_model(model, args: tuple, kwargs: dict, dynamic: dict | None, report
         ep = capture.export(module, capture.widen_size_one(canonical, dim_names), shapes, dim_names)
     graph = _import(ep, signature, dim_names, shapes, report)
     return Source(graph, signature, module, signature.flatten(args, kwargs))
+
+
+def _start_compile_workers(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+    """A model on a CUDA device: start the Triton compile workers (``codegen/compile_pool.py``) now, so that their
+    imports (seconds) overlap torch.export's and they are ready when the plans built after want them."""
+    tensors = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+    tensors += list(module.parameters())[:1]
+    if any(t.is_cuda for t in tensors):
+        compile_pool.start()
 
 
 def _import(ep, signature: Signature, dim_names: dict | None, shapes: dict | None, report: Report) -> Graph:

@@ -16,6 +16,17 @@ on-disk cache (``tuning/<key>.json``: a second process skips the measurements), 
 ``tuning.json`` (``CompiledModel.save``; a loaded artifact replays them, on the same GPU and versions,
 since the device fingerprint is part of the key). A candidate that fails to compile or run is recorded
 with its error and never chosen.
+
+Start-up. Most of a cold plan build is compiling the candidates' Triton kernels (each at its first launch) and then
+the generated kernels that the CUDA graph capture's warm-up launches. So a plan on CUDA first *surveys*: it builds its
+calls once with the tuner :meth:`Tuner.surveying`, when ``choose`` measures and remembers nothing but records each
+decision it cannot answer from memory, the cache or the artifact and answers it provisionally (its first
+candidate). If it recorded any, :func:`compile_ahead` then compiles every kernel that the surveyed candidates and
+the survey's calls launch, all at once, in worker processes (``compile_pool.py``: Triton's Python front end holds
+the GIL, so threads would take turns there); with ``KILN_COMPILE_WORKERS=0`` it runs the surveyed candidates from
+threads instead (:func:`warm_in_parallel`). Then the plan builds its calls for real: the tuner measures as without
+the survey, each compile now a hit in Triton's cache, and makes the same choices. A decision's candidates are still
+run once from threads before they are timed (:func:`warm_in_parallel`), which compiles whatever the survey missed.
 """
 from __future__ import annotations
 
@@ -27,6 +38,7 @@ from typing import Callable
 
 import torch
 
+from . import compile_pool
 from .cache import Cache, fingerprint, key
 
 TIMING_REPS = 15  # timed samples per candidate (after 3 warm-up runs); the median counts
@@ -36,6 +48,7 @@ L2_FLUSH_BYTES = 256 << 20  # written before each sample of a cold measurement: 
 # a compile (LLVM, ptxas: a subprocess) runs without the GIL, and a cold 1B generator spent 40 s of its 52 s to first
 # token compiling ~90 candidates one after another (H200 machine, session 5). KILN_COMPILE_THREADS=1: one at a time
 COMPILE_THREADS = int(os.environ.get("KILN_COMPILE_THREADS", "0") or 0) or min(8, os.cpu_count() or 1)
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # kernels run in Python: nothing to compile ahead
 
 
 def warm_in_parallel(candidates: dict[str, Callable[[], object]], context: Callable[[], object] = contextlib.nullcontext,
@@ -55,6 +68,42 @@ def warm_in_parallel(candidates: dict[str, Callable[[], object]], context: Calla
                 pass
     with ThreadPoolExecutor(threads, thread_name_prefix="kiln-compile") as pool:
         list(pool.map(run, candidates.values()))
+
+
+def _on_stream(device: torch.device) -> Callable[[], contextlib.ExitStack]:
+    """A context (made anew for each use) that runs on ``device`` and the caller's current stream of it: a new thread's
+    current device is the default one, and Triton launches on the current device."""
+    stream = torch.cuda.current_stream(device)
+
+    def enter() -> contextlib.ExitStack:
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.cuda.device(device))
+        stack.enter_context(torch.cuda.stream(stream))
+        return stack
+    return enter
+
+
+def compile_ahead(survey: dict, calls: list[Callable[[], object]], device: torch.device) -> dict | None:
+    """Compile at once every Triton kernel that the candidates of the surveyed decisions (``survey``, from
+    :meth:`Tuner.surveying`) and ``calls`` launch: recorded without compiling or launching them (torch ops in them
+    run), then compiled in the worker processes of ``compile_pool``. Without workers (``KILN_COMPILE_WORKERS=0``) the
+    candidates run once from threads instead, and ``calls`` are left to the capture's warm-up (out of order they
+    would read what no earlier call has written). Nothing happens when no decision was surveyed: every choice was
+    known (an artifact's, the cache's), so the kernels most likely are in Triton's cache too, and a warm start should
+    not wait for workers to start only to find them there (the warm-up compiles any that are not, as without a
+    survey). Returns the pool's statistics; None where it did not run (also on the CPU, under the interpreter)."""
+    if device.type != "cuda" or INTERPRET or not survey:
+        return None
+    candidates = [fn for _, _, cands, _ in survey.values() for fn in cands.values()]
+    context = _on_stream(device)
+    workers = compile_pool.pool()
+    if workers is None:
+        warm_in_parallel({str(k): fn for k, fn in enumerate(candidates)}, context)
+        torch.cuda.synchronize(device)
+        return None
+    jobs = compile_pool.record(candidates + calls, context)
+    torch.cuda.synchronize(device)
+    return workers.compile(jobs)
 
 
 def _cuda_timer(fn: Callable[[], object], device: torch.device, flush: torch.Tensor | None = None) -> Callable[[], float]:
@@ -109,14 +158,7 @@ def time_candidates(candidates: dict[str, Callable[[], object]], device: torch.d
     timers, failed = {}, {}
     flush = torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.int32, device=device) if cold and device.type == "cuda" else None
     if device.type == "cuda":  # (not under the interpreter: the CPU tests run kernels in Python, one thread)
-        stream = torch.cuda.current_stream(device)
-
-        def on_stream():  # a new thread's current device is the default one; Triton launches on the current device
-            stack = contextlib.ExitStack()
-            stack.enter_context(torch.cuda.device(device))
-            stack.enter_context(torch.cuda.stream(stream))
-            return stack
-        warm_in_parallel(candidates, on_stream)
+        warm_in_parallel(candidates, _on_stream(device))
         torch.cuda.synchronize(device)
     for name, fn in candidates.items():
         try:
@@ -139,35 +181,55 @@ class Tuner:
 
     ``decisions``: choices to start from (an artifact's ``tuning.json`` ``decisions``). ``force``: kind
     ("gemm", "attention") -> candidate name prefix to take without measuring (tests, and
-    ``CompileConfig.kernels``). ``cache``: where choices persist across processes (None: memory only)."""
+    ``CompileConfig.kernels``). ``cache``: where choices persist across processes (None: memory only). ``survey``:
+    whether plans survey before they build their calls (module docstring; None: on CUDA, not under the interpreter)."""
 
-    def __init__(self, cache: Cache | None = None, decisions: dict | None = None, force: dict | None = None):
+    def __init__(self, cache: Cache | None = None, decisions: dict | None = None, force: dict | None = None,
+                 survey: bool | None = None):
         self.cache = cache
         self.decisions: dict[str, dict] = dict(decisions or {})
         self.force = dict(force or {})
         self.counts = {"measured": 0, "cache": 0, "artifact": 0, "memory": 0, "forced": 0}
         self.seconds = 0.0  # spent measuring (Triton compiles of the candidates included)
+        self.survey = survey
         self._origin = dict.fromkeys(self.decisions, "artifact")
+        self._surveyed: dict | None = None  # while surveying: key -> (kind, what, candidates, device)
+
+    def surveys(self, device: torch.device) -> bool:
+        """Whether a plan on ``device`` surveys its decisions and compiles their kernels at once before it measures."""
+        return self.survey if self.survey is not None else device.type == "cuda" and not INTERPRET
+
+    @contextlib.contextmanager
+    def surveying(self):
+        """While open, :meth:`choose` measures, stores and counts nothing: it records each decision it cannot answer
+        from memory, the cache or the artifact in the dict this yields (tuning key -> (kind, what, candidates,
+        device), the first of equal keys) and answers it with its first candidate, provisionally."""
+        self._surveyed = {}
+        try:
+            yield self._surveyed
+        finally:
+            self._surveyed = None
 
     def choose(self, kind: str, what: dict, candidates: dict[str, Callable[[], object]], device: torch.device) -> str:
-        """The name of the candidate to use for ``what`` (candidates: name -> a callable running it once)."""
+        """The name of the candidate to use for ``what`` (candidates: name -> a callable running it once); while
+        :meth:`surveying`, a provisional one."""
+        surveying = self._surveyed is not None
         if kind in self.force:
             prefix = self.force[kind]
-            self.counts["forced"] += 1
+            self.counts["forced"] += not surveying
             # the first candidate of that name; the first of all (cuBLAS / SDPA, always there) where none fits
             return next((name for name in candidates if name.startswith(prefix)), next(iter(candidates)))
         k = key("tuning", kind, what, fingerprint(device))
-        d = self.decisions.get(k)
-        if d is not None and d["choice"] in candidates:
-            origin = self._origin.pop(k, "memory")
+        d, origin = self._known(k, candidates)
+        if surveying:
+            if d is None:
+                self._surveyed.setdefault(k, (kind, what, candidates, device))
+            return next(iter(candidates)) if d is None else d["choice"]
+        if d is not None:
+            self.decisions[k] = d
+            self._origin.pop(k, None)
             self.counts[origin] += 1
             return d["choice"]
-        if self.cache is not None:
-            d = self.cache.get_json("tuning", k)
-            if d is not None and d.get("choice") in candidates:
-                self.decisions[k] = d
-                self.counts["cache"] += 1
-                return d["choice"]
         t0 = time.perf_counter()
         d = self.measure(kind, what, candidates, device)
         self.seconds += time.perf_counter() - t0
@@ -176,6 +238,17 @@ class Tuner:
         if self.cache is not None:
             self.cache.put_json("tuning", k, d)
         return d["choice"]
+
+    def _known(self, k: str, candidates: dict) -> tuple[dict | None, str]:
+        """The decision of key ``k`` if one is known and names a candidate, and where from: "artifact" (its first use),
+        "memory" or "cache"; (None, "") if none is."""
+        d = self.decisions.get(k)
+        if d is not None and d["choice"] in candidates:
+            return d, self._origin.get(k, "memory")
+        d = self.cache.get_json("tuning", k) if self.cache is not None else None
+        if d is not None and d.get("choice") in candidates:
+            return d, "cache"
+        return None, ""
 
     @staticmethod
     def measure(kind: str, what: dict, candidates: dict, device: torch.device) -> dict:

@@ -37,6 +37,7 @@ import torch
 from ..codegen import lower
 from ..codegen.pointwise import launch
 from ..codegen.schedule import VIEW_OPS, Group, norm_prologue, rope_kv_parts
+from ..codegen.tuning import compile_ahead
 from ..ir.graph import Graph, Node
 from ..ir.interpret import eval_node, node_attrs
 from ..ir.ops import COLLECTIVE_OPS, index_copy
@@ -46,6 +47,11 @@ from .kernel_calls import MAX_OUTPUT_SETS, KernelCall, OutputSet, PlanStats, col
 from .layouts import CHANNELS_LAST, channels_last_values
 from .memory import Liveness, nbytes
 from .plan import Plan
+
+
+# kinds of call that may launch Triton kernels, run by the survey with the launches recorded (not "update", "copy",
+# "reference": their torch ops would write state or read indices that skipped kernels did not compute)
+_COMPILED = ("pointwise", "gemm", "attention", "conv", "group_norm", "rope_kv", "quantize")
 
 
 @dataclass
@@ -133,6 +139,7 @@ class KernelPlan(Plan):
         with self._phase("buffers"):
             self._buffers(inputs)
         self.cuda_graph_error = None
+        self.compiled_ahead: dict | None = None  # the survey's compile statistics (compile_pool.CompilePool.compile)
         self.sets: list[OutputSet] = []  # the output buffers the caller may hold, with the calls writing them
         self._private: OutputSet | None = None  # written when the caller holds every set's outputs: copies go out
         tuned = target.tuner.seconds
@@ -573,6 +580,9 @@ class KernelPlan(Plan):
         """Fresh buffers for the outputs in ``self.own``, the calls writing them, and (on CUDA) their CUDA graph."""
         self._own_buffers = {o: self._empty(o, self.device) for o in self.own}
         self.env.update(self._own_buffers)
+        if not self.sets and self.target.tuner.surveys(self.device):
+            with self._phase("compile"):
+                self._survey()
         with self._phase("calls"):
             calls = self._calls()
         outputs = [self.env[o] for o in self.graph.outputs]
@@ -583,6 +593,15 @@ class KernelPlan(Plan):
             out.cuda_graph = self._capture(calls)
         out.counts = [use_count(t) for t in out.buffers.values()]  # now: the plan's own references
         return out
+
+    def _survey(self) -> None:
+        """Start-up: the calls built once with the tuner surveying, then every kernel that they and the surveyed
+        decisions' candidates launch compiled at once (``tuning.compile_ahead``). The arena is zeroed after, as it was
+        before (its split-K counters must be zero), so the calls built next are those a plan without the survey builds."""
+        with self.target.tuner.surveying() as survey:
+            calls = self._calls()
+        self.compiled_ahead = compile_ahead(survey, [c.run for c in calls if c.kind in _COMPILED], self.device)
+        self.arena.zero_()
 
     def _capture(self, calls: list[KernelCall]):
         """The calls as one CUDA graph (None, with a warning, when they cannot be captured)."""
@@ -650,5 +669,6 @@ class KernelPlan(Plan):
                 "cuda_graph": self.stats.cuda_graph, "output_sets": len(self.sets) + (self._private is not None),
                 "outputs": {k: handed.count(k) for k in ("input", "buffer", "view", "copy")},
                 **({"cuda_graph_error": self.cuda_graph_error} if self.cuda_graph_error else {}),
+                **({"compiled_ahead": self.compiled_ahead} if self.compiled_ahead else {}),
                 "arena_bytes": self.memory.peak_bytes, "build_s": round(self.stats.build_s, 3), "phases": dict(self.stats.phases),
                 "layouts": dict(self.stats.layouts)}

@@ -21,6 +21,7 @@ LAYERS = [
     ("models",),
     ("passes",),
     ("config",),
+    ("codegen.compile_pool",),  # Triton compiles in worker processes: imports no other kiln module (workers import it)
     ("codegen",),
     ("runtime",),
     ("api", "jit"),

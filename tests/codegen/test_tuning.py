@@ -84,3 +84,42 @@ def test_warm_in_parallel_runs_every_candidate_once_at_the_same_time():
     assert sorted(ran) == ["a", "b", "c"]
     warm_in_parallel({"a": meet("a"), "b": meet("b")}, threads=1)
     assert len(ran) == 3
+
+
+def test_survey_records_what_it_cannot_answer_and_keeps_nothing(tmp_path):
+    """While surveying, choose answers a decision it has (memory, cache, artifact, forced) as usual and any other with
+    its first candidate, recorded once per key; nothing runs, is stored, persisted or counted. Afterwards the same
+    questions are answered, measured and counted as if there had been no survey."""
+    from kiln.codegen.cache import Cache, fingerprint, key
+
+    cpu, calls = torch.device("cpu"), []
+    cands = lambda: {"cublas": _sleeper(5, calls), "triton:1": _sleeper(1, calls)}  # noqa: E731
+    what = lambda m: {"op": "GEMM", "x": [m]}  # noqa: E731
+    cache = Cache(tmp_path)
+    Tuner(cache).choose("gemm", what(1), cands(), cpu)  # cached on disk
+    artifact = {key("tuning", "gemm", what(2), fingerprint(cpu)): {"kind": "gemm", "what": what(2), "choice": "cublas"}}
+    t = Tuner(cache, decisions=artifact, force={"conv": "cudnn"})
+    t.choose("gemm", what(3), cands(), cpu)  # in memory
+    counts, decisions, seconds, n = dict(t.counts), dict(t.decisions), t.seconds, len(calls)
+    first, again = cands(), cands()
+    with t.surveying() as survey:
+        assert t.choose("gemm", what(4), first, cpu) == "cublas"  # unknown: provisional
+        assert t.choose("gemm", what(4), again, cpu) == "cublas"
+        assert [t.choose("gemm", what(m), cands(), cpu) for m in (1, 2, 3)] == ["triton:1", "cublas", "triton:1"]
+        assert t.choose("conv", {"op": "CONV"}, {"torch": _broken, "cudnn-nhwc": _broken}, cpu) == "cudnn-nhwc"
+    assert len(calls) == n and t.counts == counts and t.decisions == decisions and t.seconds == seconds
+    assert cache.get_json("tuning", key("tuning", "gemm", what(4), fingerprint(cpu))) is None
+    assert list(survey.values()) == [("gemm", what(4), first, cpu)]  # the first of equal keys
+    assert [t.choose("gemm", what(m), cands(), cpu) for m in (1, 2, 3, 4)] == ["triton:1", "cublas", "triton:1", "triton:1"]
+    assert {k: t.counts[k] - counts[k] for k in t.counts} == {"measured": 1, "cache": 1, "artifact": 1, "memory": 1, "forced": 0}
+
+
+def test_survey_is_for_cuda_and_compiles_nothing_on_the_cpu():
+    from kiln.codegen.tuning import compile_ahead
+
+    assert not Tuner().surveys(torch.device("cpu")) and Tuner(survey=True).surveys(torch.device("cpu"))
+    assert not Tuner(survey=False).surveys(torch.device("cuda"))
+    ran = []
+    assert compile_ahead({"k": ("gemm", {}, {"a": lambda: ran.append(1)}, torch.device("cpu"))}, [lambda: ran.append(2)],
+                         torch.device("cpu")) is None
+    assert ran == []
