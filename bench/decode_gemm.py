@@ -61,13 +61,13 @@ SWEEP_TILES = [Tile(*t) for t in (
     (16, 256, 2, 4), (16, 256, 4, 4), (16, 512, 4, 3), (16, 512, 4, 4), (16, 512, 8, 3), (16, 1024, 4, 3),
     (16, 1024, 8, 3), (32, 128, 4, 4), (32, 128, 4, 6), (32, 256, 4, 3), (32, 256, 4, 4), (32, 256, 4, 5),
     (32, 256, 8, 3), (32, 256, 8, 4), (32, 512, 8, 2), (32, 512, 8, 3), (64, 128, 4, 3), (64, 128, 8, 4), (64, 256, 8, 3))]
-# M = 2..16: tl.dot tiles, swapped (acc^T = W x^T on wgmma: 64 / 128 weight rows, one warpgroup per 64 of them or
-# two for 64) and two unswapped (mma.sync) for comparison. Each compiles for sm_90 without spilling at the 1B shapes
-# (triton 3.9; the 4-warp 128-row tiles spill at 8 bits, the 4-warp 256-column ones reach 255 registers at 4 bits
-# with the norm prologue); shared memory at most 221 KB (bf16 128 x 256, 3 stages; a GLU halves the rows)
+# M = 2..16: tl.dot tiles, swapped (acc^T = W x^T on wgmma: 64 / 128 weight rows, one warpgroup per 64 of them, or
+# two over 64) and two unswapped (mma.sync) for comparison. Each compiles for sm_90 without spilling at the 1B shapes,
+# GLU and norm prologue included (triton 3.9: registers 32-255; the 4-warp 64 x 256 tiles reach 255 at 8 bits, and at
+# 4 bits with the norm), shared memory up to 148 KB (plain 128 x 128, 4 stages)
 SWEEP_DOT_TILES = [Tile(*t, True) for t in (
     (64, 64, 4, 4), (64, 128, 4, 3), (64, 128, 4, 4), (64, 128, 8, 4), (64, 256, 4, 3), (64, 256, 8, 3),
-    (128, 64, 8, 4), (128, 128, 8, 3), (128, 128, 8, 4), (128, 256, 8, 3))] + [Tile(32, 256, 4, 3), Tile(64, 128, 4, 3)]
+    (128, 64, 8, 4), (128, 128, 8, 3), (128, 128, 8, 4))] + [Tile(32, 256, 4, 3), Tile(64, 128, 4, 3)]
 ROTATE_BYTES = 0 if SMOKE else 512 << 20  # weight bytes cycled through in one graph: over 8x the H200's L2
 DEVICE = "cpu" if SMOKE else "cuda"
 DTYPE = torch.float16 if SMOKE else torch.bfloat16  # (the interpreter's tl.dot on bfloat16 is wrong)
@@ -156,7 +156,7 @@ def sweep_configs(m: int, n: int, k: int, bits, glu: bool) -> list[dict]:
     """--sweep's configurations: every SWEEP_TILES (M = 1) or SWEEP_DOT_TILES (M > 1) entry at skinny's split of K for
     it, half and twice that. M = 1 as measured in session 5: where skinny's workspace rule allows (the partials' traffic a
     small share of the weight's). M > 1: four times too, and the rule not applied: at 16 rows it binds 16 times harder
-    and leaves the wide swapped tiles few programs (the 1B's qkv at 4 bits: 48), so the sweep measures it; at most twice
+    (skinny gives way only to reach one program an SM), so the sweep measures what more splits buy; at most twice
     skinny's target of programs (past it a split adds no loads in flight)."""
     out = []
     for tile in SWEEP_TILES if m == 1 else SWEEP_DOT_TILES:

@@ -80,22 +80,25 @@ class Tile(NamedTuple):
     swap: bool = False
 
 
-# Tiles per (DOT, bits; 0: a 16-bit plain weight), the default first. A step streams 8-16 KB of weight (a GLU
-# program two tiles). Checked by compiling for sm_90 (ptxas, SASS; triton 3.9) at the Llama-3.2-1B shapes, GLU and
-# the norm prologue included: no spills, the weight tile pipelined through cp.async.
+# Tiles per (DOT, bits; 0: a 16-bit plain weight), the default first. A step streams 4-16 KB of weight (a GLU
+# program two tiles). Checked by compiling for sm_90 (ptxas, SASS) at the Llama-3.2-1B shapes, GLU and the norm
+# prologue included: no spills, the weight tile pipelined through cp.async.
 # - GEMV (DOT False): tiles of 64 rows lose that pipelining (or spill), so the GEMV keeps BLOCK_N <= 32.
 # - tl.dot (M 2..16): unswapped, x's 16 rows are the MMA's M, which Hopper's wgmma cannot take (64 rows a
 #   warpgroup): mma.sync, the weight through ldmatrix. Swapped, the weight's 64 / 128 rows are the M of
-#   wgmma.m64n16k16, x^T its N: a plain weight is read by the tensor cores straight from shared memory, a
-#   quantized one dequantized into registers in wgmma's A-operand layout (no shared-memory round trip). The two
-#   swapped tiles first (one or two warpgroups, 2-3 programs an SM), then the unswapped tile measured in session 1.
+#   wgmma.m64n16k16 (HGMMA.64x16x16 in the SASS, asynchronous, one group in flight), x^T its N: a plain weight is
+#   read by the tensor cores straight from shared memory, a quantized one dequantized in registers already in
+#   wgmma's A-operand layout. Two swapped tiles, one warpgroup (4 warps, deeper pipeline) and two (8 warps, 128
+#   rows), then the unswapped tile measured in session 1. Registers (triton 3.9; 1B shapes, norm included): plain
+#   32-71; 8 bits 127-128 and 107-178; 4 bits 96-128 and 110-205. The 4-warp 64 x 256 tiles reach 255 with the
+#   norm at 4 bits (and at 8 bits without it): not offered.
 TILES = {
     (False, 0): [Tile(32, 256, 4, 3), Tile(16, 512, 4, 3)],
     (False, 8): [Tile(32, 256, 4, 3), Tile(32, 512, 8, 3)],
     (False, 4): [Tile(32, 512, 8, 3), Tile(32, 256, 4, 3)],
     (True, 0): [Tile(64, 128, 4, 4, True), Tile(128, 128, 8, 3, True), Tile(64, 128, 4, 3)],
     (True, 8): [Tile(64, 128, 4, 4, True), Tile(128, 128, 8, 3, True), Tile(64, 128, 4, 3)],
-    (True, 4): [Tile(64, 256, 4, 3, True), Tile(128, 128, 8, 3, True), Tile(64, 256, 8, 3)],
+    (True, 4): [Tile(64, 128, 4, 4, True), Tile(128, 128, 8, 3, True), Tile(64, 256, 8, 3)],
 }
 
 # a GEMV tile run over the whole of K (no split), 8 warps: at the 1B's qkv and o shapes (K = 2048; 192 and 128
@@ -146,12 +149,18 @@ def _workspace_fits(m: int, n: int, k: int, bits: int | None, splits: int) -> bo
 
 def _split_k(m: int, n: int, k: int, bits: int | None, glu: bool, block_n: int, block_k: int) -> int:
     """Splits that bring the programs near PROGRAMS_PER_SM per SM, each split at least MIN_SPLIT_STEPS K steps,
-    the workspace traffic a small share of the weight's."""
+    the workspace traffic a small share of the weight's, but not below one program an SM: at 16 rows the partials
+    are 16 times a GEMV's and the workspace rule alone would leave a wide tile few programs (the 1B's o projection
+    at 4 bits in tiles of 128 rows: 16 programs for 132 SMs), while the partials stay in L2 for the last program."""
     tiles = triton.cdiv(n // 2 if glu else n, block_n)
     want = (PROGRAMS_PER_SM * H200_SMS + tiles // 2) // tiles  # rounded: 512 tiles do not split in two
-    split = max(1, min(want, triton.cdiv(k, block_k) // MIN_SPLIT_STEPS))
-    while not _workspace_fits(m, n, k, bits, split):
+    steps = triton.cdiv(k, block_k) // MIN_SPLIT_STEPS
+    split = max(1, min(want, steps))
+    floor = max(1, min(triton.cdiv(H200_SMS, tiles), steps))
+    while split > floor and not _workspace_fits(m, n, k, bits, split):
         split -= 1
+    while _chunking(k, split, block_k)[0] < floor:  # chunks are whole steps: 5 splits of 16 steps run as 4
+        split += 1
     return _chunking(k, split, block_k)[0]
 
 

@@ -287,6 +287,7 @@ def test_empty_and_vector_inputs():
     (16, 2048, 8192, None, False),
     (1, 128256, 2048, 8, False),      # lm head: tiles enough, no split
     (16, 28672, 4096, 4, True),       # Llama-3.1-8B gate / up
+    (16, 2048, 2048, 4, False),       # 1B o: 16 tiles of 128 rows, where the workspace rule alone would not split
 ])
 def test_configs_for_llama_shapes(m, n, k, bits, glu):
     cs = configs(m, n, k, bits, glu)
@@ -302,6 +303,8 @@ def test_configs_for_llama_shapes(m, n, k, bits, glu):
         assert workspace_bytes(m, n, k, bits, glu, config=c) == (0 if splits == 1 else 4 * splits * m * n)
         tiles = -(-(n // 2 if glu else n) // c["BLOCK_N"])
         assert counter_bytes(m, n, k, bits, glu, config=c) == (4 * tiles if c.get("REDUCE") == "last" else 0)
+        # no SM left idle, unless the splits are as many as K allows (MIN_SPLIT_STEPS steps each)
+        assert tiles * splits >= S.H200_SMS or splits >= -(-k // c["BLOCK_K"]) // S.MIN_SPLIT_STEPS
     # 2..16 rows: the swapped product first, the unswapped one measured beside it
     assert ("SWAP" in cs[0]) == (m > 1) and (m == 1 or any(c["DOT"] and "SWAP" not in c for c in cs))
     # a default that splits reduces in its last program (one launch); its two-launch twin is measured too
