@@ -8,23 +8,36 @@ kernel on ``copies`` distinct weights (together several times the 60 MB L2, as a
 by ``copies``: every call reads its weight from HBM, and no Python or launch overhead is timed. Every
 configuration of ``skinny.configs`` is timed; the best, the default (the first) and all are reported.
 
-    python bench/decode_gemm.py --out decode_gemm.json [--m 1 16] [--shapes "1b qkv" "8b down + residual"]
+    python bench/decode_gemm.py --out decode_gemm.json [--m 1 16] [--shapes "1b qkv" "8b down + residual"] [--kinds bf16 int8]
+    python bench/decode_gemm.py --out sweep.json --m 16 --sweep --shapes "1b qkv"    every SWEEP_DOT_TILES config too
+    python bench/decode_gemm.py --out smoke.json --smoke [--sweep]     CPU: tiny shapes, float16, the Triton interpreter
 
 Weights: int8 per output channel (group = K) and int4 in groups of 128, both symmetric, rounded to nearest
 from a random bf16 weight; scales float16. Each kernel's relative error against a float32 reference of its
-own (dequantized) weight is reported too.
+own (dequantized) weight is reported too, and per configuration what Triton compiled: registers, spills and the
+MMA instructions of its PTX (``wgmma``: Hopper's warpgroup MMA, which the swapped tl.dot tiles are for; ``mma``:
+mma.sync). ``--smoke`` checks the script's paths on the CPU (no timing worth reading, no CUDA graph).
 """
 import argparse
 import json
 import math
+import os
+import sys
+import time
 
-import torch
-import torch.nn.functional as F
-import triton
-from triton.testing import do_bench
+SMOKE = "--smoke" in sys.argv
+if SMOKE:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel is defined
 
-from kiln.codegen.kernels.qgemm import dequantize
-from kiln.codegen.kernels.skinny import _chunking, _split_k, _workspace_fits, configs, counter_bytes, skinny_gemm, workspace_bytes
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import triton  # noqa: E402
+from triton.testing import do_bench  # noqa: E402
+
+from kiln.codegen.kernels import qgemm  # noqa: E402
+from kiln.codegen.kernels.qgemm import dequantize  # noqa: E402
+from kiln.codegen.kernels.skinny import (H200_SMS, PROGRAMS_PER_SM, Tile, _workspace_fits, configs, counter_bytes,  # noqa: E402
+                                         skinny_gemm, tile_config, workspace_bytes)
 
 # (name, K, weight rows N, epilogue): the decode GEMMs of Llama-3.2-1B and Llama-3.1-8B
 SHAPES = [
@@ -37,14 +50,27 @@ SHAPES = [
     ("8b gate/up glu", 4096, 28672, {"act": "silu", "glu": True}),
     ("8b down + residual", 14336, 4096, {"residual": True}),
 ]
-# --sweep: GEMV tiles (BLOCK_N, BLOCK_K, num_warps, num_stages) beyond skinny.TILES, each at split-K as skinny picks
-# it, twice and half that: what the template can reach at the 1B decode shapes (bf16, M = 1)
-SWEEP_TILES = [(16, 256, 2, 4), (16, 256, 4, 4), (16, 512, 4, 3), (16, 512, 4, 4), (16, 512, 8, 3), (16, 1024, 4, 3),
-               (16, 1024, 8, 3), (32, 128, 4, 4), (32, 128, 4, 6), (32, 256, 4, 3), (32, 256, 4, 4), (32, 256, 4, 5),
-               (32, 256, 8, 3), (32, 256, 8, 4), (32, 512, 8, 2), (32, 512, 8, 3), (64, 128, 4, 3), (64, 128, 8, 4),
-               (64, 256, 8, 3)]
-ROTATE_BYTES = 512 << 20  # weight bytes cycled through in one graph: over 8x the H200's L2
-BF16 = torch.bfloat16
+SMOKE_SHAPES = [  # --smoke: irregular N, K a multiple of int4's group of 128
+    ("tiny qkv", 128, 48, {}),
+    ("tiny gate/up glu", 128, 96, {"act": "silu", "glu": True}),
+    ("tiny down + residual", 256, 40, {"residual": True}),
+]
+# --sweep: tiles beyond skinny.TILES (the GLU halving is skinny.tile_config's), each at split-K as skinny picks it and
+# around it (sweep_splits): what the template can reach at the decode shapes. M = 1: GEMV tiles (measured in session 5)
+SWEEP_TILES = [Tile(*t) for t in (
+    (16, 256, 2, 4), (16, 256, 4, 4), (16, 512, 4, 3), (16, 512, 4, 4), (16, 512, 8, 3), (16, 1024, 4, 3),
+    (16, 1024, 8, 3), (32, 128, 4, 4), (32, 128, 4, 6), (32, 256, 4, 3), (32, 256, 4, 4), (32, 256, 4, 5),
+    (32, 256, 8, 3), (32, 256, 8, 4), (32, 512, 8, 2), (32, 512, 8, 3), (64, 128, 4, 3), (64, 128, 8, 4), (64, 256, 8, 3))]
+# M = 2..16: tl.dot tiles, swapped (acc^T = W x^T on wgmma: 64 / 128 weight rows, one warpgroup per 64 of them, or
+# two over 64) and two unswapped (mma.sync) for comparison. Each compiles for sm_90 without spilling at the 1B shapes,
+# GLU and norm prologue included (triton 3.9: registers 32-255; the 4-warp 64 x 256 tiles reach 255 at 8 bits, and at
+# 4 bits with the norm), shared memory up to 148 KB (plain 128 x 128, 4 stages)
+SWEEP_DOT_TILES = [Tile(*t, True) for t in (
+    (64, 64, 4, 4), (64, 128, 4, 3), (64, 128, 4, 4), (64, 128, 8, 4), (64, 256, 4, 3), (64, 256, 8, 3),
+    (128, 64, 8, 4), (128, 128, 8, 3), (128, 128, 8, 4))] + [Tile(32, 256, 4, 3), Tile(64, 128, 4, 3)]
+ROTATE_BYTES = 0 if SMOKE else 512 << 20  # weight bytes cycled through in one graph: over 8x the H200's L2
+DEVICE = "cpu" if SMOKE else "cuda"
+DTYPE = torch.float16 if SMOKE else torch.bfloat16  # (the interpreter's tl.dot on bfloat16 is wrong)
 
 
 def quantize(w: torch.Tensor, bits: int, group: int) -> dict:
@@ -63,9 +89,14 @@ def weight_bytes(kw: dict) -> int:
 
 
 def graph_us(calls: list) -> float:
-    """Median microseconds of one call, from one CUDA graph replaying all of ``calls``."""
+    """Median microseconds of one call, from one CUDA graph replaying all of ``calls`` (--smoke: one pass, no graph)."""
     for call in calls:  # compile and warm up outside the capture
         call()
+    if SMOKE:
+        t0 = time.perf_counter()
+        for call in calls:
+            call()
+        return (time.perf_counter() - t0) * 1e6 / len(calls)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -75,9 +106,28 @@ def graph_us(calls: list) -> float:
     return ms * 1e3 / len(calls)
 
 
+def template_cache() -> dict:
+    """The template's compiled kernels on this GPU (empty under the interpreter)."""
+    caches = getattr(qgemm._wgemm_kernel, "device_caches", {})
+    return next(iter(caches.values()))[0] if caches else {}
+
+
+def compiled(before: set) -> dict:
+    """Registers, spills and the PTX's MMA instructions of the kernel the template compiled since its cache held the
+    keys ``before`` (empty when not exactly one)."""
+    new = [kern for key, kern in template_cache().items() if key not in before]
+    if len(new) != 1:
+        return {}
+    ptx = new[0].asm.get("ptx", "")
+    return dict(regs=getattr(new[0], "n_regs", None), spills=getattr(new[0], "n_spills", None),
+                wgmma=ptx.count("wgmma.mma_async"), mma=ptx.count("mma.sync"))
+
+
 def copy_bandwidth() -> float:
     """Device-to-device copy of 2 GiB, bytes read + written per second: the achievable ceiling."""
-    a = torch.empty(2 << 30, dtype=torch.uint8, device="cuda")
+    if SMOKE:
+        return float("nan")
+    a = torch.empty(2 << 30, dtype=torch.uint8, device=DEVICE)
     b = torch.empty_like(a)
     ms = do_bench(lambda: b.copy_(a), warmup=5, rep=50, return_mode="median")
     return 2 * a.numel() / (ms * 1e-3)
@@ -86,10 +136,10 @@ def copy_bandwidth() -> float:
 def case_operands(m: int, k: int, n: int, epi: dict, copies: int, make_weight):
     """x, ``copies`` weights (as skinny_gemm keywords), outputs and residual for one shape."""
     n_out = n // 2 if epi.get("glu") else n
-    x = torch.randn(m, k, device="cuda", dtype=BF16)
+    x = torch.randn(m, k, device=DEVICE, dtype=DTYPE)
     weights = [make_weight() for _ in range(copies)]
-    outs = [torch.empty(m, n_out, device="cuda", dtype=BF16) for _ in range(copies)]
-    res = torch.randn(m, n_out, device="cuda", dtype=BF16) if epi.get("residual") else None
+    outs = [torch.empty(m, n_out, device=DEVICE, dtype=DTYPE) for _ in range(copies)]
+    res = torch.randn(m, n_out, device=DEVICE, dtype=DTYPE) if epi.get("residual") else None
     return x, weights, outs, res
 
 
@@ -102,28 +152,46 @@ def reference(x, kw: dict, epi: dict, res):
     return h + res.float() if res is not None else h
 
 
-def sweep_configs(m: int, n: int, k: int, glu: bool) -> list[dict]:
-    """--sweep's configurations of a bf16 weight: every SWEEP_TILES entry at skinny's split-K, twice and half it."""
+def sweep_configs(m: int, n: int, k: int, bits, glu: bool) -> list[dict]:
+    """--sweep's configurations: every SWEEP_TILES (M = 1) or SWEEP_DOT_TILES (M > 1) entry at skinny's split of K for
+    it, half and twice that. M = 1 as measured in session 5: where skinny's workspace rule allows (the partials' traffic a
+    small share of the weight's). M > 1: four times too, and the rule not applied: at 16 rows it binds 16 times harder
+    (skinny gives way only to reach one program an SM), so the sweep measures what more splits buy; at most twice
+    skinny's target of programs (past it a split adds no loads in flight)."""
     out = []
-    for bn, bk, warps, stages in SWEEP_TILES:
-        if glu:
-            bn, bk = (bn // 2, bk) if bn > 16 else (bn, bk // 2)
-        bk = min(bk, max(32, triton.next_power_of_2(k)))
-        s0 = _split_k(m, n, k, None, glu, bn, bk)
-        for split in sorted({s0, max(1, s0 // 2), 2 * s0}):
-            split = _chunking(k, split, bk)[0]
-            if not _workspace_fits(m, n, k, None, split):
-                continue
-            c = dict(BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, DOT=m > 1, num_warps=warps, num_stages=stages)
-            if split > 1:
-                c["REDUCE"] = "last"
-            if c not in out:
+    for tile in SWEEP_TILES if m == 1 else SWEEP_DOT_TILES:
+        c0 = tile_config(m, n, k, bits, glu, tile)
+        s0, tiles = c0["SPLIT_K"], -(-(n // 2 if glu else n) // c0["BLOCK_N"])
+        for split in (max(1, s0 // 2), s0, 2 * s0) + ((4 * s0,) if m > 1 else ()):
+            c = tile_config(m, n, k, bits, glu, tile, split=split)
+            if m == 1:
+                keep = _workspace_fits(m, n, k, bits, c["SPLIT_K"])
+            else:
+                keep = c["SPLIT_K"] == s0 or tiles * c["SPLIT_K"] <= 2 * PROGRAMS_PER_SM * H200_SMS
+            if keep and c not in out:
                 out.append(c)
     return out
 
 
+def time_config(m, n, k, epi, bits, x, weights, outs, res, c: dict) -> dict:
+    """One configuration over all the weight copies: microseconds a call and what was compiled, or the error (a tile
+    whose shared memory or registers the GPU refuses is a row, not the end of a sweep)."""
+    glu, act = epi.get("glu", False), epi.get("act", "none")
+    ws = torch.empty(max(1, workspace_bytes(m, n, k, bits, glu, config=c)), dtype=torch.uint8, device=DEVICE)
+    # zeroed once, left zero by every call (as planned): no memset inside the timed graph
+    cnt = torch.zeros(max(1, counter_bytes(m, n, k, bits, glu, config=c)), dtype=torch.uint8, device=DEVICE)
+    calls = [lambda kw=kw, o=o: skinny_gemm(x, residual=res, act=act, glu=glu, out=o, workspace=ws, counters=cnt, config=c, **kw)
+             for kw, o in zip(weights, outs)]
+    before = set(template_cache())
+    try:
+        us = graph_us(calls)
+    except Exception as e:  # noqa: BLE001  (out of resources, a compile error: recorded, the sweep goes on)
+        return dict(config=c, error=f"{type(e).__name__}: {str(e)[:200]}")
+    return dict(config=c, us=us, **compiled(before))
+
+
 def bench_skinny(m, k, n, epi, make_weight, peak, sweep: bool = False) -> dict:
-    """Every configuration of one weight kind at one shape (``sweep``: also SWEEP_TILES'): times, bandwidth, error of
+    """Every configuration of one weight kind at one shape (``sweep``: also sweep_configs'): times, bandwidth, error of
     the best."""
     probe = make_weight()
     wbytes = weight_bytes(probe)
@@ -133,30 +201,27 @@ def bench_skinny(m, k, n, epi, make_weight, peak, sweep: bool = False) -> dict:
     act_bytes = x.numel() * 2 + outs[0].numel() * 2 * (2 if res is not None else 1)
     rows = []
     todo = configs(m, n, k, bits, glu)
-    todo += [c for c in (sweep_configs(m, n, k, glu) if sweep else []) if c not in todo]
+    todo += [c for c in (sweep_configs(m, n, k, bits, glu) if sweep else []) if c not in todo]
     for i, c in enumerate(todo):
-        ws = torch.empty(max(1, workspace_bytes(m, n, k, bits, glu, config=c)), dtype=torch.uint8, device="cuda")
-        # zeroed once, left zero by every call (as planned): no memset inside the timed graph
-        cnt = torch.zeros(max(1, counter_bytes(m, n, k, bits, glu, config=c)), dtype=torch.uint8, device="cuda")
-        calls = [lambda kw=kw, o=o: skinny_gemm(x, residual=res, act=act, glu=glu, out=o, workspace=ws, counters=cnt,
-                                                config=c, **kw)
-                 for kw, o in zip(weights, outs)]
-        us = graph_us(calls)
-        rows.append(dict(config=c, us=us, GBps=(wbytes + act_bytes) / us * 1e-3))
+        rows.append(time_config(m, n, k, epi, bits, x, weights, outs, res, c))
+        if "us" in rows[-1]:
+            rows[-1]["GBps"] = (wbytes + act_bytes) / rows[-1]["us"] * 1e-3
         if sweep:
-            print(f"    {i + 1}/{len(todo)} {c}: {us:.2f} us {rows[-1]['GBps']:.0f} GB/s", flush=True)
-    best = min(rows, key=lambda row: row["us"])
+            row = rows[-1]
+            got = f"{row['us']:.2f} us {row['GBps']:.0f} GB/s {row.get('regs')} regs" if "us" in row else row["error"]
+            print(f"    {i + 1}/{len(todo)} {c}: {got} wgmma {row.get('wgmma')}", flush=True)
+    best = min((row for row in rows if "us" in row), key=lambda row: row["us"])
     got = skinny_gemm(x, residual=res, act=act, glu=glu, config=best["config"], **weights[0])
     err = float((got.float() - reference(x, weights[0], epi, res)).norm() / reference(x, weights[0], epi, res).norm())
     return dict(weight_bytes=wbytes, copies=copies, best_us=best["us"], best_config=best["config"], GBps=best["GBps"],
-                pct_peak=100 * best["GBps"] * 1e9 / peak, default_us=rows[0]["us"], rel_err=err, configs=rows)
+                pct_peak=100 * best["GBps"] * 1e9 / peak, default_us=rows[0].get("us"), rel_err=err, configs=rows)
 
 
 def bench_cublas(m, k, n, epi, peak) -> dict:
     """F.linear alone, and F.linear followed by the epilogue in eager torch."""
     wbytes = n * k * 2
     copies = max(1, math.ceil(ROTATE_BYTES / wbytes))
-    x, weights, _, res = case_operands(m, k, n, epi, copies, lambda: dict(w=torch.randn(n, k, device="cuda", dtype=BF16) * k ** -0.5))
+    x, weights, _, res = case_operands(m, k, n, epi, copies, lambda: dict(w=torch.randn(n, k, device=DEVICE, dtype=DTYPE) * k ** -0.5))
     n_out = n // 2 if epi.get("glu") else n
 
     def with_epilogue(w):
@@ -171,34 +236,41 @@ def bench_cublas(m, k, n, epi, peak) -> dict:
     return dict(us=us, GBps=gbps, pct_peak=100 * gbps * 1e9 / peak, with_epilogue_us=us_epi, n_out=n_out)
 
 
+def weight_kinds(n: int, k: int) -> dict:
+    """Weight makers by kind name: skinny_gemm's weight keywords."""
+    return dict(bf16=lambda: dict(w=torch.randn(n, k, device=DEVICE, dtype=DTYPE) * k ** -0.5),
+                int8=lambda: quantize(torch.randn(n, k, device=DEVICE, dtype=DTYPE), 8, k),
+                int4_g128=lambda: quantize(torch.randn(n, k, device=DEVICE, dtype=DTYPE), 4, 128))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="JSON results path")
     p.add_argument("--m", type=int, nargs="+", default=[1, 16], help="rows (decode batch), each <= 16")
-    p.add_argument("--shapes", nargs="+", default=None, help=f"names among: {', '.join(s[0] for s in SHAPES)}")
-    p.add_argument("--sweep", action="store_true", help="bf16 only, every SWEEP_TILES configuration too")
+    p.add_argument("--shapes", nargs="+", default=None, help=f"names among: {', '.join(s[0] for s in SHAPES + SMOKE_SHAPES)}")
+    p.add_argument("--kinds", nargs="+", default=None, choices=("bf16", "int8", "int4_g128"),
+                   help="weight kinds (default: all three; bf16 with --sweep)")
+    p.add_argument("--sweep", action="store_true", help="every SWEEP_TILES (M = 1) / SWEEP_DOT_TILES (M > 1) configuration too")
     p.add_argument("--peak", type=float, default=4.8e12, help="HBM bandwidth the percentages refer to, bytes/s")
+    p.add_argument("--smoke", action="store_true", help="CPU: SMOKE_SHAPES in float16 under the Triton interpreter")
     args = p.parse_args()
-    shapes = [s for s in SHAPES if args.shapes is None or s[0] in args.shapes]
-    res = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__, peak_GBps=args.peak / 1e9,
-               copy_GBps=copy_bandwidth() / 1e9, rotate_bytes=ROTATE_BYTES, results=[])
+    shapes = [s for s in (SMOKE_SHAPES if SMOKE else SHAPES) if args.shapes is None or s[0] in args.shapes]
+    kinds = args.kinds or (["bf16"] if args.sweep else ["bf16", "int8", "int4_g128"])
+    res = dict(device="cpu (interpreter)" if SMOKE else torch.cuda.get_device_name(), torch=torch.__version__,
+               triton=triton.__version__, peak_GBps=args.peak / 1e9, copy_GBps=copy_bandwidth() / 1e9, rotate_bytes=ROTATE_BYTES, results=[])
     print(f"{res['device']}: device copy {res['copy_GBps']:.0f} GB/s", flush=True)
     for name, k, n, epi in shapes:
         for m in args.m:
             torch.manual_seed(0)
             row = dict(name=name, M=m, K=k, N=n, epilogue=epi, cublas=bench_cublas(m, k, n, epi, args.peak))
-            kinds = dict(bf16=lambda: dict(w=torch.randn(n, k, device="cuda", dtype=BF16) * k ** -0.5),
-                         int8=lambda: quantize(torch.randn(n, k, device="cuda", dtype=BF16), 8, k),
-                         int4_g128=lambda: quantize(torch.randn(n, k, device="cuda", dtype=BF16), 4, 128))
-            if args.sweep:
-                kinds = {"bf16": kinds["bf16"]}
-            for kind, make in kinds.items():
-                row[kind] = bench_skinny(m, k, n, epi, make, args.peak, sweep=args.sweep)
-                torch.cuda.empty_cache()
+            for kind in kinds:
+                row[kind] = bench_skinny(m, k, n, epi, weight_kinds(n, k)[kind], args.peak, sweep=args.sweep)
+                if not SMOKE:
+                    torch.cuda.empty_cache()
             res["results"].append(row)
             print(f"{name:20s} M={m:2d}  cuBLAS {row['cublas']['us']:7.1f} us {row['cublas']['pct_peak']:5.1f}%  " + "  ".join(
-                f"{kind} {row[kind]['best_us']:7.1f} us {row[kind]['pct_peak']:5.1f}% (default {row[kind]['default_us']:.1f})"
-                for kind in kinds), flush=True)
+                f"{kind} {row[kind]['best_us']:7.1f} us {row[kind]['pct_peak']:5.1f}% (default {row[kind]['default_us'] or float('nan'):.1f}, "
+                f"err {row[kind]['rel_err']:.1e})" for kind in kinds), flush=True)
             with open(args.out, "w") as f:  # after every row: a run cut short still leaves its figures
                 json.dump(res, f, indent=1)
 

@@ -17,7 +17,9 @@ the K range [split * K_CHUNK, (split + 1) * K_CHUNK). Each step loads the weight
 BLOCK_K columns ONCE (contiguous along K: BLOCK_K bytes a row at 8 bits, BLOCK_K / 2 at 4 bits),
 dequantizes it in registers in float32 and applies it to all BLOCK_M rows of x; two constexpr paths:
   DOT      tl.dot(x [BLOCK_M, BLOCK_K], W^T) with W cast to x's dtype (tensor cores, float32 accumulator);
-           BLOCK_M >= 16: prefill (qgemm, BLOCK_M 32..128) and decode rows 2..16 (skinny.py);
+           BLOCK_M >= 16: prefill (qgemm, BLOCK_M 32..128) and decode rows 2..16 (skinny.py); with SWAP (decode)
+           the transposed product tl.dot(W, x^T) into acc^T [BLOCK_N, BLOCK_M], transposed after the loop: the
+           weight's rows the MMA's M, which lets Hopper use wgmma for 16 rows of x;
   no DOT   GEMV, one row (BLOCK_M = 1): float32 products W * x accumulate in the weight tile's own layout
            [BLOCK_N, BLOCK_K] and are summed over K once after the loop (no per-step cross-thread
            reduction, no layout conversion of the weight).
@@ -113,12 +115,16 @@ def _weight_tile(w_ptr, s_ptr, z_ptr, n_idx, mask_n, kk, K,
 
 
 @triton.jit
-def _mac(acc, a, b, DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
+def _mac(acc, a, b, DOT: tl.constexpr, SWAP: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
     # one K step: a = x's tile [BLOCK_M, BLOCK_K], b = _weight_tile's [BLOCK_N, BLOCK_K].
     #   DOT:  acc [BLOCK_M, BLOCK_N] += a @ b^T
+    #   SWAP: acc [BLOCK_N, BLOCK_M] += b @ a^T, the transposed product: the weight's rows are the MMA's M
+    #         dimension (Hopper's wgmma needs 64 a warpgroup), x's 16 rows its N
     #   else: acc [BLOCK_N, BLOCK_K] += b * x (one row), summed over K after the loop: the weight stays in
     #         the layout it was loaded in, and the loop has no cross-thread reduction
-    if DOT:
+    if SWAP:
+        acc = tl.dot(b.to(a.dtype), tl.trans(a), acc, input_precision=DOT_PRECISION)
+    elif DOT:
         acc = tl.dot(a, tl.trans(b.to(a.dtype)), acc, input_precision=DOT_PRECISION)
     else:
         acc += b.to(tl.float32) * tl.reshape(a.to(tl.float32), (BLOCK_K,))[None, :]
@@ -191,7 +197,8 @@ def _epilogue_store(acc, acc_u, rows, cols, mask_n, mask, N, bias_ptr, gate_ptr,
 
 @triton.jit
 def _k_step(acc, acc_u, b, u, x_ptr, rows, mask_m, offs_k, kk, K, stride_xm, stride_xk, nw_ptr, rstd,
-            NORM: tl.constexpr, GLU: tl.constexpr, DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
+            NORM: tl.constexpr, GLU: tl.constexpr, DOT: tl.constexpr, SWAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+            BLOCK_K: tl.constexpr):
     # one K step of _wgemm_kernel on weight tiles loaded before (b, and u, the up half with GLU): x's tile [BLOCK_M,
     # BLOCK_K] at columns kk.. (normalised by the prologue's rstd with NORM), into the accumulators: the PREFETCH
     # peel of the loop's first step, the same operations
@@ -199,9 +206,9 @@ def _k_step(acc, acc_u, b, u, x_ptr, rows, mask_m, offs_k, kk, K, stride_xm, str
                 mask=mask_m[:, None] & (kk + offs_k < K)[None, :], other=0.0)  # [BLOCK_M, BLOCK_K]
     if NORM:
         a = _norm_tile(a, rstd, nw_ptr, kk + offs_k, kk + offs_k < K)
-    acc = _mac(acc, a, b, DOT, DOT_PRECISION, BLOCK_K)
+    acc = _mac(acc, a, b, DOT, SWAP, DOT_PRECISION, BLOCK_K)
     if GLU:
-        acc_u = _mac(acc_u, a, u, DOT, DOT_PRECISION, BLOCK_K)
+        acc_u = _mac(acc_u, a, u, DOT, SWAP, DOT_PRECISION, BLOCK_K)
     return acc, acc_u
 
 
@@ -244,6 +251,7 @@ def _wgemm_kernel(
     PARTIAL: tl.constexpr, REDUCE_LAST: tl.constexpr, DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, NORM: tl.constexpr,
     LOOP_STAGES: tl.constexpr,  # the GEMV's num_stages: Triton pipelines a loop without tl.dot only when told
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    SWAP: tl.constexpr = False,  # with DOT: the product transposed, acc [BLOCK_N, BLOCK_M] += W x^T (_mac); a config key
     PDL: tl.constexpr = False,  # launched with programmatic dependent launch (pdl.py): wait for the previous kernel first
     PREFETCH: tl.constexpr = False,  # the first K step's weight tiles loaded before that wait (pdl.py)
     L2_BYTES: tl.constexpr = 0,  # > 0: bytes of this program's weight asked of the L2 before that wait (pdl.py)
@@ -270,7 +278,9 @@ def _wgemm_kernel(
     cols = offs_n.to(tl.int64)
 
     SUB: tl.constexpr = (BLOCK_K + QGROUP - 1) // QGROUP  # groups one K step spans: > 1 when narrower than BLOCK_K
-    if DOT:
+    if SWAP:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    elif DOT:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     else:  # GEMV, BLOCK_M = 1: per-column products, reduced after the loop
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
@@ -299,7 +309,7 @@ def _wgemm_kernel(
         rstd = _row_rstd(x_ptr, rows, mask_m, K, stride_xm, stride_xk, eps, BLOCK_M, BLOCK_K)
     if PREFETCH:
         acc, acc_u = _k_step(acc, acc_u, b, u, x_ptr, rows, mask_m, offs_k, k_lo, K, stride_xm, stride_xk, nw_ptr,
-                             rstd, NORM, GLU, DOT, DOT_PRECISION, BLOCK_K)
+                             rstd, NORM, GLU, DOT, SWAP, DOT_PRECISION, BLOCK_K)
         k_lo += BLOCK_K
     # (the loop keeps its own statements in the order measured on the H200; _k_step is the same operations)
     for kk in tl.range(k_lo, k_hi, BLOCK_K, num_stages=LOOP_STAGES):
@@ -309,11 +319,15 @@ def _wgemm_kernel(
             a = _norm_tile(a, rstd, nw_ptr, kk + offs_k, kk + offs_k < K)
         b = _weight_tile(w_ptr, s_ptr, z_ptr, cols, mask_n, kk, K, stride_wn, stride_wk,
                          stride_sn, stride_sg, stride_zn, stride_zg, BITS, PACK, HAS_ZEROS, QGROUP, SUB, BLOCK_N, BLOCK_K)
-        acc = _mac(acc, a, b, DOT, DOT_PRECISION, BLOCK_K)
+        acc = _mac(acc, a, b, DOT, SWAP, DOT_PRECISION, BLOCK_K)
         if GLU:  # the up half: rows N + j of the merged [gate; up] weight, same x tile
             u = _weight_tile(w_ptr, s_ptr, z_ptr, cols + N, mask_n, kk, K, stride_wn, stride_wk,
                              stride_sn, stride_sg, stride_zn, stride_zg, BITS, PACK, HAS_ZEROS, QGROUP, SUB, BLOCK_N, BLOCK_K)
-            acc_u = _mac(acc_u, a, u, DOT, DOT_PRECISION, BLOCK_K)
+            acc_u = _mac(acc_u, a, u, DOT, SWAP, DOT_PRECISION, BLOCK_K)
+    if SWAP:  # [BLOCK_N, BLOCK_M] -> [BLOCK_M, BLOCK_N]: one layout conversion a program, for the epilogue
+        acc = tl.trans(acc)
+        if GLU:
+            acc_u = tl.trans(acc_u)
     if not DOT:
         acc = tl.sum(acc, 1)[None, :]  # [1, BLOCK_N]
         if GLU:

@@ -7,7 +7,10 @@ HBM bandwidth (4.8 TB/s on an H200) and the kernel's job is to keep enough loads
 template (see its docstring for the weight format and the dequantization) launched with one row tile:
 - every program loads its BLOCK_N weight rows x BLOCK_K columns per step (contiguous along K) once and
   applies them to all M rows: as a GEMV in float32 (DOT False, M = 1), or by tl.dot on a 16-row tile
-  (DOT True, M = 2..16: the tensor cores make the M-fold reuse free);
+  (DOT True, M = 2..16: the tensor cores make the M-fold reuse free). With x's 16 rows as the MMA's M, Hopper's
+  wgmma (64 rows a warpgroup) is out of reach and Triton falls back to mma.sync; SWAP computes the transposed
+  product out^T [BLOCK_N, 16] = W x^T instead (decode kernels' usual trick: TensorRT-LLM, vLLM), the weight's
+  64 / 128 rows wgmma's M, x's rows its N = 16, and transposes the accumulator once before the epilogue;
 - split-K keeps the GPU busy when N / BLOCK_N tiles are too few (N = 2048 gives 64 tiles of 32 rows for 132
   SMs): SPLIT_K programs share a tile, each over K / SPLIT_K columns, and write float32 partial sums to a
   workspace [SPLIT_K, M, NW] (NW = N, the weight's rows). The splits are added in a fixed order (deterministic:
@@ -42,6 +45,7 @@ worth trying on an H200; ``skinny_gemm`` without a config runs the first of them
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -66,23 +70,42 @@ REDUCE = ("last", "separate")  # who adds the split-K partials: the last program
 # the interpreter is slow per program and per K step: small tiles, so irregular test shapes span several
 INTERPRET_CONFIG = dict(BLOCK_N=16, BLOCK_K=32, SPLIT_K=1)
 
-# (BLOCK_N, BLOCK_K, num_warps, num_stages) per (DOT, bits; 0: a 16-bit plain weight). A step streams 8-16 KB
-# of weight. Checked by compiling for sm_90 (ptxas -v, SASS): no spills, the weight tile pipelined through
-# cp.async; GEMV tiles of 64 rows lose that pipelining (or spill), so the GEMV keeps BLOCK_N <= 32.
+class Tile(NamedTuple):
+    """A launch tile of the template: BLOCK_N weight rows x BLOCK_K columns a step, num_warps, num_stages, and
+    (tl.dot path only) whether the product is swapped, acc^T = W x^T (qgemm.py's SWAP)."""
+    block_n: int
+    block_k: int
+    warps: int
+    stages: int
+    swap: bool = False
+
+
+# Tiles per (DOT, bits; 0: a 16-bit plain weight), the default first. A step streams 4-16 KB of weight (a GLU
+# program two tiles). Checked by compiling for sm_90 (ptxas, SASS) at the Llama-3.2-1B shapes, GLU and the norm
+# prologue included: no spills, the weight tile pipelined through cp.async.
+# - GEMV (DOT False): tiles of 64 rows lose that pipelining (or spill), so the GEMV keeps BLOCK_N <= 32.
+# - tl.dot (M 2..16): unswapped, x's 16 rows are the MMA's M, which Hopper's wgmma cannot take (64 rows a
+#   warpgroup): mma.sync, the weight through ldmatrix. Swapped, the weight's 64 / 128 rows are the M of
+#   wgmma.m64n16k16 (HGMMA.64x16x16 in the SASS, asynchronous, one group in flight), x^T its N: a plain weight is
+#   read by the tensor cores straight from shared memory, a quantized one dequantized in registers already in
+#   wgmma's A-operand layout. Two swapped tiles, one warpgroup (4 warps, deeper pipeline) and two (8 warps, 128
+#   rows), then the unswapped tile measured in session 1. Registers (triton 3.9; 1B shapes, norm included): plain
+#   32-71; 8 bits 127-128 and 107-178; 4 bits 96-128 and 110-205. The 4-warp 64 x 256 tiles reach 255 with the
+#   norm at 4 bits (and at 8 bits without it): not offered.
 TILES = {
-    (False, 0): [(32, 256, 4, 3), (16, 512, 4, 3)],
-    (False, 8): [(32, 256, 4, 3), (32, 512, 8, 3)],
-    (False, 4): [(32, 512, 8, 3), (32, 256, 4, 3)],
-    (True, 0): [(64, 128, 4, 3), (32, 256, 4, 3)],
-    (True, 8): [(64, 128, 4, 3), (32, 256, 4, 3)],
-    (True, 4): [(64, 256, 8, 3), (32, 256, 4, 3)],
+    (False, 0): [Tile(32, 256, 4, 3), Tile(16, 512, 4, 3)],
+    (False, 8): [Tile(32, 256, 4, 3), Tile(32, 512, 8, 3)],
+    (False, 4): [Tile(32, 512, 8, 3), Tile(32, 256, 4, 3)],
+    (True, 0): [Tile(64, 128, 4, 4, True), Tile(128, 128, 8, 3, True), Tile(64, 128, 4, 3)],
+    (True, 8): [Tile(64, 128, 4, 4, True), Tile(128, 128, 8, 3, True), Tile(64, 128, 4, 3)],
+    (True, 4): [Tile(64, 128, 4, 4, True), Tile(128, 128, 8, 3, True), Tile(64, 256, 8, 3)],
 }
 
 # a GEMV tile run over the whole of K (no split), 8 warps: at the 1B's qkv and o shapes (K = 2048; 192 and 128
 # programs) the fastest of 55 tiles measured on the H200 (bench/decode_gemm.py --sweep, session 5: 5.6 us vs 6.7 for
 # the default at qkv, 5.0 vs 6.0 at o): there, split-K's partials and last-program reduction cost more than the
 # loads in flight it adds
-WHOLE_K = {(False, 0): (16, 512, 8, 3)}
+WHOLE_K = {(False, 0): Tile(16, 512, 8, 3)}
 
 
 @triton.jit
@@ -126,33 +149,48 @@ def _workspace_fits(m: int, n: int, k: int, bits: int | None, splits: int) -> bo
 
 def _split_k(m: int, n: int, k: int, bits: int | None, glu: bool, block_n: int, block_k: int) -> int:
     """Splits that bring the programs near PROGRAMS_PER_SM per SM, each split at least MIN_SPLIT_STEPS K steps,
-    the workspace traffic a small share of the weight's."""
+    the workspace traffic a small share of the weight's, but not below one program an SM: at 16 rows the partials
+    are 16 times a GEMV's and the workspace rule alone would leave a wide tile few programs (the 1B's o projection
+    at 4 bits in tiles of 128 rows: 16 programs for 132 SMs), while the partials stay in L2 for the last program."""
     tiles = triton.cdiv(n // 2 if glu else n, block_n)
     want = (PROGRAMS_PER_SM * H200_SMS + tiles // 2) // tiles  # rounded: 512 tiles do not split in two
-    split = max(1, min(want, triton.cdiv(k, block_k) // MIN_SPLIT_STEPS))
-    while not _workspace_fits(m, n, k, bits, split):
+    steps = triton.cdiv(k, block_k) // MIN_SPLIT_STEPS
+    split = max(1, min(want, steps))
+    floor = max(1, min(triton.cdiv(H200_SMS, tiles), steps))
+    while split > floor and not _workspace_fits(m, n, k, bits, split):
         split -= 1
+    while _chunking(k, split, block_k)[0] < floor:  # chunks are whole steps: 5 splits of 16 steps run as 4
+        split += 1
     return _chunking(k, split, block_k)[0]
+
+
+def tile_config(m: int, n: int, k: int, bits: int | None, glu: bool, tile: Tile, split: int | None = None) -> dict:
+    """The launch configuration of ``tile`` for ``m`` rows at a shape (arguments as for ``configs``). A GLU program
+    streams a gate and an up tile: half the rows each, or half the columns where the rows cannot halve (16 rows, or
+    64 swapped: wgmma's M). BLOCK_K at most K's power of two; ``split``: the splits of K wanted (None: ``_split_k``'s
+    choice), named as they actually run."""
+    bn, bk = tile.block_n, tile.block_k
+    if glu:
+        bn, bk = (bn // 2, bk) if bn > (64 if tile.swap else 16) else (bn, bk // 2)
+    bk = min(bk, max(32, triton.next_power_of_2(k)))
+    split = _split_k(m, n, k, bits, glu, bn, bk) if split is None else _chunking(k, split, bk)[0]
+    c = dict(BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split) | ({"REDUCE": "last"} if split > 1 else {})
+    return c | dict(DOT=m > 1) | ({"SWAP": True} if tile.swap else {}) | dict(num_warps=tile.warps, num_stages=tile.stages)
 
 
 def configs(m: int, n: int, k: int, bits: int | None = None, glu: bool = False) -> list[dict]:
     """At most 4 launch configurations worth measuring on an H200 for ``m`` rows against a weight of ``n`` rows
     (out features; gate and up together with ``glu``) and ``k`` columns, ``bits`` 8 / 4 or None (plain
-    16-bit): dicts of BLOCK_N, BLOCK_K, SPLIT_K, REDUCE (where SPLIT_K > 1), DOT, num_warps, num_stages. The
-    first is the default; split-K configurations reduce in their last program (REDUCE "last"), and where the
-    default splits, its two-launch twin (REDUCE "separate") is one of them. A plain GEMV also tries WHOLE_K's tile."""
+    16-bit): dicts of BLOCK_N, BLOCK_K, SPLIT_K, REDUCE (where SPLIT_K > 1), DOT, SWAP (where swapped), num_warps,
+    num_stages. The first is the default; split-K configurations reduce in their last program (REDUCE "last"), and
+    where the default splits, its two-launch twin (REDUCE "separate") is one of them. A plain GEMV also tries
+    WHOLE_K's tile; 2..16 rows try TILES' two swapped tiles and the unswapped one."""
     if not 1 <= m <= MAX_M:
         raise ValueError(f"skinny configs: m = {m} rows, the template takes 1..{MAX_M}")
     dot = m > 1
-    out = []
-    whole = WHOLE_K.get((dot, bits or 0))
-    for i, (bn, bk, warps, stages) in enumerate(TILES[(dot, bits or 0)] + ([whole] if whole else [])):
-        if glu:  # a glu program streams a gate and an up tile: half the rows (or columns) each
-            bn, bk = (bn // 2, bk) if bn > 16 else (bn, bk // 2)
-        bk = min(bk, max(32, triton.next_power_of_2(k)))
-        split = 1 if i == len(TILES[(dot, bits or 0)]) else _split_k(m, n, k, bits, glu, bn, bk)  # (WHOLE_K: 1)
-        reduce = {"REDUCE": "last"} if split > 1 else {}
-        out.append(dict(BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, **reduce, DOT=dot, num_warps=warps, num_stages=stages))
+    out = [tile_config(m, n, k, bits, glu, t) for t in TILES[(dot, bits or 0)]]
+    if (dot, bits or 0) in WHOLE_K:
+        out.append(tile_config(m, n, k, bits, glu, WHOLE_K[(dot, bits or 0)], split=1))
     # where the default splits: the default reduced by a second launch, and the same tile with twice the splits
     # (more loads in flight for a little more workspace traffic); the tuner measures which is faster
     first = out[0]
@@ -169,7 +207,7 @@ def configs(m: int, n: int, k: int, bits: int | None = None, glu: bool = False) 
 
 
 def _resolve(m: int, n: int, k: int, bits: int | None, glu: bool, config: dict | None) -> dict:
-    """The configuration a call runs: ``config`` checked and completed (SPLIT_K 1, REDUCE "last", DOT by row count),
+    """The configuration a call runs: ``config`` checked and completed (SPLIT_K 1, REDUCE "last", DOT by row count, SWAP off),
     or the default (``INTERPRET_CONFIG`` under the interpreter, else ``configs(...)[0]``)."""
     if config is None:
         config = INTERPRET_CONFIG if INTERPRET else configs(m, n, k, bits, glu)[0]
@@ -177,12 +215,15 @@ def _resolve(m: int, n: int, k: int, bits: int | None, glu: bool, config: dict |
     c.setdefault("SPLIT_K", 1)
     c.setdefault("REDUCE", "last")
     c.setdefault("DOT", m > 1)
+    c.setdefault("SWAP", False)
     if not (isinstance(c["SPLIT_K"], int) and c["SPLIT_K"] >= 1):
         raise ValueError(f"skinny_gemm: config {config!r}: SPLIT_K must be a positive int")
     if c["REDUCE"] not in REDUCE:
         raise ValueError(f"skinny_gemm: config {config!r}: REDUCE must be one of {', '.join(map(repr, REDUCE))}")
     if not c["DOT"] and m > 1:
         raise ValueError(f"skinny_gemm: config {config!r}: the GEMV path (DOT False) takes one row, x has {m}")
+    if c["SWAP"] and not c["DOT"]:
+        raise ValueError(f"skinny_gemm: config {config!r}: SWAP transposes tl.dot's product, it needs DOT")
     return c
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import kiln.codegen.kernels.skinny as S
+from kiln.codegen.kernels import pdl
 from kiln.codegen.kernels.gemm import reference
 from kiln.codegen.kernels.skinny import configs, counter_bytes, skinny_gemm, workspace_bytes
 from kiln.testing import TOL, rel_err
@@ -49,8 +50,8 @@ def check(x, wq, bias=None, gate=None, residual=None, act="none", glu=False, **k
     return got
 
 
-def config(split=1, dot=None, block_k=32):
-    c = dict(BLOCK_N=16, BLOCK_K=block_k, SPLIT_K=split)
+def config(split=1, dot=None, block_k=32, swap=False):
+    c = dict(BLOCK_N=16, BLOCK_K=block_k, SPLIT_K=split) | ({"SWAP": True} if swap else {})
     return c if dot is None else dict(c, DOT=dot)
 
 
@@ -142,6 +143,49 @@ def test_workspace_planned_by_the_caller():
     for ws in (torch.empty(need // 4 - 1), arena[1:1 + need], torch.empty(need // 4, dtype=torch.float16)):
         with pytest.raises(ValueError, match="workspace must be"):
             skinny_gemm(x, config=c, workspace=ws, **kwargs)
+
+
+# ----------------------------------------------------------------------------- the swapped product (SWAP)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("m", [3, 16])
+@pytest.mark.parametrize("bits", [None, 8, 4])
+def test_swapped_product(bits, m, dtype):
+    # acc^T [BLOCK_N, 16] = W x^T, transposed once after the loop: N = 37 (a partial tile), K = 208 in 3 splits
+    # (7 steps of 32, the last partial; groups of 16: two a step), reduced by the last program; bias and silu after
+    wq = weight(37, 208, bits, dtype, group=16)
+    check(r(m, 208, dtype=dtype), wq, bias=r(37, dtype=dtype), act="silu", config=config(3, swap=True))
+
+
+@pytest.mark.parametrize("bits", [None, 4])
+@pytest.mark.parametrize("m", [3, 16])
+def test_swapped_glu_residual_and_both_reductions(m, bits):
+    # the up half swapped too (96 weight rows -> 48 outputs) with bias and residual: whole K, and K = 200 in 4 splits
+    # reduced by the last program and by a second launch, the same bits; a 64-row tile as on the H200 (one, masked)
+    wq = weight(96, 200, bits, torch.float16, group="K")
+    x, b, res = r(m, 200, dtype=torch.float16), r(96, dtype=torch.float16), r(m, 48, dtype=torch.float16)
+    ops = dict(bias=b, residual=res, act="silu", glu=True)
+    check(x, wq, **ops, config=dict(BLOCK_N=64, BLOCK_K=64, SWAP=True))
+    c = config(4, swap=True)
+    counters = counters_for(m, 96, 200, bits, True, c)
+    one = check(x, wq, **ops, config=c, counters=counters)
+    assert not counters.any()
+    assert torch.equal(one, skinny_gemm(x, **wq[0], **ops, config=dict(c, REDUCE="separate")))
+
+
+@pytest.mark.parametrize("m,bits,split", [(3, 8, 1), (16, None, 3)])
+def test_swapped_norm_prologue_and_prefetched_first_step(monkeypatch, m, bits, split):
+    # RMSNORM folded into x's loads feeds tl.dot's second operand, x^T; with the first K step peeled (the PREFETCH
+    # path, which the CPU runs without the PDL wait) the same bits
+    x = r(m, 200) * torch.logspace(-1, 1, m, dtype=torch.float64)[:, None].float()
+    nw = 1 + r(200, scale=0.2)
+    wq = weight(37, 200, bits, torch.float32, group="K")
+    c = config(split, swap=True)
+    check_norm(x, wq, nw, config=c)
+    plain = skinny_gemm(x, **wq[0], norm_weight=nw, norm_eps=1e-5, config=c)
+    monkeypatch.setattr(pdl, "prefetch", lambda t: True)
+    assert torch.equal(skinny_gemm(x, **wq[0], norm_weight=nw, norm_eps=1e-5, config=c), plain)
 
 
 # ----------------------------------------------------------------------------- split-K in one launch
@@ -243,19 +287,26 @@ def test_empty_and_vector_inputs():
     (16, 2048, 8192, None, False),
     (1, 128256, 2048, 8, False),      # lm head: tiles enough, no split
     (16, 28672, 4096, 4, True),       # Llama-3.1-8B gate / up
+    (16, 2048, 2048, 4, False),       # 1B o: 16 tiles of 128 rows, where the workspace rule alone would not split
 ])
 def test_configs_for_llama_shapes(m, n, k, bits, glu):
     cs = configs(m, n, k, bits, glu)
     assert 1 <= len(cs) <= 4 and len({tuple(sorted(c.items())) for c in cs}) == len(cs)
     for c in cs:
-        split_keys = {"REDUCE"} if c["SPLIT_K"] > 1 else set()  # REDUCE only where K is split
-        assert set(c) == {"BLOCK_N", "BLOCK_K", "SPLIT_K", "DOT", "num_warps", "num_stages"} | split_keys
+        split_keys = {"REDUCE"} if c["SPLIT_K"] > 1 else set()  # REDUCE only where K is split, SWAP where swapped
+        assert set(c) == {"BLOCK_N", "BLOCK_K", "SPLIT_K", "DOT", "num_warps", "num_stages"} | split_keys | ({"SWAP"} if "SWAP" in c else set())
         assert c["DOT"] == (m > 1) and c["SPLIT_K"] >= 1 and (c["DOT"] or c["BLOCK_N"] <= 32)
+        if "SWAP" in c:  # only where swapped: tl.dot, on at least wgmma's 64 rows a warpgroup
+            assert c["SWAP"] is True and c["DOT"] and c["BLOCK_N"] >= 64
         splits, _ = S._chunking(k, c["SPLIT_K"], c["BLOCK_K"])
         assert splits == c["SPLIT_K"]  # configs name the splits that actually run
         assert workspace_bytes(m, n, k, bits, glu, config=c) == (0 if splits == 1 else 4 * splits * m * n)
         tiles = -(-(n // 2 if glu else n) // c["BLOCK_N"])
         assert counter_bytes(m, n, k, bits, glu, config=c) == (4 * tiles if c.get("REDUCE") == "last" else 0)
+        # no SM left idle, unless the splits are as many as K allows (MIN_SPLIT_STEPS steps each)
+        assert tiles * splits >= S.H200_SMS or splits >= -(-k // c["BLOCK_K"]) // S.MIN_SPLIT_STEPS
+    # 2..16 rows: the swapped product first, the unswapped one measured beside it
+    assert ("SWAP" in cs[0]) == (m > 1) and (m == 1 or any(c["DOT"] and "SWAP" not in c for c in cs))
     # a default that splits reduces in its last program (one launch); its two-launch twin is measured too
     if cs[0]["SPLIT_K"] > 1:
         assert cs[0]["REDUCE"] == "last" and dict(cs[0], REDUCE="separate") in cs
@@ -290,6 +341,7 @@ def test_configs_refuse_rows_outside_1_to_16():
     (dict(zeros=torch.zeros(37, 5, dtype=torch.uint8)), "zeros must be None"),
     (dict(k=191), "K = 191 is odd"),
     (dict(config=dict(BLOCK_N=16, BLOCK_K=32, DOT=False)), "GEMV path \\(DOT False\\) takes one row"),
+    (dict(m=1, config=dict(BLOCK_N=16, BLOCK_K=32, SWAP=True)), "SWAP transposes tl.dot's product, it needs DOT"),
     (dict(config=dict(BLOCK_N=12, BLOCK_K=32)), "needs BLOCK_N"),
     (dict(config=dict(BLOCK_N=16, BLOCK_K=32, SPLIT_K=0)), "SPLIT_K must be a positive int"),
     (dict(config=dict(BLOCK_N=16, BLOCK_K=32, SPLIT_K=2, REDUCE="atomic")), "REDUCE must be one of 'last', 'separate'"),
@@ -414,6 +466,33 @@ def test_gpu_every_config_is_correct(name, k, n, epi):
             err = rel_err(got, want)
             assert err <= TOL[torch.bfloat16], f"{name} m={m} bits={bits} {c}: rel err {err:.2e}"
             assert not counters.any(), c
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits", [None, 8, 4])
+@pytest.mark.parametrize("name,k,n,epi", [s for s in DECODE_SHAPES if s[0].startswith("1b")]
+                         + [("1b o + residual", 2048, 2048, {"residual": True})])
+def test_gpu_swapped_tiles_at_1b_shapes(name, k, n, epi, bits):
+    # each swapped tile of skinny's for 2..16 rows (wgmma on sm_90), at its split of K and at twice it, M = 16 (and 5
+    # rows of a plain weight), with the norm prologue where decode folds it (qkv, gate/up, LM head): bf16 against the
+    # float32 reference
+    glu, act = epi.get("glu", False), epi.get("act", "none")
+    for m in (16, 5) if bits is None else (16,):
+        x, kwargs, res, want = cuda_decode_case(m, k, n, bits, epi, group=64)
+        norm = {}
+        if not epi.get("residual"):
+            nw = (1 + 0.2 * torch.randn(k, generator=torch.Generator().manual_seed(1))).to("cuda", torch.bfloat16)
+            norm = dict(norm_weight=nw, norm_eps=1e-5)
+            w32 = dict(w=kwargs["w"].float()) if bits is None else kwargs
+            want = S.reference(x.float(), **w32, act=act, glu=glu, norm_weight=nw.float(), norm_eps=1e-5)
+        for tile in [t for t in S.TILES[(True, bits or 0)] if t.swap]:
+            c0 = S.tile_config(m, n, k, bits, glu, tile)
+            for c in (c0, S.tile_config(m, n, k, bits, glu, tile, split=2 * c0["SPLIT_K"])):
+                ws, counters = cuda_scratch(m, n, k, bits, glu, c)
+                got = skinny_gemm(x, residual=res, act=act, glu=glu, workspace=ws, counters=counters, config=c, **norm, **kwargs)
+                err = rel_err(got, want)
+                assert err <= TOL[torch.bfloat16], f"{name} m={m} bits={bits} {c}: rel err {err:.2e}"
+                assert not counters.any(), c
 
 
 def cuda_scratch(m, n, k, bits, glu, c):
