@@ -88,6 +88,25 @@ for stage in "$@"; do
     s5final)  # GPU tests of session 5's kernels: decode attention over the attended keys only, the channels-last group norm
       timeout 100 python3 -m pytest -q -rf -p no:logging -m gpu tests/codegen/test_decode_attention.py \
         tests/codegen/test_group_norm.py 2>&1 | tee "$OUT/s5final.log" | grep -v DEBUG | tail -8 ;;
+    tritoninfo)  # what this Triton has of the APIs session 6's work relies on (JIT cache hook + preload, inline asm)
+      python3 - <<'PY' 2>&1 | tail -12
+import inspect, triton
+from triton.runtime import jit
+print("triton", triton.__version__, "knobs.runtime.jit_cache_hook:", hasattr(getattr(triton, "knobs", None), "runtime")
+      and hasattr(triton.knobs.runtime, "jit_cache_hook"))
+src = inspect.getsource(jit.JITFunction)
+print("preload:", "def preload" in src, "specialization_data in _call_hook:", "'specialization_data'" in src)
+print([l.strip() for l in inspect.getsource(jit.JITFunction.preload).splitlines() if "constexpr" in l or "target" in l][:8])
+PY
+      ;;
+    s6tests)  # GPU tests of session 6's merges: L2 weight prefetch (KILN_PDL=l2), swapped skinny tiles, compile survey + workers
+      timeout ${TESTS_TIMEOUT:-240} python3 -m pytest -q -rf -p no:logging -m gpu tests/codegen/test_l2_prefetch.py \
+        tests/codegen/test_pdl.py tests/runtime/test_kernel_plan_survey.py tests/codegen/test_compile_pool.py \
+        tests/codegen/test_tuning.py tests/codegen/test_skinny.py tests/llm/test_decode_plan.py 2>&1 | tee "$OUT/s6tests.log" \
+        | grep -v DEBUG | tail -30 ;;
+    decode_l2)  # the 1B decode (batch 1 and 16) with PDL on, + L2 weight prefetch 32 KB / 64 KB a program (same tokens)
+      for f in 1 l2 l2:64; do KILN_PDL=$f DECODE_JSON=decode_pdl_$f.json timeout 150 python3 bench/decode.py --models 1b \
+        --no-compile-peer 2>&1 | grep -v '^ *\[\|^ *"' | tail -3; done ;;
     *) echo "unknown stage $stage" ;;
   esac
 done

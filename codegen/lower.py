@@ -62,7 +62,7 @@ TRITON_AQGEMM_CONFIGS = 2
 TRITON_ATTENTION_CONFIGS = 2
 # the skinny candidates' generation in the tuner's key (a decision measured between older candidates is measured
 # again): 2 since split-K may reduce in its last program, 3 since a plain GEMV also tries skinny.WHOLE_K's tile
-SKINNY_CANDIDATES = 3
+SKINNY_CANDIDATES = 4
 # the decode attention candidates' generation (in a decode attention's what; a decision measured between older ones is
 # measured again): 2 since "kiln-decode-whole" exists, 3 since the kernel reads only the keys the mask attends
 DECODE_CANDIDATES = 3
