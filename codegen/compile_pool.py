@@ -17,7 +17,8 @@ all of it in other processes, in two steps:
 
 Protocol: one JSON object a line. A job (parent -> worker's stdin) is a record: ``{"module", "qualname", "file",
 "data", "target": {"backend", "arch", "warp_size"}}``; the reply (worker's stdout) ``{"ok": true, "s": seconds}`` or
-``{"ok": false, "error": "...", "s": seconds}``. A worker runs one job at a time and exits at the end of its stdin.
+``{"ok": false, "error": "...", "s": seconds}``; ``"launcher": true`` when the worker also built the kernel's host
+launcher (:func:`_build_launcher`). A worker runs one job at a time and exits at the end of its stdin.
 
 A worker creates no CUDA context (an idle context holds GPU memory): its GPUs are hidden (``CUDA_VISIBLE_DEVICES=``)
 and Triton's driver is a :class:`CompileOnlyDriver` that names the parent's target, which is all compiling asks of
@@ -218,6 +219,7 @@ class CompilePool:
             self._idle_later()
         errors = [r.get("error", "") for r in results if not r.get("ok")]
         stats = {"kernels": len(jobs), "compiled": len(results) - len(errors), "failed": len(errors),
+                 "launchers": sum(bool(r.get("launcher")) for r in results),
                  "left": len(jobs) - len(todo), "workers": len(self.workers), "seconds": round(time.perf_counter() - t0, 3),
                  "worker_seconds": round(sum(r.get("s", 0) for r in results), 3), "errors": sorted(set(errors))[:5]}
         log.debug("kiln compile pool: %s", stats)
@@ -307,6 +309,20 @@ class CompileOnlyDriver:
         raise RuntimeError(f"a compile-only Triton driver has no {name!r}")
 
 
+def _build_launcher(kernel) -> bool:
+    """Build ``kernel``'s host launcher (a small C module Triton compiles with the system compiler at a kernel's first
+    launch, ~50 ms, cached by its source) into Triton's cache, so the parent's first launch finds it too: the cold
+    Llama-3.2-1B's parent spent 6 s waiting on those compilers, one after another (H200, session 6). False where
+    this Triton or machine cannot (no CUDA launcher class, no libcuda to link): the parent builds it then."""
+    try:
+        from triton.backends.nvidia.driver import CudaLauncher
+
+        CudaLauncher(kernel.src, kernel.metadata)
+        return True
+    except Exception:
+        return False
+
+
 def _kernel(job: dict):
     """The JITFunction ``job`` names: imported by module name, or a generated module from its file."""
     import importlib
@@ -348,8 +364,8 @@ def serve(stdin=None) -> None:
         try:
             job = json.loads(line)
             cpu.target = GPUTarget(**job["target"])
-            _kernel(job).preload(job["data"])
-            reply = {"ok": True}
+            kernel = _kernel(job).preload(job["data"])
+            reply = {"ok": True, "launcher": _build_launcher(kernel)}
         except Exception as e:
             reply = {"ok": False, "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]}
         reply["s"] = round(time.perf_counter() - t0, 3)
