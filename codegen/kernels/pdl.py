@@ -27,7 +27,10 @@ DRAM ramp each of a 1B step's 65 GEMVs shows (bench/NOTES.md, session 5). A pref
 bytes, no value is read, so the sums are the plain loop's by construction; under the Triton interpreter it is skipped.
 The budget is per program, so the resident programs of a big GEMV (gate/up 67 MB, the LM head 525 MB) prefetch ~17 MB
 at most (528 programs x 32 KB), a third of the 50 MB L2, and do not evict each other's lines before their loop reads
-them. Off by default until the H200 says it pays. Not prefetched: the scales of a quantized weight (1/64 of its bytes
+them. Measured on the H200 (session 6, 1B decode, one process each): batch 1 step 0.989 -> 0.983 ms (noise; the
+kernels' own time rose 0.927 -> 0.958 ms), batch 16 1.211 -> 1.266 ms (slower). It does not pay — the ramp is not
+DRAM latency that an early hint hides, or the hints compete with the previous kernel's own loads — so it stays off
+by default, kept for the measurement. Not prefetched: the scales of a quantized weight (1/64 of its bytes
 at 4 bits in groups of 128, per-channel rows of 2 bytes that break the 16-byte rule) and the decode attention's K / V
 rows: which keys it reads is known only after the wait (the attended length is read from the mask, an earlier kernel's
 output), and the whole cache would be up to S / n times the bytes read.
@@ -87,7 +90,7 @@ def prefetch(t: torch.Tensor) -> bool:
 
 def l2(t: torch.Tensor) -> int:
     """Bytes each program of the weight-streaming GEMM prefetches into L2 before its wait (module docstring), 0 for
-    none: ``KILN_PDL=l2`` (L2_BYTES) or ``l2:<KB>``, PDL on, until the H200 says it pays."""
+    none: ``KILN_PDL=l2`` (L2_BYTES) or ``l2:<KB>``, PDL on; off by default (measured no gain: module docstring)."""
     words = [w for w in _words() if w == "l2" or w.startswith("l2:")]
     if not words or not enabled(t):
         return 0
