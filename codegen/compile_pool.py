@@ -52,9 +52,10 @@ _RECORDING = threading.Lock()  # the hook is global: one recording at a time
 
 
 def default_workers() -> int:
-    """``KILN_COMPILE_WORKERS`` (read now), else min(8, cores - 1); 0: no workers."""
+    """``KILN_COMPILE_WORKERS`` (read now), else min(16, cores - 1); 0: no workers. (On the H200 machine's 16 cores,
+    8 workers were busy 72% of the cold 1B survey's 4.6 s while the parent waited: more cores were idle.)"""
     env = os.environ.get("KILN_COMPILE_WORKERS", "").strip()
-    return max(0, int(env)) if env else min(8, (os.cpu_count() or 1) - 1)
+    return max(0, int(env)) if env else min(16, (os.cpu_count() or 1) - 1)
 
 
 # -- 1. record -----------------------------------------------------------------------------------------------------

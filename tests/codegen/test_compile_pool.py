@@ -148,7 +148,7 @@ def test_only_kilns_kernels_go_to_workers():
     assert not workable({"module": "kiln.codegen.kernels.gemm", "qualname": "make.<locals>.kernel", "file": None})
 
 
-@pytest.mark.parametrize("env,want", [("0", 0), ("3", 3), ("", min(8, (os.cpu_count() or 1) - 1))])
+@pytest.mark.parametrize("env,want", [("0", 0), ("3", 3), ("", min(16, (os.cpu_count() or 1) - 1))])
 def test_worker_count(monkeypatch, env, want):
     monkeypatch.setenv("KILN_COMPILE_WORKERS", env)
     assert default_workers() == want
