@@ -7,7 +7,8 @@ cold: empty kiln and Triton caches; build the model (not timed), compile (kiln.c
 warm: a second process, same caches: load the artifact (kiln.load / kiln.Generator.load) and its first output.
 Each phase also records where its time went (cProfile, top 40 by cumulative time) and the plans' phase times.
 Issue 12's goals: cold compile to first output <= 25 s (DiT-XL/2), <= 15 s (1B); warm <= 4 s (DiT-XL/2).
-Usage: python3 bench/coldstart.py [--model dit|llama-1b] [--batch 8]. Writes $OUT/coldstart_<model>.json."""
+Usage: python3 bench/coldstart.py [--model dit|llama-1b] [--batch 8] [--tag T]. Writes $OUT/coldstart_<model><T>.json and
+each phase's whole profile as $OUT/coldstart_<model><T>_<phase>.pstats (read it with pstats: callers, callees)."""
 import argparse
 import cProfile
 import io
@@ -110,6 +111,8 @@ def child(phase: str, batch: int, path: str, model: str) -> dict:
 def _finish(r: dict, prof, m) -> dict:
     r["process_to_first_output_s"] = time.time() - T_START
     prof.disable()
+    if os.environ.get("COLDSTART_PSTATS"):
+        prof.dump_stats(os.environ["COLDSTART_PSTATS"] + f"_{r['phase']}.pstats")
     r["import_stacks"] = IMPORT_STACKS
     out = io.StringIO()
     pstats.Stats(prof, stream=out).sort_stats("cumulative").print_stats(40)
@@ -127,6 +130,7 @@ def main():
     ap.add_argument("--model", choices=["dit", "llama-1b"], default="dit")
     ap.add_argument("--phase", choices=["cold", "warm"])
     ap.add_argument("--artifact")
+    ap.add_argument("--tag", default="", help="added to the output files' names (A/B runs of one model)")
     a = ap.parse_args()
     if a.phase:
         print("RESULT " + json.dumps(child(a.phase, a.batch, a.artifact, a.model)), flush=True)
@@ -134,6 +138,8 @@ def main():
     tmp = tempfile.mkdtemp(prefix="kiln-coldstart-")
     env = dict(os.environ, KILN_CACHE_DIR=os.path.join(tmp, "kiln"), TRITON_CACHE_DIR=os.path.join(tmp, "triton"))
     path = os.path.join(tmp, f"{a.model}.kiln")
+    out = os.path.join(os.environ.get("OUT", "/tmp"), f"coldstart_{a.model}{a.tag}")
+    env["COLDSTART_PSTATS"] = out
     res = {"model": a.model, "batch": a.batch, "runs": []}
     for phase in ("cold", "warm"):
         t0 = time.time()
@@ -150,7 +156,7 @@ def main():
     import torch
 
     res["device"] = torch.cuda.get_device_name()
-    with open(os.path.join(os.environ.get("OUT", "/tmp"), f"coldstart_{a.model}.json"), "w") as fh:
+    with open(out + ".json", "w") as fh:
         json.dump(res, fh, indent=1)
 
 

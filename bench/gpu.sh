@@ -107,6 +107,12 @@ PY
     decode_l2)  # the 1B decode (batch 1 and 16) with PDL on, + L2 weight prefetch 32 KB / 64 KB a program (same tokens)
       for f in 1 l2 l2:64; do KILN_PDL=$f DECODE_JSON=decode_pdl_$f.json timeout 150 python3 bench/decode.py --models 1b \
         --no-compile-peer 2>&1 | grep -v '^ *\[\|^ *"' | tail -3; done ;;
+    coldstart_1b_w0)  # A/B of coldstart_1b: candidates compiled from threads, no worker processes
+      KILN_COMPILE_WORKERS=0 timeout 300 python3 bench/coldstart.py --model llama-1b --tag _w0 2>&1 | tail -6 ;;
+    vae1024) timeout 200 python3 bench/vae.py --sizes 32,128 --modes eager,reduce-overhead 2>&1 | tail -12 ;;
+    m16_sweep)  # the skinny tiles (swapped ones included) at the 1B's layer shapes, M = 16
+      timeout ${SWEEP_TIMEOUT:-250} python3 bench/decode_gemm.py --out "$OUT/m16_sweep.json" --m 16 --sweep \
+        --shapes "1b qkv" "1b o + residual" "1b down + residual" "1b gate/up glu" 2>&1 | tail -12 ;;
     *) echo "unknown stage $stage" ;;
   esac
 done
