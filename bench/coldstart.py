@@ -5,9 +5,11 @@ cold: empty kiln and Triton caches; build the model (not timed), compile (kiln.c
       output (DiT: one forward at --batch; Llama: generate 8 tokens from a 16-token prompt), which plans, compiles
       Triton kernels, measures kernel choices and captures CUDA graphs; save the artifact.
 warm: a second process, same caches: load the artifact (kiln.load / kiln.Generator.load) and its first output.
-Each phase also records where its time went (cProfile, top 40 by cumulative time) and the plans' phase times.
+Each phase records the plans' phase times and its imports (torch, kiln) apart; with --profile also where its time went
+(cProfile: top 40 by cumulative time, and the whole profile as a .pstats file). The profiler slows Python ~2x, so the
+timed figures are from runs without it.
 Issue 12's goals: cold compile to first output <= 25 s (DiT-XL/2), <= 15 s (1B); warm <= 4 s (DiT-XL/2).
-Usage: python3 bench/coldstart.py [--model dit|llama-1b] [--batch 8] [--tag T]. Writes $OUT/coldstart_<model><T>.json and
+Usage: python3 bench/coldstart.py [--model dit|llama-1b] [--batch 8] [--tag T] [--profile]. Writes $OUT/coldstart_<model><T>.json and
 each phase's whole profile as $OUT/coldstart_<model><T>_<phase>.pstats (read it with pstats: callers, callees)."""
 import argparse
 import cProfile
@@ -37,6 +39,24 @@ class _ImportWatch:
 
 
 sys.meta_path.insert(0, _ImportWatch())
+
+
+class _NoProfile:
+    def enable(self):
+        pass
+
+    def disable(self):
+        pass
+
+
+def _imports(r: dict) -> None:
+    """Import torch, then kiln, timing each into ``r``."""
+    t0 = time.time()
+    import torch  # noqa: F401
+    r["import_torch_s"] = time.time() - t0
+    t0 = time.time()
+    import kiln  # noqa: F401
+    r["import_kiln_s"] = time.time() - t0
 
 
 def llama_child(phase: str, path: str, r: dict, prof) -> object:
@@ -73,19 +93,21 @@ def llama_child(phase: str, path: str, r: dict, prof) -> object:
     return g.compiled
 
 
-def child(phase: str, batch: int, path: str, model: str) -> dict:
+def child(phase: str, batch: int, path: str, model: str, profile: bool) -> dict:
+    r = {"phase": phase}
+    _imports(r)
     import torch
 
     import kiln
     from kiln.testing import DIT_DYNAMIC, dit_inputs, dit_xl2
 
-    r = {"phase": phase, "import_s": time.time() - T_START}
+    prof = cProfile.Profile() if profile else _NoProfile()
     if model == "llama-1b":
-        prof = cProfile.Profile()
+        r["import_s"] = time.time() - T_START
         m = llama_child(phase, path, r, prof)
         return _finish(r, prof, m)
+    r["import_s"] = time.time() - T_START
     x = dit_inputs(batch)
-    prof = cProfile.Profile()
     prof.enable()
     t0 = time.time()
     if phase == "cold":
@@ -111,16 +133,17 @@ def child(phase: str, batch: int, path: str, model: str) -> dict:
 def _finish(r: dict, prof, m) -> dict:
     r["process_to_first_output_s"] = time.time() - T_START
     prof.disable()
-    if os.environ.get("COLDSTART_PSTATS"):
-        prof.dump_stats(os.environ["COLDSTART_PSTATS"] + f"_{r['phase']}.pstats")
     r["import_stacks"] = IMPORT_STACKS
+    r["executor"] = m.executor.describe()
+    if isinstance(prof, _NoProfile):
+        return r
+    prof.dump_stats(os.environ["COLDSTART_PSTATS"] + f"_{r['phase']}.pstats")
     out = io.StringIO()
     pstats.Stats(prof, stream=out).sort_stats("cumulative").print_stats(40)
     r["profile_top40_cumulative"] = out.getvalue().splitlines()
     out = io.StringIO()
     pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(25)
     r["profile_top25_tottime"] = out.getvalue().splitlines()
-    r["executor"] = m.executor.describe()
     return r
 
 
@@ -131,9 +154,10 @@ def main():
     ap.add_argument("--phase", choices=["cold", "warm"])
     ap.add_argument("--artifact")
     ap.add_argument("--tag", default="", help="added to the output files' names (A/B runs of one model)")
+    ap.add_argument("--profile", action="store_true", help="profile each phase (slower: the figures are not the timed ones)")
     a = ap.parse_args()
     if a.phase:
-        print("RESULT " + json.dumps(child(a.phase, a.batch, a.artifact, a.model)), flush=True)
+        print("RESULT " + json.dumps(child(a.phase, a.batch, a.artifact, a.model, a.profile)), flush=True)
         return
     tmp = tempfile.mkdtemp(prefix="kiln-coldstart-")
     env = dict(os.environ, KILN_CACHE_DIR=os.path.join(tmp, "kiln"), TRITON_CACHE_DIR=os.path.join(tmp, "triton"))
@@ -144,7 +168,7 @@ def main():
     for phase in ("cold", "warm"):
         t0 = time.time()
         p = subprocess.run([sys.executable, __file__, "--phase", phase, "--batch", str(a.batch), "--artifact", path,
-                            "--model", a.model],
+                            "--model", a.model] + ["--profile"] * a.profile,
                            env=env, capture_output=True, text=True)
         line = [s for s in p.stdout.splitlines() if s.startswith("RESULT ")]
         if p.returncode or not line:

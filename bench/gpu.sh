@@ -5,6 +5,8 @@ set -u
 OUT=${OUT:-/tmp/out}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 mkdir -p /tmp/kpkg && ln -sfn "$PWD" /tmp/kpkg/kiln
+# bytecode, as `pip install` writes it for an installed package (start-up figures must not include compiling kiln's source)
+python3 -m compileall -q -j 0 -x '(^|/)(tests|bench|\.whl)/' . /tmp/site >/dev/null 2>&1
 export PYTHONPATH=/tmp/kpkg:/tmp/site PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 KILN_CACHE_DIR=/tmp/kiln-cache
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 for stage in "$@"; do
@@ -113,6 +115,11 @@ PY
     m16_sweep)  # the skinny tiles (swapped ones included) at the 1B's layer shapes, M = 16
       timeout ${SWEEP_TIMEOUT:-250} python3 bench/decode_gemm.py --out "$OUT/m16_sweep.json" --m 16 --sweep \
         --shapes "1b qkv" "1b o + residual" "1b down + residual" "1b gate/up glu" 2>&1 | tail -12 ;;
+    imports)  # what `import torch` and `import kiln` cost on this machine (twice: the second with a warm page cache)
+      for i in 1 2; do python3 -c "import time; t = time.time(); import torch; a = time.time(); import kiln; b = time.time()
+print(f'import torch {a - t:.2f} s, kiln {b - a:.2f} s'); t = time.time(); torch.zeros(1, device='cuda'); print(f'cuda init {time.time() - t:.2f} s')"
+      done
+      python3 -X importtime -c "import kiln" 2> "$OUT/importtime.txt" ;;
     *) echo "unknown stage $stage" ;;
   esac
 done

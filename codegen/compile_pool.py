@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 PACKAGE = __name__.split(".")[0]  # kiln's own package: its kernel modules are importable by name in a worker
 GENERATED = "_kiln_"  # modules that codegen/cache.py loads from a file (the generated pointwise kernels)
 IDLE_S = 60.0  # workers stop after this long without a job (a later plan starts them again)
+NICE = 5  # workers' scheduling priority below the parent's (os.nice increment)
 JOB_TIMEOUT_S = 300.0  # a job taking longer: its worker is killed, its kernel left to the parent
 _RECORDING = threading.Lock()  # the hook is global: one recording at a time
 
@@ -172,8 +173,9 @@ def _worker_env() -> dict:
     """The parent's environment with its import path and Triton cache, no GPU, no interpreter."""
     from triton import knobs
 
+    # one thread each (a compile needs no intra-op threads; 15 workers' thread pools would crowd the parent's cores)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p), CUDA_VISIBLE_DEVICES="",
-               TRITON_CACHE_DIR=knobs.cache.dir)
+               TRITON_CACHE_DIR=knobs.cache.dir, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     env.pop("TRITON_INTERPRET", None)
     return env
 
@@ -183,7 +185,8 @@ class CompilePool:
     without a job, at :meth:`close`, or at exit). ``command``: the worker's command line (tests)."""
 
     def __init__(self, workers: int, idle_s: float = IDLE_S, command: list[str] | None = None):
-        command = command or [sys.executable, "-c", f"from {__name__} import serve; serve()"]
+        # niced before its imports: the parent, running torch.export and the plans meanwhile, comes first
+        command = command or [sys.executable, "-c", f"import os; os.nice({NICE}); from {__name__} import serve; serve()"]
         self.workers = [_Worker(command) for _ in range(workers)]
         self.idle_s = idle_s
         self._lock = threading.Lock()  # one batch at a time; held while workers start or stop

@@ -191,6 +191,41 @@ def test_flipped_byte_in_weight_data_fails_the_sha256(tmp_path):
 
 
 
+@pytest.mark.parametrize("where", [0.1, 0.5, 0.95])
+def test_weights_tree_hash_finds_a_flipped_byte_in_any_piece(tmp_path, monkeypatch, where):
+    # small pieces: the 256 KB of weights hash as ~64 pieces from threads; a flip in any one fails the load
+    monkeypatch.setattr(art, "_TREE_CHUNK", 4096)
+    path = _weights_artifact(tmp_path / "w.kiln", {"w": torch.randn(64, 1024)})
+    with zipfile.ZipFile(path) as zf:
+        meta = json.loads(zf.read("manifest.json"))["members"]["weights.safetensors"]
+        weights = zf.read("weights.safetensors")
+    assert meta["sha256"] == hashlib.sha256(weights).hexdigest()  # the plain checksum stays, for any tool
+    pieces = [weights[i:i + 4096] for i in range(0, len(weights), 4096)]
+    assert meta["sha256_tree"] == {"chunk_bytes": 4096, "sha256": hashlib.sha256(
+        b"".join(hashlib.sha256(p).digest() for p in pieces)).hexdigest()}
+    art.load(path)
+    data = bytearray(Path(path).read_bytes())
+    start, size = _member_start(data, path)
+    data[start + int(size * where)] ^= 0x01
+    (tmp_path / "bad.kiln").write_bytes(bytes(data))
+    with pytest.raises(kiln.ArtifactError, match=r"check 'checksum' failed for member 'weights.safetensors': sha256 "):
+        art.load(tmp_path / "bad.kiln")
+
+
+def test_weights_without_a_tree_hash_are_checked_whole(tmp_path):
+    # an artifact written before the tree hash: its manifest has the sha256 alone, which load then checks
+    src = _weights_artifact(tmp_path / "w.kiln", {"w": torch.randn(8, 16)})
+    _with_weights_member(src, tmp_path / "old.kiln", lambda w: w)
+    art.load(tmp_path / "old.kiln")
+    _with_weights_member(src, tmp_path / "bad.kiln", lambda w: w[:-1] + bytes([w[-1] ^ 1]))
+    with zipfile.ZipFile(tmp_path / "bad.kiln") as zf:
+        manifest = json.loads(zf.read("manifest.json"))
+    manifest["members"]["weights.safetensors"]["sha256"] = "0" * 64
+    _rewrite(tmp_path / "bad.kiln", tmp_path / "bad2.kiln", lambda n, d: json.dumps(manifest).encode() if n == "manifest.json" else d)
+    with pytest.raises(kiln.ArtifactError, match=r"sha256 [0-9a-f]{16}\.\.\. does not match the manifest \(0000000000000000"):
+        art.load(tmp_path / "bad2.kiln")
+
+
 def test_damaged_weights_header_reports_the_checksum(tmp_path):
     # the header check runs while the sha256 is still hashing; the checksum, the root cause, wins
     path = _weights_artifact(tmp_path / "w.kiln", {"w": torch.randn(4, 8)})
