@@ -7,6 +7,7 @@ import operator
 import os
 import warnings
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.utils._pytree as pytree
@@ -22,7 +23,7 @@ from .ir.graph import Graph
 from .ir.types import eval_dim, torch_dtype
 from .passes.pipeline import run_pipeline
 from .passes.report import Report
-from .runtime import artifact
+from .runtime import artifact, warm_libs
 from .runtime.executor import Executor
 from .runtime.target import Target
 from .runtime.signature import Signature, output_names, output_structure
@@ -439,12 +440,12 @@ def load(path: str | os.PathLike, device: str | None = None, backend: str | None
     of an artifact of several (a diffusion pipeline's "step", "vae", "text_encoder")."""
     if device is not None:
         check_device(device)
-    graph, manifest, report_dict, tuning, files = artifact.load(path, component)
+    graph, manifest, report_dict, tuning, files = artifact.load(path, component, on_manifest=partial(_warm_libraries, device))
     config = CompileConfig.from_dict(manifest.get("config") or {})
     if config.tp > 1:
         artifact.check_shard(os.fspath(path), manifest, *process_group())
     if device is None:  # where it was compiled to run, when this machine has it
-        device = config.device or manifest.get("device") or "cpu"
+        device = _compiled_for(manifest)
         if torch.device(device).type == "cuda" and not torch.cuda.is_available():
             warnings.warn(f"{path} was compiled for {device}, which this machine lacks; running on the CPU", stacklevel=2)
             device = "cpu"
@@ -457,6 +458,20 @@ def load(path: str | os.PathLike, device: str | None = None, backend: str | None
     m = CompiledModel(graph, signature, config, Report.from_dict(report_dict), manifest, tuning)
     m.files = files
     return m
+
+
+def _compiled_for(manifest: dict) -> str:
+    return (manifest.get("config") or {}).get("device") or manifest.get("device") or "cpu"
+
+
+def _warm_libraries(device: str | None, manifest: dict) -> None:
+    """Start loading the GPU libraries the artifact's graph calls (runtime/warm_libs.py) while the load goes on."""
+    try:
+        d = torch.device(device or _compiled_for(manifest))
+    except (RuntimeError, TypeError):  # (a bad device name in the manifest: the load itself reports it)
+        return
+    bf16 = any(isinstance(i, dict) and i.get("dtype") == "bfloat16" for i in manifest.get("inputs") or ())
+    warm_libs.start(d, manifest.get("libraries"), torch.bfloat16 if bf16 else torch.float16)
 
 
 def check_device(device: str | torch.device) -> torch.device:

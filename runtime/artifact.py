@@ -45,6 +45,7 @@ from ..ir.graph import Graph, GraphError
 from ..ir.serialize import graph_from_json, graph_to_json
 from ..ir.types import dim_to_json
 from ..version import versions
+from . import warm_libs
 
 FORMAT_VERSION = 2  # the newest this kiln reads; 2 added named components
 MANIFEST = "manifest.json"
@@ -98,7 +99,8 @@ def _record(c: Component) -> dict:
     graph = c.graph
     return {"gpu_arch": _gpu_arch(graph), "inputs": _io_specs(graph.inputs, [n.attrs["name"] for n in graph.inputs]),
             "outputs": _io_specs(graph.outputs, graph.output_names), "symbols": {k: list(v) for k, v in graph.symbols.items()},
-            "signature": c.signature, "config": c.config, **(c.extra or {})}
+            "signature": c.signature, "config": c.config, "libraries": warm_libs.libraries(n.op for n in graph.nodes),
+            **(c.extra or {})}
 
 
 def _members(c: Component) -> list[tuple[str, bytes]]:
@@ -430,10 +432,11 @@ def _tensors_from_safetensors(buf) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def load(path: str | os.PathLike, component: str | None = None) -> tuple[Graph, dict, dict, dict, dict]:
+def load(path: str | os.PathLike, component: str | None = None, on_manifest=None) -> tuple[Graph, dict, dict, dict, dict]:
     """Read and check an artifact: returns (graph with weights, manifest, report dict, tuning dict, files:
     name -> bytes of the members ``save(files=...)`` added). ``component``: the named component of a file of
     several graphs, whose manifest is the file's with the component's record laid over it (and "component").
+    ``on_manifest``: called with that manifest once it is read, before the members are (``warm_libs.start``).
 
     The weights are views of the artifact file, mapped copy-on-write (see ``_map_member``); their
     sha256 runs in a thread alongside everything else and is checked before this returns."""
@@ -441,6 +444,8 @@ def load(path: str | os.PathLike, component: str | None = None) -> tuple[Graph, 
     zf, manifest = read_manifest(path)
     with zf:
         prefix, manifest = _select(path, manifest, component)
+        if on_manifest is not None:
+            on_manifest(manifest)
         members = manifest.get("members") or {}
         for required in (prefix + "graph.json", prefix + WEIGHTS):
             if required not in members:

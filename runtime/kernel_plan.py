@@ -44,6 +44,7 @@ from ..ir.ops import COLLECTIVE_OPS, index_copy
 from ..ir.ops_fused import AQ_FORMATS, aqgemm_operands
 from ..ir.types import eval_dim, torch_dtype
 from .kernel_calls import MAX_OUTPUT_SETS, KernelCall, OutputSet, PlanStats, collective_call, run_calls, use_count
+from . import warm_libs
 from .layouts import CHANNELS_LAST, channels_last_values
 from .memory import Liveness, nbytes
 from .plan import Plan
@@ -121,6 +122,7 @@ class KernelPlan(Plan):
     def __init__(self, graph: Graph, groups: list[Group], bindings: dict[str, int], target,
                  static: dict[Node, torch.Tensor], inputs: list | None = None):
         t0 = time.perf_counter()
+        warm_libs.wait()  # (no other thread's CUDA calls while this plan measures and captures)
         self.stats = PlanStats()
         self.graph, self.groups, self.bindings, self.target = graph, groups, dict(bindings), target
         self.device = target.device
