@@ -286,8 +286,8 @@ def start() -> None:
     """Start the workers now, in the background (kiln.compile on a CUDA device, before torch.export's seconds); not
     under the Triton interpreter (nothing to compile)."""
     p = pool() if os.environ.get("TRITON_INTERPRET", "0") != "1" else None
-    if p is not None:
-        p.start()
+    if p is not None:  # (from a thread: 15 process starts would hold up the caller; a compile waits on the pool's lock)
+        threading.Thread(target=p.start, name="kiln-compile-pool-start", daemon=True).start()
 
 
 # -- the worker side -------------------------------------------------------------------------------------------------
