@@ -11,6 +11,15 @@ configuration of ``skinny.configs`` is timed; the best, the default (the first) 
     python bench/decode_gemm.py --out decode_gemm.json [--m 1 16] [--shapes "1b qkv" "8b down + residual"] [--kinds bf16 int8]
     python bench/decode_gemm.py --out sweep.json --m 16 --sweep --shapes "1b qkv"    every SWEEP_DOT_TILES config too
     python bench/decode_gemm.py --out smoke.json --smoke [--sweep]     CPU: tiny shapes, float16, the Triton interpreter
+    python bench/decode_gemm.py --out norm.json --norm [--m 1 16]       the RMSNorm prologue: unfused against fused
+    python bench/decode_gemm.py --out smoke.json --smoke --norm
+
+``--norm`` (the 1B's qkv and gate/up GLU, which decode feeds from an RMSNorm) times, as the tuner does for a decode
+GEMM (codegen/tuning.py ``time_candidates`` cold: one run a sample after a write over more than the L2), the tuner's
+own candidates of the GEMM with its norm prologue (codegen/lower.py ``gemm``): kiln's norm kernel then cuBLAS, then
+the Triton template, then each skinny configuration, and each fused ``triton-skinny-norm`` configuration; and each
+fused one again with ``L2`` (the program's weight slice asked of the L2 before its statistics pass). Printed as a
+table (the best of each kind first), every time in the JSON.
 
 Weights: int8 per output channel (group = K) and int4 in groups of 128, both symmetric, rounded to nearest
 from a random bf16 weight; scales float16. Each kernel's relative error against a float32 reference of its
@@ -34,7 +43,14 @@ import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
+from kiln.codegen import lower  # noqa: E402
 from kiln.codegen.kernels import qgemm  # noqa: E402
+from kiln.codegen.pointwise import launch as launch_pointwise  # noqa: E402
+from kiln.codegen.schedule import schedule  # noqa: E402
+from kiln.codegen.tuning import time_candidates  # noqa: E402
+from kiln.ir.bind import bind_inputs  # noqa: E402
+from kiln.ir.graph import Graph  # noqa: E402
+from kiln.ir.types import dtype_name  # noqa: E402
 from kiln.codegen.kernels.qgemm import dequantize  # noqa: E402
 from kiln.codegen.kernels.skinny import (H200_SMS, PROGRAMS_PER_SM, Tile, _workspace_fits, configs, counter_bytes,  # noqa: E402
                                          skinny_gemm, tile_config, workspace_bytes)
@@ -68,6 +84,8 @@ SWEEP_TILES = [Tile(*t) for t in (
 SWEEP_DOT_TILES = [Tile(*t, True) for t in (
     (64, 64, 4, 4), (64, 128, 4, 3), (64, 128, 4, 4), (64, 128, 8, 4), (64, 256, 4, 3), (64, 256, 8, 3),
     (128, 64, 8, 4), (128, 128, 8, 3), (128, 128, 8, 4))] + [Tile(32, 256, 4, 3), Tile(64, 128, 4, 3)]
+NORM_SHAPES = ["1b qkv", "1b gate/up glu"]  # --norm's default shapes: the decode GEMMs an RMSNorm feeds
+NORM_L2_BYTES = 64 << 10  # --norm: the fused configurations again with this L2 budget a program (skinny config "L2")
 ROTATE_BYTES = 0 if SMOKE else 512 << 20  # weight bytes cycled through in one graph: over 8x the H200's L2
 DEVICE = "cpu" if SMOKE else "cuda"
 DTYPE = torch.float16 if SMOKE else torch.bfloat16  # (the interpreter's tl.dot on bfloat16 is wrong)
@@ -236,6 +254,60 @@ def bench_cublas(m, k, n, epi, peak) -> dict:
     return dict(us=us, GBps=gbps, pct_peak=100 * gbps * 1e9 / peak, with_epilogue_us=us_epi, n_out=n_out)
 
 
+def norm_kernel(x: torch.Tensor, nw: torch.Tensor, eps: float, y: torch.Tensor):
+    """A closure running kiln's generated RMSNORM kernel (the plan's norm group) of x [M, K] with weight nw into y."""
+    g = Graph()
+    xi, wi = g.add_input("x", tuple(x.shape), dtype_name(x.dtype)), g.add_input("w", tuple(nw.shape), dtype_name(nw.dtype))
+    g.set_outputs([g.add("RMSNORM", (xi, wi), eps=eps)])
+    (group,) = [grp for grp in schedule(g) if grp.kind == "pointwise"]
+    bindings = bind_inputs(g, [x, nw])
+    return lambda: launch_pointwise(group, [x, nw], bindings, out=[y])
+
+
+def norm_candidates(m: int, k: int, n: int, epi: dict) -> dict:
+    """The tuner's candidates of one GEMM with its norm prologue (lower.py ``gemm``), plus every fused configuration
+    with ``L2``: name -> closure, on one bf16 weight (the cold timing flushes L2 before each sample)."""
+    glu, act, eps = epi.get("glu", False), epi.get("act", "none"), 1e-5
+    x = torch.randn(m, k, device=DEVICE, dtype=DTYPE)
+    nw = (1 + 0.2 * torch.randn(k, device=DEVICE)).to(DTYPE)
+    w = torch.randn(n, k, device=DEVICE, dtype=DTYPE) * k ** -0.5
+    y = torch.empty_like(x)
+    res = torch.randn(m, n, device=DEVICE, dtype=DTYPE) if epi.get("residual") else None
+    out = torch.empty(m, n // 2 if glu else n, device=DEVICE, dtype=DTYPE)
+    tmp = torch.empty(m, n, device=DEVICE, dtype=DTYPE) if glu else None
+    attrs = dict(act=act, glu=glu, bias=False, gate=False, residual=res is not None)
+    device = torch.device(DEVICE)
+    size = [f("GEMM", attrs, (m, k), (n, k), DTYPE, device) for f in (lower.workspace_bytes, lower.counter_bytes)]
+    ws, cnt = (torch.zeros(max(1, b), dtype=torch.uint8, device=DEVICE) for b in size)
+    norm = dict(x=x, w=nw, eps=eps, run=norm_kernel(x, nw, eps, y))
+    _, candidates = lower.gemm([y, w] + ([res] if res is not None else []), attrs, out, tmp, device, (ws, cnt), norm)
+    for name in [c for c in candidates if c.startswith("triton-skinny-norm:")]:
+        c = next(c for c in lower._skinny_configs(m, n, k, None, glu, device, True) if lower.config_name("triton-skinny-norm", c) == name)
+        candidates[name + ":L2"] = (lambda c=c: skinny_gemm(x, w=w, residual=res, act=act, glu=glu, norm_weight=nw, norm_eps=eps,
+                                                            out=out, workspace=ws, counters=cnt, config=dict(c, L2=NORM_L2_BYTES)))
+    return candidates
+
+
+def bench_norm(m: int, k: int, n: int, epi: dict) -> dict:
+    """--norm: every candidate's cold microseconds (and the failures), the best of each kind, printed as a table."""
+    ms, failed = time_candidates(norm_candidates(m, k, n, epi), torch.device(DEVICE), cold=True)
+    us = {name: t * 1e3 for name, t in ms.items()}
+    kinds = {"norm + cuBLAS": lambda s: s == "cublas", "norm + skinny": lambda s: s.startswith("triton-skinny:"),
+             "fused": lambda s: s.startswith("triton-skinny-norm:") and not s.endswith(":L2"),
+             "fused + L2": lambda s: s.startswith("triton-skinny-norm:") and s.endswith(":L2")}
+    best = {}
+    for kind, match in kinds.items():
+        names = [s for s in us if match(s)]
+        if names:
+            best[kind] = min(names, key=us.get)
+            print(f"      {kind:14s} best {us[best[kind]]:7.2f} us  {best[kind]}", flush=True)
+    for name in sorted(us, key=us.get):
+        print(f"        {us[name]:7.2f} us  {name}", flush=True)
+    for name, err in failed.items():
+        print(f"        failed  {name}: {err}", flush=True)
+    return dict(us=us, failed=failed, best={kind: dict(name=name, us=us[name]) for kind, name in best.items()})
+
+
 def weight_kinds(n: int, k: int) -> dict:
     """Weight makers by kind name: skinny_gemm's weight keywords."""
     return dict(bf16=lambda: dict(w=torch.randn(n, k, device=DEVICE, dtype=DTYPE) * k ** -0.5),
@@ -253,8 +325,12 @@ def main():
     p.add_argument("--sweep", action="store_true", help="every SWEEP_TILES (M = 1) / SWEEP_DOT_TILES (M > 1) configuration too")
     p.add_argument("--peak", type=float, default=4.8e12, help="HBM bandwidth the percentages refer to, bytes/s")
     p.add_argument("--smoke", action="store_true", help="CPU: SMOKE_SHAPES in float16 under the Triton interpreter")
+    p.add_argument("--norm", action="store_true", help=f"the RMSNorm prologue, unfused against fused (default shapes: {NORM_SHAPES})")
     args = p.parse_args()
-    shapes = [s for s in (SMOKE_SHAPES if SMOKE else SHAPES) if args.shapes is None or s[0] in args.shapes]
+    names = args.shapes or (NORM_SHAPES if args.norm and not SMOKE else None)
+    shapes = [s for s in (SMOKE_SHAPES if SMOKE else SHAPES) if names is None or s[0] in names]
+    if args.norm:
+        return main_norm(args, [s for s in shapes if "residual" not in s[3]])
     kinds = args.kinds or (["bf16"] if args.sweep else ["bf16", "int8", "int4_g128"])
     res = dict(device="cpu (interpreter)" if SMOKE else torch.cuda.get_device_name(), torch=torch.__version__,
                triton=triton.__version__, peak_GBps=args.peak / 1e9, copy_GBps=copy_bandwidth() / 1e9, rotate_bytes=ROTATE_BYTES, results=[])
@@ -272,6 +348,19 @@ def main():
                 f"{kind} {row[kind]['best_us']:7.1f} us {row[kind]['pct_peak']:5.1f}% (default {row[kind]['default_us'] or float('nan'):.1f}, "
                 f"err {row[kind]['rel_err']:.1e})" for kind in kinds), flush=True)
             with open(args.out, "w") as f:  # after every row: a run cut short still leaves its figures
+                json.dump(res, f, indent=1)
+
+
+def main_norm(args, shapes: list) -> None:
+    """--norm: bench_norm at each shape and row count, the JSON rewritten after each."""
+    res = dict(device="cpu (interpreter)" if SMOKE else torch.cuda.get_device_name(), torch=torch.__version__,
+               triton=triton.__version__, timing="cold (tuning.time_candidates)", l2_bytes=NORM_L2_BYTES, results=[])
+    for name, k, n, epi in shapes:
+        for m in args.m:
+            torch.manual_seed(0)
+            print(f"{name} M={m} (K {k}, N {n}) with its RMSNorm prologue:", flush=True)
+            res["results"].append(dict(name=name, M=m, K=k, N=n, epilogue=epi, **bench_norm(m, k, n, epi)))
+            with open(args.out, "w") as f:
                 json.dump(res, f, indent=1)
 
 

@@ -61,8 +61,11 @@ TRITON_GEMM_CONFIGS = 1
 TRITON_AQGEMM_CONFIGS = 2
 TRITON_ATTENTION_CONFIGS = 2
 # the skinny candidates' generation in the tuner's key (a decision measured between older candidates is measured
-# again): 2 since split-K may reduce in its last program, 3 since a plain GEMV also tries skinny.WHOLE_K's tile
-SKINNY_CANDIDATES = 4
+# again): 2 since split-K may reduce in its last program, 3 since a plain GEMV also tries skinny.WHOLE_K's tile, 4 since
+# 2..16 rows try swapped tiles, 5 since the norm prologue's statistics pass is pipelined (it was K / BLOCK_K serial round
+# trips: a decision "norm kernel + cuBLAS" measured against it at 16 rows is not one against today's) and its candidates
+# at 2..16 rows include the default tile at half its splits
+SKINNY_CANDIDATES = 5
 # the decode attention candidates' generation (in a decode attention's what; a decision measured between older ones is
 # measured again): 2 since "kiln-decode-whole" exists, 3 since the kernel reads only the keys the mask attends
 DECODE_CANDIDATES = 3
@@ -158,13 +161,14 @@ def gemm(args: list, attrs: dict, out: torch.Tensor, tmp: torch.Tensor | None, d
     return _norm_what(what, norm), candidates
 
 
-def _skinny_configs(m: int, n: int, k: int, bits: int | None, glu: bool, device: torch.device) -> list[dict]:
-    """The skinny template's configurations for ``m`` rows: its H200 list, or under the interpreter its small tiles
+def _skinny_configs(m: int, n: int, k: int, bits: int | None, glu: bool, device: torch.device, norm: bool = False) -> list[dict]:
+    """The skinny template's configurations for ``m`` rows (``norm``: with the norm prologue, ``skinny.configs``'s
+    list for it, which adds no workspace or counters beyond the plain list's): its H200 list, or under the interpreter its small tiles
     with split-K reduced by the last program (first, as the H200 default of a decode GEMM that splits: a forced
     "triton-skinny" plan runs the workspace and counter paths in CPU tests too) and without split-K. (The two-launch
     reduction, REDUCE "separate", is an H200 candidate; kernels/skinny.py's tests run it on CPU.)"""
     if device.type == "cuda":
-        return ts.configs(m, n, k, bits, glu)
+        return ts.configs(m, n, k, bits, glu, norm)
     return [dict(ts.INTERPRET_CONFIG, SPLIT_K=2, REDUCE="last"), ts.INTERPRET_CONFIG]
 
 
@@ -212,7 +216,7 @@ def skinny(x, weight: dict, epilogue_ops: tuple, attrs: dict, out, workspace, de
     if norm is not None:
         name, src, prologue = "triton-skinny-norm", norm["x"], dict(norm_weight=norm["w"], norm_eps=norm["eps"])
     candidates = {}
-    for c in _skinny_configs(m, n, k, weight.get("bits"), glu, device):
+    for c in _skinny_configs(m, n, k, weight.get("bits"), glu, device, norm is not None):
         candidates[config_name(name, c)] = (lambda c=c: ts.skinny_gemm(src, bias=bias, gate=gate, residual=residual, act=act, glu=glu,
                                                                        **weight, **prologue, out=out, **scratch, config=c))
     return candidates

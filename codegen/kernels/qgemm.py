@@ -62,6 +62,7 @@ from .pdl import INTERPRETED, gdc, l2_prefetch
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 SCALE_DTYPES = (torch.float16, torch.float32)
+STATS_ELEMS = 4096  # values of x a step of the norm prologue's statistics pass loads (_row_rstd): 16 rows x 256
 ONE = tl.constexpr(0x3F800000)  # the bits of float32 1.0: OR a code into the top mantissa bits for 1 + q / 2**bits
 
 # the interpreter is slow per program and per K step: small tiles, so irregular test shapes span several
@@ -146,24 +147,35 @@ def _bias_act_glu(acc, acc_u, bias_ptr, cols, mask_n, N,
 
 
 @triton.jit
-def _row_rstd(x_ptr, rows, mask_m, K, stride_xm, stride_xk, eps, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+def _row_rstd(x_ptr, rows, mask_m, K, stride_xm, stride_xk, eps,
+              BLOCK_M: tl.constexpr, RSTD_K: tl.constexpr, RSTD_STAGES: tl.constexpr):
     # the norm prologue's statistics: 1 / sqrt(mean(x^2, -1) + eps) of each row [BLOCK_M], float32, over the whole
-    # row (a split of K too reads all K values: at decode a row is a few KB against the MBs of its weight tile)
-    offs_k = tl.arange(0, BLOCK_K)
-    ss = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-    for kk in range(0, K, BLOCK_K):
+    # row (a split of K too reads all K values). Tiles [BLOCK_M, RSTD_K] of ~STATS_ELEMS values, the loop pipelined
+    # (cp.async, RSTD_STAGES - 1 tiles in flight): a plain loop waits for each tile's load before it issues the next,
+    # K / BLOCK_K serial L2 (cold: HBM) round trips before the first product; each step's squares summed over the
+    # tile at once, so only the tile is live
+    offs_k = tl.arange(0, RSTD_K)
+    ss = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for kk in tl.range(0, K, RSTD_K, num_stages=RSTD_STAGES):
         a = tl.load(x_ptr + rows[:, None] * stride_xm + (kk + offs_k)[None, :] * stride_xk,
                     mask=mask_m[:, None] & (kk + offs_k < K)[None, :], other=0.0).to(tl.float32)
-        ss += a * a
-    return tl.rsqrt(tl.sum(ss, 1) / K + eps)
+        ss += tl.sum(a * a, 1)
+    return tl.rsqrt(ss / K + eps)
 
 
 @triton.jit
-def _norm_tile(a, rstd, nw_ptr, cols, mask_k):
-    # RMSNORM of x's tile a [BLOCK_M, BLOCK_K] at columns cols, rounded as the op's reference rounds: the normalised
-    # value to x's dtype, then times the norm weight, rounded again
+def _norm_weight(nw_ptr, kk, K, offs_k):
+    # the RMSNORM weight at columns kk + offs_k [BLOCK_K], zero past K. The main loop loads it one step ahead: a
+    # [BLOCK_K] vector is one element a thread, too narrow for the pipeliner's cp.async, so loaded where it is used it
+    # is a synchronous L2 round trip every step waits for
+    return tl.load(nw_ptr + kk + offs_k, mask=kk + offs_k < K, other=0.0)
+
+
+@triton.jit
+def _norm_tile(a, rstd, nw):
+    # RMSNORM of x's tile a [BLOCK_M, BLOCK_K] with the norm weight's columns nw [BLOCK_K], rounded as the op's
+    # reference rounds: the normalised value to x's dtype, then times the norm weight, rounded again
     y = (a.to(tl.float32) * rstd[:, None]).to(a.dtype)
-    nw = tl.load(nw_ptr + cols, mask=mask_k, other=0.0)
     return (y.to(tl.float32) * nw.to(tl.float32)[None, :]).to(a.dtype)
 
 
@@ -196,16 +208,16 @@ def _epilogue_store(acc, acc_u, rows, cols, mask_n, mask, N, bias_ptr, gate_ptr,
 
 
 @triton.jit
-def _k_step(acc, acc_u, b, u, x_ptr, rows, mask_m, offs_k, kk, K, stride_xm, stride_xk, nw_ptr, rstd,
-            NORM: tl.constexpr, GLU: tl.constexpr, DOT: tl.constexpr, SWAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+def _k_step(acc, acc_u, b, u, x_ptr, rows, mask_m, offs_k, kk, K, stride_xm, stride_xk, nw,
+            rstd, NORM: tl.constexpr, GLU: tl.constexpr, DOT: tl.constexpr, SWAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
             BLOCK_K: tl.constexpr):
     # one K step of _wgemm_kernel on weight tiles loaded before (b, and u, the up half with GLU): x's tile [BLOCK_M,
-    # BLOCK_K] at columns kk.. (normalised by the prologue's rstd with NORM), into the accumulators: the PREFETCH
-    # peel of the loop's first step, the same operations
+    # BLOCK_K] at columns kk.. (with NORM normalised by the prologue's rstd and the norm weight's columns nw), into
+    # the accumulators: the PREFETCH peel of the loop's first step, the same operations
     a = tl.load(x_ptr + rows[:, None] * stride_xm + (kk + offs_k)[None, :] * stride_xk,
                 mask=mask_m[:, None] & (kk + offs_k < K)[None, :], other=0.0)  # [BLOCK_M, BLOCK_K]
     if NORM:
-        a = _norm_tile(a, rstd, nw_ptr, kk + offs_k, kk + offs_k < K)
+        a = _norm_tile(a, rstd, nw)
     acc = _mac(acc, a, b, DOT, SWAP, DOT_PRECISION, BLOCK_K)
     if GLU:
         acc_u = _mac(acc_u, a, u, DOT, SWAP, DOT_PRECISION, BLOCK_K)
@@ -255,6 +267,7 @@ def _wgemm_kernel(
     PDL: tl.constexpr = False,  # launched with programmatic dependent launch (pdl.py): wait for the previous kernel first
     PREFETCH: tl.constexpr = False,  # the first K step's weight tiles loaded before that wait (pdl.py)
     L2_BYTES: tl.constexpr = 0,  # > 0: bytes of this program's weight asked of the L2 before that wait (pdl.py)
+    RSTD_K: tl.constexpr = 16, RSTD_STAGES: tl.constexpr = 4,  # NORM: the statistics' tile [BLOCK_M, RSTD_K], its stages
 ):
     EARLY: tl.constexpr = PREFETCH or L2_BYTES > 0  # weights read before the wait (a kernel never writes them)
     if not EARLY:
@@ -304,19 +317,25 @@ def _wgemm_kernel(
                              stride_sn, stride_sg, stride_zn, stride_zg, BITS, PACK, HAS_ZEROS, QGROUP, SUB, BLOCK_N, BLOCK_K)
     if EARLY and PDL:
         tl.extra.cuda.gdc_wait()
-    rstd = eps  # (unused without NORM)
+    rstd = eps  # (rstd, nw: unused without NORM)
+    nw = eps
     if NORM:
-        rstd = _row_rstd(x_ptr, rows, mask_m, K, stride_xm, stride_xk, eps, BLOCK_M, BLOCK_K)
+        rstd = _row_rstd(x_ptr, rows, mask_m, K, stride_xm, stride_xk, eps, BLOCK_M, RSTD_K, RSTD_STAGES)
+        nw = _norm_weight(nw_ptr, k_lo, K, offs_k)
     if PREFETCH:
-        acc, acc_u = _k_step(acc, acc_u, b, u, x_ptr, rows, mask_m, offs_k, k_lo, K, stride_xm, stride_xk, nw_ptr,
+        acc, acc_u = _k_step(acc, acc_u, b, u, x_ptr, rows, mask_m, offs_k, k_lo, K, stride_xm, stride_xk, nw,
                              rstd, NORM, GLU, DOT, SWAP, DOT_PRECISION, BLOCK_K)
         k_lo += BLOCK_K
+        if NORM:
+            nw = _norm_weight(nw_ptr, k_lo, K, offs_k)
     # (the loop keeps its own statements in the order measured on the H200; _k_step is the same operations)
     for kk in tl.range(k_lo, k_hi, BLOCK_K, num_stages=LOOP_STAGES):
         a = tl.load(x_ptr + rows[:, None] * stride_xm + (kk + offs_k)[None, :] * stride_xk,
                     mask=mask_m[:, None] & (kk + offs_k < K)[None, :], other=0.0)  # [BLOCK_M, BLOCK_K]
         if NORM:
-            a = _norm_tile(a, rstd, nw_ptr, kk + offs_k, kk + offs_k < K)
+            nw_next = _norm_weight(nw_ptr, kk + BLOCK_K, K, offs_k)  # next step's, in flight during this one
+            a = _norm_tile(a, rstd, nw)
+            nw = nw_next
         b = _weight_tile(w_ptr, s_ptr, z_ptr, cols, mask_n, kk, K, stride_wn, stride_wk,
                          stride_sn, stride_sg, stride_zn, stride_zg, BITS, PACK, HAS_ZEROS, QGROUP, SUB, BLOCK_N, BLOCK_K)
         acc = _mac(acc, a, b, DOT, SWAP, DOT_PRECISION, BLOCK_K)
@@ -508,6 +527,8 @@ def launch(x2, weight: Weight, epi: Epilogue, out2, m: int, n: int, config: dict
     step = k_chunk // meta["PACK"] * w.element_size() if splits > 1 else 0  # a split's first byte in a row: a multiple
     meta.update(pdl.kwargs(x2), PREFETCH=pdl.prefetch(x2) if prefetch is None else prefetch,
                 L2_BYTES=pdl.l2_bytes(w, step, budget) if budget else 0)
+    if norm is not None:  # the statistics' tiles: ~STATS_ELEMS values, at most K's power of two wide
+        meta["RSTD_K"] = min(triton.next_power_of_2(k), max(16, STATS_ELEMS // (config or {}).get("BLOCK_M", 16)))
     if config is not None:
         grid = (triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"]), splits)
         (kernel or _wgemm_kernel)[grid](*args, **meta, **config)

@@ -37,7 +37,11 @@ so ``norm_weight`` / ``norm_eps`` fold it into this kernel instead of a launch o
     out = residual + gate * epi(RMSNORM(x, norm_weight, eps) @ W^T + bias)
 
 every program first reads its rows of x whole (K values a row: a few KB at decode) for rstd = 1 / sqrt(mean(x^2)
-+ eps), then scales each x tile by rstd and the norm weight as it loads it, rounded as the RMSNORM op rounds.
++ eps), then scales each x tile by rstd and the norm weight as it loads it, rounded as the RMSNORM op rounds. At 16
+rows that statistics pass is 16 times a GEMV's (64 KB a program at K = 2048, from L2) and it comes before the first
+weight load: it runs pipelined (qgemm.py ``_row_rstd``: tiles of 4096 values, three in flight; until session 7 one
+tile at a time, K / BLOCK_K serial round trips, which is why the H200 tuner never took the fused variant at 16 rows),
+the norm weight's columns are loaded a step ahead, and ``configs`` offers fewer splits (fewer programs reading x).
 
 Which configuration is fastest depends on the shape and is measured by kiln's tuner: ``configs`` lists a few
 worth trying on an H200; ``skinny_gemm`` without a config runs the first of them.
@@ -178,17 +182,24 @@ def tile_config(m: int, n: int, k: int, bits: int | None, glu: bool, tile: Tile,
     return c | dict(DOT=m > 1) | ({"SWAP": True} if tile.swap else {}) | dict(num_warps=tile.warps, num_stages=tile.stages)
 
 
-def configs(m: int, n: int, k: int, bits: int | None = None, glu: bool = False) -> list[dict]:
+def configs(m: int, n: int, k: int, bits: int | None = None, glu: bool = False, norm: bool = False) -> list[dict]:
     """At most 4 launch configurations worth measuring on an H200 for ``m`` rows against a weight of ``n`` rows
     (out features; gate and up together with ``glu``) and ``k`` columns, ``bits`` 8 / 4 or None (plain
     16-bit): dicts of BLOCK_N, BLOCK_K, SPLIT_K, REDUCE (where SPLIT_K > 1), DOT, SWAP (where swapped), num_warps,
     num_stages. The first is the default; split-K configurations reduce in their last program (REDUCE "last"), and
     where the default splits, its two-launch twin (REDUCE "separate") is one of them. A plain GEMV also tries
-    WHOLE_K's tile; 2..16 rows try TILES' two swapped tiles and the unswapped one."""
+    WHOLE_K's tile; 2..16 rows try TILES' two swapped tiles and the unswapped one. With ``norm`` (the RMSNorm prologue)
+    at 2..16 rows the fourth is the default tile at half its splits: every program reads x's rows whole for the
+    statistics (M x K values), so the programs' statistics traffic (from L2) grows with the splits, by the weight's
+    bytes at 16 rows and 192 programs of the 1B's qkv."""
     if not 1 <= m <= MAX_M:
         raise ValueError(f"skinny configs: m = {m} rows, the template takes 1..{MAX_M}")
     dot = m > 1
     out = [tile_config(m, n, k, bits, glu, t) for t in TILES[(dot, bits or 0)]]
+    if norm and dot and out[0]["SPLIT_K"] > 1:
+        half = tile_config(m, n, k, bits, glu, TILES[(dot, bits or 0)][0], split=out[0]["SPLIT_K"] // 2)
+        if half != out[0]:
+            out.append(half)
     if (dot, bits or 0) in WHOLE_K:
         out.append(tile_config(m, n, k, bits, glu, WHOLE_K[(dot, bits or 0)], split=1))
     # where the default splits: the default reduced by a second launch, and the same tile with twice the splits
@@ -224,6 +235,8 @@ def _resolve(m: int, n: int, k: int, bits: int | None, glu: bool, config: dict |
         raise ValueError(f"skinny_gemm: config {config!r}: the GEMV path (DOT False) takes one row, x has {m}")
     if c["SWAP"] and not c["DOT"]:
         raise ValueError(f"skinny_gemm: config {config!r}: SWAP transposes tl.dot's product, it needs DOT")
+    if "L2" in c and not (isinstance(c["L2"], int) and c["L2"] >= 0):
+        raise ValueError(f"skinny_gemm: config {config!r}: L2 must be a number of bytes >= 0")
     return c
 
 
@@ -305,7 +318,10 @@ def skinny_gemm(x, w=None, bias=None, gate=None, residual=None, act="none", glu=
     the residual itself). ``workspace``: a contiguous float32 / uint8 tensor of at least ``workspace_bytes``
     bytes for split-K partials (None: allocated here). ``counters``: a contiguous int32 / uint8 tensor of at least
     ``counter_bytes`` bytes, zero, that the call leaves zero (None: allocated zeroed here; see the module docstring).
-    ``config``: one entry of ``configs`` (None: the first).
+    ``config``: one entry of ``configs`` (None: the first); it may also carry ``L2``, bytes of its weight slice each
+    program asks the L2 for before it starts (qgemm.py ``launch``'s ``l2``; absent: ``pdl.l2``), which with the norm
+    prologue overlaps the statistics pass with the weight's first bytes on their way from HBM (bench/decode_gemm.py
+    ``--norm`` measures it).
     """
     weight = _weight(w, qweight, scales, zeros, bits, group)
     x2, out, out2, epi, m, n = prepare("skinny_gemm", x, weight, bias, gate, residual, act, glu, out)
@@ -318,21 +334,21 @@ def skinny_gemm(x, w=None, bias=None, gate=None, residual=None, act="none", glu=
     nw, k = weight.w.shape[0], x2.shape[1]
     c = _resolve(m, nw, k, weight.bits, glu, config)
     splits, k_chunk = _chunking(k, c.pop("SPLIT_K"), c["BLOCK_K"])
-    reduce, dot = c.pop("REDUCE"), c.pop("DOT")
+    reduce, dot, l2 = c.pop("REDUCE"), c.pop("DOT"), c.pop("L2", None)
     c.update(BLOCK_M=16 if dot else 1, GROUP_M=1)
     if splits == 1:
-        launch(x2, weight, epi, out2, m, n, c, dot=dot, norm=norm)
+        launch(x2, weight, epi, out2, m, n, c, dot=dot, norm=norm, l2=l2)
         return out
     ws = scratch_view("skinny_gemm", "workspace", workspace, splits * m * nw, torch.float32, x.device)
     if reduce == "last":
         cnt = scratch_view("skinny_gemm", "counters", counters, triton.cdiv(n, c["BLOCK_N"]), torch.int32, x.device)  # one per tile
         try:
-            launch(x2, weight, epi, out2, m, n, c, dot=dot, split=SplitK(splits, k_chunk, ws, cnt), norm=norm)
+            launch(x2, weight, epi, out2, m, n, c, dot=dot, split=SplitK(splits, k_chunk, ws, cnt), norm=norm, l2=l2)
         except BaseException:  # (the interpreter can stop part-way: the next call must find the counters zero)
             cnt.zero_()
             raise
         return out
-    launch(x2, weight, epi, out2, m, n, c, dot=dot, split=SplitK(splits, k_chunk, ws), norm=norm)
+    launch(x2, weight, epi, out2, m, n, c, dot=dot, split=SplitK(splits, k_chunk, ws), norm=norm, l2=l2)
     _splitk_reduce_kernel[(triton.cdiv(n, REDUCE_BLOCK_N),)](
         ws, epi.bias, epi.g[0], epi.r[0], out2, m, n, splits, *epi.g[1:], *epi.r[1:], out2.stride(0), out2.stride(1),
         **epi.meta, BLOCK_M=triton.next_power_of_2(m), BLOCK_N=REDUCE_BLOCK_N)

@@ -399,6 +399,66 @@ def test_norm_prologue_with_epilogues_and_strided_rows(m):
     check_norm(x, weight(40, 64, None, torch.float32), nw, residual=r(m, 40), config=config(1))
 
 
+@pytest.mark.parametrize("m,swap,split,dtype", [
+    (2, False, 1, torch.float32), (2, True, 3, torch.float16), (5, True, 1, torch.float32),
+    (5, False, 3, torch.float16), (16, True, 1, torch.float16), (16, True, 3, torch.float32), (16, False, 2, torch.float32)])
+def test_norm_prologue_2_to_16_rows_wide_statistics(m, swap, split, dtype):
+    # tl.dot rows (2..16), swapped or not, split or not; K = 600 > the statistics' tile (16 rows x 256): three
+    # pipelined steps, the last one partial (88 columns), and the K loop's last step partial too (600 = 18 x 32 + 24)
+    x = r(m, 600, dtype=dtype) * torch.logspace(-1, 1, m, dtype=torch.float64)[:, None].to(dtype)
+    nw = (1 + r(600, scale=0.2)).to(dtype)
+    nw[[0, 255, 256, 599]] = 8.0  # the statistics' tile edges and the last column
+    check_norm(x, weight(37, 600, None, dtype), nw, config=config(split, swap=swap))
+
+
+@pytest.mark.parametrize("m,split", [(1, 1), (1, 3), (4, 2), (16, 1)])
+def test_norm_statistics_tile_edges(monkeypatch, m, split):
+    # statistics tiles of 256 values (16 rows x 16 columns, one row x 256): many steps, a partial last one, for the GEMV
+    # too; with the first K step peeled (PREFETCH) the norm weight loaded a step ahead gives the same bits
+    from kiln.codegen.kernels import qgemm
+    monkeypatch.setattr(qgemm, "STATS_ELEMS", 256)
+    k = 328  # 16 x 20 + 8 columns: a partial last statistics step at 16 rows; 256 + 72 for the GEMV
+    x = r(m, k) * torch.logspace(-1, 1, m, dtype=torch.float64)[:, None].float()
+    nw = 1 + r(k, scale=0.2)
+    nw[[15, 16, k - 1]] = 8.0
+    wq = weight(40, k, 8, torch.float32, group="K")
+    c = config(split)
+    check_norm(x, wq, nw, config=c)
+    plain = skinny_gemm(x, **wq[0], norm_weight=nw, norm_eps=1e-5, config=c)
+    monkeypatch.setattr(pdl, "prefetch", lambda t: True)
+    assert torch.equal(skinny_gemm(x, **wq[0], norm_weight=nw, norm_eps=1e-5, config=c), plain)
+
+
+def test_norm_config_with_an_l2_prefetch():
+    # a config's L2 (bytes each program asks the L2 for first; a hint the interpreter skips): the same bits
+    x, nw = r(16, 200), 1 + r(200, scale=0.2)
+    wq = weight(80, 200, None, torch.float32)
+    c = config(2, swap=True)
+    plain = skinny_gemm(x, **wq[0], norm_weight=nw, norm_eps=1e-5, config=c)
+    assert torch.equal(skinny_gemm(x, **wq[0], norm_weight=nw, norm_eps=1e-5, config=dict(c, L2=4096)), plain)
+    with pytest.raises(ValueError, match="L2 must be a number of bytes"):
+        skinny_gemm(x, **wq[0], config=dict(c, L2=-1))
+
+
+@pytest.mark.parametrize("m,n,k,glu", [(16, 3072, 2048, False), (16, 16384, 2048, True), (4, 2048, 8192, False),
+                                       (1, 3072, 2048, False), (16, 128256, 2048, False)])
+def test_norm_configs(m, n, k, glu):
+    # with the norm prologue: the plain list's swapped and unswapped tiles, and where the default splits at 2..16 rows
+    # the default tile at half its splits (the statistics pass reads x's rows whole in every program); at one row and
+    # where nothing splits, the plain list
+    plain, normed = configs(m, n, k, None, glu), configs(m, n, k, None, glu, norm=True)
+    assert 1 <= len(normed) <= 4 and normed[:3] == plain[:3]
+    if m > 1 and plain[0]["SPLIT_K"] > 1:
+        half = normed[3]
+        assert dict(half, SPLIT_K=plain[0]["SPLIT_K"]) == plain[0] and half["SPLIT_K"] < plain[0]["SPLIT_K"]
+        assert any("SWAP" in c for c in normed) and any("SWAP" not in c for c in normed)
+        for c in normed:  # (lower.py plans the scratch of the plain list: the norm list needs no more)
+            assert workspace_bytes(m, n, k, None, glu, config=c) <= max(workspace_bytes(m, n, k, None, glu, config=p) for p in plain)
+            assert counter_bytes(m, n, k, None, glu, config=c) <= max(counter_bytes(m, n, k, None, glu, config=p) for p in plain)
+    else:
+        assert normed == plain
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(norm_weight=torch.ones(191)), "norm_weight must be a contiguous \\[192\\] tensor"),
     (dict(norm_weight=torch.ones(192, dtype=torch.float16)), "norm_weight must be .* of x's dtype"),
@@ -564,7 +624,8 @@ def test_gpu_norm_prologue_every_config(name, k, n, epi):
         nw = (1 + 0.2 * torch.randn(k, generator=torch.Generator().manual_seed(1))).to("cuda", torch.bfloat16)
         want = S.reference(x.float(), kwargs["w"].float(), act=epi.get("act", "none"), glu=epi.get("glu", False),
                            norm_weight=nw.float(), norm_eps=1e-5)
-        for c in configs(m, n, k, None, epi.get("glu", False)):
+        cs = configs(m, n, k, None, epi.get("glu", False), norm=True)
+        for c in cs + [dict(cs[0], L2=64 << 10)]:  # (L2: bench/decode_gemm.py --norm's variant)
             ws, counters = cuda_scratch(m, n, k, None, epi.get("glu", False), c)
             got = skinny_gemm(x, act=epi.get("act", "none"), glu=epi.get("glu", False), norm_weight=nw, norm_eps=1e-5,
                               workspace=ws, counters=counters, config=c, **kwargs)
