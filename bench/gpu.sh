@@ -115,6 +115,16 @@ PY
     m16_sweep)  # the skinny tiles (swapped ones included) at the 1B's layer shapes, M = 16
       timeout ${SWEEP_TIMEOUT:-250} python3 bench/decode_gemm.py --out "$OUT/m16_sweep.json" --m 16 --sweep \
         --shapes "1b qkv" "1b o + residual" "1b down + residual" "1b gate/up glu" 2>&1 | tail -12 ;;
+    pyc)  # this image's site-packages have no bytecode (sympy alone imported in 3.0 s, session 7 run 2): give later stages
+          # a bytecode tree as a pip install has (PYTHONPYCACHEPREFIX), written by one warm-up process
+      python3 -c "import os, sympy; d = os.path.dirname(sympy.__file__); print('sympy __pycache__:', os.path.isdir(d + '/__pycache__'), 'writable:', os.access(d, os.W_OK))"
+      export PYTHONPYCACHEPREFIX=/tmp/pyc
+      timeout 120 python3 -c "import torch, transformers, kiln; import torch._dynamo
+m = kiln.compile(torch.nn.Linear(8, 8).cuda(), (torch.randn(2, 8, device='cuda'),)); transformers.LlamaForCausalLM" >/dev/null 2>&1
+      echo "bytecode files: $(find /tmp/pyc -name '*.pyc' | wc -l)" ;;
+    norm16)  # task A: the fused RMSNorm prologue's GPU tests, then its candidates timed as the tuner does (M = 16 and 1)
+      timeout 150 python3 -m pytest -q -rf -p no:logging -m gpu tests/codegen/test_skinny.py -k norm 2>&1 | grep -v DEBUG | tail -4
+      timeout 120 python3 bench/decode_gemm.py --norm --m 16 1 --out "$OUT/norm16.json" 2>&1 | tail -14 ;;
     imports)  # what `import torch` and `import kiln` cost on this machine (twice: the second with a warm page cache)
       for i in 1 2; do python3 -c "import time; t = time.time(); import torch; a = time.time(); import kiln; b = time.time()
 print(f'import torch {a - t:.2f} s, kiln {b - a:.2f} s'); t = time.time(); torch.zeros(1, device='cuda'); print(f'cuda init {time.time() - t:.2f} s')"
