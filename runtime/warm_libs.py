@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from functools import partial
 
 import torch
 
@@ -33,10 +34,13 @@ def start(device: torch.device, libs, dtype: torch.dtype = torch.float16) -> Non
 
     if device.type != "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1" or not torch.cuda.is_available():
         return
-    t = threading.Thread(target=_warm, args=(device, "cudnn" in (libs or ()), dtype), name="kiln-warm-libs", daemon=True)
-    with _LOCK:
-        _THREADS.append(t)
-    t.start()
+    # one thread each: cuDNN's load alone outlasted a DiT artifact's load (the plan waited 0.4 s for one thread doing all)
+    work = [_triton_key, partial(_gemm, device, dtype)] + ([partial(_conv, device, dtype)] if "cudnn" in (libs or ()) else [])
+    for fn in work:
+        t = threading.Thread(target=_quietly, args=(fn,), name="kiln-warm-libs", daemon=True)
+        with _LOCK:
+            _THREADS.append(t)
+        t.start()
 
 
 def wait() -> None:
@@ -49,17 +53,35 @@ def wait() -> None:
         t.join()
 
 
-def _warm(device: torch.device, cudnn: bool, dtype: torch.dtype) -> None:
+def _quietly(fn) -> None:
     with contextlib.suppress(Exception):
-        from triton.runtime.cache import triton_key
+        fn()
 
-        triton_key()  # (cached for the process)
-    with contextlib.suppress(Exception), torch.cuda.device(device):
+
+def _triton_key() -> None:
+    from triton.runtime.cache import triton_key
+
+    triton_key()  # (cached for the process)
+
+
+def _on_side_stream(device: torch.device, fn) -> None:
+    with torch.cuda.device(device):
         stream = torch.cuda.Stream(device)  # (not the default stream: nothing the main thread runs waits on this)
         with torch.cuda.stream(stream):
-            a = torch.ones(64, 64, device=device, dtype=dtype)
-            torch.mm(a, a)
-            if cudnn and torch.backends.cudnn.is_available():
-                torch.nn.functional.conv2d(torch.ones(1, 8, 8, 8, device=device, dtype=dtype),
-                                           torch.ones(16, 8, 2, 2, device=device, dtype=dtype), stride=2)
+            fn()
         stream.synchronize()
+
+
+def _gemm(device: torch.device, dtype: torch.dtype) -> None:
+    def run():
+        a = torch.ones(64, 64, device=device, dtype=dtype)
+        torch.mm(a, a)
+    _on_side_stream(device, run)
+
+
+def _conv(device: torch.device, dtype: torch.dtype) -> None:
+    def run():
+        x = torch.ones(1, 8, 8, 8, device=device, dtype=dtype)
+        torch.nn.functional.conv2d(x, torch.ones(16, 8, 2, 2, device=device, dtype=dtype), stride=2)
+    if torch.backends.cudnn.is_available():
+        _on_side_stream(device, run)
