@@ -145,8 +145,10 @@ def _write(path, components: dict[str, Component], extra: dict | None, files: di
                     zf.writestr(member, data)
                     manifest["members"][member] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
                 st_save_file(_cpu_weights(c.graph), wtmp, metadata={"format": "pt"})
-                _write_aligned(zf, wtmp, prefix + WEIGHTS)
-                manifest["members"][prefix + WEIGHTS] = {**_file_digests(wtmp), "size": os.path.getsize(wtmp)}
+                with ThreadPoolExecutor(1) as pool:  # the checksums hashed while the file is copied into the zip
+                    digests = pool.submit(_file_digests, wtmp)
+                    _write_aligned(zf, wtmp, prefix + WEIGHTS)
+                    manifest["members"][prefix + WEIGHTS] = {**digests.result(), "size": os.path.getsize(wtmp)}
             zf.writestr(MANIFEST, json.dumps(manifest, indent=1))
         _publish(tmp, path, overwrite)
     finally:
