@@ -7,7 +7,9 @@ cache lookup hashes Triton's own sources (``triton_key``, ~0.3 s). :func:`start`
 thread as soon as the manifest says which libraries the graph calls (``libraries``), so it overlaps with reading the
 weights and the graph; :func:`wait` joins it, and every kernels plan waits before its first GPU work (a CUDA graph
 capture must not see another thread's CUDA calls). Everything the thread does is best effort: a failure only means
-the plan's own first call does that work, as without it.
+the plan's own first call does that work, as without it. The threads run for about a second after a load; a caller
+that captures a CUDA graph of its own right after ``kiln.load`` (global capture mode) can call :func:`wait` first,
+or turn the warming off with ``KILN_WARM_LIBS=0``.
 """
 from __future__ import annotations
 
@@ -32,7 +34,8 @@ def start(device: torch.device, libs, dtype: torch.dtype = torch.float16) -> Non
     CUDA only; nothing under the Triton interpreter)."""
     import os
 
-    if device.type != "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1" or not torch.cuda.is_available():
+    off = os.environ.get("KILN_WARM_LIBS", "1") == "0" or os.environ.get("TRITON_INTERPRET", "0") == "1"
+    if off or device.type != "cuda" or not torch.cuda.is_available():
         return
     # one thread each: cuDNN's load alone outlasted a DiT artifact's load (the plan waited 0.4 s for one thread doing all)
     work = [_triton_key, partial(_gemm, device, dtype)] + ([partial(_conv, device, dtype)] if "cudnn" in (libs or ()) else [])

@@ -35,6 +35,12 @@ def test_manifest_records_the_libraries(tmp_path, module, want):
         assert json.loads(zf.read("manifest.json"))["libraries"] == want
 
 
+def test_nothing_starts_when_turned_off(monkeypatch):
+    monkeypatch.setenv("KILN_WARM_LIBS", "0")
+    warm_libs.start(torch.device("cuda"), ["cudnn"])
+    assert not warm_libs._THREADS
+
+
 def test_nothing_starts_off_cuda():
     warm_libs.start(torch.device("cpu"), ["cudnn"])
     assert not warm_libs._THREADS
