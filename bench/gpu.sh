@@ -5,9 +5,19 @@ set -u
 OUT=${OUT:-/tmp/out}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 mkdir -p /tmp/kpkg && ln -sfn "$PWD" /tmp/kpkg/kiln
-# bytecode, as `pip install` writes it for an installed package (start-up figures must not include compiling kiln's source)
-python3 -m compileall -q -j 0 -x '(^|/)(tests|bench|\.whl)/' . /tmp/site >/dev/null 2>&1
 export PYTHONPATH=/tmp/kpkg:/tmp/site PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 KILN_CACHE_DIR=/tmp/kiln-cache
+# Bytecode, as `pip install` writes it for every package: this image sets PYTHONDONTWRITEBYTECODE and its
+# site-packages have none, so each process compiled torch's, sympy's and kiln's modules from source (imports 4-9 s
+# instead of ~2 s, session 7). All stages run with a bytecode tree, written once a machine (KILN_BENCH_BYTECODE=0: none).
+if [ "${KILN_BENCH_BYTECODE:-1}" = 1 ]; then
+  unset PYTHONDONTWRITEBYTECODE
+  export PYTHONPYCACHEPREFIX=/tmp/pyc
+  if [ ! -d /tmp/pyc ]; then
+    python3 -m compileall -q -j 0 -x '(^|/)(tests|bench|\.whl)/' . /tmp/site >/dev/null 2>&1
+    timeout 120 python3 -c "import torch, transformers, kiln, torch._dynamo, torch.export; transformers.LlamaForCausalLM" >/dev/null 2>&1
+  fi
+  echo "bytecode tree: $(find /tmp/pyc -name '*.pyc' | wc -l) files"
+fi
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 for stage in "$@"; do
   echo "=== $stage $(date +%T)"
@@ -115,14 +125,10 @@ PY
     m16_sweep)  # the skinny tiles (swapped ones included) at the 1B's layer shapes, M = 16
       timeout ${SWEEP_TIMEOUT:-250} python3 bench/decode_gemm.py --out "$OUT/m16_sweep.json" --m 16 --sweep \
         --shapes "1b qkv" "1b o + residual" "1b down + residual" "1b gate/up glu" 2>&1 | tail -12 ;;
-    pyc)  # this image's site-packages have no bytecode (sympy alone imported in 3.0 s, session 7 run 2): give later stages
-          # a bytecode tree as a pip install has (PYTHONPYCACHEPREFIX), written by one warm-up process
-      python3 -c "import os, sympy; d = os.path.dirname(sympy.__file__); print('sympy __pycache__:', os.path.isdir(d + '/__pycache__'), 'writable:', os.access(d, os.W_OK))"
-      env | grep '^PYTHON' | grep -v PATH
-      unset PYTHONDONTWRITEBYTECODE
-      export PYTHONPYCACHEPREFIX=/tmp/pyc
-      timeout 120 python3 -c "import torch, transformers, kiln, torch._dynamo; transformers.LlamaForCausalLM" 2>&1 | tail -2
-      echo "bytecode files: $(find /tmp/pyc -name '*.pyc' | wc -l)" ;;
+    s7tests)  # GPU tests of session 7's changes: libraries warmed at load, tree-hashed artifacts, the compile workers
+      timeout ${TESTS_TIMEOUT:-200} python3 -m pytest -q -rf -p no:logging -m gpu tests/runtime/test_warm_libs.py \
+        tests/runtime/test_artifact.py tests/codegen/test_compile_pool.py tests/runtime/test_kernel_plan_survey.py \
+        tests/llm 2>&1 | tee "$OUT/s7tests.log" | grep -v DEBUG | tail -12 ;;
     norm16)  # task A: the fused RMSNorm prologue's GPU tests, then its candidates timed as the tuner does (M = 16 and 1)
       timeout 150 python3 -m pytest -q -rf -p no:logging -m gpu tests/codegen/test_skinny.py -k norm 2>&1 | grep -v DEBUG | tail -4
       timeout 120 python3 bench/decode_gemm.py --norm --m 16 1 --out "$OUT/norm16.json" 2>&1 | tail -14 ;;
