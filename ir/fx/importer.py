@@ -16,6 +16,7 @@ import math
 import os
 import re
 import sys
+import warnings
 
 import sympy
 import torch
@@ -292,7 +293,9 @@ def from_exported(ep: ExportedProgram, dim_names: dict[str, dict[int, str]] | No
         except Exception:  # an op only the decomposed form has a handler for: the general path decides
             pass
     try:
-        ep = ep.run_decompositions({})
+        with warnings.catch_warnings():  # (torch >= 2.13 warns from its own deepcopy of the call graph: not the user's)
+            warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
+            ep = ep.run_decompositions({})
     except Exception as e:
         raise CaptureError(f"torch.export could not functionalise the program: {type(e).__name__}: {e}") from e
     imp = Importer(ep, dim_names, input_names)
