@@ -32,7 +32,7 @@ from ..models.llama import HF_MODEL_TYPES, LlamaConfig, llama_from_tensors, load
 from ..runtime.artifact import shard_path
 from ..passes.report import Report
 from .sampling import SamplingParams, make_generator, sample
-from .step_capture import cache_names, capture_step, step_function  # noqa: F401  (step_function: kiln.llm.generator's)
+from .step_capture import cache_names, capture_step, step_function  # noqa: F401  (step_function: importable from here, as before)
 
 DEFAULT_BATCH_BUCKETS = (1, 2, 4, 8, 16)
 MIN_PREFILL_BUCKET = 16
@@ -192,7 +192,8 @@ class Generator:
         (``CompileConfig.kv_cache_dtype``; overrides ``config``'s). ``tp``: tensor parallel over that many ranks
         (``CompileConfig.tp``; overrides ``config``'s): the generator is this process's rank of them (see
         :func:`tensor_parallel_sampling`). ``prequantized``: {parameter name: QuantWeight} of weights a checkpoint
-        holds already quantized (:meth:`from_pretrained` on a GPTQ directory), packed as given."""
+        holds already quantized (:meth:`from_pretrained` on a GPTQ directory), packed as given. The step is captured
+        with two layers and made as deep as the model in the IR (``llm/step_capture.py``; the report's notes say so)."""
         cfg = model.config
         if max_seq < 2:
             raise KilnError(f"max_seq must be at least 2, got {max_seq}")

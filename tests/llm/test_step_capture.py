@@ -1,7 +1,7 @@
 """kiln.llm.step_capture: the generator's step captured with two layers and repeated in the IR is the graph a capture of
 every layer gives, before the passes (node for node, weights the very same tensors) and after them, and its generator
 answers with the same greedy tokens and the same logits, bit for bit; for Llama (GQA, untied and tied embeddings),
-Qwen2 (attention biases), Mistral (sliding window), an int8 KV cache and a tensor-parallel shard. Where the layers
+Qwen2 (attention biases), Mistral (sliding window), int8 / fp8 KV caches and a tensor-parallel shard. Where the layers
 differ (in the captured ones, or a later one) the step is captured whole, says so, and answers as the eager step does."""
 import pytest
 import torch
@@ -25,6 +25,7 @@ CASES = {
     "qwen2-bias": ("Qwen2", dict(num_hidden_layers=5), None),
     "mistral-window": ("Mistral", dict(num_hidden_layers=4, sliding_window=6), None),
     "llama-int8-kv": ("Llama", dict(num_hidden_layers=4, num_key_value_heads=4), "int8"),
+    "qwen2-fp8-kv": ("Qwen2", dict(num_hidden_layers=3), "fp8"),
 }
 
 
