@@ -16,23 +16,23 @@ The caches of each batch bucket are allocated once and reused by every request o
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import time
 from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
 
-from ..api import SourceWatch, process_group
-from ..api import compile as kiln_compile
+from ..api import SourceWatch, build, process_group
 from ..api import load as kiln_load
 from ..config import CompileConfig
 from ..errors import ArtifactError, InputError, KilnError
 from ..ir.kv_quant import KV_DTYPES
 from ..models.gptq import GPTQConfig, gptq_config, load_gptq_llama
-from ..models.llama import HF_MODEL_TYPES, LlamaConfig, LlamaStep, llama_from_tensors, load_llama
+from ..models.llama import HF_MODEL_TYPES, LlamaConfig, llama_from_tensors, load_llama
 from ..runtime.artifact import shard_path
+from ..passes.report import Report
 from .sampling import SamplingParams, make_generator, sample
+from .step_capture import cache_names, capture_step, step_function  # noqa: F401  (step_function: importable from here, as before)
 
 DEFAULT_BATCH_BUCKETS = (1, 2, 4, 8, 16)
 MIN_PREFILL_BUCKET = 16
@@ -56,27 +56,6 @@ class Result:
     prefill_s: float = 0.0
     decode_s: float = 0.0
     decode_steps: int = 0
-
-
-def step_function(step: torch.nn.Module, num_layers: int, kv_dtype: str | None = None):
-    """``step`` as a function of named tensors (k_cache_0, v_cache_0, ...; see ``cache_names``): what kiln.compile
-    captures."""
-    names = cache_names(num_layers, kv_dtype)
-
-    def fn(input_ids, positions, slots, mask, **caches):
-        return step(input_ids, positions, slots, mask, tuple(caches[n] for n in names))
-
-    P = inspect.Parameter
-    fn.__signature__ = inspect.Signature([P(n, P.POSITIONAL_OR_KEYWORD) for n in ("input_ids", "positions", "slots", "mask", *names)])
-    fn.__name__ = "llama_step"
-    return fn
-
-
-def cache_names(num_layers: int, kv_dtype: str | None = None) -> list[str]:
-    """The cache inputs, per layer: k_cache_i, v_cache_i, and with a quantized cache k_scale_i, v_scale_i
-    (:class:`~kiln.models.llama.LlamaStep`'s order)."""
-    kinds = ("k_cache", "v_cache") + (("k_scale", "v_scale") if kv_dtype is not None else ())
-    return [f"{kind}_{i}" for i in range(num_layers) for kind in kinds]
 
 
 def new_caches(spec: dict, batch: int, dtype, device) -> dict[str, torch.Tensor]:
@@ -213,7 +192,8 @@ class Generator:
         (``CompileConfig.kv_cache_dtype``; overrides ``config``'s). ``tp``: tensor parallel over that many ranks
         (``CompileConfig.tp``; overrides ``config``'s): the generator is this process's rank of them (see
         :func:`tensor_parallel_sampling`). ``prequantized``: {parameter name: QuantWeight} of weights a checkpoint
-        holds already quantized (:meth:`from_pretrained` on a GPTQ directory), packed as given."""
+        holds already quantized (:meth:`from_pretrained` on a GPTQ directory), packed as given. The step is captured
+        with two layers and made as deep as the model in the IR (``llm/step_capture.py``; the report's notes say so)."""
         cfg = model.config
         if max_seq < 2:
             raise KilnError(f"max_seq must be at least 2, got {max_seq}")
@@ -248,8 +228,9 @@ class Generator:
         t0 = time.perf_counter()
         steps = None if calibration is None else calibration_steps(calibration, tokenizer, spec, dtype, device)
         pre = None if prequantized is None else [(model.get_parameter(n), qw) for n, qw in prequantized.items()]
-        compiled = kiln_compile(step_function(LlamaStep(model, kv), cfg.num_hidden_layers, kv), (), example, dynamic=dims,
-                                config=config, calibration=steps, prequantized=pre)
+        report = Report()
+        src = capture_step(model, kv, example, dims, report)
+        compiled = build(src, config, report, (), example, calibration=steps, prequantized=pre)
         compiled.report().notes.append(kv_cache_note(spec, dtype))
         compiled.source_watch = SourceWatch(model)  # (a function's closure is not watched: the model is)
         _shard_spec(spec, compiled)

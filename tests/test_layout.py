@@ -15,7 +15,7 @@ LAYERS = [
     ("ir.ops", "ir.ops_fused"),
     ("ir.graph",),
     ("ir.serialize", "ir.bind", "ir.interpret"),
-    ("ir.lowering", "ir.einsum"),
+    ("ir.lowering", "ir.einsum", "ir.repeat"),
     ("ir.fx", "ir.onnx"),
     ("ir",),
     ("models",),
