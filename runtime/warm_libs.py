@@ -14,6 +14,7 @@ or turn the warming off with ``KILN_WARM_LIBS=0``.
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 from functools import partial
 
@@ -32,8 +33,6 @@ def libraries(ops) -> list[str]:
 def start(device: torch.device, libs, dtype: torch.dtype = torch.float16) -> None:
     """Warm Triton's cache key, cuBLAS and, where ``libs`` names it, cuDNN for ``device`` in a background thread (on
     CUDA only; nothing under the Triton interpreter)."""
-    import os
-
     off = os.environ.get("KILN_WARM_LIBS", "1") == "0" or os.environ.get("TRITON_INTERPRET", "0") == "1"
     if off or device.type != "cuda" or not torch.cuda.is_available():
         return
