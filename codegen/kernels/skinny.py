@@ -40,8 +40,9 @@ every program first reads its rows of x whole (K values a row: a few KB at decod
 + eps), then scales each x tile by rstd and the norm weight as it loads it, rounded as the RMSNORM op rounds. At 16
 rows that statistics pass is 16 times a GEMV's (64 KB a program at K = 2048, from L2) and it comes before the first
 weight load: it runs pipelined (qgemm.py ``_row_rstd``: tiles of 4096 values, three in flight; until session 7 one
-tile at a time, K / BLOCK_K serial round trips, which is why the H200 tuner never took the fused variant at 16 rows),
-the norm weight's columns are loaded a step ahead, and ``configs`` offers fewer splits (fewer programs reading x).
+tile at a time, K / BLOCK_K serial round trips), the norm weight's columns are loaded a step ahead, and ``configs``
+offers fewer splits (fewer programs reading x). Measured on the H200 (bench/NOTES.md, session 7) the fused variant
+still trails "norm kernel + best GEMM" by 2-4 us at 16 rows (the statistics traffic itself) and leads at one row.
 
 Which configuration is fastest depends on the shape and is measured by kiln's tuner: ``configs`` lists a few
 worth trying on an H200; ``skinny_gemm`` without a config runs the first of them.
