@@ -22,6 +22,7 @@ member. The weights are not read: their tensors view the file, mapped copy-on-wr
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import re
@@ -243,16 +244,14 @@ def _file_digests(path: str) -> dict:
     """The manifest's checksums of a weights file: its sha256 (what any tool checks) and its tree hash (what load
     checks, in parallel), computed at once."""
     with open(path, "rb") as f:
-        if os.fstat(f.fileno()).st_size == 0:
-            return {"sha256": _sha256(b""), "sha256_tree": {"chunk_bytes": _TREE_CHUNK, "sha256": _tree_sha256(b"", _TREE_CHUNK)}}
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        size = os.fstat(f.fileno()).st_size
+        with (mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else contextlib.nullcontext(b"")) as m:
             data = memoryview(m)
             try:
-                whole = ThreadPoolExecutor(1)
-                future = whole.submit(_sha256, data)
-                tree = _tree_sha256(data, _TREE_CHUNK)
-                digest = future.result()
-                whole.shutdown()
+                with ThreadPoolExecutor(1) as whole:
+                    digest = whole.submit(_sha256, data)
+                    tree = _tree_sha256(data, _TREE_CHUNK)
+                    digest = digest.result()
             finally:
                 data.release()
     return {"sha256": digest, "sha256_tree": {"chunk_bytes": _TREE_CHUNK, "sha256": tree}}
