@@ -20,6 +20,8 @@ from functools import partial
 
 import torch
 
+from ..codegen.tuning import INTERPRET
+
 CONV_OPS = ("CONV2D", "CONV")  # ops whose kernels are cuDNN's
 _THREADS: list[threading.Thread] = []
 _LOCK = threading.Lock()
@@ -33,7 +35,7 @@ def libraries(ops) -> list[str]:
 def start(device: torch.device, libs, dtype: torch.dtype = torch.float16) -> None:
     """Warm Triton's cache key, cuBLAS and, where ``libs`` names it, cuDNN for ``device`` in a background thread (on
     CUDA only; nothing under the Triton interpreter)."""
-    off = os.environ.get("KILN_WARM_LIBS", "1") == "0" or os.environ.get("TRITON_INTERPRET", "0") == "1"
+    off = os.environ.get("KILN_WARM_LIBS", "1") == "0" or INTERPRET
     if off or device.type != "cuda" or not torch.cuda.is_available():
         return
     # one thread each: cuDNN's load alone outlasted a DiT artifact's load (the plan waited 0.4 s for one thread doing all)
