@@ -12,6 +12,7 @@ replayed step's time says how much of a step is kernels and how much the gaps be
 time say which.
 
     python bench/decode.py [--models 1b,8b] [--no-compile-peer] [--max-seq N]    writes $OUT/decode.json
+    python bench/decode.py --models 1b --batches 1 --quantize w4a16     the quantized step's kernels
     python bench/decode.py --smoke                                     CPU: a tiny Llama under the Triton interpreter
     KILN_PDL=0 python bench/decode.py ...                              kiln's decode kernels without programmatic
                                                                        dependent launch (codegen/kernels/pdl.py)
@@ -27,6 +28,9 @@ ap.add_argument("--models", default="1b,8b")
 ap.add_argument("--no-compile-peer", action="store_true")
 ap.add_argument("--max-seq", type=int, default=None, help="the generator's KV-cache length (default: prompt + new tokens, "
                 "the least that fits; a user's is often 4096: decode attention must not pay for the empty slots)")
+ap.add_argument("--quantize", default=None, help="kiln's weight quantization (w8a16, w4a16, ...): the quantized step, "
+                "launch by launch (the peer stays bf16)")
+ap.add_argument("--batches", default=None, help="comma-separated batch sizes (default: each model's own)")
 ap.add_argument("--smoke", action="store_true", help="a tiny Llama on the CPU (Triton interpreter), few tokens")
 a = ap.parse_args()
 if a.smoke:
@@ -213,12 +217,14 @@ def peer_case(m, cfg, bs: int, prompt, compiled: bool) -> dict:
 
 def bench_model(name: str) -> dict:
     kw, batches = MODELS[name]
+    if a.batches:
+        batches = tuple(int(b) for b in a.batches.split(","))
     cfg = transformers.LlamaConfig(max_position_embeddings=4096, **kw)
     torch.manual_seed(0)
     with torch.device(DEVICE):
         m = transformers.LlamaForCausalLM(cfg).to(DTYPE).eval()
     m.generation_config.eos_token_id = None
-    config = kiln.CompileConfig(backend="kernels")
+    config = kiln.CompileConfig(backend="kernels", quantize=a.quantize)
     t0 = time.perf_counter()
     g = kiln.from_hf(m, max_seq=a.max_seq or P + GEN, batch_buckets=batches, eos_token_id=[], config=config)
     res = {"compile_s": time.perf_counter() - t0, "params_B": sum(p.numel() for p in m.parameters()) / 1e9}
@@ -238,7 +244,7 @@ def bench_model(name: str) -> dict:
 def main():
     names = ["smoke"] if a.smoke else a.models.split(",")
     res = {"device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu", "torch": torch.__version__,
-           "prompt": P, "new_tokens": GEN, "max_seq": a.max_seq or P + GEN, "dtype": str(DTYPE)}
+           "prompt": P, "new_tokens": GEN, "quantize": a.quantize, "max_seq": a.max_seq or P + GEN, "dtype": str(DTYPE)}
     for name in names:
         res[name] = bench_model(name)
         if DEVICE == "cuda":

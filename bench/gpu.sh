@@ -38,7 +38,7 @@ for stage in "$@"; do
     llm_quant) timeout 540 python3 bench/llm_quant.py 2>&1 | tail -20 ;;
     vae) timeout 300 python3 bench/vae.py 2>&1 | tail -20 ;;
     diffusion_dit) timeout 540 python3 bench/diffusion.py --models dit --out "$OUT/diffusion_dit.json" 2>&1 | tail -25 ;;
-    diffusion_pixart) timeout 540 python3 bench/diffusion.py --models pixart --out "$OUT/diffusion_pixart.json" 2>&1 | tail -25 ;;
+    diffusion_pixart) timeout ${PIXART_TIMEOUT:-540} python3 bench/diffusion.py --models pixart --out "$OUT/diffusion_pixart.json" 2>&1 | tail -25 ;;
     coldstart) timeout 400 python3 bench/coldstart.py 2>&1 | tail -20 ;;
     sessiontests)  # GPU tests of this session's branches (KV cache, norm prologue, quantized plans, pipelines, README)
       timeout 300 python3 -m pytest -q -m gpu tests/codegen/test_attention_kv.py tests/codegen/test_skinny.py \
@@ -137,6 +137,9 @@ PY
 print(f'import torch {a - t:.2f} s, kiln {b - a:.2f} s'); t = time.time(); torch.zeros(1, device='cuda'); print(f'cuda init {time.time() - t:.2f} s')"
       done
       python3 -X importtime -c "import kiln" 2> "$OUT/importtime.txt" ;;
+    decode_q)  # the 1B's quantized decode step at batch 1, launch by launch (where a w4a16 / w8a16 step's 0.9 ms go)
+      for q in w4a16 w8a16; do DECODE_JSON=decode_$q.json timeout 200 python3 bench/decode.py --models 1b --batches 1 \
+        --quantize $q --no-compile-peer 2>&1 | grep -v '^ *\[\|^ *"' | tail -4; done ;;
     *) echo "unknown stage $stage" ;;
   esac
 done

@@ -1,8 +1,9 @@
 """Quality of kiln's quantization (weight-only, FP8, W8A8) on a real small model: /work/shared/models/pyllama (a 5.2M-parameter
 Llama trained on Python source, bf16 weights; see its README), through kiln on the CPU (reference backend).
 
-For each mode (bf16 weights, w8a16, w4a16 rounding, w4a16 GPTQ; group 128; and GPTQ with the LM head at 4 bits
-too, the case CompileConfig.quantize_lm_head's default leaves out; fp8; w8a8 with the searched smoothing and without):
+For each mode (bf16 weights, w8a16, w4a16 rounding, w4a16 GPTQ; group 128, the LM head at 8 bits as
+CompileConfig.quantize_lm_head's default quantizes it; GPTQ with the LM head at 4 bits too, and with it kept in bf16;
+fp8; w8a8 with the searched smoothing and without):
 - held-out perplexity: tokens [0, EVAL_TOKENS) of heldout.npy in windows of 512 (the README's figure: 49.4 in
   fp32 compute, transformers eager), next-token NLL over every window position but the last;
 - greedy generation of a Python prompt (``def read_config(path):\\n    ``) by kiln's generator (bf16 compute), how
@@ -12,7 +13,7 @@ Calibration (GPTQ's Hessians, SmoothQuant's strengths, every mode's measured err
 evaluated range ([CALIB_START, CALIB_START + 4096)). Compute is float32 on the model's bf16 weights (cast exactly),
 so the perplexity deltas are the quantization's alone.
 
-Usage: python3 bench/quality.py [--tokens 20480] [--json quality.json]; tests/bench/test_quality.py runs it on
+Usage: python3 bench/quality.py [--tokens 20480] [--modes bf16,w4a16,...] [--json quality.json]; tests/bench/test_quality.py runs it on
 a shorter range.
 """
 from __future__ import annotations
@@ -30,6 +31,7 @@ MODEL = Path("/work/shared/models/pyllama")
 MODES = {  # name -> CompileConfig fields; "bf16": the weights as they are
     "bf16": {}, "w8a16": dict(quantize="w8a16"), "w4a16": dict(quantize="w4a16"), "w4a16-gptq": dict(quantize="w4a16-gptq"),
     "w4a16-gptq+head": dict(quantize="w4a16-gptq", quantize_lm_head=True),
+    "w4a16-gptq-head16": dict(quantize="w4a16-gptq", quantize_lm_head=False),
     "fp8": dict(quantize="fp8"), "w8a8": dict(quantize="w8a8"), "w8a8-nosmooth": dict(quantize="w8a8", quantize_smoothing="off"),
 }
 WINDOW, EVAL_TOKENS = 512, 20480
@@ -136,8 +138,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tokens", type=int, default=EVAL_TOKENS, help="held-out tokens evaluated (windows of 512)")
     ap.add_argument("--json", default=os.path.join(os.environ.get("OUT", "/tmp"), "quality.json"))
+    ap.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, bf16 first for the deltas (of {', '.join(MODES)})")
     a = ap.parse_args()
-    res = run(a.tokens)
+    modes = a.modes.split(",")
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        ap.error(f"unknown mode(s) {', '.join(unknown)}; choose from {', '.join(MODES)}")
+    res = run(a.tokens, tuple(modes))
     for name, r in res["modes"].items():
         print(f"{name:>15}  ppl {r['perplexity']:.3f} ({r['ppl_delta']:+.2%})  same first tokens {r['same_first_tokens']}  "
               f"top-1 agreement {r['top1_agreement']:.0%}")

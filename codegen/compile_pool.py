@@ -204,8 +204,12 @@ class CompilePool:
         """Compile ``jobs`` (from :func:`record`) in the workers; returns how many kernels there were, were compiled,
         failed (then the parent compiles them at their first launch, as without workers) or were left to the parent
         (not :func:`workable`), the wall time and the workers' time, and the first few distinct errors."""
+        from triton import knobs
+
         t0 = time.perf_counter()
-        todo = [j for j in jobs if workable(j)]
+        # each job names the parent's Triton cache as it is now: workers started earlier (they live IDLE_S) may have
+        # another in their environment (a TRITON_CACHE_DIR set since), and would compile where the parent never looks
+        todo = [dict(j, cache_dir=knobs.cache.dir) for j in jobs if workable(j)]
         results: list[dict] = []
         with self._lock:
             pending = iter(todo)
@@ -367,6 +371,8 @@ def serve(stdin=None) -> None:
         t0 = time.perf_counter()
         try:
             job = json.loads(line)
+            if job.get("cache_dir"):  # (Triton reads the variable at each compile)
+                os.environ["TRITON_CACHE_DIR"] = job["cache_dir"]
             cpu.target = GPUTarget(**job["target"])
             kernel = _kernel(job).preload(job["data"])
             reply = {"ok": True, "launcher": _build_launcher(kernel)}

@@ -89,8 +89,10 @@ class ActQuantSpec:
         return k
 
     @property
-    def quantize_head(self) -> bool:
-        return self.mode == "fp8" if self.lm_head is None else self.lm_head
+    def head_spec(self) -> ActQuantSpec | None:
+        """The output head's spec (quantize_weights' site selection): this one, or None where it stays float (by
+        default in w8a8)."""
+        return self if (self.mode == "fp8" if self.lm_head is None else self.lm_head) else None
 
 
 def quantize_acts(graph: Graph, spec: ActQuantSpec | None = None, calibration: list | None = None) -> PassStats:

@@ -24,12 +24,13 @@ Choices, and why:
 - 8-bit weights have one group per output channel (int8 per channel is near lossless); 4-bit ones groups of
   ``QuantizeSpec.group`` input features (32 / 64 / 128, or per channel).
 - The output head (an LM head: a GEMM whose weight is also an embedding table, or whose result is a graph
-  output through views / casts only) is quantized by default only at 8 bits: its rounding noise lands in
-  the logits unfiltered by any later layer, and at 4 bits that is the single largest loss (bench/quality.py on
-  the shared pyllama model: GPTQ +0.56% held-out perplexity, +1.47% with the head at 4 bits as well); at 8
-  bits it costs nothing measurable and the head is a large share of a small LLM's bytes per token
-  (Llama-3.2-1B: 21%).
-  ``QuantizeSpec.lm_head`` overrides it either way. A tied head keeps its float table for the embedding.
+  output through views / casts only) is quantized by default at 8 bits (per output channel) in every mode: its
+  rounding noise lands in the logits unfiltered by any later layer, and at 4 bits that is the single largest loss
+  (bench/quality.py on the shared pyllama model: GPTQ +0.56% held-out perplexity, +1.47% with the head at 4 bits as
+  well); at 8 bits it costs nothing measurable, and the head is a large share of a small LLM's bytes per token
+  (Llama-3.2-1B: 21% of the bf16 weights, 52% of a w4a16 step's with the head kept in bf16).
+  ``QuantizeSpec.lm_head`` True quantizes it at the mode's bits, False keeps it float. A tied head keeps its float
+  table for the embedding.
 - Weights a checkpoint holds already quantized (``prequantized``, e.g. a GPTQ checkpoint's, ``models/gptq.py``) are
   packed as given, method "checkpoint", and measured like the others against the float weight the graph holds (its
   dequantized codes). A weight horizontal fusion merged is built from its parts (``Graph.weight_parts``) when all are
@@ -40,7 +41,7 @@ Choices, and why:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -65,7 +66,7 @@ class QuantizeSpec:
     mode: str  # one of MODES: "w<bits>a16" rounds to nearest, "-gptq" runs GPTQ on calibration data
     group: int | None = 128  # 4-bit group (32 / 64 / 128; None: per output channel); 8-bit is per output channel
     symmetric: bool = True  # False: a zero point per group (uint8 zeros)
-    lm_head: bool | None = None  # quantize the output head; None: only at 8 bits (module docstring)
+    lm_head: bool | None = None  # the output head: True at the mode's bits, False float, None at 8 bits (module docstring)
     act_order: bool = False  # GPTQ quantizes inputs by descending Hessian diagonal
     damp: float = 0.01  # GPTQ damping, a fraction of mean(diag H)
 
@@ -87,8 +88,13 @@ class QuantizeSpec:
         return k if self.bits == 8 or self.group is None else self.group
 
     @property
-    def quantize_head(self) -> bool:
-        return self.bits == 8 if self.lm_head is None else self.lm_head
+    def head_spec(self) -> QuantizeSpec | None:
+        """How the output head is quantized: this spec, its 8-bit form (lm_head None at 4 bits), or None (kept float)."""
+        if self.lm_head is False:
+            return None
+        if self.lm_head is None and self.bits != 8:
+            return replace(self, mode=self.mode.replace("w4", "w8", 1))
+        return self
 
 
 def quantize_weights(graph: Graph, spec: QuantizeSpec | None = None, calibration: list | None = None,
@@ -114,7 +120,8 @@ def quantize_weights(graph: Graph, spec: QuantizeSpec | None = None, calibration
         w = _float_weight(graph, nodes[0])  # [N, K]
         acc = hessians.get(name)
         qw, why = checkpoint_weight(graph, name, prequantized) if prequantized is not None else (None, "")
-        qw, method, why = (qw, "checkpoint", "") if qw is not None else _pack(w, acc, spec, why)
+        site_spec = spec.head_spec if any(_is_output_head(graph, n) for n in nodes) else spec
+        qw, method, why = (qw, "checkpoint", "") if qw is not None else _pack(w, acc, site_spec, why)
         packed = _add_packed(graph, name, qw)
         for n in nodes:
             graph.replace_all_uses(n, _build(graph, n, packed, qw))
@@ -157,13 +164,15 @@ def _why_not(graph: Graph, n: Node, spec: QuantizeSpec) -> str | None:
     if w.dtype not in ("float32", "float16", "bfloat16"):
         return f"weight is {w.dtype}, not a float"
     k = w.shape[1] if n.op != "MATMUL" else w.shape[0]
+    if _is_output_head(graph, n):
+        if spec.head_spec is None:
+            return (f"output head (LM head) kept in {w.dtype}: its error reaches the logits unfiltered "
+                    "(CompileConfig.quantize_lm_head=True quantizes it)")
+        spec = spec.head_spec
     try:
         check_layout(spec.bits, spec.group_for(k), (1, k))
     except ValueError as e:
         return f"{spec.bits}-bit layout: {e}"
-    if not spec.quantize_head and _is_output_head(graph, n):
-        return (f"output head (LM head) kept in {w.dtype} at {spec.bits} bits: its error reaches the logits unfiltered "
-                "(CompileConfig.quantize_lm_head=True quantizes it)")
     return None
 
 

@@ -28,7 +28,8 @@ def test_perplexity_per_mode(quality):
     assert m["w8a16"]["ppl_delta"] <= 0.005, m["w8a16"]
     assert m["w4a16-gptq"]["ppl_delta"] <= 0.03, m["w4a16-gptq"]
     assert m["w4a16-gptq"]["perplexity"] < m["w4a16"]["perplexity"]
-    assert len(m["w4a16-gptq"]["quantized"]) == 16 and len(m["w8a16"]["quantized"]) == 17  # + the LM head at 8 bits
+    assert len(m["w4a16-gptq"]["quantized"]) == len(m["w8a16"]["quantized"]) == 17  # + the LM head at 8 bits
+    assert sum("-> 8-bit" in n for n in m["w4a16-gptq"]["quantized"]) == 1
 
 
 def test_greedy_continuations_stay_python(quality):

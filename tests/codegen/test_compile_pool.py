@@ -59,6 +59,8 @@ E2E = textwrap.dedent('''
     assert not fill.cache
     bogus = dict(jobs[0], qualname="no_such_kernel")
     pool = compile_pool.CompilePool(2)
+    pool.start()  # the workers' environment names the first cache; the parent's moves before the jobs are sent
+    os.environ["TRITON_CACHE_DIR"] += "-moved"
     stats = pool.compile(jobs + [bogus, dict(jobs[0], module="__main__")])
     files = lambda: sorted(os.listdir(knobs.cache.dir))
     before, hits = files(), []
@@ -77,8 +79,9 @@ E2E = textwrap.dedent('''
 def test_record_compile_in_workers_then_cache_hit(tmp_path):
     """Two distinct launches recorded (a repeated one once, one from a callable that then fails), none compiled, an
     autotuned launch refused; another thread's launch compiles meanwhile; workers compile both for sm_90 into Triton's
-    cache; a job they cannot do is a failure, a job from a user's module is left to the parent; the parent's own
-    compiles of both launches are cache hits that add nothing to the cache."""
+    cache (the parent's as it is when the jobs are sent, not as it was when the workers started); a job they cannot do
+    is a failure, a job from a user's module is left to the parent; the parent's own compiles of both launches are cache
+    hits that add nothing to the cache."""
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path / "triton"), KILN_CACHE_DIR=str(tmp_path / "kiln"))
     t0 = time.perf_counter()
     (tmp_path / "e2e.py").write_text(E2E)  # (a file: Triton reads a kernel's source from it)

@@ -76,27 +76,36 @@ def test_sites_op_counts_and_report(llama):
     before = graph.histogram()
     stats, g = run(graph, QuantizeSpec("w4a16-gptq"), calib)
     after = g.histogram()
-    # per layer: the merged QKV (ONE site), o_proj, the merged gate/up (GLU epilogue), down_proj
-    assert stats.rewritten == 8 == after["QGEMM"] and stats.rules == {"gptq": 8}
-    assert after.get("GEMM", 0) + after.get("LINEAR", 0) == before.get("GEMM", 0) + before.get("LINEAR", 0) - 8 == 1
-    qkv = [n for n in g.nodes if n.op == "QGEMM" and n.inputs[0].op == "RMSNORM" and not n.attrs["glu"]]
+    # per layer: the merged QKV (ONE site), o_proj, the merged gate/up (GLU epilogue), down_proj; and the LM head
+    assert stats.rewritten == 9 == after["QGEMM"] and stats.rules == {"gptq": 9}
+    assert after.get("GEMM", 0) + after.get("LINEAR", 0) == before.get("GEMM", 0) + before.get("LINEAR", 0) - 9 == 0
+    qkv = [n for n in g.nodes if n.op == "QGEMM" and n.inputs[0].op == "RMSNORM" and not n.attrs["glu"] and n not in g.outputs]
     assert len(qkv) == 2 and all(n.inputs[1].shape == (256, 64) for n in qkv)  # (4 + 2 + 2) heads x 32 rows, K / 2 bytes
     glu = [n for n in g.nodes if n.op == "QGEMM" and n.attrs["glu"]]
     assert len(glu) == 2 and all(n.attrs["act"] == "silu" for n in glu)  # the fused epilogue carried over
     assert sum(n.attrs["residual"] for n in g.nodes if n.op == "QGEMM") == 4
-    assert all(n.attrs["bits"] == 4 and n.attrs["group"] == 128 and not n.attrs["zeros"] for n in g.nodes if n.op == "QGEMM")
-    # the LM head declined with its reason; each quantized weight noted with its measured error
-    assert [d["reason"].split(" kept")[0] for d in stats.declined] == ["output head (LM head)"]
-    assert len(stats.notes) == 8 and all("gptq: output error" in n and "2048 calibration rows" in n for n in stats.notes)
+    head = g.outputs[0]
+    layers = [n for n in g.nodes if n.op == "QGEMM" and n is not head]
+    assert all(n.attrs["bits"] == 4 and n.attrs["group"] == 128 and not n.attrs["zeros"] for n in layers)
+    # the LM head at 8 bits, one scale per output channel (its error reaches the logits unfiltered)
+    assert head.op == "QGEMM" and head.attrs["bits"] == 8 and head.attrs["group"] == LLAMA.hidden_size
+    assert not stats.declined
+    # each quantized weight noted with its measured error
+    assert len(stats.notes) == 9 and all("gptq: output error" in n and "2048 calibration rows" in n for n in stats.notes)
+    assert sum("-> 8-bit" in n for n in stats.notes) == 1
     packed = [n.removesuffix(".qweight") for n in g.weights if n.endswith(".qweight")]
-    assert len(packed) == 8 and not any(p + ".weight" in g.weights for p in packed)  # the float weights are gone
+    assert len(packed) == 9 and not any(p + ".weight" in g.weights for p in packed)  # the float weights are gone
 
 
 def test_lm_head_option(llama):
     graph, _, _ = llama
-    for spec, want in [(QuantizeSpec("w8a16"), 9), (QuantizeSpec("w4a16", lm_head=True), 9), (QuantizeSpec("w8a16", lm_head=False), 8)]:
+    for spec, want, head_bits in [(QuantizeSpec("w8a16"), 9, 8), (QuantizeSpec("w4a16"), 9, 8), (QuantizeSpec("w4a16", lm_head=True), 9, 4),
+                                  (QuantizeSpec("w8a16", lm_head=False), 8, None), (QuantizeSpec("w4a16", lm_head=False), 8, None)]:
         stats, g = run(graph, spec)
         assert stats.rewritten == want, spec
+        head = g.outputs[0]
+        assert (head.attrs["bits"] if head.op == "QGEMM" else None) == head_bits, spec
+        assert [d["reason"].split(" kept")[0] for d in stats.declined] == ([] if head_bits else ["output head (LM head)"])
     stats, g = run(graph, QuantizeSpec("w8a16"))
     head = g.outputs[0]
     assert head.op == "QGEMM" and head.attrs["group"] == LLAMA.hidden_size  # 8 bits: per output channel

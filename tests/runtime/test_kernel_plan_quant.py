@@ -39,7 +39,7 @@ def test_quantized_llama_on_the_kernels_backend(compiled, mode, force):
     models, ids = compiled
     graph = models[mode].graph
     n_q = graph.histogram()["QGEMM"]
-    assert n_q == (9 if mode != "w4a16" else 8)  # 2 layers x (qkv, o, gate/up, down) + the LM head by default at 8 bits
+    assert n_q == 9  # 2 layers x (qkv, o, gate/up, down) + the LM head (by default at 8 bits)
     ex = Executor(graph, Target.from_config(kiln.CompileConfig(backend="kernels"), tuner=Tuner(force={"gemm": force, "attention": "sdpa"})))
     for b, s in [(1, 1), (3, 5), (2, 12)]:  # 1, 15 rows: skinny; 24 rows: qgemm
         x = ids(b, s, seed=b * s)
