@@ -10,6 +10,7 @@ configuration of ``skinny.configs`` is timed; the best, the default (the first) 
 
     python bench/decode_gemm.py --out decode_gemm.json [--m 1 16] [--shapes "1b qkv" "8b down + residual"] [--kinds bf16 int8]
     python bench/decode_gemm.py --out sweep.json --m 16 --sweep --shapes "1b qkv"    every SWEEP_DOT_TILES config too
+    python bench/decode_gemm.py --out q.json --m 1 --sweep --kinds int4_g128 int8     every SWEEP_WORDS_TILES config too
     python bench/decode_gemm.py --out smoke.json --smoke [--sweep]     CPU: tiny shapes, float16, the Triton interpreter
     python bench/decode_gemm.py --out norm.json --norm [--m 1 16]       the RMSNorm prologue: unfused against fused
     python bench/decode_gemm.py --out smoke.json --smoke --norm
@@ -84,6 +85,12 @@ SWEEP_TILES = [Tile(*t) for t in (
 SWEEP_DOT_TILES = [Tile(*t, True) for t in (
     (64, 64, 4, 4), (64, 128, 4, 3), (64, 128, 4, 4), (64, 128, 8, 4), (64, 256, 4, 3), (64, 256, 8, 3),
     (128, 64, 8, 4), (128, 128, 8, 3), (128, 128, 8, 4))] + [Tile(32, 256, 4, 3), Tile(64, 128, 4, 3)]
+# M = 1 on a quantized weight: tiles of the WORDS GEMV (the codes read as int32 words, scales applied a word; skinny.TILES
+# has two per width), by bits
+SWEEP_WORDS_TILES = {b: [Tile(*t, words=True) for t in ts] for b, ts in {
+    4: ((16, 1024, 4, 3), (32, 1024, 8, 3), (32, 1024, 8, 4), (64, 512, 8, 3), (64, 1024, 8, 2), (32, 512, 4, 3), (128, 256, 8, 3)),
+    8: ((32, 512, 8, 3), (64, 256, 8, 3), (32, 256, 4, 3), (64, 512, 8, 3), (16, 512, 4, 4), (128, 256, 8, 3), (32, 1024, 8, 2)),
+}.items()}
 NORM_SHAPES = ["1b qkv", "1b gate/up glu"]  # --norm's default shapes: the decode GEMMs an RMSNorm feeds
 NORM_L2_BYTES = 64 << 10  # --norm: the fused configurations again with this L2 budget a program (skinny config "L2")
 ROTATE_BYTES = 0 if SMOKE else 512 << 20  # weight bytes cycled through in one graph: over 8x the H200's L2
@@ -177,7 +184,8 @@ def sweep_configs(m: int, n: int, k: int, bits, glu: bool) -> list[dict]:
     (skinny gives way only to reach one program an SM), so the sweep measures what more splits buy; at most twice
     skinny's target of programs (past it a split adds no loads in flight)."""
     out = []
-    for tile in SWEEP_TILES if m == 1 else SWEEP_DOT_TILES:
+    tiles = SWEEP_DOT_TILES if m > 1 else SWEEP_WORDS_TILES[bits] if bits else SWEEP_TILES
+    for tile in tiles:
         c0 = tile_config(m, n, k, bits, glu, tile)
         s0, tiles = c0["SPLIT_K"], -(-(n // 2 if glu else n) // c0["BLOCK_N"])
         for split in (max(1, s0 // 2), s0, 2 * s0) + ((4 * s0,) if m > 1 else ()):
@@ -322,7 +330,8 @@ def main():
     p.add_argument("--shapes", nargs="+", default=None, help=f"names among: {', '.join(s[0] for s in SHAPES + SMOKE_SHAPES)}")
     p.add_argument("--kinds", nargs="+", default=None, choices=("bf16", "int8", "int4_g128"),
                    help="weight kinds (default: all three; bf16 with --sweep)")
-    p.add_argument("--sweep", action="store_true", help="every SWEEP_TILES (M = 1) / SWEEP_DOT_TILES (M > 1) configuration too")
+    p.add_argument("--sweep", action="store_true", help="every SWEEP_TILES (M = 1; quantized: SWEEP_WORDS_TILES) / SWEEP_DOT_TILES "
+                   "(M > 1) configuration too")
     p.add_argument("--peak", type=float, default=4.8e12, help="HBM bandwidth the percentages refer to, bytes/s")
     p.add_argument("--smoke", action="store_true", help="CPU: SMOKE_SHAPES in float16 under the Triton interpreter")
     p.add_argument("--norm", action="store_true", help=f"the RMSNorm prologue, unfused against fused (default shapes: {NORM_SHAPES})")

@@ -140,6 +140,16 @@ print(f'import torch {a - t:.2f} s, kiln {b - a:.2f} s'); t = time.time(); torch
     decode_q)  # the 1B's quantized decode step at batch 1, launch by launch (where a w4a16 / w8a16 step's 0.9 ms go)
       for q in w4a16 w8a16; do DECODE_JSON=decode_$q.json timeout 200 python3 bench/decode.py --models 1b --batches 1 \
         --quantize $q --no-compile-peer 2>&1 | grep -v '^ *\[\|^ *"' | tail -4; done ;;
+    qwords)  # the WORDS GEMV's GPU tests (every M = 1 config of a quantized weight, the norm prologue), the survey after
+             # other plans started the compile workers
+      timeout ${TESTS_TIMEOUT:-150} python3 -m pytest -q -rf -p no:logging -m gpu tests/codegen/test_skinny.py -k "words or every_config" \
+        tests/runtime/test_warm_libs.py tests/runtime/test_kernel_plan_survey.py 2>&1 | tee "$OUT/qwords.log" | grep -v DEBUG | tail -6 ;;
+    qwords2)  # the skinny GPU tests of every M = 1 config (the WORDS tiles as skinny.TILES lists them) and the WORDS tiles
+      timeout ${TESTS_TIMEOUT:-150} python3 -m pytest -q -rf -p no:logging -m gpu tests/codegen/test_skinny.py -k "words or every_config" \
+        2>&1 | tee "$OUT/qwords2.log" | grep -v DEBUG | tail -4 ;;
+    qsweep)  # the M = 1 GEMV on int4 / int8 weights: skinny's configs and SWEEP_WORDS_TILES at the 1B's largest shapes
+      timeout ${SWEEP_TIMEOUT:-240} python3 bench/decode_gemm.py --out "$OUT/qsweep.json" --m 1 --sweep --kinds int4_g128 int8 \
+        --shapes "1b gate/up glu" "1b down + residual" "1b qkv" 2>&1 | grep -v "^    [0-9]" | tail -8 ;;
     *) echo "unknown stage $stage" ;;
   esac
 done

@@ -22,7 +22,11 @@ dequantizes it in registers in float32 and applies it to all BLOCK_M rows of x; 
            weight's rows the MMA's M, which lets Hopper use wgmma for 16 rows of x;
   no DOT   GEMV, one row (BLOCK_M = 1): float32 products W * x accumulate in the weight tile's own layout
            [BLOCK_N, BLOCK_K] and are summed over K once after the loop (no per-step cross-thread
-           reduction, no layout conversion of the weight).
+           reduction, no layout conversion of the weight);
+  WORDS    the GEMV of a quantized weight read as int32 words of 8 / 4 codes (``_words_step``): x de-interleaved
+           to match the words, each code turned into a float by one shift and one LOP3, its product one FMA, and
+           the group's scale and zero applied once a word (sum_k (q_k - z) s x_k = s (sum_k f_k x'_k - X' - z X));
+           no interleave, no dequantizing FMA a code. The tuner measures its tiles beside the byte tiles'.
 
 Dequantization is ALU work per weight, and at 4 bits an H200 SM must dequantize ~36 weights a clock to keep
 up with HBM, so it is a handful of instructions: the code goes into the top mantissa bits of float32 1.0
@@ -225,6 +229,116 @@ def _k_step(acc, acc_u, b, u, x_ptr, rows, mask_m, offs_k, kk, K, stride_xm, str
 
 
 @triton.jit
+def _code_f32(wd, j: tl.constexpr, PAIRED4: tl.constexpr, BITS: tl.constexpr):
+    # code q of position j of each int32 word wd (bits BITS*j..) as the float32 1 + q * 2**(P - 23), exactly: the code
+    # shifted to bits P.. (P + BITS <= 23) of the mantissa of 1.0 and OR-ed with its exponent bits (an arithmetic right
+    # shift's sign bits land above bit P + BITS and are masked off). One shift and one LOP3 a code (the compiler keeps
+    # both constants of a masked OR immediate, two LOP3: written as one lop3 with the constants in registers).
+    # P: 23 - BITS; PAIRED4 (4 bits): 19 for even j, 15 for odd, so codes 2i - 1 and 2i share their shift
+    P: tl.constexpr = 23 - BITS - 4 * (j % 2) * PAIRED4
+    SH: tl.constexpr = P - BITS * j
+    if SH >= 0:
+        v = wd << SH
+    else:
+        v = wd >> -SH
+    mask = tl.full(v.shape, ((1 << BITS) - 1) << P, tl.int32)
+    if INTERPRETED:
+        bits = (v & mask) | ONE
+    else:  # (a & c) | b: LUT 0xEC for a = 0xF0, b = 0xCC, c = 0xAA
+        bits = tl.inline_asm_elementwise("lop3.b32 $0, $1, $2, $3, 0xEC;", "=r,r,r,r",
+                                         [v, tl.full(v.shape, 0x3F800000, tl.int32), mask], dtype=tl.int32, is_pure=True, pack=1)
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _x_scaled(xj, j: tl.constexpr, PAIRED4: tl.constexpr, BITS: tl.constexpr):
+    # x'_j = x_j * 2**(23 - P) for _code_f32's P of code j (exact: a power of two)
+    P: tl.constexpr = 23 - BITS - 4 * (j % 2) * PAIRED4
+    return xj * (1 << (23 - P))
+
+
+@triton.jit
+def _words_step(acc, acc_u, w_ptr, s_ptr, z_ptr, x_ptr, nw_ptr, cols, mask_n, row0, kk, K, N, rstd,
+                stride_wn, stride_sn, stride_sg, stride_zn, stride_zg, stride_xk,
+                BITS: tl.constexpr, HAS_ZEROS: tl.constexpr, QGROUP: tl.constexpr, NORM: tl.constexpr, GLU: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # one K step of the WORDS GEMV (one row of x, a quantized weight): the weight's [BLOCK_N, BLOCK_K] codes as int32
+    # words [BLOCK_N, WORDS] (CPW codes each) and x's BLOCK_K values de-interleaved to match, CPW vectors x_j [WORDS].
+    # With f_j = 1 + q_j * 2**(P_j - 23) (_code_f32) and x'_j = x_j * 2**(23 - P_j) (exact: a power of two),
+    # f_j x'_j = x'_j + q_j x_j, so a word's sum of (q_j - z) * s * x_j is
+    #     s * (t - X' - z * X),   t = sum_j f_j x'_j,  X' = sum_j x'_j,  X = sum_j x_j
+    # X' and X are the row's (all BLOCK_N rows share them), s and z are the word's group's: per code one shift, one
+    # LOP3 and one FMA (module docstring). acc [BLOCK_N, WORDS] float32, summed over words after the loop.
+    # Where code j goes, P_j: at the top, 23 - BITS, with float32 x (as exact as the byte-tile path); with 16-bit x at
+    # 4 bits, codes 2i - 1 and 2i share one shift to P 15 and 19 (5 shifts for 8 codes), whose x'_j = x_j * 2**8 costs
+    # the sums ~2**-16 relative, far below the 16-bit output's rounding
+    CPW: tl.constexpr = 32 // BITS
+    WORDS: tl.constexpr = BLOCK_K // CPW
+    SUB: tl.constexpr = (BLOCK_K + QGROUP - 1) // QGROUP
+    PAIRED4: tl.constexpr = BITS == 4 and x_ptr.dtype.element_ty != tl.float32  # (float32 x: every code at the top)
+    offs_w = kk // CPW + tl.arange(0, WORDS)  # the step's words of a row
+    mask_w = offs_w < K // CPW
+    mask = mask_n[:, None] & mask_w[None, :]
+    rows = (w_ptr + cols * stride_wn).to(tl.pointer_type(tl.int32))  # [BLOCK_N] row starts, as words (4-byte aligned)
+    wd = tl.load(rows[:, None] + offs_w[None, :], mask=mask, other=0)
+    wu = wd
+    if GLU:  # the up half: rows N + j of the merged [gate; up] weight
+        rows_u = (w_ptr + (cols + N) * stride_wn).to(tl.pointer_type(tl.int32))
+        wu = tl.load(rows_u[:, None] + offs_w[None, :], mask=mask, other=0)
+    t = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
+    t_u = t
+    xs = tl.zeros((WORDS,), dtype=tl.float32)
+    xs_s = xs
+    for j in tl.static_range(CPW):
+        k_j = offs_w * CPW + j
+        xj = tl.load(x_ptr + row0 + k_j * stride_xk, mask=mask_w, other=0.0)
+        if NORM:  # rounded as _norm_tile rounds
+            nj = tl.load(nw_ptr + k_j, mask=mask_w, other=0.0)
+            yj = (xj.to(tl.float32) * rstd).to(xj.dtype)
+            xj = (yj.to(tl.float32) * nj.to(tl.float32)).to(xj.dtype)
+        xj = xj.to(tl.float32)
+        xsj = _x_scaled(xj, j, PAIRED4, BITS)
+        t += _code_f32(wd, j, PAIRED4, BITS) * xsj[None, :]
+        if GLU:
+            t_u += _code_f32(wu, j, PAIRED4, BITS) * xsj[None, :]
+        xs += xj
+        xs_s += xsj
+    # the SUB groups this step spans; a masked scale of 0 makes padded rows and words exactly 0
+    offs_g = kk // QGROUP + tl.arange(0, SUB)
+    mask_g = mask_n[:, None] & (offs_g < tl.cdiv(K, QGROUP))[None, :]
+    acc = _words_scale(acc, t, xs, xs_s, s_ptr, z_ptr, cols, offs_g, mask_g, stride_sn, stride_sg, stride_zn, stride_zg,
+                       BITS, HAS_ZEROS, SUB, BLOCK_N, WORDS)
+    if GLU:
+        acc_u = _words_scale(acc_u, t_u, xs, xs_s, s_ptr, z_ptr, cols + N, offs_g, mask_g, stride_sn, stride_sg, stride_zn,
+                             stride_zg, BITS, HAS_ZEROS, SUB, BLOCK_N, WORDS)
+    return acc, acc_u
+
+
+@triton.jit
+def _words_scale(acc, t, xs, xs_s, s_ptr, z_ptr, n_idx, offs_g, mask_g, stride_sn, stride_sg, stride_zn, stride_zg,
+                 BITS: tl.constexpr, HAS_ZEROS: tl.constexpr, SUB: tl.constexpr, BLOCK_N: tl.constexpr, WORDS: tl.constexpr):
+    # acc += s * (t - X' - z * X) with the scale s and zero z of each word's group (_words_step)
+    s = tl.load(s_ptr + n_idx[:, None] * stride_sn + offs_g[None, :] * stride_sg, mask=mask_g, other=0.0).to(tl.float32)
+    if SUB == 1:
+        if HAS_ZEROS:
+            z = tl.load(z_ptr + n_idx[:, None] * stride_zn + offs_g[None, :] * stride_zg, mask=mask_g, other=0).to(tl.float32)
+            acc += s * (t - xs_s[None, :] - z * xs[None, :])
+        else:
+            acc += s * (t - (xs_s + 2 ** (BITS - 1) * xs)[None, :])
+    else:  # words of SUB groups: [BLOCK_N, SUB, WORDS // SUB] against [BLOCK_N, SUB]
+        t3 = tl.reshape(t, (BLOCK_N, SUB, WORDS // SUB))
+        x3 = tl.reshape(xs, (SUB, WORDS // SUB))
+        xs3 = tl.reshape(xs_s, (SUB, WORDS // SUB))
+        if HAS_ZEROS:
+            z = tl.load(z_ptr + n_idx[:, None] * stride_zn + offs_g[None, :] * stride_zg, mask=mask_g, other=0).to(tl.float32)
+            d = s[:, :, None] * (t3 - xs3[None, :, :] - z[:, :, None] * x3[None, :, :])
+        else:
+            d = s[:, :, None] * (t3 - (xs3 + 2 ** (BITS - 1) * x3)[None, :, :])
+        acc += tl.reshape(d, (BLOCK_N, WORDS))
+    return acc
+
+
+@triton.jit
 def _l2_rows(w_ptr, pid_n, k_lo, k_hi, N, stride_wn,
              PACK: tl.constexpr, GLU: tl.constexpr, BLOCK_N: tl.constexpr, L2_BYTES: tl.constexpr, WARPS: tl.constexpr):
     # what _wgemm_kernel's program asks the L2 for before its wait (pdl.l2_prefetch): of each weight row it streams
@@ -268,6 +382,7 @@ def _wgemm_kernel(
     PREFETCH: tl.constexpr = False,  # the first K step's weight tiles loaded before that wait (pdl.py)
     L2_BYTES: tl.constexpr = 0,  # > 0: bytes of this program's weight asked of the L2 before that wait (pdl.py)
     RSTD_K: tl.constexpr = 16, RSTD_STAGES: tl.constexpr = 4,  # NORM: the statistics' tile [BLOCK_M, RSTD_K], its stages
+    WORDS: tl.constexpr = False,  # GEMV of a quantized weight read as int32 words, scales applied a word (_words_step)
 ):
     EARLY: tl.constexpr = PREFETCH or L2_BYTES > 0  # weights read before the wait (a kernel never writes them)
     if not EARLY:
@@ -295,6 +410,8 @@ def _wgemm_kernel(
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     elif DOT:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    elif WORDS:  # GEMV of int32 words of codes: per-word sums, reduced after the loop
+        acc = tl.zeros((BLOCK_N, BLOCK_K * BITS // 32), dtype=tl.float32)
     else:  # GEMV, BLOCK_M = 1: per-column products, reduced after the loop
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     acc_u = acc
@@ -328,21 +445,28 @@ def _wgemm_kernel(
         k_lo += BLOCK_K
         if NORM:
             nw = _norm_weight(nw_ptr, k_lo, K, offs_k)
-    # (the loop keeps its own statements in the order measured on the H200; _k_step is the same operations)
-    for kk in tl.range(k_lo, k_hi, BLOCK_K, num_stages=LOOP_STAGES):
-        a = tl.load(x_ptr + rows[:, None] * stride_xm + (kk + offs_k)[None, :] * stride_xk,
-                    mask=mask_m[:, None] & (kk + offs_k < K)[None, :], other=0.0)  # [BLOCK_M, BLOCK_K]
-        if NORM:
-            nw_next = _norm_weight(nw_ptr, kk + BLOCK_K, K, offs_k)  # next step's, in flight during this one
-            a = _norm_tile(a, rstd, nw)
-            nw = nw_next
-        b = _weight_tile(w_ptr, s_ptr, z_ptr, cols, mask_n, kk, K, stride_wn, stride_wk,
-                         stride_sn, stride_sg, stride_zn, stride_zg, BITS, PACK, HAS_ZEROS, QGROUP, SUB, BLOCK_N, BLOCK_K)
-        acc = _mac(acc, a, b, DOT, SWAP, DOT_PRECISION, BLOCK_K)
-        if GLU:  # the up half: rows N + j of the merged [gate; up] weight, same x tile
-            u = _weight_tile(w_ptr, s_ptr, z_ptr, cols + N, mask_n, kk, K, stride_wn, stride_wk,
+    if WORDS:
+        tl.static_assert(not DOT and not PREFETCH and BITS > 0, "WORDS: the GEMV of a quantized weight, no PREFETCH")
+        for kk in tl.range(k_lo, k_hi, BLOCK_K, num_stages=LOOP_STAGES):
+            acc, acc_u = _words_step(acc, acc_u, w_ptr, s_ptr, z_ptr, x_ptr, nw_ptr, cols, mask_n, rows * stride_xm, kk, K, N,
+                                     rstd, stride_wn, stride_sn, stride_sg, stride_zn, stride_zg, stride_xk,
+                                     BITS, HAS_ZEROS, QGROUP, NORM, GLU, BLOCK_N, BLOCK_K)
+    else:
+        # (the loop keeps its own statements in the order measured on the H200; _k_step is the same operations)
+        for kk in tl.range(k_lo, k_hi, BLOCK_K, num_stages=LOOP_STAGES):
+            a = tl.load(x_ptr + rows[:, None] * stride_xm + (kk + offs_k)[None, :] * stride_xk,
+                        mask=mask_m[:, None] & (kk + offs_k < K)[None, :], other=0.0)  # [BLOCK_M, BLOCK_K]
+            if NORM:
+                nw_next = _norm_weight(nw_ptr, kk + BLOCK_K, K, offs_k)  # next step's, in flight during this one
+                a = _norm_tile(a, rstd, nw)
+                nw = nw_next
+            b = _weight_tile(w_ptr, s_ptr, z_ptr, cols, mask_n, kk, K, stride_wn, stride_wk,
                              stride_sn, stride_sg, stride_zn, stride_zg, BITS, PACK, HAS_ZEROS, QGROUP, SUB, BLOCK_N, BLOCK_K)
-            acc_u = _mac(acc_u, a, u, DOT, SWAP, DOT_PRECISION, BLOCK_K)
+            acc = _mac(acc, a, b, DOT, SWAP, DOT_PRECISION, BLOCK_K)
+            if GLU:  # the up half: rows N + j of the merged [gate; up] weight, same x tile
+                u = _weight_tile(w_ptr, s_ptr, z_ptr, cols + N, mask_n, kk, K, stride_wn, stride_wk,
+                                 stride_sn, stride_sg, stride_zn, stride_zg, BITS, PACK, HAS_ZEROS, QGROUP, SUB, BLOCK_N, BLOCK_K)
+                acc_u = _mac(acc_u, a, u, DOT, SWAP, DOT_PRECISION, BLOCK_K)
     if SWAP:  # [BLOCK_N, BLOCK_M] -> [BLOCK_M, BLOCK_N]: one layout conversion a program, for the epilogue
         acc = tl.trans(acc)
         if GLU:
@@ -525,7 +649,8 @@ def launch(x2, weight: Weight, epi: Epilogue, out2, m: int, n: int, config: dict
                 LOOP_STAGES=None if dot else (config or {}).get("num_stages", 3))
     budget = pdl.l2(x2) if l2 is None else l2
     step = k_chunk // meta["PACK"] * w.element_size() if splits > 1 else 0  # a split's first byte in a row: a multiple
-    meta.update(pdl.kwargs(x2), PREFETCH=pdl.prefetch(x2) if prefetch is None else prefetch,
+    words = bool((config or {}).get("WORDS"))  # (its loop has no peeled first step)
+    meta.update(pdl.kwargs(x2), PREFETCH=not words and (pdl.prefetch(x2) if prefetch is None else prefetch),
                 L2_BYTES=pdl.l2_bytes(w, step, budget) if budget else 0)
     if norm is not None:  # the statistics' tiles: ~STATS_ELEMS values, at most K's power of two wide
         meta["RSTD_K"] = min(triton.next_power_of_2(k), max(16, STATS_ELEMS // (config or {}).get("BLOCK_M", 16)))

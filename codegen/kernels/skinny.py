@@ -83,12 +83,20 @@ class Tile(NamedTuple):
     warps: int
     stages: int
     swap: bool = False
+    words: bool = False  # (GEMV of a quantized weight only) read as int32 words, scales applied a word (qgemm.py WORDS)
+    fewer: int = 1  # split K fewer times than _split_k's choice by this factor (a tile whose programs fit one an SM)
 
 
 # Tiles per (DOT, bits; 0: a 16-bit plain weight), the default first. A step streams 4-16 KB of weight (a GLU
 # program two tiles). Checked by compiling for sm_90 (ptxas, SASS) at the Llama-3.2-1B shapes, GLU and the norm
 # prologue included: no spills, the weight tile pipelined through cp.async.
-# - GEMV (DOT False): tiles of 64 rows lose that pipelining (or spill), so the GEMV keeps BLOCK_N <= 32.
+# - GEMV (DOT False): tiles of 64 rows lose that pipelining (or spill), so the GEMV keeps BLOCK_N <= 32. On a quantized
+#   weight the WORDS tiles (codes read as int32 words, qgemm.py) too, the best of bench/decode_gemm.py's sweep on the
+#   H200 (session 8; 1B shapes, cold in one CUDA graph): down int4 16 x 1024 (4 warps, 4 splits) 8.3 us vs 10.6 for the
+#   byte tile, int8 128 x 256 at half skinny's splits (8: one program an SM, 156 registers) 10.1 vs 11.3, int8 gate/up
+#   32 x 256 (GLU halves) 14.6 vs 15.0; at int4 gate/up and qkv the byte tile stays best (14.2 / 5.2 us). None is near
+#   the copy rate (int4 gate/up: 1.2 TB/s, int8 2.3, bf16 cuBLAS 3.5), though WORDS halves the ALU work a code: the
+#   GEMV waits on latency, likely x's and the scales' loads, which cp.async's pipeline does not take (not yet profiled).
 # - tl.dot (M 2..16): unswapped, x's 16 rows are the MMA's M, which Hopper's wgmma cannot take (64 rows a
 #   warpgroup): mma.sync, the weight through ldmatrix. Swapped, the weight's 64 / 128 rows are the M of
 #   wgmma.m64n16k16 (HGMMA.64x16x16 in the SASS, asynchronous, one group in flight), x^T its N: a plain weight is
@@ -99,8 +107,9 @@ class Tile(NamedTuple):
 #   norm at 4 bits (and at 8 bits without it): not offered.
 TILES = {
     (False, 0): [Tile(32, 256, 4, 3), Tile(16, 512, 4, 3)],
-    (False, 8): [Tile(32, 256, 4, 3), Tile(32, 512, 8, 3)],
-    (False, 4): [Tile(32, 512, 8, 3), Tile(32, 256, 4, 3)],
+    (False, 8): [Tile(32, 256, 4, 3), Tile(64, 256, 8, 3, words=True), Tile(128, 256, 8, 3, words=True, fewer=2),
+                 Tile(16, 512, 4, 4, words=True)],
+    (False, 4): [Tile(32, 256, 4, 3), Tile(16, 1024, 4, 3, words=True), Tile(32, 512, 8, 3)],
     (True, 0): [Tile(64, 128, 4, 4, True), Tile(128, 128, 8, 3, True), Tile(64, 128, 4, 3)],
     (True, 8): [Tile(64, 128, 4, 4, True), Tile(128, 128, 8, 3, True), Tile(64, 128, 4, 3)],
     (True, 4): [Tile(64, 128, 4, 4, True), Tile(128, 128, 8, 3, True), Tile(64, 256, 8, 3)],
@@ -178,9 +187,14 @@ def tile_config(m: int, n: int, k: int, bits: int | None, glu: bool, tile: Tile,
     if glu:
         bn, bk = (bn // 2, bk) if bn > (64 if tile.swap else 16) else (bn, bk // 2)
     bk = min(bk, max(32, triton.next_power_of_2(k)))
-    split = _split_k(m, n, k, bits, glu, bn, bk) if split is None else _chunking(k, split, bk)[0]
+    if split is None:
+        split = _split_k(m, n, k, bits, glu, bn, bk)
+        split = split if tile.fewer == 1 else _chunking(k, max(1, split // tile.fewer), bk)[0]
+    else:
+        split = _chunking(k, split, bk)[0]
     c = dict(BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split) | ({"REDUCE": "last"} if split > 1 else {})
-    return c | dict(DOT=m > 1) | ({"SWAP": True} if tile.swap else {}) | dict(num_warps=tile.warps, num_stages=tile.stages)
+    return (c | dict(DOT=m > 1) | ({"SWAP": True} if tile.swap else {}) | ({"WORDS": True} if tile.words else {})
+            | dict(num_warps=tile.warps, num_stages=tile.stages))
 
 
 def configs(m: int, n: int, k: int, bits: int | None = None, glu: bool = False, norm: bool = False) -> list[dict]:
@@ -196,7 +210,8 @@ def configs(m: int, n: int, k: int, bits: int | None = None, glu: bool = False, 
     if not 1 <= m <= MAX_M:
         raise ValueError(f"skinny configs: m = {m} rows, the template takes 1..{MAX_M}")
     dot = m > 1
-    out = [tile_config(m, n, k, bits, glu, t) for t in TILES[(dot, bits or 0)]]
+    whole_words = bits in (4, 8) and k % (32 // bits) == 0  # (WORDS reads a row's codes as int32 words)
+    out = [tile_config(m, n, k, bits, glu, t) for t in TILES[(dot, bits or 0)] if whole_words or not t.words]
     if norm and dot and out[0]["SPLIT_K"] > 1:
         half = tile_config(m, n, k, bits, glu, TILES[(dot, bits or 0)][0], split=out[0]["SPLIT_K"] // 2)
         if half != out[0]:
@@ -236,6 +251,9 @@ def _resolve(m: int, n: int, k: int, bits: int | None, glu: bool, config: dict |
         raise ValueError(f"skinny_gemm: config {config!r}: the GEMV path (DOT False) takes one row, x has {m}")
     if c["SWAP"] and not c["DOT"]:
         raise ValueError(f"skinny_gemm: config {config!r}: SWAP transposes tl.dot's product, it needs DOT")
+    if c.get("WORDS") and (c["DOT"] or bits not in (4, 8) or k % (32 // bits) or c["BLOCK_K"] * bits < 32 * 16):
+        raise ValueError(f"skinny_gemm: config {config!r}: WORDS is the GEMV of a 4- / 8-bit weight whose K ({k}) is whole "
+                         f"int32 words of codes, BLOCK_K at least 16 words")
     if "L2" in c and not (isinstance(c["L2"], int) and c["L2"] >= 0):
         raise ValueError(f"skinny_gemm: config {config!r}: L2 must be a number of bytes >= 0")
     return c
@@ -334,6 +352,9 @@ def skinny_gemm(x, w=None, bias=None, gate=None, residual=None, act="none", glu=
         return out
     nw, k = weight.w.shape[0], x2.shape[1]
     c = _resolve(m, nw, k, weight.bits, glu, config)
+    if c.get("WORDS") and (weight.w.stride(1) != 1 or weight.w.stride(0) % 4 or weight.w.data_ptr() % 4):
+        raise ValueError(f"skinny_gemm: config WORDS reads the qweight as int32 words: its rows must be contiguous and "
+                         f"start 4-byte aligned (strides {weight.w.stride()}, address % 4 = {weight.w.data_ptr() % 4})")
     splits, k_chunk = _chunking(k, c.pop("SPLIT_K"), c["BLOCK_K"])
     reduce, dot, l2 = c.pop("REDUCE"), c.pop("DOT"), c.pop("L2", None)
     c.update(BLOCK_M=16 if dot else 1, GROUP_M=1)

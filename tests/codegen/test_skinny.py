@@ -294,8 +294,11 @@ def test_configs_for_llama_shapes(m, n, k, bits, glu):
     assert 1 <= len(cs) <= 4 and len({tuple(sorted(c.items())) for c in cs}) == len(cs)
     for c in cs:
         split_keys = {"REDUCE"} if c["SPLIT_K"] > 1 else set()  # REDUCE only where K is split, SWAP where swapped
-        assert set(c) == {"BLOCK_N", "BLOCK_K", "SPLIT_K", "DOT", "num_warps", "num_stages"} | split_keys | ({"SWAP"} if "SWAP" in c else set())
-        assert c["DOT"] == (m > 1) and c["SPLIT_K"] >= 1 and (c["DOT"] or c["BLOCK_N"] <= 32)
+        optional = {key for key in ("SWAP", "WORDS") if key in c}
+        assert set(c) == {"BLOCK_N", "BLOCK_K", "SPLIT_K", "DOT", "num_warps", "num_stages"} | split_keys | optional
+        assert c["DOT"] == (m > 1) and c["SPLIT_K"] >= 1 and (c["DOT"] or c["BLOCK_N"] <= 32 or c.get("WORDS"))
+        if "WORDS" in c:  # the GEMV of a quantized weight, its K whole words of codes
+            assert c["WORDS"] is True and m == 1 and bits in (4, 8) and k % (32 // bits) == 0
         if "SWAP" in c:  # only where swapped: tl.dot, on at least wgmma's 64 rows a warpgroup
             assert c["SWAP"] is True and c["DOT"] and c["BLOCK_N"] >= 64
         splits, _ = S._chunking(k, c["SPLIT_K"], c["BLOCK_K"])
@@ -303,10 +306,14 @@ def test_configs_for_llama_shapes(m, n, k, bits, glu):
         assert workspace_bytes(m, n, k, bits, glu, config=c) == (0 if splits == 1 else 4 * splits * m * n)
         tiles = -(-(n // 2 if glu else n) // c["BLOCK_N"])
         assert counter_bytes(m, n, k, bits, glu, config=c) == (4 * tiles if c.get("REDUCE") == "last" else 0)
-        # no SM left idle, unless the splits are as many as K allows (MIN_SPLIT_STEPS steps each)
-        assert tiles * splits >= S.H200_SMS or splits >= -(-k // c["BLOCK_K"]) // S.MIN_SPLIT_STEPS
-    # 2..16 rows: the swapped product first, the unswapped one measured beside it
+        # no SM left idle, unless the splits are as many as K allows (MIN_SPLIT_STEPS steps each); a tile split fewer
+        # times (one 8-warp program an SM) may leave a few
+        busy = S.H200_SMS * (0.9 if c.get("WORDS") else 1)
+        assert tiles * splits >= busy or splits >= -(-k // c["BLOCK_K"]) // S.MIN_SPLIT_STEPS
+    # 2..16 rows: the swapped product first, the unswapped one measured beside it; one row of a quantized weight: a
+    # WORDS tile among them
     assert ("SWAP" in cs[0]) == (m > 1) and (m == 1 or any(c["DOT"] and "SWAP" not in c for c in cs))
+    assert any("WORDS" in c for c in cs) == (m == 1 and bits is not None)
     # a default that splits reduces in its last program (one launch); its two-launch twin is measured too
     if cs[0]["SPLIT_K"] > 1:
         assert cs[0]["REDUCE"] == "last" and dict(cs[0], REDUCE="separate") in cs
@@ -517,7 +524,7 @@ def test_gpu_llama_decode(name, k, n, epi, m, bits):
 @pytest.mark.parametrize("name,k,n,epi", [DECODE_SHAPES[0], DECODE_SHAPES[2], DECODE_SHAPES[5]])
 def test_gpu_every_config_is_correct(name, k, n, epi):
     # the tuner measures every entry of configs(): each must compile and be right, with a planned workspace
-    for m, bits in ((1, None), (1, 4), (3, 8), (16, 4)):
+    for m, bits in ((1, None), (1, 4), (1, 8), (3, 8), (16, 4)):
         x, kwargs, res, want = cuda_decode_case(m, k, n, bits, epi, group=64, sym=False)
         for c in configs(m, n, k, bits, epi.get("glu", False)):
             ws, counters = cuda_scratch(m, n, k, bits, epi.get("glu", False), c)
@@ -631,3 +638,73 @@ def test_gpu_norm_prologue_every_config(name, k, n, epi):
                               workspace=ws, counters=counters, config=c, **kwargs)
             err = rel_err(got, want)
             assert err <= TOL[torch.bfloat16], f"{name} m={m} {c}: rel err {err:.2e}"
+
+
+# ----------------------------------------------------------------------------- the WORDS GEMV
+
+
+def words(split=1, block_k=None, bits=4):
+    """A WORDS configuration at the interpreter's scale: 16 int32 words a row a step (128 int4 / 64 int8 codes)."""
+    return dict(BLOCK_N=16, BLOCK_K=block_k or 512 // bits, SPLIT_K=split, WORDS=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("bits,group,sym", [(4, 32, True), (4, 64, False), (4, "K", True), (8, "K", True), (8, 32, False)])
+@pytest.mark.parametrize("split", [1, 3])
+def test_words_gemv(bits, group, sym, split, dtype):
+    """One row against a 4- / 8-bit weight read as int32 words (scales applied a word): groups narrower than a step
+    and per channel, zero points, K past a whole step (its words masked), split-K reduced in the last program."""
+    x = r(1, 448 if bits == 4 else 224, dtype=dtype)  # 3.5 steps of 16 words
+    check(x, weight(37, x.shape[1], bits, dtype, group=group, sym=sym), config=words(split, bits=bits))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_words_gemv_glu_norm_residual(bits):
+    """The WORDS GEMV with the GLU epilogue and the norm prologue (the gate/up projection's decode form), and a residual
+    (down's): the same bits as the byte-tile GEMV's, within rounding of the float32 sums' order."""
+    k = 256
+    x, nw = r(1, k, dtype=torch.float16), r(k, dtype=torch.float16, scale=0.2) + 1
+    wq = weight(2 * 24, k, bits, torch.float16, group=64, sym=False)
+    got = skinny_gemm(x, act="silu", glu=True, norm_weight=nw, norm_eps=1e-5, **wq[0], config=words(2, bits=bits))
+    ref = skinny_gemm(x, act="silu", glu=True, norm_weight=nw, norm_eps=1e-5, **wq[0], config=dict(BLOCK_N=16, BLOCK_K=32))
+    want = S.reference(x.double(), act="silu", glu=True, norm_weight=nw.double(), norm_eps=1e-5,
+                       **{k_: (v.double() if k_ == "scales" else v) for k_, v in wq[0].items()})
+    assert rel_err(got, want) <= TOL[torch.float16] and rel_err(got, ref) <= TOL[torch.float16]
+    res = r(1, 24, dtype=torch.float16)
+    check(x, weight(24, k, bits, torch.float16, group=64), residual=res, config=words(1, bits=bits))
+
+
+def test_words_config_checks():
+    x = r(1, 132, dtype=torch.float16)
+    with pytest.raises(ValueError, match="whole int32 words"):  # K = 132: not whole words of 8 int4 codes
+        skinny_gemm(x, **weight(16, 132, 4, torch.float16, group=132)[0], config=words())
+    x3 = r(3, 128, dtype=torch.float16)
+    with pytest.raises(ValueError, match="WORDS is the GEMV"):  # 3 rows: the tl.dot path
+        skinny_gemm(x3, **weight(16, 128, 4, torch.float16)[0], config=dict(words(), DOT=True))
+    with pytest.raises(ValueError, match="WORDS is the GEMV"):  # a plain weight
+        skinny_gemm(x3[:1], w=r(16, 128, dtype=torch.float16), config=words())
+    kw = weight(16, 128, 4, torch.float16)[0]
+    kw["qweight"] = torch.empty(16, 66, dtype=torch.uint8)[:, 1:65]  # rows off 4-byte alignment
+    with pytest.raises(ValueError, match="4-byte aligned"):
+        skinny_gemm(x3[:1], **kw, config=words())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("name,k,n,epi", [s for s in DECODE_SHAPES if s[0].startswith("1b")])
+def test_gpu_words_gemv_with_the_norm_prologue(name, k, n, epi, bits):
+    # every WORDS tile of skinny's at the 1B shapes, one row, the norm prologue where decode folds it: bf16 against the
+    # float32 reference of the dequantized weight
+    glu, act = epi.get("glu", False), epi.get("act", "none")
+    x, kwargs, res, want = cuda_decode_case(1, k, n, bits, epi, group=128 if bits == 4 else "K")
+    norm = {}
+    if not epi.get("residual"):
+        nw = (1 + 0.2 * torch.randn(k, generator=torch.Generator().manual_seed(1))).to("cuda", torch.bfloat16)
+        norm = dict(norm_weight=nw, norm_eps=1e-5)
+        want = S.reference(x.float(), **kwargs, act=act, glu=glu, norm_weight=nw.float(), norm_eps=1e-5)
+    for tile in [t for t in S.TILES[(False, bits)] if t.words]:
+        c = S.tile_config(1, n, k, bits, glu, tile)
+        ws, counters = cuda_scratch(1, n, k, bits, glu, c)
+        got = skinny_gemm(x, residual=res, act=act, glu=glu, workspace=ws, counters=counters, config=c, **norm, **kwargs)
+        err = rel_err(got, want)
+        assert err <= TOL[torch.bfloat16], f"{name} bits={bits} {c}: rel err {err:.2e}"
