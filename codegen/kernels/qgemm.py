@@ -26,7 +26,8 @@ dequantizes it in registers in float32 and applies it to all BLOCK_M rows of x; 
   WORDS    the GEMV of a quantized weight read as int32 words of 8 / 4 codes (``_words_step``): x de-interleaved
            to match the words, each code turned into a float by one shift and one LOP3, its product one FMA, and
            the group's scale and zero applied once a word (sum_k (q_k - z) s x_k = s (sum_k f_k x'_k - X' - z X));
-           no interleave, no dequantizing FMA a code. The tuner measures its tiles beside the byte tiles'.
+           no interleave, no dequantizing FMA a code; x, the norm weight and the scales load a step ahead of
+           their use. The tuner measures its tiles beside the byte tiles'.
 
 Dequantization is ALU work per weight, and at 4 bits an H200 SM must dequantize ~36 weights a clock to keep
 up with HBM, so it is a handful of instructions: the code goes into the top mantissa bits of float32 1.0
@@ -251,19 +252,88 @@ def _code_f32(wd, j: tl.constexpr, PAIRED4: tl.constexpr, BITS: tl.constexpr):
 
 
 @triton.jit
-def _x_scaled(xj, j: tl.constexpr, PAIRED4: tl.constexpr, BITS: tl.constexpr):
-    # x'_j = x_j * 2**(23 - P) for _code_f32's P of code j (exact: a power of two)
-    P: tl.constexpr = 23 - BITS - 4 * (j % 2) * PAIRED4
-    return xj * (1 << (23 - P))
+def _x_code(ptr, row0, offs_w, mask_w, stride, j: tl.constexpr, CPW: tl.constexpr):
+    # x (or the norm weight: row0 0, stride 1) at code position j of each word w [WORDS]: x[CPW * w + j], raw
+    return tl.load(ptr + row0 + (offs_w * CPW + j) * stride, mask=mask_w, other=0.0)
 
 
 @triton.jit
-def _words_step(acc, acc_u, w_ptr, s_ptr, z_ptr, x_ptr, nw_ptr, cols, mask_n, row0, kk, K, N, rstd,
-                stride_wn, stride_sn, stride_sg, stride_zn, stride_zg, stride_xk,
+def _words_x(x_ptr, nw_ptr, row0, kk, K, stride_xk, NORM: tl.constexpr, BITS: tl.constexpr, BLOCK_K: tl.constexpr):
+    # the loads of one K step of the WORDS GEMV's x (and the norm weight's), raw, de-interleaved as the words are: code
+    # position j of word w is x[kk + CPW * w + j]. Issued a step ahead of their use (_wgemm_kernel): a plain load waits
+    # for its L2 round trip (cold: HBM) at its first use, which the loop would otherwise pay every step
+    CPW: tl.constexpr = 32 // BITS
+    offs_w = kk // CPW + tl.arange(0, BLOCK_K // CPW)
+    mask_w = offs_w < K // CPW
+    x0 = _x_code(x_ptr, row0, offs_w, mask_w, stride_xk, 0, CPW)
+    x1 = _x_code(x_ptr, row0, offs_w, mask_w, stride_xk, 1, CPW)
+    x2 = _x_code(x_ptr, row0, offs_w, mask_w, stride_xk, 2, CPW)
+    x3 = _x_code(x_ptr, row0, offs_w, mask_w, stride_xk, 3, CPW)
+    x4 = x0
+    x5 = x0
+    x6 = x0
+    x7 = x0
+    if CPW == 8:
+        x4 = _x_code(x_ptr, row0, offs_w, mask_w, stride_xk, 4, CPW)
+        x5 = _x_code(x_ptr, row0, offs_w, mask_w, stride_xk, 5, CPW)
+        x6 = _x_code(x_ptr, row0, offs_w, mask_w, stride_xk, 6, CPW)
+        x7 = _x_code(x_ptr, row0, offs_w, mask_w, stride_xk, 7, CPW)
+    n0, n1, n2, n3, n4, n5, n6, n7 = x0, x1, x2, x3, x4, x5, x6, x7
+    if NORM:
+        n0 = _x_code(nw_ptr, 0, offs_w, mask_w, 1, 0, CPW)
+        n1 = _x_code(nw_ptr, 0, offs_w, mask_w, 1, 1, CPW)
+        n2 = _x_code(nw_ptr, 0, offs_w, mask_w, 1, 2, CPW)
+        n3 = _x_code(nw_ptr, 0, offs_w, mask_w, 1, 3, CPW)
+        if CPW == 8:
+            n4 = _x_code(nw_ptr, 0, offs_w, mask_w, 1, 4, CPW)
+            n5 = _x_code(nw_ptr, 0, offs_w, mask_w, 1, 5, CPW)
+            n6 = _x_code(nw_ptr, 0, offs_w, mask_w, 1, 6, CPW)
+            n7 = _x_code(nw_ptr, 0, offs_w, mask_w, 1, 7, CPW)
+    return x0, x1, x2, x3, x4, x5, x6, x7, n0, n1, n2, n3, n4, n5, n6, n7
+
+
+@triton.jit
+def _words_sz(s_ptr, z_ptr, cols, mask_n, kk, K, N, stride_sn, stride_sg, stride_zn, stride_zg,
+              BITS: tl.constexpr, HAS_ZEROS: tl.constexpr, QGROUP: tl.constexpr, GLU: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_K: tl.constexpr):
+    # the scales (and zeros) of one K step's SUB groups [BLOCK_N, SUB], raw, and the up half's with GLU; loaded a step
+    # ahead like _words_x's (a masked scale of 0 makes padded rows and words exactly 0)
+    SUB: tl.constexpr = (BLOCK_K + QGROUP - 1) // QGROUP
+    offs_g = kk // QGROUP + tl.arange(0, SUB)
+    mask_g = mask_n[:, None] & (offs_g < tl.cdiv(K, QGROUP))[None, :]
+    s = tl.load(s_ptr + cols[:, None] * stride_sn + offs_g[None, :] * stride_sg, mask=mask_g, other=0.0)
+    z = s
+    s_u = s
+    z_u = s
+    if HAS_ZEROS:
+        z = tl.load(z_ptr + cols[:, None] * stride_zn + offs_g[None, :] * stride_zg, mask=mask_g, other=0)
+    if GLU:
+        s_u = tl.load(s_ptr + (cols + N)[:, None] * stride_sn + offs_g[None, :] * stride_sg, mask=mask_g, other=0.0)
+        z_u = s_u
+        if HAS_ZEROS:
+            z_u = tl.load(z_ptr + (cols + N)[:, None] * stride_zn + offs_g[None, :] * stride_zg, mask=mask_g, other=0)
+    return s, z, s_u, z_u
+
+
+@triton.jit
+def _x_use(xj, nj, rstd, j: tl.constexpr, PAIRED4: tl.constexpr, NORM: tl.constexpr, BITS: tl.constexpr):
+    # x_j as float32 (normalised as _norm_tile rounds, with NORM) and x'_j = x_j * 2**(23 - P_j) (_code_f32's P)
+    if NORM:
+        yj = (xj.to(tl.float32) * rstd).to(xj.dtype)
+        xj = (yj.to(tl.float32) * nj.to(tl.float32)).to(xj.dtype)
+    xj = xj.to(tl.float32)
+    P: tl.constexpr = 23 - BITS - 4 * (j % 2) * PAIRED4
+    return xj, xj * (1 << (23 - P))
+
+
+@triton.jit
+def _words_step(acc, acc_u, w_ptr, cols, mask_n, kk, K, N, rstd, stride_wn,
+                x0, x1, x2, x3, x4, x5, x6, x7, n0, n1, n2, n3, n4, n5, n6, n7, s, z, s_u, z_u,
                 BITS: tl.constexpr, HAS_ZEROS: tl.constexpr, QGROUP: tl.constexpr, NORM: tl.constexpr, GLU: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # one K step of the WORDS GEMV (one row of x, a quantized weight): the weight's [BLOCK_N, BLOCK_K] codes as int32
-    # words [BLOCK_N, WORDS] (CPW codes each) and x's BLOCK_K values de-interleaved to match, CPW vectors x_j [WORDS].
+    # words [BLOCK_N, WORDS] (CPW codes each) and x's BLOCK_K values de-interleaved to match, CPW vectors x_j [WORDS]
+    # (_words_x's, with the scales _words_sz's, loaded a step before).
     # With f_j = 1 + q_j * 2**(P_j - 23) (_code_f32) and x'_j = x_j * 2**(23 - P_j) (exact: a power of two),
     # f_j x'_j = x'_j + q_j x_j, so a word's sum of (q_j - z) * s * x_j is
     #     s * (t - X' - z * X),   t = sum_j f_j x'_j,  X' = sum_j x'_j,  X = sum_j x_j
@@ -274,11 +344,9 @@ def _words_step(acc, acc_u, w_ptr, s_ptr, z_ptr, x_ptr, nw_ptr, cols, mask_n, ro
     # the sums ~2**-16 relative, far below the 16-bit output's rounding
     CPW: tl.constexpr = 32 // BITS
     WORDS: tl.constexpr = BLOCK_K // CPW
-    SUB: tl.constexpr = (BLOCK_K + QGROUP - 1) // QGROUP
-    PAIRED4: tl.constexpr = BITS == 4 and x_ptr.dtype.element_ty != tl.float32  # (float32 x: every code at the top)
+    PAIRED4: tl.constexpr = BITS == 4 and x0.dtype != tl.float32  # (float32 x: every code at the top)
     offs_w = kk // CPW + tl.arange(0, WORDS)  # the step's words of a row
-    mask_w = offs_w < K // CPW
-    mask = mask_n[:, None] & mask_w[None, :]
+    mask = mask_n[:, None] & (offs_w < K // CPW)[None, :]
     rows = (w_ptr + cols * stride_wn).to(tl.pointer_type(tl.int32))  # [BLOCK_N] row starts, as words (4-byte aligned)
     wd = tl.load(rows[:, None] + offs_w[None, :], mask=mask, other=0)
     wu = wd
@@ -287,42 +355,57 @@ def _words_step(acc, acc_u, w_ptr, s_ptr, z_ptr, x_ptr, nw_ptr, cols, mask_n, ro
         wu = tl.load(rows_u[:, None] + offs_w[None, :], mask=mask, other=0)
     t = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
     t_u = t
-    xs = tl.zeros((WORDS,), dtype=tl.float32)
-    xs_s = xs
-    for j in tl.static_range(CPW):
-        k_j = offs_w * CPW + j
-        xj = tl.load(x_ptr + row0 + k_j * stride_xk, mask=mask_w, other=0.0)
-        if NORM:  # rounded as _norm_tile rounds
-            nj = tl.load(nw_ptr + k_j, mask=mask_w, other=0.0)
-            yj = (xj.to(tl.float32) * rstd).to(xj.dtype)
-            xj = (yj.to(tl.float32) * nj.to(tl.float32)).to(xj.dtype)
-        xj = xj.to(tl.float32)
-        xsj = _x_scaled(xj, j, PAIRED4, BITS)
-        t += _code_f32(wd, j, PAIRED4, BITS) * xsj[None, :]
-        if GLU:
-            t_u += _code_f32(wu, j, PAIRED4, BITS) * xsj[None, :]
-        xs += xj
-        xs_s += xsj
-    # the SUB groups this step spans; a masked scale of 0 makes padded rows and words exactly 0
-    offs_g = kk // QGROUP + tl.arange(0, SUB)
-    mask_g = mask_n[:, None] & (offs_g < tl.cdiv(K, QGROUP))[None, :]
-    acc = _words_scale(acc, t, xs, xs_s, s_ptr, z_ptr, cols, offs_g, mask_g, stride_sn, stride_sg, stride_zn, stride_zg,
-                       BITS, HAS_ZEROS, SUB, BLOCK_N, WORDS)
+    xa, xb = _x_use(x0, n0, rstd, 0, PAIRED4, NORM, BITS)
+    xs, xs_s = xa, xb
+    t, t_u = _code_mac(t, t_u, wd, wu, xb, 0, PAIRED4, BITS, GLU)
+    xa, xb = _x_use(x1, n1, rstd, 1, PAIRED4, NORM, BITS)
+    xs, xs_s = xs + xa, xs_s + xb
+    t, t_u = _code_mac(t, t_u, wd, wu, xb, 1, PAIRED4, BITS, GLU)
+    xa, xb = _x_use(x2, n2, rstd, 2, PAIRED4, NORM, BITS)
+    xs, xs_s = xs + xa, xs_s + xb
+    t, t_u = _code_mac(t, t_u, wd, wu, xb, 2, PAIRED4, BITS, GLU)
+    xa, xb = _x_use(x3, n3, rstd, 3, PAIRED4, NORM, BITS)
+    xs, xs_s = xs + xa, xs_s + xb
+    t, t_u = _code_mac(t, t_u, wd, wu, xb, 3, PAIRED4, BITS, GLU)
+    if CPW == 8:
+        xa, xb = _x_use(x4, n4, rstd, 4, PAIRED4, NORM, BITS)
+        xs, xs_s = xs + xa, xs_s + xb
+        t, t_u = _code_mac(t, t_u, wd, wu, xb, 4, PAIRED4, BITS, GLU)
+        xa, xb = _x_use(x5, n5, rstd, 5, PAIRED4, NORM, BITS)
+        xs, xs_s = xs + xa, xs_s + xb
+        t, t_u = _code_mac(t, t_u, wd, wu, xb, 5, PAIRED4, BITS, GLU)
+        xa, xb = _x_use(x6, n6, rstd, 6, PAIRED4, NORM, BITS)
+        xs, xs_s = xs + xa, xs_s + xb
+        t, t_u = _code_mac(t, t_u, wd, wu, xb, 6, PAIRED4, BITS, GLU)
+        xa, xb = _x_use(x7, n7, rstd, 7, PAIRED4, NORM, BITS)
+        xs, xs_s = xs + xa, xs_s + xb
+        t, t_u = _code_mac(t, t_u, wd, wu, xb, 7, PAIRED4, BITS, GLU)
+    acc = _words_scale(acc, t, xs, xs_s, s, z, BITS, HAS_ZEROS, QGROUP, BLOCK_N, BLOCK_K)
     if GLU:
-        acc_u = _words_scale(acc_u, t_u, xs, xs_s, s_ptr, z_ptr, cols + N, offs_g, mask_g, stride_sn, stride_sg, stride_zn,
-                             stride_zg, BITS, HAS_ZEROS, SUB, BLOCK_N, WORDS)
+        acc_u = _words_scale(acc_u, t_u, xs, xs_s, s_u, z_u, BITS, HAS_ZEROS, QGROUP, BLOCK_N, BLOCK_K)
     return acc, acc_u
 
 
 @triton.jit
-def _words_scale(acc, t, xs, xs_s, s_ptr, z_ptr, n_idx, offs_g, mask_g, stride_sn, stride_sg, stride_zn, stride_zg,
-                 BITS: tl.constexpr, HAS_ZEROS: tl.constexpr, SUB: tl.constexpr, BLOCK_N: tl.constexpr, WORDS: tl.constexpr):
-    # acc += s * (t - X' - z * X) with the scale s and zero z of each word's group (_words_step)
-    s = tl.load(s_ptr + n_idx[:, None] * stride_sn + offs_g[None, :] * stride_sg, mask=mask_g, other=0.0).to(tl.float32)
+def _code_mac(t, t_u, wd, wu, xb, j: tl.constexpr, PAIRED4: tl.constexpr, BITS: tl.constexpr, GLU: tl.constexpr):
+    # t += f_j x'_j for code position j of the words (and of the up half's with GLU)
+    t += _code_f32(wd, j, PAIRED4, BITS) * xb[None, :]
+    if GLU:
+        t_u += _code_f32(wu, j, PAIRED4, BITS) * xb[None, :]
+    return t, t_u
+
+
+@triton.jit
+def _words_scale(acc, t, xs, xs_s, s, z, BITS: tl.constexpr, HAS_ZEROS: tl.constexpr, QGROUP: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # acc += s * (t - X' - z * X) with the scale s and zero z [BLOCK_N, SUB] (raw, _words_sz's) of each word's group
+    CPW: tl.constexpr = 32 // BITS
+    WORDS: tl.constexpr = BLOCK_K // CPW
+    SUB: tl.constexpr = (BLOCK_K + QGROUP - 1) // QGROUP
+    s = s.to(tl.float32)
     if SUB == 1:
         if HAS_ZEROS:
-            z = tl.load(z_ptr + n_idx[:, None] * stride_zn + offs_g[None, :] * stride_zg, mask=mask_g, other=0).to(tl.float32)
-            acc += s * (t - xs_s[None, :] - z * xs[None, :])
+            acc += s * (t - xs_s[None, :] - z.to(tl.float32) * xs[None, :])
         else:
             acc += s * (t - (xs_s + 2 ** (BITS - 1) * xs)[None, :])
     else:  # words of SUB groups: [BLOCK_N, SUB, WORDS // SUB] against [BLOCK_N, SUB]
@@ -330,8 +413,7 @@ def _words_scale(acc, t, xs, xs_s, s_ptr, z_ptr, n_idx, offs_g, mask_g, stride_s
         x3 = tl.reshape(xs, (SUB, WORDS // SUB))
         xs3 = tl.reshape(xs_s, (SUB, WORDS // SUB))
         if HAS_ZEROS:
-            z = tl.load(z_ptr + n_idx[:, None] * stride_zn + offs_g[None, :] * stride_zg, mask=mask_g, other=0).to(tl.float32)
-            d = s[:, :, None] * (t3 - xs3[None, :, :] - z[:, :, None] * x3[None, :, :])
+            d = s[:, :, None] * (t3 - xs3[None, :, :] - z.to(tl.float32)[:, :, None] * x3[None, :, :])
         else:
             d = s[:, :, None] * (t3 - (xs3 + 2 ** (BITS - 1) * x3)[None, :, :])
         acc += tl.reshape(d, (BLOCK_N, WORDS))
@@ -447,10 +529,23 @@ def _wgemm_kernel(
             nw = _norm_weight(nw_ptr, k_lo, K, offs_k)
     if WORDS:
         tl.static_assert(not DOT and not PREFETCH and BITS > 0, "WORDS: the GEMV of a quantized weight, no PREFETCH")
+        # x, the norm weight and the scales of the first step; in the loop those of the next step load while this one
+        # computes (the weight tiles go through cp.async's pipeline; these small loads do not)
+        x0, x1, x2, x3, x4, x5, x6, x7, n0, n1, n2, n3, n4, n5, n6, n7 = _words_x(
+            x_ptr, nw_ptr, rows * stride_xm, k_lo, K, stride_xk, NORM, BITS, BLOCK_K)
+        s, z, s_u, z_u = _words_sz(s_ptr, z_ptr, cols, mask_n, k_lo, K, N, stride_sn, stride_sg, stride_zn, stride_zg,
+                                   BITS, HAS_ZEROS, QGROUP, GLU, BLOCK_N, BLOCK_K)
         for kk in tl.range(k_lo, k_hi, BLOCK_K, num_stages=LOOP_STAGES):
-            acc, acc_u = _words_step(acc, acc_u, w_ptr, s_ptr, z_ptr, x_ptr, nw_ptr, cols, mask_n, rows * stride_xm, kk, K, N,
-                                     rstd, stride_wn, stride_sn, stride_sg, stride_zn, stride_zg, stride_xk,
+            y0, y1, y2, y3, y4, y5, y6, y7, m0, m1, m2, m3, m4, m5, m6, m7 = _words_x(
+                x_ptr, nw_ptr, rows * stride_xm, kk + BLOCK_K, K, stride_xk, NORM, BITS, BLOCK_K)
+            s2, z2, s2_u, z2_u = _words_sz(s_ptr, z_ptr, cols, mask_n, kk + BLOCK_K, K, N, stride_sn, stride_sg, stride_zn,
+                                           stride_zg, BITS, HAS_ZEROS, QGROUP, GLU, BLOCK_N, BLOCK_K)
+            acc, acc_u = _words_step(acc, acc_u, w_ptr, cols, mask_n, kk, K, N, rstd, stride_wn,
+                                     x0, x1, x2, x3, x4, x5, x6, x7, n0, n1, n2, n3, n4, n5, n6, n7, s, z, s_u, z_u,
                                      BITS, HAS_ZEROS, QGROUP, NORM, GLU, BLOCK_N, BLOCK_K)
+            x0, x1, x2, x3, x4, x5, x6, x7 = y0, y1, y2, y3, y4, y5, y6, y7
+            n0, n1, n2, n3, n4, n5, n6, n7 = m0, m1, m2, m3, m4, m5, m6, m7
+            s, z, s_u, z_u = s2, z2, s2_u, z2_u
     else:
         # (the loop keeps its own statements in the order measured on the H200; _k_step is the same operations)
         for kk in tl.range(k_lo, k_hi, BLOCK_K, num_stages=LOOP_STAGES):
