@@ -144,6 +144,9 @@ print(f'import torch {a - t:.2f} s, kiln {b - a:.2f} s'); t = time.time(); torch
              # other plans started the compile workers
       timeout ${TESTS_TIMEOUT:-150} python3 -m pytest -q -rf -p no:logging -m gpu tests/codegen/test_skinny.py -k "words or every_config" \
         tests/runtime/test_warm_libs.py tests/runtime/test_kernel_plan_survey.py 2>&1 | tee "$OUT/qwords.log" | grep -v DEBUG | tail -6 ;;
+    gptq_1b)  # issue 13's cold compile with GPTQ calibration of the 1B (goal <= 60 s): fresh kiln and Triton caches
+      TRITON_CACHE_DIR=$(mktemp -d) KILN_CACHE_DIR=$(mktemp -d) timeout 300 python3 bench/llm_quant.py --models 1b \
+        --modes w4a16-gptq 2>&1 | grep "tok/s" | tail -4 ;;
     qwords2)  # the skinny GPU tests of every M = 1 config (the WORDS tiles as skinny.TILES lists them) and the WORDS tiles
       timeout ${TESTS_TIMEOUT:-150} python3 -m pytest -q -rf -p no:logging -m gpu tests/codegen/test_skinny.py -k "words or every_config" \
         2>&1 | tee "$OUT/qwords2.log" | grep -v DEBUG | tail -4 ;;

@@ -2,10 +2,13 @@
 
 Models (transformers LlamaForCausalLM, random bf16 weights, real shapes): Llama-3.2-1B at batch 1 and 16, Llama-3.1-8B
 at batch 1. Modes: bf16, w8a16 (int8 per channel, the LM head too), w4a16 (int4, groups of 128, rounding: calibration
-changes the numbers, not the speed). Per (model, batch, mode): decode tokens/s (prompt 128, 256 new tokens, greedy;
+changes the numbers, not the speed; the LM head int8), and w4a16-gptq for its compile time (issue 13: the 1B's cold
+compile with GPTQ calibration <= 60 s): GPTQ on CALIB_WINDOWS windows of CALIB_LEN random token ids (the weights are
+random too: the time is the figure, not the error); run it alone with fresh caches for the cold figure
+(bench/gpu.sh gptq_1b). Per (model, batch, mode): decode tokens/s (prompt 128, 256 new tokens, greedy;
 best of 3 after a first run that plans, tunes and captures the bucket), that first run's seconds, the compile's
 seconds, the bytes of GEMM weights a decode step reads and the implied fraction of the measured copy bandwidth.
-Usage: python3 bench/llm_quant.py [--models 1b,8b] [--modes bf16,w8a16,w4a16]. Writes $OUT/llm_quant.json."""
+Usage: python3 bench/llm_quant.py [--models 1b,8b] [--modes bf16,w8a16,w4a16,w4a16-gptq]. Writes $OUT/llm_quant.json."""
 import argparse
 import json
 import os
@@ -24,7 +27,8 @@ SHAPES = {
     "8b": (dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                 num_key_value_heads=8, tie_word_embeddings=False, rope_theta=500000.0), (1,)),
 }
-MODES = {"bf16": None, "w8a16": "w8a16", "w4a16": "w4a16"}
+MODES = {"bf16": None, "w8a16": "w8a16", "w4a16": "w4a16", "w4a16-gptq": "w4a16-gptq"}
+CALIB_WINDOWS, CALIB_LEN = 16, 256  # w4a16-gptq's calibration: 4096 tokens, >= every GEMM's K (8192 rows for down)
 
 
 def copy_bandwidth() -> float:
@@ -61,9 +65,11 @@ def bench_model(name: str, modes: list[str], bandwidth: float) -> dict:
         m = LlamaForCausalLM(LlamaConfig(**shape, max_position_embeddings=4096)).to(torch.bfloat16).eval()
     prompt = torch.randint(0, shape["vocab_size"], (max(batches), P), generator=torch.Generator().manual_seed(0)).tolist()
     res = {}
+    calib = torch.randint(0, shape["vocab_size"], (CALIB_WINDOWS, CALIB_LEN), generator=torch.Generator().manual_seed(1)).tolist()
     for mode in modes:
         t0 = time.perf_counter()
-        g = kiln.from_hf(m, max_seq=P + GEN, batch_buckets=batches, eos_token_id=[], quantize=MODES[mode])
+        g = kiln.from_hf(m, max_seq=max(P + GEN, CALIB_LEN), batch_buckets=batches, eos_token_id=[], quantize=MODES[mode],
+                         calibration=calib if mode.endswith("gptq") else None)
         compile_s = time.perf_counter() - t0
         nbytes = gemm_weight_bytes(g.compiled.graph)
         for bs in batches:
@@ -82,8 +88,11 @@ def bench_model(name: str, modes: list[str], bandwidth: float) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="1b,8b")
-    ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--modes", default="bf16,w8a16,w4a16", help=f"comma-separated, of {', '.join(MODES)}")
     a = ap.parse_args()
+    unknown = [m for m in a.modes.split(",") if m not in MODES]
+    if unknown:
+        ap.error(f"unknown mode(s) {', '.join(unknown)}; choose from {', '.join(MODES)}")
     bw = copy_bandwidth()
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__, "prompt": P,
            "new_tokens": GEN, "copy_bandwidth_TB_s": bw / 1e12}
