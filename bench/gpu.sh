@@ -144,6 +144,11 @@ print(f'import torch {a - t:.2f} s, kiln {b - a:.2f} s'); t = time.time(); torch
              # other plans started the compile workers
       timeout ${TESTS_TIMEOUT:-150} python3 -m pytest -q -rf -p no:logging -m gpu tests/codegen/test_skinny.py -k "words or every_config" \
         tests/runtime/test_warm_libs.py tests/runtime/test_kernel_plan_survey.py 2>&1 | tee "$OUT/qwords.log" | grep -v DEBUG | tail -6 ;;
+    ncu_gemv)  # Nsight Compute on one int4 / int8 gate/up GEMV per skinny config (warp stalls, occupancy, bytes in flight)
+      NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+      timeout 240 "$NCU" --profile-from-start off --clock-control none --section SpeedOfLight --section WarpStateStats \
+        --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis python3 bench/gemv_ncu.py > "$OUT/ncu_gemv.txt" 2>&1
+      grep -E "^int[48] |Duration|DRAM Throughput|Achieved Occupancy|Warp Cycles Per Issued|Registers Per" "$OUT/ncu_gemv.txt" | head -60 ;;
     gptq_1b)  # issue 13's cold compile with GPTQ calibration of the 1B (goal <= 60 s): fresh kiln and Triton caches
       TRITON_CACHE_DIR=$(mktemp -d) KILN_CACHE_DIR=$(mktemp -d) timeout 300 python3 bench/llm_quant.py --models 1b \
         --modes w4a16-gptq 2>&1 | grep "tok/s" | tail -4 ;;
