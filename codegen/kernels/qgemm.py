@@ -355,31 +355,17 @@ def _words_step(acc, acc_u, w_ptr, cols, mask_n, kk, K, N, rstd, stride_wn,
         wu = tl.load(rows_u[:, None] + offs_w[None, :], mask=mask, other=0)
     t = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
     t_u = t
-    xa, xb = _x_use(x0, n0, rstd, 0, PAIRED4, NORM, BITS)
-    xs, xs_s = xa, xb
-    t, t_u = _code_mac(t, t_u, wd, wu, xb, 0, PAIRED4, BITS, GLU)
-    xa, xb = _x_use(x1, n1, rstd, 1, PAIRED4, NORM, BITS)
-    xs, xs_s = xs + xa, xs_s + xb
-    t, t_u = _code_mac(t, t_u, wd, wu, xb, 1, PAIRED4, BITS, GLU)
-    xa, xb = _x_use(x2, n2, rstd, 2, PAIRED4, NORM, BITS)
-    xs, xs_s = xs + xa, xs_s + xb
-    t, t_u = _code_mac(t, t_u, wd, wu, xb, 2, PAIRED4, BITS, GLU)
-    xa, xb = _x_use(x3, n3, rstd, 3, PAIRED4, NORM, BITS)
-    xs, xs_s = xs + xa, xs_s + xb
-    t, t_u = _code_mac(t, t_u, wd, wu, xb, 3, PAIRED4, BITS, GLU)
+    xs = tl.zeros((WORDS,), dtype=tl.float32)
+    xs_s = xs
+    t, t_u, xs, xs_s = _code_term(t, t_u, xs, xs_s, wd, wu, x0, n0, rstd, 0, PAIRED4, NORM, BITS, GLU)
+    t, t_u, xs, xs_s = _code_term(t, t_u, xs, xs_s, wd, wu, x1, n1, rstd, 1, PAIRED4, NORM, BITS, GLU)
+    t, t_u, xs, xs_s = _code_term(t, t_u, xs, xs_s, wd, wu, x2, n2, rstd, 2, PAIRED4, NORM, BITS, GLU)
+    t, t_u, xs, xs_s = _code_term(t, t_u, xs, xs_s, wd, wu, x3, n3, rstd, 3, PAIRED4, NORM, BITS, GLU)
     if CPW == 8:
-        xa, xb = _x_use(x4, n4, rstd, 4, PAIRED4, NORM, BITS)
-        xs, xs_s = xs + xa, xs_s + xb
-        t, t_u = _code_mac(t, t_u, wd, wu, xb, 4, PAIRED4, BITS, GLU)
-        xa, xb = _x_use(x5, n5, rstd, 5, PAIRED4, NORM, BITS)
-        xs, xs_s = xs + xa, xs_s + xb
-        t, t_u = _code_mac(t, t_u, wd, wu, xb, 5, PAIRED4, BITS, GLU)
-        xa, xb = _x_use(x6, n6, rstd, 6, PAIRED4, NORM, BITS)
-        xs, xs_s = xs + xa, xs_s + xb
-        t, t_u = _code_mac(t, t_u, wd, wu, xb, 6, PAIRED4, BITS, GLU)
-        xa, xb = _x_use(x7, n7, rstd, 7, PAIRED4, NORM, BITS)
-        xs, xs_s = xs + xa, xs_s + xb
-        t, t_u = _code_mac(t, t_u, wd, wu, xb, 7, PAIRED4, BITS, GLU)
+        t, t_u, xs, xs_s = _code_term(t, t_u, xs, xs_s, wd, wu, x4, n4, rstd, 4, PAIRED4, NORM, BITS, GLU)
+        t, t_u, xs, xs_s = _code_term(t, t_u, xs, xs_s, wd, wu, x5, n5, rstd, 5, PAIRED4, NORM, BITS, GLU)
+        t, t_u, xs, xs_s = _code_term(t, t_u, xs, xs_s, wd, wu, x6, n6, rstd, 6, PAIRED4, NORM, BITS, GLU)
+        t, t_u, xs, xs_s = _code_term(t, t_u, xs, xs_s, wd, wu, x7, n7, rstd, 7, PAIRED4, NORM, BITS, GLU)
     acc = _words_scale(acc, t, xs, xs_s, s, z, BITS, HAS_ZEROS, QGROUP, BLOCK_N, BLOCK_K)
     if GLU:
         acc_u = _words_scale(acc_u, t_u, xs, xs_s, s_u, z_u, BITS, HAS_ZEROS, QGROUP, BLOCK_N, BLOCK_K)
@@ -387,12 +373,14 @@ def _words_step(acc, acc_u, w_ptr, cols, mask_n, kk, K, N, rstd, stride_wn,
 
 
 @triton.jit
-def _code_mac(t, t_u, wd, wu, xb, j: tl.constexpr, PAIRED4: tl.constexpr, BITS: tl.constexpr, GLU: tl.constexpr):
-    # t += f_j x'_j for code position j of the words (and of the up half's with GLU)
+def _code_term(t, t_u, xs, xs_s, wd, wu, xj, nj, rstd, j: tl.constexpr, PAIRED4: tl.constexpr, NORM: tl.constexpr,
+               BITS: tl.constexpr, GLU: tl.constexpr):
+    # code position j of the words: t += f_j x'_j (and the up half's with GLU), X += x_j, X' += x'_j
+    xa, xb = _x_use(xj, nj, rstd, j, PAIRED4, NORM, BITS)
     t += _code_f32(wd, j, PAIRED4, BITS) * xb[None, :]
     if GLU:
         t_u += _code_f32(wu, j, PAIRED4, BITS) * xb[None, :]
-    return t, t_u
+    return t, t_u, xs + xa, xs_s + xb
 
 
 @triton.jit
