@@ -95,19 +95,42 @@ def _weight_tile(w_ptr, s_ptr, z_ptr, n_idx, mask_n, kk, K,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # W's rows n_idx [BLOCK_N] (int64), columns kk .. kk + BLOCK_K: [BLOCK_N, BLOCK_K], plain in its own dtype,
     # quantized dequantized to float32
+    s = s_ptr  # (unused for a plain weight)
+    z = s_ptr
+    if BITS != 0:
+        s, z = _group_scales(s_ptr, z_ptr, n_idx, mask_n, kk, K, stride_sn, stride_sg, stride_zn, stride_zg, HAS_ZEROS, QGROUP, SUB)
+    return _codes_tile(w_ptr, n_idx, mask_n, kk, K, stride_wn, stride_wk, s, z, BITS, PACK, HAS_ZEROS, SUB, BLOCK_N, BLOCK_K)
+
+
+@triton.jit
+def _group_scales(s_ptr, z_ptr, n_idx, mask_n, kk, K, stride_sn, stride_sg, stride_zn, stride_zg,
+                  HAS_ZEROS: tl.constexpr, QGROUP: tl.constexpr, SUB: tl.constexpr):
+    # the scales (and zeros; else the scales again) of rows n_idx in the SUB groups the K step at kk spans, raw [BLOCK_N,
+    # SUB] (the last ones past K when K is no multiple of BLOCK_K: a masked scale of 0 makes padded rows and columns
+    # exactly 0)
+    offs_g = kk // QGROUP + tl.arange(0, SUB)
+    mask_g = mask_n[:, None] & (offs_g < tl.cdiv(K, QGROUP))[None, :]
+    s = tl.load(s_ptr + n_idx[:, None] * stride_sn + offs_g[None, :] * stride_sg, mask=mask_g, other=0.0)
+    z = s
+    if HAS_ZEROS:
+        z = tl.load(z_ptr + n_idx[:, None] * stride_zn + offs_g[None, :] * stride_zg, mask=mask_g, other=0)
+    return s, z
+
+
+@triton.jit
+def _codes_tile(w_ptr, n_idx, mask_n, kk, K, stride_wn, stride_wk, s, z,
+                BITS: tl.constexpr, PACK: tl.constexpr, HAS_ZEROS: tl.constexpr, SUB: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # _weight_tile with the step's scales and zeros given (_group_scales's, perhaps loaded a step before)
     offs_j = kk // PACK + tl.arange(0, BLOCK_K // PACK)  # packed columns of this step
     mask = mask_n[:, None] & (offs_j < K // PACK)[None, :]  # in packed columns: keeps the mask 16-byte uniform for cp.async
     b = tl.load(w_ptr + n_idx[:, None] * stride_wn + offs_j[None, :] * stride_wk, mask=mask, other=0)
     if BITS == 0:
         w = b
     else:
-        # the SUB groups this step spans (the last ones past K when K is no multiple of BLOCK_K); a masked scale
-        # of 0 makes padded rows and columns exactly 0
-        offs_g = kk // QGROUP + tl.arange(0, SUB)
-        mask_g = mask_n[:, None] & (offs_g < tl.cdiv(K, QGROUP))[None, :]
-        s = tl.load(s_ptr + n_idx[:, None] * stride_sn + offs_g[None, :] * stride_sg, mask=mask_g, other=0.0).to(tl.float32)
+        s = s.to(tl.float32)
         if HAS_ZEROS:
-            z = tl.load(z_ptr + n_idx[:, None] * stride_zn + offs_g[None, :] * stride_zg, mask=mask_g, other=0).to(tl.float32)
+            z = z.to(tl.float32)
         else:
             z = tl.full((BLOCK_N, SUB), 2 ** (BITS - 1), tl.float32)
         q = b.to(tl.int32)  # zero-extended bytes
@@ -294,24 +317,14 @@ def _words_x(x_ptr, nw_ptr, row0, kk, K, stride_xk, NORM: tl.constexpr, BITS: tl
 
 @triton.jit
 def _words_sz(s_ptr, z_ptr, cols, mask_n, kk, K, N, stride_sn, stride_sg, stride_zn, stride_zg,
-              BITS: tl.constexpr, HAS_ZEROS: tl.constexpr, QGROUP: tl.constexpr, GLU: tl.constexpr, BLOCK_N: tl.constexpr,
-              BLOCK_K: tl.constexpr):
-    # the scales (and zeros) of one K step's SUB groups [BLOCK_N, SUB], raw, and the up half's with GLU; loaded a step
-    # ahead like _words_x's (a masked scale of 0 makes padded rows and words exactly 0)
+              HAS_ZEROS: tl.constexpr, QGROUP: tl.constexpr, GLU: tl.constexpr, BLOCK_K: tl.constexpr):
+    # _group_scales of one K step, and the up half's with GLU (else the same again); loaded a step ahead like _words_x's
     SUB: tl.constexpr = (BLOCK_K + QGROUP - 1) // QGROUP
-    offs_g = kk // QGROUP + tl.arange(0, SUB)
-    mask_g = mask_n[:, None] & (offs_g < tl.cdiv(K, QGROUP))[None, :]
-    s = tl.load(s_ptr + cols[:, None] * stride_sn + offs_g[None, :] * stride_sg, mask=mask_g, other=0.0)
-    z = s
-    s_u = s
-    z_u = s
-    if HAS_ZEROS:
-        z = tl.load(z_ptr + cols[:, None] * stride_zn + offs_g[None, :] * stride_zg, mask=mask_g, other=0)
+    s, z = _group_scales(s_ptr, z_ptr, cols, mask_n, kk, K, stride_sn, stride_sg, stride_zn, stride_zg, HAS_ZEROS, QGROUP, SUB)
+    s_u, z_u = s, z
     if GLU:
-        s_u = tl.load(s_ptr + (cols + N)[:, None] * stride_sn + offs_g[None, :] * stride_sg, mask=mask_g, other=0.0)
-        z_u = s_u
-        if HAS_ZEROS:
-            z_u = tl.load(z_ptr + (cols + N)[:, None] * stride_zn + offs_g[None, :] * stride_zg, mask=mask_g, other=0)
+        s_u, z_u = _group_scales(s_ptr, z_ptr, cols + N, mask_n, kk, K, stride_sn, stride_sg, stride_zn, stride_zg,
+                                 HAS_ZEROS, QGROUP, SUB)
     return s, z, s_u, z_u
 
 
@@ -453,6 +466,7 @@ def _wgemm_kernel(
     L2_BYTES: tl.constexpr = 0,  # > 0: bytes of this program's weight asked of the L2 before that wait (pdl.py)
     RSTD_K: tl.constexpr = 16, RSTD_STAGES: tl.constexpr = 4,  # NORM: the statistics' tile [BLOCK_M, RSTD_K], its stages
     WORDS: tl.constexpr = False,  # GEMV of a quantized weight read as int32 words, scales applied a word (_words_step)
+    AHEAD: tl.constexpr = False,  # (byte-tile GEMV of a quantized weight) each step's scales loaded a step before
 ):
     EARLY: tl.constexpr = PREFETCH or L2_BYTES > 0  # weights read before the wait (a kernel never writes them)
     if not EARLY:
@@ -522,12 +536,12 @@ def _wgemm_kernel(
         x0, x1, x2, x3, x4, x5, x6, x7, n0, n1, n2, n3, n4, n5, n6, n7 = _words_x(
             x_ptr, nw_ptr, rows * stride_xm, k_lo, K, stride_xk, NORM, BITS, BLOCK_K)
         s, z, s_u, z_u = _words_sz(s_ptr, z_ptr, cols, mask_n, k_lo, K, N, stride_sn, stride_sg, stride_zn, stride_zg,
-                                   BITS, HAS_ZEROS, QGROUP, GLU, BLOCK_N, BLOCK_K)
+                                   HAS_ZEROS, QGROUP, GLU, BLOCK_K)
         for kk in tl.range(k_lo, k_hi, BLOCK_K, num_stages=LOOP_STAGES):
             y0, y1, y2, y3, y4, y5, y6, y7, m0, m1, m2, m3, m4, m5, m6, m7 = _words_x(
                 x_ptr, nw_ptr, rows * stride_xm, kk + BLOCK_K, K, stride_xk, NORM, BITS, BLOCK_K)
             s2, z2, s2_u, z2_u = _words_sz(s_ptr, z_ptr, cols, mask_n, kk + BLOCK_K, K, N, stride_sn, stride_sg, stride_zn,
-                                           stride_zg, BITS, HAS_ZEROS, QGROUP, GLU, BLOCK_N, BLOCK_K)
+                                           stride_zg, HAS_ZEROS, QGROUP, GLU, BLOCK_K)
             acc, acc_u = _words_step(acc, acc_u, w_ptr, cols, mask_n, kk, K, N, rstd, stride_wn,
                                      x0, x1, x2, x3, x4, x5, x6, x7, n0, n1, n2, n3, n4, n5, n6, n7, s, z, s_u, z_u,
                                      BITS, HAS_ZEROS, QGROUP, NORM, GLU, BLOCK_N, BLOCK_K)
@@ -535,6 +549,10 @@ def _wgemm_kernel(
             n0, n1, n2, n3, n4, n5, n6, n7 = m0, m1, m2, m3, m4, m5, m6, m7
             s, z, s_u, z_u = s2, z2, s2_u, z2_u
     else:
+        if AHEAD:  # the first step's scales (a plain load waits for its round trip at first use: in the loop, every step)
+            tl.static_assert(not DOT and not PREFETCH and BITS > 0, "AHEAD: the byte-tile GEMV of a quantized weight")
+            s, z, s_u, z_u = _words_sz(s_ptr, z_ptr, cols, mask_n, k_lo, K, N, stride_sn, stride_sg, stride_zn, stride_zg,
+                                       HAS_ZEROS, QGROUP, GLU, BLOCK_K)
         # (the loop keeps its own statements in the order measured on the H200; _k_step is the same operations)
         for kk in tl.range(k_lo, k_hi, BLOCK_K, num_stages=LOOP_STAGES):
             a = tl.load(x_ptr + rows[:, None] * stride_xm + (kk + offs_k)[None, :] * stride_xk,
@@ -543,13 +561,25 @@ def _wgemm_kernel(
                 nw_next = _norm_weight(nw_ptr, kk + BLOCK_K, K, offs_k)  # next step's, in flight during this one
                 a = _norm_tile(a, rstd, nw)
                 nw = nw_next
-            b = _weight_tile(w_ptr, s_ptr, z_ptr, cols, mask_n, kk, K, stride_wn, stride_wk,
-                             stride_sn, stride_sg, stride_zn, stride_zg, BITS, PACK, HAS_ZEROS, QGROUP, SUB, BLOCK_N, BLOCK_K)
+            if AHEAD:  # the next step's scales in flight during this one
+                s2, z2, s2_u, z2_u = _words_sz(s_ptr, z_ptr, cols, mask_n, kk + BLOCK_K, K, N, stride_sn, stride_sg,
+                                               stride_zn, stride_zg, HAS_ZEROS, QGROUP, GLU, BLOCK_K)
+                b = _codes_tile(w_ptr, cols, mask_n, kk, K, stride_wn, stride_wk, s, z, BITS, PACK, HAS_ZEROS, SUB,
+                                BLOCK_N, BLOCK_K)
+            else:
+                b = _weight_tile(w_ptr, s_ptr, z_ptr, cols, mask_n, kk, K, stride_wn, stride_wk,
+                                 stride_sn, stride_sg, stride_zn, stride_zg, BITS, PACK, HAS_ZEROS, QGROUP, SUB, BLOCK_N, BLOCK_K)
             acc = _mac(acc, a, b, DOT, SWAP, DOT_PRECISION, BLOCK_K)
             if GLU:  # the up half: rows N + j of the merged [gate; up] weight, same x tile
-                u = _weight_tile(w_ptr, s_ptr, z_ptr, cols + N, mask_n, kk, K, stride_wn, stride_wk,
-                                 stride_sn, stride_sg, stride_zn, stride_zg, BITS, PACK, HAS_ZEROS, QGROUP, SUB, BLOCK_N, BLOCK_K)
+                if AHEAD:
+                    u = _codes_tile(w_ptr, cols + N, mask_n, kk, K, stride_wn, stride_wk, s_u, z_u, BITS, PACK, HAS_ZEROS,
+                                    SUB, BLOCK_N, BLOCK_K)
+                else:
+                    u = _weight_tile(w_ptr, s_ptr, z_ptr, cols + N, mask_n, kk, K, stride_wn, stride_wk, stride_sn, stride_sg,
+                                     stride_zn, stride_zg, BITS, PACK, HAS_ZEROS, QGROUP, SUB, BLOCK_N, BLOCK_K)
                 acc_u = _mac(acc_u, a, u, DOT, SWAP, DOT_PRECISION, BLOCK_K)
+            if AHEAD:
+                s, z, s_u, z_u = s2, z2, s2_u, z2_u
     if SWAP:  # [BLOCK_N, BLOCK_M] -> [BLOCK_M, BLOCK_N]: one layout conversion a program, for the epilogue
         acc = tl.trans(acc)
         if GLU:
@@ -732,8 +762,8 @@ def launch(x2, weight: Weight, epi: Epilogue, out2, m: int, n: int, config: dict
                 LOOP_STAGES=None if dot else (config or {}).get("num_stages", 3))
     budget = pdl.l2(x2) if l2 is None else l2
     step = k_chunk // meta["PACK"] * w.element_size() if splits > 1 else 0  # a split's first byte in a row: a multiple
-    words = bool((config or {}).get("WORDS"))  # (its loop has no peeled first step)
-    meta.update(pdl.kwargs(x2), PREFETCH=not words and (pdl.prefetch(x2) if prefetch is None else prefetch),
+    own_loop = bool((config or {}).get("WORDS") or (config or {}).get("AHEAD"))  # (no peeled first step in those loops)
+    meta.update(pdl.kwargs(x2), PREFETCH=not own_loop and (pdl.prefetch(x2) if prefetch is None else prefetch),
                 L2_BYTES=pdl.l2_bytes(w, step, budget) if budget else 0)
     if norm is not None:  # the statistics' tiles: ~STATS_ELEMS values, at most K's power of two wide
         meta["RSTD_K"] = min(triton.next_power_of_2(k), max(16, STATS_ELEMS // (config or {}).get("BLOCK_M", 16)))

@@ -85,6 +85,7 @@ class Tile(NamedTuple):
     swap: bool = False
     words: bool = False  # (GEMV of a quantized weight only) read as int32 words, scales applied a word (qgemm.py WORDS)
     fewer: int = 1  # split K fewer times than _split_k's choice by this factor (a tile whose programs fit one an SM)
+    ahead: bool = False  # (byte-tile GEMV of a quantized weight) each step's scales loaded a step before (qgemm.py AHEAD)
 
 
 # Tiles per (DOT, bits; 0: a 16-bit plain weight), the default first. A step streams 4-16 KB of weight (a GLU
@@ -107,9 +108,9 @@ class Tile(NamedTuple):
 #   norm at 4 bits (and at 8 bits without it): not offered.
 TILES = {
     (False, 0): [Tile(32, 256, 4, 3), Tile(16, 512, 4, 3)],
-    (False, 8): [Tile(32, 256, 4, 3), Tile(64, 256, 8, 3, words=True), Tile(128, 256, 8, 3, words=True, fewer=2),
-                 Tile(16, 512, 4, 4, words=True)],
-    (False, 4): [Tile(32, 256, 4, 3), Tile(16, 1024, 4, 3, words=True), Tile(32, 512, 8, 3)],
+    (False, 8): [Tile(32, 256, 4, 3), Tile(32, 256, 4, 3, ahead=True), Tile(64, 256, 8, 3, words=True),
+                 Tile(128, 256, 8, 3, words=True, fewer=2), Tile(16, 512, 4, 4, words=True)],
+    (False, 4): [Tile(32, 256, 4, 3), Tile(32, 256, 4, 3, ahead=True), Tile(16, 1024, 4, 3, words=True), Tile(32, 512, 8, 3)],
     (True, 0): [Tile(64, 128, 4, 4, True), Tile(128, 128, 8, 3, True), Tile(64, 128, 4, 3)],
     (True, 8): [Tile(64, 128, 4, 4, True), Tile(128, 128, 8, 3, True), Tile(64, 128, 4, 3)],
     (True, 4): [Tile(64, 128, 4, 4, True), Tile(128, 128, 8, 3, True), Tile(64, 256, 8, 3)],
@@ -194,16 +195,18 @@ def tile_config(m: int, n: int, k: int, bits: int | None, glu: bool, tile: Tile,
         split = _chunking(k, split, bk)[0]
     c = dict(BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split) | ({"REDUCE": "last"} if split > 1 else {})
     return (c | dict(DOT=m > 1) | ({"SWAP": True} if tile.swap else {}) | ({"WORDS": True} if tile.words else {})
-            | dict(num_warps=tile.warps, num_stages=tile.stages))
+            | ({"AHEAD": True} if tile.ahead else {}) | dict(num_warps=tile.warps, num_stages=tile.stages))
 
 
 def configs(m: int, n: int, k: int, bits: int | None = None, glu: bool = False, norm: bool = False) -> list[dict]:
-    """At most 4 launch configurations worth measuring on an H200 for ``m`` rows against a weight of ``n`` rows
-    (out features; gate and up together with ``glu``) and ``k`` columns, ``bits`` 8 / 4 or None (plain
-    16-bit): dicts of BLOCK_N, BLOCK_K, SPLIT_K, REDUCE (where SPLIT_K > 1), DOT, SWAP (where swapped), num_warps,
-    num_stages. The first is the default; split-K configurations reduce in their last program (REDUCE "last"), and
-    where the default splits, its two-launch twin (REDUCE "separate") is one of them. A plain GEMV also tries
-    WHOLE_K's tile; 2..16 rows try TILES' two swapped tiles and the unswapped one. With ``norm`` (the RMSNorm prologue)
+    """At most 4 (one row of a quantized weight: 5) launch configurations worth measuring on an H200 for ``m`` rows
+    against a weight of ``n`` rows (out features; gate and up together with ``glu``) and ``k`` columns, ``bits`` 8 / 4
+    or None (plain 16-bit): dicts of BLOCK_N, BLOCK_K, SPLIT_K, REDUCE (where SPLIT_K > 1), DOT, SWAP (where swapped),
+    WORDS / AHEAD (one row of a quantized weight), num_warps, num_stages. The first is the default; split-K
+    configurations reduce in their last program (REDUCE "last"), and where the default splits, its two-launch twin
+    (REDUCE "separate") is one of them. A plain GEMV also tries WHOLE_K's tile, a quantized one TILES' WORDS tiles and
+    the default with its scales a step ahead; 2..16 rows try TILES' two swapped tiles and the unswapped one. With
+    ``norm`` (the RMSNorm prologue)
     at 2..16 rows the fourth is the default tile at half its splits: every program reads x's rows whole for the
     statistics (M x K values), so the programs' statistics traffic (from L2) grows with the splits, by the weight's
     bytes at 16 rows and 192 programs of the 1B's qkv."""
@@ -230,7 +233,7 @@ def configs(m: int, n: int, k: int, bits: int | None = None, glu: bool = False, 
     for c in out:
         if c not in unique:
             unique.append(c)
-    return unique[:4]
+    return unique[:5 if whole_words and not dot else 4]
 
 
 def _resolve(m: int, n: int, k: int, bits: int | None, glu: bool, config: dict | None) -> dict:
@@ -254,6 +257,8 @@ def _resolve(m: int, n: int, k: int, bits: int | None, glu: bool, config: dict |
     if c.get("WORDS") and (c["DOT"] or bits not in (4, 8) or k % (32 // bits) or c["BLOCK_K"] * bits < 32 * 16):
         raise ValueError(f"skinny_gemm: config {config!r}: WORDS is the GEMV of a 4- / 8-bit weight whose K ({k}) is whole "
                          f"int32 words of codes, BLOCK_K at least 16 words")
+    if c.get("AHEAD") and (c["DOT"] or c.get("WORDS") or bits not in (4, 8)):
+        raise ValueError(f"skinny_gemm: config {config!r}: AHEAD is the byte-tile GEMV of a 4- / 8-bit weight (not WORDS)")
     if "L2" in c and not (isinstance(c["L2"], int) and c["L2"] >= 0):
         raise ValueError(f"skinny_gemm: config {config!r}: L2 must be a number of bytes >= 0")
     return c

@@ -291,14 +291,17 @@ def test_empty_and_vector_inputs():
 ])
 def test_configs_for_llama_shapes(m, n, k, bits, glu):
     cs = configs(m, n, k, bits, glu)
-    assert 1 <= len(cs) <= 4 and len({tuple(sorted(c.items())) for c in cs}) == len(cs)
+    assert 1 <= len(cs) <= (5 if m == 1 and bits else 4) and len({tuple(sorted(c.items())) for c in cs}) == len(cs)
     for c in cs:
         split_keys = {"REDUCE"} if c["SPLIT_K"] > 1 else set()  # REDUCE only where K is split, SWAP where swapped
-        optional = {key for key in ("SWAP", "WORDS") if key in c}
+        optional = {key for key in ("SWAP", "WORDS", "AHEAD") if key in c}
         assert set(c) == {"BLOCK_N", "BLOCK_K", "SPLIT_K", "DOT", "num_warps", "num_stages"} | split_keys | optional
         assert c["DOT"] == (m > 1) and c["SPLIT_K"] >= 1 and (c["DOT"] or c["BLOCK_N"] <= 32 or c.get("WORDS"))
         if "WORDS" in c:  # the GEMV of a quantized weight, its K whole words of codes
             assert c["WORDS"] is True and m == 1 and bits in (4, 8) and k % (32 // bits) == 0
+        if "AHEAD" in c:  # the byte-tile GEMV of a quantized weight, the default's tile with its scales a step ahead
+            assert c["AHEAD"] is True and m == 1 and bits in (4, 8) and "WORDS" not in c
+            assert {k_: v for k_, v in c.items() if k_ != "AHEAD"} == cs[0]
         if "SWAP" in c:  # only where swapped: tl.dot, on at least wgmma's 64 rows a warpgroup
             assert c["SWAP"] is True and c["DOT"] and c["BLOCK_N"] >= 64
         splits, _ = S._chunking(k, c["SPLIT_K"], c["BLOCK_K"])
@@ -708,3 +711,21 @@ def test_gpu_words_gemv_with_the_norm_prologue(name, k, n, epi, bits):
         got = skinny_gemm(x, residual=res, act=act, glu=glu, workspace=ws, counters=counters, config=c, **norm, **kwargs)
         err = rel_err(got, want)
         assert err <= TOL[torch.bfloat16], f"{name} bits={bits} {c}: rel err {err:.2e}"
+
+
+@pytest.mark.parametrize("bits,group,sym", [(4, 32, False), (4, "K", True), (8, "K", True), (8, 32, False)])
+@pytest.mark.parametrize("split", [1, 3])
+def test_scales_ahead_is_the_byte_gemv(bits, group, sym, split):
+    """AHEAD (each step's scales loaded a step before) computes the byte-tile GEMV's sums in the same order: the same bits,
+    with the GLU epilogue and the norm prologue too, and within tolerance of the float64 reference."""
+    x = r(1, 192, dtype=torch.float16)  # 6 steps of 32
+    wq = weight(37, 192, bits, torch.float16, group=group, sym=sym)
+    c = dict(config(split), DOT=False)
+    check(x, wq, config=dict(c, AHEAD=True))
+    assert torch.equal(skinny_gemm(x, **wq[0], config=dict(c, AHEAD=True)), skinny_gemm(x, **wq[0], config=c))
+    nw = r(192, dtype=torch.float16, scale=0.2) + 1
+    glu = weight(2 * 24, 192, bits, torch.float16, group=group, sym=sym)[0]
+    kw = dict(act="silu", glu=True, norm_weight=nw, norm_eps=1e-5, **glu)
+    assert torch.equal(skinny_gemm(x, **kw, config=dict(c, AHEAD=True)), skinny_gemm(x, **kw, config=c))
+    with pytest.raises(ValueError, match="AHEAD is the byte-tile GEMV"):
+        skinny_gemm(x, **wq[0], config=dict(words(), AHEAD=True))
