@@ -1,0 +1,273 @@
+"""The quantized weight operand of qgemm.py's template in registers: its tiles dequantized, and the WORDS GEMV's step.
+
+Format: qgemm.py's module docstring. Dequantization is ALU work per weight, and at 4 bits an H200 SM must dequantize
+~36 weights a clock to keep up with HBM, so it is a handful of instructions:
+
+Byte tiles (``_weight_tile``: ``_group_scales`` then ``_codes_tile``). The code goes into the top mantissa bits of
+float32 1.0 by bit operations, f = 1 + q / 2**bits exactly (no int -> float conversion, a quarter-rate instruction
+on sm_90), and one FMA gives w = f * S - C with S = 2**bits * scale, C = (2**bits + zero) * scale per row and group
+(one rounding; f in [1, 2) keeps the error near 2**-24 * C). At 4 bits the byte tile [BLOCK_N, BLOCK_K / 2] splits
+into its low (even k) and high (odd k) nibbles, interleaved back into k order in registers. A step spans SUB =
+BLOCK_K / group groups when group < BLOCK_K (the tile is reshaped [BLOCK_N, SUB, group] against scales [BLOCK_N,
+SUB]); otherwise one scale per row and step. The byte tiles' SASS (triton 3.6, sm_90): ~7.4 instructions a 4-bit code.
+
+The WORDS GEMV (one row of x; ``_words_x`` / ``_words_sz`` load a step, ``_words_step`` computes it). The codes are
+read as int32 words of 8 / 4 codes and x is de-interleaved to match; each code becomes a float by one shift (shared
+by code pairs at 4 bits) and one LOP3, its product is one FMA, and the group's scale and zero apply once a word:
+sum_k (q_k - z) s x_k = s (sum_k f_k x'_k - X' - z X). No interleave, no dequantizing FMA a code: ~4.5 instructions
+a 4-bit code. The kernel loads a step's x, norm weight and scales a step before its use (plain loads wait for their
+round trip at first use; the weight tiles go through cp.async's pipeline).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .pdl import INTERPRETED
+
+ONE = tl.constexpr(0x3F800000)  # the bits of float32 1.0: OR a code into the top mantissa bits for 1 + q / 2**bits
+
+
+@triton.jit
+def _rms_scale(a, r, w):
+    # RMSNORM's rounding of x values a (in x's dtype) by their row's rstd r and the norm weight w, broadcast alike: the
+    # normalised value to x's dtype, then times the norm weight, rounded again (as the op's reference rounds)
+    y = (a.to(tl.float32) * r).to(a.dtype)
+    return (y.to(tl.float32) * w.to(tl.float32)).to(a.dtype)
+
+
+@triton.jit
+def _dequant(q, S, C, SUB: tl.constexpr, BLOCK_N: tl.constexpr, KP: tl.constexpr):
+    # q: int32 [BLOCK_N, KP] holding a code in mantissa bits 23 - B .. 22 (B = bits) and zeros elsewhere;
+    # S, C: float32 [BLOCK_N, SUB], 2**B * scale and (2**B + zero) * scale of the SUB groups the tile spans
+    # (KP // SUB columns each). Returns (code - zero) * scale = (1 + code / 2**B) * S - C, float32 [BLOCK_N, KP].
+    f = (q | ONE).to(tl.float32, bitcast=True)  # 1 + code / 2**B exactly: no int -> float conversion
+    if SUB == 1:
+        w = tl.fma(f, S, -C)
+    else:
+        f3 = tl.reshape(f, (BLOCK_N, SUB, KP // SUB))
+        w = tl.reshape(tl.fma(f3, S[:, :, None], -C[:, :, None]), (BLOCK_N, KP))
+    return w
+
+
+@triton.jit
+def _weight_tile(w_ptr, s_ptr, z_ptr, n_idx, mask_n, kk, K,
+                 stride_wn, stride_wk, stride_sn, stride_sg, stride_zn, stride_zg,
+                 BITS: tl.constexpr, PACK: tl.constexpr, HAS_ZEROS: tl.constexpr, QGROUP: tl.constexpr, SUB: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # W's rows n_idx [BLOCK_N] (int64), columns kk .. kk + BLOCK_K: [BLOCK_N, BLOCK_K], plain in its own dtype,
+    # quantized dequantized to float32
+    s = s_ptr  # (unused for a plain weight)
+    z = s_ptr
+    if BITS != 0:
+        s, z = _group_scales(s_ptr, z_ptr, n_idx, mask_n, kk, K, stride_sn, stride_sg, stride_zn, stride_zg, HAS_ZEROS, QGROUP, SUB)
+    return _codes_tile(w_ptr, n_idx, mask_n, kk, K, stride_wn, stride_wk, s, z, BITS, PACK, HAS_ZEROS, SUB, BLOCK_N, BLOCK_K)
+
+
+@triton.jit
+def _group_scales(s_ptr, z_ptr, n_idx, mask_n, kk, K, stride_sn, stride_sg, stride_zn, stride_zg,
+                  HAS_ZEROS: tl.constexpr, QGROUP: tl.constexpr, SUB: tl.constexpr):
+    # the scales (and zeros; else the scales again) of rows n_idx in the SUB groups the K step at kk spans, raw [BLOCK_N,
+    # SUB] (the last ones past K when K is no multiple of BLOCK_K: a masked scale of 0 makes padded rows and columns
+    # exactly 0)
+    offs_g = kk // QGROUP + tl.arange(0, SUB)
+    mask_g = mask_n[:, None] & (offs_g < tl.cdiv(K, QGROUP))[None, :]
+    s = tl.load(s_ptr + n_idx[:, None] * stride_sn + offs_g[None, :] * stride_sg, mask=mask_g, other=0.0)
+    z = s
+    if HAS_ZEROS:
+        z = tl.load(z_ptr + n_idx[:, None] * stride_zn + offs_g[None, :] * stride_zg, mask=mask_g, other=0)
+    return s, z
+
+
+@triton.jit
+def _codes_tile(w_ptr, n_idx, mask_n, kk, K, stride_wn, stride_wk, s, z,
+                BITS: tl.constexpr, PACK: tl.constexpr, HAS_ZEROS: tl.constexpr, SUB: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # _weight_tile with the step's scales and zeros given (_group_scales's, perhaps loaded a step before)
+    offs_j = kk // PACK + tl.arange(0, BLOCK_K // PACK)  # packed columns of this step
+    mask = mask_n[:, None] & (offs_j < K // PACK)[None, :]  # in packed columns: keeps the mask 16-byte uniform for cp.async
+    b = tl.load(w_ptr + n_idx[:, None] * stride_wn + offs_j[None, :] * stride_wk, mask=mask, other=0)
+    if BITS == 0:
+        w = b
+    else:
+        s = s.to(tl.float32)
+        if HAS_ZEROS:
+            z = z.to(tl.float32)
+        else:
+            z = tl.full((BLOCK_N, SUB), 2 ** (BITS - 1), tl.float32)
+        q = b.to(tl.int32)  # zero-extended bytes
+        if BITS == 8:
+            q = q << 15  # the code to mantissa bits 15..22
+        else:  # low nibble (k = 2j) and high nibble (k = 2j + 1) to bits 19..22, back in k order
+            q = tl.interleave((q << 19) & 0x780000, (q << 15) & 0x780000)
+        S = s * 2 ** BITS
+        w = _dequant(q, S, tl.fma(z, s, S), SUB, BLOCK_N, BLOCK_K)  # C = (zero + 2**bits) * scale
+    return w
+
+
+@triton.jit
+def _code_f32(wd, j: tl.constexpr, PAIRED4: tl.constexpr, BITS: tl.constexpr):
+    # code q of position j of each int32 word wd (bits BITS*j..) as the float32 1 + q * 2**(P - 23), exactly: the code
+    # shifted to bits P.. (P + BITS <= 23) of the mantissa of 1.0 and OR-ed with its exponent bits (an arithmetic right
+    # shift's sign bits land above bit P + BITS and are masked off). One shift and one LOP3 a code (the compiler keeps
+    # both constants of a masked OR immediate, two LOP3: written as one lop3 with the constants in registers).
+    # P: 23 - BITS; PAIRED4 (4 bits): 19 for even j, 15 for odd, so codes 2i - 1 and 2i share their shift
+    P: tl.constexpr = 23 - BITS - 4 * (j % 2) * PAIRED4
+    SH: tl.constexpr = P - BITS * j
+    if SH >= 0:
+        v = wd << SH
+    else:
+        v = wd >> -SH
+    mask = tl.full(v.shape, ((1 << BITS) - 1) << P, tl.int32)
+    if INTERPRETED:
+        bits = (v & mask) | ONE
+    else:  # (a & c) | b: LUT 0xEC for a = 0xF0, b = 0xCC, c = 0xAA
+        bits = tl.inline_asm_elementwise("lop3.b32 $0, $1, $2, $3, 0xEC;", "=r,r,r,r",
+                                         [v, tl.full(v.shape, 0x3F800000, tl.int32), mask], dtype=tl.int32, is_pure=True, pack=1)
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _x_code(ptr, row0, offs_w, mask_w, stride, j: tl.constexpr, CPW: tl.constexpr):
+    # x (or the norm weight: row0 0, stride 1) at code position j of each word w [WORDS]: x[CPW * w + j], raw
+    return tl.load(ptr + row0 + (offs_w * CPW + j) * stride, mask=mask_w, other=0.0)
+
+
+@triton.jit
+def _words_x(x_ptr, nw_ptr, row0, kk, K, stride_xk, NORM: tl.constexpr, BITS: tl.constexpr, BLOCK_K: tl.constexpr):
+    # the loads of one K step of the WORDS GEMV's x (and the norm weight's), raw, de-interleaved as the words are: code
+    # position j of word w is x[kk + CPW * w + j]. Issued a step ahead of their use (_wgemm_kernel): a plain load waits
+    # for its L2 round trip (cold: HBM) at its first use, which the loop would otherwise pay every step
+    CPW: tl.constexpr = 32 // BITS
+    offs_w = kk // CPW + tl.arange(0, BLOCK_K // CPW)
+    mask_w = offs_w < K // CPW
+    x0 = _x_code(x_ptr, row0, offs_w, mask_w, stride_xk, 0, CPW)
+    x1 = _x_code(x_ptr, row0, offs_w, mask_w, stride_xk, 1, CPW)
+    x2 = _x_code(x_ptr, row0, offs_w, mask_w, stride_xk, 2, CPW)
+    x3 = _x_code(x_ptr, row0, offs_w, mask_w, stride_xk, 3, CPW)
+    x4 = x0
+    x5 = x0
+    x6 = x0
+    x7 = x0
+    if CPW == 8:
+        x4 = _x_code(x_ptr, row0, offs_w, mask_w, stride_xk, 4, CPW)
+        x5 = _x_code(x_ptr, row0, offs_w, mask_w, stride_xk, 5, CPW)
+        x6 = _x_code(x_ptr, row0, offs_w, mask_w, stride_xk, 6, CPW)
+        x7 = _x_code(x_ptr, row0, offs_w, mask_w, stride_xk, 7, CPW)
+    n0, n1, n2, n3, n4, n5, n6, n7 = x0, x1, x2, x3, x4, x5, x6, x7
+    if NORM:
+        n0 = _x_code(nw_ptr, 0, offs_w, mask_w, 1, 0, CPW)
+        n1 = _x_code(nw_ptr, 0, offs_w, mask_w, 1, 1, CPW)
+        n2 = _x_code(nw_ptr, 0, offs_w, mask_w, 1, 2, CPW)
+        n3 = _x_code(nw_ptr, 0, offs_w, mask_w, 1, 3, CPW)
+        if CPW == 8:
+            n4 = _x_code(nw_ptr, 0, offs_w, mask_w, 1, 4, CPW)
+            n5 = _x_code(nw_ptr, 0, offs_w, mask_w, 1, 5, CPW)
+            n6 = _x_code(nw_ptr, 0, offs_w, mask_w, 1, 6, CPW)
+            n7 = _x_code(nw_ptr, 0, offs_w, mask_w, 1, 7, CPW)
+    return x0, x1, x2, x3, x4, x5, x6, x7, n0, n1, n2, n3, n4, n5, n6, n7
+
+
+@triton.jit
+def _words_sz(s_ptr, z_ptr, cols, mask_n, kk, K, N, stride_sn, stride_sg, stride_zn, stride_zg,
+              HAS_ZEROS: tl.constexpr, QGROUP: tl.constexpr, GLU: tl.constexpr, BLOCK_K: tl.constexpr):
+    # _group_scales of one K step, and the up half's with GLU (else the same again); loaded a step ahead like _words_x's
+    SUB: tl.constexpr = (BLOCK_K + QGROUP - 1) // QGROUP
+    s, z = _group_scales(s_ptr, z_ptr, cols, mask_n, kk, K, stride_sn, stride_sg, stride_zn, stride_zg, HAS_ZEROS, QGROUP, SUB)
+    s_u, z_u = s, z
+    if GLU:
+        s_u, z_u = _group_scales(s_ptr, z_ptr, cols + N, mask_n, kk, K, stride_sn, stride_sg, stride_zn, stride_zg,
+                                 HAS_ZEROS, QGROUP, SUB)
+    return s, z, s_u, z_u
+
+
+@triton.jit
+def _x_use(xj, nj, rstd, j: tl.constexpr, PAIRED4: tl.constexpr, NORM: tl.constexpr, BITS: tl.constexpr):
+    # x_j as float32 (normalised as _norm_tile rounds, with NORM) and x'_j = x_j * 2**(23 - P_j) (_code_f32's P)
+    if NORM:
+        xj = _rms_scale(xj, rstd, nj)
+    xj = xj.to(tl.float32)
+    P: tl.constexpr = 23 - BITS - 4 * (j % 2) * PAIRED4
+    return xj, xj * (1 << (23 - P))
+
+
+@triton.jit
+def _words_step(acc, acc_u, w_ptr, cols, mask_n, kk, K, N, rstd, stride_wn,
+                x0, x1, x2, x3, x4, x5, x6, x7, n0, n1, n2, n3, n4, n5, n6, n7, s, z, s_u, z_u,
+                BITS: tl.constexpr, HAS_ZEROS: tl.constexpr, QGROUP: tl.constexpr, NORM: tl.constexpr, GLU: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # one K step of the WORDS GEMV (one row of x, a quantized weight): the weight's [BLOCK_N, BLOCK_K] codes as int32
+    # words [BLOCK_N, WORDS] (CPW codes each) and x's BLOCK_K values de-interleaved to match, CPW vectors x_j [WORDS]
+    # (_words_x's, with the scales _words_sz's, loaded a step before).
+    # With f_j = 1 + q_j * 2**(P_j - 23) (_code_f32) and x'_j = x_j * 2**(23 - P_j) (exact: a power of two),
+    # f_j x'_j = x'_j + q_j x_j, so a word's sum of (q_j - z) * s * x_j is
+    #     s * (t - X' - z * X),   t = sum_j f_j x'_j,  X' = sum_j x'_j,  X = sum_j x_j
+    # X' and X are the row's (all BLOCK_N rows share them), s and z are the word's group's: per code one shift, one
+    # LOP3 and one FMA (module docstring). acc [BLOCK_N, WORDS] float32, summed over words after the loop.
+    # Where code j goes, P_j: at the top, 23 - BITS, with float32 x (as exact as the byte-tile path); with 16-bit x at
+    # 4 bits, codes 2i - 1 and 2i share one shift to P 15 and 19 (5 shifts for 8 codes), whose x'_j = x_j * 2**8 costs
+    # the sums ~2**-16 relative, far below the 16-bit output's rounding
+    CPW: tl.constexpr = 32 // BITS
+    WORDS: tl.constexpr = BLOCK_K // CPW
+    PAIRED4: tl.constexpr = BITS == 4 and x0.dtype != tl.float32  # (float32 x: every code at the top)
+    offs_w = kk // CPW + tl.arange(0, WORDS)  # the step's words of a row
+    mask = mask_n[:, None] & (offs_w < K // CPW)[None, :]
+    rows = (w_ptr + cols * stride_wn).to(tl.pointer_type(tl.int32))  # [BLOCK_N] row starts, as words (4-byte aligned)
+    wd = tl.load(rows[:, None] + offs_w[None, :], mask=mask, other=0)
+    wu = wd
+    if GLU:  # the up half: rows N + j of the merged [gate; up] weight
+        rows_u = (w_ptr + (cols + N) * stride_wn).to(tl.pointer_type(tl.int32))
+        wu = tl.load(rows_u[:, None] + offs_w[None, :], mask=mask, other=0)
+    t = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
+    t_u = t
+    xs = tl.zeros((WORDS,), dtype=tl.float32)
+    xs_s = xs
+    t, t_u, xs, xs_s = _code_term(t, t_u, xs, xs_s, wd, wu, x0, n0, rstd, 0, PAIRED4, NORM, BITS, GLU)
+    t, t_u, xs, xs_s = _code_term(t, t_u, xs, xs_s, wd, wu, x1, n1, rstd, 1, PAIRED4, NORM, BITS, GLU)
+    t, t_u, xs, xs_s = _code_term(t, t_u, xs, xs_s, wd, wu, x2, n2, rstd, 2, PAIRED4, NORM, BITS, GLU)
+    t, t_u, xs, xs_s = _code_term(t, t_u, xs, xs_s, wd, wu, x3, n3, rstd, 3, PAIRED4, NORM, BITS, GLU)
+    if CPW == 8:
+        t, t_u, xs, xs_s = _code_term(t, t_u, xs, xs_s, wd, wu, x4, n4, rstd, 4, PAIRED4, NORM, BITS, GLU)
+        t, t_u, xs, xs_s = _code_term(t, t_u, xs, xs_s, wd, wu, x5, n5, rstd, 5, PAIRED4, NORM, BITS, GLU)
+        t, t_u, xs, xs_s = _code_term(t, t_u, xs, xs_s, wd, wu, x6, n6, rstd, 6, PAIRED4, NORM, BITS, GLU)
+        t, t_u, xs, xs_s = _code_term(t, t_u, xs, xs_s, wd, wu, x7, n7, rstd, 7, PAIRED4, NORM, BITS, GLU)
+    acc = _words_scale(acc, t, xs, xs_s, s, z, BITS, HAS_ZEROS, QGROUP, BLOCK_N, BLOCK_K)
+    if GLU:
+        acc_u = _words_scale(acc_u, t_u, xs, xs_s, s_u, z_u, BITS, HAS_ZEROS, QGROUP, BLOCK_N, BLOCK_K)
+    return acc, acc_u
+
+
+@triton.jit
+def _code_term(t, t_u, xs, xs_s, wd, wu, xj, nj, rstd, j: tl.constexpr, PAIRED4: tl.constexpr, NORM: tl.constexpr,
+               BITS: tl.constexpr, GLU: tl.constexpr):
+    # code position j of the words: t += f_j x'_j (and the up half's with GLU), X += x_j, X' += x'_j
+    xa, xb = _x_use(xj, nj, rstd, j, PAIRED4, NORM, BITS)
+    t += _code_f32(wd, j, PAIRED4, BITS) * xb[None, :]
+    if GLU:
+        t_u += _code_f32(wu, j, PAIRED4, BITS) * xb[None, :]
+    return t, t_u, xs + xa, xs_s + xb
+
+
+@triton.jit
+def _words_scale(acc, t, xs, xs_s, s, z, BITS: tl.constexpr, HAS_ZEROS: tl.constexpr, QGROUP: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # acc += s * (t - X' - z * X) with the scale s and zero z [BLOCK_N, SUB] (raw, _words_sz's) of each word's group
+    CPW: tl.constexpr = 32 // BITS
+    WORDS: tl.constexpr = BLOCK_K // CPW
+    SUB: tl.constexpr = (BLOCK_K + QGROUP - 1) // QGROUP
+    s = s.to(tl.float32)
+    if SUB == 1:
+        if HAS_ZEROS:
+            acc += s * (t - xs_s[None, :] - z.to(tl.float32) * xs[None, :])
+        else:
+            acc += s * (t - (xs_s + 2 ** (BITS - 1) * xs)[None, :])
+    else:  # words of SUB groups: [BLOCK_N, SUB, WORDS // SUB] against [BLOCK_N, SUB]
+        t3 = tl.reshape(t, (BLOCK_N, SUB, WORDS // SUB))
+        x3 = tl.reshape(xs, (SUB, WORDS // SUB))
+        xs3 = tl.reshape(xs_s, (SUB, WORDS // SUB))
+        if HAS_ZEROS:
+            d = s[:, :, None] * (t3 - xs3[None, :, :] - z.to(tl.float32)[:, :, None] * x3[None, :, :])
+        else:
+            d = s[:, :, None] * (t3 - (xs3 + 2 ** (BITS - 1) * x3)[None, :, :])
+        acc += tl.reshape(d, (BLOCK_N, WORDS))
+    return acc
