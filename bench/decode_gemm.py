@@ -86,7 +86,7 @@ SWEEP_DOT_TILES = [Tile(*t, True) for t in (
     (64, 64, 4, 4), (64, 128, 4, 3), (64, 128, 4, 4), (64, 128, 8, 4), (64, 256, 4, 3), (64, 256, 8, 3),
     (128, 64, 8, 4), (128, 128, 8, 3), (128, 128, 8, 4))] + [Tile(32, 256, 4, 3), Tile(64, 128, 4, 3)]
 # M = 1 on a quantized weight: tiles of the WORDS GEMV (the codes read as int32 words, scales applied a word; skinny.TILES
-# has two per width), by bits
+# has two per width), by bits; sweep_configs adds the register cap's A / B (skinny.Tile.maxnreg)
 SWEEP_WORDS_TILES = {b: [Tile(*t, words=True) for t in ts] for b, ts in {
     4: ((16, 1024, 4, 3), (32, 1024, 8, 3), (32, 1024, 8, 4), (64, 512, 8, 3), (64, 1024, 8, 2), (32, 512, 4, 3), (128, 256, 8, 3)),
     8: ((32, 512, 8, 3), (64, 256, 8, 3), (32, 256, 4, 3), (64, 512, 8, 3), (16, 512, 4, 4), (128, 256, 8, 3), (32, 1024, 8, 2)),
@@ -196,6 +196,10 @@ def sweep_configs(m: int, n: int, k: int, bits, glu: bool) -> list[dict]:
                 keep = c["SPLIT_K"] == s0 or tiles * c["SPLIT_K"] <= 2 * PROGRAMS_PER_SM * H200_SMS
             if keep and c not in out:
                 out.append(c)
+    if m == 1 and bits:  # the register cap measured both ways: skinny's capped tiles uncapped, 4-warp WORDS tiles capped
+        capped = [c for c in configs(m, n, k, bits, glu) if "maxnreg" in c]
+        out += [{key: v for key, v in c.items() if key != "maxnreg"} for c in capped]
+        out += [dict(c, maxnreg=128) for c in list(out) if c.get("WORDS") and c["num_warps"] == 4 and "maxnreg" not in c]
     return out
 
 

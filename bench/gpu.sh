@@ -158,6 +158,9 @@ print(f'import torch {a - t:.2f} s, kiln {b - a:.2f} s'); t = time.time(); torch
     qsweep)  # the M = 1 GEMV on int4 / int8 weights: skinny's configs and SWEEP_WORDS_TILES at the 1B's largest shapes
       timeout ${SWEEP_TIMEOUT:-240} python3 bench/decode_gemm.py --out "$OUT/qsweep.json" --m 1 --sweep --kinds int4_g128 int8 \
         --shapes "1b gate/up glu" "1b down + residual" "1b qkv" 2>&1 | grep -v "^    [0-9]" | tail -8 ;;
+    qcap)  # session 9: the register cap (skinny.Tile.maxnreg) both ways at the 1B's two largest one-row quantized GEMVs
+      timeout ${SWEEP_TIMEOUT:-240} python3 bench/decode_gemm.py --out "$OUT/qcap.json" --m 1 --sweep --kinds int4_g128 int8 \
+        --shapes "1b gate/up glu" "1b down + residual" 2>&1 | grep -v "^    [0-9]" | tail -8 ;;
     *) echo "unknown stage $stage" ;;
   esac
 done

@@ -65,8 +65,9 @@ TRITON_ATTENTION_CONFIGS = 2
 # 2..16 rows try swapped tiles, 5 since the norm prologue's statistics pass is pipelined (it was K / BLOCK_K serial round
 # trips: a decision "norm kernel + cuBLAS" measured against it at 16 rows is not one against today's) and its candidates
 # at 2..16 rows include the default tile at half its splits, 6 since one row of a quantized weight also tries the
-# WORDS tiles and the byte tile with its scales loaded a step ahead (skinny.TILES)
-SKINNY_CANDIDATES = 6
+# WORDS tiles and the byte tile with its scales loaded a step ahead (skinny.TILES), 7 since its byte tiles are capped at
+# 128 registers a thread (skinny.Tile.maxnreg: 4 programs an SM, not 3)
+SKINNY_CANDIDATES = 7
 # the decode attention candidates' generation (in a decode attention's what; a decision measured between older ones is
 # measured again): 2 since "kiln-decode-whole" exists, 3 since the kernel reads only the keys the mask attends
 DECODE_CANDIDATES = 3

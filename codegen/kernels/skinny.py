@@ -86,6 +86,7 @@ class Tile(NamedTuple):
     words: bool = False  # (GEMV of a quantized weight only) read as int32 words, scales applied a word (qgemm.py WORDS)
     fewer: int = 1  # split K fewer times than _split_k's choice by this factor (a tile whose programs fit one an SM)
     ahead: bool = False  # (byte-tile GEMV of a quantized weight) each step's scales loaded a step before (qgemm.py AHEAD)
+    maxnreg: int | None = None  # registers a thread at most (ptxas): 128 lets 4 programs of 4 warps share an SM
 
 
 # Tiles per (DOT, bits; 0: a 16-bit plain weight), the default first. A step streams 4-16 KB of weight (a GLU
@@ -98,6 +99,11 @@ class Tile(NamedTuple):
 #   32 x 256 (GLU halves) 14.6 vs 15.0; at int4 gate/up and qkv the byte tile stays best (14.2 / 5.2 us). None is near
 #   the copy rate (int4 gate/up: 1.2 TB/s, int8 2.3, bf16 cuBLAS 3.5), though WORDS halves the ALU work a code: the
 #   GEMV waits on latency, likely x's and the scales' loads, which cp.async's pipeline does not take (not yet profiled).
+#   Profiled in session 9 (Nsight Compute, int4 gate/up, 512 programs of 4 warps): 150-168 registers a thread let 3
+#   programs share an SM, so the grid ran as 1.29 waves (a tail wave of 117 programs, ncu's estimate: up to 50% of the
+#   time) at 15% occupancy, the SM issue-bound at 3.8 cycles an instruction a warp. Capped at 128 registers (maxnreg:
+#   no spills at the 1B / 8B shapes, norm prologue included; compiled for sm_90 with triton 3.6) 4 programs fit an SM
+#   and the 1B's 512-program GEMVs run as one wave. (int8's AHEAD tile spills at 128 with the norm: uncapped.)
 # - tl.dot (M 2..16): unswapped, x's 16 rows are the MMA's M, which Hopper's wgmma cannot take (64 rows a
 #   warpgroup): mma.sync, the weight through ldmatrix. Swapped, the weight's 64 / 128 rows are the M of
 #   wgmma.m64n16k16 (HGMMA.64x16x16 in the SASS, asynchronous, one group in flight), x^T its N: a plain weight is
@@ -108,9 +114,10 @@ class Tile(NamedTuple):
 #   norm at 4 bits (and at 8 bits without it): not offered.
 TILES = {
     (False, 0): [Tile(32, 256, 4, 3), Tile(16, 512, 4, 3)],
-    (False, 8): [Tile(32, 256, 4, 3), Tile(32, 256, 4, 3, ahead=True), Tile(64, 256, 8, 3, words=True),
+    (False, 8): [Tile(32, 256, 4, 3, maxnreg=128), Tile(32, 256, 4, 3, ahead=True), Tile(64, 256, 8, 3, words=True),
                  Tile(128, 256, 8, 3, words=True, fewer=2), Tile(16, 512, 4, 4, words=True)],
-    (False, 4): [Tile(32, 256, 4, 3), Tile(32, 256, 4, 3, ahead=True), Tile(16, 1024, 4, 3, words=True), Tile(32, 512, 8, 3)],
+    (False, 4): [Tile(32, 256, 4, 3, maxnreg=128), Tile(32, 256, 4, 3, ahead=True, maxnreg=128),
+                 Tile(16, 1024, 4, 3, words=True), Tile(32, 512, 8, 3, maxnreg=128)],
     (True, 0): [Tile(64, 128, 4, 4, True), Tile(128, 128, 8, 3, True), Tile(64, 128, 4, 3)],
     (True, 8): [Tile(64, 128, 4, 4, True), Tile(128, 128, 8, 3, True), Tile(64, 128, 4, 3)],
     (True, 4): [Tile(64, 128, 4, 4, True), Tile(128, 128, 8, 3, True), Tile(64, 256, 8, 3)],
@@ -195,7 +202,8 @@ def tile_config(m: int, n: int, k: int, bits: int | None, glu: bool, tile: Tile,
         split = _chunking(k, split, bk)[0]
     c = dict(BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split) | ({"REDUCE": "last"} if split > 1 else {})
     return (c | dict(DOT=m > 1) | ({"SWAP": True} if tile.swap else {}) | ({"WORDS": True} if tile.words else {})
-            | ({"AHEAD": True} if tile.ahead else {}) | dict(num_warps=tile.warps, num_stages=tile.stages))
+            | ({"AHEAD": True} if tile.ahead else {}) | dict(num_warps=tile.warps, num_stages=tile.stages)
+            | ({"maxnreg": tile.maxnreg} if tile.maxnreg else {}))
 
 
 def configs(m: int, n: int, k: int, bits: int | None = None, glu: bool = False, norm: bool = False) -> list[dict]:
@@ -259,6 +267,8 @@ def _resolve(m: int, n: int, k: int, bits: int | None, glu: bool, config: dict |
                          f"int32 words of codes, BLOCK_K at least 16 words")
     if c.get("AHEAD") and (c["DOT"] or c.get("WORDS") or bits not in (4, 8)):
         raise ValueError(f"skinny_gemm: config {config!r}: AHEAD is the byte-tile GEMV of a 4- / 8-bit weight (not WORDS)")
+    if "maxnreg" in c and not (isinstance(c["maxnreg"], int) and 24 <= c["maxnreg"] <= 255):
+        raise ValueError(f"skinny_gemm: config {config!r}: maxnreg must be an int in 24..255 (registers a thread)")
     if "L2" in c and not (isinstance(c["L2"], int) and c["L2"] >= 0):
         raise ValueError(f"skinny_gemm: config {config!r}: L2 must be a number of bytes >= 0")
     return c
