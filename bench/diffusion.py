@@ -1,8 +1,9 @@
 """Diffusion sampling end to end on the GPU, ONE process, bf16, random weights of the real configs (written inline):
 
 - DiT-XL/2 256 px: CFG 4.0, 25 DDIM steps, VAE decode (the SD VAE), 1 and 8 images;
-- PixArt-α 512 px: 20 DPM-Solver++ steps, CFG 4.5, the T5-XXL text encoding included, 1 image (a word-level
-  stand-in tokenizer: the machine has no sentencepiece model; tokenizing is host work of microseconds either way).
+- PixArt-α 512 px (``--models pixart``) and 1024 px (``pixart1024``, micro-conditions): 20 DPM-Solver++ steps, CFG 4.5,
+  the T5-XXL text encoding included, 1 image (a word-level stand-in tokenizer: the machine has no sentencepiece model;
+  tokenizing is host work of microseconds either way).
 
 Systems: kiln's pipeline (``kiln.diffusion``: one CUDA graph replay per step), with ``--quantize`` also kiln's pipeline
 with its step graph quantized in each mode given (fp8, w8a8: calibrated on random conditioning; the VAE and T5 stay
@@ -11,7 +12,7 @@ and batch: the first call (kiln: plans, tuning and CUDA graph captures; torch.co
 of ``--repeat`` calls, each from ``pipe(...)`` to the image on the device (synchronized); kiln's compile times apart;
 PSNR of each system's images against diffusers' eager bf16 images with the same seed (the issue's bar: >= 30 dB), and
 of the quantized pipelines' against the bf16 kiln pipeline's (the quantization issue's goal: >= 25 dB).
-Usage: python3 bench/diffusion.py [--models dit,pixart] [--batches 1,8] [--repeat 5] [--compile-modes default]
+Usage: python3 bench/diffusion.py [--models dit,pixart,pixart1024] [--batches 1,8] [--repeat 5] [--compile-modes default]
 [--quantize fp8,w8a8] [--out $OUT/diffusion.json]
        python3 bench/diffusion.py --smoke   (tiny configs on the CPU in float32, 3 steps: checks the script runs)"""
 import argparse
@@ -88,12 +89,14 @@ def stand_in_tokenizer():
     return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
 
 
-def pixart_pipeline():
+def pixart_pipeline(sample_size: int | None = None):
+    """PixArt-α at 512 px, or with ``sample_size`` 128 the 1024 px model (its transformer takes the resolution and
+    aspect-ratio micro-conditions)."""
     from transformers import T5Config, T5EncoderModel
 
     with torch.device(DEV):
         te = T5EncoderModel(T5Config(**T5_XXL))
-        tr = diffusers.PixArtTransformer2DModel(**PIXART)
+        tr = diffusers.PixArtTransformer2DModel(**dict(PIXART, **({"sample_size": sample_size} if sample_size else {})))
     scheduler = diffusers.DPMSolverMultistepScheduler.from_config(DPM)
     return diffusers.PixArtAlphaPipeline(tokenizer=stand_in_tokenizer(), text_encoder=randomized(te, 3, std=0.01),
                                          vae=sd_vae(), transformer=randomized(tr, 4), scheduler=scheduler)
@@ -223,10 +226,12 @@ def main() -> None:
         bench(a, "dit-xl-2-256", dit_pipeline(), kiln.diffusion.DiTPipeline,
               {b: dict(class_labels=labels[:b], num_inference_steps=steps or 25, guidance_scale=4.0)
                for b in map(int, a.batches.split(","))}, res)
-    if "pixart" in models:
-        prompt = " ".join(f"w{i * 37 % min(32000, T5_XXL['vocab_size'] - 3)}" for i in range(24))  # 25 tokens with </s>, padded to 120
-        bench(a, "pixart-alpha-512", pixart_pipeline(), kiln.diffusion.PixArtPipeline,
-              {1: dict(prompt=prompt, num_inference_steps=steps or 20, guidance_scale=4.5)}, res)
+    prompt = " ".join(f"w{i * 37 % min(32000, T5_XXL['vocab_size'] - 3)}" for i in range(24))  # 25 tokens with </s>, padded to 120
+    for model, size in (("pixart", None), ("pixart1024", 2 * PIXART["sample_size"])):
+        if model in models:
+            name = "pixart-alpha-512" if size is None else "pixart-alpha-1024"
+            bench(a, name, pixart_pipeline(size), kiln.diffusion.PixArtPipeline,
+                  {1: dict(prompt=prompt, num_inference_steps=steps or 20, guidance_scale=4.5)}, res)
     speedups(res)
     with open(a.out, "w") as fh:
         json.dump(res, fh, indent=1)

@@ -39,6 +39,8 @@ for stage in "$@"; do
     vae) timeout 300 python3 bench/vae.py 2>&1 | tail -20 ;;
     diffusion_dit) timeout 540 python3 bench/diffusion.py --models dit --out "$OUT/diffusion_dit.json" 2>&1 | tail -25 ;;
     diffusion_pixart) timeout ${PIXART_TIMEOUT:-540} python3 bench/diffusion.py --models pixart --out "$OUT/diffusion_pixart.json" 2>&1 | tail -25 ;;
+    diffusion_pixart1024) timeout ${PIXART_TIMEOUT:-540} python3 bench/diffusion.py --models pixart1024 --repeat 3 \
+        --out "$OUT/diffusion_pixart1024.json" 2>&1 | tail -25 ;;
     coldstart) timeout 400 python3 bench/coldstart.py 2>&1 | tail -20 ;;
     sessiontests)  # GPU tests of this session's branches (KV cache, norm prologue, quantized plans, pipelines, README)
       timeout 300 python3 -m pytest -q -m gpu tests/codegen/test_attention_kv.py tests/codegen/test_skinny.py \
