@@ -275,7 +275,9 @@ def _wgemm_kernel(
     nw = eps
     if NORM:
         rstd = _row_rstd(x_ptr, rows, mask_m, K, stride_xm, stride_xk, eps, BLOCK_M, RSTD_K, RSTD_STAGES)
-        if not WORDS:  # (WORDS loads the norm weight with x, _words_x)
+        if WORDS:  # one row: its rstd as a scalar (a [1] vector's layout would be converted to and from the words' at
+            rstd = tl.sum(rstd, 0)  # every use: shared-memory round trips that spilled; WORDS loads the norm weight with x)
+        else:
             nw = _norm_weight(nw_ptr, k_lo, K, offs_k)
     if PREFETCH:
         acc, acc_u = _k_step(acc, acc_u, b, u, x_ptr, rows, mask_m, offs_k, k_lo, K, stride_xm, stride_xk, nw,

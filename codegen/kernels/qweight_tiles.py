@@ -15,8 +15,10 @@ The WORDS GEMV (one row of x; ``_words_x`` / ``_words_sz`` load a step, ``_words
 read as int32 words of 8 / 4 codes and x is de-interleaved to match; each code becomes a float by one shift (shared
 by code pairs at 4 bits) and one LOP3, its product is one FMA, and the group's scale and zero apply once a word:
 sum_k (q_k - z) s x_k = s (sum_k f_k x'_k - X' - z X). No interleave, no dequantizing FMA a code: ~4.5 instructions
-a 4-bit code. The kernel loads a step's x, norm weight and scales a step before its use (plain loads wait for their
-round trip at first use; the weight tiles go through cp.async's pipeline).
+a 4-bit code (4.4 counted in the loop's SASS, 5.0 with the norm prologue; triton 3.6, sm_90, 1B gate/up). x loads as
+[WORDS, CPW] 16-byte vectors split into its CPW columns in registers. The kernel loads a step's x, norm weight and
+scales a step before its use (plain loads wait for their round trip at first use; the weight tiles go through
+cp.async's pipeline).
 """
 from __future__ import annotations
 
@@ -128,43 +130,40 @@ def _code_f32(wd, j: tl.constexpr, PAIRED4: tl.constexpr, BITS: tl.constexpr):
 
 
 @triton.jit
-def _x_code(ptr, row0, offs_w, mask_w, stride, j: tl.constexpr, CPW: tl.constexpr):
-    # x (or the norm weight: row0 0, stride 1) at code position j of each word w [WORDS]: x[CPW * w + j], raw
-    return tl.load(ptr + row0 + (offs_w * CPW + j) * stride, mask=mask_w, other=0.0)
+def _split8(v, WORDS: tl.constexpr, CPW: tl.constexpr):
+    # v [WORDS, CPW] -> its CPW columns [WORDS] (CPW 4: the last four are column 0 again, unused), split in registers
+    if CPW == 8:
+        e, o = tl.split(tl.reshape(v, (WORDS, 4, 2)))  # j even / odd: [WORDS, 4] of j = 0 2 4 6 / 1 3 5 7
+        e0, e1 = tl.split(tl.reshape(e, (WORDS, 2, 2)))  # j 0 4 / 2 6
+        o0, o1 = tl.split(tl.reshape(o, (WORDS, 2, 2)))  # j 1 5 / 3 7
+        c0, c4 = tl.split(e0)
+        c2, c6 = tl.split(e1)
+        c1, c5 = tl.split(o0)
+        c3, c7 = tl.split(o1)
+    else:
+        e, o = tl.split(tl.reshape(v, (WORDS, 2, 2)))  # j 0 2 / 1 3
+        c0, c2 = tl.split(e)
+        c1, c3 = tl.split(o)
+        c4, c5, c6, c7 = c0, c0, c0, c0
+    return c0, c1, c2, c3, c4, c5, c6, c7
 
 
 @triton.jit
 def _words_x(x_ptr, nw_ptr, row0, kk, K, stride_xk, NORM: tl.constexpr, BITS: tl.constexpr, BLOCK_K: tl.constexpr):
     # the loads of one K step of the WORDS GEMV's x (and the norm weight's), raw, de-interleaved as the words are: code
-    # position j of word w is x[kk + CPW * w + j]. Issued a step ahead of their use (_wgemm_kernel): a plain load waits
-    # for its L2 round trip (cold: HBM) at its first use, which the loop would otherwise pay every step
+    # position j of word w is x[kk + CPW * w + j]. One [WORDS, CPW] load (16-byte vectors where x's rows are contiguous)
+    # split into its CPW columns in registers: strided loads of each column were 8 scalar loads a word, repeated by
+    # every thread sharing the words, and kept L1 68% busy (Nsight Compute, session 9). Issued a step ahead of their
+    # use (_wgemm_kernel): a plain load waits for its L2 round trip (cold: HBM) at its first use
     CPW: tl.constexpr = 32 // BITS
-    offs_w = kk // CPW + tl.arange(0, BLOCK_K // CPW)
-    mask_w = offs_w < K // CPW
-    x0 = _x_code(x_ptr, row0, offs_w, mask_w, stride_xk, 0, CPW)
-    x1 = _x_code(x_ptr, row0, offs_w, mask_w, stride_xk, 1, CPW)
-    x2 = _x_code(x_ptr, row0, offs_w, mask_w, stride_xk, 2, CPW)
-    x3 = _x_code(x_ptr, row0, offs_w, mask_w, stride_xk, 3, CPW)
-    x4 = x0
-    x5 = x0
-    x6 = x0
-    x7 = x0
-    if CPW == 8:
-        x4 = _x_code(x_ptr, row0, offs_w, mask_w, stride_xk, 4, CPW)
-        x5 = _x_code(x_ptr, row0, offs_w, mask_w, stride_xk, 5, CPW)
-        x6 = _x_code(x_ptr, row0, offs_w, mask_w, stride_xk, 6, CPW)
-        x7 = _x_code(x_ptr, row0, offs_w, mask_w, stride_xk, 7, CPW)
+    WORDS: tl.constexpr = BLOCK_K // CPW
+    offs_w = kk // CPW + tl.arange(0, WORDS)
+    mask_w = (offs_w < K // CPW)[:, None]
+    offs = offs_w[:, None] * CPW + tl.arange(0, CPW)[None, :]
+    x0, x1, x2, x3, x4, x5, x6, x7 = _split8(tl.load(x_ptr + row0 + offs * stride_xk, mask=mask_w, other=0.0), WORDS, CPW)
     n0, n1, n2, n3, n4, n5, n6, n7 = x0, x1, x2, x3, x4, x5, x6, x7
     if NORM:
-        n0 = _x_code(nw_ptr, 0, offs_w, mask_w, 1, 0, CPW)
-        n1 = _x_code(nw_ptr, 0, offs_w, mask_w, 1, 1, CPW)
-        n2 = _x_code(nw_ptr, 0, offs_w, mask_w, 1, 2, CPW)
-        n3 = _x_code(nw_ptr, 0, offs_w, mask_w, 1, 3, CPW)
-        if CPW == 8:
-            n4 = _x_code(nw_ptr, 0, offs_w, mask_w, 1, 4, CPW)
-            n5 = _x_code(nw_ptr, 0, offs_w, mask_w, 1, 5, CPW)
-            n6 = _x_code(nw_ptr, 0, offs_w, mask_w, 1, 6, CPW)
-            n7 = _x_code(nw_ptr, 0, offs_w, mask_w, 1, 7, CPW)
+        n0, n1, n2, n3, n4, n5, n6, n7 = _split8(tl.load(nw_ptr + offs, mask=mask_w, other=0.0), WORDS, CPW)
     return x0, x1, x2, x3, x4, x5, x6, x7, n0, n1, n2, n3, n4, n5, n6, n7
 
 
