@@ -41,6 +41,7 @@ for stage in "$@"; do
     diffusion_pixart) timeout ${PIXART_TIMEOUT:-540} python3 bench/diffusion.py --models pixart --out "$OUT/diffusion_pixart.json" 2>&1 | tail -25 ;;
     diffusion_pixart1024) timeout ${PIXART_TIMEOUT:-540} python3 bench/diffusion.py --models pixart1024 --repeat 3 \
         --out "$OUT/diffusion_pixart1024.json" 2>&1 | tail -25 ;;
+    pixart_diag) timeout 300 python3 bench/pixart_diag.py 2>&1 | grep -v "kept in float32" | tail -14 ;;
     coldstart) timeout 400 python3 bench/coldstart.py 2>&1 | tail -20 ;;
     sessiontests)  # GPU tests of this session's branches (KV cache, norm prologue, quantized plans, pipelines, README)
       timeout 300 python3 -m pytest -q -m gpu tests/codegen/test_attention_kv.py tests/codegen/test_skinny.py \
