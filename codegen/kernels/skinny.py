@@ -103,9 +103,9 @@ class Tile(NamedTuple):
 #   programs share an SM, so the grid ran as 1.29 waves (a tail wave of 117 programs, ncu's estimate: up to 50% of the
 #   time) at 15% occupancy, the SM issue-bound at 3.8 cycles an instruction a warp. Capped at 128 registers (maxnreg;
 #   bench/gemv_sass.py, sm_90, triton 3.6: no spills at the 1B shapes but 16-64 bytes in the norm-fused int4 qkv; 3.9
-#   spills 16-96 bytes in more of them) 4 programs fit an SM and the 1B's 512-program GEMVs run as one wave. Measured on the H200 (session 9, cold): int4 gate/up AHEAD 13.6 ->
-#   12.4 us, the byte tiles 8-13% faster at every shape, int8's 16 x 512 WORDS tile at down 10.6 -> 9.5. (int8's AHEAD
-#   tile spills at 128 with the norm: uncapped.)
+#   spills 16-96 bytes in more of them) 4 programs fit an SM and the 1B's 512-program GEMVs run as one wave. Measured
+#   on the H200 (session 9, cold): int4 gate/up AHEAD 13.6 -> 12.4 us, the byte tiles 8-13% faster at every shape,
+#   int8's 16 x 512 WORDS tile at down 10.6 -> 9.5. (int8's AHEAD tile spills at 128 with the norm: uncapped.)
 # - tl.dot (M 2..16): unswapped, x's 16 rows are the MMA's M, which Hopper's wgmma cannot take (64 rows a
 #   warpgroup): mma.sync, the weight through ldmatrix. Swapped, the weight's 64 / 128 rows are the M of
 #   wgmma.m64n16k16 (HGMMA.64x16x16 in the SASS, asynchronous, one group in flight), x^T its N: a plain weight is
