@@ -1,4 +1,5 @@
-"""Diffusion sampling end to end on the GPU, ONE process, bf16, random weights of the real configs (written inline):
+"""Diffusion sampling end to end on the GPU, ONE process, bf16, random weights of the real configs (written inline;
+DiT's per-block timestep / class embedders tied, as converted checkpoints hold them, since session 9):
 
 - DiT-XL/2 256 px: CFG 4.0, 25 DDIM steps, VAE decode (the SD VAE), 1 and 8 images;
 - PixArt-α 512 px (``--models pixart``) and 1024 px (``pixart1024``, micro-conditions): 20 DPM-Solver++ steps, CFG 4.5,
@@ -28,6 +29,7 @@ import triton
 
 import kiln
 import kiln.diffusion
+from kiln.diffusion.presets import tie_embedders
 
 # facebook/DiT-XL-2-256: transformer/config.json, scheduler/scheduler_config.json; stabilityai/sd-vae-ft-ema
 DIT = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28, sample_size=32,
@@ -73,8 +75,9 @@ def sd_vae(seed=2):
 
 def dit_pipeline():
     with torch.device(DEV):
-        tr = diffusers.DiTTransformer2DModel(**DIT)
-    return diffusers.DiTPipeline(randomized(tr, 1), sd_vae(), diffusers.DDIMScheduler.from_config(DDIM))
+        tr = randomized(diffusers.DiTTransformer2DModel(**DIT), 1)
+    tie_embedders(tr)  # one timestep / class embedder, as real (converted) checkpoints hold: bench/dit.py's model too
+    return diffusers.DiTPipeline(tr, sd_vae(), diffusers.DDIMScheduler.from_config(DDIM))
 
 
 def stand_in_tokenizer():

@@ -55,10 +55,22 @@ def diffusers_pipeline(name: str | None = None, weights: str | None = None, dtyp
     with torch.no_grad():  # off diffusers' zero inits (adaLN-Zero), so that every path carries signal
         for p in transformer.parameters():
             p.add_(torch.randn(p.shape, generator=gen) * registry.INIT_STD)
+    tie_embedders(transformer)
     scheduler = diffusers.DDIMScheduler.from_config(DIT_SCHEDULER)
     if dtype != torch.float32:  # (diffusers warns about any .to(dtype), even float32's)
         transformer, vae = transformer.to(dtype), vae.to(dtype)
     return diffusers.DiTPipeline(transformer.to(device).eval(), vae.to(device).eval(), scheduler)
+
+
+def tie_embedders(transformer) -> None:
+    """Every block's timestep / class embedder (``norm1.emb``) made block 0's, in place, as in real DiT checkpoints:
+    DiT has one of each, which the conversion to diffusers copies into every block (kiln's CSE then computes it once a
+    step; 28 independent random ones would cost a step 27 timestep MLPs and label lookups that no real model runs)."""
+    blocks = transformer.transformer_blocks
+    if all(hasattr(b.norm1, "emb") for b in blocks):
+        state = blocks[0].norm1.emb.state_dict()
+        for block in blocks[1:]:
+            block.norm1.emb.load_state_dict(state)
 
 
 def _from_directory(path: str, dtype: torch.dtype, device):

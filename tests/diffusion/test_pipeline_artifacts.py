@@ -86,3 +86,17 @@ def test_cli_compile_pipeline_and_sample(tmp_path, capsys):
         assert main(argv) == 1, argv
         error = capsys.readouterr().err
         assert message in error and "Traceback" not in error, (argv, error)
+
+
+def test_preset_embedders_tied_and_computed_once():
+    # a built-in DiT pipeline's random transformer holds one timestep / class embedder in every block, as converted
+    # checkpoints do (presets.tie_embedders); kiln's CSE then looks the label up and runs the timestep MLP once a step
+    from kiln.diffusion import presets
+
+    pipe = presets.diffusers_pipeline("dit-tiny")
+    blocks = pipe.transformer.transformer_blocks
+    assert len(blocks) > 1
+    for block in blocks[1:]:
+        for (name, a), b in zip(blocks[0].norm1.emb.state_dict().items(), block.norm1.emb.state_dict().values()):
+            assert torch.equal(a, b), name
+    assert kiln.diffusion.DiTPipeline.from_diffusers(pipe, max_batch=1).step.graph.histogram()["EMBEDDING"] == 1
