@@ -88,7 +88,8 @@ SWEEP_DOT_TILES = [Tile(*t, True) for t in (
 # M = 1 on a quantized weight: tiles of the WORDS GEMV (the codes read as int32 words, scales applied a word; skinny.TILES
 # has two per width), by bits; sweep_configs adds the register cap's A / B (skinny.Tile.maxnreg)
 SWEEP_WORDS_TILES = {b: [Tile(*t, words=True) for t in ts] for b, ts in {
-    4: ((16, 1024, 4, 3), (32, 1024, 8, 3), (32, 1024, 8, 4), (64, 512, 8, 3), (64, 1024, 8, 2), (32, 512, 4, 3), (128, 256, 8, 3)),
+    4: ((16, 1024, 4, 3), (32, 1024, 8, 3), (32, 1024, 8, 4), (64, 512, 8, 3), (64, 1024, 8, 2), (32, 512, 4, 3), (128, 256, 8, 3),
+        (32, 1024, 4, 3), (64, 512, 4, 3)),  # (session 9: 4 rows a thread, 3.7-3.9 SASS instructions a code, 164-168 registers)
     8: ((32, 512, 8, 3), (64, 256, 8, 3), (32, 256, 4, 3), (64, 512, 8, 3), (16, 512, 4, 4), (128, 256, 8, 3), (32, 1024, 8, 2)),
 }.items()}
 NORM_SHAPES = ["1b qkv", "1b gate/up glu"]  # --norm's default shapes: the decode GEMMs an RMSNorm feeds
