@@ -18,11 +18,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import diffusion as D  # noqa: E402  (bench/diffusion.py: the configs and pipelines)
 
 import kiln.diffusion  # noqa: E402
-
-
-def rel(a, b) -> float:
-    a, b = a.double(), b.double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+from kiln.numerics import rel_err  # noqa: E402
 
 
 def main():
@@ -58,8 +54,8 @@ def main():
     pipe.text_encoder.to(D.DTYPE)
     m = ids.attention_mask.to(D.DEV).bool()
     for name, (p, n) in {"diffusers": (pe, ne), "kiln": (cond["prompt_embeds"], cond["negative_embeds"])}.items():
-        res[f"t5_{name}_prompt_rel_err"] = rel(p[0][m[0]], ref[0][m[0]])
-        res[f"t5_{name}_negative_rel_err"] = rel(n[0][m[1]], ref[1][m[1]])
+        res[f"t5_{name}_prompt_rel_err"] = rel_err(p[0][m[0]], ref[0][m[0]])
+        res[f"t5_{name}_negative_rel_err"] = rel_err(n[0][m[1]], ref[1][m[1]])
     res["masks_equal"] = bool(torch.equal(pm.cpu(), cond["prompt_mask"].cpu()) and torch.equal(nm.cpu(), cond["negative_mask"].cpu()))
     # diffusers' pipeline fed kiln's embeddings (and masks): the text encoder's share of the difference
     got2 = run(negative_prompt=None, prompt_embeds=cond["prompt_embeds"], prompt_attention_mask=cond["prompt_mask"],
