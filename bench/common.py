@@ -22,3 +22,30 @@ def measure(fn, want: torch.Tensor) -> dict:
     with torch.no_grad():
         ms = tt.do_bench(fn, warmup=25, rep=200, return_mode="median")
     return {"ms": ms, "first_call_s": first, "peak_mem_GiB": torch.cuda.max_memory_allocated() / 2**30, "rel_err_vs_fp32": err}
+
+
+def kernels_launched(plan) -> dict:
+    """What one run of the plan's calls puts on the GPU, outside its CUDA graph (empty on the CPU): kernels (and memsets
+    / copies) launched, the sum of their device times per step (against the replayed step's time: the rest is gaps
+    between kernels), and the kernels by total time (name, count per step, us per step)."""
+    if not torch.cuda.is_available():
+        return {}
+    from torch.profiler import ProfilerActivity, profile
+
+    runs = 3
+    for call in plan.calls:  # (warm: nothing compiles or allocates under the profiler)
+        call.run()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(runs):
+            for call in plan.calls:
+                call.run()
+        torch.cuda.synchronize()
+    events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    us = lambda e: getattr(e, "device_time", None) or getattr(e, "cuda_time", 0.0)  # noqa: E731 (torch renamed it)
+    by_name: dict[str, list] = {}
+    for e in events:
+        by_name.setdefault(e.name[:90], []).append(us(e))
+    top = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))
+    return {"kernels": len(events) // runs, "kernel_us": sum(map(us, events)) / runs,
+            "top": [[name, len(t) / runs, round(sum(t) / runs, 2)] for name, t in top[:25]]}

@@ -43,6 +43,8 @@ import kiln  # noqa: E402
 from kiln.codegen.tuning import L2_FLUSH_BYTES  # noqa: E402
 from kiln.llm.generator import step_inputs  # noqa: E402
 
+from common import kernels_launched  # noqa: E402
+
 # name -> (transformers LlamaConfig kwargs, batches)
 MODELS = {
     "1b": (dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
@@ -81,33 +83,6 @@ def step_time_ms(fn, reps: int) -> float:
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
     return sorted(times)[len(times) // 2]
-
-
-def kernels_launched(plan) -> dict:
-    """What one run of the plan's calls puts on the GPU, outside its CUDA graph (empty on the CPU): kernels (and memsets
-    / copies) launched, the sum of their device times per step (against the replayed step's time: the rest is gaps
-    between kernels), and the kernels by total time (name, count per step, us per step)."""
-    if DEVICE != "cuda":
-        return {}
-    from torch.profiler import ProfilerActivity, profile
-
-    runs = 3
-    for call in plan.calls:  # (warm: nothing compiles or allocates under the profiler)
-        call.run()
-    sync()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(runs):
-            for call in plan.calls:
-                call.run()
-        sync()
-    events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    us = lambda e: getattr(e, "device_time", None) or getattr(e, "cuda_time", 0.0)  # noqa: E731 (torch renamed it)
-    by_name: dict[str, list] = {}
-    for e in events:
-        by_name.setdefault(e.name[:90], []).append(us(e))
-    top = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))
-    return {"kernels": len(events) // runs, "kernel_us": sum(map(us, events)) / runs,
-            "top": [[name, len(t) / runs, round(sum(t) / runs, 2)] for name, t in top[:25]]}
 
 
 def call_times(plan) -> list | None:

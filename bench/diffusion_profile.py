@@ -16,6 +16,8 @@ import kiln
 from kiln.diffusion import presets
 from kiln.diffusion.pipelines import step_inputs
 
+from common import kernels_launched
+
 DEV, BF16 = torch.device("cuda"), torch.bfloat16
 OUT = os.path.join(os.environ.get("OUT", "/tmp"), "diffusion_profile.json")
 r = {"device": torch.cuda.get_device_name()}
@@ -46,6 +48,9 @@ plan = kp.step.executor.plan_for(flat)
 plan.bind(flat)
 r["step_ms"] = tt.do_bench(plan.replay, warmup=5, rep=50, return_mode="median")
 r["step_plan"] = plan.describe()
+# the step's kernels (its calls run outside the CUDA graph under the profiler): launches, their summed device time (the
+# rest of step_ms is gaps between kernels in the replay) and the top kernels by time
+r["step_kernels"] = kernels_launched(plan)
 r["vae_ms"] = tt.do_bench(lambda: kp.vae(latents), warmup=5, rep=50, return_mode="median")
 
 # the transformer alone at the CFG batch (2), kiln and eager
@@ -68,7 +73,12 @@ with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) a
 table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30)
 print(table)
 r["profile_top30"] = table
-print({k: v for k, v in r.items() if k not in ("profile_top30", "transformer_plan")})
+sk = r["step_kernels"]
+if sk:
+    print(f"step: {r['step_ms'] * 1e3:.0f} us replayed, {sk['kernels']} kernels, {sk['kernel_us']:.0f} us of kernels")
+    for name, n, t in sk["top"]:
+        print(f"  {t:8.1f} us  x{n:5.1f}  {name}")
+print({k: v for k, v in r.items() if k not in ("profile_top30", "transformer_plan", "step_plan", "step_kernels")})
 with open(OUT, "w") as f:
     json.dump(r, f, indent=1, default=str)
 print("wrote", OUT)

@@ -50,7 +50,7 @@ for stage in "$@"; do
     decode) timeout 280 python3 bench/decode.py 2>&1 | tail -25 ;;
     llm_kv) timeout 240 python3 bench/llm_kv.py --contexts 2048,8192 --batches 1,16 2>&1 | tail -20 ;;
     llm_quant_1b) timeout 240 python3 bench/llm_quant.py --models 1b 2>&1 | tail -20 ;;
-    diffusion_profile) timeout 330 python3 bench/diffusion_profile.py 2>&1 | tail -45 ;;
+    diffusion_profile) timeout 330 python3 bench/diffusion_profile.py 2>&1 | tail -62 ;;
     qtests)  # the quantized / rope_kv GPU tests alone, failures printed
       timeout 150 python3 -m pytest -q -x -rf -p no:logging -m gpu tests/runtime/test_kernel_plan_quant.py \
         tests/models/test_gptq.py tests/codegen/test_aqgemm.py tests/codegen/test_rope_kv.py 2>&1 | tee "$OUT/qtests.log" | tail -40 ;;
