@@ -59,7 +59,7 @@ from .pointwise import launch
 # compile inside its budget
 TRITON_GEMM_CONFIGS = 1
 TRITON_AQGEMM_CONFIGS = 2
-TRITON_ATTENTION_CONFIGS = 2
+TRITON_ATTENTION_CONFIGS = 3
 # the skinny candidates' generation in the tuner's key (a decision measured between older candidates is measured
 # again): 2 since split-K may reduce in its last program, 3 since a plain GEMV also tries skinny.WHOLE_K's tile, 4 since
 # 2..16 rows try swapped tiles, 5 since the norm prologue's statistics pass is pipelined (it was K / BLOCK_K serial round
@@ -68,6 +68,10 @@ TRITON_ATTENTION_CONFIGS = 2
 # WORDS tiles and the byte tile with its scales loaded a step ahead (skinny.TILES), 7 since its byte tiles are capped at
 # 128 registers a thread (skinny.Tile.maxnreg: 4 programs an SM, not 3)
 SKINNY_CANDIDATES = 7
+# the attention candidates' generation (a decision measured between older ones is measured again): 2 since a head dim
+# like 72 runs as 64 + 16 lanes (attention.split_widths), 3 configurations are tried and 64-row query tiles come first
+# where 128-row ones leave SMs idle
+ATTENTION_CANDIDATES = 2
 # the decode attention candidates' generation (in a decode attention's what; a decision measured between older ones is
 # measured again): 2 since "kiln-decode-whole" exists, 3 since the kernel reads only the keys the mask attends
 DECODE_CANDIDATES = 3
@@ -423,7 +427,11 @@ def attention(args: list, attrs: dict, out: torch.Tensor, scratch: torch.Tensor 
 
     candidates = {"sdpa": sdpa} if (ks is None and vs is None) or scratch is not None else {}
     if _triton_ok(ta.DTYPES, q.dtype, device, ta.INTERPRET):
-        cfgs = ta.configs(q.shape[-2]) if device.type == "cuda" else [ta.INTERPRET_CONFIG]
+        if device.type == "cuda":
+            heads = math.prod(q.shape[:-2])
+            cfgs = ta.configs(q.shape[-2], heads, torch.cuda.get_device_properties(device).multi_processor_count)
+        else:
+            cfgs = [ta.INTERPRET_CONFIG]
         for c in cfgs[:TRITON_ATTENTION_CONFIGS]:
             candidates[config_name("kiln", c)] = (
                 lambda c=c: ta.attention(q, k, v, mask, causal, scale, gqa, out=out, config=c, k_scale=ks, v_scale=vs))
@@ -442,7 +450,7 @@ def attention(args: list, attrs: dict, out: torch.Tensor, scratch: torch.Tensor 
             candidates[config_name("kiln-decode-whole", cfgs[0])] = (
                 lambda c=cfgs[0]: td.decode_attention(q, k, v, mask, scale, enable_gqa, out=out, config=c, splits=1,
                                                       k_scale=ks, v_scale=vs))
-    what = {"op": "ATTENTION", "q": list(q.shape), "k": list(k.shape), "v": list(v.shape), "dtype": str(q.dtype),
+    what = {"op": "ATTENTION", "kiln": ATTENTION_CANDIDATES, "q": list(q.shape), "k": list(k.shape), "v": list(v.shape), "dtype": str(q.dtype),
             "strides": [list(t.stride()) for t in (q, k, v)], "causal": causal, "scale": scale, "gqa": gqa,
             "mask": None if mask is None else [list(mask.shape), str(mask.dtype)]}
     if decode:

@@ -20,7 +20,10 @@ Variants are constexpr switches of the ONE kernel below:
            ``(codes.float32 * scale).to(q.dtype)``.
 
 Head dims. BLOCK_D is the next power of two >= D (at least 16, the smallest ``tl.dot`` depth), with
-the padding lanes masked to zero: D = 72 (DiT-XL) runs as 128 wide. D <= 256; v may have its own Dv.
+the padding lanes masked to zero. D <= 256; v may have its own Dv. SPLIT: a head dim between powers of two,
+shared by q, k and v, runs as a power-of-two part and a tail of 16 or 32 lanes (``split_widths``): D = 72
+(DiT-XL, PixArt) as 64 + 16 lanes, two dots each for q k^T and p v, where the padded tile is 128 lanes (1.6x the
+tensor-core work).
 
 Fully masked rows (every key masked by the bool mask, -inf bias, or Sk = 0) give ZEROS, not NaN: the
 running max stays -inf, p = exp2(s - 0) = 0 and l = 0 is replaced by 1 at the end. torch 2.13's SDPA
@@ -54,24 +57,35 @@ INTERPRET_CONFIG = dict(BLOCK_M=16, BLOCK_N=16)
 
 @triton.jit
 def _attention_inner(
-    acc, l_i, m_i, q,  # acc [BLOCK_M, BLOCK_DV] fp32, l_i / m_i [BLOCK_M] fp32 (log2 units), q [BLOCK_M, BLOCK_D]
-    k_base, v_base, mask_base, ks_base, vs_base,
+    acc, acc2, l_i, m_i, q, q2,  # acc [BLOCK_M, BLOCK_DV] fp32, l_i / m_i [BLOCK_M] fp32 (log2 units), q [BLOCK_M, BLOCK_D];
+    k_base, v_base, mask_base, ks_base, vs_base,  # (SPLIT: acc2 / q2 the tail lanes [BLOCK_M, BLOCK_DT])
     offs_m, lo, hi, Sq, Sk, HEAD_DIM, HEAD_DIM_V, qk_scale,
     stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, stride_ksn, stride_vsn,
     APPLY_CAUSAL: tl.constexpr, MASK: tl.constexpr, K_SCALED: tl.constexpr, V_SCALED: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    SPLIT: tl.constexpr, BLOCK_DT: tl.constexpr,
 ):
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
+    offs_t = BLOCK_D + tl.arange(0, BLOCK_DT)  # SPLIT: the tail lanes of q, k and v (BLOCK_DV = BLOCK_D)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         valid_n = offs_n < Sk
+        if K_SCALED:
+            k_scale = tl.load(ks_base + offs_n * stride_ksn, mask=valid_n, other=0.0)
         # k^T tile [BLOCK_D, BLOCK_N]: padded head lanes load 0 and add nothing to the dot
         kt = tl.load(k_base + offs_d[:, None] * stride_kd + offs_n[None, :] * stride_kn,
                      mask=(offs_d[:, None] < HEAD_DIM) & valid_n[None, :], other=0.0)
         if K_SCALED:  # codes -> float32 * the key's scale -> q's dtype, in registers
-            kt = (kt.to(tl.float32) * tl.load(ks_base + offs_n * stride_ksn, mask=valid_n, other=0.0)[None, :]).to(q.dtype)
-        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N], log2 units
+            kt = (kt.to(tl.float32) * k_scale[None, :]).to(q.dtype)
+        s = tl.dot(q, kt, input_precision=DOT_PRECISION)
+        if SPLIT:
+            kt2 = tl.load(k_base + offs_t[:, None] * stride_kd + offs_n[None, :] * stride_kn,
+                          mask=(offs_t[:, None] < HEAD_DIM) & valid_n[None, :], other=0.0)
+            if K_SCALED:
+                kt2 = (kt2.to(tl.float32) * k_scale[None, :]).to(q.dtype)
+            s = tl.dot(q2, kt2, s, input_precision=DOT_PRECISION)
+        s = s * qk_scale  # [BLOCK_M, BLOCK_N], log2 units
         keep = valid_n[None, :]
         if APPLY_CAUSAL:
             keep = keep & (offs_n[None, :] <= offs_m[:, None])
@@ -86,21 +100,40 @@ def _attention_inner(
         v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
                     mask=valid_n[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)  # [BLOCK_N, BLOCK_DV]
         if V_SCALED:
-            v = (v.to(tl.float32) * tl.load(vs_base + offs_n * stride_vsn, mask=valid_n, other=0.0)[:, None]).to(q.dtype)
-        m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc, DOT_PRECISION)
-    return acc, l_i, m_i
+            v_scale = tl.load(vs_base + offs_n * stride_vsn, mask=valid_n, other=0.0)
+            v = (v.to(tl.float32) * v_scale[:, None]).to(q.dtype)
+        if SPLIT:
+            m_i, l_i, p, alpha = softmax_tile(s, m_i, l_i)
+            p = p.to(v.dtype)
+            acc = tl.dot(p, v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+            v2 = tl.load(v_base + offs_n[:, None] * stride_vn + offs_t[None, :] * stride_vd,
+                         mask=valid_n[:, None] & (offs_t[None, :] < HEAD_DIM_V), other=0.0)  # [BLOCK_N, BLOCK_DT]
+            if V_SCALED:
+                v2 = (v2.to(tl.float32) * v_scale[:, None]).to(q.dtype)
+            acc2 = tl.dot(p, v2, acc2 * alpha[:, None], input_precision=DOT_PRECISION)
+        else:
+            m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc, DOT_PRECISION)
+    return acc, acc2, l_i, m_i
 
 
 @triton.jit
-def online_softmax_step(s, v, m_i, l_i, acc, DOT_PRECISION: tl.constexpr):
-    """One key tile of the online softmax: scores ``s`` [M, N] in log2 units (-inf where not attended), values
-    ``v`` [N, D]; returns the running max, sum and float32 accumulator. Shared with decode_attention.py."""
+def softmax_tile(s, m_i, l_i):
+    """The online softmax's weights of one key tile: scores ``s`` [M, N] in log2 units (-inf where not attended);
+    returns the new running max and sum, ``p`` [M, N] (float32) and ``alpha`` [M], the rescale of the accumulator."""
     m_new = tl.maximum(m_i, tl.max(s, 1))
     # a row with nothing attended so far has m_new = -inf: subtract 0 instead, so p = 0 and alpha = 0, no NaN
     m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.math.exp2(m_i - m_sub)
     p = tl.math.exp2(s - m_sub[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
+    return m_new, l_i, p, alpha
+
+
+@triton.jit
+def online_softmax_step(s, v, m_i, l_i, acc, DOT_PRECISION: tl.constexpr):
+    """One key tile of the online softmax: scores ``s`` [M, N] in log2 units (-inf where not attended), values
+    ``v`` [N, D]; returns the running max, sum and float32 accumulator. Shared with decode_attention.py."""
+    m_new, l_i, p, alpha = softmax_tile(s, m_i, l_i)
     acc = acc * alpha[:, None]
     acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
     return m_new, l_i, acc
@@ -119,6 +152,7 @@ def _attention_kernel(
     Sq, Sk, HEAD_DIM, HEAD_DIM_V, qk_scale,  # qk_scale = scale * log2(e)
     CAUSAL: tl.constexpr, MASK: tl.constexpr, K_SCALED: tl.constexpr, V_SCALED: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    SPLIT: tl.constexpr, BLOCK_DT: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -137,35 +171,46 @@ def _attention_kernel(
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
+    offs_t = BLOCK_D + tl.arange(0, BLOCK_DT)
     q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
                 mask=(offs_m[:, None] < Sq) & (offs_d[None, :] < HEAD_DIM), other=0.0)  # [BLOCK_M, BLOCK_D]
+    if SPLIT:  # the tail lanes [BLOCK_M, BLOCK_DT]
+        q2 = tl.load(q_base + offs_m[:, None] * stride_qm + offs_t[None, :] * stride_qd,
+                     mask=(offs_m[:, None] < Sq) & (offs_t[None, :] < HEAD_DIM), other=0.0)
+    else:
+        q2 = tl.zeros([BLOCK_M, BLOCK_DT], dtype=q.dtype)  # (unused)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK_M, BLOCK_DT], dtype=tl.float32)
     if CAUSAL:
         # keys past this block's last row are masked for every row: never loaded. Key blocks ending before
         # its first row are fully visible: no triangle test. Only the blocks between (the diagonal) pay it.
         hi = tl.minimum(Sk, start_m + BLOCK_M)
         diag = tl.minimum((start_m // BLOCK_N) * BLOCK_N, hi)
-        acc, l_i, m_i = _attention_inner(
-            acc, l_i, m_i, q, k_base, v_base, mask_base, ks_base, vs_base, offs_m, 0, diag, Sq, Sk, HEAD_DIM, HEAD_DIM_V,
+        acc, acc2, l_i, m_i = _attention_inner(
+            acc, acc2, l_i, m_i, q, q2, k_base, v_base, mask_base, ks_base, vs_base, offs_m, 0, diag, Sq, Sk, HEAD_DIM, HEAD_DIM_V,
             qk_scale, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, stride_ksn, stride_vsn,
-            False, MASK, K_SCALED, V_SCALED, DOT_PRECISION, BLOCK_N, BLOCK_D, BLOCK_DV)
-        acc, l_i, m_i = _attention_inner(
-            acc, l_i, m_i, q, k_base, v_base, mask_base, ks_base, vs_base, offs_m, diag, hi, Sq, Sk, HEAD_DIM, HEAD_DIM_V,
+            False, MASK, K_SCALED, V_SCALED, DOT_PRECISION, BLOCK_N, BLOCK_D, BLOCK_DV, SPLIT, BLOCK_DT)
+        acc, acc2, l_i, m_i = _attention_inner(
+            acc, acc2, l_i, m_i, q, q2, k_base, v_base, mask_base, ks_base, vs_base, offs_m, diag, hi, Sq, Sk, HEAD_DIM, HEAD_DIM_V,
             qk_scale, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, stride_ksn, stride_vsn,
-            True, MASK, K_SCALED, V_SCALED, DOT_PRECISION, BLOCK_N, BLOCK_D, BLOCK_DV)
+            True, MASK, K_SCALED, V_SCALED, DOT_PRECISION, BLOCK_N, BLOCK_D, BLOCK_DV, SPLIT, BLOCK_DT)
     else:
-        acc, l_i, m_i = _attention_inner(
-            acc, l_i, m_i, q, k_base, v_base, mask_base, ks_base, vs_base, offs_m, 0, Sk, Sq, Sk, HEAD_DIM, HEAD_DIM_V,
+        acc, acc2, l_i, m_i = _attention_inner(
+            acc, acc2, l_i, m_i, q, q2, k_base, v_base, mask_base, ks_base, vs_base, offs_m, 0, Sk, Sq, Sk, HEAD_DIM, HEAD_DIM_V,
             qk_scale, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, stride_ksn, stride_vsn,
-            False, MASK, K_SCALED, V_SCALED, DOT_PRECISION, BLOCK_N, BLOCK_D, BLOCK_DV)
+            False, MASK, K_SCALED, V_SCALED, DOT_PRECISION, BLOCK_N, BLOCK_D, BLOCK_DV, SPLIT, BLOCK_DT)
 
     l_i = tl.where(l_i == 0.0, 1.0, l_i)  # fully masked rows: acc is 0, the output row is 0 (module docstring)
     out = acc / l_i[:, None]
     tl.store(out_base + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od, out.to(out_ptr.dtype.element_ty),
              mask=(offs_m[:, None] < Sq) & (offs_dv[None, :] < HEAD_DIM_V))
+    if SPLIT:
+        out2 = acc2 / l_i[:, None]
+        tl.store(out_base + offs_m[:, None] * stride_om + offs_t[None, :] * stride_od, out2.to(out_ptr.dtype.element_ty),
+                 mask=(offs_m[:, None] < Sq) & (offs_t[None, :] < HEAD_DIM_V))
 
 
 def _config(bm, bn, warps, stages):
@@ -182,6 +227,7 @@ LONG_Q_CONFIGS = [
     _config(128, 32, 4, 3),
     _config(128, 128, 8, 2),
     _config(64, 64, 4, 3),
+    _config(64, 128, 4, 2),
     _config(64, 32, 4, 2),
 ]
 SHORT_Q_CONFIGS = [
@@ -198,13 +244,29 @@ def _tuned(short_q: bool):
     # built on first GPU use: an Autotuner asks for the active driver, which the CPU interpreter lacks.
     # The key names the constexpr switches too, so a causal and a masked call never share a tuning entry.
     return triton.autotune(SHORT_Q_CONFIGS if short_q else LONG_Q_CONFIGS,
-                           key=["Sq", "Sk", "HEAD_DIM", "HEAD_DIM_V", "CAUSAL", "MASK", "K_SCALED", "V_SCALED"])(_attention_kernel)
+                           key=["Sq", "Sk", "HEAD_DIM", "HEAD_DIM_V", "CAUSAL", "MASK", "K_SCALED", "V_SCALED",
+                                "SPLIT"])(_attention_kernel)
 
 
-def configs(sq: int) -> list[dict]:
-    """The launch configurations the autotuner would try for ``sq`` query rows, as plain dicts."""
-    return [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
-            for c in (SHORT_Q_CONFIGS if sq <= SHORT_Q else LONG_Q_CONFIGS)]
+def configs(sq: int, heads: int | None = None, sms: int | None = None) -> list[dict]:
+    """The launch configurations the autotuner would try for ``sq`` query rows, as plain dicts, best guess first.
+    ``heads`` (batch x query heads) and ``sms`` (the device's multiprocessors) given: where 128-row query tiles
+    would leave SMs idle (DiT-XL/2 at the CFG batch of 2: 2 x 16 heads x 2 tiles = 64 programs for 132 SMs), the
+    64-row tiles come first."""
+    cfgs = SHORT_Q_CONFIGS if sq <= SHORT_Q else LONG_Q_CONFIGS
+    if sq > SHORT_Q and heads is not None and sms is not None and triton.cdiv(sq, 128) * heads < sms:
+        cfgs = sorted(cfgs, key=lambda c: c.kwargs["BLOCK_M"] != 64)  # (stable: the list's order otherwise)
+    return [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages) for c in cfgs]
+
+
+def split_widths(d: int, dv: int) -> tuple[int, int] | None:
+    """(power-of-two lanes, tail lanes) of a head dim run as two tiles (SPLIT), or None where one padded tile of
+    the next power of two is no wider: D = 72 -> (64, 16), 96 -> (64, 32), 40 -> (32, 16); 64, 24 or D != Dv -> None."""
+    if d != dv or d <= 16 or d & (d - 1) == 0:
+        return None
+    main = 1 << (d.bit_length() - 1)
+    tail = max(16, triton.next_power_of_2(d - main))
+    return (main, tail) if main + tail < triton.next_power_of_2(d) else None
 
 
 def _as_4d(t: torch.Tensor) -> torch.Tensor:
@@ -287,7 +349,7 @@ def _check(q, k, v, mask, causal, scale, gqa, out, k_scale=None, v_scale=None):
 
 
 def attention(q, k, v, mask=None, causal=False, scale=None, gqa=False, out=None, config: dict | None = None,
-              k_scale=None, v_scale=None) -> torch.Tensor:
+              k_scale=None, v_scale=None, split_d: bool = True) -> torch.Tensor:
     """``softmax(q @ k^T * scale + mask) @ v`` in one kernel (see the module docstring).
 
     q [B, Hq, Sq, D]; k [B, Hk, Sk, D]; v [B, Hk, Sk, Dv] (ranks 2 and 3 drop leading dims; k / v may
@@ -298,7 +360,8 @@ def attention(q, k, v, mask=None, causal=False, scale=None, gqa=False, out=None,
     shape [B, Hq, Sq, Dv] (``out`` may be given; it must not overlap q, k or v). ``config``: one launch
     configuration (BLOCK_M, BLOCK_N, num_warps, num_stages; see ``configs``) run without the autotuner. ``k_scale`` /
     ``v_scale``: float32 scales (k's / v's shape but the last dim) of a quantized k / v (int8 or float8_e4m3fn codes,
-    ``ir/kv_quant.py``), each tile dequantized in registers.
+    ``ir/kv_quant.py``), each tile dequantized in registers. ``split_d`` False: a head dim like 72 runs padded to
+    the next power of two, not as two tiles (``split_widths``).
     """
     q4, k4, v4, mask4, group, (ks, vs) = _check(q, k, v, mask, causal, scale, gqa, out, k_scale, v_scale)
     (bq, hq, sq, d), (sk, dv) = q4.shape, v4.shape[-2:]
@@ -316,7 +379,11 @@ def attention(q, k, v, mask=None, causal=False, scale=None, gqa=False, out=None,
     kind = "none" if mask4 is None else "bool" if mask4.dtype == torch.uint8 else "bias"
     meta = dict(CAUSAL=bool(causal), MASK=kind, K_SCALED=ks is not None, V_SCALED=vs is not None,
                 DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-                BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_DV=max(16, triton.next_power_of_2(dv)))
+                BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_DV=max(16, triton.next_power_of_2(dv)),
+                SPLIT=False, BLOCK_DT=16)
+    split = split_widths(d, dv) if split_d else None
+    if split is not None:
+        meta.update(SPLIT=True, BLOCK_D=split[0], BLOCK_DV=split[0], BLOCK_DT=split[1])
     if INTERPRET or config is not None:
         c = dict(config or INTERPRET_CONFIG)
         _attention_kernel[(triton.cdiv(sq, c["BLOCK_M"]), bq * hq)](*args, **meta, **c)

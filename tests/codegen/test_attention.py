@@ -21,8 +21,8 @@ def qkv(b, hq, hk, sq, sk, d, dtype, dv=None):
     return r(b, hq, sq, d, dtype=dtype), r(b, hk, sk, d, dtype=dtype), r(b, hk, sk, dv or d, dtype=dtype)
 
 
-def check(q, k, v, mask=None, **kw):
-    got = attention(q, k, v, mask, **kw)
+def check(q, k, v, mask=None, split_d=True, **kw):
+    got = attention(q, k, v, mask, split_d=split_d, **kw)
     want = reference(q.double(), k.double(), v.double(), mask if mask is None or mask.dtype == torch.bool
                      else mask.double(), **kw)
     assert got.dtype == q.dtype and got.shape == want.shape
@@ -32,11 +32,47 @@ def check(q, k, v, mask=None, **kw):
 
 
 # with the 16 x 16 interpreter tiles: Sq = 13 is one partial query tile, Sk = 29 two key tiles (one
-# partial), D = 72 pads to 128 lanes, D = 16 is the fast case
+# partial), D = 72 runs as 64 + 16 lanes (SPLIT), D = 16 is the fast case
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("d", [16, 64, 72])
 def test_irregular_shapes(dtype, d):
     check(*qkv(2, 2, 2, 13, 29, d, dtype))
+
+
+@pytest.mark.parametrize("d,widths", [(72, (64, 16)), (96, (64, 32)), (40, (32, 16)), (80, (64, 16)), (24, None),
+                                      (64, None), (112, None), (16, None)])
+def test_split_widths(d, widths):
+    # two tiles only where they are narrower than one padded to the next power of two; never for Dv != D
+    assert A.split_widths(d, d) == widths
+    assert A.split_widths(d, d + 8) is None
+
+
+def test_configs_put_64_row_tiles_first_where_128_row_ones_leave_sms_idle():
+    # DiT-XL/2 at the CFG batch of 2: 32 heads x 2 tiles of 128 rows = 64 programs for 132 SMs
+    assert A.configs(256, heads=32, sms=132)[0]["BLOCK_M"] == 64
+    assert A.configs(256, heads=256, sms=132)[0]["BLOCK_M"] == 128  # batch 16: 512 programs
+    assert A.configs(256)[0]["BLOCK_M"] == 128  # nothing known of the device: the list's order
+    assert sorted(map(str, A.configs(256, heads=32, sms=132))) == sorted(map(str, A.configs(256)))
+    assert A.configs(16, heads=1, sms=132) == A.configs(16)  # short queries: their own tiles
+
+
+@pytest.mark.parametrize("d", [40, 72, 96])
+@pytest.mark.parametrize("split_d", [True, False])
+def test_head_dims_between_powers_of_two_split_or_padded(d, split_d):
+    # the SPLIT tiles (tail lanes masked past D) against the padded tile, causal with a bias mask and gqa
+    q, k, v = qkv(2, 4, 2, 21, 29, d, torch.float16)
+    bias = r(2, 1, 21, 29, dtype=torch.float16)
+    bias[..., 3:7] = float("-inf")
+    check(q, k, v, bias, causal=True, gqa=True, split_d=split_d)
+
+
+def test_split_with_strided_qkv_and_out_given():
+    # DiT's layout: q, k, v views of one fused [B, S, 3, H, D] projection; out written in place
+    qkv_ = r(2, 13, 3, 2, 72, dtype=torch.float16)
+    q, k, v = (qkv_[:, :, i].transpose(1, 2) for i in range(3))
+    out = torch.full((2, 2, 13, 72), float("nan"), dtype=torch.float16)
+    assert attention(q, k, v, out=out) is out
+    assert rel_err(out, reference(q.double(), k.double(), v.double())) <= TOL[torch.float16]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -173,11 +209,11 @@ def cuda_qkv(b, hq, hk, s, d, dtype=torch.bfloat16):
     return [torch.randn(b, h, s, d, generator=g, device="cuda", dtype=torch.float32).to(dtype) for h in (hq, hk, hk)]
 
 
-def check_against_fp32(q, k, v, mask=None, **kw):
+def check_against_fp32(q, k, v, mask=None, split_d=True, **kw):
     wide = torch.float64 if q.dtype == torch.float32 else torch.float32
     want = reference(q.to(wide), k.to(wide), v.to(wide), mask if mask is None or mask.dtype == torch.bool
                      else mask.to(wide), **kw)
-    got = attention(q, k, v, mask, **kw)
+    got = attention(q, k, v, mask, split_d=split_d, **kw)
     torch.cuda.synchronize()
     assert got.dtype == q.dtype and got.shape == want.shape
     err = rel_err(got, want)
@@ -186,9 +222,10 @@ def check_against_fp32(q, k, v, mask=None, **kw):
 
 
 @pytest.mark.gpu
-def test_gpu_dit_xl():
-    # DiT-XL/2 256x256 at batch 8: 16 heads of 72 over 256 tokens, no mask
-    check_against_fp32(*cuda_qkv(8, 16, 16, 256, 72))
+@pytest.mark.parametrize("split_d", [True, False])
+def test_gpu_dit_xl(split_d):
+    # DiT-XL/2 256x256 at batch 8: 16 heads of 72 over 256 tokens, no mask (64 + 16 lanes, or padded to 128)
+    check_against_fp32(*cuda_qkv(8, 16, 16, 256, 72), split_d=split_d)
 
 
 @pytest.mark.gpu

@@ -64,7 +64,7 @@ def test_decode_one_of_k_v_quantized_and_splits(kv, which):
     assert rel_err(check(decode_attention, q, k, v, ks, vs, gqa=True, splits=4), one) <= TOL[torch.float16]
 
 
-# Sq = 13 (one partial query tile), Sk = 29 (two key tiles, one partial), D = 72 pads to 128 lanes
+# Sq = 13 (one partial query tile), Sk = 29 (two key tiles, one partial), D = 72 runs as 64 + 16 lanes (SPLIT)
 @pytest.mark.parametrize("kv", list(KV_DTYPES))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("d", [64, 72, 128])

@@ -1,0 +1,85 @@
+"""Attention at the diffusion transformers' shapes (head dim 72), as a plan runs it: each candidate ATTENTION's
+tuner offers (SDPA into a fresh tensor, then copied into the plan's buffer; kiln's Triton template per launch
+configuration, with the head dim as 64 + 16 lanes (SPLIT) and padded to 128) captured 20 times in one CUDA graph,
+do_bench median of a replay / 20, and its error against float32. bf16, H200. Usage: python3 bench/attn.py
+[--smoke] (--smoke: float16 under the Triton interpreter, tiny shapes, no graphs). Writes $OUT/attn.json."""
+import argparse
+import json
+import os
+
+a = argparse.ArgumentParser()
+a.add_argument("--smoke", action="store_true")
+a = a.parse_args()
+if a.smoke:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import triton.testing as tt  # noqa: E402
+
+from kiln.codegen.kernels import attention as ta  # noqa: E402
+from kiln.testing import rel_err  # noqa: E402
+
+DEV = "cpu" if a.smoke else "cuda"
+DT = torch.float16 if a.smoke else torch.bfloat16
+REPS = 20
+# name -> (batch x heads as [B, H], query rows, key rows): self-attention unless the keys differ
+SHAPES = {"dit-xl-2 256, 1 image (CFG 2)": (2, 16, 256, 256), "dit-xl-2 256, 8 images (CFG 16)": (16, 16, 256, 256),
+          "pixart 512 self (CFG 2)": (2, 16, 1024, 1024), "pixart 512 cross, 120 tokens": (2, 16, 1024, 120),
+          "pixart 1024 self (CFG 2)": (2, 16, 4096, 4096)}
+if a.smoke:
+    SHAPES = {"tiny": (1, 2, 20, 20)}
+
+
+def graphed(fn):
+    """``fn`` REPS times in one CUDA graph: the replay's median / REPS, in us (on the CPU: one call's)."""
+    if a.smoke:
+        fn()
+        return 0.0
+    fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(REPS):
+            fn()
+    return tt.do_bench(g.replay, warmup=10, rep=100, return_mode="median") * 1e3 / REPS
+
+
+rows = []
+for name, (b, h, sq, sk) in SHAPES.items():
+    d = 72
+    # q, k, v as a fused projection leaves them: [B, S, 3, H, D] viewed as [B, H, S, D]
+    proj = torch.randn(b, sq, 3, h, d, device=DEV, dtype=DT)
+    kv = torch.randn(b, sk, 2, h, d, device=DEV, dtype=DT) if sk != sq else proj[:, :, 1:]
+    q, k, v = proj[:, :, 0].transpose(1, 2), kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
+    want = ta.reference(q.float(), k.float(), v.float())
+    out = torch.empty(b, h, sq, d, device=DEV, dtype=DT)
+    cands = {} if a.smoke else {"sdpa + copy": lambda: out.copy_(F.scaled_dot_product_attention(q, k, v))}
+    sms = torch.cuda.get_device_properties(0).multi_processor_count if not a.smoke else 132
+    cfgs = ta.configs(sq, b * h, sms) if not a.smoke else [ta.INTERPRET_CONFIG]
+    for c in cfgs:
+        for split in (True, False):
+            tag = f"kiln {c.get('BLOCK_M')}x{c.get('BLOCK_N')} w{c.get('num_warps', '-')} s{c.get('num_stages', '-')}" \
+                  f" {'64+16' if split else 'pad 128'}"
+            cands[tag] = (lambda c=c, split=split: ta.attention(q, k, v, out=out, config=None if a.smoke else c,
+                                                                split_d=split))
+    for tag, fn in cands.items():
+        try:
+            us = graphed(fn)
+            fn()
+            err = rel_err(out.float(), want)
+        except Exception as e:  # (a config that does not compile: recorded, the others go on)
+            rows.append({"shape": name, "candidate": tag, "failed": f"{type(e).__name__}: {str(e)[:120]}"})
+            continue
+        rows.append({"shape": name, "candidate": tag, "us": round(us, 2), "err": float(f"{err:.3g}")})
+    best = sorted((r for r in rows if r["shape"] == name and "us" in r), key=lambda r: r["us"])
+    print(name, "first:", cfgs[0])
+    for r in best[:6]:
+        print(f"  {r['us']:8.2f} us  err {r['err']:.2e}  {r['candidate']}")
+    sd = [r for r in best if r["candidate"] == "sdpa + copy"]
+    if sd:
+        print(f"  sdpa + copy {sd[0]['us']:.2f} us")
+out_path = os.path.join(os.environ.get("OUT", "/tmp"), "attn.json")
+with open(out_path, "w") as f:
+    json.dump({"device": torch.cuda.get_device_name() if not a.smoke else "cpu", "rows": rows}, f, indent=1)
+print("wrote", out_path)
