@@ -68,7 +68,7 @@ TRITON_ATTENTION_CONFIGS = 3
 # WORDS tiles and the byte tile with its scales loaded a step ahead (skinny.TILES), 7 since its byte tiles are capped at
 # 128 registers a thread (skinny.Tile.maxnreg: 4 programs an SM, not 3)
 SKINNY_CANDIDATES = 7
-# the attention candidates' generation (a decision measured between older ones is measured again): 2 since a head dim
+# the attention candidates' generation (a decision measured between older ones is measured again): 2 since q k^T over a head dim
 # like 72 runs as 64 + 16 lanes (attention.split_widths), 3 configurations are tried and 64-row query tiles come first
 # where 128-row ones leave SMs idle
 ATTENTION_CANDIDATES = 2

@@ -20,10 +20,11 @@ Variants are constexpr switches of the ONE kernel below:
            ``(codes.float32 * scale).to(q.dtype)``.
 
 Head dims. BLOCK_D is the next power of two >= D (at least 16, the smallest ``tl.dot`` depth), with
-the padding lanes masked to zero. D <= 256; v may have its own Dv. SPLIT: a head dim between powers of two,
-shared by q, k and v, runs as a power-of-two part and a tail of 16 or 32 lanes (``split_widths``): D = 72
-(DiT-XL, PixArt) as 64 + 16 lanes, two dots each for q k^T and p v, where the padded tile is 128 lanes (1.6x the
-tensor-core work).
+the padding lanes masked to zero. D <= 256; v may have its own Dv. SPLIT: q k^T over a head dim between powers
+of two runs as a power-of-two part and a tail of 16 or 32 lanes (``split_widths``), two dots: D = 72 (DiT-XL,
+PixArt) as 64 + 16 lanes, where the padded tile is 128. p v keeps one tile padded to BLOCK_DV: split the same way,
+its tail lanes came out wrong (64 + 16) or faulted (64 + 32) under triton 3.6 on the H200, correct under the
+interpreter; a compiler issue not chased further.
 
 Fully masked rows (every key masked by the bool mask, -inf bias, or Sk = 0) give ZEROS, not NaN: the
 running max stays -inf, p = exp2(s - 0) = 0 and l = 0 is replaced by 1 at the end. torch 2.13's SDPA
@@ -57,8 +58,8 @@ INTERPRET_CONFIG = dict(BLOCK_M=16, BLOCK_N=16)
 
 @triton.jit
 def _attention_inner(
-    acc, acc2, l_i, m_i, q, q2,  # acc [BLOCK_M, BLOCK_DV] fp32, l_i / m_i [BLOCK_M] fp32 (log2 units), q [BLOCK_M, BLOCK_D];
-    k_base, v_base, mask_base, ks_base, vs_base,  # (SPLIT: acc2 / q2 the tail lanes [BLOCK_M, BLOCK_DT])
+    acc, l_i, m_i, q, q2,  # acc [BLOCK_M, BLOCK_DV] fp32, l_i / m_i [BLOCK_M] fp32 (log2 units), q [BLOCK_M, BLOCK_D]
+    k_base, v_base, mask_base, ks_base, vs_base,  # (SPLIT: q2 q's tail lanes [BLOCK_M, BLOCK_DT])
     offs_m, lo, hi, Sq, Sk, HEAD_DIM, HEAD_DIM_V, qk_scale,
     stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, stride_ksn, stride_vsn,
     APPLY_CAUSAL: tl.constexpr, MASK: tl.constexpr, K_SCALED: tl.constexpr, V_SCALED: tl.constexpr,
@@ -67,7 +68,7 @@ def _attention_inner(
 ):
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    offs_t = BLOCK_D + tl.arange(0, BLOCK_DT)  # SPLIT: the tail lanes of q, k and v (BLOCK_DV = BLOCK_D)
+    offs_t = BLOCK_D + tl.arange(0, BLOCK_DT)  # SPLIT: the tail lanes of q and k
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         valid_n = offs_n < Sk
@@ -100,40 +101,21 @@ def _attention_inner(
         v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
                     mask=valid_n[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)  # [BLOCK_N, BLOCK_DV]
         if V_SCALED:
-            v_scale = tl.load(vs_base + offs_n * stride_vsn, mask=valid_n, other=0.0)
-            v = (v.to(tl.float32) * v_scale[:, None]).to(q.dtype)
-        if SPLIT:
-            m_i, l_i, p, alpha = softmax_tile(s, m_i, l_i)
-            p = p.to(v.dtype)
-            acc = tl.dot(p, v, acc * alpha[:, None], input_precision=DOT_PRECISION)
-            v2 = tl.load(v_base + offs_n[:, None] * stride_vn + offs_t[None, :] * stride_vd,
-                         mask=valid_n[:, None] & (offs_t[None, :] < HEAD_DIM_V), other=0.0)  # [BLOCK_N, BLOCK_DT]
-            if V_SCALED:
-                v2 = (v2.to(tl.float32) * v_scale[:, None]).to(q.dtype)
-            acc2 = tl.dot(p, v2, acc2 * alpha[:, None], input_precision=DOT_PRECISION)
-        else:
-            m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc, DOT_PRECISION)
-    return acc, acc2, l_i, m_i
-
-
-@triton.jit
-def softmax_tile(s, m_i, l_i):
-    """The online softmax's weights of one key tile: scores ``s`` [M, N] in log2 units (-inf where not attended);
-    returns the new running max and sum, ``p`` [M, N] (float32) and ``alpha`` [M], the rescale of the accumulator."""
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    # a row with nothing attended so far has m_new = -inf: subtract 0 instead, so p = 0 and alpha = 0, no NaN
-    m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.math.exp2(m_i - m_sub)
-    p = tl.math.exp2(s - m_sub[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    return m_new, l_i, p, alpha
+            v = (v.to(tl.float32) * tl.load(vs_base + offs_n * stride_vsn, mask=valid_n, other=0.0)[:, None]).to(q.dtype)
+        m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc, DOT_PRECISION)
+    return acc, l_i, m_i
 
 
 @triton.jit
 def online_softmax_step(s, v, m_i, l_i, acc, DOT_PRECISION: tl.constexpr):
     """One key tile of the online softmax: scores ``s`` [M, N] in log2 units (-inf where not attended), values
     ``v`` [N, D]; returns the running max, sum and float32 accumulator. Shared with decode_attention.py."""
-    m_new, l_i, p, alpha = softmax_tile(s, m_i, l_i)
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # a row with nothing attended so far has m_new = -inf: subtract 0 instead, so p = 0 and alpha = 0, no NaN
+    m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.math.exp2(m_i - m_sub)
+    p = tl.math.exp2(s - m_sub[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
     acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
     return m_new, l_i, acc
@@ -183,23 +165,22 @@ def _attention_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    acc2 = tl.zeros([BLOCK_M, BLOCK_DT], dtype=tl.float32)
     if CAUSAL:
         # keys past this block's last row are masked for every row: never loaded. Key blocks ending before
         # its first row are fully visible: no triangle test. Only the blocks between (the diagonal) pay it.
         hi = tl.minimum(Sk, start_m + BLOCK_M)
         diag = tl.minimum((start_m // BLOCK_N) * BLOCK_N, hi)
-        acc, acc2, l_i, m_i = _attention_inner(
-            acc, acc2, l_i, m_i, q, q2, k_base, v_base, mask_base, ks_base, vs_base, offs_m, 0, diag, Sq, Sk, HEAD_DIM, HEAD_DIM_V,
+        acc, l_i, m_i = _attention_inner(
+            acc, l_i, m_i, q, q2, k_base, v_base, mask_base, ks_base, vs_base, offs_m, 0, diag, Sq, Sk, HEAD_DIM, HEAD_DIM_V,
             qk_scale, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, stride_ksn, stride_vsn,
             False, MASK, K_SCALED, V_SCALED, DOT_PRECISION, BLOCK_N, BLOCK_D, BLOCK_DV, SPLIT, BLOCK_DT)
-        acc, acc2, l_i, m_i = _attention_inner(
-            acc, acc2, l_i, m_i, q, q2, k_base, v_base, mask_base, ks_base, vs_base, offs_m, diag, hi, Sq, Sk, HEAD_DIM, HEAD_DIM_V,
+        acc, l_i, m_i = _attention_inner(
+            acc, l_i, m_i, q, q2, k_base, v_base, mask_base, ks_base, vs_base, offs_m, diag, hi, Sq, Sk, HEAD_DIM, HEAD_DIM_V,
             qk_scale, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, stride_ksn, stride_vsn,
             True, MASK, K_SCALED, V_SCALED, DOT_PRECISION, BLOCK_N, BLOCK_D, BLOCK_DV, SPLIT, BLOCK_DT)
     else:
-        acc, acc2, l_i, m_i = _attention_inner(
-            acc, acc2, l_i, m_i, q, q2, k_base, v_base, mask_base, ks_base, vs_base, offs_m, 0, Sk, Sq, Sk, HEAD_DIM, HEAD_DIM_V,
+        acc, l_i, m_i = _attention_inner(
+            acc, l_i, m_i, q, q2, k_base, v_base, mask_base, ks_base, vs_base, offs_m, 0, Sk, Sq, Sk, HEAD_DIM, HEAD_DIM_V,
             qk_scale, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, stride_ksn, stride_vsn,
             False, MASK, K_SCALED, V_SCALED, DOT_PRECISION, BLOCK_N, BLOCK_D, BLOCK_DV, SPLIT, BLOCK_DT)
 
@@ -207,10 +188,6 @@ def _attention_kernel(
     out = acc / l_i[:, None]
     tl.store(out_base + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od, out.to(out_ptr.dtype.element_ty),
              mask=(offs_m[:, None] < Sq) & (offs_dv[None, :] < HEAD_DIM_V))
-    if SPLIT:
-        out2 = acc2 / l_i[:, None]
-        tl.store(out_base + offs_m[:, None] * stride_om + offs_t[None, :] * stride_od, out2.to(out_ptr.dtype.element_ty),
-                 mask=(offs_m[:, None] < Sq) & (offs_t[None, :] < HEAD_DIM_V))
 
 
 def _config(bm, bn, warps, stages):
@@ -259,10 +236,10 @@ def configs(sq: int, heads: int | None = None, sms: int | None = None) -> list[d
     return [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages) for c in cfgs]
 
 
-def split_widths(d: int, dv: int) -> tuple[int, int] | None:
-    """(power-of-two lanes, tail lanes) of a head dim run as two tiles (SPLIT), or None where one padded tile of
-    the next power of two is no wider: D = 72 -> (64, 16), 96 -> (64, 32), 40 -> (32, 16); 64, 24 or D != Dv -> None."""
-    if d != dv or d <= 16 or d & (d - 1) == 0:
+def split_widths(d: int) -> tuple[int, int] | None:
+    """(power-of-two lanes, tail lanes) of a q / k head dim run as two tiles (SPLIT), or None where one padded tile
+    of the next power of two is no wider: D = 72 -> (64, 16), 96 -> (64, 32), 40 -> (32, 16); 64 or 24 -> None."""
+    if d <= 16 or d & (d - 1) == 0:
         return None
     main = 1 << (d.bit_length() - 1)
     tail = max(16, triton.next_power_of_2(d - main))
@@ -360,8 +337,8 @@ def attention(q, k, v, mask=None, causal=False, scale=None, gqa=False, out=None,
     shape [B, Hq, Sq, Dv] (``out`` may be given; it must not overlap q, k or v). ``config``: one launch
     configuration (BLOCK_M, BLOCK_N, num_warps, num_stages; see ``configs``) run without the autotuner. ``k_scale`` /
     ``v_scale``: float32 scales (k's / v's shape but the last dim) of a quantized k / v (int8 or float8_e4m3fn codes,
-    ``ir/kv_quant.py``), each tile dequantized in registers. ``split_d`` False: a head dim like 72 runs padded to
-    the next power of two, not as two tiles (``split_widths``).
+    ``ir/kv_quant.py``), each tile dequantized in registers. ``split_d`` False: q k^T over a head dim like 72 runs
+    padded to the next power of two, not as two tiles (``split_widths``).
     """
     q4, k4, v4, mask4, group, (ks, vs) = _check(q, k, v, mask, causal, scale, gqa, out, k_scale, v_scale)
     (bq, hq, sq, d), (sk, dv) = q4.shape, v4.shape[-2:]
@@ -381,9 +358,9 @@ def attention(q, k, v, mask=None, causal=False, scale=None, gqa=False, out=None,
                 DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
                 BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_DV=max(16, triton.next_power_of_2(dv)),
                 SPLIT=False, BLOCK_DT=16)
-    split = split_widths(d, dv) if split_d else None
+    split = split_widths(d) if split_d else None
     if split is not None:
-        meta.update(SPLIT=True, BLOCK_D=split[0], BLOCK_DV=split[0], BLOCK_DT=split[1])
+        meta.update(SPLIT=True, BLOCK_D=split[0], BLOCK_DT=split[1])
     if INTERPRET or config is not None:
         c = dict(config or INTERPRET_CONFIG)
         _attention_kernel[(triton.cdiv(sq, c["BLOCK_M"]), bq * hq)](*args, **meta, **c)

@@ -42,9 +42,8 @@ def test_irregular_shapes(dtype, d):
 @pytest.mark.parametrize("d,widths", [(72, (64, 16)), (96, (64, 32)), (40, (32, 16)), (80, (64, 16)), (24, None),
                                       (64, None), (112, None), (16, None)])
 def test_split_widths(d, widths):
-    # two tiles only where they are narrower than one padded to the next power of two; never for Dv != D
-    assert A.split_widths(d, d) == widths
-    assert A.split_widths(d, d + 8) is None
+    # two tiles only where they are narrower than one padded to the next power of two
+    assert A.split_widths(d) == widths
 
 
 def test_configs_put_64_row_tiles_first_where_128_row_ones_leave_sms_idle():
@@ -56,11 +55,11 @@ def test_configs_put_64_row_tiles_first_where_128_row_ones_leave_sms_idle():
     assert A.configs(16, heads=1, sms=132) == A.configs(16)  # short queries: their own tiles
 
 
-@pytest.mark.parametrize("d", [40, 72, 96])
+@pytest.mark.parametrize("d,dv", [(40, 40), (72, 72), (96, 96), (72, 24)])
 @pytest.mark.parametrize("split_d", [True, False])
-def test_head_dims_between_powers_of_two_split_or_padded(d, split_d):
-    # the SPLIT tiles (tail lanes masked past D) against the padded tile, causal with a bias mask and gqa
-    q, k, v = qkv(2, 4, 2, 21, 29, d, torch.float16)
+def test_head_dims_between_powers_of_two_split_or_padded(d, dv, split_d):
+    # q k^T as SPLIT tiles (tail lanes masked past D) or one padded tile, causal with a bias mask and gqa
+    q, k, v = qkv(2, 4, 2, 21, 29, d, torch.float16, dv=dv)
     bias = r(2, 1, 21, 29, dtype=torch.float16)
     bias[..., 3:7] = float("-inf")
     check(q, k, v, bias, causal=True, gqa=True, split_d=split_d)
