@@ -165,7 +165,7 @@ print(f'import torch {a - t:.2f} s, kiln {b - a:.2f} s'); t = time.time(); torch
       timeout ${SWEEP_TIMEOUT:-240} python3 bench/decode_gemm.py --out "$OUT/qcap.json" --m 1 --sweep --kinds int4_g128 int8 \
         --shapes "1b gate/up glu" "1b down + residual" 2>&1 | grep -v "^    [0-9]" | tail -8 ;;
     attntests)  # session 10: the flash-attention template's GPU tests (head dim 72 as 64 + 16 lanes), failures printed
-      timeout 150 python3 -m pytest -q -rf -p no:logging -m gpu tests/codegen/test_attention.py \
+      timeout 360 python3 -m pytest -q -rf -p no:logging -m gpu tests/codegen/test_attention.py \
         tests/codegen/test_attention_kv.py 2>&1 | grep -v DEBUG | tail -6 ;;
     attn) timeout 200 python3 bench/attn.py 2>&1 | tail -45 ;;  # attention at DiT / PixArt shapes, each candidate in a CUDA graph
     *) echo "unknown stage $stage" ;;

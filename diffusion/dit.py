@@ -16,12 +16,15 @@ from __future__ import annotations
 
 import torch
 
+from ..api import compile as kiln_compile
 from ..config import CompileConfig
 from ..errors import InputError, KilnError
-from .pipelines import (CALIBRATION_CALLS, CALIBRATION_SEED, Pipeline, PipelineOutput, calibration_calls, compile_step,
-                        compile_vae, example_batch, quantizes, scheduler_config, step_structure)
+from .dit_conditioning import CONDITIONING_STEPS, DiTConditioning, hoistable, transformer_view, widths
+from .pipelines import (CALIBRATION_CALLS, CALIBRATION_SEED, DTYPES, Pipeline, PipelineOutput, calibration_calls,
+                        compile_step, compile_vae, example_batch, float_config, on_device, quantizes, scheduler_config,
+                        step_inputs, step_structure)
 from .schedulers import make_scheduler
-from .steps import DiTStep
+from .steps import DiTStep, HoistedDiTStep
 
 
 class DiTPipeline(Pipeline):
@@ -29,13 +32,19 @@ class DiTPipeline(Pipeline):
 
     KIND = "dit"
 
+    def __init__(self, models: dict, spec: dict, tokenizer=None):
+        super().__init__(models, spec, tokenizer)
+        self.conditioning = models.get("conditioning")  # None: the step graph computes its own conditioning
+
     @classmethod
     def from_diffusers(cls, pipe, *, max_batch: int = 8, config: CompileConfig | None = None,
-                       calibration=None) -> "DiTPipeline":
+                       calibration=None, hoist_conditioning: bool = True) -> "DiTPipeline":
         """Compile a diffusers ``DiTPipeline`` in memory (its transformer, VAE and scheduler config), on the device and
         in the dtype of its transformer; ``max_batch``: the most images one call makes. ``config.quantize`` quantizes
         the step graph (the transformer; the VAE stays float), calibrated on the class labels ``calibration`` (ints, in
-        calls of 2) or, by default, on random ones, with random latents and timesteps (``pipelines.calibration_calls``)."""
+        calls of 2) or, by default, on random ones, with random latents and timesteps (``pipelines.calibration_calls``).
+        ``hoist_conditioning``: the blocks' modulation is computed for 32 steps at a time by a graph of its own
+        (``dit_conditioning``; never quantized), not by the step graph every step."""
         tr, vae = pipe.transformer, pipe.vae
         C, out = tr.config.in_channels, tr.config.out_channels
         if out not in (C, 2 * C):
@@ -49,11 +58,32 @@ class DiTPipeline(Pipeline):
         spec = dict(kind=cls.KIND, scheduler=dict(scheduler.config, _class_name=scheduler.NAME),
                     latent_shape=[C, tr.config.sample_size, tr.config.sample_size], dtype=str(tr.dtype).removeprefix("torch."),
                     max_batch=int(max_batch), num_classes=num_classes, **structure)
-        module = DiTStep(tr, num_classes, latent_channels=C, **structure).eval()
         labels = torch.zeros(example_batch(spec), dtype=torch.int64, device=tr.device)
         calls, about = cls._calibration(calibration, spec, scheduler, tr.device) if quantizes(config, calibration) else (None, "")
-        step = compile_step(module, spec, scheduler, {"class_labels": labels}, ("class_labels",), config, calls, about)
-        return cls({"step": step, "vae": compile_vae(vae, spec, config)}, spec)
+        if not (hoist_conditioning and hoistable(tr)):
+            module = DiTStep(tr, num_classes, latent_channels=C, **structure).eval()
+            step = compile_step(module, spec, scheduler, {"class_labels": labels}, ("class_labels",), config, calls, about)
+            return cls({"step": step, "vae": compile_vae(vae, spec, config)}, spec)
+        width, out_width = widths(tr)
+        spec.update(conditioning_steps=CONDITIONING_STEPS, conditioning_width=len(tr.transformer_blocks) * width + out_width)
+        conditioning = DiTConditioning(tr, num_classes, CONDITIONING_STEPS).eval()
+        if calls is not None:  # each call's modulation table, from its labels, as a call of the pipeline computes it
+            with torch.no_grad():
+                for call in calls:
+                    i = int(call["step"])
+                    call["modulation"] = conditioning(call["timesteps"], torch.tensor(i - i % CONDITIONING_STEPS),
+                                                      call.pop("class_labels"))
+        module = HoistedDiTStep(transformer_view(tr), latent_channels=C, **structure).eval()
+        step = compile_step(module, spec, scheduler, {"modulation": cls._table(spec, labels.shape[0], tr.device)},
+                            {"modulation": 2}, config, calls, about)
+        return cls({"step": step, "vae": compile_vae(vae, spec, config),
+                    "conditioning": compile_conditioning(conditioning, spec, scheduler, config, labels)}, spec)
+
+    @staticmethod
+    def _table(spec: dict, batch: int, device) -> torch.Tensor:
+        """An (unfilled) modulation table [K, 2, batch, W] of the hoisted step graph."""
+        return torch.empty((spec["conditioning_steps"], 2, batch, spec["conditioning_width"]), dtype=DTYPES[spec["dtype"]],
+                           device=device)
 
     @staticmethod
     def _calibration(calibration, spec: dict, scheduler, device) -> tuple[list[dict], str]:
@@ -84,11 +114,35 @@ class DiTPipeline(Pipeline):
         ``seed=N`` draws what ``generator=torch.Generator("cpu").manual_seed(N)`` draws in diffusers."""
         labels = self._labels(class_labels)
         generator = self.check_call(len(labels), num_inference_steps, guidance_scale, output_type, seed, generator)
-        latents = self.denoise({"class_labels": labels}, len(labels), num_inference_steps, guidance_scale, generator, callback)
+        if self.conditioning is None:
+            latents = self.denoise({"class_labels": labels}, len(labels), num_inference_steps, guidance_scale, generator,
+                                   callback)
+        else:
+            K = self.spec["conditioning_steps"]
+
+            def refresh(i, buffers):  # the next K steps' rows, before step 0, K, 2K, ...
+                if i % K == 0:
+                    start = torch.tensor(i, dtype=torch.int64, device=self.device)
+                    buffers["modulation"].copy_(self.conditioning(buffers["timesteps"], start, labels))
+            latents = self.denoise({"modulation": self._table(self.spec, len(labels), self.device)}, len(labels),
+                                   num_inference_steps, guidance_scale, generator, callback, before_step=refresh)
         return PipelineOutput(self.decode(latents, output_type))
 
     def _labels(self, class_labels) -> torch.Tensor:
         return check_labels(class_labels, self.spec["num_classes"], self.device)
+
+
+def compile_conditioning(module: DiTConditioning, spec: dict, scheduler, config: CompileConfig | None,
+                         labels: torch.Tensor):
+    """The conditioning graph captured at the example ``labels`` with a dynamic batch; never quantized (modulation
+    scales the whole residual stream)."""
+    param = next(module.parameters())
+    latents = torch.zeros(labels.shape[0], *spec["latent_shape"], dtype=DTYPES[spec["dtype"]], device=param.device)
+    timesteps = step_inputs(latents, scheduler.set_timesteps(1, param.device), 1.0, {}, spec)["timesteps"]
+    start = torch.zeros((), dtype=torch.int64, device=param.device)
+    return kiln_compile(module, (), {"timesteps": timesteps, "start": start, "class_labels": labels},
+                        dynamic={"class_labels": {0: ("batch", 1, spec["max_batch"])}},
+                        config=on_device(float_config(config), param.device))
 
 
 def check_labels(class_labels, num_classes: int, device) -> torch.Tensor:

@@ -116,17 +116,21 @@ def example_batch(spec: dict) -> int:
     return min(2, spec["max_batch"])
 
 
-def compile_step(module: torch.nn.Module, spec: dict, scheduler: Scheduler, conditioning: dict, batched: tuple[str, ...],
-                 config: CompileConfig | None, calibration: list[dict] | None = None, about: str = "") -> CompiledModel:
+def compile_step(module: torch.nn.Module, spec: dict, scheduler: Scheduler, conditioning: dict,
+                 batched: tuple[str, ...] | dict[str, int], config: CompileConfig | None,
+                 calibration: list[dict] | None = None, about: str = "") -> CompiledModel:
     """The step module captured at the example batch (``conditioning``: example values) with a dynamic batch
-    (1 .. max_batch) on the latents, the state and the ``batched`` conditioning inputs. ``calibration``: step calls
+    (1 .. max_batch) on the latents, the state and the ``batched`` conditioning inputs (names: their dim 0 is the
+    batch; or a dict name -> the batch's dim). ``calibration``: step calls
     (``calibration_calls``) for ``config.quantize``, described by ``about`` in the report's notes."""
     param = next(module.parameters())
     latents = torch.zeros(example_batch(spec), *spec["latent_shape"], dtype=DTYPES[spec["dtype"]], device=param.device)
     schedule = scheduler.set_timesteps(min(25, scheduler.config["num_train_timesteps"]), param.device)
     inputs = step_inputs(latents, schedule, 1.0, conditioning, spec)
     batch = ("batch", 1, spec["max_batch"])
-    dynamic = {name: {0: batch} for name in ("latents", *batched, *(n for _, n in _STATE if n in inputs))}
+    dims = {**dict.fromkeys(("latents", *(n for _, n in _STATE if n in inputs)), 0),
+            **(batched if isinstance(batched, dict) else dict.fromkeys(batched, 0))}
+    dynamic = {name: {dim: batch} for name, dim in dims.items()}
     step = kiln_compile(module, (), inputs, dynamic=dynamic, config=on_device(config, param.device), calibration=calibration)
     if calibration:
         step.report().notes.append(f"{config.quantize} calibrated on {about}")
@@ -236,9 +240,10 @@ class Pipeline:
         return generator
 
     def denoise(self, conditioning: dict, batch: int, num_inference_steps: int, guidance_scale: float, generator=None,
-                callback=None) -> torch.Tensor:
+                callback=None, before_step=None) -> torch.Tensor:
         """The latents [B, C, h, w] after ``num_inference_steps`` steps from diffusers' initial noise: one replay of the
-        step graph's plan per step. ``callback(i, num_steps)`` runs after step i is enqueued."""
+        step graph's plan per step. ``callback(i, num_steps)`` runs after step i is enqueued; ``before_step(i,
+        buffers)`` before it (``buffers``: the plan's input buffers by name)."""
         schedule = self.scheduler.set_timesteps(num_inference_steps, self.device)
         extra = set(schedule.terms) - set(self.spec["terms"])
         if extra:
@@ -257,6 +262,8 @@ class Pipeline:
         for i in range(schedule.num_steps):
             if noises is not None:
                 buffers["noise"].copy_(noises[i])
+            if before_step is not None:
+                before_step(i, buffers)
             plan.replay()
             if callback is not None:
                 callback(i, schedule.num_steps)

@@ -70,6 +70,21 @@ class DiTStep(DenoisingStep):
                            lambda x, t: self.transformer(x, timestep=t, class_labels=labels).sample)
 
 
+class HoistedDiTStep(DenoisingStep):
+    """A DiT step whose conditioning is precomputed (``dit_conditioning``): ``modulation`` [K, 2, B, W] holds the
+    modulation rows of K steps, of which step ``step`` reads row ``step % K``; ``transformer`` is the transformer's
+    ``dit_conditioning.transformer_view``. No class labels: they are in the rows."""
+
+    def __init__(self, transformer: nn.Module, **kw):
+        super().__init__(transformer, cond_first=True, **kw)
+
+    def forward(self, latents, step, table, timesteps, guidance, modulation, x0_prev=None, noise=None):
+        K, _, B, W = modulation.shape
+        row = modulation.index_select(0, step.remainder(K).reshape(1)).reshape(2 * B, W)  # labels' rows, then null's
+        return self.update(latents, step, table, timesteps, guidance, x0_prev, noise,
+                           lambda x, t: self.transformer(x, timestep=row, class_labels=None).sample)
+
+
 class PixArtStep(DenoisingStep):
     """A text-conditioned PixArt step (diffusers' PixArtAlphaPipeline): the CFG batch is the negative prompt's
     embeddings, then the prompt's ([B, L, D] each, with their [B, L] token masks). ``resolution`` [B, 2] and

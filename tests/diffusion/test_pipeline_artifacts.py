@@ -61,7 +61,8 @@ def test_cli_compile_pipeline_and_sample(tmp_path, capsys):
 
     art = str(tmp_path / "dit.kiln")
     assert main(["compile", "--model", "dit-tiny", "--pipeline", "--dim", "batch=1:2", "-o", art, "-q"]) == 0
-    assert "a dit sampling pipeline (step, vae; DDIMScheduler, float32)" in capsys.readouterr().out
+    out = " ".join(capsys.readouterr().out.split())  # (rich wraps the line at the terminal's width)
+    assert "a dit sampling pipeline (step, vae, conditioning; DDIMScheduler, float32)" in out
     png = str(tmp_path / "out.png")
     assert main(["sample", art, "--class", "3", "--class", "9", "--steps", "3", "--guidance", "2", "--seed", "1", "-o", png]) == 0
     assert "wrote" in capsys.readouterr().out
@@ -99,4 +100,7 @@ def test_preset_embedders_tied_and_computed_once():
     for block in blocks[1:]:
         for (name, a), b in zip(blocks[0].norm1.emb.state_dict().items(), block.norm1.emb.state_dict().values()):
             assert torch.equal(a, b), name
-    assert kiln.diffusion.DiTPipeline.from_diffusers(pipe, max_batch=1).step.graph.histogram()["EMBEDDING"] == 1
+    hoisted = kiln.diffusion.DiTPipeline.from_diffusers(pipe, max_batch=1)  # (the conditioning graph has them)
+    assert hoisted.conditioning.graph.histogram()["EMBEDDING"] == 1 and "EMBEDDING" not in hoisted.step.graph.histogram()
+    kp = kiln.diffusion.DiTPipeline.from_diffusers(pipe, max_batch=1, hoist_conditioning=False)
+    assert kp.step.graph.histogram()["EMBEDDING"] == 1

@@ -83,7 +83,8 @@ def test_one_step_graph_one_plan_per_batch_and_step_count(dit):
     _, kp = dit("dpm")
     g = kp.step.graph
     assert set(g.updates.values()) == {"latents", "step", "x0_prev"}
-    assert [n.attrs["name"] for n in g.inputs][:6] == ["latents", "step", "table", "timesteps", "guidance", "class_labels"]
+    # (the class labels go to the conditioning graph: the step reads its rows of their modulation table)
+    assert [n.attrs["name"] for n in g.inputs][:6] == ["latents", "step", "table", "timesteps", "guidance", "modulation"]
     steps, names = [], [n.attrs["name"] for n in g.inputs]
     for n in (2, 5, 3):
         kp(class_labels=[4], num_inference_steps=n, seed=0, callback=lambda i, total: steps.append((i, total)), output_type="pt")
@@ -119,8 +120,9 @@ def test_denoising_loop_reads_no_value_on_the_host(dit, pixart, which):
             watch.__exit__(None, None, None)
         watched.append(i)
     call = dict(class_labels=[3, 4]) if which == "dit" else dict(prompt=["w1 w2"])
-    images = kp(**call, num_inference_steps=4, seed=0, output_type="pt", callback=callback).images
-    assert watched == [0, 1, 2, 3] and bool(torch.isfinite(images).all())
+    steps = kp.spec["conditioning_steps"] + 2 if which == "dit" else 4  # (DiT: the conditioning graph runs at step K)
+    images = kp(**call, num_inference_steps=steps, seed=0, output_type="pt", callback=callback).images
+    assert watched == list(range(steps)) and bool(torch.isfinite(images).all())
 
 
 @pytest.mark.parametrize("call, message", [

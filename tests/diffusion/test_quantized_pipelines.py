@@ -122,9 +122,11 @@ def test_cli_compile_quantized_pipeline_and_sample(tmp_path, capsys):
     art, report = str(tmp_path / "dit-w8a8.kiln"), tmp_path / "report.json"
     assert main(["compile", "--model", "dit-tiny", "--pipeline", "--quantize", "w8a8", "--dim", "batch=1:2", "-o", art,
                  "--report-json", str(report), "-q"]) == 0
-    assert "a dit sampling pipeline (step in w8a8, vae; DDIMScheduler, float32)" in " ".join(capsys.readouterr().out.split())
+    out = " ".join(capsys.readouterr().out.split())
+    assert "a dit sampling pipeline (step in w8a8, vae, conditioning; DDIMScheduler, float32)" in out
     reports = json.loads(report.read_text())
-    assert set(reports) == {"step", "vae"} and reports["vae"]["ops_after"].get("AQGEMM") is None
+    assert set(reports) == {"step", "vae", "conditioning"}
+    assert reports["vae"]["ops_after"].get("AQGEMM") is None and reports["conditioning"]["ops_after"].get("AQGEMM") is None
     assert reports["step"]["ops_after"]["AQGEMM"] >= 9  # (every token GEMM: 2 blocks x 4 + the output projection)
     assert any(n.startswith(f"w8a8 calibrated on {CALIBRATION_CALLS} step calls of random class labels") for n in reports["step"]["notes"])
     png = str(tmp_path / "out.png")
