@@ -37,7 +37,7 @@ for stage in "$@"; do
         tests/codegen/test_conv_epilogue.py tests/test_readme.py tests/api 2>&1 | tee "$OUT/newtests.log" | tail -25 ;;
     llm_quant) timeout 540 python3 bench/llm_quant.py 2>&1 | tail -20 ;;
     vae) timeout 300 python3 bench/vae.py 2>&1 | tail -20 ;;
-    diffusion_dit) timeout 540 python3 bench/diffusion.py --models dit --out "$OUT/diffusion_dit.json" 2>&1 | tail -25 ;;
+    diffusion_dit) timeout ${DIT_TIMEOUT:-540} python3 bench/diffusion.py --models dit --out "$OUT/diffusion_dit.json" 2>&1 | tee "$OUT/diffusion_dit.log" | tail -25 ;;
     diffusion_pixart) timeout ${PIXART_TIMEOUT:-540} python3 bench/diffusion.py --models pixart --out "$OUT/diffusion_pixart.json" 2>&1 | tail -25 ;;
     diffusion_pixart1024) timeout ${PIXART_TIMEOUT:-540} python3 bench/diffusion.py --models pixart1024 --repeat 3 \
         --out "$OUT/diffusion_pixart1024.json" 2>&1 | tail -25 ;;
@@ -77,7 +77,7 @@ for stage in "$@"; do
         | tee "$OUT/codestests.log" | grep -v DEBUG | tail -15 ;;
     gpt2) timeout 150 python3 bench/models.py --models gpt2 2>&1 | tail -12 ;;
     decode_1b_profile) timeout 170 python3 bench/decode.py --models 1b --no-compile-peer 2>&1 | grep -v '^ *\[\|^ *"' | tail -8 ;;
-    vae256) timeout 130 python3 bench/vae.py --sizes 32 --modes eager,reduce-overhead 2>&1 | tail -12 ;;
+    vae256) timeout 130 python3 bench/vae.py --sizes 32 --modes eager,reduce-overhead 2>&1 | tee "$OUT/vae256.log" | tail -12 ;;
     pdl)  # programmatic dependent launch: its GPU test, then the 1B decode off, on, on + weight prefetch (same tokens)
       timeout 120 python3 -m pytest -q -rf -p no:logging -m gpu tests/codegen/test_pdl.py 2>&1 | tee "$OUT/pdl_test.log" \
         | grep -v DEBUG | tail -8
