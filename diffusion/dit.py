@@ -5,7 +5,9 @@
 
 Classifier-free guidance runs the labels and the null label (the class embedding's extra row, ``num_classes``)
 as one batch of 2B through the transformer; the guidance combine acts on the first C output channels (the
-learned-sigma channels are dropped, as diffusers drops them); each step is one replay of the step graph.
+learned-sigma channels are dropped, as diffusers drops them); each step is one replay of the step graph. The
+blocks' modulation comes from a conditioning graph run before steps 0, 32, 64, ... (``dit_conditioning``), so the
+step graph does not read the adaLN weights every step.
 
 With a scheduler that scales the model input (Euler), diffusers' DiTPipeline neither scales the initial noise by
 ``init_noise_sigma`` nor steps from the unscaled latents; kiln samples as the scheduler defines it (as diffusers'
