@@ -168,6 +168,7 @@ print(f'import torch {a - t:.2f} s, kiln {b - a:.2f} s'); t = time.time(); torch
       timeout 360 python3 -m pytest -q -rf -p no:logging -m gpu tests/codegen/test_attention.py \
         tests/codegen/test_attention_kv.py 2>&1 | grep -v DEBUG | tail -6 ;;
     attn) timeout 200 python3 bench/attn.py 2>&1 | tail -45 ;;  # attention at DiT / PixArt shapes, each candidate in a CUDA graph
+    rows) timeout 240 python3 bench/rows.py 2>&1 | tee "$OUT/rows.log" | tail -20 ;;  # DiT step's pointwise kernels per tile policy
     *) echo "unknown stage $stage" ;;
   esac
 done

@@ -36,6 +36,12 @@ from .cache import Cache, key
 from .kernels import quantize_rows as tqr
 
 MAX_ROW = 16384  # longest row a reduction group holds in one tile
+# a launch's tile: about TILE_ELEMENTS elements (whole rows at least: BLOCK_M = TILE_ELEMENTS // BLOCK_N rows of a
+# row-reduction group) run by WARPS[0] warps, or WARPS[1] where one row alone is wider. bench/rows.py sweeps them
+# over a plan's pointwise calls (DiT-XL/2's 1152-wide rows: 2 rows of 2048 lanes a program, 256 programs a step's
+# norm at the CFG batch)
+TILE_ELEMENTS = 4096
+WARPS = (4, 8)
 
 # compute type of a value of IR dtype d (half types widen; they are rounded only by CAST and at the store)
 _CT = {"float16": "tl.float32", "bfloat16": "tl.float32", "float32": "tl.float32", "float64": "tl.float64",
@@ -317,11 +323,11 @@ def launch(group, tensors: list, bindings: dict, out: list | None = None, cache:
     m, n = math.prod(dom[:-1]), dom[-1]
     whole = codes or any(expr_key(x) in ROW_OPS for x in group.nodes)  # whole rows in a tile
     block_n = triton.next_power_of_2(n) if whole else min(triton.next_power_of_2(n), 1024)
-    block_m = max(1, min(triton.next_power_of_2(m), 4096 // block_n))
+    block_m = max(1, min(triton.next_power_of_2(m), TILE_ELEMENTS // block_n))
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
     if m * n:
         kern[grid](*ptrs, m, n, *dom[:-1], *strides, BLOCK_M=block_m, BLOCK_N=block_n,
-                   num_warps=4 if block_m * block_n <= 4096 else 8)
+                   num_warps=WARPS[0] if block_m * block_n <= max(TILE_ELEMENTS, 4096) else WARPS[1])
     return out
 
 
