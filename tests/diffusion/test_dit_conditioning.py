@@ -94,3 +94,16 @@ def test_non_dit_transformers_are_not_hoisted():
     assert not dc.hoistable(nn.Linear(2, 2))
     pipe.transformer.transformer_blocks[1].norm_type = "ada_norm"
     assert not dc.hoistable(pipe.transformer)
+
+
+def test_artifacts_with_and_without_the_conditioning_graph(dit, tmp_path):
+    # a hoisted pipeline saves its conditioning graph as a component; one saved without it (as before the hoisting)
+    # still loads and samples with the step graph computing its own conditioning
+    pipe, kp = dit("ddim")
+    plain = kiln.diffusion.DiTPipeline.from_diffusers(pipe, max_batch=4, hoist_conditioning=False)
+    hoisted = kiln.diffusion.load(kp.save(tmp_path / "hoisted.kiln"))
+    old = kiln.diffusion.load(plain.save(tmp_path / "plain.kiln"))
+    assert hoisted.conditioning is not None and old.conditioning is None
+    want = images(kp, 4)
+    assert float((images(hoisted, 4) - want).abs().max()) <= 1e-6
+    assert float((images(old, 4) - want).abs().max()) <= 1e-6
