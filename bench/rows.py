@@ -16,7 +16,9 @@ from kiln.diffusion import presets
 from kiln.diffusion.pipelines import step_inputs
 
 DEV = torch.device("cuda")
-POLICIES = [(4096, (4, 8)), (2048, (4, 8)), (2048, (2, 8)), (4096, (8, 8)), (8192, (8, 8)), (1024, (2, 4))]
+DEFAULT = (pointwise.TILE_ELEMENTS, pointwise.WARPS)
+POLICIES = [DEFAULT] + [p for p in [(4096, (4, 8)), (2048, (4, 8)), (2048, (2, 8)), (4096, (8, 8)), (8192, (8, 8)),
+                                    (1024, (2, 4))] if p != DEFAULT]
 
 pipe = presets.diffusers_pipeline("dit-xl-2-256", dtype=torch.bfloat16, device=DEV)
 kp = presets.compile_pipeline(pipe, max_batch=1)
@@ -40,7 +42,7 @@ def under(policy, run):
         try:
             run()
         finally:
-            pointwise.TILE_ELEMENTS, pointwise.WARPS = POLICIES[0]
+            pointwise.TILE_ELEMENTS, pointwise.WARPS = DEFAULT
     return fn
 
 

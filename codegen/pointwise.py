@@ -37,10 +37,10 @@ from .kernels import quantize_rows as tqr
 
 MAX_ROW = 16384  # longest row a reduction group holds in one tile
 # a launch's tile: about TILE_ELEMENTS elements (whole rows at least: BLOCK_M = TILE_ELEMENTS // BLOCK_N rows of a
-# row-reduction group) run by WARPS[0] warps, or WARPS[1] where one row alone is wider. bench/rows.py sweeps them
-# over a plan's pointwise calls (DiT-XL/2's 1152-wide rows: 2 rows of 2048 lanes a program, 256 programs a step's
-# norm at the CFG batch)
-TILE_ELEMENTS = 4096
+# row-reduction group) run by WARPS[0] warps, or WARPS[1] where the tile is wider than 4096. bench/rows.py sweeps them
+# over a DiT-XL/2 step's 60 pointwise calls (H200, session 10: 2048 -> 244 us, 4096 -> 268, 8192 -> 287; 1152-wide
+# rows, one a program)
+TILE_ELEMENTS = 2048
 WARPS = (4, 8)
 
 # compute type of a value of IR dtype d (half types widen; they are rounded only by CAST and at the store)

@@ -210,6 +210,7 @@ class Pipeline:
         self.max_batch = int(spec["max_batch"])
         self.tokenizer = tokenizer
         self._names = [n.attrs["name"] for n in self.step.graph.inputs]
+        self._schedules: dict[int, Schedule] = {}  # by step count, on the device (read only)
 
     @property
     def device(self) -> torch.device:
@@ -239,12 +240,23 @@ class Pipeline:
             raise InputError(f"{len(generator)} generators for {batch} images", hint="give one generator, or one per image")
         return generator
 
+    def schedule(self, num_inference_steps: int) -> Schedule:
+        """The scheduler's schedule of ``num_inference_steps`` on the device, computed once per step count: it is host
+        work (float64 tables, copies to the device) that a call would otherwise do while the GPU waits for its first
+        step."""
+        s = self._schedules.get(num_inference_steps)
+        if s is None:
+            if len(self._schedules) >= 16:
+                self._schedules.clear()
+            s = self._schedules[num_inference_steps] = self.scheduler.set_timesteps(num_inference_steps, self.device)
+        return s
+
     def denoise(self, conditioning: dict, batch: int, num_inference_steps: int, guidance_scale: float, generator=None,
                 callback=None, before_step=None) -> torch.Tensor:
         """The latents [B, C, h, w] after ``num_inference_steps`` steps from diffusers' initial noise: one replay of the
         step graph's plan per step. ``callback(i, num_steps)`` runs after step i is enqueued; ``before_step(i,
         buffers)`` before it (``buffers``: the plan's input buffers by name)."""
-        schedule = self.scheduler.set_timesteps(num_inference_steps, self.device)
+        schedule = self.schedule(num_inference_steps)
         extra = set(schedule.terms) - set(self.spec["terms"])
         if extra:
             raise KilnError(f"internal error: a {num_inference_steps}-step schedule uses {', '.join(sorted(extra))}, which "
