@@ -37,6 +37,7 @@ class DiTPipeline(Pipeline):
     def __init__(self, models: dict, spec: dict, tokenizer=None):
         super().__init__(models, spec, tokenizer)
         self.conditioning = models.get("conditioning")  # None: the step graph computes its own conditioning
+        self._starts: torch.Tensor | None = None  # the conditioning calls' first steps, 0, K, 2K, ...
 
     @classmethod
     def from_diffusers(cls, pipe, *, max_batch: int = 8, config: CompileConfig | None = None,
@@ -121,11 +122,13 @@ class DiTPipeline(Pipeline):
                                    callback)
         else:
             K = self.spec["conditioning_steps"]
+            if self._starts is None:  # (device tensors: a host-made start would be a copy the host waits for mid-loop)
+                T = self.scheduler.config["num_train_timesteps"]
+                self._starts = torch.arange(0, T, K, dtype=torch.int64, device=self.device)
 
             def refresh(i, buffers):  # the next K steps' rows, before step 0, K, 2K, ...
                 if i % K == 0:
-                    start = torch.tensor(i, dtype=torch.int64, device=self.device)
-                    buffers["modulation"].copy_(self.conditioning(buffers["timesteps"], start, labels))
+                    buffers["modulation"].copy_(self.conditioning(buffers["timesteps"], self._starts[i // K], labels))
             latents = self.denoise({"modulation": self._table(self.spec, len(labels), self.device)}, len(labels),
                                    num_inference_steps, guidance_scale, generator, callback, before_step=refresh)
         return PipelineOutput(self.decode(latents, output_type))
