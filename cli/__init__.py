@@ -319,14 +319,22 @@ def _eos_of(weights: str | None):
 
 
 def cmd_generate(a) -> int:
+    if a.tp > 1 and "RANK" not in os.environ:
+        return _spawn_ranks(a.argv, a.tp)
+    rank = _join_ranks(a)
+    try:
+        return _generate_on(a, rank)
+    finally:
+        _leave_ranks()
+
+
+def _generate_on(a, rank: int) -> int:
+    """``kiln generate`` on this process (rank ``rank`` of a tensor-parallel run: only rank 0 prints)."""
     import torch
 
     from ..llm.generator import Generator
     from ..llm.sampling import SamplingParams
 
-    if a.tp > 1 and "RANK" not in os.environ:
-        return _spawn_ranks(a.argv, a.tp)
-    rank = _join_ranks(a)
     sampling = SamplingParams(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed)
     progress = _Progress(a.quiet)
     with progress.step(f"load {a.artifact}"):
@@ -483,6 +491,16 @@ def _join_ranks(a) -> int:
         a.quiet = True
         out.quiet = True
     return rank
+
+
+def _leave_ranks() -> None:
+    """Leave the process group ``_join_ranks`` joined, if any. Left to the interpreter's exit, gloo's threads were torn
+    down under it now and then: "terminate called without an active exception", exit status -6 (about 1 run in 4
+    of the README's `kiln generate --tp 2`)."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _with_ranges(dynamic: dict, ranges: dict) -> dict:
