@@ -42,14 +42,11 @@ r["call_ms"] = statistics.median(times)
 # one step alone: the plan bound as denoise binds it, replayed (the step index advances; the schedule table has T rows)
 schedule = kp.scheduler.set_timesteps(25, DEV)
 latents = torch.randn((1, *kp.latent_shape), device=DEV, dtype=kp.dtype)
-labels = kp._labels([207])
-if kp.conditioning is None:  # (a pipeline whose step graph computes its own conditioning)
-    conditioning = {"class_labels": labels}
-else:  # the modulation table of steps 0 .. K-1, as a call's first refresh computes it; and that refresh alone
-    timesteps, start = step_inputs(latents, schedule, 4.0, {}, kp.spec)["timesteps"], torch.zeros((), dtype=torch.int64, device=DEV)
-    conditioning = {"modulation": kp.conditioning(timesteps, start, labels).clone()}
+labels, timesteps = kp._labels([207]), step_inputs(latents, schedule, 4.0, {}, kp.spec)["timesteps"]
+inputs = step_inputs(latents, schedule, 4.0, kp.step_conditioning(labels, timesteps), kp.spec)
+if kp.conditioning is not None:  # the hoisted conditioning's call alone (once a call)
+    start = torch.zeros((), dtype=torch.int64, device=DEV)
     r["conditioning_ms"] = tt.do_bench(lambda: kp.conditioning(timesteps, start, labels), warmup=5, rep=50, return_mode="median")
-inputs = step_inputs(latents, schedule, 4.0, conditioning, kp.spec)
 flat = kp.step.signature.flatten((), inputs)
 plan = kp.step.executor.plan_for(flat)
 plan.bind(flat)

@@ -24,13 +24,8 @@ pipe = presets.diffusers_pipeline("dit-xl-2-256", dtype=torch.bfloat16, device=D
 kp = presets.compile_pipeline(pipe, max_batch=1)
 schedule = kp.scheduler.set_timesteps(25, DEV)
 latents = torch.randn((1, *kp.latent_shape), device=DEV, dtype=kp.dtype)
-labels = kp._labels([207])
-if kp.conditioning is None:
-    conditioning = {"class_labels": labels}
-else:
-    timesteps = step_inputs(latents, schedule, 4.0, {}, kp.spec)["timesteps"]
-    conditioning = {"modulation": kp.conditioning(timesteps, torch.zeros((), dtype=torch.int64, device=DEV), labels).clone()}
-flat = kp.step.signature.flatten((), step_inputs(latents, schedule, 4.0, conditioning, kp.spec))
+labels, timesteps = kp._labels([207]), step_inputs(latents, schedule, 4.0, {}, kp.spec)["timesteps"]
+flat = kp.step.signature.flatten((), step_inputs(latents, schedule, 4.0, kp.step_conditioning(labels, timesteps), kp.spec))
 plan = kp.step.executor.plan_for(flat)
 plan.bind(flat)
 calls = [c for c in plan.calls if c.kind == "pointwise"]

@@ -327,7 +327,7 @@ def launch(group, tensors: list, bindings: dict, out: list | None = None, cache:
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
     if m * n:
         kern[grid](*ptrs, m, n, *dom[:-1], *strides, BLOCK_M=block_m, BLOCK_N=block_n,
-                   num_warps=WARPS[0] if block_m * block_n <= max(TILE_ELEMENTS, 4096) else WARPS[1])
+                   num_warps=WARPS[0] if block_m * block_n <= 4096 else WARPS[1])
     return out
 
 

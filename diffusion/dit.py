@@ -133,6 +133,14 @@ class DiTPipeline(Pipeline):
                                    num_inference_steps, guidance_scale, generator, callback, before_step=refresh)
         return PipelineOutput(self.decode(latents, output_type))
 
+    def step_conditioning(self, labels: torch.Tensor, timesteps: torch.Tensor) -> dict:
+        """The step graph's conditioning inputs for ``labels`` (as ``check_labels`` gives them) at steps 0 .. K-1 of the
+        padded ``timesteps`` [T]: the labels, or the hoisted graph's modulation table of those steps."""
+        if self.conditioning is None:
+            return {"class_labels": labels}
+        start = torch.zeros((), dtype=torch.int64, device=self.device)
+        return {"modulation": self.conditioning(timesteps, start, labels).clone()}
+
     def _labels(self, class_labels) -> torch.Tensor:
         return check_labels(class_labels, self.spec["num_classes"], self.device)
 

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .steps import cfg_labels
+
 # steps a conditioning call covers: one call for the common 20-32 step schedules, 2 for 50. The table is K x 2B x W
 # (25 MB at batch 1 for DiT-XL/2); the GEMM of K x 2B rows still reads its weights at batch 1 rather than computing
 CONDITIONING_STEPS = 32
@@ -56,7 +58,7 @@ class DiTConditioning(nn.Module):
         self.null_class, self.steps = int(null_class), int(steps)
 
     def forward(self, timesteps, start, class_labels):
-        labels = torch.cat([class_labels, torch.full_like(class_labels, self.null_class)])  # [2B]
+        labels = cfg_labels(class_labels, self.null_class)  # [2B]
         n, K = labels.shape[0], self.steps
         rows = (start + torch.arange(K, device=timesteps.device)).clamp(max=timesteps.shape[0] - 1)
         t = timesteps.index_select(0, rows)[:, None].expand(K, n).reshape(-1)  # [K * 2B], step-major

@@ -23,6 +23,11 @@ from torch import nn
 from .schedulers import Schedule
 
 
+def cfg_labels(class_labels: torch.Tensor, null_class: int) -> torch.Tensor:
+    """A class-conditional CFG batch's labels [2B]: the labels, then the null label (the embedding's extra row)."""
+    return torch.cat([class_labels, torch.full_like(class_labels, null_class)])
+
+
 class DenoisingStep(nn.Module):
     """What every step shares: the guidance combine and the scheduler update (subclasses call the transformer).
 
@@ -65,7 +70,7 @@ class DiTStep(DenoisingStep):
         self.null_class = null_class
 
     def forward(self, latents, step, table, timesteps, guidance, class_labels, x0_prev=None, noise=None):
-        labels = torch.cat([class_labels, torch.full_like(class_labels, self.null_class)])  # [2B]
+        labels = cfg_labels(class_labels, self.null_class)  # [2B]
         return self.update(latents, step, table, timesteps, guidance, x0_prev, noise,
                            lambda x, t: self.transformer(x, timestep=t, class_labels=labels).sample)
 
