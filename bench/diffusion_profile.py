@@ -3,9 +3,13 @@
 Measures, in one process: the whole call (``kp(...)``, to the image on the device); one denoising step alone (the
 step plan's CUDA-graph replay, do_bench); the VAE decode alone; the transformer alone at the CFG batch, compiled by
 kiln as a bare model; and, for the step graph built without CUDA graphs, the profiler's top CUDA kernels of three
-steps (what a replay runs). Usage: python3 bench/diffusion_profile.py. Writes $OUT/diffusion_profile.json."""
+steps (what a replay runs); the call's host timeline (when step 0 is enqueued: the GPU idles until then) and its top
+host functions (cProfile). Usage: python3 bench/diffusion_profile.py. Writes $OUT/diffusion_profile.json."""
+import cProfile
+import io
 import json
 import os
+import pstats
 import statistics
 import time
 
@@ -14,7 +18,7 @@ import triton.testing as tt
 
 import kiln
 from kiln.diffusion import presets
-from kiln.diffusion.pipelines import step_inputs
+from kiln.diffusion.pipelines import randn, step_inputs
 
 from common import kernels_launched
 
@@ -39,6 +43,27 @@ for _ in range(5):
     times.append((time.perf_counter() - t0) * 1e3)
 r["call_ms"] = statistics.median(times)
 
+# the host's timeline of one call (the device idles until step 0 is enqueued), then its top host functions
+marks = []
+t0 = time.perf_counter()
+kp(class_labels=[207], num_inference_steps=25, guidance_scale=4.0, seed=0, output_type="pt",
+   callback=lambda i, n: marks.append(time.perf_counter()))
+t1 = time.perf_counter()
+torch.cuda.synchronize()
+t2 = time.perf_counter()
+r["host"] = {"to_step0_enqueued_ms": (marks[0] - t0) * 1e3, "steps_1_24_enqueued_ms": (marks[-1] - marks[0]) * 1e3,
+             "decode_enqueued_ms": (t1 - marks[-1]) * 1e3, "then_device_ms": (t2 - t1) * 1e3}
+print("host timeline:", {k: round(v, 3) for k, v in r["host"].items()})
+prof = cProfile.Profile()
+prof.enable()
+kp(class_labels=[207], num_inference_steps=25, guidance_scale=4.0, seed=0, output_type="pt")
+prof.disable()
+torch.cuda.synchronize()
+text = io.StringIO()
+pstats.Stats(prof, stream=text).sort_stats("cumulative").print_stats(40)
+r["host_profile"] = text.getvalue()
+print("\n".join(line[:160] for line in r["host_profile"].splitlines()[:52]))
+
 # one step alone: the plan bound as denoise binds it, replayed (the step index advances; the schedule table has T rows)
 schedule = kp.scheduler.set_timesteps(25, DEV)
 latents = torch.randn((1, *kp.latent_shape), device=DEV, dtype=kp.dtype)
@@ -50,6 +75,34 @@ if kp.conditioning is not None:  # the hoisted conditioning's call alone (once a
 flat = kp.step.signature.flatten((), inputs)
 plan = kp.step.executor.plan_for(flat)
 plan.bind(flat)
+
+
+def host_us(fn, n=20):
+    """The host's time in ``fn`` (us, median of n; the device drained before each, so no call waits on earlier work)."""
+    ts = []
+    for _ in range(n):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        ts.append((time.perf_counter() - t) * 1e6)
+    return round(statistics.median(ts), 1)
+
+
+# the host pieces of a call before step 0 is enqueued
+gen = torch.Generator("cpu")
+r["host_pieces_us"] = {
+    "labels": host_us(lambda: kp._labels([207])),
+    "noise": host_us(lambda: randn((1, *kp.latent_shape), gen.manual_seed(0), DEV, kp.dtype)),
+    "step_inputs": host_us(lambda: step_inputs(latents, schedule, 4.0, {}, kp.spec, kp._scheduled(25)[1])),
+    "flatten": host_us(lambda: kp.step.signature.flatten((), inputs)),
+    "plan_for": host_us(lambda: kp.step.executor.plan_for(flat)),
+    "bind": host_us(lambda: plan.bind(flat)),
+    "check_source": host_us(kp.step.check_source),
+    "replay": host_us(plan.replay),
+}
+if kp.conditioning is not None:
+    r["host_pieces_us"]["conditioning_call"] = host_us(lambda: kp.conditioning(timesteps, start, labels))
+print("host pieces (us):", r["host_pieces_us"])
 r["step_ms"] = tt.do_bench(plan.replay, warmup=5, rep=50, return_mode="median")
 r["step_plan"] = plan.describe()
 # the step's kernels (its calls run outside the CUDA graph under the profiler): launches, their summed device time (the
@@ -82,7 +135,7 @@ if sk:
     print(f"step: {r['step_ms'] * 1e3:.0f} us replayed, {sk['kernels']} kernels, {sk['kernel_us']:.0f} us of kernels")
     for name, n, t in sk["top"]:
         print(f"  {t:8.1f} us  x{n:5.1f}  {name}")
-print({k: v for k, v in r.items() if k not in ("profile_top30", "transformer_plan", "step_plan", "step_kernels")})
+print({k: v for k, v in r.items() if k not in ("profile_top30", "host_profile", "transformer_plan", "step_plan", "step_kernels")})
 with open(OUT, "w") as f:
     json.dump(r, f, indent=1, default=str)
 print("wrote", OUT)

@@ -50,7 +50,7 @@ for stage in "$@"; do
     decode) timeout 280 python3 bench/decode.py 2>&1 | tail -25 ;;
     llm_kv) timeout 240 python3 bench/llm_kv.py --contexts 2048,8192 --batches 1,16 2>&1 | tail -20 ;;
     llm_quant_1b) timeout 240 python3 bench/llm_quant.py --models 1b 2>&1 | tail -20 ;;
-    diffusion_profile) timeout 330 python3 bench/diffusion_profile.py 2>&1 | tail -62 ;;
+    diffusion_profile) timeout 330 python3 bench/diffusion_profile.py 2>&1 | tee "$OUT/diffusion_profile.log" | tail -62 ;;
     qtests)  # the quantized / rope_kv GPU tests alone, failures printed
       timeout 150 python3 -m pytest -q -x -rf -p no:logging -m gpu tests/runtime/test_kernel_plan_quant.py \
         tests/models/test_gptq.py tests/codegen/test_aqgemm.py tests/codegen/test_rope_kv.py 2>&1 | tee "$OUT/qtests.log" | tail -40 ;;
@@ -169,6 +169,9 @@ print(f'import torch {a - t:.2f} s, kiln {b - a:.2f} s'); t = time.time(); torch
         tests/codegen/test_attention_kv.py 2>&1 | grep -v DEBUG | tail -6 ;;
     attn) timeout 200 python3 bench/attn.py 2>&1 | tail -45 ;;  # attention at DiT / PixArt shapes, each candidate in a CUDA graph
     rows) timeout 240 python3 bench/rows.py 2>&1 | tee "$OUT/rows.log" | tail -20 ;;  # DiT step's pointwise kernels per tile policy
+    gemm_mid)  # session 11: the persistent split-K / stream-K Triton GEMM against cuBLAS at DiT / prefill shapes, CUDA graphs
+      timeout ${GEMM_TIMEOUT:-240} python3 bench/gemm_mid.py --shapes "dit512 qkv" "dit512 proj" "dit512 fc1" "dit512 fc2" \
+        "dit4096 fc1" "dit4096 fc2" "llama2048 down" 2>&1 | tee "$OUT/gemm_mid.log" | tail -60 ;;
     *) echo "unknown stage $stage" ;;
   esac
 done

@@ -97,18 +97,27 @@ def randn(shape: tuple, generator, device: torch.device, dtype: torch.dtype) -> 
     return torch.randn(shape, generator=generator, device=where, dtype=dtype).to(device)
 
 
-def step_inputs(latents: torch.Tensor, schedule: Schedule, guidance: float, conditioning: dict, spec: dict) -> dict:
-    """The step graph's inputs for a call: the schedule's table and timesteps padded to the training length T (one
-    graph for every step count), the step index 0, the guidance scale as a 0-d float32, zeroed scheduler state."""
-    T, S, dev = spec["scheduler"]["num_train_timesteps"], schedule.num_steps, latents.device
-    table = torch.zeros((T, len(COLUMNS)), dtype=schedule.table.dtype, device=dev)
+def padded(schedule: Schedule, spec: dict, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The schedule's table and timesteps padded to the training length T (one step graph for every step count)."""
+    T, S = spec["scheduler"]["num_train_timesteps"], schedule.num_steps
+    table = torch.zeros((T, len(COLUMNS)), dtype=schedule.table.dtype, device=device)
     table[:S] = schedule.table
-    timesteps = torch.zeros(T, dtype=schedule.timesteps.dtype, device=dev)
+    timesteps = torch.zeros(T, dtype=schedule.timesteps.dtype, device=device)
     timesteps[:S] = schedule.timesteps
+    return table, timesteps
+
+
+def step_inputs(latents: torch.Tensor, schedule: Schedule, guidance: float, conditioning: dict, spec: dict,
+                tables: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict:
+    """The step graph's inputs for a call: the schedule's ``padded`` table and timesteps (``tables``: computed once
+    already), the step index 0, the guidance scale as a 0-d float32, zeroed scheduler state. (Device work only: no
+    copy from the host, which would make the host wait.)"""
+    dev = latents.device
+    table, timesteps = tables if tables is not None else padded(schedule, spec, dev)
     state = {name: torch.zeros_like(latents, dtype=schedule.table.dtype if name == "x0_prev" else latents.dtype)
              for term, name in _STATE if term in spec["terms"]}
     return {"latents": latents, "step": torch.zeros((), dtype=torch.int64, device=dev), "table": table, "timesteps": timesteps,
-            "guidance": torch.tensor(float(guidance), dtype=torch.float32, device=dev), **conditioning, **state}
+            "guidance": torch.full((), float(guidance), dtype=torch.float32, device=dev), **conditioning, **state}
 
 
 def example_batch(spec: dict) -> int:
@@ -210,7 +219,7 @@ class Pipeline:
         self.max_batch = int(spec["max_batch"])
         self.tokenizer = tokenizer
         self._names = [n.attrs["name"] for n in self.step.graph.inputs]
-        self._schedules: dict[int, Schedule] = {}  # by step count, on the device (read only)
+        self._schedules: dict[int, tuple] = {}  # by step count: the schedule and its padded tables, on the device (read only)
 
     @property
     def device(self) -> torch.device:
@@ -244,11 +253,16 @@ class Pipeline:
         """The scheduler's schedule of ``num_inference_steps`` on the device, computed once per step count: it is host
         work (float64 tables, copies to the device) that a call would otherwise do while the GPU waits for its first
         step."""
+        return self._scheduled(num_inference_steps)[0]
+
+    def _scheduled(self, num_inference_steps: int) -> tuple[Schedule, tuple[torch.Tensor, torch.Tensor]]:
+        # the schedule and its ``padded`` tables, computed once per step count
         s = self._schedules.get(num_inference_steps)
         if s is None:
             if len(self._schedules) >= 16:
                 self._schedules.clear()
-            s = self._schedules[num_inference_steps] = self.scheduler.set_timesteps(num_inference_steps, self.device)
+            schedule = self.scheduler.set_timesteps(num_inference_steps, self.device)
+            s = self._schedules[num_inference_steps] = (schedule, padded(schedule, self.spec, self.device))
         return s
 
     def denoise(self, conditioning: dict, batch: int, num_inference_steps: int, guidance_scale: float, generator=None,
@@ -256,7 +270,7 @@ class Pipeline:
         """The latents [B, C, h, w] after ``num_inference_steps`` steps from diffusers' initial noise: one replay of the
         step graph's plan per step. ``callback(i, num_steps)`` runs after step i is enqueued; ``before_step(i,
         buffers)`` before it (``buffers``: the plan's input buffers by name)."""
-        schedule = self.schedule(num_inference_steps)
+        schedule, tables = self._scheduled(num_inference_steps)
         extra = set(schedule.terms) - set(self.spec["terms"])
         if extra:
             raise KilnError(f"internal error: a {num_inference_steps}-step schedule uses {', '.join(sorted(extra))}, which "
@@ -265,10 +279,9 @@ class Pipeline:
         noises = ([randn(latents.shape, generator, self.device, self.dtype) for _ in range(schedule.num_steps)]
                   if "p_noise" in self.spec["terms"] else None)
         # diffusers samples without guidance at a scale <= 1: here the combine with weight 1, the conditional half
-        inputs = step_inputs(latents, schedule, guidance_scale if guidance_scale > 1 else 1.0, conditioning, self.spec)
+        inputs = step_inputs(latents, schedule, guidance_scale if guidance_scale > 1 else 1.0, conditioning, self.spec, tables)
         flat = self.step.signature.flatten((), inputs)
         plan = self.step.executor.plan_for(flat)
-        self.step.check_source()
         plan.bind(flat)
         buffers = dict(zip(self._names, plan.input_buffers))  # updated in place by every replay
         for i in range(schedule.num_steps):
@@ -277,6 +290,8 @@ class Pipeline:
             if before_step is not None:
                 before_step(i, buffers)
             plan.replay()
+            if i == 0:  # checked while the device runs the first step (the plan's buffers are all it wrote)
+                self.step.check_source()
             if callback is not None:
                 callback(i, schedule.num_steps)
         return buffers["latents"]
