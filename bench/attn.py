@@ -1,5 +1,6 @@
 """Attention at the diffusion transformers' shapes (head dim 72), as a plan runs it: each candidate ATTENTION's
-tuner offers (SDPA into a fresh tensor, then copied into the plan's buffer; kiln's Triton template per launch
+tuner offers (SDPA into a fresh tensor, then copied into the plan's buffer: the kernel SDPA picks, and its
+FlashAttention-2 and memory-efficient kernels by their aten ops; kiln's Triton template per launch
 configuration, with the head dim as 64 + 16 lanes (SPLIT) and padded to 128) captured 20 times in one CUDA graph,
 do_bench median of a replay / 20, and its error against float32. bf16, H200. Usage: python3 bench/attn.py
 [--smoke] (--smoke: float16 under the Triton interpreter, tiny shapes, no graphs). Writes $OUT/attn.json."""
@@ -54,7 +55,11 @@ for name, (b, h, sq, sk) in SHAPES.items():
     q, k, v = proj[:, :, 0].transpose(1, 2), kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
     want = ta.reference(q.float(), k.float(), v.float())
     out = torch.empty(b, h, sq, d, device=DEV, dtype=DT)
-    cands = {} if a.smoke else {"sdpa + copy": lambda: out.copy_(F.scaled_dot_product_attention(q, k, v))}
+    cands = {} if a.smoke else {
+        "sdpa + copy": lambda: out.copy_(F.scaled_dot_product_attention(q, k, v)),
+        "sdpa flash-2 + copy": lambda: out.copy_(torch.ops.aten._scaled_dot_product_flash_attention(q, k, v)[0]),
+        "sdpa efficient + copy": lambda: out.copy_(torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None,
+                                                                                                            False)[0])}
     sms = torch.cuda.get_device_properties(0).multi_processor_count if not a.smoke else 132
     cfgs = ta.configs(sq, b * h, sms) if not a.smoke else [ta.INTERPRET_CONFIG]
     for c in cfgs:
@@ -76,9 +81,9 @@ for name, (b, h, sq, sk) in SHAPES.items():
     print(name, "first:", cfgs[0])
     for r in best[:6]:
         print(f"  {r['us']:8.2f} us  err {r['err']:.2e}  {r['candidate']}")
-    sd = [r for r in best if r["candidate"] == "sdpa + copy"]
-    if sd:
-        print(f"  sdpa + copy {sd[0]['us']:.2f} us")
+    for r in best:
+        if r["candidate"].startswith("sdpa"):
+            print(f"  {r['candidate']} {r['us']:.2f} us")
 out_path = os.path.join(os.environ.get("OUT", "/tmp"), "attn.json")
 with open(out_path, "w") as f:
     json.dump({"device": torch.cuda.get_device_name() if not a.smoke else "cpu", "rows": rows}, f, indent=1)

@@ -103,6 +103,47 @@ r["host_pieces_us"] = {
 if kp.conditioning is not None:
     r["host_pieces_us"]["conditioning_call"] = host_us(lambda: kp.conditioning(timesteps, start, labels))
 print("host pieces (us):", r["host_pieces_us"])
+
+
+def call_breakdown():
+    """Host us spent in each piece during one call, up to step 0's enqueue and in all (the pieces wrapped in place)."""
+    import kiln.diffusion.pipelines as pl
+    acc, undo = {}, []
+
+    def wrap(obj, name, label):
+        f = getattr(obj, name)
+
+        def timed(*a, **k):
+            t = time.perf_counter()
+            try:
+                return f(*a, **k)
+            finally:
+                acc[label] = acc.get(label, 0.0) + (time.perf_counter() - t) * 1e6
+        setattr(obj, name, timed)
+        undo.append((obj, name, f))
+    for obj, name in ((kp, "_labels"), (kp, "check_call"), (kp, "_table"), (pl, "randn"), (pl, "step_inputs"),
+                      (kp.step.signature, "flatten"), (kp.step.executor, "plan_for"), (plan, "bind"), (plan, "replay"),
+                      (kp.step, "check_source"), (kp, "decode")) + (((kp.conditioning, "run"),) if kp.conditioning else ()):
+        wrap(obj, name, name if obj is not kp.conditioning else "conditioning.run")
+    marks = []
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    kp(class_labels=[207], num_inference_steps=25, guidance_scale=4.0, seed=0, output_type="pt",
+       callback=lambda i, n: marks.append((time.perf_counter(), dict(acc))))
+    torch.cuda.synchronize()
+    for obj, name, f in reversed(undo):
+        setattr(obj, name, f)
+    t1, at0 = marks[0]
+    return {"to_step0_enqueued_us": round((t1 - t0) * 1e6, 1), "pieces_to_step0_us": {k: round(v, 1) for k, v in at0.items()},
+            "pieces_in_call_us": {k: round(v, 1) for k, v in acc.items()}}
+
+
+try:
+    call_breakdown()
+    r["call_breakdown"] = call_breakdown()
+except Exception as e:  # (a diagnostic: the measurements below still run)
+    r["call_breakdown"] = f"{type(e).__name__}: {e}"
+print("call breakdown:", r["call_breakdown"])
 r["step_ms"] = tt.do_bench(plan.replay, warmup=5, rep=50, return_mode="median")
 r["step_plan"] = plan.describe()
 # the step's kernels (its calls run outside the CUDA graph under the profiler): launches, their summed device time (the

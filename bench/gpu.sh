@@ -40,7 +40,7 @@ for stage in "$@"; do
     diffusion_dit) timeout ${DIT_TIMEOUT:-540} python3 bench/diffusion.py --models dit --out "$OUT/diffusion_dit.json" 2>&1 | tee "$OUT/diffusion_dit.log" | tail -25 ;;
     diffusion_pixart) timeout ${PIXART_TIMEOUT:-540} python3 bench/diffusion.py --models pixart --out "$OUT/diffusion_pixart.json" 2>&1 | tail -25 ;;
     diffusion_pixart1024) timeout ${PIXART_TIMEOUT:-540} python3 bench/diffusion.py --models pixart1024 --repeat 3 \
-        --out "$OUT/diffusion_pixart1024.json" 2>&1 | tail -25 ;;
+        --out "$OUT/diffusion_pixart1024.json" 2>&1 | tee "$OUT/diffusion_pixart1024.log" | tail -25 ;;
     pixart_diag) timeout 300 python3 bench/pixart_diag.py 2>&1 | grep -v "kept in float32" | tail -14 ;;
     coldstart) timeout 400 python3 bench/coldstart.py 2>&1 | tail -20 ;;
     sessiontests)  # GPU tests of this session's branches (KV cache, norm prologue, quantized plans, pipelines, README)
@@ -172,6 +172,9 @@ print(f'import torch {a - t:.2f} s, kiln {b - a:.2f} s'); t = time.time(); torch
     gemm_mid)  # session 11: the persistent split-K / stream-K Triton GEMM against cuBLAS at DiT / prefill shapes, CUDA graphs
       timeout ${GEMM_TIMEOUT:-240} python3 bench/gemm_mid.py --shapes "dit512 qkv" "dit512 proj" "dit512 fc1" "dit512 fc2" \
         "dit4096 fc1" "dit4096 fc2" "llama2048 down" 2>&1 | tee "$OUT/gemm_mid.log" | tail -60 ;;
+    s11tests)  # session 11: diffusers' noise drawn into pinned memory, the DiT-XL/2 pipeline against diffusers after the host changes
+      timeout 150 python3 -m pytest -q -rf -p no:logging -m gpu tests/diffusion/test_pipelines.py 2>&1 \
+        | tee "$OUT/s11tests.log" | grep -v DEBUG | tail -6 ;;
     *) echo "unknown stage $stage" ;;
   esac
 done

@@ -92,9 +92,12 @@ def randn(shape: tuple, generator, device: torch.device, dtype: torch.dtype) -> 
         generator = generator[0]
     first = generator[0] if isinstance(generator, list) else generator
     where = "cpu" if first is not None and first.device.type == "cpu" else device
+    # drawn on the CPU for a GPU: into pinned memory, so the copy does not make the host wait (the same values)
+    pin = where == "cpu" and torch.device(device).type == "cuda"
     if isinstance(generator, list):
-        return torch.cat([torch.randn((1, *shape[1:]), generator=g, device=where, dtype=dtype) for g in generator]).to(device)
-    return torch.randn(shape, generator=generator, device=where, dtype=dtype).to(device)
+        draws = [torch.randn((1, *shape[1:]), generator=g, device=where, dtype=dtype) for g in generator]
+        return torch.cat(draws, out=torch.empty(shape, dtype=dtype, pin_memory=True) if pin else None).to(device, non_blocking=pin)
+    return torch.randn(shape, generator=generator, device=where, dtype=dtype, pin_memory=pin).to(device, non_blocking=pin)
 
 
 def padded(schedule: Schedule, spec: dict, device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -38,6 +38,7 @@ class Signature:
         self.treespec = _norm(treespec)  # pytree spec of {name: value for name in given}
         self.leaves = leaves  # [{"path": "input_ids", "tensor": True} | {"path": ..., "const": v}]
         self.output = output  # output structure (see output_structure)
+        self._matched = None  # the last call's TreeSpec that matched ``treespec`` (its JSON costs ~100 us a call)
 
     # ------------------------------------------------------------------ building
     @classmethod
@@ -97,6 +98,7 @@ class Signature:
     def _set_leaves(self, canonical: dict) -> None:
         flat, spec = pytree.tree_flatten_with_path(canonical)
         self.treespec = _norm(pytree.treespec_dumps(spec))
+        self._matched = None
         self.leaves = []
         for path, v in flat:
             entry = {"path": _path_str(path)}
@@ -150,8 +152,8 @@ class Signature:
     def flatten(self, args: tuple, kwargs: dict) -> list[torch.Tensor]:
         """The graph's input tensors for this call; raises InputError when the call does not fit."""
         canonical = self.canonical(args, kwargs)
-        flat, spec = pytree.tree_flatten_with_path(canonical)
-        if _norm(pytree.treespec_dumps(spec)) != self.treespec:
+        flat, spec = pytree.tree_flatten(canonical)
+        if spec != self._matched and _norm(pytree.treespec_dumps(spec)) != self.treespec:
             want = pytree.treespec_loads(self.treespec)
             for name in self.given:
                 got_spec = pytree.tree_structure(canonical[name])
@@ -160,8 +162,9 @@ class Signature:
                     raise InputError(f"argument {name!r} has a different structure than when the model was "
                                      f"compiled (got {_describe(canonical[name])})")
             raise InputError("the arguments have a different structure than when the model was compiled")
+        self._matched = spec
         tensors = []
-        for (path, v), leaf in zip(flat, self.leaves):
+        for v, leaf in zip(flat, self.leaves):
             if leaf.get("tensor"):
                 if not isinstance(v, torch.Tensor):
                     raise InputError(f"argument {leaf['path']} must be a tensor, got {_describe(v)}")

@@ -212,3 +212,15 @@ def test_gpu_dit_xl2_bf16_pipeline_near_diffusers(psnr):
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert torch.equal(again, got)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_noise_is_diffusers_draw(device):
+    # diffusers' randn_tensor draws on the CPU generator's device and moves the draw (kiln pins it first on a GPU)
+    from diffusers.utils.torch_utils import randn_tensor
+
+    from kiln.diffusion.pipelines import randn
+    for gens in (lambda: torch.Generator("cpu").manual_seed(3), lambda: [torch.Generator("cpu").manual_seed(s) for s in (1, 2)]):
+        want = randn_tensor((2, 4, 8, 8), generator=gens(), device=torch.device(device), dtype=torch.bfloat16)
+        got = randn((2, 4, 8, 8), gens(), torch.device(device), torch.bfloat16)
+        assert got.device == want.device and torch.equal(got, want)
