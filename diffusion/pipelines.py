@@ -91,9 +91,10 @@ def randn(shape: tuple, generator, device: torch.device, dtype: torch.dtype) -> 
     if isinstance(generator, list) and len(generator) == 1:
         generator = generator[0]
     first = generator[0] if isinstance(generator, list) else generator
-    where = "cpu" if first is not None and first.device.type == "cpu" else device
+    on_cpu = first is not None and first.device.type == "cpu"
+    where = "cpu" if on_cpu else device
     # drawn on the CPU for a GPU: into pinned memory, so the copy does not make the host wait (the same values)
-    pin = where == "cpu" and torch.device(device).type == "cuda"
+    pin = on_cpu and torch.device(device).type == "cuda"
     if isinstance(generator, list):
         draws = [torch.randn((1, *shape[1:]), generator=g, device=where, dtype=dtype) for g in generator]
         return torch.cat(draws, out=torch.empty(shape, dtype=dtype, pin_memory=True) if pin else None).to(device, non_blocking=pin)
