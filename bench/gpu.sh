@@ -175,6 +175,7 @@ print(f'import torch {a - t:.2f} s, kiln {b - a:.2f} s'); t = time.time(); torch
     s11tests)  # session 11: diffusers' noise drawn into pinned memory, the DiT-XL/2 pipeline against diffusers after the host changes
       timeout 150 python3 -m pytest -q -rf -p no:logging -m gpu tests/diffusion/test_pipelines.py 2>&1 \
         | tee "$OUT/s11tests.log" | grep -v DEBUG | tail -6 ;;
+    llm_quant_8b) timeout 400 python3 bench/llm_quant.py --models 8b 2>&1 | tail -20 ;;  # issue 13's 8B w8a16 / w4a16 goals
     *) echo "unknown stage $stage" ;;
   esac
 done
