@@ -18,7 +18,7 @@ import triton.testing as tt
 
 import kiln
 from kiln.diffusion import presets
-from kiln.diffusion.pipelines import randn, step_inputs
+from kiln.diffusion.pipelines import padded, randn, step_inputs
 
 from common import kernels_launched
 
@@ -67,7 +67,7 @@ print("\n".join(line[:160] for line in r["host_profile"].splitlines()[:52]))
 # one step alone: the plan bound as denoise binds it, replayed (the step index advances; the schedule table has T rows)
 schedule = kp.scheduler.set_timesteps(25, DEV)
 latents = torch.randn((1, *kp.latent_shape), device=DEV, dtype=kp.dtype)
-labels, timesteps = kp._labels([207]), step_inputs(latents, schedule, 4.0, {}, kp.spec)["timesteps"]
+labels, timesteps = kp._labels([207]), padded(schedule, kp.spec, DEV)[1]
 inputs = step_inputs(latents, schedule, 4.0, kp.step_conditioning(labels, timesteps), kp.spec)
 if kp.conditioning is not None:  # the hoisted conditioning's call alone (once a call)
     start = torch.zeros((), dtype=torch.int64, device=DEV)

@@ -13,7 +13,7 @@ import torch
 from kiln.codegen import pointwise
 from kiln.codegen.tuning import time_candidates
 from kiln.diffusion import presets
-from kiln.diffusion.pipelines import step_inputs
+from kiln.diffusion.pipelines import padded, step_inputs
 
 DEV = torch.device("cuda")
 DEFAULT = (pointwise.TILE_ELEMENTS, pointwise.WARPS)
@@ -24,7 +24,7 @@ pipe = presets.diffusers_pipeline("dit-xl-2-256", dtype=torch.bfloat16, device=D
 kp = presets.compile_pipeline(pipe, max_batch=1)
 schedule = kp.scheduler.set_timesteps(25, DEV)
 latents = torch.randn((1, *kp.latent_shape), device=DEV, dtype=kp.dtype)
-labels, timesteps = kp._labels([207]), step_inputs(latents, schedule, 4.0, {}, kp.spec)["timesteps"]
+labels, timesteps = kp._labels([207]), padded(schedule, kp.spec, DEV)[1]
 flat = kp.step.signature.flatten((), step_inputs(latents, schedule, 4.0, kp.step_conditioning(labels, timesteps), kp.spec))
 plan = kp.step.executor.plan_for(flat)
 plan.bind(flat)

@@ -23,8 +23,8 @@ from ..config import CompileConfig
 from ..errors import InputError, KilnError
 from .dit_conditioning import CONDITIONING_STEPS, DiTConditioning, hoistable, transformer_view, widths
 from .pipelines import (CALIBRATION_CALLS, CALIBRATION_SEED, DTYPES, Pipeline, PipelineOutput, calibration_calls,
-                        compile_step, compile_vae, example_batch, float_config, on_device, quantizes, scheduler_config,
-                        step_inputs, step_structure)
+                        compile_step, compile_vae, example_batch, float_config, on_device, padded, quantizes,
+                        scheduler_config, step_structure)
 from .schedulers import make_scheduler
 from .steps import DiTStep, HoistedDiTStep
 
@@ -150,8 +150,7 @@ def compile_conditioning(module: DiTConditioning, spec: dict, scheduler, config:
     """The conditioning graph captured at the example ``labels`` with a dynamic batch; never quantized (modulation
     scales the whole residual stream)."""
     param = next(module.parameters())
-    latents = torch.zeros(labels.shape[0], *spec["latent_shape"], dtype=DTYPES[spec["dtype"]], device=param.device)
-    timesteps = step_inputs(latents, scheduler.set_timesteps(1, param.device), 1.0, {}, spec)["timesteps"]
+    timesteps = padded(scheduler.set_timesteps(1, param.device), spec, param.device)[1]
     start = torch.zeros((), dtype=torch.int64, device=param.device)
     return kiln_compile(module, (), {"timesteps": timesteps, "start": start, "class_labels": labels},
                         dynamic={"class_labels": {0: ("batch", 1, spec["max_batch"])}},

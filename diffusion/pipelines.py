@@ -253,14 +253,10 @@ class Pipeline:
             raise InputError(f"{len(generator)} generators for {batch} images", hint="give one generator, or one per image")
         return generator
 
-    def schedule(self, num_inference_steps: int) -> Schedule:
-        """The scheduler's schedule of ``num_inference_steps`` on the device, computed once per step count: it is host
-        work (float64 tables, copies to the device) that a call would otherwise do while the GPU waits for its first
-        step."""
-        return self._scheduled(num_inference_steps)[0]
-
     def _scheduled(self, num_inference_steps: int) -> tuple[Schedule, tuple[torch.Tensor, torch.Tensor]]:
-        # the schedule and its ``padded`` tables, computed once per step count
+        """The scheduler's schedule of ``num_inference_steps`` on the device and its ``padded`` tables, computed once per
+        step count: host work (float64 tables, copies to the device) that a call would otherwise do while the GPU waits
+        for its first step."""
         s = self._schedules.get(num_inference_steps)
         if s is None:
             if len(self._schedules) >= 16:
