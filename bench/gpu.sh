@@ -154,7 +154,7 @@ print(f'import torch {a - t:.2f} s, kiln {b - a:.2f} s'); t = time.time(); torch
       grep -E "^int[48] |Duration|DRAM Throughput|Achieved Occupancy|Warp Cycles Per Issued|Registers Per" "$OUT/ncu_gemv.txt" | head -60 ;;
     gptq_1b)  # issue 13's cold compile with GPTQ calibration of the 1B (goal <= 60 s): fresh kiln and Triton caches
       TRITON_CACHE_DIR=$(mktemp -d) KILN_CACHE_DIR=$(mktemp -d) timeout 300 python3 bench/llm_quant.py --models 1b \
-        --modes w4a16-gptq 2>&1 | grep "tok/s" | tail -4 ;;
+        --modes w4a16-gptq --out "$OUT/gptq_1b.json" 2>&1 | grep "tok/s" | tail -4 ;;
     qwords2)  # the skinny GPU tests of every M = 1 config (the WORDS tiles as skinny.TILES lists them) and the WORDS tiles
       timeout ${TESTS_TIMEOUT:-150} python3 -m pytest -q -rf -p no:logging -m gpu tests/codegen/test_skinny.py -k "words or every_config" \
         2>&1 | tee "$OUT/qwords2.log" | grep -v DEBUG | tail -4 ;;
@@ -175,7 +175,7 @@ print(f'import torch {a - t:.2f} s, kiln {b - a:.2f} s'); t = time.time(); torch
     s11tests)  # session 11: diffusers' noise drawn into pinned memory, the DiT-XL/2 pipeline against diffusers after the host changes
       timeout 150 python3 -m pytest -q -rf -p no:logging -m gpu tests/diffusion/test_pipelines.py 2>&1 \
         | tee "$OUT/s11tests.log" | grep -v DEBUG | tail -6 ;;
-    llm_quant_8b) timeout 400 python3 bench/llm_quant.py --models 8b 2>&1 | tail -20 ;;  # issue 13's 8B w8a16 / w4a16 goals
+    llm_quant_8b) timeout 400 python3 bench/llm_quant.py --models 8b --out "$OUT/llm_quant_8b.json" 2>&1 | tail -20 ;;  # issue 13's 8B w8a16 / w4a16 goals
     *) echo "unknown stage $stage" ;;
   esac
 done

@@ -8,7 +8,7 @@ random too: the time is the figure, not the error); run it alone with fresh cach
 (bench/gpu.sh gptq_1b). Per (model, batch, mode): decode tokens/s (prompt 128, 256 new tokens, greedy;
 best of 3 after a first run that plans, tunes and captures the bucket), that first run's seconds, the compile's
 seconds, the bytes of GEMM weights a decode step reads and the implied fraction of the measured copy bandwidth.
-Usage: python3 bench/llm_quant.py [--models 1b,8b] [--modes bf16,w8a16,w4a16,w4a16-gptq]. Writes $OUT/llm_quant.json."""
+Usage: python3 bench/llm_quant.py [--models 1b,8b] [--modes bf16,w8a16,w4a16,w4a16-gptq]. Writes --out ($OUT/llm_quant.json)."""
 import argparse
 import json
 import os
@@ -89,6 +89,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="1b,8b")
     ap.add_argument("--modes", default="bf16,w8a16,w4a16", help=f"comma-separated, of {', '.join(MODES)}")
+    ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "/tmp"), "llm_quant.json"))
     a = ap.parse_args()
     unknown = [m for m in a.modes.split(",") if m not in MODES]
     if unknown:
@@ -98,8 +99,7 @@ def main() -> None:
            "new_tokens": GEN, "copy_bandwidth_TB_s": bw / 1e12}
     for name in a.models.split(","):
         res.update(bench_model(name, a.modes.split(","), bw))
-    out = os.path.join(os.environ.get("OUT", "/tmp"), "llm_quant.json")
-    with open(out, "w") as fh:
+    with open(a.out, "w") as fh:
         json.dump(res, fh, indent=1)
     print(json.dumps({k: v for k, v in res.items() if not k.endswith("_executor")}, indent=1))
 
