@@ -62,6 +62,17 @@ def gemm_choices(compiled) -> list[dict]:
             for d in (tuner.decisions.values() if tuner else []) if d["what"].get("op") == "AQGEMM"]
 
 
+def kernel_breakdown(compiled) -> dict:
+    """Where the last plan's time goes (common.kernels_launched: kernels, their summed device time, the top ones)."""
+    from common import kernels_launched
+
+    k = kernels_launched(compiled.executor.plans[-1])
+    print(f"    {k.get('kernels')} kernels, {k.get('kernel_us', 0):.0f} us of kernels a call:", flush=True)
+    for name, count, us in k.get("top", [])[:14]:
+        print(f"      {us:8.1f} us  x{count:g}  {name}", flush=True)
+    return k
+
+
 def config(mode: str) -> kiln.CompileConfig:
     return kiln.CompileConfig(quantize=None if mode == "bf16" else mode)
 
@@ -115,10 +126,11 @@ def bench_dit(a, res: dict, device: str, dtype) -> None:
             run = {"part": "dit", "batch": bs, "system": f"kiln-{mode}", **measure(lambda: compiled(**x).sample, want[bs], device)}
             if device == "cuda":
                 run["executor"] = compiled.executor.describe()["plans"][-1]
+                run["kernels"] = kernel_breakdown(compiled)
             run["aqgemm_tuning"] = gemm_choices(compiled)
             res["runs"].append(run)
             save(res, a.out)
-            print({k: v for k, v in run.items() if k not in ("executor", "aqgemm_tuning")}, flush=True)
+            print({k: v for k, v in run.items() if k not in ("executor", "aqgemm_tuning", "kernels")}, flush=True)
             for d in run["aqgemm_tuning"]:
                 print("   ", d, flush=True)
     for bs in batches:
@@ -151,9 +163,11 @@ def bench_llm(a, res: dict, device: str, dtype) -> None:
         res[f"llm_notes_{mode}"] = notes(compiled)
         run = {"part": "llm", "seq": a.seq, "system": f"kiln-{mode}", **measure(lambda: compiled(ids).logits, want, device)}
         run["aqgemm_tuning"] = gemm_choices(compiled)
+        if device == "cuda":
+            run["kernels"] = kernel_breakdown(compiled)
         res["runs"].append(run)
         save(res, a.out)
-        print({k: v for k, v in run.items() if k != "aqgemm_tuning"}, flush=True)
+        print({k: v for k, v in run.items() if k not in ("aqgemm_tuning", "kernels")}, flush=True)
         for d in run["aqgemm_tuning"]:
             print("   ", d, flush=True)
     res["runs"].append({"part": "llm", "seq": a.seq, "system": "eager-bf16",
