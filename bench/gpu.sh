@@ -176,6 +176,13 @@ print(f'import torch {a - t:.2f} s, kiln {b - a:.2f} s'); t = time.time(); torch
       timeout 150 python3 -m pytest -q -rf -p no:logging -m gpu tests/diffusion/test_pipelines.py 2>&1 \
         | tee "$OUT/s11tests.log" | grep -v DEBUG | tail -6 ;;
     llm_quant_8b) timeout 400 python3 bench/llm_quant.py --models 8b --out "$OUT/llm_quant_8b.json" 2>&1 | tail -20 ;;  # issue 13's 8B w8a16 / w4a16 goals
+    s12)  # session 12: HF's causal mask folded when a plan is built (attention runs causal): GPU tests, the 1B prefill 2048
+          # (bf16 / fp8 / w8a8, kernel breakdowns), the 1B prefill against torch.compile, GPT-2 (its mask too)
+      timeout 150 python3 -m pytest -q -rf -p no:logging -m gpu tests/runtime/test_kernel_plan.py 2>&1 \
+        | tee "$OUT/s12tests.log" | grep -v DEBUG | tail -6
+      timeout 200 python3 bench/fp8.py --parts llm --out "$OUT/fp8_llm.json" 2>&1 | grep -v "^ *{'x'" | tail -60
+      timeout 150 python3 bench/llama_prefill.py --modes eager,reduce-overhead --seqs 2048 2>&1 | tail -8
+      timeout 120 python3 bench/models.py --models gpt2 2>&1 | tail -8 ;;
     *) echo "unknown stage $stage" ;;
   esac
 done

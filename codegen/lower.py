@@ -410,6 +410,23 @@ def attention_counter_bytes(q_shape: tuple, k_shape: tuple, attrs: dict, dtype: 
     return td.counter_bytes(k_shape[0], k_shape[1])
 
 
+def causal_mask(mask: torch.Tensor, sq: int, sk: int) -> bool:
+    """Whether an ATTENTION's ``mask`` (bool: True attends; float: a bias added to the scores) allows exactly what
+    ``causal`` does for ``sq`` queries and ``sk`` keys (the upper-left-aligned triangle, ATTENTION's definition) in
+    every row it broadcasts to: bool True on and below the diagonal and False above it, or a float 0 there and -inf
+    (or the dtype's lowest value, whose exp is 0 as -inf's) above. No row of that triangle is fully masked, so the
+    two compute the same softmax."""
+    if mask.dim() < 2 or tuple(mask.shape[-2:]) != (sq, sk):
+        return False
+    keep = torch.ones(sq, sk, dtype=torch.bool, device=mask.device).tril()
+    if mask.dtype == torch.bool:
+        return bool(torch.equal(mask, keep.expand_as(mask)))
+    if not mask.is_floating_point():
+        return False
+    zero, low = mask == 0, (mask == float("-inf")) | (mask == torch.finfo(mask.dtype).min)
+    return bool(torch.equal(zero, keep.expand_as(mask)) and torch.equal(low, ~keep.expand_as(mask)))
+
+
 def attention(args: list, attrs: dict, out: torch.Tensor, scratch: torch.Tensor | None, device: torch.device,
               counters: torch.Tensor | None = None) -> tuple[dict, dict]:
     """An ATTENTION's candidates. ``scratch``: the ``attention_scratch`` buffer (None where it has none); ``counters``:

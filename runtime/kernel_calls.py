@@ -93,3 +93,4 @@ class PlanStats:
     phases: dict = field(default_factory=dict)
     # values stored channels-last, and the layout conversions the convs make per call (``lower.conv_layout_changes``)
     layouts: dict = field(default_factory=dict)
+    causal_masks: set = field(default_factory=set)  # ATTENTIONs whose folded mask is the causal triangle: run causal

@@ -40,7 +40,7 @@ from ..codegen.schedule import VIEW_OPS, Group, norm_prologue, rope_kv_parts
 from ..codegen.tuning import compile_ahead
 from ..ir.graph import Graph, Node
 from ..ir.interpret import eval_node, node_attrs
-from ..ir.ops import COLLECTIVE_OPS, index_copy
+from ..ir.ops import COLLECTIVE_OPS, attention_operands, index_copy
 from ..ir.ops_fused import AQ_FORMATS, aqgemm_operands
 from ..ir.types import eval_dim, torch_dtype
 from .kernel_calls import MAX_OUTPUT_SETS, KernelCall, OutputSet, PlanStats, collective_call, run_calls, use_count
@@ -53,6 +53,8 @@ from .plan import Plan
 # kinds of call that may launch Triton kernels, run by the survey with the launches recorded (not "update", "copy",
 # "reference": their torch ops would write state or read indices that skipped kernels did not compute)
 _COMPILED = ("pointwise", "gemm", "attention", "conv", "group_norm", "rope_kv", "quantize")
+FOLD_MAX_STATIC = 1 << 16  # elements of a weight / constant a pointwise group folded at plan time may read
+FOLD_MAX_BYTES = 1 << 28  # bytes a folded pointwise group's values may take while it is evaluated
 
 
 @dataclass
@@ -184,6 +186,7 @@ class KernelPlan(Plan):
         host memory); ``self.order``: outputs stored in a permuted dim order (see _stored_order), among them the
         ``self.channels_last`` values (``layouts.py``)."""
         inplace = {node for _, node in self.adopted.values()}
+        folded: set[Node] = set()  # values computed now from others known now (not the static weights / constants)
         self.real = {n: t.to(self.device) for n, t in static.items()}
         self.val = {n: _Value(_meta(t), None) for n, t in self.real.items()}
         for n in self.graph.inputs:
@@ -201,11 +204,28 @@ class KernelPlan(Plan):
                 self.val.update({n: self.val[n.inputs[0]] for n in g.nodes[2:]})
                 self.val[q] = _Value(self._empty(q, "meta"), self.slot[q])
                 self.kinds.append("rope_kv")
-            elif g.kind in ("view", "reference") and all(i in self.real for i in g.inputs):
+            elif g.kind in ("view", "reference") and all(i in self.real for i in g.inputs) or self._foldable(g, folded):
                 self._constant(g)
+                folded.update(g.nodes)
                 self.kinds.append("constant")
             else:
                 self.kinds.append(self._layout(g))
+        # folded values only other folded values read are dropped (a mask's comparisons: a [seq, seq] tensor each)
+        read = {i for g, kind in zip(self.groups, self.kinds) if kind != "constant" for i in g.inputs} | set(self.graph.outputs)
+        for n in folded - read:
+            del self.real[n]
+
+    def _foldable(self, g: Group, folded: set) -> bool:
+        """A pointwise group computed once now instead of at every call: every input is known now (a weight or constant
+        of at most FOLD_MAX_STATIC elements, or a value folded before: what depends on shape symbols alone, which the
+        compile-time folding could not evaluate: HF's causal mask from the positions, RoPE's tables), no output is a
+        graph output, and its values stay under FOLD_MAX_BYTES. Large weights are left to the kernels: a folded copy of
+        one would be kept per plan."""
+        if g.kind != "pointwise" or any(o in self.graph.outputs for o in g.outputs):
+            return False
+        if not all(i in folded or (i in self.real and self.real[i].numel() <= FOLD_MAX_STATIC) for i in g.inputs):
+            return False
+        return sum(nbytes(self.shape_of[n], n.dtype) for n in g.nodes) <= FOLD_MAX_BYTES
 
     def _conv_layout(self, n: Node) -> int:
         """+1 / -1: conv ``n`` alone runs faster with x and its result channels-last / NCHW at this shape, as the tuner
@@ -490,6 +510,7 @@ class KernelPlan(Plan):
             else:
                 what, candidates = {"QGEMM": lower.qgemm}.get(n.op, lower.gemm)(args, attrs, out, tmp, device, workspace, self._norm(g))
         elif kind == "attention":  # (workspace: (None, counters) where the plan has counters for it)
+            args, attrs = self._causal(n, args, attrs)
             what, candidates = lower.attention(args, attrs, out, tmp, device, workspace[1] if isinstance(workspace, tuple) else None)
         elif kind == "conv":
             what, candidates = lower.conv(args, attrs, out, device)
@@ -501,6 +522,19 @@ class KernelPlan(Plan):
             return self._reference(g, kind, n, args, attrs, out)
         choice = self.target.tuner.choose(kind, what, candidates, device)
         return KernelCall(g, kind, candidates[choice], choice)
+
+    def _causal(self, n: Node, args: list, attrs: dict) -> tuple[list, dict]:
+        """An ATTENTION whose mask was folded (it depends on no input) and is the causal triangle (``lower.causal_mask``:
+        what HF transformers builds from the positions) runs causal, without the mask: its kernels skip the blocks
+        above the diagonal and read no mask, and SDPA may take its causal flash / cuDNN kernels."""
+        mask = attention_operands(n.inputs, attrs)[3]
+        if mask is None or attrs["causal"] or mask not in self.real:
+            return args, attrs
+        q, k = (self.shape_of[i] for i in n.inputs[:2])
+        if not lower.causal_mask(self.real[mask], q[-2], k[-2]):
+            return args, attrs
+        self.stats.causal_masks.add(n)
+        return args[:3] + args[4:], dict(attrs, causal=True)
 
     def _rope_kv(self, k: int, g: Group) -> KernelCall:
         """A rope_kv group's call: the fused kernel or the separate one (two RoPE kernels and two cache writes, roped k
@@ -673,4 +707,4 @@ class KernelPlan(Plan):
                 **({"cuda_graph_error": self.cuda_graph_error} if self.cuda_graph_error else {}),
                 **({"compiled_ahead": self.compiled_ahead} if self.compiled_ahead else {}),
                 "arena_bytes": self.memory.peak_bytes, "build_s": round(self.stats.build_s, 3), "phases": dict(self.stats.phases),
-                "layouts": dict(self.stats.layouts)}
+                "layouts": dict(self.stats.layouts), "causal_masks": len(self.stats.causal_masks)}

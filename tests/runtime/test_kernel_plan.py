@@ -206,6 +206,7 @@ def test_gpu_llama_tiny_bf16_cuda_graph(pipeline_models, force):
     no_worse_than_reference(out, ref, want32)
     d = m.executor.describe()
     assert d["backend"] == "kernels" and d["plans"][0]["cuda_graph"], d
+    assert d["plans"][0]["causal_masks"] == model32.config.num_hidden_layers  # HF's mask folded: causal kernels
     assert torch.equal(m(x).logits, out)  # a replay gives the same numbers
 
 
