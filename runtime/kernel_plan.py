@@ -7,7 +7,8 @@ protocol of ``plan.py``. Built in four named steps:
    between convolutions channels-last where the convolutions measure faster so, ``layouts.py``), weights keep
    theirs, a view group (PERMUTE / SLICE / EXPAND / RESHAPE) is evaluated on its operand's meta tensor, so the
    plan knows which views are free (a RESHAPE that torch cannot express as a view becomes a copy kernel).
-   Values that depend on no input are computed now.
+   Values that depend on no input are computed now (shape-dependent ones too: HF's causal mask and RoPE tables
+   built from the positions), and an ATTENTION whose mask so computed is the causal triangle runs causal without it.
 2. Memory (:meth:`KernelPlan._memory`). Every kernel output is an interval [group that writes it, last group
    that reads it or a view of it]; graph outputs live to the end; a cuBLAS GLU needs a scratch [M, 2N] for
    one step, an SDPA prefill on a quantized KV cache the cache dequantized, a skinny (decode) GEMM's split-K its
