@@ -188,6 +188,7 @@ class KernelPlan(Plan):
         ``self.channels_last`` values (``layouts.py``)."""
         inplace = {node for _, node in self.adopted.values()}
         folded: set[Node] = set()  # values computed now from others known now (not the static weights / constants)
+        self._causal_masks: dict[tuple, bool] = {}  # (folded mask, queries, keys) -> is it the causal triangle
         self.real = {n: t.to(self.device) for n, t in static.items()}
         self.val = {n: _Value(_meta(t), None) for n, t in self.real.items()}
         for n in self.graph.inputs:
@@ -532,7 +533,10 @@ class KernelPlan(Plan):
         if mask is None or attrs["causal"] or mask not in self.real:
             return args, attrs
         q, k = (self.shape_of[i] for i in n.inputs[:2])
-        if not lower.causal_mask(self.real[mask], q[-2], k[-2]):
+        key = (mask, q[-2], k[-2])  # (every layer reads one mask; every output set builds its calls again)
+        if key not in self._causal_masks:
+            self._causal_masks[key] = lower.causal_mask(self.real[mask], q[-2], k[-2])
+        if not self._causal_masks[key]:
             return args, attrs
         self.stats.causal_masks.add(n)
         return args[:3] + args[4:], dict(attrs, causal=True)
