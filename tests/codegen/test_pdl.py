@@ -109,3 +109,78 @@ def test_prefetched_first_step_gives_the_same_bits(monkeypatch, m, bits, split, 
     plain = skinny.skinny_gemm(x, **kw)
     monkeypatch.setattr(pdl, "prefetch", lambda t: True)
     assert torch.equal(skinny.skinny_gemm(x, **kw), plain)
+
+
+def _prefill_chain(m: int, k: int, device: str = "cuda", dtype=torch.bfloat16):
+    """A function running the many-row kernels on fixed buffers, three rounds, each kernel reading the one before's
+    output and two of them rewriting a buffer an earlier kernel read: the Triton GEMM template (+ residual), a generated
+    RMSNORM kernel, kiln's flash attention (causal), the one-pass epilogue (bias, GELU, residual), the row quantizer and
+    the int8 GEMM template (+ residual)."""
+    from kiln.codegen.kernels import aqgemm, attention, epilogue, gemm, quantize_rows
+    from kiln.codegen.pointwise import launch
+    from kiln.codegen.schedule import schedule
+    from kiln.ir.graph import Graph
+    from kiln.ir.types import dtype_name
+
+    g = torch.Generator(device).manual_seed(0)
+    like = dict(device=device, dtype=dtype)
+    x = torch.randn(m, k, generator=g, **like)
+    w = torch.randn(k, k, generator=g, **like) * k ** -0.5
+    nw = 1 + 0.1 * torch.randn(k, generator=g, **like)
+    bias = torch.randn(k, generator=g, **like)
+    qw = torch.randint(-127, 128, (k, k), generator=g, device=device, dtype=torch.int8)
+    ws = torch.rand(k, generator=g, device=device) / (127 * k ** 0.5)
+    ir = Graph()
+    xin = ir.add_input("x", (m, k), dtype_name(dtype))
+    ir.set_outputs([ir.add("RMSNORM", [xin, ir.add_weight("w", nw.cpu())], eps=1e-6, residual=False)])
+    (norm,) = [s for s in schedule(ir) if s.kind == "pointwise"]
+    h, t, n, a, o = (torch.empty(m, k, **like) for _ in range(5))
+    codes = (torch.empty(m, k, device=device, dtype=torch.int8), torch.empty(m, device=device))
+    as_heads = lambda v: v.view(1, m, k // 64, 64).transpose(1, 2)  # noqa: E731
+    cfg = {} if device == "cpu" else dict(gemm=gemm.configs(m)[0], attention=attention.configs(m)[0],
+                                           aqgemm=aqgemm.configs(m)[0])
+
+    def run():
+        h.copy_(x)
+        o.zero_()
+        for _ in range(3):
+            gemm.gemm(h, w, residual=o, out=t, config=cfg.get("gemm"))
+            launch(norm, [t if i is xin else nw for i in norm.inputs], {}, out=[n])
+            attention.attention(as_heads(n), as_heads(t), as_heads(n), causal=True, out=as_heads(a),
+                                config=cfg.get("attention"))
+            epilogue.epilogue(a, bias=bias, act="gelu_tanh", residual=t, out=h)  # h: the GEMM's x
+            quantize_rows.quantize_rows(h, "int8", out=codes)
+            aqgemm.aqgemm(*codes, qw, ws, residual=h, out=o, config=cfg.get("aqgemm"))  # o: the GEMM's residual
+        return o
+    return run, o
+
+
+@pytest.mark.interpreter
+def test_prefill_chain_runs_on_the_cpu():
+    """The GPU test's chain, its plumbing checked under the interpreter (no PDL there): every kernel runs, finite."""
+    run, _ = _prefill_chain(32, 128, device="cpu", dtype=torch.float16)
+    got = run().float()
+    assert torch.isfinite(got).all() and got.abs().max() > 0
+
+
+@pytest.mark.gpu
+def test_prefill_chain_in_a_cuda_graph_equals_plain_launches(monkeypatch):
+    """The many-row kernels (prefill, DiT) launch with PDL too: the same bits in a CUDA graph as without PDL."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("programmatic dependent launch needs compute capability >= 9")
+    outs = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv(pdl.ENV, flag)
+        run, o = _prefill_chain(256, 512)
+        want = run().clone()  # eager (compiles and tunes outside the capture)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            run()
+        for _ in range(3):
+            o.fill_(1.0)
+            graph.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(o, want), flag
+        outs[flag] = want
+    assert torch.isfinite(outs["1"].float()).all() and torch.equal(outs["1"], outs["0"])
