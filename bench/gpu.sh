@@ -183,13 +183,6 @@ print(f'import torch {a - t:.2f} s, kiln {b - a:.2f} s'); t = time.time(); torch
       timeout 200 python3 bench/fp8.py --parts llm --out "$OUT/fp8_llm.json" 2>&1 | grep -v "^ *{'x'" | tail -60
       timeout 150 python3 bench/llama_prefill.py --modes eager,reduce-overhead --seqs 2048 2>&1 | tail -8
       timeout 120 python3 bench/models.py --models gpt2 2>&1 | tail -8 ;;
-    s13a)  # session 13: PDL on the many-row kernels too (pointwise / norms, GEMM template, flash attention, epilogues,
-           # quantizers): their GPU tests, the plans' tests, then the 1B decode (batch 1 / 16) and the 1B prefill 2048
-      timeout 240 python3 -m pytest -q -rf -p no:logging -m gpu tests/codegen/test_pdl.py tests/codegen/test_pointwise.py \
-        tests/codegen/test_gemm.py tests/codegen/test_epilogue.py tests/codegen/test_aqgemm.py tests/runtime/test_kernel_plan.py \
-        2>&1 | tee "$OUT/s13tests.log" | grep -v DEBUG | tail -6
-      timeout 170 python3 bench/decode.py --models 1b --no-compile-peer 2>&1 | grep -v '^ *\[\|^ *"' | tail -8
-      timeout 150 python3 bench/llama_prefill.py --modes eager,reduce-overhead --seqs 2048 2>&1 | tail -8 ;;
     *) echo "unknown stage $stage" ;;
   esac
 done

@@ -24,8 +24,6 @@ import triton.language as tl
 
 from ...ir.ops_fused import ACTIVATIONS, apply_epilogue
 from .gemm import _config, _gate_residual_store, check_output_operands, output_operands
-from . import pdl
-from .pdl import gdc
 from .qgemm import _bias_act_glu
 
 # triton.jit picks the interpreter from this variable when the kernels below are defined; read it then too
@@ -58,9 +56,7 @@ def _aqgemm_kernel(
     ACT: tl.constexpr, GLU: tl.constexpr, INT8: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_GATE: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    PDL: tl.constexpr = False,  # launched with programmatic dependent launch (pdl.py)
 ):
-    gdc(PDL)
     # grouped program order (Triton matmul tutorial): GROUP_M row tiles share the weight tiles in L2
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -118,9 +114,7 @@ def _scaled_epilogue_kernel(
     ACT: tl.constexpr, GLU: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_GATE: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    PDL: tl.constexpr = False,  # launched with programmatic dependent launch (pdl.py)
 ):
-    gdc(PDL)
     # the template's epilogue over a finished product h [M, Nh] (a library GEMM's): one read of h, one write
     pid = tl.program_id(0)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -221,7 +215,7 @@ def aqgemm(qx, xs, qw, ws, bias=None, gate=None, residual=None, act="none", glu=
     args = (qx2, qw, xs2, ws, bias if bias is not None else like, g[0], r[0], out2, m, n, k, qx2.stride(0), qx2.stride(1),
             qw.stride(0), qw.stride(1), *g[1:], *r[1:], out2.stride(0), out2.stride(1))
     meta = dict(ACT=act, GLU=bool(glu), INT8=fmt == "int8", HAS_BIAS=bias is not None, HAS_GATE=gate is not None,
-                HAS_RESIDUAL=residual is not None, **pdl.kwargs(qx2))
+                HAS_RESIDUAL=residual is not None)
     if INTERPRET or config is not None:
         c = dict(GROUP_M=8) | dict(config or INTERPRET_CONFIG)
         _aqgemm_kernel[(triton.cdiv(m, c["BLOCK_M"]) * triton.cdiv(n, c["BLOCK_N"]),)](*args, **meta, **c)
@@ -249,8 +243,7 @@ def scaled_epilogue(h, xs, ws, bias=None, gate=None, residual=None, act="none", 
     grid = (triton.cdiv(m, c["BLOCK_M"]) * triton.cdiv(n, c["BLOCK_N"]),)
     _scaled_epilogue_kernel[grid](h2, xs.reshape(m), ws, bias if bias is not None else like, g[0], r[0], out2, m, n, h2.stride(0),
                                   h2.stride(1), *g[1:], *r[1:], out2.stride(0), out2.stride(1), ACT=act, GLU=bool(glu),
-                                  HAS_BIAS=bias is not None, HAS_GATE=gate is not None, HAS_RESIDUAL=residual is not None, **c,
-                                  **pdl.kwargs(h2))
+                                  HAS_BIAS=bias is not None, HAS_GATE=gate is not None, HAS_RESIDUAL=residual is not None, **c)
     return out
 
 

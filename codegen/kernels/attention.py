@@ -43,8 +43,6 @@ import triton
 import triton.language as tl
 
 from ...ir.ops import OPS
-from . import pdl
-from .pdl import gdc
 
 # triton.jit picks the interpreter from this variable when the kernel below is defined; read it then too
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -137,9 +135,7 @@ def _attention_kernel(
     CAUSAL: tl.constexpr, MASK: tl.constexpr, K_SCALED: tl.constexpr, V_SCALED: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     SPLIT: tl.constexpr, BLOCK_DT: tl.constexpr,
-    PDL: tl.constexpr = False,  # launched with programmatic dependent launch (pdl.py)
 ):
-    gdc(PDL)
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)  # int64 base offsets: B * H * S * D may pass 2**31
@@ -361,7 +357,7 @@ def attention(q, k, v, mask=None, causal=False, scale=None, gqa=False, out=None,
     meta = dict(CAUSAL=bool(causal), MASK=kind, K_SCALED=ks is not None, V_SCALED=vs is not None,
                 DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
                 BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_DV=max(16, triton.next_power_of_2(dv)),
-                SPLIT=False, BLOCK_DT=16, **pdl.kwargs(q))
+                SPLIT=False, BLOCK_DT=16)
     split = split_widths(d) if split_d else None
     if split is not None:
         meta.update(SPLIT=True, BLOCK_D=split[0], BLOCK_DT=split[1])

@@ -29,8 +29,6 @@ import triton.language as tl
 
 from ...ir.ops_fused import ACTIVATIONS
 from .gemm import _activation, _gate_residual_store, check_output_operands, output_operands
-from . import pdl
-from .pdl import gdc
 
 # triton.jit picks the interpreter from this variable when the kernel below is defined; read it then too
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -52,9 +50,7 @@ def _epilogue_kernel(
     ACT: tl.constexpr, GLU: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_GATE: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    PDL: tl.constexpr = False,  # launched with programmatic dependent launch (pdl.py)
 ):
-    gdc(PDL)
     # one flat grid, row-major over tiles: neighbouring programs share gate / residual rows
     pid = tl.program_id(0)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -153,7 +149,7 @@ def epilogue(h, bias=None, gate=None, residual=None, act="none", glu=False, out=
         h2.stride(0), h2.stride(1), b.stride(0) if bias is not None else 0,
         *g[1:], *r[1:], out2.stride(0), out2.stride(1),
         ACT=act, GLU=bool(glu), HAS_BIAS=bias is not None, HAS_GATE=gate is not None,
-        HAS_RESIDUAL=residual is not None, **c, **pdl.kwargs(h))
+        HAS_RESIDUAL=residual is not None, **c)
     return out
 
 

@@ -33,8 +33,6 @@ import triton.language as tl
 
 from ...ir.ops import OPS
 from ...ir.ops_fused import ACTIVATIONS
-from . import pdl
-from .pdl import gdc
 
 # triton.jit picks the interpreter from this variable when the kernel below is defined; read it then too
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -89,9 +87,7 @@ def _gemm_kernel(
     HAS_BIAS: tl.constexpr, HAS_GATE: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    PDL: tl.constexpr = False,  # launched with programmatic dependent launch (pdl.py)
 ):
-    gdc(PDL)
     # grouped program order (Triton matmul tutorial): GROUP_M row tiles share the weight tiles in L2
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -288,8 +284,7 @@ def gemm(x, w, bias=None, gate=None, residual=None, act="none", glu=False, out=N
     args = (x2, w, bias if bias is not None else x, g[0], r[0], out2, m, n, k,
             x2.stride(0), x2.stride(1), w.stride(0), w.stride(1), *g[1:], *r[1:], out2.stride(0), out2.stride(1))
     meta = dict(ACT=act, GLU=bool(glu), HAS_BIAS=bias is not None, HAS_GATE=gate is not None,
-                HAS_RESIDUAL=residual is not None, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-                **pdl.kwargs(x))
+                HAS_RESIDUAL=residual is not None, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32")
     if INTERPRET or config is not None:
         c = dict(config or INTERPRET_CONFIG)
         grid = (triton.cdiv(m, c["BLOCK_M"]) * triton.cdiv(n, c["BLOCK_N"]),)

@@ -1,16 +1,10 @@
-"""Programmatic dependent launch (PDL, Hopper and later) for chains of kiln's kernels.
+"""Programmatic dependent launch (PDL, Hopper and later) for the decode step's chain of small kernels.
 
 A decode step is ~120 kernels of a few microseconds each, every one reading what the one before wrote. Between two
 kernels of a CUDA graph the GPU drains the first, flushes its writes, then launches and rasterises the second: a gap
 of about half a microsecond, plus the second kernel's ramp before its loads reach full bandwidth. With PDL the second
 kernel is launched while the first is still running: its programs start, and wait (``griddepcontrol.wait``) until
 the first grid has completed and its memory is visible, before they touch anything.
-
-Which kernels: the decode step's (the weight-streaming GEMM, decode attention, rope_kv), and since session 13 the
-rest of kiln's Triton kernels that plans launch between them: the generated pointwise / row kernels (norms, residuals),
-the GEMM template, flash attention, the one-pass epilogue, the row quantizer and the int8 / fp8 GEMM template with its
-scaled epilogue. A batch-16 decode step launched ~70 of its 137 kernels without PDL (norm kernels, the GEMM
-template, cuBLAS) and its CUDA graph ran 0.17 ms longer than its kernels (batch 1: 0.03 ms).
 
 The contract, for a kernel launched with ``launch_pdl``: ``gdc`` runs at its top, before any load of a value an
 earlier kernel wrote and before any store (a store could overwrite what an earlier kernel still reads: the arena

@@ -26,9 +26,6 @@ import torch
 import triton
 import triton.language as tl
 
-from . import pdl
-from .pdl import gdc
-
 # triton.jit picks the interpreter from this variable when the kernel below is defined; read it then too
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -65,9 +62,7 @@ def _quantize_rows_kernel(
     stride_xm, stride_xk, stride_qm, stride_qk,
     QMAX: tl.constexpr, FP8: tl.constexpr, HAS_SMOOTH: tl.constexpr, EMULATE_FP8: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-    PDL: tl.constexpr = False,  # launched with programmatic dependent launch (pdl.py)
 ):
-    gdc(PDL)
     pid = tl.program_id(0)
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
@@ -122,5 +117,5 @@ def quantize_rows(x: torch.Tensor, fmt: str, smooth: torch.Tensor | None = None,
     c = INTERPRET_CONFIG if INTERPRET else _config(m, k)
     _quantize_rows_kernel[(triton.cdiv(m, c["BLOCK_M"]),)](
         x, smooth if smooth is not None else x, q, s, m, k, x.stride(0), x.stride(1), q.stride(0), q.stride(1),
-        QMAX=qmax, FP8=fmt == "fp8", HAS_SMOOTH=smooth is not None, EMULATE_FP8=INTERPRET, **c, **pdl.kwargs(x))
+        QMAX=qmax, FP8=fmt == "fp8", HAS_SMOOTH=smooth is not None, EMULATE_FP8=INTERPRET, **c)
     return q, s
