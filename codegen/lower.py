@@ -66,8 +66,10 @@ TRITON_ATTENTION_CONFIGS = 3
 # trips: a decision "norm kernel + cuBLAS" measured against it at 16 rows is not one against today's) and its candidates
 # at 2..16 rows include the default tile at half its splits, 6 since one row of a quantized weight also tries the
 # WORDS tiles and the byte tile with its scales loaded a step ahead (skinny.TILES), 7 since its byte tiles are capped at
-# 128 registers a thread (skinny.Tile.maxnreg: 4 programs an SM, not 3)
-SKINNY_CANDIDATES = 7
+# 128 registers a thread (skinny.Tile.maxnreg: 4 programs an SM, not 3), 8 since a 4-bit weight also tries the MAGIC
+# tiles (skinny.MAGIC_TILES: tensor cores at one row too), 9 since the norm prologue also tries NORM_POST (the statistics
+# summed in the main loop, no pass before it)
+SKINNY_CANDIDATES = 9
 # the attention candidates' generation (a decision measured between older ones is measured again): 2 since q k^T over a head dim
 # like 72 runs as 64 + 16 lanes (attention.split_widths), 3 configurations are tried and 64-row query tiles come first
 # where 128-row ones leave SMs idle
@@ -167,14 +169,15 @@ def gemm(args: list, attrs: dict, out: torch.Tensor, tmp: torch.Tensor | None, d
     return _norm_what(what, norm), candidates
 
 
-def _skinny_configs(m: int, n: int, k: int, bits: int | None, glu: bool, device: torch.device, norm: bool = False) -> list[dict]:
+def _skinny_configs(m: int, n: int, k: int, bits: int | None, glu: bool, device: torch.device, norm: bool = False,
+                    group: int | None = None) -> list[dict]:
     """The skinny template's configurations for ``m`` rows (``norm``: with the norm prologue, ``skinny.configs``'s
-    list for it, which adds no workspace or counters beyond the plain list's): its H200 list, or under the interpreter its small tiles
+    list for it, whose NORM_POST entries need more workspace than the plain list's): its H200 list, or under the interpreter its small tiles
     with split-K reduced by the last program (first, as the H200 default of a decode GEMM that splits: a forced
     "triton-skinny" plan runs the workspace and counter paths in CPU tests too) and without split-K. (The two-launch
     reduction, REDUCE "separate", is an H200 candidate; kernels/skinny.py's tests run it on CPU.)"""
     if device.type == "cuda":
-        return ts.configs(m, n, k, bits, glu, norm)
+        return ts.configs(m, n, k, bits, glu, norm, group)
     return [dict(ts.INTERPRET_CONFIG, SPLIT_K=2, REDUCE="last"), ts.INTERPRET_CONFIG]
 
 
@@ -188,7 +191,8 @@ def _skinny_scratch(size, op: str, attrs: dict, x_shape, w_shape, dtype: torch.d
     if op not in ("GEMM", "LINEAR", "QGEMM") or not _skinny_fits(m, dtype, device):
         return 0
     bits, glu, n = attrs.get("bits"), attrs.get("glu", False), w_shape[0]
-    return max(size(m, n, k, bits, glu, c) for c in _skinny_configs(m, n, k, bits, glu, device))
+    return max(size(m, n, k, bits, glu, c) for norm in (False, True)  # (the norm prologue's list: NORM_POST's squares too)
+               for c in _skinny_configs(m, n, k, bits, glu, device, norm, attrs.get("group")))
 
 
 def workspace_bytes(op: str, attrs: dict, x_shape, w_shape, dtype: torch.dtype, device: torch.device) -> int:
@@ -222,7 +226,7 @@ def skinny(x, weight: dict, epilogue_ops: tuple, attrs: dict, out, workspace, de
     if norm is not None:
         name, src, prologue = "triton-skinny-norm", norm["x"], dict(norm_weight=norm["w"], norm_eps=norm["eps"])
     candidates = {}
-    for c in _skinny_configs(m, n, k, weight.get("bits"), glu, device, norm is not None):
+    for c in _skinny_configs(m, n, k, weight.get("bits"), glu, device, norm is not None, weight.get("group")):
         candidates[config_name(name, c)] = (lambda c=c: ts.skinny_gemm(src, bias=bias, gate=gate, residual=residual, act=act, glu=glu,
                                                                        **weight, **prologue, out=out, **scratch, config=c))
     return candidates

@@ -25,7 +25,9 @@ dequantizes it in registers in float32 and applies it to all BLOCK_M rows of x; 
            reduction, no layout conversion of the weight);
   WORDS    the GEMV of a quantized weight read as int32 words of 8 / 4 codes (qweight_tiles.py ``_words_step``),
            the group's scale and zero applied once a word; the tuner measures its tiles beside the byte tiles';
-  AHEAD    the byte-tile GEMV of a quantized weight with each step's scales loaded a step before.
+  AHEAD    the byte-tile GEMV of a quantized weight with each step's scales loaded a step before;
+  MAGIC    (with DOT and SWAP, 1..16 rows, a 4-bit weight) the codes minus their zero exactly in x's dtype by packed bit
+           operations, the group's scale applied once a step to tl.dot's product (qweight_tiles.py).
 
 Dequantization (qweight_tiles.py): the code goes into the top mantissa bits of float32 1.0 by bit operations
 and one FMA a weight applies its group's scale and zero; the WORDS GEMV applies them once a 32-bit word.
@@ -54,7 +56,8 @@ from .gemm import _activation, _gate_residual_store, check_output_operands, outp
 from .gemm import reference as gemm_reference
 from . import pdl
 from .pdl import INTERPRETED, gdc, l2_prefetch
-from .qweight_tiles import _codes_tile, _rms_scale, _weight_tile, _words_step, _words_sz, _words_x
+from .qweight_tiles import (_codes_tile, _magic_tile, _perm_x, _rms_scale, _weight_tile, _words_step,
+                            _words_sz, _words_x)
 
 # triton.jit picks the interpreter from this variable when the kernels below are defined; read it then too
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -130,6 +133,27 @@ def _norm_tile(a, rstd, nw):
 
 
 @triton.jit
+def _norm_step(a, rstd, nw, POST: tl.constexpr):
+    # NORM on x's tile a [BLOCK_M, BLOCK_K] with the norm weight's columns nw: the prologue's (rstd: the rows' 1 / rms,
+    # rounded as the op's reference rounds), or with POST (NORM_POST; rstd: the rows' running sums of squares) x times
+    # the norm weight, rounded once, and the tile's squares added. Returns (the tile to multiply, rstd)
+    if POST:
+        af = a.to(tl.float32)
+        return (af * nw[None, :].to(tl.float32)).to(a.dtype), rstd + tl.sum(af * af, 1)
+    return _norm_tile(a, rstd, nw), rstd
+
+
+@triton.jit
+def _post_rstd(ss_ptr, stride, rows, mask_m, K, eps, SPLITS):
+    # NORM_POST's 1 / rms of rows [BLOCK_M] from the splits' sums of squares at ss_ptr + split * stride + row, added in
+    # split order 0, 1, ... (every caller gets the same bits; .cg: written by other SMs)
+    ss = tl.zeros(rows.shape, dtype=tl.float32)
+    for i in range(SPLITS):
+        ss += tl.load(ss_ptr + i * stride + rows, mask=mask_m, other=0.0, cache_modifier=".cg")
+    return tl.rsqrt(ss / K + eps)
+
+
+@triton.jit
 def _sum_splits(ws_ptr, rows, cols, mask, M, N, SPLITS, GLU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # workspace [SPLITS, M, NW] float32 -> the sums over the splits at rows x cols, [BLOCK_M, BLOCK_N] (and of the up
     # half, at N + cols, with GLU), added in split order 0, 1, ...: every caller gets the same bits. The loads bypass
@@ -160,18 +184,19 @@ def _epilogue_store(acc, acc_u, rows, cols, mask_n, mask, N, bias_ptr, gate_ptr,
 @triton.jit
 def _k_step(acc, acc_u, b, u, x_ptr, rows, mask_m, offs_k, kk, K, stride_xm, stride_xk, nw,
             rstd, NORM: tl.constexpr, GLU: tl.constexpr, DOT: tl.constexpr, SWAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
-            BLOCK_K: tl.constexpr):
+            BLOCK_K: tl.constexpr, NORM_POST: tl.constexpr):
     # one K step of _wgemm_kernel on weight tiles loaded before (b, and u, the up half with GLU): x's tile [BLOCK_M,
     # BLOCK_K] at columns kk.. (with NORM normalised by the prologue's rstd and the norm weight's columns nw), into
-    # the accumulators: the PREFETCH peel of the loop's first step, the same operations
+    # the accumulators: the PREFETCH peel of the loop's first step, the same operations (rstd: NORM_POST's sums of
+    # squares, returned with the step's added)
     a = tl.load(x_ptr + rows[:, None] * stride_xm + (kk + offs_k)[None, :] * stride_xk,
                 mask=mask_m[:, None] & (kk + offs_k < K)[None, :], other=0.0)  # [BLOCK_M, BLOCK_K]
     if NORM:
-        a = _norm_tile(a, rstd, nw)
+        a, rstd = _norm_step(a, rstd, nw, NORM_POST)
     acc = _mac(acc, a, b, DOT, SWAP, DOT_PRECISION, BLOCK_K)
     if GLU:
         acc_u = _mac(acc_u, a, u, DOT, SWAP, DOT_PRECISION, BLOCK_K)
-    return acc, acc_u
+    return acc, acc_u, rstd
 
 
 @triton.jit
@@ -220,6 +245,8 @@ def _wgemm_kernel(
     RSTD_K: tl.constexpr = 16, RSTD_STAGES: tl.constexpr = 4,  # NORM: the statistics' tile [BLOCK_M, RSTD_K], its stages
     WORDS: tl.constexpr = False,  # GEMV of a quantized weight read as int32 words, scales applied a word (_words_step)
     AHEAD: tl.constexpr = False,  # (byte-tile GEMV of a quantized weight) each step's scales loaded a step before
+    MAGIC: tl.constexpr = False,  # (swapped tl.dot tile of a 4-bit weight) codes - zero exact in x's dtype (qweight_tiles.py)
+    NORM_POST: tl.constexpr = False,  # (NORM) no statistics pass: the loop sums x's squares, the epilogue scales by 1 / rms
 ):
     EARLY: tl.constexpr = PREFETCH or L2_BYTES > 0  # weights read before the wait (a kernel never writes them)
     if not EARLY:
@@ -273,15 +300,19 @@ def _wgemm_kernel(
         tl.extra.cuda.gdc_wait()
     rstd = eps  # (rstd, nw: unused without NORM)
     nw = eps
-    if NORM:
+    if NORM and NORM_POST:  # rstd: the rows' sums of squares until after the loop
+        tl.static_assert(not WORDS, "NORM_POST: the loops that load x as tiles, not WORDS")
+        rstd = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        nw = _norm_weight(nw_ptr, k_lo, K, offs_k)
+    elif NORM:
         rstd = _row_rstd(x_ptr, rows, mask_m, K, stride_xm, stride_xk, eps, BLOCK_M, RSTD_K, RSTD_STAGES)
         if WORDS:  # one row: its rstd as a scalar (a [1] vector's layout would be converted to and from the words' at
             rstd = tl.sum(rstd, 0)  # every use: shared-memory round trips that spilled; WORDS loads the norm weight with x)
         else:
             nw = _norm_weight(nw_ptr, k_lo, K, offs_k)
     if PREFETCH:
-        acc, acc_u = _k_step(acc, acc_u, b, u, x_ptr, rows, mask_m, offs_k, k_lo, K, stride_xm, stride_xk, nw,
-                             rstd, NORM, GLU, DOT, SWAP, DOT_PRECISION, BLOCK_K)
+        acc, acc_u, rstd = _k_step(acc, acc_u, b, u, x_ptr, rows, mask_m, offs_k, k_lo, K, stride_xm, stride_xk, nw,
+                                   rstd, NORM, GLU, DOT, SWAP, DOT_PRECISION, BLOCK_K, NORM_POST)
         k_lo += BLOCK_K
         if NORM:
             nw = _norm_weight(nw_ptr, k_lo, K, offs_k)
@@ -304,6 +335,24 @@ def _wgemm_kernel(
             x0, x1, x2, x3, x4, x5, x6, x7 = y0, y1, y2, y3, y4, y5, y6, y7
             n0, n1, n2, n3, n4, n5, n6, n7 = m0, m1, m2, m3, m4, m5, m6, m7
             s, z, s_u, z_u = s2, z2, s2_u, z2_u
+    elif MAGIC:
+        tl.static_assert(SWAP and BITS == 4 and SUB == 1 and not PREFETCH,
+                         "MAGIC: the swapped tl.dot tile of a 4-bit weight, BLOCK_K within one group, no PREFETCH")
+        for kk in tl.range(k_lo, k_hi, BLOCK_K, num_stages=LOOP_STAGES):
+            a = tl.load(x_ptr + rows[:, None] * stride_xm + (kk + offs_k)[None, :] * stride_xk,
+                        mask=mask_m[:, None] & (kk + offs_k < K)[None, :], other=0.0)  # [BLOCK_M, BLOCK_K]
+            if NORM:
+                nw_next = _norm_weight(nw_ptr, kk + BLOCK_K, K, offs_k)
+                a, rstd = _norm_step(a, rstd, nw, NORM_POST)
+                nw = nw_next
+            xt = tl.trans(_perm_x(a))  # [BLOCK_K, BLOCK_M], k in the codes' order
+            s, b = _magic_tile(w_ptr, s_ptr, z_ptr, cols, mask_n, kk, K, stride_wn, stride_wk, stride_sn, stride_sg,
+                               stride_zn, stride_zg, HAS_ZEROS, QGROUP, a.dtype, BLOCK_N, BLOCK_K)
+            acc += s * tl.dot(b, xt, input_precision=DOT_PRECISION)  # the group's scale once a step
+            if GLU:
+                s_u, u = _magic_tile(w_ptr, s_ptr, z_ptr, cols + N, mask_n, kk, K, stride_wn, stride_wk, stride_sn, stride_sg,
+                                     stride_zn, stride_zg, HAS_ZEROS, QGROUP, a.dtype, BLOCK_N, BLOCK_K)
+                acc_u += s_u * tl.dot(u, xt, input_precision=DOT_PRECISION)
     else:
         if AHEAD:  # the first step's scales (a plain load waits for its round trip at first use: in the loop, every step)
             tl.static_assert(not DOT and not PREFETCH and BITS > 0, "AHEAD: the byte-tile GEMV of a quantized weight")
@@ -315,7 +364,7 @@ def _wgemm_kernel(
                         mask=mask_m[:, None] & (kk + offs_k < K)[None, :], other=0.0)  # [BLOCK_M, BLOCK_K]
             if NORM:
                 nw_next = _norm_weight(nw_ptr, kk + BLOCK_K, K, offs_k)  # next step's, in flight during this one
-                a = _norm_tile(a, rstd, nw)
+                a, rstd = _norm_step(a, rstd, nw, NORM_POST)
                 nw = nw_next
             if AHEAD:  # the next step's scales in flight during this one
                 s2, z2, s2_u, z2_u = _words_sz(s_ptr, z_ptr, cols, mask_n, kk + BLOCK_K, K, N, stride_sn, stride_sg,
@@ -346,13 +395,18 @@ def _wgemm_kernel(
             acc_u = tl.sum(acc_u, 1)[None, :]
 
     mask = mask_m[:, None] & mask_n[None, :]
+    POST: tl.constexpr = NORM and NORM_POST  # the rows' 1 / rms scales the products before the epilogue
     if PARTIAL:
-        # workspace [SPLITS, M, NW], float32: this split's raw sums; bias and the rest come after the reduction
+        # workspace [SPLITS, M, NW], float32: this split's raw sums; bias and the rest come after the reduction. POST:
+        # then [SPLITS, tiles, M], each program's sums of squares of x's rows over its split
         NW = 2 * N if GLU else N
         part = ws_ptr + split.to(tl.int64) * M * NW + rows[:, None] * NW + cols[None, :]
         tl.store(part, acc, mask=mask)
         if GLU:
             tl.store(part + N, acc_u, mask=mask)
+        if POST:
+            ss_tile = ws_ptr + tl.num_programs(1).to(tl.int64) * M * NW + pid * M  # this tile's split 0
+            tl.store(ss_tile + split * tl.num_programs(0) * M + rows, rstd, mask=mask_m)
         if REDUCE_LAST:
             # the barrier: every warp's partial is stored before the count goes up (the scalar atomic is one
             # thread's); acq_rel: releases this program's partial, and acquires the others' for the last to arrive
@@ -360,11 +414,19 @@ def _wgemm_kernel(
             arrived = tl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel")
             if arrived == tl.num_programs(1) - 1:
                 tot, tot_u = _sum_splits(ws_ptr, rows, cols, mask, M, N, tl.num_programs(1), GLU, BLOCK_M, BLOCK_N)
+                if POST:
+                    r = _post_rstd(ss_tile, tl.num_programs(0) * M, rows, mask_m, K, eps, tl.num_programs(1))[:, None]
+                    tot *= r
+                    tot_u *= r
                 _epilogue_store(tot, tot_u, rows, cols, mask_n, mask, N, bias_ptr, gate_ptr, gate_rows, stride_gb, stride_gm,
                                 stride_gn, res_ptr, res_rows, stride_rb, stride_rm, stride_rn, out_ptr, stride_om, stride_on,
                                 ACT, GLU, HAS_BIAS, HAS_GATE, HAS_RESIDUAL)
                 tl.store(cnt_ptr + pid, 0)  # no other program of this launch touches it again
     else:
+        if POST:
+            r = tl.rsqrt(rstd / K + eps)[:, None]
+            acc *= r
+            acc_u *= r
         _epilogue_store(acc, acc_u, rows, cols, mask_n, mask, N, bias_ptr, gate_ptr, gate_rows, stride_gb, stride_gm, stride_gn,
                         res_ptr, res_rows, stride_rb, stride_rm, stride_rn, out_ptr, stride_om, stride_on,
                         ACT, GLU, HAS_BIAS, HAS_GATE, HAS_RESIDUAL)
@@ -518,7 +580,7 @@ def launch(x2, weight: Weight, epi: Epilogue, out2, m: int, n: int, config: dict
                 LOOP_STAGES=None if dot else (config or {}).get("num_stages", 3))
     budget = pdl.l2(x2) if l2 is None else l2
     step = k_chunk // meta["PACK"] * w.element_size() if splits > 1 else 0  # a split's first byte in a row: a multiple
-    own_loop = bool((config or {}).get("WORDS") or (config or {}).get("AHEAD"))  # (no peeled first step in those loops)
+    own_loop = any((config or {}).get(key) for key in ("WORDS", "AHEAD", "MAGIC"))  # (no peeled first step in those loops)
     meta.update(pdl.kwargs(x2), PREFETCH=not own_loop and (pdl.prefetch(x2) if prefetch is None else prefetch),
                 L2_BYTES=pdl.l2_bytes(w, step, budget) if budget else 0)
     if norm is not None:  # the statistics' tiles: ~STATS_ELEMS values, at most K's power of two wide

@@ -270,3 +270,90 @@ def _words_scale(acc, t, xs, xs_s, s, z, BITS: tl.constexpr, HAS_ZEROS: tl.const
             d = s[:, :, None] * (t3 - (xs3 + 2 ** (BITS - 1) * x3)[None, :, :])
         acc += tl.reshape(d, (BLOCK_N, WORDS))
     return acc
+
+
+# ----------------------------------------------------------------------------- MAGIC: 4-bit codes for the tensor cores
+#
+# The swapped tl.dot tile of a 4-bit weight (qgemm.py MAGIC; decode at 1..16 rows) feeds the tensor cores the codes
+# minus their zero, exactly, in x's 16-bit dtype, and applies the group's scale once to each step's product:
+#     sum_k (q_k - z) s x_k = s * dot(q - z, x)       (BLOCK_K within one group)
+# A byte b (codes k = 2j low, 2j + 1 high) becomes one 32-bit register of two 16-bit values, the pair the MMA's
+# operand holds: one PRMT puts b at bits 0..7 and b >> 4 (the word shifted once for four bytes) at bits 16..23, one
+# LOP3 keeps bits 0..3 and 16..19 and ORs in the exponent bits of M = 128 (bfloat16) / 1024 (float16), whose ulp is 1,
+# so each half is M + code exactly; one packed FMA (x2: 1 * v - (M + z)) leaves code - zero, a small integer, exact.
+# 3.25 instructions a byte, two codes; the products and their sums are the tensor cores' (float32), the scale one FMA
+# a row a step.
+#
+# The K order inside a step is permuted (the same permutation for the codes and x, so the dot is unchanged): wgmma's
+# register operand gives a thread the k pairs t and t + 4 (t = lane % 4) of every 8, which in memory order are single
+# bytes 4 apart (one shared-memory load a byte); permuted, a thread's bytes of a row are contiguous (16-byte loads).
+# Byte m = (BJ / 4) t + 2 g + h of a step's BJ bytes is logical pair 8 g + 4 h + t.
+
+# -(M + 8) twice as int32, the symmetric zero's operand: bfloat16 -136 = 0xC308, float16 -1032 = 0xE408
+MAGIC_SYM_BF16 = tl.constexpr(0xC308C308 - 2 ** 32)
+MAGIC_SYM_F16 = tl.constexpr(0xE408E408 - 2 ** 32)
+# four bytes ($4, elements 0..3 of a pack) -> four pairs (code - zero of the low nibble, of the high nibble) ($0..$3):
+# y = word >> 4 holds each byte's high nibble in its low bits; PRMT takes byte i of the word to byte 0 and byte i of y to
+# byte 2; LOP3 keeps the bits of $5 (0x000F000F) and ORs in M's bits ($9); FMA (the op named FMA) computes
+# 1 * v - (M + z) ($13: ones; $17 + i: -(M + z) of element i). $6-$8, $10-$12, $14-$16: the other pack elements' copies
+# of the constants, unused
+_MAGIC_ASM = ("{.reg .b32 y, t; shr.b32 y, $4, 4; " + " ".join(
+    f"prmt.b32 t, $4, y, 0x{4 + i}{4 + i}{i}{i}; lop3.b32 t, t, $5, $9, 0xEA; FMA ${i}, t, $13, ${17 + i};" for i in range(4)) + "}")
+MAGIC_ASM_BF16 = tl.constexpr(_MAGIC_ASM.replace("FMA", "fma.rn.bf16x2"))
+MAGIC_ASM_F16 = tl.constexpr(_MAGIC_ASM.replace("FMA", "fma.rn.f16x2"))
+MAGIC_CONSTRAINTS = tl.constexpr("=r," * 4 + "r," * 16 + "r")  # 4 pairs out; the bytes (one register), 4 x 4 words in
+
+
+@triton.jit
+def _perm_codes(b):
+    # a step's bytes [BN, BJ] in memory order -> the MAGIC K order (the block comment above)
+    BN: tl.constexpr = b.shape[0]
+    BJ: tl.constexpr = b.shape[1]
+    return tl.reshape(tl.permute(tl.reshape(b, (BN, 4, BJ // 8, 2)), (0, 2, 3, 1)), (BN, BJ))
+
+
+@triton.jit
+def _perm_x(a):
+    # x's tile [BM, BK] in k order -> the MAGIC K order of its k pairs (2 m + e for byte m, nibble e)
+    BM: tl.constexpr = a.shape[0]
+    BK: tl.constexpr = a.shape[1]
+    return tl.reshape(tl.permute(tl.reshape(a, (BM, 4, BK // 16, 2, 2)), (0, 2, 3, 1, 4)), (BM, BK))
+
+
+@triton.jit
+def _magic_tile(w_ptr, s_ptr, z_ptr, n_idx, mask_n, kk, K, stride_wn, stride_wk, stride_sn, stride_sg, stride_zn, stride_zg,
+                HAS_ZEROS: tl.constexpr, QGROUP: tl.constexpr, DT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # the 4-bit weight's rows n_idx at columns kk .. kk + BLOCK_K (one group): (the group's scales [BLOCK_N, 1] float32,
+    # code - zero exactly in DT [BLOCK_N, BLOCK_K], columns in the MAGIC K order)
+    offs_j = kk // 2 + tl.arange(0, BLOCK_K // 2)
+    mask = mask_n[:, None] & (offs_j < K // 2)[None, :]
+    b = _perm_codes(tl.load(w_ptr + n_idx[:, None] * stride_wn + offs_j[None, :] * stride_wk, mask=mask, other=0))
+    s = tl.load(s_ptr + n_idx * stride_sn + (kk // QGROUP) * stride_sg, mask=mask_n, other=0.0).to(tl.float32)[:, None]
+    if HAS_ZEROS:
+        zf = tl.load(z_ptr + n_idx * stride_zn + (kk // QGROUP) * stride_zg, mask=mask_n, other=0).to(tl.float32)
+    else:
+        zf = tl.full((BLOCK_N,), 8.0, tl.float32)
+    if INTERPRETED or DT == tl.float32:
+        q = b.to(tl.int32)
+        return s, (tl.interleave(q & 15, q >> 4).to(tl.float32) - zf[:, None]).to(DT)
+    BF16: tl.constexpr = DT == tl.bfloat16
+    if HAS_ZEROS:  # -(M + z) as DT's bits in both halves (a splat of a computed scalar would stop Triton from loading the
+        # codes in the MMA operand's layout: the symmetric case's is a constant)
+        nz = (-(zf + (128.0 if BF16 else 1024.0))).to(DT).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+        nz = (nz * 0x10001)[:, None] + tl.zeros(b.shape, tl.int32)
+    else:
+        nz = tl.full(b.shape, MAGIC_SYM_BF16 if BF16 else MAGIC_SYM_F16, tl.int32)
+    one: tl.constexpr = 0x3F803F80 if BF16 else 0x3C003C00  # (1, 1)
+    args = [b, tl.full(b.shape, 0x000F000F, tl.int32), tl.full(b.shape, 0x43004300 if BF16 else 0x64006400, tl.int32),
+            tl.full(b.shape, one, tl.int32), nz]
+    # then each pair split into its two halves, which the interleave below pairs again (no instructions: the halves of
+    # one register); the MMA's operand holds k pairs (2 m, 2 m + 1) as one register
+    if BF16:
+        v = tl.inline_asm_elementwise(MAGIC_ASM_BF16, MAGIC_CONSTRAINTS, args, dtype=tl.int32, is_pure=True, pack=4)
+        lo, hi = tl.inline_asm_elementwise("mov.b32 {$0, $1}, $2;", "=h,=h,r", [v], dtype=(tl.bfloat16, tl.bfloat16),
+                                           is_pure=True, pack=1)
+    else:
+        v = tl.inline_asm_elementwise(MAGIC_ASM_F16, MAGIC_CONSTRAINTS, args, dtype=tl.int32, is_pure=True, pack=4)
+        lo, hi = tl.inline_asm_elementwise("mov.b32 {$0, $1}, $2;", "=h,=h,r", [v], dtype=(tl.float16, tl.float16),
+                                           is_pure=True, pack=1)
+    return s, tl.interleave(lo, hi)

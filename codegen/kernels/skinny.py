@@ -43,6 +43,11 @@ weight load: it runs pipelined (qgemm.py ``_row_rstd``: tiles of 4096 values, th
 tile at a time, K / BLOCK_K serial round trips), the norm weight's columns are loaded a step ahead, and ``configs``
 offers fewer splits (fewer programs reading x). Measured on the H200 (bench/NOTES.md, session 7) the fused variant
 still trails "norm kernel + best GEMM" by 2-4 us at 16 rows (the statistics traffic itself) and leads at one row.
+Config NORM_POST skips that pass: RMSNORM(x) @ W^T = rstd * ((x * norm_weight) @ W^T) for each row's scalar rstd, so
+the loop multiplies the x tiles it loads anyway by the norm weight (rounded once to x's dtype) and sums their
+squares, and the epilogue scales each row by 1 / rms (split-K: each program's sums of squares beside its partials in
+the workspace, added in split order by the last program). Session 14 on the H200: ahead of "norm kernel + cuBLAS" at
+the 1B's 16-row qkv (12.3 / 12.6 us cold), at one row level with the prologue.
 
 Which configuration is fastest depends on the shape and is measured by kiln's tuner: ``configs`` lists a few
 worth trying on an H200; ``skinny_gemm`` without a config runs the first of them.
@@ -87,6 +92,7 @@ class Tile(NamedTuple):
     fewer: int = 1  # split K fewer times than _split_k's choice by this factor (a tile whose programs fit one an SM)
     ahead: bool = False  # (byte-tile GEMV of a quantized weight) each step's scales loaded a step before (qgemm.py AHEAD)
     maxnreg: int | None = None  # registers a thread at most (ptxas): 128 lets 4 programs of 4 warps share an SM
+    magic: bool = False  # (swapped, 4-bit weight, any rows) codes - zero exact in x's dtype for the tensor cores (qgemm.py MAGIC)
 
 
 # Tiles per (DOT, bits; 0: a 16-bit plain weight), the default first. A step streams 4-16 KB of weight (a GLU
@@ -124,6 +130,16 @@ TILES = {
     (True, 8): [Tile(64, 128, 4, 4, True), Tile(128, 128, 8, 3, True), Tile(64, 128, 4, 3)],
     (True, 4): [Tile(64, 128, 4, 4, True), Tile(128, 128, 8, 3, True), Tile(64, 256, 8, 3)],
 }
+
+# the swapped tl.dot tiles of a 4-bit weight with its codes dequantized for the tensor cores by packed bit operations
+# (qgemm.py MAGIC; qweight_tiles.py): offered at 1..16 rows beside the tiles above, BLOCK_K at most the group. One row is
+# x padded to wgmma's 16: the tensor cores have the headroom, and a code costs ~1.6 SASS instructions (3.25 a byte) against the
+# GEMV's 4.4 (WORDS) / 6.6 (byte tiles); whole loops (bench/gemv_sass.py, triton 3.6, sm_90, 1B shapes): 3.0-3.8
+# instructions a code at 64 rows a program, 96-128 registers. Measured on the H200 (session 14, cold): 1.2-1.85x the
+# other tiles at 16 rows (the 8B gate/up 61.7 -> 33.3 us); at one row ~1.8 TB/s, behind WORDS (2.2): the same with
+# 2-warp tiles on mma.sync (no warpgroup wait), so not wgmma's wait but each step's chain bounds it
+MAGIC_TILES = [Tile(64, 128, 4, 4, True, magic=True), Tile(128, 128, 4, 3, True, magic=True),
+               Tile(128, 128, 8, 4, True, magic=True)]
 
 # a GEMV tile run over the whole of K (no split), 8 warps: at the 1B's qkv and o shapes (K = 2048; 192 and 128
 # programs) the fastest of 55 tiles measured on the H200 (bench/decode_gemm.py --sweep, session 5: 5.6 us vs 6.7 for
@@ -188,27 +204,32 @@ def _split_k(m: int, n: int, k: int, bits: int | None, glu: bool, block_n: int, 
     return _chunking(k, split, block_k)[0]
 
 
-def tile_config(m: int, n: int, k: int, bits: int | None, glu: bool, tile: Tile, split: int | None = None) -> dict:
+def tile_config(m: int, n: int, k: int, bits: int | None, glu: bool, tile: Tile, split: int | None = None,
+                group: int | None = None) -> dict:
     """The launch configuration of ``tile`` for ``m`` rows at a shape (arguments as for ``configs``). A GLU program
     streams a gate and an up tile: half the rows each, or half the columns where the rows cannot halve (16 rows, or
-    64 swapped: wgmma's M). BLOCK_K at most K's power of two; ``split``: the splits of K wanted (None: ``_split_k``'s
-    choice), named as they actually run."""
+    64 swapped: wgmma's M). BLOCK_K at most K's power of two (a MAGIC tile's at most the group); ``split``: the splits of
+    K wanted (None: ``_split_k``'s choice), named as they actually run."""
     bn, bk = tile.block_n, tile.block_k
     if glu:
         bn, bk = (bn // 2, bk) if bn > (64 if tile.swap else 16) else (bn, bk // 2)
     bk = min(bk, max(32, triton.next_power_of_2(k)))
+    if tile.magic and group and 0 < group < k:
+        bk = min(bk, group)
     if split is None:
         split = _split_k(m, n, k, bits, glu, bn, bk)
         split = split if tile.fewer == 1 else _chunking(k, max(1, split // tile.fewer), bk)[0]
     else:
         split = _chunking(k, split, bk)[0]
     c = dict(BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split) | ({"REDUCE": "last"} if split > 1 else {})
-    return (c | dict(DOT=m > 1) | ({"SWAP": True} if tile.swap else {}) | ({"WORDS": True} if tile.words else {})
+    return (c | dict(DOT=m > 1 or tile.magic) | ({"SWAP": True} if tile.swap else {}) | ({"MAGIC": True} if tile.magic else {})
+            | ({"WORDS": True} if tile.words else {})
             | ({"AHEAD": True} if tile.ahead else {}) | dict(num_warps=tile.warps, num_stages=tile.stages)
             | ({"maxnreg": tile.maxnreg} if tile.maxnreg else {}))
 
 
-def configs(m: int, n: int, k: int, bits: int | None = None, glu: bool = False, norm: bool = False) -> list[dict]:
+def configs(m: int, n: int, k: int, bits: int | None = None, glu: bool = False, norm: bool = False,
+            group: int | None = None) -> list[dict]:
     """At most 4 (one row of a quantized weight: 5) launch configurations worth measuring on an H200 for ``m`` rows
     against a weight of ``n`` rows (out features; gate and up together with ``glu``) and ``k`` columns, ``bits`` 8 / 4
     or None (plain 16-bit): dicts of BLOCK_N, BLOCK_K, SPLIT_K, REDUCE (where SPLIT_K > 1), DOT, SWAP (where swapped),
@@ -219,7 +240,10 @@ def configs(m: int, n: int, k: int, bits: int | None = None, glu: bool = False, 
     ``norm`` (the RMSNorm prologue)
     at 2..16 rows the fourth is the default tile at half its splits: every program reads x's rows whole for the
     statistics (M x K values), so the programs' statistics traffic (from L2) grows with the splits, by the weight's
-    bytes at 16 rows and 192 programs of the 1B's qkv."""
+    bytes at 16 rows and 192 programs of the 1B's qkv. A 4-bit weight whose ``group`` is given (its group size; 0 or K:
+    one group a row) also gets the MAGIC_TILES, after the others; with ``norm``, the first two tiles that load x as tiles
+    and the first MAGIC tile come again with NORM_POST (the norm's statistics summed in the main loop, no prologue
+    pass: qgemm.py)."""
     if not 1 <= m <= MAX_M:
         raise ValueError(f"skinny configs: m = {m} rows, the template takes 1..{MAX_M}")
     dot = m > 1
@@ -243,7 +267,13 @@ def configs(m: int, n: int, k: int, bits: int | None = None, glu: bool = False, 
     for c in out:
         if c not in unique:
             unique.append(c)
-    return unique[:5 if whole_words and not dot else 4]
+    unique = unique[:5 if whole_words and not dot else 4]
+    if bits == 4 and group is not None and (not 0 < group < k or group >= 16):
+        unique += [c for c in (tile_config(m, n, k, bits, glu, t, group=group) for t in MAGIC_TILES) if c not in unique]
+    if norm:  # the norm without its statistics pass (NORM_POST): the first two tiles that load x as tiles, and MAGIC's
+        tiles = [c for c in unique if not c.get("WORDS") and c.get("REDUCE") != "separate" and not c.get("MAGIC")][:2]
+        unique += [dict(c, NORM_POST=True) for c in tiles + [c for c in unique if c.get("MAGIC")][:1]]
+    return unique
 
 
 def _resolve(m: int, n: int, k: int, bits: int | None, glu: bool, config: dict | None) -> dict:
@@ -269,6 +299,11 @@ def _resolve(m: int, n: int, k: int, bits: int | None, glu: bool, config: dict |
                          f"int32 words of codes, BLOCK_K at least 16 words")
     if c.get("AHEAD") and (c["DOT"] or c.get("WORDS") or bits not in (4, 8)):
         raise ValueError(f"skinny_gemm: config {config!r}: AHEAD is the byte-tile GEMV of a 4- / 8-bit weight (not WORDS)")
+    if c.get("MAGIC") and not (c["DOT"] and c["SWAP"] and bits == 4):
+        raise ValueError(f"skinny_gemm: config {config!r}: MAGIC is the swapped tl.dot tile (DOT, SWAP) of a 4-bit weight")
+    if c.get("NORM_POST") and (c.get("WORDS") or c["REDUCE"] != "last"):
+        raise ValueError(f"skinny_gemm: config {config!r}: NORM_POST (the norm's statistics summed in the main loop) needs "
+                         f"the x tiles (not WORDS) and split-K reduced by the last program (REDUCE 'last')")
     if "maxnreg" in c and not (isinstance(c["maxnreg"], int) and 24 <= c["maxnreg"] <= 255):
         raise ValueError(f"skinny_gemm: config {config!r}: maxnreg must be an int in 24..255 (registers a thread)")
     if "L2" in c and not (isinstance(c["L2"], int) and c["L2"] >= 0):
@@ -281,7 +316,12 @@ def workspace_bytes(m: int, n: int, k: int, bits: int | None = None, glu: bool =
     ``k`` columns under ``config`` (None: the default it would run); 0 when the configuration does not split K."""
     c = _resolve(m, n, k, bits, glu, config)
     splits = _chunking(k, c["SPLIT_K"], c["BLOCK_K"])[0]
-    return 0 if splits == 1 else 4 * splits * m * n
+    return 0 if splits == 1 else 4 * _workspace_floats(m, n, glu, splits, c)
+
+
+def _workspace_floats(m: int, n: int, glu: bool, splits: int, c: dict) -> int:
+    # the partials [splits, m, n] (n: the weight's rows), and NORM_POST's sums of squares [splits, tiles, m]
+    return splits * m * n + (splits * triton.cdiv(n // 2 if glu else n, c["BLOCK_N"]) * m if c.get("NORM_POST") else 0)
 
 
 def counter_bytes(m: int, n: int, k: int, bits: int | None = None, glu: bool = False, config: dict | None = None) -> int:
@@ -372,13 +412,18 @@ def skinny_gemm(x, w=None, bias=None, gate=None, residual=None, act="none", glu=
     if c.get("WORDS") and (weight.w.stride(1) != 1 or weight.w.stride(0) % 4 or weight.w.data_ptr() % 4):
         raise ValueError(f"skinny_gemm: config WORDS reads the qweight as int32 words: its rows must be contiguous and "
                          f"start 4-byte aligned (strides {weight.w.stride()}, address % 4 = {weight.w.data_ptr() % 4})")
+    if c.get("MAGIC") and 0 < weight.group < k and c["BLOCK_K"] > weight.group:
+        raise ValueError(f"skinny_gemm: config {config!r}: a MAGIC step applies one group's scale, BLOCK_K "
+                         f"({c['BLOCK_K']}) must be at most the group ({weight.group})")
+    if c.get("NORM_POST") and norm is None:
+        raise ValueError(f"skinny_gemm: config {config!r}: NORM_POST is a way to apply the norm prologue; give norm_weight")
     splits, k_chunk = _chunking(k, c.pop("SPLIT_K"), c["BLOCK_K"])
     reduce, dot, l2 = c.pop("REDUCE"), c.pop("DOT"), c.pop("L2", None)
     c.update(BLOCK_M=16 if dot else 1, GROUP_M=1)
     if splits == 1:
         launch(x2, weight, epi, out2, m, n, c, dot=dot, norm=norm, l2=l2)
         return out
-    ws = scratch_view("skinny_gemm", "workspace", workspace, splits * m * nw, torch.float32, x.device)
+    ws = scratch_view("skinny_gemm", "workspace", workspace, _workspace_floats(m, nw, glu, splits, c), torch.float32, x.device)
     if reduce == "last":
         cnt = scratch_view("skinny_gemm", "counters", counters, triton.cdiv(n, c["BLOCK_N"]), torch.int32, x.device)  # one per tile
         try:
