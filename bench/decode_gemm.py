@@ -84,7 +84,8 @@ SWEEP_TILES = [Tile(*t) for t in (
 # 4 bits with the norm), shared memory up to 148 KB (plain 128 x 128, 4 stages)
 SWEEP_DOT_TILES = [Tile(*t, True) for t in (
     (64, 64, 4, 4), (64, 128, 4, 3), (64, 128, 4, 4), (64, 128, 8, 4), (64, 256, 4, 3), (64, 256, 8, 3),
-    (128, 64, 8, 4), (128, 128, 8, 3), (128, 128, 8, 4))] + [Tile(32, 256, 4, 3), Tile(64, 128, 4, 3)]
+    (128, 64, 8, 4), (128, 128, 8, 3), (128, 128, 8, 4))] + [Tile(32, 256, 4, 3), Tile(64, 128, 4, 3), Tile(64, 128, 8, 4),
+                                                          Tile(64, 64, 4, 4)]  # (the last two: `_gemm_kernel`'s 16-row tiles)
 # M = 1 on a quantized weight: tiles of the WORDS GEMV (the codes read as int32 words, scales applied a word; skinny.TILES
 # has two per width), by bits; sweep_configs adds the register cap's A / B (skinny.Tile.maxnreg)
 SWEEP_WORDS_TILES = {b: [Tile(*t, words=True) for t in ts] for b, ts in {
@@ -92,6 +93,10 @@ SWEEP_WORDS_TILES = {b: [Tile(*t, words=True) for t in ts] for b, ts in {
         (32, 1024, 4, 3), (64, 512, 4, 3)),  # (session 9: 4 rows a thread, 3.7-3.9 SASS instructions a code, 164-168 registers)
     8: ((32, 512, 8, 3), (64, 256, 8, 3), (32, 256, 4, 3), (64, 512, 8, 3), (16, 512, 4, 4), (128, 256, 8, 3), (32, 1024, 8, 2)),
 }.items()}
+# 1..16 rows on a 4-bit weight: MAGIC tiles (swapped tl.dot, codes dequantized for the tensor cores; skinny.MAGIC_TILES)
+SWEEP_MAGIC_TILES = [Tile(*t, True, magic=True) for t in (
+    (64, 64, 4, 4), (64, 128, 4, 3), (64, 128, 4, 4), (64, 128, 4, 6), (128, 128, 4, 3), (128, 128, 4, 4), (128, 128, 8, 3),
+    (128, 128, 8, 4), (256, 128, 8, 3))]
 NORM_SHAPES = ["1b qkv", "1b gate/up glu"]  # --norm's default shapes: the decode GEMMs an RMSNorm feeds
 NORM_L2_BYTES = 64 << 10  # --norm: the fused configurations again with this L2 budget a program (skinny config "L2")
 ROTATE_BYTES = 0 if SMOKE else 512 << 20  # weight bytes cycled through in one graph: over 8x the H200's L2
@@ -178,7 +183,7 @@ def reference(x, kw: dict, epi: dict, res):
     return h + res.float() if res is not None else h
 
 
-def sweep_configs(m: int, n: int, k: int, bits, glu: bool) -> list[dict]:
+def sweep_configs(m: int, n: int, k: int, bits, glu: bool, group: int | None = None) -> list[dict]:
     """--sweep's configurations: every SWEEP_TILES (M = 1) or SWEEP_DOT_TILES (M > 1) entry at skinny's split of K for
     it, half and twice that. M = 1 as measured in session 5: where skinny's workspace rule allows (the partials' traffic a
     small share of the weight's). M > 1: four times too, and the rule not applied: at 16 rows it binds 16 times harder
@@ -186,12 +191,13 @@ def sweep_configs(m: int, n: int, k: int, bits, glu: bool) -> list[dict]:
     skinny's target of programs (past it a split adds no loads in flight)."""
     out = []
     tiles = SWEEP_DOT_TILES if m > 1 else SWEEP_WORDS_TILES[bits] if bits else SWEEP_TILES
+    tiles = tiles + (SWEEP_MAGIC_TILES if bits == 4 and group else [])
     for tile in tiles:
-        c0 = tile_config(m, n, k, bits, glu, tile)
+        c0 = tile_config(m, n, k, bits, glu, tile, group=group)
         s0, tiles = c0["SPLIT_K"], -(-(n // 2 if glu else n) // c0["BLOCK_N"])
         for split in (max(1, s0 // 2), s0, 2 * s0) + ((4 * s0,) if m > 1 else ()):
-            c = tile_config(m, n, k, bits, glu, tile, split=split)
-            if m == 1:
+            c = tile_config(m, n, k, bits, glu, tile, split=split, group=group)
+            if m == 1 and not tile.magic:
                 keep = _workspace_fits(m, n, k, bits, c["SPLIT_K"])
             else:
                 keep = c["SPLIT_K"] == s0 or tiles * c["SPLIT_K"] <= 2 * PROGRAMS_PER_SM * H200_SMS
@@ -231,8 +237,8 @@ def bench_skinny(m, k, n, epi, make_weight, peak, sweep: bool = False) -> dict:
     bits, glu, act = probe.get("bits"), epi.get("glu", False), epi.get("act", "none")
     act_bytes = x.numel() * 2 + outs[0].numel() * 2 * (2 if res is not None else 1)
     rows = []
-    todo = configs(m, n, k, bits, glu)
-    todo += [c for c in (sweep_configs(m, n, k, bits, glu) if sweep else []) if c not in todo]
+    todo = configs(m, n, k, bits, glu, group=probe.get("group"))
+    todo += [c for c in (sweep_configs(m, n, k, bits, glu, probe.get("group")) if sweep else []) if c not in todo]
     for i, c in enumerate(todo):
         rows.append(time_config(m, n, k, epi, bits, x, weights, outs, res, c))
         if "us" in rows[-1]:

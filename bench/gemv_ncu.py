@@ -9,15 +9,20 @@ before each kernel (the plan streams its weights from HBM too):
         --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis python3 bench/gemv_ncu.py
 
 (bench/gpu.sh stage ``ncu_gemv``). Without ncu it prints each configuration's time (CUDA events, one cold call after
-a 256 MB write), so the script checks itself anywhere there is a GPU.
+a 256 MB write), so the script checks itself anywhere there is a GPU. ``--shape 8b``: the Llama-3.1-8B gate/up (K 4096,
+2 x 14336 rows); ``--bits 4``: the int4 weight alone. The int4 weight's list includes skinny's MAGIC tiles (its group
+given).
 """
+import argparse
+
 import torch
 
 from kiln.codegen.kernels.skinny import configs, counter_bytes, skinny_gemm, workspace_bytes
 from kiln.codegen.tuning import L2_FLUSH_BYTES
 from kiln.ir.quant import quantize_rtn
 
-K, N = 2048, 16384  # 1B gate/up: [gate; up] rows
+SHAPES = {"1b": (2048, 16384), "8b": (4096, 28672)}  # gate/up: K, [gate; up] rows
+K, N = SHAPES["1b"]
 
 
 def case(bits: int):
@@ -30,10 +35,16 @@ def case(bits: int):
 
 
 def main() -> None:
+    global K, N
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", choices=list(SHAPES), default="1b")
+    ap.add_argument("--bits", type=int, nargs="+", default=[4, 8], choices=[4, 8])
+    a = ap.parse_args()
+    K, N = SHAPES[a.shape]
     runs = []
-    for bits in (4, 8):
+    for bits in a.bits:
         x, kw = case(bits)
-        for c in configs(1, N, K, bits, glu=True):
+        for c in configs(1, N, K, bits, glu=True, group=kw["group"]):
             ws = torch.empty(max(1, workspace_bytes(1, N, K, bits, True, config=c)), dtype=torch.uint8, device="cuda")
             cnt = torch.zeros(max(1, counter_bytes(1, N, K, bits, True, config=c)), dtype=torch.uint8, device="cuda")
             call = (lambda x=x, kw=kw, c=c, ws=ws, cnt=cnt:  # noqa: E731

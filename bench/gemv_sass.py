@@ -103,7 +103,7 @@ def analyse(compiled: list, shapes=tuple(SHAPES)) -> list[dict]:
             x = torch.randn(1, k).to(torch.float16)
             for norm in (False, True) if normed else (False,):
                 extra = dict(norm_weight=torch.randn(k).half(), norm_eps=1e-5) if norm else {}
-                for c in configs(1, n, k, bits, glu=glu, norm=norm):
+                for c in configs(1, n, k, bits, glu=glu, norm=norm, group=qw.group):
                     ws = torch.empty(max(1, workspace_bytes(1, n, k, bits, glu, config=c)), dtype=torch.uint8)
                     cnt = torch.zeros(max(1, counter_bytes(1, n, k, bits, glu, config=c)), dtype=torch.uint8)
                     compiled.clear()

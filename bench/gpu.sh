@@ -183,6 +183,47 @@ print(f'import torch {a - t:.2f} s, kiln {b - a:.2f} s'); t = time.time(); torch
       timeout 200 python3 bench/fp8.py --parts llm --out "$OUT/fp8_llm.json" 2>&1 | grep -v "^ *{'x'" | tail -60
       timeout 150 python3 bench/llama_prefill.py --modes eager,reduce-overhead --seqs 2048 2>&1 | tail -8
       timeout 120 python3 bench/models.py --models gpt2 2>&1 | tail -8 ;;
+    s14a)  # session 14: the MAGIC tiles (4-bit codes for the tensor cores at 1..16 rows): their GPU tests, the int4 decode
+           # GEMMs per config (1B, 8B), the 1B w4a16 decode step, the 8B w4a16 decode (issue 13's 650 tok/s goal)
+      timeout 170 python3 -m pytest -q -rf -p no:logging -m gpu tests/codegen/test_skinny_magic.py 2>&1 \
+        | tee "$OUT/s14tests.log" | grep -v DEBUG | tail -8
+      timeout 200 python3 bench/decode_gemm.py --out "$OUT/magic_gemm.json" --m 1 16 --kinds int4_g128 --shapes "1b gate/up glu" \
+        "1b down + residual" "1b qkv" "8b gate/up glu" "8b down + residual" 2>&1 | tail -12
+      DECODE_JSON=decode_w4a16.json timeout 150 python3 bench/decode.py --models 1b --batches 1 --quantize w4a16 \
+        --no-compile-peer 2>&1 | grep -v '^ *\[\|^ *"' | tail -4
+      timeout 200 python3 bench/llm_quant.py --models 8b --modes w4a16 --out "$OUT/llm_quant_8b.json" 2>&1 | tail -8 ;;
+    s14b)  # session 14: NORM_POST (the norm's statistics summed in the skinny loop, no pass before it): its GPU tests, the
+           # norm-fed decode GEMMs' candidates timed (1 and 16 rows), the 1B bf16 decode at batch 1 and 16, the 1B w4a16
+           # decode at batch 1 and 16 (MAGIC at 16 rows) and the 8B w4a16
+      timeout 120 python3 -m pytest -q -rf -p no:logging -m gpu tests/codegen/test_skinny_norm_post.py 2>&1 \
+        | tee "$OUT/s14btests.log" | grep -v DEBUG | tail -6
+      timeout 150 python3 bench/decode_gemm.py --norm --m 1 16 --out "$OUT/norm_post.json" 2>&1 | tail -14
+      DECODE_JSON=decode_bf16.json timeout 150 python3 bench/decode.py --models 1b --batches 1,16 --no-compile-peer 2>&1 \
+        | grep -v '^ *\[\|^ *"' | tail -6
+      timeout 170 python3 bench/llm_quant.py --models 1b,8b --modes w4a16 --out "$OUT/llm_quant_w4.json" 2>&1 | tail -8 ;;
+    s14c)  # session 14: the bf16 skinny tiles at 16 rows (o, down, gate/up): where the batch-16 step's GEMMs lose bandwidth
+      timeout 330 python3 bench/decode_gemm.py --m 16 --sweep --kinds bf16 --out "$OUT/sweep16.json" \
+        --shapes "1b down + residual" "1b o + residual" "1b gate/up glu" 2>&1 | grep -v "^    [0-9]" | tail -8 ;;
+    s14d)  # session 14: MAGIC tiles on mma.sync (2 warps): GPU tests, int4 one-row GEMMs per config, 1B / 8B w4a16 decode
+      timeout 200 python3 -m pytest -q -rf -p no:logging -m gpu tests/codegen/test_skinny_magic.py 2>&1 \
+        | tee "$OUT/s14dtests.log" | grep -v DEBUG | tail -6
+      timeout 150 python3 bench/decode_gemm.py --out "$OUT/magic2.json" --m 1 --kinds int4_g128 --shapes "1b gate/up glu" \
+        "1b down + residual" "8b gate/up glu" "8b down + residual" 2>&1 | tail -6
+      timeout 170 python3 bench/llm_quant.py --models 1b,8b --modes w4a16 --out "$OUT/llm_quant_w4b.json" 2>&1 | tail -4 ;;
+    s14e)  # session 14: the GEMM template with the norm in its loop ("triton-norm"): GPU tests, the 16-row gate/up's candidates,
+           # the 1B bf16 decode at batch 1 and 16, the 1B prefill 2048 against torch.compile
+      timeout 120 python3 -m pytest -q -rf -p no:logging -m gpu tests/codegen/test_skinny_norm_post.py 2>&1 \
+        | tee "$OUT/s14etests.log" | grep -v DEBUG | tail -6
+      timeout 100 python3 bench/decode_gemm.py --norm --m 16 --shapes "1b gate/up glu" --out "$OUT/norm16e.json" 2>&1 | tail -8
+      DECODE_JSON=decode_bf16e.json timeout 150 python3 bench/decode.py --models 1b --batches 1,16 --no-compile-peer 2>&1 \
+        | grep -v '^ *\[\|^ *"' | tail -6
+      timeout 150 python3 bench/llama_prefill.py --modes reduce-overhead --seqs 2048 2>&1 | tail -5 ;;
+    ncu_magic)  # Nsight Compute on the 8B int4 gate/up at one row, every skinny config (WORDS, byte tiles, MAGIC)
+      NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+      timeout 150 "$NCU" --profile-from-start off --clock-control none --section SpeedOfLight --section WarpStateStats \
+        --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis python3 bench/gemv_ncu.py --shape 8b \
+        --bits 4 > "$OUT/ncu_magic.txt" 2>&1
+      grep -E "^int[48] |Duration|DRAM Throughput|Achieved Occupancy|Warp Cycles Per Issued|Registers Per" "$OUT/ncu_magic.txt" | head -60 ;;
     *) echo "unknown stage $stage" ;;
   esac
 done
