@@ -55,10 +55,11 @@ def notes(compiled) -> list[str]:
 
 
 def gemm_choices(compiled) -> list[dict]:
-    """The tuner's decision for every distinct quantized GEMM shape: the candidates' ms and any that failed (and why)."""
+    """The tuner's decision for every distinct quantized GEMM shape: the candidates' ms and any that failed (and why);
+    ``out_codes``: its output stored as the next AQGEMM's codes (format, smoothed) in the same call."""
     tuner = compiled.executor.tuner
     return [{"x": d["what"].get("x"), "w": d["what"].get("w"), "act": d["what"].get("act"), "glu": d["what"].get("glu"),
-             "choice": d["choice"], "ms": d["ms"], **({"failed": d["failed"]} if "failed" in d else {})}
+             "out_codes": d["what"].get("out_codes"), "choice": d["choice"], "ms": d["ms"], **({"failed": d["failed"]} if "failed" in d else {})}
             for d in (tuner.decisions.values() if tuner else []) if d["what"].get("op") == "AQGEMM"]
 
 

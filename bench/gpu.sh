@@ -218,6 +218,11 @@ print(f'import torch {a - t:.2f} s, kiln {b - a:.2f} s'); t = time.time(); torch
       DECODE_JSON=decode_bf16e.json timeout 150 python3 bench/decode.py --models 1b --batches 1,16 --no-compile-peer 2>&1 \
         | grep -v '^ *\[\|^ *"' | tail -6
       timeout 150 python3 bench/llama_prefill.py --modes reduce-overhead --seqs 2048 2>&1 | tail -5 ;;
+    s15a)  # session 15: AQGEMM epilogues storing the next AQGEMM's codes (kernels/epilogue_codes.py; the MLP's hidden value
+           # never stored in bf16): GPU tests, then DiT-XL/2 and the 1B prefill 2048 in bf16 / fp8 / w8a8 (issue 14)
+      timeout 150 python3 -m pytest -q -rf -p no:logging -m gpu tests/codegen/test_epilogue_codes.py \
+        tests/runtime/test_kernel_plan_codes.py 2>&1 | tee "$OUT/s15atests.log" | grep -v DEBUG | tail -6
+      timeout 330 python3 bench/fp8.py --out "$OUT/fp8.json" 2>&1 | tail -40 ;;
     ncu_magic)  # Nsight Compute on the 8B int4 gate/up at one row, every skinny config (WORDS, byte tiles, MAGIC)
       NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
       timeout 150 "$NCU" --profile-from-start off --clock-control none --section SpeedOfLight --section WarpStateStats \

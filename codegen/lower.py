@@ -15,7 +15,8 @@ candidate is a name -> a closure that runs the group once into ``out`` (so a CUD
     AQGEMM     on the codes of x (per token: kiln's row kernel, a launch of its own, or the kernel producing x, see
                pointwise below): kiln's int8 / fp8 template (scales and epilogue fused); torch._int_mm + kiln's scaled
                epilogue (int8); torch._scaled_mm, cuBLASLt's fp8 GEMM with row-wise scales, + kiln's epilogue (fp8,
-               bfloat16 out)
+               bfloat16 out). Where its output feeds AQGEMMs as codes (schedule.py): each of those + the row quantizer,
+               and the library ones with the epilogue storing the codes itself (``coded_aqgemm``)
     ATTENTION  SDPA; kiln's flash kernel; the split-KV decode kernel for few query rows over long keys. On a quantized
                KV cache both kernels dequantize in registers; SDPA, offered there only for many query rows (prefill),
                reads a planned scratch the cache is dequantized into first (``attention_scratch``)
@@ -45,6 +46,7 @@ from .kernels import aqgemm as taq
 from .kernels import attention as ta
 from .kernels import conv_epilogue as tce
 from .kernels import decode_attention as td
+from .kernels import epilogue_codes as tec
 from .kernels import gemm as tg
 from .kernels import group_norm as tgn
 from .kernels import qgemm as tq
@@ -271,14 +273,7 @@ def aqgemm(args: list, attrs: dict, out: torch.Tensor, tmp: torch.Tensor | None,
     x, wq, ws, smooth, bias, gate, residual = aqgemm_operands(args, attrs)
     fmt, act, glu = attrs["format"], attrs["act"], attrs["glu"]
     m, k, nw = math.prod(x.shape[:-1]), x.shape[-1], wq.shape[0]
-    x2, lead = x.reshape(m, k), tuple(x.shape[:-1])
-
-    def quantized():  # (codes [..., K], scales [...])
-        if codes is not None:
-            return codes
-        q, s = tqr.quantize_rows(x2, fmt, smooth)
-        return q.view(*lead, k), s.view(lead)
-
+    quantized = _quantized(x, fmt, smooth, codes)
     candidates = {}
     if quantizes(x.dtype, device):
         cfgs = taq.configs(m, glu) if device.type == "cuda" else [taq.INTERPRET_CONFIG]
@@ -294,6 +289,19 @@ def aqgemm(args: list, attrs: dict, out: torch.Tensor, tmp: torch.Tensor | None,
     if codes is not None:  # (the GEMM alone: another measurement than quantizer + GEMM)
         what["codes"] = True
     return what, candidates
+
+
+def _quantized(x: torch.Tensor, fmt: str, smooth: torch.Tensor | None, codes: tuple | None):
+    """An AQGEMM's x as its candidates read it: () -> (codes [..., K], scales [...]), ``codes`` where written before the
+    call, else quantized by kiln's row kernel into torch temporaries (a CUDA graph serves them from its pool)."""
+    lead, k = tuple(x.shape[:-1]), x.shape[-1]
+
+    def quantized():
+        if codes is not None:
+            return codes
+        q, s = tqr.quantize_rows(x.reshape(math.prod(lead), k), fmt, smooth)
+        return q.view(*lead, k), s.view(lead)
+    return quantized
 
 
 def quantizes(dtype: torch.dtype, device: torch.device) -> bool:
@@ -333,29 +341,66 @@ def act_codes(group, args: list, outs: list, codes: dict, bindings: dict, cache)
     return what, {"fused": fused, "separate": separate}, steps
 
 
-def _aqgemm_library(quantized, wq, ws, epilogue_ops: tuple, attrs: dict, out, device: torch.device, mkn: tuple) -> dict:
+def _aqgemm_library(quantized, wq, ws, epilogue_ops: tuple, attrs: dict, out, device: torch.device, mkn: tuple,
+                    out_codes: tuple | None = None) -> dict:
     """torch._int_mm (int8, CUDA or the CPU tests) and torch._scaled_mm (fp8, CUDA, bfloat16 out) on the codes, each + one
-    epilogue kernel, where cuBLAS(Lt) takes the shape (int8: M > 16, K and N multiples of 8; fp8: K, N multiples of 16)."""
+    epilogue kernel, where cuBLAS(Lt) takes the shape (int8: M > 16, K and N multiples of 8; fp8: K, N multiples of 16).
+    ``out_codes`` (format, codes, scales, smooth or None): the epilogue stores the output as those codes instead
+    (``kernels/epilogue_codes.py``), "-codes" after the names."""
     (m, k, nw), (bias, gate, residual) = mkn, epilogue_ops
     act, glu, wt = attrs["act"], attrs["glu"], wq.t()  # wq [N, K] row-major: the column-major [K, N] cuBLAS wants
-    candidates = {}
+    if out_codes is not None:
+        fmt, cq, cs, smooth = out_codes
+        epi = dict(bias=None if bias is None else bias.contiguous(), gate=gate, residual=residual, act=act, glu=glu, smooth=smooth)
+    candidates, suffix = {}, "" if out_codes is None else "-codes"
     if attrs["format"] == "int8" and m > 16 and k % 8 == 0 and nw % 8 == 0:
         def int_mm():
             q, s = quantized()
-            taq.scaled_epilogue(torch._int_mm(q.view(m, k), wt).view(*q.shape[:-1], nw), s, ws, bias, gate, residual, act, glu, out=out)
-        candidates["int-mm"] = int_mm
+            h = torch._int_mm(q.view(m, k), wt).view(*q.shape[:-1], nw)
+            if out_codes is None:
+                taq.scaled_epilogue(h, s, ws, bias, gate, residual, act, glu, out=out)
+            else:
+                tec.epilogue_codes(h, fmt, cq, cs, xs=s, ws=ws, dtype=out.dtype, **epi)
+        candidates["int-mm" + suffix] = int_mm
     if attrs["format"] == "fp8" and device.type == "cuda" and out.dtype == torch.bfloat16 and k % 16 == 0 and nw % 16 == 0:
         plain = bias is None and gate is None and residual is None and act == "none" and not glu
 
         def scaled_mm():
             q, s = quantized()
             mm = dict(scale_a=s.view(m, 1), scale_b=ws.view(1, nw), out_dtype=out.dtype)
-            if plain:
+            if out_codes is not None:
+                tec.epilogue_codes(torch._scaled_mm(q.view(m, k), wt, **mm).view(*q.shape[:-1], nw), fmt, cq, cs, **epi)
+            elif plain:
                 torch._scaled_mm(q.view(m, k), wt, **mm, out=out.view(m, nw))
             else:
                 epilogue(torch._scaled_mm(q.view(m, k), wt, **mm).view(*q.shape[:-1], nw), bias, gate, residual, act, glu, out=out)
-        candidates["scaled-mm"] = scaled_mm
+        candidates["scaled-mm" + suffix] = scaled_mm
     return candidates
+
+
+def coded_aqgemm(args: list, attrs: dict, out: torch.Tensor, device: torch.device, codes: tuple | None,
+                 out_codes: tuple) -> tuple[dict, dict, dict]:
+    """An AQGEMM whose output feeds AQGEMMs as codes (``schedule.act_codes``): ``aqgemm``'s candidates storing the output
+    into ``out``, each followed by the row quantizer writing ``out_codes`` (format, codes, scales, smooth or None) from
+    it, and the library ones with their epilogue storing those codes itself ("-codes": the output never stored).
+    ``codes``: the AQGEMM's own x's, as for ``aqgemm``. Returns (what, candidates, steps), as ``act_codes``."""
+    what, plain = aqgemm(args, attrs, out, None, device, codes=codes)
+    fmt, cq, cs, smooth = out_codes
+    quantize = quantizer(out, fmt, cq, cs, smooth)
+    steps = {name: [("gemm", run), ("quantize", quantize)] for name, run in plain.items()}
+    if quantizes(out.dtype, device) and "reference" not in plain:
+        x, wq, ws, x_smooth, bias, gate, residual = aqgemm_operands(args, attrs)
+        mkn = (math.prod(x.shape[:-1]), x.shape[-1], wq.shape[0])
+        library = _aqgemm_library(_quantized(x, attrs["format"], x_smooth, codes), wq, ws, (bias, gate, residual), attrs,
+                                  out, device, mkn, out_codes)
+        steps.update({name: [("gemm", run)] for name, run in library.items()})
+
+    def candidate(st):
+        def run():
+            for _, f in st:
+                f()
+        return run
+    return dict(what, out_codes=[fmt, smooth is not None]), {name: candidate(st) for name, st in steps.items()}, steps
 
 
 def _decode_fits(q, k, v, mask, causal: bool, gqa: bool, device: torch.device) -> bool:

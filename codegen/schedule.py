@@ -32,7 +32,10 @@ of a pointwise group that can hold its rows whole (x has the domain's shape, row
 reader of x is an AQGEMM reading it as x, with one format and one smooth vector (a merged QKV is one reader), the
 group records it in ``Group.codes`` (see ``act_codes``): ``lower.py`` then offers the group's kernel storing x as those
 codes and scales itself (the quantizer in its epilogue, x not stored) beside the kernel storing x followed by the
-row quantizer; the AQGEMMs read the codes either way.
+row quantizer; the AQGEMMs read the codes either way. An AQGEMM's output x read so (an LLM's gate/up feeding the down
+projection, a DiT's first MLP GEMM the second) is recorded in its gemm group's ``codes`` too: its library candidates'
+epilogue then stores the codes (``kernels/epilogue_codes.py``), any row length, and its others store x for the row
+quantizer.
 """
 from __future__ import annotations
 
@@ -67,7 +70,7 @@ class Group:
     nodes: list[Node]
     inputs: list[Node] = field(default_factory=list)  # values read from other groups, first-use order
     outputs: list[Node] = field(default_factory=list)  # members read by other groups or graph outputs
-    codes: dict = field(default_factory=dict)  # pointwise: output -> Codes, where it may be stored as those (``act_codes``)
+    codes: dict = field(default_factory=dict)  # pointwise, AQGEMM: output -> Codes, where it may be stored as those (``act_codes``)
 
     @property
     def domain(self) -> tuple:
@@ -194,6 +197,9 @@ class _Scheduler:
             g.outputs = [n for n in g.nodes if n in self.outputs or any(u not in members for u in n.users)]
             if g.kind == "pointwise":
                 g.codes = {x: c for x in g.outputs if (c := act_codes(x, g.domain, self.outputs)) is not None}
+            elif g.kind == "gemm" and g.nodes[-1].op == "AQGEMM":
+                x = g.nodes[-1]
+                g.codes = {x: c} if (c := act_codes(x, x.shape, self.outputs, whole=False)) is not None else {}
         return self.order(groups)
 
     def foldable_norm(self, n: Node) -> bool:
@@ -257,17 +263,17 @@ class _Scheduler:
         return out
 
 
-def act_codes(x: Node, domain: tuple, outputs: set) -> Codes | None:
-    """How the readers of ``x``, an output of a pointwise group over ``domain``, quantize it, where that group can
-    store it so (module docstring): every reader an AQGEMM reading x as its x only, one format and one stored smooth
-    vector (or none) among them, x no graph output, of the domain's shape with static rows of at most ``MAX_ROW``, in
-    a dtype the quantizer reads. None otherwise."""
+def act_codes(x: Node, domain: tuple, outputs: set, whole: bool = True) -> Codes | None:
+    """How the readers of ``x``, an output of a pointwise group over ``domain`` (or of an AQGEMM: its own shape), quantize
+    it, where that group can store it so (module docstring): every reader an AQGEMM reading x as its x only, one format
+    and one stored smooth vector (or none) among them, x no graph output, of the domain's shape with static rows (of at
+    most ``MAX_ROW`` where the kernel holds them ``whole``), in a dtype the quantizer reads. None otherwise."""
     readers = list(x.users)
     if not readers or any(u.op != "AQGEMM" or u.inputs[0] is not x or any(i is x for i in u.inputs[1:]) for u in readers):
         return None
     if x in outputs or x.dtype not in CODE_DTYPES or not _same(x.shape, domain):
         return None
-    if not isinstance(x.shape[-1], int) or x.shape[-1] > MAX_ROW:
+    if not isinstance(x.shape[-1], int) or (whole and x.shape[-1] > MAX_ROW):
         return None
     kinds = {Codes(u.attrs["format"], aqgemm_operands(u.inputs, u.attrs)[3]) for u in readers}
     if len(kinds) != 1:

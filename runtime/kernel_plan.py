@@ -297,7 +297,7 @@ class KernelPlan(Plan):
         self.workspace: dict[int, tuple] = {}
         self.counters: dict[int, tuple] = {}
         self.prologue: dict[int, int] = {}  # gemm group index -> key of its norm prologue's output
-        self.codes: dict[Node, int] = {}  # pointwise output x its kernel may store as AQGEMM codes -> key of codes + scales
+        self.codes: dict[Node, int] = {}  # output x its kernel may store as AQGEMM codes -> key of codes + scales
         self.quantizing: dict[int, int] = {}  # AQGEMM group index -> key of the codes + scales it quantizes its x into
         for k, (g, kind) in enumerate(zip(self.groups, self.kinds)):
             if kind in ("view", "source", "constant"):
@@ -384,23 +384,24 @@ class KernelPlan(Plan):
             lv.read(self.counters[k][0], len(self.groups))
 
     def _act_codes(self, lv: Liveness, k: int, g: Group, kind: str) -> None:
-        """The codes + scales of AQGEMM inputs: written by the pointwise group k for each output in ``g.codes`` (read by
-        the AQGEMMs instead of x), or by AQGEMM group k's own quantizer call when its x has none."""
-        key = lambda n: -1 - 4 * len(self.groups) - self.slot[n]  # noqa: E731 (apart from the counters' keys)
+        """The codes + scales of AQGEMM inputs: written by group k (pointwise, or an AQGEMM's) for each output in
+        ``g.codes`` (read by the AQGEMMs instead of x), or by AQGEMM group k's own quantizer call when its x has none."""
+        # keys apart from the counters' and from each other: x's codes, and an AQGEMM node's own quantizer's codes
+        key = lambda n, own=False: -1 - 4 * len(self.groups) - (len(self.graph.nodes) if own else 0) - self.slot[n]  # noqa: E731
         size = lambda x: _codes_scales_at(self.shape_of[x]) + 4 * math.prod(self.shape_of[x][:-1])  # noqa: E731
-        if kind == "pointwise":
-            for x in g.codes:
-                if lower.quantizes(torch_dtype(x.dtype), self.device):
-                    self.codes[x] = key(x)
-                    lv.write(key(x), k, size(x))
         n = g.nodes[-1]
         if kind == "gemm" and n.op == "AQGEMM":
             x = n.inputs[0]
             if x in self.codes:
                 lv.read(self.codes[x], k)
             elif lower.quantizes(torch_dtype(x.dtype), self.device):
-                self.quantizing[k] = key(n)
-                lv.write(key(n), k, size(x))
+                self.quantizing[k] = key(n, own=True)
+                lv.write(key(n, own=True), k, size(x))
+        if kind in ("pointwise", "gemm"):  # (a gemm group's: its AQGEMM's output, ``lower.coded_aqgemm``)
+            for x in g.codes:
+                if lower.quantizes(torch_dtype(x.dtype), self.device):
+                    self.codes[x] = key(x)
+                    lv.write(key(x), k, size(x))
 
     def _codes_buffers(self, key: int, x: Node, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(codes [..., K], scales [...]) of x in the arena at ``key``: the codes (one byte each), then the float32 scales
@@ -467,6 +468,9 @@ class KernelPlan(Plan):
             codes = self._aqgemm_codes(k, g) if kind == "gemm" and g.nodes[-1].op == "AQGEMM" else None
             if k in self.quantizing:
                 calls.append(self._quantizer_call(g, codes))
+            if kind == "gemm" and any(x in self.codes for x in g.codes):
+                calls += self._coded_gemm_calls(g, codes)
+                continue
             calls.append(self._call(g, kind, tmp, ws, codes))
         return calls + self._state_copies()
 
@@ -586,6 +590,19 @@ class KernelPlan(Plan):
         what, candidates, steps = lower.act_codes(g, args, outs, codes, self.bindings, self.target.cache)
         choice = self.target.tuner.choose("quantize", what, candidates, self.device)
         return [KernelCall(g, kind, run, choice if kind == "pointwise" else "") for kind, run in steps[choice]]
+
+    def _coded_gemm_calls(self, g: Group, codes: tuple | None) -> list[KernelCall]:
+        """An AQGEMM group whose output feeds AQGEMMs as codes (``Group.codes``): a library GEMM with the epilogue storing
+        the codes itself, or a GEMM storing its output and then the row quantizer, as the tuner picks
+        (``lower.coded_aqgemm``). ``codes``: its own x's, as for ``_call``."""
+        n = g.nodes[-1]
+        c = g.codes[n]
+        smooth = self.env[c.smooth].contiguous() if c.smooth is not None else None
+        out_codes = (c.fmt, *self._codes_buffers(self.codes[n], n, c.fmt), smooth)
+        args, attrs = [self.env[i] for i in n.inputs], node_attrs(n, self.bindings)
+        what, candidates, steps = lower.coded_aqgemm(args, attrs, self.env[n], self.device, codes, out_codes)
+        choice = self.target.tuner.choose("gemm", what, candidates, self.device)
+        return [KernelCall(g, kind, run, choice if kind == "gemm" else "") for kind, run in steps[choice]]
 
     def _norm(self, g: Group) -> dict | None:
         """A gemm group's norm prologue as ``lower.gemm`` takes it (None without one): its input, weight and eps, and

@@ -57,11 +57,10 @@ def _activation(h, ACT: tl.constexpr):
 
 
 @triton.jit
-def _gate_residual_store(acc, rows, cols, mask, gate_ptr, gate_rows, stride_gb, stride_gm, stride_gn,
-                         res_ptr, res_rows, stride_rb, stride_rm, stride_rn, out_ptr, stride_om, stride_on,
-                         HAS_GATE: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
-    # the last two epilogue steps (float32 acc [BLOCK_M, BLOCK_N] at int64 rows / cols) and the store; shared
-    # with kernels/epilogue.py. Gate / residual row m sits at (m // rows) * stride_b + (m % rows) * stride_m.
+def _gate_residual(acc, rows, cols, mask, gate_ptr, gate_rows, stride_gb, stride_gm, stride_gn,
+                   res_ptr, res_rows, stride_rb, stride_rm, stride_rn, HAS_GATE: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
+    # the last two epilogue steps on float32 acc [BLOCK_M, BLOCK_N] at int64 rows / cols (shared with kernels/epilogue.py
+    # and epilogue_codes.py). Gate / residual row m sits at (m // rows) * stride_b + (m % rows) * stride_m.
     if HAS_GATE:
         g_off = (rows // gate_rows) * stride_gb + (rows % gate_rows) * stride_gm  # [BLOCK_M]
         g = tl.load(gate_ptr + g_off[:, None] + cols[None, :] * stride_gn, mask=mask, other=0.0)
@@ -70,6 +69,16 @@ def _gate_residual_store(acc, rows, cols, mask, gate_ptr, gate_rows, stride_gb, 
         r_off = (rows // res_rows) * stride_rb + (rows % res_rows) * stride_rm
         r = tl.load(res_ptr + r_off[:, None] + cols[None, :] * stride_rn, mask=mask, other=0.0)
         acc = acc + r.to(tl.float32)
+    return acc
+
+
+@triton.jit
+def _gate_residual_store(acc, rows, cols, mask, gate_ptr, gate_rows, stride_gb, stride_gm, stride_gn,
+                         res_ptr, res_rows, stride_rb, stride_rm, stride_rn, out_ptr, stride_om, stride_on,
+                         HAS_GATE: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
+    # _gate_residual, then the store
+    acc = _gate_residual(acc, rows, cols, mask, gate_ptr, gate_rows, stride_gb, stride_gm, stride_gn,
+                         res_ptr, res_rows, stride_rb, stride_rm, stride_rn, HAS_GATE, HAS_RESIDUAL)
     out_ptrs = out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 

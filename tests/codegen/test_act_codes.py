@@ -1,5 +1,5 @@
-"""The activation quantizer fused into the kernel producing the activations: which pointwise outputs the schedule
-marks (every reader an AQGEMM of one format and smooth vector, whole rows), and the generated kernel storing them as
+"""The activation quantizer fused into the kernel producing the activations: which pointwise (and AQGEMM) outputs the
+schedule marks (every reader an AQGEMM of one format and smooth vector, whole rows), and the generated kernel storing them as
 codes + per-row scales equal bit for bit to kiln's row quantizer on the float value it would have stored (int8 and
 fp8 under TRITON_INTERPRET=1; fp8 subnormals and bfloat16 on the GPU), the other outputs unchanged."""
 import re
@@ -83,6 +83,20 @@ def test_an_output_read_only_by_aqgemms_of_one_kind_is_marked(case):
 def test_not_marked(case):
     codes, _, _ = marked(case)
     assert codes == {}
+
+
+@pytest.mark.parametrize("case", ["one reader", "rows past a tile", "another reader"])
+def test_an_aqgemm_output_read_by_aqgemms_is_marked_in_its_gemm_group(case):
+    # AQGEMM -> AQGEMM (an MLP's hidden value): the first one's gemm group stores it as the second one's codes, rows of
+    # any length (the library epilogue walks them, kernels/epilogue_codes.py); not where anything else reads it
+    g = Graph()
+    x = g.add_input("x", (*LEAD, 37), "float32")
+    h = aqgemm(g, x, n=MAX_ROW + 1 if case == "rows past a tile" else 40, name="w1")
+    outs = [aqgemm(g, h, name="w2")] + ([g.add("TANH", (h,))] if case == "another reader" else [])
+    g.set_outputs(outs)
+    g.verify()
+    grp = next(grp for grp in schedule(g) if grp.kind == "gemm" and h in grp.nodes)
+    assert grp.codes == ({} if case == "another reader" else {h: Codes("int8", None)})
 
 
 # ----------------------------------------------------------------------------- the kernel storing the codes

@@ -1,7 +1,9 @@
 """The kernels plan with the activation quantizer fused into the kernels that produce the AQGEMMs' inputs (CPU under
 TRITON_INTERPRET=1): a tiny DiT and a tiny Llama compiled with quantize="fp8" and "w8a8" give, with the fused form
 forced, the output of the plan with it forced apart (the producer's kernel, then kiln's row quantizer), bit for bit,
-with one launch fewer per fused quantizer; the codes and scales are planned in the arena like any buffer."""
+with one launch fewer per fused quantizer; the codes and scales are planned in the arena like any buffer. The same for
+an AQGEMM producing the next one's input (the MLP's hidden value): a library GEMM whose epilogue stores the codes
+(w8a8's torch._int_mm runs on the CPU) against the epilogue storing the value for the row quantizer."""
 import pytest
 import torch
 
@@ -16,10 +18,13 @@ from kiln.testing import rel_err
 pytestmark = pytest.mark.interpreter
 
 # (fusible quantizers, AQGEMMs) of the tiny models. DiT (3 blocks): per block the modulated norms before QKV and the
-# MLP, and the final modulated norm (fp8 only: w8a8 keeps the output head float); the attention output and the MLP's
-# hidden value reach their AQGEMMs from other kernels; the per-sample GEMMs (adaLN projections, timestep embedder)
-# stay float (quantize_acts.per_sample). Llama: the RMSNorms before QKV and gate/up, and before the LM head in fp8
+# MLP, and the final modulated norm (fp8 only: w8a8 keeps the output head float); the attention output reaches its
+# AQGEMM from another kernel; the per-sample GEMMs (adaLN projections, timestep embedder) stay float
+# (quantize_acts.per_sample). Llama: the RMSNorms before QKV and gate/up, and before the LM head in fp8
 FUSIBLE = {("dit", "fp8"): (7, 13), ("dit", "w8a8"): (6, 12), ("llama", "fp8"): (5, 9), ("llama", "w8a8"): (4, 8)}
+# AQGEMMs whose output is the next AQGEMM's x, quantized in the first one's call: the MLP's hidden value (DiT: GELU,
+# 3 blocks; Llama: SiLU-GLU, 2 layers)
+CODED_GEMMS = {"dit": 3, "llama": 2}
 FORCE = {"gemm": "triton-aqgemm", "attention": "sdpa"}
 
 
@@ -66,10 +71,41 @@ def test_fused_quantizers_change_the_launch_count_only(compiled, model, mode):
     # every AQGEMM reads codes: quantized by its producer, or by a launch of its own
     assert d_fused["launches"]["quantize"] == n_aq - fusible and d_separate["launches"]["quantize"] == n_aq
     assert d_fused["launches"]["gemm"] == d_separate["launches"]["gemm"] >= n_aq
+    coded = CODED_GEMMS[model]
     for plan in (p_fused, p_separate):
         check_plan(plan.memory, plan.intervals)
-        assert len(plan.codes) == fusible and len(plan.quantizing) == n_aq - fusible
+        assert len(plan.codes) == fusible + coded and len(plan.quantizing) == n_aq - fusible - coded
+        assert sum(n.op == "AQGEMM" for n in plan.codes) == coded
         assert {*plan.codes.values(), *plan.quantizing.values()} <= set(plan.memory.offsets)
+
+
+class LibraryTuner(Tuner):
+    """Takes torch._int_mm for every AQGEMM: with the epilogue storing codes where offered (``codes``), else as the
+    epilogue storing the value (then the row quantizer); the fused pointwise quantizers throughout."""
+
+    def __init__(self, codes: bool):
+        super().__init__(force={"quantize": "fused", "attention": "sdpa"})
+        self.codes = codes
+
+    def choose(self, kind, what, candidates, device):
+        if kind == "gemm" and "int-mm" in candidates:
+            return "int-mm-codes" if self.codes and "int-mm-codes" in candidates else "int-mm"
+        return super().choose(kind, what, candidates, device)
+
+
+@pytest.mark.parametrize("model", ["dit", "llama"])
+def test_library_epilogue_storing_codes(compiled, model):
+    graph, inputs = compiled[model, "w8a8"]
+    outs, plans = {}, {}
+    for codes in (True, False):
+        ex = Executor(graph, Target.from_config(kiln.CompileConfig(backend="kernels"), tuner=LibraryTuner(codes)))
+        outs[codes], plans[codes] = ex.run(inputs)[0], ex.plans[0]
+    assert torch.equal(outs[True], outs[False])
+    d_codes, d_apart = plans[True].describe(), plans[False].describe()
+    coded = CODED_GEMMS[model]
+    assert d_codes["choices"].get("gemm:int-mm-codes") == coded
+    assert d_apart["launches"]["quantize"] - d_codes["launches"].get("quantize", 0) == coded
+    check_plan(plans[True].memory, plans[True].intervals)
 
 
 @pytest.mark.gpu
