@@ -55,6 +55,7 @@ from .kernels import quantize_rows as tqr
 from .kernels import skinny as ts
 from .kernels.epilogue import epilogue
 from .pointwise import launch
+from .tuning import launches, with_launches
 
 # template configurations measured per shape besides cuBLAS / SDPA. Each is a Triton compile (1-2 s) of a cold
 # start; one GEMM configuration (the template lost to cuBLAS at every measured shape) keeps DiT-XL/2's cold
@@ -70,15 +71,17 @@ TRITON_ATTENTION_CONFIGS = 3
 # WORDS tiles and the byte tile with its scales loaded a step ahead (skinny.TILES), 7 since its byte tiles are capped at
 # 128 registers a thread (skinny.Tile.maxnreg: 4 programs an SM, not 3), 8 since a 4-bit weight also tries the MAGIC
 # tiles (skinny.MAGIC_TILES: tensor cores at one row too), 9 since the norm prologue also tries NORM_POST (the statistics
-# summed in the main loop, no pass before it)
-SKINNY_CANDIDATES = 9
+# summed in the main loop, no pass before it), 10 since a decode decision charges each launch past a candidate's first
+# (tuning.EXTRA_LAUNCH_MS)
+SKINNY_CANDIDATES = 10
 # the attention candidates' generation (a decision measured between older ones is measured again): 2 since q k^T over a head dim
 # like 72 runs as 64 + 16 lanes (attention.split_widths), 3 configurations are tried and 64-row query tiles come first
 # where 128-row ones leave SMs idle
 ATTENTION_CANDIDATES = 2
 # the decode attention candidates' generation (in a decode attention's what; a decision measured between older ones is
-# measured again): 2 since "kiln-decode-whole" exists, 3 since the kernel reads only the keys the mask attends
-DECODE_CANDIDATES = 3
+# measured again): 2 since "kiln-decode-whole" exists, 3 since the kernel reads only the keys the mask attends, 4 since
+# a decode decision charges each launch past a candidate's first (tuning.EXTRA_LAUNCH_MS)
+DECODE_CANDIDATES = 4
 # the longest cache "kiln-decode-whole" (one split, a program per kv head) is offered on. The tuner times a decode step
 # on its example inputs, where only the prompt's keys are attended: one split over those few keys looks cheap, but the
 # plan runs at every length up to the cache's, where a handful of programs would stream the whole context alone
@@ -100,7 +103,7 @@ def _cublas(x, w, bias, gate, residual, act: str, glu: bool, out: torch.Tensor, 
     (``tmp``: the [M, 2N] product of a GLU)."""
     m, k = math.prod(x.shape[:-1]), x.shape[-1]
     out2 = out.view(m, out.shape[-1])
-    plain = act == "none" and not glu and gate is None and residual is None
+    plain = not _cublas_epilogue(act, glu, gate, residual)
     h2 = tmp if glu else out2  # the product; the epilogue reads it with the output's leading dims
     x2, dst = x.reshape(m, k), out2 if plain else h2
     if bias is not None:  # cuBLAS adds it in float32 before rounding, as F.linear does
@@ -109,6 +112,11 @@ def _cublas(x, w, bias, gate, residual, act: str, glu: bool, out: torch.Tensor, 
         torch.mm(x2, w.t(), out=dst)
     if not plain:
         epilogue(h2.view(*out.shape[:-1], h2.shape[-1]), None, gate, residual, act, glu, out=out)
+
+
+def _cublas_epilogue(act: str, glu: bool, gate, residual) -> bool:
+    """Whether ``_cublas`` runs kiln's epilogue kernel after cuBLAS (a launch of its own)."""
+    return act != "none" or glu or gate is not None or residual is not None
 
 
 def with_norm(candidates: dict, fused: dict, norm: dict | None) -> dict:
@@ -123,7 +131,7 @@ def with_norm(candidates: dict, fused: dict, norm: dict | None) -> dict:
     for name, f in candidates.items():
         if name.startswith("triton-skinny:"):
             out.update(fused)
-        out[name] = lambda f=f: (run(), f())
+        out[name] = with_launches(lambda f=f: (run(), f()), 1 + launches(f))
     return {**out, **fused}
 
 
@@ -146,7 +154,8 @@ def gemm(args: list, attrs: dict, out: torch.Tensor, tmp: torch.Tensor | None, d
     out2 = out.view(m, nout)
     wt = w.t()
 
-    candidates = {"cublas": lambda: _cublas(x, w, bias, gate, residual, act, glu, out, tmp)}
+    candidates = {"cublas": with_launches(lambda: _cublas(x, w, bias, gate, residual, act, glu, out, tmp),
+                                          1 + _cublas_epilogue(act, glu, gate, residual))}
     # cuBLAS(Lt) computes two epilogues itself: + a full residual (as addmm's C) and bias + tanh-GELU
     only_residual = residual is not None and act == "none" and not glu and gate is None and bias is None
     if only_residual and tuple(residual.shape) == tuple(out.shape):
@@ -229,8 +238,10 @@ def skinny(x, weight: dict, epilogue_ops: tuple, attrs: dict, out, workspace, de
         name, src, prologue = "triton-skinny-norm", norm["x"], dict(norm_weight=norm["w"], norm_eps=norm["eps"])
     candidates = {}
     for c in _skinny_configs(m, n, k, weight.get("bits"), glu, device, norm is not None, weight.get("group")):
-        candidates[config_name(name, c)] = (lambda c=c: ts.skinny_gemm(src, bias=bias, gate=gate, residual=residual, act=act, glu=glu,
-                                                                       **weight, **prologue, out=out, **scratch, config=c))
+        def run(c=c):
+            return ts.skinny_gemm(src, bias=bias, gate=gate, residual=residual, act=act, glu=glu, **weight, **prologue, out=out,
+                           **scratch, config=c)
+        candidates[config_name(name, c)] = with_launches(run, 2 if c.get("REDUCE") == "separate" else 1)
     return candidates
 
 
@@ -245,7 +256,8 @@ def qgemm(args: list, attrs: dict, out: torch.Tensor, tmp: torch.Tensor | None, 
         w = tq.dequantize(q, scales, zeros, bits, group, torch.float32).to(x.dtype)
         _cublas(x, w, bias, gate, residual, act, glu, out, tmp)
 
-    candidates = {"dequant-cublas": dequant_cublas}
+    # (dequantized in float32, rounded, cuBLAS, the epilogue where there is one)
+    candidates = {"dequant-cublas": with_launches(dequant_cublas, 3 + _cublas_epilogue(act, glu, gate, residual))}
     weight = dict(qweight=q, scales=scales, zeros=zeros, bits=bits, group=group)
     decode = skinny(x, weight, (bias, gate, residual), attrs, out, workspace, device)
     candidates.update(decode)
@@ -491,7 +503,7 @@ def attention(args: list, attrs: dict, out: torch.Tensor, scratch: torch.Tensor 
         out.copy_(F.scaled_dot_product_attention(q, kd, vd, attn_mask=attn_mask, is_causal=sdpa_causal, scale=scale,
                                                  enable_gqa=enable_gqa))
 
-    candidates = {"sdpa": sdpa} if (ks is None and vs is None) or scratch is not None else {}
+    candidates = {"sdpa": with_launches(sdpa, 2)} if (ks is None and vs is None) or scratch is not None else {}
     if _triton_ok(ta.DTYPES, q.dtype, device, ta.INTERPRET):
         if device.type == "cuda":
             heads = math.prod(q.shape[:-2])
@@ -505,8 +517,8 @@ def attention(args: list, attrs: dict, out: torch.Tensor, scratch: torch.Tensor 
     if decode:
         cfgs = td.configs() if device.type == "cuda" else [td.INTERPRET_CONFIG]
         for c in cfgs[:TRITON_ATTENTION_CONFIGS]:
-            candidates[config_name("kiln-decode", c)] = (
-                lambda c=c: td.decode_attention(q, k, v, mask, scale, enable_gqa, out=out, config=c, k_scale=ks, v_scale=vs))
+            candidates[config_name("kiln-decode", c)] = with_launches(  # (the partials, then their reduction)
+                lambda c=c: td.decode_attention(q, k, v, mask, scale, enable_gqa, out=out, config=c, k_scale=ks, v_scale=vs), 2)
         if counters is not None:  # the same splits, reduced by the last program of each kv head's: one launch
             for c in cfgs[:TRITON_ATTENTION_CONFIGS]:
                 candidates[config_name("kiln-decode-last", c)] = (

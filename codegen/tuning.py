@@ -49,6 +49,24 @@ L2_FLUSH_BYTES = 256 << 20  # written before each sample of a cold measurement: 
 # token compiling ~90 candidates one after another (H200 machine, session 5). KILN_COMPILE_THREADS=1: one at a time
 COMPILE_THREADS = int(os.environ.get("KILN_COMPILE_THREADS", "0") or 0) or min(8, os.cpu_count() or 1)
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # kernels run in Python: nothing to compile ahead
+# what a decode decision (a GEMM timed with cold weights, a decode attention) charges a candidate per kernel launch
+# past its first (``launches``), on top of its measured time. Measured on the H200 (bench/NOTES.md, session 14, runs 2
+# and 5): two plans of the 1B decode at batch 1 whose tuners differed mainly in a two-launch split-K reduction taken for 15
+# GEMVs (near-ties when timed alone) ran 0.951 and 0.990 ms a step, ~2.6 us a launch more than the timing alone said;
+# it also steadies the choice between processes where one- and two-launch forms time within the noise
+EXTRA_LAUNCH_MS = 0.002
+
+
+def with_launches(fn: Callable[[], object], n: int) -> Callable[[], object]:
+    """``fn`` marked as a candidate of ``n`` kernel launches (a decode decision charges the ones past the first:
+    ``EXTRA_LAUNCH_MS``); returns it."""
+    fn.launches = n
+    return fn
+
+
+def launches(fn: Callable[[], object]) -> int:
+    """The kernel launches a candidate makes, as ``with_launches`` marked it (default one)."""
+    return getattr(fn, "launches", 1)
 
 
 def warm_in_parallel(candidates: dict[str, Callable[[], object]], context: Callable[[], object] = contextlib.nullcontext,
@@ -252,11 +270,15 @@ class Tuner:
 
     @staticmethod
     def measure(kind: str, what: dict, candidates: dict, device: torch.device) -> dict:
-        ms, failed = time_candidates(candidates, device, cold=what.get("weights") == "cold")
+        cold = what.get("weights") == "cold"
+        ms, failed = time_candidates(candidates, device, cold=cold)
         if not ms:
             raise RuntimeError(f"no {kind} implementation ran for {what}: " + "; ".join(f"{k}: {v}" for k, v in failed.items()))
-        choice = min(ms, key=ms.get)
-        return {"kind": kind, "what": what, "choice": choice, "ms": ms, **({"failed": failed} if failed else {})}
+        decode = cold or "decode" in what  # (EXTRA_LAUNCH_MS)
+        extra = {name: n - 1 for name in ms if (n := launches(candidates[name])) > 1} if decode else {}
+        choice = min(ms, key=lambda name: ms[name] + EXTRA_LAUNCH_MS * extra.get(name, 0))
+        return {"kind": kind, "what": what, "choice": choice, "ms": ms, **({"extra_launches": extra} if extra else {}),
+                **({"failed": failed} if failed else {})}
 
     def to_json(self) -> dict:
         """What ``tuning.json`` holds: every decision with its measurements."""

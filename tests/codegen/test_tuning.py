@@ -5,7 +5,7 @@ import time
 import pytest
 import torch
 
-from kiln.codegen.tuning import L2_FLUSH_BYTES, Tuner, time_candidates, warm_in_parallel
+from kiln.codegen.tuning import L2_FLUSH_BYTES, Tuner, launches, time_candidates, warm_in_parallel, with_launches
 
 
 def _sleeper(ms: float, calls: list):
@@ -54,6 +54,21 @@ def test_decode_gemms_are_timed_with_cold_weights():
     calls = []
     ms, failed = time_candidates({"a": _sleeper(2, calls), "b": _sleeper(1, calls)}, torch.device("cpu"), cold=True)
     assert ms["b"] < ms["a"] and not failed
+
+
+def test_a_decode_decision_charges_extra_launches(monkeypatch):
+    """A decode decision (cold weights, or a decode attention) adds EXTRA_LAUNCH_MS per launch past a candidate's first
+    to its measured time, and records which were charged; other decisions take the fastest as timed."""
+    import kiln.codegen.tuning as tuning
+
+    monkeypatch.setattr(tuning, "EXTRA_LAUNCH_MS", 20.0)  # (sleeps on the CPU: far above their noise)
+    calls = []
+    cands = {"one-launch": _sleeper(8, calls), "two-launch": with_launches(_sleeper(2, calls), 2)}
+    assert launches(cands["one-launch"]) == 1 and launches(cands["two-launch"]) == 2
+    for what, choice in (({"weights": "cold"}, "one-launch"), ({"decode": 4}, "one-launch"), ({}, "two-launch")):
+        d = Tuner.measure("gemm", what, cands, torch.device("cpu"))
+        assert d["choice"] == choice and d["ms"]["two-launch"] < d["ms"]["one-launch"]
+        assert d.get("extra_launches") == ({"two-launch": 1} if what else None)
 
 
 @pytest.mark.gpu
