@@ -223,6 +223,10 @@ print(f'import torch {a - t:.2f} s, kiln {b - a:.2f} s'); t = time.time(); torch
       timeout 150 python3 -m pytest -q -rf -p no:logging -m gpu tests/codegen/test_epilogue_codes.py \
         tests/runtime/test_kernel_plan_codes.py 2>&1 | tee "$OUT/s15atests.log" | grep -v DEBUG | tail -6
       timeout 330 python3 bench/fp8.py --out "$OUT/fp8.json" 2>&1 | tail -40 ;;
+    s16a)  # session 16: the tuner charging decode candidates 2 us a launch past their first (tuning.EXTRA_LAUNCH_MS): the
+           # 1B bf16 decode at batch 1 and 16 (kernels a step: 121 or fewer at batch 1)
+      DECODE_JSON=decode_bf16_16a.json timeout 200 python3 bench/decode.py --models 1b --batches 1,16 --no-compile-peer 2>&1 \
+        | grep -v '^ *\[\|^ *"' | tail -8 ;;
     ncu_magic)  # Nsight Compute on the 8B int4 gate/up at one row, every skinny config (WORDS, byte tiles, MAGIC)
       NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
       timeout 150 "$NCU" --profile-from-start off --clock-control none --section SpeedOfLight --section WarpStateStats \
