@@ -227,6 +227,12 @@ print(f'import torch {a - t:.2f} s, kiln {b - a:.2f} s'); t = time.time(); torch
            # 1B bf16 decode at batch 1 and 16 (kernels a step: 121 or fewer at batch 1)
       DECODE_JSON=decode_bf16_16a.json timeout 200 python3 bench/decode.py --models 1b --batches 1,16 --no-compile-peer 2>&1 \
         | grep -v '^ *\[\|^ *"' | tail -8 ;;
+    s16b)  # session 16: the row quantizers holding whole rows (one read): GPU tests, quantize_rows / epilogue_codes one walk vs
+           # two at DiT / 1B prefill shapes, then DiT-XL/2 and the 1B prefill 2048 in bf16 / fp8 / w8a8 (issue 14)
+      timeout 150 python3 -m pytest -q -rf -p no:logging -m gpu tests/codegen/test_epilogue_codes.py tests/codegen/test_aqgemm.py \
+        -k "codes or rows" 2>&1 | tee "$OUT/s16btests.log" | grep -v DEBUG | tail -6
+      timeout 120 python3 bench/row_codes.py 2>&1 | tail -16
+      timeout 330 python3 bench/fp8.py --out "$OUT/fp8b.json" 2>&1 | tail -2 ;;
     ncu_magic)  # Nsight Compute on the 8B int4 gate/up at one row, every skinny config (WORDS, byte tiles, MAGIC)
       NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
       timeout 150 "$NCU" --profile-from-start off --clock-control none --section SpeedOfLight --section WarpStateStats \

@@ -82,6 +82,9 @@ ATTENTION_CANDIDATES = 2
 # measured again): 2 since "kiln-decode-whole" exists, 3 since the kernel reads only the keys the mask attends, 4 since
 # a decode decision charges each launch past a candidate's first (tuning.EXTRA_LAUNCH_MS)
 DECODE_CANDIDATES = 4
+# the generation of the row kernels storing codes (in a coded AQGEMM's what): 2 since quantize_rows / epilogue_codes
+# hold rows up to 16384 wide in registers (one read of their input, not two)
+ROW_CODES_CANDIDATES = 2
 # the longest cache "kiln-decode-whole" (one split, a program per kv head) is offered on. The tuner times a decode step
 # on its example inputs, where only the prompt's keys are attended: one split over those few keys looks cheap, but the
 # plan runs at every length up to the cache's, where a handful of programs would stream the whole context alone
@@ -412,7 +415,8 @@ def coded_aqgemm(args: list, attrs: dict, out: torch.Tensor, device: torch.devic
             for _, f in st:
                 f()
         return run
-    return dict(what, out_codes=[fmt, smooth is not None]), {name: candidate(st) for name, st in steps.items()}, steps
+    return (dict(what, out_codes=[fmt, smooth is not None], row_codes=ROW_CODES_CANDIDATES),
+            {name: candidate(st) for name, st in steps.items()}, steps)
 
 
 def _decode_fits(q, k, v, mask, causal: bool, gqa: bool, device: torch.device) -> bool:

@@ -13,8 +13,9 @@ e4m3's 4 significant bits by Veltkamp's split (hi = c - (c - v), c = v * (2**20 
 fused multiply-adds, which is why the GPU path does not use it) and the cast has nothing left to round; e4m3's
 subnormals (|v| < 2**-6, i.e. below amax / 28672) the interpreter still flushes to zero.
 
-One program owns BLOCK_M rows and walks K twice in BLOCK_K steps: the row maxima, then the codes (the second read
-of a row mostly hits L2). The scale and the codes of a tile are ``row_scale`` and ``row_codes``, which a generated
+One program owns BLOCK_M rows. Rows up to WHOLE_ROW wide are held whole: read once, their maxima, scales and codes
+from registers. Wider ones are walked twice in BLOCK_K steps: the row maxima, then the codes (the second read of a
+row partly hits L2). The scale and the codes of a tile are ``row_scale`` and ``row_codes``, which a generated
 pointwise kernel holding whole rows calls too when it stores its output as codes (``codegen/pointwise.py``: the
 quantizer fused into the kernel producing the activations, no pass of its own).
 """
@@ -33,6 +34,8 @@ FORMATS = {"int8": (torch.int8, 127.0), "fp8": (torch.float8_e4m3fn, 448.0)}  # 
 TINY = tl.constexpr(1.1754943508222875e-38)  # float32's smallest normal: the scale of an all-zero row (constexpr: a kernel reads it)
 
 INTERPRET_CONFIG = dict(BLOCK_M=4, BLOCK_K=16)
+# the widest row a program holds whole (one read of x; 32 float32 values a thread at 16 warps): wider rows are walked twice
+WHOLE_ROW = 16384
 
 
 @triton.jit
@@ -61,13 +64,24 @@ def _quantize_rows_kernel(
     M, K,
     stride_xm, stride_xk, stride_qm, stride_qk,
     QMAX: tl.constexpr, FP8: tl.constexpr, HAS_SMOOTH: tl.constexpr, EMULATE_FP8: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, ONE_WALK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
     rows = offs_m.to(tl.int64)  # int64 addressing: M * K may pass 2**31
     offs_k = tl.arange(0, BLOCK_K)
+
+    if ONE_WALK:  # (BLOCK_K >= K) the whole rows in registers: one read
+        mask = mask_m[:, None] & (offs_k < K)[None, :]
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=mask, other=0.0).to(tl.float32)
+        if HAS_SMOOTH:
+            x = x * tl.load(c_ptr + offs_k, mask=offs_k < K, other=0.0)[None, :]
+        scale = row_scale(tl.max(tl.abs(x), axis=1), QMAX)
+        tl.store(s_ptr + rows, scale, mask=mask_m)
+        tl.store(q_ptr + rows[:, None] * stride_qm + offs_k[None, :] * stride_qk, row_codes(x, scale, QMAX, FP8, EMULATE_FP8),
+                 mask=mask)
+        return
 
     amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for kk in range(0, K, BLOCK_K):
@@ -88,11 +102,25 @@ def _quantize_rows_kernel(
         tl.store(q_ptr + rows[:, None] * stride_qm + (kk + offs_k)[None, :] * stride_qk, q, mask=mask)
 
 
+def whole_rows(m: int, n: int, per_thread: int = 32) -> dict | None:
+    """The tile of a row kernel holding whole rows n wide (``WHOLE_ROW`` at most): BLOCK_M rows of BLOCK_N =
+    next_power_of_2(n), ~8K elements a program, warps for ~``per_thread`` elements a thread (4 to 16); None for wider
+    rows (walked twice)."""
+    block_n = triton.next_power_of_2(n)
+    if block_n > WHOLE_ROW:
+        return None
+    block_m = max(1, min(triton.next_power_of_2(m), 8192 // block_n))
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=min(16, max(4, block_m * block_n // (32 * per_thread))))
+
+
 def _config(m: int, k: int) -> dict:
-    """GPU tiles, no autotuning: a memory-bound pass; whole rows up to 4096 wide, 8-16 K elements a program."""
-    block_k = min(triton.next_power_of_2(k), 4096)
-    block_m = max(1, min(triton.next_power_of_2(m), 8192 // block_k))
-    return dict(BLOCK_M=block_m, BLOCK_K=block_k, num_warps=8 if block_m * block_k >= 8192 else 4)
+    """GPU tiles, no autotuning: a memory-bound pass; whole rows up to WHOLE_ROW wide (one read), wider ones in 4096-
+    wide steps, 8-16 K elements a program."""
+    whole = whole_rows(m, k)
+    if whole is not None:
+        return dict(BLOCK_M=whole["BLOCK_M"], BLOCK_K=whole["BLOCK_N"], num_warps=whole["num_warps"])
+    block_m = max(1, min(triton.next_power_of_2(m), 2))
+    return dict(BLOCK_M=block_m, BLOCK_K=4096, num_warps=8)
 
 
 def quantize_rows(x: torch.Tensor, fmt: str, smooth: torch.Tensor | None = None, out: tuple | None = None) -> tuple:
@@ -117,5 +145,5 @@ def quantize_rows(x: torch.Tensor, fmt: str, smooth: torch.Tensor | None = None,
     c = INTERPRET_CONFIG if INTERPRET else _config(m, k)
     _quantize_rows_kernel[(triton.cdiv(m, c["BLOCK_M"]),)](
         x, smooth if smooth is not None else x, q, s, m, k, x.stride(0), x.stride(1), q.stride(0), q.stride(1),
-        QMAX=qmax, FP8=fmt == "fp8", HAS_SMOOTH=smooth is not None, EMULATE_FP8=INTERPRET, **c)
+        QMAX=qmax, FP8=fmt == "fp8", HAS_SMOOTH=smooth is not None, EMULATE_FP8=INTERPRET, ONE_WALK=c["BLOCK_K"] >= k, **c)
     return q, s

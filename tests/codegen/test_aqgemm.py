@@ -7,6 +7,7 @@ import torch
 
 import kiln
 from kiln.codegen.kernels import aqgemm as A
+from kiln.codegen.kernels import quantize_rows as QR
 from kiln.codegen.kernels.quantize_rows import quantize_rows
 from kiln.codegen.tuning import Tuner
 from kiln.ir import quant
@@ -25,9 +26,17 @@ def r(*shape, dtype=torch.float32, scale=1.0):
     return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(dtype)
 
 
+@pytest.fixture(params=["two-walks", "one-walk"])
+def walks(request, monkeypatch):
+    # the quantizer's two forms: 16-wide steps (rows walked twice), or one 64-wide tile holding the rows whole
+    if request.param == "one-walk":
+        monkeypatch.setitem(QR.INTERPRET_CONFIG, "BLOCK_K", 64)
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("smooth", [False, True])
-def test_int8_rows_are_the_references_codes(dtype, smooth):
+def test_int8_rows_are_the_references_codes(dtype, smooth, walks):
     x = r(9, 53, dtype=dtype, scale=3.0)
     x[2] = 0  # a zero row: the tiny scale, codes 0
     x[3, :6] = torch.tensor([127.0, 0.5, 1.5, -2.5, 2.5, -0.5]).to(dtype)  # ties: half to even
@@ -37,7 +46,7 @@ def test_int8_rows_are_the_references_codes(dtype, smooth):
     assert q.dtype == torch.int8 and torch.equal(s, want_s) and torch.equal(q, want_q)
 
 
-def test_fp8_rows_are_the_references_codes_but_subnormals():
+def test_fp8_rows_are_the_references_codes_but_subnormals(walks):
     x = r(7, 40, scale=2.0)
     x[1, :5] = torch.tensor([448.0, 1.0625, 272.0, 1e-4, -1e-5])  # scale 1: two ties (to 1 and 256: even), subnormals
     q, s = quantize_rows(x.t().contiguous().t(), "fp8")  # (column-major x: strides are honoured)
@@ -49,9 +58,10 @@ def test_fp8_rows_are_the_references_codes_but_subnormals():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("fmt", ["int8", "fp8"])
-def test_rows_bit_for_bit_on_the_gpu(fmt):
-    x = r(300, 2048, dtype=torch.bfloat16, scale=3.0).cuda()
-    c = (torch.rand(2048, generator=gen) + 0.5).cuda()
+@pytest.mark.parametrize("k", [2048, 4608, 20000])  # whole rows: 4 a program, 1 (masked to 8192); 20000: walked twice
+def test_rows_bit_for_bit_on_the_gpu(fmt, k):
+    x = r(300, k, dtype=torch.bfloat16, scale=3.0).cuda()
+    c = (torch.rand(k, generator=gen) + 0.5).cuda()
     q, s = quantize_rows(x, fmt, c)
     want_q, want_s = quant.quantize_rows(x.float() * c, fmt)
     assert torch.equal(s, want_s) and torch.equal(q.view(torch.uint8), want_q.view(torch.uint8))

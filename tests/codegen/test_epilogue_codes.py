@@ -7,6 +7,7 @@ import torch
 
 from kiln.codegen.kernels.aqgemm import scaled_epilogue
 from kiln.codegen.kernels.epilogue import epilogue
+from kiln.codegen.kernels import epilogue_codes as EC
 from kiln.codegen.kernels.epilogue_codes import epilogue_codes
 from kiln.codegen.kernels.quantize_rows import FORMATS, quantize_rows
 from kiln.testing import rel_err
@@ -23,6 +24,14 @@ def empty(fmt, shape, device="cpu"):
     return torch.empty(shape, dtype=FORMATS[fmt][0], device=device), torch.empty(shape[:-1], dtype=torch.float32, device=device)
 
 
+@pytest.fixture(params=["two-walks", "one-walk"])
+def walks(request, monkeypatch):
+    # the kernel's two forms: 16-wide steps (rows walked twice), or one 128-wide tile holding the rows whole
+    if request.param == "one-walk":
+        monkeypatch.setitem(EC.INTERPRET_CONFIG, "BLOCK_N", 128)
+    return request.param
+
+
 def separate(h, fmt, smooth=None, **epi):
     # the two launches the fused kernel replaces: y stored by the epilogue, then the row quantizer
     y = epilogue(h, **epi)
@@ -33,7 +42,7 @@ def separate(h, fmt, smooth=None, **epi):
 @pytest.mark.parametrize("fmt", ["int8", "fp8"])
 @pytest.mark.parametrize("act", ACTS)
 @pytest.mark.parametrize("glu", [False, True])
-def test_float_product_as_the_epilogue_then_the_quantizer(fmt, act, glu):
+def test_float_product_as_the_epilogue_then_the_quantizer(fmt, act, glu, walks):
     # h [2, 9, 100] float16 (rows 18: 4-row programs, a partial one; 50 / 100 columns: 16-wide steps, a partial one)
     h, dtype = r(2, 9, 100, dtype=torch.float16) * 3, torch.float16
     n = 50 if glu else 100
@@ -48,7 +57,7 @@ def test_float_product_as_the_epilogue_then_the_quantizer(fmt, act, glu):
 @pytest.mark.interpreter
 @pytest.mark.parametrize("fmt", ["int8", "fp8"])
 @pytest.mark.parametrize("glu", [False, True])
-def test_product_of_codes_as_the_scaled_epilogue_then_the_quantizer(fmt, glu):
+def test_product_of_codes_as_the_scaled_epilogue_then_the_quantizer(fmt, glu, walks):
     # torch._int_mm's int32 product with its row and column scales (w8a8's library path), no smooth vector
     m, nh = 13, 64
     h = torch.randint(-20000, 20000, (m, nh), generator=gen, dtype=torch.int32)
@@ -83,16 +92,22 @@ def test_zero_rows_and_bad_operands():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("fmt", ["int8", "fp8"])
-def test_gate_up_into_down_codes_on_cuda(fmt):
-    # bf16 [512, 2 x 4096] gate/up product -> SiLU-GLU -> the down projection's codes; the codes dequantized against
-    # float64's GLU within the format's step (e4m3: 2^-4 relative, int8: amax / 127 a row), and the two-launch form's
-    # codes within one step where y's rounding ties differ
-    h = r(512, 8192, dtype=torch.bfloat16, device="cuda")
-    q, s = epilogue_codes(h, fmt, *empty(fmt, (512, 4096), "cuda"), act="silu", glu=True)
+@pytest.mark.parametrize("m, n", [(512, 4096), (40, 20000)])  # whole rows in registers; rows walked twice
+def test_gate_up_into_down_codes_on_cuda(fmt, m, n):
+    # bf16 [m, 2 x n] gate/up product -> SiLU-GLU -> the down projection's codes; each code dequantized against
+    # float64's GLU within y's bfloat16 rounding (2^-8 relative, with the SiLU's float32 error) plus the format's own
+    # rounding (int8: half a step, amax / 127 a row; e4m3: 2^-4 relative, half its subnormal step 2^-9 x the scale),
+    # and the two-launch form's codes within one step where y's rounding ties differ
+    h = r(m, 2 * n, dtype=torch.bfloat16, device="cuda")
+    q, s = epilogue_codes(h, fmt, *empty(fmt, (m, n), "cuda"), act="silu", glu=True)
     g, u = h.double().chunk(2, -1)
     want = torch.nn.functional.silu(g) * u
-    got = q.double() * s.double()[:, None]
-    assert rel_err(got, want) <= (4e-2 if fmt == "fp8" else 1e-2)
+    step = s.double()[:, None]
+    got = q.double() * step
+    own = want.abs() * 2 ** -4 + step * 2 ** -10 if fmt == "fp8" else step / 2
+    assert ((got - want).abs() <= (own + want.abs() * 2 ** -8) * (1 + 1e-3) + 1e-6).all()
+    # (a product of two normals has heavy tails: a row's amax ~15x its RMS, int8's half step ~2.5% of the RMS)
+    assert rel_err(got, want) <= (4e-2 if fmt == "fp8" else 3e-2)
     q2, s2 = separate(h, fmt, act="silu", glu=True)
     assert rel_err(s, s2) <= 1e-6
     assert (q.double() - q2.double()).abs().max() <= (32 if fmt == "fp8" else 1)
