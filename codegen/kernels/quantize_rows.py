@@ -5,13 +5,19 @@
             = e4m3(clamp(x[m, k] * c[k] / s[m], -448, 448))     fp8    (torch.float8_e4m3fn, round to nearest even)
 
 The formulas of ``ir/quant.py``'s ``quantize_rows`` (the reference), with the same roundings: the division is
-IEEE's (``tl.div_rn``, not the approximate ``/``), and round-half-even comes from adding and subtracting
+IEEE's, x / s rounded once, and round-half-even comes from adding and subtracting
 1.5 * 2**23 (exact for |v| < 2**22: the float32 add itself rounds to nearest even), so the codes equal torch's
 bit for bit. On the GPU the fp8 cast is cvt.rn.satfinite: torch's. The Triton interpreter's cast truncates and
 loses the carry into the exponent (126.3 -> 64), so under the interpreter (``EMULATE_FP8``) v is first rounded to
 e4m3's 4 significant bits by Veltkamp's split (hi = c - (c - v), c = v * (2**20 + 1): exact in IEEE float32 without
 fused multiply-adds, which is why the GPU path does not use it) and the cast has nothing left to round; e4m3's
 subnormals (|v| < 2**-6, i.e. below amax / 28672) the interpreter still flushes to zero.
+
+The division costs a multiply and two fused multiply-adds an element, not ``tl.div_rn``'s ~15 instructions with their
+branch around a slow path (which made the one-read quantizer issue-bound: ~28 SASS instructions an element, H200
+session 16): with r = 1 / s rounded to nearest (one ``div_rn`` a row), q = x * r is within an ulp of x / s, its
+residual e = x - q * s is exact in one fma, and q + e * r rounded once is x / s correctly rounded (Markstein's
+theorem; it needs no underflow, and a quotient below 2**-126 codes to 0 either way).
 
 One program owns BLOCK_M rows. Rows up to WHOLE_ROW wide are held whole: read once, their maxima, scales and codes
 from registers. Wider ones are walked twice in BLOCK_K steps: the row maxima, then the codes (the second read of a
@@ -47,7 +53,11 @@ def row_scale(amax, QMAX: tl.constexpr):
 @triton.jit
 def row_codes(x, scale, QMAX: tl.constexpr, FP8: tl.constexpr, EMULATE_FP8: tl.constexpr):
     # x [BLOCK_M, BLOCK_K] float32 (smoothed), scale [BLOCK_M] -> int8 / e4m3 codes (module docstring)
-    v = tl.minimum(tl.maximum(tl.div_rn(x, scale[:, None]), -QMAX), QMAX)
+    s = scale[:, None]
+    r = tl.div_rn(tl.full(s.shape, 1.0, tl.float32), s)  # (module docstring: x / s by Markstein's correction)
+    q = x * r
+    v = tl.fma(tl.fma(q, -s, x), r, q)  # (-s: negated once a row, q's product not computed again negated)
+    v = tl.minimum(tl.maximum(v, -QMAX), QMAX)
     if FP8:
         if EMULATE_FP8:  # (module docstring)
             c = v * 1048577.0

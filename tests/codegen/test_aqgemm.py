@@ -56,6 +56,32 @@ def test_fp8_rows_are_the_references_codes_but_subnormals(walks):
     assert torch.equal(q.float()[normal], want_q.float()[normal]) and bool((q.float()[~normal].abs() < 2 ** -6).all())
 
 
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+def test_the_division_rounds_as_ieee_at_the_code_boundaries(fmt):
+    # x / s by a reciprocal and Markstein's correction (quantize_rows.py) must round as one IEEE division exactly where
+    # it matters: quotients a hair either side of the roundings between codes (int8's halves; e4m3's midpoints between
+    # neighbours), for scales of every significand (rows' amax at random)
+    qmax = 127.0 if fmt == "int8" else 448.0
+    m, k = 48, 96
+    amax = torch.rand(m, generator=gen, dtype=torch.float64).mul(8).sub(4).exp2().float()  # 2^-4 .. 2^4
+    s = (amax / qmax).float()
+    if fmt == "int8":
+        mids = torch.randint(-127, 127, (m, k), generator=gen).double() + 0.5
+    else:
+        grid = torch.arange(0, 256, dtype=torch.uint8).view(torch.float8_e4m3fn).double()
+        grid = grid[grid.isfinite() & (grid >= 2 ** -6)].unique()  # (normals: the interpreter flushes subnormals)
+        pick = torch.randint(0, len(grid) - 1, (m, k), generator=gen)
+        sign = torch.randint(0, 2, (m, k), generator=gen).double() * 2 - 1
+        mids = sign * (grid[pick] + grid[pick + 1]) / 2
+    x = (mids * s.double()[:, None]).float()
+    x = torch.where(torch.rand(m, k, generator=gen) < 0.5, x.nextafter(torch.full_like(x, -1e30)),
+                    x.nextafter(torch.full_like(x, 1e30)))
+    x[:, 0] = amax  # each row's maximum, so its scale is s
+    q, sc = quantize_rows(x, fmt)
+    want_q, want_s = quant.quantize_rows(x, fmt)
+    assert torch.equal(sc, want_s) and torch.equal(q.view(torch.uint8), want_q.view(torch.uint8))
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("fmt", ["int8", "fp8"])
 @pytest.mark.parametrize("k", [2048, 4608, 20000])  # whole rows: 4 a program, 1 (masked to 8192); 20000: walked twice

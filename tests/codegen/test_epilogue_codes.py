@@ -106,8 +106,6 @@ def test_gate_up_into_down_codes_on_cuda(fmt, m, n):
     got = q.double() * step
     own = want.abs() * 2 ** -4 + step * 2 ** -10 if fmt == "fp8" else step / 2
     assert ((got - want).abs() <= (own + want.abs() * 2 ** -8) * (1 + 1e-3) + 1e-6).all()
-    # (a product of two normals has heavy tails: a row's amax ~15x its RMS, int8's half step ~2.5% of the RMS)
-    assert rel_err(got, want) <= (4e-2 if fmt == "fp8" else 3e-2)
     q2, s2 = separate(h, fmt, act="silu", glu=True)
     assert rel_err(s, s2) <= 1e-6
     assert (q.double() - q2.double()).abs().max() <= (32 if fmt == "fp8" else 1)
