@@ -239,6 +239,11 @@ print(f'import torch {a - t:.2f} s, kiln {b - a:.2f} s'); t = time.time(); torch
         tests/runtime/test_kernel_plan_codes.py 2>&1 | tee "$OUT/s16ctests.log" | grep -v DEBUG | tail -6
       timeout 120 python3 bench/row_codes.py 2>&1 | tail -16
       timeout 330 python3 bench/fp8.py --out "$OUT/fp8c.json" 2>&1 | tail -2 ;;
+    s16d)  # session 16: the AQGEMM tile filling the last wave best (aqgemm.wave_fit) among the tuner's candidates: GPU tests of
+           # the template, DiT-XL/2 and the 1B prefill in bf16 / fp8 / w8a8 (issue 14)
+      timeout 150 python3 -m pytest -q -rf -p no:logging -m gpu tests/codegen/test_aqgemm.py 2>&1 | tee "$OUT/s16dtests.log" \
+        | grep -v DEBUG | tail -4
+      timeout 330 python3 bench/fp8.py --out "$OUT/fp8d.json" 2>&1 | tail -2 ;;
     ncu_magic)  # Nsight Compute on the 8B int4 gate/up at one row, every skinny config (WORDS, byte tiles, MAGIC)
       NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
       timeout 150 "$NCU" --profile-from-start off --clock-control none --section SpeedOfLight --section WarpStateStats \

@@ -82,6 +82,9 @@ ATTENTION_CANDIDATES = 2
 # measured again): 2 since "kiln-decode-whole" exists, 3 since the kernel reads only the keys the mask attends, 4 since
 # a decode decision charges each launch past a candidate's first (tuning.EXTRA_LAUNCH_MS)
 DECODE_CANDIDATES = 4
+# the AQGEMM candidates' generation (in an AQGEMM's what): 2 since the template's tile filling the last wave best is
+# tried too (aqgemm.wave_fit)
+AQGEMM_CANDIDATES = 2
 # the generation of the row kernels storing codes (in a coded AQGEMM's what): 2 since quantize_rows / epilogue_codes
 # hold rows up to 16384 wide in registers (one read of their input, not two)
 ROW_CODES_CANDIDATES = 2
@@ -291,8 +294,11 @@ def aqgemm(args: list, attrs: dict, out: torch.Tensor, tmp: torch.Tensor | None,
     quantized = _quantized(x, fmt, smooth, codes)
     candidates = {}
     if quantizes(x.dtype, device):
-        cfgs = taq.configs(m, glu) if device.type == "cuda" else [taq.INTERPRET_CONFIG]
-        for c in cfgs[:TRITON_AQGEMM_CONFIGS]:
+        cfgs = taq.configs(m, glu)[:TRITON_AQGEMM_CONFIGS] if device.type == "cuda" else [taq.INTERPRET_CONFIG]
+        if device.type == "cuda":  # and the tile filling the last wave best, where it is another (taq.wave_fit)
+            fit = taq.wave_fit(m, nw // 2 if glu else nw, glu, torch.cuda.get_device_properties(device).multi_processor_count)
+            cfgs += [fit] if fit is not None and fit not in cfgs else []
+        for c in cfgs:
             candidates[config_name("triton-aqgemm", c)] = (
                 lambda c=c: taq.aqgemm(*quantized(), wq, ws, bias, gate, residual, act, glu, out=out, config=c))
         candidates.update(_aqgemm_library(quantized, wq, ws, (bias, gate, residual), attrs, out, device, (m, k, nw)))
@@ -300,7 +306,8 @@ def aqgemm(args: list, attrs: dict, out: torch.Tensor, tmp: torch.Tensor | None,
         candidates["reference"] = lambda: out.copy_(OPS["AQGEMM"].ref(args, attrs))
     what = {"op": "AQGEMM", "format": fmt, "x": list(x.shape), "x_stride": list(x.stride()), "w": list(wq.shape),
             "dtype": str(x.dtype), "smooth": smooth is not None, "act": act, "glu": glu, "bias": bias is not None,
-            "gate": None if gate is None else list(gate.shape), "residual": None if residual is None else list(residual.shape)}
+            "gate": None if gate is None else list(gate.shape), "residual": None if residual is None else list(residual.shape),
+            "candidates": AQGEMM_CANDIDATES}
     if codes is not None:  # (the GEMM alone: another measurement than quantizer + GEMM)
         what["codes"] = True
     return what, candidates

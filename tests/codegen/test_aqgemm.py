@@ -82,6 +82,18 @@ def test_the_division_rounds_as_ieee_at_the_code_boundaries(fmt):
     assert torch.equal(sc, want_s) and torch.equal(q.view(torch.uint8), want_q.view(torch.uint8))
 
 
+def test_wave_fit_offers_the_tile_filling_the_last_wave():
+    # DiT-XL/2 at 2048 rows, 1152 output columns, 132 SMs: 128 x 128 tiles are 144 (two waves, the second 12 tiles);
+    # 64 x 128 tiles are 288 (three waves, 73% filled). The 1B prefill's 2048 x 2048 fills 128 x 128's waves as well
+    # as any other (256 tiles: 97%): nothing offered. GLU never gets a tile past 128 x 128 (two accumulators).
+    c = A.wave_fit(2048, 1152, False, 132)
+    assert (c["BLOCK_M"], c["BLOCK_N"]) == (64, 128) and c in A.configs(2048)
+    assert A.wave_fit(2048, 2048, False, 132) is None
+    for m, n in ((512, 4608), (4096, 1152), (300, 5000)):
+        c = A.wave_fit(m, n, True, 132)
+        assert c is None or (c in A.configs(m, True) and c["BLOCK_M"] * c["BLOCK_N"] <= 128 * 128)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("fmt", ["int8", "fp8"])
 @pytest.mark.parametrize("k", [2048, 4608, 20000])  # whole rows: 4 a program, 1 (masked to 8192); 20000: walked twice
