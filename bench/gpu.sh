@@ -244,7 +244,7 @@ print(f'import torch {a - t:.2f} s, kiln {b - a:.2f} s'); t = time.time(); torch
       timeout 150 python3 -m pytest -q -rf -p no:logging -m gpu tests/codegen/test_aqgemm.py 2>&1 | tee "$OUT/s16dtests.log" \
         | grep -v DEBUG | tail -4
       timeout 330 python3 bench/fp8.py --out "$OUT/fp8d.json" 2>&1 | tail -2 ;;
-    s16e)  # session 16: MAGIC tiles with twice their splits at one row (Nsight: 224 programs, 19% of the warp slots): the
+    s16e)  # session 16: MAGIC tiles with twice their splits at one row (tried in 585966f and taken out again: 31.7 vs WORDS 27.0 us): the
            # 8B int4 gate/up and down per config, the 8B w4a16 decode (issue 13's 650 tok/s goal), the MAGIC GPU tests
       timeout 100 python3 bench/decode_gemm.py --out "$OUT/magic_split.json" --m 1 --kinds int4_g128 --shapes "8b gate/up glu" \
         "8b down + residual" 2>&1 | tail -6

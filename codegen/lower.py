@@ -72,8 +72,8 @@ TRITON_ATTENTION_CONFIGS = 3
 # 128 registers a thread (skinny.Tile.maxnreg: 4 programs an SM, not 3), 8 since a 4-bit weight also tries the MAGIC
 # tiles (skinny.MAGIC_TILES: tensor cores at one row too), 9 since the norm prologue also tries NORM_POST (the statistics
 # summed in the main loop, no pass before it), 10 since a decode decision charges each launch past a candidate's first
-# (tuning.EXTRA_LAUNCH_MS), 11 since the first MAGIC tile also comes with twice its splits
-SKINNY_CANDIDATES = 11
+# (tuning.EXTRA_LAUNCH_MS)
+SKINNY_CANDIDATES = 10
 # the attention candidates' generation (a decision measured between older ones is measured again): 2 since q k^T over a head dim
 # like 72 runs as 64 + 16 lanes (attention.split_widths), 3 configurations are tried and 64-row query tiles come first
 # where 128-row ones leave SMs idle

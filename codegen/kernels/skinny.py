@@ -137,8 +137,7 @@ TILES = {
 # GEMV's 4.4 (WORDS) / 6.6 (byte tiles); whole loops (bench/gemv_sass.py, triton 3.6, sm_90, 1B shapes): 3.0-3.8
 # instructions a code at 64 rows a program, 96-128 registers. Measured on the H200 (session 14, cold): 1.2-1.85x the
 # other tiles at 16 rows (the 8B gate/up 61.7 -> 33.3 us); at one row ~1.8 TB/s, behind WORDS (2.2): the same with
-# 2-warp tiles on mma.sync (no warpgroup wait), so not wgmma's wait but each step's chain bounds it; too few programs, too
-# (configs: twins with twice the splits)
+# 2-warp tiles on mma.sync (no warpgroup wait), so not wgmma's wait but each step's chain bounds it
 MAGIC_TILES = [Tile(64, 128, 4, 4, True, magic=True), Tile(128, 128, 4, 3, True, magic=True),
                Tile(128, 128, 8, 4, True, magic=True)]
 
@@ -270,15 +269,7 @@ def configs(m: int, n: int, k: int, bits: int | None = None, glu: bool = False, 
             unique.append(c)
     unique = unique[:5 if whole_words and not dot else 4]
     if bits == 4 and group is not None and (not 0 < group < k or group >= 16):
-        magic = [tile_config(m, n, k, bits, glu, t, group=group) for t in MAGIC_TILES]
-        # and the first two with twice their splits: at one row of the 8B's gate/up their 224 programs held 19-21% of the
-        # warp slots, DRAM 32-38% busy (Nsight Compute, session 16): more programs in flight for a little more
-        # workspace traffic
-        for c in magic[:2]:
-            more = _chunking(k, 2 * c["SPLIT_K"], c["BLOCK_K"])[0]
-            if more > c["SPLIT_K"] and _workspace_fits(m, n, k, bits, more):
-                magic.append(dict(c, SPLIT_K=more, REDUCE="last"))
-        unique += [c for c in magic if c not in unique]
+        unique += [c for c in (tile_config(m, n, k, bits, glu, t, group=group) for t in MAGIC_TILES) if c not in unique]
     if norm:  # the norm without its statistics pass (NORM_POST): the first two tiles that load x as tiles, and MAGIC's
         tiles = [c for c in unique if not c.get("WORDS") and c.get("REDUCE") != "separate" and not c.get("MAGIC")][:2]
         unique += [dict(c, NORM_POST=True) for c in tiles + [c for c in unique if c.get("MAGIC")][:1]]

@@ -87,15 +87,6 @@ def test_configs_offer_magic_tiles_for_4_bit_weights(m, group):
     assert not any(c.get("MAGIC") for c in configs(m, 16384, 2048, 4, glu=True))
 
 
-def test_one_row_magic_tiles_come_with_twice_their_splits():
-    # the 8B's gate/up at one row: the first two MAGIC tiles, then each again with twice the splits (reduced in the last
-    # program); at 16 rows the partials would outweigh the weight's share of traffic: no twins
-    magic_cs = [c for c in configs(1, 28672, 4096, 4, glu=True, group=128) if c.get("MAGIC")]
-    for c in magic_cs[:2]:
-        assert dict(c, SPLIT_K=2 * c["SPLIT_K"], REDUCE="last") in magic_cs
-    assert len([c for c in configs(16, 28672, 4096, 4, glu=True, group=128) if c.get("MAGIC")]) == 3
-
-
 # ----------------------------------------------------------------------------- on the GPU
 
 
