@@ -251,6 +251,12 @@ print(f'import torch {a - t:.2f} s, kiln {b - a:.2f} s'); t = time.time(); torch
       timeout 170 python3 bench/llm_quant.py --models 8b --modes w4a16 --out "$OUT/llm_quant_8b_16e.json" 2>&1 | tail -4
       timeout 100 python3 -m pytest -q -rf -p no:logging -m gpu tests/codegen/test_skinny_magic.py 2>&1 \
         | tee "$OUT/s16etests.log" | grep -v DEBUG | tail -4 ;;
+    s16f)  # session 16: a GEMM's output written over its residual (no copy before cuBLAS's beta-add): the kernels plans' GPU
+           # tests (bf16, CUDA graphs, every GEMM choice), the 1B prefill 2048 in bf16 / fp8 / w8a8 and against torch.compile
+      timeout 90 python3 -m pytest -q -rf -p no:logging -m gpu tests/runtime/test_kernel_plan.py 2>&1 | tee "$OUT/s16ftests.log" \
+        | grep -v DEBUG | tail -4
+      timeout 110 python3 bench/fp8.py --parts llm --out "$OUT/fp8f.json" 2>&1 | tail -1
+      timeout 120 python3 bench/llama_prefill.py --modes reduce-overhead --seqs 2048 2>&1 | tail -4 ;;
     ncu_magic)  # Nsight Compute on the 8B int4 gate/up at one row, every skinny config (WORDS, byte tiles, MAGIC)
       NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
       timeout 150 "$NCU" --profile-from-start off --clock-control none --section SpeedOfLight --section WarpStateStats \

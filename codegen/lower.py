@@ -111,6 +111,8 @@ def _cublas(x, w, bias, gate, residual, act: str, glu: bool, out: torch.Tensor, 
     out2 = out.view(m, out.shape[-1])
     plain = not _cublas_epilogue(act, glu, gate, residual)
     h2 = tmp if glu else out2  # the product; the epilogue reads it with the output's leading dims
+    if not glu and in_place(residual, out):  # (out is written over the residual: the product must not go there)
+        h2 = torch.empty_like(out2)
     x2, dst = x.reshape(m, k), out2 if plain else h2
     if bias is not None:  # cuBLAS adds it in float32 before rounding, as F.linear does
         torch.addmm(bias, x2, w.t(), out=dst)
@@ -118,6 +120,12 @@ def _cublas(x, w, bias, gate, residual, act: str, glu: bool, out: torch.Tensor, 
         torch.mm(x2, w.t(), out=dst)
     if not plain:
         epilogue(h2.view(*out.shape[:-1], h2.shape[-1]), None, gate, residual, act, glu, out=out)
+
+
+def in_place(residual, out: torch.Tensor) -> bool:
+    """Whether ``out`` is written over ``residual`` (the plan gives a GEMM its residual's buffer where nothing reads the
+    residual after it: ``runtime/kernel_plan.py``)."""
+    return residual is not None and residual.data_ptr() == out.data_ptr()
 
 
 def _cublas_epilogue(act: str, glu: bool, gate, residual) -> bool:
@@ -179,7 +187,8 @@ def gemm(args: list, attrs: dict, out: torch.Tensor, tmp: torch.Tensor | None, d
     candidates = with_norm(candidates, skinny(x, dict(w=w), (bias, gate, residual), attrs, out, workspace, device, norm), norm)
     what = {"op": "GEMM", "x": list(x.shape), "x_stride": list(x.stride()), "w": list(w.shape), "dtype": str(x.dtype),
             "act": act, "glu": glu, "bias": bias is not None,
-            "gate": None if gate is None else list(gate.shape), "residual": None if residual is None else list(residual.shape)}
+            "gate": None if gate is None else list(gate.shape), "residual": None if residual is None else list(residual.shape),
+            **({"inplace": True} if in_place(residual, out) else {})}
     if decode:  # (a decision cached before the skinny template, or its one-launch split-K, was a candidate is not one
         what["skinny"] = SKINNY_CANDIDATES  # between these)
         what["weights"] = "cold"  # a decode GEMM streams its weight from HBM: timed so (tuning.py)
@@ -275,7 +284,8 @@ def qgemm(args: list, attrs: dict, out: torch.Tensor, tmp: torch.Tensor | None, 
     what = {"op": "QGEMM", "x": list(x.shape), "x_stride": list(x.stride()), "qweight": list(q.shape), "bits": bits,
             "group": group, "scales": str(scales.dtype), "zeros": zeros is not None, "dtype": str(x.dtype), "act": act,
             "glu": glu, "bias": bias is not None, "gate": None if gate is None else list(gate.shape),
-            "residual": None if residual is None else list(residual.shape)}
+            "residual": None if residual is None else list(residual.shape),
+            **({"inplace": True} if in_place(residual, out) else {})}
     if decode:
         what["skinny"] = SKINNY_CANDIDATES
         what["weights"] = "cold"
@@ -307,7 +317,7 @@ def aqgemm(args: list, attrs: dict, out: torch.Tensor, tmp: torch.Tensor | None,
     what = {"op": "AQGEMM", "format": fmt, "x": list(x.shape), "x_stride": list(x.stride()), "w": list(wq.shape),
             "dtype": str(x.dtype), "smooth": smooth is not None, "act": act, "glu": glu, "bias": bias is not None,
             "gate": None if gate is None else list(gate.shape), "residual": None if residual is None else list(residual.shape),
-            "candidates": AQGEMM_CANDIDATES}
+            "candidates": AQGEMM_CANDIDATES, **({"inplace": True} if in_place(residual, out) else {})}
     if codes is not None:  # (the GEMM alone: another measurement than quantizer + GEMM)
         what["codes"] = True
     return what, candidates
