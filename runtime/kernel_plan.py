@@ -10,7 +10,8 @@ protocol of ``plan.py``. Built in four named steps:
    Values that depend on no input are computed now (shape-dependent ones too: HF's causal mask and RoPE tables
    built from the positions), and an ATTENTION whose mask so computed is the causal triangle runs causal without it.
 2. Memory (:meth:`KernelPlan._memory`). Every kernel output is an interval [group that writes it, last group
-   that reads it or a view of it]; graph outputs live to the end; a cuBLAS GLU needs a scratch [M, 2N] for
+   that reads it or a view of it]; graph outputs live to the end; a GEMM adding a residual read by nothing after it
+   writes over the residual's buffer (``_inplace_residuals``, decided with the layouts); a cuBLAS GLU needs a scratch [M, 2N] for
    one step, an SDPA prefill on a quantized KV cache the cache dequantized, a skinny (decode) GEMM's split-K its
    workspace (the largest its candidates need, planned before the tuner picks one) and its counters (alive over
    the whole plan, so zero from the arena's allocation on: each call leaves them zero), an AQGEMM the codes +
