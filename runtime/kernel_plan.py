@@ -779,4 +779,5 @@ class KernelPlan(Plan):
                 **({"cuda_graph_error": self.cuda_graph_error} if self.cuda_graph_error else {}),
                 **({"compiled_ahead": self.compiled_ahead} if self.compiled_ahead else {}),
                 "arena_bytes": self.memory.peak_bytes, "build_s": round(self.stats.build_s, 3), "phases": dict(self.stats.phases),
-                "layouts": dict(self.stats.layouts), "causal_masks": len(self.stats.causal_masks)}
+                "layouts": dict(self.stats.layouts), "causal_masks": len(self.stats.causal_masks),
+                "inplace_residuals": len(self.inplace)}

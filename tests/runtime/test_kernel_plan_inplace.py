@@ -88,4 +88,4 @@ def test_the_tiny_llama_writes_its_residual_stream_in_place(pipeline_models):
         plan = run(m.graph, [ids(3, 5, seed=2)], force)
         # o projection over the block's input, down projection over the o projection's sum: two a layer
         layers = sum(n.op == "ATTENTION" for n in m.graph.nodes)
-        assert len(plan.inplace) == 2 * layers
+        assert len(plan.inplace) == plan.describe()["inplace_residuals"] == 2 * layers
