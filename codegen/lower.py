@@ -128,6 +128,13 @@ def in_place(residual, out: torch.Tensor) -> bool:
     return residual is not None and residual.data_ptr() == out.data_ptr()
 
 
+def _epilogue_what(act: str, glu: bool, bias, gate, residual, out: torch.Tensor) -> dict:
+    """The part of a GEMM / QGEMM / AQGEMM decision's ``what`` its fused epilogue makes (and whether ``out`` is written
+    over the residual: the candidates then cost otherwise)."""
+    return {"act": act, "glu": glu, "bias": bias is not None, "gate": None if gate is None else list(gate.shape),
+            "residual": None if residual is None else list(residual.shape), **({"inplace": True} if in_place(residual, out) else {})}
+
+
 def _cublas_epilogue(act: str, glu: bool, gate, residual) -> bool:
     """Whether ``_cublas`` runs kiln's epilogue kernel after cuBLAS (a launch of its own)."""
     return act != "none" or glu or gate is not None or residual is not None
@@ -186,9 +193,7 @@ def gemm(args: list, attrs: dict, out: torch.Tensor, tmp: torch.Tensor | None, d
     candidates.update(decode)
     candidates = with_norm(candidates, skinny(x, dict(w=w), (bias, gate, residual), attrs, out, workspace, device, norm), norm)
     what = {"op": "GEMM", "x": list(x.shape), "x_stride": list(x.stride()), "w": list(w.shape), "dtype": str(x.dtype),
-            "act": act, "glu": glu, "bias": bias is not None,
-            "gate": None if gate is None else list(gate.shape), "residual": None if residual is None else list(residual.shape),
-            **({"inplace": True} if in_place(residual, out) else {})}
+            **_epilogue_what(act, glu, bias, gate, residual, out)}
     if decode:  # (a decision cached before the skinny template, or its one-launch split-K, was a candidate is not one
         what["skinny"] = SKINNY_CANDIDATES  # between these)
         what["weights"] = "cold"  # a decode GEMM streams its weight from HBM: timed so (tuning.py)
@@ -282,10 +287,8 @@ def qgemm(args: list, attrs: dict, out: torch.Tensor, tmp: torch.Tensor | None, 
                 lambda c=c: tq.qgemm(x, q, scales, zeros, bits, group, bias, gate, residual, act, glu, out=out, config=c))
     candidates = with_norm(candidates, skinny(x, weight, (bias, gate, residual), attrs, out, workspace, device, norm), norm)
     what = {"op": "QGEMM", "x": list(x.shape), "x_stride": list(x.stride()), "qweight": list(q.shape), "bits": bits,
-            "group": group, "scales": str(scales.dtype), "zeros": zeros is not None, "dtype": str(x.dtype), "act": act,
-            "glu": glu, "bias": bias is not None, "gate": None if gate is None else list(gate.shape),
-            "residual": None if residual is None else list(residual.shape),
-            **({"inplace": True} if in_place(residual, out) else {})}
+            "group": group, "scales": str(scales.dtype), "zeros": zeros is not None, "dtype": str(x.dtype),
+            **_epilogue_what(act, glu, bias, gate, residual, out)}
     if decode:
         what["skinny"] = SKINNY_CANDIDATES
         what["weights"] = "cold"
@@ -315,9 +318,8 @@ def aqgemm(args: list, attrs: dict, out: torch.Tensor, tmp: torch.Tensor | None,
     if not candidates:  # no kernel for this dtype / device: the op's reference, copied
         candidates["reference"] = lambda: out.copy_(OPS["AQGEMM"].ref(args, attrs))
     what = {"op": "AQGEMM", "format": fmt, "x": list(x.shape), "x_stride": list(x.stride()), "w": list(wq.shape),
-            "dtype": str(x.dtype), "smooth": smooth is not None, "act": act, "glu": glu, "bias": bias is not None,
-            "gate": None if gate is None else list(gate.shape), "residual": None if residual is None else list(residual.shape),
-            "candidates": AQGEMM_CANDIDATES, **({"inplace": True} if in_place(residual, out) else {})}
+            "dtype": str(x.dtype), "smooth": smooth is not None, "candidates": AQGEMM_CANDIDATES,
+            **_epilogue_what(act, glu, bias, gate, residual, out)}
     if codes is not None:  # (the GEMM alone: another measurement than quantizer + GEMM)
         what["codes"] = True
     return what, candidates

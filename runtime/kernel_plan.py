@@ -116,6 +116,11 @@ def _codes_scales_at(shape) -> int:
     return -(-math.prod(shape) // 256) * 256
 
 
+def _reads(g: Group, kind: str) -> list[Node]:
+    """The values group ``g`` reads as it runs (an update, the caller's tensor written in place: its index and source)."""
+    return g.inputs if kind != "update" else g.nodes[0].inputs[1:]
+
+
 def _meta(t: torch.Tensor) -> torch.Tensor:
     return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
 
@@ -231,7 +236,7 @@ class KernelPlan(Plan):
         for k, (g, kind) in enumerate(zip(self.groups, self.kinds)):
             if kind in ("view", "source", "constant"):
                 continue
-            for i in g.inputs if kind != "update" else g.nodes[0].inputs[1:]:
+            for i in _reads(g, kind):
                 if i in self.val and self.val[i].root is not None:
                     last[self.val[i].root] = k
         for o in self.graph.outputs:
@@ -349,7 +354,7 @@ class KernelPlan(Plan):
         for k, (g, kind) in enumerate(zip(self.groups, self.kinds)):
             if kind in ("view", "source", "constant"):
                 continue
-            for i in g.inputs if kind != "update" else g.nodes[0].inputs[1:]:
+            for i in _reads(g, kind):
                 if not (kind == "gemm" and i in self.codes):  # (an AQGEMM reads x's codes instead: _act_codes)
                     lv.read(self.val[i].root if i in self.val else None, k)
             self._act_codes(lv, k, g, kind)

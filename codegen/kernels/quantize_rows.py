@@ -69,6 +69,16 @@ def row_codes(x, scale, QMAX: tl.constexpr, FP8: tl.constexpr, EMULATE_FP8: tl.c
 
 
 @triton.jit
+def _tile(x_ptr, c_ptr, rows, cols, mask_m, K, stride_xm, stride_xk, HAS_SMOOTH: tl.constexpr):
+    # x at rows x cols in float32, times the smooth vector; and the tile's mask
+    mask = mask_m[:, None] & (cols < K)[None, :]
+    x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk, mask=mask, other=0.0).to(tl.float32)
+    if HAS_SMOOTH:
+        x = x * tl.load(c_ptr + cols, mask=cols < K, other=0.0)[None, :]
+    return x, mask
+
+
+@triton.jit
 def _quantize_rows_kernel(
     x_ptr, c_ptr, q_ptr, s_ptr,
     M, K,
@@ -83,10 +93,7 @@ def _quantize_rows_kernel(
     offs_k = tl.arange(0, BLOCK_K)
 
     if ONE_WALK:  # (BLOCK_K >= K) the whole rows in registers: one read
-        mask = mask_m[:, None] & (offs_k < K)[None, :]
-        x = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=mask, other=0.0).to(tl.float32)
-        if HAS_SMOOTH:
-            x = x * tl.load(c_ptr + offs_k, mask=offs_k < K, other=0.0)[None, :]
+        x, mask = _tile(x_ptr, c_ptr, rows, offs_k, mask_m, K, stride_xm, stride_xk, HAS_SMOOTH)
         scale = row_scale(tl.max(tl.abs(x), axis=1), QMAX)
         tl.store(s_ptr + rows, scale, mask=mask_m)
         tl.store(q_ptr + rows[:, None] * stride_qm + offs_k[None, :] * stride_qk, row_codes(x, scale, QMAX, FP8, EMULATE_FP8),
@@ -95,19 +102,13 @@ def _quantize_rows_kernel(
 
     amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for kk in range(0, K, BLOCK_K):
-        mask = mask_m[:, None] & (kk + offs_k < K)[None, :]
-        x = tl.load(x_ptr + rows[:, None] * stride_xm + (kk + offs_k)[None, :] * stride_xk, mask=mask, other=0.0).to(tl.float32)
-        if HAS_SMOOTH:
-            x = x * tl.load(c_ptr + kk + offs_k, mask=kk + offs_k < K, other=0.0)[None, :]
+        x, mask = _tile(x_ptr, c_ptr, rows, kk + offs_k, mask_m, K, stride_xm, stride_xk, HAS_SMOOTH)
         amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
     scale = row_scale(amax, QMAX)  # [BLOCK_M]
     tl.store(s_ptr + rows, scale, mask=mask_m)
 
     for kk in range(0, K, BLOCK_K):
-        mask = mask_m[:, None] & (kk + offs_k < K)[None, :]
-        x = tl.load(x_ptr + rows[:, None] * stride_xm + (kk + offs_k)[None, :] * stride_xk, mask=mask, other=0.0).to(tl.float32)
-        if HAS_SMOOTH:
-            x = x * tl.load(c_ptr + kk + offs_k, mask=kk + offs_k < K, other=0.0)[None, :]
+        x, mask = _tile(x_ptr, c_ptr, rows, kk + offs_k, mask_m, K, stride_xm, stride_xk, HAS_SMOOTH)
         q = row_codes(x, scale, QMAX, FP8, EMULATE_FP8)
         tl.store(q_ptr + rows[:, None] * stride_qm + (kk + offs_k)[None, :] * stride_qk, q, mask=mask)
 
