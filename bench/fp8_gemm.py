@@ -1,7 +1,9 @@
 """FP8 / int8 GEMMs alone at DiT-XL/2 and Llama-3.2-1B-prefill shapes, H200, one process: where the quantized
 path's time goes. Per shape: bf16 cuBLAS (F.linear) and kiln's bf16 Triton template; the per-token row quantizer
 alone; kiln's AQGEMM template with EVERY config on pre-quantized codes; torch._scaled_mm (fp8) and torch._int_mm
-(int8) on the same codes. Medians of triton.testing.do_bench; TFLOP/s of the GEMM.
+(int8) on the same codes; the persistent TMA template (tma_gemm.py) with every config, on the codes and in bf16, and
+its first config launched a program a tile. Each call is timed inside a CUDA graph of REPLAYS calls (launch cost out,
+as in kiln's plans): medians of triton.testing.do_bench over the graph's replay / REPLAYS; TFLOP/s of the GEMM.
 
 Usage: python3 bench/fp8_gemm.py [--out PATH]     writes $OUT/fp8_gemm.json"""
 import argparse
@@ -14,6 +16,7 @@ import triton
 
 from kiln.codegen.kernels import aqgemm as taq
 from kiln.codegen.kernels import quantize_rows as tqr
+from kiln.codegen.kernels import tma_gemm as ttma
 from kiln.codegen.kernels.gemm import gemm
 from kiln.ir.quant import quantize_rows
 
@@ -32,8 +35,27 @@ SHAPES = [  # (name, M, K, N, act, glu)
 ]
 
 
+REPLAYS = 10
+
+
 def bench(fn) -> float:
-    return triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median")
+    fn()  # compiled, then captured REPLAYS times in one graph
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(REPLAYS):
+            fn()
+    return triton.testing.do_bench(graph.replay, warmup=10, rep=60, return_mode="median") / REPLAYS
+
+
+def name(prefix: str, c: dict) -> str:
+    return (prefix + " " + "x".join(str(c[v]) for v in ("BLOCK_M", "BLOCK_N", "BLOCK_K")) + f" w{c['num_warps']} s{c['num_stages']}"
+            + ("" if c.get("PERSISTENT", True) else " a tile each"))
+
+
+def tma_configs(m: int, dtype, glu: bool) -> list[dict]:
+    cs = ttma.configs(m, dtype, glu)
+    return cs + [dict(cs[0], PERSISTENT=False)] if cs else []
 
 
 def one_shape(name, m, k, n, act, glu) -> dict:
@@ -49,14 +71,25 @@ def one_shape(name, m, k, n, act, glu) -> dict:
         ms["bf16 kiln triton"] = bench(lambda: gemm(x, w, act=act, glu=glu, out=out))
     except Exception as e:  # noqa: BLE001
         row["bf16 kiln triton error"] = f"{type(e).__name__}: {e}"[:200]
+    for c in tma_configs(m, x.dtype, glu):
+        try:
+            ms[name("bf16 tma", c)] = bench(lambda: ttma.tma_gemm(x, w, act=act, glu=glu, out=out, config=c))
+        except Exception as e:  # noqa: BLE001
+            row[name("bf16 tma", c) + " error"] = f"{type(e).__name__}: {e}"[:200]
     for fmt in ("fp8", "int8"):
         qw, sw = quantize_rows(w, fmt)
         qx, sx = tqr.quantize_rows(x, fmt)
         ms[f"{fmt} quantize_rows"] = bench(lambda: tqr.quantize_rows(x, fmt))
         for c in taq.configs(m, glu):
-            key = f"{fmt} triton " + "x".join(str(c[v]) for v in ("BLOCK_M", "BLOCK_N", "BLOCK_K")) + f" w{c['num_warps']} s{c['num_stages']}"
+            key = name(f"{fmt} triton", c)
             try:
                 ms[key] = bench(lambda: taq.aqgemm(qx, sx, qw, sw, act=act, glu=glu, out=out, config=c))
+            except Exception as e:  # noqa: BLE001
+                row[key + " error"] = f"{type(e).__name__}: {e}"[:200]
+        for c in tma_configs(m, qx.dtype, glu):
+            key = name(f"{fmt} tma", c)
+            try:
+                ms[key] = bench(lambda: ttma.tma_gemm(qx, qw, sx, sw, act=act, glu=glu, out=out, config=c))
             except Exception as e:  # noqa: BLE001
                 row[key + " error"] = f"{type(e).__name__}: {e}"[:200]
         try:
@@ -79,8 +112,11 @@ def main():
     for s in SHAPES:
         res["shapes"].append(one_shape(*s))
         r = res["shapes"][-1]
-        best = min((v, key) for key, v in r["ms"].items() if "quantize" not in key)
-        print(f"{r['name']:24s} " + "  ".join(f"{key}={v * 1e3:.0f}us" for key, v in r["ms"].items()) + f"  | best {best[1]}")
+        best = {}
+        for key, v in r["ms"].items():  # the best of each kind: bf16 / fp8 / int8 x library / template / tma
+            kind = key.split(" ")[0] + " " + ("tma" if " tma" in key else "triton" if "triton" in key else key.split(" ", 1)[1])
+            best[kind] = min(best.get(kind, (v, key)), (v, key))
+        print(f"{r['name']:24s} " + "  ".join(f"{kind}={v * 1e3:.1f}us" for kind, (v, key) in best.items()), flush=True)
         with open(a.out, "w") as fh:
             json.dump(res, fh, indent=1)
 

@@ -257,6 +257,11 @@ print(f'import torch {a - t:.2f} s, kiln {b - a:.2f} s'); t = time.time(); torch
         | grep -v DEBUG | tail -4
       timeout 110 python3 bench/fp8.py --parts llm --out "$OUT/fp8f.json" 2>&1 | tail -1
       timeout 120 python3 bench/llama_prefill.py --modes reduce-overhead --seqs 2048 2>&1 | tail -4 ;;
+    s17a)  # session 17: the persistent TMA GEMM template (kernels/tma_gemm.py): its GPU tests and the AQGEMM candidates', then
+           # every config at DiT-XL/2 / 1B prefill shapes against the pointer templates, scaled_mm / int_mm and cuBLAS bf16
+      timeout 200 python3 -m pytest -q -rf -p no:logging -m gpu tests/codegen/test_tma_gemm.py tests/codegen/test_aqgemm.py \
+        2>&1 | tee "$OUT/s17atests.log" | grep -v DEBUG | tail -8
+      timeout 330 python3 bench/fp8_gemm.py --out "$OUT/fp8_gemm17a.json" 2>&1 | tail -14 ;;
     ncu_magic)  # Nsight Compute on the 8B int4 gate/up at one row, every skinny config (WORDS, byte tiles, MAGIC)
       NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
       timeout 150 "$NCU" --profile-from-start off --clock-control none --section SpeedOfLight --section WarpStateStats \

@@ -53,6 +53,7 @@ from .kernels import qgemm as tq
 from .kernels import rope_kv as trk
 from .kernels import quantize_rows as tqr
 from .kernels import skinny as ts
+from .kernels import tma_gemm as tt
 from .kernels.epilogue import epilogue
 from .pointwise import launch
 from .tuning import launches, with_launches
@@ -62,6 +63,10 @@ from .tuning import launches, with_launches
 # compile inside its budget
 TRITON_GEMM_CONFIGS = 1
 TRITON_AQGEMM_CONFIGS = 2
+# the persistent TMA template's (kernels/tma_gemm.py, Hopper, more than tt.SMALL_M rows): its first configuration and
+# the one filling the last wave best, for AQGEMMs; the first for 16-bit GEMMs
+TRITON_TMA_CONFIGS = 2
+TRITON_TMA_GEMM_CONFIGS = 1
 TRITON_ATTENTION_CONFIGS = 3
 # the skinny candidates' generation in the tuner's key (a decision measured between older candidates is measured
 # again): 2 since split-K may reduce in its last program, 3 since a plain GEMV also tries skinny.WHOLE_K's tile, 4 since
@@ -83,8 +88,8 @@ ATTENTION_CANDIDATES = 2
 # a decode decision charges each launch past a candidate's first (tuning.EXTRA_LAUNCH_MS)
 DECODE_CANDIDATES = 4
 # the AQGEMM candidates' generation (in an AQGEMM's what): 2 since the template's tile filling the last wave best is
-# tried too (aqgemm.wave_fit)
-AQGEMM_CANDIDATES = 2
+# tried too (aqgemm.wave_fit), 3 since the persistent TMA template is (tma_gemm.py)
+AQGEMM_CANDIDATES = 3
 # the generation of the row kernels storing codes (in a coded AQGEMM's what): 2 since quantize_rows / epilogue_codes
 # hold rows up to 16384 wide in registers (one read of their input, not two)
 ROW_CODES_CANDIDATES = 2
@@ -93,6 +98,8 @@ ROW_CODES_CANDIDATES = 2
 # plan runs at every length up to the cache's, where a handful of programs would stream the whole context alone
 WHOLE_MAX_KEYS = 512
 # (a plan that gives counters adds "kiln-decode-last": its what says so, apart from a call without them)
+# the 16-bit GEMM's TMA candidates' generation (in a GEMM's what where they are offered)
+TMA_CANDIDATES = 1
 
 
 def config_name(impl: str, config: dict) -> str:
@@ -189,11 +196,17 @@ def gemm(args: list, attrs: dict, out: torch.Tensor, tmp: torch.Tensor | None, d
         cfgs = tg.configs(m, glu) if device.type == "cuda" else [tg.INTERPRET_CONFIG]
         for c in cfgs[:TRITON_GEMM_CONFIGS]:
             candidates[config_name("triton", c)] = (lambda c=c: tg.gemm(x, w, bias, gate, residual, act, glu, out=out, config=c))
+    tma = _tma_configs(x, w, m, glu, w.shape[0], device)[:TRITON_TMA_GEMM_CONFIGS]
+    for c in tma:
+        candidates[config_name("triton-tma", c)] = (lambda c=c: tt.tma_gemm(x, w, None, None, bias, gate, residual, act, glu,
+                                                                            out=out, config=c))
     decode = skinny(x, dict(w=w), (bias, gate, residual), attrs, out, workspace, device)
     candidates.update(decode)
     candidates = with_norm(candidates, skinny(x, dict(w=w), (bias, gate, residual), attrs, out, workspace, device, norm), norm)
     what = {"op": "GEMM", "x": list(x.shape), "x_stride": list(x.stride()), "w": list(w.shape), "dtype": str(x.dtype),
             **_epilogue_what(act, glu, bias, gate, residual, out)}
+    if tma:
+        what["tma"] = TMA_CANDIDATES
     if decode:  # (a decision cached before the skinny template, or its one-launch split-K, was a candidate is not one
         what["skinny"] = SKINNY_CANDIDATES  # between these)
         what["weights"] = "cold"  # a decode GEMM streams its weight from HBM: timed so (tuning.py)
@@ -314,6 +327,9 @@ def aqgemm(args: list, attrs: dict, out: torch.Tensor, tmp: torch.Tensor | None,
         for c in cfgs:
             candidates[config_name("triton-aqgemm", c)] = (
                 lambda c=c: taq.aqgemm(*quantized(), wq, ws, bias, gate, residual, act, glu, out=out, config=c))
+        for c in _tma_configs(codes[0] if codes is not None else None, wq, m, glu, nw, device)[:TRITON_TMA_CONFIGS]:
+            candidates[config_name("triton-tma", c)] = partial(_tma_aqgemm, quantized, wq, ws, (bias, gate, residual), act, glu,
+                                                               out, c)
         candidates.update(_aqgemm_library(quantized, wq, ws, (bias, gate, residual), attrs, out, device, (m, k, nw)))
     if not candidates:  # no kernel for this dtype / device: the op's reference, copied
         candidates["reference"] = lambda: out.copy_(OPS["AQGEMM"].ref(args, attrs))
@@ -323,6 +339,25 @@ def aqgemm(args: list, attrs: dict, out: torch.Tensor, tmp: torch.Tensor | None,
     if codes is not None:  # (the GEMM alone: another measurement than quantizer + GEMM)
         what["codes"] = True
     return what, candidates
+
+
+def _tma_configs(x: torch.Tensor | None, w: torch.Tensor, m: int, glu: bool, nw: int, device: torch.device) -> list[dict]:
+    """The persistent TMA template's configurations for x [m, K] (None: a contiguous code buffer) and w [nw, K]: none
+    where TMA cannot read them (``tt.supported``); on CUDA its first and the one filling the last wave best, under the
+    interpreter its small one."""
+    runs = tt.INTERPRET if device.type != "cuda" else not tt.INTERPRET
+    if not runs or not tt.supported(x, w):
+        return []
+    if device.type != "cuda":
+        return [tt.INTERPRET_CONFIG]
+    cs = tt.configs(m, w.dtype, glu)
+    fit = taq.wave_fit(m, nw // 2 if glu else nw, glu, torch.cuda.get_device_properties(device).multi_processor_count, cs) if cs else None
+    return cs[:1] + ([fit] if fit is not None else []) + [c for c in cs[1:] if c != fit]
+
+
+def _tma_aqgemm(quantized, wq, ws, epilogue_ops: tuple, act: str, glu: bool, out, config: dict) -> None:
+    q, s = quantized()
+    tt.tma_gemm(q, wq, s, ws, *epilogue_ops, act, glu, out=out, config=config)
 
 
 def _quantized(x: torch.Tensor, fmt: str, smooth: torch.Tensor | None, codes: tuple | None):

@@ -171,8 +171,8 @@ def configs(m: int, glu: bool = False) -> list[dict]:
     return [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages) for c in _configs(m <= SMALL_M, glu)]
 
 
-def wave_fit(m: int, n: int, glu: bool, sms: int) -> dict | None:
-    """The configuration of ``configs(m, glu)`` whose tiles of the [m, n] output (n: output columns) fill the last wave
+def wave_fit(m: int, n: int, glu: bool, sms: int, cs: list[dict] | None = None) -> dict | None:
+    """The configuration of ``cs`` (default ``configs(m, glu)``) whose tiles of the [m, n] output (n: output columns) fill the last wave
     over ``sms`` SMs best (tiles / (waves x sms)), tiles no smaller than 64 x 128 where the rows are many; None where
     it fills no better than the first configuration's (by 0.05). DiT-XL/2's 1152-wide outputs at 2048 rows: 144 tiles
     of 128 x 128 on 132 SMs are two waves, the second 12 tiles (55% filled); 288 of 64 x 128, three waves 73% filled."""
@@ -180,7 +180,7 @@ def wave_fit(m: int, n: int, glu: bool, sms: int) -> dict | None:
         tiles = triton.cdiv(m, c["BLOCK_M"]) * triton.cdiv(n, c["BLOCK_N"])
         return tiles / (triton.cdiv(tiles, sms) * sms)
 
-    cs = configs(m, glu)
+    cs = configs(m, glu) if cs is None else cs
     pool = [c for c in cs if m <= SMALL_M or c["BLOCK_M"] * c["BLOCK_N"] >= 64 * 128]
     best = max(pool, key=lambda c: (round(filled(c), 3), c["BLOCK_M"] * c["BLOCK_N"]))
     return best if filled(best) > filled(cs[0]) + 0.05 else None

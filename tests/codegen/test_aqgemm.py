@@ -196,7 +196,7 @@ def llamas(pipeline_models):
 
 
 @pytest.mark.parametrize("mode", ["fp8", "w8a8"])
-@pytest.mark.parametrize("force", ["triton-aqgemm", "int-mm"])
+@pytest.mark.parametrize("force", ["triton-aqgemm", "int-mm", "triton-tma"])
 def test_quantized_llama_on_the_kernels_backend(llamas, mode, force):
     if mode == "fp8" and force == "int-mm":
         pytest.skip("int8 only")

@@ -1,0 +1,217 @@
+"""The persistent GEMM template for Hopper: operands through TMA, one program per SM walking the output tiles.
+
+    h[m, n] = sum_k x[m, k] * w[n, k]                       fp8 / int8 codes (SCALED), or float16 / bfloat16
+    h[m, n] = h[m, n] * sx[m] * sw[n]                       SCALED only: the row scale of x times W's column scale
+    out     = residual + gate * epi(h + bias)               gemm.py's epilogue (act, glu, gate, residual), one rounding
+
+The same product as ``aqgemm.py`` (codes) and ``gemm.py`` (16-bit); what differs is how the operands travel. Those
+templates launch a program per output tile and load x and w with per-thread pointer loads (cp.async), so every tile
+pays its pipeline's fill and its epilogue with the tensor cores idle: at DiT-XL/2's K = 1152 a 128 x 256 tile has 9 K
+steps, and its fill and stores take about as long as its products (the AQGEMMs ran at ~35% of e4m3's peak, NOTES,
+session 16). Here:
+
+- x [M, K] and w [N, K] are read by the Tensor Memory Accelerator from host-made descriptors (``TensorDescriptor``):
+  one instruction a tile, out-of-range rows and K zero-filled, no masks, no address registers;
+- ``min(SMs, tiles)`` programs each take every SMs-th tile in grouped order (GROUP_M row tiles share W's tiles in L2),
+  and the tile loop and its K loop are one flattened, software-pipelined loop: the next tile's first loads are in
+  flight while this tile's epilogue runs;
+- GLU keeps two accumulators, the gate half's W rows at n and the up half's at N + n, sharing each x tile.
+
+TMA wants 16-byte aligned bases and row strides and a unit inner stride (``supported``); the lowering offers this
+template only then, beside the others, and the tuner keeps what is measured fastest (``codegen/lower.py``).
+"""
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+from . import aqgemm as taq
+from .gemm import _check as _gemm_check
+from .gemm import _gate_residual_store, output_operands
+from .qgemm import _bias_act_glu
+
+# triton.jit picks the interpreter from this variable when the kernel below is defined; read it then too
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+OPERAND_DTYPES = (torch.float8_e4m3fn, torch.int8, torch.float16, torch.bfloat16)
+# the interpreter: small tiles and few programs, so that a program walks several tiles and rows / K are cut
+INTERPRET_CONFIG = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, GROUP_M=2, SUBTILE=True)
+INTERPRET_PROGRAMS = 3
+SMALL_M = 64  # at or below: decode's skinny kernels, not this template
+
+
+@triton.jit
+def _tile(tile, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    # grouped order (Triton's matmul tutorial): GROUP_M row tiles walk the column tiles together
+    in_group = GROUP_M * num_pid_n
+    first_m = (tile // in_group) * GROUP_M
+    size_m = min(num_pid_m - first_m, GROUP_M)
+    return first_m + (tile % in_group) % size_m, (tile % in_group) // size_m
+
+
+@triton.jit
+def _tma_gemm_kernel(
+    x_desc, w_desc, xs_ptr, ws_ptr, bias_ptr, gate_ptr, res_ptr, out_ptr,
+    M, N, K,  # N: output columns (half of w's rows with GLU)
+    gate_rows, stride_gb, stride_gm, stride_gn,  # gate row m sits at (m // gate_rows) * stride_gb + (m % gate_rows) * stride_gm
+    res_rows, stride_rb, stride_rm, stride_rn,
+    stride_om, stride_on,
+    ACT: tl.constexpr, GLU: tl.constexpr, SCALED: tl.constexpr, INT8: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_GATE: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, SUBTILE: tl.constexpr,
+):
+    start = tl.program_id(0)
+    programs = tl.num_programs(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    ACC: tl.constexpr = tl.int32 if INT8 else tl.float32
+    # the epilogue's tile is counted apart from the loads' (the tutorial's tile_id_c): the flattened loop's prologue
+    # may then run the next tile's loads ahead of this tile's epilogue
+    tile_c = start - programs
+    for tile in tl.range(start, num_pid_m * num_pid_n, programs, flatten=True):
+        pid_m, pid_n = _tile(tile, num_pid_m, num_pid_n, GROUP_M)
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+        acc_u = acc
+        for ki in range(k_tiles):
+            off_k = ki * BLOCK_K
+            a = x_desc.load([off_m, off_k])
+            acc = tl.dot(a, w_desc.load([off_n, off_k]).T, acc, out_dtype=ACC)
+            if GLU:  # (the gate half's last tile may read up rows: their columns are past N, never stored)
+                acc_u = tl.dot(a, w_desc.load([N + off_n, off_k]).T, acc_u, out_dtype=ACC)
+
+        tile_c += programs
+        pid_m, pid_n = _tile(tile_c, num_pid_m, num_pid_n, GROUP_M)
+        if SUBTILE:  # the epilogue on each half of the columns: half its float32 temporaries live at once
+            a0, a1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+            u0, u1 = a0, a1
+            if GLU:
+                u0, u1 = tl.split(tl.permute(tl.reshape(acc_u, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+            _epilogue(a0, u0, pid_m * BLOCK_M, pid_n * BLOCK_N, xs_ptr, ws_ptr, bias_ptr, gate_ptr, res_ptr, out_ptr, M, N,
+                      gate_rows, stride_gb, stride_gm, stride_gn, res_rows, stride_rb, stride_rm, stride_rn, stride_om,
+                      stride_on, ACT, GLU, SCALED, HAS_BIAS, HAS_GATE, HAS_RESIDUAL, BLOCK_M, BLOCK_N // 2)
+            _epilogue(a1, u1, pid_m * BLOCK_M, pid_n * BLOCK_N + BLOCK_N // 2, xs_ptr, ws_ptr, bias_ptr, gate_ptr, res_ptr,
+                      out_ptr, M, N, gate_rows, stride_gb, stride_gm, stride_gn, res_rows, stride_rb, stride_rm, stride_rn,
+                      stride_om, stride_on, ACT, GLU, SCALED, HAS_BIAS, HAS_GATE, HAS_RESIDUAL, BLOCK_M, BLOCK_N // 2)
+        else:
+            _epilogue(acc, acc_u, pid_m * BLOCK_M, pid_n * BLOCK_N, xs_ptr, ws_ptr, bias_ptr, gate_ptr, res_ptr, out_ptr, M,
+                      N, gate_rows, stride_gb, stride_gm, stride_gn, res_rows, stride_rb, stride_rm, stride_rn, stride_om,
+                      stride_on, ACT, GLU, SCALED, HAS_BIAS, HAS_GATE, HAS_RESIDUAL, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def _epilogue(acc, acc_u, off_m, off_n, xs_ptr, ws_ptr, bias_ptr, gate_ptr, res_ptr, out_ptr, M, N,
+              gate_rows, stride_gb, stride_gm, stride_gn, res_rows, stride_rb, stride_rm, stride_rn, stride_om, stride_on,
+              ACT: tl.constexpr, GLU: tl.constexpr, SCALED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GATE: tl.constexpr,
+              HAS_RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # the [BLOCK_M, BLOCK_N] accumulators (acc_u: the up half's) at rows off_m.., columns off_n.., in float32, in the
+    # reference's order: scales, bias, activation (glu), gate, residual
+    offs_m = off_m + tl.arange(0, BLOCK_M)
+    offs_n = off_n + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    rows = offs_m.to(tl.int64)
+    cols = offs_n.to(tl.int64)
+    if SCALED:
+        acc, acc_u = taq._scale(acc, acc_u, xs_ptr, ws_ptr, rows, cols, mask_m, mask_n, N, GLU)
+    h = _bias_act_glu(acc.to(tl.float32), acc_u.to(tl.float32), bias_ptr, cols, mask_n, N, ACT, GLU, HAS_BIAS)
+    _gate_residual_store(h, rows, cols, mask_m[:, None] & mask_n[None, :], gate_ptr, gate_rows, stride_gb, stride_gm,
+                         stride_gn, res_ptr, res_rows, stride_rb, stride_rm, stride_rn, out_ptr, stride_om, stride_on,
+                         HAS_GATE, HAS_RESIDUAL)
+
+
+def _config(bm, bn, bk, warps, stages, subtile=True):
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, SUBTILE=subtile, num_warps=warps, num_stages=stages)
+
+
+# H200 (sm_90: wgmma, 227 KB of shared memory an SM). A K step moves 128 bytes of a row (fp8 / int8: 128 values,
+# 16-bit: 64), the width of TMA's 128-byte swizzle; as many stages as fit next to the epilogue's scratch
+CONFIGS = {
+    1: [_config(128, 256, 128, 8, 3), _config(128, 128, 128, 8, 4), _config(128, 128, 128, 4, 4),
+        _config(64, 128, 128, 4, 4)],
+    2: [_config(128, 256, 64, 8, 3), _config(128, 128, 64, 8, 4), _config(128, 128, 64, 4, 4),
+        _config(64, 128, 64, 4, 4)],
+}
+
+
+def configs(m: int, dtype: torch.dtype, glu: bool = False) -> list[dict]:
+    """The launch configurations for ``m`` rows of ``dtype`` operands (none at or below SMALL_M rows), each with at
+    most 128 float32 accumulator registers a thread (glu keeps two accumulators)."""
+    if m <= SMALL_M:
+        return []
+    return [dict(c) for c in CONFIGS[dtype.itemsize]
+            if c["BLOCK_M"] * c["BLOCK_N"] * (2 if glu else 1) <= 128 * 32 * c["num_warps"]]
+
+
+def supported(x: torch.Tensor | None, w: torch.Tensor) -> bool:
+    """TMA can read x [..., K] (its leading dims flattenable; None: any contiguous, 16-byte aligned x of w's dtype and
+    width, as kiln's code buffers and row quantizer write them) and w [N, K]: one operand dtype of OPERAND_DTYPES, unit
+    inner strides, 16-byte aligned bases and row strides, on a CUDA device of compute capability 9 or later (or the
+    interpreter)."""
+    if w.dtype not in OPERAND_DTYPES or w.dim() != 2 or (w.shape[1] * w.element_size()) % 16:
+        return False
+    ts = [w]
+    if x is not None:
+        if x.dtype != w.dtype or x.dim() < 1 or x.shape[-1] != w.shape[1]:
+            return False
+        try:
+            ts.append(x.view(math.prod(x.shape[:-1]), x.shape[-1]))
+        except RuntimeError:
+            return False
+    if any(t.stride(1) != 1 or t.data_ptr() % 16 or (t.stride(0) * t.element_size()) % 16 for t in ts):
+        return False
+    return INTERPRET or (w.device.type == "cuda" and _capability(w.device) >= (9, 0))
+
+
+@functools.cache
+def _capability(device: torch.device) -> tuple:
+    return torch.cuda.get_device_capability(device)
+
+
+@functools.cache
+def _sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def tma_gemm(x, w, xs=None, ws=None, bias=None, gate=None, residual=None, act="none", glu=False, out=None,
+             dtype=torch.bfloat16, config: dict | None = None) -> torch.Tensor:
+    """``residual + gate * epi((x @ w^T) [* xs[..., None] * ws] + bias)`` (module docstring) by the persistent TMA
+    template. Codes: x [..., K] and w [N, K] int8 / float8_e4m3fn with their float32 scales xs [...] and ws [N], the
+    output in ``dtype`` (``out``'s where given), as ``aqgemm.aqgemm``. 16-bit: x and w float16 / bfloat16, xs = ws =
+    None, the output in x's dtype, as ``gemm.gemm``. ``out`` may be the residual itself. ``config``: one of
+    ``configs`` (default: the first), PERSISTENT=False in it launching a program a tile instead of one an SM."""
+    scaled = x.dtype in taq.CODE_DTYPES.values()
+    if (xs is None) == scaled or (ws is None) == scaled:
+        raise ValueError(f"tma_gemm: {x.dtype} operands take {'both' if scaled else 'no'} scales (xs, ws)")
+    if not supported(x, w):
+        raise ValueError(f"tma_gemm: TMA cannot read x {x.dtype} {tuple(x.shape)} strides {x.stride()} / w {w.dtype} "
+                         f"{tuple(w.shape)} strides {w.stride()} (one dtype of {[str(d) for d in OPERAND_DTYPES]}, "
+                         f"unit inner strides, 16-byte aligned bases and rows, compute capability >= 9.0)")
+    if scaled:
+        shape, like = taq._check("tma_gemm", x.shape[:-1], w.shape[0], xs, ws, bias, gate, residual, act, glu, out, dtype)
+    else:
+        shape, like = _gemm_check(x, w, bias, gate, residual, act, glu, out), x
+    m, n, k = math.prod(shape[:-1]), shape[-1], x.shape[-1]
+    out, out2, g, r = output_operands("tma_gemm", out, shape, like, gate, residual)
+    if m == 0 or n == 0:
+        return out
+    c = dict(config or (INTERPRET_CONFIG if INTERPRET else configs(max(m, SMALL_M + 1), x.dtype, glu)[0]))
+    launch = {key: c.pop(key) for key in ("num_warps", "num_stages") if key in c}
+    persistent = c.pop("PERSISTENT", True)  # False: a program a tile (the same kernel, each program's loop one step)
+    x_desc = TensorDescriptor.from_tensor(x.view(m, k), [c["BLOCK_M"], c["BLOCK_K"]])
+    w_desc = TensorDescriptor.from_tensor(w, [c["BLOCK_N"], c["BLOCK_K"]])
+    tiles = triton.cdiv(m, c["BLOCK_M"]) * triton.cdiv(n, c["BLOCK_N"])
+    grid = (min(tiles, INTERPRET_PROGRAMS if INTERPRET else _sms(x.device)) if persistent else tiles,)
+    _tma_gemm_kernel[grid](
+        x_desc, w_desc, xs.reshape(m) if scaled else like, ws if scaled else like, bias if bias is not None else like,
+        g[0], r[0], out2, m, n, k, *g[1:], *r[1:], out2.stride(0), out2.stride(1),
+        ACT=act, GLU=bool(glu), SCALED=scaled, INT8=x.dtype == torch.int8, HAS_BIAS=bias is not None,
+        HAS_GATE=gate is not None, HAS_RESIDUAL=residual is not None, **c, **launch)
+    return out
