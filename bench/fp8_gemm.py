@@ -48,7 +48,7 @@ def bench(fn) -> float:
     return triton.testing.do_bench(graph.replay, warmup=10, rep=60, return_mode="median") / REPLAYS
 
 
-def name(prefix: str, c: dict) -> str:
+def label(prefix: str, c: dict) -> str:
     return (prefix + " " + "x".join(str(c[v]) for v in ("BLOCK_M", "BLOCK_N", "BLOCK_K")) + f" w{c['num_warps']} s{c['num_stages']}"
             + ("" if c.get("PERSISTENT", True) else " a tile each"))
 
@@ -73,21 +73,21 @@ def one_shape(name, m, k, n, act, glu) -> dict:
         row["bf16 kiln triton error"] = f"{type(e).__name__}: {e}"[:200]
     for c in tma_configs(m, x.dtype, glu):
         try:
-            ms[name("bf16 tma", c)] = bench(lambda: ttma.tma_gemm(x, w, act=act, glu=glu, out=out, config=c))
+            ms[label("bf16 tma", c)] = bench(lambda: ttma.tma_gemm(x, w, act=act, glu=glu, out=out, config=c))
         except Exception as e:  # noqa: BLE001
-            row[name("bf16 tma", c) + " error"] = f"{type(e).__name__}: {e}"[:200]
+            row[label("bf16 tma", c) + " error"] = f"{type(e).__name__}: {e}"[:200]
     for fmt in ("fp8", "int8"):
         qw, sw = quantize_rows(w, fmt)
         qx, sx = tqr.quantize_rows(x, fmt)
         ms[f"{fmt} quantize_rows"] = bench(lambda: tqr.quantize_rows(x, fmt))
         for c in taq.configs(m, glu):
-            key = name(f"{fmt} triton", c)
+            key = label(f"{fmt} triton", c)
             try:
                 ms[key] = bench(lambda: taq.aqgemm(qx, sx, qw, sw, act=act, glu=glu, out=out, config=c))
             except Exception as e:  # noqa: BLE001
                 row[key + " error"] = f"{type(e).__name__}: {e}"[:200]
         for c in tma_configs(m, qx.dtype, glu):
-            key = name(f"{fmt} tma", c)
+            key = label(f"{fmt} tma", c)
             try:
                 ms[key] = bench(lambda: ttma.tma_gemm(qx, qw, sx, sw, act=act, glu=glu, out=out, config=c))
             except Exception as e:  # noqa: BLE001
@@ -117,6 +117,8 @@ def main():
             kind = key.split(" ")[0] + " " + ("tma" if " tma" in key else "triton" if "triton" in key else key.split(" ", 1)[1])
             best[kind] = min(best.get(kind, (v, key)), (v, key))
         print(f"{r['name']:24s} " + "  ".join(f"{kind}={v * 1e3:.1f}us" for kind, (v, key) in best.items()), flush=True)
+        for key in (key for key in r if key.endswith(" error")):
+            print(f"    {key}: {r[key]}", flush=True)
         with open(a.out, "w") as fh:
             json.dump(res, fh, indent=1)
 
