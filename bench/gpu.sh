@@ -262,6 +262,10 @@ print(f'import torch {a - t:.2f} s, kiln {b - a:.2f} s'); t = time.time(); torch
       timeout 200 python3 -m pytest -q -rf -p no:logging -m gpu tests/codegen/test_tma_gemm.py tests/codegen/test_aqgemm.py \
         2>&1 | tee "$OUT/s17atests.log" | grep -v DEBUG | tail -8
       timeout 330 python3 bench/fp8_gemm.py --out "$OUT/fp8_gemm17a.json" 2>&1 | tail -14 ;;
+    s17b)  # session 17: DiT-XL/2 and the 1B prefill 2048 in bf16 / fp8 / w8a8 with the TMA template among the AQGEMM candidates
+           # (issue 14), then attention at head dim 72 with SDPA on q, k, v zero-padded to 80 / 96 / 128 (issue 15's PixArt 1024)
+      timeout 330 python3 bench/fp8.py --out "$OUT/fp8_17b.json" 2>&1 | tail -24
+      timeout 200 python3 bench/attn.py 2>&1 | tail -60 ;;
     ncu_magic)  # Nsight Compute on the 8B int4 gate/up at one row, every skinny config (WORDS, byte tiles, MAGIC)
       NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
       timeout 150 "$NCU" --profile-from-start off --clock-control none --section SpeedOfLight --section WarpStateStats \

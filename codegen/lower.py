@@ -63,10 +63,10 @@ from .tuning import launches, with_launches
 # compile inside its budget
 TRITON_GEMM_CONFIGS = 1
 TRITON_AQGEMM_CONFIGS = 2
-# the persistent TMA template's (kernels/tma_gemm.py, Hopper, more than tt.SMALL_M rows): its first configuration and
-# the one filling the last wave best, for AQGEMMs; the first for 16-bit GEMMs
+# the persistent TMA template's (kernels/tma_gemm.py, Hopper, more than tt.SMALL_M rows) for AQGEMMs: its first
+# configuration and the one filling the last wave best. (Not for 16-bit GEMMs: at DiT-XL/2 and 1B-prefill shapes it lost
+# to cuBLAS everywhere, bench/NOTES.md session 17)
 TRITON_TMA_CONFIGS = 2
-TRITON_TMA_GEMM_CONFIGS = 1
 TRITON_ATTENTION_CONFIGS = 3
 # the skinny candidates' generation in the tuner's key (a decision measured between older candidates is measured
 # again): 2 since split-K may reduce in its last program, 3 since a plain GEMV also tries skinny.WHOLE_K's tile, 4 since
@@ -98,8 +98,6 @@ ROW_CODES_CANDIDATES = 2
 # plan runs at every length up to the cache's, where a handful of programs would stream the whole context alone
 WHOLE_MAX_KEYS = 512
 # (a plan that gives counters adds "kiln-decode-last": its what says so, apart from a call without them)
-# the 16-bit GEMM's TMA candidates' generation (in a GEMM's what where they are offered)
-TMA_CANDIDATES = 1
 
 
 def config_name(impl: str, config: dict) -> str:
@@ -196,17 +194,11 @@ def gemm(args: list, attrs: dict, out: torch.Tensor, tmp: torch.Tensor | None, d
         cfgs = tg.configs(m, glu) if device.type == "cuda" else [tg.INTERPRET_CONFIG]
         for c in cfgs[:TRITON_GEMM_CONFIGS]:
             candidates[config_name("triton", c)] = (lambda c=c: tg.gemm(x, w, bias, gate, residual, act, glu, out=out, config=c))
-    tma = _tma_configs(x, w, m, glu, w.shape[0], device)[:TRITON_TMA_GEMM_CONFIGS]
-    for c in tma:
-        candidates[config_name("triton-tma", c)] = (lambda c=c: tt.tma_gemm(x, w, None, None, bias, gate, residual, act, glu,
-                                                                            out=out, config=c))
     decode = skinny(x, dict(w=w), (bias, gate, residual), attrs, out, workspace, device)
     candidates.update(decode)
     candidates = with_norm(candidates, skinny(x, dict(w=w), (bias, gate, residual), attrs, out, workspace, device, norm), norm)
     what = {"op": "GEMM", "x": list(x.shape), "x_stride": list(x.stride()), "w": list(w.shape), "dtype": str(x.dtype),
             **_epilogue_what(act, glu, bias, gate, residual, out)}
-    if tma:
-        what["tma"] = TMA_CANDIDATES
     if decode:  # (a decision cached before the skinny template, or its one-launch split-K, was a candidate is not one
         what["skinny"] = SKINNY_CANDIDATES  # between these)
         what["weights"] = "cold"  # a decode GEMM streams its weight from HBM: timed so (tuning.py)

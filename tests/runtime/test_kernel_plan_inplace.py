@@ -66,13 +66,6 @@ def test_a_residual_read_last_by_its_gemm_is_written_over(force, rows):
     assert ptr[b] == ptr[a] and ptr[d] == ptr[c] != ptr[b]
 
 
-def test_the_tma_template_writes_over_its_residual_too():
-    # (16-bit operands: the persistent TMA template takes no float32)
-    g, (a, b, c, d) = _chain(torch.float16)
-    plan = run(g, [torch.randn(40, 24).half()], "triton-tma")
-    assert plan.inplace == {b: a, d: c} and plan.describe()["choices"] == {"gemm:triton-tma": 4}
-
-
 def test_a_residual_read_again_an_input_or_an_output_keeps_its_buffer():
     g = Graph()
     x = g.add_input("x", (6, 24), "float32")
