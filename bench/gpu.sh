@@ -266,6 +266,12 @@ print(f'import torch {a - t:.2f} s, kiln {b - a:.2f} s'); t = time.time(); torch
            # (issue 14), then attention at head dim 72 with SDPA on q, k, v zero-padded to 80 / 96 / 128 (issue 15's PixArt 1024)
       timeout 330 python3 bench/fp8.py --out "$OUT/fp8_17b.json" 2>&1 | tail -24
       timeout 200 python3 bench/attn.py 2>&1 | tail -60 ;;
+    s17c)  # session 17: generated pointwise / norm kernels of <= 16 rows with PDL (KILN_PDL=pointwise:16) against without, the
+           # 1B bf16 decode at batch 1 and 16 (issue 13: 14,000 tok/s at batch 16), two processes
+      for v in 1 1+pointwise:16; do
+        KILN_PDL=$v DECODE_JSON=decode_17c_${v#1+}.json timeout 200 python3 bench/decode.py --models 1b --batches 1,16 \
+          --no-compile-peer 2>&1 | grep -v '^ *\[\|^ *"' | tail -5
+      done ;;
     ncu_magic)  # Nsight Compute on the 8B int4 gate/up at one row, every skinny config (WORDS, byte tiles, MAGIC)
       NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
       timeout 150 "$NCU" --profile-from-start off --clock-control none --section SpeedOfLight --section WarpStateStats \

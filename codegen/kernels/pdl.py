@@ -55,6 +55,7 @@ ENV = "KILN_PDL"
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 INTERPRETED = tl.constexpr(INTERPRET)  # (for kernels: a global a jit function reads must be a constexpr)
 L2_BYTES = 32 << 10  # bytes a program prefetches into L2 before its wait with KILN_PDL=l2 (l2:<KB> sets it)
+POINTWISE_ROWS = 0  # generated pointwise kernels of at most this many rows launch with PDL (pointwise_rows)
 
 
 @triton.jit
@@ -121,6 +122,19 @@ def l2_prefetch(ptr, nbytes, live):
         tl.inline_asm_elementwise(
             "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $3; mov.u32 $0, 0; }",
             "=r,l,r,r", [ptr, live.to(tl.int32), nbytes.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
+
+
+def pointwise_rows() -> int:
+    """The most rows a generated pointwise / norm kernel launches with PDL at: ``KILN_PDL=pointwise:<rows>`` (PDL on),
+    else POINTWISE_ROWS. Many-row kernels stay plain launches: with PDL their programs wait on the SMs beside the GEMM
+    before them (session 13: the 1B decode at batch 16 1.244 -> 1.345 ms a step with every many-row kernel on PDL)."""
+    words = [w for w in _words() if w.startswith("pointwise:")]
+    if not words:
+        return POINTWISE_ROWS
+    rows = words[-1][len("pointwise:"):]
+    if not rows.isdigit():
+        raise ValueError(f"{ENV}={os.environ[ENV]!r}: pointwise:<rows> takes a whole number of rows, got {rows!r}")
+    return int(rows)
 
 
 def kwargs(t: torch.Tensor) -> dict:

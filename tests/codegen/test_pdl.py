@@ -18,6 +18,17 @@ def test_never_on_the_cpu(monkeypatch):
         assert pdl.kwargs(torch.zeros(1)) == {"PDL": False}
 
 
+def test_pointwise_rows_reads_its_word(monkeypatch):
+    monkeypatch.delenv(pdl.ENV, raising=False)
+    assert pdl.pointwise_rows() == pdl.POINTWISE_ROWS
+    for flag, rows in (("1+pointwise:16", 16), ("pointwise:0", 0), ("prefetch+pointwise:4", 4)):
+        monkeypatch.setenv(pdl.ENV, flag)
+        assert pdl.pointwise_rows() == rows
+    monkeypatch.setenv(pdl.ENV, "pointwise:x")
+    with pytest.raises(ValueError, match="pointwise:<rows> takes a whole number of rows"):
+        pdl.pointwise_rows()
+
+
 def _chain(m: int, k: int, layers: int):
     """A function running ``layers`` x (GEMM up + GELU, GEMM down + residual, decode attention over a cache of the
     activations) on fixed buffers, every GEMM on its split-K configuration where it has one."""
