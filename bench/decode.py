@@ -32,6 +32,8 @@ ap.add_argument("--quantize", default=None, help="kiln's weight quantization (w8
                 "launch by launch (the peer stays bf16)")
 ap.add_argument("--batches", default=None, help="comma-separated batch sizes (default: each model's own)")
 ap.add_argument("--smoke", action="store_true", help="a tiny Llama on the CPU (Triton interpreter), few tokens")
+ap.add_argument("--whole-max-keys", type=int, default=None, help="codegen.lower.WHOLE_MAX_KEYS for this run: the longest "
+                "cache the one-split decode attention is offered on (0: never)")
 a = ap.parse_args()
 if a.smoke:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel is defined
@@ -44,6 +46,10 @@ from kiln.codegen.tuning import L2_FLUSH_BYTES  # noqa: E402
 from kiln.llm.generator import step_inputs  # noqa: E402
 
 from common import kernels_launched  # noqa: E402
+
+if a.whole_max_keys is not None:
+    from kiln.codegen import lower
+    lower.WHOLE_MAX_KEYS = a.whole_max_keys
 
 # name -> (transformers LlamaConfig kwargs, batches)
 MODELS = {

@@ -272,6 +272,12 @@ print(f'import torch {a - t:.2f} s, kiln {b - a:.2f} s'); t = time.time(); torch
         KILN_PDL=$v DECODE_JSON=decode_17c_${v#1+}.json timeout 200 python3 bench/decode.py --models 1b --batches 1,16 \
           --no-compile-peer 2>&1 | grep -v '^ *\[\|^ *"' | tail -5
       done ;;
+    s17d)  # session 17: the 1B bf16 decode at batch 1 and 16 with the one-split decode attention never offered (its decision is
+           # timed at the prompt's keys; the step runs up to the cache's 384), against s17c's default run
+      DECODE_JSON=decode_17d_nowhole.json timeout 200 python3 bench/decode.py --models 1b --batches 1,16 --no-compile-peer \
+        --whole-max-keys 0 2>&1 | grep -v '^ *\[\|^ *"' | tail -3
+      python3 -c "import json; d = json.load(open('$OUT/decode_17d_nowhole.json'))['1b']; [print(b, {k: d[b]['kiln'][k] for k in \
+        ('decode_tok_s', 'step_ms', 'step_ms_last', 'kernels_per_step', 'choices')}) for b in ('bs1', 'bs16')]" ;;
     ncu_magic)  # Nsight Compute on the 8B int4 gate/up at one row, every skinny config (WORDS, byte tiles, MAGIC)
       NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
       timeout 150 "$NCU" --profile-from-start off --clock-control none --section SpeedOfLight --section WarpStateStats \
