@@ -278,6 +278,14 @@ print(f'import torch {a - t:.2f} s, kiln {b - a:.2f} s'); t = time.time(); torch
         --whole-max-keys 0 2>&1 | grep -v '^ *\[\|^ *"' | tail -3
       python3 -c "import json; d = json.load(open('$OUT/decode_17d_nowhole.json'))['1b']; [print(b, {k: d[b]['kiln'][k] for k in \
         ('decode_tok_s', 'step_ms', 'step_ms_last', 'kernels_per_step', 'choices')}) for b in ('bs1', 'bs16')]" ;;
+    s17e)  # session 17: the decode attention timed at the prompt's keys and at the whole cache (lower.attention): GPU tests of
+           # the decode attention and the kernels plans, then the 1B bf16 decode at batch 1 and 16 (against s17c / s17d)
+      timeout 120 python3 -m pytest -q -rf -p no:logging -m gpu tests/codegen/test_attention_kv.py tests/codegen/test_pdl.py \
+        2>&1 | tee "$OUT/s17etests.log" | grep -v DEBUG | tail -3
+      DECODE_JSON=decode_17e.json timeout 200 python3 bench/decode.py --models 1b --batches 1,16 --no-compile-peer 2>&1 \
+        | grep -v '^ *\[\|^ *"' | tail -2
+      python3 -c "import json; d = json.load(open('$OUT/decode_17e.json'))['1b']; [print(b, {k: d[b]['kiln'][k] for k in \
+        ('decode_tok_s', 'step_ms', 'step_ms_last', 'kernels_per_step', 'choices')}) for b in ('bs1', 'bs16')]" ;;
     ncu_magic)  # Nsight Compute on the 8B int4 gate/up at one row, every skinny config (WORDS, byte tiles, MAGIC)
       NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
       timeout 150 "$NCU" --profile-from-start off --clock-control none --section SpeedOfLight --section WarpStateStats \

@@ -56,7 +56,7 @@ from .kernels import skinny as ts
 from .kernels import tma_gemm as tt
 from .kernels.epilogue import epilogue
 from .pointwise import launch
-from .tuning import launches, with_launches
+from .tuning import launches, timed_as, with_launches
 
 # template configurations measured per shape besides cuBLAS / SDPA. Each is a Triton compile (1-2 s) of a cold
 # start; one GEMM configuration (the template lost to cuBLAS at every measured shape) keeps DiT-XL/2's cold
@@ -85,17 +85,18 @@ SKINNY_CANDIDATES = 10
 ATTENTION_CANDIDATES = 2
 # the decode attention candidates' generation (in a decode attention's what; a decision measured between older ones is
 # measured again): 2 since "kiln-decode-whole" exists, 3 since the kernel reads only the keys the mask attends, 4 since
-# a decode decision charges each launch past a candidate's first (tuning.EXTRA_LAUNCH_MS)
-DECODE_CANDIDATES = 4
+# a decode decision charges each launch past a candidate's first (tuning.EXTRA_LAUNCH_MS), 5 since it is timed at the
+# cache's every key too (``attention``)
+DECODE_CANDIDATES = 5
 # the AQGEMM candidates' generation (in an AQGEMM's what): 2 since the template's tile filling the last wave best is
 # tried too (aqgemm.wave_fit), 3 since the persistent TMA template is (tma_gemm.py)
 AQGEMM_CANDIDATES = 3
 # the generation of the row kernels storing codes (in a coded AQGEMM's what): 2 since quantize_rows / epilogue_codes
 # hold rows up to 16384 wide in registers (one read of their input, not two)
 ROW_CODES_CANDIDATES = 2
-# the longest cache "kiln-decode-whole" (one split, a program per kv head) is offered on. The tuner times a decode step
-# on its example inputs, where only the prompt's keys are attended: one split over those few keys looks cheap, but the
-# plan runs at every length up to the cache's, where a handful of programs would stream the whole context alone
+# the longest cache "kiln-decode-whole" (one split, a program per kv head) is offered on: a handful of programs streaming
+# the whole context alone. (The tuner times a decode attention at its prompt's keys and at the whole cache,
+# ``attention``; past this length the one split would not win, and its compile is saved)
 WHOLE_MAX_KEYS = 512
 # (a plan that gives counters adds "kiln-decode-last": its what says so, apart from a call without them)
 
@@ -541,8 +542,39 @@ def causal_mask(mask: torch.Tensor, sq: int, sk: int) -> bool:
 def attention(args: list, attrs: dict, out: torch.Tensor, scratch: torch.Tensor | None, device: torch.device,
               counters: torch.Tensor | None = None) -> tuple[dict, dict]:
     """An ATTENTION's candidates. ``scratch``: the ``attention_scratch`` buffer (None where it has none); ``counters``:
-    the ``attention_counter_bytes`` buffer (None: no one-launch split-KV candidates)."""
+    the ``attention_counter_bytes`` buffer (None: no one-launch split-KV candidates). A decode attention over a bool
+    mask is timed at two lengths (``tuning.timed_as``): the keys its example mask attends (a decode plan is tuned at its
+    first step: the prompt's) and every key of the cache, its last step's. The kernels read only the attended keys, so
+    the first alone favoured few programs ("kiln-decode-whole": the 1B's step at batch 1 0.95 -> 1.03 ms from its first
+    to its last slot of 384, where the split kernel's stays ~0.98; bench/NOTES.md, session 17)."""
     q, k, v, mask, ks, vs = attention_operands(args, attrs)
+    decode = _decode_fits(q, k, v, mask, attrs["causal"], bool(attrs["gqa"] and q.dim() >= 3 and q.shape[-3] != k.shape[-3]),
+                          device)
+    candidates = _attention_candidates(q, k, v, mask, ks, vs, attrs, out, scratch, device, counters, decode)
+    if decode and mask is not None:
+        full = _attention_candidates(q, k, v, torch.ones_like(mask), ks, vs, attrs, out, scratch, device, counters, decode)
+        for name, fn in candidates.items():
+            timed_as(fn, partial(_in_turn, fn, full[name]))
+    what = {"op": "ATTENTION", "kiln": ATTENTION_CANDIDATES, "q": list(q.shape), "k": list(k.shape), "v": list(v.shape), "dtype": str(q.dtype),
+            "strides": [list(t.stride()) for t in (q, k, v)], "causal": attrs["causal"], "scale": attrs["scale"],
+            "gqa": attrs["gqa"], "mask": None if mask is None else [list(mask.shape), str(mask.dtype)]}
+    if decode:
+        what["decode"] = DECODE_CANDIDATES
+        if counters is not None:
+            what["one_launch"] = True
+    if ks is not None or vs is not None:
+        what["codes"] = [str(t.dtype) if s is not None else None for t, s in ((k, ks), (v, vs))]
+    return what, candidates
+
+
+def _in_turn(*fns) -> None:
+    for fn in fns:
+        fn()
+
+
+def _attention_candidates(q, k, v, mask, ks, vs, attrs: dict, out: torch.Tensor, scratch: torch.Tensor | None,
+                          device: torch.device, counters: torch.Tensor | None, decode: bool) -> dict:
+    """``attention``'s candidates over ``mask`` (module docstring: SDPA, kiln's flash kernel, the split-KV kernel)."""
     causal, scale, gqa = attrs["causal"], attrs["scale"], attrs["gqa"]
     attn_mask, sdpa_causal = sdpa_mask(q, k, mask, causal)  # built once per plan, not per call
     enable_gqa = bool(gqa and q.dim() >= 3 and q.shape[-3] != k.shape[-3])
@@ -563,7 +595,6 @@ def attention(args: list, attrs: dict, out: torch.Tensor, scratch: torch.Tensor 
         for c in cfgs[:TRITON_ATTENTION_CONFIGS]:
             candidates[config_name("kiln", c)] = (
                 lambda c=c: ta.attention(q, k, v, mask, causal, scale, gqa, out=out, config=c, k_scale=ks, v_scale=vs))
-    decode = _decode_fits(q, k, v, mask, causal, enable_gqa, device)
     if decode:
         cfgs = td.configs() if device.type == "cuda" else [td.INTERPRET_CONFIG]
         for c in cfgs[:TRITON_ATTENTION_CONFIGS]:
@@ -578,16 +609,7 @@ def attention(args: list, attrs: dict, out: torch.Tensor, scratch: torch.Tensor 
             candidates[config_name("kiln-decode-whole", cfgs[0])] = (
                 lambda c=cfgs[0]: td.decode_attention(q, k, v, mask, scale, enable_gqa, out=out, config=c, splits=1,
                                                       k_scale=ks, v_scale=vs))
-    what = {"op": "ATTENTION", "kiln": ATTENTION_CANDIDATES, "q": list(q.shape), "k": list(k.shape), "v": list(v.shape), "dtype": str(q.dtype),
-            "strides": [list(t.stride()) for t in (q, k, v)], "causal": causal, "scale": scale, "gqa": gqa,
-            "mask": None if mask is None else [list(mask.shape), str(mask.dtype)]}
-    if decode:
-        what["decode"] = DECODE_CANDIDATES
-        if counters is not None:
-            what["one_launch"] = True
-    if ks is not None or vs is not None:
-        what["codes"] = [str(t.dtype) if s is not None else None for t, s in ((k, ks), (v, vs))]
-    return what, candidates
+    return candidates
 
 
 def rope_kv(args: list, q_out: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_roped: torch.Tensor,

@@ -141,7 +141,22 @@ def test_one_split_offered_only_on_a_short_cache(s):
     _, what, cands, _ = candidates(q, k, v, None, None, left_padded([0], 1, s, pos=10))
     whole = ["kiln-decode-whole"] if s <= lower.WHOLE_MAX_KEYS else []
     assert sorted(c.split(":")[0] for c in cands) == ["kiln", "kiln-decode", *whole, "sdpa"]
-    assert what["decode"] == lower.DECODE_CANDIDATES == 4
+    assert what["decode"] == lower.DECODE_CANDIDATES == 5
+
+
+def test_a_decode_attention_is_timed_at_the_prompt_and_at_the_whole_cache():
+    # tuned at its first step, the plan then runs while the mask grows to the cache's end: each candidate's timing runs
+    # it over the example mask, then over every key (the plan itself runs the candidate alone)
+    q, k, v, _, _ = operands(1, 4, 2, 1, 40, 16, torch.float32, "int8", which="")
+    mask = left_padded([0], 1, 40, pos=6)
+    _, _, cands, out = candidates(q, k, v, None, None, mask)
+    want = {m: decode_attention(q, k, v, mm, gqa=True) for m, mm in (("prompt", mask), ("cache", torch.ones_like(mask)))}
+    assert rel_err(want["prompt"], want["cache"]) > 0.1
+    for name, fn in cands.items():
+        fn()
+        assert rel_err(out, want["prompt"]) <= TOL[torch.float32], name
+        fn.timing()
+        assert rel_err(out, want["cache"]) <= TOL[torch.float32], name  # (its last run: every key attended)
 
 
 # ----------------------------------------------------------------------------- GPU (bf16, real shapes)
