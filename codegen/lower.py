@@ -86,7 +86,7 @@ ATTENTION_CANDIDATES = 2
 # the decode attention candidates' generation (in a decode attention's what; a decision measured between older ones is
 # measured again): 2 since "kiln-decode-whole" exists, 3 since the kernel reads only the keys the mask attends, 4 since
 # a decode decision charges each launch past a candidate's first (tuning.EXTRA_LAUNCH_MS), 5 since it is timed at the
-# cache's every key too (``attention``)
+# cache's every key too, and cold (``attention``)
 DECODE_CANDIDATES = 5
 # the AQGEMM candidates' generation (in an AQGEMM's what): 2 since the template's tile filling the last wave best is
 # tried too (aqgemm.wave_fit), 3 since the persistent TMA template is (tma_gemm.py)
@@ -544,9 +544,10 @@ def attention(args: list, attrs: dict, out: torch.Tensor, scratch: torch.Tensor 
     """An ATTENTION's candidates. ``scratch``: the ``attention_scratch`` buffer (None where it has none); ``counters``:
     the ``attention_counter_bytes`` buffer (None: no one-launch split-KV candidates). A decode attention over a bool
     mask is timed at two lengths (``tuning.timed_as``): the keys its example mask attends (a decode plan is tuned at its
-    first step: the prompt's) and every key of the cache, its last step's. The kernels read only the attended keys, so
-    the first alone favoured few programs ("kiln-decode-whole": the 1B's step at batch 1 0.95 -> 1.03 ms from its first
-    to its last slot of 384, where the split kernel's stays ~0.98; bench/NOTES.md, session 17)."""
+    first step: the prompt's) and every key of the cache, its last step's; and cold (``"cache": "cold"``: after L2 is
+    flushed, as the step reads it). The kernels read only the attended keys, so the first length alone, L2-warm,
+    favoured few programs ("kiln-decode-whole": the 1B's step at batch 1 0.95 -> 1.03 ms from its first to its last
+    slot of 384, where the split kernel's stays ~0.98; bench/NOTES.md, session 17)."""
     q, k, v, mask, ks, vs = attention_operands(args, attrs)
     decode = _decode_fits(q, k, v, mask, attrs["causal"], bool(attrs["gqa"] and q.dim() >= 3 and q.shape[-3] != k.shape[-3]),
                           device)
@@ -560,6 +561,7 @@ def attention(args: list, attrs: dict, out: torch.Tensor, scratch: torch.Tensor 
             "gqa": attrs["gqa"], "mask": None if mask is None else [list(mask.shape), str(mask.dtype)]}
     if decode:
         what["decode"] = DECODE_CANDIDATES
+        what["cache"] = "cold"  # (timed after L2 is flushed: tuning.py)
         if counters is not None:
             what["one_launch"] = True
     if ks is not None or vs is not None:

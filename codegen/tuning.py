@@ -9,7 +9,8 @@ back-to-back runs replayed from a CUDA graph (so a candidate of two kernels is n
 latencies that the plan's graph does not pay), sampled round-robin across the candidates. A *what* marked
 ``"weights": "cold"`` (a decode GEMM: the plan streams each weight once per step, gigabytes per step against an L2
 of tens of megabytes) is timed one run per sample after a write over more than the L2, so a weight that fits in
-L2 is not measured L2-resident: back-to-back runs would rank the candidates by L2 bandwidth, not HBM's.
+L2 is not measured L2-resident: back-to-back runs would rank the candidates by L2 bandwidth, not HBM's. So is one
+marked ``"cache": "cold"`` (a decode attention: the step reads each layer's KV cache once, between the weights).
 
 Choices are remembered three ways: in memory (a model with 28 identical blocks measures once), in the
 on-disk cache (``tuning/<key>.json``: a second process skips the measurements), and in the artifact's
@@ -278,7 +279,7 @@ class Tuner:
 
     @staticmethod
     def measure(kind: str, what: dict, candidates: dict, device: torch.device) -> dict:
-        cold = what.get("weights") == "cold"
+        cold = what.get("weights") == "cold" or what.get("cache") == "cold"
         ms, failed = time_candidates(candidates, device, cold=cold)
         if not ms:
             raise RuntimeError(f"no {kind} implementation ran for {what}: " + "; ".join(f"{k}: {v}" for k, v in failed.items()))

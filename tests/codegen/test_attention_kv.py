@@ -149,7 +149,8 @@ def test_a_decode_attention_is_timed_at_the_prompt_and_at_the_whole_cache():
     # it over the example mask, then over every key (the plan itself runs the candidate alone)
     q, k, v, _, _ = operands(1, 4, 2, 1, 40, 16, torch.float32, "int8", which="")
     mask = left_padded([0], 1, 40, pos=6)
-    _, _, cands, out = candidates(q, k, v, None, None, mask)
+    _, what, cands, out = candidates(q, k, v, None, None, mask)
+    assert what["cache"] == "cold"  # (and timed after L2 is flushed: the step reads the cache once)
     want = {m: decode_attention(q, k, v, mm, gqa=True) for m, mm in (("prompt", mask), ("cache", torch.ones_like(mask)))}
     assert rel_err(want["prompt"], want["cache"]) > 0.1
     for name, fn in cands.items():

@@ -56,6 +56,16 @@ def test_decode_gemms_are_timed_with_cold_weights():
     assert ms["b"] < ms["a"] and not failed
 
 
+def test_cold_weights_or_a_cold_cache_are_measured_cold(monkeypatch):
+    from kiln.codegen import tuning
+
+    seen = []
+    monkeypatch.setattr(tuning, "time_candidates", lambda c, d, cold=False: (seen.append(cold) or ({"a": 1.0}, {})))
+    for what, cold in (({"weights": "cold"}, True), ({"cache": "cold"}, True), ({}, False)):
+        Tuner.measure("gemm", what, {"a": lambda: None}, torch.device("cpu"))
+        assert seen[-1] == cold, what
+
+
 def test_a_decode_decision_charges_extra_launches(monkeypatch):
     """A decode decision (cold weights, or a decode attention) adds EXTRA_LAUNCH_MS per launch past a candidate's first
     to its measured time, and records which were charged; other decisions take the fastest as timed."""
