@@ -555,7 +555,7 @@ def attention(args: list, attrs: dict, out: torch.Tensor, scratch: torch.Tensor 
     if decode and mask is not None:
         full = _attention_candidates(q, k, v, torch.ones_like(mask), ks, vs, attrs, out, scratch, device, counters, decode)
         for name, fn in candidates.items():
-            timed_as(fn, partial(_in_turn, fn, full[name]))
+            timed_as(fn, partial(_in_turn, fn, full[name]), runs=2)
     what = {"op": "ATTENTION", "kiln": ATTENTION_CANDIDATES, "q": list(q.shape), "k": list(k.shape), "v": list(v.shape), "dtype": str(q.dtype),
             "strides": [list(t.stride()) for t in (q, k, v)], "causal": attrs["causal"], "scale": attrs["scale"],
             "gqa": attrs["gqa"], "mask": None if mask is None else [list(mask.shape), str(mask.dtype)]}

@@ -65,10 +65,11 @@ def with_launches(fn: Callable[[], object], n: int) -> Callable[[], object]:
     return fn
 
 
-def timed_as(fn: Callable[[], object], timing: Callable[[], object]) -> Callable[[], object]:
-    """``fn`` marked to be measured by running ``timing`` instead (``time_candidates``: e.g. ``fn`` and a variant of it
-    at another length of the data it serves, so the choice reflects both); returns it. The plan runs ``fn``."""
-    fn.timing = timing
+def timed_as(fn: Callable[[], object], timing: Callable[[], object], runs: int = 1) -> Callable[[], object]:
+    """``fn`` marked to be measured by running ``timing`` instead, which makes ``runs`` calls of it or of variants of it
+    (e.g. at another length of the data it serves, so the choice reflects both): ``time_candidates`` reports its time
+    divided by ``runs``, a call's. Returns ``fn``; the plan runs ``fn``."""
+    fn.timing, fn.timing_runs = timing, runs
     return fn
 
 
@@ -183,7 +184,8 @@ def time_candidates(candidates: dict[str, Callable[[], object]], device: torch.d
     ``cold``: each CUDA sample one run after L2 is flushed (module docstring)."""
     timers, failed = {}, {}
     flush = torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.int32, device=device) if cold and device.type == "cuda" else None
-    candidates = {name: getattr(fn, "timing", fn) for name, fn in candidates.items()}  # (timed_as)
+    runs = {name: getattr(fn, "timing_runs", 1) for name, fn in candidates.items()}  # (timed_as)
+    candidates = {name: getattr(fn, "timing", fn) for name, fn in candidates.items()}
     if device.type == "cuda":  # (not under the interpreter: the CPU tests run kernels in Python, one thread)
         warm_in_parallel(candidates, _on_stream(device))
         torch.cuda.synchronize(device)
@@ -200,7 +202,7 @@ def time_candidates(candidates: dict[str, Callable[[], object]], device: torch.d
             except Exception as e:
                 failed[name] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
                 del timers[name], samples[name]
-    return {name: round(sorted(t)[len(t) // 2], 5) for name, t in samples.items()}, failed
+    return {name: round(sorted(t)[len(t) // 2] / runs[name], 5) for name, t in samples.items()}, failed
 
 
 class Tuner:

@@ -5,7 +5,7 @@ import time
 import pytest
 import torch
 
-from kiln.codegen.tuning import L2_FLUSH_BYTES, Tuner, launches, time_candidates, warm_in_parallel, with_launches
+from kiln.codegen.tuning import L2_FLUSH_BYTES, Tuner, launches, time_candidates, timed_as, warm_in_parallel, with_launches
 
 
 def _sleeper(ms: float, calls: list):
@@ -54,6 +54,13 @@ def test_decode_gemms_are_timed_with_cold_weights():
     calls = []
     ms, failed = time_candidates({"a": _sleeper(2, calls), "b": _sleeper(1, calls)}, torch.device("cpu"), cold=True)
     assert ms["b"] < ms["a"] and not failed
+
+
+def test_a_candidate_timed_as_two_runs_reports_one_runs_time():
+    calls = []
+    slow = timed_as(_sleeper(1, calls), _sleeper(4, calls), runs=2)  # (its timing: two runs of 2 ms)
+    ms, failed = time_candidates({"slow": slow, "plain": _sleeper(1, calls)}, torch.device("cpu"))
+    assert not failed and 1.5 < ms["slow"] / ms["plain"] < 3  # ~2: 4 ms / 2 against 1 ms
 
 
 def test_cold_weights_or_a_cold_cache_are_measured_cold(monkeypatch):
