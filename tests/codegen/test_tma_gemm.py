@@ -99,14 +99,16 @@ def test_every_config_at_model_shapes(fmt, m, k, n, glu):
     res = r(m, n // 2 if glu else n, dtype=torch.bfloat16).cuda()
     if fmt == "bf16":
         x, w, b = r(m, k, dtype=torch.bfloat16).cuda(), r(n, k, dtype=torch.bfloat16, scale=k ** -0.5).cuda(), r(n, dtype=torch.bfloat16).cuda()
-        ops, kw = (x, w), dict(bias=b, residual=res)
         want = G.reference(x.double(), w.double(), b.double(), None, res.double(), act=act, glu=glu)
+
+        def run(**kw):
+            return T.tma_gemm(x, w, bias=b, residual=res, **kw)
     else:
         ops = tuple(t.cuda() for t in coded((m,), k, n, fmt, torch.bfloat16, bias=True)[:5])
-        kw = dict(residual=res, dtype=torch.bfloat16)
         want = A.reference(*ops, None, res, act=act, glu=glu)
-    run = T.tma_gemm if fmt == "bf16" else run_coded
-    assert T.supported(ops[0], ops[1] if fmt == "bf16" else ops[2])
-    for c in T.configs(m, ops[0].dtype, glu) + [dict(T.configs(m, ops[0].dtype, glu)[0], PERSISTENT=False)]:
-        got = run(ops, act=act, glu=glu, config=c, **kw) if fmt != "bf16" else run(*ops, act=act, glu=glu, config=c, **kw)
-        assert rel_err(got, want) <= TOL[torch.bfloat16], c
+
+        def run(**kw):
+            return run_coded(ops, None, res, dtype=torch.bfloat16, **kw)
+    cs = T.configs(m, torch.bfloat16 if fmt == "bf16" else A.CODE_DTYPES[fmt], glu)
+    for c in cs + [dict(cs[0], PERSISTENT=False)]:  # (and a program a tile)
+        assert rel_err(run(act=act, glu=glu, config=c), want) <= TOL[torch.bfloat16], c
