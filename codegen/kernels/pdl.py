@@ -35,6 +35,10 @@ at 4 bits in groups of 128, per-channel rows of 2 bytes that break the 16-byte r
 rows: which keys it reads is known only after the wait (the attended length is read from the mask, an earlier kernel's
 output), and the whole cache would be up to S / n times the bytes read.
 
+``KILN_PDL=pointwise:<rows>`` (``1+pointwise:16``) also launches the generated pointwise / norm kernels of at most that
+many rows with PDL (``pointwise_rows``; off by default). Measured on the H200 (session 17, the 1B decode, two
+processes): batch 1 1006 -> 1008 tok/s, batch 16 13,059 -> 13,051: no gain, kept for the measurement.
+
 Replicated prefetches. ``cp.async.bulk.prefetch`` is a per-thread PTX instruction, but sm_90 runs it on the uniform
 datapath (SASS: ``UBLKPF.L2 [UR], UR``): ptxas wraps it in a loop that issues one prefetch per distinct (address, size)
 among a warp's active lanes, so copies of one row inside a warp cost nothing, while each warp holding a copy issues its
