@@ -549,8 +549,7 @@ def attention(args: list, attrs: dict, out: torch.Tensor, scratch: torch.Tensor 
     favoured few programs ("kiln-decode-whole": the 1B's step at batch 1 0.95 -> 1.03 ms from its first to its last
     slot of 384, where the split kernel's stays ~0.98; bench/NOTES.md, session 17)."""
     q, k, v, mask, ks, vs = attention_operands(args, attrs)
-    decode = _decode_fits(q, k, v, mask, attrs["causal"], bool(attrs["gqa"] and q.dim() >= 3 and q.shape[-3] != k.shape[-3]),
-                          device)
+    decode = _decode_fits(q, k, v, mask, attrs["causal"], _enable_gqa(q, k, attrs["gqa"]), device)
     candidates = _attention_candidates(q, k, v, mask, ks, vs, attrs, out, scratch, device, counters, decode)
     if decode and mask is not None:
         full = _attention_candidates(q, k, v, torch.ones_like(mask), ks, vs, attrs, out, scratch, device, counters, decode)
@@ -569,6 +568,11 @@ def attention(args: list, attrs: dict, out: torch.Tensor, scratch: torch.Tensor 
     return what, candidates
 
 
+def _enable_gqa(q: torch.Tensor, k: torch.Tensor, gqa: bool) -> bool:
+    # SDPA's enable_gqa: grouped query heads, more of them than kv heads
+    return bool(gqa and q.dim() >= 3 and q.shape[-3] != k.shape[-3])
+
+
 def _in_turn(*fns) -> None:
     for fn in fns:
         fn()
@@ -579,7 +583,7 @@ def _attention_candidates(q, k, v, mask, ks, vs, attrs: dict, out: torch.Tensor,
     """``attention``'s candidates over ``mask`` (module docstring: SDPA, kiln's flash kernel, the split-KV kernel)."""
     causal, scale, gqa = attrs["causal"], attrs["scale"], attrs["gqa"]
     attn_mask, sdpa_causal = sdpa_mask(q, k, mask, causal)  # built once per plan, not per call
-    enable_gqa = bool(gqa and q.dim() >= 3 and q.shape[-3] != k.shape[-3])
+    enable_gqa = _enable_gqa(q, k, gqa)
     kd, vd, dequantize = _dequantized(k, v, ks, vs, scratch)
 
     def sdpa():

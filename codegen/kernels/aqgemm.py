@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from ...ir.ops_fused import ACTIVATIONS, apply_epilogue
-from .gemm import _config, _gate_residual_store, check_output_operands, output_operands
+from .gemm import _config, _gate_residual_store, check_output_operands, grouped_tile, output_operands
 from .qgemm import _bias_act_glu
 
 # triton.jit picks the interpreter from this variable when the kernels below are defined; read it then too
@@ -61,11 +61,7 @@ def _aqgemm_kernel(
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    first_pid_m = (pid // num_pid_in_group) * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    pid_m, pid_n = grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -84,6 +84,16 @@ def _gate_residual_store(acc, rows, cols, mask, gate_ptr, gate_rows, stride_gb, 
 
 
 @triton.jit
+def grouped_tile(t, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    # (row, column) tile of program / tile index t in grouped order (Triton's matmul tutorial): GROUP_M row tiles walk
+    # the column tiles together, so they share each weight tile in L2
+    in_group = GROUP_M * num_pid_n
+    first_m = (t // in_group) * GROUP_M
+    size_m = min(num_pid_m - first_m, GROUP_M)
+    return first_m + (t % in_group) % size_m, (t % in_group) // size_m
+
+
+@triton.jit
 def _gemm_kernel(
     x_ptr, w_ptr, bias_ptr, gate_ptr, res_ptr, out_ptr,
     M, N, K,  # N: output columns (half of w's rows with GLU)
@@ -101,11 +111,7 @@ def _gemm_kernel(
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    first_pid_m = (pid // num_pid_in_group) * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    pid_m, pid_n = grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

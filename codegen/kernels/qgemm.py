@@ -52,7 +52,7 @@ import triton
 import triton.language as tl
 
 from ...ir.ops_fused import ACTIVATIONS
-from .gemm import _activation, _gate_residual_store, check_output_operands, output_operands
+from .gemm import _activation, _gate_residual_store, check_output_operands, grouped_tile, output_operands
 from .gemm import reference as gemm_reference
 from . import pdl
 from .pdl import INTERPRETED, gdc, l2_prefetch
@@ -255,11 +255,7 @@ def _wgemm_kernel(
     split = tl.program_id(1)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    first_pid_m = (pid // num_pid_in_group) * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    pid_m, pid_n = grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

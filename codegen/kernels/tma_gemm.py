@@ -15,7 +15,8 @@ session 16). Here:
 - ``min(SMs, tiles)`` programs each take every SMs-th tile in grouped order (GROUP_M row tiles share W's tiles in L2),
   and the tile loop and its K loop are one flattened, software-pipelined loop: the next tile's first loads are in
   flight while this tile's epilogue runs;
-- GLU keeps two accumulators, the gate half's W rows at n and the up half's at N + n, sharing each x tile.
+- GLU keeps two accumulators, the gate half's W rows at n and the up half's at N + n, sharing each x tile;
+- the epilogue runs on each half of a tile's columns in turn (no spills at 128 x 256).
 
 TMA wants 16-byte aligned bases and row strides and a unit inner stride (``supported``); the lowering offers this
 template only then, beside the others, and the tuner keeps what is measured fastest (``codegen/lower.py``).
@@ -40,25 +41,16 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from . import aqgemm as taq
 from .gemm import _check as _gemm_check
-from .gemm import _gate_residual_store, output_operands
+from .gemm import _gate_residual_store, grouped_tile, output_operands
 from .qgemm import _bias_act_glu
 
 # triton.jit picks the interpreter from this variable when the kernel below is defined; read it then too
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 OPERAND_DTYPES = (torch.float8_e4m3fn, torch.int8, torch.float16, torch.bfloat16)
 # the interpreter: small tiles and few programs, so that a program walks several tiles and rows / K are cut
-INTERPRET_CONFIG = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, GROUP_M=2, SUBTILE=True)
+INTERPRET_CONFIG = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, GROUP_M=2)
 INTERPRET_PROGRAMS = 3
 SMALL_M = 64  # at or below: decode's skinny kernels, not this template
-
-
-@triton.jit
-def _tile(tile, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
-    # grouped order (Triton's matmul tutorial): GROUP_M row tiles walk the column tiles together
-    in_group = GROUP_M * num_pid_n
-    first_m = (tile // in_group) * GROUP_M
-    size_m = min(num_pid_m - first_m, GROUP_M)
-    return first_m + (tile % in_group) % size_m, (tile % in_group) // size_m
 
 
 @triton.jit
@@ -70,7 +62,7 @@ def _tma_gemm_kernel(
     stride_om, stride_on,
     ACT: tl.constexpr, GLU: tl.constexpr, SCALED: tl.constexpr, INT8: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_GATE: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, SUBTILE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     start = tl.program_id(0)
     programs = tl.num_programs(0)
@@ -82,7 +74,7 @@ def _tma_gemm_kernel(
     # may then run the next tile's loads ahead of this tile's epilogue
     tile_c = start - programs
     for tile in tl.range(start, num_pid_m * num_pid_n, programs, flatten=True):
-        pid_m, pid_n = _tile(tile, num_pid_m, num_pid_n, GROUP_M)
+        pid_m, pid_n = grouped_tile(tile, num_pid_m, num_pid_n, GROUP_M)
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
@@ -95,22 +87,19 @@ def _tma_gemm_kernel(
                 acc_u = tl.dot(a, w_desc.load([N + off_n, off_k]).T, acc_u, out_dtype=ACC)
 
         tile_c += programs
-        pid_m, pid_n = _tile(tile_c, num_pid_m, num_pid_n, GROUP_M)
-        if SUBTILE:  # the epilogue on each half of the columns: half its float32 temporaries live at once
-            a0, a1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
-            u0, u1 = a0, a1
-            if GLU:
-                u0, u1 = tl.split(tl.permute(tl.reshape(acc_u, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
-            _epilogue(a0, u0, pid_m * BLOCK_M, pid_n * BLOCK_N, xs_ptr, ws_ptr, bias_ptr, gate_ptr, res_ptr, out_ptr, M, N,
-                      gate_rows, stride_gb, stride_gm, stride_gn, res_rows, stride_rb, stride_rm, stride_rn, stride_om,
-                      stride_on, ACT, GLU, SCALED, HAS_BIAS, HAS_GATE, HAS_RESIDUAL, BLOCK_M, BLOCK_N // 2)
-            _epilogue(a1, u1, pid_m * BLOCK_M, pid_n * BLOCK_N + BLOCK_N // 2, xs_ptr, ws_ptr, bias_ptr, gate_ptr, res_ptr,
-                      out_ptr, M, N, gate_rows, stride_gb, stride_gm, stride_gn, res_rows, stride_rb, stride_rm, stride_rn,
-                      stride_om, stride_on, ACT, GLU, SCALED, HAS_BIAS, HAS_GATE, HAS_RESIDUAL, BLOCK_M, BLOCK_N // 2)
-        else:
-            _epilogue(acc, acc_u, pid_m * BLOCK_M, pid_n * BLOCK_N, xs_ptr, ws_ptr, bias_ptr, gate_ptr, res_ptr, out_ptr, M,
-                      N, gate_rows, stride_gb, stride_gm, stride_gn, res_rows, stride_rb, stride_rm, stride_rn, stride_om,
-                      stride_on, ACT, GLU, SCALED, HAS_BIAS, HAS_GATE, HAS_RESIDUAL, BLOCK_M, BLOCK_N)
+        pid_m, pid_n = grouped_tile(tile_c, num_pid_m, num_pid_n, GROUP_M)
+        # the epilogue on each half of the columns: half its float32 temporaries live at once (whole tiles of 128 x 256
+        # spilled 1.2 KB a thread, compiled for sm_90)
+        a0, a1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+        u0, u1 = a0, a1
+        if GLU:
+            u0, u1 = tl.split(tl.permute(tl.reshape(acc_u, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+        _epilogue(a0, u0, pid_m * BLOCK_M, pid_n * BLOCK_N, xs_ptr, ws_ptr, bias_ptr, gate_ptr, res_ptr, out_ptr, M, N,
+                  gate_rows, stride_gb, stride_gm, stride_gn, res_rows, stride_rb, stride_rm, stride_rn, stride_om,
+                  stride_on, ACT, GLU, SCALED, HAS_BIAS, HAS_GATE, HAS_RESIDUAL, BLOCK_M, BLOCK_N // 2)
+        _epilogue(a1, u1, pid_m * BLOCK_M, pid_n * BLOCK_N + BLOCK_N // 2, xs_ptr, ws_ptr, bias_ptr, gate_ptr, res_ptr,
+                  out_ptr, M, N, gate_rows, stride_gb, stride_gm, stride_gn, res_rows, stride_rb, stride_rm, stride_rn,
+                  stride_om, stride_on, ACT, GLU, SCALED, HAS_BIAS, HAS_GATE, HAS_RESIDUAL, BLOCK_M, BLOCK_N // 2)
 
 
 @triton.jit
@@ -134,8 +123,8 @@ def _epilogue(acc, acc_u, off_m, off_n, xs_ptr, ws_ptr, bias_ptr, gate_ptr, res_
                          HAS_GATE, HAS_RESIDUAL)
 
 
-def _config(bm, bn, bk, warps, stages, subtile=True):
-    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, SUBTILE=subtile, num_warps=warps, num_stages=stages)
+def _config(bm, bn, bk, warps, stages):
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=warps, num_stages=stages)
 
 
 # H200 (sm_90: wgmma, 227 KB of shared memory an SM). A K step moves 128 bytes of a row (fp8 / int8: 128 values,
