@@ -96,8 +96,10 @@ AQGEMM_CANDIDATES = 3
 ROW_CODES_CANDIDATES = 2
 # the longest cache "kiln-decode-whole" (one split, a program per kv head) is offered on: a handful of programs streaming
 # the whole context alone. (The tuner times a decode attention at its prompt's keys and at the whole cache,
-# ``attention``; past this length the one split would not win, and its compile is saved)
-WHOLE_MAX_KEYS = 512
+# ``attention``; past this length the one split does not win, and its compile is saved.) 256: at a 384-slot cache the
+# tuner still took it at batch 16, timed within ~1 us of the split kernel, and the split kernel's step ran 1.7-2% faster
+# (bench/NOTES.md, sessions 17-18: one process A / B); the one split's step grows with the keys past ~200
+WHOLE_MAX_KEYS = 256
 # (a plan that gives counters adds "kiln-decode-last": its what says so, apart from a call without them)
 
 
@@ -164,7 +166,7 @@ def with_norm(candidates: dict, fused: dict, norm: dict | None) -> dict:
 
 def _norm_what(what: dict, norm: dict | None) -> dict:
     if norm is not None:  # the tuner's key: a GEMM with a prologue is another choice than the bare GEMM
-        what["norm"] = {"eps": norm["eps"], "x_stride": list(norm["x"].stride())}
+        what["norm"] = {"eps": norm["eps"], "x_stride": list(norm["x"].stride()), **({"unit": 1} if norm["unit"] else {})}
     return what
 
 
@@ -197,7 +199,15 @@ def gemm(args: list, attrs: dict, out: torch.Tensor, tmp: torch.Tensor | None, d
             candidates[config_name("triton", c)] = (lambda c=c: tg.gemm(x, w, bias, gate, residual, act, glu, out=out, config=c))
     decode = skinny(x, dict(w=w), (bias, gate, residual), attrs, out, workspace, device)
     candidates.update(decode)
-    candidates = with_norm(candidates, skinny(x, dict(w=w), (bias, gate, residual), attrs, out, workspace, device, norm), norm)
+    fused = skinny(x, dict(w=w), (bias, gate, residual), attrs, out, workspace, device, norm)
+    if norm is not None and norm["unit"] and 1 < m <= tg.SMALL_M and _triton_ok(tg.DTYPES, x.dtype, device, tg.INTERPRET):
+        # a weightless norm (passes/fold_norm_weight.py): the template scales its rows by 1 / rms itself (RSTD), no launch.
+        # Not at one row, where the skinny template's norm prologue reads a 4 KB x and launches with PDL: timed cold
+        # alone the two tie (1B gate/up 27.1 / 27.0 us), in the step RSTD lost 3% (bench/NOTES.md, session 18)
+        for c in (tg.configs(m, glu) if device.type == "cuda" else [tg.INTERPRET_CONFIG])[:TRITON_GEMM_CONFIGS]:
+            fused[config_name("triton-rstd", c)] = (lambda c=c: tg.gemm(norm["x"], w, bias, gate, residual, act, glu, out=out,
+                                                                         config=c, rstd_eps=norm["eps"]))
+    candidates = with_norm(candidates, fused, norm)
     what = {"op": "GEMM", "x": list(x.shape), "x_stride": list(x.stride()), "w": list(w.shape), "dtype": str(x.dtype),
             **_epilogue_what(act, glu, bias, gate, residual, out)}
     if decode:  # (a decision cached before the skinny template, or its one-launch split-K, was a candidate is not one

@@ -203,12 +203,12 @@ class _Scheduler:
         return self.order(groups)
 
     def foldable_norm(self, n: Node) -> bool:
-        """``n``'s x is an RMSNORM (one weight, last axis, no residual, one dtype throughout) that only ``n`` reads,
-        alone in its pointwise group: a norm prologue."""
+        """``n``'s x is an RMSNORM (one stored weight or none: ``passes/fold_norm_weight.py``; last axis, no residual, one
+        dtype throughout) that only ``n`` reads, alone in its pointwise group: a norm prologue."""
         norm = n.inputs[0]
-        if n.op not in PROLOGUE_GEMMS or norm.op != "RMSNORM" or norm in self.outputs or len(norm.inputs) != 2:
+        if n.op not in PROLOGUE_GEMMS or norm.op != "RMSNORM" or norm in self.outputs or len(norm.inputs) not in (1, 2):
             return False
-        if norm.attrs["residual"] or norm.attrs["dims"] != 1 or norm.inputs[1].op not in SOURCE_OPS:
+        if norm.attrs["residual"] or norm.attrs["dims"] != 1 or any(p.op not in SOURCE_OPS for p in norm.inputs[1:]):
             return False
         if {i.dtype for i in norm.inputs} != {norm.dtype} or n.dtype != norm.dtype:
             return False

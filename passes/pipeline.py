@@ -12,6 +12,7 @@ from .canonicalize import canonicalize
 from .cse import cse
 from .dce import dce
 from .fold_constants import fold_constants
+from .fold_norm_weight import fold_norm_weight
 from .fuse_attention import fuse_attention
 from .fuse_conv import fuse_conv
 from .fuse_epilogue import fuse_epilogue
@@ -57,6 +58,9 @@ PIPELINE = [
     # so the inputs it smooths are those of the merged GEMMs. Off unless CompileConfig.quantize is "fp8" / "w8a8"
     ("smooth", smooth),
     ("quantize_acts", quantize_acts),
+    # after both quantizers (a packed weight is left as packed; folding the norm into it would change what was rounded) and
+    # every fusion (the merged QKV / gate-up weight folds once): the norm keeps its statistics, the GEMM weights its weight
+    ("fold_norm_weight", fold_norm_weight),
     # very last: it pads the GEMMs the graph finally computes, whatever the passes above made of them. Every fusion sees
     # the unpadded math (an epilogue rule matching act(LINEAR) is not blocked by the slice), tensor parallelism splits
     # the true vocab (a rank's shard is padded on its own), the quantizers find the LM head as they know it and keep

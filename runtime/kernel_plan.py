@@ -661,14 +661,18 @@ class KernelPlan(Plan):
 
     def _norm(self, g: Group) -> dict | None:
         """A gemm group's norm prologue as ``lower.gemm`` takes it (None without one): its input, weight and eps, and
-        its own kernel writing the normalised x (the GEMM's planned operand)."""
+        its own kernel writing the normalised x (the GEMM's planned operand). A weightless norm (its weight folded into
+        the GEMM's: ``passes/fold_norm_weight.py``) gives a weight of ones and ``unit``: the GEMM may then scale its
+        rows by 1 / rms itself."""
         p = norm_prologue(g)
         if p is None:
             return None
         norm, b, cache = p.nodes[0], self.bindings, self.target.cache
         args, out = [self.env[i] for i in p.inputs], [self.env[norm]]
-        return dict(x=self.env[norm.inputs[0]], w=self.env[norm.inputs[1]].contiguous(), eps=norm.attrs["eps"],
-                    run=lambda: launch(p, args, b, out=out, cache=cache))
+        x = self.env[norm.inputs[0]]
+        unit = len(norm.inputs) == 1
+        w = x.new_ones(x.shape[-1]) if unit else self.env[norm.inputs[1]].contiguous()
+        return dict(x=x, w=w, eps=norm.attrs["eps"], unit=unit, run=lambda: launch(p, args, b, out=out, cache=cache))
 
     def _reference(self, g: Group, kind: str, n: Node, args, attrs, out) -> KernelCall:
         b = self.bindings

@@ -20,6 +20,13 @@ materialised with ``.contiguous()`` first.
 GLU. One program owns output columns j..j+BLOCK_N of the N/2-wide result and keeps two fp32
 accumulators: one over weight rows j (gate half), one over rows j + N/2 (up half), sharing each loaded
 x tile. The tile written is act(acc_g) * acc_u; the [M, N] pre-activation never reaches memory.
+
+RSTD. x may come from a weightless RMSNORM (its weight folded into w: ``passes/fold_norm_weight.py``):
+RMSNORM(x) @ w^T = rstd * (x @ w^T) for each row's rstd = 1 / sqrt(mean(x^2) + eps), so the kernel reads the
+raw x and scales each row's products before the epilogue. The sums of squares come from the tensor cores, as
+the diagonal of x x^T accumulated from the same x tiles (a [BLOCK_M, BLOCK_M] product a step: 1/8 of the GLU's
+work at 16 rows), so x's tiles go shared memory -> MMA untouched: a norm applied in registers on their way
+(session 14's "triton-norm") cost 5.8 us at the 1B's 16-row gate/up. Offered for at most ``SMALL_M`` rows.
 """
 from __future__ import annotations
 
@@ -102,10 +109,12 @@ def _gemm_kernel(
     gate_rows, stride_gb, stride_gm, stride_gn,  # gate row m sits at (m // gate_rows) * stride_gb + (m % gate_rows) * stride_gm
     res_rows, stride_rb, stride_rm, stride_rn,
     stride_om, stride_on,
+    eps,  # RSTD: the norm's epsilon
     ACT: tl.constexpr, GLU: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_GATE: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    RSTD: tl.constexpr = False,  # x @ w^T is RMSNORM(x) @ w^T: each row's products times 1 / rms(x)
 ):
     # grouped program order (Triton matmul tutorial): GROUP_M row tiles share the weight tiles in L2
     pid = tl.program_id(0)
@@ -127,11 +136,15 @@ def _gemm_kernel(
     if GLU:
         wu_ptrs = w_ptr + offs_k[:, None] * stride_wk + (cols + N)[None, :] * stride_wn  # the up half
         acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if RSTD:
+        squares = tl.zeros((BLOCK_M, BLOCK_M), dtype=tl.float32)  # x x^T: the rows' sums of squares on its diagonal
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         k_left = K - k * BLOCK_K
         a = tl.load(x_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
         b = tl.load(w_ptrs, mask=(offs_k[:, None] < k_left) & mask_n[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        if RSTD:  # from the tensor cores, x's tile as it is: it stays on its way shared memory -> MMA
+            squares = tl.dot(a, tl.trans(a), squares, input_precision=DOT_PRECISION)
         if GLU:
             bu = tl.load(wu_ptrs, mask=(offs_k[:, None] < k_left) & mask_n[None, :], other=0.0)
             acc_u = tl.dot(a, bu, acc_u, input_precision=DOT_PRECISION)
@@ -139,7 +152,13 @@ def _gemm_kernel(
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
 
-    # epilogue, in float32, in the reference's order: bias, activation (glu), gate, residual
+    # epilogue, in float32, in the reference's order: the norm's 1 / rms, bias, activation (glu), gate, residual
+    if RSTD:
+        diag = tl.arange(0, BLOCK_M)[:, None] == tl.arange(0, BLOCK_M)[None, :]
+        rstd = tl.rsqrt(tl.sum(tl.where(diag, squares, 0.0), axis=1) / K + eps)
+        acc = acc * rstd[:, None]
+        if GLU:
+            acc_u = acc_u * rstd[:, None]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=mask_n, other=0.0).to(tl.float32)[None, :]
         if GLU:
@@ -280,15 +299,19 @@ def _check(x, w, bias, gate, residual, act, glu, out):
     return shape
 
 
-def gemm(x, w, bias=None, gate=None, residual=None, act="none", glu=False, out=None, config: dict | None = None) -> torch.Tensor:
+def gemm(x, w, bias=None, gate=None, residual=None, act="none", glu=False, out=None, config: dict | None = None,
+         rstd_eps: float | None = None) -> torch.Tensor:
     """``residual + gate * epi(x @ w^T + bias)`` in one kernel (see the module docstring).
 
     x [..., K]; w [N, K]; bias [N]; gate and residual broadcast to the output [..., N'] with N' = N, or
     N / 2 with ``glu``. All operands share x's dtype (float16, bfloat16, float32); float32 accumulation.
     ``out`` may be given (output shape and dtype, flattenable to 2-D by a view); it may be the residual
-    itself (an in-place residual add) but must not overlap any other operand.
+    itself (an in-place residual add) but must not overlap any other operand. With ``rstd_eps``, x is first
+    normalised by a weightless RMSNORM of that epsilon (the module docstring's RSTD).
     """
     shape = _check(x, w, bias, gate, residual, act, glu, out)
+    if rstd_eps is not None and (not isinstance(rstd_eps, (int, float)) or rstd_eps < 0):
+        raise ValueError(f"gemm: rstd_eps must be a number >= 0 (the norm's epsilon), got {rstd_eps!r}")
     lead, n = shape[:-1], shape[-1]
     k = w.shape[1]
     m = math.prod(lead)
@@ -297,9 +320,11 @@ def gemm(x, w, bias=None, gate=None, residual=None, act="none", glu=False, out=N
     if m == 0 or n == 0:
         return out
     args = (x2, w, bias if bias is not None else x, g[0], r[0], out2, m, n, k,
-            x2.stride(0), x2.stride(1), w.stride(0), w.stride(1), *g[1:], *r[1:], out2.stride(0), out2.stride(1))
+            x2.stride(0), x2.stride(1), w.stride(0), w.stride(1), *g[1:], *r[1:], out2.stride(0), out2.stride(1),
+            float(rstd_eps or 0.0))
     meta = dict(ACT=act, GLU=bool(glu), HAS_BIAS=bias is not None, HAS_GATE=gate is not None,
-                HAS_RESIDUAL=residual is not None, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32")
+                HAS_RESIDUAL=residual is not None, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+                RSTD=rstd_eps is not None)
     if INTERPRET or config is not None:
         c = dict(config or INTERPRET_CONFIG)
         grid = (triton.cdiv(m, c["BLOCK_M"]) * triton.cdiv(n, c["BLOCK_N"]),)
@@ -310,8 +335,11 @@ def gemm(x, w, bias=None, gate=None, residual=None, act="none", glu=False, out=N
     return out
 
 
-def reference(x, w, bias=None, gate=None, residual=None, act="none", glu=False) -> torch.Tensor:
-    """The GEMM op's reference implementation (``OPS["GEMM"].ref``), in the operands' own dtype."""
+def reference(x, w, bias=None, gate=None, residual=None, act="none", glu=False, rstd_eps=None) -> torch.Tensor:
+    """The GEMM op's reference implementation (``OPS["GEMM"].ref``), in the operands' own dtype; with ``rstd_eps``
+    on the weightless RMSNORM of x (``OPS["RMSNORM"].ref``)."""
+    if rstd_eps is not None:
+        x = OPS["RMSNORM"].ref([x], dict(eps=rstd_eps, dims=1))
     ins = [x, w] + [t for t in (bias, gate, residual) if t is not None]
     attrs = dict(bias=bias is not None, gate=gate is not None, residual=residual is not None, act=act, glu=glu)
     return OPS["GEMM"].ref(ins, attrs)

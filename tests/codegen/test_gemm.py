@@ -139,6 +139,21 @@ def test_bfloat16_refused_by_the_interpreter():
         gemm(r(4, 16, dtype=torch.bfloat16), r(16, 16, dtype=torch.bfloat16))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("lead,glu,epi", [((37,), True, "bias"), ((3, 13), False, "residual"), ((1,), True, "none")])
+def test_rstd_rows_scaled_by_a_weightless_norm(dtype, lead, glu, epi):
+    # RMSNORM(x) @ w^T with the norm's 1 / rms from the tensor cores (x x^T's diagonal): partial tiles in M, N and K, an
+    # epilogue after the scaling; x's rows of very different sizes (the scale is per row)
+    x, w, b, _, res = operands(lead, 40, 24, dtype, bias=epi == "bias", residual=lead[:-1] + (lead[-1], 12 if glu else 24)
+                               if epi == "residual" else None)
+    x = x * torch.logspace(-2, 2, x.shape[-2], dtype=dtype)[:, None]
+    got = gemm(x, w, b, None, res, act="silu", glu=glu, rstd_eps=1e-5)
+    want = reference(*(t.double() if t is not None else None for t in (x, w, b, None, res)), act="silu", glu=glu, rstd_eps=1e-5)
+    assert rel_err(got, want) <= TOL[dtype]
+    with pytest.raises(ValueError, match="rstd_eps must be a number >= 0"):
+        gemm(x, w, rstd_eps=-1.0)
+
+
 # ----------------------------------------------------------------------------- GPU (bf16, real shapes)
 
 
@@ -203,3 +218,19 @@ def test_gpu_in_place_residual_survives_autotuning():
     # a shape no other test uses, so this call autotunes: the benchmark runs must not re-add the residual
     x, w, b, _, res = cuda_operands((517,), 384, 320, residual=(517, 320))
     assert check_against_fp32(x, w, b, residual=res, out=res) is res
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [2, 16])
+@pytest.mark.parametrize("shape", ["1b gate/up", "8b qkv"])
+def test_gpu_rstd_at_decode_shapes(m, shape):
+    # the template with a weightless norm's 1 / rms (RSTD) at Llama decode shapes, the first two small-M configs (the
+    # tuner is offered the first), bf16 against float32
+    k, n, glu = {"1b gate/up": (2048, 2 * 8192, True), "8b qkv": (4096, 6144, False)}[shape]
+    x, w, _, _, _ = cuda_operands((m,), k, n, bias=False)
+    x = x * 3  # a residual stream's scale: the norm divides it out
+    want = reference(x.float(), w.float(), act="silu" if glu else "none", glu=glu, rstd_eps=1e-5)
+    for c in G.configs(m, glu)[:2]:
+        got = gemm(x, w, act="silu" if glu else "none", glu=glu, config=c, rstd_eps=1e-5)
+        torch.cuda.synchronize()
+        assert rel_err(got, want) <= TOL[torch.bfloat16], c

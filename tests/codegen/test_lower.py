@@ -91,14 +91,16 @@ def test_workspace_bytes_only_where_a_skinny_candidate_runs():
 
 @pytest.mark.parametrize("op", ["GEMM", "QGEMM"])
 @pytest.mark.parametrize("lead", [(1,), (3, 5), (20,)], ids=["gemv", "m15", "m20"])
-def test_norm_prologue_candidates(op, lead):
+@pytest.mark.parametrize("unit", [False, True], ids=["weight", "unit"])
+def test_norm_prologue_candidates(op, lead, unit):
     # every candidate computes GEMM(RMSNORM(x, nw)): the fused skinny ones from x itself, the others after the norm's
-    # kernel (here its reference) wrote the normalised x they read; fused ones only for <= 16 rows
+    # kernel (here its reference) wrote the normalised x they read; fused ones only for <= 16 rows. A weightless norm
+    # (unit: its weight folded into the GEMM's) adds the template scaling its rows itself, from 2 rows
     n, k = 38, 96
     x, extra, out = operands(lead, n, k, torch.float32, False, False, True, False)
-    nw, eps = 1 + r(k) * 0.3, 1e-5
+    nw, eps = (torch.ones(k) if unit else 1 + r(k) * 0.3), 1e-5
     normed = torch.empty_like(x)
-    norm = dict(x=x, w=nw, eps=eps, run=lambda: normed.copy_(OPS["RMSNORM"].ref([x, nw], dict(eps=eps, dims=1))))
+    norm = dict(x=x, w=nw, eps=eps, unit=unit, run=lambda: normed.copy_(OPS["RMSNORM"].ref([x, nw], dict(eps=eps, dims=1))))
     attrs = dict(bias=False, act="none", glu=False, gate=False, residual=True)
     if op == "QGEMM":
         qw = quantize_rtn(r(n, k) / k ** 0.5, 8, k, symmetric=True)
@@ -122,3 +124,5 @@ def test_norm_prologue_candidates(op, lead):
     names = list(candidates)
     assert not fused or names.index(fused[0]) < min(i for i, c in enumerate(names) if c.startswith("triton-skinny:"))
     assert names[0] == ("dequant-cublas" if op == "QGEMM" else "cublas")
+    assert len([c for c in names if c.startswith("triton-rstd:")]) == (op == "GEMM" and unit and math.prod(lead) > 1)
+    assert what["norm"].get("unit") == (1 if unit else None)

@@ -141,3 +141,24 @@ def test_caches_not_adopted_run_the_rope_kv_parts(separate_generator):
     got = plan.run(list(step.values()))
     for name, a, b in zip(graph.output_names, got, want):
         assert rel_err(a, b) <= TOL[torch.float32], (name, rel_err(a, b))
+
+
+def test_weightless_norms_scale_rows_in_the_gemm_template():
+    # fold_norm_weight leaves each norm weightless (its weight folded into the GEMM's): the Triton template may then
+    # scale its rows by 1 / rms itself (RSTD, one launch, no norm kernel; offered from 2 rows). Forced here at prefill
+    # (3 x 16 rows) and decode (3 rows); logits and caches against the interpreter on the same inputs
+    config = CompileConfig(backend="kernels", kernels={"gemm": "triton-rstd", "attention": "sdpa", "rope_kv": "triton-rope-kv"})
+    g = Generator.compile(tiny_llama(1), max_seq=MAX_SEQ, batch_buckets=(3,), config=config, eos_token_id=[])
+    graph = g.compiled.graph
+    assert sum(n.op == "RMSNORM" and len(n.inputs) == 1 for n in graph.nodes) == 3  # input, post-attention, final
+    for slot0, tokens in ((0, 16), (16, 1)):
+        step = inputs(g, 3, slot0, tokens, seed=slot0)
+        plan = g.compiled.executor.plan_for(list(step.values()))
+        norm_gemms = [c for c in plan.calls if c.kind == "gemm" and c.group.nodes[0].op == "RMSNORM"]
+        assert len(norm_gemms) == 3 and all(c.choice.startswith("triton-rstd:") for c in norm_gemms), [c.choice for c in norm_gemms]
+        assert not any(n.op == "RMSNORM" for c in plan.calls if c.kind == "pointwise" for n in c.group.nodes)
+        want = dict(zip(graph.output_names, interpret(graph, [t.clone() for t in step.values()])))
+        (logits,) = g.compiled.run(list(step.values()))
+        for name, value in want.items():
+            got = step[graph.updates[name]] if name in graph.updates else logits
+            assert rel_err(got, value) <= TOL[torch.float32], (slot0, name, rel_err(got, value))
