@@ -24,6 +24,7 @@ import torch
 
 from ..api import SourceWatch, build, process_group
 from ..api import load as kiln_load
+from ..codegen.kernels import greedy as gk
 from ..config import CompileConfig
 from ..errors import ArtifactError, InputError, KilnError
 from ..ir.kv_quant import KV_DTYPES
@@ -372,13 +373,19 @@ class Generator:
         done = [False] * n
         texts = [""] * n
         produced: list[list[int]] = [[] for _ in range(n)]
+        greedy = sampling.temperature == 0
         for step in range(max_new_tokens):
-            tok = sample(logits, sampling, gen)  # [bucket]
+            last = step == max_new_tokens - 1
+            # greedy, from the second decode step: the token and the next step's inputs in one launch (Decoder.greedy)
+            tok = decode.greedy(logits, T + step) if greedy and not last else None
+            advanced = tok is not None
+            if not advanced:
+                tok = sample(logits, sampling, gen)  # [bucket]
             if cuda:
                 host_tok.copy_(tok, non_blocking=True)
                 copied.record()
-            if step < max_new_tokens - 1:  # the next step goes to the GPU before this one's tokens are read back
-                logits = decode(tok, T + step)
+            if not last:  # the next step goes to the GPU before this one's tokens are read back
+                logits = decode(tok, T + step, advanced)
             if cuda:
                 copied.synchronize()
                 host = host_tok.tolist()
@@ -446,9 +453,29 @@ class _Decoder:
         self.logits_index = next(k for k, name in enumerate(graph.output_names) if name not in graph.updates)
         self.plan = None
         self.slot = None
+        self.work = None  # greedy's scratch (codegen/kernels/greedy.py), made at its first call
 
-    def __call__(self, tok: torch.Tensor, slot: int) -> torch.Tensor:
+    def greedy(self, logits: torch.Tensor, slot: int) -> torch.Tensor | None:
+        """Each row's greedy token (torch.argmax's), with the inputs of the step writing ``slot`` already advanced to it,
+        in one launch (``codegen/kernels/greedy.py``: torch's argmax and the four updates took ~45 us of GPU time a
+        step on an H200, bench/NOTES.md, session 18); then call ``self(tok, slot, advanced=True)``. None where the
+        kernel does not apply (no plan bound yet, not the next slot, not CUDA nor the interpreter, inputs of other
+        dtypes or shapes): sample and call ``self(tok, slot)``."""
+        if self.plan is None or slot != self.slot + 1 or not (logits.device.type == "cuda" or gk.INTERPRET):
+            return None
+        b, window = self.buffers, self.gen.window
+        operands = (logits, b["input_ids"], b["positions"], b["slots"], b["mask"], slot)
+        if gk.check(*operands) is not None:
+            return None
+        if self.work is None:
+            self.work = gk.scratch(*logits.shape, logits.device)
+        return gk.greedy(*operands, drop=slot - window if window is not None and slot - window >= 0 else None, work=self.work)
+
+    def __call__(self, tok: torch.Tensor, slot: int, advanced: bool = False) -> torch.Tensor:
         g = self.gen
+        if advanced:  # (``greedy`` wrote the tokens and advanced the inputs)
+            self.slot = slot
+            return self.plan.replay()[self.logits_index]
         if self.plan is not None and slot == self.slot + 1:
             b = self.buffers
             b["input_ids"].copy_(tok[:, None])
