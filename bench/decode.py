@@ -14,10 +14,13 @@ time say which.
     python bench/decode.py [--models 1b,8b] [--no-compile-peer] [--max-seq N]    writes $OUT/decode.json
     python bench/decode.py --models 1b --batches 1 --quantize w4a16     the quantized step's kernels
     python bench/decode.py --smoke                                     CPU: a tiny Llama under the Triton interpreter
+    python bench/decode.py --models 1b --ab-disable fold_norm_weight   A / B of one pass, in this process
+    python bench/decode.py --models 1b --ab-kernels attention=kiln-decode-last   A / B of a kernel choice
     KILN_PDL=0 python bench/decode.py ...                              kiln's decode kernels without programmatic
                                                                        dependent launch (codegen/kernels/pdl.py)
 """
 import argparse
+import inspect
 import json
 import os
 import sys
@@ -34,6 +37,12 @@ ap.add_argument("--batches", default=None, help="comma-separated batch sizes (de
 ap.add_argument("--smoke", action="store_true", help="a tiny Llama on the CPU (Triton interpreter), few tokens")
 ap.add_argument("--whole-max-keys", type=int, default=None, help="codegen.lower.WHOLE_MAX_KEYS for this run: the longest "
                 "cache the one-split decode attention is offered on (0: never)")
+ap.add_argument("--ab-disable", default=None, help="also a generator compiled with this pass switched off (e.g. "
+                "fold_norm_weight): both measured in this process, their decode runs interleaved")
+ap.add_argument("--ab-whole-max-keys", type=int, default=None, help="also a generator whose plans are built with "
+                "codegen.lower.WHOLE_MAX_KEYS at this value (0: the one-split decode attention never offered), as --ab-disable")
+ap.add_argument("--ab-kernels", default=None, help="also a generator with these kernel choices forced, KIND=CHOICE[,..] "
+                "(CompileConfig.kernels, e.g. attention=kiln-decode-last), as --ab-disable")
 a = ap.parse_args()
 if a.smoke:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel is defined
@@ -42,6 +51,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 import kiln  # noqa: E402
+from kiln.codegen.kernels.greedy import greedy, scratch  # noqa: E402
 from kiln.codegen.tuning import L2_FLUSH_BYTES  # noqa: E402
 from kiln.llm.generator import step_inputs  # noqa: E402
 
@@ -133,6 +143,52 @@ def _call_times(plan) -> list:
     return sorted(out, key=lambda row: -row[3] * row[4])
 
 
+def between_steps_us(g, plan, bs: int, reps: int = 20) -> dict | None:
+    """GPU microseconds of what a generator runs between two replays of the step (llm/generator.py ``_stream`` and
+    ``_Decoder``): with torch ops ("all": the greedy token (argmax of the logits, "argmax" alone), its copy to the host, and
+    the four updates of the step's inputs: tokens, positions, slots, a mask column) and with the one kernel the generator
+    now runs ("fused": codegen/kernels/greedy.py, then the copy). Queued behind a ~1 ms spin: the host's launches do not count.
+    None on the CPU. (Leaves the plan's input buffers changed: bind it again before replaying it.)"""
+    if DEVICE != "cuda":
+        return None
+    graph = g.compiled.graph
+    names = [n.attrs["name"] for n in graph.inputs]
+    b = {name: buf for name, buf in zip(names, plan.input_buffers) if buf is not None}
+    logits = plan.replay()[next(k for k, name in enumerate(graph.output_names) if name not in graph.updates)]
+    host = torch.empty(bs, dtype=torch.long, pin_memory=True)
+    slot = P + 1
+
+    def argmax():
+        return logits.argmax(dim=-1)
+
+    def step():
+        tok = argmax()
+        host.copy_(tok, non_blocking=True)
+        b["input_ids"].copy_(tok[:, None])
+        b["positions"].add_(1)
+        b["slots"].add_(1)
+        b["mask"].select(3, slot).fill_(True)
+    work = scratch(*logits.shape, logits.device)
+
+    def fused():  # codegen/kernels/greedy.py: what the generator runs between two replays now
+        tok = greedy(logits, b["input_ids"], b["positions"], b["slots"], b["mask"], slot, work=work)
+        host.copy_(tok, non_blocking=True)
+
+    out = {}
+    for name, fn in (("argmax", argmax), ("all", step), ("fused", fused)):
+        fn()
+        torch.cuda.synchronize()
+        torch.cuda._sleep(SLEEP_CYCLES * 4)
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        for _ in range(reps):
+            fn()
+        e.record()
+        e.synchronize()
+        out[name] = round(s.elapsed_time(e) * 1e3 / reps, 2)
+    return out
+
+
 def decode_plan(g, bs: int, slot: int = P):
     """The decode plan of batch bucket ``bs`` (one new token at ``slot``, the keys before it attended) and its inputs."""
     ids = torch.zeros(bs, 1, dtype=torch.long, device=DEVICE)
@@ -159,9 +215,43 @@ def kiln_case(g, layers: int, bs: int, prompt) -> dict:
            "kernel_ms_per_step": launched.get("kernel_us", 0) / 1e3 or None, "kernel_top": launched.get("top"),
            "launches_by_kind": dict(plan.stats.launches), "choices": dict(plan.stats.choices),
            "cuda_graph": plan.stats.cuda_graph, "call_times_cold": call_times(plan)}
+    out["between_steps_us"] = between_steps_us(g, plan, bs)
     # the run's last step (P + GEN keys; the plan bound again): decode attention reads the attended keys only
     out["step_ms_last"] = step_time_ms(decode_plan(g, bs, P + GEN - 1).replay, 5 if a.smoke else 200)
     return out
+
+
+class Variant:
+    """A generator whose every call runs with ``--ab-whole-max-keys`` in force (its plans are built lazily, at the calls
+    that first need them); attributes pass through."""
+
+    def __init__(self, g):
+        self.g = g
+
+    def __getattr__(self, name):
+        attr = getattr(self.g, name)
+        if not inspect.ismethod(attr) or a.ab_whole_max_keys is None:
+            return attr
+
+        def call(*args, **kw):
+            from kiln.codegen import lower
+            before, lower.WHOLE_MAX_KEYS = lower.WHOLE_MAX_KEYS, a.ab_whole_max_keys
+            try:
+                return attr(*args, **kw)
+            finally:
+                lower.WHOLE_MAX_KEYS = before
+        return call
+
+
+def interleaved(g, g_off, bs: int, prompt, rounds: int = 5) -> list:
+    """Decode tok/s of two generators whose runs alternate (``--ab-disable``): [best, median] of each, so a drift of
+    the machine during the rounds biases neither."""
+    rows, runs = prompt[:bs].tolist(), ([], [])
+    for _ in range(1 if a.smoke else rounds):
+        for k, gen in enumerate((g, g_off)):
+            r = gen.generate(rows, max_new_tokens=GEN)
+            runs[k].append(bs * r.decode_steps / r.decode_s)
+    return [[round(max(t)), round(sorted(t)[len(t) // 2])] for t in runs]
 
 
 def static_step(m, compiled: bool):
@@ -210,10 +300,22 @@ def bench_model(name: str) -> dict:
     g = kiln.from_hf(m, max_seq=a.max_seq or P + GEN, batch_buckets=batches, eos_token_id=[], config=config)
     res = {"compile_s": time.perf_counter() - t0, "params_B": sum(p.numel() for p in m.parameters()) / 1e9}
     prompt = torch.randint(0, cfg.vocab_size, (max(batches), P), device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(0))
+    g_off = None
+    if a.ab_disable or a.ab_whole_max_keys is not None or a.ab_kernels:
+        forced = dict(kv.split("=") for kv in a.ab_kernels.split(",")) if a.ab_kernels else {}
+        g_off = Variant(kiln.from_hf(m, max_seq=a.max_seq or P + GEN, batch_buckets=batches, eos_token_id=[],
+                                     config=kiln.CompileConfig(backend="kernels", quantize=a.quantize, kernels=forced,
+                                                               disable=[a.ab_disable] if a.ab_disable else [])))
     for bs in batches:
         res[f"bs{bs}"] = {"kiln": kiln_case(g, cfg.num_hidden_layers, bs, prompt)}
         print(name, bs, "kiln", json.dumps(res[f"bs{bs}"]["kiln"]), flush=True)
-    g = None
+        if g_off is not None:
+            res[f"bs{bs}"]["kiln_without"] = kiln_case(g_off, cfg.num_hidden_layers, bs, prompt)
+            res[f"bs{bs}"]["ab_tok_s"] = interleaved(g, g_off, bs, prompt)
+            print(name, bs, f"kiln variant ({a.ab_disable or a.ab_kernels or f'whole max keys {a.ab_whole_max_keys}'})",
+                  json.dumps(res[f"bs{bs}"]["kiln_without"]), flush=True)
+            print(name, bs, "interleaved tok/s (default, variant):", res[f"bs{bs}"]["ab_tok_s"], flush=True)
+    g = g_off = None
     for bs in batches:
         compiled = not (a.smoke or a.no_compile_peer)
         res[f"bs{bs}"]["peer"] = peer_case(m, cfg, bs, prompt, compiled)

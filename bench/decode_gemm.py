@@ -298,8 +298,14 @@ def norm_candidates(m: int, k: int, n: int, epi: dict) -> dict:
     device = torch.device(DEVICE)
     size = [f("GEMM", attrs, (m, k), (n, k), DTYPE, device) for f in (lower.workspace_bytes, lower.counter_bytes)]
     ws, cnt = (torch.zeros(max(1, b), dtype=torch.uint8, device=DEVICE) for b in size)
-    norm = dict(x=x, w=nw, eps=eps, run=norm_kernel(x, nw, eps, y))
+    norm = dict(x=x, w=nw, eps=eps, unit=False, run=norm_kernel(x, nw, eps, y))
     _, candidates = lower.gemm([y, w] + ([res] if res is not None else []), attrs, out, tmp, device, (ws, cnt), norm)
+    # the norm's weight folded into the GEMM's (passes/fold_norm_weight.py): the template scaling its rows itself
+    wf, ones = w * nw, torch.ones_like(nw)
+    unit = dict(x=x, w=ones, eps=eps, unit=True, run=norm_kernel(x, ones, eps, y))
+    _, folded = lower.gemm([y, wf] + ([res] if res is not None else []), attrs, out, tmp, device, (ws, cnt), unit)
+    candidates.update({name: fn for name, fn in folded.items() if name.startswith("triton-rstd:")})
+    candidates["unit norm + triton"] = folded[next(c for c in folded if c.startswith("triton:"))]
     for name in [c for c in candidates if c.startswith("triton-skinny-norm:")]:
         c = next(c for c in lower._skinny_configs(m, n, k, None, glu, device, True) if lower.config_name("triton-skinny-norm", c) == name)
         candidates[name + ":L2"] = (lambda c=c: skinny_gemm(x, w=w, residual=res, act=act, glu=glu, norm_weight=nw, norm_eps=eps,
@@ -311,7 +317,9 @@ def bench_norm(m: int, k: int, n: int, epi: dict) -> dict:
     """--norm: every candidate's cold microseconds (and the failures), the best of each kind, printed as a table."""
     ms, failed = time_candidates(norm_candidates(m, k, n, epi), torch.device(DEVICE), cold=True)
     us = {name: t * 1e3 for name, t in ms.items()}
-    kinds = {"norm + cuBLAS": lambda s: s == "cublas", "norm + skinny": lambda s: s.startswith("triton-skinny:"),
+    kinds = {"norm + cuBLAS": lambda s: s == "cublas", "norm + triton": lambda s: s.startswith("triton:"),
+             "unit norm + triton": lambda s: s == "unit norm + triton", "rstd": lambda s: s.startswith("triton-rstd:"),
+             "norm + skinny": lambda s: s.startswith("triton-skinny:"),
              "fused": lambda s: s.startswith("triton-skinny-norm:") and not s.endswith(":L2"),
              "fused + L2": lambda s: s.startswith("triton-skinny-norm:") and s.endswith(":L2")}
     best = {}

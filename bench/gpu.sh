@@ -292,6 +292,63 @@ print(f'import torch {a - t:.2f} s, kiln {b - a:.2f} s'); t = time.time(); torch
         --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis python3 bench/gemv_ncu.py --shape 8b \
         --bits 4 > "$OUT/ncu_magic.txt" 2>&1
       grep -E "^int[48] |Duration|DRAM Throughput|Achieved Occupancy|Warp Cycles Per Issued|Registers Per" "$OUT/ncu_magic.txt" | head -60 ;;
+    s18a)  # session 18: norm weights folded into the GEMM weights (passes/fold_norm_weight.py) and the template scaling its
+           # rows by the weightless norm's 1 / rms (RSTD): GPU tests, the 16-row / 1-row norm-fed GEMMs cold, then the 1B bf16
+           # decode at batch 1 and 16 with and without the pass in ONE process (issue 13: 14,000 tok/s at batch 16)
+      timeout 150 python3 -m pytest -q -rf -p no:logging -m gpu tests/codegen/test_gemm.py tests/runtime/test_kernel_plan.py \
+        2>&1 | tee "$OUT/s18atests.log" | grep -v DEBUG | tail -4
+      timeout 150 python3 bench/decode_gemm.py --out "$OUT/norm_18a.json" --norm --m 16 1 2>&1 | grep -v "^        " | tail -24
+      DECODE_JSON=decode_18a.json timeout 330 python3 bench/decode.py --models 1b --batches 1,16 --no-compile-peer \
+        --ab-disable fold_norm_weight 2>&1 | grep "interleaved" | tail -4
+      python3 -c "import json; d = json.load(open('$OUT/decode_18a.json'))['1b']; [print(b, v, {k: d[b][v][k] for k in \
+        ('decode_tok_s', 'step_ms', 'step_ms_last', 'kernels_per_step', 'choices')}) for b in ('bs1', 'bs16') \
+        for v in ('kiln', 'kiln_without')]" ;;
+    s18b)  # session 18: RSTD from 2 rows (at one row it lost in the step); the GPU tests s18a's limit cut; the 1B bf16 decode
+           # with and without the one-split decode attention in ONE process, and what runs between two step replays
+      timeout 200 python3 -m pytest -q -rf -p no:logging -m gpu tests/codegen/test_gemm.py tests/runtime/test_kernel_plan.py \
+        2>&1 | tee "$OUT/s18btests.log" | grep -v DEBUG | tail -4
+      DECODE_JSON=decode_18b.json timeout 330 python3 bench/decode.py --models 1b --batches 1,16 --no-compile-peer \
+        --ab-whole-max-keys 0 2>&1 | grep "interleaved" | tail -4
+      python3 -c "import json; d = json.load(open('$OUT/decode_18b.json'))['1b']; [print(b, v, {k: d[b][v][k] for k in \
+        ('decode_tok_s', 'step_ms', 'step_ms_last', 'kernels_per_step', 'between_steps_us', 'choices')}) for b in ('bs1', 'bs16') \
+        for v in ('kiln', 'kiln_without')]" ;;
+    s18c)  # session 18: the greedy token and the step's input updates in one kernel (codegen/kernels/greedy.py), the one-split
+           # decode attention offered up to 256 slots: GPU tests, then the 1B decode in bf16 (batch 1, 16) and w4a16 (batch 1)
+      timeout 200 python3 -m pytest -q -rf -p no:logging -m gpu tests/codegen/test_greedy.py tests/codegen/test_gemm.py \
+        tests/llm/test_generator.py 2>&1 | tee "$OUT/s18ctests.log" | grep -v DEBUG | tail -4
+      for q in none w4a16; do
+        [ $q = none ] && args="--batches 1,16" || args="--batches 1 --quantize $q"
+        DECODE_JSON=decode_18c_$q.json timeout 200 python3 bench/decode.py --models 1b $args --no-compile-peer 2>&1 | tail -0
+        python3 -c "import json; d = json.load(open('$OUT/decode_18c_$q.json'))['1b']; [print('$q', b, {k: d[b]['kiln'][k] for k in \
+          ('decode_tok_s', 'step_ms', 'step_ms_last', 'kernels_per_step', 'between_steps_us', 'choices')}) for b in d if b.startswith('bs')]"
+      done ;;
+    s18d)  # session 18: s18c again with every error shown (its decode runs failed with their output hidden)
+      timeout 60 python3 -c "
+import torch; from kiln.codegen.kernels.greedy import greedy
+x = torch.randn(16, 128256, device='cuda', dtype=torch.bfloat16)
+print('greedy', greedy(x).tolist() == x.argmax(-1).tolist())" 2>&1 | tail -5
+      timeout 60 python3 -m pytest -q -x -rf -p no:logging -m gpu tests/codegen/test_greedy.py 2>&1 | tail -5
+      DECODE_JSON=decode_18d.json timeout 150 python3 bench/decode.py --models 1b --batches 1,16 --no-compile-peer 2>&1 \
+        | grep -v '^ *\[\|^ *"\|^1b ' | tail -25
+      python3 -c "import json; d = json.load(open('$OUT/decode_18d.json'))['1b']; [print(b, {k: d[b]['kiln'][k] for k in \
+        ('decode_tok_s', 'step_ms', 'step_ms_last', 'kernels_per_step', 'between_steps_us', 'choices')}) for b in d if b.startswith('bs')]" ;;
+    s18e)  # session 18: the greedy kernel with each row cut into up to 32 programs (one a row took ~30 us): its GPU tests,
+           # the 1B decode in bf16 (batch 1, 16) and w4a16 (batch 1)
+      timeout 60 python3 -m pytest -q -x -rf -p no:logging -m gpu tests/codegen/test_greedy.py 2>&1 | tail -2
+      DECODE_JSON=decode_18e.json timeout 150 python3 bench/decode.py --models 1b --batches 1,16 --no-compile-peer 2>&1 \
+        | grep -v '^ *\[\|^ *"\|^1b ' | tail -3
+      DECODE_JSON=decode_18e_w4.json timeout 150 python3 bench/decode.py --models 1b --batches 1 --quantize w4a16 \
+        --no-compile-peer 2>&1 | grep -v '^ *\[\|^ *"\|^1b ' | tail -3
+      for f in decode_18e decode_18e_w4; do python3 -c "import json; d = json.load(open('$OUT/$f.json'))['1b']; \
+        [print('$f', b, {k: d[b]['kiln'][k] for k in ('decode_tok_s', 'step_ms', 'step_ms_last', 'kernels_per_step', \
+        'between_steps_us', 'choices')}) for b in d if b.startswith('bs')]"; done ;;
+    s18f)  # session 18: the generator's greedy path on the GPU (bf16, CUDA graphs: tokens against transformers'), then the
+           # 1B bf16 decode at batch 16 again (a second sample of s18e's)
+      timeout 150 python3 -m pytest -q -rf -p no:logging -m gpu tests/llm/test_generator.py 2>&1 | grep -v DEBUG | tail -3
+      DECODE_JSON=decode_18f.json timeout 120 python3 bench/decode.py --models 1b --batches 16 --no-compile-peer 2>&1 \
+        | grep -v '^ *\[\|^ *"\|^1b ' | tail -2
+      python3 -c "import json; d = json.load(open('$OUT/decode_18f.json'))['1b']; [print(b, {k: d[b]['kiln'][k] for k in \
+        ('decode_tok_s', 'step_ms', 'step_ms_last', 'between_steps_us', 'choices')}) for b in d if b.startswith('bs')]" ;;
     *) echo "unknown stage $stage" ;;
   esac
 done
