@@ -244,7 +244,7 @@ class Variant:
 
 
 def interleaved(g, g_off, bs: int, prompt, rounds: int = 5) -> list:
-    """Decode tok/s of two generators whose runs alternate (``--ab-disable``): [best, median] of each, so a drift of
+    """Decode tok/s of two generators whose runs alternate (the --ab-* options): [best, median] of each, so a drift of
     the machine during the rounds biases neither."""
     rows, runs = prompt[:bs].tolist(), ([], [])
     for _ in range(1 if a.smoke else rounds):
@@ -310,10 +310,10 @@ def bench_model(name: str) -> dict:
         res[f"bs{bs}"] = {"kiln": kiln_case(g, cfg.num_hidden_layers, bs, prompt)}
         print(name, bs, "kiln", json.dumps(res[f"bs{bs}"]["kiln"]), flush=True)
         if g_off is not None:
-            res[f"bs{bs}"]["kiln_without"] = kiln_case(g_off, cfg.num_hidden_layers, bs, prompt)
+            res[f"bs{bs}"]["kiln_variant"] = kiln_case(g_off, cfg.num_hidden_layers, bs, prompt)
             res[f"bs{bs}"]["ab_tok_s"] = interleaved(g, g_off, bs, prompt)
             print(name, bs, f"kiln variant ({a.ab_disable or a.ab_kernels or f'whole max keys {a.ab_whole_max_keys}'})",
-                  json.dumps(res[f"bs{bs}"]["kiln_without"]), flush=True)
+                  json.dumps(res[f"bs{bs}"]["kiln_variant"]), flush=True)
             print(name, bs, "interleaved tok/s (default, variant):", res[f"bs{bs}"]["ab_tok_s"], flush=True)
     g = g_off = None
     for bs in batches:

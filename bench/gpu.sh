@@ -302,7 +302,7 @@ print(f'import torch {a - t:.2f} s, kiln {b - a:.2f} s'); t = time.time(); torch
         --ab-disable fold_norm_weight 2>&1 | grep "interleaved" | tail -4
       python3 -c "import json; d = json.load(open('$OUT/decode_18a.json'))['1b']; [print(b, v, {k: d[b][v][k] for k in \
         ('decode_tok_s', 'step_ms', 'step_ms_last', 'kernels_per_step', 'choices')}) for b in ('bs1', 'bs16') \
-        for v in ('kiln', 'kiln_without')]" ;;
+        for v in ('kiln', 'kiln_variant')]" ;;
     s18b)  # session 18: RSTD from 2 rows (at one row it lost in the step); the GPU tests s18a's limit cut; the 1B bf16 decode
            # with and without the one-split decode attention in ONE process, and what runs between two step replays
       timeout 200 python3 -m pytest -q -rf -p no:logging -m gpu tests/codegen/test_gemm.py tests/runtime/test_kernel_plan.py \
@@ -311,7 +311,7 @@ print(f'import torch {a - t:.2f} s, kiln {b - a:.2f} s'); t = time.time(); torch
         --ab-whole-max-keys 0 2>&1 | grep "interleaved" | tail -4
       python3 -c "import json; d = json.load(open('$OUT/decode_18b.json'))['1b']; [print(b, v, {k: d[b][v][k] for k in \
         ('decode_tok_s', 'step_ms', 'step_ms_last', 'kernels_per_step', 'between_steps_us', 'choices')}) for b in ('bs1', 'bs16') \
-        for v in ('kiln', 'kiln_without')]" ;;
+        for v in ('kiln', 'kiln_variant')]" ;;
     s18c)  # session 18: the greedy token and the step's input updates in one kernel (codegen/kernels/greedy.py), the one-split
            # decode attention offered up to 256 slots: GPU tests, then the 1B decode in bf16 (batch 1, 16) and w4a16 (batch 1)
       timeout 200 python3 -m pytest -q -rf -p no:logging -m gpu tests/codegen/test_greedy.py tests/codegen/test_gemm.py \
@@ -349,6 +349,19 @@ print('greedy', greedy(x).tolist() == x.argmax(-1).tolist())" 2>&1 | tail -5
         | grep -v '^ *\[\|^ *"\|^1b ' | tail -2
       python3 -c "import json; d = json.load(open('$OUT/decode_18f.json'))['1b']; [print(b, {k: d[b]['kiln'][k] for k in \
         ('decode_tok_s', 'step_ms', 'step_ms_last', 'between_steps_us', 'choices')}) for b in d if b.startswith('bs')]" ;;
+    s19a)  # next: the 1B bf16 decode at batch 16, the tuned plan against each decode attention forced, in one process each
+           # (issue 13: 13,943-13,996 tok/s against 14,000; the candidates time within ~1 us alone, 2-4% apart in the step)
+      for att in kiln-decode kiln-decode-last; do
+        DECODE_JSON=decode_19a_$att.json timeout 200 python3 bench/decode.py --models 1b --batches 16 --no-compile-peer \
+          --ab-kernels attention=$att 2>&1 | grep "interleaved" | tail -1
+      done ;;
+    s19b)  # next: the 8B shape's quantized decode at batch 1 with the greedy kernel (333 / 399-401 tok/s before)
+      for q in w8a16 w4a16; do
+        DECODE_JSON=decode_19b_$q.json timeout 280 python3 bench/decode.py --models 8b --batches 1 --quantize $q \
+          --no-compile-peer 2>&1 | grep -v '^ *\[\|^ *"\|^8b ' | tail -2
+        python3 -c "import json; d = json.load(open('$OUT/decode_19b_$q.json'))['8b']['bs1']['kiln']; print('$q', \
+          {k: d[k] for k in ('decode_tok_s', 'step_ms', 'between_steps_us', 'choices')})"
+      done ;;
     *) echo "unknown stage $stage" ;;
   esac
 done

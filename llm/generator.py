@@ -104,6 +104,9 @@ def step_inputs(ids: torch.Tensor, pad: torch.Tensor, slot0: int, caches: dict, 
     return {"input_ids": ids, "positions": positions, "slots": slots, "mask": see[:, None], **caches}
 
 
+# where the generator's greedy steps run codegen/kernels/greedy.py (tests add "cpu": the Triton interpreter runs it,
+# in seconds a token at a real vocabulary, where torch.argmax takes microseconds)
+GREEDY_KERNEL_DEVICES = ("cuda",)
 CALIBRATION_WINDOW = 256  # tokens per calibration prefill (and at most the cache length)
 
 
@@ -459,9 +462,9 @@ class _Decoder:
         """Each row's greedy token (torch.argmax's), with the inputs of the step writing ``slot`` already advanced to it,
         in one launch (``codegen/kernels/greedy.py``: torch's argmax and the four updates took ~45 us of GPU time a
         step on an H200, bench/NOTES.md, session 18); then call ``self(tok, slot, advanced=True)``. None where the
-        kernel does not apply (no plan bound yet, not the next slot, not CUDA nor the interpreter, inputs of other
-        dtypes or shapes): sample and call ``self(tok, slot)``."""
-        if self.plan is None or slot != self.slot + 1 or not (logits.device.type == "cuda" or gk.INTERPRET):
+        kernel does not apply (no plan bound yet, not the next slot, not on a GREEDY_KERNEL_DEVICES device, inputs of
+        other dtypes or shapes): sample and call ``self(tok, slot)``."""
+        if self.plan is None or slot != self.slot + 1 or logits.device.type not in GREEDY_KERNEL_DEVICES:
             return None
         b, window = self.buffers, self.gen.window
         operands = (logits, b["input_ids"], b["positions"], b["slots"], b["mask"], slot)

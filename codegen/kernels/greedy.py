@@ -10,11 +10,15 @@ advanced to it.
 A generator replays the step's CUDA graph, then picks each row's token and writes the next step's inputs into the
 graph's input buffers (``llm/generator.py`` ``_Decoder``). With torch ops that is six launches between two replays,
 ~41-48 us of GPU time on an H200 against a 0.96-1.2 ms step (bench/NOTES.md, session 18): ``torch.argmax`` of one
-[1, 128256] row alone took 27 us, one block walking the row. Here program b walks row b in BLOCK-wide steps, each lane
-keeping its own maximum and the index where it first met it (a strictly greater value replaces it, so a lane keeps its
-first maximum; a NaN replaces anything but an earlier NaN), and reduces the lanes once at the end: the smallest index
-among the lanes holding the row's maximum (or a NaN) is torch.argmax's answer, ties and NaNs included. The same
-program then writes row b's token, ids, positions and mask column; program 0 the slots.
+[1, 128256] row alone took 27 us, one block walking the row (as long as one program of this kernel walking it: 30 us).
+
+Here a row is cut into ``splits(V)`` chunks (at most MAX_SPLITS), one program each, walking its chunk in BLOCK-wide
+steps, each lane keeping its own maximum and the index where it first met it (a strictly greater value replaces it, so
+a lane keeps its first maximum; a NaN replaces anything but an earlier NaN), then reducing its lanes: the smallest index
+among the lanes holding the chunk's maximum (or a NaN). The chunks' answers go to a scratch; the last of the row's
+programs to count itself in (a counter a row, left zero) reduces them the same way, the chunks in column order, which
+gives torch.argmax's answer, ties and NaNs included, and writes row b's token, ids, positions and mask column (row 0's
+program also the slots). On the H200: 8 us between two replays at batch 1, 16 at batch 16, the host copy included.
 """
 from __future__ import annotations
 

@@ -42,10 +42,11 @@ def llama():
 @pytest.mark.parametrize("kind,kw", [("Qwen2", {}), ("Mistral", dict(sliding_window=6))], ids=["qwen2", "mistral-window6"])
 def test_greedy_matches_transformers(kind, kw, monkeypatch):
     # from the second decode step the token and the next inputs (a sliding window's dropped column too) come from one
-    # kernel (codegen/kernels/greedy.py), which runs under the interpreter here: 38 of the 40 tokens
+    # kernel (codegen/kernels/greedy.py), run on the CPU here under the interpreter: 38 of the 40 tokens
     from kiln.llm import generator
     calls, real = [], generator.gk.greedy
     monkeypatch.setattr(generator.gk, "greedy", lambda *a, **kw: calls.append(kw.get("drop")) or real(*a, **kw))
+    monkeypatch.setattr(generator, "GREEDY_KERNEL_DEVICES", ("cuda", "cpu"))
     hf = hf_model(kind, **kw)
     g = kiln.from_hf(hf, max_seq=128, batch_buckets=(4,), eos_token_id=[])
     r = g.generate(PROMPTS, max_new_tokens=40)
