@@ -19,9 +19,12 @@ would then carry the norm's large channels), before ``pad_gemm``. Declined, with
 - a norm read by anything but a GEMM / LINEAR's x, or a graph output;
 - a norm with a residual, over more than the last axis, or of mixed dtypes (w in float32 promotes the output);
 - a GEMM weight that is computed, quantized, or read by anything else (a tied LM head: folding it would keep a
-  second copy of the embedding table).
-The folded weight *replaces* W (the model holds one copy), and ``kiln.jit`` re-folds from the imported graph when a
-parameter changes, as it does for the other folds.
+  second copy of the embedding table);
+- a GEMM weight that is the model's own, not one horizontal fusion merged (``Graph.weight_parts``): a compiled model
+  reads the caller's parameters in place, and the folded weight would be a copy (an untied LM head: 0.5-1 GB for one
+  norm launch a step). A merged QKV / gate-up weight is the compiler's copy already.
+The folded weight *replaces* the merged one (the model holds one copy), and ``kiln.jit`` re-folds from the imported
+graph when a parameter changes, as it does for the other folds.
 """
 from __future__ import annotations
 
@@ -82,5 +85,8 @@ def _why_not(graph: Graph, norm: Node) -> str | None:
             return f"{g.op} %{g.name}'s weight {wn.dtype}{list(wn.shape)} is not a float [N, K] weight"
         if list(wn.users) != [g] or g.inputs.count(wn) != 1:
             return f"{g.op} %{g.name}'s weight {wn.attrs['name']} is also read elsewhere: folding would keep a second copy"
+        if wn.attrs["name"] not in graph.weight_parts:
+            return (f"{g.op} %{g.name}'s weight {wn.attrs['name']} is the model's own: folding would copy it (a merged "
+                    "weight is the compiler's copy already)")
     return None
 

@@ -150,12 +150,15 @@ def test_weightless_norms_scale_rows_in_the_gemm_template():
     config = CompileConfig(backend="kernels", kernels={"gemm": "triton-rstd", "attention": "sdpa", "rope_kv": "triton-rope-kv"})
     g = Generator.compile(tiny_llama(1), max_seq=MAX_SEQ, batch_buckets=(3,), config=config, eos_token_id=[])
     graph = g.compiled.graph
-    assert sum(n.op == "RMSNORM" and len(n.inputs) == 1 for n in graph.nodes) == 3  # input, post-attention, final
+    # the input and post-attention norms feed the merged QKV and gate/up weights; the final norm keeps its weight (the
+    # untied LM head's weight is the model's own: folding would copy it)
+    assert [len(n.inputs) for n in graph.nodes if n.op == "RMSNORM"] == [1, 1, 2]
     for slot0, tokens in ((0, 16), (16, 1)):
         step = inputs(g, 3, slot0, tokens, seed=slot0)
         plan = g.compiled.executor.plan_for(list(step.values()))
         norm_gemms = [c for c in plan.calls if c.kind == "gemm" and c.group.nodes[0].op == "RMSNORM"]
-        assert len(norm_gemms) == 3 and all(c.choice.startswith("triton-rstd:") for c in norm_gemms), [c.choice for c in norm_gemms]
+        choices = [c.choice.split(":")[0] for c in norm_gemms]
+        assert choices == ["triton-rstd", "triton-rstd", "cublas"], choices  # (forced: the head has no RSTD candidate)
         assert not any(n.op == "RMSNORM" for c in plan.calls if c.kind == "pointwise" for n in c.group.nodes)
         want = dict(zip(graph.output_names, interpret(graph, [t.clone() for t in step.values()])))
         (logits,) = g.compiled.run(list(step.values()))

@@ -18,9 +18,9 @@ def rand(gen, *shape, dtype=torch.float64):
     return torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype)
 
 
-def llama_block(gen, dtype=torch.float64, tied_head=False) -> Graph:
+def llama_block(gen, dtype=torch.float64, tied_head=False, merged_head=True) -> Graph:
     """x -> RMSNORM -> merged gate/up GEMM (SiLU GLU) -> down + residual -> RMSNORM -> LM head (untied, or the
-    embedding's table)."""
+    embedding's table; ``merged_head``: recorded as a weight the compiler made, like the gate/up one)."""
     dt = str(dtype).removeprefix("torch.")
     g = Graph()
     g.symbols = {"seq": (1, 64)}
@@ -33,6 +33,9 @@ def llama_block(gen, dtype=torch.float64, tied_head=False) -> Graph:
     f = g.add("RMSNORM", [y, g.add_weight("norm.weight", 1 + 0.3 * rand(gen, K, dtype=dtype))], eps=1e-5)
     head = table if tied_head else g.add_weight("lm_head.weight", rand(gen, 50, K, dtype=dtype) / K ** 0.5)
     g.set_outputs([g.add("LINEAR", [f, head])], ["logits"])
+    g.weight_parts["mlp.gate_up.weight"] = (("mlp.gate.weight", 0, 40), ("mlp.up.weight", 40, 80))  # (horizontal fusion's)
+    if merged_head:  # (as if the head were merged too: the pass folds into any weight the compiler made)
+        g.weight_parts["lm_head.weight"] = (("lm_head.weight", 0, 50),)
     assert {n.dtype for n in g.nodes if n.op != "INPUT"} == {dt}
     return g
 
@@ -75,6 +78,15 @@ def test_bfloat16_error_against_float64_stays_the_unfolded_graphs():
     assert err_after <= TOL[torch.bfloat16] and err_after <= 2 * err_before, (err_before, err_after)
 
 
+def test_the_models_own_weight_is_not_copied():
+    # an untied head's weight is the caller's parameter, read in place: folding would copy it for one norm launch
+    gen = torch.Generator().manual_seed(0)
+    stats, g, _ = check_pass(fold_norm_weight, lambda: llama_block(gen, merged_head=False), ids(), gen)
+    assert stats.rewritten == 1 and [len(n.inputs) for n in the(g, "RMSNORM")] == [1, 2] and "lm_head.weight" in g.weights
+    assert reasons(stats) == ["LINEAR %linear's weight lm_head.weight is the model's own: folding would copy it (a merged "
+                              "weight is the compiler's copy already)"]
+
+
 def test_a_tied_head_keeps_its_norm_weight():
     # the final norm's reader is the LM head, whose weight is the embedding table: folding would keep a second copy
     gen = torch.Generator().manual_seed(0)
@@ -101,6 +113,7 @@ def test_norms_read_by_anything_but_a_float_gemm_weight_are_left_alone():
         n5 = g.add("RMSNORM", [x, g.add("MUL", [g.add_weight("n5", rand(gen, K)), g.add_weight("s5", rand(gen, K))])], eps=1e-6)
         outs.append(g.add("LINEAR", [n5, g.add_weight("w5", rand(gen, 8, K))]))
         g.set_outputs(outs, [f"o{k}" for k in range(len(outs))])
+        g.weight_parts.update({f"w{k}": ((f"w{k}", 0, 8),) for k in range(1, 6)})  # (as if merged: not why it declines)
         return g
 
     gen = torch.Generator().manual_seed(0)
