@@ -22,7 +22,8 @@ would then carry the norm's large channels), before ``pad_gemm``. Declined, with
   second copy of the embedding table);
 - a GEMM weight that is the model's own, not one horizontal fusion merged (``Graph.weight_parts``): a compiled model
   reads the caller's parameters in place, and the folded weight would be a copy (an untied LM head: 0.5-1 GB for one
-  norm launch a step). A merged QKV / gate-up weight is the compiler's copy already.
+  norm launch a step). A merged QKV / gate-up weight is the compiler's copy already. (A tensor-parallel rank's graph
+  is a new one without that record: its norms keep their weights.)
 The folded weight *replaces* the merged one (the model holds one copy), and ``kiln.jit`` re-folds from the imported
 graph when a parameter changes, as it does for the other folds.
 """
