@@ -193,18 +193,18 @@ def gemm(args: list, attrs: dict, out: torch.Tensor, tmp: torch.Tensor | None, d
     # (cuBLASLt's GELU epilogue is the tanh form on CUDA; torch's CPU fallback of the same call uses erf)
     if bias is not None and act == "gelu_tanh" and not glu and gate is None and residual is None and device.type == "cuda":
         candidates["cublaslt:gelu"] = lambda: torch._addmm_activation(bias, x.reshape(m, k), wt, use_gelu=True, out=out2)
-    if _triton_ok(tg.DTYPES, x.dtype, device, tg.INTERPRET):
-        cfgs = tg.configs(m, glu) if device.type == "cuda" else [tg.INTERPRET_CONFIG]
-        for c in cfgs[:TRITON_GEMM_CONFIGS]:
-            candidates[config_name("triton", c)] = (lambda c=c: tg.gemm(x, w, bias, gate, residual, act, glu, out=out, config=c))
+    template = _triton_ok(tg.DTYPES, x.dtype, device, tg.INTERPRET)
+    cfgs = (tg.configs(m, glu) if device.type == "cuda" else [tg.INTERPRET_CONFIG])[:TRITON_GEMM_CONFIGS] if template else []
+    for c in cfgs:
+        candidates[config_name("triton", c)] = (lambda c=c: tg.gemm(x, w, bias, gate, residual, act, glu, out=out, config=c))
     decode = skinny(x, dict(w=w), (bias, gate, residual), attrs, out, workspace, device)
     candidates.update(decode)
     fused = skinny(x, dict(w=w), (bias, gate, residual), attrs, out, workspace, device, norm)
-    if norm is not None and norm["unit"] and 1 < m <= tg.SMALL_M and _triton_ok(tg.DTYPES, x.dtype, device, tg.INTERPRET):
+    if norm is not None and norm["unit"] and 1 < m <= tg.SMALL_M:
         # a weightless norm (passes/fold_norm_weight.py): the template scales its rows by 1 / rms itself (RSTD), no launch.
         # Not at one row, where the skinny template's norm prologue reads a 4 KB x and launches with PDL: timed cold
         # alone the two tie (1B gate/up 27.1 / 27.0 us), in the step RSTD lost 3% (bench/NOTES.md, session 18)
-        for c in (tg.configs(m, glu) if device.type == "cuda" else [tg.INTERPRET_CONFIG])[:TRITON_GEMM_CONFIGS]:
+        for c in cfgs:
             fused[config_name("triton-rstd", c)] = (lambda c=c: tg.gemm(norm["x"], w, bias, gate, residual, act, glu, out=out,
                                                                          config=c, rstd_eps=norm["eps"]))
     candidates = with_norm(candidates, fused, norm)

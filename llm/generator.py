@@ -456,7 +456,7 @@ class _Decoder:
         self.logits_index = next(k for k, name in enumerate(graph.output_names) if name not in graph.updates)
         self.plan = None
         self.slot = None
-        self.work = None  # greedy's scratch (codegen/kernels/greedy.py), made at its first call
+        self.work = None  # greedy's scratch (codegen/kernels/greedy.py) for the bound plan, or False where it does not fit
 
     def greedy(self, logits: torch.Tensor, slot: int) -> torch.Tensor | None:
         """Each row's greedy token (torch.argmax's), with the inputs of the step writing ``slot`` already advanced to it,
@@ -468,10 +468,10 @@ class _Decoder:
             return None
         b, window = self.buffers, self.gen.window
         operands = (logits, b["input_ids"], b["positions"], b["slots"], b["mask"], slot)
-        if gk.check(*operands) is not None:
+        if self.work is None:  # once a bound plan: its buffers are the same every step (None: checked, does not fit)
+            self.work = gk.scratch(*logits.shape, logits.device) if gk.check(*operands) is None else False
+        if self.work is False:
             return None
-        if self.work is None:
-            self.work = gk.scratch(*logits.shape, logits.device)
         return gk.greedy(*operands, drop=slot - window if window is not None and slot - window >= 0 else None, work=self.work)
 
     def __call__(self, tok: torch.Tensor, slot: int, advanced: bool = False) -> torch.Tensor:
@@ -492,6 +492,7 @@ class _Decoder:
             self.plan = g.compiled.executor.plan_for(inputs)
             self.plan.bind(inputs)
             self.buffers = {name: buf for name, buf in zip(self.names, self.plan.input_buffers) if buf is not None}
+            self.work = None  # (greedy checks the new plan's buffers)
         self.slot = slot
         return self.plan.replay()[self.logits_index]
 
