@@ -69,6 +69,7 @@ LOG2E = 1.4426950408889634
 H100_SMS = 132
 CHUNK_ALIGN = 64  # GPU chunks are whole multiples of this: every tuned BLOCK_N divides it
 REDUCE_BLOCK_S = 16  # splits the reduce loads per step
+REDUCE_TILE = 8192  # float32 partials the last program's reduce holds at once: [rows, REDUCE_BLOCK_S, BLOCK_D]
 # mask bytes a program loads per step of its length scan ([SCAN_M rows, SCAN_N keys]): a decode step's mask rows
 # (Sq = 1, broadcast over the heads) scan 4096 keys a step, 32 a thread; the interpreter scans 45 keys in steps of 16
 SCAN_TILE = 64 if INTERPRET else 4096
@@ -95,6 +96,7 @@ def _decode_partial_kernel(
     DIRECT: tl.constexpr = False,  # one split: the normalised output stored here, no partials and no reduce launch
     REDUCE_LAST: tl.constexpr = False,  # the last program of a (b, kv head) to finish reduces its group's rows
     BLOCK_S: tl.constexpr = 16,  # REDUCE_LAST: the splits the reduce loads per step (as _decode_reduce_kernel's)
+    REDUCE_ROWS: tl.constexpr = 1,  # REDUCE_LAST: the rows it reduces at once (``_reduce_tile``)
     PDL: tl.constexpr = False,  # launched with programmatic dependent launch (pdl.py)
 ):
     gdc(PDL)
@@ -169,10 +171,11 @@ def _decode_partial_kernel(
             tl.debug_barrier()
             arrived = tl.atomic_add(cnt_ptr + pid_bh, 1, sem="acq_rel")
             if arrived == tl.num_programs(1) - 1:
-                for r in range(0, GROUP * Sq):
-                    row = (b * Hq + hk * GROUP + r // Sq) * Sq + r % Sq
-                    _reduce_row(acc_ptr, m_ptr, l_ptr, out_ptr, row, stride_ob, stride_oh, stride_om, stride_od, Hq, Sq,
-                                SPLITS, HEAD_DIM, BLOCK_S, BLOCK_D)
+                for r0 in range(0, GROUP * Sq, REDUCE_ROWS):  # REDUCE_ROWS of the group's rows at once
+                    r = r0 + tl.arange(0, REDUCE_ROWS)
+                    _reduce_rows(acc_ptr, m_ptr, l_ptr, out_ptr, (b * Hq + hk * GROUP + r // Sq) * Sq + r % Sq,
+                                 r < GROUP * Sq, stride_ob, stride_oh, stride_om, stride_od, Hq, Sq, SPLITS, HEAD_DIM,
+                                 BLOCK_S, BLOCK_D)
                 tl.store(cnt_ptr + pid_bh, 0)
 
 
@@ -194,43 +197,46 @@ def _attended_length(mask_group, stride_mh, stride_mm, stride_mn, GROUP, Sq, S, 
 
 
 @triton.jit
-def _reduce_row(acc_ptr, m_ptr, l_ptr, out_ptr, row, stride_ob, stride_oh, stride_om, stride_od, Hq, Sq, SPLITS, HEAD_DIM,
-                BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
-    # the output row ``row`` = (b * Hq + h) * Sq + i from its SPLITS partials. The loads bypass L1 (.cg): the partials
-    # were written by other programs (other SMs)
-    i = row % Sq
-    h = (row // Sq) % Hq
-    b = row // (Sq * Hq)
+def _reduce_rows(acc_ptr, m_ptr, l_ptr, out_ptr, rows, live_r, stride_ob, stride_oh, stride_om, stride_od, Hq, Sq, SPLITS,
+                 HEAD_DIM, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    # the output rows ``rows`` [R] = (b * Hq + h) * Sq + i (those with ``live_r``) from their SPLITS partials, all R at
+    # once: a [R, BLOCK_S, BLOCK_D] tile of partials a step, summed over the splits. Each row's sums run in the same
+    # order whatever R is, so the reduce kernel (a row a program) and the last program of a split (its group's rows)
+    # store the same bits. The loads bypass L1 (.cg): the partials were written by other programs (other SMs)
+    i = rows % Sq
+    h = (rows // Sq) % Hq
+    b = rows // (Sq * Hq)
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
     valid_d = offs_d < HEAD_DIM
-    base = row * SPLITS
+    base = rows * SPLITS  # [R]
 
-    m_max = tl.full([BLOCK_S], float("-inf"), dtype=tl.float32)
-    for s0 in range(0, SPLITS, BLOCK_S):
-        m_max = tl.maximum(m_max, tl.load(m_ptr + base + s0 + offs_s, mask=s0 + offs_s < SPLITS, other=float("-inf"),
-                                          cache_modifier=".cg"))
-    big_m = tl.max(m_max, 0)
-    big_m = tl.where(big_m == float("-inf"), 0.0, big_m)  # every key masked: all weights 0, L = 0
-
-    l_sum = tl.zeros([BLOCK_S], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    m_max = tl.full([rows.shape[0], BLOCK_S], float("-inf"), dtype=tl.float32)
     for s0 in range(0, SPLITS, BLOCK_S):
         offs = s0 + offs_s
-        valid_s = offs < SPLITS
-        m_s = tl.load(m_ptr + base + offs, mask=valid_s, other=float("-inf"), cache_modifier=".cg")
-        w = tl.math.exp2(m_s - big_m)
+        m_max = tl.maximum(m_max, tl.load(m_ptr + base[:, None] + offs[None, :], mask=live_r[:, None] & (offs < SPLITS)[None, :],
+                                          other=float("-inf"), cache_modifier=".cg"))
+    big_m = tl.max(m_max, 1)  # [R]
+    big_m = tl.where(big_m == float("-inf"), 0.0, big_m)  # every key masked: all weights 0, L = 0
+
+    l_sum = tl.zeros([rows.shape[0], BLOCK_S], dtype=tl.float32)
+    acc = tl.zeros([rows.shape[0], BLOCK_D], dtype=tl.float32)
+    for s0 in range(0, SPLITS, BLOCK_S):
+        offs = s0 + offs_s
+        part = base[:, None] + offs[None, :]  # [R, BLOCK_S]
+        m_s = tl.load(m_ptr + part, mask=live_r[:, None] & (offs < SPLITS)[None, :], other=float("-inf"), cache_modifier=".cg")
+        w = tl.math.exp2(m_s - big_m[:, None])
         # an empty split (past the attended keys, or all masked: m = -inf, l = 0, acc = 0) weighs 0: its l and acc
         # are not read (a 4096-slot cache 129 keys in has most splits empty), which adds the same zeros
-        live = valid_s & (m_s > float("-inf"))
-        l_sum += tl.load(l_ptr + base + offs, mask=live, other=0.0, cache_modifier=".cg") * w
-        a = tl.load(acc_ptr + (base + offs)[:, None] * HEAD_DIM + offs_d[None, :],
-                    mask=live[:, None] & valid_d[None, :], other=0.0, cache_modifier=".cg")  # [BLOCK_S, BLOCK_D]
-        acc += tl.sum(a * w[:, None], 0)
-    big_l = tl.sum(l_sum, 0)
+        live = m_s > float("-inf")
+        l_sum += tl.load(l_ptr + part, mask=live, other=0.0, cache_modifier=".cg") * w
+        a = tl.load(acc_ptr + part[:, :, None] * HEAD_DIM + offs_d[None, None, :],
+                    mask=live[:, :, None] & valid_d[None, None, :], other=0.0, cache_modifier=".cg")  # [R, BLOCK_S, BLOCK_D]
+        acc += tl.sum(a * w[:, :, None], 1)
+    big_l = tl.sum(l_sum, 1)
     big_l = tl.where(big_l == 0.0, 1.0, big_l)  # fully masked row: acc is 0, the output row is 0
-    tl.store(out_ptr + b * stride_ob + h * stride_oh + i * stride_om + offs_d * stride_od,
-             (acc / big_l).to(out_ptr.dtype.element_ty), mask=valid_d)
+    tl.store(out_ptr + (b * stride_ob + h * stride_oh + i * stride_om)[:, None] + offs_d[None, :] * stride_od,
+             (acc / big_l[:, None]).to(out_ptr.dtype.element_ty), mask=live_r[:, None] & valid_d[None, :])
 
 
 @triton.jit
@@ -242,8 +248,9 @@ def _decode_reduce_kernel(
     PDL: tl.constexpr = False,
 ):
     gdc(PDL)
-    _reduce_row(acc_ptr, m_ptr, l_ptr, out_ptr, tl.program_id(0).to(tl.int64), stride_ob, stride_oh, stride_om, stride_od,
-                Hq, Sq, SPLITS, HEAD_DIM, BLOCK_S, BLOCK_D)
+    rows = tl.program_id(0).to(tl.int64) + tl.arange(0, 1)  # one row a program
+    _reduce_rows(acc_ptr, m_ptr, l_ptr, out_ptr, rows, rows >= 0, stride_ob, stride_oh, stride_om, stride_od,
+                 Hq, Sq, SPLITS, HEAD_DIM, BLOCK_S, BLOCK_D)
 
 
 def _config(bn, warps, stages):
@@ -415,7 +422,7 @@ def decode_attention(q, k, v, mask=None, scale=None, gqa=False, out=None, config
     last = counters is not None and not one
     block_s = min(REDUCE_BLOCK_S, triton.next_power_of_2(n_split))
     if last:
-        meta.update(REDUCE_LAST=True, BLOCK_S=block_s)
+        meta.update(REDUCE_LAST=True, BLOCK_S=block_s, REDUCE_ROWS=_reduce_tile(group * sq, block_s, block_d))
     args += (scratch_view("decode_attention", "counters", counters, bq * hk, torch.int32, q.device) if last else m,)
     grid = (bq * hk, n_split)
     if c is not None:
@@ -428,6 +435,17 @@ def decode_attention(q, k, v, mask=None, scale=None, gqa=False, out=None, config
                                            BLOCK_S=block_s, BLOCK_D=block_d,
                                            **pdl.kwargs(q))
     return out
+
+
+def _reduce_tile(rows: int, block_s: int, block_d: int) -> int:
+    """How many of a group's ``rows`` the last program reduces at once: all of them (a power of two), as long as the
+    [rows, BLOCK_S, BLOCK_D] float32 tile of partials stays within REDUCE_TILE elements (a few dozen registers a thread).
+    One row at a time put G * Sq dependent reductions on the step's critical path: the last program of a kv head
+    finishes after every other, and at batch 16 that form ran 3.4% slower in the step than partial + reduce (session 19)."""
+    r = triton.next_power_of_2(rows)
+    while r > 1 and r * block_s * block_d > REDUCE_TILE:
+        r //= 2
+    return r
 
 
 def counter_bytes(batch: int, kv_heads: int) -> int:
