@@ -35,12 +35,12 @@ ap.add_argument("--quantize", default=None, help="kiln's weight quantization (w8
                 "launch by launch (the peer stays bf16)")
 ap.add_argument("--batches", default=None, help="comma-separated batch sizes (default: each model's own)")
 ap.add_argument("--smoke", action="store_true", help="a tiny Llama on the CPU (Triton interpreter), few tokens")
-ap.add_argument("--whole-max-keys", type=int, default=None, help="codegen.lower.WHOLE_MAX_KEYS for this run: the longest "
+ap.add_argument("--whole-max-keys", type=int, default=None, help="codegen.lower_attention.WHOLE_MAX_KEYS for this run: the longest "
                 "cache the one-split decode attention is offered on (0: never)")
 ap.add_argument("--ab-disable", default=None, help="also a generator compiled with this pass switched off (e.g. "
                 "fold_norm_weight): both measured in this process, their decode runs interleaved")
 ap.add_argument("--ab-whole-max-keys", type=int, default=None, help="also a generator whose plans are built with "
-                "codegen.lower.WHOLE_MAX_KEYS at this value (0: the one-split decode attention never offered), as --ab-disable")
+                "codegen.lower_attention.WHOLE_MAX_KEYS at this value (0: the one-split decode attention never offered), as --ab-disable")
 ap.add_argument("--ab-kernels", default=None, help="also a generator with these kernel choices forced, KIND=CHOICE[,..] "
                 "(CompileConfig.kernels, e.g. attention=kiln-decode-last), as --ab-disable")
 a = ap.parse_args()
@@ -58,7 +58,7 @@ from kiln.llm.generator import step_inputs  # noqa: E402
 from common import kernels_launched  # noqa: E402
 
 if a.whole_max_keys is not None:
-    from kiln.codegen import lower
+    from kiln.codegen import lower_attention as lower
     lower.WHOLE_MAX_KEYS = a.whole_max_keys
 
 # name -> (transformers LlamaConfig kwargs, batches)
@@ -234,7 +234,7 @@ class Variant:
             return attr
 
         def call(*args, **kw):
-            from kiln.codegen import lower
+            from kiln.codegen import lower_attention as lower
             before, lower.WHOLE_MAX_KEYS = lower.WHOLE_MAX_KEYS, a.ab_whole_max_keys
             try:
                 return attr(*args, **kw)

@@ -17,17 +17,13 @@ candidate is a name -> a closure that runs the group once into ``out`` (so a CUD
                epilogue (int8); torch._scaled_mm, cuBLASLt's fp8 GEMM with row-wise scales, + kiln's epilogue (fp8,
                bfloat16 out). Where its output feeds AQGEMMs as codes (schedule.py): each of those + the row quantizer,
                and the library ones with the epilogue storing the codes itself (``coded_aqgemm``)
-    ATTENTION  SDPA; kiln's flash kernel; the split-KV decode kernel for few query rows over long keys. On a quantized
-               KV cache both kernels dequantize in registers; SDPA, offered there only for many query rows (prefill),
-               reads a planned scratch the cache is dequantized into first (``attention_scratch``)
+    ATTENTION  (and the rope_kv group before a decode attention) in ``lower_attention.py``
     CONV       cuDNN into the planned buffer in its layout (``aten.cudnn_convolution.out``: NCHW or channels-last, no
                copy where x is in it too) + kiln's conv epilogue in place; cuDNN in the other layout + the epilogue back
                into the buffer's; torch's conv2d in x's layout + the epilogue. ``conv_layouts``: the convolution alone
                in each layout, which the kernels plan measures to choose the layouts it stores values in
     GROUP_NORM kiln's two-pass chunked kernels (+ SiLU): one group's tiles (``kiln``), and for channels-last x tiles of
                positions x whole groups (``kiln-nhwc``); torch's group_norm (+ silu) copied into the buffer
-    rope_kv    ROPE(q), ROPE(k) and the KV-cache writes of k and v: kiln's one-launch kernel (``kernels/rope_kv.py``);
-               the two RoPE pointwise kernels then two ``index_copy_`` (roped k through a planned scratch)
     pointwise  the one generated Triton kernel; where outputs of it feed AQGEMMs (schedule.py's activation codes) the
                kernel storing their codes and scales itself (``fused``) or storing them, then kiln's row quantizer
                (``separate``)
@@ -40,23 +36,20 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from ..ir.ops import OPS, attention_operands, conv_operands, index_copy, sdpa_mask
+from ..ir.ops import OPS, conv_operands
 from ..ir.ops_fused import aqgemm_operands, gemm_operands, qgemm_operands
 from .kernels import aqgemm as taq
-from .kernels import attention as ta
 from .kernels import conv_epilogue as tce
-from .kernels import decode_attention as td
 from .kernels import epilogue_codes as tec
 from .kernels import gemm as tg
 from .kernels import group_norm as tgn
 from .kernels import qgemm as tq
-from .kernels import rope_kv as trk
 from .kernels import quantize_rows as tqr
 from .kernels import skinny as ts
 from .kernels import tma_gemm as tt
 from .kernels.epilogue import epilogue
 from .pointwise import launch
-from .tuning import launches, timed_as, with_launches
+from .tuning import launches, with_launches
 
 # template configurations measured per shape besides cuBLAS / SDPA. Each is a Triton compile (1-2 s) of a cold
 # start; one GEMM configuration (the template lost to cuBLAS at every measured shape) keeps DiT-XL/2's cold
@@ -67,7 +60,6 @@ TRITON_AQGEMM_CONFIGS = 2
 # configuration and the one filling the last wave best. (Not for 16-bit GEMMs: at DiT-XL/2 and 1B-prefill shapes it lost
 # to cuBLAS everywhere, bench/NOTES.md session 17)
 TRITON_TMA_CONFIGS = 2
-TRITON_ATTENTION_CONFIGS = 3
 # the skinny candidates' generation in the tuner's key (a decision measured between older candidates is measured
 # again): 2 since split-K may reduce in its last program, 3 since a plain GEMV also tries skinny.WHOLE_K's tile, 4 since
 # 2..16 rows try swapped tiles, 5 since the norm prologue's statistics pass is pipelined (it was K / BLOCK_K serial round
@@ -79,28 +71,12 @@ TRITON_ATTENTION_CONFIGS = 3
 # summed in the main loop, no pass before it), 10 since a decode decision charges each launch past a candidate's first
 # (tuning.EXTRA_LAUNCH_MS)
 SKINNY_CANDIDATES = 10
-# the attention candidates' generation (a decision measured between older ones is measured again): 2 since q k^T over a head dim
-# like 72 runs as 64 + 16 lanes (attention.split_widths), 3 configurations are tried and 64-row query tiles come first
-# where 128-row ones leave SMs idle
-ATTENTION_CANDIDATES = 2
-# the decode attention candidates' generation (in a decode attention's what; a decision measured between older ones is
-# measured again): 2 since "kiln-decode-whole" exists, 3 since the kernel reads only the keys the mask attends, 4 since
-# a decode decision charges each launch past a candidate's first (tuning.EXTRA_LAUNCH_MS), 5 since it is timed at the
-# cache's every key too, and cold (``attention``)
-DECODE_CANDIDATES = 5
 # the AQGEMM candidates' generation (in an AQGEMM's what): 2 since the template's tile filling the last wave best is
 # tried too (aqgemm.wave_fit), 3 since the persistent TMA template is (tma_gemm.py)
 AQGEMM_CANDIDATES = 3
 # the generation of the row kernels storing codes (in a coded AQGEMM's what): 2 since quantize_rows / epilogue_codes
 # hold rows up to 16384 wide in registers (one read of their input, not two)
 ROW_CODES_CANDIDATES = 2
-# the longest cache "kiln-decode-whole" (one split, a program per kv head) is offered on: a handful of programs streaming
-# the whole context alone. (The tuner times a decode attention at its prompt's keys and at the whole cache,
-# ``attention``; past this length the one split does not win, and its compile is saved.) 256: at a 384-slot cache the
-# tuner still took it at batch 16, timed within ~1 us of the split kernel, and the split kernel's step ran 1.7-2% faster
-# (bench/NOTES.md, sessions 17-18: one process A / B); the one split's step grows with the keys past ~200
-WHOLE_MAX_KEYS = 256
-# (a plan that gives counters adds "kiln-decode-last": its what says so, apart from a call without them)
 
 
 def config_name(impl: str, config: dict) -> str:
@@ -108,7 +84,7 @@ def config_name(impl: str, config: dict) -> str:
     return impl + ":" + ",".join(str(v) for v in config.values())
 
 
-def _triton_ok(dtypes, dtype, device: torch.device, interpret: bool) -> bool:
+def triton_ok(dtypes, dtype, device: torch.device, interpret: bool) -> bool:
     return dtype in dtypes and (device.type == "cuda" or interpret)
 
 
@@ -193,7 +169,7 @@ def gemm(args: list, attrs: dict, out: torch.Tensor, tmp: torch.Tensor | None, d
     # (cuBLASLt's GELU epilogue is the tanh form on CUDA; torch's CPU fallback of the same call uses erf)
     if bias is not None and act == "gelu_tanh" and not glu and gate is None and residual is None and device.type == "cuda":
         candidates["cublaslt:gelu"] = lambda: torch._addmm_activation(bias, x.reshape(m, k), wt, use_gelu=True, out=out2)
-    template = _triton_ok(tg.DTYPES, x.dtype, device, tg.INTERPRET)
+    template = triton_ok(tg.DTYPES, x.dtype, device, tg.INTERPRET)
     cfgs = (tg.configs(m, glu) if device.type == "cuda" else [tg.INTERPRET_CONFIG])[:TRITON_GEMM_CONFIGS] if template else []
     for c in cfgs:
         candidates[config_name("triton", c)] = (lambda c=c: tg.gemm(x, w, bias, gate, residual, act, glu, out=out, config=c))
@@ -229,7 +205,7 @@ def _skinny_configs(m: int, n: int, k: int, bits: int | None, glu: bool, device:
 
 
 def _skinny_fits(m: int, dtype: torch.dtype, device: torch.device) -> bool:
-    return 1 <= m <= ts.MAX_M and _triton_ok(tq.DTYPES, dtype, device, ts.INTERPRET)
+    return 1 <= m <= ts.MAX_M and triton_ok(tq.DTYPES, dtype, device, ts.INTERPRET)
 
 
 def _skinny_scratch(size, op: str, attrs: dict, x_shape, w_shape, dtype: torch.dtype, device: torch.device) -> int:
@@ -297,7 +273,7 @@ def qgemm(args: list, attrs: dict, out: torch.Tensor, tmp: torch.Tensor | None, 
     weight = dict(qweight=q, scales=scales, zeros=zeros, bits=bits, group=group)
     decode = skinny(x, weight, (bias, gate, residual), attrs, out, workspace, device)
     candidates.update(decode)
-    if m > ts.MAX_M and _triton_ok(tq.DTYPES, x.dtype, device, tq.INTERPRET):
+    if m > ts.MAX_M and triton_ok(tq.DTYPES, x.dtype, device, tq.INTERPRET):
         for c in tq.configs(m, glu) if device.type == "cuda" else [tq.INTERPRET_CONFIG]:
             candidates[config_name("triton-qgemm", c)] = (
                 lambda c=c: tq.qgemm(x, q, scales, zeros, bits, group, bias, gate, residual, act, glu, out=out, config=c))
@@ -378,7 +354,7 @@ def _quantized(x: torch.Tensor, fmt: str, smooth: torch.Tensor | None, codes: tu
 
 def quantizes(dtype: torch.dtype, device: torch.device) -> bool:
     """kiln's row quantizer takes an AQGEMM's x of ``dtype`` on ``device`` (else the AQGEMM runs its reference)."""
-    return _triton_ok(tqr.DTYPES, dtype, device, tqr.INTERPRET)
+    return triton_ok(tqr.DTYPES, dtype, device, tqr.INTERPRET)
 
 
 def quantizer(x: torch.Tensor, fmt: str, codes: torch.Tensor, scales: torch.Tensor, smooth: torch.Tensor | None):
@@ -476,179 +452,6 @@ def coded_aqgemm(args: list, attrs: dict, out: torch.Tensor, device: torch.devic
             {name: candidate(st) for name, st in steps.items()}, steps)
 
 
-def _decode_fits(q, k, v, mask, causal: bool, gqa: bool, device: torch.device) -> bool:
-    """Few query rows over a long key sequence (LLM decode) that the split-KV kernel handles: one program per
-    kv head and key chunk; every loaded K / V tile serves the whole query group."""
-    return (q.dim() == 4 and k.dim() == 4 and not causal and k.shape == v.shape and q.shape[0] == k.shape[0]
-            and (mask is None or mask.dtype == torch.bool)
-            and (q.shape[1] // max(k.shape[1], 1)) * q.shape[2] <= td.MAX_ROWS and q.shape[-1] <= td.MAX_HEAD_DIM
-            and (gqa or q.shape[1] == k.shape[1]) and _triton_ok(td.DTYPES, q.dtype, device, td.INTERPRET))
-
-
-def _group_rows(q_shape: tuple, k_shape: tuple, attrs: dict) -> int:
-    """The query rows one kv head serves (the split-KV kernel's group tile): Sq, times the group size with GQA."""
-    return q_shape[-2] * (q_shape[-3] // k_shape[-3] if len(q_shape) >= 3 and attrs["gqa"] else 1)
-
-
-def attention_scratch(q_shape: tuple, k_shape: tuple, v_shape: tuple, attrs: dict, dtype: torch.dtype,
-                      device: torch.device) -> tuple | None:
-    """The scratch (elements of q's dtype) that SDPA reads an ATTENTION's quantized k / v from, dequantized first;
-    None when SDPA is not offered on them: no scales, or a decode shape (few query rows per kv head) that kiln's
-    kernels serve reading the codes alone, where the scratch would cost a full-precision copy of the cache."""
-    scaled = [s for s, on in ((k_shape, attrs.get("k_scale")), (v_shape, attrs.get("v_scale"))) if on]
-    if not scaled:
-        return None
-    rows = _group_rows(q_shape, k_shape, attrs)
-    if rows <= td.MAX_ROWS and _triton_ok(ta.DTYPES, dtype, device, ta.INTERPRET):
-        return None
-    return (sum(math.prod(s) for s in scaled),)
-
-
-def _dequantized(k, v, ks, vs, scratch: torch.Tensor | None):
-    """(k, v as SDPA reads them, the call that dequantizes the quantized ones into ``scratch``)."""
-    if scratch is None:
-        return k, v, lambda: None
-    pairs, at = [], 0
-    for codes, scale in ((k, ks), (v, vs)):
-        if scale is not None:
-            pairs.append((codes, scale, scratch[at:at + codes.numel()].view(codes.shape)))
-            at += codes.numel()
-
-    def dequantize():  # = kv_quant.dequantize_kv: float32 product (codes exact in q's dtype) rounded once to q's dtype
-        for codes, scale, buf in pairs:
-            buf.copy_(codes)
-            buf.mul_(scale.unsqueeze(-1))
-    it = iter(p[2] for p in pairs)
-    return next(it) if ks is not None else k, next(it) if vs is not None else v, dequantize
-
-
-def attention_counter_bytes(q_shape: tuple, k_shape: tuple, attrs: dict, dtype: torch.dtype, device: torch.device) -> int:
-    """Bytes of the counters the one-launch split-KV candidates ("kiln-decode-last") of an ATTENTION need: 0 unless it
-    is a decode shape kiln's kernel takes. State like the skinny GEMMs' counters: zero when planned, left zero."""
-    rows = _group_rows(q_shape, k_shape, attrs)
-    if len(q_shape) != 4 or len(k_shape) != 4 or attrs["causal"] or rows > td.MAX_ROWS or q_shape[0] != k_shape[0] \
-            or not _triton_ok(td.DTYPES, dtype, device, td.INTERPRET):
-        return 0
-    return td.counter_bytes(k_shape[0], k_shape[1])
-
-
-def causal_mask(mask: torch.Tensor, sq: int, sk: int) -> bool:
-    """Whether an ATTENTION's ``mask`` (bool: True attends; float: a bias added to the scores) allows exactly what
-    ``causal`` does for ``sq`` queries and ``sk`` keys (the upper-left-aligned triangle, ATTENTION's definition) in
-    every row it broadcasts to: bool True on and below the diagonal and False above it, or a float 0 there and -inf
-    (or the dtype's lowest value, whose exp is 0 as -inf's) above. No row of that triangle is fully masked, so the
-    two compute the same softmax."""
-    if mask.dim() < 2 or tuple(mask.shape[-2:]) != (sq, sk):
-        return False
-    keep = torch.ones(sq, sk, dtype=torch.bool, device=mask.device).tril()
-    if mask.dtype == torch.bool:
-        return bool(torch.equal(mask, keep.expand_as(mask)))
-    if not mask.is_floating_point():
-        return False
-    zero, low = mask == 0, (mask == float("-inf")) | (mask == torch.finfo(mask.dtype).min)
-    return bool(torch.equal(zero, keep.expand_as(mask)) and torch.equal(low, ~keep.expand_as(mask)))
-
-
-def attention(args: list, attrs: dict, out: torch.Tensor, scratch: torch.Tensor | None, device: torch.device,
-              counters: torch.Tensor | None = None) -> tuple[dict, dict]:
-    """An ATTENTION's candidates. ``scratch``: the ``attention_scratch`` buffer (None where it has none); ``counters``:
-    the ``attention_counter_bytes`` buffer (None: no one-launch split-KV candidates). A decode attention over a bool
-    mask is timed at two lengths (``tuning.timed_as``): the keys its example mask attends (a decode plan is tuned at its
-    first step: the prompt's) and every key of the cache, its last step's; and cold (``"cache": "cold"``: after L2 is
-    flushed, as the step reads it). The kernels read only the attended keys, so the first length alone, L2-warm,
-    favoured few programs ("kiln-decode-whole": the 1B's step at batch 1 0.95 -> 1.03 ms from its first to its last
-    slot of 384, where the split kernel's stays ~0.98; bench/NOTES.md, session 17)."""
-    q, k, v, mask, ks, vs = attention_operands(args, attrs)
-    decode = _decode_fits(q, k, v, mask, attrs["causal"], _enable_gqa(q, k, attrs["gqa"]), device)
-    candidates = _attention_candidates(q, k, v, mask, ks, vs, attrs, out, scratch, device, counters, decode)
-    if decode and mask is not None:
-        full = _attention_candidates(q, k, v, torch.ones_like(mask), ks, vs, attrs, out, scratch, device, counters, decode)
-        for name, fn in candidates.items():
-            timed_as(fn, partial(_in_turn, fn, full[name]), runs=2)
-    what = {"op": "ATTENTION", "kiln": ATTENTION_CANDIDATES, "q": list(q.shape), "k": list(k.shape), "v": list(v.shape), "dtype": str(q.dtype),
-            "strides": [list(t.stride()) for t in (q, k, v)], "causal": attrs["causal"], "scale": attrs["scale"],
-            "gqa": attrs["gqa"], "mask": None if mask is None else [list(mask.shape), str(mask.dtype)]}
-    if decode:
-        what["decode"] = DECODE_CANDIDATES
-        what["cache"] = "cold"  # (timed after L2 is flushed: tuning.py)
-        if counters is not None:
-            what["one_launch"] = True
-    if ks is not None or vs is not None:
-        what["codes"] = [str(t.dtype) if s is not None else None for t, s in ((k, ks), (v, vs))]
-    return what, candidates
-
-
-def _enable_gqa(q: torch.Tensor, k: torch.Tensor, gqa: bool) -> bool:
-    # SDPA's enable_gqa: grouped query heads, more of them than kv heads
-    return bool(gqa and q.dim() >= 3 and q.shape[-3] != k.shape[-3])
-
-
-def _in_turn(*fns) -> None:
-    for fn in fns:
-        fn()
-
-
-def _attention_candidates(q, k, v, mask, ks, vs, attrs: dict, out: torch.Tensor, scratch: torch.Tensor | None,
-                          device: torch.device, counters: torch.Tensor | None, decode: bool) -> dict:
-    """``attention``'s candidates over ``mask`` (module docstring: SDPA, kiln's flash kernel, the split-KV kernel)."""
-    causal, scale, gqa = attrs["causal"], attrs["scale"], attrs["gqa"]
-    attn_mask, sdpa_causal = sdpa_mask(q, k, mask, causal)  # built once per plan, not per call
-    enable_gqa = _enable_gqa(q, k, gqa)
-    kd, vd, dequantize = _dequantized(k, v, ks, vs, scratch)
-
-    def sdpa():
-        dequantize()
-        out.copy_(F.scaled_dot_product_attention(q, kd, vd, attn_mask=attn_mask, is_causal=sdpa_causal, scale=scale,
-                                                 enable_gqa=enable_gqa))
-
-    candidates = {"sdpa": with_launches(sdpa, 2)} if (ks is None and vs is None) or scratch is not None else {}
-    if _triton_ok(ta.DTYPES, q.dtype, device, ta.INTERPRET):
-        if device.type == "cuda":
-            heads = math.prod(q.shape[:-2])
-            cfgs = ta.configs(q.shape[-2], heads, torch.cuda.get_device_properties(device).multi_processor_count)
-        else:
-            cfgs = [ta.INTERPRET_CONFIG]
-        for c in cfgs[:TRITON_ATTENTION_CONFIGS]:
-            candidates[config_name("kiln", c)] = (
-                lambda c=c: ta.attention(q, k, v, mask, causal, scale, gqa, out=out, config=c, k_scale=ks, v_scale=vs))
-    if decode:
-        cfgs = td.configs() if device.type == "cuda" else [td.INTERPRET_CONFIG]
-        for c in cfgs[:TRITON_ATTENTION_CONFIGS]:
-            candidates[config_name("kiln-decode", c)] = with_launches(  # (the partials, then their reduction)
-                lambda c=c: td.decode_attention(q, k, v, mask, scale, enable_gqa, out=out, config=c, k_scale=ks, v_scale=vs), 2)
-        if counters is not None:  # the same splits, reduced by the last program of each kv head's: one launch
-            for c in cfgs[:TRITON_ATTENTION_CONFIGS]:
-                candidates[config_name("kiln-decode-last", c)] = (
-                    lambda c=c: td.decode_attention(q, k, v, mask, scale, enable_gqa, out=out, config=c, k_scale=ks,
-                                                    v_scale=vs, counters=counters))
-        if k.shape[2] <= WHOLE_MAX_KEYS:  # the whole cache in one split: fewer programs, but one launch, no partials
-            candidates[config_name("kiln-decode-whole", cfgs[0])] = (
-                lambda c=cfgs[0]: td.decode_attention(q, k, v, mask, scale, enable_gqa, out=out, config=c, splits=1,
-                                                      k_scale=ks, v_scale=vs))
-    return candidates
-
-
-def rope_kv(args: list, q_out: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_roped: torch.Tensor,
-            ropes: list, device: torch.device) -> tuple[dict, dict]:
-    """A rope_kv group's candidates. ``args``: q, k, v, cos, sin, slots; ``ropes``: the pointwise kernels of ROPE(q)
-    into ``q_out`` and ROPE(k) into the scratch ``k_roped``, which the separate candidate then writes at the slots."""
-    q, k, v, cos, sin, slots = args
-    rope_q, rope_k = ropes
-
-    def separate():
-        rope_q()
-        rope_k()
-        index_copy(k_cache, 2, slots, k_roped, inplace=True)
-        index_copy(v_cache, 2, slots, v, inplace=True)
-    candidates = {"separate": separate}
-    operands = (q, k, v, cos, sin, slots, q_out, k_cache, v_cache)
-    if _triton_ok(tg.DTYPES, q.dtype, device, tg.INTERPRET) and trk.check(*operands) is None:
-        candidates["triton-rope-kv"] = lambda: trk.rope_kv(*operands)
-    what = {"op": "ROPE_KV", "q": list(q.shape), "k": list(k.shape), "cache": list(k_cache.shape), "dtype": str(q.dtype),
-            "strides": [list(t.stride()) for t in (q, k, v, cos)]}
-    return what, candidates
-
-
 LAYOUTS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
 
 
@@ -677,7 +480,7 @@ def conv(args: list, attrs: dict, out: torch.Tensor, device: torch.device) -> tu
     x, w, bias, residual = conv_operands(args, attrs)
     geometry = [attrs[k] for k in ("stride", "padding", "dilation", "groups")]
     divisor = attrs.get("divisor")
-    if _triton_ok(tce.DTYPES, x.dtype, device, tce.INTERPRET):
+    if triton_ok(tce.DTYPES, x.dtype, device, tce.INTERPRET):
         candidates = _conv_candidates(x, w, geometry, (bias, residual, divisor), out, device)
     else:  # no Triton for this dtype / device: the op's reference, copied
         op = "CONV" if "residual" in attrs else "CONV2D"
@@ -735,7 +538,7 @@ def conv_layouts(x_shape: tuple, w: torch.Tensor, attrs: dict, device: torch.dev
     "nhwc" run the convolution alone (cuDNN into its output; without cuDNN torch's conv2d) with x, the weight and the
     result all in that layout, on temporaries made at their first run (none when the choice is cached or forced). None
     where the conv's candidates do not depend on layouts (no kernels for its dtype / device: it runs the reference)."""
-    if len(x_shape) != 4 or not _triton_ok(tce.DTYPES, w.dtype, device, tce.INTERPRET):
+    if len(x_shape) != 4 or not triton_ok(tce.DTYPES, w.dtype, device, tce.INTERPRET):
         return None
     geometry = [attrs[k] for k in ("stride", "padding", "dilation", "groups")]
     stride, padding, dilation, groups = geometry
@@ -773,7 +576,7 @@ def group_norm(args: list, attrs: dict, out: torch.Tensor, scratch: torch.Tensor
     b = args[2] if len(args) > 2 else None
     groups, eps, act = attrs["groups"], attrs["eps"], attrs["act"]
     candidates = {"torch": lambda: out.copy_(OPS["GROUP_NORM"].ref(args, attrs))}
-    if scratch is not None and _triton_ok(tgn.DTYPES, x.dtype, device, tgn.INTERPRET):
+    if scratch is not None and triton_ok(tgn.DTYPES, x.dtype, device, tgn.INTERPRET):
         candidates["kiln"] = lambda: tgn.group_norm(x, w, b, groups, eps, act, out=out, scratch=scratch, form="group")
         if tgn.kernel_form(x) == "nhwc":  # channels-last x: also the position-tile pair that reads it in whole rows
             candidates["kiln-nhwc"] = lambda: tgn.group_norm(x, w, b, groups, eps, act, out=out, scratch=scratch, form="nhwc")

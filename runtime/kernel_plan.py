@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..codegen import lower
+from ..codegen import lower, lower_attention
 from ..codegen.pointwise import launch
 from ..codegen.schedule import VIEW_OPS, Group, norm_prologue, rope_kv_parts
 from ..codegen.tuning import compile_ahead
@@ -379,7 +379,7 @@ class KernelPlan(Plan):
             if kind == "gemm":
                 self._workspace(lv, k, n)
             if kind == "attention":
-                self._counters(lv, k, lower.attention_counter_bytes(self.shape_of[n.inputs[0]], self.shape_of[n.inputs[1]],
+                self._counters(lv, k, lower_attention.attention_counter_bytes(self.shape_of[n.inputs[0]], self.shape_of[n.inputs[1]],
                                                                     n.attrs, torch_dtype(n.dtype), self.device))
         for o in self.graph.outputs:
             lv.read(self.val[o].root, len(self.groups))
@@ -411,9 +411,9 @@ class KernelPlan(Plan):
         return list(own)
 
     def _attention_scratch(self, n: Node) -> tuple | None:
-        """The scratch an ATTENTION on a quantized KV cache needs for its SDPA candidate (``lower.attention_scratch``)."""
+        """The scratch an ATTENTION on a quantized KV cache needs for its SDPA candidate (``lower_attention.attention_scratch``)."""
         q, k, v = (self.shape_of[i] for i in n.inputs[:3])
-        return lower.attention_scratch(q, k, v, n.attrs, torch_dtype(n.dtype), self.device)
+        return lower_attention.attention_scratch(q, k, v, n.attrs, torch_dtype(n.dtype), self.device)
 
     def _workspace(self, lv: Liveness, k: int, n: Node) -> None:
         """``self.workspace[k]``: (key, bytes) of the split-K workspace of gemm group k's skinny candidates, if any, and
@@ -572,7 +572,7 @@ class KernelPlan(Plan):
                 what, candidates = {"QGEMM": lower.qgemm}.get(n.op, lower.gemm)(args, attrs, out, tmp, device, workspace, self._norm(g))
         elif kind == "attention":  # (workspace: (None, counters) where the plan has counters for it)
             args, attrs = self._causal(n, args, attrs)
-            what, candidates = lower.attention(args, attrs, out, tmp, device, workspace[1] if isinstance(workspace, tuple) else None)
+            what, candidates = lower_attention.attention(args, attrs, out, tmp, device, workspace[1] if isinstance(workspace, tuple) else None)
         elif kind == "conv":
             what, candidates = lower.conv(args, attrs, out, device)
         elif kind == "group_norm":
@@ -585,7 +585,7 @@ class KernelPlan(Plan):
         return KernelCall(g, kind, candidates[choice], choice)
 
     def _causal(self, n: Node, args: list, attrs: dict) -> tuple[list, dict]:
-        """An ATTENTION whose mask was folded (it depends on no input) and is the causal triangle (``lower.causal_mask``:
+        """An ATTENTION whose mask was folded (it depends on no input) and is the causal triangle (``lower_attention.causal_mask``:
         what HF transformers builds from the positions) runs causal, without the mask: its kernels skip the blocks
         above the diagonal and read no mask, and SDPA may take its causal flash / cuDNN kernels."""
         mask = attention_operands(n.inputs, attrs)[3]
@@ -594,7 +594,7 @@ class KernelPlan(Plan):
         q, k = (self.shape_of[i] for i in n.inputs[:2])
         key = (mask, q[-2], k[-2])  # (every layer reads one mask; every output set builds its calls again)
         if key not in self._causal_masks:
-            self._causal_masks[key] = lower.causal_mask(self.real[mask], q[-2], k[-2])
+            self._causal_masks[key] = lower_attention.causal_mask(self.real[mask], q[-2], k[-2])
         if not self._causal_masks[key]:
             return args, attrs
         self.stats.causal_masks.add(n)
@@ -602,7 +602,7 @@ class KernelPlan(Plan):
 
     def _rope_kv(self, k: int, g: Group) -> KernelCall:
         """A rope_kv group's call: the fused kernel or the separate one (two RoPE kernels and two cache writes, roped k
-        through the planned scratch), as the tuner picks (``lower.rope_kv``)."""
+        through the planned scratch), as the tuner picks (``lower_attention.rope_kv``)."""
         q_rope, k_rope, kc, vc = g.nodes
         self.env[q_rope] = self._buffer(self.slot[q_rope], self.shape_of[q_rope], torch_dtype(q_rope.dtype), self.order.get(q_rope))
         self.env[kc], self.env[vc] = self.env[kc.inputs[0]], self.env[vc.inputs[0]]
@@ -615,7 +615,7 @@ class KernelPlan(Plan):
             ropes.append(lambda p=p, args=args, out=out: launch(p, args, b, out=out, cache=cache))
         q, cos, sin = (self.env[i] for i in q_rope.inputs)
         args = [q, self.env[k_rope.inputs[0]], self.env[vc.inputs[2]], cos, sin, self.env[kc.inputs[1]]]
-        what, candidates = lower.rope_kv(args, self.env[q_rope], self.env[kc], self.env[vc], self.env[k_rope], ropes, self.device)
+        what, candidates = lower_attention.rope_kv(args, self.env[q_rope], self.env[kc], self.env[vc], self.env[k_rope], ropes, self.device)
         choice = self.target.tuner.choose("rope_kv", what, candidates, self.device)
         return KernelCall(g, "rope_kv", candidates[choice], choice)
 

@@ -5,7 +5,7 @@ interpreter, float16 / float32; GPU: bfloat16 at Llama-3.2-1B shapes)."""
 import pytest
 import torch
 
-from kiln.codegen import lower
+from kiln.codegen import lower_attention as lower
 from kiln.codegen.kernels.attention import attention
 from kiln.codegen.kernels.decode_attention import decode_attention, reference
 from kiln.ir.kv_quant import KV_DTYPES, quantize_kv

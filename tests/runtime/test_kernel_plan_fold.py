@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import kiln
-from kiln.codegen import lower
+from kiln.codegen import lower_attention as lower
 from kiln.codegen.tuning import Tuner
 from kiln.ir.interpret import interpret
 from kiln.runtime import kernel_plan

@@ -1,0 +1,216 @@
+"""The candidate implementations of an ATTENTION and of a rope_kv group (``lower.py`` has the other kernel groups'):
+``(what, candidates)`` as there, each candidate a closure running the group once into the plan's buffers.
+
+    ATTENTION  SDPA; kiln's flash kernel; the split-KV decode kernel for few query rows over long keys (two launches,
+               the last program of each kv head's splits reducing them, or one split). On a quantized KV cache both
+               kernels dequantize in registers; SDPA, offered there only for many query rows (prefill), reads a planned
+               scratch the cache is dequantized into first (``attention_scratch``)
+    rope_kv    ROPE(q), ROPE(k) and the KV-cache writes of k and v: kiln's one-launch kernel (``kernels/rope_kv.py``);
+               the two RoPE pointwise kernels then two ``index_copy_`` (roped k through a planned scratch)
+"""
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+
+from ..ir.ops import attention_operands, index_copy, sdpa_mask
+from .kernels import attention as ta
+from .kernels import decode_attention as td
+from .kernels import gemm as tg
+from .kernels import rope_kv as trk
+from .lower import config_name, triton_ok
+from .tuning import timed_as, with_launches
+
+TRITON_ATTENTION_CONFIGS = 3
+# the attention candidates' generation (a decision measured between older ones is measured again): 2 since q k^T over a head dim
+# like 72 runs as 64 + 16 lanes (attention.split_widths), 3 configurations are tried and 64-row query tiles come first
+# where 128-row ones leave SMs idle
+ATTENTION_CANDIDATES = 2
+# the decode attention candidates' generation (in a decode attention's what; a decision measured between older ones is
+# measured again): 2 since "kiln-decode-whole" exists, 3 since the kernel reads only the keys the mask attends, 4 since
+# a decode decision charges each launch past a candidate's first (tuning.EXTRA_LAUNCH_MS), 5 since it is timed at the
+# cache's every key too, and cold (``attention``)
+DECODE_CANDIDATES = 5
+# the longest cache "kiln-decode-whole" (one split, a program per kv head) is offered on: a handful of programs streaming
+# the whole context alone. (The tuner times a decode attention at its prompt's keys and at the whole cache,
+# ``attention``; past this length the one split does not win, and its compile is saved.) 256: at a 384-slot cache the
+# tuner still took it at batch 16, timed within ~1 us of the split kernel, and the split kernel's step ran 1.7-2% faster
+# (bench/NOTES.md, sessions 17-18: one process A / B); the one split's step grows with the keys past ~200
+WHOLE_MAX_KEYS = 256
+# (a plan that gives counters adds "kiln-decode-last": its what says so, apart from a call without them)
+
+
+def _decode_fits(q, k, v, mask, causal: bool, gqa: bool, device: torch.device) -> bool:
+    """Few query rows over a long key sequence (LLM decode) that the split-KV kernel handles: one program per
+    kv head and key chunk; every loaded K / V tile serves the whole query group."""
+    return (q.dim() == 4 and k.dim() == 4 and not causal and k.shape == v.shape and q.shape[0] == k.shape[0]
+            and (mask is None or mask.dtype == torch.bool)
+            and (q.shape[1] // max(k.shape[1], 1)) * q.shape[2] <= td.MAX_ROWS and q.shape[-1] <= td.MAX_HEAD_DIM
+            and (gqa or q.shape[1] == k.shape[1]) and triton_ok(td.DTYPES, q.dtype, device, td.INTERPRET))
+
+
+def _group_rows(q_shape: tuple, k_shape: tuple, attrs: dict) -> int:
+    """The query rows one kv head serves (the split-KV kernel's group tile): Sq, times the group size with GQA."""
+    return q_shape[-2] * (q_shape[-3] // k_shape[-3] if len(q_shape) >= 3 and attrs["gqa"] else 1)
+
+
+def attention_scratch(q_shape: tuple, k_shape: tuple, v_shape: tuple, attrs: dict, dtype: torch.dtype,
+                      device: torch.device) -> tuple | None:
+    """The scratch (elements of q's dtype) that SDPA reads an ATTENTION's quantized k / v from, dequantized first;
+    None when SDPA is not offered on them: no scales, or a decode shape (few query rows per kv head) that kiln's
+    kernels serve reading the codes alone, where the scratch would cost a full-precision copy of the cache."""
+    scaled = [s for s, on in ((k_shape, attrs.get("k_scale")), (v_shape, attrs.get("v_scale"))) if on]
+    if not scaled:
+        return None
+    rows = _group_rows(q_shape, k_shape, attrs)
+    if rows <= td.MAX_ROWS and triton_ok(ta.DTYPES, dtype, device, ta.INTERPRET):
+        return None
+    return (sum(math.prod(s) for s in scaled),)
+
+
+def _dequantized(k, v, ks, vs, scratch: torch.Tensor | None):
+    """(k, v as SDPA reads them, the call that dequantizes the quantized ones into ``scratch``)."""
+    if scratch is None:
+        return k, v, lambda: None
+    pairs, at = [], 0
+    for codes, scale in ((k, ks), (v, vs)):
+        if scale is not None:
+            pairs.append((codes, scale, scratch[at:at + codes.numel()].view(codes.shape)))
+            at += codes.numel()
+
+    def dequantize():  # = kv_quant.dequantize_kv: float32 product (codes exact in q's dtype) rounded once to q's dtype
+        for codes, scale, buf in pairs:
+            buf.copy_(codes)
+            buf.mul_(scale.unsqueeze(-1))
+    it = iter(p[2] for p in pairs)
+    return next(it) if ks is not None else k, next(it) if vs is not None else v, dequantize
+
+
+def attention_counter_bytes(q_shape: tuple, k_shape: tuple, attrs: dict, dtype: torch.dtype, device: torch.device) -> int:
+    """Bytes of the counters the one-launch split-KV candidates ("kiln-decode-last") of an ATTENTION need: 0 unless it
+    is a decode shape kiln's kernel takes. State like the skinny GEMMs' counters: zero when planned, left zero."""
+    rows = _group_rows(q_shape, k_shape, attrs)
+    if len(q_shape) != 4 or len(k_shape) != 4 or attrs["causal"] or rows > td.MAX_ROWS or q_shape[0] != k_shape[0] \
+            or not triton_ok(td.DTYPES, dtype, device, td.INTERPRET):
+        return 0
+    return td.counter_bytes(k_shape[0], k_shape[1])
+
+
+def causal_mask(mask: torch.Tensor, sq: int, sk: int) -> bool:
+    """Whether an ATTENTION's ``mask`` (bool: True attends; float: a bias added to the scores) allows exactly what
+    ``causal`` does for ``sq`` queries and ``sk`` keys (the upper-left-aligned triangle, ATTENTION's definition) in
+    every row it broadcasts to: bool True on and below the diagonal and False above it, or a float 0 there and -inf
+    (or the dtype's lowest value, whose exp is 0 as -inf's) above. No row of that triangle is fully masked, so the
+    two compute the same softmax."""
+    if mask.dim() < 2 or tuple(mask.shape[-2:]) != (sq, sk):
+        return False
+    keep = torch.ones(sq, sk, dtype=torch.bool, device=mask.device).tril()
+    if mask.dtype == torch.bool:
+        return bool(torch.equal(mask, keep.expand_as(mask)))
+    if not mask.is_floating_point():
+        return False
+    zero, low = mask == 0, (mask == float("-inf")) | (mask == torch.finfo(mask.dtype).min)
+    return bool(torch.equal(zero, keep.expand_as(mask)) and torch.equal(low, ~keep.expand_as(mask)))
+
+
+def attention(args: list, attrs: dict, out: torch.Tensor, scratch: torch.Tensor | None, device: torch.device,
+              counters: torch.Tensor | None = None) -> tuple[dict, dict]:
+    """An ATTENTION's candidates. ``scratch``: the ``attention_scratch`` buffer (None where it has none); ``counters``:
+    the ``attention_counter_bytes`` buffer (None: no one-launch split-KV candidates). A decode attention over a bool
+    mask is timed at two lengths (``tuning.timed_as``): the keys its example mask attends (a decode plan is tuned at its
+    first step: the prompt's) and every key of the cache, its last step's; and cold (``"cache": "cold"``: after L2 is
+    flushed, as the step reads it). The kernels read only the attended keys, so the first length alone, L2-warm,
+    favoured few programs ("kiln-decode-whole": the 1B's step at batch 1 0.95 -> 1.03 ms from its first to its last
+    slot of 384, where the split kernel's stays ~0.98; bench/NOTES.md, session 17)."""
+    q, k, v, mask, ks, vs = attention_operands(args, attrs)
+    decode = _decode_fits(q, k, v, mask, attrs["causal"], _enable_gqa(q, k, attrs["gqa"]), device)
+    candidates = _attention_candidates(q, k, v, mask, ks, vs, attrs, out, scratch, device, counters, decode)
+    if decode and mask is not None:
+        full = _attention_candidates(q, k, v, torch.ones_like(mask), ks, vs, attrs, out, scratch, device, counters, decode)
+        for name, fn in candidates.items():
+            timed_as(fn, partial(_in_turn, fn, full[name]), runs=2)
+    what = {"op": "ATTENTION", "kiln": ATTENTION_CANDIDATES, "q": list(q.shape), "k": list(k.shape), "v": list(v.shape), "dtype": str(q.dtype),
+            "strides": [list(t.stride()) for t in (q, k, v)], "causal": attrs["causal"], "scale": attrs["scale"],
+            "gqa": attrs["gqa"], "mask": None if mask is None else [list(mask.shape), str(mask.dtype)]}
+    if decode:
+        what["decode"] = DECODE_CANDIDATES
+        what["cache"] = "cold"  # (timed after L2 is flushed: tuning.py)
+        if counters is not None:
+            what["one_launch"] = True
+    if ks is not None or vs is not None:
+        what["codes"] = [str(t.dtype) if s is not None else None for t, s in ((k, ks), (v, vs))]
+    return what, candidates
+
+
+def _enable_gqa(q: torch.Tensor, k: torch.Tensor, gqa: bool) -> bool:
+    # SDPA's enable_gqa: grouped query heads, more of them than kv heads
+    return bool(gqa and q.dim() >= 3 and q.shape[-3] != k.shape[-3])
+
+
+def _in_turn(*fns) -> None:
+    for fn in fns:
+        fn()
+
+
+def _attention_candidates(q, k, v, mask, ks, vs, attrs: dict, out: torch.Tensor, scratch: torch.Tensor | None,
+                          device: torch.device, counters: torch.Tensor | None, decode: bool) -> dict:
+    """``attention``'s candidates over ``mask`` (module docstring: SDPA, kiln's flash kernel, the split-KV kernel)."""
+    causal, scale, gqa = attrs["causal"], attrs["scale"], attrs["gqa"]
+    attn_mask, sdpa_causal = sdpa_mask(q, k, mask, causal)  # built once per plan, not per call
+    enable_gqa = _enable_gqa(q, k, gqa)
+    kd, vd, dequantize = _dequantized(k, v, ks, vs, scratch)
+
+    def sdpa():
+        dequantize()
+        out.copy_(F.scaled_dot_product_attention(q, kd, vd, attn_mask=attn_mask, is_causal=sdpa_causal, scale=scale,
+                                                 enable_gqa=enable_gqa))
+
+    candidates = {"sdpa": with_launches(sdpa, 2)} if (ks is None and vs is None) or scratch is not None else {}
+    if triton_ok(ta.DTYPES, q.dtype, device, ta.INTERPRET):
+        if device.type == "cuda":
+            heads = math.prod(q.shape[:-2])
+            cfgs = ta.configs(q.shape[-2], heads, torch.cuda.get_device_properties(device).multi_processor_count)
+        else:
+            cfgs = [ta.INTERPRET_CONFIG]
+        for c in cfgs[:TRITON_ATTENTION_CONFIGS]:
+            candidates[config_name("kiln", c)] = (
+                lambda c=c: ta.attention(q, k, v, mask, causal, scale, gqa, out=out, config=c, k_scale=ks, v_scale=vs))
+    if decode:
+        cfgs = td.configs() if device.type == "cuda" else [td.INTERPRET_CONFIG]
+        for c in cfgs[:TRITON_ATTENTION_CONFIGS]:
+            candidates[config_name("kiln-decode", c)] = with_launches(  # (the partials, then their reduction)
+                lambda c=c: td.decode_attention(q, k, v, mask, scale, enable_gqa, out=out, config=c, k_scale=ks, v_scale=vs), 2)
+        if counters is not None:  # the same splits, reduced by the last program of each kv head's: one launch
+            for c in cfgs[:TRITON_ATTENTION_CONFIGS]:
+                candidates[config_name("kiln-decode-last", c)] = (
+                    lambda c=c: td.decode_attention(q, k, v, mask, scale, enable_gqa, out=out, config=c, k_scale=ks,
+                                                    v_scale=vs, counters=counters))
+        if k.shape[2] <= WHOLE_MAX_KEYS:  # the whole cache in one split: fewer programs, but one launch, no partials
+            candidates[config_name("kiln-decode-whole", cfgs[0])] = (
+                lambda c=cfgs[0]: td.decode_attention(q, k, v, mask, scale, enable_gqa, out=out, config=c, splits=1,
+                                                      k_scale=ks, v_scale=vs))
+    return candidates
+
+
+def rope_kv(args: list, q_out: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_roped: torch.Tensor,
+            ropes: list, device: torch.device) -> tuple[dict, dict]:
+    """A rope_kv group's candidates. ``args``: q, k, v, cos, sin, slots; ``ropes``: the pointwise kernels of ROPE(q)
+    into ``q_out`` and ROPE(k) into the scratch ``k_roped``, which the separate candidate then writes at the slots."""
+    q, k, v, cos, sin, slots = args
+    rope_q, rope_k = ropes
+
+    def separate():
+        rope_q()
+        rope_k()
+        index_copy(k_cache, 2, slots, k_roped, inplace=True)
+        index_copy(v_cache, 2, slots, v, inplace=True)
+    candidates = {"separate": separate}
+    operands = (q, k, v, cos, sin, slots, q_out, k_cache, v_cache)
+    if triton_ok(tg.DTYPES, q.dtype, device, tg.INTERPRET) and trk.check(*operands) is None:
+        candidates["triton-rope-kv"] = lambda: trk.rope_kv(*operands)
+    what = {"op": "ROPE_KV", "q": list(q.shape), "k": list(k.shape), "cache": list(k_cache.shape), "dtype": str(q.dtype),
+            "strides": [list(t.stride()) for t in (q, k, v, cos)]}
+    return what, candidates
