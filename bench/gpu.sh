@@ -355,6 +355,20 @@ print('greedy', greedy(x).tolist() == x.argmax(-1).tolist())" 2>&1 | tail -5
         DECODE_JSON=decode_19a_$att.json timeout 200 python3 bench/decode.py --models 1b --batches 16 --no-compile-peer \
           --ab-kernels attention=$att 2>&1 | grep "interleaved" | tail -1
       done ;;
+    s19c)  # session 19: the decode attention taking its rope_kv call over (RoPE + cache writes in its launch) and its last
+           # program reducing a group's rows at once: GPU tests, then the 1B bf16 decode at batch 1 / 16, the tuned plan
+           # against the old pair (rope_kv kernel, then the split kernel: attention=kiln-decode), one process each
+      timeout 150 python3 -m pytest -q -x -rf -p no:logging -m gpu tests/codegen/test_decode_attention_rope.py \
+        tests/codegen/test_decode_attention.py 2>&1 | tail -3
+      for b in 1 16; do
+        DECODE_JSON=decode_19c_$b.json timeout 200 python3 bench/decode.py --models 1b --batches $b --no-compile-peer \
+          --ab-kernels attention=kiln-decode 2>&1 | grep "interleaved\|Error\|error" | tail -3
+        python3 -c "import json; d = json.load(open('$OUT/decode_19c_$b.json'))['1b']['bs$b']; [print(v, {k: d[v].get(k) for k in \
+          ('decode_tok_s', 'step_ms', 'step_ms_last', 'kernels_per_step', 'choices')}) for v in ('kiln', 'kiln_variant')]"
+      done ;;
+    s19d)  # session 19: the generator's GPU tests (tokens against transformers') with the rope-fused attention
+      timeout 150 python3 -m pytest -q -rf -p no:logging -m gpu tests/llm/test_generator.py tests/llm/test_decode_plan.py \
+        2>&1 | grep -v DEBUG | tail -3 ;;
     s19b)  # next: the 8B shape's quantized decode at batch 1 with the greedy kernel (333 / 399-401 tok/s before)
       for q in w8a16 w4a16; do
         DECODE_JSON=decode_19b_$q.json timeout 280 python3 bench/decode.py --models 8b --batches 1 --quantize $q \

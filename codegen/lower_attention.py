@@ -7,11 +7,18 @@
                scratch the cache is dequantized into first (``attention_scratch``)
     rope_kv    ROPE(q), ROPE(k) and the KV-cache writes of k and v: kiln's one-launch kernel (``kernels/rope_kv.py``);
                the two RoPE pointwise kernels then two ``index_copy_`` (roped k through a planned scratch)
+
+A decode attention right after its rope_kv group may take that group's work over (``RopeStep``): every candidate then
+runs the rope_kv call first, and the split-KV kernel also ropes q and writes the new keys itself, in its own launch
+("kiln-rope-decode", "-last", "-whole"). The plan drops the rope_kv call: the tuner chose between the two launches and
+one, both timed with the rope work in.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from functools import partial
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +29,7 @@ from .kernels import decode_attention as td
 from .kernels import gemm as tg
 from .kernels import rope_kv as trk
 from .lower import config_name, triton_ok
-from .tuning import timed_as, with_launches
+from .tuning import launches, timed_as, with_launches
 
 TRITON_ATTENTION_CONFIGS = 3
 # the attention candidates' generation (a decision measured between older ones is measured again): 2 since q k^T over a head dim
@@ -32,8 +39,9 @@ ATTENTION_CANDIDATES = 2
 # the decode attention candidates' generation (in a decode attention's what; a decision measured between older ones is
 # measured again): 2 since "kiln-decode-whole" exists, 3 since the kernel reads only the keys the mask attends, 4 since
 # a decode decision charges each launch past a candidate's first (tuning.EXTRA_LAUNCH_MS), 5 since it is timed at the
-# cache's every key too, and cold (``attention``)
-DECODE_CANDIDATES = 5
+# cache's every key too, and cold (``attention``), 6 since the last program reduces its group's rows at once and a rope_kv
+# call may run in the attention's launch (``RopeStep``)
+DECODE_CANDIDATES = 6
 # the longest cache "kiln-decode-whole" (one split, a program per kv head) is offered on: a handful of programs streaming
 # the whole context alone. (The tuner times a decode attention at its prompt's keys and at the whole cache,
 # ``attention``; past this length the one split does not win, and its compile is saved.) 256: at a 384-slot cache the
@@ -41,6 +49,17 @@ DECODE_CANDIDATES = 5
 # (bench/NOTES.md, sessions 17-18: one process A / B); the one split's step grows with the keys past ~200
 WHOLE_MAX_KEYS = 256
 # (a plan that gives counters adds "kiln-decode-last": its what says so, apart from a call without them)
+
+
+@dataclass
+class RopeStep:
+    """The rope_kv group a decode ATTENTION takes over: ``operands`` (q unroped, k, v, cos, sin, slots: the attention's
+    cache writes), ``call`` the group's chosen implementation; ``fused``: the roped q is read by the attention alone, so
+    kiln's split-KV kernel may rope it in registers and never store it. (The attention's tuning key describes the rope
+    work, not the choice for it: while a plan's decisions are surveyed, that choice is provisional.)"""
+    operands: tuple
+    call: Callable[[], object]
+    fused: bool
 
 
 def _decode_fits(q, k, v, mask, causal: bool, gqa: bool, device: torch.device) -> bool:
@@ -117,19 +136,24 @@ def causal_mask(mask: torch.Tensor, sq: int, sk: int) -> bool:
 
 
 def attention(args: list, attrs: dict, out: torch.Tensor, scratch: torch.Tensor | None, device: torch.device,
-              counters: torch.Tensor | None = None) -> tuple[dict, dict]:
+              counters: torch.Tensor | None = None, rope: RopeStep | None = None) -> tuple[dict, dict]:
     """An ATTENTION's candidates. ``scratch``: the ``attention_scratch`` buffer (None where it has none); ``counters``:
     the ``attention_counter_bytes`` buffer (None: no one-launch split-KV candidates). A decode attention over a bool
     mask is timed at two lengths (``tuning.timed_as``): the keys its example mask attends (a decode plan is tuned at its
     first step: the prompt's) and every key of the cache, its last step's; and cold (``"cache": "cold"``: after L2 is
     flushed, as the step reads it). The kernels read only the attended keys, so the first length alone, L2-warm,
     favoured few programs ("kiln-decode-whole": the 1B's step at batch 1 0.95 -> 1.03 ms from its first to its last
-    slot of 384, where the split kernel's stays ~0.98; bench/NOTES.md, session 17)."""
+    slot of 384, where the split kernel's stays ~0.98; bench/NOTES.md, session 17). ``rope``: the rope_kv group before
+    it, which every candidate then runs (module docstring)."""
     q, k, v, mask, ks, vs = attention_operands(args, attrs)
     decode = _decode_fits(q, k, v, mask, attrs["causal"], _enable_gqa(q, k, attrs["gqa"]), device)
-    candidates = _attention_candidates(q, k, v, mask, ks, vs, attrs, out, scratch, device, counters, decode)
+
+    def over(m):  # the candidates over the mask m
+        return _with_rope(rope, _attention_candidates(q, k, v, m, ks, vs, attrs, out, scratch, device, counters, decode),
+                          k, v, m, attrs, out, counters, decode)
+    candidates = over(mask)
     if decode and mask is not None:
-        full = _attention_candidates(q, k, v, torch.ones_like(mask), ks, vs, attrs, out, scratch, device, counters, decode)
+        full = over(torch.ones_like(mask))
         for name, fn in candidates.items():
             timed_as(fn, partial(_in_turn, fn, full[name]), runs=2)
     what = {"op": "ATTENTION", "kiln": ATTENTION_CANDIDATES, "q": list(q.shape), "k": list(k.shape), "v": list(v.shape), "dtype": str(q.dtype),
@@ -142,7 +166,44 @@ def attention(args: list, attrs: dict, out: torch.Tensor, scratch: torch.Tensor 
             what["one_launch"] = True
     if ks is not None or vs is not None:
         what["codes"] = [str(t.dtype) if s is not None else None for t, s in ((k, ks), (v, vs))]
+    if rope is not None:
+        what["rope"] = [rope.fused, list(rope.operands[0].shape), [list(t.stride()) for t in rope.operands[:5]]]
     return what, candidates
+
+
+def _with_rope(rope: RopeStep | None, candidates: dict, kc, vc, mask, attrs: dict, out, counters, decode: bool) -> dict:
+    """``candidates`` each after the rope_kv call (one launch more), and kiln's split-KV kernel doing that work itself
+    where ``rope.fused`` (module docstring). ``candidates`` unchanged without ``rope``."""
+    if rope is None:
+        return candidates
+    first = {name: _first(rope.call, fn) for name, fn in candidates.items()}
+    if not (decode and rope.fused and trk.check(*rope.operands, rope.operands[0], kc, vc) is None):
+        return first
+    q, k, v, cos, sin, slots = rope.operands
+    cfgs = td.configs() if q.device.type == "cuda" else [td.INTERPRET_CONFIG]
+    scale, enable_gqa, kw = attrs["scale"], _enable_gqa(q, kc, attrs["gqa"]), dict(out=out, rope=(k, v, cos, sin, slots))
+    for c in cfgs[:TRITON_ATTENTION_CONFIGS]:
+        first[config_name("kiln-rope-decode", c)] = with_launches(
+            partial(td.decode_attention, q, kc, vc, mask, scale, enable_gqa, config=c, **kw), 2)
+        if counters is not None:
+            first[config_name("kiln-rope-decode-last", c)] = partial(
+                td.decode_attention, q, kc, vc, mask, scale, enable_gqa, config=c, counters=counters, **kw)
+    if kc.shape[2] <= WHOLE_MAX_KEYS:
+        first[config_name("kiln-rope-decode-whole", cfgs[0])] = partial(
+            td.decode_attention, q, kc, vc, mask, scale, enable_gqa, config=cfgs[0], splits=1, **kw)
+    return first
+
+
+def _first(call: Callable[[], object], fn: Callable[[], object]) -> Callable[[], object]:
+    """``call`` then ``fn``, marked as both their launches and as running ``call`` first (``runs_first``)."""
+    both = with_launches(partial(_in_turn, call, fn), launches(call) + launches(fn))
+    both.runs_first = call
+    return both
+
+
+def runs_first(fn: Callable[[], object]) -> bool:
+    """Whether an ATTENTION candidate runs the rope_kv call it took over first (False: none, or it does that work)."""
+    return getattr(fn, "runs_first", None) is not None
 
 
 def _enable_gqa(q: torch.Tensor, k: torch.Tensor, gqa: bool) -> bool:
@@ -207,7 +268,7 @@ def rope_kv(args: list, q_out: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         rope_k()
         index_copy(k_cache, 2, slots, k_roped, inplace=True)
         index_copy(v_cache, 2, slots, v, inplace=True)
-    candidates = {"separate": separate}
+    candidates = {"separate": with_launches(separate, 4)}
     operands = (q, k, v, cos, sin, slots, q_out, k_cache, v_cache)
     if triton_ok(tg.DTYPES, q.dtype, device, tg.INTERPRET) and trk.check(*operands) is None:
         candidates["triton-rope-kv"] = lambda: trk.rope_kv(*operands)

@@ -17,6 +17,7 @@ class KernelCall:
     kind: str  # pointwise | gemm | matmul | attention | update | rope_kv | copy | collective | reference
     run: object  # () -> None
     choice: str = ""
+    takes: KernelCall | None = None  # a call ``run`` makes first (a rope_kv call its decode attention took over)
 
 
 MAX_OUTPUT_SETS = 2  # output buffer sets a caller may hold at once without copies (a loop rebinding `out` needs two)

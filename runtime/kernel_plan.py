@@ -33,6 +33,7 @@ import time
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -47,7 +48,7 @@ from ..ir.ops_fused import AQ_FORMATS, aqgemm_operands
 from ..ir.types import eval_dim, torch_dtype
 from .kernel_calls import MAX_OUTPUT_SETS, KernelCall, OutputSet, PlanStats, collective_call, run_calls, use_count
 from . import warm_libs
-from .layouts import CHANNELS_LAST, channels_last_values
+from .layouts import CHANNELS_LAST, channels_last_values, empty_in_order, inverse, row_pitch, stored_order
 from .memory import Liveness, nbytes
 from .plan import Plan
 
@@ -76,39 +77,6 @@ def adoptable_updates(graph: Graph) -> dict[int, tuple[str, Node]]:
         if node.op == "INDEX_COPY" and node.inputs[0] is graph.inputs[k] and len(graph.inputs[k].users) == 1:
             out[k] = (name, node)
     return out
-
-
-def _stored_order(node: Node):
-    """A value read only through one PERMUTE that a RESHAPE then flattens (attention's [B, H, S, D] output
-    going back to [B, S, H * D]) is stored in the permuted order, so that both become free views instead
-    of a copy: returns the permutation, or None to store it in its own order."""
-    if len(node.users) != 1:
-        return None
-    u = next(iter(node.users))
-    if u.op != "PERMUTE" or not u.users or not all(r.op == "RESHAPE" for r in u.users):
-        return None
-    return tuple(u.attrs["perm"])
-
-
-def _inverse(perm) -> tuple:
-    inv = [0] * len(perm)
-    for i, p in enumerate(perm):
-        inv[p] = i
-    return tuple(inv)
-
-
-def _empty(shape, perm, dtype, device) -> torch.Tensor:
-    if perm is None:
-        return torch.empty(shape, dtype=dtype, device=device)
-    return torch.empty([shape[p] for p in perm], dtype=dtype, device=device).permute(_inverse(perm))
-
-
-def _pitch(shape) -> int | None:
-    """The padded row length of a GEMM output whose rows are long and not a multiple of 8 elements (GPT-2's LM head,
-    N = 50257): cuBLAS's tensor-core kernels want 16-byte aligned rows; such an output is a view [..., :N] of rows
-    padded to a multiple of 64 (torch.compile pads the same way). None: no padding."""
-    n = shape[-1] if shape else 0
-    return -(-n // 64) * 64 if n >= 256 and n % 8 else None
 
 
 def _codes_scales_at(shape) -> int:
@@ -145,6 +113,7 @@ class KernelPlan(Plan):
         self.shape_of = {n: tuple(eval_dim(d, bindings) for d in n.shape) for n in graph.nodes}
         with self._phase("layouts"):
             self._layouts(static)
+        self.takeover = self._rope_takeovers()
         with self._phase("memory"):
             self._memory()
         with self._phase("buffers"):
@@ -161,7 +130,7 @@ class KernelPlan(Plan):
         self._current = self.sets[0]
         self.output_values = self._current.outputs
         self._state_ids = {id(self.env[graph.inputs[k]]) for k in self.adopted}
-        for call in self.calls:
+        for call in (t for c in self.calls for t in (c.takes, c) if t is not None):
             self.stats.launches[call.kind] = self.stats.launches.get(call.kind, 0) + 1
             if call.choice:
                 c = f"{call.kind}:{call.choice.split(':')[0]}"
@@ -190,7 +159,7 @@ class KernelPlan(Plan):
     def _layouts(self, static: dict) -> None:
         """``self.val``: node -> _Value; ``self.kinds``: the kind of each group as it runs; ``self.real``: tensors
         known now (weights, constants, values that depend on no input), on the device (a CUDA graph cannot read
-        host memory); ``self.order``: outputs stored in a permuted dim order (see _stored_order), among them the
+        host memory); ``self.order``: outputs stored in a permuted dim order (see layouts.stored_order), among them the
         ``self.channels_last`` values (``layouts.py``)."""
         inplace = {node for _, node in self.adopted.values()}
         folded: set[Node] = set()  # values computed now from others known now (not the static weights / constants)
@@ -318,13 +287,13 @@ class KernelPlan(Plan):
         if kind != "source":
             outputs = set(self.graph.outputs)  # (returned to the caller: kept in their own order)
             for o in g.outputs:
-                perm = _stored_order(o) if kind in ("attention", "pointwise") and o not in outputs else None
+                perm = stored_order(o) if kind in ("attention", "pointwise") and o not in outputs else None
                 if o in self.channels_last:
                     perm = CHANNELS_LAST
                 if perm is not None:
                     self.order[o] = perm
-                if kind == "gemm" and _pitch(self.shape_of[o]) is not None:
-                    self.pitch[o] = _pitch(self.shape_of[o])
+                if kind == "gemm" and row_pitch(self.shape_of[o]) is not None:
+                    self.pitch[o] = row_pitch(self.shape_of[o])
                 self.val[o] = _Value(self._empty(o, "meta"), self.slot[o])
         return kind
 
@@ -333,7 +302,7 @@ class KernelPlan(Plan):
         shape, dtype = self.shape_of[o], torch_dtype(o.dtype)
         if o in self.pitch:
             return torch.empty(shape[:-1] + (self.pitch[o],), dtype=dtype, device=device)[..., :shape[-1]]
-        return _empty(shape, self.order.get(o), dtype, device)
+        return empty_in_order(shape, self.order.get(o), dtype, device)
 
     def _nbytes(self, o: Node) -> int:
         shape = self.shape_of[o]
@@ -354,9 +323,12 @@ class KernelPlan(Plan):
         for k, (g, kind) in enumerate(zip(self.groups, self.kinds)):
             if kind in ("view", "source", "constant"):
                 continue
-            for i in _reads(g, kind):
+            rope = self.groups[self.takeover[k]].inputs if k in self.takeover else []  # (its rope_kv's reads: run here)
+            for i in [*_reads(g, kind), *rope]:
                 if not (kind == "gemm" and i in self.codes):  # (an AQGEMM reads x's codes instead: _act_codes)
                     lv.read(self.val[i].root if i in self.val else None, k)
+            if k in self.takeover:  # (and its roped-k scratch)
+                lv.read(-1 - self.takeover[k], k)
             self._act_codes(lv, k, g, kind)
             for o in g.outputs if kind != "rope_kv" else g.nodes[:1]:
                 if o not in self.inplace:  # (written over its residual: that buffer's interval, read on)
@@ -471,7 +443,7 @@ class KernelPlan(Plan):
             return raw.view(tuple(shape[:-1]) + (pitch,))[..., :shape[-1]]
         if perm is None:
             return raw.view(shape)
-        return raw.view([shape[p] for p in perm]).permute(_inverse(perm))
+        return raw.view([shape[p] for p in perm]).permute(inverse(perm))
 
     def _buffers(self, inputs: list | None) -> None:
         """``self.env``: node -> its real tensor (static, input buffer, arena buffer, or a view of one)."""
@@ -489,7 +461,7 @@ class KernelPlan(Plan):
 
     # -- 3. calls -------------------------------------------------------------------------------------------
     def _calls(self) -> list[KernelCall]:
-        calls = []
+        calls, self._ropes, self._taken = [], {}, set()  # (attention -> (RopeStep, rope_kv call), calls taken: ``_rope_kv``)
         for k, (g, kind) in enumerate(zip(self.groups, self.kinds)):
             if kind in ("source", "constant"):
                 continue
@@ -527,7 +499,7 @@ class KernelPlan(Plan):
                 calls += self._coded_gemm_calls(g, codes)
                 continue
             calls.append(self._call(g, kind, tmp, ws, codes))
-        return calls + self._state_copies()
+        return [c for c in calls if id(c) not in self._taken] + self._state_copies()
 
     def _views(self, g: Group) -> None:
         for n in g.nodes:
@@ -572,7 +544,12 @@ class KernelPlan(Plan):
                 what, candidates = {"QGEMM": lower.qgemm}.get(n.op, lower.gemm)(args, attrs, out, tmp, device, workspace, self._norm(g))
         elif kind == "attention":  # (workspace: (None, counters) where the plan has counters for it)
             args, attrs = self._causal(n, args, attrs)
-            what, candidates = lower_attention.attention(args, attrs, out, tmp, device, workspace[1] if isinstance(workspace, tuple) else None)
+            rope, before = self._ropes.pop(n, (None, None))
+            self._taken.add(id(before))
+            counters = workspace[1] if isinstance(workspace, tuple) else None
+            what, candidates = lower_attention.attention(args, attrs, out, tmp, device, counters, rope)
+            choice = self.target.tuner.choose(kind, what, candidates, device)  # (it runs ``before`` first, or its work)
+            return KernelCall(g, kind, candidates[choice], choice, before if lower_attention.runs_first(candidates[choice]) else None)
         elif kind == "conv":
             what, candidates = lower.conv(args, attrs, out, device)
         elif kind == "group_norm":
@@ -585,9 +562,8 @@ class KernelPlan(Plan):
         return KernelCall(g, kind, candidates[choice], choice)
 
     def _causal(self, n: Node, args: list, attrs: dict) -> tuple[list, dict]:
-        """An ATTENTION whose mask was folded (it depends on no input) and is the causal triangle (``lower_attention.causal_mask``:
-        what HF transformers builds from the positions) runs causal, without the mask: its kernels skip the blocks
-        above the diagonal and read no mask, and SDPA may take its causal flash / cuDNN kernels."""
+        """An ATTENTION whose mask was folded (it depends on no input) and is the causal triangle (``causal_mask``: what HF
+        builds from the positions) runs causal: its kernels skip the blocks above the diagonal, SDPA may run cuDNN's."""
         mask = attention_operands(n.inputs, attrs)[3]
         if mask is None or attrs["causal"] or mask not in self.real:
             return args, attrs
@@ -602,22 +578,37 @@ class KernelPlan(Plan):
 
     def _rope_kv(self, k: int, g: Group) -> KernelCall:
         """A rope_kv group's call: the fused kernel or the separate one (two RoPE kernels and two cache writes, roped k
-        through the planned scratch), as the tuner picks (``lower_attention.rope_kv``)."""
+        through the planned scratch), as the tuner picks (``lower_attention.rope_kv``). The attention after it takes the
+        call over (``lower_attention.RopeStep``) where nothing else reads the caches it writes."""
         q_rope, k_rope, kc, vc = g.nodes
         self.env[q_rope] = self._buffer(self.slot[q_rope], self.shape_of[q_rope], torch_dtype(q_rope.dtype), self.order.get(q_rope))
         self.env[kc], self.env[vc] = self.env[kc.inputs[0]], self.env[vc.inputs[0]]
         self.env[k_rope] = self._buffer(*self.scratch[k][:2], torch_dtype(k_rope.dtype))
-        b, cache = self.bindings, self.target.cache
-        ropes = []
-        for n in (q_rope, k_rope):
-            p = Group("pointwise", [n], list(dict.fromkeys(n.inputs)), [n])
-            args, out = [self.env[i] for i in p.inputs], [self.env[n]]
-            ropes.append(lambda p=p, args=args, out=out: launch(p, args, b, out=out, cache=cache))
+        parts = [Group("pointwise", [n], list(dict.fromkeys(n.inputs)), [n]) for n in (q_rope, k_rope)]
+        ropes = [partial(launch, p, [self.env[i] for i in p.inputs], self.bindings, out=[self.env[p.nodes[0]]],
+                         cache=self.target.cache) for p in parts]
         q, cos, sin = (self.env[i] for i in q_rope.inputs)
         args = [q, self.env[k_rope.inputs[0]], self.env[vc.inputs[2]], cos, sin, self.env[kc.inputs[1]]]
         what, candidates = lower_attention.rope_kv(args, self.env[q_rope], self.env[kc], self.env[vc], self.env[k_rope], ropes, self.device)
         choice = self.target.tuner.choose("rope_kv", what, candidates, self.device)
-        return KernelCall(g, "rope_kv", candidates[choice], choice)
+        call = KernelCall(g, "rope_kv", candidates[choice], choice)
+        if k in self.takeover.values():
+            att = next(u for u in q_rope.users if u.op == "ATTENTION" and u.inputs[1] is kc)
+            self._ropes[att] = (lower_attention.RopeStep(tuple(args), call.run, set(q_rope.users) == {att}), call)
+        return call
+
+    def _rope_takeovers(self) -> dict[int, int]:
+        """Attention group index -> the rope_kv group's before it whose call it takes over (``_rope_kv``): its ATTENTION
+        reads the group's roped q and caches, and nothing else reads those caches (which it then writes later)."""
+        index = {g.nodes[-1]: k for k, g in enumerate(self.groups)}
+        out = {}
+        for k, (g, kind) in enumerate(zip(self.groups, self.kinds)):
+            if kind == "rope_kv":
+                q_rope, _, kc, vc = g.nodes
+                att = next(u for u in q_rope.users if u.op == "ATTENTION" and u.inputs[1] is kc)
+                if set(kc.users) | set(vc.users) == {att} and self.kinds[index[att]] == "attention":
+                    out[index[att]] = k
+        return out
 
     def _aqgemm_codes(self, k: int, g: Group) -> tuple | None:
         """(codes, scales) of AQGEMM group k's x, as its producer or its own quantizer call writes them (None: neither,

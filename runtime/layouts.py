@@ -1,4 +1,5 @@
-"""Which values the kernels plan stores channels-last: an NCHW value (its logical shape, as the IR has it) in NHWC
+"""How the kernels plan lays values out: permuted where a permute reads them (``stored_order``), GEMM rows padded
+(``row_pitch``), and which values it stores channels-last: an NCHW value (its logical shape, as the IR has it) in NHWC
 memory, C's stride 1.
 
 cuDNN's fastest convolutions are often channels-last. A convolution between NCHW buffers then pays a copy of x into
@@ -19,6 +20,8 @@ layout and write the other at no extra cost). Values nothing votes for stay NCHW
 from __future__ import annotations
 
 from typing import Callable
+
+import torch
 
 from ..codegen.schedule import Group
 from ..ir.graph import Node
@@ -78,3 +81,36 @@ def channels_last_values(graph, groups: list[Group], shape_of: dict, prefers: Ca
         if votes > 0:
             chosen.add(v)
     return chosen
+
+
+def stored_order(node: Node):
+    """A value read only through one PERMUTE that a RESHAPE then flattens (attention's [B, H, S, D] output
+    going back to [B, S, H * D]) is stored in the permuted order, so that both become free views instead
+    of a copy: returns the permutation, or None to store it in its own order."""
+    if len(node.users) != 1:
+        return None
+    u = next(iter(node.users))
+    if u.op != "PERMUTE" or not u.users or not all(r.op == "RESHAPE" for r in u.users):
+        return None
+    return tuple(u.attrs["perm"])
+
+
+def inverse(perm) -> tuple:
+    inv = [0] * len(perm)
+    for i, p in enumerate(perm):
+        inv[p] = i
+    return tuple(inv)
+
+
+def empty_in_order(shape, perm, dtype, device) -> torch.Tensor:
+    if perm is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    return torch.empty([shape[p] for p in perm], dtype=dtype, device=device).permute(inverse(perm))
+
+
+def row_pitch(shape) -> int | None:
+    """The padded row length of a GEMM output whose rows are long and not a multiple of 8 elements (GPT-2's LM head,
+    N = 50257): cuBLAS's tensor-core kernels want 16-byte aligned rows; such an output is a view [..., :N] of rows
+    padded to a multiple of 64 (torch.compile pads the same way). None: no padding."""
+    n = shape[-1] if shape else 0
+    return -(-n // 64) * 64 if n >= 256 and n % 8 else None

@@ -56,6 +56,7 @@ import triton
 import triton.language as tl
 
 from . import pdl
+from . import rope_kv as trk
 from .attention import check_operands, online_softmax_step
 from .pdl import gdc
 from .skinny import scratch_view
@@ -90,6 +91,10 @@ def _decode_partial_kernel(
     Hq, Hk, GROUP, Sq, S, SPLITS, HEAD_DIM, qk_scale,  # qk_scale = scale * log2(e)
     out_ptr, stride_ob, stride_oh, stride_om, stride_od,  # DIRECT / REDUCE_LAST: the output [B, Hq, Sq, D]
     cnt_ptr,  # REDUCE_LAST: int32 counters, one per (b, kv head), zero before and after each call
+    # ROPE: q is this step's unroped q; its k / v [B, Hk, Sq, D] are roped and written into the caches at ``slots`` here
+    cos_ptr, sin_ptr, stride_cb, stride_ct, stride_cd,  # [B or 1, 1, Sq, D], one set of strides for both
+    kn_ptr, stride_knb, stride_knh, stride_knt, stride_knd, vn_ptr, stride_vnb, stride_vnh, stride_vnt, stride_vnd,
+    slots_ptr,
     HAS_MASK: tl.constexpr, K_SCALED: tl.constexpr, V_SCALED: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     SCAN_M: tl.constexpr = 16, SCAN_N: tl.constexpr = 16,  # HAS_MASK: the mask tile [SCAN_M rows, SCAN_N keys] scanned
@@ -97,6 +102,7 @@ def _decode_partial_kernel(
     REDUCE_LAST: tl.constexpr = False,  # the last program of a (b, kv head) to finish reduces its group's rows
     BLOCK_S: tl.constexpr = 16,  # REDUCE_LAST: the splits the reduce loads per step (as _decode_reduce_kernel's)
     REDUCE_ROWS: tl.constexpr = 1,  # REDUCE_LAST: the rows it reduces at once (``_reduce_tile``)
+    ROPE: tl.constexpr = False,  # RoPE of q and k and the cache writes of k and v first (``rope=``)
     PDL: tl.constexpr = False,  # launched with programmatic dependent launch (pdl.py)
 ):
     gdc(PDL)
@@ -111,8 +117,12 @@ def _decode_partial_kernel(
     i = rows % Sq
     offs_d = tl.arange(0, BLOCK_D)
     valid_d = offs_d < HEAD_DIM
-    q = tl.load(q_ptr + b * stride_qb + h[:, None] * stride_qh + i[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                mask=valid_r[:, None] & valid_d[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
+    q_rows = q_ptr + b * stride_qb + h[:, None] * stride_qh + i[:, None] * stride_qm  # [BLOCK_M, 1]
+    q = tl.load(q_rows + offs_d[None, :] * stride_qd, mask=valid_r[:, None] & valid_d[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
+    if ROPE:  # as kernels/rope_kv.py computes it: float32, rounded once to q's dtype
+        c_rows = b * stride_cb + i[:, None] * stride_ct
+        q = _roped(q, q_rows, stride_qd, cos_ptr + c_rows, sin_ptr + c_rows, stride_cd, offs_d[None, :], HEAD_DIM,
+                   valid_r[:, None] & valid_d[None, :]).to(q.dtype)
     k_base = k_ptr + b * stride_kb + hk * stride_kh
     v_base = v_ptr + b * stride_vb + hk * stride_vh
     ks_base = ks_ptr + b * stride_ksb + hk * stride_ksh
@@ -126,6 +136,11 @@ def _decode_partial_kernel(
         n_keys = _attended_length(mask_ptr + b * stride_mb + hk * GROUP * stride_mh, stride_mh, stride_mm, stride_mn,
                                   GROUP, Sq, S, SCAN_M, SCAN_N)
     chunk = tl.cdiv(tl.cdiv(n_keys, SPLITS), BLOCK_N) * BLOCK_N
+    if ROPE:
+        _write_new_keys(k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, cos_ptr + b * stride_cb, sin_ptr + b * stride_cb,
+                        stride_ct, stride_cd, kn_ptr + b * stride_knb + hk * stride_knh, stride_knt, stride_knd,
+                        vn_ptr + b * stride_vnb + hk * stride_vnh, stride_vnt, stride_vnd, slots_ptr, Sq, split,
+                        chunk, SPLITS, HEAD_DIM, offs_d, valid_d)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -177,6 +192,39 @@ def _decode_partial_kernel(
                                  r < GROUP * Sq, stride_ob, stride_oh, stride_om, stride_od, Hq, Sq, SPLITS, HEAD_DIM,
                                  BLOCK_S, BLOCK_D)
                 tl.store(cnt_ptr + pid_bh, 0)
+
+
+@triton.jit
+def _roped(x, src, stride_x, cos, sin, stride_c, offs, HEAD_DIM, mask):
+    # RoPE of the head-dim lanes ``offs`` of x (loaded from src + offs * stride_x) in float32: x cos - x[+D/2] sin in the
+    # first half, x cos + x[-D/2] sin in the second, the expressions of rope_kv.py's, so the same bits once rounded
+    half = HEAD_DIM // 2
+    low = offs < half
+    xp = tl.load(src + tl.where(low, offs + half, offs - half) * stride_x, mask=mask, other=0.0).to(tl.float32)
+    c = tl.load(cos + offs * stride_c, mask=mask, other=0.0).to(tl.float32)
+    s = tl.load(sin + offs * stride_c, mask=mask, other=0.0).to(tl.float32)
+    x = x.to(tl.float32)
+    return tl.where(low, x * c - xp * s, x * c + xp * s)
+
+
+@triton.jit
+def _write_new_keys(k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, cos_b, sin_b, stride_ct, stride_cd,
+                    kn, stride_knt, stride_knd, vn, stride_vnt, stride_vnd, slots_ptr, Sq, split, chunk, SPLITS, HEAD_DIM,
+                    offs_d, valid_d):
+    # this step's Sq keys of one (b, kv head): k roped, k and v stored at their slots by the program whose chunk of
+    # keys holds the slot, so that no other program of this launch reads it (a slot past the attended keys, read by
+    # none, goes to the chunk it would fall in, or the last); the barrier then makes the stores visible to the
+    # program's own loads
+    for t in range(0, Sq):
+        slot = tl.load(slots_ptr + t).to(tl.int64)
+        if tl.minimum(slot // tl.maximum(chunk, 1), SPLITS - 1) == split:
+            src = kn + t * stride_knt
+            k = tl.load(src + offs_d * stride_knd, mask=valid_d, other=0.0)
+            k = _roped(k, src, stride_knd, cos_b + t * stride_ct, sin_b + t * stride_ct, stride_cd, offs_d, HEAD_DIM, valid_d)
+            tl.store(k_base + slot * stride_kn + offs_d * stride_kd, k.to(k_base.dtype.element_ty), mask=valid_d)
+            v = tl.load(vn + t * stride_vnt + offs_d * stride_vnd, mask=valid_d, other=0.0)
+            tl.store(v_base + slot * stride_vn + offs_d * stride_vd, v.to(v_base.dtype.element_ty), mask=valid_d)
+    tl.debug_barrier()
 
 
 @triton.jit
@@ -271,7 +319,7 @@ CONFIGS = [
 def _tuned():
     # built on first GPU use: an Autotuner asks for the active driver, which the CPU interpreter lacks.
     # Benchmarking reruns only the partial kernel, which writes nothing but scratch.
-    return triton.autotune(CONFIGS, key=["S", "SPLITS", "GROUP", "Sq", "HEAD_DIM", "HAS_MASK", "K_SCALED", "V_SCALED"])(
+    return triton.autotune(CONFIGS, key=["S", "SPLITS", "GROUP", "Sq", "HEAD_DIM", "HAS_MASK", "K_SCALED", "V_SCALED", "ROPE"])(
         _decode_partial_kernel)
 
 
@@ -373,7 +421,7 @@ def _check(q, k, v, mask, scale, gqa, out, config, splits, k_scale, v_scale):
 
 def decode_attention(q, k, v, mask=None, scale=None, gqa=False, out=None, config: dict | None = None,
                      splits: int | None = None, k_scale=None, v_scale=None, direct: bool = True,
-                     counters: torch.Tensor | None = None) -> torch.Tensor:
+                     counters: torch.Tensor | None = None, rope: tuple | None = None) -> torch.Tensor:
     """``softmax(q @ k^T * scale, mask) @ v`` for a few query rows over a long cache, split along the keys
     (see the module docstring).
 
@@ -389,7 +437,10 @@ def decode_attention(q, k, v, mask=None, scale=None, gqa=False, out=None, config
     one split runs, the partial kernel stores the output itself: one launch, the same bits as partial + reduce
     (``direct`` False: the two launches anyway, for tests). ``counters``: a
     contiguous int32 / uint8 tensor of at least ``counter_bytes`` bytes, zero, that the call leaves zero: several
-    splits then reduce in one launch too (the last program of each kv head's splits reduces its rows).
+    splits then reduce in one launch too (the last program of each kv head's splits reduces its rows). ``rope``:
+    (k_new, v_new, cos, sin, slots), this step's keys and values [B, Hk, Sq, D], cos / sin [B or 1, 1, Sq, D] and the
+    cache slots [Sq]: q is taken unroped and roped here, k_new roped and written with v_new into k / v at the slots
+    first (``kernels/rope_kv.py``'s work, the same bits, in this launch; 16-bit caches only).
     """
     group, mask4 = _check(q, k, v, mask, scale, gqa, out, config, splits, k_scale, v_scale)
     (bq, hq, sq, d), (hk, sk) = q.shape, k.shape[1:3]
@@ -416,14 +467,16 @@ def decode_attention(q, k, v, mask=None, scale=None, gqa=False, out=None, config
             *q.stride(), *k.stride(), *v.stride(), *(mask4.stride() if mask4 is not None else (0, 0, 0, 0)),
             *(k_scale.stride() if k_scale is not None else (0, 0, 0)), *(v_scale.stride() if v_scale is not None else (0, 0, 0)),
             hq, hk, group, sq, sk, n_split, d, qk_scale, out, *out.stride())
+    args_rope = _rope_args(rope, q, k, v, k_scale, v_scale)
     meta = dict(HAS_MASK=mask4 is not None, **_scan_tile(mask4, group, sq), K_SCALED=k_scale is not None, V_SCALED=v_scale is not None,
                 DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-                BLOCK_M=max(16, triton.next_power_of_2(group * sq)), BLOCK_D=block_d, DIRECT=one, **pdl.kwargs(q))
+                BLOCK_M=max(16, triton.next_power_of_2(group * sq)), BLOCK_D=block_d, DIRECT=one, ROPE=rope is not None,
+                **pdl.kwargs(q))
     last = counters is not None and not one
     block_s = min(REDUCE_BLOCK_S, triton.next_power_of_2(n_split))
     if last:
         meta.update(REDUCE_LAST=True, BLOCK_S=block_s, REDUCE_ROWS=_reduce_tile(group * sq, block_s, block_d))
-    args += (scratch_view("decode_attention", "counters", counters, bq * hk, torch.int32, q.device) if last else m,)
+    args += (scratch_view("decode_attention", "counters", counters, bq * hk, torch.int32, q.device) if last else m, *args_rope)
     grid = (bq * hk, n_split)
     if c is not None:
         _decode_partial_kernel[grid](*args, **meta, **c)
@@ -435,6 +488,24 @@ def decode_attention(q, k, v, mask=None, scale=None, gqa=False, out=None, config
                                            BLOCK_S=block_s, BLOCK_D=block_d,
                                            **pdl.kwargs(q))
     return out
+
+
+def _rope_args(rope: tuple | None, q, k, v, k_scale, v_scale) -> tuple:
+    """The partial kernel's RoPE arguments (cos, sin, their strides, k_new and v_new with theirs, slots) for
+    ``decode_attention(..., rope=)``, checked; placeholders (never read) without it."""
+    if rope is None:
+        return (q, q, 0, 0, 0, q, 0, 0, 0, 0, q, 0, 0, 0, 0, q)
+    if k_scale is not None or v_scale is not None:
+        raise ValueError("decode_attention: rope= writes this step's keys and values into a 16-bit cache; a quantized "
+                         "cache is written with its codes and scales (ir/kv_quant.py) before the attention")
+    if not (isinstance(rope, (tuple, list)) and len(rope) == 5):
+        raise ValueError("decode_attention: rope must be (k_new, v_new, cos, sin, slots)")
+    k_new, v_new, cos, sin, slots = rope
+    reason = trk.check(q, k_new, v_new, cos, sin, slots, q, k, v)
+    if reason:
+        raise ValueError(f"decode_attention: rope: {reason}")
+    cb = cos.stride(0) if cos.shape[0] > 1 else 0
+    return (cos, sin, cb, cos.stride(2), cos.stride(3), k_new, *k_new.stride(), v_new, *v_new.stride(), slots)
 
 
 def _reduce_tile(rows: int, block_s: int, block_d: int) -> int:

@@ -42,8 +42,8 @@ def tiny_llama(layers: int) -> LlamaForCausalLM:
     return m
 
 
-def compile_tiny(layers: int, rope_kv: str) -> Generator:
-    config = CompileConfig(backend="kernels", kernels={"gemm": "triton-skinny", "attention": "sdpa", "rope_kv": rope_kv})
+def compile_tiny(layers: int, rope_kv: str, attention: str = "sdpa") -> Generator:
+    config = CompileConfig(backend="kernels", kernels={"gemm": "triton-skinny", "attention": attention, "rope_kv": rope_kv})
     return Generator.compile(tiny_llama(layers), max_seq=MAX_SEQ, batch_buckets=(1, 3), config=config, eos_token_id=[])
 
 
@@ -57,6 +57,12 @@ def generator():
 def separate_generator():
     # the rope_kv group's other candidate: the RoPE kernels, then the cache writes from the planned scratch
     return 1, compile_tiny(1, "separate")
+
+
+@pytest.fixture(scope="module")
+def fused_generator():
+    # the decode attention doing the rope_kv group's work in its own launch (kiln's split-KV kernel with ``rope=``)
+    return 1, compile_tiny(1, "triton-rope-kv", "kiln-rope-decode-last")
 
 
 def inputs(g: Generator, batch: int, slot0: int, tokens: int, seed: int) -> dict:
@@ -102,13 +108,14 @@ def test_decode_launches_per_layer_are_pinned(generator, monkeypatch):
     assert not any(n.op == "RMSNORM" for c in calls if c.kind == "pointwise" for n in c.group.nodes)
     norm_gemms = [c for c in calls if c.kind == "gemm" and c.group.nodes[0].op == "RMSNORM"]
     assert len(norm_gemms) == 2 * layers + 1 and all(c.choice.startswith("triton-skinny-norm:") for c in norm_gemms)
-    # RoPE of q and k and both cache writes: one kernel per layer, no ROPE / INDEX_COPY runs on its own
-    rope_kv = [c for c in calls if c.kind == "rope_kv"]
-    assert len(rope_kv) == layers and all(c.choice == "triton-rope-kv" for c in rope_kv)
+    # RoPE of q and k and both cache writes: one kernel per layer, run by the layer's attention call before its SDPA
+    # (the decode attention takes its rope_kv call over); no ROPE / INDEX_COPY runs on its own
+    assert not any(c.kind == "rope_kv" for c in calls)
+    assert all(c.takes.kind == "rope_kv" and c.takes.choice == "triton-rope-kv" for c in attentions)
     assert not any(c.kind in ("update", "pointwise") and c.group.nodes[0].op in ("ROPE", "INDEX_COPY") for c in calls)
 
 
-@pytest.mark.parametrize("fixture", ["generator", "separate_generator"])
+@pytest.mark.parametrize("fixture", ["generator", "separate_generator", "fused_generator"])
 @pytest.mark.parametrize("batch", [1, 3])
 def test_prefill_then_decode_match_the_reference_interpreter(request, fixture, batch):
     # prefill (16 x batch rows: the norm's kernel, then the GEMM) then two decode steps (the norm folded into the
@@ -116,7 +123,12 @@ def test_prefill_then_decode_match_the_reference_interpreter(request, fixture, b
     _, g = request.getfixturevalue(fixture)
     if fixture == "separate_generator":
         plan = g.compiled.executor.plan_for(list(inputs(g, 1, 16, 1, 0).values()))
-        assert [c.choice for c in plan.calls if c.kind == "rope_kv"] == ["separate"]
+        assert [c.takes.choice for c in plan.calls if c.kind == "attention"] == ["separate"]
+    if fixture == "fused_generator":  # one launch: RoPE, the cache writes, the splits and their reduction
+        plan = g.compiled.executor.plan_for(list(inputs(g, batch, 16, 1, 0).values()))
+        (att,) = [c for c in plan.calls if c.kind == "attention"]
+        assert att.choice.startswith("kiln-rope-decode-last") and att.takes is None
+        assert not any(c.kind == "rope_kv" for c in plan.calls) and plan.stats.choices["attention:kiln-rope-decode-last"] == 1
     graph = g.compiled.graph
     for slot0, tokens in ((0, 16), (16, 1), (17, 1)):
         step = inputs(g, batch, slot0, tokens, seed=slot0)

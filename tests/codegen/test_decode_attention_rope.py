@@ -1,0 +1,116 @@
+"""kiln.codegen.kernels.decode_attention with ``rope=``: RoPE of q and k and the KV-cache writes of k and v in the
+attention's own launch, against kernels/rope_kv.py then the attention (the same bits: the same float32 expressions,
+rounded once) and a float64 reference. CPU: the Triton interpreter, float16 / float32, 16-key tiles; GPU: bfloat16 at
+Llama-3.2-1B's decode shapes, replayed from a CUDA graph."""
+
+import pytest
+import torch
+
+import kiln.codegen.kernels.decode_attention as DA
+from kiln.codegen.kernels.decode_attention import decode_attention, reference
+from kiln.codegen.kernels.rope_kv import rope_kv
+from kiln.ir.ops_fused import rotate_half
+from kiln.testing import TOL, rel_err
+
+pytestmark = pytest.mark.interpreter
+
+gen = torch.Generator().manual_seed(5)
+
+
+def step(B, H, KV, T, D, S, pos, dtype, device="cpu"):
+    """A decode step's operands: q / k / v as views of one [B, T, (H + 2 KV) D] QKV output, cos / sin of random angles,
+    the T slots pos .. pos + T - 1 of an S-slot cache that already holds values, and the mask attending 0 .. its slot."""
+    qkv = torch.randn(B, T, (H + 2 * KV) * D, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
+    q, k, v = (x.view(B, T, -1, D).transpose(1, 2) for x in qkv.split([H * D, KV * D, KV * D], -1))
+    angles = torch.rand(B, 1, T, D // 2, generator=gen, dtype=torch.float64) * 20
+    angles = torch.cat((angles, angles), -1).to(device)
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+    slots = torch.arange(pos, pos + T, device=device)
+    caches = [torch.randn(B, KV, S, D, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype) for _ in range(2)]
+    mask = torch.arange(S, device=device) <= slots[:, None]  # [T, S]
+    return q, k, v, cos, sin, slots, caches, mask.expand(B, 1, T, S)
+
+
+def both(args, mode, **kw):
+    """(fused output, its caches), (rope_kv then the attention: output, caches), from the same starting caches."""
+    q, k, v, cos, sin, slots, caches, mask = args
+    B, KV = k.shape[:2]
+    mode_kw = dict(splits=1) if mode == "direct" else \
+        dict(counters=torch.zeros(DA.counter_bytes(B, KV), dtype=torch.uint8, device=q.device)) if mode == "last" else {}
+    kc, vc = (c.clone() for c in caches)
+    q_roped = torch.empty_like(q)
+    rope_kv(q, k, v, cos, sin, slots, q_roped, kc, vc)
+    want = decode_attention(q_roped, kc, vc, mask, gqa=True, **mode_kw, **kw)
+    kc2, vc2 = (c.clone() for c in caches)
+    got = decode_attention(q, kc2, vc2, mask, gqa=True, rope=(k, v, cos, sin, slots), **mode_kw, **kw)
+    assert "counters" not in mode_kw or not mode_kw["counters"].any()
+    return (got, kc2, vc2), (want, kc, vc)
+
+
+def float64_answer(args):
+    q, k, v, cos, sin, slots, caches, mask = (a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                                              for a in args)
+    kc, vc = (c.double() for c in caches)
+    kc[:, :, slots] = k * cos + rotate_half(k) * sin
+    vc[:, :, slots] = v
+    return reference(q * cos + rotate_half(q) * sin, kc, vc, mask, gqa=True)
+
+
+# S = 45 in 16-key tiles: the new key in the first, middle or last chunk; two new tokens straddling chunks
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("mode", ["reduce", "last", "direct"])
+@pytest.mark.parametrize("T,pos", [(1, 3), (1, 20), (1, 44), (2, 31)])
+@pytest.mark.parametrize("D", [64, 72])
+def test_the_same_bits_as_rope_kv_then_attention(dtype, mode, T, pos, D):
+    args = step(2, 4, 2, T, D, 45, pos, dtype)
+    (got, kc, vc), (want, kc_want, vc_want) = both(args, mode)
+    assert torch.equal(kc, kc_want) and torch.equal(vc, vc_want)
+    assert torch.equal(got, want)
+    assert rel_err(got, float64_answer(args)) <= TOL[dtype]
+
+
+def test_a_slot_nobody_attends_is_still_written():
+    # the mask attends keys 0 .. 9 only; the new key goes to slot 40 (past every attended key): written all the same
+    q, k, v, cos, sin, slots, caches, mask = step(1, 4, 2, 1, 64, 45, 40, torch.float32)
+    mask = (torch.arange(45) < 10).expand(1, 1, 1, 45)
+    (got, kc, vc), (want, kc_want, vc_want) = both((q, k, v, cos, sin, slots, caches, mask), "reduce", splits=3)
+    assert torch.equal(kc, kc_want) and torch.equal(vc, vc_want) and torch.equal(got, want)
+    assert not torch.equal(kc[:, :, 40], caches[0][:, :, 40])
+
+
+def test_errors():
+    q, k, v, cos, sin, slots, (kc, vc), mask = step(1, 4, 2, 1, 64, 45, 3, torch.float32)
+    with pytest.raises(ValueError, match="rope must be"):
+        decode_attention(q, kc, vc, mask, gqa=True, rope=(k, v, cos, sin))
+    with pytest.raises(ValueError, match="slots"):
+        decode_attention(q, kc, vc, mask, gqa=True, rope=(k, v, cos, sin, slots[None]))
+    with pytest.raises(ValueError, match="cos / sin"):
+        decode_attention(q, kc, vc, mask, gqa=True, rope=(k, v, cos[..., :32], sin[..., :32], slots))
+    scale = torch.ones(1, 2, 45)
+    with pytest.raises(ValueError, match="16-bit cache"):
+        decode_attention(q, kc.to(torch.int8), vc.to(torch.int8), mask, gqa=True, k_scale=scale, v_scale=scale,
+                         rope=(k, v, cos, sin, slots))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B", [1, 16])
+@pytest.mark.parametrize("mode", ["reduce", "last"])
+def test_llama_1b_decode_on_cuda(B, mode):
+    """Llama-3.2-1B at batch 1 / 16, 384 slots, the new key at 200: against rope_kv then the attention (within a bf16
+    rounding: the GPU may contract the float32 products otherwise in the two kernels) and float64, replayed from a
+    CUDA graph with the counters left zero."""
+    args = step(B, 32, 8, 1, 64, 384, 200, torch.bfloat16, "cuda")
+    cfg = dict(BLOCK_N=64, num_warps=4, num_stages=2)
+    (got, kc, vc), (want, kc_want, vc_want) = both(args, mode, config=cfg)
+    assert rel_err(kc, kc_want) <= 1e-2 and torch.equal(vc, vc_want)
+    assert rel_err(got, want) <= 1e-2 and rel_err(got, float64_answer(args)) <= TOL[torch.bfloat16]
+    q, k, v, cos, sin, slots, _, mask = args
+    counters = torch.zeros(DA.counter_bytes(B, 8), dtype=torch.uint8, device="cuda") if mode == "last" else None
+    out = torch.empty_like(q)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        decode_attention(q, kc, vc, mask, gqa=True, config=cfg, counters=counters, out=out, rope=(k, v, cos, sin, slots))
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, got) and (counters is None or not counters.any())
