@@ -369,6 +369,13 @@ print('greedy', greedy(x).tolist() == x.argmax(-1).tolist())" 2>&1 | tail -5
     s19d)  # session 19: the generator's GPU tests (tokens against transformers') with the rope-fused attention
       timeout 150 python3 -m pytest -q -rf -p no:logging -m gpu tests/llm/test_generator.py tests/llm/test_decode_plan.py \
         2>&1 | grep -v DEBUG | tail -3 ;;
+    s19e)  # session 19: the 1B quantized decode at batch 1 with the rope-fused attention (w4a16 1,455, w8a16 ~1,240 before)
+      for q in w8a16 w4a16; do
+        DECODE_JSON=decode_19e_$q.json timeout 150 python3 bench/decode.py --models 1b --batches 1 --quantize $q \
+          --no-compile-peer 2>&1 | grep -v '^ *\[\|^ *"\|^1b ' | tail -2
+        python3 -c "import json; d = json.load(open('$OUT/decode_19e_$q.json'))['1b']['bs1']['kiln']; print('$q', \
+          {k: d[k] for k in ('decode_tok_s', 'step_ms', 'kernels_per_step', 'kernel_top', 'choices')})"
+      done ;;
     s19b)  # next: the 8B shape's quantized decode at batch 1 with the greedy kernel (333 / 399-401 tok/s before)
       for q in w8a16 w4a16; do
         DECODE_JSON=decode_19b_$q.json timeout 280 python3 bench/decode.py --models 8b --batches 1 --quantize $q \

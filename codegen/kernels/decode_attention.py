@@ -19,6 +19,12 @@ Given counters (int32, one per (b, kv head), planned zero and left zero), severa
 each program counts itself in after storing its partials, and the last of a kv head's splits reduces that group's
 rows with the reduce kernel's code ("kiln-decode-last" in the plan).
 
+With ``rope`` (``ROPE``) the kernel also does the layer's work before it (``rope_kv.py``'s, bit for bit): q is read unroped
+and roped in registers, and each new token's key (roped) and value are written into the caches at its slot by the one
+program of its (b, kv head) whose chunk holds that slot, before that program reads its chunk (a CTA barrier orders the
+stores before its own loads; no other program reads the slot in this launch). So RoPE, the cache writes, the splits and
+their reduction are one launch a layer.
+
 A quantized KV cache (``ir/kv_quant.py``: int8 or float8 e4m3 codes, one float32 scale per (row, kv head, slot))
 is read as codes plus scales, each K / V tile dequantized in registers as ATTENTION's reference does,
 ``(codes.float32 * scale).to(q.dtype)``: the cache's bytes are read once, nothing dequantized reaches memory.
