@@ -376,6 +376,16 @@ print('greedy', greedy(x).tolist() == x.argmax(-1).tolist())" 2>&1 | tail -5
         python3 -c "import json; d = json.load(open('$OUT/decode_19e_$q.json'))['1b']['bs1']['kiln']; print('$q', \
           {k: d[k] for k in ('decode_tok_s', 'step_ms', 'kernels_per_step', 'kernel_top', 'choices')})"
       done ;;
+    s19f)  # session 19: the rope-fused decode attention's mask scan and first K / V tile before its PDL wait (EARLY_KV):
+           # GPU tests, then the 1B decode (bf16 batch 1 / 16, w4a16 batch 1) against EARLY_KV=0 in one process each
+      timeout 120 python3 -m pytest -q -x -rf -p no:logging -m gpu tests/codegen/test_decode_attention_rope.py 2>&1 | tail -2
+      for c in "1 bf16" "16 bf16" "1 w4a16"; do set -- $c
+        q=$([ $2 = bf16 ] || echo "--quantize $2")
+        DECODE_JSON=decode_19f_$1_$2.json timeout 150 python3 bench/decode.py --models 1b --batches $1 $q --no-compile-peer \
+          --ab-set EARLY_KV=0 2>&1 | grep "interleaved\|Error\|error" | tail -3
+        python3 -c "import json; d = json.load(open('$OUT/decode_19f_$1_$2.json'))['1b']['bs$1']; [print('$2', v, {k: d[v].get(k) \
+          for k in ('decode_tok_s', 'step_ms', 'step_ms_last', 'kernel_top')}) for v in ('kiln', 'kiln_variant')]"
+      done ;;
     s19b)  # next: the 8B shape's quantized decode at batch 1 with the greedy kernel (333 / 399-401 tok/s before)
       for q in w8a16 w4a16; do
         DECODE_JSON=decode_19b_$q.json timeout 280 python3 bench/decode.py --models 8b --batches 1 --quantize $q \

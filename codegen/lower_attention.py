@@ -11,7 +11,9 @@
 A decode attention right after its rope_kv group may take that group's work over (``RopeStep``): every candidate then
 runs the rope_kv call first, and the split-KV kernel also ropes q and writes the new keys itself, in its own launch
 ("kiln-rope-decode", "-last", "-whole"). The plan drops the rope_kv call: the tuner chose between the two launches and
-one, both timed with the rope work in.
+one, both timed with the rope work in. Where the attention's mask is a step input (``RopeStep.early``), the fused kernel
+also scans it and loads its first K / V tile before its PDL wait (``decode_attention(..., early=True)``), overlapping
+them with the kernel before; a timing alone cannot see that overlap, so it is a policy (``EARLY_KV``), not a candidate.
 """
 from __future__ import annotations
 
@@ -49,17 +51,22 @@ DECODE_CANDIDATES = 6
 # (bench/NOTES.md, sessions 17-18: one process A / B); the one split's step grows with the keys past ~200
 WHOLE_MAX_KEYS = 256
 # (a plan that gives counters adds "kiln-decode-last": its what says so, apart from a call without them)
+# the rope-fused decode attention's mask scan and first K / V tile before its PDL wait, where the plan allows it
+# (module docstring)
+EARLY_KV = True
 
 
 @dataclass
 class RopeStep:
     """The rope_kv group a decode ATTENTION takes over: ``operands`` (q unroped, k, v, cos, sin, slots: the attention's
     cache writes), ``call`` the group's chosen implementation; ``fused``: the roped q is read by the attention alone, so
-    kiln's split-KV kernel may rope it in registers and never store it. (The attention's tuning key describes the rope
-    work, not the choice for it: while a plan's decisions are surveyed, that choice is provisional.)"""
+    kiln's split-KV kernel may rope it in registers and never store it; ``early``: the attention's mask is a step input
+    (or none), which that kernel may read before the kernel before it ends. (The attention's tuning key describes the
+    rope work, not the choice for it: while a plan's decisions are surveyed, that choice is provisional.)"""
     operands: tuple
     call: Callable[[], object]
     fused: bool
+    early: bool = False
 
 
 def _decode_fits(q, k, v, mask, causal: bool, gqa: bool, device: torch.device) -> bool:
@@ -181,7 +188,8 @@ def _with_rope(rope: RopeStep | None, candidates: dict, kc, vc, mask, attrs: dic
         return first
     q, k, v, cos, sin, slots = rope.operands
     cfgs = td.configs() if q.device.type == "cuda" else [td.INTERPRET_CONFIG]
-    scale, enable_gqa, kw = attrs["scale"], _enable_gqa(q, kc, attrs["gqa"]), dict(out=out, rope=(k, v, cos, sin, slots))
+    scale, enable_gqa = attrs["scale"], _enable_gqa(q, kc, attrs["gqa"])
+    kw = dict(out=out, rope=(k, v, cos, sin, slots), early=bool(rope.early and EARLY_KV))
     for c in cfgs[:TRITON_ATTENTION_CONFIGS]:
         first[config_name("kiln-rope-decode", c)] = with_launches(
             partial(td.decode_attention, q, kc, vc, mask, scale, enable_gqa, config=c, **kw), 2)

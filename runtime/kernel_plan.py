@@ -594,7 +594,9 @@ class KernelPlan(Plan):
         call = KernelCall(g, "rope_kv", candidates[choice], choice)
         if k in self.takeover.values():
             att = next(u for u in q_rope.users if u.op == "ATTENTION" and u.inputs[1] is kc)
-            self._ropes[att] = (lower_attention.RopeStep(tuple(args), call.run, set(q_rope.users) == {att}), call)
+            mask = attention_operands(att.inputs, att.attrs)[3]
+            rope = lower_attention.RopeStep(tuple(args), call.run, set(q_rope.users) == {att}, mask is None or mask.op == "INPUT")
+            self._ropes[att] = (rope, call)
         return call
 
     def _rope_takeovers(self) -> dict[int, int]:

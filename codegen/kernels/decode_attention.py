@@ -109,9 +109,10 @@ def _decode_partial_kernel(
     BLOCK_S: tl.constexpr = 16,  # REDUCE_LAST: the splits the reduce loads per step (as _decode_reduce_kernel's)
     REDUCE_ROWS: tl.constexpr = 1,  # REDUCE_LAST: the rows it reduces at once (``_reduce_tile``)
     ROPE: tl.constexpr = False,  # RoPE of q and k and the cache writes of k and v first (``rope=``)
+    EARLY: tl.constexpr = False,  # (ROPE) the mask scan and the first K / V tile before the PDL wait (``early=``)
     PDL: tl.constexpr = False,  # launched with programmatic dependent launch (pdl.py)
 ):
-    gdc(PDL)
+    gdc(PDL and not EARLY)
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
     b = (pid_bh // Hk).to(tl.int64)  # int64 base offsets: B * H * S * D may pass 2**31
@@ -123,12 +124,6 @@ def _decode_partial_kernel(
     i = rows % Sq
     offs_d = tl.arange(0, BLOCK_D)
     valid_d = offs_d < HEAD_DIM
-    q_rows = q_ptr + b * stride_qb + h[:, None] * stride_qh + i[:, None] * stride_qm  # [BLOCK_M, 1]
-    q = tl.load(q_rows + offs_d[None, :] * stride_qd, mask=valid_r[:, None] & valid_d[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
-    if ROPE:  # as kernels/rope_kv.py computes it: float32, rounded once to q's dtype
-        c_rows = b * stride_cb + i[:, None] * stride_ct
-        q = _roped(q, q_rows, stride_qd, cos_ptr + c_rows, sin_ptr + c_rows, stride_cd, offs_d[None, :], HEAD_DIM,
-                   valid_r[:, None] & valid_d[None, :]).to(q.dtype)
     k_base = k_ptr + b * stride_kb + hk * stride_kh
     v_base = v_ptr + b * stride_vb + hk * stride_vh
     ks_base = ks_ptr + b * stride_ksb + hk * stride_ksh
@@ -142,38 +137,48 @@ def _decode_partial_kernel(
         n_keys = _attended_length(mask_ptr + b * stride_mb + hk * GROUP * stride_mh, stride_mh, stride_mm, stride_mn,
                                   GROUP, Sq, S, SCAN_M, SCAN_N)
     chunk = tl.cdiv(tl.cdiv(n_keys, SPLITS), BLOCK_N) * BLOCK_N
-    if ROPE:
-        _write_new_keys(k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, cos_ptr + b * stride_cb, sin_ptr + b * stride_cb,
-                        stride_ct, stride_cd, kn_ptr + b * stride_knb + hk * stride_knh, stride_knt, stride_knd,
-                        vn_ptr + b * stride_vnb + hk * stride_vnh, stride_vnt, stride_vnd, slots_ptr, Sq, split,
-                        chunk, SPLITS, HEAD_DIM, offs_d, valid_d)
+    lo = split * chunk
+    hi = tl.minimum(lo + chunk, n_keys)
+    # EARLY: the chunk's first K / V tile loaded while the previous kernel may still run (its keys were written by
+    # earlier steps; this step's, written below, are patched in). Else placeholders, never read
+    offs_n0 = lo + tl.arange(0, BLOCK_N)
+    kt0 = tl.zeros([BLOCK_D, BLOCK_N], dtype=k_ptr.dtype.element_ty)
+    v0 = tl.zeros([BLOCK_N, BLOCK_D], dtype=v_ptr.dtype.element_ty)
+    if EARLY:
+        kt0, v0 = _kv_tiles(k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, offs_n0, offs_n0 < hi, offs_d, valid_d)
+        gdc(PDL)
+
+    q_rows = q_ptr + b * stride_qb + h[:, None] * stride_qh + i[:, None] * stride_qm  # [BLOCK_M, 1]
+    q = tl.load(q_rows + offs_d[None, :] * stride_qd, mask=valid_r[:, None] & valid_d[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
+    if ROPE:  # as kernels/rope_kv.py computes it: float32, rounded once to q's dtype
+        c_rows = b * stride_cb + i[:, None] * stride_ct
+        q = _roped(q, q_rows, stride_qd, cos_ptr + c_rows, sin_ptr + c_rows, stride_cd, offs_d[None, :], HEAD_DIM,
+                   valid_r[:, None] & valid_d[None, :]).to(q.dtype)
+        kt0, v0 = _write_new_keys(k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, cos_ptr + b * stride_cb,
+                                  sin_ptr + b * stride_cb, stride_ct, stride_cd, kn_ptr + b * stride_knb + hk * stride_knh,
+                                  stride_knt, stride_knd, vn_ptr + b * stride_vnb + hk * stride_vnh, stride_vnt, stride_vnd,
+                                  slots_ptr, Sq, split, chunk, SPLITS, HEAD_DIM, offs_d, valid_d, kt0, v0, offs_n0)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    lo = split * chunk
-    hi = tl.minimum(lo + chunk, n_keys)
-    for start_n in range(lo, hi, BLOCK_N):
+    start = lo
+    if EARLY:  # (an empty chunk's tile is all masked: it leaves m, l and acc as they are)
+        m_i, l_i, acc = _kv_step(q, kt0, v0, offs_n0, offs_n0 < hi, mask_rows, valid_r, stride_mn, qk_scale, m_i, l_i, acc,
+                                 HAS_MASK, DOT_PRECISION)
+        start = lo + BLOCK_N
+    for start_n in range(start, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         valid_n = offs_n < hi
-        # k^T tile [BLOCK_D, BLOCK_N]: padded head lanes load 0 and add nothing to the dot
-        kt = tl.load(k_base + offs_d[:, None] * stride_kd + offs_n[None, :] * stride_kn,
-                     mask=valid_d[:, None] & valid_n[None, :], other=0.0)
+        kt, v = _kv_tiles(k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, offs_n, valid_n, offs_d, valid_d)
         if K_SCALED:  # codes -> float32 * the key's scale -> q's dtype, in registers
             ks = tl.load(ks_base + offs_n * stride_ksn, mask=valid_n, other=0.0)
             kt = (kt.to(tl.float32) * ks[None, :]).to(q.dtype)
-        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N], log2 units
-        keep = valid_n[None, :]
-        if HAS_MASK:
-            keep = keep & (tl.load(mask_rows[:, None] + offs_n[None, :] * stride_mn,
-                                   mask=valid_r[:, None] & valid_n[None, :], other=0) != 0)
-        s = tl.where(keep, s, float("-inf"))
-        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                    mask=valid_n[:, None] & valid_d[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
         if V_SCALED:
             vs = tl.load(vs_base + offs_n * stride_vsn, mask=valid_n, other=0.0)
             v = (v.to(tl.float32) * vs[:, None]).to(q.dtype)
-        m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc, DOT_PRECISION)
+        m_i, l_i, acc = _kv_step(q, kt, v, offs_n, valid_n, mask_rows, valid_r, stride_mn, qk_scale, m_i, l_i, acc,
+                                 HAS_MASK, DOT_PRECISION)
 
     if DIRECT:  # what the reduce makes of one split (weight exp2(0) = 1): acc / l, l = 0 (all masked) read as 1
         l_i = tl.where(l_i == 0.0, 1.0, l_i)
@@ -214,13 +219,38 @@ def _roped(x, src, stride_x, cos, sin, stride_c, offs, HEAD_DIM, mask):
 
 
 @triton.jit
+def _kv_tiles(k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, offs_n, valid_n, offs_d, valid_d):
+    # the k^T tile [BLOCK_D, BLOCK_N] and the v tile [BLOCK_N, BLOCK_D] of keys offs_n: padded head lanes and keys past
+    # the chunk load 0 and add nothing to the dots
+    kt = tl.load(k_base + offs_d[:, None] * stride_kd + offs_n[None, :] * stride_kn,
+                 mask=valid_d[:, None] & valid_n[None, :], other=0.0)
+    v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                mask=valid_n[:, None] & valid_d[None, :], other=0.0)
+    return kt, v
+
+
+@triton.jit
+def _kv_step(q, kt, v, offs_n, valid_n, mask_rows, valid_r, stride_mn, qk_scale, m_i, l_i, acc, HAS_MASK: tl.constexpr,
+             DOT_PRECISION: tl.constexpr):
+    # one key tile of the group's online softmax (scores in log2 units, masked keys -inf)
+    s = tl.dot(q, kt.to(q.dtype), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
+    keep = valid_n[None, :]
+    if HAS_MASK:
+        keep = keep & (tl.load(mask_rows[:, None] + offs_n[None, :] * stride_mn,
+                               mask=valid_r[:, None] & valid_n[None, :], other=0) != 0)
+    s = tl.where(keep, s, float("-inf"))
+    return online_softmax_step(s, v.to(q.dtype), m_i, l_i, acc, DOT_PRECISION)
+
+
+@triton.jit
 def _write_new_keys(k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, cos_b, sin_b, stride_ct, stride_cd,
                     kn, stride_knt, stride_knd, vn, stride_vnt, stride_vnd, slots_ptr, Sq, split, chunk, SPLITS, HEAD_DIM,
-                    offs_d, valid_d):
+                    offs_d, valid_d, kt0, v0, offs_n0):
     # this step's Sq keys of one (b, kv head): k roped, k and v stored at their slots by the program whose chunk of
     # keys holds the slot, so that no other program of this launch reads it (a slot past the attended keys, read by
     # none, goes to the chunk it would fall in, or the last); the barrier then makes the stores visible to the
-    # program's own loads
+    # program's own loads. Returns the chunk's first K / V tiles (keys offs_n0, loaded before: EARLY) with the
+    # new keys and values in their slots' columns
     for t in range(0, Sq):
         slot = tl.load(slots_ptr + t).to(tl.int64)
         if tl.minimum(slot // tl.maximum(chunk, 1), SPLITS - 1) == split:
@@ -230,7 +260,10 @@ def _write_new_keys(k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, 
             tl.store(k_base + slot * stride_kn + offs_d * stride_kd, k.to(k_base.dtype.element_ty), mask=valid_d)
             v = tl.load(vn + t * stride_vnt + offs_d * stride_vnd, mask=valid_d, other=0.0)
             tl.store(v_base + slot * stride_vn + offs_d * stride_vd, v.to(v_base.dtype.element_ty), mask=valid_d)
+            kt0 = tl.where((offs_n0 == slot)[None, :], k.to(kt0.dtype)[:, None], kt0)
+            v0 = tl.where((offs_n0 == slot)[:, None], v.to(v0.dtype)[None, :], v0)
     tl.debug_barrier()
+    return kt0, v0
 
 
 @triton.jit
@@ -325,7 +358,7 @@ CONFIGS = [
 def _tuned():
     # built on first GPU use: an Autotuner asks for the active driver, which the CPU interpreter lacks.
     # Benchmarking reruns only the partial kernel, which writes nothing but scratch.
-    return triton.autotune(CONFIGS, key=["S", "SPLITS", "GROUP", "Sq", "HEAD_DIM", "HAS_MASK", "K_SCALED", "V_SCALED", "ROPE"])(
+    return triton.autotune(CONFIGS, key=["S", "SPLITS", "GROUP", "Sq", "HEAD_DIM", "HAS_MASK", "K_SCALED", "V_SCALED", "ROPE", "EARLY"])(
         _decode_partial_kernel)
 
 
@@ -427,7 +460,7 @@ def _check(q, k, v, mask, scale, gqa, out, config, splits, k_scale, v_scale):
 
 def decode_attention(q, k, v, mask=None, scale=None, gqa=False, out=None, config: dict | None = None,
                      splits: int | None = None, k_scale=None, v_scale=None, direct: bool = True,
-                     counters: torch.Tensor | None = None, rope: tuple | None = None) -> torch.Tensor:
+                     counters: torch.Tensor | None = None, rope: tuple | None = None, early: bool = False) -> torch.Tensor:
     """``softmax(q @ k^T * scale, mask) @ v`` for a few query rows over a long cache, split along the keys
     (see the module docstring).
 
@@ -446,7 +479,10 @@ def decode_attention(q, k, v, mask=None, scale=None, gqa=False, out=None, config
     splits then reduce in one launch too (the last program of each kv head's splits reduces its rows). ``rope``:
     (k_new, v_new, cos, sin, slots), this step's keys and values [B, Hk, Sq, D], cos / sin [B or 1, 1, Sq, D] and the
     cache slots [Sq]: q is taken unroped and roped here, k_new roped and written with v_new into k / v at the slots
-    first (``kernels/rope_kv.py``'s work, the same bits, in this launch; 16-bit caches only).
+    first (``kernels/rope_kv.py``'s work, the same bits, in this launch; 16-bit caches only). ``early`` (with ``rope``):
+    under PDL, each program scans the mask and loads its chunk's first K / V tile before it waits for the previous
+    kernel (the new keys patched into that tile in registers): only where nothing in the same CUDA graph writes the mask
+    or the caches before this launch (a decode step's mask is its input; its caches are written here). The same bits.
     """
     group, mask4 = _check(q, k, v, mask, scale, gqa, out, config, splits, k_scale, v_scale)
     (bq, hq, sq, d), (hk, sk) = q.shape, k.shape[1:3]
@@ -474,10 +510,13 @@ def decode_attention(q, k, v, mask=None, scale=None, gqa=False, out=None, config
             *(k_scale.stride() if k_scale is not None else (0, 0, 0)), *(v_scale.stride() if v_scale is not None else (0, 0, 0)),
             hq, hk, group, sq, sk, n_split, d, qk_scale, out, *out.stride())
     args_rope = _rope_args(rope, q, k, v, k_scale, v_scale)
+    if early and rope is None:
+        raise ValueError("decode_attention: early= loads the cache before the previous kernel ends, so the attention "
+                         "must write this step's keys itself (rope=)")
     meta = dict(HAS_MASK=mask4 is not None, **_scan_tile(mask4, group, sq), K_SCALED=k_scale is not None, V_SCALED=v_scale is not None,
                 DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
                 BLOCK_M=max(16, triton.next_power_of_2(group * sq)), BLOCK_D=block_d, DIRECT=one, ROPE=rope is not None,
-                **pdl.kwargs(q))
+                EARLY=early, **pdl.kwargs(q))
     last = counters is not None and not one
     block_s = min(REDUCE_BLOCK_S, triton.next_power_of_2(n_split))
     if last:

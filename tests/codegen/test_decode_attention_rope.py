@@ -31,8 +31,9 @@ def step(B, H, KV, T, D, S, pos, dtype, device="cpu"):
     return q, k, v, cos, sin, slots, caches, mask.expand(B, 1, T, S)
 
 
-def both(args, mode, **kw):
-    """(fused output, its caches), (rope_kv then the attention: output, caches), from the same starting caches."""
+def both(args, mode, early=False, **kw):
+    """(fused output, its caches), (rope_kv then the attention: output, caches), from the same starting caches.
+    ``early``: the fused kernel loads each chunk's first K / V tile before the new keys are written."""
     q, k, v, cos, sin, slots, caches, mask = args
     B, KV = k.shape[:2]
     mode_kw = dict(splits=1) if mode == "direct" else \
@@ -42,7 +43,7 @@ def both(args, mode, **kw):
     rope_kv(q, k, v, cos, sin, slots, q_roped, kc, vc)
     want = decode_attention(q_roped, kc, vc, mask, gqa=True, **mode_kw, **kw)
     kc2, vc2 = (c.clone() for c in caches)
-    got = decode_attention(q, kc2, vc2, mask, gqa=True, rope=(k, v, cos, sin, slots), **mode_kw, **kw)
+    got = decode_attention(q, kc2, vc2, mask, gqa=True, rope=(k, v, cos, sin, slots), early=early, **mode_kw, **kw)
     assert "counters" not in mode_kw or not mode_kw["counters"].any()
     return (got, kc2, vc2), (want, kc, vc)
 
@@ -61,9 +62,10 @@ def float64_answer(args):
 @pytest.mark.parametrize("mode", ["reduce", "last", "direct"])
 @pytest.mark.parametrize("T,pos", [(1, 3), (1, 20), (1, 44), (2, 31)])
 @pytest.mark.parametrize("D", [64, 72])
-def test_the_same_bits_as_rope_kv_then_attention(dtype, mode, T, pos, D):
+@pytest.mark.parametrize("early", [False, True])
+def test_the_same_bits_as_rope_kv_then_attention(dtype, mode, T, pos, D, early):
     args = step(2, 4, 2, T, D, 45, pos, dtype)
-    (got, kc, vc), (want, kc_want, vc_want) = both(args, mode)
+    (got, kc, vc), (want, kc_want, vc_want) = both(args, mode, early)
     assert torch.equal(kc, kc_want) and torch.equal(vc, vc_want)
     assert torch.equal(got, want)
     assert rel_err(got, float64_answer(args)) <= TOL[dtype]
@@ -73,7 +75,7 @@ def test_a_slot_nobody_attends_is_still_written():
     # the mask attends keys 0 .. 9 only; the new key goes to slot 40 (past every attended key): written all the same
     q, k, v, cos, sin, slots, caches, mask = step(1, 4, 2, 1, 64, 45, 40, torch.float32)
     mask = (torch.arange(45) < 10).expand(1, 1, 1, 45)
-    (got, kc, vc), (want, kc_want, vc_want) = both((q, k, v, cos, sin, slots, caches, mask), "reduce", splits=3)
+    (got, kc, vc), (want, kc_want, vc_want) = both((q, k, v, cos, sin, slots, caches, mask), "reduce", True, splits=3)
     assert torch.equal(kc, kc_want) and torch.equal(vc, vc_want) and torch.equal(got, want)
     assert not torch.equal(kc[:, :, 40], caches[0][:, :, 40])
 
@@ -86,6 +88,8 @@ def test_errors():
         decode_attention(q, kc, vc, mask, gqa=True, rope=(k, v, cos, sin, slots[None]))
     with pytest.raises(ValueError, match="cos / sin"):
         decode_attention(q, kc, vc, mask, gqa=True, rope=(k, v, cos[..., :32], sin[..., :32], slots))
+    with pytest.raises(ValueError, match="must write this step's keys itself"):
+        decode_attention(q, kc, vc, mask, gqa=True, early=True)
     scale = torch.ones(1, 2, 45)
     with pytest.raises(ValueError, match="16-bit cache"):
         decode_attention(q, kc.to(torch.int8), vc.to(torch.int8), mask, gqa=True, k_scale=scale, v_scale=scale,
@@ -95,13 +99,14 @@ def test_errors():
 @pytest.mark.gpu
 @pytest.mark.parametrize("B", [1, 16])
 @pytest.mark.parametrize("mode", ["reduce", "last"])
-def test_llama_1b_decode_on_cuda(B, mode):
+@pytest.mark.parametrize("early", [False, True])
+def test_llama_1b_decode_on_cuda(B, mode, early):
     """Llama-3.2-1B at batch 1 / 16, 384 slots, the new key at 200: against rope_kv then the attention (within a bf16
     rounding: the GPU may contract the float32 products otherwise in the two kernels) and float64, replayed from a
     CUDA graph with the counters left zero."""
     args = step(B, 32, 8, 1, 64, 384, 200, torch.bfloat16, "cuda")
     cfg = dict(BLOCK_N=64, num_warps=4, num_stages=2)
-    (got, kc, vc), (want, kc_want, vc_want) = both(args, mode, config=cfg)
+    (got, kc, vc), (want, kc_want, vc_want) = both(args, mode, early, config=cfg)
     assert rel_err(kc, kc_want) <= 1e-2 and torch.equal(vc, vc_want)
     assert rel_err(got, want) <= 1e-2 and rel_err(got, float64_answer(args)) <= TOL[torch.bfloat16]
     q, k, v, cos, sin, slots, _, mask = args
@@ -109,7 +114,8 @@ def test_llama_1b_decode_on_cuda(B, mode):
     out = torch.empty_like(q)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        decode_attention(q, kc, vc, mask, gqa=True, config=cfg, counters=counters, out=out, rope=(k, v, cos, sin, slots))
+        decode_attention(q, kc, vc, mask, gqa=True, config=cfg, counters=counters, out=out, rope=(k, v, cos, sin, slots),
+                         early=early)
     for _ in range(3):
         graph.replay()
         torch.cuda.synchronize()
