@@ -43,6 +43,8 @@ ap.add_argument("--ab-whole-max-keys", type=int, default=None, help="also a gene
                 "codegen.lower_attention.WHOLE_MAX_KEYS at this value (0: the one-split decode attention never offered), as --ab-disable")
 ap.add_argument("--ab-set", default=None, help="also a generator whose plans are built with these module constants of "
                 "kiln.codegen.lower_attention set, NAME=INT[,..] (e.g. EARLY_KV=0), as --ab-disable")
+ap.add_argument("--ab-env", default=None, help="also a generator whose plans are built and captured with these environment "
+                "variables set, NAME=VALUE[;..] (e.g. KILN_PDL=1+noprefetch: read at each launch, kept by the CUDA graph), as --ab-disable")
 ap.add_argument("--ab-kernels", default=None, help="also a generator with these kernel choices forced, KIND=CHOICE[,..] "
                 "(CompileConfig.kernels, e.g. attention=kiln-decode-last), as --ab-disable")
 a = ap.parse_args()
@@ -63,6 +65,7 @@ from common import kernels_launched  # noqa: E402
 SETS = {k: int(v) for k, v in (kv.split("=") for kv in a.ab_set.split(","))} if a.ab_set else {}
 if a.ab_whole_max_keys is not None:
     SETS["WHOLE_MAX_KEYS"] = a.ab_whole_max_keys
+ENV = dict(kv.split("=", 1) for kv in a.ab_env.split(";")) if a.ab_env else {}  # the --ab-env variant's
 if a.whole_max_keys is not None:
     from kiln.codegen import lower_attention as lower
     lower.WHOLE_MAX_KEYS = a.whole_max_keys
@@ -228,27 +231,33 @@ def kiln_case(g, layers: int, bs: int, prompt) -> dict:
 
 
 class Variant:
-    """A generator whose every call runs with the ``--ab-set`` / ``--ab-whole-max-keys`` constants in force (its plans are
-    built lazily, at the calls that first need them); attributes pass through."""
+    """A generator whose every call runs with the ``--ab-set`` / ``--ab-whole-max-keys`` constants and the ``--ab-env``
+    variables in force (its plans are built lazily, at the calls that first need them); attributes pass through."""
 
     def __init__(self, g):
         self.g = g
 
     def __getattr__(self, name):
         attr = getattr(self.g, name)
-        if not inspect.ismethod(attr) or not SETS:
+        if not inspect.ismethod(attr) or not (SETS or ENV):
             return attr
 
         def call(*args, **kw):
             from kiln.codegen import lower_attention as lower
-            before = {k: getattr(lower, k) for k in SETS}
+            before, env = {k: getattr(lower, k) for k in SETS}, {k: os.environ.get(k) for k in ENV}
             for k, v in SETS.items():
                 setattr(lower, k, v)
+            os.environ.update(ENV)
             try:
                 return attr(*args, **kw)
             finally:
                 for k, v in before.items():
                     setattr(lower, k, v)
+                for k, v in env.items():
+                    if v is None:
+                        os.environ.pop(k)
+                    else:
+                        os.environ[k] = v
         return call
 
 
@@ -310,7 +319,7 @@ def bench_model(name: str) -> dict:
     res = {"compile_s": time.perf_counter() - t0, "params_B": sum(p.numel() for p in m.parameters()) / 1e9}
     prompt = torch.randint(0, cfg.vocab_size, (max(batches), P), device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(0))
     g_off = None
-    if a.ab_disable or SETS or a.ab_kernels:
+    if a.ab_disable or SETS or ENV or a.ab_kernels:
         forced = dict(kv.split("=") for kv in a.ab_kernels.split(",")) if a.ab_kernels else {}
         g_off = Variant(kiln.from_hf(m, max_seq=a.max_seq or P + GEN, batch_buckets=batches, eos_token_id=[],
                                      config=kiln.CompileConfig(backend="kernels", quantize=a.quantize, kernels=forced,
@@ -321,7 +330,7 @@ def bench_model(name: str) -> dict:
         if g_off is not None:
             res[f"bs{bs}"]["kiln_variant"] = kiln_case(g_off, cfg.num_hidden_layers, bs, prompt)
             res[f"bs{bs}"]["ab_tok_s"] = interleaved(g, g_off, bs, prompt)
-            print(name, bs, f"kiln variant ({a.ab_disable or a.ab_kernels or SETS})",
+            print(name, bs, f"kiln variant ({a.ab_disable or a.ab_kernels or SETS or ENV})",
                   json.dumps(res[f"bs{bs}"]["kiln_variant"]), flush=True)
             print(name, bs, "interleaved tok/s (default, variant):", res[f"bs{bs}"]["ab_tok_s"], flush=True)
     g = g_off = None

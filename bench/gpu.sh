@@ -386,6 +386,23 @@ print('greedy', greedy(x).tolist() == x.argmax(-1).tolist())" 2>&1 | tail -5
         python3 -c "import json; d = json.load(open('$OUT/decode_19f_$1_$2.json'))['1b']['bs$1']; [print('$2', v, {k: d[v].get(k) \
           for k in ('decode_tok_s', 'step_ms', 'step_ms_last', 'kernel_top')}) for v in ('kiln', 'kiln_variant')]"
       done ;;
+    s19g)  # session 19: the weight-streaming GEMVs' first weight tiles before their PDL wait (KILN_PDL=prefetch, off by
+           # default since session 5's two-process -13 us) in one process, at batch 1 (bf16, w4a16); the 8B w4a16 figure
+      for q in bf16 w4a16; do
+        qa=$([ $q = bf16 ] || echo "--quantize $q")
+        DECODE_JSON=decode_19g_$q.json timeout 150 python3 bench/decode.py --models 1b --batches 1 $qa --no-compile-peer \
+          --ab-env "KILN_PDL=1+prefetch" 2>&1 | grep "interleaved\|Error\|error" | tail -3
+      done
+      DECODE_JSON=decode_19g_8b.json timeout 200 python3 bench/decode.py --models 8b --batches 1 --quantize w4a16 \
+        --no-compile-peer 2>&1 | grep -v '^ *\[\|^ *"\|^8b ' | tail -2
+      python3 -c "import json; d = json.load(open('$OUT/decode_19g_8b.json'))['8b']['bs1']['kiln']; print('8b w4a16', \
+        {k: d[k] for k in ('decode_tok_s', 'step_ms', 'kernel_top')})" ;;
+    s19h)  # session 19: the weight-streaming GEMVs' prefetch on by default: the 1B bf16 decode at batch 1 / 16 against
+           # KILN_PDL=1+noprefetch, one process each
+      for b in 1 16; do
+        DECODE_JSON=decode_19h_$b.json timeout 150 python3 bench/decode.py --models 1b --batches $b --no-compile-peer \
+          --ab-env "KILN_PDL=1+noprefetch" 2>&1 | grep "interleaved\|Error\|error" | tail -3
+      done ;;
     s19b)  # next: the 8B shape's quantized decode at batch 1 with the greedy kernel (333 / 399-401 tok/s before)
       for q in w8a16 w4a16; do
         DECODE_JSON=decode_19b_$q.json timeout 280 python3 bench/decode.py --models 8b --batches 1 --quantize $q \

@@ -15,10 +15,13 @@ its own wait), and a kernel launched without PDL (cuBLAS, torch) waits for every
 On for CUDA devices of compute capability >= 9 whose Triton has the GDC ops; ``KILN_PDL=0`` turns it off (read at
 each launch). Measured on the H200 (bench/NOTES.md, session 4): Llama-3.2-1B decode step 1.012 -> 0.968 ms at
 batch 1 (976 -> 1020 tok/s), the same greedy tokens, and a ping-pong chain of split-K GEMMs and split-KV attention in
-a CUDA graph bit for bit the plain launches' (tests/codegen/test_pdl.py). ``KILN_PDL=prefetch`` also has the
-weight-streaming GEMM load its first K step's weight tiles before its wait (weights are never written by a kernel),
-overlapping them with the previous kernel's tail: the same sums (tested); measured -13 us a 1B decode step at batch 1,
-within the noise between processes (session 5).
+a CUDA graph bit for bit the plain launches' (tests/codegen/test_pdl.py). The weight-streaming GEMM also loads its
+first K step's weight tiles before its wait (``prefetch``: weights are never written by a kernel), overlapping them
+with the previous kernel's tail: the same sums (tested). Measured on the H200 in one process, runs interleaved (session
+19): the 1B's bf16 decode at batch 1 1,140 -> 1,199 tok/s; its w4a16 decode 1,511 -> 1,518 (the quantized tiles'
+own loops, WORDS / AHEAD / MAGIC, have no peeled first step: unchanged); at batch 16 14,793 -> 14,657 (-0.9%). So it is
+on by default for one row of x (``PREFETCH_MAX_ROWS``; session 5 had measured -13 us a step across two processes, inside
+their spread); ``KILN_PDL=1+noprefetch`` turns it off.
 
 ``KILN_PDL=l2`` (``l2:<KB>``; ``prefetch+l2`` for both) goes deeper: before its wait each program of the weight-streaming
 GEMM asks the L2 for the first ``l2`` bytes (default 32 KB) of its weight slice, one Hopper bulk prefetch per weight row
@@ -58,6 +61,7 @@ import triton.language as tl
 ENV = "KILN_PDL"
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 INTERPRETED = tl.constexpr(INTERPRET)  # (for kernels: a global a jit function reads must be a constexpr)
+PREFETCH_MAX_ROWS = 1  # the weight-streaming GEMM prefetches its first weight tiles at most this many rows of x (prefetch)
 L2_BYTES = 32 << 10  # bytes a program prefetches into L2 before its wait with KILN_PDL=l2 (l2:<KB> sets it)
 POINTWISE_ROWS = 0  # generated pointwise kernels of at most this many rows launch with PDL (pointwise_rows)
 
@@ -83,14 +87,16 @@ def enabled(t: torch.Tensor) -> bool:
 
 
 def _words() -> list[str]:
-    # KILN_PDL's value as its "+"-separated words: "prefetch", "l2", "prefetch+l2:64"
+    # KILN_PDL's value as its "+"-separated words: "1", "1+noprefetch", "l2", "prefetch+l2:64"
     return os.environ.get(ENV, "1").split("+")
 
 
-def prefetch(t: torch.Tensor) -> bool:
-    """Whether the weight-streaming GEMM (qgemm.py) also loads its first weight tiles before the wait, overlapping
-    them with the previous kernel's tail: ``KILN_PDL=prefetch`` (PDL on), until the H200 says it pays."""
-    return "prefetch" in _words() and enabled(t)
+def prefetch(t: torch.Tensor, rows: int = 1) -> bool:
+    """Whether the weight-streaming GEMM (qgemm.py) of ``rows`` rows of x also loads its first weight tiles before the
+    wait, overlapping them with the previous kernel's tail: PDL on, ``KILN_PDL`` without the word "noprefetch", and at
+    most PREFETCH_MAX_ROWS rows; or ``KILN_PDL`` with the word "prefetch", any rows (module docstring)."""
+    words = _words()
+    return enabled(t) and "noprefetch" not in words and (rows <= PREFETCH_MAX_ROWS or "prefetch" in words)
 
 
 def l2(t: torch.Tensor) -> int:

@@ -20,9 +20,9 @@ _spec.loader.exec_module(_pdl_tests)
 early_case = _pdl_tests.early_case
 
 
-@pytest.mark.parametrize("value, l2, prefetch", [
-    (None, 0, False), ("1", 0, False), ("0", 0, False), ("prefetch", 0, True), ("l2", pdl.L2_BYTES, False),
-    ("l2:64", 64 << 10, False), ("prefetch+l2:16", 16 << 10, True)])
+@pytest.mark.parametrize("value, l2, prefetch", [  # (prefetch: a one-row GEMV's first weight tiles, on by default)
+    (None, 0, True), ("1", 0, True), ("0", 0, False), ("1+noprefetch", 0, False), ("prefetch", 0, True),
+    ("l2", pdl.L2_BYTES, True), ("l2:64", 64 << 10, True), ("prefetch+l2:16", 16 << 10, True)])
 def test_budget_from_the_environment(monkeypatch, value, l2, prefetch):
     if value is None:
         monkeypatch.delenv(pdl.ENV, raising=False)
@@ -132,7 +132,7 @@ def test_prefetch_gives_the_same_bits(monkeypatch, m, bits, split, glu, norm, bo
     plain = skinny.skinny_gemm(x, **kw)
     seen = _launched(monkeypatch)
     monkeypatch.setattr(pdl, "l2", lambda t: 1024)
-    monkeypatch.setattr(pdl, "prefetch", lambda t: both)
+    monkeypatch.setattr(pdl, "prefetch", lambda t, rows=1: both)
     assert torch.equal(skinny.skinny_gemm(x, **kw), plain)
     assert seen == [1024]
 

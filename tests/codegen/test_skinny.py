@@ -184,7 +184,7 @@ def test_swapped_norm_prologue_and_prefetched_first_step(monkeypatch, m, bits, s
     c = config(split, swap=True)
     check_norm(x, wq, nw, config=c)
     plain = skinny_gemm(x, **wq[0], norm_weight=nw, norm_eps=1e-5, config=c)
-    monkeypatch.setattr(pdl, "prefetch", lambda t: True)
+    monkeypatch.setattr(pdl, "prefetch", lambda t, rows=1: True)
     assert torch.equal(skinny_gemm(x, **wq[0], norm_weight=nw, norm_eps=1e-5, config=c), plain)
 
 
@@ -438,7 +438,7 @@ def test_norm_statistics_tile_edges(monkeypatch, m, split):
     c = config(split)
     check_norm(x, wq, nw, config=c)
     plain = skinny_gemm(x, **wq[0], norm_weight=nw, norm_eps=1e-5, config=c)
-    monkeypatch.setattr(pdl, "prefetch", lambda t: True)
+    monkeypatch.setattr(pdl, "prefetch", lambda t, rows=1: True)
     assert torch.equal(skinny_gemm(x, **wq[0], norm_weight=nw, norm_eps=1e-5, config=c), plain)
 
 

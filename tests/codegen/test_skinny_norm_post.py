@@ -51,7 +51,7 @@ def test_norm_post_epilogues_magic_and_prefetch(monkeypatch, m):
     check_norm(x, wq, nw, act="silu", glu=True, config=magic)
     wp = weight(40, 256, None, torch.float16)[0]
     plain = skinny_gemm(x, **wp, norm_weight=nw, norm_eps=1e-5, config=post)
-    monkeypatch.setattr(pdl, "prefetch", lambda t: True)
+    monkeypatch.setattr(pdl, "prefetch", lambda t, rows=1: True)
     assert torch.equal(skinny_gemm(x, **wp, norm_weight=nw, norm_eps=1e-5, config=post), plain)
 
 
