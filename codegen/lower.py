@@ -237,7 +237,8 @@ def skinny(x, weight: dict, epilogue_ops: tuple, attrs: dict, out, workspace, de
     """The skinny template's candidates for at most 16 rows (none for more): ``weight`` is ``dict(w=...)`` or the
     quantized ``dict(qweight=, scales=, zeros=, bits=, group=)``; ``epilogue_ops`` (bias, gate, residual);
     ``workspace``: the split-K scratch as for ``gemm``; with ``norm`` (a prologue, see ``with_norm``) the
-    template normalising ``norm["x"]`` itself (``x``: unused)."""
+    template normalising ``norm["x"]`` itself (``x``: unused). ``attrs["static_w"]``: the weight is a stored one (the
+    kernels plan says so), which the template may read before its PDL wait (``skinny_gemm``'s ``static_weight``)."""
     m, k = math.prod(x.shape[:-1]), x.shape[-1]
     if not _skinny_fits(m, x.dtype, device):
         return {}
@@ -252,7 +253,7 @@ def skinny(x, weight: dict, epilogue_ops: tuple, attrs: dict, out, workspace, de
     for c in _skinny_configs(m, n, k, weight.get("bits"), glu, device, norm is not None, weight.get("group")):
         def run(c=c):
             return ts.skinny_gemm(src, bias=bias, gate=gate, residual=residual, act=act, glu=glu, **weight, **prologue, out=out,
-                           **scratch, config=c)
+                                  **scratch, config=c, static_weight=bool(attrs.get("static_w")))
         candidates[config_name(name, c)] = with_launches(run, 2 if c.get("REDUCE") == "separate" else 1)
     return candidates
 

@@ -538,6 +538,7 @@ class KernelPlan(Plan):
         if kind == "gemm":
             if n.op == "LINEAR":
                 attrs = dict(bias=len(args) > 2, act="none", glu=False, gate=False, residual=False)
+            attrs = dict(attrs, static_w=n.inputs[1] in self.real)  # (a stored weight: read before a PDL wait)
             if n.op == "AQGEMM":
                 what, candidates = lower.aqgemm(args, attrs, out, tmp, device, workspace, codes=codes)
             else:

@@ -383,7 +383,7 @@ def _norm(x, norm_weight, norm_eps) -> tuple | None:
 
 def skinny_gemm(x, w=None, bias=None, gate=None, residual=None, act="none", glu=False, *, qweight=None, scales=None,
                 zeros=None, bits=None, group=None, norm_weight=None, norm_eps=None, out=None, workspace=None, counters=None,
-                config: dict | None = None) -> torch.Tensor:
+                config: dict | None = None, static_weight: bool = True) -> torch.Tensor:
     """``residual + gate * epi(x @ W^T + bias)`` for at most 16 rows (see the module docstring); with
     ``norm_weight`` [K] (x's dtype) and ``norm_eps``, ``x`` is RMSNORM(x, norm_weight, norm_eps) first.
 
@@ -397,7 +397,9 @@ def skinny_gemm(x, w=None, bias=None, gate=None, residual=None, act="none", glu=
     ``config``: one entry of ``configs`` (None: the first); it may also carry ``L2``, bytes of its weight slice each
     program asks the L2 for before it starts (qgemm.py ``launch``'s ``l2``; absent: ``pdl.l2``), which with the norm
     prologue overlaps the statistics pass with the weight's first bytes on their way from HBM (bench/decode_gemm.py
-    ``--norm`` measures it).
+    ``--norm`` measures it). ``static_weight``: no kernel this call may overlap writes the weight (a model's stored
+    weight), so under PDL its first tiles may be read before the wait (``pdl.prefetch``, the L2 prefetch); False: none
+    of it is read before the wait.
     """
     weight = _weight(w, qweight, scales, zeros, bits, group)
     x2, out, out2, epi, m, n = prepare("skinny_gemm", x, weight, bias, gate, residual, act, glu, out)
@@ -419,20 +421,24 @@ def skinny_gemm(x, w=None, bias=None, gate=None, residual=None, act="none", glu=
         raise ValueError(f"skinny_gemm: config {config!r}: NORM_POST is a way to apply the norm prologue; give norm_weight")
     splits, k_chunk = _chunking(k, c.pop("SPLIT_K"), c["BLOCK_K"])
     reduce, dot, l2 = c.pop("REDUCE"), c.pop("DOT"), c.pop("L2", None)
+    early = {} if static_weight else dict(prefetch=False, l2=0)  # (l2 below: 0 for a weight a kernel may write)
+    l2 = early.get("l2", l2)
     c.update(BLOCK_M=16 if dot else 1, GROUP_M=1)
     if splits == 1:
-        launch(x2, weight, epi, out2, m, n, c, dot=dot, norm=norm, l2=l2)
+        launch(x2, weight, epi, out2, m, n, c, dot=dot, norm=norm, l2=l2, prefetch=early.get("prefetch"))
         return out
     ws = scratch_view("skinny_gemm", "workspace", workspace, _workspace_floats(m, nw, glu, splits, c), torch.float32, x.device)
     if reduce == "last":
         cnt = scratch_view("skinny_gemm", "counters", counters, triton.cdiv(n, c["BLOCK_N"]), torch.int32, x.device)  # one per tile
         try:
-            launch(x2, weight, epi, out2, m, n, c, dot=dot, split=SplitK(splits, k_chunk, ws, cnt), norm=norm, l2=l2)
+            launch(x2, weight, epi, out2, m, n, c, dot=dot, split=SplitK(splits, k_chunk, ws, cnt), norm=norm, l2=l2,
+                   prefetch=early.get("prefetch"))
         except BaseException:  # (the interpreter can stop part-way: the next call must find the counters zero)
             cnt.zero_()
             raise
         return out
-    launch(x2, weight, epi, out2, m, n, c, dot=dot, split=SplitK(splits, k_chunk, ws), norm=norm, l2=l2)
+    launch(x2, weight, epi, out2, m, n, c, dot=dot, split=SplitK(splits, k_chunk, ws), norm=norm, l2=l2,
+           prefetch=early.get("prefetch"))
     _splitk_reduce_kernel[(triton.cdiv(n, REDUCE_BLOCK_N),)](
         ws, epi.bias, epi.g[0], epi.r[0], out2, m, n, splits, *epi.g[1:], *epi.r[1:], out2.stride(0), out2.stride(1),
         **epi.meta, BLOCK_M=triton.next_power_of_2(m), BLOCK_N=REDUCE_BLOCK_N)

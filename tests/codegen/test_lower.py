@@ -81,6 +81,23 @@ def test_gemm_gets_skinny_candidates_for_few_rows(dtype, lead):
     assert len(skinny) == (2 if math.prod(lead) <= 16 else 0) and (size > 0) == bool(skinny)
 
 
+@pytest.mark.parametrize("static", [None, False, True])
+def test_skinny_reads_the_weight_early_only_where_it_is_stored(monkeypatch, static):
+    # the kernels plan says whether a GEMM's weight is a stored one (attrs["static_w"]); only then may the skinny
+    # template read it before its PDL wait: a weight computed in the step (absent: not known) is read after it
+    seen = []
+    monkeypatch.setattr(lower.ts, "skinny_gemm", lambda *a, **kw: seen.append(kw["static_weight"]))
+    x, extra, out = operands((1,), 8, 16, torch.float32, False, False, False, False)
+    attrs = dict(bias=False, act="none", glu=False, gate=False, residual=False)
+    if static is not None:
+        attrs["static_w"] = static
+    _, candidates = lower.gemm([x, r(8, 16)], attrs, out, None, CPU)
+    for name, fn in candidates.items():
+        if name.startswith("triton-skinny"):
+            fn()
+    assert seen and set(seen) == {bool(static)}
+
+
 def test_workspace_bytes_only_where_a_skinny_candidate_runs():
     attrs = dict(bits=4, glu=True)
     assert lower.workspace_bytes("QGEMM", attrs, (17, 64), (40, 32), torch.float32, CPU) == 0  # 17 rows: qgemm's
