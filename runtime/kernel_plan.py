@@ -351,8 +351,8 @@ class KernelPlan(Plan):
             if kind == "gemm":
                 self._workspace(lv, k, n)
             if kind == "attention":
-                self._counters(lv, k, lower_attention.attention_counter_bytes(self.shape_of[n.inputs[0]], self.shape_of[n.inputs[1]],
-                                                                    n.attrs, torch_dtype(n.dtype), self.device))
+                self._counters(lv, k, lower_attention.attention_counter_bytes(
+                    self.shape_of[n.inputs[0]], self.shape_of[n.inputs[1]], n.attrs, torch_dtype(n.dtype), self.device))
         for o in self.graph.outputs:
             lv.read(self.val[o].root, len(self.groups))
         # a graph output a kernel writes, or the value an output is a view of, gets buffers of its own, outside the
@@ -546,7 +546,7 @@ class KernelPlan(Plan):
         elif kind == "attention":  # (workspace: (None, counters) where the plan has counters for it)
             args, attrs = self._causal(n, args, attrs)
             rope, before = self._ropes.pop(n, (None, None))
-            self._taken.add(id(before))
+            self._taken.add(id(before))  # (id(None) is no call's)
             counters = workspace[1] if isinstance(workspace, tuple) else None
             what, candidates = lower_attention.attention(args, attrs, out, tmp, device, counters, rope)
             choice = self.target.tuner.choose(kind, what, candidates, device)  # (it runs ``before`` first, or its work)
