@@ -403,6 +403,12 @@ print('greedy', greedy(x).tolist() == x.argmax(-1).tolist())" 2>&1 | tail -5
         DECODE_JSON=decode_19h_$b.json timeout 150 python3 bench/decode.py --models 1b --batches $b --no-compile-peer \
           --ab-env "KILN_PDL=1+noprefetch" 2>&1 | grep "interleaved\|Error\|error" | tail -3
       done ;;
+    s20a)  # next: the WORDS GEMV's first step before its PDL wait (opt-in: KILN_PDL=1+prefetch) against the default, the
+           # 1B quantized decode at batch 1, one process each
+      for q in w4a16 w8a16; do
+        DECODE_JSON=decode_20a_$q.json timeout 150 python3 bench/decode.py --models 1b --batches 1 --quantize $q \
+          --no-compile-peer --ab-env "KILN_PDL=1+prefetch" 2>&1 | grep "interleaved\|Error\|error" | tail -3
+      done ;;
     s19b)  # next: the 8B shape's quantized decode at batch 1 with the greedy kernel (333 / 399-401 tok/s before)
       for q in w8a16 w4a16; do
         DECODE_JSON=decode_19b_$q.json timeout 280 python3 bench/decode.py --models 8b --batches 1 --quantize $q \

@@ -56,7 +56,7 @@ from .gemm import _activation, _gate_residual_store, check_output_operands, grou
 from .gemm import reference as gemm_reference
 from . import pdl
 from .pdl import INTERPRETED, gdc, l2_prefetch
-from .qweight_tiles import (_codes_tile, _magic_tile, _perm_x, _rms_scale, _weight_tile, _words_step,
+from .qweight_tiles import (_codes_tile, _magic_tile, _perm_x, _rms_scale, _weight_tile, _words_load, _words_step,
                             _words_sz, _words_x)
 
 # triton.jit picks the interpreter from this variable when the kernels below are defined; read it then too
@@ -283,7 +283,11 @@ def _wgemm_kernel(
         pf, pf_bytes, pf_live = _l2_rows(w_ptr, pid_n, k_lo, k_hi, N, stride_wn, PACK, GLU, BLOCK_N, L2_BYTES,
                                          1 if INTERPRETED else tl.extra.cuda.num_warps())
         l2_prefetch(pf, pf_bytes, pf_live)
-    if PREFETCH:
+    if PREFETCH and WORDS:  # (the first step's words and scales, as the WORDS loop's first step reads them)
+        wd0, wu0 = _words_load(w_ptr, cols, mask_n, k_lo, K, N, stride_wn, BITS, GLU, BLOCK_K)
+        s, z, s_u, z_u = _words_sz(s_ptr, z_ptr, cols, mask_n, k_lo, K, N, stride_sn, stride_sg, stride_zn, stride_zg,
+                                   HAS_ZEROS, QGROUP, GLU, BLOCK_K)
+    elif PREFETCH:
         # the first step's tiles load while the previous kernel finishes, then the wait, then that step (accumulated
         # first, as in the loop: the same sums in the same order)
         b = _weight_tile(w_ptr, s_ptr, z_ptr, cols, mask_n, k_lo, K, stride_wn, stride_wk,
@@ -306,26 +310,39 @@ def _wgemm_kernel(
             rstd = tl.sum(rstd, 0)  # every use: shared-memory round trips that spilled; WORDS loads the norm weight with x)
         else:
             nw = _norm_weight(nw_ptr, k_lo, K, offs_k)
-    if PREFETCH:
+    if PREFETCH and not WORDS:
         acc, acc_u, rstd = _k_step(acc, acc_u, b, u, x_ptr, rows, mask_m, offs_k, k_lo, K, stride_xm, stride_xk, nw,
                                    rstd, NORM, GLU, DOT, SWAP, DOT_PRECISION, BLOCK_K, NORM_POST)
         k_lo += BLOCK_K
         if NORM:
             nw = _norm_weight(nw_ptr, k_lo, K, offs_k)
     if WORDS:
-        tl.static_assert(not DOT and not PREFETCH and BITS > 0, "WORDS: the GEMV of a quantized weight, no PREFETCH")
+        tl.static_assert(not DOT and BITS > 0, "WORDS: the GEMV of a quantized weight")
         # x, the norm weight and the scales of the first step; in the loop those of the next step load while this one
         # computes (the weight tiles go through cp.async's pipeline; these small loads do not)
         x0, x1, x2, x3, x4, x5, x6, x7, n0, n1, n2, n3, n4, n5, n6, n7 = _words_x(
             x_ptr, nw_ptr, rows * stride_xm, k_lo, K, stride_xk, NORM, BITS, BLOCK_K)
-        s, z, s_u, z_u = _words_sz(s_ptr, z_ptr, cols, mask_n, k_lo, K, N, stride_sn, stride_sg, stride_zn, stride_zg,
-                                   HAS_ZEROS, QGROUP, GLU, BLOCK_K)
+        if not PREFETCH:
+            s, z, s_u, z_u = _words_sz(s_ptr, z_ptr, cols, mask_n, k_lo, K, N, stride_sn, stride_sg, stride_zn, stride_zg,
+                                       HAS_ZEROS, QGROUP, GLU, BLOCK_K)
+        if PREFETCH:  # the first step on its words and scales loaded before the wait, then the loop from the second
+            y0, y1, y2, y3, y4, y5, y6, y7, m0, m1, m2, m3, m4, m5, m6, m7 = _words_x(
+                x_ptr, nw_ptr, rows * stride_xm, k_lo + BLOCK_K, K, stride_xk, NORM, BITS, BLOCK_K)
+            s2, z2, s2_u, z2_u = _words_sz(s_ptr, z_ptr, cols, mask_n, k_lo + BLOCK_K, K, N, stride_sn, stride_sg, stride_zn,
+                                           stride_zg, HAS_ZEROS, QGROUP, GLU, BLOCK_K)
+            acc, acc_u = _words_step(acc, acc_u, wd0, wu0, rstd, x0, x1, x2, x3, x4, x5, x6, x7, n0, n1, n2, n3, n4, n5, n6, n7,
+                                     s, z, s_u, z_u, BITS, HAS_ZEROS, QGROUP, NORM, GLU, BLOCK_N, BLOCK_K)
+            x0, x1, x2, x3, x4, x5, x6, x7 = y0, y1, y2, y3, y4, y5, y6, y7
+            n0, n1, n2, n3, n4, n5, n6, n7 = m0, m1, m2, m3, m4, m5, m6, m7
+            s, z, s_u, z_u = s2, z2, s2_u, z2_u
+            k_lo += BLOCK_K
         for kk in tl.range(k_lo, k_hi, BLOCK_K, num_stages=LOOP_STAGES):
             y0, y1, y2, y3, y4, y5, y6, y7, m0, m1, m2, m3, m4, m5, m6, m7 = _words_x(
                 x_ptr, nw_ptr, rows * stride_xm, kk + BLOCK_K, K, stride_xk, NORM, BITS, BLOCK_K)
             s2, z2, s2_u, z2_u = _words_sz(s_ptr, z_ptr, cols, mask_n, kk + BLOCK_K, K, N, stride_sn, stride_sg, stride_zn,
                                            stride_zg, HAS_ZEROS, QGROUP, GLU, BLOCK_K)
-            acc, acc_u = _words_step(acc, acc_u, w_ptr, cols, mask_n, kk, K, N, rstd, stride_wn,
+            wd, wu = _words_load(w_ptr, cols, mask_n, kk, K, N, stride_wn, BITS, GLU, BLOCK_K)
+            acc, acc_u = _words_step(acc, acc_u, wd, wu, rstd,
                                      x0, x1, x2, x3, x4, x5, x6, x7, n0, n1, n2, n3, n4, n5, n6, n7, s, z, s_u, z_u,
                                      BITS, HAS_ZEROS, QGROUP, NORM, GLU, BLOCK_N, BLOCK_K)
             x0, x1, x2, x3, x4, x5, x6, x7 = y0, y1, y2, y3, y4, y5, y6, y7
@@ -576,7 +593,8 @@ def launch(x2, weight: Weight, epi: Epilogue, out2, m: int, n: int, config: dict
                 LOOP_STAGES=None if dot else (config or {}).get("num_stages", 3))
     budget = pdl.l2(x2) if l2 is None else l2
     step = k_chunk // meta["PACK"] * w.element_size() if splits > 1 else 0  # a split's first byte in a row: a multiple
-    own_loop = any((config or {}).get(key) for key in ("WORDS", "AHEAD", "MAGIC"))  # (no peeled first step in those loops)
+    own_loop = any((config or {}).get(key) for key in ("AHEAD", "MAGIC"))  # (no peeled first step in those loops)
+    own_loop = own_loop or ((config or {}).get("WORDS") and prefetch is None and not pdl.prefetch_words(x2))
     meta.update(pdl.kwargs(x2), PREFETCH=not own_loop and (pdl.prefetch(x2, m) if prefetch is None else prefetch),
                 L2_BYTES=pdl.l2_bytes(w, step, budget) if budget else 0)
     if norm is not None:  # the statistics' tiles: ~STATS_ELEMS values, at most K's power of two wide

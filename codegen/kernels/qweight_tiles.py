@@ -191,13 +191,30 @@ def _x_use(xj, nj, rstd, j: tl.constexpr, PAIRED4: tl.constexpr, NORM: tl.conste
 
 
 @triton.jit
-def _words_step(acc, acc_u, w_ptr, cols, mask_n, kk, K, N, rstd, stride_wn,
+def _words_load(w_ptr, cols, mask_n, kk, K, N, stride_wn, BITS: tl.constexpr, GLU: tl.constexpr, BLOCK_K: tl.constexpr):
+    # the int32 words [BLOCK_N, WORDS] of one K step of the WORDS GEMV's weight rows (and the up half's with GLU: rows
+    # N + j of the merged [gate; up] weight, else the same words again)
+    CPW: tl.constexpr = 32 // BITS
+    WORDS: tl.constexpr = BLOCK_K // CPW
+    offs_w = kk // CPW + tl.arange(0, WORDS)  # the step's words of a row
+    mask = mask_n[:, None] & (offs_w < K // CPW)[None, :]
+    rows = (w_ptr + cols * stride_wn).to(tl.pointer_type(tl.int32))  # [BLOCK_N] row starts, as words (4-byte aligned)
+    wd = tl.load(rows[:, None] + offs_w[None, :], mask=mask, other=0)
+    wu = wd
+    if GLU:
+        rows_u = (w_ptr + (cols + N) * stride_wn).to(tl.pointer_type(tl.int32))
+        wu = tl.load(rows_u[:, None] + offs_w[None, :], mask=mask, other=0)
+    return wd, wu
+
+
+@triton.jit
+def _words_step(acc, acc_u, wd, wu, rstd,
                 x0, x1, x2, x3, x4, x5, x6, x7, n0, n1, n2, n3, n4, n5, n6, n7, s, z, s_u, z_u,
                 BITS: tl.constexpr, HAS_ZEROS: tl.constexpr, QGROUP: tl.constexpr, NORM: tl.constexpr, GLU: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # one K step of the WORDS GEMV (one row of x, a quantized weight): the weight's [BLOCK_N, BLOCK_K] codes as int32
-    # words [BLOCK_N, WORDS] (CPW codes each) and x's BLOCK_K values de-interleaved to match, CPW vectors x_j [WORDS]
-    # (_words_x's, with the scales _words_sz's, loaded a step before).
+    # words [BLOCK_N, WORDS] (CPW codes each: ``_words_load``'s wd, and wu with GLU) and x's BLOCK_K values
+    # de-interleaved to match, CPW vectors x_j [WORDS] (_words_x's, with the scales _words_sz's, loaded a step before).
     # With f_j = 1 + q_j * 2**(P_j - 23) (_code_f32) and x'_j = x_j * 2**(23 - P_j) (exact: a power of two),
     # f_j x'_j = x'_j + q_j x_j, so a word's sum of (q_j - z) * s * x_j is
     #     s * (t - X' - z * X),   t = sum_j f_j x'_j,  X' = sum_j x'_j,  X = sum_j x_j
@@ -209,14 +226,6 @@ def _words_step(acc, acc_u, w_ptr, cols, mask_n, kk, K, N, rstd, stride_wn,
     CPW: tl.constexpr = 32 // BITS
     WORDS: tl.constexpr = BLOCK_K // CPW
     PAIRED4: tl.constexpr = BITS == 4 and x0.dtype != tl.float32  # (float32 x: every code at the top)
-    offs_w = kk // CPW + tl.arange(0, WORDS)  # the step's words of a row
-    mask = mask_n[:, None] & (offs_w < K // CPW)[None, :]
-    rows = (w_ptr + cols * stride_wn).to(tl.pointer_type(tl.int32))  # [BLOCK_N] row starts, as words (4-byte aligned)
-    wd = tl.load(rows[:, None] + offs_w[None, :], mask=mask, other=0)
-    wu = wd
-    if GLU:  # the up half: rows N + j of the merged [gate; up] weight
-        rows_u = (w_ptr + (cols + N) * stride_wn).to(tl.pointer_type(tl.int32))
-        wu = tl.load(rows_u[:, None] + offs_w[None, :], mask=mask, other=0)
     t = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
     t_u = t
     xs = tl.zeros((WORDS,), dtype=tl.float32)

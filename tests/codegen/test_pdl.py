@@ -137,3 +137,32 @@ def test_prefetched_first_step_gives_the_same_bits(monkeypatch, m, bits, split, 
     plain = skinny.skinny_gemm(x, **kw)
     monkeypatch.setattr(pdl, "prefetch", lambda t, rows=1: True)
     assert torch.equal(skinny.skinny_gemm(x, **kw), plain)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("bits, split, glu, norm", [(4, 1, False, False), (4, 3, True, True), (8, 2, True, False),
+                                                    (8, 1, False, True)])
+def test_prefetched_words_step_gives_the_same_bits(monkeypatch, bits, split, glu, norm):
+    """The WORDS GEMV (one row, a quantized weight as int32 words) with its first step's words and scales read before
+    the PDL wait: bit for bit its plain loop, split-K, GLU, the norm prologue. K = 416: steps of 16 words (128 codes at
+    4 bits, 64 at 8), the last one partial."""
+    from kiln.codegen.kernels import skinny
+
+    x, kw = early_case(1, bits, split, glu, norm, k=416)
+    kw["config"] = dict(kw["config"], WORDS=True, BLOCK_K=16 * 32 // bits)
+    plain = skinny.skinny_gemm(x, **kw)
+    monkeypatch.setattr(pdl, "prefetch", lambda t, rows=1: True)
+    monkeypatch.setattr(pdl, "prefetch_words", lambda t: True)
+    assert torch.equal(skinny.skinny_gemm(x, **kw), plain)
+    monkeypatch.setattr(pdl, "prefetch", lambda t, rows=1: False)
+    assert torch.equal(skinny.skinny_gemm(x, **kw), plain)
+
+
+def test_words_prefetch_is_opt_in(monkeypatch):
+    monkeypatch.setattr(pdl, "enabled", lambda t: True)
+    for flag, want in ((None, False), ("1", False), ("1+prefetch", True), ("prefetch+l2", True)):
+        if flag is None:
+            monkeypatch.delenv(pdl.ENV, raising=False)
+        else:
+            monkeypatch.setenv(pdl.ENV, flag)
+        assert pdl.prefetch_words(torch.zeros(1)) == want, flag
