@@ -188,19 +188,9 @@ def _with_rope(rope: RopeStep | None, candidates: dict, kc, vc, mask, attrs: dic
     if not (decode and rope.fused and trk.check(*rope.operands, rope.operands[0], kc, vc) is None):
         return first
     q, k, v, cos, sin, slots = rope.operands
-    cfgs = td.configs() if q.device.type == "cuda" else [td.INTERPRET_CONFIG]
-    scale, enable_gqa = attrs["scale"], _enable_gqa(q, kc, attrs["gqa"])
-    kw = dict(out=out, rope=(k, v, cos, sin, slots), early=bool(rope.early and EARLY_KV))
-    for c in cfgs[:TRITON_ATTENTION_CONFIGS]:
-        first[config_name("kiln-rope-decode", c)] = with_launches(
-            partial(td.decode_attention, q, kc, vc, mask, scale, enable_gqa, config=c, **kw), 2)
-        if counters is not None:
-            first[config_name("kiln-rope-decode-last", c)] = partial(
-                td.decode_attention, q, kc, vc, mask, scale, enable_gqa, config=c, counters=counters, **kw)
-    if kc.shape[2] <= WHOLE_MAX_KEYS:
-        first[config_name("kiln-rope-decode-whole", cfgs[0])] = partial(
-            td.decode_attention, q, kc, vc, mask, scale, enable_gqa, config=cfgs[0], splits=1, **kw)
-    return first
+    run = partial(td.decode_attention, q, kc, vc, mask, attrs["scale"], _enable_gqa(q, kc, attrs["gqa"]), out=out,
+                  rope=(k, v, cos, sin, slots), early=bool(rope.early and EARLY_KV))
+    return first | _split_kv_candidates("kiln-rope-decode", run, kc.shape[2], counters, q.device)
 
 
 def _first(call: Callable[[], object], fn: Callable[[], object]) -> Callable[[], object]:
@@ -249,19 +239,22 @@ def _attention_candidates(q, k, v, mask, ks, vs, attrs: dict, out: torch.Tensor,
             candidates[config_name("kiln", c)] = (
                 lambda c=c: ta.attention(q, k, v, mask, causal, scale, gqa, out=out, config=c, k_scale=ks, v_scale=vs))
     if decode:
-        cfgs = td.configs() if device.type == "cuda" else [td.INTERPRET_CONFIG]
-        for c in cfgs[:TRITON_ATTENTION_CONFIGS]:
-            candidates[config_name("kiln-decode", c)] = with_launches(  # (the partials, then their reduction)
-                lambda c=c: td.decode_attention(q, k, v, mask, scale, enable_gqa, out=out, config=c, k_scale=ks, v_scale=vs), 2)
-        if counters is not None:  # the same splits, reduced by the last program of each kv head's: one launch
-            for c in cfgs[:TRITON_ATTENTION_CONFIGS]:
-                candidates[config_name("kiln-decode-last", c)] = (
-                    lambda c=c: td.decode_attention(q, k, v, mask, scale, enable_gqa, out=out, config=c, k_scale=ks,
-                                                    v_scale=vs, counters=counters))
-        if k.shape[2] <= WHOLE_MAX_KEYS:  # the whole cache in one split: fewer programs, but one launch, no partials
-            candidates[config_name("kiln-decode-whole", cfgs[0])] = (
-                lambda c=cfgs[0]: td.decode_attention(q, k, v, mask, scale, enable_gqa, out=out, config=c, splits=1,
-                                                      k_scale=ks, v_scale=vs))
+        run = partial(td.decode_attention, q, k, v, mask, scale, enable_gqa, out=out, k_scale=ks, v_scale=vs)
+        candidates.update(_split_kv_candidates("kiln-decode", run, k.shape[2], counters, device))
+    return candidates
+
+
+def _split_kv_candidates(prefix: str, run, keys: int, counters: torch.Tensor | None, device: torch.device) -> dict:
+    """kiln's split-KV decode kernel as candidates named after ``prefix``: the splits' partials reduced by a second
+    launch; with ``counters`` the same splits reduced by the last program of each kv head's (``-last``, one launch); a
+    cache of at most WHOLE_MAX_KEYS ``keys`` in one split (``-whole``: fewer programs, one launch, no partials).
+    ``run(**kw)``: ``decode_attention`` on the group's operands."""
+    cfgs = (td.configs() if device.type == "cuda" else [td.INTERPRET_CONFIG])[:TRITON_ATTENTION_CONFIGS]
+    candidates = {config_name(prefix, c): with_launches(partial(run, config=c), 2) for c in cfgs}
+    if counters is not None:
+        candidates.update({config_name(f"{prefix}-last", c): partial(run, config=c, counters=counters) for c in cfgs})
+    if keys <= WHOLE_MAX_KEYS:
+        candidates[config_name(f"{prefix}-whole", cfgs[0])] = partial(run, config=cfgs[0], splits=1)
     return candidates
 
 

@@ -89,6 +89,12 @@ def _reads(g: Group, kind: str) -> list[Node]:
     return g.inputs if kind != "update" else g.nodes[0].inputs[1:]
 
 
+def _rope_reader(g: Group) -> Node:
+    """The ATTENTION a rope_kv group's roped q and k cache feed (``schedule.rope_kv_nodes``)."""
+    q_rope, kc = g.nodes[0], g.nodes[2]
+    return next(u for u in q_rope.users if u.op == "ATTENTION" and u.inputs[1] is kc)
+
+
 def _meta(t: torch.Tensor) -> torch.Tensor:
     return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
 
@@ -594,7 +600,7 @@ class KernelPlan(Plan):
         choice = self.target.tuner.choose("rope_kv", what, candidates, self.device)
         call = KernelCall(g, "rope_kv", candidates[choice], choice)
         if k in self.takeover.values():
-            att = next(u for u in q_rope.users if u.op == "ATTENTION" and u.inputs[1] is kc)
+            att = _rope_reader(g)
             mask = attention_operands(att.inputs, att.attrs)[3]
             rope = lower_attention.RopeStep(tuple(args), call.run, set(q_rope.users) == {att}, mask is None or mask.op == "INPUT")
             self._ropes[att] = (rope, call)
@@ -607,8 +613,7 @@ class KernelPlan(Plan):
         out = {}
         for k, (g, kind) in enumerate(zip(self.groups, self.kinds)):
             if kind == "rope_kv":
-                q_rope, _, kc, vc = g.nodes
-                att = next(u for u in q_rope.users if u.op == "ATTENTION" and u.inputs[1] is kc)
+                att, (_, _, kc, vc) = _rope_reader(g), g.nodes
                 if set(kc.users) | set(vc.users) == {att} and self.kinds[index[att]] == "attention":
                     out[index[att]] = k
         return out

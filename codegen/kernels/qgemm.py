@@ -322,9 +322,6 @@ def _wgemm_kernel(
         # computes (the weight tiles go through cp.async's pipeline; these small loads do not)
         x0, x1, x2, x3, x4, x5, x6, x7, n0, n1, n2, n3, n4, n5, n6, n7 = _words_x(
             x_ptr, nw_ptr, rows * stride_xm, k_lo, K, stride_xk, NORM, BITS, BLOCK_K)
-        if not PREFETCH:
-            s, z, s_u, z_u = _words_sz(s_ptr, z_ptr, cols, mask_n, k_lo, K, N, stride_sn, stride_sg, stride_zn, stride_zg,
-                                       HAS_ZEROS, QGROUP, GLU, BLOCK_K)
         if PREFETCH:  # the first step on its words and scales loaded before the wait, then the loop from the second
             y0, y1, y2, y3, y4, y5, y6, y7, m0, m1, m2, m3, m4, m5, m6, m7 = _words_x(
                 x_ptr, nw_ptr, rows * stride_xm, k_lo + BLOCK_K, K, stride_xk, NORM, BITS, BLOCK_K)
@@ -336,6 +333,9 @@ def _wgemm_kernel(
             n0, n1, n2, n3, n4, n5, n6, n7 = m0, m1, m2, m3, m4, m5, m6, m7
             s, z, s_u, z_u = s2, z2, s2_u, z2_u
             k_lo += BLOCK_K
+        else:
+            s, z, s_u, z_u = _words_sz(s_ptr, z_ptr, cols, mask_n, k_lo, K, N, stride_sn, stride_sg, stride_zn, stride_zg,
+                                       HAS_ZEROS, QGROUP, GLU, BLOCK_K)
         for kk in tl.range(k_lo, k_hi, BLOCK_K, num_stages=LOOP_STAGES):
             y0, y1, y2, y3, y4, y5, y6, y7, m0, m1, m2, m3, m4, m5, m6, m7 = _words_x(
                 x_ptr, nw_ptr, rows * stride_xm, kk + BLOCK_K, K, stride_xk, NORM, BITS, BLOCK_K)

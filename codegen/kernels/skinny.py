@@ -421,24 +421,24 @@ def skinny_gemm(x, w=None, bias=None, gate=None, residual=None, act="none", glu=
         raise ValueError(f"skinny_gemm: config {config!r}: NORM_POST is a way to apply the norm prologue; give norm_weight")
     splits, k_chunk = _chunking(k, c.pop("SPLIT_K"), c["BLOCK_K"])
     reduce, dot, l2 = c.pop("REDUCE"), c.pop("DOT"), c.pop("L2", None)
-    early = {} if static_weight else dict(prefetch=False, l2=0)  # (l2 below: 0 for a weight a kernel may write)
-    l2 = early.get("l2", l2)
+    prefetch = None if static_weight else False  # (None: pdl.prefetch decides; a weight a kernel may write: never early)
+    l2 = l2 if static_weight else 0
     c.update(BLOCK_M=16 if dot else 1, GROUP_M=1)
     if splits == 1:
-        launch(x2, weight, epi, out2, m, n, c, dot=dot, norm=norm, l2=l2, prefetch=early.get("prefetch"))
+        launch(x2, weight, epi, out2, m, n, c, dot=dot, norm=norm, l2=l2, prefetch=prefetch)
         return out
     ws = scratch_view("skinny_gemm", "workspace", workspace, _workspace_floats(m, nw, glu, splits, c), torch.float32, x.device)
     if reduce == "last":
         cnt = scratch_view("skinny_gemm", "counters", counters, triton.cdiv(n, c["BLOCK_N"]), torch.int32, x.device)  # one per tile
         try:
             launch(x2, weight, epi, out2, m, n, c, dot=dot, split=SplitK(splits, k_chunk, ws, cnt), norm=norm, l2=l2,
-                   prefetch=early.get("prefetch"))
+                   prefetch=prefetch)
         except BaseException:  # (the interpreter can stop part-way: the next call must find the counters zero)
             cnt.zero_()
             raise
         return out
     launch(x2, weight, epi, out2, m, n, c, dot=dot, split=SplitK(splits, k_chunk, ws), norm=norm, l2=l2,
-           prefetch=early.get("prefetch"))
+           prefetch=prefetch)
     _splitk_reduce_kernel[(triton.cdiv(n, REDUCE_BLOCK_N),)](
         ws, epi.bias, epi.g[0], epi.r[0], out2, m, n, splits, *epi.g[1:], *epi.r[1:], out2.stride(0), out2.stride(1),
         **epi.meta, BLOCK_M=triton.next_power_of_2(m), BLOCK_N=REDUCE_BLOCK_N)
