@@ -41,8 +41,9 @@ ap.add_argument("--ab-disable", default=None, help="also a generator compiled wi
                 "fold_norm_weight): both measured in this process, their decode runs interleaved")
 ap.add_argument("--ab-whole-max-keys", type=int, default=None, help="also a generator whose plans are built with "
                 "codegen.lower_attention.WHOLE_MAX_KEYS at this value (0: the one-split decode attention never offered), as --ab-disable")
-ap.add_argument("--ab-set", default=None, help="also a generator whose plans are built with these module constants of "
-                "kiln.codegen.lower_attention set, NAME=INT[,..] (e.g. EARLY_KV=0), as --ab-disable")
+ap.add_argument("--ab-set", default=None, help="also a generator whose plans are built with these module constants set, "
+                "NAME=NUMBER[,..]: kiln.codegen.lower_attention's (e.g. EARLY_KV=0), or MODULE.NAME of kiln.codegen "
+                "(e.g. tuning.PLAIN_LAUNCH_MS=0), as --ab-disable")
 ap.add_argument("--ab-env", default=None, help="also a generator whose plans are built and captured with these environment "
                 "variables set, NAME=VALUE[;..] (e.g. KILN_PDL=1+noprefetch: read at each launch, kept by the CUDA graph), as --ab-disable")
 ap.add_argument("--ab-kernels", default=None, help="also a generator with these kernel choices forced, KIND=CHOICE[,..] "
@@ -62,7 +63,7 @@ from kiln.llm.generator import step_inputs  # noqa: E402
 from common import kernels_launched  # noqa: E402
 
 # the --ab-set / --ab-whole-max-keys variant's lower_attention constants
-SETS = {k: int(v) for k, v in (kv.split("=") for kv in a.ab_set.split(","))} if a.ab_set else {}
+SETS = {k: (float(v) if "." in v else int(v)) for k, v in (kv.split("=") for kv in a.ab_set.split(","))} if a.ab_set else {}
 if a.ab_whole_max_keys is not None:
     SETS["WHOLE_MAX_KEYS"] = a.ab_whole_max_keys
 ENV = dict(kv.split("=", 1) for kv in a.ab_env.split(";")) if a.ab_env else {}  # the --ab-env variant's
@@ -243,22 +244,30 @@ class Variant:
             return attr
 
         def call(*args, **kw):
-            from kiln.codegen import lower_attention as lower
-            before, env = {k: getattr(lower, k) for k in SETS}, {k: os.environ.get(k) for k in ENV}
+            targets = {k: _constant(k) for k in SETS}
+            before, env = {k: getattr(mod, name) for k, (mod, name) in targets.items()}, {k: os.environ.get(k) for k in ENV}
             for k, v in SETS.items():
-                setattr(lower, k, v)
+                setattr(*targets[k], v)
             os.environ.update(ENV)
             try:
                 return attr(*args, **kw)
             finally:
                 for k, v in before.items():
-                    setattr(lower, k, v)
+                    setattr(*targets[k], v)
                 for k, v in env.items():
                     if v is None:
                         os.environ.pop(k)
                     else:
                         os.environ[k] = v
         return call
+
+
+def _constant(k: str) -> tuple:
+    # --ab-set's NAME (kiln.codegen.lower_attention's) or MODULE.NAME (kiln.codegen.MODULE's): (module, name)
+    import importlib
+
+    mod, _, name = k.rpartition(".")
+    return importlib.import_module(f"kiln.codegen.{mod or 'lower_attention'}"), name
 
 
 def interleaved(g, g_off, bs: int, prompt, rounds: int = 5) -> list:

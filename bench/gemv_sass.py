@@ -32,9 +32,10 @@ from triton.runtime.jit import JITFunction
 SHAPES = {"qkv": (2048, 3072, False, True), "gate/up": (2048, 16384, True, True), "down": (8192, 2048, False, False),
           "o": (2048, 2048, False, False)}  # name: K, N (weight rows), GLU, fed by an RMSNorm
 # --check's bounds, far from what triton 3.6 and 3.9 compile today (spills 0-96 bytes, outside the loop or reloaded
-# there; 4.2-4.8 SASS instructions a code for WORDS at 4 bits, 5.3-7.5 at 8, 6.6-7.2 for the byte tiles) and far below
-# the regressions they are for (the WORDS norm prologue's 6-13 KB of spills, 85 instructions a code)
-CHECK = dict(spill_bytes=256, per_code={(4, True): 5.5, (8, True): 8.5, (4, False): 8.5, (8, False): 8.5})
+# there; 4.2-4.8 SASS instructions a code for WORDS at 4 bits, 3.7-5.7 at 8, 6.6-7.2 for the byte tiles) and below the
+# regressions they are for (the WORDS norm prologue's 6-13 KB of spills, 85 instructions a code; the 8-bit codes' PRMT
+# lost: 6.0-7.5 a code with the norm prologue, as before session 20)
+CHECK = dict(spill_bytes=256, per_code={(4, True): 5.5, (8, True): 6.0, (4, False): 8.5, (8, False): 8.5})
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
 

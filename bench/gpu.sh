@@ -403,6 +403,42 @@ print('greedy', greedy(x).tolist() == x.argmax(-1).tolist())" 2>&1 | tail -5
         DECODE_JSON=decode_19h_$b.json timeout 150 python3 bench/decode.py --models 1b --batches $b --no-compile-peer \
           --ab-env "KILN_PDL=1+noprefetch" 2>&1 | grep "interleaved\|Error\|error" | tail -3
       done ;;
+    s20e)  # Nsight Compute on the 8B gate/up at one row, int8 and int4, every skinny config (why int8 stays ~2.3 TB/s with
+      # 25% fewer instructions a code); the 1B / 8B w4a16 at batch 1 with the WORDS peel on for its 8-bit LM head against
+      # KILN_PDL=1+noprefetch, one process each
+      NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+      timeout 200 "$NCU" --profile-from-start off --clock-control none --section SpeedOfLight --section WarpStateStats \
+        --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis python3 bench/gemv_ncu.py --shape 8b \
+        --bits 8 4 > "$OUT/ncu_20e.txt" 2>&1
+      grep -E "^int[48] |Duration|DRAM Throughput|Achieved Occupancy|Warp Cycles Per Issued|Registers Per" "$OUT/ncu_20e.txt" | head -90
+      for m in 1b 8b; do
+        DECODE_JSON=decode_20e_$m.json timeout 170 python3 bench/decode.py --models $m --batches 1 --quantize w4a16 \
+          --no-compile-peer --ab-env "KILN_PDL=1+noprefetch" 2>&1 | grep "interleaved\|Error\|error" | tail -3
+      done ;;
+    s20d)  # the tuner's charge for a plain launch (cuBLAS) in a one-row decode decision (tuning.PLAIN_LAUNCH_MS) against
+      # none, the 1B bf16 at batch 1, one process (the variant's decisions keyed apart, so measured again)
+      DECODE_JSON=decode_20d.json timeout 170 python3 bench/decode.py --models 1b --batches 1 --no-compile-peer \
+        --ab-set tuning.PLAIN_LAUNCH_MS=0.0 2>&1 | grep "interleaved\|Error\|error" | tail -3
+      python3 -c "import json; d = json.load(open('$OUT/decode_20d.json'))['1b']['bs1']; print('choices', \
+        d['kiln']['choices'], '/ variant', d['kiln_variant']['choices'])" ;;
+    s20b | s20c)  # the 8-bit WORDS codes by one PRMT (_words_step8) against session 19's shift + LOP3 (qweight_tiles.py of
+      # 9cf8f9d, carried in out/ab), the w8a16 decode at batch 1 in one process per version (each its own tuning cache),
+      # new / old / new, the WORDS peel (KILN_PDL=1+prefetch) interleaved in each. s20b: the GPU tests, the 1B; s20c: the 8B
+      if [ $stage = s20b ]; then
+        timeout 200 python3 -m pytest -q -x -m gpu tests/codegen/test_skinny.py -k "words" 2>&1 | tail -3
+        m=1b; t=150
+      else
+        m=8b; t=190
+      fi
+      cp codegen/kernels/qweight_tiles.py /tmp/qt_new.py
+      for v in new old new2; do
+        if [ $v = old ]; then cp out/ab/qweight_tiles_9cf8f9d.py codegen/kernels/qweight_tiles.py; fi
+        echo "-- $m $v"
+        KILN_CACHE_DIR=/tmp/kiln-cache-$v DECODE_JSON=decode_20_${m}_$v.json timeout $t python3 bench/decode.py --models $m \
+          --batches 1 --quantize w8a16 --no-compile-peer --ab-env "KILN_PDL=1+prefetch" 2>&1 | grep "interleaved\|Error\|error" | tail -3
+        cp /tmp/qt_new.py codegen/kernels/qweight_tiles.py
+        if [ $m = 8b ] && [ $v = old ]; then break; fi
+      done ;;
     s20a)  # next: the WORDS GEMV's first step before its PDL wait (opt-in: KILN_PDL=1+prefetch) against the default, the
            # 1B quantized decode at batch 1, one process each
       for q in w4a16 w8a16; do

@@ -594,7 +594,7 @@ def launch(x2, weight: Weight, epi: Epilogue, out2, m: int, n: int, config: dict
     budget = pdl.l2(x2) if l2 is None else l2
     step = k_chunk // meta["PACK"] * w.element_size() if splits > 1 else 0  # a split's first byte in a row: a multiple
     own_loop = any((config or {}).get(key) for key in ("AHEAD", "MAGIC"))  # (no peeled first step in those loops)
-    own_loop = own_loop or ((config or {}).get("WORDS") and prefetch is None and not pdl.prefetch_words(x2))
+    own_loop = own_loop or ((config or {}).get("WORDS") and prefetch is None and not pdl.prefetch_words(x2, bits))
     meta.update(pdl.kwargs(x2), PREFETCH=not own_loop and (pdl.prefetch(x2, m) if prefetch is None else prefetch),
                 L2_BYTES=pdl.l2_bytes(w, step, budget) if budget else 0)
     if norm is not None:  # the statistics' tiles: ~STATS_ELEMS values, at most K's power of two wide

@@ -15,7 +15,10 @@ The WORDS GEMV (one row of x; ``_words_x`` / ``_words_sz`` load a step, ``_words
 read as int32 words of 8 / 4 codes and x is de-interleaved to match; each code becomes a float by one shift (shared
 by code pairs at 4 bits) and one LOP3, its product is one FMA, and the group's scale and zero apply once a word:
 sum_k (q_k - z) s x_k = s (sum_k f_k x'_k - X' - z X). No interleave, no dequantizing FMA a code: ~4.5 instructions
-a 4-bit code (4.4 counted in the loop's SASS, 5.0 with the norm prologue; triton 3.6, sm_90, 1B gate/up). x loads as
+a 4-bit code (4.4 counted in the loop's SASS, 5.0 with the norm prologue; triton 3.6, sm_90, 1B gate/up). An 8-bit code
+with 16-bit x is one PRMT (``_byte_f32``: the byte under 1.0's exponent at bits 8..15) and x goes in unscaled
+(``_words_step8``): 3.7-4.5 instructions a code at the 1B shapes, 4.3-5.6 with the norm prologue (6.0-7.5 with a
+shift and a LOP3 a code, x scaled per code position). x loads as
 [WORDS, CPW] 16-byte vectors split into its CPW columns in registers. The kernel loads a step's x, norm weight and
 scales a step before its use (plain loads wait for their round trip at first use; the weight tiles go through
 cp.async's pipeline).
@@ -129,6 +132,35 @@ def _code_f32(wd, j: tl.constexpr, PAIRED4: tl.constexpr, BITS: tl.constexpr):
     return bits.to(tl.float32, bitcast=True)
 
 
+# byte j of a word to bits 8..15 between a zero byte 0 and the upper two bytes of float32 1.0: prmt's first operand is 1.0
+# (0x3F800000, its bytes 0..3), the second the word (bytes 4..7); selector nibble i names result byte i's source byte. In
+# this order the selector is SASS's immediate and 1.0 one register for all: with the word first, ptxas takes 1.0 as the
+# immediate and spends a move a code re-making the selector register each PRMT overwrites
+PRMT_BYTE0 = tl.constexpr("prmt.b32 $0, $1, $2, 0x3240;")
+PRMT_BYTE1 = tl.constexpr("prmt.b32 $0, $1, $2, 0x3250;")
+PRMT_BYTE2 = tl.constexpr("prmt.b32 $0, $1, $2, 0x3260;")
+PRMT_BYTE3 = tl.constexpr("prmt.b32 $0, $1, $2, 0x3270;")
+
+
+@triton.jit
+def _byte_f32(wd, j: tl.constexpr):
+    # 8-bit code j of each int32 word wd as the float32 1 + q * 2**-15, exactly, by one PRMT (_code_f32 spends a shift and
+    # a LOP3 putting it at the top of the mantissa, where only float32 x needs it: _words_step8)
+    if INTERPRETED:
+        bits = (((wd >> (8 * j)) & 0xFF) << 8) | ONE
+    else:
+        one = tl.full(wd.shape, 0x3F800000, tl.int32)
+        if j == 0:
+            bits = tl.inline_asm_elementwise(PRMT_BYTE0, "=r,r,r", [one, wd], dtype=tl.int32, is_pure=True, pack=1)
+        elif j == 1:
+            bits = tl.inline_asm_elementwise(PRMT_BYTE1, "=r,r,r", [one, wd], dtype=tl.int32, is_pure=True, pack=1)
+        elif j == 2:
+            bits = tl.inline_asm_elementwise(PRMT_BYTE2, "=r,r,r", [one, wd], dtype=tl.int32, is_pure=True, pack=1)
+        else:
+            bits = tl.inline_asm_elementwise(PRMT_BYTE3, "=r,r,r", [one, wd], dtype=tl.int32, is_pure=True, pack=1)
+    return bits.to(tl.float32, bitcast=True)
+
+
 @triton.jit
 def _split8(v, WORDS: tl.constexpr, CPW: tl.constexpr):
     # v [WORDS, CPW] -> its CPW columns [WORDS] (CPW 4: the last four are column 0 again, unused), split in registers
@@ -223,6 +255,9 @@ def _words_step(acc, acc_u, wd, wu, rstd,
     # Where code j goes, P_j: at the top, 23 - BITS, with float32 x (as exact as the byte-tile path); with 16-bit x at
     # 4 bits, codes 2i - 1 and 2i share one shift to P 15 and 19 (5 shifts for 8 codes), whose x'_j = x_j * 2**8 costs
     # the sums ~2**-16 relative, far below the 16-bit output's rounding
+    if BITS == 8 and x0.dtype != tl.float32:
+        return _words_step8(acc, acc_u, wd, wu, rstd, x0, x1, x2, x3, n0, n1, n2, n3, s, z, s_u, z_u,
+                            HAS_ZEROS, QGROUP, NORM, GLU, BLOCK_N, BLOCK_K)
     CPW: tl.constexpr = 32 // BITS
     WORDS: tl.constexpr = BLOCK_K // CPW
     PAIRED4: tl.constexpr = BITS == 4 and x0.dtype != tl.float32  # (float32 x: every code at the top)
@@ -243,6 +278,72 @@ def _words_step(acc, acc_u, wd, wu, rstd,
     if GLU:
         acc_u = _words_scale(acc_u, t_u, xs, xs_s, s_u, z_u, BITS, HAS_ZEROS, QGROUP, BLOCK_N, BLOCK_K)
     return acc, acc_u
+
+
+@triton.jit
+def _words_step8(acc, acc_u, wd, wu, rstd, x0, x1, x2, x3, n0, n1, n2, n3, s, z, s_u, z_u,
+                 HAS_ZEROS: tl.constexpr, QGROUP: tl.constexpr, NORM: tl.constexpr, GLU: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # _words_step at 8 bits with 16-bit x. With f_j = 1 + q_j * 2**-15 (_byte_f32, one PRMT a code) and x_j as it is,
+    #     t = sum_j f_j x_j = X + 2**-15 sum_j q_j x_j,   so   sum_j (q_j - z) s x_j = 2**15 s (t - (1 + z 2**-15) X)
+    # t starts at -(1 + z 2**-15) X (per word column, or per row and word with zero points), so a code costs one PRMT
+    # and one FMA, a word one FMA more for its scale, and x only its conversion and sum (no scaled copy x'). The running
+    # sum holds X's magnitude: an FMA rounds at ~2**-24 |X|, 2**-9 |x| of the word's sum in scale units, ~2**-16 of the
+    # row's whole sum over K, far below a 16-bit output's rounding (float32 x keeps _words_step's codes at the top)
+    WORDS: tl.constexpr = BLOCK_K // 4
+    SUB: tl.constexpr = (BLOCK_K + QGROUP - 1) // QGROUP
+    x0 = _x_f32(x0, n0, rstd, NORM)
+    x1 = _x_f32(x1, n1, rstd, NORM)
+    x2 = _x_f32(x2, n2, rstd, NORM)
+    x3 = _x_f32(x3, n3, rstd, NORM)
+    X = x0 + x1 + x2 + x3
+    acc += _word_sums8(wd, x0, x1, x2, x3, X, s, z, HAS_ZEROS, SUB, BLOCK_N, WORDS)
+    if GLU:
+        acc_u += _word_sums8(wu, x0, x1, x2, x3, X, s_u, z_u, HAS_ZEROS, SUB, BLOCK_N, WORDS)
+    return acc, acc_u
+
+
+@triton.jit
+def _word_sums8(wd, x0, x1, x2, x3, X, s, z, HAS_ZEROS: tl.constexpr, SUB: tl.constexpr, BLOCK_N: tl.constexpr,
+                WORDS: tl.constexpr):
+    # each word's sum of (q_j - z) s x_j [BLOCK_N, WORDS] (_words_step8): t from -(1 + z 2**-15) X, a PRMT and an FMA a
+    # code, then 2**15 s t
+    t = _words_start8(X, z, HAS_ZEROS, SUB, BLOCK_N, WORDS)
+    t += _byte_f32(wd, 0) * x0[None, :]
+    t += _byte_f32(wd, 1) * x1[None, :]
+    t += _byte_f32(wd, 2) * x2[None, :]
+    t += _byte_f32(wd, 3) * x3[None, :]
+    return _words_scaled8(t, s, SUB, BLOCK_N, WORDS)
+
+
+@triton.jit
+def _x_f32(xj, nj, rstd, NORM: tl.constexpr):
+    # x_j as float32, normalised as _norm_tile rounds with NORM
+    if NORM:
+        xj = _rms_scale(xj, rstd, nj)
+    return xj.to(tl.float32)
+
+
+@triton.jit
+def _words_start8(X, z, HAS_ZEROS: tl.constexpr, SUB: tl.constexpr, BLOCK_N: tl.constexpr, WORDS: tl.constexpr):
+    # _words_step8's t before the codes, -(1 + z 2**-15) X [BLOCK_N, WORDS] (X [WORDS]: each word column's sum of x; z the
+    # raw zeros [BLOCK_N, SUB], else the symmetric 128: one multiply a word column)
+    if not HAS_ZEROS:
+        return tl.broadcast_to((X * -(1.0 + 2.0 ** -8))[None, :], (BLOCK_N, WORDS))
+    nz = z.to(tl.float32) * -(2.0 ** -15)
+    if SUB == 1:
+        return nz * X[None, :] - X[None, :]
+    X3 = tl.reshape(X, (SUB, WORDS // SUB))[None, :, :]
+    return tl.reshape(nz[:, :, None] * X3 - X3, (BLOCK_N, WORDS))
+
+
+@triton.jit
+def _words_scaled8(t, s, SUB: tl.constexpr, BLOCK_N: tl.constexpr, WORDS: tl.constexpr):
+    # 2**15 s t: each word's t by its group's raw scale s [BLOCK_N, SUB] times 2**15 (exact)
+    s = s.to(tl.float32) * 32768.0
+    if SUB == 1:
+        return s * t
+    return tl.reshape(s[:, :, None] * tl.reshape(t, (BLOCK_N, SUB, WORDS // SUB)), (BLOCK_N, WORDS))
 
 
 @triton.jit

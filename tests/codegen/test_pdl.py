@@ -152,17 +152,22 @@ def test_prefetched_words_step_gives_the_same_bits(monkeypatch, bits, split, glu
     kw["config"] = dict(kw["config"], WORDS=True, BLOCK_K=16 * 32 // bits)
     plain = skinny.skinny_gemm(x, **kw)
     monkeypatch.setattr(pdl, "prefetch", lambda t, rows=1: True)
-    monkeypatch.setattr(pdl, "prefetch_words", lambda t: True)
+    monkeypatch.setattr(pdl, "prefetch_words", lambda t, bits: True)
     assert torch.equal(skinny.skinny_gemm(x, **kw), plain)
     monkeypatch.setattr(pdl, "prefetch", lambda t, rows=1: False)
     assert torch.equal(skinny.skinny_gemm(x, **kw), plain)
 
 
-def test_words_prefetch_is_opt_in(monkeypatch):
+def test_words_prefetch_is_on_for_8_bit_codes(monkeypatch):
+    # the WORDS peel: on by default for 8-bit codes ("noprefetch" turns it off), for 4-bit ones with "prefetch" only
     monkeypatch.setattr(pdl, "enabled", lambda t: True)
-    for flag, want in ((None, False), ("1", False), ("1+prefetch", True), ("prefetch+l2", True)):
+    for flag, want4, want8 in ((None, False, True), ("1", False, True), ("1+noprefetch", False, False),
+                               ("1+prefetch", True, True), ("prefetch+l2", True, True)):
         if flag is None:
             monkeypatch.delenv(pdl.ENV, raising=False)
         else:
             monkeypatch.setenv(pdl.ENV, flag)
-        assert pdl.prefetch_words(torch.zeros(1)) == want, flag
+        assert (pdl.prefetch_words(torch.zeros(1), 4), pdl.prefetch_words(torch.zeros(1), 8)) == (want4, want8), flag
+    monkeypatch.setattr(pdl, "enabled", lambda t: False)
+    monkeypatch.delenv(pdl.ENV, raising=False)
+    assert not pdl.prefetch_words(torch.zeros(1), 8)
