@@ -43,7 +43,7 @@ ap.add_argument("--ab-whole-max-keys", type=int, default=None, help="also a gene
                 "codegen.lower_attention.WHOLE_MAX_KEYS at this value (0: the one-split decode attention never offered), as --ab-disable")
 ap.add_argument("--ab-set", default=None, help="also a generator whose plans are built with these module constants set, "
                 "NAME=NUMBER[,..]: kiln.codegen.lower_attention's (e.g. EARLY_KV=0), or MODULE.NAME of kiln.codegen "
-                "(e.g. tuning.PLAIN_LAUNCH_MS=0), as --ab-disable")
+                "(e.g. tuning.EXTRA_LAUNCH_MS=0.0), as --ab-disable")
 ap.add_argument("--ab-env", default=None, help="also a generator whose plans are built and captured with these environment "
                 "variables set, NAME=VALUE[;..] (e.g. KILN_PDL=1+noprefetch: read at each launch, kept by the CUDA graph), as --ab-disable")
 ap.add_argument("--ab-kernels", default=None, help="also a generator with these kernel choices forced, KIND=CHOICE[,..] "
@@ -114,9 +114,9 @@ def step_time_ms(fn, reps: int) -> float:
 def call_times(plan) -> list | None:
     """Each call of the step alone, cold: a 256 MB write over L2, a ~1 ms spin of the GPU, then the call between two
     events (the spin keeps the GPU busy while the host launches the call, so launch time does not count: the write
-    alone was too short for a Python launch of a Triton kernel, and run 1 of session 5 timed launches). Calls of one group kind, choice and
-    weight shape are merged: [kind, choice, weight shape, calls per step, us per call (median), weight MB, GB/s of the
-    weight]. The GEMVs' GB/s against the copy rate is where a batch-1 step's time goes. None on the CPU."""
+    alone was too short for a Python launch of a Triton kernel, and run 1 of session 5 timed launches). Calls of one group
+    kind, choice (with its configuration) and weight shape are merged: [kind, choice, weight shape, calls per step, us per
+    call (median), weight MB, GB/s of the weight]. The GEMVs' GB/s against the copy rate is where a batch-1 step's time goes. None on the CPU."""
     if DEVICE != "cuda":
         return None
     try:
@@ -143,7 +143,7 @@ def _call_times(plan) -> list:
             e.record()
             e.synchronize()
             times.append(s.elapsed_time(e) * 1e3)
-        key = (call.kind, call.choice.split(":")[0], tuple(wt.shape) if mb else None)
+        key = (call.kind, call.choice, tuple(wt.shape) if mb else None)  # (the choice with its configuration: one a shape)
         rows.setdefault(key, [mb]).append(sorted(times)[2])
     out = []
     for (kind, choice, shape), (mb, *us) in rows.items():

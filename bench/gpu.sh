@@ -403,6 +403,17 @@ print('greedy', greedy(x).tolist() == x.argmax(-1).tolist())" 2>&1 | tail -5
         DECODE_JSON=decode_19h_$b.json timeout 150 python3 bench/decode.py --models 1b --batches $b --no-compile-peer \
           --ab-env "KILN_PDL=1+noprefetch" 2>&1 | grep "interleaved\|Error\|error" | tail -3
       done ;;
+    s20f)  # the tuner's cold timings of the 8B's one-row gate/up, every candidate (from the tuning cache), w8a16 and w4a16:
+      # why the norm-fused GEMV (49.8 us cold in the w8a16 plan) beat norm kernel + WORDS (35.6 us alone under ncu, s20e)
+      for mq in 8b:w8a16:28672 8b:w4a16:28672 1b:w8a16:16384; do
+        IFS=: read -r m q rows <<< "$mq"
+        echo "-- $m $q"
+        KILN_CACHE_DIR=/tmp/kc-$m$q DECODE_JSON=decode_20f_$m$q.json timeout 200 python3 bench/decode.py --models $m \
+          --batches 1 --quantize $q --no-compile-peer 2>&1 | grep -i "error" | tail -2
+        python3 bench/tuning_dump.py /tmp/kc-$m$q --rows $rows | tee "$OUT/tuning_20f_$m$q.txt"
+        python3 -c "import json; d = json.load(open('$OUT/decode_20f_$m$q.json'))['$m']['bs1']['kiln']; print('$q', \
+          {k: d[k] for k in ('decode_tok_s', 'step_ms', 'choices')})"
+      done ;;
     s20e)  # Nsight Compute on the 8B gate/up at one row, int8 and int4, every skinny config (why int8 stays ~2.3 TB/s with
       # 25% fewer instructions a code); the 1B / 8B w4a16 at batch 1 with the WORDS peel on for its 8-bit LM head against
       # KILN_PDL=1+noprefetch, one process each
@@ -416,7 +427,8 @@ print('greedy', greedy(x).tolist() == x.argmax(-1).tolist())" 2>&1 | tail -5
           --no-compile-peer --ab-env "KILN_PDL=1+noprefetch" 2>&1 | grep "interleaved\|Error\|error" | tail -3
       done ;;
     s20d)  # the tuner's charge for a plain launch (cuBLAS) in a one-row decode decision (tuning.PLAIN_LAUNCH_MS) against
-      # none, the 1B bf16 at batch 1, one process (the variant's decisions keyed apart, so measured again)
+      # none, the 1B bf16 at batch 1, one process (the variant's decisions keyed apart, so measured again). Needs commit
+      # bcc885e: the charge was taken out again after s20e (bench/NOTES.md, session 20)
       DECODE_JSON=decode_20d.json timeout 170 python3 bench/decode.py --models 1b --batches 1 --no-compile-peer \
         --ab-set tuning.PLAIN_LAUNCH_MS=0.0 2>&1 | grep "interleaved\|Error\|error" | tail -3
       python3 -c "import json; d = json.load(open('$OUT/decode_20d.json'))['1b']['bs1']; print('choices', \

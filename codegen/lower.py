@@ -49,9 +49,7 @@ from .kernels import skinny as ts
 from .kernels import tma_gemm as tt
 from .kernels.epilogue import epilogue
 from .pointwise import launch
-from . import tuning
-from .kernels import pdl
-from .tuning import launches, plain_launch, with_launches
+from .tuning import launches, with_launches
 
 # template configurations measured per shape besides cuBLAS / SDPA. Each is a Triton compile (1-2 s) of a cold
 # start; one GEMM configuration (the template lost to cuBLAS at every measured shape) keeps DiT-XL/2's cold
@@ -191,21 +189,7 @@ def gemm(args: list, attrs: dict, out: torch.Tensor, tmp: torch.Tensor | None, d
     if decode:  # (a decision cached before the skinny template, or its one-launch split-K, was a candidate is not one
         what["skinny"] = SKINNY_CANDIDATES  # between these)
         what["weights"] = "cold"  # a decode GEMM streams its weight from HBM: timed so (tuning.py)
-        _mark_plain(what, candidates, x, m, norm)
     return _norm_what(what, norm), candidates
-
-
-def _mark_plain(what: dict, candidates: dict, x: torch.Tensor, m: int, norm: dict | None) -> None:
-    """Where the skinny candidates read their weights before their PDL wait (``pdl.prefetch``: one row), mark every
-    other candidate ``plain_launch`` (cuBLAS; a norm kernel, a plain launch at one row, before the GEMM) and key the
-    decision by the charge (tuning.PLAIN_LAUNCH_MS), so that decisions made without it are measured again."""
-    if not pdl.prefetch(x, m):
-        return
-    pdl_ones = "triton-skinny-norm" if norm is not None else "triton-skinny"
-    for name, fn in candidates.items():
-        if name.split(":")[0] != pdl_ones:
-            plain_launch(fn)
-    what["plain_launch_ms"] = tuning.PLAIN_LAUNCH_MS
 
 
 def _skinny_configs(m: int, n: int, k: int, bits: int | None, glu: bool, device: torch.device, norm: bool = False,
@@ -301,7 +285,6 @@ def qgemm(args: list, attrs: dict, out: torch.Tensor, tmp: torch.Tensor | None, 
     if decode:
         what["skinny"] = SKINNY_CANDIDATES
         what["weights"] = "cold"
-        _mark_plain(what, candidates, x, m, norm)
     return _norm_what(what, norm), candidates
 
 

@@ -56,25 +56,12 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # kernels run in Pyt
 # GEMVs (near-ties when timed alone) ran 0.951 and 0.990 ms a step, ~2.6 us a launch more than the timing alone said;
 # it also steadies the choice between processes where one- and two-launch forms time within the noise
 EXTRA_LAUNCH_MS = 0.002
-# what such a decision also charges a candidate with a plain launch (``plain_launch``: cuBLAS, a norm kernel before the
-# GEMM) where kiln's own candidates read their weights before their programmatic-dependent-launch wait (one row of x,
-# codegen/kernels/pdl.py ``prefetch``): a plain launch waits for the kernel before it to end, and the kernel after it
-# cannot start early either. Timed alone the two forms of the 1B's one-row o projection tie (cuBLASLt 9.0 us cold); two
-# processes on two machines, the one whose tuner took cuBLASLt for it ran 1,128 tok/s, the other 1,199 (~3 us a layer,
-# bench/NOTES.md, session 19, runs 6 and 7)
-PLAIN_LAUNCH_MS = 0.003
 
 
 def with_launches(fn: Callable[[], object], n: int) -> Callable[[], object]:
     """``fn`` marked as a candidate of ``n`` kernel launches (a decode decision charges the ones past the first:
     ``EXTRA_LAUNCH_MS``); returns it."""
     fn.launches = n
-    return fn
-
-
-def plain_launch(fn: Callable[[], object]) -> Callable[[], object]:
-    """``fn`` marked as a candidate that launches without programmatic dependent launch (``PLAIN_LAUNCH_MS``)."""
-    fn.plain = True
     return fn
 
 
@@ -300,10 +287,9 @@ class Tuner:
             raise RuntimeError(f"no {kind} implementation ran for {what}: " + "; ".join(f"{k}: {v}" for k, v in failed.items()))
         decode = cold or "decode" in what  # (EXTRA_LAUNCH_MS)
         extra = {name: n - 1 for name in ms if (n := launches(candidates[name])) > 1} if decode else {}
-        plain = [name for name in ms if getattr(candidates[name], "plain", False)] if decode else []
-        choice = min(ms, key=lambda name: ms[name] + EXTRA_LAUNCH_MS * extra.get(name, 0) + PLAIN_LAUNCH_MS * (name in plain))
+        choice = min(ms, key=lambda name: ms[name] + EXTRA_LAUNCH_MS * extra.get(name, 0))
         return {"kind": kind, "what": what, "choice": choice, "ms": ms, **({"extra_launches": extra} if extra else {}),
-                **({"plain_launches": plain} if plain else {}), **({"failed": failed} if failed else {})}
+                **({"failed": failed} if failed else {})}
 
     def to_json(self) -> dict:
         """What ``tuning.json`` holds: every decision with its measurements."""

@@ -98,32 +98,6 @@ def test_skinny_reads_the_weight_early_only_where_it_is_stored(monkeypatch, stat
     assert seen and set(seen) == {bool(static)}
 
 
-@pytest.mark.parametrize("op", ["GEMM", "QGEMM"])
-@pytest.mark.parametrize("norm", [False, True])
-@pytest.mark.parametrize("prefetch", [False, True])
-def test_one_row_decode_marks_the_plain_launches(monkeypatch, op, norm, prefetch):
-    # where the skinny candidates read their weight before their PDL wait (pdl.prefetch: one row), every other candidate
-    # (cuBLAS, the dequantizing fallback, a norm kernel before any GEMM) is a plain launch the tuner charges, and the
-    # decision's key says so; elsewhere nothing is marked and the key is as before
-    monkeypatch.setattr(lower.pdl, "prefetch", lambda t, rows=1: prefetch)
-    n, k = 16, 64
-    x, _, out = operands((1,), n, k, torch.float32, False, False, False, False)
-    attrs = dict(bias=False, act="none", glu=False, gate=False, residual=False)
-    if op == "QGEMM":
-        qw = quantize_rtn(r(n, k) / k ** 0.5, 8, k, symmetric=True)
-        weight, attrs = [qw.qweight, qw.scales], dict(attrs, bits=8, group=k, zeros=False)
-    else:
-        weight = [r(n, k)]
-    prologue = dict(x=x, w=torch.ones(k), eps=1e-5, unit=False, run=lambda: None) if norm else None
-    what, candidates = (lower.qgemm if op == "QGEMM" else lower.gemm)([x] + weight, attrs, out, None, CPU, None, prologue)
-    pdl_ones = "triton-skinny-norm" if norm else "triton-skinny"
-    plain = {name for name, fn in candidates.items() if getattr(fn, "plain", False)}
-    assert any(name.startswith(pdl_ones + ":") for name in candidates)
-    want = {name for name in candidates if name.split(":")[0] != pdl_ones} if prefetch else set()
-    assert plain == want and ("plain_launch_ms" in what) == prefetch
-    assert not prefetch or {"cublas" if op == "GEMM" else "dequant-cublas"} <= plain
-
-
 def test_workspace_bytes_only_where_a_skinny_candidate_runs():
     attrs = dict(bits=4, glu=True)
     assert lower.workspace_bytes("QGEMM", attrs, (17, 64), (40, 32), torch.float32, CPU) == 0  # 17 rows: qgemm's

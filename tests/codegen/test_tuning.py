@@ -88,20 +88,6 @@ def test_a_decode_decision_charges_extra_launches(monkeypatch):
         assert d.get("extra_launches") == ({"two-launch": 1} if what else None)
 
 
-def test_a_decode_decision_charges_plain_launches(monkeypatch):
-    """A decode decision adds PLAIN_LAUNCH_MS to a candidate marked ``plain_launch`` (no PDL) and records which it
-    charged; other decisions take the fastest as timed."""
-    import kiln.codegen.tuning as tuning
-
-    monkeypatch.setattr(tuning, "PLAIN_LAUNCH_MS", 20.0)
-    calls = []
-    cands = {"pdl": _sleeper(8, calls), "library": tuning.plain_launch(_sleeper(2, calls))}
-    for what, choice in (({"weights": "cold"}, "pdl"), ({}, "library")):
-        d = Tuner.measure("gemm", what, cands, torch.device("cpu"))
-        assert d["choice"] == choice and d["ms"]["library"] < d["ms"]["pdl"]
-        assert d.get("plain_launches") == (["library"] if what else None)
-
-
 @pytest.mark.gpu
 def test_cold_timing_on_cuda():
     """A cold sample is one run after L2 is overwritten: a GEMV of a 16 MB weight (L2-resident when warm) measures
