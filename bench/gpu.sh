@@ -403,6 +403,16 @@ print('greedy', greedy(x).tolist() == x.argmax(-1).tolist())" 2>&1 | tail -5
         DECODE_JSON=decode_19h_$b.json timeout 150 python3 bench/decode.py --models 1b --batches $b --no-compile-peer \
           --ab-env "KILN_PDL=1+noprefetch" 2>&1 | grep "interleaved\|Error\|error" | tail -3
       done ;;
+    s21a)  # next: the WORDS GEMV with NORM_POST (no statistics pass before its loop): GPU tests of every NORM_POST config
+      # (1 / 16 rows, bf16 / int4 / int8), then the quantized decode at batch 1 against the same plans without those
+      # candidates, one process each; then run s20f (the tuner's timings of the one-row gate/up)
+      timeout 200 python3 -m pytest -q -x -m gpu tests/codegen/test_skinny_norm_post.py tests/codegen/test_skinny.py -k \
+        "norm_post or words" 2>&1 | tail -3
+      for mq in 8b:w8a16 8b:w4a16 1b:w8a16; do
+        IFS=: read -r m q <<< "$mq"
+        DECODE_JSON=decode_21a_$m$q.json timeout 200 python3 bench/decode.py --models $m --batches 1 --quantize $q \
+          --no-compile-peer --ab-set kernels.skinny.WORDS_NORM_POST=0 2>&1 | grep "interleaved\|Error\|error" | tail -3
+      done ;;
     s20f)  # the tuner's cold timings of the 8B's one-row gate/up, every candidate (from the tuning cache), w8a16 and w4a16:
       # why the norm-fused GEMV (49.8 us cold in the w8a16 plan) beat norm kernel + WORDS (35.6 us alone under ncu, s20e)
       for mq in 8b:w8a16:28672 8b:w4a16:28672 1b:w8a16:16384; do

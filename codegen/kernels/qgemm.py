@@ -300,8 +300,11 @@ def _wgemm_kernel(
         tl.extra.cuda.gdc_wait()
     rstd = eps  # (rstd, nw: unused without NORM)
     nw = eps
-    if NORM and NORM_POST:  # rstd: the rows' sums of squares until after the loop
-        tl.static_assert(not WORDS, "NORM_POST: the loops that load x as tiles, not WORDS")
+    # the WORDS steps' norm (qweight_tiles._x_normed): 1 the prologue's, 2 NORM_POST's
+    WNORM: tl.constexpr = (2 if NORM_POST else 1) if NORM else 0
+    if NORM and NORM_POST and WORDS:  # rstd: the word columns' sums of squares until after the loop (the norm weight
+        rstd = tl.zeros((BLOCK_K * BITS // 32,), dtype=tl.float32)  # loads with x)
+    elif NORM and NORM_POST:  # rstd: the rows' sums of squares until after the loop
         rstd = tl.zeros((BLOCK_M,), dtype=tl.float32)
         nw = _norm_weight(nw_ptr, k_lo, K, offs_k)
     elif NORM:
@@ -327,8 +330,8 @@ def _wgemm_kernel(
                 x_ptr, nw_ptr, rows * stride_xm, k_lo + BLOCK_K, K, stride_xk, NORM, BITS, BLOCK_K)
             s2, z2, s2_u, z2_u = _words_sz(s_ptr, z_ptr, cols, mask_n, k_lo + BLOCK_K, K, N, stride_sn, stride_sg, stride_zn,
                                            stride_zg, HAS_ZEROS, QGROUP, GLU, BLOCK_K)
-            acc, acc_u = _words_step(acc, acc_u, wd0, wu0, rstd, x0, x1, x2, x3, x4, x5, x6, x7, n0, n1, n2, n3, n4, n5, n6, n7,
-                                     s, z, s_u, z_u, BITS, HAS_ZEROS, QGROUP, NORM, GLU, BLOCK_N, BLOCK_K)
+            acc, acc_u, rstd = _words_step(acc, acc_u, wd0, wu0, rstd, x0, x1, x2, x3, x4, x5, x6, x7, n0, n1, n2, n3, n4, n5,
+                                           n6, n7, s, z, s_u, z_u, BITS, HAS_ZEROS, QGROUP, WNORM, GLU, BLOCK_N, BLOCK_K)
             x0, x1, x2, x3, x4, x5, x6, x7 = y0, y1, y2, y3, y4, y5, y6, y7
             n0, n1, n2, n3, n4, n5, n6, n7 = m0, m1, m2, m3, m4, m5, m6, m7
             s, z, s_u, z_u = s2, z2, s2_u, z2_u
@@ -342,9 +345,9 @@ def _wgemm_kernel(
             s2, z2, s2_u, z2_u = _words_sz(s_ptr, z_ptr, cols, mask_n, kk + BLOCK_K, K, N, stride_sn, stride_sg, stride_zn,
                                            stride_zg, HAS_ZEROS, QGROUP, GLU, BLOCK_K)
             wd, wu = _words_load(w_ptr, cols, mask_n, kk, K, N, stride_wn, BITS, GLU, BLOCK_K)
-            acc, acc_u = _words_step(acc, acc_u, wd, wu, rstd,
-                                     x0, x1, x2, x3, x4, x5, x6, x7, n0, n1, n2, n3, n4, n5, n6, n7, s, z, s_u, z_u,
-                                     BITS, HAS_ZEROS, QGROUP, NORM, GLU, BLOCK_N, BLOCK_K)
+            acc, acc_u, rstd = _words_step(acc, acc_u, wd, wu, rstd,
+                                           x0, x1, x2, x3, x4, x5, x6, x7, n0, n1, n2, n3, n4, n5, n6, n7, s, z, s_u, z_u,
+                                           BITS, HAS_ZEROS, QGROUP, WNORM, GLU, BLOCK_N, BLOCK_K)
             x0, x1, x2, x3, x4, x5, x6, x7 = y0, y1, y2, y3, y4, y5, y6, y7
             n0, n1, n2, n3, n4, n5, n6, n7 = m0, m1, m2, m3, m4, m5, m6, m7
             s, z, s_u, z_u = s2, z2, s2_u, z2_u
@@ -406,6 +409,8 @@ def _wgemm_kernel(
         acc = tl.sum(acc, 1)[None, :]  # [1, BLOCK_N]
         if GLU:
             acc_u = tl.sum(acc_u, 1)[None, :]
+    if WORDS and NORM and NORM_POST:  # the word columns' sums of squares -> the row's, [BLOCK_M] (one row)
+        rstd = tl.zeros((BLOCK_M,), dtype=tl.float32) + tl.sum(rstd, 0)
 
     mask = mask_m[:, None] & mask_n[None, :]
     POST: tl.constexpr = NORM and NORM_POST  # the rows' 1 / rms scales the products before the epilogue

@@ -214,10 +214,8 @@ def _words_sz(s_ptr, z_ptr, cols, mask_n, kk, K, N, stride_sn, stride_sg, stride
 
 @triton.jit
 def _x_use(xj, nj, rstd, j: tl.constexpr, PAIRED4: tl.constexpr, NORM: tl.constexpr, BITS: tl.constexpr):
-    # x_j as float32 (normalised as _norm_tile rounds, with NORM) and x'_j = x_j * 2**(23 - P_j) (_code_f32's P)
-    if NORM:
-        xj = _rms_scale(xj, rstd, nj)
-    xj = xj.to(tl.float32)
+    # x_j as float32 (normalised, _x_normed) and x'_j = x_j * 2**(23 - P_j) (_code_f32's P)
+    xj = _x_normed(xj, nj, rstd, NORM).to(tl.float32)
     P: tl.constexpr = 23 - BITS - 4 * (j % 2) * PAIRED4
     return xj, xj * (1 << (23 - P))
 
@@ -254,10 +252,15 @@ def _words_step(acc, acc_u, wd, wu, rstd,
     # LOP3 and one FMA (module docstring). acc [BLOCK_N, WORDS] float32, summed over words after the loop.
     # Where code j goes, P_j: at the top, 23 - BITS, with float32 x (as exact as the byte-tile path); with 16-bit x at
     # 4 bits, codes 2i - 1 and 2i share one shift to P 15 and 19 (5 shifts for 8 codes), whose x'_j = x_j * 2**8 costs
-    # the sums ~2**-16 relative, far below the 16-bit output's rounding
+    # the sums ~2**-16 relative, far below the 16-bit output's rounding.
+    # NORM (_x_normed): 1, x normalised by the row's 1 / rms (rstd); 2 (NORM_POST), x times the norm weight, and rstd
+    # the word columns' running sums of squares [WORDS], this step's added. Returns (acc, acc_u, rstd)
+    if NORM == 2:
+        rstd += _squares(x0, x1, x2, x3, x4, x5, x6, x7, 32 // BITS)
     if BITS == 8 and x0.dtype != tl.float32:
-        return _words_step8(acc, acc_u, wd, wu, rstd, x0, x1, x2, x3, n0, n1, n2, n3, s, z, s_u, z_u,
-                            HAS_ZEROS, QGROUP, NORM, GLU, BLOCK_N, BLOCK_K)
+        acc, acc_u = _words_step8(acc, acc_u, wd, wu, rstd, x0, x1, x2, x3, n0, n1, n2, n3, s, z, s_u, z_u,
+                                  HAS_ZEROS, QGROUP, NORM, GLU, BLOCK_N, BLOCK_K)
+        return acc, acc_u, rstd
     CPW: tl.constexpr = 32 // BITS
     WORDS: tl.constexpr = BLOCK_K // CPW
     PAIRED4: tl.constexpr = BITS == 4 and x0.dtype != tl.float32  # (float32 x: every code at the top)
@@ -277,7 +280,7 @@ def _words_step(acc, acc_u, wd, wu, rstd,
     acc = _words_scale(acc, t, xs, xs_s, s, z, BITS, HAS_ZEROS, QGROUP, BLOCK_N, BLOCK_K)
     if GLU:
         acc_u = _words_scale(acc_u, t_u, xs, xs_s, s_u, z_u, BITS, HAS_ZEROS, QGROUP, BLOCK_N, BLOCK_K)
-    return acc, acc_u
+    return acc, acc_u, rstd
 
 
 @triton.jit
@@ -318,10 +321,31 @@ def _word_sums8(wd, x0, x1, x2, x3, X, s, z, HAS_ZEROS: tl.constexpr, SUB: tl.co
 
 @triton.jit
 def _x_f32(xj, nj, rstd, NORM: tl.constexpr):
-    # x_j as float32, normalised as _norm_tile rounds with NORM
-    if NORM:
+    # x_j as float32, normalised (_x_normed)
+    return _x_normed(xj, nj, rstd, NORM).to(tl.float32)
+
+
+@triton.jit
+def _x_normed(xj, nj, rstd, NORM: tl.constexpr):
+    # the WORDS GEMV's x_j with its norm weight's n_j, in x's dtype. NORM 1 (the prologue; rstd: the row's 1 / rms, a
+    # scalar): normalised as _norm_tile rounds; NORM 2 (NORM_POST; the row's 1 / rms scales the sums after the loop):
+    # x_j times n_j, rounded once; 0: x_j
+    if NORM == 2:
+        xj = (xj.to(tl.float32) * nj.to(tl.float32)).to(xj.dtype)
+    elif NORM == 1:
         xj = _rms_scale(xj, rstd, nj)
-    return xj.to(tl.float32)
+    return xj
+
+
+@triton.jit
+def _squares(x0, x1, x2, x3, x4, x5, x6, x7, CPW: tl.constexpr):
+    # NORM_POST's statistics of one WORDS step: each word column's sum of x_j**2 (raw x), [WORDS] float32
+    ss = x0.to(tl.float32) * x0.to(tl.float32) + x1.to(tl.float32) * x1.to(tl.float32)
+    ss += x2.to(tl.float32) * x2.to(tl.float32) + x3.to(tl.float32) * x3.to(tl.float32)
+    if CPW == 8:
+        ss += x4.to(tl.float32) * x4.to(tl.float32) + x5.to(tl.float32) * x5.to(tl.float32)
+        ss += x6.to(tl.float32) * x6.to(tl.float32) + x7.to(tl.float32) * x7.to(tl.float32)
+    return ss
 
 
 @triton.jit

@@ -47,7 +47,10 @@ Config NORM_POST skips that pass: RMSNORM(x) @ W^T = rstd * ((x * norm_weight) @
 the loop multiplies the x tiles it loads anyway by the norm weight (rounded once to x's dtype) and sums their
 squares, and the epilogue scales each row by 1 / rms (split-K: each program's sums of squares beside its partials in
 the workspace, added in split order by the last program). Session 14 on the H200: ahead of "norm kernel + cuBLAS" at
-the 1B's 16-row qkv (12.3 / 12.6 us cold), at one row level with the prologue.
+the 1B's 16-row qkv (12.3 / 12.6 us cold), at one row level with the prologue. The WORDS GEMV (one row, x de-interleaved
+as the words are) has it too: each step's x values times the norm weight, the word columns' squares summed until after the
+loop (session 20, not yet measured: at the 8B's one-row gate/up the plan's norm-fused GEMV ran 49.8 us cold against
+35.6 us for the plain WORDS GEMV alone under Nsight Compute).
 
 Which configuration is fastest depends on the shape and is measured by kiln's tuner: ``configs`` lists a few
 worth trying on an H200; ``skinny_gemm`` without a config runs the first of them.
@@ -145,6 +148,8 @@ MAGIC_TILES = [Tile(64, 128, 4, 4, True, magic=True), Tile(128, 128, 4, 3, True,
 # programs) the fastest of 55 tiles measured on the H200 (bench/decode_gemm.py --sweep, session 5: 5.6 us vs 6.7 for
 # the default at qkv, 5.0 vs 6.0 at o): there, split-K's partials and last-program reduction cost more than the
 # loads in flight it adds
+# the WORDS tiles come with NORM_POST too (configs; a switch for bench/decode.py --ab-set kernels.skinny.WORDS_NORM_POST=0)
+WORDS_NORM_POST = True
 WHOLE_K = {(False, 0): Tile(16, 512, 8, 3)}
 
 
@@ -241,9 +246,9 @@ def configs(m: int, n: int, k: int, bits: int | None = None, glu: bool = False, 
     at 2..16 rows the fourth is the default tile at half its splits: every program reads x's rows whole for the
     statistics (M x K values), so the programs' statistics traffic (from L2) grows with the splits, by the weight's
     bytes at 16 rows and 192 programs of the 1B's qkv. A 4-bit weight whose ``group`` is given (its group size; 0 or K:
-    one group a row) also gets the MAGIC_TILES, after the others; with ``norm``, the first two tiles that load x as tiles
-    and the first MAGIC tile come again with NORM_POST (the norm's statistics summed in the main loop, no prologue
-    pass: qgemm.py)."""
+    one group a row) also gets the MAGIC_TILES, after the others; with ``norm``, the first two tiles that load x as tiles,
+    the WORDS tiles and the first MAGIC tile come again with NORM_POST (the norm's statistics summed in the main loop, no
+    prologue pass: qgemm.py)."""
     if not 1 <= m <= MAX_M:
         raise ValueError(f"skinny configs: m = {m} rows, the template takes 1..{MAX_M}")
     dot = m > 1
@@ -270,8 +275,10 @@ def configs(m: int, n: int, k: int, bits: int | None = None, glu: bool = False, 
     unique = unique[:5 if whole_words and not dot else 4]
     if bits == 4 and group is not None and (not 0 < group < k or group >= 16):
         unique += [c for c in (tile_config(m, n, k, bits, glu, t, group=group) for t in MAGIC_TILES) if c not in unique]
-    if norm:  # the norm without its statistics pass (NORM_POST): the first two tiles that load x as tiles, and MAGIC's
+    if norm:  # the norm without its statistics pass (NORM_POST): the first two tiles that load x as tiles, the WORDS
+        # tiles, and MAGIC's first
         tiles = [c for c in unique if not c.get("WORDS") and c.get("REDUCE") != "separate" and not c.get("MAGIC")][:2]
+        tiles += [c for c in unique if c.get("WORDS") and c.get("REDUCE") != "separate"] if WORDS_NORM_POST else []
         unique += [dict(c, NORM_POST=True) for c in tiles + [c for c in unique if c.get("MAGIC")][:1]]
     return unique
 
@@ -301,9 +308,9 @@ def _resolve(m: int, n: int, k: int, bits: int | None, glu: bool, config: dict |
         raise ValueError(f"skinny_gemm: config {config!r}: AHEAD is the byte-tile GEMV of a 4- / 8-bit weight (not WORDS)")
     if c.get("MAGIC") and not (c["DOT"] and c["SWAP"] and bits == 4):
         raise ValueError(f"skinny_gemm: config {config!r}: MAGIC is the swapped tl.dot tile (DOT, SWAP) of a 4-bit weight")
-    if c.get("NORM_POST") and (c.get("WORDS") or c["REDUCE"] != "last"):
+    if c.get("NORM_POST") and c["REDUCE"] != "last":
         raise ValueError(f"skinny_gemm: config {config!r}: NORM_POST (the norm's statistics summed in the main loop) needs "
-                         f"the x tiles (not WORDS) and split-K reduced by the last program (REDUCE 'last')")
+                         f"split-K reduced by the last program (REDUCE 'last')")
     if "maxnreg" in c and not (isinstance(c["maxnreg"], int) and 24 <= c["maxnreg"] <= 255):
         raise ValueError(f"skinny_gemm: config {config!r}: maxnreg must be an int in 24..255 (registers a thread)")
     if "L2" in c and not (isinstance(c["L2"], int) and c["L2"] >= 0):

@@ -55,12 +55,34 @@ def test_norm_post_epilogues_magic_and_prefetch(monkeypatch, m):
     assert torch.equal(skinny_gemm(x, **wp, norm_weight=nw, norm_eps=1e-5, config=post), plain)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("bits,group", [(4, 32), (8, "K")])
+@pytest.mark.parametrize("split", [1, 3])
+def test_words_norm_post(bits, group, split, dtype):
+    # the WORDS GEMV (one row, x de-interleaved as the int32 words are) with NORM_POST: each step's x times the norm
+    # weight and the word columns' squares summed, the row's 1 / rms after the loop. K = 416: steps of 16 words, the last
+    # partial (its masked words add no squares); split-K reduced by the last program; GLU with a residual-free bias
+    x, nw = scaled_rows(1, 416, dtype)
+    c = dict(BLOCK_N=16, BLOCK_K=512 // bits, SPLIT_K=split, WORDS=True, NORM_POST=True)
+    check_norm(x, weight(37, 416, bits, dtype, group=group), nw, config=c)
+    check_norm(x, weight(64, 416, bits, dtype, group=group), nw, act="silu", glu=True, bias=r(64, dtype=dtype), config=c)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_words_norm_post_prefetched_gives_the_same_bits(monkeypatch, bits):
+    # the WORDS peel (its first step's words read before the PDL wait) with NORM_POST: bit for bit the plain loop
+    x, nw = scaled_rows(1, 416, torch.float16)
+    kw = weight(40, 416, bits, torch.float16, group="K")[0]
+    c = dict(BLOCK_N=16, BLOCK_K=512 // bits, SPLIT_K=2, WORDS=True, NORM_POST=True)
+    plain = skinny_gemm(x, **kw, norm_weight=nw, norm_eps=1e-5, config=c)
+    monkeypatch.setattr(pdl, "prefetch_words", lambda t, bits: True)
+    assert torch.equal(skinny_gemm(x, **kw, norm_weight=nw, norm_eps=1e-5, config=c), plain)
+
+
 def test_norm_post_config_checks():
     x, nw = scaled_rows(1, 128, torch.float32)
     kw = weight(16, 128, 4, torch.float32, group="K")[0]
-    with pytest.raises(ValueError, match="needs the x tiles"):  # the WORDS GEMV loads x de-interleaved
-        skinny_gemm(x, **kw, norm_weight=nw, norm_eps=1e-5, config=dict(BLOCK_N=16, BLOCK_K=128, WORDS=True, NORM_POST=True))
-    with pytest.raises(ValueError, match="needs the x tiles"):  # the two-launch reduction does not know the squares
+    with pytest.raises(ValueError, match="needs split-K reduced by the last"):  # the two-launch reduction: no squares
         skinny_gemm(x, **kw, norm_weight=nw, norm_eps=1e-5, config=dict(config(2), REDUCE="separate", NORM_POST=True))
     with pytest.raises(ValueError, match="give norm_weight"):
         skinny_gemm(x, **kw, config=dict(config(1), NORM_POST=True))
@@ -71,7 +93,10 @@ def test_norm_post_config_checks():
 def test_norm_configs_offer_norm_post(m, n, k, bits, glu):
     normed = configs(m, n, k, bits, glu, norm=True)
     post = [c for c in normed if c.get("NORM_POST")]
-    assert post and all(c.get("REDUCE", "last") == "last" and not c.get("WORDS") for c in post)
+    assert post and all(c.get("REDUCE", "last") == "last" for c in post)
+    words = [c for c in normed if c.get("WORDS") and not c.get("NORM_POST")]
+    assert [dict(c, NORM_POST=True) for c in words] == [c for c in post if c.get("WORDS")]  # (one row of a quantized weight)
+    assert bool(words) == (m == 1 and bits is not None)
     assert not any(c.get("NORM_POST") for c in configs(m, n, k, bits, glu))
     for c in post:  # its sums of squares are workspace too
         splits = c["SPLIT_K"]
@@ -81,17 +106,18 @@ def test_norm_configs_offer_norm_post(m, n, k, bits, glu):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("bits", [None, 4])
+@pytest.mark.parametrize("bits", [None, 4, 8])
 @pytest.mark.parametrize("name,k,n,epi", [DECODE_SHAPES[0], DECODE_SHAPES[1], DECODE_SHAPES[4], DECODE_SHAPES[5]])
 def test_gpu_norm_post_every_config(name, k, n, epi, bits):
     # each NORM_POST configuration the tuner tries, 1 and 16 rows, bf16, against the float32 reference
     glu, act = epi.get("glu", False), epi.get("act", "none")
     for m in (1, 16):
-        x, kwargs, _, _ = _skinny_tests.cuda_decode_case(m, k, n, bits, epi, group=128)
+        group = 128 if bits == 4 else "K"
+        x, kwargs, _, _ = _skinny_tests.cuda_decode_case(m, k, n, bits, epi, group=group)
         nw = (1 + 0.2 * torch.randn(k, generator=torch.Generator().manual_seed(1))).to("cuda", torch.bfloat16)
         w32 = dict(w=kwargs["w"].float()) if bits is None else dict(kwargs, scales=kwargs["scales"].float())
         want = _skinny_tests.S.reference(x.float(), **w32, act=act, glu=glu, norm_weight=nw.float(), norm_eps=1e-5)
-        for c in [c for c in configs(m, n, k, bits, glu, norm=True, group=128 if bits else None) if c.get("NORM_POST")]:
+        for c in [c for c in configs(m, n, k, bits, glu, norm=True, group=128 if bits == 4 else None) if c.get("NORM_POST")]:
             ws, counters = cuda_scratch(m, n, k, bits, glu, c)
             got = skinny_gemm(x, act=act, glu=glu, norm_weight=nw, norm_eps=1e-5, workspace=ws, counters=counters,
                               config=c, **kwargs)
