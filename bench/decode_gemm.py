@@ -91,7 +91,8 @@ SWEEP_DOT_TILES = [Tile(*t, True) for t in (
 SWEEP_WORDS_TILES = {b: [Tile(*t, words=True) for t in ts] for b, ts in {
     4: ((16, 1024, 4, 3), (32, 1024, 8, 3), (32, 1024, 8, 4), (64, 512, 8, 3), (64, 1024, 8, 2), (32, 512, 4, 3), (128, 256, 8, 3),
         (32, 1024, 4, 3), (64, 512, 4, 3)),  # (session 9: 4 rows a thread, 3.7-3.9 SASS instructions a code, 164-168 registers)
-    8: ((32, 512, 8, 3), (64, 256, 8, 3), (32, 256, 4, 3), (64, 512, 8, 3), (16, 512, 4, 4), (128, 256, 8, 3), (32, 1024, 8, 2)),
+    8: ((32, 512, 8, 3), (64, 256, 8, 3), (32, 256, 4, 3), (64, 512, 8, 3), (16, 512, 4, 4), (128, 256, 8, 3), (32, 1024, 8, 2),
+        (16, 512, 4, 6), (16, 1024, 4, 4)),  # (session 20, ncu: the 8B's int8 gate/up at 3.4 TB/s, stalled on its loads)
 }.items()}
 # 1..16 rows on a 4-bit weight: MAGIC tiles (swapped tl.dot, codes dequantized for the tensor cores; skinny.MAGIC_TILES)
 SWEEP_MAGIC_TILES = [Tile(*t, True, magic=True) for t in (
@@ -204,9 +205,12 @@ def sweep_configs(m: int, n: int, k: int, bits, glu: bool, group: int | None = N
             if keep and c not in out:
                 out.append(c)
     if m == 1 and bits:  # the register cap measured both ways: skinny's capped tiles uncapped, 4-warp WORDS tiles capped
+        # at 128 and 96 (session 20, ncu: the 8B's int4 WORDS gate/up at 118 registers, 4 programs an SM, 1.7 waves; at 96,
+        # 24 bytes of stack, 5 an SM)
         capped = [c for c in configs(m, n, k, bits, glu) if "maxnreg" in c]
         out += [{key: v for key, v in c.items() if key != "maxnreg"} for c in capped]
-        out += [dict(c, maxnreg=128) for c in list(out) if c.get("WORDS") and c["num_warps"] == 4 and "maxnreg" not in c]
+        out += [dict(c, maxnreg=r) for c in list(out) if c.get("WORDS") and c["num_warps"] == 4 and "maxnreg" not in c
+                for r in (128, 96)]
     return out
 
 
