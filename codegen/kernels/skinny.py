@@ -148,9 +148,9 @@ MAGIC_TILES = [Tile(64, 128, 4, 4, True, magic=True), Tile(128, 128, 4, 3, True,
 # programs) the fastest of 55 tiles measured on the H200 (bench/decode_gemm.py --sweep, session 5: 5.6 us vs 6.7 for
 # the default at qkv, 5.0 vs 6.0 at o): there, split-K's partials and last-program reduction cost more than the
 # loads in flight it adds
+WHOLE_K = {(False, 0): Tile(16, 512, 8, 3)}
 # the WORDS tiles come with NORM_POST too (configs; a switch for bench/decode.py --ab-set kernels.skinny.WORDS_NORM_POST=0)
 WORDS_NORM_POST = True
-WHOLE_K = {(False, 0): Tile(16, 512, 8, 3)}
 
 
 @triton.jit
