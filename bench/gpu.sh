@@ -413,10 +413,10 @@ print('greedy', greedy(x).tolist() == x.argmax(-1).tolist())" 2>&1 | tail -5
         DECODE_JSON=decode_21a_$m$q.json timeout 200 python3 bench/decode.py --models $m --batches 1 --quantize $q \
           --no-compile-peer --ab-set kernels.skinny.WORDS_NORM_POST=0 2>&1 | grep "interleaved\|Error\|error" | tail -3
       done ;;
-    s21b)  # next: the one-row quantized GEMVs at the 8B's gate/up and down, every WORDS tile (deeper int8 pipelines, 4-warp
+    s21b)  # next: the one-row quantized GEMVs at the 8B's gate/up, down and qkv, every WORDS tile (deeper int8 pipelines, 4-warp
       # tiles capped at 128 / 96 registers), cold in one CUDA graph
       timeout 400 python3 bench/decode_gemm.py --out "$OUT/sweep_21b.json" --m 1 --sweep --kinds int4_g128 int8 \
-        --shapes "8b gate/up glu" "8b down + residual" 2>&1 | grep -v "^        " | tail -40 ;;
+        --shapes "8b gate/up glu" "8b down + residual" "8b qkv" 2>&1 | grep -v "^        " | tail -50 ;;
     s20f)  # the tuner's cold timings of the 8B's one-row gate/up, every candidate (from the tuning cache), w8a16 and w4a16:
       # why the norm-fused GEMV (49.8 us cold in the w8a16 plan) beat norm kernel + WORDS (35.6 us alone under ncu, s20e)
       for mq in 8b:w8a16:28672 8b:w4a16:28672 1b:w8a16:16384; do

@@ -697,24 +697,26 @@ def test_words_config_checks():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("bits,group,sym", [(8, "K", True), (4, 128, True), (8, 128, False), (4, 128, False)])
 @pytest.mark.parametrize("name,k,n,epi", [s for s in DECODE_SHAPES if s[0].startswith("1b")])
-def test_gpu_words_gemv_with_the_norm_prologue(name, k, n, epi, bits):
+def test_gpu_words_gemv_with_the_norm_prologue(name, k, n, epi, bits, group, sym):
     # every WORDS tile of skinny's at the 1B shapes, one row, the norm prologue where decode folds it: bf16 against the
-    # float32 reference of the dequantized weight
+    # float32 reference of the dequantized weight; per channel or groups of 128, zero points (the 8-bit codes' PRMT
+    # path starts each word's sum from its zero's term)
     glu, act = epi.get("glu", False), epi.get("act", "none")
-    x, kwargs, res, want = cuda_decode_case(1, k, n, bits, epi, group=128 if bits == 4 else "K")
+    x, kwargs, res, want = cuda_decode_case(1, k, n, bits, epi, group=group, sym=sym)
     norm = {}
     if not epi.get("residual"):
         nw = (1 + 0.2 * torch.randn(k, generator=torch.Generator().manual_seed(1))).to("cuda", torch.bfloat16)
         norm = dict(norm_weight=nw, norm_eps=1e-5)
         want = S.reference(x.float(), **kwargs, act=act, glu=glu, norm_weight=nw.float(), norm_eps=1e-5)
     for tile in [t for t in S.TILES[(False, bits)] if t.words]:
-        c = S.tile_config(1, n, k, bits, glu, tile)
-        ws, counters = cuda_scratch(1, n, k, bits, glu, c)
-        got = skinny_gemm(x, residual=res, act=act, glu=glu, workspace=ws, counters=counters, config=c, **norm, **kwargs)
-        err = rel_err(got, want)
-        assert err <= TOL[torch.bfloat16], f"{name} bits={bits} {c}: rel err {err:.2e}"
+        c0 = S.tile_config(1, n, k, bits, glu, tile)
+        for c in [c0] + ([dict(c0, NORM_POST=True)] if norm else []):  # (the norm's statistics in the loop too)
+            ws, counters = cuda_scratch(1, n, k, bits, glu, c)
+            got = skinny_gemm(x, residual=res, act=act, glu=glu, workspace=ws, counters=counters, config=c, **norm, **kwargs)
+            err = rel_err(got, want)
+            assert err <= TOL[torch.bfloat16], f"{name} bits={bits} {c}: rel err {err:.2e}"
 
 
 @pytest.mark.parametrize("bits,group,sym", [(4, 32, False), (4, "K", True), (8, "K", True), (8, 32, False)])
