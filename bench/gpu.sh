@@ -417,11 +417,12 @@ print('greedy', greedy(x).tolist() == x.argmax(-1).tolist())" 2>&1 | tail -5
       # tiles capped at 128 / 96 registers), cold in one CUDA graph
       timeout 400 python3 bench/decode_gemm.py --out "$OUT/sweep_21b.json" --m 1 --sweep --kinds int4_g128 int8 \
         --shapes "8b gate/up glu" "8b down + residual" "8b qkv" 2>&1 | grep -v "^        " | tail -50 ;;
-    s21c)  # next: the 1B's small one-row quantized GEMVs (qkv 3-6 MB, o 2-4 MB; 7-10 us cold in the plans, 0.3-0.6 TB/s),
-      # every WORDS tile at half / skinny's / twice its split of K: whether no split (no partials, no last-program
-      # reduction) wins there as it did for bf16 (skinny.WHOLE_K, session 5)
+    s21c)  # next: the 1B's small one-row quantized GEMVs (qkv 3-6 MB, o 2-4 MB; 7-10 us cold in the plans, 0.3-0.6
+      # TB/s) and its int8 LM head (263 MB, 83 us: 3.2 TB/s against bf16's 4.0), every WORDS tile at half / skinny's /
+      # twice its split of K: whether no split (no partials, no last-program reduction) wins at the small ones as it did
+      # for bf16 (skinny.WHOLE_K, session 5)
       timeout 300 python3 bench/decode_gemm.py --out "$OUT/sweep_21c.json" --m 1 --sweep --kinds int4_g128 int8 \
-        --shapes "1b qkv" "1b o + residual" 2>&1 | grep -v "^        " | tail -40 ;;
+        --shapes "1b qkv" "1b o + residual" "1b lm head" 2>&1 | grep -v "^        " | tail -50 ;;
     s20f)  # the tuner's cold timings of the 8B's one-row gate/up, every candidate (from the tuning cache), w8a16 and w4a16:
       # why the norm-fused GEMV (49.8 us cold in the w8a16 plan) beat norm kernel + WORDS (35.6 us alone under ncu, s20e)
       for mq in 8b:w8a16:28672 8b:w4a16:28672 1b:w8a16:16384; do
