@@ -62,7 +62,7 @@ from kiln.llm.generator import step_inputs  # noqa: E402
 
 from common import kernels_launched  # noqa: E402
 
-# the --ab-set / --ab-whole-max-keys variant's lower_attention constants
+# the --ab-set / --ab-whole-max-keys variant's module constants (NAME: lower_attention's; MODULE.NAME: kiln.codegen.MODULE's)
 SETS = {k: (float(v) if "." in v else int(v)) for k, v in (kv.split("=") for kv in a.ab_set.split(","))} if a.ab_set else {}
 if a.ab_whole_max_keys is not None:
     SETS["WHOLE_MAX_KEYS"] = a.ab_whole_max_keys
