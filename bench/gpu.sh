@@ -403,12 +403,17 @@ print('greedy', greedy(x).tolist() == x.argmax(-1).tolist())" 2>&1 | tail -5
         DECODE_JSON=decode_19h_$b.json timeout 150 python3 bench/decode.py --models 1b --batches $b --no-compile-peer \
           --ab-env "KILN_PDL=1+noprefetch" 2>&1 | grep "interleaved\|Error\|error" | tail -3
       done ;;
-    s21a)  # next: the WORDS GEMV with NORM_POST (no statistics pass before its loop): GPU tests of every NORM_POST config
-      # (1 / 16 rows, bf16 / int4 / int8), then the quantized decode at batch 1 against the same plans without those
-      # candidates, one process each; then run s20f (the tuner's timings of the one-row gate/up)
-      timeout 200 python3 -m pytest -q -x -m gpu tests/codegen/test_skinny_norm_post.py tests/codegen/test_skinny.py -k \
-        "norm_post or words" 2>&1 | tail -3
-      for mq in 8b:w8a16 8b:w4a16 1b:w8a16; do
+    s21a | s21d)  # next: the WORDS GEMV with NORM_POST (no statistics pass before its loop). s21a: GPU tests of every
+      # NORM_POST config (1 / 16 rows, bf16 / int4 / int8), then the 8B w8a16 decode at batch 1 against the same plans
+      # without those candidates, one process; s21d: the 8B w4a16 and 1B w8a16 likewise (a call each: ~600 s together).
+      # Then s20f (the tuner's timings of the one-row gate/up)
+      cases="8b:w4a16 1b:w8a16"
+      if [ $stage = s21a ]; then
+        timeout 200 python3 -m pytest -q -x -m gpu tests/codegen/test_skinny_norm_post.py tests/codegen/test_skinny.py -k \
+          "norm_post or words" 2>&1 | tail -3
+        cases="8b:w8a16"
+      fi
+      for mq in $cases; do
         IFS=: read -r m q <<< "$mq"
         DECODE_JSON=decode_21a_$m$q.json timeout 200 python3 bench/decode.py --models $m --batches 1 --quantize $q \
           --no-compile-peer --ab-set kernels.skinny.WORDS_NORM_POST=0 2>&1 | grep "interleaved\|Error\|error" | tail -3
