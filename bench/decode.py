@@ -20,6 +20,7 @@ time say which.
                                                                        dependent launch (codegen/kernels/pdl.py)
 """
 import argparse
+import importlib
 import inspect
 import json
 import os
@@ -264,8 +265,6 @@ class Variant:
 
 def _constant(k: str) -> tuple:
     # --ab-set's NAME (kiln.codegen.lower_attention's) or MODULE.NAME (kiln.codegen.MODULE's): (module, name)
-    import importlib
-
     mod, _, name = k.rpartition(".")
     return importlib.import_module(f"kiln.codegen.{mod or 'lower_attention'}"), name
 

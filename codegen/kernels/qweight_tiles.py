@@ -214,8 +214,8 @@ def _words_sz(s_ptr, z_ptr, cols, mask_n, kk, K, N, stride_sn, stride_sg, stride
 
 @triton.jit
 def _x_use(xj, nj, rstd, j: tl.constexpr, PAIRED4: tl.constexpr, NORM: tl.constexpr, BITS: tl.constexpr):
-    # x_j as float32 (normalised, _x_normed) and x'_j = x_j * 2**(23 - P_j) (_code_f32's P)
-    xj = _x_normed(xj, nj, rstd, NORM).to(tl.float32)
+    # x_j as float32 (normalised, _x_f32) and x'_j = x_j * 2**(23 - P_j) (_code_f32's P)
+    xj = _x_f32(xj, nj, rstd, NORM)
     P: tl.constexpr = 23 - BITS - 4 * (j % 2) * PAIRED4
     return xj, xj * (1 << (23 - P))
 
