@@ -94,6 +94,11 @@ SWEEP_WORDS_TILES = {b: [Tile(*t, words=True) for t in ts] for b, ts in {
     8: ((32, 512, 8, 3), (64, 256, 8, 3), (32, 256, 4, 3), (64, 512, 8, 3), (16, 512, 4, 4), (128, 256, 8, 3), (32, 1024, 8, 2),
         (16, 512, 4, 6), (16, 1024, 4, 4)),  # (session 20, ncu: the 8B's int8 gate/up at 3.4 TB/s, stalled on its loads)
 }.items()}
+# M = 1 on a 4-bit weight: WORDS tiles with each word's sum by integer dot products (skinny.IDOT_TILES; more rows a thread
+# share an x column's conversion to fixed point)
+SWEEP_IDOT_TILES = [Tile(*t, words=True, idot=True) for t in (
+    (16, 512, 4, 3), (32, 512, 4, 3), (64, 512, 4, 3), (64, 512, 8, 3), (128, 512, 8, 3), (32, 1024, 4, 3), (64, 1024, 8, 3),
+    (64, 512, 4, 4))]
 # 1..16 rows on a 4-bit weight: MAGIC tiles (swapped tl.dot, codes dequantized for the tensor cores; skinny.MAGIC_TILES)
 SWEEP_MAGIC_TILES = [Tile(*t, True, magic=True) for t in (
     (64, 64, 4, 4), (64, 128, 4, 3), (64, 128, 4, 4), (64, 128, 4, 6), (128, 128, 4, 3), (128, 128, 4, 4), (128, 128, 8, 3),
@@ -192,7 +197,7 @@ def sweep_configs(m: int, n: int, k: int, bits, glu: bool, group: int | None = N
     skinny's target of programs (past it a split adds no loads in flight)."""
     out = []
     tiles = SWEEP_DOT_TILES if m > 1 else SWEEP_WORDS_TILES[bits] if bits else SWEEP_TILES
-    tiles = tiles + (SWEEP_MAGIC_TILES if bits == 4 and group else [])
+    tiles = tiles + (SWEEP_MAGIC_TILES if bits == 4 and group else []) + (SWEEP_IDOT_TILES if bits == 4 and m == 1 else [])
     for tile in tiles:
         c0 = tile_config(m, n, k, bits, glu, tile, group=group)
         s0, tiles = c0["SPLIT_K"], -(-(n // 2 if glu else n) // c0["BLOCK_N"])

@@ -19,6 +19,14 @@ if [ "${KILN_BENCH_BYTECODE:-1}" = 1 ]; then
   echo "bytecode tree: $(find /tmp/pyc -name '*.pyc' | wc -l) files"
 fi
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+ab_decode() {  # TAG SETTING MODEL:QUANT...: batch-1 decode of each against its plans with kiln.codegen SETTING, one process
+  local tag=$1 setting=$2 m q; shift 2
+  for mq in "$@"; do
+    IFS=: read -r m q <<< "$mq"
+    DECODE_JSON=decode_${tag}_$m$q.json timeout ${AB_TIMEOUT:-240} python3 bench/decode.py --models $m --batches 1 --quantize $q \
+      --no-compile-peer --ab-set $setting 2>&1 | grep "interleaved\|Error\|error\|cold" | tail -12
+  done
+}
 for stage in "$@"; do
   echo "=== $stage $(date +%T)"
   case $stage in
@@ -403,6 +411,15 @@ print('greedy', greedy(x).tolist() == x.argmax(-1).tolist())" 2>&1 | tail -5
         DECODE_JSON=decode_19h_$b.json timeout 150 python3 bench/decode.py --models 1b --batches $b --no-compile-peer \
           --ab-env "KILN_PDL=1+noprefetch" 2>&1 | grep "interleaved\|Error\|error" | tail -3
       done ;;
+    s22a | s22b)  # next: the IDOT tiles (one row of a 4-bit weight, each word's sum by dp4a against x in 16-bit fixed point;
+      # ~2.2-2.9 SASS instructions a code against WORDS' 4.4-5.0). s22a: their GPU tests, then the 8B w4a16 at batch 1
+      # against the same plans without them (one process, interleaved); s22b: the 1B w4a16 likewise (~200 s a case)
+      cases="1b:w4a16"
+      if [ $stage = s22a ]; then
+        timeout 240 python3 -m pytest -q -x -m gpu tests/codegen/test_skinny_idot.py 2>&1 | tail -3
+        cases="8b:w4a16"
+      fi
+      ab_decode 22a kernels.skinny.IDOT=0 $cases ;;
     s21a | s21d)  # next: the WORDS GEMV with NORM_POST (no statistics pass before its loop). s21a: GPU tests of every
       # NORM_POST config (1 / 16 rows, bf16 / int4 / int8), then the 8B w8a16 decode at batch 1 against the same plans
       # without those candidates, one process; s21d: the 8B w4a16 and 1B w8a16 likewise (a call each: ~600 s together).
@@ -413,11 +430,7 @@ print('greedy', greedy(x).tolist() == x.argmax(-1).tolist())" 2>&1 | tail -5
           "norm_post or words" 2>&1 | tail -3
         cases="8b:w8a16"
       fi
-      for mq in $cases; do
-        IFS=: read -r m q <<< "$mq"
-        DECODE_JSON=decode_21a_$m$q.json timeout 200 python3 bench/decode.py --models $m --batches 1 --quantize $q \
-          --no-compile-peer --ab-set kernels.skinny.WORDS_NORM_POST=0 2>&1 | grep "interleaved\|Error\|error" | tail -3
-      done ;;
+      ab_decode 21a kernels.skinny.WORDS_NORM_POST=0 $cases ;;
     s21b)  # next: the one-row quantized GEMVs at the 8B's gate/up, down and qkv, every WORDS tile (deeper int8 pipelines, 4-warp
       # tiles capped at 128 / 96 registers), cold in one CUDA graph
       timeout 400 python3 bench/decode_gemm.py --out "$OUT/sweep_21b.json" --m 1 --sweep --kinds int4_g128 int8 \

@@ -69,8 +69,9 @@ TRITON_TMA_CONFIGS = 2
 # 128 registers a thread (skinny.Tile.maxnreg: 4 programs an SM, not 3), 8 since a 4-bit weight also tries the MAGIC
 # tiles (skinny.MAGIC_TILES: tensor cores at one row too), 9 since the norm prologue also tries NORM_POST (the statistics
 # summed in the main loop, no pass before it), 10 since a decode decision charges each launch past a candidate's first
-# (tuning.EXTRA_LAUNCH_MS), 11 since the WORDS tiles also come with NORM_POST
-SKINNY_CANDIDATES = 11
+# (tuning.EXTRA_LAUNCH_MS), 11 since the WORDS tiles also come with NORM_POST, 12 since one row of a 4-bit weight also
+# tries the IDOT tiles (skinny.IDOT_TILES: words summed by integer dot products)
+SKINNY_CANDIDATES = 12
 # the AQGEMM candidates' generation (in an AQGEMM's what): 2 since the template's tile filling the last wave best is
 # tried too (aqgemm.wave_fit), 3 since the persistent TMA template is (tma_gemm.py)
 AQGEMM_CANDIDATES = 3

@@ -25,6 +25,8 @@ dequantizes it in registers in float32 and applies it to all BLOCK_M rows of x; 
            reduction, no layout conversion of the weight);
   WORDS    the GEMV of a quantized weight read as int32 words of 8 / 4 codes (qweight_tiles.py ``_words_step``),
            the group's scale and zero applied once a word; the tuner measures its tiles beside the byte tiles';
+  IDOT     (with WORDS, a 4-bit weight, 16-bit x) each word's sum by integer dot products against x in 16-bit fixed
+           point, exact (qweight_tiles.py);
   AHEAD    the byte-tile GEMV of a quantized weight with each step's scales loaded a step before;
   MAGIC    (with DOT and SWAP, 1..16 rows, a 4-bit weight) the codes minus their zero exactly in x's dtype by packed bit
            operations, the group's scale applied once a step to tl.dot's product (qweight_tiles.py).
@@ -247,6 +249,7 @@ def _wgemm_kernel(
     AHEAD: tl.constexpr = False,  # (byte-tile GEMV of a quantized weight) each step's scales loaded a step before
     MAGIC: tl.constexpr = False,  # (swapped tl.dot tile of a 4-bit weight) codes - zero exact in x's dtype (qweight_tiles.py)
     NORM_POST: tl.constexpr = False,  # (NORM) no statistics pass: the loop sums x's squares, the epilogue scales by 1 / rms
+    IDOT: tl.constexpr = False,  # (WORDS, 4 bits, 16-bit x) each word's sum by integer dot products (_words_step_idot)
 ):
     EARLY: tl.constexpr = PREFETCH or L2_BYTES > 0  # weights read before the wait (a kernel never writes them)
     if not EARLY:
@@ -331,7 +334,7 @@ def _wgemm_kernel(
             s2, z2, s2_u, z2_u = _words_sz(s_ptr, z_ptr, cols, mask_n, k_lo + BLOCK_K, K, N, stride_sn, stride_sg, stride_zn,
                                            stride_zg, HAS_ZEROS, QGROUP, GLU, BLOCK_K)
             acc, acc_u, rstd = _words_step(acc, acc_u, wd0, wu0, rstd, x0, x1, x2, x3, x4, x5, x6, x7, n0, n1, n2, n3, n4, n5,
-                                           n6, n7, s, z, s_u, z_u, BITS, HAS_ZEROS, QGROUP, WNORM, GLU, BLOCK_N, BLOCK_K)
+                                           n6, n7, s, z, s_u, z_u, BITS, HAS_ZEROS, QGROUP, WNORM, GLU, BLOCK_N, BLOCK_K, IDOT)
             x0, x1, x2, x3, x4, x5, x6, x7 = y0, y1, y2, y3, y4, y5, y6, y7
             n0, n1, n2, n3, n4, n5, n6, n7 = m0, m1, m2, m3, m4, m5, m6, m7
             s, z, s_u, z_u = s2, z2, s2_u, z2_u
@@ -347,7 +350,7 @@ def _wgemm_kernel(
             wd, wu = _words_load(w_ptr, cols, mask_n, kk, K, N, stride_wn, BITS, GLU, BLOCK_K)
             acc, acc_u, rstd = _words_step(acc, acc_u, wd, wu, rstd,
                                            x0, x1, x2, x3, x4, x5, x6, x7, n0, n1, n2, n3, n4, n5, n6, n7, s, z, s_u, z_u,
-                                           BITS, HAS_ZEROS, QGROUP, WNORM, GLU, BLOCK_N, BLOCK_K)
+                                           BITS, HAS_ZEROS, QGROUP, WNORM, GLU, BLOCK_N, BLOCK_K, IDOT)
             x0, x1, x2, x3, x4, x5, x6, x7 = y0, y1, y2, y3, y4, y5, y6, y7
             n0, n1, n2, n3, n4, n5, n6, n7 = m0, m1, m2, m3, m4, m5, m6, m7
             s, z, s_u, z_u = s2, z2, s2_u, z2_u

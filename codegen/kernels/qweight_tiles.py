@@ -18,7 +18,8 @@ sum_k (q_k - z) s x_k = s (sum_k f_k x'_k - X' - z X). No interleave, no dequant
 a 4-bit code (4.4 counted in the loop's SASS, 5.0 with the norm prologue; triton 3.6, sm_90, 1B gate/up). An 8-bit code
 with 16-bit x is one PRMT (``_byte_f32``: the byte under 1.0's exponent at bits 8..15) and x goes in unscaled
 (``_words_step8``): 3.7-4.5 instructions a code at the 1B shapes, 4.3-5.6 with the norm prologue (6.0-7.5 with a
-shift and a LOP3 a code, x scaled per code position). x loads as
+shift and a LOP3 a code, x scaled per code position). IDOT (4 bits, 16-bit x; ``_words_step_idot``): x in 16-bit
+fixed point a word column, a word's codes four dp4a, 1.25 instructions a code (its section below). x loads as
 [WORDS, CPW] 16-byte vectors split into its CPW columns in registers. The kernel loads a step's x, norm weight and
 scales a step before its use (plain loads wait for their round trip at first use; the weight tiles go through
 cp.async's pipeline).
@@ -241,7 +242,7 @@ def _words_load(w_ptr, cols, mask_n, kk, K, N, stride_wn, BITS: tl.constexpr, GL
 def _words_step(acc, acc_u, wd, wu, rstd,
                 x0, x1, x2, x3, x4, x5, x6, x7, n0, n1, n2, n3, n4, n5, n6, n7, s, z, s_u, z_u,
                 BITS: tl.constexpr, HAS_ZEROS: tl.constexpr, QGROUP: tl.constexpr, NORM: tl.constexpr, GLU: tl.constexpr,
-                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IDOT: tl.constexpr = False):
     # one K step of the WORDS GEMV (one row of x, a quantized weight): the weight's [BLOCK_N, BLOCK_K] codes as int32
     # words [BLOCK_N, WORDS] (CPW codes each: ``_words_load``'s wd, and wu with GLU) and x's BLOCK_K values
     # de-interleaved to match, CPW vectors x_j [WORDS] (_words_x's, with the scales _words_sz's, loaded a step before).
@@ -254,9 +255,14 @@ def _words_step(acc, acc_u, wd, wu, rstd,
     # 4 bits, codes 2i - 1 and 2i share one shift to P 15 and 19 (5 shifts for 8 codes), whose x'_j = x_j * 2**8 costs
     # the sums ~2**-16 relative, far below the 16-bit output's rounding.
     # NORM (_x_normed): 1, x normalised by the row's 1 / rms (rstd); 2 (NORM_POST), x times the norm weight, and rstd
-    # the word columns' running sums of squares [WORDS], this step's added. Returns (acc, acc_u, rstd)
+    # the word columns' running sums of squares [WORDS], this step's added. IDOT (4 bits, 16-bit x): _words_step_idot.
+    # Returns (acc, acc_u, rstd)
     if NORM == 2:
         rstd += _squares(x0, x1, x2, x3, x4, x5, x6, x7, 32 // BITS)
+    if IDOT and BITS == 4 and x0.dtype != tl.float32:
+        acc, acc_u = _words_step_idot(acc, acc_u, wd, wu, rstd, x0, x1, x2, x3, x4, x5, x6, x7, n0, n1, n2, n3, n4, n5, n6,
+                                      n7, s, z, s_u, z_u, HAS_ZEROS, QGROUP, NORM, GLU, BLOCK_N, BLOCK_K)
+        return acc, acc_u, rstd
     if BITS == 8 and x0.dtype != tl.float32:
         acc, acc_u = _words_step8(acc, acc_u, wd, wu, rstd, x0, x1, x2, x3, n0, n1, n2, n3, s, z, s_u, z_u,
                                   HAS_ZEROS, QGROUP, NORM, GLU, BLOCK_N, BLOCK_K)
@@ -404,6 +410,125 @@ def _words_scale(acc, t, xs, xs_s, s, z, BITS: tl.constexpr, HAS_ZEROS: tl.const
             d = s[:, :, None] * (t3 - (xs3 + 2 ** (BITS - 1) * x3)[None, :, :])
         acc += tl.reshape(d, (BLOCK_N, WORDS))
     return acc
+
+
+# ----------------------------------------------------------------------------- IDOT: 4-bit codes by integer dot products
+#
+# The WORDS step at 4 bits with 16-bit x on the integer dot-product unit (dp4a: four byte products summed into an int32,
+# one instruction). A word column's 8 x values x_j become 16-bit fixed point on the column's own power of two,
+#     v_j = round(x_j 2**(14 - e)),   e = floor(log2 max_j |x_j|),
+# |v_j| <= 2**15 - 2**7 (a 16-bit x's largest is a multiple of 2**7 there: no rounding up to 2**15); v_j is x_j exactly
+# for every x_j within 2**-8 of the column's largest, else within 2**-16 of that largest. v_j = 256 h_j + l_j (h a
+# signed byte, l an unsigned one), split into four byte planes [l_0, l_2, l_4, l_6], [h_0, ..], [l_1, ..], [h_1, ..] by
+# 8 PRMTs a column (IDOT_PLANES). A word's codes become bytes by two LOP3 and a shift (even and odd positions, the
+# planes' order), four dp4a give sum_j q_j h_j and C + sum_j q_j l_j, one IMAD C + sum_j q_j v_j (IDOT_WORD). C = M - z V
+# (V = sum_j v_j; M the bits of 1.5 * 2**23), so the int32 is M + sum_j (q_j - z) v_j, |sum| < 8 * 15 * 2**15 < 2**22:
+# its bits are the float 1.5 * 2**23 + that sum, exactly, and one FMA by the column's 2**(e - 14) (a power of two) less
+# 1.5 * 2**23 times it gives the word's sum of (q_j - z) v_j 2**(e - 14) exactly; one more FMA applies the scale. 10
+# instructions a word (1.25 a code), ~41 a column for x (shared by the rows a thread holds), against _words_step's ~2.6
+# a code. The products and the word's sum are exact; what rounds is v_j (2**-16 of its column's largest x, far below a
+# 16-bit output's rounding) and float32's sums over words. A NaN or inf in x makes its column's sums non-finite.
+
+IDOT_M = tl.constexpr(0x4B400000)  # the bits of 1.5 * 2**23: M + i (int32, |i| < 2**22) is the float 1.5 * 2**23 + i
+IDOT_M_F = tl.constexpr(12582912.0)  # 1.5 * 2**23
+IDOT_UP = tl.constexpr(0x86000000 - 2 ** 32)  # (268 << 23) as int32: minus a float's exponent bits, 2**(141 - its field)
+# v's of a column (even positions $4-$7: v0 v2 v4 v6, odd $8-$11) -> planes $0 [l0 l2 l4 l6], $1 [h0 h2 h4 h6], $2, $3
+# (odd): prmt 0x5140 takes [a.b0 b.b0 a.b1 b.b1] of two v's, 0x5410 / 0x7632 the low / high halves of two of those
+IDOT_PLANES = tl.constexpr(
+    "{.reg .b32 a, b, c, d; prmt.b32 a, $4, $5, 0x5140; prmt.b32 b, $6, $7, 0x5140; prmt.b32 c, $8, $9, 0x5140; "
+    "prmt.b32 d, $10, $11, 0x5140; prmt.b32 $0, a, b, 0x5410; prmt.b32 $1, a, b, 0x7632; prmt.b32 $2, c, d, 0x5410; "
+    "prmt.b32 $3, c, d, 0x7632;}")
+# a word $1 of 8 codes (code j at bits 4j) against its column's planes ($2 $3 even l h, $4 $5 odd l h), from C ($6):
+# $0 = C + sum_j q_j v_j (mod 2**32)
+IDOT_WORD = tl.constexpr(
+    "{.reg .b32 qe, qo, h, l; and.b32 qe, $1, 0x0F0F0F0F; shr.u32 qo, $1, 4; and.b32 qo, qo, 0x0F0F0F0F; "
+    "dp4a.u32.s32 h, qe, $3, 0; dp4a.u32.s32 h, qo, $5, h; dp4a.u32.u32 l, qe, $2, $6; dp4a.u32.u32 l, qo, $4, l; "
+    "mad.lo.u32 $0, h, 256, l;}")
+
+
+@triton.jit
+def _words_step_idot(acc, acc_u, wd, wu, rstd, x0, x1, x2, x3, x4, x5, x6, x7, n0, n1, n2, n3, n4, n5, n6, n7,
+                     s, z, s_u, z_u, HAS_ZEROS: tl.constexpr, QGROUP: tl.constexpr, NORM: tl.constexpr,
+                     GLU: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # _words_step at 4 bits with 16-bit x by dp4a (the section's comment): x to each column's fixed point and planes,
+    # then each word's exact integer sum, scaled
+    x0 = _x_f32(x0, n0, rstd, NORM)
+    x1 = _x_f32(x1, n1, rstd, NORM)
+    x2 = _x_f32(x2, n2, rstd, NORM)
+    x3 = _x_f32(x3, n3, rstd, NORM)
+    x4 = _x_f32(x4, n4, rstd, NORM)
+    x5 = _x_f32(x5, n5, rstd, NORM)
+    x6 = _x_f32(x6, n6, rstd, NORM)
+    x7 = _x_f32(x7, n7, rstd, NORM)
+    m = _absmax(_absmax(_absmax(x0, x1), _absmax(x2, x3)), _absmax(_absmax(x4, x5), _absmax(x6, x7)))
+    m = tl.maximum(m, 2.0 ** -100, propagate_nan=tl.PropagateNan.ALL)  # (all zeros: any power of two)
+    eb = m.to(tl.int32, bitcast=True) & 0x7F800000  # 2**e's bits
+    up = (-eb + IDOT_UP).to(tl.float32, bitcast=True)  # 2**(14 - e)
+    dn = eb.to(tl.float32, bitcast=True) * 2.0 ** -14  # 2**(e - 14); inf for a NaN / inf column: sums not finite
+    v0 = tl.fma(x0, up, IDOT_M_F).to(tl.int32, bitcast=True)
+    v1 = tl.fma(x1, up, IDOT_M_F).to(tl.int32, bitcast=True)
+    v2 = tl.fma(x2, up, IDOT_M_F).to(tl.int32, bitcast=True)
+    v3 = tl.fma(x3, up, IDOT_M_F).to(tl.int32, bitcast=True)
+    v4 = tl.fma(x4, up, IDOT_M_F).to(tl.int32, bitcast=True)
+    v5 = tl.fma(x5, up, IDOT_M_F).to(tl.int32, bitcast=True)
+    v6 = tl.fma(x6, up, IDOT_M_F).to(tl.int32, bitcast=True)
+    v7 = tl.fma(x7, up, IDOT_M_F).to(tl.int32, bitcast=True)
+    V = ((v0 - IDOT_M) + (v1 - IDOT_M)) + ((v2 - IDOT_M) + (v3 - IDOT_M)) + ((v4 - IDOT_M) + (v5 - IDOT_M)) + (
+        (v6 - IDOT_M) + (v7 - IDOT_M))
+    if INTERPRETED:  # (no PTX: the words are summed from the v's, _idot_word_values; tests/codegen/test_skinny_idot.py
+        le, he, lo, ho = v0, v1, v2, v3  # runs IDOT_PLANES and IDOT_WORD on an emulator against the same sums)
+        vs = (v0, v1, v2, v3, v4, v5, v6, v7)
+    else:
+        le, he, lo, ho = tl.inline_asm_elementwise(IDOT_PLANES, "=r,=r,=r,=r,r,r,r,r,r,r,r,r", [v0, v2, v4, v6, v1, v3, v5, v7],
+                                                   dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1)
+        vs = (v0, v0, v0, v0, v0, v0, v0, v0)  # (unused)
+    c = dn * -IDOT_M_F
+    acc = _idot_sums(acc, wd, le, he, lo, ho, vs, V, dn, c, s, z, HAS_ZEROS, QGROUP, BLOCK_N, BLOCK_K)
+    if GLU:
+        acc_u = _idot_sums(acc_u, wu, le, he, lo, ho, vs, V, dn, c, s_u, z_u, HAS_ZEROS, QGROUP, BLOCK_N, BLOCK_K)
+    return acc, acc_u
+
+
+@triton.jit
+def _absmax(a, b):
+    return tl.maximum(tl.abs(a), tl.abs(b), propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _idot_sums(acc, wd, le, he, lo, ho, vs, V, dn, c, s, z, HAS_ZEROS: tl.constexpr, QGROUP: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # acc [BLOCK_N, WORDS] += s * sum_j (q_j - z) x_j of each word (_words_step_idot's planes of its column, V, 2**(e - 14)
+    # as dn and c = -1.5 * 2**23 dn; s, z: raw [BLOCK_N, SUB])
+    WORDS: tl.constexpr = BLOCK_K // 8
+    SUB: tl.constexpr = (BLOCK_K + QGROUP - 1) // QGROUP
+    if HAS_ZEROS:  # C = M - z V, a row's group's zero
+        zi = z.to(tl.int32)
+        if SUB == 1:
+            C = -zi * V[None, :] + IDOT_M
+        else:
+            C = tl.reshape(-zi[:, :, None] * tl.reshape(V, (SUB, WORDS // SUB))[None, :, :] + IDOT_M, (BLOCK_N, WORDS))
+    else:
+        C = tl.broadcast_to((V * -8 + IDOT_M)[None, :], (BLOCK_N, WORDS))
+    if INTERPRETED:
+        r = _idot_word_values(wd, vs, C)
+    else:
+        r = tl.inline_asm_elementwise(IDOT_WORD, "=r,r,r,r,r,r,r", [wd, le[None, :], he[None, :], lo[None, :], ho[None, :], C],
+                                      dtype=tl.int32, is_pure=True, pack=1)
+    t = tl.fma(r.to(tl.float32, bitcast=True), dn[None, :], c[None, :])  # exact: sum_j (q_j - z) v_j 2**(e - 14)
+    s = s.to(tl.float32)
+    if SUB == 1:
+        return acc + s * t
+    return acc + tl.reshape(s[:, :, None] * tl.reshape(t, (BLOCK_N, SUB, WORDS // SUB)), (BLOCK_N, WORDS))
+
+
+@triton.jit
+def _idot_word_values(wd, vs, C):
+    # IDOT_WORD's result by plain integer arithmetic (the interpreter runs no PTX): C + sum_j q_j v_j
+    v0, v1, v2, v3, v4, v5, v6, v7 = vs
+    r = C + ((wd & 0xF) * (v0[None, :] - IDOT_M) + ((wd >> 4) & 0xF) * (v1[None, :] - IDOT_M))
+    r += ((wd >> 8) & 0xF) * (v2[None, :] - IDOT_M) + ((wd >> 12) & 0xF) * (v3[None, :] - IDOT_M)
+    r += ((wd >> 16) & 0xF) * (v4[None, :] - IDOT_M) + ((wd >> 20) & 0xF) * (v5[None, :] - IDOT_M)
+    return r + ((wd >> 24) & 0xF) * (v6[None, :] - IDOT_M) + ((wd >> 28) & 0xF) * (v7[None, :] - IDOT_M)
 
 
 # ----------------------------------------------------------------------------- MAGIC: 4-bit codes for the tensor cores

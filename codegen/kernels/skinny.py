@@ -96,6 +96,7 @@ class Tile(NamedTuple):
     ahead: bool = False  # (byte-tile GEMV of a quantized weight) each step's scales loaded a step before (qgemm.py AHEAD)
     maxnreg: int | None = None  # registers a thread at most (ptxas): 128 lets 4 programs of 4 warps share an SM
     magic: bool = False  # (swapped, 4-bit weight, any rows) codes - zero exact in x's dtype for the tensor cores (qgemm.py MAGIC)
+    idot: bool = False  # (WORDS, 4-bit weight) each word's sum by integer dot products (qgemm.py IDOT)
 
 
 # Tiles per (DOT, bits; 0: a 16-bit plain weight), the default first. A step streams 4-16 KB of weight (a GLU
@@ -143,6 +144,18 @@ TILES = {
 # 2-warp tiles on mma.sync (no warpgroup wait), so not wgmma's wait but each step's chain bounds it
 MAGIC_TILES = [Tile(64, 128, 4, 4, True, magic=True), Tile(128, 128, 4, 3, True, magic=True),
                Tile(128, 128, 8, 4, True, magic=True)]
+
+# the WORDS tiles of a 4-bit weight whose words are summed by integer dot products (qgemm.py IDOT; qweight_tiles.py):
+# offered at one row beside the tiles above. x becomes 16-bit fixed point on each word column's power of two, a word's 8
+# codes four dp4a against its byte planes: ~10 SASS instructions a word against ~21. WORDS at 4 bits measured
+# issue-bound on the H200 (session 20: the 8B's gate/up 2.03 TB/s, a warp issuing every 4.85 cycles); a column's x
+# costs ~41 instructions, shared by the rows a thread holds, hence 32 and 64 rows a program (GLU: a half each).
+# bench/gemv_sass.py (triton 3.6, sm_90, bf16 x) at the 1B / 8B shapes, whole loops: 64 x 512 2.2-2.3 instructions a
+# code (2.5-2.6 with the norm; 0-72 bytes of stack, 4-9 local accesses a step), 32 x 512 2.7-2.9 (3.1-3.5; none),
+# against WORDS' 16 x 512 4.4-5.0
+IDOT_TILES = [Tile(64, 512, 4, 3, words=True, maxnreg=128, idot=True), Tile(32, 512, 4, 3, words=True, maxnreg=128, idot=True)]
+# (a switch for bench/decode.py --ab-set kernels.skinny.IDOT=0)
+IDOT = True
 
 # a GEMV tile run over the whole of K (no split), 8 warps: at the 1B's qkv and o shapes (K = 2048; 192 and 128
 # programs) the fastest of 55 tiles measured on the H200 (bench/decode_gemm.py --sweep, session 5: 5.6 us vs 6.7 for
@@ -228,7 +241,7 @@ def tile_config(m: int, n: int, k: int, bits: int | None, glu: bool, tile: Tile,
         split = _chunking(k, split, bk)[0]
     c = dict(BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split) | ({"REDUCE": "last"} if split > 1 else {})
     return (c | dict(DOT=m > 1 or tile.magic) | ({"SWAP": True} if tile.swap else {}) | ({"MAGIC": True} if tile.magic else {})
-            | ({"WORDS": True} if tile.words else {})
+            | ({"WORDS": True} if tile.words else {}) | ({"IDOT": True} if tile.idot else {})
             | ({"AHEAD": True} if tile.ahead else {}) | dict(num_warps=tile.warps, num_stages=tile.stages)
             | ({"maxnreg": tile.maxnreg} if tile.maxnreg else {}))
 
@@ -245,8 +258,9 @@ def configs(m: int, n: int, k: int, bits: int | None = None, glu: bool = False, 
     ``norm`` (the RMSNorm prologue)
     at 2..16 rows the fourth is the default tile at half its splits: every program reads x's rows whole for the
     statistics (M x K values), so the programs' statistics traffic (from L2) grows with the splits, by the weight's
-    bytes at 16 rows and 192 programs of the 1B's qkv. A 4-bit weight whose ``group`` is given (its group size; 0 or K:
-    one group a row) also gets the MAGIC_TILES, after the others; with ``norm``, the first two tiles that load x as tiles,
+    bytes at 16 rows and 192 programs of the 1B's qkv. One row of a 4-bit weight also gets the IDOT_TILES (words summed
+    by dp4a), and a 4-bit weight whose ``group`` is given (its group size; 0 or K: one group a row) the MAGIC_TILES, after
+    the others; with ``norm``, the first two tiles that load x as tiles,
     the WORDS tiles and the first MAGIC tile come again with NORM_POST (the norm's statistics summed in the main loop, no
     prologue pass: qgemm.py)."""
     if not 1 <= m <= MAX_M:
@@ -273,6 +287,8 @@ def configs(m: int, n: int, k: int, bits: int | None = None, glu: bool = False, 
         if c not in unique:
             unique.append(c)
     unique = unique[:5 if whole_words and not dot else 4]
+    if IDOT and bits == 4 and whole_words and not dot:
+        unique += [c for c in (tile_config(m, n, k, bits, glu, t) for t in IDOT_TILES) if c not in unique]
     if bits == 4 and group is not None and (not 0 < group < k or group >= 16):
         unique += [c for c in (tile_config(m, n, k, bits, glu, t, group=group) for t in MAGIC_TILES) if c not in unique]
     if norm:  # the norm without its statistics pass (NORM_POST): the first two tiles that load x as tiles, the WORDS
@@ -304,6 +320,9 @@ def _resolve(m: int, n: int, k: int, bits: int | None, glu: bool, config: dict |
     if c.get("WORDS") and (c["DOT"] or bits not in (4, 8) or k % (32 // bits) or c["BLOCK_K"] * bits < 32 * 16):
         raise ValueError(f"skinny_gemm: config {config!r}: WORDS is the GEMV of a 4- / 8-bit weight whose K ({k}) is whole "
                          f"int32 words of codes, BLOCK_K at least 16 words")
+    if c.get("IDOT") and not (c.get("WORDS") and bits == 4):
+        raise ValueError(f"skinny_gemm: config {config!r}: IDOT sums the words of a 4-bit weight (WORDS) by integer dot "
+                         f"products")
     if c.get("AHEAD") and (c["DOT"] or c.get("WORDS") or bits not in (4, 8)):
         raise ValueError(f"skinny_gemm: config {config!r}: AHEAD is the byte-tile GEMV of a 4- / 8-bit weight (not WORDS)")
     if c.get("MAGIC") and not (c["DOT"] and c["SWAP"] and bits == 4):

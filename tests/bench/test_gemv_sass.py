@@ -24,3 +24,4 @@ def test_quantized_gemv_sass_within_bounds():
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     rows = [line for line in out.stdout.splitlines() if line.startswith("int")]
     assert len(rows) >= 20 and any("WORDS" in line and " norm " in line for line in rows), out.stdout
+    assert any("'IDOT': True" in line and " norm " in line for line in rows), out.stdout  # (dp4a's PTX compiles)

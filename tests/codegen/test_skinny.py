@@ -291,10 +291,12 @@ def test_empty_and_vector_inputs():
 ])
 def test_configs_for_llama_shapes(m, n, k, bits, glu):
     cs = configs(m, n, k, bits, glu)
-    assert 1 <= len(cs) <= (5 if m == 1 and bits else 4) and len({tuple(sorted(c.items())) for c in cs}) == len(cs)
+    base = [c for c in cs if not c.get("IDOT")]  # (one row of a 4-bit weight: the IDOT tiles after TILES')
+    assert 1 <= len(base) <= (5 if m == 1 and bits else 4) and len({tuple(sorted(c.items())) for c in cs}) == len(cs)
+    assert cs[:len(base)] == base and (len(cs) > len(base)) == (m == 1 and bits == 4)
     for c in cs:
         split_keys = {"REDUCE"} if c["SPLIT_K"] > 1 else set()  # REDUCE only where K is split, SWAP where swapped
-        optional = {key for key in ("SWAP", "WORDS", "AHEAD", "maxnreg") if key in c}
+        optional = {key for key in ("SWAP", "WORDS", "AHEAD", "maxnreg", "IDOT") if key in c}
         assert set(c) == {"BLOCK_N", "BLOCK_K", "SPLIT_K", "DOT", "num_warps", "num_stages"} | split_keys | optional
         assert c["DOT"] == (m > 1) and c["SPLIT_K"] >= 1 and (c["DOT"] or c["BLOCK_N"] <= 32 or c.get("WORDS"))
         if "WORDS" in c:  # the GEMV of a quantized weight, its K whole words of codes
@@ -303,6 +305,8 @@ def test_configs_for_llama_shapes(m, n, k, bits, glu):
             assert c["AHEAD"] is True and m == 1 and bits in (4, 8) and "WORDS" not in c
             same = ("AHEAD", "maxnreg")  # (int8's AHEAD tile is not capped: it spills at 128 with the norm prologue)
             assert {k_: v for k_, v in c.items() if k_ not in same} == {k_: v for k_, v in cs[0].items() if k_ not in same}
+        if "IDOT" in c:  # the WORDS GEMV of a 4-bit weight, its words summed by dp4a
+            assert c["IDOT"] is True and c.get("WORDS") and m == 1 and bits == 4
         if "maxnreg" in c:  # a GEMV of a quantized weight, capped so that 4 programs of 4 warps fit an SM
             assert c["maxnreg"] == 128 and m == 1 and bits in (4, 8)
         if "SWAP" in c:  # only where swapped: tl.dot, on at least wgmma's 64 rows a warpgroup
