@@ -412,14 +412,17 @@ print('greedy', greedy(x).tolist() == x.argmax(-1).tolist())" 2>&1 | tail -5
           --ab-env "KILN_PDL=1+noprefetch" 2>&1 | grep "interleaved\|Error\|error" | tail -3
       done ;;
     s22a | s22b)  # next: the IDOT tiles (one row of a 4-bit weight, each word's sum by dp4a against x in 16-bit fixed point;
-      # ~2.2-2.9 SASS instructions a code against WORDS' 4.4-5.0). s22a: their GPU tests, then the 8B w4a16 at batch 1
-      # against the same plans without them (one process, interleaved); s22b: the 1B w4a16 likewise (~200 s a case)
+      # ~2.2-2.9 SASS instructions a code against WORDS' 4.4-5.0). s22a: their GPU tests and the tuner's output
+      # comparison's, then the 8B w4a16 at batch 1 against the same plans without them (one process, interleaved); s22b:
+      # the 1B w4a16 likewise (~200 s a case). Each lists the candidates the tuner refused (none expected)
       cases="1b:w4a16"
       if [ $stage = s22a ]; then
-        timeout 240 python3 -m pytest -q -x -m gpu tests/codegen/test_skinny_idot.py 2>&1 | tail -3
+        timeout 240 python3 -m pytest -q -x -m gpu tests/codegen/test_skinny_idot.py tests/codegen/test_tuning.py 2>&1 | tail -3
         cases="8b:w4a16"
       fi
-      ab_decode 22a kernels.skinny.IDOT=0 $cases ;;
+      ab_decode 22a kernels.skinny.IDOT=0 $cases
+      # the decisions' refused candidates (tuning.OutputCheck: an output that differs from cuBLAS's on random inputs)
+      python3 bench/tuning_dump.py "$KILN_CACHE_DIR" --top 0 | grep -B1 "failed" | tail -30 ;;
     s21a | s21d)  # next: the WORDS GEMV with NORM_POST (no statistics pass before its loop). s21a: GPU tests of every
       # NORM_POST config (1 / 16 rows, bf16 / int4 / int8), then the 8B w8a16 decode at batch 1 against the same plans
       # without those candidates, one process; s21d: the 8B w4a16 and 1B w8a16 likewise (a call each: ~600 s together).

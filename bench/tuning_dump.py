@@ -5,7 +5,8 @@
 CACHE_DIR is a ``KILN_CACHE_DIR`` (its ``tuning`` entries: codegen/tuning.py's decisions, each with ``ms`` per candidate);
 ``--rows`` keeps the GEMM / QGEMM decisions whose weight has N rows (e.g. 28672: the Llama-3.1-8B gate/up, GLU merged).
 A line per decision (op, x, weight, norm prologue or not, choice), then its ``--top`` fastest candidates in us, the
-launches charged past a candidate's first marked ``+n``.
+launches charged past a candidate's first marked ``+n``, and every candidate that failed with its reason (it did not
+compile or run, or its output differed from the first candidate's).
 """
 import argparse
 import json
@@ -36,6 +37,8 @@ def main() -> None:
               "->", d["choice"])
         for name, ms in sorted(d["ms"].items(), key=lambda kv: kv[1])[:a.top]:
             print(f"    {ms * 1e3:8.2f} us  {name}" + (f"  +{extra[name]}" if name in extra else ""))
+        for name, why in d.get("failed", {}).items():  # (did not run, or its output differed: tuning.OutputCheck)
+            print(f"    failed    {name}: {why}")
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ from .kernels import skinny as ts
 from .kernels import tma_gemm as tt
 from .kernels.epilogue import epilogue
 from .pointwise import launch
-from .tuning import launches, with_launches
+from .tuning import OutputCheck, launches, with_launches
 
 # template configurations measured per shape besides cuBLAS / SDPA. Each is a Triton compile (1-2 s) of a cold
 # start; one GEMM configuration (the template lost to cuBLAS at every measured shape) keeps DiT-XL/2's cold
@@ -139,6 +139,19 @@ def with_norm(candidates: dict, fused: dict, norm: dict | None) -> dict:
             out.update(fused)
         out[name] = with_launches(lambda f=f: (run(), f()), 1 + launches(f))
     return {**out, **fused}
+
+
+def output_check(op: str, args: list, attrs: dict, out: torch.Tensor, norm: dict | None, workspace, keep) -> OutputCheck:
+    """What a GEMM / LINEAR / QGEMM decision's candidates read and write, for the tuner's comparison of their outputs
+    (``tuning.OutputCheck``): x (the norm's input where a norm prologue leads: ``with_norm``), gate and residual, but
+    none of ``keep`` (tensors whose values stay: stored weights, the caller's inputs), to be filled with random values;
+    the output; the split-K counters (``workspace``'s, as for ``gemm``)."""
+    x, *_, gate, residual = qgemm_operands(args, attrs) if op == "QGEMM" else gemm_operands(args, attrs)
+    x = norm["x"] if norm is not None else x
+    keep = list(keep)
+    inputs = tuple(t for t in (x, gate, residual) if t is not None and not any(t is k for k in keep))
+    counters = workspace[1] if isinstance(workspace, tuple) else None
+    return OutputCheck(inputs, out, () if counters is None else (counters,))
 
 
 def _norm_what(what: dict, norm: dict | None) -> dict:

@@ -16,7 +16,8 @@ Choices are remembered three ways: in memory (a model with 28 identical blocks m
 on-disk cache (``tuning/<key>.json``: a second process skips the measurements), and in the artifact's
 ``tuning.json`` (``CompiledModel.save``; a loaded artifact replays them, on the same GPU and versions,
 since the device fingerprint is part of the key). A candidate that fails to compile or run is recorded
-with its error and never chosen.
+with its error and never chosen; so is a GEMM candidate whose output on random inputs differs from the first
+candidate's (``OutputCheck``: a kernel compiled wrong is not chosen for its speed).
 
 Start-up. Most of a cold plan build is compiling the candidates' Triton kernels (each at its first launch) and then
 the generated kernels that the CUDA graph capture's warm-up launches. So a plan on CUDA first *surveys*: it builds its
@@ -35,7 +36,7 @@ import contextlib
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -56,6 +57,86 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # kernels run in Pyt
 # GEMVs (near-ties when timed alone) ran 0.951 and 0.990 ms a step, ~2.6 us a launch more than the timing alone said;
 # it also steadies the choice between processes where one- and two-launch forms time within the noise
 EXTRA_LAUNCH_MS = 0.002
+# Outputs compared (``OutputCheck``): a candidate whose output on random inputs differs from the first candidate's (a
+# library's: cuBLAS, cuBLAS on the dequantized weight) by more than CHECK_TOL (relative, Frobenius) is refused with
+# the figure, so a kernel that some GPU or Triton version compiles wrong is never chosen. Right candidates differ by
+# their roundings (~1e-3 at bf16). CHECK_OUTPUTS: "cuda" (not the interpreter: there the kernels' own tests run the same
+# code against float64, and every candidate run costs seconds), "always", "never"
+CHECK_TOL = 0.05
+CHECK_OUTPUTS = os.environ.get("KILN_CHECK_OUTPUTS", "cuda")
+if CHECK_OUTPUTS not in ("cuda", "always", "never"):
+    raise ValueError(f"KILN_CHECK_OUTPUTS={CHECK_OUTPUTS!r}: use cuda (the default: compare on the GPU), always or never")
+CHECK_CHUNK = 16 << 20  # elements of the output compared at a time (float32 temporaries)
+
+
+class OutputCheck(NamedTuple):
+    """What a decision's candidates read and write, for comparing their outputs: ``inputs``, activation buffers filled
+    with random values for the comparison; ``out``, the buffer each candidate writes (it may be one of the inputs: a
+    residual written over); ``zero``, state each candidate must find zero (split-K counters). All are restored after."""
+    inputs: tuple
+    out: torch.Tensor
+    zero: tuple = ()
+
+    def refusals(self, candidates: dict[str, Callable[[], object]], device: torch.device) -> dict[str, str]:
+        """Candidate name -> why it is refused, for each whose output differs from the first's (the first that runs) by
+        more than CHECK_TOL. Nothing where the first's output is not finite, or where the copies do not fit in memory.
+        (A candidate that raises is left out: its timer records the error.)"""
+        tensors = [*self.inputs, self.out, *self.zero]
+        try:
+            saved = [t.clone() for t in tensors]
+        except RuntimeError:  # (out of memory)
+            return {}
+        try:
+            gen = torch.Generator(device=device).manual_seed(0)
+            for t in self.inputs:
+                t.copy_(torch.randn(t.shape, generator=gen, device=device))
+            start = [t.clone() for t in (*self.inputs, self.out)]
+            return self._compare(candidates, start)
+        except RuntimeError:  # (out of memory; a tensor that cannot be written: compared nothing)
+            return {}
+        finally:
+            for t, s in zip(tensors, saved):
+                t.copy_(s)
+
+    def _compare(self, candidates: dict, start: list) -> dict[str, str]:
+        ref, refused = None, {}
+        for name, fn in candidates.items():
+            for t, s in zip((*self.inputs, self.out), start):
+                t.copy_(s)
+            for z in self.zero:
+                z.zero_()
+            try:
+                fn()
+            except Exception:  # (its timer runs it again and records the error)
+                continue
+            if ref is None:
+                ref = (name, self.out.clone())
+                if not all(bool(torch.isfinite(c).all()) for c in _chunks(ref[1])):
+                    return {}
+                continue
+            err = _rel_err(self.out, ref[1])
+            if not err <= CHECK_TOL:  # (NaN too)
+                refused[name] = f"output on random inputs differs from {ref[0]}'s: relative error {err:.2e} > {CHECK_TOL}"
+        return refused
+
+
+def _chunks(t: torch.Tensor):
+    flat = t.reshape(-1)
+    for i in range(0, flat.numel(), CHECK_CHUNK):
+        yield flat[i:i + CHECK_CHUNK].float()
+
+
+def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    num = den = 0.0
+    for g, w in zip(_chunks(got), _chunks(want)):
+        num += float(((g - w) ** 2).sum())
+        den += float((w ** 2).sum())
+    return (num / den) ** 0.5 if den > 0 else (0.0 if num == 0 else float("inf"))
+
+
+def checks_outputs(device: torch.device) -> bool:
+    """Whether decisions on ``device`` compare their candidates' outputs (CHECK_OUTPUTS)."""
+    return CHECK_OUTPUTS == "always" or (CHECK_OUTPUTS == "cuda" and device.type == "cuda" and not INTERPRET)
 
 
 def with_launches(fn: Callable[[], object], n: int) -> Callable[[], object]:
@@ -178,17 +259,23 @@ def _cpu_timer(fn: Callable[[], object]) -> Callable[[], float]:
     return sample
 
 
-def time_candidates(candidates: dict[str, Callable[[], object]], device: torch.device, cold: bool = False) -> tuple[dict, dict]:
+def time_candidates(candidates: dict[str, Callable[[], object]], device: torch.device, cold: bool = False,
+                    check: OutputCheck | None = None) -> tuple[dict, dict]:
     """Median ms per run of each candidate, and the error of each that does not compile or run. The samples are
     taken round-robin across the candidates, so a clock or thermal drift during the measurement biases none.
-    ``cold``: each CUDA sample one run after L2 is flushed (module docstring)."""
+    ``cold``: each CUDA sample one run after L2 is flushed (module docstring). ``check``: the candidates' outputs are
+    compared first (where ``checks_outputs``); one that differs is not timed, its reason is its error."""
     timers, failed = {}, {}
     flush = torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.int32, device=device) if cold and device.type == "cuda" else None
     runs = {name: getattr(fn, "timing_runs", 1) for name, fn in candidates.items()}  # (timed_as)
+    plain = candidates
     candidates = {name: getattr(fn, "timing", fn) for name, fn in candidates.items()}
     if device.type == "cuda":  # (not under the interpreter: the CPU tests run kernels in Python, one thread)
         warm_in_parallel(candidates, _on_stream(device))
         torch.cuda.synchronize(device)
+    if check is not None and checks_outputs(device):
+        failed.update(check.refusals(plain, device))
+        candidates = {name: fn for name, fn in candidates.items() if name not in failed}
     for name, fn in candidates.items():
         try:
             timers[name] = _cuda_timer(fn, device, flush) if device.type == "cuda" else _cpu_timer(fn)
@@ -239,9 +326,11 @@ class Tuner:
         finally:
             self._surveyed = None
 
-    def choose(self, kind: str, what: dict, candidates: dict[str, Callable[[], object]], device: torch.device) -> str:
+    def choose(self, kind: str, what: dict, candidates: dict[str, Callable[[], object]], device: torch.device,
+               check: OutputCheck | None = None) -> str:
         """The name of the candidate to use for ``what`` (candidates: name -> a callable running it once); while
-        :meth:`surveying`, a provisional one."""
+        :meth:`surveying`, a provisional one. ``check``: what the candidates read and write, to compare their outputs
+        before they are measured (``OutputCheck``)."""
         surveying = self._surveyed is not None
         if kind in self.force:
             prefix = self.force[kind]
@@ -260,7 +349,7 @@ class Tuner:
             self.counts[origin] += 1
             return d["choice"]
         t0 = time.perf_counter()
-        d = self.measure(kind, what, candidates, device)
+        d = self.measure(kind, what, candidates, device, check)
         self.seconds += time.perf_counter() - t0
         self.decisions[k] = d
         self.counts["measured"] += 1
@@ -280,9 +369,9 @@ class Tuner:
         return None, ""
 
     @staticmethod
-    def measure(kind: str, what: dict, candidates: dict, device: torch.device) -> dict:
+    def measure(kind: str, what: dict, candidates: dict, device: torch.device, check: OutputCheck | None = None) -> dict:
         cold = what.get("weights") == "cold" or what.get("cache") == "cold"
-        ms, failed = time_candidates(candidates, device, cold=cold)
+        ms, failed = time_candidates(candidates, device, cold=cold, check=check)
         if not ms:
             raise RuntimeError(f"no {kind} implementation ran for {what}: " + "; ".join(f"{k}: {v}" for k, v in failed.items()))
         decode = cold or "decode" in what  # (EXTRA_LAUNCH_MS)

@@ -538,7 +538,7 @@ class KernelPlan(Plan):
             args, outs, cache = [self.env.get(i) for i in g.inputs], [self.env[o] for o in g.outputs], self.target.cache
             return KernelCall(g, "pointwise", lambda: launch(g, args, b, out=outs, cache=cache))
         n = g.nodes[-1]
-        out, args, attrs = self.env[n], [self.env[i] for i in n.inputs], node_attrs(n, b)
+        out, args, attrs, check = self.env[n], [self.env[i] for i in n.inputs], node_attrs(n, b), None
         if kind == "gemm" and n.op == "MATMUL":
             return KernelCall(g, "matmul", lambda: torch.matmul(args[0], args[1], out=out))
         if kind == "gemm":
@@ -548,7 +548,10 @@ class KernelPlan(Plan):
             if n.op == "AQGEMM":
                 what, candidates = lower.aqgemm(args, attrs, out, tmp, device, workspace, codes=codes)
             else:
-                what, candidates = {"QGEMM": lower.qgemm}.get(n.op, lower.gemm)(args, attrs, out, tmp, device, workspace, self._norm(g))
+                norm = self._norm(g)
+                what, candidates = {"QGEMM": lower.qgemm}.get(n.op, lower.gemm)(args, attrs, out, tmp, device, workspace, norm)
+                keep = [*self.real.values(), *(self.env[i] for k, i in enumerate(self.graph.inputs) if k in self.adopted)]
+                check = lower.output_check(n.op, args, attrs, out, norm, workspace, keep)  # (keep: stored, the caller's)
         elif kind == "attention":  # (workspace: (None, counters) where the plan has counters for it)
             args, attrs = self._causal(n, args, attrs)
             rope, before = self._ropes.pop(n, (None, None))
@@ -565,7 +568,7 @@ class KernelPlan(Plan):
             return collective_call(g, n.op, args[0], attrs, out)
         else:
             return self._reference(g, kind, n, args, attrs, out)
-        choice = self.target.tuner.choose(kind, what, candidates, device)
+        choice = self.target.tuner.choose(kind, what, candidates, device, check)  # (check: a GEMM's outputs compared)
         return KernelCall(g, kind, candidates[choice], choice)
 
     def _causal(self, n: Node, args: list, attrs: dict) -> tuple[list, dict]:

@@ -1,4 +1,5 @@
-"""bench/tuning_dump.py: a cache's GEMM decisions with their candidates' times, fastest first, filtered by weight rows."""
+"""bench/tuning_dump.py: a cache's GEMM decisions with their candidates' times, fastest first, and the failed ones with
+their reasons, filtered by weight rows."""
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ def test_dump_lists_each_gemm_decision_fastest_first(tmp_path):
     cache = Cache(tmp_path)
     gate_up = {"kind": "gemm", "what": {"op": "QGEMM", "x": [1, 4096], "qweight": [28672, 4096], "bits": 8, "norm": {}},
                "choice": "triton-skinny-norm:a", "ms": {"triton-skinny:b": 0.0401, "triton-skinny-norm:a": 0.0388},
-               "extra_launches": {"triton-skinny:b": 1}}
+               "extra_launches": {"triton-skinny:b": 1}, "failed": {"triton-skinny:c": "output on random inputs differs"}}
     other = {"kind": "gemm", "what": {"op": "GEMM", "x": [1, 4096], "w": [4096, 4096]}, "choice": "cublas",
              "ms": {"cublas": 0.01}}
     attention = {"kind": "attention", "what": {"op": "ATTENTION"}, "choice": "sdpa", "ms": {"sdpa": 0.01}}
@@ -23,4 +24,5 @@ def test_dump_lists_each_gemm_decision_fastest_first(tmp_path):
     assert out[0].startswith("QGEMM x [1, 4096] weight [28672, 4096] bits 8 norm -> triton-skinny-norm:a")
     assert out[1].split() == ["38.80", "us", "triton-skinny-norm:a"]
     assert out[2].split() == ["40.10", "us", "triton-skinny:b", "+1"]
-    assert len(out) == 3
+    assert out[3].split() == ["failed", "triton-skinny:c:", "output", "on", "random", "inputs", "differs"]
+    assert len(out) == 4

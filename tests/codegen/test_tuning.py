@@ -67,7 +67,7 @@ def test_cold_weights_or_a_cold_cache_are_measured_cold(monkeypatch):
     from kiln.codegen import tuning
 
     seen = []
-    monkeypatch.setattr(tuning, "time_candidates", lambda c, d, cold=False: (seen.append(cold) or ({"a": 1.0}, {})))
+    monkeypatch.setattr(tuning, "time_candidates", lambda c, d, cold=False, check=None: (seen.append(cold) or ({"a": 1.0}, {})))
     for what, cold in (({"weights": "cold"}, True), ({"cache": "cold"}, True), ({}, False)):
         Tuner.measure("gemm", what, {"a": lambda: None}, torch.device("cpu"))
         assert seen[-1] == cold, what
@@ -155,3 +155,78 @@ def test_survey_is_for_cuda_and_compiles_nothing_on_the_cpu():
     assert compile_ahead({"k": ("gemm", {}, {"a": lambda: ran.append(1)}, torch.device("cpu"))}, [lambda: ran.append(2)],
                          torch.device("cpu")) is None
     assert ran == []
+
+
+# ----------------------------------------------------------------------------- outputs compared (OutputCheck)
+
+
+def _gemm_candidates(x, w, out, counters=None):
+    # candidates adding x @ w to out (a residual written over): right, right within rounding, wrong, NaN, failing
+    seen = []
+
+    def right():
+        if counters is not None:
+            seen.append(int(counters.sum()))
+            counters.add_(1)  # (left non-zero: the check zeroes it before each candidate)
+        out.add_(x @ w)
+    return seen, {"library": right, "close": lambda: out.add_(x @ w * (1 + 1e-3)), "wrong": lambda: out.add_(x @ w * 1.5),
+                  "nan": lambda: out.fill_(float("nan")), "broken": _broken}
+
+
+def test_output_check_refuses_candidates_whose_outputs_differ(monkeypatch):
+    import kiln.codegen.tuning as tuning
+
+    gen = torch.Generator().manual_seed(0)
+    x, w, res, counters = torch.full((4, 8), 7.0), torch.randn(8, 3, generator=gen), torch.full((4, 3), 5.0), torch.zeros(2)
+    seen, cands = _gemm_candidates(x, w, res, counters)
+    check = tuning.OutputCheck((x, res), res, (counters,))
+    refused = check.refusals(cands, torch.device("cpu"))
+    assert set(refused) == {"wrong", "nan"} and "differs from library's: relative error" in refused["wrong"], refused
+    assert seen == [0] and (x == 7.0).all() and (res == 5.0).all() and (counters == 0).all()  # all restored
+    # in the timing: only where CHECK_OUTPUTS says (not on the CPU by default)
+    ms, failed = time_candidates(cands, torch.device("cpu"), check=check)
+    assert set(ms) == {"library", "close", "wrong", "nan"} and set(failed) == {"broken"}
+    monkeypatch.setattr(tuning, "CHECK_OUTPUTS", "always")
+    ms, failed = time_candidates(cands, torch.device("cpu"), check=check)
+    assert set(ms) == {"library", "close"} and set(failed) == {"wrong", "nan", "broken"}
+    assert failed["broken"] == "RuntimeError: out of shared memory"
+
+
+def test_output_check_compares_nothing_against_a_non_finite_reference():
+    from kiln.codegen.tuning import OutputCheck
+
+    x, w, out = torch.randn(4, 8), torch.randn(8, 3), torch.empty(4, 3)
+    cands = {"inf": lambda: out.fill_(float("inf")), "right": lambda: torch.mm(x, w, out=out)}
+    assert OutputCheck((x,), out).refusals(cands, torch.device("cpu")) == {}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits", [4, 8])
+def test_gpu_output_check_refuses_only_a_wrong_candidate(bits):
+    # a one-row QGEMM (the 8B's qkv shape, a residual written over) on the GPU: every candidate the tuner has for it
+    # (IDOT's PTX among them at 4 bits) agrees with cuBLAS on the dequantized weight; one writing zeros is refused
+    from kiln.codegen import lower
+    from kiln.codegen.kernels import skinny
+    from kiln.codegen.tuning import OutputCheck
+    from kiln.ir.quant import quantize_rtn
+
+    k, n, dev = 4096, 6144, torch.device("cuda")
+    qw = quantize_rtn(torch.randn(n, k, generator=torch.Generator().manual_seed(0)) * k ** -0.5, bits, 128 if bits == 4 else k, True)
+    x, res = torch.randn(1, k, device=dev, dtype=torch.bfloat16), torch.randn(1, n, device=dev, dtype=torch.bfloat16)
+    args = [x, qw.qweight.to(dev), qw.scales.to(dev), res]
+    attrs = dict(act="none", glu=False, bits=bits, group=qw.group, zeros=False, bias=False, gate=False, residual=True,
+                 static_w=True)
+    ws = torch.empty(max(lower.workspace_bytes("QGEMM", attrs, [1, k], list(qw.qweight.shape), torch.bfloat16, dev), 4),
+                     dtype=torch.uint8, device=dev)
+    counters = torch.zeros(max(lower.counter_bytes("QGEMM", attrs, [1, k], list(qw.qweight.shape), torch.bfloat16, dev), 4),
+                           dtype=torch.uint8, device=dev)
+    _, cands = lower.qgemm(args, attrs, res, None, dev, (ws, counters))
+    idot = [lower.config_name("triton-skinny", c) for c in skinny.configs(1, n, k, bits, group=qw.group) if c.get("IDOT")]
+    assert set(idot) <= set(cands) and bool(idot) == (bits == 4)
+    cands["wrong"] = res.zero_
+    before = (x.clone(), res.clone())
+    check = lower.output_check("QGEMM", args, attrs, res, None, (ws, counters), args[1:3])
+    assert isinstance(check, OutputCheck) and [id(t) for t in check.inputs] == [id(x), id(res)]
+    refused = check.refusals(cands, dev)
+    assert set(refused) == {"wrong"}, refused
+    assert torch.equal(x, before[0]) and torch.equal(res, before[1]) and not counters.any()

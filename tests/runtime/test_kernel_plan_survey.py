@@ -41,7 +41,7 @@ def _build(graph, steps, survey: bool, monkeypatch) -> dict:
     measured, surveyed = [], []
     real = kernel_plan.compile_ahead
 
-    def last(kind, what, candidates, device):
+    def last(kind, what, candidates, device, check=None):
         measured.append((kind, list(candidates)[-1]))
         return {"kind": kind, "what": what, "choice": list(candidates)[-1], "ms": {}}
 
