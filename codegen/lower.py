@@ -141,17 +141,26 @@ def with_norm(candidates: dict, fused: dict, norm: dict | None) -> dict:
     return {**out, **fused}
 
 
-def output_check(op: str, args: list, attrs: dict, out: torch.Tensor, norm: dict | None, workspace, keep) -> OutputCheck:
-    """What a GEMM / LINEAR / QGEMM decision's candidates read and write, for the tuner's comparison of their outputs
-    (``tuning.OutputCheck``): x (the norm's input where a norm prologue leads: ``with_norm``), gate and residual, but
-    none of ``keep`` (tensors whose values stay: stored weights, the caller's inputs), to be filled with random values;
-    the output; the split-K counters (``workspace``'s, as for ``gemm``)."""
-    x, *_, gate, residual = qgemm_operands(args, attrs) if op == "QGEMM" else gemm_operands(args, attrs)
+def output_check(op: str, args: list, attrs: dict, out: torch.Tensor, norm: dict | None, workspace, keep,
+                 codes: tuple | None = None, out_codes: tuple | None = None) -> OutputCheck:
+    """What a GEMM / LINEAR / QGEMM / AQGEMM decision's candidates read and write, for the tuner's comparison of their
+    outputs (``tuning.OutputCheck``): x (the norm's input where a norm prologue leads: ``with_norm``; an AQGEMM's codes
+    and row scales where a producer writes them: ``aqgemm``'s ``codes``), gate and residual, but none of ``keep``
+    (tensors whose values stay: stored weights, the caller's inputs), to be filled with random values; the output (an
+    AQGEMM storing the next one's codes, ``coded_aqgemm``'s ``out_codes``: those codes times their scales); the split-K
+    counters (``workspace``'s, as for ``gemm``)."""
+    operands = {"QGEMM": qgemm_operands, "AQGEMM": aqgemm_operands}.get(op, gemm_operands)
+    x, *_, gate, residual = operands(args, attrs)
     x = norm["x"] if norm is not None else x
     keep = list(keep)
-    inputs = tuple(t for t in (x, gate, residual) if t is not None and not any(t is k for k in keep))
+    reads = (*(codes or (x,)), gate, residual)
+    inputs = tuple(t for t in reads if t is not None and not any(t is k for k in keep))
     counters = workspace[1] if isinstance(workspace, tuple) else None
-    return OutputCheck(inputs, out, () if counters is None else (counters,))
+    zero = () if counters is None else (counters,)
+    if out_codes is None:
+        return OutputCheck(inputs, out, zero)
+    _, cq, cs, _ = out_codes
+    return OutputCheck(inputs, out, zero, (cq, cs), lambda: cq.float() * cs.float().unsqueeze(-1))
 
 
 def _norm_what(what: dict, norm: dict | None) -> dict:

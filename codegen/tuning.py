@@ -72,16 +72,20 @@ CHECK_CHUNK = 16 << 20  # elements of the output compared at a time (float32 tem
 class OutputCheck(NamedTuple):
     """What a decision's candidates read and write, for comparing their outputs: ``inputs``, activation buffers filled
     with random values for the comparison; ``out``, the buffer each candidate writes (it may be one of the inputs: a
-    residual written over); ``zero``, state each candidate must find zero (split-K counters). All are restored after."""
+    residual written over); ``zero``, state each candidate must find zero (split-K counters); ``written``, more buffers
+    the candidates write; ``value``: what is compared, from those (None: ``out``; an AQGEMM storing the next one's
+    codes: the codes times their scales). All are restored after."""
     inputs: tuple
     out: torch.Tensor
     zero: tuple = ()
+    written: tuple = ()
+    value: Callable[[], torch.Tensor] | None = None
 
     def refusals(self, candidates: dict[str, Callable[[], object]], device: torch.device) -> dict[str, str]:
         """Candidate name -> why it is refused, for each whose output differs from the first's (the first that runs) by
         more than CHECK_TOL. Nothing where the first's output is not finite, or where the copies do not fit in memory.
         (A candidate that raises is left out: its timer records the error.)"""
-        tensors = [*self.inputs, self.out, *self.zero]
+        tensors = [*self.inputs, self.out, *self.written, *self.zero]
         try:
             saved = [t.clone() for t in tensors]
         except RuntimeError:  # (out of memory)
@@ -90,7 +94,7 @@ class OutputCheck(NamedTuple):
             gen = torch.Generator(device=device).manual_seed(0)
             for t in self.inputs:
                 t.copy_(torch.randn(t.shape, generator=gen, device=device))
-            start = [t.clone() for t in (*self.inputs, self.out)]
+            start = [t.clone() for t in (*self.inputs, self.out, *self.written)]
             return self._compare(candidates, start)
         except RuntimeError:  # (out of memory; a tensor that cannot be written: compared nothing)
             return {}
@@ -101,7 +105,7 @@ class OutputCheck(NamedTuple):
     def _compare(self, candidates: dict, start: list) -> dict[str, str]:
         ref, refused = None, {}
         for name, fn in candidates.items():
-            for t, s in zip((*self.inputs, self.out), start):
+            for t, s in zip((*self.inputs, self.out, *self.written), start):
                 t.copy_(s)
             for z in self.zero:
                 z.zero_()
@@ -109,12 +113,13 @@ class OutputCheck(NamedTuple):
                 fn()
             except Exception:  # (its timer runs it again and records the error)
                 continue
+            got = self.out if self.value is None else self.value()
             if ref is None:
-                ref = (name, self.out.clone())
+                ref = (name, got.clone())
                 if not all(bool(torch.isfinite(c).all()) for c in _chunks(ref[1])):
                     return {}
                 continue
-            err = _rel_err(self.out, ref[1])
+            err = _rel_err(got, ref[1])
             if not err <= CHECK_TOL:  # (NaN too)
                 refused[name] = f"output on random inputs differs from {ref[0]}'s: relative error {err:.2e} > {CHECK_TOL}"
         return refused

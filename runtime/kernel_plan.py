@@ -545,13 +545,12 @@ class KernelPlan(Plan):
             if n.op == "LINEAR":
                 attrs = dict(bias=len(args) > 2, act="none", glu=False, gate=False, residual=False)
             attrs = dict(attrs, static_w=n.inputs[1] in self.real)  # (a stored weight: read before a PDL wait)
+            norm = None if n.op == "AQGEMM" else self._norm(g)
             if n.op == "AQGEMM":
                 what, candidates = lower.aqgemm(args, attrs, out, tmp, device, workspace, codes=codes)
             else:
-                norm = self._norm(g)
                 what, candidates = {"QGEMM": lower.qgemm}.get(n.op, lower.gemm)(args, attrs, out, tmp, device, workspace, norm)
-                keep = [*self.real.values(), *(self.env[i] for k, i in enumerate(self.graph.inputs) if k in self.adopted)]
-                check = lower.output_check(n.op, args, attrs, out, norm, workspace, keep)  # (keep: stored, the caller's)
+            check = lower.output_check(n.op, args, attrs, out, norm, workspace, self._kept(), codes)
         elif kind == "attention":  # (workspace: (None, counters) where the plan has counters for it)
             args, attrs = self._causal(n, args, attrs)
             rope, before = self._ropes.pop(n, (None, None))
@@ -658,8 +657,12 @@ class KernelPlan(Plan):
         out_codes = (c.fmt, *self._codes_buffers(self.codes[n], n, c.fmt), smooth)
         args, attrs = [self.env[i] for i in n.inputs], node_attrs(n, self.bindings)
         what, candidates, steps = lower.coded_aqgemm(args, attrs, self.env[n], self.device, codes, out_codes)
-        choice = self.target.tuner.choose("gemm", what, candidates, self.device)
+        check = lower.output_check("AQGEMM", args, attrs, self.env[n], None, None, self._kept(), codes, out_codes)
+        choice = self.target.tuner.choose("gemm", what, candidates, self.device, check)
         return [KernelCall(g, kind, run, choice if kind == "gemm" else "") for kind, run in steps[choice]]
+
+    def _kept(self) -> list[torch.Tensor]:  # what a GEMM decision's output check leaves as it is: stored, the caller's
+        return [*self.real.values(), *(self.env[i] for k, i in enumerate(self.graph.inputs) if k in self.adopted)]
 
     def _norm(self, g: Group) -> dict | None:
         """A gemm group's norm prologue as ``lower.gemm`` takes it (None without one): its input, weight and eps, and

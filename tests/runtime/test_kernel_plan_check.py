@@ -58,3 +58,26 @@ def test_a_wrong_candidate_is_refused(monkeypatch, check):
     for outs in got:
         for a, b in zip(outs, want):
             assert rel_err(a, b) <= TOL[b.dtype]
+
+
+def test_a_wrong_quantized_candidate_is_refused(monkeypatch, pipeline_models):
+    # a tiny Llama in w8a8: its AQGEMMs read codes a producer writes (their codes and scales filled at random for the
+    # comparison) or quantize x themselves; a fast wrong candidate in each is refused, the output stays the reference's
+    monkeypatch.setattr(tuning, "CHECK_OUTPUTS", "always")
+    real = lower.aqgemm
+
+    def aqgemm(args, attrs, out, *rest, **kw):
+        what, cands = real(args, attrs, out, *rest, **kw)
+        return what, {**cands, "wrong": out.zero_}
+    monkeypatch.setattr(lower, "aqgemm", aqgemm)
+    hf_llm, ids, dims = pipeline_models["llama"]
+    calib = [(ids(1, 32, seed=10 + s),) for s in range(2)]
+    graph = kiln.compile(hf_llm(), (ids(2, 7),), dynamic=dims, config=kiln.CompileConfig(quantize="w8a8"), calibration=calib).graph
+    tuner = Tuner(force={"attention": "sdpa"})
+    ex = Executor(graph, Target.from_config(kiln.CompileConfig(backend="kernels"), tuner=tuner))
+    x = [ids(2, 12, seed=24)]
+    got = ex.run(x)[0]
+    aq = [d for d in tuner.decisions.values() if d["what"].get("op") == "AQGEMM"]
+    assert aq and all(d["choice"] != "wrong" and "differs from" in d["failed"]["wrong"] for d in aq), aq
+    assert all(set(d["failed"]) == {"wrong"} for d in aq)
+    assert rel_err(got, interpret(graph, x)[0]) <= 1e-4
