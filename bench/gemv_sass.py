@@ -11,6 +11,7 @@ TRITON_INTERPRET unset (another Triton: its unpacked wheel first on PYTHONPATH):
     python3 bench/gemv_sass.py                    every configuration, a line each
     python3 bench/gemv_sass.py --check            exit 1 past CHECK's bounds (tests/bench/test_gemv_sass.py)
     python3 bench/gemv_sass.py --json out.json --mix --shapes gate/up down
+    python3 bench/gemv_sass.py --dtype bfloat16 --shapes "8b gate/up"      the 8B's, with the models' x dtype
 
 The CUDA driver is replaced by one that names sm_90 and launches nothing: kernels are compiled (``warmup``), never run.
 """
@@ -30,7 +31,8 @@ from triton.runtime import driver
 from triton.runtime.jit import JITFunction
 
 SHAPES = {"qkv": (2048, 3072, False, True), "gate/up": (2048, 16384, True, True), "down": (8192, 2048, False, False),
-          "o": (2048, 2048, False, False)}  # name: K, N (weight rows), GLU, fed by an RMSNorm
+          "o": (2048, 2048, False, False),  # name: K, N (weight rows), GLU, fed by an RMSNorm; the 1B's, then the 8B's
+          "8b qkv": (4096, 6144, False, True), "8b gate/up": (4096, 28672, True, True), "8b down": (14336, 4096, False, False)}
 # --check's bounds, far from what triton 3.6 and 3.9 compile today (spills 0-96 bytes, outside the loop or reloaded
 # there; 4.2-4.8 SASS instructions a code for WORDS at 4 bits, 3.7-5.7 at 8, 6.6-7.2 for the byte tiles) and below the
 # regressions they are for (the WORDS norm prologue's 6-13 KB of spills, 85 instructions a code; the 8-bit codes' PRMT
@@ -91,19 +93,21 @@ def loop_mix(sass: str) -> collections.Counter:
     return collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", t).split()[0].split(".")[0] for a, t in ins if lo <= a <= hi)
 
 
-def analyse(compiled: list, shapes=tuple(SHAPES)) -> list[dict]:
+def analyse(compiled: list, shapes=tuple(SHAPES), dtype=torch.float16) -> list[dict]:
     from kiln.codegen.kernels import qgemm
     from kiln.codegen.kernels.skinny import configs, counter_bytes, skinny_gemm, workspace_bytes
     from kiln.ir.quant import quantize_rtn
 
     qgemm.INTERPRET = True  # (skinny_gemm's check that x is on CUDA; the kernels compile for sm_90 all the same)
+    check = qgemm.check_operands  # (and its refusal of bfloat16 x, for the interpreter's tl.dot: nothing runs here)
+    qgemm.check_operands = lambda fn, x, *a: check(fn, x.half() if x.dtype == torch.bfloat16 else x, *a)
     rows = []
     for bits in (4, 8):
         for name, (k, n, glu, normed) in ((name, SHAPES[name]) for name in shapes):
             qw = quantize_rtn(torch.randn(n, k) * k ** -0.5, bits, 128 if bits == 4 else k, True)
-            x = torch.randn(1, k).to(torch.float16)
+            x = torch.randn(1, k).to(dtype)
             for norm in (False, True) if normed else (False,):
-                extra = dict(norm_weight=torch.randn(k).half(), norm_eps=1e-5) if norm else {}
+                extra = dict(norm_weight=torch.randn(k).to(dtype), norm_eps=1e-5) if norm else {}
                 for c in configs(1, n, k, bits, glu=glu, norm=norm, group=qw.group):
                     ws = torch.empty(max(1, workspace_bytes(1, n, k, bits, glu, config=c)), dtype=torch.uint8)
                     cnt = torch.zeros(max(1, counter_bytes(1, n, k, bits, glu, config=c)), dtype=torch.uint8)
@@ -126,11 +130,12 @@ def main() -> None:
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     ap.add_argument("--json", help="write every row here")
     ap.add_argument("--mix", action="store_true", help="print each loop's instruction mix")
+    ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"], help="x's dtype (the models': bfloat16)")
     a = ap.parse_args()
-    rows = analyse(compiling(), a.shapes)
+    rows = analyse(compiling(), a.shapes, getattr(torch, a.dtype))
     for r in rows:
         c = {k: v for k, v in r["config"].items() if k != "DOT"}
-        print(f"int{r['bits']} {r['shape']:8s}{' norm' if r['norm'] else '     '} regs {r['regs']:3d} spill {r['spill_bytes']:5d} B"
+        print(f"int{r['bits']} {r['shape']:10s}{' norm' if r['norm'] else '     '} regs {r['regs']:3d} spill {r['spill_bytes']:5d} B"
               f"  loop {r['loop_instructions']:5d} ({r['per_code']:.2f} a code)  {c}", flush=True)
         if a.mix:
             print("    ", sorted(r["mix"].items(), key=lambda kv: -kv[1])[:16])
