@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, NamedTuple
 
@@ -88,7 +89,7 @@ class OutputCheck(NamedTuple):
         tensors = [*self.inputs, self.out, *self.written, *self.zero]
         try:
             saved = [t.clone() for t in tensors]
-        except RuntimeError:  # (out of memory)
+        except torch.cuda.OutOfMemoryError:
             return {}
         try:
             gen = torch.Generator(device=device).manual_seed(0)
@@ -96,11 +97,15 @@ class OutputCheck(NamedTuple):
                 t.copy_(torch.randn(t.shape, generator=gen, device=device))
             start = [t.clone() for t in (*self.inputs, self.out, *self.written)]
             return self._compare(candidates, start)
-        except RuntimeError:  # (out of memory; a tensor that cannot be written: compared nothing)
+        except torch.cuda.OutOfMemoryError:
+            return {}
+        except Exception as e:  # (a tensor that cannot be written, ...: compared nothing, said so)
+            warnings.warn(f"kiln: a tuning decision's outputs were not compared ({type(e).__name__}: {e})", stacklevel=2)
             return {}
         finally:
             for t, s in zip(tensors, saved):
-                t.copy_(s)
+                with contextlib.suppress(RuntimeError):  # (one that cannot be written was not)
+                    t.copy_(s)
 
     def _compare(self, candidates: dict, start: list) -> dict[str, str]:
         ref, refused = None, {}

@@ -230,3 +230,13 @@ def test_gpu_output_check_refuses_only_a_wrong_candidate(bits):
     refused = check.refusals(cands, dev)
     assert set(refused) == {"wrong"}, refused
     assert torch.equal(x, before[0]) and torch.equal(res, before[1]) and not counters.any()
+
+
+def test_output_check_that_cannot_write_its_inputs_warns_and_compares_nothing():
+    from kiln.codegen.tuning import OutputCheck
+
+    with torch.inference_mode():
+        x = torch.randn(4, 8)  # (an inference tensor: no in-place update outside inference mode)
+    out = torch.empty(4, 3)
+    with pytest.warns(UserWarning, match="outputs were not compared"):
+        assert OutputCheck((x,), out).refusals({"zeros": out.zero_, "ones": lambda: out.fill_(1.0)}, torch.device("cpu")) == {}
