@@ -146,15 +146,14 @@ def output_check(op: str, args: list, attrs: dict, out: torch.Tensor, norm: dict
     """What a GEMM / LINEAR / QGEMM / AQGEMM decision's candidates read and write, for the tuner's comparison of their
     outputs (``tuning.OutputCheck``): x (the norm's input where a norm prologue leads: ``with_norm``; an AQGEMM's codes
     and row scales where a producer writes them: ``aqgemm``'s ``codes``), gate and residual, but none of ``keep``
-    (tensors whose values stay: stored weights, the caller's inputs), to be filled with random values; the output (an
+    (ids of tensors whose values stay: stored weights, the caller's inputs), to be filled with random values; the output (an
     AQGEMM storing the next one's codes, ``coded_aqgemm``'s ``out_codes``: those codes times their scales); the split-K
     counters (``workspace``'s, as for ``gemm``)."""
     operands = {"QGEMM": qgemm_operands, "AQGEMM": aqgemm_operands}.get(op, gemm_operands)
     x, *_, gate, residual = operands(args, attrs)
     x = norm["x"] if norm is not None else x
-    keep = list(keep)
     reads = (*(codes or (x,)), gate, residual)
-    inputs = tuple(t for t in reads if t is not None and not any(t is k for k in keep))
+    inputs = tuple(t for t in reads if t is not None and id(t) not in keep)
     counters = workspace[1] if isinstance(workspace, tuple) else None
     zero = () if counters is None else (counters,)
     if out_codes is None:

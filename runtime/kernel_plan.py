@@ -468,6 +468,8 @@ class KernelPlan(Plan):
     # -- 3. calls -------------------------------------------------------------------------------------------
     def _calls(self) -> list[KernelCall]:
         calls, self._ropes, self._taken = [], {}, set()  # (attention -> (RopeStep, rope_kv call), calls taken: ``_rope_kv``)
+        # what a GEMM decision's output check leaves as it is (lower.output_check): stored tensors, the caller's inputs
+        self._kept = {id(t) for t in (*self.real.values(), *(self.env[i] for k, i in enumerate(self.graph.inputs) if k in self.adopted))}
         for k, (g, kind) in enumerate(zip(self.groups, self.kinds)):
             if kind in ("source", "constant"):
                 continue
@@ -550,7 +552,7 @@ class KernelPlan(Plan):
                 what, candidates = lower.aqgemm(args, attrs, out, tmp, device, workspace, codes=codes)
             else:
                 what, candidates = {"QGEMM": lower.qgemm}.get(n.op, lower.gemm)(args, attrs, out, tmp, device, workspace, norm)
-            check = lower.output_check(n.op, args, attrs, out, norm, workspace, self._kept(), codes)
+            check = lower.output_check(n.op, args, attrs, out, norm, workspace, self._kept, codes)
         elif kind == "attention":  # (workspace: (None, counters) where the plan has counters for it)
             args, attrs = self._causal(n, args, attrs)
             rope, before = self._ropes.pop(n, (None, None))
@@ -657,12 +659,9 @@ class KernelPlan(Plan):
         out_codes = (c.fmt, *self._codes_buffers(self.codes[n], n, c.fmt), smooth)
         args, attrs = [self.env[i] for i in n.inputs], node_attrs(n, self.bindings)
         what, candidates, steps = lower.coded_aqgemm(args, attrs, self.env[n], self.device, codes, out_codes)
-        check = lower.output_check("AQGEMM", args, attrs, self.env[n], None, None, self._kept(), codes, out_codes)
+        check = lower.output_check("AQGEMM", args, attrs, self.env[n], None, None, self._kept, codes, out_codes)
         choice = self.target.tuner.choose("gemm", what, candidates, self.device, check)
         return [KernelCall(g, kind, run, choice if kind == "gemm" else "") for kind, run in steps[choice]]
-
-    def _kept(self) -> list[torch.Tensor]:  # what a GEMM decision's output check leaves as it is: stored, the caller's
-        return [*self.real.values(), *(self.env[i] for k, i in enumerate(self.graph.inputs) if k in self.adopted)]
 
     def _norm(self, g: Group) -> dict | None:
         """A gemm group's norm prologue as ``lower.gemm`` takes it (None without one): its input, weight and eps, and

@@ -225,7 +225,7 @@ def test_gpu_output_check_refuses_only_a_wrong_candidate(bits):
     assert set(idot) <= set(cands) and bool(idot) == (bits == 4)
     cands["wrong"] = res.zero_
     before = (x.clone(), res.clone())
-    check = lower.output_check("QGEMM", args, attrs, res, None, (ws, counters), args[1:3])
+    check = lower.output_check("QGEMM", args, attrs, res, None, (ws, counters), {id(t) for t in args[1:3]})
     assert isinstance(check, OutputCheck) and [id(t) for t in check.inputs] == [id(x), id(res)]
     refused = check.refusals(cands, dev)
     assert set(refused) == {"wrong"}, refused
