@@ -25,7 +25,7 @@ from .passes.pipeline import run_pipeline
 from .passes.report import Report
 from .runtime import artifact, warm_libs
 from .runtime.executor import Executor
-from .runtime.target import Target
+from .runtime.target import Target, check_backend
 from .runtime.signature import Signature, output_names, output_structure
 
 
@@ -453,7 +453,7 @@ def load(path: str | os.PathLike, device: str | None = None, backend: str | None
     if backend is not None:
         config.backend = backend
         config.__post_init__()
-    _check_backend(torch.device(config.device), config.backend)
+    check_backend(torch.device(config.device), config.backend)
     signature = Signature.from_dict(manifest["signature"])
     m = CompiledModel(graph, signature, config, Report.from_dict(report_dict), manifest, tuning)
     m.files = files
@@ -491,11 +491,3 @@ def check_device(device: str | torch.device) -> torch.device:
         raise KilnError(f"device {str(device)!r}: this machine has {n} CUDA GPU{'s' if n != 1 else ''}",
                         hint=f"use cuda:0 .. cuda:{n - 1}")
     return d
-
-
-def _check_backend(device: torch.device, backend: str) -> None:
-    """The kernels backend launches Triton kernels: CUDA, or Triton's interpreter on the CPU (for testing)."""
-    if backend == "kernels" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise KilnError(f"the kernels backend needs CUDA, and this runs on {device}",
-                        hint="use the reference backend on the CPU (kiln bench --backend reference); TRITON_INTERPRET=1 "
-                             "runs the kernels under Triton's interpreter, for testing")

@@ -56,8 +56,15 @@ EXPR: dict[str, str] = {
     "ADD": "{0} + {1}", "SUB": "{0} - {1}", "MUL": "{0} * {1}", "DIV": "{0} / {1}", "NEG": "-{0}",
     "ABS": "tl.abs({0})", "EXP": "tl.exp({0})", "LOG": "tl.log({0})", "SQRT": "tl.sqrt({0})",
     "RSQRT": "tl.rsqrt({0})", "RECIPROCAL": "1.0 / {0}", "SIN": "tl.sin({0})", "COS": "tl.cos({0})",
-    # tanh(x) = 2 sigmoid(2x) - 1: tl has no portable tanh (libdevice is CUDA-only)
-    "TANH": "2.0 * tl.sigmoid(2.0 * {0}) - 1.0", "SIGMOID": "tl.sigmoid({0})", "ERF": "tl.math.erf({0})",
+    # tl has no portable tanh (libdevice is CUDA-only). sign(x) (1 - t) / (1 + t), t = exp(-2|x|), cancels near 0
+    # (as 2 sigmoid(2x) - 1 did: 3e-6 relative at Gemma 2's soft caps), so |x| < 1/8 takes tanh's series to x**15
+    # (the next term is 6e-4 x**17: 2e-18 of tanh(x) there); {0} is a name (see _compute)
+    "TANH": "tl.where(tl.abs({0}) < 0.125, {0} + {0} * ({0} * {0}) * (-0.3333333333333333 + ({0} * {0}) * "
+            "(0.13333333333333333 + ({0} * {0}) * (-0.05396825396825397 + ({0} * {0}) * (0.021869488536155203 + "
+            "({0} * {0}) * (-0.008863235529902197 + ({0} * {0}) * (0.003592128036572481 + ({0} * {0}) * "
+            "-0.0014558343870513183)))))), "
+            "tl.where({0} < 0, -1.0, 1.0) * (1.0 - tl.exp(-2.0 * tl.abs({0}))) / (1.0 + tl.exp(-2.0 * tl.abs({0}))))",
+    "SIGMOID": "tl.sigmoid({0})", "ERF": "tl.math.erf({0})",
     "RELU": "tl.maximum({0}, 0)", "SILU": "{0} * tl.sigmoid({0})",
     "GELU:none": "0.5 * {0} * (1.0 + tl.math.erf({0} * 0.7071067811865476))",
     # 0.5 (1 + tanh(u)) == sigmoid(2u): no tanh, no cancellation near 0
@@ -232,6 +239,9 @@ def _compute(n, v: str, val: dict, name: dict, offsets) -> list[str]:
     fields = dict(n.attrs, ct=ct, tl_dtype=_TL.get(n.attrs.get("dtype"), ct))
     if key == "POW:base":
         fields["log_base"] = _literal(math.log(_const_value(n.inputs[0])))
+    if key == "TANH":  # its expression names x many times: once as a value
+        lines.append(f"{v}_x = {args[0]}")
+        args = [f"{v}_x"]
     if key == "ROPE":  # x is a group input (schedule ensures it): load it again at the partner column
         x = n.inputs[0]
         partner = "tl.where(cols < N // 2, cols + N // 2, cols - N // 2)"

@@ -3,6 +3,7 @@ executor, its plans and codegen, so that no setting is dropped on the way (the k
 ``cache_dir`` because a module built its own ``Cache()``)."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -10,6 +11,7 @@ import torch
 from ..codegen.cache import Cache
 from ..codegen.tuning import Tuner
 from ..config import CompileConfig
+from ..errors import KilnError
 
 
 @dataclass
@@ -29,10 +31,20 @@ class Target:
         config = config or CompileConfig()
         device = canonical_device(torch.device(config.device or default_device or "cpu"))
         backend = ("kernels" if device.type == "cuda" else "reference") if config.backend == "auto" else config.backend
+        check_backend(device, backend)
         cache = Cache.from_config(config)
         if tuner is None:
             tuner = Tuner(cache, decisions=(tuning or {}).get("decisions"), force=config.kernels)
         return cls(device, backend, cache, tuner, config.cuda_graphs, config.max_plans)
+
+
+def check_backend(device: torch.device, backend: str) -> None:
+    """The kernels backend launches Triton kernels: CUDA, or Triton's interpreter on the CPU (for testing)."""
+    if backend == "kernels" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise KilnError(f"the kernels backend needs CUDA, and this runs on {device}",
+                        hint="use the reference backend on the CPU (backend='reference', or --backend reference); "
+                             "TRITON_INTERPRET=1, set before kiln is imported, runs the kernels under Triton's "
+                             "interpreter, for testing")
 
 
 def canonical_device(d: torch.device) -> torch.device:

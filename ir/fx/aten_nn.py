@@ -5,7 +5,7 @@ import torch
 
 from ..lowering import Unsupported
 from ..registry import registrar
-from ..types import FLOAT_DTYPES, dim, dtype_name, numel, torch_dtype
+from ..types import FLOAT_DTYPES, dim, dtype_name, is_static, numel, torch_dtype
 from .lower import axis, bind, cast, elementwise, expected, handler_key, overload
 
 HANDLERS: dict[str, object] = {}
@@ -212,30 +212,67 @@ def _pair(v):
     return tuple(v * 2) if len(v) == 1 else tuple(v)
 
 
-@handles("aten.conv2d", "aten.convolution", "aten._convolution")
+@handles("aten.conv1d", "aten.conv2d", "aten.convolution", "aten._convolution")
 def _conv(cx, node, args, kwargs):
+    """2-d convolutions are CONV2D; a 1-d one is a CONV2D over [N, C, 1, L] (x and w given a unit height)."""
     a = bind(node, args, kwargs)
     x, w, b = a["input"], a["weight"], a["bias"]
-    unbatched = handler_key(node.target) == "aten.conv2d" and len(x.shape) == 3  # [C, H, W]
+    key = handler_key(node.target)
+    unbatched = key in ("aten.conv1d", "aten.conv2d") and len(x.shape) == len(w.shape) - 1  # [C, H, W] / [C, L]
     if unbatched:
         x = cx.add("RESHAPE", [x], shape=(1,) + tuple(x.shape))
-    if len(x.shape) != 4:
-        raise Unsupported(f"{len(x.shape) - 2}-d convolution (kiln has CONV2D)")
     if a.get("transposed"):
         raise Unsupported("transposed convolution")
-    pad = a["padding"]
+    if len(x.shape) not in (3, 4) or len(w.shape) != len(x.shape):
+        raise Unsupported(f"{len(x.shape) - 2}-d convolution (kiln has 1-d and 2-d ones)")
+    one_d = len(x.shape) == 3
+    pad, stride, dilation = a["padding"], _pair(a["stride"]), _pair(a["dilation"])
+    if one_d:  # the 1-d settings as the width's, the unit height's as 1 / 0
+        x = cx.add("RESHAPE", [x], shape=tuple(x.shape[:2]) + (1, x.shape[2]))
+        w = cx.add("RESHAPE", [w], shape=tuple(w.shape[:2]) + (1, w.shape[2]))
+        stride, dilation = (1, stride[0]), (1, dilation[0])
+        pad = pad if isinstance(pad, str) else (0, _pair(pad)[0])
     if isinstance(pad, str):
         if pad == "valid":
             pad = (0, 0)
         else:
-            total = [(kk - 1) * dd for kk, dd in zip(w.shape[2:], _pair(a["dilation"]))]
+            total = [(kk - 1) * dd for kk, dd in zip(w.shape[2:], dilation)]
             pad = tuple(t // 2 for t in total)
             if any(t % 2 for t in total):  # torch pads the odd element at the end, explicitly
                 x = cx.add("PAD", [x], pads=tuple((p, t - p) for p, t in zip(reversed(pad), reversed(total))))
                 pad = (0, 0)
-    y = cx.add("CONV2D", [x, w] + ([b] if b is not None else []), stride=_pair(a["stride"]),
-               padding=_pair(pad), dilation=_pair(a["dilation"]), groups=a["groups"])
-    return cx.add("RESHAPE", [y], shape=expected(cx, node).shape) if unbatched else y
+    y = cx.add("CONV2D", [x, w] + ([b] if b is not None else []), stride=stride,
+               padding=_pair(pad), dilation=dilation, groups=a["groups"])
+    return cx.add("RESHAPE", [y], shape=expected(cx, node).shape) if unbatched or one_d else y
+
+
+@handles("aten.adaptive_avg_pool1d", "aten.adaptive_avg_pool2d", "aten._adaptive_avg_pool2d")
+def _adaptive_avg_pool(cx, node, args, kwargs):
+    """Average pooling to an output size that divides the input's (1: a mean; a pooler's usual case): each pooled
+    axis of size L split into [O, L / O], the means taken over the L / O parts."""
+    a = bind(node, args, kwargs)
+    x = a["self"]
+    n = 1 if handler_key(node.target) == "aten.adaptive_avg_pool1d" else 2
+    outs = list(a["output_size"]) if isinstance(a["output_size"], (list, tuple)) else [a["output_size"]]
+    outs = outs * n if len(outs) == 1 else outs
+    lead, pooled = list(x.shape[:-n]), list(x.shape[-n:])
+    shape, axes = list(lead), []
+    for size, out in zip(pooled, outs):
+        out = size if out is None else out
+        if out == 1 or (is_static(size) and out == size):
+            shape.append(size)
+            if out == 1 and not (is_static(size) and size == 1):
+                axes.append(len(shape) - 1)
+        elif is_static(size) and size % out == 0:
+            shape += [out, size // out]
+            axes.append(len(shape) - 1)
+        else:
+            raise Unsupported(f"adaptive average pooling from {size} to {out} (kiln pools to sizes that divide the input's)")
+    if not axes:
+        return x
+    y = cx.add("RESHAPE", [x], shape=tuple(shape)) if len(shape) != len(x.shape) else x
+    y = cx.add("MEAN", [y], axes=tuple(axes), keepdim=True)
+    return cx.add("RESHAPE", [y], shape=expected(cx, node).shape) if len(shape) != len(x.shape) else y
 
 
 @handles("aten.scaled_dot_product_attention")

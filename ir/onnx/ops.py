@@ -393,18 +393,35 @@ def _gemm(cx, node, ins, attrs):
 
 @handles("Conv")
 def _conv(cx, node, ins, attrs):
+    """2-d Conv is CONV2D; a 1-d one a CONV2D over [N, C, 1, L] (x and w given a unit height)."""
     x, w = cx.node(ins[0]), cx.node(ins[1])
     b = ins[2] if len(ins) > 2 else None
-    if len(x.shape) != 4:
-        raise Unsupported(f"{len(x.shape) - 2}-d convolution (kiln has CONV2D)")
+    if len(x.shape) not in (3, 4):
+        raise Unsupported(f"{len(x.shape) - 2}-d convolution (kiln has 1-d and 2-d ones)")
     if attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
         raise Unsupported(f"auto_pad={attrs['auto_pad']}")
-    top, left, bottom, right = attrs.get("pads", [0, 0, 0, 0])
+    one_d, n = len(x.shape) == 3, len(x.shape) - 2
+    stride, dilation = tuple(attrs.get("strides", (1,) * n)), tuple(attrs.get("dilations", (1,) * n))
+    pads = list(attrs.get("pads", [0] * (2 * n)))  # [begin..., end...]
+    if one_d:
+        x = cx.add("RESHAPE", [x], shape=tuple(x.shape[:2]) + (1, x.shape[2]))
+        w = cx.add("RESHAPE", [w], shape=tuple(w.shape[:2]) + (1, w.shape[2]))
+        stride, dilation, pads = (1,) + stride, (1,) + dilation, [0, pads[0], 0, pads[1]]
+    top, left, bottom, right = pads
     if (top, left) != (bottom, right):
         x = cx.add("PAD", [x], pads=((left, right), (top, bottom)))
         top = left = 0
-    return cx.add("CONV2D", [x, w] + ([b] if b is not None else []), stride=tuple(attrs.get("strides", (1, 1))),
-                  padding=(top, left), dilation=tuple(attrs.get("dilations", (1, 1))), groups=attrs.get("group", 1))
+    y = cx.add("CONV2D", [x, w] + ([b] if b is not None else []), stride=stride,
+               padding=(top, left), dilation=dilation, groups=attrs.get("group", 1))
+    if one_d:
+        y = cx.add("RESHAPE", [y], shape=(y.shape[0], y.shape[1], y.shape[3]))
+    return y
+
+
+@handles("GlobalAveragePool")
+def _global_average_pool(cx, node, ins, attrs):
+    x = cx.node(ins[0])
+    return cx.add("MEAN", [x], axes=tuple(range(2, len(x.shape))), keepdim=True)
 
 
 @handles("Einsum")

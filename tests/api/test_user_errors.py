@@ -123,6 +123,12 @@ def test_kernels_backend_on_the_cpu_needs_the_interpreter(artifact, capsys, monk
     with pytest.raises(kiln.KilnError, match="needs CUDA"):
         kiln.load(artifact, backend="kernels")
     assert kiln.load(artifact, backend="reference").executor.backend == "reference"
+    # kiln.compile and kiln.jit refuse it as clearly, before any kernel is tried (not "no gemm implementation ran")
+    model, x = torch.nn.Linear(8, 8), torch.randn(2, 8)
+    with pytest.raises(kiln.KilnError, match="needs CUDA"):
+        kiln.compile(model, (x,), config=kiln.CompileConfig(backend="kernels"))
+    with pytest.raises(kiln.KilnError, match="needs CUDA"):
+        kiln.jit(model, config=kiln.CompileConfig(backend="kernels"))(x)
 
 
 def test_dim_ranges_are_checked(artifact, tmp_path, capsys, no_build):

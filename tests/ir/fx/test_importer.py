@@ -246,6 +246,16 @@ OPS = {
     "conv2d_unbatched": (lambda x, w, b: (F.conv2d(x, w, b, padding=1), F.conv2d(x, w, padding="same")),
                          (randn(3, 9, 11), randn(4, 3, 3, 3), randn(4))),
     "conv2d_module_patchify": (perturbed(nn.Conv2d(3, 8, kernel_size=2, stride=2)), (randn(2, 3, 8, 10),)),
+    "conv1d": (lambda x, w, b, wd: (F.conv1d(x, w, b, padding=1), F.conv1d(x, w, stride=2), F.conv1d(x, w, b, padding="same"),
+                                     F.conv1d(x, wd, padding=2, dilation=2, groups=4), F.conv1d(x, w[:, :, :2], padding="same")),
+               (randn(2, 4, 11), randn(6, 4, 3), randn(6), randn(4, 1, 3))),
+    "conv1d_unbatched": (lambda x, w, b: (F.conv1d(x, w, b, stride=2, padding=1), F.conv1d(x, w, padding="same")),
+                         (randn(4, 10), randn(5, 4, 3), randn(5))),
+    "conv1d_module": (perturbed(nn.Conv1d(4, 5, kernel_size=3, stride=2, padding=1)), (randn(2, 4, 10),)),
+    # adaptive average pooling (poolers)
+    "adaptive_avg_pool": (lambda x: (F.adaptive_avg_pool1d(x[:, 0], 1), F.adaptive_avg_pool1d(x[:, 0], 3), F.adaptive_avg_pool2d(x, 1),
+                                     F.adaptive_avg_pool2d(x, (2, None)), F.adaptive_avg_pool2d(x, (1, 6)), nn.AdaptiveAvgPool2d((2, 3))(x)),
+                          (randn(2, 3, 4, 6),)),
     # attention
     "sdpa": (lambda q, k, v: (F.scaled_dot_product_attention(q, k, v), F.scaled_dot_product_attention(q, k, v, scale=0.3)),
              (randn(2, 3, 5, 8), randn(2, 3, 7, 8), randn(2, 3, 7, 6))),
@@ -456,6 +466,25 @@ def test_upsampling_by_a_fraction_is_refused():
     assert "nearest resampling from 4 to 6" in str(info.value)
     with pytest.raises(kiln.UnsupportedOpsError, match="scales .* differ from the size ratios"):
         kiln.compile(lambda x: F.interpolate(x, scale_factor=2.1), (randn(1, 2, 5, 5),))  # 10 x 10, picking floor(i / 2.1)
+
+
+def _dyn_conv1d_pool(x, w1, w2):
+    """An audio encoder's stem (two 1-d convolutions, the second strided) and a pooler's mean, over dynamic lengths."""
+    h = F.gelu(F.conv1d(F.gelu(F.conv1d(x, w1, padding=1)), w2, padding=1, stride=2))
+    return h, F.adaptive_avg_pool1d(h, 1)
+
+
+def test_dynamic_conv1d_and_pooling():
+    w1, w2 = randn(6, 4, 3), randn(5, 6, 3)
+    m = compile_and_check(_dyn_conv1d_pool, (randn(2, 4, 9), w1, w2), dynamic={"x": {0: ("batch", 1, 4), 2: ("len", 4, 32)}})
+    for b, n in [(1, 4), (3, 17), (4, 32)]:
+        x = randn(b, 4, n)
+        assert_matches(m(x, w1, w2), _dyn_conv1d_pool(x, w1, w2))
+
+
+def test_adaptive_pooling_to_a_size_that_does_not_divide_is_refused():
+    with pytest.raises(kiln.UnsupportedOpsError, match="adaptive average pooling from 6 to 4"):
+        kiln.compile(lambda x: F.adaptive_avg_pool1d(x, 4), (randn(1, 2, 6),))
 
 
 def test_dynamic_dims_captured_from_an_example_of_size_one():

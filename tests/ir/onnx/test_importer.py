@@ -187,6 +187,25 @@ def test_op_zoo_matches_onnxruntime(tmp_path, s):
         assert rel_err(o, w) <= TOL[torch.float32], name
 
 
+def test_conv1d_and_global_average_pool_match_onnxruntime(tmp_path):
+    """x [N, 4, L]: a 1-d Conv with uneven pads and a strided, dilated, grouped one, then GlobalAveragePool."""
+    f, gen = TensorProto.FLOAT, np.random.default_rng(0)
+    arr = lambda name, *shape: numpy_helper.from_array(gen.standard_normal(shape).astype(np.float32), name)  # noqa: E731
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 2], kernel_shape=[3]),
+             helper.make_node("Conv", ["c1", "w2"], ["c2"], strides=[2], dilations=[2], group=2, pads=[1, 1]),
+             helper.make_node("GlobalAveragePool", ["c2"], ["pool"])]
+    outs = [helper.make_tensor_value_info(n, f, [None] * 3) for n in ("c2", "pool")]
+    model = model_of(nodes, [helper.make_tensor_value_info("x", f, ["N", 4, "L"])], outs,
+                     [arr("w1", 6, 4, 3), arr("b1", 6), arr("w2", 4, 3, 3)])
+    path = str(tmp_path / "conv1d.onnx")
+    onnx.save(model, path)
+    graph = from_onnx(path)
+    for n, length in [(2, 11), (1, 16)]:
+        got, want = run_both(path, graph, {"x": torch.randn(n, 4, length, generator=torch.Generator().manual_seed(length))})
+        for o, w in zip(got, want):
+            assert o.shape == w.shape and rel_err(o, w) <= TOL[torch.float32]
+
+
 def test_external_data(tmp_path):
     w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((8, 16)).astype(np.float32), "w")
     m = model_of([helper.make_node("MatMul", ["x", "w"], ["y"])], [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8])],
