@@ -34,6 +34,18 @@ def _unary(cx, node, args, kwargs):
     return elementwise(cx, node, _UNARY[handler_key(node.target)], args[0], promote=False)
 
 
+@handles("aten.isinf", "aten.isposinf", "aten.isneginf", "aten.isfinite")
+def _isinf(cx, node, args, kwargs):
+    """|x| == inf, x == +inf, x == -inf; isfinite as x - x == 0 (NaN for inf and NaN). Integers are finite."""
+    x, key = args[0], handler_key(node.target)
+    if x.dtype not in FLOAT_DTYPES:
+        return elementwise(cx, node, "EQ" if key == "aten.isfinite" else "NE", x, x, promote=False)
+    if key == "aten.isfinite":
+        return elementwise(cx, node, "EQ", cx.add("SUB", [x, x]), 0.0)
+    inf = float("-inf") if key == "aten.isneginf" else float("inf")
+    return elementwise(cx, node, "EQ", cx.add("ABS", [x]) if key == "aten.isinf" else x, inf)
+
+
 @handles("aten.bitwise_not")
 def _bitwise_not(cx, node, args, kwargs):
     if args[0].dtype != "bool":

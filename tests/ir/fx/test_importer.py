@@ -130,6 +130,9 @@ OPS = {
     "gelu": (lambda x: (F.gelu(x), F.gelu(x, approximate="tanh"), nn.GELU("tanh")(x)), (x357,)),
     "logical_not_isnan": (lambda x, m: (torch.logical_not(x), ~m, torch.isnan(x), x.isnan().logical_not()),
                           (nan357.nan_to_num(0.0), b357)),
+    "isinf_isfinite": (lambda x, i: (torch.isinf(x), torch.isposinf(x), torch.isneginf(x), torch.isfinite(x), torch.isinf(i),
+                                     torch.isfinite(i), torch.where(torch.isinf(x), 0.0, x)),
+                       (torch.tensor([[1.0, float("inf"), -float("inf"), float("nan"), -0.0, 3e38]]), i357)),
     # binary arithmetic and promotion
     "add_sub_mul_div": (lambda x, y: (x + y, x - y, x * y, x / (y.abs() + 1), torch.true_divide(x, 2)), (x357, y357)),
     "broadcast": (lambda x, y: (x + y, x * y[0], y[:, :1] - x), (randn(3, 1, 7), x57)),
