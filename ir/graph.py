@@ -233,6 +233,20 @@ class Graph:
         self.nodes = order
 
     # ------------------------------------------------------------------ queries
+    def rename_weights(self, names: dict[str, str]) -> None:
+        """Weight ``old`` is called ``names[old]`` from now on (graph.weights, its WEIGHT node, merged weights' parts)."""
+        taken = set(self.weights) | set(self._weight_nodes)
+        clash = sorted(new for old, new in names.items() if new != old and (new in taken and new not in names
+                                                                            or list(names.values()).count(new) > 1))
+        if clash:
+            raise GraphError(f"rename_weights: {clash} would name two weights")
+        self.weights = {names.get(k, k): v for k, v in self.weights.items()}
+        self._weight_nodes = {names.get(k, k): n for k, n in self._weight_nodes.items()}
+        for n in self._weight_nodes.values():
+            n.attrs["name"] = names.get(n.attrs["name"], n.attrs["name"])
+        self.weight_parts = {names.get(k, k): tuple((names.get(p, p), a, b) for p, a, b in parts)
+                             for k, parts in self.weight_parts.items()}
+
     def histogram(self) -> dict[str, int]:
         return dict(Counter(n.op for n in self.nodes if n.op not in ("INPUT", "WEIGHT", "CONST")).most_common())
 

@@ -498,12 +498,13 @@ class _Decoder:
 
 
 def from_hf(model, tokenizer=None, **kw) -> Generator:
-    """A :class:`Generator` for an in-memory transformers Llama / Mistral / Qwen2 causal LM (its weights are
+    """A :class:`Generator` for an in-memory transformers Llama / Mistral / Qwen2 / Qwen3 causal LM (its weights are
     shared, not copied, when device and dtype stay the same)."""
     hf_cfg = model.config.to_dict()
     if hf_cfg.get("model_type") not in HF_MODEL_TYPES:
         raise KilnError(f"kiln.from_hf: model_type {hf_cfg.get('model_type')!r} is not supported",
-                        hint=f"supported: {', '.join(HF_MODEL_TYPES)}")
+                        hint=f"supported: {', '.join(HF_MODEL_TYPES)}; kiln.jit / kiln.compile run other models' forward "
+                             "(no KV cache)")
     state = model.state_dict()
     try:
         ours = llama_from_tensors(LlamaConfig.from_hf(hf_cfg), state, dict.fromkeys(state, "the transformers model"),

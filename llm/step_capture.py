@@ -56,12 +56,29 @@ def capture_step(model, kv_dtype: str | None, example: dict, dims: dict, report:
     layers = CAPTURE_LAYERS if layers is None else layers
     depth = model.config.num_hidden_layers
     full = step_function(LlamaStep(model, kv_dtype), depth, kv_dtype)
+    src = None
     if 2 <= layers < depth:
         try:
-            return _repeated(model, kv_dtype, example, dims, report, layers, full)
+            src = _repeated(model, kv_dtype, example, dims, report, layers, full)
         except RepeatError as e:
             report.notes.append(f"captured all {depth} layers: repeating the last of {layers} captured ones declined ({e})")
-    return capture_model(full, (), example, dims, report)
+    src = src or capture_model(full, (), example, dims, report)
+    name_weights(src.graph, model)
+    return src
+
+
+def name_weights(graph, model) -> None:
+    """The graph's weights named as ``model``'s parameters (``model.layers.3.self_attn.q_proj.weight``, the reports'
+    and artifacts' names): the step is captured as a function that closes over the model, whose tensors torch.export
+    lifts as ``lifted_tensor_N``. Matched by storage, as the importer matches tied weights; a weight the model does not
+    hold (a constant the step makes) keeps its name."""
+    def key(t):
+        return t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype
+
+    qualified: dict[tuple, str] = {}
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        qualified.setdefault(key(t), name)
+    graph.rename_weights({w: qualified[key(t)] for w, t in graph.weights.items() if key(t) in qualified})
 
 
 def _repeated(model, kv_dtype, example: dict, dims: dict, report: Report, layers: int, full) -> Source:

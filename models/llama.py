@@ -1,4 +1,4 @@
-"""Llama-family decoder (Llama, Mistral, Qwen2) in plain PyTorch.
+"""Llama-family decoder (Llama, Mistral, Qwen2, Qwen3) in plain PyTorch.
 
 Parameter names are exactly transformers' (`model.layers.{i}.self_attn.q_proj.weight`, ...), so an HF
 state_dict loads with strict=True. Numerics follow transformers' modeling_llama: float32 RoPE
@@ -26,7 +26,7 @@ _ROPE_KEYS = {
     "linear": ("factor",),
     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
 }
-HF_MODEL_TYPES = ("llama", "mistral", "qwen2")
+HF_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 @dataclass
@@ -47,6 +47,7 @@ class LlamaConfig:
     o_proj_bias: bool | None = None  # None: same as attention_bias
     mlp_bias: bool = False
     sliding_window: int | None = None  # Mistral: a query sees the last `sliding_window` keys
+    qk_norm: bool = False  # Qwen3: q and k RMS-normalised over each head's dims (q_norm / k_norm) before RoPE
 
     def __post_init__(self):
         if self.num_key_value_heads is None:
@@ -70,7 +71,7 @@ class LlamaConfig:
 
     @classmethod
     def from_hf(cls, hf: dict) -> LlamaConfig:
-        """Build from an HF config.json dict (model_type llama, mistral or qwen2); unknown keys are ignored."""
+        """Build from an HF config.json dict (model_type llama, mistral, qwen2 or qwen3); unknown keys are ignored."""
         model_type = hf.get("model_type")
         if model_type not in HF_MODEL_TYPES:
             raise ValueError(f"unsupported model_type {model_type!r}; kiln's LlamaConfig handles {HF_MODEL_TYPES}")
@@ -84,16 +85,19 @@ class LlamaConfig:
         kw = {k: v for k, v in hf.items() if k in known and v is not None}
         kw["rope_theta"], kw["rope_scaling"] = _rope_from_hf(hf)
         # Defaults transformers' config classes use when a key is absent.
-        kw.setdefault("max_position_embeddings", {"llama": 2048, "mistral": 4096 * 32, "qwen2": 32768}[model_type])
+        kw.setdefault("max_position_embeddings", {"llama": 2048, "mistral": 4096 * 32, "qwen2": 32768, "qwen3": 32768}[model_type])
         kw["sliding_window"] = None
         if model_type == "mistral":
             kw["sliding_window"] = hf.get("sliding_window", 4096)
             kw["attention_bias"] = kw["mlp_bias"] = False  # MistralAttention / MistralMLP hard-code bias=False
-        elif model_type == "qwen2":
+        elif model_type in ("qwen2", "qwen3"):
             if hf.get("use_sliding_window"):
-                raise ValueError("qwen2 with use_sliding_window=True (per-layer sliding window) is not supported")
-            # Qwen2Attention: bias on q/k/v, none on o_proj; Qwen2MLP has no bias.
-            kw.update(attention_bias=True, o_proj_bias=False, mlp_bias=False)
+                raise ValueError(f"{model_type} with use_sliding_window=True (per-layer sliding window) is not supported")
+            if model_type == "qwen2":  # Qwen2Attention: bias on q/k/v, none on o_proj; Qwen2MLP has no bias
+                kw.update(attention_bias=True, o_proj_bias=False, mlp_bias=False)
+            else:  # Qwen3Attention: bias on q/k/v/o as attention_bias says, RMSNorm on q and k per head
+                kw.setdefault("head_dim", 128)  # Qwen3Config's default
+                kw.update(o_proj_bias=None, mlp_bias=False, qk_norm=True)
         return cls(**kw)
 
 
@@ -186,14 +190,23 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d, self.n_kv_heads * hd, bias=cfg.attention_bias)
         self.v_proj = nn.Linear(d, self.n_kv_heads * hd, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(self.n_heads * hd, d, bias=cfg.o_proj_bias)
+        if cfg.qk_norm:
+            self.q_norm, self.k_norm = RMSNorm(hd, cfg.rms_norm_eps), RMSNorm(hd, cfg.rms_norm_eps)
+
+    def heads(self, x, cos, sin) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [B, H, S, hd], k, v [B, KV, S, hd] of x [B, S, D]: projected, (normalised,) q and k roped."""
+        B, S, _ = x.shape
+        q = self.q_proj(x).view(B, S, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(B, S, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        return apply_rope(q.transpose(1, 2), cos, sin), apply_rope(k.transpose(1, 2), cos, sin), v
 
     def forward(self, x, cos, sin, mask: torch.Tensor | None = None) -> torch.Tensor:
         """x [B, S, D]; mask None means plain causal, else a bool [S, S_kv] (True = attend)."""
         B, S, _ = x.shape
-        q = self.q_proj(x).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, S, hd]
-        k = self.k_proj(x).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, KV, S, hd]
-        v = self.v_proj(x).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = self.heads(x, cos, sin)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_kv_heads != self.n_heads
         )
@@ -304,11 +317,7 @@ class LlamaStep(nn.Module):
         cos, sin = cos[:, None], sin[:, None]
         for i, layer in enumerate(m.layers):
             a = layer.self_attn
-            h = layer.input_layernorm(x)
-            q = a.q_proj(h).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-            k = a.k_proj(h).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-            v = a.v_proj(h).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q, k, v = a.heads(layer.input_layernorm(x), cos, sin)
             kc, vc = self.write_cache(caches[self.per_layer * i: self.per_layer * (i + 1)], slots, k, v)
             y = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, enable_gqa=self.n_kv_heads != self.n_heads)
             x = x + a.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))

@@ -13,8 +13,9 @@ import torch
 
 TINY = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5)
-# Qwen2: biases on q / k / v; one kv head, so at two ranks each rank holds a copy of it
-MODELS = {"Llama": {}, "Qwen2": dict(num_key_value_heads=1)}
+# Qwen2: biases on q / k / v; one kv head, so at two ranks each rank holds a copy of it. Qwen3: q / k norms over each
+# head's dims (a head is never split between ranks, so they shard with it)
+MODELS = {"Llama": {}, "Qwen2": dict(num_key_value_heads=1), "Qwen3": dict(head_dim=16)}
 PROMPTS = [[5, 6, 7, 8, 9], [11, 12, 13]]
 NEW_TOKENS = 10
 

@@ -350,3 +350,19 @@ def test_interpret_with_other_weights():
     (got,) = interpret(g, [t], weights=other)
     want = F.linear(F.silu(F.linear(t, other["mlp.w1"])), other["mlp.w2"]) + t
     assert rel_err(got, want) <= TOL[torch.float32]
+
+
+def test_rename_weights():
+    g = Graph()
+    x = g.add_input("x", (2, 4), "float32")
+    a, b = g.add_weight("lifted_tensor_0", torch.ones(3, 4)), g.add_weight("lifted_tensor_1", torch.zeros(3, 4))
+    g.set_outputs([g.add("LINEAR", (x, a)), g.add("LINEAR", (x, b))])
+    g.weight_parts["lifted_tensor_0"] = (("lifted_tensor_1", 0, 3),)
+    g.rename_weights({"lifted_tensor_0": "q.weight", "lifted_tensor_1": "k.weight"})
+    assert list(g.weights) == ["q.weight", "k.weight"] and a.attrs["name"] == "q.weight" and b.attrs["name"] == "k.weight"
+    assert g.add_weight("q.weight") is a and g.weight_parts == {"q.weight": (("k.weight", 0, 3),)}
+    g.verify()
+    g.rename_weights({"q.weight": "k.weight", "k.weight": "q.weight"})  # a swap names no weight twice
+    assert g.weights["k.weight"].sum() == 12 and a.attrs["name"] == "k.weight"
+    with pytest.raises(GraphError, match=r"\['q.weight'\] would name two weights"):
+        g.rename_weights({"k.weight": "q.weight"})

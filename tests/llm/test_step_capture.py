@@ -1,7 +1,7 @@
 """kiln.llm.step_capture: the generator's step captured with two layers and repeated in the IR is the graph a capture of
 every layer gives, before the passes (node for node, weights the very same tensors) and after them, and its generator
 answers with the same greedy tokens and the same logits, bit for bit; for Llama (GQA, untied and tied embeddings),
-Qwen2 (attention biases), Mistral (sliding window), int8 / fp8 KV caches and a tensor-parallel shard. Where the layers
+Qwen2 (attention biases), Qwen3 (q / k norms), Mistral (sliding window), int8 / fp8 KV caches and a tensor-parallel shard. Where the layers
 differ (in the captured ones, or a later one) the step is captured whole, says so, and answers as the eager step does."""
 import pytest
 import torch
@@ -26,6 +26,7 @@ CASES = {
     "mistral-window": ("Mistral", dict(num_hidden_layers=4, sliding_window=6), None),
     "llama-int8-kv": ("Llama", dict(num_hidden_layers=4, num_key_value_heads=4), "int8"),
     "qwen2-fp8-kv": ("Qwen2", dict(num_hidden_layers=3), "fp8"),
+    "qwen3-qk-norms": ("Qwen3", dict(num_hidden_layers=4, head_dim=16), None),
 }
 
 
@@ -97,6 +98,23 @@ def test_repeated_capture_is_the_full_capture(case, monkeypatch):
     got = rep.compiled.run(list(inputs.values()))[0]
     inputs = step_inputs(torch.tensor([p[:5] for p in PROMPTS]), torch.zeros(2, dtype=torch.long), 0, full.caches(2), 64, full.window)
     assert torch.equal(got, full.compiled.run(list(inputs.values()))[0])
+
+
+def test_weights_are_named_as_the_models_parameters():
+    # the step is captured as a function closing over the model (torch.export would call its tensors lifted_tensor_N):
+    # the graph's weights, captured or repeated, take the parameters' names, which the quantization report lists
+    hf = hf_model("Qwen3", num_hidden_layers=3, head_dim=16)
+    model = kiln_model(hf)
+    x, dims = example(model, None)
+    params = {**dict(model.named_parameters()), **dict(model.named_buffers())}  # (RoPE's inv_freq)
+    for layers in (0, 2):
+        graph = capture_step(model, None, x, dims, Report(), layers=layers).graph
+        assert set(graph.weights) <= set(params), sorted(set(graph.weights) - set(params))
+        assert all(graph.weights[n].data_ptr() == params[n].data_ptr() for n in graph.weights)
+        assert "model.layers.2.self_attn.k_norm.weight" in graph.weights
+    g = kiln.from_hf(hf, max_seq=64, batch_buckets=(1,), eos_token_id=[], quantize="w8a16")
+    notes = g.compiled.report().to_dict()["passes"]["quantize_weights"]["notes"]
+    assert any(n.startswith("model.layers.2.self_attn.q_proj+k_proj+v_proj.weight [") for n in notes), notes
 
 
 def test_a_tensor_parallel_shard_is_the_same(monkeypatch):

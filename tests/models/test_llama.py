@@ -1,4 +1,4 @@
-"""kiln.models.llama against transformers' Llama / Mistral / Qwen2 on tiny random configs (CPU)."""
+"""kiln.models.llama against transformers' Llama / Mistral / Qwen2 / Qwen3 on tiny random configs (CPU)."""
 
 import json
 
@@ -37,6 +37,8 @@ CASES = {
     "mistral-headdim24": ("MistralConfig", dict(head_dim=24, sliding_window=None)),
     "mistral-window4": ("MistralConfig", dict(sliding_window=4)),
     "qwen2-tied": ("Qwen2Config", dict(tie_word_embeddings=True)),
+    "qwen3-headdim24": ("Qwen3Config", dict(head_dim=24)),  # q / k norms; a head dim that is not hidden / heads
+    "qwen3-bias-tied": ("Qwen3Config", dict(attention_bias=True, tie_word_embeddings=True)),
 }
 
 
