@@ -418,6 +418,9 @@ print('greedy', greedy(x).tolist() == x.argmax(-1).tolist())" 2>&1 | tail -5
       cases="1b:w4a16"
       if [ $stage = s22a ]; then
         timeout 240 python3 -m pytest -q -x -m gpu tests/codegen/test_skinny_idot.py tests/codegen/test_tuning.py 2>&1 | tail -3
+        # session 22 (CPU): Qwen3's q / k norms in the rope_kv kernel, and a Qwen3 generator's tokens against transformers'
+        timeout 150 python3 -m pytest -q -rf -m gpu tests/codegen/test_rope_kv.py tests/llm/test_generator.py -k "qwen3 or Qwen3" \
+          2>&1 | tail -3
         cases="8b:w4a16"
       fi
       ab_decode 22a kernels.skinny.IDOT=0 $cases

@@ -60,8 +60,9 @@ EARLY_KV = True
 @dataclass
 class RopeStep:
     """The rope_kv group a decode ATTENTION takes over: ``operands`` (q unroped, k, v, cos, sin, slots: the attention's
-    cache writes), ``call`` the group's chosen implementation; ``fused``: the roped q is read by the attention alone, so
-    kiln's split-KV kernel may rope it in registers and never store it; ``early``: the attention's mask is a step input
+    cache writes), ``call`` the group's chosen implementation; ``fused``: the roped q is read by the attention alone (and
+    the group normalises neither q nor k: ``schedule.rope_norm``), so kiln's split-KV kernel may rope it in registers
+    and never store it; ``early``: the attention's mask is a step input
     (or none), which that kernel may read before the kernel before it ends. (The attention's tuning key describes the
     rope work, not the choice for it: while a plan's decisions are surveyed, that choice is provisional.)"""
     operands: tuple
@@ -259,21 +260,29 @@ def _split_kv_candidates(prefix: str, run, keys: int, counters: torch.Tensor | N
 
 
 def rope_kv(args: list, q_out: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_roped: torch.Tensor,
-            ropes: list, device: torch.device) -> tuple[dict, dict]:
+            ropes: list | None, device: torch.device, norms: list | None = None) -> tuple[dict, dict]:
     """A rope_kv group's candidates. ``args``: q, k, v, cos, sin, slots; ``ropes``: the pointwise kernels of ROPE(q)
-    into ``q_out`` and ROPE(k) into the scratch ``k_roped``, which the separate candidate then writes at the slots."""
+    into ``q_out`` and ROPE(k) into the scratch ``k_roped``, which the separate candidate then writes at the slots.
+    ``norms``: per q and k, None or (weight or None, eps) of the RMSNORM over each head the group applies before RoPE
+    (``schedule.rope_norm``; q and k in ``args`` are then the norms' inputs): the separate candidate is then the torch
+    reference (``ropes`` None)."""
     q, k, v, cos, sin, slots = args
-    rope_q, rope_k = ropes
+    if norms is None:
+        rope_q, rope_k = ropes
 
-    def separate():
-        rope_q()
-        rope_k()
-        index_copy(k_cache, 2, slots, k_roped, inplace=True)
-        index_copy(v_cache, 2, slots, v, inplace=True)
-    candidates = {"separate": with_launches(separate, 4)}
+        def separate():
+            rope_q()
+            rope_k()
+            index_copy(k_cache, 2, slots, k_roped, inplace=True)
+            index_copy(v_cache, 2, slots, v, inplace=True)
+        candidates = {"separate": with_launches(separate, 4)}
+    else:
+        candidates = {"separate": with_launches(partial(trk.reference, q, k, v, cos, sin, slots, q_out, k_cache, v_cache, norms), 6)}
     operands = (q, k, v, cos, sin, slots, q_out, k_cache, v_cache)
-    if triton_ok(tg.DTYPES, q.dtype, device, tg.INTERPRET) and trk.check(*operands) is None:
-        candidates["triton-rope-kv"] = lambda: trk.rope_kv(*operands)
+    if triton_ok(tg.DTYPES, q.dtype, device, tg.INTERPRET) and trk.check(*operands, norms) is None:
+        candidates["triton-rope-kv"] = partial(trk.rope_kv, *operands, norms)
     what = {"op": "ROPE_KV", "q": list(q.shape), "k": list(k.shape), "cache": list(k_cache.shape), "dtype": str(q.dtype),
             "strides": [list(t.stride()) for t in (q, k, v, cos)]}
+    if norms is not None:
+        what["norms"] = [None if n is None else [n[0] is not None, n[1]] for n in norms]
     return what, candidates

@@ -224,19 +224,21 @@ class _Scheduler:
 
     def fuse_rope_kv(self, groups: list[Group]) -> list[Group]:
         """Each ATTENTION's ROPE(q), ROPE(k) and the two INDEX_COPYs writing k and v into the caches (``rope_kv_nodes``),
-        four groups of their own, merged into one rope_kv group when no other group lies on a path between them."""
+        four groups of their own (and the per-head RMSNORMs q and k take before RoPE: ``rope_norm``), merged into one
+        rope_kv group when no other group lies on a path between them. Its nodes: the norms, then ``rope_kv_core``."""
         for n in self.graph.nodes:
             nodes = rope_kv_nodes(n) if n.op == "ATTENTION" else None
             if nodes is None or nodes[1] in self.outputs:
                 continue  # (roped k has no buffer of its own in the fused kernel)
+            nodes = (*(m for m in map(rope_norm, nodes[:2]) if m is not None and m not in self.outputs), *nodes)
             parts = [self.group_of[m] for m in nodes]
-            if len(set(parts)) != 4 or any(p.nodes != [m] for p, m in zip(parts, nodes)):
+            if len(set(parts)) != len(nodes) or any(p.nodes != [m] for p, m in zip(parts, nodes)):
                 continue
             outside = {d for p in parts for d in self.deps(p)} - set(parts)
             if any(self.reaches(d, p) for d in outside for p in parts):
                 continue  # rope -> X -> copy: merging would make a cycle
             g = Group("rope_kv", list(nodes))
-            groups[groups.index(parts[0])] = g
+            groups[min(groups.index(p) for p in parts)] = g
             groups = [h for h in groups if h not in parts]
             self.group_of.update(dict.fromkeys(nodes, g))
         return groups
@@ -311,13 +313,34 @@ def rope_kv_nodes(attention: Node) -> tuple | None:
     return q_rope, k_rope, kc, vc
 
 
+def rope_norm(rope: Node) -> Node | None:
+    """The RMSNORM over each head's dims that ROPE ``rope`` rotates the output of, read by nothing else (Qwen3's q_norm /
+    k_norm), which the rope_kv group applies itself; None when there is none."""
+    x = rope.inputs[0]
+    if x.op != "RMSNORM" or x.attrs["dims"] != 1 or set(x.users) != {rope} or x.dtype != rope.dtype:
+        return None
+    return x if len(x.inputs) == 1 or (len(x.inputs[1].shape) == 1 and x.inputs[1].dtype == x.dtype) else None
+
+
+def rope_kv_core(g: Group) -> tuple:
+    """(ROPE q, ROPE k, INDEX_COPY k, INDEX_COPY v) of a rope_kv group: its last four nodes (``rope_norm``s first)."""
+    return tuple(g.nodes[-4:])
+
+
+def rope_kv_reader(g: Group) -> Node:
+    """The ATTENTION a rope_kv group's roped q and k cache feed (``rope_kv_nodes``)."""
+    q_rope, _, kc, _ = rope_kv_core(g)
+    return next(u for u in q_rope.users if u.op == "ATTENTION" and u.inputs[1] is kc)
+
+
 def rope_kv_parts(g: Group) -> list[Group]:
-    """A rope_kv group as the four groups it merged (what runs when the plan cannot write the caches in place)."""
-    parts = [Group("pointwise", [n]) for n in g.nodes[:2]] + [Group("reference", [n]) for n in g.nodes[2:]]
+    """A rope_kv group as the groups it merged (what runs when the plan cannot write the caches in place)."""
+    core = rope_kv_core(g)
+    parts = [Group("pointwise", [n]) for n in (*g.nodes[:-4], *core[:2])] + [Group("reference", [n]) for n in core[2:]]
     for p in parts:
         n = p.nodes[0]
         p.inputs, p.outputs = list(dict.fromkeys(n.inputs)), [n]
-    return [parts[1], parts[2], parts[3], parts[0]]  # k's rope before its copy
+    return parts[:-4] + [parts[-3], parts[-2], parts[-1], parts[-4]]  # (the norms,) k's rope before its copy, q's rope
 
 
 def schedule(graph: Graph) -> list[Group]:

@@ -196,12 +196,12 @@ class Attention(nn.Module):
     def heads(self, x, cos, sin) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q [B, H, S, hd], k, v [B, KV, S, hd] of x [B, S, D]: projected, (normalised,) q and k roped."""
         B, S, _ = x.shape
-        q = self.q_proj(x).view(B, S, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(B, S, self.n_kv_heads, self.head_dim)
+        q = self.q_proj(x).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        if hasattr(self, "q_norm"):
+        if hasattr(self, "q_norm"):  # (over the head dim, as HF's before its transpose: ROPE then reads the norm itself)
             q, k = self.q_norm(q), self.k_norm(k)
-        return apply_rope(q.transpose(1, 2), cos, sin), apply_rope(k.transpose(1, 2), cos, sin), v
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def forward(self, x, cos, sin, mask: torch.Tensor | None = None) -> torch.Tensor:
         """x [B, S, D]; mask None means plain causal, else a bool [S, S_kv] (True = attend)."""

@@ -39,7 +39,7 @@ import torch
 
 from ..codegen import lower, lower_attention
 from ..codegen.pointwise import launch
-from ..codegen.schedule import VIEW_OPS, Group, norm_prologue, rope_kv_parts
+from ..codegen.schedule import VIEW_OPS, Group, norm_prologue, rope_kv_core, rope_kv_parts, rope_kv_reader
 from ..codegen.tuning import compile_ahead
 from ..ir.graph import Graph, Node
 from ..ir.interpret import eval_node, node_attrs
@@ -89,12 +89,6 @@ def _reads(g: Group, kind: str) -> list[Node]:
     return g.inputs if kind != "update" else g.nodes[0].inputs[1:]
 
 
-def _rope_reader(g: Group) -> Node:
-    """The ATTENTION a rope_kv group's roped q and k cache feed (``schedule.rope_kv_nodes``)."""
-    q_rope, kc = g.nodes[0], g.nodes[2]
-    return next(u for u in q_rope.users if u.op == "ATTENTION" and u.inputs[1] is kc)
-
-
 def _meta(t: torch.Tensor) -> torch.Tensor:
     return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
 
@@ -114,7 +108,7 @@ class KernelPlan(Plan):
         self.adopted = adoptable_updates(graph) if inputs is not None else {}
         # a rope_kv group writes its caches in place: only where both are adopted, else its four parts
         inplace = {node for _, node in self.adopted.values()}
-        self.groups = [p for g in groups for p in ([g] if g.kind != "rope_kv" or set(g.nodes[2:]) <= inplace else rope_kv_parts(g))]
+        self.groups = [p for g in groups for p in ([g] if g.kind != "rope_kv" or set(rope_kv_core(g)[2:]) <= inplace else rope_kv_parts(g))]
         self.slot = {n: k for k, n in enumerate(graph.nodes)}
         self.shape_of = {n: tuple(eval_dim(d, bindings) for d in n.shape) for n in graph.nodes}
         with self._phase("layouts"):
@@ -183,8 +177,8 @@ class KernelPlan(Plan):
                 self.val[g.nodes[0]] = self.val[g.nodes[0].inputs[0]]  # the adopted input itself
                 self.kinds.append("update")
             elif g.kind == "rope_kv":  # (its caches adopted: see __init__) roped q in a buffer, the caches in place
-                q = g.nodes[0]
-                self.val.update({n: self.val[n.inputs[0]] for n in g.nodes[2:]})
+                q, _, kc, vc = rope_kv_core(g)
+                self.val.update({n: self.val[n.inputs[0]] for n in (kc, vc)})
                 self.val[q] = _Value(self._empty(q, "meta"), self.slot[q])
                 self.kinds.append("rope_kv")
             elif g.kind in ("view", "reference") and all(i in self.real for i in g.inputs) or self._foldable(g, folded):
@@ -336,7 +330,7 @@ class KernelPlan(Plan):
             if k in self.takeover:  # (and its roped-k scratch)
                 lv.read(-1 - self.takeover[k], k)
             self._act_codes(lv, k, g, kind)
-            for o in g.outputs if kind != "rope_kv" else g.nodes[:1]:
+            for o in g.outputs if kind != "rope_kv" else rope_kv_core(g)[:1]:
                 if o not in self.inplace:  # (written over its residual: that buffer's interval, read on)
                     lv.write(self.slot[o], k, self._nbytes(o))
             n = g.nodes[-1]  # (a gemm group's GEMM comes after its norm prologue)
@@ -351,7 +345,7 @@ class KernelPlan(Plan):
             if kind == "attention" and (shape := self._attention_scratch(n)):
                 self.scratch[k] = (-1 - k, shape, n.dtype)
             if kind == "rope_kv":  # roped k, where the separate kernels put it before the cache write
-                self.scratch[k] = (-1 - k, self.shape_of[g.nodes[1]], g.nodes[1].dtype)
+                self.scratch[k] = (-1 - k, self.shape_of[rope_kv_core(g)[1]], rope_kv_core(g)[1].dtype)
             if k in self.scratch:
                 lv.write(-1 - k, k, nbytes(self.scratch[k][1], self.scratch[k][2]))
             if kind == "gemm":
@@ -376,7 +370,7 @@ class KernelPlan(Plan):
         ``passes/pad_gemm.py``: handed out as that view, row stride and all; a smaller view, say the last position's
         logits, is copied out instead, so that each output set does not keep a whole root). A rope_kv group's q is
         written into the arena by its call (``_rope_kv``): an output of it is copied out."""
-        roped = {g.nodes[0] for g, kind in zip(self.groups, self.kinds) if kind == "rope_kv"}
+        roped = {rope_kv_core(g)[0] for g, kind in zip(self.groups, self.kinds) if kind == "rope_kv"}
         own = {}
         for o in self.graph.outputs:
             root = self.val[o].root
@@ -591,22 +585,26 @@ class KernelPlan(Plan):
         """A rope_kv group's call: the fused kernel or the separate one (two RoPE kernels and two cache writes, roped k
         through the planned scratch), as the tuner picks (``lower_attention.rope_kv``). The attention after it takes the
         call over (``lower_attention.RopeStep``) where nothing else reads the caches it writes."""
-        q_rope, k_rope, kc, vc = g.nodes
+        q_rope, k_rope, kc, vc = rope_kv_core(g)
         self.env[q_rope] = self._buffer(self.slot[q_rope], self.shape_of[q_rope], torch_dtype(q_rope.dtype), self.order.get(q_rope))
         self.env[kc], self.env[vc] = self.env[kc.inputs[0]], self.env[vc.inputs[0]]
         self.env[k_rope] = self._buffer(*self.scratch[k][:2], torch_dtype(k_rope.dtype))
+        normed = [r.inputs[0] if r.inputs[0] in g.nodes else None for r in (q_rope, k_rope)]  # (schedule.rope_norm)
+        norms = [None if n is None else (self.env[n.inputs[1]] if len(n.inputs) > 1 else None, n.attrs["eps"]) for n in normed]
         parts = [Group("pointwise", [n], list(dict.fromkeys(n.inputs)), [n]) for n in (q_rope, k_rope)]
-        ropes = [partial(launch, p, [self.env[i] for i in p.inputs], self.bindings, out=[self.env[p.nodes[0]]],
-                         cache=self.target.cache) for p in parts]
-        q, cos, sin = (self.env[i] for i in q_rope.inputs)
-        args = [q, self.env[k_rope.inputs[0]], self.env[vc.inputs[2]], cos, sin, self.env[kc.inputs[1]]]
-        what, candidates = lower_attention.rope_kv(args, self.env[q_rope], self.env[kc], self.env[vc], self.env[k_rope], ropes, self.device)
+        ropes = None if any(normed) else [partial(launch, p, [self.env[i] for i in p.inputs], self.bindings,
+                                                  out=[self.env[p.nodes[0]]], cache=self.target.cache) for p in parts]
+        x = [(r if n is None else n).inputs[0] for r, n in zip((q_rope, k_rope), normed)]
+        args = [self.env[x[0]], self.env[x[1]], self.env[vc.inputs[2]], *(self.env[i] for i in q_rope.inputs[1:]), self.env[kc.inputs[1]]]
+        what, candidates = lower_attention.rope_kv(args, self.env[q_rope], self.env[kc], self.env[vc], self.env[k_rope], ropes,
+                                                   self.device, norms if any(normed) else None)
         choice = self.target.tuner.choose("rope_kv", what, candidates, self.device)
         call = KernelCall(g, "rope_kv", candidates[choice], choice)
         if k in self.takeover.values():
-            att = _rope_reader(g)
+            att = rope_kv_reader(g)
             mask = attention_operands(att.inputs, att.attrs)[3]
-            rope = lower_attention.RopeStep(tuple(args), call.run, set(q_rope.users) == {att}, mask is None or mask.op == "INPUT")
+            rope = lower_attention.RopeStep(tuple(args), call.run, set(q_rope.users) == {att} and not any(normed),
+                                            mask is None or mask.op == "INPUT")
             self._ropes[att] = (rope, call)
         return call
 
@@ -617,7 +615,7 @@ class KernelPlan(Plan):
         out = {}
         for k, (g, kind) in enumerate(zip(self.groups, self.kinds)):
             if kind == "rope_kv":
-                att, (_, _, kc, vc) = _rope_reader(g), g.nodes
+                att, (_, _, kc, vc) = rope_kv_reader(g), rope_kv_core(g)
                 if set(kc.users) | set(vc.users) == {att} and self.kinds[index[att]] == "attention":
                     out[index[att]] = k
         return out

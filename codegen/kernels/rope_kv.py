@@ -14,6 +14,10 @@ out[D/2:] = x2 cos2 + x1 sin2 (x1, x2 the two halves).
 
 Every tensor is addressed through its strides: q / k / v are views into the fused QKV GEMM's output, cos / sin
 broadcast over the heads with stride 0. The products are computed in float32 and rounded once to the output's dtype.
+
+``norms`` (Qwen3's q_norm / k_norm, ``schedule.rope_norm``): q and / or k are first RMS-normalised over each head's D
+values (times a [D] weight, if any), in float32 and rounded to their dtype as the RMSNORM kernel would store them; then
+roped as above. One launch where the step had three.
 """
 from __future__ import annotations
 
@@ -21,25 +25,34 @@ import torch
 import triton
 import triton.language as tl
 
-from ...ir.ops import index_copy
+from ...ir.ops import index_copy, rmsnorm_ref
 from ...ir.ops_fused import rotate_half
 from . import pdl
 from .pdl import gdc
 
 
 @triton.jit
-def _rope_row(src, stride_s, dst, stride_d, cos1, cos2, sin1, sin2, offs, mask, HALF):
+def _rope_row(src, stride_s, dst, stride_d, cos1, cos2, sin1, sin2, offs, mask, HALF, w_ptr, eps,
+              NORM: tl.constexpr, WEIGHT: tl.constexpr):
     # one head's D values: dst[:D/2] = x1 cos1 - x2 sin1, dst[D/2:] = x2 cos2 + x1 sin2, rounded once to dst's dtype
     x1 = tl.load(src + offs * stride_s, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(src + (offs + HALF) * stride_s, mask=mask, other=0.0).to(tl.float32)
+    if NORM:  # RMSNORM over the head first (masked lanes are 0), rounded to the dtype its kernel would store
+        rstd = tl.rsqrt((tl.sum(x1 * x1, axis=0) + tl.sum(x2 * x2, axis=0)) / (2 * HALF) + eps)
+        x1, x2 = x1 * rstd, x2 * rstd
+        if WEIGHT:
+            x1 = x1 * tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            x2 = x2 * tl.load(w_ptr + offs + HALF, mask=mask, other=0.0).to(tl.float32)
+        x1 = x1.to(dst.dtype.element_ty).to(tl.float32)
+        x2 = x2.to(dst.dtype.element_ty).to(tl.float32)
     tl.store(dst + offs * stride_d, (x1 * cos1 - x2 * sin1).to(dst.dtype.element_ty), mask=mask)
     tl.store(dst + (offs + HALF) * stride_d, (x2 * cos2 + x1 * sin2).to(dst.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _rope_kv_kernel(
-    q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, slots_ptr, qo_ptr, kc_ptr, vc_ptr,
-    T, H, HALF,
+    q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, slots_ptr, qo_ptr, kc_ptr, vc_ptr, qw_ptr, kw_ptr,
+    T, H, HALF, eps_q, eps_k,
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kb, stride_kh, stride_kt, stride_kd,
     stride_vb, stride_vh, stride_vt, stride_vd,
@@ -48,6 +61,8 @@ def _rope_kv_kernel(
     stride_kcb, stride_kch, stride_kcs, stride_kcd,
     stride_vcb, stride_vch, stride_vcs, stride_vcd,
     BLOCK_HALF: tl.constexpr,
+    NORM_Q: tl.constexpr = False, WEIGHT_Q: tl.constexpr = False,  # q RMS-normalised first (with a weight)
+    NORM_K: tl.constexpr = False, WEIGHT_K: tl.constexpr = False,
     PDL: tl.constexpr = False,  # launched with programmatic dependent launch (pdl.py)
 ):
     gdc(PDL)
@@ -65,12 +80,14 @@ def _rope_kv_kernel(
     sin2 = tl.load(sin_ptr + c_row + (offs + HALF) * stride_cd, mask=mask, other=0.0).to(tl.float32)
     if head < H:
         _rope_row(q_ptr + b * stride_qb + head * stride_qh + t * stride_qt, stride_qd,
-                  qo_ptr + b * stride_ob + head * stride_oh + t * stride_ot, stride_od, cos1, cos2, sin1, sin2, offs, mask, HALF)
+                  qo_ptr + b * stride_ob + head * stride_oh + t * stride_ot, stride_od, cos1, cos2, sin1, sin2, offs, mask, HALF,
+                  qw_ptr, eps_q, NORM_Q, WEIGHT_Q)
     else:
         kvh = head - H
         slot = tl.load(slots_ptr + t)
         _rope_row(k_ptr + b * stride_kb + kvh * stride_kh + t * stride_kt, stride_kd,
-                  kc_ptr + b * stride_kcb + kvh * stride_kch + slot * stride_kcs, stride_kcd, cos1, cos2, sin1, sin2, offs, mask, HALF)
+                  kc_ptr + b * stride_kcb + kvh * stride_kch + slot * stride_kcs, stride_kcd, cos1, cos2, sin1, sin2, offs, mask, HALF,
+                  kw_ptr, eps_k, NORM_K, WEIGHT_K)
         # v: a plain copy of both halves
         src = v_ptr + b * stride_vb + kvh * stride_vh + t * stride_vt
         dst = vc_ptr + b * stride_vcb + kvh * stride_vch + slot * stride_vcs
@@ -80,8 +97,9 @@ def _rope_kv_kernel(
         tl.store(dst + (offs + HALF) * stride_vcd, v2.to(vc_ptr.dtype.element_ty), mask=mask)
 
 
-def check(q, k, v, cos, sin, slots, q_out, k_cache, v_cache) -> str | None:
-    """Why ``rope_kv`` cannot take these operands (None: it can). Shapes as in the module docstring."""
+def check(q, k, v, cos, sin, slots, q_out, k_cache, v_cache, norms=None) -> str | None:
+    """Why ``rope_kv`` cannot take these operands (None: it can). Shapes as in the module docstring; ``norms``: per q
+    and k, None or (weight [D] or None, eps)."""
     if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape or q_out.shape != q.shape:
         return f"q {list(q.shape)}, k {list(k.shape)}, v {list(v.shape)}, q_out {list(q_out.shape)}: want 4-d, v and k alike"
     B, H, T, D = q.shape
@@ -99,31 +117,41 @@ def check(q, k, v, cos, sin, slots, q_out, k_cache, v_cache) -> str | None:
         return f"slots {list(slots.shape)} {slots.dtype}: want [{T}] int32 / int64"
     if len({q.device, k.device, v.device, cos.device, slots.device, q_out.device, k_cache.device, v_cache.device}) != 1:
         return "operands on different devices"
+    for name, n in zip("qk", norms or ()):
+        w = None if n is None else n[0]
+        if w is not None and (w.shape != (D,) or w.stride() != (1,) or w.device != q.device):
+            return f"{name}'s norm weight {list(w.shape)} on {w.device}: want [{D}], contiguous, on {q.device}"
     return None
 
 
-def rope_kv(q, k, v, cos, sin, slots, q_out, k_cache, v_cache) -> None:
+def rope_kv(q, k, v, cos, sin, slots, q_out, k_cache, v_cache, norms=None) -> None:
     """q_out = ROPE(q, cos, sin); k_cache[:, :, slots] = ROPE(k, cos, sin); v_cache[:, :, slots] = v (in place, one
-    launch). q [B, H, T, D], k / v [B, KV, T, D], cos / sin [B or 1, 1, T, D], slots [T], caches [B, KV, S, D]."""
-    reason = check(q, k, v, cos, sin, slots, q_out, k_cache, v_cache)
+    launch). q [B, H, T, D], k / v [B, KV, T, D], cos / sin [B or 1, 1, T, D], slots [T], caches [B, KV, S, D].
+    ``norms``: per q and k, None or (weight [D] or None, eps): RMSNORM over each head before RoPE."""
+    reason = check(q, k, v, cos, sin, slots, q_out, k_cache, v_cache, norms)
     if reason:
         raise ValueError(f"rope_kv: {reason}")
     B, H, T, D = q.shape
     if B * T == 0:
         return
     cb = cos.stride(0) if cos.shape[0] > 1 else 0
+    (nq, nk) = norms or (None, None)
     _rope_kv_kernel[(B * T, H + k.shape[1])](
-        q, k, v, cos, sin, slots, q_out, k_cache, v_cache,
-        T, H, D // 2,
+        q, k, v, cos, sin, slots, q_out, k_cache, v_cache, nq and nq[0], nk and nk[0],
+        T, H, D // 2, float(nq[1]) if nq else 0.0, float(nk[1]) if nk else 0.0,
         *q.stride(), *k.stride(), *v.stride(),
         cb, cos.stride(2), cos.stride(3),
         *q_out.stride(), *k_cache.stride(), *v_cache.stride(),
-        BLOCK_HALF=triton.next_power_of_2(D // 2), **pdl.kwargs(q),
+        BLOCK_HALF=triton.next_power_of_2(D // 2), NORM_Q=nq is not None, WEIGHT_Q=bool(nq and nq[0] is not None),
+        NORM_K=nk is not None, WEIGHT_K=bool(nk and nk[0] is not None), **pdl.kwargs(q),
     )
 
 
-def reference(q, k, v, cos, sin, slots, q_out, k_cache, v_cache) -> None:
-    """``rope_kv`` by torch ops (kiln's ROPE and INDEX_COPY references): what the fused kernel replaces."""
+def reference(q, k, v, cos, sin, slots, q_out, k_cache, v_cache, norms=None) -> None:
+    """``rope_kv`` by torch ops (kiln's RMSNORM, ROPE and INDEX_COPY references): what the fused kernel replaces."""
+    nq, nk = norms or (None, None)
+    q = q if nq is None else rmsnorm_ref([q] + [w for w in nq[:1] if w is not None], {"eps": nq[1], "dims": 1})
+    k = k if nk is None else rmsnorm_ref([k] + [w for w in nk[:1] if w is not None], {"eps": nk[1], "dims": 1})
     q_out.copy_(q * cos + rotate_half(q) * sin)
     index_copy(k_cache, 2, slots, (k * cos + rotate_half(k) * sin).to(k_cache.dtype), inplace=True)
     index_copy(v_cache, 2, slots, v.to(v_cache.dtype), inplace=True)

@@ -26,11 +26,12 @@ def operands(B, T, H, KV, D, S, dtype, device="cpu", batch_cos=True):
     return q, k, v, cos, sin, slots, torch.empty_like(q), *caches
 
 
-def run_check(args, dtype):
+def run_check(args, dtype, norms=None):
     q, k, v, cos, sin, slots, q_out, kc, vc = args
     want = [t.double() for t in (q_out, kc, vc)]
-    reference(q.double(), k.double(), v.double(), cos.double(), sin.double(), slots, *want)
-    rope_kv(*args)
+    wide = None if norms is None else [None if n is None else (None if n[0] is None else n[0].double(), n[1]) for n in norms]
+    reference(q.double(), k.double(), v.double(), cos.double(), sin.double(), slots, *want, wide)
+    rope_kv(*args, norms)
     for got, w, name in zip((q_out, kc, vc), want, ("q_out", "k_cache", "v_cache")):
         assert rel_err(got, w) <= TOL[dtype], (name, rel_err(got, w))
     untouched = torch.ones(kc.shape[2], dtype=torch.bool)
@@ -49,6 +50,19 @@ def test_rope_kv_cos_shared_by_rows_and_contiguous_q():
     run_check((q.contiguous(), k, v, cos, sin, slots, q_out, kc, vc), torch.float32)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("which", ["q and k weighted", "q weighted", "k unweighted"])
+def test_rope_kv_with_per_head_norms(dtype, which):
+    # Qwen3's q_norm / k_norm (schedule.rope_norm): each head's D values RMS-normalised before RoPE; q and k read as the
+    # norms' inputs, strided views of the QKV output; heads of very different scales, so a norm that skips shows
+    args = list(operands(2, 3, 4, 2, 26, 11, dtype))
+    args[0], args[1] = args[0] * torch.tensor([0.01, 1.0, 30.0, 3.0], dtype=dtype)[:, None, None], args[1] * 7
+    w = [torch.randn(26, generator=gen, dtype=torch.float64).to(dtype) + 1 for _ in range(2)]
+    norms = {"q and k weighted": [(w[0], 1e-6), (w[1], 1e-5)], "q weighted": [(w[0], 1e-6), None],
+             "k unweighted": [None, (None, 1e-5)]}[which]
+    run_check(args, dtype, norms)
+
+
 def test_check_declines_with_a_reason():
     q, k, v, cos, sin, slots, q_out, kc, vc = operands(1, 1, 4, 2, 18, 40, torch.float32)
     assert check(q, k, v, cos, sin, slots, q_out, kc, vc) is None
@@ -57,9 +71,14 @@ def test_check_declines_with_a_reason():
     assert "slots" in check(q, k, v, cos, sin, slots.float(), q_out, kc, vc)
     with pytest.raises(ValueError, match="rope_kv"):
         rope_kv(q, k, v[..., :16], cos, sin, slots, q_out, kc, vc)
+    assert "k's norm weight [16]" in check(q, k, v, cos, sin, slots, q_out, kc, vc, [None, (torch.ones(16), 1e-6)])
+    assert "q's norm weight" in check(q, k, v, cos, sin, slots, q_out, kc, vc, [(torch.ones(36)[::2], 1e-6), None])
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("norm", [False, True], ids=["llama", "qwen3-norms"])
 @pytest.mark.parametrize("B,H,KV", [(1, 32, 8), (16, 32, 8)])
-def test_rope_kv_bfloat16_llama_decode_shapes(B, H, KV):
-    run_check(operands(B, 1, H, KV, 128, 4096, torch.bfloat16, device="cuda"), torch.bfloat16)
+def test_rope_kv_bfloat16_llama_decode_shapes(B, H, KV, norm):
+    w = [torch.randn(128, generator=gen).to("cuda", torch.bfloat16) + 1 for _ in range(2)]
+    run_check(operands(B, 1, H, KV, 128, 4096, torch.bfloat16, device="cuda"), torch.bfloat16,
+              [(w[0], 1e-6), (w[1], 1e-6)] if norm else None)

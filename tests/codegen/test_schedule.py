@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import kiln
-from kiln.codegen.schedule import execute, norm_prologue, rope_kv_parts, schedule, summary
+from kiln.codegen.schedule import execute, norm_prologue, rope_kv_core, rope_kv_parts, schedule, summary
 from kiln.ir.graph import Graph
 from kiln.ir.interpret import interpret
 from kiln.ir.types import sym
@@ -133,7 +133,8 @@ def test_norm_prologue_joins_the_gemm_it_feeds_only(case):
 
 def rope_kv_graph(case: str) -> tuple[Graph, list]:
     """ROPE(q), ROPE(k) -> INDEX_COPY into a k cache, v -> INDEX_COPY into a v cache, ATTENTION over both (a Llama
-    layer's decode between the QKV GEMM and attention, GQA 4 / 2 heads), with one thing that breaks the pattern."""
+    layer's decode between the QKV GEMM and attention, GQA 4 / 2 heads), with one thing that breaks the pattern, or
+    with Qwen3's RMSNORMs over each head of q and k before RoPE (taken into the group where RoPE alone reads them)."""
     B, H, KV, T, D, S = 2, 4, 2, 3, 10, 7
     g = Graph()
     q, k, v = (g.add_input(name, (B, h, T, D), "float32") for name, h in (("q", H), ("k", KV), ("v", KV)))
@@ -141,11 +142,14 @@ def rope_kv_graph(case: str) -> tuple[Graph, list]:
     slots = g.add_input("slots", (T,), "int64")
     kc, vc = g.add_input("k_cache", (B, KV, S, D), "float32"), g.add_input("v_cache", (B, KV, S, D), "float32")
     k_sin = g.add("NEG", (sin,)) if case == "k roped with other angles" else sin
+    if case.startswith("q and k normed") or case == "a norm read twice":
+        w = g.add_weight("q_norm.weight", torch.linspace(0.5, 2.0, D))
+        q, k = g.add("RMSNORM", (q, w), eps=1e-6), g.add("RMSNORM", (k,), eps=1e-5)
     qr, kr = g.add("ROPE", (q, cos, sin)), g.add("ROPE", (k, cos, k_sin))
     k_new = g.add("INDEX_COPY", (kc, slots, kr), axis=2)
     v_new = g.add("INDEX_COPY", (vc, slots, v), axis=2)
     y = g.add("ATTENTION", (qr, k_new, v_new), gqa=True)
-    g.set_outputs([y, k_new, v_new] + ([kr] if case == "roped k also an output" else []))
+    g.set_outputs([y, k_new, v_new] + ([kr] if case == "roped k also an output" else [q] if case == "a norm read twice" else []))
     g.verify()
     gen = torch.Generator().manual_seed(4)
     inputs = [torch.randn(B, H, T, D, generator=gen), torch.randn(B, KV, T, D, generator=gen), torch.randn(B, KV, T, D, generator=gen),
@@ -154,11 +158,23 @@ def rope_kv_graph(case: str) -> tuple[Graph, list]:
     return g, inputs
 
 
-@pytest.mark.parametrize("case", ["fuse", "roped k also an output", "k roped with other angles"])
+@pytest.mark.parametrize("case", ["fuse", "roped k also an output", "k roped with other angles", "q and k normed",
+                                  "a norm read twice"])
 def test_rope_kv_groups_the_ropes_and_cache_writes_attention_reads(case):
     g, inputs = rope_kv_graph(case)
     groups = compare(g, inputs)
-    if case == "fuse":
+    if case == "q and k normed":
+        fused = groups[-2]
+        assert kinds(groups) == ["rope_kv", "attention"]
+        assert [n.op for n in fused.nodes] == ["RMSNORM"] * 2 + ["ROPE", "ROPE", "INDEX_COPY", "INDEX_COPY"]
+        assert rope_kv_core(fused) == tuple(fused.nodes[2:]) and fused.outputs == [fused.nodes[2]] + fused.nodes[4:]
+        parts = rope_kv_parts(fused)
+        check_partition(g, [grp for grp in groups if grp is not fused][:-1] + parts + groups[-1:])
+        assert [[n.op for n in p.nodes] for p in parts] == [["RMSNORM"], ["RMSNORM"], ["ROPE"], ["INDEX_COPY"], ["INDEX_COPY"], ["ROPE"]]
+    elif case == "a norm read twice":  # q's norm is also an output: it stays a kernel of its own, k's joins the group
+        assert [n.op for n in groups[-2].nodes] == ["RMSNORM", "ROPE", "ROPE", "INDEX_COPY", "INDEX_COPY"]
+        assert [n.op for grp in groups if grp.kind == "pointwise" for n in grp.nodes] == ["RMSNORM"]
+    elif case == "fuse":
         assert kinds(groups) == ["rope_kv", "attention"]
         fused = groups[-2]
         assert [n.op for n in fused.nodes] == ["ROPE", "ROPE", "INDEX_COPY", "INDEX_COPY"]

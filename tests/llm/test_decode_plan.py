@@ -33,18 +33,18 @@ CFG = dict(vocab_size=97, hidden_size=72, intermediate_size=104, num_attention_h
 MAX_SEQ = 40
 
 
-def tiny_llama(layers: int) -> LlamaForCausalLM:
+def tiny_llama(layers: int, **kw) -> LlamaForCausalLM:
     torch.manual_seed(0)
-    m = LlamaForCausalLM(LlamaConfig(num_hidden_layers=layers, **CFG)).eval()
+    m = LlamaForCausalLM(LlamaConfig(num_hidden_layers=layers, **CFG, **kw)).eval()
     with torch.no_grad():  # norm weights away from 1: a norm prologue that skips its weight shows
         for name, p in m.named_parameters():
             p.add_(torch.randn_like(p) * (0.3 if "norm" in name else 0.05))
     return m
 
 
-def compile_tiny(layers: int, rope_kv: str, attention: str = "sdpa") -> Generator:
+def compile_tiny(layers: int, rope_kv: str, attention: str = "sdpa", **kw) -> Generator:
     config = CompileConfig(backend="kernels", kernels={"gemm": "triton-skinny", "attention": attention, "rope_kv": rope_kv})
-    return Generator.compile(tiny_llama(layers), max_seq=MAX_SEQ, batch_buckets=(1, 3), config=config, eos_token_id=[])
+    return Generator.compile(tiny_llama(layers, **kw), max_seq=MAX_SEQ, batch_buckets=(1, 3), config=config, eos_token_id=[])
 
 
 @pytest.fixture(scope="module")
@@ -177,3 +177,31 @@ def test_weightless_norms_scale_rows_in_the_gemm_template():
         for name, value in want.items():
             got = step[graph.updates[name]] if name in graph.updates else logits
             assert rel_err(got, value) <= TOL[torch.float32], (slot0, name, rel_err(got, value))
+
+
+@pytest.mark.parametrize("rope_kv", ["triton-rope-kv", "separate"])
+def test_qwen3_norms_run_in_the_rope_kv_call(rope_kv, monkeypatch):
+    # q_norm / k_norm (RMSNORM over each head, before RoPE) join the rope_kv group: a decode layer launches what a
+    # Llama layer does, the norms run inside the rope_kv call (kernels/rope_kv.py's norms, or the separate candidate's
+    # torch reference), and prefill, decode and a plan whose caches are not adopted (the group's parts: two norm
+    # kernels more) compute the interpreter's logits and caches
+    g = compile_tiny(1, rope_kv, qk_norm=True, head_dim=16)
+    graph = g.compiled.graph
+    step = inputs(g, 1, 16, 1, 0)
+    plan = g.compiled.executor.plan_for(list(step.values()))
+    assert sum(kernels_per_call(plan.calls, monkeypatch)) <= DECODE_LAUNCHES_PER_LAYER + DECODE_LAUNCHES_PER_STEP
+    assert not any(n.op == "RMSNORM" for c in plan.calls if c.kind == "pointwise" for n in c.group.nodes)
+    (att,) = [c for c in plan.calls if c.kind == "attention"]
+    assert att.takes.choice == rope_kv and [n.op for n in att.takes.group.nodes][:2] == ["RMSNORM", "RMSNORM"]
+    for slot0, tokens in ((0, 16), (16, 1), (17, 1)):
+        step = inputs(g, 3, slot0, tokens, seed=slot0)
+        want = dict(zip(graph.output_names, interpret(graph, [t.clone() for t in step.values()])))
+        (logits,) = g.compiled.run(list(step.values()))
+        for name, value in want.items():
+            got = step[graph.updates[name]] if name in graph.updates else logits
+            assert rel_err(got, value) <= TOL[torch.float32], (slot0, name, rel_err(got, value))
+    step = inputs(g, 1, 16, 1, seed=5)
+    parts = g.compiled.executor.plan(bind_inputs(graph, list(step.values())))
+    assert sum(n.op == "RMSNORM" for c in parts.calls if c.kind == "pointwise" for n in c.group.nodes) == 2
+    for name, a, b in zip(graph.output_names, parts.run(list(step.values())), interpret(graph, [t.clone() for t in step.values()])):
+        assert rel_err(a, b) <= TOL[torch.float32], (name, rel_err(a, b))

@@ -185,11 +185,13 @@ def test_cli_compile_generate_and_generate(tmp_path, capsys):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("attention", [None, "sdpa", "kiln-decode", "kiln-decode-last", "kiln-decode-whole"])
-def test_gpu_bf16_generation_with_cuda_graphs(attention):
+@pytest.mark.parametrize("kind,attention", [("Llama", a) for a in (None, "sdpa", "kiln-decode", "kiln-decode-last", "kiln-decode-whole")]
+                         + [("Qwen3", None), ("Qwen3", "kiln-decode")])
+def test_gpu_bf16_generation_with_cuda_graphs(kind, attention):
     """bf16 on CUDA, kernels backend, CUDA graphs: greedy tokens equal transformers' where its own top-2 logits
-    are apart; a divergence is allowed only where they are within bf16 noise."""
-    hf = hf_model().to("cuda", torch.bfloat16)
+    are apart; a divergence is allowed only where they are within bf16 noise. (Qwen3: its q / k norms in the rope_kv
+    call.)"""
+    hf = hf_model(kind, **(dict(head_dim=16) if kind == "Qwen3" else {})).to("cuda", torch.bfloat16)
     cfg = kiln.CompileConfig(kernels={"attention": attention} if attention else {})
     g = kiln.from_hf(hf, max_seq=96, batch_buckets=(1, 4), eos_token_id=[], config=cfg)
     r = g.generate(PROMPTS, max_new_tokens=32)
