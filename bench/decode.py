@@ -13,7 +13,7 @@ time say which.
 
     python bench/decode.py [--models 1b,8b] [--no-compile-peer] [--max-seq N]    writes $OUT/decode.json
     python bench/decode.py --models 1b --batches 1 --quantize w4a16     the quantized step's kernels
-    python bench/decode.py --smoke                                     CPU: a tiny Llama under the Triton interpreter
+    python bench/decode.py --smoke [--models smoke-qwen3]              CPU: a tiny Llama (Qwen3) under the Triton interpreter
     python bench/decode.py --models 1b --ab-disable fold_norm_weight   A / B of one pass, in this process
     python bench/decode.py --models 1b --ab-kernels attention=kiln-decode-last   A / B of a kernel choice
     KILN_PDL=0 python bench/decode.py ...                              kiln's decode kernels without programmatic
@@ -72,14 +72,23 @@ if a.whole_max_keys is not None:
     from kiln.codegen import lower_attention as lower
     lower.WHOLE_MAX_KEYS = a.whole_max_keys
 
-# name -> (transformers LlamaConfig kwargs, batches)
+# name -> (transformers config kwargs (``arch``: the config / model class, Llama when absent), batches)
 MODELS = {
     "1b": (dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                 num_key_value_heads=8, tie_word_embeddings=True, rope_theta=500000.0), (1, 16)),
     "8b": (dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                 num_key_value_heads=8, tie_word_embeddings=False, rope_theta=500000.0), (1,)),
+    # Qwen3-0.6B / 1.7B: q / k norms over each head before RoPE, head dim 128 (not hidden / heads)
+    "qwen3-0.6b": (dict(arch="Qwen3", vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                        num_attention_heads=16, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True,
+                        rope_theta=1000000.0), (1, 16)),
+    "qwen3-1.7b": (dict(arch="Qwen3", vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
+                        num_attention_heads=16, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True,
+                        rope_theta=1000000.0), (1, 16)),
     "smoke": (dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2), (1, 2)),
+    "smoke-qwen3": (dict(arch="Qwen3", vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=32), (1, 2)),
 }
 P, GEN = (16, 4) if a.smoke else (128, 256)
 DEVICE = "cpu" if a.smoke else "cuda"
@@ -316,10 +325,11 @@ def bench_model(name: str) -> dict:
     kw, batches = MODELS[name]
     if a.batches:
         batches = tuple(int(b) for b in a.batches.split(","))
-    cfg = transformers.LlamaConfig(max_position_embeddings=4096, **kw)
+    arch = kw.get("arch", "Llama")
+    cfg = getattr(transformers, f"{arch}Config")(max_position_embeddings=4096, **{k: v for k, v in kw.items() if k != "arch"})
     torch.manual_seed(0)
     with torch.device(DEVICE):
-        m = transformers.LlamaForCausalLM(cfg).to(DTYPE).eval()
+        m = getattr(transformers, f"{arch}ForCausalLM")(cfg).to(DTYPE).eval()
     m.generation_config.eos_token_id = None
     config = kiln.CompileConfig(backend="kernels", quantize=a.quantize)
     t0 = time.perf_counter()
@@ -351,7 +361,7 @@ def bench_model(name: str) -> dict:
 
 
 def main():
-    names = ["smoke"] if a.smoke else a.models.split(",")
+    names = (["smoke"] if a.models == "1b,8b" else a.models.split(",")) if a.smoke else a.models.split(",")
     res = {"device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu", "torch": torch.__version__,
            "prompt": P, "new_tokens": GEN, "quantize": a.quantize, "max_seq": a.max_seq or P + GEN, "dtype": str(DTYPE)}
     for name in names:

@@ -411,6 +411,10 @@ print('greedy', greedy(x).tolist() == x.argmax(-1).tolist())" 2>&1 | tail -5
         DECODE_JSON=decode_19h_$b.json timeout 150 python3 bench/decode.py --models 1b --batches $b --no-compile-peer \
           --ab-env "KILN_PDL=1+noprefetch" 2>&1 | grep "interleaved\|Error\|error" | tail -3
       done ;;
+    s22q)  # Qwen3-0.6B / 1.7B shapes (random weights), bf16 decode at batch 1 / 16 against static KV + torch.compile
+      # reduce-overhead in the same process; their q / k norms run in the rope-decode attention (session 22, CPU)
+      DECODE_JSON=decode_qwen3.json timeout 560 python3 bench/decode.py --models qwen3-0.6b,qwen3-1.7b 2>&1 \
+        | grep "tok/s\|speedup\|Error\|error" | tail -16 ;;
     s22a | s22b)  # next: the IDOT tiles (one row of a 4-bit weight, each word's sum by dp4a against x in 16-bit fixed point;
       # ~2.2-2.9 SASS instructions a code against WORDS' 4.4-5.0). s22a: their GPU tests and the tuner's output
       # comparison's, then the 8B w4a16 at batch 1 against the same plans without them (one process, interleaved); s22b:
@@ -419,7 +423,8 @@ print('greedy', greedy(x).tolist() == x.argmax(-1).tolist())" 2>&1 | tail -5
       if [ $stage = s22a ]; then
         timeout 240 python3 -m pytest -q -x -m gpu tests/codegen/test_skinny_idot.py tests/codegen/test_tuning.py 2>&1 | tail -3
         # session 22 (CPU): Qwen3's q / k norms in the rope_kv kernel, and a Qwen3 generator's tokens against transformers'
-        timeout 150 python3 -m pytest -q -rf -m gpu tests/codegen/test_rope_kv.py tests/llm/test_generator.py -k "qwen3 or Qwen3" \
+        timeout 150 python3 -m pytest -q -rf -m gpu tests/codegen/test_rope_kv.py tests/codegen/test_decode_attention_rope.py \
+          tests/llm/test_generator.py -k "qwen3 or Qwen3" \
           2>&1 | tail -3
         cases="8b:w4a16"
       fi

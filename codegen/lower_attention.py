@@ -60,15 +60,15 @@ EARLY_KV = True
 @dataclass
 class RopeStep:
     """The rope_kv group a decode ATTENTION takes over: ``operands`` (q unroped, k, v, cos, sin, slots: the attention's
-    cache writes), ``call`` the group's chosen implementation; ``fused``: the roped q is read by the attention alone (and
-    the group normalises neither q nor k: ``schedule.rope_norm``), so kiln's split-KV kernel may rope it in registers
-    and never store it; ``early``: the attention's mask is a step input
+    cache writes), ``call`` the group's chosen implementation; ``fused``: the roped q is read by the attention alone, so
+    kiln's split-KV kernel may rope it in registers and never store it; ``early``: the attention's mask is a step input
     (or none), which that kernel may read before the kernel before it ends. (The attention's tuning key describes the
     rope work, not the choice for it: while a plan's decisions are surveyed, that choice is provisional.)"""
     operands: tuple
     call: Callable[[], object]
     fused: bool
     early: bool = False
+    norms: list | None = None  # the group's per-head RMSNORMs of q and k (``rope_kv``'s ``norms``; q, k: their inputs)
 
 
 def _decode_fits(q, k, v, mask, causal: bool, gqa: bool, device: torch.device) -> bool:
@@ -177,6 +177,8 @@ def attention(args: list, attrs: dict, out: torch.Tensor, scratch: torch.Tensor 
         what["codes"] = [str(t.dtype) if s is not None else None for t, s in ((k, ks), (v, vs))]
     if rope is not None:
         what["rope"] = [rope.fused, list(rope.operands[0].shape), [list(t.stride()) for t in rope.operands[:5]]]
+        if rope.norms is not None:
+            what["rope"].append([None if n is None else [n[0] is not None, n[1]] for n in rope.norms])
     return what, candidates
 
 
@@ -186,11 +188,11 @@ def _with_rope(rope: RopeStep | None, candidates: dict, kc, vc, mask, attrs: dic
     if rope is None:
         return candidates
     first = {name: _first(rope.call, fn) for name, fn in candidates.items()}
-    if not (decode and rope.fused and trk.check(*rope.operands, rope.operands[0], kc, vc) is None):
+    if not (decode and rope.fused and trk.check(*rope.operands, rope.operands[0], kc, vc, rope.norms) is None):
         return first
     q, k, v, cos, sin, slots = rope.operands
     run = partial(td.decode_attention, q, kc, vc, mask, attrs["scale"], _enable_gqa(q, kc, attrs["gqa"]), out=out,
-                  rope=(k, v, cos, sin, slots), early=bool(rope.early and EARLY_KV))
+                  rope=(k, v, cos, sin, slots, rope.norms), early=bool(rope.early and EARLY_KV))
     return first | _split_kv_candidates("kiln-rope-decode", run, kc.shape[2], counters, q.device)
 
 

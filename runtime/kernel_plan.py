@@ -603,8 +603,8 @@ class KernelPlan(Plan):
         if k in self.takeover.values():
             att = rope_kv_reader(g)
             mask = attention_operands(att.inputs, att.attrs)[3]
-            rope = lower_attention.RopeStep(tuple(args), call.run, set(q_rope.users) == {att} and not any(normed),
-                                            mask is None or mask.op == "INPUT")
+            rope = lower_attention.RopeStep(tuple(args), call.run, set(q_rope.users) == {att}, mask is None or mask.op == "INPUT",
+                                            norms if any(normed) else None)
             self._ropes[att] = (rope, call)
         return call
 

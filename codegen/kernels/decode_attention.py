@@ -23,7 +23,9 @@ With ``rope`` (``ROPE``) the kernel also does the layer's work before it (``rope
 and roped in registers, and each new token's key (roped) and value are written into the caches at its slot by the one
 program of its (b, kv head) whose chunk holds that slot, before that program reads its chunk (a CTA barrier orders the
 stores before its own loads; no other program reads the slot in this launch). So RoPE, the cache writes, the splits and
-their reduction are one launch a layer.
+their reduction are one launch a layer. With ``rope``'s norms (Qwen3's q_norm / k_norm, ``rope_kv.py``'s ``norms``) q and
+the new keys are first RMS-normalised over each head, as that kernel does (to its float32 rounding: the row's squares
+summed in another order).
 
 A quantized KV cache (``ir/kv_quant.py``: int8 or float8 e4m3 codes, one float32 scale per (row, kv head, slot))
 is read as codes plus scales, each K / V tile dequantized in registers as ATTENTION's reference does,
@@ -101,6 +103,7 @@ def _decode_partial_kernel(
     cos_ptr, sin_ptr, stride_cb, stride_ct, stride_cd,  # [B or 1, 1, Sq, D], one set of strides for both
     kn_ptr, stride_knb, stride_knh, stride_knt, stride_knd, vn_ptr, stride_vnb, stride_vnh, stride_vnt, stride_vnd,
     slots_ptr,
+    qw_ptr, kw_ptr, eps_q, eps_k,  # ROPE with NORM_Q / NORM_K: q's / the new keys' RMSNORM over each head first
     HAS_MASK: tl.constexpr, K_SCALED: tl.constexpr, V_SCALED: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     SCAN_M: tl.constexpr = 16, SCAN_N: tl.constexpr = 16,  # HAS_MASK: the mask tile [SCAN_M rows, SCAN_N keys] scanned
@@ -109,6 +112,8 @@ def _decode_partial_kernel(
     BLOCK_S: tl.constexpr = 16,  # REDUCE_LAST: the splits the reduce loads per step (as _decode_reduce_kernel's)
     REDUCE_ROWS: tl.constexpr = 1,  # REDUCE_LAST: the rows it reduces at once (``_reduce_tile``)
     ROPE: tl.constexpr = False,  # RoPE of q and k and the cache writes of k and v first (``rope=``)
+    NORM_Q: tl.constexpr = False, WEIGHT_Q: tl.constexpr = False,  # (ROPE) q RMS-normalised first (with a weight)
+    NORM_K: tl.constexpr = False, WEIGHT_K: tl.constexpr = False,
     EARLY: tl.constexpr = False,  # (ROPE) the mask scan and the first K / V tile before the PDL wait (``early=``)
     PDL: tl.constexpr = False,  # launched with programmatic dependent launch (pdl.py)
 ):
@@ -153,11 +158,12 @@ def _decode_partial_kernel(
     if ROPE:  # as kernels/rope_kv.py computes it: float32, rounded once to q's dtype
         c_rows = b * stride_cb + i[:, None] * stride_ct
         q = _roped(q, q_rows, stride_qd, cos_ptr + c_rows, sin_ptr + c_rows, stride_cd, offs_d[None, :], HEAD_DIM,
-                   valid_r[:, None] & valid_d[None, :]).to(q.dtype)
+                   valid_r[:, None] & valid_d[None, :], qw_ptr, eps_q, NORM_Q, WEIGHT_Q, 1).to(q.dtype)
         kt0, v0 = _write_new_keys(k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, cos_ptr + b * stride_cb,
                                   sin_ptr + b * stride_cb, stride_ct, stride_cd, kn_ptr + b * stride_knb + hk * stride_knh,
                                   stride_knt, stride_knd, vn_ptr + b * stride_vnb + hk * stride_vnh, stride_vnt, stride_vnd,
-                                  slots_ptr, Sq, split, chunk, SPLITS, HEAD_DIM, offs_d, valid_d, kt0, v0, offs_n0)
+                                  slots_ptr, Sq, split, chunk, SPLITS, HEAD_DIM, offs_d, valid_d, kt0, v0, offs_n0,
+                                  kw_ptr, eps_k, NORM_K, WEIGHT_K)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -206,16 +212,26 @@ def _decode_partial_kernel(
 
 
 @triton.jit
-def _roped(x, src, stride_x, cos, sin, stride_c, offs, HEAD_DIM, mask):
+def _roped(x, src, stride_x, cos, sin, stride_c, offs, HEAD_DIM, mask, w_ptr, eps, NORM: tl.constexpr,
+           WEIGHT: tl.constexpr, AXIS: tl.constexpr):
     # RoPE of the head-dim lanes ``offs`` of x (loaded from src + offs * stride_x) in float32: x cos - x[+D/2] sin in the
-    # first half, x cos + x[-D/2] sin in the second, the expressions of rope_kv.py's, so the same bits once rounded
+    # first half, x cos + x[-D/2] sin in the second, the expressions of rope_kv.py's, so the same bits once rounded.
+    # NORM: x (whole heads along AXIS, masked lanes 0) RMS-normalised first, times the weight, rounded to x's dtype
     half = HEAD_DIM // 2
     low = offs < half
-    xp = tl.load(src + tl.where(low, offs + half, offs - half) * stride_x, mask=mask, other=0.0).to(tl.float32)
+    partner = tl.where(low, offs + half, offs - half)
+    xp = tl.load(src + partner * stride_x, mask=mask, other=0.0).to(tl.float32)
     c = tl.load(cos + offs * stride_c, mask=mask, other=0.0).to(tl.float32)
     s = tl.load(sin + offs * stride_c, mask=mask, other=0.0).to(tl.float32)
-    x = x.to(tl.float32)
-    return tl.where(low, x * c - xp * s, x * c + xp * s)
+    xf = x.to(tl.float32)
+    if NORM:
+        rstd = tl.rsqrt(tl.sum(xf * xf, axis=AXIS, keep_dims=True) / HEAD_DIM + eps)
+        xf, xp = xf * rstd, xp * rstd
+        if WEIGHT:
+            xf = xf * tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            xp = xp * tl.load(w_ptr + partner, mask=mask, other=0.0).to(tl.float32)
+        xf, xp = xf.to(x.dtype).to(tl.float32), xp.to(x.dtype).to(tl.float32)
+    return tl.where(low, xf * c - xp * s, xf * c + xp * s)
 
 
 @triton.jit
@@ -245,7 +261,7 @@ def _kv_step(q, kt, v, offs_n, valid_n, mask_rows, valid_r, stride_mn, qk_scale,
 @triton.jit
 def _write_new_keys(k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, cos_b, sin_b, stride_ct, stride_cd,
                     kn, stride_knt, stride_knd, vn, stride_vnt, stride_vnd, slots_ptr, Sq, split, chunk, SPLITS, HEAD_DIM,
-                    offs_d, valid_d, kt0, v0, offs_n0):
+                    offs_d, valid_d, kt0, v0, offs_n0, kw_ptr, eps_k, NORM_K: tl.constexpr, WEIGHT_K: tl.constexpr):
     # this step's Sq keys of one (b, kv head): k roped, k and v stored at their slots by the program whose chunk of
     # keys holds the slot, so that no other program of this launch reads it (a slot past the attended keys, read by
     # none, goes to the chunk it would fall in, or the last); the barrier then makes the stores visible to the
@@ -256,7 +272,8 @@ def _write_new_keys(k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, 
         if tl.minimum(slot // tl.maximum(chunk, 1), SPLITS - 1) == split:
             src = kn + t * stride_knt
             k = tl.load(src + offs_d * stride_knd, mask=valid_d, other=0.0)
-            k = _roped(k, src, stride_knd, cos_b + t * stride_ct, sin_b + t * stride_ct, stride_cd, offs_d, HEAD_DIM, valid_d)
+            k = _roped(k, src, stride_knd, cos_b + t * stride_ct, sin_b + t * stride_ct, stride_cd, offs_d, HEAD_DIM, valid_d,
+                       kw_ptr, eps_k, NORM_K, WEIGHT_K, 0)
             tl.store(k_base + slot * stride_kn + offs_d * stride_kd, k.to(k_base.dtype.element_ty), mask=valid_d)
             v = tl.load(vn + t * stride_vnt + offs_d * stride_vnd, mask=valid_d, other=0.0)
             tl.store(v_base + slot * stride_vn + offs_d * stride_vd, v.to(v_base.dtype.element_ty), mask=valid_d)
@@ -477,9 +494,10 @@ def decode_attention(q, k, v, mask=None, scale=None, gqa=False, out=None, config
     (``direct`` False: the two launches anyway, for tests). ``counters``: a
     contiguous int32 / uint8 tensor of at least ``counter_bytes`` bytes, zero, that the call leaves zero: several
     splits then reduce in one launch too (the last program of each kv head's splits reduces its rows). ``rope``:
-    (k_new, v_new, cos, sin, slots), this step's keys and values [B, Hk, Sq, D], cos / sin [B or 1, 1, Sq, D] and the
-    cache slots [Sq]: q is taken unroped and roped here, k_new roped and written with v_new into k / v at the slots
-    first (``kernels/rope_kv.py``'s work, the same bits, in this launch; 16-bit caches only). ``early`` (with ``rope``):
+    (k_new, v_new, cos, sin, slots[, norms]), this step's keys and values [B, Hk, Sq, D], cos / sin [B or 1, 1, Sq, D],
+    the cache slots [Sq] and ``rope_kv``'s norms (q's and k's RMSNORM over each head first): q is taken unroped and
+    roped here, k_new roped and written with v_new into k / v at the slots first (``kernels/rope_kv.py``'s work, the
+    same bits without norms, in this launch; 16-bit caches only). ``early`` (with ``rope``):
     under PDL, each program scans the mask and loads its chunk's first K / V tile before it waits for the previous
     kernel (the new keys patched into that tile in registers): only where nothing in the same CUDA graph writes the mask
     or the caches before this launch (a decode step's mask is its input; its caches are written here). The same bits.
@@ -509,14 +527,14 @@ def decode_attention(q, k, v, mask=None, scale=None, gqa=False, out=None, config
             *q.stride(), *k.stride(), *v.stride(), *(mask4.stride() if mask4 is not None else (0, 0, 0, 0)),
             *(k_scale.stride() if k_scale is not None else (0, 0, 0)), *(v_scale.stride() if v_scale is not None else (0, 0, 0)),
             hq, hk, group, sq, sk, n_split, d, qk_scale, out, *out.stride())
-    args_rope = _rope_args(rope, q, k, v, k_scale, v_scale)
+    args_rope, meta_rope = _rope_args(rope, q, k, v, k_scale, v_scale)
     if early and rope is None:
         raise ValueError("decode_attention: early= loads the cache before the previous kernel ends, so the attention "
                          "must write this step's keys itself (rope=)")
     meta = dict(HAS_MASK=mask4 is not None, **_scan_tile(mask4, group, sq), K_SCALED=k_scale is not None, V_SCALED=v_scale is not None,
                 DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
                 BLOCK_M=max(16, triton.next_power_of_2(group * sq)), BLOCK_D=block_d, DIRECT=one, ROPE=rope is not None,
-                EARLY=early, **pdl.kwargs(q))
+                EARLY=early, **meta_rope, **pdl.kwargs(q))
     last = counters is not None and not one
     block_s = min(REDUCE_BLOCK_S, triton.next_power_of_2(n_split))
     if last:
@@ -539,18 +557,23 @@ def _rope_args(rope: tuple | None, q, k, v, k_scale, v_scale) -> tuple:
     """The partial kernel's RoPE arguments (cos, sin, their strides, k_new and v_new with theirs, slots) for
     ``decode_attention(..., rope=)``, checked; placeholders (never read) without it."""
     if rope is None:
-        return (q, q, 0, 0, 0, q, 0, 0, 0, 0, q, 0, 0, 0, 0, q)
+        return (q, q, 0, 0, 0, q, 0, 0, 0, 0, q, 0, 0, 0, 0, q, q, q, 0.0, 0.0), {}
     if k_scale is not None or v_scale is not None:
         raise ValueError("decode_attention: rope= writes this step's keys and values into a 16-bit cache; a quantized "
                          "cache is written with its codes and scales (ir/kv_quant.py) before the attention")
-    if not (isinstance(rope, (tuple, list)) and len(rope) == 5):
-        raise ValueError("decode_attention: rope must be (k_new, v_new, cos, sin, slots)")
-    k_new, v_new, cos, sin, slots = rope
-    reason = trk.check(q, k_new, v_new, cos, sin, slots, q, k, v)
+    if not (isinstance(rope, (tuple, list)) and len(rope) in (5, 6)):
+        raise ValueError("decode_attention: rope must be (k_new, v_new, cos, sin, slots[, norms])")
+    k_new, v_new, cos, sin, slots = rope[:5]
+    nq, nk = (rope[5] if len(rope) == 6 else None) or (None, None)
+    reason = trk.check(q, k_new, v_new, cos, sin, slots, q, k, v, (nq, nk))
     if reason:
         raise ValueError(f"decode_attention: rope: {reason}")
     cb = cos.stride(0) if cos.shape[0] > 1 else 0
-    return (cos, sin, cb, cos.stride(2), cos.stride(3), k_new, *k_new.stride(), v_new, *v_new.stride(), slots)
+    norms = (nq[0] if nq and nq[0] is not None else q, nk[0] if nk and nk[0] is not None else q,
+             float(nq[1]) if nq else 0.0, float(nk[1]) if nk else 0.0)
+    meta = dict(NORM_Q=nq is not None, WEIGHT_Q=bool(nq and nq[0] is not None), NORM_K=nk is not None,
+                WEIGHT_K=bool(nk and nk[0] is not None))
+    return (cos, sin, cb, cos.stride(2), cos.stride(3), k_new, *k_new.stride(), v_new, *v_new.stride(), slots, *norms), meta
 
 
 def _reduce_tile(rows: int, block_s: int, block_d: int) -> int:

@@ -179,20 +179,24 @@ def test_weightless_norms_scale_rows_in_the_gemm_template():
             assert rel_err(got, value) <= TOL[torch.float32], (slot0, name, rel_err(got, value))
 
 
-@pytest.mark.parametrize("rope_kv", ["triton-rope-kv", "separate"])
-def test_qwen3_norms_run_in_the_rope_kv_call(rope_kv, monkeypatch):
+@pytest.mark.parametrize("rope_kv,attention", [("triton-rope-kv", "sdpa"), ("separate", "sdpa"),
+                                                ("triton-rope-kv", "kiln-rope-decode-last")])
+def test_qwen3_norms_run_in_the_rope_kv_call(rope_kv, attention, monkeypatch):
     # q_norm / k_norm (RMSNORM over each head, before RoPE) join the rope_kv group: a decode layer launches what a
     # Llama layer does, the norms run inside the rope_kv call (kernels/rope_kv.py's norms, or the separate candidate's
-    # torch reference), and prefill, decode and a plan whose caches are not adopted (the group's parts: two norm
-    # kernels more) compute the interpreter's logits and caches
-    g = compile_tiny(1, rope_kv, qk_norm=True, head_dim=16)
+    # torch reference) or inside the decode attention that does that call's work, and prefill, decode and a plan whose
+    # caches are not adopted (the group's parts: two norm kernels more) compute the interpreter's logits and caches
+    g = compile_tiny(1, rope_kv, attention, qk_norm=True, head_dim=16)
     graph = g.compiled.graph
     step = inputs(g, 1, 16, 1, 0)
     plan = g.compiled.executor.plan_for(list(step.values()))
     assert sum(kernels_per_call(plan.calls, monkeypatch)) <= DECODE_LAUNCHES_PER_LAYER + DECODE_LAUNCHES_PER_STEP
     assert not any(n.op == "RMSNORM" for c in plan.calls if c.kind == "pointwise" for n in c.group.nodes)
     (att,) = [c for c in plan.calls if c.kind == "attention"]
-    assert att.takes.choice == rope_kv and [n.op for n in att.takes.group.nodes][:2] == ["RMSNORM", "RMSNORM"]
+    if attention == "sdpa":
+        assert att.takes.choice == rope_kv and [n.op for n in att.takes.group.nodes][:2] == ["RMSNORM", "RMSNORM"]
+    else:
+        assert att.choice.startswith("kiln-rope-decode-last") and att.takes is None
     for slot0, tokens in ((0, 16), (16, 1), (17, 1)):
         step = inputs(g, 3, slot0, tokens, seed=slot0)
         want = dict(zip(graph.output_names, interpret(graph, [t.clone() for t in step.values()])))
