@@ -155,6 +155,10 @@ def load_gptq_llama(path: str | Path, dtype: torch.dtype = torch.float32) -> tup
     llama_cfg = LlamaConfig.from_hf(json.loads((path / "config.json").read_text()))
     tensors, source, where = read_safetensors(path, "model")
     floats, quantized = gptq_tensors(tensors, cfg)
+    merged = sorted(n for n in quantized if n.endswith((".qkv_proj.weight", ".gate_up_proj.weight")))
+    if merged:
+        raise KilnError(f"{path}: GPTQ codes of merged projections ({merged[0]}, ...) are not read by kiln",
+                        hint="compile the float checkpoint with quantize='w4a16-gptq' (kiln calibrates it)")
     with torch.device("meta"):
         expected = set(LlamaForCausalLM(llama_cfg).state_dict())
     for name in [f"{w.removesuffix('.weight')}.bias" for w in quantized]:

@@ -1,4 +1,4 @@
-"""Llama-family decoder (Llama, Mistral, Qwen2, Qwen3) in plain PyTorch.
+"""Llama-family decoder (Llama, Mistral, Qwen2, Qwen3, Phi-3) in plain PyTorch.
 
 Parameter names are exactly transformers' (`model.layers.{i}.self_attn.q_proj.weight`, ...), so an HF
 state_dict loads with strict=True. Numerics follow transformers' modeling_llama: float32 RoPE
@@ -26,7 +26,7 @@ _ROPE_KEYS = {
     "linear": ("factor",),
     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
 }
-HF_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+HF_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 
 
 @dataclass
@@ -71,7 +71,7 @@ class LlamaConfig:
 
     @classmethod
     def from_hf(cls, hf: dict) -> LlamaConfig:
-        """Build from an HF config.json dict (model_type llama, mistral, qwen2 or qwen3); unknown keys are ignored."""
+        """Build from an HF config.json dict (model_type llama, mistral, qwen2, qwen3 or phi3); unknown keys are ignored."""
         model_type = hf.get("model_type")
         if model_type not in HF_MODEL_TYPES:
             raise ValueError(f"unsupported model_type {model_type!r}; kiln's LlamaConfig handles {HF_MODEL_TYPES}")
@@ -85,11 +85,15 @@ class LlamaConfig:
         kw = {k: v for k, v in hf.items() if k in known and v is not None}
         kw["rope_theta"], kw["rope_scaling"] = _rope_from_hf(hf)
         # Defaults transformers' config classes use when a key is absent.
-        kw.setdefault("max_position_embeddings", {"llama": 2048, "mistral": 4096 * 32, "qwen2": 32768, "qwen3": 32768}[model_type])
+        kw.setdefault("max_position_embeddings", {"llama": 2048, "mistral": 4096 * 32, "qwen2": 32768, "qwen3": 32768,
+                                                  "phi3": 4096}[model_type])
         kw["sliding_window"] = None
         if model_type == "mistral":
             kw["sliding_window"] = hf.get("sliding_window", 4096)
             kw["attention_bias"] = kw["mlp_bias"] = False  # MistralAttention / MistralMLP hard-code bias=False
+        elif model_type == "phi3":  # merged qkv_proj / gate_up_proj (split on load: split_merged), no biases
+            kw["sliding_window"] = hf.get("sliding_window")
+            kw["attention_bias"] = kw["mlp_bias"] = False
         elif model_type in ("qwen2", "qwen3"):
             if hf.get("use_sliding_window"):
                 raise ValueError(f"{model_type} with use_sliding_window=True (per-layer sliding window) is not supported")
@@ -414,10 +418,32 @@ def load_llama(path: str | Path, dtype: torch.dtype = torch.float32) -> LlamaFor
     return llama_from_tensors(cfg, tensors, source, where, dtype)
 
 
+def split_merged(tensors: dict[str, torch.Tensor], source: dict, cfg: LlamaConfig) -> tuple[dict, dict]:
+    """Phi-3's merged projections as Llama's: ``self_attn.qkv_proj.weight`` rows [q | k | v] -> q_proj / k_proj /
+    v_proj, ``mlp.gate_up_proj.weight`` rows [gate | up] -> gate_proj / up_proj (views: nothing copied). Other
+    tensors pass as they are; a merged weight of the wrong height is left for ``assign_checked`` to name."""
+    hd, q, kv, f = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size
+    parts = {"self_attn.qkv_proj.weight": (("self_attn.q_proj.weight", q * hd), ("self_attn.k_proj.weight", kv * hd),
+                                           ("self_attn.v_proj.weight", kv * hd)),
+             "mlp.gate_up_proj.weight": (("mlp.gate_proj.weight", f), ("mlp.up_proj.weight", f))}
+    out, where = {}, dict(source)
+    for name, t in tensors.items():
+        merged = next((m for m in parts if name.endswith("." + m)), None)
+        if merged is None or t.dim() != 2 or t.shape[0] != sum(n for _, n in parts[merged]):
+            out[name] = t
+            continue
+        prefix, at = name[: -len(merged)], 0
+        for part, rows in parts[merged]:
+            out[prefix + part], where[prefix + part] = t[at:at + rows], source.get(name)
+            at += rows
+    return out, where
+
+
 def llama_from_tensors(cfg: LlamaConfig, tensors: dict[str, torch.Tensor], source: dict, where,
                        dtype: torch.dtype | None = None) -> LlamaForCausalLM:
     """A LlamaForCausalLM holding ``tensors`` (HF names; checked by :func:`assign_checked`, which names
     ``source[name]`` / ``where`` in its errors), cast to ``dtype`` unless None; no copy when no cast."""
+    tensors, source = split_merged(tensors, source, cfg)
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg)
     optional = frozenset({"lm_head.weight"} if cfg.tie_word_embeddings else ())

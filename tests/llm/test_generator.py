@@ -1,5 +1,5 @@
 """LLM generation (llm/generator.py): greedy tokens equal transformers' generate token for token on tiny Llama,
-Qwen2, Qwen3 and Mistral (sliding window) models in float32 on CPU, for a batch of prompts of different lengths;
+Qwen2, Qwen3, Phi-3 and Mistral (sliding window) models in float32 on CPU, for a batch of prompts of different lengths;
 streaming, stop conditions, sampling, and bad requests that leave the generator usable."""
 import pytest
 import torch
@@ -39,8 +39,9 @@ def llama():
     return hf, kiln.from_hf(hf, max_seq=128, batch_buckets=(1, 4), eos_token_id=[])
 
 
-@pytest.mark.parametrize("kind,kw", [("Qwen2", {}), ("Mistral", dict(sliding_window=6)), ("Qwen3", dict(head_dim=16))],
-                         ids=["qwen2", "mistral-window6", "qwen3"])
+@pytest.mark.parametrize("kind,kw", [("Qwen2", {}), ("Mistral", dict(sliding_window=6)), ("Qwen3", dict(head_dim=16)),
+                                     ("Phi3", dict(sliding_window=6, pad_token_id=0, bos_token_id=1, eos_token_id=2))],
+                         ids=["qwen2", "mistral-window6", "qwen3", "phi3-window6"])
 def test_greedy_matches_transformers(kind, kw, monkeypatch):
     # from the second decode step the token and the next inputs (a sliding window's dropped column too) come from one
     # kernel (codegen/kernels/greedy.py), run on the CPU here under the interpreter: 38 of the 40 tokens
@@ -238,7 +239,7 @@ def test_from_pretrained_checkpoint_directory_with_its_tokenizer(tmp_path, capsy
 
 
 def test_a_decoder_kiln_does_not_generate_for_is_refused_by_name():
-    cfg = transformers.GemmaConfig(**{**TINY, "num_hidden_layers": 1}, head_dim=8)
+    cfg = transformers.GemmaConfig(**{**TINY, "num_hidden_layers": 1}, head_dim=8)  # (Gemma: (1 + w) norms, scaled embeddings)
     with pytest.raises(kiln.KilnError, match="model_type 'gemma' is not supported") as info:
         kiln.from_hf(transformers.GemmaForCausalLM(cfg))
     assert "qwen3" in info.value.hint and "kiln.compile" in info.value.hint

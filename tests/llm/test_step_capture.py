@@ -1,8 +1,9 @@
 """kiln.llm.step_capture: the generator's step captured with two layers and repeated in the IR is the graph a capture of
 every layer gives, before the passes (node for node, weights the very same tensors) and after them, and its generator
 answers with the same greedy tokens and the same logits, bit for bit; for Llama (GQA, untied and tied embeddings),
-Qwen2 (attention biases), Qwen3 (q / k norms), Mistral (sliding window), int8 / fp8 KV caches and a tensor-parallel shard. Where the layers
-differ (in the captured ones, or a later one) the step is captured whole, says so, and answers as the eager step does."""
+Qwen2 (attention biases), Qwen3 (q / k norms), Phi-3 (merged projections), Mistral (sliding window), int8 / fp8 KV
+caches and a tensor-parallel shard. Where the layers differ (in the captured ones, or a later one) the step is captured
+whole, says so, and answers as the eager step does."""
 import pytest
 import torch
 import transformers
@@ -27,6 +28,7 @@ CASES = {
     "llama-int8-kv": ("Llama", dict(num_hidden_layers=4, num_key_value_heads=4), "int8"),
     "qwen2-fp8-kv": ("Qwen2", dict(num_hidden_layers=3), "fp8"),
     "qwen3-qk-norms": ("Qwen3", dict(num_hidden_layers=4, head_dim=16), None),
+    "phi3-merged": ("Phi3", dict(num_hidden_layers=3, sliding_window=6, pad_token_id=0, bos_token_id=1, eos_token_id=2), None),
 }
 
 

@@ -179,6 +179,21 @@ def test_act_order_bad_bits_bad_groups_and_another_mode_are_refused(tmp_path):
         Generator.from_pretrained(tmp_path / "ok", dtype=torch.float32, quantize="w8a16")
 
 
+def test_merged_projection_codes_are_refused(tmp_path):
+    # Phi-3 style checkpoints quantize the merged qkv_proj: kiln reads Phi-3's float weights (split_merged), not those codes
+    def merge(tensors):
+        p = "model.layers.0.self_attn"
+        for s, dim in (("qweight", 1), ("qzeros", 1), ("scales", 1), ("bias", 0)):
+            tensors[f"{p}.qkv_proj.{s}"] = torch.cat([tensors.pop(f"{p}.{x}_proj.{s}") for x in "qkv"], dim)
+        tensors[f"{p}.qkv_proj.g_idx"] = tensors.pop(f"{p}.q_proj.g_idx")
+        del tensors[f"{p}.k_proj.g_idx"], tensors[f"{p}.v_proj.g_idx"]
+
+    write_checkpoint(tmp_path / "merged", 4, 32, True, "gptq", edit=merge)
+    with pytest.raises(KilnError, match=r"GPTQ codes of merged projections \(model.layers.0.self_attn.qkv_proj.weight") as e:
+        Generator.from_pretrained(tmp_path / "merged", dtype=torch.float32, max_seq=32, batch_buckets=(1,))
+    assert "w4a16-gptq" in e.value.hint
+
+
 def test_a_v1_zero_point_that_wrapped_around_is_refused():
     layer = gptq_layer(8, 64, 4, 32, False, "gptq", torch.Generator().manual_seed(2))
     layer["tensors"]["qzeros"] = pack_int32(torch.full((2, 8), -1), 4, 1)  # zero 0 stored as -1: reads back as 16

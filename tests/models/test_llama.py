@@ -1,4 +1,4 @@
-"""kiln.models.llama against transformers' Llama / Mistral / Qwen2 / Qwen3 on tiny random configs (CPU)."""
+"""kiln.models.llama against transformers' Llama / Mistral / Qwen2 / Qwen3 / Phi-3 on tiny random configs (CPU)."""
 
 import json
 
@@ -10,7 +10,7 @@ import transformers
 from safetensors.torch import load_file, save_file
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from kiln.models.llama import LlamaConfig, LlamaForCausalLM, load_llama, rope_inv_freq
+from kiln.models.llama import LlamaConfig, LlamaForCausalLM, llama_from_tensors, load_llama, rope_inv_freq
 from kiln.models.registry import export_dims, get
 
 
@@ -39,6 +39,7 @@ CASES = {
     "qwen2-tied": ("Qwen2Config", dict(tie_word_embeddings=True)),
     "qwen3-headdim24": ("Qwen3Config", dict(head_dim=24)),  # q / k norms; a head dim that is not hidden / heads
     "qwen3-bias-tied": ("Qwen3Config", dict(attention_bias=True, tie_word_embeddings=True)),
+    "phi3-window4": ("Phi3Config", dict(sliding_window=4, pad_token_id=0, bos_token_id=1, eos_token_id=2)),  # merged qkv / gate_up
 }
 
 
@@ -68,8 +69,8 @@ def hf_logits(hf, ids):
 @torch.no_grad()
 def test_matches_transformers(case):
     hf = hf_model(case)
-    model = LlamaForCausalLM(LlamaConfig.from_hf(hf.config.to_dict())).eval()
-    model.load_state_dict(hf.state_dict(), strict=True)
+    state = hf.state_dict()  # (every name checked; Phi-3's merged projections split: split_merged)
+    model = llama_from_tensors(LlamaConfig.from_hf(hf.config.to_dict()), state, dict.fromkeys(state, "hf"), "hf")
     ids = token_ids()
     assert rel_err(model(ids), hf_logits(hf, ids)) <= TOL[torch.float32]
     assert torch.equal(model.model.rotary_emb.inv_freq, hf.model.rotary_emb.inv_freq)
@@ -105,7 +106,7 @@ def test_llama3_rope_matches_transformers_at_llama_3_2_1b():
     assert not torch.equal(plain, hf_inv_freq)
 
 
-@pytest.mark.parametrize("case", ["llama", "llama-llama3rope-tied", "qwen2-tied"])
+@pytest.mark.parametrize("case", ["llama", "llama-llama3rope-tied", "qwen2-tied", "phi3-window4"])
 @torch.no_grad()
 def test_load_saved_checkpoint(case, tmp_path):
     hf = hf_model(case)
