@@ -20,12 +20,15 @@ from torch import nn
 
 from ..ir.kv_quant import check_kv_dtype, dequantize_kv, quantize_kv
 
-ROPE_TYPES = ("default", "linear", "llama3")
+ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 _ROPE_KEYS = {
     "default": (),
     "linear": ("factor",),
     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+    "yarn": ("factor", "original_max_position_embeddings"),
 }
+# keys a rope_scaling of that type may also carry (transformers' defaults when absent)
+_ROPE_OPTIONAL = {"yarn": ("attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "truncate")}
 HF_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 
 
@@ -118,9 +121,12 @@ def _rope_from_hf(hf: dict) -> tuple[float, dict | None]:
         raise ValueError(f"partial_rotary_factor={params['partial_rotary_factor']} is not supported")
     if kind == "default":
         return theta, None
-    if kind == "llama3":
-        params.setdefault("original_max_position_embeddings", hf.get("max_position_embeddings"))
-    return theta, {"rope_type": kind, **{k: params.get(k) for k in _ROPE_KEYS[kind]}}
+    if kind in ("llama3", "yarn"):
+        params.setdefault("original_max_position_embeddings", hf.get("original_max_position_embeddings") or hf.get("max_position_embeddings"))
+    if kind == "yarn" and params.get("factor") is None:  # (transformers: the ratio of the two lengths)
+        params["factor"] = hf.get("max_position_embeddings") / params["original_max_position_embeddings"]
+    optional = {k: params[k] for k in _ROPE_OPTIONAL.get(kind, ()) if params.get(k) is not None}
+    return theta, {"rope_type": kind, **{k: params.get(k) for k in _ROPE_KEYS[kind]}, **optional}
 
 
 def rope_inv_freq(cfg: LlamaConfig, device=None) -> torch.Tensor:
@@ -134,6 +140,8 @@ def rope_inv_freq(cfg: LlamaConfig, device=None) -> torch.Tensor:
     factor = scaling["factor"]
     if kind == "linear":
         return inv_freq / factor
+    if kind == "yarn":
+        return _yarn_inv_freq(cfg, device)
     # llama3 (_compute_llama3_parameters): keep high frequencies, divide low ones by `factor`,
     # interpolate in between on old_context_len / wavelen.
     low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
@@ -145,6 +153,39 @@ def rope_inv_freq(cfg: LlamaConfig, device=None) -> torch.Tensor:
     smoothed = (1 - smooth) * inv_freq_llama / factor + smooth * inv_freq_llama
     is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
     return torch.where(is_medium, smoothed, inv_freq_llama)
+
+
+def _yarn_inv_freq(cfg: LlamaConfig, device=None) -> torch.Tensor:
+    """YaRN's inverse frequencies (transformers' _compute_yarn_parameters): each frequency interpolated (divided by
+    ``factor``) or kept, by a linear ramp over the dims between the beta_fast and beta_slow rotation counts."""
+    sc, dim, base = cfg.rope_scaling, cfg.head_dim, cfg.rope_theta
+    original = sc["original_max_position_embeddings"]
+
+    def correction_dim(rotations):
+        return (dim * math.log(original / (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = correction_dim(sc.get("beta_fast") or 32), correction_dim(sc.get("beta_slow") or 1)
+    if sc.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    high = high + 0.001 if low == high else high
+    pos_freqs = base ** (torch.arange(0, dim, 2).to(device=device, dtype=torch.float) / dim)
+    keep = 1 - torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1).to(device)
+    return (1.0 / (sc["factor"] * pos_freqs)) * (1 - keep) + (1.0 / pos_freqs) * keep
+
+
+def rope_attention_factor(cfg: LlamaConfig) -> float:
+    """The factor cos and sin are scaled by (YaRN's attention factor; 1 for the other RoPE types)."""
+    sc = cfg.rope_scaling or {}
+    if sc.get("rope_type") != "yarn":
+        return 1.0
+    if sc.get("attention_factor") is not None:
+        return float(sc["attention_factor"])
+
+    def mscale(scale, m=1.0):
+        return 0.1 * m * math.log(scale) + 1.0 if scale > 1 else 1.0
+    factor, m, m_all = sc["factor"], sc.get("mscale"), sc.get("mscale_all_dim")
+    return float(mscale(factor, m) / mscale(factor, m_all)) if m and m_all else mscale(factor)
 
 
 class RMSNorm(nn.Module):
@@ -167,11 +208,14 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        self.attention_factor = rope_attention_factor(cfg)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [..., S, head_dim] in `dtype`, computed in float32."""
+        """cos, sin [..., S, head_dim] in `dtype`, computed in float32 (times YaRN's attention factor)."""
         freqs = positions[..., None].float() * self.inv_freq.float()  # [..., S, D/2]
         emb = torch.cat((freqs, freqs), dim=-1)
+        if self.attention_factor != 1.0:
+            return (emb.cos() * self.attention_factor).to(dtype), (emb.sin() * self.attention_factor).to(dtype)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
 

@@ -40,8 +40,10 @@ def llama():
 
 
 @pytest.mark.parametrize("kind,kw", [("Qwen2", {}), ("Mistral", dict(sliding_window=6)), ("Qwen3", dict(head_dim=16)),
-                                     ("Phi3", dict(sliding_window=6, pad_token_id=0, bos_token_id=1, eos_token_id=2))],
-                         ids=["qwen2", "mistral-window6", "qwen3", "phi3-window6"])
+                                     ("Phi3", dict(sliding_window=6, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+                                     ("Qwen3", dict(head_dim=16, rope_parameters=dict(rope_type="yarn", rope_theta=1e6, factor=4.0,
+                                                                                      original_max_position_embeddings=16)))],
+                         ids=["qwen2", "mistral-window6", "qwen3", "phi3-window6", "qwen3-yarn"])
 def test_greedy_matches_transformers(kind, kw, monkeypatch):
     # from the second decode step the token and the next inputs (a sliding window's dropped column too) come from one
     # kernel (codegen/kernels/greedy.py), run on the CPU here under the interpreter: 38 of the 40 tokens

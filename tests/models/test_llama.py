@@ -39,6 +39,12 @@ CASES = {
     "qwen2-tied": ("Qwen2Config", dict(tie_word_embeddings=True)),
     "qwen3-headdim24": ("Qwen3Config", dict(head_dim=24)),  # q / k norms; a head dim that is not hidden / heads
     "qwen3-bias-tied": ("Qwen3Config", dict(attention_bias=True, tie_word_embeddings=True)),
+    # YaRN (Qwen3's long-context setting): frequencies on both sides of the ramp at head_dim 16, cos / sin scaled
+    "qwen3-yarn": ("Qwen3Config", dict(head_dim=16, rope_parameters=dict(rope_type="yarn", rope_theta=1e6, factor=4.0,
+                                                                          original_max_position_embeddings=16))),
+    "llama-yarn-mscale": ("LlamaConfig", dict(rope_parameters=dict(rope_type="yarn", rope_theta=1e4, factor=8.0, mscale=1.0,
+                                                                   mscale_all_dim=0.5, original_max_position_embeddings=32,
+                                                                   beta_fast=16, truncate=False))),
     "phi3-window4": ("Phi3Config", dict(sliding_window=4, pad_token_id=0, bos_token_id=1, eos_token_id=2)),  # merged qkv / gate_up
 }
 
@@ -218,7 +224,9 @@ def test_from_hf_legacy_rope_scaling_and_defaults():
     "hf, name",
     [
         ({"model_type": "gpt2", **SMALL}, "gpt2"),
-        ({"model_type": "llama", **SMALL, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "yarn"),
+        ({"model_type": "llama", **SMALL, "rope_scaling": {"rope_type": "longrope", "short_factor": [1.0]}}, "longrope"),
+        ({"model_type": "llama", **SMALL, "rope_parameters": {"rope_type": "yarn", "partial_rotary_factor": 0.5}},
+         "partial_rotary_factor"),
         ({"model_type": "llama", **SMALL, "rope_parameters": {"rope_type": "dynamic", "factor": 2.0}}, "dynamic"),
         ({"model_type": "llama", **SMALL, "hidden_act": "gelu"}, "gelu"),
         ({"model_type": "qwen2", **SMALL, "use_sliding_window": True}, "use_sliding_window"),
