@@ -23,8 +23,9 @@ from .tools import cmd_bench, cmd_inspect, cmd_run
 
 def _check_compile_args(a) -> str:
     """Refuse options that do not fit together, and paths kiln cannot read or write, before any work; the output path."""
-    if bool(a.source) == bool(a.model):
-        raise KilnError("give either a model file (.pt2 / .onnx) or --model NAME", hint="kiln compile --model llama-tiny -o llama.kiln")
+    if bool(a.source) == bool(a.model or a.weights):
+        raise KilnError("give either a model file (.pt2 / .onnx), --model NAME or an LLM checkpoint's --weights DIR",
+                        hint="kiln compile --model llama-tiny -o llama.kiln")
     if a.source and ((a.dim and not a.source.lower().endswith(".onnx")) or a.weights or a.static or a.generate):
         raise KilnError("--weights, --static and --generate apply to --model, and --dim to --model or an .onnx file's dims",
                         hint=f"compile {a.source} without them: a .pt2 program fixes its own dims")
@@ -41,7 +42,8 @@ def _check_compile_args(a) -> str:
     _check_quantize_args(a)
     if a.weights:
         _check_weights(a.weights)
-    output = a.output or (os.path.splitext(os.path.basename(a.source))[0] if a.source else a.model) + ".kiln"
+    name = a.model or os.path.basename(os.path.normpath(a.weights or ""))
+    output = a.output or (os.path.splitext(os.path.basename(a.source))[0] if a.source else name) + ".kiln"
     _check_output(output, a.force, hint="use --force to replace it, or -o to write elsewhere")
     _check_output(a.emit_onnx, a.force)
     _check_output(a.report_json, True)
@@ -110,7 +112,7 @@ def cmd_compile(a) -> int:
     else:
         from ..models import registry
 
-        spec = registry.get(a.model)
+        spec = registry.spec_for(a.model, a.weights)
         calib = _read_calibration(a.calib, spec) if a.calib else None
         dtype = _torch_dtype(a.dtype)
         if a.weights and spec.family == "llama" and _is_gptq(a.weights):  # its own codes: models/gptq.py
@@ -163,7 +165,7 @@ def _compile_shards(a, config, output: str, buckets, progress) -> int:
     if a.source or not a.generate or a.calib:
         raise KilnError("--tp shards LLM generators: give --model with --generate (and no --calib)",
                         hint="compile a plain model without --tp")
-    spec = registry.get(a.model)
+    spec = registry.spec_for(a.model, a.weights)
     paths = [check_output_path(shard_path(output, r, a.tp), a.force, "use --force to replace it") for r in range(a.tp)]
     with progress.step(f"build {spec.name}" + (f" from {a.weights}" if a.weights else " (random weights)")):
         model = spec.build(weights=a.weights, dtype=_torch_dtype(a.dtype), seed=a.seed)
@@ -538,7 +540,8 @@ def _compile_parser(sub) -> None:
     c = sub.add_parser("compile", help="compile a model into a .kiln artifact")
     c.add_argument("source", nargs="?", help="a .pt2 file written by torch.export.save, or an .onnx file (opset >= 17)")
     c.add_argument("--model", help="a built-in model: llama-tiny, llama-3.2-1b, dit-tiny, dit-xl-2-256")
-    c.add_argument("--weights", metavar="DIR", help="HF / diffusers checkpoint directory for --model (default: random weights)")
+    c.add_argument("--weights", metavar="DIR", help="HF / diffusers checkpoint directory for --model (default: random weights); "
+                   "an LLM checkpoint (Llama, Mistral, Qwen2, Qwen3, Phi-3) needs no --model")
     c.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     c.add_argument("--batch", type=int, default=1, help="example batch size (default 1)")
     c.add_argument("--seq", type=int, default=None, help="example sequence length for LLMs")

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..errors import KilnError
 from .dit import DiT, DiTConfig, load_dit
-from .llama import LlamaConfig, LlamaForCausalLM, RMSNorm, load_llama
+from .llama import HF_MODEL_TYPES, LlamaConfig, LlamaForCausalLM, RMSNorm, load_llama
 
 INIT_STD = 0.02
 MAX_BATCH = {"llama": 16, "dit": 64}
@@ -183,3 +186,26 @@ def get(name: str) -> ModelSpec:
     close = difflib.get_close_matches(name, REGISTRY, n=1)
     hint = f"; did you mean {close[0]!r}?" if close else ""
     raise UnknownModelError(f"unknown model {name!r}; known: {', '.join(sorted(REGISTRY))}{hint}")
+
+
+def spec_for(name: str | None, weights: str | None = None) -> ModelSpec:
+    """The spec of ``--model NAME [--weights DIR]``: NAME's, with a Llama-family checkpoint's own config (its vocabulary,
+    context length and shape, which the example inputs and dims follow); or, without NAME, the LLM checkpoint in DIR
+    (model_type llama, mistral, qwen2, qwen3, phi3), named after its directory."""
+    spec = get(name) if name is not None else None
+    if weights is None or (spec is not None and spec.family != "llama"):
+        return spec
+    path = Path(weights)
+    hf = json.loads((path / "config.json").read_text())
+    if spec is None and hf.get("model_type") not in HF_MODEL_TYPES:
+        kind = hf.get("model_type") or hf.get("_class_name") or "unknown"
+        raise KilnError(f"--weights {weights}: a {kind} checkpoint, which kiln builds only as a named model",
+                        hint=f"LLM checkpoints ({', '.join(HF_MODEL_TYPES)}) need no --model; else give --model NAME "
+                             f"({', '.join(sorted(REGISTRY))})")
+    try:
+        config = dataclasses.asdict(LlamaConfig.from_hf(hf))
+    except ValueError as e:
+        raise KilnError(f"--weights {weights}: {e}") from None
+    if spec is not None:
+        return dataclasses.replace(spec, config=config)
+    return ModelSpec(path.resolve().name, "llama", config, f"the {hf['model_type']} checkpoint in {weights}")

@@ -245,3 +245,24 @@ def test_a_decoder_kiln_does_not_generate_for_is_refused_by_name():
     with pytest.raises(kiln.KilnError, match="model_type 'gemma' is not supported") as info:
         kiln.from_hf(transformers.GemmaForCausalLM(cfg))
     assert "qwen3" in info.value.hint and "kiln.compile" in info.value.hint
+
+
+def test_cli_compiles_an_llm_checkpoint_without_a_model_name(tmp_path, capsys):
+    # --weights DIR alone: the checkpoint's model_type says what it is (a Qwen3 here), its directory names it, and its
+    # config (not a built-in model's) gives the generator's shape; a checkpoint kiln builds only by name is refused
+    from kiln.cli import main
+
+    hf = hf_model("Qwen3", head_dim=16)
+    hf.save_pretrained(tmp_path / "qwen3-tiny")
+    assert main(["compile", "--weights", str(tmp_path / "qwen3-tiny"), "--generate", "--max-seq", "48", "--batch-buckets", "1",
+                 "-o", str(tmp_path / "q.kiln"), "-q"]) == 0
+    assert "a generator for qwen3-tiny" in capsys.readouterr().out
+    g = kiln.Generator.load(tmp_path / "q.kiln")
+    assert g.generate([PROMPTS[1]], max_new_tokens=8).tokens[0] == hf_greedy(hf, PROMPTS[1], 8)
+    assert main(["compile", "--weights", str(tmp_path / "qwen3-tiny"), "-q", "-o", str(tmp_path / "plain.kiln")]) == 0
+    assert kiln.load(tmp_path / "plain.kiln").graph.symbols["seq"] == (1, hf.config.max_position_embeddings)  # (its own)
+    (tmp_path / "gpt2").mkdir()
+    (tmp_path / "gpt2" / "config.json").write_text('{"model_type": "gpt2"}')
+    assert main(["compile", "--weights", str(tmp_path / "gpt2"), "-q"]) == 1
+    err = capsys.readouterr().err
+    assert "a gpt2 checkpoint, which kiln builds only as a named model" in err and "qwen3" in err
