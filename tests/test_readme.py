@@ -12,6 +12,7 @@ What a block's placeholders stand for:
     model.onnx            (input_ids, attention_mask) -> [batch, seq, 4], dims named batch and seq (opset 17)
     inputs.safetensors    input_ids [2, 8] for the built-in llama-tiny
     ckpt/Llama-3.2-1B     `model` and `tok` saved as an HF checkpoint; `~/ckpt/...` in a command means it too
+    ckpt/Qwen3-0.6B       a tiny random Qwen3 of the same vocabulary, with `tok`, saved likewise
     calib.txt             a few lines of text (calibration data for --quantize ... --calib)
     pipe, pixart_pipe     tiny diffusers DiT (1000 classes) and PixArt-α pipelines (tests/diffusion/conftest.py), float32
     ckpt/DiT-XL-2-256     `pipe` saved as a diffusers pipeline directory
@@ -119,6 +120,9 @@ def stand_ins(tmp_path_factory):
     (files / "calib.txt").write_text("def read_config(path):\n    with open(path) as f:\n        return f.read()\n" * 8)
     model.save_pretrained(files / "ckpt" / "Llama-3.2-1B")
     tok.save_pretrained(files / "ckpt" / "Llama-3.2-1B")
+    qwen3 = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**{**cfg.to_dict(), "head_dim": 8}))
+    qwen3.save_pretrained(files / "ckpt" / "Qwen3-0.6B")
+    tok.save_pretrained(files / "ckpt" / "Qwen3-0.6B")
     names = {"torch": torch, "kiln": kiln, "model": model, "hf_model": model, "tok": tok, "input_ids": input_ids,
              "mask": torch.ones(2, 8, dtype=torch.long), "attention_mask": torch.ones(2, 8, dtype=torch.long),
              "inputs": {"input_ids": input_ids}}
@@ -146,7 +150,7 @@ def diffusion_stand_ins(stand_ins):
 def _prepare(block: Block, files: Path, here: Path) -> None:
     """Copy into ``here`` the placeholder files the block reads (mentions, and does not write first)."""
     written = set(re.findall(r'(?:-o\s+|\.save\(")([^\s"]+)', block.text))
-    for name in ("model.kiln", "model.pt2", "model.onnx", "inputs.safetensors", "ckpt/Llama-3.2-1B", "calib.txt",
+    for name in ("model.kiln", "model.pt2", "model.onnx", "inputs.safetensors", "ckpt/Llama-3.2-1B", "ckpt/Qwen3-0.6B", "calib.txt",
                  "ckpt/DiT-XL-2-256", "pixart.kiln"):
         if name in block.text and name not in written:
             src, dst = files / name, here / name
