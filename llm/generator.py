@@ -498,8 +498,8 @@ class _Decoder:
 
 
 def from_hf(model, tokenizer=None, **kw) -> Generator:
-    """A :class:`Generator` for an in-memory transformers Llama / Mistral / Qwen2 / Qwen3 / Phi-3 causal LM (its weights are
-    shared, not copied, when device and dtype stay the same)."""
+    """A :class:`Generator` for an in-memory transformers Llama / Mistral / Qwen2 / Qwen3 / Phi-3 / Granite causal LM (its
+    weights are shared, not copied, when device and dtype stay the same)."""
     hf_cfg = model.config.to_dict()
     if hf_cfg.get("model_type") not in HF_MODEL_TYPES:
         raise KilnError(f"kiln.from_hf: model_type {hf_cfg.get('model_type')!r} is not supported",

@@ -1,4 +1,4 @@
-"""Llama-family decoder (Llama, Mistral, Qwen2, Qwen3, Phi-3) in plain PyTorch.
+"""Llama-family decoder (Llama, Mistral, Qwen2, Qwen3, Phi-3, Granite) in plain PyTorch.
 
 Parameter names are exactly transformers' (`model.layers.{i}.self_attn.q_proj.weight`, ...), so an HF
 state_dict loads with strict=True. Numerics follow transformers' modeling_llama: float32 RoPE
@@ -29,7 +29,7 @@ _ROPE_KEYS = {
 }
 # keys a rope_scaling of that type may also carry (transformers' defaults when absent)
 _ROPE_OPTIONAL = {"yarn": ("attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "truncate")}
-HF_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
+HF_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "granite")
 
 
 @dataclass
@@ -51,6 +51,12 @@ class LlamaConfig:
     mlp_bias: bool = False
     sliding_window: int | None = None  # Mistral: a query sees the last `sliding_window` keys
     qk_norm: bool = False  # Qwen3: q and k RMS-normalised over each head's dims (q_norm / k_norm) before RoPE
+    # Granite: embeddings times embedding_multiplier, attention scaled by attention_multiplier (None: 1 / sqrt(head_dim)),
+    # each layer's attention and MLP outputs times residual_multiplier before their residual adds, logits / logits_scaling
+    embedding_multiplier: float = 1.0
+    attention_multiplier: float | None = None
+    residual_multiplier: float = 1.0
+    logits_scaling: float = 1.0
 
     def __post_init__(self):
         if self.num_key_value_heads is None:
@@ -74,7 +80,8 @@ class LlamaConfig:
 
     @classmethod
     def from_hf(cls, hf: dict) -> LlamaConfig:
-        """Build from an HF config.json dict (model_type llama, mistral, qwen2, qwen3 or phi3); unknown keys are ignored."""
+        """Build from an HF config.json dict (model_type llama, mistral, qwen2, qwen3, phi3 or granite); unknown keys are
+        ignored."""
         model_type = hf.get("model_type")
         if model_type not in HF_MODEL_TYPES:
             raise ValueError(f"unsupported model_type {model_type!r}; kiln's LlamaConfig handles {HF_MODEL_TYPES}")
@@ -89,7 +96,7 @@ class LlamaConfig:
         kw["rope_theta"], kw["rope_scaling"] = _rope_from_hf(hf)
         # Defaults transformers' config classes use when a key is absent.
         kw.setdefault("max_position_embeddings", {"llama": 2048, "mistral": 4096 * 32, "qwen2": 32768, "qwen3": 32768,
-                                                  "phi3": 4096}[model_type])
+                                                  "phi3": 4096, "granite": 2048}[model_type])
         kw["sliding_window"] = None
         if model_type == "mistral":
             kw["sliding_window"] = hf.get("sliding_window", 4096)
@@ -240,6 +247,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * hd, d, bias=cfg.o_proj_bias)
         if cfg.qk_norm:
             self.q_norm, self.k_norm = RMSNorm(hd, cfg.rms_norm_eps), RMSNorm(hd, cfg.rms_norm_eps)
+        self.scale = cfg.attention_multiplier  # (None: SDPA's 1 / sqrt(head_dim))
 
     def heads(self, x, cos, sin) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q [B, H, S, hd], k, v [B, KV, S, hd] of x [B, S, D]: projected, (normalised,) q and k roped."""
@@ -256,7 +264,7 @@ class Attention(nn.Module):
         B, S, _ = x.shape
         q, k, v = self.heads(x, cos, sin)
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_kv_heads != self.n_heads
+            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_kv_heads != self.n_heads, scale=self.scale
         )
         return self.o_proj(y.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim))
 
@@ -281,9 +289,21 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
+        self.residual_multiplier = cfg.residual_multiplier
+
     def forward(self, x, cos, sin, mask=None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x = x + scaled(self.self_attn(self.input_layernorm(x), cos, sin, mask), self.residual_multiplier)
+        return x + scaled(self.mlp(self.post_attention_layernorm(x)), self.residual_multiplier)
+
+
+def scaled(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """x * factor, or x itself where the factor is 1 (the graphs of models without Granite's multipliers unchanged)."""
+    return x if factor == 1.0 else x * factor
+
+
+def granite_logits(logits: torch.Tensor, cfg: LlamaConfig) -> torch.Tensor:
+    """Granite's logits / logits_scaling (a division, as transformers'); the logits themselves elsewhere."""
+    return logits if cfg.logits_scaling == 1.0 else logits / cfg.logits_scaling
 
 
 class LlamaModel(nn.Module):
@@ -294,9 +314,10 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(cfg)
         self.sliding_window = cfg.sliding_window
+        self.embedding_multiplier = cfg.embedding_multiplier
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)  # [B, S, D]
+        x = scaled(self.embed_tokens(input_ids), self.embedding_multiplier)  # [B, S, D]
         pos = torch.arange(input_ids.shape[1], device=input_ids.device)  # [S]
         cos, sin = self.rotary_emb(pos, x.dtype)  # [S, hd]
         mask = None
@@ -329,7 +350,7 @@ class LlamaForCausalLM(nn.Module):
         self.model.rotary_emb.inv_freq = rope_inv_freq(self.config, device=device)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.model(input_ids))
+        return granite_logits(self.lm_head(self.model(input_ids)), self.config)
 
 
 class LlamaStep(nn.Module):
@@ -360,17 +381,17 @@ class LlamaStep(nn.Module):
     def forward(self, input_ids, positions, slots, mask, caches):
         m = self.model.model
         B, T = input_ids.shape
-        x = m.embed_tokens(input_ids)
+        x = scaled(m.embed_tokens(input_ids), m.embedding_multiplier)
         cos, sin = m.rotary_emb(positions, x.dtype)  # [B, T, hd]
         cos, sin = cos[:, None], sin[:, None]
         for i, layer in enumerate(m.layers):
             a = layer.self_attn
             q, k, v = a.heads(layer.input_layernorm(x), cos, sin)
             kc, vc = self.write_cache(caches[self.per_layer * i: self.per_layer * (i + 1)], slots, k, v)
-            y = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, enable_gqa=self.n_kv_heads != self.n_heads)
-            x = x + a.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
-        return self.model.lm_head(m.norm(x if self.all_logits else x[:, -1]))
+            y = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, enable_gqa=self.n_kv_heads != self.n_heads, scale=a.scale)
+            x = x + scaled(a.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)), layer.residual_multiplier)
+            x = x + scaled(layer.mlp(layer.post_attention_layernorm(x)), layer.residual_multiplier)
+        return granite_logits(self.model.lm_head(m.norm(x if self.all_logits else x[:, -1])), self.model.config)
 
     def write_cache(self, caches: tuple, slots, k, v) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v [B, kv_heads, T, hd] at ``slots`` of one layer's caches; returns the K / V attention reads

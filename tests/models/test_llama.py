@@ -1,4 +1,4 @@
-"""kiln.models.llama against transformers' Llama / Mistral / Qwen2 / Qwen3 / Phi-3 on tiny random configs (CPU)."""
+"""kiln.models.llama against transformers' Llama / Mistral / Qwen2 / Qwen3 / Phi-3 / Granite on tiny random configs (CPU)."""
 
 import json
 
@@ -45,6 +45,8 @@ CASES = {
     "llama-yarn-mscale": ("LlamaConfig", dict(rope_parameters=dict(rope_type="yarn", rope_theta=1e4, factor=8.0, mscale=1.0,
                                                                    mscale_all_dim=0.5, original_max_position_embeddings=32,
                                                                    beta_fast=16, truncate=False))),
+    "granite-multipliers": ("GraniteConfig", dict(embedding_multiplier=12.0, attention_multiplier=0.015625, residual_multiplier=0.22,
+                                                  logits_scaling=8.0, attention_bias=True)),
     "phi3-window4": ("Phi3Config", dict(sliding_window=4, pad_token_id=0, bos_token_id=1, eos_token_id=2)),  # merged qkv / gate_up
 }
 
