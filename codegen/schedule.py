@@ -317,7 +317,7 @@ def rope_norm(rope: Node) -> Node | None:
     """The RMSNORM over each head's dims that ROPE ``rope`` rotates the output of, read by nothing else (Qwen3's q_norm /
     k_norm), which the rope_kv group applies itself; None when there is none."""
     x = rope.inputs[0]
-    if x.op != "RMSNORM" or x.attrs["dims"] != 1 or set(x.users) != {rope} or x.dtype != rope.dtype:
+    if x.op != "RMSNORM" or x.attrs["dims"] != 1 or x.attrs.get("residual") or set(x.users) != {rope} or x.dtype != rope.dtype:
         return None
     return x if len(x.inputs) == 1 or (len(x.inputs[1].shape) == 1 and x.inputs[1].dtype == x.dtype) else None
 

@@ -288,7 +288,6 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-
         self.residual_multiplier = cfg.residual_multiplier
 
     def forward(self, x, cos, sin, mask=None) -> torch.Tensor:

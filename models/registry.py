@@ -191,11 +191,14 @@ def get(name: str) -> ModelSpec:
 def spec_for(name: str | None, weights: str | None = None) -> ModelSpec:
     """The spec of ``--model NAME [--weights DIR]``: NAME's, with a Llama-family checkpoint's own config (its vocabulary,
     context length and shape, which the example inputs and dims follow); or, without NAME, the LLM checkpoint in DIR
-    (model_type llama, mistral, qwen2, qwen3, phi3), named after its directory."""
+    (``HF_MODEL_TYPES``), named after its directory."""
     spec = get(name) if name is not None else None
     if weights is None or (spec is not None and spec.family != "llama"):
         return spec
     path = Path(weights)
+    if not (path / "config.json").is_file():  # (a diffusers pipeline directory: its transformer's is in transformer/)
+        raise KilnError(f"--weights {weights} has no config.json of its own: a diffusers pipeline directory?",
+                        hint="--pipeline compiles a pipeline; --model dit-xl-2-256 --weights DIR its transformer")
     hf = json.loads((path / "config.json").read_text())
     if spec is None and hf.get("model_type") not in HF_MODEL_TYPES:
         kind = hf.get("model_type") or hf.get("_class_name") or "unknown"

@@ -137,7 +137,7 @@ def rope_kv(q, k, v, cos, sin, slots, q_out, k_cache, v_cache, norms=None) -> No
     cb = cos.stride(0) if cos.shape[0] > 1 else 0
     (nq, nk) = norms or (None, None)
     _rope_kv_kernel[(B * T, H + k.shape[1])](
-        q, k, v, cos, sin, slots, q_out, k_cache, v_cache, nq and nq[0], nk and nk[0],
+        q, k, v, cos, sin, slots, q_out, k_cache, v_cache, *(n[0] if n and n[0] is not None else q for n in (nq, nk)),
         T, H, D // 2, float(nq[1]) if nq else 0.0, float(nk[1]) if nk else 0.0,
         *q.stride(), *k.stride(), *v.stride(),
         cb, cos.stride(2), cos.stride(3),

@@ -142,9 +142,13 @@ def rope_kv_graph(case: str) -> tuple[Graph, list]:
     slots = g.add_input("slots", (T,), "int64")
     kc, vc = g.add_input("k_cache", (B, KV, S, D), "float32"), g.add_input("v_cache", (B, KV, S, D), "float32")
     k_sin = g.add("NEG", (sin,)) if case == "k roped with other angles" else sin
-    if case.startswith("q and k normed") or case == "a norm read twice":
+    if case.startswith("q and k normed") or case in ("a norm read twice", "a norm with a residual"):
         w = g.add_weight("q_norm.weight", torch.linspace(0.5, 2.0, D))
-        q, k = g.add("RMSNORM", (q, w), eps=1e-6), g.add("RMSNORM", (k,), eps=1e-5)
+        q = g.add("RMSNORM", (q, w), eps=1e-6)
+        if case == "a norm with a residual":  # NORM(k + r): not a per-head norm the rope_kv kernel applies
+            k = g.add("RMSNORM", (k, w, v), eps=1e-5, residual=True)
+        else:
+            k = g.add("RMSNORM", (k,), eps=1e-5)
     qr, kr = g.add("ROPE", (q, cos, sin)), g.add("ROPE", (k, cos, k_sin))
     k_new = g.add("INDEX_COPY", (kc, slots, kr), axis=2)
     v_new = g.add("INDEX_COPY", (vc, slots, v), axis=2)
@@ -159,7 +163,7 @@ def rope_kv_graph(case: str) -> tuple[Graph, list]:
 
 
 @pytest.mark.parametrize("case", ["fuse", "roped k also an output", "k roped with other angles", "q and k normed",
-                                  "a norm read twice"])
+                                  "a norm read twice", "a norm with a residual"])
 def test_rope_kv_groups_the_ropes_and_cache_writes_attention_reads(case):
     g, inputs = rope_kv_graph(case)
     groups = compare(g, inputs)
@@ -171,6 +175,9 @@ def test_rope_kv_groups_the_ropes_and_cache_writes_attention_reads(case):
         parts = rope_kv_parts(fused)
         check_partition(g, [grp for grp in groups if grp is not fused][:-1] + parts + groups[-1:])
         assert [[n.op for n in p.nodes] for p in parts] == [["RMSNORM"], ["RMSNORM"], ["ROPE"], ["INDEX_COPY"], ["INDEX_COPY"], ["ROPE"]]
+    elif case == "a norm with a residual":
+        assert [n.op for n in groups[-2].nodes] == ["RMSNORM", "ROPE", "ROPE", "INDEX_COPY", "INDEX_COPY"]
+        assert groups[-2].nodes[0].inputs[0].attrs["name"] == "q"
     elif case == "a norm read twice":  # q's norm is also an output: it stays a kernel of its own, k's joins the group
         assert [n.op for n in groups[-2].nodes] == ["RMSNORM", "ROPE", "ROPE", "INDEX_COPY", "INDEX_COPY"]
         assert [n.op for grp in groups if grp.kind == "pointwise" for n in grp.nodes] == ["RMSNORM"]

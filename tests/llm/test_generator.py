@@ -268,3 +268,7 @@ def test_cli_compiles_an_llm_checkpoint_without_a_model_name(tmp_path, capsys):
     assert main(["compile", "--weights", str(tmp_path / "gpt2"), "-q"]) == 1
     err = capsys.readouterr().err
     assert "a gpt2 checkpoint, which kiln builds only as a named model" in err and "qwen3" in err
+    (tmp_path / "pipe" / "transformer").mkdir(parents=True)
+    (tmp_path / "pipe" / "transformer" / "config.json").write_text("{}")
+    assert main(["compile", "--weights", str(tmp_path / "pipe"), "-q"]) == 1
+    assert "no config.json of its own: a diffusers pipeline directory?" in capsys.readouterr().err
