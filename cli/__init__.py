@@ -541,7 +541,7 @@ def _compile_parser(sub) -> None:
     c.add_argument("source", nargs="?", help="a .pt2 file written by torch.export.save, or an .onnx file (opset >= 17)")
     c.add_argument("--model", help="a built-in model: llama-tiny, llama-3.2-1b, dit-tiny, dit-xl-2-256")
     c.add_argument("--weights", metavar="DIR", help="HF / diffusers checkpoint directory for --model (default: random weights); "
-                   "an LLM checkpoint (Llama, Mistral, Qwen2, Qwen3, Phi-3, Granite) needs no --model")
+                   "an LLM checkpoint (Llama, Mistral, Qwen2, Qwen3, Phi-3, Granite, OLMo 2) needs no --model")
     c.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     c.add_argument("--batch", type=int, default=1, help="example batch size (default 1)")
     c.add_argument("--seq", type=int, default=None, help="example sequence length for LLMs")

@@ -498,7 +498,7 @@ class _Decoder:
 
 
 def from_hf(model, tokenizer=None, **kw) -> Generator:
-    """A :class:`Generator` for an in-memory transformers Llama / Mistral / Qwen2 / Qwen3 / Phi-3 / Granite causal LM (its
+    """A :class:`Generator` for an in-memory transformers Llama-family causal LM (``models.llama.HF_MODEL_TYPES``; its
     weights are shared, not copied, when device and dtype stay the same)."""
     hf_cfg = model.config.to_dict()
     if hf_cfg.get("model_type") not in HF_MODEL_TYPES:

@@ -1,4 +1,4 @@
-"""Llama-family decoder (Llama, Mistral, Qwen2, Qwen3, Phi-3, Granite) in plain PyTorch.
+"""Llama-family decoder (Llama, Mistral, Qwen2, Qwen3, Phi-3, Granite, OLMo 2) in plain PyTorch.
 
 Parameter names are exactly transformers' (`model.layers.{i}.self_attn.q_proj.weight`, ...), so an HF
 state_dict loads with strict=True. Numerics follow transformers' modeling_llama: float32 RoPE
@@ -29,7 +29,7 @@ _ROPE_KEYS = {
 }
 # keys a rope_scaling of that type may also carry (transformers' defaults when absent)
 _ROPE_OPTIONAL = {"yarn": ("attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "truncate")}
-HF_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "granite")
+HF_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "granite", "olmo2")
 
 
 @dataclass
@@ -57,6 +57,10 @@ class LlamaConfig:
     attention_multiplier: float | None = None
     residual_multiplier: float = 1.0
     logits_scaling: float = 1.0
+    # OLMo 2: each layer's norms after its attention and MLP (post_attention_layernorm, post_feedforward_layernorm; no
+    # input_layernorm), q / k RMS-normalised over the whole projection before RoPE, every norm's weight applied in
+    # float32 before the cast (Olmo2RMSNorm)
+    post_norms: bool = False
 
     def __post_init__(self):
         if self.num_key_value_heads is None:
@@ -80,8 +84,7 @@ class LlamaConfig:
 
     @classmethod
     def from_hf(cls, hf: dict) -> LlamaConfig:
-        """Build from an HF config.json dict (model_type llama, mistral, qwen2, qwen3, phi3 or granite); unknown keys are
-        ignored."""
+        """Build from an HF config.json dict (model_type: ``HF_MODEL_TYPES``); unknown keys are ignored."""
         model_type = hf.get("model_type")
         if model_type not in HF_MODEL_TYPES:
             raise ValueError(f"unsupported model_type {model_type!r}; kiln's LlamaConfig handles {HF_MODEL_TYPES}")
@@ -96,11 +99,13 @@ class LlamaConfig:
         kw["rope_theta"], kw["rope_scaling"] = _rope_from_hf(hf)
         # Defaults transformers' config classes use when a key is absent.
         kw.setdefault("max_position_embeddings", {"llama": 2048, "mistral": 4096 * 32, "qwen2": 32768, "qwen3": 32768,
-                                                  "phi3": 4096, "granite": 2048}[model_type])
+                                                  "phi3": 4096, "granite": 2048, "olmo2": 2048}[model_type])
         kw["sliding_window"] = None
         if model_type == "mistral":
             kw["sliding_window"] = hf.get("sliding_window", 4096)
             kw["attention_bias"] = kw["mlp_bias"] = False  # MistralAttention / MistralMLP hard-code bias=False
+        elif model_type == "olmo2":  # Olmo2MLP has no bias
+            kw.update(post_norms=True, mlp_bias=False)
         elif model_type == "phi3":  # merged qkv_proj / gate_up_proj (split on load: split_merged), no biases
             kw["sliding_window"] = hf.get("sliding_window")
             kw["attention_bias"] = kw["mlp_bias"] = False
@@ -196,18 +201,19 @@ def rope_attention_factor(cfg: LlamaConfig) -> float:
 
 
 class RMSNorm(nn.Module):
-    """weight * (x * rsqrt(mean(x^2, -1) + eps)), the normalisation in float32 (as HF's LlamaRMSNorm)."""
+    """weight * (x * rsqrt(mean(x^2, -1) + eps)), the normalisation in float32 (as HF's LlamaRMSNorm); ``weight_first``:
+    the weight applied in float32 too, then one cast (Olmo2RMSNorm)."""
 
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, weight_first: bool = False):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
+        self.eps, self.weight_first = eps, weight_first
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         x = x.to(torch.float32)
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return (self.weight * x).to(dtype) if self.weight_first else self.weight * x.to(dtype)
 
 
 class RotaryEmbedding(nn.Module):
@@ -247,16 +253,23 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * hd, d, bias=cfg.o_proj_bias)
         if cfg.qk_norm:
             self.q_norm, self.k_norm = RMSNorm(hd, cfg.rms_norm_eps), RMSNorm(hd, cfg.rms_norm_eps)
+        if cfg.post_norms:  # (OLMo 2: over the whole projections)
+            self.q_norm = RMSNorm(self.n_heads * hd, cfg.rms_norm_eps, weight_first=True)
+            self.k_norm = RMSNorm(self.n_kv_heads * hd, cfg.rms_norm_eps, weight_first=True)
+        self.whole_qk_norm = cfg.post_norms
         self.scale = cfg.attention_multiplier  # (None: SDPA's 1 / sqrt(head_dim))
 
     def heads(self, x, cos, sin) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q [B, H, S, hd], k, v [B, KV, S, hd] of x [B, S, D]: projected, (normalised,) q and k roped."""
         B, S, _ = x.shape
-        q = self.q_proj(x).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        if hasattr(self, "q_norm"):  # (over the head dim, as HF's before its transpose: ROPE then reads the norm itself)
+        q, k = self.q_proj(x), self.k_proj(x)
+        if self.whole_qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if hasattr(self, "q_norm") and not self.whole_qk_norm:  # Qwen3's per head, after the transpose (as HF's before
+            q, k = self.q_norm(q), self.k_norm(k)  # it): ROPE then reads the norm itself (schedule.rope_norm)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def forward(self, x, cos, sin, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -286,13 +299,30 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.self_attn = Attention(cfg)
         self.mlp = MLP(cfg)
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post = cfg.post_norms
+        if not self.post:
+            self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, weight_first=self.post)
+        if self.post:
+            self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, weight_first=True)
         self.residual_multiplier = cfg.residual_multiplier
 
     def forward(self, x, cos, sin, mask=None) -> torch.Tensor:
-        x = x + scaled(self.self_attn(self.input_layernorm(x), cos, sin, mask), self.residual_multiplier)
-        return x + scaled(self.mlp(self.post_attention_layernorm(x)), self.residual_multiplier)
+        x = x + self.attn_out(self.self_attn(self.attn_in(x), cos, sin, mask))
+        return x + self.mlp_out(self.mlp(self.mlp_in(x)))
+
+    # the residual branches' ends: pre-norm (Llama) or post-norm (OLMo 2), times Granite's residual multiplier
+    def attn_in(self, x):
+        return x if self.post else self.input_layernorm(x)
+
+    def attn_out(self, y):
+        return scaled(self.post_attention_layernorm(y) if self.post else y, self.residual_multiplier)
+
+    def mlp_in(self, x):
+        return x if self.post else self.post_attention_layernorm(x)
+
+    def mlp_out(self, y):
+        return scaled(self.post_feedforward_layernorm(y) if self.post else y, self.residual_multiplier)
 
 
 def scaled(x: torch.Tensor, factor: float) -> torch.Tensor:
@@ -310,7 +340,7 @@ class LlamaModel(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, weight_first=cfg.post_norms)
         self.rotary_emb = RotaryEmbedding(cfg)
         self.sliding_window = cfg.sliding_window
         self.embedding_multiplier = cfg.embedding_multiplier
@@ -385,11 +415,11 @@ class LlamaStep(nn.Module):
         cos, sin = cos[:, None], sin[:, None]
         for i, layer in enumerate(m.layers):
             a = layer.self_attn
-            q, k, v = a.heads(layer.input_layernorm(x), cos, sin)
+            q, k, v = a.heads(layer.attn_in(x), cos, sin)
             kc, vc = self.write_cache(caches[self.per_layer * i: self.per_layer * (i + 1)], slots, k, v)
             y = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, enable_gqa=self.n_kv_heads != self.n_heads, scale=a.scale)
-            x = x + scaled(a.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)), layer.residual_multiplier)
-            x = x + scaled(layer.mlp(layer.post_attention_layernorm(x)), layer.residual_multiplier)
+            x = x + layer.attn_out(a.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)))
+            x = x + layer.mlp_out(layer.mlp(layer.mlp_in(x)))
         return granite_logits(self.model.lm_head(m.norm(x if self.all_logits else x[:, -1])), self.model.config)
 
     def write_cache(self, caches: tuple, slots, k, v) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,6 +1,6 @@
 """LLM generation (llm/generator.py): greedy tokens equal transformers' generate token for token on tiny Llama,
-Qwen2, Qwen3, Phi-3, Granite and Mistral (sliding window) models in float32 on CPU, for a batch of prompts of different lengths;
-streaming, stop conditions, sampling, and bad requests that leave the generator usable."""
+Qwen2, Qwen3, Phi-3, Granite, OLMo 2 and Mistral (sliding window) models in float32 on CPU, for a batch of prompts
+of different lengths; streaming, stop conditions, sampling, and bad requests that leave the generator usable."""
 import pytest
 import torch
 import transformers
@@ -44,8 +44,9 @@ def llama():
                                      ("Qwen3", dict(head_dim=16, rope_parameters=dict(rope_type="yarn", rope_theta=1e6, factor=4.0,
                                                                                       original_max_position_embeddings=16))),
                                      ("Granite", dict(embedding_multiplier=12.0, attention_multiplier=0.05, residual_multiplier=0.3,
-                                                      logits_scaling=4.0, pad_token_id=0, bos_token_id=1, eos_token_id=2))],
-                         ids=["qwen2", "mistral-window6", "qwen3", "phi3-window6", "qwen3-yarn", "granite"])
+                                                      logits_scaling=4.0, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+                                     ("Olmo2", dict(pad_token_id=0, bos_token_id=1, eos_token_id=2))],
+                         ids=["qwen2", "mistral-window6", "qwen3", "phi3-window6", "qwen3-yarn", "granite", "olmo2"])
 def test_greedy_matches_transformers(kind, kw, monkeypatch):
     # from the second decode step the token and the next inputs (a sliding window's dropped column too) come from one
     # kernel (codegen/kernels/greedy.py), run on the CPU here under the interpreter: 38 of the 40 tokens

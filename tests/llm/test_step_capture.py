@@ -28,6 +28,7 @@ CASES = {
     "llama-int8-kv": ("Llama", dict(num_hidden_layers=4, num_key_value_heads=4), "int8"),
     "qwen2-fp8-kv": ("Qwen2", dict(num_hidden_layers=3), "fp8"),
     "qwen3-qk-norms": ("Qwen3", dict(num_hidden_layers=4, head_dim=16), None),
+    "olmo2-post-norms": ("Olmo2", dict(num_hidden_layers=3, pad_token_id=0, bos_token_id=1, eos_token_id=2), None),
     "phi3-merged": ("Phi3", dict(num_hidden_layers=3, sliding_window=6, pad_token_id=0, bos_token_id=1, eos_token_id=2), None),
 }
 

@@ -1,4 +1,4 @@
-"""kiln.models.llama against transformers' Llama / Mistral / Qwen2 / Qwen3 / Phi-3 / Granite on tiny random configs (CPU)."""
+"""kiln.models.llama against transformers' Llama / Mistral / Qwen2 / Qwen3 / Phi-3 / Granite / OLMo 2 on tiny random configs (CPU)."""
 
 import json
 
@@ -47,6 +47,7 @@ CASES = {
                                                                    beta_fast=16, truncate=False))),
     "granite-multipliers": ("GraniteConfig", dict(embedding_multiplier=12.0, attention_multiplier=0.015625, residual_multiplier=0.22,
                                                   logits_scaling=8.0, attention_bias=True)),
+    "olmo2-post-norms": ("Olmo2Config", dict(attention_bias=True, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
     "phi3-window4": ("Phi3Config", dict(sliding_window=4, pad_token_id=0, bos_token_id=1, eos_token_id=2)),  # merged qkv / gate_up
 }
 
