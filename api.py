@@ -25,7 +25,7 @@ from .passes.pipeline import run_pipeline
 from .passes.report import Report
 from .runtime import artifact, warm_libs
 from .runtime.executor import Executor
-from .runtime.target import Target, check_backend
+from .runtime.target import Target
 from .runtime.signature import Signature, output_names, output_structure
 
 
@@ -453,8 +453,7 @@ def load(path: str | os.PathLike, device: str | None = None, backend: str | None
     if backend is not None:
         config.backend = backend
         config.__post_init__()
-    check_backend(torch.device(config.device), config.backend)
-    signature = Signature.from_dict(manifest["signature"])
+    signature = Signature.from_dict(manifest["signature"])  # (the Target below refuses a backend the device lacks)
     m = CompiledModel(graph, signature, config, Report.from_dict(report_dict), manifest, tuning)
     m.files = files
     return m

@@ -178,7 +178,7 @@ def attention(args: list, attrs: dict, out: torch.Tensor, scratch: torch.Tensor 
     if rope is not None:
         what["rope"] = [rope.fused, list(rope.operands[0].shape), [list(t.stride()) for t in rope.operands[:5]]]
         if rope.norms is not None:
-            what["rope"].append([None if n is None else [n[0] is not None, n[1]] for n in rope.norms])
+            what["rope"].append(_norms_key(rope.norms))
     return what, candidates
 
 
@@ -286,5 +286,10 @@ def rope_kv(args: list, q_out: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     what = {"op": "ROPE_KV", "q": list(q.shape), "k": list(k.shape), "cache": list(k_cache.shape), "dtype": str(q.dtype),
             "strides": [list(t.stride()) for t in (q, k, v, cos)]}
     if norms is not None:
-        what["norms"] = [None if n is None else [n[0] is not None, n[1]] for n in norms]
+        what["norms"] = _norms_key(norms)
     return what, candidates
+
+
+def _norms_key(norms: list) -> list:
+    """A rope_kv group's norms in a tuning key: per q and k, None or [has a weight, eps]."""
+    return [None if n is None else [n[0] is not None, n[1]] for n in norms]

@@ -569,11 +569,8 @@ def _rope_args(rope: tuple | None, q, k, v, k_scale, v_scale) -> tuple:
     if reason:
         raise ValueError(f"decode_attention: rope: {reason}")
     cb = cos.stride(0) if cos.shape[0] > 1 else 0
-    norms = (nq[0] if nq and nq[0] is not None else q, nk[0] if nk and nk[0] is not None else q,
-             float(nq[1]) if nq else 0.0, float(nk[1]) if nk else 0.0)
-    meta = dict(NORM_Q=nq is not None, WEIGHT_Q=bool(nq and nq[0] is not None), NORM_K=nk is not None,
-                WEIGHT_K=bool(nk and nk[0] is not None))
-    return (cos, sin, cb, cos.stride(2), cos.stride(3), k_new, *k_new.stride(), v_new, *v_new.stride(), slots, *norms), meta
+    nargs, meta = trk.norm_args((nq, nk), q)
+    return (cos, sin, cb, cos.stride(2), cos.stride(3), k_new, *k_new.stride(), v_new, *v_new.stride(), slots, *nargs), meta
 
 
 def _reduce_tile(rows: int, block_s: int, block_d: int) -> int:

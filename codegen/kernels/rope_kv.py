@@ -135,16 +135,27 @@ def rope_kv(q, k, v, cos, sin, slots, q_out, k_cache, v_cache, norms=None) -> No
     if B * T == 0:
         return
     cb = cos.stride(0) if cos.shape[0] > 1 else 0
-    (nq, nk) = norms or (None, None)
+    nargs, nmeta = norm_args(norms, q)
     _rope_kv_kernel[(B * T, H + k.shape[1])](
-        q, k, v, cos, sin, slots, q_out, k_cache, v_cache, *(n[0] if n and n[0] is not None else q for n in (nq, nk)),
-        T, H, D // 2, float(nq[1]) if nq else 0.0, float(nk[1]) if nk else 0.0,
+        q, k, v, cos, sin, slots, q_out, k_cache, v_cache, *nargs[:2],
+        T, H, D // 2, *nargs[2:],
         *q.stride(), *k.stride(), *v.stride(),
         cb, cos.stride(2), cos.stride(3),
         *q_out.stride(), *k_cache.stride(), *v_cache.stride(),
-        BLOCK_HALF=triton.next_power_of_2(D // 2), NORM_Q=nq is not None, WEIGHT_Q=bool(nq and nq[0] is not None),
-        NORM_K=nk is not None, WEIGHT_K=bool(nk and nk[0] is not None), **pdl.kwargs(q),
+        BLOCK_HALF=triton.next_power_of_2(D // 2), **nmeta, **pdl.kwargs(q),
     )
+
+
+def norm_args(norms, placeholder: torch.Tensor) -> tuple[tuple, dict]:
+    """The kernels' arguments for ``norms`` (per q and k, None or (weight or None, eps)): (q's weight, k's weight, q's
+    eps, k's eps), ``placeholder`` for an absent weight (never read), and the NORM_Q / WEIGHT_Q / NORM_K / WEIGHT_K
+    constexprs (this kernel's and ``decode_attention``'s with ``rope=``)."""
+    nq, nk = norms or (None, None)
+    weights = tuple(n[0] if n is not None and n[0] is not None else placeholder for n in (nq, nk))
+    eps = tuple(float(n[1]) if n is not None else 0.0 for n in (nq, nk))
+    meta = dict(NORM_Q=nq is not None, WEIGHT_Q=nq is not None and nq[0] is not None, NORM_K=nk is not None,
+                WEIGHT_K=nk is not None and nk[0] is not None)
+    return (*weights, *eps), meta
 
 
 def reference(q, k, v, cos, sin, slots, q_out, k_cache, v_cache, norms=None) -> None:
