@@ -438,7 +438,8 @@ def _wgemm_kernel(
                 if POST:
                     r = _post_rstd(ss_tile, tl.num_programs(0) * M, rows, mask_m, K, eps, tl.num_programs(1))[:, None]
                     tot *= r
-                    tot_u *= r
+                    if GLU:
+                        tot_u *= r
                 _epilogue_store(tot, tot_u, rows, cols, mask_n, mask, N, bias_ptr, gate_ptr, gate_rows, stride_gb, stride_gm,
                                 stride_gn, res_ptr, res_rows, stride_rb, stride_rm, stride_rn, out_ptr, stride_om, stride_on,
                                 ACT, GLU, HAS_BIAS, HAS_GATE, HAS_RESIDUAL)
@@ -447,7 +448,8 @@ def _wgemm_kernel(
         if POST:
             r = tl.rsqrt(rstd / K + eps)[:, None]
             acc *= r
-            acc_u *= r
+            if GLU:  # (acc_u is acc's first value otherwise, its shape unswapped)
+                acc_u *= r
         _epilogue_store(acc, acc_u, rows, cols, mask_n, mask, N, bias_ptr, gate_ptr, gate_rows, stride_gb, stride_gm, stride_gn,
                         res_ptr, res_rows, stride_rb, stride_rm, stride_rn, out_ptr, stride_om, stride_on,
                         ACT, GLU, HAS_BIAS, HAS_GATE, HAS_RESIDUAL)

@@ -38,6 +38,16 @@ def test_norm_post(bits, m, swap, split, dtype):
     check_norm(x, weight(37, 200, bits, dtype, group="K"), nw, config=dict(config(split, swap=swap), NORM_POST=True))
 
 
+@pytest.mark.parametrize("split", [1, 2])
+def test_norm_post_swapped_tile_wider_than_its_rows(split):
+    # SWAP with BLOCK_N (64) > BLOCK_M (16), no GLU: the up half's accumulator is the unswapped first value and must not
+    # be scaled (the tuner's candidates of this shape failed to compile on the H200, session 23)
+    x, nw = scaled_rows(4, 96, torch.float16)
+    post = dict(BLOCK_N=64, BLOCK_K=32, SPLIT_K=split, DOT=True, SWAP=True, NORM_POST=True)
+    check_norm(x, weight(97, 96, None, torch.float16), nw, config=post)
+    check_norm(x, weight(96, 96, None, torch.float16), nw, act="silu", glu=True, config=post)
+
+
 @pytest.mark.parametrize("m", [1, 4])
 def test_norm_post_epilogues_magic_and_prefetch(monkeypatch, m):
     # GLU with a bias, a residual; the MAGIC tile of a 4-bit weight (x times the norm weight before its permutation);
