@@ -411,6 +411,12 @@ print('greedy', greedy(x).tolist() == x.argmax(-1).tolist())" 2>&1 | tail -5
         DECODE_JSON=decode_19h_$b.json timeout 150 python3 bench/decode.py --models 1b --batches $b --no-compile-peer \
           --ab-env "KILN_PDL=1+noprefetch" 2>&1 | grep "interleaved\|Error\|error" | tail -3
       done ;;
+    s23a)  # session 23: s22b (the 1B w4a16 with / without IDOT) and s21a (NORM_POST's GPU tests, the 8B w8a16 with / without
+      # the WORDS NORM_POST candidates), then the gate/up decisions those plans made, every candidate's cold time (why
+      # the norm stays fused in the GEMV: s20f's question)
+      bash "$0" s22b s21a 2>&1 | grep -v "^bytecode\|^NVIDIA"
+      python3 bench/tuning_dump.py "$KILN_CACHE_DIR" --rows 28672 --top 14 | tee "$OUT/tuning_23a_8b.txt"
+      python3 bench/tuning_dump.py "$KILN_CACHE_DIR" --rows 16384 --top 10 | tee "$OUT/tuning_23a_1b.txt" ;;
     s22q)  # Qwen3-0.6B / 1.7B shapes (random weights), bf16 decode at batch 1 / 16 against static KV + torch.compile
       # reduce-overhead in the same process; their q / k norms run in the rope-decode attention (session 22, CPU)
       DECODE_JSON=decode_qwen3.json timeout 560 python3 bench/decode.py --models qwen3-0.6b,qwen3-1.7b 2>&1 \
