@@ -42,19 +42,14 @@ ATTENTION_CANDIDATES = 2
 # measured again): 2 since "kiln-decode-whole" exists, 3 since the kernel reads only the keys the mask attends, 4 since
 # a decode decision charges each launch past a candidate's first (tuning.EXTRA_LAUNCH_MS), 5 since it is timed at the
 # cache's every key too, and cold (``attention``), 6 since the last program reduces its group's rows at once and a rope_kv
-# call may run in the attention's launch (``RopeStep``), 7 since the one-launch kernel runs at fewer splits too
-DECODE_CANDIDATES = 7
+# call may run in the attention's launch (``RopeStep``)
+DECODE_CANDIDATES = 6
 # the longest cache "kiln-decode-whole" (one split, a program per kv head) is offered on: a handful of programs streaming
 # the whole context alone. (The tuner times a decode attention at its prompt's keys and at the whole cache,
 # ``attention``; past this length the one split does not win, and its compile is saved.) 256: at a 384-slot cache the
 # tuner still took it at batch 16, timed within ~1 us of the split kernel, and the split kernel's step ran 1.7-2% faster
 # (bench/NOTES.md, sessions 17-18: one process A / B); the one split's step grows with the keys past ~200
 WHOLE_MAX_KEYS = 256
-# the one-launch split-KV candidates also run at the default splits // each of these ("-last-sN", ``_fewer_splits``):
-# at batch 1 the 1B's 384-slot cache is cut into 12 chunks of one 32-key step, its attention 9.1 us cold in the plan, a
-# fifth of the w4a16 step (bench/NOTES.md, session 23)
-FEWER_SPLITS = (2, 4)
-FEWER = True  # (a switch for bench/decode.py --ab-set FEWER=0)
 # (a plan that gives counters adds "kiln-decode-last": its what says so, apart from a call without them)
 # the rope-fused decode attention's mask scan and first K / V tile before its PDL wait, where the plan allows it
 # (module docstring). Measured on the H200 against EARLY_KV = 0, one process (bench/NOTES.md, session 19): the 1B's
@@ -198,7 +193,7 @@ def _with_rope(rope: RopeStep | None, candidates: dict, kc, vc, mask, attrs: dic
     q, k, v, cos, sin, slots = rope.operands
     run = partial(td.decode_attention, q, kc, vc, mask, attrs["scale"], _enable_gqa(q, kc, attrs["gqa"]), out=out,
                   rope=(k, v, cos, sin, slots, rope.norms), early=bool(rope.early and EARLY_KV))
-    return first | _split_kv_candidates("kiln-rope-decode", run, kc.shape, counters, q.device)
+    return first | _split_kv_candidates("kiln-rope-decode", run, kc.shape[2], counters, q.device)
 
 
 def _first(call: Callable[[], object], fn: Callable[[], object]) -> Callable[[], object]:
@@ -248,38 +243,22 @@ def _attention_candidates(q, k, v, mask, ks, vs, attrs: dict, out: torch.Tensor,
                 lambda c=c: ta.attention(q, k, v, mask, causal, scale, gqa, out=out, config=c, k_scale=ks, v_scale=vs))
     if decode:
         run = partial(td.decode_attention, q, k, v, mask, scale, enable_gqa, out=out, k_scale=ks, v_scale=vs)
-        candidates.update(_split_kv_candidates("kiln-decode", run, k.shape, counters, device))
+        candidates.update(_split_kv_candidates("kiln-decode", run, k.shape[2], counters, device))
     return candidates
 
 
-def _split_kv_candidates(prefix: str, run, cache_shape, counters: torch.Tensor | None, device: torch.device) -> dict:
+def _split_kv_candidates(prefix: str, run, keys: int, counters: torch.Tensor | None, device: torch.device) -> dict:
     """kiln's split-KV decode kernel as candidates named after ``prefix``: the splits' partials reduced by a second
-    launch; with ``counters`` the same splits reduced by the last program of each kv head's (``-last``, one launch), and
-    that at FEWER_SPLITS of its splits (``-last-sN``: N splits); a cache (``cache_shape`` [B, Hk, S, D]) of at most
-    WHOLE_MAX_KEYS keys in one split (``-whole``: fewer programs, one launch, no partials). ``run(**kw)``:
-    ``decode_attention`` on the group's operands."""
+    launch; with ``counters`` the same splits reduced by the last program of each kv head's (``-last``, one launch); a
+    cache of at most WHOLE_MAX_KEYS ``keys`` in one split (``-whole``: fewer programs, one launch, no partials).
+    ``run(**kw)``: ``decode_attention`` on the group's operands."""
     cfgs = (td.configs() if device.type == "cuda" else [td.INTERPRET_CONFIG])[:TRITON_ATTENTION_CONFIGS]
-    batch, kv_heads, keys = cache_shape[:3]
     candidates = {config_name(prefix, c): with_launches(partial(run, config=c), 2) for c in cfgs}
     if counters is not None:
         candidates.update({config_name(f"{prefix}-last", c): partial(run, config=c, counters=counters) for c in cfgs})
-        for c in cfgs:
-            for n in _fewer_splits(batch, kv_heads, keys, c["BLOCK_N"], device):
-                candidates[config_name(f"{prefix}-last-s{n}", c)] = partial(run, config=c, counters=counters, splits=n)
     if keys <= WHOLE_MAX_KEYS:
         candidates[config_name(f"{prefix}-whole", cfgs[0])] = partial(run, config=cfgs[0], splits=1)
     return candidates
-
-
-def _fewer_splits(batch: int, kv_heads: int, keys: int, block_n: int, device: torch.device) -> list[int]:
-    """Split counts below the default (``decode_attention.default_splits``: ~2 programs an SM), each at least 2: the
-    default's FEWER_SPLITS fractions. A short cache cut for 2 programs an SM runs a key step or two a program, then
-    reduces many partials; fewer, longer chunks keep their loads in flight and leave the last program less to reduce."""
-    default, _ = td._chunking(keys, td.default_splits(batch, kv_heads, keys, block_n, td._sm_count(device)), block_n)
-    if not FEWER or default < 4:
-        return []
-    fewer = {td._chunking(keys, max(1, default // f), block_n)[0] for f in FEWER_SPLITS}  # (chunks round up: may be fewer still)
-    return sorted(n for n in fewer if 2 <= n < default)
 
 
 def rope_kv(args: list, q_out: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_roped: torch.Tensor,
