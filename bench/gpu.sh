@@ -417,13 +417,6 @@ print('greedy', greedy(x).tolist() == x.argmax(-1).tolist())" 2>&1 | tail -5
       bash "$0" s22b s21a 2>&1 | grep -v "^bytecode\|^NVIDIA"
       python3 bench/tuning_dump.py "$KILN_CACHE_DIR" --rows 28672 --top 14 | tee "$OUT/tuning_23a_8b.txt"
       python3 bench/tuning_dump.py "$KILN_CACHE_DIR" --rows 16384 --top 10 | tee "$OUT/tuning_23a_1b.txt" ;;
-    s23b)  # session 23: the decode attention's one-launch kernel at fewer splits too (-last-sN): the 1B w4a16 at batch 1
-      # with / without them, one process; then Qwen3-0.6B at batch 1 against torch.compile reduce-overhead (s22q, cut short)
-      AB_TIMEOUT=150 ab_decode 23b FEWER=0 1b:w4a16
-      python3 -c "import json; d = json.load(open('$OUT/decode_23b_1bw4a16.json'))['1b']['bs1']; print({k: (d[k]['choices'], \
-        [c[:2] + c[3:5] for c in d[k]['call_times_cold'] if c[0] == 'attention']) for k in ('kiln', 'kiln_variant')})"
-      DECODE_JSON=decode_qwen3.json timeout 200 python3 bench/decode.py --models qwen3-0.6b --batches 1 2>&1 | grep -i "error" | tail -4
-      python3 bench/decode_summary.py "$OUT/decode_qwen3.json" ;;
     s22q)  # Qwen3-0.6B / 1.7B shapes (random weights), bf16 decode at batch 1 / 16 against static KV + torch.compile
       # reduce-overhead in the same process; their q / k norms run in the rope-decode attention (session 22, CPU)
       DECODE_JSON=decode_qwen3.json timeout 560 python3 bench/decode.py --models qwen3-0.6b,qwen3-1.7b 2>&1 | grep -i "error" | tail -4
