@@ -417,6 +417,9 @@ print('greedy', greedy(x).tolist() == x.argmax(-1).tolist())" 2>&1 | tail -5
       bash "$0" s22b s21a 2>&1 | grep -v "^bytecode\|^NVIDIA"
       python3 bench/tuning_dump.py "$KILN_CACHE_DIR" --rows 28672 --top 14 | tee "$OUT/tuning_23a_8b.txt"
       python3 bench/tuning_dump.py "$KILN_CACHE_DIR" --rows 16384 --top 10 | tee "$OUT/tuning_23a_1b.txt" ;;
+    s24a)  # next: the decode attention's phases at batch 1 (bench/decode_attn.py: each form a plan can run, cold and warm as
+      # the tuner times them, beside an empty kernel timed the same way), the 1B / 8B / Qwen3-0.6B shapes, 384 slots
+      timeout 240 python3 bench/decode_attn.py 2>&1 | tail -75 ;;
     s22q)  # Qwen3-0.6B / 1.7B shapes (random weights), bf16 decode at batch 1 / 16 against static KV + torch.compile
       # reduce-overhead in the same process; their q / k norms run in the rope-decode attention (session 22, CPU)
       DECODE_JSON=decode_qwen3.json timeout 560 python3 bench/decode.py --models qwen3-0.6b,qwen3-1.7b 2>&1 | grep -i "error" | tail -4
