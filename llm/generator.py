@@ -145,6 +145,20 @@ def _is_token_list(x) -> bool:
     return isinstance(x, (list, tuple)) and len(x) > 0 and all(isinstance(t, int) for t in x)
 
 
+def _check_longrope(cfg: LlamaConfig, max_seq: int) -> None:
+    """LongRoPE (Phi-3 / 3.5's long context) only up to its original length. Past it transformers' Phi-3 computes the
+    whole sequence's keys again with the long factors (its cache dropped once, where the sequence first grows past that
+    length); a cache of keys roped as they came would give other numbers, so such a generator is refused."""
+    sc = cfg.rope_scaling or {}
+    original = sc.get("original_max_position_embeddings")
+    if sc.get("rope_type") == "longrope" and max_seq > original:
+        raise InputError(f"max_seq {max_seq} is past this model's LongRoPE original length {original}: a sequence that grows past "
+                         f"it has its whole KV cache computed again with the long factors (as transformers does), which "
+                         f"kiln's generator does not do",
+                         hint=f"build the generator with max_seq <= {original} (the short factors, as transformers takes "
+                              f"them), or compile the model without a KV cache (kiln.compile) for longer sequences")
+
+
 def _prefill_bucket(n: int, max_seq: int) -> int:
     """The prefill length of a longest prompt of n tokens: a power of two >= 16, at most max_seq."""
     b = MIN_PREFILL_BUCKET
@@ -201,6 +215,7 @@ class Generator:
         cfg = model.config
         if max_seq < 2:
             raise KilnError(f"max_seq must be at least 2, got {max_seq}")
+        _check_longrope(cfg, max_seq)
         buckets = tuple(sorted({int(b) for b in batch_buckets}))
         if not buckets or buckets[0] < 1:
             raise KilnError(f"batch_buckets must be positive sizes, got {batch_buckets}")

@@ -20,15 +20,18 @@ from torch import nn
 
 from ..ir.kv_quant import check_kv_dtype, dequantize_kv, quantize_kv
 
-ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")
 _ROPE_KEYS = {
     "default": (),
     "linear": ("factor",),
     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
     "yarn": ("factor", "original_max_position_embeddings"),
+    # (Phi-3 / Phi-3.5's 128k context): per-frequency factors, the short set up to the original length, the long past it
+    "longrope": ("short_factor", "long_factor", "original_max_position_embeddings"),
 }
 # keys a rope_scaling of that type may also carry (transformers' defaults when absent)
-_ROPE_OPTIONAL = {"yarn": ("attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "truncate")}
+_ROPE_OPTIONAL = {"yarn": ("attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "truncate"),
+                  "longrope": ("factor", "attention_factor")}
 HF_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "granite", "olmo2")
 
 
@@ -133,10 +136,13 @@ def _rope_from_hf(hf: dict) -> tuple[float, dict | None]:
         raise ValueError(f"partial_rotary_factor={params['partial_rotary_factor']} is not supported")
     if kind == "default":
         return theta, None
-    if kind in ("llama3", "yarn"):
+    if kind in ("llama3", "yarn", "longrope"):
         params.setdefault("original_max_position_embeddings", hf.get("original_max_position_embeddings") or hf.get("max_position_embeddings"))
     if kind == "yarn" and params.get("factor") is None:  # (transformers: the ratio of the two lengths)
         params["factor"] = hf.get("max_position_embeddings") / params["original_max_position_embeddings"]
+    absent = [k for k in _ROPE_KEYS[kind] if params.get(k) is None]
+    if absent:
+        raise ValueError(f"rope_parameters of type {kind!r} lack {absent}")
     optional = {k: params[k] for k in _ROPE_OPTIONAL.get(kind, ()) if params.get(k) is not None}
     return theta, {"rope_type": kind, **{k: params.get(k) for k in _ROPE_KEYS[kind]}, **optional}
 
@@ -149,6 +155,8 @@ def rope_inv_freq(cfg: LlamaConfig, device=None) -> torch.Tensor:
     kind = scaling.get("rope_type", "default")
     if kind == "default":
         return inv_freq
+    if kind == "longrope":
+        return _longrope_inv_freq(cfg, "short_factor", device)
     factor = scaling["factor"]
     if kind == "linear":
         return inv_freq / factor
@@ -186,13 +194,27 @@ def _yarn_inv_freq(cfg: LlamaConfig, device=None) -> torch.Tensor:
     return (1.0 / (sc["factor"] * pos_freqs)) * (1 - keep) + (1.0 / pos_freqs) * keep
 
 
+def _longrope_inv_freq(cfg: LlamaConfig, which: str, device=None) -> torch.Tensor:
+    """LongRoPE's inverse frequencies (transformers' _compute_longrope_parameters): the default ones divided by the
+    ``which`` ("short_factor" / "long_factor") factor of each frequency."""
+    factors = cfg.rope_scaling[which]
+    if len(factors) != cfg.head_dim // 2:
+        raise ValueError(f"rope_scaling {which} has {len(factors)} factors; head_dim {cfg.head_dim} needs {cfg.head_dim // 2}")
+    shape = torch.arange(0, cfg.head_dim, 2, dtype=torch.int64, device=device).float() / cfg.head_dim
+    return 1.0 / (torch.tensor(factors, dtype=torch.float32, device=device) * cfg.rope_theta**shape)
+
+
 def rope_attention_factor(cfg: LlamaConfig) -> float:
-    """The factor cos and sin are scaled by (YaRN's attention factor; 1 for the other RoPE types)."""
+    """The factor cos and sin are scaled by (YaRN's and LongRoPE's attention factors; 1 for the other RoPE types)."""
     sc = cfg.rope_scaling or {}
-    if sc.get("rope_type") != "yarn":
+    if sc.get("rope_type") not in ("yarn", "longrope"):
         return 1.0
     if sc.get("attention_factor") is not None:
         return float(sc["attention_factor"])
+    if sc["rope_type"] == "longrope":  # (a factor absent: the two lengths' ratio, as transformers takes it)
+        original = sc["original_max_position_embeddings"]
+        factor = sc.get("factor") or cfg.max_position_embeddings / original
+        return math.sqrt(1 + math.log(factor) / math.log(original)) if factor > 1 else 1.0
 
     def mscale(scale, m=1.0):
         return 0.1 * m * math.log(scale) + 1.0 if scale > 1 else 1.0
@@ -222,10 +244,21 @@ class RotaryEmbedding(nn.Module):
         self.cfg = cfg
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
         self.attention_factor = rope_attention_factor(cfg)
+        sc = cfg.rope_scaling or {}
+        self.original = sc.get("original_max_position_embeddings") if sc.get("rope_type") == "longrope" else None
+        if self.original is not None:  # (inv_freq: the short set)
+            self.register_buffer("long_inv_freq", _longrope_inv_freq(cfg, "long_factor"), persistent=False)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [..., S, head_dim] in `dtype`, computed in float32 (times YaRN's attention factor)."""
-        freqs = positions[..., None].float() * self.inv_freq.float()  # [..., S, D/2]
+        """cos, sin [..., S, head_dim] in `dtype`, computed in float32 (times YaRN's / LongRoPE's attention factor).
+        LongRoPE: a row's positions all take the long factors where its last position is past the original length
+        (transformers' longrope_frequency_update). Per row: transformers takes the largest position of the whole batch,
+        so there a short prompt's tokens depend on the prompts batched with it; here they are those of the prompt alone."""
+        inv_freq = self.inv_freq
+        if self.original is not None:  # [..., 1, D/2]
+            longer = positions.amax(-1, keepdim=True)[..., None] + 1 > self.original
+            inv_freq = torch.where(longer, self.long_inv_freq, self.inv_freq)
+        freqs = positions[..., None].float() * inv_freq.float()  # [..., S, D/2]
         emb = torch.cat((freqs, freqs), dim=-1)
         if self.attention_factor != 1.0:
             return (emb.cos() * self.attention_factor).to(dtype), (emb.sin() * self.attention_factor).to(dtype)
@@ -377,6 +410,8 @@ class LlamaForCausalLM(nn.Module):
         """Recompute the non-persistent buffers (float32) on the parameters' device, e.g. after meta init."""
         device = self.model.embed_tokens.weight.device
         self.model.rotary_emb.inv_freq = rope_inv_freq(self.config, device=device)
+        if self.model.rotary_emb.original is not None:
+            self.model.rotary_emb.long_inv_freq = _longrope_inv_freq(self.config, "long_factor", device)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return granite_logits(self.lm_head(self.model(input_ids)), self.config)

@@ -45,8 +45,12 @@ def llama():
                                                                                       original_max_position_embeddings=16))),
                                      ("Granite", dict(embedding_multiplier=12.0, attention_multiplier=0.05, residual_multiplier=0.3,
                                                       logits_scaling=4.0, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
-                                     ("Olmo2", dict(pad_token_id=0, bos_token_id=1, eos_token_id=2))],
-                         ids=["qwen2", "mistral-window6", "qwen3", "phi3-window6", "qwen3-yarn", "granite", "olmo2"])
+                                     ("Olmo2", dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+                                     # LongRoPE up to its original length (the short factors; max_seq 128 <= 128)
+                                     ("Phi3", dict(pad_token_id=0, bos_token_id=1, eos_token_id=2, original_max_position_embeddings=128,
+                                                   rope_parameters=dict(rope_type="longrope", rope_theta=1e4, short_factor=[1.0, 1.2, 1.6, 2.4],
+                                                                        long_factor=[1.0, 2.0, 4.0, 9.0])))],
+                         ids=["qwen2", "mistral-window6", "qwen3", "phi3-window6", "qwen3-yarn", "granite", "olmo2", "phi3-longrope"])
 def test_greedy_matches_transformers(kind, kw, monkeypatch):
     # from the second decode step the token and the next inputs (a sliding window's dropped column too) come from one
     # kernel (codegen/kernels/greedy.py), run on the CPU here under the interpreter: 38 of the 40 tokens
@@ -60,6 +64,15 @@ def test_greedy_matches_transformers(kind, kw, monkeypatch):
     for p, got in zip(PROMPTS, r.tokens):
         assert got == hf_greedy(hf, p, 40)
     assert len(calls) == 38 and any(d is not None for d in calls) == ("sliding_window" in kw)
+
+
+def test_longrope_past_its_original_length_is_refused():
+    # transformers' Phi-3 computes a sequence's cache again with the long factors once it grows past 24: refused
+    kw = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2, original_max_position_embeddings=24,
+              rope_parameters=dict(rope_type="longrope", rope_theta=1e4, short_factor=[1.0] * 4, long_factor=[2.0] * 4))
+    with pytest.raises(InputError, match="LongRoPE original length 24") as e:
+        kiln.from_hf(hf_model("Phi3", **kw), max_seq=25, batch_buckets=(1,))
+    assert "max_seq <= 24" in e.value.hint
 
 
 def test_greedy_64_tokens_match_transformers_for_a_batch_of_different_lengths(llama):

@@ -1,6 +1,7 @@
 """kiln.models.llama against transformers' Llama / Mistral / Qwen2 / Qwen3 / Phi-3 / Granite / OLMo 2 on tiny random configs (CPU)."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -30,6 +31,8 @@ LLAMA3_ROPE = dict(
     high_freq_factor=4.0,
     original_max_position_embeddings=64,  # small, so low / medium / high frequency bands all occur at head_dim 16
 )
+LONGROPE = dict(short_factor=[1.0, 1.1, 1.3, 1.6, 2.0, 2.5, 3.1, 3.8], long_factor=[1.0, 1.5, 2.2, 3.5, 5.0, 8.0, 12.0, 20.0],
+                original_max_position_embeddings=8)
 CASES = {
     "llama": ("LlamaConfig", {}),
     "llama-llama3rope-tied": ("LlamaConfig", dict(rope_parameters=LLAMA3_ROPE, tie_word_embeddings=True)),
@@ -49,6 +52,11 @@ CASES = {
                                                   logits_scaling=8.0, attention_bias=True)),
     "olmo2-post-norms": ("Olmo2Config", dict(attention_bias=True, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
     "phi3-window4": ("Phi3Config", dict(sliding_window=4, pad_token_id=0, bos_token_id=1, eos_token_id=2)),  # merged qkv / gate_up
+    # LongRoPE (Phi-3 / 3.5's long context): 11 tokens past the original 8, so the long factors; the attention factor
+    # from the lengths' ratio 64 / 8
+    "phi3-longrope": ("Phi3Config", dict(pad_token_id=0, bos_token_id=1, eos_token_id=2, max_position_embeddings=64,
+                                         original_max_position_embeddings=8,  # (Phi3Config's own key wins)
+                                         rope_parameters=dict(rope_type="longrope", rope_theta=1e4, **LONGROPE))),
 }
 
 
@@ -82,10 +90,25 @@ def test_matches_transformers(case):
     model = llama_from_tensors(LlamaConfig.from_hf(hf.config.to_dict()), state, dict.fromkeys(state, "hf"), "hf")
     ids = token_ids()
     assert rel_err(model(ids), hf_logits(hf, ids)) <= TOL[torch.float32]
-    assert torch.equal(model.model.rotary_emb.inv_freq, hf.model.rotary_emb.inv_freq)
+    rope = hf.model.rotary_emb  # (LongRoPE's inv_freq: the set its last call took; kiln's: the short one)
+    assert torch.equal(model.model.rotary_emb.inv_freq, getattr(rope, "original_inv_freq", rope.inv_freq))
     assert "model.rotary_emb.inv_freq" not in model.state_dict()
     tied = model.lm_head.weight is model.model.embed_tokens.weight
     assert tied == hf.config.tie_word_embeddings
+
+
+@torch.no_grad()
+def test_longrope_takes_the_short_factors_up_to_the_original_length():
+    # 8 tokens (the original length): the short factors, as transformers picks them; 9: the long ones for all 9
+    hf = hf_model("phi3-longrope")
+    state = hf.state_dict()
+    model = llama_from_tensors(LlamaConfig.from_hf(hf.config.to_dict()), state, dict.fromkeys(state, "hf"), "hf")
+    ids = token_ids(seq=9)
+    for n in (8, 9):
+        assert rel_err(model(ids[:, :n]), hf_logits(hf, ids[:, :n])) <= TOL[torch.float32], n
+    assert rel_err(model(ids)[:, :8], model(ids[:, :8])) > 1e-3  # (the two sets differ at those positions)
+    rope = model.model.rotary_emb
+    assert rope.attention_factor == pytest.approx((1 + math.log(8) / math.log(8)) ** 0.5)
 
 
 @torch.no_grad()
@@ -227,7 +250,7 @@ def test_from_hf_legacy_rope_scaling_and_defaults():
     "hf, name",
     [
         ({"model_type": "gpt2", **SMALL}, "gpt2"),
-        ({"model_type": "llama", **SMALL, "rope_scaling": {"rope_type": "longrope", "short_factor": [1.0]}}, "longrope"),
+        ({"model_type": "llama", **SMALL, "rope_scaling": {"rope_type": "longrope", "short_factor": [1.0]}}, "long_factor"),
         ({"model_type": "llama", **SMALL, "rope_parameters": {"rope_type": "yarn", "partial_rotary_factor": 0.5}},
          "partial_rotary_factor"),
         ({"model_type": "llama", **SMALL, "rope_parameters": {"rope_type": "dynamic", "factor": 2.0}}, "dynamic"),
