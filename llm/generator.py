@@ -145,18 +145,11 @@ def _is_token_list(x) -> bool:
     return isinstance(x, (list, tuple)) and len(x) > 0 and all(isinstance(t, int) for t in x)
 
 
-def _check_longrope(cfg: LlamaConfig, max_seq: int) -> None:
-    """LongRoPE (Phi-3 / 3.5's long context) only up to its original length. Past it transformers' Phi-3 computes the
-    whole sequence's keys again with the long factors (its cache dropped once, where the sequence first grows past that
-    length); a cache of keys roped as they came would give other numbers, so such a generator is refused."""
+def _longrope_original(cfg: LlamaConfig) -> int | None:
+    """The original length of a LongRoPE model (Phi-3 128k / Phi-3.5), else None: a sequence that grows past it is
+    prefilled again whole (``Generator._restarts``)."""
     sc = cfg.rope_scaling or {}
-    original = sc.get("original_max_position_embeddings")
-    if sc.get("rope_type") == "longrope" and max_seq > original:
-        raise InputError(f"max_seq {max_seq} is past this model's LongRoPE original length {original}: a sequence that grows past "
-                         f"it has its whole KV cache computed again with the long factors (as transformers does), which "
-                         f"kiln's generator does not do",
-                         hint=f"build the generator with max_seq <= {original} (the short factors, as transformers takes "
-                              f"them), or compile the model without a KV cache (kiln.compile) for longer sequences")
+    return int(sc["original_max_position_embeddings"]) if sc.get("rope_type") == "longrope" else None
 
 
 def _prefill_bucket(n: int, max_seq: int) -> int:
@@ -174,7 +167,8 @@ class Generator:
     directory), :meth:`compile` (kiln's own LlamaForCausalLM) or :meth:`load` (a saved ``.kiln`` artifact, no
     model source or checkpoint needed). ``spec``: vocab_size, num_layers, kv_heads, head_dim, sliding_window,
     max_seq (cache length: prompt + new tokens), batch_buckets (request batch sizes compiled for; a request is
-    padded up to the next one), eos (token ids). ``tokenizer``: a transformers tokenizer (text in and out,
+    padded up to the next one), eos (token ids), longrope_original (a LongRoPE model's original length: a batch is
+    prefilled again where a row grows past it, ``_restarts``; None otherwise). ``tokenizer``: a transformers tokenizer (text in and out,
     stop strings); without one, prompts are token ids. A generator serves one request at a time (the KV
     cache of a batch bucket is shared by its requests): finish or drop one stream before starting the next.
     ``kv_cache_dtype`` (``spec["kv_cache_dtype"]``): None (the cache holds the activations' dtype), "int8" or "fp8"
@@ -187,6 +181,7 @@ class Generator:
         self.batch_buckets = tuple(spec["batch_buckets"])
         self.vocab_size = int(spec["vocab_size"])
         self.window = spec.get("sliding_window")
+        self.longrope = spec.get("longrope_original")  # (LongRoPE's original length: ``_restarts``)
         self.kv_cache_dtype = spec.get("kv_cache_dtype")
         self.names = cache_names(spec["num_layers"], self.kv_cache_dtype)
         self.device = compiled.device
@@ -215,7 +210,6 @@ class Generator:
         cfg = model.config
         if max_seq < 2:
             raise KilnError(f"max_seq must be at least 2, got {max_seq}")
-        _check_longrope(cfg, max_seq)
         buckets = tuple(sorted({int(b) for b in batch_buckets}))
         if not buckets or buckets[0] < 1:
             raise KilnError(f"batch_buckets must be positive sizes, got {batch_buckets}")
@@ -226,7 +220,8 @@ class Generator:
         eos = eos_token_id if eos_token_id is not None else getattr(tokenizer, "eos_token_id", None)
         spec = dict(vocab_size=cfg.vocab_size, num_layers=cfg.num_hidden_layers, kv_heads=cfg.num_key_value_heads,
                     head_dim=cfg.head_dim, sliding_window=cfg.sliding_window, max_seq=int(max_seq), batch_buckets=list(buckets),
-                    dtype=str(dtype).removeprefix("torch."), eos=sorted({eos} if isinstance(eos, int) else set(eos or [])))
+                    dtype=str(dtype).removeprefix("torch."), eos=sorted({eos} if isinstance(eos, int) else set(eos or [])),
+                    longrope_original=_longrope_original(cfg))
         overrides = {k: v for k, v in (("quantize", quantize), ("kv_cache_dtype", kv_cache_dtype), ("tp", tp)) if v is not None}
         config = dataclasses.replace(config or CompileConfig(), **overrides)  # (validates them)
         if config.tp > 1 and calibration is not None:
@@ -375,15 +370,29 @@ class Generator:
         finally:
             self._busy = False
 
+    def _prefill(self, rows: list[list[int]], T: int) -> tuple[torch.Tensor, "_Decoder"]:
+        """The logits of each row's last token, its rows left-padded to T tokens, and the decoder of the steps after."""
+        pad = torch.tensor([T - len(p) for p in rows])
+        ids = torch.tensor([[0] * (T - len(p)) + p for p in rows], device=self.device)
+        caches = self.caches(len(rows))
+        logits = self.compiled.run(list(self._inputs(ids, pad, 0, caches).values()))[0]
+        return logits, _Decoder(self, len(rows), pad, caches)
+
+    def _restarts(self, rows: list[list[int]], max_new_tokens: int) -> set[int]:
+        """The steps after which the rows are prefilled again, whole: LongRoPE takes its long factors for every position
+        of a sequence longer than the original length, so where a row first grows past it (its prompt did not),
+        transformers' Phi-3 computes that row's cache again; here every row's (the others' keys stay short, the same
+        values to a rounding). A row of L tokens passes it when its token of step ``original - L`` is fed."""
+        if self.longrope is None:
+            return set()
+        return {self.longrope - len(r) for r in rows if 0 <= self.longrope - len(r) < max_new_tokens - 1}
+
     def _stream(self, ids_list, bucket, T, max_new_tokens, sampling, stop, text) -> Iterator[Step]:
         n = len(ids_list)
         rows = ids_list + [ids_list[-1]] * (bucket - n)  # padding rows repeat the last prompt; dropped
-        pad = torch.tensor([T - len(p) for p in rows])
-        ids = torch.tensor([[0] * (T - len(p)) + p for p in rows], device=self.device)
-        caches = self.caches(bucket)
         gen = make_generator(tensor_parallel_sampling(sampling, self.tp[1]), self.device)
-        logits = self.compiled.run(list(self._inputs(ids, pad, 0, caches).values()))[0]
-        decode = _Decoder(self, bucket, pad, caches)
+        logits, decode = self._prefill(rows, T)
+        restarts, seqs = self._restarts(rows, max_new_tokens), [list(r) for r in rows]
         cuda = self.device.type == "cuda"
         if cuda:
             host_tok = torch.empty(bucket, dtype=torch.long, pin_memory=True)
@@ -393,22 +402,27 @@ class Generator:
         produced: list[list[int]] = [[] for _ in range(n)]
         greedy = sampling.temperature == 0
         for step in range(max_new_tokens):
-            last = step == max_new_tokens - 1
+            last, restart = step == max_new_tokens - 1, step in restarts
             # greedy, from the second decode step: the token and the next step's inputs in one launch (Decoder.greedy)
-            tok = decode.greedy(logits, T + step) if greedy and not last else None
+            tok = decode.greedy(logits, T + step) if greedy and not (last or restart) else None
             advanced = tok is not None
             if not advanced:
                 tok = sample(logits, sampling, gen)  # [bucket]
             if cuda:
                 host_tok.copy_(tok, non_blocking=True)
                 copied.record()
-            if not last:  # the next step goes to the GPU before this one's tokens are read back
+            if not (last or restart):  # the next step goes to the GPU before this one's tokens are read back
                 logits = decode(tok, T + step, advanced)
             if cuda:
                 copied.synchronize()
                 host = host_tok.tolist()
             else:
                 host = tok.tolist()
+            if restart:  # (the next token's slot: T + step + 1 as before, the rows now padded to that length)
+                seqs = [q + [t] for q, t in zip(seqs, host)]
+                logits, decode = self._prefill(seqs, T + step + 1)
+            elif restarts:
+                seqs = [q + [t] for q, t in zip(seqs, host)]
             out, reasons, deltas = [], [], []
             for i in range(n):
                 if done[i]:

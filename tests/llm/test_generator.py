@@ -46,8 +46,9 @@ def llama():
                                      ("Granite", dict(embedding_multiplier=12.0, attention_multiplier=0.05, residual_multiplier=0.3,
                                                       logits_scaling=4.0, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
                                      ("Olmo2", dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)),
-                                     # LongRoPE up to its original length (the short factors; max_seq 128 <= 128)
-                                     ("Phi3", dict(pad_token_id=0, bos_token_id=1, eos_token_id=2, original_max_position_embeddings=128,
+                                     # LongRoPE: the prompts (3 .. 17 tokens) short, each row prefilled again when
+                                     # it grows past 24 (at three steps), then long
+                                     ("Phi3", dict(pad_token_id=0, bos_token_id=1, eos_token_id=2, original_max_position_embeddings=24,
                                                    rope_parameters=dict(rope_type="longrope", rope_theta=1e4, short_factor=[1.0, 1.2, 1.6, 2.4],
                                                                         long_factor=[1.0, 2.0, 4.0, 9.0])))],
                          ids=["qwen2", "mistral-window6", "qwen3", "phi3-window6", "qwen3-yarn", "granite", "olmo2", "phi3-longrope"])
@@ -63,16 +64,30 @@ def test_greedy_matches_transformers(kind, kw, monkeypatch):
     r = g.generate(PROMPTS, max_new_tokens=40)
     for p, got in zip(PROMPTS, r.tokens):
         assert got == hf_greedy(hf, p, 40)
-    assert len(calls) == 38 and any(d is not None for d in calls) == ("sliding_window" in kw)
+    # (LongRoPE: the three steps that prefill again, and the first step after each, sample instead)
+    longrope = kw.get("rope_parameters", {}).get("rope_type") == "longrope"
+    assert len(calls) == 38 - 6 * longrope and any(d is not None for d in calls) == ("sliding_window" in kw)
 
 
-def test_longrope_past_its_original_length_is_refused():
-    # transformers' Phi-3 computes a sequence's cache again with the long factors once it grows past 24: refused
-    kw = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2, original_max_position_embeddings=24,
-              rope_parameters=dict(rope_type="longrope", rope_theta=1e4, short_factor=[1.0] * 4, long_factor=[2.0] * 4))
-    with pytest.raises(InputError, match="LongRoPE original length 24") as e:
-        kiln.from_hf(hf_model("Phi3", **kw), max_seq=25, batch_buckets=(1,))
-    assert "max_seq <= 24" in e.value.hint
+def test_longrope_prefills_again_where_a_row_passes_its_original_length(tmp_path):
+    # sampled (not greedy): the rows of 5 and 3 tokens pass 8 after steps 3 and 5, so two prefills follow the first;
+    # a prompt already past it (10 tokens) needs none. The tokens are transformers' (top_k 1: its greedy)
+    kw = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2, original_max_position_embeddings=8,
+              rope_parameters=dict(rope_type="longrope", rope_theta=1e4, short_factor=[1.0, 1.2, 1.6, 2.4],
+                                   long_factor=[1.0, 2.0, 4.0, 9.0]))
+    hf = hf_model("Phi3", **kw)
+    g = kiln.from_hf(hf, max_seq=64, batch_buckets=(2,), eos_token_id=[])
+    runs, real = [], g.compiled.run
+    g.compiled.run = lambda inputs: runs.append(inputs[0].shape) or real(inputs)
+    prompts = [[5, 6, 7, 8, 9], [11, 12, 13]]
+    r = g.generate(prompts, max_new_tokens=12, sampling=SamplingParams(temperature=1.0, top_k=1))
+    assert [tuple(t) for t in runs] == [(2, 16), (2, 16 + 4), (2, 16 + 6)]  # (prefill bucket 16: the same slots after)
+    assert r.tokens == [hf_greedy(hf, p, 12) for p in prompts]
+    runs.clear()
+    assert g.generate([list(range(1, 11))], max_new_tokens=6).tokens[0] == hf_greedy(hf, list(range(1, 11)), 6)
+    assert [tuple(t) for t in runs] == [(2, 16)]
+    back = kiln.Generator.load(g.save(tmp_path / "g.kiln"))  # (the artifact keeps the original length)
+    assert back.longrope == 8 and back.generate(prompts, max_new_tokens=12).tokens == r.tokens
 
 
 def test_greedy_64_tokens_match_transformers_for_a_batch_of_different_lengths(llama):
