@@ -47,6 +47,7 @@ class LlamaConfig:
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None  # {"rope_type": "linear" | "llama3", ...}; None: plain RoPE
+    partial_rotary_factor: float = 1.0  # (Phi-4-mini: 0.75) RoPE rotates each head's first rotary_dim dims, the rest pass
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = False
     attention_bias: bool = False  # bias on q/k/v (Llama: also o_proj; Qwen2: q/k/v only)
@@ -77,6 +78,9 @@ class LlamaConfig:
                 f"num_attention_heads={self.num_attention_heads} is not a multiple of "
                 f"num_key_value_heads={self.num_key_value_heads}"
             )
+        if self.rotary_dim < 2 or self.rotary_dim % 2 or not 0 < self.partial_rotary_factor <= 1:
+            raise ValueError(f"partial_rotary_factor={self.partial_rotary_factor} of head_dim {self.head_dim} rotates "
+                             f"{self.rotary_dim} dims; RoPE needs an even number of them, at least 2")
         if self.rope_scaling is not None:
             kind = self.rope_scaling.get("rope_type", "default")
             if kind not in ROPE_TYPES:
@@ -84,6 +88,11 @@ class LlamaConfig:
             absent = [k for k in _ROPE_KEYS[kind] if k not in self.rope_scaling]
             if absent:
                 raise ValueError(f"rope_scaling of type {kind!r} lacks {absent}")
+
+    @property
+    def rotary_dim(self) -> int:
+        """The dims of each head RoPE rotates (transformers: int(head_dim * partial_rotary_factor))."""
+        return int(self.head_dim * self.partial_rotary_factor)
 
     @classmethod
     def from_hf(cls, hf: dict) -> LlamaConfig:
@@ -99,7 +108,10 @@ class LlamaConfig:
             raise ValueError(f"HF config lacks {absent}")
         known = {f.name for f in fields(cls)}
         kw = {k: v for k, v in hf.items() if k in known and v is not None}
-        kw["rope_theta"], kw["rope_scaling"] = _rope_from_hf(hf)
+        kw["rope_theta"], kw["rope_scaling"], kw["partial_rotary_factor"] = _rope_from_hf(hf)
+        if kw["partial_rotary_factor"] != 1.0 and model_type != "phi3":  # (the others' transformers code rotates all)
+            raise ValueError(f"partial_rotary_factor={kw['partial_rotary_factor']} is supported for phi3 (Phi-4-mini), "
+                             f"not {model_type}")
         # Defaults transformers' config classes use when a key is absent.
         kw.setdefault("max_position_embeddings", {"llama": 2048, "mistral": 4096 * 32, "qwen2": 32768, "qwen3": 32768,
                                                   "phi3": 4096, "granite": 2048, "olmo2": 2048}[model_type])
@@ -123,8 +135,9 @@ class LlamaConfig:
         return cls(**kw)
 
 
-def _rope_from_hf(hf: dict) -> tuple[float, dict | None]:
-    """(rope_theta, rope_scaling) from transformers 5 `rope_parameters` or legacy `rope_theta`/`rope_scaling`."""
+def _rope_from_hf(hf: dict) -> tuple[float, dict | None, float]:
+    """(rope_theta, rope_scaling, partial_rotary_factor) from transformers 5 `rope_parameters` or legacy
+    `rope_theta`/`rope_scaling`."""
     params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
     if any(isinstance(v, dict) for v in params.values()):
         raise ValueError(f"per-layer-type rope_parameters are not supported: {sorted(params)}")
@@ -132,10 +145,9 @@ def _rope_from_hf(hf: dict) -> tuple[float, dict | None]:
     kind = params.pop("rope_type", None) or params.pop("type", None) or "default"
     if kind not in ROPE_TYPES:
         raise ValueError(f"unsupported rope_type {kind!r}; kiln supports {', '.join(ROPE_TYPES)}")
-    if params.get("partial_rotary_factor", 1.0) != 1.0:
-        raise ValueError(f"partial_rotary_factor={params['partial_rotary_factor']} is not supported")
+    partial = float(params.pop("partial_rotary_factor", None) or hf.get("partial_rotary_factor") or 1.0)
     if kind == "default":
-        return theta, None
+        return theta, None, partial
     if kind in ("llama3", "yarn", "longrope"):
         params.setdefault("original_max_position_embeddings", hf.get("original_max_position_embeddings") or hf.get("max_position_embeddings"))
     if kind == "yarn" and params.get("factor") is None:  # (transformers: the ratio of the two lengths)
@@ -144,12 +156,12 @@ def _rope_from_hf(hf: dict) -> tuple[float, dict | None]:
     if absent:
         raise ValueError(f"rope_parameters of type {kind!r} lack {absent}")
     optional = {k: params[k] for k in _ROPE_OPTIONAL.get(kind, ()) if params.get(k) is not None}
-    return theta, {"rope_type": kind, **{k: params.get(k) for k in _ROPE_KEYS[kind]}, **optional}
+    return theta, {"rope_type": kind, **{k: params.get(k) for k in _ROPE_KEYS[kind]}, **optional}, partial
 
 
 def rope_inv_freq(cfg: LlamaConfig, device=None) -> torch.Tensor:
-    """Inverse RoPE frequencies [head_dim // 2], float32, as transformers' ROPE_INIT_FUNCTIONS compute them."""
-    dim = cfg.head_dim
+    """Inverse RoPE frequencies [rotary_dim // 2], float32, as transformers' ROPE_INIT_FUNCTIONS compute them."""
+    dim = cfg.rotary_dim
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim))
     scaling = cfg.rope_scaling or {}
     kind = scaling.get("rope_type", "default")
@@ -178,7 +190,7 @@ def rope_inv_freq(cfg: LlamaConfig, device=None) -> torch.Tensor:
 def _yarn_inv_freq(cfg: LlamaConfig, device=None) -> torch.Tensor:
     """YaRN's inverse frequencies (transformers' _compute_yarn_parameters): each frequency interpolated (divided by
     ``factor``) or kept, by a linear ramp over the dims between the beta_fast and beta_slow rotation counts."""
-    sc, dim, base = cfg.rope_scaling, cfg.head_dim, cfg.rope_theta
+    sc, dim, base = cfg.rope_scaling, cfg.rotary_dim, cfg.rope_theta
     original = sc["original_max_position_embeddings"]
 
     def correction_dim(rotations):
@@ -198,9 +210,10 @@ def _longrope_inv_freq(cfg: LlamaConfig, which: str, device=None) -> torch.Tenso
     """LongRoPE's inverse frequencies (transformers' _compute_longrope_parameters): the default ones divided by the
     ``which`` ("short_factor" / "long_factor") factor of each frequency."""
     factors = cfg.rope_scaling[which]
-    if len(factors) != cfg.head_dim // 2:
-        raise ValueError(f"rope_scaling {which} has {len(factors)} factors; head_dim {cfg.head_dim} needs {cfg.head_dim // 2}")
-    shape = torch.arange(0, cfg.head_dim, 2, dtype=torch.int64, device=device).float() / cfg.head_dim
+    dim = cfg.rotary_dim
+    if len(factors) != dim // 2:
+        raise ValueError(f"rope_scaling {which} has {len(factors)} factors; {dim} rotated dims need {dim // 2}")
+    shape = torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim
     return 1.0 / (torch.tensor(factors, dtype=torch.float32, device=device) * cfg.rope_theta**shape)
 
 
@@ -250,7 +263,7 @@ class RotaryEmbedding(nn.Module):
             self.register_buffer("long_inv_freq", _longrope_inv_freq(cfg, "long_factor"), persistent=False)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [..., S, head_dim] in `dtype`, computed in float32 (times YaRN's / LongRoPE's attention factor).
+        """cos, sin [..., S, rotary_dim] in `dtype`, computed in float32 (times YaRN's / LongRoPE's attention factor).
         LongRoPE: a row's positions all take the long factors where its last position is past the original length
         (transformers' longrope_frequency_update). Per row: transformers takes the largest position of the whole batch,
         so there a short prompt's tokens depend on the prompts batched with it; here they are those of the prompt alone."""
@@ -271,8 +284,13 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x * cos + rotate_half(x) * sin; x [B, H, S, D], cos/sin [S, D]."""
-    return x * cos + rotate_half(x) * sin
+    """x * cos + rotate_half(x) * sin; x [B, H, S, D], cos/sin [S, R]: with R < D (a partial rotary factor) the first R
+    dims rotated, the others as they are."""
+    r = cos.shape[-1]
+    if r == x.shape[-1]:
+        return x * cos + rotate_half(x) * sin
+    rot = x[..., :r]
+    return torch.cat((rot * cos + rotate_half(rot) * sin, x[..., r:]), dim=-1)
 
 
 class Attention(nn.Module):

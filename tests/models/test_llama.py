@@ -54,6 +54,12 @@ CASES = {
     "phi3-window4": ("Phi3Config", dict(sliding_window=4, pad_token_id=0, bos_token_id=1, eos_token_id=2)),  # merged qkv / gate_up
     # LongRoPE (Phi-3 / 3.5's long context): 11 tokens past the original 8, so the long factors; the attention factor
     # from the lengths' ratio 64 / 8
+    # Phi-4-mini's partial rotary (here half of each head's 16 dims), with LongRoPE's factors for those 8
+    "phi3-partial-longrope": ("Phi3Config", dict(pad_token_id=0, bos_token_id=1, eos_token_id=2, max_position_embeddings=64,
+                                                 original_max_position_embeddings=8, partial_rotary_factor=0.5,
+                                                 rope_parameters=dict(rope_type="longrope", rope_theta=1e4,
+                                                                      short_factor=LONGROPE["short_factor"][:4],
+                                                                      long_factor=LONGROPE["long_factor"][:4]))),
     "phi3-longrope": ("Phi3Config", dict(pad_token_id=0, bos_token_id=1, eos_token_id=2, max_position_embeddings=64,
                                          original_max_position_embeddings=8,  # (Phi3Config's own key wins)
                                          rope_parameters=dict(rope_type="longrope", rope_theta=1e4, **LONGROPE))),
@@ -251,8 +257,8 @@ def test_from_hf_legacy_rope_scaling_and_defaults():
     [
         ({"model_type": "gpt2", **SMALL}, "gpt2"),
         ({"model_type": "llama", **SMALL, "rope_scaling": {"rope_type": "longrope", "short_factor": [1.0]}}, "long_factor"),
-        ({"model_type": "llama", **SMALL, "rope_parameters": {"rope_type": "yarn", "partial_rotary_factor": 0.5}},
-         "partial_rotary_factor"),
+        ({"model_type": "phi3", **SMALL, "rope_parameters": {"partial_rotary_factor": 0.1}}, "partial_rotary_factor"),
+        ({"model_type": "llama", **SMALL, "rope_parameters": {"partial_rotary_factor": 0.5}}, "supported for phi3"),
         ({"model_type": "llama", **SMALL, "rope_parameters": {"rope_type": "dynamic", "factor": 2.0}}, "dynamic"),
         ({"model_type": "llama", **SMALL, "hidden_act": "gelu"}, "gelu"),
         ({"model_type": "qwen2", **SMALL, "use_sliding_window": True}, "use_sliding_window"),
