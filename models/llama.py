@@ -32,7 +32,7 @@ _ROPE_KEYS = {
 # keys a rope_scaling of that type may also carry (transformers' defaults when absent)
 _ROPE_OPTIONAL = {"yarn": ("attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "truncate"),
                   "longrope": ("factor", "attention_factor")}
-HF_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "granite", "olmo2")
+HF_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "granite", "olmo2", "smollm3")
 
 
 @dataclass
@@ -65,6 +65,8 @@ class LlamaConfig:
     # input_layernorm), q / k RMS-normalised over the whole projection before RoPE, every norm's weight applied in
     # float32 before the cast (Olmo2RMSNorm)
     post_norms: bool = False
+    # SmolLM3: per layer, 1 where its attention applies RoPE, 0 where it does not (NoPE; every 4th layer); None: all do
+    no_rope_layers: list[int] | None = None
 
     def __post_init__(self):
         if self.num_key_value_heads is None:
@@ -78,6 +80,8 @@ class LlamaConfig:
                 f"num_attention_heads={self.num_attention_heads} is not a multiple of "
                 f"num_key_value_heads={self.num_key_value_heads}"
             )
+        if self.no_rope_layers is not None and len(self.no_rope_layers) != self.num_hidden_layers:
+            raise ValueError(f"no_rope_layers has {len(self.no_rope_layers)} entries for {self.num_hidden_layers} layers")
         if self.rotary_dim < 2 or self.rotary_dim % 2 or not 0 < self.partial_rotary_factor <= 1:
             raise ValueError(f"partial_rotary_factor={self.partial_rotary_factor} of head_dim {self.head_dim} rotates "
                              f"{self.rotary_dim} dims; RoPE needs an even number of them, at least 2")
@@ -114,7 +118,7 @@ class LlamaConfig:
                              f"not {model_type}")
         # Defaults transformers' config classes use when a key is absent.
         kw.setdefault("max_position_embeddings", {"llama": 2048, "mistral": 4096 * 32, "qwen2": 32768, "qwen3": 32768,
-                                                  "phi3": 4096, "granite": 2048, "olmo2": 2048}[model_type])
+                                                  "phi3": 4096, "granite": 2048, "olmo2": 2048, "smollm3": 32768}[model_type])
         kw["sliding_window"] = None
         if model_type == "mistral":
             kw["sliding_window"] = hf.get("sliding_window", 4096)
@@ -124,6 +128,11 @@ class LlamaConfig:
         elif model_type == "phi3":  # merged qkv_proj / gate_up_proj (split on load: split_merged), no biases
             kw["sliding_window"] = hf.get("sliding_window")
             kw["attention_bias"] = kw["mlp_bias"] = False
+        elif model_type == "smollm3":  # a Llama whose every no_rope_layer_interval-th layer has no RoPE (SmolLM3Config's)
+            if hf.get("use_sliding_window"):
+                raise ValueError("smollm3 with use_sliding_window=True (sliding windows on its NoPE layers) is not supported")
+            every = hf.get("no_rope_layer_interval") or 4
+            kw["no_rope_layers"] = hf.get("no_rope_layers") or [int((i + 1) % every != 0) for i in range(hf["num_hidden_layers"])]
         elif model_type in ("qwen2", "qwen3"):
             if hf.get("use_sliding_window"):
                 raise ValueError(f"{model_type} with use_sliding_window=True (per-layer sliding window) is not supported")
@@ -294,8 +303,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: LlamaConfig):
+    def __init__(self, cfg: LlamaConfig, layer: int = 0):
         super().__init__()
+        self.use_rope = cfg.no_rope_layers is None or bool(cfg.no_rope_layers[layer])  # (SmolLM3's NoPE layers: False)
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         d, hd = cfg.hidden_size, cfg.head_dim
         self.q_proj = nn.Linear(d, self.n_heads * hd, bias=cfg.attention_bias)
@@ -321,6 +331,8 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if hasattr(self, "q_norm") and not self.whole_qk_norm:  # Qwen3's per head, after the transpose (as HF's before
             q, k = self.q_norm(q), self.k_norm(k)  # it): ROPE then reads the norm itself (schedule.rope_norm)
+        if not self.use_rope:
+            return q, k, v
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def forward(self, x, cos, sin, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -346,9 +358,9 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: LlamaConfig):
+    def __init__(self, cfg: LlamaConfig, layer: int = 0):
         super().__init__()
-        self.self_attn = Attention(cfg)
+        self.self_attn = Attention(cfg, layer)
         self.mlp = MLP(cfg)
         self.post = cfg.post_norms
         if not self.post:
@@ -390,7 +402,7 @@ class LlamaModel(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, weight_first=cfg.post_norms)
         self.rotary_emb = RotaryEmbedding(cfg)
         self.sliding_window = cfg.sliding_window

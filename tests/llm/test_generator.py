@@ -52,9 +52,13 @@ def llama():
                                                    rope_parameters=dict(rope_type="longrope", rope_theta=1e4, short_factor=[1.0, 1.2, 1.6, 2.4],
                                                                         long_factor=[1.0, 2.0, 4.0, 9.0]))),
                                      # Phi-4-mini's partial rotary: half of each head's dims rotated
-                                     ("Phi3", dict(pad_token_id=0, bos_token_id=1, eos_token_id=2, partial_rotary_factor=0.5))],
+                                     ("Phi3", dict(pad_token_id=0, bos_token_id=1, eos_token_id=2, partial_rotary_factor=0.5)),
+                                     # SmolLM3: its third layer without RoPE, so not the program of the second (the step is
+                                     # captured whole, not repeated from two layers)
+                                     ("SmolLM3", dict(num_hidden_layers=3, no_rope_layer_interval=3, pad_token_id=0,
+                                                      bos_token_id=1, eos_token_id=2))],
                          ids=["qwen2", "mistral-window6", "qwen3", "phi3-window6", "qwen3-yarn", "granite", "olmo2", "phi3-longrope",
-                              "phi3-partial-rotary"])
+                              "phi3-partial-rotary", "smollm3-nope"])
 def test_greedy_matches_transformers(kind, kw, monkeypatch):
     # from the second decode step the token and the next inputs (a sliding window's dropped column too) come from one
     # kernel (codegen/kernels/greedy.py), run on the CPU here under the interpreter: 38 of the 40 tokens

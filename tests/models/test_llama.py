@@ -60,6 +60,9 @@ CASES = {
                                                  rope_parameters=dict(rope_type="longrope", rope_theta=1e4,
                                                                       short_factor=LONGROPE["short_factor"][:4],
                                                                       long_factor=LONGROPE["long_factor"][:4]))),
+    # SmolLM3: every second layer here without RoPE (NoPE), q / k / v / o biases
+    "smollm3-nope": ("SmolLM3Config", dict(no_rope_layer_interval=2, attention_bias=True, pad_token_id=0, bos_token_id=1,
+                                           eos_token_id=2)),
     "phi3-longrope": ("Phi3Config", dict(pad_token_id=0, bos_token_id=1, eos_token_id=2, max_position_embeddings=64,
                                          original_max_position_embeddings=8,  # (Phi3Config's own key wins)
                                          rope_parameters=dict(rope_type="longrope", rope_theta=1e4, **LONGROPE))),
