@@ -227,15 +227,16 @@ def test_cli_compile_generate_and_generate(tmp_path, capsys):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind,attention", [("Llama", a) for a in (None, "sdpa", "kiln-decode", "kiln-decode-last", "kiln-decode-whole")]
-                         + [("Qwen3", None), ("Qwen3", "kiln-decode"), ("Phi3", None)])
+                         + [("Qwen3", None), ("Qwen3", "kiln-decode"), ("Phi3", None), ("SmolLM3", None)])
 def test_gpu_bf16_generation_with_cuda_graphs(kind, attention):
     """bf16 on CUDA, kernels backend, CUDA graphs: greedy tokens equal transformers' where its own top-2 logits
     are apart; a divergence is allowed only where they are within bf16 noise. (Qwen3: its q / k norms in the rope_kv
-    call. Phi3: Phi-4-mini's partial rotary with LongRoPE, its rows prefilled again past 24 tokens.)"""
+    call. Phi3: Phi-4-mini's partial rotary with LongRoPE, its rows prefilled again past 24 tokens. SmolLM3: a NoPE layer.)"""
     kw = {"Qwen3": dict(head_dim=16), "Phi3": dict(pad_token_id=0, bos_token_id=1, eos_token_id=2, partial_rotary_factor=0.5,
                                                    original_max_position_embeddings=24, rope_parameters=dict(
                                                        rope_type="longrope", rope_theta=1e4, short_factor=[1.0, 1.2],
-                                                       long_factor=[1.5, 3.0]))}.get(kind, {})
+                                                       long_factor=[1.5, 3.0])),
+          "SmolLM3": dict(num_hidden_layers=3, no_rope_layer_interval=3, pad_token_id=0, bos_token_id=1, eos_token_id=2)}.get(kind, {})
     hf = hf_model(kind, **kw).to("cuda", torch.bfloat16)
     cfg = kiln.CompileConfig(kernels={"attention": attention} if attention else {})
     g = kiln.from_hf(hf, max_seq=96, batch_buckets=(1, 4), eos_token_id=[], config=cfg)
