@@ -131,6 +131,9 @@ class LlamaConfig:
         elif model_type == "smollm3":  # a Llama whose every no_rope_layer_interval-th layer has no RoPE (SmolLM3Config's)
             if hf.get("use_sliding_window"):
                 raise ValueError("smollm3 with use_sliding_window=True (sliding windows on its NoPE layers) is not supported")
+            kw.setdefault("tie_word_embeddings", True)  # (SmolLM3Config's defaults)
+            if not (hf.get("rope_theta") or (hf.get("rope_parameters") or hf.get("rope_scaling") or {}).get("rope_theta")):
+                kw["rope_theta"] = 2e6
             every = hf.get("no_rope_layer_interval") or 4
             kw["no_rope_layers"] = hf.get("no_rope_layers") or [int((i + 1) % every != 0) for i in range(hf["num_hidden_layers"])]
         elif model_type in ("qwen2", "qwen3"):

@@ -253,6 +253,8 @@ def test_from_hf_legacy_rope_scaling_and_defaults():
     assert cfg.rope_scaling["original_max_position_embeddings"] == 512  # HF falls back to max_position_embeddings
     mistral = LlamaConfig.from_hf({"model_type": "mistral", **SMALL})
     assert mistral.sliding_window == 4096  # MistralConfig's default when the key is absent
+    smol = LlamaConfig.from_hf({"model_type": "smollm3", **SMALL, "num_hidden_layers": 8})
+    assert smol.rope_theta == 2e6 and smol.tie_word_embeddings and smol.no_rope_layers == [1, 1, 1, 0] * 2  # SmolLM3Config's
 
 
 @pytest.mark.parametrize(
