@@ -29,7 +29,7 @@ from ..config import CompileConfig
 from ..errors import ArtifactError, InputError, KilnError
 from ..ir.kv_quant import KV_DTYPES
 from ..models.gptq import GPTQConfig, gptq_config, load_gptq_llama
-from ..models.llama import HF_MODEL_TYPES, LlamaConfig, llama_from_tensors, load_llama
+from ..models.llama import HF_MODEL_TYPES, LlamaConfig, llama_from_tensors, load_llama, longrope_original
 from ..runtime.artifact import shard_path
 from ..passes.report import Report
 from .sampling import SamplingParams, make_generator, sample
@@ -145,13 +145,6 @@ def _is_token_list(x) -> bool:
     return isinstance(x, (list, tuple)) and len(x) > 0 and all(isinstance(t, int) for t in x)
 
 
-def _longrope_original(cfg: LlamaConfig) -> int | None:
-    """The original length of a LongRoPE model (Phi-3 128k / Phi-3.5), else None: a sequence that grows past it is
-    prefilled again whole (``Generator._restarts``)."""
-    sc = cfg.rope_scaling or {}
-    return int(sc["original_max_position_embeddings"]) if sc.get("rope_type") == "longrope" else None
-
-
 def _prefill_bucket(n: int, max_seq: int) -> int:
     """The prefill length of a longest prompt of n tokens: a power of two >= 16, at most max_seq."""
     b = MIN_PREFILL_BUCKET
@@ -221,7 +214,7 @@ class Generator:
         spec = dict(vocab_size=cfg.vocab_size, num_layers=cfg.num_hidden_layers, kv_heads=cfg.num_key_value_heads,
                     head_dim=cfg.head_dim, sliding_window=cfg.sliding_window, max_seq=int(max_seq), batch_buckets=list(buckets),
                     dtype=str(dtype).removeprefix("torch."), eos=sorted({eos} if isinstance(eos, int) else set(eos or [])),
-                    longrope_original=_longrope_original(cfg))
+                    longrope_original=longrope_original(cfg))
         overrides = {k: v for k, v in (("quantize", quantize), ("kv_cache_dtype", kv_cache_dtype), ("tp", tp)) if v is not None}
         config = dataclasses.replace(config or CompileConfig(), **overrides)  # (validates them)
         if config.tp > 1 and calibration is not None:
@@ -418,11 +411,10 @@ class Generator:
                 host = host_tok.tolist()
             else:
                 host = tok.tolist()
+            if restarts:
+                seqs = [q + [t] for q, t in zip(seqs, host)]
             if restart:  # (the next token's slot: T + step + 1 as before, the rows now padded to that length)
-                seqs = [q + [t] for q, t in zip(seqs, host)]
                 logits, decode = self._prefill(seqs, T + step + 1)
-            elif restarts:
-                seqs = [q + [t] for q, t in zip(seqs, host)]
             out, reasons, deltas = [], [], []
             for i in range(n):
                 if done[i]:

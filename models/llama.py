@@ -229,6 +229,13 @@ def _longrope_inv_freq(cfg: LlamaConfig, which: str, device=None) -> torch.Tenso
     return 1.0 / (torch.tensor(factors, dtype=torch.float32, device=device) * cfg.rope_theta**shape)
 
 
+def longrope_original(cfg: LlamaConfig) -> int | None:
+    """The original length of a LongRoPE model (Phi-3 128k / Phi-3.5), past which a sequence takes the long factors;
+    None for the other RoPE types."""
+    sc = cfg.rope_scaling or {}
+    return int(sc["original_max_position_embeddings"]) if sc.get("rope_type") == "longrope" else None
+
+
 def rope_attention_factor(cfg: LlamaConfig) -> float:
     """The factor cos and sin are scaled by (YaRN's and LongRoPE's attention factors; 1 for the other RoPE types)."""
     sc = cfg.rope_scaling or {}
@@ -269,8 +276,7 @@ class RotaryEmbedding(nn.Module):
         self.cfg = cfg
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
         self.attention_factor = rope_attention_factor(cfg)
-        sc = cfg.rope_scaling or {}
-        self.original = sc.get("original_max_position_embeddings") if sc.get("rope_type") == "longrope" else None
+        self.original = longrope_original(cfg)
         if self.original is not None:  # (inv_freq: the short set)
             self.register_buffer("long_inv_freq", _longrope_inv_freq(cfg, "long_factor"), persistent=False)
 
