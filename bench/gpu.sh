@@ -423,6 +423,15 @@ print('greedy', greedy(x).tolist() == x.argmax(-1).tolist())" 2>&1 | tail -5
     s24a)  # next: the decode attention's phases at batch 1 (bench/decode_attn.py: each form a plan can run, cold and warm as
       # the tuner times them, beside an empty kernel timed the same way), the 1B / 8B / Qwen3-0.6B shapes, 384 slots
       timeout 240 python3 bench/decode_attn.py 2>&1 | tail -75 ;;
+    s24n)  # next: Nsight Compute on the 8B gate/up at one row, int4 (IDOT tiles among skinny's configs) and int8: is IDOT's
+      # 1.9 TB/s (30.8 us cold in the w4a16 plan) bound by issue slots, by load latency (stalls on the scoreboard) or
+      # by too few loads in flight (occupancy)? The full report goes to $OUT/ncu_24n.txt
+      NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+      timeout 300 "$NCU" --profile-from-start off --clock-control none --section SpeedOfLight --section WarpStateStats \
+        --section Occupancy --section LaunchStats --section SchedulerStats --section MemoryWorkloadAnalysis \
+        python3 bench/gemv_ncu.py --shape 8b --bits 4 8 > "$OUT/ncu_24n.txt" 2>&1
+      grep -E "^int[48] |Duration|DRAM Throughput|Compute \(SM\) Throughput|Issued Warp Per Scheduler|No Eligible|Achieved \
+Occupancy|Warp Cycles Per Issued|Registers Per" "$OUT/ncu_24n.txt" | head -150 ;;
     s22q)  # Qwen3-0.6B / 1.7B shapes (random weights), bf16 decode at batch 1 / 16 against static KV + torch.compile
       # reduce-overhead in the same process; their q / k norms run in the rope-decode attention (session 22, CPU)
       DECODE_JSON=decode_qwen3.json timeout 560 python3 bench/decode.py --models qwen3-0.6b,qwen3-1.7b 2>&1 | grep -i "error" | tail -4
