@@ -285,12 +285,14 @@ class RotaryEmbedding(nn.Module):
         LongRoPE: a row's positions all take the long factors where its last position is past the original length
         (transformers' longrope_frequency_update). Per row: transformers takes the largest position of the whole batch,
         so there a short prompt's tokens depend on the prompts batched with it; here they are those of the prompt alone."""
-        inv_freq = self.inv_freq
-        if self.original is not None:  # [..., 1, D/2]
+        # the frequencies doubled before the product, not the product [..., S, D/2] after it (transformers' cat((freqs,
+        # freqs))): the same values, but the table's concatenation is then of weights (folded at compile time) and the
+        # step's cast, product, cos and sin are one kernel instead of four
+        inv_freq = torch.cat((self.inv_freq, self.inv_freq))
+        if self.original is not None:  # [..., 1, D]
             longer = positions.amax(-1, keepdim=True)[..., None] + 1 > self.original
-            inv_freq = torch.where(longer, self.long_inv_freq, self.inv_freq)
-        freqs = positions[..., None].float() * inv_freq.float()  # [..., S, D/2]
-        emb = torch.cat((freqs, freqs), dim=-1)
+            inv_freq = torch.where(longer, torch.cat((self.long_inv_freq, self.long_inv_freq)), inv_freq)
+        emb = positions[..., None].float() * inv_freq.float()  # [..., S, D]
         if self.attention_factor != 1.0:
             return (emb.cos() * self.attention_factor).to(dtype), (emb.sin() * self.attention_factor).to(dtype)
         return emb.cos().to(dtype), emb.sin().to(dtype)
