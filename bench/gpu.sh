@@ -423,6 +423,10 @@ print('greedy', greedy(x).tolist() == x.argmax(-1).tolist())" 2>&1 | tail -5
     s24a)  # next: the decode attention's phases at batch 1 (bench/decode_attn.py: each form a plan can run, cold and warm as
       # the tuner times them, beside an empty kernel timed the same way), the 1B / 8B / Qwen3-0.6B shapes, 384 slots
       timeout 240 python3 bench/decode_attn.py 2>&1 | tail -75 ;;
+    s24l)  # next: the load-only ceiling of the one-row GEMVs' weight streams (bench/gemv_loads.py): every tile shape,
+      # the weight row-major (as today: 256-byte segments a row a step at the quantized tiles) against laid out tile by
+      # tile (a step one contiguous block), cold, at the 8B's int8 / int4 gate/up and int4 down and the 1B's int4 gate/up
+      timeout 240 python3 bench/gemv_loads.py 2>&1 | tail -90 ;;
     s24n)  # next: Nsight Compute on the 8B gate/up at one row, int4 (IDOT tiles among skinny's configs) and int8: is IDOT's
       # 1.9 TB/s (30.8 us cold in the w4a16 plan) bound by issue slots, by load latency (stalls on the scoreboard) or
       # by too few loads in flight (occupancy)? The full report goes to $OUT/ncu_24n.txt

@@ -686,6 +686,9 @@ class KernelPlan(Plan):
                 pass
         if kind == "copy":
             return KernelCall(g, "copy", lambda: out.copy_(eval_node(n, args, b, attrs)))
+        if n.op == "EMBEDDING" and out.is_contiguous() and args[0].dim() == 2:  # the rows gathered into out: no copy after
+            w, idx, rows = args[0], args[1], out.view(-1, args[0].shape[1])
+            return KernelCall(g, "reference", lambda: torch.index_select(w, 0, idx.reshape(-1), out=rows))
 
         def run_reference():
             r = eval_node(n, args, b, attrs)

@@ -108,6 +108,13 @@ def test_decode_launches_per_layer_are_pinned(generator, monkeypatch):
     angles = [c for c in calls if any(n.op in ("COS", "SIN") for n in c.group.nodes)]
     assert len(angles) == 1 and {"COS", "SIN"} <= {n.op for n in angles[0].group.nodes}, angles
     assert not any(n.op == "CONCAT" for c in calls for n in c.group.nodes if c.kind in ("pointwise", "reference"))
+    # the embedding's rows are gathered into its planned buffer: no copy after the gather (one kernel, not two)
+    (emb,) = [c for c in calls if c.group.nodes[0].op == "EMBEDDING"]
+    copies, copy = [], torch.Tensor.copy_
+    monkeypatch.setattr(torch.Tensor, "copy_", lambda self, *a, **k: copies.append(self) or copy(self, *a, **k))
+    emb.run()
+    monkeypatch.undo()
+    assert not copies
     # each norm is folded into the skinny GEMM after it: no norm kernel runs, the fused template does
     assert not any(n.op == "RMSNORM" for c in calls if c.kind == "pointwise" for n in c.group.nodes)
     norm_gemms = [c for c in calls if c.kind == "gemm" and c.group.nodes[0].op == "RMSNORM"]
