@@ -6,6 +6,10 @@ model's own modules, nothing copied) and ``ir/repeat.py`` builds the full depth 
 captured layer with each further layer's weights (``model.layers.{i}.*``) and caches (``cache_names``), checking first
 that the captured layers are one program. The graph is the one a capture of every layer imports; where a check fails,
 the step is captured whole and the report's notes say why.
+
+Layers that differ in a period (SmolLM3: no RoPE in every 4th layer) repeat as blocks: where every layer i is built as
+layer i mod P (``layer_period``), the first 2 P layers are captured and each block of P layers is one "layer" of the
+repeat, its roles numbered by the place in the block (``2.self_attn.q_proj.weight``, ``2.k_cache``).
 """
 from __future__ import annotations
 
@@ -57,7 +61,14 @@ def capture_step(model, kv_dtype: str | None, example: dict, dims: dict, report:
     depth = model.config.num_hidden_layers
     full = step_function(LlamaStep(model, kv_dtype), depth, kv_dtype)
     src = None
-    if 2 <= layers < depth:
+    period = layer_period(model) if layers >= 2 else 1
+    if period > 1:  # (two blocks captured, whatever ``layers`` says)
+        try:
+            src = _repeated(model, kv_dtype, example, dims, report, 2 * period, full, period)
+        except RepeatError as e:
+            report.notes.append(f"captured all {depth} layers: repeating the last of two captured blocks of {period} "
+                                f"layers declined ({e})")
+    elif 2 <= layers < depth:
         try:
             src = _repeated(model, kv_dtype, example, dims, report, layers, full)
         except RepeatError as e:
@@ -81,28 +92,47 @@ def name_weights(graph, model) -> None:
     graph.rename_weights({w: qualified[key(t)] for w, t in graph.weights.items() if key(t) in qualified})
 
 
-def _repeated(model, kv_dtype, example: dict, dims: dict, report: Report, layers: int, full) -> Source:
-    """The step captured with the first ``layers`` layers, then made as deep as the model by ``repeat_layers``."""
+def _repeated(model, kv_dtype, example: dict, dims: dict, report: Report, layers: int, full, period: int = 1) -> Source:
+    """The step captured with the first ``layers`` layers, then made as deep as the model by ``repeat_layers``, blocks of
+    ``period`` layers the unit it repeats (``layers`` whole blocks)."""
     depth = model.config.num_hidden_layers
-    shape = layer_structure(model.model.layers[layers - 1])
-    odd = next((i for i, layer in enumerate(model.model.layers) if i >= layers and layer_structure(layer) != shape), None)
-    if odd is not None:  # (the graph shows the captured layers only)
-        raise RepeatError(f"layer {odd} is not built as layer {layers - 1} is (modules, their settings, parameter shapes)")
+    if period == 1:  # (layer_period checked the blocks' layers)
+        shape = layer_structure(model.model.layers[layers - 1])
+        odd = next((i for i, layer in enumerate(model.model.layers) if i >= layers and layer_structure(layer) != shape), None)
+        if odd is not None:  # (the graph shows the captured layers only)
+            raise RepeatError(f"layer {odd} is not built as layer {layers - 1} is (modules, their settings, parameter shapes)")
     kinds = cache_kinds(kv_dtype)
     dropped = set(cache_names(depth, kv_dtype)) - set(cache_names(layers, kv_dtype))
     small = step_function(LlamaStep(first_layers(model, layers), kv_dtype), layers, kv_dtype)
     src = capture_model(small, (), {k: v for k, v in example.items() if k not in dropped},
                         {k: v for k, v in dims.items() if k not in dropped}, report)
     with report.phase("repeat layers"):
-        owners = {f"{kind}_{i}": (i, kind) for i in range(layers) for kind in kinds}
-        owners.update(_layer_weights(src.graph.weights, model.model.layers[:layers]))
-        new = [NewLayer({role: t.detach() for role, t in _tensors(layer).items()}, {kind: f"{kind}_{i}" for kind in kinds})
-               for i, layer in enumerate(model.model.layers) if i >= layers]
+        def unit(i: int, role: str) -> tuple[int, str]:  # layer i's role -> (its block, the role by its place in it)
+            return (i, role) if period == 1 else (i // period, f"{i % period}.{role}")
+        owners = {f"{kind}_{i}": unit(i, kind) for i in range(layers) for kind in kinds}
+        owners.update({name: unit(*o) for name, o in _layer_weights(src.graph.weights, model.model.layers[:layers]).items()})
+        new = []
+        for first in range(layers, depth, period):
+            block = range(first, first + period)
+            new.append(NewLayer({unit(i, role)[1]: t.detach() for i in block for role, t in _tensors(model.model.layers[i]).items()},
+                                {unit(i, kind)[1]: f"{kind}_{i}" for i in block for kind in kinds}))
         graph = repeat_layers(src.graph, owners, new)
     signature, canonical = Signature.from_callable(full, (), example)
     signature.output = src.signature.output
-    report.notes.append(f"captured {layers} of {depth} layers, the rest repeated in the IR")
+    report.notes.append(f"captured {layers} of {depth} layers, the rest repeated in the IR"
+                        + (f" (blocks of {period}: layer i is built as layer i mod {period})" if period > 1 else ""))
     return Source(graph, signature, wrap_callable(full), signature.flatten((), canonical))
+
+
+def layer_period(model) -> int:
+    """The smallest P > 1 such that every decoder layer i is built as layer i mod P (``layer_structure``), the depth
+    whole blocks of P, at least three of them (two captured, one or more repeated); else 1 (all alike, or no period:
+    the repeat of single layers checks and declines)."""
+    shapes = [layer_structure(layer) for layer in model.model.layers]
+    if all(s == shapes[0] for s in shapes):
+        return 1
+    return next((p for p in range(2, len(shapes) // 3 + 1)
+                 if len(shapes) % p == 0 and all(shapes[i] == shapes[i % p] for i in range(len(shapes)))), 1)
 
 
 def first_layers(model, n: int):

@@ -1,8 +1,8 @@
 """kiln.llm.step_capture: the generator's step captured with two layers and repeated in the IR is the graph a capture of
 every layer gives, before the passes (node for node, weights the very same tensors) and after them, and its generator
 answers with the same greedy tokens and the same logits, bit for bit; for Llama (GQA, untied and tied embeddings),
-Qwen2 (attention biases), Qwen3 (q / k norms), Phi-3 (merged projections), Mistral (sliding window), int8 / fp8 KV
-caches and a tensor-parallel shard. Where the layers differ (in the captured ones, or a later one) the step is captured
+Qwen2 (attention biases), Qwen3 (q / k norms), Phi-3 (merged projections), Mistral (sliding window), SmolLM3 (NoPE
+layers: blocks of layers repeated), int8 / fp8 KV caches and a tensor-parallel shard. Where the layers differ (in the captured ones, or a later one) the step is captured
 whole, says so, and answers as the eager step does."""
 import pytest
 import torch
@@ -30,6 +30,9 @@ CASES = {
     "qwen3-qk-norms": ("Qwen3", dict(num_hidden_layers=4, head_dim=16), None),
     "olmo2-post-norms": ("Olmo2", dict(num_hidden_layers=3, pad_token_id=0, bos_token_id=1, eos_token_id=2), None),
     "phi3-merged": ("Phi3", dict(num_hidden_layers=3, sliding_window=6, pad_token_id=0, bos_token_id=1, eos_token_id=2), None),
+    # every second layer without RoPE: blocks of two layers captured twice, the third and fourth repeated
+    "smollm3-nope-blocks": ("SmolLM3", dict(num_hidden_layers=8, no_rope_layer_interval=2, pad_token_id=0, bos_token_id=1,
+                                            eos_token_id=2), None),
 }
 
 
@@ -91,7 +94,9 @@ def test_repeated_capture_is_the_full_capture(case, monkeypatch):
     assert_same_graph(repeated.graph, whole.graph)
     assert repeated.signature.to_dict() == whole.signature.to_dict()
     assert [t is u for t, u in zip(repeated.example, whole.example)] == [True] * len(whole.example)
-    assert report.notes == [f"captured 2 of {kw['num_hidden_layers']} layers, the rest repeated in the IR"]
+    blocks = " (blocks of 2: layer i is built as layer i mod 2)" if kind == "SmolLM3" else ""
+    captured = 4 if blocks else 2
+    assert report.notes == [f"captured {captured} of {kw['num_hidden_layers']} layers, the rest repeated in the IR{blocks}"]
     assert "repeat layers" in report.phases
 
     full, rep = generators(hf, monkeypatch, kv_cache_dtype=kv)
