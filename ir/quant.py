@@ -65,6 +65,11 @@ class QuantWeight:
         ts = [self.qweight, self.scales] + ([self.zeros] if self.zeros is not None else [])
         return sum(t.numel() * t.element_size() for t in ts)
 
+    def rows(self, start: int, end: int) -> QuantWeight:
+        """Output rows [start, end) of this weight (views of its codes, scales and zeros: nothing copied)."""
+        z = self.zeros[start:end] if self.zeros is not None else None
+        return QuantWeight(self.qweight[start:end], self.scales[start:end], z, self.bits, self.group, (end - start, self.shape[1]))
+
     def check(self) -> QuantWeight:
         """Raise ValueError naming the first thing that breaks the format; return self when valid."""
         check_layout(self.bits, self.group, self.shape)

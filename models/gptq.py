@@ -17,7 +17,8 @@ where the stored zero is zero - 1 in format "gptq" (v1; a symmetric checkpoint s
 itself in "gptq_v2". With g_idx[k] = k // group_size this is exactly kiln's format (``ir/quant.py``) transposed:
 codes, scales and zeros carry over bit for bit; a symmetric checkpoint (every zero 2**(bits-1)) drops its zeros.
 
-Refused with the reason: bits other than 4 / 8, groups kiln's kernels do not take (32 / 64 / 128 or per channel),
+Phi-3's merged projections (``qkv_proj``, ``gate_up_proj``) are split by output rows into Llama's parts, codes, scales
+and zeros alike (``llama.split_merged``), as its float checkpoints are. Refused with the reason: bits other than 4 / 8, groups kiln's kernels do not take (32 / 64 / 128 or per channel),
 act-order checkpoints whose g_idx is a permutation (kiln's own GPTQ with act order quantizes the float checkpoint
 instead), and a v1 zero point that wrapped around (a stored zero of -1, AutoGPTQ's packing overflow).
 
@@ -34,7 +35,7 @@ import torch
 
 from ..errors import KilnError
 from ..ir.quant import GROUPS, QuantWeight, check_layout, dequantize, pack_int4
-from .llama import LlamaConfig, LlamaForCausalLM, llama_from_tensors, read_safetensors
+from .llama import LlamaConfig, LlamaForCausalLM, llama_from_tensors, read_safetensors, split_merged
 
 PARTS = ("qweight", "qzeros", "scales", "g_idx", "bias")
 ACT_ORDER_HINT = ("load the float (unquantized) checkpoint and quantize it with kiln's own GPTQ in act order: "
@@ -155,15 +156,12 @@ def load_gptq_llama(path: str | Path, dtype: torch.dtype = torch.float32) -> tup
     llama_cfg = LlamaConfig.from_hf(json.loads((path / "config.json").read_text()))
     tensors, source, where = read_safetensors(path, "model")
     floats, quantized = gptq_tensors(tensors, cfg)
-    merged = sorted(n for n in quantized if n.endswith((".qkv_proj.weight", ".gate_up_proj.weight")))
-    if merged:
-        raise KilnError(f"{path}: GPTQ codes of merged projections ({merged[0]}, ...) are not read by kiln",
-                        hint="compile the float checkpoint with quantize='w4a16-gptq' (kiln calibrates it)")
     with torch.device("meta"):
         expected = set(LlamaForCausalLM(llama_cfg).state_dict())
     for name in [f"{w.removesuffix('.weight')}.bias" for w in quantized]:
         if name in floats and name not in expected and not bool(floats[name].any()):
             del floats[name]
+    quantized = split_merged(quantized, {}, llama_cfg)[0]  # (Phi-3's merged projections: their parts' codes, by rows)
     source.update({name: where for name in floats if name not in source})
     try:
         model = llama_from_tensors(llama_cfg, floats, source, where, dtype)

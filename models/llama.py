@@ -588,23 +588,31 @@ def load_llama(path: str | Path, dtype: torch.dtype = torch.float32) -> LlamaFor
     return llama_from_tensors(cfg, tensors, source, where, dtype)
 
 
-def split_merged(tensors: dict[str, torch.Tensor], source: dict, cfg: LlamaConfig) -> tuple[dict, dict]:
-    """Phi-3's merged projections as Llama's: ``self_attn.qkv_proj.weight`` rows [q | k | v] -> q_proj / k_proj /
-    v_proj, ``mlp.gate_up_proj.weight`` rows [gate | up] -> gate_proj / up_proj (views: nothing copied). Other
-    tensors pass as they are; a merged weight of the wrong height is left for ``assign_checked`` to name."""
+def merged_parts(cfg: LlamaConfig) -> dict[str, tuple[tuple[str, int], ...]]:
+    """Phi-3's merged projections: merged weight name -> (Llama's part name, its rows) in the merged weight's order."""
     hd, q, kv, f = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size
-    parts = {"self_attn.qkv_proj.weight": (("self_attn.q_proj.weight", q * hd), ("self_attn.k_proj.weight", kv * hd),
-                                           ("self_attn.v_proj.weight", kv * hd)),
-             "mlp.gate_up_proj.weight": (("mlp.gate_proj.weight", f), ("mlp.up_proj.weight", f))}
+    return {"self_attn.qkv_proj.weight": (("self_attn.q_proj.weight", q * hd), ("self_attn.k_proj.weight", kv * hd),
+                                          ("self_attn.v_proj.weight", kv * hd)),
+            "mlp.gate_up_proj.weight": (("mlp.gate_proj.weight", f), ("mlp.up_proj.weight", f))}
+
+
+def split_merged(tensors: dict, source: dict, cfg: LlamaConfig) -> tuple[dict, dict]:
+    """Phi-3's merged projections as Llama's: ``self_attn.qkv_proj.weight`` rows [q | k | v] -> q_proj / k_proj /
+    v_proj, ``mlp.gate_up_proj.weight`` rows [gate | up] -> gate_proj / up_proj (views: nothing copied; a tensor, or a
+    QuantWeight's codes, scales and zeros: ``QuantWeight.rows``). Other tensors pass as they are; a merged weight of the
+    wrong height is left for ``assign_checked`` to name."""
+    parts = merged_parts(cfg)
     out, where = {}, dict(source)
     for name, t in tensors.items():
         merged = next((m for m in parts if name.endswith("." + m)), None)
-        if merged is None or t.dim() != 2 or t.shape[0] != sum(n for _, n in parts[merged]):
+        shape = tuple(t.shape)
+        if merged is None or len(shape) != 2 or shape[0] != sum(n for _, n in parts[merged]):
             out[name] = t
             continue
         prefix, at = name[: -len(merged)], 0
         for part, rows in parts[merged]:
-            out[prefix + part], where[prefix + part] = t[at:at + rows], source.get(name)
+            out[prefix + part] = t[at:at + rows] if isinstance(t, torch.Tensor) else t.rows(at, at + rows)
+            where[prefix + part] = source.get(name)
             at += rows
     return out, where
 

@@ -3,8 +3,9 @@
 A tiny checkpoint directory is written with this file's own packer, from the layout as documented (codes packed along
 K in int32 words, little end first; zeros packed along N, stored as zero - 1 in format v1). Checks: the converted
 QuantWeight holds the checkpoint's codes, scales and zeros exactly; a generator built from the directory packs those
-codes (merged QKV / gate-up from their parts) and its logits equal a float model on the dequantized weights; act-order,
-unsupported bits / groups and a contradicting quantize mode are refused with the reason."""
+codes (merged QKV / gate-up from their parts) and its logits equal a float model on the dequantized weights; a checkpoint
+of merged projections (Phi-3's qkv_proj / gate_up_proj) is split into the parts' codes; act-order, unsupported bits /
+groups and a contradicting quantize mode are refused with the reason."""
 import json
 
 import pytest
@@ -179,19 +180,39 @@ def test_act_order_bad_bits_bad_groups_and_another_mode_are_refused(tmp_path):
         Generator.from_pretrained(tmp_path / "ok", dtype=torch.float32, quantize="w8a16")
 
 
-def test_merged_projection_codes_are_refused(tmp_path):
-    # Phi-3 style checkpoints quantize the merged qkv_proj: kiln reads Phi-3's float weights (split_merged), not those codes
-    def merge(tensors):
-        p = "model.layers.0.self_attn"
-        for s, dim in (("qweight", 1), ("qzeros", 1), ("scales", 1), ("bias", 0)):
-            tensors[f"{p}.qkv_proj.{s}"] = torch.cat([tensors.pop(f"{p}.{x}_proj.{s}") for x in "qkv"], dim)
-        tensors[f"{p}.qkv_proj.g_idx"] = tensors.pop(f"{p}.q_proj.g_idx")
-        del tensors[f"{p}.k_proj.g_idx"], tensors[f"{p}.v_proj.g_idx"]
+@pytest.mark.parametrize("case", ["4bit-g32-asym-v1", "8bit-channel-sym-v1"])
+def test_merged_projection_codes_are_split_into_their_parts(case, tmp_path):
+    # Phi-3 style checkpoints quantize the merged qkv_proj / gate_up_proj: their codes, scales and zeros split by rows
+    # into q / k / v and gate / up (split_merged), then packed from the checkpoint as the unmerged checkpoint's are
+    bits, group_size, sym, fmt = CASES[case]
 
-    write_checkpoint(tmp_path / "merged", 4, 32, True, "gptq", edit=merge)
-    with pytest.raises(KilnError, match=r"GPTQ codes of merged projections \(model.layers.0.self_attn.qkv_proj.weight") as e:
-        Generator.from_pretrained(tmp_path / "merged", dtype=torch.float32, max_seq=32, batch_buckets=(1,))
-    assert "w4a16-gptq" in e.value.hint
+    def merge(tensors):
+        for i in range(TINY["num_hidden_layers"]):
+            for merged, parts in (("self_attn.qkv_proj", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+                                  ("mlp.gate_up_proj", ("mlp.gate_proj", "mlp.up_proj"))):
+                p = f"model.layers.{i}."
+                for s, dim in (("qweight", 1), ("qzeros", 1), ("scales", 1), ("bias", 0)):
+                    tensors[f"{p}{merged}.{s}"] = torch.cat([tensors.pop(f"{p}{x}.{s}") for x in parts], dim)
+                tensors[f"{p}{merged}.g_idx"] = tensors.pop(f"{p}{parts[0]}.g_idx")
+                for x in parts[1:]:
+                    del tensors[f"{p}{x}.g_idx"]
+
+    layers = write_checkpoint(tmp_path / "merged", bits, group_size, sym, fmt, edit=merge)
+    write_checkpoint(tmp_path / "parts", bits, group_size, sym, fmt)
+    (model, quantized, _), (_, want, _) = load_gptq_llama(tmp_path / "merged"), load_gptq_llama(tmp_path / "parts")
+    assert sorted(quantized) == sorted(want) and len(quantized) == 14
+    for name, qw in quantized.items():
+        assert torch.equal(codes_of(qw).long(), layers[name.removesuffix(".weight")]["codes"])
+        assert torch.equal(qw.scales, want[name].scales) and (sym or torch.equal(qw.zeros, want[name].zeros))
+    config = kiln.CompileConfig(backend="reference")
+    merged, parts = (Generator.from_pretrained(tmp_path / d, dtype=torch.float32, max_seq=32, batch_buckets=(1,),
+                                               eos_token_id=[], config=config) for d in ("merged", "parts"))
+    assert merged.compiled.graph.histogram()["QGEMM"] == 8
+    notes = merged.compiled.report().to_dict()["passes"]["quantize_weights"]["notes"]
+    assert "pre-quantized in the checkpoint: 14 packed from its codes" in notes[0]
+    for ids in ([5, 6, 7], [1, 2, 3, 4, 5, 6, 7, 8, 9]):
+        assert torch.equal(prefill_logits(merged.compiled, ids), prefill_logits(parts.compiled, ids))
+        assert rel_err(prefill_logits(merged.compiled, ids), prefill_logits(LlamaStep(model), ids)) <= TOL[torch.float32]
 
 
 def test_a_v1_zero_point_that_wrapped_around_is_refused():
