@@ -123,3 +123,14 @@ def test_norms_read_by_anything_but_a_float_gemm_weight_are_left_alone():
     assert [r.split(" (")[0].split(":")[0] for r in reasons(stats)] == [
         "ADD %add reads it", "the normalised value is a graph output", "GEMM %gemm reads it",
         "LINEAR %linear_2's weight is computed", "its weight is computed"]
+
+
+def test_a_folded_weight_is_the_float64_product_rounded_once():
+    # 16-bit weights are multiplied in torch's float32 compute type (their product exact there), not copied to float64:
+    # the same bits as the float64 product rounded, tiny (subnormal) products included; float32 weights go by float64
+    from kiln.passes.fold_norm_weight import _scaled
+    gen = torch.Generator().manual_seed(3)
+    for dtype, scale in ((torch.bfloat16, 1.0), (torch.float16, 1.0), (torch.bfloat16, 1e-20), (torch.float32, 1.0)):
+        t, w = rand(gen, 64, K) * scale, (1 + 0.3 * rand(gen, K)) if scale == 1.0 else rand(gen, K) * scale
+        t, w = t.to(dtype), w.to(dtype)
+        assert torch.equal(_scaled(t, w), (t.double() * w.double()).to(dtype)), dtype
