@@ -143,9 +143,10 @@ def dequantize(qw: QuantWeight, dtype: torch.dtype = torch.float32) -> torch.Ten
     tested against."""
     qw.check()
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    scale = qw.scales.to(acc).repeat_interleave(qw.group, dim=1)  # [N, K]
-    zero = qw.zero_point().to(acc).repeat_interleave(qw.group, dim=1)  # [N, K]
-    return ((codes_of(qw).to(acc) - zero) * scale).to(dtype)
+    n, k = qw.shape
+    q = codes_of(qw).to(acc).reshape(n, k // qw.group, qw.group)  # [N, G, group]: each group's scale and zero broadcast
+    w = (q - qw.zero_point().to(acc)[..., None]) * qw.scales.to(acc)[..., None]
+    return w.reshape(n, k).to(dtype)
 
 
 def default_scale_dtype(group: int, k: int) -> torch.dtype:
@@ -203,12 +204,12 @@ def quantize_rtn(w: torch.Tensor, bits: int, group: int, symmetric: bool,
     if w.dim() != 2:
         raise ValueError(f"quantize_rtn takes a weight [N, K], got shape {tuple(w.shape)}")
     check_layout(bits, group, tuple(w.shape))
-    if not bool(torch.isfinite(w).all()):
+    if not bool(torch.isfinite(torch.stack((w.amax(), w.amin()))).all()):  # (NaN propagates through both; no [N, K] mask)
         raise ValueError("quantize_rtn: the weight has non-finite values")
     scale_dtype = scale_dtype or default_scale_dtype(group, w.shape[1])
     scales, zero = fit_grid(w, bits, group, symmetric, scale_dtype)  # [N, G]
-    expand = dict(repeats=group, dim=1)
-    codes = round_to_grid(w, scales.float().repeat_interleave(**expand), zero.repeat_interleave(**expand), bits)
+    n, k = w.shape  # (each group's scale and zero broadcast over its [N, G, group] view: no [N, K] copies of them)
+    codes = round_to_grid(w.reshape(n, k // group, group), scales.float()[..., None], zero[..., None], bits).reshape(n, k)
     return from_codes(codes, scales, zero, bits, group, symmetric)
 
 
