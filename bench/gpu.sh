@@ -428,8 +428,8 @@ print('greedy', greedy(x).tolist() == x.argmax(-1).tolist())" 2>&1 | tail -5
       # tile (a step one contiguous block), cold, at the 8B's int8 / int4 gate/up and int4 down and the 1B's int4 gate/up
       timeout 240 python3 bench/gemv_loads.py 2>&1 | tail -90 ;;
     s24c)  # next: what a kernel boundary costs in a CUDA graph's chain (bench/kernel_chain.py: 64 dependent kernels, 1 /
-      # 132 / 528 programs, PDL on and off) and a dependent atomic round trip inside one: the floor under the one-row
-      # GEMVs' ~4.5 us a call above their bytes, i.e. what fusing kernels can win
+      # 132 / 528 programs, PDL on and off), the same steps in one launch with grid barriers, and a dependent atomic
+      # round trip: the floor under the one-row GEMVs' ~4.5 us a call above their bytes, i.e. what fusing kernels can win
       timeout 120 python3 bench/kernel_chain.py 2>&1 | tail -14 ;;
     s24n)  # next: Nsight Compute on the 8B gate/up at one row, int4 (IDOT tiles among skinny's configs) and int8: is IDOT's
       # 1.9 TB/s (30.8 us cold in the w4a16 plan) bound by issue slots, by load latency (stalls on the scoreboard) or

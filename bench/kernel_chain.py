@@ -13,8 +13,13 @@ speak of, in one CUDA graph as the step runs:
           programmatic dependent launch (PDL, as kiln's decode kernels launch) and without.
   hops    one kernel whose programs each make H dependent atomic adds (each operand the last result), H = 1, 4, 16: what
           a dependent L2 round trip costs (the split-K counter's, a reload of partials another SM wrote).
+  barrier the chain's K steps in ONE launch of one program an SM, a grid-wide barrier between steps (each program
+          counts itself in with an atomic, then spins until the round's count is full): what a persistent kernel pays
+          where a chain pays a kernel boundary (the o-projection inside the attention's launch, a layer's GEMVs on one
+          grid). The programs must all be resident at once, so never more than the SMs.
 
-us a kernel = the graph's replay / K (warm: the chain's values stay in L2, as a step's activations do).
+us a kernel (a barrier's step) = the graph's replay / K (warm: the chain's values stay in L2, as a step's activations
+do); a hops call's whole.
 
     python3 bench/kernel_chain.py [--kernels 64] [--smoke]          writes $OUT/kernel_chain.json
 
@@ -61,6 +66,26 @@ def _hops_kernel(ptr, HOPS: tl.constexpr, PDL: tl.constexpr):
         v = tl.atomic_add(ptr + p, v * 0.0 + 1.0)
 
 
+@triton.jit
+def _barrier_kernel(a_ptr, b_ptr, cnt_ptr, ROUNDS: tl.constexpr, PDL: tl.constexpr):
+    # ROUNDS steps of the chain, each program p reading what the program p - 1 (its neighbour: another SM) stored the
+    # step before, a grid barrier between steps. The counter only grows (every launch adds programs x ROUNDS), so a
+    # round's target is the next multiple of the grid above the count a program found: no reset, no race with it
+    gdc(PDL)
+    p = tl.program_id(0)
+    n = tl.num_programs(0)
+    for r in tl.static_range(ROUNDS):
+        src, dst = (a_ptr, b_ptr) if r % 2 == 0 else (b_ptr, a_ptr)
+        tl.store(dst + p, tl.load(src + (p + n - 1) % n, volatile=True) + 1.0)
+        tl.debug_barrier()  # (every thread's store before the count)
+        old = tl.atomic_add(cnt_ptr, 1, sem="acq_rel")
+        target = (old // n + 1) * n
+        seen = old + 1
+        while seen < target:
+            seen = tl.atomic_add(cnt_ptr, 0, sem="acquire")
+        tl.debug_barrier()
+
+
 def cases() -> tuple[dict, list]:
     """name -> a callable running it once, and checks: (name, a callable returning (got, want)) after one run."""
     f, checks = {}, []
@@ -77,6 +102,16 @@ def cases() -> tuple[dict, list]:
             name = f"chain, {grid} programs, PDL {'on' if on else 'off'}"
             f[name] = chain
             checks.append((name, chain, lambda bufs=bufs: (bufs[K % 2], bufs[(K - 1) % 2] + 1.0)))
+    sms = torch.cuda.get_device_properties(DEV).multi_processor_count if DEV.type == "cuda" else 1
+    bar = [torch.zeros(sms, device=DEV), torch.zeros(sms, device=DEV), torch.zeros(1, dtype=torch.int32, device=DEV)]
+
+    def barrier(bar=bar):
+        _barrier_kernel[(sms,)](*bar, ROUNDS=K, **pdl.kwargs(bar[0]))
+    name = f"barrier, {sms} programs"
+    f[name] = barrier
+    # after a launch: what program p stored last is what its neighbour p - 1 stored the step before, + 1 (step r writes
+    # b where r is even, a where odd)
+    checks.append((name, barrier, lambda bar=bar: (bar[K % 2], torch.roll(bar[(K - 1) % 2], 1) + 1.0)))
     for hops in HOPS:
         buf = torch.zeros(132 if DEV.type == "cuda" else 4, device=DEV)
 
@@ -95,10 +130,10 @@ def main() -> None:
         if not torch.equal(got, want):
             wrong.append(name)
     ms, failed = time_candidates(f, DEV)
-    us = {name: round(t * 1e3 / (K if name.startswith("chain") else 1), 3) for name, t in ms.items()}
+    us = {name: round(t * 1e3 / (K if name.startswith(("chain", "barrier")) else 1), 3) for name, t in ms.items()}
     res = {"device": torch.cuda.get_device_name() if DEV.type == "cuda" else "cpu", "kernels": K, "us": us,
            "wrong": wrong, "failed": failed}
-    print(f"us a kernel (chains of {K}) or a call (hops), warm, one CUDA graph:")
+    print(f"us a kernel (chains of {K}), a step (the barrier's {K}) or a call (hops), warm, one CUDA graph:")
     for name in f:
         if name in us:
             print(f"  {name:36s} {us[name]:8.3f}")
