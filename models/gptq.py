@@ -18,7 +18,9 @@ itself in "gptq_v2". With g_idx[k] = k // group_size this is exactly kiln's form
 codes, scales and zeros carry over bit for bit; a symmetric checkpoint (every zero 2**(bits-1)) drops its zeros.
 
 Phi-3's merged projections (``qkv_proj``, ``gate_up_proj``) are split by output rows into Llama's parts, codes, scales
-and zeros alike (``llama.split_merged``), as its float checkpoints are. Refused with the reason: bits other than 4 / 8, groups kiln's kernels do not take (32 / 64 / 128 or per channel),
+and zeros alike (``llama.split_merged``), as its float checkpoints are.
+
+Refused with the reason: bits other than 4 / 8, groups kiln's kernels do not take (32 / 64 / 128 or per channel),
 act-order checkpoints whose g_idx is a permutation (kiln's own GPTQ with act order quantizes the float checkpoint
 instead), and a v1 zero point that wrapped around (a stored zero of -1, AutoGPTQ's packing overflow).
 
