@@ -11,9 +11,10 @@ decode GEMM of few output tiles does on an H200, the partials added by the last 
     gate/up GEMM (SiLU GLU epilogue) with the post-attention norm folded in   1   (was: RMSNORM kernel + GEMM)
     down-proj GEMM + residual (epilogue)                    1
 and once per step: the embedding, the RoPE angles (positions * inv_freq, cos, sin: one kernel, the frequencies doubled
-before the product; was 4 with the product's concatenation) and the LM head with the final norm folded in: 3 (was 7). Kernels, not calls, are pinned: split-K reduced by a second launch (REDUCE
-"separate", the only form before issue 13) made each of the 4 GEMMs of a layer and the LM head two kernels, 10 a
-layer and 7 a step; one launch brings that back to 6 and 6 (Llama-3.2-1B at batch 1 on the H200: 169 -> ~105)."""
+before the product; was 4 with the product's concatenation) and the LM head with the final norm folded in: 3 (was 7).
+Kernels, not calls, are pinned: split-K reduced by a second launch (REDUCE "separate", the only form before issue 13)
+made each of the 4 GEMMs of a layer and the LM head two kernels, 10 a layer and 7 a step; one launch brought that back
+to 6 and 6 (Llama-3.2-1B at batch 1 on the H200: 169 -> ~105)."""
 import pytest
 import torch
 from triton.runtime.interpreter import InterpretedFunction

@@ -2,8 +2,8 @@
 every layer gives, before the passes (node for node, weights the very same tensors) and after them, and its generator
 answers with the same greedy tokens and the same logits, bit for bit; for Llama (GQA, untied and tied embeddings),
 Qwen2 (attention biases), Qwen3 (q / k norms), Phi-3 (merged projections), Mistral (sliding window), SmolLM3 (NoPE
-layers: blocks of layers repeated), int8 / fp8 KV caches and a tensor-parallel shard. Where the layers differ (in the captured ones, or a later one) the step is captured
-whole, says so, and answers as the eager step does."""
+layers: blocks of layers repeated), int8 / fp8 KV caches and a tensor-parallel shard. Where the layers differ (in the
+captured ones, or a later one) the step is captured whole, says so, and answers as the eager step does."""
 import pytest
 import torch
 import transformers
