@@ -16,10 +16,12 @@ time say which.
     python bench/decode.py --smoke [--models smoke-qwen3]              CPU: a tiny Llama (Qwen3) under the Triton interpreter
     python bench/decode.py --models 1b --ab-disable fold_norm_weight   A / B of one pass, in this process
     python bench/decode.py --models 1b --ab-kernels attention=kiln-decode-last   A / B of a kernel choice
+    python bench/decode.py --models 1b --quantize w4a16 --ab-config quantize_lm_head=True   A / B of a CompileConfig field
     KILN_PDL=0 python bench/decode.py ...                              kiln's decode kernels without programmatic
                                                                        dependent launch (codegen/kernels/pdl.py)
 """
 import argparse
+import ast
 import importlib
 import inspect
 import json
@@ -49,6 +51,8 @@ ap.add_argument("--ab-env", default=None, help="also a generator whose plans are
                 "variables set, NAME=VALUE[;..] (e.g. KILN_PDL=1+noprefetch: read at each launch, kept by the CUDA graph), as --ab-disable")
 ap.add_argument("--ab-kernels", default=None, help="also a generator with these kernel choices forced, KIND=CHOICE[,..] "
                 "(CompileConfig.kernels, e.g. attention=kiln-decode-last), as --ab-disable")
+ap.add_argument("--ab-config", default=None, help="also a generator compiled with these CompileConfig fields, NAME=VALUE[,..] "
+                "(VALUE a Python literal: e.g. quantize_lm_head=True, the LM head at the mode's 4 bits), as --ab-disable")
 a = ap.parse_args()
 if a.smoke:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel is defined
@@ -337,18 +341,19 @@ def bench_model(name: str) -> dict:
     res = {"compile_s": time.perf_counter() - t0, "params_B": sum(p.numel() for p in m.parameters()) / 1e9}
     prompt = torch.randint(0, cfg.vocab_size, (max(batches), P), device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(0))
     g_off = None
-    if a.ab_disable or SETS or ENV or a.ab_kernels:
+    if a.ab_disable or SETS or ENV or a.ab_kernels or a.ab_config:
         forced = dict(kv.split("=") for kv in a.ab_kernels.split(",")) if a.ab_kernels else {}
+        fields = {k: ast.literal_eval(v) for k, v in (kv.split("=", 1) for kv in a.ab_config.split(","))} if a.ab_config else {}
         g_off = Variant(kiln.from_hf(m, max_seq=a.max_seq or P + GEN, batch_buckets=batches, eos_token_id=[],
                                      config=kiln.CompileConfig(backend="kernels", quantize=a.quantize, kernels=forced,
-                                                               disable=[a.ab_disable] if a.ab_disable else [])))
+                                                               disable=[a.ab_disable] if a.ab_disable else [], **fields)))
     for bs in batches:
         res[f"bs{bs}"] = {"kiln": kiln_case(g, cfg.num_hidden_layers, bs, prompt)}
         print(name, bs, "kiln", json.dumps(res[f"bs{bs}"]["kiln"]), flush=True)
         if g_off is not None:
             res[f"bs{bs}"]["kiln_variant"] = kiln_case(g_off, cfg.num_hidden_layers, bs, prompt)
             res[f"bs{bs}"]["ab_tok_s"] = interleaved(g, g_off, bs, prompt)
-            print(name, bs, f"kiln variant ({a.ab_disable or a.ab_kernels or SETS or ENV})",
+            print(name, bs, f"kiln variant ({a.ab_disable or a.ab_kernels or a.ab_config or SETS or ENV})",
                   json.dumps(res[f"bs{bs}"]["kiln_variant"]), flush=True)
             print(name, bs, "interleaved tok/s (default, variant):", res[f"bs{bs}"]["ab_tok_s"], flush=True)
     g = g_off = None

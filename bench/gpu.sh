@@ -431,6 +431,13 @@ print('greedy', greedy(x).tolist() == x.argmax(-1).tolist())" 2>&1 | tail -5
       # 132 / 528 programs, PDL on and off), the same steps in one launch with grid barriers, and a dependent atomic
       # round trip: the floor under the one-row GEMVs' ~4.5 us a call above their bytes, i.e. what fusing kernels can win
       timeout 120 python3 bench/kernel_chain.py 2>&1 | tail -14 ;;
+    s24h)  # next: the w4a16 decode at batch 1 with its LM head at 4 bits (quantize_lm_head=True) against the default 8-bit
+      # head, one process each (1B: 263 -> ~133 MB a step, predicted +5-7%; 8B: 525 -> ~266 MB, +3-4%). Quality (bench/quality.py,
+      # pyllama): GPTQ +0.56% held-out perplexity with the 8-bit head, +1.47% with the 4-bit one (issue 13's bar: +3%)
+      for m in 1b 8b; do
+        DECODE_JSON=decode_24h_$m.json timeout 280 python3 bench/decode.py --models $m --batches 1 --quantize w4a16 \
+          --no-compile-peer --ab-config quantize_lm_head=True 2>&1 | grep "interleaved\|Error\|error" | tail -3
+      done ;;
     s24n)  # next: Nsight Compute on the 8B gate/up at one row, int4 (IDOT tiles among skinny's configs) and int8: is IDOT's
       # 1.9 TB/s (30.8 us cold in the w4a16 plan) bound by issue slots, by load latency (stalls on the scoreboard) or
       # by too few loads in flight (occupancy)? The full report goes to $OUT/ncu_24n.txt
