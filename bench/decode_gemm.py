@@ -98,7 +98,7 @@ SWEEP_WORDS_TILES = {b: [Tile(*t, words=True) for t in ts] for b, ts in {
 # share an x column's conversion to fixed point)
 SWEEP_IDOT_TILES = [Tile(*t, words=True, idot=True) for t in (
     (16, 512, 4, 3), (32, 512, 4, 3), (64, 512, 4, 3), (64, 512, 8, 3), (128, 512, 8, 3), (32, 1024, 4, 3), (64, 1024, 8, 3),
-    (64, 512, 4, 4))]
+    (64, 512, 4, 4), (32, 512, 4, 4), (32, 512, 4, 5))]  # (the last two: more weight bytes in flight a program, session 24)
 # 1..16 rows on a 4-bit weight: MAGIC tiles (swapped tl.dot, codes dequantized for the tensor cores; skinny.MAGIC_TILES)
 SWEEP_MAGIC_TILES = [Tile(*t, True, magic=True) for t in (
     (64, 64, 4, 4), (64, 128, 4, 3), (64, 128, 4, 4), (64, 128, 4, 6), (128, 128, 4, 3), (128, 128, 4, 4), (128, 128, 8, 3),
