@@ -29,7 +29,8 @@ import torch
 
 MODEL = Path("/work/shared/models/pyllama")
 MODES = {  # name -> CompileConfig fields; "bf16": the weights as they are
-    "bf16": {}, "w8a16": dict(quantize="w8a16"), "w4a16": dict(quantize="w4a16"), "w4a16-gptq": dict(quantize="w4a16-gptq"),
+    "bf16": {}, "w8a16": dict(quantize="w8a16"), "w4a16": dict(quantize="w4a16"),
+    "w4a16+head": dict(quantize="w4a16", quantize_lm_head=True), "w4a16-gptq": dict(quantize="w4a16-gptq"),
     "w4a16-gptq+head": dict(quantize="w4a16-gptq", quantize_lm_head=True),
     "w4a16-gptq-head16": dict(quantize="w4a16-gptq", quantize_lm_head=False),
     "fp8": dict(quantize="fp8"), "w8a8": dict(quantize="w8a8"), "w8a8-nosmooth": dict(quantize="w8a8", quantize_smoothing="off"),
