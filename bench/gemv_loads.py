@@ -54,19 +54,26 @@ SMOKE_TILES = [(16, 64, 4, 2), (32, 128, 4, 2)]
 @triton.jit
 def _stream_kernel(w_ptr, out_ptr, KW, TILED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
     # program p: rows [p * BLOCK_N, (p + 1) * BLOCK_N) of a weight of KW int32 words a row, BLOCK_W words a step; the
-    # XOR of each row's words to out (so no load is dead)
+    # XOR of each row's words to out (so no load is dead). Triton pipelines none of these loads (its pipeline takes
+    # loads that reach shared memory; the GEMVs' weight tiles do, through cp.async, and keep num_stages - 1 steps in
+    # flight), so the next step's tile is loaded before this one is used: two tiles in flight a program, as the
+    # GEMVs' 3-stage pipelines hold (num_stages is passed all the same)
     p = tl.program_id(0).to(tl.int64)
     rows = tl.arange(0, BLOCK_N)
     cols = tl.arange(0, BLOCK_W)
-    acc = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.int32)
     if TILED:  # [N / BLOCK_N, KW / BLOCK_W, BLOCK_N, BLOCK_W]: step s's tile at (p * KW / BLOCK_W + s) * BLOCK_N * BLOCK_W
         ptrs = w_ptr + p * BLOCK_N * KW + rows[:, None] * BLOCK_W + cols[None, :]
-        for k in range(0, KW, BLOCK_W):
-            acc ^= tl.load(ptrs + k * BLOCK_N)
+        step = BLOCK_N
     else:
         ptrs = w_ptr + (p * BLOCK_N + rows[:, None]) * KW + cols[None, :]
-        for k in range(0, KW, BLOCK_W):
-            acc ^= tl.load(ptrs + k)
+        step = 1
+    acc = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.int32)
+    cur = tl.load(ptrs)
+    for k in range(BLOCK_W, KW, BLOCK_W):
+        nxt = tl.load(ptrs + k * step)
+        acc ^= cur
+        cur = nxt
+    acc ^= cur
     tl.store(out_ptr + p * BLOCK_N + rows, tl.reduce(acc, 1, _xor))
 
 
