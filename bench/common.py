@@ -1,5 +1,7 @@
 """What every one-process benchmark here measures of a system: first call (compile / plan) time, the median
 of triton.testing.do_bench, peak memory, and the relative error of the output vs a float32 reference."""
+import json
+import os
 import time
 
 import torch
@@ -49,3 +51,17 @@ def kernels_launched(plan) -> dict:
     top = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))
     return {"kernels": len(events) // runs, "kernel_us": sum(map(us, events)) / runs,
             "top": [[name, len(t) / runs, round(sum(t) / runs, 2)] for name, t in top[:25]]}
+
+
+def report_problems(wrong=(), failed=None) -> None:
+    """Print the cases whose output was wrong and those that failed to compile or run (the tuner's ``failed``)."""
+    for name in wrong:
+        print(f"  WRONG {name}")
+    for name, why in (failed or {}).items():
+        print(f"  failed {name}: {why}")
+
+
+def write_json(res: dict, filename: str) -> None:
+    """``res`` as $OUT/``filename`` (the working directory without $OUT)."""
+    with open(os.path.join(os.environ.get("OUT", "."), filename), "w") as fh:
+        json.dump(res, fh, indent=1)

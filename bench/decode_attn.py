@@ -11,7 +11,6 @@ the splits' reduction by the last program (-last against one split, against part
 ``--smoke``: float16 under the Triton interpreter, tiny shapes (a CPU test runs it). Writes $OUT/decode_attn.json.
 """
 import argparse
-import json
 import os
 
 ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -30,6 +29,8 @@ from kiln.codegen.kernels import decode_attention as da  # noqa: E402
 from kiln.codegen.kernels import pdl  # noqa: E402
 from kiln.codegen.kernels.pdl import gdc  # noqa: E402
 from kiln.codegen.tuning import time_candidates  # noqa: E402
+
+from common import report_problems, write_json  # noqa: E402
 
 DEV = torch.device("cpu" if a.smoke else "cuda")
 DT = torch.float16 if a.smoke else torch.bfloat16
@@ -96,11 +97,8 @@ def main() -> None:
             print(f"{name}, {attended} of {slots} keys attended, default {default} splits: us (cold / warm)", flush=True)
             for k in f:
                 print(f"  {k:28s} {row['cold'].get(k, float('nan')):8.2f} {row['warm'].get(k, float('nan')):8.2f}")
-            for k, why in row.get("failed", {}).items():
-                print(f"  failed {k}: {why}")
-    path = os.path.join(os.environ.get("OUT", "."), "decode_attn.json")
-    with open(path, "w") as fh:
-        json.dump(res, fh, indent=1)
+            report_problems(failed=row.get("failed"))
+    write_json(res, "decode_attn.json")
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ Reference: torch's row sum of the same bytes (one read of the weight). Every cas
 ``--smoke``: tiny shapes under the Triton interpreter (a CPU test runs it), each kernel checked against torch.
 """
 import argparse
-import json
 import os
 
 ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -38,6 +37,8 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from kiln.codegen.tuning import time_candidates  # noqa: E402
+
+from common import report_problems, write_json  # noqa: E402
 
 DEV = torch.device("cpu" if a.smoke else "cuda")
 # name -> (weight rows N, bytes a row): the 8B's gate/up (GLU: both halves' rows) at 8 and 4 bits, its down at 4, the 1B's
@@ -128,12 +129,8 @@ def main() -> None:
         for k in f:
             if k in ms:
                 print(f"  {k:40s} {ms[k] * 1e3:8.2f} {res[name]['TB/s'][k]:7.2f}")
-        for k in wrong:
-            print(f"  WRONG {k}")
-        for k, why in failed.items():
-            print(f"  failed {k}: {why}")
-    with open(os.path.join(os.environ.get("OUT", "."), "gemv_loads.json"), "w") as fh:
-        json.dump(res, fh, indent=1)
+        report_problems(wrong, failed)
+    write_json(res, "gemv_loads.json")
 
 
 if __name__ == "__main__":

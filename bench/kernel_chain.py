@@ -26,7 +26,6 @@ do); a hops call's whole.
 ``--smoke``: a short chain under the Triton interpreter (a CPU test runs it), each result checked.
 """
 import argparse
-import json
 import os
 
 ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -43,6 +42,8 @@ import triton.language as tl  # noqa: E402
 from kiln.codegen.kernels import pdl  # noqa: E402
 from kiln.codegen.kernels.pdl import gdc  # noqa: E402
 from kiln.codegen.tuning import time_candidates  # noqa: E402
+
+from common import report_problems, write_json  # noqa: E402
 
 DEV = torch.device("cpu" if a.smoke else "cuda")
 K = 4 if a.smoke else a.kernels
@@ -137,12 +138,8 @@ def main() -> None:
     for name in f:
         if name in us:
             print(f"  {name:36s} {us[name]:8.3f}")
-    for name in wrong:
-        print(f"  WRONG {name}")
-    for name, why in failed.items():
-        print(f"  failed {name}: {why}")
-    with open(os.path.join(os.environ.get("OUT", "."), "kernel_chain.json"), "w") as fh:
-        json.dump(res, fh, indent=1)
+    report_problems(wrong, failed)
+    write_json(res, "kernel_chain.json")
 
 
 if __name__ == "__main__":
