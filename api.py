@@ -299,8 +299,7 @@ def _prequantized_by_name(graph: Graph, prequantized) -> dict:
     for name, t in graph.weights.items():
         qw = by_key.get(key(t))
         if qw is not None and t.dim() == 2 and tuple(t.shape) == tuple(qw.shape):
-            out[name] = dataclasses.replace(qw, qweight=qw.qweight.to(t.device), scales=qw.scales.to(t.device),
-                                            zeros=None if qw.zeros is None else qw.zeros.to(t.device))
+            out[name] = qw.to(t.device)
     return out
 
 

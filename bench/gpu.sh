@@ -418,8 +418,10 @@ print('greedy', greedy(x).tolist() == x.argmax(-1).tolist())" 2>&1 | tail -5
       python3 bench/tuning_dump.py "$KILN_CACHE_DIR" --rows 28672 --top 14 | tee "$OUT/tuning_23a_8b.txt"
       python3 bench/tuning_dump.py "$KILN_CACHE_DIR" --rows 16384 --top 10 | tee "$OUT/tuning_23a_1b.txt" ;;
     s24t)  # next: session 23's CPU work on CUDA: Phi-3 with LongRoPE (rows prefilled again past the original length),
-      # Phi-4-mini's partial rotary and SmolLM3's NoPE layers, bf16 tokens against transformers' with CUDA graphs
-      timeout 150 python3 -m pytest -q -rf -m gpu tests/llm/test_generator.py -k "Phi3 or SmolLM3" 2>&1 | tail -3 ;;
+      # Phi-4-mini's partial rotary and SmolLM3's NoPE layers, bf16 tokens against transformers' with CUDA graphs; and
+      # session 25's act-order GPTQ checkpoints (x gathered before the QGEMMs) against the eager dequantized model
+      timeout 150 python3 -m pytest -q -rf -m gpu tests/llm/test_generator.py -k "Phi3 or SmolLM3" 2>&1 | tail -3
+      timeout 120 python3 -m pytest -q -rf -m gpu tests/models/test_gptq.py 2>&1 | tail -3 ;;
     s24a)  # next: the decode attention's phases at batch 1 (bench/decode_attn.py: each form a plan can run, cold and warm as
       # the tuner times them, beside an empty kernel timed the same way), the 1B / 8B / Qwen3-0.6B shapes, 384 slots
       timeout 240 python3 bench/decode_attn.py 2>&1 | tail -75 ;;

@@ -117,7 +117,8 @@ def cmd_compile(a) -> int:
         dtype = _torch_dtype(a.dtype)
         if a.weights and spec.family == "llama" and _is_gptq(a.weights):  # its own codes: models/gptq.py
             if not a.generate:
-                raise KilnError(f"{a.weights} is a GPTQ checkpoint: kiln compiles it as a generator", hint="add --generate")
+                raise KilnError(f"{a.weights} is a quantized (GPTQ / AWQ) checkpoint: kiln compiles it as a generator",
+                                hint="add --generate")
             return _compile_generator(a, spec, None, config, output, buckets, progress, calib)
         with progress.step(f"build {spec.name}" + (f" from {a.weights}" if a.weights else " (random weights)")):
             model = spec.build(weights=a.weights, dtype=dtype, seed=a.seed)
@@ -190,7 +191,7 @@ def _compile_generator(a, spec, model, config, output, buckets, progress, calibr
     kw = dict(max_seq=max_seq, batch_buckets=buckets, tokenizer=tokenizer, config=config, eos_token_id=_eos_of(a.weights),
               calibration=calibration, kv_cache_dtype=a.kv_cache)
     with progress.step(f"compile the {spec.name} step graph (max_seq {max_seq}, batch buckets {buckets}{f', KV cache {kv}' if kv else ''})"
-                       + (" from the GPTQ checkpoint's codes" if model is None else "")):
+                       + (" from the checkpoint's codes" if model is None else "")):
         g = Generator.compile(model, **kw) if model is not None else \
             Generator.from_pretrained(a.weights, dtype=_torch_dtype(a.dtype), device=a.device, **kw)
     with progress.step(f"save {output}"):

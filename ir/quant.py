@@ -11,6 +11,9 @@ integers with a zero point per (row, group):
 - scales [N, K // group], float32 or float16 (kernels compute in float32).
 - zeros: uint8 [N, K // group] when asymmetric; None when symmetric, the zero point then being
   2**(bits - 1) (128 or 8): codes 0..15 mean -8..7 (bits 4), 0..255 mean -128..127 (bits 8).
+- perm: None, or int64 [K], a permutation of 0..K-1 (an act-order GPTQ checkpoint's groups, made consecutive): the
+  packed column j holds the float weight's input feature perm[j], so the GEMM reads x[..., perm]. ``dequantize``
+  returns the float weight in its own order (column perm[j] from packed column j).
 
 Grids (``fit_grid``), with qmax = 2**(bits - 1) - 1 and maxq = 2**bits - 1:
 
@@ -48,6 +51,7 @@ class QuantWeight:
     bits: int
     group: int
     shape: tuple[int, int]  # (N, K) of the float weight
+    perm: torch.Tensor | None = None  # int64 [K]: packed column j is input feature perm[j] (module docstring)
 
     @property
     def symmetric(self) -> bool:
@@ -62,13 +66,21 @@ class QuantWeight:
     @property
     def nbytes(self) -> int:
         """Bytes of the packed weight, scales and zeros together."""
-        ts = [self.qweight, self.scales] + ([self.zeros] if self.zeros is not None else [])
+        ts = [t for t in (self.qweight, self.scales, self.zeros, self.perm) if t is not None]
         return sum(t.numel() * t.element_size() for t in ts)
 
     def rows(self, start: int, end: int) -> QuantWeight:
         """Output rows [start, end) of this weight (views of its codes, scales and zeros: nothing copied)."""
         z = self.zeros[start:end] if self.zeros is not None else None
-        return QuantWeight(self.qweight[start:end], self.scales[start:end], z, self.bits, self.group, (end - start, self.shape[1]))
+        return QuantWeight(self.qweight[start:end], self.scales[start:end], z, self.bits, self.group, (end - start, self.shape[1]),
+                           self.perm)
+
+    def to(self, device) -> QuantWeight:
+        """This weight's tensors on ``device``."""
+        def move(t):
+            return None if t is None else t.to(device)
+        return QuantWeight(move(self.qweight), move(self.scales), move(self.zeros), self.bits, self.group, self.shape,
+                           move(self.perm))
 
     def check(self) -> QuantWeight:
         """Raise ValueError naming the first thing that breaks the format; return self when valid."""
@@ -81,9 +93,13 @@ class QuantWeight:
             _expect("zeros", self.zeros, (torch.uint8,), (n, g))
             if self.zeros.numel() and int(self.zeros.max()) > 2 ** self.bits - 1:
                 raise ValueError(f"zeros: a zero point {int(self.zeros.max())} > {2 ** self.bits - 1} for {self.bits} bits")
-        devices = {t.device for t in (self.qweight, self.scales, self.zeros) if t is not None}
+        if self.perm is not None:
+            _expect("perm", self.perm, (torch.int64,), (k,))
+            if not torch.equal(torch.sort(self.perm).values, torch.arange(k, device=self.perm.device)):
+                raise ValueError(f"perm: not a permutation of 0..{k - 1}")
+        devices = {t.device for t in (self.qweight, self.scales, self.zeros, self.perm) if t is not None}
         if len(devices) > 1:
-            raise ValueError(f"qweight, scales and zeros are on different devices: {sorted(map(str, devices))}")
+            raise ValueError(f"qweight, scales, zeros and perm are on different devices: {sorted(map(str, devices))}")
         if not bool(torch.isfinite(self.scales).all() and (self.scales > 0).all()):
             raise ValueError("scales: every scale must be finite and > 0")
         return self
@@ -137,7 +153,8 @@ def codes_of(qw: QuantWeight) -> torch.Tensor:
 
 
 def dequantize(qw: QuantWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """w[n, k] = (q[n, k] - zero[n, k // group]) * scale[n, k // group] -> [N, K] in ``dtype``.
+    """w[n, k] = (q[n, k] - zero[n, k // group]) * scale[n, k // group] -> [N, K] in ``dtype``, in the float
+    weight's column order (a ``perm``'s packed column j is column perm[j]).
 
     Computed in float32 like the kernels (float64 when ``dtype`` is float64): the reference kernels are
     tested against."""
@@ -145,8 +162,10 @@ def dequantize(qw: QuantWeight, dtype: torch.dtype = torch.float32) -> torch.Ten
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     n, k = qw.shape
     q = codes_of(qw).to(acc).reshape(n, k // qw.group, qw.group)  # [N, G, group]: each group's scale and zero broadcast
-    w = (q - qw.zero_point().to(acc)[..., None]) * qw.scales.to(acc)[..., None]
-    return w.reshape(n, k).to(dtype)
+    w = ((q - qw.zero_point().to(acc)[..., None]) * qw.scales.to(acc)[..., None]).reshape(n, k)
+    if qw.perm is not None:
+        w = w[:, torch.argsort(qw.perm)]
+    return w.to(dtype)
 
 
 def default_scale_dtype(group: int, k: int) -> torch.dtype:

@@ -220,7 +220,7 @@ class Generator:
         if config.tp > 1 and calibration is not None:
             raise KilnError("calibration with tp > 1 is not supported yet", hint="quantize without calibration (w8a16, w4a16), or tp=1")
         if config.tp > 1 and prequantized is not None:
-            raise KilnError("a GPTQ checkpoint's codes with tp > 1 are not supported yet: the shards would be quantized again",
+            raise KilnError("a GPTQ / AWQ checkpoint's codes with tp > 1 are not supported yet: the shards would be quantized again",
                             hint="tp=1, or quantize the float checkpoint (quantize='w4a16') with tp")
         spec["kv_cache_dtype"] = kv = config.kv_cache_dtype
         if config.device is None:
@@ -248,7 +248,7 @@ class Generator:
     @classmethod
     def from_pretrained(cls, path, *, dtype=torch.bfloat16, **kw) -> "Generator":
         """A checkpoint directory (config.json + safetensors); its tokenizer when the directory has one. A GPTQ
-        checkpoint (``quantization_config.quant_method: "gptq"``) compiles with its own codes (``models/gptq.py``):
+        or AWQ checkpoint (``quantization_config.quant_method`` "gptq" / "awq") compiles with its own codes (``models/gptq.py``):
         the quantize mode, group and symmetry come from it; asking for another mode is an error."""
         gptq = gptq_config(path)
         if gptq is None:
@@ -575,11 +575,11 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 def _checkpoint_config(config: CompileConfig | None, quantize: str | None, gptq: GPTQConfig, path) -> CompileConfig:
-    """``config`` with the GPTQ checkpoint's quantize mode, group and symmetry (other weights stay float)."""
+    """``config`` with the GPTQ / AWQ checkpoint's quantize mode, group and symmetry (other weights stay float)."""
     config = config or CompileConfig()
     for asked in (quantize, config.quantize):
         if asked is not None and asked != gptq.mode:
-            raise KilnError(f"{path} is a {gptq.bits}-bit GPTQ checkpoint (quantize={gptq.mode!r}); quantize={asked!r} "
+            raise KilnError(f"{path} is a {gptq.bits}-bit {gptq.method} checkpoint (quantize={gptq.mode!r}); quantize={asked!r} "
                             "would quantize its dequantized weights again", hint=f"leave quantize unset (or {gptq.mode!r})")
     return dataclasses.replace(config, quantize=gptq.mode, quantize_group=None if gptq.group_size == -1 else gptq.group_size,
                                quantize_symmetric=gptq.sym)

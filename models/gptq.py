@@ -1,4 +1,5 @@
-"""Checkpoints already quantized in the GPTQ layout (AutoGPTQ / GPTQModel / transformers' ``quant_method: "gptq"``).
+"""Checkpoints already quantized in the GPTQ layout (AutoGPTQ / GPTQModel / transformers' ``quant_method: "gptq"``), and
+in AWQ's GEMM layout (AutoAWQ / transformers' ``quant_method: "awq"``, ``version: "gemm"``).
 
 config.json's ``quantization_config`` (or an older directory's quantize_config.json) holds ``bits`` (kiln reads 4 and
 8), ``group_size`` (-1: per output channel), ``desc_act``, ``sym`` and ``checkpoint_format`` ("gptq", the default, or
@@ -17,12 +18,27 @@ where the stored zero is zero - 1 in format "gptq" (v1; a symmetric checkpoint s
 itself in "gptq_v2". With g_idx[k] = k // group_size this is exactly kiln's format (``ir/quant.py``) transposed:
 codes, scales and zeros carry over bit for bit; a symmetric checkpoint (every zero 2**(bits-1)) drops its zeros.
 
+AWQ (``checkpoint_format`` "awq" here; 4 bits, zero points, no g_idx) packs along N instead, eight codes a word in the
+order (0, 2, 4, 6, 1, 3, 5, 7): code n of a word's eight is at bits 4 * AWQ_ORDER.index(n), and the zero is stored as is:
+
+    P.qweight  int32 [K, N / 8]           q(k, n): word qweight[k, n // 8], its code n % 8
+    P.qzeros   int32 [G, N / 8]           zero(g, n) likewise
+    P.scales   float16 [G, N]             W[n, k] = scales[k // group_size, n] * (q(k, n) - zero(k // group_size, n))
+
+AWQ's other layouts (``version`` "gemv", "gemv_fast", ...) and checkpoints without zero points are refused by name.
+
 Phi-3's merged projections (``qkv_proj``, ``gate_up_proj``) are split by output rows into Llama's parts, codes, scales
 and zeros alike (``llama.split_merged``), as its float checkpoints are.
 
-Refused with the reason: bits other than 4 / 8, groups kiln's kernels do not take (32 / 64 / 128 or per channel),
-act-order checkpoints whose g_idx is a permutation (kiln's own GPTQ with act order quantizes the float checkpoint
-instead), and a v1 zero point that wrapped around (a stored zero of -1, AutoGPTQ's packing overflow).
+Act-order checkpoints (``desc_act``: GPTQ visited the input features by descending Hessian diagonal and cut the groups
+in that order, so g_idx scatters each group over K) are read with the input features reordered: perm = the features
+sorted by group (stably), the codes' columns taken in that order, so each group's ``group_size`` features are
+consecutive as kiln's kernels read them, and the QuantWeight's ``perm`` says the GEMM reads x[..., perm]
+(``quantize_weights`` puts that gather before it). Scales and zeros carry over unchanged; W is the same bit for bit.
+
+Refused with the reason: bits other than 4 / 8, groups kiln's kernels do not take (32 / 64 / 128 or per channel), a
+g_idx that does not give every group exactly ``group_size`` features, and a v1 zero point that wrapped around (a stored
+zero of -1, AutoGPTQ's packing overflow).
 
 The model is built with the dequantized float weights W (float32, then the model's dtype), so capture and the float
 graph work as for any checkpoint; the compile packs the checkpoint's codes (``quantize_weights``' ``prequantized``).
@@ -40,8 +56,7 @@ from ..ir.quant import GROUPS, QuantWeight, check_layout, dequantize, pack_int4
 from .llama import LlamaConfig, LlamaForCausalLM, llama_from_tensors, read_safetensors, split_merged
 
 PARTS = ("qweight", "qzeros", "scales", "g_idx", "bias")
-ACT_ORDER_HINT = ("load the float (unquantized) checkpoint and quantize it with kiln's own GPTQ in act order: "
-                  "CompileConfig(quantize='w4a16-gptq', quantize_act_order=True) with calibration data")
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # the code of output n % 8 sits at position AWQ_ORDER.index(n % 8) of its word
 
 
 @dataclass(frozen=True)
@@ -52,7 +67,12 @@ class GPTQConfig:
     group_size: int  # -1: one group per output channel
     desc_act: bool = False
     sym: bool = True
-    checkpoint_format: str = "gptq"  # "gptq" (v1: stored zero = zero - 1) or "gptq_v2"
+    checkpoint_format: str = "gptq"  # "gptq" (v1: stored zero = zero - 1), "gptq_v2" or "awq" (AWQ's GEMM layout)
+
+    @property
+    def method(self) -> str:
+        """"AWQ" or "GPTQ", as messages name the checkpoint."""
+        return "AWQ" if self.checkpoint_format == "awq" else "GPTQ"
 
     @property
     def mode(self) -> str:
@@ -74,8 +94,10 @@ def gptq_config(path: str | Path) -> GPTQConfig | None:
     if q is None:
         return None
     method = q.get("quant_method")
+    if method == "awq":
+        return _awq_config(path, q)
     if method != "gptq":
-        raise KilnError(f"{path}: quantization_config.quant_method {method!r} is not read by kiln (it reads 'gptq')",
+        raise KilnError(f"{path}: quantization_config.quant_method {method!r} is not read by kiln (it reads 'gptq' and 'awq')",
                         hint="load the float checkpoint and quantize it with CompileConfig(quantize=...)")
     cfg = GPTQConfig(int(q.get("bits", 4)), int(q.get("group_size", 128)), bool(q.get("desc_act", False)),
                      bool(q.get("sym", True)), str(q.get("checkpoint_format", q.get("format", "gptq"))))
@@ -90,6 +112,21 @@ def gptq_config(path: str | Path) -> GPTQConfig | None:
     return cfg
 
 
+def _awq_config(path: Path, q: dict) -> GPTQConfig:
+    """An AWQ ``quantization_config`` -> GPTQConfig(format "awq"); KilnError for what kiln cannot read."""
+    version = str(q.get("version", "gemm")).lower()
+    bits, group = int(q.get("bits", q.get("w_bit", 4))), int(q.get("group_size", q.get("q_group_size", 128)))
+    hint = "use an AWQ checkpoint of version 'gemm' (4 bits, zero points), or quantize the float checkpoint with kiln"
+    if version != "gemm":
+        raise KilnError(f"{path}: AWQ version {version!r}; kiln reads AWQ's 'gemm' layout", hint=hint)
+    if bits != 4 or not q.get("zero_point", True):
+        raise KilnError(f"{path}: an AWQ checkpoint of {bits} bits{'' if q.get('zero_point', True) else ' without zero points'}; "
+                        "kiln reads 4-bit AWQ with zero points", hint=hint)
+    if group not in GROUPS:
+        raise KilnError(f"{path}: AWQ group_size {group}; kiln's kernels take {', '.join(map(str, GROUPS))}", hint=hint)
+    return GPTQConfig(4, group, False, False, "awq")
+
+
 def unpack_int32(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     """int32 words -> uint8 codes, 32 / bits codes per word along ``dim`` (0 or 1), code j in bits [j*bits, (j+1)*bits)."""
     shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=packed.device)  # [32 / bits]
@@ -102,7 +139,9 @@ def unpack_int32(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
 
 
 def quant_weight(name: str, parts: dict[str, torch.Tensor], cfg: GPTQConfig) -> QuantWeight:
-    """One GPTQ linear (``parts``: qweight, qzeros, scales[, g_idx]) -> kiln's QuantWeight, exactly (module docstring)."""
+    """One GPTQ / AWQ linear (``parts``: qweight, qzeros, scales[, g_idx]) -> kiln's QuantWeight, exactly (module docstring)."""
+    if cfg.checkpoint_format == "awq":
+        return _awq_weight(name, parts, cfg)
     codes = unpack_int32(parts["qweight"], cfg.bits, 0).t()  # [N, K]
     n, k = codes.shape
     group = cfg.group_for(k)
@@ -110,11 +149,9 @@ def quant_weight(name: str, parts: dict[str, torch.Tensor], cfg: GPTQConfig) -> 
         check_layout(cfg.bits, group, (n, k))
     except ValueError as e:
         raise KilnError(f"{name}: the GPTQ layout does not fit kiln's format: {e}") from None
-    g_idx = parts.get("g_idx")
-    trivial = torch.arange(k) // group
-    if (g_idx is None and cfg.desc_act) or (g_idx is not None and not torch.equal(g_idx.long().cpu(), trivial)):
-        raise KilnError(f"{name}: an act-order (desc_act) GPTQ checkpoint: its g_idx reorders the input features' groups, "
-                        "which kiln's kernels (consecutive groups) cannot read", hint=ACT_ORDER_HINT)
+    perm = _group_order(name, parts.get("g_idx"), k, group, cfg)
+    if perm is not None:
+        codes = codes[:, perm]
     zeros = unpack_int32(parts["qzeros"], cfg.bits, 1)[:, :n].t().to(torch.int32)  # [N, G]
     if cfg.checkpoint_format == "gptq":
         zeros = zeros + 1
@@ -127,11 +164,54 @@ def quant_weight(name: str, parts: dict[str, torch.Tensor], cfg: GPTQConfig) -> 
     scales = parts["scales"].t().contiguous()  # [N, G]
     if scales.dtype not in (torch.float16, torch.float32):
         scales = scales.float()
-    return QuantWeight(qweight, scales, zeros.to(torch.uint8).contiguous() if keep else None, cfg.bits, group, (n, k)).check()
+    return QuantWeight(qweight, scales, zeros.to(torch.uint8).contiguous() if keep else None, cfg.bits, group, (n, k),
+                       perm).check()
+
+
+def _awq_weight(name: str, parts: dict[str, torch.Tensor], cfg: GPTQConfig) -> QuantWeight:
+    def natural(packed):  # int32 [R, N / 8] -> uint8 codes [R, N], output n at column n
+        codes = unpack_int32(packed, 4, 1)
+        where = torch.tensor([AWQ_ORDER.index(j) for j in range(8)])  # the position of output n % 8 in its word
+        return codes.reshape(codes.shape[0], -1, 8)[:, :, where].flatten(1)
+
+    codes, zeros = natural(parts["qweight"]).t(), natural(parts["qzeros"]).t()  # [N, K], [N, G]
+    n, k = codes.shape
+    try:
+        check_layout(4, cfg.group_size, (n, k))
+    except ValueError as e:
+        raise KilnError(f"{name}: the AWQ layout does not fit kiln's format: {e}") from None
+    if tuple(zeros.shape) != (n, k // cfg.group_size) or tuple(parts["scales"].shape) != (k // cfg.group_size, n):
+        raise KilnError(f"{name}: qzeros / scales {list(parts['qzeros'].shape)} / {list(parts['scales'].shape)} do not fit "
+                        f"qweight {list(parts['qweight'].shape)} at group_size {cfg.group_size}")
+    scales = parts["scales"].t().contiguous()
+    scales = scales if scales.dtype in (torch.float16, torch.float32) else scales.float()
+    return QuantWeight(pack_int4(codes.contiguous()), scales, zeros.contiguous(), 4, cfg.group_size, (n, k)).check()
+
+
+def _group_order(name: str, g_idx: torch.Tensor | None, k: int, group: int, cfg: GPTQConfig) -> torch.Tensor | None:
+    """None where g_idx puts the features in consecutive groups (k // group); else the order of the features that makes
+    every group consecutive (int64 [K]: sorted by group, stably). KilnError unless every group has ``group`` features."""
+    trivial = torch.arange(k) // group
+    if g_idx is None:
+        if cfg.desc_act and group != k:
+            raise KilnError(f"{name}: an act-order (desc_act) GPTQ checkpoint without {name}.g_idx: the group of each "
+                            "input feature is not stored", hint="use a checkpoint that stores g_idx (AutoGPTQ / GPTQModel write it)")
+        return None
+    g_idx = g_idx.long().cpu().reshape(-1)
+    if g_idx.numel() != k:
+        raise KilnError(f"{name}: g_idx has {g_idx.numel()} entries for {k} input features")
+    if torch.equal(g_idx, trivial):
+        return None
+    inside = int(g_idx.min()) >= 0 and int(g_idx.max()) < k // group
+    if not inside or not bool((torch.bincount(g_idx, minlength=k // group) == group).all()):
+        raise KilnError(f"{name}: g_idx does not give each of the {k // group} groups exactly {group} input features "
+                        f"(its groups run {int(g_idx.min())}..{int(g_idx.max())})",
+                        hint="the checkpoint's g_idx is not GPTQ's; quantize the float checkpoint with kiln instead")
+    return torch.sort(g_idx, stable=True).indices
 
 
 def gptq_tensors(tensors: dict[str, torch.Tensor], cfg: GPTQConfig) -> tuple[dict[str, torch.Tensor], dict[str, QuantWeight]]:
-    """A GPTQ checkpoint's tensors -> (float tensors by HF name, each quantized ``P.weight`` the dequantized W
+    """A GPTQ / AWQ checkpoint's tensors -> (float tensors by HF name, each quantized ``P.weight`` the dequantized W
     [N, K] float32; the QuantWeight of each ``P.weight``)."""
     prefixes = [name.removesuffix(".qweight") for name in tensors if name.endswith(".qweight")]
     floats = {name: t for name, t in tensors.items() if not name.endswith(tuple(f".{p}" for p in PARTS[:4]))}
@@ -140,7 +220,7 @@ def gptq_tensors(tensors: dict[str, torch.Tensor], cfg: GPTQConfig) -> tuple[dic
         parts = {s: tensors[f"{p}.{s}"] for s in PARTS[:4] if f"{p}.{s}" in tensors}
         absent = [s for s in ("qzeros", "scales") if s not in parts]
         if absent:
-            raise KilnError(f"GPTQ checkpoint: {p}.qweight has no {', '.join(f'{p}.{s}' for s in absent)}")
+            raise KilnError(f"{cfg.method} checkpoint: {p}.qweight has no {', '.join(f'{p}.{s}' for s in absent)}")
         qw = quant_weight(p, parts, cfg)
         quantized[f"{p}.weight"] = qw
         floats[f"{p}.weight"] = dequantize(qw, torch.float32)
@@ -148,13 +228,13 @@ def gptq_tensors(tensors: dict[str, torch.Tensor], cfg: GPTQConfig) -> tuple[dic
 
 
 def load_gptq_llama(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[LlamaForCausalLM, dict[str, QuantWeight], GPTQConfig]:
-    """A GPTQ checkpoint directory -> (the model holding the dequantized weights in ``dtype``, the QuantWeight of each
+    """A GPTQ / AWQ checkpoint directory -> (the model holding the dequantized weights in ``dtype``, the QuantWeight of each
     quantized parameter by its name, the checkpoint's GPTQConfig). A quantized layer's all-zero bias that the model
     has no parameter for (AutoGPTQ writes one for every layer) is dropped."""
     path = Path(path)
     cfg = gptq_config(path)
     if cfg is None:
-        raise KilnError(f"{path} is not a GPTQ checkpoint (config.json has no quantization_config)")
+        raise KilnError(f"{path} is not a GPTQ / AWQ checkpoint (config.json has no quantization_config)")
     llama_cfg = LlamaConfig.from_hf(json.loads((path / "config.json").read_text()))
     tensors, source, where = read_safetensors(path, "model")
     floats, quantized = gptq_tensors(tensors, cfg)

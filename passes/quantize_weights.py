@@ -34,7 +34,10 @@ Choices, and why:
 - Weights a checkpoint holds already quantized (``prequantized``, e.g. a GPTQ checkpoint's, ``models/gptq.py``) are
   packed as given, method "checkpoint", and measured like the others against the float weight the graph holds (its
   dequantized codes). A weight horizontal fusion merged is built from its parts (``Graph.weight_parts``) when all are
-  quantized alike, else quantized as usual with a note; the checkpoint decides which weights stay float.
+  quantized alike, else quantized as usual with a note; the checkpoint decides which weights stay float. An act-order
+  checkpoint's weight (a ``QuantWeight.perm``) is read on x's features gathered in its packed order:
+  QGEMM(INDEX(x, perm), ...), one gather of x per GEMM; where x is another QGEMM's output read only there (a down
+  projection after the gate / up GEMM) that QGEMM's rows are permuted at compile time instead.
 - GPTQ needs a Hessian of full rank: a weight with fewer calibration rows than input features (an LM head in
   a step graph sees one row per sample) is rounded to nearest instead, and a note says so.
 """
@@ -116,6 +119,7 @@ def quantize_weights(graph: Graph, spec: QuantizeSpec | None = None, calibration
     hessians = _hessians(graph, sites, calibration) if calibration else {}
     if prequantized is not None:
         stats.notes.append(f"weights pre-quantized in the checkpoint: {len(prequantized)} packed from its codes, not quantized again")
+    gathers = []
     for name, nodes in sites.items():
         w = _float_weight(graph, nodes[0])  # [N, K]
         acc = hessians.get(name)
@@ -123,18 +127,45 @@ def quantize_weights(graph: Graph, spec: QuantizeSpec | None = None, calibration
         site_spec = spec.head_spec if any(_is_output_head(graph, n) for n in nodes) else spec
         qw, method, why = (qw, "checkpoint", "") if qw is not None else _pack(w, acc, site_spec, why)
         packed = _add_packed(graph, name, qw)
+        perm = _add_weight(graph, f"{name.removesuffix('^T').removesuffix('.weight')}.perm", qw.perm) if qw.perm is not None else None
         for n in nodes:
-            graph.replace_all_uses(n, _build(graph, n, packed, qw))
+            q = _build(graph, n, packed, qw, perm)
+            gathers += [q.inputs[0]] if perm is not None else []
+            graph.replace_all_uses(n, q)
             stats.rewritten += 1
             stats.rules[method] = stats.rules.get(method, 0) + 1
         H = acc.value() if acc is not None else None
         where = f"output error {_output_error(w, qw, H):.2e} on {acc.n} calibration rows" if H is not None else \
             f"weight error {_output_error(w, qw, None):.2e} (no calibration data)"
-        stats.notes.append(f"{name} [{qw.shape[0]}, {qw.shape[1]}] -> {qw.bits}-bit g{qw.group} {method}: {where}"
+        order = ", input features in the checkpoint's act order" if perm is not None else ""
+        stats.notes.append(f"{name} [{qw.shape[0]}, {qw.shape[1]}] -> {qw.bits}-bit g{qw.group} {method}{order}: {where}"
                            + (f" ({why})" if why else "") + f"; read by {', '.join(n.name for n in nodes)}")
-    graph.remove_dead()
+    graph.remove_dead()  # (the float matmuls replaced: the users counted below are the live ones)
+    folded = sum(_fold_gather(graph, n) for n in gathers)
+    if folded:
+        stats.notes.append(f"act order: {folded} of the {len(gathers)} gathers of x folded into the producing QGEMM's output "
+                           f"order at compile time, {len(gathers) - folded} run")
+        graph.remove_dead()
     graph.toposort()
     return stats
+
+
+def _fold_gather(graph: Graph, n: Node) -> bool:
+    """INDEX(y, perm) where y is a QGEMM's output read only here (an act-order down projection reading the gate / up
+    GEMM): the QGEMM's output features permuted at compile time instead, i.e. its packed rows, scales, zeros and bias
+    (both halves of a GLU alike), and no gather at run time."""
+    y, perm = n.inputs
+    if y.op != "QGEMM" or y.attrs["gate"] or y.attrs["residual"] or len(y.users) != 1 or y in graph.outputs:
+        return False
+    if any(o.op != "WEIGHT" or len(o.users) != 1 for o in y.inputs[1:]):  # (packed for this GEMM alone)
+        return False
+    idx = graph.weights[perm.attrs["name"]]
+    rows = torch.cat([idx, idx + len(idx)]) if y.attrs["glu"] else idx
+    for o in y.inputs[1:]:
+        t = graph.weights[o.attrs["name"]]
+        graph.weights[o.attrs["name"]] = t.index_select(0, rows.to(t.device)).contiguous()
+    graph.replace_all_uses(n, y)
+    return True
 
 
 # ----------------------------------------------------------------------------- pattern / guard
@@ -199,9 +230,12 @@ def checkpoint_weight(graph: Graph, name: str, prequantized: dict[str, QuantWeig
     layouts = {(q.bits, q.group, q.symmetric, q.scales.dtype, q.shape[1]) for q in qws}
     if len(layouts) > 1:
         return None, "its parts are quantized with different bits / groups / symmetry in the checkpoint"
+    perm = qws[0].perm
+    if any((q.perm is None) != (perm is None) or (perm is not None and not torch.equal(q.perm, perm)) for q in qws):
+        return None, "its parts order their input features differently in the checkpoint (act order)"
     zeros = None if qws[0].symmetric else torch.cat([q.zeros for q in qws])
     qw = QuantWeight(torch.cat([q.qweight for q in qws]), torch.cat([q.scales for q in qws]), zeros, qws[0].bits,
-                     qws[0].group, (sum(q.shape[0] for q in qws), qws[0].shape[1]))
+                     qws[0].group, (sum(q.shape[0] for q in qws), qws[0].shape[1]), perm)
     return qw.check(), ""
 
 
@@ -256,19 +290,25 @@ def _add_packed(graph: Graph, name: str, qw: QuantWeight) -> list[Node]:
     """WEIGHT nodes of the packed weight: [qweight, scales] (+ [zeros])."""
     base = name.removesuffix("^T").removesuffix(".weight")
     parts = [("qweight", qw.qweight), ("scales", qw.scales)] + ([("zeros", qw.zeros)] if qw.zeros is not None else [])
-    out = []
-    for suffix, t in parts:
-        key, k = f"{base}.{suffix}", 2
-        while key in graph.weights:
-            key, k = f"{base}.{suffix}_{k}", k + 1
-        out.append(graph.add_weight(key, t.contiguous()))
-    return out
+    return [_add_weight(graph, f"{base}.{suffix}", t) for suffix, t in parts]
 
 
-def _build(graph: Graph, n: Node, packed: list[Node], qw: QuantWeight) -> Node:
-    """The QGEMM computing what ``n`` computes, on the packed weight (a GEMM keeps its epilogue and its operands)."""
+def _add_weight(graph: Graph, key: str, t: torch.Tensor) -> Node:
+    """A WEIGHT node of ``t`` under ``key`` (or ``key_2``, ``key_3``, ... where taken)."""
+    name, k = key, 2
+    while name in graph.weights:
+        name, k = f"{key}_{k}", k + 1
+    return graph.add_weight(name, t.contiguous())
+
+
+def _build(graph: Graph, n: Node, packed: list[Node], qw: QuantWeight, perm: Node | None = None) -> Node:
+    """The QGEMM computing what ``n`` computes, on the packed weight (a GEMM keeps its epilogue and its operands); with
+    a ``perm`` (an act-order checkpoint's), on x's features gathered in the packed order: INDEX(x, perm) on x's last axis."""
     a = dict(n.attrs) if n.op == "GEMM" else dict(bias=len(n.inputs) > 2, act="none", glu=False, gate=False, residual=False)
-    return graph.add("QGEMM", [n.inputs[0], *packed, *n.inputs[2:]], name=f"{n.name}_q{qw.bits}", loc=n.loc, bits=qw.bits,
+    x = n.inputs[0]
+    if perm is not None:
+        x = graph.add("INDEX", [x, perm], name=f"{n.name}_act_order", loc=n.loc, axes=(len(x.shape) - 1,))
+    return graph.add("QGEMM", [x, *packed, *n.inputs[2:]], name=f"{n.name}_q{qw.bits}", loc=n.loc, bits=qw.bits,
                      group=qw.group, zeros=qw.zeros is not None, **a)
 
 

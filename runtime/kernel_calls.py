@@ -54,6 +54,20 @@ def collective_call(g: Group, op: str, x: torch.Tensor, attrs: dict, out: torch.
     return KernelCall(g, "collective", all_gather, "all_gather")
 
 
+def gather_call(n, args: list, out: torch.Tensor):
+    """A gather straight into ``out`` (one ``index_select``, no copy after): EMBEDDING's rows, or INDEX on one axis with
+    a 1-d index (an act-order weight's x); None for other nodes or layouts."""
+    if not out.is_contiguous():
+        return None
+    if n.op == "EMBEDDING" and args[0].dim() == 2:
+        w, idx, rows = args[0], args[1], out.view(-1, args[0].shape[1])
+        return lambda: torch.index_select(w, 0, idx.reshape(-1), out=rows)
+    if n.op == "INDEX" and len(n.attrs["axes"]) == 1 and args[1].dim() == 1:
+        x, idx, axis = args[0], args[1], n.attrs["axes"][0]
+        return lambda: torch.index_select(x, axis, idx, out=out)
+    return None
+
+
 def run_calls(calls: list) -> None:
     for call in calls:
         call.run()

@@ -46,7 +46,7 @@ from ..ir.interpret import eval_node, node_attrs
 from ..ir.ops import COLLECTIVE_OPS, attention_operands, index_copy
 from ..ir.ops_fused import AQ_FORMATS, aqgemm_operands
 from ..ir.types import eval_dim, torch_dtype
-from .kernel_calls import MAX_OUTPUT_SETS, KernelCall, OutputSet, PlanStats, collective_call, run_calls, use_count
+from .kernel_calls import MAX_OUTPUT_SETS, KernelCall, OutputSet, PlanStats, collective_call, gather_call, run_calls, use_count
 from . import warm_libs
 from .layouts import CHANNELS_LAST, channels_last_values, empty_in_order, inverse, row_pitch, stored_order
 from .memory import Liveness, nbytes
@@ -686,9 +686,9 @@ class KernelPlan(Plan):
                 pass
         if kind == "copy":
             return KernelCall(g, "copy", lambda: out.copy_(eval_node(n, args, b, attrs)))
-        if n.op == "EMBEDDING" and out.is_contiguous() and args[0].dim() == 2:  # the rows gathered into out: no copy after
-            w, idx, rows = args[0], args[1], out.view(-1, args[0].shape[1])
-            return KernelCall(g, "reference", lambda: torch.index_select(w, 0, idx.reshape(-1), out=rows))
+        gather = gather_call(n, args, out)  # (EMBEDDING, one-axis INDEX: gathered into out, no copy after)
+        if gather is not None:
+            return KernelCall(g, "reference", gather)
 
         def run_reference():
             r = eval_node(n, args, b, attrs)

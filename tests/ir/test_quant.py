@@ -104,11 +104,23 @@ def valid():
     (dict(scales=torch.zeros(3, 2, dtype=torch.float16)), "finite and > 0"),
     (dict(scales=torch.full((3, 2), float("nan"))), "finite and > 0"),
     (dict(shape=(3, 0)), "N, K > 0"),
+    (dict(perm=torch.arange(64, dtype=torch.int32)), "perm dtype"),
+    (dict(perm=torch.arange(63)), r"perm shape must be \(64,\)"),
+    (dict(perm=torch.zeros(64, dtype=torch.int64)), "not a permutation of 0..63"),
 ])
 def test_check_names_what_is_wrong(change, match):
     assert QuantWeight(**valid()).check() is not None
     with pytest.raises(ValueError, match=match):
         QuantWeight(**{**valid(), **change}).check()
+
+
+def test_a_perm_reorders_the_packed_columns_back_in_dequantize():
+    w = weight(4, 64)
+    perm = torch.randperm(64, generator=torch.Generator().manual_seed(1))
+    packed = quantize_rtn(w[:, perm], 4, 32, symmetric=False)  # column j of the packed weight is w's column perm[j]
+    qw = QuantWeight(packed.qweight, packed.scales, packed.zeros, 4, 32, (4, 64), perm).check()
+    assert torch.equal(dequantize(qw)[:, perm], dequantize(packed))
+    assert torch.equal(dequantize(qw.rows(1, 3)), dequantize(qw)[1:3]) and qw.nbytes == packed.nbytes + 64 * 8
 
 
 def test_8bit_accepts_odd_k_per_channel():
