@@ -70,12 +70,13 @@ def new_caches(spec: dict, batch: int, dtype, device) -> dict[str, torch.Tensor]
             for n in cache_names(spec["num_layers"], kv)}
 
 
-def step_dims(names: list[str], max_batch: int, max_seq: int) -> dict:
+def step_dims(names: list[str], max_batch: int, max_seq: int, window_mask: bool = False) -> dict:
     """The step's dynamic dims (kiln.compile's ``dynamic``): batch in [1, max_batch] and seq, the step's tokens, in
-    [1, max_seq]; ``names``: the cache inputs."""
+    [1, max_seq]; ``names``: the cache inputs; ``window_mask``: the step takes one (Gemma 3)."""
     batch, seq = ("batch", 1, max_batch), ("seq", 1, max_seq)
+    masks = ("mask", "window_mask") if window_mask else ("mask",)
     return {"input_ids": {0: batch, 1: seq}, "positions": {0: batch, 1: seq}, "slots": {0: seq},
-            "mask": {0: batch, 2: seq}, **{n: {0: batch} for n in names}}
+            **{m: {0: batch, 2: seq} for m in masks}, **{n: {0: batch} for n in names}}
 
 
 def kv_cache_note(spec: dict, dtype) -> str:
@@ -88,9 +89,11 @@ def kv_cache_note(spec: dict, dtype) -> str:
             f"per layer ({str(dtype).removeprefix('torch.')}: {plain})")
 
 
-def step_inputs(ids: torch.Tensor, pad: torch.Tensor, slot0: int, caches: dict, max_seq: int, window: int | None) -> dict:
+def step_inputs(ids: torch.Tensor, pad: torch.Tensor, slot0: int, caches: dict, max_seq: int, window: int | None,
+                layer_window: int | None = None) -> dict:
     """The step's inputs for tokens ``ids`` [B, T] at cache slots slot0 .. slot0 + T - 1 of rows whose first real
-    slot is ``pad`` [B] (see the module docstring for the positions and the mask)."""
+    slot is ``pad`` [B] (see the module docstring for the positions and the mask); ``layer_window``: the sliding
+    layers' window of a model that has full layers too (Gemma 3), whose mask is ``window_mask``."""
     B, T = ids.shape
     dev = ids.device
     slots = torch.arange(slot0, slot0 + T, device=dev)
@@ -98,10 +101,15 @@ def step_inputs(ids: torch.Tensor, pad: torch.Tensor, slot0: int, caches: dict, 
     positions = (slots[None, :] - pad[:, None]).clamp_min(0)
     keys = torch.arange(max_seq, device=dev)
     see = (keys[None, None, :] <= slots[None, :, None]) & (keys[None, None, :] >= pad[:, None, None])  # [B, T, S]
-    if window is not None:  # i - window < j <= i
-        see &= keys[None, None, :] > slots[None, :, None] - window
-    see |= keys[None, None, :] == slots[None, :, None]  # a padding query sees itself: no empty softmax row
-    return {"input_ids": ids, "positions": positions, "slots": slots, "mask": see[:, None], **caches}
+    itself = keys[None, None, :] == slots[None, :, None]  # a padding query sees itself: no empty softmax row
+
+    def within(w):  # i - w < j <= i
+        return see if w is None else see & (keys[None, None, :] > slots[None, :, None] - w)
+
+    masks = {"mask": (within(window) | itself)[:, None]}
+    if layer_window is not None:
+        masks["window_mask"] = (within(layer_window) | itself)[:, None]
+    return {"input_ids": ids, "positions": positions, "slots": slots, **masks, **caches}
 
 
 # where the generator's greedy steps run codegen/kernels/greedy.py (tests add "cpu": the Triton interpreter runs it,
@@ -132,7 +140,8 @@ def calibration_steps(calibration, tokenizer, spec: dict, dtype, device) -> list
             piece = ids[i:i + window]
             T = _prefill_bucket(len(piece), max_seq)
             row = torch.tensor([[0] * (T - len(piece)) + piece], device=device)
-            steps.append(step_inputs(row, torch.tensor([T - len(piece)]), 0, caches, max_seq, spec["sliding_window"]))
+            steps.append(step_inputs(row, torch.tensor([T - len(piece)]), 0, caches, max_seq, spec["sliding_window"],
+                                     spec.get("layer_window")))
     if not steps:
         raise KilnError("the calibration data holds no tokens", hint="give text or token ids to calibrate on")
     return steps
@@ -158,7 +167,8 @@ class Generator:
 
     Build one with :func:`kiln.from_hf` (an in-memory transformers model), :meth:`from_pretrained` (a checkpoint
     directory), :meth:`compile` (kiln's own LlamaForCausalLM) or :meth:`load` (a saved ``.kiln`` artifact, no
-    model source or checkpoint needed). ``spec``: vocab_size, num_layers, kv_heads, head_dim, sliding_window,
+    model source or checkpoint needed). ``spec``: vocab_size, num_layers, kv_heads, head_dim, sliding_window, layer_window
+    (Gemma 3's sliding layers' window: their mask is the step's ``window_mask``),
     max_seq (cache length: prompt + new tokens), batch_buckets (request batch sizes compiled for; a request is
     padded up to the next one), eos (token ids), longrope_original (a LongRoPE model's original length: a batch is
     prefilled again where a row grows past it, ``_restarts``; None otherwise). ``tokenizer``: a transformers tokenizer (text in and out,
@@ -173,7 +183,7 @@ class Generator:
         self.max_seq = int(spec["max_seq"])
         self.batch_buckets = tuple(spec["batch_buckets"])
         self.vocab_size = int(spec["vocab_size"])
-        self.window = spec.get("sliding_window")
+        self.window, self.layer_window = spec.get("sliding_window"), spec.get("layer_window")
         self.longrope = spec.get("longrope_original")  # (LongRoPE's original length: ``_restarts``)
         self.kv_cache_dtype = spec.get("kv_cache_dtype")
         self.names = cache_names(spec["num_layers"], self.kv_cache_dtype)
@@ -212,7 +222,8 @@ class Generator:
         model = model.to(device, dtype).eval()
         eos = eos_token_id if eos_token_id is not None else getattr(tokenizer, "eos_token_id", None)
         spec = dict(vocab_size=cfg.vocab_size, num_layers=cfg.num_hidden_layers, kv_heads=cfg.num_key_value_heads,
-                    head_dim=cfg.head_dim, sliding_window=cfg.sliding_window, max_seq=int(max_seq), batch_buckets=list(buckets),
+                    head_dim=cfg.head_dim, sliding_window=cfg.sliding_window, layer_window=cfg.layer_window,
+                    max_seq=int(max_seq), batch_buckets=list(buckets),
                     dtype=str(dtype).removeprefix("torch."), eos=sorted({eos} if isinstance(eos, int) else set(eos or [])),
                     longrope_original=longrope_original(cfg))
         overrides = {k: v for k, v in (("quantize", quantize), ("kv_cache_dtype", kv_cache_dtype), ("tp", tp)) if v is not None}
@@ -230,8 +241,8 @@ class Generator:
         names = cache_names(cfg.num_hidden_layers, kv)
         caches = new_caches(spec, b0, dtype, device)
         example = step_inputs(torch.zeros(b0, 2, dtype=torch.long, device=device), torch.zeros(b0, dtype=torch.long), 0, caches,
-                              int(max_seq), cfg.sliding_window)
-        dims = step_dims(names, buckets[-1], int(max_seq))
+                              int(max_seq), cfg.sliding_window, cfg.layer_window)
+        dims = step_dims(names, buckets[-1], int(max_seq), cfg.layer_window is not None)
         t0 = time.perf_counter()
         steps = None if calibration is None else calibration_steps(calibration, tokenizer, spec, dtype, device)
         pre = None if prequantized is None else [(model.get_parameter(n), qw) for n, qw in prequantized.items()]
@@ -299,7 +310,7 @@ class Generator:
         return self._caches[batch]
 
     def _inputs(self, ids: torch.Tensor, pad: torch.Tensor, slot0: int, caches: dict) -> dict:
-        return step_inputs(ids, pad, slot0, caches, self.max_seq, self.window)
+        return step_inputs(ids, pad, slot0, caches, self.max_seq, self.window, self.layer_window)
 
     def _encode(self, prompts) -> list[list[int]]:
         if isinstance(prompts, (str, torch.Tensor)) or (prompts and isinstance(prompts[0], int)):
@@ -497,7 +508,8 @@ class _Decoder:
 
     def __call__(self, tok: torch.Tensor, slot: int, advanced: bool = False) -> torch.Tensor:
         g = self.gen
-        if advanced:  # (``greedy`` wrote the tokens and advanced the inputs)
+        if advanced:  # (``greedy`` wrote the tokens and advanced the inputs but the sliding layers' mask)
+            self.advance_window(slot)
             self.slot = slot
             return self.plan.replay()[self.logits_index]
         if self.plan is not None and slot == self.slot + 1:
@@ -508,14 +520,25 @@ class _Decoder:
             b["mask"].select(3, slot).fill_(True)
             if g.window is not None and slot - g.window >= 0:
                 b["mask"].select(3, slot - g.window).fill_(False)
+            self.advance_window(slot)
         else:
-            inputs = list(step_inputs(tok[:, None], self.pad, slot, self.caches, g.max_seq, g.window).values())
+            inputs = list(step_inputs(tok[:, None], self.pad, slot, self.caches, g.max_seq, g.window, g.layer_window).values())
             self.plan = g.compiled.executor.plan_for(inputs)
             self.plan.bind(inputs)
             self.buffers = {name: buf for name, buf in zip(self.names, self.plan.input_buffers) if buf is not None}
             self.work = None  # (greedy checks the new plan's buffers)
         self.slot = slot
         return self.plan.replay()[self.logits_index]
+
+
+    def advance_window(self, slot: int) -> None:
+        """The sliding layers' mask (Gemma 3's ``window_mask``) advanced to the step writing ``slot``: its column seen,
+        the one leaving the window hidden."""
+        w = self.gen.layer_window
+        if w is not None:
+            self.buffers["window_mask"].select(3, slot).fill_(True)
+            if slot - w >= 0:
+                self.buffers["window_mask"].select(3, slot - w).fill_(False)
 
 
 def from_hf(model, tokenizer=None, **kw) -> Generator:

@@ -30,14 +30,16 @@ CAPTURE_LAYERS = 2  # decoder layers torch.export traces of a deeper model (0: a
 
 def step_function(step: torch.nn.Module, num_layers: int, kv_dtype: str | None = None):
     """``step`` as a function of named tensors (k_cache_0, v_cache_0, ...; see ``cache_names``): what kiln.compile
-    captures."""
+    captures. A model with sliding-window layers beside full ones (Gemma 3) takes their mask, ``window_mask``, after
+    ``mask``."""
     names = cache_names(num_layers, kv_dtype)
+    masks = ("mask", "window_mask") if step.model.config.layer_window is not None else ("mask",)
 
-    def fn(input_ids, positions, slots, mask, **caches):
-        return step(input_ids, positions, slots, mask, tuple(caches[n] for n in names))
+    def fn(input_ids, positions, slots, mask, **rest):
+        return step(input_ids, positions, slots, mask, tuple(rest[n] for n in names), rest.get("window_mask"))
 
     P = inspect.Parameter
-    fn.__signature__ = inspect.Signature([P(n, P.POSITIONAL_OR_KEYWORD) for n in ("input_ids", "positions", "slots", "mask", *names)])
+    fn.__signature__ = inspect.Signature([P(n, P.POSITIONAL_OR_KEYWORD) for n in ("input_ids", "positions", "slots", *masks, *names)])
     fn.__name__ = "llama_step"
     return fn
 

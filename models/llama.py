@@ -1,4 +1,4 @@
-"""Llama-family decoder (Llama, Mistral, Qwen2, Qwen3, Phi-3, Granite, OLMo 2) in plain PyTorch.
+"""Llama-family decoder (Llama, Mistral, Qwen2, Qwen3, Phi-3, Granite, OLMo 2, SmolLM3, Gemma, Gemma 3) in plain PyTorch.
 
 Parameter names are exactly transformers' (`model.layers.{i}.self_attn.q_proj.weight`, ...), so an HF
 state_dict loads with strict=True. Numerics follow transformers' modeling_llama: float32 RoPE
@@ -32,7 +32,8 @@ _ROPE_KEYS = {
 # keys a rope_scaling of that type may also carry (transformers' defaults when absent)
 _ROPE_OPTIONAL = {"yarn": ("attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "truncate"),
                   "longrope": ("factor", "attention_factor")}
-HF_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "granite", "olmo2", "smollm3")
+HF_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "granite", "olmo2", "smollm3", "gemma", "gemma3_text")
+HIDDEN_ACTS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}  # the MLP's gate activation: HF name -> kiln's
 
 
 @dataclass
@@ -67,6 +68,19 @@ class LlamaConfig:
     post_norms: bool = False
     # SmolLM3: per layer, 1 where its attention applies RoPE, 0 where it does not (NoPE; every 4th layer); None: all do
     no_rope_layers: list[int] | None = None
+    hidden_act: str = "silu"  # the MLP's gate activation: "silu" or "gelu_pytorch_tanh" (Gemma)
+    # Gemma: every norm's weight stored as an offset from 1, applied as (1 + w) in float32 before the cast
+    # (GemmaRMSNorm), and the embeddings times sqrt(hidden_size) rounded to their dtype
+    gemma_norms: bool = False
+    # Gemma 3: a norm before and after both the attention and the MLP (input / post_attention / pre_feedforward /
+    # post_feedforward_layernorm)
+    sandwich_norms: bool = False
+    # Gemma 3: per layer, 1 where it attends the last layer_window keys (its RoPE base local_rope_theta), 0 for full
+    # attention (rope_theta / rope_scaling); None: every layer alike (all sliding where sliding_window is set: Mistral)
+    sliding_layers: list[int] | None = None
+    layer_window: int | None = None
+    local_rope_theta: float | None = None
+    final_logit_softcapping: float | None = None  # logits = tanh(logits / c) * c (Gemma 3 where set)
 
     def __post_init__(self):
         if self.num_key_value_heads is None:
@@ -80,8 +94,11 @@ class LlamaConfig:
                 f"num_attention_heads={self.num_attention_heads} is not a multiple of "
                 f"num_key_value_heads={self.num_key_value_heads}"
             )
-        if self.no_rope_layers is not None and len(self.no_rope_layers) != self.num_hidden_layers:
-            raise ValueError(f"no_rope_layers has {len(self.no_rope_layers)} entries for {self.num_hidden_layers} layers")
+        for name in ("no_rope_layers", "sliding_layers"):
+            if getattr(self, name) is not None and len(getattr(self, name)) != self.num_hidden_layers:
+                raise ValueError(f"{name} has {len(getattr(self, name))} entries for {self.num_hidden_layers} layers")
+        if self.hidden_act not in HIDDEN_ACTS:
+            raise ValueError(f"unsupported hidden_act {self.hidden_act!r} (kiln's Llama-family MLP takes {', '.join(HIDDEN_ACTS)})")
         if self.rotary_dim < 2 or self.rotary_dim % 2 or not 0 < self.partial_rotary_factor <= 1:
             raise ValueError(f"partial_rotary_factor={self.partial_rotary_factor} of head_dim {self.head_dim} rotates "
                              f"{self.rotary_dim} dims; RoPE needs an even number of them, at least 2")
@@ -104,21 +121,28 @@ class LlamaConfig:
         model_type = hf.get("model_type")
         if model_type not in HF_MODEL_TYPES:
             raise ValueError(f"unsupported model_type {model_type!r}; kiln's LlamaConfig handles {HF_MODEL_TYPES}")
-        if hf.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"unsupported hidden_act {hf['hidden_act']!r} (only 'silu')")
+        act = hf.get("hidden_activation") or hf.get("hidden_act") or "silu"
+        act = "gelu_pytorch_tanh" if model_type == "gemma" and act == "gelu" else act  # (GemmaConfig's legacy value)
+        if act not in HIDDEN_ACTS or (act != "silu" and not model_type.startswith("gemma")):
+            raise ValueError(f"unsupported hidden_act {act!r} for {model_type} (only 'silu'"
+                             + (", 'gelu_pytorch_tanh')" if model_type.startswith("gemma") else ")"))
         required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
         absent = [k for k in required if k not in hf]
         if absent:
             raise ValueError(f"HF config lacks {absent}")
         known = {f.name for f in fields(cls)}
         kw = {k: v for k, v in hf.items() if k in known and v is not None}
+        kw["hidden_act"] = act
+        if model_type == "gemma3_text":
+            hf = _gemma3_from_hf(hf, kw)
         kw["rope_theta"], kw["rope_scaling"], kw["partial_rotary_factor"] = _rope_from_hf(hf)
         if kw["partial_rotary_factor"] != 1.0 and model_type != "phi3":  # (the others' transformers code rotates all)
             raise ValueError(f"partial_rotary_factor={kw['partial_rotary_factor']} is supported for phi3 (Phi-4-mini), "
                              f"not {model_type}")
         # Defaults transformers' config classes use when a key is absent.
         kw.setdefault("max_position_embeddings", {"llama": 2048, "mistral": 4096 * 32, "qwen2": 32768, "qwen3": 32768,
-                                                  "phi3": 4096, "granite": 2048, "olmo2": 2048, "smollm3": 32768}[model_type])
+                                                  "phi3": 4096, "granite": 2048, "olmo2": 2048, "smollm3": 32768,
+                                                  "gemma": 8192, "gemma3_text": 32768}[model_type])
         kw["sliding_window"] = None
         if model_type == "mistral":
             kw["sliding_window"] = hf.get("sliding_window", 4096)
@@ -136,6 +160,10 @@ class LlamaConfig:
                 kw["rope_theta"] = 2e6
             every = hf.get("no_rope_layer_interval") or 4
             kw["no_rope_layers"] = hf.get("no_rope_layers") or [int((i + 1) % every != 0) for i in range(hf["num_hidden_layers"])]
+        elif model_type == "gemma":  # GemmaConfig's defaults; (1 + w) norms, scaled embeddings, tied head
+            kw.setdefault("head_dim", 256)
+            kw.setdefault("tie_word_embeddings", True)
+            kw.update(gemma_norms=True, mlp_bias=False)
         elif model_type in ("qwen2", "qwen3"):
             if hf.get("use_sliding_window"):
                 raise ValueError(f"{model_type} with use_sliding_window=True (per-layer sliding window) is not supported")
@@ -145,6 +173,33 @@ class LlamaConfig:
                 kw.setdefault("head_dim", 128)  # Qwen3Config's default
                 kw.update(o_proj_bias=None, mlp_bias=False, qk_norm=True)
         return cls(**kw)
+
+
+def _gemma3_from_hf(hf: dict, kw: dict) -> dict:
+    """Gemma 3 (text): its settings into ``kw`` (as Gemma3TextConfig reads config.json, old and new forms); returns the
+    config with its full-attention layers' RoPE as the plain ``rope_parameters`` (the sliding ones' base into kw)."""
+    for key in ("attn_logit_softcapping", "use_bidirectional_attention"):
+        if hf.get(key):
+            raise ValueError(f"gemma3_text with {key}={hf[key]!r} is not supported")
+    n = hf["num_hidden_layers"]
+    pattern = hf.get("sliding_window_pattern") or 6
+    types = hf.get("layer_types") or ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n)]
+    params = dict(hf.get("rope_parameters") or {})
+    full = dict(params.get("full_attention") or {"rope_type": "default"})
+    if hf.get("rope_scaling"):
+        full.update(hf["rope_scaling"])
+    full.setdefault("rope_theta", hf.get("rope_theta") or 1e6)
+    local = dict(params.get("sliding_attention") or {"rope_type": "default"})
+    local.setdefault("rope_theta", hf.get("rope_local_base_freq") or 1e4)
+    if local.get("rope_type", "default") != "default":
+        raise ValueError(f"gemma3_text sliding layers' rope_type {local['rope_type']!r} is not supported (only 'default')")
+    kw.setdefault("head_dim", 256)
+    kw.setdefault("tie_word_embeddings", True)
+    kw.update(gemma_norms=True, sandwich_norms=True, qk_norm=True, mlp_bias=False,
+              attention_multiplier=float(hf.get("query_pre_attn_scalar") or 256) ** -0.5,
+              sliding_layers=[int(t == "sliding_attention") for t in types], local_rope_theta=float(local["rope_theta"]),
+              layer_window=int(hf.get("sliding_window") or 4096), final_logit_softcapping=hf.get("final_logit_softcapping"))
+    return {**hf, "rope_parameters": full, "rope_scaling": None, "rope_theta": None}
 
 
 def _rope_from_hf(hf: dict) -> tuple[float, dict | None, float]:
@@ -197,6 +252,12 @@ def rope_inv_freq(cfg: LlamaConfig, device=None) -> torch.Tensor:
     smoothed = (1 - smooth) * inv_freq_llama / factor + smooth * inv_freq_llama
     is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
     return torch.where(is_medium, smoothed, inv_freq_llama)
+
+
+def local_inv_freq(cfg: LlamaConfig, device=None) -> torch.Tensor:
+    """The sliding layers' inverse frequencies (Gemma 3: plain RoPE of base ``local_rope_theta``), float32."""
+    dim = cfg.rotary_dim
+    return 1.0 / (cfg.local_rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim))
 
 
 def _yarn_inv_freq(cfg: LlamaConfig, device=None) -> torch.Tensor:
@@ -256,17 +317,20 @@ def rope_attention_factor(cfg: LlamaConfig) -> float:
 
 class RMSNorm(nn.Module):
     """weight * (x * rsqrt(mean(x^2, -1) + eps)), the normalisation in float32 (as HF's LlamaRMSNorm); ``weight_first``:
-    the weight applied in float32 too, then one cast (Olmo2RMSNorm)."""
+    the weight applied in float32 too, then one cast (Olmo2RMSNorm); ``unit_offset``: the weight stored as its offset
+    from 1 and applied as (1 + weight) in float32, then one cast (GemmaRMSNorm)."""
 
-    def __init__(self, dim: int, eps: float, weight_first: bool = False):
+    def __init__(self, dim: int, eps: float, weight_first: bool = False, unit_offset: bool = False):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps, self.weight_first = eps, weight_first
+        self.weight = nn.Parameter(torch.zeros(dim) if unit_offset else torch.ones(dim))
+        self.eps, self.weight_first, self.unit_offset = eps, weight_first, unit_offset
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         x = x.to(torch.float32)
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.unit_offset:
+            return (x * (1.0 + self.weight.float())).to(dtype)
         return (self.weight * x).to(dtype) if self.weight_first else self.weight * x.to(dtype)
 
 
@@ -279,6 +343,13 @@ class RotaryEmbedding(nn.Module):
         self.original = longrope_original(cfg)
         if self.original is not None:  # (inv_freq: the short set)
             self.register_buffer("long_inv_freq", _longrope_inv_freq(cfg, "long_factor"), persistent=False)
+        if cfg.local_rope_theta is not None:  # (Gemma 3's sliding layers: plain RoPE of another base)
+            self.register_buffer("local_inv_freq", local_inv_freq(cfg), persistent=False)
+
+    def local(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin of the sliding layers' RoPE (``local_rope_theta``), as ``forward``'s."""
+        emb = positions[..., None].float() * torch.cat((self.local_inv_freq, self.local_inv_freq)).float()
+        return emb.cos().to(dtype), emb.sin().to(dtype)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [..., S, rotary_dim] in `dtype`, computed in float32 (times YaRN's / LongRoPE's attention factor).
@@ -317,6 +388,7 @@ class Attention(nn.Module):
     def __init__(self, cfg: LlamaConfig, layer: int = 0):
         super().__init__()
         self.use_rope = cfg.no_rope_layers is None or bool(cfg.no_rope_layers[layer])  # (SmolLM3's NoPE layers: False)
+        self.sliding = cfg.sliding_layers is not None and bool(cfg.sliding_layers[layer])  # (Gemma 3's local layers)
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         d, hd = cfg.hidden_size, cfg.head_dim
         self.q_proj = nn.Linear(d, self.n_heads * hd, bias=cfg.attention_bias)
@@ -324,7 +396,8 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, self.n_kv_heads * hd, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(self.n_heads * hd, d, bias=cfg.o_proj_bias)
         if cfg.qk_norm:
-            self.q_norm, self.k_norm = RMSNorm(hd, cfg.rms_norm_eps), RMSNorm(hd, cfg.rms_norm_eps)
+            self.q_norm = RMSNorm(hd, cfg.rms_norm_eps, unit_offset=cfg.gemma_norms)
+            self.k_norm = RMSNorm(hd, cfg.rms_norm_eps, unit_offset=cfg.gemma_norms)
         if cfg.post_norms:  # (OLMo 2: over the whole projections)
             self.q_norm = RMSNorm(self.n_heads * hd, cfg.rms_norm_eps, weight_first=True)
             self.k_norm = RMSNorm(self.n_kv_heads * hd, cfg.rms_norm_eps, weight_first=True)
@@ -363,9 +436,11 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(d, f, bias=cfg.mlp_bias)
         self.up_proj = nn.Linear(d, f, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(f, d, bias=cfg.mlp_bias)
+        self.gelu = cfg.hidden_act == "gelu_pytorch_tanh"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        g = self.gate_proj(x)
+        return self.down_proj((F.gelu(g, approximate="tanh") if self.gelu else F.silu(g)) * self.up_proj(x))
 
 
 class DecoderLayer(nn.Module):
@@ -373,30 +448,34 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.self_attn = Attention(cfg, layer)
         self.mlp = MLP(cfg)
-        self.post = cfg.post_norms
+        self.post, self.sandwich = cfg.post_norms, cfg.sandwich_norms
+        d, eps, g = cfg.hidden_size, cfg.rms_norm_eps, cfg.gemma_norms
         if not self.post:
-            self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, weight_first=self.post)
-        if self.post:
-            self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, weight_first=True)
+            self.input_layernorm = RMSNorm(d, eps, unit_offset=g)
+        self.post_attention_layernorm = RMSNorm(d, eps, weight_first=self.post, unit_offset=g)
+        if self.sandwich:
+            self.pre_feedforward_layernorm = RMSNorm(d, eps, unit_offset=g)
+        if self.post or self.sandwich:
+            self.post_feedforward_layernorm = RMSNorm(d, eps, weight_first=True, unit_offset=g)
         self.residual_multiplier = cfg.residual_multiplier
 
     def forward(self, x, cos, sin, mask=None) -> torch.Tensor:
         x = x + self.attn_out(self.self_attn(self.attn_in(x), cos, sin, mask))
         return x + self.mlp_out(self.mlp(self.mlp_in(x)))
 
-    # the residual branches' ends: pre-norm (Llama) or post-norm (OLMo 2), times Granite's residual multiplier
+    # the residual branches' ends: pre-norm (Llama), post-norm (OLMo 2) or both (Gemma 3), times Granite's residual
+    # multiplier
     def attn_in(self, x):
         return x if self.post else self.input_layernorm(x)
 
     def attn_out(self, y):
-        return scaled(self.post_attention_layernorm(y) if self.post else y, self.residual_multiplier)
+        return scaled(self.post_attention_layernorm(y) if self.post or self.sandwich else y, self.residual_multiplier)
 
     def mlp_in(self, x):
-        return x if self.post else self.post_attention_layernorm(x)
+        return x if self.post else (self.pre_feedforward_layernorm if self.sandwich else self.post_attention_layernorm)(x)
 
     def mlp_out(self, y):
-        return scaled(self.post_feedforward_layernorm(y) if self.post else y, self.residual_multiplier)
+        return scaled(self.post_feedforward_layernorm(y) if self.post or self.sandwich else y, self.residual_multiplier)
 
 
 def scaled(x: torch.Tensor, factor: float) -> torch.Tensor:
@@ -405,8 +484,17 @@ def scaled(x: torch.Tensor, factor: float) -> torch.Tensor:
 
 
 def granite_logits(logits: torch.Tensor, cfg: LlamaConfig) -> torch.Tensor:
-    """Granite's logits / logits_scaling (a division, as transformers'); the logits themselves elsewhere."""
-    return logits if cfg.logits_scaling == 1.0 else logits / cfg.logits_scaling
+    """Granite's logits / logits_scaling (a division, as transformers'), Gemma 3's final softcapping tanh(logits / c) * c;
+    the logits themselves elsewhere."""
+    logits = logits if cfg.logits_scaling == 1.0 else logits / cfg.logits_scaling
+    c = cfg.final_logit_softcapping
+    return logits if c is None else torch.tanh(logits / c) * c
+
+
+def embed(m: LlamaModel, input_ids: torch.Tensor) -> torch.Tensor:
+    """The token embeddings, times Granite's multiplier or Gemma's sqrt(hidden_size) (rounded to their dtype first)."""
+    x = scaled(m.embed_tokens(input_ids), m.embedding_multiplier)
+    return x * m.embed_scale.to(x.dtype) if m.gemma else x
 
 
 class LlamaModel(nn.Module):
@@ -414,21 +502,26 @@ class LlamaModel(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, weight_first=cfg.post_norms)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, weight_first=cfg.post_norms, unit_offset=cfg.gemma_norms)
         self.rotary_emb = RotaryEmbedding(cfg)
-        self.sliding_window = cfg.sliding_window
-        self.embedding_multiplier = cfg.embedding_multiplier
+        self.sliding_window, self.layer_window = cfg.sliding_window, cfg.layer_window
+        self.embedding_multiplier, self.gemma = cfg.embedding_multiplier, cfg.gemma_norms
+        if self.gemma:  # (GemmaModel: float32, cast to the embeddings' dtype when applied)
+            self.register_buffer("embed_scale", torch.tensor(cfg.hidden_size ** 0.5), persistent=False)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        x = scaled(self.embed_tokens(input_ids), self.embedding_multiplier)  # [B, S, D]
+        x = embed(self, input_ids)  # [B, S, D]
         pos = torch.arange(input_ids.shape[1], device=input_ids.device)  # [S]
         cos, sin = self.rotary_emb(pos, x.dtype)  # [S, hd]
-        mask = None
+        local = self.rotary_emb.local(pos, x.dtype) if self.layer_window is not None else None
+        mask, window = None, None
+        # Key j is visible to query i iff i - window < j <= i (transformers' sliding_window_overlay).
         if self.sliding_window is not None:
-            # Key j is visible to query i iff i - window < j <= i (transformers' sliding_window_overlay).
             mask = (pos[None, :] <= pos[:, None]) & (pos[None, :] > pos[:, None] - self.sliding_window)
+        if self.layer_window is not None:  # (Gemma 3's sliding layers)
+            window = (pos[None, :] <= pos[:, None]) & (pos[None, :] > pos[:, None] - self.layer_window)
         for layer in self.layers:
-            x = layer(x, cos, sin, mask)
+            x = layer(x, *local, window) if layer.self_attn.sliding else layer(x, cos, sin, mask)
         return self.norm(x)
 
 
@@ -451,6 +544,10 @@ class LlamaForCausalLM(nn.Module):
         """Recompute the non-persistent buffers (float32) on the parameters' device, e.g. after meta init."""
         device = self.model.embed_tokens.weight.device
         self.model.rotary_emb.inv_freq = rope_inv_freq(self.config, device=device)
+        if self.config.local_rope_theta is not None:
+            self.model.rotary_emb.local_inv_freq = local_inv_freq(self.config, device)
+        if self.config.gemma_norms:
+            self.model.embed_scale = torch.tensor(self.config.hidden_size ** 0.5, device=device)
         if self.model.rotary_emb.original is not None:
             self.model.rotary_emb.long_inv_freq = _longrope_inv_freq(self.config, "long_factor", device)
 
@@ -461,13 +558,15 @@ class LlamaForCausalLM(nn.Module):
 class LlamaStep(nn.Module):
     """One generation step of a :class:`LlamaForCausalLM` over an explicit, preallocated KV cache.
 
-    forward(input_ids [B, T], positions [B, T], slots [T], mask [B, 1, T, S], caches) -> logits [B, vocab] of the
+    forward(input_ids [B, T], positions [B, T], slots [T], mask [B, 1, T, S], caches[, window_mask]) -> logits [B, vocab] of the
     last position ([B, T, vocab] of every position with ``all_logits``, what perplexity needs). ``caches`` is a
     tuple with, per layer, k_i, v_i [B, kv_heads, S, head_dim] and, with a ``kv_dtype``, k_scale_i, v_scale_i
     [B, kv_heads, S] float32. The step writes this step's keys / values at cache slots ``slots`` (in place,
     ``index_copy_``) and attends over the whole cache under ``mask`` (bool, True = attend), so prefill (T tokens)
     and decode (T = 1) are the same program at different sizes. Rows are left-padded: row b's token at slot s has
     position ``positions[b, t]``; the caller's mask hides the padding, the future and slots outside a sliding window.
+    Gemma 3's sliding layers attend under ``window_mask`` (the same, and slots outside their window hidden too); without
+    it they take ``mask``, which is theirs too while the cache is no longer than their window.
 
     ``kv_dtype`` "int8" / "fp8": the cache holds quantized codes and per-(row, head, slot) scales (``ir/kv_quant.py``):
     the step quantizes its keys (after RoPE) and values, writes codes and scales, and attention reads the
@@ -483,17 +582,23 @@ class LlamaStep(nn.Module):
         self.kv_dtype, self.all_logits = kv_dtype, all_logits
         self.per_layer = 2 if kv_dtype is None else 4  # cache tensors per layer
 
-    def forward(self, input_ids, positions, slots, mask, caches):
+    def forward(self, input_ids, positions, slots, mask, caches, window_mask=None):
         m = self.model.model
         B, T = input_ids.shape
-        x = scaled(m.embed_tokens(input_ids), m.embedding_multiplier)
-        cos, sin = m.rotary_emb(positions, x.dtype)  # [B, T, hd]
-        cos, sin = cos[:, None], sin[:, None]
+        if window_mask is None and m.layer_window is not None and caches[0].shape[2] > m.layer_window:
+            raise ValueError(f"a cache of {caches[0].shape[2]} slots is longer than the sliding layers' window of "
+                             f"{m.layer_window} keys: give their mask (window_mask)")
+        x = embed(m, input_ids)
+        tables = [m.rotary_emb(positions, x.dtype)]  # cos, sin [B, T, hd]
+        if m.layer_window is not None:
+            tables.append(m.rotary_emb.local(positions, x.dtype))
+        tables = [(cos[:, None], sin[:, None]) for cos, sin in tables]
         for i, layer in enumerate(m.layers):
             a = layer.self_attn
-            q, k, v = a.heads(layer.attn_in(x), cos, sin)
+            q, k, v = a.heads(layer.attn_in(x), *tables[int(a.sliding)])
             kc, vc = self.write_cache(caches[self.per_layer * i: self.per_layer * (i + 1)], slots, k, v)
-            y = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, enable_gqa=self.n_kv_heads != self.n_heads, scale=a.scale)
+            see = window_mask if a.sliding and window_mask is not None else mask
+            y = F.scaled_dot_product_attention(q, kc, vc, attn_mask=see, enable_gqa=self.n_kv_heads != self.n_heads, scale=a.scale)
             x = x + layer.attn_out(a.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)))
             x = x + layer.mlp_out(layer.mlp(layer.mlp_in(x)))
         return granite_logits(self.model.lm_head(m.norm(x if self.all_logits else x[:, -1])), self.model.config)

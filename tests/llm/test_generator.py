@@ -1,6 +1,7 @@
 """LLM generation (llm/generator.py): greedy tokens equal transformers' generate token for token on tiny Llama,
-Qwen2, Qwen3, Phi-3, Granite, OLMo 2 and Mistral (sliding window) models in float32 on CPU, for a batch of prompts
-of different lengths; streaming, stop conditions, sampling, and bad requests that leave the generator usable."""
+Qwen2, Qwen3, Phi-3, Granite, OLMo 2, SmolLM3, Gemma, Gemma 3 and Mistral (sliding window) models in float32 on CPU,
+for a batch of prompts of different lengths; streaming, stop conditions, sampling, and bad requests that leave the
+generator usable."""
 import pytest
 import torch
 import transformers
@@ -16,7 +17,7 @@ PROMPTS = [[5, 6, 7, 8, 9], [11, 12, 13], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12
 
 def hf_model(kind="Llama", **kw):
     torch.manual_seed(0)
-    cfg = getattr(transformers, f"{kind}Config")(**{**TINY, **kw})
+    cfg = getattr(transformers, "Gemma3TextConfig" if kind == "Gemma3" else f"{kind}Config")(**{**TINY, **kw})
     m = getattr(transformers, f"{kind}ForCausalLM")(cfg).eval()
     with torch.no_grad():  # larger weights: logits far apart, so greedy choices are not near-ties
         for p in m.parameters():
@@ -56,9 +57,14 @@ def llama():
                                      # SmolLM3: its third layer without RoPE, so not the program of the second (the step is
                                      # captured whole, not repeated from two layers)
                                      ("SmolLM3", dict(num_hidden_layers=3, no_rope_layer_interval=3, pad_token_id=0,
-                                                      bos_token_id=1, eos_token_id=2))],
+                                                      bos_token_id=1, eos_token_id=2)),
+                                     ("Gemma", dict(head_dim=8)),
+                                     # Gemma 3: a sliding layer (window 6, its mask the step's window_mask) beside a
+                                     # full one, each with its RoPE base; final softcapping
+                                     ("Gemma3", dict(head_dim=8, sliding_window=6, final_logit_softcapping=3.0,
+                                                     layer_types=["sliding_attention", "full_attention"]))],
                          ids=["qwen2", "mistral-window6", "qwen3", "phi3-window6", "qwen3-yarn", "granite", "olmo2", "phi3-longrope",
-                              "phi3-partial-rotary", "smollm3-nope"])
+                              "phi3-partial-rotary", "smollm3-nope", "gemma", "gemma3"])
 def test_greedy_matches_transformers(kind, kw, monkeypatch):
     # from the second decode step the token and the next inputs (a sliding window's dropped column too) come from one
     # kernel (codegen/kernels/greedy.py), run on the CPU here under the interpreter: 38 of the 40 tokens
@@ -73,7 +79,9 @@ def test_greedy_matches_transformers(kind, kw, monkeypatch):
         assert got == hf_greedy(hf, p, 40)
     # (LongRoPE: the three steps that prefill again, and the first step after each, sample instead)
     longrope = kw.get("rope_parameters", {}).get("rope_type") == "longrope"
-    assert len(calls) == 38 - 6 * longrope and any(d is not None for d in calls) == ("sliding_window" in kw)
+    # (the greedy kernel drops a key from the mask for Mistral's and Phi-3's window; Gemma 3's sliding layers' own mask
+    # advances beside it)
+    assert len(calls) == 38 - 6 * longrope and any(d is not None for d in calls) == ("sliding_window" in kw and kind != "Gemma3")
 
 
 def test_longrope_prefills_again_where_a_row_passes_its_original_length(tmp_path):
@@ -195,6 +203,30 @@ def test_kernels_backend_writes_the_cache_in_place_and_matches(attention):
                {"gemm:cublas": p.describe()["choices"]["gemm:cublas"], f"attention:{attention}": 2} for p in plans if p.adopted)
 
 
+@pytest.mark.interpreter
+def test_kernels_backend_runs_gemma3():
+    """Gemma 3 on the kernels backend (Triton interpreter): its float32 (1 + w) norms around attention and MLP, per-head
+    q / k norms, the GELU (tanh) GLU in the GEMM epilogue, two RoPE tables and the final softcapping."""
+    hf = hf_model("Gemma3", head_dim=8, sliding_window=8, final_logit_softcapping=3.0,
+                  layer_types=["sliding_attention", "full_attention"])
+    cfg = kiln.CompileConfig(backend="kernels", kernels={"attention": "kiln-decode"})
+    g = kiln.from_hf(hf, max_seq=48, batch_buckets=(2,), eos_token_id=[], config=cfg)
+    g.compiled.executor.target.tuner = Tuner(force=cfg.kernels)
+    r = g.generate(PROMPTS[:2], max_new_tokens=4)
+    assert r.tokens == [hf_greedy(hf, p, 4) for p in PROMPTS[:2]]
+    assert all(p.describe()["choices"]["attention:kiln-decode"] == 2 for p in g.compiled.executor.plans if p.adopted)
+
+
+def test_gemma3_sliding_layers_keep_their_window_through_save_and_load(tmp_path):
+    hf = hf_model("Gemma3", head_dim=8, sliding_window=5, layer_types=["sliding_attention", "full_attention"])
+    g = kiln.from_hf(hf, max_seq=48, batch_buckets=(2,), eos_token_id=[])
+    assert g.spec["layer_window"] == 5 and [n.attrs["name"] for n in g.compiled.graph.inputs][3:5] == ["mask", "window_mask"]
+    want = [hf_greedy(hf, p, 12) for p in PROMPTS[:2]]
+    assert g.generate(PROMPTS[:2], max_new_tokens=12).tokens == want
+    back = kiln.Generator.load(g.save(tmp_path / "g.kiln"))
+    assert back.layer_window == 5 and back.generate(PROMPTS[:2], max_new_tokens=12).tokens == want
+
+
 def test_save_and_load_keep_settings_and_tokenizer(tmp_path):
     hf = hf_model()
     g = kiln.from_hf(hf, tokenizer=word_tokenizer(), max_seq=64, batch_buckets=(1, 2), eos_token_id=[3])
@@ -227,16 +259,21 @@ def test_cli_compile_generate_and_generate(tmp_path, capsys):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind,attention", [("Llama", a) for a in (None, "sdpa", "kiln-decode", "kiln-decode-last", "kiln-decode-whole")]
-                         + [("Qwen3", None), ("Qwen3", "kiln-decode"), ("Phi3", None), ("SmolLM3", None)])
+                         + [("Qwen3", None), ("Qwen3", "kiln-decode"), ("Phi3", None), ("SmolLM3", None), ("Gemma", None),
+                            ("Gemma3", None)])
 def test_gpu_bf16_generation_with_cuda_graphs(kind, attention):
     """bf16 on CUDA, kernels backend, CUDA graphs: greedy tokens equal transformers' where its own top-2 logits
     are apart; a divergence is allowed only where they are within bf16 noise. (Qwen3: its q / k norms in the rope_kv
-    call. Phi3: Phi-4-mini's partial rotary with LongRoPE, its rows prefilled again past 24 tokens. SmolLM3: a NoPE layer.)"""
+    call. Phi3: Phi-4-mini's partial rotary with LongRoPE, its rows prefilled again past 24 tokens. SmolLM3: a NoPE layer.
+    Gemma: (1 + w) norms in float32, GELU (tanh) MLP, head dim 256. Gemma 3: norms around attention and MLP, q / k norms,
+    two RoPE bases, final softcapping.)"""
     kw = {"Qwen3": dict(head_dim=16), "Phi3": dict(pad_token_id=0, bos_token_id=1, eos_token_id=2, partial_rotary_factor=0.5,
                                                    original_max_position_embeddings=24, rope_parameters=dict(
                                                        rope_type="longrope", rope_theta=1e4, short_factor=[1.0, 1.2],
                                                        long_factor=[1.5, 3.0])),
-          "SmolLM3": dict(num_hidden_layers=3, no_rope_layer_interval=3, pad_token_id=0, bos_token_id=1, eos_token_id=2)}.get(kind, {})
+          "SmolLM3": dict(num_hidden_layers=3, no_rope_layer_interval=3, pad_token_id=0, bos_token_id=1, eos_token_id=2),
+          "Gemma": dict(head_dim=256), "Gemma3": dict(head_dim=16, sliding_window=12, final_logit_softcapping=10.0,
+                                                      layer_types=["sliding_attention", "full_attention"])}.get(kind, {})
     hf = hf_model(kind, **kw).to("cuda", torch.bfloat16)
     cfg = kiln.CompileConfig(kernels={"attention": attention} if attention else {})
     g = kiln.from_hf(hf, max_seq=96, batch_buckets=(1, 4), eos_token_id=[], config=cfg)
@@ -284,10 +321,13 @@ def test_from_pretrained_checkpoint_directory_with_its_tokenizer(tmp_path, capsy
 
 
 def test_a_decoder_kiln_does_not_generate_for_is_refused_by_name():
-    cfg = transformers.GemmaConfig(**{**TINY, "num_hidden_layers": 1}, head_dim=8)  # (Gemma: (1 + w) norms, scaled embeddings)
-    with pytest.raises(kiln.KilnError, match="model_type 'gemma' is not supported") as info:
-        kiln.from_hf(transformers.GemmaForCausalLM(cfg))
+    cfg = transformers.Gemma2Config(**{**TINY, "num_hidden_layers": 1}, head_dim=8)  # (Gemma 2: attention softcapping)
+    with pytest.raises(kiln.KilnError, match="model_type 'gemma2' is not supported") as info:
+        kiln.from_hf(transformers.Gemma2ForCausalLM(cfg))
     assert "qwen3" in info.value.hint and "kiln.compile" in info.value.hint
+
+
+
 
 
 def test_cli_compiles_an_llm_checkpoint_without_a_model_name(tmp_path, capsys):

@@ -1,4 +1,5 @@
-"""kiln.models.llama against transformers' Llama / Mistral / Qwen2 / Qwen3 / Phi-3 / Granite / OLMo 2 on tiny random configs (CPU)."""
+"""kiln.models.llama against transformers' Llama / Mistral / Qwen2 / Qwen3 / Phi-3 / Granite / OLMo 2 / SmolLM3 / Gemma / Gemma 3
+on tiny random configs (CPU)."""
 
 import json
 import math
@@ -63,6 +64,15 @@ CASES = {
     # SmolLM3: every second layer here without RoPE (NoPE), q / k / v / o biases
     "smollm3-nope": ("SmolLM3Config", dict(no_rope_layer_interval=2, attention_bias=True, pad_token_id=0, bos_token_id=1,
                                            eos_token_id=2)),
+    # Gemma: (1 + w) norms in float32, embeddings times sqrt(hidden) in their dtype, GELU (tanh) MLP, tied head
+    "gemma": ("GemmaConfig", dict(head_dim=16)),
+    # Gemma 3: norms before and after attention and MLP, (1 + w) q / k norms, its query_pre_attn_scalar, a sliding
+    # layer (window 4 of the 11 tokens, RoPE base 10k) beside a full one (base 1e6, linear scaling), final softcapping
+    "gemma3-window4-softcap": ("Gemma3TextConfig", dict(head_dim=16, sliding_window=4, query_pre_attn_scalar=24,
+                                                        layer_types=["sliding_attention", "full_attention"],
+                                                        final_logit_softcapping=5.0, rope_parameters=dict(
+                                                            sliding_attention=dict(rope_type="default", rope_theta=1e4),
+                                                            full_attention=dict(rope_type="linear", rope_theta=1e6, factor=8.0)))),
     "phi3-longrope": ("Phi3Config", dict(pad_token_id=0, bos_token_id=1, eos_token_id=2, max_position_embeddings=64,
                                          original_max_position_embeddings=8,  # (Phi3Config's own key wins)
                                          rope_parameters=dict(rope_type="longrope", rope_theta=1e4, **LONGROPE))),
@@ -73,7 +83,7 @@ def hf_model(case: str, attn: str = "eager") -> transformers.PreTrainedModel:
     name, kw = CASES[case]
     torch.manual_seed(0)
     cfg = getattr(transformers, name)(**{**SMALL, **kw}, attn_implementation=attn)
-    model = getattr(transformers, name.replace("Config", "ForCausalLM"))(cfg).eval()
+    model = getattr(transformers, {"Gemma3TextConfig": "Gemma3ForCausalLM"}.get(name, name.replace("Config", "ForCausalLM")))(cfg).eval()
     with torch.no_grad():  # HF zero-inits biases and ones-inits norms: perturb everything
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.1)
@@ -100,7 +110,12 @@ def test_matches_transformers(case):
     ids = token_ids()
     assert rel_err(model(ids), hf_logits(hf, ids)) <= TOL[torch.float32]
     rope = hf.model.rotary_emb  # (LongRoPE's inv_freq: the set its last call took; kiln's: the short one)
-    assert torch.equal(model.model.rotary_emb.inv_freq, getattr(rope, "original_inv_freq", rope.inv_freq))
+    want = getattr(rope, "full_attention_inv_freq", None)  # (Gemma 3: a table per layer type)
+    if want is not None:
+        assert torch.equal(model.model.rotary_emb.local_inv_freq, rope.sliding_attention_inv_freq)
+    else:
+        want = getattr(rope, "original_inv_freq", rope.inv_freq)
+    assert torch.equal(model.model.rotary_emb.inv_freq, want)
     assert "model.rotary_emb.inv_freq" not in model.state_dict()
     tied = model.lm_head.weight is model.model.embed_tokens.weight
     assert tied == hf.config.tie_word_embeddings
@@ -267,6 +282,8 @@ def test_from_hf_legacy_rope_scaling_and_defaults():
         ({"model_type": "llama", **SMALL, "rope_parameters": {"rope_type": "dynamic", "factor": 2.0}}, "dynamic"),
         ({"model_type": "llama", **SMALL, "hidden_act": "gelu"}, "gelu"),
         ({"model_type": "qwen2", **SMALL, "use_sliding_window": True}, "use_sliding_window"),
+        ({"model_type": "gemma3_text", **SMALL, "attn_logit_softcapping": 50.0}, "attn_logit_softcapping"),
+        ({"model_type": "gemma3_text", **SMALL, "hidden_activation": "relu"}, "relu"),
     ],
 )
 def test_from_hf_rejects_unsupported(hf, name):
