@@ -63,7 +63,6 @@ import transformers  # noqa: E402
 import kiln  # noqa: E402
 from kiln.codegen.kernels.greedy import greedy, scratch  # noqa: E402
 from kiln.codegen.tuning import L2_FLUSH_BYTES  # noqa: E402
-from kiln.llm.generator import step_inputs  # noqa: E402
 
 from common import kernels_launched  # noqa: E402
 
@@ -76,7 +75,8 @@ if a.whole_max_keys is not None:
     from kiln.codegen import lower_attention as lower
     lower.WHOLE_MAX_KEYS = a.whole_max_keys
 
-# name -> (transformers config kwargs (``arch``: the config / model class, Llama when absent), batches)
+# name -> (transformers config kwargs (``arch``: the config / model class, Llama when absent; ``config``: the config
+# class where it is not ``arch``'s), batches)
 MODELS = {
     "1b": (dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                 num_key_value_heads=8, tie_word_embeddings=True, rope_theta=500000.0), (1, 16)),
@@ -89,10 +89,18 @@ MODELS = {
     "qwen3-1.7b": (dict(arch="Qwen3", vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
                         num_attention_heads=16, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True,
                         rope_theta=1000000.0), (1, 16)),
+    # Gemma-3-1B: (1 + w) norms around attention and MLP, q / k norms, head dim 256 with one kv head, a 262k vocabulary,
+    # five sliding-window layers (512 keys, RoPE base 10k) to each full one (base 1M)
+    "gemma3-1b": (dict(arch="Gemma3", config="Gemma3TextConfig", vocab_size=262144, hidden_size=1152, intermediate_size=6912,
+                       num_hidden_layers=26, num_attention_heads=4, num_key_value_heads=1, head_dim=256, sliding_window=512,
+                       query_pre_attn_scalar=256), (1, 16)),
     "smoke": (dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2), (1, 2)),
     "smoke-qwen3": (dict(arch="Qwen3", vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, head_dim=32), (1, 2)),
+    "smoke-gemma3": (dict(arch="Gemma3", config="Gemma3TextConfig", vocab_size=97, hidden_size=64, intermediate_size=96,
+                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1, head_dim=32, sliding_window=8,
+                          layer_types=["sliding_attention", "full_attention"]), (1, 2)),
 }
 P, GEN = (16, 4) if a.smoke else (128, 256)
 DEVICE = "cpu" if a.smoke else "cuda"
@@ -216,7 +224,7 @@ def between_steps_us(g, plan, bs: int, reps: int = 20) -> dict | None:
 def decode_plan(g, bs: int, slot: int = P):
     """The decode plan of batch bucket ``bs`` (one new token at ``slot``, the keys before it attended) and its inputs."""
     ids = torch.zeros(bs, 1, dtype=torch.long, device=DEVICE)
-    inputs = list(step_inputs(ids, torch.zeros(bs, dtype=torch.long), slot, g.caches(bs), g.max_seq, None).values())
+    inputs = list(g._inputs(ids, torch.zeros(bs, dtype=torch.long), slot, g.caches(bs)).values())  # (Gemma 3: window_mask too)
     plan = g.compiled.executor.plan_for(inputs)
     plan.bind(inputs)
     return plan
@@ -330,7 +338,8 @@ def bench_model(name: str) -> dict:
     if a.batches:
         batches = tuple(int(b) for b in a.batches.split(","))
     arch = kw.get("arch", "Llama")
-    cfg = getattr(transformers, f"{arch}Config")(max_position_embeddings=4096, **{k: v for k, v in kw.items() if k != "arch"})
+    cfg = getattr(transformers, kw.get("config", f"{arch}Config"))(max_position_embeddings=4096,
+                                                                     **{k: v for k, v in kw.items() if k not in ("arch", "config")})
     torch.manual_seed(0)
     with torch.device(DEVICE):
         m = getattr(transformers, f"{arch}ForCausalLM")(cfg).to(DTYPE).eval()
