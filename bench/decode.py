@@ -94,6 +94,10 @@ MODELS = {
     "gemma3-1b": (dict(arch="Gemma3", config="Gemma3TextConfig", vocab_size=262144, hidden_size=1152, intermediate_size=6912,
                        num_hidden_layers=26, num_attention_heads=4, num_key_value_heads=1, head_dim=256, sliding_window=512,
                        query_pre_attn_scalar=256), (1, 16)),
+    # Gemma-2-2B: Gemma 3's layout without q / k norms, attention scores soft-capped (50) in kiln's attention kernels,
+    # sliding layers every other one (4096 keys), logits soft-capped (30)
+    "gemma2-2b": (dict(arch="Gemma2", vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+                       num_attention_heads=8, num_key_value_heads=4, head_dim=256, attn_implementation="eager"), (1, 16)),
     "smoke": (dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2), (1, 2)),
     "smoke-qwen3": (dict(arch="Qwen3", vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,

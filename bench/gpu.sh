@@ -449,14 +449,16 @@ print('greedy', greedy(x).tolist() == x.argmax(-1).tolist())" 2>&1 | tail -5
         python3 bench/gemv_ncu.py --shape 8b --bits 4 8 > "$OUT/ncu_24n.txt" 2>&1
       grep -E "^int[48] |Duration|DRAM Throughput|Compute \(SM\) Throughput|Issued Warp Per Scheduler|No Eligible|Achieved \
 Occupancy|Warp Cycles Per Issued|Registers Per" "$OUT/ncu_24n.txt" | head -150 ;;
-    s25g)  # next: session 25's Gemma / Gemma 3 (CPU-tested): their GPU tests (bf16 tokens against transformers' with CUDA
-      # graphs), then the Gemma-3-1B shape (random weights; head dim 256, one kv head, a 262k vocabulary, sliding layers'
-      # window_mask) at batch 1 / 16 against static KV + torch.compile reduce-overhead. Predicted: tokens within bf16
-      # noise; kiln ~1.5-2.5x the peer at batch 1 (its float32-weight norms are row kernels, not GEMV prologues, and its
-      # 26 layers are captured whole: compile slower than the 1B's)
+    s25g)  # next: session 25's Gemma / Gemma 2 / Gemma 3 (CPU-tested): their GPU tests (bf16 tokens against transformers'
+      # with CUDA graphs; Gemma 2's soft-capped scores in kiln's attention kernels), the softcap kernel tests, then the
+      # Gemma-3-1B and Gemma-2-2B shapes (random weights; head dim 256, 256k+ vocabularies, sliding layers' window_mask) at
+      # batch 1 / 16 against static KV + torch.compile reduce-overhead. Predicted: tokens within bf16 noise; kiln
+      # ~1.5-2.5x the peer at batch 1 (the float32-weight norms are row kernels, not GEMV prologues, and the 26 layers are
+      # captured whole: compiles slower than the 1B's)
       timeout 200 python3 -m pytest -q -rf -m gpu tests/llm/test_generator.py -k "Gemma" 2>&1 | tail -3
-      DECODE_JSON=decode_gemma3.json timeout 500 python3 bench/decode.py --models gemma3-1b 2>&1 | grep -i "error" | tail -4
-      python3 bench/decode_summary.py "$OUT/decode_gemma3.json" ;;
+      timeout 120 python3 -m pytest -q -rf -m gpu tests/codegen/test_attention.py tests/codegen/test_decode_attention.py 2>&1 | tail -3
+      DECODE_JSON=decode_gemma.json timeout 560 python3 bench/decode.py --models gemma3-1b,gemma2-2b 2>&1 | grep -i "error" | tail -4
+      python3 bench/decode_summary.py "$OUT/decode_gemma.json" ;;
     s22q)  # Qwen3-0.6B / 1.7B shapes (random weights), bf16 decode at batch 1 / 16 against static KV + torch.compile
       # reduce-overhead in the same process; their q / k norms run in the rope-decode attention (session 22, CPU)
       DECODE_JSON=decode_qwen3.json timeout 560 python3 bench/decode.py --models qwen3-0.6b,qwen3-1.7b 2>&1 | grep -i "error" | tail -4

@@ -168,6 +168,8 @@ def attention(args: list, attrs: dict, out: torch.Tensor, scratch: torch.Tensor 
     what = {"op": "ATTENTION", "kiln": ATTENTION_CANDIDATES, "q": list(q.shape), "k": list(k.shape), "v": list(v.shape), "dtype": str(q.dtype),
             "strides": [list(t.stride()) for t in (q, k, v)], "causal": attrs["causal"], "scale": attrs["scale"],
             "gqa": attrs["gqa"], "mask": None if mask is None else [list(mask.shape), str(mask.dtype)]}
+    if attrs.get("softcap"):
+        what["softcap"] = attrs["softcap"]
     if decode:
         what["decode"] = DECODE_CANDIDATES
         what["cache"] = "cold"  # (timed after L2 is flushed: tuning.py)
@@ -192,7 +194,7 @@ def _with_rope(rope: RopeStep | None, candidates: dict, kc, vc, mask, attrs: dic
         return first
     q, k, v, cos, sin, slots = rope.operands
     run = partial(td.decode_attention, q, kc, vc, mask, attrs["scale"], _enable_gqa(q, kc, attrs["gqa"]), out=out,
-                  rope=(k, v, cos, sin, slots, rope.norms), early=bool(rope.early and EARLY_KV))
+                  rope=(k, v, cos, sin, slots, rope.norms), early=bool(rope.early and EARLY_KV), softcap=attrs.get("softcap"))
     return first | _split_kv_candidates("kiln-rope-decode", run, kc.shape[2], counters, q.device)
 
 
@@ -221,7 +223,7 @@ def _in_turn(*fns) -> None:
 def _attention_candidates(q, k, v, mask, ks, vs, attrs: dict, out: torch.Tensor, scratch: torch.Tensor | None,
                           device: torch.device, counters: torch.Tensor | None, decode: bool) -> dict:
     """``attention``'s candidates over ``mask`` (module docstring: SDPA, kiln's flash kernel, the split-KV kernel)."""
-    causal, scale, gqa = attrs["causal"], attrs["scale"], attrs["gqa"]
+    causal, scale, gqa, softcap = attrs["causal"], attrs["scale"], attrs["gqa"], attrs.get("softcap")
     attn_mask, sdpa_causal = sdpa_mask(q, k, mask, causal)  # built once per plan, not per call
     enable_gqa = _enable_gqa(q, k, gqa)
     kd, vd, dequantize = _dequantized(k, v, ks, vs, scratch)
@@ -231,7 +233,8 @@ def _attention_candidates(q, k, v, mask, ks, vs, attrs: dict, out: torch.Tensor,
         out.copy_(F.scaled_dot_product_attention(q, kd, vd, attn_mask=attn_mask, is_causal=sdpa_causal, scale=scale,
                                                  enable_gqa=enable_gqa))
 
-    candidates = {"sdpa": with_launches(sdpa, 2)} if (ks is None and vs is None) or scratch is not None else {}
+    # (SDPA has no soft-capping: kiln's kernels only, where the scores are soft-capped)
+    candidates = {"sdpa": with_launches(sdpa, 2)} if ((ks is None and vs is None) or scratch is not None) and not softcap else {}
     if triton_ok(ta.DTYPES, q.dtype, device, ta.INTERPRET):
         if device.type == "cuda":
             heads = math.prod(q.shape[:-2])
@@ -240,9 +243,10 @@ def _attention_candidates(q, k, v, mask, ks, vs, attrs: dict, out: torch.Tensor,
             cfgs = [ta.INTERPRET_CONFIG]
         for c in cfgs[:TRITON_ATTENTION_CONFIGS]:
             candidates[config_name("kiln", c)] = (
-                lambda c=c: ta.attention(q, k, v, mask, causal, scale, gqa, out=out, config=c, k_scale=ks, v_scale=vs))
+                lambda c=c: ta.attention(q, k, v, mask, causal, scale, gqa, out=out, config=c, k_scale=ks, v_scale=vs,
+                                         softcap=softcap))
     if decode:
-        run = partial(td.decode_attention, q, k, v, mask, scale, enable_gqa, out=out, k_scale=ks, v_scale=vs)
+        run = partial(td.decode_attention, q, k, v, mask, scale, enable_gqa, out=out, k_scale=ks, v_scale=vs, softcap=softcap)
         candidates.update(_split_kv_candidates("kiln-decode", run, k.shape[2], counters, device))
     return candidates
 

@@ -422,7 +422,23 @@ def _attention(x, a):
         rep = q.shape[-3] // k.shape[-3]
         k, v = k.repeat_interleave(rep, dim=-3), v.repeat_interleave(rep, dim=-3)
     mask, causal = sdpa_mask(q, k, mask, a["causal"])
+    if a.get("softcap"):
+        return _softcapped_attention(q, k, v, mask, causal, a["scale"], a["softcap"])
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=a["scale"])
+
+
+def _softcapped_attention(q, k, v, mask, causal: bool, scale, cap: float):
+    """softmax(c * tanh(q k^T * scale / c) + mask) @ v (Gemma 2's attention), in float32 (float64 for float64 operands),
+    a row with no key attended 0 (as the kernels give it)."""
+    wide = torch.float64 if q.dtype == torch.float64 else torch.float32
+    s = (q.to(wide) @ k.to(wide).transpose(-1, -2)) * (q.shape[-1] ** -0.5 if scale is None else scale)
+    s = torch.tanh(s / cap) * cap
+    if causal:
+        s = s.masked_fill(~torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).tril(), float("-inf"))
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.to(wide)
+    p = torch.softmax(s, -1)
+    return (torch.where(torch.isnan(p), 0.0, p) @ v.to(wide)).to(q.dtype)
 
 
 def sdpa_mask(q, k, mask, causal: bool):
@@ -437,9 +453,10 @@ def sdpa_mask(q, k, mask, causal: bool):
 # scale None: 1/sqrt(head_dim); causal: the upper-left-aligned triangle of torch's SDPA; with a mask
 # too, a position is attended where the mask allows it (bool True / float bias) and causality does.
 # ATTENTION(q, k, v[, mask][, k_scale][, v_scale]): with k_scale (v_scale), k (v) holds quantized codes [.., S, D] and
-# the input a float32 scale per vector [.., S]; the op reads dequantize_kv(codes, scale, q.dtype) (kv_quant.py)
+# the input a float32 scale per vector [.., S]; the op reads dequantize_kv(codes, scale, q.dtype) (kv_quant.py).
+# softcap c (Gemma 2): the scaled scores t soft-capped to c * tanh(t / c) before the mask; None: as they are
 define("ATTENTION", (3, 6), "compute", _infer_attention, _attention, causal=False, scale=None, gqa=False,
-       k_scale=False, v_scale=False)
+       k_scale=False, v_scale=False, softcap=None)
 
 
 # ----------------------------------------------------------------------------- gathers

@@ -72,7 +72,7 @@ def new_caches(spec: dict, batch: int, dtype, device) -> dict[str, torch.Tensor]
 
 def step_dims(names: list[str], max_batch: int, max_seq: int, window_mask: bool = False) -> dict:
     """The step's dynamic dims (kiln.compile's ``dynamic``): batch in [1, max_batch] and seq, the step's tokens, in
-    [1, max_seq]; ``names``: the cache inputs; ``window_mask``: the step takes one (Gemma 3)."""
+    [1, max_seq]; ``names``: the cache inputs; ``window_mask``: the step takes one (Gemma 2 / 3)."""
     batch, seq = ("batch", 1, max_batch), ("seq", 1, max_seq)
     masks = ("mask", "window_mask") if window_mask else ("mask",)
     return {"input_ids": {0: batch, 1: seq}, "positions": {0: batch, 1: seq}, "slots": {0: seq},
@@ -93,7 +93,7 @@ def step_inputs(ids: torch.Tensor, pad: torch.Tensor, slot0: int, caches: dict, 
                 layer_window: int | None = None) -> dict:
     """The step's inputs for tokens ``ids`` [B, T] at cache slots slot0 .. slot0 + T - 1 of rows whose first real
     slot is ``pad`` [B] (see the module docstring for the positions and the mask); ``layer_window``: the sliding
-    layers' window of a model that has full layers too (Gemma 3), whose mask is ``window_mask``."""
+    layers' window of a model that has full layers too (Gemma 2 / 3), whose mask is ``window_mask``."""
     B, T = ids.shape
     dev = ids.device
     slots = torch.arange(slot0, slot0 + T, device=dev)
@@ -168,7 +168,7 @@ class Generator:
     Build one with :func:`kiln.from_hf` (an in-memory transformers model), :meth:`from_pretrained` (a checkpoint
     directory), :meth:`compile` (kiln's own LlamaForCausalLM) or :meth:`load` (a saved ``.kiln`` artifact, no
     model source or checkpoint needed). ``spec``: vocab_size, num_layers, kv_heads, head_dim, sliding_window, layer_window
-    (Gemma 3's sliding layers' window: their mask is the step's ``window_mask``),
+    (Gemma 2 / 3's sliding layers' window: their mask is the step's ``window_mask``),
     max_seq (cache length: prompt + new tokens), batch_buckets (request batch sizes compiled for; a request is
     padded up to the next one), eos (token ids), longrope_original (a LongRoPE model's original length: a batch is
     prefilled again where a row grows past it, ``_restarts``; None otherwise). ``tokenizer``: a transformers tokenizer (text in and out,
@@ -530,9 +530,8 @@ class _Decoder:
         self.slot = slot
         return self.plan.replay()[self.logits_index]
 
-
     def advance_window(self, slot: int) -> None:
-        """The sliding layers' mask (Gemma 3's ``window_mask``) advanced to the step writing ``slot``: its column seen,
+        """The sliding layers' mask (Gemma 2 / 3's ``window_mask``) advanced to the step writing ``slot``: its column seen,
         the one leaving the window hidden."""
         w = self.gen.layer_window
         if w is not None:

@@ -30,7 +30,7 @@ CAPTURE_LAYERS = 2  # decoder layers torch.export traces of a deeper model (0: a
 
 def step_function(step: torch.nn.Module, num_layers: int, kv_dtype: str | None = None):
     """``step`` as a function of named tensors (k_cache_0, v_cache_0, ...; see ``cache_names``): what kiln.compile
-    captures. A model with sliding-window layers beside full ones (Gemma 3) takes their mask, ``window_mask``, after
+    captures. A model with sliding-window layers beside full ones (Gemma 2 / 3) takes their mask, ``window_mask``, after
     ``mask``."""
     names = cache_names(num_layers, kv_dtype)
     masks = ("mask", "window_mask") if step.model.config.layer_window is not None else ("mask",)

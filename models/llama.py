@@ -1,4 +1,5 @@
-"""Llama-family decoder (Llama, Mistral, Qwen2, Qwen3, Phi-3, Granite, OLMo 2, SmolLM3, Gemma, Gemma 3) in plain PyTorch.
+"""Llama-family decoder (Llama, Mistral, Qwen2, Qwen3, Phi-3, Granite, OLMo 2, SmolLM3, Gemma, Gemma 2, Gemma 3) in plain
+PyTorch.
 
 Parameter names are exactly transformers' (`model.layers.{i}.self_attn.q_proj.weight`, ...), so an HF
 state_dict loads with strict=True. Numerics follow transformers' modeling_llama: float32 RoPE
@@ -32,7 +33,7 @@ _ROPE_KEYS = {
 # keys a rope_scaling of that type may also carry (transformers' defaults when absent)
 _ROPE_OPTIONAL = {"yarn": ("attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "truncate"),
                   "longrope": ("factor", "attention_factor")}
-HF_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "granite", "olmo2", "smollm3", "gemma", "gemma3_text")
+HF_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "granite", "olmo2", "smollm3", "gemma", "gemma2", "gemma3_text")
 HIDDEN_ACTS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}  # the MLP's gate activation: HF name -> kiln's
 
 
@@ -72,15 +73,16 @@ class LlamaConfig:
     # Gemma: every norm's weight stored as an offset from 1, applied as (1 + w) in float32 before the cast
     # (GemmaRMSNorm), and the embeddings times sqrt(hidden_size) rounded to their dtype
     gemma_norms: bool = False
-    # Gemma 3: a norm before and after both the attention and the MLP (input / post_attention / pre_feedforward /
+    # Gemma 2 / 3: a norm before and after both the attention and the MLP (input / post_attention / pre_feedforward /
     # post_feedforward_layernorm)
     sandwich_norms: bool = False
-    # Gemma 3: per layer, 1 where it attends the last layer_window keys (its RoPE base local_rope_theta), 0 for full
-    # attention (rope_theta / rope_scaling); None: every layer alike (all sliding where sliding_window is set: Mistral)
+    # Gemma 2 / 3: per layer, 1 where it attends the last layer_window keys (Gemma 3: its RoPE base local_rope_theta), 0
+    # for full attention; None: every layer alike (all sliding where sliding_window is set: Mistral)
     sliding_layers: list[int] | None = None
     layer_window: int | None = None
     local_rope_theta: float | None = None
-    final_logit_softcapping: float | None = None  # logits = tanh(logits / c) * c (Gemma 3 where set)
+    final_logit_softcapping: float | None = None  # logits = tanh(logits / c) * c (Gemma 2, Gemma 3 where set)
+    attn_logit_softcapping: float | None = None  # (Gemma 2) the scaled attention scores t soft-capped to c * tanh(t / c)
 
     def __post_init__(self):
         if self.num_key_value_heads is None:
@@ -133,8 +135,8 @@ class LlamaConfig:
         known = {f.name for f in fields(cls)}
         kw = {k: v for k, v in hf.items() if k in known and v is not None}
         kw["hidden_act"] = act
-        if model_type == "gemma3_text":
-            hf = _gemma3_from_hf(hf, kw)
+        if model_type in ("gemma2", "gemma3_text"):
+            hf = _gemma3_from_hf(hf, kw, model_type)
         kw["rope_theta"], kw["rope_scaling"], kw["partial_rotary_factor"] = _rope_from_hf(hf)
         if kw["partial_rotary_factor"] != 1.0 and model_type != "phi3":  # (the others' transformers code rotates all)
             raise ValueError(f"partial_rotary_factor={kw['partial_rotary_factor']} is supported for phi3 (Phi-4-mini), "
@@ -142,7 +144,7 @@ class LlamaConfig:
         # Defaults transformers' config classes use when a key is absent.
         kw.setdefault("max_position_embeddings", {"llama": 2048, "mistral": 4096 * 32, "qwen2": 32768, "qwen3": 32768,
                                                   "phi3": 4096, "granite": 2048, "olmo2": 2048, "smollm3": 32768,
-                                                  "gemma": 8192, "gemma3_text": 32768}[model_type])
+                                                  "gemma": 8192, "gemma2": 8192, "gemma3_text": 131072}[model_type])
         kw["sliding_window"] = None
         if model_type == "mistral":
             kw["sliding_window"] = hf.get("sliding_window", 4096)
@@ -175,15 +177,27 @@ class LlamaConfig:
         return cls(**kw)
 
 
-def _gemma3_from_hf(hf: dict, kw: dict) -> dict:
-    """Gemma 3 (text): its settings into ``kw`` (as Gemma3TextConfig reads config.json, old and new forms); returns the
-    config with its full-attention layers' RoPE as the plain ``rope_parameters`` (the sliding ones' base into kw)."""
-    for key in ("attn_logit_softcapping", "use_bidirectional_attention"):
+def _gemma3_from_hf(hf: dict, kw: dict, model_type: str = "gemma3_text") -> dict:
+    """Gemma 2 / Gemma 3 (text): their settings into ``kw`` (as Gemma2Config / Gemma3TextConfig read config.json, old and
+    new forms); returns the config with its full-attention layers' RoPE as the plain ``rope_parameters`` (Gemma 3's
+    sliding ones' base into kw; Gemma 2's layers share one RoPE)."""
+    gemma2 = model_type == "gemma2"
+    for key in ("use_bidirectional_attention",) + (() if gemma2 else ("attn_logit_softcapping",)):
         if hf.get(key):
-            raise ValueError(f"gemma3_text with {key}={hf[key]!r} is not supported")
+            raise ValueError(f"{model_type} with {key}={hf[key]!r} is not supported")
     n = hf["num_hidden_layers"]
-    pattern = hf.get("sliding_window_pattern") or 6
+    pattern = 2 if gemma2 else hf.get("sliding_window_pattern") or 6
     types = hf.get("layer_types") or ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n)]
+    kw.setdefault("head_dim", 256)
+    kw.setdefault("tie_word_embeddings", True)
+    kw.update(gemma_norms=True, sandwich_norms=True, qk_norm=not gemma2, mlp_bias=False,
+              attention_multiplier=float(hf.get("query_pre_attn_scalar") or 256) ** -0.5,
+              sliding_layers=[int(t == "sliding_attention") for t in types],
+              layer_window=int(hf.get("sliding_window") or 4096), final_logit_softcapping=hf.get("final_logit_softcapping"))
+    if gemma2:  # (Gemma2Config's defaults: both softcappings on)
+        kw.update(attn_logit_softcapping=hf.get("attn_logit_softcapping", 50.0),
+                  final_logit_softcapping=hf.get("final_logit_softcapping", 30.0))
+        return hf
     params = dict(hf.get("rope_parameters") or {})
     full = dict(params.get("full_attention") or {"rope_type": "default"})
     if hf.get("rope_scaling"):
@@ -193,12 +207,7 @@ def _gemma3_from_hf(hf: dict, kw: dict) -> dict:
     local.setdefault("rope_theta", hf.get("rope_local_base_freq") or 1e4)
     if local.get("rope_type", "default") != "default":
         raise ValueError(f"gemma3_text sliding layers' rope_type {local['rope_type']!r} is not supported (only 'default')")
-    kw.setdefault("head_dim", 256)
-    kw.setdefault("tie_word_embeddings", True)
-    kw.update(gemma_norms=True, sandwich_norms=True, qk_norm=True, mlp_bias=False,
-              attention_multiplier=float(hf.get("query_pre_attn_scalar") or 256) ** -0.5,
-              sliding_layers=[int(t == "sliding_attention") for t in types], local_rope_theta=float(local["rope_theta"]),
-              layer_window=int(hf.get("sliding_window") or 4096), final_logit_softcapping=hf.get("final_logit_softcapping"))
+    kw["local_rope_theta"] = float(local["rope_theta"])
     return {**hf, "rope_parameters": full, "rope_scaling": None, "rope_theta": None}
 
 
@@ -369,6 +378,14 @@ class RotaryEmbedding(nn.Module):
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
+def repeat_kv(x: torch.Tensor, n: int) -> torch.Tensor:
+    """[B, KV, S, D] -> [B, KV * n, S, D], each kv head n times in a row (transformers' repeat_kv)."""
+    if n == 1:
+        return x
+    b, kv, s, d = x.shape
+    return x[:, :, None, :, :].expand(b, kv, n, s, d).reshape(b, kv * n, s, d)
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
     return torch.cat((-x2, x1), dim=-1)
@@ -388,7 +405,7 @@ class Attention(nn.Module):
     def __init__(self, cfg: LlamaConfig, layer: int = 0):
         super().__init__()
         self.use_rope = cfg.no_rope_layers is None or bool(cfg.no_rope_layers[layer])  # (SmolLM3's NoPE layers: False)
-        self.sliding = cfg.sliding_layers is not None and bool(cfg.sliding_layers[layer])  # (Gemma 3's local layers)
+        self.sliding = cfg.sliding_layers is not None and bool(cfg.sliding_layers[layer])  # (Gemma 2 / 3's local layers)
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         d, hd = cfg.hidden_size, cfg.head_dim
         self.q_proj = nn.Linear(d, self.n_heads * hd, bias=cfg.attention_bias)
@@ -403,6 +420,7 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(self.n_kv_heads * hd, cfg.rms_norm_eps, weight_first=True)
         self.whole_qk_norm = cfg.post_norms
         self.scale = cfg.attention_multiplier  # (None: SDPA's 1 / sqrt(head_dim))
+        self.softcap = cfg.attn_logit_softcapping  # (Gemma 2)
 
     def heads(self, x, cos, sin) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q [B, H, S, hd], k, v [B, KV, S, hd] of x [B, S, D]: projected, (normalised,) q and k roped."""
@@ -423,10 +441,22 @@ class Attention(nn.Module):
         """x [B, S, D]; mask None means plain causal, else a bool [S, S_kv] (True = attend)."""
         B, S, _ = x.shape
         q, k, v = self.heads(x, cos, sin)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_kv_heads != self.n_heads, scale=self.scale
-        )
+        if mask is None and self.softcap is not None:
+            mask = torch.ones(S, S, dtype=torch.bool, device=x.device).tril()
+        y = self.attend(q, k, v, mask, is_causal=mask is None)
         return self.o_proj(y.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim))
+
+    def attend(self, q, k, v, mask, is_causal: bool = False) -> torch.Tensor:
+        """SDPA; with Gemma 2's soft-capped scores, its eager form: scores scaled, c * tanh(s / c), masked (bool mask,
+        True = attend), softmax in float32, as transformers' eager_attention_forward (kiln fuses it into one ATTENTION)."""
+        if self.softcap is None:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                                  enable_gqa=self.n_kv_heads != self.n_heads, scale=self.scale)
+        k, v = repeat_kv(k, self.n_heads // self.n_kv_heads), repeat_kv(v, self.n_heads // self.n_kv_heads)
+        s = torch.matmul(q, k.transpose(2, 3)) * (self.scale if self.scale is not None else self.head_dim ** -0.5)
+        s = torch.tanh(s / self.softcap) * self.softcap
+        s = s.masked_fill(~mask, float("-inf"))
+        return torch.matmul(F.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype), v)
 
 
 class MLP(nn.Module):
@@ -463,7 +493,7 @@ class DecoderLayer(nn.Module):
         x = x + self.attn_out(self.self_attn(self.attn_in(x), cos, sin, mask))
         return x + self.mlp_out(self.mlp(self.mlp_in(x)))
 
-    # the residual branches' ends: pre-norm (Llama), post-norm (OLMo 2) or both (Gemma 3), times Granite's residual
+    # the residual branches' ends: pre-norm (Llama), post-norm (OLMo 2) or both (Gemma 2 / 3), times Granite's residual
     # multiplier
     def attn_in(self, x):
         return x if self.post else self.input_layernorm(x)
@@ -484,7 +514,7 @@ def scaled(x: torch.Tensor, factor: float) -> torch.Tensor:
 
 
 def granite_logits(logits: torch.Tensor, cfg: LlamaConfig) -> torch.Tensor:
-    """Granite's logits / logits_scaling (a division, as transformers'), Gemma 3's final softcapping tanh(logits / c) * c;
+    """Granite's logits / logits_scaling (a division, as transformers'), Gemma 2 / 3's final softcapping tanh(logits / c) * c;
     the logits themselves elsewhere."""
     logits = logits if cfg.logits_scaling == 1.0 else logits / cfg.logits_scaling
     c = cfg.final_logit_softcapping
@@ -505,6 +535,7 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, weight_first=cfg.post_norms, unit_offset=cfg.gemma_norms)
         self.rotary_emb = RotaryEmbedding(cfg)
         self.sliding_window, self.layer_window = cfg.sliding_window, cfg.layer_window
+        self.local_rope = cfg.local_rope_theta is not None  # (Gemma 3's sliding layers: their own RoPE base)
         self.embedding_multiplier, self.gemma = cfg.embedding_multiplier, cfg.gemma_norms
         if self.gemma:  # (GemmaModel: float32, cast to the embeddings' dtype when applied)
             self.register_buffer("embed_scale", torch.tensor(cfg.hidden_size ** 0.5), persistent=False)
@@ -513,12 +544,12 @@ class LlamaModel(nn.Module):
         x = embed(self, input_ids)  # [B, S, D]
         pos = torch.arange(input_ids.shape[1], device=input_ids.device)  # [S]
         cos, sin = self.rotary_emb(pos, x.dtype)  # [S, hd]
-        local = self.rotary_emb.local(pos, x.dtype) if self.layer_window is not None else None
+        local = self.rotary_emb.local(pos, x.dtype) if self.local_rope else (cos, sin)
         mask, window = None, None
         # Key j is visible to query i iff i - window < j <= i (transformers' sliding_window_overlay).
         if self.sliding_window is not None:
             mask = (pos[None, :] <= pos[:, None]) & (pos[None, :] > pos[:, None] - self.sliding_window)
-        if self.layer_window is not None:  # (Gemma 3's sliding layers)
+        if self.layer_window is not None:  # (Gemma 2 / 3's sliding layers)
             window = (pos[None, :] <= pos[:, None]) & (pos[None, :] > pos[:, None] - self.layer_window)
         for layer in self.layers:
             x = layer(x, *local, window) if layer.self_attn.sliding else layer(x, cos, sin, mask)
@@ -565,7 +596,7 @@ class LlamaStep(nn.Module):
     ``index_copy_``) and attends over the whole cache under ``mask`` (bool, True = attend), so prefill (T tokens)
     and decode (T = 1) are the same program at different sizes. Rows are left-padded: row b's token at slot s has
     position ``positions[b, t]``; the caller's mask hides the padding, the future and slots outside a sliding window.
-    Gemma 3's sliding layers attend under ``window_mask`` (the same, and slots outside their window hidden too); without
+    Gemma 2 / 3's sliding layers attend under ``window_mask`` (the same, and slots outside their window hidden too); without
     it they take ``mask``, which is theirs too while the cache is no longer than their window.
 
     ``kv_dtype`` "int8" / "fp8": the cache holds quantized codes and per-(row, head, slot) scales (``ir/kv_quant.py``):
@@ -589,16 +620,15 @@ class LlamaStep(nn.Module):
             raise ValueError(f"a cache of {caches[0].shape[2]} slots is longer than the sliding layers' window of "
                              f"{m.layer_window} keys: give their mask (window_mask)")
         x = embed(m, input_ids)
-        tables = [m.rotary_emb(positions, x.dtype)]  # cos, sin [B, T, hd]
-        if m.layer_window is not None:
+        tables = [m.rotary_emb(positions, x.dtype)]  # cos, sin [B, T, hd]; Gemma 3's sliding layers': the second
+        if m.local_rope:
             tables.append(m.rotary_emb.local(positions, x.dtype))
         tables = [(cos[:, None], sin[:, None]) for cos, sin in tables]
         for i, layer in enumerate(m.layers):
             a = layer.self_attn
-            q, k, v = a.heads(layer.attn_in(x), *tables[int(a.sliding)])
+            q, k, v = a.heads(layer.attn_in(x), *tables[int(a.sliding and m.local_rope)])
             kc, vc = self.write_cache(caches[self.per_layer * i: self.per_layer * (i + 1)], slots, k, v)
-            see = window_mask if a.sliding and window_mask is not None else mask
-            y = F.scaled_dot_product_attention(q, kc, vc, attn_mask=see, enable_gqa=self.n_kv_heads != self.n_heads, scale=a.scale)
+            y = a.attend(q, kc, vc, window_mask if a.sliding and window_mask is not None else mask)
             x = x + layer.attn_out(a.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)))
             x = x + layer.mlp_out(layer.mlp(layer.mlp_in(x)))
         return granite_logits(self.model.lm_head(m.norm(x if self.all_logits else x[:, -1])), self.model.config)

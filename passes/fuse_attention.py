@@ -2,6 +2,8 @@
 by an ATTENTION, and rotate-half RoPE, each to one op.
 
     softmax(q @ k^T * scale + mask) @ v       ->  ATTENTION(q, k, v, mask, scale)
+    softmax(tanh(q @ k^T * scale / c) * c + mask) @ v
+                                              ->  ATTENTION(q, k, v, mask, scale, softcap=c)   (Gemma 2)
     where(isnan(p), 0, p) @ v,  p as above    ->  ATTENTION(q, k, v, mask, scale)
     ATTENTION(q, repeat_kv(k), repeat_kv(v))  ->  ATTENTION(q, k, v, gqa=True)
     ATTENTION(q, CAST(kc) * ks[.., None], CAST(vc) * vs[.., None])
@@ -56,10 +58,11 @@ K_T = O.PERMUTE(V("k"), perm=A("perm"))
 # q @ k^T: [.., Sq, Sk]; a constant factor on q, on k^T or on both (SDPA exported to ONNX: sqrt(scale) on each)
 SCORES = O.MATMUL(any_of(V("q") * C("q_scale"), V("q")), any_of(K_T * C("k_scale"), K_T))
 SCALED = any_of(SCORES * V("scale"), SCORES / V("divisor"), SCORES)
-MASKED = any_of(SCALED + V("bias"),                    # an additive float mask
-                O.WHERE(V("keep"), SCALED, C("fill")),  # torch.where(keep, s, -inf)
-                O.WHERE(V("drop"), C("fill"), SCALED),  # s.masked_fill(drop, -inf)
-                SCALED)
+CAPPED = any_of(O.TANH(SCALED / C("cap")) * C("cap"), SCALED)  # Gemma 2's soft-capped scores, c * tanh(s / c)
+MASKED = any_of(CAPPED + V("bias"),                    # an additive float mask
+                O.WHERE(V("keep"), CAPPED, C("fill")),  # torch.where(keep, s, -inf)
+                O.WHERE(V("drop"), C("fill"), CAPPED),  # s.masked_fill(drop, -inf)
+                CAPPED)
 PROBS = maybe_cast(O.SOFTMAX(maybe_cast(MASKED, "upcast"), axis=A("axis")), "downcast")
 # SDPA exported to ONNX: where(isnan(p), 0, p), the zero rows torch's SDPA gives where every key is masked
 GUARDED = O.WHERE(O.ISNAN(V("nan_tested")), C("nan_fill"), PROBS)
@@ -125,11 +128,14 @@ def _explicit_guard(m: Match) -> str | None:
     scale, why = _scale(m)
     if why:
         return why
+    if "cap" in m and not (math.isfinite(m["cap"]) and m["cap"] > 0):
+        return f"the scores are soft-capped by {m['cap']}, not a positive number"
     mask, why = _mask_type(m, q)
     if why:
         return why
     k_type = TType(tuple(k.shape[i] for i in _swap_last_two(m["perm"])), k.dtype)  # k as [.., Sk, D]
-    return type_reason("ATTENTION", [q.type, k_type, v.type] + ([mask] if mask else []), m.root, scale=scale)
+    return type_reason("ATTENTION", [q.type, k_type, v.type] + ([mask] if mask else []), m.root, scale=scale,
+                       softcap=m.get("cap"))
 
 
 def _explicit_build(g: Graph, m: Match) -> Node:
@@ -150,7 +156,8 @@ def _explicit_build(g: Graph, m: Match) -> Node:
         else:  # the dtype's minimum: an additive bias, which masks every row that keeps a key the same way
             bias = g.add("WHERE", [cond, g.const(0.0), g.const(float(m["fill"]))], loc=loc)
             mask = [g.add("CAST", [bias], dtype=q.dtype, loc=loc)]
-    return g.add("ATTENTION", [q, k, v] + mask, causal=False, scale=_scale(m)[0], gqa=False, loc=loc)
+    return g.add("ATTENTION", [q, k, v] + mask, causal=False, scale=_scale(m)[0], gqa=False, loc=loc,
+                 softcap=None if "cap" not in m else float(m["cap"]))
 
 
 # ----------------------------------------------------------------------------- GQA: repeat_kv before ATTENTION
@@ -162,7 +169,7 @@ def repeat_kv(name: str):
 
 
 REPEATED = any_of(*(O.ATTENTION(V("q"), repeat_kv("k"), repeat_kv("v"), *mask, causal=A("causal"), scale=A("scale"), gqa=False,
-                                k_scale=False, v_scale=False)
+                                k_scale=False, v_scale=False, softcap=A("softcap"))
                     for mask in ((V("mask"),), ())))
 
 
@@ -188,12 +195,13 @@ def _repeated_guard(m: Match) -> str | None:
     if nk != nv or m["k"].shape[-3] != m["v"].shape[-3]:
         return f"k repeats {m['k'].shape[-3]} heads x{nk}, v {m['v'].shape[-3]} heads x{nv}"
     ins = [m[n].type for n in ("q", "k", "v", "mask") if n in m]
-    return type_reason("ATTENTION", ins, m.root, causal=m["causal"], scale=m["scale"], gqa=nk > 1)
+    return type_reason("ATTENTION", ins, m.root, causal=m["causal"], scale=m["scale"], gqa=nk > 1, softcap=m["softcap"])
 
 
 def _repeated_build(g: Graph, m: Match) -> Node:
     ins = [m[n] for n in ("q", "k", "v", "mask") if n in m]
-    return g.add("ATTENTION", ins, causal=m["causal"], scale=m["scale"], gqa=_repeats(m, "k") > 1, loc=m.root.loc)
+    return g.add("ATTENTION", ins, causal=m["causal"], scale=m["scale"], gqa=_repeats(m, "k") > 1, loc=m.root.loc,
+                 softcap=m["softcap"])
 
 
 # ----------------------------------------------------------------------------- a dequantized KV cache
@@ -207,7 +215,8 @@ def dequantized(name: str):
 
 # k and v, k alone, v alone (a cache quantizing one of them); with and without a mask
 DEQUANTIZED = any_of(*(O.ATTENTION(V("q"), dequantized("k") if "k" in which else V("k"), dequantized("v") if "v" in which else V("v"),
-                                   *mask, causal=A("causal"), scale=A("scale"), gqa=A("gqa"), k_scale=False, v_scale=False)
+                                   *mask, causal=A("causal"), scale=A("scale"), gqa=A("gqa"), k_scale=False, v_scale=False,
+                                   softcap=A("softcap"))
                        for which in ("kv", "k", "v") for mask in ((V("mask"),), ())))
 
 
@@ -238,7 +247,8 @@ def _dequantized_guard(m: Match) -> str | None:
     ins, scaled = _dequantized_inputs(m)
     types = [t.type for t in ins[:len(ins) - sum(scaled.values())]]
     types += [TType(t.shape[:-1], t.dtype) for t in ins[len(types):]]
-    return type_reason("ATTENTION", types, m.root, causal=m["causal"], scale=m["scale"], gqa=m["gqa"], **scaled)
+    return type_reason("ATTENTION", types, m.root, causal=m["causal"], scale=m["scale"], gqa=m["gqa"], softcap=m["softcap"],
+                       **scaled)
 
 
 def _per_vector(g: Graph, scale: Node, loc) -> Node:
@@ -253,7 +263,8 @@ def _dequantized_build(g: Graph, m: Match) -> Node:
     ins, scaled = _dequantized_inputs(m)
     n = len(ins) - sum(scaled.values())
     ins = ins[:n] + [_per_vector(g, s, m.root.loc) for s in ins[n:]]
-    return g.add("ATTENTION", ins, causal=m["causal"], scale=m["scale"], gqa=m["gqa"], loc=m.root.loc, **scaled)
+    return g.add("ATTENTION", ins, causal=m["causal"], scale=m["scale"], gqa=m["gqa"], loc=m.root.loc, softcap=m["softcap"],
+                 **scaled)
 
 
 # ----------------------------------------------------------------------------- RoPE

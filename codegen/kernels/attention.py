@@ -64,7 +64,7 @@ def _attention_inner(
     stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, stride_ksn, stride_vsn,
     APPLY_CAUSAL: tl.constexpr, MASK: tl.constexpr, K_SCALED: tl.constexpr, V_SCALED: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    SPLIT: tl.constexpr, BLOCK_DT: tl.constexpr,
+    SPLIT: tl.constexpr, BLOCK_DT: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -86,7 +86,7 @@ def _attention_inner(
             if K_SCALED:
                 kt2 = (kt2.to(tl.float32) * k_scale[None, :]).to(q.dtype)
             s = tl.dot(q2, kt2, s, input_precision=DOT_PRECISION)
-        s = s * qk_scale  # [BLOCK_M, BLOCK_N], log2 units
+        s = softcapped(s * qk_scale, SOFTCAP)  # [BLOCK_M, BLOCK_N], log2 units
         keep = valid_n[None, :]
         if APPLY_CAUSAL:
             keep = keep & (offs_n[None, :] <= offs_m[:, None])
@@ -95,8 +95,10 @@ def _attention_inner(
             m_in = (offs_m[:, None] < Sq) & valid_n[None, :]
             if MASK == "bool":
                 keep = keep & (tl.load(m_ptrs, mask=m_in, other=0) != 0)
-            else:
-                s += tl.load(m_ptrs, mask=m_in, other=0.0).to(tl.float32) * 1.4426950408889634
+            else:  # (a finite bias stays finite in log2 units: HF's dtype-minimum padding bias would overflow to -inf,
+                # and a row masked by it all would give zeros where the formula averages v; -inf stays -inf)
+                bias = tl.load(m_ptrs, mask=m_in, other=0.0).to(tl.float32)
+                s += tl.where(bias == float("-inf"), bias, tl.maximum(bias, -2.35e38) * 1.4426950408889634)
         s = tl.where(keep, s, float("-inf"))
         v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
                     mask=valid_n[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)  # [BLOCK_N, BLOCK_DV]
@@ -104,6 +106,16 @@ def _attention_inner(
             v = (v.to(tl.float32) * tl.load(vs_base + offs_n * stride_vsn, mask=valid_n, other=0.0)[:, None]).to(q.dtype)
         m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc, DOT_PRECISION)
     return acc, l_i, m_i
+
+
+@triton.jit
+def softcapped(s, SOFTCAP: tl.constexpr):
+    """Scores ``s`` in log2 units (t * log2(e)) soft-capped, c * tanh(t / c) (Gemma 2's attention; SOFTCAP = c, 0: as
+    they are), tanh(x) as 2 * sigmoid(2 x) - 1. Shared with decode_attention.py."""
+    if SOFTCAP > 0:
+        cap = SOFTCAP * 1.4426950408889634  # c in log2 units
+        s = (2.0 * tl.sigmoid(2.0 * (s / cap)) - 1.0) * cap
+    return s
 
 
 @triton.jit
@@ -134,7 +146,7 @@ def _attention_kernel(
     Sq, Sk, HEAD_DIM, HEAD_DIM_V, qk_scale,  # qk_scale = scale * log2(e)
     CAUSAL: tl.constexpr, MASK: tl.constexpr, K_SCALED: tl.constexpr, V_SCALED: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    SPLIT: tl.constexpr, BLOCK_DT: tl.constexpr,
+    SPLIT: tl.constexpr, BLOCK_DT: tl.constexpr, SOFTCAP: tl.constexpr = 0.0,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -173,16 +185,16 @@ def _attention_kernel(
         acc, l_i, m_i = _attention_inner(
             acc, l_i, m_i, q, q2, k_base, v_base, mask_base, ks_base, vs_base, offs_m, 0, diag, Sq, Sk, HEAD_DIM, HEAD_DIM_V,
             qk_scale, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, stride_ksn, stride_vsn,
-            False, MASK, K_SCALED, V_SCALED, DOT_PRECISION, BLOCK_N, BLOCK_D, BLOCK_DV, SPLIT, BLOCK_DT)
+            False, MASK, K_SCALED, V_SCALED, DOT_PRECISION, BLOCK_N, BLOCK_D, BLOCK_DV, SPLIT, BLOCK_DT, SOFTCAP)
         acc, l_i, m_i = _attention_inner(
             acc, l_i, m_i, q, q2, k_base, v_base, mask_base, ks_base, vs_base, offs_m, diag, hi, Sq, Sk, HEAD_DIM, HEAD_DIM_V,
             qk_scale, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, stride_ksn, stride_vsn,
-            True, MASK, K_SCALED, V_SCALED, DOT_PRECISION, BLOCK_N, BLOCK_D, BLOCK_DV, SPLIT, BLOCK_DT)
+            True, MASK, K_SCALED, V_SCALED, DOT_PRECISION, BLOCK_N, BLOCK_D, BLOCK_DV, SPLIT, BLOCK_DT, SOFTCAP)
     else:
         acc, l_i, m_i = _attention_inner(
             acc, l_i, m_i, q, q2, k_base, v_base, mask_base, ks_base, vs_base, offs_m, 0, Sk, Sq, Sk, HEAD_DIM, HEAD_DIM_V,
             qk_scale, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, stride_ksn, stride_vsn,
-            False, MASK, K_SCALED, V_SCALED, DOT_PRECISION, BLOCK_N, BLOCK_D, BLOCK_DV, SPLIT, BLOCK_DT)
+            False, MASK, K_SCALED, V_SCALED, DOT_PRECISION, BLOCK_N, BLOCK_D, BLOCK_DV, SPLIT, BLOCK_DT, SOFTCAP)
 
     l_i = tl.where(l_i == 0.0, 1.0, l_i)  # fully masked rows: acc is 0, the output row is 0 (module docstring)
     out = acc / l_i[:, None]
@@ -326,7 +338,7 @@ def _check(q, k, v, mask, causal, scale, gqa, out, k_scale=None, v_scale=None):
 
 
 def attention(q, k, v, mask=None, causal=False, scale=None, gqa=False, out=None, config: dict | None = None,
-              k_scale=None, v_scale=None, split_d: bool = True) -> torch.Tensor:
+              k_scale=None, v_scale=None, split_d: bool = True, softcap: float | None = None) -> torch.Tensor:
     """``softmax(q @ k^T * scale + mask) @ v`` in one kernel (see the module docstring).
 
     q [B, Hq, Sq, D]; k [B, Hk, Sk, D]; v [B, Hk, Sk, Dv] (ranks 2 and 3 drop leading dims; k / v may
@@ -338,7 +350,8 @@ def attention(q, k, v, mask=None, causal=False, scale=None, gqa=False, out=None,
     configuration (BLOCK_M, BLOCK_N, num_warps, num_stages; see ``configs``) run without the autotuner. ``k_scale`` /
     ``v_scale``: float32 scales (k's / v's shape but the last dim) of a quantized k / v (int8 or float8_e4m3fn codes,
     ``ir/kv_quant.py``), each tile dequantized in registers. ``split_d`` False: q k^T over a head dim like 72 runs
-    padded to the next power of two, not as two tiles (``split_widths``).
+    padded to the next power of two, not as two tiles (``split_widths``). ``softcap`` c: the scaled scores t
+    soft-capped to c * tanh(t / c) before the mask (Gemma 2; None: as they are).
     """
     q4, k4, v4, mask4, group, (ks, vs) = _check(q, k, v, mask, causal, scale, gqa, out, k_scale, v_scale)
     (bq, hq, sq, d), (sk, dv) = q4.shape, v4.shape[-2:]
@@ -357,7 +370,7 @@ def attention(q, k, v, mask=None, causal=False, scale=None, gqa=False, out=None,
     meta = dict(CAUSAL=bool(causal), MASK=kind, K_SCALED=ks is not None, V_SCALED=vs is not None,
                 DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
                 BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_DV=max(16, triton.next_power_of_2(dv)),
-                SPLIT=False, BLOCK_DT=16)
+                SPLIT=False, BLOCK_DT=16, SOFTCAP=float(softcap or 0.0))
     split = split_widths(d) if split_d else None
     if split is not None:
         meta.update(SPLIT=True, BLOCK_D=split[0], BLOCK_DT=split[1])
@@ -370,8 +383,9 @@ def attention(q, k, v, mask=None, causal=False, scale=None, gqa=False, out=None,
     return out
 
 
-def reference(q, k, v, mask=None, causal=False, scale=None, gqa=False, k_scale=None, v_scale=None) -> torch.Tensor:
+def reference(q, k, v, mask=None, causal=False, scale=None, gqa=False, k_scale=None, v_scale=None,
+              softcap: float | None = None) -> torch.Tensor:
     """The ATTENTION op's reference implementation (``OPS["ATTENTION"].ref``), in the operands' own dtype."""
     ins = [q, k, v] + [t for t in (mask, k_scale, v_scale) if t is not None]
     return OPS["ATTENTION"].ref(ins, dict(causal=causal, scale=scale, gqa=gqa, k_scale=k_scale is not None,
-                                          v_scale=v_scale is not None))
+                                          v_scale=v_scale is not None, softcap=softcap))

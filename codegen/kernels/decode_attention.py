@@ -65,7 +65,7 @@ import triton.language as tl
 
 from . import pdl
 from . import rope_kv as trk
-from .attention import check_operands, online_softmax_step
+from .attention import check_operands, online_softmax_step, softcapped
 from .pdl import gdc
 from .skinny import scratch_view
 
@@ -116,6 +116,7 @@ def _decode_partial_kernel(
     NORM_K: tl.constexpr = False, WEIGHT_K: tl.constexpr = False,
     EARLY: tl.constexpr = False,  # (ROPE) the mask scan and the first K / V tile before the PDL wait (``early=``)
     PDL: tl.constexpr = False,  # launched with programmatic dependent launch (pdl.py)
+    SOFTCAP: tl.constexpr = 0.0,  # the scaled scores t soft-capped to c * tanh(t / c) (Gemma 2; 0: as they are)
 ):
     gdc(PDL and not EARLY)
     pid_bh = tl.program_id(0)
@@ -171,7 +172,7 @@ def _decode_partial_kernel(
     start = lo
     if EARLY:  # (an empty chunk's tile is all masked: it leaves m, l and acc as they are)
         m_i, l_i, acc = _kv_step(q, kt0, v0, offs_n0, offs_n0 < hi, mask_rows, valid_r, stride_mn, qk_scale, m_i, l_i, acc,
-                                 HAS_MASK, DOT_PRECISION)
+                                 HAS_MASK, DOT_PRECISION, SOFTCAP)
         start = lo + BLOCK_N
     for start_n in range(start, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -184,7 +185,7 @@ def _decode_partial_kernel(
             vs = tl.load(vs_base + offs_n * stride_vsn, mask=valid_n, other=0.0)
             v = (v.to(tl.float32) * vs[:, None]).to(q.dtype)
         m_i, l_i, acc = _kv_step(q, kt, v, offs_n, valid_n, mask_rows, valid_r, stride_mn, qk_scale, m_i, l_i, acc,
-                                 HAS_MASK, DOT_PRECISION)
+                                 HAS_MASK, DOT_PRECISION, SOFTCAP)
 
     if DIRECT:  # what the reduce makes of one split (weight exp2(0) = 1): acc / l, l = 0 (all masked) read as 1
         l_i = tl.where(l_i == 0.0, 1.0, l_i)
@@ -247,9 +248,9 @@ def _kv_tiles(k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, offs_n
 
 @triton.jit
 def _kv_step(q, kt, v, offs_n, valid_n, mask_rows, valid_r, stride_mn, qk_scale, m_i, l_i, acc, HAS_MASK: tl.constexpr,
-             DOT_PRECISION: tl.constexpr):
-    # one key tile of the group's online softmax (scores in log2 units, masked keys -inf)
-    s = tl.dot(q, kt.to(q.dtype), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
+             DOT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr):
+    # one key tile of the group's online softmax (scores in log2 units, soft-capped, masked keys -inf)
+    s = softcapped(tl.dot(q, kt.to(q.dtype), input_precision=DOT_PRECISION) * qk_scale, SOFTCAP)  # [BLOCK_M, BLOCK_N]
     keep = valid_n[None, :]
     if HAS_MASK:
         keep = keep & (tl.load(mask_rows[:, None] + offs_n[None, :] * stride_mn,
@@ -477,7 +478,8 @@ def _check(q, k, v, mask, scale, gqa, out, config, splits, k_scale, v_scale):
 
 def decode_attention(q, k, v, mask=None, scale=None, gqa=False, out=None, config: dict | None = None,
                      splits: int | None = None, k_scale=None, v_scale=None, direct: bool = True,
-                     counters: torch.Tensor | None = None, rope: tuple | None = None, early: bool = False) -> torch.Tensor:
+                     counters: torch.Tensor | None = None, rope: tuple | None = None, early: bool = False,
+                     softcap: float | None = None) -> torch.Tensor:
     """``softmax(q @ k^T * scale, mask) @ v`` for a few query rows over a long cache, split along the keys
     (see the module docstring).
 
@@ -501,6 +503,7 @@ def decode_attention(q, k, v, mask=None, scale=None, gqa=False, out=None, config
     under PDL, each program scans the mask and loads its chunk's first K / V tile before it waits for the previous
     kernel (the new keys patched into that tile in registers): only where nothing in the same CUDA graph writes the mask
     or the caches before this launch (a decode step's mask is its input; its caches are written here). The same bits.
+    ``softcap`` c: the scaled scores t soft-capped to c * tanh(t / c) before the mask (Gemma 2; None: as they are).
     """
     group, mask4 = _check(q, k, v, mask, scale, gqa, out, config, splits, k_scale, v_scale)
     (bq, hq, sq, d), (hk, sk) = q.shape, k.shape[1:3]
@@ -534,7 +537,7 @@ def decode_attention(q, k, v, mask=None, scale=None, gqa=False, out=None, config
     meta = dict(HAS_MASK=mask4 is not None, **_scan_tile(mask4, group, sq), K_SCALED=k_scale is not None, V_SCALED=v_scale is not None,
                 DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
                 BLOCK_M=max(16, triton.next_power_of_2(group * sq)), BLOCK_D=block_d, DIRECT=one, ROPE=rope is not None,
-                EARLY=early, **meta_rope, **pdl.kwargs(q))
+                EARLY=early, SOFTCAP=float(softcap or 0.0), **meta_rope, **pdl.kwargs(q))
     last = counters is not None and not one
     block_s = min(REDUCE_BLOCK_S, triton.next_power_of_2(n_split))
     if last:

@@ -261,8 +261,8 @@ def _conv(ex, n, base):
 
 @emits("ATTENTION")
 def _attention(ex, n, base):
-    """softmax(q @ k^T * scale + mask) @ v; GQA repeats each kv head; causal keeps j <= i; quantized k / v dequantized
-    first (codes as float32 * their scale, cast to q's dtype)."""
+    """softmax(q @ k^T * scale + mask) @ v (the scaled scores soft-capped first: c * tanh(s / c)); GQA repeats each kv
+    head; causal keeps j <= i; quantized k / v dequantized first (codes as float32 * their scale, cast to q's dtype)."""
     q, k, v, mask, k_scale, v_scale = attention_operands(n.inputs, n.attrs)
     dt = q.dtype
     kn, vn = (ex.arg(t) if s is None else _dequantized(ex, t, s, dt, base + suffix)
@@ -274,6 +274,9 @@ def _attention(ex, n, base):
     kt = ex.emit("Transpose", [kn], base + "_kT", perm=list(range(r - 2)) + [r - 1, r - 2])
     scale = n.attrs["scale"] if n.attrs["scale"] is not None else 1.0 / math.sqrt(q.shape[-1])
     s = ex.emit("Mul", [ex.emit("MatMul", [ex.arg(q), kt], base + "_qk"), ex.scalar(scale, dt)], base + "_scores")
+    if n.attrs.get("softcap"):  # c * tanh(s / c), before the mask
+        c = ex.scalar(n.attrs["softcap"], dt)
+        s = ex.emit("Mul", [ex.emit("Tanh", [ex.emit("Div", [s, c], base + "_capped_in")], base + "_tanh"), c], base + "_capped")
     if mask is not None:
         if mask.dtype == "bool":
             s = ex.emit("Where", [ex.arg(mask), s, ex.scalar(float("-inf"), dt)], base + "_masked")

@@ -41,8 +41,8 @@ def _merge_heads(cx, y: Node) -> Node:
 
 def _refuse_unsupported(node, attrs, dtype: str) -> None:
     """What kiln's ATTENTION does not compute, named by its attribute or output."""
-    if attrs.get("softcap", 0.0):
-        raise Unsupported(f"softcap={attrs['softcap']} (kiln's ATTENTION has no logit soft-capping)")
+    if attrs.get("softcap", 0.0) < 0:
+        raise Unsupported(f"softcap={attrs['softcap']} (a soft cap is a positive number; 0: none)")
     if len(node.output) > 3 and node.output[3]:
         raise Unsupported(f"the qk_matmul_output output (qk_matmul_output_mode={attrs.get('qk_matmul_output_mode', 0)}; "
                           "kiln's ATTENTION does not expose its scores)")
@@ -136,7 +136,7 @@ def _attention(cx, node, ins, attrs):
     mask = _with_mask(cx, mask, allowed, q, k.shape[2])
     scale = attrs.get("scale")
     y = cx.add("ATTENTION", [q, k, v] + ([mask] if mask is not None else []), causal=causal and top_left,
-               scale=float(scale) if scale is not None else None, gqa=gqa)
+               scale=float(scale) if scale is not None else None, gqa=gqa, softcap=float(attrs.get("softcap", 0.0)) or None)
     return [_merge_heads(cx, y) if three_d else y, k, v, None]
 
 

@@ -97,6 +97,17 @@ def test_gqa(dtype, causal):
     check(*qkv(2, 4, 2, 13, 21, 16, dtype), causal=causal, gqa=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("causal", [False, True])
+def test_softcapped_scores(dtype, causal):
+    # Gemma 2: the scaled scores t soft-capped to c * tanh(t / c) before the mask; c = 1.5 bends most of them (|t| ~ 1-3)
+    q, k, v = qkv(2, 4, 2, 13, 21, 16, dtype)
+    q = q * 3
+    mask = torch.rand(2, 1, 13, 21, generator=gen) > 0.3
+    got = check(q, k, v, mask, causal=causal, gqa=True, softcap=1.5)
+    assert rel_err(got, reference(q.double(), k.double(), v.double(), mask, causal=causal, gqa=True)) > 0.05  # (it bends)
+
+
 def test_single_kv_head_and_batch_broadcast():
     q, k, v = qkv(2, 4, 1, 13, 21, 16, torch.float32)
     check(q, k, v)  # one kv head broadcasts without gqa (MQA)

@@ -7,6 +7,7 @@ import torch
 
 import kiln.codegen.kernels.decode_attention as DA
 from kiln.codegen.kernels.decode_attention import decode_attention, default_splits, reference
+from kiln.ir.ops import OPS
 from kiln.testing import TOL, rel_err
 
 pytestmark = pytest.mark.interpreter  # CPU cases run under TRITON_INTERPRET=1; gpu-marked ones need it off
@@ -24,8 +25,11 @@ def qkv(b, hq, hk, sq, s, d, dtype):
 
 def check(q, k, v, mask=None, **kw):
     got = decode_attention(q, k, v, mask, **kw)
-    kw = {n: kw[n] for n in ("scale", "gqa") if n in kw}
-    want = reference(q.double(), k.double(), v.double(), mask, **kw)
+    if kw.get("softcap"):  # (the ATTENTION op's reference soft-caps; gqa: its kv heads repeated)
+        want = OPS["ATTENTION"].ref([q.double(), k.double(), v.double()] + ([mask] if mask is not None else []),
+                                    dict(causal=False, scale=kw.get("scale"), gqa=kw.get("gqa", False), softcap=kw["softcap"]))
+    else:
+        want = reference(q.double(), k.double(), v.double(), mask, **{n: kw[n] for n in ("scale", "gqa") if n in kw})
     assert got.dtype == q.dtype and got.shape == want.shape
     err = rel_err(got, want)
     assert err <= TOL[q.dtype], f"rel err {err:.2e} > {TOL[q.dtype]:.0e}"
@@ -114,6 +118,13 @@ def test_left_padding_mask(dtype, sq):
     # there, and the reduce must give that chunk no weight
     q, k, v = qkv(3, 4, 2, sq, 45, 64, dtype)
     check(q, k, v, left_padded([0, 7, 20], sq, 45, pos=40), gqa=True)
+
+
+@pytest.mark.parametrize("sq, splits", [(1, 3), (3, 1)])
+def test_softcapped_scores(sq, splits):
+    # Gemma 2's soft-capped scores c * tanh(t / c) (c = 1.5: most of them bend), split over 3 chunks or in one
+    q, k, v = qkv(3, 4, 2, sq, 45, 64, torch.float32)
+    check(q * 3, k, v, left_padded([0, 7, 20], sq, 45, pos=40), gqa=True, splits=splits, softcap=1.5)
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 1, 45), (2, 1, 3, 45), (2, 4, 3, 45), (3, 45)])
@@ -286,7 +297,11 @@ def cuda_qkv(b, hq, hk, sq, s, d, dtype=torch.bfloat16):
 
 def check_against_fp32(q, k, v, mask=None, **kw):
     wide = torch.float64 if q.dtype == torch.float32 else torch.float32
-    want = reference(q.to(wide), k.to(wide), v.to(wide), mask, **{n: kw[n] for n in ("scale", "gqa") if n in kw})
+    if kw.get("softcap"):
+        want = OPS["ATTENTION"].ref([q.to(wide), k.to(wide), v.to(wide)] + ([mask] if mask is not None else []),
+                                    dict(causal=False, scale=kw.get("scale"), gqa=kw.get("gqa", False), softcap=kw["softcap"]))
+    else:
+        want = reference(q.to(wide), k.to(wide), v.to(wide), mask, **{n: kw[n] for n in ("scale", "gqa") if n in kw})
     got = decode_attention(q, k, v, mask, **kw)
     torch.cuda.synchronize()
     assert got.dtype == q.dtype and got.shape == want.shape
@@ -311,6 +326,14 @@ def test_gpu_llama_left_padded_speculative():
     many = check_against_fp32(q, k, v, mask, gqa=True)
     one = check_against_fp32(q, k, v, mask, gqa=True, splits=1, config=DA.configs()[0])
     assert rel_err(many, one) <= TOL[torch.bfloat16]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("b", [1, 16])
+def test_gpu_gemma2_softcapped_decode(b):
+    # Gemma-2-2B decode: 8 query heads over 4 kv heads of 256, scores soft-capped at 50 (q scaled up so that they bend)
+    q, k, v = cuda_qkv(b, 8, 4, 1, 4096, 256)
+    check_against_fp32(q * 40, k, v, gqa=True, softcap=50.0)
 
 
 @pytest.mark.gpu

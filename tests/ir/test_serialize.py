@@ -94,7 +94,8 @@ def test_round_trip_keeps_the_tricky_attributes():
     assert by_name["seq_minus_1"].attrs["value"] == SEQ - 1 and by_name["seq_minus_1"].dtype == "int64"
     assert by_name["pad"].attrs["pads"] == ((0, 1), (2, 0))
     assert by_name["reshape"].attrs["shape"] == (BATCH, SEQ, 2, 4)
-    assert by_name["attention_1"].attrs == {"causal": True, "scale": None, "gqa": True, "k_scale": False, "v_scale": False}
+    assert by_name["attention_1"].attrs == {"causal": True, "scale": None, "gqa": True, "k_scale": False, "v_scale": False,
+                                            "softcap": None}
     assert by_name["gelu"].attrs == {"approximate": "tanh"}
     assert by_name["sum"].attrs == {"axes": (0, 2), "keepdim": True}
 

@@ -62,9 +62,12 @@ def llama():
                                      # Gemma 3: a sliding layer (window 6, its mask the step's window_mask) beside a
                                      # full one, each with its RoPE base; final softcapping
                                      ("Gemma3", dict(head_dim=8, sliding_window=6, final_logit_softcapping=3.0,
-                                                     layer_types=["sliding_attention", "full_attention"]))],
+                                                     layer_types=["sliding_attention", "full_attention"])),
+                                     # Gemma 2: soft-capped attention scores (the ATTENTION's softcap) and logits
+                                     ("Gemma2", dict(head_dim=8, sliding_window=6, attn_logit_softcapping=2.0,
+                                                     final_logit_softcapping=3.0, attn_implementation="eager"))],
                          ids=["qwen2", "mistral-window6", "qwen3", "phi3-window6", "qwen3-yarn", "granite", "olmo2", "phi3-longrope",
-                              "phi3-partial-rotary", "smollm3-nope", "gemma", "gemma3"])
+                              "phi3-partial-rotary", "smollm3-nope", "gemma", "gemma3", "gemma2"])
 def test_greedy_matches_transformers(kind, kw, monkeypatch):
     # from the second decode step the token and the next inputs (a sliding window's dropped column too) come from one
     # kernel (codegen/kernels/greedy.py), run on the CPU here under the interpreter: 38 of the 40 tokens
@@ -81,7 +84,7 @@ def test_greedy_matches_transformers(kind, kw, monkeypatch):
     longrope = kw.get("rope_parameters", {}).get("rope_type") == "longrope"
     # (the greedy kernel drops a key from the mask for Mistral's and Phi-3's window; Gemma 3's sliding layers' own mask
     # advances beside it)
-    assert len(calls) == 38 - 6 * longrope and any(d is not None for d in calls) == ("sliding_window" in kw and kind != "Gemma3")
+    assert len(calls) == 38 - 6 * longrope and any(d is not None for d in calls) == ("sliding_window" in kw and "Gemma" not in kind)
 
 
 def test_longrope_prefills_again_where_a_row_passes_its_original_length(tmp_path):
@@ -204,11 +207,13 @@ def test_kernels_backend_writes_the_cache_in_place_and_matches(attention):
 
 
 @pytest.mark.interpreter
-def test_kernels_backend_runs_gemma3():
-    """Gemma 3 on the kernels backend (Triton interpreter): its float32 (1 + w) norms around attention and MLP, per-head
-    q / k norms, the GELU (tanh) GLU in the GEMM epilogue, two RoPE tables and the final softcapping."""
-    hf = hf_model("Gemma3", head_dim=8, sliding_window=8, final_logit_softcapping=3.0,
-                  layer_types=["sliding_attention", "full_attention"])
+@pytest.mark.parametrize("kind, kw", [("Gemma3", dict(layer_types=["sliding_attention", "full_attention"])),
+                                      ("Gemma2", dict(attn_logit_softcapping=2.0, attn_implementation="eager"))])
+def test_kernels_backend_runs_gemma(kind, kw):
+    """Gemma 2 / 3 on the kernels backend (Triton interpreter): float32 (1 + w) norms around attention and MLP, the GELU
+    (tanh) GLU in the GEMM epilogue, the sliding layers' window_mask, the final softcapping; Gemma 3's per-head q / k
+    norms and two RoPE tables; Gemma 2's soft-capped scores in kiln's decode attention kernel."""
+    hf = hf_model(kind, head_dim=8, sliding_window=8, final_logit_softcapping=3.0, **kw)
     cfg = kiln.CompileConfig(backend="kernels", kernels={"attention": "kiln-decode"})
     g = kiln.from_hf(hf, max_seq=48, batch_buckets=(2,), eos_token_id=[], config=cfg)
     g.compiled.executor.target.tuner = Tuner(force=cfg.kernels)
@@ -260,7 +265,7 @@ def test_cli_compile_generate_and_generate(tmp_path, capsys):
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind,attention", [("Llama", a) for a in (None, "sdpa", "kiln-decode", "kiln-decode-last", "kiln-decode-whole")]
                          + [("Qwen3", None), ("Qwen3", "kiln-decode"), ("Phi3", None), ("SmolLM3", None), ("Gemma", None),
-                            ("Gemma3", None)])
+                            ("Gemma3", None), ("Gemma2", None)])
 def test_gpu_bf16_generation_with_cuda_graphs(kind, attention):
     """bf16 on CUDA, kernels backend, CUDA graphs: greedy tokens equal transformers' where its own top-2 logits
     are apart; a divergence is allowed only where they are within bf16 noise. (Qwen3: its q / k norms in the rope_kv
@@ -273,7 +278,9 @@ def test_gpu_bf16_generation_with_cuda_graphs(kind, attention):
                                                        long_factor=[1.5, 3.0])),
           "SmolLM3": dict(num_hidden_layers=3, no_rope_layer_interval=3, pad_token_id=0, bos_token_id=1, eos_token_id=2),
           "Gemma": dict(head_dim=256), "Gemma3": dict(head_dim=16, sliding_window=12, final_logit_softcapping=10.0,
-                                                      layer_types=["sliding_attention", "full_attention"])}.get(kind, {})
+                                                      layer_types=["sliding_attention", "full_attention"]),
+          "Gemma2": dict(head_dim=16, sliding_window=12, attn_logit_softcapping=5.0, final_logit_softcapping=10.0,
+                         attn_implementation="eager")}.get(kind, {})
     hf = hf_model(kind, **kw).to("cuda", torch.bfloat16)
     cfg = kiln.CompileConfig(kernels={"attention": attention} if attention else {})
     g = kiln.from_hf(hf, max_seq=96, batch_buckets=(1, 4), eos_token_id=[], config=cfg)
@@ -321,9 +328,9 @@ def test_from_pretrained_checkpoint_directory_with_its_tokenizer(tmp_path, capsy
 
 
 def test_a_decoder_kiln_does_not_generate_for_is_refused_by_name():
-    cfg = transformers.Gemma2Config(**{**TINY, "num_hidden_layers": 1}, head_dim=8)  # (Gemma 2: attention softcapping)
-    with pytest.raises(kiln.KilnError, match="model_type 'gemma2' is not supported") as info:
-        kiln.from_hf(transformers.Gemma2ForCausalLM(cfg))
+    cfg = transformers.GPTNeoXConfig(**{**TINY, "num_hidden_layers": 1})
+    with pytest.raises(kiln.KilnError, match="model_type 'gpt_neox' is not supported") as info:
+        kiln.from_hf(transformers.GPTNeoXForCausalLM(cfg))
     assert "qwen3" in info.value.hint and "kiln.compile" in info.value.hint
 
 

@@ -73,6 +73,10 @@ CASES = {
                                                         final_logit_softcapping=5.0, rope_parameters=dict(
                                                             sliding_attention=dict(rope_type="default", rope_theta=1e4),
                                                             full_attention=dict(rope_type="linear", rope_theta=1e6, factor=8.0)))),
+    # Gemma 2: sandwich norms, sliding layers (window 4) beside full ones with one RoPE, soft-capped attention scores
+    # and logits (caps small enough to bend them)
+    "gemma2-window4-softcaps": ("Gemma2Config", dict(head_dim=16, sliding_window=4, query_pre_attn_scalar=24,
+                                                     attn_logit_softcapping=1.5, final_logit_softcapping=2.0)),
     "phi3-longrope": ("Phi3Config", dict(pad_token_id=0, bos_token_id=1, eos_token_id=2, max_position_embeddings=64,
                                          original_max_position_embeddings=8,  # (Phi3Config's own key wins)
                                          rope_parameters=dict(rope_type="longrope", rope_theta=1e4, **LONGROPE))),
@@ -283,6 +287,7 @@ def test_from_hf_legacy_rope_scaling_and_defaults():
         ({"model_type": "llama", **SMALL, "hidden_act": "gelu"}, "gelu"),
         ({"model_type": "qwen2", **SMALL, "use_sliding_window": True}, "use_sliding_window"),
         ({"model_type": "gemma3_text", **SMALL, "attn_logit_softcapping": 50.0}, "attn_logit_softcapping"),
+        ({"model_type": "gemma2", **SMALL, "use_bidirectional_attention": True}, "use_bidirectional_attention"),
         ({"model_type": "gemma3_text", **SMALL, "hidden_activation": "relu"}, "relu"),
     ],
 )

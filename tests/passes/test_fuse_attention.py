@@ -34,9 +34,11 @@ def assert_same(before, after):
 # ----------------------------------------------------------------------------- explicit attention
 
 
-def attention_graph(*, scale="mul", mask="bias", axis=3, dtype=f32, upcast=None, kv_heads=4, k_layout="bhsd", nan_guard=None):
+def attention_graph(*, scale="mul", mask="bias", axis=3, dtype=f32, upcast=None, kv_heads=4, k_layout="bhsd", nan_guard=None,
+                    softcap=None):
     """softmax(q @ k^T * s + mask) @ v built node by node, with q [2, 4, 5, 8], k / v [2, kv_heads, 6, 8];
-    ``nan_guard=c``: where(isnan(p), c, p) @ v, as the ONNX exporters write SDPA."""
+    ``nan_guard=c``: where(isnan(p), c, p) @ v, as the ONNX exporters write SDPA; ``softcap=(c, c')``: the scores
+    soft-capped as Gemma 2's, tanh(s / c) * c' (c' = c: its form)."""
     g = Graph()
     q = g.add_input("q", (2, 4, 5, 8), dtype)
     k = g.add_input("k", (2, kv_heads, 6, 8) if k_layout == "bhsd" else (2, 6, kv_heads, 8), dtype)
@@ -58,6 +60,8 @@ def attention_graph(*, scale="mul", mask="bias", axis=3, dtype=f32, upcast=None,
     elif scale == "input":
         ins.append(g.add_input("scale", (), dtype))
         s = g.add("MUL", [s, ins[-1]])
+    if softcap is not None:
+        s = g.add("MUL", [g.add("TANH", [g.add("DIV", [s, g.const(softcap[0])])]), g.const(softcap[1])])
     if mask == "bias":
         ins.append(g.add_input("mask", (1, 1, 5, 6), dtype))
         s = g.add("ADD", [s, ins[-1]])
@@ -145,6 +149,20 @@ def test_repeat_kv_becomes_gqa_on_the_unrepeated_kv():
     (att,) = [n for n in g.nodes if n.op == "ATTENTION"]
     assert att.attrs["gqa"] and att.inputs[1] is ins[1] and att.inputs[2] is ins[2]
     assert_same(before, after)
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_softcapped_scores_become_the_softcap_attribute(kv_heads):
+    # Gemma 2: tanh(s / c) * c before the mask; with repeat_kv the GQA rule keeps the attribute
+    g, ins = attention_graph(mask="masked_fill", softcap=(0.7, 0.7), kv_heads=kv_heads)
+    stats, before, after = run_pass(g, example(ins))
+    assert stats.rules == {"explicit_attention": 1, **({"gqa_attention": 1} if kv_heads == 2 else {})}
+    (att,) = [n for n in g.nodes if n.op == "ATTENTION"]
+    assert att.attrs["softcap"] == 0.7 and att.attrs["gqa"] == (kv_heads == 2) and "TANH" not in g.histogram()
+    assert_same(before, after)
+    g, ins = attention_graph(mask="masked_fill", softcap=(0.7, 0.5))  # not one cap: the tanh stays a tanh
+    stats, before, after = run_pass(g, example(ins))
+    assert "ATTENTION" not in g.histogram() and "TANH" in g.histogram()
 
 
 def test_tiled_heads_are_not_repeat_kv():

@@ -186,6 +186,7 @@ def _exporter_zoo() -> Graph:
         "masked": g.add("ATTENTION", [q4, q4, q4, g.add("LE", [g.add("ARANGE", [], end=n), g.add("RESHAPE", [g.add("ARANGE", [], end=n)],
                                                                                                           shape=(n, 1))])], scale=0.3),
         "float_mask": g.add("ATTENTION", [q4, q4, q4, bias], causal=True),
+        "softcap": g.add("ATTENTION", [q4, kv, kv], causal=True, gqa=True, softcap=0.8),
         "rmsnorm": g.add("RMSNORM", [x, g.add_weight("w", torch.randn(8)), x], eps=1e-5, residual=True),
         "layernorm": g.add("LAYERNORM", [x], eps=1e-5),
         "gelu_tanh": g.add("GELU", [x], approximate="tanh"),

@@ -55,8 +55,24 @@ def test_causal_4d_is_one_attention_with_the_causal_flag():
     g, (y,) = run(m, q, k, v)
     (att,) = [n for n in g.nodes if n.op == "ATTENTION"]
     scale = float(np.float32(0.3))  # an ONNX float attribute
-    assert att.attrs == {"causal": True, "scale": scale, "gqa": False, "k_scale": False, "v_scale": False} and len(att.inputs) == 3
+    assert att.attrs == {"causal": True, "scale": scale, "gqa": False, "k_scale": False, "v_scale": False, "softcap": None}
+    assert len(att.inputs) == 3
     assert torch.allclose(y, reference_attention(q, k, v, scale, causal_offset=0), rtol=1e-12, atol=1e-12)
+
+
+def test_softcap_is_the_attention_attribute():
+    # c * tanh(s / c) on the scaled scores, before the causal mask (ONNX's order, Gemma 2's); against onnx's reference
+    from onnx.reference import ReferenceEvaluator
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 4, 8, generator=gen, dtype=torch.float64) * 3 for _ in range(3))
+    m = one_node("Attention", {"Q": (D, [1, 2, 4, 8]), "K": (D, [1, 2, 4, 8]), "V": (D, [1, 2, 4, 8])}, {"Y": (D, [1, 2, 4, 8])},
+                 is_causal=1, softcap=1.5)
+    g, (y,) = run(m, q, k, v)
+    (att,) = [n for n in g.nodes if n.op == "ATTENTION"]
+    assert att.attrs["softcap"] == 1.5 and att.attrs["causal"]
+    (want,) = ReferenceEvaluator(m).run(None, {"Q": q.numpy(), "K": k.numpy(), "V": v.numpy()})
+    assert torch.allclose(y, torch.from_numpy(want), rtol=1e-10, atol=1e-10)
 
 
 def test_3d_gqa_with_past_is_bottom_right_causal():
@@ -102,7 +118,7 @@ def test_window_nonpad_and_a_float_mask_compose():
 
 
 @pytest.mark.parametrize("attrs, outputs, named", [
-    ({"softcap": 2.0}, ["Y"], "softcap=2.0"),
+    ({"softcap": -2.0}, ["Y"], "softcap=-2.0"),
     ({"qk_matmul_output_mode": 1}, ["Y", "", "", "qk"], "qk_matmul_output output (qk_matmul_output_mode=1"),
     ({"softmax_precision": TensorProto.DOUBLE}, ["Y"], "softmax_precision=float64"),
 ])
