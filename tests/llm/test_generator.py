@@ -232,6 +232,15 @@ def test_gemma3_sliding_layers_keep_their_window_through_save_and_load(tmp_path)
     assert back.layer_window == 5 and back.generate(PROMPTS[:2], max_new_tokens=12).tokens == want
 
 
+def test_gemma2_checkpoint_directory(tmp_path):
+    # transformers' save_pretrained of a Gemma 2 (model_type gemma2): read by the checkpoint loader, the softcaps kept
+    hf = hf_model("Gemma2", head_dim=8, sliding_window=5, attn_logit_softcapping=2.0, attn_implementation="eager")
+    hf.save_pretrained(tmp_path / "ckpt")
+    g = kiln.Generator.from_pretrained(tmp_path / "ckpt", dtype=torch.float32, max_seq=48, batch_buckets=(4,), eos_token_id=[])
+    assert all(n.attrs["softcap"] == 2.0 for n in g.compiled.graph.nodes if n.op == "ATTENTION")
+    assert g.generate(PROMPTS, max_new_tokens=10).tokens == [hf_greedy(hf, p, 10) for p in PROMPTS]
+
+
 def test_save_and_load_keep_settings_and_tokenizer(tmp_path):
     hf = hf_model()
     g = kiln.from_hf(hf, tokenizer=word_tokenizer(), max_seq=64, batch_buckets=(1, 2), eos_token_id=[3])

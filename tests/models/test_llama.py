@@ -274,6 +274,18 @@ def test_from_hf_legacy_rope_scaling_and_defaults():
     assert mistral.sliding_window == 4096  # MistralConfig's default when the key is absent
     smol = LlamaConfig.from_hf({"model_type": "smollm3", **SMALL, "num_hidden_layers": 8})
     assert smol.rope_theta == 2e6 and smol.tie_word_embeddings and smol.no_rope_layers == [1, 1, 1, 0] * 2  # SmolLM3Config's
+    # Gemma 3's config.json as transformers 4 wrote it: no layer_types, the pattern, the two bases, the global scaling
+    gemma3 = LlamaConfig.from_hf({"model_type": "gemma3_text", **SMALL, "num_hidden_layers": 6, "sliding_window_pattern": 3,
+                                  "rope_theta": 1e6, "rope_local_base_freq": 1e4, "sliding_window": 512,
+                                  "rope_scaling": {"rope_type": "linear", "factor": 8.0}, "query_pre_attn_scalar": 64})
+    assert gemma3.sliding_layers == [1, 1, 0, 1, 1, 0] and gemma3.layer_window == 512 and gemma3.local_rope_theta == 1e4
+    assert gemma3.rope_theta == 1e6 and gemma3.rope_scaling == {"rope_type": "linear", "factor": 8.0}
+    assert gemma3.attention_multiplier == 0.125 and gemma3.head_dim == 256 and gemma3.qk_norm and gemma3.sandwich_norms
+    gemma2 = LlamaConfig.from_hf({"model_type": "gemma2", **SMALL, "num_hidden_layers": 4})  # Gemma2Config's defaults
+    assert gemma2.sliding_layers == [1, 0, 1, 0] and gemma2.attn_logit_softcapping == 50.0
+    assert gemma2.final_logit_softcapping == 30.0 and not gemma2.qk_norm and gemma2.local_rope_theta is None
+    gemma = LlamaConfig.from_hf({"model_type": "gemma", **SMALL, "hidden_act": "gelu"})  # (GemmaConfig's legacy value)
+    assert gemma.hidden_act == "gelu_pytorch_tanh" and gemma.gemma_norms and gemma.tie_word_embeddings
 
 
 @pytest.mark.parametrize(
