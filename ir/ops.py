@@ -389,6 +389,9 @@ def _infer_attention(ins, a):
         raise ShapeError(f"ATTENTION: {len(ins)} inputs, the attributes (k_scale={a.get('k_scale')}, v_scale={a.get('v_scale')}) "
                          f"say {want} or {want + 1} (with a mask)")
     q, k, v, m, ks, vs = attention_operands(ins, a)
+    cap = a.get("softcap")
+    if cap is not None and not (isinstance(cap, (int, float)) and math.isfinite(cap) and cap > 0):
+        raise ShapeError(f"ATTENTION: softcap {cap!r} must be a positive number (None: no soft-capping)")
     if len(q.shape) < 2 or len(k.shape) != len(q.shape) or len(v.shape) != len(q.shape):
         raise ShapeError(f"ATTENTION: q {shape_str(q.shape)}, k {shape_str(k.shape)}, v {shape_str(v.shape)} must share a rank >= 2")
     if not dims_equal(q.shape[-1], k.shape[-1]) or not dims_equal(k.shape[-2], v.shape[-2]):

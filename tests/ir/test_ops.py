@@ -160,6 +160,7 @@ CASES += [
     case("ATTENTION", ((2, 4, 5, 8), f32), ((2, 2, 7, 8), f32), ((2, 2, 7, 6), f32), ((5, 7), b), gqa=True),
     case("ATTENTION", ((3, 5, 8), f32), ((1, 7, 8), f32), ((1, 7, 8), f32), ((3, 5, 7), f32), scale=0.2),
     case("ATTENTION", ((5, 8), bf16), ((5, 8), bf16), ((5, 8), bf16), causal=True),
+    case("ATTENTION", ((2, 4, 5, 8), f32), ((2, 2, 7, 8), f32), ((2, 2, 7, 6), f32), ((5, 7), b), gqa=True, softcap=0.5),
     # gathers
     case("EMBEDDING", ((11, 6), f32), ((3, 4), i64)),
     case("EMBEDDING", ((11, 6), bf16), ((5,), i32)),
@@ -421,6 +422,7 @@ BAD = [
     bad("ATTENTION", [((2, 5, 8), f32), ((2, 7, 6), f32), ((2, 7, 8), f32)], {}, "ATTENTION: q [2, 5, 8]"),
     bad("ATTENTION", [((2, 5, 8), f32), ((2, 7, 8), f32), ((2, 6, 8), f32)], {}, "ATTENTION: q [2, 5, 8]"),
     bad("ATTENTION", [((2, 5, 8), f32), ((7, 8), f32), ((7, 8), f32)], {}, "share a rank"),
+    bad("ATTENTION", [((2, 5, 8), f32), ((2, 7, 8), f32), ((2, 7, 8), f32)], dict(softcap=-1.0), "softcap -1.0 must be a positive"),
     bad("ATTENTION", [((1, 4, 5, 8), f32), ((1, 2, 7, 8), f32), ((1, 2, 7, 8), f32)], {}, "leading dims"),
     bad("ATTENTION", [((1, 4, 5, 8), f32), ((1, 3, 7, 8), f32), ((1, 3, 7, 8), f32)], dict(gqa=True),
         "4 query heads do not group over 3"),
@@ -489,6 +491,8 @@ def attention_case(name, hq=4, hk=4, lq=5, lk=7, mask=None, **attrs):
     attention_case("gqa", hk=2, gqa=True),
     attention_case("gqa-causal-scale", hk=2, lq=6, lk=6, gqa=True, causal=True, scale=0.05),
     attention_case("gqa-mask", hk=2, mask="bool", gqa=True),
+    attention_case("softcap-gqa-causal", hk=2, lq=6, lk=6, gqa=True, causal=True, softcap=0.4),
+    attention_case("softcap-float-mask", mask="float", scale=0.3, softcap=0.7),
 ])
 def test_attention_matches_sdpa(hq, hk, lq, lk, mask, attrs):
     gen = torch.Generator().manual_seed(6)
@@ -504,8 +508,16 @@ def test_attention_matches_sdpa(hq, hk, lq, lk, mask, attrs):
         m = torch.randn(2, 1, lq, lk, generator=gen, dtype=torch.float64)
         m[..., 1::3] = -INF
         specs.append(((2, 1, lq, lk), f32))
-    want = F.scaled_dot_product_attention(q, k, v, attn_mask=m, is_causal=attrs.get("causal", False),
-                                          scale=attrs.get("scale"), enable_gqa=attrs.get("gqa", False))
+    if attrs.get("softcap"):  # (Gemma 2) written out: c * tanh(s / c) on the scaled scores, then the masks
+        kr, vr = (t.repeat_interleave(hq // hk, 1) for t in (k, v))
+        s = (q @ kr.transpose(-1, -2)) * attrs.get("scale", d ** -0.5)
+        s = torch.tanh(s / attrs["softcap"]) * attrs["softcap"] + (m if m is not None else 0)
+        if attrs.get("causal"):
+            s = s.masked_fill(~torch.ones(lq, lk, dtype=torch.bool).tril(), -INF)
+        want = torch.softmax(s, -1) @ vr
+    else:
+        want = F.scaled_dot_product_attention(q, k, v, attn_mask=m, is_causal=attrs.get("causal", False),
+                                              scale=attrs.get("scale"), enable_gqa=attrs.get("gqa", False))
     g, node = build("ATTENTION", specs, attrs)
     assert node.shape == tuple(want.shape)
     xs = [t.float() if t.is_floating_point() else t for t in (q, k, v, m) if t is not None]
