@@ -33,7 +33,13 @@ _ROPE_KEYS = {
 # keys a rope_scaling of that type may also carry (transformers' defaults when absent)
 _ROPE_OPTIONAL = {"yarn": ("attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "truncate"),
                   "longrope": ("factor", "attention_factor")}
-HF_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "granite", "olmo2", "smollm3", "gemma", "gemma2", "gemma3_text")
+HF_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "granite", "olmo2", "smollm3", "gemma", "gemma2", "gemma3_text",
+                  "gemma3")
+# a multimodal model_type -> its text decoder's: kiln reads the decoder (config text_config, weights under language_model)
+# and generates text; the vision tower and its projector are not read
+MULTIMODAL_TEXT = {"gemma3": "gemma3_text"}
+_TEXT_NAMES = (("model.language_model.", "model."), ("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."))
+_VISION_NAMES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
 HIDDEN_ACTS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}  # the MLP's gate activation: HF name -> kiln's
 
 
@@ -119,15 +125,13 @@ class LlamaConfig:
 
     @classmethod
     def from_hf(cls, hf: dict) -> LlamaConfig:
-        """Build from an HF config.json dict (model_type: ``HF_MODEL_TYPES``); unknown keys are ignored."""
+        """Build from an HF config.json dict (model_type: ``HF_MODEL_TYPES``; a multimodal one's text decoder:
+        ``MULTIMODAL_TEXT``); unknown keys are ignored."""
+        hf = _text_decoder(hf)
         model_type = hf.get("model_type")
         if model_type not in HF_MODEL_TYPES:
             raise ValueError(f"unsupported model_type {model_type!r}; kiln's LlamaConfig handles {HF_MODEL_TYPES}")
-        act = hf.get("hidden_activation") or hf.get("hidden_act") or "silu"
-        act = "gelu_pytorch_tanh" if model_type == "gemma" and act == "gelu" else act  # (GemmaConfig's legacy value)
-        if act not in HIDDEN_ACTS or (act != "silu" and not model_type.startswith("gemma")):
-            raise ValueError(f"unsupported hidden_act {act!r} for {model_type} (only 'silu'"
-                             + (", 'gelu_pytorch_tanh')" if model_type.startswith("gemma") else ")"))
+        act = _hidden_act(hf, model_type)
         required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
         absent = [k for k in required if k not in hf]
         if absent:
@@ -175,6 +179,27 @@ class LlamaConfig:
                 kw.setdefault("head_dim", 128)  # Qwen3Config's default
                 kw.update(o_proj_bias=None, mlp_bias=False, qk_norm=True)
         return cls(**kw)
+
+
+def _text_decoder(hf: dict) -> dict:
+    """A multimodal config's text decoder's (``MULTIMODAL_TEXT``: its text_config, the model_type its own); else ``hf``."""
+    model_type = hf.get("model_type")
+    if model_type not in MULTIMODAL_TEXT:
+        return hf
+    text = hf.get("text_config")
+    if not isinstance(text, dict):
+        raise ValueError(f"{model_type} config without a text_config: no text decoder to read")
+    return {"tie_word_embeddings": hf.get("tie_word_embeddings", True), **text, "model_type": MULTIMODAL_TEXT[model_type]}
+
+
+def _hidden_act(hf: dict, model_type: str) -> str:
+    """The MLP's gate activation (HF's name): silu, or GELU (tanh) for the Gemmas."""
+    act = hf.get("hidden_activation") or hf.get("hidden_act") or "silu"
+    act = "gelu_pytorch_tanh" if model_type == "gemma" and act == "gelu" else act  # (GemmaConfig's legacy value)
+    if act not in HIDDEN_ACTS or (act != "silu" and not model_type.startswith("gemma")):
+        raise ValueError(f"unsupported hidden_act {act!r} for {model_type} (only 'silu'"
+                         + (", 'gelu_pytorch_tanh')" if model_type.startswith("gemma") else ")"))
+    return act
 
 
 def _gemma3_from_hf(hf: dict, kw: dict, model_type: str = "gemma3_text") -> dict:
@@ -723,6 +748,21 @@ def load_llama(path: str | Path, dtype: torch.dtype = torch.float32) -> LlamaFor
     return llama_from_tensors(cfg, tensors, source, where, dtype)
 
 
+def text_tensors(tensors: dict, source: dict) -> tuple[dict, dict]:
+    """A multimodal checkpoint's text decoder tensors under a text model's names (``model.language_model.*`` as
+    transformers holds them, ``language_model.model.*`` as checkpoints store them -> ``model.*``), its vision tower
+    and projector dropped; other checkpoints' tensors as they are."""
+    if not any(name.startswith(tuple(p for p, _ in _TEXT_NAMES)) for name in tensors):
+        return tensors, source
+    out, where = {}, {}
+    for name, t in tensors.items():
+        if name.startswith(_VISION_NAMES):
+            continue
+        new = next((to + name[len(p):] for p, to in _TEXT_NAMES if name.startswith(p)), name)
+        out[new], where[new] = t, source.get(name)
+    return out, where
+
+
 def merged_parts(cfg: LlamaConfig) -> dict[str, tuple[tuple[str, int], ...]]:
     """Phi-3's merged projections: merged weight name -> (Llama's part name, its rows) in the merged weight's order."""
     hd, q, kv, f = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size
@@ -756,7 +796,7 @@ def llama_from_tensors(cfg: LlamaConfig, tensors: dict[str, torch.Tensor], sourc
                        dtype: torch.dtype | None = None) -> LlamaForCausalLM:
     """A LlamaForCausalLM holding ``tensors`` (HF names; checked by :func:`assign_checked`, which names
     ``source[name]`` / ``where`` in its errors), cast to ``dtype`` unless None; no copy when no cast."""
-    tensors, source = split_merged(tensors, source, cfg)
+    tensors, source = split_merged(*text_tensors(tensors, source), cfg)
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg)
     optional = frozenset({"lm_head.weight"} if cfg.tie_word_embeddings else ())

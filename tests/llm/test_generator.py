@@ -241,6 +241,25 @@ def test_gemma2_checkpoint_directory(tmp_path):
     assert g.generate(PROMPTS, max_new_tokens=10).tokens == [hf_greedy(hf, p, 10) for p in PROMPTS]
 
 
+def test_gemma3_multimodal_model_generates_text(tmp_path):
+    # Gemma 3's multimodal models (4B and up): the text decoder read (text_config; weights under model.language_model in
+    # memory, language_model.model in the checkpoint), the vision tower not; text prompts give transformers' tokens
+    text = dict(TINY, head_dim=8, sliding_window=6, layer_types=["sliding_attention", "full_attention"])
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14)
+    torch.manual_seed(0)
+    hf = transformers.Gemma3ForConditionalGeneration(transformers.Gemma3Config(text_config=text, vision_config=vision,
+                                                                               mm_tokens_per_image=4)).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    hf.generation_config.eos_token_id = None
+    want = [hf_greedy(hf, p, 10) for p in PROMPTS]
+    assert kiln.from_hf(hf, max_seq=48, batch_buckets=(4,), eos_token_id=[]).generate(PROMPTS, max_new_tokens=10).tokens == want
+    hf.save_pretrained(tmp_path / "ckpt")
+    g = kiln.Generator.from_pretrained(tmp_path / "ckpt", dtype=torch.float32, max_seq=48, batch_buckets=(4,), eos_token_id=[])
+    assert g.generate(PROMPTS, max_new_tokens=10).tokens == want
+
+
 def test_save_and_load_keep_settings_and_tokenizer(tmp_path):
     hf = hf_model()
     g = kiln.from_hf(hf, tokenizer=word_tokenizer(), max_seq=64, batch_buckets=(1, 2), eos_token_id=[3])

@@ -300,6 +300,7 @@ def test_from_hf_legacy_rope_scaling_and_defaults():
         ({"model_type": "qwen2", **SMALL, "use_sliding_window": True}, "use_sliding_window"),
         ({"model_type": "gemma3_text", **SMALL, "attn_logit_softcapping": 50.0}, "attn_logit_softcapping"),
         ({"model_type": "gemma2", **SMALL, "use_bidirectional_attention": True}, "use_bidirectional_attention"),
+        ({"model_type": "gemma3", **SMALL}, "gemma3 config without a text_config"),
         ({"model_type": "gemma3_text", **SMALL, "hidden_activation": "relu"}, "relu"),
     ],
 )
