@@ -9,7 +9,9 @@ the step is captured whole and the report's notes say why.
 
 Layers that differ in a period (SmolLM3: no RoPE in every 4th layer) repeat as blocks: where every layer i is built as
 layer i mod P (``layer_period``), the first 2 P layers are captured and each block of P layers is one "layer" of the
-repeat, its roles numbered by the place in the block (``2.self_attn.q_proj.weight``, ``2.k_cache``).
+repeat, its roles numbered by the place in the block (``2.self_attn.q_proj.weight``, ``2.k_cache``). A depth that is
+not whole blocks (Gemma-3-1B: 26 layers, P = 6) starts the blocks after its first depth mod P layers, which are captured
+as they are (their tensors outside every block, as the embedding's are).
 """
 from __future__ import annotations
 
@@ -63,10 +65,10 @@ def capture_step(model, kv_dtype: str | None, example: dict, dims: dict, report:
     depth = model.config.num_hidden_layers
     full = step_function(LlamaStep(model, kv_dtype), depth, kv_dtype)
     src = None
-    period = layer_period(model) if layers >= 2 else 1
-    if period > 1:  # (two blocks captured, whatever ``layers`` says)
+    period, prefix = layer_period(model) if layers >= 2 else (1, 0)
+    if period > 1:  # (the prefix and two blocks captured, whatever ``layers`` says)
         try:
-            src = _repeated(model, kv_dtype, example, dims, report, 2 * period, full, period)
+            src = _repeated(model, kv_dtype, example, dims, report, prefix + 2 * period, full, period, prefix)
         except RepeatError as e:
             report.notes.append(f"captured all {depth} layers: repeating the last of two captured blocks of {period} "
                                 f"layers declined ({e})")
@@ -94,9 +96,10 @@ def name_weights(graph, model) -> None:
     graph.rename_weights({w: qualified[key(t)] for w, t in graph.weights.items() if key(t) in qualified})
 
 
-def _repeated(model, kv_dtype, example: dict, dims: dict, report: Report, layers: int, full, period: int = 1) -> Source:
+def _repeated(model, kv_dtype, example: dict, dims: dict, report: Report, layers: int, full, period: int = 1,
+              prefix: int = 0) -> Source:
     """The step captured with the first ``layers`` layers, then made as deep as the model by ``repeat_layers``, blocks of
-    ``period`` layers the unit it repeats (``layers`` whole blocks)."""
+    ``period`` layers the unit it repeats (``layers``: ``prefix`` layers, then whole blocks)."""
     depth = model.config.num_hidden_layers
     if period == 1:  # (layer_period checked the blocks' layers)
         shape = layer_structure(model.model.layers[layers - 1])
@@ -110,9 +113,10 @@ def _repeated(model, kv_dtype, example: dict, dims: dict, report: Report, layers
                         {k: v for k, v in dims.items() if k not in dropped}, report)
     with report.phase("repeat layers"):
         def unit(i: int, role: str) -> tuple[int, str]:  # layer i's role -> (its block, the role by its place in it)
-            return (i, role) if period == 1 else (i // period, f"{i % period}.{role}")
-        owners = {f"{kind}_{i}": unit(i, kind) for i in range(layers) for kind in kinds}
-        owners.update({name: unit(*o) for name, o in _layer_weights(src.graph.weights, model.model.layers[:layers]).items()})
+            return (i, role) if period == 1 else ((i - prefix) // period, f"{(i - prefix) % period}.{role}")
+        owners = {f"{kind}_{i}": unit(i, kind) for i in range(prefix, layers) for kind in kinds}
+        owners.update({name: unit(*o) for name, o in _layer_weights(src.graph.weights, model.model.layers[:layers]).items()
+                       if o[0] >= prefix})  # (the prefix layers' tensors belong to no block)
         new = []
         for first in range(layers, depth, period):
             block = range(first, first + period)
@@ -122,19 +126,22 @@ def _repeated(model, kv_dtype, example: dict, dims: dict, report: Report, layers
     signature, canonical = Signature.from_callable(full, (), example)
     signature.output = src.signature.output
     report.notes.append(f"captured {layers} of {depth} layers, the rest repeated in the IR"
-                        + (f" (blocks of {period}: layer i is built as layer i mod {period})" if period > 1 else ""))
+                        + (f" (blocks of {period}: layer i is built as layer i mod {period}" if period > 1 else "")
+                        + (f"; the blocks after the first {prefix} layers)" if prefix else ")" if period > 1 else ""))
     return Source(graph, signature, wrap_callable(full), signature.flatten((), canonical))
 
 
-def layer_period(model) -> int:
-    """The smallest P > 1 such that every decoder layer i is built as layer i mod P (``layer_structure``), the depth
-    whole blocks of P, at least three of them (two captured, one or more repeated); else 1 (all alike, or no period:
-    the repeat of single layers checks and declines)."""
+def layer_period(model) -> tuple[int, int]:
+    """(P, R): the smallest P > 1 such that every decoder layer i is built as layer i mod P (``layer_structure``), the
+    depth R = depth mod P layers (a prefix, captured as they are) and then whole blocks of P, at least three of them
+    (two captured, one or more repeated); else (1, 0) (all alike, or no period: the repeat of single layers checks and
+    declines)."""
     shapes = [layer_structure(layer) for layer in model.model.layers]
+    n = len(shapes)
     if all(s == shapes[0] for s in shapes):
-        return 1
-    return next((p for p in range(2, len(shapes) // 3 + 1)
-                 if len(shapes) % p == 0 and all(shapes[i] == shapes[i % p] for i in range(len(shapes)))), 1)
+        return 1, 0
+    return next(((p, n % p) for p in range(2, n // 3 + 1)
+                 if n // p >= 3 and all(shapes[i] == shapes[i % p] for i in range(n))), (1, 0))
 
 
 def first_layers(model, n: int):

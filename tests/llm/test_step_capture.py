@@ -33,12 +33,17 @@ CASES = {
     # every second layer without RoPE: blocks of two layers captured twice, the third and fourth repeated
     "smollm3-nope-blocks": ("SmolLM3", dict(num_hidden_layers=8, no_rope_layer_interval=2, pad_token_id=0, bos_token_id=1,
                                             eos_token_id=2), None),
+    # Gemma 3: two sliding layers to each full one (period 3), 11 layers: the first 2 captured as they are, then blocks
+    # of 3 (as Gemma-3-1B's 26 = 2 + 4 x 6)
+    "gemma3-blocks-after-a-prefix": ("Gemma3", dict(num_hidden_layers=11, head_dim=8, sliding_window=6, sliding_window_pattern=3),
+                                     None),
 }
 
 
 def hf_model(kind, **kw):
     torch.manual_seed(0)
-    m = getattr(transformers, f"{kind}ForCausalLM")(getattr(transformers, f"{kind}Config")(**{**TINY, **kw})).eval()
+    config = getattr(transformers, "Gemma3TextConfig" if kind == "Gemma3" else f"{kind}Config")(**{**TINY, **kw})
+    m = getattr(transformers, f"{kind}ForCausalLM")(config).eval()
     with torch.no_grad():  # larger weights: logits far apart
         for p in m.parameters():
             p.add_(torch.randn_like(p) * 0.3)
@@ -56,8 +61,8 @@ def example(model, kv, max_seq=64, batch=2):
     spec = dict(num_layers=cfg.num_hidden_layers, kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, max_seq=max_seq,
                 kv_cache_dtype=kv)
     x = step_inputs(torch.zeros(batch, 2, dtype=torch.long), torch.zeros(batch, dtype=torch.long), 0,
-                    new_caches(spec, batch, torch.float32, "cpu"), max_seq, cfg.sliding_window)
-    return x, step_dims(cache_names(cfg.num_hidden_layers, kv), batch, max_seq)
+                    new_caches(spec, batch, torch.float32, "cpu"), max_seq, cfg.sliding_window, cfg.layer_window)
+    return x, step_dims(cache_names(cfg.num_hidden_layers, kv), batch, max_seq, cfg.layer_window is not None)
 
 
 def assert_same_graph(got, want, same_tensors=True):
@@ -94,17 +99,18 @@ def test_repeated_capture_is_the_full_capture(case, monkeypatch):
     assert_same_graph(repeated.graph, whole.graph)
     assert repeated.signature.to_dict() == whole.signature.to_dict()
     assert [t is u for t, u in zip(repeated.example, whole.example)] == [True] * len(whole.example)
-    blocks = " (blocks of 2: layer i is built as layer i mod 2)" if kind == "SmolLM3" else ""
-    captured = 4 if blocks else 2
+    blocks = {"SmolLM3": " (blocks of 2: layer i is built as layer i mod 2)",
+              "Gemma3": " (blocks of 3: layer i is built as layer i mod 3; the blocks after the first 2 layers)"}.get(kind, "")
+    captured = {"SmolLM3": 4, "Gemma3": 8}.get(kind, 2)
     assert report.notes == [f"captured {captured} of {kw['num_hidden_layers']} layers, the rest repeated in the IR{blocks}"]
     assert "repeat layers" in report.phases
 
     full, rep = generators(hf, monkeypatch, kv_cache_dtype=kv)
     assert_same_graph(rep.compiled.graph, full.compiled.graph, same_tensors=False)
     assert rep.generate(PROMPTS, max_new_tokens=12).tokens == full.generate(PROMPTS, max_new_tokens=12).tokens
-    inputs = step_inputs(torch.tensor([p[:5] for p in PROMPTS]), torch.zeros(2, dtype=torch.long), 0, rep.caches(2), 64, rep.window)
+    inputs = rep._inputs(torch.tensor([p[:5] for p in PROMPTS]), torch.zeros(2, dtype=torch.long), 0, rep.caches(2))
     got = rep.compiled.run(list(inputs.values()))[0]
-    inputs = step_inputs(torch.tensor([p[:5] for p in PROMPTS]), torch.zeros(2, dtype=torch.long), 0, full.caches(2), 64, full.window)
+    inputs = full._inputs(torch.tensor([p[:5] for p in PROMPTS]), torch.zeros(2, dtype=torch.long), 0, full.caches(2))
     assert torch.equal(got, full.compiled.run(list(inputs.values()))[0])
 
 
