@@ -14,8 +14,10 @@ import torch
 TINY = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5)
 # Qwen2: biases on q / k / v; one kv head, so at two ranks each rank holds a copy of it. Qwen3: q / k norms over each
-# head's dims (a head is never split between ranks, so they shard with it)
-MODELS = {"Llama": {}, "Qwen2": dict(num_key_value_heads=1), "Qwen3": dict(head_dim=16)}
+# head's dims (a head is never split between ranks, so they shard with it). Gemma 2: soft-capped attention scores, a
+# sliding layer's window_mask beside the full one's mask
+MODELS = {"Llama": {}, "Qwen2": dict(num_key_value_heads=1), "Qwen3": dict(head_dim=16),
+          "Gemma2": dict(head_dim=8, sliding_window=6, attn_logit_softcapping=2.0, attn_implementation="eager")}
 PROMPTS = [[5, 6, 7, 8, 9], [11, 12, 13]]
 NEW_TOKENS = 10
 
@@ -42,8 +44,6 @@ def hf_greedy(hf, prompt, n):
 
 def step_logits(g, steps: int = 2) -> list[torch.Tensor]:
     """The logits of a prefill of PROMPTS (left-padded) and of ``steps`` greedy decode steps after it."""
-    from kiln.llm.generator import step_inputs
-
     T = 16
     pad = torch.tensor([T - len(p) for p in PROMPTS])
     ids = torch.tensor([[0] * (T - len(p)) + p for p in PROMPTS])
@@ -52,7 +52,7 @@ def step_logits(g, steps: int = 2) -> list[torch.Tensor]:
         c.zero_()
     out = []
     for s in range(steps + 1):
-        logits = g.compiled.run(list(step_inputs(ids, pad, 0 if s == 0 else T + s - 1, caches, g.max_seq, None).values()))[0]
+        logits = g.compiled.run(list(g._inputs(ids, pad, 0 if s == 0 else T + s - 1, caches).values()))[0]
         out.append(logits.clone())
         ids = logits.argmax(-1, keepdim=True)
     return out

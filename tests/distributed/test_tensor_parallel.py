@@ -1,4 +1,4 @@
-"""Tensor parallel on the CPU: two processes over gloo (``ranks.py``) run tiny Llama / Qwen2 / Qwen3 generators sharded over two
+"""Tensor parallel on the CPU: two processes over gloo (``ranks.py``) run tiny Llama / Qwen2 / Qwen3 / Gemma 2 generators sharded over two
 ranks, which give TP=1's logits and transformers' greedy tokens; a shard loaded on the wrong rank or world size is
 refused naming the check; offline sharding (no process group) writes one artifact per rank."""
 import sys
