@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .llama import assign_checked, read_safetensors
+from .checkpoint import assign_checked, read_safetensors
 
 TIME_PROJ_DIM = 256  # CombinedTimestepLabelEmbeddings: Timesteps(num_channels=256, ...)
 ACTIVATIONS = {"gelu": "none", "gelu-approximate": "tanh"}  # diffusers name -> F.gelu(approximate=)

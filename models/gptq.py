@@ -53,7 +53,8 @@ import torch
 
 from ..errors import KilnError
 from ..ir.quant import GROUPS, QuantWeight, check_layout, dequantize, pack_int4
-from .llama import LlamaConfig, LlamaForCausalLM, llama_from_tensors, read_safetensors, split_merged
+from .checkpoint import read_safetensors
+from .llama import LlamaConfig, LlamaForCausalLM, llama_from_tensors, split_merged
 
 PARTS = ("qweight", "qzeros", "scales", "g_idx", "bias")
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # the code of output n % 8 sits at position AWQ_ORDER.index(n % 8) of its word

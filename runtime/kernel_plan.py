@@ -43,7 +43,8 @@ from ..codegen.schedule import VIEW_OPS, Group, norm_prologue, rope_kv_core, rop
 from ..codegen.tuning import compile_ahead
 from ..ir.graph import Graph, Node
 from ..ir.interpret import eval_node, node_attrs
-from ..ir.ops import COLLECTIVE_OPS, attention_operands, index_copy
+from ..ir.ops import attention_operands, index_copy
+from ..ir.ops_collective import COLLECTIVE_OPS
 from ..ir.ops_fused import AQ_FORMATS, aqgemm_operands
 from ..ir.types import eval_dim, torch_dtype
 from .kernel_calls import MAX_OUTPUT_SETS, KernelCall, OutputSet, PlanStats, collective_call, gather_call, run_calls, use_count

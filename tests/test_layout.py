@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent  # the repository root is the pack
 LAYERS = [
     ("errors", "version", "numerics"),
     ("ir.types", "ir.registry", "ir.quant", "ir.kv_quant"),
-    ("ir.ops", "ir.ops_fused"),
+    ("ir.ops", "ir.ops_fused", "ir.ops_collective"),
     ("ir.graph",),
     ("ir.serialize", "ir.bind", "ir.interpret"),
     ("ir.lowering", "ir.einsum", "ir.repeat"),
