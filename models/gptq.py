@@ -54,7 +54,7 @@ import torch
 from ..errors import KilnError
 from ..ir.quant import GROUPS, QuantWeight, check_layout, dequantize, pack_int4
 from .checkpoint import read_safetensors
-from .llama import LlamaConfig, LlamaForCausalLM, llama_from_tensors, split_merged
+from .llama import LlamaConfig, LlamaForCausalLM, llama_from_tensors, split_merged, text_tensors
 
 PARTS = ("qweight", "qzeros", "scales", "g_idx", "bias")
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # the code of output n % 8 sits at position AWQ_ORDER.index(n % 8) of its word
@@ -244,7 +244,9 @@ def load_gptq_llama(path: str | Path, dtype: torch.dtype = torch.float32) -> tup
     for name in [f"{w.removesuffix('.weight')}.bias" for w in quantized]:
         if name in floats and name not in expected and not bool(floats[name].any()):
             del floats[name]
-    quantized = split_merged(quantized, {}, llama_cfg)[0]  # (Phi-3's merged projections: their parts' codes, by rows)
+    # a multimodal checkpoint's decoder under a text model's names (its vision tower's layers dropped); Phi-3's merged
+    # projections split into their parts' codes, by rows
+    quantized = split_merged(*text_tensors(quantized, {}), llama_cfg)[0]
     source.update({name: where for name in floats if name not in source})
     try:
         model = llama_from_tensors(llama_cfg, floats, source, where, dtype)

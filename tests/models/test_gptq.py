@@ -292,6 +292,28 @@ def test_merged_projection_codes_are_split_into_their_parts(case, tmp_path):
         assert rel_err(prefill_logits(merged.compiled, ids), prefill_logits(LlamaStep(model), ids)) <= TOL[torch.float32]
 
 
+def test_a_multimodal_checkpoints_decoder_codes_are_read_under_the_text_models_names(tmp_path):
+    # Gemma 3's multimodal checkpoints store the decoder under language_model.* beside a vision tower (quantized too,
+    # in some): the decoder's codes are packed as a text checkpoint's, the vision tower's layers dropped
+    def nest(tensors):
+        for name in list(tensors):
+            tensors["language_model." + name] = tensors.pop(name)
+        tower = gptq_layer(16, 64, 4, 32, False, "gptq", torch.Generator().manual_seed(3))["tensors"]
+        tensors.update({f"vision_tower.encoder.layers.0.mlp.fc1.{s}": t for s, t in tower.items()})
+
+    layers = write_checkpoint(tmp_path / "mm", 4, 32, False, "gptq", edit=nest)
+    write_checkpoint(tmp_path / "text", 4, 32, False, "gptq")
+    (model, quantized, _), (plain, want, _) = load_gptq_llama(tmp_path / "mm"), load_gptq_llama(tmp_path / "text")
+    assert sorted(quantized) == sorted(want) and len(quantized) == 14
+    for name, qw in quantized.items():
+        assert torch.equal(codes_of(qw).long(), layers[name.removesuffix(".weight")]["codes"])
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), plain.state_dict().values()))
+    g = Generator.from_pretrained(tmp_path / "mm", dtype=torch.float32, max_seq=32, batch_buckets=(1,), eos_token_id=[],
+                                  config=kiln.CompileConfig(backend="reference"))
+    notes = g.compiled.report().to_dict()["passes"]["quantize_weights"]["notes"]
+    assert "pre-quantized in the checkpoint: 14 packed from its codes" in notes[0]
+
+
 def test_a_v1_zero_point_that_wrapped_around_is_refused():
     layer = gptq_layer(8, 64, 4, 32, False, "gptq", torch.Generator().manual_seed(2))
     layer["tensors"]["qzeros"] = pack_int32(torch.full((2, 8), -1), 4, 1)  # zero 0 stored as -1: reads back as 16
