@@ -498,18 +498,20 @@ class _Decoder:
         other dtypes or shapes): sample and call ``self(tok, slot)``."""
         if self.plan is None or slot != self.slot + 1 or logits.device.type not in GREEDY_KERNEL_DEVICES:
             return None
-        b, window = self.buffers, self.gen.window
+        b, window, layer_window = self.buffers, self.gen.window, self.gen.layer_window
         operands = (logits, b["input_ids"], b["positions"], b["slots"], b["mask"], slot)
         if self.work is None:  # once a bound plan: its buffers are the same every step (None: checked, does not fit)
-            self.work = gk.scratch(*logits.shape, logits.device) if gk.check(*operands) is None else False
+            fits = gk.check(*operands, window_mask=b.get("window_mask")) is None
+            self.work = gk.scratch(*logits.shape, logits.device) if fits else False
         if self.work is False:
             return None
-        return gk.greedy(*operands, drop=slot - window if window is not None and slot - window >= 0 else None, work=self.work)
+        return gk.greedy(*operands, drop=slot - window if window is not None and slot - window >= 0 else None, work=self.work,
+                         window_mask=b.get("window_mask"),
+                         window_drop=slot - layer_window if layer_window is not None and slot - layer_window >= 0 else None)
 
     def __call__(self, tok: torch.Tensor, slot: int, advanced: bool = False) -> torch.Tensor:
         g = self.gen
-        if advanced:  # (``greedy`` wrote the tokens and advanced the inputs but the sliding layers' mask)
-            self.advance_window(slot)
+        if advanced:  # (``greedy`` wrote the tokens and advanced the inputs, the sliding layers' mask too)
             self.slot = slot
             return self.plan.replay()[self.logits_index]
         if self.plan is not None and slot == self.slot + 1:

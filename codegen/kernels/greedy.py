@@ -6,6 +6,8 @@ advanced to it.
     positions[b, :]            += 1
     slots[:]                   += 1
     mask[b, 0, 0, slot]         = True                         and, for a sliding window, mask[b, 0, 0, drop] = False
+    window_mask[b, 0, 0, slot]  = True                         the sliding layers' mask (Gemma 2 / 3), where given, and
+                                                               window_mask[b, 0, 0, window_drop] = False
 
 A generator replays the step's CUDA graph, then picks each row's token and writes the next step's inputs into the
 graph's input buffers (``llm/generator.py`` ``_Decoder``). With torch ops that is six launches between two replays,
@@ -50,7 +52,9 @@ def _best(val, idx, nan, V):
 def _greedy_kernel(logits_ptr, stride_lb, stride_lv, V, CHUNK, part_val_ptr, part_idx_ptr, cnt_ptr,
                    tok_ptr, ids_ptr, stride_ib,
                    pos_ptr, stride_pb, stride_pt, T, slots_ptr, N_SLOTS, mask_ptr, stride_mb, stride_ms, slot, drop,
+                   wmask_ptr, stride_wb, stride_ws, wdrop,
                    SPLITS: tl.constexpr, HAS_IDS: tl.constexpr, ADVANCE: tl.constexpr, DROP: tl.constexpr,
+                   WINDOW: tl.constexpr, WDROP: tl.constexpr,
                    BLOCK: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr):
     # grid (B, SPLITS): program (b, c) walks columns [c * CHUNK, (c + 1) * CHUNK) of row b
     b = tl.program_id(0).to(tl.int64)
@@ -95,6 +99,10 @@ def _greedy_kernel(logits_ptr, stride_lb, stride_lv, V, CHUNK, part_val_ptr, par
             tl.store(mask_ptr + b * stride_mb + slot * stride_ms, 1)
             if DROP:
                 tl.store(mask_ptr + b * stride_mb + drop * stride_ms, 0)
+            if WINDOW:
+                tl.store(wmask_ptr + b * stride_wb + slot * stride_ws, 1)
+                if WDROP:
+                    tl.store(wmask_ptr + b * stride_wb + wdrop * stride_ws, 0)
             if b == 0:
                 sp = slots_ptr + t
                 tl.store(sp, tl.load(sp, mask=t < N_SLOTS) + 1, mask=t < N_SLOTS)
@@ -113,7 +121,7 @@ def scratch(rows: int, v: int, device) -> tuple:
             torch.zeros(rows, dtype=torch.int32, device=device))
 
 
-def check(logits, ids=None, positions=None, slots=None, mask=None, slot=None) -> str | None:
+def check(logits, ids=None, positions=None, slots=None, mask=None, slot=None, window_mask=None) -> str | None:
     """Why ``greedy`` cannot take these operands (None: it can)."""
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.dtype not in DTYPES or 0 in logits.shape:
         return f"logits must be a non-empty [B, V] float16 / bfloat16 / float32 tensor, got {getattr(logits, 'dtype', logits)} " \
@@ -132,7 +140,10 @@ def check(logits, ids=None, positions=None, slots=None, mask=None, slot=None) ->
             return f"mask {mask.dtype} {list(mask.shape)}: want bool [{B}, 1, 1, S]"
         if not isinstance(slot, int) or not 0 <= slot < mask.shape[3]:
             return f"slot {slot!r} is not a column of the mask's {mask.shape[3]}"
-    tensors = [t for t in (logits, ids, positions, slots, mask) if t is not None]
+    if window_mask is not None and (mask is None or window_mask.dtype != torch.bool or window_mask.shape != mask.shape):
+        return f"window_mask {window_mask.dtype} {list(window_mask.shape)}: want bool, the mask's shape " \
+               f"{list(mask.shape) if mask is not None else '(no mask given)'}"
+    tensors = [t for t in (logits, ids, positions, slots, mask, window_mask) if t is not None]
     if len({t.device for t in tensors}) != 1:
         return "operands on different devices"
     return None
@@ -140,16 +151,19 @@ def check(logits, ids=None, positions=None, slots=None, mask=None, slot=None) ->
 
 def greedy(logits: torch.Tensor, ids: torch.Tensor | None = None, positions: torch.Tensor | None = None,
            slots: torch.Tensor | None = None, mask: torch.Tensor | None = None, slot: int | None = None,
-           drop: int | None = None, out: torch.Tensor | None = None, work: tuple | None = None) -> torch.Tensor:
+           drop: int | None = None, out: torch.Tensor | None = None, work: tuple | None = None,
+           window_mask: torch.Tensor | None = None, window_drop: int | None = None) -> torch.Tensor:
     """Each row's greedy token (int64 [B], torch.argmax's answer), written to ``ids`` [B, 1] too where given; with
     ``positions`` [B, T], ``slots`` [n] and ``mask`` [B, 1, 1, S] the step's inputs advance in the same launch
-    (module docstring; ``drop``: a column set False, the sliding window's oldest). ``work``: ``scratch(B, V, device)``,
-    kept by a caller that calls again (None: allocated for this call)."""
-    reason = check(logits, ids, positions, slots, mask, slot)
+    (module docstring; ``drop``: a column set False, the sliding window's oldest); ``window_mask`` (the mask's shape)
+    likewise, its oldest column ``window_drop``. ``work``: ``scratch(B, V, device)``, kept by a caller that calls again
+    (None: allocated for this call)."""
+    reason = check(logits, ids, positions, slots, mask, slot, window_mask)
     if reason:
         raise ValueError(f"greedy: {reason}")
-    if drop is not None and (positions is None or not 0 <= drop < mask.shape[3]):
-        raise ValueError(f"greedy: drop {drop!r} needs the mask, and a column of it")
+    for name, col, m in (("drop", drop, mask), ("window_drop", window_drop, window_mask)):
+        if col is not None and (m is None or not 0 <= col < m.shape[3]):
+            raise ValueError(f"greedy: {name} {col!r} needs its mask, and a column of it")
     B, V = logits.shape
     n = splits(V)
     work = work if work is not None else scratch(B, V, logits.device)
@@ -159,13 +173,16 @@ def greedy(logits: torch.Tensor, ids: torch.Tensor | None = None, positions: tor
     advance = positions is not None
     pos = positions if advance else tok.view(B, 1)
     msk = mask if advance else tok
+    wmsk = window_mask if window_mask is not None else msk
     chunk = triton.cdiv(triton.cdiv(V, n), BLOCK) * BLOCK
     _greedy_kernel[(B, n)](
         logits, logits.stride(0), logits.stride(1), V, chunk, *work,
         tok, ids if ids is not None else tok, ids.stride(0) if ids is not None else 0,
         pos, pos.stride(0), pos.stride(1), pos.shape[1], slots if advance else tok, slots.numel() if advance else 0,
         msk, msk.stride(0) if advance else 0, msk.stride(3) if advance else 0, slot or 0, drop or 0,
-        SPLITS=n, HAS_IDS=ids is not None, ADVANCE=advance, DROP=drop is not None, BLOCK=BLOCK,
+        wmsk, wmsk.stride(0) if advance else 0, wmsk.stride(3) if advance else 0, window_drop or 0,
+        SPLITS=n, HAS_IDS=ids is not None, ADVANCE=advance, DROP=drop is not None, WINDOW=window_mask is not None,
+        WDROP=window_drop is not None, BLOCK=BLOCK,
         BLOCK_S=triton.next_power_of_2(n), BLOCK_T=triton.next_power_of_2(max(pos.shape[1], slots.numel() if advance else 1)),
         num_warps=WARPS)
     return tok

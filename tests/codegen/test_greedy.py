@@ -55,6 +55,25 @@ def test_the_inputs_advance_as_the_generator_advances_them(drop):
     assert pos.tolist() == [[7], [9], [11]] and slots.tolist() == [13] and mask[..., 12].all()
 
 
+def test_the_sliding_layers_mask_advances_in_the_same_launch():
+    # Gemma 2 / 3: window_mask (the sliding layers') gets the new column and loses its own oldest, the mask its own
+    x = torch.randn(2, 77)
+    pos, slots = torch.tensor([[5], [7]]), torch.tensor([11])
+    mask = torch.zeros(2, 1, 1, 16, dtype=torch.bool)
+    mask[..., :11] = True
+    window = mask.clone()
+    window[..., :7] = False
+    want_mask, want_window = mask.clone(), window.clone()
+    want_mask[..., 11] = want_window[..., 11] = True
+    want_window[..., 7] = False
+    gk.greedy(x, None, pos, slots, mask, slot=11, window_mask=window, window_drop=7)
+    assert torch.equal(mask, want_mask) and torch.equal(window, want_window)
+    with pytest.raises(ValueError, match="want bool, the mask's shape"):
+        gk.greedy(x, None, pos, slots, mask, slot=12, window_mask=window[..., :8])
+    with pytest.raises(ValueError, match="window_drop 16 needs its mask, and a column"):
+        gk.greedy(x, None, pos, slots, mask, slot=12, window_mask=window, window_drop=16)
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(logits=torch.zeros(2, 0)), "non-empty"),
     (dict(logits=torch.zeros(2, 5, dtype=torch.int64)), "float16 / bfloat16 / float32"),
@@ -62,7 +81,7 @@ def test_the_inputs_advance_as_the_generator_advances_them(drop):
     (dict(logits=torch.zeros(2, 5), positions=torch.zeros(2, 1, dtype=torch.long)), "advance together"),
     (dict(logits=torch.zeros(2, 5), positions=torch.zeros(2, 1, dtype=torch.long), slots=torch.zeros(1, dtype=torch.long),
           mask=torch.zeros(2, 1, 1, 8, dtype=torch.bool), slot=8), "not a column"),
-    (dict(logits=torch.zeros(2, 5), drop=1), "needs the mask"),
+    (dict(logits=torch.zeros(2, 5), drop=1), "needs its mask"),
     (dict(logits=torch.zeros(2, 500), work=gk.scratch(2, 5, "cpu")), "is not scratch"),
 ])
 def test_bad_operands_raise(kwargs, match):

@@ -73,7 +73,8 @@ def test_greedy_matches_transformers(kind, kw, monkeypatch):
     # kernel (codegen/kernels/greedy.py), run on the CPU here under the interpreter: 38 of the 40 tokens
     from kiln.llm import generator
     calls, real = [], generator.gk.greedy
-    monkeypatch.setattr(generator.gk, "greedy", lambda *a, **kw: calls.append(kw.get("drop")) or real(*a, **kw))
+    monkeypatch.setattr(generator.gk, "greedy", lambda *a, **kw: calls.append((kw.get("drop"), kw.get("window_drop")))
+                        or real(*a, **kw))
     monkeypatch.setattr(generator, "GREEDY_KERNEL_DEVICES", ("cuda", "cpu"))
     hf = hf_model(kind, **kw)
     g = kiln.from_hf(hf, max_seq=128, batch_buckets=(4,), eos_token_id=[])
@@ -82,9 +83,11 @@ def test_greedy_matches_transformers(kind, kw, monkeypatch):
         assert got == hf_greedy(hf, p, 40)
     # (LongRoPE: the three steps that prefill again, and the first step after each, sample instead)
     longrope = kw.get("rope_parameters", {}).get("rope_type") == "longrope"
-    # (the greedy kernel drops a key from the mask for Mistral's and Phi-3's window; Gemma 3's sliding layers' own mask
-    # advances beside it)
-    assert len(calls) == 38 - 6 * longrope and any(d is not None for d in calls) == ("sliding_window" in kw and "Gemma" not in kind)
+    # (the greedy kernel drops a key from the mask for Mistral's and Phi-3's window; Gemma 2 / 3's sliding layers' own
+    # mask advances beside it, in the same launch)
+    assert len(calls) == 38 - 6 * longrope
+    assert any(d is not None for d, _ in calls) == ("sliding_window" in kw and "Gemma" not in kind)
+    assert any(w is not None for _, w in calls) == ("sliding_window" in kw and "Gemma" in kind)
 
 
 def test_longrope_prefills_again_where_a_row_passes_its_original_length(tmp_path):
