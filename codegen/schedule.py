@@ -230,10 +230,11 @@ class _Scheduler:
             nodes = rope_kv_nodes(n) if n.op == "ATTENTION" else None
             if nodes is None or nodes[1] in self.outputs:
                 continue  # (roped k has no buffer of its own in the fused kernel)
-            nodes = (*(m for m in map(rope_norm, nodes[:2]) if m is not None and m not in self.outputs), *nodes)
-            parts = [self.group_of[m] for m in nodes]
-            if len(set(parts)) != len(nodes) or any(p.nodes != [m] for p, m in zip(parts, nodes)):
-                continue
+            chains = [c for c in map(rope_norm, nodes[:2]) if not any(m in self.outputs for m in c)]
+            nodes = (*(m for c in chains for m in c), *nodes)
+            parts = list(dict.fromkeys(self.group_of[m] for m in nodes))
+            if any(not set(p.nodes) <= set(nodes) for p in parts) or sum(len(p.nodes) for p in parts) != len(nodes):
+                continue  # (each group wholly inside: a norm chain may be one group already)
             outside = {d for p in parts for d in self.deps(p)} - set(parts)
             if any(self.reaches(d, p) for d in outside for p in parts):
                 continue  # rope -> X -> copy: merging would make a cycle
@@ -313,13 +314,34 @@ def rope_kv_nodes(attention: Node) -> tuple | None:
     return q_rope, k_rope, kc, vc
 
 
-def rope_norm(rope: Node) -> Node | None:
-    """The RMSNORM over each head's dims that ROPE ``rope`` rotates the output of, read by nothing else (Qwen3's q_norm /
-    k_norm), which the rope_kv group applies itself; None when there is none."""
+def rope_norm(rope: Node) -> tuple[Node, ...]:
+    """The RMSNORM over each head's dims that ROPE ``rope`` rotates the output of, read by nothing else, which the rope_kv
+    group applies itself: (the RMSNORM,) in Qwen3's form (q_norm / k_norm: a weight of q's dtype, or none), or (CAST,
+    RMSNORM, CAST) in Gemma 3's (q cast to float32, normalised with a float32 weight, cast back: ``rope_norm_parts``);
+    () when there is none."""
     x = rope.inputs[0]
-    if x.op != "RMSNORM" or x.attrs["dims"] != 1 or x.attrs.get("residual") or set(x.users) != {rope} or x.dtype != rope.dtype:
-        return None
-    return x if len(x.inputs) == 1 or (len(x.inputs[1].shape) == 1 and x.inputs[1].dtype == x.dtype) else None
+    if x.op == "CAST" and set(x.users) == {rope} and x.dtype == rope.dtype and x.inputs[0].op == "RMSNORM":
+        norm = x.inputs[0]
+        cast = norm.inputs[0]
+        weight = norm.inputs[1:]
+        if norm.dtype == "float32" and set(norm.users) == {x} and cast.op == "CAST" and set(cast.users) == {norm} and \
+                cast.inputs[0].dtype == rope.dtype and _head_norm(norm) and \
+                all(len(w.shape) == 1 and w.dtype == "float32" for w in weight):
+            return cast, norm, x
+        return ()
+    if x.op != "RMSNORM" or not _head_norm(x) or set(x.users) != {rope} or x.dtype != rope.dtype:
+        return ()
+    return (x,) if len(x.inputs) == 1 or (len(x.inputs[1].shape) == 1 and x.inputs[1].dtype == x.dtype) else ()
+
+
+def _head_norm(norm: Node) -> bool:
+    return norm.attrs["dims"] == 1 and not norm.attrs.get("residual")
+
+
+def rope_norm_parts(chain: tuple[Node, ...]) -> tuple[Node, Node]:
+    """(the normalised tensor, the RMSNORM) of a ``rope_norm`` chain."""
+    norm = next(m for m in chain if m.op == "RMSNORM")
+    return chain[0].inputs[0], norm
 
 
 def rope_kv_core(g: Group) -> tuple:
@@ -336,10 +358,13 @@ def rope_kv_reader(g: Group) -> Node:
 def rope_kv_parts(g: Group) -> list[Group]:
     """A rope_kv group as the groups it merged (what runs when the plan cannot write the caches in place)."""
     core = rope_kv_core(g)
-    parts = [Group("pointwise", [n]) for n in (*g.nodes[:-4], *core[:2])] + [Group("reference", [n]) for n in core[2:]]
+    chains = [c for c in map(rope_norm, core[:2]) if c and c[0] in g.nodes]
+    parts = [Group("pointwise", list(c)) for c in chains] + [Group("pointwise", [n]) for n in core[:2]] + \
+        [Group("reference", [n]) for n in core[2:]]
     for p in parts:
-        n = p.nodes[0]
-        p.inputs, p.outputs = list(dict.fromkeys(n.inputs)), [n]
+        members = set(p.nodes)
+        p.inputs = list(dict.fromkeys(i for n in p.nodes for i in n.inputs if i not in members))
+        p.outputs = p.nodes[-1:]
     return parts[:-4] + [parts[-3], parts[-2], parts[-1], parts[-4]]  # (the norms,) k's rope before its copy, q's rope
 
 

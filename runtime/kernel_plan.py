@@ -39,7 +39,8 @@ import torch
 
 from ..codegen import lower, lower_attention
 from ..codegen.pointwise import launch
-from ..codegen.schedule import VIEW_OPS, Group, norm_prologue, rope_kv_core, rope_kv_parts, rope_kv_reader
+from ..codegen.schedule import (VIEW_OPS, Group, norm_prologue, rope_kv_core, rope_kv_parts, rope_kv_reader, rope_norm,
+                                rope_norm_parts)
 from ..codegen.tuning import compile_ahead
 from ..ir.graph import Graph, Node
 from ..ir.interpret import eval_node, node_attrs
@@ -590,12 +591,13 @@ class KernelPlan(Plan):
         self.env[q_rope] = self._buffer(self.slot[q_rope], self.shape_of[q_rope], torch_dtype(q_rope.dtype), self.order.get(q_rope))
         self.env[kc], self.env[vc] = self.env[kc.inputs[0]], self.env[vc.inputs[0]]
         self.env[k_rope] = self._buffer(*self.scratch[k][:2], torch_dtype(k_rope.dtype))
-        normed = [r.inputs[0] if r.inputs[0] in g.nodes else None for r in (q_rope, k_rope)]  # (schedule.rope_norm)
-        norms = [None if n is None else (self.env[n.inputs[1]] if len(n.inputs) > 1 else None, n.attrs["eps"]) for n in normed]
+        normed = [rope_norm_parts(c) if (c := rope_norm(r)) and c[0] in g.nodes else None for r in (q_rope, k_rope)]
+        norms = [None if n is None else (self.env[n[1].inputs[1]] if len(n[1].inputs) > 1 else None, n[1].attrs["eps"])
+                 for n in normed]
         parts = [Group("pointwise", [n], list(dict.fromkeys(n.inputs)), [n]) for n in (q_rope, k_rope)]
         ropes = None if any(normed) else [partial(launch, p, [self.env[i] for i in p.inputs], self.bindings,
                                                   out=[self.env[p.nodes[0]]], cache=self.target.cache) for p in parts]
-        x = [(r if n is None else n).inputs[0] for r, n in zip((q_rope, k_rope), normed)]
+        x = [r.inputs[0] if n is None else n[0] for r, n in zip((q_rope, k_rope), normed)]
         args = [self.env[x[0]], self.env[x[1]], self.env[vc.inputs[2]], *(self.env[i] for i in q_rope.inputs[1:]), self.env[kc.inputs[1]]]
         what, candidates = lower_attention.rope_kv(args, self.env[q_rope], self.env[kc], self.env[vc], self.env[k_rope], ropes,
                                                    self.device, norms if any(normed) else None)

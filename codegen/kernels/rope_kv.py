@@ -15,9 +15,10 @@ out[D/2:] = x2 cos2 + x1 sin2 (x1, x2 the two halves).
 Every tensor is addressed through its strides: q / k / v are views into the fused QKV GEMM's output, cos / sin
 broadcast over the heads with stride 0. The products are computed in float32 and rounded once to the output's dtype.
 
-``norms`` (Qwen3's q_norm / k_norm, ``schedule.rope_norm``): q and / or k are first RMS-normalised over each head's D
-values (times a [D] weight, if any), in float32 and rounded to their dtype as the RMSNORM kernel would store them; then
-roped as above. One launch where the step had three.
+``norms`` (Qwen3's and Gemma 3's q_norm / k_norm, ``schedule.rope_norm``): q and / or k are first RMS-normalised over
+each head's D values (times a [D] weight, if any), in float32 and rounded to their dtype as the RMSNORM kernel would
+store them (Gemma 3's float32 weight: exactly its form, one rounding after the weight); then roped as above. One launch
+where the step had three.
 """
 from __future__ import annotations
 
@@ -158,11 +159,21 @@ def norm_args(norms, placeholder: torch.Tensor) -> tuple[tuple, dict]:
     return (*weights, *eps), meta
 
 
+def _norm_ref(x: torch.Tensor, norm) -> torch.Tensor:
+    """RMSNORM(x, weight) by its reference; a float32 weight on 16-bit x (Gemma 3's form: x cast to float32, normalised,
+    weighted, cast back) applied before the one rounding."""
+    if norm is None:
+        return x
+    w, eps = norm
+    if w is not None and w.dtype == torch.float32 and x.dtype != torch.float32:
+        return (rmsnorm_ref([x.float(), w], {"eps": eps, "dims": 1})).to(x.dtype)
+    return rmsnorm_ref([x] + [w for w in (w,) if w is not None], {"eps": eps, "dims": 1})
+
+
 def reference(q, k, v, cos, sin, slots, q_out, k_cache, v_cache, norms=None) -> None:
     """``rope_kv`` by torch ops (kiln's RMSNORM, ROPE and INDEX_COPY references): what the fused kernel replaces."""
     nq, nk = norms or (None, None)
-    q = q if nq is None else rmsnorm_ref([q] + [w for w in nq[:1] if w is not None], {"eps": nq[1], "dims": 1})
-    k = k if nk is None else rmsnorm_ref([k] + [w for w in nk[:1] if w is not None], {"eps": nk[1], "dims": 1})
+    q, k = _norm_ref(q, nq), _norm_ref(k, nk)
     q_out.copy_(q * cos + rotate_half(q) * sin)
     index_copy(k_cache, 2, slots, (k * cos + rotate_half(k) * sin).to(k_cache.dtype), inplace=True)
     index_copy(v_cache, 2, slots, v.to(v_cache.dtype), inplace=True)

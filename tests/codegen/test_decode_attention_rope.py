@@ -80,14 +80,16 @@ def test_the_same_bits_as_rope_kv_then_attention(dtype, mode, T, pos, D, early):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("mode", ["last", "direct"])
-@pytest.mark.parametrize("which", ["both weighted", "k unweighted"])
+@pytest.mark.parametrize("which", ["both weighted", "k unweighted", "float32 weights"])
 def test_qwen3_norms_as_rope_kv_then_attention(dtype, mode, which):
     # q_norm / k_norm over each head before RoPE: the caches and the output as rope_kv(norms) then the attention give
-    # (within a rounding: the head's squares summed in another order), and float64's; heads of very different scales
+    # (within a rounding: the head's squares summed in another order), and float64's; heads of very different scales.
+    # (Gemma 3's norms: float32 weights on 16-bit q and k)
     q, k, v, cos, sin, slots, caches, mask = step(2, 4, 2, 2, 72, 45, 20, dtype)
     q = q * torch.tensor([0.01, 1.0, 30.0, 3.0], dtype=dtype)[:, None, None]
-    w = [torch.randn(72, generator=gen, dtype=torch.float64).to(dtype) + 1 for _ in range(2)]
-    norms = [(w[0], 1e-6), (w[1], 1e-5)] if which == "both weighted" else [None, (None, 1e-5)]
+    wdt = torch.float32 if which == "float32 weights" else dtype
+    w = [torch.randn(72, generator=gen, dtype=torch.float64).to(wdt) + 1 for _ in range(2)]
+    norms = [None, (None, 1e-5)] if which == "k unweighted" else [(w[0], 1e-6), (w[1], 1e-5)]
     args = (q, k, v, cos, sin, slots, caches, mask)
     (got, kc, vc), (want, kc_want, vc_want) = both(args, mode, True, norms)
     assert rel_err(kc, kc_want) <= TOL[dtype] and torch.equal(vc, vc_want) and rel_err(got, want) <= TOL[dtype]

@@ -51,16 +51,29 @@ def test_rope_kv_cos_shared_by_rows_and_contiguous_q():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("which", ["q and k weighted", "q weighted", "k unweighted"])
+@pytest.mark.parametrize("which", ["q and k weighted", "q weighted", "k unweighted", "float32 weights"])
 def test_rope_kv_with_per_head_norms(dtype, which):
     # Qwen3's q_norm / k_norm (schedule.rope_norm): each head's D values RMS-normalised before RoPE; q and k read as the
-    # norms' inputs, strided views of the QKV output; heads of very different scales, so a norm that skips shows
+    # norms' inputs, strided views of the QKV output; heads of very different scales, so a norm that skips shows.
+    # Gemma 3's: float32 weights (1 + w), applied before the one rounding
     args = list(operands(2, 3, 4, 2, 26, 11, dtype))
     args[0], args[1] = args[0] * torch.tensor([0.01, 1.0, 30.0, 3.0], dtype=dtype)[:, None, None], args[1] * 7
-    w = [torch.randn(26, generator=gen, dtype=torch.float64).to(dtype) + 1 for _ in range(2)]
+    wdt = torch.float32 if which == "float32 weights" else dtype
+    w = [torch.randn(26, generator=gen, dtype=torch.float64).to(wdt) + 1 for _ in range(2)]
     norms = {"q and k weighted": [(w[0], 1e-6), (w[1], 1e-5)], "q weighted": [(w[0], 1e-6), None],
-             "k unweighted": [None, (None, 1e-5)]}[which]
+             "k unweighted": [None, (None, 1e-5)], "float32 weights": [(w[0], 1e-6), (w[1], 1e-6)]}[which]
     run_check(args, dtype, norms)
+
+
+def test_the_reference_applies_a_float32_weight_before_rounding():
+    # Gemma 3's q / k norm: (x.float() * rstd * w).to(x's dtype), one rounding (Qwen3's rounds before the weight)
+    q, k, v, cos, sin, slots, q_out, kc, vc = operands(1, 1, 4, 2, 18, 40, torch.float16)
+    w = torch.rand(18, generator=gen) + 0.5
+    x = q.float()
+    want = (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * w).half()
+    ones, zeros = torch.ones_like(cos), torch.zeros_like(sin)
+    reference(q, k, v, ones, zeros, slots, q_out, kc, vc, [(w, 1e-6), None])
+    assert torch.equal(q_out, want)
 
 
 def test_check_declines_with_a_reason():

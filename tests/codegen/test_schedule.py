@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import kiln
-from kiln.codegen.schedule import execute, norm_prologue, rope_kv_core, rope_kv_parts, schedule, summary
+from kiln.codegen.schedule import (execute, norm_prologue, rope_kv_core, rope_kv_parts, rope_norm, rope_norm_parts, schedule,
+                                   summary)
 from kiln.ir.graph import Graph
 from kiln.ir.interpret import interpret
 from kiln.ir.types import sym
@@ -134,15 +135,21 @@ def test_norm_prologue_joins_the_gemm_it_feeds_only(case):
 def rope_kv_graph(case: str) -> tuple[Graph, list]:
     """ROPE(q), ROPE(k) -> INDEX_COPY into a k cache, v -> INDEX_COPY into a v cache, ATTENTION over both (a Llama
     layer's decode between the QKV GEMM and attention, GQA 4 / 2 heads), with one thing that breaks the pattern, or
-    with Qwen3's RMSNORMs over each head of q and k before RoPE (taken into the group where RoPE alone reads them)."""
+    with Qwen3's RMSNORMs over each head of q and k before RoPE (taken into the group where RoPE alone reads them), or
+    Gemma 3's (float16 q and k cast to float32, normalised with a float32 weight, cast back)."""
     B, H, KV, T, D, S = 2, 4, 2, 3, 10, 7
     g = Graph()
-    q, k, v = (g.add_input(name, (B, h, T, D), "float32") for name, h in (("q", H), ("k", KV), ("v", KV)))
-    cos, sin = g.add_input("cos", (B, 1, T, D), "float32"), g.add_input("sin", (B, 1, T, D), "float32")
+    dt = "float16" if case == "q and k normed in float32" else "float32"
+    q, k, v = (g.add_input(name, (B, h, T, D), dt) for name, h in (("q", H), ("k", KV), ("v", KV)))
+    cos, sin = g.add_input("cos", (B, 1, T, D), dt), g.add_input("sin", (B, 1, T, D), dt)
     slots = g.add_input("slots", (T,), "int64")
-    kc, vc = g.add_input("k_cache", (B, KV, S, D), "float32"), g.add_input("v_cache", (B, KV, S, D), "float32")
+    kc, vc = g.add_input("k_cache", (B, KV, S, D), dt), g.add_input("v_cache", (B, KV, S, D), dt)
     k_sin = g.add("NEG", (sin,)) if case == "k roped with other angles" else sin
-    if case.startswith("q and k normed") or case in ("a norm read twice", "a norm with a residual"):
+    if case == "q and k normed in float32":
+        w = g.add_weight("q_norm.weight", torch.linspace(0.5, 2.0, D))
+        q = g.add("CAST", (g.add("RMSNORM", (g.add("CAST", (q,), dtype="float32"), w), eps=1e-6),), dtype=dt)
+        k = g.add("CAST", (g.add("RMSNORM", (g.add("CAST", (k,), dtype="float32"),), eps=1e-5),), dtype=dt)
+    elif case.startswith("q and k normed") or case in ("a norm read twice", "a norm with a residual"):
         w = g.add_weight("q_norm.weight", torch.linspace(0.5, 2.0, D))
         q = g.add("RMSNORM", (q, w), eps=1e-6)
         if case == "a norm with a residual":  # NORM(k + r): not a per-head norm the rope_kv kernel applies
@@ -159,11 +166,11 @@ def rope_kv_graph(case: str) -> tuple[Graph, list]:
     inputs = [torch.randn(B, H, T, D, generator=gen), torch.randn(B, KV, T, D, generator=gen), torch.randn(B, KV, T, D, generator=gen),
               torch.randn(B, 1, T, D, generator=gen), torch.randn(B, 1, T, D, generator=gen), torch.tensor([5, 0, 2]),
               torch.randn(B, KV, S, D, generator=gen), torch.randn(B, KV, S, D, generator=gen)]
-    return g, inputs
+    return g, [x if x.dtype == torch.int64 else x.to(getattr(torch, dt)) for x in inputs]
 
 
 @pytest.mark.parametrize("case", ["fuse", "roped k also an output", "k roped with other angles", "q and k normed",
-                                  "a norm read twice", "a norm with a residual"])
+                                  "q and k normed in float32", "a norm read twice", "a norm with a residual"])
 def test_rope_kv_groups_the_ropes_and_cache_writes_attention_reads(case):
     g, inputs = rope_kv_graph(case)
     groups = compare(g, inputs)
@@ -175,6 +182,14 @@ def test_rope_kv_groups_the_ropes_and_cache_writes_attention_reads(case):
         parts = rope_kv_parts(fused)
         check_partition(g, [grp for grp in groups if grp is not fused][:-1] + parts + groups[-1:])
         assert [[n.op for n in p.nodes] for p in parts] == [["RMSNORM"], ["RMSNORM"], ["ROPE"], ["INDEX_COPY"], ["INDEX_COPY"], ["ROPE"]]
+    elif case == "q and k normed in float32":  # Gemma 3: each chain (CAST, RMSNORM, CAST) was one kernel; now in the group
+        fused = groups[-2]
+        assert kinds(groups) == ["rope_kv", "attention"]
+        assert [n.op for n in fused.nodes] == ["CAST", "RMSNORM", "CAST"] * 2 + ["ROPE", "ROPE", "INDEX_COPY", "INDEX_COPY"]
+        assert [rope_norm_parts(rope_norm(r))[0].attrs["name"] for r in rope_kv_core(fused)[:2]] == ["q", "k"]
+        parts = rope_kv_parts(fused)
+        check_partition(g, [grp for grp in groups if grp is not fused][:-1] + parts + groups[-1:])
+        assert [[n.op for n in p.nodes] for p in parts][:2] == [["CAST", "RMSNORM", "CAST"]] * 2
     elif case == "a norm with a residual":
         assert [n.op for n in groups[-2].nodes] == ["RMSNORM", "ROPE", "ROPE", "INDEX_COPY", "INDEX_COPY"]
         assert groups[-2].nodes[0].inputs[0].attrs["name"] == "q"

@@ -225,6 +225,20 @@ def test_kernels_backend_runs_gemma(kind, kw):
     assert all(p.describe()["choices"]["attention:kiln-decode"] == 2 for p in g.compiled.executor.plans if p.adopted)
 
 
+@pytest.mark.interpreter
+def test_gemma3_half_precision_q_k_norms_run_in_the_rope_kv_call():
+    # in 16 bits Gemma 3's q / k norm is CAST(RMSNORM(CAST(q, float32), float32 weight), float16): the rope_kv group
+    # (or the decode attention taking it over) applies it, not a kernel of its own before RoPE
+    hf = hf_model("Gemma3", head_dim=8, sliding_window=8, layer_types=["sliding_attention", "full_attention"]).half()
+    g = kiln.from_hf(hf, max_seq=32, batch_buckets=(1,), eos_token_id=[], config=kiln.CompileConfig(backend="kernels"))
+    assert g.generate(PROMPTS[:1], max_new_tokens=3).tokens == [hf_greedy(hf, PROMPTS[0], 3)]
+    plans = [p for p in g.compiled.executor.plans if p.adopted]
+    assert plans and all([n.op for n in grp.nodes] == ["CAST", "RMSNORM", "CAST"] * 2 + ["ROPE", "ROPE", "INDEX_COPY", "INDEX_COPY"]
+                         for p in plans for grp in p.groups if grp.kind == "rope_kv")
+    assert not any(grp.kind == "pointwise" and any(u.op == "ROPE" for n in grp.outputs for u in n.users)
+                   for p in plans for grp in p.groups)
+
+
 def test_gemma3_sliding_layers_keep_their_window_through_save_and_load(tmp_path):
     hf = hf_model("Gemma3", head_dim=8, sliding_window=5, layer_types=["sliding_attention", "full_attention"])
     g = kiln.from_hf(hf, max_seq=48, batch_buckets=(2,), eos_token_id=[])
