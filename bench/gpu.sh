@@ -449,6 +449,15 @@ print('greedy', greedy(x).tolist() == x.argmax(-1).tolist())" 2>&1 | tail -5
         python3 bench/gemv_ncu.py --shape 8b --bits 4 8 > "$OUT/ncu_24n.txt" 2>&1
       grep -E "^int[48] |Duration|DRAM Throughput|Compute \(SM\) Throughput|Issued Warp Per Scheduler|No Eligible|Achieved \
 Occupancy|Warp Cycles Per Issued|Registers Per" "$OUT/ncu_24n.txt" | head -150 ;;
+    s26a)  # session 26, one call (~400 s) for a scarce machine: the generator's GPU tests of sessions 23-26 (Phi-3 LongRoPE,
+      # SmolLM3 NoPE, Gemma / Gemma 2 / Gemma 3 with its q / k norms in the rope_kv call and the window mask advanced by
+      # the greedy kernel), the GPTQ act-order tests, the rope_kv / decode-attention / softcap kernel tests; then what a
+      # kernel boundary costs (s24c)
+      timeout 240 python3 -m pytest -q -rf -m gpu tests/llm/test_generator.py -k "Phi3 or SmolLM3 or Gemma" 2>&1 | tail -4
+      timeout 120 python3 -m pytest -q -rf -m gpu tests/models/test_gptq.py tests/codegen/test_rope_kv.py \
+        tests/codegen/test_decode_attention_rope.py 2>&1 | tail -3
+      timeout 120 python3 -m pytest -q -rf -m gpu tests/codegen/test_attention.py tests/codegen/test_decode_attention.py -k softcap 2>&1 | tail -3
+      bash "$0" s24c 2>&1 | grep -v "^bytecode\|^NVIDIA" ;;
     s25g)  # next: session 25's Gemma / Gemma 2 / Gemma 3 (CPU-tested): their GPU tests (bf16 tokens against transformers'
       # with CUDA graphs; Gemma 2's soft-capped scores in kiln's attention kernels), the softcap kernel tests, then the
       # Gemma-3-1B and Gemma-2-2B shapes (random weights; head dim 256, 256k+ vocabularies, sliding layers' window_mask) at
