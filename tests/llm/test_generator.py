@@ -230,7 +230,10 @@ def test_gemma3_half_precision_q_k_norms_run_in_the_rope_kv_call():
     # in 16 bits Gemma 3's q / k norm is CAST(RMSNORM(CAST(q, float32), float32 weight), float16): the rope_kv group
     # (or the decode attention taking it over) applies it, not a kernel of its own before RoPE
     hf = hf_model("Gemma3", head_dim=8, sliding_window=8, layer_types=["sliding_attention", "full_attention"]).half()
-    g = kiln.from_hf(hf, max_seq=32, batch_buckets=(1,), eos_token_id=[], config=kiln.CompileConfig(backend="kernels"))
+    cfg = kiln.CompileConfig(backend="kernels", kernels={"attention": "kiln-rope-decode", "rope_kv": "triton-rope-kv",
+                                                          "gemm": "cublas"})
+    g = kiln.from_hf(hf, max_seq=32, batch_buckets=(1,), eos_token_id=[], config=cfg)
+    g.compiled.executor.target.tuner = Tuner(force=cfg.kernels)  # (one candidate each: no timing under the interpreter)
     assert g.generate(PROMPTS[:1], max_new_tokens=3).tokens == [hf_greedy(hf, PROMPTS[0], 3)]
     plans = [p for p in g.compiled.executor.plans if p.adopted]
     assert plans and all([n.op for n in grp.nodes] == ["CAST", "RMSNORM", "CAST"] * 2 + ["ROPE", "ROPE", "INDEX_COPY", "INDEX_COPY"]
