@@ -458,6 +458,13 @@ Occupancy|Warp Cycles Per Issued|Registers Per" "$OUT/ncu_24n.txt" | head -150 ;
         tests/codegen/test_decode_attention_rope.py 2>&1 | tail -3
       timeout 120 python3 -m pytest -q -rf -m gpu tests/codegen/test_attention.py tests/codegen/test_decode_attention.py -k softcap 2>&1 | tail -3
       bash "$0" s24c 2>&1 | grep -v "^bytecode\|^NVIDIA" ;;
+    s26b)  # session 26's second call: the 1B at batch 1 / 16 in bf16 against static KV + torch.compile reduce-overhead
+      # (session 24's launches fewer outside the layers: 84 kernels a step predicted, was 89), then the 1B w4a16 with its
+      # LM head at 4 bits against the 8-bit default (s24h's 1B half: +5-7% predicted)
+      DECODE_JSON=decode_26b.json timeout 200 python3 bench/decode.py --models 1b 2>&1 | grep -i "error" | tail -4
+      python3 bench/decode_summary.py "$OUT/decode_26b.json"
+      DECODE_JSON=decode_26b_head4.json timeout 280 python3 bench/decode.py --models 1b --batches 1 --quantize w4a16 \
+        --no-compile-peer --ab-config quantize_lm_head=True 2>&1 | grep "interleaved\|Error\|error" | tail -3 ;;
     s25g)  # next: session 25's Gemma / Gemma 2 / Gemma 3 (CPU-tested): their GPU tests (bf16 tokens against transformers'
       # with CUDA graphs; Gemma 2's soft-capped scores in kiln's attention kernels), the softcap kernel tests, then the
       # Gemma-3-1B and Gemma-2-2B shapes (random weights; head dim 256, 256k+ vocabularies, sliding layers' window_mask) at
