@@ -230,11 +230,12 @@ class _Scheduler:
             nodes = rope_kv_nodes(n) if n.op == "ATTENTION" else None
             if nodes is None or nodes[1] in self.outputs:
                 continue  # (roped k has no buffer of its own in the fused kernel)
-            chains = [c for c in map(rope_norm, nodes[:2]) if not any(m in self.outputs for m in c)]
+            if not self.whole(nodes):
+                continue
+            # (a norm chain may be one group already; one that shares its group with other nodes stays apart)
+            chains = [c for c in map(rope_norm, nodes[:2]) if not any(m in self.outputs for m in c) and self.whole(c)]
             nodes = (*(m for c in chains for m in c), *nodes)
             parts = list(dict.fromkeys(self.group_of[m] for m in nodes))
-            if any(not set(p.nodes) <= set(nodes) for p in parts) or sum(len(p.nodes) for p in parts) != len(nodes):
-                continue  # (each group wholly inside: a norm chain may be one group already)
             outside = {d for p in parts for d in self.deps(p)} - set(parts)
             if any(self.reaches(d, p) for d in outside for p in parts):
                 continue  # rope -> X -> copy: merging would make a cycle
@@ -243,6 +244,11 @@ class _Scheduler:
             groups = [h for h in groups if h not in parts]
             self.group_of.update(dict.fromkeys(nodes, g))
         return groups
+
+    def whole(self, nodes) -> bool:
+        """The groups of ``nodes`` hold these nodes and no others."""
+        parts = {id(self.group_of[m]): self.group_of[m] for m in nodes}.values()
+        return all(set(p.nodes) <= set(nodes) for p in parts) and sum(len(p.nodes) for p in parts) == len(set(nodes))
 
     def order(self, groups: list[Group]) -> list[Group]:
         """Topological order of the groups, stable in the order of their first nodes."""

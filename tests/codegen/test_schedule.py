@@ -139,14 +139,15 @@ def rope_kv_graph(case: str) -> tuple[Graph, list]:
     Gemma 3's (float16 q and k cast to float32, normalised with a float32 weight, cast back)."""
     B, H, KV, T, D, S = 2, 4, 2, 3, 10, 7
     g = Graph()
-    dt = "float16" if case == "q and k normed in float32" else "float32"
+    dt = "float16" if "in float32" in case else "float32"
     q, k, v = (g.add_input(name, (B, h, T, D), dt) for name, h in (("q", H), ("k", KV), ("v", KV)))
     cos, sin = g.add_input("cos", (B, 1, T, D), dt), g.add_input("sin", (B, 1, T, D), dt)
     slots = g.add_input("slots", (T,), "int64")
     kc, vc = g.add_input("k_cache", (B, KV, S, D), dt), g.add_input("v_cache", (B, KV, S, D), dt)
     k_sin = g.add("NEG", (sin,)) if case == "k roped with other angles" else sin
-    if case == "q and k normed in float32":
+    if "in float32" in case:
         w = g.add_weight("q_norm.weight", torch.linspace(0.5, 2.0, D))
+        q = g.add("ADD", (q, q)) if case == "q normed in float32 after an add" else q  # (the add joins q's chain's kernel)
         q = g.add("CAST", (g.add("RMSNORM", (g.add("CAST", (q,), dtype="float32"), w), eps=1e-6),), dtype=dt)
         k = g.add("CAST", (g.add("RMSNORM", (g.add("CAST", (k,), dtype="float32"),), eps=1e-5),), dtype=dt)
     elif case.startswith("q and k normed") or case in ("a norm read twice", "a norm with a residual"):
@@ -170,7 +171,8 @@ def rope_kv_graph(case: str) -> tuple[Graph, list]:
 
 
 @pytest.mark.parametrize("case", ["fuse", "roped k also an output", "k roped with other angles", "q and k normed",
-                                  "q and k normed in float32", "a norm read twice", "a norm with a residual"])
+                                  "q and k normed in float32", "q normed in float32 after an add", "a norm read twice",
+                                  "a norm with a residual"])
 def test_rope_kv_groups_the_ropes_and_cache_writes_attention_reads(case):
     g, inputs = rope_kv_graph(case)
     groups = compare(g, inputs)
@@ -190,6 +192,9 @@ def test_rope_kv_groups_the_ropes_and_cache_writes_attention_reads(case):
         parts = rope_kv_parts(fused)
         check_partition(g, [grp for grp in groups if grp is not fused][:-1] + parts + groups[-1:])
         assert [[n.op for n in p.nodes] for p in parts][:2] == [["CAST", "RMSNORM", "CAST"]] * 2
+    elif case == "q normed in float32 after an add":  # q's chain shares its kernel with the add: it stays there
+        assert [n.op for n in groups[-2].nodes] == ["CAST", "RMSNORM", "CAST", "ROPE", "ROPE", "INDEX_COPY", "INDEX_COPY"]
+        assert [n.op for grp in groups if grp.kind == "pointwise" for n in grp.nodes] == ["ADD", "CAST", "RMSNORM", "CAST"]
     elif case == "a norm with a residual":
         assert [n.op for n in groups[-2].nodes] == ["RMSNORM", "ROPE", "ROPE", "INDEX_COPY", "INDEX_COPY"]
         assert groups[-2].nodes[0].inputs[0].attrs["name"] == "q"
