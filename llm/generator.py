@@ -475,6 +475,11 @@ class Generator:
                       decode_steps=max(steps - 1, 0))
 
 
+def leaving(slot: int, window: int | None) -> int | None:
+    """The slot that leaves a sliding window of ``window`` keys when the step writes ``slot`` (None: none does)."""
+    return slot - window if window is not None and slot >= window else None
+
+
 class _Decoder:
     """Decode steps of one request: ``decoder(tok [B], slot)`` enqueues the step that writes slot ``slot`` and
     returns its logits. The first step binds the shape bucket's plan; later steps update that plan's input
@@ -498,16 +503,15 @@ class _Decoder:
         other dtypes or shapes): sample and call ``self(tok, slot)``."""
         if self.plan is None or slot != self.slot + 1 or logits.device.type not in GREEDY_KERNEL_DEVICES:
             return None
-        b, window, layer_window = self.buffers, self.gen.window, self.gen.layer_window
+        b = self.buffers
         operands = (logits, b["input_ids"], b["positions"], b["slots"], b["mask"], slot)
         if self.work is None:  # once a bound plan: its buffers are the same every step (None: checked, does not fit)
             fits = gk.check(*operands, window_mask=b.get("window_mask")) is None
             self.work = gk.scratch(*logits.shape, logits.device) if fits else False
         if self.work is False:
             return None
-        return gk.greedy(*operands, drop=slot - window if window is not None and slot - window >= 0 else None, work=self.work,
-                         window_mask=b.get("window_mask"),
-                         window_drop=slot - layer_window if layer_window is not None and slot - layer_window >= 0 else None)
+        return gk.greedy(*operands, drop=leaving(slot, self.gen.window), work=self.work, window_mask=b.get("window_mask"),
+                         window_drop=leaving(slot, self.gen.layer_window))
 
     def __call__(self, tok: torch.Tensor, slot: int, advanced: bool = False) -> torch.Tensor:
         g = self.gen
@@ -520,8 +524,8 @@ class _Decoder:
             b["positions"].add_(1)
             b["slots"].add_(1)
             b["mask"].select(3, slot).fill_(True)
-            if g.window is not None and slot - g.window >= 0:
-                b["mask"].select(3, slot - g.window).fill_(False)
+            if (old := leaving(slot, g.window)) is not None:
+                b["mask"].select(3, old).fill_(False)
             self.advance_window(slot)
         else:
             inputs = list(step_inputs(tok[:, None], self.pad, slot, self.caches, g.max_seq, g.window, g.layer_window).values())
@@ -535,11 +539,10 @@ class _Decoder:
     def advance_window(self, slot: int) -> None:
         """The sliding layers' mask (Gemma 2 / 3's ``window_mask``) advanced to the step writing ``slot``: its column seen,
         the one leaving the window hidden."""
-        w = self.gen.layer_window
-        if w is not None:
+        if self.gen.layer_window is not None:
             self.buffers["window_mask"].select(3, slot).fill_(True)
-            if slot - w >= 0:
-                self.buffers["window_mask"].select(3, slot - w).fill_(False)
+            if (old := leaving(slot, self.gen.layer_window)) is not None:
+                self.buffers["window_mask"].select(3, old).fill_(False)
 
 
 def from_hf(model, tokenizer=None, **kw) -> Generator:

@@ -237,16 +237,16 @@ def load_gptq_llama(path: str | Path, dtype: torch.dtype = torch.float32) -> tup
     if cfg is None:
         raise KilnError(f"{path} is not a GPTQ / AWQ checkpoint (config.json has no quantization_config)")
     llama_cfg = LlamaConfig.from_hf(json.loads((path / "config.json").read_text()))
+    # a multimodal checkpoint's decoder under a text model's names, its vision tower dropped before anything is dequantized
     tensors, source, where = read_safetensors(path, "model")
+    tensors, source = text_tensors(tensors, source)
     floats, quantized = gptq_tensors(tensors, cfg)
     with torch.device("meta"):
         expected = set(LlamaForCausalLM(llama_cfg).state_dict())
     for name in [f"{w.removesuffix('.weight')}.bias" for w in quantized]:
         if name in floats and name not in expected and not bool(floats[name].any()):
             del floats[name]
-    # a multimodal checkpoint's decoder under a text model's names (its vision tower's layers dropped); Phi-3's merged
-    # projections split into their parts' codes, by rows
-    quantized = split_merged(*text_tensors(quantized, {}), llama_cfg)[0]
+    quantized = split_merged(quantized, {}, llama_cfg)[0]  # (Phi-3's merged projections: their parts' codes, by rows)
     source.update({name: where for name in floats if name not in source})
     try:
         model = llama_from_tensors(llama_cfg, floats, source, where, dtype)
