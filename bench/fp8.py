@@ -9,7 +9,7 @@ quantized mode its speedup over kiln bf16, its error over kiln bf16's, and the c
 The issue's targets: DiT fp8 batch 8 <= 3.0 ms, batch 1 <= 1.5 ms, error <= 2x bf16's; prefill fp8 >= 1.6x, w8a8
 >= 1.4x kiln bf16.
 
-Usage: python3 bench/fp8.py [--parts dit,llm] [--batches 1,8] [--seq 2048] [--modes bf16,fp8,w8a8] [--out PATH]
+Usage: python3 bench/fp8.py [--parts dit,llm] [--batches 1,8] [--seq 2048] [--modes bf16,fp8,w8a8[,w8a8+head]] [--out PATH]
        python3 bench/fp8.py --smoke        (tiny models on the CPU: checks the script runs)
 Writes --out (default $OUT/fp8.json) after every measured run, so a timeout keeps what was measured."""
 import argparse
@@ -75,7 +75,9 @@ def kernel_breakdown(compiled) -> dict:
 
 
 def config(mode: str) -> kiln.CompileConfig:
-    return kiln.CompileConfig(quantize=None if mode == "bf16" else mode)
+    """``bf16``, ``fp8``, ``w8a8``; ``+head`` after a mode quantizes the output head too (w8a8 keeps it float by default)."""
+    base, head = mode.removesuffix("+head"), mode.endswith("+head")
+    return kiln.CompileConfig(quantize=None if base == "bf16" else base, **({"quantize_lm_head": True} if head else {}))
 
 
 def summarize(res: dict, part: str, key: str) -> None:
@@ -119,7 +121,7 @@ def bench_dit(a, res: dict, device: str, dtype) -> None:
     for mode in a.modes.split(","):
         t0 = time.time()
         compiled = kiln.compile(m, (), inputs(2, dtype), dynamic=DIT_DYNAMIC, config=config(mode),
-                                calibration=calib if mode == "w8a8" else None)
+                                calibration=calib if mode.startswith("w8a8") else None)
         res[f"dit_compile_s_{mode}"] = time.time() - t0
         res[f"dit_notes_{mode}"] = notes(compiled)
         for bs in batches:
@@ -159,7 +161,7 @@ def bench_llm(a, res: dict, device: str, dtype) -> None:
     for mode in a.modes.split(","):
         t0 = time.time()
         compiled = kiln.compile(m, (ids,), dynamic={"input_ids": {1: ("seq", 1, 4096)}}, config=config(mode),
-                                calibration=calib if mode == "w8a8" else None)
+                                calibration=calib if mode.startswith("w8a8") else None)
         res[f"llm_compile_s_{mode}"] = time.time() - t0
         res[f"llm_notes_{mode}"] = notes(compiled)
         run = {"part": "llm", "seq": a.seq, "system": f"kiln-{mode}", **measure(lambda: compiled(ids).logits, want, device)}
