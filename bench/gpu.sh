@@ -465,6 +465,12 @@ Occupancy|Warp Cycles Per Issued|Registers Per" "$OUT/ncu_24n.txt" | head -150 ;
       python3 bench/decode_summary.py "$OUT/decode_26b.json"
       DECODE_JSON=decode_26b_head4.json timeout 280 python3 bench/decode.py --models 1b --batches 1 --quantize w4a16 \
         --no-compile-peer --ab-config quantize_lm_head=True 2>&1 | grep "interleaved\|Error\|error" | tail -3 ;;
+    s27h)  # next: the 1B prefill of 2048 tokens in w8a8 with its output head in int8 (quantize_lm_head=True) against the
+      # default float head, bf16 the baseline, one process. Quality on pyllama (CPU, session 27): +0.06% held-out perplexity
+      # against +0.02% with the float head (top-1 91% / 94%). Predicted: the head 1.38 -> ~0.75 ms, w8a8 7.41 -> ~6.8 ms
+      # (1.24x -> ~1.35x bf16); if so, w8a8 quantizes the head by default as fp8 does
+      timeout 300 python3 bench/fp8.py --parts llm --modes bf16,w8a8,w8a8+head --out "$OUT/fp8_27h.json" 2>&1 \
+        | grep -v "^ *{'x'\|^    " | tail -24 ;;
     s25g)  # next: session 25's Gemma / Gemma 2 / Gemma 3 (CPU-tested): their GPU tests (bf16 tokens against transformers'
       # with CUDA graphs; Gemma 2's soft-capped scores in kiln's attention kernels), the softcap kernel tests, then the
       # Gemma-3-1B and Gemma-2-2B shapes (random weights; head dim 256, 256k+ vocabularies, sliding layers' window_mask) at

@@ -280,6 +280,8 @@ def _read_calibration(path: str, spec):
             import numpy as np
 
             ids = np.load(path, allow_pickle=False)
+            if ids.dtype.kind not in "iu" or ids.ndim not in (1, 2):
+                raise ValueError(f"a {ids.ndim}-d array of {ids.dtype}; token ids are a 1-d or 2-d integer array")
             return [ids.astype("int64").tolist()] if ids.ndim == 1 else [row.astype("int64").tolist() for row in ids]
         if ext == ".json":
             with open(path) as fh:

@@ -16,6 +16,7 @@ The caches of each batch bucket are allocated once and reused by every request o
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import time
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -132,7 +133,7 @@ def calibration_steps(calibration, tokenizer, spec: dict, dtype, device) -> list
             if tokenizer is None:
                 raise KilnError(f"calibration item {k} is text, but there is no tokenizer", hint="give token ids")
             item = tokenizer.encode(item)
-        ids = [int(t) for t in (item.reshape(-1).tolist() if hasattr(item, "reshape") else item)]
+        ids = _token_ids(item, f"calibration item {k}")
         bad = [t for t in ids if not 0 <= t < spec["vocab_size"]]
         if bad:
             raise KilnError(f"calibration item {k} has token id {bad[0]} outside the vocabulary [0, {spec['vocab_size']})")
@@ -152,6 +153,40 @@ def _is_token_list(x) -> bool:
     if hasattr(x, "ndim"):
         return x.ndim <= 1
     return isinstance(x, (list, tuple)) and len(x) > 0 and all(isinstance(t, int) for t in x)
+
+
+def _prompt_list(prompts) -> list:
+    """A request's prompts: text, token ids (a list of ints, a 1-d tensor / array) or a list of those; a 2-d tensor /
+    array is one prompt a row."""
+    if isinstance(prompts, str):
+        return [prompts]
+    if hasattr(prompts, "shape") and hasattr(prompts, "reshape"):
+        return [prompts] if len(prompts.shape) <= 1 else list(prompts)
+    if not isinstance(prompts, (list, tuple)):
+        raise InputError(f"prompts are {type(prompts).__name__}: give text, token ids (a list of ints or a tensor), or a "
+                         "list of those")
+    return [prompts] if prompts and isinstance(prompts[0], numbers.Integral) else list(prompts)
+
+
+def _token_ids(p, what: str) -> list[int]:
+    """``what``'s token ids (a prompt, a calibration item) as ints: a sequence of integers, or an integer tensor / array
+    (flattened); a float / bool id is refused (int() would truncate 1.5 to 1 without a word)."""
+    if hasattr(p, "dtype") and hasattr(p, "reshape"):  # a torch tensor or a numpy array
+        if isinstance(p, torch.Tensor):
+            integer = not (p.dtype.is_floating_point or p.dtype.is_complex or p.dtype == torch.bool)
+        else:
+            integer = p.dtype.kind in "iu"
+        if not integer:
+            kind = str(p.dtype).removeprefix("torch.")
+            raise InputError(f"{what} is a {kind} tensor; token ids are integers",
+                             hint="pass an integer tensor (torch.long) or a list of ints")
+        return [int(t) for t in p.reshape(-1).tolist()]
+    ids = list(p)
+    bad = next((t for t in ids if isinstance(t, bool) or not isinstance(t, numbers.Integral)), None)
+    if bad is not None:
+        raise InputError(f"{what} has token id {bad!r} ({type(bad).__name__}); token ids are integers",
+                         hint="pass a list of ints, an integer tensor, or text with a tokenizer")
+    return [int(t) for t in ids]
 
 
 def _prefill_bucket(n: int, max_seq: int) -> int:
@@ -313,17 +348,13 @@ class Generator:
         return step_inputs(ids, pad, slot0, caches, self.max_seq, self.window, self.layer_window)
 
     def _encode(self, prompts) -> list[list[int]]:
-        if isinstance(prompts, (str, torch.Tensor)) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
         out = []
-        for i, p in enumerate(prompts):
+        for i, p in enumerate(_prompt_list(prompts)):
             if isinstance(p, str):
                 if self.tokenizer is None:
                     raise InputError(f"prompt {i} is text, but this generator has no tokenizer", hint="pass token ids")
                 p = self.tokenizer.encode(p)
-            elif isinstance(p, torch.Tensor):
-                p = p.flatten().tolist()
-            p = [int(t) for t in p]
+            p = _token_ids(p, f"prompt {i}")
             if not p:
                 raise InputError(f"prompt {i} is empty", hint="give at least one token")
             bad = [t for t in p if not 0 <= t < self.vocab_size]
@@ -360,6 +391,10 @@ class Generator:
         T = self._prefill_len(longest)
         if T + max_new_tokens > self.max_seq:
             which = max(range(n), key=lambda i: len(ids_list[i]))
+            if longest >= self.max_seq:
+                raise InputError(f"prompt {which} has {longest} tokens; the cache holds {self.max_seq}, and at least one new "
+                                 "token needs a slot after the prompt",
+                                 hint="shorten the prompt or build the generator with a larger max_seq")
             raise InputError(f"prompt {which} has {len(ids_list[which])} tokens (padded to {T}); with max_new_tokens="
                              f"{max_new_tokens} that needs {T + max_new_tokens} cache slots, the cache holds {self.max_seq}",
                              hint="shorten the prompt, ask for fewer tokens, or build the generator with a larger max_seq")

@@ -74,3 +74,13 @@ def test_from_hf_quantizes_fp8_and_generates():
     assert g.compiled.graph.histogram()["AQGEMM"] == 9
     out = g.generate([[1, 2, 3, 4]], max_new_tokens=6)
     assert len(out.tokens[0]) == 6
+
+
+def test_a_calib_npy_of_floats_is_refused(tmp_path, capsys):
+    import numpy as np
+
+    np.save(tmp_path / "calib.npy", np.array([[1.5, 2.0, 3.0]]))  # (astype int64 would make 1.5 token 1)
+    assert main(["compile", "--model", "llama-tiny", "--quantize", "w8a8", "--calib", str(tmp_path / "calib.npy"),
+                 "-o", str(tmp_path / "w.kiln"), "-q"]) == 1
+    err = capsys.readouterr().err
+    assert "cannot read calibration data" in err and "2-d array of float64; token ids are a 1-d or 2-d integer array" in err

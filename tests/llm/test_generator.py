@@ -2,6 +2,7 @@
 Qwen2, Qwen3, Phi-3, Granite, OLMo 2, SmolLM3, Gemma, Gemma 3 and Mistral (sliding window) models in float32 on CPU,
 for a batch of prompts of different lengths; streaming, stop conditions, sampling, and bad requests that leave the
 generator usable."""
+import numpy as np
 import pytest
 import torch
 import transformers
@@ -156,11 +157,32 @@ def test_bad_requests_are_clear_errors_and_leave_the_generator_usable(llama):
         g.generate(PROMPTS * 2, max_new_tokens=8)
     with pytest.raises(InputError, match="outside the vocabulary"):
         g.generate([[5, 1000]], max_new_tokens=8)
+    with pytest.raises(InputError, match=r"has 130 tokens; the cache holds 128"):  # (not "padded to 128")
+        g.generate([[5] * 130], max_new_tokens=1)
+    with pytest.raises(InputError, match=r"token id 1.5 \(float\); token ids are integers"):  # (int() would make it 1)
+        g.generate([[5, 1.5]], max_new_tokens=8)
+    with pytest.raises(InputError, match="prompt 1 is a float32 tensor"):
+        g.generate([[5, 6], torch.tensor([5.0, 6.0])], max_new_tokens=8)
+    with pytest.raises(InputError, match="token id True"):
+        g.generate([[5, True]], max_new_tokens=8)
+    with pytest.raises(InputError, match="prompts are int"):
+        g.generate(5, max_new_tokens=8)
     with pytest.raises(InputError, match="need a tokenizer"):
         g.generate(PROMPTS[0], max_new_tokens=8, stop=["x"])
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams(top_p=0)
     assert g.generate(PROMPTS[0], max_new_tokens=8).tokens == want
+
+
+def test_tensor_prompts_are_rows(llama):
+    # a 2-d tensor (HF's input_ids) is one prompt a row; a 1-d tensor or array one prompt (a 2-d one was one prompt of
+    # its rows run together before)
+    _, g = llama
+    want = g.generate(PROMPTS[:2], max_new_tokens=4).tokens
+    two = [p[:3] for p in PROMPTS[:2]]
+    assert g.generate(torch.tensor(two), max_new_tokens=4).tokens == g.generate(two, max_new_tokens=4).tokens
+    assert g.generate(np.array(PROMPTS[0]), max_new_tokens=4).tokens == want[:1]
+    assert g.generate(torch.tensor(PROMPTS[1]), max_new_tokens=4).tokens == want[1:]
 
 
 def word_tokenizer(vocab_size=97):
