@@ -465,6 +465,17 @@ Occupancy|Warp Cycles Per Issued|Registers Per" "$OUT/ncu_24n.txt" | head -150 ;
       python3 bench/decode_summary.py "$OUT/decode_26b.json"
       DECODE_JSON=decode_26b_head4.json timeout 280 python3 bench/decode.py --models 1b --batches 1 --quantize w4a16 \
         --no-compile-peer --ab-config quantize_lm_head=True 2>&1 | grep "interleaved\|Error\|error" | tail -3 ;;
+    s27v)  # next: the decode attention's L2 harvest (KILN_PDL=1+harvest:<MB>: its programs prefetch the o projection's
+      # weight, then the gate / up one's first bytes, while HBM idles through its round trips) against the default, one
+      # process each budget, the 1B at batch 1. Predicted: bf16 +3-10% (o 8.4 MB from L2: ~2 us a layer; the gate / up's
+      # first 16 MB: up to ~4 us a layer if its other programs keep HBM busy), w4a16 +2-5% (2 + 15 MB: most of a layer's
+      # GEMV bytes but those GEMVs are not bandwidth-bound)
+      for mb in 8 24; do
+        DECODE_JSON=decode_27v_$mb.json timeout 200 python3 bench/decode.py --models 1b --batches 1 --no-compile-peer \
+          --ab-env "KILN_PDL=1+harvest:$mb" 2>&1 | grep "interleaved\|Error\|error" | tail -3
+      done
+      DECODE_JSON=decode_27v_q.json timeout 200 python3 bench/decode.py --models 1b --batches 1 --quantize w4a16 \
+        --no-compile-peer --ab-env "KILN_PDL=1+harvest:24" 2>&1 | grep "interleaved\|Error\|error" | tail -3 ;;
     s27h)  # next: the 1B prefill of 2048 tokens in w8a8 with its output head in int8 (quantize_lm_head=True) against the
       # default float head, bf16 the baseline, one process. Quality on pyllama (CPU, session 27): +0.06% held-out perplexity
       # against +0.02% with the float head (top-1 91% / 94%). Predicted: the head 1.38 -> ~0.75 ms, w8a8 7.41 -> ~6.8 ms
