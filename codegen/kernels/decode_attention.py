@@ -119,11 +119,11 @@ def _decode_partial_kernel(
     EARLY: tl.constexpr = False,  # (ROPE) the mask scan and the first K / V tile before the PDL wait (``early=``)
     PDL: tl.constexpr = False,  # launched with programmatic dependent launch (pdl.py)
     SOFTCAP: tl.constexpr = 0.0,  # the scaled scores t soft-capped to c * tanh(t / c) (Gemma 2; 0: as they are)
-    HARVEST: tl.constexpr = 0,  # how many of the byte ranges hv / hv2 to prefetch into L2 first (weights: no wait needed)
+    HARVEST: tl.constexpr = 0,  # how many of the byte ranges hv / hv2 to prefetch into L2 once the previous kernel ends
 ):
-    if HARVEST > 0:
-        _harvest(hv_ptr, hv_bytes, hv2_ptr, hv2_bytes, HARVEST)
     gdc(PDL and not EARLY)
+    if HARVEST > 0 and not EARLY:  # (after the wait: HBM is the previous kernel's until it ends)
+        _harvest(hv_ptr, hv_bytes, hv2_ptr, hv2_bytes, HARVEST)
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
     b = (pid_bh // Hk).to(tl.int64)  # int64 base offsets: B * H * S * D may pass 2**31
@@ -158,6 +158,8 @@ def _decode_partial_kernel(
     if EARLY:
         kt0, v0 = _kv_tiles(k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, offs_n0, offs_n0 < hi, offs_d, valid_d)
         gdc(PDL)
+        if HARVEST > 0:
+            _harvest(hv_ptr, hv_bytes, hv2_ptr, hv2_bytes, HARVEST)
 
     q_rows = q_ptr + b * stride_qb + h[:, None] * stride_qh + i[:, None] * stride_qm  # [BLOCK_M, 1]
     q = tl.load(q_rows + offs_d[None, :] * stride_qd, mask=valid_r[:, None] & valid_d[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]

@@ -46,10 +46,11 @@ processes): batch 1 1006 -> 1008 tok/s, batch 16 13,059 -> 13,051: no gain, kept
 ``KILN_PDL=1+harvest`` (``harvest:<MB>``, default HARVEST_MB) puts HBM's idle time to use: a one-row decode attention
 reads well under a megabyte of K / V over several microseconds of dependent round trips (its RoPE, the new key's
 write, the partials and their reduction), while the GEMVs after it stream their weights at the bandwidth limit. With
-harvest on, each of its programs asks the L2 for a share of the next GEMMs' weights first (the o projection's whole,
-then the gate / up projection's first bytes, up to the budget: ``runtime/kernel_calls.harvest_for``; ``harvest``
-below), so those GEMMs find part of their bytes in L2. Weights are never written by a kernel, so the prefetch may go
-out before the PDL wait, and it is a hint: the numbers are the same by construction. The tuner times the attention
+harvest on, each of its programs asks the L2 for a share of the next GEMMs' weights as soon as its PDL wait returns
+(the o projection's whole, then the gate / up projection's first bytes, up to the budget:
+``runtime/kernel_calls.fill_harvest``; ``harvest`` below), so those GEMMs find part of their bytes in L2. Not before
+the wait: the GEMV before the attention streams at the bandwidth limit until it ends, so bytes moved then are time
+taken from it. A prefetch is a hint: the numbers are the same by construction. The tuner times the attention
 candidates without it. Off by default until measured (bench/NOTES.md, session 27).
 
 Replicated prefetches. ``cp.async.bulk.prefetch`` is a per-thread PTX instruction, but sm_90 runs it on the uniform
