@@ -465,6 +465,29 @@ Occupancy|Warp Cycles Per Issued|Registers Per" "$OUT/ncu_24n.txt" | head -150 ;
       python3 bench/decode_summary.py "$OUT/decode_26b.json"
       DECODE_JSON=decode_26b_head4.json timeout 280 python3 bench/decode.py --models 1b --batches 1 --quantize w4a16 \
         --no-compile-peer --ab-config quantize_lm_head=True 2>&1 | grep "interleaved\|Error\|error" | tail -3 ;;
+    s27a)  # session 27's first call (<= 550 s): s26a's GPU tests (sessions 23-26's generator paths, GPTQ act-order, rope_kv
+      # / decode attention, softcap), then the 1B bf16 at batch 1 with the decode attention's L2 harvest (24 MB) against
+      # the default, one process (s27v's first half)
+      timeout 200 python3 -m pytest -q -rf -m gpu tests/llm/test_generator.py -k "Phi3 or SmolLM3 or Gemma" 2>&1 | tail -4
+      timeout 100 python3 -m pytest -q -rf -m gpu tests/models/test_gptq.py tests/codegen/test_rope_kv.py \
+        tests/codegen/test_decode_attention_rope.py 2>&1 | tail -3
+      timeout 80 python3 -m pytest -q -rf -m gpu tests/codegen/test_attention.py tests/codegen/test_decode_attention.py -k softcap 2>&1 | tail -3
+      DECODE_JSON=decode_27v_24.json timeout 170 python3 bench/decode.py --models 1b --batches 1 --no-compile-peer \
+        --ab-env "KILN_PDL=1+harvest:24" 2>&1 | grep "interleaved\|Error\|error" | tail -3 ;;
+    s27b)  # session 27's second call: what a kernel boundary costs (s24c), the harvest at 8 MB (the o projection alone) and
+      # at the 1B w4a16 (s27v's rest)
+      bash "$0" s24c 2>&1 | grep -v "^bytecode\|^NVIDIA"
+      DECODE_JSON=decode_27v_8.json timeout 170 python3 bench/decode.py --models 1b --batches 1 --no-compile-peer \
+        --ab-env "KILN_PDL=1+harvest:8" 2>&1 | grep "interleaved\|Error\|error" | tail -3
+      DECODE_JSON=decode_27v_q.json timeout 200 python3 bench/decode.py --models 1b --batches 1 --quantize w4a16 \
+        --no-compile-peer --ab-env "KILN_PDL=1+harvest:24" 2>&1 | grep "interleaved\|Error\|error" | tail -3 ;;
+    s27c)  # next: the harvest at the 8B shape, batch 1: w8a16 (goal 420 tok/s, 376 now) and bf16, 40 MB (the o projection's
+      # 16.8 / 33.6 MB, then the gate / up's first bytes). Predicted: w8a16 +3-8% (its o GEMV is latency-bound: 1.3 TB/s),
+      # bf16 +5-10% (32 attentions of ~8 us with HBM idle)
+      DECODE_JSON=decode_27c_q.json timeout 280 python3 bench/decode.py --models 8b --batches 1 --quantize w8a16 \
+        --no-compile-peer --ab-env "KILN_PDL=1+harvest:40" 2>&1 | grep "interleaved\|Error\|error" | tail -3
+      DECODE_JSON=decode_27c.json timeout 250 python3 bench/decode.py --models 8b --batches 1 \
+        --no-compile-peer --ab-env "KILN_PDL=1+harvest:40" 2>&1 | grep "interleaved\|Error\|error" | tail -3 ;;
     s27v)  # next: the decode attention's L2 harvest (KILN_PDL=1+harvest:<MB>: its programs prefetch the o projection's
       # weight, then the gate / up one's first bytes, while HBM idles through its round trips) against the default, one
       # process each budget, the 1B at batch 1. Predicted: bf16 +3-10% (o 8.4 MB from L2: ~2 us a layer; the gate / up's
