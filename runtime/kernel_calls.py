@@ -34,7 +34,7 @@ class Harvest(list):
         self.budget = budget
 
 
-def harvest(out: torch.Tensor) -> Harvest | None:
+def new_harvest(out: torch.Tensor) -> Harvest | None:
     """An empty :class:`Harvest` where ``KILN_PDL`` asks for one on ``out``'s device, else None."""
     budget = pdl.harvest_bytes(out)
     return Harvest(budget) if budget else None
@@ -56,8 +56,9 @@ def fill_harvest(ranges: Harvest | None, choice: str, groups: list[Group], g: Gr
             continue
         flat = w.reshape(-1).view(torch.uint8)
         take = min(flat.numel(), budget) // 16 * 16
-        ranges.append((flat, take))
-        budget -= take
+        if take:
+            ranges.append((flat, take))
+            budget -= take
 
 
 MAX_OUTPUT_SETS = 2  # output buffer sets a caller may hold at once without copies (a loop rebinding `out` needs two)

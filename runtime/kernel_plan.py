@@ -47,7 +47,7 @@ from ..ir.ops import attention_operands, index_copy
 from ..ir.ops_collective import COLLECTIVE_OPS
 from ..ir.ops_fused import AQ_FORMATS, aqgemm_operands
 from ..ir.types import eval_dim, torch_dtype
-from .kernel_calls import (MAX_OUTPUT_SETS, KernelCall, OutputSet, PlanStats, collective_call, fill_harvest, gather_call, harvest,
+from .kernel_calls import (MAX_OUTPUT_SETS, KernelCall, OutputSet, PlanStats, collective_call, fill_harvest, gather_call, new_harvest,
                            run_calls, use_count)
 from . import warm_libs
 from .layouts import CHANNELS_LAST, channels_last_values, empty_in_order, inverse, row_pitch, stored_order
@@ -553,7 +553,7 @@ class KernelPlan(Plan):
             args, attrs = self._causal(n, args, attrs)
             rope, before = self._ropes.pop(n, (None, None))
             self._taken.add(id(before))  # (id(None) is no call's)
-            counters, ranges = workspace[1] if isinstance(workspace, tuple) else None, harvest(out)
+            counters, ranges = workspace[1] if isinstance(workspace, tuple) else None, new_harvest(out)
             what, candidates = lower_attention.attention(args, attrs, out, tmp, device, counters, rope, ranges)
             choice = self.target.tuner.choose(kind, what, candidates, device)  # (it runs ``before`` first, or its work)
             fill_harvest(ranges, choice, self.groups, g, self.env)  # (the L2 prefetch: timed without it)
