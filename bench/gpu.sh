@@ -488,6 +488,10 @@ Occupancy|Warp Cycles Per Issued|Registers Per" "$OUT/ncu_24n.txt" | head -150 ;
         --no-compile-peer --ab-env "KILN_PDL=1+harvest:40" 2>&1 | grep "interleaved\|Error\|error" | tail -3
       DECODE_JSON=decode_27c.json timeout 250 python3 bench/decode.py --models 8b --batches 1 \
         --no-compile-peer --ab-env "KILN_PDL=1+harvest:40" 2>&1 | grep "interleaved\|Error\|error" | tail -3 ;;
+    s27d)  # next: the 1B bf16 harvest at 40 MB (o, then gate / up's first 31.6 of 67 MB: most of what L2 holds), then s27h
+      DECODE_JSON=decode_27v_40.json timeout 170 python3 bench/decode.py --models 1b --batches 1 --no-compile-peer \
+        --ab-env "KILN_PDL=1+harvest:40" 2>&1 | grep "interleaved\|Error\|error" | tail -3
+      bash "$0" s27h ;;
     s27v)  # next: the decode attention's L2 harvest (KILN_PDL=1+harvest:<MB>: its programs prefetch the o projection's
       # weight, then the gate / up one's first bytes, while HBM idles through its round trips) against the default, one
       # process each budget, the 1B at batch 1. Predicted: bf16 +3-10% (o 8.4 MB from L2: ~2 us a layer; the gate / up's
