@@ -401,11 +401,12 @@ def cmd_sample(a) -> int:
     if kp.KIND == "dit":
         if a.prompt or not a.class_labels:
             raise KilnError(f"{a.artifact} is a class-conditional DiT pipeline: give --class N (ints in "
-                            f"[0, {kp.spec['num_classes'] - 1}]), not --prompt", hint="kiln sample dit.kiln --class 207")
+                            f"[0, {kp.spec['num_classes'] - 1}]){', not --prompt' if a.prompt else ''}",
+                            hint="kiln sample dit.kiln --class 207")
         kw["class_labels"] = a.class_labels
     else:
         if a.class_labels or not a.prompt:
-            raise KilnError(f"{a.artifact} is a text-to-image pipeline: give --prompt TEXT, not --class",
+            raise KilnError(f"{a.artifact} is a text-to-image pipeline: give --prompt TEXT{', not --class' if a.class_labels else ''}",
                             hint='kiln sample pixart.kiln --prompt "a red fox in snow"')
         kw.update(prompt=a.prompt, negative_prompt=a.negative_prompt)
     n = len(a.class_labels or a.prompt)

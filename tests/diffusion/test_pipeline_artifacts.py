@@ -71,7 +71,8 @@ def test_cli_compile_pipeline_and_sample(tmp_path, capsys):
         got = Image.open(tmp_path / f"out-{i}.png")
         assert got.size == (32, 32) and got.mode == "RGB" and got.tobytes() == image.tobytes()
     for argv, message in [
-        (["sample", art, "--prompt", "a cat"], "is a class-conditional DiT pipeline: give --class N (ints in [0, 9])"),
+        (["sample", art, "--prompt", "a cat"], "is a class-conditional DiT pipeline: give --class N (ints in [0, 9]), not --prompt"),
+        (["sample", art], "give --class N (ints in [0, 9])\n"),  # (nothing given: no "not --prompt")
         (["sample", art, "--class", "10", "-o", str(tmp_path / "x.png")], "class label 10 is not a class of this model"),
         (["sample", art, "--class", "1", "--steps", "0", "-o", str(tmp_path / "x.png")], "num_inference_steps=0"),
         (["sample", art, "--class", "1", "--class", "2", "--class", "3", "-o", str(tmp_path / "x.png")],
