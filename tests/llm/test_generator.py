@@ -386,10 +386,12 @@ def test_gpu_bf16_generation_with_cuda_graphs(kind, attention):
     for p, got in zip(PROMPTS, r.tokens):
         want = hf_greedy(hf, p, 32)
         k = next((i for i, (x, y) in enumerate(zip(got, want)) if x != y), None)
-        if k is not None:
-            with torch.no_grad():
-                top = hf(torch.tensor([p + got[:k]], device="cuda")).logits[0, -1].float().topk(2).values
-            assert float(top[0] - top[1]) <= 0.02 * float(top[0].abs()) + 0.05, (k, got[k], want[k], top.tolist())
+        if k is not None:  # transformers' own forward over the whole sequence: kiln's token its argmax, or a near tie
+            with torch.no_grad():  # (not generate's token: at Phi-3's LongRoPE switch its cache handling varies by version)
+                top = hf(torch.tensor([p + got[:k]], device="cuda")).logits[0, -1].float().topk(2)
+            gap = float(top.values[0] - top.values[1])
+            assert got[k] == int(top.indices[0]) or gap <= 0.02 * float(top.values[0].abs()) + 0.05, \
+                (k, got[k], want[k], top.indices.tolist(), top.values.tolist())
     plans = [p for p in g.compiled.executor.plans if p.adopted]
     assert plans and all(p.describe()["cuda_graph"] for p in plans)
     assert g.generate(PROMPTS, max_new_tokens=32).tokens == r.tokens  # replays give the same tokens
