@@ -465,48 +465,20 @@ Occupancy|Warp Cycles Per Issued|Registers Per" "$OUT/ncu_24n.txt" | head -150 ;
       python3 bench/decode_summary.py "$OUT/decode_26b.json"
       DECODE_JSON=decode_26b_head4.json timeout 280 python3 bench/decode.py --models 1b --batches 1 --quantize w4a16 \
         --no-compile-peer --ab-config quantize_lm_head=True 2>&1 | grep "interleaved\|Error\|error" | tail -3 ;;
-    s27a)  # session 27's first call (<= 550 s): s26a's GPU tests (sessions 23-26's generator paths, GPTQ act-order, rope_kv
-      # / decode attention, softcap), then the 1B bf16 at batch 1 with the decode attention's L2 harvest (24 MB) against
-      # the default, one process (s27v's first half)
-      timeout 200 python3 -m pytest -q -rf -m gpu tests/llm/test_generator.py -k "Phi3 or SmolLM3 or Gemma" 2>&1 | tail -4
-      timeout 100 python3 -m pytest -q -rf -m gpu tests/models/test_gptq.py tests/codegen/test_rope_kv.py \
-        tests/codegen/test_decode_attention_rope.py 2>&1 | tail -3
-      timeout 80 python3 -m pytest -q -rf -m gpu tests/codegen/test_attention.py tests/codegen/test_decode_attention.py -k softcap 2>&1 | tail -3
-      DECODE_JSON=decode_27v_24.json timeout 170 python3 bench/decode.py --models 1b --batches 1 --no-compile-peer \
-        --ab-env "KILN_PDL=1+harvest:24" 2>&1 | grep "interleaved\|Error\|error" | tail -3 ;;
-    s27b)  # session 27's second call: what a kernel boundary costs (s24c), the harvest at 8 MB (the o projection alone) and
-      # at the 1B w4a16 (s27v's rest)
-      bash "$0" s24c 2>&1 | grep -v "^bytecode\|^NVIDIA"
-      DECODE_JSON=decode_27v_8.json timeout 170 python3 bench/decode.py --models 1b --batches 1 --no-compile-peer \
-        --ab-env "KILN_PDL=1+harvest:8" 2>&1 | grep "interleaved\|Error\|error" | tail -3
-      DECODE_JSON=decode_27v_q.json timeout 200 python3 bench/decode.py --models 1b --batches 1 --quantize w4a16 \
-        --no-compile-peer --ab-env "KILN_PDL=1+harvest:24" 2>&1 | grep "interleaved\|Error\|error" | tail -3 ;;
-    s27c)  # next: the harvest at the 8B shape, batch 1: w8a16 (goal 420 tok/s, 376 now) and bf16, 40 MB (the o projection's
-      # 16.8 / 33.6 MB, then the gate / up's first bytes). Predicted: w8a16 +3-8% (its o GEMV is latency-bound: 1.3 TB/s),
-      # bf16 +5-10% (32 attentions of ~8 us with HBM idle)
-      DECODE_JSON=decode_27c_q.json timeout 280 python3 bench/decode.py --models 8b --batches 1 --quantize w8a16 \
-        --no-compile-peer --ab-env "KILN_PDL=1+harvest:40" 2>&1 | grep "interleaved\|Error\|error" | tail -3
-      DECODE_JSON=decode_27c.json timeout 250 python3 bench/decode.py --models 8b --batches 1 \
-        --no-compile-peer --ab-env "KILN_PDL=1+harvest:40" 2>&1 | grep "interleaved\|Error\|error" | tail -3 ;;
-    s27d)  # next: the 1B bf16 harvest at 40 MB (o, then gate / up's first 31.6 of 67 MB: most of what L2 holds), then s27h
-      DECODE_JSON=decode_27v_40.json timeout 170 python3 bench/decode.py --models 1b --batches 1 --no-compile-peer \
-        --ab-env "KILN_PDL=1+harvest:40" 2>&1 | grep "interleaved\|Error\|error" | tail -3
-      bash "$0" s27h ;;
-    s27v)  # next: the decode attention's L2 harvest (KILN_PDL=1+harvest:<MB>: its programs prefetch the o projection's
-      # weight, then the gate / up one's first bytes, while HBM idles through its round trips) against the default, one
-      # process each budget, the 1B at batch 1. Predicted: bf16 +3-10% (o 8.4 MB from L2: ~2 us a layer; the gate / up's
-      # first 16 MB: up to ~4 us a layer if its other programs keep HBM busy), w4a16 +2-5% (2 + 15 MB: most of a layer's
-      # GEMV bytes but those GEMVs are not bandwidth-bound)
-      for mb in 8 24; do
-        DECODE_JSON=decode_27v_$mb.json timeout 200 python3 bench/decode.py --models 1b --batches 1 --no-compile-peer \
-          --ab-env "KILN_PDL=1+harvest:$mb" 2>&1 | grep "interleaved\|Error\|error" | tail -3
-      done
-      DECODE_JSON=decode_27v_q.json timeout 200 python3 bench/decode.py --models 1b --batches 1 --quantize w4a16 \
-        --no-compile-peer --ab-env "KILN_PDL=1+harvest:24" 2>&1 | grep "interleaved\|Error\|error" | tail -3 ;;
+    s28a)  # next: the two GPU tests session 27 saw fail on an H100: Phi-3's LongRoPE generation (the test now takes
+      # transformers' full forward as the reference at a divergence: kiln's tokens diverged from transformers 5.17's
+      # generate exactly where each row passes the original length, with every attention choice and the reference
+      # backend alike), and the 8-bit per-channel GPTQ prefill (kiln 0.0156 against the bound 0.0112, 1.5x the eager
+      # bf16 model's error; the CPU's reference backend in bf16: 1.49x); full tracebacks to $OUT/s28a.log
+      timeout 150 python3 -m pytest -q -rf -m gpu tests/llm/test_generator.py -k "Phi3" --tb=short -p no:logging \
+        2>&1 | tee "$OUT/s28a.log" | grep -E "^E |passed|failed" | head -20
+      timeout 120 python3 -m pytest -q -rf -m gpu tests/models/test_gptq.py -k "gpu_bf16_gptq" --tb=short -p no:logging \
+        2>&1 | tee -a "$OUT/s28a.log" | grep -E "passed|failed" | tail -3 ;;
     s27h)  # next: the 1B prefill of 2048 tokens in w8a8 with its output head in int8 (quantize_lm_head=True) against the
       # default float head, bf16 the baseline, one process. Quality on pyllama (CPU, session 27): +0.06% held-out perplexity
-      # against +0.02% with the float head (top-1 91% / 94%). Predicted: the head 1.38 -> ~0.75 ms, w8a8 7.41 -> ~6.8 ms
-      # (1.24x -> ~1.35x bf16); if so, w8a8 quantizes the head by default as fp8 does
+      # against +0.02% with the float head (top-1 91% / 94%). Measured on an H100 (session 27): 1.248x -> 1.319x kiln's
+      # bf16, the logits' error unchanged. Again on the H200 before w8a8 quantizes an LLM's head by default (the head rule
+      # also covers DiT's proj_out, whose w8a8 error with it quantized is not measured: keep DiT's float or measure it)
       timeout 300 python3 bench/fp8.py --parts llm --modes bf16,w8a8,w8a8+head --out "$OUT/fp8_27h.json" 2>&1 \
         | grep -v "^ *{'x'\|^    " | tail -24 ;;
     s25g)  # next: session 25's Gemma / Gemma 2 / Gemma 3 (CPU-tested): their GPU tests (bf16 tokens against transformers'

@@ -145,7 +145,7 @@ def causal_mask(mask: torch.Tensor, sq: int, sk: int) -> bool:
 
 
 def attention(args: list, attrs: dict, out: torch.Tensor, scratch: torch.Tensor | None, device: torch.device,
-              counters: torch.Tensor | None = None, rope: RopeStep | None = None, harvest: list | None = None) -> tuple[dict, dict]:
+              counters: torch.Tensor | None = None, rope: RopeStep | None = None) -> tuple[dict, dict]:
     """An ATTENTION's candidates. ``scratch``: the ``attention_scratch`` buffer (None where it has none); ``counters``:
     the ``attention_counter_bytes`` buffer (None: no one-launch split-KV candidates). A decode attention over a bool
     mask is timed at two lengths (``tuning.timed_as``): the keys its example mask attends (a decode plan is tuned at its
@@ -153,14 +153,13 @@ def attention(args: list, attrs: dict, out: torch.Tensor, scratch: torch.Tensor 
     flushed, as the step reads it). The kernels read only the attended keys, so the first length alone, L2-warm,
     favoured few programs ("kiln-decode-whole": the 1B's step at batch 1 0.95 -> 1.03 ms from its first to its last
     slot of 384, where the split kernel's stays ~0.98; bench/NOTES.md, session 17). ``rope``: the rope_kv group before
-    it, which every candidate then runs (module docstring). ``harvest``: the list kiln's decode kernels read their L2
-    prefetch ranges from at each call (``decode_attention``'s harvest=; the plan fills it once it has chosen)."""
+    it, which every candidate then runs (module docstring)."""
     q, k, v, mask, ks, vs = attention_operands(args, attrs)
     decode = _decode_fits(q, k, v, mask, attrs["causal"], _enable_gqa(q, k, attrs["gqa"]), device)
 
     def over(m):  # the candidates over the mask m
-        return _with_rope(rope, _attention_candidates(q, k, v, m, ks, vs, attrs, out, scratch, device, counters, decode, harvest),
-                          k, v, m, attrs, out, counters, decode, harvest)
+        return _with_rope(rope, _attention_candidates(q, k, v, m, ks, vs, attrs, out, scratch, device, counters, decode),
+                          k, v, m, attrs, out, counters, decode)
     candidates = over(mask)
     if decode and mask is not None:
         full = over(torch.ones_like(mask))
@@ -185,8 +184,7 @@ def attention(args: list, attrs: dict, out: torch.Tensor, scratch: torch.Tensor 
     return what, candidates
 
 
-def _with_rope(rope: RopeStep | None, candidates: dict, kc, vc, mask, attrs: dict, out, counters, decode: bool,
-               harvest: list | None = None) -> dict:
+def _with_rope(rope: RopeStep | None, candidates: dict, kc, vc, mask, attrs: dict, out, counters, decode: bool) -> dict:
     """``candidates`` each after the rope_kv call (one launch more), and kiln's split-KV kernel doing that work itself
     where ``rope.fused`` (module docstring). ``candidates`` unchanged without ``rope``."""
     if rope is None:
@@ -196,8 +194,7 @@ def _with_rope(rope: RopeStep | None, candidates: dict, kc, vc, mask, attrs: dic
         return first
     q, k, v, cos, sin, slots = rope.operands
     run = partial(td.decode_attention, q, kc, vc, mask, attrs["scale"], _enable_gqa(q, kc, attrs["gqa"]), out=out,
-                  rope=(k, v, cos, sin, slots, rope.norms), early=bool(rope.early and EARLY_KV), softcap=attrs.get("softcap"),
-                  harvest=harvest)
+                  rope=(k, v, cos, sin, slots, rope.norms), early=bool(rope.early and EARLY_KV), softcap=attrs.get("softcap"))
     return first | _split_kv_candidates("kiln-rope-decode", run, kc.shape[2], counters, q.device)
 
 
@@ -224,7 +221,7 @@ def _in_turn(*fns) -> None:
 
 
 def _attention_candidates(q, k, v, mask, ks, vs, attrs: dict, out: torch.Tensor, scratch: torch.Tensor | None,
-                          device: torch.device, counters: torch.Tensor | None, decode: bool, harvest: list | None = None) -> dict:
+                          device: torch.device, counters: torch.Tensor | None, decode: bool) -> dict:
     """``attention``'s candidates over ``mask`` (module docstring: SDPA, kiln's flash kernel, the split-KV kernel)."""
     causal, scale, gqa, softcap = attrs["causal"], attrs["scale"], attrs["gqa"], attrs.get("softcap")
     attn_mask, sdpa_causal = sdpa_mask(q, k, mask, causal)  # built once per plan, not per call
@@ -249,8 +246,7 @@ def _attention_candidates(q, k, v, mask, ks, vs, attrs: dict, out: torch.Tensor,
                 lambda c=c: ta.attention(q, k, v, mask, causal, scale, gqa, out=out, config=c, k_scale=ks, v_scale=vs,
                                          softcap=softcap))
     if decode:
-        run = partial(td.decode_attention, q, k, v, mask, scale, enable_gqa, out=out, k_scale=ks, v_scale=vs, softcap=softcap,
-                      harvest=harvest)
+        run = partial(td.decode_attention, q, k, v, mask, scale, enable_gqa, out=out, k_scale=ks, v_scale=vs, softcap=softcap)
         candidates.update(_split_kv_candidates("kiln-decode", run, k.shape[2], counters, device))
     return candidates
 

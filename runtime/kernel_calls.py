@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..codegen.kernels import pdl
 from ..codegen.schedule import Group
 
 
@@ -19,46 +18,6 @@ class KernelCall:
     run: object  # () -> None
     choice: str = ""
     takes: KernelCall | None = None  # a call ``run`` makes first (a rope_kv call its decode attention took over)
-
-
-HARVESTED = ("kiln-decode", "kiln-rope-decode")  # the decode attention candidates (their name prefixes) that prefetch
-HARVEST_OPS = ("GEMM", "LINEAR", "QGEMM")  # GEMMs whose weight operand (input 1) a decode attention may prefetch
-
-
-class Harvest(list):
-    """A decode attention's L2 prefetch ranges, (uint8 tensor, bytes) pairs (``pdl.py``'s harvest), empty while its
-    candidates are timed; ``budget``: the bytes ``fill_harvest`` may give it."""
-
-    def __init__(self, budget: int):
-        super().__init__()
-        self.budget = budget
-
-
-def new_harvest(out: torch.Tensor) -> Harvest | None:
-    """An empty :class:`Harvest` where ``KILN_PDL`` asks for one on ``out``'s device, else None."""
-    budget = pdl.harvest_bytes(out)
-    return Harvest(budget) if budget else None
-
-
-def fill_harvest(ranges: Harvest | None, choice: str, groups: list[Group], g: Group, env: dict) -> None:
-    """Once the tuner has chosen ``choice`` for the attention group ``g``: where it is a kiln decode kernel, ``ranges``
-    gets the weights of the GEMMs after ``g`` (up to the next attention), in plan order, each whole or its first bytes,
-    at most two ranges and its budget in all (the o projection, then the gate / up projection's start)."""
-    if ranges is None or not choice.startswith(HARVESTED):
-        return
-    budget = ranges.budget
-    for h in groups[groups.index(g) + 1:]:
-        if h.kind == "attention" or len(ranges) == 2 or budget < 16:
-            break
-        n = h.nodes[-1]
-        w = env.get(n.inputs[1]) if h.kind == "gemm" and n.op in HARVEST_OPS else None
-        if w is None or not w.is_contiguous() or w.data_ptr() % 16:
-            continue
-        flat = w.reshape(-1).view(torch.uint8)
-        take = min(flat.numel(), budget) // 16 * 16
-        if take:
-            ranges.append((flat, take))
-            budget -= take
 
 
 MAX_OUTPUT_SETS = 2  # output buffer sets a caller may hold at once without copies (a loop rebinding `out` needs two)

@@ -39,7 +39,8 @@ import torch
 
 from ..codegen import lower, lower_attention
 from ..codegen.pointwise import launch
-from ..codegen.schedule import VIEW_OPS, Group, norm_prologue, rope_kv_core, rope_kv_parts, rope_kv_reader, rope_norm, rope_norm_parts
+from ..codegen.schedule import (VIEW_OPS, Group, norm_prologue, rope_kv_core, rope_kv_parts, rope_kv_reader, rope_norm,
+                                rope_norm_parts)
 from ..codegen.tuning import compile_ahead
 from ..ir.graph import Graph, Node
 from ..ir.interpret import eval_node, node_attrs
@@ -47,8 +48,7 @@ from ..ir.ops import attention_operands, index_copy
 from ..ir.ops_collective import COLLECTIVE_OPS
 from ..ir.ops_fused import AQ_FORMATS, aqgemm_operands
 from ..ir.types import eval_dim, torch_dtype
-from .kernel_calls import (MAX_OUTPUT_SETS, KernelCall, OutputSet, PlanStats, collective_call, fill_harvest, gather_call, new_harvest,
-                           run_calls, use_count)
+from .kernel_calls import MAX_OUTPUT_SETS, KernelCall, OutputSet, PlanStats, collective_call, gather_call, run_calls, use_count
 from . import warm_libs
 from .layouts import CHANNELS_LAST, channels_last_values, empty_in_order, inverse, row_pitch, stored_order
 from .memory import Liveness, nbytes
@@ -553,10 +553,9 @@ class KernelPlan(Plan):
             args, attrs = self._causal(n, args, attrs)
             rope, before = self._ropes.pop(n, (None, None))
             self._taken.add(id(before))  # (id(None) is no call's)
-            counters, ranges = workspace[1] if isinstance(workspace, tuple) else None, new_harvest(out)
-            what, candidates = lower_attention.attention(args, attrs, out, tmp, device, counters, rope, ranges)
+            counters = workspace[1] if isinstance(workspace, tuple) else None
+            what, candidates = lower_attention.attention(args, attrs, out, tmp, device, counters, rope)
             choice = self.target.tuner.choose(kind, what, candidates, device)  # (it runs ``before`` first, or its work)
-            fill_harvest(ranges, choice, self.groups, g, self.env)  # (the L2 prefetch: timed without it)
             return KernelCall(g, kind, candidates[choice], choice, before if lower_attention.runs_first(candidates[choice]) else None)
         elif kind == "conv":
             what, candidates = lower.conv(args, attrs, out, device)
@@ -797,4 +796,5 @@ class KernelPlan(Plan):
                 **({"cuda_graph_error": self.cuda_graph_error} if self.cuda_graph_error else {}),
                 **({"compiled_ahead": self.compiled_ahead} if self.compiled_ahead else {}),
                 "arena_bytes": self.memory.peak_bytes, "build_s": round(self.stats.build_s, 3), "phases": dict(self.stats.phases),
-                "layouts": dict(self.stats.layouts), "causal_masks": len(self.stats.causal_masks), "inplace_residuals": len(self.inplace)}
+                "layouts": dict(self.stats.layouts), "causal_masks": len(self.stats.causal_masks),
+                "inplace_residuals": len(self.inplace)}

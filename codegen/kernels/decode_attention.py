@@ -66,8 +66,7 @@ import triton.language as tl
 from . import pdl
 from . import rope_kv as trk
 from .attention import check_operands, online_softmax_step, softcapped
-from .pdl import INTERPRETED, gdc
-from .pdl import harvest as l2_harvest
+from .pdl import gdc
 from .skinny import scratch_view
 
 # triton.jit picks the interpreter from this variable when the kernels below are defined; read it then too
@@ -105,7 +104,6 @@ def _decode_partial_kernel(
     kn_ptr, stride_knb, stride_knh, stride_knt, stride_knd, vn_ptr, stride_vnb, stride_vnh, stride_vnt, stride_vnd,
     slots_ptr,
     qw_ptr, kw_ptr, eps_q, eps_k,  # ROPE with NORM_Q / NORM_K: q's / the new keys' RMSNORM over each head first
-    hv_ptr, hv_bytes, hv2_ptr, hv2_bytes,  # HARVEST: byte ranges of the next GEMMs' weights asked of the L2 (pdl.harvest)
     HAS_MASK: tl.constexpr, K_SCALED: tl.constexpr, V_SCALED: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     SCAN_M: tl.constexpr = 16, SCAN_N: tl.constexpr = 16,  # HAS_MASK: the mask tile [SCAN_M rows, SCAN_N keys] scanned
@@ -119,11 +117,8 @@ def _decode_partial_kernel(
     EARLY: tl.constexpr = False,  # (ROPE) the mask scan and the first K / V tile before the PDL wait (``early=``)
     PDL: tl.constexpr = False,  # launched with programmatic dependent launch (pdl.py)
     SOFTCAP: tl.constexpr = 0.0,  # the scaled scores t soft-capped to c * tanh(t / c) (Gemma 2; 0: as they are)
-    HARVEST: tl.constexpr = 0,  # how many of the byte ranges hv / hv2 to prefetch into L2 once the previous kernel ends
 ):
     gdc(PDL and not EARLY)
-    if HARVEST > 0 and not EARLY:  # (after the wait: HBM is the previous kernel's until it ends)
-        _harvest(hv_ptr, hv_bytes, hv2_ptr, hv2_bytes, HARVEST)
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
     b = (pid_bh // Hk).to(tl.int64)  # int64 base offsets: B * H * S * D may pass 2**31
@@ -158,8 +153,6 @@ def _decode_partial_kernel(
     if EARLY:
         kt0, v0 = _kv_tiles(k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, offs_n0, offs_n0 < hi, offs_d, valid_d)
         gdc(PDL)
-        if HARVEST > 0:
-            _harvest(hv_ptr, hv_bytes, hv2_ptr, hv2_bytes, HARVEST)
 
     q_rows = q_ptr + b * stride_qb + h[:, None] * stride_qh + i[:, None] * stride_qm  # [BLOCK_M, 1]
     q = tl.load(q_rows + offs_d[None, :] * stride_qd, mask=valid_r[:, None] & valid_d[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
@@ -217,16 +210,6 @@ def _decode_partial_kernel(
                                  r < GROUP * Sq, stride_ob, stride_oh, stride_om, stride_od, Hq, Sq, SPLITS, HEAD_DIM,
                                  BLOCK_S, BLOCK_D)
                 tl.store(cnt_ptr + pid_bh, 0)
-
-
-@triton.jit
-def _harvest(hv_ptr, hv_bytes, hv2_ptr, hv2_bytes, HARVEST: tl.constexpr):
-    # this program's shares of the one or two byte ranges (decode_attention's harvest=), over every program of the grid
-    pid = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
-    nprog = tl.num_programs(0) * tl.num_programs(1)
-    l2_harvest(hv_ptr, hv_bytes, pid, nprog, 1 if INTERPRETED else tl.extra.cuda.num_warps())
-    if HARVEST > 1:
-        l2_harvest(hv2_ptr, hv2_bytes, pid, nprog, 1 if INTERPRETED else tl.extra.cuda.num_warps())
 
 
 @triton.jit
@@ -496,7 +479,7 @@ def _check(q, k, v, mask, scale, gqa, out, config, splits, k_scale, v_scale):
 def decode_attention(q, k, v, mask=None, scale=None, gqa=False, out=None, config: dict | None = None,
                      splits: int | None = None, k_scale=None, v_scale=None, direct: bool = True,
                      counters: torch.Tensor | None = None, rope: tuple | None = None, early: bool = False,
-                     softcap: float | None = None, harvest: list | None = None) -> torch.Tensor:
+                     softcap: float | None = None) -> torch.Tensor:
     """``softmax(q @ k^T * scale, mask) @ v`` for a few query rows over a long cache, split along the keys
     (see the module docstring).
 
@@ -521,8 +504,6 @@ def decode_attention(q, k, v, mask=None, scale=None, gqa=False, out=None, config
     kernel (the new keys patched into that tile in registers): only where nothing in the same CUDA graph writes the mask
     or the caches before this launch (a decode step's mask is its input; its caches are written here). The same bits.
     ``softcap`` c: the scaled scores t soft-capped to c * tanh(t / c) before the mask (Gemma 2; None: as they are).
-    ``harvest``: up to two (uint8 tensor, bytes) ranges of the next kernels' weights that the programs ask the L2 for
-    first (``pdl.py``'s harvest; read at each call, so a plan may fill the list after its tuner has chosen).
     """
     group, mask4 = _check(q, k, v, mask, scale, gqa, out, config, splits, k_scale, v_scale)
     (bq, hq, sq, d), (hk, sk) = q.shape, k.shape[1:3]
@@ -561,9 +542,7 @@ def decode_attention(q, k, v, mask=None, scale=None, gqa=False, out=None, config
     block_s = min(REDUCE_BLOCK_S, triton.next_power_of_2(n_split))
     if last:
         meta.update(REDUCE_LAST=True, BLOCK_S=block_s, REDUCE_ROWS=_reduce_tile(group * sq, block_s, block_d))
-    hv = _harvest_args(harvest, q)
-    meta["HARVEST"] = len(harvest or ())
-    args += (scratch_view("decode_attention", "counters", counters, bq * hk, torch.int32, q.device) if last else m, *args_rope, *hv)
+    args += (scratch_view("decode_attention", "counters", counters, bq * hk, torch.int32, q.device) if last else m, *args_rope)
     grid = (bq * hk, n_split)
     if c is not None:
         _decode_partial_kernel[grid](*args, **meta, **c)
@@ -595,20 +574,6 @@ def _rope_args(rope: tuple | None, q, k, v, k_scale, v_scale) -> tuple:
     cb = cos.stride(0) if cos.shape[0] > 1 else 0
     nargs, meta = trk.norm_args((nq, nk), q)
     return (cos, sin, cb, cos.stride(2), cos.stride(3), k_new, *k_new.stride(), v_new, *v_new.stride(), slots, *nargs), meta
-
-
-def _harvest_args(harvest: list | None, q: torch.Tensor) -> tuple:
-    """The partial kernel's (hv_ptr, hv_bytes, hv2_ptr, hv2_bytes) for ``harvest`` (placeholders past its ranges), checked:
-    each range a contiguous uint8 tensor on q's device, 16-byte aligned, and a multiple of 16 bytes within it."""
-    ranges = list(harvest or ())
-    if len(ranges) > 2:
-        raise ValueError(f"decode_attention: harvest takes at most two byte ranges, got {len(ranges)}")
-    for t, n in ranges:
-        if t.dtype != torch.uint8 or not t.is_contiguous() or t.device != q.device or t.data_ptr() % 16 or n % 16 or not 0 < n <= t.numel():
-            raise ValueError(f"decode_attention: harvest range of {n} bytes over a {t.dtype} tensor of {t.numel()} on {t.device}: "
-                             "it must be a contiguous uint8 tensor on q's device, 16-byte aligned, and a multiple of 16 bytes")
-    ranges += [(q, 0)] * (2 - len(ranges))
-    return tuple(x for t, n in ranges for x in (t, n))
 
 
 def _reduce_tile(rows: int, block_s: int, block_d: int) -> int:

@@ -43,16 +43,6 @@ output), and the whole cache would be up to S / n times the bytes read.
 many rows with PDL (``pointwise_rows``; off by default). Measured on the H200 (session 17, the 1B decode, two
 processes): batch 1 1006 -> 1008 tok/s, batch 16 13,059 -> 13,051: no gain, kept for the measurement.
 
-``KILN_PDL=1+harvest`` (``harvest:<MB>``, default HARVEST_MB) puts HBM's idle time to use: a one-row decode attention
-reads well under a megabyte of K / V over several microseconds of dependent round trips (its RoPE, the new key's
-write, the partials and their reduction), while the GEMVs after it stream their weights at the bandwidth limit. With
-harvest on, each of its programs asks the L2 for a share of the next GEMMs' weights as soon as its PDL wait returns
-(the o projection's whole, then the gate / up projection's first bytes, up to the budget:
-``runtime/kernel_calls.fill_harvest``; ``harvest`` below), so those GEMMs find part of their bytes in L2. Not before
-the wait: the GEMV before the attention streams at the bandwidth limit until it ends, so bytes moved then are time
-taken from it. A prefetch is a hint: the numbers are the same by construction. The tuner times the attention
-candidates without it. Off by default until measured (bench/NOTES.md, session 27).
-
 Replicated prefetches. ``cp.async.bulk.prefetch`` is a per-thread PTX instruction, but sm_90 runs it on the uniform
 datapath (SASS: ``UBLKPF.L2 [UR], UR``): ptxas wraps it in a loop that issues one prefetch per distinct (address, size)
 among a warp's active lanes, so copies of one row inside a warp cost nothing, while each warp holding a copy issues its
@@ -75,8 +65,6 @@ INTERPRETED = tl.constexpr(INTERPRET)  # (for kernels: a global a jit function r
 PREFETCH_MAX_ROWS = 1  # the weight-streaming GEMM prefetches its first weight tiles at most this many rows of x (prefetch)
 L2_BYTES = 32 << 10  # bytes a program prefetches into L2 before its wait with KILN_PDL=l2 (l2:<KB> sets it)
 POINTWISE_ROWS = 0  # generated pointwise kernels of at most this many rows launch with PDL (pointwise_rows)
-HARVEST_MB = 24  # KILN_PDL=harvest: the next GEMMs' weight bytes a decode attention asks the L2 for (harvest:<MB> sets it)
-HARVEST_PIECE = tl.constexpr(4096)  # bytes one thread's prefetch asks for at least (fewer, larger requests)
 
 
 @triton.jit
@@ -155,30 +143,6 @@ def l2_prefetch(ptr, nbytes, live):
         tl.inline_asm_elementwise(
             "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $3; mov.u32 $0, 0; }",
             "=r,l,r,r", [ptr, live.to(tl.int32), nbytes.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
-
-
-def harvest_bytes(t: torch.Tensor) -> int:
-    """The weight bytes a decode attention on ``t``'s device prefetches for the GEMMs after it (module docstring), 0 for
-    none: ``KILN_PDL`` with the word "harvest" (HARVEST_MB) or "harvest:<MB>", PDL on (or the interpreter, where the
-    prefetch is skipped but its arguments are passed: tests)."""
-    words = [w for w in _words() if w == "harvest" or w.startswith("harvest:")]
-    if not words or os.environ.get(ENV, "1") == "0" or not (INTERPRET or enabled(t)):
-        return 0
-    mb = words[-1][len("harvest:"):]
-    if mb and not mb.isdigit():
-        raise ValueError(f"{ENV}={os.environ[ENV]!r}: harvest:<MB> takes a whole number of megabytes, got {mb!r}")
-    return (int(mb) if mb else HARVEST_MB) << 20
-
-
-@triton.jit
-def harvest(ptr, nbytes, pid, nprog, WARPS: tl.constexpr):
-    """Program ``pid`` of ``nprog``'s share of the ``nbytes`` bytes at ``ptr`` (a byte pointer; both 16-byte aligned) on
-    their way to L2 (``l2_prefetch``): pieces of at least HARVEST_PIECE bytes, one a thread, spread over every thread of
-    every program in order."""
-    LANES: tl.constexpr = 32 * WARPS
-    piece = tl.maximum(tl.cdiv(tl.cdiv(nbytes, nprog * LANES), 16) * 16, HARVEST_PIECE)
-    off = (pid * LANES + tl.arange(0, LANES)).to(tl.int64) * piece
-    l2_prefetch(ptr + off, tl.minimum(nbytes - off, piece), off < nbytes)
 
 
 def pointwise_rows() -> int:

@@ -243,27 +243,6 @@ def test_strided_operands_out_and_scale():
     assert rel_err(out, reference(q.double(), k.double(), v.double(), gqa=True, scale=0.2)) <= TOL[torch.float32]
 
 
-@pytest.mark.parametrize("mode", ["reduce", "last", "direct"])
-def test_harvest_ranges_change_no_bit(mode):
-    """Byte ranges of other tensors (the next GEMMs' weights in a plan) asked of the L2 first: the same bits (the
-    interpreter skips the prefetch itself but runs the shares' arithmetic); bad ranges refused."""
-    q, k, v = qkv(2, 4, 2, 1, 45, 64, torch.float16)
-    mask = left_padded([0, 20], 1, 45, pos=40)
-    kw = dict(splits=1 if mode == "direct" else 3,
-              counters=torch.zeros(DA.counter_bytes(2, 2), dtype=torch.uint8) if mode == "last" else None)
-    want = decode_attention(q, k, v, mask, gqa=True, **kw)
-    w1, w2 = torch.empty(100_000, dtype=torch.uint8), torch.empty(4096, dtype=torch.uint8)
-    for ranges in ([(w1, 100_000 // 16 * 16)], [(w1, 4096), (w2, 4096)]):
-        assert torch.equal(decode_attention(q, k, v, mask, gqa=True, harvest=ranges, **kw), want)
-    for bad, match in ((w1[1:], "16-byte aligned"), (w1.view(torch.int32), "uint8")):
-        with pytest.raises(ValueError, match=match):
-            decode_attention(q, k, v, mask, gqa=True, harvest=[(bad, 64)], **kw)
-    with pytest.raises(ValueError, match="a multiple of 16"):
-        decode_attention(q, k, v, mask, gqa=True, harvest=[(w1, 24)], **kw)
-    with pytest.raises(ValueError, match="at most two"):
-        decode_attention(q, k, v, mask, gqa=True, harvest=[(w1, 16)] * 3, **kw)
-
-
 def test_explicit_config():
     assert all(DA.CHUNK_ALIGN % c["BLOCK_N"] == 0 for c in DA.configs())
     check(*qkv(1, 4, 2, 1, 70, 64, torch.float16), gqa=True, config=dict(BLOCK_N=32))  # 3 chunks of 32, last 6 keys

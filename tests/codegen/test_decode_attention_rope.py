@@ -104,15 +104,6 @@ def test_qwen3_norms_as_rope_kv_then_attention(dtype, mode, which):
     assert rel_err(got, float64_answer(args, norms)) <= TOL[dtype]
 
 
-@pytest.mark.parametrize("early", [False, True])
-def test_harvest_ranges_change_no_bit(early):
-    # L2 prefetch ranges (pdl.py's harvest), asked for after the PDL wait in both orders of the rope kernel: the same bits
-    args = step(2, 4, 2, 1, 64, 45, 20, torch.float16)
-    weights = torch.empty(1 << 16, dtype=torch.uint8)
-    (got, kc, vc), (want, kc_want, vc_want) = both(args, "last", early, harvest=[(weights, 1 << 16), (weights[:4096], 4096)])
-    assert torch.equal(got, want) and torch.equal(kc, kc_want) and torch.equal(vc, vc_want)
-
-
 def test_a_slot_nobody_attends_is_still_written():
     # the mask attends keys 0 .. 9 only; the new key goes to slot 40 (past every attended key): written all the same
     q, k, v, cos, sin, slots, caches, mask = step(1, 4, 2, 1, 64, 45, 40, torch.float32)

@@ -8,7 +8,6 @@ import torch
 import transformers
 
 import kiln
-import kiln.codegen.kernels.decode_attention as DA
 from kiln import InputError, SamplingParams
 from kiln.codegen.tuning import Tuner
 
@@ -230,33 +229,6 @@ def test_kernels_backend_writes_the_cache_in_place_and_matches(attention):
     assert all(p.describe()["launches"].get("update", 0) + 2 * p.describe()["launches"].get("rope_kv", 0) == 4 for p in plans if p.adopted)
     assert all({c: n for c, n in p.describe()["choices"].items() if not c.startswith("rope_kv:")} ==
                {"gemm:cublas": p.describe()["choices"]["gemm:cublas"], f"attention:{attention}": 2} for p in plans if p.adopted)
-
-
-@pytest.mark.interpreter
-def test_decode_attention_harvests_the_next_gemms_weights(monkeypatch):
-    # KILN_PDL=1+harvest:<MB>: a decode plan's attention gets the o projection's weight, then the gate / up one's,
-    # as L2 prefetch ranges (whole here: the tiny model's weights are under 1 MB), filled after its candidates are timed
-    monkeypatch.setenv("KILN_PDL", "1+harvest:1")
-    seen, real = [], DA.decode_attention
-
-    def spy(*args, harvest=None, **kw):
-        seen.append([(t.data_ptr(), n) for t, n in harvest or ()])
-        return real(*args, harvest=harvest, **kw)
-    monkeypatch.setattr(DA, "decode_attention", spy)
-    hf = hf_model()
-    cfg = kiln.CompileConfig(backend="kernels", kernels={"attention": "kiln-rope-decode-last", "rope_kv": "triton-rope-kv", "gemm": "cublas"})
-    g = kiln.from_hf(hf, max_seq=32, batch_buckets=(1,), eos_token_id=[], config=cfg)
-    g.compiled.executor.target.tuner = Tuner(force=cfg.kernels)
-    assert g.generate(PROMPTS[:1], max_new_tokens=3).tokens == [hf_greedy(hf, PROMPTS[0], 3)]
-    o_proj = [layer.self_attn.o_proj.weight for layer in hf.model.layers]
-    assert seen and all([n for _, n in r] == [32 * 32 * 4, 2 * 64 * 32 * 4] for r in seen)  # float32 o, merged gate / up
-    assert {r[0][0] for r in seen} == {w.data_ptr() for w in o_proj}  # the caller's o_proj weights, read in place
-    monkeypatch.setenv("KILN_PDL", "1")  # (off by default)
-    seen.clear()
-    g = kiln.from_hf(hf, max_seq=32, batch_buckets=(1,), eos_token_id=[], config=cfg)
-    g.compiled.executor.target.tuner = Tuner(force=cfg.kernels)
-    g.generate(PROMPTS[:1], max_new_tokens=2)
-    assert seen and not any(seen)
 
 
 @pytest.mark.interpreter
