@@ -123,7 +123,8 @@ def calibration_steps(calibration, tokenizer, spec: dict, dtype, device) -> list
     """Calibration text / token ids as the step graph's prefill inputs: each item's tokens (text encoded with
     ``tokenizer``) cut into windows of CALIBRATION_WINDOW tokens (at most the cache), each window a batch-1
     prefill at slot 0, left-padded to its prefill bucket exactly as the generator's prefill pads a prompt."""
-    items = [calibration] if isinstance(calibration, str) or _is_token_list(calibration) else list(calibration)
+    plain = isinstance(calibration, (str, list, tuple)) or hasattr(calibration, "reshape")  # (else any iterable of items)
+    items = _prompt_list(calibration) if plain else list(calibration)  # (a 1-d tensor: one item, not one a token)
     max_seq = int(spec["max_seq"])
     window = min(CALIBRATION_WINDOW, max_seq)
     caches = new_caches(spec, 1, dtype, device)  # read only: the calibration run computes the updates out of place
@@ -146,13 +147,6 @@ def calibration_steps(calibration, tokenizer, spec: dict, dtype, device) -> list
     if not steps:
         raise KilnError("the calibration data holds no tokens", hint="give text or token ids to calibrate on")
     return steps
-
-
-def _is_token_list(x) -> bool:
-    """One sequence of token ids (a list of ints or a 1-d tensor / array), not a list of items."""
-    if hasattr(x, "ndim"):
-        return x.ndim <= 1
-    return isinstance(x, (list, tuple)) and len(x) > 0 and all(isinstance(t, int) for t in x)
 
 
 def _prompt_list(prompts) -> list:
