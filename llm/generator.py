@@ -123,7 +123,7 @@ def calibration_steps(calibration, tokenizer, spec: dict, dtype, device) -> list
     """Calibration text / token ids as the step graph's prefill inputs: each item's tokens (text encoded with
     ``tokenizer``) cut into windows of CALIBRATION_WINDOW tokens (at most the cache), each window a batch-1
     prefill at slot 0, left-padded to its prefill bucket exactly as the generator's prefill pads a prompt."""
-    plain = isinstance(calibration, (str, list, tuple)) or hasattr(calibration, "reshape")  # (else any iterable of items)
+    plain = isinstance(calibration, (str, list, tuple)) or _is_array(calibration)  # (else any iterable of items)
     items = _prompt_list(calibration) if plain else list(calibration)  # (a 1-d tensor: one item, not one a token)
     max_seq = int(spec["max_seq"])
     window = min(CALIBRATION_WINDOW, max_seq)
@@ -149,12 +149,17 @@ def calibration_steps(calibration, tokenizer, spec: dict, dtype, device) -> list
     return steps
 
 
+def _is_array(x) -> bool:
+    """A torch tensor or a numpy array (of token ids)."""
+    return hasattr(x, "dtype") and hasattr(x, "shape") and hasattr(x, "reshape")
+
+
 def _prompt_list(prompts) -> list:
     """A request's prompts: text, token ids (a list of ints, a 1-d tensor / array) or a list of those; a 2-d tensor /
     array is one prompt a row."""
     if isinstance(prompts, str):
         return [prompts]
-    if hasattr(prompts, "shape") and hasattr(prompts, "reshape"):
+    if _is_array(prompts):
         return [prompts] if len(prompts.shape) <= 1 else list(prompts)
     if not isinstance(prompts, (list, tuple)):
         raise InputError(f"prompts are {type(prompts).__name__}: give text, token ids (a list of ints or a tensor), or a "
@@ -165,7 +170,7 @@ def _prompt_list(prompts) -> list:
 def _token_ids(p, what: str) -> list[int]:
     """``what``'s token ids (a prompt, a calibration item) as ints: a sequence of integers, or an integer tensor / array
     (flattened); a float / bool id is refused (int() would truncate 1.5 to 1 without a word)."""
-    if hasattr(p, "dtype") and hasattr(p, "reshape"):  # a torch tensor or a numpy array
+    if _is_array(p):
         if isinstance(p, torch.Tensor):
             integer = not (p.dtype.is_floating_point or p.dtype.is_complex or p.dtype == torch.bool)
         else:

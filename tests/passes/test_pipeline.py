@@ -129,10 +129,10 @@ def _width_of_widest(graph) -> int:
 
 @pytest.fixture(scope="module")
 def dit_xl():
-    """DiT-XL/2's structure at 256x256 (latent 32): 28 layers, random weights, captured once per tying; 2 heads of 8
+    """DiT-XL/2's structure at 256x256 (latent 32): 28 layers, random weights, captured once per tying; 2 heads
     (hidden XL_HIDDEN, not XL's 1152: the passes' rewrites do not depend on the width, and the two compiles take a third of the time)."""
     torch.manual_seed(0)
-    model = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=28,
+    model = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=XL_HIDDEN // 2, in_channels=4, out_channels=8, num_layers=28,
                                   sample_size=32, patch_size=2, num_embeds_ada_norm=1000).eval()
     x = dit_inputs(2, size=32)
     untied = kiln.compile(model, (), x, dynamic=DIT_DIMS, config=kiln.CompileConfig(verify=False))
