@@ -52,7 +52,7 @@ class CompileConfig:
     quantize_group: int | None = 128
     #: symmetric grids (no zero points); False: a uint8 zero point per group
     quantize_symmetric: bool = True
-    #: quantize the output (LM) head too; None: only at 8 bits (its 4-bit error reaches the logits unfiltered)
+    #: quantize the output (LM) head too; None: at 8 bits in w8a16 / w4a16 / fp8, and in w8a8 where it is an LM head
     quantize_lm_head: bool | None = None
     #: GPTQ visits input features by descending Hessian diagonal (act_order)
     quantize_act_order: bool = False

@@ -9,7 +9,7 @@ quantized mode its speedup over kiln bf16, its error over kiln bf16's, and the c
 The issue's targets: DiT fp8 batch 8 <= 3.0 ms, batch 1 <= 1.5 ms, error <= 2x bf16's; prefill fp8 >= 1.6x, w8a8
 >= 1.4x kiln bf16.
 
-Usage: python3 bench/fp8.py [--parts dit,llm] [--batches 1,8] [--seq 2048] [--modes bf16,fp8,w8a8[,w8a8+head]] [--out PATH]
+Usage: python3 bench/fp8.py [--parts dit,llm] [--batches 1,8] [--seq 2048] [--modes bf16,fp8,w8a8[,w8a8-head16]] [--out PATH]
        python3 bench/fp8.py --smoke        (tiny models on the CPU: checks the script runs)
 Writes --out (default $OUT/fp8.json) after every measured run, so a timeout keeps what was measured."""
 import argparse
@@ -75,9 +75,11 @@ def kernel_breakdown(compiled) -> dict:
 
 
 def config(mode: str) -> kiln.CompileConfig:
-    """``bf16``, ``fp8``, ``w8a8``; ``+head`` after a mode quantizes the output head too (w8a8 keeps it float by default)."""
-    base, head = mode.removesuffix("+head"), mode.endswith("+head")
-    return kiln.CompileConfig(quantize=None if base == "bf16" else base, **({"quantize_lm_head": True} if head else {}))
+    """``bf16``, ``fp8``, ``w8a8``; ``+head`` after a mode quantizes the output head (a DiT's proj_out in w8a8),
+    ``-head16`` keeps it float (by default both modes quantize an LLM's LM head)."""
+    base = mode.removesuffix("+head").removesuffix("-head16")
+    head = {"quantize_lm_head": True} if mode.endswith("+head") else {"quantize_lm_head": False} if mode.endswith("-head16") else {}
+    return kiln.CompileConfig(quantize=None if base == "bf16" else base, **head)
 
 
 def summarize(res: dict, part: str, key: str) -> None:

@@ -479,7 +479,7 @@ Occupancy|Warp Cycles Per Issued|Registers Per" "$OUT/ncu_24n.txt" | head -150 ;
       # against +0.02% with the float head (top-1 91% / 94%). Measured on an H100 (session 27): 1.248x -> 1.319x kiln's
       # bf16, the logits' error unchanged. Again on the H200 before w8a8 quantizes an LLM's head by default (the head rule
       # also covers DiT's proj_out, whose w8a8 error with it quantized is not measured: keep DiT's float or measure it)
-      timeout 300 python3 bench/fp8.py --parts llm --modes bf16,w8a8,w8a8+head --out "$OUT/fp8_27h.json" 2>&1 \
+      timeout 300 python3 bench/fp8.py --parts llm --modes bf16,w8a8,w8a8-head16 --out "$OUT/fp8_27h.json" 2>&1 \
         | grep -v "^ *{'x'\|^    " | tail -24 ;;
     s25g)  # next: session 25's Gemma / Gemma 2 / Gemma 3 (CPU-tested): their GPU tests (bf16 tokens against transformers'
       # with CUDA graphs; Gemma 2's soft-capped scores in kiln's attention kernels), the softcap kernel tests, then the

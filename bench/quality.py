@@ -3,7 +3,7 @@ Llama trained on Python source, bf16 weights; see its README), through kiln on t
 
 For each mode (bf16 weights, w8a16, w4a16 rounding, w4a16 GPTQ; group 128, the LM head at 8 bits as
 CompileConfig.quantize_lm_head's default quantizes it; GPTQ with the LM head at 4 bits too, and with it kept in bf16;
-fp8; w8a8 with the searched smoothing and without):
+fp8; w8a8 with the searched smoothing and without, and with its LM head kept in bf16):
 - held-out perplexity: tokens [0, EVAL_TOKENS) of heldout.npy in windows of 512 (the README's figure: 49.4 in
   fp32 compute, transformers eager), next-token NLL over every window position but the last;
 - greedy generation of a Python prompt (``def read_config(path):\\n    ``) by kiln's generator (bf16 compute), how
@@ -34,7 +34,7 @@ MODES = {  # name -> CompileConfig fields; "bf16": the weights as they are
     "w4a16-gptq+head": dict(quantize="w4a16-gptq", quantize_lm_head=True),
     "w4a16-gptq-head16": dict(quantize="w4a16-gptq", quantize_lm_head=False),
     "fp8": dict(quantize="fp8"), "w8a8": dict(quantize="w8a8"), "w8a8-nosmooth": dict(quantize="w8a8", quantize_smoothing="off"),
-    "w8a8+head": dict(quantize="w8a8", quantize_lm_head=True),
+    "w8a8-head16": dict(quantize="w8a8", quantize_lm_head=False),
 }
 WINDOW, EVAL_TOKENS = 512, 20480
 CALIB_START, CALIB_WINDOWS, CALIB_LEN = 96_000, 16, 256

@@ -57,6 +57,7 @@ def _check_quantize_args(a) -> None:
         raise KilnError(f"--quantize {a.quantize} runs GPTQ, which needs calibration data: give --calib FILE",
                         hint="a text file, or token ids as .npy / .json; the rounding modes (w8a16, w4a16) need none")
     a.quantize_smoothing = _smoothing(a.quantize_smoothing)
+    a.quantize_lm_head = _lm_head(a)
     if a.quantize == "w8a8" and a.quantize_smoothing != "off" and not a.calib and (a.source or _family(a.model) != "dit"):
         raise KilnError("--quantize w8a8 searches its smoothing on calibration data: give --calib FILE",
                         hint="a text file, or token ids as .npy / .json; or --quantize-smoothing off, or --quantize fp8 (no calibration)")
@@ -74,6 +75,14 @@ def _smoothing(text: str):
     if not 0 <= value <= 1:
         raise KilnError(f"--quantize-smoothing {text}: expected search, off or a strength in [0, 1]")
     return value
+
+
+def _lm_head(a) -> bool | None:
+    """``--quantize-lm-head`` as CompileConfig.quantize_lm_head: auto None, on True, off False."""
+    if a.quantize_lm_head != "auto" and not a.quantize:
+        raise KilnError(f"--quantize-lm-head {a.quantize_lm_head} applies to --quantize",
+                        hint="kiln compile ... --quantize w4a16 --quantize-lm-head on")
+    return {"auto": None, "on": True, "off": False}[a.quantize_lm_head]
 
 
 def _family(model: str | None) -> str | None:
@@ -104,7 +113,7 @@ def cmd_compile(a) -> int:
     progress = _Progress(a.quiet)
     config = kiln.CompileConfig(disable=tuple(a.disable_pass or ()), device=a.device, verify=a.verify, quantize=a.quantize,
                                 quantize_group=None if a.quantize_group == "channel" else int(a.quantize_group), tp=a.tp,
-                                quantize_smoothing=a.quantize_smoothing)
+                                quantize_smoothing=a.quantize_smoothing, quantize_lm_head=a.quantize_lm_head)
     if a.tp > 1:
         return _compile_shards(a, config, output, buckets, progress)
     if a.source:
@@ -223,7 +232,7 @@ def _compile_pipeline(a) -> int:
         pipe = presets.diffusers_pipeline(a.model, a.weights, _torch_dtype(a.dtype), a.seed, a.device)
     config = kiln.CompileConfig(disable=tuple(a.disable_pass or ()), device=a.device, quantize=a.quantize,
                                 quantize_group=None if a.quantize_group == "channel" else int(a.quantize_group),
-                                quantize_smoothing=a.quantize_smoothing)
+                                quantize_smoothing=a.quantize_smoothing, quantize_lm_head=a.quantize_lm_head)
     quantized = f"; the step graph in {a.quantize}, calibrated on random latents, timesteps and conditioning" if a.quantize else ""
     with progress.step(f"compile the sampling pipeline (up to {max_batch} images per call{quantized})"):
         kp = presets.compile_pipeline(pipe, max_batch=max_batch, config=config)
@@ -262,6 +271,7 @@ def _check_pipeline_args(a) -> tuple[str, int]:
     _check_output(output, a.force, hint="use --force to replace it, or -o to write elsewhere")
     _check_output(a.report_json, True)
     a.quantize_smoothing = _smoothing(a.quantize_smoothing)
+    a.quantize_lm_head = _lm_head(a)
     dims = _parse_dims(a.dim, ranges=True)
     if set(dims) - {"batch"}:
         raise KilnError(f"a pipeline's one dim is batch (images per call); got --dim {', '.join(sorted(set(dims) - {'batch'}))}")
@@ -572,6 +582,9 @@ def _compile_parser(sub) -> None:
                    "an LLM needs --calib, a DiT calibrates on random latents / timesteps / classes)")
     c.add_argument("--quantize-smoothing", default="search", metavar="search|off|A",
                    help="w8a8's SmoothQuant strength: searched per GEMM input (default), off, or a fixed value in [0, 1]")
+    c.add_argument("--quantize-lm-head", default="auto", choices=["auto", "on", "off"],
+                   help="the output head with --quantize: auto (default) quantizes it at 8 bits in w8a16 / w4a16 / fp8 and "
+                   "an LM head in w8a8; on: at the mode's bits (4 in w4a16); off: kept in the model's dtype")
     c.add_argument("--quantize-group", default="128", choices=["32", "64", "128", "channel"],
                    help="input features per scale of 4-bit weights (default 128)")
     c.add_argument("--calib", metavar="FILE", help="calibration data for --quantize with --model: a text file (tokenized "

@@ -90,9 +90,9 @@ class QuantizeSpec:
     def group_for(self, k: int) -> int:
         return k if self.bits == 8 or self.group is None else self.group
 
-    @property
-    def head_spec(self) -> QuantizeSpec | None:
-        """How the output head is quantized: this spec, its 8-bit form (lm_head None at 4 bits), or None (kept float)."""
+    def head_spec(self, graph: Graph, n: Node) -> QuantizeSpec | None:
+        """How output head ``n`` of ``graph`` is quantized: this spec, its 8-bit form (lm_head None at 4 bits), or None
+        (kept float)."""
         if self.lm_head is False:
             return None
         if self.lm_head is None and self.bits != 8:
@@ -124,7 +124,8 @@ def quantize_weights(graph: Graph, spec: QuantizeSpec | None = None, calibration
         w = _float_weight(graph, nodes[0])  # [N, K]
         acc = hessians.get(name)
         qw, why = checkpoint_weight(graph, name, prequantized) if prequantized is not None else (None, "")
-        site_spec = spec.head_spec if any(_is_output_head(graph, n) for n in nodes) else spec
+        head = next((n for n in nodes if _is_output_head(graph, n)), None)
+        site_spec = spec if head is None else spec.head_spec(graph, head)
         qw, method, why = (qw, "checkpoint", "") if qw is not None else _pack(w, acc, site_spec, why)
         packed = _add_packed(graph, name, qw)
         perm = _add_weight(graph, f"{name.removesuffix('^T').removesuffix('.weight')}.perm", qw.perm) if qw.perm is not None else None
@@ -196,10 +197,12 @@ def _why_not(graph: Graph, n: Node, spec: QuantizeSpec) -> str | None:
         return f"weight is {w.dtype}, not a float"
     k = w.shape[1] if n.op != "MATMUL" else w.shape[0]
     if _is_output_head(graph, n):
-        if spec.head_spec is None:
-            return (f"output head (LM head) kept in {w.dtype}: its error reaches the logits unfiltered "
+        head_spec = spec.head_spec(graph, n)
+        if head_spec is None:
+            what = "LM head" if is_lm_head(graph, n) else "not an LM head"
+            return (f"output head ({what}) kept in {w.dtype}: its error reaches the outputs unfiltered "
                     "(CompileConfig.quantize_lm_head=True quantizes it)")
-        spec = spec.head_spec
+        spec = head_spec
     try:
         check_layout(spec.bits, spec.group_for(k), (1, k))
     except ValueError as e:
@@ -250,6 +253,19 @@ def _is_output_head(graph: Graph, n: Node) -> bool:
             return False
         n = next(iter(n.users))
     return True
+
+
+def is_lm_head(graph: Graph, n: Node) -> bool:
+    """``n`` is an output head (``_is_output_head``) whose outputs are token logits: its weight is an embedding table
+    (tied), or it has as many output features as some embedding table of the graph has rows (a vocabulary). DiT's
+    proj_out (32 features; its class table 1001 rows) is an output head but no LM head."""
+    if not _is_output_head(graph, n):
+        return False
+    w = n.inputs[1]
+    if any(u.op == "EMBEDDING" for u in w.users):
+        return True
+    features = w.shape[1] if n.op == "MATMUL" else w.shape[0]
+    return any(m.op == "EMBEDDING" and m.inputs[0].shape[0] == features for m in graph.nodes)
 
 
 # ----------------------------------------------------------------------------- calibration

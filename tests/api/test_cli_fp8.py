@@ -45,8 +45,17 @@ def test_w8a8_with_calib_smooths(tmp_path):
     assert main(["compile", "--model", "llama-tiny", "--quantize", "w8a8", "--calib", str(calib), "-o", str(tmp_path / "w.kiln"), "-q",
                  "--report-json", str(tmp_path / "r.json")]) == 0
     passes = json.loads((tmp_path / "r.json").read_text())["passes"]
-    assert passes["quantize_acts"]["rewritten"] == 8 and len(passes["smooth"]["notes"]) == 8
+    assert passes["quantize_acts"]["rewritten"] == 9 and len(passes["smooth"]["notes"]) == 9  # the LM head too
     assert all("calibration rows" in n for n in passes["quantize_acts"]["notes"])
+
+
+def test_quantize_lm_head_off_keeps_it_float_and_needs_quantize(tmp_path, capsys):
+    assert main(["compile", "--model", "llama-tiny", "--quantize", "fp8", "--quantize-lm-head", "off", "-o", str(tmp_path / "l.kiln"), "-q",
+                 "--report-json", str(tmp_path / "r.json")]) == 0
+    q = json.loads((tmp_path / "r.json").read_text())["passes"]["quantize_acts"]
+    assert q["rewritten"] == 8 and any("output head (LM head)" in d["reason"] for d in q["declined"])
+    assert main(["compile", "--model", "llama-tiny", "--quantize-lm-head", "on", "-o", str(tmp_path / "x.kiln"), "-q"]) == 1
+    assert "--quantize-lm-head on applies to --quantize" in capsys.readouterr().err and not (tmp_path / "x.kiln").exists()
 
 
 def test_a_dit_calibrates_w8a8_on_random_inputs_and_says_so(tmp_path):

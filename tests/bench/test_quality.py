@@ -55,11 +55,11 @@ def compute_bound():
 
 def test_fp8_and_w8a8_perplexity(compute_bound):
     m = compute_bound["modes"]
-    # measured on tokens [0, 4096): bf16 62.69; fp8 +0.66%, w8a8 searched smoothing -0.08%, unsmoothed +0.10%
+    # measured on tokens [0, 4096): bf16 62.69; fp8 +0.66%, w8a8 searched smoothing +0.01%, unsmoothed +0.11% (LM head int8)
     assert m["fp8"]["ppl_delta"] <= 0.01, m["fp8"]
     assert m["w8a8"]["ppl_delta"] <= 0.03, m["w8a8"]
     assert m["w8a8"]["perplexity"] < m["w8a8-nosmooth"]["perplexity"]
-    # every GEMM but the LM head (kept float in w8a8), each with its measured error; smoothing notes per GEMM input
+    # every GEMM, the LM head too, each with its measured error; smoothing notes per GEMM input
     notes = m["w8a8"]["quantized"]
-    assert sum("-> w8a8: output error" in n for n in notes) == 16 and sum("strength" in n or "not smoothed" in n for n in notes) > 0
+    assert sum("-> w8a8: output error" in n for n in notes) == 17 and sum("strength" in n or "not smoothed" in n for n in notes) > 0
     assert sum("-> fp8: output error" in n for n in m["fp8"]["quantized"]) == 17

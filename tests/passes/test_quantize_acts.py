@@ -61,13 +61,32 @@ def test_fp8_sites_op_counts_and_report(llama):
     assert qw.logits_error(graph, g, test) < 0.08
 
 
-def test_w8a8_keeps_the_head_and_measures_weights_without_calibration(llama):
+def test_w8a8_quantizes_the_lm_head_and_measures_weights_without_calibration(llama):
     graph, _, test = llama
     s1, stats, g = run(graph, ActQuantSpec("w8a8", "off"))
-    assert s1.rewritten == 0 and stats.rewritten == 8
-    assert any("output head (LM head)" in d["reason"] for d in stats.declined)
+    assert s1.rewritten == 0 and stats.rewritten == 9 and not stats.declined
+    assert any(n.startswith("lm_head.weight") for n in stats.notes)
     assert all("weight error" in n and "no calibration data" in n for n in stats.notes)
     assert qw.logits_error(graph, g, test) < 0.05
+    _, kept, g = run(graph, ActQuantSpec("w8a8", "off", lm_head=False))
+    assert kept.rewritten == 8 and any("output head (LM head)" in d["reason"] for d in kept.declined)
+
+
+def test_w8a8_keeps_an_output_head_that_is_no_lm_head_float():
+    # a graph output whose features are no embedding table's rows (DiT's proj_out): float in w8a8, quantized in fp8
+    def graph(classes):
+        g = Graph()
+        x = g.add_input("x", (2, 5, 24), "float32")
+        ids = g.add_input("ids", (2,), "int64")
+        e = g.add("EMBEDDING", [g.add_weight("table", torch.randn(classes, 24, generator=gen)), ids])
+        h = g.add("ADD", [x, g.add("RESHAPE", [e], shape=(2, 1, 24))])
+        g.set_outputs([g.add("LINEAR", [h, g.add_weight("proj_out.weight", torch.randn(10, 24, generator=gen))])])
+        return g
+    stats = quantize_acts(graph(7), ActQuantSpec("w8a8", "off"))
+    assert stats.rewritten == 0 and "output head (not an LM head)" in stats.declined[0]["reason"]
+    assert quantize_acts(graph(7), ActQuantSpec("fp8")).rewritten == 1
+    assert quantize_acts(graph(7), ActQuantSpec("w8a8", "off", lm_head=True)).rewritten == 1
+    assert quantize_acts(graph(10), ActQuantSpec("w8a8", "off")).rewritten == 1  # 10 features, a 10-row table: logits
 
 
 def test_aqgemm_on_one_linear_is_the_quantized_formula():
@@ -136,10 +155,11 @@ def test_smoothing_recovers_w8a8_on_outlier_channels(llama):
     assert e_smooth < 0.7 * e_plain, (e_plain, e_smooth)
     # the norm-fed GEMMs (QKV, gate/up) take 1 / s into the norm weight, the others (o_proj, down_proj) a MUL that
     # quantize_acts folds into the AQGEMM
-    assert s1.rules == {"norm weight": 4, "mul": 4} and stats.rules == {"w8a8": 8, "smooth-into-aqgemm": 4}
+    # (the final norm into the LM head's input: the fifth norm weight)
+    assert s1.rules == {"norm weight": 5, "mul": 4} and stats.rules == {"w8a8": 9, "smooth-into-aqgemm": 4}
     norm_notes = [n for n in s1.notes if n.startswith("rmsnorm")]
-    assert len(norm_notes) == 4 and all("strength" in n and "int8 error" in n for n in norm_notes)
-    for n in norm_notes:  # 4 channels at 10-50x: the QKV / gate-up inputs' int8 error drops at least 2x
+    assert len(norm_notes) == 5 and all("strength" in n and "int8 error" in n for n in norm_notes)
+    for n in norm_notes:  # 4 channels at 10-50x: the QKV / gate-up / head inputs' int8 error drops at least 2x
         before, after = (float(v) for v in n.split("int8 error ")[1].split(" on ")[0].split(" -> "))
         assert after < 0.5 * before
 
