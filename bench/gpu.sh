@@ -474,6 +474,13 @@ Occupancy|Warp Cycles Per Issued|Registers Per" "$OUT/ncu_24n.txt" | head -150 ;
         2>&1 | tee "$OUT/s28a.log" | grep -E "^E |passed|failed" | head -20
       timeout 120 python3 -m pytest -q -rf -m gpu tests/models/test_gptq.py -k "gpu_bf16_gptq" --tb=short -p no:logging \
         2>&1 | tee -a "$OUT/s28a.log" | grep -E "passed|failed" | tail -3 ;;
+    s28b)  # session 28: the breadth models' decode at batch 1 / 16 against static KV + torch.compile reduce-overhead, one
+      # process a model: Gemma-2-2B (soft-capped scores, sliding layers' window mask, 256k vocabulary, head dim 256) and
+      # Qwen3-1.7B (q / k norms in the rope-decode attention); s25g's / s22q's bench halves, one model each
+      for m in gemma2-2b qwen3-1.7b; do
+        DECODE_JSON=decode_$m.json timeout 280 python3 bench/decode.py --models $m 2>&1 | grep -i "error" | tail -4
+        python3 bench/decode_summary.py "$OUT/decode_$m.json"
+      done ;;
     s27h)  # next: the 1B prefill of 2048 tokens in w8a8 with its output head in int8 (quantize_lm_head=True) against the
       # default float head, bf16 the baseline, one process. Quality on pyllama (CPU, session 27): +0.06% held-out perplexity
       # against +0.02% with the float head (top-1 91% / 94%). Measured on an H100 (session 27): 1.248x -> 1.319x kiln's
