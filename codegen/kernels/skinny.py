@@ -267,7 +267,8 @@ def configs(m: int, n: int, k: int, bits: int | None = None, glu: bool = False, 
         raise ValueError(f"skinny configs: m = {m} rows, the template takes 1..{MAX_M}")
     dot = m > 1
     whole_words = bits in (4, 8) and k % (32 // bits) == 0  # (WORDS reads a row's codes as int32 words)
-    out = [tile_config(m, n, k, bits, glu, t) for t in TILES[(dot, bits or 0)] if whole_words or not t.words]
+    out = [c for c in (tile_config(m, n, k, bits, glu, t) for t in TILES[(dot, bits or 0)] if whole_words or not t.words)
+           if _words_fit(c, k, bits)]
     if norm and dot and out[0]["SPLIT_K"] > 1:
         half = tile_config(m, n, k, bits, glu, TILES[(dot, bits or 0)][0], split=out[0]["SPLIT_K"] // 2)
         if half != out[0]:
@@ -288,7 +289,7 @@ def configs(m: int, n: int, k: int, bits: int | None = None, glu: bool = False, 
             unique.append(c)
     unique = unique[:5 if whole_words and not dot else 4]
     if IDOT and bits == 4 and whole_words and not dot:
-        unique += [c for c in (tile_config(m, n, k, bits, glu, t) for t in IDOT_TILES) if c not in unique]
+        unique += [c for c in (tile_config(m, n, k, bits, glu, t) for t in IDOT_TILES) if c not in unique and _words_fit(c, k, bits)]
     if bits == 4 and group is not None and (not 0 < group < k or group >= 16):
         unique += [c for c in (tile_config(m, n, k, bits, glu, t, group=group) for t in MAGIC_TILES) if c not in unique]
     if norm:  # the norm without its statistics pass (NORM_POST): the first two tiles that load x as tiles, the WORDS
@@ -297,6 +298,12 @@ def configs(m: int, n: int, k: int, bits: int | None = None, glu: bool = False, 
         tiles += [c for c in unique if c.get("WORDS") and c.get("REDUCE") != "separate"] if WORDS_NORM_POST else []
         unique += [dict(c, NORM_POST=True) for c in tiles + [c for c in unique if c.get("MAGIC")][:1]]
     return unique
+
+
+def _words_fit(c: dict, k: int, bits: int | None) -> bool:
+    """Whether configuration ``c`` is no WORDS one or one that K allows: whole int32 words of codes a row, BLOCK_K (at
+    most K's power of two: ``tile_config``) at least 16 words (a 4-bit weight of K = 64 has 8: no WORDS tile)."""
+    return not c.get("WORDS") or (bits in (4, 8) and k % (32 // bits) == 0 and c["BLOCK_K"] * bits >= 32 * 16)
 
 
 def _resolve(m: int, n: int, k: int, bits: int | None, glu: bool, config: dict | None) -> dict:
@@ -317,7 +324,7 @@ def _resolve(m: int, n: int, k: int, bits: int | None, glu: bool, config: dict |
         raise ValueError(f"skinny_gemm: config {config!r}: the GEMV path (DOT False) takes one row, x has {m}")
     if c["SWAP"] and not c["DOT"]:
         raise ValueError(f"skinny_gemm: config {config!r}: SWAP transposes tl.dot's product, it needs DOT")
-    if c.get("WORDS") and (c["DOT"] or bits not in (4, 8) or k % (32 // bits) or c["BLOCK_K"] * bits < 32 * 16):
+    if c.get("WORDS") and (c["DOT"] or not _words_fit(c, k, bits)):
         raise ValueError(f"skinny_gemm: config {config!r}: WORDS is the GEMV of a 4- / 8-bit weight whose K ({k}) is whole "
                          f"int32 words of codes, BLOCK_K at least 16 words")
     if c.get("IDOT") and not (c.get("WORDS") and bits == 4):

@@ -338,6 +338,16 @@ def test_configs_for_llama_shapes(m, n, k, bits, glu):
         assert cs[0]["SPLIT_K"] == 1
 
 
+@pytest.mark.parametrize("k", [32, 64, 96, 128, 256, 2048])
+def test_every_config_of_a_narrow_weight_resolves(k):
+    # tile_config caps BLOCK_K at K's power of two: a WORDS tile of a 4-bit weight of K = 64 was offered with 8 words a
+    # step, which skinny_gemm refuses (a 64-wide tiny Llama in w4a16 failed to plan on a GPU)
+    for m, bits, glu, norm in ((1, 4, False, False), (1, 4, True, True), (1, 8, False, True), (1, None, False, True), (4, 4, True, True)):
+        for c in configs(m, 3 * k, k, bits, glu, norm=norm, group=32 if bits == 4 else None):
+            assert S._resolve(m, 3 * k, k, bits, glu, c)["BLOCK_K"] == c["BLOCK_K"], c
+            assert workspace_bytes(m, 3 * k, k, bits, glu, c) >= 0
+
+
 def test_configs_refuse_rows_outside_1_to_16():
     for m in (0, 17):
         with pytest.raises(ValueError, match="1..16"):
