@@ -481,6 +481,14 @@ Occupancy|Warp Cycles Per Issued|Registers Per" "$OUT/ncu_24n.txt" | head -150 ;
         DECODE_JSON=decode_$m.json timeout 280 python3 bench/decode.py --models $m 2>&1 | grep -i "error" | tail -4
         python3 bench/decode_summary.py "$OUT/decode_$m.json"
       done ;;
+    s28c)  # session 28: the GPU tests of the compile / plan / pipeline paths not run on a GPU lately (the skinny and
+      # decode-attention kernels' own tests ran in s26a / s27a), the failures' tracebacks to $OUT/s28c.log
+      timeout 540 python3 -m pytest -q -rf -m gpu --tb=short -p no:logging tests/runtime tests/diffusion tests/api \
+        tests/test_readme.py tests/llm/test_generator_kv.py tests/llm/test_sampling.py tests/passes tests/codegen/test_group_norm.py \
+        tests/codegen/test_conv_epilogue.py tests/codegen/test_tma_gemm.py tests/codegen/test_aqgemm.py tests/codegen/test_attention_kv.py \
+        tests/codegen/test_gemm.py tests/codegen/test_epilogue.py tests/codegen/test_epilogue_codes.py tests/codegen/test_act_codes.py \
+        tests/codegen/test_qgemm.py tests/codegen/test_pointwise.py tests/codegen/test_tuning.py tests/codegen/test_greedy.py \
+        2>&1 | tee "$OUT/s28c.log" | grep -E "^FAILED|^ERROR|passed|failed" | head -40 ;;
     s27h)  # next: the 1B prefill of 2048 tokens in w8a8 with its output head in int8 (quantize_lm_head=True) against the
       # default float head, bf16 the baseline, one process. Quality on pyllama (CPU, session 27): +0.06% held-out perplexity
       # against +0.02% with the float head (top-1 91% / 94%). Measured on an H100 (session 27): 1.248x -> 1.319x kiln's
