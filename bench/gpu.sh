@@ -481,6 +481,13 @@ Occupancy|Warp Cycles Per Issued|Registers Per" "$OUT/ncu_24n.txt" | head -150 ;
         DECODE_JSON=decode_$m.json timeout 280 python3 bench/decode.py --models $m 2>&1 | grep -i "error" | tail -4
         python3 bench/decode_summary.py "$OUT/decode_$m.json"
       done ;;
+    s29a)  # next: s28c's second half (cut off at 51% when session 28's budget ran out; its 78 tests before passed) and
+      # the w4a16 plan that failed in session 28 (a 64-wide Llama's WORDS tile, fixed on the CPU)
+      timeout 540 python3 -m pytest -q -rf -m gpu --tb=short -p no:logging tests/runtime/test_kernel_plan_quant.py \
+        tests/codegen/test_attention_kv.py tests/codegen/test_gemm.py tests/codegen/test_epilogue.py \
+        tests/codegen/test_epilogue_codes.py tests/codegen/test_act_codes.py tests/codegen/test_qgemm.py \
+        tests/codegen/test_pointwise.py tests/codegen/test_tuning.py tests/codegen/test_greedy.py \
+        2>&1 | tee "$OUT/s29a.log" | grep -E "^FAILED|^ERROR|passed|failed" | head -40 ;;
     s28c)  # session 28: the GPU tests of the compile / plan / pipeline paths not run on a GPU lately (the skinny and
       # decode-attention kernels' own tests ran in s26a / s27a), the failures' tracebacks to $OUT/s28c.log
       timeout 540 python3 -m pytest -q -rf -m gpu --tb=short -p no:logging tests/runtime tests/diffusion tests/api \
