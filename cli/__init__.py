@@ -10,6 +10,7 @@ import json
 import os
 import sys
 import time
+import warnings
 
 from rich.markup import escape
 
@@ -674,15 +675,32 @@ def _inspect_parser(sub) -> None:
     i.set_defaults(fn=cmd_inspect)
 
 
+_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _warning_printer(python_show):
+    """``warnings.showwarning`` for the CLI: kiln's own warnings as one ``warning:`` line (Python's form names a file
+    and line of kiln's source), others as ``python_show`` shows them."""
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        if os.path.abspath(filename).startswith(_PACKAGE + os.sep):
+            err.print(f"[yellow]warning:[/yellow] {escape(str(message))}", soft_wrap=True)
+        else:
+            python_show(message, category, filename, lineno, file, line)
+    return show
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # (kiln generate --tp N runs this command again per rank)
     try:
-        if getattr(args, "device", None):
-            from ..api import check_device
+        with warnings.catch_warnings():
+            warnings.showwarning = _warning_printer(warnings.showwarning)
+            warnings.filterwarnings("default", module=r"kiln(\.|$)")  # (shown, once a place: the CLI's user reads them)
+            if getattr(args, "device", None):
+                from ..api import check_device
 
-            check_device(args.device)  # before any work, and before a model is moved there
-        return args.fn(args)
+                check_device(args.device)  # before any work, and before a model is moved there
+            return args.fn(args)
     except KilnError as e:
         if os.environ.get("KILN_DEBUG"):
             raise

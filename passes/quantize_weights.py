@@ -44,6 +44,7 @@ Choices, and why:
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, replace
 
 import torch
@@ -119,7 +120,7 @@ def quantize_weights(graph: Graph, spec: QuantizeSpec | None = None, calibration
     hessians = _hessians(graph, sites, calibration) if calibration else {}
     if prequantized is not None:
         stats.notes.append(f"weights pre-quantized in the checkpoint: {len(prequantized)} packed from its codes, not quantized again")
-    gathers = []
+    gathers, rounded = [], []
     for name, nodes in sites.items():
         w = _float_weight(graph, nodes[0])  # [N, K]
         acc = hessians.get(name)
@@ -127,6 +128,8 @@ def quantize_weights(graph: Graph, spec: QuantizeSpec | None = None, calibration
         head = next((n for n in nodes if _is_output_head(graph, n)), None)
         site_spec = spec if head is None else spec.head_spec(graph, head)
         qw, method, why = (qw, "checkpoint", "") if qw is not None else _pack(w, acc, site_spec, why)
+        if spec.method == "gptq" and method == "rtn" and head is None:
+            rounded.append((name, acc.n if acc is not None else 0, w.shape[1]))
         packed = _add_packed(graph, name, qw)
         perm = _add_weight(graph, f"{name.removesuffix('^T').removesuffix('.weight')}.perm", qw.perm) if qw.perm is not None else None
         for n in nodes:
@@ -141,6 +144,8 @@ def quantize_weights(graph: Graph, spec: QuantizeSpec | None = None, calibration
         order = ", input features in the checkpoint's act order" if perm is not None else ""
         stats.notes.append(f"{name} [{qw.shape[0]}, {qw.shape[1]}] -> {qw.bits}-bit g{qw.group} {method}{order}: {where}"
                            + (f" ({why})" if why else "") + f"; read by {', '.join(n.name for n in nodes)}")
+    if rounded:
+        _warn_rounded(spec, rounded, len(sites))
     graph.remove_dead()  # (the float matmuls replaced: the users counted below are the live ones)
     folded = sum(_fold_gather(graph, n) for n in gathers)
     if folded:
@@ -149,6 +154,16 @@ def quantize_weights(graph: Graph, spec: QuantizeSpec | None = None, calibration
         graph.remove_dead()
     graph.toposort()
     return stats
+
+
+def _warn_rounded(spec: QuantizeSpec, rounded: list[tuple[str, int, int]], sites: int) -> None:
+    """GPTQ asked for, rounding done: a weight's Hessian needs at least K calibration rows (its input features). Said
+    once for all such weights (their report notes say it each); the output head, which a generator's prefill feeds
+    one row a sample, is not counted."""
+    rows, k = min(r for _, r, _ in rounded), max(k for _, _, k in rounded)
+    warnings.warn(f"quantize={spec.mode!r}: {len(rounded)} of {sites} weights were rounded to nearest, not GPTQ-fitted: "
+                  f"their GEMMs saw {rows} calibration rows where GPTQ needs at least their input features (up to {k}), "
+                  f"e.g. {rounded[0][0]}. Give more calibration tokens (at least {k} in all)", stacklevel=3)
 
 
 def _fold_gather(graph: Graph, n: Node) -> bool:

@@ -139,3 +139,14 @@ def test_cli_quantize_plain_model_and_errors(tmp_path, capsys):
     assert "needs calibration data" in err and "--calib FILE" in err
     assert main(["compile", "--model", "dit-tiny", "--quantize", "w8a16", "--calib", str(calib), "-o", str(tmp_path / "d.kiln")]) == 1
     assert "--calib calibrates LLMs" in capsys.readouterr().err
+
+
+def test_cli_says_when_gptq_had_too_few_rows(tmp_path, capsys):
+    # 40 calibration tokens where llama-tiny's GEMMs read 64..256 input features: rounded, and the CLI says so in a line
+    calib = tmp_path / "c.json"
+    calib.write_text(json.dumps(list(range(1, 41))))
+    assert main(["compile", "--model", "llama-tiny", "--quantize", "w8a16-gptq", "--calib", str(calib), "-o", str(tmp_path / "m.kiln"), "-q",
+                 "--report-json", str(tmp_path / "r.json")]) == 0
+    err = capsys.readouterr().err
+    assert "warning: quantize='w8a16-gptq': 8 of 9 weights were rounded to nearest, not GPTQ-fitted" in err and ".py:" not in err
+    assert json.loads((tmp_path / "r.json").read_text())["passes"]["quantize_weights"]["rules"] == {"rtn": 9}

@@ -209,10 +209,12 @@ def test_gptq_needs_calibration_and_off_is_a_no_op(llama):
     assert stats.rewritten == 0 and g.histogram() == graph.histogram()
 
 
-def test_too_few_rows_round_to_nearest():
+def test_too_few_rows_round_to_nearest_and_warn():
     g, x, weight = small_graph()
     g.set_outputs([g.add("RELU", [g.add("LINEAR", [x, weight("w", 40, 64)])])])
-    stats, _ = run(g, QuantizeSpec("w4a16-gptq", 32), [[torch.randn(3, 64, generator=gen)]])
+    with pytest.warns(UserWarning, match=r"1 of 1 weights were rounded to nearest, not GPTQ-fitted: .* saw 3 calibration rows .*"
+                                         r"up to 64\), e.g. w\. Give more calibration tokens \(at least 64 in all\)"):
+        stats, _ = run(g, QuantizeSpec("w4a16-gptq", 32), [[torch.randn(3, 64, generator=gen)]])
     assert stats.rules == {"rtn": 1} and "3 calibration rows < K = 64" in stats.notes[0]
 
 
