@@ -214,8 +214,8 @@ def _why_not(graph: Graph, n: Node, spec: QuantizeSpec) -> str | None:
     if _is_output_head(graph, n):
         head_spec = spec.head_spec(graph, n)
         if head_spec is None:
-            what = "LM head" if is_lm_head(graph, n) else "not an LM head"
-            return (f"output head ({what}) kept in {w.dtype}: its error reaches the outputs unfiltered "
+            what = " (LM head)" if is_lm_head(graph, n) else ""
+            return (f"output head{what} kept in {w.dtype}: its error reaches the outputs unfiltered "
                     "(CompileConfig.quantize_lm_head=True quantizes it)")
         spec = head_spec
     try:
@@ -260,27 +260,28 @@ def checkpoint_weight(graph: Graph, name: str, prequantized: dict[str, QuantWeig
 def _is_output_head(graph: Graph, n: Node) -> bool:
     """The weight is also an embedding table (a tied LM head), or the result is a graph output through views /
     casts only (and a tensor-parallel rank's vocab gather)."""
-    if any(u.op == "EMBEDDING" for u in n.inputs[1].users):
-        return True
+    return any(u.op == "EMBEDDING" for u in n.inputs[1].users) or _head_output(graph, n) is not None
+
+
+def _head_output(graph: Graph, n: Node) -> Node | None:
+    """The graph output ``n`` reaches through views / casts only (and a tensor-parallel rank's vocab gather), or None."""
     outputs = set(graph.outputs)
     while n not in outputs:
         if len(n.users) != 1 or next(iter(n.users)).op not in (*_VIEWS, "ALL_GATHER"):
-            return False
+            return None
         n = next(iter(n.users))
-    return True
+    return n
 
 
 def is_lm_head(graph: Graph, n: Node) -> bool:
     """``n`` is an output head (``_is_output_head``) whose outputs are token logits: its weight is an embedding table
-    (tied), or it has as many output features as some embedding table of the graph has rows (a vocabulary). DiT's
-    proj_out (32 features; its class table 1001 rows) is an output head but no LM head."""
-    if not _is_output_head(graph, n):
-        return False
-    w = n.inputs[1]
-    if any(u.op == "EMBEDDING" for u in w.users):
+    (tied), or its output reaches the graph with as many features as some embedding table of the graph has rows (a
+    vocabulary; a tensor-parallel rank's head after its vocab gather). DiT's proj_out (32 features; its class table 1001
+    rows) is an output head but no LM head."""
+    if any(u.op == "EMBEDDING" for u in n.inputs[1].users):
         return True
-    features = w.shape[1] if n.op == "MATMUL" else w.shape[0]
-    return any(m.op == "EMBEDDING" and m.inputs[0].shape[0] == features for m in graph.nodes)
+    out = _head_output(graph, n)
+    return out is not None and any(m.op == "EMBEDDING" and m.inputs[0].shape[0] == out.shape[-1] for m in graph.nodes)
 
 
 # ----------------------------------------------------------------------------- calibration

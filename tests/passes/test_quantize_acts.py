@@ -15,6 +15,7 @@ from kiln.ir.interpret import interpret
 from kiln.ir.quant import quantize_rows
 from kiln.ir.types import sym
 from kiln.passes.quantize_acts import ActQuantSpec, per_sample, quantize_acts
+from kiln.passes.quantize_weights import is_lm_head
 from kiln.passes.smooth import smooth
 from kiln.testing import DIT_DYNAMIC, TOL, perturbed, rel_err
 
@@ -83,10 +84,20 @@ def test_w8a8_keeps_an_output_head_that_is_no_lm_head_float():
         g.set_outputs([g.add("LINEAR", [h, g.add_weight("proj_out.weight", torch.randn(10, 24, generator=gen))])])
         return g
     stats = quantize_acts(graph(7), ActQuantSpec("w8a8", "off"))
-    assert stats.rewritten == 0 and "output head (not an LM head)" in stats.declined[0]["reason"]
+    assert stats.rewritten == 0 and stats.declined[0]["reason"].startswith("output head kept in float32")
     assert quantize_acts(graph(7), ActQuantSpec("fp8")).rewritten == 1
     assert quantize_acts(graph(7), ActQuantSpec("w8a8", "off", lm_head=True)).rewritten == 1
     assert quantize_acts(graph(10), ActQuantSpec("w8a8", "off")).rewritten == 1  # 10 features, a 10-row table: logits
+
+
+def test_a_ranks_gathered_head_is_an_lm_head():
+    # tensor parallelism: a rank's vocab-parallel head [V / 2, K] reaches the output through ALL_GATHER as V features
+    g = Graph()
+    ids = g.add_input("ids", (2, 5), "int64")
+    h = g.add("EMBEDDING", [g.add_weight("table", torch.randn(12, 16, generator=gen)), ids])
+    logits = g.add("LINEAR", [h, g.add_weight("lm_head.weight", torch.randn(6, 16, generator=gen))])
+    g.set_outputs([g.add("ALL_GATHER", [logits], axis=2, world=2)])
+    assert is_lm_head(g, logits) and quantize_acts(g, ActQuantSpec("w8a8", "off")).rewritten == 1
 
 
 def test_aqgemm_on_one_linear_is_the_quantized_formula():
