@@ -4,6 +4,13 @@ Shared by the quantization passes (GPTQ's Hessians, SmoothQuant's activation sta
 measured error). Each sample (a flat list of input tensors, graph order) is evaluated node by node with
 ``ir/interpret.py``'s ``eval_node``; when a watched node is reached, its callback receives the value of the node's
 first input (a GEMM's activations). Streaming: one sample's values at a time, each freed after its last reader.
+
+Every token's row, where the graph computes one. A generator's step graph (and any graph of an HF model asked for the
+last position's logits) selects each sequence's last token before its final norm and LM head: x[:, -1] -> RMSNORM ->
+head. Observed as it runs, the head sees one row a calibration sample (too few for GPTQ's Hessian, which needs K), though
+every position's hidden state is the head's input at some decode step. So where a watched node's input is such a one-row
+SLICE of a tensor t followed only by views and row-wise ops (RMSNORM / LAYERNORM over the last dim, with stored weights;
+CAST), the callback receives those ops applied to every row of t instead (``_row_source``).
 """
 from __future__ import annotations
 
@@ -18,8 +25,16 @@ from ..ir.interpret import eval_node
 
 
 def observe_inputs(graph: Graph, watch: dict[Node, Callable[[torch.Tensor], None]], calibration) -> None:
-    """Run ``graph`` on every sample of ``calibration``; ``watch[n](x)`` with x the value of ``n.inputs[0]``."""
+    """Run ``graph`` on every sample of ``calibration``; ``watch[n](x)`` with x the value of ``n.inputs[0]`` (of every
+    token's row where n reads one selected row: module docstring)."""
     device = graph.weights_device()
+    taps: dict[Node, list[Callable[[torch.Tensor], None]]] = {}
+    for n, fn in watch.items():
+        source = _row_source(n)
+        if source is None:
+            taps.setdefault(n, []).append(fn)
+        else:
+            taps.setdefault(source[0], []).append(lambda t, chain=source[1], fn=fn: fn(_rows(graph, chain, t)))
     last = {}
     for k, n in enumerate(graph.nodes):
         for i in n.inputs:
@@ -34,11 +49,40 @@ def observe_inputs(graph: Graph, watch: dict[Node, Callable[[torch.Tensor], None
                     env[n] = graph.weights[n.attrs["name"]]
                 elif n.op != "INPUT" and n in last:  # (a value nothing reads is not computed)
                     env[n] = eval_node(n, [env[i] for i in n.inputs], bindings, device=device)
-                if n in watch:
-                    watch[n](env[n.inputs[0]])
+                for fn in taps.get(n, ()):
+                    fn(env[n.inputs[0]])
                 for i in n.inputs:
                     if last[i] == k:
                         env.pop(i, None)
+
+
+_ROW_OPS = ("RMSNORM", "LAYERNORM", "CAST")
+_ROW_VIEWS = ("RESHAPE",)
+
+
+def _row_source(n: Node) -> tuple[Node, list[Node]] | None:
+    """(the SLICE of one row of a token axis, the row-wise ops after it in order) where ``n``'s input is that row
+    through views and row-wise ops only (module docstring); None otherwise."""
+    x, chain = n.inputs[0], []
+    while True:
+        if x.op in _ROW_OPS and not x.attrs.get("residual") and x.attrs.get("dims", 1) == 1 and \
+                all(i.op == "WEIGHT" for i in x.inputs[1:]):
+            chain.append(x)
+        elif x.op == "SLICE":
+            axis, t = x.attrs["axis"], x.inputs[0]
+            axis = axis % len(t.shape) if len(t.shape) else 0
+            one_row = 0 < axis < len(t.shape) - 1 and x.shape[axis] == 1 and t.shape[-1] == n.inputs[0].shape[-1]
+            return (x, chain[::-1]) if one_row and x.attrs.get("step", 1) == 1 else None
+        elif x.op not in _ROW_VIEWS:
+            return None
+        x = x.inputs[0]
+
+
+def _rows(graph: Graph, chain: list[Node], t: torch.Tensor) -> torch.Tensor:
+    """The row-wise ops ``chain`` applied to every row of ``t`` (their stored weights read from ``graph``)."""
+    for c in chain:
+        t = eval_node(c, [t] + [graph.weights[i.attrs["name"]] for i in c.inputs[1:]], {})
+    return t
 
 
 def _sample(graph: Graph, sample, index: int, device) -> list[torch.Tensor]:

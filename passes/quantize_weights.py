@@ -128,7 +128,7 @@ def quantize_weights(graph: Graph, spec: QuantizeSpec | None = None, calibration
         head = next((n for n in nodes if _is_output_head(graph, n)), None)
         site_spec = spec if head is None else spec.head_spec(graph, head)
         qw, method, why = (qw, "checkpoint", "") if qw is not None else _pack(w, acc, site_spec, why)
-        if spec.method == "gptq" and method == "rtn" and head is None:
+        if spec.method == "gptq" and method == "rtn" and (head is None or site_spec.bits < 8):
             rounded.append((name, acc.n if acc is not None else 0, w.shape[1]))
         packed = _add_packed(graph, name, qw)
         perm = _add_weight(graph, f"{name.removesuffix('^T').removesuffix('.weight')}.perm", qw.perm) if qw.perm is not None else None
@@ -158,8 +158,8 @@ def quantize_weights(graph: Graph, spec: QuantizeSpec | None = None, calibration
 
 def _warn_rounded(spec: QuantizeSpec, rounded: list[tuple[str, int, int]], sites: int) -> None:
     """GPTQ asked for, rounding done: a weight's Hessian needs at least K calibration rows (its input features). Said
-    once for all such weights (their report notes say it each); the output head, which a generator's prefill feeds
-    one row a sample, is not counted."""
+    once for all such weights (their report notes say it each); an output head at 8 bits (the default), which rounding
+    to nearest keeps near-lossless, is not counted."""
     rows, k = min(r for _, r, _ in rounded), max(k for _, _, k in rounded)
     warnings.warn(f"quantize={spec.mode!r}: {len(rounded)} of {sites} weights were rounded to nearest, not GPTQ-fitted: "
                   f"their GEMMs saw {rows} calibration rows where GPTQ needs at least their input features (up to {k}), "
