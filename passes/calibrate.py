@@ -8,9 +8,10 @@ first input (a GEMM's activations). Streaming: one sample's values at a time, ea
 Every token's row, where the graph computes one. A generator's step graph (and any graph of an HF model asked for the
 last position's logits) selects each sequence's last token before its final norm and LM head: x[:, -1] -> RMSNORM ->
 head. Observed as it runs, the head sees one row a calibration sample (too few for GPTQ's Hessian, which needs K), though
-every position's hidden state is the head's input at some decode step. So where a watched node's input is such a one-row
-SLICE of a tensor t followed only by views and row-wise ops (RMSNORM / LAYERNORM over the last dim, with stored weights;
-CAST), the callback receives those ops applied to every row of t instead (``_row_source``).
+every position's hidden state is the head's input at some decode step. So where a watched node's input is such a SLICE
+of the last row of a token axis of a tensor t (not a first row: a CLS token's), followed only by views and row-wise ops
+(RMSNORM / LAYERNORM over the last dim, with stored weights; CAST), the callback receives those ops applied to every
+row of t instead (``_row_source``).
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from ..errors import KilnError
 from ..ir.bind import bind_inputs
 from ..ir.graph import Graph, Node
 from ..ir.interpret import eval_node
+from ..ir.types import dims_equal
 
 
 def observe_inputs(graph: Graph, watch: dict[Node, Callable[[torch.Tensor], None]], calibration) -> None:
@@ -69,13 +71,22 @@ def _row_source(n: Node) -> tuple[Node, list[Node]] | None:
                 all(i.op == "WEIGHT" for i in x.inputs[1:]):
             chain.append(x)
         elif x.op == "SLICE":
-            axis, t = x.attrs["axis"], x.inputs[0]
-            axis = axis % len(t.shape) if len(t.shape) else 0
-            one_row = 0 < axis < len(t.shape) - 1 and x.shape[axis] == 1 and t.shape[-1] == n.inputs[0].shape[-1]
-            return (x, chain[::-1]) if one_row and x.attrs.get("step", 1) == 1 else None
+            return (x, chain[::-1]) if _last_row(x) and x.inputs[0].shape[-1] == n.inputs[0].shape[-1] else None
         elif x.op not in _ROW_VIEWS:
             return None
         x = x.inputs[0]
+
+
+def _last_row(x: Node) -> bool:
+    """SLICE ``x`` keeps the last row of a middle (token) axis of its input: a causal model's last position, which
+    every position is at its own step. Not a first row (BERT's pooler and ViT's classifier read the CLS token, whose
+    rows differ from the others')."""
+    t, a = x.inputs[0], x.attrs
+    if len(t.shape) < 3 or not 0 < a["axis"] % len(t.shape) < len(t.shape) - 1 or a.get("step", 1) != 1:
+        return False
+    size, (start, end) = t.shape[a["axis"] % len(t.shape)], (a["start"], a["end"])
+    ends = (isinstance(end, int) and end >= 2 ** 31) or dims_equal(end, size)
+    return x.shape[a["axis"] % len(t.shape)] == 1 and (ends or start == -1 or dims_equal(start, size - 1))
 
 
 def _rows(graph: Graph, chain: list[Node], t: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,5 @@
-"""passes/calibrate.py: observe_inputs hands a watched node its input; where that input is one selected row of a token
-axis followed by views and row-wise ops (a step graph's x[:, -1] -> RMSNORM -> LM head), every row, normalised."""
+"""passes/calibrate.py: observe_inputs hands a watched node its input; where that input is the last row of a token axis
+followed by views and row-wise ops (a step graph's x[:, -1] -> RMSNORM -> LM head), every row, normalised."""
 import torch
 
 from kiln.ir.graph import Graph
@@ -10,12 +10,12 @@ from kiln.passes.calibrate import observe_inputs
 gen = torch.Generator().manual_seed(0)
 
 
-def last_row_head(slice_axis: int = 1) -> tuple[Graph, torch.Tensor]:
+def last_row_head(first: bool = False) -> tuple[Graph, torch.Tensor]:
     g = Graph()
     g.symbols["seq"] = (1, 64)
     x = g.add_input("x", (2, sym("seq"), 8), "float32")
     h = g.add("RELU", [x])
-    last = g.add("SLICE", [h], axis=slice_axis, start=sym("seq") - 1, end=sym("seq"))
+    last = g.add("SLICE", [h], axis=1, start=0 if first else sym("seq") - 1, end=1 if first else sym("seq"))
     w = torch.rand(8, generator=gen) + 0.5
     y = g.add("RMSNORM", [g.add("RESHAPE", [last], shape=(2, 8)), g.add_weight("norm.weight", w)], eps=1e-6)
     g.set_outputs([g.add("LINEAR", [y, g.add_weight("head.weight", torch.randn(5, 8, generator=gen))])])
@@ -33,6 +33,14 @@ def test_a_last_row_head_sees_every_row_normalised():
     norm, rows = next(n for n in g.nodes if n.op == "RMSNORM"), []
     observe_inputs(g, {norm: rows.append}, [[xs]])
     assert torch.equal(rows[0], xs.relu())
+
+
+def test_a_first_row_is_not_every_row():
+    # BERT's pooler / ViT's classifier read the CLS token: its rows differ from the others', so it is handed its own
+    g, _ = last_row_head(first=True)
+    seen = []
+    observe_inputs(g, {g.outputs[0]: seen.append}, [[torch.randn(2, 6, 8, generator=gen)]])
+    assert seen[0].shape == (2, 8)
 
 
 def test_a_row_of_the_batch_axis_is_no_token_row():
