@@ -82,11 +82,12 @@ def _last_row(x: Node) -> bool:
     every position is at its own step. Not a first row (BERT's pooler and ViT's classifier read the CLS token, whose
     rows differ from the others')."""
     t, a = x.inputs[0], x.attrs
-    if len(t.shape) < 3 or not 0 < a["axis"] % len(t.shape) < len(t.shape) - 1 or a.get("step", 1) != 1:
+    rank = len(t.shape)
+    axis = a["axis"] % rank if rank else 0
+    if rank < 3 or not 0 < axis < rank - 1 or a.get("step", 1) != 1 or x.shape[axis] != 1:
         return False
-    size, (start, end) = t.shape[a["axis"] % len(t.shape)], (a["start"], a["end"])
-    ends = (isinstance(end, int) and end >= 2 ** 31) or dims_equal(end, size)
-    return x.shape[a["axis"] % len(t.shape)] == 1 and (ends or start == -1 or dims_equal(start, size - 1))
+    size, start, end = t.shape[axis], a["start"], a["end"]
+    return (isinstance(end, int) and end >= 2 ** 31) or dims_equal(end, size) or start == -1 or dims_equal(start, size - 1)
 
 
 def _rows(graph: Graph, chain: list[Node], t: torch.Tensor) -> torch.Tensor:
