@@ -19,10 +19,10 @@ a CUDA graph bit for bit the plain launches' (tests/codegen/test_pdl.py). The we
 first K step's weight tiles before its wait (``prefetch``: weights are never written by a kernel), overlapping them
 with the previous kernel's tail: the same sums (tested). Measured on the H200 in one process, runs interleaved (session
 19): the 1B's bf16 decode at batch 1 1,140 -> 1,199 tok/s; its w4a16 decode 1,511 -> 1,518 (the quantized tiles'
-own loops, WORDS / AHEAD / MAGIC, had no peeled first step; WORDS has one since: ``prefetch_words``, on for 8-bit
-codes, 1B w8a16 1,390 -> 1,468 tok/s, session 20); at batch 16 14,793 -> 14,657 (-0.9%). So it is on by default for
-one row of x (``PREFETCH_MAX_ROWS``; session 5 had measured -13 us a step across two processes, inside their spread);
-``KILN_PDL=1+noprefetch`` turns it off.
+own loops, WORDS / AHEAD / MAGIC, had no peeled first step; WORDS has one since: ``prefetch_words``, 1B w8a16 1,390
+-> 1,468 tok/s, session 20; at 4 bits too since session 29, w4a16 1,561 -> 1,659 on an H100); at batch 16 14,793 ->
+14,657 (-0.9%). So it is on by default for one row of x (``PREFETCH_MAX_ROWS``; session 5 had measured -13 us a step
+across two processes, inside their spread); ``KILN_PDL=1+noprefetch`` turns it off.
 
 ``KILN_PDL=l2`` (``l2:<KB>``; ``prefetch+l2`` for both) goes deeper: before its wait each program of the weight-streaming
 GEMM asks the L2 for the first ``l2`` bytes (default 32 KB) of its weight slice, one Hopper bulk prefetch per weight row
@@ -62,6 +62,7 @@ import triton.language as tl
 ENV = "KILN_PDL"
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 INTERPRETED = tl.constexpr(INTERPRET)  # (for kernels: a global a jit function reads must be a constexpr)
+WORDS_PEEL_MIN_BITS = 4  # the WORDS GEMV's peel by default for codes of at least these bits (prefetch_words; 8: int8 only)
 PREFETCH_MAX_ROWS = 1  # the weight-streaming GEMM prefetches its first weight tiles at most this many rows of x (prefetch)
 L2_BYTES = 32 << 10  # bytes a program prefetches into L2 before its wait with KILN_PDL=l2 (l2:<KB> sets it)
 POINTWISE_ROWS = 0  # generated pointwise kernels of at most this many rows launch with PDL (pointwise_rows)
@@ -102,12 +103,14 @@ def prefetch(t: torch.Tensor, rows: int = 1) -> bool:
 
 def prefetch_words(t: torch.Tensor, bits: int) -> bool:
     """Whether the WORDS GEMV of a ``bits``-bit weight (one row) also reads its first step's words and scales before the
-    wait: PDL on, and 8-bit codes (without the word "noprefetch") or the word "prefetch" (``KILN_PDL=1+prefetch``: 4-bit
-    codes too). Measured on the H200, one process each, runs interleaved (bench/NOTES.md, session 20): the 1B's w8a16
-    decode at batch 1 1,387-1,392 -> 1,462-1,475 tok/s; its w4a16 decode 1,515 -> 1,488 (the int4 tiles hold up to ~50
-    registers more with the peeled step: 118 -> 167 with the norm prologue)."""
+    wait: PDL on, and codes of at least WORDS_PEEL_MIN_BITS bits (without the word "noprefetch"), or the word "prefetch"
+    (``KILN_PDL=1+prefetch``: any codes). Measured on the H200, one process each, runs interleaved (bench/NOTES.md,
+    session 20): the 1B's w8a16 decode at batch 1 1,387-1,392 -> 1,462-1,475 tok/s; its w4a16 decode then 1,515 ->
+    1,488 (the int4 tiles held up to ~50 registers more with the peeled step: 118 -> 167 with the norm prologue), so
+    8-bit codes only. Since IDOT (session 21: the 1B's gate/up and down, 128-register tiles) the peel pays at 4 bits too
+    (session 29, H100, one process, interleaved: the 1B w4a16 1,561 -> 1,659 tok/s, the 8B shape 452 -> 462)."""
     words = _words()
-    return enabled(t) and ("prefetch" in words or (bits == 8 and "noprefetch" not in words))
+    return enabled(t) and ("prefetch" in words or (bits >= WORDS_PEEL_MIN_BITS and "noprefetch" not in words))
 
 
 def l2(t: torch.Tensor) -> int:

@@ -158,10 +158,13 @@ def test_prefetched_words_step_gives_the_same_bits(monkeypatch, bits, split, glu
     assert torch.equal(skinny.skinny_gemm(x, **kw), plain)
 
 
-def test_words_prefetch_is_on_for_8_bit_codes(monkeypatch):
-    # the WORDS peel: on by default for 8-bit codes ("noprefetch" turns it off), for 4-bit ones with "prefetch" only
+@pytest.mark.parametrize("min_bits", [4, 8])
+def test_words_prefetch_is_on_by_default(monkeypatch, min_bits):
+    # the WORDS peel: on by default for codes of at least WORDS_PEEL_MIN_BITS bits ("noprefetch" turns it off), for the
+    # others with "prefetch" only
     monkeypatch.setattr(pdl, "enabled", lambda t: True)
-    for flag, want4, want8 in ((None, False, True), ("1", False, True), ("1+noprefetch", False, False),
+    monkeypatch.setattr(pdl, "WORDS_PEEL_MIN_BITS", min_bits)
+    for flag, want4, want8 in ((None, min_bits == 4, True), ("1", min_bits == 4, True), ("1+noprefetch", False, False),
                                ("1+prefetch", True, True), ("prefetch+l2", True, True)):
         if flag is None:
             monkeypatch.delenv(pdl.ENV, raising=False)
