@@ -90,15 +90,18 @@ SWEEP_DOT_TILES = [Tile(*t, True) for t in (
 # has two per width), by bits; sweep_configs adds the register cap's A / B (skinny.Tile.maxnreg)
 SWEEP_WORDS_TILES = {b: [Tile(*t, words=True) for t in ts] for b, ts in {
     4: ((16, 1024, 4, 3), (32, 1024, 8, 3), (32, 1024, 8, 4), (64, 512, 8, 3), (64, 1024, 8, 2), (32, 512, 4, 3), (128, 256, 8, 3),
-        (32, 1024, 4, 3), (64, 512, 4, 3)),  # (session 9: 4 rows a thread, 3.7-3.9 SASS instructions a code, 164-168 registers)
+        (32, 1024, 4, 3), (64, 512, 4, 3),  # (session 9: 4 rows a thread, 3.7-3.9 SASS instructions a code, 164-168 registers)
+        (16, 2048, 4, 3), (16, 2048, 8, 3)),  # (session 29: the 1B's qkv / o whole at K = 2048, so the peel reads it all early)
     8: ((32, 512, 8, 3), (64, 256, 8, 3), (32, 256, 4, 3), (64, 512, 8, 3), (16, 512, 4, 4), (128, 256, 8, 3), (32, 1024, 8, 2),
-        (16, 512, 4, 6), (16, 1024, 4, 4)),  # (session 20, ncu: the 8B's int8 gate/up at 3.4 TB/s, stalled on its loads)
+        (16, 512, 4, 6), (16, 1024, 4, 4), (16, 2048, 8, 3)),  # (session 20, ncu: the 8B's int8 gate/up at 3.4 TB/s, stalled
+        # on its loads; session 29: a whole K = 2048 step, all read before the PDL wait by the peel)
 }.items()}
 # M = 1 on a 4-bit weight: WORDS tiles with each word's sum by integer dot products (skinny.IDOT_TILES; more rows a thread
 # share an x column's conversion to fixed point)
 SWEEP_IDOT_TILES = [Tile(*t, words=True, idot=True) for t in (
     (16, 512, 4, 3), (32, 512, 4, 3), (64, 512, 4, 3), (64, 512, 8, 3), (128, 512, 8, 3), (32, 1024, 4, 3), (64, 1024, 8, 3),
-    (64, 512, 4, 4), (32, 512, 4, 4), (32, 512, 4, 5))]  # (the last two: more weight bytes in flight a program, session 24)
+    (64, 512, 4, 4), (32, 512, 4, 4), (32, 512, 4, 5),  # (these two: more weight bytes in flight a program, session 24)
+    (16, 2048, 8, 3))]  # (session 29: a whole K = 2048 step for the peel)
 # 1..16 rows on a 4-bit weight: MAGIC tiles (swapped tl.dot, codes dequantized for the tensor cores; skinny.MAGIC_TILES)
 SWEEP_MAGIC_TILES = [Tile(*t, True, magic=True) for t in (
     (64, 64, 4, 4), (64, 128, 4, 3), (64, 128, 4, 4), (64, 128, 4, 6), (128, 128, 4, 3), (128, 128, 4, 4), (128, 128, 8, 3),

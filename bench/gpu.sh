@@ -502,6 +502,9 @@ Occupancy|Warp Cycles Per Issued|Registers Per" "$OUT/ncu_24n.txt" | head -150 ;
       timeout 200 python3 -m pytest -q -rf -m gpu tests/codegen/test_pdl.py tests/codegen/test_skinny_idot.py \
         tests/codegen/test_skinny_norm_post.py 2>&1 | tail -3
       ab_decode 29d kernels.pdl.WORDS_PEEL_MIN_BITS=8 1b:w4a16 ;;
+    s30a)  # next (an H200 above all): the 4-bit peel's A/B there (s29d: +7.8% on an H100; -1.8% on the H200 before IDOT),
+      # then w8a8's default int8 LM head on the H200 (s27h), then the 1B's small GEMVs swept with whole-K tiles (s21c)
+      bash "$0" s29d s27h s21c 2>&1 | grep -v "^bytecode\|^NVIDIA" ;;
     s28c)  # session 28: the GPU tests of the compile / plan / pipeline paths not run on a GPU lately (the skinny and
       # decode-attention kernels' own tests ran in s26a / s27a), the failures' tracebacks to $OUT/s28c.log
       timeout 540 python3 -m pytest -q -rf -m gpu --tb=short -p no:logging tests/runtime tests/diffusion tests/api \
@@ -565,7 +568,8 @@ Occupancy|Warp Cycles Per Issued|Registers Per" "$OUT/ncu_24n.txt" | head -150 ;
     s21c)  # next: the 1B's small one-row quantized GEMVs (qkv 3-6 MB, o 2-4 MB; 7-10 us cold in the plans, 0.3-0.6
       # TB/s) and its int8 LM head (263 MB, 83 us: 3.2 TB/s against bf16's 4.0), every WORDS tile at half / skinny's /
       # twice its split of K: whether no split (no partials, no last-program reduction) wins at the small ones as it did
-      # for bf16 (skinny.WHOLE_K, session 5)
+      # for bf16 (skinny.WHOLE_K, session 5); since session 29 also 16-row tiles of a whole K = 2048 step (the peel then
+      # reads a GEMV's whole weight slice before its PDL wait: the tuner's cold timing does not see that overlap)
       timeout 300 python3 bench/decode_gemm.py --out "$OUT/sweep_21c.json" --m 1 --sweep --kinds int4_g128 int8 \
         --shapes "1b qkv" "1b o + residual" "1b lm head" 2>&1 | grep -v "^        " | tail -50 ;;
     s20f)  # the tuner's cold timings of the 8B's one-row gate/up, every candidate (from the tuning cache), w8a16 and w4a16:
