@@ -499,7 +499,7 @@ Occupancy|Warp Cycles Per Issued|Registers Per" "$OUT/ncu_24n.txt" | head -150 ;
         --no-compile-peer --ab-env "KILN_PDL=1+prefetch" 2>&1 | grep "interleaved\|Error\|error" | tail -4 ;;
     s29d)  # session 29: the 4-bit WORDS / IDOT peel on by default (pdl.WORDS_PEEL_MIN_BITS 4): the GPU tests of the WORDS,
       # IDOT and NORM_POST tiles and of PDL, then the 1B w4a16 at batch 1 against the old default (8: int8 only), one process
-      timeout 200 python3 -m pytest -q -rf -m gpu tests/codegen/test_pdl.py tests/codegen/test_skinny_idot.py \
+      timeout 400 python3 -m pytest -q -rf -m gpu tests/codegen/test_pdl.py tests/codegen/test_skinny_idot.py \
         tests/codegen/test_skinny_norm_post.py 2>&1 | tail -3
       ab_decode 29d kernels.pdl.WORDS_PEEL_MIN_BITS=8 1b:w4a16 ;;
     s30a)  # next (an H200 above all): the 4-bit peel's A/B there (s29d: +7.8% on an H100; -1.8% on the H200 before IDOT),
