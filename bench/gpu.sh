@@ -502,9 +502,6 @@ Occupancy|Warp Cycles Per Issued|Registers Per" "$OUT/ncu_24n.txt" | head -150 ;
       timeout 400 python3 -m pytest -q -rf -m gpu tests/codegen/test_pdl.py tests/codegen/test_skinny_idot.py \
         tests/codegen/test_skinny_norm_post.py 2>&1 | tail -3
       ab_decode 29d kernels.pdl.WORDS_PEEL_MIN_BITS=8 1b:w4a16 ;;
-    s30a)  # next (an H200 above all): the 4-bit peel's A/B there (s29d: +7.8% on an H100; -1.8% on the H200 before IDOT),
-      # then w8a8's default int8 LM head on the H200 (s27h), then the 1B's small GEMVs swept with whole-K tiles (s21c)
-      bash "$0" s29d s27h s21c 2>&1 | grep -v "^bytecode\|^NVIDIA" ;;
     s28c)  # session 28: the GPU tests of the compile / plan / pipeline paths not run on a GPU lately (the skinny and
       # decode-attention kernels' own tests ran in s26a / s27a), the failures' tracebacks to $OUT/s28c.log
       timeout 540 python3 -m pytest -q -rf -m gpu --tb=short -p no:logging tests/runtime tests/diffusion tests/api \
