@@ -20,7 +20,7 @@ first K step's weight tiles before its wait (``prefetch``: weights are never wri
 with the previous kernel's tail: the same sums (tested). Measured on the H200 in one process, runs interleaved (session
 19): the 1B's bf16 decode at batch 1 1,140 -> 1,199 tok/s; its w4a16 decode 1,511 -> 1,518 (the quantized tiles'
 own loops, WORDS / AHEAD / MAGIC, had no peeled first step; WORDS has one since: ``prefetch_words``, 1B w8a16 1,390
--> 1,468 tok/s, session 20; at 4 bits too since session 29, w4a16 1,561 -> 1,659 on an H100); at batch 16 14,793 ->
+-> 1,468 tok/s, session 20; at 4 bits too since session 29, w4a16 1,558 -> 1,680 on an H100); at batch 16 14,793 ->
 14,657 (-0.9%). So it is on by default for one row of x (``PREFETCH_MAX_ROWS``; session 5 had measured -13 us a step
 across two processes, inside their spread); ``KILN_PDL=1+noprefetch`` turns it off.
 
@@ -107,8 +107,9 @@ def prefetch_words(t: torch.Tensor, bits: int) -> bool:
     (``KILN_PDL=1+prefetch``: any codes). Measured on the H200, one process each, runs interleaved (bench/NOTES.md,
     session 20): the 1B's w8a16 decode at batch 1 1,387-1,392 -> 1,462-1,475 tok/s; its w4a16 decode then 1,515 ->
     1,488 (the int4 tiles held up to ~50 registers more with the peeled step: 118 -> 167 with the norm prologue), so
-    8-bit codes only. Since IDOT (session 21: the 1B's gate/up and down, 128-register tiles) the peel pays at 4 bits too
-    (session 29, H100, one process, interleaved: the 1B w4a16 1,561 -> 1,659 tok/s, the 8B shape 452 -> 462)."""
+    8-bit codes only. Measured again since IDOT (session 21: the 1B's gate/up and down on 128-register tiles), it pays at
+    4 bits too (session 29, an H100, one process, interleaved, the same plan choices and tokens: the 1B w4a16 1,558 ->
+    1,680 tok/s, the 8B shape 452 -> 462); which of IDOT's tiles or the H100 turned it is not isolated."""
     words = _words()
     return enabled(t) and ("prefetch" in words or (bits >= WORDS_PEEL_MIN_BITS and "noprefetch" not in words))
 
