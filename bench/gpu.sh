@@ -492,11 +492,6 @@ Occupancy|Warp Cycles Per Issued|Registers Per" "$OUT/ncu_24n.txt" | head -150 ;
       # and eager, one process; PSNR of fp8 against kiln bf16 (issue 14's bar 25 dB) and diffusers bf16 (issue 15's 30 dB)
       timeout ${PIXART_TIMEOUT:-500} python3 bench/diffusion.py --models pixart1024 --repeat 3 --quantize fp8 \
         --out "$OUT/diffusion_pixart1024_fp8.json" 2>&1 | grep -v "kept in float32" | tee "$OUT/s29b.log" | tail -12 ;;
-    s29c)  # session 29: the 4-bit WORDS / IDOT peel (a step's words and scales read before the PDL wait, KILN_PDL=1+prefetch)
-      # against the default (none at 4 bits), the 1B w4a16 at batch 1, one process: measured -1.8% in session 20, before
-      # IDOT (whose tiles are capped at 128 registers, where the peel's registers had cost programs an SM)
-      DECODE_JSON=decode_29c.json timeout 300 python3 bench/decode.py --models 1b --batches 1 --quantize w4a16 \
-        --no-compile-peer --ab-env "KILN_PDL=1+prefetch" 2>&1 | grep "interleaved\|Error\|error" | tail -4 ;;
     s29d)  # session 29: the 4-bit WORDS / IDOT peel on by default (pdl.WORDS_PEEL_MIN_BITS 4): the GPU tests of the WORDS,
       # IDOT and NORM_POST tiles and of PDL, then the 1B w4a16 at batch 1 against the old default (8: int8 only), one process
       timeout 400 python3 -m pytest -q -rf -m gpu tests/codegen/test_pdl.py tests/codegen/test_skinny_idot.py \
