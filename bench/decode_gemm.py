@@ -6,7 +6,10 @@ Decode is bound by reading each weight once per token, so the figure of merit is
 A measurement is the median of triton.testing.do_bench over the replay of ONE CUDA graph that calls the
 kernel on ``copies`` distinct weights (together several times the 60 MB L2, as a model's layers are), divided
 by ``copies``: every call reads its weight from HBM, and no Python or launch overhead is timed. Every
-configuration of ``skinny.configs`` is timed; the best, the default (the first) and all are reported.
+configuration of ``skinny.configs`` is timed; the best, the default (the first) and all are reported. Launched with
+PDL (Hopper), each call of that chain starts while the one before finishes, so what a kernel reads before its wait
+counts; ``--sweep`` also times each configuration as the tuner does (``cold alone``: one call after L2 is flushed, where
+nothing overlaps) and names both bests: where they differ, the tuner's cold timing mis-ranks the chain.
 
     python bench/decode_gemm.py --out decode_gemm.json [--m 1 16] [--shapes "1b qkv" "8b down + residual"] [--kinds bf16 int8]
     python bench/decode_gemm.py --out sweep.json --m 16 --sweep --shapes "1b qkv"    every SWEEP_DOT_TILES config too
@@ -222,9 +225,11 @@ def sweep_configs(m: int, n: int, k: int, bits, glu: bool, group: int | None = N
     return out
 
 
-def time_config(m, n, k, epi, bits, x, weights, outs, res, c: dict) -> dict:
+def time_config(m, n, k, epi, bits, x, weights, outs, res, c: dict, cold: bool = False) -> dict:
     """One configuration over all the weight copies: microseconds a call and what was compiled, or the error (a tile
-    whose shared memory or registers the GPU refuses is a row, not the end of a sweep)."""
+    whose shared memory or registers the GPU refuses is a row, not the end of a sweep). ``cold``: also ``cold_us``, the
+    call timed as the tuner times it (alone, after L2 is flushed), where ``us`` is a call in a chain of calls on other
+    weights, each launched while the one before finishes (PDL): what a kernel reads before its wait counts only there."""
     glu, act = epi.get("glu", False), epi.get("act", "none")
     ws = torch.empty(max(1, workspace_bytes(m, n, k, bits, glu, config=c)), dtype=torch.uint8, device=DEVICE)
     # zeroed once, left zero by every call (as planned): no memset inside the timed graph
@@ -236,7 +241,11 @@ def time_config(m, n, k, epi, bits, x, weights, outs, res, c: dict) -> dict:
         us = graph_us(calls)
     except Exception as e:  # noqa: BLE001  (out of resources, a compile error: recorded, the sweep goes on)
         return dict(config=c, error=f"{type(e).__name__}: {str(e)[:200]}")
-    return dict(config=c, us=us, **compiled(before))
+    row = dict(config=c, us=us, **compiled(before))
+    if cold:  # as the tuner times a decode GEMM: one call a sample after L2 is written over, alone in its graph
+        ms, _ = time_candidates({"c": calls[0]}, torch.device(DEVICE), cold=True)
+        row.update(cold_us=ms["c"] * 1e3 if "c" in ms else None)
+    return row
 
 
 def bench_skinny(m, k, n, epi, make_weight, peak, sweep: bool = False) -> dict:
@@ -252,14 +261,19 @@ def bench_skinny(m, k, n, epi, make_weight, peak, sweep: bool = False) -> dict:
     todo = configs(m, n, k, bits, glu, group=probe.get("group"))
     todo += [c for c in (sweep_configs(m, n, k, bits, glu, probe.get("group")) if sweep else []) if c not in todo]
     for i, c in enumerate(todo):
-        rows.append(time_config(m, n, k, epi, bits, x, weights, outs, res, c))
+        rows.append(time_config(m, n, k, epi, bits, x, weights, outs, res, c, cold=sweep))
         if "us" in rows[-1]:
             rows[-1]["GBps"] = (wbytes + act_bytes) / rows[-1]["us"] * 1e-3
         if sweep:
             row = rows[-1]
-            got = f"{row['us']:.2f} us {row['GBps']:.0f} GB/s {row.get('regs')} regs" if "us" in row else row["error"]
+            got = (f"{row['us']:.2f} us (cold alone {row.get('cold_us') or float('nan'):.2f}) {row['GBps']:.0f} GB/s "
+                   f"{row.get('regs')} regs" if "us" in row else row["error"])
             print(f"    {i + 1}/{len(todo)} {c}: {got} wgmma {row.get('wgmma')}", flush=True)
     best = min((row for row in rows if "us" in row), key=lambda row: row["us"])
+    if sweep and (timed := [row for row in rows if row.get("cold_us")]):  # what the tuner would take, and what it costs
+        tuner = min(timed, key=lambda row: row["cold_us"])
+        print(f"    chained best {best['us']:.2f} us {best['config']}; cold-alone best {tuner['cold_us']:.2f} us "
+              f"{tuner['config']}, chained {tuner['us']:.2f} us", flush=True)
     got = skinny_gemm(x, residual=res, act=act, glu=glu, config=best["config"], **weights[0])
     err = float((got.float() - reference(x, weights[0], epi, res)).norm() / reference(x, weights[0], epi, res).norm())
     return dict(weight_bytes=wbytes, copies=copies, best_us=best["us"], best_config=best["config"], GBps=best["GBps"],

@@ -561,7 +561,8 @@ Occupancy|Warp Cycles Per Issued|Registers Per" "$OUT/ncu_24n.txt" | head -150 ;
       # TB/s) and its int8 LM head (263 MB, 83 us: 3.2 TB/s against bf16's 4.0), every WORDS tile at half / skinny's /
       # twice its split of K: whether no split (no partials, no last-program reduction) wins at the small ones as it did
       # for bf16 (skinny.WHOLE_K, session 5); since session 29 also 16-row tiles of a whole K = 2048 step (the peel then
-      # reads a GEMV's whole weight slice before its PDL wait: the tuner's cold timing does not see that overlap)
+      # reads a GEMV's whole weight slice before its PDL wait: the tuner's cold timing does not see that overlap), and
+      # each configuration also timed as the tuner times it ("cold alone"): whether the two rank the configurations alike
       timeout 300 python3 bench/decode_gemm.py --out "$OUT/sweep_21c.json" --m 1 --sweep --kinds int4_g128 int8 \
         --shapes "1b qkv" "1b o + residual" "1b lm head" 2>&1 | grep -v "^        " | tail -50 ;;
     s20f)  # the tuner's cold timings of the 8B's one-row gate/up, every candidate (from the tuning cache), w8a16 and w4a16:
