@@ -497,6 +497,12 @@ Occupancy|Warp Cycles Per Issued|Registers Per" "$OUT/ncu_24n.txt" | head -150 ;
       timeout 400 python3 -m pytest -q -rf -m gpu tests/codegen/test_pdl.py tests/codegen/test_skinny_idot.py \
         tests/codegen/test_skinny_norm_post.py 2>&1 | tail -3
       ab_decode 29d kernels.pdl.WORDS_PEEL_MIN_BITS=8 1b:w4a16 ;;
+    s29e)  # next: the tuner's cold decode decisions timed behind a predecessor (tuning.BEHIND_MB: a PDL-launched stream of
+      # 32 MB filling every SM, as the GEMV before a GEMV does; its own time taken off), so what a candidate reads before
+      # its PDL wait counts as in the plan's chain. The stream kernel's GPU test, then the 1B w4a16 and w8a16 at batch 1
+      # against the default (candidates timed alone), one process each: the choices that move, and the tok/s
+      timeout 120 python3 -m pytest -q -rf -m gpu tests/codegen/test_tuning.py 2>&1 | tail -2
+      AB_TIMEOUT=260 ab_decode 29e tuning.BEHIND_MB=32 1b:w4a16 1b:w8a16 ;;
     s28c)  # session 28: the GPU tests of the compile / plan / pipeline paths not run on a GPU lately (the skinny and
       # decode-attention kernels' own tests ran in s26a / s27a), the failures' tracebacks to $OUT/s28c.log
       timeout 540 python3 -m pytest -q -rf -m gpu --tb=short -p no:logging tests/runtime tests/diffusion tests/api \

@@ -68,6 +68,14 @@ CHECK_OUTPUTS = os.environ.get("KILN_CHECK_OUTPUTS", "cuda")
 if CHECK_OUTPUTS not in ("cuda", "always", "never"):
     raise ValueError(f"KILN_CHECK_OUTPUTS={CHECK_OUTPUTS!r}: use cuda (the default: compare on the GPU), always or never")
 CHECK_CHUNK = 16 << 20  # elements of the output compared at a time (float32 temporaries)
+# A cold decode decision's candidates timed alone miss what a plan's chain gives them: launched with PDL, a kiln kernel
+# starts while the kernel before it finishes and reads what no kernel writes (its first weight words, the cache's first
+# tile) before its wait. That overlap is worth more than the candidates' differences alone show (bench/NOTES.md, session
+# 29: the 4-bit peel, 1,558 -> 1,680 tok/s at the same choices). BEHIND_MB > 0 times each such candidate behind a
+# predecessor streaming that many MB from HBM as a weight-streaming GEMV does (pdl.stream, PDL-launched), less the
+# predecessor alone; the decisions are keyed by it. 0 (the default): alone, as before. An experiment to measure
+# (bench/decode.py --ab-set tuning.BEHIND_MB=32) before it decides anything by default.
+BEHIND_MB = 0
 
 
 class OutputCheck(NamedTuple):
@@ -270,16 +278,19 @@ def _cpu_timer(fn: Callable[[], object]) -> Callable[[], float]:
 
 
 def time_candidates(candidates: dict[str, Callable[[], object]], device: torch.device, cold: bool = False,
-                    check: OutputCheck | None = None) -> tuple[dict, dict]:
+                    check: OutputCheck | None = None, behind: Callable[[], object] | None = None) -> tuple[dict, dict]:
     """Median ms per run of each candidate, and the error of each that does not compile or run. The samples are
     taken round-robin across the candidates, so a clock or thermal drift during the measurement biases none.
     ``cold``: each CUDA sample one run after L2 is flushed (module docstring). ``check``: the candidates' outputs are
-    compared first (where ``checks_outputs``); one that differs is not timed, its reason is its error."""
+    compared first (where ``checks_outputs``); one that differs is not timed, its reason is its error. ``behind``: each
+    sample runs this first (BEHIND_MB's predecessor), and its own median, sampled alike, is taken off each candidate's."""
     timers, failed = {}, {}
     flush = torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.int32, device=device) if cold and device.type == "cuda" else None
     runs = {name: getattr(fn, "timing_runs", 1) for name, fn in candidates.items()}  # (timed_as)
     plain = candidates
     candidates = {name: getattr(fn, "timing", fn) for name, fn in candidates.items()}
+    if behind is not None:
+        candidates = {name: _after(behind, fn) for name, fn in candidates.items()}
     if device.type == "cuda":  # (not under the interpreter: the CPU tests run kernels in Python, one thread)
         warm_in_parallel(candidates, _on_stream(device))
         torch.cuda.synchronize(device)
@@ -291,15 +302,45 @@ def time_candidates(candidates: dict[str, Callable[[], object]], device: torch.d
             timers[name] = _cuda_timer(fn, device, flush) if device.type == "cuda" else _cpu_timer(fn)
         except Exception as e:  # a config that does not compile (shared memory) or launch: not a choice
             failed[name] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+    base = [] if behind is not None else None  # the predecessor's samples, taken in the same rounds
+    base_timer = (_cuda_timer(behind, device, flush) if device.type == "cuda" else _cpu_timer(behind)) if timers and behind else None
     samples: dict[str, list] = {name: [] for name in timers}
     for _ in range(TIMING_REPS if device.type == "cuda" else 3):
+        if base_timer is not None:
+            base.append(base_timer())
         for name, timer in list(timers.items()):
             try:
                 samples[name].append(timer())
             except Exception as e:
                 failed[name] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
                 del timers[name], samples[name]
-    return {name: round(sorted(t)[len(t) // 2] / runs[name], 5) for name, t in samples.items()}, failed
+    less = sorted(base)[len(base) // 2] if base else 0.0
+    return {name: round((sorted(t)[len(t) // 2] - less) / runs[name], 5) for name, t in samples.items()}, failed
+
+
+def _after(first: Callable[[], object], fn: Callable[[], object]) -> Callable[[], object]:
+    def both():
+        first()
+        return fn()
+    return both
+
+
+def behind_key(what: dict) -> dict:
+    """``what`` as a decision's key has it: with ``behind_mb`` where BEHIND_MB times a cold decode decision's candidates
+    behind a predecessor (so a choice made that way is never replayed as one made alone, nor the other way round)."""
+    cold = what.get("weights") == "cold" or what.get("cache") == "cold"
+    return dict(what, behind_mb=BEHIND_MB) if BEHIND_MB and cold else what
+
+
+def _behind(what: dict, device: torch.device) -> Callable[[], object] | None:
+    # BEHIND_MB's predecessor for a decision keyed ``what`` (behind_key), on a CUDA device: a PDL-launched stream of
+    # BEHIND_MB MB (pdl.stream); None otherwise
+    if "behind_mb" not in what or device.type != "cuda":
+        return None
+    from .kernels import pdl
+    buf = torch.randint(-2 ** 31, 2 ** 31 - 1, (int(what["behind_mb"]) << 18,), dtype=torch.int32, device=device)
+    out = torch.empty(pdl.STREAM_PROGRAMS_PER_SM * 1024, dtype=torch.int32, device=device)
+    return lambda: pdl.stream(buf, out)
 
 
 class Tuner:
@@ -347,6 +388,7 @@ class Tuner:
             self.counts["forced"] += not surveying
             # the first candidate of that name; the first of all (cuBLAS / SDPA, always there) where none fits
             return next((name for name in candidates if name.startswith(prefix)), next(iter(candidates)))
+        what = behind_key(what)
         k = key("tuning", kind, what, fingerprint(device))
         d, origin = self._known(k, candidates)
         if surveying:
@@ -381,7 +423,7 @@ class Tuner:
     @staticmethod
     def measure(kind: str, what: dict, candidates: dict, device: torch.device, check: OutputCheck | None = None) -> dict:
         cold = what.get("weights") == "cold" or what.get("cache") == "cold"
-        ms, failed = time_candidates(candidates, device, cold=cold, check=check)
+        ms, failed = time_candidates(candidates, device, cold=cold, check=check, behind=_behind(what, device))
         if not ms:
             raise RuntimeError(f"no {kind} implementation ran for {what}: " + "; ".join(f"{k}: {v}" for k, v in failed.items()))
         decode = cold or "decode" in what  # (EXTRA_LAUNCH_MS)

@@ -162,6 +162,43 @@ def pointwise_rows() -> int:
     return int(rows)
 
 
+STREAM_PROGRAMS_PER_SM = 4  # stream's grid: programs an SM, as a one-row GEMV's 4-warp tiles run (4 an SM at 128 registers)
+STREAM_WARPS = 16  # ... of 16 warps each: an SM's 64 warp slots full, as such a GEMV's registers fill it
+STREAM_BLOCK = 1024  # int32 words a program reads a step (4 KB: a 16-row tile of 256 bytes a row)
+
+
+@triton.jit
+def _stream_kernel(buf_ptr, out_ptr, WORDS, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    # stream's program p: words [p * WORDS, (p + 1) * WORDS) of buf XORed BLOCK at a time, one word stored (no dead load)
+    gdc(PDL)
+    offs = tl.program_id(0).to(tl.int64) * WORDS + tl.arange(0, BLOCK)
+    acc = tl.zeros([BLOCK], dtype=tl.int32)
+    for k in range(0, WORDS, BLOCK):
+        acc ^= tl.load(buf_ptr + offs + k)
+    tl.store(out_ptr + tl.program_id(0), tl.reduce(acc, 0, _xor))
+
+
+@triton.jit
+def _xor(a, b):
+    return a ^ b
+
+
+def stream(buf: torch.Tensor, out: torch.Tensor) -> None:
+    """Read int32 ``buf`` once from HBM as a one-row weight-streaming GEMV reads its weight (STREAM_PROGRAMS_PER_SM
+    programs an SM, 4 KB steps), launched with PDL where it is on: the stand-in predecessor behind which the tuner times
+    a decode decision's candidates with ``tuning.BEHIND_MB`` (they launch while it finishes, as in a plan's chain). Its
+    programs fill every SM (STREAM_WARPS), as the GEMV before a GEMV does, so a candidate's programs find room only as
+    they end: the overlap of a plan's GEMV after a GEMV, not the larger one after a kernel of fewer programs (the decode
+    attention). ``out``: a word per program. Words past the grid's whole steps are not read."""
+    sms = torch.cuda.get_device_properties(buf.device).multi_processor_count if buf.is_cuda else 1
+    programs = sms * STREAM_PROGRAMS_PER_SM
+    words = buf.numel() // programs // STREAM_BLOCK * STREAM_BLOCK
+    if words == 0 or out.numel() < programs:
+        raise ValueError(f"pdl.stream: {buf.numel()} words are less than a {STREAM_BLOCK}-word step for each of "
+                         f"{programs} programs, or out holds fewer than {programs} words")
+    _stream_kernel[(programs,)](buf, out, words, BLOCK=STREAM_BLOCK, num_warps=STREAM_WARPS, **kwargs(buf))
+
+
 def kwargs(t: torch.Tensor) -> dict:
     """The launch keywords of a kernel taking ``gdc``'s ``PDL`` constexpr, for tensors on ``t``'s device."""
     return {"PDL": True, "launch_pdl": True} if enabled(t) else {"PDL": False}

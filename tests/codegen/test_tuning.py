@@ -1,4 +1,5 @@
 """codegen/tuning.py: candidates are timed round-robin, a failing one is recorded and never chosen, the fastest wins."""
+import os
 import threading
 import time
 
@@ -67,7 +68,7 @@ def test_cold_weights_or_a_cold_cache_are_measured_cold(monkeypatch):
     from kiln.codegen import tuning
 
     seen = []
-    monkeypatch.setattr(tuning, "time_candidates", lambda c, d, cold=False, check=None: (seen.append(cold) or ({"a": 1.0}, {})))
+    monkeypatch.setattr(tuning, "time_candidates", lambda c, d, cold=False, check=None, behind=None: (seen.append(cold) or ({"a": 1.0}, {})))
     for what, cold in (({"weights": "cold"}, True), ({"cache": "cold"}, True), ({}, False)):
         Tuner.measure("gemm", what, {"a": lambda: None}, torch.device("cpu"))
         assert seen[-1] == cold, what
@@ -240,3 +241,69 @@ def test_output_check_that_cannot_write_its_inputs_warns_and_compares_nothing():
     out = torch.empty(4, 3)
     with pytest.warns(UserWarning, match="outputs were not compared"):
         assert OutputCheck((x,), out).refusals({"zeros": out.zero_, "ones": lambda: out.fill_(1.0)}, torch.device("cpu")) == {}
+
+
+def test_candidates_timed_behind_a_predecessor_report_their_own_time():
+    """``behind``: each sample runs the predecessor first, and its median is taken off every candidate's."""
+    calls = []
+    ms, failed = time_candidates({"a": _sleeper(2, calls), "b": _sleeper(6, calls)}, torch.device("cpu"), cold=True,
+                                 behind=_sleeper(8, calls))
+    assert not failed and 1 < ms["a"] < 4 and 4 < ms["b"] < 9, ms  # (8 ms of predecessor off each)
+    assert calls[-2:] == [8, 6]  # the predecessor before each candidate's run
+
+
+def test_behind_mb_keys_cold_decode_decisions_apart(monkeypatch):
+    """tuning.BEHIND_MB: a cold decode decision is keyed with it (a choice made behind a predecessor is never replayed
+    as one made alone); other decisions keep their key. On the CPU the candidates are still timed alone."""
+    from kiln.codegen import tuning
+
+    cold, warm = {"op": "GEMM", "weights": "cold"}, {"op": "GEMM", "x": [64]}
+    assert tuning.behind_key(cold) == cold
+    monkeypatch.setattr(tuning, "BEHIND_MB", 32)
+    assert tuning.behind_key(cold) == dict(cold, behind_mb=32) and tuning.behind_key(warm) == warm
+    assert tuning.behind_key({"cache": "cold"})["behind_mb"] == 32  # (a decode attention)
+    t = Tuner()
+    calls = []
+    assert t.choose("gemm", cold, {"slow": _sleeper(3, calls), "fast": _sleeper(1, calls)}, torch.device("cpu")) == "fast"
+    (d,) = t.decisions.values()
+    assert d["what"]["behind_mb"] == 32 and tuning._behind(d["what"], torch.device("cpu")) is None
+
+
+@pytest.mark.parametrize("dev", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_stream_reads_every_whole_step_of_its_buffer(dev):
+    """pdl.stream (BEHIND_MB's predecessor): program p XORs its slice of whole BLOCK-word steps into out[p]."""
+    from kiln.codegen.kernels import pdl
+
+    dev = torch.device(dev)
+    if dev.type == "cpu" and torch.cuda.is_available() and not os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("the CPU case runs under the Triton interpreter")
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 1
+    programs = sms * pdl.STREAM_PROGRAMS_PER_SM
+    buf = torch.randint(-2 ** 31, 2 ** 31 - 1, (programs * pdl.STREAM_BLOCK * 2 + 5,), dtype=torch.int32, device=dev)
+    out = torch.empty(programs, dtype=torch.int32, device=dev)
+    pdl.stream(buf, out)
+    slices = buf[:programs * pdl.STREAM_BLOCK * 2].view(programs, -1).cpu()
+    want = slices[:, 0].clone()
+    for j in range(1, slices.shape[1]):
+        want ^= slices[:, j]
+    assert torch.equal(out.cpu(), want)
+    with pytest.raises(ValueError, match="less than a"):
+        pdl.stream(buf[:programs], out)
+
+
+@pytest.mark.gpu
+def test_gpu_candidates_timed_behind_the_stream():
+    """tuning.BEHIND_MB on the GPU: a one-row GEMV's candidates timed behind pdl.stream (PDL-launched), its time taken
+    off: every candidate gets a positive time, at most what it takes alone plus a few microseconds."""
+    from kiln.codegen import lower, tuning
+
+    dev, k, n = torch.device("cuda"), 2048, 4096
+    x, w = torch.randn(1, k, device=dev, dtype=torch.bfloat16), torch.randn(n, k, device=dev, dtype=torch.bfloat16)
+    out = torch.empty(1, n, device=dev, dtype=torch.bfloat16)
+    attrs = dict(act="none", glu=False, bias=False, gate=False, residual=False)
+    what, cands = lower.gemm([x, w], attrs, out, None, dev)
+    behind = tuning._behind(dict(what, behind_mb=16), dev)
+    alone, failed = time_candidates(cands, dev, cold=True)
+    chained, failed_behind = time_candidates(cands, dev, cold=True, behind=behind)
+    assert not failed_behind and set(chained) == set(alone)
+    assert all(0 < chained[c] <= alone[c] + 0.005 for c in chained), (alone, chained)
