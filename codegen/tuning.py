@@ -325,11 +325,15 @@ def _after(first: Callable[[], object], fn: Callable[[], object]) -> Callable[[]
     return both
 
 
+def _cold(what: dict) -> bool:
+    # a decision measured cold (module docstring): a decode GEMM's weights, a decode attention's cache
+    return what.get("weights") == "cold" or what.get("cache") == "cold"
+
+
 def behind_key(what: dict) -> dict:
     """``what`` as a decision's key has it: with ``behind_mb`` where BEHIND_MB times a cold decode decision's candidates
     behind a predecessor (so a choice made that way is never replayed as one made alone, nor the other way round)."""
-    cold = what.get("weights") == "cold" or what.get("cache") == "cold"
-    return dict(what, behind_mb=BEHIND_MB) if BEHIND_MB and cold else what
+    return dict(what, behind_mb=BEHIND_MB) if BEHIND_MB and _cold(what) else what
 
 
 def _behind(what: dict, device: torch.device) -> Callable[[], object] | None:
@@ -339,7 +343,7 @@ def _behind(what: dict, device: torch.device) -> Callable[[], object] | None:
         return None
     from .kernels import pdl
     buf = torch.randint(-2 ** 31, 2 ** 31 - 1, (int(what["behind_mb"]) << 18,), dtype=torch.int32, device=device)
-    out = torch.empty(pdl.STREAM_PROGRAMS_PER_SM * 1024, dtype=torch.int32, device=device)
+    out = torch.empty(pdl.stream_programs(device), dtype=torch.int32, device=device)
     return lambda: pdl.stream(buf, out)
 
 
@@ -422,7 +426,7 @@ class Tuner:
 
     @staticmethod
     def measure(kind: str, what: dict, candidates: dict, device: torch.device, check: OutputCheck | None = None) -> dict:
-        cold = what.get("weights") == "cold" or what.get("cache") == "cold"
+        cold = _cold(what)
         ms, failed = time_candidates(candidates, device, cold=cold, check=check, behind=_behind(what, device))
         if not ms:
             raise RuntimeError(f"no {kind} implementation ran for {what}: " + "; ".join(f"{k}: {v}" for k, v in failed.items()))

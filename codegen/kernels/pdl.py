@@ -183,6 +183,12 @@ def _xor(a, b):
     return a ^ b
 
 
+def stream_programs(device: torch.device) -> int:
+    """``stream``'s programs on ``device`` (the words its ``out`` needs): STREAM_PROGRAMS_PER_SM an SM (one SM on the CPU)."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    return sms * STREAM_PROGRAMS_PER_SM
+
+
 def stream(buf: torch.Tensor, out: torch.Tensor) -> None:
     """Read int32 ``buf`` once from HBM as a one-row weight-streaming GEMV reads its weight (STREAM_PROGRAMS_PER_SM
     programs an SM, 4 KB steps), launched with PDL where it is on: the stand-in predecessor behind which the tuner times
@@ -190,8 +196,7 @@ def stream(buf: torch.Tensor, out: torch.Tensor) -> None:
     programs fill every SM (STREAM_WARPS), as the GEMV before a GEMV does, so a candidate's programs find room only as
     they end: the overlap of a plan's GEMV after a GEMV, not the larger one after a kernel of fewer programs (the decode
     attention). ``out``: a word per program. Words past the grid's whole steps are not read."""
-    sms = torch.cuda.get_device_properties(buf.device).multi_processor_count if buf.is_cuda else 1
-    programs = sms * STREAM_PROGRAMS_PER_SM
+    programs = stream_programs(buf.device)
     words = buf.numel() // programs // STREAM_BLOCK * STREAM_BLOCK
     if words == 0 or out.numel() < programs:
         raise ValueError(f"pdl.stream: {buf.numel()} words are less than a {STREAM_BLOCK}-word step for each of "

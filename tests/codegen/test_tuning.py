@@ -277,8 +277,7 @@ def test_stream_reads_every_whole_step_of_its_buffer(dev):
     dev = torch.device(dev)
     if dev.type == "cpu" and torch.cuda.is_available() and not os.environ.get("TRITON_INTERPRET") == "1":
         pytest.skip("the CPU case runs under the Triton interpreter")
-    sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 1
-    programs = sms * pdl.STREAM_PROGRAMS_PER_SM
+    programs = pdl.stream_programs(dev)
     buf = torch.randint(-2 ** 31, 2 ** 31 - 1, (programs * pdl.STREAM_BLOCK * 2 + 5,), dtype=torch.int32, device=dev)
     out = torch.empty(programs, dtype=torch.int32, device=dev)
     pdl.stream(buf, out)
