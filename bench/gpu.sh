@@ -497,6 +497,20 @@ Occupancy|Warp Cycles Per Issued|Registers Per" "$OUT/ncu_24n.txt" | head -150 ;
       timeout 400 python3 -m pytest -q -rf -m gpu tests/codegen/test_pdl.py tests/codegen/test_skinny_idot.py \
         tests/codegen/test_skinny_norm_post.py 2>&1 | tail -3
       ab_decode 29d kernels.pdl.WORDS_PEEL_MIN_BITS=8 1b:w4a16 ;;
+    s30a)  # next: does the tuner pick a decode step's kernels as the whole step would? (bench/decode_refine.py: each decision's
+      # near-tie alternatives, within 25% alone, built into the 1B's decode plan and the step replays timed interleaved;
+      # the gains taken together and tok/s compared), the 1B w4a16 and bf16 at batch 1, one process each
+      for q in w4a16 bf16; do
+        timeout 270 python3 bench/decode_refine.py --models 1b $([ $q = bf16 ] || echo --quantize $q) 2>&1 | grep -v "^ *{" | tail -14
+      done ;;
+    s30b)  # next: WHOLE_K_WORDS (16-row WORDS / IDOT tiles over a whole K step, unsplit: the peel reads a 1B qkv / o
+      # program's whole weight slice before its wait): its GPU tests, then the 1B w4a16 and w8a16 refined with those
+      # candidates offered (measured alone by the tuner and in the step by decode_refine)
+      timeout 150 python3 -m pytest -q -rf -m gpu tests/codegen/test_skinny.py -k whole_k_words 2>&1 | tail -2
+      for q in w4a16 w8a16; do
+        timeout 220 python3 bench/decode_refine.py --models 1b --quantize $q --set kernels.skinny.WHOLE_K_WORDS=1 2>&1 \
+          | grep -v "^ *{" | tail -14
+      done ;;
     s29e)  # next: the tuner's cold decode decisions timed behind a predecessor (tuning.BEHIND_MB: a PDL-launched stream of
       # 32 MB filling every SM, as the GEMV before a GEMV does; its own time taken off), so what a candidate reads before
       # its PDL wait counts as in the plan's chain. The stream kernel's GPU test, then the 1B w4a16 and w8a16 at batch 1

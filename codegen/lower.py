@@ -307,6 +307,8 @@ def qgemm(args: list, attrs: dict, out: torch.Tensor, tmp: torch.Tensor | None, 
     if decode:
         what["skinny"] = SKINNY_CANDIDATES
         what["weights"] = "cold"
+        if ts.WHOLE_K_WORDS and m == 1:  # (measured again between those candidates: an experiment's decisions apart)
+            what["whole_k_words"] = True
     return _norm_what(what, norm), candidates
 
 

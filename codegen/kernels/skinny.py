@@ -162,6 +162,12 @@ IDOT = True
 # the default at qkv, 5.0 vs 6.0 at o): there, split-K's partials and last-program reduction cost more than the
 # loads in flight it adds
 WHOLE_K = {(False, 0): Tile(16, 512, 8, 3)}
+# one row of a quantized weight: a WORDS tile (IDOT at 4 bits) of 16 rows over a whole K step of 2048 codes, no split, so
+# that with the peel (pdl.prefetch_words) a program of the 1B's qkv / o (192 / 128 programs) reads its whole weight
+# slice before its PDL wait, while the kernel before it finishes. Offered only with WHOLE_K_WORDS (off: an experiment,
+# bench/decode_refine.py --set kernels.skinny.WHOLE_K_WORDS=1; bench/decode_gemm.py --sweep times the same tiles)
+WHOLE_K_WORDS_TILES = {4: Tile(16, 2048, 8, 3, words=True, idot=True), 8: Tile(16, 2048, 8, 3, words=True)}
+WHOLE_K_WORDS = False
 # the WORDS tiles come with NORM_POST too (configs; a switch for bench/decode.py --ab-set kernels.skinny.WORDS_NORM_POST=0)
 WORDS_NORM_POST = True
 
@@ -259,10 +265,10 @@ def configs(m: int, n: int, k: int, bits: int | None = None, glu: bool = False, 
     at 2..16 rows the fourth is the default tile at half its splits: every program reads x's rows whole for the
     statistics (M x K values), so the programs' statistics traffic (from L2) grows with the splits, by the weight's
     bytes at 16 rows and 192 programs of the 1B's qkv. One row of a 4-bit weight also gets the IDOT_TILES (words summed
-    by dp4a), and a 4-bit weight whose ``group`` is given (its group size; 0 or K: one group a row) the MAGIC_TILES, after
-    the others; with ``norm``, the first two tiles that load x as tiles,
-    the WORDS tiles and the first MAGIC tile come again with NORM_POST (the norm's statistics summed in the main loop, no
-    prologue pass: qgemm.py)."""
+    by dp4a), one row of a quantized weight WHOLE_K_WORDS_TILES' where WHOLE_K_WORDS is on, and a 4-bit weight whose
+    ``group`` is given (its group size; 0 or K: one group a row) the MAGIC_TILES, after the others; with ``norm``, the
+    first two tiles that load x as tiles, the WORDS tiles and the first MAGIC tile come again with NORM_POST (the norm's
+    statistics summed in the main loop, no prologue pass: qgemm.py)."""
     if not 1 <= m <= MAX_M:
         raise ValueError(f"skinny configs: m = {m} rows, the template takes 1..{MAX_M}")
     dot = m > 1
@@ -290,6 +296,10 @@ def configs(m: int, n: int, k: int, bits: int | None = None, glu: bool = False, 
     unique = unique[:5 if whole_words and not dot else 4]
     if IDOT and bits == 4 and whole_words and not dot:
         unique += [c for c in (tile_config(m, n, k, bits, glu, t) for t in IDOT_TILES) if c not in unique and _words_fit(c, k, bits)]
+    if WHOLE_K_WORDS and whole_words and not dot:
+        c = tile_config(m, n, k, bits, glu, WHOLE_K_WORDS_TILES[bits], split=1)
+        if c not in unique and _words_fit(c, k, bits) and (IDOT or not c.get("IDOT")):
+            unique.append(c)
     if bits == 4 and group is not None and (not 0 < group < k or group >= 16):
         unique += [c for c in (tile_config(m, n, k, bits, glu, t, group=group) for t in MAGIC_TILES) if c not in unique]
     if norm:  # the norm without its statistics pass (NORM_POST): the first two tiles that load x as tiles, the WORDS
