@@ -1,0 +1,62 @@
+"""WHOLE_K_WORDS: the experiment's one-row candidates, 16-row WORDS tiles (IDOT at 4 bits) over a whole K step of 2048
+codes, unsplit, so that the peel reads a 1B qkv / o program's whole weight slice before its PDL wait. Offered only with
+the switch (bench/decode_refine.py sets it); CPU: the configurations added and their sums against the float64
+reference under the interpreter; GPU: bfloat16 at the 1B's shapes."""
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+import kiln.codegen.kernels.skinny as S
+from kiln.codegen.kernels.skinny import configs, skinny_gemm
+from kiln.testing import TOL, rel_err
+
+pytestmark = pytest.mark.interpreter
+
+_spec = importlib.util.spec_from_file_location("_test_skinny", Path(__file__).parent / "test_skinny.py")
+_skinny_tests = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_skinny_tests)
+r, weight, check = _skinny_tests.r, _skinny_tests.weight, _skinny_tests.check
+DECODE_SHAPES, cuda_decode_case, cuda_scratch = _skinny_tests.DECODE_SHAPES, _skinny_tests.cuda_decode_case, _skinny_tests.cuda_scratch
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_whole_k_words_tiles_offered_with_the_switch(monkeypatch, bits):
+    """With skinny.WHOLE_K_WORDS one row of a quantized weight also tries a 16-row WORDS tile (IDOT at 4 bits) over a whole
+    K step of 2048 codes, unsplit, and with the norm its NORM_POST twin; without it, nothing changes. Each computes the
+    reference's product at the interpreter's scale (K = 256: the step capped at K), the GLU and the norm included."""
+    n, k = 48, 256
+    base, rows3 = configs(1, n, k, bits, norm=True, group=64), configs(3, n, k, bits, norm=True)
+    monkeypatch.setattr(S, "WHOLE_K_WORDS", True)
+    cs = configs(1, n, k, bits, norm=True, group=64)
+    new = [c for c in cs if c not in base]
+    whole = dict(BLOCK_N=16, BLOCK_K=k, SPLIT_K=1, DOT=False, WORDS=True, num_warps=8, num_stages=3) | (
+        {"IDOT": True} if bits == 4 else {})
+    assert new == [whole, dict(whole, NORM_POST=True)] and [c for c in cs if c not in new] == base
+    assert dict(whole, BLOCK_K=2048) in configs(1, 3072, 2048, bits)  # (the 1B's qkv: its K in one step)
+    assert configs(3, n, k, bits, norm=True) == rows3  # (one row only)
+    x = r(1, k, dtype=torch.float16)
+    nw = r(k, dtype=torch.float16, scale=0.2) + 1
+    wq = weight(2 * n, k, bits, torch.float16, group=64)
+    got = skinny_gemm(x, act="silu", glu=True, norm_weight=nw, norm_eps=1e-5, **wq[0], config=dict(whole, NORM_POST=True))
+    want = S.reference(x.double(), act="silu", glu=True, norm_weight=nw.double(), norm_eps=1e-5,
+                       **{k_: (v.double() if k_ == "scales" else v) for k_, v in wq[0].items()})
+    assert rel_err(got, want) <= TOL[torch.float16]
+    check(x, weight(n, k, bits, torch.float16, group=64), residual=r(1, n, dtype=torch.float16), config=whole)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("name,k,n,epi", [DECODE_SHAPES[0], DECODE_SHAPES[1], ("1b o + residual", 2048, 2048, {"residual": True})])
+def test_gpu_whole_k_words_tiles(monkeypatch, name, k, n, epi, bits):
+    # the configurations WHOLE_K_WORDS adds at the 1B's shapes compile and are right (bench/decode_refine.py offers them)
+    glu = epi.get("glu", False)
+    base = configs(1, n, k, bits, glu)
+    monkeypatch.setattr(S, "WHOLE_K_WORDS", True)
+    new = [c for c in configs(1, n, k, bits, glu) if c not in base]
+    assert len(new) == 1 and new[0]["SPLIT_K"] == 1
+    x, kwargs, res, want = cuda_decode_case(1, k, n, bits, epi, group=128, sym=True)
+    ws, counters = cuda_scratch(1, n, k, bits, glu, new[0])
+    got = skinny_gemm(x, residual=res, act=epi.get("act", "none"), glu=glu, workspace=ws, counters=counters, config=new[0], **kwargs)
+    assert rel_err(got, want) <= TOL[torch.bfloat16], new[0]
