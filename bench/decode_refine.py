@@ -65,6 +65,8 @@ P, GEN = (6, 4) if a.smoke else (128, 256)  # prompt, new tokens
 MAX_SEQ = P + GEN + (16 if a.smoke else 0)  # (bench/decode.py's cache: the keys a decode attention reads the same)
 DEVICE = torch.device("cpu" if a.smoke else "cuda")
 DTYPE = torch.float32 if a.smoke else torch.bfloat16
+# the smoke run's attention and RoPE forced (the interpreter takes seconds a candidate there): its GEMMs are refined
+SMOKE_KERNELS = {"attention": "sdpa", "rope_kv": "separate"}
 CHECK_TOL = 0.05  # a variant plan's logits against the tuner's plan's, relative (bf16 roundings differ by ~1e-2)
 
 
@@ -201,7 +203,7 @@ def refine(name: str) -> dict:
         m = transformers.LlamaForCausalLM(cfg).to(DTYPE).eval()
     m.generation_config.eos_token_id = None
     g = kiln.from_hf(m, max_seq=MAX_SEQ, batch_buckets=(a.batch,), eos_token_id=[],
-                     config=kiln.CompileConfig(backend="kernels", quantize=a.quantize))
+                     config=kiln.CompileConfig(backend="kernels", quantize=a.quantize, kernels=SMOKE_KERNELS if a.smoke else {}))
     prompt = torch.randint(0, cfg.vocab_size, (a.batch, P), generator=torch.Generator().manual_seed(0)).tolist()
     t0 = time.perf_counter()
     g.generate(prompt, max_new_tokens=4)  # tunes, plans and captures

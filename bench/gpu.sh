@@ -511,6 +511,14 @@ Occupancy|Warp Cycles Per Issued|Registers Per" "$OUT/ncu_24n.txt" | head -150 ;
         timeout 220 python3 bench/decode_refine.py --models 1b --quantize $q --set kernels.skinny.WHOLE_K_WORDS=1 2>&1 \
           | grep -v "^ *{" | tail -14
       done ;;
+    s30c)  # next: KILN_REFINE (runtime/refine.py: a plan's decode GEMM decisions made again in the step, each near-tie
+      # candidate swapped into its calls, the step captured and timed whole): its GPU test, then the 1B w4a16 at batch 1
+      # against the same generator without it, one process (interleaved tok/s; QUANT=bf16 for the bf16 step)
+      timeout 150 python3 -m pytest -q -rf -m gpu tests/runtime/test_refine.py 2>&1 | tail -2
+      q=${QUANT:-w4a16}
+      DECODE_JSON=decode_30c_$q.json timeout 300 python3 bench/decode.py --models 1b --batches 1 \
+        $([ $q = bf16 ] || echo --quantize $q) --no-compile-peer --ab-env "KILN_REFINE=1" 2>&1 | grep "interleaved\|Error\|error" | tail -4
+      python3 bench/tuning_dump.py "$KILN_CACHE_DIR" --refined | tail -30 ;;
     s29e)  # next: the tuner's cold decode decisions timed behind a predecessor (tuning.BEHIND_MB: a PDL-launched stream of
       # 32 MB filling every SM, as the GEMV before a GEMV does; its own time taken off), so what a candidate reads before
       # its PDL wait counts as in the plan's chain. The stream kernel's GPU test, then the 1B w4a16 and w8a16 at batch 1

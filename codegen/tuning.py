@@ -325,15 +325,15 @@ def _after(first: Callable[[], object], fn: Callable[[], object]) -> Callable[[]
     return both
 
 
-def _cold(what: dict) -> bool:
-    # a decision measured cold (module docstring): a decode GEMM's weights, a decode attention's cache
+def cold(what: dict) -> bool:
+    """Whether decision ``what`` is measured cold (module docstring): a decode GEMM's weights, a decode attention's cache."""
     return what.get("weights") == "cold" or what.get("cache") == "cold"
 
 
 def behind_key(what: dict) -> dict:
     """``what`` as a decision's key has it: with ``behind_mb`` where BEHIND_MB times a cold decode decision's candidates
     behind a predecessor (so a choice made that way is never replayed as one made alone, nor the other way round)."""
-    return dict(what, behind_mb=BEHIND_MB) if BEHIND_MB and _cold(what) else what
+    return dict(what, behind_mb=BEHIND_MB) if BEHIND_MB and cold(what) else what
 
 
 def _behind(what: dict, device: torch.device) -> Callable[[], object] | None:
@@ -365,6 +365,12 @@ class Tuner:
         self.survey = survey
         self._origin = dict.fromkeys(self.decisions, "artifact")
         self._surveyed: dict | None = None  # while surveying: key -> (kind, what, candidates, device)
+        self.refined: dict[str, dict] = {}  # decision key -> the choice runtime/refine.py made in a plan (KILN_REFINE)
+
+    @property
+    def is_surveying(self) -> bool:
+        """Inside :meth:`surveying`: ``choose``'s answers are provisional."""
+        return self._surveyed is not None
 
     def surveys(self, device: torch.device) -> bool:
         """Whether a plan on ``device`` surveys its decisions and compiles their kernels at once before it measures."""
@@ -392,8 +398,7 @@ class Tuner:
             self.counts["forced"] += not surveying
             # the first candidate of that name; the first of all (cuBLAS / SDPA, always there) where none fits
             return next((name for name in candidates if name.startswith(prefix)), next(iter(candidates)))
-        what = behind_key(what)
-        k = key("tuning", kind, what, fingerprint(device))
+        k, what = self.key_of(kind, what, device), behind_key(what)
         d, origin = self._known(k, candidates)
         if surveying:
             if d is None:
@@ -413,6 +418,23 @@ class Tuner:
             self.cache.put_json("tuning", k, d)
         return d["choice"]
 
+    def key_of(self, kind: str, what: dict, device: torch.device) -> str:
+        """The key ``choose`` files decision ``what`` of ``kind`` on ``device`` under."""
+        return key("tuning", kind, behind_key(what), fingerprint(device))
+
+    def refinement(self, k: str) -> dict | None:
+        """The decision runtime/refine.py made in a plan for decision key ``k`` (in memory, else the cache's "refined"
+        entry), None if none was made. Kept apart from the decision measured alone, which stays as it was."""
+        if k not in self.refined and self.cache is not None and (d := self.cache.get_json("refined", k)) is not None:
+            self.refined[k] = d
+        return self.refined.get(k)
+
+    def refine(self, k: str, d: dict) -> None:
+        """Keep ``d`` (its ``choice``: a candidate's name) as the in-plan decision for key ``k``, in the cache too."""
+        self.refined[k] = d
+        if self.cache is not None:
+            self.cache.put_json("refined", k, d)
+
     def _known(self, k: str, candidates: dict) -> tuple[dict | None, str]:
         """The decision of key ``k`` if one is known and names a candidate, and where from: "artifact" (its first use),
         "memory" or "cache"; (None, "") if none is."""
@@ -426,11 +448,11 @@ class Tuner:
 
     @staticmethod
     def measure(kind: str, what: dict, candidates: dict, device: torch.device, check: OutputCheck | None = None) -> dict:
-        cold = _cold(what)
-        ms, failed = time_candidates(candidates, device, cold=cold, check=check, behind=_behind(what, device))
+        is_cold = cold(what)
+        ms, failed = time_candidates(candidates, device, cold=is_cold, check=check, behind=_behind(what, device))
         if not ms:
             raise RuntimeError(f"no {kind} implementation ran for {what}: " + "; ".join(f"{k}: {v}" for k, v in failed.items()))
-        decode = cold or "decode" in what  # (EXTRA_LAUNCH_MS)
+        decode = is_cold or "decode" in what  # (EXTRA_LAUNCH_MS)
         extra = {name: n - 1 for name in ms if (n := launches(candidates[name])) > 1} if decode else {}
         choice = min(ms, key=lambda name: ms[name] + EXTRA_LAUNCH_MS * extra.get(name, 0))
         return {"kind": kind, "what": what, "choice": choice, "ms": ms, **({"extra_launches": extra} if extra else {}),

@@ -18,8 +18,8 @@ from ..ir.bind import bind_inputs
 from ..ir.graph import Graph, Node
 from ..ir.ops import const_tensor
 from ..ir.types import eval_dim, has_symbols
-from .kernel_plan import KernelPlan, adoptable_updates
-from .plan import Plan, ReferencePlan
+from .kernel_plan import KernelPlan
+from .plan import Plan, ReferencePlan, adoptable_updates
 from .target import Target
 
 

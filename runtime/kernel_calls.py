@@ -18,6 +18,8 @@ class KernelCall:
     run: object  # () -> None
     choice: str = ""
     takes: KernelCall | None = None  # a call ``run`` makes first (a rope_kv call its decode attention took over)
+    options: dict | None = None  # its decision's candidates (name -> run), where refine.py may make it again in the plan
+    key: str = ""  # that decision's tuning key
 
 
 MAX_OUTPUT_SETS = 2  # output buffer sets a caller may hold at once without copies (a loop rebinding `out` needs two)

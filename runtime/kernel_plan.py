@@ -49,10 +49,10 @@ from ..ir.ops_collective import COLLECTIVE_OPS
 from ..ir.ops_fused import AQ_FORMATS, aqgemm_operands
 from ..ir.types import eval_dim, torch_dtype
 from .kernel_calls import MAX_OUTPUT_SETS, KernelCall, OutputSet, PlanStats, collective_call, gather_call, run_calls, use_count
-from . import warm_libs
+from . import refine, warm_libs
 from .layouts import CHANNELS_LAST, channels_last_values, empty_in_order, inverse, row_pitch, stored_order
 from .memory import Liveness, nbytes
-from .plan import Plan
+from .plan import Plan, adoptable_updates
 
 
 # kinds of call that may launch Triton kernels, run by the survey with the launches recorded (not "update", "copy",
@@ -66,19 +66,6 @@ FOLD_MAX_BYTES = 1 << 28  # bytes a folded pointwise group's values may take whi
 class _Value:
     meta: torch.Tensor  # shape and strides
     root: int | None  # slot of the arena buffer this value is (a view of); None: input / weight / const
-
-
-def adoptable_updates(graph: Graph) -> dict[int, tuple[str, Node]]:
-    """Input index -> (update output name, INDEX_COPY node) for each input the program writes through one
-    INDEX_COPY that is its only reader: those can be written in place in the caller's tensor."""
-    index = {n.attrs["name"]: k for k, n in enumerate(graph.inputs)}
-    out = {}
-    for name, target in graph.updates.items():
-        node = graph.outputs[graph.output_names.index(name)]
-        k = index[target]
-        if node.op == "INDEX_COPY" and node.inputs[0] is graph.inputs[k] and len(graph.inputs[k].users) == 1:
-            out[k] = (name, node)
-    return out
 
 
 def _codes_scales_at(shape) -> int:
@@ -126,6 +113,7 @@ class KernelPlan(Plan):
         self._private: OutputSet | None = None  # written when the caller holds every set's outputs: copies go out
         tuned = target.tuner.seconds
         self.sets.append(self._new_set())
+        refine.refine_set(self, self.sets[0])  # (KILN_REFINE: its decode GEMMs' decisions made again in the step)
         self.stats.phases["tuning"] = round(target.tuner.seconds - tuned, 4)
         self.stats.phases["calls"] = round(self.stats.phases["calls"] - self.stats.phases["tuning"], 4)
         self.calls = self.sets[0].calls
@@ -566,7 +554,8 @@ class KernelPlan(Plan):
         else:
             return self._reference(g, kind, n, args, attrs, out)
         choice = self.target.tuner.choose(kind, what, candidates, device, check)  # (check: a GEMM's outputs compared)
-        return KernelCall(g, kind, candidates[choice], choice)
+        choice, refinable = refine.choice(self.target.tuner, kind, what, candidates, device, choice)  # (KILN_REFINE)
+        return KernelCall(g, kind, candidates[choice], choice, **refinable)
 
     def _causal(self, n: Node, args: list, attrs: dict) -> tuple[list, dict]:
         """An ATTENTION whose mask was folded (it depends on no input) and is the causal triangle (``causal_mask``: what HF

@@ -26,6 +26,19 @@ from ..ir.types import eval_dim, torch_dtype
 from .memory import BufferPlan, Interval, Liveness, nbytes
 
 
+def adoptable_updates(graph: Graph) -> dict[int, tuple[str, Node]]:
+    """Input index -> (update output name, INDEX_COPY node) for each input the program writes through one
+    INDEX_COPY that is its only reader: those can be written in place in the caller's tensor."""
+    index = {n.attrs["name"]: k for k, n in enumerate(graph.inputs)}
+    out = {}
+    for name, target in graph.updates.items():
+        node = graph.outputs[graph.output_names.index(name)]
+        k = index[target]
+        if node.op == "INDEX_COPY" and node.inputs[0] is graph.inputs[k] and len(graph.inputs[k].users) == 1:
+            out[k] = (name, node)
+    return out
+
+
 class Plan(ABC):
     bindings: dict[str, int]
     memory: BufferPlan

@@ -26,3 +26,14 @@ def test_dump_lists_each_gemm_decision_fastest_first(tmp_path):
     assert out[2].split() == ["40.10", "us", "triton-skinny:b", "+1"]
     assert out[3].split() == ["failed", "triton-skinny:c:", "output", "on", "random", "inputs", "differs"]
     assert len(out) == 4
+
+
+def test_dump_refined_lists_each_decision_made_again_in_a_plan(tmp_path):
+    cache, k = Cache(tmp_path), key("test", "qkv")
+    cache.put_json("tuning", k, {"kind": "gemm", "what": {"op": "QGEMM", "x": [1, 2048], "qweight": [3072, 2048], "bits": 4,
+                                                           "norm": {}}, "choice": "a", "ms": {"a": 0.008, "b": 0.009}})
+    cache.put_json("refined", k, {"choice": "b", "alone": "a", "step_delta_us": {"b": -3.5, "c": 1.25}, "step_ms": 0.6})
+    out = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path), "--refined"], capture_output=True, text=True,
+                         check=True).stdout.splitlines()
+    assert out == ["QGEMM x [1, 2048] weight [3072, 2048] bits 4 norm alone -> a | in the step -> b",
+                   "       -3.50 us  b", "       +1.25 us  c"]

@@ -1,0 +1,187 @@
+"""A decode plan's GEMM decisions made again inside the plan (``KILN_REFINE=1``; off by default: an experiment to
+measure before it decides anything by default).
+
+The tuner times a decode GEMM's candidates alone, after the L2 is flushed (codegen/tuning.py). In the plan each runs in
+a chain of PDL launches and reads its first weight words before its wait while the kernel before it finishes, so the
+step may rank the candidates otherwise (bench/NOTES.md, session 30: the tuner's misses so far; bench/decode_refine.py
+asks the same question by building whole plans again). Here, once a plan's first call list is built: for each cold GEMM
+decision its calls take (every layer's qkv shares one), each candidate the tuner measured within MARGIN of its choice
+(launch charges included, at most MAX_ALTS) is swapped into those calls and the list captured as a CUDA graph (on the
+CPU: run as a list) — the workspace and counters of every candidate were planned before the tuner chose — and its
+outputs are compared with the plan's (CHECK_TOL). The graphs' replays are timed interleaved, ROUNDS rounds of REPS, the
+median of the rounds' medians, a second capture of the plan's own calls giving the noise. The alternatives that gain
+more than MIN_GAIN of the step and twice the noise are taken together, if together they still gain so: the set's calls
+and graph swapped. Each decision looked at is kept as the tuner's refinement (``Tuner.refine``: in the cache's "refined"
+entries, apart from the decision measured alone), so a later plan with KILN_REFINE takes it without timing again and
+plans without it never read it. An artifact keeps the decisions measured alone only.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+import warnings
+
+import torch
+
+from ..codegen.tuning import EXTRA_LAUNCH_MS, cold
+from ..numerics import rel_err
+from .kernel_calls import KernelCall, OutputSet, run_calls
+
+MARGIN = 0.25  # alternatives within this share of the choice's time alone
+MAX_ALTS = 3  # alternatives a decision, fastest alone first
+ROUNDS, REPS = 9, 30
+MIN_GAIN = 0.003  # share of the step an alternative must gain
+CHECK_TOL = 0.05  # a variant's outputs against the plan's, relative (16-bit roundings differ by ~1e-2)
+
+
+def enabled() -> bool:
+    """``KILN_REFINE=1`` (read at each plan build, as bench/decode.py --ab-env sets it around a variant's calls)."""
+    return os.environ.get("KILN_REFINE", "0") == "1"
+
+
+def choice(tuner, kind: str, what: dict, candidates: dict, device: torch.device, chosen: str) -> tuple[str, dict]:
+    """The candidate a plan's call takes for a decision the tuner answered ``chosen``: the refinement's where one is
+    known, with the call's fields for ``refine_set`` (``options``, ``key``); (``chosen``, {}) for what is not refined."""
+    if not enabled() or kind != "gemm" or kind in tuner.force or not cold(what) or tuner.is_surveying:
+        return chosen, {}
+    k = tuner.key_of(kind, what, device)
+    r = tuner.refinement(k)
+    return (r["choice"] if r and r["choice"] in candidates else chosen), {"options": candidates, "key": k}
+
+
+def alternatives(d: dict, chosen: str) -> list[str]:
+    """The candidates of decision ``d`` (the tuner's, with ``ms``) within MARGIN of ``chosen``'s time alone, launch
+    charges included as the tuner compared them, fastest first, at most MAX_ALTS."""
+    extra = d.get("extra_launches", {})
+    t = {n: ms + EXTRA_LAUNCH_MS * extra.get(n, 0) for n, ms in d.get("ms", {}).items()}
+    if chosen not in t:
+        return []
+    return [n for _, n in sorted((v, n) for n, v in t.items() if n != chosen and v <= t[chosen] * (1 + MARGIN))][:MAX_ALTS]
+
+
+def _swapped(calls: list[KernelCall], at: list[int], name: str) -> list[KernelCall]:
+    at = set(at)
+    return [dataclasses.replace(c, run=c.options[name], choice=name) if i in at else c for i, c in enumerate(calls)]
+
+
+def _runner(calls: list[KernelCall], device: torch.device):
+    """What replays ``calls``: a CUDA graph of them (warmed up first, as the plan captures), or the list on the CPU."""
+    if device.type != "cuda":
+        return None
+    s = torch.cuda.Stream(device)
+    s.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(s):
+        run_calls(calls)
+    torch.cuda.current_stream(device).wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run_calls(calls)
+    return graph
+
+
+def _run(variant: tuple) -> None:
+    calls, graph = variant
+    graph.replay() if graph is not None else run_calls(calls)
+
+
+def _once_ms(variant: tuple, device: torch.device) -> float:
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        _run(variant)
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    _run(variant)
+    return (time.perf_counter() - t0) * 1e3
+
+
+def timed(variants: dict, device: torch.device) -> dict[str, float]:
+    """name -> ms of one run of each variant: ROUNDS rounds of REPS runs each, the variants taking turns, the median of
+    the rounds' medians (so a drift of the machine biases none)."""
+    rounds: dict[str, list] = {name: [] for name in variants}
+    for _ in range(ROUNDS):
+        for name, v in variants.items():
+            t = sorted(_once_ms(v, device) for _ in range(REPS))
+            rounds[name].append(t[len(t) // 2])
+    return {name: sorted(r)[len(r) // 2] for name, r in rounds.items()}
+
+
+def _outputs(plan, s: OutputSet) -> list[torch.Tensor]:
+    # the set's floating-point outputs but the inputs the plan adopted (a KV cache: its new slot is in the logits too)
+    adopted = {id(plan.env[plan.graph.inputs[k]]) for k in plan.adopted}
+    return [o.detach().float().clone() for o in s.outputs if o.is_floating_point() and id(o) not in adopted]
+
+
+def winners(ms: dict[str, float], names: dict[str, tuple[str, str]]) -> dict[str, str]:
+    """Decision key -> the alternative to take: the one gaining most over the plan's own time (``ms["plan"]``), where it
+    gains more than MIN_GAIN of it and twice the noise (``ms["again"]`` against ``ms["plan"]``). ``names``: variant
+    name -> (key, alternative)."""
+    base, noise = ms["plan"], abs(ms["again"] - ms["plan"])
+    best: dict[str, tuple[str, float]] = {}
+    for name, (k, alt) in names.items():
+        gain = base - ms[name]
+        if gain > max(MIN_GAIN * base, 2 * noise) and gain > best.get(k, ("", 0.0))[1]:
+            best[k] = (alt, gain)
+    return {k: alt for k, (alt, _) in best.items()}
+
+
+def refine_set(plan, s: OutputSet) -> dict | None:
+    """Make ``plan``'s cold GEMM decisions again in output set ``s`` (module docstring); a report, or None where nothing
+    was looked at (KILN_REFINE off, no call to refine, every decision already refined, a plan whose capture failed). An
+    error on the way is a warning: the set keeps the calls and graph it had (it changes them last, at once)."""
+    if not enabled() or (plan.device.type == "cuda" and s.cuda_graph is None):
+        return None
+    try:
+        return _refine_set(plan, s)
+    except Exception as e:  # noqa: BLE001  (an experiment's failure leaves the plan as the tuner built it)
+        warnings.warn(f"kiln: KILN_REFINE left the plan for {plan.bindings} as it was ({type(e).__name__}: {e})", stacklevel=3)
+        return None
+
+
+def _refine_set(plan, s: OutputSet) -> dict | None:
+    t0, tuner = time.perf_counter(), plan.target.tuner
+    at: dict[str, list[int]] = {}
+    for i, c in enumerate(s.calls):
+        if c.options is not None:
+            at.setdefault(c.key, []).append(i)
+    todo = {k: alternatives(tuner.decisions[k], s.calls[i[0]].choice) for k, i in at.items()
+            if k in tuner.decisions and tuner.refinement(k) is None}
+    if not todo:
+        return None
+    _run((s.calls, s.cuda_graph))
+    want, variants, names, failed = _outputs(plan, s), {"plan": (s.calls, s.cuda_graph)}, {}, {}
+    variants["again"] = (s.calls, _runner(s.calls, plan.device))
+    for k, alt in ((k, alt) for k, alts in todo.items() for alt in alts):
+        name, calls = f"{k[:12]} {alt}", _swapped(s.calls, at[k], alt)
+        try:
+            v = (calls, _runner(calls, plan.device))
+            _run(v)
+            err = max((rel_err(got, ref) for got, ref in zip(_outputs(plan, s), want)), default=0.0)
+        except Exception as e:  # noqa: BLE001  (a variant that cannot be captured or run: recorded, never taken)
+            failed[name] = f"{type(e).__name__}: {e}"[:300]
+            continue
+        if err > CHECK_TOL:
+            failed[name] = f"outputs differ from the plan's by {err:.3g} (relative)"
+        else:
+            variants[name], names[name] = v, (k, alt)
+    ms = timed(variants, plan.device) if names else {"plan": 0.0, "again": 0.0}
+    take = winners(ms, names)
+    if take:
+        calls = s.calls
+        for k, alt in take.items():
+            calls = _swapped(calls, at[k], alt)
+        taken = (calls, _runner(calls, plan.device))
+        both = timed({"plan": variants["plan"], "again": variants["again"], "taken": taken}, plan.device)
+        if both["taken"] >= both["plan"] - max(MIN_GAIN * both["plan"], 2 * abs(both["again"] - both["plan"])):
+            take = {}  # (together they do not gain: each alone was noise, or they undo each other)
+        else:
+            s.calls[:], s.cuda_graph = taken
+    for k in todo:
+        step = {alt: round((ms[n] - ms["plan"]) * 1e3, 3) for n, (kk, alt) in names.items() if kk == k}
+        tuner.refine(k, {"choice": take.get(k, s.calls[at[k][0]].choice), "alone": tuner.decisions[k]["choice"],
+                         "step_delta_us": step, "step_ms": round(ms["plan"], 5)})
+    plan.stats.phases["refine"] = round(time.perf_counter() - t0, 4)
+    return {"step_ms": ms["plan"], "noise_ms": abs(ms["again"] - ms["plan"]), "taken": take, "failed": failed}

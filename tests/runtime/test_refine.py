@@ -1,0 +1,139 @@
+"""runtime/refine.py (KILN_REFINE=1): a plan's cold GEMM decisions made again in the plan, each near-tie alternative
+swapped into its calls and the step timed whole. CPU: the selection rules on given times; a tiny Llama generator under
+the interpreter with the timing replaced by given figures, so that which alternative wins is known: the calls swapped,
+the same tokens, the refinement kept in the cache for the next compile (and unread without KILN_REFINE)."""
+import shutil
+
+import pytest
+import torch
+import transformers
+
+import kiln
+from kiln.codegen.tuning import EXTRA_LAUNCH_MS
+from kiln.runtime import refine
+
+pytestmark = pytest.mark.interpreter
+
+
+def test_alternatives_within_the_margin_charges_included(monkeypatch):
+    monkeypatch.setattr(refine, "MARGIN", 0.25)
+    monkeypatch.setattr(refine, "MAX_ALTS", 2)
+    d = {"ms": {"a": 0.010, "b": 0.012, "c": 0.0123, "d": 0.020, "e": 0.0104}, "extra_launches": {"e": 1}}
+    # e: 10.4 us alone + one launch charged (2 us) = 12.4, after c's 12.3; d past a's 12.5
+    assert EXTRA_LAUNCH_MS == 0.002 and refine.alternatives(d, "a") == ["b", "c"]
+    monkeypatch.setattr(refine, "MAX_ALTS", 5)
+    assert refine.alternatives(d, "a") == ["b", "c", "e"] and refine.alternatives(d, "zz") == [] and refine.alternatives({}, "a") == []
+
+
+def test_winners_gain_past_noise_and_min_gain(monkeypatch):
+    monkeypatch.setattr(refine, "MIN_GAIN", 0.01)
+    names = {"k1 x": ("k1", "x"), "k1 y": ("k1", "y"), "k2 z": ("k2", "z"), "k3 w": ("k3", "w")}
+    ms = {"plan": 1.0, "again": 1.002, "k1 x": 0.98, "k1 y": 0.97, "k2 z": 0.995, "k3 w": 1.2}
+    assert refine.winners(ms, names) == {"k1": "y"}  # k2 gains 0.5%: under MIN_GAIN
+    assert refine.winners(dict(ms, again=1.01), names) == {"k1": "y"}  # noise 1%: 2% needed, x's 2% is not more
+    assert refine.winners(dict(ms, again=0.98), names) == {}  # noise 2%: nothing gains 4%
+
+
+def tiny_generator(cache_dir):
+    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    torch.manual_seed(0)
+    m = transformers.LlamaForCausalLM(cfg).float().eval()
+    m.generation_config.eos_token_id = None
+    return kiln.from_hf(m, max_seq=24, batch_buckets=(1,), eos_token_id=[],
+                        config=kiln.CompileConfig(backend="kernels", cache_dir=str(cache_dir),  # (the GEMMs measured:
+                                                  kernels={"attention": "sdpa", "rope_kv": "separate"}))  # what refine makes again)
+
+
+PROMPT = [[1, 2, 3, 4]]
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory):
+    """A kernel cache holding the tiny generator's decisions measured alone, and its tokens (tuning under the interpreter
+    is most of a compile: each test starts from a copy)."""
+    root = tmp_path_factory.mktemp("tuned")
+    return root, tiny_generator(root).generate(PROMPT, max_new_tokens=3).tokens
+
+
+def copied(tuned, tmp_path):
+    shutil.copytree(tuned[0], tmp_path / "cache")
+    return tmp_path / "cache"
+
+
+def test_a_refined_plan_swaps_its_calls_and_keeps_the_choice(tuned, tmp_path, monkeypatch):
+    prompt, want, cache = PROMPT, tuned[1], copied(tuned, tmp_path)
+    monkeypatch.setenv("KILN_REFINE", "1")
+    monkeypatch.setattr(refine, "MAX_ALTS", 1)
+    monkeypatch.setattr(refine, "MARGIN", float("inf"))
+    seen = []
+
+    def timed(variants, device):  # the first alternative of every plan's first decision gains 10%; the rest lose
+        for name in variants:
+            if name not in ("plan", "again", "taken") and not seen:
+                seen.append(name)
+        return {name: 0.9 if name in seen or name == "taken" else 1.0 if name in ("plan", "again") else 1.2 for name in variants}
+    monkeypatch.setattr(refine, "timed", timed)
+    g = tiny_generator(cache)
+    assert g.generate(prompt, max_new_tokens=3).tokens == want
+    tuner = g.compiled.executor.tuner
+    taken = {k: d for k, d in tuner.refined.items() if d["choice"] != d["alone"]}
+    assert len(taken) == 1 and seen and seen[0].startswith(next(iter(taken))[:12])
+    (k, d), = taken.items()
+    assert d["choice"] == seen[0].split(" ", 1)[1] and d["step_delta_us"][d["choice"]] == pytest.approx(-100.0)
+    assert all(k2 in tuner.decisions and d2["alone"] == tuner.decisions[k2]["choice"] for k2, d2 in tuner.refined.items())
+    calls = [c for p in g.compiled.executor.plans for c in p.calls if c.key == k]
+    assert calls and all(c.choice == d["choice"] and c.run is c.options[d["choice"]] for c in calls)
+    # the next compile with KILN_REFINE takes the refinement from the cache without timing; without it, the alone choice
+    monkeypatch.setattr(refine, "timed", lambda *a: pytest.fail("timed again"))
+    g2 = tiny_generator(cache)
+    assert g2.generate(prompt, max_new_tokens=3).tokens == want
+    assert {c.choice for p in g2.compiled.executor.plans for c in p.calls if c.key == k} == {d["choice"]}
+    assert all("refine" not in p.stats.phases for p in g2.compiled.executor.plans)
+    monkeypatch.delenv("KILN_REFINE")
+    g3 = tiny_generator(cache)
+    assert g3.generate(prompt, max_new_tokens=3).tokens == want
+    plans = g3.compiled.executor.plans
+    assert not any(c.options for p in plans for c in p.calls) and not g3.compiled.executor.tuner.refined
+    assert d["alone"] in {c.choice for p in plans for c in p.calls}
+
+
+def test_a_failing_refinement_warns_and_leaves_the_plan(tuned, tmp_path, monkeypatch):
+    monkeypatch.setenv("KILN_REFINE", "1")
+    monkeypatch.setattr(refine, "MAX_ALTS", 1)
+    monkeypatch.setattr(refine, "MARGIN", float("inf"))
+
+    def broken(variants, device):
+        raise RuntimeError("no timer")
+    monkeypatch.setattr(refine, "timed", broken)
+    g = tiny_generator(copied(tuned, tmp_path))
+    with pytest.warns(UserWarning, match="KILN_REFINE left the plan .* as it was .RuntimeError: no timer"):
+        assert g.generate(PROMPT, max_new_tokens=3).tokens == tuned[1]
+    tuner = g.compiled.executor.tuner
+    assert not tuner.refined and all(c.choice == tuner.decisions[c.key]["choice"] for p in g.compiled.executor.plans
+                                     for c in p.calls if c.options)
+
+
+@pytest.mark.gpu
+def test_gpu_refined_plans_capture_and_give_the_same_tokens(tmp_path, monkeypatch):
+    # on CUDA each variant is a captured graph, timed for real; whatever wins, the tokens are the plain plans' (float32)
+    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    torch.manual_seed(0)
+    m = transformers.LlamaForCausalLM(cfg).float().eval().cuda()
+    m.generation_config.eos_token_id = None
+
+    def gen():
+        return kiln.from_hf(m, max_seq=32, batch_buckets=(1,), eos_token_id=[],
+                            config=kiln.CompileConfig(backend="kernels", cache_dir=str(tmp_path)))
+    prompt = [[1, 2, 3, 4, 5]]
+    want = gen().generate(prompt, max_new_tokens=6).tokens
+    monkeypatch.setenv("KILN_REFINE", "1")
+    monkeypatch.setattr(refine, "MARGIN", float("inf"))
+    monkeypatch.setattr(refine, "ROUNDS", 3)
+    g = gen()
+    assert g.generate(prompt, max_new_tokens=6).tokens == want
+    tuner, plans = g.compiled.executor.tuner, g.compiled.executor.plans
+    assert tuner.refined and all(d["choice"] in tuner.decisions[k]["ms"] for k, d in tuner.refined.items())
+    assert all(p.stats.cuda_graph for p in plans) and any("refine" in p.stats.phases for p in plans)
+    assert all(c.choice == tuner.refined[c.key]["choice"] for p in plans for c in p.calls if c.options)
