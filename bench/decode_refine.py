@@ -44,6 +44,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 import kiln  # noqa: E402
+from kiln.runtime import refine as refine_lib  # noqa: E402
 from kiln.testing import rel_err  # noqa: E402
 
 from common import write_json  # noqa: E402
@@ -74,33 +75,9 @@ def median(xs: list) -> float:
     return sorted(xs)[len(xs) // 2]
 
 
-def replay_ms(plan, reps: int) -> float:
-    """Median milliseconds of one replay of ``plan`` over ``reps`` (CUDA events on the GPU)."""
-    times = []
-    for _ in range(reps):
-        if DEVICE.type == "cuda":
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            plan.replay()
-            e.record()
-            e.synchronize()
-            times.append(s.elapsed_time(e))
-        else:
-            t0 = time.perf_counter()
-            plan.replay()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return median(times)
-
-
 def interleaved_ms(plans: dict) -> dict:
-    """name -> the median over ``--rounds`` rounds of each round's median replay time, the plans taking turns."""
-    for p in plans.values():  # (warm: the first replay of a fresh CUDA graph uploads it)
-        p.replay()
-    rounds = {name: [] for name in plans}
-    for _ in range(a.rounds):
-        for name, p in plans.items():
-            rounds[name].append(replay_ms(p, a.reps))
-    return {name: median(t) for name, t in rounds.items()}
+    """name -> ms of a step replay: refine.timed's interleaved rounds over the plans (each replayed as it stands)."""
+    return refine_lib.timed({name: (None, p) for name, p in plans.items()}, DEVICE, a.rounds, a.reps)
 
 
 class Decode:
@@ -122,7 +99,7 @@ class Decode:
 
             def spy(k, candidates):
                 d, origin = known(k, candidates)
-                if d is not None and self.tuner._surveyed is None:  # (not the start-up survey's pass)
+                if d is not None and not self.tuner.is_surveying:  # (not the start-up survey's pass)
                     seen[k] = seen.get(k, 0) + 1
                 return d, origin
             self.tuner._known = spy
@@ -138,20 +115,6 @@ class Decode:
         elif (err := rel_err(logits, self.logits)) > CHECK_TOL:  # (an alternative the tuner's output check let through)
             raise ValueError(f"its logits differ from the tuner's plan's by {err:.3g} (relative)")
         return plan
-
-
-def charged(d: dict) -> dict:
-    """name -> the time the tuner compared for each candidate of decision ``d`` (ms, launch charges included)."""
-    from kiln.codegen.tuning import EXTRA_LAUNCH_MS
-    extra = d.get("extra_launches", {})
-    return {n: t + EXTRA_LAUNCH_MS * extra.get(n, 0) for n, t in d["ms"].items()}
-
-
-def alternatives(d: dict) -> list[str]:
-    c = charged(d)
-    best = c[d["choice"]]
-    near = sorted((t, n) for n, t in c.items() if n != d["choice"] and t <= best * (1 + a.margin))
-    return [n for _, n in near[:a.max_alts]]
 
 
 def describe(d: dict) -> str:
@@ -210,36 +173,33 @@ def refine(name: str) -> dict:
     res = {"first_generate_s": round(time.perf_counter() - t0, 2)}
     dec = Decode(g)
     seen: dict = {}
-    plans = {"tuner": dec.fresh(seen), "again": dec.fresh()}
-    res["choices"] = dict(plans["tuner"].stats.choices)
+    plans = {"plan": dec.fresh(seen), "again": dec.fresh()}  # (the tuner's choices, twice: the noise)
+    res["choices"] = dict(plans["plan"].stats.choices)
     decisions, variants = {}, {}
     for k, uses in list(seen.items())[:3 if a.smoke else None]:  # (the smoke run: three decisions' alternatives)
         d = dec.tuner.decisions[k]
         if "ms" not in d:
             continue
         decisions[k] = {"what": describe(d), "uses": uses, "choice": d["choice"],
-                        "alone_us": {n: round(t * 1e3, 2) for n, t in sorted(charged(d).items(), key=lambda kv: kv[1])}}
-        for alt in alternatives(d):
+                        "alone_us": {n: round(t * 1e3, 2) for n, t in sorted(refine_lib.charged(d).items(), key=lambda kv: kv[1])}}
+        for alt in refine_lib.alternatives(d, d["choice"], a.margin, a.max_alts):
             with with_choices(dec.tuner, {k: alt}):
                 try:
                     variants[(k, alt)] = dec.fresh()
                 except Exception as e:  # noqa: BLE001  (a combination the plan cannot build, or wrong logits: recorded)
                     decisions[k].setdefault("failed", {})[alt] = f"{type(e).__name__}: {e}"[:300]
     print(f"{name}: {len(decisions)} decisions, {len(variants)} alternatives", flush=True)
-    ms = interleaved_ms(plans | {f"{k} {alt}": p for (k, alt), p in variants.items()})
-    base, noise = ms["tuner"], abs(ms["again"] - ms["tuner"])
+    names = {f"{k[:12]} {alt}": (k, alt) for k, alt in variants}
+    ms = interleaved_ms(plans | {name: variants[ka] for name, ka in names.items()})
+    base, noise = ms["plan"], abs(ms["again"] - ms["plan"])
     res |= {"step_ms": base, "noise_ms": noise}
-    best: dict = {}
-    for (k, alt) in variants:
-        delta = ms[f"{k} {alt}"] - base
-        decisions[k].setdefault("step_delta_us", {})[alt] = round(delta * 1e3, 2)
-        if delta < -max(a.min_gain * base, 2 * noise) and delta < best.get(k, (None, 0.0))[1]:
-            best[k] = (alt, delta)
+    for name, (k, alt) in names.items():
+        decisions[k].setdefault("step_delta_us", {})[alt] = round((ms[name] - base) * 1e3, 2)
     res["decisions"] = list(decisions.values())
     for k, v in decisions.items():
         print(f"  x{v['uses']:<3d} {v['what']}: {v['choice']} -> step {v.get('step_delta_us', {})} us "
               f"(alone {dict(list(v['alone_us'].items())[:4])})", flush=True)
-    combined = {k: alt for k, (alt, _) in best.items()}
+    combined = refine_lib.winners(ms, names, a.min_gain)
     if a.smoke:
         combined = {k: alt for (k, alt) in variants}
     res["combined"] = {decisions[k]["what"]: alt for k, alt in combined.items()}
@@ -247,7 +207,7 @@ def refine(name: str) -> dict:
     if combined:
         with with_choices(dec.tuner, combined):
             plans["combined"] = dec.fresh()
-        both = interleaved_ms({"tuner": plans["tuner"], "combined": plans["combined"]})
+        both = interleaved_ms({"tuner": plans["plan"], "combined": plans["combined"]})
         res["combined_step_ms"] = both
         res |= tok_s(g, dec, combined, prompt, 1 if a.smoke else 3)
         print(f"  combined step {both}, tok/s [tuner, combined] {res['tok_s']}, same tokens {res['same_tokens']}", flush=True)

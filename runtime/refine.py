@@ -50,14 +50,19 @@ def choice(tuner, kind: str, what: dict, candidates: dict, device: torch.device,
     return (r["choice"] if r and r["choice"] in candidates else chosen), {"options": candidates, "key": k}
 
 
-def alternatives(d: dict, chosen: str) -> list[str]:
-    """The candidates of decision ``d`` (the tuner's, with ``ms``) within MARGIN of ``chosen``'s time alone, launch
-    charges included as the tuner compared them, fastest first, at most MAX_ALTS."""
+def charged(d: dict) -> dict[str, float]:
+    """Candidate -> the ms the tuner compared for decision ``d``: its time alone plus its launch charges."""
     extra = d.get("extra_launches", {})
-    t = {n: ms + EXTRA_LAUNCH_MS * extra.get(n, 0) for n, ms in d.get("ms", {}).items()}
+    return {n: ms + EXTRA_LAUNCH_MS * extra.get(n, 0) for n, ms in d.get("ms", {}).items()}
+
+
+def alternatives(d: dict, chosen: str, margin: float | None = None, most: int | None = None) -> list[str]:
+    """The candidates of decision ``d`` (the tuner's, with ``ms``) within ``margin`` (MARGIN) of ``chosen``'s time alone,
+    launch charges included as the tuner compared them, fastest first, at most ``most`` (MAX_ALTS)."""
+    t, margin, most = charged(d), MARGIN if margin is None else margin, MAX_ALTS if most is None else most
     if chosen not in t:
         return []
-    return [n for _, n in sorted((v, n) for n, v in t.items() if n != chosen and v <= t[chosen] * (1 + MARGIN))][:MAX_ALTS]
+    return [n for _, n in sorted((v, n) for n, v in t.items() if n != chosen and v <= t[chosen] * (1 + margin))][:most]
 
 
 def _swapped(calls: list[KernelCall], at: list[int], name: str) -> list[KernelCall]:
@@ -81,7 +86,7 @@ def _runner(calls: list[KernelCall], device: torch.device):
 
 
 def _run(variant: tuple) -> None:
-    calls, graph = variant
+    calls, graph = variant  # (graph: anything with replay(), a CUDA graph or a plan; None: run the calls)
     graph.replay() if graph is not None else run_calls(calls)
 
 
@@ -98,15 +103,15 @@ def _once_ms(variant: tuple, device: torch.device) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
-def timed(variants: dict, device: torch.device) -> dict[str, float]:
-    """name -> ms of one run of each variant: ROUNDS rounds of REPS runs each, the variants taking turns, the median of
-    the rounds' medians (so a drift of the machine biases none)."""
-    rounds: dict[str, list] = {name: [] for name in variants}
-    for _ in range(ROUNDS):
+def timed(variants: dict, device: torch.device, rounds: int | None = None, reps: int | None = None) -> dict[str, float]:
+    """name -> ms of one run of each variant ((calls, graph): ``_run``): ``rounds`` (ROUNDS) rounds of ``reps`` (REPS)
+    runs each, the variants taking turns, the median of the rounds' medians (so a drift of the machine biases none)."""
+    times: dict[str, list] = {name: [] for name in variants}
+    for _ in range(ROUNDS if rounds is None else rounds):
         for name, v in variants.items():
-            t = sorted(_once_ms(v, device) for _ in range(REPS))
-            rounds[name].append(t[len(t) // 2])
-    return {name: sorted(r)[len(r) // 2] for name, r in rounds.items()}
+            t = sorted(_once_ms(v, device) for _ in range(REPS if reps is None else reps))
+            times[name].append(t[len(t) // 2])
+    return {name: sorted(r)[len(r) // 2] for name, r in times.items()}
 
 
 def _outputs(plan, s: OutputSet) -> list[torch.Tensor]:
@@ -115,15 +120,16 @@ def _outputs(plan, s: OutputSet) -> list[torch.Tensor]:
     return [o.detach().float().clone() for o in s.outputs if o.is_floating_point() and id(o) not in adopted]
 
 
-def winners(ms: dict[str, float], names: dict[str, tuple[str, str]]) -> dict[str, str]:
+def winners(ms: dict[str, float], names: dict[str, tuple[str, str]], min_gain: float | None = None) -> dict[str, str]:
     """Decision key -> the alternative to take: the one gaining most over the plan's own time (``ms["plan"]``), where it
-    gains more than MIN_GAIN of it and twice the noise (``ms["again"]`` against ``ms["plan"]``). ``names``: variant
-    name -> (key, alternative)."""
+    gains more than ``min_gain`` (MIN_GAIN) of it and twice the noise (``ms["again"]`` against ``ms["plan"]``).
+    ``names``: variant name -> (key, alternative)."""
     base, noise = ms["plan"], abs(ms["again"] - ms["plan"])
+    least = max((MIN_GAIN if min_gain is None else min_gain) * base, 2 * noise)
     best: dict[str, tuple[str, float]] = {}
     for name, (k, alt) in names.items():
         gain = base - ms[name]
-        if gain > max(MIN_GAIN * base, 2 * noise) and gain > best.get(k, ("", 0.0))[1]:
+        if gain > least and gain > best.get(k, ("", 0.0))[1]:
             best[k] = (alt, gain)
     return {k: alt for k, (alt, _) in best.items()}
 
