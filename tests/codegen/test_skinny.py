@@ -761,4 +761,3 @@ def test_register_cap_config():
     for bad in (16, 256, 128.0):
         with pytest.raises(ValueError, match="maxnreg must be an int in 24..255"):
             skinny_gemm(x, **kw, config=dict(c, maxnreg=bad))
-
