@@ -504,10 +504,10 @@ Occupancy|Warp Cycles Per Issued|Registers Per" "$OUT/ncu_24n.txt" | head -150 ;
         timeout 270 python3 bench/decode_refine.py --models 1b $([ $q = bf16 ] || echo --quantize $q) 2>&1 | grep -v "^ *{" | tail -14
       done ;;
     s30b)  # next: WHOLE_K_WORDS (16-row WORDS / IDOT tiles over a whole K step, unsplit: the peel reads a 1B qkv / o
-      # program's whole weight slice before its wait): its GPU tests, then the 1B w4a16 and w8a16 refined with those
-      # candidates offered (measured alone by the tuner and in the step by decode_refine)
+      # program's whole weight slice before its wait): its GPU tests, then the 1B w4a16 (QUANTS="w4a16 w8a16": both, in
+      # a call of its own: ~600 s) refined with those candidates offered (measured alone by the tuner and in the step)
       timeout 150 python3 -m pytest -q -rf -m gpu tests/codegen/test_skinny_whole_k.py 2>&1 | tail -2
-      for q in w4a16 w8a16; do
+      for q in ${QUANTS:-w4a16}; do
         timeout 220 python3 bench/decode_refine.py --models 1b --quantize $q --set kernels.skinny.WHOLE_K_WORDS=1 2>&1 \
           | grep -v "^ *{" | tail -14
       done ;;
