@@ -136,9 +136,10 @@ def winners(ms: dict[str, float], names: dict[str, tuple[str, str]], min_gain: f
 
 def refine_set(plan, s: OutputSet) -> dict | None:
     """Make ``plan``'s cold GEMM decisions again in output set ``s`` (module docstring); a report, or None where nothing
-    was looked at (KILN_REFINE off, no call to refine, every decision already refined, a plan whose capture failed). An
+    was looked at (KILN_REFINE off, no call to refine, every decision already refined, a plan whose capture failed, a
+    plan with collectives: each rank would time its own variants, and their all-reduces would no longer pair up). An
     error on the way is a warning: the set keeps the calls and graph it had (it changes them last, at once)."""
-    if not enabled() or (plan.device.type == "cuda" and s.cuda_graph is None):
+    if not enabled() or (plan.device.type == "cuda" and s.cuda_graph is None) or any(c.kind == "collective" for c in s.calls):
         return None
     try:
         return _refine_set(plan, s)

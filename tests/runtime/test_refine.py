@@ -3,6 +3,7 @@ swapped into its calls and the step timed whole. CPU: the selection rules on giv
 the interpreter with the timing replaced by given figures, so that which alternative wins is known: the calls swapped,
 the same tokens, the refinement kept in the cache for the next compile (and unread without KILN_REFINE)."""
 import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ import transformers
 import kiln
 from kiln.codegen.tuning import EXTRA_LAUNCH_MS
 from kiln.runtime import refine
+from kiln.runtime.kernel_calls import KernelCall, OutputSet
 
 pytestmark = pytest.mark.interpreter
 
@@ -32,6 +34,18 @@ def test_winners_gain_past_noise_and_min_gain(monkeypatch):
     assert refine.winners(ms, names) == {"k1": "y"}  # k2 gains 0.5%: under MIN_GAIN
     assert refine.winners(dict(ms, again=1.01), names) == {"k1": "y"}  # noise 1%: 2% needed, x's 2% is not more
     assert refine.winners(dict(ms, again=0.98), names) == {}  # noise 2%: nothing gains 4%
+
+
+def test_no_refinement_with_collectives_or_without_the_variable(monkeypatch):
+    # a tensor-parallel plan's ranks would each time their own variants, and their collectives would stop pairing up
+    calls = [KernelCall(None, "gemm", lambda: None, "a", options={"a": None, "b": None}, key="k"),
+             KernelCall(None, "collective", lambda: None, "all_reduce")]
+    plan = SimpleNamespace(device=torch.device("cpu"), target=None)  # (refine_set must return before it reads more)
+    s = OutputSet({}, calls, None, [])
+    monkeypatch.setenv("KILN_REFINE", "1")
+    assert refine.refine_set(plan, s) is None and s.calls[0].choice == "a"
+    monkeypatch.delenv("KILN_REFINE")
+    assert refine.refine_set(plan, OutputSet({}, calls[:1], None, [])) is None
 
 
 def tiny_generator(cache_dir):
