@@ -499,8 +499,8 @@ Occupancy|Warp Cycles Per Issued|Registers Per" "$OUT/ncu_24n.txt" | head -150 ;
       ab_decode 29d kernels.pdl.WORDS_PEEL_MIN_BITS=8 1b:w4a16 ;;
     s30a)  # next: does the tuner pick a decode step's kernels as the whole step would? (bench/decode_refine.py: each decision's
       # near-tie alternatives, within 25% alone, built into the 1B's decode plan and the step replays timed interleaved;
-      # the gains taken together and tok/s compared), the 1B w4a16 and bf16 at batch 1, one process each
-      for q in w4a16 bf16; do
+      # the gains taken together and tok/s compared), the 1B w4a16 and bf16 (QUANTS) at batch 1, one process each
+      for q in ${QUANTS:-w4a16 bf16}; do
         timeout 270 python3 bench/decode_refine.py --models 1b $([ $q = bf16 ] || echo --quantize $q) 2>&1 | grep -v "^ *{" | tail -14
       done ;;
     s30b)  # next: WHOLE_K_WORDS (16-row WORDS / IDOT tiles over a whole K step, unsplit: the peel reads a 1B qkv / o
