@@ -519,6 +519,15 @@ Occupancy|Warp Cycles Per Issued|Registers Per" "$OUT/ncu_24n.txt" | head -150 ;
       DECODE_JSON=decode_30c_$q.json timeout 300 python3 bench/decode.py --models 1b --batches 1 \
         $([ $q = bf16 ] || echo --quantize $q) --no-compile-peer --ab-env "KILN_REFINE=1" 2>&1 | grep "interleaved\|Error\|error" | tail -4
       python3 bench/tuning_dump.py "$KILN_CACHE_DIR" --refined | tail -30 ;;
+    s30d)  # session 30: after s30a-c (H100): the 1B quantized at batch 1 against the default, one process each: WHOLE_K_WORDS
+      # alone, with KILN_REFINE, KILN_REFINE alone (w4a16), both (w8a16)
+      ab() { local tag=$1 q=$2; shift 2; echo "-- $tag $q $*"
+        DECODE_JSON=decode_30d_$tag.json timeout 200 python3 bench/decode.py --models 1b --batches 1 --quantize $q \
+          --no-compile-peer "$@" 2>&1 | grep "interleaved\|Error\|error" | tail -3; }
+      ab wk w4a16 --ab-set kernels.skinny.WHOLE_K_WORDS=1
+      ab wkref w4a16 --ab-set kernels.skinny.WHOLE_K_WORDS=1 --ab-env KILN_REFINE=1
+      ab ref w4a16 --ab-env KILN_REFINE=1
+      ab wkref8 w8a16 --ab-set kernels.skinny.WHOLE_K_WORDS=1 --ab-env KILN_REFINE=1 ;;
     s29e)  # next: the tuner's cold decode decisions timed behind a predecessor (tuning.BEHIND_MB: a PDL-launched stream of
       # 32 MB filling every SM, as the GEMV before a GEMV does; its own time taken off), so what a candidate reads before
       # its PDL wait counts as in the plan's chain. The stream kernel's GPU test, then the 1B w4a16 and w8a16 at batch 1
