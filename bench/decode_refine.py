@@ -35,6 +35,7 @@ ap.add_argument("--set", default=None, help="module constants of kiln.codegen se
                 "(e.g. kernels.skinny.WHOLE_K_WORDS=1: its candidates measured alone and in the step too)")
 ap.add_argument("--smoke", action="store_true", help="a tiny Llama on the CPU (Triton interpreter)")
 a = ap.parse_args()
+os.environ.setdefault("KILN_REFINE", "0")  # (the tuner's choices as measured alone are what this bench times against)
 if a.smoke:
     os.environ.setdefault("TRITON_INTERPRET", "1")
     a.rounds, a.reps, a.max_alts, a.margin = 1, 1, 1, float("inf")  # (every decision's first alternative, taken

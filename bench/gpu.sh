@@ -528,6 +528,15 @@ Occupancy|Warp Cycles Per Issued|Registers Per" "$OUT/ncu_24n.txt" | head -150 ;
       ab wkref w4a16 --ab-set kernels.skinny.WHOLE_K_WORDS=1 --ab-env KILN_REFINE=1
       ab ref w4a16 --ab-env KILN_REFINE=1
       ab wkref8 w8a16 --ab-set kernels.skinny.WHOLE_K_WORDS=1 --ab-env KILN_REFINE=1 ;;
+    s30e)  # session 30: the new defaults (skinny.WHOLE_K_WORDS on, KILN_REFINE on a GPU) against the old (variant), the 1B at
+      # batch 1, one process each; the GPU tests of the configurations and of the refinement
+      timeout 200 python3 -m pytest -q -rf -m gpu tests/codegen/test_skinny_whole_k.py tests/runtime/test_refine.py \
+        tests/codegen/test_skinny.py -k "whole_k or refine or every_config" 2>&1 | tail -3
+      for q in bf16 w4a16; do
+        DECODE_JSON=decode_30e_$q.json timeout 200 python3 bench/decode.py --models 1b --batches 1 \
+          $([ $q = bf16 ] || echo --quantize $q) --no-compile-peer --ab-set kernels.skinny.WHOLE_K_WORDS=0 \
+          --ab-env KILN_REFINE=0 2>&1 | grep "interleaved\|Error\|error" | tail -3
+      done ;;
     s29e)  # next: the tuner's cold decode decisions timed behind a predecessor (tuning.BEHIND_MB: a PDL-launched stream of
       # 32 MB filling every SM, as the GEMV before a GEMV does; its own time taken off), so what a candidate reads before
       # its PDL wait counts as in the plan's chain. The stream kernel's GPU test, then the 1B w4a16 and w8a16 at batch 1

@@ -70,8 +70,9 @@ TRITON_TMA_CONFIGS = 2
 # tiles (skinny.MAGIC_TILES: tensor cores at one row too), 9 since the norm prologue also tries NORM_POST (the statistics
 # summed in the main loop, no pass before it), 10 since a decode decision charges each launch past a candidate's first
 # (tuning.EXTRA_LAUNCH_MS), 11 since the WORDS tiles also come with NORM_POST, 12 since one row of a 4-bit weight also
-# tries the IDOT tiles (skinny.IDOT_TILES: words summed by integer dot products)
-SKINNY_CANDIDATES = 12
+# tries the IDOT tiles (skinny.IDOT_TILES: words summed by integer dot products), 13 since one row of a quantized weight
+# also tries an unsplit WORDS tile over a whole K step (skinny.WHOLE_K_WORDS_TILES)
+SKINNY_CANDIDATES = 13
 # the AQGEMM candidates' generation (in an AQGEMM's what): 2 since the template's tile filling the last wave best is
 # tried too (aqgemm.wave_fit), 3 since the persistent TMA template is (tma_gemm.py)
 AQGEMM_CANDIDATES = 3
@@ -307,8 +308,8 @@ def qgemm(args: list, attrs: dict, out: torch.Tensor, tmp: torch.Tensor | None, 
     if decode:
         what["skinny"] = SKINNY_CANDIDATES
         what["weights"] = "cold"
-        if ts.WHOLE_K_WORDS and m == 1:  # (measured again between those candidates: an experiment's decisions apart)
-            what["whole_k_words"] = True
+        if not ts.WHOLE_K_WORDS and m == 1:  # (an A/B without those candidates: its decisions apart)
+            what["whole_k_words"] = False
     return _norm_what(what, norm), candidates
 
 

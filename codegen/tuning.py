@@ -350,13 +350,14 @@ def _behind(what: dict, device: torch.device) -> Callable[[], object] | None:
 class Tuner:
     """Measured choices, keyed by ``key("tuning", what, fingerprint(device))``.
 
-    ``decisions``: choices to start from (an artifact's ``tuning.json`` ``decisions``). ``force``: kind
+    ``decisions``: choices to start from (an artifact's ``tuning.json`` ``decisions``; ``refined``: its refinements,
+    runtime/refine.py's). ``force``: kind
     ("gemm", "attention") -> candidate name prefix to take without measuring (tests, and
     ``CompileConfig.kernels``). ``cache``: where choices persist across processes (None: memory only). ``survey``:
     whether plans survey before they build their calls (module docstring; None: on CUDA, not under the interpreter)."""
 
     def __init__(self, cache: Cache | None = None, decisions: dict | None = None, force: dict | None = None,
-                 survey: bool | None = None):
+                 survey: bool | None = None, refined: dict | None = None):
         self.cache = cache
         self.decisions: dict[str, dict] = dict(decisions or {})
         self.force = dict(force or {})
@@ -365,7 +366,7 @@ class Tuner:
         self.survey = survey
         self._origin = dict.fromkeys(self.decisions, "artifact")
         self._surveyed: dict | None = None  # while surveying: key -> (kind, what, candidates, device)
-        self.refined: dict[str, dict] = {}  # decision key -> the choice runtime/refine.py made in a plan (KILN_REFINE)
+        self.refined: dict[str, dict] = dict(refined or {})  # decision key -> the choice runtime/refine.py made in a plan
 
     @property
     def is_surveying(self) -> bool:
@@ -459,8 +460,8 @@ class Tuner:
                 **({"failed": failed} if failed else {})}
 
     def to_json(self) -> dict:
-        """What ``tuning.json`` holds: every decision with its measurements."""
-        return {"format": 1, "decisions": self.decisions}
+        """What ``tuning.json`` holds: every decision with its measurements, and the refinements made in plans."""
+        return {"format": 1, "decisions": self.decisions, **({"refined": self.refined} if self.refined else {})}
 
     def summary(self) -> dict:
         chosen: dict[str, int] = {}

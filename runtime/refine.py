@@ -1,5 +1,7 @@
-"""A decode plan's GEMM decisions made again inside the plan (``KILN_REFINE=1``; off by default: an experiment to
-measure before it decides anything by default).
+"""A decode plan's GEMM decisions made again inside the plan (``KILN_REFINE``: on for plans on a GPU by default, "0"
+turns it off, "1" runs it on the CPU too). Measured on an H100 (bench/NOTES.md, session 30), one process each: the 1B
+bf16 at batch 1 922 -> 972 tok/s (the o projection's unsplit skinny GEMV taken over cuBLASLt, which tied alone), the 1B
+w4a16 with the whole-K WORDS tiles 1,750 -> 1,784; ~8-11 s more on a plan's first build, once (then from the cache).
 
 The tuner times a decode GEMM's candidates alone, after the L2 is flushed (codegen/tuning.py). In the plan each runs in
 a chain of PDL launches and reads its first weight words before its wait while the kernel before it finishes, so the
@@ -12,8 +14,8 @@ outputs are compared with the plan's (CHECK_TOL). The graphs' replays are timed 
 median of the rounds' medians, a second capture of the plan's own calls giving the noise. The alternatives that gain
 more than MIN_GAIN of the step and twice the noise are taken together, if together they still gain so: the set's calls
 and graph swapped. Each decision looked at is kept as the tuner's refinement (``Tuner.refine``: in the cache's "refined"
-entries, apart from the decision measured alone), so a later plan with KILN_REFINE takes it without timing again and
-plans without it never read it. An artifact keeps the decisions measured alone only.
+entries, apart from the decision measured alone, and in an artifact's tuning.json), so a later plan takes it without
+timing again and a plan with KILN_REFINE=0 never reads it.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ import warnings
 import torch
 
 from ..codegen.tuning import EXTRA_LAUNCH_MS, cold
+from ..errors import KilnError
 from ..numerics import rel_err
 from .kernel_calls import KernelCall, OutputSet, run_calls
 
@@ -35,15 +38,19 @@ MIN_GAIN = 0.003  # share of the step an alternative must gain
 CHECK_TOL = 0.05  # a variant's outputs against the plan's, relative (16-bit roundings differ by ~1e-2)
 
 
-def enabled() -> bool:
-    """``KILN_REFINE=1`` (read at each plan build, as bench/decode.py --ab-env sets it around a variant's calls)."""
-    return os.environ.get("KILN_REFINE", "0") == "1"
+def enabled(device: torch.device) -> bool:
+    """``KILN_REFINE``: "cuda" (the default: a plan on a GPU), "1" (on the CPU too, under the interpreter: tests), "0"
+    (never). Read at each plan build, as bench/decode.py --ab-env sets it around a variant's calls."""
+    v = os.environ.get("KILN_REFINE", "cuda")
+    if v not in ("cuda", "0", "1"):
+        raise KilnError(f"KILN_REFINE={v!r}: use cuda (the default: decode plans on a GPU), 1 (the CPU too) or 0 (never)")
+    return v == "1" or (v == "cuda" and device.type == "cuda")
 
 
 def choice(tuner, kind: str, what: dict, candidates: dict, device: torch.device, chosen: str) -> tuple[str, dict]:
     """The candidate a plan's call takes for a decision the tuner answered ``chosen``: the refinement's where one is
     known, with the call's fields for ``refine_set`` (``options``, ``key``); (``chosen``, {}) for what is not refined."""
-    if not enabled() or kind != "gemm" or kind in tuner.force or not cold(what) or tuner.is_surveying:
+    if not enabled(device) or kind != "gemm" or kind in tuner.force or not cold(what) or tuner.is_surveying:
         return chosen, {}
     k = tuner.key_of(kind, what, device)
     r = tuner.refinement(k)
@@ -139,7 +146,7 @@ def refine_set(plan, s: OutputSet) -> dict | None:
     was looked at (KILN_REFINE off, no call to refine, every decision already refined, a plan whose capture failed, a
     plan with collectives: each rank would time its own variants, and their all-reduces would no longer pair up). An
     error on the way is a warning: the set keeps the calls and graph it had (it changes them last, at once)."""
-    if not enabled() or (plan.device.type == "cuda" and s.cuda_graph is None) or any(c.kind == "collective" for c in s.calls):
+    if not enabled(plan.device) or (plan.device.type == "cuda" and s.cuda_graph is None) or any(c.kind == "collective" for c in s.calls):
         return None
     try:
         return _refine_set(plan, s)

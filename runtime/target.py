@@ -27,14 +27,15 @@ class Target:
     def from_config(cls, config: CompileConfig | None = None, *, default_device=None, tuning: dict | None = None,
                     tuner: Tuner | None = None) -> "Target":
         """``config``'s target; its device, else ``default_device`` (where the weights are), else the CPU.
-        ``tuning``: an artifact's tuning.json, whose choices the tuner starts from; ``tuner``: use this one."""
+        ``tuning``: an artifact's tuning.json, whose choices (and refinements) the tuner starts from; ``tuner``: use this one."""
         config = config or CompileConfig()
         device = canonical_device(torch.device(config.device or default_device or "cpu"))
         backend = ("kernels" if device.type == "cuda" else "reference") if config.backend == "auto" else config.backend
         check_backend(device, backend)
         cache = Cache.from_config(config)
         if tuner is None:
-            tuner = Tuner(cache, decisions=(tuning or {}).get("decisions"), force=config.kernels)
+            tuning = tuning or {}
+            tuner = Tuner(cache, decisions=tuning.get("decisions"), refined=tuning.get("refined"), force=config.kernels)
         return cls(device, backend, cache, tuner, config.cuda_graphs, config.max_plans)
 
 

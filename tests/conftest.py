@@ -1,4 +1,4 @@
-"""Shared test settings: the Triton interpreter on CPU, GPU skipping.
+"""Shared test settings: the Triton interpreter on CPU, GPU skipping, no refinement of plans (KILN_REFINE=0).
 
 Without CUDA, Triton kernels run under TRITON_INTERPRET=1 (set before any kernel is defined). On a GPU
 machine the interpreter stays off unless asked for, and the two kinds of kernel test split by marker:
@@ -13,6 +13,9 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# a GPU plan's decode GEMMs are timed again in the step by default (runtime/refine.py: ~10 s a decode plan); the tests of
+# everything else do not need it, tests/runtime/test_refine.py sets it where it is tested
+os.environ.setdefault("KILN_REFINE", "0")
 
 import pytest  # noqa: E402
 

@@ -164,10 +164,11 @@ IDOT = True
 WHOLE_K = {(False, 0): Tile(16, 512, 8, 3)}
 # one row of a quantized weight: a WORDS tile (IDOT at 4 bits) of 16 rows over a whole K step of 2048 codes, no split, so
 # that with the peel (pdl.prefetch_words) a program of the 1B's qkv / o (192 / 128 programs) reads its whole weight
-# slice before its PDL wait, while the kernel before it finishes. Offered only with WHOLE_K_WORDS (off: an experiment,
-# bench/decode_refine.py --set kernels.skinny.WHOLE_K_WORDS=1; bench/decode_gemm.py --sweep times the same tiles)
+# slice before its PDL wait, while the kernel before it finishes. Measured on an H100 (bench/NOTES.md, session 30): the
+# tuner takes them at the 1B's o (and qkv, down at 4 bits), 1B w4a16 at batch 1 1,673 -> 1,750 tok/s in one process.
+# WHOLE_K_WORDS: a switch for A/Bs (bench/decode.py --ab-set kernels.skinny.WHOLE_K_WORDS=0)
 WHOLE_K_WORDS_TILES = {4: Tile(16, 2048, 8, 3, words=True, idot=True), 8: Tile(16, 2048, 8, 3, words=True)}
-WHOLE_K_WORDS = False
+WHOLE_K_WORDS = True
 # the WORDS tiles come with NORM_POST too (configs; a switch for bench/decode.py --ab-set kernels.skinny.WORDS_NORM_POST=0)
 WORDS_NORM_POST = True
 
@@ -265,7 +266,7 @@ def configs(m: int, n: int, k: int, bits: int | None = None, glu: bool = False, 
     at 2..16 rows the fourth is the default tile at half its splits: every program reads x's rows whole for the
     statistics (M x K values), so the programs' statistics traffic (from L2) grows with the splits, by the weight's
     bytes at 16 rows and 192 programs of the 1B's qkv. One row of a 4-bit weight also gets the IDOT_TILES (words summed
-    by dp4a), one row of a quantized weight WHOLE_K_WORDS_TILES' where WHOLE_K_WORDS is on, and a 4-bit weight whose
+    by dp4a), one row of a quantized weight WHOLE_K_WORDS_TILES' (WHOLE_K_WORDS), and a 4-bit weight whose
     ``group`` is given (its group size; 0 or K: one group a row) the MAGIC_TILES, after the others; with ``norm``, the
     first two tiles that load x as tiles, the WORDS tiles and the first MAGIC tile come again with NORM_POST (the norm's
     statistics summed in the main loop, no prologue pass: qgemm.py)."""

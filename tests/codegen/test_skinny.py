@@ -291,9 +291,11 @@ def test_empty_and_vector_inputs():
 ])
 def test_configs_for_llama_shapes(m, n, k, bits, glu):
     cs = configs(m, n, k, bits, glu)
-    base = [c for c in cs if not c.get("IDOT")]  # (one row of a 4-bit weight: the IDOT tiles after TILES')
+    # (after TILES', one row of a 4-bit weight: the IDOT tiles; of a quantized one: the unsplit whole-K WORDS tile)
+    whole = [S.tile_config(m, n, k, bits, glu, S.WHOLE_K_WORDS_TILES[bits], split=1)] if m == 1 and bits else []
+    base = [c for c in cs if not c.get("IDOT") and c not in whole]
     assert 1 <= len(base) <= (5 if m == 1 and bits else 4) and len({tuple(sorted(c.items())) for c in cs}) == len(cs)
-    assert cs[:len(base)] == base and (len(cs) > len(base)) == (m == 1 and bits == 4)
+    assert cs[:len(base)] == base and (len(cs) > len(base)) == (m == 1 and bits is not None) and all(c in cs for c in whole)
     for c in cs:
         split_keys = {"REDUCE"} if c["SPLIT_K"] > 1 else set()  # REDUCE only where K is split, SWAP where swapped
         optional = {key for key in ("SWAP", "WORDS", "AHEAD", "maxnreg", "IDOT") if key in c}

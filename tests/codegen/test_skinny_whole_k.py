@@ -1,7 +1,6 @@
-"""WHOLE_K_WORDS: the experiment's one-row candidates, 16-row WORDS tiles (IDOT at 4 bits) over a whole K step of 2048
-codes, unsplit, so that the peel reads a 1B qkv / o program's whole weight slice before its PDL wait. Offered only with
-the switch (bench/decode_refine.py sets it); CPU: the configurations added and their sums against the float64
-reference under the interpreter; GPU: bfloat16 at the 1B's shapes."""
+"""WHOLE_K_WORDS: one row's 16-row WORDS tiles (IDOT at 4 bits) over a whole K step of 2048 codes, unsplit, so that the
+peel reads a 1B qkv / o program's whole weight slice before its PDL wait. CPU: the configurations the switch adds and
+their sums against the float64 reference under the interpreter; GPU: bfloat16 at the 1B's shapes."""
 import importlib.util
 from pathlib import Path
 
@@ -23,10 +22,12 @@ DECODE_SHAPES, cuda_decode_case, cuda_scratch = _skinny_tests.DECODE_SHAPES, _sk
 
 @pytest.mark.parametrize("bits", [4, 8])
 def test_whole_k_words_tiles_offered_with_the_switch(monkeypatch, bits):
-    """With skinny.WHOLE_K_WORDS one row of a quantized weight also tries a 16-row WORDS tile (IDOT at 4 bits) over a whole
-    K step of 2048 codes, unsplit, and with the norm its NORM_POST twin; without it, nothing changes. Each computes the
-    reference's product at the interpreter's scale (K = 256: the step capped at K), the GLU and the norm included."""
+    """With skinny.WHOLE_K_WORDS (the default) one row of a quantized weight also tries a 16-row WORDS tile (IDOT at 4
+    bits) over a whole K step of 2048 codes, unsplit, and with the norm its NORM_POST twin; without it, nothing else
+    changes. Each computes the reference's product at the interpreter's scale (K = 256: the step capped at K), the GLU
+    and the norm included."""
     n, k = 48, 256
+    monkeypatch.setattr(S, "WHOLE_K_WORDS", False)
     base, rows3 = configs(1, n, k, bits, norm=True, group=64), configs(3, n, k, bits, norm=True)
     monkeypatch.setattr(S, "WHOLE_K_WORDS", True)
     cs = configs(1, n, k, bits, norm=True, group=64)
@@ -52,6 +53,7 @@ def test_whole_k_words_tiles_offered_with_the_switch(monkeypatch, bits):
 def test_gpu_whole_k_words_tiles(monkeypatch, name, k, n, epi, bits):
     # the configurations WHOLE_K_WORDS adds at the 1B's shapes compile and are right (bench/decode_refine.py offers them)
     glu = epi.get("glu", False)
+    monkeypatch.setattr(S, "WHOLE_K_WORDS", False)
     base = configs(1, n, k, bits, glu)
     monkeypatch.setattr(S, "WHOLE_K_WORDS", True)
     new = [c for c in configs(1, n, k, bits, glu) if c not in base]

@@ -1,7 +1,7 @@
-"""runtime/refine.py (KILN_REFINE=1): a plan's cold GEMM decisions made again in the plan, each near-tie alternative
+"""runtime/refine.py (KILN_REFINE; on the CPU with "1"): a plan's cold GEMM decisions made again in the plan, each near-tie alternative
 swapped into its calls and the step timed whole. CPU: the selection rules on given times; a tiny Llama generator under
 the interpreter with the timing replaced by given figures, so that which alternative wins is known: the calls swapped,
-the same tokens, the refinement kept in the cache for the next compile (and unread without KILN_REFINE)."""
+the same tokens, the refinement kept in the cache and the artifact for the next compile (and unread with KILN_REFINE=0)."""
 import shutil
 from types import SimpleNamespace
 
@@ -11,6 +11,7 @@ import transformers
 
 import kiln
 from kiln.codegen.tuning import EXTRA_LAUNCH_MS
+from kiln.errors import KilnError
 from kiln.runtime import refine
 from kiln.runtime.kernel_calls import KernelCall, OutputSet
 
@@ -44,8 +45,15 @@ def test_no_refinement_with_collectives_or_without_the_variable(monkeypatch):
     s = OutputSet({}, calls, None, [])
     monkeypatch.setenv("KILN_REFINE", "1")
     assert refine.refine_set(plan, s) is None and s.calls[0].choice == "a"
-    monkeypatch.delenv("KILN_REFINE")
+    monkeypatch.delenv("KILN_REFINE")  # (the default: plans on a GPU)
     assert refine.refine_set(plan, OutputSet({}, calls[:1], None, [])) is None
+    assert refine.enabled(torch.device("cuda")) and not refine.enabled(torch.device("cpu"))
+    for value, cpu, gpu in (("0", False, False), ("1", True, True), ("cuda", False, True)):
+        monkeypatch.setenv("KILN_REFINE", value)
+        assert (refine.enabled(torch.device("cpu")), refine.enabled(torch.device("cuda"))) == (cpu, gpu)
+    monkeypatch.setenv("KILN_REFINE", "yes")
+    with pytest.raises(KilnError, match="KILN_REFINE='yes': use cuda"):
+        refine.enabled(torch.device("cpu"))
 
 
 def tiny_generator(cache_dir):
@@ -98,13 +106,16 @@ def test_a_refined_plan_swaps_its_calls_and_keeps_the_choice(tuned, tmp_path, mo
     assert all(k2 in tuner.decisions and d2["alone"] == tuner.decisions[k2]["choice"] for k2, d2 in tuner.refined.items())
     calls = [c for p in g.compiled.executor.plans for c in p.calls if c.key == k]
     assert calls and all(c.choice == d["choice"] and c.run is c.options[d["choice"]] for c in calls)
-    # the next compile with KILN_REFINE takes the refinement from the cache without timing; without it, the alone choice
+    # an artifact carries the refinements; the next compile with KILN_REFINE takes them from the cache without timing;
+    # with KILN_REFINE=0, the alone choice
+    g.save(tmp_path / "gen.kiln")
+    assert kiln.Generator.load(tmp_path / "gen.kiln", backend="kernels").compiled.executor.tuner.refined == tuner.refined
     monkeypatch.setattr(refine, "timed", lambda *a: pytest.fail("timed again"))
     g2 = tiny_generator(cache)
     assert g2.generate(prompt, max_new_tokens=3).tokens == want
     assert {c.choice for p in g2.compiled.executor.plans for c in p.calls if c.key == k} == {d["choice"]}
     assert all("refine" not in p.stats.phases for p in g2.compiled.executor.plans)
-    monkeypatch.delenv("KILN_REFINE")
+    monkeypatch.setenv("KILN_REFINE", "0")
     g3 = tiny_generator(cache)
     assert g3.generate(prompt, max_new_tokens=3).tokens == want
     plans = g3.compiled.executor.plans
@@ -141,8 +152,9 @@ def test_gpu_refined_plans_capture_and_give_the_same_tokens(tmp_path, monkeypatc
         return kiln.from_hf(m, max_seq=32, batch_buckets=(1,), eos_token_id=[],
                             config=kiln.CompileConfig(backend="kernels", cache_dir=str(tmp_path)))
     prompt = [[1, 2, 3, 4, 5]]
+    monkeypatch.setenv("KILN_REFINE", "0")
     want = gen().generate(prompt, max_new_tokens=6).tokens
-    monkeypatch.setenv("KILN_REFINE", "1")
+    monkeypatch.setenv("KILN_REFINE", "cuda")  # (the default)
     monkeypatch.setattr(refine, "MARGIN", float("inf"))
     monkeypatch.setattr(refine, "ROUNDS", 3)
     g = gen()
