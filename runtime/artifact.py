@@ -511,8 +511,9 @@ def _from_members(path: str, manifest: dict, data: dict, weights_buf, prefix: st
         tuning = json.loads(data["tuning.json"]) if "tuning.json" in data else {}
         if tuning and not isinstance(tuning.get("decisions"), dict):
             raise ValueError("no 'decisions' object")
-        if not isinstance(tuning.get("refined", {}), dict):
-            raise ValueError("'refined' is not an object")
+        refined = tuning.get("refined", {})
+        if not isinstance(refined, dict) or not all(isinstance(r, dict) and isinstance(r.get("choice"), str) for r in refined.values()):
+            raise ValueError("'refined' is not an object of decisions, each with a 'choice' name")
     except ValueError as e:
         raise ArtifactError(f"{path}: check 'tuning' failed for member {prefix + 'tuning.json'!r}: {e}") from None
     files = {name[len(FILES):]: blob for name, blob in data.items() if name.startswith(FILES)}

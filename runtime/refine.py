@@ -53,8 +53,8 @@ def choice(tuner, kind: str, what: dict, candidates: dict, device: torch.device,
     if not enabled(device) or kind != "gemm" or kind in tuner.force or not cold(what) or tuner.is_surveying:
         return chosen, {}
     k = tuner.key_of(kind, what, device)
-    r = tuner.refinement(k)
-    return (r["choice"] if r and r["choice"] in candidates else chosen), {"options": candidates, "key": k}
+    r = tuner.refinement(k) or {}
+    return (r["choice"] if r.get("choice") in candidates else chosen), {"options": candidates, "key": k}
 
 
 def charged(d: dict) -> dict[str, float]:

@@ -409,3 +409,18 @@ def test_component_names_are_plain(two, tmp_path):
         with pytest.raises(kiln.KilnError, match="is not a plain name"):
             art.save_components(tmp_path / "bad.kiln", {bad: ma.as_component()})
     assert not (tmp_path / "bad.kiln").exists()
+
+
+@pytest.mark.parametrize("refined, ok", [({"k": {"choice": "a", "alone": "b"}}, True), ([1], False),
+                                         ({"k": {"alone": "b"}}, False), ({"k": "a"}, False)])
+def test_tuning_refinements_are_checked(artifact, tmp_path, refined, ok):
+    # runtime/refine.py's decisions travel in tuning.json; one without a choice name is refused when read, by which check
+    from kiln.runtime import artifact as art
+    m, _ = artifact
+    path = art.save(tmp_path / "t.kiln", m.graph, signature={}, config={},
+                    tuning={"format": 1, "decisions": {}, "refined": refined})
+    if ok:
+        assert art.load(path)[3]["refined"] == refined
+    else:
+        with pytest.raises(kiln.ArtifactError, match=r"check 'tuning' failed for member 'tuning.json': 'refined' is not"):
+            art.load(path)
