@@ -512,15 +512,18 @@ Occupancy|Warp Cycles Per Issued|Registers Per" "$OUT/ncu_24n.txt" | head -150 ;
           | grep -v "^ *{" | tail -14
       done ;;
     s30c)  # next: KILN_REFINE (runtime/refine.py: a plan's decode GEMM decisions made again in the step, each near-tie
-      # candidate swapped into its calls, the step captured and timed whole): its GPU test, then the 1B w4a16 at batch 1
-      # against the same generator without it, one process (interleaved tok/s; QUANT=bf16 for the bf16 step)
+      # candidate swapped into its calls, the step captured and timed whole; on by default since): its GPU test, then the
+      # 1B w4a16 at batch 1 with it against the same generator with KILN_REFINE=0 (the variant), one process (interleaved
+      # tok/s; QUANT=bf16 for the bf16 step). Run in session 30 (bf16) as the variant KILN_REFINE=1, before the default
+      # changed
       timeout 150 python3 -m pytest -q -rf -m gpu tests/runtime/test_refine.py 2>&1 | tail -2
       q=${QUANT:-w4a16}
       DECODE_JSON=decode_30c_$q.json timeout 300 python3 bench/decode.py --models 1b --batches 1 \
-        $([ $q = bf16 ] || echo --quantize $q) --no-compile-peer --ab-env "KILN_REFINE=1" 2>&1 | grep "interleaved\|Error\|error" | tail -4
+        $([ $q = bf16 ] || echo --quantize $q) --no-compile-peer --ab-env "KILN_REFINE=0" 2>&1 | grep "interleaved\|Error\|error" | tail -4
       python3 bench/tuning_dump.py "$KILN_CACHE_DIR" --refined | tail -30 ;;
     s30d)  # session 30: after s30a-c (H100): the 1B quantized at batch 1 against the default, one process each: WHOLE_K_WORDS
-      # alone, with KILN_REFINE, KILN_REFINE alone (w4a16), both (w8a16)
+      # alone, with KILN_REFINE, KILN_REFINE alone (w4a16), both (w8a16). (Both are defaults since: the variants now
+      # measure nothing new; s30e compares the new defaults with the old)
       ab() { local tag=$1 q=$2; shift 2; echo "-- $tag $q $*"
         DECODE_JSON=decode_30d_$tag.json timeout 200 python3 bench/decode.py --models 1b --batches 1 --quantize $q \
           --no-compile-peer "$@" 2>&1 | grep "interleaved\|Error\|error" | tail -3; }

@@ -150,7 +150,7 @@ def refine_set(plan, s: OutputSet) -> dict | None:
         return None
     try:
         return _refine_set(plan, s)
-    except Exception as e:  # noqa: BLE001  (an experiment's failure leaves the plan as the tuner built it)
+    except Exception as e:  # noqa: BLE001  (a refinement's failure leaves the plan as the tuner built it)
         warnings.warn(f"kiln: KILN_REFINE left the plan for {plan.bindings} as it was ({type(e).__name__}: {e})", stacklevel=3)
         return None
 
