@@ -18,6 +18,7 @@ interleaved generate runs (prompt 128, 256 new tokens, greedy) with the tuner's 
     python3 bench/decode_refine.py --smoke    CPU: a tiny Llama under the Triton interpreter (the procedure, not its times)
 """
 import argparse
+import contextlib
 import importlib
 import os
 import time
@@ -128,20 +129,16 @@ def describe(d: dict) -> str:
     return " ".join(str(p) for p in parts)
 
 
+@contextlib.contextmanager
 def with_choices(tuner, choices: dict):
-    """Context: the tuner's in-memory decisions with ``choices`` (key -> candidate name) in force."""
-    import contextlib
-
-    @contextlib.contextmanager
-    def ctx():
-        before = {k: tuner.decisions[k] for k in choices}
-        for k, c in choices.items():
-            tuner.decisions[k] = dict(before[k], choice=c)
-        try:
-            yield
-        finally:
-            tuner.decisions.update(before)
-    return ctx()
+    """The tuner's in-memory decisions with ``choices`` (key -> candidate name) in force, inside."""
+    before = {k: tuner.decisions[k] for k in choices}
+    for k, c in choices.items():
+        tuner.decisions[k] = dict(before[k], choice=c)
+    try:
+        yield
+    finally:
+        tuner.decisions.update(before)
 
 
 def tok_s(g, dec: Decode, choices: dict, prompt: list, rounds: int) -> list:

@@ -3,6 +3,7 @@ calls, the output buffer sets a caller may hold (``OutputSet``) and the plan's s
 ``kernel_plan.py`` builds them."""
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -73,6 +74,22 @@ def gather_call(n, args: list, out: torch.Tensor):
 def run_calls(calls: list) -> None:
     for call in calls:
         call.run()
+
+
+def capture(calls: list, device: torch.device, phase=lambda name: contextlib.nullcontext()):
+    """``calls`` as one CUDA graph: run once on a side stream first (Triton compiles, kernel loads: no first-launch work
+    may happen during capture), then captured. ``phase(name)``: a context around "warmup" and "capture" (the plan's
+    timers). Raises what the capture raises (an op that syncs or allocates on the host)."""
+    s = torch.cuda.Stream(device)
+    s.wait_stream(torch.cuda.current_stream(device))
+    with phase("warmup"), torch.cuda.stream(s):
+        run_calls(calls)
+        torch.cuda.synchronize(device)
+    torch.cuda.current_stream(device).wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with phase("capture"), torch.cuda.graph(graph):
+        run_calls(calls)
+    return graph
 
 
 @dataclass

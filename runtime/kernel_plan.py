@@ -48,7 +48,7 @@ from ..ir.ops import attention_operands, index_copy
 from ..ir.ops_collective import COLLECTIVE_OPS
 from ..ir.ops_fused import AQ_FORMATS, aqgemm_operands
 from ..ir.types import eval_dim, torch_dtype
-from .kernel_calls import MAX_OUTPUT_SETS, KernelCall, OutputSet, PlanStats, collective_call, gather_call, run_calls, use_count
+from .kernel_calls import MAX_OUTPUT_SETS, KernelCall, OutputSet, PlanStats, capture, collective_call, gather_call, use_count
 from . import refine, warm_libs
 from .layouts import CHANNELS_LAST, channels_last_values, empty_in_order, inverse, row_pitch, stored_order
 from .memory import Liveness, nbytes
@@ -720,15 +720,7 @@ class KernelPlan(Plan):
     def _capture(self, calls: list[KernelCall]):
         """The calls as one CUDA graph (None, with a warning, when they cannot be captured)."""
         try:
-            s = torch.cuda.Stream(self.device)
-            s.wait_stream(torch.cuda.current_stream(self.device))
-            with self._phase("warmup"), torch.cuda.stream(s):
-                run_calls(calls)  # compiles every kernel; no first-launch work may happen during capture
-                torch.cuda.synchronize(self.device)
-            torch.cuda.current_stream(self.device).wait_stream(s)
-            cuda_graph = torch.cuda.CUDAGraph()
-            with self._phase("capture"), torch.cuda.graph(cuda_graph):
-                run_calls(calls)
+            cuda_graph = capture(calls, self.device, self._phase)
             self.stats.cuda_graph = True
             return cuda_graph
         except Exception as e:  # an op that syncs or allocates on the host: run the call list instead

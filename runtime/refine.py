@@ -29,7 +29,7 @@ import torch
 from ..codegen.tuning import EXTRA_LAUNCH_MS, cold
 from ..errors import KilnError
 from ..numerics import rel_err
-from .kernel_calls import KernelCall, OutputSet, run_calls
+from .kernel_calls import KernelCall, OutputSet, capture, run_calls
 
 MARGIN = 0.25  # alternatives within this share of the choice's time alone
 MAX_ALTS = 3  # alternatives a decision, fastest alone first
@@ -78,18 +78,8 @@ def _swapped(calls: list[KernelCall], at: list[int], name: str) -> list[KernelCa
 
 
 def _runner(calls: list[KernelCall], device: torch.device):
-    """What replays ``calls``: a CUDA graph of them (warmed up first, as the plan captures), or the list on the CPU."""
-    if device.type != "cuda":
-        return None
-    s = torch.cuda.Stream(device)
-    s.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(s):
-        run_calls(calls)
-    torch.cuda.current_stream(device).wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        run_calls(calls)
-    return graph
+    """What replays ``calls``: a CUDA graph of them (captured as the plan captures), or None on the CPU (the list runs)."""
+    return capture(calls, device) if device.type == "cuda" else None
 
 
 def _run(variant: tuple) -> None:
