@@ -93,7 +93,7 @@ def loop_mix(sass: str) -> collections.Counter:
     return collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", t).split()[0].split(".")[0] for a, t in ins if lo <= a <= hi)
 
 
-def analyse(compiled: list, shapes=tuple(SHAPES), dtype=torch.float16) -> list[dict]:
+def analyse(compiled: list, shapes=tuple(SHAPES), dtype=torch.float16, bits_of=(4, 8)) -> list[dict]:
     from kiln.codegen.kernels import qgemm
     from kiln.codegen.kernels.skinny import configs, counter_bytes, skinny_gemm, workspace_bytes
     from kiln.ir.quant import quantize_rtn
@@ -102,7 +102,7 @@ def analyse(compiled: list, shapes=tuple(SHAPES), dtype=torch.float16) -> list[d
     check = qgemm.check_operands  # (and its refusal of bfloat16 x, for the interpreter's tl.dot: nothing runs here)
     qgemm.check_operands = lambda fn, x, *a: check(fn, x.half() if x.dtype == torch.bfloat16 else x, *a)
     rows = []
-    for bits in (4, 8):
+    for bits in bits_of:
         for name, (k, n, glu, normed) in ((name, SHAPES[name]) for name in shapes):
             qw = quantize_rtn(torch.randn(n, k) * k ** -0.5, bits, 128 if bits == 4 else k, True)
             x = torch.randn(1, k).to(dtype)
@@ -128,11 +128,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--check", action="store_true", help="exit 1 if a configuration passes CHECK's bounds")
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    ap.add_argument("--bits", nargs="+", type=int, default=[4, 8], choices=[4, 8], help="the codes' widths")
     ap.add_argument("--json", help="write every row here")
     ap.add_argument("--mix", action="store_true", help="print each loop's instruction mix")
     ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"], help="x's dtype (the models': bfloat16)")
     a = ap.parse_args()
-    rows = analyse(compiling(), a.shapes, getattr(torch, a.dtype))
+    rows = analyse(compiling(), a.shapes, getattr(torch, a.dtype), a.bits)
     for r in rows:
         c = {k: v for k, v in r["config"].items() if k != "DOT"}
         print(f"int{r['bits']} {r['shape']:10s}{' norm' if r['norm'] else '     '} regs {r['regs']:3d} spill {r['spill_bytes']:5d} B"

@@ -540,6 +540,17 @@ Occupancy|Warp Cycles Per Issued|Registers Per" "$OUT/ncu_24n.txt" | head -150 ;
           $([ $q = bf16 ] || echo --quantize $q) --no-compile-peer --ab-set kernels.skinny.WHOLE_K_WORDS=0 \
           --ab-env KILN_REFINE=0 2>&1 | grep "interleaved\|Error\|error" | tail -3
       done ;;
+    s31a)  # session 31: issue 13's goals on an H200 with session 30's defaults (whole-K WORDS tiles, KILN_REFINE): the 1B
+      # w8a16 and the 8B w8a16 / w4a16 at batch 1, a process each (the 1B bf16 / w4a16 in s30e); decode tok/s, step, first run
+      for mq in ${CASES:-1b:w8a16 8b:w8a16 8b:w4a16}; do
+        IFS=: read -r m q <<< "$mq"
+        DECODE_JSON=decode_31a_$m$q.json timeout ${AB_TIMEOUT:-200} python3 bench/decode.py --models $m --batches 1 \
+          $([ $q = bf16 ] || echo --quantize $q) --no-compile-peer 2>&1 | grep "kiln {\|Error\|error" | tail -3 \
+          | python3 -c "import sys, json
+for l in sys.stdin:
+    if ' kiln {' not in l: print(l.rstrip()); continue
+    d = json.loads(l.split(' kiln ', 1)[1]); print('$mq', {k: d.get(k) for k in ('decode_tok_s', 'step_ms', 'first_run_s')})"
+      done ;;
     s29e)  # next: the tuner's cold decode decisions timed behind a predecessor (tuning.BEHIND_MB: a PDL-launched stream of
       # 32 MB filling every SM, as the GEMV before a GEMV does; its own time taken off), so what a candidate reads before
       # its PDL wait counts as in the plan's chain. The stream kernel's GPU test, then the 1B w4a16 and w8a16 at batch 1
