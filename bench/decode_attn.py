@@ -72,6 +72,12 @@ def forms(o: dict, norms: bool, splits: list[int]) -> dict:
          "partial + reduce": run(), "one split": run(splits=1),
          "rope-last": run(counters=counters, rope=rope), "rope-last, early": run(counters=counters, rope=rope, early=True)}
     f.update({f"last, {n} splits": run(counters=counters, splits=n) for n in splits})
+    wide = dict(BLOCK_N=max(16, triton.next_power_of_2(kc.shape[2])))  # (lower_attention's "-wide": one tile of every key)
+    if DEV.type == "cuda":
+        wide.update(num_warps=8, num_stages=1)
+    f.update({"wide": lambda: da.decode_attention(q, kc, vc, mask, gqa=True, out=out, config=wide, splits=1),
+              "rope-wide, early": lambda: da.decode_attention(q, kc, vc, mask, gqa=True, out=out, config=wide, splits=1,
+                                                             rope=rope, early=True)})
     return f
 
 

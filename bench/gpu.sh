@@ -540,6 +540,18 @@ Occupancy|Warp Cycles Per Issued|Registers Per" "$OUT/ncu_24n.txt" | head -150 ;
           $([ $q = bf16 ] || echo --quantize $q) --no-compile-peer --ab-set kernels.skinny.WHOLE_K_WORDS=0 \
           --ab-env KILN_REFINE=0 2>&1 | grep "interleaved\|Error\|error" | tail -3
       done ;;
+    s31b)  # session 31: the decode attention's "-wide" form (one split of one key tile of every key: a program per kv head
+      # issues all its K / V loads at once, before its PDL wait, and reduces nothing): its GPU tests, the forms timed alone
+      # (1B / 8B, 384 slots), then the 1B at batch 1 with it offered against WIDE_MAX_KEYS=0, one process each; the
+      # attention choices taken
+      timeout 200 python3 -m pytest -q -rf -m gpu tests/codegen/test_decode_attention_rope.py -k llama_1b 2>&1 | tail -3
+      timeout 120 python3 bench/decode_attn.py --shapes 1b,8b 2>&1 | grep -v "splits  " | tail -40
+      for q in ${QUANTS:-bf16 w4a16}; do
+        DECODE_JSON=decode_31b_$q.json timeout ${AB_TIMEOUT:-200} python3 bench/decode.py --models 1b --batches 1 \
+          $([ $q = bf16 ] || echo --quantize $q) --no-compile-peer --ab-set WIDE_MAX_KEYS=0 2>&1 | grep "interleaved\|Error\|error" | tail -3
+        python3 -c "import json, sys; k = json.load(open(sys.argv[1]))['1b']['bs1']['kiln']
+print('$q', {c: n for c, n in k.get('choices', {}).items() if c.startswith('attention')}, k.get('decode_tok_s'))" "$OUT/decode_31b_$q.json"
+      done ;;
     s31a)  # session 31: issue 13's goals on an H200 with session 30's defaults (whole-K WORDS tiles, KILN_REFINE): the 1B
       # w8a16 and the 8B w8a16 / w4a16 at batch 1, a process each (the 1B bf16 / w4a16 in s30e); decode tok/s, step, first run
       for mq in ${CASES:-1b:w8a16 8b:w8a16 8b:w4a16}; do
