@@ -546,12 +546,20 @@ Occupancy|Warp Cycles Per Issued|Registers Per" "$OUT/ncu_24n.txt" | head -150 ;
       # attention choices taken
       timeout 200 python3 -m pytest -q -rf -m gpu tests/codegen/test_decode_attention_rope.py -k llama_1b 2>&1 | tail -3
       timeout 120 python3 bench/decode_attn.py --shapes 1b,8b 2>&1 | grep -v "splits  " | tail -40
+      bash "$0" s31b-ab 2>&1 | grep -v "^bytecode\|^NVIDIA\|^===" ;;
+    s31b-ab)  # (s31b's A/B half)
       for q in ${QUANTS:-bf16 w4a16}; do
         DECODE_JSON=decode_31b_$q.json timeout ${AB_TIMEOUT:-200} python3 bench/decode.py --models 1b --batches 1 \
           $([ $q = bf16 ] || echo --quantize $q) --no-compile-peer --ab-set WIDE_MAX_KEYS=0 2>&1 | grep "interleaved\|Error\|error" | tail -3
         python3 -c "import json, sys; k = json.load(open(sys.argv[1]))['1b']['bs1']['kiln']
 print('$q', {c: n for c, n in k.get('choices', {}).items() if c.startswith('attention')}, k.get('decode_tok_s'))" "$OUT/decode_31b_$q.json"
       done ;;
+    s31c)  # session 31, one call for a scarce machine (~500 s): s31b's "-wide" GPU tests (batch 1) and forms alone (the 1B),
+      # its A/B at bf16 and w4a16 (issue 13's 1B goal figures with the session-30 defaults too), then the 1B w8a16 (s31a)
+      timeout 150 python3 -m pytest -q -rf -m gpu tests/codegen/test_decode_attention_rope.py -k "llama_1b and wide and not 16" 2>&1 | tail -2
+      timeout 60 python3 bench/decode_attn.py --shapes 1b 2>&1 | grep -v "splits  " | tail -16
+      AB_TIMEOUT=170 QUANTS="bf16 w4a16" bash "$0" s31b-ab 2>&1 | grep -v "^bytecode\|^NVIDIA\|^==="
+      CASES=1b:w8a16 AB_TIMEOUT=120 bash "$0" s31a 2>&1 | grep -v "^bytecode\|^NVIDIA\|^===" ;;
     s31a)  # session 31: issue 13's goals on an H200 with session 30's defaults (whole-K WORDS tiles, KILN_REFINE): the 1B
       # w8a16 and the 8B w8a16 / w4a16 at batch 1, a process each (the 1B bf16 / w4a16 in s30e); decode tok/s, step, first run
       for mq in ${CASES:-1b:w8a16 8b:w8a16 8b:w4a16}; do
