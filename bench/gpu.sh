@@ -542,17 +542,18 @@ Occupancy|Warp Cycles Per Issued|Registers Per" "$OUT/ncu_24n.txt" | head -150 ;
       done ;;
     s31b)  # session 31: the decode attention's "-wide" form (one split of one key tile of every key: a program per kv head
       # issues all its K / V loads at once, before its PDL wait, and reduces nothing): its GPU tests, the forms timed alone
-      # (1B / 8B, 384 slots), then the 1B at batch 1 with it offered against WIDE_MAX_KEYS=0, one process each; the
-      # attention choices taken
+      # (1B / 8B, 384 slots), then the 1B at batch 1, the default (not offered: WIDE_MAX_KEYS 0) against it offered
+      # (the variant, WIDE_MAX_KEYS=512), one process each; the attention choices taken
       timeout 200 python3 -m pytest -q -rf -m gpu tests/codegen/test_decode_attention_rope.py -k llama_1b 2>&1 | tail -3
       timeout 120 python3 bench/decode_attn.py --shapes 1b,8b 2>&1 | grep -v "splits  " | tail -40
       bash "$0" s31b-ab 2>&1 | grep -v "^bytecode\|^NVIDIA\|^===" ;;
     s31b-ab)  # (s31b's A/B half)
       for q in ${QUANTS:-bf16 w4a16}; do
         DECODE_JSON=decode_31b_$q.json timeout ${AB_TIMEOUT:-200} python3 bench/decode.py --models 1b --batches 1 \
-          $([ $q = bf16 ] || echo --quantize $q) --no-compile-peer --ab-set WIDE_MAX_KEYS=0 2>&1 | grep "interleaved\|Error\|error" | tail -3
-        python3 -c "import json, sys; k = json.load(open(sys.argv[1]))['1b']['bs1']['kiln']
-print('$q', {c: n for c, n in k.get('choices', {}).items() if c.startswith('attention')}, k.get('decode_tok_s'))" "$OUT/decode_31b_$q.json"
+          $([ $q = bf16 ] || echo --quantize $q) --no-compile-peer --ab-set WIDE_MAX_KEYS=512 2>&1 | grep "interleaved\|Error\|error" | tail -3
+        python3 -c "import json, sys; r = json.load(open(sys.argv[1]))['1b']['bs1']
+for n in ('kiln', 'kiln_variant'):
+    print('$q', n, {c: k for c, k in r[n].get('choices', {}).items() if c.startswith('attention')}, r[n].get('decode_tok_s'))" "$OUT/decode_31b_$q.json"
       done ;;
     s31c)  # session 31, one call for a scarce machine (~500 s): s31b's "-wide" GPU tests (batch 1) and forms alone (the 1B),
       # its A/B at bf16 and w4a16 (issue 13's 1B goal figures with the session-30 defaults too), then the 1B w8a16 (s31a)

@@ -43,8 +43,8 @@ ATTENTION_CANDIDATES = 2
 # measured again): 2 since "kiln-decode-whole" exists, 3 since the kernel reads only the keys the mask attends, 4 since
 # a decode decision charges each launch past a candidate's first (tuning.EXTRA_LAUNCH_MS), 5 since it is timed at the
 # cache's every key too, and cold (``attention``), 6 since the last program reduces its group's rows at once and a rope_kv
-# call may run in the attention's launch (``RopeStep``), 7 since "-wide" exists
-DECODE_CANDIDATES = 7
+# call may run in the attention's launch (``RopeStep``). (Where "-wide" is offered, its what says so)
+DECODE_CANDIDATES = 6
 # the longest cache "kiln-decode-whole" (one split, a program per kv head) is offered on: a handful of programs streaming
 # the whole context alone. (The tuner times a decode attention at its prompt's keys and at the whole cache,
 # ``attention``; past this length the one split does not win, and its compile is saved.) 256: at a 384-slot cache the
@@ -55,8 +55,9 @@ WHOLE_MAX_KEYS = 256
 # power of two of its keys, WIDE_WARPS warps), so a program per kv head issues every load of its keys and values at
 # once (before its PDL wait with EARLY_KV: all but this step's key) and stores its rows with no partials and no
 # reduction; "-whole" walks the same keys 64 at a time, a DRAM round trip a step (14 us cold at 384 keys against the
-# 12-split form's 9; bench/NOTES.md, session 29). 0: never offered
-WIDE_MAX_KEYS = 512
+# 12-split form's 9; bench/NOTES.md, session 29). 0 (the default until measured in a step on a GPU: stage s31d): never
+# offered; 512 offers it
+WIDE_MAX_KEYS = 0
 WIDE_WARPS = 8
 WIDE_TILE = 512 * 64  # (64 KB a 16-bit tile: K and V's within the shared memory of an SM; head dim 128 up to 256 keys)
 # (a plan that gives counters adds "kiln-decode-last": its what says so, apart from a call without them)
@@ -184,6 +185,8 @@ def attention(args: list, attrs: dict, out: torch.Tensor, scratch: torch.Tensor 
         what["cache"] = "cold"  # (timed after L2 is flushed: tuning.py)
         if counters is not None:
             what["one_launch"] = True
+        if any(name.split(":")[0].endswith("-wide") for name in candidates):
+            what["wide"] = True  # (a decision measured without that form is measured again where it is offered)
     if ks is not None or vs is not None:
         what["codes"] = [str(t.dtype) if s is not None else None for t, s in ((k, ks), (v, vs))]
     if rope is not None:

@@ -126,8 +126,7 @@ def test_decode_candidates_read_the_codes_alone():
     q, k, v, ks, vs = operands(2, 8, 2, 1, 40, 16, torch.float32, "int8", which="v")
     mask = left_padded([0, 5], 1, 40, pos=30)
     shape, _, cands, out = candidates(q, k, v, ks, vs, mask)
-    assert shape is None and sorted(c.split(":")[0] for c in cands) == ["kiln", "kiln-decode", "kiln-decode-whole",
-                                                                        "kiln-decode-wide"]
+    assert shape is None and sorted(c.split(":")[0] for c in cands) == ["kiln", "kiln-decode", "kiln-decode-whole"]
     want = reference(q.double(), k, v, mask, gqa=True, v_scale=vs)
     for name, run in cands.items():
         run()
@@ -136,21 +135,25 @@ def test_decode_candidates_read_the_codes_alone():
     assert "sdpa" in plain
 
 
-@pytest.mark.parametrize("s", [lower.WHOLE_MAX_KEYS, lower.WHOLE_MAX_KEYS + 1, lower.WIDE_MAX_KEYS + 1])
-def test_one_split_offered_only_on_a_short_cache(s):
+@pytest.mark.parametrize("s", [lower.WHOLE_MAX_KEYS, lower.WHOLE_MAX_KEYS + 1, 513])
+@pytest.mark.parametrize("wide_max", [0, 512])
+def test_one_split_offered_only_on_a_short_cache(s, wide_max, monkeypatch):
     # tuned at the prompt's length, one split would look cheap and then stream a long context in a few programs alone
+    monkeypatch.setattr(lower, "WIDE_MAX_KEYS", wide_max)
     q, k, v, _, _ = operands(1, 4, 2, 1, s, 16, torch.float32, "int8", which="")
     _, what, cands, _ = candidates(q, k, v, None, None, left_padded([0], 1, s, pos=10))
     whole = ["kiln-decode-whole"] if s <= lower.WHOLE_MAX_KEYS else []
-    wide = ["kiln-decode-wide"] if s <= lower.WIDE_MAX_KEYS else []
+    wide = ["kiln-decode-wide"] if s <= wide_max else []
     assert sorted(c.split(":")[0] for c in cands) == sorted(["kiln", "kiln-decode", *whole, *wide, "sdpa"])
-    assert what["decode"] == lower.DECODE_CANDIDATES == 7
+    assert what["decode"] == lower.DECODE_CANDIDATES == 6
+    assert what.get("wide", False) == bool(wide)  # (keyed apart: a decision made without it is measured again)
 
 
 @pytest.mark.parametrize("s, d, offered", [(256, 128, True), (257, 128, False), (512, 64, True), (300, 72, False)])
-def test_the_wide_tile_holds_every_key_within_its_size(s, d, offered):
+def test_the_wide_tile_holds_every_key_within_its_size(s, d, offered, monkeypatch):
     # "-wide": one split of one key tile of the next power of two of the cache's keys, its K and V tiles each at most
     # WIDE_TILE elements (head dims pad to a power of two: 72 runs 128 wide)
+    monkeypatch.setattr(lower, "WIDE_MAX_KEYS", 512)
     q, k, v, _, _ = operands(1, 4, 2, 1, s, d, torch.float32, "int8", which="")
     _, _, cands, _ = candidates(q, k, v, None, None, left_padded([0], 1, s, pos=10))
     wide = [c for c in cands if c.startswith("kiln-decode-wide:")]

@@ -19,6 +19,7 @@ import pytest
 import torch
 from triton.runtime.interpreter import InterpretedFunction
 
+from kiln.codegen import lower_attention
 from kiln.config import CompileConfig
 from kiln.ir.bind import bind_inputs
 from kiln.ir.interpret import interpret
@@ -199,6 +200,7 @@ def test_qwen3_norms_run_in_the_rope_kv_call(rope_kv, attention, monkeypatch):
     # Llama layer does, the norms run inside the rope_kv call (kernels/rope_kv.py's norms, or the separate candidate's
     # torch reference) or inside the decode attention that does that call's work, and prefill, decode and a plan whose
     # caches are not adopted (the group's parts: two norm kernels more) compute the interpreter's logits and caches
+    monkeypatch.setattr(lower_attention, "WIDE_MAX_KEYS", 512)  # (-wide offered: off by default)
     g = compile_tiny(1, rope_kv, attention, qk_norm=True, head_dim=16)
     graph = g.compiled.graph
     step = inputs(g, 1, 16, 1, 0)
