@@ -121,6 +121,19 @@ def test_prefill_candidates_include_sdpa_on_a_dequantized_scratch(kv):
         assert rel_err(out, want) <= TOL[torch.float32], name
 
 
+@pytest.mark.parametrize("kv", list(KV_DTYPES))
+def test_the_wide_form_reads_the_codes_too(kv, monkeypatch):
+    # "-wide" (offered) over a quantized cache, two rows left-padded differently: its one tile dequantized in registers
+    monkeypatch.setattr(lower, "WIDE_MAX_KEYS", 512)
+    q, k, v, ks, vs = operands(2, 8, 2, 1, 40, 16, torch.float32, kv)
+    mask = left_padded([0, 5], 1, 40, pos=30)
+    _, what, cands, out = candidates(q, k, v, ks, vs, mask)
+    (wide,) = [name for name in cands if name.startswith("kiln-decode-wide:")]
+    assert wide == "kiln-decode-wide:64" and what["wide"]
+    cands[wide]()
+    assert rel_err(out, reference(q.double(), k, v, mask, gqa=True, k_scale=ks, v_scale=vs)) <= TOL[torch.float32]
+
+
 def test_decode_candidates_read_the_codes_alone():
     # a decode step: no scratch (it would cost a dequantized copy of the cache), so no SDPA; a plain cache keeps SDPA
     q, k, v, ks, vs = operands(2, 8, 2, 1, 40, 16, torch.float32, "int8", which="v")
