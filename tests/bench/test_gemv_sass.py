@@ -17,7 +17,7 @@ BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 
 
 @pytest.mark.skipif(not (BIN / "ptxas").exists() or not (BIN / "cuobjdump").exists(), reason="Triton without its CUDA tools")
-@pytest.mark.parametrize("bits", [4, 8])  # (two processes under xdist: ~40 s each)
+@pytest.mark.parametrize("bits", [4, 8])  # (two processes under xdist: ~20 s each)
 def test_quantized_gemv_sass_within_bounds(bits):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # (kiln: the installed package)
     out = subprocess.run([sys.executable, str(SCRIPT), "--check", "--shapes", "gate/up", "down", "--bits", str(bits)],
