@@ -561,12 +561,9 @@ for n in ('kiln', 'kiln_variant'):
       timeout 60 python3 bench/decode_attn.py --shapes 1b 2>&1 | grep -v "splits  " | tail -16
       AB_TIMEOUT=170 QUANTS="bf16 w4a16" bash "$0" s31b-ab 2>&1 | grep -v "^bytecode\|^NVIDIA\|^==="
       CASES=1b:w8a16 AB_TIMEOUT=120 bash "$0" s31a 2>&1 | grep -v "^bytecode\|^NVIDIA\|^===" ;;
-    s31d)  # (s31c without the forms alone and the w8a16 run: ~400 s)
+    s31d)  # (s31c without the forms alone and the w8a16 run: ~400 s; QUANTS=bf16 ~230 s)
       timeout 150 python3 -m pytest -q -rf -m gpu tests/codegen/test_decode_attention_rope.py -k "llama_1b and wide and not 16" 2>&1 | tail -2
-      AB_TIMEOUT=170 QUANTS="bf16 w4a16" bash "$0" s31b-ab 2>&1 | grep -v "^bytecode\|^NVIDIA\|^===" ;;
-    s31e)  # (s31d at bf16 alone: ~230 s)
-      timeout 100 python3 -m pytest -q -rf -m gpu tests/codegen/test_decode_attention_rope.py -k "llama_1b and wide and not 16" 2>&1 | tail -2
-      AB_TIMEOUT=140 QUANTS=bf16 bash "$0" s31b-ab 2>&1 | grep -v "^bytecode\|^NVIDIA\|^===" ;;
+      AB_TIMEOUT=${AB_TIMEOUT:-170} QUANTS="${QUANTS:-bf16 w4a16}" bash "$0" s31b-ab 2>&1 | grep -v "^bytecode\|^NVIDIA\|^===" ;;
     s31a)  # session 31: issue 13's goals on an H200 with session 30's defaults (whole-K WORDS tiles, KILN_REFINE): the 1B
       # w8a16 and the 8B w8a16 / w4a16 at batch 1, a process each (the 1B bf16 / w4a16 in s30e); decode tok/s, step, first run
       for mq in ${CASES:-1b:w8a16 8b:w8a16 8b:w4a16}; do

@@ -276,12 +276,18 @@ def _split_kv_candidates(prefix: str, run, cache: tuple, counters: torch.Tensor 
         candidates.update({config_name(f"{prefix}-last", c): partial(run, config=c, counters=counters) for c in cfgs})
     if keys <= WHOLE_MAX_KEYS:
         candidates[config_name(f"{prefix}-whole", cfgs[0])] = partial(run, config=cfgs[0], splits=1)
-    wide = dict(BLOCK_N=max(16, triton.next_power_of_2(keys)))
-    if keys <= WIDE_MAX_KEYS and wide["BLOCK_N"] * max(16, triton.next_power_of_2(head_dim)) <= WIDE_TILE:
-        if device.type == "cuda":
-            wide.update(num_warps=WIDE_WARPS, num_stages=1)
+    if keys <= WIDE_MAX_KEYS and (wide := wide_config(keys, head_dim, device)) is not None:
         candidates[config_name(f"{prefix}-wide", wide)] = partial(run, config=wide, splits=1)
     return candidates
+
+
+def wide_config(keys: int, head_dim: int, device: torch.device) -> dict | None:
+    """The "-wide" form's launch configuration for a cache of ``keys`` slots (run with ``splits=1``): one key tile of
+    them all; None where its K / V tiles would pass WIDE_TILE elements."""
+    block_n = max(16, triton.next_power_of_2(keys))
+    if block_n * max(16, triton.next_power_of_2(head_dim)) > WIDE_TILE:
+        return None
+    return dict(BLOCK_N=block_n, **(dict(num_warps=WIDE_WARPS, num_stages=1) if device.type == "cuda" else {}))
 
 
 def rope_kv(args: list, q_out: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_roped: torch.Tensor,
