@@ -65,6 +65,7 @@ from kiln.codegen.kernels.greedy import greedy, scratch  # noqa: E402
 from kiln.codegen.tuning import L2_FLUSH_BYTES  # noqa: E402
 
 from common import kernels_launched  # noqa: E402
+from step_timeline import step_timeline, summary  # noqa: E402
 
 # the --ab-set / --ab-whole-max-keys variant's module constants (NAME: lower_attention's; MODULE.NAME: kiln.codegen.MODULE's)
 SETS = {k: (float(v) if "." in v else int(v)) for k, v in (kv.split("=") for kv in a.ab_set.split(","))} if a.ab_set else {}
@@ -250,7 +251,8 @@ def kiln_case(g, layers: int, bs: int, prompt) -> dict:
            "kernels_per_layer": None if kernels is None else kernels / layers,
            "kernel_ms_per_step": launched.get("kernel_us", 0) / 1e3 or None, "kernel_top": launched.get("top"),
            "launches_by_kind": dict(plan.stats.launches), "choices": dict(plan.stats.choices),
-           "cuda_graph": plan.stats.cuda_graph, "call_times_cold": call_times(plan)}
+           "cuda_graph": plan.stats.cuda_graph, "call_times_cold": call_times(plan),
+           "timeline": step_timeline(plan)}  # (the step's kernels inside its CUDA graph: bench/step_timeline.py)
     out["between_steps_us"] = between_steps_us(g, plan, bs)
     # the run's last step (P + GEN keys; the plan bound again): decode attention reads the attended keys only
     out["step_ms_last"] = step_time_ms(decode_plan(g, bs, P + GEN - 1).replay, 5 if a.smoke else 200)
@@ -363,11 +365,13 @@ def bench_model(name: str) -> dict:
     for bs in batches:
         res[f"bs{bs}"] = {"kiln": kiln_case(g, cfg.num_hidden_layers, bs, prompt)}
         print(name, bs, "kiln", json.dumps(res[f"bs{bs}"]["kiln"]), flush=True)
+        print(name, bs, "kiln timeline:", summary(res[f"bs{bs}"]["kiln"]["timeline"]), flush=True)
         if g_off is not None:
             res[f"bs{bs}"]["kiln_variant"] = kiln_case(g_off, cfg.num_hidden_layers, bs, prompt)
             res[f"bs{bs}"]["ab_tok_s"] = interleaved(g, g_off, bs, prompt)
             print(name, bs, f"kiln variant ({a.ab_disable or a.ab_kernels or a.ab_config or SETS or ENV})",
                   json.dumps(res[f"bs{bs}"]["kiln_variant"]), flush=True)
+            print(name, bs, "kiln variant timeline:", summary(res[f"bs{bs}"]["kiln_variant"]["timeline"]), flush=True)
             print(name, bs, "interleaved tok/s (default, variant):", res[f"bs{bs}"]["ab_tok_s"], flush=True)
     g = g_off = None
     for bs in batches:

@@ -550,7 +550,7 @@ Occupancy|Warp Cycles Per Issued|Registers Per" "$OUT/ncu_24n.txt" | head -150 ;
     s31b-ab)  # (s31b's A/B half)
       for q in ${QUANTS:-bf16 w4a16}; do
         DECODE_JSON=decode_31b_$q.json timeout ${AB_TIMEOUT:-200} python3 bench/decode.py --models 1b --batches 1 \
-          $([ $q = bf16 ] || echo --quantize $q) --no-compile-peer --ab-set WIDE_MAX_KEYS=512 2>&1 | grep "interleaved\|Error\|error" | tail -3
+          $([ $q = bf16 ] || echo --quantize $q) --no-compile-peer --ab-set WIDE_MAX_KEYS=512 2>&1 | grep "interleaved\|Error\|error\|timeline" | tail -5
         python3 -c "import json, sys; r = json.load(open(sys.argv[1]))['1b']['bs1']
 for n in ('kiln', 'kiln_variant'):
     print('$q', n, {c: k for c, k in r[n].get('choices', {}).items() if c.startswith('attention')}, r[n].get('decode_tok_s'))" "$OUT/decode_31b_$q.json"
@@ -564,12 +564,19 @@ for n in ('kiln', 'kiln_variant'):
     s31d)  # (s31c without the forms alone and the w8a16 run: ~400 s; QUANTS=bf16 ~230 s)
       timeout 150 python3 -m pytest -q -rf -m gpu tests/codegen/test_decode_attention_rope.py -k "llama_1b and wide and not 16" 2>&1 | tail -2
       AB_TIMEOUT=${AB_TIMEOUT:-170} QUANTS="${QUANTS:-bf16 w4a16}" bash "$0" s31b-ab 2>&1 | grep -v "^bytecode\|^NVIDIA\|^===" ;;
+    s32b)  # session 32, after s31c (~300 s): s24h (the w4a16 4-bit LM head A/B, 1B and 8B: the 8B's w4a16 goal figure is
+      # its default arm) and the 8B w8a16 goal figure (s31a)
+      for m in 1b 8b; do
+        DECODE_JSON=decode_32b_$m.json timeout 200 python3 bench/decode.py --models $m --batches 1 --quantize w4a16 \
+          --no-compile-peer --ab-config quantize_lm_head=True 2>&1 | grep "interleaved\|Error\|error\|timeline" | tail -5
+      done
+      CASES=8b:w8a16 AB_TIMEOUT=180 bash "$0" s31a 2>&1 | grep -v "^bytecode\|^NVIDIA\|^===" ;;
     s31a)  # session 31: issue 13's goals on an H200 with session 30's defaults (whole-K WORDS tiles, KILN_REFINE): the 1B
       # w8a16 and the 8B w8a16 / w4a16 at batch 1, a process each (the 1B bf16 / w4a16 in s30e); decode tok/s, step, first run
       for mq in ${CASES:-1b:w8a16 8b:w8a16 8b:w4a16}; do
         IFS=: read -r m q <<< "$mq"
         DECODE_JSON=decode_31a_$m$q.json timeout ${AB_TIMEOUT:-200} python3 bench/decode.py --models $m --batches 1 \
-          $([ $q = bf16 ] || echo --quantize $q) --no-compile-peer 2>&1 | grep "kiln {\|Error\|error" | tail -3 \
+          $([ $q = bf16 ] || echo --quantize $q) --no-compile-peer 2>&1 | grep "kiln {\|Error\|error\|timeline" | tail -4 \
           | python3 -c "import sys, json
 for l in sys.stdin:
     if ' kiln {' not in l: print(l.rstrip()); continue
