@@ -25,7 +25,6 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from kiln.codegen import lower_attention  # noqa: E402
 from kiln.codegen.kernels import decode_attention as da  # noqa: E402
 from kiln.codegen.kernels import pdl  # noqa: E402
 from kiln.codegen.kernels.pdl import gdc  # noqa: E402
@@ -73,11 +72,6 @@ def forms(o: dict, norms: bool, splits: list[int]) -> dict:
          "partial + reduce": run(), "one split": run(splits=1),
          "rope-last": run(counters=counters, rope=rope), "rope-last, early": run(counters=counters, rope=rope, early=True)}
     f.update({f"last, {n} splits": run(counters=counters, splits=n) for n in splits})
-    # ("-wide": one tile of every key, head dim 64's; the 8B's 128 plans do not offer it at 384 slots)
-    wide = lower_attention.wide_config(kc.shape[2], 64, DEV)
-    f.update({"wide": lambda: da.decode_attention(q, kc, vc, mask, gqa=True, out=out, config=wide, splits=1),
-              "rope-wide, early": lambda: da.decode_attention(q, kc, vc, mask, gqa=True, out=out, config=wide, splits=1,
-                                                             rope=rope, early=True)})
     return f
 
 

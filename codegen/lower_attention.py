@@ -10,7 +10,7 @@
 
 A decode attention right after its rope_kv group may take that group's work over (``RopeStep``): every candidate then
 runs the rope_kv call first, and the split-KV kernel also ropes q and writes the new keys itself, in its own launch
-("kiln-rope-decode", "-last", "-whole", "-wide"). The plan drops the rope_kv call: the tuner chose between the two launches and
+("kiln-rope-decode", "-last", "-whole"). The plan drops the rope_kv call: the tuner chose between the two launches and
 one, both timed with the rope work in. Where the attention's mask is a step input (``RopeStep.early``), the fused kernel
 also scans it and loads its first K / V tile before its PDL wait (``decode_attention(..., early=True)``), overlapping
 them with the kernel before; a timing alone cannot see that overlap, so it is a policy (``EARLY_KV``), not a candidate.
@@ -24,7 +24,6 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-import triton
 
 from ..ir.ops import attention_operands, index_copy, sdpa_mask
 from .kernels import attention as ta
@@ -43,7 +42,7 @@ ATTENTION_CANDIDATES = 2
 # measured again): 2 since "kiln-decode-whole" exists, 3 since the kernel reads only the keys the mask attends, 4 since
 # a decode decision charges each launch past a candidate's first (tuning.EXTRA_LAUNCH_MS), 5 since it is timed at the
 # cache's every key too, and cold (``attention``), 6 since the last program reduces its group's rows at once and a rope_kv
-# call may run in the attention's launch (``RopeStep``). (Where "-wide" is offered, its what says so)
+# call may run in the attention's launch (``RopeStep``)
 DECODE_CANDIDATES = 6
 # the longest cache "kiln-decode-whole" (one split, a program per kv head) is offered on: a handful of programs streaming
 # the whole context alone. (The tuner times a decode attention at its prompt's keys and at the whole cache,
@@ -51,15 +50,8 @@ DECODE_CANDIDATES = 6
 # tuner still took it at batch 16, timed within ~1 us of the split kernel, and the split kernel's step ran 1.7-2% faster
 # (bench/NOTES.md, sessions 17-18: one process A / B); the one split's step grows with the keys past ~200
 WHOLE_MAX_KEYS = 256
-# the longest cache "kiln-decode-wide" is offered on: one split whose one key tile is the whole cache (BLOCK_N the next
-# power of two of its keys, WIDE_WARPS warps), so a program per kv head issues every load of its keys and values at
-# once (before its PDL wait with EARLY_KV: all but this step's key) and stores its rows with no partials and no
-# reduction; "-whole" walks the same keys 64 at a time, a DRAM round trip a step (14 us cold at 384 keys against the
-# 12-split form's 9; bench/NOTES.md, session 29). 0 (the default until measured in a step on a GPU: stage s31d): never
-# offered; 512 offers it
-WIDE_MAX_KEYS = 0
-WIDE_WARPS = 8
-WIDE_TILE = 512 * 64  # (64 KB a 16-bit tile: K and V's within the shared memory of an SM; head dim 128 up to 256 keys)
+# (One split of one key tile of every key, a program per kv head loading all its keys at once, was tried and taken out:
+# 10.1-13.6 us cold at the 1B's 384 keys against 8.9-9.7 for the forms above, never chosen; bench/NOTES.md, session 32)
 # (a plan that gives counters adds "kiln-decode-last": its what says so, apart from a call without them)
 # the rope-fused decode attention's mask scan and first K / V tile before its PDL wait, where the plan allows it
 # (module docstring). Measured on the H200 against EARLY_KV = 0, one process (bench/NOTES.md, session 19): the 1B's
@@ -185,8 +177,6 @@ def attention(args: list, attrs: dict, out: torch.Tensor, scratch: torch.Tensor 
         what["cache"] = "cold"  # (timed after L2 is flushed: tuning.py)
         if counters is not None:
             what["one_launch"] = True
-        if any(name.split(":")[0].endswith("-wide") for name in candidates):
-            what["wide"] = True  # (a decision measured without that form is measured again where it is offered)
     if ks is not None or vs is not None:
         what["codes"] = [str(t.dtype) if s is not None else None for t, s in ((k, ks), (v, vs))]
     if rope is not None:
@@ -207,7 +197,7 @@ def _with_rope(rope: RopeStep | None, candidates: dict, kc, vc, mask, attrs: dic
     q, k, v, cos, sin, slots = rope.operands
     run = partial(td.decode_attention, q, kc, vc, mask, attrs["scale"], _enable_gqa(q, kc, attrs["gqa"]), out=out,
                   rope=(k, v, cos, sin, slots, rope.norms), early=bool(rope.early and EARLY_KV), softcap=attrs.get("softcap"))
-    return first | _split_kv_candidates("kiln-rope-decode", run, kc.shape[2:], counters, q.device)
+    return first | _split_kv_candidates("kiln-rope-decode", run, kc.shape[2], counters, q.device)
 
 
 def _first(call: Callable[[], object], fn: Callable[[], object]) -> Callable[[], object]:
@@ -259,35 +249,22 @@ def _attention_candidates(q, k, v, mask, ks, vs, attrs: dict, out: torch.Tensor,
                                          softcap=softcap))
     if decode:
         run = partial(td.decode_attention, q, k, v, mask, scale, enable_gqa, out=out, k_scale=ks, v_scale=vs, softcap=softcap)
-        candidates.update(_split_kv_candidates("kiln-decode", run, k.shape[2:], counters, device))
+        candidates.update(_split_kv_candidates("kiln-decode", run, k.shape[2], counters, device))
     return candidates
 
 
-def _split_kv_candidates(prefix: str, run, cache: tuple, counters: torch.Tensor | None, device: torch.device) -> dict:
+def _split_kv_candidates(prefix: str, run, keys: int, counters: torch.Tensor | None, device: torch.device) -> dict:
     """kiln's split-KV decode kernel as candidates named after ``prefix``: the splits' partials reduced by a second
     launch; with ``counters`` the same splits reduced by the last program of each kv head's (``-last``, one launch); a
-    cache of at most WHOLE_MAX_KEYS ``keys`` in one split (``-whole``: fewer programs, one launch, no partials); one of
-    at most WIDE_MAX_KEYS in one split of one key tile (``-wide``: every K / V load at once; its K and V tiles at most
-    WIDE_TILE elements each). ``cache``: (keys, head dim); ``run(**kw)``: ``decode_attention`` on the group's operands."""
-    keys, head_dim = cache
+    cache of at most WHOLE_MAX_KEYS ``keys`` in one split (``-whole``: fewer programs, one launch, no partials).
+    ``run(**kw)``: ``decode_attention`` on the group's operands."""
     cfgs = (td.configs() if device.type == "cuda" else [td.INTERPRET_CONFIG])[:TRITON_ATTENTION_CONFIGS]
     candidates = {config_name(prefix, c): with_launches(partial(run, config=c), 2) for c in cfgs}
     if counters is not None:
         candidates.update({config_name(f"{prefix}-last", c): partial(run, config=c, counters=counters) for c in cfgs})
     if keys <= WHOLE_MAX_KEYS:
         candidates[config_name(f"{prefix}-whole", cfgs[0])] = partial(run, config=cfgs[0], splits=1)
-    if keys <= WIDE_MAX_KEYS and (wide := wide_config(keys, head_dim, device)) is not None:
-        candidates[config_name(f"{prefix}-wide", wide)] = partial(run, config=wide, splits=1)
     return candidates
-
-
-def wide_config(keys: int, head_dim: int, device: torch.device) -> dict | None:
-    """The "-wide" form's launch configuration for a cache of ``keys`` slots (run with ``splits=1``): one key tile of
-    them all; None where its K / V tiles would pass WIDE_TILE elements."""
-    block_n = max(16, triton.next_power_of_2(keys))
-    if block_n * max(16, triton.next_power_of_2(head_dim)) > WIDE_TILE:
-        return None
-    return dict(BLOCK_N=block_n, **(dict(num_warps=WIDE_WARPS, num_stages=1) if device.type == "cuda" else {}))
 
 
 def rope_kv(args: list, q_out: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_roped: torch.Tensor,

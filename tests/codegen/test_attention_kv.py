@@ -4,7 +4,6 @@ kernel and the flash kernel dequantizing each K / V tile in registers, and the A
 interpreter, float16 / float32; GPU: bfloat16 at Llama-3.2-1B shapes)."""
 import pytest
 import torch
-import triton
 
 from kiln.codegen import lower_attention as lower
 from kiln.codegen.kernels.attention import attention
@@ -121,19 +120,6 @@ def test_prefill_candidates_include_sdpa_on_a_dequantized_scratch(kv):
         assert rel_err(out, want) <= TOL[torch.float32], name
 
 
-@pytest.mark.parametrize("kv", list(KV_DTYPES))
-def test_the_wide_form_reads_the_codes_too(kv, monkeypatch):
-    # "-wide" (offered) over a quantized cache, two rows left-padded differently: its one tile dequantized in registers
-    monkeypatch.setattr(lower, "WIDE_MAX_KEYS", 512)
-    q, k, v, ks, vs = operands(2, 8, 2, 1, 40, 16, torch.float32, kv)
-    mask = left_padded([0, 5], 1, 40, pos=30)
-    _, what, cands, out = candidates(q, k, v, ks, vs, mask)
-    (wide,) = [name for name in cands if name.startswith("kiln-decode-wide:")]
-    assert wide == "kiln-decode-wide:64" and what["wide"]
-    cands[wide]()
-    assert rel_err(out, reference(q.double(), k, v, mask, gqa=True, k_scale=ks, v_scale=vs)) <= TOL[torch.float32]
-
-
 def test_decode_candidates_read_the_codes_alone():
     # a decode step: no scratch (it would cost a dequantized copy of the cache), so no SDPA; a plain cache keeps SDPA
     q, k, v, ks, vs = operands(2, 8, 2, 1, 40, 16, torch.float32, "int8", which="v")
@@ -148,29 +134,14 @@ def test_decode_candidates_read_the_codes_alone():
     assert "sdpa" in plain
 
 
-@pytest.mark.parametrize("s", [lower.WHOLE_MAX_KEYS, lower.WHOLE_MAX_KEYS + 1, 513])
-@pytest.mark.parametrize("wide_max", [0, 512])
-def test_one_split_offered_only_on_a_short_cache(s, wide_max, monkeypatch):
+@pytest.mark.parametrize("s", [lower.WHOLE_MAX_KEYS, lower.WHOLE_MAX_KEYS + 1])
+def test_one_split_offered_only_on_a_short_cache(s):
     # tuned at the prompt's length, one split would look cheap and then stream a long context in a few programs alone
-    monkeypatch.setattr(lower, "WIDE_MAX_KEYS", wide_max)
     q, k, v, _, _ = operands(1, 4, 2, 1, s, 16, torch.float32, "int8", which="")
     _, what, cands, _ = candidates(q, k, v, None, None, left_padded([0], 1, s, pos=10))
     whole = ["kiln-decode-whole"] if s <= lower.WHOLE_MAX_KEYS else []
-    wide = ["kiln-decode-wide"] if s <= wide_max else []
-    assert sorted(c.split(":")[0] for c in cands) == sorted(["kiln", "kiln-decode", *whole, *wide, "sdpa"])
+    assert sorted(c.split(":")[0] for c in cands) == ["kiln", "kiln-decode", *whole, "sdpa"]
     assert what["decode"] == lower.DECODE_CANDIDATES == 6
-    assert what.get("wide", False) == bool(wide)  # (keyed apart: a decision made without it is measured again)
-
-
-@pytest.mark.parametrize("s, d, offered", [(256, 128, True), (257, 128, False), (512, 64, True), (300, 72, False)])
-def test_the_wide_tile_holds_every_key_within_its_size(s, d, offered, monkeypatch):
-    # "-wide": one split of one key tile of the next power of two of the cache's keys, its K and V tiles each at most
-    # WIDE_TILE elements (head dims pad to a power of two: 72 runs 128 wide)
-    monkeypatch.setattr(lower, "WIDE_MAX_KEYS", 512)
-    q, k, v, _, _ = operands(1, 4, 2, 1, s, d, torch.float32, "int8", which="")
-    _, _, cands, _ = candidates(q, k, v, None, None, left_padded([0], 1, s, pos=10))
-    wide = [c for c in cands if c.startswith("kiln-decode-wide:")]
-    assert wide == ([f"kiln-decode-wide:{triton.next_power_of_2(s)}"] if offered else [])
 
 
 def test_a_decode_attention_is_timed_at_the_prompt_and_at_the_whole_cache():

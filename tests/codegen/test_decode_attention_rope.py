@@ -87,19 +87,6 @@ def test_the_same_bits_as_rope_kv_then_attention(dtype, mode, T, pos, D, early):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("T,pos", [(1, 3), (1, 44), (2, 31)])
-@pytest.mark.parametrize("early", [False, True])
-def test_one_tile_of_every_key(dtype, T, pos, early):
-    # lower_attention's "-wide": one split whose one key tile holds the cache's every key (45 in a 64-key tile), all of
-    # them loaded before the new keys are written where early, those patched in
-    args = step(2, 4, 2, T, 64, 45, pos, dtype)
-    (got, kc, vc), (want, kc_want, vc_want) = both(args, "direct", early, config=dict(BLOCK_N=64))
-    assert torch.equal(kc, kc_want) and torch.equal(vc, vc_want)
-    assert torch.equal(got, want)
-    assert rel_err(got, float64_answer(args)) <= TOL[dtype]
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("mode", ["last", "direct"])
 @pytest.mark.parametrize("which", ["both weighted", "k unweighted", "float32 weights"])
 def test_qwen3_norms_as_rope_kv_then_attention(dtype, mode, which):
@@ -145,17 +132,16 @@ def test_errors():
 @pytest.mark.gpu
 @pytest.mark.parametrize("norm", [False, True], ids=["llama", "qwen3-norms"])
 @pytest.mark.parametrize("B", [1, 16])
-@pytest.mark.parametrize("mode", ["reduce", "last", "wide"])
+@pytest.mark.parametrize("mode", ["reduce", "last"])
 @pytest.mark.parametrize("early", [False, True])
 def test_llama_1b_decode_on_cuda(B, mode, early, norm):
     """Llama-3.2-1B at batch 1 / 16, 384 slots, the new key at 200: against rope_kv then the attention (within a bf16
     rounding: the GPU may contract the float32 products otherwise in the two kernels) and float64, replayed from a
-    CUDA graph with the counters left zero. (``norm``: with Qwen3's q / k norms; "wide": one split of one 512-key tile.)"""
+    CUDA graph with the counters left zero. (``norm``: with Qwen3's q / k norms.)"""
     args = step(B, 32, 8, 1, 64, 384, 200, torch.bfloat16, "cuda")
     w = [torch.randn(64, generator=gen).to("cuda", torch.bfloat16) + 1 for _ in range(2)]
     norms = [(w[0], 1e-6), (w[1], 1e-6)] if norm else None
-    cfg = dict(BLOCK_N=512, num_warps=8, num_stages=1) if mode == "wide" else dict(BLOCK_N=64, num_warps=4, num_stages=2)
-    mode = "direct" if mode == "wide" else mode
+    cfg = dict(BLOCK_N=64, num_warps=4, num_stages=2)
     (got, kc, vc), (want, kc_want, vc_want) = both(args, mode, early, norms, config=cfg)
     assert rel_err(kc, kc_want) <= 1e-2 and torch.equal(vc, vc_want)
     assert rel_err(got, want) <= 1e-2 and rel_err(got, float64_answer(args, norms)) <= TOL[torch.bfloat16]
@@ -165,7 +151,7 @@ def test_llama_1b_decode_on_cuda(B, mode, early, norm):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         decode_attention(q, kc, vc, mask, gqa=True, config=cfg, counters=counters, out=out,
-                         rope=(k, v, cos, sin, slots, norms), early=early, splits=1 if mode == "direct" else None)
+                         rope=(k, v, cos, sin, slots, norms), early=early)
     for _ in range(3):
         graph.replay()
         torch.cuda.synchronize()

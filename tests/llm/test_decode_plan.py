@@ -19,7 +19,6 @@ import pytest
 import torch
 from triton.runtime.interpreter import InterpretedFunction
 
-from kiln.codegen import lower_attention
 from kiln.config import CompileConfig
 from kiln.ir.bind import bind_inputs
 from kiln.ir.interpret import interpret
@@ -193,14 +192,12 @@ def test_weightless_norms_scale_rows_in_the_gemm_template():
 
 
 @pytest.mark.parametrize("rope_kv,attention", [("triton-rope-kv", "sdpa"), ("separate", "sdpa"),
-                                                ("triton-rope-kv", "kiln-rope-decode-last"),
-                                                ("triton-rope-kv", "kiln-rope-decode-wide")])
+                                                ("triton-rope-kv", "kiln-rope-decode-last")])
 def test_qwen3_norms_run_in_the_rope_kv_call(rope_kv, attention, monkeypatch):
     # q_norm / k_norm (RMSNORM over each head, before RoPE) join the rope_kv group: a decode layer launches what a
     # Llama layer does, the norms run inside the rope_kv call (kernels/rope_kv.py's norms, or the separate candidate's
     # torch reference) or inside the decode attention that does that call's work, and prefill, decode and a plan whose
     # caches are not adopted (the group's parts: two norm kernels more) compute the interpreter's logits and caches
-    monkeypatch.setattr(lower_attention, "WIDE_MAX_KEYS", 512)  # (-wide offered: off by default)
     g = compile_tiny(1, rope_kv, attention, qk_norm=True, head_dim=16)
     graph = g.compiled.graph
     step = inputs(g, 1, 16, 1, 0)
@@ -211,7 +208,7 @@ def test_qwen3_norms_run_in_the_rope_kv_call(rope_kv, attention, monkeypatch):
     if attention == "sdpa":
         assert att.takes.choice == rope_kv and [n.op for n in att.takes.group.nodes][:2] == ["RMSNORM", "RMSNORM"]
     else:
-        assert att.choice.split(":")[0] == attention and att.takes is None
+        assert att.choice.startswith("kiln-rope-decode-last") and att.takes is None
     for slot0, tokens in ((0, 16), (16, 1), (17, 1)):
         step = inputs(g, 3, slot0, tokens, seed=slot0)
         want = dict(zip(graph.output_names, interpret(graph, [t.clone() for t in step.values()])))

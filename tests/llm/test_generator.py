@@ -9,7 +9,6 @@ import transformers
 
 import kiln
 from kiln import InputError, SamplingParams
-from kiln.codegen import lower_attention
 from kiln.codegen.tuning import Tuner
 
 TINY = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -212,12 +211,11 @@ def test_text_prompts_stop_strings_and_streamed_text():
 
 
 @pytest.mark.interpreter
-@pytest.mark.parametrize("attention", ["sdpa", "kiln-decode", "kiln-decode-last", "kiln-decode-whole", "kiln-decode-wide"])
-def test_kernels_backend_writes_the_cache_in_place_and_matches(attention, monkeypatch):
+@pytest.mark.parametrize("attention", ["sdpa", "kiln-decode", "kiln-decode-last", "kiln-decode-whole"])
+def test_kernels_backend_writes_the_cache_in_place_and_matches(attention):
     """The kernels backend (Triton interpreter on CPU): one prefill and one decode plan, the cache adopted;
     attention by SDPA or kiln's split-KV decode kernel (partials reduced by a second launch, by the last program of
-    each kv head with the plan's counters, one split, or one split of one key tile)."""
-    monkeypatch.setattr(lower_attention, "WIDE_MAX_KEYS", 512)  # (offered: off by default)
+    each kv head with the plan's counters, or one split)."""
     hf = hf_model()
     cfg = kiln.CompileConfig(backend="kernels", kernels={"gemm": "cublas", "attention": attention})
     g = kiln.from_hf(hf, max_seq=48, batch_buckets=(2,), eos_token_id=[], config=cfg)
