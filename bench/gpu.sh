@@ -540,31 +540,10 @@ Occupancy|Warp Cycles Per Issued|Registers Per" "$OUT/ncu_24n.txt" | head -150 ;
           $([ $q = bf16 ] || echo --quantize $q) --no-compile-peer --ab-set kernels.skinny.WHOLE_K_WORDS=0 \
           --ab-env KILN_REFINE=0 2>&1 | grep "interleaved\|Error\|error" | tail -3
       done ;;
-    s31b)  # session 31: the decode attention's "-wide" form (one split of one key tile of every key: a program per kv head
-      # issues all its K / V loads at once, before its PDL wait, and reduces nothing): its GPU tests, the forms timed alone
-      # (1B / 8B, 384 slots), then the 1B at batch 1, the default (not offered: WIDE_MAX_KEYS 0) against it offered
-      # (the variant, WIDE_MAX_KEYS=512), one process each; the attention choices taken
-      timeout 200 python3 -m pytest -q -rf -m gpu tests/codegen/test_decode_attention_rope.py -k llama_1b 2>&1 | tail -3
-      timeout 120 python3 bench/decode_attn.py --shapes 1b,8b 2>&1 | grep -v "splits  " | tail -40
-      bash "$0" s31b-ab 2>&1 | grep -v "^bytecode\|^NVIDIA\|^===" ;;
-    s31b-ab)  # (s31b's A/B half)
-      for q in ${QUANTS:-bf16 w4a16}; do
-        DECODE_JSON=decode_31b_$q.json timeout ${AB_TIMEOUT:-200} python3 bench/decode.py --models 1b --batches 1 \
-          $([ $q = bf16 ] || echo --quantize $q) --no-compile-peer --ab-set WIDE_MAX_KEYS=512 2>&1 | grep "interleaved\|Error\|error\|timeline" | tail -5
-        python3 -c "import json, sys; r = json.load(open(sys.argv[1]))['1b']['bs1']
-for n in ('kiln', 'kiln_variant'):
-    print('$q', n, {c: k for c, k in r[n].get('choices', {}).items() if c.startswith('attention')}, r[n].get('decode_tok_s'))" "$OUT/decode_31b_$q.json"
-      done ;;
-    s31c)  # session 31, one call for a scarce machine (~500 s): s31b's "-wide" GPU tests (batch 1) and forms alone (the 1B),
-      # its A/B at bf16 and w4a16 (issue 13's 1B goal figures with the session-30 defaults too), then the 1B w8a16 (s31a)
-      timeout 150 python3 -m pytest -q -rf -m gpu tests/codegen/test_decode_attention_rope.py -k "llama_1b and wide and not 16" 2>&1 | tail -2
-      timeout 60 python3 bench/decode_attn.py --shapes 1b 2>&1 | grep -v "splits  " | tail -16
-      AB_TIMEOUT=170 QUANTS="bf16 w4a16" bash "$0" s31b-ab 2>&1 | grep -v "^bytecode\|^NVIDIA\|^==="
-      CASES=1b:w8a16 AB_TIMEOUT=120 bash "$0" s31a 2>&1 | grep -v "^bytecode\|^NVIDIA\|^===" ;;
-    s31d)  # (s31c without the forms alone and the w8a16 run: ~400 s; QUANTS=bf16 ~230 s)
-      timeout 150 python3 -m pytest -q -rf -m gpu tests/codegen/test_decode_attention_rope.py -k "llama_1b and wide and not 16" 2>&1 | tail -2
-      AB_TIMEOUT=${AB_TIMEOUT:-170} QUANTS="${QUANTS:-bf16 w4a16}" bash "$0" s31b-ab 2>&1 | grep -v "^bytecode\|^NVIDIA\|^===" ;;
-    s32b)  # session 32, after s31c (~250 s): the 8B's w4a16 with its LM head at 4 bits against the default 8-bit head
+    s32a)  # session 32 (~300 s): issue 13's 1B goal figures on an H200 (bf16, w4a16, w8a16 at batch 1, a process each),
+      # each with its step's timeline (bench/step_timeline.py: marginal us by role inside the CUDA graph)
+      CASES="1b:bf16 1b:w4a16 1b:w8a16" AB_TIMEOUT=150 bash "$0" s31a 2>&1 | grep -v "^bytecode\|^NVIDIA\|^===" ;;
+    s32b)  # session 32, after s32a (~250 s): the 8B's w4a16 with its LM head at 4 bits against the default 8-bit head
       # (s24h; the default arm is the 8B w4a16 goal figure), then the 8B w8a16 goal figure (s31a). MODELS="1b 8b": the 1B too
       for m in ${MODELS:-8b}; do
         DECODE_JSON=decode_32b_$m.json timeout 200 python3 bench/decode.py --models $m --batches 1 --quantize w4a16 \

@@ -73,8 +73,9 @@ CHECK_CHUNK = 16 << 20  # elements of the output compared at a time (float32 tem
 # tile) before its wait. That overlap is worth more than the candidates' differences alone show (bench/NOTES.md, session
 # 29: the 4-bit peel, 1,558 -> 1,680 tok/s at the same choices). BEHIND_MB > 0 times each such candidate behind a
 # predecessor streaming that many MB from HBM as a weight-streaming GEMV does (pdl.stream, PDL-launched), less the
-# predecessor alone; the decisions are keyed by it. 0 (the default): alone, as before. An experiment to measure
-# (bench/decode.py --ab-set tuning.BEHIND_MB=32) before it decides anything by default.
+# predecessor alone; the decisions are keyed by it. 0 (the default): alone, as before. Measured (bench/decode.py --ab-set
+# tuning.BEHIND_MB=32, H100, session 32): the 1B w4a16 at batch 1 1,795 -> 1,761 tok/s (-1.9%; its gate/up chosen
+# otherwise, 154 -> 162 us a step): off. KILN_REFINE (runtime/refine.py) re-decides in the step itself instead.
 BEHIND_MB = 0
 
 
