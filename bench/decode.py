@@ -9,7 +9,8 @@ and 16, the Llama-3.1-8B shape at batch 1 (random weights: no checkpoint needed)
 Launches are counted with the profiler while the plan's calls run outside their CUDA graph (a call may launch more
 than one kernel: cuBLAS + an epilogue, a norm kernel + a GEMM); the kernels' summed device time per step against the
 replayed step's time says how much of a step is kernels and how much the gaps between them, and the top kernels by
-time say which.
+time say which. Inside the CUDA graph, each call's share of the replayed step by role (qkv, o, gate/up, down, head,
+attention): ``"timeline"`` (bench/step_timeline.py), one line printed per case.
 
     python bench/decode.py [--models 1b,8b] [--no-compile-peer] [--max-seq N]    writes $OUT/decode.json
     python bench/decode.py --models 1b --batches 1 --quantize w4a16     the quantized step's kernels
@@ -365,13 +366,15 @@ def bench_model(name: str) -> dict:
     for bs in batches:
         res[f"bs{bs}"] = {"kiln": kiln_case(g, cfg.num_hidden_layers, bs, prompt)}
         print(name, bs, "kiln", json.dumps(res[f"bs{bs}"]["kiln"]), flush=True)
-        print(name, bs, "kiln timeline:", summary(res[f"bs{bs}"]["kiln"]["timeline"]), flush=True)
+        if res[f"bs{bs}"]["kiln"]["timeline"]:  # (a GPU's CUDA graph only)
+            print(name, bs, "kiln timeline:", summary(res[f"bs{bs}"]["kiln"]["timeline"]), flush=True)
         if g_off is not None:
             res[f"bs{bs}"]["kiln_variant"] = kiln_case(g_off, cfg.num_hidden_layers, bs, prompt)
             res[f"bs{bs}"]["ab_tok_s"] = interleaved(g, g_off, bs, prompt)
             print(name, bs, f"kiln variant ({a.ab_disable or a.ab_kernels or a.ab_config or SETS or ENV})",
                   json.dumps(res[f"bs{bs}"]["kiln_variant"]), flush=True)
-            print(name, bs, "kiln variant timeline:", summary(res[f"bs{bs}"]["kiln_variant"]["timeline"]), flush=True)
+            if res[f"bs{bs}"]["kiln_variant"]["timeline"]:
+                print(name, bs, "kiln variant timeline:", summary(res[f"bs{bs}"]["kiln_variant"]["timeline"]), flush=True)
             print(name, bs, "interleaved tok/s (default, variant):", res[f"bs{bs}"]["ab_tok_s"], flush=True)
     g = g_off = None
     for bs in batches:
