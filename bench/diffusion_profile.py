@@ -21,6 +21,7 @@ from kiln.diffusion import presets
 from kiln.diffusion.pipelines import padded, randn, step_inputs
 
 from common import kernels_launched
+from step_timeline import step_timeline, summary
 
 DEV, BF16 = torch.device("cuda"), torch.bfloat16
 OUT = os.path.join(os.environ.get("OUT", "/tmp"), "diffusion_profile.json")
@@ -149,6 +150,8 @@ r["step_plan"] = plan.describe()
 # the step's kernels (its calls run outside the CUDA graph under the profiler): launches, their summed device time (the
 # rest of step_ms is gaps between kernels in the replay) and the top kernels by time
 r["step_kernels"] = kernels_launched(plan)
+r["step_timeline"] = step_timeline(plan)  # (inside the CUDA graph: each role's share of the replayed step)
+print("step timeline:", summary(r["step_timeline"]))
 r["vae_ms"] = tt.do_bench(lambda: kp.vae(latents), warmup=5, rep=50, return_mode="median")
 
 # the transformer alone at the CFG batch (2), kiln and eager

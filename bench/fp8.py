@@ -64,13 +64,19 @@ def gemm_choices(compiled) -> list[dict]:
 
 
 def kernel_breakdown(compiled) -> dict:
-    """Where the last plan's time goes (common.kernels_launched: kernels, their summed device time, the top ones)."""
+    """Where the last plan's time goes (common.kernels_launched: kernels, their summed device time, the top ones; and
+    step_timeline: each role's share of the replayed call)."""
     from common import kernels_launched
+
+    from step_timeline import step_timeline, summary
 
     k = kernels_launched(compiled.executor.plans[-1])
     print(f"    {k.get('kernels')} kernels, {k.get('kernel_us', 0):.0f} us of kernels a call:", flush=True)
     for name, count, us in k.get("top", [])[:14]:
         print(f"      {us:8.1f} us  x{count:g}  {name}", flush=True)
+    if (t := step_timeline(compiled.executor.plans[-1])):  # (inside the CUDA graph: each role's share of the call)
+        k["timeline"] = t
+        print("    " + summary(t), flush=True)
     return k
 
 

@@ -26,8 +26,10 @@ import torch
 
 DEVICE_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
 MARKER = "spin_kernel"  # torch.cuda._sleep's kernel
-ROLES = (("qkv", r"q_proj|k_proj|v_proj|qkv"), ("o", r"o_proj"), ("gate/up", r"gate_proj|up_proj"), ("down", r"down_proj"),
-         ("head", r"lm_head|embed_tokens"))  # (a GEMM's role by its weight's name: Llama-family names)
+ROLES = (("qkv", r"q_proj|k_proj|v_proj|qkv|to_q|to_k|to_v|c_attn"), ("o", r"o_proj|to_out|attn\.c_proj"),
+         ("gate/up", r"gate_proj|up_proj"), ("down", r"down_proj"), ("fc1", r"ff\.net\.0|fc1|mlp\.c_fc"),
+         ("fc2", r"ff\.net\.2|fc2|mlp\.c_proj"), ("head", r"lm_head|embed_tokens|proj_out"))
+# (a GEMM's role by its weight's name: Llama-family, diffusers DiT / PixArt and GPT-2 names)
 
 
 def call_label(call) -> str:

@@ -67,3 +67,15 @@ def test_call_labels_of_a_decode_plan():
     labels = [st.call_label(c) for c in plan.calls]
     assert [lb for lb in labels if lb in ("qkv", "o", "gate/up", "down", "head")] == ["qkv", "o", "gate/up", "down", "head"]
     assert "attention" in labels
+
+
+@pytest.mark.parametrize("name, role", [
+    ("transformer_blocks.3.attn1.to_q+to_k+to_v.weight", "qkv"), ("transformer_blocks.3.attn1.to_out.0.weight", "o"),
+    ("transformer_blocks.3.ff.net.0.proj.weight", "fc1"), ("transformer_blocks.3.ff.net.2.weight", "fc2"),
+    ("transformer.h.0.attn.c_attn.weight", "qkv"), ("transformer.h.0.attn.c_proj.weight", "o"),
+    ("transformer.h.0.mlp.c_fc.weight", "fc1"), ("transformer.h.0.mlp.c_proj.weight", "fc2"),
+    ("model.layers.0.mlp.down_proj.weight.qweight", "down"), ("pos_embed.proj.weight", "gemm:proj")])
+def test_call_labels_of_dit_and_gpt2_weights(name, role):
+    from types import SimpleNamespace as NS
+    node = NS(inputs=[NS(op="INPUT", attrs={}), NS(op="WEIGHT", attrs={"name": name})])
+    assert st.call_label(NS(kind="gemm", group=NS(nodes=[node]))) == role
