@@ -260,6 +260,12 @@ def kiln_case(g, layers: int, bs: int, prompt) -> dict:
     return out
 
 
+def show_timeline(name: str, bs: int, what: str, case: dict) -> None:
+    """A case's step timeline as one line (a GPU's CUDA graph only: empty elsewhere)."""
+    if case["timeline"]:
+        print(name, bs, f"{what} timeline:", summary(case["timeline"]), flush=True)
+
+
 class Variant:
     """A generator whose every call runs with the ``--ab-set`` / ``--ab-whole-max-keys`` constants and the ``--ab-env``
     variables in force (its plans are built lazily, at the calls that first need them); attributes pass through."""
@@ -366,15 +372,13 @@ def bench_model(name: str) -> dict:
     for bs in batches:
         res[f"bs{bs}"] = {"kiln": kiln_case(g, cfg.num_hidden_layers, bs, prompt)}
         print(name, bs, "kiln", json.dumps(res[f"bs{bs}"]["kiln"]), flush=True)
-        if res[f"bs{bs}"]["kiln"]["timeline"]:  # (a GPU's CUDA graph only)
-            print(name, bs, "kiln timeline:", summary(res[f"bs{bs}"]["kiln"]["timeline"]), flush=True)
+        show_timeline(name, bs, "kiln", res[f"bs{bs}"]["kiln"])
         if g_off is not None:
             res[f"bs{bs}"]["kiln_variant"] = kiln_case(g_off, cfg.num_hidden_layers, bs, prompt)
             res[f"bs{bs}"]["ab_tok_s"] = interleaved(g, g_off, bs, prompt)
             print(name, bs, f"kiln variant ({a.ab_disable or a.ab_kernels or a.ab_config or SETS or ENV})",
                   json.dumps(res[f"bs{bs}"]["kiln_variant"]), flush=True)
-            if res[f"bs{bs}"]["kiln_variant"]["timeline"]:
-                print(name, bs, "kiln variant timeline:", summary(res[f"bs{bs}"]["kiln_variant"]["timeline"]), flush=True)
+            show_timeline(name, bs, "kiln variant", res[f"bs{bs}"]["kiln_variant"])
             print(name, bs, "interleaved tok/s (default, variant):", res[f"bs{bs}"]["ab_tok_s"], flush=True)
     g = g_off = None
     for bs in batches:

@@ -146,8 +146,12 @@ def step_timeline(plan, replays: int = 20) -> dict:
 
 
 def summary(t: dict) -> str:
-    """One line: the replay and each role's marginal us (calls)."""
-    if not t or "error" in t or not t.get("by_role"):
-        return str(t.get("error") or f"replay {t.get('replay_us')} us, {t.get('kernels')} kernels (calls not matched)") if t else ""
+    """One line: the replay and each role's marginal us (calls); "" for an empty timeline (no GPU)."""
+    if not t:
+        return ""
+    if "error" in t:
+        return t["error"]
+    if not t.get("by_role"):
+        return f"replay {t['replay_us']} us, {t['kernels']} kernels (calls not matched)"
     roles = ", ".join(f"{role} {m:.0f} ({c})" for role, (c, _, m, _) in t["by_role"].items())
     return f"replay {t['replay_us']} us: marginal us by role: {roles}"
