@@ -540,6 +540,37 @@ Occupancy|Warp Cycles Per Issued|Registers Per" "$OUT/ncu_24n.txt" | head -150 ;
           $([ $q = bf16 ] || echo --quantize $q) --no-compile-peer --ab-set kernels.skinny.WHOLE_K_WORDS=0 \
           --ab-env KILN_REFINE=0 2>&1 | grep "interleaved\|Error\|error" | tail -3
       done ;;
+    s33a|s33b)  # session 33: fewer round trips after the PDL wait (the decode attention's loads; the last program's
+      # split sum unrolled, a one-row GEMV's residual loaded after the wait) in this tree against the tree before (.old: `git
+      # archive` of the commit before, carried; its own package path and kiln cache). s33a (~400 s): the GPU tests, each
+      # attention form alone (decode_attn, 1B), the 1B's batch-1 w4a16 decode, the two trees in turn (a process each, with
+      # timelines). s33b (~450 s): the same for bf16, then the GEMV switches' A/B in one process (w4a16)
+      if [ $stage = s33b ]; then
+        QUANTS=${QUANTS:-bf16} SKIP_ATTN=1 bash "$0" s33a 2>&1 | grep -v "^bytecode\|^NVIDIA\|^==="
+        DECODE_JSON=decode_33b_ab.json timeout 200 python3 bench/decode.py --models 1b --batches 1 --quantize w4a16 \
+          --no-compile-peer --ab-set kernels.qgemm.SUM_UNROLL=0,kernels.qgemm.EARLY_RESIDUAL=0 2>&1 \
+          | grep "interleaved\|Error\|error\|timeline" | tail -5
+        continue
+      fi
+      [ -n "${SKIP_ATTN:-}" ] || timeout 240 python3 -m pytest -q -rf -m gpu tests/codegen/test_decode_attention.py tests/codegen/test_decode_attention_rope.py \
+        tests/codegen/test_pdl.py tests/codegen/test_skinny.py 2>&1 | tail -3
+      mkdir -p /tmp/kpkg_old && ln -sfn "$PWD/.old" /tmp/kpkg_old/kiln
+      for t in $([ -n "${SKIP_ATTN:-}" ] || echo new old); do
+        echo "--- decode_attn ($t)"
+        (if [ $t = old ]; then cd .old; export PYTHONPATH=/tmp/kpkg_old:/tmp/site; fi
+         timeout 150 python3 bench/decode_attn.py --shapes 1b 2>&1 | grep -v "^bytecode\|^NVIDIA" | tail -14)
+      done
+      for q in ${QUANTS:-w4a16}; do
+        for t in new old; do
+          (if [ $t = old ]; then cd .old; export PYTHONPATH=/tmp/kpkg_old:/tmp/site KILN_CACHE_DIR=/tmp/kiln-cache-old; fi
+           DECODE_JSON=$OUT/decode_33a_${q}_$t.json timeout 200 python3 bench/decode.py --models 1b --batches 1 \
+             $([ $q = bf16 ] || echo --quantize $q) --no-compile-peer 2>&1 | grep "kiln {\|Error\|error\|timeline" | tail -3 \
+             | python3 -c "import sys, json
+for l in sys.stdin:
+    if ' kiln {' not in l: print('$q $t', l.rstrip()[:400]); continue
+    d = json.loads(l.split(' kiln ', 1)[1]); print('$q $t', {k: d.get(k) for k in ('decode_tok_s', 'step_ms', 'first_run_s')})")
+        done
+      done ;;
     s32a)  # session 32 (~300 s): issue 13's 1B goal figures on an H200 (bf16, w4a16, w8a16 at batch 1, a process each),
       # each with its step's timeline (bench/step_timeline.py: marginal us by role inside the CUDA graph)
       CASES="1b:bf16 1b:w4a16 1b:w8a16" AB_TIMEOUT=150 bash "$0" s31a 2>&1 | grep -v "^bytecode\|^NVIDIA\|^===" ;;

@@ -49,6 +49,15 @@ Head dims 1..256 (64, 72, 96, 128, 256 in practice): BLOCK_D is the next power o
 the smallest ``tl.dot`` depth), the padding lanes masked to zero: D = 72 runs as 128 wide. The group tile
 is padded the same way: BLOCK_M = next power of two >= G * Sq, at least 16 (G * Sq <= 128).
 
+Round trips. At batch 1 the kernel moves a few KB and its time is the chain of dependent loads after its PDL wait,
+~0.5-0.7 us from L2 each; the code is ordered so that loads which do not depend on each other leave together (read in
+the SASS: Triton for sm_90, ptxas, cuobjdump): q, its rope operands and the first new key and value before the length
+scan (whose cross-warp reductions are barriers nothing after them is hoisted over); the scan in one tile without a
+loop where S fits it; each key tile's mask loaded a tile ahead, beside its K / V (in the loop it came after the
+pipeline's wait for them); the last program's partials, m, l and acc, in one load (``_reduce_rows``, one pass). The
+rope-fused kernel after the wait in the plan's form (EARLY, one key tile a split): the q / new-key loads, the partials'
+stores and the counter (its release fence and atomic), the reduce's loads, the store; 8 such trips before session 33.
+
 The scratch is allocated per call with ``torch.empty``; under CUDA graph capture that memory comes from
 the graph's pool, so a captured decode step replays without allocating.
 """
@@ -107,6 +116,7 @@ def _decode_partial_kernel(
     HAS_MASK: tl.constexpr, K_SCALED: tl.constexpr, V_SCALED: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     SCAN_M: tl.constexpr = 16, SCAN_N: tl.constexpr = 16,  # HAS_MASK: the mask tile [SCAN_M rows, SCAN_N keys] scanned
+    SCAN_ONCE: tl.constexpr = False,  # HAS_MASK: S <= SCAN_N, the scan one tile
     DIRECT: tl.constexpr = False,  # one split: the normalised output stored here, no partials and no reduce launch
     REDUCE_LAST: tl.constexpr = False,  # the last program of a (b, kv head) to finish reduces its group's rows
     BLOCK_S: tl.constexpr = 16,  # REDUCE_LAST: the splits the reduce loads per step (as _decode_reduce_kernel's)
@@ -136,56 +146,75 @@ def _decode_partial_kernel(
     vs_base = vs_ptr + b * stride_vsb + hk * stride_vsh
     mask_rows = mask_ptr + b * stride_mb + h * stride_mh + i * stride_mm  # [BLOCK_M] row starts
 
+    mask_group = mask_ptr + b * stride_mb + hk * GROUP * stride_mh  # the group's first mask row
+    c_b = b * stride_cb
+    kn_b = kn_ptr + b * stride_knb + hk * stride_knh
+    vn_b = vn_ptr + b * stride_vnb + hk * stride_vnh
     # the keys 0 .. n_keys - 1 that any row of the group may attend, cut into SPLITS chunks of whole BLOCK_N steps;
-    # the keys past n_keys are never read (a split past them runs no step and stores the empty partial)
-    n_keys = S
-    if HAS_MASK:
-        n_keys = _attended_length(mask_ptr + b * stride_mb + hk * GROUP * stride_mh, stride_mh, stride_mm, stride_mn,
-                                  GROUP, Sq, S, SCAN_M, SCAN_N)
-    chunk = tl.cdiv(tl.cdiv(n_keys, SPLITS), BLOCK_N) * BLOCK_N
-    lo = split * chunk
-    hi = tl.minimum(lo + chunk, n_keys)
-    # EARLY: the chunk's first K / V tile loaded while the previous kernel may still run (its keys were written by
-    # earlier steps; this step's, written below, are patched in). Else placeholders, never read
-    offs_n0 = lo + tl.arange(0, BLOCK_N)
-    kt0 = tl.zeros([BLOCK_D, BLOCK_N], dtype=k_ptr.dtype.element_ty)
-    v0 = tl.zeros([BLOCK_N, BLOCK_D], dtype=v_ptr.dtype.element_ty)
+    # the keys past n_keys are never read (a split past them runs no step and stores the empty partial).
+    # EARLY: the length and the chunk's first K / V tile while the previous kernel may still run (its keys were written
+    # by earlier steps; this step's, written below, are patched in). Else placeholders, never read
     if EARLY:
-        kt0, v0 = _kv_tiles(k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, offs_n0, offs_n0 < hi, offs_d, valid_d)
+        n_keys = _n_keys(mask_group, stride_mh, stride_mm, stride_mn, GROUP, Sq, S, HAS_MASK, SCAN_M, SCAN_N, SCAN_ONCE)
+        chunk = tl.cdiv(tl.cdiv(n_keys, SPLITS), BLOCK_N) * BLOCK_N
+        offs_n0 = split * chunk + tl.arange(0, BLOCK_N)
+        valid_n0 = offs_n0 < tl.minimum(split * chunk + chunk, n_keys)
+        kt0, v0 = _kv_tiles(k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, offs_n0, valid_n0, offs_d, valid_d)
+        keep0 = _keep(mask_rows, offs_n0, valid_n0, valid_r, stride_mn, HAS_MASK)  # (the mask: no kernel writes it)
         gdc(PDL)
 
+    # q (roped) and this step's first new key and value (roped, not yet stored) before the length scan: the scan's
+    # reductions synchronise the warps, so their loads leave with the scan's, one round trip from L2 after the wait
     q_rows = q_ptr + b * stride_qb + h[:, None] * stride_qh + i[:, None] * stride_qm  # [BLOCK_M, 1]
     q = tl.load(q_rows + offs_d[None, :] * stride_qd, mask=valid_r[:, None] & valid_d[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
     if ROPE:  # as kernels/rope_kv.py computes it: float32, rounded once to q's dtype
-        c_rows = b * stride_cb + i[:, None] * stride_ct
+        c_rows = c_b + i[:, None] * stride_ct
         q = _roped(q, q_rows, stride_qd, cos_ptr + c_rows, sin_ptr + c_rows, stride_cd, offs_d[None, :], HEAD_DIM,
                    valid_r[:, None] & valid_d[None, :], qw_ptr, eps_q, NORM_Q, WEIGHT_Q, 1).to(q.dtype)
-        kt0, v0 = _write_new_keys(k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, cos_ptr + b * stride_cb,
-                                  sin_ptr + b * stride_cb, stride_ct, stride_cd, kn_ptr + b * stride_knb + hk * stride_knh,
-                                  stride_knt, stride_knd, vn_ptr + b * stride_vnb + hk * stride_vnh, stride_vnt, stride_vnd,
-                                  slots_ptr, Sq, split, chunk, SPLITS, HEAD_DIM, offs_d, valid_d, kt0, v0, offs_n0,
-                                  kw_ptr, eps_k, NORM_K, WEIGHT_K)
+        slot_0, k_0, v_0 = _new_key(cos_ptr + c_b, sin_ptr + c_b, stride_ct, stride_cd, kn_b, stride_knt, stride_knd, vn_b,
+                                    stride_vnt, stride_vnd, slots_ptr, 0, Sq, HEAD_DIM, offs_d, valid_d, kw_ptr, eps_k,
+                                    NORM_K, WEIGHT_K)
+    if not EARLY:
+        n_keys = _n_keys(mask_group, stride_mh, stride_mm, stride_mn, GROUP, Sq, S, HAS_MASK, SCAN_M, SCAN_N, SCAN_ONCE)
+        chunk = tl.cdiv(tl.cdiv(n_keys, SPLITS), BLOCK_N) * BLOCK_N
+        offs_n0 = split * chunk + tl.arange(0, BLOCK_N)
+        kt0 = tl.zeros([BLOCK_D, BLOCK_N], dtype=k_ptr.dtype.element_ty)
+        v0 = tl.zeros([BLOCK_N, BLOCK_D], dtype=v_ptr.dtype.element_ty)
+    lo = split * chunk
+    hi = tl.minimum(lo + chunk, n_keys)
+    if ROPE:
+        kt0, v0 = _store_new_key(k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, slot_0, k_0, v_0, split, chunk,
+                                 SPLITS, offs_d, valid_d, kt0, v0, offs_n0)
+        for t in range(1, Sq):  # the other new keys (speculative rows), each loaded and stored in turn
+            slot_t, k_t, v_t = _new_key(cos_ptr + c_b, sin_ptr + c_b, stride_ct, stride_cd, kn_b, stride_knt, stride_knd,
+                                        vn_b, stride_vnt, stride_vnd, slots_ptr, t, Sq, HEAD_DIM, offs_d, valid_d, kw_ptr,
+                                        eps_k, NORM_K, WEIGHT_K)
+            kt0, v0 = _store_new_key(k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, slot_t, k_t, v_t, split,
+                                     chunk, SPLITS, offs_d, valid_d, kt0, v0, offs_n0)
+        tl.debug_barrier()  # the program's stores before its own loads of the chunk (no other program reads the slots)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     start = lo
     if EARLY:  # (an empty chunk's tile is all masked: it leaves m, l and acc as they are)
-        m_i, l_i, acc = _kv_step(q, kt0, v0, offs_n0, offs_n0 < hi, mask_rows, valid_r, stride_mn, qk_scale, m_i, l_i, acc,
-                                 HAS_MASK, DOT_PRECISION, SOFTCAP)
+        m_i, l_i, acc = _kv_step(q, kt0, v0, keep0, qk_scale, m_i, l_i, acc, DOT_PRECISION, SOFTCAP)
         start = lo + BLOCK_N
+    offs_n = start + tl.arange(0, BLOCK_N)
+    keep_next = _keep(mask_rows, offs_n, offs_n < hi, valid_r, stride_mn, HAS_MASK)
     for start_n in range(start, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         valid_n = offs_n < hi
         kt, v = _kv_tiles(k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, offs_n, valid_n, offs_d, valid_d)
+        keep = keep_next
+        keep_next = _keep(mask_rows, offs_n + BLOCK_N, offs_n + BLOCK_N < hi, valid_r, stride_mn, HAS_MASK)
         if K_SCALED:  # codes -> float32 * the key's scale -> q's dtype, in registers
             ks = tl.load(ks_base + offs_n * stride_ksn, mask=valid_n, other=0.0)
             kt = (kt.to(tl.float32) * ks[None, :]).to(q.dtype)
         if V_SCALED:
             vs = tl.load(vs_base + offs_n * stride_vsn, mask=valid_n, other=0.0)
             v = (v.to(tl.float32) * vs[:, None]).to(q.dtype)
-        m_i, l_i, acc = _kv_step(q, kt, v, offs_n, valid_n, mask_rows, valid_r, stride_mn, qk_scale, m_i, l_i, acc,
-                                 HAS_MASK, DOT_PRECISION, SOFTCAP)
+        m_i, l_i, acc = _kv_step(q, kt, v, keep, qk_scale, m_i, l_i, acc, DOT_PRECISION, SOFTCAP)
 
     if DIRECT:  # what the reduce makes of one split (weight exp2(0) = 1): acc / l, l = 0 (all masked) read as 1
         l_i = tl.where(l_i == 0.0, 1.0, l_i)
@@ -247,51 +276,76 @@ def _kv_tiles(k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, offs_n
 
 
 @triton.jit
-def _kv_step(q, kt, v, offs_n, valid_n, mask_rows, valid_r, stride_mn, qk_scale, m_i, l_i, acc, HAS_MASK: tl.constexpr,
-             DOT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr):
+def _keep(mask_rows, offs_n, valid_n, valid_r, stride_mn, HAS_MASK: tl.constexpr):
+    # which of the keys offs_n each row attends [BLOCK_M, BLOCK_N] (padding rows none): the mask's tile. The callers
+    # load it a tile ahead, beside the K / V tiles (in the loop it would come after the pipeline's wait for them: a
+    # round trip more)
+    keep = valid_r[:, None] & valid_n[None, :]
+    if HAS_MASK:
+        keep = keep & (tl.load(mask_rows[:, None] + offs_n[None, :] * stride_mn, mask=keep, other=0) != 0)
+    return keep
+
+
+@triton.jit
+def _kv_step(q, kt, v, keep, qk_scale, m_i, l_i, acc, DOT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr):
     # one key tile of the group's online softmax (scores in log2 units, soft-capped, masked keys -inf)
     s = softcapped(tl.dot(q, kt.to(q.dtype), input_precision=DOT_PRECISION) * qk_scale, SOFTCAP)  # [BLOCK_M, BLOCK_N]
-    keep = valid_n[None, :]
-    if HAS_MASK:
-        keep = keep & (tl.load(mask_rows[:, None] + offs_n[None, :] * stride_mn,
-                               mask=valid_r[:, None] & valid_n[None, :], other=0) != 0)
     s = tl.where(keep, s, float("-inf"))
     return online_softmax_step(s, v.to(q.dtype), m_i, l_i, acc, DOT_PRECISION)
 
 
 @triton.jit
-def _write_new_keys(k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, cos_b, sin_b, stride_ct, stride_cd,
-                    kn, stride_knt, stride_knd, vn, stride_vnt, stride_vnd, slots_ptr, Sq, split, chunk, SPLITS, HEAD_DIM,
-                    offs_d, valid_d, kt0, v0, offs_n0, kw_ptr, eps_k, NORM_K: tl.constexpr, WEIGHT_K: tl.constexpr):
-    # this step's Sq keys of one (b, kv head): k roped, k and v stored at their slots by the program whose chunk of
-    # keys holds the slot, so that no other program of this launch reads it (a slot past the attended keys, read by
-    # none, goes to the chunk it would fall in, or the last); the barrier then makes the stores visible to the
-    # program's own loads. Returns the chunk's first K / V tiles (keys offs_n0, loaded before: EARLY) with the
-    # new keys and values in their slots' columns
-    for t in range(0, Sq):
-        slot = tl.load(slots_ptr + t).to(tl.int64)
-        if tl.minimum(slot // tl.maximum(chunk, 1), SPLITS - 1) == split:
-            src = kn + t * stride_knt
-            k = tl.load(src + offs_d * stride_knd, mask=valid_d, other=0.0)
-            k = _roped(k, src, stride_knd, cos_b + t * stride_ct, sin_b + t * stride_ct, stride_cd, offs_d, HEAD_DIM, valid_d,
-                       kw_ptr, eps_k, NORM_K, WEIGHT_K, 0)
-            tl.store(k_base + slot * stride_kn + offs_d * stride_kd, k.to(k_base.dtype.element_ty), mask=valid_d)
-            v = tl.load(vn + t * stride_vnt + offs_d * stride_vnd, mask=valid_d, other=0.0)
-            tl.store(v_base + slot * stride_vn + offs_d * stride_vd, v.to(v_base.dtype.element_ty), mask=valid_d)
-            kt0 = tl.where((offs_n0 == slot)[None, :], k.to(kt0.dtype)[:, None], kt0)
-            v0 = tl.where((offs_n0 == slot)[:, None], v.to(v0.dtype)[None, :], v0)
-    tl.debug_barrier()
+def _new_key(cos_b, sin_b, stride_ct, stride_cd, kn, stride_knt, stride_knd, vn, stride_vnt, stride_vnd, slots_ptr, t, Sq,
+             HEAD_DIM, offs_d, valid_d, kw_ptr, eps_k, NORM_K: tl.constexpr, WEIGHT_K: tl.constexpr):
+    # new key t (< Sq: the host launches nothing for Sq = 0) of one (b, kv head): its slot, the key roped (float32) and
+    # the value, loaded by every program of the group (a few hundred bytes from L2)
+    slot = tl.load(slots_ptr + t).to(tl.int64)
+    src = kn + t * stride_knt
+    k = tl.load(src + offs_d * stride_knd, mask=valid_d, other=0.0)
+    k = _roped(k, src, stride_knd, cos_b + t * stride_ct, sin_b + t * stride_ct, stride_cd, offs_d, HEAD_DIM, valid_d,
+               kw_ptr, eps_k, NORM_K, WEIGHT_K, 0)
+    v = tl.load(vn + t * stride_vnt + offs_d * stride_vnd, mask=valid_d, other=0.0)
+    return slot, k, v
+
+
+@triton.jit
+def _store_new_key(k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, slot, k, v, split, chunk, SPLITS, offs_d,
+                   valid_d, kt0, v0, offs_n0):
+    # one new key and value stored at their slot by the program whose chunk of keys holds it, so that no other program
+    # of this launch reads it (a slot past the attended keys, read by none, goes to the chunk it would fall in, or the
+    # last); the caller's barrier then makes the stores visible to the program's own loads. Returns the chunk's first
+    # K / V tiles (keys offs_n0, loaded before: EARLY) with the key and value in their slot's column
+    if tl.minimum(slot // tl.maximum(chunk, 1), SPLITS - 1) == split:
+        tl.store(k_base + slot * stride_kn + offs_d * stride_kd, k.to(k_base.dtype.element_ty), mask=valid_d)
+        tl.store(v_base + slot * stride_vn + offs_d * stride_vd, v.to(v_base.dtype.element_ty), mask=valid_d)
+        kt0 = tl.where((offs_n0 == slot)[None, :], k.to(kt0.dtype)[:, None], kt0)
+        v0 = tl.where((offs_n0 == slot)[:, None], v.to(v0.dtype)[None, :], v0)
     return kt0, v0
 
 
 @triton.jit
-def _attended_length(mask_group, stride_mh, stride_mm, stride_mn, GROUP, Sq, S, SCAN_M: tl.constexpr, SCAN_N: tl.constexpr):
+def _n_keys(mask_group, stride_mh, stride_mm, stride_mn, GROUP, Sq, S, HAS_MASK: tl.constexpr, SCAN_M: tl.constexpr,
+            SCAN_N: tl.constexpr, SCAN_ONCE: tl.constexpr):
+    # 1 + the last key any of the group's rows attends: the mask scanned (``_attended_length``), else all S keys
+    n_keys = S
+    if HAS_MASK:
+        n_keys = _attended_length(mask_group, stride_mh, stride_mm, stride_mn, GROUP, Sq, S, SCAN_M, SCAN_N, SCAN_ONCE)
+    return n_keys
+
+
+@triton.jit
+def _attended_length(mask_group, stride_mh, stride_mm, stride_mn, GROUP, Sq, S, SCAN_M: tl.constexpr, SCAN_N: tl.constexpr,
+                     SCAN_ONCE: tl.constexpr = False):
     # 1 + the last key any of the group's G * Sq rows attends (0: none). mask_group: the group's first row [S]. The host
     # makes SCAN_M cover the rows that may differ: all G * Sq, or the first Sq of a mask broadcast over the heads
     rows = tl.arange(0, SCAN_M)
     scanned = rows < GROUP * Sq
     row_ptrs = mask_group + (rows // Sq) * stride_mh + (rows % Sq) * stride_mm  # [SCAN_M]
     offs = tl.arange(0, SCAN_N)
+    if SCAN_ONCE:  # S <= SCAN_N: one tile, no loop (whose control flow would keep later loads behind this one's)
+        attend = tl.load(row_ptrs[:, None] + offs[None, :] * stride_mn, mask=scanned[:, None] & (offs < S)[None, :],
+                         other=0) != 0
+        return tl.max(tl.max(tl.where(attend, offs[None, :] + 1, 0), 0), 0)
     n_keys = tl.zeros([SCAN_N], dtype=tl.int32)  # per key lane: 1 + the last attended key seen there
     for start in range(0, S, SCAN_N):
         offs_n = start + offs
@@ -316,30 +370,29 @@ def _reduce_rows(acc_ptr, m_ptr, l_ptr, out_ptr, rows, live_r, stride_ob, stride
     valid_d = offs_d < HEAD_DIM
     base = rows * SPLITS  # [R]
 
-    m_max = tl.full([rows.shape[0], BLOCK_S], float("-inf"), dtype=tl.float32)
-    for s0 in range(0, SPLITS, BLOCK_S):
-        offs = s0 + offs_s
-        m_max = tl.maximum(m_max, tl.load(m_ptr + base[:, None] + offs[None, :], mask=live_r[:, None] & (offs < SPLITS)[None, :],
-                                          other=float("-inf"), cache_modifier=".cg"))
-    big_m = tl.max(m_max, 1)  # [R]
-    big_m = tl.where(big_m == float("-inf"), 0.0, big_m)  # every key masked: all weights 0, L = 0
-
-    l_sum = tl.zeros([rows.shape[0], BLOCK_S], dtype=tl.float32)
+    # one pass: each step's m, l and acc loaded together (one round trip from L2 a step, not three: the m's, then the
+    # l's and acc's they selected), merged into running ones as the online softmax does. A split past the attended
+    # keys (m = -inf, l = 0, acc = 0) weighs exp2(-inf) = 0 and adds zeros. At most BLOCK_S splits (a decode step's
+    # 12-32): one step, the sums of the two-pass form bit for bit (the running terms start at -inf / 0)
+    m_run = tl.full([rows.shape[0]], float("-inf"), dtype=tl.float32)
+    l_run = tl.zeros([rows.shape[0]], dtype=tl.float32)
     acc = tl.zeros([rows.shape[0], BLOCK_D], dtype=tl.float32)
     for s0 in range(0, SPLITS, BLOCK_S):
         offs = s0 + offs_s
         part = base[:, None] + offs[None, :]  # [R, BLOCK_S]
-        m_s = tl.load(m_ptr + part, mask=live_r[:, None] & (offs < SPLITS)[None, :], other=float("-inf"), cache_modifier=".cg")
-        w = tl.math.exp2(m_s - big_m[:, None])
-        # an empty split (past the attended keys, or all masked: m = -inf, l = 0, acc = 0) weighs 0: its l and acc
-        # are not read (a 4096-slot cache 129 keys in has most splits empty), which adds the same zeros
-        live = m_s > float("-inf")
-        l_sum += tl.load(l_ptr + part, mask=live, other=0.0, cache_modifier=".cg") * w
+        live = live_r[:, None] & (offs < SPLITS)[None, :]
+        m_s = tl.load(m_ptr + part, mask=live, other=float("-inf"), cache_modifier=".cg")
+        l_s = tl.load(l_ptr + part, mask=live, other=0.0, cache_modifier=".cg")
         a = tl.load(acc_ptr + part[:, :, None] * HEAD_DIM + offs_d[None, None, :],
                     mask=live[:, :, None] & valid_d[None, None, :], other=0.0, cache_modifier=".cg")  # [R, BLOCK_S, BLOCK_D]
-        acc += tl.sum(a * w[:, :, None], 1)
-    big_l = tl.sum(l_sum, 1)
-    big_l = tl.where(big_l == 0.0, 1.0, big_l)  # fully masked row: acc is 0, the output row is 0
+        m_new = tl.maximum(m_run, tl.max(m_s, 1))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # every key so far masked: all weights 0
+        alpha = tl.math.exp2(m_run - m_ref)
+        w = tl.math.exp2(m_s - m_ref[:, None])
+        l_run = l_run * alpha + tl.sum(l_s * w, 1)
+        acc = acc * alpha[:, None] + tl.sum(a * w[:, :, None], 1)
+        m_run = m_new
+    big_l = tl.where(l_run == 0.0, 1.0, l_run)  # fully masked row: acc is 0, the output row is 0
     tl.store(out_ptr + (b * stride_ob + h * stride_oh + i * stride_om)[:, None] + offs_d[None, :] * stride_od,
              (acc / big_l[:, None]).to(out_ptr.dtype.element_ty), mask=live_r[:, None] & valid_d[None, :])
 
@@ -417,7 +470,8 @@ def _scan_tile(mask4: torch.Tensor | None, group: int, sq: int) -> dict:
     if mask4 is None:
         return {}
     rows = triton.next_power_of_2(sq if mask4.stride(1) == 0 else group * sq)
-    return dict(SCAN_M=rows, SCAN_N=max(16, SCAN_TILE // rows))
+    keys = max(16, SCAN_TILE // rows)
+    return dict(SCAN_M=rows, SCAN_N=keys, SCAN_ONCE=mask4.shape[-1] <= keys)
 
 
 def _check(q, k, v, mask, scale, gqa, out, config, splits, k_scale, v_scale):

@@ -54,7 +54,7 @@ import triton
 import triton.language as tl
 
 from ...ir.ops_fused import ACTIVATIONS
-from .gemm import _activation, _gate_residual_store, check_output_operands, grouped_tile, output_operands
+from .gemm import _activation, _gate_residual, _gate_residual_store, check_output_operands, grouped_tile, output_operands
 from .gemm import reference as gemm_reference
 from . import pdl
 from .pdl import INTERPRETED, gdc, l2_prefetch
@@ -66,6 +66,16 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 SCALE_DTYPES = (torch.float16, torch.float32)
 STATS_ELEMS = 4096  # values of x a step of the norm prologue's statistics pass loads (_row_rstd): 16 rows x 256
+# the last program of a split-K launch sums the splits' partials in straight-line code where they are few (_unroll_sum):
+# all loads in flight at once, not the loop's unrolled-by-4 steps one round trip each (a one-row GEMV of 8 splits:
+# two); a switch for bench/decode.py --ab-set kernels.qgemm.SUM_UNROLL=0
+SUM_UNROLL = True
+# a one-row GEMV without split-K loads its residual's tile right after its PDL wait, not after the loop (the load's round
+# trip then overlaps the loop's instead of sitting between the loop and the store); a switch for A/Bs
+# (bench/decode.py --ab-set kernels.qgemm.EARLY_RESIDUAL=0)
+EARLY_RESIDUAL = True
+SUM_UNROLL_SPLITS = 32
+SUM_UNROLL_REGS = 64
 
 # the interpreter is slow per program and per K step: small tiles, so irregular test shapes span several
 INTERPRET_CONFIG = dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=32, GROUP_M=2)
@@ -156,31 +166,55 @@ def _post_rstd(ss_ptr, stride, rows, mask_m, K, eps, SPLITS):
 
 
 @triton.jit
-def _sum_splits(ws_ptr, rows, cols, mask, M, N, SPLITS, GLU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _sum_splits(ws_ptr, rows, cols, mask, M, N, SPLITS, GLU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                UNROLLED: tl.constexpr = 0):
     # workspace [SPLITS, M, NW] float32 -> the sums over the splits at rows x cols, [BLOCK_M, BLOCK_N] (and of the up
     # half, at N + cols, with GLU), added in split order 0, 1, ...: every caller gets the same bits. The loads bypass
-    # L1 (.cg): the partials of a split-K launch were written by other SMs
+    # L1 (.cg): the partials of a split-K launch were written by other SMs. UNROLLED (= SPLITS, known at compile time):
+    # straight-line code, every split's load issued before the first add (one round trip from L2, where the loop's
+    # unrolled-by-4 steps took one each) and the caller's epilogue loads beside them
     NW = 2 * N if GLU else N
     part = ws_ptr + rows[:, None] * NW + cols[None, :]  # split 0
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_u = acc
-    for _ in range(SPLITS):
-        acc += tl.load(part, mask=mask, other=0.0, cache_modifier=".cg")
-        if GLU:
-            acc_u += tl.load(part + N, mask=mask, other=0.0, cache_modifier=".cg")
-        part += M * NW
+    if UNROLLED:
+        for s in tl.static_range(UNROLLED):
+            acc += tl.load(part + s * M * NW, mask=mask, other=0.0, cache_modifier=".cg")
+            if GLU:
+                acc_u += tl.load(part + s * M * NW + N, mask=mask, other=0.0, cache_modifier=".cg")
+    else:
+        for _ in range(SPLITS):
+            acc += tl.load(part, mask=mask, other=0.0, cache_modifier=".cg")
+            if GLU:
+                acc_u += tl.load(part + N, mask=mask, other=0.0, cache_modifier=".cg")
+            part += M * NW
     return acc, acc_u
 
 
 @triton.jit
 def _epilogue_store(acc, acc_u, rows, cols, mask_n, mask, N, bias_ptr, gate_ptr, gate_rows, stride_gb, stride_gm, stride_gn,
                     res_ptr, res_rows, stride_rb, stride_rm, stride_rn, out_ptr, stride_om, stride_on,
-                    ACT: tl.constexpr, GLU: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GATE: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
-    # out = residual + gate * epi(acc + bias) of the float32 sums acc (and acc_u, the up half) [BLOCK_M, BLOCK_N]
+                    ACT: tl.constexpr, GLU: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GATE: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                    res_pre=0.0, RES_PRE: tl.constexpr = False):
+    # out = residual + gate * epi(acc + bias) of the float32 sums acc (and acc_u, the up half) [BLOCK_M, BLOCK_N].
+    # RES_PRE: the residual tile is res_pre, loaded by the caller (_residual_tile), added as _gate_residual adds it
     acc = _bias_act_glu(acc, acc_u, bias_ptr, cols, mask_n, N, ACT, GLU, HAS_BIAS)
-    _gate_residual_store(acc, rows, cols, mask, gate_ptr, gate_rows, stride_gb, stride_gm, stride_gn,
-                         res_ptr, res_rows, stride_rb, stride_rm, stride_rn, out_ptr, stride_om, stride_on,
-                         HAS_GATE, HAS_RESIDUAL)
+    if RES_PRE:
+        acc = _gate_residual(acc, rows, cols, mask, gate_ptr, gate_rows, stride_gb, stride_gm, stride_gn,
+                             res_ptr, res_rows, stride_rb, stride_rm, stride_rn, HAS_GATE, False)
+        acc = acc + res_pre.to(tl.float32)
+        tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        _gate_residual_store(acc, rows, cols, mask, gate_ptr, gate_rows, stride_gb, stride_gm, stride_gn,
+                             res_ptr, res_rows, stride_rb, stride_rm, stride_rn, out_ptr, stride_om, stride_on,
+                             HAS_GATE, HAS_RESIDUAL)
+
+
+@triton.jit
+def _residual_tile(res_ptr, rows, cols, mask, res_rows, stride_rb, stride_rm, stride_rn):
+    # the residual's tile at rows x cols, as _gate_residual loads it
+    r_off = (rows // res_rows) * stride_rb + (rows % res_rows) * stride_rm
+    return tl.load(res_ptr + r_off[:, None] + cols[None, :] * stride_rn, mask=mask, other=0.0)
 
 
 @triton.jit
@@ -250,6 +284,8 @@ def _wgemm_kernel(
     MAGIC: tl.constexpr = False,  # (swapped tl.dot tile of a 4-bit weight) codes - zero exact in x's dtype (qweight_tiles.py)
     NORM_POST: tl.constexpr = False,  # (NORM) no statistics pass: the loop sums x's squares, the epilogue scales by 1 / rms
     IDOT: tl.constexpr = False,  # (WORDS, 4 bits, 16-bit x) each word's sum by integer dot products (_words_step_idot)
+    SUM_UNROLLED: tl.constexpr = 0,  # (REDUCE_LAST) the splits, for the last program's sum unrolled (_sum_splits); 0: a loop
+    EARLY_RESIDUAL: tl.constexpr = True,  # (one row, no split) the residual loaded after the wait, not after the loop
 ):
     EARLY: tl.constexpr = PREFETCH or L2_BYTES > 0  # weights read before the wait (a kernel never writes them)
     if not EARLY:
@@ -301,6 +337,13 @@ def _wgemm_kernel(
                              stride_sn, stride_sg, stride_zn, stride_zg, BITS, PACK, HAS_ZEROS, QGROUP, SUB, BLOCK_N, BLOCK_K)
     if EARLY and PDL:
         tl.extra.cuda.gdc_wait()
+    # a one-row GEMV that stores its own output: the residual's tile loaded now, its round trip under the loop's instead
+    # of between the loop's end and the store
+    RES_PRE: tl.constexpr = HAS_RESIDUAL and not PARTIAL and not DOT and EARLY_RESIDUAL
+    res_pre = eps
+    if RES_PRE:
+        res_pre = _residual_tile(res_ptr, rows, cols, mask_m[:, None] & mask_n[None, :], res_rows, stride_rb, stride_rm,
+                                 stride_rn)
     rstd = eps  # (rstd, nw: unused without NORM)
     nw = eps
     # the WORDS steps' norm (qweight_tiles._x_normed): 1 the prologue's, 2 NORM_POST's
@@ -434,7 +477,7 @@ def _wgemm_kernel(
             tl.debug_barrier()
             arrived = tl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel")
             if arrived == tl.num_programs(1) - 1:
-                tot, tot_u = _sum_splits(ws_ptr, rows, cols, mask, M, N, tl.num_programs(1), GLU, BLOCK_M, BLOCK_N)
+                tot, tot_u = _sum_splits(ws_ptr, rows, cols, mask, M, N, tl.num_programs(1), GLU, BLOCK_M, BLOCK_N, SUM_UNROLLED)
                 if POST:
                     r = _post_rstd(ss_tile, tl.num_programs(0) * M, rows, mask_m, K, eps, tl.num_programs(1))[:, None]
                     tot *= r
@@ -452,7 +495,7 @@ def _wgemm_kernel(
                 acc_u *= r
         _epilogue_store(acc, acc_u, rows, cols, mask_n, mask, N, bias_ptr, gate_ptr, gate_rows, stride_gb, stride_gm, stride_gn,
                         res_ptr, res_rows, stride_rb, stride_rm, stride_rn, out_ptr, stride_om, stride_on,
-                        ACT, GLU, HAS_BIAS, HAS_GATE, HAS_RESIDUAL)
+                        ACT, GLU, HAS_BIAS, HAS_GATE, HAS_RESIDUAL, res_pre, RES_PRE)
 
 
 # ----------------------------------------------------------------------------- the format, in torch
@@ -610,10 +653,20 @@ def launch(x2, weight: Weight, epi: Epilogue, out2, m: int, n: int, config: dict
     if norm is not None:  # the statistics' tiles: ~STATS_ELEMS values, at most K's power of two wide
         meta["RSTD_K"] = min(triton.next_power_of_2(k), max(16, STATS_ELEMS // (config or {}).get("BLOCK_M", 16)))
     if config is not None:
+        meta["SUM_UNROLLED"] = splits if meta["REDUCE_LAST"] and _unroll_sum(config, splits, meta["GLU"]) else 0
+        meta["EARLY_RESIDUAL"] = EARLY_RESIDUAL
         grid = (triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"]), splits)
         (kernel or _wgemm_kernel)[grid](*args, **meta, **config)
     else:
         kernel[lambda c: (triton.cdiv(m, c["BLOCK_M"]) * triton.cdiv(n, c["BLOCK_N"]), splits)](*args, **meta)
+
+
+def _unroll_sum(config: dict, splits: int, glu: bool) -> bool:
+    """Whether the last program of a split-K launch sums the splits' partials unrolled (``_sum_splits``' UNROLLED): at
+    most SUM_UNROLL_SPLITS splits and SUM_UNROLL_REGS float32 partials a thread in flight (a one-row GEMV tile's 32 rows
+    are 1-2 a split; a 16-row tl.dot tile's 16-64: those keep the loop)."""
+    per_split = config["BLOCK_M"] * config["BLOCK_N"] * (2 if glu else 1) / (32 * config.get("num_warps", 4))
+    return SUM_UNROLL and splits <= SUM_UNROLL_SPLITS and per_split * splits <= SUM_UNROLL_REGS
 
 
 def check_config(fn: str, config: dict, keys: tuple) -> dict:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import kiln.codegen.kernels.qgemm as Q
 import kiln.codegen.kernels.skinny as S
 from kiln.codegen.kernels import pdl
 from kiln.codegen.kernels.gemm import reference
@@ -229,6 +230,24 @@ def test_one_launch_split_k_with_the_norm_prologue():
     two = skinny_gemm(x, **wq[0], **ops, norm_weight=nw, norm_eps=1e-5, config=dict(c, REDUCE="separate"))
     assert torch.equal(one, two) and not counters.any()
     check_norm(x, wq, nw, **ops, counters=counters, config=c)
+
+
+@pytest.mark.parametrize("bits", [None, 4])
+def test_residual_loaded_early_and_splits_summed_unrolled_change_no_bits(monkeypatch, bits):
+    # qgemm.EARLY_RESIDUAL (one row, no split: the residual's tile loaded right after the wait) and qgemm.SUM_UNROLL
+    # (the last program's sum of 3 splits in straight-line code): the bits of the residual loaded after the loop and
+    # of the loop over the splits
+    x, wq, res = r(1, 200, dtype=torch.float16), weight(40, 200, bits, torch.float16, group="K"), r(1, 40, dtype=torch.float16)
+
+    def run(split):
+        c = config(split)
+        return skinny_gemm(x, **wq[0], residual=res, act="silu", config=c,
+                           counters=counters_for(1, 40, 200, bits, False, c) if split > 1 else None)
+    on = [run(1), run(3)]
+    monkeypatch.setattr(Q, "EARLY_RESIDUAL", False)
+    monkeypatch.setattr(Q, "SUM_UNROLL", False)
+    off = [run(1), run(3)]
+    assert all(torch.equal(a, b) for a, b in zip(on, off))
 
 
 def test_counters_planned_by_the_caller():
