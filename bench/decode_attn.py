@@ -65,13 +65,16 @@ def forms(o: dict, norms: bool, splits: list[int]) -> dict:
     counters = torch.zeros(da.counter_bytes(1, kc.shape[1]), dtype=torch.uint8, device=DEV)
     rope = (o["k"], o["v"], o["cos"], o["sin"], o["slots"], o["norms"] if norms else None)
 
-    def run(m=mask, **kw):
-        return lambda: da.decode_attention(q, kc, vc, m, gqa=True, out=out, config=CONFIG, **kw)
+    def run(m=mask, config=CONFIG, **kw):
+        return lambda: da.decode_attention(q, kc, vc, m, gqa=True, out=out, config=config, **kw)
     f = {"empty": lambda: _empty_kernel[(1,)](flag, **pdl.kwargs(q)),
          "last": run(counters=counters), "last, no mask": run(None, counters=counters),
          "partial + reduce": run(), "one split": run(splits=1),
          "rope-last": run(counters=counters, rope=rope), "rope-last, early": run(counters=counters, rope=rope, early=True)}
     f.update({f"last, {n} splits": run(counters=counters, splits=n) for n in splits})
+    if not a.smoke:  # the plan's form in fewer / more warps (fewer: fewer cross-warp barriers in its reductions)
+        f.update({f"rope-last, early, {w} warps": run(counters=counters, rope=rope, early=True, config=dict(CONFIG, num_warps=w))
+                  for w in (1, 2, 8)})
     return f
 
 
