@@ -540,6 +540,10 @@ Occupancy|Warp Cycles Per Issued|Registers Per" "$OUT/ncu_24n.txt" | head -150 ;
           $([ $q = bf16 ] || echo --quantize $q) --no-compile-peer --ab-set kernels.skinny.WHOLE_K_WORDS=0 \
           --ab-env KILN_REFINE=0 2>&1 | grep "interleaved\|Error\|error" | tail -3
       done ;;
+    s33c)  # session 33 (~350 s): the decode attention's plan form in 1 / 2 / 8 warps alone (decode_attn, 1B), then this
+      # tree's goal figures with timelines: the 8B w4a16 and the 1B bf16 at batch 1 (s31a's lines)
+      timeout 120 python3 bench/decode_attn.py --shapes 1b 2>&1 | grep -v "^bytecode\|^NVIDIA" | tail -20
+      CASES="${CASES:-8b:w4a16 1b:bf16}" AB_TIMEOUT=200 bash "$0" s31a 2>&1 | grep -v "^bytecode\|^NVIDIA\|^===" ;;
     s33a|s33b)  # session 33: fewer round trips after the PDL wait (the decode attention's loads; the last program's
       # split sum unrolled, a one-row GEMV's residual loaded after the wait) in this tree against the tree before (.old: `git
       # archive` of the commit before, carried; its own package path and kiln cache). s33a (~400 s): the GPU tests, each
