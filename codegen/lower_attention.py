@@ -42,8 +42,12 @@ ATTENTION_CANDIDATES = 2
 # measured again): 2 since "kiln-decode-whole" exists, 3 since the kernel reads only the keys the mask attends, 4 since
 # a decode decision charges each launch past a candidate's first (tuning.EXTRA_LAUNCH_MS), 5 since it is timed at the
 # cache's every key too, and cold (``attention``), 6 since the last program reduces its group's rows at once and a rope_kv
-# call may run in the attention's launch (``RopeStep``)
-DECODE_CANDIDATES = 6
+# call may run in the attention's launch (``RopeStep``), 7 since a 2-warp configuration is tried too (DECODE_CONFIGS)
+DECODE_CANDIDATES = 7
+# the split-KV decode kernel's configurations tried (decode_attention.CONFIGS' first): the fourth, 32 keys a step on 2
+# warps, measured alone on an H100 (1B, 384 slots, bench/NOTES.md, session 33) 8.80 / 4.99 us cold / warm against 8.93 /
+# 5.22 for the 4-warp one the tuner has taken since session 23 (its reductions cross fewer warps); 1 warp 13.4 / 7.2
+DECODE_CONFIGS = 4
 # the longest cache "kiln-decode-whole" (one split, a program per kv head) is offered on: a handful of programs streaming
 # the whole context alone. (The tuner times a decode attention at its prompt's keys and at the whole cache,
 # ``attention``; past this length the one split does not win, and its compile is saved.) 256: at a 384-slot cache the
@@ -258,7 +262,7 @@ def _split_kv_candidates(prefix: str, run, keys: int, counters: torch.Tensor | N
     launch; with ``counters`` the same splits reduced by the last program of each kv head's (``-last``, one launch); a
     cache of at most WHOLE_MAX_KEYS ``keys`` in one split (``-whole``: fewer programs, one launch, no partials).
     ``run(**kw)``: ``decode_attention`` on the group's operands."""
-    cfgs = (td.configs() if device.type == "cuda" else [td.INTERPRET_CONFIG])[:TRITON_ATTENTION_CONFIGS]
+    cfgs = (td.configs() if device.type == "cuda" else [td.INTERPRET_CONFIG])[:DECODE_CONFIGS]
     candidates = {config_name(prefix, c): with_launches(partial(run, config=c), 2) for c in cfgs}
     if counters is not None:
         candidates.update({config_name(f"{prefix}-last", c): partial(run, config=c, counters=counters) for c in cfgs})

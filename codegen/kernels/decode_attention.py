@@ -416,11 +416,13 @@ def _config(bn, warps, stages):
 
 
 # H100, memory bound: a program streams its chunk of K / V once; a few stages keep loads in flight, 8 warps
-# suit the wide (D = 128 / 256, G * Sq = 64+) tiles. Every BLOCK_N divides CHUNK_ALIGN.
+# suit the wide (D = 128 / 256, G * Sq = 64+) tiles, 2 the batch-1 step's short chunks (fewer warps for the reductions
+# to cross: lower_attention.DECODE_CONFIGS). Every BLOCK_N divides CHUNK_ALIGN.
 CONFIGS = [
     _config(64, 4, 2),
     _config(64, 4, 3),
     _config(32, 4, 3),
+    _config(32, 2, 3),
     _config(64, 8, 3),
 ]
 

@@ -141,7 +141,7 @@ def test_one_split_offered_only_on_a_short_cache(s):
     _, what, cands, _ = candidates(q, k, v, None, None, left_padded([0], 1, s, pos=10))
     whole = ["kiln-decode-whole"] if s <= lower.WHOLE_MAX_KEYS else []
     assert sorted(c.split(":")[0] for c in cands) == ["kiln", "kiln-decode", *whole, "sdpa"]
-    assert what["decode"] == lower.DECODE_CANDIDATES == 6
+    assert what["decode"] == lower.DECODE_CANDIDATES == 7
 
 
 def test_a_decode_attention_is_timed_at_the_prompt_and_at_the_whole_cache():
