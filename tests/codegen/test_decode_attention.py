@@ -111,6 +111,21 @@ def test_last_program_reduces_the_same_bits(dtype, sq, splits):
         decode_attention(q, k, v, mask, gqa=True, splits=splits, counters=torch.zeros(3, dtype=torch.uint8))
 
 
+def test_more_splits_than_one_reduce_step():
+    """20 splits of one 16-key tile (S = 320 keys; the reduce loads REDUCE_BLOCK_S = 16 splits a step): the running
+    merge of the two steps, with batch row 0 attending only keys in the second step's splits and row 1 only the first
+    step's (a step of empty splits before and after live ones), against the float64 reference; the last program's
+    reduce gives the reduce kernel's bits; the length scan takes several tiles (S past the interpreter's scan tile)."""
+    q, k, v = qkv(2, 4, 2, 1, 320, 16, torch.float32)
+    j = torch.arange(320)
+    mask = torch.stack([(j >= 270) & (j < 300), j < 40])[:, None, None, :]  # [2, 1, 1, 320]
+    assert DA._chunking(320, 20, 16)[0] == 20 > DA.REDUCE_BLOCK_S and 320 > DA.SCAN_TILE
+    want = check(q, k, v, mask, gqa=True, splits=20)
+    counters = torch.zeros(DA.counter_bytes(2, 2), dtype=torch.uint8)
+    assert torch.equal(decode_attention(q, k, v, mask, gqa=True, splits=20, counters=counters), want)
+    assert not counters.any()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("sq", [1, 3])
 def test_left_padding_mask(dtype, sq):
