@@ -545,8 +545,8 @@ Occupancy|Warp Cycles Per Issued|Registers Per" "$OUT/ncu_24n.txt" | head -150 ;
       timeout 120 python3 bench/decode_attn.py --shapes 1b 2>&1 | grep -v "^bytecode\|^NVIDIA" | tail -20
       CASES="${CASES:-8b:w4a16 1b:bf16}" AB_TIMEOUT=200 bash "$0" s31a 2>&1 | grep -v "^bytecode\|^NVIDIA\|^===" ;;
     s33a|s33b)  # session 33: fewer round trips after the PDL wait (the decode attention's loads; the last program's
-      # split sum unrolled, a one-row GEMV's residual loaded after the wait) in this tree against the tree before (.old: `git
-      # archive` of the commit before, carried; its own package path and kiln cache). s33a (~400 s): the GPU tests, each
+      # split sum unrolled, a one-row GEMV's residual loaded after the wait) in this tree against the tree before (.old, made
+      # by `mkdir .old && git archive a1fa7d4 | tar -x -C .old`, carried; its own package path and kiln cache). s33a (~400 s): the GPU tests, each
       # attention form alone (decode_attn, 1B), the 1B's batch-1 w4a16 decode, the two trees in turn (a process each, with
       # timelines). s33b (~450 s): the same for bf16, then the GEMV switches' A/B in one process (w4a16)
       if [ $stage = s33b ]; then

@@ -49,14 +49,15 @@ Head dims 1..256 (64, 72, 96, 128, 256 in practice): BLOCK_D is the next power o
 the smallest ``tl.dot`` depth), the padding lanes masked to zero: D = 72 runs as 128 wide. The group tile
 is padded the same way: BLOCK_M = next power of two >= G * Sq, at least 16 (G * Sq <= 128).
 
-Round trips. At batch 1 the kernel moves a few KB and its time is the chain of dependent loads after its PDL wait,
-~0.5-0.7 us from L2 each; the code is ordered so that loads which do not depend on each other leave together (read in
-the SASS: Triton for sm_90, ptxas, cuobjdump): q, its rope operands and the first new key and value before the length
-scan (whose cross-warp reductions are barriers nothing after them is hoisted over); the scan in one tile without a
-loop where S fits it; each key tile's mask loaded a tile ahead, beside its K / V (in the loop it came after the
-pipeline's wait for them); the last program's partials, m, l and acc, in one load (``_reduce_rows``, one pass). The
-rope-fused kernel after the wait in the plan's form (EARLY, one key tile a split): the q / new-key loads, the partials'
-stores and the counter (its release fence and atomic), the reduce's loads, the store; 8 such trips before session 33.
+Round trips. At batch 1 the kernel moves a few KB, so its chain of dependent loads after its PDL wait counts; the code
+is ordered so that loads which do not depend on each other leave together (read in the SASS: Triton for sm_90, ptxas,
+cuobjdump): q, its rope operands and the first new key and value before the length scan (whose cross-warp reductions
+are barriers nothing after them is hoisted over); the scan in one tile without a loop where S fits it; each key tile's
+mask loaded a tile ahead, beside its K / V (in the loop it came after the pipeline's wait for them); the last program's
+partials, m, l and acc, in one load (``_reduce_rows``, one pass). In the plan's form (EARLY, one key tile a split) ~5
+trips after the wait where there were 8. Measured on the H200 (bench/NOTES.md, session 33; 1B, 384 slots): alone 9.57 ->
+8.58 us cold, 5.79 -> 5.63 warm; in the decode step (everything in L2) ~unchanged, ~5.4 us a layer after the qkv GEMV
+ends: there the kernel's own work (its reductions' barriers on 16 x 32 tiles) and its wait's release cost more.
 
 The scratch is allocated per call with ``torch.empty``; under CUDA graph capture that memory comes from
 the graph's pool, so a captured decode step replays without allocating.
@@ -370,10 +371,11 @@ def _reduce_rows(acc_ptr, m_ptr, l_ptr, out_ptr, rows, live_r, stride_ob, stride
     valid_d = offs_d < HEAD_DIM
     base = rows * SPLITS  # [R]
 
-    # one pass: each step's m, l and acc loaded together (one round trip from L2 a step, not three: the m's, then the
-    # l's and acc's they selected), merged into running ones as the online softmax does. A split past the attended
-    # keys (m = -inf, l = 0, acc = 0) weighs exp2(-inf) = 0 and adds zeros. At most BLOCK_S splits (a decode step's
-    # 12-32): one step, the sums of the two-pass form bit for bit (the running terms start at -inf / 0)
+    # one pass: each step's m, l and acc loaded together (one round trip from L2 a step; the two-pass form before session
+    # 33 read the m's first, then the l's and acc's they selected: two), merged into running ones as the online softmax
+    # does. A split past the attended keys (m = -inf, l = 0, acc = 0) weighs exp2(-inf) = 0 and adds zeros. At most
+    # BLOCK_S splits (the 1B's 12 at a short cache) are one step, the two-pass form's sums bit for bit (the running terms
+    # start at -inf / 0); more (32 at 4096 slots) merge step by step
     m_run = tl.full([rows.shape[0]], float("-inf"), dtype=tl.float32)
     l_run = tl.zeros([rows.shape[0]], dtype=tl.float32)
     acc = tl.zeros([rows.shape[0], BLOCK_D], dtype=tl.float32)

@@ -66,16 +66,18 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 SCALE_DTYPES = (torch.float16, torch.float32)
 STATS_ELEMS = 4096  # values of x a step of the norm prologue's statistics pass loads (_row_rstd): 16 rows x 256
-# the last program of a split-K launch sums the splits' partials in straight-line code where they are few (_unroll_sum):
-# all loads in flight at once, not the loop's unrolled-by-4 steps one round trip each (a one-row GEMV of 8 splits:
-# two); a switch for bench/decode.py --ab-set kernels.qgemm.SUM_UNROLL=0
+# the last program of a split-K launch sums the splits' partials in straight-line code where they are few (_unroll_sum:
+# at most SUM_UNROLL_SPLITS splits and SUM_UNROLL_REGS partials a thread): all loads in flight at once, the residual's
+# beside them, not the loop's unrolled-by-4 steps one round trip each (a one-row GEMV of 8 splits: two, then the
+# residual's). Measured with EARLY_RESIDUAL on an H100 (bench/NOTES.md, session 33, one process): the 1B's w4a16 decode
+# at batch 1 1,809 -> 1,854 tok/s. A switch for bench/decode.py --ab-set kernels.qgemm.SUM_UNROLL=0
 SUM_UNROLL = True
+SUM_UNROLL_SPLITS = 32
+SUM_UNROLL_REGS = 64
 # a one-row GEMV without split-K loads its residual's tile right after its PDL wait, not after the loop (the load's round
 # trip then overlaps the loop's instead of sitting between the loop and the store); a switch for A/Bs
 # (bench/decode.py --ab-set kernels.qgemm.EARLY_RESIDUAL=0)
 EARLY_RESIDUAL = True
-SUM_UNROLL_SPLITS = 32
-SUM_UNROLL_REGS = 64
 
 # the interpreter is slow per program and per K step: small tiles, so irregular test shapes span several
 INTERPRET_CONFIG = dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=32, GROUP_M=2)
@@ -652,9 +654,9 @@ def launch(x2, weight: Weight, epi: Epilogue, out2, m: int, n: int, config: dict
                 L2_BYTES=pdl.l2_bytes(w, step, budget) if budget else 0)
     if norm is not None:  # the statistics' tiles: ~STATS_ELEMS values, at most K's power of two wide
         meta["RSTD_K"] = min(triton.next_power_of_2(k), max(16, STATS_ELEMS // (config or {}).get("BLOCK_M", 16)))
+    meta["EARLY_RESIDUAL"] = EARLY_RESIDUAL
     if config is not None:
         meta["SUM_UNROLLED"] = splits if meta["REDUCE_LAST"] and _unroll_sum(config, splits, meta["GLU"]) else 0
-        meta["EARLY_RESIDUAL"] = EARLY_RESIDUAL
         grid = (triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"]), splits)
         (kernel or _wgemm_kernel)[grid](*args, **meta, **config)
     else:
@@ -663,8 +665,8 @@ def launch(x2, weight: Weight, epi: Epilogue, out2, m: int, n: int, config: dict
 
 def _unroll_sum(config: dict, splits: int, glu: bool) -> bool:
     """Whether the last program of a split-K launch sums the splits' partials unrolled (``_sum_splits``' UNROLLED): at
-    most SUM_UNROLL_SPLITS splits and SUM_UNROLL_REGS float32 partials a thread in flight (a one-row GEMV tile's 32 rows
-    are 1-2 a split; a 16-row tl.dot tile's 16-64: those keep the loop)."""
+    most SUM_UNROLL_SPLITS splits and SUM_UNROLL_REGS float32 partials a thread in flight (a one-row GEMV's tile of 16-64
+    columns: under one a thread a split; a 16-row tl.dot tile of 64-128 columns, GLU's two halves: 8-32, so 2-8 splits)."""
     per_split = config["BLOCK_M"] * config["BLOCK_N"] * (2 if glu else 1) / (32 * config.get("num_warps", 4))
     return SUM_UNROLL and splits <= SUM_UNROLL_SPLITS and per_split * splits <= SUM_UNROLL_REGS
 
