@@ -156,8 +156,8 @@ def _decode_partial_kernel(
     # EARLY: the length and the chunk's first K / V tile while the previous kernel may still run (its keys were written
     # by earlier steps; this step's, written below, are patched in). Else placeholders, never read
     if EARLY:
-        n_keys = _n_keys(mask_group, stride_mh, stride_mm, stride_mn, GROUP, Sq, S, HAS_MASK, SCAN_M, SCAN_N, SCAN_ONCE)
-        chunk = tl.cdiv(tl.cdiv(n_keys, SPLITS), BLOCK_N) * BLOCK_N
+        n_keys, chunk = _keys_and_chunk(mask_group, stride_mh, stride_mm, stride_mn, GROUP, Sq, S, SPLITS, HAS_MASK, SCAN_M,
+                                        SCAN_N, SCAN_ONCE, BLOCK_N)
         offs_n0 = split * chunk + tl.arange(0, BLOCK_N)
         valid_n0 = offs_n0 < tl.minimum(split * chunk + chunk, n_keys)
         kt0, v0 = _kv_tiles(k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, offs_n0, valid_n0, offs_d, valid_d)
@@ -176,8 +176,8 @@ def _decode_partial_kernel(
                                     stride_vnt, stride_vnd, slots_ptr, 0, Sq, HEAD_DIM, offs_d, valid_d, kw_ptr, eps_k,
                                     NORM_K, WEIGHT_K)
     if not EARLY:
-        n_keys = _n_keys(mask_group, stride_mh, stride_mm, stride_mn, GROUP, Sq, S, HAS_MASK, SCAN_M, SCAN_N, SCAN_ONCE)
-        chunk = tl.cdiv(tl.cdiv(n_keys, SPLITS), BLOCK_N) * BLOCK_N
+        n_keys, chunk = _keys_and_chunk(mask_group, stride_mh, stride_mm, stride_mn, GROUP, Sq, S, SPLITS, HAS_MASK, SCAN_M,
+                                        SCAN_N, SCAN_ONCE, BLOCK_N)
         offs_n0 = split * chunk + tl.arange(0, BLOCK_N)
         kt0 = tl.zeros([BLOCK_D, BLOCK_N], dtype=k_ptr.dtype.element_ty)
         v0 = tl.zeros([BLOCK_N, BLOCK_D], dtype=v_ptr.dtype.element_ty)
@@ -325,13 +325,14 @@ def _store_new_key(k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, s
 
 
 @triton.jit
-def _n_keys(mask_group, stride_mh, stride_mm, stride_mn, GROUP, Sq, S, HAS_MASK: tl.constexpr, SCAN_M: tl.constexpr,
-            SCAN_N: tl.constexpr, SCAN_ONCE: tl.constexpr):
-    # 1 + the last key any of the group's rows attends: the mask scanned (``_attended_length``), else all S keys
+def _keys_and_chunk(mask_group, stride_mh, stride_mm, stride_mn, GROUP, Sq, S, SPLITS, HAS_MASK: tl.constexpr,
+                    SCAN_M: tl.constexpr, SCAN_N: tl.constexpr, SCAN_ONCE: tl.constexpr, BLOCK_N: tl.constexpr):
+    # n_keys, 1 + the last key any of the group's rows attends (the mask scanned: ``_attended_length``; else all S), and
+    # the chunk of them a split takes: whole BLOCK_N steps
     n_keys = S
     if HAS_MASK:
         n_keys = _attended_length(mask_group, stride_mh, stride_mm, stride_mn, GROUP, Sq, S, SCAN_M, SCAN_N, SCAN_ONCE)
-    return n_keys
+    return n_keys, tl.cdiv(tl.cdiv(n_keys, SPLITS), BLOCK_N) * BLOCK_N
 
 
 @triton.jit

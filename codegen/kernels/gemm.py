@@ -73,10 +73,15 @@ def _gate_residual(acc, rows, cols, mask, gate_ptr, gate_rows, stride_gb, stride
         g = tl.load(gate_ptr + g_off[:, None] + cols[None, :] * stride_gn, mask=mask, other=0.0)
         acc = acc * g.to(tl.float32)
     if HAS_RESIDUAL:
-        r_off = (rows // res_rows) * stride_rb + (rows % res_rows) * stride_rm
-        r = tl.load(res_ptr + r_off[:, None] + cols[None, :] * stride_rn, mask=mask, other=0.0)
-        acc = acc + r.to(tl.float32)
+        acc = acc + _residual_tile(res_ptr, rows, cols, mask, res_rows, stride_rb, stride_rm, stride_rn).to(tl.float32)
     return acc
+
+
+@triton.jit
+def _residual_tile(res_ptr, rows, cols, mask, res_rows, stride_rb, stride_rm, stride_rn):
+    # the residual's tile at int64 rows x cols (row m at (m // res_rows) * stride_rb + (m % res_rows) * stride_rm)
+    r_off = (rows // res_rows) * stride_rb + (rows % res_rows) * stride_rm
+    return tl.load(res_ptr + r_off[:, None] + cols[None, :] * stride_rn, mask=mask, other=0.0)
 
 
 @triton.jit

@@ -54,7 +54,7 @@ import triton
 import triton.language as tl
 
 from ...ir.ops_fused import ACTIVATIONS
-from .gemm import _activation, _gate_residual, _gate_residual_store, check_output_operands, grouped_tile, output_operands
+from .gemm import _activation, _gate_residual, _residual_tile, check_output_operands, grouped_tile, output_operands
 from .gemm import reference as gemm_reference
 from . import pdl
 from .pdl import INTERPRETED, gdc, l2_prefetch
@@ -199,24 +199,13 @@ def _epilogue_store(acc, acc_u, rows, cols, mask_n, mask, N, bias_ptr, gate_ptr,
                     ACT: tl.constexpr, GLU: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GATE: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
                     res_pre=0.0, RES_PRE: tl.constexpr = False):
     # out = residual + gate * epi(acc + bias) of the float32 sums acc (and acc_u, the up half) [BLOCK_M, BLOCK_N].
-    # RES_PRE: the residual tile is res_pre, loaded by the caller (_residual_tile), added as _gate_residual adds it
+    # RES_PRE: the residual tile is res_pre, loaded by the caller (gemm._residual_tile), added where _gate_residual adds it
     acc = _bias_act_glu(acc, acc_u, bias_ptr, cols, mask_n, N, ACT, GLU, HAS_BIAS)
+    acc = _gate_residual(acc, rows, cols, mask, gate_ptr, gate_rows, stride_gb, stride_gm, stride_gn,
+                         res_ptr, res_rows, stride_rb, stride_rm, stride_rn, HAS_GATE, HAS_RESIDUAL and not RES_PRE)
     if RES_PRE:
-        acc = _gate_residual(acc, rows, cols, mask, gate_ptr, gate_rows, stride_gb, stride_gm, stride_gn,
-                             res_ptr, res_rows, stride_rb, stride_rm, stride_rn, HAS_GATE, False)
         acc = acc + res_pre.to(tl.float32)
-        tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on, acc.to(out_ptr.dtype.element_ty), mask=mask)
-    else:
-        _gate_residual_store(acc, rows, cols, mask, gate_ptr, gate_rows, stride_gb, stride_gm, stride_gn,
-                             res_ptr, res_rows, stride_rb, stride_rm, stride_rn, out_ptr, stride_om, stride_on,
-                             HAS_GATE, HAS_RESIDUAL)
-
-
-@triton.jit
-def _residual_tile(res_ptr, rows, cols, mask, res_rows, stride_rb, stride_rm, stride_rn):
-    # the residual's tile at rows x cols, as _gate_residual loads it
-    r_off = (rows // res_rows) * stride_rb + (rows % res_rows) * stride_rm
-    return tl.load(res_ptr + r_off[:, None] + cols[None, :] * stride_rn, mask=mask, other=0.0)
+    tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
