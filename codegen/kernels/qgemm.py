@@ -58,8 +58,8 @@ from .gemm import _activation, _gate_residual, _residual_tile, check_output_oper
 from .gemm import reference as gemm_reference
 from . import pdl
 from .pdl import INTERPRETED, gdc, l2_prefetch
-from .qweight_tiles import (_codes_tile, _magic_tile, _perm_x, _rms_scale, _weight_tile, _words_load, _words_step,
-                            _words_sz, _words_x)
+from .qweight_tiles import (_codes_tile, _magic_tile, _perm_x, _rms_scale, _squares, _weight_tile, _words_load,
+                            _words_step, _words_sz, _words_x)
 
 # triton.jit picks the interpreter from this variable when the kernels below are defined; read it then too
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -78,6 +78,17 @@ SUM_UNROLL_REGS = 64
 # trip then overlaps the loop's instead of sitting between the loop and the store); a switch for A/Bs
 # (bench/decode.py --ab-set kernels.qgemm.EARLY_RESIDUAL=0)
 EARLY_RESIDUAL = True
+# a WORDS GEMV's words loaded one column a thread (4-byte loads) so that x's chain, computed on [WORDS] vectors a word a
+# thread as x loads, meets them in their own layout: with the rows' 8- or 16-byte loads each of x's vectors the words
+# use (IDOT: its four planes, V, the column's power of two and offset) went through shared memory to the words' layout
+# every step, two barriers each (the 1B's whole-K qkv GEMV: 39 BAR.SYNC -> 17 in its SASS, triton 3.9, sm_90).
+# 0: never, 1: whole-K steps (one step, plain loads before the PDL wait), 2: every WORDS step (the cp.async pipeline's
+# copies 4 bytes each). A switch for bench/decode.py --ab-set kernels.qgemm.WORD_COLS=0
+WORD_COLS = 1
+# a WORDS GEMV with the norm prologue whose one step spans the row (no split) computes the row's 1 / rms from that step's
+# x, already in registers, not by _row_rstd's pass over x before it (a load round trip and its reduction after the PDL
+# wait, then x loaded again); a switch for A/Bs (bench/decode.py --ab-set kernels.qgemm.STEP_RSTD=0)
+STEP_RSTD = True
 
 # the interpreter is slow per program and per K step: small tiles, so irregular test shapes span several
 INTERPRET_CONFIG = dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=32, GROUP_M=2)
@@ -277,8 +288,12 @@ def _wgemm_kernel(
     IDOT: tl.constexpr = False,  # (WORDS, 4 bits, 16-bit x) each word's sum by integer dot products (_words_step_idot)
     SUM_UNROLLED: tl.constexpr = 0,  # (REDUCE_LAST) the splits, for the last program's sum unrolled (_sum_splits); 0: a loop
     EARLY_RESIDUAL: tl.constexpr = True,  # (one row, no split) the residual loaded after the wait, not after the loop
+    WORD_COLS: tl.constexpr = False,  # (WORDS) one word column a thread: x's chain in the words' layout (WORD_COLS above)
+    STEP_RSTD: tl.constexpr = False,  # (WORDS, NORM, one step spans K) the row's rstd from that step's x (STEP_RSTD above)
 ):
     EARLY: tl.constexpr = PREFETCH or L2_BYTES > 0  # weights read before the wait (a kernel never writes them)
+    # the IDOT words one column a thread: the scales (and zeros) each word's, not each group's (qweight_tiles._word_scales)
+    PER_WORD: tl.constexpr = WORDS and WORD_COLS and IDOT and BITS == 4 and x_ptr.dtype.element_ty != tl.float32
     if not EARLY:
         gdc(PDL)
     pid = tl.program_id(0)
@@ -314,9 +329,9 @@ def _wgemm_kernel(
                                          1 if INTERPRETED else tl.extra.cuda.num_warps())
         l2_prefetch(pf, pf_bytes, pf_live)
     if PREFETCH and WORDS:  # (the first step's words and scales, as the WORDS loop's first step reads them)
-        wd0, wu0 = _words_load(w_ptr, cols, mask_n, k_lo, K, N, stride_wn, BITS, GLU, BLOCK_K)
+        wd0, wu0 = _words_load(w_ptr, cols, mask_n, k_lo, K, N, stride_wn, BITS, GLU, BLOCK_K, WORD_COLS)
         s, z, s_u, z_u = _words_sz(s_ptr, z_ptr, cols, mask_n, k_lo, K, N, stride_sn, stride_sg, stride_zn, stride_zg,
-                                   HAS_ZEROS, QGROUP, GLU, BLOCK_K)
+                                   HAS_ZEROS, QGROUP, GLU, BLOCK_K, PER_WORD)
     elif PREFETCH:
         # the first step's tiles load while the previous kernel finishes, then the wait, then that step (accumulated
         # first, as in the loop: the same sums in the same order)
@@ -344,6 +359,8 @@ def _wgemm_kernel(
     elif NORM and NORM_POST:  # rstd: the rows' sums of squares until after the loop
         rstd = tl.zeros((BLOCK_M,), dtype=tl.float32)
         nw = _norm_weight(nw_ptr, k_lo, K, offs_k)
+    elif NORM and WORDS and STEP_RSTD:  # (rstd from the one step's x, below)
+        rstd = eps
     elif NORM:
         rstd = _row_rstd(x_ptr, rows, mask_m, K, stride_xm, stride_xk, eps, BLOCK_M, RSTD_K, RSTD_STAGES)
         if WORDS:  # one row: its rstd as a scalar (a [1] vector's layout would be converted to and from the words' at
@@ -362,11 +379,13 @@ def _wgemm_kernel(
         # computes (the weight tiles go through cp.async's pipeline; these small loads do not)
         x0, x1, x2, x3, x4, x5, x6, x7, n0, n1, n2, n3, n4, n5, n6, n7 = _words_x(
             x_ptr, nw_ptr, rows * stride_xm, k_lo, K, stride_xk, NORM, BITS, BLOCK_K)
+        if NORM and not NORM_POST and STEP_RSTD:  # the whole row in this one step: its statistics from its x
+            rstd = tl.rsqrt(tl.sum(_squares(x0, x1, x2, x3, x4, x5, x6, x7, 32 // BITS), 0) / K + eps)
         if PREFETCH:  # the first step on its words and scales loaded before the wait, then the loop from the second
             y0, y1, y2, y3, y4, y5, y6, y7, m0, m1, m2, m3, m4, m5, m6, m7 = _words_x(
                 x_ptr, nw_ptr, rows * stride_xm, k_lo + BLOCK_K, K, stride_xk, NORM, BITS, BLOCK_K)
             s2, z2, s2_u, z2_u = _words_sz(s_ptr, z_ptr, cols, mask_n, k_lo + BLOCK_K, K, N, stride_sn, stride_sg, stride_zn,
-                                           stride_zg, HAS_ZEROS, QGROUP, GLU, BLOCK_K)
+                                           stride_zg, HAS_ZEROS, QGROUP, GLU, BLOCK_K, PER_WORD)
             acc, acc_u, rstd = _words_step(acc, acc_u, wd0, wu0, rstd, x0, x1, x2, x3, x4, x5, x6, x7, n0, n1, n2, n3, n4, n5,
                                            n6, n7, s, z, s_u, z_u, BITS, HAS_ZEROS, QGROUP, WNORM, GLU, BLOCK_N, BLOCK_K, IDOT)
             x0, x1, x2, x3, x4, x5, x6, x7 = y0, y1, y2, y3, y4, y5, y6, y7
@@ -375,13 +394,13 @@ def _wgemm_kernel(
             k_lo += BLOCK_K
         else:
             s, z, s_u, z_u = _words_sz(s_ptr, z_ptr, cols, mask_n, k_lo, K, N, stride_sn, stride_sg, stride_zn, stride_zg,
-                                       HAS_ZEROS, QGROUP, GLU, BLOCK_K)
+                                       HAS_ZEROS, QGROUP, GLU, BLOCK_K, PER_WORD)
         for kk in tl.range(k_lo, k_hi, BLOCK_K, num_stages=LOOP_STAGES):
             y0, y1, y2, y3, y4, y5, y6, y7, m0, m1, m2, m3, m4, m5, m6, m7 = _words_x(
                 x_ptr, nw_ptr, rows * stride_xm, kk + BLOCK_K, K, stride_xk, NORM, BITS, BLOCK_K)
             s2, z2, s2_u, z2_u = _words_sz(s_ptr, z_ptr, cols, mask_n, kk + BLOCK_K, K, N, stride_sn, stride_sg, stride_zn,
-                                           stride_zg, HAS_ZEROS, QGROUP, GLU, BLOCK_K)
-            wd, wu = _words_load(w_ptr, cols, mask_n, kk, K, N, stride_wn, BITS, GLU, BLOCK_K)
+                                           stride_zg, HAS_ZEROS, QGROUP, GLU, BLOCK_K, PER_WORD)
+            wd, wu = _words_load(w_ptr, cols, mask_n, kk, K, N, stride_wn, BITS, GLU, BLOCK_K, WORD_COLS)
             acc, acc_u, rstd = _words_step(acc, acc_u, wd, wu, rstd,
                                            x0, x1, x2, x3, x4, x5, x6, x7, n0, n1, n2, n3, n4, n5, n6, n7, s, z, s_u, z_u,
                                            BITS, HAS_ZEROS, QGROUP, WNORM, GLU, BLOCK_N, BLOCK_K, IDOT)
@@ -410,7 +429,7 @@ def _wgemm_kernel(
         if AHEAD:  # the first step's scales (a plain load waits for its round trip at first use: in the loop, every step)
             tl.static_assert(not DOT and not PREFETCH and BITS > 0, "AHEAD: the byte-tile GEMV of a quantized weight")
             s, z, s_u, z_u = _words_sz(s_ptr, z_ptr, cols, mask_n, k_lo, K, N, stride_sn, stride_sg, stride_zn, stride_zg,
-                                       HAS_ZEROS, QGROUP, GLU, BLOCK_K)
+                                       HAS_ZEROS, QGROUP, GLU, BLOCK_K, PER_WORD)
         # (the loop keeps its own statements in the order measured on the H200; _k_step is the same operations)
         for kk in tl.range(k_lo, k_hi, BLOCK_K, num_stages=LOOP_STAGES):
             a = tl.load(x_ptr + rows[:, None] * stride_xm + (kk + offs_k)[None, :] * stride_xk,
@@ -421,7 +440,7 @@ def _wgemm_kernel(
                 nw = nw_next
             if AHEAD:  # the next step's scales in flight during this one
                 s2, z2, s2_u, z2_u = _words_sz(s_ptr, z_ptr, cols, mask_n, kk + BLOCK_K, K, N, stride_sn, stride_sg,
-                                               stride_zn, stride_zg, HAS_ZEROS, QGROUP, GLU, BLOCK_K)
+                                               stride_zn, stride_zg, HAS_ZEROS, QGROUP, GLU, BLOCK_K, PER_WORD)
                 b = _codes_tile(w_ptr, cols, mask_n, kk, K, stride_wn, stride_wk, s, z, BITS, PACK, HAS_ZEROS, SUB,
                                 BLOCK_N, BLOCK_K)
             else:
@@ -644,12 +663,21 @@ def launch(x2, weight: Weight, epi: Epilogue, out2, m: int, n: int, config: dict
     if norm is not None:  # the statistics' tiles: ~STATS_ELEMS values, at most K's power of two wide
         meta["RSTD_K"] = min(triton.next_power_of_2(k), max(16, STATS_ELEMS // (config or {}).get("BLOCK_M", 16)))
     meta["EARLY_RESIDUAL"] = EARLY_RESIDUAL
+    words = bool((config or {}).get("WORDS"))
+    meta["WORD_COLS"] = words and _word_cols(k_chunk, config, bits)
+    meta["STEP_RSTD"] = STEP_RSTD and words and norm is not None and splits == 1 and k <= config["BLOCK_K"]
     if config is not None:
         meta["SUM_UNROLLED"] = splits if meta["REDUCE_LAST"] and _unroll_sum(config, splits, meta["GLU"]) else 0
         grid = (triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"]), splits)
         (kernel or _wgemm_kernel)[grid](*args, **meta, **config)
     else:
         kernel[lambda c: (triton.cdiv(m, c["BLOCK_M"]) * triton.cdiv(n, c["BLOCK_N"]), splits)](*args, **meta)
+
+
+def _word_cols(k_chunk: int, config: dict, bits: int) -> bool:
+    """Whether a WORDS launch loads its words one column a thread (``WORD_COLS``): 2 always, 1 where one step spans
+    a split's K (the whole-K tiles)."""
+    return WORD_COLS >= 2 or (WORD_COLS == 1 and k_chunk <= config["BLOCK_K"])
 
 
 def _unroll_sum(config: dict, splits: int, glu: bool) -> bool:
