@@ -81,10 +81,13 @@ EARLY_RESIDUAL = True
 # a WORDS GEMV's words loaded one column a thread (4-byte loads) so that x's chain, computed on [WORDS] vectors a word a
 # thread as x loads, meets them in their own layout: with the rows' 8- or 16-byte loads each of x's vectors the words
 # use (IDOT: its four planes, V, the column's power of two and offset) went through shared memory to the words' layout
-# every step, two barriers each (the 1B's whole-K qkv GEMV: 39 BAR.SYNC -> 17 in its SASS, triton 3.9, sm_90).
-# 0: never, 1: whole-K steps (one step, plain loads before the PDL wait), 2: every WORDS step (the cp.async pipeline's
-# copies 4 bytes each). A switch for bench/decode.py --ab-set kernels.qgemm.WORD_COLS=0
-WORD_COLS = 1
+# every step, two barriers each (the 1B's whole-K qkv GEMV: 41 BAR.SYNC -> 11 in its SASS under triton 3.6, 39 -> 14
+# under 3.9; sm_90). The words load as one flat vector (qweight_tiles._words_load): a 2-D load's thread order is the
+# compiler's choice between equally contiguous dimensions, and 3.6 put the rows along the threads (uncoalesced: the 1B
+# qkv alone 8.5 -> 16.4 us on an H100, session 34).
+# For whole-K steps (one step, plain loads before the PDL wait; in a K loop the cp.async pipeline would copy 4 bytes at
+# a time). A switch for bench/decode.py --ab-set kernels.qgemm.WORD_COLS=0
+WORD_COLS = True
 # a WORDS GEMV with the norm prologue whose one step spans the row (no split) computes the row's 1 / rms from that step's
 # x, already in registers, not by _row_rstd's pass over x before it (a load round trip and its reduction after the PDL
 # wait, then x loaded again); a switch for A/Bs (bench/decode.py --ab-set kernels.qgemm.STEP_RSTD=0)
@@ -664,7 +667,9 @@ def launch(x2, weight: Weight, epi: Epilogue, out2, m: int, n: int, config: dict
         meta["RSTD_K"] = min(triton.next_power_of_2(k), max(16, STATS_ELEMS // (config or {}).get("BLOCK_M", 16)))
     meta["EARLY_RESIDUAL"] = EARLY_RESIDUAL
     words = bool((config or {}).get("WORDS"))
-    meta["WORD_COLS"] = words and _word_cols(k_chunk, config, bits)
+    meta["WORD_COLS"] = WORD_COLS and words and k_chunk <= config["BLOCK_K"]
+    if meta["WORD_COLS"] and "maxnreg" not in config:  # (8 warps: two programs an SM, as before; Triton 3.6 gave the
+        config = dict(config, maxnreg=128)  # 1B's whole-K qkv / o 138-171 registers, 1B qkv's 192 programs two waves)
     meta["STEP_RSTD"] = STEP_RSTD and words and norm is not None and splits == 1 and k <= config["BLOCK_K"]
     if config is not None:
         meta["SUM_UNROLLED"] = splits if meta["REDUCE_LAST"] and _unroll_sum(config, splits, meta["GLU"]) else 0
@@ -672,12 +677,6 @@ def launch(x2, weight: Weight, epi: Epilogue, out2, m: int, n: int, config: dict
         (kernel or _wgemm_kernel)[grid](*args, **meta, **config)
     else:
         kernel[lambda c: (triton.cdiv(m, c["BLOCK_M"]) * triton.cdiv(n, c["BLOCK_N"]), splits)](*args, **meta)
-
-
-def _word_cols(k_chunk: int, config: dict, bits: int) -> bool:
-    """Whether a WORDS launch loads its words one column a thread (``WORD_COLS``): 2 always, 1 where one step spans
-    a split's K (the whole-K tiles)."""
-    return WORD_COLS >= 2 or (WORD_COLS == 1 and k_chunk <= config["BLOCK_K"])
 
 
 def _unroll_sum(config: dict, splits: int, glu: bool) -> bool:

@@ -257,17 +257,26 @@ def _words_load(w_ptr, cols, mask_n, kk, K, N, stride_wn, BITS: tl.constexpr, GL
     # vectors, a word a thread): x's chain meets the words with no layout conversion (qgemm.WORD_COLS)
     CPW: tl.constexpr = 32 // BITS
     WORDS: tl.constexpr = BLOCK_K // CPW
-    if WORD_COLS:
-        offs_w = kk // CPW + tl.max_contiguous(tl.arange(0, WORDS), 1)
+    rows = (w_ptr + cols * stride_wn).to(tl.pointer_type(tl.int32))  # [BLOCK_N] row starts, as words (4-byte aligned)
+    rows_u = (w_ptr + (cols + N) * stride_wn).to(tl.pointer_type(tl.int32))
+    if WORD_COLS:  # one flat [BLOCK_N * WORDS] load, element i at thread i (mod the threads): word i % WORDS of row
+        BLOCK_N: tl.constexpr = cols.shape[0]  # i // WORDS; a 2-D load's order would be the compiler's choice (Triton
+        i = tl.max_contiguous(tl.arange(0, BLOCK_N * WORDS), 1)  # 3.6 and 3.9 put the rows along the threads, one for
+        offs_w = kk // CPW + i % WORDS  # [BLOCK_N, WORDS], the other for its transpose)
+        mask = (offs_w < K // CPW) & (tl.reshape(tl.broadcast_to(mask_n[:, None], (BLOCK_N, WORDS)), (BLOCK_N * WORDS,)))
+        row = tl.reshape(tl.broadcast_to(rows[:, None], (BLOCK_N, WORDS)), (BLOCK_N * WORDS,))
+        wd = tl.reshape(tl.load(row + offs_w, mask=mask, other=0), (BLOCK_N, WORDS))
+        wu = wd
+        if GLU:
+            row_u = tl.reshape(tl.broadcast_to(rows_u[:, None], (BLOCK_N, WORDS)), (BLOCK_N * WORDS,))
+            wu = tl.reshape(tl.load(row_u + offs_w, mask=mask, other=0), (BLOCK_N, WORDS))
     else:
         offs_w = kk // CPW + tl.arange(0, WORDS)  # the step's words of a row
-    mask = mask_n[:, None] & (offs_w < K // CPW)[None, :]
-    rows = (w_ptr + cols * stride_wn).to(tl.pointer_type(tl.int32))  # [BLOCK_N] row starts, as words (4-byte aligned)
-    wd = tl.load(rows[:, None] + offs_w[None, :], mask=mask, other=0)
-    wu = wd
-    if GLU:
-        rows_u = (w_ptr + (cols + N) * stride_wn).to(tl.pointer_type(tl.int32))
-        wu = tl.load(rows_u[:, None] + offs_w[None, :], mask=mask, other=0)
+        mask = mask_n[:, None] & (offs_w < K // CPW)[None, :]
+        wd = tl.load(rows[:, None] + offs_w[None, :], mask=mask, other=0)
+        wu = wd
+        if GLU:
+            wu = tl.load(rows_u[:, None] + offs_w[None, :], mask=mask, other=0)
     return wd, wu
 
 

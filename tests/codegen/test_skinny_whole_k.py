@@ -68,7 +68,7 @@ def test_whole_k_words_columns_and_step_rstd(monkeypatch, sym, glu):
     want = S.reference(x.double(), w64, norm_weight=nw.double(), norm_eps=1e-5,
                        **{k_: (v.double() if torch.is_tensor(v) else v) for k_, v in epi.items()})
     assert rel_err(got, want) <= TOL[torch.float16]
-    monkeypatch.setattr(qgemm, "WORD_COLS", 0)
+    monkeypatch.setattr(qgemm, "WORD_COLS", False)
     monkeypatch.setattr(qgemm, "STEP_RSTD", False)
     before = skinny_gemm(x, norm_weight=nw, norm_eps=1e-5, **kwargs, **epi, config=whole)
     assert not launched[-1]["WORD_COLS"] and not launched[-1]["STEP_RSTD"]
