@@ -112,6 +112,7 @@ SWEEP_MAGIC_TILES = [Tile(*t, True, magic=True) for t in (
 NORM_SHAPES = ["1b qkv", "1b gate/up glu"]  # --norm's default shapes: the decode GEMMs an RMSNorm feeds
 NORM_L2_BYTES = 64 << 10  # --norm: the fused configurations again with this L2 budget a program (skinny config "L2")
 ROTATE_BYTES = 0 if SMOKE else 512 << 20  # weight bytes cycled through in one graph: over 8x the H200's L2
+WARM = os.environ.get("DECODE_GEMM_WARM") == "1"  # (case_operands)
 DEVICE = "cpu" if SMOKE else "cuda"
 DTYPE = torch.float16 if SMOKE else torch.bfloat16  # (the interpreter's tl.dot on bfloat16 is wrong)
 
@@ -180,7 +181,9 @@ def case_operands(m: int, k: int, n: int, epi: dict, copies: int, make_weight):
     """x, ``copies`` weights (as skinny_gemm keywords), outputs and residual for one shape."""
     n_out = n // 2 if epi.get("glu") else n
     x = torch.randn(m, k, device=DEVICE, dtype=DTYPE)
-    weights = [make_weight() for _ in range(copies)]
+    # DECODE_GEMM_WARM=1: one weight, the chain's calls all on it (after the first its bytes are in L2): what a call
+    # costs in the chain where its weight need not come from HBM (a prefetch's ceiling)
+    weights = [make_weight()] * copies if WARM else [make_weight() for _ in range(copies)]
     outs = [torch.empty(m, n_out, device=DEVICE, dtype=DTYPE) for _ in range(copies)]
     res = torch.randn(m, n_out, device=DEVICE, dtype=DTYPE) if epi.get("residual") else None
     return x, weights, outs, res

@@ -540,15 +540,14 @@ Occupancy|Warp Cycles Per Issued|Registers Per" "$OUT/ncu_24n.txt" | head -150 ;
           $([ $q = bf16 ] || echo --quantize $q) --no-compile-peer --ab-set kernels.skinny.WHOLE_K_WORDS=0 \
           --ab-env KILN_REFINE=0 2>&1 | grep "interleaved\|Error\|error" | tail -3
       done ;;
-    s34a)  # session 34 (~450 s): whole-K WORDS GEMVs with their words a column a thread (x's chain in their layout, the
-      # scales a word's) and the norm's statistics from the step's x (qgemm.WORD_COLS / STEP_RSTD): the one-row GEMV GPU
-      # tests, then the 1B at batch 1 in w4a16 and w8a16, each against both switches off in one process (with timelines)
+    s34a)  # session 34 (~400 s): a whole-K WORDS GEMV's one step without the K loop (qgemm.ONE_STEP: 48 registers, not
+      # 128, ~20% fewer instructions after the wait), the one-row GEMV GPU tests, then the 1B at batch 1 in w4a16 and
+      # w8a16, each against the switch off in one process (with timelines)
       timeout 240 python3 -m pytest -q -rf -m gpu tests/codegen/test_skinny.py tests/codegen/test_skinny_whole_k.py \
         tests/codegen/test_skinny_idot.py tests/codegen/test_skinny_norm_post.py 2>&1 | tail -3
       for q in ${QUANTS:-w4a16 w8a16}; do
         DECODE_JSON=decode_34a_$q.json timeout 200 python3 bench/decode.py --models 1b --batches 1 --quantize $q \
-          --no-compile-peer --ab-set kernels.qgemm.WORD_COLS=0,kernels.qgemm.STEP_RSTD=0 2>&1 \
-          | grep "interleaved\|Error\|error\|timeline" | tail -5
+          --no-compile-peer --ab-set kernels.qgemm.ONE_STEP=0 2>&1 | grep "interleaved\|Error\|error\|timeline" | tail -5
       done ;;
     s33c)  # session 33 (~350 s): the decode attention's plan form in 1 / 2 / 8 warps alone (decode_attn, 1B), then this
       # tree's goal figures with timelines: the 8B w4a16 and the 1B bf16 at batch 1 (s31a's lines)

@@ -58,8 +58,8 @@ from .gemm import _activation, _gate_residual, _residual_tile, check_output_oper
 from .gemm import reference as gemm_reference
 from . import pdl
 from .pdl import INTERPRETED, gdc, l2_prefetch
-from .qweight_tiles import (_codes_tile, _magic_tile, _perm_x, _rms_scale, _squares, _weight_tile, _words_load,
-                            _words_step, _words_sz, _words_x)
+from .qweight_tiles import (_codes_tile, _magic_tile, _perm_x, _rms_scale, _weight_tile, _words_load, _words_step,
+                            _words_sz, _words_x)
 
 # triton.jit picks the interpreter from this variable when the kernels below are defined; read it then too
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -78,20 +78,11 @@ SUM_UNROLL_REGS = 64
 # trip then overlaps the loop's instead of sitting between the loop and the store); a switch for A/Bs
 # (bench/decode.py --ab-set kernels.qgemm.EARLY_RESIDUAL=0)
 EARLY_RESIDUAL = True
-# a WORDS GEMV's words loaded one column a thread (4-byte loads) so that x's chain, computed on [WORDS] vectors a word a
-# thread as x loads, meets them in their own layout: with the rows' 8- or 16-byte loads each of x's vectors the words
-# use (IDOT: its four planes, V, the column's power of two and offset) went through shared memory to the words' layout
-# every step, two barriers each (the 1B's whole-K qkv GEMV: 41 BAR.SYNC -> 11 in its SASS under triton 3.6, 39 -> 14
-# under 3.9; sm_90). The words load as one flat vector (qweight_tiles._words_load): a 2-D load's thread order is the
-# compiler's choice between equally contiguous dimensions, and 3.6 put the rows along the threads (uncoalesced: the 1B
-# qkv alone 8.5 -> 16.4 us on an H100, session 34).
-# For whole-K steps (one step, plain loads before the PDL wait; in a K loop the cp.async pipeline would copy 4 bytes at
-# a time). A switch for bench/decode.py --ab-set kernels.qgemm.WORD_COLS=0
-WORD_COLS = True
-# a WORDS GEMV with the norm prologue whose one step spans the row (no split) computes the row's 1 / rms from that step's
-# x, already in registers, not by _row_rstd's pass over x before it (a load round trip and its reduction after the PDL
-# wait, then x loaded again); a switch for A/Bs (bench/decode.py --ab-set kernels.qgemm.STEP_RSTD=0)
-STEP_RSTD = True
+# a WORDS GEMV whose one K step spans a split (the whole-K tiles) runs that step without the loop: a pipelined loop's
+# prologue (the next step's copies, their addresses, the loads of its x and scales) ran though the loop never did,
+# ~70 of a 1B qkv tile's ~660 instructions a thread after its PDL wait (triton 3.6, sm_90). A switch for A/Bs
+# (bench/decode.py --ab-set kernels.qgemm.ONE_STEP=0)
+ONE_STEP = True
 
 # the interpreter is slow per program and per K step: small tiles, so irregular test shapes span several
 INTERPRET_CONFIG = dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=32, GROUP_M=2)
@@ -291,12 +282,9 @@ def _wgemm_kernel(
     IDOT: tl.constexpr = False,  # (WORDS, 4 bits, 16-bit x) each word's sum by integer dot products (_words_step_idot)
     SUM_UNROLLED: tl.constexpr = 0,  # (REDUCE_LAST) the splits, for the last program's sum unrolled (_sum_splits); 0: a loop
     EARLY_RESIDUAL: tl.constexpr = True,  # (one row, no split) the residual loaded after the wait, not after the loop
-    WORD_COLS: tl.constexpr = False,  # (WORDS) one word column a thread: x's chain in the words' layout (WORD_COLS above)
-    STEP_RSTD: tl.constexpr = False,  # (WORDS, NORM, one step spans K) the row's rstd from that step's x (STEP_RSTD above)
+    ONE_STEP: tl.constexpr = False,  # (WORDS) one BLOCK_K step spans a split's K: no loop (launch sets it)
 ):
     EARLY: tl.constexpr = PREFETCH or L2_BYTES > 0  # weights read before the wait (a kernel never writes them)
-    # the IDOT words one column a thread: the scales (and zeros) each word's, not each group's (qweight_tiles._word_scales)
-    PER_WORD: tl.constexpr = WORDS and WORD_COLS and IDOT and BITS == 4 and x_ptr.dtype.element_ty != tl.float32
     if not EARLY:
         gdc(PDL)
     pid = tl.program_id(0)
@@ -332,9 +320,9 @@ def _wgemm_kernel(
                                          1 if INTERPRETED else tl.extra.cuda.num_warps())
         l2_prefetch(pf, pf_bytes, pf_live)
     if PREFETCH and WORDS:  # (the first step's words and scales, as the WORDS loop's first step reads them)
-        wd0, wu0 = _words_load(w_ptr, cols, mask_n, k_lo, K, N, stride_wn, BITS, GLU, BLOCK_K, WORD_COLS)
+        wd0, wu0 = _words_load(w_ptr, cols, mask_n, k_lo, K, N, stride_wn, BITS, GLU, BLOCK_K)
         s, z, s_u, z_u = _words_sz(s_ptr, z_ptr, cols, mask_n, k_lo, K, N, stride_sn, stride_sg, stride_zn, stride_zg,
-                                   HAS_ZEROS, QGROUP, GLU, BLOCK_K, PER_WORD)
+                                   HAS_ZEROS, QGROUP, GLU, BLOCK_K)
     elif PREFETCH:
         # the first step's tiles load while the previous kernel finishes, then the wait, then that step (accumulated
         # first, as in the loop: the same sums in the same order)
@@ -362,8 +350,6 @@ def _wgemm_kernel(
     elif NORM and NORM_POST:  # rstd: the rows' sums of squares until after the loop
         rstd = tl.zeros((BLOCK_M,), dtype=tl.float32)
         nw = _norm_weight(nw_ptr, k_lo, K, offs_k)
-    elif NORM and WORDS and STEP_RSTD:  # (rstd from the one step's x, below)
-        rstd = eps
     elif NORM:
         rstd = _row_rstd(x_ptr, rows, mask_m, K, stride_xm, stride_xk, eps, BLOCK_M, RSTD_K, RSTD_STAGES)
         if WORDS:  # one row: its rstd as a scalar (a [1] vector's layout would be converted to and from the words' at
@@ -382,13 +368,18 @@ def _wgemm_kernel(
         # computes (the weight tiles go through cp.async's pipeline; these small loads do not)
         x0, x1, x2, x3, x4, x5, x6, x7, n0, n1, n2, n3, n4, n5, n6, n7 = _words_x(
             x_ptr, nw_ptr, rows * stride_xm, k_lo, K, stride_xk, NORM, BITS, BLOCK_K)
-        if NORM and not NORM_POST and STEP_RSTD:  # the whole row in this one step: its statistics from its x
-            rstd = tl.rsqrt(tl.sum(_squares(x0, x1, x2, x3, x4, x5, x6, x7, 32 // BITS), 0) / K + eps)
-        if PREFETCH:  # the first step on its words and scales loaded before the wait, then the loop from the second
+        if ONE_STEP:  # one step spans the split (the whole-K tiles): no loop, nothing loaded for a next step (the
+            if not PREFETCH:  # pipelined loop's prologue, its copies and addresses, ran though the loop never did)
+                wd0, wu0 = _words_load(w_ptr, cols, mask_n, k_lo, K, N, stride_wn, BITS, GLU, BLOCK_K)
+                s, z, s_u, z_u = _words_sz(s_ptr, z_ptr, cols, mask_n, k_lo, K, N, stride_sn, stride_sg, stride_zn,
+                                           stride_zg, HAS_ZEROS, QGROUP, GLU, BLOCK_K)
+            acc, acc_u, rstd = _words_step(acc, acc_u, wd0, wu0, rstd, x0, x1, x2, x3, x4, x5, x6, x7, n0, n1, n2, n3, n4, n5,
+                                           n6, n7, s, z, s_u, z_u, BITS, HAS_ZEROS, QGROUP, WNORM, GLU, BLOCK_N, BLOCK_K, IDOT)
+        elif PREFETCH:  # the first step on its words and scales loaded before the wait, then the loop from the second
             y0, y1, y2, y3, y4, y5, y6, y7, m0, m1, m2, m3, m4, m5, m6, m7 = _words_x(
                 x_ptr, nw_ptr, rows * stride_xm, k_lo + BLOCK_K, K, stride_xk, NORM, BITS, BLOCK_K)
             s2, z2, s2_u, z2_u = _words_sz(s_ptr, z_ptr, cols, mask_n, k_lo + BLOCK_K, K, N, stride_sn, stride_sg, stride_zn,
-                                           stride_zg, HAS_ZEROS, QGROUP, GLU, BLOCK_K, PER_WORD)
+                                           stride_zg, HAS_ZEROS, QGROUP, GLU, BLOCK_K)
             acc, acc_u, rstd = _words_step(acc, acc_u, wd0, wu0, rstd, x0, x1, x2, x3, x4, x5, x6, x7, n0, n1, n2, n3, n4, n5,
                                            n6, n7, s, z, s_u, z_u, BITS, HAS_ZEROS, QGROUP, WNORM, GLU, BLOCK_N, BLOCK_K, IDOT)
             x0, x1, x2, x3, x4, x5, x6, x7 = y0, y1, y2, y3, y4, y5, y6, y7
@@ -397,19 +388,20 @@ def _wgemm_kernel(
             k_lo += BLOCK_K
         else:
             s, z, s_u, z_u = _words_sz(s_ptr, z_ptr, cols, mask_n, k_lo, K, N, stride_sn, stride_sg, stride_zn, stride_zg,
-                                       HAS_ZEROS, QGROUP, GLU, BLOCK_K, PER_WORD)
-        for kk in tl.range(k_lo, k_hi, BLOCK_K, num_stages=LOOP_STAGES):
-            y0, y1, y2, y3, y4, y5, y6, y7, m0, m1, m2, m3, m4, m5, m6, m7 = _words_x(
-                x_ptr, nw_ptr, rows * stride_xm, kk + BLOCK_K, K, stride_xk, NORM, BITS, BLOCK_K)
-            s2, z2, s2_u, z2_u = _words_sz(s_ptr, z_ptr, cols, mask_n, kk + BLOCK_K, K, N, stride_sn, stride_sg, stride_zn,
-                                           stride_zg, HAS_ZEROS, QGROUP, GLU, BLOCK_K, PER_WORD)
-            wd, wu = _words_load(w_ptr, cols, mask_n, kk, K, N, stride_wn, BITS, GLU, BLOCK_K, WORD_COLS)
-            acc, acc_u, rstd = _words_step(acc, acc_u, wd, wu, rstd,
-                                           x0, x1, x2, x3, x4, x5, x6, x7, n0, n1, n2, n3, n4, n5, n6, n7, s, z, s_u, z_u,
-                                           BITS, HAS_ZEROS, QGROUP, WNORM, GLU, BLOCK_N, BLOCK_K, IDOT)
-            x0, x1, x2, x3, x4, x5, x6, x7 = y0, y1, y2, y3, y4, y5, y6, y7
-            n0, n1, n2, n3, n4, n5, n6, n7 = m0, m1, m2, m3, m4, m5, m6, m7
-            s, z, s_u, z_u = s2, z2, s2_u, z2_u
+                                       HAS_ZEROS, QGROUP, GLU, BLOCK_K)
+        if not ONE_STEP:
+            for kk in tl.range(k_lo, k_hi, BLOCK_K, num_stages=LOOP_STAGES):
+                y0, y1, y2, y3, y4, y5, y6, y7, m0, m1, m2, m3, m4, m5, m6, m7 = _words_x(
+                    x_ptr, nw_ptr, rows * stride_xm, kk + BLOCK_K, K, stride_xk, NORM, BITS, BLOCK_K)
+                s2, z2, s2_u, z2_u = _words_sz(s_ptr, z_ptr, cols, mask_n, kk + BLOCK_K, K, N, stride_sn, stride_sg, stride_zn,
+                                               stride_zg, HAS_ZEROS, QGROUP, GLU, BLOCK_K)
+                wd, wu = _words_load(w_ptr, cols, mask_n, kk, K, N, stride_wn, BITS, GLU, BLOCK_K)
+                acc, acc_u, rstd = _words_step(acc, acc_u, wd, wu, rstd,
+                                               x0, x1, x2, x3, x4, x5, x6, x7, n0, n1, n2, n3, n4, n5, n6, n7, s, z, s_u, z_u,
+                                               BITS, HAS_ZEROS, QGROUP, WNORM, GLU, BLOCK_N, BLOCK_K, IDOT)
+                x0, x1, x2, x3, x4, x5, x6, x7 = y0, y1, y2, y3, y4, y5, y6, y7
+                n0, n1, n2, n3, n4, n5, n6, n7 = m0, m1, m2, m3, m4, m5, m6, m7
+                s, z, s_u, z_u = s2, z2, s2_u, z2_u
     elif MAGIC:
         tl.static_assert(SWAP and BITS == 4 and SUB == 1 and not PREFETCH,
                          "MAGIC: the swapped tl.dot tile of a 4-bit weight, BLOCK_K within one group, no PREFETCH")
@@ -432,7 +424,7 @@ def _wgemm_kernel(
         if AHEAD:  # the first step's scales (a plain load waits for its round trip at first use: in the loop, every step)
             tl.static_assert(not DOT and not PREFETCH and BITS > 0, "AHEAD: the byte-tile GEMV of a quantized weight")
             s, z, s_u, z_u = _words_sz(s_ptr, z_ptr, cols, mask_n, k_lo, K, N, stride_sn, stride_sg, stride_zn, stride_zg,
-                                       HAS_ZEROS, QGROUP, GLU, BLOCK_K, PER_WORD)
+                                       HAS_ZEROS, QGROUP, GLU, BLOCK_K)
         # (the loop keeps its own statements in the order measured on the H200; _k_step is the same operations)
         for kk in tl.range(k_lo, k_hi, BLOCK_K, num_stages=LOOP_STAGES):
             a = tl.load(x_ptr + rows[:, None] * stride_xm + (kk + offs_k)[None, :] * stride_xk,
@@ -443,7 +435,7 @@ def _wgemm_kernel(
                 nw = nw_next
             if AHEAD:  # the next step's scales in flight during this one
                 s2, z2, s2_u, z2_u = _words_sz(s_ptr, z_ptr, cols, mask_n, kk + BLOCK_K, K, N, stride_sn, stride_sg,
-                                               stride_zn, stride_zg, HAS_ZEROS, QGROUP, GLU, BLOCK_K, PER_WORD)
+                                               stride_zn, stride_zg, HAS_ZEROS, QGROUP, GLU, BLOCK_K)
                 b = _codes_tile(w_ptr, cols, mask_n, kk, K, stride_wn, stride_wk, s, z, BITS, PACK, HAS_ZEROS, SUB,
                                 BLOCK_N, BLOCK_K)
             else:
@@ -666,11 +658,7 @@ def launch(x2, weight: Weight, epi: Epilogue, out2, m: int, n: int, config: dict
     if norm is not None:  # the statistics' tiles: ~STATS_ELEMS values, at most K's power of two wide
         meta["RSTD_K"] = min(triton.next_power_of_2(k), max(16, STATS_ELEMS // (config or {}).get("BLOCK_M", 16)))
     meta["EARLY_RESIDUAL"] = EARLY_RESIDUAL
-    words = bool((config or {}).get("WORDS"))
-    meta["WORD_COLS"] = WORD_COLS and words and k_chunk <= config["BLOCK_K"]
-    if meta["WORD_COLS"] and "maxnreg" not in config:  # (8 warps: two programs an SM, as before; Triton 3.6 gave the
-        config = dict(config, maxnreg=128)  # 1B's whole-K qkv / o 138-171 registers, 1B qkv's 192 programs two waves)
-    meta["STEP_RSTD"] = STEP_RSTD and words and norm is not None and splits == 1 and k <= config["BLOCK_K"]
+    meta["ONE_STEP"] = bool((config or {}).get("WORDS")) and k_chunk <= config["BLOCK_K"] and ONE_STEP
     if config is not None:
         meta["SUM_UNROLLED"] = splits if meta["REDUCE_LAST"] and _unroll_sum(config, splits, meta["GLU"]) else 0
         grid = (triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"]), splits)

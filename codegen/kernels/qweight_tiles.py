@@ -202,42 +202,15 @@ def _words_x(x_ptr, nw_ptr, row0, kk, K, stride_xk, NORM: tl.constexpr, BITS: tl
 
 @triton.jit
 def _words_sz(s_ptr, z_ptr, cols, mask_n, kk, K, N, stride_sn, stride_sg, stride_zn, stride_zg,
-              HAS_ZEROS: tl.constexpr, QGROUP: tl.constexpr, GLU: tl.constexpr, BLOCK_K: tl.constexpr,
-              PER_WORD: tl.constexpr = False):
-    # _group_scales of one K step, and the up half's with GLU (else the same again); loaded a step ahead like _words_x's.
-    # PER_WORD (4 bits, groups narrower than the step): [BLOCK_N, WORDS], each word's group's (_word_scales)
+              HAS_ZEROS: tl.constexpr, QGROUP: tl.constexpr, GLU: tl.constexpr, BLOCK_K: tl.constexpr):
+    # _group_scales of one K step, and the up half's with GLU (else the same again); loaded a step ahead like _words_x's
     SUB: tl.constexpr = (BLOCK_K + QGROUP - 1) // QGROUP
-    if PER_WORD and SUB > 1:
-        s, z = _word_scales(s_ptr, z_ptr, cols, mask_n, kk, K, stride_sn, stride_sg, stride_zn, stride_zg, HAS_ZEROS,
-                            QGROUP, BLOCK_K)
-    else:
-        s, z = _group_scales(s_ptr, z_ptr, cols, mask_n, kk, K, stride_sn, stride_sg, stride_zn, stride_zg, HAS_ZEROS,
-                             QGROUP, SUB)
+    s, z = _group_scales(s_ptr, z_ptr, cols, mask_n, kk, K, stride_sn, stride_sg, stride_zn, stride_zg, HAS_ZEROS, QGROUP, SUB)
     s_u, z_u = s, z
-    if GLU and PER_WORD and SUB > 1:
-        s_u, z_u = _word_scales(s_ptr, z_ptr, cols + N, mask_n, kk, K, stride_sn, stride_sg, stride_zn, stride_zg,
-                                HAS_ZEROS, QGROUP, BLOCK_K)
-    elif GLU:
+    if GLU:
         s_u, z_u = _group_scales(s_ptr, z_ptr, cols + N, mask_n, kk, K, stride_sn, stride_sg, stride_zn, stride_zg,
                                  HAS_ZEROS, QGROUP, SUB)
     return s, z, s_u, z_u
-
-
-@triton.jit
-def _word_scales(s_ptr, z_ptr, n_idx, mask_n, kk, K, stride_sn, stride_sg, stride_zn, stride_zg,
-                 HAS_ZEROS: tl.constexpr, QGROUP: tl.constexpr, BLOCK_K: tl.constexpr):
-    # the scales (and zeros; else the scales again) of rows n_idx at each 4-bit word of the K step at kk, raw [BLOCK_N,
-    # WORDS]: word w's group's, repeated over the group's words (L1 serves the repeats). In the words' own layout, where
-    # [BLOCK_N, SUB] scales go through shared memory to meet them (the step's sums reshaped by group, then back)
-    WORDS: tl.constexpr = BLOCK_K // 8
-    offs_w = kk // 8 + tl.arange(0, WORDS)
-    offs_g = offs_w // (QGROUP // 8)
-    mask_g = mask_n[:, None] & (offs_w < K // 8)[None, :]
-    s = tl.load(s_ptr + n_idx[:, None] * stride_sn + offs_g[None, :] * stride_sg, mask=mask_g, other=0.0)
-    z = s
-    if HAS_ZEROS:
-        z = tl.load(z_ptr + n_idx[:, None] * stride_zn + offs_g[None, :] * stride_zg, mask=mask_g, other=0)
-    return s, z
 
 
 @triton.jit
@@ -249,34 +222,19 @@ def _x_use(xj, nj, rstd, j: tl.constexpr, PAIRED4: tl.constexpr, NORM: tl.conste
 
 
 @triton.jit
-def _words_load(w_ptr, cols, mask_n, kk, K, N, stride_wn, BITS: tl.constexpr, GLU: tl.constexpr, BLOCK_K: tl.constexpr,
-                WORD_COLS: tl.constexpr = False):
+def _words_load(w_ptr, cols, mask_n, kk, K, N, stride_wn, BITS: tl.constexpr, GLU: tl.constexpr, BLOCK_K: tl.constexpr):
     # the int32 words [BLOCK_N, WORDS] of one K step of the WORDS GEMV's weight rows (and the up half's with GLU: rows
-    # N + j of the merged [gate; up] weight, else the same words again). WORD_COLS: one word column a thread (4-byte
-    # loads, not the 8 / 16 the rows' contiguity allows), so the words' layout's columns are x's (_words_x's [WORDS]
-    # vectors, a word a thread): x's chain meets the words with no layout conversion (qgemm.WORD_COLS)
+    # N + j of the merged [gate; up] weight, else the same words again)
     CPW: tl.constexpr = 32 // BITS
     WORDS: tl.constexpr = BLOCK_K // CPW
+    offs_w = kk // CPW + tl.arange(0, WORDS)  # the step's words of a row
+    mask = mask_n[:, None] & (offs_w < K // CPW)[None, :]
     rows = (w_ptr + cols * stride_wn).to(tl.pointer_type(tl.int32))  # [BLOCK_N] row starts, as words (4-byte aligned)
-    rows_u = (w_ptr + (cols + N) * stride_wn).to(tl.pointer_type(tl.int32))
-    if WORD_COLS:  # one flat [BLOCK_N * WORDS] load, element i at thread i (mod the threads): word i % WORDS of row
-        BLOCK_N: tl.constexpr = cols.shape[0]  # i // WORDS; a 2-D load's order would be the compiler's choice (Triton
-        i = tl.max_contiguous(tl.arange(0, BLOCK_N * WORDS), 1)  # 3.6 and 3.9 put the rows along the threads, one for
-        offs_w = kk // CPW + i % WORDS  # [BLOCK_N, WORDS], the other for its transpose)
-        mask = (offs_w < K // CPW) & (tl.reshape(tl.broadcast_to(mask_n[:, None], (BLOCK_N, WORDS)), (BLOCK_N * WORDS,)))
-        row = tl.reshape(tl.broadcast_to(rows[:, None], (BLOCK_N, WORDS)), (BLOCK_N * WORDS,))
-        wd = tl.reshape(tl.load(row + offs_w, mask=mask, other=0), (BLOCK_N, WORDS))
-        wu = wd
-        if GLU:
-            row_u = tl.reshape(tl.broadcast_to(rows_u[:, None], (BLOCK_N, WORDS)), (BLOCK_N * WORDS,))
-            wu = tl.reshape(tl.load(row_u + offs_w, mask=mask, other=0), (BLOCK_N, WORDS))
-    else:
-        offs_w = kk // CPW + tl.arange(0, WORDS)  # the step's words of a row
-        mask = mask_n[:, None] & (offs_w < K // CPW)[None, :]
-        wd = tl.load(rows[:, None] + offs_w[None, :], mask=mask, other=0)
-        wu = wd
-        if GLU:
-            wu = tl.load(rows_u[:, None] + offs_w[None, :], mask=mask, other=0)
+    wd = tl.load(rows[:, None] + offs_w[None, :], mask=mask, other=0)
+    wu = wd
+    if GLU:
+        rows_u = (w_ptr + (cols + N) * stride_wn).to(tl.pointer_type(tl.int32))
+        wu = tl.load(rows_u[:, None] + offs_w[None, :], mask=mask, other=0)
     return wd, wu
 
 
@@ -301,8 +259,7 @@ def _words_step(acc, acc_u, wd, wu, rstd,
     # Returns (acc, acc_u, rstd)
     if NORM == 2:
         rstd += _squares(x0, x1, x2, x3, x4, x5, x6, x7, 32 // BITS)
-    # (if / elif / else: Triton compiles the statements after a return in a constexpr if, and _words_sz's PER_WORD
-    # scales fit only the IDOT step)
+    # (if / elif / else: Triton compiles the statements after a return in a constexpr if, dead code typed and compiled)
     if IDOT and BITS == 4 and x0.dtype != tl.float32:
         acc, acc_u = _words_step_idot(acc, acc_u, wd, wu, rstd, x0, x1, x2, x3, x4, x5, x6, x7, n0, n1, n2, n3, n4, n5, n6,
                                       n7, s, z, s_u, z_u, HAS_ZEROS, QGROUP, NORM, GLU, BLOCK_N, BLOCK_K)
@@ -554,10 +511,9 @@ def _idot_sums(acc, wd, le, he, lo, ho, vs, V, dn, c, s, z, HAS_ZEROS: tl.conste
     # as dn and c = -1.5 * 2**23 dn; s, z: raw [BLOCK_N, SUB])
     WORDS: tl.constexpr = BLOCK_K // 8
     SUB: tl.constexpr = (BLOCK_K + QGROUP - 1) // QGROUP
-    PER_WORD: tl.constexpr = SUB == 1 or s.shape[1] == WORDS  # (one group a step, or a word's own: _words_sz's PER_WORD)
     if HAS_ZEROS:  # C = M - z V, a row's group's zero
         zi = z.to(tl.int32)
-        if PER_WORD:
+        if SUB == 1:
             C = -zi * V[None, :] + IDOT_M
         else:
             C = tl.reshape(-zi[:, :, None] * tl.reshape(V, (SUB, WORDS // SUB))[None, :, :] + IDOT_M, (BLOCK_N, WORDS))
@@ -570,11 +526,9 @@ def _idot_sums(acc, wd, le, he, lo, ho, vs, V, dn, c, s, z, HAS_ZEROS: tl.conste
                                       dtype=tl.int32, is_pure=True, pack=1)
     t = tl.fma(r.to(tl.float32, bitcast=True), dn[None, :], c[None, :])  # exact: sum_j (q_j - z) v_j 2**(e - 14)
     s = s.to(tl.float32)
-    if PER_WORD:
-        acc += s * t
-    else:  # (an if / else: Triton compiles the statements after a return in a constexpr if)
-        acc += tl.reshape(s[:, :, None] * tl.reshape(t, (BLOCK_N, SUB, WORDS // SUB)), (BLOCK_N, WORDS))
-    return acc
+    if SUB == 1:
+        return acc + s * t
+    return acc + tl.reshape(s[:, :, None] * tl.reshape(t, (BLOCK_N, SUB, WORDS // SUB)), (BLOCK_N, WORDS))
 
 
 @triton.jit

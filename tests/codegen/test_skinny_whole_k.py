@@ -47,45 +47,29 @@ def test_whole_k_words_tiles_offered_with_the_switch(monkeypatch, bits):
     check(x, weight(n, k, bits, torch.float16, group=64), residual=r(1, n, dtype=torch.float16), config=whole)
 
 
-@pytest.mark.parametrize("sym", [True, False])
-@pytest.mark.parametrize("glu", [False, True])
-def test_whole_k_words_columns_and_step_rstd(monkeypatch, sym, glu):
-    """A whole-K step with its words a column a thread (qgemm.WORD_COLS: each word's own scale and zero, groups of 64
-    narrower than the step) and the norm prologue's statistics from that step's x (qgemm.STEP_RSTD): the reference's
-    product (RMSNORM, the GLU, zeros or none), and what the tile computes without the switches to float32's rounding
-    of the statistics' other summation order."""
-    from kiln.codegen.kernels import qgemm
-    n, k = 32, 256
-    whole = dict(BLOCK_N=16, BLOCK_K=k, SPLIT_K=1, DOT=False, WORDS=True, IDOT=True, num_warps=8, num_stages=3)
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("post", [False, True])
+def test_whole_k_step_without_the_loop_gives_the_same_bits(monkeypatch, bits, post):
+    """qgemm.ONE_STEP: a whole-K WORDS tile runs its one step without the K loop (whose pipelined prologue loaded a
+    next step that never came), its words read before the PDL wait (the peel) or not: the bits of the loop, for the
+    GLU with the norm prologue or NORM_POST and for a residual."""
+    from kiln.codegen.kernels import pdl, qgemm
+    n, k = 40, 256
+    whole = dict(BLOCK_N=16, BLOCK_K=k, SPLIT_K=1, DOT=False, WORDS=True, num_warps=8, num_stages=3) | (
+        {"IDOT": True} if bits == 4 else {}) | ({"NORM_POST": True} if post else {})
     x = r(1, k, dtype=torch.float16)
     nw = r(k, dtype=torch.float16, scale=0.2) + 1
-    kwargs, w64 = weight(2 * n if glu else n, k, 4, torch.float16, group=64, sym=sym)
-    epi = dict(act="silu", glu=True) if glu else dict(residual=r(1, n, dtype=torch.float16))
-    launched = []
-    monkeypatch.setattr(qgemm, "_wgemm_kernel", _Spy(qgemm._wgemm_kernel, launched))
-    got = skinny_gemm(x, norm_weight=nw, norm_eps=1e-5, **kwargs, **epi, config=whole)
-    assert launched[-1]["WORD_COLS"] and launched[-1]["STEP_RSTD"]
-    want = S.reference(x.double(), w64, norm_weight=nw.double(), norm_eps=1e-5,
-                       **{k_: (v.double() if torch.is_tensor(v) else v) for k_, v in epi.items()})
-    assert rel_err(got, want) <= TOL[torch.float16]
-    monkeypatch.setattr(qgemm, "WORD_COLS", False)
-    monkeypatch.setattr(qgemm, "STEP_RSTD", False)
-    before = skinny_gemm(x, norm_weight=nw, norm_eps=1e-5, **kwargs, **epi, config=whole)
-    assert not launched[-1]["WORD_COLS"] and not launched[-1]["STEP_RSTD"]
-    torch.testing.assert_close(got, before, rtol=2e-3, atol=2e-3)
-
-
-class _Spy:
-    """A kernel whose launches record their keyword arguments (the constexprs the host chose)."""
-
-    def __init__(self, kernel, seen):
-        self.kernel, self.seen = kernel, seen
-
-    def __getitem__(self, grid):
-        def run(*args, **kw):
-            self.seen.append(kw)
-            return self.kernel[grid](*args, **kw)
-        return run
+    glu = dict(weight(2 * n, k, bits, torch.float16, group=64)[0], norm_weight=nw, norm_eps=1e-5, act="silu", glu=True)
+    res = dict(weight(n, k, bits, torch.float16, group=64, sym=False)[0], residual=r(1, n, dtype=torch.float16))
+    outs = []
+    for one_step in (False, True):
+        for peel in (False, True):
+            monkeypatch.setattr(qgemm, "ONE_STEP", one_step)
+            monkeypatch.setattr(pdl, "prefetch_words", lambda t, b, peel=peel: peel)
+            outs.append([skinny_gemm(x, **glu, config=whole),
+                         skinny_gemm(x, **res, config={c: v for c, v in whole.items() if c != "NORM_POST"})])
+    for got in outs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(got, outs[0]))
 
 
 @pytest.mark.gpu
