@@ -3,7 +3,8 @@ and down shapes compile for sm_90 (Triton's own ptxas; no GPU) within its bounds
 weight code, with the Triton installed here (CI: 3.9). Session 9 found the WORDS GEMV with the norm prologue spilling
 6-13 KB a thread (85 instructions a code) only by reading its SASS, under triton 3.6 (the GPU machine's; 3.9 compiled
 that code without the spills): the CPU tests, under the interpreter, cannot see what a compiler makes of a kernel, so
-the script is also run with triton 3.6 before a GPU session (bench/NOTES.md)."""
+the script is also run with triton 3.6 before a GPU session (bench/NOTES.md). The o projection's whole-K tile is checked
+for the registers of a step without the K loop (qgemm.ONE_STEP)."""
 import os
 import subprocess
 import sys
@@ -20,10 +21,11 @@ BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 @pytest.mark.parametrize("bits", [4, 8])  # (two processes under xdist: ~20 s each)
 def test_quantized_gemv_sass_within_bounds(bits):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # (kiln: the installed package)
-    out = subprocess.run([sys.executable, str(SCRIPT), "--check", "--shapes", "gate/up", "down", "--bits", str(bits)],
+    out = subprocess.run([sys.executable, str(SCRIPT), "--check", "--shapes", "gate/up", "down", "o", "--bits", str(bits)],
                          env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     rows = [line for line in out.stdout.splitlines() if line.startswith(f"int{bits} ")]
     assert len(rows) >= 10 and any("WORDS" in line and " norm " in line for line in rows), out.stdout
     if bits == 4:
         assert any("'IDOT': True" in line and " norm " in line for line in rows), out.stdout  # (dp4a's PTX compiles)
+    assert any(line.startswith(f"int{bits} o ") and "'BLOCK_K': 2048, 'SPLIT_K': 1" in line for line in rows), out.stdout
