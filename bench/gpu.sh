@@ -540,6 +540,16 @@ Occupancy|Warp Cycles Per Issued|Registers Per" "$OUT/ncu_24n.txt" | head -150 ;
           $([ $q = bf16 ] || echo --quantize $q) --no-compile-peer --ab-set kernels.skinny.WHOLE_K_WORDS=0 \
           --ab-env KILN_REFINE=0 2>&1 | grep "interleaved\|Error\|error" | tail -3
       done ;;
+    s34b)  # session 34, next (~450 s): KILN_L2_BRANCH (the weights of the GEMMs after each decode attention asked of the
+      # L2 from a second stream's branch of the step's graph): its GPU test, then the 1B at batch 1 against it off in one
+      # process (with timelines): w4a16 at 24 MB, bf16 at 32 MB (BRANCH=MB[:programs] for another budget)
+      timeout 150 python3 -m pytest -q -rf -m gpu tests/runtime/test_l2_branch.py 2>&1 | tail -2
+      for q in ${QUANTS:-w4a16 bf16}; do
+        mb=${BRANCH:-$([ $q = bf16 ] && echo 32 || echo 24)}
+        DECODE_JSON=decode_34b_$q.json timeout 200 python3 bench/decode.py --models 1b --batches 1 \
+          $([ $q = bf16 ] || echo --quantize $q) --no-compile-peer --ab-env "KILN_L2_BRANCH=$mb" 2>&1 \
+          | grep "interleaved\|Error\|error\|timeline" | tail -5
+      done ;;
     s34a)  # session 34 (~400 s): a whole-K WORDS GEMV's one step without the K loop (qgemm.ONE_STEP: 48 registers, not
       # 128, ~20% fewer instructions after the wait), the one-row GEMV GPU tests, then the 1B at batch 1 in w4a16 and
       # w8a16, each against the switch off in one process (with timelines)

@@ -48,7 +48,8 @@ from ..ir.ops import attention_operands, index_copy
 from ..ir.ops_collective import COLLECTIVE_OPS
 from ..ir.ops_fused import AQ_FORMATS, aqgemm_operands
 from ..ir.types import eval_dim, torch_dtype
-from .kernel_calls import MAX_OUTPUT_SETS, KernelCall, OutputSet, PlanStats, capture, collective_call, gather_call, use_count
+from .kernel_calls import (MAX_OUTPUT_SETS, KernelCall, OutputSet, PlanStats, capture, collective_call, gather_call, use_count,
+                           with_l2_branch)
 from . import refine, warm_libs
 from .layouts import CHANNELS_LAST, channels_last_values, empty_in_order, inverse, row_pitch, stored_order
 from .memory import Liveness, nbytes
@@ -491,7 +492,10 @@ class KernelPlan(Plan):
                 calls += self._coded_gemm_calls(g, codes)
                 continue
             calls.append(self._call(g, kind, tmp, ws, codes))
-        return [c for c in calls if id(c) not in self._taken] + self._state_copies()
+        calls = [c for c in calls if id(c) not in self._taken] + self._state_copies()
+        last = lambda c: c.group.nodes[-1]  # noqa: E731  (a GEMM's stored operands; an attention of one query a row)
+        return with_l2_branch(calls, lambda c: [self.env[i] for i in last(c).inputs if i in self.real] if c.kind == "gemm"
+                              else [], lambda c: self.env[last(c).inputs[0]].shape[-2] == 1, self.device)
 
     def _views(self, g: Group) -> None:
         for n in g.nodes:

@@ -140,17 +140,9 @@ def test_a_failing_refinement_warns_and_leaves_the_plan(tuned, tmp_path, monkeyp
 
 
 @pytest.mark.gpu
-def test_gpu_refined_plans_capture_and_give_the_same_tokens(tmp_path, monkeypatch):
+def test_gpu_refined_plans_capture_and_give_the_same_tokens(cuda_llama_generator, monkeypatch):
     # on CUDA each variant is a captured graph, timed for real; whatever wins, the tokens are the plain plans' (float32)
-    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    torch.manual_seed(0)
-    m = transformers.LlamaForCausalLM(cfg).float().eval().cuda()
-    m.generation_config.eos_token_id = None
-
-    def gen():
-        return kiln.from_hf(m, max_seq=32, batch_buckets=(1,), eos_token_id=[],
-                            config=kiln.CompileConfig(backend="kernels", cache_dir=str(tmp_path)))
+    gen = cuda_llama_generator
     prompt = [[1, 2, 3, 4, 5]]
     monkeypatch.setenv("KILN_REFINE", "0")
     want = gen().generate(prompt, max_new_tokens=6).tokens
