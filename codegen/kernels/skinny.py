@@ -166,6 +166,8 @@ WHOLE_K = {(False, 0): Tile(16, 512, 8, 3)}
 # that with the peel (pdl.prefetch_words) a program of the 1B's qkv / o (192 / 128 programs) reads its whole weight
 # slice before its PDL wait, while the kernel before it finishes. Measured on an H100 (bench/NOTES.md, session 30): the
 # tuner takes them at the 1B's o (and qkv, down at 4 bits), 1B w4a16 at batch 1 1,673 -> 1,750 tok/s in one process.
+# A GLU's tile takes 2048 codes of each half a step (its 16 rows cannot halve: configs doubles the tile's BLOCK_K, which
+# tile_config halves back), since session 34 (its one step without the K loop: 64 registers a thread at 4 bits).
 # WHOLE_K_WORDS: a switch for A/Bs (bench/decode.py --ab-set kernels.skinny.WHOLE_K_WORDS=0)
 WHOLE_K_WORDS_TILES = {4: Tile(16, 2048, 8, 3, words=True, idot=True), 8: Tile(16, 2048, 8, 3, words=True)}
 WHOLE_K_WORDS = True
@@ -298,7 +300,7 @@ def configs(m: int, n: int, k: int, bits: int | None = None, glu: bool = False, 
     if IDOT and bits == 4 and whole_words and not dot:
         unique += [c for c in (tile_config(m, n, k, bits, glu, t) for t in IDOT_TILES) if c not in unique and _words_fit(c, k, bits)]
     if WHOLE_K_WORDS and whole_words and not dot:
-        c = tile_config(m, n, k, bits, glu, WHOLE_K_WORDS_TILES[bits], split=1)
+        c = tile_config(m, n, k, bits, glu, whole_k_words_tile(bits, glu), split=1)
         if c not in unique and _words_fit(c, k, bits) and (IDOT or not c.get("IDOT")):
             unique.append(c)
     if bits == 4 and group is not None and (not 0 < group < k or group >= 16):
@@ -309,6 +311,13 @@ def configs(m: int, n: int, k: int, bits: int | None = None, glu: bool = False, 
         tiles += [c for c in unique if c.get("WORDS") and c.get("REDUCE") != "separate"] if WORDS_NORM_POST else []
         unique += [dict(c, NORM_POST=True) for c in tiles + [c for c in unique if c.get("MAGIC")][:1]]
     return unique
+
+
+def whole_k_words_tile(bits: int, glu: bool) -> Tile:
+    """WHOLE_K_WORDS_TILES' tile at ``bits``; a GLU's with twice its BLOCK_K, which tile_config halves back (a 16-row
+    GLU tile's step: 2048 codes of each half, as a plain one's)."""
+    tile = WHOLE_K_WORDS_TILES[bits]
+    return tile._replace(block_k=2 * tile.block_k) if glu else tile
 
 
 def _words_fit(c: dict, k: int, bits: int | None) -> bool:

@@ -311,7 +311,9 @@ def test_empty_and_vector_inputs():
 def test_configs_for_llama_shapes(m, n, k, bits, glu):
     cs = configs(m, n, k, bits, glu)
     # (after TILES', one row of a 4-bit weight: the IDOT tiles; of a quantized one: the unsplit whole-K WORDS tile)
-    whole = [S.tile_config(m, n, k, bits, glu, S.WHOLE_K_WORDS_TILES[bits], split=1)] if m == 1 and bits else []
+    whole = [S.tile_config(m, n, k, bits, glu, S.whole_k_words_tile(bits, glu), split=1)] if m == 1 and bits else []
+    if whole:  # (2048 codes a step, a GLU's of each half)
+        assert whole[0]["BLOCK_K"] == min(2048, k) and whole[0]["SPLIT_K"] == 1
     base = [c for c in cs if not c.get("IDOT") and c not in whole]
     assert 1 <= len(base) <= (5 if m == 1 and bits else 4) and len({tuple(sorted(c.items())) for c in cs}) == len(cs)
     assert cs[:len(base)] == base and (len(cs) > len(base)) == (m == 1 and bits is not None) and all(c in cs for c in whole)
