@@ -8,7 +8,7 @@ HBM and 6.4 with it in L2, down 5.5 / 4.8 (qkv and o ~0.1 us: their fixed cost i
 
 Session 27 asked the L2 for the next GEMMs' weights from inside the decode attention's programs: a program does not
 retire until its bulk prefetches are done, so their transfer landed on the step's critical path (the 1B bf16 -4..-9%).
-Here the prefetch is a kernel of its own (``prefetch``: every thread of a few programs issues
+Here the prefetch is a kernel of its own (``Prefetch``: every thread of a few programs issues
 ``cp.async.bulk.prefetch.L2`` for pieces of the weights, ``pdl.l2_prefetch``) on a second stream that forks from the
 step's stream before a decode attention and joins it at the step's end, so no kernel of the chain waits for it: in the
 CUDA graph it is a branch whose only successor is the graph's end. A prefetch is a hint (no value is read), so the
