@@ -549,7 +549,9 @@ Occupancy|Warp Cycles Per Issued|Registers Per" "$OUT/ncu_24n.txt" | head -150 ;
         DECODE_JSON=decode_34b_$q.json timeout 200 python3 bench/decode.py --models 1b --batches 1 \
           $([ $q = bf16 ] || echo --quantize $q) --no-compile-peer --ab-env "KILN_L2_BRANCH=$mb" 2>&1 \
           | grep "interleaved\|Error\|error\|timeline" | tail -5
-      done ;;
+      done
+      # the 1B gate/up's candidates alone (the GLU's whole-K tile, 16,2048,1,..., first measured here)
+      python3 bench/tuning_dump.py "$KILN_CACHE_DIR" --top 12 2>&1 | grep -A12 "weight \[16384, 1024\] bits 4" | head -14 ;;
     s34a)  # session 34 (~400 s): a whole-K WORDS GEMV's one step without the K loop (qgemm.ONE_STEP: 48 registers, not
       # 128, ~20% fewer instructions after the wait), the one-row GEMV GPU tests, then the 1B at batch 1 in w4a16 and
       # w8a16, each against the switch off in one process (with timelines)
