@@ -73,16 +73,22 @@ def gather_call(n, args: list, out: torch.Tensor):
     return None
 
 
-def with_l2_branch(calls: list[KernelCall], stored, decode, device: torch.device) -> list[KernelCall]:
+def with_l2_branch(calls: list[KernelCall], env: dict, stored: dict, device: torch.device) -> list[KernelCall]:
     """``calls`` with ``KILN_L2_BRANCH``'s prefetches (codegen/kernels/l2_branch.py), where set and on CUDA: before each
-    decode attention (``decode(call)``), a call that forks a second stream from the step's and asks the L2 there for the
-    stored tensors (``stored(call)``: a GEMM's weight, scales, zeros) of the calls after it up to the next attention, in
-    order, within the budget; a last call joins the second stream back (a CUDA graph's forked work must rejoin its
-    capture)."""
+    decode attention (one query a row), a call that forks a second stream from the step's and asks the L2 there for the
+    stored tensors (a GEMM's inputs among ``stored``'s nodes: its weight, scales, zeros) of the calls after it up to the
+    next attention, in order, within the budget; a last call joins the second stream back (a CUDA graph's forked work
+    must rejoin its capture). ``env``: each node's tensor as the calls read it."""
     budget, programs = l2_branch.setting()
     if not budget or device.type != "cuda":
         return calls
-    side, out, points = torch.cuda.Stream(device), [], dict(branch_points(calls, stored, decode, budget))
+
+    def operands(c):
+        return [env[i] for i in c.group.nodes[-1].inputs if i in stored] if c.kind == "gemm" else []
+
+    def decode(c):
+        return env[c.group.nodes[-1].inputs[0]].shape[-2] == 1
+    side, out, points = torch.cuda.Stream(device), [], dict(branch_points(calls, operands, decode, budget))
     for k, call in enumerate(calls):
         if k in points:
             prefetch = l2_branch.Prefetch(points[k], device, programs)

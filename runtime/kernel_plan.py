@@ -493,9 +493,7 @@ class KernelPlan(Plan):
                 continue
             calls.append(self._call(g, kind, tmp, ws, codes))
         calls = [c for c in calls if id(c) not in self._taken] + self._state_copies()
-        last = lambda c: c.group.nodes[-1]  # noqa: E731  (a GEMM's stored operands; an attention of one query a row)
-        return with_l2_branch(calls, lambda c: [self.env[i] for i in last(c).inputs if i in self.real] if c.kind == "gemm"
-                              else [], lambda c: self.env[last(c).inputs[0]].shape[-2] == 1, self.device)
+        return with_l2_branch(calls, self.env, self.real, self.device)
 
     def _views(self, g: Group) -> None:
         for n in g.nodes:

@@ -368,24 +368,26 @@ def _wgemm_kernel(
         # computes (the weight tiles go through cp.async's pipeline; these small loads do not)
         x0, x1, x2, x3, x4, x5, x6, x7, n0, n1, n2, n3, n4, n5, n6, n7 = _words_x(
             x_ptr, nw_ptr, rows * stride_xm, k_lo, K, stride_xk, NORM, BITS, BLOCK_K)
-        if ONE_STEP:  # one step spans the split (the whole-K tiles): no loop, nothing loaded for a next step (the
-            if not PREFETCH:  # pipelined loop's prologue, its copies and addresses, ran though the loop never did)
+        # PREFETCH: the first step on its words and scales loaded before the wait, then the loop from the second.
+        # ONE_STEP: that step spans the split (the whole-K tiles): no loop, nothing loaded for a next step (the pipelined
+        # loop's prologue, its copies and addresses, ran though the loop never did)
+        if PREFETCH or ONE_STEP:
+            if not PREFETCH:
                 wd0, wu0 = _words_load(w_ptr, cols, mask_n, k_lo, K, N, stride_wn, BITS, GLU, BLOCK_K)
                 s, z, s_u, z_u = _words_sz(s_ptr, z_ptr, cols, mask_n, k_lo, K, N, stride_sn, stride_sg, stride_zn,
                                            stride_zg, HAS_ZEROS, QGROUP, GLU, BLOCK_K)
+            if not ONE_STEP:
+                y0, y1, y2, y3, y4, y5, y6, y7, m0, m1, m2, m3, m4, m5, m6, m7 = _words_x(
+                    x_ptr, nw_ptr, rows * stride_xm, k_lo + BLOCK_K, K, stride_xk, NORM, BITS, BLOCK_K)
+                s2, z2, s2_u, z2_u = _words_sz(s_ptr, z_ptr, cols, mask_n, k_lo + BLOCK_K, K, N, stride_sn, stride_sg,
+                                               stride_zn, stride_zg, HAS_ZEROS, QGROUP, GLU, BLOCK_K)
             acc, acc_u, rstd = _words_step(acc, acc_u, wd0, wu0, rstd, x0, x1, x2, x3, x4, x5, x6, x7, n0, n1, n2, n3, n4, n5,
                                            n6, n7, s, z, s_u, z_u, BITS, HAS_ZEROS, QGROUP, WNORM, GLU, BLOCK_N, BLOCK_K, IDOT)
-        elif PREFETCH:  # the first step on its words and scales loaded before the wait, then the loop from the second
-            y0, y1, y2, y3, y4, y5, y6, y7, m0, m1, m2, m3, m4, m5, m6, m7 = _words_x(
-                x_ptr, nw_ptr, rows * stride_xm, k_lo + BLOCK_K, K, stride_xk, NORM, BITS, BLOCK_K)
-            s2, z2, s2_u, z2_u = _words_sz(s_ptr, z_ptr, cols, mask_n, k_lo + BLOCK_K, K, N, stride_sn, stride_sg, stride_zn,
-                                           stride_zg, HAS_ZEROS, QGROUP, GLU, BLOCK_K)
-            acc, acc_u, rstd = _words_step(acc, acc_u, wd0, wu0, rstd, x0, x1, x2, x3, x4, x5, x6, x7, n0, n1, n2, n3, n4, n5,
-                                           n6, n7, s, z, s_u, z_u, BITS, HAS_ZEROS, QGROUP, WNORM, GLU, BLOCK_N, BLOCK_K, IDOT)
-            x0, x1, x2, x3, x4, x5, x6, x7 = y0, y1, y2, y3, y4, y5, y6, y7
-            n0, n1, n2, n3, n4, n5, n6, n7 = m0, m1, m2, m3, m4, m5, m6, m7
-            s, z, s_u, z_u = s2, z2, s2_u, z2_u
-            k_lo += BLOCK_K
+            if not ONE_STEP:
+                x0, x1, x2, x3, x4, x5, x6, x7 = y0, y1, y2, y3, y4, y5, y6, y7
+                n0, n1, n2, n3, n4, n5, n6, n7 = m0, m1, m2, m3, m4, m5, m6, m7
+                s, z, s_u, z_u = s2, z2, s2_u, z2_u
+                k_lo += BLOCK_K
         else:
             s, z, s_u, z_u = _words_sz(s_ptr, z_ptr, cols, mask_n, k_lo, K, N, stride_sn, stride_sg, stride_zn, stride_zg,
                                        HAS_ZEROS, QGROUP, GLU, BLOCK_K)
@@ -658,8 +660,8 @@ def launch(x2, weight: Weight, epi: Epilogue, out2, m: int, n: int, config: dict
     if norm is not None:  # the statistics' tiles: ~STATS_ELEMS values, at most K's power of two wide
         meta["RSTD_K"] = min(triton.next_power_of_2(k), max(16, STATS_ELEMS // (config or {}).get("BLOCK_M", 16)))
     meta["EARLY_RESIDUAL"] = EARLY_RESIDUAL
-    meta["ONE_STEP"] = bool((config or {}).get("WORDS")) and k_chunk <= config["BLOCK_K"] and ONE_STEP
     if config is not None:
+        meta["ONE_STEP"] = ONE_STEP and bool(config.get("WORDS")) and k_chunk <= config["BLOCK_K"]
         meta["SUM_UNROLLED"] = splits if meta["REDUCE_LAST"] and _unroll_sum(config, splits, meta["GLU"]) else 0
         grid = (triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"]), splits)
         (kernel or _wgemm_kernel)[grid](*args, **meta, **config)

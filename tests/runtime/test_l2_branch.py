@@ -57,7 +57,7 @@ def test_branch_points_before_decode_attentions_up_to_the_next():
     assert [p for p, _ in points[0][1]] == [w[n].data_ptr() for n in ("o", "up", "down", "qkv2")]
     assert [p for p, _ in points[1][1]] == [w["head"].data_ptr()]
     assert [p for p, _ in branch_points(calls, tensors, decode, 100)[0][1]] == [w["o"].data_ptr(), w["up"].data_ptr()]  # 64 + 36
-    assert with_l2_branch(calls, tensors, decode, torch.device("cpu")) == calls  # (CPU: no streams, the calls as they were)
+    assert with_l2_branch(calls, {}, {}, torch.device("cpu")) == calls  # (CPU: no streams, the calls as they were)
 
 
 def test_prefetch_kernel_runs_and_changes_nothing():
