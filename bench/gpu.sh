@@ -540,6 +540,15 @@ Occupancy|Warp Cycles Per Issued|Registers Per" "$OUT/ncu_24n.txt" | head -150 ;
           $([ $q = bf16 ] || echo --quantize $q) --no-compile-peer --ab-set kernels.skinny.WHOLE_K_WORDS=0 \
           --ab-env KILN_REFINE=0 2>&1 | grep "interleaved\|Error\|error" | tail -3
       done ;;
+    s35a)  # session 35 (~450 s): KILN_L2_BRANCH at budgets inside the attention's idle HBM (s34b: 24 MB lost 5%: the o
+      # GEMV after the attention queued behind the prefetch), the 1B w4a16 against it off, one process each budget; then
+      # the 1B w8a16 and the 8B figures with the GLU's whole-K tile (s32b: the 8B w4a16 with a 4-bit head, the 8B w8a16)
+      for mb in ${BRANCHES:-8 12}; do
+        DECODE_JSON=decode_35a_l2$mb.json timeout 200 python3 bench/decode.py --models 1b --batches 1 --quantize w4a16 \
+          --no-compile-peer --ab-env "KILN_L2_BRANCH=$mb" 2>&1 | grep "interleaved\|Error\|error\|variant timeline" | tail -3
+      done
+      CASES=1b:w8a16 AB_TIMEOUT=150 bash "$0" s31a 2>&1 | grep -v "^bytecode\|^NVIDIA\|^===="
+      bash "$0" s32b 2>&1 | grep -v "^bytecode\|^NVIDIA\|^====" ;;
     s34b)  # session 34, next (~450 s): KILN_L2_BRANCH (the weights of the GEMMs after each decode attention asked of the
       # L2 from a second stream's branch of the step's graph): its GPU test, then the 1B at batch 1 against it off in one
       # process (with timelines): w4a16 at 24 MB, bf16 at 32 MB (BRANCH=MB[:programs] for another budget)
