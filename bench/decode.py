@@ -157,8 +157,6 @@ def _call_times(plan) -> list:
     flush = torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.int32, device=DEVICE)  # (the tuner's cold measurement's)
     rows: dict[tuple, list] = {}
     for call in plan.calls:
-        if not call.group.nodes:  # (KILN_L2_BRANCH's prefetch / join: no node, no time of its own on the step's stream)
-            continue
         n = call.group.nodes[-1]
         w = n.inputs[1] if n.op in ("GEMM", "LINEAR", "QGEMM", "AQGEMM") and len(n.inputs) > 1 else None
         wt = plan.env.get(w) if w is not None else None

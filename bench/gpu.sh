@@ -540,27 +540,24 @@ Occupancy|Warp Cycles Per Issued|Registers Per" "$OUT/ncu_24n.txt" | head -150 ;
           $([ $q = bf16 ] || echo --quantize $q) --no-compile-peer --ab-set kernels.skinny.WHOLE_K_WORDS=0 \
           --ab-env KILN_REFINE=0 2>&1 | grep "interleaved\|Error\|error" | tail -3
       done ;;
-    s35a)  # session 35 (~450 s): KILN_L2_BRANCH at budgets inside the attention's idle HBM (s34b: 24 MB lost 5%: the o
-      # GEMV after the attention queued behind the prefetch), the 1B w4a16 against it off, one process each budget; then
-      # the 1B w8a16 and the 8B figures with the GLU's whole-K tile (s32b: the 8B w4a16 with a 4-bit head, the 8B w8a16)
+    s35b)  # session 35 (~480 s): skinny.ONE_STEP_SPLITS (the whole-K WORDS tile split to one step a split where K spans
+      # several: the 1B's down, the 8B's qkv / o / gate/up / down): its GPU tests, then the 1B w4a16, the 8B w4a16 and the
+      # 1B w8a16 at batch 1 against it off (--ab-set: the off arm decides again where the on arm took a split tile)
+      timeout 200 python3 -m pytest -q -rf -m gpu tests/codegen/test_skinny_whole_k.py 2>&1 | tail -2
+      for mq in ${CASES:-1b:w4a16 8b:w4a16 1b:w8a16}; do
+        IFS=: read -r m q <<< "$mq"
+        DECODE_JSON=decode_35b_$m$q.json timeout 240 python3 bench/decode.py --models $m --batches 1 --quantize $q \
+          --no-compile-peer --ab-set kernels.skinny.ONE_STEP_SPLITS=0 2>&1 | grep "interleaved\|Error\|error\|timeline" | tail -3
+      done
+      python3 bench/tuning_dump.py "$KILN_CACHE_DIR" --top 8 2>&1 | grep -A8 "weight \[2048, 8192\] bits 4\|weight \[28672, 4096\] bits 4" | head -30 ;;
+    s35a)  # session 35 (run 2, 421 s; history: KILN_L2_BRANCH was taken out after it, a loss at 8, 12 and 24 MB) the branch at
+      # 8 / 12 MB against it off (1B w4a16), the 1B w8a16 and the 8B figures
       for mb in ${BRANCHES:-8 12}; do
         DECODE_JSON=decode_35a_l2$mb.json timeout 200 python3 bench/decode.py --models 1b --batches 1 --quantize w4a16 \
           --no-compile-peer --ab-env "KILN_L2_BRANCH=$mb" 2>&1 | grep "interleaved\|Error\|error\|variant timeline" | tail -3
       done
       CASES=1b:w8a16 AB_TIMEOUT=150 bash "$0" s31a 2>&1 | grep -v "^bytecode\|^NVIDIA\|^===="
       bash "$0" s32b 2>&1 | grep -v "^bytecode\|^NVIDIA\|^====" ;;
-    s34b)  # session 34, next (~450 s): KILN_L2_BRANCH (the weights of the GEMMs after each decode attention asked of the
-      # L2 from a second stream's branch of the step's graph): its GPU test, then the 1B at batch 1 against it off in one
-      # process (with timelines): w4a16 at 24 MB, bf16 at 32 MB (BRANCH=MB[:programs] for another budget)
-      timeout 150 python3 -m pytest -q -rf -m gpu tests/runtime/test_l2_branch.py 2>&1 | tail -2
-      for q in ${QUANTS:-w4a16 bf16}; do
-        mb=${BRANCH:-$([ $q = bf16 ] && echo 32 || echo 24)}
-        DECODE_JSON=decode_34b_$q.json timeout 200 python3 bench/decode.py --models 1b --batches 1 \
-          $([ $q = bf16 ] || echo --quantize $q) --no-compile-peer --ab-env "KILN_L2_BRANCH=$mb" 2>&1 \
-          | grep "interleaved\|Error\|error\|timeline" | tail -5
-      done
-      # the 1B gate/up's candidates alone (the GLU's whole-K tile, 16,2048,1,..., first measured here)
-      python3 bench/tuning_dump.py "$KILN_CACHE_DIR" --top 12 2>&1 | grep -A12 "weight \[16384, 1024\] bits 4" | head -14 ;;
     s34a)  # session 34 (~400 s): a whole-K WORDS GEMV's one step without the K loop (qgemm.ONE_STEP: 48 registers, not
       # 128, ~20% fewer instructions after the wait), the one-row GEMV GPU tests, then the 1B at batch 1 in w4a16 and
       # w8a16, each against the switch off in one process (with timelines)

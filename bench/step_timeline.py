@@ -35,8 +35,6 @@ ROLES = (("qkv", r"q_proj|k_proj|v_proj|qkv|to_q|to_k|to_v|c_attn"), ("o", r"o_p
 def call_label(call) -> str:
     """A call's role: a GEMM's by its weight's name (qkv, o, gate/up, down, head; else the weight's last part), other
     calls by their kind (attention, rope_kv, pointwise, ...)."""
-    if not call.group.nodes:  # (KILN_L2_BRANCH's prefetch and join calls: kind "prefetch", on a second stream)
-        return call.kind
     n = call.group.nodes[-1]
     if call.kind in ("gemm", "matmul") and len(n.inputs) > 1 and n.inputs[1].op == "WEIGHT":
         name = n.inputs[1].attrs.get("name", "")

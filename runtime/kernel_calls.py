@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from functools import partial
 
 import torch
 
-from ..codegen.kernels import l2_branch
 from ..codegen.schedule import Group
 
 
@@ -17,7 +15,7 @@ from ..codegen.schedule import Group
 class KernelCall:
     """One entry of the call list: a group, how it runs, and the implementation chosen for it."""
     group: Group
-    kind: str  # pointwise | gemm | matmul | attention | update | rope_kv | copy | collective | reference | prefetch
+    kind: str  # pointwise | gemm | matmul | attention | update | rope_kv | copy | collective | reference
     run: object  # () -> None
     choice: str = ""
     takes: KernelCall | None = None  # a call ``run`` makes first (a rope_kv call its decode attention took over)
@@ -71,57 +69,6 @@ def gather_call(n, args: list, out: torch.Tensor):
         x, idx, axis = args[0], args[1], n.attrs["axes"][0]
         return lambda: torch.index_select(x, axis, idx, out=out)
     return None
-
-
-def with_l2_branch(calls: list[KernelCall], env: dict, stored: dict, device: torch.device) -> list[KernelCall]:
-    """``calls`` with ``KILN_L2_BRANCH``'s prefetches (codegen/kernels/l2_branch.py), where set and on CUDA: before each
-    decode attention (one query a row), a call that forks a second stream from the step's and asks the L2 there for the
-    stored tensors (a GEMM's inputs among ``stored``'s nodes: its weight, scales, zeros) of the calls after it up to the
-    next attention, in order, within the budget; a last call joins the second stream back (a CUDA graph's forked work
-    must rejoin its capture). ``env``: each node's tensor as the calls read it."""
-    budget, programs = l2_branch.setting()
-    if not budget or device.type != "cuda":
-        return calls
-
-    def operands(c):
-        return [env[i] for i in c.group.nodes[-1].inputs if i in stored] if c.kind == "gemm" else []
-
-    def decode(c):
-        return env[c.group.nodes[-1].inputs[0]].shape[-2] == 1
-    side, out, points = torch.cuda.Stream(device), [], dict(branch_points(calls, operands, decode, budget))
-    for k, call in enumerate(calls):
-        if k in points:
-            prefetch = l2_branch.Prefetch(points[k], device, programs)
-            out.append(KernelCall(Group("reference", []), "prefetch", partial(_forked, side, prefetch, device),
-                                  f"l2-branch:{prefetch.nbytes >> 20}MB"))
-        out.append(call)
-    if points:
-        out.append(KernelCall(Group("reference", []), "prefetch", lambda: torch.cuda.current_stream(device).wait_stream(side),
-                              "l2-branch-join"))
-    return out
-
-
-def branch_points(calls: list[KernelCall], stored, decode, budget: int) -> list[tuple[int, list]]:
-    """(index, pieces) of each decode attention (``decode(call)``) in ``calls`` with something to ask for:
-    ``l2_branch.pieces`` of the stored tensors of the calls after it up to the next attention, within ``budget`` bytes."""
-    points = []
-    for k, call in enumerate(calls):
-        if call.kind == "attention" and decode(call):
-            ahead = []
-            for later in calls[k + 1:]:
-                if later.kind == "attention":
-                    break
-                ahead += stored(later)
-            if table := l2_branch.pieces(ahead, budget):
-                points.append((k, table))
-    return points
-
-
-def _forked(side: torch.cuda.Stream, prefetch, device: torch.device) -> None:
-    # the prefetch on ``side``, after everything queued on the current stream so far (in a capture: a graph branch)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        prefetch()
 
 
 def run_calls(calls: list) -> None:

@@ -48,8 +48,7 @@ from ..ir.ops import attention_operands, index_copy
 from ..ir.ops_collective import COLLECTIVE_OPS
 from ..ir.ops_fused import AQ_FORMATS, aqgemm_operands
 from ..ir.types import eval_dim, torch_dtype
-from .kernel_calls import (MAX_OUTPUT_SETS, KernelCall, OutputSet, PlanStats, capture, collective_call, gather_call, use_count,
-                           with_l2_branch)
+from .kernel_calls import MAX_OUTPUT_SETS, KernelCall, OutputSet, PlanStats, capture, collective_call, gather_call, use_count
 from . import refine, warm_libs
 from .layouts import CHANNELS_LAST, channels_last_values, empty_in_order, inverse, row_pitch, stored_order
 from .memory import Liveness, nbytes
@@ -492,8 +491,7 @@ class KernelPlan(Plan):
                 calls += self._coded_gemm_calls(g, codes)
                 continue
             calls.append(self._call(g, kind, tmp, ws, codes))
-        calls = [c for c in calls if id(c) not in self._taken] + self._state_copies()
-        return with_l2_branch(calls, self.env, self.real, self.device)
+        return [c for c in calls if id(c) not in self._taken] + self._state_copies()
 
     def _views(self, g: Group) -> None:
         for n in g.nodes:

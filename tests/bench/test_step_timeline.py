@@ -79,9 +79,3 @@ def test_call_labels_of_dit_and_gpt2_weights(name, role):
     from types import SimpleNamespace as NS
     node = NS(inputs=[NS(op="INPUT", attrs={}), NS(op="WEIGHT", attrs={"name": name})])
     assert st.call_label(NS(kind="gemm", group=NS(nodes=[node]))) == role
-
-
-def test_call_label_of_a_call_without_nodes():
-    # KILN_L2_BRANCH's prefetch and join calls (runtime/kernel_calls.with_l2_branch) have no node: labelled by kind
-    from types import SimpleNamespace as NS
-    assert st.call_label(NS(kind="prefetch", group=NS(nodes=[]))) == "prefetch"
