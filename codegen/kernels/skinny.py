@@ -171,10 +171,6 @@ WHOLE_K = {(False, 0): Tile(16, 512, 8, 3)}
 # WHOLE_K_WORDS: a switch for A/Bs (bench/decode.py --ab-set kernels.skinny.WHOLE_K_WORDS=0)
 WHOLE_K_WORDS_TILES = {4: Tile(16, 2048, 8, 3, words=True, idot=True), 8: Tile(16, 2048, 8, 3, words=True)}
 WHOLE_K_WORDS = True
-# ... and where K spans 2..ONE_STEP_SPLITS of its steps (the 1B's down: 4 steps of 2048 codes; the 8B's qkv / o / gate/up
-# 2, down 7), the same tile split to one step a split, since session 35 (0: not offered; bench/decode.py --ab-set
-# kernels.skinny.ONE_STEP_SPLITS=0)
-ONE_STEP_SPLITS = 8
 # the WORDS tiles come with NORM_POST too (configs; a switch for bench/decode.py --ab-set kernels.skinny.WORDS_NORM_POST=0)
 WORDS_NORM_POST = True
 
@@ -307,13 +303,6 @@ def configs(m: int, n: int, k: int, bits: int | None = None, glu: bool = False, 
         c = tile_config(m, n, k, bits, glu, whole_k_words_tile(bits, glu), split=1)
         if c not in unique and _words_fit(c, k, bits) and (IDOT or not c.get("IDOT")):
             unique.append(c)
-        # where K spans several of its steps: the same tile split to one step a split (each program's slice read before
-        # its PDL wait, its step without the loop: qgemm.ONE_STEP; the last program sums the splits)
-        steps = triton.cdiv(k, c["BLOCK_K"])
-        if ONE_STEP_SPLITS and 1 < steps <= ONE_STEP_SPLITS and _workspace_fits(m, n, k, bits, steps):
-            c = dict(c, SPLIT_K=steps, REDUCE="last")
-            if c not in unique and _words_fit(c, k, bits) and (IDOT or not c.get("IDOT")):
-                unique.append(c)
     if bits == 4 and group is not None and (not 0 < group < k or group >= 16):
         unique += [c for c in (tile_config(m, n, k, bits, glu, t, group=group) for t in MAGIC_TILES) if c not in unique]
     if norm:  # the norm without its statistics pass (NORM_POST): the first two tiles that load x as tiles, the WORDS
