@@ -540,7 +540,17 @@ Occupancy|Warp Cycles Per Issued|Registers Per" "$OUT/ncu_24n.txt" | head -150 ;
           $([ $q = bf16 ] || echo --quantize $q) --no-compile-peer --ab-set kernels.skinny.WHOLE_K_WORDS=0 \
           --ab-env KILN_REFINE=0 2>&1 | grep "interleaved\|Error\|error" | tail -3
       done ;;
-    s35b)  # session 35 (~480 s): skinny.ONE_STEP_SPLITS (the whole-K WORDS tile split to one step a split where K spans
+    s35c)  # session 35 (~450 s): skinny.WIDE_WHOLE_K (the whole-K WORDS tile over one step of K 4096 on 16 warps: the 8B's
+      # qkv / o / gate/up): its GPU tests, then the 8B w4a16 and w8a16 at batch 1 against it off (--ab-set), the 8B gate/up's
+      # candidates alone
+      timeout 150 python3 -m pytest -q -rf -m gpu tests/codegen/test_skinny_whole_k.py 2>&1 | tail -2
+      for q in ${QUANTS:-w4a16 w8a16}; do
+        DECODE_JSON=decode_35c_8b$q.json timeout 240 python3 bench/decode.py --models 8b --batches 1 --quantize $q \
+          --no-compile-peer --ab-set kernels.skinny.WIDE_WHOLE_K=0 2>&1 | grep "interleaved\|Error\|error\|timeline:" | tail -3
+      done
+      python3 bench/tuning_dump.py "$KILN_CACHE_DIR" --rows 28672 --top 6 2>&1 | grep -A6 "x \[1, 1, 4096\]" | head -24
+      python3 bench/tuning_dump.py "$KILN_CACHE_DIR" --refined 2>&1 | grep -A4 "28672" | head -20 ;;
+    s35b)  # session 35 (run 3, 334 s; history: ONE_STEP_SPLITS was never chosen and taken out) skinny.ONE_STEP_SPLITS (the whole-K WORDS tile split to one step a split where K spans
       # several: the 1B's down, the 8B's qkv / o / gate/up / down): its GPU tests, then the 1B w4a16, the 8B w4a16 and the
       # 1B w8a16 at batch 1 against it off (--ab-set: the off arm decides again where the on arm took a split tile)
       timeout 200 python3 -m pytest -q -rf -m gpu tests/codegen/test_skinny_whole_k.py 2>&1 | tail -2

@@ -72,8 +72,9 @@ TRITON_TMA_CONFIGS = 2
 # (tuning.EXTRA_LAUNCH_MS), 11 since the WORDS tiles also come with NORM_POST, 12 since one row of a 4-bit weight also
 # tries the IDOT tiles (skinny.IDOT_TILES: words summed by integer dot products), 13 since one row of a quantized weight
 # also tries an unsplit WORDS tile over a whole K step (skinny.WHOLE_K_WORDS_TILES), 14 since those run their step
-# without the K loop (qgemm.ONE_STEP: 48 registers a thread, not 128) and a GLU's spans 2048 codes of each half too
-SKINNY_CANDIDATES = 14
+# without the K loop (qgemm.ONE_STEP: 48 registers a thread, not 128) and a GLU's spans 2048 codes of each half too, 15
+# since a K of two such steps also tries one step twice as long on twice the warps (skinny.WIDE_WHOLE_K)
+SKINNY_CANDIDATES = 15
 # the AQGEMM candidates' generation (in an AQGEMM's what): 2 since the template's tile filling the last wave best is
 # tried too (aqgemm.wave_fit), 3 since the persistent TMA template is (tma_gemm.py)
 AQGEMM_CANDIDATES = 3

@@ -171,6 +171,10 @@ WHOLE_K = {(False, 0): Tile(16, 512, 8, 3)}
 # WHOLE_K_WORDS: a switch for A/Bs (bench/decode.py --ab-set kernels.skinny.WHOLE_K_WORDS=0)
 WHOLE_K_WORDS_TILES = {4: Tile(16, 2048, 8, 3, words=True, idot=True), 8: Tile(16, 2048, 8, 3, words=True)}
 WHOLE_K_WORDS = True
+# ... and where K is up to twice that step (the 8B's qkv / o / gate/up: K 4096), the tile over a step twice as long on
+# twice the warps (the same codes a thread: at 4 bits 64 registers, 2 programs an SM, where the 8B gate/up's 2-step
+# tile on 8 warps takes 186), one step, no loop (qgemm.ONE_STEP), since session 35 (a switch for A/Bs)
+WIDE_WHOLE_K = True
 # the WORDS tiles come with NORM_POST too (configs; a switch for bench/decode.py --ab-set kernels.skinny.WORDS_NORM_POST=0)
 WORDS_NORM_POST = True
 
@@ -301,8 +305,12 @@ def configs(m: int, n: int, k: int, bits: int | None = None, glu: bool = False, 
         unique += [c for c in (tile_config(m, n, k, bits, glu, t) for t in IDOT_TILES) if c not in unique and _words_fit(c, k, bits)]
     if WHOLE_K_WORDS and whole_words and not dot:
         c = tile_config(m, n, k, bits, glu, whole_k_words_tile(bits, glu), split=1)
-        if c not in unique and _words_fit(c, k, bits) and (IDOT or not c.get("IDOT")):
-            unique.append(c)
+        tiles = [c]
+        if WIDE_WHOLE_K and c["BLOCK_K"] < k <= 2 * c["BLOCK_K"]:  # (a step of twice the codes on twice the warps)
+            tiles.append(dict(c, BLOCK_K=2 * c["BLOCK_K"], num_warps=2 * c["num_warps"]))
+        for c in tiles:
+            if c not in unique and _words_fit(c, k, bits) and (IDOT or not c.get("IDOT")):
+                unique.append(c)
     if bits == 4 and group is not None and (not 0 < group < k or group >= 16):
         unique += [c for c in (tile_config(m, n, k, bits, glu, t, group=group) for t in MAGIC_TILES) if c not in unique]
     if norm:  # the norm without its statistics pass (NORM_POST): the first two tiles that load x as tiles, the WORDS

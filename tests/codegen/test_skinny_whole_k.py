@@ -48,6 +48,31 @@ def test_whole_k_words_tiles_offered_with_the_switch(monkeypatch, bits):
 
 
 @pytest.mark.parametrize("bits", [4, 8])
+def test_wide_whole_k_tile_where_k_is_two_steps(monkeypatch, bits):
+    """Where K is more than the whole-K tile's step and at most twice it (the 8B's qkv / o / gate/up, K 4096; a 3B's
+    3072), that tile also comes over one step twice as long on twice the warps (WIDE_WHOLE_K), with the norm its
+    NORM_POST twin; nowhere else, and not with the switch off. It computes the reference's product (the GLU with the
+    norm prologue, K 3072: the step's tail masked)."""
+    def wide(n, k, glu=False, norm=False):
+        return [c for c in configs(1, n, k, bits, glu, norm=norm, group=128) if c.get("num_warps") == 16]
+    tile = dict(BLOCK_N=16, BLOCK_K=4096, SPLIT_K=1, DOT=False, WORDS=True, num_warps=16, num_stages=3) | (
+        {"IDOT": True} if bits == 4 else {})
+    assert wide(28672, 4096, glu=True, norm=True) == [tile, dict(tile, NORM_POST=True)]
+    assert wide(6144, 4096) == wide(5120, 3072) == [tile]
+    assert wide(16384, 2048, glu=True) == wide(2048, 2048) == wide(2048, 8192) == wide(4096, 14336) == []
+    monkeypatch.setattr(S, "WIDE_WHOLE_K", False)
+    assert wide(6144, 4096) == []
+    n, k = 16, 3072
+    x = r(1, k, dtype=torch.float16)
+    nw = r(k, dtype=torch.float16, scale=0.2) + 1
+    wq = weight(2 * n, k, bits, torch.float16, group=128)[0]
+    got = skinny_gemm(x, act="silu", glu=True, norm_weight=nw, norm_eps=1e-5, **wq, config=tile)
+    want = S.reference(x.double(), act="silu", glu=True, norm_weight=nw.double(), norm_eps=1e-5,
+                       **{k_: (v.double() if k_ == "scales" else v) for k_, v in wq.items()})
+    assert rel_err(got, want) <= TOL[torch.float16]
+
+
+@pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("post", [False, True])
 def test_whole_k_step_without_the_loop_gives_the_same_bits(monkeypatch, bits, post):
     """qgemm.ONE_STEP: a whole-K WORDS tile runs its one step without the K loop (whose pipelined prologue loaded a
@@ -75,7 +100,8 @@ def test_whole_k_step_without_the_loop_gives_the_same_bits(monkeypatch, bits, po
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("bits", [4, 8])
-@pytest.mark.parametrize("name,k,n,epi", [DECODE_SHAPES[0], DECODE_SHAPES[1], ("1b o + residual", 2048, 2048, {"residual": True})])
+@pytest.mark.parametrize("name,k,n,epi", [DECODE_SHAPES[0], DECODE_SHAPES[1], ("1b o + residual", 2048, 2048, {"residual": True}),
+                                          DECODE_SHAPES[4], DECODE_SHAPES[5]])
 def test_gpu_whole_k_words_tiles(monkeypatch, name, k, n, epi, bits):
     # the configurations WHOLE_K_WORDS adds at the 1B's shapes compile and are right (bench/decode_refine.py offers them)
     glu = epi.get("glu", False)
@@ -83,8 +109,10 @@ def test_gpu_whole_k_words_tiles(monkeypatch, name, k, n, epi, bits):
     base = configs(1, n, k, bits, glu)
     monkeypatch.setattr(S, "WHOLE_K_WORDS", True)
     new = [c for c in configs(1, n, k, bits, glu) if c not in base]
-    assert len(new) == 1 and new[0]["SPLIT_K"] == 1
+    # the whole-K tile, and at the 8B's K of two of its steps the wide one (one step on 16 warps: WIDE_WHOLE_K)
+    assert [(c["SPLIT_K"], c["num_warps"]) for c in new] == [(1, 8)] + ([(1, 16)] if k == 4096 else [])
     x, kwargs, res, want = cuda_decode_case(1, k, n, bits, epi, group=128, sym=True)
-    ws, counters = cuda_scratch(1, n, k, bits, glu, new[0])
-    got = skinny_gemm(x, residual=res, act=epi.get("act", "none"), glu=glu, workspace=ws, counters=counters, config=new[0], **kwargs)
-    assert rel_err(got, want) <= TOL[torch.bfloat16], new[0]
+    for c in new:
+        ws, counters = cuda_scratch(1, n, k, bits, glu, c)
+        got = skinny_gemm(x, residual=res, act=epi.get("act", "none"), glu=glu, workspace=ws, counters=counters, config=c, **kwargs)
+        assert rel_err(got, want) <= TOL[torch.bfloat16], c
