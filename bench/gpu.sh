@@ -540,7 +540,8 @@ Occupancy|Warp Cycles Per Issued|Registers Per" "$OUT/ncu_24n.txt" | head -150 ;
           $([ $q = bf16 ] || echo --quantize $q) --no-compile-peer --ab-set kernels.skinny.WHOLE_K_WORDS=0 \
           --ab-env KILN_REFINE=0 2>&1 | grep "interleaved\|Error\|error" | tail -3
       done ;;
-    s35d)  # session 35 (~200 s): WIDE_WHOLE_K's four-step form (the 1B's down, K 8192, one step on 32 warps): the whole-K
+    s35d)  # session 35 (run 5, 151 s; history: the four-step form was never chosen and taken out) WIDE_WHOLE_K's
+      # four-step form (the 1B's down, K 8192, one step on 32 warps): the whole-K
       # GPU tests, then the 1B w4a16 at batch 1 against WIDE_WHOLE_K off (at the 1B only the down has a wide tile)
       timeout 60 python3 -m pytest -q -rf -m gpu tests/codegen/test_skinny_whole_k.py -k "down" 2>&1 | tail -2
       DECODE_JSON=decode_35d_1bw4a16.json timeout 150 python3 bench/decode.py --models 1b --batches 1 --quantize w4a16 \

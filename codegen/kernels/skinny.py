@@ -173,9 +173,9 @@ WHOLE_K_WORDS_TILES = {4: Tile(16, 2048, 8, 3, words=True, idot=True), 8: Tile(1
 WHOLE_K_WORDS = True
 # ... and where K is up to twice that step (the 8B's qkv / o / gate/up: K 4096), the tile over a step twice as long on
 # twice the warps (the same codes a thread: at 4 bits 64 registers, 2 programs an SM, where the 8B gate/up's 2-step
-# tile on 8 warps takes 186), one step, no loop (qgemm.ONE_STEP), since session 35 (H100: the 8B w4a16 at batch 1 +3.6%,
-# its qkv's); up to four times at 4 bits without a GLU (the 1B's down, K 8192: 32 warps, 53 registers, one program an
-# SM reading its whole slice before the PDL wait). A switch for A/Bs
+# tile on 8 warps takes 186), one step, no loop (qgemm.ONE_STEP), since session 35: on an H100 the 8B w4a16 at batch 1
+# 467 -> 484 tok/s in one process (its qkv's, 340 -> 247 us a step; the gate/up's lost in the step, to KILN_REFINE).
+# Four times the step on 32 warps (the 1B's down, K 8192) was never taken and is not offered. A switch for A/Bs
 WIDE_WHOLE_K = True
 # the WORDS tiles come with NORM_POST too (configs; a switch for bench/decode.py --ab-set kernels.skinny.WORDS_NORM_POST=0)
 WORDS_NORM_POST = True
@@ -308,9 +308,8 @@ def configs(m: int, n: int, k: int, bits: int | None = None, glu: bool = False, 
     if WHOLE_K_WORDS and whole_words and not dot:
         c = tile_config(m, n, k, bits, glu, whole_k_words_tile(bits, glu), split=1)
         tiles = [c]
-        wide = triton.next_power_of_2(triton.cdiv(k, c["BLOCK_K"]))  # (a step of 2 / 4 times the codes on as many warps)
-        if WIDE_WHOLE_K and (wide == 2 or wide == 4 and bits == 4 and not glu):
-            tiles.append(dict(c, BLOCK_K=wide * c["BLOCK_K"], num_warps=wide * c["num_warps"]))
+        if WIDE_WHOLE_K and c["BLOCK_K"] < k <= 2 * c["BLOCK_K"]:  # (a step of twice the codes on twice the warps)
+            tiles.append(dict(c, BLOCK_K=2 * c["BLOCK_K"], num_warps=2 * c["num_warps"]))
         for c in tiles:
             if c not in unique and _words_fit(c, k, bits) and (IDOT or not c.get("IDOT")):
                 unique.append(c)
