@@ -46,8 +46,9 @@ ap.add_argument("--ab-disable", default=None, help="also a generator compiled wi
 ap.add_argument("--ab-whole-max-keys", type=int, default=None, help="also a generator whose plans are built with "
                 "codegen.lower_attention.WHOLE_MAX_KEYS at this value (0: the one-split decode attention never offered), as --ab-disable")
 ap.add_argument("--ab-set", default=None, help="also a generator whose plans are built with these module constants set, "
-                "NAME=NUMBER[,..]: kiln.codegen.lower_attention's (e.g. EARLY_KV=0), or MODULE.NAME of kiln.codegen "
-                "(e.g. tuning.EXTRA_LAUNCH_MS=0.0), as --ab-disable")
+                "NAME=NUMBER[,..]: kiln.codegen.lower_attention's (e.g. EARLY_KV=0), MODULE.NAME of kiln.codegen "
+                "(e.g. tuning.EXTRA_LAUNCH_MS=0.0) or runtime.MODULE.NAME of kiln.runtime (e.g. runtime.refine.MAX_ALTS=6), "
+                "as --ab-disable")
 ap.add_argument("--ab-env", default=None, help="also a generator whose plans are built and captured with these environment "
                 "variables set, NAME=VALUE[;..] (e.g. KILN_PDL=1+noprefetch: read at each launch, kept by the CUDA graph), as --ab-disable")
 ap.add_argument("--ab-kernels", default=None, help="also a generator with these kernel choices forced, KIND=CHOICE[,..] "
@@ -298,9 +299,10 @@ class Variant:
 
 
 def _constant(k: str) -> tuple:
-    # --ab-set's NAME (kiln.codegen.lower_attention's) or MODULE.NAME (kiln.codegen.MODULE's): (module, name)
+    # --ab-set's NAME (kiln.codegen.lower_attention's) or MODULE.NAME (kiln.codegen.MODULE's; runtime.MODULE.NAME:
+    # kiln.runtime.MODULE's, e.g. runtime.refine.MAX_ALTS): (module, name)
     mod, _, name = k.rpartition(".")
-    return importlib.import_module(f"kiln.codegen.{mod or 'lower_attention'}"), name
+    return importlib.import_module(f"kiln.{mod}" if mod.startswith("runtime.") else f"kiln.codegen.{mod or 'lower_attention'}"), name
 
 
 def interleaved(g, g_off, bs: int, prompt, rounds: int = 5) -> list:
@@ -376,7 +378,7 @@ def bench_model(name: str) -> dict:
         if g_off is not None:
             res[f"bs{bs}"]["kiln_variant"] = kiln_case(g_off, cfg.num_hidden_layers, bs, prompt)
             res[f"bs{bs}"]["ab_tok_s"] = interleaved(g, g_off, bs, prompt)
-            print(name, bs, f"kiln variant ({a.ab_disable or a.ab_kernels or a.ab_config or SETS or ENV})",
+            print(name, bs, f"kiln variant ({', '.join(str(v) for v in (a.ab_disable, a.ab_kernels, a.ab_config, SETS, ENV) if v)})",
                   json.dumps(res[f"bs{bs}"]["kiln_variant"]), flush=True)
             show_timeline(name, bs, "kiln variant", res[f"bs{bs}"]["kiln_variant"])
             print(name, bs, "interleaved tok/s (default, variant):", res[f"bs{bs}"]["ab_tok_s"], flush=True)
