@@ -553,8 +553,7 @@ Occupancy|Warp Cycles Per Issued|Registers Per" "$OUT/ncu_24n.txt" | head -150 ;
         python3 bench/tuning_dump.py $c --refined 2>&1 | grep "bits 4" | cut -c1-200
       done ;;
     s35d)  # session 35 (run 5, 151 s; history: the four-step form was never chosen and taken out) WIDE_WHOLE_K's
-      # four-step form (the 1B's down, K 8192, one step on 32 warps): the whole-K
-      # GPU tests, then the 1B w4a16 at batch 1 against WIDE_WHOLE_K off (at the 1B only the down has a wide tile)
+      # four-step form (the 1B's down, K 8192, one step on 32 warps): the whole-K GPU tests, then the 1B w4a16 at batch 1 against WIDE_WHOLE_K off (at the 1B only the down has a wide tile)
       timeout 60 python3 -m pytest -q -rf -m gpu tests/codegen/test_skinny_whole_k.py -k "down" 2>&1 | tail -2
       DECODE_JSON=decode_35d_1bw4a16.json timeout 150 python3 bench/decode.py --models 1b --batches 1 --quantize w4a16 \
         --no-compile-peer --ab-set kernels.skinny.WIDE_WHOLE_K=0 2>&1 | grep "interleaved\|Error\|error\|timeline:" | tail -3 ;;
@@ -568,8 +567,8 @@ Occupancy|Warp Cycles Per Issued|Registers Per" "$OUT/ncu_24n.txt" | head -150 ;
       done
       python3 bench/tuning_dump.py "$KILN_CACHE_DIR" --rows 28672 --top 6 2>&1 | grep -A6 "x \[1, 1, 4096\]" | head -24
       python3 bench/tuning_dump.py "$KILN_CACHE_DIR" --refined 2>&1 | grep -A4 "28672" | head -20 ;;
-    s35b)  # session 35 (run 3, 334 s; history: ONE_STEP_SPLITS was never chosen and taken out) skinny.ONE_STEP_SPLITS (the whole-K WORDS tile split to one step a split where K spans
-      # several: the 1B's down, the 8B's qkv / o / gate/up / down): its GPU tests, then the 1B w4a16, the 8B w4a16 and the
+    s35b)  # session 35 (run 3, 334 s; history: ONE_STEP_SPLITS was never chosen and taken out) skinny.ONE_STEP_SPLITS
+      # (the whole-K WORDS tile split to one step a split where K spans several: the 1B's down, the 8B's qkv / o / gate/up / down): its GPU tests, then the 1B w4a16, the 8B w4a16 and the
       # 1B w8a16 at batch 1 against it off (--ab-set: the off arm decides again where the on arm took a split tile)
       timeout 200 python3 -m pytest -q -rf -m gpu tests/codegen/test_skinny_whole_k.py 2>&1 | tail -2
       for mq in ${CASES:-1b:w4a16 8b:w4a16 1b:w8a16}; do

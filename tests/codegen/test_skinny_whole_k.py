@@ -103,7 +103,7 @@ def test_whole_k_step_without_the_loop_gives_the_same_bits(monkeypatch, bits, po
 @pytest.mark.parametrize("name,k,n,epi", [DECODE_SHAPES[0], DECODE_SHAPES[1], ("1b o + residual", 2048, 2048, {"residual": True}),
                                           DECODE_SHAPES[4], DECODE_SHAPES[5]])
 def test_gpu_whole_k_words_tiles(monkeypatch, name, k, n, epi, bits):
-    # the configurations WHOLE_K_WORDS adds at the 1B's shapes compile and are right (bench/decode_refine.py offers them)
+    # the configurations WHOLE_K_WORDS adds at the 1B's and 8B's shapes compile and are right (WIDE_WHOLE_K's at the 8B's)
     glu = epi.get("glu", False)
     monkeypatch.setattr(S, "WHOLE_K_WORDS", False)
     base = configs(1, n, k, bits, glu)
