@@ -47,7 +47,8 @@ ap.add_argument("--ab-whole-max-keys", type=int, default=None, help="also a gene
                 "codegen.lower_attention.WHOLE_MAX_KEYS at this value (0: the one-split decode attention never offered), as --ab-disable")
 ap.add_argument("--ab-set", default=None, help="also a generator whose plans are built with these module constants set, "
                 "NAME=NUMBER[,..]: kiln.codegen.lower_attention's (e.g. EARLY_KV=0), MODULE.NAME of kiln.codegen "
-                "(e.g. tuning.EXTRA_LAUNCH_MS=0.0) or runtime.MODULE.NAME of kiln.runtime (e.g. runtime.refine.MAX_ALTS=6), "
+                "(e.g. tuning.EXTRA_LAUNCH_MS=0.0) or runtime.MODULE.NAME / llm.MODULE.NAME of kiln.runtime / kiln.llm (e.g. "
+                "runtime.refine.MAX_ALTS=6, llm.generator.COPY_ASIDE=1), "
                 "as --ab-disable")
 ap.add_argument("--ab-env", default=None, help="also a generator whose plans are built and captured with these environment "
                 "variables set, NAME=VALUE[;..] (e.g. KILN_PDL=1+noprefetch: read at each launch, kept by the CUDA graph), as --ab-disable")
@@ -65,6 +66,7 @@ import transformers  # noqa: E402
 import kiln  # noqa: E402
 from kiln.codegen.kernels.greedy import greedy, scratch  # noqa: E402
 from kiln.codegen.tuning import L2_FLUSH_BYTES  # noqa: E402
+from kiln.llm.generator import to_host  # noqa: E402
 
 from common import kernels_launched  # noqa: E402
 from step_timeline import step_timeline, summary  # noqa: E402
@@ -186,7 +188,8 @@ def between_steps_us(g, plan, bs: int, reps: int = 20) -> dict | None:
     """GPU microseconds of what a generator runs between two replays of the step (llm/generator.py ``_stream`` and
     ``_Decoder``): with torch ops ("all": the greedy token (argmax of the logits, "argmax" alone), its copy to the host, and
     the four updates of the step's inputs: tokens, positions, slots, a mask column) and with the one kernel the generator
-    now runs ("fused": codegen/kernels/greedy.py, then the copy). Queued behind a ~1 ms spin: the host's launches do not count.
+    now runs ("fused": codegen/kernels/greedy.py, then the copy; "aside": the copy on a side stream, the step's stream's
+    time). Queued behind a ~1 ms spin: the host's launches do not count.
     None on the CPU. (Leaves the plan's input buffers changed: bind it again before replaying it.)"""
     if DEVICE != "cuda":
         return None
@@ -212,9 +215,13 @@ def between_steps_us(g, plan, bs: int, reps: int = 20) -> dict | None:
     def fused():  # codegen/kernels/greedy.py: what the generator runs between two replays now
         tok = greedy(logits, b["input_ids"], b["positions"], b["slots"], b["mask"], slot, work=work)
         host.copy_(tok, non_blocking=True)
+    side, done = torch.cuda.Stream(), torch.cuda.Event()
+
+    def aside():  # the same, the copy on a side stream (llm.generator.COPY_ASIDE): the step's stream's share of it
+        to_host(greedy(logits, b["input_ids"], b["positions"], b["slots"], b["mask"], slot, work=work), host, done, side)
 
     out = {}
-    for name, fn in (("argmax", argmax), ("all", step), ("fused", fused)):
+    for name, fn in (("argmax", argmax), ("all", step), ("fused", fused), ("aside", aside)):
         fn()
         torch.cuda.synchronize()
         torch.cuda._sleep(SLEEP_CYCLES * 4)
@@ -299,10 +306,10 @@ class Variant:
 
 
 def _constant(k: str) -> tuple:
-    # --ab-set's NAME (kiln.codegen.lower_attention's) or MODULE.NAME (kiln.codegen.MODULE's; runtime.MODULE.NAME:
-    # kiln.runtime.MODULE's, e.g. runtime.refine.MAX_ALTS): (module, name)
+    # --ab-set's NAME (kiln.codegen.lower_attention's) or MODULE.NAME (kiln.codegen.MODULE's; runtime.MODULE.NAME /
+    # llm.MODULE.NAME: kiln.runtime's / kiln.llm's, e.g. runtime.refine.MAX_ALTS): (module, name)
     mod, _, name = k.rpartition(".")
-    return importlib.import_module(f"kiln.{mod}" if mod.startswith("runtime.") else f"kiln.codegen.{mod or 'lower_attention'}"), name
+    return importlib.import_module(f"kiln.{mod}" if mod.startswith(("runtime.", "llm.")) else f"kiln.codegen.{mod or 'lower_attention'}"), name
 
 
 def interleaved(g, g_off, bs: int, prompt, rounds: int = 5) -> list:

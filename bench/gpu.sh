@@ -552,6 +552,16 @@ Occupancy|Warp Cycles Per Issued|Registers Per" "$OUT/ncu_24n.txt" | head -150 ;
       for c in /tmp/kiln-cache-36a1 /tmp/kiln-cache-36b1; do
         python3 bench/tuning_dump.py $c --refined 2>&1 | grep "bits 4" | cut -c1-200
       done ;;
+    s36b)  # next (~200 s): llm.generator.COPY_ASIDE (each step's tokens copied to the host on a side stream, off the next
+      # replay's path): its GPU test, then the 1B w4a16 and bf16 at batch 1 against it on (--ab-set), between_steps_us's
+      # "fused" against "aside" (the step's stream's share of the greedy kernel and the copy)
+      timeout 60 python3 -m pytest -q -rf -m gpu tests/llm/test_generator.py -k aside 2>&1 | tail -2
+      for q in ${QUANTS:-w4a16 bf16}; do
+        DECODE_JSON=decode_36b_$q.json timeout 200 python3 bench/decode.py --models 1b --batches 1 \
+          $([ $q = bf16 ] || echo --quantize $q) --no-compile-peer --ab-set llm.generator.COPY_ASIDE=1 2>&1 \
+          | grep "interleaved\|Error\|error" | tail -3
+        python3 -c "import json; d = json.load(open('$OUT/decode_36b_$q.json'))['1b']['bs1']; print('$q', d['kiln']['between_steps_us'])"
+      done ;;
     s35d)  # session 35 (run 5, 151 s; history: the four-step form was never chosen and taken out) WIDE_WHOLE_K's
       # four-step form (the 1B's down, K 8192, one step on 32 warps): the whole-K GPU tests, then the 1B w4a16 at batch 1 against WIDE_WHOLE_K off (at the 1B only the down has a wide tile)
       timeout 60 python3 -m pytest -q -rf -m gpu tests/codegen/test_skinny_whole_k.py -k "down" 2>&1 | tail -2

@@ -38,6 +38,10 @@ from .step_capture import cache_names, capture_step, step_function  # noqa: F401
 
 DEFAULT_BATCH_BUCKETS = (1, 2, 4, 8, 16)
 MIN_PREFILL_BUCKET = 16
+# each step's tokens copied to the host on a side stream (``to_host``), so the next step, queued after the copy on the
+# step's stream, does not wait for it (~2-4 us a step on an H100 in bench/decode.py's between_steps_us); off until it is
+# measured in the step (bench/gpu.sh s36b; bench/decode.py --ab-set llm.generator.COPY_ASIDE=1)
+COPY_ASIDE = False
 
 
 @dataclass
@@ -435,6 +439,7 @@ class Generator:
         if cuda:
             host_tok = torch.empty(bucket, dtype=torch.long, pin_memory=True)
             copied = torch.cuda.Event()
+            aside = torch.cuda.Stream(self.device) if COPY_ASIDE else None
         done = [False] * n
         texts = [""] * n
         produced: list[list[int]] = [[] for _ in range(n)]
@@ -447,8 +452,7 @@ class Generator:
             if not advanced:
                 tok = sample(logits, sampling, gen)  # [bucket]
             if cuda:
-                host_tok.copy_(tok, non_blocking=True)
-                copied.record()
+                to_host(tok, host_tok, copied, aside)
             if not (last or restart):  # the next step goes to the GPU before this one's tokens are read back
                 logits = decode(tok, T + step, advanced)
             if cuda:
@@ -507,6 +511,21 @@ class Generator:
         texts = [self.tokenizer.decode(t, skip_special_tokens=True) for t in tokens] if self.tokenizer is not None else None
         return Result(tokens, texts, finish, prefill_s=(t_first or end) - t0, decode_s=end - (t_first or end),
                       decode_steps=max(steps - 1, 0))
+
+
+def to_host(tok: torch.Tensor, host: torch.Tensor, done: torch.cuda.Event, side: torch.cuda.Stream | None = None) -> None:
+    """``tok``'s values into pinned ``host`` without making the host wait, ``done`` recorded after the copy: on the
+    current stream, or on ``side`` once the current stream's queued work is done (what is queued next on the current
+    stream then does not wait for the copy; ``tok``'s memory is kept from reuse until the copy has run)."""
+    if side is None:
+        host.copy_(tok, non_blocking=True)
+        done.record()
+        return
+    side.wait_stream(torch.cuda.current_stream(tok.device))
+    with torch.cuda.stream(side):
+        host.copy_(tok, non_blocking=True)
+        done.record(side)
+    tok.record_stream(side)
 
 
 def leaving(slot: int, window: int | None) -> int | None:

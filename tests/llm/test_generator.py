@@ -369,6 +369,22 @@ def test_gpu_bf16_generation_with_cuda_graphs(kind, attention):
     assert g.generate(PROMPTS, max_new_tokens=32).tokens == r.tokens  # replays give the same tokens
 
 
+@pytest.mark.gpu
+def test_gpu_tokens_copied_aside_are_the_same(monkeypatch):
+    """llm.generator.COPY_ASIDE: each step's tokens copied to the host on a side stream give the same tokens, greedy
+    (the greedy kernel's steps) and sampled (a seed), batch 1 and 3, as the copy on the step's stream."""
+    from kiln.llm import generator as G
+    hf = hf_model().to("cuda", torch.bfloat16)
+    g = kiln.from_hf(hf, max_seq=64, batch_buckets=(1, 4), eos_token_id=[])
+    sampled = SamplingParams(temperature=1.0, top_k=20, seed=3)
+    runs = {}
+    for aside in (False, True):
+        monkeypatch.setattr(G, "COPY_ASIDE", aside)
+        runs[aside] = [g.generate(p, max_new_tokens=24, sampling=s).tokens for p in (PROMPTS[:1], PROMPTS)
+                       for s in (None, sampled)]
+    assert runs[True] == runs[False] and all(len(t) == 24 for r in runs[True] for t in r)
+
+
 def test_one_request_at_a_time(llama):
     _, g = llama
     first = g.stream(PROMPTS[0], max_new_tokens=8)
