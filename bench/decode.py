@@ -212,16 +212,15 @@ def between_steps_us(g, plan, bs: int, reps: int = 20) -> dict | None:
         b["mask"].select(3, slot).fill_(True)
     work = scratch(*logits.shape, logits.device)
 
-    def fused():  # codegen/kernels/greedy.py: what the generator runs between two replays now
-        tok = greedy(logits, b["input_ids"], b["positions"], b["slots"], b["mask"], slot, work=work)
-        host.copy_(tok, non_blocking=True)
-    side, done = torch.cuda.Stream(), torch.cuda.Event()
+    done = torch.cuda.Event()
 
-    def aside():  # the same, the copy on a side stream (llm.generator.COPY_ASIDE): the step's stream's share of it
+    def fused(side=None):  # codegen/kernels/greedy.py, then the copy, as the generator runs them between two replays
+        # (side: the copy on that stream, llm.generator.COPY_ASIDE: the step's stream's share of it)
         to_host(greedy(logits, b["input_ids"], b["positions"], b["slots"], b["mask"], slot, work=work), host, done, side)
+    side = torch.cuda.Stream()
 
     out = {}
-    for name, fn in (("argmax", argmax), ("all", step), ("fused", fused), ("aside", aside)):
+    for name, fn in (("argmax", argmax), ("all", step), ("fused", fused), ("aside", lambda: fused(side))):
         fn()
         torch.cuda.synchronize()
         torch.cuda._sleep(SLEEP_CYCLES * 4)
