@@ -540,17 +540,17 @@ Occupancy|Warp Cycles Per Issued|Registers Per" "$OUT/ncu_24n.txt" | head -150 ;
           $([ $q = bf16 ] || echo --quantize $q) --no-compile-peer --ab-set kernels.skinny.WHOLE_K_WORDS=0 \
           --ab-env KILN_REFINE=0 2>&1 | grep "interleaved\|Error\|error" | tail -3
       done ;;
-    s36a)  # next (~300 s): KILN_REFINE's cut (MAX_ALTS = 3 alternatives within 25% alone, fastest first) against 6, the
-      # 1B w4a16 at batch 1 (session 35: its gate/up's NORM_POST twin and its down's 8-split tile missed in some processes,
-      # 1,868-1,963 tok/s): each arm tunes from its own empty cache (a refinement is cached by decision), twice; then
-      # each cache's refined decisions
+    s36a)  # next (~300 s): KILN_REFINE's cut (MAX_ALTS = 3 alternatives within 25% alone, fastest first, and the choice's
+      # NORM_POST twin: refine.TWINS) against 6, the 1B w4a16 at batch 1 (session 35: its gate/up's NORM_POST twin and its
+      # down's 8-split tile missed in some processes, 1,868-1,963 tok/s): each arm tunes from its own empty cache (a
+      # refinement is cached by decision), twice; then each cache's refined decisions (each alternative's step delta)
       for i in 1 2; do
         KILN_CACHE_DIR=/tmp/kiln-cache-36a$i DECODE_JSON=decode_36a_$i.json timeout 240 python3 bench/decode.py --models 1b \
           --batches 1 --quantize w4a16 --no-compile-peer --ab-set runtime.refine.MAX_ALTS=6 \
           --ab-config "cache_dir='/tmp/kiln-cache-36b$i'" 2>&1 | grep "interleaved\|Error\|error\|timeline:" | tail -3
       done
-      for c in /tmp/kiln-cache-36a1 /tmp/kiln-cache-36b1; do
-        python3 bench/tuning_dump.py $c --refined 2>&1 | grep "bits 4" | cut -c1-200
+      for c in /tmp/kiln-cache-36a1 /tmp/kiln-cache-36b1 /tmp/kiln-cache-36a2 /tmp/kiln-cache-36b2; do
+        echo "== $c"; python3 bench/tuning_dump.py $c --refined 2>&1 | cut -c1-200
       done ;;
     s36b)  # next (~200 s): llm.generator.COPY_ASIDE (each step's tokens copied to the host on a side stream, off the next
       # replay's path): its GPU test, then the 1B w4a16 and bf16 at batch 1 against it on (--ab-set), between_steps_us's

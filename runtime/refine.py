@@ -33,6 +33,10 @@ from .kernel_calls import KernelCall, OutputSet, capture, run_calls
 
 MARGIN = 0.25  # alternatives within this share of the choice's time alone
 MAX_ALTS = 3  # alternatives a decision, fastest alone first
+# and the choice's NORM_POST twin (the same tile with the norm's statistics summed in its main loop, or without), whatever
+# its time alone: alone it pays the norm's statistics in each program, in the step the prologue's pass runs after the
+# PDL wait (bench/NOTES.md, session 35: the 1B gate/up's twins 96-101 against 133 us a step, the one missed the cut)
+TWINS = True
 ROUNDS, REPS = 9, 30
 MIN_GAIN = 0.003  # share of the step an alternative must gain
 CHECK_TOL = 0.05  # a variant's outputs against the plan's, relative (16-bit roundings differ by ~1e-2)
@@ -63,13 +67,21 @@ def charged(d: dict) -> dict[str, float]:
     return {n: ms + EXTRA_LAUNCH_MS * extra.get(n, 0) for n, ms in d.get("ms", {}).items()}
 
 
+def twin(name: str) -> str:
+    """The NORM_POST twin's name of candidate ``name`` (lower.config_name: the configuration's values in order, and
+    skinny.configs adds NORM_POST=True last): without the flag where it has it, else with it."""
+    return name.removesuffix(",True") if name.endswith(",True") else name + ",True"
+
+
 def alternatives(d: dict, chosen: str, margin: float | None = None, most: int | None = None) -> list[str]:
     """The candidates of decision ``d`` (the tuner's, with ``ms``) within ``margin`` (MARGIN) of ``chosen``'s time alone,
-    launch charges included as the tuner compared them, fastest first, at most ``most`` (MAX_ALTS)."""
+    launch charges included as the tuner compared them, fastest first, at most ``most`` (MAX_ALTS); then with TWINS the
+    choice's NORM_POST twin where the tuner measured it and it is not among them."""
     t, margin, most = charged(d), MARGIN if margin is None else margin, MAX_ALTS if most is None else most
     if chosen not in t:
         return []
-    return [n for _, n in sorted((v, n) for n, v in t.items() if n != chosen and v <= t[chosen] * (1 + margin))][:most]
+    out = [n for _, n in sorted((v, n) for n, v in t.items() if n != chosen and v <= t[chosen] * (1 + margin))][:most]
+    return out + [twin(chosen)] if TWINS and twin(chosen) in t and twin(chosen) not in out else out
 
 
 def _swapped(calls: list[KernelCall], at: list[int], name: str) -> list[KernelCall]:

@@ -28,6 +28,18 @@ def test_alternatives_within_the_margin_charges_included(monkeypatch):
     assert refine.alternatives(d, "a") == ["b", "c", "e"] and refine.alternatives(d, "zz") == [] and refine.alternatives({}, "a") == []
 
 
+def test_alternatives_take_the_choices_norm_post_twin_whatever_its_time(monkeypatch):
+    monkeypatch.setattr(refine, "MAX_ALTS", 1)
+    pro, post = "skinny:1024,2048,1,last,False,8,1", "skinny:1024,2048,1,last,False,8,1,True"
+    d = {"ms": {pro: 0.010, post: 0.016, "skinny:other": 0.011, "cublas": 0.0105}}
+    assert refine.twin(pro) == post and refine.twin(post) == pro
+    assert refine.alternatives(d, pro) == ["cublas", post]  # (post is 60% slower alone: past MARGIN, taken as the twin)
+    assert refine.alternatives(d, post) == [pro]  # (the twin is also the fastest)
+    assert refine.alternatives(d, "cublas") == [pro]  # (no twin measured)
+    monkeypatch.setattr(refine, "TWINS", False)
+    assert refine.alternatives(d, pro) == ["cublas"]
+
+
 def test_winners_gain_past_noise_and_min_gain(monkeypatch):
     monkeypatch.setattr(refine, "MIN_GAIN", 0.01)
     names = {"k1 x": ("k1", "x"), "k1 y": ("k1", "y"), "k2 z": ("k2", "z"), "k3 w": ("k3", "w")}
