@@ -260,7 +260,8 @@ def kiln_case(g, layers: int, bs: int, prompt) -> dict:
            "kernel_ms_per_step": launched.get("kernel_us", 0) / 1e3 or None, "kernel_top": launched.get("top"),
            "launches_by_kind": dict(plan.stats.launches), "choices": dict(plan.stats.choices),
            "cuda_graph": plan.stats.cuda_graph, "call_times_cold": call_times(plan),
-           "timeline": step_timeline(plan)}  # (the step's kernels inside its CUDA graph: bench/step_timeline.py)
+           "timeline": step_timeline(plan),  # (the step's kernels inside its CUDA graph: bench/step_timeline.py)
+           "refine": plan.stats.refine}  # (KILN_REFINE's passes where this process made the plan's decisions again)
     out["between_steps_us"] = between_steps_us(g, plan, bs)
     # the run's last step (P + GEN keys; the plan bound again): decode attention reads the attended keys only
     out["step_ms_last"] = step_time_ms(decode_plan(g, bs, P + GEN - 1).replay, 5 if a.smoke else 200)
@@ -271,6 +272,9 @@ def show_timeline(name: str, bs: int, what: str, case: dict) -> None:
     """A case's step timeline as one line (a GPU's CUDA graph only: empty elsewhere)."""
     if case["timeline"]:
         print(name, bs, f"{what} timeline:", summary(case["timeline"]), flush=True)
+    if r := case.get("refine"):
+        print(name, bs, f"{what} refine: step {r['step_ms'] * 1e3:.1f} us, noise {r['noise_ms'] * 1e3:.1f} us, taken",
+              [(t["choice"], t["gain_us"]) for t in r["steps"]] or "nothing", flush=True)
 
 
 class Variant:

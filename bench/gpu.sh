@@ -540,6 +540,16 @@ Occupancy|Warp Cycles Per Issued|Registers Per" "$OUT/ncu_24n.txt" | head -150 ;
           $([ $q = bf16 ] || echo --quantize $q) --no-compile-peer --ab-set kernels.skinny.WHOLE_K_WORDS=0 \
           --ab-env KILN_REFINE=0 2>&1 | grep "interleaved\|Error\|error" | tail -3
       done ;;
+    s36c)  # session 36 (~450 s): KILN_REFINE one winner a pass, the rest timed again around it (refine.PASSES; s36a: the
+      # winners taken together lost where neighbours interact): s36a's two processes of fresh caches (MAX_ALTS 3 against
+      # 6: four tunings of the 1B w4a16), each arm's passes; then the 8B w4a16 from an empty cache (its first run's time)
+      for i in 1 2; do
+        KILN_CACHE_DIR=/tmp/kiln-cache-36c$i DECODE_JSON=decode_36c_$i.json timeout 240 python3 bench/decode.py --models 1b \
+          --batches 1 --quantize w4a16 --no-compile-peer --ab-set runtime.refine.MAX_ALTS=6 \
+          --ab-config "cache_dir='/tmp/kiln-cache-36d$i'" 2>&1 | grep "interleaved\|Error\|error\|timeline:\|refine:" | tail -5
+      done
+      KILN_CACHE_DIR=/tmp/kiln-cache-36e DECODE_JSON=decode_36c_8b.json timeout 300 python3 bench/decode.py --models 8b \
+        --batches 1 --quantize w4a16 --no-compile-peer 2>&1 | grep "kiln {\|Error\|error\|timeline:\|refine:" | cut -c1-400 | tail -4 ;;
     s36a)  # next (~300 s): KILN_REFINE's cut (MAX_ALTS = 3 alternatives within 25% alone, fastest first, and the choice's
       # NORM_POST twin: refine.TWINS) against 6, the 1B w4a16 at batch 1 (session 35: its gate/up's NORM_POST twin and its
       # down's 8-split tile missed in some processes, 1,868-1,963 tok/s): each arm tunes from its own empty cache (a

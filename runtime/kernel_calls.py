@@ -125,6 +125,7 @@ class PlanStats:
     # implementations, the tuner's measurements as "tuning"), warmup (the first run: Triton compiles and kernel loads),
     # capture (the CUDA graph)
     phases: dict = field(default_factory=dict)
+    refine: dict | None = None  # KILN_REFINE's report where it made decisions again in this plan (refine.refine_set)
     # values stored channels-last, and the layout conversions the convs make per call (``lower.conv_layout_changes``)
     layouts: dict = field(default_factory=dict)
     causal_masks: set = field(default_factory=set)  # ATTENTIONs whose folded mask is the causal triangle: run causal

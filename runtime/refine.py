@@ -8,14 +8,17 @@ a chain of PDL launches and reads its first weight words before its wait while t
 step may rank the candidates otherwise (bench/NOTES.md, session 30: the tuner's misses so far; bench/decode_refine.py
 asks the same question by building whole plans again). Here, once a plan's first call list is built: for each cold GEMM
 decision its calls take (every layer's qkv shares one), each candidate the tuner measured within MARGIN of its choice
-(launch charges included, at most MAX_ALTS) is swapped into those calls and the list captured as a CUDA graph (on the
-CPU: run as a list) — the workspace and counters of every candidate were planned before the tuner chose — and its
-outputs are compared with the plan's (CHECK_TOL). The graphs' replays are timed interleaved, ROUNDS rounds of REPS, the
-median of the rounds' medians, a second capture of the plan's own calls giving the noise. The alternatives that gain
-more than MIN_GAIN of the step and twice the noise are taken together, if together they still gain so: the set's calls
-and graph swapped. Each decision looked at is kept as the tuner's refinement (``Tuner.refine``: in the cache's "refined"
-entries, apart from the decision measured alone, and in an artifact's tuning.json), so a later plan takes it without
-timing again and a plan with KILN_REFINE=0 never reads it.
+(launch charges included, at most MAX_ALTS; and its NORM_POST twin: TWINS) is swapped into those calls and the list
+captured as a CUDA graph (on the CPU: run as a list) — the workspace and counters of every candidate were planned before
+the tuner chose — and its outputs are compared with the plan's (CHECK_TOL). The graphs' replays are timed interleaved,
+ROUNDS rounds of REPS, the median of the rounds' medians, a second capture of the plan's own calls giving the noise. Of
+the alternatives that gain more than MIN_GAIN of the step and twice the noise, the one gaining most is taken, and the
+rest are timed again around it (those within KEEP of the step, and the choice it replaced), at most PASSES times:
+neighbours in the PDL chain interact (bench/NOTES.md, session 36: with the 1B's down unsplit, its qkv's and gate/up's
+prologue-norm twins gained 10-26 us a step; taken together with the down's 8-split tile they lost ~20 us). The set's
+calls and graph end swapped. Each decision looked at is kept as the tuner's refinement (``Tuner.refine``: in the cache's
+"refined" entries, apart from the decision measured alone, and in an artifact's tuning.json), so a later plan takes it
+without timing again and a plan with KILN_REFINE=0 never reads it.
 """
 from __future__ import annotations
 
@@ -39,6 +42,8 @@ MAX_ALTS = 3  # alternatives a decision, fastest alone first
 TWINS = True
 ROUNDS, REPS = 9, 30
 MIN_GAIN = 0.003  # share of the step an alternative must gain
+PASSES = 4  # timings of the alternatives: each pass takes the one gaining most, the next times the rest again around it
+KEEP = 0.02  # after a pass, the alternatives timed again: within this share of the step (worse), and the choice replaced
 CHECK_TOL = 0.05  # a variant's outputs against the plan's, relative (16-bit roundings differ by ~1e-2)
 
 
@@ -168,36 +173,50 @@ def _refine_set(plan, s: OutputSet) -> dict | None:
     if not todo:
         return None
     _run((s.calls, s.cuda_graph))
-    want, variants, names, failed = _outputs(plan, s), {"plan": (s.calls, s.cuda_graph)}, {}, {}
-    variants["again"] = (s.calls, _runner(s.calls, plan.device))
-    for k, alt in ((k, alt) for k, alts in todo.items() for alt in alts):
-        name, calls = f"{k[:12]} {alt}", _swapped(s.calls, at[k], alt)
-        try:
-            v = (calls, _runner(calls, plan.device))
-            _run(v)
-            err = max((rel_err(got, ref) for got, ref in zip(_outputs(plan, s), want)), default=0.0)
-        except Exception as e:  # noqa: BLE001  (a variant that cannot be captured or run: recorded, never taken)
-            failed[name] = f"{type(e).__name__}: {e}"[:300]
-            continue
-        if err > CHECK_TOL:
-            failed[name] = f"outputs differ from the plan's by {err:.3g} (relative)"
-        else:
-            variants[name], names[name] = v, (k, alt)
-    ms = timed(variants, plan.device) if names else {"plan": 0.0, "again": 0.0}
-    take = winners(ms, names)
-    if take:
-        calls = s.calls
-        for k, alt in take.items():
-            calls = _swapped(calls, at[k], alt)
-        taken = (calls, _runner(calls, plan.device))
-        both = timed({"plan": variants["plan"], "again": variants["again"], "taken": taken}, plan.device)
-        if both["taken"] >= both["plan"] - max(MIN_GAIN * both["plan"], 2 * abs(both["again"] - both["plan"])):
-            take = {}  # (together they do not gain: each alone was noise, or they undo each other)
-        else:
-            s.calls[:], s.cuda_graph = taken
+    want, failed, steps, first = _outputs(plan, s), {}, [], None
+    live = [(k, alt) for k, alts in todo.items() for alt in alts]  # (what the next pass times, in this order)
+    plan_v = (s.calls, s.cuda_graph)
+    for _ in range(PASSES):
+        current = {k: plan_v[0][at[k][0]].choice for k in todo}
+        variants, names = {"plan": plan_v, "again": (plan_v[0], _runner(plan_v[0], plan.device))}, {}
+        for k, alt in live:
+            name = f"{k[:12]} {alt}"
+            if alt == current[k] or name in failed:
+                continue
+            calls = _swapped(plan_v[0], at[k], alt)
+            try:
+                v = (calls, _runner(calls, plan.device))
+                _run(v)
+                err = max((rel_err(got, ref) for got, ref in zip(_outputs(plan, s), want)), default=0.0)
+            except Exception as e:  # noqa: BLE001  (a variant that cannot be captured or run: recorded, never taken)
+                failed[name] = f"{type(e).__name__}: {e}"[:300]
+                continue
+            if err > CHECK_TOL:
+                failed[name] = f"outputs differ from the plan's by {err:.3g} (relative)"
+            else:
+                variants[name], names[name] = v, (k, alt)
+        if not names:
+            break
+        ms = timed(variants, plan.device)
+        first = first or (ms, names)
+        take = winners(ms, names)
+        if not take:
+            break
+        k, alt = max(take.items(), key=lambda kv: ms["plan"] - ms[f"{kv[0][:12]} {kv[1]}"])
+        name = f"{k[:12]} {alt}"
+        plan_v = variants[name]  # (the one that gains most; the others are timed again around it)
+        # timed again next pass: what came within KEEP of the step (a neighbour's change may tip it), and what it replaced
+        live = [kv for n, kv in names.items() if ms[n] - ms["plan"] < KEEP * ms["plan"]] + [(k, current[k])]
+        steps.append({"key": k[:12], "choice": alt, "gain_us": round((ms["plan"] - ms[name]) * 1e3, 3),
+                      "noise_us": round(abs(ms["again"] - ms["plan"]) * 1e3, 3)})
+    if plan_v[0] is not s.calls:
+        s.calls[:], s.cuda_graph = plan_v
+    ms, names = first or ({"plan": 0.0, "again": 0.0}, {})
     for k in todo:
         step = {alt: round((ms[n] - ms["plan"]) * 1e3, 3) for n, (kk, alt) in names.items() if kk == k}
-        tuner.refine(k, {"choice": take.get(k, s.calls[at[k][0]].choice), "alone": tuner.decisions[k]["choice"],
+        tuner.refine(k, {"choice": s.calls[at[k][0]].choice, "alone": tuner.decisions[k]["choice"],
                          "step_delta_us": step, "step_ms": round(ms["plan"], 5)})
     plan.stats.phases["refine"] = round(time.perf_counter() - t0, 4)
-    return {"step_ms": ms["plan"], "noise_ms": abs(ms["again"] - ms["plan"]), "taken": take, "failed": failed}
+    plan.stats.refine = {"step_ms": ms["plan"], "noise_ms": abs(ms["again"] - ms["plan"]), "steps": steps,
+                         "failed": failed, "seconds": plan.stats.phases["refine"]}
+    return plan.stats.refine

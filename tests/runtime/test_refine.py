@@ -135,6 +135,45 @@ def test_a_refined_plan_swaps_its_calls_and_keeps_the_choice(tuned, tmp_path, mo
     assert d["alone"] in {c.choice for p in plans for c in p.calls}
 
 
+def test_refinement_takes_one_winner_a_pass_and_times_the_rest_again_around_it(tuned, tmp_path, monkeypatch):
+    """Two decisions' alternatives each gain alone (10% and 8% of the step) but together lose (97%, worse than the first
+    alone): the first is taken, the second timed again around it and left; the plan's calls and report say so."""
+    monkeypatch.setenv("KILN_REFINE", "1")
+    monkeypatch.setattr(refine, "MAX_ALTS", 1)
+    monkeypatch.setattr(refine, "MARGIN", float("inf"))
+    base, fav, passes = {}, [], []
+
+    def timed(variants, device):
+        chose = {name: {c.key: c.choice for c in calls if c.options} for name, (calls, _) in variants.items()}
+        if not base:  # (the first plan's first pass: its own choices, and the first two decisions' alternatives favoured)
+            base.update(chose["plan"])
+            for name, ch in chose.items():
+                kv = next(((k, a) for k, a in ch.items() if a != base[k]), None)
+                if kv and kv[0] not in {k for k, _ in fav} and len(fav) < 2:
+                    fav.append(kv)
+        passes.append(sorted(variants))
+
+        def cost(ch):
+            swapped = {(k, a) for k, a in ch.items() if a != base.get(k, a)}
+            return 1.0 + sum(-0.1 if kv == fav[0] else -0.08 if kv == fav[1] else 0.2 for kv in swapped) \
+                + (0.15 if set(fav) <= swapped else 0.0)
+        return {name: cost(ch) for name, ch in chose.items()}
+    monkeypatch.setattr(refine, "timed", timed)
+    g = tiny_generator(copied(tuned, tmp_path))
+    assert g.generate(PROMPT, max_new_tokens=3).tokens == tuned[1]
+    tuner = g.compiled.executor.tuner
+    (k1, a1), (k2, a2) = fav
+    assert tuner.refined[k1]["choice"] == a1 and tuner.refined[k2]["choice"] == tuner.decisions[k2]["choice"] != a2
+    assert tuner.refined[k2]["step_delta_us"][a2] == pytest.approx(-80.0)  # (as timed in the first pass)
+    plan = next(p for p in g.compiled.executor.plans if p.stats.refine)
+    assert [(s["key"], s["choice"], s["gain_us"]) for s in plan.stats.refine["steps"]] == [(k1[:12], a1, pytest.approx(100.0))]
+    # the second pass timed the second's alternative around the first, and the first's own choice again (nothing else
+    # came within KEEP of the step); no third (the passes after it are another plan's)
+    assert set(passes[1]) == {"plan", "again", f"{k2[:12]} {a2}", f"{k1[:12]} {base[k1]}"}
+    assert not {n.split(" ")[0] for p in passes[2:] for n in p} & {k[:12] for k in base}
+    assert {c.choice for c in plan.calls if c.key == k1} == {a1} and {c.choice for c in plan.calls if c.key == k2} == {base[k2]}
+
+
 def test_a_failing_refinement_warns_and_leaves_the_plan(tuned, tmp_path, monkeypatch):
     monkeypatch.setenv("KILN_REFINE", "1")
     monkeypatch.setattr(refine, "MAX_ALTS", 1)
