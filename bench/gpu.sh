@@ -540,6 +540,9 @@ Occupancy|Warp Cycles Per Issued|Registers Per" "$OUT/ncu_24n.txt" | head -150 ;
           $([ $q = bf16 ] || echo --quantize $q) --no-compile-peer --ab-set kernels.skinny.WHOLE_K_WORDS=0 \
           --ab-env KILN_REFINE=0 2>&1 | grep "interleaved\|Error\|error" | tail -3
       done ;;
+    s36d)  # session 36 (~350 s): the other modes' figures with s36c's refinement (one winner a pass) and COPY_ASIDE on, each
+      # from an empty cache, a process each: the 1B bf16 and w8a16, the 8B w8a16 at batch 1 (s31a's lines, with the passes)
+      CASES="${CASES:-1b:bf16 1b:w8a16 8b:w8a16}" AB_TIMEOUT=200 bash "$0" s31a 2>&1 | grep -v "^bytecode\|^NVIDIA\|^===" ;;
     s36c)  # session 36 (~450 s): KILN_REFINE one winner a pass, the rest timed again around it (refine.PASSES; s36a: the
       # winners taken together lost where neighbours interact): s36a's two processes of fresh caches (MAX_ALTS 3 against
       # 6: four tunings of the 1B w4a16), each arm's passes; then the 8B w4a16 from an empty cache (its first run's time)
@@ -664,7 +667,7 @@ for l in sys.stdin:
       for mq in ${CASES:-1b:w8a16 8b:w8a16 8b:w4a16}; do
         IFS=: read -r m q <<< "$mq"
         DECODE_JSON=decode_31a_$m$q.json timeout ${AB_TIMEOUT:-200} python3 bench/decode.py --models $m --batches 1 \
-          $([ $q = bf16 ] || echo --quantize $q) --no-compile-peer 2>&1 | grep "kiln {\|Error\|error\|timeline" | tail -4 \
+          $([ $q = bf16 ] || echo --quantize $q) --no-compile-peer 2>&1 | grep "kiln {\|Error\|error\|timeline\|refine:" | tail -5 \
           | python3 -c "import sys, json
 for l in sys.stdin:
     if ' kiln {' not in l: print(l.rstrip()); continue
