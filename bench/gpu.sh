@@ -540,6 +540,12 @@ Occupancy|Warp Cycles Per Issued|Registers Per" "$OUT/ncu_24n.txt" | head -150 ;
           $([ $q = bf16 ] || echo --quantize $q) --no-compile-peer --ab-set kernels.skinny.WHOLE_K_WORDS=0 \
           --ab-env KILN_REFINE=0 2>&1 | grep "interleaved\|Error\|error" | tail -3
       done ;;
+    s36e)  # session 36 (~150 s): the refinement's replays a round by the step's length (refine.reps_for: the 8B's ~7, not
+      # 30): the 8B w4a16 from an empty cache against s36c's (first run 55.7 s, refinement 18.8 s, noise 0.6 us, 488 tok/s)
+      KILN_CACHE_DIR=/tmp/kiln-cache-36f DECODE_JSON=decode_36e_8b.json timeout 300 python3 bench/decode.py --models 8b \
+        --batches 1 --quantize w4a16 --no-compile-peer 2>&1 | grep "Error\|error\|timeline:\|refine:" | cut -c1-400 | tail -4
+      python3 -c "import json; d = json.load(open('$OUT/decode_36e_8b.json'))['8b']['bs1']['kiln']; r = d['refine'] or {}
+print({k: d[k] for k in ('decode_tok_s', 'first_run_s')}, {k: r.get(k) for k in ('seconds', 'reps', 'noise_ms')})" ;;
     s36d)  # session 36 (~350 s): the other modes' figures with s36c's refinement (one winner a pass) and COPY_ASIDE on, each
       # from an empty cache, a process each: the 1B bf16 and w8a16, the 8B w8a16 at batch 1 (s31a's lines, with the passes)
       CASES="${CASES:-1b:bf16 1b:w8a16 8b:w8a16}" AB_TIMEOUT=200 bash "$0" s31a 2>&1 | grep -v "^bytecode\|^NVIDIA\|^===" ;;

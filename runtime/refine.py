@@ -40,7 +40,8 @@ MAX_ALTS = 3  # alternatives a decision, fastest alone first
 # its time alone: alone it pays the norm's statistics in each program, in the step the prologue's pass runs after the
 # PDL wait (bench/NOTES.md, session 35: the 1B gate/up's twins 96-101 against 133 us a step, the one missed the cut)
 TWINS = True
-ROUNDS, REPS = 9, 30
+ROUNDS, REPS = 9, 30  # rounds, and replays of each variant a round at most: fewer where the step is long (REP_MS of
+REP_MS, MIN_REPS = 15.0, 5  # replays a round, at least MIN_REPS: the 8B's 2.1 ms step 7, the 1B's 0.5 ms 30)
 MIN_GAIN = 0.003  # share of the step an alternative must gain
 PASSES = 4  # timings of the alternatives: each pass takes the one gaining most, the next times the rest again around it
 KEEP = 0.02  # after a pass, the alternatives timed again: within this share of the step (worse), and the choice replaced
@@ -117,6 +118,14 @@ def _once_ms(variant: tuple, device: torch.device) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
+def reps_for(variant: tuple, device: torch.device) -> int:
+    """Replays a round for steps as long as ``variant``'s (its median of three runs): REP_MS of them, MIN_REPS..REPS. On
+    an H100 the noise measured between two captures of one plan was 0.1-1.5 us a step with 30 replays a round (1B,
+    0.5 ms) and 0.6 us with 30 at the 8B's 2.1 ms (bench/NOTES.md, session 36): far under MIN_GAIN's 1.5 / 6.4 us."""
+    t = sorted(_once_ms(variant, device) for _ in range(3))[1]
+    return max(MIN_REPS, min(REPS, round(REP_MS / max(t, 1e-6))))
+
+
 def timed(variants: dict, device: torch.device, rounds: int | None = None, reps: int | None = None) -> dict[str, float]:
     """name -> ms of one run of each variant ((calls, graph): ``_run``): ``rounds`` (ROUNDS) rounds of ``reps`` (REPS)
     runs each, the variants taking turns, the median of the rounds' medians (so a drift of the machine biases none)."""
@@ -176,6 +185,7 @@ def _refine_set(plan, s: OutputSet) -> dict | None:
     want, failed, steps, first = _outputs(plan, s), {}, [], None
     live = [(k, alt) for k, alts in todo.items() for alt in alts]  # (what the next pass times, in this order)
     plan_v = (s.calls, s.cuda_graph)
+    reps = reps_for(plan_v, plan.device)
     for _ in range(PASSES):
         current = {k: plan_v[0][at[k][0]].choice for k in todo}
         variants, names = {"plan": plan_v, "again": (plan_v[0], _runner(plan_v[0], plan.device))}, {}
@@ -197,7 +207,7 @@ def _refine_set(plan, s: OutputSet) -> dict | None:
                 variants[name], names[name] = v, (k, alt)
         if not names:
             break
-        ms = timed(variants, plan.device)
+        ms = timed(variants, plan.device, reps=reps)
         first = first or (ms, names)
         take = winners(ms, names)
         if not take:
@@ -218,5 +228,5 @@ def _refine_set(plan, s: OutputSet) -> dict | None:
                          "step_delta_us": step, "step_ms": round(ms["plan"], 5)})
     plan.stats.phases["refine"] = round(time.perf_counter() - t0, 4)
     plan.stats.refine = {"step_ms": ms["plan"], "noise_ms": abs(ms["again"] - ms["plan"]), "steps": steps,
-                         "failed": failed, "seconds": plan.stats.phases["refine"]}
+                         "failed": failed, "seconds": plan.stats.phases["refine"], "reps": reps}
     return plan.stats.refine

@@ -49,6 +49,12 @@ def test_winners_gain_past_noise_and_min_gain(monkeypatch):
     assert refine.winners(dict(ms, again=0.98), names) == {}  # noise 2%: nothing gains 4%
 
 
+def test_replays_a_round_follow_the_steps_length(monkeypatch):
+    for ms, want in ((0.5, 30), (2.1, 7), (100.0, 5), (0.01, 30)):  # (REP_MS 15 of replays, 5..30)
+        monkeypatch.setattr(refine, "_once_ms", lambda v, d, ms=ms: ms)
+        assert refine.reps_for(((), None), torch.device("cpu")) == want
+
+
 def test_no_refinement_with_collectives_or_without_the_variable(monkeypatch):
     # a tensor-parallel plan's ranks would each time their own variants, and their collectives would stop pairing up
     calls = [KernelCall(None, "gemm", lambda: None, "a", options={"a": None, "b": None}, key="k"),
@@ -102,7 +108,7 @@ def test_a_refined_plan_swaps_its_calls_and_keeps_the_choice(tuned, tmp_path, mo
     monkeypatch.setattr(refine, "MARGIN", float("inf"))
     seen = []
 
-    def timed(variants, device):  # the first alternative of every plan's first decision gains 10%; the rest lose
+    def timed(variants, device, **kw):  # the first alternative of every plan's first decision gains 10%; the rest lose
         for name in variants:
             if name not in ("plan", "again", "taken") and not seen:
                 seen.append(name)
@@ -122,7 +128,7 @@ def test_a_refined_plan_swaps_its_calls_and_keeps_the_choice(tuned, tmp_path, mo
     # with KILN_REFINE=0, the alone choice
     g.save(tmp_path / "gen.kiln")
     assert kiln.Generator.load(tmp_path / "gen.kiln", backend="kernels").compiled.executor.tuner.refined == tuner.refined
-    monkeypatch.setattr(refine, "timed", lambda *a: pytest.fail("timed again"))
+    monkeypatch.setattr(refine, "timed", lambda *a, **kw: pytest.fail("timed again"))
     g2 = tiny_generator(cache)
     assert g2.generate(prompt, max_new_tokens=3).tokens == want
     assert {c.choice for p in g2.compiled.executor.plans for c in p.calls if c.key == k} == {d["choice"]}
@@ -143,7 +149,7 @@ def test_refinement_takes_one_winner_a_pass_and_times_the_rest_again_around_it(t
     monkeypatch.setattr(refine, "MARGIN", float("inf"))
     base, fav, passes = {}, [], []
 
-    def timed(variants, device):
+    def timed(variants, device, **kw):
         chose = {name: {c.key: c.choice for c in calls if c.options} for name, (calls, _) in variants.items()}
         if not base:  # (the first plan's first pass: its own choices, and the first two decisions' alternatives favoured)
             base.update(chose["plan"])
@@ -179,7 +185,7 @@ def test_a_failing_refinement_warns_and_leaves_the_plan(tuned, tmp_path, monkeyp
     monkeypatch.setattr(refine, "MAX_ALTS", 1)
     monkeypatch.setattr(refine, "MARGIN", float("inf"))
 
-    def broken(variants, device):
+    def broken(variants, device, **kw):
         raise RuntimeError("no timer")
     monkeypatch.setattr(refine, "timed", broken)
     g = tiny_generator(copied(tuned, tmp_path))
