@@ -261,7 +261,9 @@ def kiln_case(g, layers: int, bs: int, prompt) -> dict:
            "launches_by_kind": dict(plan.stats.launches), "choices": dict(plan.stats.choices),
            "cuda_graph": plan.stats.cuda_graph, "call_times_cold": call_times(plan),
            "timeline": step_timeline(plan),  # (the step's kernels inside its CUDA graph: bench/step_timeline.py)
-           "refine": plan.stats.refine}  # (KILN_REFINE's passes where this process made the plan's decisions again)
+           "refine": plan.stats.refine,  # (KILN_REFINE's passes where this process made the plan's decisions again)
+           "build_phases": {f"{p.bindings}": dict(p.stats.phases, build_s=round(p.stats.build_s, 3))  # (first run: where
+                            for p in g.compiled.executor.plans}}  # each plan's build time went)
     out["between_steps_us"] = between_steps_us(g, plan, bs)
     # the run's last step (P + GEN keys; the plan bound again): decode attention reads the attended keys only
     out["step_ms_last"] = step_time_ms(decode_plan(g, bs, P + GEN - 1).replay, 5 if a.smoke else 200)

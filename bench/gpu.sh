@@ -540,6 +540,17 @@ Occupancy|Warp Cycles Per Issued|Registers Per" "$OUT/ncu_24n.txt" | head -150 ;
           $([ $q = bf16 ] || echo --quantize $q) --no-compile-peer --ab-set kernels.skinny.WHOLE_K_WORDS=0 \
           --ab-env KILN_REFINE=0 2>&1 | grep "interleaved\|Error\|error" | tail -3
       done ;;
+    s36f)  # session 36 (~250 s): where a first run's time goes (bench/decode.py's build_phases: each plan's phases), the 1B
+      # w4a16 at batch 1 and the 1B bf16 at batch 16 (its refinement at 16 rows), each from an empty cache
+      for c in 1:w4a16 16:bf16; do
+        IFS=: read -r b q <<< "$c"
+        KILN_CACHE_DIR=/tmp/kiln-cache-36g$b DECODE_JSON=decode_36f_$b$q.json timeout 240 python3 bench/decode.py --models 1b \
+          --batches $b $([ $q = bf16 ] || echo --quantize $q) --no-compile-peer 2>&1 | grep "Error\|error\|timeline:\|refine:" \
+          | cut -c1-400 | tail -4
+        python3 -c "import json; d = json.load(open('$OUT/decode_36f_$b$q.json')); k = d['1b']['bs$b']['kiln']
+print('compile_s', d['1b']['compile_s'], {x: k[x] for x in ('decode_tok_s', 'first_run_s')})
+for b, p in k['build_phases'].items(): print('   ', b, p)"
+      done ;;
     s36e)  # session 36 (~150 s): the refinement's replays a round by the step's length (refine.reps_for: the 8B's ~7, not
       # 30): the 8B w4a16 from an empty cache against s36c's (first run 55.7 s, refinement 18.8 s, noise 0.6 us, 488 tok/s)
       KILN_CACHE_DIR=/tmp/kiln-cache-36f DECODE_JSON=decode_36e_8b.json timeout 300 python3 bench/decode.py --models 8b \
