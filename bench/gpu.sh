@@ -540,6 +540,8 @@ Occupancy|Warp Cycles Per Issued|Registers Per" "$OUT/ncu_24n.txt" | head -150 ;
           $([ $q = bf16 ] || echo --quantize $q) --no-compile-peer --ab-set kernels.skinny.WHOLE_K_WORDS=0 \
           --ab-env KILN_REFINE=0 2>&1 | grep "interleaved\|Error\|error" | tail -3
       done ;;
+    s36g)  # session 36 (~150 s): the GPU tests of the refinement (one winner a pass) and of the generator (COPY_ASIDE on)
+      timeout 280 python3 -m pytest -q -rf -m gpu tests/runtime/test_refine.py tests/llm/test_generator.py 2>&1 | tail -4 ;;
     s36f)  # session 36 (~250 s): where a first run's time goes (bench/decode.py's build_phases: each plan's phases), the 1B
       # w4a16 at batch 1 and the 1B bf16 at batch 16 (its refinement at 16 rows), each from an empty cache
       for c in 1:w4a16 16:bf16; do
