@@ -110,9 +110,9 @@ def test_a_refined_plan_swaps_its_calls_and_keeps_the_choice(tuned, tmp_path, mo
 
     def timed(variants, device, **kw):  # the first alternative of every plan's first decision gains 10%; the rest lose
         for name in variants:
-            if name not in ("plan", "again", "taken") and not seen:
+            if name not in ("plan", "again") and not seen:
                 seen.append(name)
-        return {name: 0.9 if name in seen or name == "taken" else 1.0 if name in ("plan", "again") else 1.2 for name in variants}
+        return {name: 0.9 if name in seen else 1.0 if name in ("plan", "again") else 1.2 for name in variants}
     monkeypatch.setattr(refine, "timed", timed)
     g = tiny_generator(cache)
     assert g.generate(prompt, max_new_tokens=3).tokens == want
