@@ -212,8 +212,8 @@ def _refine_set(plan, s: OutputSet) -> dict | None:
         take = winners(ms, names)
         if not take:
             break
-        k, alt = max(take.items(), key=lambda kv: ms["plan"] - ms[f"{kv[0][:12]} {kv[1]}"])
-        name = f"{k[:12]} {alt}"
+        name = min((n for n, kv in names.items() if take.get(kv[0]) == kv[1]), key=ms.get)
+        k, alt = names[name]
         plan_v = variants[name]  # (the one that gains most; the others are timed again around it)
         # timed again next pass: what came within KEEP of the step (a neighbour's change may tip it), and what it replaced
         live = [kv for n, kv in names.items() if ms[n] - ms["plan"] < KEEP * ms["plan"]] + [(k, current[k])]
