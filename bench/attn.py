@@ -1,7 +1,8 @@
 """Attention at the diffusion transformers' shapes (head dim 72), as a plan runs it: each candidate ATTENTION's
 tuner offers (SDPA into a fresh tensor, then copied into the plan's buffer: the kernel SDPA picks, and its
 FlashAttention-2 and memory-efficient kernels by their aten ops; kiln's Triton template per launch
-configuration, with the head dim as 64 + 16 lanes (SPLIT) and padded to 128; SDPA on q, k, v zero-padded to head dim
+configuration, with the head dim as 64 + 16 lanes (SPLIT) and padded to 128, and p v split too (SPLIT_V: 64 lanes and
+a window of v's last 16); SDPA on q, k, v zero-padded to head dim
 80 / 96 / 128) captured 20 times in one CUDA graph,
 do_bench median of a replay / 20, and its error against float32. bf16, H200. Usage: python3 bench/attn.py
 [--smoke] (--smoke: float16 under the Triton interpreter, tiny shapes, no graphs). Writes $OUT/attn.json."""
@@ -73,11 +74,10 @@ for name, (b, h, sq, sk) in SHAPES.items():
     sms = torch.cuda.get_device_properties(0).multi_processor_count if not a.smoke else 132
     cfgs = ta.configs(sq, b * h, sms) if not a.smoke else [ta.INTERPRET_CONFIG]
     for c in cfgs:
-        for split in (True, False):
-            tag = f"kiln {c.get('BLOCK_M')}x{c.get('BLOCK_N')} w{c.get('num_warps', '-')} s{c.get('num_stages', '-')}" \
-                  f" {'64+16' if split else 'pad 128'}"
-            cands[tag] = (lambda c=c, split=split: ta.attention(q, k, v, out=out, config=None if a.smoke else c,
-                                                                split_d=split))
+        for split, split_v, form in ((True, False, "64+16"), (False, False, "pad 128"), (True, True, "64+16, pv 64+16")):
+            tag = f"kiln {c.get('BLOCK_M')}x{c.get('BLOCK_N')} w{c.get('num_warps', '-')} s{c.get('num_stages', '-')} {form}"
+            cands[tag] = (lambda c=c, split=split, split_v=split_v: ta.attention(
+                q, k, v, out=out, config=None if a.smoke else c, split_d=split, split_v=split_v))
     for tag, fn in cands.items():
         try:
             us = graphed(fn)

@@ -22,9 +22,12 @@ Variants are constexpr switches of the ONE kernel below:
 Head dims. BLOCK_D is the next power of two >= D (at least 16, the smallest ``tl.dot`` depth), with
 the padding lanes masked to zero. D <= 256; v may have its own Dv. SPLIT: q k^T over a head dim between powers
 of two runs as a power-of-two part and a tail of 16 or 32 lanes (``split_widths``), two dots: D = 72 (DiT-XL,
-PixArt) as 64 + 16 lanes, where the padded tile is 128. p v keeps one tile padded to BLOCK_DV: split the same way,
-its tail lanes came out wrong (64 + 16) or faulted (64 + 32) under triton 3.6 on the H200, correct under the
-interpreter; a compiler issue not chased further.
+PixArt) as 64 + 16 lanes, where the padded tile is 128. p v keeps one tile padded to BLOCK_DV unless SPLIT_V: split
+the same way with masked tail lanes (64..79 of 72) it came out wrong (64 + 16) or faulted (64 + 32) under triton 3.6 on
+the H200 (session 10), correct under the interpreter. SPLIT_V instead reads v's tail as a window of BLOCK_DVT lanes
+ending at the head dim (D = 72: lanes 56..71), every lane of it a real one (no head-dim mask), into a second
+accumulator; the store writes from it only the lanes past the main tile (64..71). Off unless ``split_v`` asks
+(``SPLIT_V``): its GPU test decides whether the form compiles right.
 
 Fully masked rows (every key masked by the bool mask, -inf bias, or Sk = 0) give ZEROS, not NaN: the
 running max stays -inf, p = exp2(s - 0) = 0 and l = 0 is replaced by 1 at the end. torch 2.13's SDPA
@@ -48,6 +51,7 @@ from ...ir.ops import OPS
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 CODE_DTYPES = (torch.int8, torch.float8_e4m3fn)  # a quantized KV cache's codes (ir/kv_quant.py)
+SPLIT_V = False  # p v over a head dim like 72 as two tiles by default (module docstring; ``attention``'s split_v)
 MAX_HEAD_DIM = 256  # q / k / v tiles of wider heads do not fit the H100's shared memory at useful block sizes
 LOG2E = 1.4426950408889634
 
@@ -58,17 +62,19 @@ INTERPRET_CONFIG = dict(BLOCK_M=16, BLOCK_N=16)
 
 @triton.jit
 def _attention_inner(
-    acc, l_i, m_i, q, q2,  # acc [BLOCK_M, BLOCK_DV] fp32, l_i / m_i [BLOCK_M] fp32 (log2 units), q [BLOCK_M, BLOCK_D]
+    acc, acc2, l_i, m_i, q, q2,  # acc [BLOCK_M, BLOCK_DV] fp32, l_i / m_i [BLOCK_M] fp32 (log2 units), q [BLOCK_M, BLOCK_D]
+    # (SPLIT_V: acc2 [BLOCK_M, BLOCK_DVT] the lanes of v's tail window)
     k_base, v_base, mask_base, ks_base, vs_base,  # (SPLIT: q2 q's tail lanes [BLOCK_M, BLOCK_DT])
     offs_m, lo, hi, Sq, Sk, HEAD_DIM, HEAD_DIM_V, qk_scale,
     stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, stride_ksn, stride_vsn,
     APPLY_CAUSAL: tl.constexpr, MASK: tl.constexpr, K_SCALED: tl.constexpr, V_SCALED: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    SPLIT: tl.constexpr, BLOCK_DT: tl.constexpr, SOFTCAP: tl.constexpr,
+    SPLIT: tl.constexpr, BLOCK_DT: tl.constexpr, SOFTCAP: tl.constexpr, SPLIT_V: tl.constexpr, BLOCK_DVT: tl.constexpr,
 ):
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     offs_t = BLOCK_D + tl.arange(0, BLOCK_DT)  # SPLIT: the tail lanes of q and k
+    offs_vt = HEAD_DIM_V - BLOCK_DVT + tl.arange(0, BLOCK_DVT)  # SPLIT_V: v's tail window, every lane a real one
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         valid_n = offs_n < Sk
@@ -103,9 +109,24 @@ def _attention_inner(
         v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
                     mask=valid_n[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)  # [BLOCK_N, BLOCK_DV]
         if V_SCALED:
-            v = (v.to(tl.float32) * tl.load(vs_base + offs_n * stride_vsn, mask=valid_n, other=0.0)[:, None]).to(q.dtype)
-        m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc, DOT_PRECISION)
-    return acc, l_i, m_i
+            v_scale = tl.load(vs_base + offs_n * stride_vsn, mask=valid_n, other=0.0)
+            v = (v.to(tl.float32) * v_scale[:, None]).to(q.dtype)
+        if SPLIT_V:
+            v2 = tl.load(v_base + offs_n[:, None] * stride_vn + offs_vt[None, :] * stride_vd, mask=valid_n[:, None],
+                         other=0.0)  # [BLOCK_N, BLOCK_DVT]
+            if V_SCALED:
+                v2 = (v2.to(tl.float32) * v_scale[:, None]).to(q.dtype)
+            m_new = tl.maximum(m_i, tl.max(s, 1))  # online_softmax_step's, with two accumulators
+            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.math.exp2(m_i - m_sub)
+            p = tl.math.exp2(s - m_sub[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+            acc2 = tl.dot(p.to(v.dtype), v2, acc2 * alpha[:, None], input_precision=DOT_PRECISION)
+            m_i = m_new
+        else:
+            m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc, DOT_PRECISION)
+    return acc, acc2, l_i, m_i
 
 
 @triton.jit
@@ -147,6 +168,7 @@ def _attention_kernel(
     CAUSAL: tl.constexpr, MASK: tl.constexpr, K_SCALED: tl.constexpr, V_SCALED: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     SPLIT: tl.constexpr, BLOCK_DT: tl.constexpr, SOFTCAP: tl.constexpr = 0.0,
+    SPLIT_V: tl.constexpr = False, BLOCK_DVT: tl.constexpr = 16,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -177,29 +199,37 @@ def _attention_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK_M, BLOCK_DVT], dtype=tl.float32)  # (SPLIT_V only)
     if CAUSAL:
         # keys past this block's last row are masked for every row: never loaded. Key blocks ending before
         # its first row are fully visible: no triangle test. Only the blocks between (the diagonal) pay it.
         hi = tl.minimum(Sk, start_m + BLOCK_M)
         diag = tl.minimum((start_m // BLOCK_N) * BLOCK_N, hi)
-        acc, l_i, m_i = _attention_inner(
-            acc, l_i, m_i, q, q2, k_base, v_base, mask_base, ks_base, vs_base, offs_m, 0, diag, Sq, Sk, HEAD_DIM, HEAD_DIM_V,
+        acc, acc2, l_i, m_i = _attention_inner(
+            acc, acc2, l_i, m_i, q, q2, k_base, v_base, mask_base, ks_base, vs_base, offs_m, 0, diag, Sq, Sk, HEAD_DIM, HEAD_DIM_V,
             qk_scale, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, stride_ksn, stride_vsn,
-            False, MASK, K_SCALED, V_SCALED, DOT_PRECISION, BLOCK_N, BLOCK_D, BLOCK_DV, SPLIT, BLOCK_DT, SOFTCAP)
-        acc, l_i, m_i = _attention_inner(
-            acc, l_i, m_i, q, q2, k_base, v_base, mask_base, ks_base, vs_base, offs_m, diag, hi, Sq, Sk, HEAD_DIM, HEAD_DIM_V,
+            False, MASK, K_SCALED, V_SCALED, DOT_PRECISION, BLOCK_N, BLOCK_D, BLOCK_DV, SPLIT, BLOCK_DT, SOFTCAP, SPLIT_V,
+            BLOCK_DVT)
+        acc, acc2, l_i, m_i = _attention_inner(
+            acc, acc2, l_i, m_i, q, q2, k_base, v_base, mask_base, ks_base, vs_base, offs_m, diag, hi, Sq, Sk, HEAD_DIM, HEAD_DIM_V,
             qk_scale, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, stride_ksn, stride_vsn,
-            True, MASK, K_SCALED, V_SCALED, DOT_PRECISION, BLOCK_N, BLOCK_D, BLOCK_DV, SPLIT, BLOCK_DT, SOFTCAP)
+            True, MASK, K_SCALED, V_SCALED, DOT_PRECISION, BLOCK_N, BLOCK_D, BLOCK_DV, SPLIT, BLOCK_DT, SOFTCAP, SPLIT_V,
+            BLOCK_DVT)
     else:
-        acc, l_i, m_i = _attention_inner(
-            acc, l_i, m_i, q, q2, k_base, v_base, mask_base, ks_base, vs_base, offs_m, 0, Sk, Sq, Sk, HEAD_DIM, HEAD_DIM_V,
+        acc, acc2, l_i, m_i = _attention_inner(
+            acc, acc2, l_i, m_i, q, q2, k_base, v_base, mask_base, ks_base, vs_base, offs_m, 0, Sk, Sq, Sk, HEAD_DIM, HEAD_DIM_V,
             qk_scale, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, stride_ksn, stride_vsn,
-            False, MASK, K_SCALED, V_SCALED, DOT_PRECISION, BLOCK_N, BLOCK_D, BLOCK_DV, SPLIT, BLOCK_DT, SOFTCAP)
+            False, MASK, K_SCALED, V_SCALED, DOT_PRECISION, BLOCK_N, BLOCK_D, BLOCK_DV, SPLIT, BLOCK_DT, SOFTCAP, SPLIT_V,
+            BLOCK_DVT)
 
     l_i = tl.where(l_i == 0.0, 1.0, l_i)  # fully masked rows: acc is 0, the output row is 0 (module docstring)
     out = acc / l_i[:, None]
     tl.store(out_base + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od, out.to(out_ptr.dtype.element_ty),
              mask=(offs_m[:, None] < Sq) & (offs_dv[None, :] < HEAD_DIM_V))
+    if SPLIT_V:  # the window's lanes past the main tile
+        offs_vt = HEAD_DIM_V - BLOCK_DVT + tl.arange(0, BLOCK_DVT)
+        tl.store(out_base + offs_m[:, None] * stride_om + offs_vt[None, :] * stride_od,
+                 (acc2 / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=(offs_m[:, None] < Sq) & (offs_vt[None, :] >= BLOCK_DV))
 
 
 def _config(bm, bn, warps, stages):
@@ -234,7 +264,7 @@ def _tuned(short_q: bool):
     # The key names the constexpr switches too, so a causal and a masked call never share a tuning entry.
     return triton.autotune(SHORT_Q_CONFIGS if short_q else LONG_Q_CONFIGS,
                            key=["Sq", "Sk", "HEAD_DIM", "HEAD_DIM_V", "CAUSAL", "MASK", "K_SCALED", "V_SCALED",
-                                "SPLIT"])(_attention_kernel)
+                                "SPLIT", "SPLIT_V"])(_attention_kernel)
 
 
 def configs(sq: int, heads: int | None = None, sms: int | None = None) -> list[dict]:
@@ -338,7 +368,8 @@ def _check(q, k, v, mask, causal, scale, gqa, out, k_scale=None, v_scale=None):
 
 
 def attention(q, k, v, mask=None, causal=False, scale=None, gqa=False, out=None, config: dict | None = None,
-              k_scale=None, v_scale=None, split_d: bool = True, softcap: float | None = None) -> torch.Tensor:
+              k_scale=None, v_scale=None, split_d: bool = True, softcap: float | None = None,
+              split_v: bool | None = None) -> torch.Tensor:
     """``softmax(q @ k^T * scale + mask) @ v`` in one kernel (see the module docstring).
 
     q [B, Hq, Sq, D]; k [B, Hk, Sk, D]; v [B, Hk, Sk, Dv] (ranks 2 and 3 drop leading dims; k / v may
@@ -350,7 +381,8 @@ def attention(q, k, v, mask=None, causal=False, scale=None, gqa=False, out=None,
     configuration (BLOCK_M, BLOCK_N, num_warps, num_stages; see ``configs``) run without the autotuner. ``k_scale`` /
     ``v_scale``: float32 scales (k's / v's shape but the last dim) of a quantized k / v (int8 or float8_e4m3fn codes,
     ``ir/kv_quant.py``), each tile dequantized in registers. ``split_d`` False: q k^T over a head dim like 72 runs
-    padded to the next power of two, not as two tiles (``split_widths``). ``softcap`` c: the scaled scores t
+    padded to the next power of two, not as two tiles (``split_widths``); ``split_v`` (None: ``SPLIT_V`` where
+    ``split_d``) likewise p v over such a v head dim, its tail a window of real lanes. ``softcap`` c: the scaled scores t
     soft-capped to c * tanh(t / c) before the mask (Gemma 2; None: as they are).
     """
     q4, k4, v4, mask4, group, (ks, vs) = _check(q, k, v, mask, causal, scale, gqa, out, k_scale, v_scale)
@@ -374,6 +406,9 @@ def attention(q, k, v, mask=None, causal=False, scale=None, gqa=False, out=None,
     split = split_widths(d) if split_d else None
     if split is not None:
         meta.update(SPLIT=True, BLOCK_D=split[0], BLOCK_DT=split[1])
+    split_v = split_widths(dv) if (SPLIT_V and split_d if split_v is None else split_v) else None
+    if split_v is not None:
+        meta.update(SPLIT_V=True, BLOCK_DV=split_v[0], BLOCK_DVT=split_v[1])
     if INTERPRET or config is not None:
         c = dict(config or INTERPRET_CONFIG)
         _attention_kernel[(triton.cdiv(sq, c["BLOCK_M"]), bq * hq)](*args, **meta, **c)

@@ -21,8 +21,8 @@ def qkv(b, hq, hk, sq, sk, d, dtype, dv=None):
     return r(b, hq, sq, d, dtype=dtype), r(b, hk, sk, d, dtype=dtype), r(b, hk, sk, dv or d, dtype=dtype)
 
 
-def check(q, k, v, mask=None, split_d=True, **kw):
-    got = attention(q, k, v, mask, split_d=split_d, **kw)
+def check(q, k, v, mask=None, split_d=True, split_v=None, out=None, **kw):
+    got = attention(q, k, v, mask, split_d=split_d, split_v=split_v, out=out, **kw)
     want = reference(q.double(), k.double(), v.double(), mask if mask is None or mask.dtype == torch.bool
                      else mask.double(), **kw)
     assert got.dtype == q.dtype and got.shape == want.shape
@@ -55,14 +55,29 @@ def test_configs_put_64_row_tiles_first_where_128_row_ones_leave_sms_idle():
     assert A.configs(16, heads=1, sms=132) == A.configs(16)  # short queries: their own tiles
 
 
-@pytest.mark.parametrize("d,dv", [(40, 40), (72, 72), (96, 96), (72, 24)])
-@pytest.mark.parametrize("split_d", [True, False])
-def test_head_dims_between_powers_of_two_split_or_padded(d, dv, split_d):
-    # q k^T as SPLIT tiles (tail lanes masked past D) or one padded tile, causal with a bias mask and gqa
+@pytest.mark.parametrize("d,dv", [(40, 40), (72, 72), (96, 96), (72, 24), (24, 72), (72, 20)])
+@pytest.mark.parametrize("split_d,split_v", [(True, False), (False, False), (True, True)])
+def test_head_dims_between_powers_of_two_split_or_padded(d, dv, split_d, split_v):
+    # q k^T as SPLIT tiles (tail lanes masked past D) or one padded tile; p v (split_v) as a main tile and a window
+    # of v's last lanes (72: 64 + 56..71, 20: 16 + 4..19); causal with a bias mask and gqa
     q, k, v = qkv(2, 4, 2, 21, 29, d, torch.float16, dv=dv)
     bias = r(2, 1, 21, 29, dtype=torch.float16)
     bias[..., 3:7] = float("-inf")
-    check(q, k, v, bias, causal=True, gqa=True, split_d=split_d)
+    check(q, k, v, bias, causal=True, gqa=True, split_d=split_d, split_v=split_v)
+
+
+def test_split_v_window_lanes_written_once_and_quantized_v(monkeypatch):
+    # the window's lanes also in the main tile (56..63 of 72) are stored from the main tile only: a NaN planted in
+    # out's buffer where neither store writes would survive; an int8 v cache with its scales takes the window too
+    monkeypatch.setattr(A, "SPLIT_V", True)
+    q, k, v = qkv(1, 2, 2, 9, 19, 72, torch.float16)
+    out = torch.full((1, 2, 9, 72), float("nan"), dtype=torch.float16)
+    got = check(q, k, v, out=out)
+    assert got.data_ptr() == out.data_ptr() and not got.isnan().any()
+    codes = torch.randint(-127, 128, v.shape, dtype=torch.int8)
+    scale = torch.rand(v.shape[:-1]) * 0.02
+    want = attention(q, k, (codes.float() * scale[..., None]).half(), split_v=False)
+    assert rel_err(attention(q, k, codes, v_scale=scale), want) <= TOL[torch.float16]
 
 
 def test_split_with_strided_qkv_and_out_given():
@@ -219,11 +234,11 @@ def cuda_qkv(b, hq, hk, s, d, dtype=torch.bfloat16):
     return [torch.randn(b, h, s, d, generator=g, device="cuda", dtype=torch.float32).to(dtype) for h in (hq, hk, hk)]
 
 
-def check_against_fp32(q, k, v, mask=None, split_d=True, **kw):
+def check_against_fp32(q, k, v, mask=None, split_d=True, config=None, split_v=None, **kw):
     wide = torch.float64 if q.dtype == torch.float32 else torch.float32
     want = reference(q.to(wide), k.to(wide), v.to(wide), mask if mask is None or mask.dtype == torch.bool
                      else mask.to(wide), **kw)
-    got = attention(q, k, v, mask, split_d=split_d, **kw)
+    got = attention(q, k, v, mask, split_d=split_d, config=config, split_v=split_v, **kw)
     torch.cuda.synchronize()
     assert got.dtype == q.dtype and got.shape == want.shape
     err = rel_err(got, want)
@@ -236,6 +251,18 @@ def check_against_fp32(q, k, v, mask=None, split_d=True, **kw):
 def test_gpu_dit_xl(split_d):
     # DiT-XL/2 256x256 at batch 8: 16 heads of 72 over 256 tokens, no mask (64 + 16 lanes, or padded to 128)
     check_against_fp32(*cuda_qkv(8, 16, 16, 256, 72), split_d=split_d)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(2, 16, 256), (8, 16, 256), (2, 16, 1024), (1, 16, 4096)],
+                         ids=["dit-cfg", "dit-b8", "pixart512-cfg", "pixart1024"])
+def test_gpu_split_v_every_config(shape):
+    # p v as 64 lanes + a window of v's last 16 (SPLIT_V) at DiT's and PixArt's head dim 72, every launch config the
+    # tuner may take, against float32 (session 10's masked-tail form of it came out wrong under triton 3.6)
+    b, h, s = shape
+    q, k, v = cuda_qkv(b, h, h, s, 72)
+    for c in A.configs(s, b * h, torch.cuda.get_device_properties(0).multi_processor_count):
+        check_against_fp32(q, k, v, config=c, split_v=True)
 
 
 @pytest.mark.gpu
