@@ -2,16 +2,18 @@
 tuner offers (SDPA into a fresh tensor, then copied into the plan's buffer: the kernel SDPA picks, and its
 FlashAttention-2 and memory-efficient kernels by their aten ops; kiln's Triton template per launch
 configuration, with the head dim as 64 + 16 lanes (SPLIT) and padded to 128, and p v split too (SPLIT_V: 64 lanes and
-a window of v's last 16); SDPA on q, k, v zero-padded to head dim
+a window of v's last 16); kiln's TMA-fed kernel (attention_tma.py) per configuration; SDPA on q, k, v zero-padded to head dim
 80 / 96 / 128) captured 20 times in one CUDA graph,
 do_bench median of a replay / 20, and its error against float32. bf16, H200. Usage: python3 bench/attn.py
-[--smoke] (--smoke: float16 under the Triton interpreter, tiny shapes, no graphs). Writes $OUT/attn.json."""
+[--smoke] [--quick] (--smoke: float16 under the Triton interpreter, tiny shapes, no graphs; --quick: SDPA's default
+kernel only). Writes $OUT/attn.json."""
 import argparse
 import json
 import os
 
 a = argparse.ArgumentParser()
 a.add_argument("--smoke", action="store_true")
+a.add_argument("--quick", action="store_true", help="SDPA's default kernel only (not its other kernels, nor padded)")
 a = a.parse_args()
 if a.smoke:
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -21,6 +23,7 @@ import torch.nn.functional as F  # noqa: E402
 import triton.testing as tt  # noqa: E402
 
 from kiln.codegen.kernels import attention as ta  # noqa: E402
+from kiln.codegen.kernels import attention_tma as tma  # noqa: E402
 from kiln.testing import rel_err  # noqa: E402
 
 DEV = "cpu" if a.smoke else "cuda"
@@ -57,15 +60,16 @@ for name, (b, h, sq, sk) in SHAPES.items():
     q, k, v = proj[:, :, 0].transpose(1, 2), kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
     want = ta.reference(q.float(), k.float(), v.float())
     out = torch.empty(b, h, sq, d, device=DEV, dtype=DT)
-    cands = {} if a.smoke else {
-        "sdpa + copy": lambda: out.copy_(F.scaled_dot_product_attention(q, k, v)),
+    cands = {} if a.smoke else {"sdpa + copy": lambda: out.copy_(F.scaled_dot_product_attention(q, k, v))}
+    if not (a.smoke or a.quick):
+        cands |= {
         "sdpa flash-2 + copy": lambda: out.copy_(torch.ops.aten._scaled_dot_product_flash_attention(q, k, v)[0]),
         "sdpa efficient + copy": lambda: out.copy_(torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None,
                                                                                                             False)[0])}
     # the head dim padded with zeros to a width SDPA's kernels are tuned for (q k^T unchanged; v's zero columns give zero
     # outputs, dropped), scale still 1 / sqrt(72): "pre-padded", as a plan whose projection wrote padded buffers; "with
     # pads", the three pads in each call
-    for dp in () if a.smoke else (80, 96, 128):
+    for dp in () if a.smoke or a.quick else (80, 96, 128):
         qp, kp, vp = (F.pad(t, (0, dp - d)) for t in (q, k, v))
         cands[f"sdpa pad {dp} pre-padded + copy"] = (
             lambda qp=qp, kp=kp, vp=vp: out.copy_(F.scaled_dot_product_attention(qp, kp, vp, scale=d ** -0.5)[..., :d]))
@@ -78,6 +82,9 @@ for name, (b, h, sq, sk) in SHAPES.items():
             tag = f"kiln {c.get('BLOCK_M')}x{c.get('BLOCK_N')} w{c.get('num_warps', '-')} s{c.get('num_stages', '-')} {form}"
             cands[tag] = (lambda c=c, split=split, split_v=split_v: ta.attention(
                 q, k, v, out=out, config=None if a.smoke else c, split_d=split, split_v=split_v))
+    for c in [tma.INTERPRET_CONFIG] if a.smoke else tma.configs():
+        cands["kiln tma {BLOCK_M}x{BLOCK_N} w{num_warps} s{num_stages}".format(**c)] = (
+            lambda c=c: tma.attention(q, k, v, out=out, config=c))
     for tag, fn in cands.items():
         try:
             us = graphed(fn)

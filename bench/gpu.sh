@@ -541,10 +541,10 @@ Occupancy|Warp Cycles Per Issued|Registers Per" "$OUT/ncu_24n.txt" | head -150 ;
           --ab-env KILN_REFINE=0 2>&1 | grep "interleaved\|Error\|error" | tail -3
       done ;;
     s37a)  # session 37 (~330 s): the attention kernel's GPU tests (SPLIT_V: p v as 64 lanes + a window of v's last 16 at head
-      # dim 72, every config, against float32), then the TMA-fed experiment (bench/attn_tma.py) against kiln's template
-      # (SPLIT_V off / on) and SDPA at DiT / PixArt shapes
-      timeout 200 python3 -m pytest -q -rf -m gpu tests/codegen/test_attention.py 2>&1 | tail -6
-      timeout 240 python3 bench/attn_tma.py 2>&1 | tail -70 ;;
+      # dim 72, every config, against float32) and of the TMA-fed kernel (attention_tma.py), then bench/attn.py --quick:
+      # the template (SPLIT_V off / on), the TMA kernel and SDPA at DiT / PixArt shapes
+      timeout 240 python3 -m pytest -q -rf -m gpu tests/codegen/test_attention.py tests/codegen/test_attention_tma.py 2>&1 | tail -8
+      timeout 240 python3 bench/attn.py --quick 2>&1 | tail -45 ;;
     s36g)  # session 36 (~150 s): the GPU tests of the refinement (one winner a pass) and of the generator (COPY_ASIDE on)
       timeout 280 python3 -m pytest -q -rf -m gpu tests/runtime/test_refine.py tests/llm/test_generator.py 2>&1 | tail -4 ;;
     s36f)  # session 36 (~250 s): where a first run's time goes (bench/decode.py's build_phases: each plan's phases), the 1B

@@ -1,0 +1,169 @@
+"""Flash attention with q, k and v read by the Tensor Memory Accelerator: a candidate beside ``attention.py``'s template.
+
+    out = softmax(q @ k^T * scale) @ v        q [B, Hq, Sq, D], k [B, Hk, Sk, D], v [B, Hk, Sk, Dv]; optionally causal
+
+The same online softmax as ``attention.py`` (one program a BLOCK_M query tile of one (batch, head), walking the keys
+BLOCK_N at a time, scores in log2 units); what differs is how the tiles travel. The template loads each tile with
+per-thread pointers and masks: at DiT-XL/2's head dim 72 its 64 x 64 tile holds 232-254 registers a thread and its
+128-row tiles spill (sm_90, triton 3.6). Here every tile is one TMA load from a host-made descriptor over the [B, H, S,
+D] view (4-d, so a fused projection's strided q / k / v need no copy): no address registers, rows past S zero-filled
+(122 registers at 64 x 64, 108 at 128 x 64 on 8 warps; bench/attn_tma.py, bench/NOTES.md session 37).
+
+Head dims. A power of two (16..256) is one box. One between powers of two (``attention.split_widths``: 72 = 64 + 16)
+is a main box of its power-of-two lanes and a window box of the tail's width ending at the head dim (72: lanes
+56..71), so no box reaches past the head and none needs a mask: q's window lanes below the main box's end are zeroed
+(they count once, in the main product) and of the p v window only the lanes past the main box are stored.
+
+Offered for what TMA and this kernel take (``supported``): float16 / bfloat16, no mask but causal (SDPA's upper-left
+``is_causal``), no quantized KV cache, no soft-capping, unit inner strides, 16-byte aligned bases and strides (no
+broadcast stride 0), Hopper or newer. The lowering offers it beside the template and SDPA; the tuner keeps the fastest.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+from .attention import LOG2E, split_widths
+
+# triton.jit picks the interpreter from this variable when the kernel below is defined; read it then too
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+DTYPES = (torch.float16, torch.bfloat16)
+MAX_HEAD_DIM = 256  # a TMA box is at most 256 elements a dimension
+INTERPRET_CONFIG = dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=2)
+# (BLOCK_M, BLOCK_N, warps, stages), the best first where known
+CONFIGS = [(128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2), (64, 128, 4, 2), (64, 32, 4, 3)]
+
+
+@triton.jit
+def _tma_attention_kernel(
+    q_desc, k_desc, v_desc, qw_desc, kw_desc, vw_desc, out_ptr,  # (qw / kw / vw: the window boxes; unused without one)
+    stride_ob, stride_oh, stride_om, stride_od, H, GROUP, Sq, Sk, qk_scale,  # qk_scale = scale * log2(e)
+    CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    MAIN: tl.constexpr, WIN: tl.constexpr, MAIN_V: tl.constexpr, WIN_V: tl.constexpr,  # WIN / WIN_V 0: no window
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    hk = h // GROUP
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    q = q_desc.load([b, h, m0, 0]).reshape(BLOCK_M, MAIN)
+    lanes = HEAD_DIM - WIN + tl.arange(0, WIN if WIN > 0 else 16)
+    if WIN > 0:  # the window's lanes below MAIN count once, in q's main box
+        q2 = qw_desc.load([b, h, m0, HEAD_DIM - WIN]).reshape(BLOCK_M, WIN)
+        q2 = tl.where(lanes[None, :] >= MAIN, q2, tl.zeros_like(q2))
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, MAIN_V], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK_M, WIN_V if WIN_V > 0 else 16], dtype=tl.float32)
+    hi = tl.minimum(Sk, m0 + BLOCK_M) if CAUSAL else Sk  # (causal: keys past the tile's last row are never read)
+    for n0 in range(0, hi, BLOCK_N):
+        k = k_desc.load([b, hk, n0, 0]).reshape(BLOCK_N, MAIN)
+        s = tl.dot(q, k.T)
+        if WIN > 0:
+            k2 = kw_desc.load([b, hk, n0, HEAD_DIM - WIN]).reshape(BLOCK_N, WIN)
+            s = tl.dot(q2, k2.T, s)
+        s = s * qk_scale
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        if CAUSAL:
+            if n0 + BLOCK_N > tl.minimum(m0, Sk):  # a tile on the diagonal or past the keys: the triangle and the length
+                s = tl.where((offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] < Sk), s, float("-inf"))
+        elif n0 + BLOCK_N > Sk:  # the last tile of a length not a multiple of BLOCK_N: its zero-filled keys
+            s = tl.where(offs_n[None, :] < Sk, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)  # (a row with nothing attended yet: p = 0, no NaN)
+        alpha = tl.math.exp2(m_i - m_sub)
+        p = tl.math.exp2(s - m_sub[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = v_desc.load([b, hk, n0, 0]).reshape(BLOCK_N, MAIN_V)
+        pb = p.to(v.dtype)
+        acc = tl.dot(pb, v, acc * alpha[:, None])
+        if WIN_V > 0:
+            v2 = vw_desc.load([b, hk, n0, HEAD_DIM_V - WIN_V]).reshape(BLOCK_N, WIN_V)
+            acc2 = tl.dot(pb, v2, acc2 * alpha[:, None])
+        m_i = m_new
+    l_i = tl.where(l_i == 0.0, 1.0, l_i)  # no key at all (Sk = 0): zeros, as attention.py gives
+    base = out_ptr + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + offs_m[:, None] * stride_om
+    rows = offs_m[:, None] < Sq
+    tl.store(base + tl.arange(0, MAIN_V)[None, :] * stride_od, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=rows)
+    if WIN_V > 0:
+        lanes_v = HEAD_DIM_V - WIN_V + tl.arange(0, WIN_V)
+        tl.store(base + lanes_v[None, :] * stride_od, (acc2 / l_i[:, None]).to(out_ptr.dtype.element_ty),
+                 mask=rows & (lanes_v[None, :] >= MAIN_V))
+
+
+def _boxes(d: int) -> tuple[int, int] | None:
+    """(main lanes, window lanes; 0: none) of a head dim, or None where this kernel does not take it."""
+    if d > MAX_HEAD_DIM or d < 16:
+        return None
+    if d & (d - 1) == 0:
+        return d, 0
+    return split_widths(d)
+
+
+@functools.cache
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def supported(q, k, v, mask=None, k_scale=None, v_scale=None, softcap=None) -> str | None:
+    """None where ``attention`` takes these operands, else why not (one line)."""
+    if mask is not None or k_scale is not None or v_scale is not None or softcap:
+        return "a mask, a quantized KV cache or soft-capping (the template's and SDPA's)"
+    if q.dtype not in DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        return f"dtype {q.dtype} (float16 / bfloat16 only)"
+    if not (q.dim() == k.dim() == v.dim() == 4):
+        return "q, k, v must be 4-d [B, H, S, D]"
+    if q.shape[-1] != k.shape[-1] or k.shape[:-1] != v.shape[:-1] or q.shape[0] != k.shape[0] or q.shape[1] % k.shape[1]:
+        return f"shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+    if _boxes(q.shape[-1]) is None or _boxes(v.shape[-1]) is None:
+        return f"head dims {q.shape[-1]} / {v.shape[-1]}"
+    size = q.element_size()
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.stride(-1) != 1 or any(s <= 0 or s * size % 16 for s in t.stride()[:-1]) or t.data_ptr() % 16:
+            return f"{name}'s strides {tuple(t.stride())} / base: TMA wants a unit inner stride, 16-byte aligned others"
+    if not INTERPRET and (q.device.type != "cuda" or _capability(q.device.index or 0) < (9, 0)):
+        return "TMA needs a Hopper (sm_90) or newer GPU"
+    return None
+
+
+def attention(q, k, v, causal: bool = False, scale: float | None = None, out: torch.Tensor | None = None,
+              config: dict | None = None) -> torch.Tensor:
+    """``softmax(q @ k^T * scale) @ v`` (causal: query i attends keys j <= i), q [B, Hq, Sq, D], k [B, Hk, Sk, D], v [B,
+    Hk, Sk, Dv], Hq a multiple of Hk (grouped query heads); ``out`` [B, Hq, Sq, Dv] given or made. ``config``:
+    BLOCK_M, BLOCK_N, num_warps, num_stages (``configs``). Raises ValueError where ``supported`` says no."""
+    why = supported(q, k, v)
+    if why is not None:
+        raise ValueError(f"attention_tma: {why}")
+    (bq, hq, sq, d), (hk, sk, dv) = q.shape, v.shape[1:]
+    if out is None:
+        out = torch.empty(bq, hq, sq, dv, dtype=q.dtype, device=q.device)
+    elif tuple(out.shape) != (bq, hq, sq, dv) or out.dtype != q.dtype:
+        raise ValueError(f"attention_tma: out {out.dtype}{list(out.shape)} must be {q.dtype}{[bq, hq, sq, dv]}")
+    if out.numel() == 0:
+        return out
+    c = dict(config or (INTERPRET_CONFIG if INTERPRET else configs()[0]))
+    (main, win), (main_v, win_v) = _boxes(d), _boxes(dv)
+
+    def desc(t, rows, lanes):
+        return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, lanes])
+    boxes = [desc(q, c["BLOCK_M"], main), desc(k, c["BLOCK_N"], main), desc(v, c["BLOCK_N"], main_v),
+             desc(q, c["BLOCK_M"], win or main), desc(k, c["BLOCK_N"], win or main), desc(v, c["BLOCK_N"], win_v or main_v)]
+    qk_scale = (d ** -0.5 if scale is None else float(scale)) * LOG2E
+    _tma_attention_kernel[(triton.cdiv(sq, c["BLOCK_M"]), bq * hq)](
+        *boxes, out, *out.stride(), hq, hq // hk, sq, sk, qk_scale,
+        CAUSAL=bool(causal), HEAD_DIM=d, HEAD_DIM_V=dv, MAIN=main, WIN=win, MAIN_V=main_v, WIN_V=win_v,
+        BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], num_warps=c["num_warps"], num_stages=c["num_stages"])
+    return out
+
+
+def configs() -> list[dict]:
+    """The launch configurations worth timing, as plain dicts, the best guess first."""
+    return [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s) for m, n, w, s in CONFIGS]

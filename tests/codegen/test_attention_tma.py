@@ -1,0 +1,103 @@
+"""kiln's TMA-fed attention (codegen/kernels/attention_tma.py) against the float64 reference: under the Triton interpreter
+with float16 (tl.dot on bfloat16 is computed wrongly there) at small shapes with partial tiles, on the GPU at the DiT /
+PixArt / Llama shapes with every configuration."""
+import pytest
+import torch
+
+import kiln.codegen.kernels.attention_tma as T
+from kiln.codegen.kernels.attention import reference
+from kiln.testing import TOL, rel_err
+
+pytestmark = pytest.mark.interpreter  # CPU cases run under TRITON_INTERPRET=1; gpu-marked ones need it off
+gen = torch.Generator().manual_seed(0)
+
+def r(*shape, dtype=torch.float16, device="cpu"):
+    return torch.randn(*shape, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
+
+
+def fused(b, s, hq, hk, d, dv=None, dtype=torch.float16, device="cpu"):
+    """q, k, v as a fused projection leaves them: views of one [B, S, Hq * D + Hk * D + Hk * Dv] buffer, [B, H, S, D]."""
+    dv = dv or d
+    x = r(b, s, hq * d + hk * d + hk * dv, dtype=dtype, device=device)
+    q = x[..., :hq * d].unflatten(-1, (hq, d)).transpose(1, 2)
+    k = x[..., hq * d:(hq + hk) * d].unflatten(-1, (hk, d)).transpose(1, 2)
+    v = x[..., (hq + hk) * d:].unflatten(-1, (hk, dv)).transpose(1, 2)
+    return q, k, v
+
+
+def check(q, k, v, tol=None, **kw):
+    got = T.attention(q, k, v, **kw)
+    kw.pop("config", None)
+    kw.pop("out", None)
+    wide = torch.float64 if q.device.type == "cpu" else torch.float32
+    want = reference(q.to(wide), k.to(wide), v.to(wide), gqa=q.shape[1] != k.shape[1], **kw)
+    assert got.dtype == q.dtype and got.shape == want.shape
+    err = rel_err(got, want)
+    assert err <= (tol or TOL[q.dtype]), f"rel err {err:.2e}"
+    return got
+
+
+# interpreter tiles 16 x 16: 21 query rows are a partial tile, 29 / 40 keys partial key tiles
+@pytest.mark.parametrize("d,dv", [(16, 16), (64, 64), (72, 72), (40, 40), (96, 96), (72, 32), (32, 72)])
+def test_head_dims(d, dv):
+    # a power of two one box; between powers of two a main box and a window of the last lanes (72: 64 + 56..71)
+    check(*fused(2, 29, 2, 2, d, dv))
+
+
+@pytest.mark.parametrize("sq,sk", [(21, 21), (13, 40), (40, 13)])
+def test_causal_gqa(sq, sk):
+    # SDPA's upper-left is_causal: query i attends keys j <= i; 4 query heads over 2 kv heads
+    q = r(1, 4, sq, 72)
+    _, k, v = fused(1, sk, 2, 2, 72)
+    check(q, k, v, causal=True)
+
+
+def test_scale_and_out_given():
+    q, k, v = fused(2, 17, 2, 1, 64)
+    out = torch.full((2, 2, 17, 64), float("nan"), dtype=torch.float16)
+    got = check(q, k, v, scale=0.3, out=out)
+    assert got.data_ptr() == out.data_ptr() and not got.isnan().any()
+
+
+def test_window_lanes_stored_once():
+    # the p v window's lanes 56..63 are also in the main box: stored from it only (a NaN left in out would show)
+    q, k, v = fused(1, 33, 1, 1, 72)
+    out = torch.full((1, 1, 33, 72), float("nan"), dtype=torch.float16)
+    assert not check(q, k, v, out=out).isnan().any()
+
+
+@pytest.mark.parametrize("change,match", [
+    (lambda q, k, v: (q, k, v, dict(mask=torch.ones(1, 1, 9, 9, dtype=torch.bool))), "mask"),
+    (lambda q, k, v: (q.float(), k.float(), v.float(), {}), "dtype"),
+    (lambda q, k, v: (q, k.expand(2, -1, -1, -1), v.expand(2, -1, -1, -1), {}), "shapes"),
+    (lambda q, k, v: (q[..., :24], k[..., :24], v, {}), "head dims"),
+    (lambda q, k, v: (q[..., 1:65], k[..., 1:65], v[..., 1:65], {}), "strides"),
+    (lambda q, k, v: (q.transpose(-1, -2).contiguous().transpose(-1, -2), k, v, {}), "strides"),
+])
+def test_what_it_does_not_take(change, match):
+    q, k, v, kw = change(*fused(1, 9, 1, 1, 72))
+    assert match in T.supported(q, k, v, **kw)
+    if not kw:
+        with pytest.raises(ValueError, match=match):
+            T.attention(q, k, v)
+
+
+def cuda(*args, **kw):
+    torch.manual_seed(0)
+    return fused(*args, dtype=torch.bfloat16, device="cuda", **kw)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(2, 256, 16, 16, 72), (16, 256, 16, 16, 72), (2, 1024, 16, 16, 72), (2, 4096, 16, 16, 72),
+                                   (1, 333, 8, 8, 128)], ids=["dit-cfg", "dit-b8", "pixart512", "pixart1024", "d128-ragged"])
+def test_gpu_every_config(shape):
+    q, k, v = cuda(*shape)
+    for c in T.configs():
+        check(q, k, v, config=c)
+
+
+@pytest.mark.gpu
+def test_gpu_llama_prefill_causal_gqa():
+    q, k, v = cuda(1, 2048, 32, 8, 64)
+    for c in T.configs():
+        check(q, k, v, causal=True, config=c)
