@@ -543,7 +543,8 @@ Occupancy|Warp Cycles Per Issued|Registers Per" "$OUT/ncu_24n.txt" | head -150 ;
     s37a)  # session 37 (~330 s): the attention kernel's GPU tests (SPLIT_V: p v as 64 lanes + a window of v's last 16 at head
       # dim 72, every config, against float32) and of the TMA-fed kernel (attention_tma.py), then bench/attn.py --quick:
       # the template (SPLIT_V off / on), the TMA kernel and SDPA at DiT / PixArt shapes
-      timeout 240 python3 -m pytest -q -rf -m gpu tests/codegen/test_attention.py tests/codegen/test_attention_tma.py 2>&1 | tail -8
+      timeout 240 python3 -m pytest -q -rf -m gpu tests/codegen/test_attention.py tests/codegen/test_attention_tma.py \
+        tests/runtime/test_kernel_plan.py -k "attention or tma" 2>&1 | tail -8
       timeout 240 python3 bench/attn.py --quick 2>&1 | tail -45 ;;
     s36g)  # session 36 (~150 s): the GPU tests of the refinement (one winner a pass) and of the generator (COPY_ASIDE on)
       timeout 280 python3 -m pytest -q -rf -m gpu tests/runtime/test_refine.py tests/llm/test_generator.py 2>&1 | tail -4 ;;

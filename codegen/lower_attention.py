@@ -1,8 +1,9 @@
 """The candidate implementations of an ATTENTION and of a rope_kv group (``lower.py`` has the other kernel groups'):
 ``(what, candidates)`` as there, each candidate a closure running the group once into the plan's buffers.
 
-    ATTENTION  SDPA; kiln's flash kernel; the split-KV decode kernel for few query rows over long keys (two launches,
-               the last program of each kv head's splits reducing them, or one split). On a quantized KV cache both
+    ATTENTION  SDPA; kiln's flash kernel, and its TMA-fed form where it takes the operands (``attention_tma.py``); the
+               split-KV decode kernel for few query rows over long keys (two launches, the last program of each kv
+               head's splits reducing them, or one split). On a quantized KV cache both
                kernels dequantize in registers; SDPA, offered there only for many query rows (prefill), reads a planned
                scratch the cache is dequantized into first (``attention_scratch``)
     rope_kv    ROPE(q), ROPE(k) and the KV-cache writes of k and v: kiln's one-launch kernel (``kernels/rope_kv.py``);
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 
 from ..ir.ops import attention_operands, index_copy, sdpa_mask
 from .kernels import attention as ta
+from .kernels import attention_tma as tta
 from .kernels import decode_attention as td
 from .kernels import gemm as tg
 from .kernels import rope_kv as trk
@@ -36,8 +38,11 @@ from .tuning import launches, timed_as, with_launches
 TRITON_ATTENTION_CONFIGS = 3
 # the attention candidates' generation (a decision measured between older ones is measured again): 2 since q k^T over a head dim
 # like 72 runs as 64 + 16 lanes (attention.split_widths), 3 configurations are tried and 64-row query tiles come first
-# where 128-row ones leave SMs idle
-ATTENTION_CANDIDATES = 2
+# where 128-row ones leave SMs idle; 3 since the TMA-fed kernel is offered (TMA_ATTENTION_CONFIGS)
+ATTENTION_CANDIDATES = 3
+# the TMA-fed kernel's configurations offered (attention_tma.configs' first; 0: not offered), where it takes the operands
+# (``attention_tma.supported``: no mask but causal, a 16-bit cache-less q / k / v) and the queries are not decode's
+TMA_ATTENTION_CONFIGS = 3
 # the decode attention candidates' generation (in a decode attention's what; a decision measured between older ones is
 # measured again): 2 since "kiln-decode-whole" exists, 3 since the kernel reads only the keys the mask attends, 4 since
 # a decode decision charges each launch past a candidate's first (tuning.EXTRA_LAUNCH_MS), 5 since it is timed at the
@@ -176,6 +181,8 @@ def attention(args: list, attrs: dict, out: torch.Tensor, scratch: torch.Tensor 
             "gqa": attrs["gqa"], "mask": None if mask is None else [list(mask.shape), str(mask.dtype)]}
     if attrs.get("softcap"):
         what["softcap"] = attrs["softcap"]
+    if any(name.startswith("kiln-tma") for name in candidates):
+        what["tma"] = True  # (offered where the operands' bases and strides suit TMA: not in every plan of this shape)
     if decode:
         what["decode"] = DECODE_CANDIDATES
         what["cache"] = "cold"  # (timed after L2 is flushed: tuning.py)
@@ -251,6 +258,11 @@ def _attention_candidates(q, k, v, mask, ks, vs, attrs: dict, out: torch.Tensor,
             candidates[config_name("kiln", c)] = (
                 lambda c=c: ta.attention(q, k, v, mask, causal, scale, gqa, out=out, config=c, k_scale=ks, v_scale=vs,
                                          softcap=softcap))
+    if (TMA_ATTENTION_CONFIGS and q.dim() == 4 and q.shape[-2] > ta.SHORT_Q and out.dim() == 4
+            and (q.shape[1] == k.shape[1] or enable_gqa) and tta.supported(q, k, v, mask, ks, vs, softcap) is None):
+        cfgs = tta.configs() if device.type == "cuda" else [tta.INTERPRET_CONFIG]
+        for c in cfgs[:TMA_ATTENTION_CONFIGS]:
+            candidates[config_name("kiln-tma", c)] = partial(tta.attention, q, k, v, causal, scale, out=out, config=c)
     if decode:
         run = partial(td.decode_attention, q, k, v, mask, scale, enable_gqa, out=out, k_scale=ks, v_scale=vs, softcap=softcap)
         candidates.update(_split_kv_candidates("kiln-decode", run, k.shape[2], counters, device))

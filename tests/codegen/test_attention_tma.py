@@ -101,3 +101,38 @@ def test_gpu_llama_prefill_causal_gqa():
     q, k, v = cuda(1, 2048, 32, 8, 64)
     for c in T.configs():
         check(q, k, v, causal=True, config=c)
+
+
+def lowered(q, k, v, mask=None, causal=False):
+    """lower_attention.attention's (what, candidates, out) for ATTENTION(q, k, v, mask)."""
+    from kiln.codegen import lower_attention
+    out = torch.empty(q.shape[:-1] + v.shape[-1:], dtype=q.dtype).transpose(1, 2).contiguous().transpose(1, 2)
+    attrs = dict(causal=causal, scale=None, gqa=q.shape[1] != k.shape[1], k_scale=False, v_scale=False)
+    what, cands = lower_attention.attention([q, k, v, mask], attrs, out, None, q.device)
+    return what, cands, out
+
+
+def test_offered_by_the_lowering_beside_the_template():
+    # a DiT-like self-attention (strided views of one projection, more query rows than decode's): "kiln-tma" candidates,
+    # keyed apart ("tma" in what), writing the plan's buffer (here [B, S, H, D] memory viewed as [B, H, S, D])
+    q, k, v = fused(1, 70, 2, 2, 72)
+    what, cands, out = lowered(q, k, v)
+    tma = [n for n in cands if n.startswith("kiln-tma:")]
+    assert tma and what["tma"] and {n.split(":")[0] for n in cands} >= {"sdpa", "kiln", "kiln-tma"}
+    cands[tma[0]]()
+    assert rel_err(out, reference(q.double(), k.double(), v.double())) <= TOL[torch.float16]
+
+
+@pytest.mark.parametrize("case", ["mask", "decode rows", "misaligned"])
+def test_not_offered_where_it_does_not_take_the_operands(case):
+    q, k, v = fused(1, 70, 2, 2, 72)
+    mask = None
+    if case == "mask":
+        mask = torch.ones(1, 1, 70, 70, dtype=torch.bool)
+    elif case == "decode rows":
+        q = q[:, :, :16]
+    else:
+        q, k, v = fused(1, 70, 2, 2, 72, dv=68)
+        q, k, v = q[..., :64], k[..., :64], v[..., 4:]  # v's base 8 bytes past a 16-byte boundary
+    what, cands, _ = lowered(q, k, v, mask)
+    assert "tma" not in what and not any(n.startswith("kiln-tma") for n in cands)

@@ -237,6 +237,25 @@ def test_gpu_dit_tiny_bf16_every_gemm_choice(pipeline_models):
         assert m.executor.describe()["plans"][0]["cuda_graph"]
 
 
+@pytest.mark.gpu
+def test_gpu_dit_tma_attention_in_a_plan(pipeline_models):
+    # DiT-XL/2's attention shape in small: 256 tokens, heads of 72 (q, k, v strided views of the fused projection), the
+    # TMA-fed kernel forced, in the plan's CUDA graph
+    dit, dit_inputs, dims = pipeline_models["dit"]
+    model32 = dit(tie=True, sample_size=32, attention_head_dim=72).cuda()
+    inputs32 = {k: v.cuda() for k, v in dit_inputs(2, size=32, seed=2).items()}
+    with torch.no_grad():
+        want32 = model32(**inputs32).sample
+    model, inputs = model32.to(torch.bfloat16), _cuda_bf16(inputs32)
+    m = kiln.compile(model, (), _cuda_bf16(dit_inputs(2, size=32)), dynamic=dims,
+                     config=kiln.CompileConfig(kernels={"attention": "kiln-tma"}))
+    out = m(**inputs).sample
+    ref = reference_executor(m.graph).run([inputs[i.attrs["name"]] for i in m.graph.inputs])[0]
+    no_worse_than_reference(out, ref, want32)
+    d = m.executor.describe()["plans"][0]
+    assert d["cuda_graph"] and set(d["choices"]) >= {"attention:kiln-tma"}, d["choices"]
+
+
 def _cuda_bf16(inputs: dict) -> dict:
     return {k: v.cuda().bfloat16() if v.is_floating_point() else v.cuda() for k, v in inputs.items()}
 
