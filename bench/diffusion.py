@@ -14,7 +14,7 @@ of ``--repeat`` calls, each from ``pipe(...)`` to the image on the device (synch
 PSNR of each system's images against diffusers' eager bf16 images with the same seed (the issue's bar: >= 30 dB), and
 of the quantized pipelines' against the bf16 kiln pipeline's (the quantization issue's goal: >= 25 dB).
 Usage: python3 bench/diffusion.py [--models dit,pixart,pixart1024] [--batches 1,8] [--repeat 5] [--compile-modes default]
-[--quantize fp8,w8a8] [--out $OUT/diffusion.json]
+[--quantize fp8,w8a8] [--ab-no-tma] [--out $OUT/diffusion.json]
        python3 bench/diffusion.py --smoke   (tiny configs on the CPU in float32, 3 steps: checks the script runs)"""
 import argparse
 import json
@@ -148,6 +148,13 @@ def bench(a, name: str, pipe, kiln_cls, calls: dict, res: dict) -> None:
         want[batch] = images.float()
         record(res, name, batch, "diffusers eager", first, ms, images, want[batch])
     float_images = bench_kiln(a, name, pipe, kiln_cls, calls, res, want, None, {})
+    if a.ab_no_tma:  # the same, its attention without the TMA-fed kernel among the candidates (its plans built so)
+        from kiln.codegen import lower_attention
+        keep, lower_attention.TMA_ATTENTION_CONFIGS = lower_attention.TMA_ATTENTION_CONFIGS, 0
+        try:
+            bench_kiln(a, name, pipe, kiln_cls, calls, res, want, None, {}, label="kiln no-tma")
+        finally:
+            lower_attention.TMA_ATTENTION_CONFIGS = keep
     for mode in filter(None, a.quantize.split(",")):
         bench_kiln(a, name, pipe, kiln_cls, calls, res, want, mode, float_images)
     eager = pipe.transformer
@@ -162,10 +169,11 @@ def bench(a, name: str, pipe, kiln_cls, calls: dict, res: dict) -> None:
         torch.cuda.empty_cache()
 
 
-def bench_kiln(a, name, pipe, kiln_cls, calls, res, want, mode, float_images) -> dict:
+def bench_kiln(a, name, pipe, kiln_cls, calls, res, want, mode, float_images, label=None) -> dict:
     """kiln's pipeline (its step graph quantized in ``mode``, or not) compiled and timed on every call; its images by
-    batch. A quantized one is compared with ``float_images`` (the unquantized kiln pipeline's) too."""
-    system = "kiln" if mode is None else f"kiln {mode}"
+    batch. A quantized one is compared with ``float_images`` (the unquantized kiln pipeline's) too. ``label``: the
+    system's name (default "kiln", "kiln MODE")."""
+    system = label or ("kiln" if mode is None else f"kiln {mode}")
     sync()
     t0 = time.perf_counter()
     kp = kiln_cls.from_diffusers(pipe, max_batch=max(calls), config=kiln.CompileConfig(quantize=mode))
@@ -189,6 +197,7 @@ def record(res, name, batch, system, first, ms, images, want, executor=None, mor
            "psnr_vs_diffusers_bf16": psnr(images.float(), want), **(more or {})}
     if executor is not None:
         run["step_plan"] = executor
+        run["attention"] = {k: v for k, v in executor["choices"].items() if k.startswith("attention")}
     res["runs"].append(run)
     print({k: v for k, v in run.items() if k != "step_plan"}, flush=True)
 
@@ -200,7 +209,7 @@ def speedups(res: dict) -> None:
             ms = {r["system"]: r["ms"] for r in res["runs"] if r["model"] == model and r["batch"] == batch}
             res[f"speedup_{model}_bs{batch}"] = {k: v / ms["kiln"] for k, v in ms.items() if not k.startswith("kiln")}
             res[f"quantized_speedup_{model}_bs{batch}"] = {k: ms["kiln"] / v for k, v in ms.items() if k.startswith("kiln ")}
-            print(model, batch, "kiln speedup", res[f"speedup_{model}_bs{batch}"], "quantized kiln's over kiln",
+            print(model, batch, "kiln speedup", res[f"speedup_{model}_bs{batch}"], "other kiln pipelines' over kiln",
                   res[f"quantized_speedup_{model}_bs{batch}"], flush=True)
 
 
@@ -211,6 +220,7 @@ def parse_args():
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--compile-modes", default="default", help="torch.compile modes for the transformer ('' for none)")
     ap.add_argument("--quantize", default="", help="kiln pipelines with the step graph quantized too: fp8, w8a8 ('' for none)")
+    ap.add_argument("--ab-no-tma", action="store_true", help="also kiln's pipeline without the TMA-fed attention candidates")
     ap.add_argument("--smoke", action="store_true", help="tiny configs on the CPU in float32, 3 steps: checks the script runs")
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "/tmp"), "diffusion.json"))
     a = ap.parse_args()
