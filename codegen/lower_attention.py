@@ -33,7 +33,7 @@ from .kernels import decode_attention as td
 from .kernels import gemm as tg
 from .kernels import rope_kv as trk
 from .lower import config_name, triton_ok
-from .tuning import launches, timed_as, with_launches
+from .tuning import OutputCheck, launches, timed_as, with_launches
 
 TRITON_ATTENTION_CONFIGS = 3
 # the attention candidates' generation (a decision measured between older ones is measured again): 2 since q k^T over a head dim
@@ -136,6 +136,19 @@ def attention_counter_bytes(q_shape: tuple, k_shape: tuple, attrs: dict, dtype: 
             or not triton_ok(td.DTYPES, dtype, device, td.INTERPRET):
         return 0
     return td.counter_bytes(k_shape[0], k_shape[1])
+
+
+def output_check(args: list, attrs: dict, out: torch.Tensor, what: dict, keep: set,
+                 counters: torch.Tensor | None = None) -> OutputCheck | None:
+    """What an ATTENTION decision's candidates read and write, for the tuner's comparison of their outputs against the
+    first's (SDPA's, or the template's where SDPA is not offered: ``tuning.OutputCheck``): q, k and v (none of ``keep``,
+    the stored tensors and the caller's inputs: a KV cache) filled with random values, ``out``, the split-KV counters
+    zeroed. None where a rope_kv group's work runs in the candidates (they write the KV cache too) or k / v are a
+    quantized cache's codes."""
+    q, k, v, mask, ks, vs = attention_operands(args, attrs)
+    if "rope" in what or ks is not None or vs is not None:
+        return None
+    return OutputCheck(tuple(t for t in (q, k, v) if id(t) not in keep), out, () if counters is None else (counters,))
 
 
 def causal_mask(mask: torch.Tensor, sq: int, sk: int) -> bool:

@@ -452,7 +452,7 @@ class KernelPlan(Plan):
     # -- 3. calls -------------------------------------------------------------------------------------------
     def _calls(self) -> list[KernelCall]:
         calls, self._ropes, self._taken = [], {}, set()  # (attention -> (RopeStep, rope_kv call), calls taken: ``_rope_kv``)
-        # what a GEMM decision's output check leaves as it is (lower.output_check): stored tensors, the caller's inputs
+        # what a GEMM's / an attention's output check leaves as it is (lower.output_check): stored tensors, the caller's inputs
         self._kept = {id(t) for t in (*self.real.values(), *(self.env[i] for k, i in enumerate(self.graph.inputs) if k in self.adopted))}
         for k, (g, kind) in enumerate(zip(self.groups, self.kinds)):
             if kind in ("source", "constant"):
@@ -543,7 +543,8 @@ class KernelPlan(Plan):
             self._taken.add(id(before))  # (id(None) is no call's)
             counters = workspace[1] if isinstance(workspace, tuple) else None
             what, candidates = lower_attention.attention(args, attrs, out, tmp, device, counters, rope)
-            choice = self.target.tuner.choose(kind, what, candidates, device)  # (it runs ``before`` first, or its work)
+            check = lower_attention.output_check(args, attrs, out, what, self._kept, counters)
+            choice = self.target.tuner.choose(kind, what, candidates, device, check)  # (it runs ``before`` first, or its work)
             return KernelCall(g, kind, candidates[choice], choice, before if lower_attention.runs_first(candidates[choice]) else None)
         elif kind == "conv":
             what, candidates = lower.conv(args, attrs, out, device)

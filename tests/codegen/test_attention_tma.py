@@ -136,3 +136,24 @@ def test_not_offered_where_it_does_not_take_the_operands(case):
         q, k, v = q[..., :64], k[..., :64], v[..., 4:]  # v's base 8 bytes past a 16-byte boundary
     what, cands, _ = lowered(q, k, v, mask)
     assert "tma" not in what and not any(n.startswith("kiln-tma") for n in cands)
+
+
+def test_the_tuner_compares_attention_outputs_and_refuses_a_wrong_kernel(monkeypatch):
+    # an attention decision's candidates run once on random q, k, v before they are timed (lower_attention.output_check):
+    # one whose output differs from SDPA's is refused, the plan's buffers left as they were
+    from kiln.codegen import lower_attention, tuning
+    q, k, v = fused(1, 70, 2, 2, 72)
+    before = [t.clone() for t in (q, k, v)]
+    what, cands, out = lowered(q, k, v)
+    name = next(n for n in cands if n.startswith("kiln-tma:"))
+    good = cands[name]
+    cands[name] = lambda: (good(), out.mul_(1.5))
+    check = lower_attention.output_check([q, k, v, None], dict(causal=False, scale=None, gqa=False), out, what, set())
+    assert [id(t) for t in check.inputs] == [id(q), id(k), id(v)]
+    refused = check.refusals(cands, torch.device("cpu"))
+    assert list(refused) == [name] and "differs from sdpa's" in refused[name]
+    assert all(torch.equal(a, b) for a, b in zip((q, k, v), before))
+    assert lower_attention.output_check([q, k, v, None], {}, out, dict(what, rope=[True]), set()) is None
+    monkeypatch.setattr(tuning, "CHECK_OUTPUTS", "always")
+    tuner = tuning.Tuner()
+    assert tuner.choose("attention", what, cands, torch.device("cpu"), check) != name
