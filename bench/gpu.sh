@@ -545,7 +545,7 @@ Occupancy|Warp Cycles Per Issued|Registers Per" "$OUT/ncu_24n.txt" | head -150 ;
       # the template (SPLIT_V off / on), the TMA kernel and SDPA at DiT / PixArt shapes
       timeout 240 python3 -m pytest -q -rf -m gpu tests/codegen/test_attention.py tests/codegen/test_attention_tma.py \
         tests/runtime/test_kernel_plan.py -k "attention or tma" 2>&1 | tail -8
-      timeout 240 python3 bench/attn.py --quick 2>&1 | tail -45 ;;
+      timeout 240 python3 bench/attn.py --quick 2>&1 | tail -60 ;;
     s37b)  # session 37 (~250 s): the DiT-XL/2 pipeline (1 and 8 images) with the TMA-fed attention offered and without, one
       # process, diffusers eager beside (no torch.compile peer)
       timeout 400 python3 bench/diffusion.py --models dit --compile-modes '' --ab-no-tma --out "$OUT/diffusion_37b.json" 2>&1 \
