@@ -14,7 +14,7 @@ of ``--repeat`` calls, each from ``pipe(...)`` to the image on the device (synch
 PSNR of each system's images against diffusers' eager bf16 images with the same seed (the issue's bar: >= 30 dB), and
 of the quantized pipelines' against the bf16 kiln pipeline's (the quantization issue's goal: >= 25 dB).
 Usage: python3 bench/diffusion.py [--models dit,pixart,pixart1024] [--batches 1,8] [--repeat 5] [--compile-modes default]
-[--quantize fp8,w8a8] [--ab-no-tma] [--out $OUT/diffusion.json]
+[--quantize fp8,w8a8] [--ab-tma N] [--out $OUT/diffusion.json]
        python3 bench/diffusion.py --smoke   (tiny configs on the CPU in float32, 3 steps: checks the script runs)"""
 import argparse
 import json
@@ -148,11 +148,11 @@ def bench(a, name: str, pipe, kiln_cls, calls: dict, res: dict) -> None:
         want[batch] = images.float()
         record(res, name, batch, "diffusers eager", first, ms, images, want[batch])
     float_images = bench_kiln(a, name, pipe, kiln_cls, calls, res, want, None, {})
-    if a.ab_no_tma:  # the same, its attention without the TMA-fed kernel among the candidates (its plans built so)
+    if a.ab_tma is not None:  # the same with N of the TMA-fed attention's configs among the candidates (its plans built so)
         from kiln.codegen import lower_attention
-        keep, lower_attention.TMA_ATTENTION_CONFIGS = lower_attention.TMA_ATTENTION_CONFIGS, 0
+        keep, lower_attention.TMA_ATTENTION_CONFIGS = lower_attention.TMA_ATTENTION_CONFIGS, a.ab_tma
         try:
-            bench_kiln(a, name, pipe, kiln_cls, calls, res, want, None, {}, label="kiln no-tma")
+            bench_kiln(a, name, pipe, kiln_cls, calls, res, want, None, {}, label=f"kiln tma={a.ab_tma}")
         finally:
             lower_attention.TMA_ATTENTION_CONFIGS = keep
     for mode in filter(None, a.quantize.split(",")):
@@ -220,7 +220,8 @@ def parse_args():
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--compile-modes", default="default", help="torch.compile modes for the transformer ('' for none)")
     ap.add_argument("--quantize", default="", help="kiln pipelines with the step graph quantized too: fp8, w8a8 ('' for none)")
-    ap.add_argument("--ab-no-tma", action="store_true", help="also kiln's pipeline without the TMA-fed attention candidates")
+    ap.add_argument("--ab-tma", type=int, default=None, metavar="N",
+                    help="also kiln's pipeline with N TMA-fed attention configs offered (lower_attention.TMA_ATTENTION_CONFIGS)")
     ap.add_argument("--smoke", action="store_true", help="tiny configs on the CPU in float32, 3 steps: checks the script runs")
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "/tmp"), "diffusion.json"))
     a = ap.parse_args()
