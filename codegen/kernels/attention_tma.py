@@ -35,8 +35,8 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DTYPES = (torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256  # a TMA box is at most 256 elements a dimension
 INTERPRET_CONFIG = dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=2)
-# (BLOCK_M, BLOCK_N, warps, stages), the best first where known
-CONFIGS = [(128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2), (64, 128, 4, 2), (64, 32, 4, 3)]
+# (BLOCK_M, BLOCK_N, warps, stages), the best first where known (32 rows: mma.sync, not wgmma; 2x the programs at short S)
+CONFIGS = [(128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2), (64, 128, 4, 2), (64, 32, 4, 3), (32, 64, 4, 3)]
 
 
 @triton.jit
