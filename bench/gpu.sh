@@ -546,9 +546,9 @@ Occupancy|Warp Cycles Per Issued|Registers Per" "$OUT/ncu_24n.txt" | head -150 ;
       timeout 240 python3 -m pytest -q -rf -m gpu tests/codegen/test_attention.py tests/codegen/test_attention_tma.py \
         tests/runtime/test_kernel_plan.py -k "attention or tma" 2>&1 | tail -8
       timeout 240 python3 bench/attn.py --quick 2>&1 | tail -60 ;;
-    s37b)  # session 37 (~250 s): the DiT-XL/2 pipeline (1 and 8 images) as it is and with the TMA-fed attention offered (3
-      # configs), one process, diffusers eager beside (no torch.compile peer)
-      timeout 400 python3 bench/diffusion.py --models dit --compile-modes '' --ab-tma 3 --out "$OUT/diffusion_37b.json" 2>&1 \
+    s37b)  # session 37 (~250 s): the DiT-XL/2 pipeline (1 and 8 images) as it is (the TMA-fed attention offered) and without
+      # it, one process, diffusers eager beside (no torch.compile peer)
+      timeout 400 python3 bench/diffusion.py --models dit --compile-modes '' --ab-tma 0 --out "$OUT/diffusion_37b.json" 2>&1 \
         | grep -v "^{'model'.*step_plan" | tail -12 ;;
     s36g)  # session 36 (~150 s): the GPU tests of the refinement (one winner a pass) and of the generator (COPY_ASIDE on)
       timeout 280 python3 -m pytest -q -rf -m gpu tests/runtime/test_refine.py tests/llm/test_generator.py 2>&1 | tail -4 ;;

@@ -7,7 +7,10 @@ BLOCK_N at a time, scores in log2 units); what differs is how the tiles travel. 
 per-thread pointers and masks: at DiT-XL/2's head dim 72 its 64 x 64 tile holds 232-254 registers a thread and its
 128-row tiles spill (sm_90, triton 3.6). Here every tile is one TMA load from a host-made descriptor over the [B, H, S,
 D] view (4-d, so a fused projection's strided q / k / v need no copy): no address registers, rows past S zero-filled
-(122 registers at 64 x 64, 108 at 128 x 64 on 8 warps; bench/attn_tma.py, bench/NOTES.md session 37).
+(120 registers at 64 x 64 and at 128 x 64 on 8 warps, no spills). Measured on an H100 at head dim 72 (bench/attn.py,
+bench/NOTES.md session 37; us a call in CUDA graphs, against the template's best and SDPA + the plan's copy): DiT-XL/2
+CFG 2 7.1 (9.7 / 12.9), CFG 16 28.6 (40.2 / 42.3), PixArt 512 self 37.0 (55.4 / 42.5), cross 11.0 (13.1 / 20.3),
+PixArt 1024 483 (821 / 476).
 
 Head dims. A power of two (16..256) is one box. One between powers of two (``attention.split_widths``: 72 = 64 + 16)
 is a main box of its power-of-two lanes and a window box of the tail's width ending at the head dim (72: lanes
@@ -35,8 +38,11 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DTYPES = (torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256  # a TMA box is at most 256 elements a dimension
 INTERPRET_CONFIG = dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=2)
-# (BLOCK_M, BLOCK_N, warps, stages), the best first where known (32 rows: mma.sync, not wgmma; 2x the programs at short S)
-CONFIGS = [(128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2), (64, 128, 4, 2), (64, 32, 4, 3), (32, 64, 4, 3)]
+# (BLOCK_M, BLOCK_N, warps, stages), in the order offered. Measured on an H100 (bench/attn.py, CUDA graphs, head dim 72;
+# bench/NOTES.md, session 37): 128 x 64 on 8 warps first at DiT's CFG 16 (28.6 us), PixArt 512 (37.0) and 1024 (483);
+# 64 x 128 at DiT's CFG 2 (7.1, 64 x 64 7.6); 64 x 32 second at CFG 16 / PixArt cross; 128 x 128 never first. (A
+# 32-row tile, mma.sync instead of wgmma, was 1.5-2.6x slower everywhere: not listed.)
+CONFIGS = [(128, 64, 8, 3), (64, 128, 4, 2), (64, 64, 4, 3), (64, 32, 4, 3), (128, 128, 8, 2)]
 
 
 @triton.jit
