@@ -277,7 +277,7 @@ def _attention_candidates(q, k, v, mask, ks, vs, attrs: dict, out: torch.Tensor,
             and (q.shape[1] == k.shape[1] or enable_gqa) and tta.supported(q, k, v, mask, ks, vs, softcap) is None):
         cfgs = tta.configs() if device.type == "cuda" else [tta.INTERPRET_CONFIG]
         for c in cfgs[:TMA_ATTENTION_CONFIGS]:
-            candidates[config_name("kiln-tma", c)] = partial(tta.attention, q, k, v, causal, scale, out=out, config=c)
+            candidates[config_name("kiln-tma", c)] = tta.launcher(q, k, v, causal, scale, out, c)
     if decode:
         run = partial(td.decode_attention, q, k, v, mask, scale, enable_gqa, out=out, k_scale=ks, v_scale=vs, softcap=softcap)
         candidates.update(_split_kv_candidates("kiln-decode", run, k.shape[2], counters, device))

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import Callable
 
 import torch
 import triton
@@ -145,16 +146,24 @@ def attention(q, k, v, causal: bool = False, scale: float | None = None, out: to
     """``softmax(q @ k^T * scale) @ v`` (causal: query i attends keys j <= i), q [B, Hq, Sq, D], k [B, Hk, Sk, D], v [B,
     Hk, Sk, Dv], Hq a multiple of Hk (grouped query heads); ``out`` [B, Hq, Sq, Dv] given or made. ``config``:
     BLOCK_M, BLOCK_N, num_warps, num_stages (``configs``). Raises ValueError where ``supported`` says no."""
+    if out is None and supported(q, k, v) is None:
+        out = torch.empty(q.shape[:-1] + v.shape[-1:], dtype=q.dtype, device=q.device)
+    launcher(q, k, v, causal, scale, out, config)()
+    return out
+
+
+def launcher(q, k, v, causal: bool, scale: float | None, out: torch.Tensor, config: dict | None = None) -> Callable[[], None]:
+    """``attention`` into ``out`` as a call with no arguments: the operands checked and their descriptors made once (a
+    plan's buffers stay where they are)."""
     why = supported(q, k, v)
     if why is not None:
         raise ValueError(f"attention_tma: {why}")
     (bq, hq, sq, d), (hk, sk, dv) = q.shape, v.shape[1:]
-    if out is None:
-        out = torch.empty(bq, hq, sq, dv, dtype=q.dtype, device=q.device)
-    elif tuple(out.shape) != (bq, hq, sq, dv) or out.dtype != q.dtype:
-        raise ValueError(f"attention_tma: out {out.dtype}{list(out.shape)} must be {q.dtype}{[bq, hq, sq, dv]}")
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (bq, hq, sq, dv) or out.dtype != q.dtype:
+        got = f"{out.dtype}{list(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"attention_tma: out {got} must be {q.dtype}{[bq, hq, sq, dv]}")
     if out.numel() == 0:
-        return out
+        return lambda: None
     c = dict(config or (INTERPRET_CONFIG if INTERPRET else configs()[0]))
     (main, win), (main_v, win_v) = _boxes(d), _boxes(dv)
 
@@ -163,11 +172,10 @@ def attention(q, k, v, causal: bool = False, scale: float | None = None, out: to
     boxes = [desc(q, c["BLOCK_M"], main), desc(k, c["BLOCK_N"], main), desc(v, c["BLOCK_N"], main_v),
              desc(q, c["BLOCK_M"], win or main), desc(k, c["BLOCK_N"], win or main), desc(v, c["BLOCK_N"], win_v or main_v)]
     qk_scale = (d ** -0.5 if scale is None else float(scale)) * LOG2E
-    _tma_attention_kernel[(triton.cdiv(sq, c["BLOCK_M"]), bq * hq)](
-        *boxes, out, *out.stride(), hq, hq // hk, sq, sk, qk_scale,
-        CAUSAL=bool(causal), HEAD_DIM=d, HEAD_DIM_V=dv, MAIN=main, WIN=win, MAIN_V=main_v, WIN_V=win_v,
+    return functools.partial(
+        _tma_attention_kernel[(triton.cdiv(sq, c["BLOCK_M"]), bq * hq)], *boxes, out, *out.stride(), hq, hq // hk, sq, sk,
+        qk_scale, CAUSAL=bool(causal), HEAD_DIM=d, HEAD_DIM_V=dv, MAIN=main, WIN=win, MAIN_V=main_v, WIN_V=win_v,
         BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], num_warps=c["num_warps"], num_stages=c["num_stages"])
-    return out
 
 
 def configs() -> list[dict]:
