@@ -4,7 +4,7 @@ FlashAttention-2 and memory-efficient kernels by their aten ops; kiln's Triton t
 configuration, with the head dim as 64 + 16 lanes (SPLIT) and padded to 128, and p v split too (SPLIT_V: 64 lanes and
 a window of v's last 16); kiln's TMA-fed kernel (attention_tma.py) per configuration; SDPA on q, k, v zero-padded to head dim
 80 / 96 / 128) captured 20 times in one CUDA graph,
-do_bench median of a replay / 20, and its error against float32. bf16, H200. Usage: python3 bench/attn.py
+do_bench median of a replay / 20, and its error against float32. bf16 (the JSON names the GPU). Usage: python3 bench/attn.py
 [--smoke] [--quick] (--smoke: float16 under the Triton interpreter, tiny shapes, no graphs; --quick: SDPA's default
 kernel only). Writes $OUT/attn.json."""
 import argparse
@@ -63,9 +63,9 @@ for name, (b, h, sq, sk) in SHAPES.items():
     cands = {} if a.smoke else {"sdpa + copy": lambda: out.copy_(F.scaled_dot_product_attention(q, k, v))}
     if not (a.smoke or a.quick):
         cands |= {
-        "sdpa flash-2 + copy": lambda: out.copy_(torch.ops.aten._scaled_dot_product_flash_attention(q, k, v)[0]),
-        "sdpa efficient + copy": lambda: out.copy_(torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None,
-                                                                                                            False)[0])}
+            "sdpa flash-2 + copy": lambda: out.copy_(torch.ops.aten._scaled_dot_product_flash_attention(q, k, v)[0]),
+            "sdpa efficient + copy": lambda: out.copy_(
+                torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, False)[0])}
     # the head dim padded with zeros to a width SDPA's kernels are tuned for (q k^T unchanged; v's zero columns give zero
     # outputs, dropped), scale still 1 / sqrt(72): "pre-padded", as a plan whose projection wrote padded buffers; "with
     # pads", the three pads in each call
