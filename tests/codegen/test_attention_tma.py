@@ -11,6 +11,7 @@ from kiln.testing import TOL, rel_err
 pytestmark = pytest.mark.interpreter  # CPU cases run under TRITON_INTERPRET=1; gpu-marked ones need it off
 gen = torch.Generator().manual_seed(0)
 
+
 def r(*shape, dtype=torch.float16, device="cpu"):
     return torch.randn(*shape, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
 
@@ -83,7 +84,6 @@ def test_what_it_does_not_take(change, match):
 
 
 def cuda(*args, **kw):
-    torch.manual_seed(0)
     return fused(*args, dtype=torch.bfloat16, device="cuda", **kw)
 
 
