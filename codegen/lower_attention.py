@@ -42,8 +42,9 @@ TRITON_ATTENTION_CONFIGS = 3
 ATTENTION_CANDIDATES = 3
 # the TMA-fed kernel's configurations offered (attention_tma.configs' first; 0: not offered), where it takes the operands
 # (``attention_tma.supported``: no mask but causal, a 16-bit cache-less q / k / v) and the queries are not decode's. Its
-# GPU tests passed on an H100 (session 37, every config at the DiT / PixArt / Llama-prefill shapes) and it ran 1.5x the
-# template's speed at DiT's shapes, 1.15-1.8x SDPA's + the copy (bench/NOTES.md); the first three cover every best.
+# GPU tests passed on an H100 (session 37, every config at the DiT / PixArt / Llama-prefill shapes) and it ran 1.4-1.7x
+# the template's speed at head dim 72, 1.15-1.85x SDPA's + the copy but at PixArt 1024 (a tie; bench/NOTES.md); the
+# first three cover every best.
 TMA_ATTENTION_CONFIGS = 3
 # the decode attention candidates' generation (in a decode attention's what; a decision measured between older ones is
 # measured again): 2 since "kiln-decode-whole" exists, 3 since the kernel reads only the keys the mask attends, 4 since
