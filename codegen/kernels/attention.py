@@ -117,14 +117,9 @@ def _attention_inner(
                          other=0.0)  # [BLOCK_N, BLOCK_DVT]
             if V_SCALED:
                 v2 = (v2.to(tl.float32) * v_scale[:, None]).to(q.dtype)
-            m_new = tl.maximum(m_i, tl.max(s, 1))  # online_softmax_step's, with two accumulators
-            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.math.exp2(m_i - m_sub)
-            p = tl.math.exp2(s - m_sub[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
+            m_i, alpha, p, l_i = online_weights(s, m_i, l_i)  # (online_softmax_step's, with two accumulators)
             acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
             acc2 = tl.dot(p.to(v.dtype), v2, acc2 * alpha[:, None], input_precision=DOT_PRECISION)
-            m_i = m_new
         else:
             m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc, DOT_PRECISION)
     return acc, acc2, l_i, m_i
@@ -141,15 +136,23 @@ def softcapped(s, SOFTCAP: tl.constexpr):
 
 
 @triton.jit
-def online_softmax_step(s, v, m_i, l_i, acc, DOT_PRECISION: tl.constexpr):
-    """One key tile of the online softmax: scores ``s`` [M, N] in log2 units (-inf where not attended), values
-    ``v`` [N, D]; returns the running max, sum and float32 accumulator. Shared with decode_attention.py."""
+def online_weights(s, m_i, l_i):
+    """The online softmax's weights for one key tile: scores ``s`` [M, N] in log2 units (-inf where not attended), the
+    running max ``m_i`` and sum ``l_i`` [M]; returns the new max, the factor ``alpha`` [M] the accumulator is rescaled
+    by, the tile's weights ``p`` [M, N] and the new sum. Shared with attention_tma.py."""
     m_new = tl.maximum(m_i, tl.max(s, 1))
     # a row with nothing attended so far has m_new = -inf: subtract 0 instead, so p = 0 and alpha = 0, no NaN
     m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.math.exp2(m_i - m_sub)
     p = tl.math.exp2(s - m_sub[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
+    return m_new, alpha, p, l_i * alpha + tl.sum(p, 1)
+
+
+@triton.jit
+def online_softmax_step(s, v, m_i, l_i, acc, DOT_PRECISION: tl.constexpr):
+    """One key tile of the online softmax: scores ``s`` [M, N] in log2 units (-inf where not attended), values
+    ``v`` [N, D]; returns the running max, sum and float32 accumulator. Shared with decode_attention.py."""
+    m_new, alpha, p, l_i = online_weights(s, m_i, l_i)
     acc = acc * alpha[:, None]
     acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
     return m_new, l_i, acc

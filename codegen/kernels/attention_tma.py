@@ -32,7 +32,8 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from .attention import LOG2E, split_widths
+from .attention import LOG2E, online_weights, split_widths
+from .tma_gemm import _capability
 
 # triton.jit picks the interpreter from this variable when the kernel below is defined; read it then too
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -84,18 +85,13 @@ def _tma_attention_kernel(
                 s = tl.where((offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] < Sk), s, float("-inf"))
         elif n0 + BLOCK_N > Sk:  # the last tile of a length not a multiple of BLOCK_N: its zero-filled keys
             s = tl.where(offs_n[None, :] < Sk, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)  # (a row with nothing attended yet: p = 0, no NaN)
-        alpha = tl.math.exp2(m_i - m_sub)
-        p = tl.math.exp2(s - m_sub[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
+        m_i, alpha, p, l_i = online_weights(s, m_i, l_i)
         v = v_desc.load([b, hk, n0, 0]).reshape(BLOCK_N, MAIN_V)
         pb = p.to(v.dtype)
         acc = tl.dot(pb, v, acc * alpha[:, None])
         if WIN_V > 0:
             v2 = vw_desc.load([b, hk, n0, HEAD_DIM_V - WIN_V]).reshape(BLOCK_N, WIN_V)
             acc2 = tl.dot(pb, v2, acc2 * alpha[:, None])
-        m_i = m_new
     l_i = tl.where(l_i == 0.0, 1.0, l_i)  # no key at all (Sk = 0): zeros, as attention.py gives
     base = out_ptr + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + offs_m[:, None] * stride_om
     rows = offs_m[:, None] < Sq
@@ -115,11 +111,6 @@ def _boxes(d: int) -> tuple[int, int] | None:
     return split_widths(d)
 
 
-@functools.cache
-def _capability(index: int) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(index)
-
-
 def supported(q, k, v, mask=None, k_scale=None, v_scale=None, softcap=None) -> str | None:
     """None where ``attention`` takes these operands, else why not (one line)."""
     if mask is not None or k_scale is not None or v_scale is not None or softcap:
@@ -136,7 +127,7 @@ def supported(q, k, v, mask=None, k_scale=None, v_scale=None, softcap=None) -> s
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.stride(-1) != 1 or any(s <= 0 or s * size % 16 for s in t.stride()[:-1]) or t.data_ptr() % 16:
             return f"{name}'s strides {tuple(t.stride())} / base: TMA wants a unit inner stride, 16-byte aligned others"
-    if not INTERPRET and (q.device.type != "cuda" or _capability(q.device.index or 0) < (9, 0)):
+    if not INTERPRET and (q.device.type != "cuda" or _capability(q.device) < (9, 0)):
         return "TMA needs a Hopper (sm_90) or newer GPU"
     return None
 
@@ -146,7 +137,7 @@ def attention(q, k, v, causal: bool = False, scale: float | None = None, out: to
     """``softmax(q @ k^T * scale) @ v`` (causal: query i attends keys j <= i), q [B, Hq, Sq, D], k [B, Hk, Sk, D], v [B,
     Hk, Sk, Dv], Hq a multiple of Hk (grouped query heads); ``out`` [B, Hq, Sq, Dv] given or made. ``config``:
     BLOCK_M, BLOCK_N, num_warps, num_stages (``configs``). Raises ValueError where ``supported`` says no."""
-    if out is None and supported(q, k, v) is None:
+    if out is None:  # (the launcher checks the operands)
         out = torch.empty(q.shape[:-1] + v.shape[-1:], dtype=q.dtype, device=q.device)
     launcher(q, k, v, causal, scale, out, config)()
     return out
