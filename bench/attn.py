@@ -1,12 +1,12 @@
 """Attention at the diffusion transformers' shapes (head dim 72), as a plan runs it: each candidate ATTENTION's
 tuner offers (SDPA into a fresh tensor, then copied into the plan's buffer: the kernel SDPA picks, and its
-FlashAttention-2 and memory-efficient kernels by their aten ops; kiln's Triton template per launch
-configuration, with the head dim as 64 + 16 lanes (SPLIT) and padded to 128, and p v split too (SPLIT_V: 64 lanes and
-a window of v's last 16); kiln's TMA-fed kernel (attention_tma.py) per configuration; SDPA on q, k, v zero-padded to head dim
-80 / 96 / 128) captured 20 times in one CUDA graph,
-do_bench median of a replay / 20, and its error against float32. bf16 (the JSON names the GPU). Usage: python3 bench/attn.py
-[--smoke] [--quick] (--smoke: float16 under the Triton interpreter, tiny shapes, no graphs; --quick: SDPA's default
-kernel only). Writes $OUT/attn.json."""
+FlashAttention-2 and memory-efficient kernels by their aten ops; kiln's Triton template per launch configuration, with
+the head dim as 64 + 16 lanes (SPLIT) and padded to 128, and p v split too (SPLIT_V: 64 lanes and a window of v's last
+16); kiln's TMA-fed kernel (attention_tma.py) per configuration; SDPA on q, k, v zero-padded to head dim 80 / 96 / 128;
+PixArt's cross-attention also with a padding mask) captured 20 times in one CUDA graph, do_bench median of a replay /
+20, and its error against float32. bf16 (the JSON names the GPU). Usage: python3 bench/attn.py [--smoke] [--quick]
+(--smoke: float16 under the Triton interpreter, tiny shapes, no graphs; --quick: SDPA's default kernel only). Writes
+$OUT/attn.json."""
 import argparse
 import json
 import os
@@ -29,12 +29,14 @@ from kiln.testing import rel_err  # noqa: E402
 DEV = "cpu" if a.smoke else "cuda"
 DT = torch.float16 if a.smoke else torch.bfloat16
 REPS = 20
-# name -> (batch x heads as [B, H], query rows, key rows): self-attention unless the keys differ
-SHAPES = {"dit-xl-2 256, 1 image (CFG 2)": (2, 16, 256, 256), "dit-xl-2 256, 8 images (CFG 16)": (16, 16, 256, 256),
-          "pixart 512 self (CFG 2)": (2, 16, 1024, 1024), "pixart 512 cross, 120 tokens": (2, 16, 1024, 120),
-          "pixart 1024 self (CFG 2)": (2, 16, 4096, 4096)}
+# name -> (batch x heads as [B, H], query rows, key rows, keys attended): self-attention unless the keys differ; keys
+# attended < key rows: a [B, 1, 1, Sk] padding bias (0 / -inf) as PixArt's pipeline passes for its text tokens
+SHAPES = {"dit-xl-2 256, 1 image (CFG 2)": (2, 16, 256, 256, 256), "dit-xl-2 256, 8 images (CFG 16)": (16, 16, 256, 256, 256),
+          "pixart 512 self (CFG 2)": (2, 16, 1024, 1024, 1024), "pixart 512 cross, 120 tokens": (2, 16, 1024, 120, 120),
+          "pixart 512 cross, 120 tokens, 24 attended (mask)": (2, 16, 1024, 120, 24),
+          "pixart 1024 self (CFG 2)": (2, 16, 4096, 4096, 4096)}
 if a.smoke:
-    SHAPES = {"tiny": (1, 2, 20, 20)}
+    SHAPES = {"tiny": (1, 2, 20, 20, 20), "tiny, mask": (1, 2, 20, 20, 13)}
 
 
 def graphed(fn):
@@ -52,16 +54,20 @@ def graphed(fn):
 
 
 rows = []
-for name, (b, h, sq, sk) in SHAPES.items():
+for name, (b, h, sq, sk, attended) in SHAPES.items():
     d = 72
     # q, k, v as a fused projection leaves them: [B, S, 3, H, D] viewed as [B, H, S, D]
     proj = torch.randn(b, sq, 3, h, d, device=DEV, dtype=DT)
     kv = torch.randn(b, sk, 2, h, d, device=DEV, dtype=DT) if sk != sq else proj[:, :, 1:]
     q, k, v = proj[:, :, 0].transpose(1, 2), kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
-    want = ta.reference(q.float(), k.float(), v.float())
+    mask = None
+    if attended < sk:
+        mask = torch.zeros(b, 1, 1, sk, device=DEV, dtype=DT)
+        mask[..., attended:] = float("-inf")
+    want = ta.reference(q.float(), k.float(), v.float(), None if mask is None else mask.float())
     out = torch.empty(b, h, sq, d, device=DEV, dtype=DT)
-    cands = {} if a.smoke else {"sdpa + copy": lambda: out.copy_(F.scaled_dot_product_attention(q, k, v))}
-    if not (a.smoke or a.quick):
+    cands = {} if a.smoke else {"sdpa + copy": lambda: out.copy_(F.scaled_dot_product_attention(q, k, v, attn_mask=mask))}
+    if not (a.smoke or a.quick or mask is not None):
         cands |= {
             "sdpa flash-2 + copy": lambda: out.copy_(torch.ops.aten._scaled_dot_product_flash_attention(q, k, v)[0]),
             "sdpa efficient + copy": lambda: out.copy_(
@@ -69,7 +75,7 @@ for name, (b, h, sq, sk) in SHAPES.items():
     # the head dim padded with zeros to a width SDPA's kernels are tuned for (q k^T unchanged; v's zero columns give zero
     # outputs, dropped), scale still 1 / sqrt(72): "pre-padded", as a plan whose projection wrote padded buffers; "with
     # pads", the three pads in each call
-    for dp in () if a.smoke or a.quick else (80, 96, 128):
+    for dp in () if a.smoke or a.quick or mask is not None else (80, 96, 128):
         qp, kp, vp = (F.pad(t, (0, dp - d)) for t in (q, k, v))
         cands[f"sdpa pad {dp} pre-padded + copy"] = (
             lambda qp=qp, kp=kp, vp=vp: out.copy_(F.scaled_dot_product_attention(qp, kp, vp, scale=d ** -0.5)[..., :d]))
@@ -81,10 +87,10 @@ for name, (b, h, sq, sk) in SHAPES.items():
         for split, split_v, form in ((True, False, "64+16"), (False, False, "pad 128"), (True, True, "64+16, pv 64+16")):
             tag = f"kiln {c.get('BLOCK_M')}x{c.get('BLOCK_N')} w{c.get('num_warps', '-')} s{c.get('num_stages', '-')} {form}"
             cands[tag] = (lambda c=c, split=split, split_v=split_v: ta.attention(
-                q, k, v, out=out, config=None if a.smoke else c, split_d=split, split_v=split_v))
+                q, k, v, mask, out=out, config=None if a.smoke else c, split_d=split, split_v=split_v))
     for c in [tma.INTERPRET_CONFIG] if a.smoke else tma.configs():
         cands["kiln tma {BLOCK_M}x{BLOCK_N} w{num_warps} s{num_stages}".format(**c)] = (
-            lambda c=c: tma.attention(q, k, v, out=out, config=c))
+            lambda c=c: tma.attention(q, k, v, out=out, config=c, mask=mask))
     for tag, fn in cands.items():
         try:
             us = graphed(fn)

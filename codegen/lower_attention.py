@@ -41,7 +41,7 @@ TRITON_ATTENTION_CONFIGS = 3
 # where 128-row ones leave SMs idle; 3 since the TMA-fed kernel is offered (TMA_ATTENTION_CONFIGS)
 ATTENTION_CANDIDATES = 3
 # the TMA-fed kernel's configurations offered (attention_tma.configs' first; 0: not offered), where it takes the operands
-# (``attention_tma.supported``: no mask but causal, a 16-bit cache-less q / k / v) and the queries are not decode's. Its
+# (``attention_tma.supported``: a 16-bit cache-less q / k / v, causal and / or masked) and the queries are not decode's. Its
 # GPU tests passed on an H100 (session 37, every config at the DiT / PixArt / Llama-prefill shapes) and it ran 1.4-1.7x
 # the template's speed at head dim 72, 1.15-1.85x SDPA's + the copy but at PixArt 1024 (a tie; bench/NOTES.md); the
 # first three cover every best.
@@ -278,7 +278,7 @@ def _attention_candidates(q, k, v, mask, ks, vs, attrs: dict, out: torch.Tensor,
             and (q.shape[1] == k.shape[1] or enable_gqa) and tta.supported(q, k, v, mask, ks, vs, softcap) is None):
         cfgs = tta.configs() if device.type == "cuda" else [tta.INTERPRET_CONFIG]
         for c in cfgs[:TMA_ATTENTION_CONFIGS]:
-            candidates[config_name("kiln-tma", c)] = tta.launcher(q, k, v, causal, scale, out, c)
+            candidates[config_name("kiln-tma", c)] = tta.launcher(q, k, v, causal, scale, out, c, mask)
     if decode:
         run = partial(td.decode_attention, q, k, v, mask, scale, enable_gqa, out=out, k_scale=ks, v_scale=vs, softcap=softcap)
         candidates.update(_split_kv_candidates("kiln-decode", run, k.shape[2], counters, device))

@@ -97,16 +97,7 @@ def _attention_inner(
         keep = valid_n[None, :]
         if APPLY_CAUSAL:
             keep = keep & (offs_n[None, :] <= offs_m[:, None])
-        if MASK != "none":
-            m_ptrs = mask_base + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn
-            m_in = (offs_m[:, None] < Sq) & valid_n[None, :]
-            if MASK == "bool":
-                keep = keep & (tl.load(m_ptrs, mask=m_in, other=0) != 0)
-            else:  # (a finite bias stays finite in log2 units: HF's dtype-minimum padding bias would overflow to -inf,
-                # and a row masked by it all would give zeros where the formula averages v; -inf stays -inf)
-                bias = tl.load(m_ptrs, mask=m_in, other=0.0).to(tl.float32)
-                s += tl.where(bias == float("-inf"), bias, tl.maximum(bias, -2.35e38) * 1.4426950408889634)
-        s = tl.where(keep, s, float("-inf"))
+        s = masked_scores(s, keep, mask_base, offs_m, offs_n, Sq, Sk, stride_mm, stride_mn, MASK)
         v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
                     mask=valid_n[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)  # [BLOCK_N, BLOCK_DV]
         if V_SCALED:
@@ -133,6 +124,29 @@ def softcapped(s, SOFTCAP: tl.constexpr):
         cap = SOFTCAP * 1.4426950408889634  # c in log2 units
         s = (2.0 * tl.sigmoid(2.0 * (s / cap)) - 1.0) * cap
     return s
+
+
+@triton.jit
+def masked_scores(s, keep, mask_base, offs_m, offs_n, Sq, Sk, stride_mm, stride_mn, MASK: tl.constexpr,
+                  MASK_ROWS: tl.constexpr = True):
+    """Scores ``s`` [M, N] (log2 units) with the user's mask applied and -inf where ``keep`` [M, N] is False. MASK
+    "bool": the mask's False masks too; "bias": the bias (natural units) added. MASK_ROWS False: the mask is the same
+    for every query row (stride_mm 0, a [B, 1, 1, Sk] padding mask): one row of it loaded, [1, N], not an [M, N] tile of
+    pointers (which costs the TMA kernel ~130 registers a thread and spills). Shared with attention_tma.py."""
+    if MASK != "none":
+        if MASK_ROWS:
+            m_ptrs = mask_base + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn
+            m_in = (offs_m[:, None] < Sq) & (offs_n[None, :] < Sk)
+        else:
+            m_ptrs = (mask_base + offs_n * stride_mn)[None, :]
+            m_in = (offs_n < Sk)[None, :]
+        if MASK == "bool":
+            keep = keep & (tl.load(m_ptrs, mask=m_in, other=0) != 0)
+        else:  # (a finite bias stays finite in log2 units: HF's dtype-minimum padding bias would overflow to -inf,
+            # and a row masked by it all would give zeros where the formula averages v; -inf stays -inf)
+            bias = tl.load(m_ptrs, mask=m_in, other=0.0).to(tl.float32)
+            s += tl.where(bias == float("-inf"), bias, tl.maximum(bias, -2.35e38) * 1.4426950408889634)
+    return tl.where(keep, s, float("-inf"))
 
 
 @triton.jit
@@ -346,20 +360,7 @@ def _check(q, k, v, mask, causal, scale, gqa, out, k_scale=None, v_scale=None):
     k4, v4 = k4.expand(bq, hk_expanded, sk, -1), v4.expand(bq, hk_expanded, sk, -1)
     scales = [None if t is None else t.reshape((1,) * (3 - t.dim()) + tuple(t.shape)).expand(bq, hk_expanded, sk)
               for t in (k_scale, v_scale)]
-    scores = (bq, hq, sq, sk)
-    if mask is not None:
-        if mask.dtype != torch.bool and mask.dtype != q.dtype:
-            raise ValueError(f"attention: mask dtype {mask.dtype} must be bool or q's {q.dtype}")
-        try:
-            fits = mask.dim() <= 4 and tuple(torch.broadcast_shapes(mask.shape, scores)) == scores
-        except RuntimeError:
-            fits = False
-        if not fits or mask.dim() > q.dim():
-            raise ValueError(f"attention: mask {tuple(mask.shape)} does not broadcast to the scores "
-                             f"{tuple(q.shape[:-1]) + (sk,)}")
-        mask = mask.expand(scores)
-        if mask.dtype == torch.bool:
-            mask = mask.view(torch.uint8)  # same bytes; a uint8 pointer is the portable way to pass bools
+    mask = expanded_mask(mask, q, (bq, hq, sq, sk))
     if out is not None and tuple(out.shape) != tuple(q.shape[:-1]) + (v.shape[-1],):
         raise ValueError(f"attention: out {tuple(out.shape)} must have the output shape "
                          f"{tuple(q.shape[:-1]) + (v.shape[-1],)}")
@@ -369,6 +370,24 @@ def _check(q, k, v, mask, causal, scale, gqa, out, k_scale=None, v_scale=None):
     elif q.device.type != "cuda":
         raise ValueError(f"attention: q is on {q.device}; the kernel needs CUDA tensors (or TRITON_INTERPRET=1 on CPU)")
     return q4, k4, v4, mask, group, scales
+
+
+def expanded_mask(mask, q, scores: tuple) -> torch.Tensor | None:
+    """``mask`` (bool or a bias of q's dtype) checked and expanded to the 4-d ``scores`` [B, Hq, Sq, Sk] (stride 0 on
+    broadcast dims, no copy), bool viewed as uint8 (the portable way to pass bools); ValueError if it does not fit."""
+    if mask is None:
+        return None
+    if mask.dtype != torch.bool and mask.dtype != q.dtype:
+        raise ValueError(f"attention: mask dtype {mask.dtype} must be bool or q's {q.dtype}")
+    try:
+        fits = mask.dim() <= q.dim() and tuple(torch.broadcast_shapes(mask.shape, scores)) == scores
+    except RuntimeError:
+        fits = False
+    if not fits:
+        raise ValueError(f"attention: mask {tuple(mask.shape)} does not broadcast to the scores "
+                         f"{tuple(q.shape[:-1]) + scores[-1:]}")
+    mask = mask.expand(scores)
+    return mask.view(torch.uint8) if mask.dtype == torch.bool else mask
 
 
 def attention(q, k, v, mask=None, causal=False, scale=None, gqa=False, out=None, config: dict | None = None,

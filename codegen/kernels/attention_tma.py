@@ -17,9 +17,12 @@ is a main box of its power-of-two lanes and a window box of the tail's width end
 56..71), so no box reaches past the head and none needs a mask: q's window lanes below the main box's end are zeroed
 (they count once, in the main product) and of the p v window only the lanes past the main box are stored.
 
-Offered for what TMA and this kernel take (``supported``): float16 / bfloat16, no mask but causal (SDPA's upper-left
-``is_causal``), no quantized KV cache, no soft-capping, unit inner strides, 16-byte aligned bases and strides (no
-broadcast stride 0), Hopper or newer. The lowering offers it beside the template and SDPA; the tuner keeps the fastest.
+Offered for what TMA and this kernel take (``supported``): float16 / bfloat16, causal (SDPA's upper-left ``is_causal``)
+and / or a bool or additive mask the same for every query row (a [B, 1, 1, Sk] padding mask, PixArt's cross-attention;
+its row read a key tile at a time: 122-128 registers; an [M, N] tile of a mask differing by row took 255 and spilled,
+sm_90 SASS), no quantized KV cache, no soft-capping, q / k / v with unit inner strides and 16-byte aligned bases
+and strides (no broadcast stride 0), Hopper or newer. The lowering offers it beside the template and SDPA; the tuner
+keeps the fastest.
 """
 from __future__ import annotations
 
@@ -32,7 +35,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from .attention import LOG2E, online_weights, split_widths
+from .attention import LOG2E, expanded_mask, masked_scores, online_weights, split_widths
 from .tma_gemm import _capability
 
 # triton.jit picks the interpreter from this variable when the kernel below is defined; read it then too
@@ -51,7 +54,8 @@ CONFIGS = [(128, 64, 8, 3), (64, 128, 4, 2), (64, 64, 4, 3), (64, 32, 4, 3), (12
 def _tma_attention_kernel(
     q_desc, k_desc, v_desc, qw_desc, kw_desc, vw_desc, out_ptr,  # (qw / kw / vw: the window boxes; unused without one)
     stride_ob, stride_oh, stride_om, stride_od, H, GROUP, Sq, Sk, qk_scale,  # qk_scale = scale * log2(e)
-    CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    mask_ptr, stride_mb, stride_mh, stride_mn,  # the mask expanded to [B, H, 1, Sk]: one row a head (MASK "none": unused)
+    CAUSAL: tl.constexpr, MASK: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     MAIN: tl.constexpr, WIN: tl.constexpr, MAIN_V: tl.constexpr, WIN_V: tl.constexpr,  # WIN / WIN_V 0: no window
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -80,7 +84,13 @@ def _tma_attention_kernel(
             s = tl.dot(q2, k2.T, s)
         s = s * qk_scale
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        if CAUSAL:
+        if MASK != "none":  # the mask's row for this head, a key tile at a time
+            keep = offs_n[None, :] < Sk
+            if CAUSAL:
+                keep = keep & (offs_n[None, :] <= offs_m[:, None])
+            s = masked_scores(s, keep, mask_ptr + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh, offs_m, offs_n,
+                              Sq, Sk, 0, stride_mn, MASK, False)
+        elif CAUSAL:
             if n0 + BLOCK_N > tl.minimum(m0, Sk):  # a tile on the diagonal or past the keys: the triangle and the length
                 s = tl.where((offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] < Sk), s, float("-inf"))
         elif n0 + BLOCK_N > Sk:  # the last tile of a length not a multiple of BLOCK_N: its zero-filled keys
@@ -113,8 +123,8 @@ def _boxes(d: int) -> tuple[int, int] | None:
 
 def supported(q, k, v, mask=None, k_scale=None, v_scale=None, softcap=None) -> str | None:
     """None where ``attention`` takes these operands, else why not (one line)."""
-    if mask is not None or k_scale is not None or v_scale is not None or softcap:
-        return "a mask, a quantized KV cache or soft-capping (the template's and SDPA's)"
+    if k_scale is not None or v_scale is not None or softcap:
+        return "a quantized KV cache or soft-capping (the template's and SDPA's)"
     if q.dtype not in DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         return f"dtype {q.dtype} (float16 / bfloat16 only)"
     if not (q.dim() == k.dim() == v.dim() == 4):
@@ -123,6 +133,12 @@ def supported(q, k, v, mask=None, k_scale=None, v_scale=None, softcap=None) -> s
         return f"shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
     if _boxes(q.shape[-1]) is None or _boxes(v.shape[-1]) is None:
         return f"head dims {q.shape[-1]} / {v.shape[-1]}"
+    try:
+        mask4 = expanded_mask(mask, q, tuple(q.shape[:-1]) + k.shape[-2:-1])
+    except ValueError as e:
+        return str(e).removeprefix("attention: ")
+    if mask4 is not None and mask4.stride(2) != 0 and q.shape[2] > 1:
+        return "a mask that differs between query rows (the template's and SDPA's: its [M, N] tiles spill this kernel)"
     size = q.element_size()
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.stride(-1) != 1 or any(s <= 0 or s * size % 16 for s in t.stride()[:-1]) or t.data_ptr() % 16:
@@ -133,20 +149,23 @@ def supported(q, k, v, mask=None, k_scale=None, v_scale=None, softcap=None) -> s
 
 
 def attention(q, k, v, causal: bool = False, scale: float | None = None, out: torch.Tensor | None = None,
-              config: dict | None = None) -> torch.Tensor:
-    """``softmax(q @ k^T * scale) @ v`` (causal: query i attends keys j <= i), q [B, Hq, Sq, D], k [B, Hk, Sk, D], v [B,
-    Hk, Sk, Dv], Hq a multiple of Hk (grouped query heads); ``out`` [B, Hq, Sq, Dv] given or made. ``config``:
-    BLOCK_M, BLOCK_N, num_warps, num_stages (``configs``). Raises ValueError where ``supported`` says no."""
+              config: dict | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``softmax(q @ k^T * scale + mask) @ v`` (causal: query i attends keys j <= i), q [B, Hq, Sq, D], k [B, Hk, Sk, D],
+    v [B, Hk, Sk, Dv], Hq a multiple of Hk (grouped query heads); ``mask`` bool (True = attend) or a bias of q's dtype
+    broadcasting to [B, Hq, Sq, Sk] (both it and ``causal`` apply; a row with nothing attended gives zeros, as
+    attention.py's); ``out`` [B, Hq, Sq, Dv] given or made. ``config``: BLOCK_M, BLOCK_N, num_warps, num_stages
+    (``configs``). Raises ValueError where ``supported`` says no."""
     if out is None:  # (the launcher checks the operands)
         out = torch.empty(q.shape[:-1] + v.shape[-1:], dtype=q.dtype, device=q.device)
-    launcher(q, k, v, causal, scale, out, config)()
+    launcher(q, k, v, causal, scale, out, config, mask)()
     return out
 
 
-def launcher(q, k, v, causal: bool, scale: float | None, out: torch.Tensor, config: dict | None = None) -> Callable[[], None]:
+def launcher(q, k, v, causal: bool, scale: float | None, out: torch.Tensor, config: dict | None = None,
+             mask: torch.Tensor | None = None) -> Callable[[], None]:
     """``attention`` into ``out`` as a call with no arguments: the operands checked and their descriptors made once (a
     plan's buffers stay where they are)."""
-    why = supported(q, k, v)
+    why = supported(q, k, v, mask)
     if why is not None:
         raise ValueError(f"attention_tma: {why}")
     (bq, hq, sq, d), (hk, sk, dv) = q.shape, v.shape[1:]
@@ -163,9 +182,12 @@ def launcher(q, k, v, causal: bool, scale: float | None, out: torch.Tensor, conf
     boxes = [desc(q, c["BLOCK_M"], main), desc(k, c["BLOCK_N"], main), desc(v, c["BLOCK_N"], main_v),
              desc(q, c["BLOCK_M"], win or main), desc(k, c["BLOCK_N"], win or main), desc(v, c["BLOCK_N"], win_v or main_v)]
     qk_scale = (d ** -0.5 if scale is None else float(scale)) * LOG2E
+    mask4 = expanded_mask(mask, q, (bq, hq, sq, sk))
+    kind = "none" if mask4 is None else "bool" if mask4.dtype == torch.uint8 else "bias"
+    mask_args = (q, 0, 0, 0) if mask4 is None else (mask4, mask4.stride(0), mask4.stride(1), mask4.stride(3))
     return functools.partial(
         _tma_attention_kernel[(triton.cdiv(sq, c["BLOCK_M"]), bq * hq)], *boxes, out, *out.stride(), hq, hq // hk, sq, sk,
-        qk_scale, CAUSAL=bool(causal), HEAD_DIM=d, HEAD_DIM_V=dv, MAIN=main, WIN=win, MAIN_V=main_v, WIN_V=win_v,
+        qk_scale, *mask_args, CAUSAL=bool(causal), MASK=kind, HEAD_DIM=d, HEAD_DIM_V=dv, MAIN=main, WIN=win, MAIN_V=main_v, WIN_V=win_v,
         BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], num_warps=c["num_warps"], num_stages=c["num_stages"])
 
 

@@ -31,6 +31,8 @@ def check(q, k, v, tol=None, **kw):
     kw.pop("config", None)
     kw.pop("out", None)
     wide = torch.float64 if q.device.type == "cpu" else torch.float32
+    if kw.get("mask") is not None and kw["mask"].is_floating_point():
+        kw["mask"] = kw["mask"].to(wide)
     want = reference(q.to(wide), k.to(wide), v.to(wide), gqa=q.shape[1] != k.shape[1], **kw)
     assert got.dtype == q.dtype and got.shape == want.shape
     err = rel_err(got, want)
@@ -67,8 +69,49 @@ def test_window_lanes_stored_once():
     assert not check(q, k, v, out=out).isnan().any()
 
 
+@pytest.mark.parametrize("shape", [(2, 1, 1, 29), (2, 2, 1, 29), (1, 29)], ids=["padding", "per-head", "broadcast"])
+@pytest.mark.parametrize("kind", ["bool", "bias"])
+def test_masks(shape, kind):
+    # a bool mask (True attends) or a bias added to the scores (-inf masks; finite values shift), the same for every
+    # query row: its row read a key tile at a time with the mask's strides (0 on broadcast dims); 29 keys: a partial
+    # key tile past which nothing is read
+    q = r(2, 2, 21, 72)
+    _, k, v = fused(2, 29, 2, 2, 72)
+    keep = torch.rand(*shape, generator=gen) < 0.7
+    keep[..., 0] = True  # every row keeps a key (the degenerate rows: test_fully_masked_rows_give_zeros)
+    mask = keep if kind == "bool" else (r(*shape) * 2).masked_fill(~keep, float("-inf"))
+    check(q, k, v, mask=mask)
+
+
+@pytest.mark.parametrize("kind", ["bool", "bias"])
+def test_padding_mask_with_causal_and_gqa(kind):
+    # both apply: a batch's padded keys and the triangle; 4 query heads over 2 kv heads
+    q = r(2, 4, 21, 64)
+    _, k, v = fused(2, 21, 2, 2, 64)
+    keep = torch.ones(2, 1, 1, 21, dtype=torch.bool)
+    keep[1, ..., 5:9] = False
+    mask = keep if kind == "bool" else torch.zeros(2, 1, 1, 21, dtype=torch.float16).masked_fill(~keep, float("-inf"))
+    check(q, k, v, mask=mask, causal=True)
+
+
+def test_fully_masked_rows_give_zeros():
+    # a head whose every key is masked (bool False or a -inf bias) gives zeros, as attention.py's kernel does, not NaN
+    q, k, v = fused(2, 29, 1, 1, 72)
+    keep = torch.rand(2, 1, 1, 29, generator=gen) < 0.7
+    keep[0, ..., 0] = True
+    keep[1] = False
+    want = reference(q.double(), k.double(), v.double(), keep)
+    for mask in (keep, torch.zeros(2, 1, 1, 29, dtype=torch.float16).masked_fill(~keep, float("-inf"))):
+        got = T.attention(q, k, v, mask=mask)
+        assert (got[1] == 0).all()
+        assert rel_err(got[0], want[0]) <= TOL[torch.float16]
+
+
 @pytest.mark.parametrize("change,match", [
-    (lambda q, k, v: (q, k, v, dict(mask=torch.ones(1, 1, 9, 9, dtype=torch.bool))), "mask"),
+    (lambda q, k, v: (q, k, v, dict(mask=torch.ones(1, 1, 9, 8, dtype=torch.bool))), "does not broadcast"),
+    (lambda q, k, v: (q, k, v, dict(mask=torch.ones(9, 9, dtype=torch.bool).tril())), "differs between query rows"),
+    (lambda q, k, v: (q, k, v, dict(mask=torch.ones(1, 1, 9, 9, dtype=torch.float32))), "mask dtype"),
+    (lambda q, k, v: (q, k, v, dict(k_scale=torch.ones(1, 1, 9))), "quantized"),
     (lambda q, k, v: (q.float(), k.float(), v.float(), {}), "dtype"),
     (lambda q, k, v: (q, k.expand(2, -1, -1, -1), v.expand(2, -1, -1, -1), {}), "shapes"),
     (lambda q, k, v: (q[..., :24], k[..., :24], v, {}), "head dims"),
@@ -78,9 +121,9 @@ def test_window_lanes_stored_once():
 def test_what_it_does_not_take(change, match):
     q, k, v, kw = change(*fused(1, 9, 1, 1, 72))
     assert match in T.supported(q, k, v, **kw)
-    if not kw:
+    if set(kw) <= {"mask"}:
         with pytest.raises(ValueError, match=match):
-            T.attention(q, k, v)
+            T.attention(q, k, v, **kw)
 
 
 def cuda(*args, **kw):
@@ -94,6 +137,20 @@ def test_gpu_every_config(shape):
     q, k, v = cuda(*shape)
     for c in T.configs():
         check(q, k, v, config=c)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["bool", "bias"])
+def test_gpu_pixart_cross_attention_padding_mask(kind):
+    # PixArt 512's cross-attention: 1024 queries over 120 text tokens of which 24 / 120 attended (CFG batch 2)
+    q = cuda(2, 1024, 16, 16, 72)[0]
+    _, k, v = cuda(2, 120, 16, 16, 72)
+    keep = torch.zeros(2, 1, 1, 120, dtype=torch.bool, device="cuda")
+    keep[0, ..., :24] = True
+    keep[1] = True
+    mask = keep if kind == "bool" else torch.zeros(keep.shape, dtype=q.dtype, device="cuda").masked_fill(~keep, float("-inf"))
+    for c in T.configs():
+        check(q, k, v, mask=mask, config=c)
 
 
 @pytest.mark.gpu
@@ -133,11 +190,24 @@ def test_offered_by_the_lowering_beside_the_template():
     assert rel_err(out, reference(q.double(), k.double(), v.double())) <= TOL[torch.float16]
 
 
-@pytest.mark.parametrize("case", ["mask", "decode rows", "misaligned"])
+def test_offered_with_a_padding_mask():
+    # PixArt's cross-attention: a [B, 1, 1, Sk] bias over the text tokens; the TMA candidate reads it and agrees
+    q = r(2, 2, 70, 72)
+    _, k, v = fused(2, 24, 2, 2, 72)
+    bias = torch.zeros(2, 1, 1, 24, dtype=torch.float16)
+    bias[1, ..., 17:] = float("-inf")
+    what, cands, out = lowered(q, k, v, bias)
+    tma = [n for n in cands if n.startswith("kiln-tma:")]
+    assert tma and what["tma"]
+    cands[tma[0]]()
+    assert rel_err(out, reference(q.double(), k.double(), v.double(), bias.double())) <= TOL[torch.float16]
+
+
+@pytest.mark.parametrize("case", ["2-d mask", "decode rows", "misaligned"])
 def test_not_offered_where_it_does_not_take_the_operands(case):
     q, k, v = fused(1, 70, 2, 2, 72)
     mask = None
-    if case == "mask":
+    if case == "2-d mask":
         mask = torch.ones(1, 1, 70, 70, dtype=torch.bool)
     elif case == "decode rows":
         q = q[:, :, :16]
