@@ -29,14 +29,19 @@ from kiln.testing import rel_err  # noqa: E402
 DEV = "cpu" if a.smoke else "cuda"
 DT = torch.float16 if a.smoke else torch.bfloat16
 REPS = 20
-# name -> (batch x heads as [B, H], query rows, key rows, keys attended): self-attention unless the keys differ; keys
-# attended < key rows: a [B, 1, 1, Sk] padding bias (0 / -inf) as PixArt's pipeline passes for its text tokens
-SHAPES = {"dit-xl-2 256, 1 image (CFG 2)": (2, 16, 256, 256, 256), "dit-xl-2 256, 8 images (CFG 16)": (16, 16, 256, 256, 256),
-          "pixart 512 self (CFG 2)": (2, 16, 1024, 1024, 1024), "pixart 512 cross, 120 tokens": (2, 16, 1024, 120, 120),
-          "pixart 512 cross, 120 tokens, 24 attended (mask)": (2, 16, 1024, 120, 24),
-          "pixart 1024 self (CFG 2)": (2, 16, 4096, 4096, 4096)}
+# name -> (batch x heads as [B, H], query rows, key rows, keys attended, kv heads, head dim, causal): self-attention
+# unless the keys differ; keys attended < key rows: a [B, 1, 1, Sk] padding bias (0 / -inf) as PixArt's pipeline passes
+# for its text tokens; the last: Llama-3.2-1B's prefill of 2048 tokens (issue 14's prefill)
+SHAPES = {"dit-xl-2 256, 1 image (CFG 2)": (2, 16, 256, 256, 256, 16, 72, False),
+          "dit-xl-2 256, 8 images (CFG 16)": (16, 16, 256, 256, 256, 16, 72, False),
+          "pixart 512 self (CFG 2)": (2, 16, 1024, 1024, 1024, 16, 72, False),
+          "pixart 512 cross, 120 tokens": (2, 16, 1024, 120, 120, 16, 72, False),
+          "pixart 512 cross, 120 tokens, 24 attended (mask)": (2, 16, 1024, 120, 24, 16, 72, False),
+          "pixart 1024 self (CFG 2)": (2, 16, 4096, 4096, 4096, 16, 72, False),
+          "llama-3.2-1b prefill 2048 (causal, 32 / 8 heads, d 64)": (1, 32, 2048, 2048, 2048, 8, 64, True)}
 if a.smoke:
-    SHAPES = {"tiny": (1, 2, 20, 20, 20), "tiny, mask": (1, 2, 20, 20, 13)}
+    SHAPES = {"tiny": (1, 2, 20, 20, 20, 2, 72, False), "tiny, mask": (1, 2, 20, 20, 13, 2, 72, False),
+              "tiny, causal gqa": (1, 4, 20, 20, 20, 2, 64, True)}
 
 
 def graphed(fn):
@@ -54,20 +59,21 @@ def graphed(fn):
 
 
 rows = []
-for name, (b, h, sq, sk, attended) in SHAPES.items():
-    d = 72
-    # q, k, v as a fused projection leaves them: [B, S, 3, H, D] viewed as [B, H, S, D]
-    proj = torch.randn(b, sq, 3, h, d, device=DEV, dtype=DT)
-    kv = torch.randn(b, sk, 2, h, d, device=DEV, dtype=DT) if sk != sq else proj[:, :, 1:]
-    q, k, v = proj[:, :, 0].transpose(1, 2), kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
+for name, (b, h, sq, sk, attended, hk, d, causal) in SHAPES.items():
+    # q, k, v as a fused projection leaves them: [B, S, H + 2 Hk, D], each viewed as [B, H, S, D]
+    proj = torch.randn(b, sq, h + 2 * hk, d, device=DEV, dtype=DT)
+    kv = torch.randn(b, sk, 2 * hk, d, device=DEV, dtype=DT) if sk != sq else proj[:, :, h:]
+    q, k, v = proj[:, :, :h].transpose(1, 2), kv[:, :, :hk].transpose(1, 2), kv[:, :, hk:].transpose(1, 2)
+    gqa = dict(gqa=True) if hk != h else {}
     mask = None
     if attended < sk:
         mask = torch.zeros(b, 1, 1, sk, device=DEV, dtype=DT)
         mask[..., attended:] = float("-inf")
-    want = ta.reference(q.float(), k.float(), v.float(), None if mask is None else mask.float())
+    want = ta.reference(q.float(), k.float(), v.float(), None if mask is None else mask.float(), causal=causal, **gqa)
     out = torch.empty(b, h, sq, d, device=DEV, dtype=DT)
-    cands = {} if a.smoke else {"sdpa + copy": lambda: out.copy_(F.scaled_dot_product_attention(q, k, v, attn_mask=mask))}
-    if not (a.smoke or a.quick or mask is not None):
+    cands = {} if a.smoke else {"sdpa + copy": lambda: out.copy_(F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=hk != h))}
+    if not (a.smoke or a.quick or mask is not None or causal):
         cands |= {
             "sdpa flash-2 + copy": lambda: out.copy_(torch.ops.aten._scaled_dot_product_flash_attention(q, k, v)[0]),
             "sdpa efficient + copy": lambda: out.copy_(
@@ -75,7 +81,7 @@ for name, (b, h, sq, sk, attended) in SHAPES.items():
     # the head dim padded with zeros to a width SDPA's kernels are tuned for (q k^T unchanged; v's zero columns give zero
     # outputs, dropped), scale still 1 / sqrt(72): "pre-padded", as a plan whose projection wrote padded buffers; "with
     # pads", the three pads in each call
-    for dp in () if a.smoke or a.quick or mask is not None else (80, 96, 128):
+    for dp in () if a.smoke or a.quick or mask is not None or causal else (80, 96, 128):
         qp, kp, vp = (F.pad(t, (0, dp - d)) for t in (q, k, v))
         cands[f"sdpa pad {dp} pre-padded + copy"] = (
             lambda qp=qp, kp=kp, vp=vp: out.copy_(F.scaled_dot_product_attention(qp, kp, vp, scale=d ** -0.5)[..., :d]))
@@ -83,14 +89,15 @@ for name, (b, h, sq, sk, attended) in SHAPES.items():
             *(F.pad(t, (0, dp - d)) for t in (q, k, v)), scale=d ** -0.5)[..., :d]))
     sms = torch.cuda.get_device_properties(0).multi_processor_count if not a.smoke else 132
     cfgs = ta.configs(sq, b * h, sms) if not a.smoke else [ta.INTERPRET_CONFIG]
+    forms = ((True, False, "64+16"), (False, False, "pad 128"), (True, True, "64+16, pv 64+16")) if d == 72 else ((True, True, ""),)
     for c in cfgs:
-        for split, split_v, form in ((True, False, "64+16"), (False, False, "pad 128"), (True, True, "64+16, pv 64+16")):
-            tag = f"kiln {c.get('BLOCK_M')}x{c.get('BLOCK_N')} w{c.get('num_warps', '-')} s{c.get('num_stages', '-')} {form}"
+        for split, split_v, form in forms:
+            tag = f"kiln {c.get('BLOCK_M')}x{c.get('BLOCK_N')} w{c.get('num_warps', '-')} s{c.get('num_stages', '-')} {form}".strip()
             cands[tag] = (lambda c=c, split=split, split_v=split_v: ta.attention(
-                q, k, v, mask, out=out, config=None if a.smoke else c, split_d=split, split_v=split_v))
+                q, k, v, mask, causal, out=out, config=None if a.smoke else c, split_d=split, split_v=split_v, **gqa))
     for c in [tma.INTERPRET_CONFIG] if a.smoke else tma.configs():
         cands["kiln tma {BLOCK_M}x{BLOCK_N} w{num_warps} s{num_stages}".format(**c)] = (
-            lambda c=c: tma.attention(q, k, v, out=out, config=c, mask=mask))
+            lambda c=c: tma.attention(q, k, v, causal, out=out, config=c, mask=mask))
     for tag, fn in cands.items():
         try:
             us = graphed(fn)

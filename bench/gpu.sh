@@ -544,7 +544,7 @@ Occupancy|Warp Cycles Per Issued|Registers Per" "$OUT/ncu_24n.txt" | head -150 ;
       # bias, every config) and the rest of its tests, then bench/attn.py --quick (its new row: the cross-attention with 24
       # of 120 tokens attended)
       timeout 200 python3 -m pytest -q -rf -m gpu tests/codegen/test_attention_tma.py 2>&1 | tail -4
-      timeout 240 python3 bench/attn.py --quick 2>&1 | tail -42 ;;
+      timeout 240 python3 bench/attn.py --quick 2>&1 | tail -50 ;;
     s37a)  # session 37 (~330 s): the attention kernel's GPU tests (SPLIT_V: p v as 64 lanes + a window of v's last 16 at head
       # dim 72, every config, against float32) and of the TMA-fed kernel (attention_tma.py), then bench/attn.py --quick:
       # the template (SPLIT_V off / on), the TMA kernel and SDPA at DiT / PixArt shapes
