@@ -95,9 +95,17 @@ for name, (b, h, sq, sk, attended, hk, d, causal) in SHAPES.items():
             tag = f"kiln {c.get('BLOCK_M')}x{c.get('BLOCK_N')} w{c.get('num_warps', '-')} s{c.get('num_stages', '-')} {form}".strip()
             cands[tag] = (lambda c=c, split=split, split_v=split_v: ta.attention(
                 q, k, v, mask, causal, out=out, config=None if a.smoke else c, split_d=split, split_v=split_v, **gqa))
+    def tma_attention(c, heavy_first=tma.HEAVY_FIRST):
+        first, tma.HEAVY_FIRST = tma.HEAVY_FIRST, heavy_first
+        try:
+            return tma.attention(q, k, v, causal, out=out, config=c, mask=mask)
+        finally:
+            tma.HEAVY_FIRST = first
     for c in [tma.INTERPRET_CONFIG] if a.smoke else tma.configs():
-        cands["kiln tma {BLOCK_M}x{BLOCK_N} w{num_warps} s{num_stages}".format(**c)] = (
-            lambda c=c: tma.attention(q, k, v, causal, out=out, config=c, mask=mask))
+        tag = "kiln tma {BLOCK_M}x{BLOCK_N} w{num_warps} s{num_stages}".format(**c)
+        cands[tag] = lambda c=c: tma_attention(c)
+        if causal:  # (the query tiles in order, not the heaviest first)
+            cands[tag + " in order"] = lambda c=c: tma_attention(c, heavy_first=False)
     for tag, fn in cands.items():
         try:
             us = graphed(fn)

@@ -541,8 +541,8 @@ Occupancy|Warp Cycles Per Issued|Registers Per" "$OUT/ncu_24n.txt" | head -150 ;
           --ab-env KILN_REFINE=0 2>&1 | grep "interleaved\|Error\|error" | tail -3
       done ;;
     s38a)  # session 38 (~200 s): the TMA-fed attention's GPU tests with a padding mask (PixArt's cross-attention, bool and
-      # bias, every config) and the rest of its tests, then bench/attn.py --quick (its new row: the cross-attention with 24
-      # of 120 tokens attended)
+      # bias, every config) and the rest of its tests, then bench/attn.py --quick (its new rows: the cross-attention with 24
+      # of 120 tokens attended; the Llama-1B prefill's causal GQA, the TMA kernel's query tiles heaviest first or in order)
       timeout 200 python3 -m pytest -q -rf -m gpu tests/codegen/test_attention_tma.py 2>&1 | tail -4
       timeout 240 python3 bench/attn.py --quick 2>&1 | tail -50 ;;
     s37a)  # session 37 (~330 s): the attention kernel's GPU tests (SPLIT_V: p v as 64 lanes + a window of v's last 16 at head

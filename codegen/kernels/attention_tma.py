@@ -47,6 +47,10 @@ INTERPRET_CONFIG = dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=2)
 # bench/NOTES.md, session 37): 128 x 64 on 8 warps first at DiT's CFG 16 (28.6 us), PixArt 512 (37.0) and 1024 (483);
 # 64 x 128 at DiT's CFG 2 (7.1, 64 x 64 7.6); 64 x 32 second at CFG 16 / PixArt cross; 128 x 128 never first. (A
 # 32-row tile, mma.sync instead of wgmma, was 1.5-2.6x slower everywhere: not listed.)
+# causal: the grid's slow axis is the query tile, last tile first, so the programs with the most keys (the last rows')
+# start in the first wave and the short ones fill the tail (FlashAttention's order); False: tiles in order, a head's
+# together. Unmeasured on the GPU as yet (bench/attn.py's Llama prefill row times both).
+HEAVY_FIRST = True
 CONFIGS = [(128, 64, 8, 3), (64, 128, 4, 2), (64, 64, 4, 3), (64, 32, 4, 3), (128, 128, 8, 2)]
 
 
@@ -57,10 +61,14 @@ def _tma_attention_kernel(
     mask_ptr, stride_mb, stride_mh, stride_mn,  # the mask expanded to [B, H, 1, Sk]: one row a head (MASK "none": unused)
     CAUSAL: tl.constexpr, MASK: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     MAIN: tl.constexpr, WIN: tl.constexpr, MAIN_V: tl.constexpr, WIN_V: tl.constexpr,  # WIN / WIN_V 0: no window
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAVY_FIRST: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    if HEAVY_FIRST:  # causal: the query tiles with the most keys launch first, every head's, then the lighter ones
+        pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
+        pid_bh = tl.program_id(0)
+    else:
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
     hk = h // GROUP
@@ -183,12 +191,15 @@ def launcher(q, k, v, causal: bool, scale: float | None, out: torch.Tensor, conf
              desc(q, c["BLOCK_M"], win or main), desc(k, c["BLOCK_N"], win or main), desc(v, c["BLOCK_N"], win_v or main_v)]
     qk_scale = (d ** -0.5 if scale is None else float(scale)) * LOG2E
     mask4 = expanded_mask(mask, q, (bq, hq, sq, sk))
+    heavy_first = bool(causal) and HEAVY_FIRST
+    grid = (bq * hq, triton.cdiv(sq, c["BLOCK_M"])) if heavy_first else (triton.cdiv(sq, c["BLOCK_M"]), bq * hq)
     kind = "none" if mask4 is None else "bool" if mask4.dtype == torch.uint8 else "bias"
     mask_args = (q, 0, 0, 0) if mask4 is None else (mask4, mask4.stride(0), mask4.stride(1), mask4.stride(3))
     return functools.partial(
-        _tma_attention_kernel[(triton.cdiv(sq, c["BLOCK_M"]), bq * hq)], *boxes, out, *out.stride(), hq, hq // hk, sq, sk,
-        qk_scale, *mask_args, CAUSAL=bool(causal), MASK=kind, HEAD_DIM=d, HEAD_DIM_V=dv, MAIN=main, WIN=win, MAIN_V=main_v, WIN_V=win_v,
-        BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], num_warps=c["num_warps"], num_stages=c["num_stages"])
+        _tma_attention_kernel[grid], *boxes, out, *out.stride(), hq, hq // hk, sq, sk,
+        qk_scale, *mask_args, CAUSAL=bool(causal), MASK=kind, HEAD_DIM=d, HEAD_DIM_V=dv, MAIN=main, WIN=win, MAIN_V=main_v,
+        WIN_V=win_v, BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], HEAVY_FIRST=heavy_first, num_warps=c["num_warps"],
+        num_stages=c["num_stages"])
 
 
 def configs() -> list[dict]:

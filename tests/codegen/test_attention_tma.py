@@ -47,9 +47,12 @@ def test_head_dims(d, dv):
     check(*fused(2, 29, 2, 2, d, dv))
 
 
+@pytest.mark.parametrize("heavy_first", [True, False])
 @pytest.mark.parametrize("sq,sk", [(21, 21), (13, 40), (40, 13)])
-def test_causal_gqa(sq, sk):
-    # SDPA's upper-left is_causal: query i attends keys j <= i; 4 query heads over 2 kv heads
+def test_causal_gqa(sq, sk, heavy_first, monkeypatch):
+    # SDPA's upper-left is_causal: query i attends keys j <= i; 4 query heads over 2 kv heads; the query tiles launched
+    # last first (HEAVY_FIRST) or in order
+    monkeypatch.setattr(T, "HEAVY_FIRST", heavy_first)
     q = r(1, 4, sq, 72)
     _, k, v = fused(1, sk, 2, 2, 72)
     check(q, k, v, causal=True)
