@@ -545,6 +545,9 @@ Occupancy|Warp Cycles Per Issued|Registers Per" "$OUT/ncu_24n.txt" | head -150 ;
       # of 120 tokens attended; the Llama-1B prefill's causal GQA, the TMA kernel's query tiles heaviest first or in order)
       timeout 200 python3 -m pytest -q -rf -m gpu tests/codegen/test_attention_tma.py 2>&1 | tail -4
       timeout 240 python3 bench/attn.py --quick 2>&1 | tail -50 ;;
+    s38b)  # session 38 (~90 s on a warm machine): the DiT-XL/2 step at 8 images (CFG batch 16) with and without the TMA-fed
+      # attention offered: the step's replay, kernels and timeline by role (bench/dit_step.py)
+      (cd bench && timeout 330 python3 dit_step.py --images 8 2>&1 | grep -v "Warning\|addmm\|_warn_once\|float32" | tail -30) ;;
     s37a)  # session 37 (~330 s): the attention kernel's GPU tests (SPLIT_V: p v as 64 lanes + a window of v's last 16 at head
       # dim 72, every config, against float32) and of the TMA-fed kernel (attention_tma.py), then bench/attn.py --quick:
       # the template (SPLIT_V off / on), the TMA kernel and SDPA at DiT / PixArt shapes

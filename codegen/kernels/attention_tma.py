@@ -1,6 +1,6 @@
 """Flash attention with q, k and v read by the Tensor Memory Accelerator: a candidate beside ``attention.py``'s template.
 
-    out = softmax(q @ k^T * scale) @ v        q [B, Hq, Sq, D], k [B, Hk, Sk, D], v [B, Hk, Sk, Dv]; optionally causal
+    out = softmax(q @ k^T * scale + mask) @ v     q [B, Hq, Sq, D], k [B, Hk, Sk, D], v [B, Hk, Sk, Dv]; optionally causal
 
 The same online softmax as ``attention.py`` (one program a BLOCK_M query tile of one (batch, head), walking the keys
 BLOCK_N at a time, scores in log2 units); what differs is how the tiles travel. The template loads each tile with
@@ -10,7 +10,8 @@ D] view (4-d, so a fused projection's strided q / k / v need no copy): no addres
 (120 registers at 64 x 64 and at 128 x 64 on 8 warps, no spills). Measured on an H100 at head dim 72 (bench/attn.py,
 bench/NOTES.md session 37; us a call in CUDA graphs, against the template's best and SDPA + the plan's copy): DiT-XL/2
 CFG 2 7.1 (9.7 / 12.9), CFG 16 28.6 (40.2 / 42.3), PixArt 512 self 37.0 (55.4 / 42.5), cross 11.0 (13.1 / 20.3),
-PixArt 1024 483 (821 / 476).
+PixArt 1024 483 (821 / 476); session 38: PixArt 512 cross-attention with a padding mask (24 of 120 tokens) 12.4 (30.3 /
+22.2), the Llama-1B prefill's causal GQA at head dim 64 49.1 (SDPA + copy 68.1).
 
 Head dims. A power of two (16..256) is one box. One between powers of two (``attention.split_widths``: 72 = 64 + 16)
 is a main box of its power-of-two lanes and a window box of the tail's width ending at the head dim (72: lanes
@@ -49,7 +50,8 @@ INTERPRET_CONFIG = dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=2)
 # 32-row tile, mma.sync instead of wgmma, was 1.5-2.6x slower everywhere: not listed.)
 # causal: the grid's slow axis is the query tile, last tile first, so the programs with the most keys (the last rows')
 # start in the first wave and the short ones fill the tail (FlashAttention's order); False: tiles in order, a head's
-# together. Unmeasured on the GPU as yet (bench/attn.py's Llama prefill row times both).
+# together. Measured on an H100 (bench/attn.py, session 38) at the Llama-1B prefill (2048 tokens, 32 / 8 heads, d 64):
+# 49.1 us against 59.3 in order (64 x 128), cuDNN's + the plan's copy 68.1.
 HEAVY_FIRST = True
 CONFIGS = [(128, 64, 8, 3), (64, 128, 4, 2), (64, 64, 4, 3), (64, 32, 4, 3), (128, 128, 8, 2)]
 

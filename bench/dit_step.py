@@ -1,0 +1,53 @@
+"""The DiT-XL/2 256 pipeline's denoising step at a batch of images, kiln's plan with and without the TMA-fed attention
+among its candidates (one process): the step's replay (do_bench median), its kernels by time and its timeline by role.
+Why: at 8 images (CFG batch 16) the pipeline measured the same with the TMA kernel as with SDPA (session 38, H100:
+214.0 / 213.9 ms) although the kernel alone is 28.6 us against SDPA + copy's 42.3 (bench/attn.py). Usage: python3
+bench/dit_step.py [--images 8]. Writes $OUT/dit_step.json."""
+import argparse
+import json
+import os
+
+import torch
+import triton.testing as tt
+
+from kiln.codegen import lower_attention
+from kiln.diffusion import presets
+from kiln.diffusion.pipelines import padded, step_inputs
+
+from common import kernels_launched
+from step_timeline import step_timeline, summary
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--images", type=int, default=8)
+a = ap.parse_args()
+DEV, BF16 = torch.device("cuda"), torch.bfloat16
+pipe = presets.diffusers_pipeline("dit-xl-2-256", dtype=BF16, device=DEV)
+r = {"device": torch.cuda.get_device_name(), "images": a.images, "arms": {}}
+for tma in (lower_attention.TMA_ATTENTION_CONFIGS, 0):
+    keep, lower_attention.TMA_ATTENTION_CONFIGS = lower_attention.TMA_ATTENTION_CONFIGS, tma
+    try:
+        kp = presets.compile_pipeline(pipe, max_batch=a.images)
+        labels = [207 + i for i in range(a.images)]
+        kp(class_labels=labels, num_inference_steps=2, guidance_scale=4.0, seed=0, output_type="pt")
+        schedule = kp.scheduler.set_timesteps(25, DEV)
+        latents = torch.randn((a.images, *kp.latent_shape), device=DEV, dtype=kp.dtype)
+        lab, timesteps = kp._labels(labels), padded(schedule, kp.spec, DEV)[1]
+        inputs = step_inputs(latents, schedule, 4.0, kp.step_conditioning(lab, timesteps), kp.spec)
+        flat = kp.step.signature.flatten((), inputs)
+        plan = kp.step.executor.plan_for(flat)
+        plan.bind(flat)
+        arm = {"step_ms": tt.do_bench(plan.replay, warmup=5, rep=50, return_mode="median"),
+               "choices": plan.describe().get("choices"), "kernels": kernels_launched(plan), "timeline": step_timeline(plan)}
+    finally:
+        lower_attention.TMA_ATTENTION_CONFIGS = keep
+    r["arms"][f"tma={tma}"] = arm
+    print(f"tma={tma}: step {arm['step_ms'] * 1e3:.1f} us; {summary(arm['timeline'])}")
+    k = arm["kernels"]
+    if k:
+        print(f"  {k['kernels']} kernels, {k['kernel_us']:.0f} us of kernels")
+        for name, n, t in k["top"][:10]:
+            print(f"  {t:8.1f} us  x{n:5.1f}  {name[:100]}")
+out = os.path.join(os.environ.get("OUT", "/tmp"), "dit_step.json")
+with open(out, "w") as f:
+    json.dump(r, f, indent=1, default=str)
+print("wrote", out)
