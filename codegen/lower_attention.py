@@ -38,8 +38,9 @@ from .tuning import OutputCheck, launches, timed_as, with_launches
 TRITON_ATTENTION_CONFIGS = 3
 # the attention candidates' generation (a decision measured between older ones is measured again): 2 since q k^T over a head dim
 # like 72 runs as 64 + 16 lanes (attention.split_widths), 3 configurations are tried and 64-row query tiles come first
-# where 128-row ones leave SMs idle; 3 since the TMA-fed kernel is offered (TMA_ATTENTION_CONFIGS)
-ATTENTION_CANDIDATES = 3
+# where 128-row ones leave SMs idle; 3 since the TMA-fed kernel is offered (TMA_ATTENTION_CONFIGS); 4 since it takes a
+# padding mask and launches a causal attention's heaviest query tiles first (attention_tma.HEAVY_FIRST)
+ATTENTION_CANDIDATES = 4
 # the TMA-fed kernel's configurations offered (attention_tma.configs' first; 0: not offered), where it takes the operands
 # (``attention_tma.supported``: a 16-bit cache-less q / k / v, causal and / or masked) and the queries are not decode's. Its
 # GPU tests passed on an H100 (session 37, every config at the DiT / PixArt / Llama-prefill shapes) and it ran 1.4-1.7x
