@@ -258,6 +258,48 @@ def test_gpu_dit_tma_attention_in_a_plan(pipeline_models, monkeypatch):
     assert d["cuda_graph"] and set(d["choices"]) >= {"attention:kiln-tma"}, d["choices"]
 
 
+@pytest.mark.interpreter
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_pixart_masked_cross_attention_takes_the_tma_kernel(device, monkeypatch):
+    # PixArt's blocks in small (heads of 72, 144 latent tokens): the cross-attention over 24 text tokens with a padding
+    # mask (its [B, H, 1, L] bias read a key tile at a time) and the self-attention, both the TMA-fed kernel, forced (a
+    # candidate not offered would fall back to SDPA; the GEMMs forced too: measured under the interpreter they take
+    # minutes); against the float32 model as the reference backend's 16-bit is.
+    # CPU: float16 under the interpreter; GPU: bfloat16 in the plan's CUDA graph
+    from diffusers import PixArtTransformer2DModel
+
+    from kiln.codegen import lower_attention
+    monkeypatch.setattr(lower_attention, "TMA_ATTENTION_CONFIGS", 3)
+    torch.manual_seed(0)
+    model32 = PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=72, in_channels=4, out_channels=8,
+                                       num_layers=2, cross_attention_dim=144, caption_channels=32, sample_size=24,
+                                       patch_size=2, norm_type="ada_norm_single", use_additional_conditions=False).eval()
+    with torch.no_grad():
+        for p in model32.parameters():  # off the zero / one inits
+            p.add_(torch.randn_like(p) * 0.05)
+    g = torch.Generator().manual_seed(1)
+    mask = torch.ones(2, 24, dtype=torch.int64)
+    mask[1, 9:] = 0  # the second prompt's padding
+    inputs32 = dict(hidden_states=torch.randn(2, 4, 24, 24, generator=g), encoder_hidden_states=torch.randn(2, 24, 32, generator=g),
+                    encoder_attention_mask=mask, timestep=torch.tensor([999, 500]),
+                    added_cond_kwargs={"resolution": None, "aspect_ratio": None})
+    model32 = model32.to(device)
+    inputs32 = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs32.items()}
+    with torch.no_grad():
+        want32 = model32(**inputs32).sample
+    dtype = torch.bfloat16 if device == "cuda" else torch.float16
+    model = model32.to(dtype)
+    inputs = {k: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in inputs32.items()}
+    m = kiln.compile(model, (), inputs, config=kiln.CompileConfig(backend="kernels", kernels={"gemm": "cublas", "attention": "kiln-tma"}))
+    out = m(**inputs).sample
+    ref = Executor(m.graph, Target.from_config(kiln.CompileConfig(backend="reference"), default_device=device)).run(
+        m.signature.flatten((), inputs))[0]
+    no_worse_than_reference(out, ref, want32)
+    d = m.executor.describe()["plans"][0]
+    assert d["choices"].get("attention:kiln-tma") == 4, d["choices"]  # 2 blocks x (self, cross)
+    assert d["cuda_graph"] == (device == "cuda")
+
+
 def _cuda_bf16(inputs: dict) -> dict:
     return {k: v.cuda().bfloat16() if v.is_floating_point() else v.cuda() for k, v in inputs.items()}
 
