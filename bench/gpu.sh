@@ -544,6 +544,7 @@ Occupancy|Warp Cycles Per Issued|Registers Per" "$OUT/ncu_24n.txt" | head -150 ;
       # bias, every config) and the rest of its tests, then bench/attn.py --quick (its new rows: the cross-attention with 24
       # of 120 tokens attended; the Llama-1B prefill's causal GQA, the TMA kernel's query tiles heaviest first or in order)
       timeout 200 python3 -m pytest -q -rf -m gpu tests/codegen/test_attention_tma.py 2>&1 | tail -4
+      timeout 120 python3 -m pytest -q -rf -m gpu tests/runtime/test_kernel_plan.py -k pixart 2>&1 | tail -4  # (after run 1)
       timeout 240 python3 bench/attn.py --quick 2>&1 | tail -50 ;;
     s38b)  # session 38 (~90 s on a warm machine): the DiT-XL/2 step at 8 images (CFG batch 16) with and without the TMA-fed
       # attention offered: the step's replay, kernels and timeline by role (bench/dit_step.py)
