@@ -42,7 +42,8 @@ TRITON_ATTENTION_CONFIGS = 3
 # padding mask and launches a causal attention's heaviest query tiles first (attention_tma.HEAVY_FIRST)
 ATTENTION_CANDIDATES = 4
 # the TMA-fed kernel's configurations offered (attention_tma.configs' first; 0: not offered), where it takes the operands
-# (``attention_tma.supported``: a 16-bit cache-less q / k / v, causal and / or masked) and the queries are not decode's. Its
+# (``attention_tma.supported``: a 16-bit cache-less q / k / v, causal and / or a mask the same for every query row) and
+# the queries are not decode's. Its
 # GPU tests passed on an H100 (session 37, every config at the DiT / PixArt / Llama-prefill shapes) and it ran 1.4-1.7x
 # the template's speed at head dim 72, 1.15-1.85x SDPA's + the copy but at PixArt 1024 (a tie; bench/NOTES.md); the
 # first three cover every best.
