@@ -43,10 +43,9 @@ TRITON_ATTENTION_CONFIGS = 3
 ATTENTION_CANDIDATES = 4
 # the TMA-fed kernel's configurations offered (attention_tma.configs' first; 0: not offered), where it takes the operands
 # (``attention_tma.supported``: a 16-bit cache-less q / k / v, causal and / or a mask the same for every query row) and
-# the queries are not decode's. Its
-# GPU tests passed on an H100 (session 37, every config at the DiT / PixArt / Llama-prefill shapes) and it ran 1.4-1.7x
-# the template's speed at head dim 72, 1.15-1.85x SDPA's + the copy but at PixArt 1024 (a tie; bench/NOTES.md); the
-# first three cover every best.
+# the queries are not decode's. Its GPU tests passed on an H100 (sessions 37-38, every config at the DiT / PixArt /
+# Llama-prefill shapes, PixArt's padding mask) and it ran 1.4-1.7x the template's speed at head dim 72, 1.15-1.85x
+# SDPA's + the copy but at PixArt 1024 (a tie; bench/NOTES.md); the first three cover every best.
 TMA_ATTENTION_CONFIGS = 3
 # the decode attention candidates' generation (in a decode attention's what; a decision measured between older ones is
 # measured again): 2 since "kiln-decode-whole" exists, 3 since the kernel reads only the keys the mask attends, 4 since
