@@ -248,11 +248,18 @@ def quantize_rtn(w: torch.Tensor, bits: int, group: int, symmetric: bool,
 ACT_FORMATS = {"int8": (torch.int8, 127.0), "fp8": (torch.float8_e4m3fn, 448.0)}
 
 
-def quantize_rows(t: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_rows(t: torch.Tensor, fmt: str, group: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """t [..., K] -> (codes [..., K] in the format's dtype, scales [...]), one symmetric scale per row (see above).
+    ``group=G`` (dividing K): a scale per row and G columns, scales [..., K / G] (fine-grained, as DeepSeek-V3's
+    1 x 128 activation blocks: each group quantized as a row of its own).
 
     Scales are float32 (float64 for float64 t: the interpreter's float64 mode); the division is one IEEE rounding,
     as in the kernels, so a kernel's codes equal these."""
+    if group is not None:
+        if group <= 0 or t.shape[-1] % group:
+            raise ValueError(f"quantize_rows: group {group} does not divide the rows' {t.shape[-1]} columns")
+        codes, scales = quantize_rows(t.reshape(*t.shape[:-1], t.shape[-1] // group, group), fmt)
+        return codes.reshape(t.shape), scales
     dtype, qmax = ACT_FORMATS[fmt]
     acc = torch.float64 if t.dtype == torch.float64 else torch.float32
     t = t.to(acc)
@@ -264,5 +271,8 @@ def quantize_rows(t: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor
 
 
 def dequantize_rows(codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """codes [..., K] * scales [...] per row, in ``dtype``."""
+    """codes [..., K] * scales [...] per row, in ``dtype``; scales [..., K / G]: a scale per G columns."""
+    if scales.dim() == codes.dim():
+        g = codes.shape[-1] // scales.shape[-1]
+        return (codes.to(dtype).unflatten(-1, (scales.shape[-1], g)) * scales.to(dtype)[..., None]).flatten(-2)
     return codes.to(dtype) * scales.to(dtype)[..., None]

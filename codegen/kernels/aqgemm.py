@@ -182,15 +182,16 @@ def wave_fit(m: int, n: int, glu: bool, sms: int, cs: list[dict] | None = None) 
     return best if filled(best) > filled(cs[0]) + 0.05 else None
 
 
-def _check(fn, lead, nw, xs, ws, bias, gate, residual, act, glu, out, dtype):
-    """Validate the operands (``lead``: the leading dims of x / h, ``nw``: weight rows); returns (output shape, a
-    tensor of the output's dtype standing in for absent operands)."""
+def _check(fn, lead, nw, xs, ws, bias, gate, residual, act, glu, out, dtype, xs_groups: int | None = None):
+    """Validate the operands (``lead``: the leading dims of x / h, ``nw``: weight rows; ``xs_groups``: x's scales
+    per row where it has several, a row's column groups); returns (output shape, a tensor of the output's dtype
+    standing in for absent operands)."""
     if act not in ACTIVATIONS:
         raise ValueError(f"{fn}: unknown activation {act!r} (one of {', '.join(ACTIVATIONS)})")
     dtype = out.dtype if out is not None else dtype
     if dtype not in OUT_DTYPES:
         raise ValueError(f"{fn}: the output dtype must be float16 / bfloat16 / float32, got {dtype}")
-    for name, t, size in (("xs", xs, lead), ("ws", ws, (nw,))):
+    for name, t, size in (("xs", xs, tuple(lead) + ((xs_groups,) if xs_groups else ())), ("ws", ws, (nw,))):
         if not isinstance(t, torch.Tensor) or t.dtype != torch.float32 or tuple(t.shape) != tuple(size):
             raise ValueError(f"{fn}: {name} must be float32 {list(size)}, got {getattr(t, 'dtype', None)} {tuple(getattr(t, 'shape', ()))}")
     if bias is not None and tuple(bias.shape) != (nw,):

@@ -41,8 +41,9 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from . import aqgemm as taq
 from .gemm import _check as _gemm_check
-from .gemm import _gate_residual_store, grouped_tile, output_operands
+from .gemm import _gate_residual, _gate_residual_store, grouped_tile, output_operands
 from .qgemm import _bias_act_glu
+from .quantize_rows import FORMATS, row_codes, row_scale
 
 # triton.jit picks the interpreter from this variable when the kernel below is defined; read it then too
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -55,13 +56,15 @@ SMALL_M = 64  # at or below: decode's skinny kernels, not this template
 
 @triton.jit
 def _tma_gemm_kernel(
-    x_desc, w_desc, xs_ptr, ws_ptr, bias_ptr, gate_ptr, res_ptr, out_ptr,
+    x_desc, w_desc, xs_ptr, ws_ptr, bias_ptr, gate_ptr, res_ptr, out_ptr, os_ptr,
     M, N, K,  # N: output columns (half of w's rows with GLU)
+    stride_xs,  # XS_GROUP: xs's row stride (K / XS_GROUP scales a row)
     gate_rows, stride_gb, stride_gm, stride_gn,  # gate row m sits at (m // gate_rows) * stride_gb + (m % gate_rows) * stride_gm
     res_rows, stride_rb, stride_rm, stride_rn,
-    stride_om, stride_on,
+    stride_om, stride_on, stride_os,  # stride_os: CODES: the output scales' row stride
     ACT: tl.constexpr, GLU: tl.constexpr, SCALED: tl.constexpr, INT8: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_GATE: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    XS_GROUP: tl.constexpr, CODES: tl.constexpr, QMAX: tl.constexpr, FP8_OUT: tl.constexpr, EMULATE_FP8: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     start = tl.program_id(0)
@@ -70,6 +73,8 @@ def _tma_gemm_kernel(
     num_pid_n = tl.cdiv(N, BLOCK_N)
     k_tiles = tl.cdiv(K, BLOCK_K)
     ACC: tl.constexpr = tl.int32 if INT8 else tl.float32
+    # XS_GROUP: each K step's product is scaled by its group's x scales as it is added (float32 sums)
+    SUM: tl.constexpr = tl.float32 if XS_GROUP else ACC
     # the epilogue's tile is counted apart from the loads' (the tutorial's tile_id_c): the flattened loop's prologue
     # may then run the next tile's loads ahead of this tile's epilogue
     tile_c = start - programs
@@ -77,36 +82,54 @@ def _tma_gemm_kernel(
         pid_m, pid_n = grouped_tile(tile, num_pid_m, num_pid_n, GROUP_M)
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=SUM)
         acc_u = acc
         for ki in range(k_tiles):
             off_k = ki * BLOCK_K
             a = x_desc.load([off_m, off_k])
-            acc = tl.dot(a, w_desc.load([off_n, off_k]).T, acc, out_dtype=ACC)
-            if GLU:  # (the gate half's last tile may read up rows: their columns are past N, never stored)
-                acc_u = tl.dot(a, w_desc.load([N + off_n, off_k]).T, acc_u, out_dtype=ACC)
+            if XS_GROUP:  # (rows past M: x zero-filled, their scales 0)
+                offs_xm = off_m + tl.arange(0, BLOCK_M)
+                sx = tl.load(xs_ptr + offs_xm.to(tl.int64) * stride_xs + off_k // XS_GROUP, mask=offs_xm < M,
+                             other=0.0)[:, None]
+                acc += tl.dot(a, w_desc.load([off_n, off_k]).T, out_dtype=ACC).to(tl.float32) * sx
+                if GLU:
+                    acc_u += tl.dot(a, w_desc.load([N + off_n, off_k]).T, out_dtype=ACC).to(tl.float32) * sx
+            else:
+                acc = tl.dot(a, w_desc.load([off_n, off_k]).T, acc, out_dtype=ACC)
+                if GLU:  # (the gate half's last tile may read up rows: their columns are past N, never stored)
+                    acc_u = tl.dot(a, w_desc.load([N + off_n, off_k]).T, acc_u, out_dtype=ACC)
 
         tile_c += programs
         pid_m, pid_n = grouped_tile(tile_c, num_pid_m, num_pid_n, GROUP_M)
-        # the epilogue on each half of the columns: half its float32 temporaries live at once (whole tiles of 128 x 256
-        # spilled 1.2 KB a thread, compiled for sm_90)
-        a0, a1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
-        u0, u1 = a0, a1
-        if GLU:
-            u0, u1 = tl.split(tl.permute(tl.reshape(acc_u, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
-        _epilogue(a0, u0, pid_m * BLOCK_M, pid_n * BLOCK_N, xs_ptr, ws_ptr, bias_ptr, gate_ptr, res_ptr, out_ptr, M, N,
-                  gate_rows, stride_gb, stride_gm, stride_gn, res_rows, stride_rb, stride_rm, stride_rn, stride_om,
-                  stride_on, ACT, GLU, SCALED, HAS_BIAS, HAS_GATE, HAS_RESIDUAL, BLOCK_M, BLOCK_N // 2)
-        _epilogue(a1, u1, pid_m * BLOCK_M, pid_n * BLOCK_N + BLOCK_N // 2, xs_ptr, ws_ptr, bias_ptr, gate_ptr, res_ptr,
-                  out_ptr, M, N, gate_rows, stride_gb, stride_gm, stride_gn, res_rows, stride_rb, stride_rm, stride_rn,
-                  stride_om, stride_on, ACT, GLU, SCALED, HAS_BIAS, HAS_GATE, HAS_RESIDUAL, BLOCK_M, BLOCK_N // 2)
+        if CODES:  # the whole tile at once: its column groups' maxima need their values together
+            _epilogue(acc, acc_u, pid_m * BLOCK_M, pid_n * BLOCK_N, xs_ptr, ws_ptr, bias_ptr, gate_ptr, res_ptr, out_ptr,
+                      os_ptr, M, N, gate_rows, stride_gb, stride_gm, stride_gn, res_rows, stride_rb, stride_rm,
+                      stride_rn, stride_om, stride_on, stride_os, ACT, GLU, SCALED, HAS_BIAS, HAS_GATE, HAS_RESIDUAL,
+                      XS_GROUP, CODES, QMAX, FP8_OUT, EMULATE_FP8, BLOCK_M, BLOCK_N)
+        else:
+            # the epilogue on each half of the columns: half its float32 temporaries live at once (whole tiles of
+            # 128 x 256 spilled 1.2 KB a thread, compiled for sm_90)
+            a0, a1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+            u0, u1 = a0, a1
+            if GLU:
+                u0, u1 = tl.split(tl.permute(tl.reshape(acc_u, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+            _epilogue(a0, u0, pid_m * BLOCK_M, pid_n * BLOCK_N, xs_ptr, ws_ptr, bias_ptr, gate_ptr, res_ptr, out_ptr,
+                      os_ptr, M, N, gate_rows, stride_gb, stride_gm, stride_gn, res_rows, stride_rb, stride_rm,
+                      stride_rn, stride_om, stride_on, stride_os, ACT, GLU, SCALED, HAS_BIAS, HAS_GATE, HAS_RESIDUAL,
+                      XS_GROUP, CODES, QMAX, FP8_OUT, EMULATE_FP8, BLOCK_M, BLOCK_N // 2)
+            _epilogue(a1, u1, pid_m * BLOCK_M, pid_n * BLOCK_N + BLOCK_N // 2, xs_ptr, ws_ptr, bias_ptr, gate_ptr,
+                      res_ptr, out_ptr, os_ptr, M, N, gate_rows, stride_gb, stride_gm, stride_gn, res_rows, stride_rb,
+                      stride_rm, stride_rn, stride_om, stride_on, stride_os, ACT, GLU, SCALED, HAS_BIAS, HAS_GATE,
+                      HAS_RESIDUAL, XS_GROUP, CODES, QMAX, FP8_OUT, EMULATE_FP8, BLOCK_M, BLOCK_N // 2)
 
 
 @triton.jit
-def _epilogue(acc, acc_u, off_m, off_n, xs_ptr, ws_ptr, bias_ptr, gate_ptr, res_ptr, out_ptr, M, N,
+def _epilogue(acc, acc_u, off_m, off_n, xs_ptr, ws_ptr, bias_ptr, gate_ptr, res_ptr, out_ptr, os_ptr, M, N,
               gate_rows, stride_gb, stride_gm, stride_gn, res_rows, stride_rb, stride_rm, stride_rn, stride_om, stride_on,
-              ACT: tl.constexpr, GLU: tl.constexpr, SCALED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GATE: tl.constexpr,
-              HAS_RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+              stride_os, ACT: tl.constexpr, GLU: tl.constexpr, SCALED: tl.constexpr, HAS_BIAS: tl.constexpr,
+              HAS_GATE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, XS_GROUP: tl.constexpr, CODES: tl.constexpr,
+              QMAX: tl.constexpr, FP8_OUT: tl.constexpr, EMULATE_FP8: tl.constexpr, BLOCK_M: tl.constexpr,
+              BLOCK_N: tl.constexpr):
     # the [BLOCK_M, BLOCK_N] accumulators (acc_u: the up half's) at rows off_m.., columns off_n.., in float32, in the
     # reference's order: scales, bias, activation (glu), gate, residual
     offs_m = off_m + tl.arange(0, BLOCK_M)
@@ -115,12 +138,32 @@ def _epilogue(acc, acc_u, off_m, off_n, xs_ptr, ws_ptr, bias_ptr, gate_ptr, res_
     mask_n = offs_n < N
     rows = offs_m.to(tl.int64)
     cols = offs_n.to(tl.int64)
-    if SCALED:
+    if XS_GROUP:  # x's scales are in the sums already: W's column scales only
+        acc = acc * tl.load(ws_ptr + cols, mask=mask_n, other=0.0)[None, :]
+        if GLU:
+            acc_u = acc_u * tl.load(ws_ptr + N + cols, mask=mask_n, other=0.0)[None, :]
+    elif SCALED:
         acc, acc_u = taq._scale(acc, acc_u, xs_ptr, ws_ptr, rows, cols, mask_m, mask_n, N, GLU)
     h = _bias_act_glu(acc.to(tl.float32), acc_u.to(tl.float32), bias_ptr, cols, mask_n, N, ACT, GLU, HAS_BIAS)
-    _gate_residual_store(h, rows, cols, mask_m[:, None] & mask_n[None, :], gate_ptr, gate_rows, stride_gb, stride_gm,
-                         stride_gn, res_ptr, res_rows, stride_rb, stride_rm, stride_rn, out_ptr, stride_om, stride_on,
-                         HAS_GATE, HAS_RESIDUAL)
+    mask = mask_m[:, None] & mask_n[None, :]
+    if CODES:
+        # y rounded to its dtype (the bias / stand-in's: the value the store would keep), then each row's CODES-column
+        # groups quantized as quantize_rows quantizes a row (the same row_scale / row_codes)
+        y = _gate_residual(h, rows, cols, mask, gate_ptr, gate_rows, stride_gb, stride_gm, stride_gn, res_ptr, res_rows,
+                           stride_rb, stride_rm, stride_rn, HAS_GATE, HAS_RESIDUAL)
+        y = tl.where(mask, y.to(bias_ptr.dtype.element_ty).to(tl.float32), 0.0)
+        GROUPS: tl.constexpr = BLOCK_N // CODES
+        yg = tl.reshape(y, (BLOCK_M * GROUPS, CODES))
+        scale = row_scale(tl.max(tl.abs(yg), axis=1), QMAX)
+        q = tl.reshape(row_codes(yg, scale, QMAX, FP8_OUT, EMULATE_FP8), (BLOCK_M, BLOCK_N))
+        tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on, q, mask=mask)
+        g = off_n // CODES + tl.arange(0, GROUPS)
+        tl.store(os_ptr + rows[:, None] * stride_os + g[None, :], tl.reshape(scale, (BLOCK_M, GROUPS)),
+                 mask=mask_m[:, None] & (g < N // CODES)[None, :])
+    else:
+        _gate_residual_store(h, rows, cols, mask, gate_ptr, gate_rows, stride_gb, stride_gm, stride_gn, res_ptr,
+                             res_rows, stride_rb, stride_rm, stride_rn, out_ptr, stride_om, stride_on, HAS_GATE,
+                             HAS_RESIDUAL)
 
 
 def _config(bm, bn, bk, warps, stages):
@@ -177,12 +220,19 @@ def _sms(device: torch.device) -> int:
 
 
 def tma_gemm(x, w, xs=None, ws=None, bias=None, gate=None, residual=None, act="none", glu=False, out=None,
-             dtype=torch.bfloat16, config: dict | None = None) -> torch.Tensor:
+             dtype=torch.bfloat16, config: dict | None = None, xs_group: int | None = None, codes: tuple | None = None):
     """``residual + gate * epi((x @ w^T) [* xs[..., None] * ws] + bias)`` (module docstring) by the persistent TMA
     template. Codes: x [..., K] and w [N, K] int8 / float8_e4m3fn with their float32 scales xs [...] and ws [N], the
     output in ``dtype`` (``out``'s where given), as ``aqgemm.aqgemm``. 16-bit: x and w float16 / bfloat16, xs = ws =
     None, the output in x's dtype, as ``gemm.gemm``. ``out`` may be the residual itself. ``config``: one of
-    ``configs`` (default: the first), PERSISTENT=False in it launching a program a tile instead of one an SM."""
+    ``configs`` (default: the first), PERSISTENT=False in it launching a program a tile instead of one an SM.
+
+    Block scales (DeepSeek-V3's fine-grained activation scaling, ``ir/quant.py``'s ``quantize_rows(.., group=)``):
+    ``xs_group=G``: x's codes carry a scale per row and G columns, xs [..., K / G] (G a multiple of the config's
+    BLOCK_K). ``codes=(fmt, G)``: the output y (rounded to ``dtype``) is stored as the next AQGEMM's codes with a scale
+    per row and G columns, quantized as ``quantize_rows`` quantizes a row: returns (codes [..., N], scales
+    [..., N / G]) (``out``: those two), G dividing the config's BLOCK_N and N; the GEMM producing its consumer's codes
+    with no pass over y of its own, as no row-wide scale allows."""
     scaled = x.dtype in taq.CODE_DTYPES.values()
     if (xs is None) == scaled or (ws is None) == scaled:
         raise ValueError(f"tma_gemm: {x.dtype} operands take {'both' if scaled else 'no'} scales (xs, ws)")
@@ -190,24 +240,57 @@ def tma_gemm(x, w, xs=None, ws=None, bias=None, gate=None, residual=None, act="n
         raise ValueError(f"tma_gemm: TMA cannot read x {x.dtype} {tuple(x.shape)} strides {x.stride()} / w {w.dtype} "
                          f"{tuple(w.shape)} strides {w.stride()} (one dtype of {[str(d) for d in OPERAND_DTYPES]}, "
                          f"unit inner strides, 16-byte aligned bases and rows, compute capability >= 9.0)")
+    k = x.shape[-1]
+    if xs_group is not None and (not scaled or xs_group <= 0 or k % xs_group):
+        raise ValueError(f"tma_gemm: xs_group={xs_group} needs code operands and a group dividing K = {k}")
     if scaled:
-        shape, like = taq._check("tma_gemm", x.shape[:-1], w.shape[0], xs, ws, bias, gate, residual, act, glu, out, dtype)
+        shape, like = taq._check("tma_gemm", x.shape[:-1], w.shape[0], xs, ws, bias, gate, residual, act, glu,
+                                 None if codes else out, dtype, xs_groups=k // xs_group if xs_group else None)
     else:
-        shape, like = _gemm_check(x, w, bias, gate, residual, act, glu, out), x
-    m, n, k = math.prod(shape[:-1]), shape[-1], x.shape[-1]
-    out, out2, g, r = output_operands("tma_gemm", out, shape, like, gate, residual)
+        shape, like = _gemm_check(x, w, bias, gate, residual, act, glu, None if codes else out), x
+    m, n = math.prod(shape[:-1]), shape[-1]
+    c = dict(config or (INTERPRET_CONFIG if INTERPRET else configs(max(m, SMALL_M + 1), x.dtype, glu)[0]))
+    fmt, group = codes if codes else (None, 0)
+    if xs_group and xs_group % c["BLOCK_K"]:
+        raise ValueError(f"tma_gemm: xs_group={xs_group} must be a multiple of the config's BLOCK_K {c['BLOCK_K']}")
+    if codes:
+        if fmt not in FORMATS or group <= 0 or n % group or c["BLOCK_N"] % group:
+            raise ValueError(f"tma_gemm: codes=(fmt, group) needs fmt one of {', '.join(FORMATS)} and a group dividing "
+                             f"N = {n} and the config's BLOCK_N {c['BLOCK_N']}, got {codes!r}")
+        q, s = _codes_out(out, shape, group, FORMATS[fmt][0], x.device)
+        out = (q, s)
+        _, out2, g, r = output_operands("tma_gemm", q, shape, like, gate, residual)
+        s2 = s.view(m, n // group)
+    else:
+        out, out2, g, r = output_operands("tma_gemm", out, shape, like, gate, residual)
+        s2 = out2
     if m == 0 or n == 0:
         return out
-    c = dict(config or (INTERPRET_CONFIG if INTERPRET else configs(max(m, SMALL_M + 1), x.dtype, glu)[0]))
     launch = {key: c.pop(key) for key in ("num_warps", "num_stages") if key in c}
     persistent = c.pop("PERSISTENT", True)  # False: a program a tile (the same kernel, each program's loop one step)
     x_desc = TensorDescriptor.from_tensor(x.view(m, k), [c["BLOCK_M"], c["BLOCK_K"]])
     w_desc = TensorDescriptor.from_tensor(w, [c["BLOCK_N"], c["BLOCK_K"]])
     tiles = triton.cdiv(m, c["BLOCK_M"]) * triton.cdiv(n, c["BLOCK_N"])
     grid = (min(tiles, INTERPRET_PROGRAMS if INTERPRET else _sms(x.device)) if persistent else tiles,)
+    xs2 = xs.reshape(m, -1) if scaled else like
     _tma_gemm_kernel[grid](
-        x_desc, w_desc, xs.reshape(m) if scaled else like, ws if scaled else like, bias if bias is not None else like,
-        g[0], r[0], out2, m, n, k, *g[1:], *r[1:], out2.stride(0), out2.stride(1),
-        ACT=act, GLU=bool(glu), SCALED=scaled, INT8=x.dtype == torch.int8, HAS_BIAS=bias is not None,
-        HAS_GATE=gate is not None, HAS_RESIDUAL=residual is not None, **c, **launch)
+        x_desc, w_desc, xs2, ws if scaled else like, bias if bias is not None else like,
+        g[0], r[0], out2, s2, m, n, k, xs2.stride(0) if scaled else 0, *g[1:], *r[1:], out2.stride(0), out2.stride(1),
+        s2.stride(0), ACT=act, GLU=bool(glu), SCALED=scaled, INT8=x.dtype == torch.int8, HAS_BIAS=bias is not None,
+        HAS_GATE=gate is not None, HAS_RESIDUAL=residual is not None, XS_GROUP=xs_group or 0, CODES=group,
+        QMAX=FORMATS[fmt][1] if codes else 1.0, FP8_OUT=fmt == "fp8", EMULATE_FP8=INTERPRET, **c, **launch)
+    return out
+
+
+def _codes_out(out, shape: tuple, group: int, code_dtype: torch.dtype, device) -> tuple:
+    """(codes [..., N], scales [..., N / group]) for ``tma_gemm(codes=)``: ``out``'s, checked, or new."""
+    want = ((code_dtype, tuple(shape)), (torch.float32, tuple(shape[:-1]) + (shape[-1] // group,)))
+    if out is None:
+        return tuple(torch.empty(sh, dtype=dt, device=device) for dt, sh in want)
+    if (not isinstance(out, tuple) or len(out) != 2
+            or any(not isinstance(t, torch.Tensor) or (t.dtype, tuple(t.shape)) != w for t, w in zip(out, want))):
+        raise ValueError(f"tma_gemm: out must be (codes {code_dtype} {list(want[0][1])}, scales float32 "
+                         f"{list(want[1][1])}) for codes=, got {out!r:.200}")
+    if not all(t.is_contiguous() for t in out):
+        raise ValueError("tma_gemm: the codes and scales given as out must be contiguous")
     return out

@@ -112,3 +112,82 @@ def test_every_config_at_model_shapes(fmt, m, k, n, glu):
     cs = T.configs(m, torch.bfloat16 if fmt == "bf16" else A.CODE_DTYPES[fmt], glu)
     for c in cs + [dict(cs[0], PERSISTENT=False)]:  # (and a program a tile)
         assert rel_err(run(act=act, glu=glu, config=c), want) <= TOL[torch.bfloat16], c
+
+
+# Block scales: x's codes with a scale per row and G columns (the consumer), the output stored as codes with a scale per
+# row and G columns (the producer): a GLU gate / up GEMM handing the down projection its codes with no pass of its own
+
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+@pytest.mark.parametrize("k, group", [(96, 32), (128, 64)])  # K steps of 32: one a group, two a group
+def test_x_with_group_scales_against_the_dequantized_formula(fmt, k, group):
+    x = r(45, k) * torch.linspace(0.01, 30, k, dtype=torch.float64).float()  # groups of very different ranges
+    qx, sx = quant.quantize_rows(x, fmt, group=group)
+    qw, sw = quant.quantize_rows(r(50, k, scale=k ** -0.5), fmt)
+    b, res = r(50), r(45, 25)
+    got = T.tma_gemm(qx, qw, sx, sw, b, None, res, act="silu", glu=True, dtype=torch.float32, xs_group=group)
+    xd, wd = quant.dequantize_rows(qx, sx, torch.float64), quant.dequantize_rows(qw, sw, torch.float64)
+    assert sx.shape == (45, k // group) and xd.shape == x.shape
+    want = G.reference(xd, wd, b.double(), None, res.double(), act="silu", glu=True)
+    assert got.shape == want.shape and rel_err(got, want) <= TOL[torch.float32]
+    # one scale a row would lose the small groups: the block scales are what the kernel used
+    qr, sr = quant.quantize_rows(x, fmt)
+    row = T.tma_gemm(qr, qw, sr, sw, b, None, res, act="silu", glu=True, dtype=torch.float32)
+    assert rel_err(got, G.reference(x.double(), wd, b.double(), None, res.double(), act="silu", glu=True)) < \
+        rel_err(row, G.reference(x.double(), wd, b.double(), None, res.double(), act="silu", glu=True))
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+@pytest.mark.parametrize("glu", [False, True])
+def test_codes_out_equal_the_output_then_the_quantizer_by_groups(fmt, glu):
+    # 45 rows (3 row tiles of 16, a partial one), N = 48 (3 column tiles of 16), groups of 8 and 16
+    from kiln.codegen.kernels.quantize_rows import quantize_rows as quantize_kernel
+    ops = coded((45,), 80, 96 if glu else 48, fmt, torch.float16, bias=True)[:5]
+    n = 48
+    res = r(45, n, dtype=torch.float16)
+    for group in (8, 16):
+        y = run_coded(ops, None, res, act="silu" if glu else "gelu_tanh", glu=glu, dtype=torch.float16)
+        q, s = run_coded(ops, None, res, act="silu" if glu else "gelu_tanh", glu=glu, dtype=torch.float16,
+                         codes=(fmt, group))
+        nn = y.shape[-1]
+        q_want, s_want = quantize_kernel(y.reshape(-1, group), fmt)  # each group a row of the row quantizer
+        assert q.shape == y.shape and s.shape == (45, nn // group)
+        assert torch.equal(s.reshape(-1), s_want), group
+        assert torch.equal(q.reshape(-1, group).view(torch.uint8), q_want.view(torch.uint8)), group
+        q_ref, s_ref = quant.quantize_rows(y.float(), fmt, group=group)  # the torch formula (fp8 subnormals aside)
+        assert torch.equal(s, s_ref) and rel_err(quant.dequantize_rows(q, s), quant.dequantize_rows(q_ref, s_ref)) < 1e-2
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda q, s, w, sw: T.tma_gemm(q, w, s, sw, xs_group=48), "xs_group=48 needs code operands and a group dividing"),
+    (lambda q, s, w, sw: T.tma_gemm(q, w, s, sw, xs_group=32), r"xs must be float32 \[8, 2\]"),
+    (lambda q, s, w, sw: T.tma_gemm(q, w, s, sw, codes=("fp8", 12)), "a group dividing N = 16 and the config's BLOCK_N"),
+    (lambda q, s, w, sw: T.tma_gemm(q, w, s, sw, codes=("int4", 16)), "fmt one of int8, fp8"),
+    (lambda q, s, w, sw: T.tma_gemm(q, w, s, sw, codes=("fp8", 16), out=torch.zeros(8, 16)), "out must be .codes"),
+])
+def test_block_scale_arguments_are_checked(call, message):
+    q, s = quant.quantize_rows(torch.randn(8, 64, generator=gen), "fp8")
+    w, sw = quant.quantize_rows(torch.randn(16, 64, generator=gen), "fp8")
+    with pytest.raises(ValueError, match=message):
+        call(q, s, w, sw)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+@pytest.mark.parametrize("m,k,n,glu", [(2048, 2048, 16384, True), (2048, 1152, 4608, False), (300, 2048, 1024, False)])
+def test_block_scales_every_config_at_model_shapes(fmt, m, k, n, glu):
+    # the producer: codes of its output by groups of 128 against its plain output quantized group by group; the consumer
+    # (x = those codes, K = the producer's N): its product with block scales against the dequantized float64 formula
+    from kiln.codegen.kernels.quantize_rows import quantize_rows as quantize_kernel
+    act = "silu" if glu else "gelu_tanh"
+    ops = tuple(t.cuda() for t in coded((m,), k, n, fmt, torch.bfloat16, bias=not glu)[:5])
+    for c in [c for c in T.configs(m, A.CODE_DTYPES[fmt], glu) if c["BLOCK_N"] % 128 == 0]:
+        y = run_coded(ops, act=act, glu=glu, config=c)
+        q, s = run_coded(ops, act=act, glu=glu, config=c, codes=(fmt, 128))
+        q_want, s_want = quantize_kernel(y.reshape(-1, 128), fmt)
+        assert rel_err(s.reshape(-1), s_want) <= 1e-6, c
+        assert rel_err(quant.dequantize_rows(q.reshape(-1, 128), s.reshape(-1)), quant.dequantize_rows(q_want, s_want)) <= 1e-3, c
+    nk = y.shape[-1]
+    qw, sw = (t.cuda() for t in quant.quantize_rows(r(512, nk, scale=nk ** -0.5), fmt))
+    want = G.reference(quant.dequantize_rows(q, s, torch.float64), quant.dequantize_rows(qw, sw, torch.float64))
+    for c in T.configs(m, A.CODE_DTYPES[fmt]):
+        assert rel_err(T.tma_gemm(q, qw, s, sw, xs_group=128, config=c), want) <= TOL[torch.bfloat16], c
