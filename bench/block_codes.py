@@ -19,6 +19,7 @@ import os
 import torch
 import triton
 
+from kiln.codegen.kernels import aqgemm as taq
 from kiln.codegen.kernels import epilogue_codes as tec
 from kiln.codegen.kernels import quantize_rows as tqr
 from kiln.codegen.kernels import tma_gemm as ttma
@@ -67,6 +68,11 @@ def configs(m: int, dtype, glu: bool = False) -> list[dict]:
     return ttma.configs(m, dtype, glu)
 
 
+def pconfigs(m: int, glu: bool = False) -> list[dict]:
+    """aqgemm.py's pointer template's configs (the interpreter: the smoke one)."""
+    return configs(m, None, glu) if SMOKE else taq.configs(m, glu)
+
+
 def label(c: dict) -> str:
     return "x".join(str(c[v]) for v in ("BLOCK_M", "BLOCK_N", "BLOCK_K")) + f" w{c['num_warps']} s{c['num_stages']}"
 
@@ -89,6 +95,9 @@ def one(name, m, k, n, n2, act, glu, fmt) -> dict:
     first = {f"tma {label(c)} + quantize_rows": (lambda c=c: (ttma.tma_gemm(qx, q1, sx, s1, out=y, config=c, **epi),
                                                              tqr.quantize_rows(y, fmt, out=(hq, hs))))
              for c in configs(m, qx.dtype, glu)}
+    first.update({f"pointer {label(c)} + quantize_rows": (lambda c=c: (
+        taq.aqgemm(qx, sx, q1, s1, out=y, config=c, **epi), tqr.quantize_rows(y, fmt, out=(hq, hs))))
+        for c in pconfigs(m, glu)})
     if SMOKE:  # (no library GEMM on the CPU: the product in float, through the same epilogue kernel)
         first["float product + epilogue_codes"] = lambda: tec.epilogue_codes(
             (dequantize_rows(qx, sx) @ dequantize_rows(q1, s1).t()).to(bf), fmt, hq, hs, **epi)
@@ -103,19 +112,31 @@ def one(name, m, k, n, n2, act, glu, fmt) -> dict:
     row["row first best"] = row_first
     first[row_first[1]]()
     row_second = best({f"tma {label(c)}": (lambda c=c: ttma.tma_gemm(hq, q2, hs, s2, out=out, config=c))
-                       for c in configs(m, qx.dtype)}, row, "row second")
+                       for c in configs(m, qx.dtype)}
+                      | {f"pointer {label(c)}": (lambda c=c: taq.aqgemm(hq, hs, q2, s2, out=out, config=c))
+                         for c in pconfigs(m)}, row, "row second")
     ttma.tma_gemm(hq, q2, hs, s2, out=out, config=configs(m, qx.dtype)[0])
     got_row = out.clone()
     # the block path: the first GEMM's epilogue writes codes with a scale per row and GROUP columns
     bq, bs = torch.empty(m, n, device=dev, dtype=qx.dtype), torch.empty(m, n // GROUP, device=dev, dtype=torch.float32)
     cs1 = [c for c in configs(m, qx.dtype, glu) if c["BLOCK_N"] % GROUP == 0]
+    pcs1 = [c for c in pconfigs(m, glu) if c["BLOCK_N"] % GROUP == 0]
     blk_first = best({f"tma {label(c)} codes": (lambda c=c: ttma.tma_gemm(qx, q1, sx, s1, out=(bq, bs), config=c,
-                                                                          codes=(fmt, GROUP), dtype=bf, **epi)) for c in cs1},
-                     row, "block first")
+                                                                          codes=(fmt, GROUP), dtype=bf, **epi)) for c in cs1}
+                     | {f"pointer {label(c)} codes": (lambda c=c: taq.aqgemm(qx, sx, q1, s1, out=(bq, bs), config=c,
+                                                                             codes=(fmt, GROUP), dtype=bf, **epi))
+                        for c in pcs1}, row, "block first")
     cs2 = [c for c in configs(m, qx.dtype) if GROUP % c["BLOCK_K"] == 0]
+    pcs2 = [c for c in pconfigs(m) if GROUP % c["BLOCK_K"] == 0]
     blk_second = best({f"tma {label(c)} xs_group": (lambda c=c: ttma.tma_gemm(bq, q2, bs, s2, out=out, config=c,
-                                                                              xs_group=GROUP)) for c in cs2},
+                                                                              xs_group=GROUP)) for c in cs2}
+                      | {f"pointer {label(c)} xs_group": (lambda c=c: taq.aqgemm(bq, bs, q2, s2, out=out, config=c,
+                                                                                 xs_group=GROUP)) for c in pcs2},
                       row, "block second")
+    # the pointer template's block path checked too (its first configs), against the TMA one's
+    taq.aqgemm(qx, sx, q1, s1, out=(bq, bs), config=pcs1[0], codes=(fmt, GROUP), dtype=bf, **epi)
+    taq.aqgemm(bq, bs, q2, s2, out=out, config=pcs2[0], xs_group=GROUP)
+    got_ptr = out.clone()
     ttma.tma_gemm(qx, q1, sx, s1, out=(bq, bs), config=cs1[0], codes=(fmt, GROUP), dtype=bf, **epi)
     ttma.tma_gemm(bq, q2, bs, s2, out=out, config=cs2[0], xs_group=GROUP)
     got_blk = out.clone()
@@ -125,6 +146,7 @@ def one(name, m, k, n, n2, act, glu, fmt) -> dict:
            else torch.nn.functional.gelu(h64 + b1.double(), approximate="tanh"))
     want = y64 @ w2.double().t()
     row["err row"], row["err block"] = rel_err(got_row, want), rel_err(got_blk, want)
+    row["err block pointer"] = rel_err(got_ptr, want)
     row["err codes row"] = rel_err(dequantize_rows(hq, hs, torch.float64), y64)
     row["err codes block"] = rel_err(dequantize_rows(bq, bs, torch.float64), y64)
     row["us row"], row["us block"] = row_first[0] + row_second[0], blk_first[0] + blk_second[0]
@@ -149,7 +171,7 @@ def main():
             print(f"{r['pair']:28s} {fmt:4s} row {r['us row']:7.1f} us ({r['row first best'][1]} "
                   f"{r['row first best'][0]:.1f} + {min(r['row second'].values()):.1f})  block {r['us block']:7.1f} us "
                   f"({min(r['block first'].values()):.1f} + {min(r['block second'].values()):.1f})  "
-                  f"err {r['err row']:.2e} / {r['err block']:.2e}  codes {r['err codes row']:.2e} / "
+                  f"err {r['err row']:.2e} / {r['err block']:.2e} (pointer {r['err block pointer']:.2e})  codes {r['err codes row']:.2e} / "
                   f"{r['err codes block']:.2e}", flush=True)
             for key, e in r.get("errors", {}).items():
                 print(f"    {key}: {e}", flush=True)

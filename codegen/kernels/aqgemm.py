@@ -23,8 +23,9 @@ import triton
 import triton.language as tl
 
 from ...ir.ops_fused import ACTIVATIONS, apply_epilogue
-from .gemm import _config, _gate_residual_store, check_output_operands, grouped_tile, output_operands
+from .gemm import _config, _gate_residual, _gate_residual_store, check_output_operands, grouped_tile, output_operands
 from .qgemm import _bias_act_glu
+from .quantize_rows import FORMATS, row_codes, row_scale
 
 # triton.jit picks the interpreter from this variable when the kernels below are defined; read it then too
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -46,15 +47,16 @@ def _scale(acc, acc_u, xs_ptr, ws_ptr, rows, cols, mask_m, mask_n, N, GLU: tl.co
 
 @triton.jit
 def _aqgemm_kernel(
-    x_ptr, w_ptr, xs_ptr, ws_ptr, bias_ptr, gate_ptr, res_ptr, out_ptr,
+    x_ptr, w_ptr, xs_ptr, ws_ptr, bias_ptr, gate_ptr, res_ptr, out_ptr, os_ptr,
     M, N, K,  # N: output columns (half of w's rows with GLU)
-    stride_xm, stride_xk,
+    stride_xm, stride_xk, stride_xs, stride_os,  # xs's row stride (XS_GROUP), the output scales' (CODES)
     stride_wn, stride_wk,
     gate_rows, stride_gb, stride_gm, stride_gn,  # gate row m sits at (m // gate_rows) * stride_gb + (m % gate_rows) * stride_gm
     res_rows, stride_rb, stride_rm, stride_rn,
     stride_om, stride_on,
     ACT: tl.constexpr, GLU: tl.constexpr, INT8: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_GATE: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    XS_GROUP: tl.constexpr, CODES: tl.constexpr, QMAX: tl.constexpr, FP8_OUT: tl.constexpr, EMULATE_FP8: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # grouped program order (Triton matmul tutorial): GROUP_M row tiles share the weight tiles in L2
@@ -74,7 +76,8 @@ def _aqgemm_kernel(
     x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk  # [BLOCK_M, BLOCK_K]
     w_ptrs = w_ptr + offs_k[:, None] * stride_wk + cols[None, :] * stride_wn  # [BLOCK_K, BLOCK_N] of w^T (K-major: wgmma's fp8 layout)
     ACC: tl.constexpr = tl.int32 if INT8 else tl.float32
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    SUM: tl.constexpr = tl.float32 if XS_GROUP else ACC  # XS_GROUP: each K step's product times its group's x scales
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=SUM)
     acc_u = acc
     if GLU:
         wu_ptrs = w_ptr + offs_k[:, None] * stride_wk + (cols + N)[None, :] * stride_wn  # the up half
@@ -82,21 +85,64 @@ def _aqgemm_kernel(
         k_left = K - k * BLOCK_K
         a = tl.load(x_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
         b = tl.load(w_ptrs, mask=(offs_k[:, None] < k_left) & mask_n[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, out_dtype=ACC)
+        if XS_GROUP:
+            sx = tl.load(xs_ptr + rows * stride_xs + (k * BLOCK_K) // XS_GROUP, mask=mask_m, other=0.0)[:, None]
+            acc += tl.dot(a, b, out_dtype=ACC).to(tl.float32) * sx
+        else:
+            acc = tl.dot(a, b, acc, out_dtype=ACC)
         if GLU:
             bu = tl.load(wu_ptrs, mask=(offs_k[:, None] < k_left) & mask_n[None, :], other=0.0)
-            acc_u = tl.dot(a, bu, acc_u, out_dtype=ACC)
+            if XS_GROUP:
+                acc_u += tl.dot(a, bu, out_dtype=ACC).to(tl.float32) * sx
+            else:
+                acc_u = tl.dot(a, bu, acc_u, out_dtype=ACC)
             wu_ptrs += BLOCK_K * stride_wk
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
 
     # epilogue, in float32, in the reference's order: scales, bias, activation (glu), gate, residual
-    acc, acc_u = _scale(acc, acc_u, xs_ptr, ws_ptr, rows, cols, mask_m, mask_n, N, GLU)
+    if XS_GROUP:  # x's scales are in the sums already
+        acc, acc_u = _scale_w(acc, acc_u, ws_ptr, cols, mask_n, N, GLU)
+    else:
+        acc, acc_u = _scale(acc, acc_u, xs_ptr, ws_ptr, rows, cols, mask_m, mask_n, N, GLU)
     acc = _bias_act_glu(acc, acc_u, bias_ptr, cols, mask_n, N, ACT, GLU, HAS_BIAS)
     mask = mask_m[:, None] & mask_n[None, :]
-    _gate_residual_store(acc, rows, cols, mask, gate_ptr, gate_rows, stride_gb, stride_gm, stride_gn,
-                         res_ptr, res_rows, stride_rb, stride_rm, stride_rn, out_ptr, stride_om, stride_on,
-                         HAS_GATE, HAS_RESIDUAL)
+    if CODES:
+        y = _gate_residual(acc, rows, cols, mask, gate_ptr, gate_rows, stride_gb, stride_gm, stride_gn, res_ptr,
+                           res_rows, stride_rb, stride_rm, stride_rn, HAS_GATE, HAS_RESIDUAL)
+        store_codes(y, rows, cols, mask_m, mask, pid_n * BLOCK_N, N, bias_ptr, out_ptr, stride_om, stride_on, os_ptr,
+                    stride_os, CODES, QMAX, FP8_OUT, EMULATE_FP8, BLOCK_M, BLOCK_N)
+    else:
+        _gate_residual_store(acc, rows, cols, mask, gate_ptr, gate_rows, stride_gb, stride_gm, stride_gn,
+                             res_ptr, res_rows, stride_rb, stride_rm, stride_rn, out_ptr, stride_om, stride_on,
+                             HAS_GATE, HAS_RESIDUAL)
+
+
+@triton.jit
+def _scale_w(acc, acc_u, ws_ptr, cols, mask_n, N, GLU: tl.constexpr):
+    # acc * sw[cols] (x's block scales already in acc); acc_u: the up half, columns N + cols
+    acc = acc * tl.load(ws_ptr + cols, mask=mask_n, other=0.0)[None, :]
+    if GLU:
+        acc_u = acc_u * tl.load(ws_ptr + N + cols, mask=mask_n, other=0.0)[None, :]
+    return acc, acc_u
+
+
+@triton.jit
+def store_codes(y, rows, cols, mask_m, mask, off_n, N, like_ptr, q_ptr, stride_qm, stride_qn, s_ptr, stride_s,
+                GROUP: tl.constexpr, QMAX: tl.constexpr, FP8: tl.constexpr, EMULATE_FP8: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # y [BLOCK_M, BLOCK_N] (float32, columns off_n..) rounded to like_ptr's dtype (the value a store would keep), each
+    # row's GROUP-column groups quantized as quantize_rows quantizes a row (its row_scale / row_codes): the codes at
+    # q_ptr, the scales [rows, N / GROUP] at s_ptr (groups past N: masked, as their columns)
+    y = tl.where(mask, y.to(like_ptr.dtype.element_ty).to(tl.float32), 0.0)
+    GROUPS: tl.constexpr = BLOCK_N // GROUP
+    yg = tl.reshape(y, (BLOCK_M * GROUPS, GROUP))
+    scale = row_scale(tl.max(tl.abs(yg), axis=1), QMAX)
+    q = tl.reshape(row_codes(yg, scale, QMAX, FP8, EMULATE_FP8), (BLOCK_M, BLOCK_N))
+    tl.store(q_ptr + rows[:, None] * stride_qm + cols[None, :] * stride_qn, q, mask=mask)
+    g = off_n // GROUP + tl.arange(0, GROUPS)
+    tl.store(s_ptr + rows[:, None] * stride_s + g[None, :], tl.reshape(scale, (BLOCK_M, GROUPS)),
+             mask=mask_m[:, None] & (g < N // GROUP)[None, :])
 
 
 @triton.jit
@@ -206,30 +252,81 @@ def _check(fn, lead, nw, xs, ws, bias, gate, residual, act, glu, out, dtype, xs_
     return shape, like
 
 
+def check_blocks(fn: str, k: int, n: int, xs_group: int | None, codes: tuple | None, config: dict) -> None:
+    """The block-scale arguments of ``aqgemm`` / ``tma_gemm`` for K = ``k``, N = ``n`` and the launch ``config``:
+    ``xs_group`` dividing K, a multiple of BLOCK_K; ``codes`` = (fmt, G), G dividing N and BLOCK_N."""
+    if xs_group is not None and (xs_group <= 0 or k % xs_group or xs_group % config["BLOCK_K"]):
+        raise ValueError(f"{fn}: xs_group={xs_group} must divide K = {k} and be a multiple of the config's BLOCK_K "
+                         f"{config['BLOCK_K']}")
+    if codes is not None:
+        fmt, group = codes if isinstance(codes, tuple) and len(codes) == 2 else (None, 0)
+        if fmt not in FORMATS or not isinstance(group, int) or group <= 0 or n % group or config["BLOCK_N"] % group:
+            raise ValueError(f"{fn}: codes=(fmt, group) needs fmt one of {', '.join(FORMATS)} and a group dividing "
+                             f"N = {n} and the config's BLOCK_N {config['BLOCK_N']}, got {codes!r}")
+
+
+def codes_out(fn: str, out, shape: tuple, codes: tuple, device) -> tuple:
+    """(codes [..., N], scales [..., N / G]) for ``codes=(fmt, G)``: ``out``'s, checked, or new."""
+    fmt, group = codes
+    want = ((FORMATS[fmt][0], tuple(shape)), (torch.float32, tuple(shape[:-1]) + (shape[-1] // group,)))
+    if out is None:
+        return tuple(torch.empty(sh, dtype=dt, device=device) for dt, sh in want)
+    if (not isinstance(out, tuple) or len(out) != 2
+            or any(not isinstance(t, torch.Tensor) or (t.dtype, tuple(t.shape)) != w for t, w in zip(out, want))):
+        raise ValueError(f"{fn}: out must be (codes {want[0][0]} {list(want[0][1])}, scales float32 {list(want[1][1])}) "
+                         f"for codes=, got {out!r:.200}")
+    if not all(t.is_contiguous() for t in out):
+        raise ValueError(f"{fn}: the codes and scales given as out must be contiguous")
+    return out
+
+
+def block_meta(xs_group: int | None, codes: tuple | None, interpret: bool) -> dict:
+    """The kernels' block-scale switches."""
+    fmt, group = codes or (None, 0)
+    return dict(XS_GROUP=xs_group or 0, CODES=group, QMAX=FORMATS[fmt][1] if codes else 1.0, FP8_OUT=fmt == "fp8",
+                EMULATE_FP8=interpret)
+
+
 def aqgemm(qx, xs, qw, ws, bias=None, gate=None, residual=None, act="none", glu=False, out=None, dtype=torch.bfloat16,
-           config: dict | None = None) -> torch.Tensor:
+           config: dict | None = None, xs_group: int | None = None, codes: tuple | None = None):
     """``residual + gate * epi((qx @ qw^T) * xs[..., None] * ws + bias)`` in one kernel (module docstring).
 
     qx [..., K] and qw [N, K] both int8 or both float8_e4m3fn (qx's leading dims flattenable to M rows); xs [...] and
     ws [N] float32; bias [N], gate / residual broadcast to the output [..., N'] (N' = N, or N / 2 with ``glu``), in the
     output's dtype (``out``'s, else ``dtype``). ``out`` may be the residual itself. ``config``: one entry of
-    ``configs`` run without the autotuner."""
+    ``configs`` run without the autotuner. Block scales (``xs_group``: xs [..., K / G]; ``codes=(fmt, G)``: the output
+    as codes and scales by groups of G columns): as ``tma_gemm.tma_gemm``'s, with a ``config`` given."""
     fmt = next((f for f, d in CODE_DTYPES.items() if getattr(qx, "dtype", None) == d), None)
     if fmt is None or qw.dtype != qx.dtype or qx.dim() < 1 or qw.dim() != 2 or qx.shape[-1] != qw.shape[1]:
         raise ValueError(f"aqgemm: qx and qw must be int8 or float8_e4m3fn [..., K] and [N, K], got {getattr(qx, 'dtype', None)} "
                          f"{tuple(getattr(qx, 'shape', ()))} and {getattr(qw, 'dtype', None)} {tuple(getattr(qw, 'shape', ()))}")
-    shape, like = _check("aqgemm", qx.shape[:-1], qw.shape[0], xs, ws, bias, gate, residual, act, glu, out, dtype)
-    m, n, k = math.prod(shape[:-1]), shape[-1], qx.shape[-1]
-    out, out2, g, r = output_operands("aqgemm", out, shape, like, gate, residual)
+    k = qx.shape[-1]
+    blocks = xs_group is not None or codes is not None
+    if blocks and config is None and not INTERPRET:
+        raise ValueError("aqgemm: block scales (xs_group / codes) take a config (no autotuning)")
+    if xs_group is not None and (xs_group <= 0 or k % xs_group):
+        raise ValueError(f"aqgemm: xs_group={xs_group} must divide K = {k}")
+    shape, like = _check("aqgemm", qx.shape[:-1], qw.shape[0], xs, ws, bias, gate, residual, act, glu,
+                         None if codes else out, dtype, xs_groups=k // xs_group if xs_group else None)
+    m, n = math.prod(shape[:-1]), shape[-1]
+    c = dict(GROUP_M=8) | dict(config or INTERPRET_CONFIG)
+    check_blocks("aqgemm", k, n, xs_group, codes, c)
+    if codes:
+        out = codes_out("aqgemm", out, shape, codes, qx.device)
+        _, out2, g, r = output_operands("aqgemm", out[0], shape, like, gate, residual)
+        s2 = out[1].view(m, n // codes[1])
+    else:
+        out, out2, g, r = output_operands("aqgemm", out, shape, like, gate, residual)
+        s2 = out2
     if m == 0 or n == 0:
         return out
-    qx2, xs2 = qx.reshape(m, k), xs.reshape(m)
-    args = (qx2, qw, xs2, ws, bias if bias is not None else like, g[0], r[0], out2, m, n, k, qx2.stride(0), qx2.stride(1),
-            qw.stride(0), qw.stride(1), *g[1:], *r[1:], out2.stride(0), out2.stride(1))
+    qx2, xs2 = qx.reshape(m, k), xs.reshape(m, -1)
+    args = (qx2, qw, xs2, ws, bias if bias is not None else like, g[0], r[0], out2, s2, m, n, k, qx2.stride(0),
+            qx2.stride(1), xs2.stride(0), s2.stride(0), qw.stride(0), qw.stride(1), *g[1:], *r[1:], out2.stride(0),
+            out2.stride(1))
     meta = dict(ACT=act, GLU=bool(glu), INT8=fmt == "int8", HAS_BIAS=bias is not None, HAS_GATE=gate is not None,
-                HAS_RESIDUAL=residual is not None)
+                HAS_RESIDUAL=residual is not None, **block_meta(xs_group, codes, INTERPRET))
     if INTERPRET or config is not None:
-        c = dict(GROUP_M=8) | dict(config or INTERPRET_CONFIG)
         _aqgemm_kernel[(triton.cdiv(m, c["BLOCK_M"]) * triton.cdiv(n, c["BLOCK_N"]),)](*args, **meta, **c)
     else:
         grid = lambda c: (triton.cdiv(m, c["BLOCK_M"]) * triton.cdiv(n, c["BLOCK_N"]),)  # noqa: E731

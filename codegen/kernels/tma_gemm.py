@@ -43,7 +43,6 @@ from . import aqgemm as taq
 from .gemm import _check as _gemm_check
 from .gemm import _gate_residual, _gate_residual_store, grouped_tile, output_operands
 from .qgemm import _bias_act_glu
-from .quantize_rows import FORMATS, row_codes, row_scale
 
 # triton.jit picks the interpreter from this variable when the kernel below is defined; read it then too
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -147,19 +146,10 @@ def _epilogue(acc, acc_u, off_m, off_n, xs_ptr, ws_ptr, bias_ptr, gate_ptr, res_
     h = _bias_act_glu(acc.to(tl.float32), acc_u.to(tl.float32), bias_ptr, cols, mask_n, N, ACT, GLU, HAS_BIAS)
     mask = mask_m[:, None] & mask_n[None, :]
     if CODES:
-        # y rounded to its dtype (the bias / stand-in's: the value the store would keep), then each row's CODES-column
-        # groups quantized as quantize_rows quantizes a row (the same row_scale / row_codes)
         y = _gate_residual(h, rows, cols, mask, gate_ptr, gate_rows, stride_gb, stride_gm, stride_gn, res_ptr, res_rows,
                            stride_rb, stride_rm, stride_rn, HAS_GATE, HAS_RESIDUAL)
-        y = tl.where(mask, y.to(bias_ptr.dtype.element_ty).to(tl.float32), 0.0)
-        GROUPS: tl.constexpr = BLOCK_N // CODES
-        yg = tl.reshape(y, (BLOCK_M * GROUPS, CODES))
-        scale = row_scale(tl.max(tl.abs(yg), axis=1), QMAX)
-        q = tl.reshape(row_codes(yg, scale, QMAX, FP8_OUT, EMULATE_FP8), (BLOCK_M, BLOCK_N))
-        tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on, q, mask=mask)
-        g = off_n // CODES + tl.arange(0, GROUPS)
-        tl.store(os_ptr + rows[:, None] * stride_os + g[None, :], tl.reshape(scale, (BLOCK_M, GROUPS)),
-                 mask=mask_m[:, None] & (g < N // CODES)[None, :])
+        taq.store_codes(y, rows, cols, mask_m, mask, off_n, N, bias_ptr, out_ptr, stride_om, stride_on, os_ptr, stride_os,
+                        CODES, QMAX, FP8_OUT, EMULATE_FP8, BLOCK_M, BLOCK_N)
     else:
         _gate_residual_store(h, rows, cols, mask, gate_ptr, gate_rows, stride_gb, stride_gm, stride_gn, res_ptr,
                              res_rows, stride_rb, stride_rm, stride_rn, out_ptr, stride_om, stride_on, HAS_GATE,
@@ -242,7 +232,7 @@ def tma_gemm(x, w, xs=None, ws=None, bias=None, gate=None, residual=None, act="n
                          f"unit inner strides, 16-byte aligned bases and rows, compute capability >= 9.0)")
     k = x.shape[-1]
     if xs_group is not None and (not scaled or xs_group <= 0 or k % xs_group):
-        raise ValueError(f"tma_gemm: xs_group={xs_group} needs code operands and a group dividing K = {k}")
+        raise ValueError(f"tma_gemm: xs_group={xs_group} must divide K = {k}, on code operands")
     if scaled:
         shape, like = taq._check("tma_gemm", x.shape[:-1], w.shape[0], xs, ws, bias, gate, residual, act, glu,
                                  None if codes else out, dtype, xs_groups=k // xs_group if xs_group else None)
@@ -250,17 +240,11 @@ def tma_gemm(x, w, xs=None, ws=None, bias=None, gate=None, residual=None, act="n
         shape, like = _gemm_check(x, w, bias, gate, residual, act, glu, None if codes else out), x
     m, n = math.prod(shape[:-1]), shape[-1]
     c = dict(config or (INTERPRET_CONFIG if INTERPRET else configs(max(m, SMALL_M + 1), x.dtype, glu)[0]))
-    fmt, group = codes if codes else (None, 0)
-    if xs_group and xs_group % c["BLOCK_K"]:
-        raise ValueError(f"tma_gemm: xs_group={xs_group} must be a multiple of the config's BLOCK_K {c['BLOCK_K']}")
+    taq.check_blocks("tma_gemm", k, n, xs_group, codes, c)
     if codes:
-        if fmt not in FORMATS or group <= 0 or n % group or c["BLOCK_N"] % group:
-            raise ValueError(f"tma_gemm: codes=(fmt, group) needs fmt one of {', '.join(FORMATS)} and a group dividing "
-                             f"N = {n} and the config's BLOCK_N {c['BLOCK_N']}, got {codes!r}")
-        q, s = _codes_out(out, shape, group, FORMATS[fmt][0], x.device)
-        out = (q, s)
-        _, out2, g, r = output_operands("tma_gemm", q, shape, like, gate, residual)
-        s2 = s.view(m, n // group)
+        out = taq.codes_out("tma_gemm", out, shape, codes, x.device)
+        _, out2, g, r = output_operands("tma_gemm", out[0], shape, like, gate, residual)
+        s2 = out[1].view(m, n // codes[1])
     else:
         out, out2, g, r = output_operands("tma_gemm", out, shape, like, gate, residual)
         s2 = out2
@@ -277,20 +261,6 @@ def tma_gemm(x, w, xs=None, ws=None, bias=None, gate=None, residual=None, act="n
         x_desc, w_desc, xs2, ws if scaled else like, bias if bias is not None else like,
         g[0], r[0], out2, s2, m, n, k, xs2.stride(0) if scaled else 0, *g[1:], *r[1:], out2.stride(0), out2.stride(1),
         s2.stride(0), ACT=act, GLU=bool(glu), SCALED=scaled, INT8=x.dtype == torch.int8, HAS_BIAS=bias is not None,
-        HAS_GATE=gate is not None, HAS_RESIDUAL=residual is not None, XS_GROUP=xs_group or 0, CODES=group,
-        QMAX=FORMATS[fmt][1] if codes else 1.0, FP8_OUT=fmt == "fp8", EMULATE_FP8=INTERPRET, **c, **launch)
-    return out
-
-
-def _codes_out(out, shape: tuple, group: int, code_dtype: torch.dtype, device) -> tuple:
-    """(codes [..., N], scales [..., N / group]) for ``tma_gemm(codes=)``: ``out``'s, checked, or new."""
-    want = ((code_dtype, tuple(shape)), (torch.float32, tuple(shape[:-1]) + (shape[-1] // group,)))
-    if out is None:
-        return tuple(torch.empty(sh, dtype=dt, device=device) for dt, sh in want)
-    if (not isinstance(out, tuple) or len(out) != 2
-            or any(not isinstance(t, torch.Tensor) or (t.dtype, tuple(t.shape)) != w for t, w in zip(out, want))):
-        raise ValueError(f"tma_gemm: out must be (codes {code_dtype} {list(want[0][1])}, scales float32 "
-                         f"{list(want[1][1])}) for codes=, got {out!r:.200}")
-    if not all(t.is_contiguous() for t in out):
-        raise ValueError("tma_gemm: the codes and scales given as out must be contiguous")
+        HAS_GATE=gate is not None, HAS_RESIDUAL=residual is not None, **taq.block_meta(xs_group, codes, INTERPRET), **c,
+        **launch)
     return out
