@@ -157,11 +157,13 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "block_codes.json"))
     ap.add_argument("--smoke", action="store_true", help="tiny pairs on the CPU (TRITON_INTERPRET=1): the script runs")
+    ap.add_argument("--pairs", default="", help="names' substrings, comma-separated (default: every pair)")
     a = ap.parse_args()
     global SMOKE, GROUP
     SMOKE = a.smoke
     GROUP = 32 if SMOKE else GROUP
-    pairs = [(n, 32, 64, 256, 64, act, glu) for n, _, _, _, _, act, glu in PAIRS[:2]] if SMOKE else PAIRS
+    pairs = [p for p in PAIRS if not a.pairs or any(w in p[0] for w in a.pairs.split(","))]
+    pairs = [(n, 32, 64, 256, 64, act, glu) for n, _, _, _, _, act, glu in pairs[:2]] if SMOKE else pairs
     device = "cpu (interpreter)" if SMOKE else torch.cuda.get_device_name()
     res = {"device": device, "torch": torch.__version__, "triton": triton.__version__, "rows": []}
     for p in pairs:

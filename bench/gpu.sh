@@ -543,8 +543,8 @@ Occupancy|Warp Cycles Per Issued|Registers Per" "$OUT/ncu_24n.txt" | head -150 ;
     s39a)  # session 39 (~200 s): block-scaled codes between two quantized GEMMs (tma_gemm's codes=(fmt, 128) epilogue and
       # xs_group=128 K steps): their GPU tests at model shapes, every config, then bench/block_codes.py (the 1B prefill's
       # gate/up -> down and DiT's fc1 -> fc2 at 512 / 2048 / 4096 rows, fp8 and int8, against the row-scaled path)
-      timeout 240 python3 -m pytest -q -rf -m gpu tests/codegen/test_tma_gemm.py -k block 2>&1 | tail -4
-      timeout 300 python3 bench/block_codes.py 2>&1 | tail -30 ;;
+      timeout 300 python3 bench/block_codes.py --pairs "1b,b8,b16" 2>&1 | tail -30
+      timeout 240 python3 -m pytest -q -rf -m gpu tests/codegen/test_tma_gemm.py -k block 2>&1 | tail -4 ;;
     s38a)  # session 38 (~200 s): the TMA-fed attention's GPU tests with a padding mask (PixArt's cross-attention, bool and
       # bias, every config) and the rest of its tests, then bench/attn.py --quick (its new rows: the cross-attention with 24
       # of 120 tokens attended; the Llama-1B prefill's causal GQA, the TMA kernel's query tiles heaviest first or in order)

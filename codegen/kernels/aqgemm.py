@@ -47,7 +47,7 @@ def _scale(acc, acc_u, xs_ptr, ws_ptr, rows, cols, mask_m, mask_n, N, GLU: tl.co
 
 @triton.jit
 def _aqgemm_kernel(
-    x_ptr, w_ptr, xs_ptr, ws_ptr, bias_ptr, gate_ptr, res_ptr, out_ptr, os_ptr,
+    x_ptr, w_ptr, xs_ptr, ws_ptr, bias_ptr, gate_ptr, res_ptr, out_ptr, os_ptr, c_ptr,
     M, N, K,  # N: output columns (half of w's rows with GLU)
     stride_xm, stride_xk, stride_xs, stride_os,  # xs's row stride (XS_GROUP), the output scales' (CODES)
     stride_wn, stride_wk,
@@ -57,6 +57,7 @@ def _aqgemm_kernel(
     ACT: tl.constexpr, GLU: tl.constexpr, INT8: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_GATE: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     XS_GROUP: tl.constexpr, CODES: tl.constexpr, QMAX: tl.constexpr, FP8_OUT: tl.constexpr, EMULATE_FP8: tl.constexpr,
+    HAS_SMOOTH: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # grouped program order (Triton matmul tutorial): GROUP_M row tiles share the weight tiles in L2
@@ -110,8 +111,8 @@ def _aqgemm_kernel(
     if CODES:
         y = _gate_residual(acc, rows, cols, mask, gate_ptr, gate_rows, stride_gb, stride_gm, stride_gn, res_ptr,
                            res_rows, stride_rb, stride_rm, stride_rn, HAS_GATE, HAS_RESIDUAL)
-        store_codes(y, rows, cols, mask_m, mask, pid_n * BLOCK_N, N, bias_ptr, out_ptr, stride_om, stride_on, os_ptr,
-                    stride_os, CODES, QMAX, FP8_OUT, EMULATE_FP8, BLOCK_M, BLOCK_N)
+        store_codes(y, rows, cols, mask_m, mask, pid_n * BLOCK_N, N, bias_ptr, c_ptr, out_ptr, stride_om, stride_on,
+                    os_ptr, stride_os, CODES, QMAX, FP8_OUT, EMULATE_FP8, HAS_SMOOTH, BLOCK_M, BLOCK_N)
     else:
         _gate_residual_store(acc, rows, cols, mask, gate_ptr, gate_rows, stride_gb, stride_gm, stride_gn,
                              res_ptr, res_rows, stride_rb, stride_rm, stride_rn, out_ptr, stride_om, stride_on,
@@ -128,13 +129,15 @@ def _scale_w(acc, acc_u, ws_ptr, cols, mask_n, N, GLU: tl.constexpr):
 
 
 @triton.jit
-def store_codes(y, rows, cols, mask_m, mask, off_n, N, like_ptr, q_ptr, stride_qm, stride_qn, s_ptr, stride_s,
+def store_codes(y, rows, cols, mask_m, mask, off_n, N, like_ptr, c_ptr, q_ptr, stride_qm, stride_qn, s_ptr, stride_s,
                 GROUP: tl.constexpr, QMAX: tl.constexpr, FP8: tl.constexpr, EMULATE_FP8: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    # y [BLOCK_M, BLOCK_N] (float32, columns off_n..) rounded to like_ptr's dtype (the value a store would keep), each
-    # row's GROUP-column groups quantized as quantize_rows quantizes a row (its row_scale / row_codes): the codes at
-    # q_ptr, the scales [rows, N / GROUP] at s_ptr (groups past N: masked, as their columns)
+                HAS_SMOOTH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # y [BLOCK_M, BLOCK_N] (float32, columns off_n..) rounded to like_ptr's dtype (the value a store would keep), times
+    # the smooth vector c (HAS_SMOOTH), each row's GROUP-column groups quantized as quantize_rows quantizes a row (its
+    # row_scale / row_codes): the codes at q_ptr, the scales [rows, N / GROUP] at s_ptr (groups past N: masked)
     y = tl.where(mask, y.to(like_ptr.dtype.element_ty).to(tl.float32), 0.0)
+    if HAS_SMOOTH:
+        y = y * tl.load(c_ptr + cols, mask=cols < N, other=0.0)[None, :]
     GROUPS: tl.constexpr = BLOCK_N // GROUP
     yg = tl.reshape(y, (BLOCK_M * GROUPS, GROUP))
     scale = row_scale(tl.max(tl.abs(yg), axis=1), QMAX)
@@ -280,22 +283,29 @@ def codes_out(fn: str, out, shape: tuple, codes: tuple, device) -> tuple:
     return out
 
 
-def block_meta(xs_group: int | None, codes: tuple | None, interpret: bool) -> dict:
+def block_meta(xs_group: int | None, codes: tuple | None, smooth, interpret: bool) -> dict:
     """The kernels' block-scale switches."""
     fmt, group = codes or (None, 0)
     return dict(XS_GROUP=xs_group or 0, CODES=group, QMAX=FORMATS[fmt][1] if codes else 1.0, FP8_OUT=fmt == "fp8",
-                EMULATE_FP8=interpret)
+                EMULATE_FP8=interpret, HAS_SMOOTH=smooth is not None)
+
+
+def check_smooth(fn: str, smooth, codes: tuple | None, n: int) -> None:
+    if smooth is not None and (codes is None or not isinstance(smooth, torch.Tensor) or smooth.dtype != torch.float32
+                               or tuple(smooth.shape) != (n,) or not smooth.is_contiguous()):
+        raise ValueError(f"{fn}: smooth (the next AQGEMM's vector, codes= only) must be a contiguous float32 [{n}], got "
+                         f"{getattr(smooth, 'dtype', None)} {tuple(getattr(smooth, 'shape', ()))}")
 
 
 def aqgemm(qx, xs, qw, ws, bias=None, gate=None, residual=None, act="none", glu=False, out=None, dtype=torch.bfloat16,
-           config: dict | None = None, xs_group: int | None = None, codes: tuple | None = None):
+           config: dict | None = None, xs_group: int | None = None, codes: tuple | None = None, smooth=None):
     """``residual + gate * epi((qx @ qw^T) * xs[..., None] * ws + bias)`` in one kernel (module docstring).
 
     qx [..., K] and qw [N, K] both int8 or both float8_e4m3fn (qx's leading dims flattenable to M rows); xs [...] and
     ws [N] float32; bias [N], gate / residual broadcast to the output [..., N'] (N' = N, or N / 2 with ``glu``), in the
     output's dtype (``out``'s, else ``dtype``). ``out`` may be the residual itself. ``config``: one entry of
     ``configs`` run without the autotuner. Block scales (``xs_group``: xs [..., K / G]; ``codes=(fmt, G)``: the output
-    as codes and scales by groups of G columns): as ``tma_gemm.tma_gemm``'s, with a ``config`` given."""
+    as codes and scales by groups of G columns, times ``smooth`` first): as ``tma_gemm.tma_gemm``'s, with a ``config``."""
     fmt = next((f for f, d in CODE_DTYPES.items() if getattr(qx, "dtype", None) == d), None)
     if fmt is None or qw.dtype != qx.dtype or qx.dim() < 1 or qw.dim() != 2 or qx.shape[-1] != qw.shape[1]:
         raise ValueError(f"aqgemm: qx and qw must be int8 or float8_e4m3fn [..., K] and [N, K], got {getattr(qx, 'dtype', None)} "
@@ -311,6 +321,7 @@ def aqgemm(qx, xs, qw, ws, bias=None, gate=None, residual=None, act="none", glu=
     m, n = math.prod(shape[:-1]), shape[-1]
     c = dict(GROUP_M=8) | dict(config or INTERPRET_CONFIG)
     check_blocks("aqgemm", k, n, xs_group, codes, c)
+    check_smooth("aqgemm", smooth, codes, n)
     if codes:
         out = codes_out("aqgemm", out, shape, codes, qx.device)
         _, out2, g, r = output_operands("aqgemm", out[0], shape, like, gate, residual)
@@ -321,11 +332,12 @@ def aqgemm(qx, xs, qw, ws, bias=None, gate=None, residual=None, act="none", glu=
     if m == 0 or n == 0:
         return out
     qx2, xs2 = qx.reshape(m, k), xs.reshape(m, -1)
-    args = (qx2, qw, xs2, ws, bias if bias is not None else like, g[0], r[0], out2, s2, m, n, k, qx2.stride(0),
+    args = (qx2, qw, xs2, ws, bias if bias is not None else like, g[0], r[0], out2, s2,
+            smooth if smooth is not None else xs2, m, n, k, qx2.stride(0),
             qx2.stride(1), xs2.stride(0), s2.stride(0), qw.stride(0), qw.stride(1), *g[1:], *r[1:], out2.stride(0),
             out2.stride(1))
     meta = dict(ACT=act, GLU=bool(glu), INT8=fmt == "int8", HAS_BIAS=bias is not None, HAS_GATE=gate is not None,
-                HAS_RESIDUAL=residual is not None, **block_meta(xs_group, codes, INTERPRET))
+                HAS_RESIDUAL=residual is not None, **block_meta(xs_group, codes, smooth, INTERPRET))
     if INTERPRET or config is not None:
         _aqgemm_kernel[(triton.cdiv(m, c["BLOCK_M"]) * triton.cdiv(n, c["BLOCK_N"]),)](*args, **meta, **c)
     else:

@@ -55,7 +55,7 @@ SMALL_M = 64  # at or below: decode's skinny kernels, not this template
 
 @triton.jit
 def _tma_gemm_kernel(
-    x_desc, w_desc, xs_ptr, ws_ptr, bias_ptr, gate_ptr, res_ptr, out_ptr, os_ptr,
+    x_desc, w_desc, xs_ptr, ws_ptr, bias_ptr, gate_ptr, res_ptr, out_ptr, os_ptr, c_ptr,
     M, N, K,  # N: output columns (half of w's rows with GLU)
     stride_xs,  # XS_GROUP: xs's row stride (K / XS_GROUP scales a row)
     gate_rows, stride_gb, stride_gm, stride_gn,  # gate row m sits at (m // gate_rows) * stride_gb + (m % gate_rows) * stride_gm
@@ -64,6 +64,7 @@ def _tma_gemm_kernel(
     ACT: tl.constexpr, GLU: tl.constexpr, SCALED: tl.constexpr, INT8: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_GATE: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     XS_GROUP: tl.constexpr, CODES: tl.constexpr, QMAX: tl.constexpr, FP8_OUT: tl.constexpr, EMULATE_FP8: tl.constexpr,
+    HAS_SMOOTH: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     start = tl.program_id(0)
@@ -102,9 +103,9 @@ def _tma_gemm_kernel(
         pid_m, pid_n = grouped_tile(tile_c, num_pid_m, num_pid_n, GROUP_M)
         if CODES:  # the whole tile at once: its column groups' maxima need their values together
             _epilogue(acc, acc_u, pid_m * BLOCK_M, pid_n * BLOCK_N, xs_ptr, ws_ptr, bias_ptr, gate_ptr, res_ptr, out_ptr,
-                      os_ptr, M, N, gate_rows, stride_gb, stride_gm, stride_gn, res_rows, stride_rb, stride_rm,
+                      os_ptr, c_ptr, M, N, gate_rows, stride_gb, stride_gm, stride_gn, res_rows, stride_rb, stride_rm,
                       stride_rn, stride_om, stride_on, stride_os, ACT, GLU, SCALED, HAS_BIAS, HAS_GATE, HAS_RESIDUAL,
-                      XS_GROUP, CODES, QMAX, FP8_OUT, EMULATE_FP8, BLOCK_M, BLOCK_N)
+                      XS_GROUP, CODES, QMAX, FP8_OUT, EMULATE_FP8, HAS_SMOOTH, BLOCK_M, BLOCK_N)
         else:
             # the epilogue on each half of the columns: half its float32 temporaries live at once (whole tiles of
             # 128 x 256 spilled 1.2 KB a thread, compiled for sm_90)
@@ -113,22 +114,22 @@ def _tma_gemm_kernel(
             if GLU:
                 u0, u1 = tl.split(tl.permute(tl.reshape(acc_u, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
             _epilogue(a0, u0, pid_m * BLOCK_M, pid_n * BLOCK_N, xs_ptr, ws_ptr, bias_ptr, gate_ptr, res_ptr, out_ptr,
-                      os_ptr, M, N, gate_rows, stride_gb, stride_gm, stride_gn, res_rows, stride_rb, stride_rm,
+                      os_ptr, c_ptr, M, N, gate_rows, stride_gb, stride_gm, stride_gn, res_rows, stride_rb, stride_rm,
                       stride_rn, stride_om, stride_on, stride_os, ACT, GLU, SCALED, HAS_BIAS, HAS_GATE, HAS_RESIDUAL,
-                      XS_GROUP, CODES, QMAX, FP8_OUT, EMULATE_FP8, BLOCK_M, BLOCK_N // 2)
+                      XS_GROUP, CODES, QMAX, FP8_OUT, EMULATE_FP8, HAS_SMOOTH, BLOCK_M, BLOCK_N // 2)
             _epilogue(a1, u1, pid_m * BLOCK_M, pid_n * BLOCK_N + BLOCK_N // 2, xs_ptr, ws_ptr, bias_ptr, gate_ptr,
-                      res_ptr, out_ptr, os_ptr, M, N, gate_rows, stride_gb, stride_gm, stride_gn, res_rows, stride_rb,
+                      res_ptr, out_ptr, os_ptr, c_ptr, M, N, gate_rows, stride_gb, stride_gm, stride_gn, res_rows, stride_rb,
                       stride_rm, stride_rn, stride_om, stride_on, stride_os, ACT, GLU, SCALED, HAS_BIAS, HAS_GATE,
-                      HAS_RESIDUAL, XS_GROUP, CODES, QMAX, FP8_OUT, EMULATE_FP8, BLOCK_M, BLOCK_N // 2)
+                      HAS_RESIDUAL, XS_GROUP, CODES, QMAX, FP8_OUT, EMULATE_FP8, HAS_SMOOTH, BLOCK_M, BLOCK_N // 2)
 
 
 @triton.jit
-def _epilogue(acc, acc_u, off_m, off_n, xs_ptr, ws_ptr, bias_ptr, gate_ptr, res_ptr, out_ptr, os_ptr, M, N,
+def _epilogue(acc, acc_u, off_m, off_n, xs_ptr, ws_ptr, bias_ptr, gate_ptr, res_ptr, out_ptr, os_ptr, c_ptr, M, N,
               gate_rows, stride_gb, stride_gm, stride_gn, res_rows, stride_rb, stride_rm, stride_rn, stride_om, stride_on,
               stride_os, ACT: tl.constexpr, GLU: tl.constexpr, SCALED: tl.constexpr, HAS_BIAS: tl.constexpr,
               HAS_GATE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, XS_GROUP: tl.constexpr, CODES: tl.constexpr,
-              QMAX: tl.constexpr, FP8_OUT: tl.constexpr, EMULATE_FP8: tl.constexpr, BLOCK_M: tl.constexpr,
-              BLOCK_N: tl.constexpr):
+              QMAX: tl.constexpr, FP8_OUT: tl.constexpr, EMULATE_FP8: tl.constexpr, HAS_SMOOTH: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # the [BLOCK_M, BLOCK_N] accumulators (acc_u: the up half's) at rows off_m.., columns off_n.., in float32, in the
     # reference's order: scales, bias, activation (glu), gate, residual
     offs_m = off_m + tl.arange(0, BLOCK_M)
@@ -148,8 +149,8 @@ def _epilogue(acc, acc_u, off_m, off_n, xs_ptr, ws_ptr, bias_ptr, gate_ptr, res_
     if CODES:
         y = _gate_residual(h, rows, cols, mask, gate_ptr, gate_rows, stride_gb, stride_gm, stride_gn, res_ptr, res_rows,
                            stride_rb, stride_rm, stride_rn, HAS_GATE, HAS_RESIDUAL)
-        taq.store_codes(y, rows, cols, mask_m, mask, off_n, N, bias_ptr, out_ptr, stride_om, stride_on, os_ptr, stride_os,
-                        CODES, QMAX, FP8_OUT, EMULATE_FP8, BLOCK_M, BLOCK_N)
+        taq.store_codes(y, rows, cols, mask_m, mask, off_n, N, bias_ptr, c_ptr, out_ptr, stride_om, stride_on, os_ptr,
+                        stride_os, CODES, QMAX, FP8_OUT, EMULATE_FP8, HAS_SMOOTH, BLOCK_M, BLOCK_N)
     else:
         _gate_residual_store(h, rows, cols, mask, gate_ptr, gate_rows, stride_gb, stride_gm, stride_gn, res_ptr,
                              res_rows, stride_rb, stride_rm, stride_rn, out_ptr, stride_om, stride_on, HAS_GATE,
@@ -210,7 +211,8 @@ def _sms(device: torch.device) -> int:
 
 
 def tma_gemm(x, w, xs=None, ws=None, bias=None, gate=None, residual=None, act="none", glu=False, out=None,
-             dtype=torch.bfloat16, config: dict | None = None, xs_group: int | None = None, codes: tuple | None = None):
+             dtype=torch.bfloat16, config: dict | None = None, xs_group: int | None = None, codes: tuple | None = None,
+             smooth=None):
     """``residual + gate * epi((x @ w^T) [* xs[..., None] * ws] + bias)`` (module docstring) by the persistent TMA
     template. Codes: x [..., K] and w [N, K] int8 / float8_e4m3fn with their float32 scales xs [...] and ws [N], the
     output in ``dtype`` (``out``'s where given), as ``aqgemm.aqgemm``. 16-bit: x and w float16 / bfloat16, xs = ws =
@@ -221,8 +223,9 @@ def tma_gemm(x, w, xs=None, ws=None, bias=None, gate=None, residual=None, act="n
     ``xs_group=G``: x's codes carry a scale per row and G columns, xs [..., K / G] (G a multiple of the config's
     BLOCK_K). ``codes=(fmt, G)``: the output y (rounded to ``dtype``) is stored as the next AQGEMM's codes with a scale
     per row and G columns, quantized as ``quantize_rows`` quantizes a row: returns (codes [..., N], scales
-    [..., N / G]) (``out``: those two), G dividing the config's BLOCK_N and N; the GEMM producing its consumer's codes
-    with no pass over y of its own, as no row-wide scale allows."""
+    [..., N / G]) (``out``: those two), G dividing the config's BLOCK_N and N, y times ``smooth`` (float32 [N], the
+    consumer's SmoothQuant vector) first where given; the GEMM producing its consumer's codes with no pass over y of
+    its own, as no row-wide scale allows."""
     scaled = x.dtype in taq.CODE_DTYPES.values()
     if (xs is None) == scaled or (ws is None) == scaled:
         raise ValueError(f"tma_gemm: {x.dtype} operands take {'both' if scaled else 'no'} scales (xs, ws)")
@@ -241,6 +244,7 @@ def tma_gemm(x, w, xs=None, ws=None, bias=None, gate=None, residual=None, act="n
     m, n = math.prod(shape[:-1]), shape[-1]
     c = dict(config or (INTERPRET_CONFIG if INTERPRET else configs(max(m, SMALL_M + 1), x.dtype, glu)[0]))
     taq.check_blocks("tma_gemm", k, n, xs_group, codes, c)
+    taq.check_smooth("tma_gemm", smooth, codes, n)
     if codes:
         out = taq.codes_out("tma_gemm", out, shape, codes, x.device)
         _, out2, g, r = output_operands("tma_gemm", out[0], shape, like, gate, residual)
@@ -259,8 +263,9 @@ def tma_gemm(x, w, xs=None, ws=None, bias=None, gate=None, residual=None, act="n
     xs2 = xs.reshape(m, -1) if scaled else like
     _tma_gemm_kernel[grid](
         x_desc, w_desc, xs2, ws if scaled else like, bias if bias is not None else like,
-        g[0], r[0], out2, s2, m, n, k, xs2.stride(0) if scaled else 0, *g[1:], *r[1:], out2.stride(0), out2.stride(1),
+        g[0], r[0], out2, s2, smooth if smooth is not None else s2, m, n, k, xs2.stride(0) if scaled else 0,
+        *g[1:], *r[1:], out2.stride(0), out2.stride(1),
         s2.stride(0), ACT=act, GLU=bool(glu), SCALED=scaled, INT8=x.dtype == torch.int8, HAS_BIAS=bias is not None,
-        HAS_GATE=gate is not None, HAS_RESIDUAL=residual is not None, **taq.block_meta(xs_group, codes, INTERPRET), **c,
+        HAS_GATE=gate is not None, HAS_RESIDUAL=residual is not None, **taq.block_meta(xs_group, codes, smooth, INTERPRET), **c,
         **launch)
     return out

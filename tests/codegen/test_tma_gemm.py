@@ -157,7 +157,9 @@ def test_codes_out_equal_the_output_then_the_quantizer_by_groups(kernel, fmt, gl
         qx, sx, qw, sw, b = ops
         kw = dict(act="silu" if glu else "gelu_tanh", glu=glu, dtype=torch.float16)
         y = KERNELS[kernel](qx, qw, sx, sw, b, None, res, **kw)
-        q, s = KERNELS[kernel](qx, qw, sx, sw, b, None, res, codes=(fmt, group), **kw)
+        c = r(n).abs() + 0.5 if group == 8 else None  # (the consumer's SmoothQuant vector, multiplied in first)
+        q, s = KERNELS[kernel](qx, qw, sx, sw, b, None, res, codes=(fmt, group), smooth=c, **kw)
+        y = y.float() * c if c is not None else y
         nn = y.shape[-1]
         q_want, s_want = quantize_kernel(y.reshape(-1, group), fmt)  # each group a row of the row quantizer
         assert q.shape == y.shape and s.shape == (45, nn // group)
@@ -173,6 +175,7 @@ def test_codes_out_equal_the_output_then_the_quantizer_by_groups(kernel, fmt, gl
     (lambda q, s, w, sw: T.tma_gemm(q, w, s, sw, codes=("fp8", 12)), "a group dividing N = 16 and the config's BLOCK_N"),
     (lambda q, s, w, sw: T.tma_gemm(q, w, s, sw, codes=("int4", 16)), "fmt one of int8, fp8"),
     (lambda q, s, w, sw: T.tma_gemm(q, w, s, sw, codes=("fp8", 16), out=torch.zeros(8, 16)), "out must be .codes"),
+    (lambda q, s, w, sw: T.tma_gemm(q, w, s, sw, smooth=torch.ones(16)), "smooth .* codes= only"),
 ])
 def test_block_scale_arguments_are_checked(call, message):
     q, s = quant.quantize_rows(torch.randn(8, 64, generator=gen), "fp8")
