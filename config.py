@@ -58,6 +58,9 @@ class CompileConfig:
     quantize_act_order: bool = False
     #: w8a8's SmoothQuant strength: "search" (per GEMM input, on the calibration data), "off", or a fixed value in [0, 1]
     quantize_smoothing: str | float = "search"
+    #: fp8 / w8a8: an AQGEMM whose input is another GEMM's output (the down projection, DiT's fc2) quantizes it with a
+    #: scale per token and this many features (128), which that GEMM's epilogue stores itself; 0: one scale per token
+    quantize_act_blocks: int = 0
     #: tensor parallel: the number of ranks the graph is sharded over (passes/shard_tensor_parallel.py); 1: not sharded
     tp: int = 1
     #: the rank whose shard this is; None: the process group's rank (torch.distributed, initialised with tp ranks)
@@ -99,7 +102,7 @@ class CompileConfig:
         if self.quantize_lm_head not in (None, True, False):
             raise KilnError(f"CompileConfig.quantize_lm_head must be None, True or False, got {self.quantize_lm_head!r}")
         if self.quantize in ACT_MODES:
-            return ActQuantSpec(self.quantize, self.quantize_smoothing, self.quantize_lm_head)
+            return ActQuantSpec(self.quantize, self.quantize_smoothing, self.quantize_lm_head, self.quantize_act_blocks)
         return QuantizeSpec(self.quantize, self.quantize_group, bool(self.quantize_symmetric), self.quantize_lm_head,
                             bool(self.quantize_act_order))
 

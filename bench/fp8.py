@@ -82,10 +82,13 @@ def kernel_breakdown(compiled) -> dict:
 
 def config(mode: str) -> kiln.CompileConfig:
     """``bf16``, ``fp8``, ``w8a8``; ``+head`` after a mode quantizes the output head (a DiT's proj_out in w8a8),
-    ``-head16`` keeps it float (by default both modes quantize an LLM's LM head)."""
+    ``-head16`` keeps it float (by default both modes quantize an LLM's LM head); ``-blocks`` before those: the MLP's
+    second GEMM reads its codes with a scale per token and 128 features (CompileConfig.quantize_act_blocks)."""
     base = mode.removesuffix("+head").removesuffix("-head16")
     head = {"quantize_lm_head": True} if mode.endswith("+head") else {"quantize_lm_head": False} if mode.endswith("-head16") else {}
-    return kiln.CompileConfig(quantize=None if base == "bf16" else base, **head)
+    blocks = {"quantize_act_blocks": 128} if base.endswith("-blocks") else {}
+    base = base.removesuffix("-blocks")
+    return kiln.CompileConfig(quantize=None if base == "bf16" else base, **head, **blocks)
 
 
 def summarize(res: dict, part: str, key: str) -> None:

@@ -540,10 +540,13 @@ Occupancy|Warp Cycles Per Issued|Registers Per" "$OUT/ncu_24n.txt" | head -150 ;
           $([ $q = bf16 ] || echo --quantize $q) --no-compile-peer --ab-set kernels.skinny.WHOLE_K_WORDS=0 \
           --ab-env KILN_REFINE=0 2>&1 | grep "interleaved\|Error\|error" | tail -3
       done ;;
-    s39a)  # session 39 (~200 s): block-scaled codes between two quantized GEMMs (tma_gemm's codes=(fmt, 128) epilogue and
-      # xs_group=128 K steps): their GPU tests at model shapes, every config, then bench/block_codes.py (the 1B prefill's
-      # gate/up -> down and DiT's fc1 -> fc2 at 512 / 2048 / 4096 rows, fp8 and int8, against the row-scaled path)
-      timeout 300 python3 bench/block_codes.py --pairs "1b,b8,b16" 2>&1 | tail -30
+    s39a)  # session 39 (~400 s): block-scaled codes between two quantized GEMMs (the codes=(fmt, 128) epilogue and
+      # xs_group=128 K steps of tma_gemm / aqgemm): bench/block_codes.py (the 1B prefill's gate/up -> down and DiT's fc1
+      # -> fc2 at 4096 rows, fp8 and int8, against the row-scaled path), the 1B prefill in fp8 / w8a8 with and without
+      # CompileConfig.quantize_act_blocks, then the kernels' GPU tests at model shapes, every config
+      timeout 150 python3 bench/block_codes.py --pairs "1b,b16" 2>&1 | tail -30
+      timeout 250 python3 bench/fp8.py --parts llm --modes bf16,fp8,fp8-blocks,w8a8,w8a8-blocks \
+        --out "$OUT/fp8_39.json" 2>&1 | tail -14
       timeout 240 python3 -m pytest -q -rf -m gpu tests/codegen/test_tma_gemm.py -k block 2>&1 | tail -4 ;;
     s38a)  # session 38 (~200 s): the TMA-fed attention's GPU tests with a padding mask (PixArt's cross-attention, bool and
       # bias, every config) and the rest of its tests, then bench/attn.py --quick (its new rows: the cross-attention with 24

@@ -35,6 +35,8 @@ MODES = {  # name -> CompileConfig fields; "bf16": the weights as they are
     "w4a16-gptq-head16": dict(quantize="w4a16-gptq", quantize_lm_head=False),
     "fp8": dict(quantize="fp8"), "w8a8": dict(quantize="w8a8"), "w8a8-nosmooth": dict(quantize="w8a8", quantize_smoothing="off"),
     "w8a8-head16": dict(quantize="w8a8", quantize_lm_head=False),
+    "fp8-blocks": dict(quantize="fp8", quantize_act_blocks=128),
+    "w8a8-blocks": dict(quantize="w8a8", quantize_act_blocks=128),
 }
 WINDOW, EVAL_TOKENS = 512, 20480
 CALIB_START, CALIB_WINDOWS, CALIB_LEN = 96_000, 16, 256

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 from ..ir.ops import OPS, conv_operands
 from ..ir.ops_fused import aqgemm_operands, gemm_operands, qgemm_operands
+from ..ir.quant import dequantize_rows
 from .kernels import aqgemm as taq
 from .kernels import conv_epilogue as tce
 from .kernels import epilogue_codes as tec
@@ -162,7 +163,7 @@ def output_check(op: str, args: list, attrs: dict, out: torch.Tensor, norm: dict
     if out_codes is None:
         return OutputCheck(inputs, out, zero)
     _, cq, cs, _ = out_codes
-    return OutputCheck(inputs, out, zero, (cq, cs), lambda: cq.float() * cs.float().unsqueeze(-1))
+    return OutputCheck(inputs, out, zero, (cq, cs), lambda: dequantize_rows(cq, cs))
 
 
 def _norm_what(what: dict, norm: dict | None) -> dict:
@@ -322,62 +323,102 @@ def aqgemm(args: list, attrs: dict, out: torch.Tensor, tmp: torch.Tensor | None,
     producing x); None: each candidate quantizes x first, into torch temporaries (a CUDA graph serves them from its
     pool at fixed addresses). The library products are torch temporaries of each call."""
     x, wq, ws, smooth, bias, gate, residual = aqgemm_operands(args, attrs)
-    fmt, act, glu = attrs["format"], attrs["act"], attrs["glu"]
+    fmt, act, glu, group = attrs["format"], attrs["act"], attrs["glu"], attrs.get("act_group", 0)
     m, k, nw = math.prod(x.shape[:-1]), x.shape[-1], wq.shape[0]
-    quantized = _quantized(x, fmt, smooth, codes)
+    quantized = _quantized(x, fmt, smooth, codes, group)
+    blocks = dict(xs_group=group) if group else {}  # (x's scales by groups: the Triton templates only)
     candidates = {}
     if quantizes(x.dtype, device):
-        cfgs = taq.configs(m, glu)[:TRITON_AQGEMM_CONFIGS] if device.type == "cuda" else [taq.INTERPRET_CONFIG]
-        if device.type == "cuda":  # and the tile filling the last wave best, where it is another (taq.wave_fit)
-            fit = taq.wave_fit(m, nw // 2 if glu else nw, glu, torch.cuda.get_device_properties(device).multi_processor_count)
-            cfgs += [fit] if fit is not None and fit not in cfgs else []
-        for c in cfgs:
+        for c in _aqgemm_configs(m, nw, glu, device, group):
             candidates[config_name("triton-aqgemm", c)] = (
-                lambda c=c: taq.aqgemm(*quantized(), wq, ws, bias, gate, residual, act, glu, out=out, config=c))
-        for c in _tma_configs(codes[0] if codes is not None else None, wq, m, glu, nw, device)[:TRITON_TMA_CONFIGS]:
+                lambda c=c: taq.aqgemm(*quantized(), wq, ws, bias, gate, residual, act, glu, out=out, config=c, **blocks))
+        for c in _tma_configs(codes[0] if codes is not None else None, wq, m, glu, nw, device, group)[:TRITON_TMA_CONFIGS]:
             candidates[config_name("triton-tma", c)] = partial(_tma_aqgemm, quantized, wq, ws, (bias, gate, residual), act, glu,
-                                                               out, c)
-        candidates.update(_aqgemm_library(quantized, wq, ws, (bias, gate, residual), attrs, out, device, (m, k, nw)))
+                                                               out, c, blocks)
+        if not group:
+            candidates.update(_aqgemm_library(quantized, wq, ws, (bias, gate, residual), attrs, out, device, (m, k, nw)))
     if not candidates:  # no kernel for this dtype / device: the op's reference, copied
         candidates["reference"] = lambda: out.copy_(OPS["AQGEMM"].ref(args, attrs))
     what = {"op": "AQGEMM", "format": fmt, "x": list(x.shape), "x_stride": list(x.stride()), "w": list(wq.shape),
             "dtype": str(x.dtype), "smooth": smooth is not None, "candidates": AQGEMM_CANDIDATES,
-            **_epilogue_what(act, glu, bias, gate, residual, out)}
+            **_epilogue_what(act, glu, bias, gate, residual, out), **({"act_group": group} if group else {})}
     if codes is not None:  # (the GEMM alone: another measurement than quantizer + GEMM)
         what["codes"] = True
     return what, candidates
 
 
-def _tma_configs(x: torch.Tensor | None, w: torch.Tensor, m: int, glu: bool, nw: int, device: torch.device) -> list[dict]:
+def _aqgemm_configs(m: int, n: int, glu: bool, device: torch.device, group: int = 0, codes: int = 0) -> list[dict]:
+    """The pointer template's configurations for m rows and n output columns (w's rows): on CUDA its first
+    TRITON_AQGEMM_CONFIGS and the one filling the last wave best (``taq.wave_fit``), under the interpreter its small
+    one; with block scales those whose K step divides x's ``group`` and whose tiles hold whole output ``codes`` groups."""
+    if device.type != "cuda":
+        cfgs = [_interpret_config(taq.INTERPRET_CONFIG, group, codes)]
+    else:
+        cs = [c for c in taq.configs(m, glu) if _fits_blocks(c, group, codes)]
+        cfgs = cs[:TRITON_AQGEMM_CONFIGS]
+        fit = taq.wave_fit(m, n // 2 if glu else n, glu, torch.cuda.get_device_properties(device).multi_processor_count, cs) if cs else None
+        cfgs += [fit] if fit is not None and fit not in cfgs else []
+    return [c for c in cfgs if _fits_blocks(c, group, codes)]
+
+
+def _interpret_config(c: dict, group: int, codes: int) -> dict:
+    """An interpreter config's tiles widened to whole block-scale groups (x's ``group`` of K, the output's ``codes``)."""
+    c = dict(c)
+    if codes:
+        c["BLOCK_N"] = max(c["BLOCK_N"], codes)
+    if group and group % c["BLOCK_K"]:
+        c["BLOCK_K"] = group
+    return c
+
+
+def _fits_blocks(c: dict, group: int, codes: int) -> bool:
+    return (not group or group % c["BLOCK_K"] == 0) and (not codes or c["BLOCK_N"] % codes == 0)
+
+
+def _tma_configs(x: torch.Tensor | None, w: torch.Tensor, m: int, glu: bool, nw: int, device: torch.device, group: int = 0,
+                 codes: int = 0) -> list[dict]:
     """The persistent TMA template's configurations for x [m, K] (None: a contiguous code buffer) and w [nw, K]: none
     where TMA cannot read them (``tt.supported``); on CUDA its first and the one filling the last wave best, under the
-    interpreter its small one."""
+    interpreter its small one; with block scales only those that fit them (``_aqgemm_configs``)."""
     runs = tt.INTERPRET if device.type != "cuda" else not tt.INTERPRET
     if not runs or not tt.supported(x, w):
         return []
     if device.type != "cuda":
-        return [tt.INTERPRET_CONFIG]
-    cs = tt.configs(m, w.dtype, glu)
+        return [c for c in [_interpret_config(tt.INTERPRET_CONFIG, group, codes)] if _fits_blocks(c, group, codes)]
+    cs = [c for c in tt.configs(m, w.dtype, glu) if _fits_blocks(c, group, codes)]
     fit = taq.wave_fit(m, nw // 2 if glu else nw, glu, torch.cuda.get_device_properties(device).multi_processor_count, cs) if cs else None
     return cs[:1] + ([fit] if fit is not None else []) + [c for c in cs[1:] if c != fit]
 
 
-def _tma_aqgemm(quantized, wq, ws, epilogue_ops: tuple, act: str, glu: bool, out, config: dict) -> None:
+def _tma_aqgemm(quantized, wq, ws, epilogue_ops: tuple, act: str, glu: bool, out, config: dict, blocks: dict | None = None) -> None:
     q, s = quantized()
-    tt.tma_gemm(q, wq, s, ws, *epilogue_ops, act, glu, out=out, config=config)
+    tt.tma_gemm(q, wq, s, ws, *epilogue_ops, act, glu, out=out, config=config, **(blocks or {}))
 
 
-def _quantized(x: torch.Tensor, fmt: str, smooth: torch.Tensor | None, codes: tuple | None):
-    """An AQGEMM's x as its candidates read it: () -> (codes [..., K], scales [...]), ``codes`` where written before the
-    call, else quantized by kiln's row kernel into torch temporaries (a CUDA graph serves them from its pool)."""
-    lead, k = tuple(x.shape[:-1]), x.shape[-1]
-
+def _quantized(x: torch.Tensor, fmt: str, smooth: torch.Tensor | None, codes: tuple | None, group: int = 0):
+    """An AQGEMM's x as its candidates read it: () -> (codes [..., K], scales [...] or [..., K / group]), ``codes`` where
+    written before the call, else quantized by kiln's row kernel into torch temporaries (a CUDA graph serves them from
+    its pool)."""
     def quantized():
         if codes is not None:
             return codes
-        q, s = tqr.quantize_rows(x.reshape(math.prod(lead), k), fmt, smooth)
-        return q.view(*lead, k), s.view(lead)
+        return quantize_blocks(x, fmt, smooth, group)
     return quantized
+
+
+def quantize_blocks(x: torch.Tensor, fmt: str, smooth: torch.Tensor | None, group: int, out: tuple | None = None) -> tuple:
+    """x [..., K] -> (codes [..., K], scales [...]) by kiln's row kernel, or with ``group`` (scales [..., K / group])
+    each row's groups quantized as rows of their own (x times ``smooth`` first, as a torch temporary then: the row
+    kernel's smooth vector is a row's); into ``out`` (codes, scales) where given."""
+    lead, k = tuple(x.shape[:-1]), x.shape[-1]
+    if not group:
+        q, s = tqr.quantize_rows(x.reshape(math.prod(lead), k), fmt, smooth,
+                                 out=None if out is None else (out[0].view(-1, k), out[1].view(-1)))
+        return q.view(*lead, k), s.view(lead)
+    xg = (x * smooth.to(x.dtype) if smooth is not None and smooth.dtype == x.dtype else
+          (x.float() * smooth if smooth is not None else x)).reshape(-1, group)
+    q, s = tqr.quantize_rows(xg, fmt, None, out=None if out is None else (out[0].view(-1, group), out[1].view(-1)))
+    return q.view(*lead, k), s.view(*lead, k // group)
 
 
 def quantizes(dtype: torch.dtype, device: torch.device) -> bool:
@@ -385,9 +426,13 @@ def quantizes(dtype: torch.dtype, device: torch.device) -> bool:
     return triton_ok(tqr.DTYPES, dtype, device, tqr.INTERPRET)
 
 
-def quantizer(x: torch.Tensor, fmt: str, codes: torch.Tensor, scales: torch.Tensor, smooth: torch.Tensor | None):
-    """A call writing the ``fmt`` codes [..., K] and scales [...] of x [..., K] (times ``smooth``) by kiln's row kernel."""
+def quantizer(x: torch.Tensor, fmt: str, codes: torch.Tensor, scales: torch.Tensor, smooth: torch.Tensor | None,
+              group: int = 0):
+    """A call writing the ``fmt`` codes [..., K] and scales [...] (``group``: [..., K / group]) of x [..., K] (times
+    ``smooth``) by kiln's row kernel (``quantize_blocks``)."""
     m, k = math.prod(x.shape[:-1]), x.shape[-1]
+    if group:
+        return lambda: quantize_blocks(x, fmt, smooth, group, out=(codes, scales))
     q2, s2 = codes.view(m, k), scales.view(m)
     return lambda: tqr.quantize_rows(x.reshape(m, k), fmt, smooth, out=(q2, s2))
 
@@ -462,14 +507,20 @@ def coded_aqgemm(args: list, attrs: dict, out: torch.Tensor, device: torch.devic
     ``codes``: the AQGEMM's own x's, as for ``aqgemm``. Returns (what, candidates, steps), as ``act_codes``."""
     what, plain = aqgemm(args, attrs, out, None, device, codes=codes)
     fmt, cq, cs, smooth = out_codes
-    quantize = quantizer(out, fmt, cq, cs, smooth)
+    group = cq.shape[-1] // cs.shape[-1] if cs.dim() == cq.dim() else 0  # the codes' scales by groups of columns
+    quantize = quantizer(out, fmt, cq, cs, smooth, group)
     steps = {name: [("gemm", run), ("quantize", quantize)] for name, run in plain.items()}
     if quantizes(out.dtype, device) and "reference" not in plain:
         x, wq, ws, x_smooth, bias, gate, residual = aqgemm_operands(args, attrs)
         mkn = (math.prod(x.shape[:-1]), x.shape[-1], wq.shape[0])
-        library = _aqgemm_library(_quantized(x, attrs["format"], x_smooth, codes), wq, ws, (bias, gate, residual), attrs,
-                                  out, device, mkn, out_codes)
-        steps.update({name: [("gemm", run)] for name, run in library.items()})
+        own = _quantized(x, attrs["format"], x_smooth, codes, attrs.get("act_group", 0))
+        if group:  # the Triton templates' epilogue storing the codes by groups (the library's codes epilogue: by rows)
+            steps.update({name: [("gemm", run)] for name, run in
+                          _block_codes(own, wq, ws, (bias, gate, residual), attrs, mkn, device, out_codes, group, codes,
+                                                     out.dtype).items()})
+        else:
+            library = _aqgemm_library(own, wq, ws, (bias, gate, residual), attrs, out, device, mkn, out_codes)
+            steps.update({name: [("gemm", run)] for name, run in library.items()})
 
     def candidate(st):
         def run():
@@ -478,6 +529,32 @@ def coded_aqgemm(args: list, attrs: dict, out: torch.Tensor, device: torch.devic
         return run
     return (dict(what, out_codes=[fmt, smooth is not None], row_codes=ROW_CODES_CANDIDATES),
             {name: candidate(st) for name, st in steps.items()}, steps)
+
+
+def _block_codes(quantized, wq, ws, epilogue_ops: tuple, attrs: dict, mkn: tuple, device, out_codes: tuple, group: int,
+                 codes: tuple | None, dtype: torch.dtype) -> dict:
+    """An AQGEMM's Triton candidates (pointer and TMA templates) storing its output (``dtype`` values) as ``out_codes``
+    (format, codes, scales [..., N / group], smooth) by their epilogue ("-codes" in the names): a scale per row and
+    ``group`` columns is each tile's own, so no pass over the output follows."""
+    (m, _, nw), glu = mkn, attrs["glu"]
+    fmt, cq, cs, smooth = out_codes
+    x_group = attrs.get("act_group", 0)
+    kw = dict(act=attrs["act"], glu=glu, out=(cq, cs), codes=(fmt, group), smooth=smooth, dtype=dtype)
+    if x_group:
+        kw["xs_group"] = x_group
+
+    def pointer(c):
+        q, s = quantized()
+        taq.aqgemm(q, s, wq, ws, *epilogue_ops, config=c, **kw)
+
+    def tma(c):
+        q, s = quantized()
+        tt.tma_gemm(q, wq, s, ws, *epilogue_ops, config=c, **kw)
+    candidates = {config_name("triton-aqgemm-codes", c): partial(pointer, c)
+                  for c in _aqgemm_configs(m, nw, glu, device, x_group, group)}
+    for c in _tma_configs(codes[0] if codes is not None else None, wq, m, glu, nw, device, x_group, group)[:TRITON_TMA_CONFIGS]:
+        candidates[config_name("triton-tma-codes", c)] = partial(tma, c)
+    return candidates
 
 
 LAYOUTS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}

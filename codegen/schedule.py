@@ -59,9 +59,10 @@ CODE_DTYPES = ("float16", "bfloat16", "float32")  # what the row quantizer reads
 @dataclass(frozen=True)
 class Codes:
     """How the AQGEMMs reading a value quantize it: ``fmt`` ("int8" / "fp8") codes of value * ``smooth`` (a stored [K]
-    vector, or None), one float32 scale per row."""
+    vector, or None), one float32 scale per row, or per row and ``group`` columns (the readers' act_group)."""
     fmt: str
     smooth: Node | None
+    group: int = 0
 
 
 @dataclass(eq=False)
@@ -276,7 +277,8 @@ def act_codes(x: Node, domain: tuple, outputs: set, whole: bool = True) -> Codes
     """How the readers of ``x``, an output of a pointwise group over ``domain`` (or of an AQGEMM: its own shape), quantize
     it, where that group can store it so (module docstring): every reader an AQGEMM reading x as its x only, one format
     and one stored smooth vector (or none) among them, x no graph output, of the domain's shape with static rows (of at
-    most ``MAX_ROW`` where the kernel holds them ``whole``), in a dtype the quantizer reads. None otherwise."""
+    most ``MAX_ROW`` where the kernel holds them ``whole``), in a dtype the quantizer reads; a scale per row and
+    act_group columns only from an AQGEMM (``whole`` False: its epilogue stores them). None otherwise."""
     readers = list(x.users)
     if not readers or any(u.op != "AQGEMM" or u.inputs[0] is not x or any(i is x for i in u.inputs[1:]) for u in readers):
         return None
@@ -284,10 +286,12 @@ def act_codes(x: Node, domain: tuple, outputs: set, whole: bool = True) -> Codes
         return None
     if not isinstance(x.shape[-1], int) or (whole and x.shape[-1] > MAX_ROW):
         return None
-    kinds = {Codes(u.attrs["format"], aqgemm_operands(u.inputs, u.attrs)[3]) for u in readers}
+    kinds = {Codes(u.attrs["format"], aqgemm_operands(u.inputs, u.attrs)[3], u.attrs.get("act_group", 0)) for u in readers}
     if len(kinds) != 1:
         return None
     c = kinds.pop()
+    if c.group and whole:  # (a pointwise kernel stores codes a scale a row; the AQGEMM then quantizes x by groups itself)
+        return None
     return c if c.smooth is None or (c.smooth.op in SOURCE_OPS and c.smooth.dtype == "float32") else None
 
 

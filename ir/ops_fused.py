@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .ops import REQUIRED, ShapeError, define, fits, infer_norm, layernorm_ref, same_dtype
-from .quant import QuantWeight, check_layout, codes_of, quantize_rows
+from .quant import QuantWeight, check_layout, codes_of, dequantize_rows, quantize_rows
 from .types import TType, dims_equal, shape_str
 
 ACTIVATIONS = {
@@ -189,11 +189,15 @@ define("QGEMM", (3, 7), "compute", _infer_qgemm, _qgemm, bits=REQUIRED, group=RE
 
 # ----------------------------------------------------------------------------- AQGEMM: activations quantized too
 #
-# AQGEMM(x, wq, ws[, smooth][, bias][, gate][, residual]; format, smooth, bias, act, glu, gate, residual):
+# AQGEMM(x, wq, ws[, smooth][, bias][, gate][, residual]; format, smooth, bias, act, glu, gate, residual, act_group):
 #
 #     qx, sx = quantize_rows(x * smooth, format)             per token, at run time (ir/quant.py)
 #     h = (qx @ wq^T) * sx[:, None] * ws[None, :] + bias      float32 (integer / fp8 products, scaled once)
 #     out = residual + gate * epi(h)                          GEMM's epilogue, in float32, rounded once to x's dtype
+#
+# act_group = G > 0: x's codes carry a scale per token and G columns (quantize_rows(.., group=G), sx [..., K / G]),
+# h = sum over the groups of (qx_g @ wq_g^T) * sx_g * ws: where x is another GEMM's output, that GEMM's epilogue can
+# store its codes (each group's scale is its own tile's), where one scale a token needs the whole row first.
 #
 # wq: int8 (format "int8") or float8_e4m3fn ("fp8") codes [N, K], per output channel; ws float32 [N]; smooth float32
 # [K] (SmoothQuant's 1 / s where no norm weight can absorb it: the quantizing kernel reads x anyway).
@@ -229,6 +233,9 @@ def _infer_aqgemm(ins, a):
     if wq.dtype != AQ_FORMATS[a["format"]]:
         raise ShapeError(f"AQGEMM: {a['format']} weight codes must be {AQ_FORMATS[a['format']]}, got {wq.dtype}")
     n, k = wq.shape
+    g = a.get("act_group", 0)  # (graphs saved before act_group have none)
+    if not isinstance(g, int) or isinstance(g, bool) or g < 0 or (g and (not isinstance(k, int) or k % g)):
+        raise ShapeError(f"AQGEMM: act_group {g!r} must be 0 (a scale per token) or divide the {k} input features")
     for name, t, size in (("ws", ws, n), ("smooth", smooth, k)):
         if t is not None and (t.dtype not in ("float32", "float64") or len(t.shape) != 1 or not dims_equal(t.shape[0], size)):
             raise ShapeError(f"AQGEMM: {name} is {t.dtype}{shape_str(t.shape)}, expected float32[{size}]")
@@ -240,8 +247,12 @@ def _aqgemm(ins, a):
     x, wq, ws, smooth, bias, gate, residual = aqgemm_operands(ins, a)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     xs = x.to(acc) * smooth.to(acc) if smooth is not None else x
-    qx, sx = quantize_rows(xs, a["format"])  # [..., K], [...]
-    h = (qx.to(acc) @ wq.to(acc).T) * sx.to(acc)[..., None] * ws.to(acc)
+    if a.get("act_group", 0):  # sx [..., K / G]
+        qx, sx = quantize_rows(xs, a["format"], group=a.get("act_group"))
+        h = (dequantize_rows(qx, sx, acc) @ wq.to(acc).T) * ws.to(acc)
+    else:
+        qx, sx = quantize_rows(xs, a["format"])  # [..., K], [...]
+        h = (qx.to(acc) @ wq.to(acc).T) * sx.to(acc)[..., None] * ws.to(acc)
     if bias is not None:
         h = h + bias.to(acc)
     up = [t.to(acc) if t is not None else None for t in (gate, residual)]
@@ -249,6 +260,6 @@ def _aqgemm(ins, a):
 
 
 define("AQGEMM", (3, 7), "compute", _infer_aqgemm, _aqgemm, format=REQUIRED, smooth=False, bias=False, act="none", glu=False,
-       gate=False, residual=False)
+       gate=False, residual=False, act_group=0)
 
 FUSED_OPS = ("GEMM", "LAYERNORM_MODULATE", "ROPE", "QGEMM", "AQGEMM")

@@ -48,6 +48,7 @@ from .report import PassStats
 MODES = {"fp8": "fp8", "w8a8": "int8"}  # mode -> ir/quant.py's ACT_FORMATS entry
 ROWS = 512  # calibration rows kept per GEMM input for measuring errors (and for smooth.py's search)
 MATMULS = ("LINEAR", "MATMUL", "GEMM")
+ACT_BLOCKS = (0, 128)  # ActQuantSpec.act_blocks: the kernels' K steps (64 / 128 codes) and tiles (128 / 256 columns)
 
 
 def per_sample(graph: Graph, n: Node) -> str | None:
@@ -71,6 +72,8 @@ class ActQuantSpec:
     mode: str  # one of MODES
     smoothing: str | float = "search"  # w8a8: "search" (per GEMM input, smooth.py), "off", or a fixed strength in [0, 1]
     lm_head: bool | None = None  # quantize the output head; None: in fp8, and an LM head in w8a8 (module docstring)
+    # G > 0: an AQGEMM whose x is another matmul's output quantizes it with a scale per token and G columns (``blocks``)
+    act_blocks: int = 0
     # (graph, matmul) -> why it stays float, or None: quantize it; None: every site (bench/dit_fp8_error.py's ablations)
     keep_float: Callable[[Graph, Node], str | None] | None = per_sample
 
@@ -80,6 +83,9 @@ class ActQuantSpec:
         s = self.smoothing
         if s not in ("search", "off") and not (isinstance(s, (int, float)) and not isinstance(s, bool) and 0 <= s <= 1):
             raise KilnError(f"quantize smoothing {s!r} must be 'search', 'off' or a strength in [0, 1]")
+        if self.act_blocks not in ACT_BLOCKS:
+            raise KilnError(f"quantize act_blocks {self.act_blocks!r} must be one of {', '.join(map(str, ACT_BLOCKS))}",
+                            hint="0: one scale a token; 128: a scale a token and 128 input features where x is a matmul's output")
 
     @property
     def format(self) -> str:
@@ -114,14 +120,21 @@ def quantize_acts(graph: Graph, spec: ActQuantSpec | None = None, calibration: l
         w = _float_weight(graph, nodes[0]).float()  # [N, K]
         qw, sw = quantize_rows(w, spec.format)
         codes = [graph.add_weight(free_name(graph, name, suffix), t.contiguous()) for suffix, t in (("qweight", qw), ("wscales", sw))]
+        group = 0
         for n in nodes:
-            graph.replace_all_uses(n, _build(graph, n, codes, spec, smooths))
+            built = _build(graph, n, codes, spec, smooths)
+            group = built.attrs["act_group"]
+            graph.replace_all_uses(n, built)
         stats.rewritten += len(nodes)
         stats.rules[spec.mode] = stats.rules.get(spec.mode, 0) + len(nodes)
+        if group:
+            stats.rules[f"act-blocks-{group}"] = stats.rules.get(f"act-blocks-{group}", 0) + len(nodes)
         sample = samples.get(name)
-        where = f"output error {matmul_error(sample.rows, w, spec.format):.2e} on {sample.rows.shape[0]} calibration rows" \
-            if sample is not None else f"weight error {_weight_error(w, qw, sw):.2e} (no calibration data)"
-        stats.notes.append(f"{name} [{w.shape[0]}, {w.shape[1]}] -> {spec.mode}: {where}; read by {', '.join(n.name for n in nodes)}")
+        where = f"output error {matmul_error(sample.rows, w, spec.format, group=group):.2e} on {sample.rows.shape[0]} " \
+            "calibration rows" if sample is not None else f"weight error {_weight_error(w, qw, sw):.2e} (no calibration data)"
+        per = f", its input's scales by {group} features" if group else ""
+        stats.notes.append(f"{name} [{w.shape[0]}, {w.shape[1]}] -> {spec.mode}{per}: {where}; read by "
+                           f"{', '.join(n.name for n in nodes)}")
     if smooths:
         stats.rules["smooth-into-aqgemm"] = len(smooths)
     graph.remove_dead()
@@ -157,14 +170,14 @@ def row_samples(graph: Graph, sites: dict, calibration) -> dict:
     return samples
 
 
-def matmul_error(x: torch.Tensor, w: torch.Tensor, fmt: str, want: torch.Tensor | None = None) -> float:
+def matmul_error(x: torch.Tensor, w: torch.Tensor, fmt: str, want: torch.Tensor | None = None, group: int = 0) -> float:
     """||x W^T - Q(x) Q(W)^T|| / ||x W^T|| for rows x [R, K] and a weight w [N, K] (float32, on x's device); ``want``:
-    x W^T when known (smoothing does not change it)."""
+    x W^T when known (smoothing does not change it); ``group``: Q(x)'s scales by groups of that many features (0: a row)."""
     w = w.to(x.device, torch.float32)
     want = x @ w.T if want is None else want
-    qx, sx = quantize_rows(x, fmt)
+    qx, sx = quantize_rows(x, fmt, group=group or None)
     qw, sw = quantize_rows(w, fmt)
-    got = (qx.float() @ qw.float().T) * sx[:, None] * sw
+    got = (dequantize_rows(qx, sx) @ qw.float().T) * sw
     den = float(want.norm())
     return float((got - want).norm()) / den if den > 0 else 0.0
 
@@ -210,5 +223,14 @@ def _build(graph: Graph, n: Node, codes: list[Node], spec: ActQuantSpec, smooths
             smooths[x] = graph.add_weight(free_name(graph, x.name, "smooth"), vec.contiguous())
         x, extra = x.inputs[0] if x.inputs[1] is c else x.inputs[1], [smooths[n.inputs[0]]]
     return graph.add("AQGEMM", [x, *codes, *extra, *n.inputs[2:]], name=f"{n.name}_{spec.mode}", loc=n.loc,
-                     format=spec.format, smooth=bool(extra), **a)
+                     format=spec.format, smooth=bool(extra), act_group=blocks(x, spec), **a)
+
+
+def blocks(x: Node, spec: ActQuantSpec) -> int:
+    """The act_group of an AQGEMM reading ``x``: ``spec.act_blocks`` where x is a matmul's output (an LLM's gate / up
+    GEMM feeding the down projection, DiT's fc1 feeding fc2: that GEMM's epilogue then stores x's codes, a group's scale
+    being its own tile's, with no pass over x) and the groups divide its row; else 0, one scale a token."""
+    g = spec.act_blocks
+    k = x.shape[-1] if x.shape else None
+    return g if g and x.op in (*MATMULS, "AQGEMM") and isinstance(k, int) and k % g == 0 else 0
 

@@ -31,7 +31,7 @@ import torch
 from ..errors import KilnError
 from ..ir.graph import Graph, Node
 from ..ir.types import torch_dtype
-from .quantize_acts import ActQuantSpec, act_sites, free_name, matmul_error, row_samples
+from .quantize_acts import ActQuantSpec, act_sites, blocks, free_name, matmul_error, row_samples
 from .quantize_weights import CALIBRATION_HINT, _float_weight
 from .report import PassStats
 
@@ -60,7 +60,7 @@ def smooth(graph: Graph, spec: ActQuantSpec | None = None, calibration: list | N
     for x0, nodes in groups.items():
         x = renamed.get(x0, x0)
         w = torch.cat([_float_weight(graph, n).float() for n in nodes])  # [sum N, K]
-        strength, s, err, err_off = search(samples[x0], w, spec.smoothing)
+        strength, s, err, err_off = search(samples[x0], w, spec.smoothing, blocks(x0, spec))
         names = ", ".join(n.name for n in nodes)
         if s is None:
             stats.notes.append(f"{x.name} -> {names}: not smoothed (int8 error {err_off:.2e} unsmoothed, no strength does better)")
@@ -82,18 +82,19 @@ def factors(amax_x: torch.Tensor, amax_w: torch.Tensor, strength: float) -> torc
     return torch.where((amax_x > 0) & (amax_w > 0), s, torch.ones_like(s)).float()
 
 
-def search(sample, w: torch.Tensor, smoothing) -> tuple:
+def search(sample, w: torch.Tensor, smoothing, group: int = 0) -> tuple:
     """(strength, s, error at it, error unsmoothed) for the rows of ``sample`` (a ``RowSample``) and the stacked weight
-    w [N, K]; s None when no strength of the grid beats no smoothing ("search"), or ``smoothing`` is the fixed strength."""
+    w [N, K]; s None when no strength of the grid beats no smoothing ("search"), or ``smoothing`` is the fixed strength.
+    ``group``: the AQGEMM's act_group (x's scales by groups of that many features; 0: one a row)."""
     x = sample.rows  # [R, K]
     w = w.to(x.device)
     want = x @ w.T  # [R, N]: what every strength approximates
-    err_off = matmul_error(x, w, "int8", want)
+    err_off = matmul_error(x, w, "int8", want, group)
     amax_w = w.abs().amax(0)
     best = (None, None, err_off)
     for a in GRID if smoothing == "search" else (float(smoothing),):
         s = factors(sample.amax, amax_w, a)
-        err = matmul_error(x / s, w * s, "int8", want)
+        err = matmul_error(x / s, w * s, "int8", want, group)
         if err < best[2] or smoothing != "search":
             best = (a, s, err)
     return (*best, err_off)

@@ -73,6 +73,11 @@ def _codes_scales_at(shape) -> int:
     return -(-math.prod(shape) // 256) * 256
 
 
+def _scales_shape(shape, group: int) -> tuple:
+    """The scales of codes [..., K]: [...] (one a row), or [..., K / group]."""
+    return tuple(shape[:-1]) + ((shape[-1] // group,) if group else ())
+
+
 def _reads(g: Group, kind: str) -> list[Node]:
     """The values group ``g`` reads as it runs (an update, the caller's tensor written in place: its index and source)."""
     return g.inputs if kind != "update" else g.nodes[0].inputs[1:]
@@ -403,7 +408,8 @@ class KernelPlan(Plan):
         ``g.codes`` (read by the AQGEMMs instead of x), or by AQGEMM group k's own quantizer call when its x has none."""
         # keys apart from the counters' and from each other: x's codes, and an AQGEMM node's own quantizer's codes
         key = lambda n, own=False: -1 - 4 * len(self.groups) - (len(self.graph.nodes) if own else 0) - self.slot[n]  # noqa: E731
-        size = lambda x: _codes_scales_at(self.shape_of[x]) + 4 * math.prod(self.shape_of[x][:-1])  # noqa: E731
+        def size(x, group):
+            return _codes_scales_at(self.shape_of[x]) + 4 * math.prod(_scales_shape(self.shape_of[x], group))
         n = g.nodes[-1]
         if kind == "gemm" and n.op == "AQGEMM":
             x = n.inputs[0]
@@ -411,20 +417,20 @@ class KernelPlan(Plan):
                 lv.read(self.codes[x], k)
             elif lower.quantizes(torch_dtype(x.dtype), self.device):
                 self.quantizing[k] = key(n, own=True)
-                lv.write(key(n, own=True), k, size(x))
+                lv.write(key(n, own=True), k, size(x, n.attrs.get("act_group", 0)))
         if kind in ("pointwise", "gemm"):  # (a gemm group's: its AQGEMM's output, ``lower.coded_aqgemm``)
-            for x in g.codes:
+            for x, c in g.codes.items():
                 if lower.quantizes(torch_dtype(x.dtype), self.device):
                     self.codes[x] = key(x)
-                    lv.write(key(x), k, size(x))
+                    lv.write(key(x), k, size(x, c.group))
 
-    def _codes_buffers(self, key: int, x: Node, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(codes [..., K], scales [...]) of x in the arena at ``key``: the codes (one byte each), then the float32 scales
-        (``_codes_scales_at``)."""
+    def _codes_buffers(self, key: int, x: Node, fmt: str, group: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(codes [..., K], scales [...] or [..., K / group]) of x in the arena at ``key``: the codes (one byte each),
+        then the float32 scales (``_codes_scales_at``)."""
         shape, off = self.shape_of[x], self.memory.offsets[key]
-        at, m = off + _codes_scales_at(shape), math.prod(shape[:-1])
+        at, scales = off + _codes_scales_at(shape), _scales_shape(shape, group)
         q = self.arena[off: off + math.prod(shape)].view(torch_dtype(AQ_FORMATS[fmt])).view(shape)
-        return q, self.arena[at: at + 4 * m].view(torch.float32).view(shape[:-1])
+        return q, self.arena[at: at + 4 * math.prod(scales)].view(torch.float32).view(scales)
 
     def _buffer(self, key: int, shape, dtype: torch.dtype, perm=None, pitch=None) -> torch.Tensor:
         off = self.memory.offsets[key]
@@ -619,13 +625,14 @@ class KernelPlan(Plan):
         n = g.nodes[-1]
         x = n.inputs[0]
         key = self.codes.get(x, self.quantizing.get(k))
-        return None if key is None else self._codes_buffers(key, x, n.attrs["format"])
+        return None if key is None else self._codes_buffers(key, x, n.attrs["format"], n.attrs.get("act_group", 0))
 
     def _quantizer_call(self, g: Group, codes: tuple) -> KernelCall:
         """AQGEMM group g's quantizer, a launch of its own: x -> ``codes`` (codes, scales) by kiln's row kernel."""
         n = g.nodes[-1]
         smooth = aqgemm_operands([self.env[i] for i in n.inputs], n.attrs)[3]
-        return KernelCall(g, "quantize", lower.quantizer(self.env[n.inputs[0]], n.attrs["format"], *codes, smooth))
+        return KernelCall(g, "quantize", lower.quantizer(self.env[n.inputs[0]], n.attrs["format"], *codes, smooth,
+                                                         n.attrs.get("act_group", 0)))
 
     def _coded_calls(self, g: Group) -> list[KernelCall]:
         """A pointwise group some of whose outputs feed AQGEMMs as codes: its kernel storing them itself ("fused") or
@@ -647,7 +654,7 @@ class KernelPlan(Plan):
         n = g.nodes[-1]
         c = g.codes[n]
         smooth = self.env[c.smooth].contiguous() if c.smooth is not None else None
-        out_codes = (c.fmt, *self._codes_buffers(self.codes[n], n, c.fmt), smooth)
+        out_codes = (c.fmt, *self._codes_buffers(self.codes[n], n, c.fmt, c.group), smooth)
         args, attrs = [self.env[i] for i in n.inputs], node_attrs(n, self.bindings)
         what, candidates, steps = lower.coded_aqgemm(args, attrs, self.env[n], self.device, codes, out_codes)
         check = lower.output_check("AQGEMM", args, attrs, self.env[n], None, None, self._kept, codes, out_codes)

@@ -1,0 +1,92 @@
+"""Block-scaled activation codes in the kernels plan (CPU under TRITON_INTERPRET=1): a tiny Llama and a tiny DiT compiled
+with quantize="fp8" / "w8a8" and CompileConfig.quantize_act_blocks give their MLP's second AQGEMM (down projection,
+fc2) an act_group; the first one's Triton epilogue then stores the codes with a scale per row and group ("-codes"),
+which gives, bit for bit, the output of the plan storing the value and quantizing it group by group after, and both
+match the reference backend. Groups of 32 here (the tiny models' MLP widths 96 / 64; CompileConfig takes 128)."""
+import pytest
+import torch
+
+import kiln
+from kiln.codegen.tuning import Tuner
+from kiln.errors import KilnError
+from kiln.ir.interpret import interpret
+from kiln.passes import quantize_acts
+from kiln.runtime.executor import Executor
+from kiln.runtime.memory import check_plan
+from kiln.runtime.target import Target
+from kiln.testing import rel_err
+
+pytestmark = pytest.mark.interpreter
+GROUP = 32
+CODED_GEMMS = {"dit": 3, "llama": 2}  # the MLP's second AQGEMM, a block (DiT: 3 blocks, Llama: 2 layers)
+
+
+@pytest.fixture(autouse=True)
+def _cache_dir(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("KILN_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "kiln-cache"))
+
+
+@pytest.fixture(scope="module")
+def compiled(pipeline_models):
+    hf_llm, ids, llm_dims = pipeline_models["llama"]
+    dit, dit_inputs, dit_dims = pipeline_models["dit"]
+    llm, dt = hf_llm(), dit()
+    out = {}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(quantize_acts, "ACT_BLOCKS", (0, GROUP))
+        for mode in ("fp8", "w8a8"):
+            config = kiln.CompileConfig(quantize=mode, quantize_act_blocks=GROUP)
+            calib = [(ids(1, 32, seed=10 + s),) for s in range(2)]
+            out["llama", mode] = (kiln.compile(llm, (ids(2, 7),), dynamic=llm_dims, config=config, calibration=calib).graph,
+                                  [ids(2, 12, seed=24)])
+            calib = [tuple(dit_inputs(2, seed=s).values()) for s in range(2)]
+            out["dit", mode] = (kiln.compile(dt, tuple(dit_inputs(2).values()), dynamic=dit_dims, config=config,
+                                             calibration=calib).graph, list(dit_inputs(2, seed=7).values()))
+    return out
+
+
+class BlockTuner(Tuner):
+    """The Triton pointer template for every AQGEMM: its epilogue storing the next one's codes where offered (``codes``),
+    else storing the value for the quantizer; the fused pointwise quantizers, SDPA, every other choice's first."""
+
+    def __init__(self, codes: bool):
+        super().__init__(force={"quantize": "fused", "attention": "sdpa"})
+        self.codes = codes
+
+    def choose(self, kind, what, candidates, device, check=None):
+        if kind == "gemm" and what.get("op") == "AQGEMM":
+            names = [n for n in candidates if n.startswith("triton-aqgemm") and n.startswith("triton-aqgemm-codes") == self.codes]
+            return (names or [n for n in candidates if n.startswith("triton-aqgemm")])[0]
+        if kind not in self.force:
+            return next(iter(candidates))
+        return super().choose(kind, what, candidates, device, check)
+
+
+@pytest.mark.parametrize("model", ["dit", "llama"])
+@pytest.mark.parametrize("mode", ["fp8", "w8a8"])
+def test_block_codes_by_the_epilogue_or_after_it(compiled, model, mode):
+    graph, inputs = compiled[model, mode]
+    blocked = [n for n in graph.nodes if n.op == "AQGEMM" and n.attrs.get("act_group")]
+    assert len(blocked) == CODED_GEMMS[model] and all(n.attrs["act_group"] == GROUP for n in blocked)
+    assert all(n.inputs[0].op == "AQGEMM" for n in blocked)  # x: the MLP's first AQGEMM's output
+    outs, plans = {}, {}
+    for codes in (True, False):
+        ex = Executor(graph, Target.from_config(kiln.CompileConfig(backend="kernels"), tuner=BlockTuner(codes)))
+        outs[codes], plans[codes] = ex.run(inputs)[0], ex.plans[0]
+    assert torch.equal(outs[True], outs[False])
+    assert rel_err(outs[True], interpret(graph, inputs)[0]) <= 1e-4
+    d_codes, d_apart = plans[True].describe(), plans[False].describe()
+    assert sum(v for k, v in d_codes["choices"].items() if k == "gemm:triton-aqgemm-codes") == CODED_GEMMS[model], d_codes["choices"]
+    assert d_apart["launches"]["quantize"] - d_codes["launches"].get("quantize", 0) == CODED_GEMMS[model]
+    for plan in plans.values():
+        check_plan(plan.memory, plan.intervals)
+        for n in blocked:  # the codes' scales in the arena: [rows, K / group]
+            assert plan.codes[n.inputs[0]] in plan.memory.offsets
+
+
+def test_blocks_follow_a_matmul_only_and_are_checked(compiled):
+    graph, _ = compiled["llama", "fp8"]
+    # the attention output (o's x) and the norms' outputs (qkv, gate / up, the head) keep one scale a token
+    assert sum(n.op == "AQGEMM" and not n.attrs.get("act_group") for n in graph.nodes) == 7
+    with pytest.raises(KilnError, match="act_blocks 64 must be one of 0, 128"):
+        kiln.CompileConfig(quantize="fp8", quantize_act_blocks=64)
