@@ -540,6 +540,11 @@ Occupancy|Warp Cycles Per Issued|Registers Per" "$OUT/ncu_24n.txt" | head -150 ;
           $([ $q = bf16 ] || echo --quantize $q) --no-compile-peer --ab-set kernels.skinny.WHOLE_K_WORDS=0 \
           --ab-env KILN_REFINE=0 2>&1 | grep "interleaved\|Error\|error" | tail -3
       done ;;
+    s39b)  # session 39, s39a cut to a short budget (~280 s): the 1B prefill with and without the block codes, then the
+      # 1B pair alone in bench/block_codes.py
+      timeout 190 python3 bench/fp8.py --parts llm --modes bf16,fp8,fp8-blocks,w8a8,w8a8-blocks --out "$OUT/fp8_39.json" \
+        2>&1 | tail -14
+      timeout 90 python3 bench/block_codes.py --pairs 1b 2>&1 | tail -6 ;;
     s39a)  # session 39 (~400 s): block-scaled codes between two quantized GEMMs (the codes=(fmt, 128) epilogue and
       # xs_group=128 K steps of tma_gemm / aqgemm): bench/block_codes.py (the 1B prefill's gate/up -> down and DiT's fc1
       # -> fc2 at 4096 rows, fp8 and int8, against the row-scaled path), the 1B prefill in fp8 / w8a8 with and without

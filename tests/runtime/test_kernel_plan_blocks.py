@@ -90,3 +90,33 @@ def test_blocks_follow_a_matmul_only_and_are_checked(compiled):
     assert sum(n.op == "AQGEMM" and not n.attrs.get("act_group") for n in graph.nodes) == 7
     with pytest.raises(KilnError, match="act_blocks 64 must be one of 0, 128"):
         kiln.CompileConfig(quantize="fp8", quantize_act_blocks=64)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["fp8", "w8a8"])
+def test_dit_on_cuda_block_codes(pipeline_models, mode):
+    # bf16 in CUDA graphs, a DiT of MLP width 256 (groups of 128): the epilogue storing the block codes gives the plan
+    # storing the value then quantizing it, bit for bit; its error against the float32 model about the row scales'
+    dit, dit_inputs, dims = pipeline_models["dit"]
+    model = dit(attention_head_dim=32).to("cuda", torch.bfloat16)
+
+    def cuda(seed):
+        return {k: (v.to("cuda", torch.bfloat16) if v.is_floating_point() else v.cuda()) for k, v in dit_inputs(2, seed=seed).items()}
+    inputs, calib = cuda(7), [tuple(cuda(s).values()) for s in range(2)]
+    errs, outs = {}, {}
+    with torch.no_grad():
+        want = dit(attention_head_dim=32).to("cuda", torch.float32)(
+            **{k: v.float() if v.is_floating_point() else v for k, v in inputs.items()})
+    want = want.sample if hasattr(want, "sample") else want[0]
+    for blocks in (0, 128):
+        m = kiln.compile(model, tuple(inputs.values()), dynamic=dims, calibration=calib,
+                         config=kiln.CompileConfig(quantize=mode, quantize_act_blocks=blocks))
+        assert sum(bool(n.attrs.get("act_group")) for n in m.graph.nodes if n.op == "AQGEMM") == (3 if blocks else 0)
+        for codes in ((True, False) if blocks else (False,)):
+            ex = Executor(m.graph, Target.from_config(kiln.CompileConfig(backend="kernels"), default_device="cuda",
+                                                      tuner=BlockTuner(codes)))
+            outs[blocks, codes] = ex.run(list(inputs.values()))[0]
+            assert ex.plans[0].describe()["cuda_graph"]
+        errs[blocks] = rel_err(outs[blocks, False], want)
+    assert torch.equal(outs[128, True], outs[128, False])
+    assert errs[128] <= 1.25 * errs[0], errs
