@@ -60,6 +60,7 @@ class CompileConfig:
     quantize_smoothing: str | float = "search"
     #: fp8 / w8a8: an AQGEMM whose input is another GEMM's output (the down projection, DiT's fc2) quantizes it with a
     #: scale per token and this many features (128), which that GEMM's epilogue stores itself; 0: one scale per token
+    #: (the default: the blocks' K-step scaling made the 1B prefill slower on an H100, README "Compute-bound ...")
     quantize_act_blocks: int = 0
     #: tensor parallel: the number of ranks the graph is sharded over (passes/shard_tensor_parallel.py); 1: not sharded
     tp: int = 1

@@ -27,6 +27,12 @@ of the pointer template and torch._scaled_mm at most DiT-XL/2 / 1B-prefill shape
 it for 85 of the DiT's 113 AQGEMMs at batch 1 and 48 of the w8a8 prefill's GEMMs (7.71 -> 7.41 ms). A program a tile
 (PERSISTENT=False) timed the same as one an SM: Triton 3.6 has no warp specialization on Hopper, so a tile's epilogue
 does not overlap the next tile's loads. On 16-bit operands it lost to cuBLAS at every shape, and is not offered there.
+
+Block scales (``tma_gemm``'s ``codes`` / ``xs_group``, also aqgemm.py's): the epilogue storing the next AQGEMM's codes
+with a scale per row and G columns, and K steps scaled by x's G-column scales. Measured at the 1B prefill's gate/up ->
+down on an H100 (bench/NOTES.md, session 39): the codes epilogue saves 15-17 us of 152-164, the scaled K steps cost
+33-36 us more than 47-51 (each step's product waited for before the next is chained), so the plans use them only
+where CompileConfig.quantize_act_blocks asks.
 """
 from __future__ import annotations
 
