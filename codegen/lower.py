@@ -415,8 +415,7 @@ def quantize_blocks(x: torch.Tensor, fmt: str, smooth: torch.Tensor | None, grou
         q, s = tqr.quantize_rows(x.reshape(math.prod(lead), k), fmt, smooth,
                                  out=None if out is None else (out[0].view(-1, k), out[1].view(-1)))
         return q.view(*lead, k), s.view(lead)
-    xg = (x * smooth.to(x.dtype) if smooth is not None and smooth.dtype == x.dtype else
-          (x.float() * smooth if smooth is not None else x)).reshape(-1, group)
+    xg = (x.float() * smooth if smooth is not None else x).reshape(-1, group)  # (smooth: float32, as the op's)
     q, s = tqr.quantize_rows(xg, fmt, None, out=None if out is None else (out[0].view(-1, group), out[1].view(-1)))
     return q.view(*lead, k), s.view(*lead, k // group)
 
@@ -527,7 +526,7 @@ def coded_aqgemm(args: list, attrs: dict, out: torch.Tensor, device: torch.devic
             for _, f in st:
                 f()
         return run
-    return (dict(what, out_codes=[fmt, smooth is not None], row_codes=ROW_CODES_CANDIDATES),
+    return (dict(what, out_codes=[fmt, smooth is not None] + ([group] if group else []), row_codes=ROW_CODES_CANDIDATES),
             {name: candidate(st) for name, st in steps.items()}, steps)
 
 

@@ -177,7 +177,7 @@ def matmul_error(x: torch.Tensor, w: torch.Tensor, fmt: str, want: torch.Tensor 
     want = x @ w.T if want is None else want
     qx, sx = quantize_rows(x, fmt, group=group or None)
     qw, sw = quantize_rows(w, fmt)
-    got = (dequantize_rows(qx, sx) @ qw.float().T) * sw
+    got = (dequantize_rows(qx, sx) @ qw.float().T) * sw if group else (qx.float() @ qw.float().T) * sx[:, None] * sw
     den = float(want.norm())
     return float((got - want).norm()) / den if den > 0 else 0.0
 
