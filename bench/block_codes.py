@@ -19,6 +19,7 @@ import os
 import torch
 import triton
 
+from kiln.codegen import lower
 from kiln.codegen.kernels import aqgemm as taq
 from kiln.codegen.kernels import epilogue_codes as tec
 from kiln.codegen.kernels import quantize_rows as tqr
@@ -128,11 +129,14 @@ def one(name, m, k, n, n2, act, glu, fmt) -> dict:
                         for c in pcs1}, row, "block first")
     cs2 = [c for c in configs(m, qx.dtype) if GROUP % c["BLOCK_K"] == 0]
     pcs2 = [c for c in pconfigs(m) if GROUP % c["BLOCK_K"] == 0]
+    library = {} if SMOKE else lower.scaled_mm_blocks(lambda: (bq, bs), q2, s2, (None, None, None),
+                                                      dict(format=fmt, act="none", glu=False, act_group=GROUP), out,
+                                                      out.device, (m, n, n2))
     blk_second = best({f"tma {label(c)} xs_group": (lambda c=c: ttma.tma_gemm(bq, q2, bs, s2, out=out, config=c,
                                                                               xs_group=GROUP)) for c in cs2}
                       | {f"pointer {label(c)} xs_group": (lambda c=c: taq.aqgemm(bq, bs, q2, s2, out=out, config=c,
-                                                                                 xs_group=GROUP)) for c in pcs2},
-                      row, "block second")
+                                                                                 xs_group=GROUP)) for c in pcs2}
+                      | library, row, "block second")  # (+ cuBLASLt's 1 x 128 block recipe, fp8, where torch has it)
     # the pointer template's block path checked too (its first configs), against the TMA one's
     taq.aqgemm(qx, sx, q1, s1, out=(bq, bs), config=pcs1[0], codes=(fmt, GROUP), dtype=bf, **epi)
     taq.aqgemm(bq, bs, q2, s2, out=out, config=pcs2[0], xs_group=GROUP)

@@ -547,12 +547,14 @@ Occupancy|Warp Cycles Per Issued|Registers Per" "$OUT/ncu_24n.txt" | head -150 ;
       timeout 90 python3 bench/block_codes.py --pairs 1b 2>&1 | tail -6 ;;
     s39a)  # session 39 (~400 s): block-scaled codes between two quantized GEMMs (the codes=(fmt, 128) epilogue and
       # xs_group=128 K steps of tma_gemm / aqgemm): bench/block_codes.py (the 1B prefill's gate/up -> down and DiT's fc1
-      # -> fc2 at 4096 rows, fp8 and int8, against the row-scaled path), the 1B prefill in fp8 / w8a8 with and without
-      # CompileConfig.quantize_act_blocks, then the kernels' GPU tests at model shapes, every config
+      # -> fc2 at 4096 rows, fp8 and int8, against the row-scaled path; the consumer in cuBLASLt's 1 x 128 block recipe
+      # too), the 1B prefill in fp8 / w8a8 with and without CompileConfig.quantize_act_blocks, then the GPU tests of the
+      # block kernels at model shapes (every config), of a DiT plan with them and of lower.scaled_mm_blocks
       timeout 150 python3 bench/block_codes.py --pairs "1b,b16" 2>&1 | tail -30
       timeout 250 python3 bench/fp8.py --parts llm --modes bf16,fp8,fp8-blocks,w8a8,w8a8-blocks \
         --out "$OUT/fp8_39.json" 2>&1 | tail -14
-      timeout 240 python3 -m pytest -q -rf -m gpu tests/codegen/test_tma_gemm.py -k block 2>&1 | tail -4 ;;
+      timeout 240 python3 -m pytest -q -rf -m gpu tests/codegen/test_tma_gemm.py tests/runtime/test_kernel_plan_blocks.py \
+        -k block 2>&1 | tail -4 ;;
     s38a)  # session 38 (~200 s): the TMA-fed attention's GPU tests with a padding mask (PixArt's cross-attention, bool and
       # bias, every config) and the rest of its tests, then bench/attn.py --quick (its new rows: the cross-attention with 24
       # of 120 tokens attended; the Llama-1B prefill's causal GQA, the TMA kernel's query tiles heaviest first or in order)

@@ -337,6 +337,8 @@ def aqgemm(args: list, attrs: dict, out: torch.Tensor, tmp: torch.Tensor | None,
                                                                out, c, blocks)
         if not group:
             candidates.update(_aqgemm_library(quantized, wq, ws, (bias, gate, residual), attrs, out, device, (m, k, nw)))
+        else:
+            candidates.update(scaled_mm_blocks(quantized, wq, ws, (bias, gate, residual), attrs, out, device, (m, k, nw)))
     if not candidates:  # no kernel for this dtype / device: the op's reference, copied
         candidates["reference"] = lambda: out.copy_(OPS["AQGEMM"].ref(args, attrs))
     what = {"op": "AQGEMM", "format": fmt, "x": list(x.shape), "x_stride": list(x.stride()), "w": list(wq.shape),
@@ -496,6 +498,28 @@ def _aqgemm_library(quantized, wq, ws, epilogue_ops: tuple, attrs: dict, out, de
                 epilogue(torch._scaled_mm(q.view(m, k), wt, **mm).view(*q.shape[:-1], nw), bias, gate, residual, act, glu, out=out)
         candidates["scaled-mm" + suffix] = scaled_mm
     return candidates
+
+
+def scaled_mm_blocks(quantized, wq, ws, epilogue_ops: tuple, attrs: dict, out, device: torch.device, mkn: tuple) -> dict:
+    """fp8 codes of x with a scale per row and 128 features (act_group 128) through cuBLASLt's block-scaled FP8 GEMM
+    (cuBLAS 12.9+, sm_90: ``torch.nn.functional.scaled_mm`` with ``ScalingType.BlockWise1x128`` for both operands, W's
+    per-channel scale repeated along K, which is exact), then kiln's epilogue kernel: "scaled-mm-blocks", where torch
+    has the recipe (CUDA, bfloat16 out, K a multiple of 128). Both scale operands outer-dim-major, as cuBLASLt reads
+    them: x's transposed by a copy each call (M x K / 128 floats), W's once."""
+    (m, k, nw), (bias, gate, residual) = mkn, epilogue_ops
+    kinds = getattr(F, "ScalingType", None)
+    if (attrs["format"] != "fp8" or attrs.get("act_group", 0) != 128 or kinds is None or not hasattr(F, "scaled_mm")
+            or device.type != "cuda" or out.dtype != torch.bfloat16 or k % 128 or nw % 16):
+        return {}
+    sw = ws.view(nw, 1).expand(nw, k // 128).t().contiguous().t()  # [N, K / 128], N-major
+    block = kinds.BlockWise1x128
+
+    def run():
+        q, s = quantized()
+        sa = s.reshape(m, k // 128).t().contiguous().t()  # [M, K / 128], M-major
+        h = F.scaled_mm(q.view(m, k), wq.t(), sa, block, sw, block, output_dtype=torch.bfloat16)
+        epilogue(h.view(*q.shape[:-1], nw), bias, gate, residual, attrs["act"], attrs["glu"], out=out)
+    return {"scaled-mm-blocks": run}
 
 
 def coded_aqgemm(args: list, attrs: dict, out: torch.Tensor, device: torch.device, codes: tuple | None,

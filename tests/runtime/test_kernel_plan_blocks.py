@@ -120,3 +120,26 @@ def test_dit_on_cuda_block_codes(pipeline_models, mode):
         errs[blocks] = rel_err(outs[blocks, False], want)
     assert torch.equal(outs[128, True], outs[128, False])
     assert errs[128] <= 1.25 * errs[0], errs
+
+
+@pytest.mark.gpu
+def test_scaled_mm_blocks_against_the_formula():
+    # the library candidate of a block-scaled fp8 AQGEMM (the 1B's down projection with its residual): cuBLASLt's
+    # 1 x 128 block recipe + kiln's epilogue against the dequantized float64 formula (skipped where torch lacks it)
+    from kiln.codegen import lower
+    from kiln.ir import quant
+    gen = torch.Generator().manual_seed(0)
+    m, k, n = 300, 1024, 512
+    x = torch.randn(m, k, generator=gen) * torch.linspace(0.05, 20, k)
+    qx, sx = quant.quantize_rows(x, "fp8", group=128)
+    qw, sw = quant.quantize_rows(torch.randn(n, k, generator=gen) / k ** 0.5, "fp8")
+    res = torch.randn(m, n, generator=gen).to(torch.bfloat16)
+    qx, sx, qw, sw, res = (t.cuda() for t in (qx, sx, qw, sw, res))
+    out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
+    attrs = dict(format="fp8", act="none", glu=False, act_group=128)
+    cands = lower.scaled_mm_blocks(lambda: (qx, sx), qw, sw, (None, None, res), attrs, out, out.device, (m, k, n))
+    if not cands:
+        pytest.skip("torch has no block-scaled scaled_mm here")
+    cands["scaled-mm-blocks"]()
+    want = quant.dequantize_rows(qx, sx, torch.float64) @ quant.dequantize_rows(qw, sw, torch.float64).T + res.double()
+    assert rel_err(out, want) <= 1e-2
