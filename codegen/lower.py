@@ -354,13 +354,11 @@ def _aqgemm_configs(m: int, n: int, glu: bool, device: torch.device, group: int 
     TRITON_AQGEMM_CONFIGS and the one filling the last wave best (``taq.wave_fit``), under the interpreter its small
     one; with block scales those whose K step divides x's ``group`` and whose tiles hold whole output ``codes`` groups."""
     if device.type != "cuda":
-        cfgs = [_interpret_config(taq.INTERPRET_CONFIG, group, codes)]
-    else:
-        cs = [c for c in taq.configs(m, glu) if _fits_blocks(c, group, codes)]
-        cfgs = cs[:TRITON_AQGEMM_CONFIGS]
-        fit = taq.wave_fit(m, n // 2 if glu else n, glu, torch.cuda.get_device_properties(device).multi_processor_count, cs) if cs else None
-        cfgs += [fit] if fit is not None and fit not in cfgs else []
-    return [c for c in cfgs if _fits_blocks(c, group, codes)]
+        return [c for c in [_interpret_config(taq.INTERPRET_CONFIG, group, codes)] if _fits_blocks(c, group, codes)]
+    cs = [c for c in taq.configs(m, glu) if _fits_blocks(c, group, codes)]
+    cfgs = cs[:TRITON_AQGEMM_CONFIGS]
+    fit = taq.wave_fit(m, n // 2 if glu else n, glu, torch.cuda.get_device_properties(device).multi_processor_count, cs) if cs else None
+    return cfgs + ([fit] if fit is not None and fit not in cfgs else [])
 
 
 def _interpret_config(c: dict, group: int, codes: int) -> dict:

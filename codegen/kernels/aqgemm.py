@@ -257,10 +257,12 @@ def _check(fn, lead, nw, xs, ws, bias, gate, residual, act, glu, out, dtype, xs_
 
 def check_blocks(fn: str, k: int, n: int, xs_group: int | None, codes: tuple | None, config: dict) -> None:
     """The block-scale arguments of ``aqgemm`` / ``tma_gemm`` for K = ``k``, N = ``n`` and the launch ``config``:
-    ``xs_group`` dividing K, a multiple of BLOCK_K; ``codes`` = (fmt, G), G dividing N and BLOCK_N."""
-    if xs_group is not None and (xs_group <= 0 or k % xs_group or xs_group % config["BLOCK_K"]):
-        raise ValueError(f"{fn}: xs_group={xs_group} must divide K = {k} and be a multiple of the config's BLOCK_K "
-                         f"{config['BLOCK_K']}")
+    ``xs_group`` dividing K, a multiple of BLOCK_K; ``codes`` = (fmt, G), G dividing N and BLOCK_N. (The launchers
+    check xs_group against K first, before the scales' shape.)"""
+    if xs_group is not None and (xs_group <= 0 or k % xs_group):
+        raise ValueError(f"{fn}: xs_group={xs_group} must divide K = {k}")
+    if xs_group is not None and xs_group % config["BLOCK_K"]:
+        raise ValueError(f"{fn}: xs_group={xs_group} must be a multiple of the config's BLOCK_K {config['BLOCK_K']}")
     if codes is not None:
         fmt, group = codes if isinstance(codes, tuple) and len(codes) == 2 else (None, 0)
         if fmt not in FORMATS or not isinstance(group, int) or group <= 0 or n % group or config["BLOCK_N"] % group:
@@ -314,8 +316,8 @@ def aqgemm(qx, xs, qw, ws, bias=None, gate=None, residual=None, act="none", glu=
     blocks = xs_group is not None or codes is not None
     if blocks and config is None and not INTERPRET:
         raise ValueError("aqgemm: block scales (xs_group / codes) take a config (no autotuning)")
-    if xs_group is not None and (xs_group <= 0 or k % xs_group):
-        raise ValueError(f"aqgemm: xs_group={xs_group} must divide K = {k}")
+    if xs_group is not None:
+        check_blocks("aqgemm", k, 0, xs_group, None, {"BLOCK_K": 1})  # (K first: xs's shape follows from it)
     shape, like = _check("aqgemm", qx.shape[:-1], qw.shape[0], xs, ws, bias, gate, residual, act, glu,
                          None if codes else out, dtype, xs_groups=k // xs_group if xs_group else None)
     m, n = math.prod(shape[:-1]), shape[-1]

@@ -240,8 +240,10 @@ def tma_gemm(x, w, xs=None, ws=None, bias=None, gate=None, residual=None, act="n
                          f"{tuple(w.shape)} strides {w.stride()} (one dtype of {[str(d) for d in OPERAND_DTYPES]}, "
                          f"unit inner strides, 16-byte aligned bases and rows, compute capability >= 9.0)")
     k = x.shape[-1]
-    if xs_group is not None and (not scaled or xs_group <= 0 or k % xs_group):
-        raise ValueError(f"tma_gemm: xs_group={xs_group} must divide K = {k}, on code operands")
+    if xs_group is not None and not scaled:
+        raise ValueError("tma_gemm: xs_group takes code operands")
+    if xs_group is not None:
+        taq.check_blocks("tma_gemm", k, 0, xs_group, None, {"BLOCK_K": 1})  # (K first: xs's shape follows from it)
     if scaled:
         shape, like = taq._check("tma_gemm", x.shape[:-1], w.shape[0], xs, ws, bias, gate, residual, act, glu,
                                  None if codes else out, dtype, xs_groups=k // xs_group if xs_group else None)

@@ -27,22 +27,10 @@ def _cache_dir(tmp_path_factory, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def compiled(pipeline_models):
-    hf_llm, ids, llm_dims = pipeline_models["llama"]
-    dit, dit_inputs, dit_dims = pipeline_models["dit"]
-    llm, dt = hf_llm(), dit()
-    out = {}
+def compiled(pipeline_models, compile_quantized):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(quantize_acts, "ACT_BLOCKS", (0, GROUP))
-        for mode in ("fp8", "w8a8"):
-            config = kiln.CompileConfig(quantize=mode, quantize_act_blocks=GROUP)
-            calib = [(ids(1, 32, seed=10 + s),) for s in range(2)]
-            out["llama", mode] = (kiln.compile(llm, (ids(2, 7),), dynamic=llm_dims, config=config, calibration=calib).graph,
-                                  [ids(2, 12, seed=24)])
-            calib = [tuple(dit_inputs(2, seed=s).values()) for s in range(2)]
-            out["dit", mode] = (kiln.compile(dt, tuple(dit_inputs(2).values()), dynamic=dit_dims, config=config,
-                                             calibration=calib).graph, list(dit_inputs(2, seed=7).values()))
-    return out
+        return compile_quantized(pipeline_models, quantize_act_blocks=GROUP)
 
 
 class BlockTuner(Tuner):
