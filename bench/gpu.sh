@@ -540,6 +540,14 @@ Occupancy|Warp Cycles Per Issued|Registers Per" "$OUT/ncu_24n.txt" | head -150 ;
           $([ $q = bf16 ] || echo --quantize $q) --no-compile-peer --ab-set kernels.skinny.WHOLE_K_WORDS=0 \
           --ab-env KILN_REFINE=0 2>&1 | grep "interleaved\|Error\|error" | tail -3
       done ;;
+    s40a)  # session 40 (~330 s): s39a cut down: bench/block_codes.py's 1B pair (the consumer in cuBLASLt's 1 x 128 block
+      # recipe too: lower.scaled_mm_blocks), the 1B prefill in bf16 / fp8 / fp8-blocks / w8a8, the block GPU tests
+      timeout 100 python3 bench/block_codes.py --pairs 1b 2>&1 | tail -14
+      timeout 170 python3 bench/fp8.py --parts llm --modes bf16,fp8,fp8-blocks,w8a8 --out "$OUT/fp8_40.json" 2>&1 | tail -12
+      timeout 150 python3 -m pytest -q -rf -m gpu tests/codegen/test_tma_gemm.py tests/runtime/test_kernel_plan_blocks.py \
+        -k block 2>&1 | tail -4 ;;
+    s40h)  # session 40, on an H200 (~420 s): issue 13's 1B goal figures (s32a) and PixArt-alpha 512 against torch.compile
+      bash "$0" s32a diffusion_pixart 2>&1 | grep -v "^bytecode\|^NVIDIA" ;;
     s39b)  # session 39, s39a cut to a short budget (~280 s): the 1B prefill with and without the block codes, then the
       # 1B pair alone in bench/block_codes.py
       timeout 190 python3 bench/fp8.py --parts llm --modes bf16,fp8,fp8-blocks,w8a8,w8a8-blocks --out "$OUT/fp8_39.json" \
