@@ -546,6 +546,9 @@ Occupancy|Warp Cycles Per Issued|Registers Per" "$OUT/ncu_24n.txt" | head -150 ;
       timeout 170 python3 bench/fp8.py --parts llm --modes bf16,fp8,fp8-blocks,w8a8 --out "$OUT/fp8_40.json" 2>&1 | tail -12
       timeout 150 python3 -m pytest -q -rf -m gpu tests/codegen/test_tma_gemm.py tests/runtime/test_kernel_plan_blocks.py \
         -k block 2>&1 | tail -4 ;;
+    s40w)  # session 40 (~250 s): warp-specialized TMA GEMMs (triton 3.6's Hopper pass) against the pipelined configs and
+      # cuBLAS at the 1B prefill's, DiT's 512-row and 4096-row shapes, bf16 and fp8, and the block-scaled 1B down
+      timeout 330 python3 bench/ws_gemm.py --out "$OUT/ws_gemm.json" 2>&1 | grep -v Warning | tail -40 ;;
     s40h)  # session 40, on an H200 (~420 s): issue 13's 1B goal figures (s32a) and PixArt-alpha 512 against torch.compile
       bash "$0" s32a diffusion_pixart 2>&1 | grep -v "^bytecode\|^NVIDIA" ;;
     s39b)  # session 39, s39a cut to a short budget (~280 s): the 1B prefill with and without the block codes, then the

@@ -71,7 +71,7 @@ def _tma_gemm_kernel(
     HAS_BIAS: tl.constexpr, HAS_GATE: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     XS_GROUP: tl.constexpr, CODES: tl.constexpr, QMAX: tl.constexpr, FP8_OUT: tl.constexpr, EMULATE_FP8: tl.constexpr,
     HAS_SMOOTH: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, WS: tl.constexpr,
 ):
     start = tl.program_id(0)
     programs = tl.num_programs(0)
@@ -84,13 +84,13 @@ def _tma_gemm_kernel(
     # the epilogue's tile is counted apart from the loads' (the tutorial's tile_id_c): the flattened loop's prologue
     # may then run the next tile's loads ahead of this tile's epilogue
     tile_c = start - programs
-    for tile in tl.range(start, num_pid_m * num_pid_n, programs, flatten=True):
+    for tile in tl.range(start, num_pid_m * num_pid_n, programs, flatten=not WS):
         pid_m, pid_n = grouped_tile(tile, num_pid_m, num_pid_n, GROUP_M)
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=SUM)
         acc_u = acc
-        for ki in range(k_tiles):
+        for ki in tl.range(k_tiles, warp_specialize=WS):
             off_k = ki * BLOCK_K
             a = x_desc.load([off_m, off_k])
             if XS_GROUP:  # (rows past M: x zero-filled, their scales 0)
@@ -107,7 +107,7 @@ def _tma_gemm_kernel(
 
         tile_c += programs
         pid_m, pid_n = grouped_tile(tile_c, num_pid_m, num_pid_n, GROUP_M)
-        if CODES:  # the whole tile at once: its column groups' maxima need their values together
+        if CODES or WS:  # the whole tile at once: its column groups' maxima need their values together
             _epilogue(acc, acc_u, pid_m * BLOCK_M, pid_n * BLOCK_N, xs_ptr, ws_ptr, bias_ptr, gate_ptr, res_ptr, out_ptr,
                       os_ptr, c_ptr, M, N, gate_rows, stride_gb, stride_gm, stride_gn, res_rows, stride_rb, stride_rm,
                       stride_rn, stride_om, stride_on, stride_os, ACT, GLU, SCALED, HAS_BIAS, HAS_GATE, HAS_RESIDUAL,
@@ -177,13 +177,25 @@ CONFIGS = {
 }
 
 
-def configs(m: int, dtype: torch.dtype, glu: bool = False) -> list[dict]:
+# Warp-specialized (WS): triton 3.6's Hopper pass splits the K loop into a producer warpgroup issuing the TMA loads and
+# two consumer warpgroups of 4 warps, each the products of half the tile's rows (12 warps a program, registers moved
+# to the consumers by setmaxnreg); it compiles only with num_warps=4 and the epilogue on the whole tile
+WS_CONFIGS = {
+    1: [dict(_config(128, 128, 128, 4, 4), WS=True), dict(_config(128, 256, 128, 4, 3), WS=True),
+        dict(_config(64, 128, 128, 4, 4), WS=True)],
+    2: [dict(_config(128, 128, 64, 4, 4), WS=True), dict(_config(128, 256, 64, 4, 3), WS=True),
+        dict(_config(64, 128, 64, 4, 4), WS=True)],
+}
+
+
+def configs(m: int, dtype: torch.dtype, glu: bool = False, ws: bool = False) -> list[dict]:
     """The launch configurations for ``m`` rows of ``dtype`` operands (none at or below SMALL_M rows), each with at
-    most 128 float32 accumulator registers a thread (glu keeps two accumulators)."""
+    most 128 float32 accumulator registers a thread (glu keeps two accumulators; a WS consumer warpgroup holds half
+    the tile); ``ws``: the warp-specialized ones."""
     if m <= SMALL_M:
         return []
-    return [dict(c) for c in CONFIGS[dtype.itemsize]
-            if c["BLOCK_M"] * c["BLOCK_N"] * (2 if glu else 1) <= 128 * 32 * c["num_warps"]]
+    return [dict(c) for c in (WS_CONFIGS if ws else CONFIGS)[dtype.itemsize]
+            if c["BLOCK_M"] * c["BLOCK_N"] * (2 if glu else 1) <= 128 * 32 * c["num_warps"] * (2 if ws else 1)]
 
 
 def supported(x: torch.Tensor | None, w: torch.Tensor) -> bool:
@@ -252,6 +264,9 @@ def tma_gemm(x, w, xs=None, ws=None, bias=None, gate=None, residual=None, act="n
     m, n = math.prod(shape[:-1]), shape[-1]
     c = dict(config or (INTERPRET_CONFIG if INTERPRET else configs(max(m, SMALL_M + 1), x.dtype, glu)[0]))
     taq.check_blocks("tma_gemm", k, n, xs_group, codes, c)
+    if c.get("WS") and codes:
+        raise ValueError("tma_gemm: a warp-specialized config (WS) stores no codes (triton 3.6's Hopper pass fails on "
+                         "the codes epilogue); use a config without WS")
     taq.check_smooth("tma_gemm", smooth, codes, n)
     if codes:
         out = taq.codes_out("tma_gemm", out, shape, codes, x.device)
@@ -264,6 +279,7 @@ def tma_gemm(x, w, xs=None, ws=None, bias=None, gate=None, residual=None, act="n
         return out
     launch = {key: c.pop(key) for key in ("num_warps", "num_stages") if key in c}
     persistent = c.pop("PERSISTENT", True)  # False: a program a tile (the same kernel, each program's loop one step)
+    c.setdefault("WS", False)
     x_desc = TensorDescriptor.from_tensor(x.view(m, k), [c["BLOCK_M"], c["BLOCK_K"]])
     w_desc = TensorDescriptor.from_tensor(w, [c["BLOCK_N"], c["BLOCK_K"]])
     tiles = triton.cdiv(m, c["BLOCK_M"]) * triton.cdiv(n, c["BLOCK_N"])
