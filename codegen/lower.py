@@ -61,9 +61,10 @@ TRITON_AQGEMM_CONFIGS = 2
 # configuration and the one filling the last wave best. (Not for 16-bit GEMMs: at DiT-XL/2 and 1B-prefill shapes it lost
 # to cuBLAS everywhere, bench/NOTES.md session 17)
 TRITON_TMA_CONFIGS = 2
-# its warp-specialized configurations (tma_gemm.WS_CONFIGS: a producer warpgroup and two consumer ones) offered too,
-# the first that fits; not with block codes out (triton 3.6's Hopper pass fails on that epilogue)
-TRITON_TMA_WS_CONFIGS = 1
+# how many of its warp-specialized configurations (tma_gemm.WS_CONFIGS: a producer warpgroup and two consumer ones)
+# are offered too, the first that fit; not with block codes out (triton 3.6's Hopper pass fails on that epilogue).
+# 0 until measured on the GPU (bench/ws_gemm.py, bench/fp8.py's "+ws" modes)
+TRITON_TMA_WS_CONFIGS = 0
 # the skinny candidates' generation in the tuner's key (a decision measured between older candidates is measured
 # again): 2 since split-K may reduce in its last program, 3 since a plain GEMV also tries skinny.WHOLE_K's tile, 4 since
 # 2..16 rows try swapped tiles, 5 since the norm prologue's statistics pass is pipelined (it was K / BLOCK_K serial round
