@@ -96,12 +96,12 @@ def config(mode: str) -> kiln.CompileConfig:
 
 @contextlib.contextmanager
 def ws_arm(mode: str):
-    """While a mode's plans are built: lower.TRITON_TMA_WS_CONFIGS 1 for a ``+ws`` mode, else 0 (the decisions' keys
+    """While a mode's plans are built: lower.TRITON_TMA_WS_CONFIGS 2 for a ``+ws`` mode, else 0 (the decisions' keys
     differ, so the two arms share no cached choice)."""
     from kiln.codegen import lower
 
     old = lower.TRITON_TMA_WS_CONFIGS
-    lower.TRITON_TMA_WS_CONFIGS = int(mode.endswith("+ws"))
+    lower.TRITON_TMA_WS_CONFIGS = 2 if mode.endswith("+ws") else 0
     try:
         yield
     finally:

@@ -62,7 +62,8 @@ TRITON_AQGEMM_CONFIGS = 2
 # to cuBLAS everywhere, bench/NOTES.md session 17)
 TRITON_TMA_CONFIGS = 2
 # how many of its warp-specialized configurations (tma_gemm.WS_CONFIGS: a producer warpgroup and two consumer ones)
-# are offered too, the first that fit; not with block codes out (triton 3.6's Hopper pass fails on that epilogue).
+# are offered too, the first that fit, to AQGEMMs and 16-bit GEMMs; not with block codes out (triton 3.6's Hopper pass
+# fails on that epilogue).
 # 0 until measured on the GPU (bench/ws_gemm.py, bench/fp8.py's "+ws" modes)
 TRITON_TMA_WS_CONFIGS = 0
 # the skinny candidates' generation in the tuner's key (a decision measured between older candidates is measured
@@ -204,6 +205,8 @@ def gemm(args: list, attrs: dict, out: torch.Tensor, tmp: torch.Tensor | None, d
     cfgs = (tg.configs(m, glu) if device.type == "cuda" else [tg.INTERPRET_CONFIG])[:TRITON_GEMM_CONFIGS] if template else []
     for c in cfgs:
         candidates[config_name("triton", c)] = (lambda c=c: tg.gemm(x, w, bias, gate, residual, act, glu, out=out, config=c))
+    for c in _tma_ws_configs(x, w, m, glu, device) if template else []:  # (x [..., K] as TMA reads it, or none)
+        candidates[config_name("triton-tma", c)] = (lambda c=c: tt.tma_gemm(x, w, bias, gate, residual, act, glu, out=out, config=c))
     decode = skinny(x, dict(w=w), (bias, gate, residual), attrs, out, workspace, device)
     candidates.update(decode)
     fused = skinny(x, dict(w=w), (bias, gate, residual), attrs, out, workspace, device, norm)
@@ -216,7 +219,7 @@ def gemm(args: list, attrs: dict, out: torch.Tensor, tmp: torch.Tensor | None, d
                                                                          config=c, rstd_eps=norm["eps"]))
     candidates = with_norm(candidates, fused, norm)
     what = {"op": "GEMM", "x": list(x.shape), "x_stride": list(x.stride()), "w": list(w.shape), "dtype": str(x.dtype),
-            **_epilogue_what(act, glu, bias, gate, residual, out)}
+            **_epilogue_what(act, glu, bias, gate, residual, out), **({"ws": TRITON_TMA_WS_CONFIGS} if TRITON_TMA_WS_CONFIGS else {})}
     if decode:  # (a decision cached before the skinny template, or its one-launch split-K, was a candidate is not one
         what["skinny"] = SKINNY_CANDIDATES  # between these)
         what["weights"] = "cold"  # a decode GEMM streams its weight from HBM: timed so (tuning.py)
@@ -399,7 +402,7 @@ def _tma_configs(x: torch.Tensor | None, w: torch.Tensor, m: int, glu: bool, nw:
 def _tma_ws_configs(x: torch.Tensor | None, w: torch.Tensor, m: int, glu: bool, device: torch.device, group: int = 0) -> list[dict]:
     """The warp-specialized TMA configurations offered (``TRITON_TMA_WS_CONFIGS`` of them; on CUDA only: the
     interpreter runs them as the others) for x [m, K] and w, x's scales by ``group`` columns where nonzero."""
-    if device.type != "cuda" or tt.INTERPRET or not tt.supported(x, w):
+    if not TRITON_TMA_WS_CONFIGS or device.type != "cuda" or tt.INTERPRET or not tt.supported(x, w):
         return []
     return [c for c in tt.configs(m, w.dtype, glu, ws=True) if _fits_blocks(c, group, 0)][:TRITON_TMA_WS_CONFIGS]
 
