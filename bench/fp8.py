@@ -96,16 +96,17 @@ def config(mode: str) -> kiln.CompileConfig:
 
 @contextlib.contextmanager
 def ws_arm(mode: str):
-    """While a mode's plans are built: lower.TRITON_TMA_WS_CONFIGS 2 for a ``+ws`` mode, else 0 (the decisions' keys
-    differ, so the two arms share no cached choice)."""
-    from kiln.codegen import lower
+    """While a mode's plans are built: lower.TRITON_TMA_WS_CONFIGS and lower_attention.TMA_ATTENTION_WS_CONFIGS 2 for a
+    ``+ws`` mode (the warp-specialized GEMMs and attention offered), else 0 (the decisions' keys differ, so the two arms
+    share no cached choice)."""
+    from kiln.codegen import lower, lower_attention
 
-    old = lower.TRITON_TMA_WS_CONFIGS
-    lower.TRITON_TMA_WS_CONFIGS = 2 if mode.endswith("+ws") else 0
+    old = lower.TRITON_TMA_WS_CONFIGS, lower_attention.TMA_ATTENTION_WS_CONFIGS
+    lower.TRITON_TMA_WS_CONFIGS = lower_attention.TMA_ATTENTION_WS_CONFIGS = 2 if mode.endswith("+ws") else 0
     try:
         yield
     finally:
-        lower.TRITON_TMA_WS_CONFIGS = old
+        lower.TRITON_TMA_WS_CONFIGS, lower_attention.TMA_ATTENTION_WS_CONFIGS = old
 
 
 def summarize(res: dict, part: str, key: str) -> None:
