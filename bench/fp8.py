@@ -160,6 +160,7 @@ def bench_dit(a, res: dict, device: str, dtype) -> None:
                 if device == "cuda":
                     run["executor"] = compiled.executor.describe()["plans"][-1]
                     run["kernels"] = kernel_breakdown(compiled)
+                    print("  choices:", run["executor"]["choices"], flush=True)
                 run["aqgemm_tuning"] = gemm_choices(compiled)
                 res["runs"].append(run)
                 save(res, a.out)
@@ -198,10 +199,12 @@ def bench_llm(a, res: dict, device: str, dtype) -> None:
             run = {"part": "llm", "seq": a.seq, "system": f"kiln-{mode}", **measure(lambda: compiled(ids).logits, want, device)}
             run["aqgemm_tuning"] = gemm_choices(compiled)
             if device == "cuda":
+                run["executor"] = compiled.executor.describe()["plans"][-1]
                 run["kernels"] = kernel_breakdown(compiled)
+                print("  choices:", run["executor"]["choices"], flush=True)
             res["runs"].append(run)
             save(res, a.out)
-            print({k: v for k, v in run.items() if k not in ("aqgemm_tuning", "kernels")}, flush=True)
+            print({k: v for k, v in run.items() if k not in ("aqgemm_tuning", "kernels", "executor")}, flush=True)
             for d in run["aqgemm_tuning"]:
                 print("   ", d, flush=True)
     res["runs"].append({"part": "llm", "seq": a.seq, "system": "eager-bf16",

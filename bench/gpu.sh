@@ -554,9 +554,9 @@ Occupancy|Warp Cycles Per Issued|Registers Per" "$OUT/ncu_24n.txt" | head -150 ;
       # choices per GEMM in the JSON (gemm_choices)
       timeout 270 python3 bench/fp8.py --parts llm --modes bf16,bf16+ws,fp8,fp8+ws,fp8-blocks+ws,w8a8,w8a8+ws \
         --out "$OUT/fp8_40b_llm.json" 2>&1 \
-        | grep -v "^ *{'x'\|^    " | tail -12
+        | grep -v "^ *{.x.\|^    " | tail -40
       timeout 150 python3 bench/fp8.py --parts dit --modes bf16,bf16+ws,fp8,fp8+ws --out "$OUT/fp8_40b_dit.json" 2>&1 \
-        | grep -v "^ *{'x'\|^    " | tail -10 ;;
+        | grep -v "^ *{.x.\|^    " | tail -30 ;;
     s40h)  # session 40, on an H200 (~420 s): issue 13's 1B goal figures (s32a) and PixArt-alpha 512 against torch.compile
       bash "$0" s32a diffusion_pixart 2>&1 | grep -v "^bytecode\|^NVIDIA" ;;
     s39b)  # session 39, s39a cut to a short budget (~280 s): the 1B prefill with and without the block codes, then the
