@@ -549,6 +549,11 @@ Occupancy|Warp Cycles Per Issued|Registers Per" "$OUT/ncu_24n.txt" | head -150 ;
     s40w)  # session 40 (~250 s): warp-specialized TMA GEMMs (triton 3.6's Hopper pass) against the pipelined configs and
       # cuBLAS at the 1B prefill's, DiT's 512-row and 4096-row shapes, bf16 and fp8, and the block-scaled 1B down
       timeout 330 python3 bench/ws_gemm.py --out "$OUT/ws_gemm.json" 2>&1 | grep -v Warning | tail -40 ;;
+    s40q)  # session 40, s40b for a short budget (~220 s)
+      timeout 120 python3 bench/fp8.py --parts llm --modes bf16,fp8,fp8+ws --out "$OUT/fp8_40q_llm.json" 2>&1 \
+        | grep -v "^ *{.x.\|^    " | tail -30
+      timeout 120 python3 bench/fp8.py --parts dit --modes bf16,bf16+ws,fp8,fp8+ws --out "$OUT/fp8_40q_dit.json" 2>&1 \
+        | grep -v "^ *{.x.\|^    " | tail -30 ;;
     s40c)  # session 40, after s40b (~150 s): w8a8 and the block codes with the WS configs
       timeout 200 python3 bench/fp8.py --parts llm \
         --modes bf16,w8a8,w8a8+ws,fp8-blocks+ws --out "$OUT/fp8_40c_llm.json" 2>&1 | grep -v "^ *{.x.\|^    " | tail -30 ;;
