@@ -25,8 +25,13 @@ Measured on the H200 (bench/fp8_gemm.py, CUDA graphs; bench/NOTES.md, session 17
 of the pointer template and torch._scaled_mm at most DiT-XL/2 / 1B-prefill shapes, ahead at some (DiT fc2 at 256 rows
 14.6 -> 11.0 us, fc1 + GELU at 2048 rows 36.6 -> 33.5), behind at the 1B's GLU gate/up (156 vs 137 us); the tuner took
 it for 85 of the DiT's 113 AQGEMMs at batch 1 and 48 of the w8a8 prefill's GEMMs (7.71 -> 7.41 ms). A program a tile
-(PERSISTENT=False) timed the same as one an SM: Triton 3.6 has no warp specialization on Hopper, so a tile's epilogue
-does not overlap the next tile's loads. On 16-bit operands it lost to cuBLAS at every shape, and is not offered there.
+(PERSISTENT=False) timed the same as one an SM: without warp specialization a tile's epilogue does not overlap the next
+tile's loads. On 16-bit operands it lost to cuBLAS at every shape, and is not offered there.
+
+Warp specialization (``WS_CONFIGS``, session 40): triton 3.6 does specialize warps on Hopper (its ``add_hopper_warpspec``
+pass) where a loop is marked ``warp_specialize=True``: here the K loop, the tile loop then unflattened, 4 warps a
+warpgroup, the epilogue on the whole tile (the pass fails on the column-split one, and on the block-codes epilogue:
+``codes=`` is refused with WS). Offered where ``lower.TRITON_TMA_WS_CONFIGS`` says (0 until measured on the GPU).
 
 Block scales (``tma_gemm``'s ``codes`` / ``xs_group``, also aqgemm.py's): the epilogue storing the next AQGEMM's codes
 with a scale per row and G columns, and K steps scaled by x's G-column scales. Measured at the 1B prefill's gate/up ->
@@ -107,7 +112,8 @@ def _tma_gemm_kernel(
 
         tile_c += programs
         pid_m, pid_n = grouped_tile(tile_c, num_pid_m, num_pid_n, GROUP_M)
-        if CODES or WS:  # the whole tile at once: its column groups' maxima need their values together
+        if CODES or WS:  # the whole tile at once: its column groups' maxima need their values together (WS: the
+            # Hopper pass fails on the column-split epilogue below)
             _epilogue(acc, acc_u, pid_m * BLOCK_M, pid_n * BLOCK_N, xs_ptr, ws_ptr, bias_ptr, gate_ptr, res_ptr, out_ptr,
                       os_ptr, c_ptr, M, N, gate_rows, stride_gb, stride_gm, stride_gn, res_rows, stride_rb, stride_rm,
                       stride_rn, stride_om, stride_on, stride_os, ACT, GLU, SCALED, HAS_BIAS, HAS_GATE, HAS_RESIDUAL,
