@@ -554,6 +554,11 @@ Occupancy|Warp Cycles Per Issued|Registers Per" "$OUT/ncu_24n.txt" | head -150 ;
         | grep -v "^ *{.x.\|^    " | tail -30
       timeout 120 python3 bench/fp8.py --parts dit --modes bf16,bf16+ws,fp8,fp8+ws --out "$OUT/fp8_40q_dit.json" 2>&1 \
         | grep -v "^ *{.x.\|^    " | tail -30 ;;
+    s40p)  # session 40, the smallest probe (~150 s): fp8 against fp8 with the WS configs, the 1B prefill and DiT at 8 images
+      timeout 100 python3 bench/fp8.py --parts llm --modes fp8,fp8+ws --out "$OUT/fp8_40p_llm.json" 2>&1 \
+        | grep -v "^ *{.x.\|^    " | tail -20
+      timeout 80 python3 bench/fp8.py --parts dit --batches 8 --modes fp8,fp8+ws --out "$OUT/fp8_40p_dit.json" 2>&1 \
+        | grep -v "^ *{.x.\|^    " | tail -20 ;;
     s40c)  # session 40, after s40b (~150 s): w8a8 and the block codes with the WS configs
       timeout 200 python3 bench/fp8.py --parts llm \
         --modes bf16,w8a8,w8a8+ws,fp8-blocks+ws --out "$OUT/fp8_40c_llm.json" 2>&1 | grep -v "^ *{.x.\|^    " | tail -30 ;;
