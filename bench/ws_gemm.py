@@ -3,10 +3,11 @@ producer warpgroup for the TMA loads and two consumer warpgroups splitting the t
 stream) against tma_gemm.py's software-pipelined configs and cuBLAS, in ONE process, each call inside a CUDA graph of
 REPLAYS calls (bench/fp8_gemm.py's timing): DiT-XL/2 (512 rows: one image's CFG batch; 4096: eight images) and the
 Llama-3.2-1B prefill (2048 tokens), bf16 and fp8 operands; the 1B down projection on block-scaled codes (xs_group=128,
-the consumer that lost 1.7x without warp specialization, NOTES session 39). Every WS output is checked against the
-same config's output without WS (and fp8 against the float formula) before it is timed.
+the consumer that lost 1.7x without warp specialization, NOTES session 39). Every config's output is checked against
+the first config's of its operand kind (max error over max value <= 2e-2) before it is timed; one past that is
+recorded as REFUSED, not timed.
 
-Usage: python3 bench/ws_gemm.py [--shapes dit512,dit4096,1b] [--out PATH]      writes $OUT/ws_gemm.json
+Usage: python3 bench/ws_gemm.py [--shapes 1b,dit512,dit4096] [--out PATH]      writes $OUT/ws_gemm.json
        python3 bench/ws_gemm.py --smoke        (CPU interpreter, tiny shapes: checks the script runs)"""
 import argparse
 import json
@@ -73,7 +74,6 @@ def one_shape(name, m, k, n, act, glu, device) -> dict:
         operands["fp8 xs_group128"] = (bq, qw, bs, sw, 128)
     ref = {}
     for kind, (a, b, sa, sb, xg) in operands.items():
-        base = {}
         configs = ttma.configs(m, a.dtype, glu) if device == "cuda" else [dict(ttma.INTERPRET_CONFIG)]
         ws = ttma.configs(m, a.dtype, glu, ws=True) if device == "cuda" else [dict(ttma.INTERPRET_CONFIG, WS=True)]
         ws += [dict(ws[0], PERSISTENT=False)]  # (a program a tile)
@@ -91,7 +91,6 @@ def one_shape(name, m, k, n, act, glu, device) -> dict:
                     row["errors"][key + " REFUSED"] = err
                     continue
                 row["us"][key] = bench(run) * 1e3
-                base[key] = row["us"][key]
             except Exception as e:  # noqa: BLE001
                 row["errors"][key] = f"{type(e).__name__}: {str(e).splitlines()[0]}"[:240]
     row["tflops"] = {key: 2 * m * k * n / (v * 1e-6) / 1e12 for key, v in row["us"].items() if v}
