@@ -20,7 +20,6 @@ if a.smoke:
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-import triton.testing as tt  # noqa: E402
 
 from kiln.codegen.kernels import attention as ta  # noqa: E402
 from kiln.codegen.kernels import attention_tma as tma  # noqa: E402
@@ -49,13 +48,8 @@ def graphed(fn):
     if a.smoke:
         fn()
         return 0.0
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(REPS):
-            fn()
-    return tt.do_bench(g.replay, warmup=10, rep=100, return_mode="median") * 1e3 / REPS
+    from common import graphed_ms
+    return graphed_ms(fn, REPS, rep=100) * 1e3
 
 
 rows = []

@@ -27,6 +27,8 @@ from kiln.codegen.kernels import tma_gemm as ttma
 from kiln.ir.quant import dequantize_rows, quantize_rows
 from kiln.testing import rel_err
 
+from common import graphed_ms
+
 PAIRS = [  # (name, M, K, N (first GEMM's output columns, after GLU), N2 (second's), act, glu)
     ("1b prefill gate/up -> down", 2048, 2048, 8192, 2048, "silu", True),
     ("dit b2 fc1 -> fc2", 512, 1152, 4608, 1152, "gelu_tanh", False),
@@ -41,15 +43,10 @@ SMOKE = False  # --smoke: tiny pairs on the CPU under the interpreter, each cand
 
 
 def bench(fn) -> float:
-    fn()
     if SMOKE:
+        fn()
         return 1.0
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(REPLAYS):
-            fn()
-    return triton.testing.do_bench(graph.replay, warmup=10, rep=60, return_mode="median") / REPLAYS * 1e3
+    return graphed_ms(fn, REPLAYS) * 1e3
 
 
 def best(cands: dict, row: dict, stage: str) -> tuple:

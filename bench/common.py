@@ -26,6 +26,18 @@ def measure(fn, want: torch.Tensor) -> dict:
     return {"ms": ms, "first_call_s": first, "peak_mem_GiB": torch.cuda.max_memory_allocated() / 2**30, "rel_err_vs_fp32": err}
 
 
+def graphed_ms(fn, replays: int = 10, rep: int = 60) -> float:
+    """One call of ``fn`` in ms with launch cost out, as in kiln's plans: run once (compiles), captured ``replays`` times
+    in one CUDA graph, the median of triton.testing.do_bench (``rep`` ms) over the graph's replay / ``replays``."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(replays):
+            fn()
+    return tt.do_bench(graph.replay, warmup=10, rep=rep, return_mode="median") / replays
+
+
 def kernels_launched(plan) -> dict:
     """What one run of the plan's calls puts on the GPU, outside its CUDA graph (empty on the CPU): kernels (and memsets
     / copies) launched, the sum of their device times per step (against the replayed step's time: the rest is gaps

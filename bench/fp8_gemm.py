@@ -20,6 +20,8 @@ from kiln.codegen.kernels import tma_gemm as ttma
 from kiln.codegen.kernels.gemm import gemm
 from kiln.ir.quant import quantize_rows
 
+from common import graphed_ms
+
 SHAPES = [  # (name, M, K, N, act, glu)
     ("dit b1 qkv", 256, 1152, 3456, "none", False),
     ("dit b1 fc1+gelu", 256, 1152, 4608, "gelu_tanh", False),
@@ -39,13 +41,7 @@ REPLAYS = 10
 
 
 def bench(fn) -> float:
-    fn()  # compiled, then captured REPLAYS times in one graph
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(REPLAYS):
-            fn()
-    return triton.testing.do_bench(graph.replay, warmup=10, rep=60, return_mode="median") / REPLAYS
+    return graphed_ms(fn, REPLAYS)
 
 
 def label(prefix: str, c: dict) -> str:

@@ -26,6 +26,8 @@ import triton  # noqa: E402
 from kiln.codegen.kernels import tma_gemm as ttma  # noqa: E402
 from kiln.ir.quant import quantize_rows  # noqa: E402
 
+from common import graphed_ms  # noqa: E402
+
 SHAPES = {  # (name, M, K, N, act, glu)
     "dit512": [("dit 512 qkv", 512, 1152, 3456, "none", False), ("dit 512 proj", 512, 1152, 1152, "none", False),
                ("dit 512 fc1+gelu", 512, 1152, 4608, "gelu_tanh", False), ("dit 512 fc2", 512, 4608, 1152, "none", False)],
@@ -38,15 +40,10 @@ REPLAYS = 10
 
 
 def bench(fn) -> float:
-    fn()
     if SMOKE:
+        fn()
         return 0.0
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(REPLAYS):
-            fn()
-    return triton.testing.do_bench(graph.replay, warmup=10, rep=60, return_mode="median") / REPLAYS
+    return graphed_ms(fn, REPLAYS)
 
 
 def label(c: dict) -> str:
