@@ -95,8 +95,8 @@ for name, (b, h, sq, sk, attended, hk, d, causal) in SHAPES.items():
             return tma.attention(q, k, v, causal, out=out, config=c, mask=mask)
         finally:
             tma.HEAVY_FIRST = first
-    for c in [tma.INTERPRET_CONFIG, dict(tma.INTERPRET_CONFIG, WS=True)] if a.smoke else tma.configs() + tma.configs(ws=True):
-        tag = ("kiln tma WS " if c.get("WS") else "kiln tma ") + "{BLOCK_M}x{BLOCK_N} w{num_warps} s{num_stages}".format(**c)
+    for c in [tma.INTERPRET_CONFIG] if a.smoke else tma.configs():
+        tag = "kiln tma {BLOCK_M}x{BLOCK_N} w{num_warps} s{num_stages}".format(**c)
         cands[tag] = lambda c=c: tma_attention(c)
         if causal:  # (the query tiles in order, not the heaviest first)
             cands[tag + " in order"] = lambda c=c: tma_attention(c, heavy_first=False)

@@ -13,7 +13,6 @@ Usage: python3 bench/fp8.py [--parts dit,llm] [--batches 1,8] [--seq 2048] [--mo
        python3 bench/fp8.py --smoke        (tiny models on the CPU: checks the script runs)
 Writes --out (default $OUT/fp8.json) after every measured run, so a timeout keeps what was measured."""
 import argparse
-import contextlib
 import json
 import os
 import statistics
@@ -84,29 +83,12 @@ def kernel_breakdown(compiled) -> dict:
 def config(mode: str) -> kiln.CompileConfig:
     """``bf16``, ``fp8``, ``w8a8``; ``+head`` after a mode quantizes the output head (a DiT's proj_out in w8a8),
     ``-head16`` keeps it float (by default both modes quantize an LLM's LM head); ``-blocks`` before those: the MLP's
-    second GEMM reads its codes with a scale per token and 128 features (CompileConfig.quantize_act_blocks); ``+ws``
-    last: the tuner also offered the warp-specialized TMA configs (``ws_arm``)."""
-    base = mode.removesuffix("+ws").removesuffix("+head").removesuffix("-head16")
-    mode = mode.removesuffix("+ws")
+    second GEMM reads its codes with a scale per token and 128 features (CompileConfig.quantize_act_blocks)."""
+    base = mode.removesuffix("+head").removesuffix("-head16")
     head = {"quantize_lm_head": True} if mode.endswith("+head") else {"quantize_lm_head": False} if mode.endswith("-head16") else {}
     blocks = {"quantize_act_blocks": 128} if base.endswith("-blocks") else {}
     base = base.removesuffix("-blocks")
     return kiln.CompileConfig(quantize=None if base == "bf16" else base, **head, **blocks)
-
-
-@contextlib.contextmanager
-def ws_arm(mode: str):
-    """While a mode's plans are built: lower.TRITON_TMA_WS_CONFIGS and lower_attention.TMA_ATTENTION_WS_CONFIGS 2 for a
-    ``+ws`` mode (the warp-specialized GEMMs and attention offered), else 0 (the decisions' keys differ, so the two arms
-    share no cached choice)."""
-    from kiln.codegen import lower, lower_attention
-
-    old = lower.TRITON_TMA_WS_CONFIGS, lower_attention.TMA_ATTENTION_WS_CONFIGS
-    lower.TRITON_TMA_WS_CONFIGS = lower_attention.TMA_ATTENTION_WS_CONFIGS = 2 if mode.endswith("+ws") else 0
-    try:
-        yield
-    finally:
-        lower.TRITON_TMA_WS_CONFIGS, lower_attention.TMA_ATTENTION_WS_CONFIGS = old
 
 
 def summarize(res: dict, part: str, key: str) -> None:
@@ -148,25 +130,24 @@ def bench_dit(a, res: dict, device: str, dtype) -> None:
     m = model.to(dtype)
     calib = [inputs(2, dtype, seed=100 + s) for s in range(DIT_CALIB)]
     for mode in a.modes.split(","):
-        with ws_arm(mode):
-            t0 = time.time()
-            compiled = kiln.compile(m, (), inputs(2, dtype), dynamic=DIT_DYNAMIC, config=config(mode),
-                                    calibration=calib if mode.startswith("w8a8") else None)
-            res[f"dit_compile_s_{mode}"] = time.time() - t0
-            res[f"dit_notes_{mode}"] = notes(compiled)
-            for bs in batches:
-                x = inputs(bs, dtype)
-                run = {"part": "dit", "batch": bs, "system": f"kiln-{mode}", **measure(lambda: compiled(**x).sample, want[bs], device)}
-                if device == "cuda":
-                    run["executor"] = compiled.executor.describe()["plans"][-1]
-                    run["kernels"] = kernel_breakdown(compiled)
-                    print("  choices:", run["executor"]["choices"], flush=True)
-                run["aqgemm_tuning"] = gemm_choices(compiled)
-                res["runs"].append(run)
-                save(res, a.out)
-                print({k: v for k, v in run.items() if k not in ("executor", "aqgemm_tuning", "kernels")}, flush=True)
-                for d in run["aqgemm_tuning"]:
-                    print("   ", d, flush=True)
+        t0 = time.time()
+        compiled = kiln.compile(m, (), inputs(2, dtype), dynamic=DIT_DYNAMIC, config=config(mode),
+                                calibration=calib if mode.startswith("w8a8") else None)
+        res[f"dit_compile_s_{mode}"] = time.time() - t0
+        res[f"dit_notes_{mode}"] = notes(compiled)
+        for bs in batches:
+            x = inputs(bs, dtype)
+            run = {"part": "dit", "batch": bs, "system": f"kiln-{mode}", **measure(lambda: compiled(**x).sample, want[bs], device)}
+            if device == "cuda":
+                run["executor"] = compiled.executor.describe()["plans"][-1]
+                run["kernels"] = kernel_breakdown(compiled)
+                print("  choices:", run["executor"]["choices"], flush=True)
+            run["aqgemm_tuning"] = gemm_choices(compiled)
+            res["runs"].append(run)
+            save(res, a.out)
+            print({k: v for k, v in run.items() if k not in ("executor", "aqgemm_tuning", "kernels")}, flush=True)
+            for d in run["aqgemm_tuning"]:
+                print("   ", d, flush=True)
     for bs in batches:
         x = inputs(bs, dtype)
         res["runs"].append({"part": "dit", "batch": bs, "system": "eager-bf16", **measure(lambda: m(**x).sample, want[bs], device)})
@@ -190,23 +171,22 @@ def bench_llm(a, res: dict, device: str, dtype) -> None:
         want = model(ids, use_cache=False).logits
     m = model.to(dtype)
     for mode in a.modes.split(","):
-        with ws_arm(mode):
-            t0 = time.time()
-            compiled = kiln.compile(m, (ids,), dynamic={"input_ids": {1: ("seq", 1, 4096)}}, config=config(mode),
-                                    calibration=calib if mode.startswith("w8a8") else None)
-            res[f"llm_compile_s_{mode}"] = time.time() - t0
-            res[f"llm_notes_{mode}"] = notes(compiled)
-            run = {"part": "llm", "seq": a.seq, "system": f"kiln-{mode}", **measure(lambda: compiled(ids).logits, want, device)}
-            run["aqgemm_tuning"] = gemm_choices(compiled)
-            if device == "cuda":
-                run["executor"] = compiled.executor.describe()["plans"][-1]
-                run["kernels"] = kernel_breakdown(compiled)
-                print("  choices:", run["executor"]["choices"], flush=True)
-            res["runs"].append(run)
-            save(res, a.out)
-            print({k: v for k, v in run.items() if k not in ("aqgemm_tuning", "kernels", "executor")}, flush=True)
-            for d in run["aqgemm_tuning"]:
-                print("   ", d, flush=True)
+        t0 = time.time()
+        compiled = kiln.compile(m, (ids,), dynamic={"input_ids": {1: ("seq", 1, 4096)}}, config=config(mode),
+                                calibration=calib if mode.startswith("w8a8") else None)
+        res[f"llm_compile_s_{mode}"] = time.time() - t0
+        res[f"llm_notes_{mode}"] = notes(compiled)
+        run = {"part": "llm", "seq": a.seq, "system": f"kiln-{mode}", **measure(lambda: compiled(ids).logits, want, device)}
+        run["aqgemm_tuning"] = gemm_choices(compiled)
+        if device == "cuda":
+            run["executor"] = compiled.executor.describe()["plans"][-1]
+            run["kernels"] = kernel_breakdown(compiled)
+            print("  choices:", run["executor"]["choices"], flush=True)
+        res["runs"].append(run)
+        save(res, a.out)
+        print({k: v for k, v in run.items() if k not in ("aqgemm_tuning", "kernels", "executor")}, flush=True)
+        for d in run["aqgemm_tuning"]:
+            print("   ", d, flush=True)
     res["runs"].append({"part": "llm", "seq": a.seq, "system": "eager-bf16",
                         **measure(lambda: m(ids, use_cache=False).logits, want, device)})
     summarize(res, "llm", "seq")

@@ -546,30 +546,6 @@ Occupancy|Warp Cycles Per Issued|Registers Per" "$OUT/ncu_24n.txt" | head -150 ;
       timeout 170 python3 bench/fp8.py --parts llm --modes bf16,fp8,fp8-blocks,w8a8 --out "$OUT/fp8_40.json" 2>&1 | tail -12
       timeout 150 python3 -m pytest -q -rf -m gpu tests/codegen/test_tma_gemm.py tests/runtime/test_kernel_plan_blocks.py \
         -k block 2>&1 | tail -4 ;;
-    s40w)  # session 40 (~250 s): warp-specialized TMA GEMMs (triton 3.6's Hopper pass) against the pipelined configs and
-      # cuBLAS at the 1B prefill's, DiT's 512-row and 4096-row shapes, bf16 and fp8, and the block-scaled 1B down
-      timeout 330 python3 bench/ws_gemm.py --out "$OUT/ws_gemm.json" 2>&1 | grep -v Warning | tail -40 ;;
-    s40q)  # session 40, s40b for a short budget (~220 s)
-      timeout 120 python3 bench/fp8.py --parts llm --modes bf16,fp8,fp8+ws --out "$OUT/fp8_40q_llm.json" 2>&1 \
-        | grep -v "^ *{.x.\|^    " | tail -30
-      timeout 120 python3 bench/fp8.py --parts dit --modes bf16,bf16+ws,fp8,fp8+ws --out "$OUT/fp8_40q_dit.json" 2>&1 \
-        | grep -v "^ *{.x.\|^    " | tail -30 ;;
-    s40p)  # session 40, the smallest probe (~150 s): fp8 against fp8 with the WS configs, the 1B prefill and DiT at 8 images
-      timeout 100 python3 bench/fp8.py --parts llm --modes fp8,fp8+ws --out "$OUT/fp8_40p_llm.json" 2>&1 \
-        | grep -v "^ *{.x.\|^    " | tail -20
-      timeout 80 python3 bench/fp8.py --parts dit --batches 8 --modes fp8,fp8+ws --out "$OUT/fp8_40p_dit.json" 2>&1 \
-        | grep -v "^ *{.x.\|^    " | tail -20 ;;
-    s40c)  # session 40, after s40b (~150 s): w8a8 and the block codes with the WS configs
-      timeout 200 python3 bench/fp8.py --parts llm \
-        --modes bf16,w8a8,w8a8+ws,fp8-blocks+ws --out "$OUT/fp8_40c_llm.json" 2>&1 | grep -v "^ *{.x.\|^    " | tail -30 ;;
-    s40b)  # session 40 (~250 s): the 1B prefill and DiT-XL/2 in bf16 / fp8 with
-      # and without the warp-specialized TMA configs offered to the tuner ("+ws": lower.TRITON_TMA_WS_CONFIGS), one process; the tuner's
-      # choices per GEMM in the JSON (gemm_choices)
-      timeout 200 python3 bench/fp8.py --parts llm --modes ${LLM_MODES:-bf16,bf16+ws,fp8,fp8+ws} \
-        --out "$OUT/fp8_40b_llm.json" 2>&1 \
-        | grep -v "^ *{.x.\|^    " | tail -40
-      timeout 150 python3 bench/fp8.py --parts dit --modes bf16,bf16+ws,fp8,fp8+ws --out "$OUT/fp8_40b_dit.json" 2>&1 \
-        | grep -v "^ *{.x.\|^    " | tail -30 ;;
     s40h)  # session 40, on an H200 (~420 s): issue 13's 1B goal figures (s32a) and PixArt-alpha 512 against torch.compile
       bash "$0" s32a diffusion_pixart 2>&1 | grep -v "^bytecode\|^NVIDIA" ;;
     s39b)  # session 39, s39a cut to a short budget (~280 s): the 1B prefill with and without the block codes, then the

@@ -61,11 +61,6 @@ TRITON_AQGEMM_CONFIGS = 2
 # configuration and the one filling the last wave best. (Not for 16-bit GEMMs: at DiT-XL/2 and 1B-prefill shapes it lost
 # to cuBLAS everywhere, bench/NOTES.md session 17)
 TRITON_TMA_CONFIGS = 2
-# how many of its warp-specialized configurations (tma_gemm.WS_CONFIGS: a producer warpgroup and two consumer ones)
-# are offered too, the first that fit, to AQGEMMs and 16-bit GEMMs; not with block codes out (triton 3.6's Hopper pass
-# fails on that epilogue).
-# 0 until measured on the GPU (bench/ws_gemm.py, bench/fp8.py's "+ws" modes)
-TRITON_TMA_WS_CONFIGS = 0
 # the skinny candidates' generation in the tuner's key (a decision measured between older candidates is measured
 # again): 2 since split-K may reduce in its last program, 3 since a plain GEMV also tries skinny.WHOLE_K's tile, 4 since
 # 2..16 rows try swapped tiles, 5 since the norm prologue's statistics pass is pipelined (it was K / BLOCK_K serial round
@@ -82,9 +77,8 @@ TRITON_TMA_WS_CONFIGS = 0
 # since a K of two such steps also tries one step twice as long on twice the warps (skinny.WIDE_WHOLE_K)
 SKINNY_CANDIDATES = 15
 # the AQGEMM candidates' generation (in an AQGEMM's what): 2 since the template's tile filling the last wave best is
-# tried too (aqgemm.wave_fit), 3 since the persistent TMA template is (tma_gemm.py), 4 since its warp-specialized
-# configurations are (TRITON_TMA_WS_CONFIGS)
-AQGEMM_CANDIDATES = 4
+# tried too (aqgemm.wave_fit), 3 since the persistent TMA template is (tma_gemm.py)
+AQGEMM_CANDIDATES = 3
 # the generation of the row kernels storing codes (in a coded AQGEMM's what): 2 since quantize_rows / epilogue_codes
 # hold rows up to 16384 wide in registers (one read of their input, not two)
 ROW_CODES_CANDIDATES = 2
@@ -205,8 +199,6 @@ def gemm(args: list, attrs: dict, out: torch.Tensor, tmp: torch.Tensor | None, d
     cfgs = (tg.configs(m, glu) if device.type == "cuda" else [tg.INTERPRET_CONFIG])[:TRITON_GEMM_CONFIGS] if template else []
     for c in cfgs:
         candidates[config_name("triton", c)] = (lambda c=c: tg.gemm(x, w, bias, gate, residual, act, glu, out=out, config=c))
-    for c in _tma_ws_configs(x, w, m, glu, device) if template else []:  # (x [..., K] as TMA reads it, or none)
-        candidates[config_name("triton-tma", c)] = (lambda c=c: tt.tma_gemm(x, w, bias, gate, residual, act, glu, out=out, config=c))
     decode = skinny(x, dict(w=w), (bias, gate, residual), attrs, out, workspace, device)
     candidates.update(decode)
     fused = skinny(x, dict(w=w), (bias, gate, residual), attrs, out, workspace, device, norm)
@@ -219,7 +211,7 @@ def gemm(args: list, attrs: dict, out: torch.Tensor, tmp: torch.Tensor | None, d
                                                                          config=c, rstd_eps=norm["eps"]))
     candidates = with_norm(candidates, fused, norm)
     what = {"op": "GEMM", "x": list(x.shape), "x_stride": list(x.stride()), "w": list(w.shape), "dtype": str(x.dtype),
-            **_epilogue_what(act, glu, bias, gate, residual, out), **({"ws": TRITON_TMA_WS_CONFIGS} if TRITON_TMA_WS_CONFIGS else {})}
+            **_epilogue_what(act, glu, bias, gate, residual, out)}
     if decode:  # (a decision cached before the skinny template, or its one-launch split-K, was a candidate is not one
         what["skinny"] = SKINNY_CANDIDATES  # between these)
         what["weights"] = "cold"  # a decode GEMM streams its weight from HBM: timed so (tuning.py)
@@ -340,8 +332,7 @@ def aqgemm(args: list, attrs: dict, out: torch.Tensor, tmp: torch.Tensor | None,
         for c in _aqgemm_configs(m, nw, glu, device, group):
             candidates[config_name("triton-aqgemm", c)] = (
                 lambda c=c: taq.aqgemm(*quantized(), wq, ws, bias, gate, residual, act, glu, out=out, config=c, **blocks))
-        xq = codes[0] if codes is not None else None
-        for c in _tma_configs(xq, wq, m, glu, nw, device, group)[:TRITON_TMA_CONFIGS] + _tma_ws_configs(xq, wq, m, glu, device, group):
+        for c in _tma_configs(codes[0] if codes is not None else None, wq, m, glu, nw, device, group)[:TRITON_TMA_CONFIGS]:
             candidates[config_name("triton-tma", c)] = partial(_tma_aqgemm, quantized, wq, ws, (bias, gate, residual), act, glu,
                                                                out, c, blocks)
         if not group:
@@ -351,7 +342,7 @@ def aqgemm(args: list, attrs: dict, out: torch.Tensor, tmp: torch.Tensor | None,
     if not candidates:  # no kernel for this dtype / device: the op's reference, copied
         candidates["reference"] = lambda: out.copy_(OPS["AQGEMM"].ref(args, attrs))
     what = {"op": "AQGEMM", "format": fmt, "x": list(x.shape), "x_stride": list(x.stride()), "w": list(wq.shape),
-            "dtype": str(x.dtype), "smooth": smooth is not None, "candidates": AQGEMM_CANDIDATES, "ws": TRITON_TMA_WS_CONFIGS,
+            "dtype": str(x.dtype), "smooth": smooth is not None, "candidates": AQGEMM_CANDIDATES,
             **_epilogue_what(act, glu, bias, gate, residual, out), **({"act_group": group} if group else {})}
     if codes is not None:  # (the GEMM alone: another measurement than quantizer + GEMM)
         what["codes"] = True
@@ -397,14 +388,6 @@ def _tma_configs(x: torch.Tensor | None, w: torch.Tensor, m: int, glu: bool, nw:
     cs = [c for c in tt.configs(m, w.dtype, glu) if _fits_blocks(c, group, codes)]
     fit = taq.wave_fit(m, nw // 2 if glu else nw, glu, torch.cuda.get_device_properties(device).multi_processor_count, cs) if cs else None
     return cs[:1] + ([fit] if fit is not None else []) + [c for c in cs[1:] if c != fit]
-
-
-def _tma_ws_configs(x: torch.Tensor | None, w: torch.Tensor, m: int, glu: bool, device: torch.device, group: int = 0) -> list[dict]:
-    """The warp-specialized TMA configurations offered (``TRITON_TMA_WS_CONFIGS`` of them; on CUDA only: the
-    interpreter runs them as the others) for x [m, K] and w, x's scales by ``group`` columns where nonzero."""
-    if not TRITON_TMA_WS_CONFIGS or device.type != "cuda" or tt.INTERPRET or not tt.supported(x, w):
-        return []
-    return [c for c in tt.configs(m, w.dtype, glu, ws=True) if _fits_blocks(c, group, 0)][:TRITON_TMA_WS_CONFIGS]
 
 
 def _tma_aqgemm(quantized, wq, ws, epilogue_ops: tuple, act: str, glu: bool, out, config: dict, blocks: dict | None = None) -> None:

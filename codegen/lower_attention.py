@@ -47,9 +47,6 @@ ATTENTION_CANDIDATES = 4
 # Llama-prefill shapes, PixArt's padding mask) and it ran 1.4-1.7x the template's speed at head dim 72, 1.15-1.85x
 # SDPA's + the copy but at PixArt 1024 (a tie; bench/NOTES.md); the first three cover every best.
 TMA_ATTENTION_CONFIGS = 3
-# and its warp-specialized ones (attention_tma.WS_CONFIGS: a producer warpgroup, two consumer ones) where no mask is
-# given; 0 until measured on the GPU (bench/attn.py, bench/fp8.py's "+ws" modes)
-TMA_ATTENTION_WS_CONFIGS = 0
 # the decode attention candidates' generation (in a decode attention's what; a decision measured between older ones is
 # measured again): 2 since "kiln-decode-whole" exists, 3 since the kernel reads only the keys the mask attends, 4 since
 # a decode decision charges each launch past a candidate's first (tuning.EXTRA_LAUNCH_MS), 5 since it is timed at the
@@ -203,8 +200,6 @@ def attention(args: list, attrs: dict, out: torch.Tensor, scratch: torch.Tensor 
         what["softcap"] = attrs["softcap"]
     if any(name.startswith("kiln-tma") for name in candidates):
         what["tma"] = True  # (offered where the operands' bases and strides suit TMA: not in every plan of this shape)
-        if TMA_ATTENTION_WS_CONFIGS:
-            what["ws"] = TMA_ATTENTION_WS_CONFIGS
     if decode:
         what["decode"] = DECODE_CANDIDATES
         what["cache"] = "cold"  # (timed after L2 is flushed: tuning.py)
@@ -283,8 +278,7 @@ def _attention_candidates(q, k, v, mask, ks, vs, attrs: dict, out: torch.Tensor,
     if (TMA_ATTENTION_CONFIGS and q.dim() == 4 and q.shape[-2] > ta.SHORT_Q and out.dim() == 4
             and (q.shape[1] == k.shape[1] or enable_gqa) and tta.supported(q, k, v, mask, ks, vs, softcap) is None):
         cfgs = tta.configs() if device.type == "cuda" else [tta.INTERPRET_CONFIG]
-        ws = tta.configs(ws=True)[:TMA_ATTENTION_WS_CONFIGS] if device.type == "cuda" and mask is None else []
-        for c in cfgs[:TMA_ATTENTION_CONFIGS] + ws:
+        for c in cfgs[:TMA_ATTENTION_CONFIGS]:
             candidates[config_name("kiln-tma", c)] = tta.launcher(q, k, v, causal, scale, out, c, mask)
     if decode:
         run = partial(td.decode_attention, q, k, v, mask, scale, enable_gqa, out=out, k_scale=ks, v_scale=vs, softcap=softcap)

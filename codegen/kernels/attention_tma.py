@@ -63,7 +63,7 @@ def _tma_attention_kernel(
     mask_ptr, stride_mb, stride_mh, stride_mn,  # the mask expanded to [B, H, 1, Sk]: one row a head (MASK "none": unused)
     CAUSAL: tl.constexpr, MASK: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     MAIN: tl.constexpr, WIN: tl.constexpr, MAIN_V: tl.constexpr, WIN_V: tl.constexpr,  # WIN / WIN_V 0: no window
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAVY_FIRST: tl.constexpr, WS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAVY_FIRST: tl.constexpr,
 ):
     if HEAVY_FIRST:  # causal: the query tiles with the most keys launch first, every head's, then the lighter ones
         pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
@@ -86,9 +86,7 @@ def _tma_attention_kernel(
     acc = tl.zeros([BLOCK_M, MAIN_V], dtype=tl.float32)
     acc2 = tl.zeros([BLOCK_M, WIN_V if WIN_V > 0 else 16], dtype=tl.float32)
     hi = tl.minimum(Sk, m0 + BLOCK_M) if CAUSAL else Sk  # (causal: keys past the tile's last row are never read)
-    # WS: triton's Hopper pass gives the key loop a producer warpgroup (the TMA loads) and two consumer ones (64 query
-    # rows each); it leaves a loop holding a branch alone, so there every tile takes the masks' selects
-    for n0 in tl.range(0, hi, BLOCK_N, warp_specialize=WS):
+    for n0 in range(0, hi, BLOCK_N):
         k = k_desc.load([b, hk, n0, 0]).reshape(BLOCK_N, MAIN)
         s = tl.dot(q, k.T)
         if WIN > 0:
@@ -103,12 +101,8 @@ def _tma_attention_kernel(
             s = masked_scores(s, keep, mask_ptr + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh, offs_m, offs_n,
                               Sq, Sk, 0, stride_mn, MASK, False)
         elif CAUSAL:
-            if WS:
+            if n0 + BLOCK_N > tl.minimum(m0, Sk):  # a tile on the diagonal or past the keys: the triangle and the length
                 s = tl.where((offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] < Sk), s, float("-inf"))
-            elif n0 + BLOCK_N > tl.minimum(m0, Sk):  # a tile on the diagonal or past the keys: the triangle and the length
-                s = tl.where((offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] < Sk), s, float("-inf"))
-        elif WS:
-            s = tl.where(offs_n[None, :] < Sk, s, float("-inf"))
         elif n0 + BLOCK_N > Sk:  # the last tile of a length not a multiple of BLOCK_N: its zero-filled keys
             s = tl.where(offs_n[None, :] < Sk, s, float("-inf"))
         m_i, alpha, p, l_i = online_weights(s, m_i, l_i)
@@ -169,7 +163,7 @@ def attention(q, k, v, causal: bool = False, scale: float | None = None, out: to
     """``softmax(q @ k^T * scale + mask) @ v`` (causal: query i attends keys j <= i), q [B, Hq, Sq, D], k [B, Hk, Sk, D],
     v [B, Hk, Sk, Dv], Hq a multiple of Hk (grouped query heads); ``mask`` bool (True = attend) or a bias of q's dtype
     broadcasting to [B, Hq, Sq, Sk] (both it and ``causal`` apply; a row with nothing attended gives zeros, as
-    attention.py's); ``out`` [B, Hq, Sq, Dv] given or made. ``config``: BLOCK_M, BLOCK_N, num_warps, num_stages, WS
+    attention.py's); ``out`` [B, Hq, Sq, Dv] given or made. ``config``: BLOCK_M, BLOCK_N, num_warps, num_stages
     (``configs``). Raises ValueError where ``supported`` says no."""
     if out is None:  # (the launcher checks the operands)
         out = torch.empty(q.shape[:-1] + v.shape[-1:], dtype=q.dtype, device=q.device)
@@ -191,9 +185,6 @@ def launcher(q, k, v, causal: bool, scale: float | None, out: torch.Tensor, conf
     if out.numel() == 0:
         return lambda: None
     c = dict(config or (INTERPRET_CONFIG if INTERPRET else configs()[0]))
-    if c.get("WS") and mask is not None:
-        raise ValueError("attention_tma: a warp-specialized config (WS) takes no mask (triton 3.6's Hopper pass fails on "
-                         "some); use a config without WS")
     (main, win), (main_v, win_v) = _boxes(d), _boxes(dv)
 
     def desc(t, rows, lanes):
@@ -209,16 +200,10 @@ def launcher(q, k, v, causal: bool, scale: float | None, out: torch.Tensor, conf
     return functools.partial(
         _tma_attention_kernel[grid], *boxes, out, *out.stride(), hq, hq // hk, sq, sk,
         qk_scale, *mask_args, CAUSAL=bool(causal), MASK=kind, HEAD_DIM=d, HEAD_DIM_V=dv, MAIN=main, WIN=win, MAIN_V=main_v,
-        WIN_V=win_v, BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], HEAVY_FIRST=heavy_first, WS=c.get("WS", False),
-        num_warps=c["num_warps"],
+        WIN_V=win_v, BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], HEAVY_FIRST=heavy_first, num_warps=c["num_warps"],
         num_stages=c["num_stages"])
 
 
-# warp-specialized (WS): 4 warps a warpgroup, 128 query rows (two consumer warpgroups of 64) a program
-WS_CONFIGS = [(128, 128, 4, 2), (128, 64, 4, 2)]
-
-
-def configs(ws: bool = False) -> list[dict]:
-    """The launch configurations worth timing, as plain dicts, the best guess first; ``ws``: the warp-specialized ones."""
-    return [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s, **({"WS": True} if ws else {}))
-            for m, n, w, s in (WS_CONFIGS if ws else CONFIGS)]
+def configs() -> list[dict]:
+    """The launch configurations worth timing, as plain dicts, the best guess first."""
+    return [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s) for m, n, w, s in CONFIGS]

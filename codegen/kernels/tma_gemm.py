@@ -25,13 +25,11 @@ Measured on the H200 (bench/fp8_gemm.py, CUDA graphs; bench/NOTES.md, session 17
 of the pointer template and torch._scaled_mm at most DiT-XL/2 / 1B-prefill shapes, ahead at some (DiT fc2 at 256 rows
 14.6 -> 11.0 us, fc1 + GELU at 2048 rows 36.6 -> 33.5), behind at the 1B's GLU gate/up (156 vs 137 us); the tuner took
 it for 85 of the DiT's 113 AQGEMMs at batch 1 and 48 of the w8a8 prefill's GEMMs (7.71 -> 7.41 ms). A program a tile
-(PERSISTENT=False) timed the same as one an SM: without warp specialization a tile's epilogue does not overlap the next
-tile's loads. On 16-bit operands it lost to cuBLAS at every shape, and is not offered there.
-
-Warp specialization (``WS_CONFIGS``, session 40): triton 3.6 does specialize warps on Hopper (its ``add_hopper_warpspec``
-pass) where a loop is marked ``warp_specialize=True``: here the K loop, the tile loop then unflattened, 4 warps a
-warpgroup, the epilogue on the whole tile (the pass fails on the column-split one, and on the block-codes epilogue:
-``codes=`` is refused with WS). Offered where ``lower.TRITON_TMA_WS_CONFIGS`` says (0 until measured on the GPU).
+(PERSISTENT=False) timed the same as one an SM: a tile's epilogue does not overlap the next tile's loads. On 16-bit
+operands it lost to cuBLAS at every shape, and is not offered there. Triton 3.6's Hopper warp specialization
+(``tl.range(.., warp_specialize=True)`` on the K loop) was tried (sessions 40-41): on an H100 its 128-row tiles (two
+consumer warpgroups) never finished, the attention kernel's read out of bounds, and its 64 x 128 tiles ran 1.2-1.5x
+slower than the configs below, so none is kept (bench/NOTES.md, session 41).
 
 Block scales (``tma_gemm``'s ``codes`` / ``xs_group``, also aqgemm.py's): the epilogue storing the next AQGEMM's codes
 with a scale per row and G columns, and K steps scaled by x's G-column scales. Measured at the 1B prefill's gate/up ->
@@ -76,7 +74,7 @@ def _tma_gemm_kernel(
     HAS_BIAS: tl.constexpr, HAS_GATE: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     XS_GROUP: tl.constexpr, CODES: tl.constexpr, QMAX: tl.constexpr, FP8_OUT: tl.constexpr, EMULATE_FP8: tl.constexpr,
     HAS_SMOOTH: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, WS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     start = tl.program_id(0)
     programs = tl.num_programs(0)
@@ -89,13 +87,13 @@ def _tma_gemm_kernel(
     # the epilogue's tile is counted apart from the loads' (the tutorial's tile_id_c): the flattened loop's prologue
     # may then run the next tile's loads ahead of this tile's epilogue
     tile_c = start - programs
-    for tile in tl.range(start, num_pid_m * num_pid_n, programs, flatten=not WS):
+    for tile in tl.range(start, num_pid_m * num_pid_n, programs, flatten=True):
         pid_m, pid_n = grouped_tile(tile, num_pid_m, num_pid_n, GROUP_M)
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=SUM)
         acc_u = acc
-        for ki in tl.range(k_tiles, warp_specialize=WS):
+        for ki in range(k_tiles):
             off_k = ki * BLOCK_K
             a = x_desc.load([off_m, off_k])
             if XS_GROUP:  # (rows past M: x zero-filled, their scales 0)
@@ -112,8 +110,7 @@ def _tma_gemm_kernel(
 
         tile_c += programs
         pid_m, pid_n = grouped_tile(tile_c, num_pid_m, num_pid_n, GROUP_M)
-        if CODES or WS:  # the whole tile at once: its column groups' maxima need their values together (WS: the
-            # Hopper pass fails on the column-split epilogue below)
+        if CODES:  # the whole tile at once: its column groups' maxima need their values together
             _epilogue(acc, acc_u, pid_m * BLOCK_M, pid_n * BLOCK_N, xs_ptr, ws_ptr, bias_ptr, gate_ptr, res_ptr, out_ptr,
                       os_ptr, c_ptr, M, N, gate_rows, stride_gb, stride_gm, stride_gn, res_rows, stride_rb, stride_rm,
                       stride_rn, stride_om, stride_on, stride_os, ACT, GLU, SCALED, HAS_BIAS, HAS_GATE, HAS_RESIDUAL,
@@ -183,25 +180,13 @@ CONFIGS = {
 }
 
 
-# Warp-specialized (WS): triton 3.6's Hopper pass splits the K loop into a producer warpgroup issuing the TMA loads and
-# two consumer warpgroups of 4 warps, each the products of half the tile's rows (12 warps a program, registers moved
-# to the consumers by setmaxnreg); it compiles only with num_warps=4 and the epilogue on the whole tile
-WS_CONFIGS = {
-    1: [dict(_config(128, 128, 128, 4, 4), WS=True), dict(_config(128, 256, 128, 4, 3), WS=True),
-        dict(_config(64, 128, 128, 4, 4), WS=True)],
-    2: [dict(_config(128, 128, 64, 4, 4), WS=True), dict(_config(128, 256, 64, 4, 3), WS=True),
-        dict(_config(64, 128, 64, 4, 4), WS=True)],
-}
-
-
-def configs(m: int, dtype: torch.dtype, glu: bool = False, ws: bool = False) -> list[dict]:
+def configs(m: int, dtype: torch.dtype, glu: bool = False) -> list[dict]:
     """The launch configurations for ``m`` rows of ``dtype`` operands (none at or below SMALL_M rows), each with at
-    most 128 float32 accumulator registers a thread (glu keeps two accumulators; a WS consumer warpgroup holds half
-    the tile); ``ws``: the warp-specialized ones."""
+    most 128 float32 accumulator registers a thread (glu keeps two accumulators)."""
     if m <= SMALL_M:
         return []
-    return [dict(c) for c in (WS_CONFIGS if ws else CONFIGS)[dtype.itemsize]
-            if c["BLOCK_M"] * c["BLOCK_N"] * (2 if glu else 1) <= 128 * 32 * c["num_warps"] * (2 if ws else 1)]
+    return [dict(c) for c in CONFIGS[dtype.itemsize]
+            if c["BLOCK_M"] * c["BLOCK_N"] * (2 if glu else 1) <= 128 * 32 * c["num_warps"]]
 
 
 def supported(x: torch.Tensor | None, w: torch.Tensor) -> bool:
@@ -270,9 +255,6 @@ def tma_gemm(x, w, xs=None, ws=None, bias=None, gate=None, residual=None, act="n
     m, n = math.prod(shape[:-1]), shape[-1]
     c = dict(config or (INTERPRET_CONFIG if INTERPRET else configs(max(m, SMALL_M + 1), x.dtype, glu)[0]))
     taq.check_blocks("tma_gemm", k, n, xs_group, codes, c)
-    if c.get("WS") and codes:
-        raise ValueError("tma_gemm: a warp-specialized config (WS) stores no codes (triton 3.6's Hopper pass fails on "
-                         "the codes epilogue); use a config without WS")
     taq.check_smooth("tma_gemm", smooth, codes, n)
     if codes:
         out = taq.codes_out("tma_gemm", out, shape, codes, x.device)
@@ -285,7 +267,6 @@ def tma_gemm(x, w, xs=None, ws=None, bias=None, gate=None, residual=None, act="n
         return out
     launch = {key: c.pop(key) for key in ("num_warps", "num_stages") if key in c}
     persistent = c.pop("PERSISTENT", True)  # False: a program a tile (the same kernel, each program's loop one step)
-    c.setdefault("WS", False)
     x_desc = TensorDescriptor.from_tensor(x.view(m, k), [c["BLOCK_M"], c["BLOCK_K"]])
     w_desc = TensorDescriptor.from_tensor(w, [c["BLOCK_N"], c["BLOCK_K"]])
     tiles = triton.cdiv(m, c["BLOCK_M"]) * triton.cdiv(n, c["BLOCK_N"])

@@ -129,23 +129,6 @@ def test_what_it_does_not_take(change, match):
             T.attention(q, k, v, **kw)
 
 
-@pytest.mark.parametrize("causal", [False, True])
-def test_a_warp_specialized_config_gives_the_same_output(causal):
-    # WS: every key tile takes the causal / length selects (no branch in the loop, which triton's Hopper pass needs);
-    # the interpreter runs the rest as the other configs do: the same output, 29 keys a partial tile, 21 queries
-    q, k, v = fused(1, 29, 2, 2, 72)
-    plain = check(q, k, v, causal=causal)
-    assert torch.equal(check(q, k, v, causal=causal, config=dict(T.INTERPRET_CONFIG, WS=True)), plain)
-    with pytest.raises(ValueError, match="warp-specialized config .WS. takes no mask"):
-        T.attention(q, k, v, mask=torch.ones(1, 1, 1, 29, dtype=torch.bool), config=dict(T.INTERPRET_CONFIG, WS=True))
-
-
-def test_warp_specialized_configs_are_two_consumer_warpgroups():
-    # the pass compiles 4 warps a warpgroup; 128 query rows: 64 for each consumer warpgroup (wgmma's M)
-    assert T.configs(ws=True) and all(c["WS"] and c["num_warps"] == 4 and c["BLOCK_M"] == 128 for c in T.configs(ws=True))
-    assert not any(c.get("WS") for c in T.configs())
-
-
 def cuda(*args, **kw):
     return fused(*args, dtype=torch.bfloat16, device="cuda", **kw)
 
@@ -155,7 +138,7 @@ def cuda(*args, **kw):
                                    (1, 333, 8, 8, 128)], ids=["dit-cfg", "dit-b8", "pixart512", "pixart1024", "d128-ragged"])
 def test_gpu_every_config(shape):
     q, k, v = cuda(*shape)
-    for c in T.configs() + T.configs(ws=True):
+    for c in T.configs():
         check(q, k, v, config=c)
 
 
@@ -176,7 +159,7 @@ def test_gpu_pixart_cross_attention_padding_mask(kind):
 @pytest.mark.gpu
 def test_gpu_llama_prefill_causal_gqa():
     q, k, v = cuda(1, 2048, 32, 8, 64)
-    for c in T.configs() + T.configs(ws=True):
+    for c in T.configs():
         check(q, k, v, causal=True, config=c)
 
 

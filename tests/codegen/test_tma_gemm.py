@@ -90,31 +90,6 @@ def test_configs_fit_the_rows_and_glu():
     assert len(T.configs(2048, torch.int8, glu=True)) < len(T.configs(2048, torch.int8))
 
 
-@pytest.mark.parametrize("glu", [False, True])
-def test_a_warp_specialized_config_gives_the_same_output(glu):
-    # WS: the K loop split among warpgroups on the GPU (the interpreter runs it as the others) and the epilogue on the
-    # whole tile, not on each half of its columns: the same values either way
-    ops = coded((45,), 80, 50, "fp8", torch.float32, bias=True, residual=(45, 25 if glu else 50))
-    plain = run_coded(ops, act="silu", glu=glu, dtype=torch.float32)
-    ws = run_coded(ops, act="silu", glu=glu, dtype=torch.float32, config=dict(T.INTERPRET_CONFIG, WS=True))
-    assert torch.equal(ws, plain)
-    x, w = r(21, 40, dtype=torch.float16), r(36, 40, dtype=torch.float16, scale=40 ** -0.5)
-    assert torch.equal(T.tma_gemm(x, w, act="gelu_tanh", glu=glu, config=dict(T.INTERPRET_CONFIG, WS=True)),
-                       T.tma_gemm(x, w, act="gelu_tanh", glu=glu))
-    with pytest.raises(ValueError, match="warp-specialized config .WS. stores no codes"):
-        run_coded(coded((8,), 64, 64, "fp8", torch.float32)[:4], glu=glu, config=dict(T.INTERPRET_CONFIG, WS=True),
-                  codes=("fp8", 16))
-
-
-def test_warp_specialized_configs_fit():
-    for dtype in (torch.float8_e4m3fn, torch.bfloat16):
-        for glu in (False, True):  # two consumer warpgroups of 4 warps, each half the tile: <= 128 accumulators a thread
-            cs = T.configs(2048, dtype, glu=glu, ws=True)
-            assert cs and all(c["WS"] and c["num_warps"] == 4 and c["BLOCK_M"] * c["BLOCK_N"] * (1 + glu) <= 2 * 128 * 128
-                              for c in cs)
-    assert T.configs(64, torch.bfloat16, ws=True) == []
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("fmt", ["int8", "fp8", "bf16"])
 @pytest.mark.parametrize("m,k,n,glu", [(256, 1152, 3456, False), (2048, 1152, 4608, False), (2048, 2048, 16384, True),
@@ -134,10 +109,8 @@ def test_every_config_at_model_shapes(fmt, m, k, n, glu):
 
         def run(**kw):
             return run_coded(ops, None, res, dtype=torch.bfloat16, **kw)
-    dtype = torch.bfloat16 if fmt == "bf16" else A.CODE_DTYPES[fmt]
-    cs = T.configs(m, dtype, glu)
-    ws = T.configs(m, dtype, glu, ws=True)  # (warp-specialized: triton's Hopper pass)
-    for c in cs + [dict(cs[0], PERSISTENT=False)] + ws + [dict(ws[0], PERSISTENT=False)]:  # (and a program a tile)
+    cs = T.configs(m, torch.bfloat16 if fmt == "bf16" else A.CODE_DTYPES[fmt], glu)
+    for c in cs + [dict(cs[0], PERSISTENT=False)]:  # (and a program a tile)
         assert rel_err(run(act=act, glu=glu, config=c), want) <= TOL[torch.bfloat16], c
 
 
@@ -226,11 +199,16 @@ def test_block_scales_every_config_at_model_shapes(fmt, m, k, n, glu):
         y = gemm(qx, qw1, sx, sw1, b, act=act, glu=glu, config=c)
         q, s = gemm(qx, qw1, sx, sw1, b, act=act, glu=glu, config=c, codes=(fmt, 128))
         q_want, s_want = quantize_kernel(y.reshape(-1, 128), fmt)
-        assert rel_err(s.reshape(-1), s_want) <= 1e-6, c
-        assert rel_err(quant.dequantize_rows(q.reshape(-1, 128), s.reshape(-1)), quant.dequantize_rows(q_want, s_want)) <= 1e-3, c
+        # two kernels (with and without codes) may round a group's largest value to neighbouring bf16 numbers (their
+        # float32 epilogues are compiled apart): each scale within one bf16 step (2^-7) of the plain output's
+        step = ((s.reshape(-1) - s_want).abs() / s_want.clamp_min(1e-30)).max().item()
+        assert step <= 2 ** -7, (c, "scales", step)
+        err = rel_err(quant.dequantize_rows(q.reshape(-1, 128), s.reshape(-1)), quant.dequantize_rows(q_want, s_want))
+        assert err <= 1e-3, (c, "codes", err)
     nk = y.shape[-1]
     qw, sw = (t.cuda() for t in quant.quantize_rows(r(512, nk, scale=nk ** -0.5), fmt))
     want = G.reference(quant.dequantize_rows(q, s, torch.float64), quant.dequantize_rows(qw, sw, torch.float64))
-    runs = [(T.tma_gemm, c) for c in T.configs(m, A.CODE_DTYPES[fmt]) + T.configs(m, A.CODE_DTYPES[fmt], ws=True)]
-    for gemm, c in runs + [(KERNELS["pointer"], c) for c in A.configs(m)]:
-        assert rel_err(gemm(q, qw, s, sw, xs_group=128, config=c), want) <= TOL[torch.bfloat16], c
+    runs = [(T.tma_gemm, c) for c in T.configs(m, A.CODE_DTYPES[fmt])] + [(KERNELS["pointer"], c) for c in A.configs(m)]
+    for gemm, c in runs:
+        err = rel_err(gemm(q, qw, s, sw, xs_group=128, config=c), want)
+        assert err <= TOL[torch.bfloat16], (c, "consumer", err)
