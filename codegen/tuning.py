@@ -45,6 +45,9 @@ from . import compile_pool
 from .cache import Cache, fingerprint, key
 
 TIMING_REPS = 15  # timed samples per candidate (after 3 warm-up runs); the median counts
+# on the CPU (the Triton interpreter: the tests), one sample a candidate and no warm-up run: the wall clock there picks
+# nothing that matters, and each run of a kernel in Python costs the test suite seconds
+CPU_TIMING_REPS = 1
 CALLS_PER_SAMPLE = 5  # runs per sample, replayed from one CUDA graph
 L2_FLUSH_BYTES = 256 << 20  # written before each sample of a cold measurement: more than any GPU's L2 (H200: 60 MB)
 # threads that run a decision's candidates once before they are timed, so that their Triton compiles overlap: most of
@@ -268,9 +271,7 @@ def _cuda_timer(fn: Callable[[], object], device: torch.device, flush: torch.Ten
 
 
 def _cpu_timer(fn: Callable[[], object]) -> Callable[[], float]:
-    """The wall clock of one run (the Triton interpreter in tests)."""
-    fn()
-
+    """The wall clock of one run (the Triton interpreter in tests), no warm-up run."""
     def sample() -> float:
         t0 = time.perf_counter()
         fn()
@@ -306,7 +307,7 @@ def time_candidates(candidates: dict[str, Callable[[], object]], device: torch.d
     base = [] if behind is not None else None  # the predecessor's samples, taken in the same rounds
     base_timer = (_cuda_timer(behind, device, flush) if device.type == "cuda" else _cpu_timer(behind)) if timers and behind else None
     samples: dict[str, list] = {name: [] for name in timers}
-    for _ in range(TIMING_REPS if device.type == "cuda" else 3):
+    for _ in range(TIMING_REPS if device.type == "cuda" else CPU_TIMING_REPS):
         if base_timer is not None:
             base.append(base_timer())
         for name, timer in list(timers.items()):
