@@ -25,6 +25,8 @@ from kiln.codegen.kernels import attention as ta  # noqa: E402
 from kiln.codegen.kernels import attention_tma as tma  # noqa: E402
 from kiln.testing import rel_err  # noqa: E402
 
+from common import graphed_ms  # noqa: E402
+
 DEV = "cpu" if a.smoke else "cuda"
 DT = torch.float16 if a.smoke else torch.bfloat16
 REPS = 20
@@ -48,7 +50,6 @@ def graphed(fn):
     if a.smoke:
         fn()
         return 0.0
-    from common import graphed_ms
     return graphed_ms(fn, REPS, rep=100) * 1e3
 
 
