@@ -9,7 +9,7 @@ quantized mode its speedup over kiln bf16, its error over kiln bf16's, and the c
 The issue's targets: DiT fp8 batch 8 <= 3.0 ms, batch 1 <= 1.5 ms, error <= 2x bf16's; prefill fp8 >= 1.6x, w8a8
 >= 1.4x kiln bf16.
 
-Usage: python3 bench/fp8.py [--parts dit,llm] [--batches 1,8] [--seq 2048] [--modes bf16,fp8,w8a8[,w8a8-head16]] [--out PATH]
+Usage: python3 bench/fp8.py [--parts dit,llm] [--batches 1,8] [--seq 2048] [--modes bf16,fp8,w8a8[,w8a8-head16,fp8-rope0]] [--out PATH]
        python3 bench/fp8.py --smoke        (tiny models on the CPU: checks the script runs)
 Writes --out (default $OUT/fp8.json) after every measured run, so a timeout keeps what was measured."""
 import argparse
@@ -83,12 +83,15 @@ def kernel_breakdown(compiled) -> dict:
 def config(mode: str) -> kiln.CompileConfig:
     """``bf16``, ``fp8``, ``w8a8``; ``+head`` after a mode quantizes the output head (a DiT's proj_out in w8a8),
     ``-head16`` keeps it float (by default both modes quantize an LLM's LM head); ``-blocks`` before those: the MLP's
-    second GEMM reads its codes with a scale per token and 128 features (CompileConfig.quantize_act_blocks)."""
+    second GEMM reads its codes with a scale per token and 128 features (CompileConfig.quantize_act_blocks); ``-rope0``
+    at the very end: q's and k's RoPE left as kernels of their own (the fuse_rope_epilogue pass off)."""
+    off = {"disable": ["fuse_rope_epilogue"]} if mode.endswith("-rope0") else {}
+    mode = mode.removesuffix("-rope0")
     base = mode.removesuffix("+head").removesuffix("-head16")
     head = {"quantize_lm_head": True} if mode.endswith("+head") else {"quantize_lm_head": False} if mode.endswith("-head16") else {}
     blocks = {"quantize_act_blocks": 128} if base.endswith("-blocks") else {}
     base = base.removesuffix("-blocks")
-    return kiln.CompileConfig(quantize=None if base == "bf16" else base, **head, **blocks)
+    return kiln.CompileConfig(quantize=None if base == "bf16" else base, **head, **blocks, **off)
 
 
 def summarize(res: dict, part: str, key: str) -> None:

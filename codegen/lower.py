@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from ..ir.ops import OPS, conv_operands
-from ..ir.ops_fused import aqgemm_operands, gemm_operands, qgemm_operands
+from ..ir.ops_fused import aqgemm_operands, aqgemm_rope, gemm_operands, qgemm_operands
 from ..ir.quant import dequantize_rows
 from .kernels import aqgemm as taq
 from .kernels import conv_epilogue as tce
@@ -46,6 +46,7 @@ from .kernels import gemm as tg
 from .kernels import group_norm as tgn
 from .kernels import qgemm as tq
 from .kernels import quantize_rows as tqr
+from .kernels import rope_cols as trc
 from .kernels import skinny as ts
 from .kernels import tma_gemm as tt
 from .kernels.epilogue import epilogue
@@ -327,23 +328,29 @@ def aqgemm(args: list, attrs: dict, out: torch.Tensor, tmp: torch.Tensor | None,
     m, k, nw = math.prod(x.shape[:-1]), x.shape[-1], wq.shape[0]
     quantized = _quantized(x, fmt, smooth, codes, group)
     blocks = dict(xs_group=group) if group else {}  # (x's scales by groups: the Triton templates only)
+    rope = aqgemm_rope(args, attrs)  # (cos, sin, head dim, end) or None
     candidates = {}
     if quantizes(x.dtype, device):
         for c in _aqgemm_configs(m, nw, glu, device, group):
             candidates[config_name("triton-aqgemm", c)] = (
                 lambda c=c: taq.aqgemm(*quantized(), wq, ws, bias, gate, residual, act, glu, out=out, config=c, **blocks))
-        for c in _tma_configs(codes[0] if codes is not None else None, wq, m, glu, nw, device, group)[:TRITON_TMA_CONFIGS]:
+        tma = _tma_configs(codes[0] if codes is not None else None, wq, m, glu, nw, device, group, rope=rope)
+        for c in tma[:TRITON_TMA_CONFIGS]:
             candidates[config_name("triton-tma", c)] = partial(_tma_aqgemm, quantized, wq, ws, (bias, gate, residual), act, glu,
-                                                               out, c, blocks)
+                                                               out, c, dict(blocks, **({"rope": rope} if rope else {})))
         if not group:
             candidates.update(_aqgemm_library(quantized, wq, ws, (bias, gate, residual), attrs, out, device, (m, k, nw)))
         else:
             candidates.update(scaled_mm_blocks(quantized, wq, ws, (bias, gate, residual), attrs, out, device, (m, k, nw)))
+        if rope:  # the others store the output unrotated: rope_cols' in-place kernel after them
+            candidates = {name: run if name.startswith("triton-tma") else _then_rope(run, out, rope)
+                          for name, run in candidates.items()}
     if not candidates:  # no kernel for this dtype / device: the op's reference, copied
         candidates["reference"] = lambda: out.copy_(OPS["AQGEMM"].ref(args, attrs))
     what = {"op": "AQGEMM", "format": fmt, "x": list(x.shape), "x_stride": list(x.stride()), "w": list(wq.shape),
             "dtype": str(x.dtype), "smooth": smooth is not None, "candidates": AQGEMM_CANDIDATES,
-            **_epilogue_what(act, glu, bias, gate, residual, out), **({"act_group": group} if group else {})}
+            **_epilogue_what(act, glu, bias, gate, residual, out), **({"act_group": group} if group else {}),
+            **({"rope": [rope[2], rope[3], list(rope[0].shape), list(rope[0].stride())]} if rope else {})}
     if codes is not None:  # (the GEMM alone: another measurement than quantizer + GEMM)
         what["codes"] = True
     return what, candidates
@@ -376,16 +383,20 @@ def _fits_blocks(c: dict, group: int, codes: int) -> bool:
 
 
 def _tma_configs(x: torch.Tensor | None, w: torch.Tensor, m: int, glu: bool, nw: int, device: torch.device, group: int = 0,
-                 codes: int = 0) -> list[dict]:
+                 codes: int = 0, rope: tuple | None = None) -> list[dict]:
     """The persistent TMA template's configurations for x [m, K] (None: a contiguous code buffer) and w [nw, K]: none
     where TMA cannot read them (``tt.supported``); on CUDA its first and the one filling the last wave best, under the
-    interpreter its small one; with block scales only those that fit them (``_aqgemm_configs``)."""
+    interpreter its small one; with block scales only those that fit them (``_aqgemm_configs``), with ``rope`` those
+    whose half-tiles hold whole heads (the interpreter's widened to two heads)."""
     runs = tt.INTERPRET if device.type != "cuda" else not tt.INTERPRET
     if not runs or not tt.supported(x, w):
         return []
+    dim = rope[2] if rope else 0
     if device.type != "cuda":
-        return [c for c in [_interpret_config(tt.INTERPRET_CONFIG, group, codes)] if _fits_blocks(c, group, codes)]
-    cs = [c for c in tt.configs(m, w.dtype, glu) if _fits_blocks(c, group, codes)]
+        c = _interpret_config(tt.INTERPRET_CONFIG, group, codes)
+        c["BLOCK_N"] = max(c["BLOCK_N"], 2 * dim)
+        return [c] if _fits_blocks(c, group, codes) and (not dim or trc.tile_fits(dim, c["BLOCK_N"] // 2)) else []
+    cs = [c for c in tt.configs(m, w.dtype, glu) if _fits_blocks(c, group, codes) and (not dim or trc.tile_fits(dim, c["BLOCK_N"] // 2))]
     fit = taq.wave_fit(m, nw // 2 if glu else nw, glu, torch.cuda.get_device_properties(device).multi_processor_count, cs) if cs else None
     return cs[:1] + ([fit] if fit is not None else []) + [c for c in cs[1:] if c != fit]
 
@@ -393,6 +404,15 @@ def _tma_configs(x: torch.Tensor | None, w: torch.Tensor, m: int, glu: bool, nw:
 def _tma_aqgemm(quantized, wq, ws, epilogue_ops: tuple, act: str, glu: bool, out, config: dict, blocks: dict | None = None) -> None:
     q, s = quantized()
     tt.tma_gemm(q, wq, s, ws, *epilogue_ops, act, glu, out=out, config=config, **(blocks or {}))
+
+
+def _then_rope(run, out: torch.Tensor, rope: tuple):
+    """``run`` (storing an AQGEMM's output into ``out``), then ``out``'s q and k columns rotated in place (``rope``:
+    cos, sin, head dim, end; ``rope_cols.rope_columns``)."""
+    def run_then_rope():
+        run()
+        trc.rope_columns(out, *rope)
+    return run_then_rope
 
 
 def _quantized(x: torch.Tensor, fmt: str, smooth: torch.Tensor | None, codes: tuple | None, group: int = 0):
@@ -531,7 +551,7 @@ def coded_aqgemm(args: list, attrs: dict, out: torch.Tensor, device: torch.devic
     group = cq.shape[-1] // cs.shape[-1] if cs.dim() == cq.dim() else 0  # the codes' scales by groups of columns
     quantize = quantizer(out, fmt, cq, cs, smooth, group)
     steps = {name: [("gemm", run), ("quantize", quantize)] for name, run in plain.items()}
-    if quantizes(out.dtype, device) and "reference" not in plain:
+    if quantizes(out.dtype, device) and "reference" not in plain and not aqgemm_rope(args, attrs):  # (codes: unrotated)
         x, wq, ws, x_smooth, bias, gate, residual = aqgemm_operands(args, attrs)
         mkn = (math.prod(x.shape[:-1]), x.shape[-1], wq.shape[0])
         own = _quantized(x, attrs["format"], x_smooth, codes, attrs.get("act_group", 0))

@@ -10,8 +10,8 @@ unfused formula, in the same order, so a fusion changes no number on the referen
 - ``QGEMM(x, qweight, scales[, zeros][, bias][, gate][, residual])``: GEMM on a weight-only quantized weight
   in kiln's packed format (``ir/quant.py``): ``W = (q - zero) * scale`` dequantized in float32, rounded to
   x's dtype, then exactly GEMM's formula. Attributes: GEMM's, plus ``bits`` (4 / 8), ``group`` and ``zeros``.
-- ``AQGEMM(x, wq, ws[, smooth][, bias][, gate][, residual])``: GEMM with activations quantized too (W8A8 int8, FP8
-  e4m3): see its section below.
+- ``AQGEMM(x, wq, ws[, smooth][, bias][, gate][, residual][, cos, sin])``: GEMM with activations quantized too (W8A8
+  int8, FP8 e4m3): see its section below.
 """
 from __future__ import annotations
 
@@ -132,6 +132,14 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 define("ROPE", 3, "elementwise", _infer_rope, lambda ins, a: ins[0] * ins[1] + rotate_half(ins[0]) * ins[2])
 
 
+def rope_columns_ref(h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dim: int, end: int) -> torch.Tensor:
+    """h [..., N] with its columns [0, end) rotated as ROPE rotates each head of ``dim`` of them (cos / sin broadcasting
+    to [..., dim]), in h's dtype: ROPE's reference on the heads a merged QKV GEMM's output holds (AQGEMM's rope)."""
+    heads = h[..., :end].unflatten(-1, (end // dim, dim))  # [..., heads, dim]
+    c, s = cos.unsqueeze(-2), sin.unsqueeze(-2)
+    return torch.cat(((heads * c + rotate_half(heads) * s).flatten(-2), h[..., end:]), dim=-1)
+
+
 
 # ----------------------------------------------------------------------------- QGEMM: GEMM on a quantized weight
 
@@ -189,11 +197,15 @@ define("QGEMM", (3, 7), "compute", _infer_qgemm, _qgemm, bits=REQUIRED, group=RE
 
 # ----------------------------------------------------------------------------- AQGEMM: activations quantized too
 #
-# AQGEMM(x, wq, ws[, smooth][, bias][, gate][, residual]; format, smooth, bias, act, glu, gate, residual, act_group):
+# AQGEMM(x, wq, ws[, smooth][, bias][, gate][, residual][, cos, sin]; format, smooth, bias, act, glu, gate, residual,
+#        act_group, rope_dim, rope_end):
 #
 #     qx, sx = quantize_rows(x * smooth, format)             per token, at run time (ir/quant.py)
 #     h = (qx @ wq^T) * sx[:, None] * ws[None, :] + bias      float32 (integer / fp8 products, scaled once)
 #     out = residual + gate * epi(h)                          GEMM's epilogue, in float32, rounded once to x's dtype
+#     out[..., :rope_end] = ROPE per head of rope_dim         rope_dim > 0: cos / sin [.., S, rope_dim] (no glu, gate
+#                                                             or residual); the reference rotates the rounded out in
+#                                                             its dtype, as ROPE would (passes/fuse_rope_epilogue.py)
 #
 # act_group = G > 0: x's codes carry a scale per token and G columns (quantize_rows(.., group=G), sx [..., K / G]),
 # h = sum over the groups of (qx_g @ wq_g^T) * sx_g * ws: where x is another GEMM's output, that GEMM's epilogue can
@@ -218,11 +230,19 @@ def aqgemm_operands(ins, a) -> tuple:
     return ins[0], ins[1], ins[2], smooth, bias, gate, residual
 
 
+def aqgemm_rope(ins, a) -> tuple | None:
+    """(cos, sin, rope_dim, rope_end) of an AQGEMM that rotates its output's first columns (its last two inputs), else
+    None."""
+    d = a.get("rope_dim", 0)  # (graphs saved before rope_dim have none)
+    return (ins[-2], ins[-1], d, a["rope_end"]) if d else None
+
+
 def _infer_aqgemm(ins, a):
-    arity = 3 + int(a["smooth"]) + _gemm_arity(a) - 2
+    rope = a.get("rope_dim", 0)
+    arity = 3 + int(a["smooth"]) + _gemm_arity(a) - 2 + (2 if rope else 0)
     if len(ins) != arity:
         raise ShapeError(f"AQGEMM: {len(ins)} inputs, the attributes (smooth={a['smooth']}, bias={a['bias']}, gate={a['gate']}, "
-                         f"residual={a['residual']}) say {arity}")
+                         f"residual={a['residual']}, rope_dim={rope}) say {arity}")
     if a["format"] not in AQ_FORMATS:
         raise ShapeError(f"AQGEMM: unknown format {a['format']!r} (one of {', '.join(AQ_FORMATS)})")
     x, wq, ws, smooth, bias, gate, residual = aqgemm_operands(ins, a)
@@ -240,7 +260,24 @@ def _infer_aqgemm(ins, a):
         if t is not None and (t.dtype not in ("float32", "float64") or len(t.shape) != 1 or not dims_equal(t.shape[0], size)):
             raise ShapeError(f"AQGEMM: {name} is {t.dtype}{shape_str(t.shape)}, expected float32[{size}]")
     same_dtype("AQGEMM", [x] + [t for t in (bias, gate, residual) if t is not None])
-    return _epilogue_type("AQGEMM", x, (n, k), bias, gate, residual, a)
+    out = _epilogue_type("AQGEMM", x, (n, k), bias, gate, residual, a)
+    if rope:
+        _check_rope(ins[-2:], a, out)
+    return out
+
+
+def _check_rope(tables, a, out: TType) -> None:
+    d, end = a["rope_dim"], a.get("rope_end", 0)
+    if not isinstance(d, int) or d < 2 or d % 2 or not isinstance(end, int) or end <= 0 or end % d \
+            or not isinstance(out.shape[-1], int) or end > out.shape[-1]:
+        raise ShapeError(f"AQGEMM: rope_dim {d!r} / rope_end {end!r} must be an even head dim and a multiple of it within "
+                         f"the {out.shape[-1]} output columns")
+    if a["glu"] or a["gate"] or a["residual"]:
+        raise ShapeError("AQGEMM: rope takes no glu, gate or residual")
+    for name, t in zip(("cos", "sin"), tables):
+        if not fits(t.shape, out.shape[:-1] + (d,)):
+            raise ShapeError(f"AQGEMM: rope's {name} {shape_str(t.shape)} does not broadcast to {shape_str(out.shape[:-1] + (d,))}")
+    same_dtype("AQGEMM", [out, *tables])
 
 
 def _aqgemm(ins, a):
@@ -256,10 +293,12 @@ def _aqgemm(ins, a):
     if bias is not None:
         h = h + bias.to(acc)
     up = [t.to(acc) if t is not None else None for t in (gate, residual)]
-    return apply_epilogue(h, *up, a).to(x.dtype)
+    out = apply_epilogue(h, *up, a).to(x.dtype)
+    rope = aqgemm_rope(ins, a)
+    return out if rope is None else rope_columns_ref(out, *rope)
 
 
-define("AQGEMM", (3, 7), "compute", _infer_aqgemm, _aqgemm, format=REQUIRED, smooth=False, bias=False, act="none", glu=False,
-       gate=False, residual=False, act_group=0)
+define("AQGEMM", (3, 9), "compute", _infer_aqgemm, _aqgemm, format=REQUIRED, smooth=False, bias=False, act="none", glu=False,
+       gate=False, residual=False, act_group=0, rope_dim=0, rope_end=0)
 
 FUSED_OPS = ("GEMM", "LAYERNORM_MODULATE", "ROPE", "QGEMM", "AQGEMM")

@@ -18,6 +18,7 @@ from .fuse_conv import fuse_conv
 from .fuse_epilogue import fuse_epilogue
 from .fuse_horizontal_gemm import fuse_horizontal_gemm
 from .fuse_norm import fuse_norm
+from .fuse_rope_epilogue import fuse_rope_epilogue
 from .pad_gemm import pad_gemm
 from .smooth import smooth
 from .quantize_acts import ActQuantSpec, quantize_acts
@@ -61,6 +62,9 @@ PIPELINE = [
     # after both quantizers (a packed weight is left as packed; folding the norm into it would change what was rounded) and
     # every fusion (the merged QKV / gate-up weight folds once): the norm keeps its statistics, the GEMM weights its weight
     ("fold_norm_weight", fold_norm_weight),
+    # after quantize_acts (it reads AQGEMMs: a 16-bit QKV is cuBLAS's, with no epilogue of kiln's) and fuse_attention (it
+    # reads the ROPEs and ATTENTIONs that made): q's and k's RoPE into the merged QKV AQGEMM's epilogue
+    ("fuse_rope_epilogue", fuse_rope_epilogue),
     # very last: it pads the GEMMs the graph finally computes, whatever the passes above made of them. Every fusion sees
     # the unpadded math (an epilogue rule matching act(LINEAR) is not blocked by the slice), tensor parallelism splits
     # the true vocab (a rank's shard is padded on its own), the quantizers find the LM head as they know it and keep

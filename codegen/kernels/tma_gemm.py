@@ -52,6 +52,7 @@ from . import aqgemm as taq
 from .gemm import _check as _gemm_check
 from .gemm import _gate_residual, _gate_residual_store, grouped_tile, output_operands
 from .qgemm import _bias_act_glu
+from .rope_cols import rope_tile, tables, tile_fits
 
 # triton.jit picks the interpreter from this variable when the kernel below is defined; read it then too
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -70,10 +71,11 @@ def _tma_gemm_kernel(
     gate_rows, stride_gb, stride_gm, stride_gn,  # gate row m sits at (m // gate_rows) * stride_gb + (m % gate_rows) * stride_gm
     res_rows, stride_rb, stride_rm, stride_rn,
     stride_om, stride_on, stride_os,  # stride_os: CODES: the output scales' row stride
+    cos_ptr, sin_ptr, rope_seq, rope_end, stride_cb, stride_cs, stride_cd, stride_sb, stride_ss, stride_sd,  # ROPE_D
     ACT: tl.constexpr, GLU: tl.constexpr, SCALED: tl.constexpr, INT8: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_GATE: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     XS_GROUP: tl.constexpr, CODES: tl.constexpr, QMAX: tl.constexpr, FP8_OUT: tl.constexpr, EMULATE_FP8: tl.constexpr,
-    HAS_SMOOTH: tl.constexpr,
+    HAS_SMOOTH: tl.constexpr, ROPE_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     start = tl.program_id(0)
@@ -114,7 +116,8 @@ def _tma_gemm_kernel(
             _epilogue(acc, acc_u, pid_m * BLOCK_M, pid_n * BLOCK_N, xs_ptr, ws_ptr, bias_ptr, gate_ptr, res_ptr, out_ptr,
                       os_ptr, c_ptr, M, N, gate_rows, stride_gb, stride_gm, stride_gn, res_rows, stride_rb, stride_rm,
                       stride_rn, stride_om, stride_on, stride_os, ACT, GLU, SCALED, HAS_BIAS, HAS_GATE, HAS_RESIDUAL,
-                      XS_GROUP, CODES, QMAX, FP8_OUT, EMULATE_FP8, HAS_SMOOTH, BLOCK_M, BLOCK_N)
+                      XS_GROUP, CODES, QMAX, FP8_OUT, EMULATE_FP8, HAS_SMOOTH, cos_ptr, sin_ptr, rope_seq,
+                      rope_end, stride_cb, stride_cs, stride_cd, stride_sb, stride_ss, stride_sd, ROPE_D, BLOCK_M, BLOCK_N)
         else:
             # the epilogue on each half of the columns: half its float32 temporaries live at once (whole tiles of
             # 128 x 256 spilled 1.2 KB a thread, compiled for sm_90)
@@ -125,11 +128,15 @@ def _tma_gemm_kernel(
             _epilogue(a0, u0, pid_m * BLOCK_M, pid_n * BLOCK_N, xs_ptr, ws_ptr, bias_ptr, gate_ptr, res_ptr, out_ptr,
                       os_ptr, c_ptr, M, N, gate_rows, stride_gb, stride_gm, stride_gn, res_rows, stride_rb, stride_rm,
                       stride_rn, stride_om, stride_on, stride_os, ACT, GLU, SCALED, HAS_BIAS, HAS_GATE, HAS_RESIDUAL,
-                      XS_GROUP, CODES, QMAX, FP8_OUT, EMULATE_FP8, HAS_SMOOTH, BLOCK_M, BLOCK_N // 2)
+                      XS_GROUP, CODES, QMAX, FP8_OUT, EMULATE_FP8, HAS_SMOOTH, cos_ptr, sin_ptr, rope_seq,
+                      rope_end, stride_cb, stride_cs, stride_cd, stride_sb, stride_ss, stride_sd, ROPE_D, BLOCK_M,
+                      BLOCK_N // 2)
             _epilogue(a1, u1, pid_m * BLOCK_M, pid_n * BLOCK_N + BLOCK_N // 2, xs_ptr, ws_ptr, bias_ptr, gate_ptr,
                       res_ptr, out_ptr, os_ptr, c_ptr, M, N, gate_rows, stride_gb, stride_gm, stride_gn, res_rows, stride_rb,
                       stride_rm, stride_rn, stride_om, stride_on, stride_os, ACT, GLU, SCALED, HAS_BIAS, HAS_GATE,
-                      HAS_RESIDUAL, XS_GROUP, CODES, QMAX, FP8_OUT, EMULATE_FP8, HAS_SMOOTH, BLOCK_M, BLOCK_N // 2)
+                      HAS_RESIDUAL, XS_GROUP, CODES, QMAX, FP8_OUT, EMULATE_FP8, HAS_SMOOTH, cos_ptr, sin_ptr, rope_seq,
+                      rope_end, stride_cb, stride_cs, stride_cd, stride_sb, stride_ss, stride_sd, ROPE_D, BLOCK_M,
+                      BLOCK_N // 2)
 
 
 @triton.jit
@@ -137,8 +144,9 @@ def _epilogue(acc, acc_u, off_m, off_n, xs_ptr, ws_ptr, bias_ptr, gate_ptr, res_
               gate_rows, stride_gb, stride_gm, stride_gn, res_rows, stride_rb, stride_rm, stride_rn, stride_om, stride_on,
               stride_os, ACT: tl.constexpr, GLU: tl.constexpr, SCALED: tl.constexpr, HAS_BIAS: tl.constexpr,
               HAS_GATE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, XS_GROUP: tl.constexpr, CODES: tl.constexpr,
-              QMAX: tl.constexpr, FP8_OUT: tl.constexpr, EMULATE_FP8: tl.constexpr, HAS_SMOOTH: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+              QMAX: tl.constexpr, FP8_OUT: tl.constexpr, EMULATE_FP8: tl.constexpr, HAS_SMOOTH: tl.constexpr, cos_ptr,
+              sin_ptr, rope_seq, rope_end, stride_cb, stride_cs, stride_cd, stride_sb, stride_ss, stride_sd,
+              ROPE_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # the [BLOCK_M, BLOCK_N] accumulators (acc_u: the up half's) at rows off_m.., columns off_n.., in float32, in the
     # reference's order: scales, bias, activation (glu), gate, residual
     offs_m = off_m + tl.arange(0, BLOCK_M)
@@ -155,6 +163,9 @@ def _epilogue(acc, acc_u, off_m, off_n, xs_ptr, ws_ptr, bias_ptr, gate_ptr, res_
         acc, acc_u = taq._scale(acc, acc_u, xs_ptr, ws_ptr, rows, cols, mask_m, mask_n, N, GLU)
     h = _bias_act_glu(acc.to(tl.float32), acc_u.to(tl.float32), bias_ptr, cols, mask_n, N, ACT, GLU, HAS_BIAS)
     mask = mask_m[:, None] & mask_n[None, :]
+    if ROPE_D:  # q's and k's heads rotated before the one rounding (cos / sin strides as [B, S, D])
+        h = rope_tile(h, offs_m, off_n, mask_m, cos_ptr, sin_ptr, rope_seq, rope_end, stride_cb, stride_cs, stride_cd,
+                      stride_sb, stride_ss, stride_sd, ROPE_D, BLOCK_M, BLOCK_N)
     if CODES:
         y = _gate_residual(h, rows, cols, mask, gate_ptr, gate_rows, stride_gb, stride_gm, stride_gn, res_ptr, res_rows,
                            stride_rb, stride_rm, stride_rn, HAS_GATE, HAS_RESIDUAL)
@@ -221,7 +232,7 @@ def _sms(device: torch.device) -> int:
 
 def tma_gemm(x, w, xs=None, ws=None, bias=None, gate=None, residual=None, act="none", glu=False, out=None,
              dtype=torch.bfloat16, config: dict | None = None, xs_group: int | None = None, codes: tuple | None = None,
-             smooth=None):
+             smooth=None, rope: tuple | None = None):
     """``residual + gate * epi((x @ w^T) [* xs[..., None] * ws] + bias)`` (module docstring) by the persistent TMA
     template. Codes: x [..., K] and w [N, K] int8 / float8_e4m3fn with their float32 scales xs [...] and ws [N], the
     output in ``dtype`` (``out``'s where given), as ``aqgemm.aqgemm``. 16-bit: x and w float16 / bfloat16, xs = ws =
@@ -234,7 +245,11 @@ def tma_gemm(x, w, xs=None, ws=None, bias=None, gate=None, residual=None, act="n
     per row and G columns, quantized as ``quantize_rows`` quantizes a row: returns (codes [..., N], scales
     [..., N / G]) (``out``: those two), G dividing the config's BLOCK_N and N, y times ``smooth`` (float32 [N], the
     consumer's SmoothQuant vector) first where given; the GEMM producing its consumer's codes with no pass over y of
-    its own, as no row-wide scale allows."""
+    its own, as no row-wide scale allows.
+
+    ``rope=(cos, sin, D, E)``: the output's columns [0, E) rotated per head of D before the one rounding
+    (``rope_cols.py``: the merged QKV's q and k heads; cos / sin broadcasting to [B, S, D] of a [B, S, N] output),
+    with no glu / gate / residual / codes, each half-tile holding whole heads (``rope_cols.tile_fits``)."""
     scaled = x.dtype in taq.CODE_DTYPES.values()
     if (xs is None) == scaled or (ws is None) == scaled:
         raise ValueError(f"tma_gemm: {x.dtype} operands take {'both' if scaled else 'no'} scales (xs, ws)")
@@ -256,6 +271,7 @@ def tma_gemm(x, w, xs=None, ws=None, bias=None, gate=None, residual=None, act="n
     c = dict(config or (INTERPRET_CONFIG if INTERPRET else configs(max(m, SMALL_M + 1), x.dtype, glu)[0]))
     taq.check_blocks("tma_gemm", k, n, xs_group, codes, c)
     taq.check_smooth("tma_gemm", smooth, codes, n)
+    rope_args, rope_d = _rope_args(rope, shape, c, glu or gate is not None or residual is not None or codes, like)
     if codes:
         out = taq.codes_out("tma_gemm", out, shape, codes, x.device)
         _, out2, g, r = output_operands("tma_gemm", out[0], shape, like, gate, residual)
@@ -276,7 +292,22 @@ def tma_gemm(x, w, xs=None, ws=None, bias=None, gate=None, residual=None, act="n
         x_desc, w_desc, xs2, ws if scaled else like, bias if bias is not None else like,
         g[0], r[0], out2, s2, smooth if smooth is not None else s2, m, n, k, xs2.stride(0) if scaled else 0,
         *g[1:], *r[1:], out2.stride(0), out2.stride(1),
-        s2.stride(0), ACT=act, GLU=bool(glu), SCALED=scaled, INT8=x.dtype == torch.int8, HAS_BIAS=bias is not None,
-        HAS_GATE=gate is not None, HAS_RESIDUAL=residual is not None, **taq.block_meta(xs_group, codes, smooth, INTERPRET), **c,
+        s2.stride(0), *rope_args, ACT=act, GLU=bool(glu), SCALED=scaled, INT8=x.dtype == torch.int8, HAS_BIAS=bias is not None,
+        HAS_GATE=gate is not None, HAS_RESIDUAL=residual is not None, **taq.block_meta(xs_group, codes, smooth, INTERPRET), ROPE_D=rope_d, **c,
         **launch)
     return out
+
+
+def _rope_args(rope: tuple | None, shape: tuple, config: dict, other_epilogue, like: torch.Tensor) -> tuple[tuple, int]:
+    """The kernel's rope arguments (cos, sin, seq, end, cos's and sin's strides as [B, S, D]) and ROPE_D for ``rope``
+    (None: placeholders, 0) on an output of ``shape``; ValueError where the config's half-tiles hold no whole heads."""
+    if rope is None:
+        return (like, like, 1, 0) + (0,) * 6, 0
+    cos, sin, dim, end = rope
+    if other_epilogue:
+        raise ValueError("tma_gemm: rope takes no glu, gate, residual or codes")
+    if not tile_fits(dim, config["BLOCK_N"] // 2):
+        raise ValueError(f"tma_gemm: rope's head dim {dim} must be a power of two dividing half of BLOCK_N "
+                         f"{config['BLOCK_N']}")
+    seq, strides = tables(shape, cos, sin, dim, end)
+    return (cos, sin, seq, end, *strides), dim
