@@ -331,11 +331,17 @@ def aqgemm(args: list, attrs: dict, out: torch.Tensor, tmp: torch.Tensor | None,
     rope = aqgemm_rope(args, attrs)  # (cos, sin, head dim, end) or None
     candidates = {}
     if quantizes(x.dtype, device):
+        native = set()  # (with rope: the candidates rotating q and k themselves)
         for c in _aqgemm_configs(m, nw, glu, device, group):
-            candidates[config_name("triton-aqgemm", c)] = (
-                lambda c=c: taq.aqgemm(*quantized(), wq, ws, bias, gate, residual, act, glu, out=out, config=c, **blocks))
+            name, own = config_name("triton-aqgemm", c), dict(blocks)
+            if rope and trc.tile_fits(rope[2], c["BLOCK_N"]):
+                own["rope"] = rope
+                native.add(name)
+            candidates[name] = lambda c=c, own=own: taq.aqgemm(*quantized(), wq, ws, bias, gate, residual, act, glu, out=out,
+                                                               config=c, **own)
         tma = _tma_configs(codes[0] if codes is not None else None, wq, m, glu, nw, device, group, rope=rope)
         for c in tma[:TRITON_TMA_CONFIGS]:
+            native.add(config_name("triton-tma", c))
             candidates[config_name("triton-tma", c)] = partial(_tma_aqgemm, quantized, wq, ws, (bias, gate, residual), act, glu,
                                                                out, c, dict(blocks, **({"rope": rope} if rope else {})))
         if not group:
@@ -343,7 +349,7 @@ def aqgemm(args: list, attrs: dict, out: torch.Tensor, tmp: torch.Tensor | None,
         else:
             candidates.update(scaled_mm_blocks(quantized, wq, ws, (bias, gate, residual), attrs, out, device, (m, k, nw)))
         if rope:  # the others store the output unrotated: rope_cols' in-place kernel after them
-            candidates = {name: run if name.startswith("triton-tma") else _then_rope(run, out, rope)
+            candidates = {name: run if name in native else _then_rope(run, out, rope)
                           for name, run in candidates.items()}
     if not candidates:  # no kernel for this dtype / device: the op's reference, copied
         candidates["reference"] = lambda: out.copy_(OPS["AQGEMM"].ref(args, attrs))

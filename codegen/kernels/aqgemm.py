@@ -26,6 +26,7 @@ from ...ir.ops_fused import ACTIVATIONS, apply_epilogue
 from .gemm import _config, _gate_residual, _gate_residual_store, check_output_operands, grouped_tile, output_operands
 from .qgemm import _bias_act_glu
 from .quantize_rows import FORMATS, row_codes, row_scale
+from .rope_cols import rope_tile, tables, tile_fits
 
 # triton.jit picks the interpreter from this variable when the kernels below are defined; read it then too
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -54,10 +55,11 @@ def _aqgemm_kernel(
     gate_rows, stride_gb, stride_gm, stride_gn,  # gate row m sits at (m // gate_rows) * stride_gb + (m % gate_rows) * stride_gm
     res_rows, stride_rb, stride_rm, stride_rn,
     stride_om, stride_on,
+    cos_ptr, sin_ptr, rope_seq, rope_end, stride_cb, stride_cs, stride_cd, stride_sb, stride_ss, stride_sd,  # ROPE_D
     ACT: tl.constexpr, GLU: tl.constexpr, INT8: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_GATE: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     XS_GROUP: tl.constexpr, CODES: tl.constexpr, QMAX: tl.constexpr, FP8_OUT: tl.constexpr, EMULATE_FP8: tl.constexpr,
-    HAS_SMOOTH: tl.constexpr,
+    HAS_SMOOTH: tl.constexpr, ROPE_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # grouped program order (Triton matmul tutorial): GROUP_M row tiles share the weight tiles in L2
@@ -108,6 +110,9 @@ def _aqgemm_kernel(
         acc, acc_u = _scale(acc, acc_u, xs_ptr, ws_ptr, rows, cols, mask_m, mask_n, N, GLU)
     acc = _bias_act_glu(acc, acc_u, bias_ptr, cols, mask_n, N, ACT, GLU, HAS_BIAS)
     mask = mask_m[:, None] & mask_n[None, :]
+    if ROPE_D:  # q's and k's heads rotated before the one rounding (rope_cols.py)
+        acc = rope_tile(acc, offs_m, pid_n * BLOCK_N, mask_m, cos_ptr, sin_ptr, rope_seq, rope_end, stride_cb, stride_cs,
+                        stride_cd, stride_sb, stride_ss, stride_sd, ROPE_D, BLOCK_M, BLOCK_N)
     if CODES:
         y = _gate_residual(acc, rows, cols, mask, gate_ptr, gate_rows, stride_gb, stride_gm, stride_gn, res_ptr,
                            res_rows, stride_rb, stride_rm, stride_rn, HAS_GATE, HAS_RESIDUAL)
@@ -300,22 +305,24 @@ def check_smooth(fn: str, smooth, codes: tuple | None, n: int) -> None:
 
 
 def aqgemm(qx, xs, qw, ws, bias=None, gate=None, residual=None, act="none", glu=False, out=None, dtype=torch.bfloat16,
-           config: dict | None = None, xs_group: int | None = None, codes: tuple | None = None, smooth=None):
+           config: dict | None = None, xs_group: int | None = None, codes: tuple | None = None, smooth=None,
+           rope: tuple | None = None):
     """``residual + gate * epi((qx @ qw^T) * xs[..., None] * ws + bias)`` in one kernel (module docstring).
 
     qx [..., K] and qw [N, K] both int8 or both float8_e4m3fn (qx's leading dims flattenable to M rows); xs [...] and
     ws [N] float32; bias [N], gate / residual broadcast to the output [..., N'] (N' = N, or N / 2 with ``glu``), in the
     output's dtype (``out``'s, else ``dtype``). ``out`` may be the residual itself. ``config``: one entry of
     ``configs`` run without the autotuner. Block scales (``xs_group``: xs [..., K / G]; ``codes=(fmt, G)``: the output
-    as codes and scales by groups of G columns, times ``smooth`` first): as ``tma_gemm.tma_gemm``'s, with a ``config``."""
+    as codes and scales by groups of G columns, times ``smooth`` first): as ``tma_gemm.tma_gemm``'s, with a ``config``;
+    ``rope=(cos, sin, D, E)`` too (its tiles of BLOCK_N holding whole heads)."""
     fmt = next((f for f, d in CODE_DTYPES.items() if getattr(qx, "dtype", None) == d), None)
     if fmt is None or qw.dtype != qx.dtype or qx.dim() < 1 or qw.dim() != 2 or qx.shape[-1] != qw.shape[1]:
         raise ValueError(f"aqgemm: qx and qw must be int8 or float8_e4m3fn [..., K] and [N, K], got {getattr(qx, 'dtype', None)} "
                          f"{tuple(getattr(qx, 'shape', ()))} and {getattr(qw, 'dtype', None)} {tuple(getattr(qw, 'shape', ()))}")
     k = qx.shape[-1]
     blocks = xs_group is not None or codes is not None
-    if blocks and config is None and not INTERPRET:
-        raise ValueError("aqgemm: block scales (xs_group / codes) take a config (no autotuning)")
+    if (blocks or rope) and config is None and not INTERPRET:
+        raise ValueError("aqgemm: block scales (xs_group / codes) and rope take a config (no autotuning)")
     if xs_group is not None:
         check_blocks("aqgemm", k, 0, xs_group, None, {"BLOCK_K": 1})  # (K first: xs's shape follows from it)
     shape, like = _check("aqgemm", qx.shape[:-1], qw.shape[0], xs, ws, bias, gate, residual, act, glu,
@@ -324,6 +331,8 @@ def aqgemm(qx, xs, qw, ws, bias=None, gate=None, residual=None, act="none", glu=
     c = dict(GROUP_M=8) | dict(config or INTERPRET_CONFIG)
     check_blocks("aqgemm", k, n, xs_group, codes, c)
     check_smooth("aqgemm", smooth, codes, n)
+    rope_args, rope_d = rope_operands("aqgemm", rope, shape, c["BLOCK_N"], glu or gate is not None or residual is not None
+                                      or codes, like)
     if codes:
         out = codes_out("aqgemm", out, shape, codes, qx.device)
         _, out2, g, r = output_operands("aqgemm", out[0], shape, like, gate, residual)
@@ -337,15 +346,30 @@ def aqgemm(qx, xs, qw, ws, bias=None, gate=None, residual=None, act="none", glu=
     args = (qx2, qw, xs2, ws, bias if bias is not None else like, g[0], r[0], out2, s2,
             smooth if smooth is not None else xs2, m, n, k, qx2.stride(0),
             qx2.stride(1), xs2.stride(0), s2.stride(0), qw.stride(0), qw.stride(1), *g[1:], *r[1:], out2.stride(0),
-            out2.stride(1))
+            out2.stride(1), *rope_args)
     meta = dict(ACT=act, GLU=bool(glu), INT8=fmt == "int8", HAS_BIAS=bias is not None, HAS_GATE=gate is not None,
-                HAS_RESIDUAL=residual is not None, **block_meta(xs_group, codes, smooth, INTERPRET))
+                HAS_RESIDUAL=residual is not None, **block_meta(xs_group, codes, smooth, INTERPRET), ROPE_D=rope_d)
     if INTERPRET or config is not None:
         _aqgemm_kernel[(triton.cdiv(m, c["BLOCK_M"]) * triton.cdiv(n, c["BLOCK_N"]),)](*args, **meta, **c)
     else:
         grid = lambda c: (triton.cdiv(m, c["BLOCK_M"]) * triton.cdiv(n, c["BLOCK_N"]),)  # noqa: E731
         _tuned(m <= SMALL_M, bool(glu))[grid](*args, **meta)
     return out
+
+
+def rope_operands(fn: str, rope: tuple | None, shape: tuple, block_n: int, other_epilogue, like: torch.Tensor) -> tuple[tuple, int]:
+    """The GEMM kernels' rope arguments (cos, sin, seq, end, cos's and sin's strides as [B, S, D]) and ROPE_D for
+    ``rope`` (None: placeholders, 0) on an output of ``shape`` in tiles of ``block_n`` columns; ValueError where the
+    tiles hold no whole heads or another epilogue is asked for."""
+    if rope is None:
+        return (like, like, 1, 0) + (0,) * 6, 0
+    cos, sin, dim, end = rope
+    if other_epilogue:
+        raise ValueError(f"{fn}: rope takes no glu, gate, residual or codes")
+    if not tile_fits(dim, block_n):
+        raise ValueError(f"{fn}: rope's head dim {dim} must be a power of two dividing the {block_n} columns of a tile")
+    seq, strides = tables(shape, cos, sin, dim, end)
+    return (cos, sin, seq, end, *strides), dim
 
 
 def scaled_epilogue(h, xs, ws, bias=None, gate=None, residual=None, act="none", glu=False, out=None,

@@ -52,7 +52,7 @@ from . import aqgemm as taq
 from .gemm import _check as _gemm_check
 from .gemm import _gate_residual, _gate_residual_store, grouped_tile, output_operands
 from .qgemm import _bias_act_glu
-from .rope_cols import rope_tile, tables, tile_fits
+from .rope_cols import rope_tile
 
 # triton.jit picks the interpreter from this variable when the kernel below is defined; read it then too
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -271,7 +271,8 @@ def tma_gemm(x, w, xs=None, ws=None, bias=None, gate=None, residual=None, act="n
     c = dict(config or (INTERPRET_CONFIG if INTERPRET else configs(max(m, SMALL_M + 1), x.dtype, glu)[0]))
     taq.check_blocks("tma_gemm", k, n, xs_group, codes, c)
     taq.check_smooth("tma_gemm", smooth, codes, n)
-    rope_args, rope_d = _rope_args(rope, shape, c, glu or gate is not None or residual is not None or codes, like)
+    rope_args, rope_d = taq.rope_operands("tma_gemm", rope, shape, c["BLOCK_N"] // 2,  # (the epilogue's half-tiles)
+                                          glu or gate is not None or residual is not None or codes, like)
     if codes:
         out = taq.codes_out("tma_gemm", out, shape, codes, x.device)
         _, out2, g, r = output_operands("tma_gemm", out[0], shape, like, gate, residual)
@@ -297,17 +298,3 @@ def tma_gemm(x, w, xs=None, ws=None, bias=None, gate=None, residual=None, act="n
         **launch)
     return out
 
-
-def _rope_args(rope: tuple | None, shape: tuple, config: dict, other_epilogue, like: torch.Tensor) -> tuple[tuple, int]:
-    """The kernel's rope arguments (cos, sin, seq, end, cos's and sin's strides as [B, S, D]) and ROPE_D for ``rope``
-    (None: placeholders, 0) on an output of ``shape``; ValueError where the config's half-tiles hold no whole heads."""
-    if rope is None:
-        return (like, like, 1, 0) + (0,) * 6, 0
-    cos, sin, dim, end = rope
-    if other_epilogue:
-        raise ValueError("tma_gemm: rope takes no glu, gate, residual or codes")
-    if not tile_fits(dim, config["BLOCK_N"] // 2):
-        raise ValueError(f"tma_gemm: rope's head dim {dim} must be a power of two dividing half of BLOCK_N "
-                         f"{config['BLOCK_N']}")
-    seq, strides = tables(shape, cos, sin, dim, end)
-    return (cos, sin, seq, end, *strides), dim

@@ -84,10 +84,23 @@ def test_tma_epilogue_rotates_q_and_k(fmt, per_sample):
     got = T.tma_gemm(qx, qw, sx, sw, bias, dtype=torch.float32, config=config, rope=(cos, sin, d, 6 * d))
     want = rope_ref(A.reference(qx, sx, qw, sw, bias), cos, sin, d, 6 * d)
     assert rel_err(got, want) <= TOL[torch.float32]
-    with pytest.raises(ValueError, match="half of BLOCK_N"):
+    with pytest.raises(ValueError, match="dividing the 8 columns of a tile"):
         T.tma_gemm(qx, qw, sx, sw, bias, dtype=torch.float32, config=T.INTERPRET_CONFIG, rope=(cos, sin, d, 6 * d))
     with pytest.raises(ValueError, match="no glu"):
         T.tma_gemm(qx, qw, sx, sw, bias, residual=r(b, s, n), dtype=torch.float32, config=config, rope=(cos, sin, d, 6 * d))
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+def test_pointer_template_epilogue_rotates_q_and_k(fmt):
+    b, s, d, k, n = 3, 9, 16, 40, 96  # q 2 heads + k 2 (rotated [0, 64)) + v 2: tiles of 16 columns, one head each
+    qx, sx = quant.quantize_rows(r(b, s, k), fmt)
+    qw, sw = quant.quantize_rows(r(n, k, scale=k ** -0.5), fmt)
+    cos, sin = tables(b, s, d, torch.float16, per_sample=True)
+    got = A.aqgemm(qx, sx, qw, sw, act="gelu_tanh", dtype=torch.float16, config=A.INTERPRET_CONFIG, rope=(cos, sin, d, 4 * d))
+    want = rope_ref(A.reference(qx, sx, qw, sw, act="gelu_tanh"), cos, sin, d, 4 * d)
+    assert got.dtype == torch.float16 and rel_err(got, want) <= TOL[torch.float16]
+    with pytest.raises(ValueError, match="dividing the 16 columns"):
+        A.aqgemm(qx, sx, qw, sw, dtype=torch.float16, config=A.INTERPRET_CONFIG, rope=(cos.repeat(1, 1, 2), sin.repeat(1, 1, 2), 32, 64))
 
 
 @pytest.mark.gpu
