@@ -540,11 +540,11 @@ Occupancy|Warp Cycles Per Issued|Registers Per" "$OUT/ncu_24n.txt" | head -150 ;
           $([ $q = bf16 ] || echo --quantize $q) --no-compile-peer --ab-set kernels.skinny.WHOLE_K_WORDS=0 \
           --ab-env KILN_REFINE=0 2>&1 | grep "interleaved\|Error\|error" | tail -3
       done ;;
-    s42b)  # session 42 (~380 s): RoPE in the QKV AQGEMM's epilogue (passes/fuse_rope_epilogue.py): its GPU test at the
+    s42b)  # session 42 (~330 s): RoPE in the QKV AQGEMM's epilogue (passes/fuse_rope_epilogue.py): its GPU test at the
       # 1B QKV shape (every TMA config holding whole heads), then the 1B prefill: bf16, fp8 / w8a8 with it and without
       timeout -s INT 90 python3 -m pytest -q -rf --tb=short -m gpu tests/codegen/test_rope_cols.py 2>&1 \
         | tee "$OUT/s42b_tests.log" | grep -v "Warning\|warn" | tail -12
-      timeout 290 python3 bench/fp8.py --parts llm --modes bf16,w8a8,w8a8-rope0,fp8,fp8-rope0 --out "$OUT/fp8_42.json" 2>&1 \
+      timeout 230 python3 bench/fp8.py --parts llm --modes bf16,w8a8,w8a8-rope0,fp8,fp8-rope0 --out "$OUT/fp8_42.json" 2>&1 \
         | tail -16 ;;
     s42a)  # session 42 (~200 s): the block GPU tests again (session 41: two failures at the GLU gate/up shape, their
       # assertion text cut off; each failure now says which check and by how much); SIGINT at the limit, so pytest still
