@@ -192,7 +192,7 @@ def test_block_scales_every_config_at_model_shapes(fmt, m, k, n, glu):
     # (x = those codes, K = the producer's N): its product with block scales against the dequantized float64 formula
     from kiln.codegen.kernels.quantize_rows import quantize_rows as quantize_kernel
     act = "silu" if glu else "gelu_tanh"
-    ops = tuple(t.cuda() for t in coded((m,), k, n, fmt, torch.bfloat16, bias=not glu)[:5])
+    ops = tuple(t if t is None else t.cuda() for t in coded((m,), k, n, fmt, torch.bfloat16, bias=not glu)[:5])  # (GLU: no bias)
     runs = [(T.tma_gemm, c) for c in T.configs(m, A.CODE_DTYPES[fmt], glu)] + [(KERNELS["pointer"], c) for c in A.configs(m, glu)]
     qx, sx, qw1, sw1, b = ops
     for gemm, c in [(gemm, c) for gemm, c in runs if c["BLOCK_N"] % 128 == 0]:
