@@ -294,7 +294,6 @@ def tma_gemm(x, w, xs=None, ws=None, bias=None, gate=None, residual=None, act="n
         g[0], r[0], out2, s2, smooth if smooth is not None else s2, m, n, k, xs2.stride(0) if scaled else 0,
         *g[1:], *r[1:], out2.stride(0), out2.stride(1),
         s2.stride(0), *rope_args, ACT=act, GLU=bool(glu), SCALED=scaled, INT8=x.dtype == torch.int8, HAS_BIAS=bias is not None,
-        HAS_GATE=gate is not None, HAS_RESIDUAL=residual is not None, **taq.block_meta(xs_group, codes, smooth, INTERPRET), ROPE_D=rope_d, **c,
-        **launch)
+        HAS_GATE=gate is not None, HAS_RESIDUAL=residual is not None, **taq.block_meta(xs_group, codes, smooth, INTERPRET),
+        ROPE_D=rope_d, **c, **launch)
     return out
-
