@@ -393,16 +393,21 @@ def _tma_configs(x: torch.Tensor | None, w: torch.Tensor, m: int, glu: bool, nw:
     """The persistent TMA template's configurations for x [m, K] (None: a contiguous code buffer) and w [nw, K]: none
     where TMA cannot read them (``tt.supported``); on CUDA its first and the one filling the last wave best, under the
     interpreter its small one; with block scales only those that fit them (``_aqgemm_configs``), with ``rope`` those
-    whose half-tiles hold whole heads (the interpreter's widened to two heads)."""
+    whose tiles hold whole heads (the interpreter's widened to two heads; none with block scales or columns that are
+    not whole heads)."""
     runs = tt.INTERPRET if device.type != "cuda" else not tt.INTERPRET
     if not runs or not tt.supported(x, w):
         return []
     dim = rope[2] if rope else 0
+    if dim and (group or w.shape[0] % dim):
+        return []
     if device.type != "cuda":
         c = _interpret_config(tt.INTERPRET_CONFIG, group, codes)
         c["BLOCK_N"] = max(c["BLOCK_N"], 2 * dim)
-        return [c] if _fits_blocks(c, group, codes) and (not dim or trc.tile_fits(dim, c["BLOCK_N"] // 2)) else []
-    cs = [c for c in tt.configs(m, w.dtype, glu) if _fits_blocks(c, group, codes) and (not dim or trc.tile_fits(dim, c["BLOCK_N"] // 2))]
+        return [c] if _fits_blocks(c, group, codes) and (not dim or trc.tile_fits(dim, c["BLOCK_N"])) else []
+    # (rope: two accumulators of half a tile and the tables live at once in the epilogue: GLU's register budget, which
+    # leaves out the configs that spilled 376-512 bytes a thread, compiled for sm_90)
+    cs = [c for c in tt.configs(m, w.dtype, glu or bool(dim)) if _fits_blocks(c, group, codes) and (not dim or trc.tile_fits(dim, c["BLOCK_N"]))]
     fit = taq.wave_fit(m, nw // 2 if glu else nw, glu, torch.cuda.get_device_properties(device).multi_processor_count, cs) if cs else None
     return cs[:1] + ([fit] if fit is not None else []) + [c for c in cs[1:] if c != fit]
 

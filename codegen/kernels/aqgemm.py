@@ -365,7 +365,7 @@ def rope_operands(fn: str, rope: tuple | None, shape: tuple, block_n: int, other
         return (like, like, 1, 0) + (0,) * 6, 0
     cos, sin, dim, end = rope
     if other_epilogue:
-        raise ValueError(f"{fn}: rope takes no glu, gate, residual or codes")
+        raise ValueError(f"{fn}: rope takes no glu, gate, residual, codes or xs_group")
     if not tile_fits(dim, block_n):
         raise ValueError(f"{fn}: rope's head dim {dim} must be a power of two dividing the {block_n} columns of a tile")
     seq, strides = tables(shape, cos, sin, dim, end)

@@ -9,9 +9,13 @@ each head, what ``passes/fuse_rope_epilogue.py`` folds into an AQGEMM (its ``rop
 the Llama-3.2-1B shape at 2048 tokens spends 32 launches a forward on ROPE(q) and ROPE(k) reading and writing 21 MB a
 layer (bench/NOTES.md, session 41): here the GEMM's epilogue rotates its tile before the one rounding and the store.
 
-Two forms:
-- ``rope_tile``: the epilogue's, on a float32 tile [BLOCK_M, BLOCK_N] of whole heads (BLOCK_N a multiple of D), the two
-  halves of each head split out of the tile in registers (reshape / permute / split), rotated, joined back;
+Three forms:
+- the TMA template's (``tma_gemm.py``, ROPE_D): a tile sums its heads' first and second halves as two accumulators (w
+  read as [N / D, 2, D / 2, K]), so each pair meets in one thread and the tables load in the accumulators' layout;
+- ``rope_tile``: the pointer template's epilogue, on a float32 tile [BLOCK_M, BLOCK_N] of whole heads (BLOCK_N a
+  multiple of D), the two halves of each head split out of the tile in registers (reshape / permute / split), rotated,
+  joined back. Compiled for sm_90 that split goes through shared memory (the TMA template's form of it cost ~10 us a
+  1B QKV GEMM on an H100, bench/NOTES.md session 42);
 - ``rope_columns``: a kernel of its own rotating those columns of a stored output in place (a library GEMM's, or a
   template's whose tile does not hold whole heads): a program a block of rows and a head, both halves loaded once.
 """
@@ -27,7 +31,7 @@ BLOCK_ROWS = 32  # rope_columns' rows a program
 
 
 @triton.jit
-def _table(ptr, b, s, stride_b, stride_s, stride_d, j, mask):
+def load_table(ptr, b, s, stride_b, stride_s, stride_d, j, mask):
     # cos or sin [BLOCK_M, len(j)] at the rows' (b, s) and the head dims j (mask [BLOCK_M, len(j)]), float32
     return tl.load(ptr + (b * stride_b + s * stride_s)[:, None] + j[None, :] * stride_d, mask=mask, other=0.0).to(tl.float32)
 
@@ -42,10 +46,10 @@ def rope_tile(h, offs_m, off_n, mask_m, cos_ptr, sin_ptr, seq, end, stride_cb, s
     s = (offs_m % seq).to(tl.int64)
     j = tl.arange(0, HALF)
     mask = mask_m[:, None] & (j < HALF)[None, :]
-    c1 = _table(cos_ptr, b, s, stride_cb, stride_cs, stride_cd, j, mask)[:, None, :]  # [BLOCK_M, 1, HALF]
-    c2 = _table(cos_ptr, b, s, stride_cb, stride_cs, stride_cd, j + HALF, mask)[:, None, :]
-    s1 = _table(sin_ptr, b, s, stride_sb, stride_ss, stride_sd, j, mask)[:, None, :]
-    s2 = _table(sin_ptr, b, s, stride_sb, stride_ss, stride_sd, j + HALF, mask)[:, None, :]
+    c1 = load_table(cos_ptr, b, s, stride_cb, stride_cs, stride_cd, j, mask)[:, None, :]  # [BLOCK_M, 1, HALF]
+    c2 = load_table(cos_ptr, b, s, stride_cb, stride_cs, stride_cd, j + HALF, mask)[:, None, :]
+    s1 = load_table(sin_ptr, b, s, stride_sb, stride_ss, stride_sd, j, mask)[:, None, :]
+    s2 = load_table(sin_ptr, b, s, stride_sb, stride_ss, stride_sd, j + HALF, mask)[:, None, :]
     x1, x2 = tl.split(tl.permute(tl.reshape(h, (BLOCK_M, BLOCK_N // D, 2, HALF)), (0, 1, 3, 2)))  # [BLOCK_M, heads, HALF]
     y = tl.join(x1 * c1 - x2 * s1, x2 * c2 + x1 * s2)  # [BLOCK_M, heads, HALF, 2]
     y = tl.reshape(tl.permute(y, (0, 1, 3, 2)), (BLOCK_M, BLOCK_N))
@@ -65,10 +69,10 @@ def _rope_columns_kernel(x_ptr, cos_ptr, sin_ptr, M, seq, stride_xm, stride_cb, 
     p = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + tl.program_id(1) * D + j[None, :]
     x1 = tl.load(p, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(p + HALF, mask=mask, other=0.0).to(tl.float32)
-    c1 = _table(cos_ptr, b, s, stride_cb, stride_cs, stride_cd, j, mask)
-    c2 = _table(cos_ptr, b, s, stride_cb, stride_cs, stride_cd, j + HALF, mask)
-    s1 = _table(sin_ptr, b, s, stride_sb, stride_ss, stride_sd, j, mask)
-    s2 = _table(sin_ptr, b, s, stride_sb, stride_ss, stride_sd, j + HALF, mask)
+    c1 = load_table(cos_ptr, b, s, stride_cb, stride_cs, stride_cd, j, mask)
+    c2 = load_table(cos_ptr, b, s, stride_cb, stride_cs, stride_cd, j + HALF, mask)
+    s1 = load_table(sin_ptr, b, s, stride_sb, stride_ss, stride_sd, j, mask)
+    s2 = load_table(sin_ptr, b, s, stride_sb, stride_ss, stride_sd, j + HALF, mask)
     tl.store(p, (x1 * c1 - x2 * s1).to(x_ptr.dtype.element_ty), mask=mask)
     tl.store(p + HALF, (x2 * c2 + x1 * s2).to(x_ptr.dtype.element_ty), mask=mask)
 

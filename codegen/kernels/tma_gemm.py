@@ -52,7 +52,7 @@ from . import aqgemm as taq
 from .gemm import _check as _gemm_check
 from .gemm import _gate_residual, _gate_residual_store, grouped_tile, output_operands
 from .qgemm import _bias_act_glu
-from .rope_cols import rope_tile
+from .rope_cols import load_table
 
 # triton.jit picks the interpreter from this variable when the kernel below is defined; read it then too
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -86,6 +86,9 @@ def _tma_gemm_kernel(
     ACC: tl.constexpr = tl.int32 if INT8 else tl.float32
     # XS_GROUP: each K step's product is scaled by its group's x scales as it is added (float32 sums)
     SUM: tl.constexpr = tl.float32 if XS_GROUP else ACC
+    # ROPE_D: a tile's BLOCK_N columns are BLOCK_N / D heads, summed as their first halves (acc) and second halves
+    # (acc_u), w read as [N / D, 2, D / 2, K]: the rotation pairs the two accumulators' elements in place
+    ACC_N: tl.constexpr = BLOCK_N // 2 if ROPE_D else BLOCK_N
     # the epilogue's tile is counted apart from the loads' (the tutorial's tile_id_c): the flattened loop's prologue
     # may then run the next tile's loads ahead of this tile's epilogue
     tile_c = start - programs
@@ -93,7 +96,7 @@ def _tma_gemm_kernel(
         pid_m, pid_n = grouped_tile(tile, num_pid_m, num_pid_n, GROUP_M)
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=SUM)
+        acc = tl.zeros((BLOCK_M, ACC_N), dtype=SUM)
         acc_u = acc
         for ki in range(k_tiles):
             off_k = ki * BLOCK_K
@@ -105,6 +108,11 @@ def _tma_gemm_kernel(
                 acc += tl.dot(a, w_desc.load([off_n, off_k]).T, out_dtype=ACC).to(tl.float32) * sx
                 if GLU:
                     acc_u += tl.dot(a, w_desc.load([N + off_n, off_k]).T, out_dtype=ACC).to(tl.float32) * sx
+            elif ROPE_D:
+                w1 = tl.reshape(w_desc.load([off_n // ROPE_D, 0, 0, off_k]), (ACC_N, BLOCK_K))
+                w2 = tl.reshape(w_desc.load([off_n // ROPE_D, 1, 0, off_k]), (ACC_N, BLOCK_K))
+                acc = tl.dot(a, w1.T, acc, out_dtype=ACC)
+                acc_u = tl.dot(a, w2.T, acc_u, out_dtype=ACC)
             else:
                 acc = tl.dot(a, w_desc.load([off_n, off_k]).T, acc, out_dtype=ACC)
                 if GLU:  # (the gate half's last tile may read up rows: their columns are past N, never stored)
@@ -112,12 +120,15 @@ def _tma_gemm_kernel(
 
         tile_c += programs
         pid_m, pid_n = grouped_tile(tile_c, num_pid_m, num_pid_n, GROUP_M)
-        if CODES:  # the whole tile at once: its column groups' maxima need their values together
+        if ROPE_D:
+            _rope_epilogue(acc, acc_u, pid_m * BLOCK_M, pid_n * BLOCK_N, xs_ptr, ws_ptr, bias_ptr, out_ptr, M, N,
+                           stride_om, stride_on, cos_ptr, sin_ptr, rope_seq, rope_end, stride_cb, stride_cs, stride_cd,
+                           stride_sb, stride_ss, stride_sd, ACT, SCALED, HAS_BIAS, ROPE_D, BLOCK_M, ACC_N)
+        elif CODES:  # the whole tile at once: its column groups' maxima need their values together
             _epilogue(acc, acc_u, pid_m * BLOCK_M, pid_n * BLOCK_N, xs_ptr, ws_ptr, bias_ptr, gate_ptr, res_ptr, out_ptr,
                       os_ptr, c_ptr, M, N, gate_rows, stride_gb, stride_gm, stride_gn, res_rows, stride_rb, stride_rm,
                       stride_rn, stride_om, stride_on, stride_os, ACT, GLU, SCALED, HAS_BIAS, HAS_GATE, HAS_RESIDUAL,
-                      XS_GROUP, CODES, QMAX, FP8_OUT, EMULATE_FP8, HAS_SMOOTH, cos_ptr, sin_ptr, rope_seq,
-                      rope_end, stride_cb, stride_cs, stride_cd, stride_sb, stride_ss, stride_sd, ROPE_D, BLOCK_M, BLOCK_N)
+                      XS_GROUP, CODES, QMAX, FP8_OUT, EMULATE_FP8, HAS_SMOOTH, BLOCK_M, BLOCK_N)
         else:
             # the epilogue on each half of the columns: half its float32 temporaries live at once (whole tiles of
             # 128 x 256 spilled 1.2 KB a thread, compiled for sm_90)
@@ -128,15 +139,11 @@ def _tma_gemm_kernel(
             _epilogue(a0, u0, pid_m * BLOCK_M, pid_n * BLOCK_N, xs_ptr, ws_ptr, bias_ptr, gate_ptr, res_ptr, out_ptr,
                       os_ptr, c_ptr, M, N, gate_rows, stride_gb, stride_gm, stride_gn, res_rows, stride_rb, stride_rm,
                       stride_rn, stride_om, stride_on, stride_os, ACT, GLU, SCALED, HAS_BIAS, HAS_GATE, HAS_RESIDUAL,
-                      XS_GROUP, CODES, QMAX, FP8_OUT, EMULATE_FP8, HAS_SMOOTH, cos_ptr, sin_ptr, rope_seq,
-                      rope_end, stride_cb, stride_cs, stride_cd, stride_sb, stride_ss, stride_sd, ROPE_D, BLOCK_M,
-                      BLOCK_N // 2)
+                      XS_GROUP, CODES, QMAX, FP8_OUT, EMULATE_FP8, HAS_SMOOTH, BLOCK_M, BLOCK_N // 2)
             _epilogue(a1, u1, pid_m * BLOCK_M, pid_n * BLOCK_N + BLOCK_N // 2, xs_ptr, ws_ptr, bias_ptr, gate_ptr,
                       res_ptr, out_ptr, os_ptr, c_ptr, M, N, gate_rows, stride_gb, stride_gm, stride_gn, res_rows, stride_rb,
                       stride_rm, stride_rn, stride_om, stride_on, stride_os, ACT, GLU, SCALED, HAS_BIAS, HAS_GATE,
-                      HAS_RESIDUAL, XS_GROUP, CODES, QMAX, FP8_OUT, EMULATE_FP8, HAS_SMOOTH, cos_ptr, sin_ptr, rope_seq,
-                      rope_end, stride_cb, stride_cs, stride_cd, stride_sb, stride_ss, stride_sd, ROPE_D, BLOCK_M,
-                      BLOCK_N // 2)
+                      HAS_RESIDUAL, XS_GROUP, CODES, QMAX, FP8_OUT, EMULATE_FP8, HAS_SMOOTH, BLOCK_M, BLOCK_N // 2)
 
 
 @triton.jit
@@ -144,9 +151,8 @@ def _epilogue(acc, acc_u, off_m, off_n, xs_ptr, ws_ptr, bias_ptr, gate_ptr, res_
               gate_rows, stride_gb, stride_gm, stride_gn, res_rows, stride_rb, stride_rm, stride_rn, stride_om, stride_on,
               stride_os, ACT: tl.constexpr, GLU: tl.constexpr, SCALED: tl.constexpr, HAS_BIAS: tl.constexpr,
               HAS_GATE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, XS_GROUP: tl.constexpr, CODES: tl.constexpr,
-              QMAX: tl.constexpr, FP8_OUT: tl.constexpr, EMULATE_FP8: tl.constexpr, HAS_SMOOTH: tl.constexpr, cos_ptr,
-              sin_ptr, rope_seq, rope_end, stride_cb, stride_cs, stride_cd, stride_sb, stride_ss, stride_sd,
-              ROPE_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+              QMAX: tl.constexpr, FP8_OUT: tl.constexpr, EMULATE_FP8: tl.constexpr, HAS_SMOOTH: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # the [BLOCK_M, BLOCK_N] accumulators (acc_u: the up half's) at rows off_m.., columns off_n.., in float32, in the
     # reference's order: scales, bias, activation (glu), gate, residual
     offs_m = off_m + tl.arange(0, BLOCK_M)
@@ -163,9 +169,6 @@ def _epilogue(acc, acc_u, off_m, off_n, xs_ptr, ws_ptr, bias_ptr, gate_ptr, res_
         acc, acc_u = taq._scale(acc, acc_u, xs_ptr, ws_ptr, rows, cols, mask_m, mask_n, N, GLU)
     h = _bias_act_glu(acc.to(tl.float32), acc_u.to(tl.float32), bias_ptr, cols, mask_n, N, ACT, GLU, HAS_BIAS)
     mask = mask_m[:, None] & mask_n[None, :]
-    if ROPE_D:  # q's and k's heads rotated before the one rounding (cos / sin strides as [B, S, D])
-        h = rope_tile(h, offs_m, off_n, mask_m, cos_ptr, sin_ptr, rope_seq, rope_end, stride_cb, stride_cs, stride_cd,
-                      stride_sb, stride_ss, stride_sd, ROPE_D, BLOCK_M, BLOCK_N)
     if CODES:
         y = _gate_residual(h, rows, cols, mask, gate_ptr, gate_rows, stride_gb, stride_gm, stride_gn, res_ptr, res_rows,
                            stride_rb, stride_rm, stride_rn, HAS_GATE, HAS_RESIDUAL)
@@ -175,6 +178,45 @@ def _epilogue(acc, acc_u, off_m, off_n, xs_ptr, ws_ptr, bias_ptr, gate_ptr, res_
         _gate_residual_store(h, rows, cols, mask, gate_ptr, gate_rows, stride_gb, stride_gm, stride_gn, res_ptr,
                              res_rows, stride_rb, stride_rm, stride_rn, out_ptr, stride_om, stride_on, HAS_GATE,
                              HAS_RESIDUAL)
+
+
+@triton.jit
+def _rope_epilogue(acc1, acc2, off_m, off_n, xs_ptr, ws_ptr, bias_ptr, out_ptr, M, N, stride_om, stride_on, cos_ptr,
+                   sin_ptr, seq, end, stride_cb, stride_cs, stride_cd, stride_sb, stride_ss, stride_sd, ACT: tl.constexpr,
+                   SCALED: tl.constexpr, HAS_BIAS: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr):
+    # acc1 / acc2 [BLOCK_M, BLOCK_N]: the first / second halves of the heads from column off_n on (element c: head
+    # off_n / D + c / (D/2), dim c % (D/2)); scales, bias, activation, then (heads below ``end``) the rotation
+    # (x1 cos1 - x2 sin1, x2 cos2 + x1 sin2) before the one rounding, each half stored to its columns
+    HALF: tl.constexpr = D // 2
+    offs_m = off_m + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < M
+    rows = offs_m.to(tl.int64)
+    c = tl.arange(0, BLOCK_N)
+    head = off_n // D + c // HALF
+    d = c % HALF
+    col1 = (head * D + d).to(tl.int64)
+    col2 = col1 + HALF
+    mask_n = col1 < N
+    if SCALED:
+        sx = tl.load(xs_ptr + rows, mask=mask_m, other=0.0)[:, None]
+        acc1 = acc1.to(tl.float32) * sx * tl.load(ws_ptr + col1, mask=mask_n, other=0.0)[None, :]
+        acc2 = acc2.to(tl.float32) * sx * tl.load(ws_ptr + col2, mask=mask_n, other=0.0)[None, :]
+    x1 = _bias_act_glu(acc1.to(tl.float32), acc1, bias_ptr, col1, mask_n, N, ACT, False, HAS_BIAS)
+    x2 = _bias_act_glu(acc2.to(tl.float32), acc2, bias_ptr, col2, mask_n, N, ACT, False, HAS_BIAS)
+    mask = mask_m[:, None] & mask_n[None, :]
+    b = (offs_m // seq).to(tl.int64)
+    s = (offs_m % seq).to(tl.int64)
+    cos1 = load_table(cos_ptr, b, s, stride_cb, stride_cs, stride_cd, d, mask)
+    cos2 = load_table(cos_ptr, b, s, stride_cb, stride_cs, stride_cd, d + HALF, mask)
+    sin1 = load_table(sin_ptr, b, s, stride_sb, stride_ss, stride_sd, d, mask)
+    sin2 = load_table(sin_ptr, b, s, stride_sb, stride_ss, stride_sd, d + HALF, mask)
+    rotate = (head * D < end)[None, :]
+    y1 = tl.where(rotate, x1 * cos1 - x2 * sin1, x1)
+    y2 = tl.where(rotate, x2 * cos2 + x1 * sin2, x2)
+    out = out_ptr + rows[:, None] * stride_om
+    tl.store(out + col1[None, :] * stride_on, y1.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out + col2[None, :] * stride_on, y2.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _config(bm, bn, bk, warps, stages):
@@ -249,7 +291,9 @@ def tma_gemm(x, w, xs=None, ws=None, bias=None, gate=None, residual=None, act="n
 
     ``rope=(cos, sin, D, E)``: the output's columns [0, E) rotated per head of D before the one rounding
     (``rope_cols.py``: the merged QKV's q and k heads; cos / sin broadcasting to [B, S, D] of a [B, S, N] output),
-    with no glu / gate / residual / codes, each half-tile holding whole heads (``rope_cols.tile_fits``)."""
+    with no glu / gate / residual / codes / xs_group, N a multiple of D and BLOCK_N of D (``rope_cols.tile_fits``): a
+    tile sums its heads' first halves and second halves as two accumulators (w read through a [N / D, 2, D / 2, K]
+    descriptor), so each rotated pair meets in one thread, in the accumulators' own layout."""
     scaled = x.dtype in taq.CODE_DTYPES.values()
     if (xs is None) == scaled or (ws is None) == scaled:
         raise ValueError(f"tma_gemm: {x.dtype} operands take {'both' if scaled else 'no'} scales (xs, ws)")
@@ -271,8 +315,10 @@ def tma_gemm(x, w, xs=None, ws=None, bias=None, gate=None, residual=None, act="n
     c = dict(config or (INTERPRET_CONFIG if INTERPRET else configs(max(m, SMALL_M + 1), x.dtype, glu)[0]))
     taq.check_blocks("tma_gemm", k, n, xs_group, codes, c)
     taq.check_smooth("tma_gemm", smooth, codes, n)
-    rope_args, rope_d = taq.rope_operands("tma_gemm", rope, shape, c["BLOCK_N"] // 2,  # (the epilogue's half-tiles)
-                                          glu or gate is not None or residual is not None or codes, like)
+    rope_args, rope_d = taq.rope_operands("tma_gemm", rope, shape, c["BLOCK_N"],
+                                          glu or gate is not None or residual is not None or codes or xs_group, like)
+    if rope_d and n % rope_d:
+        raise ValueError(f"tma_gemm: rope reads the {n} output columns as heads of {rope_d}")
     if codes:
         out = taq.codes_out("tma_gemm", out, shape, codes, x.device)
         _, out2, g, r = output_operands("tma_gemm", out[0], shape, like, gate, residual)
@@ -285,7 +331,11 @@ def tma_gemm(x, w, xs=None, ws=None, bias=None, gate=None, residual=None, act="n
     launch = {key: c.pop(key) for key in ("num_warps", "num_stages") if key in c}
     persistent = c.pop("PERSISTENT", True)  # False: a program a tile (the same kernel, each program's loop one step)
     x_desc = TensorDescriptor.from_tensor(x.view(m, k), [c["BLOCK_M"], c["BLOCK_K"]])
-    w_desc = TensorDescriptor.from_tensor(w, [c["BLOCK_N"], c["BLOCK_K"]])
+    if rope_d:  # w as [N / D, 2, D / 2, K]: a tile's heads, their first or their second halves
+        w4 = w.unflatten(0, (n // rope_d, 2, rope_d // 2))
+        w_desc = TensorDescriptor(w4, list(w4.shape), list(w4.stride()), [c["BLOCK_N"] // rope_d, 1, rope_d // 2, c["BLOCK_K"]])
+    else:
+        w_desc = TensorDescriptor.from_tensor(w, [c["BLOCK_N"], c["BLOCK_K"]])
     tiles = triton.cdiv(m, c["BLOCK_M"]) * triton.cdiv(n, c["BLOCK_N"])
     grid = (min(tiles, INTERPRET_PROGRAMS if INTERPRET else _sms(x.device)) if persistent else tiles,)
     xs2 = xs.reshape(m, -1) if scaled else like

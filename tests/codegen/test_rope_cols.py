@@ -75,7 +75,8 @@ def test_in_place_columns_bad_operands():
 @pytest.mark.parametrize("per_sample", [False, True])
 def test_tma_epilogue_rotates_q_and_k(fmt, per_sample):
     b, s, d, k = 2, 23, 16, 48
-    n = 7 * d  # q 4 heads + k 2 (rotated [0, 96)) + v 1: tiles of 32 columns (two heads a tile, one a half) on 3 programs
+    n = 7 * d  # q 4 heads + k 2 (rotated [0, 96)) + v 1: tiles of 32 columns (two heads, the last tile half past N) on 3
+    # programs, each head summed as its two halves (two accumulators of 16 columns)
     qx, sx = quant.quantize_rows(r(b, s, k), fmt)
     qw, sw = quant.quantize_rows(r(n, k, scale=k ** -0.5), fmt)
     bias = r(n)
@@ -84,8 +85,12 @@ def test_tma_epilogue_rotates_q_and_k(fmt, per_sample):
     got = T.tma_gemm(qx, qw, sx, sw, bias, dtype=torch.float32, config=config, rope=(cos, sin, d, 6 * d))
     want = rope_ref(A.reference(qx, sx, qw, sw, bias), cos, sin, d, 6 * d)
     assert rel_err(got, want) <= TOL[torch.float32]
-    with pytest.raises(ValueError, match="dividing the 8 columns of a tile"):
-        T.tma_gemm(qx, qw, sx, sw, bias, dtype=torch.float32, config=T.INTERPRET_CONFIG, rope=(cos, sin, d, 6 * d))
+    with pytest.raises(ValueError, match="dividing the 16 columns of a tile"):
+        T.tma_gemm(qx, qw, sx, sw, bias, dtype=torch.float32, config=T.INTERPRET_CONFIG,
+                   rope=(cos.repeat(1, 1, 2), sin.repeat(1, 1, 2), 2 * d, 6 * d))
+    with pytest.raises(ValueError, match="112 output columns as heads of 32"):
+        T.tma_gemm(qx, qw, sx, sw, bias, dtype=torch.float32, config={**config, "BLOCK_N": 64},
+                   rope=(cos.repeat(1, 1, 2), sin.repeat(1, 1, 2), 2 * d, 6 * d))
     with pytest.raises(ValueError, match="no glu"):
         T.tma_gemm(qx, qw, sx, sw, bias, residual=r(b, s, n), dtype=torch.float32, config=config, rope=(cos, sin, d, 6 * d))
 
@@ -107,14 +112,14 @@ def test_pointer_template_epilogue_rotates_q_and_k(fmt):
 @pytest.mark.parametrize("fmt", ["int8", "fp8"])
 def test_tma_epilogue_at_the_1b_qkv_shape(fmt):
     """Llama-3.2-1B's QKV at 2048 tokens (head dim 64, q 2048 + k 512 columns rotated of 3072): every config whose
-    half-tiles hold whole heads, bfloat16 out, against the unfused GEMM then ROPE within a bfloat16 rounding."""
+    tiles hold whole heads, bfloat16 out, against the unfused GEMM then ROPE within a bfloat16 rounding."""
     b, s, d, k, n = 1, 2048, 64, 2048, 3072
     dev = torch.device("cuda")
     qx, sx = (t.to(dev) for t in quant.quantize_rows(r(b, s, k), fmt))
     qw, sw = (t.to(dev) for t in quant.quantize_rows(r(n, k, scale=k ** -0.5), fmt))
     cos, sin = (t.to(dev) for t in tables(b, s, d, torch.bfloat16))
     want = rope_ref(A.reference(qx.cpu(), sx.cpu(), qw.cpu(), sw.cpu()), cos.cpu(), sin.cpu(), d, 40 * d)
-    configs = [c for c in T.configs(s, qx.dtype) if R.tile_fits(d, c["BLOCK_N"] // 2)]
+    configs = [c for c in T.configs(s, qx.dtype) if R.tile_fits(d, c["BLOCK_N"])]
     assert configs
     for c in configs:
         got = T.tma_gemm(qx, qw, sx, sw, config=c, rope=(cos, sin, d, 40 * d))

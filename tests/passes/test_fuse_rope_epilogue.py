@@ -123,3 +123,24 @@ def test_the_kernels_plan_of_a_tiny_llama(pipeline_models, mode):
         got, want = fused(x).logits, plain(x).logits
     assert rel_err(got, want) <= 1e-5
     assert rel_err(got, interpret(fused.graph, [x])[0]) <= 1e-4
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("gemm", ["triton-tma", "triton-aqgemm", "int-mm"])
+def test_each_qkv_candidate_rotates(pipeline_models, gemm):
+    """The fused w8a8 graph's plan with each kind of QKV candidate forced: the TMA template (two accumulators of the
+    heads' halves), the pointer template (``rope_tile``) and torch._int_mm + the in-place ``rope_columns`` kernel, each
+    giving the reference's logits."""
+    from kiln.codegen.tuning import Tuner
+    from kiln.runtime.executor import Executor
+    from kiln.runtime.target import Target
+    hf_llm, ids, dims = pipeline_models["llama"]
+    calib = [(ids(1, 32, seed=10 + s),) for s in range(2)]
+    graph = kiln.compile(hf_llm(), (ids(2, 7),), dynamic=dims, calibration=calib,
+                         config=kiln.CompileConfig(quantize="w8a8")).graph
+    x = ids(2, 11, seed=5)
+    tuner = Tuner(force={"gemm": gemm, "attention": "sdpa"})
+    ex = Executor(graph, Target.from_config(kiln.CompileConfig(backend="kernels"), tuner=tuner))
+    got = ex.run([x])[0]
+    assert rel_err(got, interpret(graph, [x])[0]) <= 1e-4
+    assert ex.plans[0].describe()["choices"].get(f"gemm:{gemm}", 0) >= 2  # (the two QKV GEMMs among them)
