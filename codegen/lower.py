@@ -80,6 +80,9 @@ SKINNY_CANDIDATES = 15
 # the AQGEMM candidates' generation (in an AQGEMM's what): 2 since the template's tile filling the last wave best is
 # tried too (aqgemm.wave_fit), 3 since the persistent TMA template is (tma_gemm.py)
 AQGEMM_CANDIDATES = 3
+# the rope candidates' generation (in a rotating AQGEMM's what): 2 since the TMA template sums the heads' halves in two
+# accumulators (session 42: its split form's decisions are not this one's)
+ROPE_CANDIDATES = 2
 # the generation of the row kernels storing codes (in a coded AQGEMM's what): 2 since quantize_rows / epilogue_codes
 # hold rows up to 16384 wide in registers (one read of their input, not two)
 ROW_CODES_CANDIDATES = 2
@@ -356,7 +359,7 @@ def aqgemm(args: list, attrs: dict, out: torch.Tensor, tmp: torch.Tensor | None,
     what = {"op": "AQGEMM", "format": fmt, "x": list(x.shape), "x_stride": list(x.stride()), "w": list(wq.shape),
             "dtype": str(x.dtype), "smooth": smooth is not None, "candidates": AQGEMM_CANDIDATES,
             **_epilogue_what(act, glu, bias, gate, residual, out), **({"act_group": group} if group else {}),
-            **({"rope": [rope[2], rope[3], list(rope[0].shape), list(rope[0].stride())]} if rope else {})}
+            **({"rope": [ROPE_CANDIDATES, rope[2], rope[3], list(rope[0].shape), list(rope[0].stride())]} if rope else {})}
     if codes is not None:  # (the GEMM alone: another measurement than quantizer + GEMM)
         what["codes"] = True
     return what, candidates
