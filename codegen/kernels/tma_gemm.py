@@ -198,10 +198,9 @@ def _rope_epilogue(acc1, acc2, off_m, off_n, xs_ptr, ws_ptr, bias_ptr, out_ptr, 
     col1 = (head * D + d).to(tl.int64)
     col2 = col1 + HALF
     mask_n = col1 < N
-    if SCALED:
-        sx = tl.load(xs_ptr + rows, mask=mask_m, other=0.0)[:, None]
-        acc1 = acc1.to(tl.float32) * sx * tl.load(ws_ptr + col1, mask=mask_n, other=0.0)[None, :]
-        acc2 = acc2.to(tl.float32) * sx * tl.load(ws_ptr + col2, mask=mask_n, other=0.0)[None, :]
+    if SCALED:  # (each half at its own columns: aqgemm's scaling, once a half)
+        acc1, _ = taq._scale(acc1, acc1, xs_ptr, ws_ptr, rows, col1, mask_m, mask_n, N, False)
+        acc2, _ = taq._scale(acc2, acc2, xs_ptr, ws_ptr, rows, col2, mask_m, mask_n, N, False)
     x1 = _bias_act_glu(acc1.to(tl.float32), acc1, bias_ptr, col1, mask_n, N, ACT, False, HAS_BIAS)
     x2 = _bias_act_glu(acc2.to(tl.float32), acc2, bias_ptr, col2, mask_n, N, ACT, False, HAS_BIAS)
     mask = mask_m[:, None] & mask_n[None, :]
