@@ -540,6 +540,14 @@ Occupancy|Warp Cycles Per Issued|Registers Per" "$OUT/ncu_24n.txt" | head -150 ;
           $([ $q = bf16 ] || echo --quantize $q) --no-compile-peer --ab-set kernels.skinny.WHOLE_K_WORDS=0 \
           --ab-env KILN_REFINE=0 2>&1 | grep "interleaved\|Error\|error" | tail -3
       done ;;
+    s43a)  # session 43 (~400 s): the TMA template's GLU as one product of both halves a K step and its rope's one-product
+      # form (ROPE_ONE, w read through a [2, N / D, D / 2, K] view): their GPU tests at model shapes (every config), then
+      # the 1B prefill: bf16, fp8 / w8a8 with the rope pass and without (the tuner's candidate times in fp8_43.json)
+      timeout -s INT 150 python3 -m pytest -q -rf --tb=short -m gpu tests/codegen/test_rope_cols.py \
+        tests/codegen/test_tma_gemm.py -k "1b_qkv or every_config_at_model" 2>&1 | tee "$OUT/s43a_tests.log" \
+        | grep -v "Warning\|warn" | tail -12
+      timeout 240 python3 bench/fp8.py --parts llm --modes bf16,w8a8,w8a8-rope0,fp8,fp8-rope0 --out "$OUT/fp8_43.json" 2>&1 \
+        | tail -16 ;;
     s42b)  # session 42 (~330 s): RoPE in the QKV AQGEMM's epilogue (passes/fuse_rope_epilogue.py): its GPU test at the
       # 1B QKV shape (every TMA config holding whole heads), then the 1B prefill: bf16, fp8 / w8a8 with it and without
       timeout -s INT 90 python3 -m pytest -q -rf --tb=short -m gpu tests/codegen/test_rope_cols.py 2>&1 \

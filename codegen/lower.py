@@ -78,11 +78,13 @@ TRITON_TMA_CONFIGS = 2
 # since a K of two such steps also tries one step twice as long on twice the warps (skinny.WIDE_WHOLE_K)
 SKINNY_CANDIDATES = 15
 # the AQGEMM candidates' generation (in an AQGEMM's what): 2 since the template's tile filling the last wave best is
-# tried too (aqgemm.wave_fit), 3 since the persistent TMA template is (tma_gemm.py)
-AQGEMM_CANDIDATES = 3
+# tried too (aqgemm.wave_fit), 3 since the persistent TMA template is (tma_gemm.py), 4 since its GLU tiles are one
+# product of both halves a K step (session 43: a decision against its two products is not one against this)
+AQGEMM_CANDIDATES = 4
 # the rope candidates' generation (in a rotating AQGEMM's what): 2 since the TMA template sums the heads' halves in two
-# accumulators (session 42: its split form's decisions are not this one's)
-ROPE_CANDIDATES = 2
+# accumulators (session 42: its split form's decisions are not this one's), 3 since it also tries one product a K step
+# of the heads' halves read in (half, head) order (tma_gemm's ROPE_ONE)
+ROPE_CANDIDATES = 3
 # the generation of the row kernels storing codes (in a coded AQGEMM's what): 2 since quantize_rows / epilogue_codes
 # hold rows up to 16384 wide in registers (one read of their input, not two)
 ROW_CODES_CANDIDATES = 2
@@ -342,8 +344,10 @@ def aqgemm(args: list, attrs: dict, out: torch.Tensor, tmp: torch.Tensor | None,
                 native.add(name)
             candidates[name] = lambda c=c, own=own: taq.aqgemm(*quantized(), wq, ws, bias, gate, residual, act, glu, out=out,
                                                                config=c, **own)
-        tma = _tma_configs(codes[0] if codes is not None else None, wq, m, glu, nw, device, group, rope=rope)
-        for c in tma[:TRITON_TMA_CONFIGS]:
+        tma = _tma_configs(codes[0] if codes is not None else None, wq, m, glu, nw, device, group, rope=rope)[:TRITON_TMA_CONFIGS]
+        if rope and device.type == "cuda":  # both forms of the rotating tile: two products a K step, or one
+            tma = [dict(c, ROPE_ONE=one) for c in tma for one in (False, True)]
+        for c in tma:
             native.add(config_name("triton-tma", c))
             candidates[config_name("triton-tma", c)] = partial(_tma_aqgemm, quantized, wq, ws, (bias, gate, residual), act, glu,
                                                                out, c, dict(blocks, **({"rope": rope} if rope else {})))

@@ -15,7 +15,8 @@ session 16). Here:
 - ``min(SMs, tiles)`` programs each take every SMs-th tile in grouped order (GROUP_M row tiles share W's tiles in L2),
   and the tile loop and its K loop are one flattened, software-pipelined loop: the next tile's first loads are in
   flight while this tile's epilogue runs;
-- GLU keeps two accumulators, the gate half's W rows at n and the up half's at N + n, sharing each x tile;
+- GLU reads a tile's gate rows (W's rows n..) and up rows (N + n..) as one box of W viewed as [2, N, K]: one product
+  of twice the tile's width a K step, its halves split after the K loop (two products, one a half, ran ~1.5x slower);
 - the epilogue runs on each half of a tile's columns in turn (no spills at 128 x 256).
 
 TMA wants 16-byte aligned bases and row strides and a unit inner stride (``supported``); the lowering offers this
@@ -75,7 +76,7 @@ def _tma_gemm_kernel(
     ACT: tl.constexpr, GLU: tl.constexpr, SCALED: tl.constexpr, INT8: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_GATE: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     XS_GROUP: tl.constexpr, CODES: tl.constexpr, QMAX: tl.constexpr, FP8_OUT: tl.constexpr, EMULATE_FP8: tl.constexpr,
-    HAS_SMOOTH: tl.constexpr, ROPE_D: tl.constexpr,
+    HAS_SMOOTH: tl.constexpr, ROPE_D: tl.constexpr, ROPE_ONE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     start = tl.program_id(0)
@@ -88,7 +89,12 @@ def _tma_gemm_kernel(
     SUM: tl.constexpr = tl.float32 if XS_GROUP else ACC
     # ROPE_D: a tile's BLOCK_N columns are BLOCK_N / D heads, summed as their first halves (acc) and second halves
     # (acc_u), w read as [N / D, 2, D / 2, K]: the rotation pairs the two accumulators' elements in place
-    ACC_N: tl.constexpr = BLOCK_N // 2 if ROPE_D else BLOCK_N
+    # GLU: the gate and up rows of a tile are one [2, BLOCK_N, BLOCK_K] box of w read as [2, N, K], one product
+    # [BLOCK_M, 2 BLOCK_N] a K step (two products of BLOCK_N ran the 1B's gate/up at ~860 TFLOP/s against ~1,300 for
+    # one 128 x 256 product, H100 session 42), split into the halves after the K loop
+    # ROPE_ONE: instead one product a K step, w's rows read as [2, N / D, D / 2, K] (the halves' dim outermost), so the
+    # tile's columns come as (half, head, dim) and the halves split after the K loop as GLU's do
+    ACC_N: tl.constexpr = BLOCK_N // 2 if ROPE_D and not ROPE_ONE else (2 * BLOCK_N if GLU else BLOCK_N)
     # the epilogue's tile is counted apart from the loads' (the tutorial's tile_id_c): the flattened loop's prologue
     # may then run the next tile's loads ahead of this tile's epilogue
     tile_c = start - programs
@@ -105,25 +111,34 @@ def _tma_gemm_kernel(
                 offs_xm = off_m + tl.arange(0, BLOCK_M)
                 sx = tl.load(xs_ptr + offs_xm.to(tl.int64) * stride_xs + off_k // XS_GROUP, mask=offs_xm < M,
                              other=0.0)[:, None]
-                acc += tl.dot(a, w_desc.load([off_n, off_k]).T, out_dtype=ACC).to(tl.float32) * sx
                 if GLU:
-                    acc_u += tl.dot(a, w_desc.load([N + off_n, off_k]).T, out_dtype=ACC).to(tl.float32) * sx
+                    wk = tl.reshape(w_desc.load([0, off_n, off_k]), (ACC_N, BLOCK_K))
+                else:
+                    wk = w_desc.load([off_n, off_k])
+                acc += tl.dot(a, wk.T, out_dtype=ACC).to(tl.float32) * sx
+            elif ROPE_ONE:
+                acc = tl.dot(a, tl.reshape(w_desc.load([0, off_n // ROPE_D, 0, off_k]), (BLOCK_N, BLOCK_K)).T, acc,
+                             out_dtype=ACC)
             elif ROPE_D:
                 w1 = tl.reshape(w_desc.load([off_n // ROPE_D, 0, 0, off_k]), (ACC_N, BLOCK_K))
                 w2 = tl.reshape(w_desc.load([off_n // ROPE_D, 1, 0, off_k]), (ACC_N, BLOCK_K))
                 acc = tl.dot(a, w1.T, acc, out_dtype=ACC)
                 acc_u = tl.dot(a, w2.T, acc_u, out_dtype=ACC)
+            elif GLU:  # (rows past N: zero-filled in each half)
+                acc = tl.dot(a, tl.reshape(w_desc.load([0, off_n, off_k]), (ACC_N, BLOCK_K)).T, acc, out_dtype=ACC)
             else:
                 acc = tl.dot(a, w_desc.load([off_n, off_k]).T, acc, out_dtype=ACC)
-                if GLU:  # (the gate half's last tile may read up rows: their columns are past N, never stored)
-                    acc_u = tl.dot(a, w_desc.load([N + off_n, off_k]).T, acc_u, out_dtype=ACC)
 
         tile_c += programs
         pid_m, pid_n = grouped_tile(tile_c, num_pid_m, num_pid_n, GROUP_M)
+        if GLU:  # the gate half's columns, the up half's
+            acc, acc_u = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N)), (0, 2, 1)))
+        if ROPE_ONE:  # the heads' first halves, their second halves
+            acc, acc_u = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
         if ROPE_D:
             _rope_epilogue(acc, acc_u, pid_m * BLOCK_M, pid_n * BLOCK_N, xs_ptr, ws_ptr, bias_ptr, out_ptr, M, N,
                            stride_om, stride_on, cos_ptr, sin_ptr, rope_seq, rope_end, stride_cb, stride_cs, stride_cd,
-                           stride_sb, stride_ss, stride_sd, ACT, SCALED, HAS_BIAS, ROPE_D, BLOCK_M, ACC_N)
+                           stride_sb, stride_ss, stride_sd, ACT, SCALED, HAS_BIAS, ROPE_D, BLOCK_M, BLOCK_N // 2)
         elif CODES:  # the whole tile at once: its column groups' maxima need their values together
             _epilogue(acc, acc_u, pid_m * BLOCK_M, pid_n * BLOCK_N, xs_ptr, ws_ptr, bias_ptr, gate_ptr, res_ptr, out_ptr,
                       os_ptr, c_ptr, M, N, gate_rows, stride_gb, stride_gm, stride_gn, res_rows, stride_rb, stride_rm,
@@ -329,10 +344,18 @@ def tma_gemm(x, w, xs=None, ws=None, bias=None, gate=None, residual=None, act="n
         return out
     launch = {key: c.pop(key) for key in ("num_warps", "num_stages") if key in c}
     persistent = c.pop("PERSISTENT", True)  # False: a program a tile (the same kernel, each program's loop one step)
+    rope_one = bool(c.pop("ROPE_ONE", False)) and bool(rope_d)
     x_desc = TensorDescriptor.from_tensor(x.view(m, k), [c["BLOCK_M"], c["BLOCK_K"]])
-    if rope_d:  # w as [N / D, 2, D / 2, K]: a tile's heads, their first or their second halves
+    if rope_d:  # w as [N / D, 2, D / 2, K]: a tile's heads, their first or their second halves (ROPE_ONE: as
+        # [2, N / D, D / 2, K], both halves of a tile's heads in one box, the halves' dim outermost)
         w4 = w.unflatten(0, (n // rope_d, 2, rope_d // 2))
-        w_desc = TensorDescriptor(w4, list(w4.shape), list(w4.stride()), [c["BLOCK_N"] // rope_d, 1, rope_d // 2, c["BLOCK_K"]])
+        if rope_one:
+            w4 = w4.transpose(0, 1)
+        box = [2, c["BLOCK_N"] // rope_d] if rope_one else [c["BLOCK_N"] // rope_d, 1]
+        w_desc = TensorDescriptor(w4, list(w4.shape), list(w4.stride()), box + [rope_d // 2, c["BLOCK_K"]])
+    elif glu:  # w as [2, N, K]: a tile's gate rows and up rows in one box
+        w3 = w.unflatten(0, (2, n))
+        w_desc = TensorDescriptor(w3, list(w3.shape), list(w3.stride()), [2, c["BLOCK_N"], c["BLOCK_K"]])
     else:
         w_desc = TensorDescriptor.from_tensor(w, [c["BLOCK_N"], c["BLOCK_K"]])
     tiles = triton.cdiv(m, c["BLOCK_M"]) * triton.cdiv(n, c["BLOCK_N"])
@@ -344,5 +367,5 @@ def tma_gemm(x, w, xs=None, ws=None, bias=None, gate=None, residual=None, act="n
         *g[1:], *r[1:], out2.stride(0), out2.stride(1),
         s2.stride(0), *rope_args, ACT=act, GLU=bool(glu), SCALED=scaled, INT8=x.dtype == torch.int8, HAS_BIAS=bias is not None,
         HAS_GATE=gate is not None, HAS_RESIDUAL=residual is not None, **taq.block_meta(xs_group, codes, smooth, INTERPRET),
-        ROPE_D=rope_d, **c, **launch)
+        ROPE_D=rope_d, ROPE_ONE=rope_one, **c, **launch)
     return out

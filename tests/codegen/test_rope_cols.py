@@ -73,15 +73,17 @@ def test_in_place_columns_bad_operands():
 
 @pytest.mark.parametrize("fmt", ["int8", "fp8"])
 @pytest.mark.parametrize("per_sample", [False, True])
-def test_tma_epilogue_rotates_q_and_k(fmt, per_sample):
+@pytest.mark.parametrize("one", [False, True])
+def test_tma_epilogue_rotates_q_and_k(fmt, per_sample, one):
     b, s, d, k = 2, 23, 16, 48
     n = 7 * d  # q 4 heads + k 2 (rotated [0, 96)) + v 1: tiles of 32 columns (two heads, the last tile half past N) on 3
-    # programs, each head summed as its two halves (two accumulators of 16 columns)
+    # programs, each head summed as its two halves (two accumulators of 16 columns; one: one product of 32 columns
+    # ordered (half, head, dim), split after the K loop)
     qx, sx = quant.quantize_rows(r(b, s, k), fmt)
     qw, sw = quant.quantize_rows(r(n, k, scale=k ** -0.5), fmt)
     bias = r(n)
     cos, sin = tables(b, s, d, torch.float32, per_sample)
-    config = {**T.INTERPRET_CONFIG, "BLOCK_N": 2 * d}
+    config = {**T.INTERPRET_CONFIG, "BLOCK_N": 2 * d, "ROPE_ONE": one}
     got = T.tma_gemm(qx, qw, sx, sw, bias, dtype=torch.float32, config=config, rope=(cos, sin, d, 6 * d))
     want = rope_ref(A.reference(qx, sx, qw, sw, bias), cos, sin, d, 6 * d)
     assert rel_err(got, want) <= TOL[torch.float32]
@@ -119,7 +121,7 @@ def test_tma_epilogue_at_the_1b_qkv_shape(fmt):
     qw, sw = (t.to(dev) for t in quant.quantize_rows(r(n, k, scale=k ** -0.5), fmt))
     cos, sin = (t.to(dev) for t in tables(b, s, d, torch.bfloat16))
     want = rope_ref(A.reference(qx.cpu(), sx.cpu(), qw.cpu(), sw.cpu()), cos.cpu(), sin.cpu(), d, 40 * d)
-    configs = [c for c in T.configs(s, qx.dtype) if R.tile_fits(d, c["BLOCK_N"])]
+    configs = [{**c, "ROPE_ONE": one} for c in T.configs(s, qx.dtype) if R.tile_fits(d, c["BLOCK_N"]) for one in (False, True)]
     assert configs
     for c in configs:
         got = T.tma_gemm(qx, qw, sx, sw, config=c, rope=(cos, sin, d, 40 * d))
