@@ -247,13 +247,22 @@ CONFIGS = {
 }
 
 
+# int8: Triton keeps a product into int32 accumulators synchronous (its Hopper pipeliner makes only float32 ones
+# properly async: each K step's wgmma is waited for before the next is issued; compiled for sm_90, ``DEPBAR.LE gsb0,
+# 0x0`` in every int8 K loop against ``0x1`` for e4m3), so int8 also tries tiles small enough for two programs an SM
+# (PER_SM: registers and shared memory for two), whose products interleave where one program's would stall
+PAIRED = {False: _config(128, 128, 128, 4, 3), True: _config(64, 128, 128, 4, 2)}
+
+
 def configs(m: int, dtype: torch.dtype, glu: bool = False) -> list[dict]:
     """The launch configurations for ``m`` rows of ``dtype`` operands (none at or below SMALL_M rows), each with at
-    most 128 float32 accumulator registers a thread (glu keeps two accumulators)."""
+    most 128 float32 accumulator registers a thread (glu keeps two accumulators); for int8 last the one of two
+    programs an SM (``PAIRED``)."""
     if m <= SMALL_M:
         return []
-    return [dict(c) for c in CONFIGS[dtype.itemsize]
-            if c["BLOCK_M"] * c["BLOCK_N"] * (2 if glu else 1) <= 128 * 32 * c["num_warps"]]
+    cs = [dict(c) for c in CONFIGS[dtype.itemsize]
+          if c["BLOCK_M"] * c["BLOCK_N"] * (2 if glu else 1) <= 128 * 32 * c["num_warps"]]
+    return cs + ([dict(PAIRED[bool(glu)], PER_SM=2)] if dtype == torch.int8 else [])
 
 
 def supported(x: torch.Tensor | None, w: torch.Tensor) -> bool:
@@ -345,6 +354,7 @@ def tma_gemm(x, w, xs=None, ws=None, bias=None, gate=None, residual=None, act="n
     launch = {key: c.pop(key) for key in ("num_warps", "num_stages") if key in c}
     persistent = c.pop("PERSISTENT", True)  # False: a program a tile (the same kernel, each program's loop one step)
     rope_one = bool(c.pop("ROPE_ONE", False)) and bool(rope_d)
+    per_sm = c.pop("PER_SM", 1)  # programs an SM (two: the int8 tiles whose products interleave, ``PAIRED``)
     x_desc = TensorDescriptor.from_tensor(x.view(m, k), [c["BLOCK_M"], c["BLOCK_K"]])
     if rope_d:  # w as [N / D, 2, D / 2, K]: a tile's heads, their first or their second halves (ROPE_ONE: as
         # [2, N / D, D / 2, K], both halves of a tile's heads in one box, the halves' dim outermost)
@@ -359,7 +369,7 @@ def tma_gemm(x, w, xs=None, ws=None, bias=None, gate=None, residual=None, act="n
     else:
         w_desc = TensorDescriptor.from_tensor(w, [c["BLOCK_N"], c["BLOCK_K"]])
     tiles = triton.cdiv(m, c["BLOCK_M"]) * triton.cdiv(n, c["BLOCK_N"])
-    grid = (min(tiles, INTERPRET_PROGRAMS if INTERPRET else _sms(x.device)) if persistent else tiles,)
+    grid = (min(tiles, INTERPRET_PROGRAMS if INTERPRET else per_sm * _sms(x.device)) if persistent else tiles,)
     xs2 = xs.reshape(m, -1) if scaled else like
     _tma_gemm_kernel[grid](
         x_desc, w_desc, xs2, ws if scaled else like, bias if bias is not None else like,
