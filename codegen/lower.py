@@ -80,7 +80,7 @@ SKINNY_CANDIDATES = 15
 # the AQGEMM candidates' generation (in an AQGEMM's what): 2 since the template's tile filling the last wave best is
 # tried too (aqgemm.wave_fit), 3 since the persistent TMA template is (tma_gemm.py), 4 since its GLU tiles are one
 # product of both halves a K step (session 43: a decision against its two products is not one against this) and int8
-# also tries a tile of two programs an SM (tma_gemm.PAIRED)
+# also tries a tile of two programs an SM (tma_gemm.PAIRED), and the first tile storing its output by TMA
 AQGEMM_CANDIDATES = 4
 # the rope candidates' generation (in a rotating AQGEMM's what): 2 since the TMA template sums the heads' halves in two
 # accumulators (session 42: its split form's decisions are not this one's), 3 since it also tries one product a K step
@@ -349,6 +349,8 @@ def aqgemm(args: list, attrs: dict, out: torch.Tensor, tmp: torch.Tensor | None,
         tma = tma[:TRITON_TMA_CONFIGS] + [c for c in tma[TRITON_TMA_CONFIGS:] if c.get("PER_SM")]  # (int8's paired tile too)
         if rope and device.type == "cuda":  # both forms of the rotating tile: two products a K step, or one
             tma = [dict(c, ROPE_ONE=one) for c in tma for one in (False, True)]
+        elif tma and device.type == "cuda" and tt.store_by_tma(out):  # (its first tile storing by TMA too)
+            tma.append(dict(tma[0], TMA_STORE=True))
         for c in tma:
             native.add(config_name("triton-tma", c))
             candidates[config_name("triton-tma", c)] = partial(_tma_aqgemm, quantized, wq, ws, (bias, gate, residual), act, glu,

@@ -66,7 +66,7 @@ SMALL_M = 64  # at or below: decode's skinny kernels, not this template
 
 @triton.jit
 def _tma_gemm_kernel(
-    x_desc, w_desc, xs_ptr, ws_ptr, bias_ptr, gate_ptr, res_ptr, out_ptr, os_ptr, c_ptr,
+    x_desc, w_desc, xs_ptr, ws_ptr, bias_ptr, gate_ptr, res_ptr, out_ptr, os_ptr, c_ptr, o_desc,
     M, N, K,  # N: output columns (half of w's rows with GLU)
     stride_xs,  # XS_GROUP: xs's row stride (K / XS_GROUP scales a row)
     gate_rows, stride_gb, stride_gm, stride_gn,  # gate row m sits at (m // gate_rows) * stride_gb + (m % gate_rows) * stride_gm
@@ -76,7 +76,7 @@ def _tma_gemm_kernel(
     ACT: tl.constexpr, GLU: tl.constexpr, SCALED: tl.constexpr, INT8: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_GATE: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     XS_GROUP: tl.constexpr, CODES: tl.constexpr, QMAX: tl.constexpr, FP8_OUT: tl.constexpr, EMULATE_FP8: tl.constexpr,
-    HAS_SMOOTH: tl.constexpr, ROPE_D: tl.constexpr, ROPE_ONE: tl.constexpr,
+    HAS_SMOOTH: tl.constexpr, ROPE_D: tl.constexpr, ROPE_ONE: tl.constexpr, TMA_STORE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     start = tl.program_id(0)
@@ -141,9 +141,9 @@ def _tma_gemm_kernel(
                            stride_sb, stride_ss, stride_sd, ACT, SCALED, HAS_BIAS, ROPE_D, BLOCK_M, BLOCK_N // 2)
         elif CODES:  # the whole tile at once: its column groups' maxima need their values together
             _epilogue(acc, acc_u, pid_m * BLOCK_M, pid_n * BLOCK_N, xs_ptr, ws_ptr, bias_ptr, gate_ptr, res_ptr, out_ptr,
-                      os_ptr, c_ptr, M, N, gate_rows, stride_gb, stride_gm, stride_gn, res_rows, stride_rb, stride_rm,
+                      os_ptr, c_ptr, o_desc, M, N, gate_rows, stride_gb, stride_gm, stride_gn, res_rows, stride_rb, stride_rm,
                       stride_rn, stride_om, stride_on, stride_os, ACT, GLU, SCALED, HAS_BIAS, HAS_GATE, HAS_RESIDUAL,
-                      XS_GROUP, CODES, QMAX, FP8_OUT, EMULATE_FP8, HAS_SMOOTH, BLOCK_M, BLOCK_N)
+                      XS_GROUP, CODES, QMAX, FP8_OUT, EMULATE_FP8, HAS_SMOOTH, TMA_STORE, BLOCK_M, BLOCK_N)
         else:
             # the epilogue on each half of the columns: half its float32 temporaries live at once (whole tiles of
             # 128 x 256 spilled 1.2 KB a thread, compiled for sm_90)
@@ -152,22 +152,22 @@ def _tma_gemm_kernel(
             if GLU:
                 u0, u1 = tl.split(tl.permute(tl.reshape(acc_u, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
             _epilogue(a0, u0, pid_m * BLOCK_M, pid_n * BLOCK_N, xs_ptr, ws_ptr, bias_ptr, gate_ptr, res_ptr, out_ptr,
-                      os_ptr, c_ptr, M, N, gate_rows, stride_gb, stride_gm, stride_gn, res_rows, stride_rb, stride_rm,
+                      os_ptr, c_ptr, o_desc, M, N, gate_rows, stride_gb, stride_gm, stride_gn, res_rows, stride_rb, stride_rm,
                       stride_rn, stride_om, stride_on, stride_os, ACT, GLU, SCALED, HAS_BIAS, HAS_GATE, HAS_RESIDUAL,
-                      XS_GROUP, CODES, QMAX, FP8_OUT, EMULATE_FP8, HAS_SMOOTH, BLOCK_M, BLOCK_N // 2)
+                      XS_GROUP, CODES, QMAX, FP8_OUT, EMULATE_FP8, HAS_SMOOTH, TMA_STORE, BLOCK_M, BLOCK_N // 2)
             _epilogue(a1, u1, pid_m * BLOCK_M, pid_n * BLOCK_N + BLOCK_N // 2, xs_ptr, ws_ptr, bias_ptr, gate_ptr,
-                      res_ptr, out_ptr, os_ptr, c_ptr, M, N, gate_rows, stride_gb, stride_gm, stride_gn, res_rows, stride_rb,
+                      res_ptr, out_ptr, os_ptr, c_ptr, o_desc, M, N, gate_rows, stride_gb, stride_gm, stride_gn, res_rows, stride_rb,
                       stride_rm, stride_rn, stride_om, stride_on, stride_os, ACT, GLU, SCALED, HAS_BIAS, HAS_GATE,
-                      HAS_RESIDUAL, XS_GROUP, CODES, QMAX, FP8_OUT, EMULATE_FP8, HAS_SMOOTH, BLOCK_M, BLOCK_N // 2)
+                      HAS_RESIDUAL, XS_GROUP, CODES, QMAX, FP8_OUT, EMULATE_FP8, HAS_SMOOTH, TMA_STORE, BLOCK_M, BLOCK_N // 2)
 
 
 @triton.jit
-def _epilogue(acc, acc_u, off_m, off_n, xs_ptr, ws_ptr, bias_ptr, gate_ptr, res_ptr, out_ptr, os_ptr, c_ptr, M, N,
+def _epilogue(acc, acc_u, off_m, off_n, xs_ptr, ws_ptr, bias_ptr, gate_ptr, res_ptr, out_ptr, os_ptr, c_ptr, o_desc, M, N,
               gate_rows, stride_gb, stride_gm, stride_gn, res_rows, stride_rb, stride_rm, stride_rn, stride_om, stride_on,
               stride_os, ACT: tl.constexpr, GLU: tl.constexpr, SCALED: tl.constexpr, HAS_BIAS: tl.constexpr,
               HAS_GATE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, XS_GROUP: tl.constexpr, CODES: tl.constexpr,
               QMAX: tl.constexpr, FP8_OUT: tl.constexpr, EMULATE_FP8: tl.constexpr, HAS_SMOOTH: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+              TMA_STORE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # the [BLOCK_M, BLOCK_N] accumulators (acc_u: the up half's) at rows off_m.., columns off_n.., in float32, in the
     # reference's order: scales, bias, activation (glu), gate, residual
     offs_m = off_m + tl.arange(0, BLOCK_M)
@@ -189,6 +189,11 @@ def _epilogue(acc, acc_u, off_m, off_n, xs_ptr, ws_ptr, bias_ptr, gate_ptr, res_
                            stride_rb, stride_rm, stride_rn, HAS_GATE, HAS_RESIDUAL)
         taq.store_codes(y, rows, cols, mask_m, mask, off_n, N, bias_ptr, c_ptr, out_ptr, stride_om, stride_on, os_ptr,
                         stride_os, CODES, QMAX, FP8_OUT, EMULATE_FP8, HAS_SMOOTH, BLOCK_M, BLOCK_N)
+    elif TMA_STORE:  # through shared memory by the TMA unit (rows / columns past the output clipped by it), the
+        # store in flight while the next tile's products start
+        y = _gate_residual(h, rows, cols, mask, gate_ptr, gate_rows, stride_gb, stride_gm, stride_gn, res_ptr, res_rows,
+                           stride_rb, stride_rm, stride_rn, HAS_GATE, HAS_RESIDUAL)
+        o_desc.store([off_m, off_n], y.to(out_ptr.dtype.element_ty))
     else:
         _gate_residual_store(h, rows, cols, mask, gate_ptr, gate_rows, stride_gb, stride_gm, stride_gn, res_ptr,
                              res_rows, stride_rb, stride_rm, stride_rn, out_ptr, stride_om, stride_on, HAS_GATE,
@@ -285,6 +290,16 @@ def supported(x: torch.Tensor | None, w: torch.Tensor) -> bool:
     return INTERPRET or (w.device.type == "cuda" and _capability(w.device) >= (9, 0))
 
 
+def store_by_tma(out: torch.Tensor) -> bool:
+    """Whether the TMA unit can store an output [..., N] (``tma_gemm``'s TMA_STORE): viewable as [M, N], unit column
+    stride, 16-byte aligned base and row stride."""
+    try:
+        out2 = out.view(-1, out.shape[-1])
+    except RuntimeError:
+        return False
+    return out2.stride(1) == 1 and out2.data_ptr() % 16 == 0 and (out2.stride(0) * out2.element_size()) % 16 == 0
+
+
 @functools.cache
 def _capability(device: torch.device) -> tuple:
     return torch.cuda.get_device_capability(device)
@@ -355,6 +370,10 @@ def tma_gemm(x, w, xs=None, ws=None, bias=None, gate=None, residual=None, act="n
     persistent = c.pop("PERSISTENT", True)  # False: a program a tile (the same kernel, each program's loop one step)
     rope_one = bool(c.pop("ROPE_ONE", False)) and bool(rope_d)
     per_sm = c.pop("PER_SM", 1)  # programs an SM (two: the int8 tiles whose products interleave, ``PAIRED``)
+    tma_store = bool(c.pop("TMA_STORE", False))  # the output stored by the TMA unit (``store_by_tma``)
+    if tma_store and (codes or rope_d or not store_by_tma(out2)):
+        raise ValueError(f"tma_gemm: TMA_STORE takes no codes or rope and a TMA-writable output (unit column stride, "
+                         f"16-byte aligned base and rows), got out {out2.dtype} strides {out2.stride()}")
     x_desc = TensorDescriptor.from_tensor(x.view(m, k), [c["BLOCK_M"], c["BLOCK_K"]])
     if rope_d:  # w as [N / D, 2, D / 2, K]: a tile's heads, their first or their second halves (ROPE_ONE: as
         # [2, N / D, D / 2, K], both halves of a tile's heads in one box, the halves' dim outermost)
@@ -368,14 +387,16 @@ def tma_gemm(x, w, xs=None, ws=None, bias=None, gate=None, residual=None, act="n
         w_desc = TensorDescriptor(w3, list(w3.shape), list(w3.stride()), [2, c["BLOCK_N"], c["BLOCK_K"]])
     else:
         w_desc = TensorDescriptor.from_tensor(w, [c["BLOCK_N"], c["BLOCK_K"]])
+    # (the epilogue stores half a tile's columns at a time)
+    o_desc = TensorDescriptor.from_tensor(out2, [c["BLOCK_M"], c["BLOCK_N"] // 2]) if tma_store else x_desc
     tiles = triton.cdiv(m, c["BLOCK_M"]) * triton.cdiv(n, c["BLOCK_N"])
     grid = (min(tiles, INTERPRET_PROGRAMS if INTERPRET else per_sm * _sms(x.device)) if persistent else tiles,)
     xs2 = xs.reshape(m, -1) if scaled else like
     _tma_gemm_kernel[grid](
         x_desc, w_desc, xs2, ws if scaled else like, bias if bias is not None else like,
-        g[0], r[0], out2, s2, smooth if smooth is not None else s2, m, n, k, xs2.stride(0) if scaled else 0,
+        g[0], r[0], out2, s2, smooth if smooth is not None else s2, o_desc, m, n, k, xs2.stride(0) if scaled else 0,
         *g[1:], *r[1:], out2.stride(0), out2.stride(1),
         s2.stride(0), *rope_args, ACT=act, GLU=bool(glu), SCALED=scaled, INT8=x.dtype == torch.int8, HAS_BIAS=bias is not None,
         HAS_GATE=gate is not None, HAS_RESIDUAL=residual is not None, **taq.block_meta(xs_group, codes, smooth, INTERPRET),
-        ROPE_D=rope_d, ROPE_ONE=rope_one, **c, **launch)
+        ROPE_D=rope_d, ROPE_ONE=rope_one, TMA_STORE=tma_store, **c, **launch)
     return out

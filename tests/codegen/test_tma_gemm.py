@@ -43,6 +43,24 @@ def test_codes_against_the_aqgemm_formula(fmt, act, glu):
     assert got.shape == want.shape and rel_err(got, want) <= TOL[torch.float32]
 
 
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+@pytest.mark.parametrize("act, glu", [("gelu_tanh", False), ("silu", True)])
+def test_tma_store_against_the_aqgemm_formula(fmt, act, glu):
+    # the output stored through shared memory by the TMA unit: 48 (glu: 24) float32 columns, rows and columns past the
+    # output clipped (45 rows, tiles of 16 x 8 stored), a broadcast gate and the residual too
+    n = 48
+    out_n = n // 2 if glu else n
+    ops = coded((45,), 80, n, fmt, torch.float32, bias=True, gate=(1, out_n), residual=(45, out_n))
+    got = run_coded(ops, act=act, glu=glu, dtype=torch.float32, config=dict(T.INTERPRET_CONFIG, TMA_STORE=True))
+    want = A.reference(*ops, act=act, glu=glu)
+    assert got.shape == want.shape and rel_err(got, want) <= TOL[torch.float32]
+    with pytest.raises(ValueError, match="TMA-writable output"):  # rows of 50 float32: 200 bytes apart
+        run_coded(coded((45,), 80, 50, fmt, torch.float32), act=act, dtype=torch.float32,
+                  config=dict(T.INTERPRET_CONFIG, TMA_STORE=True))
+    with pytest.raises(ValueError, match="TMA_STORE takes no codes"):
+        run_coded(ops[:4], act=act, glu=glu, codes=(fmt, 8), config=dict(T.INTERPRET_CONFIG, TMA_STORE=True))
+
+
 def test_codes_broadcast_gate_and_the_residual_written_over():
     ops = coded((2, 19), 48, 24, "fp8", torch.float16, bias=True, gate=(2, 1, 24), residual=(2, 19, 24))
     want = A.reference(*ops, act="gelu_tanh")
@@ -110,7 +128,7 @@ def test_every_config_at_model_shapes(fmt, m, k, n, glu):
         def run(**kw):
             return run_coded(ops, None, res, dtype=torch.bfloat16, **kw)
     cs = T.configs(m, torch.bfloat16 if fmt == "bf16" else A.CODE_DTYPES[fmt], glu)
-    for c in cs + [dict(cs[0], PERSISTENT=False)]:  # (and a program a tile)
+    for c in cs + [dict(cs[0], PERSISTENT=False), dict(cs[0], TMA_STORE=True)]:  # (and a program a tile, a TMA store)
         assert rel_err(run(act=act, glu=glu, config=c), want) <= TOL[torch.bfloat16], c
 
 
