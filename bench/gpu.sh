@@ -548,6 +548,12 @@ Occupancy|Warp Cycles Per Issued|Registers Per" "$OUT/ncu_24n.txt" | head -150 ;
         | grep -v "Warning\|warn" | tail -12
       timeout 240 python3 bench/fp8.py --parts llm --modes bf16,w8a8,w8a8-rope0,fp8,fp8-rope0 --out "$OUT/fp8_43.json" 2>&1 \
         | tail -16 ;;
+    s43c)  # session 43, the shortest (~220 s): the 1B prefill in bf16 / w8a8 / fp8 first (the tuner checks each candidate's
+      # output against the first's), then as many of s43b's GPU tests as fit in 60 s
+      timeout 160 python3 bench/fp8.py --parts llm --modes bf16,w8a8,fp8 --out "$OUT/fp8_43.json" 2>&1 | tail -16
+      timeout -s INT 60 python3 -m pytest -q -rf --tb=short -m gpu tests/codegen/test_rope_cols.py \
+        tests/codegen/test_tma_gemm.py -k "1b_qkv or (every_config_at_model and 16384)" 2>&1 | tee "$OUT/s43c_tests.log" \
+        | grep -v "Warning\|warn" | tail -8 ;;
     s43b)  # session 43, s43a cut to a short budget (~260 s): the GPU tests at the GLU gate/up and down shapes (and the
       # GLU's block-scale case), then the 1B prefill in bf16 / w8a8 / fp8 only
       timeout -s INT 110 python3 -m pytest -q -rf --tb=short -m gpu tests/codegen/test_rope_cols.py \
