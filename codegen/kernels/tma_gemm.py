@@ -17,7 +17,8 @@ session 16). Here:
   flight while this tile's epilogue runs;
 - GLU reads a tile's gate rows (W's rows n..) and up rows (N + n..) as one box of W viewed as [2, N, K]: one product
   of twice the tile's width a K step, its halves split after the K loop (two products, one a half, ran ~1.5x slower);
-- the epilogue runs on each half of a tile's columns in turn (no spills at 128 x 256).
+- the epilogue runs on each half of a tile's columns in turn (no spills at 128 x 256), storing it with masked stores
+  or, as a candidate of its own (TMA_STORE), through shared memory by the TMA unit.
 
 TMA wants 16-byte aligned bases and row strides and a unit inner stride (``supported``); the lowering offers this
 template only then, beside the others, and the tuner keeps what is measured fastest (``codegen/lower.py``).
@@ -317,7 +318,10 @@ def tma_gemm(x, w, xs=None, ws=None, bias=None, gate=None, residual=None, act="n
     template. Codes: x [..., K] and w [N, K] int8 / float8_e4m3fn with their float32 scales xs [...] and ws [N], the
     output in ``dtype`` (``out``'s where given), as ``aqgemm.aqgemm``. 16-bit: x and w float16 / bfloat16, xs = ws =
     None, the output in x's dtype, as ``gemm.gemm``. ``out`` may be the residual itself. ``config``: one of
-    ``configs`` (default: the first), PERSISTENT=False in it launching a program a tile instead of one an SM.
+    ``configs`` (default: the first), PERSISTENT=False in it launching a program a tile instead of one an SM,
+    PER_SM=2 two programs an SM (int8's ``PAIRED`` tiles), TMA_STORE=True the output stored by the TMA unit (not with
+    ``codes`` / ``rope``; the output TMA-writable: ``store_by_tma``), ROPE_ONE=True (with ``rope``) one product a K
+    step instead of two.
 
     Block scales (DeepSeek-V3's fine-grained activation scaling, ``ir/quant.py``'s ``quantize_rows(.., group=)``):
     ``xs_group=G``: x's codes carry a scale per row and G columns, xs [..., K / G] (G a multiple of the config's
