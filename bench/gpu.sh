@@ -548,6 +548,8 @@ Occupancy|Warp Cycles Per Issued|Registers Per" "$OUT/ncu_24n.txt" | head -150 ;
         | grep -v "Warning\|warn" | tail -12
       timeout 240 python3 bench/fp8.py --parts llm --modes bf16,w8a8,w8a8-rope0,fp8,fp8-rope0 --out "$OUT/fp8_43.json" 2>&1 \
         | tail -16 ;;
+    s43d)  # session 43, on the last minutes of a budget (~140 s): the 1B prefill in bf16 / fp8 / w8a8, nothing else
+      timeout 140 python3 bench/fp8.py --parts llm --modes bf16,fp8,w8a8 --out "$OUT/fp8_43.json" 2>&1 | tail -16 ;;
     s43c)  # session 43, the shortest (~220 s): the 1B prefill in bf16 / w8a8 / fp8 first (the tuner checks each candidate's
       # output against the first's), then as many of s43b's GPU tests as fit in 60 s
       timeout 160 python3 bench/fp8.py --parts llm --modes bf16,w8a8,fp8 --out "$OUT/fp8_43.json" 2>&1 | tail -16
