@@ -16,7 +16,8 @@ session 16). Here:
   and the tile loop and its K loop are one flattened, software-pipelined loop: the next tile's first loads are in
   flight while this tile's epilogue runs;
 - GLU reads a tile's gate rows (W's rows n..) and up rows (N + n..) as one box of W viewed as [2, N, K]: one product
-  of twice the tile's width a K step, its halves split after the K loop (two products, one a half, ran ~1.5x slower);
+  of twice the tile's width a K step, its halves split after the K loop (with two products, one a half, Triton waited
+  for each before the next, compiled for sm_90: the 1B's gate/up ran at ~860 TFLOP/s, H100 session 42);
 - the epilogue runs on each half of a tile's columns in turn (no spills at 128 x 256), storing it with masked stores
   or, as a candidate of its own (TMA_STORE), through shared memory by the TMA unit.
 
@@ -91,8 +92,8 @@ def _tma_gemm_kernel(
     # ROPE_D: a tile's BLOCK_N columns are BLOCK_N / D heads, summed as their first halves (acc) and second halves
     # (acc_u), w read as [N / D, 2, D / 2, K]: the rotation pairs the two accumulators' elements in place
     # GLU: the gate and up rows of a tile are one [2, BLOCK_N, BLOCK_K] box of w read as [2, N, K], one product
-    # [BLOCK_M, 2 BLOCK_N] a K step (two products of BLOCK_N ran the 1B's gate/up at ~860 TFLOP/s against ~1,300 for
-    # one 128 x 256 product, H100 session 42), split into the halves after the K loop
+    # [BLOCK_M, 2 BLOCK_N] a K step, split into the halves after the K loop (two products of BLOCK_N were each waited
+    # for, ``DEPBAR.LE gsb0, 0x0``: the 1B's gate/up at ~860 TFLOP/s against ~1,360 for the plain 128 x 256 tile)
     # ROPE_ONE: instead one product a K step, w's rows read as [2, N / D, D / 2, K] (the halves' dim outermost), so the
     # tile's columns come as (half, head, dim) and the halves split after the K loop as GLU's do
     ACC_N: tl.constexpr = BLOCK_N // 2 if ROPE_D and not ROPE_ONE else (2 * BLOCK_N if GLU else BLOCK_N)
