@@ -11,7 +11,8 @@ layer (bench/NOTES.md, session 41): here the GEMM's epilogue rotates its tile be
 
 Three forms:
 - the TMA template's (``tma_gemm.py``, ROPE_D): a tile sums its heads' first and second halves as two accumulators (w
-  read as [N / D, 2, D / 2, K]), so each pair meets in one thread and the tables load in the accumulators' layout;
+  read as [N / D, 2, D / 2, K]; or, ROPE_ONE, as one product over [2, N / D, D / 2, K] split after the K loop), so each
+  pair meets in one thread and the tables load in the accumulators' layout;
 - ``rope_tile``: the pointer template's epilogue, on a float32 tile [BLOCK_M, BLOCK_N] of whole heads (BLOCK_N a
   multiple of D), the two halves of each head split out of the tile in registers (reshape / permute / split), rotated,
   joined back. Compiled for sm_90 that split goes through shared memory (the TMA template's form of it cost ~10 us a

@@ -109,34 +109,32 @@ def _tma_gemm_kernel(
         for ki in range(k_tiles):
             off_k = ki * BLOCK_K
             a = x_desc.load([off_m, off_k])
-            if XS_GROUP:  # (rows past M: x zero-filled, their scales 0)
-                offs_xm = off_m + tl.arange(0, BLOCK_M)
-                sx = tl.load(xs_ptr + offs_xm.to(tl.int64) * stride_xs + off_k // XS_GROUP, mask=offs_xm < M,
-                             other=0.0)[:, None]
-                if GLU:
-                    wk = tl.reshape(w_desc.load([0, off_n, off_k]), (ACC_N, BLOCK_K))
-                else:
-                    wk = w_desc.load([off_n, off_k])
-                acc += tl.dot(a, wk.T, out_dtype=ACC).to(tl.float32) * sx
-            elif ROPE_ONE:
-                acc = tl.dot(a, tl.reshape(w_desc.load([0, off_n // ROPE_D, 0, off_k]), (BLOCK_N, BLOCK_K)).T, acc,
-                             out_dtype=ACC)
-            elif ROPE_D:
+            if ROPE_D and not ROPE_ONE:  # the heads' first halves, their second halves: two products
                 w1 = tl.reshape(w_desc.load([off_n // ROPE_D, 0, 0, off_k]), (ACC_N, BLOCK_K))
                 w2 = tl.reshape(w_desc.load([off_n // ROPE_D, 1, 0, off_k]), (ACC_N, BLOCK_K))
                 acc = tl.dot(a, w1.T, acc, out_dtype=ACC)
                 acc_u = tl.dot(a, w2.T, acc_u, out_dtype=ACC)
-            elif GLU:  # (rows past N: zero-filled in each half)
-                acc = tl.dot(a, tl.reshape(w_desc.load([0, off_n, off_k]), (ACC_N, BLOCK_K)).T, acc, out_dtype=ACC)
-            else:
-                acc = tl.dot(a, w_desc.load([off_n, off_k]).T, acc, out_dtype=ACC)
+            else:  # one product of w's ACC_N rows for the tile
+                if ROPE_ONE:
+                    wk = tl.reshape(w_desc.load([0, off_n // ROPE_D, 0, off_k]), (ACC_N, BLOCK_K))
+                elif GLU:  # (rows past N: zero-filled in each half)
+                    wk = tl.reshape(w_desc.load([0, off_n, off_k]), (ACC_N, BLOCK_K))
+                else:
+                    wk = w_desc.load([off_n, off_k])
+                if XS_GROUP:  # (rows past M: x zero-filled, their scales 0)
+                    offs_xm = off_m + tl.arange(0, BLOCK_M)
+                    sx = tl.load(xs_ptr + offs_xm.to(tl.int64) * stride_xs + off_k // XS_GROUP, mask=offs_xm < M,
+                                 other=0.0)[:, None]
+                    acc += tl.dot(a, wk.T, out_dtype=ACC).to(tl.float32) * sx
+                else:
+                    acc = tl.dot(a, wk.T, acc, out_dtype=ACC)
 
         tile_c += programs
         pid_m, pid_n = grouped_tile(tile_c, num_pid_m, num_pid_n, GROUP_M)
         if GLU:  # the gate half's columns, the up half's
-            acc, acc_u = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N)), (0, 2, 1)))
+            acc, acc_u = _halves(acc, BLOCK_M, BLOCK_N)
         if ROPE_ONE:  # the heads' first halves, their second halves
-            acc, acc_u = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+            acc, acc_u = _halves(acc, BLOCK_M, BLOCK_N // 2)
         if ROPE_D:
             _rope_epilogue(acc, acc_u, pid_m * BLOCK_M, pid_n * BLOCK_N, xs_ptr, ws_ptr, bias_ptr, out_ptr, M, N,
                            stride_om, stride_on, cos_ptr, sin_ptr, rope_seq, rope_end, stride_cb, stride_cs, stride_cd,
@@ -149,10 +147,10 @@ def _tma_gemm_kernel(
         else:
             # the epilogue on each half of the columns: half its float32 temporaries live at once (whole tiles of
             # 128 x 256 spilled 1.2 KB a thread, compiled for sm_90)
-            a0, a1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+            a0, a1 = _halves(acc, BLOCK_M, BLOCK_N // 2)
             u0, u1 = a0, a1
             if GLU:
-                u0, u1 = tl.split(tl.permute(tl.reshape(acc_u, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+                u0, u1 = _halves(acc_u, BLOCK_M, BLOCK_N // 2)
             _epilogue(a0, u0, pid_m * BLOCK_M, pid_n * BLOCK_N, xs_ptr, ws_ptr, bias_ptr, gate_ptr, res_ptr, out_ptr,
                       os_ptr, c_ptr, o_desc, M, N, gate_rows, stride_gb, stride_gm, stride_gn, res_rows, stride_rb, stride_rm,
                       stride_rn, stride_om, stride_on, stride_os, ACT, GLU, SCALED, HAS_BIAS, HAS_GATE, HAS_RESIDUAL,
@@ -161,6 +159,12 @@ def _tma_gemm_kernel(
                       res_ptr, out_ptr, os_ptr, c_ptr, o_desc, M, N, gate_rows, stride_gb, stride_gm, stride_gn, res_rows, stride_rb,
                       stride_rm, stride_rn, stride_om, stride_on, stride_os, ACT, GLU, SCALED, HAS_BIAS, HAS_GATE,
                       HAS_RESIDUAL, XS_GROUP, CODES, QMAX, FP8_OUT, EMULATE_FP8, HAS_SMOOTH, TMA_STORE, BLOCK_M, BLOCK_N // 2)
+
+
+@triton.jit
+def _halves(t, BLOCK_M: tl.constexpr, W: tl.constexpr):
+    # t [BLOCK_M, 2 W] -> its columns [0, W) and [W, 2 W) (in registers: each thread holds column c and c + W)
+    return tl.split(tl.permute(tl.reshape(t, (BLOCK_M, 2, W)), (0, 2, 1)))
 
 
 @triton.jit
