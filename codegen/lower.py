@@ -79,8 +79,8 @@ TRITON_TMA_CONFIGS = 2
 SKINNY_CANDIDATES = 15
 # the AQGEMM candidates' generation (in an AQGEMM's what): 2 since the template's tile filling the last wave best is
 # tried too (aqgemm.wave_fit), 3 since the persistent TMA template is (tma_gemm.py), 4 since its GLU tiles are one
-# product of both halves a K step (session 43: a decision against its two products is not one against this) and int8
-# also tries a tile of two programs an SM (tma_gemm.PAIRED), and the first tile storing its output by TMA
+# product of both halves a K step (session 43: a decision against its two products is not one against this), 1-byte
+# codes also try a tile of two programs an SM (tma_gemm.PAIRED), and the first tile storing its output by TMA
 AQGEMM_CANDIDATES = 4
 # the rope candidates' generation (in a rotating AQGEMM's what): 2 since the TMA template sums the heads' halves in two
 # accumulators (session 42: its split form's decisions are not this one's), 3 since it also tries one product a K step
@@ -346,7 +346,7 @@ def aqgemm(args: list, attrs: dict, out: torch.Tensor, tmp: torch.Tensor | None,
             candidates[name] = lambda c=c, own=own: taq.aqgemm(*quantized(), wq, ws, bias, gate, residual, act, glu, out=out,
                                                                config=c, **own)
         tma = _tma_configs(codes[0] if codes is not None else None, wq, m, glu, nw, device, group, rope=rope)
-        tma = tma[:TRITON_TMA_CONFIGS] + [c for c in tma[TRITON_TMA_CONFIGS:] if c.get("PER_SM")]  # (int8's paired tile too)
+        tma = tma[:TRITON_TMA_CONFIGS] + [c for c in tma[TRITON_TMA_CONFIGS:] if c.get("PER_SM")]  # (the paired tile too)
         if rope and device.type == "cuda":  # both forms of the rotating tile: two products a K step, or one
             tma = [dict(c, ROPE_ONE=one) for c in tma for one in (False, True)]
         elif tma and device.type == "cuda" and tt.store_by_tma(out):  # (its first tile storing by TMA too)

@@ -258,22 +258,25 @@ CONFIGS = {
 }
 
 
-# int8: Triton keeps a product into int32 accumulators synchronous (its Hopper pipeliner makes only float32 ones
-# properly async: each K step's wgmma is waited for before the next is issued; compiled for sm_90, ``DEPBAR.LE gsb0,
-# 0x0`` in every int8 K loop against ``0x1`` for e4m3), so int8 also tries tiles small enough for two programs an SM
-# (PER_SM: registers and shared memory for two), whose products interleave where one program's would stall
+# 1-byte codes also try tiles small enough for two programs an SM (PER_SM: registers and shared memory for two), whose
+# products interleave where one program's would stall. int8 for its products: Triton keeps a product into int32
+# accumulators synchronous (its Hopper pipeliner makes only float32 ones properly async: each K step's wgmma is waited
+# for before the next is issued; compiled for sm_90, ``DEPBAR.LE gsb0, 0x0`` in every int8 K loop against ``0x1`` for
+# e4m3). e4m3 for its epilogues: one program's epilogue runs while the other's products do (at DiT-XL/2's K = 1152 a
+# tile has 9 K steps, and the flattened loop's next loads do not hide its stores). Compiled for sm_90 (triton 3.6), no
+# spills: e4m3 215 registers (251 with GELU, GLU 222), int8 226 (255, 247); 106.5 KB shared (GLU 90 KB)
 PAIRED = {False: _config(128, 128, 128, 4, 3), True: _config(64, 128, 128, 4, 2)}
 
 
 def configs(m: int, dtype: torch.dtype, glu: bool = False) -> list[dict]:
     """The launch configurations for ``m`` rows of ``dtype`` operands (none at or below SMALL_M rows), each with at
-    most 128 float32 accumulator registers a thread (glu keeps two accumulators); for int8 last the one of two
+    most 128 float32 accumulator registers a thread (glu keeps two accumulators); for 1-byte codes last the one of two
     programs an SM (``PAIRED``)."""
     if m <= SMALL_M:
         return []
     cs = [dict(c) for c in CONFIGS[dtype.itemsize]
           if c["BLOCK_M"] * c["BLOCK_N"] * (2 if glu else 1) <= 128 * 32 * c["num_warps"]]
-    return cs + ([dict(PAIRED[bool(glu)], PER_SM=2)] if dtype == torch.int8 else [])
+    return cs + ([dict(PAIRED[bool(glu)], PER_SM=2)] if dtype.itemsize == 1 else [])
 
 
 def supported(x: torch.Tensor | None, w: torch.Tensor) -> bool:
@@ -324,7 +327,7 @@ def tma_gemm(x, w, xs=None, ws=None, bias=None, gate=None, residual=None, act="n
     output in ``dtype`` (``out``'s where given), as ``aqgemm.aqgemm``. 16-bit: x and w float16 / bfloat16, xs = ws =
     None, the output in x's dtype, as ``gemm.gemm``. ``out`` may be the residual itself. ``config``: one of
     ``configs`` (default: the first), PERSISTENT=False in it launching a program a tile instead of one an SM,
-    PER_SM=2 two programs an SM (int8's ``PAIRED`` tiles), TMA_STORE=True the output stored by the TMA unit (not with
+    PER_SM=2 two programs an SM (the 1-byte codes' ``PAIRED`` tiles), TMA_STORE=True the output stored by the TMA unit (not with
     ``codes`` / ``rope``; the output TMA-writable: ``store_by_tma``), ROPE_ONE=True (with ``rope``) one product a K
     step instead of two.
 
@@ -378,7 +381,7 @@ def tma_gemm(x, w, xs=None, ws=None, bias=None, gate=None, residual=None, act="n
     launch = {key: c.pop(key) for key in ("num_warps", "num_stages") if key in c}
     persistent = c.pop("PERSISTENT", True)  # False: a program a tile (the same kernel, each program's loop one step)
     rope_one = bool(c.pop("ROPE_ONE", False)) and bool(rope_d)
-    per_sm = c.pop("PER_SM", 1)  # programs an SM (two: the int8 tiles whose products interleave, ``PAIRED``)
+    per_sm = c.pop("PER_SM", 1)  # programs an SM (two: the 1-byte codes' ``PAIRED`` tiles)
     tma_store = bool(c.pop("TMA_STORE", False))  # the output stored by the TMA unit (``store_by_tma``)
     if tma_store and (codes or rope_d or not store_by_tma(out2)):
         raise ValueError(f"tma_gemm: TMA_STORE takes no codes or rope and a TMA-writable output (unit column stride, "

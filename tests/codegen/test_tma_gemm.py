@@ -106,6 +106,9 @@ def test_configs_fit_the_rows_and_glu():
     for glu in (False, True):  # at most 128 float32 accumulator registers a thread
         assert all(c["BLOCK_M"] * c["BLOCK_N"] * (1 + glu) <= 128 * 32 * c["num_warps"] for c in T.configs(2048, torch.int8, glu=glu))
     assert len(T.configs(2048, torch.int8, glu=True)) < len(T.configs(2048, torch.int8))
+    for dt in (torch.int8, torch.float8_e4m3fn):  # 1-byte codes last try the tile of two programs an SM
+        assert [c.get("PER_SM", 1) for c in T.configs(2048, dt)][-1] == 2
+    assert all("PER_SM" not in c for c in T.configs(2048, torch.bfloat16))
 
 
 @pytest.mark.gpu
