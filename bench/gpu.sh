@@ -550,6 +550,13 @@ Occupancy|Warp Cycles Per Issued|Registers Per" "$OUT/ncu_24n.txt" | head -150 ;
         | tail -16 ;;
     s43d)  # session 43, on the last minutes of a budget (~140 s): the 1B prefill in bf16 / fp8 / w8a8, nothing else
       timeout 140 python3 bench/fp8.py --parts llm --modes bf16,fp8,w8a8 --out "$OUT/fp8_43.json" 2>&1 | tail -16 ;;
+    s44a)  # session 44 (~290 s): s43c with the DiT in bf16 / fp8 (e4m3's paired tiles at K = 1152) between the prefill and
+      # the GPU tests
+      timeout 160 python3 bench/fp8.py --parts llm --modes bf16,w8a8,fp8 --out "$OUT/fp8_44.json" 2>&1 | tail -16
+      timeout 70 python3 bench/fp8.py --parts dit --modes bf16,fp8 --out "$OUT/fp8_44_dit.json" 2>&1 | tail -10
+      timeout -s INT 60 python3 -m pytest -q -rf --tb=short -m gpu tests/codegen/test_rope_cols.py \
+        tests/codegen/test_tma_gemm.py -k "1b_qkv or (every_config_at_model and 16384)" 2>&1 | tee "$OUT/s44a_tests.log" \
+        | grep -v "Warning\|warn" | tail -8 ;;
     s43c)  # session 43, the shortest (~220 s): the 1B prefill in bf16 / w8a8 / fp8 first (the tuner checks each candidate's
       # output against the first's), then as many of s43b's GPU tests as fit in 60 s
       timeout 160 python3 bench/fp8.py --parts llm --modes bf16,w8a8,fp8 --out "$OUT/fp8_43.json" 2>&1 | tail -16
