@@ -264,8 +264,10 @@ CONFIGS = {
 # for before the next is issued; compiled for sm_90, ``DEPBAR.LE gsb0, 0x0`` in every int8 K loop against ``0x1`` for
 # e4m3). e4m3 for its epilogues: one program's epilogue runs while the other's products do (at DiT-XL/2's K = 1152 a
 # tile has 9 K steps, and the flattened loop's next loads do not hide its stores). Compiled for sm_90 (triton 3.6), no
-# spills: e4m3 215 registers (251 with GELU, GLU 222), int8 226 (255, 247); 106.5 KB shared (GLU 90 KB)
-PAIRED = {False: _config(128, 128, 128, 4, 3), True: _config(64, 128, 128, 4, 2)}
+# spills: e4m3 215 registers (251 with GELU), int8 226 (255); 106.5 KB shared. The GLU's 128 x 64 tile makes the same
+# 128 x 128 product a K step (215 / 217 registers, 100 KB); its 64 x 128 / 2-stage form ran the 1B's int8 gate/up in
+# 220 us against 163 for the 128 x 128 single tile (H100, session 44)
+PAIRED = {False: _config(128, 128, 128, 4, 3), True: _config(128, 64, 128, 4, 3)}
 
 
 def configs(m: int, dtype: torch.dtype, glu: bool = False) -> list[dict]:
