@@ -39,8 +39,10 @@ TRITON_ATTENTION_CONFIGS = 3
 # the attention candidates' generation (a decision measured between older ones is measured again): 2 since q k^T over a head dim
 # like 72 runs as 64 + 16 lanes (attention.split_widths), 3 configurations are tried and 64-row query tiles come first
 # where 128-row ones leave SMs idle; 3 since the TMA-fed kernel is offered (TMA_ATTENTION_CONFIGS); 4 since it takes a
-# padding mask and launches a causal attention's heaviest query tiles first (attention_tma.HEAVY_FIRST)
-ATTENTION_CANDIDATES = 4
+# padding mask and launches a causal attention's heaviest query tiles first (attention_tma.HEAVY_FIRST); 5 since its
+# window lanes start at the main box's end (its products no longer serialized by ptxas at head dim 72) and it also
+# tries each key tile's q k^T issued before the previous tile's softmax where that overlaps them (attention_tma.AHEAD)
+ATTENTION_CANDIDATES = 5
 # the TMA-fed kernel's configurations offered (attention_tma.configs' first; 0: not offered), where it takes the operands
 # (``attention_tma.supported``: a 16-bit cache-less q / k / v, causal and / or a mask the same for every query row) and
 # the queries are not decode's. Its GPU tests passed on an H100 (sessions 37-38, every config at the DiT / PixArt /
@@ -278,8 +280,10 @@ def _attention_candidates(q, k, v, mask, ks, vs, attrs: dict, out: torch.Tensor,
     if (TMA_ATTENTION_CONFIGS and q.dim() == 4 and q.shape[-2] > ta.SHORT_Q and out.dim() == 4
             and (q.shape[1] == k.shape[1] or enable_gqa) and tta.supported(q, k, v, mask, ks, vs, softcap) is None):
         cfgs = tta.configs() if device.type == "cuda" else [tta.INTERPRET_CONFIG]
+        ahead = device.type == "cuda" and tta.ahead_pays(q, v, mask)
         for c in cfgs[:TMA_ATTENTION_CONFIGS]:
-            candidates[config_name("kiln-tma", c)] = tta.launcher(q, k, v, causal, scale, out, c, mask)
+            for own in [c] + ([dict(c, AHEAD=True)] if ahead else []):
+                candidates[config_name("kiln-tma", own)] = tta.launcher(q, k, v, causal, scale, out, own, mask)
     if decode:
         run = partial(td.decode_attention, q, k, v, mask, scale, enable_gqa, out=out, k_scale=ks, v_scale=vs, softcap=softcap)
         candidates.update(_split_kv_candidates("kiln-decode", run, k.shape[2], counters, device))

@@ -14,9 +14,16 @@ PixArt 1024 483 (821 / 476); session 38: PixArt 512 cross-attention with a paddi
 22.2), the Llama-1B prefill's causal GQA at head dim 64 49.1 (SDPA + copy 68.1).
 
 Head dims. A power of two (16..256) is one box. One between powers of two (``attention.split_widths``: 72 = 64 + 16)
-is a main box of its power-of-two lanes and a window box of the tail's width ending at the head dim (72: lanes
-56..71), so no box reaches past the head and none needs a mask: q's window lanes below the main box's end are zeroed
-(they count once, in the main product) and of the p v window only the lanes past the main box are stored.
+is a main box of its power-of-two lanes and a window box of the tail's width from the main box's end (72: lanes
+64..79), whose lanes past the head dim TMA zero-fills (the descriptor's last dim is the head dim: a fused projection's
+next lanes are not read); of the p v window only the lanes inside the head dim are stored. (Until session 44 the window
+ended at the head dim, 56..71, and q's lanes below 64 were zeroed in registers: that select made ptxas serialize every
+wgmma of the kernel, "C7515 ... non wgmma instructions defining accumulator registers", each product waited for.)
+
+The key loop. Each key tile's q k^T is issued, waited for, then its softmax and p v; with AHEAD the next tile's q k^T
+is issued before this tile's softmax (the first one before the loop), so its products run beside the exps (compiled
+for sm_90 at head dim 64: 23-57 of a tile's 34-66 MUFU.EX2 between the next product's issue and its wait; 106 -> 155
+registers at 128 x 64 / 8 warps, 154 -> 239 at 64 x 128 / 4, no spills). Offered where it overlaps (``ahead_pays``).
 
 Offered for what TMA and this kernel take (``supported``): float16 / bfloat16, causal (SDPA's upper-left ``is_causal``)
 and / or a bool or additive mask the same for every query row (a [B, 1, 1, Sk] padding mask, PixArt's cross-attention;
@@ -57,13 +64,57 @@ CONFIGS = [(128, 64, 8, 3), (64, 128, 4, 2), (64, 64, 4, 3), (64, 32, 4, 3), (12
 
 
 @triton.jit
+def _scores(q, q2, k_desc, kw_desc, b, hk, n0, HEAD_DIM: tl.constexpr, MAIN: tl.constexpr, WIN: tl.constexpr,
+            BLOCK_N: tl.constexpr):
+    """q k^T of the key tile at n0 (unscaled), the window lanes' product summed in."""
+    k = k_desc.load([b, hk, n0, 0]).reshape(BLOCK_N, MAIN)
+    s = tl.dot(q, k.T)
+    if WIN > 0:
+        k2 = kw_desc.load([b, hk, n0, MAIN]).reshape(BLOCK_N, WIN)
+        s = tl.dot(q2, k2.T, s)
+    return s
+
+
+@triton.jit
+def _consume(s, n0, m0, offs_m, m_i, l_i, acc, acc2, v_desc, vw_desc, b, hk, Sq, Sk, qk_scale, mask_row, stride_mn,
+             CAUSAL: tl.constexpr, MASK: tl.constexpr, HEAD_DIM_V: tl.constexpr, MAIN_V: tl.constexpr,
+             WIN_V: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The key tile at n0 given its scores ``s``: masked, the online softmax's weights, p v into the accumulators."""
+    s = s * qk_scale
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    if MASK != "none":  # the mask's row for this head, a key tile at a time
+        keep = offs_n[None, :] < Sk
+        if CAUSAL:
+            keep = keep & (offs_n[None, :] <= offs_m[:, None])
+        s = masked_scores(s, keep, mask_row, offs_m, offs_n, Sq, Sk, 0, stride_mn, MASK, False)
+    elif CAUSAL:
+        if n0 + BLOCK_N > tl.minimum(m0, Sk):  # a tile on the diagonal or past the keys: the triangle and the length
+            s = tl.where((offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] < Sk), s, float("-inf"))
+    elif n0 + BLOCK_N > Sk:  # the last tile of a length not a multiple of BLOCK_N: its zero-filled keys
+        s = tl.where(offs_n[None, :] < Sk, s, float("-inf"))
+    m_i, alpha, p, l_i = online_weights(s, m_i, l_i)
+    v = v_desc.load([b, hk, n0, 0]).reshape(BLOCK_N, MAIN_V)
+    pb = p.to(v.dtype)
+    acc = acc * alpha[:, None]
+    if WIN_V > 0:  # (both accumulators rescaled before either product: ptxas serializes every wgmma of the kernel
+        # where a non-wgmma instruction writes an accumulator between a product's issue and its wait, C7515)
+        acc2 = acc2 * alpha[:, None]
+        v2 = vw_desc.load([b, hk, n0, MAIN_V]).reshape(BLOCK_N, WIN_V)
+        acc = tl.dot(pb, v, acc)
+        acc2 = tl.dot(pb, v2, acc2)
+    else:
+        acc = tl.dot(pb, v, acc)
+    return m_i, l_i, acc, acc2
+
+
+@triton.jit
 def _tma_attention_kernel(
     q_desc, k_desc, v_desc, qw_desc, kw_desc, vw_desc, out_ptr,  # (qw / kw / vw: the window boxes; unused without one)
     stride_ob, stride_oh, stride_om, stride_od, H, GROUP, Sq, Sk, qk_scale,  # qk_scale = scale * log2(e)
     mask_ptr, stride_mb, stride_mh, stride_mn,  # the mask expanded to [B, H, 1, Sk]: one row a head (MASK "none": unused)
     CAUSAL: tl.constexpr, MASK: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     MAIN: tl.constexpr, WIN: tl.constexpr, MAIN_V: tl.constexpr, WIN_V: tl.constexpr,  # WIN / WIN_V 0: no window
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAVY_FIRST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAVY_FIRST: tl.constexpr, AHEAD: tl.constexpr,
 ):
     if HEAVY_FIRST:  # causal: the query tiles with the most keys launch first, every head's, then the lighter ones
         pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
@@ -77,49 +128,41 @@ def _tma_attention_kernel(
     m0 = pid_m * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
     q = q_desc.load([b, h, m0, 0]).reshape(BLOCK_M, MAIN)
-    lanes = HEAD_DIM - WIN + tl.arange(0, WIN if WIN > 0 else 16)
-    if WIN > 0:  # the window's lanes below MAIN count once, in q's main box
-        q2 = qw_desc.load([b, h, m0, HEAD_DIM - WIN]).reshape(BLOCK_M, WIN)
-        q2 = tl.where(lanes[None, :] >= MAIN, q2, tl.zeros_like(q2))
+    q2 = q
+    if WIN > 0:  # the lanes past MAIN (those past the head dim zero-filled by TMA)
+        q2 = qw_desc.load([b, h, m0, MAIN]).reshape(BLOCK_M, WIN)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, MAIN_V], dtype=tl.float32)
     acc2 = tl.zeros([BLOCK_M, WIN_V if WIN_V > 0 else 16], dtype=tl.float32)
     hi = tl.minimum(Sk, m0 + BLOCK_M) if CAUSAL else Sk  # (causal: keys past the tile's last row are never read)
-    for n0 in range(0, hi, BLOCK_N):
-        k = k_desc.load([b, hk, n0, 0]).reshape(BLOCK_N, MAIN)
-        s = tl.dot(q, k.T)
-        if WIN > 0:
-            k2 = kw_desc.load([b, hk, n0, HEAD_DIM - WIN]).reshape(BLOCK_N, WIN)
-            s = tl.dot(q2, k2.T, s)
-        s = s * qk_scale
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        if MASK != "none":  # the mask's row for this head, a key tile at a time
-            keep = offs_n[None, :] < Sk
-            if CAUSAL:
-                keep = keep & (offs_n[None, :] <= offs_m[:, None])
-            s = masked_scores(s, keep, mask_ptr + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh, offs_m, offs_n,
-                              Sq, Sk, 0, stride_mn, MASK, False)
-        elif CAUSAL:
-            if n0 + BLOCK_N > tl.minimum(m0, Sk):  # a tile on the diagonal or past the keys: the triangle and the length
-                s = tl.where((offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] < Sk), s, float("-inf"))
-        elif n0 + BLOCK_N > Sk:  # the last tile of a length not a multiple of BLOCK_N: its zero-filled keys
-            s = tl.where(offs_n[None, :] < Sk, s, float("-inf"))
-        m_i, alpha, p, l_i = online_weights(s, m_i, l_i)
-        v = v_desc.load([b, hk, n0, 0]).reshape(BLOCK_N, MAIN_V)
-        pb = p.to(v.dtype)
-        acc = tl.dot(pb, v, acc * alpha[:, None])
-        if WIN_V > 0:
-            v2 = vw_desc.load([b, hk, n0, HEAD_DIM_V - WIN_V]).reshape(BLOCK_N, WIN_V)
-            acc2 = tl.dot(pb, v2, acc2 * alpha[:, None])
+    mask_row = mask_ptr + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
+    if AHEAD:  # the next key tile's q k^T issued before this tile's softmax, so its products run beside the exps
+        tiles = tl.cdiv(hi, BLOCK_N)
+        if tiles > 0:
+            s = _scores(q, q2, k_desc, kw_desc, b, hk, 0, HEAD_DIM, MAIN, WIN, BLOCK_N)
+            for t in range(0, tiles - 1):
+                s_next = _scores(q, q2, k_desc, kw_desc, b, hk, (t + 1) * BLOCK_N, HEAD_DIM, MAIN, WIN, BLOCK_N)
+                m_i, l_i, acc, acc2 = _consume(s, t * BLOCK_N, m0, offs_m, m_i, l_i, acc, acc2, v_desc, vw_desc, b, hk,
+                                               Sq, Sk, qk_scale, mask_row, stride_mn, CAUSAL, MASK, HEAD_DIM_V, MAIN_V,
+                                               WIN_V, BLOCK_N)
+                s = s_next
+            m_i, l_i, acc, acc2 = _consume(s, (tiles - 1) * BLOCK_N, m0, offs_m, m_i, l_i, acc, acc2, v_desc, vw_desc, b,
+                                           hk, Sq, Sk, qk_scale, mask_row, stride_mn, CAUSAL, MASK, HEAD_DIM_V, MAIN_V,
+                                           WIN_V, BLOCK_N)
+    else:
+        for n0 in range(0, hi, BLOCK_N):
+            s = _scores(q, q2, k_desc, kw_desc, b, hk, n0, HEAD_DIM, MAIN, WIN, BLOCK_N)
+            m_i, l_i, acc, acc2 = _consume(s, n0, m0, offs_m, m_i, l_i, acc, acc2, v_desc, vw_desc, b, hk, Sq, Sk,
+                                           qk_scale, mask_row, stride_mn, CAUSAL, MASK, HEAD_DIM_V, MAIN_V, WIN_V, BLOCK_N)
     l_i = tl.where(l_i == 0.0, 1.0, l_i)  # no key at all (Sk = 0): zeros, as attention.py gives
     base = out_ptr + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + offs_m[:, None] * stride_om
     rows = offs_m[:, None] < Sq
     tl.store(base + tl.arange(0, MAIN_V)[None, :] * stride_od, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=rows)
     if WIN_V > 0:
-        lanes_v = HEAD_DIM_V - WIN_V + tl.arange(0, WIN_V)
+        lanes_v = MAIN_V + tl.arange(0, WIN_V)
         tl.store(base + lanes_v[None, :] * stride_od, (acc2 / l_i[:, None]).to(out_ptr.dtype.element_ty),
-                 mask=rows & (lanes_v[None, :] >= MAIN_V))
+                 mask=rows & (lanes_v[None, :] < HEAD_DIM_V))
 
 
 def _boxes(d: int) -> tuple[int, int] | None:
@@ -129,6 +172,13 @@ def _boxes(d: int) -> tuple[int, int] | None:
     if d & (d - 1) == 0:
         return d, 0
     return split_widths(d)
+
+
+def ahead_pays(q, v, mask=None) -> bool:
+    """Whether the kernel's AHEAD form is worth timing for these operands: head dims of one box each and no mask, where
+    its next q k^T runs beside the softmax (compiled for sm_90, triton 3.6: at head dim 72, or with a mask's row loads,
+    that product is waited for before the exps, and the form only costs registers)."""
+    return mask is None and _boxes(q.shape[-1]) == (q.shape[-1], 0) and _boxes(v.shape[-1]) == (v.shape[-1], 0)
 
 
 def supported(q, k, v, mask=None, k_scale=None, v_scale=None, softcap=None) -> str | None:
@@ -200,7 +250,8 @@ def launcher(q, k, v, causal: bool, scale: float | None, out: torch.Tensor, conf
     return functools.partial(
         _tma_attention_kernel[grid], *boxes, out, *out.stride(), hq, hq // hk, sq, sk,
         qk_scale, *mask_args, CAUSAL=bool(causal), MASK=kind, HEAD_DIM=d, HEAD_DIM_V=dv, MAIN=main, WIN=win, MAIN_V=main_v,
-        WIN_V=win_v, BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], HEAVY_FIRST=heavy_first, num_warps=c["num_warps"],
+        WIN_V=win_v, BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], HEAVY_FIRST=heavy_first, AHEAD=bool(c.get("AHEAD")),
+        num_warps=c["num_warps"],
         num_stages=c["num_stages"])
 
 

@@ -40,16 +40,23 @@ def check(q, k, v, tol=None, **kw):
     return got
 
 
+@pytest.fixture(params=[False, True], ids=["in-turn", "ahead"])
+def ahead(request, monkeypatch):
+    """The interpreter's tile with each key tile's q k^T issued after the previous tile's softmax, or before it (AHEAD)."""
+    monkeypatch.setattr(T, "INTERPRET_CONFIG", dict(T.INTERPRET_CONFIG, AHEAD=request.param))
+
+
 # interpreter tiles 16 x 16: 21 query rows are a partial tile, 29 / 40 keys partial key tiles
 @pytest.mark.parametrize("d,dv", [(16, 16), (64, 64), (72, 72), (40, 40), (96, 96), (72, 32), (32, 72)])
-def test_head_dims(d, dv):
-    # a power of two one box; between powers of two a main box and a window of the last lanes (72: 64 + 56..71)
+def test_head_dims(d, dv, ahead):
+    # a power of two one box; between powers of two a main box and a window box from its end (72: 64 + 64..79, the
+    # lanes past 71 zero-filled by TMA, though the fused buffer holds k's / v's lanes there)
     check(*fused(2, 29, 2, 2, d, dv))
 
 
 @pytest.mark.parametrize("heavy_first", [True, False])
 @pytest.mark.parametrize("sq,sk", [(21, 21), (13, 40), (40, 13)])
-def test_causal_gqa(sq, sk, heavy_first, monkeypatch):
+def test_causal_gqa(sq, sk, heavy_first, monkeypatch, ahead):
     # SDPA's upper-left is_causal: query i attends keys j <= i; 4 query heads over 2 kv heads; the query tiles launched
     # last first (HEAVY_FIRST) or in order
     monkeypatch.setattr(T, "HEAVY_FIRST", heavy_first)
@@ -65,16 +72,18 @@ def test_scale_and_out_given():
     assert got.data_ptr() == out.data_ptr() and not got.isnan().any()
 
 
-def test_window_lanes_stored_once():
-    # the p v window's lanes 56..63 are also in the main box: stored from it only (a NaN left in out would show)
+def test_window_lanes_stored_once(ahead):
+    # the p v window's lanes 64..79: those past the head dim (72..79) are not stored; out a view of wider rows, whose
+    # lanes past 72 must keep their NaN (and a NaN left in out would show a lane not stored)
     q, k, v = fused(1, 33, 1, 1, 72)
-    out = torch.full((1, 1, 33, 72), float("nan"), dtype=torch.float16)
-    assert not check(q, k, v, out=out).isnan().any()
+    wide = torch.full((1, 1, 33, 80), float("nan"), dtype=torch.float16)
+    assert not check(q, k, v, out=wide[..., :72]).isnan().any()
+    assert wide[..., 72:].isnan().all()
 
 
 @pytest.mark.parametrize("shape", [(2, 1, 1, 29), (2, 2, 1, 29), (1, 29)], ids=["padding", "per-head", "broadcast"])
 @pytest.mark.parametrize("kind", ["bool", "bias"])
-def test_masks(shape, kind):
+def test_masks(shape, kind, ahead):
     # a bool mask (True attends) or a bias added to the scores (-inf masks; finite values shift), the same for every
     # query row: its row read a key tile at a time with the mask's strides (0 on broadcast dims); 29 keys: a partial
     # key tile past which nothing is read
@@ -87,7 +96,7 @@ def test_masks(shape, kind):
 
 
 @pytest.mark.parametrize("kind", ["bool", "bias"])
-def test_padding_mask_with_causal_and_gqa(kind):
+def test_padding_mask_with_causal_and_gqa(kind, ahead):
     # both apply: a batch's padded keys and the triangle; 4 query heads over 2 kv heads
     q = r(2, 4, 21, 64)
     _, k, v = fused(2, 21, 2, 2, 64)
@@ -97,7 +106,7 @@ def test_padding_mask_with_causal_and_gqa(kind):
     check(q, k, v, mask=mask, causal=True)
 
 
-def test_fully_masked_rows_give_zeros():
+def test_fully_masked_rows_give_zeros(ahead):
     # a head whose every key is masked (bool False or a -inf bias) gives zeros, as attention.py's kernel does, not NaN
     q, k, v = fused(2, 29, 1, 1, 72)
     keep = torch.rand(2, 1, 1, 29, generator=gen) < 0.7
@@ -138,7 +147,7 @@ def cuda(*args, **kw):
                                    (1, 333, 8, 8, 128)], ids=["dit-cfg", "dit-b8", "pixart512", "pixart1024", "d128-ragged"])
 def test_gpu_every_config(shape):
     q, k, v = cuda(*shape)
-    for c in T.configs():
+    for c in every_form():
         check(q, k, v, config=c)
 
 
@@ -152,15 +161,29 @@ def test_gpu_pixart_cross_attention_padding_mask(kind):
     keep[0, ..., :24] = True
     keep[1] = True
     mask = keep if kind == "bool" else torch.zeros(keep.shape, dtype=q.dtype, device="cuda").masked_fill(~keep, float("-inf"))
-    for c in T.configs():
+    for c in every_form():
         check(q, k, v, mask=mask, config=c)
 
 
 @pytest.mark.gpu
 def test_gpu_llama_prefill_causal_gqa():
     q, k, v = cuda(1, 2048, 32, 8, 64)
-    for c in T.configs():
+    for c in every_form():
         check(q, k, v, causal=True, config=c)
+
+
+def every_form():
+    """Every config, each also in the AHEAD form (the GPU tests)."""
+    return [dict(c, AHEAD=a) for c in T.configs() for a in (False, True)]
+
+
+def test_ahead_offered_where_it_overlaps():
+    # AHEAD's next q k^T overlaps the softmax at head dims of one box without a mask (sm_90 SASS): offered there only
+    q, k, v = fused(1, 9, 1, 1, 64)
+    assert T.ahead_pays(q, v)
+    assert not T.ahead_pays(q, v, torch.ones(1, 1, 1, 9, dtype=torch.bool))
+    q72, _, v72 = fused(1, 9, 1, 1, 72)
+    assert not T.ahead_pays(q72, v72) and not T.ahead_pays(q, v72)
 
 
 def lowered(q, k, v, mask=None, causal=False, configs=3):
