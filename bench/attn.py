@@ -5,8 +5,9 @@ the head dim as 64 + 16 lanes (SPLIT) and padded to 128, and p v split too (SPLI
 16); kiln's TMA-fed kernel (attention_tma.py) per configuration; SDPA on q, k, v zero-padded to head dim 80 / 96 / 128;
 PixArt's cross-attention also with a padding mask) captured 20 times in one CUDA graph, do_bench median of a replay /
 20, and its error against float32. bf16 (the JSON names the GPU). Usage: python3 bench/attn.py [--smoke] [--quick]
-(--smoke: float16 under the Triton interpreter, tiny shapes, no graphs; --quick: SDPA's default kernel only). Writes
-$OUT/attn.json."""
+[--tma] [--only WORDS] (--smoke: float16 under the Triton interpreter, tiny shapes, no graphs; --quick: SDPA's default
+kernel only; --tma: SDPA's default and the TMA-fed kernel, with its AHEAD form where offered; --only "1024,llama": the
+shapes whose names hold one of the words). Writes $OUT/attn.json."""
 import argparse
 import json
 import os
@@ -14,6 +15,8 @@ import os
 a = argparse.ArgumentParser()
 a.add_argument("--smoke", action="store_true")
 a.add_argument("--quick", action="store_true", help="SDPA's default kernel only (not its other kernels, nor padded)")
+a.add_argument("--only", default="", help="comma-separated words: the shapes whose names hold one of them")
+a.add_argument("--tma", action="store_true", help="SDPA's default kernel and the TMA-fed kernel only (not the template)")
 a = a.parse_args()
 if a.smoke:
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -43,6 +46,8 @@ SHAPES = {"dit-xl-2 256, 1 image (CFG 2)": (2, 16, 256, 256, 256, 16, 72, False)
 if a.smoke:
     SHAPES = {"tiny": (1, 2, 20, 20, 20, 2, 72, False), "tiny, mask": (1, 2, 20, 20, 13, 2, 72, False),
               "tiny, causal gqa": (1, 4, 20, 20, 20, 2, 64, True)}
+if a.only:
+    SHAPES = {name: shape for name, shape in SHAPES.items() if any(w in name for w in a.only.split(","))}
 
 
 def graphed(fn):
@@ -85,7 +90,7 @@ for name, (b, h, sq, sk, attended, hk, d, causal) in SHAPES.items():
     sms = torch.cuda.get_device_properties(0).multi_processor_count if not a.smoke else 132
     cfgs = ta.configs(sq, b * h, sms) if not a.smoke else [ta.INTERPRET_CONFIG]
     forms = ((True, False, "64+16"), (False, False, "pad 128"), (True, True, "64+16, pv 64+16")) if d == 72 else ((True, True, ""),)
-    for c in cfgs:
+    for c in [] if a.tma else cfgs:
         for split, split_v, form in forms:
             tag = f"kiln {c.get('BLOCK_M')}x{c.get('BLOCK_N')} w{c.get('num_warps', '-')} s{c.get('num_stages', '-')} {form}".strip()
             cands[tag] = (lambda c=c, split=split, split_v=split_v: ta.attention(
@@ -113,9 +118,9 @@ for name, (b, h, sq, sk, attended, hk, d, causal) in SHAPES.items():
             continue
         rows.append({"shape": name, "candidate": tag, "us": round(us, 2), "err": float(f"{err:.3g}")})
     best = sorted((r for r in rows if r["shape"] == name and "us" in r), key=lambda r: r["us"])
-    print(name, "first:", cfgs[0])
+    print(name, "first:", cfgs[0], flush=True)
     for r in best[:6]:
-        print(f"  {r['us']:8.2f} us  err {r['err']:.2e}  {r['candidate']}")
+        print(f"  {r['us']:8.2f} us  err {r['err']:.2e}  {r['candidate']}", flush=True)
     for r in best:
         if r["candidate"].startswith("sdpa") and r not in best[:6]:
             print(f"  {r['candidate']} {r['us']:.2f} us")

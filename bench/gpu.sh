@@ -550,6 +550,9 @@ Occupancy|Warp Cycles Per Issued|Registers Per" "$OUT/ncu_24n.txt" | head -150 ;
         | tail -16 ;;
     s43d)  # session 43, on the last minutes of a budget (~140 s): the 1B prefill in bf16 / fp8 / w8a8, nothing else
       timeout 140 python3 bench/fp8.py --parts llm --modes bf16,fp8,w8a8 --out "$OUT/fp8_43.json" 2>&1 | tail -16 ;;
+    s44c)  # session 44, a short budget (~100 s): the TMA attention (window boxes from the main box's end; AHEAD at head
+      # dim 64) at DiT's 8 images, PixArt 1024 and the 1B prefill, against SDPA
+      timeout 130 python3 bench/attn.py --quick --tma --only "8 images,1024,llama" 2>&1 | tail -30 ;;
     s44b)  # session 44, after s44a (~140 s): the 1B prefill in bf16 / w8a8 / fp8 with the paired GLU tile 128 x 64
       timeout 170 python3 bench/fp8.py --parts llm --modes bf16,w8a8,fp8 --out "$OUT/fp8_44b.json" 2>&1 | tail -16 ;;
     s44a)  # session 44 (~290 s): s43c with the DiT in bf16 / fp8 (e4m3's paired tiles at K = 1152) between the prefill and
