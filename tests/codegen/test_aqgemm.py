@@ -94,6 +94,14 @@ def test_wave_fit_offers_the_tile_filling_the_last_wave():
         assert c is None or (c in A.configs(m, True) and c["BLOCK_M"] * c["BLOCK_N"] <= 128 * 128)
 
 
+def test_configs_hold_at_most_128_accumulator_registers_a_thread():
+    # past that ptxas serializes the products (the GLU's 128 x 128 tile on 4 warps: 256 registers of accumulators)
+    for m in (2048, 32):
+        for glu in (False, True):
+            cs = A.configs(m, glu)
+            assert cs and all(c["BLOCK_M"] * c["BLOCK_N"] * (1 + glu) <= 128 * 32 * c["num_warps"] for c in cs)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("fmt", ["int8", "fp8"])
 @pytest.mark.parametrize("k", [2048, 4608, 20000])  # whole rows: 4 a program, 1 (masked to 8192); 20000: walked twice
