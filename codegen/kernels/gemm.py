@@ -181,7 +181,7 @@ def _config(bm, bn, bk, warps, stages, group_m=8):
     return triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group_m), num_warps=warps, num_stages=stages)
 
 
-# H100 (sm_90, mma.sync; no TMA / wgmma here). Large M: the tutorial's tiles plus smaller ones so that a
+# H100 (sm_90: wgmma products, pointer loads; no TMA here). Large M: the tutorial's tiles plus smaller ones so that a
 # DiT-XL/2 batch-1 GEMM (M = 256) still fills 132 SMs. Small M (decode / GEMV-like): thin row tiles.
 LARGE_M_CONFIGS = [
     _config(128, 128, 64, 8, 3),
@@ -205,20 +205,20 @@ SMALL_M = 64  # M at or below this uses SMALL_M_CONFIGS
 @functools.cache
 def _tuned(small_m: bool, glu: bool):
     # built on first GPU use: an Autotuner asks for the active driver, which the CPU interpreter lacks.
-    # glu holds two accumulators: tiles past 128x128 would spill, so they are not even compiled.
     # restore_value: the benchmark runs would otherwise re-add the residual when out IS the residual.
-    configs = SMALL_M_CONFIGS if small_m else LARGE_M_CONFIGS
-    if glu:
-        configs = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 128]
-    return triton.autotune(configs, key=["M", "N", "K"], restore_value=["out_ptr"])(_gemm_kernel)
+    return triton.autotune(_configs(small_m, glu), key=["M", "N", "K"], restore_value=["out_ptr"])(_gemm_kernel)
 
 
 def configs(m: int, glu: bool = False) -> list[dict]:
     """The launch configurations the autotuner would try for ``m`` rows, as plain dicts (JSON-able)."""
-    cs = SMALL_M_CONFIGS if m <= SMALL_M else LARGE_M_CONFIGS
-    if glu:
-        cs = [c for c in cs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 128]
-    return [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages) for c in cs]
+    return [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages) for c in _configs(m <= SMALL_M, glu)]
+
+
+def _configs(small_m: bool, glu: bool) -> list:
+    # at most 128 float32 accumulator registers a thread, glu holding two accumulators: past that ptxas runs out of
+    # registers and serializes every wgmma (the GLU's 128 x 128 tile on 4 warps, C7515, sm_90)
+    cs = SMALL_M_CONFIGS if small_m else LARGE_M_CONFIGS
+    return [c for c in cs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * (2 if glu else 1) <= 128 * 32 * c.num_warps]
 
 
 def _row_groups(t: torch.Tensor, lead: tuple, n: int):
