@@ -41,7 +41,8 @@ TRITON_ATTENTION_CONFIGS = 3
 # where 128-row ones leave SMs idle; 3 since the TMA-fed kernel is offered (TMA_ATTENTION_CONFIGS); 4 since it takes a
 # padding mask and launches a causal attention's heaviest query tiles first (attention_tma.HEAVY_FIRST); 5 since its
 # window lanes start at the main box's end (its products no longer serialized by ptxas at head dim 72) and it also
-# tries each key tile's q k^T issued before the previous tile's softmax where that overlaps them (attention_tma.AHEAD)
+# tries its other loop forms (attention_tma.forms: the next key tile's q k^T before this tile's softmax, q / k padded
+# to one box)
 ATTENTION_CANDIDATES = 5
 # the TMA-fed kernel's configurations offered (attention_tma.configs' first; 0: not offered), where it takes the operands
 # (``attention_tma.supported``: a 16-bit cache-less q / k / v, causal and / or a mask the same for every query row) and
@@ -280,9 +281,9 @@ def _attention_candidates(q, k, v, mask, ks, vs, attrs: dict, out: torch.Tensor,
     if (TMA_ATTENTION_CONFIGS and q.dim() == 4 and q.shape[-2] > ta.SHORT_Q and out.dim() == 4
             and (q.shape[1] == k.shape[1] or enable_gqa) and tta.supported(q, k, v, mask, ks, vs, softcap) is None):
         cfgs = tta.configs() if device.type == "cuda" else [tta.INTERPRET_CONFIG]
-        ahead = device.type == "cuda" and tta.ahead_pays(q, v, mask)
+        forms = tta.forms(q, v, mask) if device.type == "cuda" else [{}]
         for c in cfgs[:TMA_ATTENTION_CONFIGS]:
-            for own in [c] + ([dict(c, AHEAD=True)] if ahead else []):
+            for own in (dict(c, **form) for form in forms):
                 candidates[config_name("kiln-tma", own)] = tta.launcher(q, k, v, causal, scale, out, own, mask)
     if decode:
         run = partial(td.decode_attention, q, k, v, mask, scale, enable_gqa, out=out, k_scale=ks, v_scale=vs, softcap=softcap)

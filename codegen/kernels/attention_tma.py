@@ -23,7 +23,10 @@ wgmma of the kernel, "C7515 ... non wgmma instructions defining accumulator regi
 The key loop. Each key tile's q k^T is issued, waited for, then its softmax and p v; with AHEAD the next tile's q k^T
 is issued before this tile's softmax (the first one before the loop), so its products run beside the exps (compiled
 for sm_90 at head dim 64: 23-57 of a tile's 34-66 MUFU.EX2 between the next product's issue and its wait; 106 -> 155
-registers at 128 x 64 / 8 warps, 154 -> 239 at 64 x 128 / 4, no spills). Offered where it overlaps (``ahead_pays``).
+registers at 128 x 64 / 8 warps, 154 -> 239 at 64 x 128 / 4, no spills). At head dim 72 q k^T is two chained
+products (main box, window), each waited for, and the next one's wait comes before the exps; PAD_QK reads q and k as
+one box of 128 lanes instead (TMA zero-fills 72..127: 60% more q k^T products, one wait), with which AHEAD overlaps
+again (sm_90: the next tile's 8 products among 34-66 of the tile's exps). Offered where they apply (``forms``).
 
 Offered for what TMA and this kernel take (``supported``): float16 / bfloat16, causal (SDPA's upper-left ``is_causal``)
 and / or a bool or additive mask the same for every query row (a [B, 1, 1, Sk] padding mask, PixArt's cross-attention;
@@ -174,11 +177,23 @@ def _boxes(d: int) -> tuple[int, int] | None:
     return split_widths(d)
 
 
-def ahead_pays(q, v, mask=None) -> bool:
-    """Whether the kernel's AHEAD form is worth timing for these operands: head dims of one box each and no mask, where
-    its next q k^T runs beside the softmax (compiled for sm_90, triton 3.6: at head dim 72, or with a mask's row loads,
-    that product is waited for before the exps, and the form only costs registers)."""
-    return mask is None and _boxes(q.shape[-1]) == (q.shape[-1], 0) and _boxes(v.shape[-1]) == (v.shape[-1], 0)
+def forms(q, v, mask=None) -> list[dict]:
+    """The kernel's loop forms worth timing for these operands, as config keys to add to each config: ``{}`` (q k^T
+    issued, waited for, then the softmax), ``AHEAD`` at one-box head dims without a mask (the next tile's q k^T runs
+    beside this tile's exps), ``PAD_QK`` where q / k have a window box (one q k^T of the next power of two's lanes,
+    those past the head dim zero-filled by TMA: one wait, not two; 60% more q k^T products at head dim 72), and with it
+    ``AHEAD`` without a mask. Compiled for sm_90 (triton 3.6): at head dim 72 without PAD_QK, or with a mask's row
+    loads, AHEAD's next product is waited for before the exps, so it is not offered there."""
+    d, dv = q.shape[-1], v.shape[-1]
+    (_, win), (_, win_v) = _boxes(d), _boxes(dv)
+    out = [{}]
+    if win and triton.next_power_of_2(d) <= MAX_HEAD_DIM:
+        out.append({"PAD_QK": True})
+        if mask is None:
+            out.append({"PAD_QK": True, "AHEAD": True})
+    elif mask is None and not win_v:
+        out.append({"AHEAD": True})
+    return out
 
 
 def supported(q, k, v, mask=None, k_scale=None, v_scale=None, softcap=None) -> str | None:
@@ -214,7 +229,7 @@ def attention(q, k, v, causal: bool = False, scale: float | None = None, out: to
     v [B, Hk, Sk, Dv], Hq a multiple of Hk (grouped query heads); ``mask`` bool (True = attend) or a bias of q's dtype
     broadcasting to [B, Hq, Sq, Sk] (both it and ``causal`` apply; a row with nothing attended gives zeros, as
     attention.py's); ``out`` [B, Hq, Sq, Dv] given or made. ``config``: BLOCK_M, BLOCK_N, num_warps, num_stages
-    (``configs``). Raises ValueError where ``supported`` says no."""
+    (``configs``), optionally AHEAD / PAD_QK (``forms``). Raises ValueError where ``supported`` says no."""
     if out is None:  # (the launcher checks the operands)
         out = torch.empty(q.shape[:-1] + v.shape[-1:], dtype=q.dtype, device=q.device)
     launcher(q, k, v, causal, scale, out, config, mask)()
@@ -236,6 +251,8 @@ def launcher(q, k, v, causal: bool, scale: float | None, out: torch.Tensor, conf
         return lambda: None
     c = dict(config or (INTERPRET_CONFIG if INTERPRET else configs()[0]))
     (main, win), (main_v, win_v) = _boxes(d), _boxes(dv)
+    if c.get("PAD_QK") and win:  # q and k as one box of the next power of two, its lanes past d zero-filled by TMA
+        main, win = triton.next_power_of_2(d), 0
 
     def desc(t, rows, lanes):
         return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, lanes])

@@ -40,10 +40,12 @@ def check(q, k, v, tol=None, **kw):
     return got
 
 
-@pytest.fixture(params=[False, True], ids=["in-turn", "ahead"])
+@pytest.fixture(params=[{}, {"AHEAD": True}, {"PAD_QK": True}, {"PAD_QK": True, "AHEAD": True}],
+                ids=["in-turn", "ahead", "pad-qk", "pad-qk-ahead"])
 def ahead(request, monkeypatch):
-    """The interpreter's tile with each key tile's q k^T issued after the previous tile's softmax, or before it (AHEAD)."""
-    monkeypatch.setattr(T, "INTERPRET_CONFIG", dict(T.INTERPRET_CONFIG, AHEAD=request.param))
+    """The interpreter's tile in each loop form: each key tile's q k^T issued after the previous tile's softmax, or
+    before it (AHEAD); q / k's window box or one box of the next power of two (PAD_QK)."""
+    monkeypatch.setattr(T, "INTERPRET_CONFIG", dict(T.INTERPRET_CONFIG, **request.param))
 
 
 # interpreter tiles 16 x 16: 21 query rows are a partial tile, 29 / 40 keys partial key tiles
@@ -173,17 +175,22 @@ def test_gpu_llama_prefill_causal_gqa():
 
 
 def every_form():
-    """Every config, each also in the AHEAD form (the GPU tests)."""
-    return [dict(c, AHEAD=a) for c in T.configs() for a in (False, True)]
+    """Every config, each also in the AHEAD and PAD_QK forms and both (the GPU tests; a form that does not apply to the
+    operands runs as the plain one)."""
+    forms = [{}, {"AHEAD": True}, {"PAD_QK": True}, {"PAD_QK": True, "AHEAD": True}]
+    return [dict(c, **f) for c in T.configs() for f in forms]
 
 
-def test_ahead_offered_where_it_overlaps():
-    # AHEAD's next q k^T overlaps the softmax at head dims of one box without a mask (sm_90 SASS): offered there only
+def test_forms_offered_where_they_overlap():
+    # AHEAD where its next q k^T overlaps the softmax (one-box head dims, no mask; sm_90 SASS), PAD_QK where q / k have
+    # a window box (72 -> one box of 128), and both without a mask
     q, k, v = fused(1, 9, 1, 1, 64)
-    assert T.ahead_pays(q, v)
-    assert not T.ahead_pays(q, v, torch.ones(1, 1, 1, 9, dtype=torch.bool))
+    keep = torch.ones(1, 1, 1, 9, dtype=torch.bool)
+    assert T.forms(q, v) == [{}, {"AHEAD": True}] and T.forms(q, v, keep) == [{}]
     q72, _, v72 = fused(1, 9, 1, 1, 72)
-    assert not T.ahead_pays(q72, v72) and not T.ahead_pays(q, v72)
+    assert T.forms(q72, v72) == [{}, {"PAD_QK": True}, {"PAD_QK": True, "AHEAD": True}]
+    assert T.forms(q72, v72, keep) == [{}, {"PAD_QK": True}]
+    assert T.forms(q, v72) == [{}]  # (v's window: its two p v products)
 
 
 def lowered(q, k, v, mask=None, causal=False, configs=3):
