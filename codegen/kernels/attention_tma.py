@@ -67,8 +67,7 @@ CONFIGS = [(128, 64, 8, 3), (64, 128, 4, 2), (64, 64, 4, 3), (64, 32, 4, 3), (12
 
 
 @triton.jit
-def _scores(q, q2, k_desc, kw_desc, b, hk, n0, HEAD_DIM: tl.constexpr, MAIN: tl.constexpr, WIN: tl.constexpr,
-            BLOCK_N: tl.constexpr):
+def _scores(q, q2, k_desc, kw_desc, b, hk, n0, MAIN: tl.constexpr, WIN: tl.constexpr, BLOCK_N: tl.constexpr):
     """q k^T of the key tile at n0 (unscaled), the window lanes' product summed in."""
     k = k_desc.load([b, hk, n0, 0]).reshape(BLOCK_N, MAIN)
     s = tl.dot(q, k.T)
@@ -98,15 +97,10 @@ def _consume(s, n0, m0, offs_m, m_i, l_i, acc, acc2, v_desc, vw_desc, b, hk, Sq,
     m_i, alpha, p, l_i = online_weights(s, m_i, l_i)
     v = v_desc.load([b, hk, n0, 0]).reshape(BLOCK_N, MAIN_V)
     pb = p.to(v.dtype)
-    acc = acc * alpha[:, None]
-    if WIN_V > 0:  # (both accumulators rescaled before either product: ptxas serializes every wgmma of the kernel
-        # where a non-wgmma instruction writes an accumulator between a product's issue and its wait, C7515)
-        acc2 = acc2 * alpha[:, None]
+    acc = tl.dot(pb, v, acc * alpha[:, None])
+    if WIN_V > 0:
         v2 = vw_desc.load([b, hk, n0, MAIN_V]).reshape(BLOCK_N, WIN_V)
-        acc = tl.dot(pb, v, acc)
-        acc2 = tl.dot(pb, v2, acc2)
-    else:
-        acc = tl.dot(pb, v, acc)
+        acc2 = tl.dot(pb, v2, acc2 * alpha[:, None])
     return m_i, l_i, acc, acc2
 
 
@@ -143,9 +137,9 @@ def _tma_attention_kernel(
     if AHEAD:  # the next key tile's q k^T issued before this tile's softmax, so its products run beside the exps
         tiles = tl.cdiv(hi, BLOCK_N)
         if tiles > 0:
-            s = _scores(q, q2, k_desc, kw_desc, b, hk, 0, HEAD_DIM, MAIN, WIN, BLOCK_N)
+            s = _scores(q, q2, k_desc, kw_desc, b, hk, 0, MAIN, WIN, BLOCK_N)
             for t in range(0, tiles - 1):
-                s_next = _scores(q, q2, k_desc, kw_desc, b, hk, (t + 1) * BLOCK_N, HEAD_DIM, MAIN, WIN, BLOCK_N)
+                s_next = _scores(q, q2, k_desc, kw_desc, b, hk, (t + 1) * BLOCK_N, MAIN, WIN, BLOCK_N)
                 m_i, l_i, acc, acc2 = _consume(s, t * BLOCK_N, m0, offs_m, m_i, l_i, acc, acc2, v_desc, vw_desc, b, hk,
                                                Sq, Sk, qk_scale, mask_row, stride_mn, CAUSAL, MASK, HEAD_DIM_V, MAIN_V,
                                                WIN_V, BLOCK_N)
@@ -155,7 +149,7 @@ def _tma_attention_kernel(
                                            WIN_V, BLOCK_N)
     else:
         for n0 in range(0, hi, BLOCK_N):
-            s = _scores(q, q2, k_desc, kw_desc, b, hk, n0, HEAD_DIM, MAIN, WIN, BLOCK_N)
+            s = _scores(q, q2, k_desc, kw_desc, b, hk, n0, MAIN, WIN, BLOCK_N)
             m_i, l_i, acc, acc2 = _consume(s, n0, m0, offs_m, m_i, l_i, acc, acc2, v_desc, vw_desc, b, hk, Sq, Sk,
                                            qk_scale, mask_row, stride_mn, CAUSAL, MASK, HEAD_DIM_V, MAIN_V, WIN_V, BLOCK_N)
     l_i = tl.where(l_i == 0.0, 1.0, l_i)  # no key at all (Sk = 0): zeros, as attention.py gives
