@@ -6,7 +6,7 @@ the head dim as 64 + 16 lanes (SPLIT) and padded to 128, and p v split too (SPLI
 PixArt's cross-attention also with a padding mask) captured 20 times in one CUDA graph, do_bench median of a replay /
 20, and its error against float32. bf16 (the JSON names the GPU). Usage: python3 bench/attn.py [--smoke] [--quick]
 [--tma] [--only WORDS] (--smoke: float16 under the Triton interpreter, tiny shapes, no graphs; --quick: SDPA's default
-kernel only; --tma: SDPA's default and the TMA-fed kernel, with its AHEAD form where offered; --only "1024,llama": the
+kernel only; --tma: SDPA's default and the TMA-fed kernel, in its loop forms where offered; --only "1024,llama": the
 shapes whose names hold one of the words). Writes $OUT/attn.json."""
 import argparse
 import json

@@ -551,11 +551,11 @@ Occupancy|Warp Cycles Per Issued|Registers Per" "$OUT/ncu_24n.txt" | head -150 ;
     s43d)  # session 43, on the last minutes of a budget (~140 s): the 1B prefill in bf16 / fp8 / w8a8, nothing else
       timeout 140 python3 bench/fp8.py --parts llm --modes bf16,fp8,w8a8 --out "$OUT/fp8_43.json" 2>&1 | tail -16 ;;
     s44c)  # session 44 (~250 s): the TMA attention's window boxes from the main box's end (TMA zero-filling the lanes past
-      # head dim 72) and its AHEAD form checked on the GPU (every config, both forms: DiT / PixArt / Llama shapes, PixArt's
-      # padding masks), then timed at DiT's 8 images, PixArt 1024 and the 1B prefill against SDPA
-      timeout -s INT 130 python3 -m pytest -q -rf --tb=short -m gpu tests/codegen/test_attention_tma.py 2>&1 \
+      # head dim 72) and its loop forms (AHEAD, PAD_QK) checked on the GPU (every config in every form: DiT / PixArt / Llama
+      # shapes, PixArt's padding masks), then timed at DiT's 8 images, PixArt 1024 and the 1B prefill against SDPA
+      timeout -s INT 140 python3 -m pytest -q -rf --tb=short -m gpu tests/codegen/test_attention_tma.py 2>&1 \
         | tee "$OUT/s44c_tests.log" | grep -v "Warning\|warn" | tail -8
-      timeout 110 python3 bench/attn.py --quick --tma --only "8 images,1024,llama" 2>&1 | tail -30 ;;
+      timeout 100 python3 bench/attn.py --quick --tma --only "8 images,1024,llama" 2>&1 | tail -30 ;;
     s44b)  # session 44, after s44a (~140 s): the 1B prefill in bf16 / w8a8 / fp8 with the paired GLU tile 128 x 64
       timeout 170 python3 bench/fp8.py --parts llm --modes bf16,w8a8,fp8 --out "$OUT/fp8_44b.json" 2>&1 | tail -16 ;;
     s44a)  # session 44 (~290 s): s43c with the DiT in bf16 / fp8 (e4m3's paired tiles at K = 1152) between the prefill and

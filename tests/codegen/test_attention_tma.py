@@ -42,7 +42,7 @@ def check(q, k, v, tol=None, **kw):
 
 @pytest.fixture(params=[{}, {"AHEAD": True}, {"PAD_QK": True}, {"PAD_QK": True, "AHEAD": True}],
                 ids=["in-turn", "ahead", "pad-qk", "pad-qk-ahead"])
-def ahead(request, monkeypatch):
+def loop_form(request, monkeypatch):
     """The interpreter's tile in each loop form: each key tile's q k^T issued after the previous tile's softmax, or
     before it (AHEAD); q / k's window box or one box of the next power of two (PAD_QK)."""
     monkeypatch.setattr(T, "INTERPRET_CONFIG", dict(T.INTERPRET_CONFIG, **request.param))
@@ -50,7 +50,7 @@ def ahead(request, monkeypatch):
 
 # interpreter tiles 16 x 16: 21 query rows are a partial tile, 29 / 40 keys partial key tiles
 @pytest.mark.parametrize("d,dv", [(16, 16), (64, 64), (72, 72), (40, 40), (96, 96), (72, 32), (32, 72)])
-def test_head_dims(d, dv, ahead):
+def test_head_dims(d, dv, loop_form):
     # a power of two one box; between powers of two a main box and a window box from its end (72: 64 + 64..79, the
     # lanes past 71 zero-filled by TMA, though the fused buffer holds k's / v's lanes there)
     check(*fused(2, 29, 2, 2, d, dv))
@@ -58,7 +58,7 @@ def test_head_dims(d, dv, ahead):
 
 @pytest.mark.parametrize("heavy_first", [True, False])
 @pytest.mark.parametrize("sq,sk", [(21, 21), (13, 40), (40, 13)])
-def test_causal_gqa(sq, sk, heavy_first, monkeypatch, ahead):
+def test_causal_gqa(sq, sk, heavy_first, monkeypatch, loop_form):
     # SDPA's upper-left is_causal: query i attends keys j <= i; 4 query heads over 2 kv heads; the query tiles launched
     # last first (HEAVY_FIRST) or in order
     monkeypatch.setattr(T, "HEAVY_FIRST", heavy_first)
@@ -74,7 +74,7 @@ def test_scale_and_out_given():
     assert got.data_ptr() == out.data_ptr() and not got.isnan().any()
 
 
-def test_window_lanes_stored_once(ahead):
+def test_window_lanes_stored_once(loop_form):
     # the p v window's lanes 64..79: those past the head dim (72..79) are not stored; out a view of wider rows, whose
     # lanes past 72 must keep their NaN (and a NaN left in out would show a lane not stored)
     q, k, v = fused(1, 33, 1, 1, 72)
@@ -85,7 +85,7 @@ def test_window_lanes_stored_once(ahead):
 
 @pytest.mark.parametrize("shape", [(2, 1, 1, 29), (2, 2, 1, 29), (1, 29)], ids=["padding", "per-head", "broadcast"])
 @pytest.mark.parametrize("kind", ["bool", "bias"])
-def test_masks(shape, kind, ahead):
+def test_masks(shape, kind, loop_form):
     # a bool mask (True attends) or a bias added to the scores (-inf masks; finite values shift), the same for every
     # query row: its row read a key tile at a time with the mask's strides (0 on broadcast dims); 29 keys: a partial
     # key tile past which nothing is read
@@ -98,7 +98,7 @@ def test_masks(shape, kind, ahead):
 
 
 @pytest.mark.parametrize("kind", ["bool", "bias"])
-def test_padding_mask_with_causal_and_gqa(kind, ahead):
+def test_padding_mask_with_causal_and_gqa(kind, loop_form):
     # both apply: a batch's padded keys and the triangle; 4 query heads over 2 kv heads
     q = r(2, 4, 21, 64)
     _, k, v = fused(2, 21, 2, 2, 64)
@@ -108,7 +108,7 @@ def test_padding_mask_with_causal_and_gqa(kind, ahead):
     check(q, k, v, mask=mask, causal=True)
 
 
-def test_fully_masked_rows_give_zeros(ahead):
+def test_fully_masked_rows_give_zeros(loop_form):
     # a head whose every key is masked (bool False or a -inf bias) gives zeros, as attention.py's kernel does, not NaN
     q, k, v = fused(2, 29, 1, 1, 72)
     keep = torch.rand(2, 1, 1, 29, generator=gen) < 0.7
