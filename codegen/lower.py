@@ -84,7 +84,7 @@ SKINNY_CANDIDATES = 15
 AQGEMM_CANDIDATES = 4
 # the rope candidates' generation (in a rotating AQGEMM's what): 2 since the TMA template sums the heads' halves in two
 # accumulators (session 42: its split form's decisions are not this one's), 3 since it also tries one product a K step
-# of the heads' halves read in (half, head) order (tma_gemm's ROPE_ONE), 4 since only that form is offered on CUDA
+# of the heads' halves read in (half, head) order (tma_gemm's ROPE_ONE), 4 since only that form is offered
 ROPE_CANDIDATES = 4
 # the generation of the row kernels storing codes (in a coded AQGEMM's what): 2 since quantize_rows / epilogue_codes
 # hold rows up to 16384 wide in registers (one read of their input, not two)
@@ -347,8 +347,8 @@ def aqgemm(args: list, attrs: dict, out: torch.Tensor, tmp: torch.Tensor | None,
                                                                config=c, **own)
         tma = _tma_configs(codes[0] if codes is not None else None, wq, m, glu, nw, device, group, rope=rope)
         tma = tma[:TRITON_TMA_CONFIGS] + [c for c in tma[TRITON_TMA_CONFIGS:] if c.get("PER_SM")]  # (the paired tile too)
-        if rope and device.type == "cuda":  # the rotating tile as one product a K step (its two-product form had every
-            # wgmma serialized by ptxas, C7515, and ran 45.0 / 39.8 us against 28.5 / 36.4 in e4m3 / int8: H100, session 44)
+        if rope:  # the rotating tile as one product a K step (its two-product form had every wgmma serialized by
+            # ptxas, C7515, and ran 45.0 / 39.8 us against 28.5 / 36.4 in e4m3 / int8: H100, session 44)
             tma = [dict(c, ROPE_ONE=True) for c in tma]
         elif tma and device.type == "cuda" and tt.store_by_tma(out):  # (its first tile storing by TMA too)
             tma.append(dict(tma[0], TMA_STORE=True))

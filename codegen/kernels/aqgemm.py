@@ -23,7 +23,8 @@ import triton
 import triton.language as tl
 
 from ...ir.ops_fused import ACTIVATIONS, apply_epilogue
-from .gemm import _config, _gate_residual, _gate_residual_store, check_output_operands, grouped_tile, output_operands
+from .gemm import (_config, _gate_residual, _gate_residual_store, accumulators_fit, check_output_operands, grouped_tile,
+                   output_operands)
 from .qgemm import _bias_act_glu
 from .quantize_rows import FORMATS, row_codes, row_scale
 from .rope_cols import rope_tile, tables, tile_fits
@@ -205,11 +206,10 @@ SMALL_M = 64
 
 
 def _configs(small_m: bool, glu: bool) -> list:
-    # at most 128 float32 accumulator registers a thread, glu holding two accumulators: past that ptxas runs out of
-    # registers (the GLU's 128 x 128 tile on 4 warps: every wgmma serialized, C7515, sm_90; 731 us against 152 for
-    # the 1B's gate/up on 8 warps, H100, session 44)
+    # (gemm.accumulators_fit: the GLU's 128 x 128 tile on 4 warps, every wgmma serialized, ran the 1B's gate/up in
+    # 731 us against 152 on 8 warps, H100, session 44)
     cs = SMALL_M_CONFIGS if small_m else LARGE_M_CONFIGS
-    return [c for c in cs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * (2 if glu else 1) <= 128 * 32 * c.num_warps]
+    return [c for c in cs if accumulators_fit(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, glu)]
 
 
 @functools.cache

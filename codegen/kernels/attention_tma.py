@@ -109,7 +109,7 @@ def _tma_attention_kernel(
     q_desc, k_desc, v_desc, qw_desc, kw_desc, vw_desc, out_ptr,  # (qw / kw / vw: the window boxes; unused without one)
     stride_ob, stride_oh, stride_om, stride_od, H, GROUP, Sq, Sk, qk_scale,  # qk_scale = scale * log2(e)
     mask_ptr, stride_mb, stride_mh, stride_mn,  # the mask expanded to [B, H, 1, Sk]: one row a head (MASK "none": unused)
-    CAUSAL: tl.constexpr, MASK: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    CAUSAL: tl.constexpr, MASK: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     MAIN: tl.constexpr, WIN: tl.constexpr, MAIN_V: tl.constexpr, WIN_V: tl.constexpr,  # WIN / WIN_V 0: no window
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAVY_FIRST: tl.constexpr, AHEAD: tl.constexpr,
 ):
@@ -260,7 +260,7 @@ def launcher(q, k, v, causal: bool, scale: float | None, out: torch.Tensor, conf
     mask_args = (q, 0, 0, 0) if mask4 is None else (mask4, mask4.stride(0), mask4.stride(1), mask4.stride(3))
     return functools.partial(
         _tma_attention_kernel[grid], *boxes, out, *out.stride(), hq, hq // hk, sq, sk,
-        qk_scale, *mask_args, CAUSAL=bool(causal), MASK=kind, HEAD_DIM=d, HEAD_DIM_V=dv, MAIN=main, WIN=win, MAIN_V=main_v,
+        qk_scale, *mask_args, CAUSAL=bool(causal), MASK=kind, HEAD_DIM_V=dv, MAIN=main, WIN=win, MAIN_V=main_v,
         WIN_V=win_v, BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], HEAVY_FIRST=heavy_first, AHEAD=bool(c.get("AHEAD")),
         num_warps=c["num_warps"],
         num_stages=c["num_stages"])

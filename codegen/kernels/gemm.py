@@ -215,10 +215,15 @@ def configs(m: int, glu: bool = False) -> list[dict]:
 
 
 def _configs(small_m: bool, glu: bool) -> list:
-    # at most 128 float32 accumulator registers a thread, glu holding two accumulators: past that ptxas runs out of
-    # registers and serializes every wgmma (the GLU's 128 x 128 tile on 4 warps, C7515, sm_90)
     cs = SMALL_M_CONFIGS if small_m else LARGE_M_CONFIGS
-    return [c for c in cs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * (2 if glu else 1) <= 128 * 32 * c.num_warps]
+    return [c for c in cs if accumulators_fit(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, glu)]
+
+
+def accumulators_fit(block_m: int, block_n: int, warps: int, glu: bool) -> bool:
+    """A tile's float32 accumulators within 128 registers a thread (glu holds two): past that ptxas runs out of
+    registers and serializes every wgmma (the GLU's 128 x 128 tile on 4 warps, C7515, sm_90). Shared by the GEMM
+    templates (aqgemm.py, tma_gemm.py)."""
+    return block_m * block_n * (2 if glu else 1) <= 128 * 32 * warps
 
 
 def _row_groups(t: torch.Tensor, lead: tuple, n: int):

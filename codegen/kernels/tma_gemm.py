@@ -53,7 +53,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from . import aqgemm as taq
 from .gemm import _check as _gemm_check
-from .gemm import _gate_residual, _gate_residual_store, grouped_tile, output_operands
+from .gemm import _gate_residual, _gate_residual_store, accumulators_fit, grouped_tile, output_operands
 from .qgemm import _bias_act_glu
 from .rope_cols import load_table
 
@@ -276,8 +276,7 @@ def configs(m: int, dtype: torch.dtype, glu: bool = False) -> list[dict]:
     programs an SM (``PAIRED``)."""
     if m <= SMALL_M:
         return []
-    cs = [dict(c) for c in CONFIGS[dtype.itemsize]
-          if c["BLOCK_M"] * c["BLOCK_N"] * (2 if glu else 1) <= 128 * 32 * c["num_warps"]]
+    cs = [dict(c) for c in CONFIGS[dtype.itemsize] if accumulators_fit(c["BLOCK_M"], c["BLOCK_N"], c["num_warps"], glu)]
     return cs + ([dict(PAIRED[bool(glu)], PER_SM=2)] if dtype.itemsize == 1 else [])
 
 
@@ -288,27 +287,23 @@ def supported(x: torch.Tensor | None, w: torch.Tensor) -> bool:
     interpreter)."""
     if w.dtype not in OPERAND_DTYPES or w.dim() != 2 or (w.shape[1] * w.element_size()) % 16:
         return False
-    ts = [w]
-    if x is not None:
-        if x.dtype != w.dtype or x.dim() < 1 or x.shape[-1] != w.shape[1]:
-            return False
-        try:
-            ts.append(x.view(math.prod(x.shape[:-1]), x.shape[-1]))
-        except RuntimeError:
-            return False
-    if any(t.stride(1) != 1 or t.data_ptr() % 16 or (t.stride(0) * t.element_size()) % 16 for t in ts):
+    if x is not None and (x.dtype != w.dtype or x.dim() < 1 or x.shape[-1] != w.shape[1] or not _tma_rows(x)):
         return False
-    return INTERPRET or (w.device.type == "cuda" and _capability(w.device) >= (9, 0))
+    return _tma_rows(w) and (INTERPRET or (w.device.type == "cuda" and _capability(w.device) >= (9, 0)))
 
 
 def store_by_tma(out: torch.Tensor) -> bool:
-    """Whether the TMA unit can store an output [..., N] (``tma_gemm``'s TMA_STORE): viewable as [M, N], unit column
-    stride, 16-byte aligned base and row stride."""
+    """Whether the TMA unit can store an output [..., N] (``tma_gemm``'s TMA_STORE)."""
+    return _tma_rows(out)
+
+
+def _tma_rows(t: torch.Tensor) -> bool:
+    """t [..., C] viewable as [M, C] with a unit column stride and a 16-byte aligned base and row stride (TMA's rules)."""
     try:
-        out2 = out.view(-1, out.shape[-1])
+        t2 = t.view(-1, t.shape[-1])
     except RuntimeError:
         return False
-    return out2.stride(1) == 1 and out2.data_ptr() % 16 == 0 and (out2.stride(0) * out2.element_size()) % 16 == 0
+    return t2.stride(1) == 1 and t2.data_ptr() % 16 == 0 and (t2.stride(0) * t2.element_size()) % 16 == 0
 
 
 @functools.cache
