@@ -104,7 +104,7 @@ for name, (b, h, sq, sk, attended, hk, d, causal) in SHAPES.items():
     for c in [tma.INTERPRET_CONFIG] if a.smoke else tma.configs():
         tag = "kiln tma {BLOCK_M}x{BLOCK_N} w{num_warps} s{num_stages}".format(**c)
         cands[tag] = lambda c=c: tma_attention(c)
-        for form in tma.forms(q, v, mask)[1:]:  # (the kernel's other loop forms: AHEAD, PAD_QK)
+        for form in tma.forms(q, v, mask)[1:]:  # (the kernel's other loop form: AHEAD)
             cands[tag + " " + "+".join(form).lower()] = lambda c=dict(c, **form): tma_attention(c)
         if causal:  # (the query tiles in order, not the heaviest first)
             cands[tag + " in order"] = lambda c=c: tma_attention(c, heavy_first=False)

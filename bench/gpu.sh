@@ -550,6 +550,13 @@ Occupancy|Warp Cycles Per Issued|Registers Per" "$OUT/ncu_24n.txt" | head -150 ;
         | tail -16 ;;
     s43d)  # session 43, on the last minutes of a budget (~140 s): the 1B prefill in bf16 / fp8 / w8a8, nothing else
       timeout 140 python3 bench/fp8.py --parts llm --modes bf16,fp8,w8a8 --out "$OUT/fp8_43.json" 2>&1 | tail -16 ;;
+    s45a)  # session 45 (~540 s): the TMA attention's GPU tests without PAD_QK (every config in every form offered), then
+      # every GPU test of the repository (not run whole since session 29), the 25 slowest listed; SIGINT at the limit
+      timeout -s INT 60 python3 -m pytest -q -rf --tb=short -m gpu tests/codegen/test_attention_tma.py 2>&1 \
+        | tee "$OUT/s45a_attn.log" | grep -v "Warning\|warn" | tail -6
+      timeout -s INT ${TESTS_TIMEOUT:-450} python3 -m pytest -q -rf --tb=line -p no:logging -m gpu tests \
+        --deselect tests/codegen/test_attention_tma.py --durations=25 2>&1 | tee "$OUT/s45a_gpu.log" \
+        | grep -v "Warning\|warn" | tail -45 ;;
     s44c)  # session 44 (~250 s): the TMA attention's window boxes from the main box's end (TMA zero-filling the lanes past
       # head dim 72) and its loop forms (AHEAD, PAD_QK) checked on the GPU (every config in every form: DiT / PixArt / Llama
       # shapes, PixArt's padding masks), then timed at DiT's 8 images, PixArt 1024 and the 1B prefill against SDPA

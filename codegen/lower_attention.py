@@ -41,9 +41,9 @@ TRITON_ATTENTION_CONFIGS = 3
 # where 128-row ones leave SMs idle; 3 since the TMA-fed kernel is offered (TMA_ATTENTION_CONFIGS); 4 since it takes a
 # padding mask and launches a causal attention's heaviest query tiles first (attention_tma.HEAVY_FIRST); 5 since its
 # window lanes start at the main box's end (its products no longer serialized by ptxas at head dim 72) and it also
-# tries its other loop forms (attention_tma.forms: the next key tile's q k^T before this tile's softmax, q / k padded
-# to one box)
-ATTENTION_CANDIDATES = 5
+# tries its other loop forms; 6 since those are AHEAD alone (attention_tma.forms: the next key tile's q k^T before this
+# tile's softmax; session 44's PAD_QK gave wrong results with AHEAD on the GPU)
+ATTENTION_CANDIDATES = 6
 # the TMA-fed kernel's configurations offered (attention_tma.configs' first; 0: not offered), where it takes the operands
 # (``attention_tma.supported``: a 16-bit cache-less q / k / v, causal and / or a mask the same for every query row) and
 # the queries are not decode's. Its GPU tests passed on an H100 (sessions 37-38, every config at the DiT / PixArt /

@@ -23,10 +23,11 @@ wgmma of the kernel, "C7515 ... non wgmma instructions defining accumulator regi
 The key loop. Each key tile's q k^T is issued, waited for, then its softmax and p v; with AHEAD the next tile's q k^T
 is issued before this tile's softmax (the first one before the loop), so its products run beside the exps (compiled
 for sm_90 at head dim 64: 23-57 of a tile's 34-66 MUFU.EX2 between the next product's issue and its wait; 106 -> 155
-registers at 128 x 64 / 8 warps, 154 -> 239 at 64 x 128 / 4, no spills). At head dim 72 q k^T is two chained
-products (main box, window), each waited for, and the next one's wait comes before the exps; PAD_QK reads q and k as
-one box of 128 lanes instead (TMA zero-fills 72..127: 60% more q k^T products, one wait), with which AHEAD overlaps
-again (sm_90: the next tile's 8 products among 34-66 of the tile's exps). Offered where they apply (``forms``).
+registers at 128 x 64 / 8 warps, 154 -> 239 at 64 x 128 / 4, no spills). Offered at one-box head dims without a mask
+(``forms``). Measured on an H100 (bench/attn.py, session 45) at the 1B prefill: 49.5 us at 64 x 64 against 51.0
+in turn, the best config in turn 49.2. (Session 44's PAD_QK form, q and k as one box of 128 lanes at head dim 72, is
+gone: slower at every DiT / PixArt config, 28.0-890 against 27.9-607 us, and with AHEAD its results were wrong on the
+GPU, rel err 0.03-0.19, though right under the interpreter.)
 
 Offered for what TMA and this kernel take (``supported``): float16 / bfloat16, causal (SDPA's upper-left ``is_causal``)
 and / or a bool or additive mask the same for every query row (a [B, 1, 1, Sk] padding mask, PixArt's cross-attention;
@@ -173,21 +174,11 @@ def _boxes(d: int) -> tuple[int, int] | None:
 
 def forms(q, v, mask=None) -> list[dict]:
     """The kernel's loop forms worth timing for these operands, as config keys to add to each config: ``{}`` (q k^T
-    issued, waited for, then the softmax), ``AHEAD`` at one-box head dims without a mask (the next tile's q k^T runs
-    beside this tile's exps), ``PAD_QK`` where q / k have a window box (one q k^T of the next power of two's lanes,
-    those past the head dim zero-filled by TMA: one wait, not two; 60% more q k^T products at head dim 72), and with it
-    ``AHEAD`` without a mask. Compiled for sm_90 (triton 3.6): at head dim 72 without PAD_QK, or with a mask's row
-    loads, AHEAD's next product is waited for before the exps, so it is not offered there."""
-    d, dv = q.shape[-1], v.shape[-1]
-    (_, win), (_, win_v) = _boxes(d), _boxes(dv)
-    out = [{}]
-    if win and triton.next_power_of_2(d) <= MAX_HEAD_DIM:
-        out.append({"PAD_QK": True})
-        if mask is None:
-            out.append({"PAD_QK": True, "AHEAD": True})
-    elif mask is None and not win_v:
-        out.append({"AHEAD": True})
-    return out
+    issued, waited for, then the softmax) and ``AHEAD`` at one-box head dims without a mask (the next tile's q k^T runs
+    beside this tile's exps). Compiled for sm_90 (triton 3.6): with a window box (head dim 72) or a mask's row loads,
+    AHEAD's next product is waited for before the exps, so it is not offered there."""
+    (_, win), (_, win_v) = _boxes(q.shape[-1]), _boxes(v.shape[-1])
+    return [{}] if win or win_v or mask is not None else [{}, {"AHEAD": True}]
 
 
 def supported(q, k, v, mask=None, k_scale=None, v_scale=None, softcap=None) -> str | None:
@@ -223,7 +214,7 @@ def attention(q, k, v, causal: bool = False, scale: float | None = None, out: to
     v [B, Hk, Sk, Dv], Hq a multiple of Hk (grouped query heads); ``mask`` bool (True = attend) or a bias of q's dtype
     broadcasting to [B, Hq, Sq, Sk] (both it and ``causal`` apply; a row with nothing attended gives zeros, as
     attention.py's); ``out`` [B, Hq, Sq, Dv] given or made. ``config``: BLOCK_M, BLOCK_N, num_warps, num_stages
-    (``configs``), optionally AHEAD / PAD_QK (``forms``). Raises ValueError where ``supported`` says no."""
+    (``configs``), optionally AHEAD (``forms``). Raises ValueError where ``supported`` says no."""
     if out is None:  # (the launcher checks the operands)
         out = torch.empty(q.shape[:-1] + v.shape[-1:], dtype=q.dtype, device=q.device)
     launcher(q, k, v, causal, scale, out, config, mask)()
@@ -245,8 +236,6 @@ def launcher(q, k, v, causal: bool, scale: float | None, out: torch.Tensor, conf
         return lambda: None
     c = dict(config or (INTERPRET_CONFIG if INTERPRET else configs()[0]))
     (main, win), (main_v, win_v) = _boxes(d), _boxes(dv)
-    if c.get("PAD_QK") and win:  # q and k as one box of the next power of two, its lanes past d zero-filled by TMA
-        main, win = triton.next_power_of_2(d), 0
 
     def desc(t, rows, lanes):
         return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, lanes])

@@ -40,11 +40,10 @@ def check(q, k, v, tol=None, **kw):
     return got
 
 
-@pytest.fixture(params=[{}, {"AHEAD": True}, {"PAD_QK": True}, {"PAD_QK": True, "AHEAD": True}],
-                ids=["in-turn", "ahead", "pad-qk", "pad-qk-ahead"])
+@pytest.fixture(params=[{}, {"AHEAD": True}], ids=["in-turn", "ahead"])
 def loop_form(request, monkeypatch):
     """The interpreter's tile in each loop form: each key tile's q k^T issued after the previous tile's softmax, or
-    before it (AHEAD); q / k's window box or one box of the next power of two (PAD_QK)."""
+    before it (AHEAD)."""
     monkeypatch.setattr(T, "INTERPRET_CONFIG", dict(T.INTERPRET_CONFIG, **request.param))
 
 
@@ -148,9 +147,7 @@ def cuda(*args, **kw):
 @pytest.mark.parametrize("shape", [(2, 256, 16, 16, 72), (16, 256, 16, 16, 72), (2, 1024, 16, 16, 72), (2, 4096, 16, 16, 72),
                                    (1, 333, 8, 8, 128)], ids=["dit-cfg", "dit-b8", "pixart512", "pixart1024", "d128-ragged"])
 def test_gpu_every_config(shape):
-    q, k, v = cuda(*shape)
-    for c in every_form():
-        check(q, k, v, config=c)
+    check_every(*cuda(*shape))
 
 
 @pytest.mark.gpu
@@ -163,33 +160,33 @@ def test_gpu_pixart_cross_attention_padding_mask(kind):
     keep[0, ..., :24] = True
     keep[1] = True
     mask = keep if kind == "bool" else torch.zeros(keep.shape, dtype=q.dtype, device="cuda").masked_fill(~keep, float("-inf"))
-    for c in every_form():
-        check(q, k, v, mask=mask, config=c)
+    check_every(q, k, v, mask=mask)
 
 
 @pytest.mark.gpu
 def test_gpu_llama_prefill_causal_gqa():
     q, k, v = cuda(1, 2048, 32, 8, 64)
-    for c in every_form():
-        check(q, k, v, causal=True, config=c)
+    check_every(q, k, v, causal=True)
 
 
-def every_form():
-    """Every config, each also in the AHEAD and PAD_QK forms and both (the GPU tests; a form that does not apply to the
-    operands runs as the plain one)."""
-    forms = [{}, {"AHEAD": True}, {"PAD_QK": True}, {"PAD_QK": True, "AHEAD": True}]
-    return [dict(c, **f) for c in T.configs() for f in forms]
+def check_every(q, k, v, mask=None, **kw):
+    """``check`` with every config in every loop form ``forms`` offers for the operands (the GPU tests), a failure
+    naming its config."""
+    for c in T.configs():
+        for form in T.forms(q, v, mask):
+            try:
+                check(q, k, v, mask=mask, config=dict(c, **form), **kw)
+            except AssertionError as e:
+                raise AssertionError(f"config {dict(c, **form)}: {e}") from None
 
 
 def test_forms_offered_where_they_overlap():
-    # AHEAD where its next q k^T overlaps the softmax (one-box head dims, no mask; sm_90 SASS), PAD_QK where q / k have
-    # a window box (72 -> one box of 128), and both without a mask
+    # AHEAD where its next q k^T overlaps the softmax (one-box head dims, no mask; sm_90 SASS)
     q, k, v = fused(1, 9, 1, 1, 64)
     keep = torch.ones(1, 1, 1, 9, dtype=torch.bool)
     assert T.forms(q, v) == [{}, {"AHEAD": True}] and T.forms(q, v, keep) == [{}]
     q72, _, v72 = fused(1, 9, 1, 1, 72)
-    assert T.forms(q72, v72) == [{}, {"PAD_QK": True}, {"PAD_QK": True, "AHEAD": True}]
-    assert T.forms(q72, v72, keep) == [{}, {"PAD_QK": True}]
+    assert T.forms(q72, v72) == [{}] and T.forms(q72, v72, keep) == [{}]
     assert T.forms(q, v72) == [{}]  # (v's window: its two p v products)
 
 
