@@ -550,6 +550,12 @@ Occupancy|Warp Cycles Per Issued|Registers Per" "$OUT/ncu_24n.txt" | head -150 ;
         | tail -16 ;;
     s43d)  # session 43, on the last minutes of a budget (~140 s): the 1B prefill in bf16 / fp8 / w8a8, nothing else
       timeout 140 python3 bench/fp8.py --parts llm --modes bf16,fp8,w8a8 --out "$OUT/fp8_43.json" 2>&1 | tail -16 ;;
+    s45b)  # session 45 (~560 s): on an H200 the 1B prefill first (issue 14's device; s44b), then the DiT-XL/2 pipeline at 1 and
+      # 8 images (s37b) and PixArt-alpha 1024 against torch.compile with what time is left
+      if nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then bash "$0" s44b 2>&1 | grep -v "^NVIDIA"; fi
+      bash "$0" s37b 2>&1 | grep -v "^NVIDIA"
+      left=$((560 - SECONDS))
+      if [ $left -ge 60 ]; then PIXART_TIMEOUT=$left bash "$0" diffusion_pixart1024 2>&1 | grep -v "^NVIDIA"; fi ;;
     s45a)  # session 45 (~540 s): the TMA attention's GPU tests without PAD_QK (every config in every form offered), then
       # every GPU test of the repository (not run whole since session 29), the 25 slowest listed; SIGINT at the limit
       timeout -s INT 60 python3 -m pytest -q -rf --tb=short -m gpu tests/codegen/test_attention_tma.py 2>&1 \
