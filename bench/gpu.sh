@@ -550,6 +550,12 @@ Occupancy|Warp Cycles Per Issued|Registers Per" "$OUT/ncu_24n.txt" | head -150 ;
         | tail -16 ;;
     s43d)  # session 43, on the last minutes of a budget (~140 s): the 1B prefill in bf16 / fp8 / w8a8, nothing else
       timeout 140 python3 bench/fp8.py --parts llm --modes bf16,fp8,w8a8 --out "$OUT/fp8_43.json" 2>&1 | tail -16 ;;
+    s45d)  # session 45 (~380 s): the GPU tests of what sessions 40-45 changed that s45a's cut run did not reach (GEMM configs
+      # within 128 accumulator registers, rope, the plans, pipelines, generator, README), failures and durations listed
+      timeout -s INT ${TESTS_TIMEOUT:-370} python3 -m pytest -q -rf --tb=line -p no:logging -m gpu tests/codegen/test_gemm.py \
+        tests/codegen/test_epilogue_codes.py tests/codegen/test_qgemm.py tests/codegen/test_rope_cols.py tests/codegen/test_rope_kv.py \
+        tests/codegen/test_tuning.py tests/runtime tests/diffusion tests/llm tests/test_readme.py --durations=15 2>&1 \
+        | tee "$OUT/s45d.log" | grep -v "Warning\|warn" | tail -40 ;;
     s45b)  # session 45 (~560 s): on an H200 the 1B prefill first (issue 14's device; s44b), then the DiT-XL/2 pipeline at 1 and
       # 8 images (s37b) and PixArt-alpha 1024 against torch.compile with what time is left
       if nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then bash "$0" s44b 2>&1 | grep -v "^NVIDIA"; fi
