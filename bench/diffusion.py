@@ -13,7 +13,8 @@ and batch: the first call (kiln: plans, tuning and CUDA graph captures; torch.co
 of ``--repeat`` calls, each from ``pipe(...)`` to the image on the device (synchronized); kiln's compile times apart;
 PSNR of each system's images against diffusers' eager bf16 images with the same seed (the issue's bar: >= 30 dB), and
 of the quantized pipelines' against the bf16 kiln pipeline's (the quantization issue's goal: >= 25 dB).
-Usage: python3 bench/diffusion.py [--models dit,pixart,pixart1024] [--batches 1,8] [--repeat 5] [--compile-modes default]
+Usage: python3 bench/diffusion.py [--models dit,pixart,pixart1024] [--batches 1,8] [--repeat 5]
+[--compile-modes default,reduce-overhead]
 [--quantize fp8,w8a8] [--ab-tma N] [--out $OUT/diffusion.json]
        python3 bench/diffusion.py --smoke   (tiny configs on the CPU in float32, 3 steps: checks the script runs)"""
 import argparse
@@ -218,7 +219,9 @@ def parse_args():
     ap.add_argument("--models", default="dit,pixart")
     ap.add_argument("--batches", default="1,8", help="images per call for DiT (PixArt: 1)")
     ap.add_argument("--repeat", type=int, default=5)
-    ap.add_argument("--compile-modes", default="default", help="torch.compile modes for the transformer ('' for none)")
+    ap.add_argument("--compile-modes", default="default,reduce-overhead",
+                    help="torch.compile modes for the transformer ('' for none; reduce-overhead, CUDA graphs, is the fair "
+                         "peer of kiln's step replays)")
     ap.add_argument("--quantize", default="", help="kiln pipelines with the step graph quantized too: fp8, w8a8 ('' for none)")
     ap.add_argument("--ab-tma", type=int, default=None, metavar="N",
                     help="also kiln's pipeline with N TMA-fed attention configs offered (lower_attention.TMA_ATTENTION_CONFIGS)")

@@ -550,6 +550,11 @@ Occupancy|Warp Cycles Per Issued|Registers Per" "$OUT/ncu_24n.txt" | head -150 ;
         | tail -16 ;;
     s43d)  # session 43, on the last minutes of a budget (~140 s): the 1B prefill in bf16 / fp8 / w8a8, nothing else
       timeout 140 python3 bench/fp8.py --parts llm --modes bf16,fp8,w8a8 --out "$OUT/fp8_43.json" 2>&1 | tail -16 ;;
+    s45e)  # session 45, the last minutes (~170 s): the DiT pipeline at one image against diffusers with the transformer
+      # under torch.compile reduce-overhead (CUDA graphs: the fair peer of kiln's replays; the pipelines' peers ran in
+      # default mode until now)
+      timeout 170 python3 bench/diffusion.py --models dit --batches 1 --repeat 3 --compile-modes reduce-overhead \
+        --out "$OUT/diffusion_45e.json" 2>&1 | grep -v "^{'model'.*step_plan\|Warning\|warn" | tail -8 ;;
     s45d)  # session 45 (~380 s): the GPU tests of what sessions 40-45 changed that s45a's cut run did not reach (GEMM configs
       # within 128 accumulator registers, rope, the plans, pipelines, generator, README), failures and durations listed
       timeout -s INT ${TESTS_TIMEOUT:-370} python3 -m pytest -q -rf --tb=line -p no:logging -m gpu tests/codegen/test_gemm.py \
