@@ -10,6 +10,8 @@ A handler raises :class:`Unsupported` for a call it cannot lower; the importer r
 """
 from __future__ import annotations
 
+import torch
+
 from ..graph import Node, dims_equal_shapes
 from ..lowering import Unsupported
 from ..registry import registrar
@@ -70,7 +72,8 @@ _BINARY = {
 
 @handles(*_BINARY)
 def _binary(cx, node, args, kwargs):
-    op = _BINARY[handler_key(node.target)]
+    key = handler_key(node.target)
+    op = _BINARY[key] if key in _BINARY else _BINARY[key[:-1]]  # (aten.add_: an input's last write, importer.py)
     a = bind(node, args, kwargs)
     x, y = a["self"], a.get("other", a.get("exponent"))
     alpha = a.get("alpha", 1)
@@ -159,12 +162,21 @@ def _to(cx, node, args, kwargs):
     return cast(cx, args[0], expected(cx, node).dtype)
 
 
+@handles("aten.promote_types")
+def _promote_types(cx, node, args, kwargs):
+    # torch.promote_types on two dtypes (a value, not a tensor: what a cast after it reads from its own record)
+    a, b = bind(node, args, kwargs).values()
+    if not (isinstance(a, torch.dtype) and isinstance(b, torch.dtype)):
+        raise Unsupported(f"promote_types of {a!r} and {b!r}")
+    return torch.promote_types(a, b)
+
+
 @handles("aten.alias", "aten.clone", "aten.contiguous", "aten.detach", "aten.lift_fresh_copy",
          "aten.dropout", "aten.feature_dropout", "aten.alpha_dropout", "aten.copy")
 def _identity(cx, node, args, kwargs):
     if handler_key(node.target).endswith("dropout") and (args[2] if len(args) > 2 else kwargs.get("train")):
         raise Unsupported("dropout in training mode (call model.eval() first)")
-    src = args[1] if handler_key(node.target) == "aten.copy" else args[0]
+    src = args[1] if handler_key(node.target) in ("aten.copy", "aten.copy_") else args[0]
     want = expected(cx, node)
     out = cast(cx, src, want.dtype)
     return out if dims_equal_shapes(out.shape, want.shape) else cx.add("EXPAND", [out], shape=want.shape)  # copy_ broadcasts

@@ -1,9 +1,10 @@
 """torch.export ``ExportedProgram`` -> kiln IR.
 
-A program that mutates nothing and calls no higher-order op is imported as exported; any other is
-first functionalised with ``run_decompositions({})`` (inlines higher-order ops such as
-``wrap_with_set_grad_enabled`` and removes in-place ops, but keeps linear / SDPA / layer_norm whole),
-which retraces the whole program (as long as the export itself: half of a DiT-XL/2 compile). Each
+A program that calls no higher-order op and mutates nothing but its own inputs, in the ways ``_functional`` can
+follow, is imported as exported; any other is first functionalised with ``run_decompositions({})`` (inlines
+higher-order ops such as ``wrap_with_set_grad_enabled`` and removes in-place ops, but keeps linear / SDPA / layer_norm
+whole), which retraces the whole program (as long as the export itself: a DiT-XL/2 pipeline's ``from_diffusers`` took
+8.3 s on the test machine's CPU with its step graph retraced, 4.7 s since its writes are followed). Each
 aten call is then lowered by its handler in :mod:`.aten` / :mod:`.aten_nn` / :mod:`.aten_shape`. Dynamic sizes stay symbolic: torch's
 size symbols are renamed after the user's dims (``s70`` -> ``seq``) and keep the ranges torch.export
 proved. An input the program writes in place (a KV cache) becomes an extra output, its new value, listed
@@ -48,7 +49,7 @@ class Importer(Lowering):
         self._consts: dict[tuple, Node] = {}
         self._dim_names = dim_names or {}
         self._input_names = list(input_names) if input_names else None
-        self._written: dict[str, Node] = {}  # placeholder name -> value after its index_copy_
+        self._written: dict[str, Node] = {}  # placeholder name -> its value after the program's write into it
         self._input_node_names: list[str] = []
 
     # ------------------------------------------------------------------ values
@@ -158,7 +159,8 @@ class Importer(Lowering):
         return location(node)
 
     def handler(self, node):
-        fn = HANDLERS.get(handler_key(node.target))
+        key = handler_key(node.target)
+        fn = HANDLERS.get(_LAST_WRITES.get(key, key))  # (a last write: its functional op's handler, see _functional)
         return None if fn is None else (lambda node, ins: fn(self, node, *ins))
 
     def inputs(self, node):
@@ -168,8 +170,8 @@ class Importer(Lowering):
         if value is not POISON:
             self._check(node, value)
         self.env[node] = value
-        if value is not POISON and node.target == torch.ops.aten.index_copy_.default:  # a write into a user input
-            self.env[node.args[0]] = value  # readers after it see the new value (see _functional)
+        if value is not POISON and _writes_input(node):  # a write into a user input (see _functional)
+            self.env[node.args[0]] = value  # readers after it see the new value
             self._written[node.args[0].name] = value
 
     # ------------------------------------------------------------------ outputs
@@ -306,13 +308,42 @@ def from_exported(ep: ExportedProgram, dim_names: dict[str, dict[int, str]] | No
 # reads of a tensor's metadata only: they may come before a write into it
 _SHAPE_ONLY = frozenset({torch.ops.aten.sym_size.int, torch.ops.aten.sym_stride.int, torch.ops.aten.sym_numel.default,
                          torch.ops.aten.sym_storage_offset.default})
+# in-place ops the importer follows as the last write into a tensor (a pipeline step's new latents / scheduler state
+# / step index; T5's ``relative_buckets += ...``), by their functional op's handler: aten.copy_ -> aten.copy, ...
+_LAST_WRITES = {"aten.copy_": "aten.copy", "aten.add_": "aten.add", "aten.sub_": "aten.sub", "aten.mul_": "aten.mul",
+                "aten.div_": "aten.div"}
+_SCALAR_MODULES = ("_operator", "operator", "math", "builtins", "torch.sym_float")
+
+
+def _writes_input(node) -> bool:
+    """``node`` is an index_copy_ or a ``_LAST_WRITES`` op whose destination is a placeholder (``_functional`` admits
+    it only into a user input, once, in the order it needs)."""
+    t = node.target
+    return (isinstance(t, torch._ops.OpOverload) and (t == torch.ops.aten.index_copy_.default or handler_key(t) in _LAST_WRITES)
+            and bool(node.args) and isinstance(node.args[0], torch.fx.Node) and node.args[0].op == "placeholder")
+
+
+def _aliases(node: torch.fx.Node) -> bool:
+    """``node``'s value may share memory with one of its inputs: an op whose schema marks a returned alias (a view:
+    view, slice, expand, chunk, ``to`` that may return its input, ...), an item of such a list, or an in-place op."""
+    t = node.target
+    if isinstance(t, torch._ops.OpOverload):
+        return t._schema.is_mutable or any(r.alias_info is not None for r in t._schema.returns)
+    return getattr(t, "__name__", None) == "getitem"
 
 
 def _functional(ep: ExportedProgram) -> bool:
-    """The program mutates nothing (no in-place or out= op, no input / buffer mutation) and calls no
-    higher-order op: what ``run_decompositions({})`` would give, minus the retrace. One mutation is
-    allowed, as the importer can translate it without functionalisation: ``index_copy_`` straight into a
-    user input (a KV cache write), once per input, with every other reader of that input after it."""
+    """The program calls no higher-order op and mutates nothing (no in-place or out= op, no input / buffer mutation)
+    but in the writes the importer follows without functionalisation: what ``run_decompositions({})`` would give,
+    minus the retrace. Each tensor is written once:
+
+    - ``index_copy_`` into a user input (a KV cache write), with every other reader of that input after it (they read
+      the new value);
+    - a ``_LAST_WRITES`` op (copy_, add_, ...) into a user input or into a tensor an op made (not a view of another),
+      as that tensor's last use: no reader of it, nor of any view of it, after the write (those before it read the old
+      value; a view read after it would see the new one, which the import would not give it; export hands later
+      readers the write's own result, the new value), computing in the destination's dtype (``_in_own_dtype``). A
+      written user input's final value is an output (``Graph.updates``)."""
     sig = ep.graph_signature
     if sig.buffers_to_mutate or sig.user_inputs_to_mutate:
         return False
@@ -326,11 +357,47 @@ def _functional(ep: ExportedProgram) -> bool:
         if isinstance(t, torch._ops.OpOverload):
             if t._schema.is_mutable:
                 x = n.args[0] if n.args else None
-                if not (t == torch.ops.aten.index_copy_.default and isinstance(x, torch.fx.Node) and x.op == "placeholder"
-                        and x.name in user_inputs and x not in written
-                        and all(order[u] > order[n] for u in x.users if u is not n and u.target not in _SHAPE_ONLY)):
+                if not isinstance(x, torch.fx.Node) or x in written:
+                    return False
+                into_input = x.op == "placeholder" and x.name in user_inputs
+                if t == torch.ops.aten.index_copy_.default:
+                    others = [u for u in x.users if u is not n and u.target not in _SHAPE_ONLY]
+                    if not (into_input and all(order[u] > order[n] for u in others)):
+                        return False
+                elif not (handler_key(t) in _LAST_WRITES and (into_input or x.op == "call_function" and not _aliases(x))
+                          and not _read_after(x, n, order) and _in_own_dtype(n)):
                     return False
                 written.add(x)
-        elif getattr(t, "__module__", None) not in ("_operator", "operator", "math", "builtins", "torch.sym_float"):
+        elif getattr(t, "__module__", None) not in _SCALAR_MODULES:
             return False  # a higher-order op (wrap_with_set_grad_enabled, cond, ...) or something unknown
     return True
+
+
+def _in_own_dtype(write: torch.fx.Node) -> bool:
+    """An in-place ``add_`` (``sub_``, ...) computes in its operands' promoted dtype and rounds to its destination's:
+    imported by the functional op's handler it would round the other operand first, so only where no promotion
+    happens (a copy_ casts its source either way)."""
+    if handler_key(write.target) == "aten.copy_":
+        return True
+    dst = write.args[0].meta.get("val")
+    vals = [a.meta.get("val") if isinstance(a, torch.fx.Node) else a for a in (*write.args[1:], *write.kwargs.values())]
+    try:
+        return isinstance(dst, torch.Tensor) and all(torch.result_type(dst, v) == dst.dtype for v in vals)
+    except (TypeError, RuntimeError):
+        return False
+
+
+def _read_after(x: torch.fx.Node, write: torch.fx.Node, order: dict) -> bool:
+    """Whether ``x`` or a view of it (``_aliases``, transitively) is read by a node after ``write``, other than
+    ``write`` itself."""
+    views, stack = {x}, [x]
+    while stack:
+        for u in stack.pop().users:
+            if u is write or u.target in _SHAPE_ONLY:
+                continue
+            if order[u] > order[write]:
+                return True
+            if u not in views and _aliases(u):
+                views.add(u)
+                stack.append(u)
+    return False

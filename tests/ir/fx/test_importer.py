@@ -741,3 +741,82 @@ def test_an_index_copy_into_an_input_imports_without_the_retrace():
         assert m.graph.updates == {"cache:updated": "cache"}
         assert_matches(m(args[0], args[1], c_kiln), module(args[0], args[1], c_eager))
         assert_matches(c_kiln, c_eager)
+
+
+def test_last_writes_into_inputs_import_without_the_retrace():
+    """A pipeline step's end (copy_ of the new latents, add_ on the step index: each input's last use) is imported as
+    exported, each input's final value an update; a read of a view of the input taken before the write, after it, sends
+    the program through run_decompositions. Both give eager's numbers and inputs."""
+    from kiln.ir.fx.importer import _functional
+
+    class Step(nn.Module):
+        def forward(self, latents, step, table):
+            row = table.index_select(0, step)  # [1, C]
+            out = (latents.float() * row).to(torch.promote_types(latents.dtype, row.dtype))
+            latents.copy_(out)  # float32 -> float16: the copy casts
+            step.add_(1)
+            return out
+
+    class ViewReadAfter(nn.Module):
+        def forward(self, latents, step, table):
+            first = latents[0]  # a view: after the copy it holds the new values
+            latents.copy_(latents.float() * table[0])
+            return first * 2
+
+    class ReadAfter(nn.Module):  # (export records the later read as one of the write's result: the new value)
+        def forward(self, latents, step, table):
+            latents.copy_(latents * 3)
+            return latents + 1
+
+    class MixedAdd(nn.Module):  # float16 += float32: eager adds in float32, then rounds; the retrace keeps that
+        def forward(self, latents, step, table):
+            latents.add_(table[0], alpha=2)
+            return table * 1
+
+    example = (randn(2, 4, dtype=torch.float16), torch.tensor([1]), randn(3, 4))
+
+    def args():
+        return tuple(a.clone() for a in example)
+    for module, direct in ((Step(), True), (ViewReadAfter(), False), (ReadAfter(), True), (MixedAdd(), False)):
+        with torch.no_grad():
+            ep = torch.export.export(module, args(), strict=False)
+        assert _functional(ep) is direct, type(module).__name__
+        a_eager, a_kiln = args(), args()
+        m = kiln.compile(module, args())
+        assert set(m.graph.updates.values()) == ({"latents", "step"} if isinstance(module, Step) else {"latents"})
+        assert_matches(m(*a_kiln), module(*a_eager))
+        for got, want in zip(a_kiln, a_eager):
+            assert_matches(got, want)
+
+
+def test_a_last_write_into_a_fresh_tensor_imports_without_the_retrace():
+    """``y += ...`` on a tensor an op made (T5's ``relative_buckets``), as its last write, imports as exported; on a view
+    of another tensor, or with a view of it read after, the program is functionalised first. Eager's numbers both ways."""
+    from kiln.ir.fx.importer import _functional
+
+    class Fresh(nn.Module):
+        def forward(self, x):
+            y = x * 2
+            y.add_(x.abs())
+            return y + 1
+
+    class IntoView(nn.Module):  # writes x's storage through its view
+        def forward(self, x):
+            y = x * 2
+            v = y[0]
+            v.mul_(3)
+            return y
+
+    class ViewReadAfter(nn.Module):
+        def forward(self, x):
+            y = x * 2
+            v = y[1:]
+            y.sub_(1)
+            return v + 0
+
+    x = randn(3, 5)
+    for module, direct in ((Fresh(), True), (IntoView(), False), (ViewReadAfter(), False)):
+        with torch.no_grad():
+            ep = torch.export.export(module, (x,), strict=False)
+        assert _functional(ep) is direct, type(module).__name__
+        assert_matches(kiln.compile(module, (x,))(x), module(x))
