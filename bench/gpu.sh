@@ -554,6 +554,10 @@ Occupancy|Warp Cycles Per Issued|Registers Per" "$OUT/ncu_24n.txt" | head -150 ;
         | tail -16 ;;
     s43d)  # session 43, on the last minutes of a budget (~140 s): the 1B prefill in bf16 / fp8 / w8a8, nothing else
       timeout 140 python3 bench/fp8.py --parts llm --modes bf16,fp8,w8a8 --out "$OUT/fp8_43.json" 2>&1 | tail -16 ;;
+    s46a)  # for session 46 (~450 s): the 1B prefill (s44b: on an H200 issue 14's figures), then PixArt-alpha 512 against
+      # torch.compile default AND reduce-overhead (never its peer before), its compile time after session 45's import change
+      bash "$0" s44b 2>&1 | grep -v "^NVIDIA"
+      PIXART_TIMEOUT=300 bash "$0" diffusion_pixart 2>&1 | grep -v "^NVIDIA" ;;
     s45e)  # session 45, the last minutes (~170 s): the DiT pipeline at one image against diffusers with the transformer
       # under torch.compile reduce-overhead (CUDA graphs: the fair peer of kiln's replays; the pipelines' peers ran in
       # default mode until now)
