@@ -163,7 +163,12 @@ def bench(a, name: str, pipe, kiln_cls, calls: dict, res: dict) -> None:
         torch._dynamo.reset()
         pipe.transformer = torch.compile(eager, mode=mode)
         for batch, kw in calls.items():
-            images, first, ms = timed(lambda: diffusers_images(kw), a.repeat)
+            try:  # (a peer mode that fails is recorded, not the end of the run: kiln's figures are already in res)
+                images, first, ms = timed(lambda: diffusers_images(kw), a.repeat)
+            except Exception as e:
+                res.setdefault("peer_errors", {})[f"{name} bs{batch} torch.compile({mode})"] = f"{type(e).__name__}: {e}"[:500]
+                print(f"{name} {batch}: torch.compile({mode}) failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+                break
             record(res, name, batch, f"diffusers + torch.compile({mode})", first, ms, images, want[batch])
     pipe.transformer = eager
     if DEV.type == "cuda":
