@@ -170,9 +170,9 @@ class Importer(Lowering):
         if value is not POISON:
             self._check(node, value)
         self.env[node] = value
-        if value is not POISON and _writes_input(node):  # a write into a user input (see _functional)
-            self.env[node.args[0]] = value  # readers after it see the new value
-            self._written[node.args[0].name] = value
+        if value is not POISON and (x := _written_input(node)) is not None:  # a write into a user input (_functional)
+            self.env[x] = self.env[node.args[0]] = value  # readers after it see the new value
+            self._written[x.name] = value
 
     # ------------------------------------------------------------------ outputs
     def _set_outputs(self, placeholders, out_node) -> None:
@@ -315,12 +315,32 @@ _LAST_WRITES = {"aten.copy_": "aten.copy", "aten.add_": "aten.add", "aten.sub_":
 _SCALAR_MODULES = ("_operator", "operator", "math", "builtins", "torch.sym_float")
 
 
-def _writes_input(node) -> bool:
-    """``node`` is an index_copy_ or a ``_LAST_WRITES`` op whose destination is a placeholder (``_functional`` admits
-    it only into a user input, once, in the order it needs)."""
+# ops that return their input itself where nothing changes (``x.to(x.dtype)``): a write into one writes the input
+_IDENTITY_ALIASES = frozenset({"aten.to", "aten.alias", "aten.detach"})
+
+
+def _written_input(node) -> torch.fx.Node | None:
+    """The placeholder ``node`` writes into, or None: an index_copy_ or a ``_LAST_WRITES`` op whose destination is a
+    placeholder, or for the latter one seen through ops that return it unchanged (``latents.to(float32)`` of a float32
+    input: export hands the write that node). ``_functional`` admits it only into a user input, once, in the order it needs."""
     t = node.target
-    return (isinstance(t, torch._ops.OpOverload) and (t == torch.ops.aten.index_copy_.default or handler_key(t) in _LAST_WRITES)
-            and bool(node.args) and isinstance(node.args[0], torch.fx.Node) and node.args[0].op == "placeholder")
+    if not (isinstance(t, torch._ops.OpOverload) and (t == torch.ops.aten.index_copy_.default or handler_key(t) in _LAST_WRITES)
+            and node.args and isinstance(node.args[0], torch.fx.Node)):
+        return None
+    x = node.args[0]
+    while t != torch.ops.aten.index_copy_.default and x.op == "call_function" and _identity_alias(x):
+        x = x.args[0]  # (a KV cache's index_copy_ only straight into the input: its readers come after it)
+    return x if x.op == "placeholder" else None
+
+
+def _identity_alias(node: torch.fx.Node) -> bool:
+    """``node`` (an ``_IDENTITY_ALIASES`` op) returns its input itself: same dtype, shape and strides in the record."""
+    if not (isinstance(node.target, torch._ops.OpOverload) and handler_key(node.target) in _IDENTITY_ALIASES
+            and node.args and isinstance(node.args[0], torch.fx.Node)):
+        return False
+    got, src = node.meta.get("val"), node.args[0].meta.get("val")
+    return (isinstance(got, torch.Tensor) and isinstance(src, torch.Tensor) and got.dtype == src.dtype
+            and got.shape == src.shape and got.stride() == src.stride())
 
 
 def _aliases(node: torch.fx.Node) -> bool:
@@ -356,7 +376,7 @@ def _functional(ep: ExportedProgram) -> bool:
         t = n.target
         if isinstance(t, torch._ops.OpOverload):
             if t._schema.is_mutable:
-                x = n.args[0] if n.args else None
+                x = _written_input(n) or (n.args[0] if n.args else None)
                 if not isinstance(x, torch.fx.Node) or x in written:
                     return False
                 into_input = x.op == "placeholder" and x.name in user_inputs

@@ -224,3 +224,20 @@ def test_noise_is_diffusers_draw(device):
         want = randn_tensor((2, 4, 8, 8), generator=gens(), device=torch.device(device), dtype=torch.bfloat16)
         got = randn((2, 4, 8, 8), gens(), torch.device(device), torch.bfloat16)
         assert got.device == want.device and torch.equal(got, want)
+
+
+def test_step_graphs_import_without_the_retrace(monkeypatch):
+    """A pipeline's graphs write their inputs in place (new latents, scheduler state, step index) in ways the importer
+    follows: no graph goes through torch.export's run_decompositions, which retraces the whole program (start-up:
+    bench/NOTES.md, session 45)."""
+    from torch.export import ExportedProgram
+
+    from .conftest import tiny_dit_pipeline
+
+    retraced = []
+    original = ExportedProgram.run_decompositions
+    monkeypatch.setattr(ExportedProgram, "run_decompositions",
+                        lambda self, *a, **k: retraced.append(len(self.graph.nodes)) or original(self, *a, **k))
+    kiln.diffusion.DiTPipeline.from_diffusers(tiny_dit_pipeline("dpm"), max_batch=1)
+    assert retraced == []
+

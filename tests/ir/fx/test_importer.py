@@ -768,6 +768,13 @@ def test_last_writes_into_inputs_import_without_the_retrace():
             latents.copy_(latents * 3)
             return latents + 1
 
+    class IdentityTo(nn.Module):  # a float16 input's .to(float16) is the input itself: export hands the write that node
+        def forward(self, latents, step, table):
+            x = latents.to(latents.dtype)
+            out = x * 2
+            x.copy_(out)
+            return out
+
     class MixedAdd(nn.Module):  # float16 += float32: eager adds in float32, then rounds; the retrace keeps that
         def forward(self, latents, step, table):
             latents.add_(table[0], alpha=2)
@@ -777,7 +784,8 @@ def test_last_writes_into_inputs_import_without_the_retrace():
 
     def args():
         return tuple(a.clone() for a in example)
-    for module, direct in ((Step(), True), (ViewReadAfter(), False), (ReadAfter(), True), (MixedAdd(), False)):
+    cases = ((Step(), True), (ViewReadAfter(), False), (ReadAfter(), True), (IdentityTo(), True), (MixedAdd(), False))
+    for module, direct in cases:
         with torch.no_grad():
             ep = torch.export.export(module, args(), strict=False)
         assert _functional(ep) is direct, type(module).__name__
