@@ -313,8 +313,6 @@ _SHAPE_ONLY = frozenset({torch.ops.aten.sym_size.int, torch.ops.aten.sym_stride.
 _LAST_WRITES = {"aten.copy_": "aten.copy", "aten.add_": "aten.add", "aten.sub_": "aten.sub", "aten.mul_": "aten.mul",
                 "aten.div_": "aten.div"}
 _SCALAR_MODULES = ("_operator", "operator", "math", "builtins", "torch.sym_float")
-
-
 # ops that return their input itself where nothing changes (``x.to(x.dtype)``): a write into one writes the input
 _IDENTITY_ALIASES = frozenset({"aten.to", "aten.alias", "aten.detach"})
 
@@ -322,10 +320,11 @@ _IDENTITY_ALIASES = frozenset({"aten.to", "aten.alias", "aten.detach"})
 def _written_input(node) -> torch.fx.Node | None:
     """The placeholder ``node`` writes into, or None: an index_copy_ or a ``_LAST_WRITES`` op whose destination is a
     placeholder, or for the latter one seen through ops that return it unchanged (``latents.to(float32)`` of a float32
-    input: export hands the write that node). ``_functional`` admits it only into a user input, once, in the order it needs."""
+    input: export hands the write that node). ``_functional`` admits it only into a user input, once, in the order
+    it needs."""
     t = node.target
-    if not (isinstance(t, torch._ops.OpOverload) and (t == torch.ops.aten.index_copy_.default or handler_key(t) in _LAST_WRITES)
-            and node.args and isinstance(node.args[0], torch.fx.Node)):
+    writes = isinstance(t, torch._ops.OpOverload) and (t == torch.ops.aten.index_copy_.default or handler_key(t) in _LAST_WRITES)
+    if not (writes and node.args and isinstance(node.args[0], torch.fx.Node)):
         return None
     x = node.args[0]
     while t != torch.ops.aten.index_copy_.default and x.op == "call_function" and _identity_alias(x):
