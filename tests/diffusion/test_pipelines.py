@@ -228,16 +228,18 @@ def test_noise_is_diffusers_draw(device):
 
 def test_step_graphs_import_without_the_retrace(monkeypatch):
     """A pipeline's graphs write their inputs in place (new latents, scheduler state, step index) in ways the importer
-    follows: no graph goes through torch.export's run_decompositions, which retraces the whole program (start-up:
-    bench/NOTES.md, session 45)."""
+    follows: no graph of a DiT or PixArt pipeline goes through torch.export's run_decompositions, which retraces the
+    whole program (start-up: bench/NOTES.md, session 45)."""
     from torch.export import ExportedProgram
 
-    from .conftest import tiny_dit_pipeline
+    from .conftest import MAX_LENGTH, tiny_dit_pipeline, tiny_pixart_pipeline
 
     retraced = []
     original = ExportedProgram.run_decompositions
     monkeypatch.setattr(ExportedProgram, "run_decompositions",
                         lambda self, *a, **k: retraced.append(len(self.graph.nodes)) or original(self, *a, **k))
     kiln.diffusion.DiTPipeline.from_diffusers(tiny_dit_pipeline("dpm"), max_batch=1)
+    # (PixArt's T5 encoder adds in place too: relative_buckets += ...)
+    kiln.diffusion.PixArtPipeline.from_diffusers(tiny_pixart_pipeline("ddim"), max_batch=1, max_sequence_length=MAX_LENGTH)
     assert retraced == []
 
