@@ -35,8 +35,10 @@ for stage in "$@"; do
         tests/diffusion tests/passes/test_gptq.py 2>&1 | tee "$OUT/kernels.log" | tail -25 ;;
     gpupart)  # PART=I/N: part I of N of the GPU tests (bench/gpu_parts.py: the files dealt by test count), the slowest listed
       IFS=/ read -r i n <<< "${PART:-1/4}"
-      timeout -s INT ${TESTS_TIMEOUT:-540} python3 -m pytest -q -rf --tb=line -p no:logging -m gpu \
-        $(python3 bench/gpu_parts.py "$i" "$n") --durations=15 2>&1 | tee "$OUT/gpupart_${i}of$n.log" | grep -v "Warning\|warn" | tail -30 ;;
+      if files=$(python3 bench/gpu_parts.py "$i" "$n"); then
+        timeout -s INT ${TESTS_TIMEOUT:-540} python3 -m pytest -q -rf --tb=line -p no:logging -m gpu $files --durations=15 \
+          2>&1 | tee "$OUT/gpupart_${i}of$n.log" | grep -v "Warning\|warn" | tail -30
+      fi ;;
     gputests)  # every GPU test
       timeout 540 python3 -m pytest -q -m gpu tests 2>&1 | tee "$OUT/gputests.log" | tail -25 ;;
     models) timeout 420 python3 bench/models.py 2>&1 | tail -20 ;;

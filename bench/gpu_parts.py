@@ -23,4 +23,7 @@ def parts(n: int) -> list[list[str]]:
 if __name__ == "__main__":
     if len(sys.argv) != 3 or not all(a.isdigit() for a in sys.argv[1:]) or not 1 <= int(sys.argv[1]) <= int(sys.argv[2]):
         sys.exit(__doc__.splitlines()[-1] + "   (part I of N, 1 <= I <= N)")
-    print(" ".join(parts(int(sys.argv[2]))[int(sys.argv[1]) - 1]))
+    files = parts(int(sys.argv[2]))[int(sys.argv[1]) - 1]
+    if not files:  # (collection failed or N exceeds the files: an empty list would make pytest run every test)
+        sys.exit(f"gpu_parts: part {sys.argv[1]} of {sys.argv[2]} holds no test file (pytest --collect-only -m gpu tests)")
+    print(" ".join(files))
