@@ -16,7 +16,7 @@ from ..graph import Node, dims_equal_shapes
 from ..lowering import Unsupported
 from ..registry import registrar
 from ..types import FLOAT_DTYPES
-from .lower import as_node, bind, cast, elementwise, expected, handler_key, promoted
+from .lower import as_node, bind, cast, elementwise, expected, functional_key, handler_key, promoted
 
 HANDLERS: dict[str, object] = {}
 handles = registrar(HANDLERS)
@@ -72,8 +72,7 @@ _BINARY = {
 
 @handles(*_BINARY)
 def _binary(cx, node, args, kwargs):
-    key = handler_key(node.target)
-    op = _BINARY[key] if key in _BINARY else _BINARY[key[:-1]]  # (aten.add_: an input's last write, importer.py)
+    op = _BINARY[functional_key(node.target)]  # (aten.add_ too: a last write the importer follows)
     a = bind(node, args, kwargs)
     x, y = a["self"], a.get("other", a.get("exponent"))
     alpha = a.get("alpha", 1)
@@ -176,7 +175,7 @@ def _promote_types(cx, node, args, kwargs):
 def _identity(cx, node, args, kwargs):
     if handler_key(node.target).endswith("dropout") and (args[2] if len(args) > 2 else kwargs.get("train")):
         raise Unsupported("dropout in training mode (call model.eval() first)")
-    src = args[1] if handler_key(node.target) in ("aten.copy", "aten.copy_") else args[0]
+    src = args[1] if functional_key(node.target) == "aten.copy" else args[0]
     want = expected(cx, node)
     out = cast(cx, src, want.dtype)
     return out if dims_equal_shapes(out.shape, want.shape) else cx.add("EXPAND", [out], shape=want.shape)  # copy_ broadcasts

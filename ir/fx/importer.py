@@ -30,7 +30,7 @@ from ..lowering import INT_MAX, POISON, Lowering, Unsupported
 from ..registry import merged
 from ..types import TType, dim, dtype_name, shape_str, sym
 from . import aten, aten_nn, aten_shape
-from .lower import handler_key
+from .lower import INPLACE_AS, functional_key, handler_key
 
 HANDLERS = merged(aten.HANDLERS, aten_nn.HANDLERS, aten_shape.HANDLERS)
 
@@ -159,8 +159,7 @@ class Importer(Lowering):
         return location(node)
 
     def handler(self, node):
-        key = handler_key(node.target)
-        fn = HANDLERS.get(_LAST_WRITES.get(key, key))  # (a last write: its functional op's handler, see _functional)
+        fn = HANDLERS.get(functional_key(node.target))  # (a last write: its functional op's handler, see _functional)
         return None if fn is None else (lambda node, ins: fn(self, node, *ins))
 
     def inputs(self, node):
@@ -309,9 +308,8 @@ def from_exported(ep: ExportedProgram, dim_names: dict[str, dict[int, str]] | No
 _SHAPE_ONLY = frozenset({torch.ops.aten.sym_size.int, torch.ops.aten.sym_stride.int, torch.ops.aten.sym_numel.default,
                          torch.ops.aten.sym_storage_offset.default})
 # in-place ops the importer follows as the last write into a tensor (a pipeline step's new latents / scheduler state
-# / step index; T5's ``relative_buckets += ...``), by their functional op's handler: aten.copy_ -> aten.copy, ...
-_LAST_WRITES = {"aten.copy_": "aten.copy", "aten.add_": "aten.add", "aten.sub_": "aten.sub", "aten.mul_": "aten.mul",
-                "aten.div_": "aten.div"}
+# / step index; T5's ``relative_buckets += ...``), by their functional op's handler (lower.functional_key)
+_LAST_WRITES = INPLACE_AS
 _SCALAR_MODULES = ("_operator", "operator", "math", "builtins", "torch.sym_float")
 # ops that return their input itself where nothing changes (``x.to(x.dtype)``): a write into one writes the input
 _IDENTITY_ALIASES = frozenset({"aten.to", "aten.alias", "aten.detach"})

@@ -21,6 +21,19 @@ def handler_key(target) -> str:
     return f"{mod.lstrip('_')}.{getattr(target, '__name__', str(target))}".lstrip(".")
 
 
+# in-place ops imported as their functional op where the importer follows the write (importer._functional: an
+# input's or a fresh tensor's last write): aten.copy_ -> aten.copy, ...
+INPLACE_AS = {"aten.copy_": "aten.copy", "aten.add_": "aten.add", "aten.sub_": "aten.sub", "aten.mul_": "aten.mul",
+              "aten.div_": "aten.div"}
+
+
+def functional_key(target) -> str:
+    """``handler_key``, an ``INPLACE_AS`` op's as its functional op's: the handler that imports it, and what it reads
+    to tell its ops apart."""
+    key = handler_key(target)
+    return INPLACE_AS.get(key, key)
+
+
 def bind(node, args, kwargs) -> dict:
     """The call's arguments by schema name, defaults filled in."""
     out = {}

@@ -688,7 +688,6 @@ def test_diffusers_dit(dit):
 def test_functional_programs_skip_the_retrace_others_are_functionalised():
     """A program with no mutation and no higher-order op imports as exported; an in-place op or a grad-mode
     region sends it through run_decompositions first. Both give eager's numbers."""
-    from kiln.ir.fx.importer import _functional
 
     class Plain(nn.Module):
         def forward(self, x):
@@ -706,12 +705,18 @@ def test_functional_programs_skip_the_retrace_others_are_functionalised():
                 y = x * 3
             return y + 1
 
-    x = randn(3, 5)
     for module, functional in ((Plain(), True), (InPlace(), False), (GradRegion(), False)):
-        with torch.no_grad():
-            ep = torch.export.export(module, (x,), strict=False)
-        assert _functional(ep) is functional, type(module).__name__
-        assert_matches(kiln.compile(module, (x,))(x), module(x))
+        check_import(module, randn(3, 5), functional)
+
+
+def check_import(module: nn.Module, x: torch.Tensor, direct: bool) -> None:
+    """``module(x)`` imports as exported (``direct``) or through run_decompositions, and kiln gives eager's numbers."""
+    from kiln.ir.fx.importer import _functional
+
+    with torch.no_grad():
+        ep = torch.export.export(module, (x,), strict=False)
+    assert _functional(ep) is direct, type(module).__name__
+    assert_matches(kiln.compile(module, (x,))(x), module(x))
 
 
 def test_an_index_copy_into_an_input_imports_without_the_retrace():
@@ -800,7 +805,6 @@ def test_last_writes_into_inputs_import_without_the_retrace():
 def test_a_last_write_into_a_fresh_tensor_imports_without_the_retrace():
     """``y += ...`` on a tensor an op made (T5's ``relative_buckets``), as its last write, imports as exported; on a view
     of another tensor, or with a view of it read after, the program is functionalised first. Eager's numbers both ways."""
-    from kiln.ir.fx.importer import _functional
 
     class Fresh(nn.Module):
         def forward(self, x):
@@ -822,9 +826,5 @@ def test_a_last_write_into_a_fresh_tensor_imports_without_the_retrace():
             y.sub_(1)
             return v + 0
 
-    x = randn(3, 5)
     for module, direct in ((Fresh(), True), (IntoView(), False), (ViewReadAfter(), False)):
-        with torch.no_grad():
-            ep = torch.export.export(module, (x,), strict=False)
-        assert _functional(ep) is direct, type(module).__name__
-        assert_matches(kiln.compile(module, (x,))(x), module(x))
+        check_import(module, randn(3, 5), direct)
