@@ -15,7 +15,7 @@ PSNR of each system's images against diffusers' eager bf16 images with the same 
 of the quantized pipelines' against the bf16 kiln pipeline's (the quantization issue's goal: >= 25 dB).
 Usage: python3 bench/diffusion.py [--models dit,pixart,pixart1024] [--batches 1,8] [--repeat 5]
 [--compile-modes default,reduce-overhead]
-[--quantize fp8,w8a8] [--ab-tma N] [--out $OUT/diffusion.json]
+[--quantize fp8,w8a8] [--ab-tma N] [--ab-blaslt] [--out $OUT/diffusion.json]
        python3 bench/diffusion.py --smoke   (tiny configs on the CPU in float32, 3 steps: checks the script runs)"""
 import argparse
 import json
@@ -156,6 +156,13 @@ def bench(a, name: str, pipe, kiln_cls, calls: dict, res: dict) -> None:
             bench_kiln(a, name, pipe, kiln_cls, calls, res, want, None, {}, label=f"kiln tma={a.ab_tma}")
         finally:
             lower_attention.TMA_ATTENTION_CONFIGS = keep
+    if a.ab_blaslt:  # the same without cuBLASLt's other algorithms among the GEMM candidates (codegen/blaslt.py)
+        from kiln.codegen import blaslt
+        keep, blaslt.ENABLED = blaslt.ENABLED, False
+        try:
+            bench_kiln(a, name, pipe, kiln_cls, calls, res, want, None, {}, label="kiln blaslt=off")
+        finally:
+            blaslt.ENABLED = keep
     for mode in filter(None, a.quantize.split(",")):
         bench_kiln(a, name, pipe, kiln_cls, calls, res, want, mode, float_images)
     eager = pipe.transformer
@@ -230,6 +237,8 @@ def parse_args():
     ap.add_argument("--quantize", default="", help="kiln pipelines with the step graph quantized too: fp8, w8a8 ('' for none)")
     ap.add_argument("--ab-tma", type=int, default=None, metavar="N",
                     help="also kiln's pipeline with N TMA-fed attention configs offered (lower_attention.TMA_ATTENTION_CONFIGS)")
+    ap.add_argument("--ab-blaslt", action="store_true",
+                    help="also kiln's pipeline without cuBLASLt's other algorithms offered (codegen/blaslt.py, nvmath-python)")
     ap.add_argument("--smoke", action="store_true", help="tiny configs on the CPU in float32, 3 steps: checks the script runs")
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "/tmp"), "diffusion.json"))
     a = ap.parse_args()

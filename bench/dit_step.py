@@ -1,8 +1,9 @@
 """The DiT-XL/2 256 pipeline's denoising step at a batch of images, kiln's plan with and without the TMA-fed attention
-among its candidates (one process): the step's replay (do_bench medians, the arms' replays in interleaved rounds), its
-kernels by time and its timeline by role. Why: at 8 images (CFG batch 16) the pipeline measured the same with the TMA
-kernel as with SDPA (session 38, H100: 214.0 / 213.9 ms) although the kernel alone is 28.6 us against SDPA + copy's 42.3
-(bench/attn.py). Usage: python3 bench/dit_step.py [--images 8]. Writes $OUT/dit_step.json."""
+(``--ab tma``) or cuBLASLt's other algorithms (``--ab blaslt``: codegen/blaslt.py) among its candidates (one process):
+the step's replay (do_bench medians, the arms' replays in interleaved rounds), its kernels by time and its timeline by
+role. Why: at 8 images (CFG batch 16) the pipeline measured the same with the TMA kernel as with SDPA (session 38,
+H100: 214.0 / 213.9 ms) although the kernel alone is 28.6 us against SDPA + copy's 42.3 (bench/attn.py). Usage:
+python3 bench/dit_step.py [--images 8] [--ab tma|blaslt]. Writes $OUT/dit_step.json."""
 import argparse
 import json
 import os
@@ -11,7 +12,7 @@ import statistics
 import torch
 import triton.testing as tt
 
-from kiln.codegen import lower_attention
+from kiln.codegen import blaslt, lower_attention
 from kiln.diffusion import presets
 from kiln.diffusion.pipelines import padded, step_inputs
 
@@ -20,14 +21,18 @@ from step_timeline import step_timeline, summary
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--images", type=int, default=8)
+ap.add_argument("--ab", choices=("tma", "blaslt"), default="tma", help="the arms: with / without that among the candidates")
 a = ap.parse_args()
 DEV, BF16 = torch.device("cuda"), torch.bfloat16
 ROUNDS = 15
 pipe = presets.diffusers_pipeline("dit-xl-2-256", dtype=BF16, device=DEV)
 r = {"device": torch.cuda.get_device_name(), "images": a.images, "arms": {}}
 plans = {}
-for tma in (lower_attention.TMA_ATTENTION_CONFIGS, 0):
-    keep, lower_attention.TMA_ATTENTION_CONFIGS = lower_attention.TMA_ATTENTION_CONFIGS, tma
+SWITCH = {"tma": (lower_attention, "TMA_ATTENTION_CONFIGS", lower_attention.TMA_ATTENTION_CONFIGS, 0),
+          "blaslt": (blaslt, "ENABLED", blaslt.ENABLED, False)}[a.ab]
+for value in SWITCH[2:]:
+    keep = getattr(SWITCH[0], SWITCH[1])
+    setattr(SWITCH[0], SWITCH[1], value)
     try:
         kp = presets.compile_pipeline(pipe, max_batch=a.images)
         labels = [207 + i for i in range(a.images)]
@@ -40,8 +45,8 @@ for tma in (lower_attention.TMA_ATTENTION_CONFIGS, 0):
         plan = kp.step.executor.plan_for(flat)
         plan.bind(flat)
     finally:
-        lower_attention.TMA_ATTENTION_CONFIGS = keep
-    plans[f"tma={tma}"] = (kp, plan)  # (kp keeps the plan's buffers alive)
+        setattr(SWITCH[0], SWITCH[1], keep)
+    plans[f"{a.ab}={value}"] = (kp, plan)  # (kp keeps the plan's buffers alive)
 # the arms' replays interleaved, round by round (clocks drift over a run: session 38's arms timed one after the other
 # differed by 134 us a step in the same GEMM kernels), then each arm's median over the rounds
 rounds = {name: [] for name in plans}

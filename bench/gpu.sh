@@ -556,6 +556,26 @@ Occupancy|Warp Cycles Per Issued|Registers Per" "$OUT/ncu_24n.txt" | head -150 ;
         | tail -16 ;;
     s43d)  # session 43, on the last minutes of a budget (~140 s): the 1B prefill in bf16 / fp8 / w8a8, nothing else
       timeout 140 python3 bench/fp8.py --parts llm --modes bf16,fp8,w8a8 --out "$OUT/fp8_43.json" 2>&1 | tail -16 ;;
+    s46c)  # session 46 (~330 s): cuBLASLt's algorithms as GEMM candidates (codegen/blaslt.py, nvmath-python from .whl): their
+      # GPU tests (every algorithm against float64, in a CUDA graph; a DiT plan forced to them), then the DiT one-image
+      # step with and without them (bench/dit_step.py --ab blaslt: replay, kernels, timeline by role)
+      timeout -s INT 150 python3 -m pytest -q -rf --tb=short -m gpu tests/codegen/test_blaslt.py tests/runtime/test_kernel_plan.py \
+        -k "blaslt or every_gemm_choice" 2>&1 | tee "$OUT/s46c_tests.log" | grep -v "Warning\|warn" | tail -8
+      (cd bench && timeout 200 python3 dit_step.py --images 1 --ab blaslt 2>&1 | grep -v "Warning\|addmm\|_warn_once\|float32" \
+        | tail -30) ;;
+    s46d)  # session 46 (~450 s): the DiT-XL/2 pipeline (1 and 8 images) with and without cuBLASLt's other algorithms, one
+      # process (diffusers eager beside, no torch.compile peer), then the 1B prefill in bf16 / w8a8 / fp8 (s44b: the bf16
+      # arm's GEMMs may now take them)
+      timeout 300 python3 bench/diffusion.py --models dit --compile-modes '' --ab-blaslt --out "$OUT/diffusion_46d.json" 2>&1 \
+        | grep -v "^{'model'.*step_plan\|Warning\|warn" | tail -12
+      bash "$0" s44b 2>&1 | grep -v "^NVIDIA" ;;
+    s46b)  # session 46 (~500 s): cuBLASLt's other algorithms at DiT / PixArt shapes (bench/blaslt_algos.py, nvmath-python from
+      # .whl), then on an H200 the 1B prefill (s44b), then PixArt-alpha 512 against torch.compile default and reduce-overhead
+      timeout 200 python3 bench/blaslt_algos.py --only dit512,dit4096,pixart8192 --limit 24 --out "$OUT/blaslt.json" 2>&1 \
+        | grep -v "Warning\|warn" | tail -16
+      if nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then bash "$0" s44b 2>&1 | grep -v "^NVIDIA"; fi
+      left=$((560 - SECONDS))
+      if [ $left -ge 90 ]; then PIXART_TIMEOUT=$left bash "$0" diffusion_pixart 2>&1 | grep -v "^NVIDIA"; fi ;;
     s46a)  # for session 46 (~450 s): the 1B prefill (s44b: on an H200 issue 14's figures), then PixArt-alpha 512 against
       # torch.compile default AND reduce-overhead (never its peer before), its compile time after session 45's import change
       bash "$0" s44b 2>&1 | grep -v "^NVIDIA"

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from ..ir.ops import OPS, conv_operands
 from ..ir.ops_fused import aqgemm_operands, aqgemm_rope, gemm_operands, qgemm_operands
 from ..ir.quant import dequantize_rows
+from . import blaslt
 from .kernels import aqgemm as taq
 from .kernels import conv_epilogue as tce
 from .kernels import epilogue_codes as tec
@@ -62,6 +63,9 @@ TRITON_AQGEMM_CONFIGS = 2
 # configuration and the one filling the last wave best. (Not for 16-bit GEMMs: at DiT-XL/2 and 1B-prefill shapes it lost
 # to cuBLAS everywhere, bench/NOTES.md session 17)
 TRITON_TMA_CONFIGS = 2
+# the generation of cuBLASLt's algorithms as GEMM candidates (codegen/blaslt.py; in a GEMM's what where they are offered:
+# a decision measured without them is measured again)
+BLASLT_CANDIDATES = 1
 # the skinny candidates' generation in the tuner's key (a decision measured between older candidates is measured
 # again): 2 since split-K may reduce in its last program, 3 since a plain GEMV also tries skinny.WHOLE_K's tile, 4 since
 # 2..16 rows try swapped tiles, 5 since the norm prologue's statistics pass is pipelined (it was K / BLOCK_K serial round
@@ -202,6 +206,8 @@ def gemm(args: list, attrs: dict, out: torch.Tensor, tmp: torch.Tensor | None, d
     # (cuBLASLt's GELU epilogue is the tanh form on CUDA; torch's CPU fallback of the same call uses erf)
     if bias is not None and act == "gelu_tanh" and not glu and gate is None and residual is None and device.type == "cuda":
         candidates["cublaslt:gelu"] = lambda: torch._addmm_activation(bias, x.reshape(m, k), wt, use_gelu=True, out=out2)
+    library = _blaslt(x, w, bias, gate, residual, act, glu, out, device)
+    candidates.update(library)
     template = triton_ok(tg.DTYPES, x.dtype, device, tg.INTERPRET)
     cfgs = (tg.configs(m, glu) if device.type == "cuda" else [tg.INTERPRET_CONFIG])[:TRITON_GEMM_CONFIGS] if template else []
     for c in cfgs:
@@ -218,11 +224,30 @@ def gemm(args: list, attrs: dict, out: torch.Tensor, tmp: torch.Tensor | None, d
                                                                          config=c, rstd_eps=norm["eps"]))
     candidates = with_norm(candidates, fused, norm)
     what = {"op": "GEMM", "x": list(x.shape), "x_stride": list(x.stride()), "w": list(w.shape), "dtype": str(x.dtype),
-            **_epilogue_what(act, glu, bias, gate, residual, out)}
+            **_epilogue_what(act, glu, bias, gate, residual, out), **({"blaslt": BLASLT_CANDIDATES} if library else {})}
     if decode:  # (a decision cached before the skinny template, or its one-launch split-K, was a candidate is not one
         what["skinny"] = SKINNY_CANDIDATES  # between these)
         what["weights"] = "cold"  # a decode GEMM streams its weight from HBM: timed so (tuning.py)
     return _norm_what(what, norm), candidates
+
+
+def _blaslt(x, w, bias, gate, residual, act: str, glu: bool, out: torch.Tensor, device: torch.device) -> dict:
+    """cuBLASLt's other algorithms for the GEMM (``codegen/blaslt.py``, where nvmath-python is installed): a product with
+    bias / bias + tanh-GELU or a residual in place (``out`` is the residual's buffer), no gate, no GLU."""
+    if glu or gate is not None or not blaslt.available(device):
+        return {}
+    accumulate = residual is not None
+    if accumulate and not (in_place(residual, out) and tuple(residual.shape) == tuple(out.shape)):
+        return {}
+    m, k = math.prod(x.shape[:-1]), x.shape[-1]
+    try:
+        x2 = x.view(m, k)  # (the candidates hold their operands: a copy would go stale)
+    except RuntimeError:
+        return {}
+    out2 = out.view(m, out.shape[-1])
+    if not blaslt.offered(x2, w, bias, act, accumulate, out2):
+        return {}
+    return blaslt.candidates(x2, w, bias, act, accumulate, out2)
 
 
 def _skinny_configs(m: int, n: int, k: int, bits: int | None, glu: bool, device: torch.device, norm: bool = False,

@@ -229,12 +229,17 @@ def test_gpu_dit_tiny_bf16_every_gemm_choice(pipeline_models):
         want32 = model32(**inputs32).sample
     model = model32.to(torch.bfloat16)
     inputs = _cuda_bf16(inputs32)
-    for force in CHOICES + [{"gemm": "cublaslt"}]:
+    from kiln.codegen import blaslt
+    library = [{"gemm": "blaslt"}] if blaslt.available(torch.device("cuda")) else []  # (nvmath-python installed)
+    for force in CHOICES + [{"gemm": "cublaslt"}] + library:
         m = kiln.compile(model, (), _cuda_bf16(dit_inputs(2)), dynamic=dims, config=kiln.CompileConfig(kernels=force))
         out = m(**inputs).sample
         ref = reference_executor(m.graph).run([inputs[i.attrs["name"]] for i in m.graph.inputs])[0]
         no_worse_than_reference(out, ref, want32)
-        assert m.executor.describe()["plans"][0]["cuda_graph"]
+        d = m.executor.describe()["plans"][0]
+        assert d["cuda_graph"]
+        if force == {"gemm": "blaslt"}:  # (its projections' operands are arena buffers and weights: 256-byte aligned)
+            assert d["choices"].get("gemm:blaslt", 0) > 0, d["choices"]
 
 
 @pytest.mark.gpu
