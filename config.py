@@ -13,7 +13,7 @@ from .passes.quantize_weights import MODES, QuantizeSpec
 
 
 BACKENDS = ("auto", "kernels", "reference")
-KERNEL_CHOICES = {"gemm": ("cublas", "cublaslt", "triton", "triton-rstd", "triton-tma", "triton-skinny", "triton-qgemm",
+KERNEL_CHOICES = {"gemm": ("cublas", "cublaslt", "blaslt", "triton", "triton-rstd", "triton-tma", "triton-skinny", "triton-qgemm",
                           "dequant-cublas", "triton-aqgemm", "scaled-mm", "int-mm", "reference"),
                   "attention": ("sdpa", "kiln", "kiln-tma", "kiln-decode", "kiln-decode-last", "kiln-decode-whole", "kiln-rope-decode",
                                 "kiln-rope-decode-last", "kiln-rope-decode-whole"),
