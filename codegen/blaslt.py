@@ -2,10 +2,11 @@
 
 torch.addmm asks cuBLASLt's heuristic for one algorithm and runs its first; TunableOp cannot choose on CUDA builds. At
 DiT-XL/2's 512-row GEMMs that first is not the fastest the heuristic lists: measured on an H100 (bench/blaslt_algos.py,
-kernel times, bench/NOTES.md session 46) fc2 1152 <- 4608 13.52 -> 12.09 us (80 x 64 tiles against torch's 72 x 64),
-qkv 9.43 -> 9.03, o 5.32 -> 5.17; at 2048-8192 rows 0-5%. So kiln plans the same product with nvmath-python's
+kernel times, bench/NOTES.md session 46) fc2 1152 <- 4608 13.52 -> 12.09 us (96 x 64 tiles against torch's 72 x 64),
+qkv 9.43 -> 9.03, o 5.32 -> 5.17; at 2048-8192 rows 0-7%. In the DiT one-image step -2.1% (1,656 -> 1,621 us; the
+pipeline 44.7 -> 43.9 ms), at eight images level. So kiln plans the same product with nvmath-python's
 ``Matmul`` and offers each algorithm the heuristic lists (up to ``LIMIT``) beside torch's call; the tuner keeps what it
-measures fastest, as for every other candidate:
+measures fastest, as for every other candidate (``lower.gemm``, above decode's 16 rows):
 
     out  = x @ w^T (+ bias)                 cuBLASLt epilogue BIAS (none without a bias)
     out  = gelu_tanh(x @ w^T + bias)        GELU_BIAS (cuBLASLt's GELU is the tanh form)

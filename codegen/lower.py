@@ -232,14 +232,16 @@ def gemm(args: list, attrs: dict, out: torch.Tensor, tmp: torch.Tensor | None, d
 
 
 def _blaslt(x, w, bias, gate, residual, act: str, glu: bool, out: torch.Tensor, device: torch.device) -> dict:
-    """cuBLASLt's other algorithms for the GEMM (``codegen/blaslt.py``, where nvmath-python is installed): a product with
-    bias / bias + tanh-GELU or a residual in place (``out`` is the residual's buffer), no gate, no GLU."""
-    if glu or gate is not None or not blaslt.available(device):
+    """cuBLASLt's other algorithms for the GEMM (``codegen/blaslt.py``, where nvmath-python is installed): a product of
+    more than the skinny template's rows with bias / bias + tanh-GELU or a residual in place (``out`` is the residual's
+    buffer), no gate, no GLU. (Not at decode's 1..16 rows: measured only at 512 rows and more; there the skinny
+    candidates chain by PDL, which a library kernel does not.)"""
+    m, k = math.prod(x.shape[:-1]), x.shape[-1]
+    if m <= ts.MAX_M or glu or gate is not None or not blaslt.available(device):
         return {}
     accumulate = residual is not None
     if accumulate and not (in_place(residual, out) and tuple(residual.shape) == tuple(out.shape)):
         return {}
-    m, k = math.prod(x.shape[:-1]), x.shape[-1]
     try:
         x2 = x.view(m, k)  # (the candidates hold their operands: a copy would go stale)
     except RuntimeError:
