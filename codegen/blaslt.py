@@ -116,13 +116,16 @@ def candidates(x2: torch.Tensor, w: torch.Tensor, bias, act: str, accumulate: bo
             except Exception:  # (a problem nvmath or the heuristic declines: torch's call and kiln's kernels remain)
                 _PROBES[key] = []
         listed = _PROBES[key]
-    made: dict[int, object] = {}
 
-    def run(i: int) -> None:
-        mm = made.get(i)
-        if mm is None:
-            with _LOCK:
-                algo = _nvmath().Algorithm.from_numpy(listed[i][1])
-                mm = made[i] = _matmul(x2, w, bias, act, accumulate, out2, [algo])[0]
-        mm.execute()  # (on torch's current stream: the capture's inside a CUDA graph capture)
-    return {name: functools.partial(run, i) for i, (name, _) in enumerate(listed)}
+    def runner(record):
+        held = []  # its Matmul, made at the first run: the chosen candidate's closure holds its own and no other
+
+        def run() -> None:
+            if not held:
+                with _LOCK:
+                    if not held:
+                        algo = _nvmath().Algorithm.from_numpy(record)
+                        held.append(_matmul(x2, w, bias, act, accumulate, out2, [algo])[0])
+            held[0].execute()  # (on torch's current stream: the capture's inside a CUDA graph capture)
+        return run
+    return {name: runner(record) for name, record in listed}
