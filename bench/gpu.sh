@@ -556,14 +556,15 @@ Occupancy|Warp Cycles Per Issued|Registers Per" "$OUT/ncu_24n.txt" | head -150 ;
         | tail -16 ;;
     s43d)  # session 43, on the last minutes of a budget (~140 s): the 1B prefill in bf16 / fp8 / w8a8, nothing else
       timeout 140 python3 bench/fp8.py --parts llm --modes bf16,fp8,w8a8 --out "$OUT/fp8_43.json" 2>&1 | tail -16 ;;
-    s47a)  # for session 47 (~480 s): on an H200 issue 13's / 14's goal figures: the 1B prefill (s44b), then the 1B decode
-      # at batch 1 in bf16 / w4a16 / w8a16 (s32a); on an H100 PixArt-alpha 1024 with and without cuBLASLt's other
-      # algorithms (codegen/blaslt.py: its 8192-row GEMMs measured 0-7% faster alone, session 46) against torch.compile
+    s47a)  # for session 47 (~500 s): on an H200 issue 13's / 14's goal figures: the 1B prefill (s44b), then the 1B decode
+      # at batch 1 in bf16 / w4a16 / w8a16 (s32a); on an H100 PixArt-alpha 512 and 1024 with and without cuBLASLt's other
+      # algorithms (codegen/blaslt.py: 2048-8192-row GEMMs 0-7% faster alone, session 46) against torch.compile default
+      # and reduce-overhead (512 px stood at 1.96x / 1.55x without them)
       if nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then
         bash "$0" s44b s32a 2>&1 | grep -v "^NVIDIA\|^bytecode"
       else
-        timeout 470 python3 bench/diffusion.py --models pixart1024 --repeat 3 --ab-blaslt --compile-modes default \
-          --out "$OUT/diffusion_47a.json" 2>&1 | grep -v "Warning\|warn\|float32" | tail -12
+        timeout 540 python3 bench/diffusion.py --models pixart,pixart1024 --repeat 3 --ab-blaslt \
+          --out "$OUT/diffusion_47a.json" 2>&1 | grep -v "Warning\|warn\|float32\|^{'model'" | tail -14
       fi ;;
     s46c)  # session 46 (~330 s): cuBLASLt's algorithms as GEMM candidates (codegen/blaslt.py, nvmath-python from .whl): their
       # GPU tests (every algorithm against float64, in a CUDA graph; a DiT plan forced to them), then the DiT one-image
