@@ -1,4 +1,4 @@
-"""The repository's GPU tests in parts, for sessions whose device budget cannot run them whole (~380 tests, ~35 min
+"""The repository's GPU tests in parts, for sessions whose device budget cannot run them whole (~400 tests, ~35-40 min
 on an H100, session 45): ``python3 bench/gpu_parts.py I N`` prints the test files of part I of N (1-based), the files
 dealt greedily by their GPU test count so the parts are about even; ``bash bench/gpu.sh gpupart`` runs PART=I/N.
 Usage: python3 bench/gpu_parts.py 1 4"""
