@@ -206,7 +206,7 @@ def gemm(args: list, attrs: dict, out: torch.Tensor, tmp: torch.Tensor | None, d
     # (cuBLASLt's GELU epilogue is the tanh form on CUDA; torch's CPU fallback of the same call uses erf)
     if bias is not None and act == "gelu_tanh" and not glu and gate is None and residual is None and device.type == "cuda":
         candidates["cublaslt:gelu"] = lambda: torch._addmm_activation(bias, x.reshape(m, k), wt, use_gelu=True, out=out2)
-    library = _blaslt(x, w, bias, gate, residual, act, glu, out, device)
+    library = _blaslt(x, w, bias, gate, residual, act, glu, out, out2, device)
     candidates.update(library)
     template = triton_ok(tg.DTYPES, x.dtype, device, tg.INTERPRET)
     cfgs = (tg.configs(m, glu) if device.type == "cuda" else [tg.INTERPRET_CONFIG])[:TRITON_GEMM_CONFIGS] if template else []
@@ -231,12 +231,12 @@ def gemm(args: list, attrs: dict, out: torch.Tensor, tmp: torch.Tensor | None, d
     return _norm_what(what, norm), candidates
 
 
-def _blaslt(x, w, bias, gate, residual, act: str, glu: bool, out: torch.Tensor, device: torch.device) -> dict:
+def _blaslt(x, w, bias, gate, residual, act: str, glu: bool, out: torch.Tensor, out2: torch.Tensor, device: torch.device) -> dict:
     """cuBLASLt's other algorithms for the GEMM (``codegen/blaslt.py``, where nvmath-python is installed): a product of
     more than the skinny template's rows with bias / bias + tanh-GELU or a residual in place (``out`` is the residual's
     buffer), no gate, no GLU. (Not at decode's 1..16 rows: measured only at 512 rows and more; there the skinny
-    candidates chain by PDL, which a library kernel does not.)"""
-    m, k = math.prod(x.shape[:-1]), x.shape[-1]
+    candidates chain by PDL, which a library kernel does not.) ``out2``: ``out`` as [M, N]."""
+    m, k = out2.shape[0], x.shape[-1]
     if m <= ts.MAX_M or glu or gate is not None or not blaslt.available(device):
         return {}
     accumulate = residual is not None
@@ -246,7 +246,6 @@ def _blaslt(x, w, bias, gate, residual, act: str, glu: bool, out: torch.Tensor, 
         x2 = x.view(m, k)  # (the candidates hold their operands: a copy would go stale)
     except RuntimeError:
         return {}
-    out2 = out.view(m, out.shape[-1])
     if not blaslt.offered(x2, w, bias, act, accumulate, out2):
         return {}
     return blaslt.candidates(x2, w, bias, act, accumulate, out2)

@@ -35,14 +35,9 @@ def test_not_available_on_the_cpu_and_not_in_a_cpu_gemm_decision():
     assert "blaslt" not in what and not any(n.startswith("blaslt:") for n in cands)
 
 
-class _Algo:  # what algorithm_name reads of nvmath's Algorithm
-    def __init__(self, tile, split_k):
-        self.tile, self.split_k = tile, split_k
-
-
 def test_names_say_place_tile_and_split():
-    assert blaslt.algorithm_name(0, _Algo((80, 64), 1)) == "blaslt:0,80x64,1"
-    assert blaslt.algorithm_name(6, _Algo("UNDEFINED", 2)) == "blaslt:6,UNDEFINED,2"
+    assert blaslt.algorithm_name(0, _FakeNvmath.Algorithm((80, 64), 1)) == "blaslt:0,80x64,1"
+    assert blaslt.algorithm_name(6, _FakeNvmath.Algorithm("UNDEFINED", 2)) == "blaslt:6,UNDEFINED,2"
 
 
 def _nvmath_or_skip():
