@@ -556,6 +556,11 @@ Occupancy|Warp Cycles Per Issued|Registers Per" "$OUT/ncu_24n.txt" | head -150 ;
         | tail -16 ;;
     s43d)  # session 43, on the last minutes of a budget (~140 s): the 1B prefill in bf16 / fp8 / w8a8, nothing else
       timeout 140 python3 bench/fp8.py --parts llm --modes bf16,fp8,w8a8 --out "$OUT/fp8_43.json" 2>&1 | tail -16 ;;
+    s47b)  # session 47, after s47a on an H200 (~450 s): issue 15's DiT-XL/2 goal figures there (one and eight images against
+      # diffusers eager and torch.compile default / reduce-overhead, one process; last measured on an H200 in session 11)
+      DIT_TIMEOUT=540 bash "$0" diffusion_dit 2>&1 | grep -v "^NVIDIA\|Warning\|warn\|^{'model'" | tail -16 ;;
+    s47c)  # session 47 (~450 s): on an H200 the 8B's goal figures (s32b: w4a16 with its 4-bit head against the default, w8a16)
+      bash "$0" s32b 2>&1 | grep -v "^NVIDIA" ;;
     s47a)  # for session 47 (~500 s): on an H200 issue 13's / 14's goal figures: the 1B prefill (s44b), then the 1B decode
       # at batch 1 in bf16 / w4a16 / w8a16 (s32a); on an H100 PixArt-alpha 512 and 1024 with and without cuBLASLt's other
       # algorithms (codegen/blaslt.py: 2048-8192-row GEMMs 0-7% faster alone, session 46) against torch.compile default
