@@ -126,11 +126,13 @@ class DiTPipeline(Pipeline):
                 T = self.scheduler.config["num_train_timesteps"]
                 self._starts = torch.arange(0, T, K, dtype=torch.int64, device=self.device)
 
-            def refresh(i, buffers):  # the next K steps' rows, before step 0, K, 2K, ...
-                if i % K == 0:
+            def refresh(i, buffers):  # the next K steps' rows, before step K, 2K, ...
+                if i % K == 0 and i > 0:
                     buffers["modulation"].copy_(self.conditioning(buffers["timesteps"], self._starts[i // K], labels))
-            latents = self.denoise({"modulation": self._table(self.spec, len(labels), self.device)}, len(labels),
-                                   num_inference_steps, guidance_scale, generator, callback, before_step=refresh)
+            # steps 0 .. K-1's rows enqueued first: the device computes them while the host draws the noise and binds
+            first = self.conditioning(self._scheduled(num_inference_steps)[1][1], self._starts[0], labels)
+            latents = self.denoise({"modulation": first}, len(labels), num_inference_steps, guidance_scale, generator,
+                                   callback, before_step=refresh)
         return PipelineOutput(self.decode(latents, output_type))
 
     def step_conditioning(self, labels: torch.Tensor, timesteps: torch.Tensor) -> dict:
