@@ -559,6 +559,12 @@ Occupancy|Warp Cycles Per Issued|Registers Per" "$OUT/ncu_24n.txt" | head -150 ;
     s47b)  # session 47, after s47a on an H200 (~450 s): issue 15's DiT-XL/2 goal figures there (one and eight images against
       # diffusers eager and torch.compile default / reduce-overhead, one process; last measured on an H200 in session 11)
       DIT_TIMEOUT=540 bash "$0" diffusion_dit 2>&1 | grep -v "^NVIDIA\|Warning\|warn\|^{'model'" | tail -16 ;;
+    s47d)  # session 47 (~200 s): warm GEMM decisions made again in the step (KILN_REFINE=all, runtime/refine.py): its GPU
+      # tests, then the DiT one-image step with and without (bench/dit_step.py --ab refine: replay, kernels, timeline)
+      timeout -s INT 100 python3 -m pytest -q -rf --tb=short -m gpu tests/runtime/test_refine.py 2>&1 \
+        | tee "$OUT/s47d_tests.log" | grep -v "Warning\|warn" | tail -6
+      (cd bench && timeout 240 python3 dit_step.py --images 1 --ab refine 2>&1 | grep -v "Warning\|addmm\|_warn_once\|float32" \
+        | tail -30) ;;
     s47c)  # session 47 (~450 s): on an H200 the 8B's goal figures (s32b: w4a16 with its 4-bit head against the default, w8a16)
       bash "$0" s32b 2>&1 | grep -v "^NVIDIA" ;;
     s47a)  # for session 47 (~500 s): on an H200 issue 13's / 14's goal figures: the 1B prefill (s44b), then the 1B decode

@@ -1,7 +1,8 @@
 """A decode plan's GEMM decisions made again inside the plan (``KILN_REFINE``: on for plans on a GPU by default, "0"
-turns it off, "1" runs it on the CPU too). Measured on an H100 (bench/NOTES.md, session 30), one process each: the 1B
-bf16 at batch 1 922 -> 972 tok/s (the o projection's unsplit skinny GEMV taken over cuBLASLt, which tied alone), the 1B
-w4a16 with the whole-K WORDS tiles 1,750 -> 1,784; ~8-11 s more on a plan's first build, once (then from the cache).
+turns it off, "1" runs it on the CPU too, "all" takes a GPU plan's warm GEMM decisions too: ``warm``). Measured on an
+H100 (bench/NOTES.md, session 30), one process each: the 1B bf16 at batch 1 922 -> 972 tok/s (the o projection's
+unsplit skinny GEMV taken over cuBLASLt, which tied alone), the 1B w4a16 with the whole-K WORDS tiles 1,750 -> 1,784;
+~8-11 s more on a plan's first build, once (then from the cache).
 
 The tuner times a decode GEMM's candidates alone, after the L2 is flushed (codegen/tuning.py). In the plan each runs in
 a chain of PDL launches and reads its first weight words before its wait while the kernel before it finishes, so the
@@ -45,26 +46,51 @@ REP_MS, MIN_REPS = 15.0, 5  # replays a round, at least MIN_REPS: the 8B's 2.1 m
 MIN_GAIN = 0.003  # share of the step an alternative must gain
 PASSES = 4  # timings of the alternatives: each pass takes the one gaining most, the next times the rest again around it
 KEEP = 0.02  # after a pass, the alternatives timed again: within this share of the step (worse), and the choice replaced
+# warm decisions (KILN_REFINE=all): closer alternatives only, their time alone a better guide than a decode GEMV's cold
+# one (bench/NOTES.md, session 46: the DiT's 512-row qkv on blaslt's 128 x 128 / 4 x 2-cluster kernel, 9.03 us alone
+# against torch's 9.43, was 283 us a step against 271 in the step)
+WARM_MARGIN, WARM_MAX_ALTS = 0.08, 2
 CHECK_TOL = 0.05  # a variant's outputs against the plan's, relative (16-bit roundings differ by ~1e-2)
 
 
-def enabled(device: torch.device) -> bool:
-    """``KILN_REFINE``: "cuda" (the default: a plan on a GPU), "1" (on the CPU too, under the interpreter: tests), "0"
-    (never). Read at each plan build, as bench/decode.py --ab-env sets it around a variant's calls."""
+def _mode() -> str:
     v = os.environ.get("KILN_REFINE", "cuda")
-    if v not in ("cuda", "0", "1"):
-        raise KilnError(f"KILN_REFINE={v!r}: use cuda (the default: decode plans on a GPU), 1 (the CPU too) or 0 (never)")
-    return v == "1" or (v == "cuda" and device.type == "cuda")
+    if v not in ("cuda", "0", "1", "all"):
+        raise KilnError(f"KILN_REFINE={v!r}: use cuda (the default: decode plans on a GPU), 1 (the CPU too), all (a GPU "
+                        "plan's other GEMM decisions too) or 0 (never)")
+    return v
+
+
+def enabled(device: torch.device) -> bool:
+    """``KILN_REFINE``: "cuda" (the default: a plan on a GPU), "1" (on the CPU too, under the interpreter: tests), "all"
+    (a plan on a GPU, its warm GEMM decisions too: ``warm``), "0" (never). Read at each plan build, as bench/decode.py
+    --ab-env sets it around a variant's calls."""
+    v = _mode()
+    return v == "1" or (v in ("cuda", "all") and device.type == "cuda")
+
+
+def warm(device: torch.device) -> bool:
+    """Whether the GEMM decisions the tuner measures warm (more than a decode's rows: a DiT step's 512-row projections)
+    are made again in the plan as well (``KILN_REFINE=all``), among the candidates within WARM_MARGIN of the choice."""
+    return _mode() == "all" and device.type == "cuda"
 
 
 def choice(tuner, kind: str, what: dict, candidates: dict, device: torch.device, chosen: str) -> tuple[str, dict]:
     """The candidate a plan's call takes for a decision the tuner answered ``chosen``: the refinement's where one is
-    known, with the call's fields for ``refine_set`` (``options``, ``key``); (``chosen``, {}) for what is not refined."""
-    if not enabled(device) or kind != "gemm" or kind in tuner.force or not cold(what) or tuner.is_surveying:
+    known, with the call's fields for ``refine_set``: ``options``, what it may try (the choice, its ``alternatives``:
+    within MARGIN for a cold decision, WARM_MARGIN for a warm one, and the refinement's choice), and ``key``.
+    (``chosen``, {}) for what is not refined, or has no alternative to try."""
+    if not enabled(device) or kind != "gemm" or kind in tuner.force or tuner.is_surveying:
+        return chosen, {}
+    if not cold(what) and not warm(device):
         return chosen, {}
     k = tuner.key_of(kind, what, device)
-    r = tuner.refinement(k) or {}
-    return (r["choice"] if r.get("choice") in candidates else chosen), {"options": candidates, "key": k}
+    r, d = tuner.refinement(k) or {}, tuner.decisions.get(k) or {}
+    alts = alternatives(d, chosen) if cold(what) else alternatives(d, chosen, WARM_MARGIN, WARM_MAX_ALTS)
+    options = {n: candidates[n] for n in dict.fromkeys([chosen, *alts, r.get("choice")]) if n in candidates}
+    if len(options) == 1:
+        return chosen, {}
+    return (r["choice"] if r.get("choice") in options else chosen), {"options": options, "key": k}
 
 
 def charged(d: dict) -> dict[str, float]:
@@ -177,8 +203,8 @@ def _refine_set(plan, s: OutputSet) -> dict | None:
     for i, c in enumerate(s.calls):
         if c.options is not None:
             at.setdefault(c.key, []).append(i)
-    todo = {k: alternatives(tuner.decisions[k], s.calls[i[0]].choice) for k, i in at.items()
-            if k in tuner.decisions and tuner.refinement(k) is None}
+    todo = {k: [a for a in s.calls[i[0]].options if a != s.calls[i[0]].choice]  # (choice: alternatives, fastest first)
+            for k, i in at.items() if k in tuner.decisions and tuner.refinement(k) is None}
     if not todo:
         return None
     _run((s.calls, s.cuda_graph))

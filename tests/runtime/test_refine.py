@@ -74,6 +74,66 @@ def test_no_refinement_with_collectives_or_without_the_variable(monkeypatch):
         refine.enabled(torch.device("cpu"))
 
 
+def test_warm_decisions_only_with_all_and_only_their_close_alternatives(monkeypatch):
+    # KILN_REFINE=all: a GEMM the tuner measured warm (more than a decode's rows) is refined too, among the choice and
+    # its alternatives within WARM_MARGIN (at most WARM_MAX_ALTS); a cold one within MARGIN (at most MAX_ALTS), as before
+    monkeypatch.setattr(refine, "MARGIN", 0.25)
+    monkeypatch.setattr(refine, "MAX_ALTS", 3)
+    monkeypatch.setattr(refine, "WARM_MARGIN", 0.08)
+    monkeypatch.setattr(refine, "WARM_MAX_ALTS", 2)
+    ms = {"a": 0.010, "b": 0.0105, "c": 0.0107, "d": 0.0108, "e": 0.012}
+    refined = {}
+    tuner = SimpleNamespace(force={}, is_surveying=False, key_of=lambda kind, what, dev: f"key-{what['rows']}",
+                            decisions={"key-512": {"ms": ms, "choice": "a"}, "key-4": {"ms": ms, "choice": "a"}},
+                            refinement=lambda k: refined.get(k))
+    cands = {n: (lambda: None) for n in ms}
+    gpu, warm_what, cold_what = torch.device("cuda"), {"rows": 512}, {"rows": 4, "weights": "cold"}
+    monkeypatch.setenv("KILN_REFINE", "cuda")
+    assert refine.choice(tuner, "gemm", warm_what, cands, gpu, "a") == ("a", {})
+    assert list(refine.choice(tuner, "gemm", cold_what, cands, gpu, "a")[1]["options"]) == ["a", "b", "c", "d"]
+    monkeypatch.setenv("KILN_REFINE", "all")
+    assert refine.warm(gpu) and not refine.warm(torch.device("cpu"))
+    chosen, fields = refine.choice(tuner, "gemm", warm_what, cands, gpu, "a")
+    assert chosen == "a" and list(fields["options"]) == ["a", "b", "c"] and fields["key"] == "key-512"
+    assert list(refine.choice(tuner, "gemm", cold_what, cands, gpu, "a")[1]["options"]) == ["a", "b", "c", "d"]
+    assert refine.choice(tuner, "gemm", warm_what, cands, torch.device("cpu"), "a") == ("a", {})  # (all: GPU plans)
+    assert refine.choice(tuner, "attention", warm_what, cands, gpu, "a") == ("a", {})
+    refined["key-512"] = {"choice": "e"}  # a refinement already made (the cache's): taken, its option kept
+    chosen, fields = refine.choice(tuner, "gemm", warm_what, cands, gpu, "a")
+    assert chosen == "e" and list(fields["options"]) == ["a", "b", "c", "e"]
+    refined.clear()
+    monkeypatch.setattr(refine, "WARM_MARGIN", 0.01)  # nothing close: not refined at all
+    assert refine.choice(tuner, "gemm", warm_what, cands, gpu, "a") == ("a", {})
+
+
+def test_warm_refinement_of_a_plan_tries_only_the_close_alternatives(tmp_path, monkeypatch):
+    """A 32-row MLP (warm GEMMs) compiled with warm refinement on (``refine.warm`` stands for KILN_REFINE=all on a GPU):
+    its calls carry the close options only, what is timed is among them, the winner taken and the outputs unchanged."""
+    monkeypatch.setenv("KILN_REFINE", "1")
+    monkeypatch.setattr(refine, "warm", lambda device: True)
+    monkeypatch.setattr(refine, "WARM_MARGIN", float("inf"))
+    monkeypatch.setattr(refine, "WARM_MAX_ALTS", 1)
+    timed_names = []
+
+    def timed(variants, device, **kw):
+        timed_names.extend(n for n in variants if n not in ("plan", "again"))
+        return {name: 0.9 if name == timed_names[0] else 1.0 for name in variants}  # the first alternative gains 10%
+    monkeypatch.setattr(refine, "timed", timed)
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(16, 24), torch.nn.GELU(), torch.nn.Linear(24, 16)).eval()
+    x = torch.randn(32, 16)
+    m = kiln.compile(mlp, (x,), config=kiln.CompileConfig(backend="kernels", cache_dir=str(tmp_path)))
+    torch.testing.assert_close(m(x), mlp(x), rtol=2e-3, atol=2e-3)
+    plan = m.executor.plans[0]
+    refinable = [c for c in plan.calls if c.options]
+    assert refinable and all(len(c.options) <= 2 for c in refinable)  # (the choice and one alternative)
+    assert timed_names and all(n.split(" ", 1)[1] in c.options for n in timed_names for c in refinable
+                               if n.startswith(c.key[:12]))
+    k, alt = timed_names[0].split(" ", 1)
+    assert {c.choice for c in refinable if c.key.startswith(k)} == {alt}
+    assert m.executor.tuner.refined
+
+
 def tiny_generator(cache_dir):
     cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
@@ -212,3 +272,26 @@ def test_gpu_refined_plans_capture_and_give_the_same_tokens(cuda_llama_generator
     assert tuner.refined and all(d["choice"] in tuner.decisions[k]["ms"] for k, d in tuner.refined.items())
     assert all(p.stats.cuda_graph for p in plans) and any("refine" in p.stats.phases for p in plans)
     assert all(c.choice == tuner.refined[c.key]["choice"] for p in plans for c in p.calls if c.options)
+
+
+@pytest.mark.gpu
+def test_gpu_warm_refinement_of_a_dit_plan(pipeline_models, monkeypatch, tmp_path):
+    # KILN_REFINE=all on a tiny DiT (bf16, its projections warm GEMMs): every variant captured and timed for real; whatever
+    # wins, the output is the unrefined plan's within bf16 noise and each refined call runs one of its close options
+    dit, dit_inputs, dims = pipeline_models["dit"]
+    model = dit(tie=True).cuda().to(torch.bfloat16)
+    inputs = {k: v.cuda().bfloat16() if v.is_floating_point() else v.cuda() for k, v in dit_inputs(2).items()}
+    cfg = kiln.CompileConfig(cache_dir=str(tmp_path))
+    monkeypatch.setenv("KILN_REFINE", "0")
+    want = kiln.compile(model, (), inputs, dynamic=dims, config=cfg)(**inputs).sample.float()
+    monkeypatch.setenv("KILN_REFINE", "all")
+    monkeypatch.setattr(refine, "WARM_MARGIN", float("inf"))
+    monkeypatch.setattr(refine, "ROUNDS", 3)
+    m = kiln.compile(model, (), inputs, dynamic=dims, config=cfg)
+    got = m(**inputs).sample.float()
+    assert (got - want).abs().max() <= 2e-2 * want.abs().max()
+    plan, tuner = m.executor.plans[0], m.executor.tuner
+    refinable = [c for c in plan.calls if c.options]
+    assert refinable and "refine" in plan.stats.phases and plan.stats.cuda_graph
+    assert all(c.choice in c.options and len(c.options) <= 1 + refine.WARM_MAX_ALTS for c in refinable)
+    assert {c.key for c in refinable} <= set(tuner.refined)
