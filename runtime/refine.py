@@ -27,6 +27,8 @@ import dataclasses
 import os
 import time
 import warnings
+from collections.abc import Callable
+from types import SimpleNamespace
 
 import torch
 
@@ -121,9 +123,31 @@ def _swapped(calls: list[KernelCall], at: list[int], name: str) -> list[KernelCa
     return [dataclasses.replace(c, run=c.options[name], choice=name) if i in at else c for i, c in enumerate(calls)]
 
 
-def _runner(calls: list[KernelCall], device: torch.device):
-    """What replays ``calls``: a CUDA graph of them (captured as the plan captures), or None on the CPU (the list runs)."""
-    return capture(calls, device) if device.type == "cuda" else None
+def _runner(calls: list[KernelCall], device: torch.device, restore=None):
+    """What replays ``calls``: a CUDA graph of them (captured as the plan captures), or None on the CPU (the list runs).
+    With ``restore`` (``_state``'s), it runs first in each replay: every run of a variant starts from the same state."""
+    if restore is None:
+        return capture(calls, device) if device.type == "cuda" else None
+    run = [SimpleNamespace(run=restore), *calls]
+    return capture(run, device) if device.type == "cuda" else SimpleNamespace(replay=lambda: run_calls(run))
+
+
+def _state(plan) -> Callable[[], None] | None:
+    """What puts back, before each run of a variant, the inputs the plan writes in place and does not adopt (a pipeline
+    step's latents, step index and scheduler state: each run would otherwise start where the last ended, its outputs
+    differ from the plan's and its step index run past the schedule's tables); None where there are none. An adopted
+    KV cache is written at the slot the inputs name, the same at every run."""
+    targets = set(plan.graph.updates.values())
+    bufs = [b for k, (n, b) in enumerate(zip(plan.graph.inputs, plan.input_buffers))
+            if n.attrs["name"] in targets and k not in plan.adopted and b is not None]
+    if not bufs:
+        return None
+    saved = [b.clone() for b in bufs]
+
+    def restore() -> None:
+        for b, v in zip(bufs, saved):
+            b.copy_(v)
+    return restore
 
 
 def _run(variant: tuple) -> None:
@@ -207,21 +231,22 @@ def _refine_set(plan, s: OutputSet) -> dict | None:
             for k, i in at.items() if k in tuner.decisions and tuner.refinement(k) is None}
     if not todo:
         return None
-    _run((s.calls, s.cuda_graph))
+    restore = _state(plan)
+    plan_v = (s.calls, s.cuda_graph if restore is None else _runner(s.calls, plan.device, restore))
+    _run(plan_v)
     want, failed, steps, first = _outputs(plan, s), {}, [], None
     live = [(k, alt) for k, alts in todo.items() for alt in alts]  # (what the next pass times, in this order)
-    plan_v = (s.calls, s.cuda_graph)
     reps = reps_for(plan_v, plan.device)
     for _ in range(PASSES):
         current = {k: plan_v[0][at[k][0]].choice for k in todo}
-        variants, names = {"plan": plan_v, "again": (plan_v[0], _runner(plan_v[0], plan.device))}, {}
+        variants, names = {"plan": plan_v, "again": (plan_v[0], _runner(plan_v[0], plan.device, restore))}, {}
         for k, alt in live:
             name = f"{k[:12]} {alt}"
             if alt == current[k] or name in failed:
                 continue
             calls = _swapped(plan_v[0], at[k], alt)
             try:
-                v = (calls, _runner(calls, plan.device))
+                v = (calls, _runner(calls, plan.device, restore))
                 _run(v)
                 err = max((rel_err(got, ref) for got, ref in zip(_outputs(plan, s), want)), default=0.0)
             except Exception as e:  # noqa: BLE001  (a variant that cannot be captured or run: recorded, never taken)
@@ -245,6 +270,10 @@ def _refine_set(plan, s: OutputSet) -> dict | None:
         live = [kv for n, kv in names.items() if ms[n] - ms["plan"] < KEEP * ms["plan"]] + [(k, current[k])]
         steps.append({"key": k[:12], "choice": alt, "gain_us": round((ms["plan"] - ms[name]) * 1e3, 3),
                       "noise_us": round(abs(ms["again"] - ms["plan"]) * 1e3, 3)})
+    if restore is not None:  # (the state as the plan found it; its graph without the restoring copies)
+        restore()
+        if plan_v[0] is not s.calls:
+            plan_v = (plan_v[0], _runner(plan_v[0], plan.device))
     if plan_v[0] is not s.calls:
         s.calls[:], s.cuda_graph = plan_v
     ms, names = first or ({"plan": 0.0, "again": 0.0}, {})

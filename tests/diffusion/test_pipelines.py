@@ -243,3 +243,39 @@ def test_step_graphs_import_without_the_retrace(monkeypatch):
     kiln.diffusion.PixArtPipeline.from_diffusers(tiny_pixart_pipeline("ddim"), max_batch=1, max_sequence_length=MAX_LENGTH)
     assert retraced == []
 
+
+
+@pytest.mark.interpreter
+def test_a_refined_step_plan_starts_each_variant_from_the_same_state(dit, reference_images, monkeypatch):
+    """The step graph writes its inputs in place (latents, step index, scheduler state): KILN_REFINE's variants (warm
+    GEMM decisions, ``refine.warm`` standing in for KILN_REFINE=all on a GPU) each run from the state the plan had, so
+    none fails its output check for having started where the last one ended, and the image is still diffusers'."""
+    from kiln.runtime import refine
+
+    monkeypatch.setenv("KILN_REFINE", "1")
+    monkeypatch.setattr(refine, "warm", lambda device: True)
+    monkeypatch.setattr(refine, "WARM_MARGIN", float("inf"))
+    monkeypatch.setattr(refine, "WARM_MAX_ALTS", 1)
+    keys, favoured = set(), []
+
+    def timed(variants, device, **kw):  # a plan's first pass: its first alternative gains 10%, the rest lose; later: all lose
+        alts = [n for n in variants if n not in ("plan", "again")]
+        fresh = [n for n in alts if n.split(" ")[0] not in keys]
+        favoured.extend(fresh[:1])
+        keys.update(n.split(" ")[0] for n in alts)
+        return {n: 0.9 if n in fresh[:1] else 1.0 if n in ("plan", "again") else 1.1 for n in variants}
+    monkeypatch.setattr(refine, "timed", timed)
+    pipe, kp = dit("ddim")
+    want = reference_images(pipe, seed=4, class_labels=[7], num_inference_steps=2, guidance_scale=4.0)
+    tuner = Tuner(force={"attention": "sdpa", "conv": "torch", "group_norm": "kiln"})
+    target = Target.from_config(kiln.CompileConfig(backend="kernels"), tuner=tuner)
+    models = {name: kiln.api.CompiledModel(m.graph, m.signature, m.config, m.report()) for name, m in kp.models.items()}
+    for m in models.values():
+        m.executor = Executor(m.graph, target)
+    kernels = kiln.diffusion.DiTPipeline(models, kp.spec)
+    got = kernels(class_labels=[7], num_inference_steps=2, guidance_scale=4.0, seed=4, output_type="pt").images
+    assert max_err(got, want) <= IMAGE_TOL["kernels"]
+    report = kernels.step.executor.plans[0].stats.refine
+    assert report and not report["failed"], report
+    (step,) = report["steps"]  # (its first pass's favoured alternative taken)
+    assert f"{step['key']} {step['choice']}" in favoured
