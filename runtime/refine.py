@@ -221,6 +221,30 @@ def refine_set(plan, s: OutputSet) -> dict | None:
         return None
 
 
+def _variants(plan, s: OutputSet, plan_v: tuple, live: list, at: dict, restore, want: list, failed: dict) -> tuple[dict, dict]:
+    """A pass's variants: the plan's calls ``plan_v`` ("plan"), captured again ("again": the noise), and each (key,
+    alternative) of ``live`` swapped into them, run once and checked against the plan's outputs ``want`` (a failure goes
+    to ``failed`` and is not tried again); with the names of the swaps (variant name -> (key, alternative))."""
+    variants, names = {"plan": plan_v, "again": (plan_v[0], _runner(plan_v[0], plan.device, restore))}, {}
+    for k, alt in live:
+        name = f"{k[:12]} {alt}"
+        if name in failed:
+            continue
+        calls = _swapped(plan_v[0], at[k], alt)
+        try:
+            v = (calls, _runner(calls, plan.device, restore))
+            _run(v)
+            err = max((rel_err(got, ref) for got, ref in zip(_outputs(plan, s), want)), default=0.0)
+        except Exception as e:  # noqa: BLE001  (a variant that cannot be captured or run: recorded, never taken)
+            failed[name] = f"{type(e).__name__}: {e}"[:300]
+            continue
+        if err > CHECK_TOL:
+            failed[name] = f"outputs differ from the plan's by {err:.3g} (relative)"
+        else:
+            variants[name], names[name] = v, (k, alt)
+    return variants, names
+
+
 def _refine_set(plan, s: OutputSet) -> dict | None:
     t0, tuner = time.perf_counter(), plan.target.tuner
     at: dict[str, list[int]] = {}
@@ -239,23 +263,7 @@ def _refine_set(plan, s: OutputSet) -> dict | None:
     reps = reps_for(plan_v, plan.device)
     for _ in range(PASSES):
         current = {k: plan_v[0][at[k][0]].choice for k in todo}
-        variants, names = {"plan": plan_v, "again": (plan_v[0], _runner(plan_v[0], plan.device, restore))}, {}
-        for k, alt in live:
-            name = f"{k[:12]} {alt}"
-            if alt == current[k] or name in failed:
-                continue
-            calls = _swapped(plan_v[0], at[k], alt)
-            try:
-                v = (calls, _runner(calls, plan.device, restore))
-                _run(v)
-                err = max((rel_err(got, ref) for got, ref in zip(_outputs(plan, s), want)), default=0.0)
-            except Exception as e:  # noqa: BLE001  (a variant that cannot be captured or run: recorded, never taken)
-                failed[name] = f"{type(e).__name__}: {e}"[:300]
-                continue
-            if err > CHECK_TOL:
-                failed[name] = f"outputs differ from the plan's by {err:.3g} (relative)"
-            else:
-                variants[name], names[name] = v, (k, alt)
+        variants, names = _variants(plan, s, plan_v, [kv for kv in live if kv[1] != current[kv[0]]], at, restore, want, failed)
         if not names:
             break
         ms = timed(variants, plan.device, reps=reps)
@@ -283,5 +291,6 @@ def _refine_set(plan, s: OutputSet) -> dict | None:
                          "step_delta_us": step, "step_ms": round(ms["plan"], 5)})
     plan.stats.phases["refine"] = round(time.perf_counter() - t0, 4)
     plan.stats.refine = {"step_ms": ms["plan"], "noise_ms": abs(ms["again"] - ms["plan"]), "steps": steps,
+                         "first_pass_us": {n: round((ms[n] - ms["plan"]) * 1e3, 3) for n in names},  # (+: slower)
                          "failed": failed, "seconds": plan.stats.phases["refine"], "reps": reps}
     return plan.stats.refine
