@@ -49,8 +49,8 @@ MIN_GAIN = 0.003  # share of the step an alternative must gain
 PASSES = 4  # timings of the alternatives: each pass takes the one gaining most, the next times the rest again around it
 KEEP = 0.02  # after a pass, the alternatives timed again: within this share of the step (worse), and the choice replaced
 # warm decisions (KILN_REFINE=all): closer alternatives only, their time alone a better guide than a decode GEMV's cold
-# one (bench/NOTES.md, session 46: the DiT's 512-row qkv on blaslt's 128 x 128 / 4 x 2-cluster kernel, 9.03 us alone
-# against torch's 9.43, was 283 us a step against 271 in the step)
+# one. Off by default: on an H100 the DiT-XL/2 one-image step kept every choice (none of its 512-row GEMMs' alternatives
+# gained 0.3% of the step; 2.0 s more on the plan's first build: bench/NOTES.md, session 47)
 WARM_MARGIN, WARM_MAX_ALTS = 0.08, 2
 CHECK_TOL = 0.05  # a variant's outputs against the plan's, relative (16-bit roundings differ by ~1e-2)
 
