@@ -29,8 +29,8 @@ ROUNDS = 15
 pipe = presets.diffusers_pipeline("dit-xl-2-256", dtype=BF16, device=DEV)
 r = {"device": torch.cuda.get_device_name(), "images": a.images, "arms": {}}
 plans = {}
-SWITCH = {"tma": (lower_attention, "TMA_ATTENTION_CONFIGS", 0), "blaslt": (blaslt, "ENABLED", False),
-          "refine": (None, "KILN_REFINE", "all", "cuda")}[a.ab]
+SWITCH = {"tma": (lower_attention, "TMA_ATTENTION_CONFIGS", lower_attention.TMA_ATTENTION_CONFIGS, 0),
+          "blaslt": (blaslt, "ENABLED", blaslt.ENABLED, False), "refine": (None, "KILN_REFINE", "all", "cuda")}[a.ab]
 
 
 def switch(value):
@@ -45,7 +45,7 @@ def switch(value):
     return keep
 
 
-for value in (SWITCH[2:] if a.ab == "refine" else (getattr(*SWITCH[:2]), SWITCH[2])):
+for value in SWITCH[2:]:
     keep = switch(value)
     try:
         kp = presets.compile_pipeline(pipe, max_batch=a.images)

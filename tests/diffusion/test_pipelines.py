@@ -161,20 +161,27 @@ def test_pixart_bad_calls(pixart, call, message):
         kp(**{"num_inference_steps": 2, **call})
 
 
-@pytest.mark.interpreter
-def test_kernels_backend_matches_diffusers(dit, reference_images):
-    """The step graph and the VAE decode as kernel plans (generated Triton kernels under the interpreter; GEMMs,
-    attention and convolutions on torch's kernels), 2 steps: the image within 1e-3 of diffusers'."""
+def kernels_pipeline_near_diffusers(dit, reference_images, force: dict):
+    """The tiny DiT pipeline's graphs as kernel plans (the tuner forced to ``force``), called for 2 steps: its image
+    checked within IMAGE_TOL["kernels"] of diffusers'; the pipeline."""
     pipe, kp = dit("ddim")
     want = reference_images(pipe, seed=4, class_labels=[7], num_inference_steps=2, guidance_scale=4.0)
-    tuner = Tuner(force={"gemm": "cublas", "attention": "sdpa", "conv": "torch", "group_norm": "kiln"})
-    target = Target.from_config(kiln.CompileConfig(backend="kernels"), tuner=tuner)
+    target = Target.from_config(kiln.CompileConfig(backend="kernels"), tuner=Tuner(force=force))
     models = {name: kiln.api.CompiledModel(m.graph, m.signature, m.config, m.report()) for name, m in kp.models.items()}
     for m in models.values():
         m.executor = Executor(m.graph, target)
     kernels = kiln.diffusion.DiTPipeline(models, kp.spec)
     got = kernels(class_labels=[7], num_inference_steps=2, guidance_scale=4.0, seed=4, output_type="pt").images
     assert max_err(got, want) <= IMAGE_TOL["kernels"]
+    return kernels
+
+
+@pytest.mark.interpreter
+def test_kernels_backend_matches_diffusers(dit, reference_images):
+    """The step graph and the VAE decode as kernel plans (generated Triton kernels under the interpreter; GEMMs,
+    attention and convolutions on torch's kernels), 2 steps: the image within 1e-3 of diffusers'."""
+    kernels = kernels_pipeline_near_diffusers(dit, reference_images, {"gemm": "cublas", "attention": "sdpa", "conv": "torch",
+                                                                      "group_norm": "kiln"})
     launches = kernels.step.executor.plans[0].describe()["launches"]
     assert launches["pointwise"] >= 1 and launches["attention"] == 2 and launches["gemm"] >= 4
 
@@ -265,16 +272,7 @@ def test_a_refined_step_plan_starts_each_variant_from_the_same_state(dit, refere
         keys.update(n.split(" ")[0] for n in alts)
         return {n: 0.9 if n in fresh[:1] else 1.0 if n in ("plan", "again") else 1.1 for n in variants}
     monkeypatch.setattr(refine, "timed", timed)
-    pipe, kp = dit("ddim")
-    want = reference_images(pipe, seed=4, class_labels=[7], num_inference_steps=2, guidance_scale=4.0)
-    tuner = Tuner(force={"attention": "sdpa", "conv": "torch", "group_norm": "kiln"})
-    target = Target.from_config(kiln.CompileConfig(backend="kernels"), tuner=tuner)
-    models = {name: kiln.api.CompiledModel(m.graph, m.signature, m.config, m.report()) for name, m in kp.models.items()}
-    for m in models.values():
-        m.executor = Executor(m.graph, target)
-    kernels = kiln.diffusion.DiTPipeline(models, kp.spec)
-    got = kernels(class_labels=[7], num_inference_steps=2, guidance_scale=4.0, seed=4, output_type="pt").images
-    assert max_err(got, want) <= IMAGE_TOL["kernels"]
+    kernels = kernels_pipeline_near_diffusers(dit, reference_images, {"attention": "sdpa", "conv": "torch", "group_norm": "kiln"})
     report = kernels.step.executor.plans[0].stats.refine
     assert report and not report["failed"], report
     (step,) = report["steps"]  # (its first pass's favoured alternative taken)
