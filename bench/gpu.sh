@@ -33,10 +33,13 @@ for stage in "$@"; do
     kernels)  # the bf16 GPU tests of the decode / quantized GEMMs, the schedulers' CUDA-graph step, GPTQ on CUDA
       timeout 300 python3 -m pytest -q -x -m gpu tests/codegen/test_skinny.py tests/codegen/test_qgemm.py \
         tests/diffusion tests/passes/test_gptq.py 2>&1 | tee "$OUT/kernels.log" | tail -25 ;;
-    gpupart)  # PART=I/N: part I of N of the GPU tests (bench/gpu_parts.py: the files dealt by test count), the slowest listed
+    gpupart)  # PART=I/N: part I of N of the GPU tests (bench/gpu_parts.py: the files dealt by test count), the slowest listed;
+      # GPU_WORKERS pytest-xdist processes share the GPU (default 4: the slowest GPU tests compile every config of a kernel,
+      # Triton on one core of the machine's 16; session 48, not yet timed; 0: one process, as before)
       IFS=/ read -r i n <<< "${PART:-1/4}"
+      workers=${GPU_WORKERS:-4}; xdist=""; [ "$workers" -gt 0 ] && xdist="-n $workers"
       if files=$(python3 bench/gpu_parts.py "$i" "$n"); then
-        timeout -s INT ${TESTS_TIMEOUT:-540} python3 -m pytest -q -rf --tb=line -p no:logging -m gpu $files --durations=15 \
+        timeout -s INT ${TESTS_TIMEOUT:-540} python3 -m pytest -q -rf --tb=line -p no:logging -m gpu $xdist $files --durations=15 \
           2>&1 | tee "$OUT/gpupart_${i}of$n.log" | grep -v "Warning\|warn" | tail -30
       fi ;;
     gputests)  # every GPU test
