@@ -130,7 +130,8 @@ class DiTPipeline(Pipeline):
                 if i % K == 0 and i > 0:
                     buffers["modulation"].copy_(self.conditioning(buffers["timesteps"], self._starts[i // K], labels))
             # steps 0 .. K-1's rows enqueued first: the device computes them while the host draws the noise and binds
-            first = self.conditioning(self._scheduled(num_inference_steps)[1][1], self._starts[0], labels)
+            _, (_, timesteps) = self._scheduled(num_inference_steps)  # (the padded table and timesteps the step binds)
+            first = self.conditioning(timesteps, self._starts[0], labels)
             latents = self.denoise({"modulation": first}, len(labels), num_inference_steps, guidance_scale, generator,
                                    callback, before_step=refresh)
         return PipelineOutput(self.decode(latents, output_type))

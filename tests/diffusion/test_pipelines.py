@@ -251,7 +251,6 @@ def test_step_graphs_import_without_the_retrace(monkeypatch):
     assert retraced == []
 
 
-
 @pytest.mark.interpreter
 def test_a_refined_step_plan_starts_each_variant_from_the_same_state(dit, reference_images, monkeypatch):
     """The step graph writes its inputs in place (latents, step index, scheduler state): KILN_REFINE's variants (warm
