@@ -126,11 +126,16 @@ def test_norms_read_by_anything_but_a_float_gemm_weight_are_left_alone():
 
 
 def test_a_folded_weight_is_the_float64_product_rounded_once():
-    # 16-bit weights are multiplied in torch's float32 compute type (their product exact there), not copied to float64:
-    # the same bits as the float64 product rounded, tiny (subnormal) products included; float32 weights go by float64
+    # 16-bit weights are multiplied in torch's float32 compute type (their product exact there), float32 ones in float32
+    # (correctly rounded), none copied to float64: the same bits as the float64 product rounded, tiny (subnormal)
+    # products included; a 16-bit weight scaled by a float32 norm weight goes by float64 (float32 would round twice)
     from kiln.passes.fold_norm_weight import _scaled
     gen = torch.Generator().manual_seed(3)
-    for dtype, scale in ((torch.bfloat16, 1.0), (torch.float16, 1.0), (torch.bfloat16, 1e-20), (torch.float32, 1.0)):
+    cases = ((torch.bfloat16, 1.0), (torch.float16, 1.0), (torch.bfloat16, 1e-20), (torch.float32, 1.0),
+             (torch.float32, 1e-20))
+    for dtype, scale in cases:
         t, w = rand(gen, 64, K) * scale, (1 + 0.3 * rand(gen, K)) if scale == 1.0 else rand(gen, K) * scale
         t, w = t.to(dtype), w.to(dtype)
-        assert torch.equal(_scaled(t, w), (t.double() * w.double()).to(dtype)), dtype
+        assert torch.equal(_scaled(t, w), (t.double() * w.double()).to(dtype)), (dtype, scale)
+    t, w = rand(gen, 64, K).to(torch.bfloat16), (1 + 0.3 * rand(gen, K)).float()
+    assert torch.equal(_scaled(t, w), (t.double() * w.double()).to(torch.bfloat16))
