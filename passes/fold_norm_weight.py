@@ -70,8 +70,8 @@ def _scaled(t: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     which holds their product exactly (8 + 8 or 11 + 11 significant bits): one rounding, the float64 product's, with no
     float64 copy of the weight (a 1B's gate/up: 268 MB; on the CPU a 1B's folds took 8.0 s, now 1.4). Two float32s (or
     float64s) multiply in their own type, correctly rounded (IEEE 754): the float64 product's rounding again (a float32
-    1B's folds on the CPU: 11.2 s by float64, 4.9 so). Other pairs go by float64: a 16-bit weight times a float32 norm weight
-    would round in float32 and again to 16 bits."""
+    1B's folds on the CPU took 11.2 s through float64, 4.9 now). Other pairs go through float64: a 16-bit weight times a
+    float32 norm weight would round in float32, then again to 16 bits."""
     if t.dtype == w.dtype and t.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         return t * w
     return (t.double() * w.double()).to(t.dtype)
