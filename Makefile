@@ -21,8 +21,11 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --durations=10 tests
 
+# GPU tests in GPU_WORKERS processes sharing the GPU (0: one process): the slowest compile every config of a kernel,
+# and Triton compiles on one CPU core, so four took the suite from ~31 to ~13 minutes on an H100 (bench/NOTES.md, session 50)
+GPU_WORKERS ?= 4
 test-gpu: $(STAMP)
-	TRITON_INTERPRET=0 $(PY) -m pytest -q -m gpu tests
+	TRITON_INTERPRET=0 $(PY) -m pytest -q -m gpu $(if $(filter 0,$(GPU_WORKERS)),,-n $(GPU_WORKERS)) tests
 
 demo: $(STAMP)
 	@mkdir -p out
