@@ -14,7 +14,7 @@ import torch.utils._pytree as pytree
 
 from .codegen import compile_pool
 from .config import CompileConfig
-from .errors import CaptureError, KilnError, SourceChangedError
+from .errors import CaptureError, InputError, KilnError, SourceChangedError
 from .ir.bind import bind_inputs
 from .ir.fx import capture
 from .ir.fx.capture import Dim  # noqa: F401  (kiln.Dim)
@@ -75,7 +75,11 @@ class CompiledModel:
     def run(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         """Run on the flat input tensors (graph order); returns the model's outputs, flat. Inputs the model
         updates in place (a KV cache) hold their new values afterwards, as they would in eager torch."""
-        plan = self.executor.plan_for(tensors)
+        try:
+            plan = self.executor.plan_for(tensors)
+        except InputError:
+            self.check_source()  # inputs that fit the new weights, not the old graph (``.half()``): say what changed
+            raise
         g = self.graph
         if g.updates:
             self.check_source()  # before running: a stale run would write the caller's inputs

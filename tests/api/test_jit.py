@@ -70,6 +70,22 @@ def test_to_dtype_returns_the_jitted_module_and_recompiles(jitted):
     assert j.rebuilds["recompile"] == 2
 
 
+def test_inputs_that_follow_the_new_dtype_recompile():
+    # the old graph refuses a float16 input; the module's change, not the input, is what it must answer to
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4))
+    j, x = kiln.jit(mlp), torch.randn(3, 8)
+    assert rel_err(j(x), mlp(x).detach()) <= TOL[torch.float32]
+    compiled = j.compiled
+    j.half()
+    with torch.no_grad():
+        want = mlp(x.half())
+    got = j(x.half())
+    assert got.dtype == torch.float16 and rel_err(got, want) <= TOL[torch.float16] and j.rebuilds["recompile"] == 1
+    with pytest.raises(kiln.SourceChangedError, match="has changed its parameters"):  # (not: "expected float32")
+        compiled(x.half())
+
+
 def test_a_replaced_tensor(jitted):
     model, j, ids = jitted
     model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.lm_head.weight))  # unties it from the embedding
