@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import operator
 import os
+import types
 import warnings
 from dataclasses import dataclass
 from functools import partial
@@ -32,20 +33,108 @@ from .runtime.signature import Signature, output_names, output_structure
 class SourceWatch:
     """The parameters and buffers a graph was compiled from, and a cheap check that they are still there,
     unwritten: each registered tensor is still the same object (not replaced), with the same version counter (no
-    in-place write) and storage (no ``.data =``, which ``.to()`` uses). About 0.3 us per tensor. (Tensors a
-    compiled *function* closes over are not watched: torch.export lifts them with version counters of their own.)"""
+    in-place write) and storage (no ``.data =``, which ``.to()`` uses). About 0.3 us per tensor.
 
-    def __init__(self, module: torch.nn.Module):
-        slots = [(reg, k, t) for m in module.modules() for reg in (m._parameters, m._buffers) for k, t in reg.items()
-                 if t is not None]
+    A compiled *function* (``fn``) is watched through what it names (torch.export lifts the tensors it reads with
+    version counters of their own): each global or closure name bound to a tensor, a module, or a list / tuple /
+    dict of them must still be bound to that object, those tensors unwritten and those modules' parameters and
+    buffers as above; the functions it names are followed likewise (``_References``)."""
+
+    def __init__(self, module: torch.nn.Module | None = None, fn=None):
+        refs = _References()
+        if fn is not None:
+            refs.follow(fn)
+        seen, slots = set(), []
+        for root in ([module] if module is not None else []) + refs.modules:
+            for m in root.modules():
+                if id(m) not in seen:
+                    seen.add(id(m))
+                    slots += [(reg, k, t) for reg in (m._parameters, m._buffers) for k, t in reg.items() if t is not None]
+        slots += [({0: t}, 0, t) for t in refs.tensors]  # (a named tensor's own registry: its binding is checked below)
         self.registries, self.keys, self.tensors = [r for r, _, _ in slots], [k for _, k, _ in slots], [t for _, _, t in slots]
         self.versions = list(map(_VERSION, self.tensors))
         self.ptrs = list(map(torch.Tensor.data_ptr, self.tensors))
+        self.bindings = refs.bindings
+        self.function = fn is not None
 
     def changed(self) -> bool:
         ts = self.tensors
         return (list(map(_VERSION, ts)) != self.versions or list(map(torch.Tensor.data_ptr, ts)) != self.ptrs
-                or any(map(operator.is_not, map(dict.get, self.registries, self.keys), ts)))
+                or any(map(operator.is_not, map(dict.get, self.registries, self.keys), ts))
+                or any(read() is not obj for read, obj in self.bindings))
+
+
+class _References:
+    """What a function reads by name: the tensors, modules and containers of them bound to its globals, closure
+    cells and defaults (``bindings``: how to read each name again, and what it held), through the functions,
+    bound methods and partials it names, up to ``FOLLOW`` calls deep."""
+
+    FOLLOW = 3
+
+    def __init__(self):
+        self.bindings: list[tuple] = []
+        self.modules: list[torch.nn.Module] = []
+        self.tensors: list[torch.Tensor] = []
+        self._seen: set[int] = set()
+
+    def follow(self, fn, depth: int = 0) -> None:
+        if id(fn) in self._seen or depth > self.FOLLOW:
+            return
+        self._seen.add(id(fn))
+        if isinstance(fn, partial):
+            for v in (*fn.args, *fn.keywords.values()):
+                self._value(v, depth)
+            self.follow(fn.func, depth)
+        elif isinstance(fn, types.MethodType):
+            self._value(fn.__self__, depth)
+            self.follow(fn.__func__, depth)
+        elif isinstance(fn, types.FunctionType):
+            g = fn.__globals__
+            for name in sorted(_names(fn.__code__)):
+                if name in g and self._value(g[name], depth):
+                    self.bindings.append((partial(dict.get, g, name), g[name]))
+            for cell in fn.__closure__ or ():
+                v = _cell_value(cell)
+                if self._value(v, depth):
+                    self.bindings.append((partial(_cell_value, cell), v))
+            for v in (*(fn.__defaults__ or ()), *(fn.__kwdefaults__ or {}).values()):
+                self._value(v, depth)
+
+    def _value(self, v, depth: int) -> bool:
+        """Watch ``v`` where it is a tensor, a module or a container of them (True: watch the name bound to it
+        too); follow it where it is a function."""
+        if isinstance(v, torch.Tensor):
+            if id(v) not in self._seen:
+                self._seen.add(id(v))
+                self.tensors.append(v)
+            return True
+        if isinstance(v, torch.nn.Module):
+            self.modules.append(v)
+            return True
+        if isinstance(v, (list, tuple, dict)):
+            items = [x for x in (v.values() if isinstance(v, dict) else v) if isinstance(x, (torch.Tensor, torch.nn.Module))]
+            for x in items:
+                self._value(x, depth)
+            return bool(items)
+        if isinstance(v, (types.FunctionType, types.MethodType, partial)):
+            self.follow(v, depth + 1)
+        return False
+
+
+def _names(code: types.CodeType) -> set:
+    """The global names a code object reads, its nested functions' and comprehensions' too."""
+    names = set(code.co_names)
+    for c in code.co_consts:
+        if isinstance(c, types.CodeType):
+            names |= _names(c)
+    return names
+
+
+def _cell_value(cell):
+    try:
+        return cell.cell_contents
+    except ValueError:  # (an empty cell: a name the function defines later)
+        return None
 
 
 _VERSION = operator.attrgetter("_version")
@@ -107,10 +196,11 @@ class CompiledModel:
         them as compile-time products (merged, folded) and some as the module's own tensors, so it would answer
         with neither the old nor the new model."""
         if self.source_watch is not None and self.source_watch.changed():
-            raise SourceChangedError("the module this model was compiled from has changed its parameters or buffers since "
-                            "(load_state_dict, an in-place update, .to(), a replaced tensor); the compiled graph holds "
-                            "compile-time products of the old ones", hint="compile it again, or use kiln.jit, which "
-                            "rebuilds itself when the weights change")
+            what = ("a tensor or module the compiled function names has been written or rebound since" if
+                    self.source_watch.function else "the module this model was compiled from has changed its parameters "
+                    "or buffers since (load_state_dict, an in-place update, .to(), a replaced tensor)")
+            raise SourceChangedError(f"{what}; the compiled graph holds compile-time products of the old ones",
+                                     hint="compile it again, or use kiln.jit, which rebuilds itself when the weights change")
 
     def report(self) -> Report:
         return self._report
@@ -235,8 +325,8 @@ def build(src: "Source", config: CompileConfig, report: Report, example_inputs=(
     report.ops_after = graph.histogram()
     with report.phase("plan"):
         compiled = CompiledModel(graph, src.signature, config, report)
-        if src.module is not None:
-            compiled.source_watch = SourceWatch(src.module)
+        if src.watch is not None or src.module is not None:
+            compiled.source_watch = src.watch or SourceWatch(src.module)
         # a graph that updates its inputs (a KV-cache step) is planned at its first call instead: planning runs
         # the graph once, which must not write into the caller's example tensors, and the example's shapes are
         # rarely the ones generation runs at
@@ -315,6 +405,7 @@ class Source:
     signature: Signature
     module: torch.nn.Module | None = None
     example: list | None = None
+    watch: SourceWatch | None = None  # what a compiled function reads (a module's are watched from ``module``)
 
 
 def capture_model(model, args: tuple, kwargs: dict, dynamic: dict | None, report: Report) -> Source:
@@ -343,7 +434,20 @@ def capture_model(model, args: tuple, kwargs: dict, dynamic: dict | None, report
     with report.phase("capture"):
         ep = capture.export(module, capture.widen_size_one(canonical, dim_names), shapes, dim_names)
     graph = _import(ep, signature, dim_names, shapes, report)
-    return Source(graph, signature, module, signature.flatten(args, kwargs))
+    watch = None if module is model else _function_watch(model, ep, report)
+    return Source(graph, signature, module, signature.flatten(args, kwargs), watch)
+
+
+def _function_watch(fn, ep, report: Report) -> SourceWatch:
+    """What ``fn`` reads by name, watched; the report says how many of the tensors it reads are out of sight."""
+    watch = SourceWatch(fn=fn)
+    named = {t.untyped_storage().data_ptr() for t in watch.tensors}
+    lifted = [t for t in ep.constants.values() if isinstance(t, torch.Tensor)]
+    unseen = sum(t.untyped_storage().data_ptr() not in named for t in lifted)
+    if unseen:
+        report.notes.append(f"{unseen} of the {len(lifted)} tensors the function reads are not ones it names (reached "
+                            "through an object's attributes, or made inside it): changes to them after compiling go unseen")
+    return watch
 
 
 def _start_compile_workers(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:

@@ -12,8 +12,10 @@ steps, ``mul_``); about 0.3 us per tensor, done while the device runs the call â
 - anything else (``.half()``, a parameter replaced by one of another shape, a new buffer): the module is
   captured again with this call's inputs.
 
-``rebuilds`` counts both. Methods of the module that return the module (``.to()``, ``.half()``, ``.eval()``,
-...) return the jitted module, so ``j = j.to(torch.bfloat16)`` keeps it jitted.
+A jitted *function* is compiled again when a tensor or module it names (a global, a closure variable, through
+the functions it calls) is rebound or written (``api.SourceWatch``). ``rebuilds`` counts both. Methods of the
+module that return the module (``.to()``, ``.half()``, ``.eval()``, ...) return the jitted module, so
+``j = j.to(torch.bfloat16)`` keeps it jitted.
 """
 from __future__ import annotations
 
@@ -63,7 +65,7 @@ class _Jit:
         try:
             return self._compiled(*args, **kwargs)
         except SourceChangedError:  # the compiled model saw its module's weights change: rebuild and run again
-            self._rebuild(module_state(self._target), args, kwargs)
+            self._rebuild(args, kwargs)
             return self._compiled(*args, **kwargs)
 
     def _compile(self, args, kwargs) -> None:
@@ -79,8 +81,10 @@ class _Jit:
         self._state = module_state(self._target)
         self._compiled = build(src, self._config, report, args, kwargs)
 
-    def _rebuild(self, state: tuple, args, kwargs) -> None:
-        if _types(state) == _types(self._state) and self._refold():
+    def _rebuild(self, args, kwargs) -> None:
+        """A module's new weights re-folded where they fit; anything else (a function's tensors) compiled again."""
+        state = module_state(self._target) if isinstance(self._target, torch.nn.Module) else None
+        if state is not None and _types(state) == _types(self._state) and self._refold():
             self.rebuilds["refold"] += 1
             self._state = state
         else:

@@ -1,6 +1,7 @@
 """kiln.jit never answers from stale weights: every way a module's parameters or buffers change (load_state_dict,
 an in-place update of one tensor that CSE merged with others, .to() / .half(), a replaced tensor) makes the next
-call match eager with the new weights — re-folded without recapture when names, shapes and dtypes stay."""
+call match eager with the new weights — re-folded without recapture when names, shapes and dtypes stay; a jitted
+function follows the tensors and modules it names."""
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -131,6 +132,51 @@ def test_a_compiled_model_refuses_once_its_source_changed():
     model.load_state_dict(hf_llama(1).state_dict())
     with pytest.raises(kiln.KilnError, match="compiled from has changed its parameters"):
         m(ids)
+
+
+def test_a_jitted_function_sees_the_tensors_and_modules_it_names_change():
+    torch.manual_seed(0)
+    w, lin = torch.randn(8, 4), torch.nn.Linear(4, 4)
+
+    def helper(h):  # lin reached through a function f calls
+        return lin(h)
+
+    def f(x):
+        return helper(torch.relu(x @ w))
+
+    j, x = kiln.jit(f), torch.randn(3, 8)
+
+    def follows(rebuilds):
+        assert rel_err(j(x), f(x).detach()) <= TOL[torch.float32] and j.rebuilds["recompile"] == rebuilds
+
+    follows(0)
+    w.mul_(2)  # (the graph holds w's transpose, folded when compiled)
+    follows(1)
+    with torch.no_grad():
+        lin.weight.mul_(3)
+    follows(2)
+    w = torch.randn(8, 4)  # the closure variable rebound
+    follows(3)
+    lin.weight = torch.nn.Parameter(torch.randn(4, 4))
+    follows(4)
+    follows(4)  # nothing changed since
+
+
+def test_a_compiled_function_refuses_once_what_it_names_changed():
+    w = torch.randn(8, 4)
+    compiled, x = kiln.compile(lambda x: x @ w, (torch.randn(3, 8),)), torch.randn(3, 8)
+    assert compiled.report().notes == []
+    w.add_(1)
+    with pytest.raises(kiln.SourceChangedError, match="a tensor or module the compiled function names has been written"):
+        compiled(x)
+
+    class Holder:
+        pass
+
+    h = Holder()
+    h.v = torch.randn(8, 8)  # read through an attribute: out of the watch's sight, and the report says so
+    compiled = kiln.compile(lambda x: x @ h.v, (x,))
+    assert compiled.report().notes[0].startswith("1 of the 1 tensors the function reads are not ones it names")
 
 
 def test_a_generator_refuses_once_its_hf_model_changed():
