@@ -38,13 +38,17 @@ class SourceWatch:
     A compiled *function* (``fn``) is watched through what it names (torch.export lifts the tensors it reads with
     version counters of their own): each global or closure name bound to a tensor, a module, or a list / tuple /
     dict of them must still be bound to that object, those tensors unwritten and those modules' parameters and
-    buffers as above; the functions it names are followed likewise (``_References``)."""
+    buffers as above; the functions it names are followed likewise (``_References``). An ``ExportedProgram``
+    (``program``) is watched through its state dict and constants, which are its module's own tensors."""
 
-    def __init__(self, module: torch.nn.Module | None = None, fn=None):
+    def __init__(self, module: torch.nn.Module | None = None, fn=None, program: torch.export.ExportedProgram | None = None):
         refs = _References()
         if fn is not None:
             refs.follow(fn)
         seen, slots = set(), []
+        if program is not None:
+            slots += [(reg, k, t) for reg in (program.state_dict, program.constants) for k, t in reg.items()
+                      if isinstance(t, torch.Tensor)]
         for root in ([module] if module is not None else []) + refs.modules:
             for m in root.modules():
                 if id(m) not in seen:
@@ -55,7 +59,7 @@ class SourceWatch:
         self.versions = list(map(_VERSION, self.tensors))
         self.ptrs = list(map(torch.Tensor.data_ptr, self.tensors))
         self.bindings = refs.bindings
-        self.function = fn is not None
+        self.source = "function" if fn is not None else "program" if program is not None else "module"
 
     def changed(self) -> bool:
         ts = self.tensors
@@ -196,9 +200,10 @@ class CompiledModel:
         them as compile-time products (merged, folded) and some as the module's own tensors, so it would answer
         with neither the old nor the new model."""
         if self.source_watch is not None and self.source_watch.changed():
-            what = ("a tensor or module the compiled function names has been written or rebound since" if
-                    self.source_watch.function else "the module this model was compiled from has changed its parameters "
-                    "or buffers since (load_state_dict, an in-place update, .to(), a replaced tensor)")
+            what = {"function": "a tensor or module the compiled function names has been written or rebound since",
+                    "program": "the exported program's weights (its module's own tensors) have been written since",
+                    }.get(self.source_watch.source, "the module this model was compiled from has changed its parameters "
+                          "or buffers since (load_state_dict, an in-place update, .to(), a replaced tensor)")
             raise SourceChangedError(f"{what}; the compiled graph holds compile-time products of the old ones",
                                      hint="compile it again, or use kiln.jit, which rebuilds itself when the weights change")
 
@@ -418,7 +423,7 @@ def capture_model(model, args: tuple, kwargs: dict, dynamic: dict | None, report
         report.model.update(name=os.path.basename(str(getattr(model, "_kiln_path", ""))) or "ExportedProgram",
                             source="torch.export program")
         signature = Signature.from_exported(model)
-        return Source(_import(model, signature, None, None, report), signature)
+        return Source(_import(model, signature, None, None, report), signature, watch=SourceWatch(program=model))
     if isinstance(model, torch.nn.Module):
         module, fn = model, model.forward
     elif callable(model):

@@ -134,6 +134,18 @@ def test_a_compiled_model_refuses_once_its_source_changed():
         m(ids)
 
 
+def test_a_compiled_exported_program_refuses_once_its_weights_changed():
+    model = hf_llama(0)
+    model.config.use_cache = False
+    ids = torch.randint(0, 96, (2, 7))
+    m = kiln.compile(torch.export.export(model, (ids,)), (ids,))
+    assert rel_err(m(ids).logits, model(ids).logits) <= TOL[torch.float32]
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.weight.mul_(2.0)  # the program's own tensor; the graph merged it into QKV
+    with pytest.raises(kiln.SourceChangedError, match="the exported program's weights .* have been written since"):
+        m(ids)
+
+
 def test_a_jitted_function_sees_the_tensors_and_modules_it_names_change():
     torch.manual_seed(0)
     w, lin = torch.randn(8, 4), torch.nn.Linear(4, 4)
