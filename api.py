@@ -439,20 +439,26 @@ def capture_model(model, args: tuple, kwargs: dict, dynamic: dict | None, report
     with report.phase("capture"):
         ep = capture.export(module, capture.widen_size_one(canonical, dim_names), shapes, dim_names)
     graph = _import(ep, signature, dim_names, shapes, report)
-    watch = None if module is model else _function_watch(model, ep, report)
+    watch = None if module is model else SourceWatch(fn=model)  # (a module's is made when built: ``build``)
+    _note_unwatched(watch.tensors if watch else _tensors_of(module), ep, "function" if watch else "module", report)
     return Source(graph, signature, module, signature.flatten(args, kwargs), watch)
 
 
-def _function_watch(fn, ep, report: Report) -> SourceWatch:
-    """What ``fn`` reads by name, watched; the report says how many of the tensors it reads are out of sight."""
-    watch = SourceWatch(fn=fn)
-    named = {t.untyped_storage().data_ptr() for t in watch.tensors}
+def _tensors_of(module: torch.nn.Module) -> list:
+    return [*module.parameters(), *module.buffers()]
+
+
+def _note_unwatched(watched: list, ep, source: str, report: Report) -> None:
+    """The report says how many of the tensors the program reads (besides its inputs) no watch sees: changed
+    after compiling, they would go unseen."""
+    seen = {t.untyped_storage().data_ptr() for t in watched}
     lifted = [t for t in ep.constants.values() if isinstance(t, torch.Tensor)]
-    unseen = sum(t.untyped_storage().data_ptr() not in named for t in lifted)
+    unseen = sum(t.untyped_storage().data_ptr() not in seen for t in lifted)
     if unseen:
-        report.notes.append(f"{unseen} of the {len(lifted)} tensors the function reads are not ones it names (reached "
-                            "through an object's attributes, or made inside it): changes to them after compiling go unseen")
-    return watch
+        how = ("not ones it names (reached through an object's attributes, or made inside it)" if source == "function" else
+               "not its parameters or buffers (globals, attributes of other objects, or made inside its forward)")
+        report.notes.append(f"{unseen} of the {len(lifted)} tensors the {source} reads are {how}: changes to them after "
+                            "compiling go unseen")
 
 
 def _start_compile_workers(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:

@@ -190,6 +190,14 @@ def test_a_compiled_function_refuses_once_what_it_names_changed():
     compiled = kiln.compile(lambda x: x @ h.v, (x,))
     assert compiled.report().notes[0].startswith("1 of the 1 tensors the function reads are not ones it names")
 
+    class ReadsAnAttribute(torch.nn.Module):
+        def forward(self, x):
+            return x @ h.v
+
+    compiled = kiln.compile(ReadsAnAttribute(), (x,))
+    assert compiled.report().notes[0].startswith("1 of the 1 tensors the module reads are not its parameters or buffers")
+    assert kiln.compile(torch.nn.Linear(8, 4), (x,)).report().notes == []  # (its own tensors: watched)
+
 
 def test_a_generator_refuses_once_its_hf_model_changed():
     model = hf_llama(0)
