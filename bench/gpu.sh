@@ -559,9 +559,9 @@ Occupancy|Warp Cycles Per Issued|Registers Per" "$OUT/ncu_24n.txt" | head -150 ;
         | tail -16 ;;
     s43d)  # session 43, on the last minutes of a budget (~140 s): the 1B prefill in bf16 / fp8 / w8a8, nothing else
       timeout 140 python3 bench/fp8.py --parts llm --modes bf16,fp8,w8a8 --out "$OUT/fp8_43.json" 2>&1 | tail -16 ;;
-    s48a)  # the next session's first run (~550 s; session 49 got no GPU): on an H200 issue 13's / 14's goal figures (s47a:
-      # the 1B prefill, then the 1B decode); on an H100 half of the GPU suite in 4 pytest-xdist processes (gpupart, GPU_WORKERS=4 PART=1/2: its time against one
-      # process's 460 s or more a quarter, session 48), then PART=2/2 in the next run
+    s48a)  # the next session's first run (~550 s): on an H200 issue 13's / 14's goal figures (s47a: the 1B prefill, then
+      # the 1B decode); on an H100 half of the GPU suite in 4 pytest-xdist processes (PART=1/2: 201 tests in 328 s, session
+      # 50), then PART=2/2 in the next run (200 in 468 s)
       if nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then
         bash "$0" s47a 2>&1 | grep -v "^NVIDIA\|^bytecode"
       else
