@@ -19,6 +19,15 @@ class InputError(KilnError, ValueError):
     """A call's inputs do not fit the compiled signature (rank, dtype, a dim outside its range)."""
 
 
+class CallFormError(InputError):
+    """A call passes other arguments than the example call the model was compiled for (one given now and not then,
+    one missing, a fixed non-tensor argument changed); ``argument`` names it."""
+
+    def __init__(self, message: str, argument: str, hint: str | None = None):
+        super().__init__(message, hint)
+        self.argument = argument
+
+
 class UnsupportedOpsError(KilnError):
     """The model uses ops kiln cannot import; ``.ops`` maps each op to the places that use it."""
 

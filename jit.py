@@ -25,7 +25,7 @@ import torch
 
 from .api import CompiledModel, Source, build, capture_model, compile
 from .config import CompileConfig
-from .errors import KilnError, SourceChangedError
+from .errors import CallFormError, KilnError, SourceChangedError
 from .ir.graph import Graph, GraphError
 from .ir.serialize import graph_from_json, graph_to_json
 from .passes.report import Report
@@ -64,6 +64,10 @@ class _Jit:
             self._compile(args, kwargs)
         try:
             return self._compiled(*args, **kwargs)
+        except CallFormError as e:  # (the example call was the first call: say so)
+            e.hint = (f"kiln.jit compiled for its first call's arguments: pass {e.argument!r} the same way on every call, "
+                      "or use one kiln.jit of the model for each form of call")
+            raise
         except SourceChangedError:  # the compiled model saw its module's weights change: rebuild and run again
             self._rebuild(args, kwargs)
             return self._compiled(*args, **kwargs)

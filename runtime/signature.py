@@ -17,7 +17,7 @@ import sys
 import torch
 import torch.utils._pytree as pytree
 
-from ..errors import InputError, KilnError
+from ..errors import CallFormError, InputError, KilnError
 
 _JSON_SCALARS = (type(None), bool, int, float, str)
 
@@ -137,16 +137,16 @@ class Signature:
             elif name in self.defaults and name not in tensor_args:
                 out[name] = self.defaults[name]
             else:
-                raise InputError(f"missing argument {name!r}")
+                raise CallFormError(f"missing argument {name!r}", name)
         for name, v in values.items():  # passed now, not at compile: fine only if it is the default anyway
             if name in self.defaults and isinstance(v, _JSON_SCALARS) and v == self.defaults[name]:
                 continue
             if name in self.defaults and not isinstance(v, torch.Tensor):
-                raise InputError(f"argument {name!r} was fixed to its default {self.defaults[name]!r} when the model "
-                                 f"was compiled; got {_describe(v)}", hint=f"compile with {name}={v!r} in the example call")
-            raise InputError(f"argument {name!r} was not given when the model was compiled, so the "
-                             f"compiled graph cannot take it (got {_describe(v)})",
-                             hint=f"compile with an example value for {name!r}")
+                raise CallFormError(f"argument {name!r} was fixed to its default {self.defaults[name]!r} when the model "
+                                    f"was compiled; got {_describe(v)}", name, hint=f"compile with {name}={v!r} in the example call")
+            raise CallFormError(f"argument {name!r} was not given when the model was compiled, so the "
+                                f"compiled graph cannot take it (got {_describe(v)})", name,
+                                hint=f"compile with an example value for {name!r}")
         return out
 
     def flatten(self, args: tuple, kwargs: dict) -> list[torch.Tensor]:

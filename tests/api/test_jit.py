@@ -87,6 +87,14 @@ def test_inputs_that_follow_the_new_dtype_recompile():
         compiled(x.half())
 
 
+def test_a_call_of_another_form_names_the_first_call(jitted):
+    model, j, ids = jitted
+    with pytest.raises(kiln.InputError, match="'attention_mask' was not given when the model was compiled") as e:
+        j(ids, attention_mask=torch.ones_like(ids))
+    assert e.value.hint.startswith("kiln.jit compiled for its first call's arguments: pass 'attention_mask'")
+    assert sum(j.rebuilds.values()) == 0
+
+
 def test_a_replaced_tensor(jitted):
     model, j, ids = jitted
     model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.lm_head.weight))  # unties it from the embedding
