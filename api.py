@@ -440,12 +440,9 @@ def capture_model(model, args: tuple, kwargs: dict, dynamic: dict | None, report
         ep = capture.export(module, capture.widen_size_one(canonical, dim_names), shapes, dim_names)
     graph = _import(ep, signature, dim_names, shapes, report)
     watch = None if module is model else SourceWatch(fn=model)  # (a module's is made when built: ``build``)
-    _note_unwatched(watch.tensors if watch else _tensors_of(module), ep, "function" if watch else "module", report)
+    watched = watch.tensors if watch else [*module.parameters(), *module.buffers()]
+    _note_unwatched(watched, ep, "function" if watch else "module", report)
     return Source(graph, signature, module, signature.flatten(args, kwargs), watch)
-
-
-def _tensors_of(module: torch.nn.Module) -> list:
-    return [*module.parameters(), *module.buffers()]
 
 
 def _note_unwatched(watched: list, ep, source: str, report: Report) -> None:
